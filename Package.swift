@@ -1,0 +1,36 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Haswell is the portable AVX2/FMA/F16C baseline; wider paths are chosen at run time.
+let cpuFlags: [SwiftSetting] = [.unsafeFlags(["-target-cpu", "haswell"], .when(platforms: [.linux]))]
+
+let package = Package(
+    name: "Peregrine",
+    platforms: [.macOS(.v14)],
+    products: [
+        .library(name: "Peregrine", targets: ["Peregrine"]),
+        .executable(name: "peregrine", targets: ["PeregrineCLI"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-atomics", from: "1.2.0"),
+    ],
+    targets: [
+        .target(
+            name: "Peregrine",
+            dependencies: [.product(name: "Atomics", package: "swift-atomics")],
+            swiftSettings: cpuFlags
+        ),
+        .executableTarget(
+            name: "PeregrineCLI",
+            dependencies: ["Peregrine", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: cpuFlags
+        ),
+        .testTarget(
+            name: "PeregrineTests",
+            dependencies: ["Peregrine"],
+            swiftSettings: cpuFlags
+        ),
+    ],
+    swiftLanguageModes: [.v5]
+)

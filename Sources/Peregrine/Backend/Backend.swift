@@ -1,0 +1,103 @@
+/// What a model asks of the hardware. A model definition is written once against this protocol;
+/// the CPU and CUDA backends implement it. Activations are f32 buffers laid out row-major, one row
+/// per token of the batch; weights keep their stored type.
+public protocol ComputeBackend: AnyObject {
+    /// Device memory for f32 activations.
+    associatedtype Buffer
+    /// A weight tensor as the backend keeps it (a matrix [out, in] or a vector).
+    associatedtype Weight
+
+    var name: String { get }
+
+    /// Makes a weight usable by the backend. The view's memory (a mapped file) outlives the model.
+    func weight(_ t: TensorView) throws -> Weight
+    /// An f32 buffer of `count` elements, zeroed.
+    func buffer(_ count: Int) throws -> Buffer
+    func write(_ values: UnsafeBufferPointer<Float>, to buffer: Buffer, offset: Int)
+    func read(_ buffer: Buffer, offset: Int, into values: UnsafeMutableBufferPointer<Float>)
+
+    /// out[t, :] = table[tokens[t], :]
+    func embed(tokens: UnsafeBufferPointer<Int32>, table: Weight, out: Buffer)
+    /// out[r, :] = x[r, :] / rms(x[r, :]) * weight, for `rows` rows of `dim`.
+    func rmsNorm(_ x: Buffer, weight: Weight, eps: Float, rows: Int, dim: Int, out: Buffer)
+    /// out[t, :] = x[t, :] @ weight^T (+ bias), weight is [outDim, inDim].
+    func matmul(_ x: Buffer, rows: Int, weight: Weight, bias: Weight?, out: Buffer)
+    /// Rotates `heads` heads of `headDim` per row in place, the rotate-half convention, with
+    /// cos/sin tables of [rows, headDim / 2].
+    func rope(_ x: Buffer, rows: Int, heads: Int, headDim: Int, cos: Buffer, sin: Buffer)
+    /// Writes K and V rows [rows, kvDim] into the cache at each token's (slot, position).
+    func storeKV(layer: Int, k: Buffer, v: Buffer, rows: Int, plan: BatchPlan, cache: KVStorage<Self>)
+    /// Causal attention of each query row over its sequence's cache.
+    func attention(layer: Int, q: Buffer, rows: Int, plan: BatchPlan, cache: KVStorage<Self>,
+                   heads: Int, window: Int?, out: Buffer)
+    /// out = silu(gate) * up, elementwise over `count`.
+    func siluMul(gate: Buffer, up: Buffer, count: Int, out: Buffer)
+    /// x += y, elementwise over `count`.
+    func add(_ x: Buffer, _ y: Buffer, count: Int)
+    /// out[i, :] = x[rows[i], :] for row vectors of `dim`.
+    func gatherRows(_ x: Buffer, rows: UnsafeBufferPointer<Int32>, dim: Int, out: Buffer)
+    /// dst[dstOffset ..< dstOffset + count] = src[srcOffset ..< srcOffset + count]
+    func copy(_ src: Buffer, offset srcOffset: Int, to dst: Buffer, offset dstOffset: Int, count: Int)
+    /// Makes the results of queued work visible to the host (a no-op on the CPU).
+    func synchronize() throws
+}
+
+/// Where each token of a batch goes: its position in its sequence and its sequence's cache slot.
+/// Built by the runtime, read by the model and the backend.
+public struct BatchPlan {
+    public var tokens: [Int32] = []
+    public var positions: [Int32] = []
+    public var slots: [Int32] = []
+    /// Rows (indices into tokens) whose logits are wanted, in output order.
+    public var logitRows: [Int32] = []
+
+    public init() {}
+
+    public var count: Int { tokens.count }
+
+    public mutating func removeAll() {
+        tokens.removeAll(keepingCapacity: true)
+        positions.removeAll(keepingCapacity: true)
+        slots.removeAll(keepingCapacity: true)
+        logitRows.removeAll(keepingCapacity: true)
+    }
+
+    /// Appends one sequence's new tokens, starting at `position`.
+    public mutating func append(tokens new: some Collection<Int>, slot: Int, position: Int, logits: LogitSelection) {
+        let start = tokens.count
+        for (i, t) in new.enumerated() {
+            tokens.append(Int32(truncatingIfNeeded: t))
+            positions.append(Int32(position + i))
+            slots.append(Int32(slot))
+        }
+        switch logits {
+        case .none: break
+        case .last: if tokens.count > start { logitRows.append(Int32(tokens.count - 1)) }
+        case .all: for r in start..<tokens.count { logitRows.append(Int32(r)) }
+        }
+    }
+
+    public enum LogitSelection { case none, last, all }
+}
+
+/// The key/value memory of every layer, for `slots` sequences of up to `capacity` positions each.
+/// Layout per layer: [slot, position, kvHeads, headDim]. Which positions hold valid entries is
+/// the runtime's bookkeeping (KVCache); this is only the storage.
+public final class KVStorage<B: ComputeBackend>: KVMemory {
+    public let keys: [B.Buffer]
+    public let values: [B.Buffer]
+    public let kvHeads: Int
+    public let headDim: Int
+
+    public init(backend: B, layers: Int, slots: Int, capacity: Int, kvHeads: Int, headDim: Int) throws {
+        let n = slots * capacity * kvHeads * headDim
+        keys = try (0..<layers).map { _ in try backend.buffer(n) }
+        values = try (0..<layers).map { _ in try backend.buffer(n) }
+        self.kvHeads = kvHeads
+        self.headDim = headDim
+        super.init(slots: slots, capacity: capacity)
+    }
+
+    public var rowSize: Int { kvHeads * headDim }
+    public var slotSize: Int { capacity * rowSize }
+}

@@ -1,0 +1,189 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// f32 activation memory on the host.
+public final class CPUBuffer: @unchecked Sendable {
+    public let pointer: UnsafeMutablePointer<Float>
+    public let count: Int
+
+    init(count: Int) {
+        self.count = count
+        pointer = UnsafeMutablePointer<Float>.allocate(capacity: max(count, 1))
+        pointer.initialize(repeating: 0, count: max(count, 1))
+    }
+
+    deinit { pointer.deallocate() }
+}
+
+/// A weight used in place: a matrix [rows, cols] (or a vector: rows == 1) of its stored type.
+/// Vectors (norm weights, biases) are widened to f32 once, at load.
+public struct CPUWeight: @unchecked Sendable {
+    public let dtype: DType
+    public let rows: Int
+    public let cols: Int
+    public let data: UnsafeRawPointer
+    let f32: CPUBuffer?
+
+    var floats: UnsafePointer<Float> { UnsafePointer(f32?.pointer ?? UnsafeMutablePointer(mutating: data.assumingMemoryBound(to: Float.self))) }
+}
+
+/// Runs every kernel on the host's cores with SIMD code and a persistent thread pool.
+public final class CPUBackend: ComputeBackend {
+    public typealias Buffer = CPUBuffer
+    public typealias Weight = CPUWeight
+
+    public let pool: ThreadPool
+    public var name: String { "cpu (\(pool.threadCount) threads)" }
+
+    public init(pool: ThreadPool = .shared) {
+        self.pool = pool
+    }
+
+    public func weight(_ t: TensorView) throws -> CPUWeight {
+        let rows = t.shape.count >= 2 ? t.shape[0] : 1
+        let cols = t.shape.count >= 2 ? t.shape.dropFirst().reduce(1, *) : t.elementCount
+        var f32: CPUBuffer?
+        if t.shape.count == 1 {
+            let b = CPUBuffer(count: t.elementCount)
+            t.toFloat().withUnsafeBufferPointer { b.pointer.update(from: $0.baseAddress!, count: t.elementCount) }
+            f32 = b
+        }
+        return CPUWeight(dtype: t.dtype, rows: rows, cols: cols, data: t.data, f32: f32)
+    }
+
+    public func buffer(_ count: Int) throws -> CPUBuffer { CPUBuffer(count: count) }
+
+    public func write(_ values: UnsafeBufferPointer<Float>, to buffer: CPUBuffer, offset: Int) {
+        (buffer.pointer + offset).update(from: values.baseAddress!, count: values.count)
+    }
+
+    public func read(_ buffer: CPUBuffer, offset: Int, into values: UnsafeMutableBufferPointer<Float>) {
+        values.baseAddress!.update(from: buffer.pointer + offset, count: values.count)
+    }
+
+    public func copy(_ src: CPUBuffer, offset srcOffset: Int, to dst: CPUBuffer, offset dstOffset: Int, count: Int) {
+        (dst.pointer + dstOffset).update(from: src.pointer + srcOffset, count: count)
+    }
+
+    public func embed(tokens: UnsafeBufferPointer<Int32>, table: CPUWeight, out: CPUBuffer) {
+        let d = table.cols
+        for (t, id) in tokens.enumerated() {
+            let dst = out.pointer + t * d
+            let base = Int(id) * d
+            switch table.dtype {
+            case .f32: for i in 0..<d { dst[i] = F32Element.load1(table.data, base + i) }
+            case .f16: for i in 0..<d { dst[i] = F16Element.load1(table.data, base + i) }
+            case .bf16: for i in 0..<d { dst[i] = BF16Element.load1(table.data, base + i) }
+            }
+        }
+    }
+
+    public func rmsNorm(_ x: CPUBuffer, weight: CPUWeight, eps: Float, rows: Int, dim: Int, out: CPUBuffer) {
+        let w = weight.floats
+        let body = { (r: Int) in
+            CPUKernels.rmsNorm(x: x.pointer + r * dim, w: w, eps: eps, dim: dim, out: out.pointer + r * dim)
+        }
+        if rows * dim < 1 << 15 { for r in 0..<rows { body(r) } } else { pool.parallelFor(rows, body) }
+    }
+
+    public func matmul(_ x: CPUBuffer, rows: Int, weight: CPUWeight, bias: CPUWeight?, out: CPUBuffer) {
+        let b = bias.map { $0.floats }
+        switch weight.dtype {
+        case .f32:
+            CPUKernels.matmul(F32Element.self, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
+        case .f16:
+            CPUKernels.matmul(F16Element.self, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
+        case .bf16:
+            CPUKernels.matmul(BF16Element.self, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
+        }
+    }
+
+    public func rope(_ x: CPUBuffer, rows: Int, heads: Int, headDim: Int, cos: CPUBuffer, sin: CPUBuffer) {
+        let half = headDim / 2
+        for r in 0..<rows {
+            let c = cos.pointer + r * half, s = sin.pointer + r * half
+            for h in 0..<heads {
+                let p = x.pointer + (r * heads + h) * headDim
+                for i in 0..<half {
+                    let a = p[i], b = p[i + half]
+                    p[i] = a * c[i] - b * s[i]
+                    p[i + half] = b * c[i] + a * s[i]
+                }
+            }
+        }
+    }
+
+    public func storeKV(layer: Int, k: CPUBuffer, v: CPUBuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CPUBackend>) {
+        let row = cache.rowSize
+        let kd = cache.keys[layer].pointer, vd = cache.values[layer].pointer
+        for t in 0..<rows {
+            let at = Int(plan.slots[t]) * cache.slotSize + Int(plan.positions[t]) * row
+            (kd + at).update(from: k.pointer + t * row, count: row)
+            (vd + at).update(from: v.pointer + t * row, count: row)
+        }
+    }
+
+    public func attention(layer: Int, q: CPUBuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CPUBackend>,
+                          heads: Int, window: Int?, out: CPUBuffer) {
+        let hd = cache.headDim
+        let group = heads / cache.kvHeads
+        let row = cache.rowSize
+        let scale = 1 / Float(hd).squareRoot()
+        let kd = cache.keys[layer].pointer, vd = cache.values[layer].pointer
+        plan.positions.withUnsafeBufferPointer { positions in
+            plan.slots.withUnsafeBufferPointer { slots in
+                pool.parallelFor(rows * heads) { task in
+                    let t = task / heads, h = task % heads
+                    let pos = Int(positions[t])
+                    let lo = window.map { max(0, pos - $0 + 1) } ?? 0
+                    let n = pos - lo + 1
+                    let base = Int(slots[t]) * cache.slotSize + (h / group) * hd
+                    let qp = q.pointer + (t * heads + h) * hd
+                    let op = out.pointer + (t * heads + h) * hd
+                    withUnsafeTemporaryAllocation(of: Float.self, capacity: n) { scores in
+                        var m = -Float.infinity
+                        for j in 0..<n {
+                            let s = CPUKernels.dot(qp, kd + base + (lo + j) * row, hd) * scale
+                            scores[j] = s
+                            m = max(m, s)
+                        }
+                        var sum: Float = 0
+                        for j in 0..<n {
+                            let e = expf(scores[j] - m)
+                            scores[j] = e
+                            sum += e
+                        }
+                        let inv = 1 / sum
+                        op.update(repeating: 0, count: hd)
+                        for j in 0..<n {
+                            let p = scores[j] * inv
+                            let vp = vd + base + (lo + j) * row
+                            for i in 0..<hd { op[i] += p * vp[i] }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    public func siluMul(gate: CPUBuffer, up: CPUBuffer, count: Int, out: CPUBuffer) {
+        let g = gate.pointer, u = up.pointer, o = out.pointer
+        pool.parallelRanges(count, grain: 1 << 14) { r in
+            for i in r { o[i] = CPUKernels.silu(g[i]) * u[i] }
+        }
+    }
+
+    public func add(_ x: CPUBuffer, _ y: CPUBuffer, count: Int) {
+        let a = x.pointer, b = y.pointer
+        for i in 0..<count { a[i] += b[i] }
+    }
+
+    public func gatherRows(_ x: CPUBuffer, rows: UnsafeBufferPointer<Int32>, dim: Int, out: CPUBuffer) {
+        for (i, r) in rows.enumerated() {
+            (out.pointer + i * dim).update(from: x.pointer + Int(r) * dim, count: dim)
+        }
+    }
+
+    public func synchronize() throws {}
+}

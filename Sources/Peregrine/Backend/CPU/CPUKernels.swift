@@ -1,0 +1,171 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Loads stored weights as f32 lanes. Generic kernels are specialised per element type.
+protocol WeightElement {
+    static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float>
+    static func load1(_ p: UnsafeRawPointer, _ i: Int) -> Float
+}
+
+enum F32Element: WeightElement {
+    @inline(__always) static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> {
+        p.loadUnaligned(fromByteOffset: i &* 4, as: SIMD8<Float>.self)
+    }
+    @inline(__always) static func load1(_ p: UnsafeRawPointer, _ i: Int) -> Float {
+        p.loadUnaligned(fromByteOffset: i &* 4, as: Float.self)
+    }
+}
+
+enum F16Element: WeightElement {
+    @inline(__always) static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> {
+        SIMD8<Float>(p.loadUnaligned(fromByteOffset: i &* 2, as: SIMD8<Float16>.self))
+    }
+    @inline(__always) static func load1(_ p: UnsafeRawPointer, _ i: Int) -> Float {
+        Float(p.loadUnaligned(fromByteOffset: i &* 2, as: Float16.self))
+    }
+}
+
+enum BF16Element: WeightElement {
+    @inline(__always) static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> {
+        let u = SIMD8<UInt32>(truncatingIfNeeded: p.loadUnaligned(fromByteOffset: i &* 2, as: SIMD8<UInt16>.self))
+        return unsafeBitCast(u &<< 16, to: SIMD8<Float>.self)
+    }
+    @inline(__always) static func load1(_ p: UnsafeRawPointer, _ i: Int) -> Float {
+        Half.bf16ToFloat(p.loadUnaligned(fromByteOffset: i &* 2, as: UInt16.self))
+    }
+}
+
+enum CPUKernels {
+    /// dot(a, b) over n f32 values.
+    @inline(__always)
+    static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
+        var acc0 = SIMD8<Float>(), acc1 = SIMD8<Float>()
+        var i = 0
+        while i &+ 16 <= n {
+            acc0 += UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self) * UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
+            acc1 += UnsafeRawPointer(a + i + 8).loadUnaligned(as: SIMD8<Float>.self) * UnsafeRawPointer(b + i + 8).loadUnaligned(as: SIMD8<Float>.self)
+            i &+= 16
+        }
+        while i &+ 8 <= n {
+            acc0 += UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self) * UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
+            i &+= 8
+        }
+        var s = (acc0 + acc1).sum()
+        while i < n { s += a[i] * b[i]; i &+= 1 }
+        return s
+    }
+
+    /// y[o] = dot(W[o, :], x) for rows o in `rows` of a [*, k] weight matrix, for one token.
+    @inline(__always)
+    static func gemvRows<E: WeightElement>(_: E.Type, w: UnsafeRawPointer, k: Int, x: UnsafePointer<Float>,
+                                            rows: Range<Int>, y: UnsafeMutablePointer<Float>) {
+        let k8 = k & ~7
+        var o = rows.lowerBound
+        while o &+ 4 <= rows.upperBound {
+            let b0 = o &* k, b1 = b0 &+ k, b2 = b1 &+ k, b3 = b2 &+ k
+            var a0 = SIMD8<Float>(), a1 = SIMD8<Float>(), a2 = SIMD8<Float>(), a3 = SIMD8<Float>()
+            var i = 0
+            while i < k8 {
+                let xv = UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self)
+                a0 = a0.addingProduct(E.load8(w, b0 &+ i), xv)
+                a1 = a1.addingProduct(E.load8(w, b1 &+ i), xv)
+                a2 = a2.addingProduct(E.load8(w, b2 &+ i), xv)
+                a3 = a3.addingProduct(E.load8(w, b3 &+ i), xv)
+                i &+= 8
+            }
+            var s0 = a0.sum(), s1 = a1.sum(), s2 = a2.sum(), s3 = a3.sum()
+            while i < k {
+                s0 += E.load1(w, b0 &+ i) * x[i]; s1 += E.load1(w, b1 &+ i) * x[i]
+                s2 += E.load1(w, b2 &+ i) * x[i]; s3 += E.load1(w, b3 &+ i) * x[i]
+                i &+= 1
+            }
+            y[o] = s0; y[o &+ 1] = s1; y[o &+ 2] = s2; y[o &+ 3] = s3
+            o &+= 4
+        }
+        while o < rows.upperBound {
+            let b0 = o &* k
+            var a0 = SIMD8<Float>()
+            var i = 0
+            while i < k8 { a0 = a0.addingProduct(E.load8(w, b0 &+ i), UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self)); i &+= 8 }
+            var s0 = a0.sum()
+            while i < k { s0 += E.load1(w, b0 &+ i) * x[i]; i &+= 1 }
+            y[o] = s0
+            o &+= 1
+        }
+    }
+
+    /// Y[t, o] = dot(W[o, :], X[t, :]) for 4 tokens at once over rows `rows`: each weight vector
+    /// loaded is used for four tokens, so prefill reads weights a quarter as often.
+    @inline(__always)
+    static func gemm4Tokens<E: WeightElement>(_: E.Type, w: UnsafeRawPointer, k: Int, x: UnsafePointer<Float>,
+                                               rows: Range<Int>, y: UnsafeMutablePointer<Float>, ldy: Int) {
+        let k8 = k & ~7
+        let x0 = x, x1 = x + k, x2 = x + 2 &* k, x3 = x + 3 &* k
+        var o = rows.lowerBound
+        while o &+ 2 <= rows.upperBound {
+            let b0 = o &* k, b1 = b0 &+ k
+            var a00 = SIMD8<Float>(), a01 = SIMD8<Float>(), a02 = SIMD8<Float>(), a03 = SIMD8<Float>()
+            var a10 = SIMD8<Float>(), a11 = SIMD8<Float>(), a12 = SIMD8<Float>(), a13 = SIMD8<Float>()
+            var i = 0
+            while i < k8 {
+                let w0 = E.load8(w, b0 &+ i), w1 = E.load8(w, b1 &+ i)
+                let v0 = UnsafeRawPointer(x0 + i).loadUnaligned(as: SIMD8<Float>.self)
+                let v1 = UnsafeRawPointer(x1 + i).loadUnaligned(as: SIMD8<Float>.self)
+                let v2 = UnsafeRawPointer(x2 + i).loadUnaligned(as: SIMD8<Float>.self)
+                let v3 = UnsafeRawPointer(x3 + i).loadUnaligned(as: SIMD8<Float>.self)
+                a00 = a00.addingProduct(w0, v0); a01 = a01.addingProduct(w0, v1)
+                a02 = a02.addingProduct(w0, v2); a03 = a03.addingProduct(w0, v3)
+                a10 = a10.addingProduct(w1, v0); a11 = a11.addingProduct(w1, v1)
+                a12 = a12.addingProduct(w1, v2); a13 = a13.addingProduct(w1, v3)
+                i &+= 8
+            }
+            var s00 = a00.sum(), s01 = a01.sum(), s02 = a02.sum(), s03 = a03.sum()
+            var s10 = a10.sum(), s11 = a11.sum(), s12 = a12.sum(), s13 = a13.sum()
+            while i < k {
+                let w0 = E.load1(w, b0 &+ i), w1 = E.load1(w, b1 &+ i)
+                s00 += w0 * x0[i]; s01 += w0 * x1[i]; s02 += w0 * x2[i]; s03 += w0 * x3[i]
+                s10 += w1 * x0[i]; s11 += w1 * x1[i]; s12 += w1 * x2[i]; s13 += w1 * x3[i]
+                i &+= 1
+            }
+            y[o] = s00; y[o &+ 1] = s10
+            y[ldy &+ o] = s01; y[ldy &+ o &+ 1] = s11
+            y[2 &* ldy &+ o] = s02; y[2 &* ldy &+ o &+ 1] = s12
+            y[3 &* ldy &+ o] = s03; y[3 &* ldy &+ o &+ 1] = s13
+            o &+= 2
+        }
+        if o < rows.upperBound {
+            for t in 0..<4 { gemvRows(E.self, w: w, k: k, x: x + t &* k, rows: o..<rows.upperBound, y: y + t &* ldy) }
+        }
+    }
+
+    static func matmul<E: WeightElement>(_ e: E.Type, x: UnsafePointer<Float>, tokens: Int, w: UnsafeRawPointer,
+                                          outDim: Int, k: Int, bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>,
+                                          pool: ThreadPool) {
+        // Split output rows across threads in blocks that keep a slice of W hot in cache while
+        // every token passes over it.
+        let grain = max(8, 4096 / max(1, tokens))
+        pool.parallelRanges(outDim, grain: grain) { rows in
+            var t = 0
+            while t &+ 4 <= tokens {
+                gemm4Tokens(e, w: w, k: k, x: x + t &* k, rows: rows, y: y + t &* outDim, ldy: outDim)
+                t &+= 4
+            }
+            while t < tokens {
+                gemvRows(e, w: w, k: k, x: x + t &* k, rows: rows, y: y + t &* outDim)
+                t &+= 1
+            }
+            if let bias {
+                for t in 0..<tokens { for o in rows { y[t &* outDim &+ o] += bias[o] } }
+            }
+        }
+    }
+
+    static func rmsNorm(x: UnsafePointer<Float>, w: UnsafePointer<Float>, eps: Float, dim: Int, out: UnsafeMutablePointer<Float>) {
+        let ss = dot(x, x, dim)
+        let scale = 1 / (ss / Float(dim) + eps).squareRoot()
+        for i in 0..<dim { out[i] = x[i] * scale * w[i] }
+    }
+
+    @inline(__always) static func silu(_ v: Float) -> Float { v / (1 + expf(-v)) }
+}

@@ -1,0 +1,196 @@
+/// How positions are turned into rotation frequencies.
+public enum RopeScaling: Equatable, Sendable {
+    case none
+    case linear(factor: Double)
+    /// Llama 3.1's frequency-dependent scaling.
+    case llama3(factor: Double, lowFreqFactor: Double, highFreqFactor: Double, originalMaxPositions: Int)
+}
+
+/// The hyperparameters of a decoder-only transformer of the Llama family, read from a Hugging Face
+/// config.json (or, later, GGUF metadata). One struct serves Llama, Mistral, Qwen2 and Qwen3: the
+/// families differ only in switches.
+public struct ModelConfig: Equatable, Sendable {
+    public var architecture: String
+    public var modelType: String
+    public var vocabSize: Int
+    public var hiddenSize: Int
+    public var intermediateSize: Int
+    public var layerCount: Int
+    public var headCount: Int
+    public var kvHeadCount: Int
+    public var headDim: Int
+    public var rmsNormEps: Float
+    public var ropeTheta: Double
+    public var ropeScaling: RopeScaling
+    public var maxPositions: Int
+    public var tieWordEmbeddings: Bool
+    /// Biases on the q, k and v projections (Qwen2, or Llama with attention_bias).
+    public var qkvBias: Bool
+    /// Bias on the output projection (Llama with attention_bias).
+    public var outputBias: Bool
+    public var mlpBias: Bool
+    /// Per-head RMSNorm on queries and keys before RoPE (Qwen3).
+    public var qkNorm: Bool
+    /// Per layer: attend only to the last `window` positions (nil: full attention).
+    public var slidingWindow: [Int?]
+    public var torchDType: DType?
+    public var bosTokenId: Int?
+    public var eosTokenIds: [Int]
+
+    /// Architectures whose config.json this struct reads (the model registry maps each to code).
+    public static let supportedArchitectures = [
+        "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    ]
+
+    public init(json: JSONValue, source: String = "config.json") throws {
+        func bad(_ m: String) -> PeregrineError { .format("\(source): \(m)") }
+        guard json.object != nil else { throw bad("not a JSON object") }
+        func int(_ key: String) throws -> Int {
+            guard let v = json[key] else { throw bad("missing '\(key)'") }
+            guard let i = v.int, i > 0 else { throw bad("'\(key)' must be a positive integer") }
+            return i
+        }
+        func optInt(_ key: String) throws -> Int? {
+            guard let v = json[key], !v.isNull else { return nil }
+            guard let i = v.int, i > 0 else { throw bad("'\(key)' must be a positive integer") }
+            return i
+        }
+        let archs = json["architectures"]?.array?.compactMap(\.string) ?? []
+        let modelType = json["model_type"]?.string ?? ""
+        guard let arch = archs.first ?? ModelConfig.architecture(forModelType: modelType) else {
+            throw bad("no 'architectures' or known 'model_type'")
+        }
+        guard ModelConfig.supportedArchitectures.contains(arch) else {
+            throw PeregrineError.unsupported(
+                "unsupported architecture \(arch); supported: \(ModelConfig.supportedArchitectures.joined(separator: ", "))")
+        }
+        architecture = arch
+        self.modelType = modelType
+        vocabSize = try int("vocab_size")
+        hiddenSize = try int("hidden_size")
+        intermediateSize = try int("intermediate_size")
+        layerCount = try int("num_hidden_layers")
+        headCount = try int("num_attention_heads")
+        kvHeadCount = try optInt("num_key_value_heads") ?? headCount
+        guard headCount % kvHeadCount == 0 else {
+            throw bad("num_attention_heads (\(headCount)) is not a multiple of num_key_value_heads (\(kvHeadCount))")
+        }
+        if let hd = try optInt("head_dim") {
+            headDim = hd
+        } else {
+            guard hiddenSize % headCount == 0 else { throw bad("hidden_size is not a multiple of num_attention_heads") }
+            headDim = hiddenSize / headCount
+        }
+        guard headDim % 2 == 0 else { throw bad("head_dim must be even for rotary embeddings") }
+        let eps = json["rms_norm_eps"]?.double ?? 1e-6
+        guard eps > 0, eps < 1 else { throw bad("'rms_norm_eps' out of range") }
+        rmsNormEps = Float(eps)
+        let theta = json["rope_theta"]?.double ?? json["rope_parameters"]?["rope_theta"]?.double ?? 10000
+        guard theta > 1 else { throw bad("'rope_theta' must be greater than 1") }
+        ropeTheta = theta
+        maxPositions = try optInt("max_position_embeddings") ?? 2048
+        tieWordEmbeddings = json["tie_word_embeddings"]?.bool ?? false
+        ropeScaling = try ModelConfig.parseRopeScaling(json["rope_scaling"] ?? json["rope_parameters"], bad: bad)
+
+        let attentionBias = json["attention_bias"]?.bool ?? false
+        switch arch {
+        case "Qwen2ForCausalLM":
+            qkvBias = true
+            outputBias = false
+        default:
+            qkvBias = attentionBias
+            outputBias = attentionBias
+        }
+        mlpBias = json["mlp_bias"]?.bool ?? false
+        qkNorm = arch == "Qwen3ForCausalLM"
+
+        let window = try optInt("sliding_window")
+        var windows = [Int?](repeating: nil, count: layerCount)
+        if let window {
+            switch arch {
+            case "MistralForCausalLM":
+                windows = [Int?](repeating: window, count: layerCount)
+            case "Qwen2ForCausalLM", "Qwen3ForCausalLM":
+                // Qwen applies the window only when asked, and only from max_window_layers on.
+                if json["use_sliding_window"]?.bool == true {
+                    let from = json["max_window_layers"]?.int ?? layerCount
+                    for i in 0..<layerCount where i >= from { windows[i] = window }
+                }
+            default:
+                break
+            }
+        }
+        if let types = json["layer_types"]?.array, types.count == layerCount {
+            for (i, t) in types.enumerated() { windows[i] = t.string == "sliding_attention" ? window : nil }
+        }
+        slidingWindow = windows
+        torchDType = (json["torch_dtype"]?.string ?? json["dtype"]?.string).flatMap(DType.init(torchName:))
+        bosTokenId = json["bos_token_id"]?.int
+        eosTokenIds = ModelConfig.tokenIds(json["eos_token_id"])
+    }
+
+    static func tokenIds(_ v: JSONValue?) -> [Int] {
+        guard let v else { return [] }
+        if let i = v.int { return [i] }
+        return v.array?.compactMap(\.int) ?? []
+    }
+
+    static func architecture(forModelType t: String) -> String? {
+        switch t {
+        case "llama": return "LlamaForCausalLM"
+        case "mistral": return "MistralForCausalLM"
+        case "qwen2": return "Qwen2ForCausalLM"
+        case "qwen3": return "Qwen3ForCausalLM"
+        default: return nil
+        }
+    }
+
+    static func parseRopeScaling(_ v: JSONValue?, bad: (String) -> PeregrineError) throws -> RopeScaling {
+        guard let v, let o = v.object else { return .none }
+        let type = o["rope_type"]?.string ?? o["type"]?.string ?? "default"
+        switch type {
+        case "default":
+            return .none
+        case "linear":
+            guard let f = o["factor"]?.double, f > 0 else { throw bad("rope_scaling of type linear needs a positive factor") }
+            return .linear(factor: f)
+        case "llama3":
+            guard let f = o["factor"]?.double, f > 0,
+                  let lo = o["low_freq_factor"]?.double, let hi = o["high_freq_factor"]?.double, hi > lo,
+                  let orig = o["original_max_position_embeddings"]?.int, orig > 0
+            else { throw bad("rope_scaling of type llama3 needs factor, low_freq_factor < high_freq_factor and original_max_position_embeddings") }
+            return .llama3(factor: f, lowFreqFactor: lo, highFreqFactor: hi, originalMaxPositions: orig)
+        default:
+            throw PeregrineError.unsupported("unsupported rope_scaling type '\(type)' (supported: linear, llama3)")
+        }
+    }
+
+    /// The inverse frequency of each rotary pair, after scaling.
+    public func ropeInverseFrequencies() -> [Float] {
+        let half = headDim / 2
+        var inv = (0..<half).map { 1.0 / pow(ropeTheta, Double(2 * $0) / Double(headDim)) }
+        switch ropeScaling {
+        case .none:
+            break
+        case .linear(let f):
+            inv = inv.map { $0 / f }
+        case .llama3(let factor, let lowF, let highF, let orig):
+            let lowWavelen = Double(orig) / lowF
+            let highWavelen = Double(orig) / highF
+            inv = inv.map { f in
+                let wavelen = 2 * Double.pi / f
+                if wavelen < highWavelen { return f }
+                if wavelen > lowWavelen { return f / factor }
+                let smooth = (Double(orig) / wavelen - lowF) / (highF - lowF)
+                return (1 - smooth) * f / factor + smooth * f
+            }
+        }
+        return inv.map { Float($0) }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif

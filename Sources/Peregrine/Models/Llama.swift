@@ -1,0 +1,202 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2 and Qwen3, one definition switched by
+/// config (grouped-query attention, q/k/v biases, q/k norms, sliding windows, RoPE scaling, tied
+/// embeddings). Written against `ComputeBackend`, so the same code runs on every backend.
+public final class LlamaModel<B: ComputeBackend>: LanguageModel {
+    public let config: ModelConfig
+    public let backend: B
+    public var backendName: String { backend.name }
+    public private(set) var weightBytes = 0
+
+    struct Layer {
+        var inputNorm: B.Weight
+        var q, k, v, o: B.Weight
+        var qBias, kBias, vBias, oBias: B.Weight?
+        var qNorm, kNorm: B.Weight?
+        var postNorm: B.Weight
+        var gate, up, down: B.Weight
+        var gateBias, upBias, downBias: B.Weight?
+    }
+
+    private let embedTokens: B.Weight
+    private let layers: [Layer]
+    private let norm: B.Weight
+    private let lmHead: B.Weight
+    private let inverseFrequencies: [Float]
+    private let weights: WeightStore  // keeps the mapped files alive
+
+    /// Activation memory for up to `capacity` tokens, reused across calls.
+    private struct Workspace {
+        var capacity = 0
+        var logitCapacity = 0
+        var x, h, q, k, v, attn, gate, up, tmp, cos, sin: B.Buffer
+        var last, lastNormed, logits: B.Buffer
+    }
+    private var ws: Workspace?
+    private var cosHost: [Float] = []
+    private var sinHost: [Float] = []
+
+    /// Hugging Face tensor names, after the family's one sanitize step.
+    static func sanitize(_ weights: WeightStore) -> (String) -> String {
+        { name in name }
+    }
+
+    public init(config c: ModelConfig, weights: WeightStore, backend: B) throws {
+        config = c
+        self.backend = backend
+        self.weights = weights
+        let name = LlamaModel.sanitize(weights)
+        var bytes = 0
+        func load(_ n: String, _ shape: [Int]) throws -> B.Weight {
+            let t = try weights.require(name(n), shape: shape)
+            bytes += t.byteCount
+            return try backend.weight(t)
+        }
+        func loadIf(_ present: Bool, _ n: String, _ shape: [Int]) throws -> B.Weight? {
+            present ? try load(n, shape) : nil
+        }
+        let d = c.hiddenSize, hd = c.headDim, qd = c.headCount * hd, kvd = c.kvHeadCount * hd, ff = c.intermediateSize
+        embedTokens = try load("model.embed_tokens.weight", [c.vocabSize, d])
+        let embedBytes = bytes
+        var layers: [Layer] = []
+        for i in 0..<c.layerCount {
+            let p = "model.layers.\(i)."
+            layers.append(Layer(
+                inputNorm: try load(p + "input_layernorm.weight", [d]),
+                q: try load(p + "self_attn.q_proj.weight", [qd, d]),
+                k: try load(p + "self_attn.k_proj.weight", [kvd, d]),
+                v: try load(p + "self_attn.v_proj.weight", [kvd, d]),
+                o: try load(p + "self_attn.o_proj.weight", [d, qd]),
+                qBias: try loadIf(c.qkvBias, p + "self_attn.q_proj.bias", [qd]),
+                kBias: try loadIf(c.qkvBias, p + "self_attn.k_proj.bias", [kvd]),
+                vBias: try loadIf(c.qkvBias, p + "self_attn.v_proj.bias", [kvd]),
+                oBias: try loadIf(c.outputBias, p + "self_attn.o_proj.bias", [d]),
+                qNorm: try loadIf(c.qkNorm, p + "self_attn.q_norm.weight", [hd]),
+                kNorm: try loadIf(c.qkNorm, p + "self_attn.k_norm.weight", [hd]),
+                postNorm: try load(p + "post_attention_layernorm.weight", [d]),
+                gate: try load(p + "mlp.gate_proj.weight", [ff, d]),
+                up: try load(p + "mlp.up_proj.weight", [ff, d]),
+                down: try load(p + "mlp.down_proj.weight", [d, ff]),
+                gateBias: try loadIf(c.mlpBias, p + "mlp.gate_proj.bias", [ff]),
+                upBias: try loadIf(c.mlpBias, p + "mlp.up_proj.bias", [ff]),
+                downBias: try loadIf(c.mlpBias, p + "mlp.down_proj.bias", [d])))
+        }
+        self.layers = layers
+        norm = try load("model.norm.weight", [d])
+        if c.tieWordEmbeddings || !weights.contains(name("lm_head.weight")) {
+            guard c.tieWordEmbeddings else { throw PeregrineError.format("missing tensor 'lm_head.weight'") }
+            lmHead = embedTokens
+        } else {
+            lmHead = try load("lm_head.weight", [c.vocabSize, d])
+        }
+        // A decode step reads one embedding row but the whole output projection.
+        weightBytes = c.tieWordEmbeddings ? bytes : bytes - embedBytes
+        inverseFrequencies = c.ropeInverseFrequencies()
+    }
+
+    public func makeKVMemory(slots: Int, capacity: Int) throws -> KVMemory {
+        try KVStorage(backend: backend, layers: config.layerCount, slots: slots, capacity: capacity,
+                      kvHeads: config.kvHeadCount, headDim: config.headDim)
+    }
+
+    public func copyKV(_ kv: KVMemory, from: Int, to: Int, count: Int) throws {
+        guard let kv = kv as? KVStorage<B> else { throw PeregrineError.backend("KV memory belongs to another backend") }
+        let n = count * kv.rowSize
+        for l in 0..<config.layerCount {
+            backend.copy(kv.keys[l], offset: from * kv.slotSize, to: kv.keys[l], offset: to * kv.slotSize, count: n)
+            backend.copy(kv.values[l], offset: from * kv.slotSize, to: kv.values[l], offset: to * kv.slotSize, count: n)
+        }
+    }
+
+    private func workspace(tokens: Int, logitRows: Int) throws -> Workspace {
+        if let ws, ws.capacity >= tokens, ws.logitCapacity >= logitRows { return ws }
+        let c = config
+        let n = max(tokens, ws?.capacity ?? 0), l = max(logitRows, ws?.logitCapacity ?? 0, 1)
+        let qd = c.headCount * c.headDim, kvd = c.kvHeadCount * c.headDim
+        let w = Workspace(
+            capacity: n, logitCapacity: l,
+            x: try backend.buffer(n * c.hiddenSize), h: try backend.buffer(n * c.hiddenSize),
+            q: try backend.buffer(n * qd), k: try backend.buffer(n * kvd), v: try backend.buffer(n * kvd),
+            attn: try backend.buffer(n * qd), gate: try backend.buffer(n * c.intermediateSize),
+            up: try backend.buffer(n * c.intermediateSize), tmp: try backend.buffer(n * c.hiddenSize),
+            cos: try backend.buffer(n * c.headDim / 2), sin: try backend.buffer(n * c.headDim / 2),
+            last: try backend.buffer(l * c.hiddenSize), lastNormed: try backend.buffer(l * c.hiddenSize),
+            logits: try backend.buffer(l * c.vocabSize))
+        ws = w
+        cosHost = [Float](repeating: 0, count: n * c.headDim / 2)
+        sinHost = cosHost
+        return w
+    }
+
+    /// cos/sin of every token's rotation angles, computed in f32 as the reference does.
+    private func fillRotaryTables(_ plan: BatchPlan, _ w: Workspace) {
+        let half = config.headDim / 2
+        for t in 0..<plan.count {
+            let pos = Float(plan.positions[t])
+            for i in 0..<half {
+                let angle = Double(inverseFrequencies[i] * pos)
+                cosHost[t * half + i] = Float(Glibc.cos(angle))
+                sinHost[t * half + i] = Float(Glibc.sin(angle))
+            }
+        }
+        cosHost.withUnsafeBufferPointer { backend.write(UnsafeBufferPointer(rebasing: $0[0..<(plan.count * half)]), to: w.cos, offset: 0) }
+        sinHost.withUnsafeBufferPointer { backend.write(UnsafeBufferPointer(rebasing: $0[0..<(plan.count * half)]), to: w.sin, offset: 0) }
+    }
+
+    public func forward(_ plan: BatchPlan, kv: KVMemory, logits: UnsafeMutableBufferPointer<Float>) throws {
+        let c = config
+        let n = plan.count
+        guard n > 0 else { return }
+        guard let cache = kv as? KVStorage<B> else { throw PeregrineError.backend("KV memory belongs to another backend") }
+        guard plan.positions.count == n, plan.slots.count == n else { throw PeregrineError.invalidArgument("inconsistent batch plan") }
+        for t in 0..<n {
+            guard plan.tokens[t] >= 0, Int(plan.tokens[t]) < c.vocabSize else {
+                throw PeregrineError.invalidArgument("token id \(plan.tokens[t]) is outside the vocabulary (\(c.vocabSize))")
+            }
+            guard plan.slots[t] >= 0, Int(plan.slots[t]) < cache.slots, plan.positions[t] >= 0, Int(plan.positions[t]) < cache.capacity else {
+                throw PeregrineError.invalidArgument("position \(plan.positions[t]) is beyond the KV cache (\(cache.capacity) positions)")
+            }
+        }
+        guard logits.count >= plan.logitRows.count * c.vocabSize else { throw PeregrineError.invalidArgument("logits buffer too small") }
+        let w = try workspace(tokens: n, logitRows: plan.logitRows.count)
+        let d = c.hiddenSize, hd = c.headDim
+        fillRotaryTables(plan, w)
+        plan.tokens.withUnsafeBufferPointer { backend.embed(tokens: $0, table: embedTokens, out: w.x) }
+
+        for (i, L) in layers.enumerated() {
+            backend.rmsNorm(w.x, weight: L.inputNorm, eps: c.rmsNormEps, rows: n, dim: d, out: w.h)
+            backend.matmul(w.h, rows: n, weight: L.q, bias: L.qBias, out: w.q)
+            backend.matmul(w.h, rows: n, weight: L.k, bias: L.kBias, out: w.k)
+            backend.matmul(w.h, rows: n, weight: L.v, bias: L.vBias, out: w.v)
+            if let qn = L.qNorm, let kn = L.kNorm {
+                backend.rmsNorm(w.q, weight: qn, eps: c.rmsNormEps, rows: n * c.headCount, dim: hd, out: w.q)
+                backend.rmsNorm(w.k, weight: kn, eps: c.rmsNormEps, rows: n * c.kvHeadCount, dim: hd, out: w.k)
+            }
+            backend.rope(w.q, rows: n, heads: c.headCount, headDim: hd, cos: w.cos, sin: w.sin)
+            backend.rope(w.k, rows: n, heads: c.kvHeadCount, headDim: hd, cos: w.cos, sin: w.sin)
+            backend.storeKV(layer: i, k: w.k, v: w.v, rows: n, plan: plan, cache: cache)
+            backend.attention(layer: i, q: w.q, rows: n, plan: plan, cache: cache, heads: c.headCount,
+                              window: c.slidingWindow[i], out: w.attn)
+            backend.matmul(w.attn, rows: n, weight: L.o, bias: L.oBias, out: w.tmp)
+            backend.add(w.x, w.tmp, count: n * d)
+
+            backend.rmsNorm(w.x, weight: L.postNorm, eps: c.rmsNormEps, rows: n, dim: d, out: w.h)
+            backend.matmul(w.h, rows: n, weight: L.gate, bias: L.gateBias, out: w.gate)
+            backend.matmul(w.h, rows: n, weight: L.up, bias: L.upBias, out: w.up)
+            backend.siluMul(gate: w.gate, up: w.up, count: n * c.intermediateSize, out: w.gate)
+            backend.matmul(w.gate, rows: n, weight: L.down, bias: L.downBias, out: w.tmp)
+            backend.add(w.x, w.tmp, count: n * d)
+        }
+
+        let rows = plan.logitRows.count
+        guard rows > 0 else { try backend.synchronize(); return }
+        plan.logitRows.withUnsafeBufferPointer { backend.gatherRows(w.x, rows: $0, dim: d, out: w.last) }
+        backend.rmsNorm(w.last, weight: norm, eps: c.rmsNormEps, rows: rows, dim: d, out: w.lastNormed)
+        backend.matmul(w.lastNormed, rows: rows, weight: lmHead, bias: nil, out: w.logits)
+        try backend.synchronize()
+        backend.read(w.logits, offset: 0, into: UnsafeMutableBufferPointer(rebasing: logits[0..<(rows * c.vocabSize)]))
+    }
+}

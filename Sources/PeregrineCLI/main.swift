@@ -1,0 +1,162 @@
+import ArgumentParser
+import Foundation
+import Peregrine
+
+@main
+struct PeregrineCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "peregrine",
+        abstract: "Run large language models on the CPU: Hugging Face safetensors directories of the Llama family.",
+        subcommands: [Generate.self, Tokenize.self],
+        defaultSubcommand: Generate.self)
+}
+
+/// The model that runs when no --model is given.
+enum Defaults {
+    static let model = "Tests/Fixtures/models/llama"
+}
+
+struct ModelOptions: ParsableArguments {
+    @Option(name: .shortAndLong, help: "A Hugging Face model directory (config.json, *.safetensors, tokenizer.json).")
+    var model: String = Defaults.model
+
+    @Option(name: .shortAndLong, help: "Worker threads (default: all cores).")
+    var threads: Int?
+
+    func validate() throws {
+        if let t = threads, t < 1 || t > 1024 { throw ValidationError("--threads must be between 1 and 1024") }
+    }
+
+    func backend() -> CPUBackend {
+        if let t = threads { return CPUBackend(pool: ThreadPool(threadCount: t)) }
+        return CPUBackend()
+    }
+}
+
+struct Generate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Generate text from a prompt, streaming it to stdout; speeds go to stderr.")
+
+    @OptionGroup var modelOptions: ModelOptions
+
+    @Option(name: .shortAndLong, help: "The prompt text.")
+    var prompt: String = "Once upon a time"
+
+    @Option(name: [.customShort("n"), .long], help: "Most tokens to generate.")
+    var maxTokens: Int = 128
+
+    @Option(help: "Sampling temperature; 0 is greedy decoding.")
+    var temperature: Float = 0.8
+
+    @Option(help: "Keep only the k most likely tokens (0: off).")
+    var topK: Int = 40
+
+    @Option(help: "Keep the smallest set of tokens whose probability reaches p (1: off).")
+    var topP: Float = 0.95
+
+    @Option(help: "Drop tokens less likely than min-p times the most likely one (0: off).")
+    var minP: Float = 0.05
+
+    @Option(help: "Penalise tokens already in the context (1: off).")
+    var repeatPenalty: Float = 1.0
+
+    @Option(help: "How many recent tokens the repetition penalty looks at (0: all).")
+    var repeatLastN: Int = 64
+
+    @Option(help: "Random seed (default: a new one each run, printed with the speeds).")
+    var seed: UInt64?
+
+    @Option(name: .customLong("stop"), help: "Stop when this text is generated (repeatable).")
+    var stops: [String] = []
+
+    @Option(name: [.customShort("c"), .long], help: "Context length: prompt plus generation (default: the model's).")
+    var ctxSize: Int?
+
+    @Flag(help: "Do not add the tokenizer's special tokens (BOS) to the prompt.")
+    var noSpecial = false
+
+    func validate() throws {
+        if maxTokens < 0 { throw ValidationError("--max-tokens must be >= 0") }
+        if let c = ctxSize, c < 1 { throw ValidationError("--ctx-size must be >= 1") }
+    }
+
+    func run() throws {
+        try reportingErrors {
+            var options = GenerationOptions()
+            options.maxTokens = maxTokens
+            options.stopStrings = stops
+            options.addSpecialTokens = !noSpecial
+            options.contextLength = ctxSize
+            options.sampling.temperature = temperature
+            options.sampling.topK = topK
+            options.sampling.topP = topP
+            options.sampling.minP = minP
+            options.sampling.repetitionPenalty = repeatPenalty
+            options.sampling.repetitionWindow = repeatLastN
+            let seed = seed ?? UInt64.random(in: 0..<(1 << 32))
+            options.sampling.seed = seed
+            try options.sampling.validate()
+
+            let clock = ContinuousClock()
+            let start = clock.now
+            let model = try ModelRegistry.load(directory: modelOptions.model, backend: modelOptions.backend())
+            let tokenizer = try Tokenizer(directory: modelOptions.model)
+            let loaded = clock.now - start
+            let generator = Generator(model: model, tokenizer: tokenizer)
+            let out = FileHandle.standardOutput
+            let result = try generator.generate(prompt: prompt, options: options) { piece in
+                out.write(Data(piece.utf8))
+                return true
+            }
+            out.write(Data("\n".utf8))
+            let msg = String(format: "\nload %.2f s | prompt %d tokens, %.1f tok/s | generation %d tokens, %.1f tok/s | stop: %@ | seed %llu | %@\n",
+                             Double(loaded.components.seconds) + Double(loaded.components.attoseconds) * 1e-18,
+                             result.promptTokens.count, result.prefillTokensPerSecond, result.tokens.count,
+                             result.decodeTokensPerSecond, result.stopReason.rawValue, seed, model.backendName)
+            FileHandle.standardError.write(Data(msg.utf8))
+        }
+    }
+}
+
+struct Tokenize: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print the token ids and pieces of a text.")
+
+    @Option(name: .shortAndLong, help: "A model directory holding tokenizer.json.")
+    var model: String = Defaults.model
+
+    @Flag(help: "Do not add the tokenizer's special tokens (BOS).")
+    var noSpecial = false
+
+    @Flag(help: "Print only the ids, space-separated.")
+    var idsOnly = false
+
+    @Argument(help: "The text to tokenize.")
+    var text: String
+
+    func run() throws {
+        try reportingErrors {
+            let tokenizer = try Tokenizer(directory: model)
+            let ids = tokenizer.encode(text, addSpecialTokens: !noSpecial)
+            if idsOnly {
+                print(ids.map(String.init).joined(separator: " "))
+                return
+            }
+            for id in ids {
+                let piece = tokenizer.token(of: id) ?? "?"
+                let text = tokenizer.decode([id])
+                print("\(id)\t\(piece.debugDescription)\t\(text.debugDescription)")
+            }
+            FileHandle.standardError.write(Data("\(ids.count) tokens\n".utf8))
+        }
+    }
+}
+
+/// Prints a user-caused error as one line and exits non-zero.
+func reportingErrors(_ body: () throws -> Void) throws {
+    do {
+        try body()
+    } catch let e as PeregrineError {
+        FileHandle.standardError.write(Data("error: \(e.description)\n".utf8))
+        throw ExitCode(1)
+    }
+}

@@ -1,0 +1,56 @@
+import Foundation
+import XCTest
+@testable import Peregrine
+
+/// Paths of the committed fixtures (made by scripts/make_fixtures.py).
+enum Fixtures {
+    static let root: String = {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("Fixtures").path
+    }()
+
+    static func model(_ name: String) -> String { root + "/models/" + name }
+    static func tokenizer(_ kind: String) -> String { root + "/tokenizers/" + kind }
+
+    static func json(_ path: String) throws -> JSONValue { try FileSystem.readJSON(path) }
+
+    static func floats(_ path: String) throws -> [Float] {
+        let bytes = try FileSystem.read(path)
+        return bytes.withUnsafeBytes { raw in
+            (0..<(bytes.count / 4)).map { raw.loadUnaligned(fromByteOffset: $0 * 4, as: Float.self) }
+        }
+    }
+
+    /// A fresh temporary directory, removed at the end of the test.
+    static func tempDirectory(_ test: XCTestCase) throws -> String {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("peregrine-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        test.addTeardownBlock { try? FileManager.default.removeItem(atPath: dir) }
+        return dir
+    }
+}
+
+struct Reference {
+    let promptIds: [Int]
+    let greedyIds: [Int]
+    let rows: Int
+    let vocab: Int
+    let logits: [Float]
+    let json: JSONValue
+
+    init(model name: String, logitsFile: String = "reference_logits.bin") throws {
+        let dir = Fixtures.model(name)
+        json = try Fixtures.json(dir + "/reference.json")
+        promptIds = json["prompt_ids"]?.array?.compactMap(\.int) ?? []
+        greedyIds = json["greedy_ids"]?.array?.compactMap(\.int) ?? []
+        rows = json["rows"]?.int ?? 0
+        vocab = json["vocab"]?.int ?? 0
+        logits = try Fixtures.floats(dir + "/" + logitsFile)
+    }
+
+    func row(_ r: Int) -> ArraySlice<Float> { logits[(r * vocab)..<((r + 1) * vocab)] }
+}
+
+func maxAbsDiff(_ a: some Collection<Float>, _ b: some Collection<Float>) -> Float {
+    zip(a, b).reduce(0) { max($0, abs($1.0 - $1.1)) }
+}

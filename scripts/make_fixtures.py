@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""Builds the reference fixtures under Tests/Fixtures with the Hugging Face libraries.
+
+- tokenizers/<kind>/: a small tokenizer of each kind Peregrine reads (byte-level BPE with the GPT-2,
+  Llama 3 and Qwen2 pre-tokenizers; SentencePiece-style BPE, legacy and metaspace), trained with
+  the `tokenizers` library, and tokenizer_cases.json: its ids and decodings of the test strings.
+- models/<name>/: tiny randomly initialised models of each supported architecture in the
+  transformers layout, with reference.json (prompt ids, greedy continuation) and
+  reference_logits.bin (transformers' f32 logits for every position of prompt + continuation).
+
+Run: python3 scripts/make_fixtures.py   (needs torch, transformers, tokenizers, safetensors)
+The outputs are committed, so the Swift tests need no Python.
+"""
+import glob
+import json
+import os
+import shutil
+import struct
+import sys
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers, Regex
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Tests", "Fixtures")
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+# Strings every tokenizer is checked on: unicode, emoji, CJK, whitespace runs, digits, code,
+# contractions, special tokens inside text.
+TEST_STRINGS = [
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog.",
+    "  leading spaces and trailing spaces   ",
+    "tabs\tand\nnewlines\r\nand  \n\n  blank lines\n",
+    "I'm sure they'll say it's fine; WE'RE NOT, you've DON'T I'd",
+    "Numbers: 0 12 345 6789 1234567890 3.14159 -42 1e10 100,000",
+    "Unicode: café naïve résumé Ångström Straße",
+    "Combining: e\u0301 a\u0308 n\u0303",
+    "CJK: 日本語のテキスト、中文文本。한국어 텍스트",
+    "Emoji: 😀🎉👍🏽 👨‍👩‍👧‍👦 🇯🇵",
+    "Code:\n    def f(x):\n        return x ** 2  # square\n\tif (a && b) { c++; }",
+    "Symbols: ~!@#$%^&*()_+`-={}|[]\\:\";'<>?,./",
+    "Spaces\u00a0non\u2003breaking\u3000ideographic",
+    "mixed123numbers456and789letters",
+    "a",
+    " ",
+    "",
+    "\n",
+    "Ŝtrange Ĉharacters ſ 'S 'ſ",
+    "Arabic: مرحبا بالعالم Hebrew: שלום Greek: Καλημέρα Cyrillic: Привет",
+    "repeated!!!!!!!???...---",
+]
+
+
+def corpus_text():
+    parts = []
+    for path in sorted(glob.glob("/usr/share/common-licenses/*")):
+        if os.path.isfile(path) and not os.path.islink(path):
+            with open(path, encoding="utf-8", errors="ignore") as f:
+                parts.append(f.read())
+    parts.extend(TEST_STRINGS[:12])  # a little unicode and code, not everything
+    parts.append("Emoji 😀 and CJK 日本 appear rarely. Numbers 2024 and 3.14 appear often. def main(): return 0\n" * 3)
+    return parts
+
+
+def specials_for(kind):
+    return {
+        "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
+        "qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "gpt2": ["<|endoftext|>"],
+        "llama2": ["<unk>", "<s>", "</s>"],
+        "metaspace": ["<unk>", "<s>", "</s>"],
+    }[kind]
+
+
+def train_byte_level(kind, vocab_size=400):
+    tok = Tokenizer(models.BPE(ignore_merges=(kind == "llama3")))
+    if kind == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        pattern = LLAMA3_PATTERN if kind == "llama3" else QWEN2_PATTERN
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    if kind == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(corpus_text(), trainer)
+    tok.add_special_tokens(specials_for(kind))
+    if kind == "llama3":
+        bos = "<|begin_of_text|>"
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def train_sentencepiece_style(kind, vocab_size=420):
+    """Llama 2 / Mistral style: BPE over raw characters with '▁' for spaces and byte fallback."""
+    base = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    base.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, min_frequency=2, show_progress=False,
+                                  limit_alphabet=90, special_tokens=[])
+    base.train_from_iterator(corpus_text(), trainer)
+    trained = json.loads(base.to_str())["model"]
+    vocab = {}
+    for s in specials_for(kind):
+        vocab[s] = len(vocab)
+    for b in range(256):
+        vocab["<0x%02X>" % b] = len(vocab)
+    for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        if t not in vocab:
+            vocab[t] = len(vocab)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    if kind == "llama2":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.add_special_tokens(specials_for(kind))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return tok
+
+
+def save_tokenizer(tok, kind, directory):
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    sp = specials_for(kind)
+    if kind in ("llama2", "metaspace"):
+        bos, eos = "<s>", "</s>"
+    elif kind == "llama3":
+        bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+    else:
+        bos, eos = None, sp[0]
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+           "model_max_length": 256}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def tokenizer_cases(tok, kind):
+    sp = specials_for(kind)
+    strings = list(TEST_STRINGS)
+    strings.append(f"Special {sp[-1]} inside{sp[0]}text {sp[-1]}")
+    strings.append(f"{sp[0]}{sp[-1]}")
+    cases = []
+    for s in strings:
+        ids = tok.encode(s, add_special_tokens=True).ids
+        raw = tok.encode(s, add_special_tokens=False).ids
+        cases.append({"text": s, "ids": ids, "ids_no_special": raw,
+                      "decoded": tok.decode(ids, skip_special_tokens=False),
+                      "decoded_skip_special": tok.decode(ids, skip_special_tokens=True)})
+    # Decoding of arbitrary id sequences, including ones that split UTF-8 characters.
+    n = tok.get_vocab_size()
+    g = torch.Generator().manual_seed(7)
+    random_ids = [torch.randint(0, n, (12,), generator=g).tolist() for _ in range(8)]
+    decodes = [{"ids": r, "decoded": tok.decode(r, skip_special_tokens=False),
+                "decoded_skip_special": tok.decode(r, skip_special_tokens=True)} for r in random_ids]
+    return {"cases": cases, "decodes": decodes}
+
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Numbers 1234 and café, 日本."
+GREEDY_STEPS = 12
+
+
+def build_model(name, arch, cfg_kwargs, tok, kind, seed):
+    cls_cfg, cls_model = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }[arch]
+    vocab = tok.get_vocab_size()
+    bos = tok.token_to_id(specials_for(kind)[1 if kind in ("llama2", "metaspace") else 0])
+    eos_name = {"llama3": "<|end_of_text|>", "qwen2": "<|endoftext|>", "llama2": "</s>", "metaspace": "</s>"}[kind]
+    eos = tok.token_to_id(eos_name)
+    base = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-5, initializer_range=0.25, bos_token_id=bos, eos_token_id=eos,
+                attn_implementation="eager")
+    base.update(cfg_kwargs)
+    config = cls_cfg(**base)
+    # Re-seed until every greedy step has a clear winner, so the comparison cannot hinge on a tie.
+    for attempt in range(50):
+        torch.manual_seed(seed + attempt)
+        model = cls_model(config).eval().float()
+        with torch.no_grad():
+            # Norm weights start at exactly 1 and biases at 0; perturb both so they matter.
+            for n_, p in model.named_parameters():
+                if n_.endswith("norm.weight"):
+                    p.copy_(1 + 0.1 * torch.randn_like(p))
+                elif n_.endswith(".bias"):
+                    p.copy_(0.1 * torch.randn_like(p))
+        ids = tok.encode(PROMPT, add_special_tokens=True).ids
+        seq = list(ids)
+        margins = []
+        with torch.no_grad():
+            for _ in range(GREEDY_STEPS):
+                logits = model(torch.tensor([seq])).logits[0, -1]
+                top = torch.topk(logits, 2).values
+                margins.append(float(top[0] - top[1]))
+                seq.append(int(torch.argmax(logits)))
+        if min(margins) > 2e-3:
+            break
+    else:
+        sys.exit(f"{name}: no seed gave clear greedy margins")
+    with torch.no_grad():
+        full_logits = model(torch.tensor([seq])).logits[0].float()
+    return model, ids, seq[len(ids):], full_logits, min(margins)
+
+
+def write_model(directory, model, tok, kind, ids, greedy, logits, extra=None, dtype=torch.float32):
+    if os.path.exists(directory):
+        shutil.rmtree(directory)
+    model.to(dtype).save_pretrained(directory, safe_serialization=True)
+    save_tokenizer(tok, kind, directory)
+    with open(os.path.join(directory, "reference_logits.bin"), "wb") as f:
+        f.write(logits.contiguous().numpy().astype("<f4").tobytes())
+    ref = {"prompt": PROMPT, "prompt_ids": ids, "greedy_ids": greedy, "rows": logits.shape[0], "vocab": logits.shape[1]}
+    ref.update(extra or {})
+    with open(os.path.join(directory, "reference.json"), "w") as f:
+        json.dump(ref, f, indent=1)
+
+
+def main():
+    torch.set_num_threads(2)
+    tok_root = os.path.join(ROOT, "tokenizers")
+    if os.path.exists(tok_root):
+        shutil.rmtree(tok_root)
+    toks = {}
+    all_cases = {}
+    for kind in ["llama3", "qwen2", "gpt2", "llama2", "metaspace"]:
+        tok = train_byte_level(kind) if kind in ("llama3", "qwen2", "gpt2") else train_sentencepiece_style(kind)
+        toks[kind] = tok
+        save_tokenizer(tok, kind, os.path.join(tok_root, kind))
+        all_cases[kind] = tokenizer_cases(tok, kind)
+    with open(os.path.join(ROOT, "tokenizer_cases.json"), "w") as f:
+        json.dump(all_cases, f, ensure_ascii=False, indent=1)
+
+    model_root = os.path.join(ROOT, "models")
+    os.makedirs(model_root, exist_ok=True)
+    specs = [
+        # name, arch, config overrides, tokenizer kind
+        ("llama", "llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                                rope_theta=500000.0), "llama3"),
+        ("llama2", "llama", dict(num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True,
+                                 rope_scaling={"rope_type": "linear", "factor": 2.0}), "llama2"),
+        ("mistral", "mistral", dict(sliding_window=8, rope_theta=1000000.0), "metaspace"),
+        ("qwen2", "qwen2", dict(tie_word_embeddings=True, rope_theta=1000000.0), "qwen2"),
+        ("qwen3", "qwen3", dict(head_dim=32, num_key_value_heads=1, rope_theta=1000000.0, tie_word_embeddings=False), "qwen2"),
+    ]
+    for i, (name, arch, kw, kind) in enumerate(specs):
+        model, ids, greedy, logits, margin = build_model(name, arch, kw, toks[kind], kind, seed=1000 * (i + 1))
+        write_model(os.path.join(model_root, name), model, toks[kind], kind, ids, greedy, logits)
+        print(f"{name}: {len(ids)} prompt tokens, greedy margin {margin:.4f}")
+        if name == "llama":
+            # 16-bit variants: the same weights rounded, with the reference computed two ways:
+            # in f32 on the rounded weights (what Peregrine computes) and natively in 16 bits.
+            for dtype, dname in [(torch.bfloat16, "bf16"), (torch.float16, "f16")]:
+                m16 = LlamaForCausalLM(model.config).eval()
+                m16.load_state_dict({k: v.to(dtype).float() for k, v in model.state_dict().items()})
+                with torch.no_grad():
+                    seq = torch.tensor([ids + greedy])
+                    ref32 = m16(seq).logits[0].float()
+                    native = m16.to(dtype)(seq).logits[0].float()
+                    m16.float()
+                d = os.path.join(model_root, f"llama-{dname}")
+                write_model(d, m16, toks[kind], kind, ids, greedy, ref32,
+                            extra={"note": f"logits: f32 compute on {dname}-rounded weights"}, dtype=dtype)
+                with open(os.path.join(d, "reference_logits_native.bin"), "wb") as f:
+                    f.write(native.contiguous().numpy().astype("<f4").tobytes())
+                # Greedy under f32 compute on rounded weights.
+                with torch.no_grad():
+                    seq2 = list(ids)
+                    for _ in range(GREEDY_STEPS):
+                        seq2.append(int(torch.argmax(m16.float()(torch.tensor([seq2])).logits[0, -1])))
+                ref = json.load(open(os.path.join(d, "reference.json")))
+                ref["greedy_ids_rounded_weights"] = seq2[len(ids):]
+                json.dump(ref, open(os.path.join(d, "reference.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
