@@ -127,7 +127,8 @@ def train_sentencepiece_style(kind, vocab_size=420):
                                          decoders.Strip(" ", 1, 0)])
     else:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([decoders.ByteFallback(),
+                                         decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)])
     tok.add_special_tokens(specials_for(kind))
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])

@@ -291,3 +291,59 @@ private struct JSONParser {
         return d
     }
 }
+
+/// Serialises JSON values (for safetensors headers and machine-readable output).
+public enum JSONWriter {
+    public static func write(_ v: JSONValue) -> String {
+        var out = ""
+        write(v, into: &out)
+        return out
+    }
+
+    static func write(_ v: JSONValue, into out: inout String) {
+        switch v {
+        case .null: out += "null"
+        case .bool(let b): out += b ? "true" : "false"
+        case .number(let d):
+            if d.rounded() == d && abs(d) < 1e15 { out += String(Int64(d)) } else { out += "\(d)" }
+        case .string(let s): writeString(s, into: &out)
+        case .array(let a):
+            out += "["
+            for (i, x) in a.enumerated() {
+                if i > 0 { out += "," }
+                write(x, into: &out)
+            }
+            out += "]"
+        case .object(let o):
+            out += "{"
+            for (i, (k, x)) in o.pairs.enumerated() {
+                if i > 0 { out += "," }
+                writeString(k, into: &out)
+                out += ":"
+                write(x, into: &out)
+            }
+            out += "}"
+        }
+    }
+
+    static func writeString(_ s: String, into out: inout String) {
+        out += "\""
+        for u in s.unicodeScalars {
+            switch u {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            default:
+                if u.value < 0x20 {
+                    let h = String(u.value, radix: 16)
+                    out += "\\u" + String(repeating: "0", count: 4 - h.count) + h
+                } else {
+                    out.unicodeScalars.append(u)
+                }
+            }
+        }
+        out += "\""
+    }
+}

@@ -49,6 +49,7 @@ public final class Generator {
     /// Generates from text; `onText` receives each new piece and returns false to stop.
     @discardableResult
     public func generate(prompt: String, options: GenerationOptions, onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
+        guard !prompt.isEmpty else { throw PeregrineError.invalidArgument("the prompt is empty") }
         let ids = tokenizer.encode(prompt, addSpecialTokens: options.addSpecialTokens)
         return try generate(promptTokens: ids, options: options, onText: onText)
     }

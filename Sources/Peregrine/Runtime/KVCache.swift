@@ -1,3 +1,5 @@
+import Foundation
+
 /// Operations every KV cache offers the runtime: how long each sequence is, dropping its tail
 /// (speculative rollback) and copying a prefix into another sequence (prefix reuse).
 public protocol KVCacheProtocol: AnyObject {
@@ -20,6 +22,14 @@ public final class ContiguousKVCache: KVCacheProtocol {
 
     public init(model: LanguageModel, slots: Int, capacity: Int) throws {
         guard slots > 0, capacity > 0 else { throw PeregrineError.invalidArgument("KV cache needs at least one slot and position") }
+        let c = model.config
+        let bytes = Double(slots) * Double(capacity) * Double(c.layerCount * 2 * c.kvHeadCount * c.headDim * 4)
+        let available = Double(sysconf(Int32(_SC_PHYS_PAGES))) * Double(sysconf(Int32(_SC_PAGESIZE)))
+        guard bytes < available * 0.8 else {
+            throw PeregrineError.invalidArgument(String(
+                format: "a KV cache of %d positions needs %.1f GiB, more than this machine's memory (%.1f GiB); use a smaller context",
+                slots * capacity, bytes / 1073741824, available / 1073741824))
+        }
         memory = try model.makeKVMemory(slots: slots, capacity: capacity)
         self.model = model
         lengths = [Int](repeating: 0, count: slots)

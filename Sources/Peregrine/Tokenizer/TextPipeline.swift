@@ -292,7 +292,7 @@ indirect enum TokenDecoder {
     case replace(TextPattern, String)
     case byteFallback
     case fuse
-    case strip(content: Character, start: Int, stop: Int)
+    case strip(content: Unicode.Scalar, start: Int, stop: Int)
 
     init?(json: JSONValue?) throws {
         guard let json, !json.isNull else { return nil }
@@ -314,7 +314,7 @@ indirect enum TokenDecoder {
         case "Fuse":
             self = .fuse
         case "Strip":
-            self = .strip(content: json["content"]?.string?.first ?? " ", start: json["start"]?.int ?? 0, stop: json["stop"]?.int ?? 0)
+            self = .strip(content: json["content"]?.string?.unicodeScalars.first ?? " ", start: json["start"]?.int ?? 0, stop: json["stop"]?.int ?? 0)
         default:
             throw unsupportedComponent("decoder", type)
         }
@@ -363,7 +363,7 @@ indirect enum TokenDecoder {
             return [tokens.joined()]
         case .strip(let c, let start, let stop):
             return tokens.map { t in
-                var s = Substring(t)
+                var s = Substring(t).unicodeScalars
                 var n = 0
                 while n < start, s.first == c { s.removeFirst(); n += 1 }
                 n = 0
