@@ -19,7 +19,9 @@ let package = Package(
         .target(
             name: "Peregrine",
             dependencies: [.product(name: "Atomics", package: "swift-atomics")],
-            swiftSettings: cpuFlags
+            // Kernels unoptimised are ~50x slower; the test suite runs real models, so the
+            // library is optimised in debug builds too.
+            swiftSettings: cpuFlags + [.unsafeFlags(["-O"], .when(configuration: .debug))]
         ),
         .executableTarget(
             name: "PeregrineCLI",

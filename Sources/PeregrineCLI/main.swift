@@ -11,9 +11,10 @@ struct PeregrineCommand: ParsableCommand {
         defaultSubcommand: Generate.self)
 }
 
-/// The model that runs when no --model is given.
+/// The model that runs when no --model is given: the reference model the repository ships
+/// (relative to the repository root, where the README runs it).
 enum Defaults {
-    static let model = "Tests/Fixtures/models/llama"
+    static let model = "models/target"
 }
 
 struct ModelOptions: ParsableArguments {
