@@ -57,4 +57,14 @@ final class TokenizerParityTests: XCTestCase {
         XCTAssertNil(qwen.bosTokenId)
         XCTAssertEqual(qwen.encode("hi", addSpecialTokens: true), qwen.encode("hi", addSpecialTokens: false))
     }
+
+    /// Tokens are byte strings: canonically equivalent spellings are different tokens.
+    func testCanonicallyEquivalentTokensStayDistinct() throws {
+        let json = try JSON.parse(#"{"model": {"type": "BPE", "vocab": {"e": 0, "\u0301": 1, "\u00e9": 2, "e\u0301": 3}, "merges": ["e \u0301"]}}"#)
+        let tok = try Tokenizer(json: json)
+        XCTAssertEqual(tok.encode("\u{e9}"), [2])
+        XCTAssertEqual(tok.encode("e\u{301}"), [3])
+        XCTAssertEqual(tok.id(of: "e\u{301}"), 3)
+        XCTAssertEqual(tok.id(of: "\u{e9}"), 2)
+    }
 }

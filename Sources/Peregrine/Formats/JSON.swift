@@ -30,11 +30,14 @@ public enum JSONValue: Equatable, Sendable {
 }
 
 /// A JSON object that keeps its keys in file order (tokenizer vocabularies and safetensors headers
-/// are read in order) and looks keys up by hash.
+/// are read in order). Small objects are searched linearly; a large one builds its hash index on
+/// the first lookup, so a 150k-entry vocabulary that is only iterated is never hashed twice.
 public struct JSONObject: Equatable, Sendable {
     public private(set) var keys: [String] = []
     public private(set) var values: [JSONValue] = []
-    private var index: [String: Int] = [:]
+    private var index = LazyIndex()
+
+    static let linearLimit = 16
 
     public init() {}
 
@@ -42,24 +45,58 @@ public struct JSONObject: Equatable, Sendable {
         for (k, v) in pairs { self[k] = v }
     }
 
+    public static func == (a: JSONObject, b: JSONObject) -> Bool { a.keys == b.keys && a.values == b.values }
+
+    private func position(of key: String) -> Int? {
+        if keys.count <= JSONObject.linearLimit { return keys.lastIndex(of: key) }
+        return index.lookup(key, keys: keys)
+    }
+
     public subscript(key: String) -> JSONValue? {
-        get { index[key].map { values[$0] } }
+        get { position(of: key).map { values[$0] } }
         set {
-            if let i = index[key] {
+            if let i = position(of: key) {
                 if let v = newValue { values[i] = v }
             } else if let v = newValue {
-                index[key] = keys.count
-                keys.append(key)
-                values.append(v)
+                append(key, v)
             }
         }
     }
 
+    /// Appends without looking for an existing key (the parser keeps the last of duplicates by
+    /// looking up only when asked).
+    mutating func append(_ key: String, _ value: JSONValue) {
+        if !isKnownUniquelyReferenced(&index) { index = LazyIndex() }
+        index.invalidate()
+        keys.append(key)
+        values.append(value)
+    }
+
     public var count: Int { keys.count }
     public var pairs: Zip2Sequence<[String], [JSONValue]> { zip(keys, values) }
+}
 
-    mutating func reserve(_ n: Int) {
-        keys.reserveCapacity(n); values.reserveCapacity(n); index.reserveCapacity(n)
+/// The hash index of a large JSONObject, built on demand.
+final class LazyIndex: @unchecked Sendable {
+    private var map: [String: Int]?
+    private let lock = Lock()
+
+    func invalidate() {
+        lock.lock()
+        map = nil
+        lock.unlock()
+    }
+
+    func lookup(_ key: String, keys: [String]) -> Int? {
+        lock.lock()
+        defer { lock.unlock() }
+        if map == nil {
+            var m = [String: Int](minimumCapacity: keys.count)
+            // The last occurrence of a duplicated key wins, as in most JSON readers.
+            for (i, k) in keys.enumerated() { m[k] = i }
+            map = m
+        }
+        return map![key]
     }
 }
 
@@ -147,8 +184,7 @@ private struct JSONParser {
             guard pos < end, buf[pos] == UInt8(ascii: ":") else { throw error("expected ':'") }
             pos += 1
             skipSpace()
-            let v = try value(depth: depth + 1)
-            obj[key] = v
+            obj.append(key, try value(depth: depth + 1))
             skipSpace()
             guard pos < end else { throw error("unexpected end of input in object") }
             if buf[pos] == UInt8(ascii: ",") { pos += 1; continue }
