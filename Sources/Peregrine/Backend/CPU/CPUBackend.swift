@@ -127,39 +127,38 @@ public final class CPUBackend: ComputeBackend {
     public func attention(layer: Int, q: CPUBuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CPUBackend>,
                           heads: Int, window: Int?, out: CPUBuffer) {
         let hd = cache.headDim
-        let group = heads / cache.kvHeads
+        let kvHeads = cache.kvHeads
+        let group = heads / kvHeads
         let row = cache.rowSize
         let scale = 1 / Float(hd).squareRoot()
         let kd = cache.keys[layer].pointer, vd = cache.values[layer].pointer
         plan.positions.withUnsafeBufferPointer { positions in
             plan.slots.withUnsafeBufferPointer { slots in
-                pool.parallelFor(rows * heads) { task in
-                    let t = task / heads, h = task % heads
+                // One task per (token, KV head): the group's query heads share each key and value
+                // row while it is in cache.
+                pool.parallelFor(rows * kvHeads) { task in
+                    let t = task / kvHeads, kvh = task % kvHeads
                     let pos = Int(positions[t])
                     let lo = window.map { max(0, pos - $0 + 1) } ?? 0
                     let n = pos - lo + 1
-                    let base = Int(slots[t]) * cache.slotSize + (h / group) * hd
-                    let qp = q.pointer + (t * heads + h) * hd
-                    let op = out.pointer + (t * heads + h) * hd
-                    withUnsafeTemporaryAllocation(of: Float.self, capacity: n) { scores in
-                        var m = -Float.infinity
+                    let base = Int(slots[t]) * cache.slotSize + kvh * hd
+                    withUnsafeTemporaryAllocation(of: Float.self, capacity: n * group) { scratch in
+                        let scores = scratch.baseAddress!
                         for j in 0..<n {
-                            let s = CPUKernels.dot(qp, kd + base + (lo + j) * row, hd) * scale
-                            scores[j] = s
-                            m = max(m, s)
+                            let kp = kd + base + (lo + j) * row
+                            for g in 0..<group {
+                                let qp = q.pointer + (t * heads + kvh * group + g) * hd
+                                scores[g * n + j] = CPUKernels.dot(qp, kp, hd) * scale
+                            }
                         }
-                        var sum: Float = 0
-                        for j in 0..<n {
-                            let e = expf(scores[j] - m)
-                            scores[j] = e
-                            sum += e
-                        }
-                        let inv = 1 / sum
-                        op.update(repeating: 0, count: hd)
-                        for j in 0..<n {
-                            let p = scores[j] * inv
-                            let vp = vd + base + (lo + j) * row
-                            for i in 0..<hd { op[i] += p * vp[i] }
+                        for g in 0..<group {
+                            let s = scores + g * n
+                            var m = -Float.infinity
+                            for j in 0..<n { m = max(m, s[j]) }
+                            let inv = 1 / CPUKernels.expShiftSum(s, n, m)
+                            let op = out.pointer + (t * heads + kvh * group + g) * hd
+                            op.update(repeating: 0, count: hd)
+                            for j in 0..<n { CPUKernels.axpy(s[j] * inv, vd + base + (lo + j) * row, op, hd) }
                         }
                     }
                 }
@@ -169,9 +168,7 @@ public final class CPUBackend: ComputeBackend {
 
     public func siluMul(gate: CPUBuffer, up: CPUBuffer, count: Int, out: CPUBuffer) {
         let g = gate.pointer, u = up.pointer, o = out.pointer
-        pool.parallelRanges(count, grain: 1 << 14) { r in
-            for i in r { o[i] = CPUKernels.silu(g[i]) * u[i] }
-        }
+        pool.parallelRanges(count, grain: 1 << 14) { r in CPUKernels.siluMul(g, u, o, r) }
     }
 
     public func add(_ x: CPUBuffer, _ y: CPUBuffer, count: Int) {

@@ -142,9 +142,10 @@ enum CPUKernels {
     static func matmul<E: WeightElement>(_ e: E.Type, x: UnsafePointer<Float>, tokens: Int, w: UnsafeRawPointer,
                                           outDim: Int, k: Int, bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>,
                                           pool: ThreadPool) {
-        // Split output rows across threads in blocks that keep a slice of W hot in cache while
-        // every token passes over it.
-        let grain = max(8, 4096 / max(1, tokens))
+        // Split output rows across threads; each block of rows stays hot in cache while every
+        // token passes over it. A block is at least ~64k multiply-adds, so decode-sized products
+        // still spread over all threads.
+        let grain = max(4, 65536 / max(1, tokens * k))
         pool.parallelRanges(outDim, grain: grain) { rows in
             var t = 0
             while t &+ 4 <= tokens {
@@ -168,4 +169,71 @@ enum CPUKernels {
     }
 
     @inline(__always) static func silu(_ v: Float) -> Float { v / (1 + expf(-v)) }
+
+    /// e^x on 8 lanes: range reduction by ln 2 and a degree-6 polynomial (Cephes' expf
+    /// coefficients), within ~2 ulp of expf over the float range; underflows to 0.
+    @inline(__always)
+    static func exp8(_ x: SIMD8<Float>) -> SIMD8<Float> {
+        let xc = pointwiseMax(pointwiseMin(x, SIMD8(repeating: 88.3762626647949)), SIMD8(repeating: -87.3365447505531))
+        // Round x / ln 2 to an integer by adding 1.5 * 2^23: the integer lands in the low
+        // mantissa bits, and subtracting the constant back gives it as a float.
+        let magic = SIMD8<Float>(repeating: 12582912)
+        let t = magic.addingProduct(xc, SIMD8(repeating: 1.442695040888963))
+        let n = t - magic
+        var r = xc.addingProduct(n, SIMD8(repeating: -0.693359375))
+        r = r.addingProduct(n, SIMD8(repeating: 2.12194440e-4))
+        var p = SIMD8<Float>(repeating: 1.9875691500e-4)
+        p = SIMD8(repeating: 1.3981999507e-3).addingProduct(p, r)
+        p = SIMD8(repeating: 8.3334519073e-3).addingProduct(p, r)
+        p = SIMD8(repeating: 4.1665795894e-2).addingProduct(p, r)
+        p = SIMD8(repeating: 1.6666665459e-1).addingProduct(p, r)
+        p = SIMD8(repeating: 5.0000001201e-1).addingProduct(p, r)
+        p = (p * (r * r)) + r + 1
+        let k = unsafeBitCast(t, to: SIMD8<Int32>.self) &- 0x4B40_0000
+        let scale = unsafeBitCast((k &+ 127) &<< 23, to: SIMD8<Float>.self)
+        return p * scale
+    }
+
+    /// out[i] = silu(g[i]) * u[i]
+    static func siluMul(_ g: UnsafePointer<Float>, _ u: UnsafePointer<Float>, _ o: UnsafeMutablePointer<Float>, _ range: Range<Int>) {
+        var i = range.lowerBound
+        while i + 8 <= range.upperBound {
+            let gv = UnsafeRawPointer(g + i).loadUnaligned(as: SIMD8<Float>.self)
+            let uv = UnsafeRawPointer(u + i).loadUnaligned(as: SIMD8<Float>.self)
+            let s = gv / (1 + exp8(-gv))
+            UnsafeMutableRawPointer(o + i).storeBytes(of: s * uv, as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < range.upperBound { o[i] = silu(g[i]) * u[i]; i += 1 }
+    }
+
+    /// In place: x = exp(x - m), returning the sum.
+    static func expShiftSum(_ x: UnsafeMutablePointer<Float>, _ n: Int, _ m: Float) -> Float {
+        var acc = SIMD8<Float>()
+        var i = 0
+        let mv = SIMD8<Float>(repeating: m)
+        while i + 8 <= n {
+            let e = exp8(UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self) - mv)
+            UnsafeMutableRawPointer(x + i).storeBytes(of: e, as: SIMD8<Float>.self)
+            acc += e
+            i += 8
+        }
+        var s = acc.sum()
+        while i < n { x[i] = expf(x[i] - m); s += x[i]; i += 1 }
+        return s
+    }
+
+    /// acc[0..<hd] += p * v[0..<hd], hd a multiple of 8 or not.
+    @inline(__always)
+    static func axpy(_ p: Float, _ v: UnsafePointer<Float>, _ acc: UnsafeMutablePointer<Float>, _ hd: Int) {
+        var i = 0
+        let pv = SIMD8<Float>(repeating: p)
+        while i + 8 <= hd {
+            let a = UnsafeRawPointer(acc + i).loadUnaligned(as: SIMD8<Float>.self)
+            let b = UnsafeRawPointer(v + i).loadUnaligned(as: SIMD8<Float>.self)
+            UnsafeMutableRawPointer(acc + i).storeBytes(of: a.addingProduct(pv, b), as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < hd { acc[i] += p * v[i]; i += 1 }
+    }
 }

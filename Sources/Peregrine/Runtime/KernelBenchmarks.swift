@@ -1,0 +1,190 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The machine's limits, measured with the same thread pool the kernels use, and each CPU kernel
+/// measured against them.
+public enum KernelBenchmarks {
+    public struct Row: Sendable {
+        public var kernel: String
+        public var shape: String
+        public var microseconds: Double
+        public var gflops: Double?
+        public var gigabytesPerSecond: Double?
+    }
+
+    /// Best of `repetitions` timings of `body`, in seconds.
+    static func time(repetitions: Int = 7, _ body: () -> Void) -> Double {
+        body()
+        var best = Double.infinity
+        for _ in 0..<repetitions {
+            let t0 = Benchmark.now()
+            body()
+            best = min(best, Benchmark.now() - t0)
+        }
+        return best
+    }
+
+    /// Read bandwidth: every thread sums its share of a buffer far larger than the caches.
+    public static func memoryReadBandwidth(pool: ThreadPool, bytes: Int = 1 << 30) -> Double {
+        let n = bytes / 4
+        let buf = UnsafeMutablePointer<Float>.allocate(capacity: n)
+        defer { buf.deallocate() }
+        pool.parallelRanges(n, grain: 1 << 20) { r in for i in r { buf[i] = 1 } }
+        let parts = pool.threadCount
+        var sink = [Float](repeating: 0, count: parts)
+        let t = time(repetitions: 5) {
+            sink.withUnsafeMutableBufferPointer { out in
+                pool.parallelFor(parts) { p in
+                    let lo = n / parts * p, hi = p == parts - 1 ? n : n / parts * (p + 1)
+                    var a0 = SIMD8<Float>(), a1 = SIMD8<Float>(), a2 = SIMD8<Float>(), a3 = SIMD8<Float>()
+                    var i = lo
+                    while i + 32 <= hi {
+                        let q = UnsafeRawPointer(buf + i)
+                        a0 += q.loadUnaligned(as: SIMD8<Float>.self)
+                        a1 += q.loadUnaligned(fromByteOffset: 32, as: SIMD8<Float>.self)
+                        a2 += q.loadUnaligned(fromByteOffset: 64, as: SIMD8<Float>.self)
+                        a3 += q.loadUnaligned(fromByteOffset: 96, as: SIMD8<Float>.self)
+                        i += 32
+                    }
+                    out[p] = (a0 + a1 + a2 + a3).sum()
+                }
+            }
+        }
+        return Double(bytes) / t / 1e9
+    }
+
+    /// Peak f32 FMA rate: independent accumulator chains in registers on every thread.
+    public static func peakFlops(pool: ThreadPool) -> Double {
+        let iterations = 2_000_000
+        let parts = pool.threadCount
+        var sink = [Float](repeating: 0, count: parts)
+        let t = time(repetitions: 3) {
+            sink.withUnsafeMutableBufferPointer { out in
+                pool.parallelFor(parts) { p in
+                    // Values grow to infinity, which costs nothing extra (denormals would).
+                    let m = SIMD8<Float>(repeating: 0.999999)
+                    var a0 = SIMD8<Float>(repeating: Float(p)), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0
+                    var a8 = a0, a9 = a0, a10 = a0, a11 = a0
+                    for _ in 0..<iterations {
+                        a0 = a0.addingProduct(a0, m); a1 = a1.addingProduct(a1, m)
+                        a2 = a2.addingProduct(a2, m); a3 = a3.addingProduct(a3, m)
+                        a4 = a4.addingProduct(a4, m); a5 = a5.addingProduct(a5, m)
+                        a6 = a6.addingProduct(a6, m); a7 = a7.addingProduct(a7, m)
+                        a8 = a8.addingProduct(a8, m); a9 = a9.addingProduct(a9, m)
+                        a10 = a10.addingProduct(a10, m); a11 = a11.addingProduct(a11, m)
+                    }
+                    out[p] = (a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11).sum()
+                }
+            }
+        }
+        // 12 FMAs of 8 lanes, 2 flops each, per iteration.
+        return Double(parts * iterations * 12 * 8 * 2) / t / 1e9
+    }
+
+    /// Matrix products on stored weight types, the shapes of a Llama-3.2-1B-sized layer.
+    public static func run(backend: CPUBackend) throws -> [Row] {
+        var rows: [Row] = []
+        for dtype in [DType.f32, .f16, .bf16] {
+            // Decode reads a matrix far larger than the caches; prefill reuses one layer's.
+            for (tokens, k, outDim) in [(1, 4096, 16384), (512, 2048, 2048)] {
+                let bytes = outDim * k * dtype.byteSize
+                let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+                defer { raw.deallocate() }
+                var rng = SeededGenerator(seed: 7)
+                for i in 0..<(outDim * k) {
+                    let v = Float(rng.nextUnit()) - 0.5
+                    switch dtype {
+                    case .f32: raw.storeBytes(of: v, toByteOffset: 4 * i, as: Float.self)
+                    case .f16: raw.storeBytes(of: Half.floatToF16(v), toByteOffset: 2 * i, as: UInt16.self)
+                    case .bf16: raw.storeBytes(of: Half.floatToBF16(v), toByteOffset: 2 * i, as: UInt16.self)
+                    }
+                }
+                let w = try backend.weight(TensorView(name: "w", dtype: dtype, shape: [outDim, k], data: UnsafeRawPointer(raw), byteCount: bytes))
+                let x = try backend.buffer(tokens * k), y = try backend.buffer(tokens * outDim)
+                for i in 0..<(tokens * k) { x.pointer[i] = Float(i % 7) * 0.1 }
+                let t = time { backend.matmul(x, rows: tokens, weight: w, bias: nil, out: y) }
+                let flops = 2.0 * Double(tokens * k * outDim)
+                rows.append(Row(kernel: tokens == 1 ? "gemv \(dtype.rawValue)" : "gemm \(dtype.rawValue)",
+                                shape: "\(tokens)x\(k) * \(outDim)x\(k)", microseconds: t * 1e6, gflops: flops / t / 1e9,
+                                gigabytesPerSecond: Double(bytes + tokens * (k + outDim) * 4) / t / 1e9))
+            }
+        }
+        // Elementwise and attention kernels at decode and prefill sizes.
+        let d = 2048
+        let ln = try backend.weight(TensorView(name: "ln", dtype: .f32, shape: [d], data: UnsafeRawPointer([Float](repeating: 1, count: d)), byteCount: d * 4))
+        for tokens in [1, 512] {
+            let x = try backend.buffer(tokens * d), y = try backend.buffer(tokens * d)
+            for i in 0..<(tokens * d) { x.pointer[i] = Float(i % 13) * 0.01 }
+            var t = time { backend.rmsNorm(x, weight: ln, eps: 1e-5, rows: tokens, dim: d, out: y) }
+            rows.append(Row(kernel: "rmsnorm", shape: "\(tokens)x\(d)", microseconds: t * 1e6, gflops: nil,
+                            gigabytesPerSecond: Double(tokens * d * 8) / t / 1e9))
+            let ff = 8192
+            let g = try backend.buffer(tokens * ff), u = try backend.buffer(tokens * ff)
+            t = time { backend.siluMul(gate: g, up: u, count: tokens * ff, out: g) }
+            rows.append(Row(kernel: "silu*up", shape: "\(tokens)x\(ff)", microseconds: t * 1e6, gflops: nil,
+                            gigabytesPerSecond: Double(tokens * ff * 12) / t / 1e9))
+            let heads = 32, hd = 64
+            let cos = try backend.buffer(tokens * hd / 2), sin = try backend.buffer(tokens * hd / 2)
+            let q = try backend.buffer(tokens * heads * hd)
+            t = time { backend.rope(q, rows: tokens, heads: heads, headDim: hd, cos: cos, sin: sin) }
+            rows.append(Row(kernel: "rope", shape: "\(tokens)x\(heads)x\(hd)", microseconds: t * 1e6, gflops: nil,
+                            gigabytesPerSecond: Double(tokens * heads * hd * 8) / t / 1e9))
+        }
+        // Attention of one query over a 2048-position cache (GQA 32/8, head 64), and of 512 queries.
+        let model = AttentionBench(backend: backend)
+        for (tokens, context) in [(1, 2048), (512, 512)] {
+            let (t, bytes, flops) = try model.run(tokens: tokens, context: context)
+            rows.append(Row(kernel: "attention", shape: "\(tokens) q over \(context) kv, 32/8 heads x 64", microseconds: t * 1e6,
+                            gflops: flops / t / 1e9, gigabytesPerSecond: bytes / t / 1e9))
+        }
+        // Sampling over a 152k vocabulary.
+        var logits = [Float](repeating: 0, count: 151_936)
+        var rng = SeededGenerator(seed: 3)
+        for i in logits.indices { logits[i] = rng.nextUnit() * 20 }
+        var p = SamplingParameters()
+        p.temperature = 0.8
+        var sampler = Sampler(p)
+        let tokens: [Int32] = []
+        var scratch = logits
+        let t = time {
+            scratch = logits
+            _ = scratch.withUnsafeMutableBufferPointer { l in tokens.withUnsafeBufferPointer { sampler.sample(l, context: $0) } }
+        }
+        rows.append(Row(kernel: "sample top-k/p/min-p", shape: "151936 logits", microseconds: t * 1e6, gflops: nil,
+                        gigabytesPerSecond: Double(logits.count * 8) / t / 1e9))
+        var picked = 0
+        let tg = time { picked &+= logits.withUnsafeBufferPointer { Sampler.argmax($0) } }
+        if picked < 0 { print(picked) }  // keeps the timed work observable
+        rows.append(Row(kernel: "sample greedy", shape: "151936 logits", microseconds: tg * 1e6, gflops: nil,
+                        gigabytesPerSecond: Double(logits.count * 4) / tg / 1e9))
+        return rows
+    }
+}
+
+/// Attention through the backend's KV storage, for the kernel table.
+struct AttentionBench {
+    let backend: CPUBackend
+
+    func run(tokens: Int, context: Int) throws -> (Double, Double, Double) {
+        let heads = 32, kvHeads = 8, hd = 64
+        let cache = try KVStorage(backend: backend, layers: 1, slots: 1, capacity: context, kvHeads: kvHeads, headDim: hd)
+        for i in 0..<(context * kvHeads * hd) {
+            cache.keys[0].pointer[i] = Float(i % 17) * 0.01
+            cache.values[0].pointer[i] = Float(i % 11) * 0.01
+        }
+        var plan = BatchPlan()
+        plan.append(tokens: [Int](repeating: 0, count: tokens), slot: 0, position: context - tokens, logits: .none)
+        let q = try backend.buffer(tokens * heads * hd), out = try backend.buffer(tokens * heads * hd)
+        for i in 0..<(tokens * heads * hd) { q.pointer[i] = Float(i % 5) * 0.1 }
+        let t = KernelBenchmarks.time {
+            backend.attention(layer: 0, q: q, rows: tokens, plan: plan, cache: cache, heads: heads, window: nil, out: out)
+        }
+        // Keys and values read per query row (causal), two flops per multiply-add, QK and PV.
+        var pairs = 0.0
+        for r in 0..<tokens { pairs += Double(context - tokens + r + 1) }
+        let flops = pairs * Double(heads * hd) * 4
+        let bytes = Double(tokens == 1 ? context * kvHeads * hd * 8 : context * kvHeads * hd * 8)
+        return (t, bytes, flops)
+    }
+}

@@ -1,0 +1,164 @@
+import ArgumentParser
+import Foundation
+import Peregrine
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure prompt processing and token generation speed, in the manner of llama-bench.",
+        discussion: """
+        pp<N>: N prompt tokens in one batch into an empty cache. tg<N>: N tokens generated one at a \
+        time from an empty cache. Each test runs once to warm up, then --repetitions times; the \
+        table gives the median tokens/s and the standard deviation. --kernels measures the CPU \
+        kernels and this machine's memory bandwidth and peak FLOP rate instead.
+        """)
+
+    @Option(name: .shortAndLong, help: "Model directories (repeatable).")
+    var model: [String] = [Defaults.model]
+
+    @Option(name: [.customShort("p"), .customLong("n-prompt")], parsing: .upToNextOption, help: "Prompt lengths (0: skip).")
+    var prompt: [Int] = [512]
+
+    @Option(name: [.customShort("n"), .customLong("n-gen")], parsing: .upToNextOption, help: "Generation lengths (0: skip).")
+    var gen: [Int] = [128]
+
+    @Option(name: .shortAndLong, parsing: .upToNextOption, help: "Thread counts (default: all cores).")
+    var threads: [Int] = []
+
+    @Option(name: [.customShort("r"), .long], help: "Timed repetitions of each test.")
+    var repetitions: Int = 5
+
+    @Option(name: [.customShort("b"), .customLong("batch-size")], help: "Most tokens per forward pass in prompt processing.")
+    var batchSize: Int = 512
+
+    @Flag(help: "Print JSON lines instead of a table.")
+    var json = false
+
+    @Flag(help: "Measure the CPU kernels, memory bandwidth and peak FLOP rate.")
+    var kernels = false
+
+    func validate() throws {
+        if prompt.contains(where: { $0 < 0 }) || gen.contains(where: { $0 < 0 }) { throw ValidationError("lengths must be >= 0") }
+        if threads.contains(where: { $0 < 1 || $0 > 1024 }) { throw ValidationError("--threads must be between 1 and 1024") }
+        if repetitions < 1 || repetitions > 1000 { throw ValidationError("--repetitions must be between 1 and 1000") }
+        if batchSize < 1 { throw ValidationError("--batch-size must be >= 1") }
+    }
+
+    func run() throws {
+        try reportingErrors {
+            let threadCounts = threads.isEmpty ? [ThreadPool.defaultThreadCount] : threads
+            if kernels {
+                try runKernels(threadCounts)
+                return
+            }
+            if !json {
+                print("| model | size | params | type | backend | threads | test | t/s | load s | peak RSS |")
+                print("|---|---|---|---|---|---|---|---|---|---|")
+            }
+            for path in model {
+                for t in threadCounts {
+                    let backend = CPUBackend(pool: ThreadPool(threadCount: t))
+                    let t0 = Date()
+                    let lm = try ModelRegistry.load(directory: path, backend: backend)
+                    let load = Date().timeIntervalSince(t0)
+                    let info = ModelInfo(directory: path, model: lm)
+                    var samples: [Benchmark.Sample] = []
+                    for p in prompt where p > 0 {
+                        guard p <= lm.config.maxPositions else {
+                            throw PeregrineError.invalidArgument("pp\(p) exceeds the model's context of \(lm.config.maxPositions)")
+                        }
+                        samples.append(try Benchmark.promptProcessing(lm, tokens: p, batch: batchSize, repetitions: repetitions))
+                    }
+                    for n in gen where n > 0 {
+                        guard n < lm.config.maxPositions else {
+                            throw PeregrineError.invalidArgument("tg\(n) exceeds the model's context of \(lm.config.maxPositions)")
+                        }
+                        samples.append(try Benchmark.tokenGeneration(lm, tokens: n, repetitions: repetitions))
+                    }
+                    for s in samples {
+                        let rss = Benchmark.peakResidentBytes()
+                        if json {
+                            let obj = JSONObject([
+                                ("model", .string(info.name)), ("size_bytes", .number(Double(info.bytes))),
+                                ("params", .number(Double(info.parameters))), ("type", .string(info.type)),
+                                ("backend", .string("cpu")), ("threads", .number(Double(t))), ("test", .string(s.test)),
+                                ("tokens_per_second", .number(s.median)), ("stddev", .number(s.standardDeviation)),
+                                ("samples", .array(s.tokensPerSecond.map { .number($0) })),
+                                ("load_seconds", .number(load)), ("peak_rss_bytes", .number(Double(rss))),
+                                ("decode_bytes_per_token", .number(Double(lm.weightBytes))),
+                            ])
+                            print(JSONWriter.write(.object(obj)))
+                        } else {
+                            print(String(format: "| %@ | %@ | %@ | %@ | cpu | %d | %@ | %.2f ± %.2f | %.3f | %@ |",
+                                         info.name, formatBytes(info.bytes), formatCount(info.parameters), info.type, t, s.test,
+                                         s.median, s.standardDeviation, load, formatBytes(rss)))
+                        }
+                        fflush(stdout)
+                    }
+                }
+            }
+        }
+    }
+
+    func runKernels(_ threadCounts: [Int]) throws {
+        for t in threadCounts {
+            let pool = ThreadPool(threadCount: t)
+            let bandwidth = KernelBenchmarks.memoryReadBandwidth(pool: pool)
+            let flops = KernelBenchmarks.peakFlops(pool: pool)
+            let rows = try KernelBenchmarks.run(backend: CPUBackend(pool: pool))
+            if json {
+                for r in rows {
+                    print(JSONWriter.write(.object(JSONObject([
+                        ("threads", .number(Double(t))), ("kernel", .string(r.kernel)), ("shape", .string(r.shape)),
+                        ("microseconds", .number(r.microseconds)), ("gflops", r.gflops.map { .number($0) } ?? .null),
+                        ("gbps", r.gigabytesPerSecond.map { .number($0) } ?? .null),
+                        ("machine_read_gbps", .number(bandwidth)), ("machine_peak_gflops", .number(flops)),
+                    ]))))
+                }
+                continue
+            }
+            print(String(format: "threads %d: memory read bandwidth %.1f GB/s, peak f32 FMA %.1f GFLOP/s\n", t, bandwidth, flops))
+            print("| kernel | shape | µs | GFLOP/s | % peak | GB/s | % bandwidth |")
+            print("|---|---|---|---|---|---|---|")
+            for r in rows {
+                let g = r.gflops.map { String(format: "%.1f | %.0f%%", $0, 100 * $0 / flops) } ?? "- | -"
+                let b = r.gigabytesPerSecond.map { String(format: "%.1f | %.0f%%", $0, 100 * $0 / bandwidth) } ?? "- | -"
+                print("| \(r.kernel) | \(r.shape) | \(String(format: "%.1f", r.microseconds)) | \(g) | \(b) |")
+            }
+        }
+    }
+}
+
+/// What the bench table says about a model.
+struct ModelInfo {
+    let name: String
+    let bytes: Int
+    let parameters: Int
+    let type: String
+
+    init(directory: String, model: LanguageModel) {
+        name = URL(fileURLWithPath: directory).lastPathComponent
+        let store = try? WeightStore(directory: directory)
+        var bytes = 0, params = 0
+        var types = Set<String>()
+        for n in store?.tensorNames ?? [] {
+            if let t = store?.tensor(n) {
+                bytes += t.byteCount
+                params += t.elementCount
+                types.insert(t.dtype.rawValue)
+            }
+        }
+        self.bytes = bytes
+        parameters = params
+        type = types.sorted().joined(separator: "+")
+    }
+}
+
+func formatBytes(_ n: Int) -> String {
+    let d = Double(n)
+    if d >= Double(1 << 30) { return String(format: "%.2f GiB", d / Double(1 << 30)) }
+    return String(format: "%.1f MiB", d / Double(1 << 20))
+}
+
+func formatCount(_ n: Int) -> String {
+    n >= 1_000_000_000 ? String(format: "%.2f B", Double(n) / 1e9) : String(format: "%.1f M", Double(n) / 1e6)
+}
