@@ -40,7 +40,7 @@ def llama_cpp_sources():
     cache = os.path.join(ROOT, ".bench-models", f"llama-cpp-python-{llama_cpp.__version__}")
     if not os.path.isdir(cache):
         with tempfile.TemporaryDirectory() as d:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "-q",
                             f"llama-cpp-python=={llama_cpp.__version__}", "-d", d], check=True)
             sdist = glob.glob(os.path.join(d, "*.tar.gz"))[0]
             with tarfile.open(sdist) as t:
@@ -59,7 +59,10 @@ import sys
 sys.path.insert(0, {os.path.join(src, 'gguf-py')!r}); sys.path.insert(0, {src!r})
 sys.argv = ['convert_hf_to_gguf.py', {model_dir!r}, '--outtype', 'f16', '--outfile', {out!r}]
 import convert_hf_to_gguf as c
-base = getattr(c, 'TextModel', None) or getattr(c, 'Model')
+try:
+    from conversion.base import TextModel as base
+except ImportError:
+    base = getattr(c, 'TextModel', None) or getattr(c, 'Model')
 base.get_vocab_base_pre = lambda self, tokenizer: {pre!r}
 c.main()
 """

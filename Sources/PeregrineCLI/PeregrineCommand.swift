@@ -76,6 +76,8 @@ struct Generate: ParsableCommand {
     @Flag(help: "Do not add the tokenizer's special tokens (BOS) to the prompt.")
     var noSpecial = false
 
+    @OptionGroup(title: "Speculative decoding") var speculation: SpeculationOptions
+
     func validate() throws {
         if maxTokens < 0 { throw ValidationError("--max-tokens must be >= 0") }
         if let c = ctxSize, c < 1 { throw ValidationError("--ctx-size must be >= 1") }
@@ -102,6 +104,7 @@ struct Generate: ParsableCommand {
             let start = clock.now
             let model = try ModelRegistry.load(directory: modelOptions.model, backend: modelOptions.backend())
             let tokenizer = try Tokenizer(directory: modelOptions.model)
+            options.speculative = try speculation.make(target: model, tokenizer: tokenizer)
             let loaded = clock.now - start
             let generator = Generator(model: model, tokenizer: tokenizer)
             let out = FileHandle.standardOutput
@@ -115,7 +118,68 @@ struct Generate: ParsableCommand {
                              result.promptTokens.count, result.prefillTokensPerSecond, result.tokens.count,
                              result.decodeTokensPerSecond, result.stopReason.rawValue, seed, model.backendName)
             FileHandle.standardError.write(Data(msg.utf8))
+            if let s = result.speculation, let spec = options.speculative {
+                FileHandle.standardError.write(Data(String(
+                    format: "speculative (%@, %d draft tokens%@): %d verifications, %d of %d drafted tokens accepted (%.1f%%), %.2f tokens per verification\n",
+                    spec.drafter.name, spec.draftTokens, spec.adaptive ? ", adaptive" : "", s.verifications, s.accepted,
+                    s.proposed, 100 * s.acceptanceRate, s.tokensPerVerification).utf8))
+            }
         }
+    }
+}
+
+/// Flags that turn on speculative decoding, shared by generate and bench.
+struct SpeculationOptions: ParsableArguments {
+    @Option(help: "A draft model directory with the same tokenizer: it drafts, the model verifies.")
+    var draft: String?
+
+    @Flag(help: "Draft by prompt lookup: copy what followed the latest earlier match of the last tokens.")
+    var lookup = false
+
+    @Option(help: "Longest n-gram prompt lookup matches.")
+    var lookupNgram: Int = 3
+
+    @Option(help: "Self-speculation: draft with the model itself, these layers skipped (e.g. 2,4,6).")
+    var skipLayers: String?
+
+    @Option(help: "Tokens drafted per verification pass.")
+    var draftTokens: Int = 4
+
+    @Flag(help: "Adapt the draft length to the recent acceptance.")
+    var adaptive = false
+
+    @Option(help: "Model drafters stop when their own probability of a token falls below this.")
+    var draftConfidence: Float = 0
+
+    func validate() throws {
+        let chosen = [draft != nil, lookup, skipLayers != nil].filter { $0 }.count
+        if chosen > 1 { throw ValidationError("choose one of --draft, --lookup and --skip-layers") }
+        if draftTokens < 1 || draftTokens > 64 { throw ValidationError("--draft-tokens must be between 1 and 64") }
+        if lookupNgram < 1 || lookupNgram > 16 { throw ValidationError("--lookup-ngram must be between 1 and 16") }
+        if !(0...1).contains(draftConfidence) { throw ValidationError("--draft-confidence must be between 0 and 1") }
+    }
+
+    func make(target: LanguageModel, tokenizer: Tokenizer) throws -> SpeculativeOptions? {
+        let drafter: Drafter
+        if let draft {
+            drafter = try ModelDrafter.load(directory: draft, target: target, tokenizer: tokenizer,
+                                            confidenceThreshold: draftConfidence)
+        } else if lookup {
+            drafter = PromptLookupDrafter(maxNgram: lookupNgram)
+        } else if let skipLayers {
+            var layers = Set<Int>()
+            for part in skipLayers.split(separator: ",") {
+                guard let i = Int(part.trimmingCharacters(in: .whitespaces)) else {
+                    throw PeregrineError.invalidArgument("--skip-layers takes layer numbers separated by commas, got '\(skipLayers)'")
+                }
+                layers.insert(i)
+            }
+            drafter = try ModelDrafter(model: try target.skippingLayers(layers), name: "self, skipping layers \(layers.sorted())",
+                                       confidenceThreshold: draftConfidence)
+        } else {
+            return nil
+        }
+        return SpeculativeOptions(drafter: drafter, draftTokens: draftTokens, adaptive: adaptive)
     }
 }
 

@@ -12,6 +12,8 @@ public protocol LanguageModel: AnyObject {
     func forward(_ plan: BatchPlan, kv: KVMemory, logits: UnsafeMutableBufferPointer<Float>) throws
     /// Copies positions 0..<count of one slot to another (prefix reuse, forking a sequence).
     func copyKV(_ kv: KVMemory, from: Int, to: Int, count: Int) throws
+    /// The same model with these layers skipped, sharing the weights (self-speculation).
+    func skippingLayers(_ layers: Set<Int>) throws -> LanguageModel
 }
 
 /// Key/value memory of some backend; see `KVStorage`.

@@ -23,6 +23,8 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
 
     private let embedTokens: B.Weight
     private let layers: [Layer]
+    /// Layers this instance passes over (self-speculative drafting shares the weights).
+    public let skippedLayers: Set<Int>
     private let norm: B.Weight
     private let lmHead: B.Weight
     private let inverseFrequencies: [Float]
@@ -46,6 +48,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
 
     public init(config c: ModelConfig, weights: WeightStore, backend: B) throws {
         config = c
+        skippedLayers = []
         self.backend = backend
         self.weights = weights
         let name = LlamaModel.sanitize(weights)
@@ -95,6 +98,28 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         // A decode step reads one embedding row but the whole output projection.
         weightBytes = c.tieWordEmbeddings ? bytes : bytes - embedBytes
         inverseFrequencies = c.ropeInverseFrequencies()
+    }
+
+    /// The same weights with some layers skipped: a cheaper model of the same vocabulary.
+    private init(sharing m: LlamaModel, skipping: Set<Int>) {
+        config = m.config
+        backend = m.backend
+        weights = m.weights
+        weightBytes = m.weightBytes
+        embedTokens = m.embedTokens
+        layers = m.layers
+        norm = m.norm
+        lmHead = m.lmHead
+        inverseFrequencies = m.inverseFrequencies
+        skippedLayers = skipping
+    }
+
+    public func skippingLayers(_ skip: Set<Int>) throws -> LanguageModel {
+        guard let bad = skip.first(where: { $0 < 0 || $0 >= config.layerCount }) else {
+            guard skip.count < config.layerCount else { throw PeregrineError.invalidArgument("cannot skip every layer") }
+            return LlamaModel(sharing: self, skipping: skip)
+        }
+        throw PeregrineError.invalidArgument("layer \(bad) does not exist (the model has \(config.layerCount) layers, 0-\(config.layerCount - 1))")
     }
 
     public func makeKVMemory(slots: Int, capacity: Int) throws -> KVMemory {
@@ -166,7 +191,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         fillRotaryTables(plan, w)
         plan.tokens.withUnsafeBufferPointer { backend.embed(tokens: $0, table: embedTokens, out: w.x) }
 
-        for (i, L) in layers.enumerated() {
+        for (i, L) in layers.enumerated() where !skippedLayers.contains(i) {
             backend.rmsNorm(w.x, weight: L.inputNorm, eps: c.rmsNormEps, rows: n, dim: d, out: w.h)
             backend.matmul(w.h, rows: n, weight: L.q, bias: L.qBias, out: w.q)
             backend.matmul(w.h, rows: n, weight: L.k, bias: L.kBias, out: w.k)

@@ -9,6 +9,8 @@ public struct GenerationOptions: Sendable {
     public var contextLength: Int?
     /// Tokens per forward pass while reading the prompt.
     public var prefillChunk = 512
+    /// Draft and verify (speculative decoding); nil decodes one token per pass.
+    public var speculative: SpeculativeOptions?
 
     public init() {}
 }
@@ -27,6 +29,7 @@ public struct GenerationResult: Sendable {
     public var stopReason = StopReason.maxTokens
     public var prefillSeconds = 0.0
     public var decodeSeconds = 0.0
+    public var speculation: SpeculationStats?
 
     public var prefillTokensPerSecond: Double { prefillSeconds > 0 ? Double(promptTokens.count) / prefillSeconds : 0 }
     /// Generation speed: the first token comes from the prefill pass, so it is not counted.
@@ -76,64 +79,119 @@ public final class Generator {
         var result = GenerationResult()
         result.promptTokens = promptTokens
         if options.maxTokens == 0 { return result }
+        return try withoutActuallyEscaping(onText) { onText in
+            var emitter = Emitter(tokenizer: tokenizer, stops: options.stopStrings, eos: eosTokenIds,
+                                  maxTokens: options.maxTokens, onText: onText)
+            if let spec = options.speculative {
+                try decodeSpeculatively(promptTokens, options, spec, &emitter, &result)
+            } else {
+                try decode(promptTokens, options, &emitter, &result)
+            }
+            result.text = emitter.text
+            result.tokens = emitter.tokens
+            result.stopReason = emitter.stopReason ?? .maxTokens
+            return result
+        }
+    }
 
-        let cache = try ContiguousKVCache(model: model, slots: 1, capacity: promptTokens.count + options.maxTokens)
-        var sampler = Sampler(options.sampling)
+    /// Reads `tokens` into the cache in chunks; the logits of the last one land in `logits`.
+    private func prefill(_ tokens: ArraySlice<Int>, cache: ContiguousKVCache, chunk: Int, logits: inout [Float]) throws {
         var plan = BatchPlan()
-        plan.tokens.reserveCapacity(options.prefillChunk)
-        var logits = [Float](repeating: 0, count: vocab)
-        var context32 = promptTokens.map { Int32($0) }
-        context32.reserveCapacity(promptTokens.count + options.maxTokens)
-        var stream = tokenizer.makeStreamingDecoder()
-        var stops = StopStringMatcher(options.stopStrings)
-        let clock = ContinuousClock()
-
-        // Prefill.
-        let t0 = clock.now
-        var done = 0
-        while done < promptTokens.count {
-            let end = min(promptTokens.count, done + options.prefillChunk)
+        var done = tokens.startIndex
+        while done < tokens.endIndex {
+            let end = min(tokens.endIndex, done + chunk)
             plan.removeAll()
-            plan.append(tokens: promptTokens[done..<end], slot: 0, position: done, logits: end == promptTokens.count ? .last : .none)
+            plan.append(tokens: tokens[done..<end], slot: 0, position: done, logits: end == tokens.endIndex ? .last : .none)
             try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
             try cache.advance(0, by: end - done)
             done = end
         }
-        let t1 = clock.now
-        result.prefillSeconds = seconds(t1 - t0)
+    }
 
-        // Decode.
-        var stopped: StopReason?
-        while stopped == nil {
+    /// One token per forward pass.
+    private func decode(_ prompt: [Int], _ options: GenerationOptions, _ emitter: inout Emitter, _ result: inout GenerationResult) throws {
+        let cache = try ContiguousKVCache(model: model, slots: 1, capacity: prompt.count + options.maxTokens)
+        var sampler = Sampler(options.sampling)
+        var plan = BatchPlan()
+        var logits = [Float](repeating: 0, count: model.config.vocabSize)
+        var context32 = prompt.map { Int32($0) }
+        context32.reserveCapacity(prompt.count + options.maxTokens)
+        let t0 = Benchmark.now()
+        try prefill(prompt[...], cache: cache, chunk: options.prefillChunk, logits: &logits)
+        let t1 = Benchmark.now()
+        result.prefillSeconds = t1 - t0
+        while true {
             let next = logits.withUnsafeMutableBufferPointer { l in
                 context32.withUnsafeBufferPointer { sampler.sample(l, context: $0) }
             }
-            if eosTokenIds.contains(next) { stopped = .endOfSequence; break }
-            result.tokens.append(next)
+            if !emitter.emit(next) { break }
             context32.append(Int32(next))
-            let piece = stream.append(next)
-            let (emit, hit) = stops.feed(piece)
-            if !emit.isEmpty {
-                result.text += emit
-                if !onText(emit) { stopped = .cancelled; break }
-            }
-            if hit { stopped = .stopString; break }
-            if result.tokens.count >= options.maxTokens { stopped = .maxTokens; break }
             plan.removeAll()
             plan.append(tokens: CollectionOfOne(next), slot: 0, position: cache.length(of: 0), logits: .last)
             try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
             try cache.advance(0, by: 1)
         }
-        if stopped != .stopString && stopped != .cancelled {
-            let (emit, _) = stops.feed(stream.flush(), final: true)
-            if !emit.isEmpty {
-                result.text += emit
-                _ = onText(emit)
+        emitter.finish()
+        result.decodeSeconds = Benchmark.now() - t1
+    }
+
+    /// Draft K tokens, verify them in one forward pass of K + 1 rows, keep the accepted prefix
+    /// and the token the pass yields after it, roll both caches back past it.
+    private func decodeSpeculatively(_ prompt: [Int], _ options: GenerationOptions, _ spec: SpeculativeOptions,
+                                     _ emitter: inout Emitter, _ result: inout GenerationResult) throws {
+        let k = max(1, spec.draftTokens)
+        let vocab = model.config.vocabSize
+        let cache = try ContiguousKVCache(model: model, slots: 1, capacity: prompt.count + options.maxTokens + k + 1)
+        var sampler = Sampler(options.sampling)
+        let greedy = options.sampling.temperature == 0
+        var length = DraftLength(maximum: k, adaptive: spec.adaptive)
+        var stats = SpeculationStats()
+        var plan = BatchPlan()
+        var logits = [Float](repeating: 0, count: (k + 1) * vocab)
+        var context = prompt
+        // The cache holds every token but the last, which each verification pass starts with.
+        let t0 = Benchmark.now()
+        try prefill(prompt.dropLast(), cache: cache, chunk: options.prefillChunk, logits: &logits)
+        let t1 = Benchmark.now()
+        result.prefillSeconds = t1 - t0
+        try spec.drafter.rollBack(to: 0)
+        decoding: while true {
+            let budget = min(length.current, options.maxTokens - emitter.tokens.count - 1)
+            let draft = budget > 0
+                ? try spec.drafter.propose(context: context, maxTokens: budget, sampling: greedy ? nil : options.sampling)
+                : Draft()
+            let d = draft.tokens.count
+            let start = context.count - 1
+            plan.removeAll()
+            plan.append(tokens: [context[start]] + draft.tokens, slot: 0, position: start, logits: .all)
+            try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
+            try cache.advance(0, by: d + 1)
+            var ctx32 = context.map { Int32($0) }
+            var p: [TokenDistribution] = []
+            for i in 0...d {
+                p.append(logits.withUnsafeMutableBufferPointer { l in
+                    ctx32.withUnsafeBufferPointer { c in
+                        sampler.distribution(UnsafeMutableBufferPointer(rebasing: l[(i * vocab)..<((i + 1) * vocab)]), context: c)
+                    }
+                })
+                if i < d { ctx32.append(Int32(draft.tokens[i])) }
+            }
+            let (accepted, next) = SpeculativeVerifier.verify(draft: draft, p: p, sampler: &sampler, greedy: greedy,
+                                                              acceptEverything: spec.acceptEverythingForTesting)
+            stats.verifications += 1
+            stats.proposed += d
+            stats.accepted += accepted
+            length.update(proposed: d, accepted: accepted)
+            try cache.trim(0, to: start + 1 + accepted)
+            try spec.drafter.rollBack(to: start + 1 + accepted)
+            for t in draft.tokens[..<accepted] + [next] {
+                if !emitter.emit(t) { break decoding }
+                context.append(t)
             }
         }
-        result.stopReason = stopped ?? .maxTokens
-        result.decodeSeconds = seconds(clock.now - t1)
-        return result
+        emitter.finish()
+        result.decodeSeconds = Benchmark.now() - t1
+        result.speculation = stats
     }
 
     /// The library's streaming API: text pieces as they are generated.
@@ -155,9 +213,52 @@ public final class Generator {
     }
 }
 
-func seconds(_ d: Duration) -> Double {
-    let (s, a) = d.components
-    return Double(s) + Double(a) * 1e-18
+/// Turns accepted tokens into streamed text and decides when to stop: EOS, a stop string, the
+/// token budget, or the caller.
+struct Emitter {
+    let tokenizer: Tokenizer
+    var stops: StopStringMatcher
+    let eos: Set<Int>
+    let maxTokens: Int
+    let onText: (String) -> Bool
+    var stream: StreamingDecoder
+    var tokens: [Int] = []
+    var text = ""
+    var stopReason: StopReason?
+
+    init(tokenizer: Tokenizer, stops: [String], eos: Set<Int>, maxTokens: Int, onText: @escaping (String) -> Bool) {
+        self.tokenizer = tokenizer
+        self.stops = StopStringMatcher(stops)
+        self.eos = eos
+        self.maxTokens = maxTokens
+        self.onText = onText
+        stream = tokenizer.makeStreamingDecoder()
+        tokens.reserveCapacity(min(maxTokens, 4096))
+    }
+
+    /// Takes the next token; false once generation must stop.
+    mutating func emit(_ token: Int) -> Bool {
+        if eos.contains(token) { stopReason = .endOfSequence; return false }
+        tokens.append(token)
+        let (out, hit) = stops.feed(stream.append(token))
+        if !out.isEmpty {
+            text += out
+            if !onText(out) { stopReason = .cancelled; return false }
+        }
+        if hit { stopReason = .stopString; return false }
+        if tokens.count >= maxTokens { stopReason = .maxTokens; return false }
+        return true
+    }
+
+    /// Flushes held-back text unless a stop string or the caller ended generation.
+    mutating func finish() {
+        guard stopReason != .stopString && stopReason != .cancelled else { return }
+        let (out, _) = stops.feed(stream.flush(), final: true)
+        if !out.isEmpty {
+            text += out
+            _ = onText(out)
+        }
+    }
 }
 
 /// Finds stop strings in streamed text. Text that might be the start of a stop string is held

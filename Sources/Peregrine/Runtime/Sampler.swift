@@ -65,6 +65,27 @@ public struct SeededGenerator: RandomNumberGenerator, Sendable {
     public mutating func nextUnit() -> Float { Float(next() >> 40) * (1.0 / Float(1 << 24)) }
 }
 
+/// A next-token distribution over a few token ids (probabilities sum to 1).
+public struct TokenDistribution: Sendable, Equatable {
+    public var ids: [Int32]
+    public var probabilities: [Float]
+
+    public init(ids: [Int32], probabilities: [Float]) {
+        self.ids = ids
+        self.probabilities = probabilities
+    }
+
+    public static func pointMass(_ id: Int) -> TokenDistribution { TokenDistribution(ids: [Int32(id)], probabilities: [1]) }
+
+    public func probability(of id: Int) -> Float {
+        guard let i = ids.firstIndex(of: Int32(id)) else { return 0 }
+        return probabilities[i]
+    }
+
+    /// The most likely token.
+    public var mode: Int { Int(ids[probabilities.indices.max { probabilities[$0] < probabilities[$1] } ?? 0]) }
+}
+
 /// Changes logits before a token is chosen. Processors compose in order.
 public protocol LogitProcessor {
     mutating func process(_ logits: UnsafeMutableBufferPointer<Float>, context: UnsafeBufferPointer<Int32>)
@@ -126,26 +147,67 @@ public struct Sampler {
     /// Picks the next token. `logits` may be modified.
     public mutating func sample(_ logits: UnsafeMutableBufferPointer<Float>, context: UnsafeBufferPointer<Int32>) -> Int {
         for i in processors.indices { processors[i].process(logits, context: context) }
+        if parameters.temperature == 0 { return Sampler.argmax(UnsafeBufferPointer(logits)) }
+        let keep = filter(logits)
+        var total: Float = 0
+        for i in 0..<keep { total += probs[i] }
+        let r = rng.nextUnit() * total
+        var acc: Float = 0
+        for i in 0..<keep {
+            acc += probs[i]
+            if r < acc { return Int(candidates[i]) }
+        }
+        return Int(candidates[keep - 1])
+    }
+
+    /// The distribution `sample` draws from: processors, temperature, min-p, top-k, top-p; a
+    /// point mass on the best token at temperature 0. Speculative decoding compares these.
+    public mutating func distribution(_ logits: UnsafeMutableBufferPointer<Float>, context: UnsafeBufferPointer<Int32>) -> TokenDistribution {
+        for i in processors.indices { processors[i].process(logits, context: context) }
+        if parameters.temperature == 0 {
+            return TokenDistribution(ids: [Int32(Sampler.argmax(UnsafeBufferPointer(logits)))], probabilities: [1])
+        }
+        let keep = filter(logits)
+        var total: Float = 0
+        for i in 0..<keep { total += probs[i] }
+        return TokenDistribution(ids: Array(candidates[0..<keep]), probabilities: probs[0..<keep].map { $0 / total })
+    }
+
+    /// Draws from a distribution with this sampler's random stream.
+    public mutating func draw(_ d: TokenDistribution) -> Int {
+        let r = rng.nextUnit()
+        var acc: Float = 0
+        for (i, p) in d.probabilities.enumerated() {
+            acc += p
+            if r < acc { return Int(d.ids[i]) }
+        }
+        return Int(d.ids.last ?? 0)
+    }
+
+    /// A uniform number in [0, 1) from this sampler's stream (for acceptance tests).
+    public mutating func uniform() -> Float { rng.nextUnit() }
+
+    /// Fills `candidates` (sorted by logit, descending) and their unnormalised probabilities in
+    /// `probs`; returns how many survive top-p.
+    private mutating func filter(_ logits: UnsafeMutableBufferPointer<Float>) -> Int {
         let p = parameters
-        if p.temperature == 0 { return Sampler.argmax(UnsafeBufferPointer(logits)) }
         let n = logits.count
         let invT = 1 / p.temperature
         var maxLogit = -Float.infinity
         for i in 0..<n { maxLogit = max(maxLogit, logits[i]) }
-        if !maxLogit.isFinite { return Sampler.argmax(UnsafeBufferPointer(logits)) }
-
+        candidates.removeAll(keepingCapacity: true)
+        probs.removeAll(keepingCapacity: true)
+        if !maxLogit.isFinite {
+            candidates.append(Int32(Sampler.argmax(UnsafeBufferPointer(logits))))
+            probs.append(1)
+            return 1
+        }
         // Candidates: everything above min-p of the best (min-p in probability space), which
         // is cheap to find and usually leaves few tokens to sort.
         let minLogit = p.minP > 0 ? maxLogit + p.temperature * logf(p.minP) : -Float.infinity
-        candidates.removeAll(keepingCapacity: true)
         for i in 0..<n where logits[i] >= minLogit && logits[i] > -Float.infinity { candidates.append(Int32(i)) }
-        // Top-k: keep the k largest.
-        if p.topK > 0 && candidates.count > p.topK {
-            selectLargest(p.topK, logits: logits)
-        }
+        if p.topK > 0 && candidates.count > p.topK { selectLargest(p.topK, logits: logits) }
         candidates.sort { logits[Int($0)] > logits[Int($1)] }
-        // Softmax over the survivors, then the top-p nucleus.
-        probs.removeAll(keepingCapacity: true)
         var sum: Float = 0
         for c in candidates {
             let e = expf((logits[Int(c)] - maxLogit) * invT)
@@ -160,15 +222,7 @@ public struct Sampler {
                 if cum >= p.topP { keep = i + 1; break }
             }
         }
-        var total: Float = 0
-        for i in 0..<keep { total += probs[i] }
-        let r = rng.nextUnit() * total
-        var acc: Float = 0
-        for i in 0..<keep {
-            acc += probs[i]
-            if r < acc { return Int(candidates[i]) }
-        }
-        return Int(candidates[keep - 1])
+        return keep
     }
 
     /// Reorders `candidates` so its first k hold the k largest logits, and drops the rest.

@@ -91,6 +91,17 @@ public final class Tokenizer: @unchecked Sendable {
 
     public func isSpecial(_ id: Int) -> Bool { addedById[id]?.special ?? false }
 
+    /// The first id whose token differs between two tokenizers (nil: the same vocabulary).
+    public func firstDifference(from other: Tokenizer) -> Int? {
+        let n = max(vocabularySize, other.vocabularySize)
+        for id in 0..<n {
+            let a = token(of: id), b = other.token(of: id)
+            if (a == nil) != (b == nil) { return id }
+            if let a, let b, !a.utf8.elementsEqual(b.utf8) { return id }
+        }
+        return nil
+    }
+
     // MARK: Encoding
 
     public func encode(_ text: String, addSpecialTokens: Bool = true) -> [Int] {
