@@ -36,6 +36,11 @@ struct Bench: ParsableCommand {
     @Flag(help: "Measure the CPU kernels, memory bandwidth and peak FLOP rate.")
     var kernels = false
 
+    @Option(help: "With a speculative flag: the prompt (a text file) to generate from, greedily, with and without speculation.")
+    var promptFile: String?
+
+    @OptionGroup(title: "Speculative decoding") var speculation: SpeculationOptions
+
     func validate() throws {
         if prompt.contains(where: { $0 < 0 }) || gen.contains(where: { $0 < 0 }) { throw ValidationError("lengths must be >= 0") }
         if threads.contains(where: { $0 < 1 || $0 > 1024 }) { throw ValidationError("--threads must be between 1 and 1024") }
@@ -48,6 +53,10 @@ struct Bench: ParsableCommand {
             let threadCounts = threads.isEmpty ? [ThreadPool.defaultThreadCount] : threads
             if kernels {
                 try runKernels(threadCounts)
+                return
+            }
+            if speculation.draft != nil || speculation.lookup || speculation.skipLayers != nil {
+                try runSpeculative(threadCounts)
                 return
             }
             if !json {
@@ -95,6 +104,69 @@ struct Bench: ParsableCommand {
                         fflush(stdout)
                     }
                 }
+            }
+        }
+    }
+
+    /// Plain and speculative greedy generation of the same prompt, alternating; checks that both
+    /// produce the same tokens.
+    func runSpeculative(_ threadCounts: [Int]) throws {
+        guard let promptFile else { throw PeregrineError.invalidArgument("speculative benchmarks need --prompt-file") }
+        guard let prompt = try? String(contentsOfFile: promptFile, encoding: .utf8), !prompt.isEmpty else {
+            throw PeregrineError.io("cannot read a prompt from \(promptFile)")
+        }
+        let n = gen.first { $0 > 0 } ?? 128
+        if !json {
+            print("| model | threads | drafter | K | adaptive | prompt | tokens | plain t/s | speculative t/s | speedup | acceptance | tokens/pass | same output |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        }
+        for path in model {
+            for t in threadCounts {
+                let lm = try ModelRegistry.load(directory: path, backend: CPUBackend(pool: ThreadPool(threadCount: t)))
+                let tokenizer = try Tokenizer(directory: path)
+                guard let spec = try speculation.make(target: lm, tokenizer: tokenizer) else { return }
+                let generator = Generator(model: lm, tokenizer: tokenizer)
+                var options = GenerationOptions()
+                options.sampling = .greedy
+                options.maxTokens = n
+                var specOptions = options
+                specOptions.speculative = spec
+                var plain: [Double] = [], fast: [Double] = []
+                var stats = SpeculationStats()
+                var same = true
+                var promptTokens = 0, generated = 0
+                for rep in 0...repetitions {
+                    let a = try generator.generate(prompt: prompt, options: options)
+                    let b = try generator.generate(prompt: prompt, options: specOptions)
+                    same = same && a.tokens == b.tokens
+                    promptTokens = a.promptTokens.count
+                    generated = a.tokens.count
+                    if rep == 0 { continue }  // warm-up
+                    plain.append(Double(a.tokens.count) / a.decodeSeconds)
+                    fast.append(Double(b.tokens.count) / b.decodeSeconds)
+                    if let s = b.speculation {
+                        stats.verifications += s.verifications
+                        stats.proposed += s.proposed
+                        stats.accepted += s.accepted
+                    }
+                }
+                let mp = Benchmark.median(plain), mf = Benchmark.median(fast)
+                let name = URL(fileURLWithPath: path).lastPathComponent
+                if json {
+                    print(JSONWriter.write(.object(JSONObject([
+                        ("model", .string(name)), ("threads", .number(Double(t))), ("drafter", .string(spec.drafter.name)),
+                        ("draft_tokens", .number(Double(spec.draftTokens))), ("adaptive", .bool(spec.adaptive)),
+                        ("prompt_tokens", .number(Double(promptTokens))), ("generated", .number(Double(generated))),
+                        ("plain_tokens_per_second", .number(mp)), ("speculative_tokens_per_second", .number(mf)),
+                        ("speedup", .number(mf / mp)), ("acceptance", .number(stats.acceptanceRate)),
+                        ("tokens_per_verification", .number(stats.tokensPerVerification)), ("identical", .bool(same)),
+                    ]))))
+                } else {
+                    print(String(format: "| %@ | %d | %@ | %d | %@ | %d | %d | %.1f | %.1f | %.2fx | %.1f%% | %.2f | %@ |",
+                                 name, t, spec.drafter.name, spec.draftTokens, spec.adaptive ? "yes" : "no", promptTokens, generated,
+                                 mp, mf, mf / mp, 100 * stats.acceptanceRate, stats.tokensPerVerification, same ? "yes" : "NO"))
+                }
+                fflush(stdout)
             }
         }
     }

@@ -143,6 +143,7 @@ public struct DraftLength: Sendable {
 
 /// Counts for reporting acceptance.
 public struct SpeculationStats: Sendable {
+    public init() {}
     public var verifications = 0
     public var proposed = 0
     public var accepted = 0
