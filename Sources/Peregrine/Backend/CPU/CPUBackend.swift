@@ -35,9 +35,23 @@ public final class CPUBackend: ComputeBackend {
 
     public let pool: ThreadPool
     public var name: String { "cpu (\(pool.threadCount) threads)" }
+    /// Attention scores, one region per task slot, grown when a longer sequence arrives (never
+    /// per token).
+    private var scratch: UnsafeMutablePointer<Float>
+    private var scratchCapacity = 0
 
     public init(pool: ThreadPool = .shared) {
         self.pool = pool
+        scratch = UnsafeMutablePointer<Float>.allocate(capacity: 1)
+    }
+
+    deinit { scratch.deallocate() }
+
+    private func ensureScratch(_ count: Int) {
+        guard count > scratchCapacity else { return }
+        scratch.deallocate()
+        scratchCapacity = max(count, 2 * scratchCapacity)
+        scratch = UnsafeMutablePointer<Float>.allocate(capacity: scratchCapacity)
     }
 
     public func weight(_ t: TensorView) throws -> CPUWeight {
@@ -132,18 +146,29 @@ public final class CPUBackend: ComputeBackend {
         let row = cache.rowSize
         let scale = 1 / Float(hd).squareRoot()
         let kd = cache.keys[layer].pointer, vd = cache.values[layer].pointer
+        var longest = 0
+        for t in 0..<rows { longest = max(longest, Int(plan.positions[t]) + 1) }
+        if let window { longest = min(longest, window) }
+        // Work is (token, KV head) pairs: the group's query heads share each key and value row
+        // while it is in cache. Each of a fixed number of tasks takes every tasks-th pair and
+        // uses its own scratch region.
+        let pairs = rows * kvHeads
+        let tasks = min(pairs, pool.threadCount * 4)
+        ensureScratch(longest * group * tasks)
+        let scratchBase = scratch
         plan.positions.withUnsafeBufferPointer { positions in
             plan.slots.withUnsafeBufferPointer { slots in
-                // One task per (token, KV head): the group's query heads share each key and value
-                // row while it is in cache.
-                pool.parallelFor(rows * kvHeads) { task in
-                    let t = task / kvHeads, kvh = task % kvHeads
-                    let pos = Int(positions[t])
-                    let lo = window.map { max(0, pos - $0 + 1) } ?? 0
-                    let n = pos - lo + 1
-                    let base = Int(slots[t]) * cache.slotSize + kvh * hd
-                    withUnsafeTemporaryAllocation(of: Float.self, capacity: n * group) { scratch in
-                        let scores = scratch.baseAddress!
+                pool.parallelFor(tasks) { task in
+                    let scores0 = scratchBase + task * longest * group
+                    var pair = task
+                    while pair < pairs {
+                        let t = pair / kvHeads, kvh = pair % kvHeads
+                        pair += tasks
+                        let pos = Int(positions[t])
+                        let lo = window.map { max(0, pos - $0 + 1) } ?? 0
+                        let n = pos - lo + 1
+                        let base = Int(slots[t]) * cache.slotSize + kvh * hd
+                        let scores = scores0
                         for j in 0..<n {
                             let kp = kd + base + (lo + j) * row
                             for g in 0..<group {
