@@ -164,4 +164,42 @@ final class BadInputTests: XCTestCase {
             assertFormatError({ try gen.generate(prompt: "Hi", options: opts) }, contains: message)
         }
     }
+
+    /// Weights split over shards listed by model.safetensors.index.json load like one file;
+    /// an index naming a missing shard is an error.
+    func testShardedWeights() throws {
+        let src = try SafeTensorsFile(path: Fixtures.model("qwen2") + "/model.safetensors")
+        let dir = try copyModel("qwen2")
+        try FileManager.default.removeItem(atPath: dir + "/model.safetensors")
+        var map = JSONObject()
+        for shard in 0..<2 {
+            var header = JSONObject()
+            var data: [UInt8] = []
+            let file = "model-0000\(shard + 1)-of-00002.safetensors"
+            for (i, name) in src.names.sorted().enumerated() where i % 2 == shard {
+                let t = src.tensor(name)!
+                header[name] = .object(JSONObject([("dtype", .string(t.dtype.rawValue)), ("shape", .array(t.shape.map { .number(Double($0)) })),
+                                                   ("data_offsets", .array([.number(Double(data.count)), .number(Double(data.count + t.byteCount))]))]))
+                data += Array(UnsafeRawBufferPointer(start: t.data, count: t.byteCount))
+                map[name] = .string(file)
+            }
+            try writeSafetensors(dir + "/" + file, header: JSONWriter.write(.object(header)), data: data)
+        }
+        let index = JSONWriter.write(.object(JSONObject([("metadata", .object(JSONObject())), ("weight_map", .object(map))])))
+        try index.write(toFile: dir + "/model.safetensors.index.json", atomically: true, encoding: .utf8)
+        let sharded = try ModelRegistry.load(directory: dir)
+        let whole = try ModelRegistry.load(directory: Fixtures.model("qwen2"))
+        let ref = try Reference(model: "qwen2")
+        var a = [Float](repeating: 0, count: ref.vocab), b = a
+        for (m, out) in [(sharded, 0), (whole, 1)] {
+            let cache = try ContiguousKVCache(model: m, slots: 1, capacity: 64)
+            var plan = BatchPlan()
+            plan.append(tokens: ref.promptIds, slot: 0, position: 0, logits: .last)
+            if out == 0 { try a.withUnsafeMutableBufferPointer { try m.forward(plan, kv: cache.memory, logits: $0) } }
+            else { try b.withUnsafeMutableBufferPointer { try m.forward(plan, kv: cache.memory, logits: $0) } }
+        }
+        XCTAssertEqual(a, b)
+        try FileManager.default.removeItem(atPath: dir + "/model-00002-of-00002.safetensors")
+        assertFormatError({ _ = try ModelRegistry.load(directory: dir) }, contains: "cannot open")
+    }
 }

@@ -1,0 +1,60 @@
+import Foundation
+import XCTest
+
+/// The `peregrine` command: bad flags and inputs give one error line and a non-zero exit.
+final class CLITests: XCTestCase {
+    static let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    func run(_ args: [String]) throws -> (Int32, String, String) {
+        let exe = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("peregrine")
+        guard FileManager.default.isExecutableFile(atPath: exe.path) else {
+            throw XCTSkip("peregrine executable not built next to the tests (\(exe.path))")
+        }
+        let p = Process()
+        p.executableURL = exe
+        p.arguments = args
+        p.currentDirectoryURL = Self.repo
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    }
+
+    func assertFails(_ args: [String], _ message: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let (code, _, err) = try run(args)
+        XCTAssertNotEqual(code, 0, "\(args) succeeded", file: file, line: line)
+        XCTAssertTrue(err.contains(message), "\(args): stderr '\(err)' lacks '\(message)'", file: file, line: line)
+        XCTAssertFalse(err.contains("Fatal error"), file: file, line: line)
+    }
+
+    func testGenerateAndTokenize() throws {
+        let (code, out, err) = try run(["generate", "--prompt", "And God said", "-n", "8", "--temperature", "0"])
+        XCTAssertEqual(code, 0, err)
+        XCTAssertFalse(out.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty)
+        XCTAssertTrue(err.contains("generation 8 tokens"), err)
+        let (c2, ids, _) = try run(["tokenize", "--ids-only", "Hello"])
+        XCTAssertEqual(c2, 0)
+        XCTAssertEqual(ids.split(separator: " ").first, "8189")
+    }
+
+    func testBadInputs() throws {
+        try assertFails(["generate", "--prompt", ""], "error: the prompt is empty")
+        try assertFails(["generate", "--temperature=-1"], "error: temperature must be >= 0")
+        try assertFails(["generate", "--top-p", "2"], "error: top-p must be in (0, 1]")
+        try assertFails(["generate", "--top-k", "many"], "Error:")
+        try assertFails(["generate", "--max-tokens=-3"], "--max-tokens must be >= 0")
+        try assertFails(["generate", "--model", "/nonexistent"], "error: /nonexistent: not a model directory")
+        try assertFails(["generate", "-c", "4", "--prompt", "a prompt longer than four tokens"], "context length is 4")
+        try assertFails(["generate", "--threads", "0"], "--threads must be between 1 and 1024")
+        try assertFails(["generate", "--draft", "Tests/Fixtures/models/llama"], "vocabulary")
+        try assertFails(["generate", "--skip-layers", "1,x"], "--skip-layers takes layer numbers")
+        try assertFails(["generate", "--lookup", "--draft", "models/draft"], "choose one of")
+        try assertFails(["tokenize", "--model", "models", "x"], "no tokenizer.json")
+        try assertFails(["bench", "-r", "0"], "--repetitions must be between 1 and 1000")
+        try assertFails(["bench", "-p", "5000"], "exceeds the model's context of 1024")
+        try assertFails(["frobnicate"], "Error:")
+    }
+}
