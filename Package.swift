@@ -16,15 +16,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-atomics", from: "1.2.0"),
     ],
     targets: [
-        // Kernels built for AVX-512 on their own; Peregrine calls them only where the CPU has it.
-        .target(
-            name: "PeregrineAVX512",
-            swiftSettings: [.unsafeFlags(["-target-cpu", "skylake-avx512"], .when(platforms: [.linux])),
-                            .unsafeFlags(["-O"], .when(configuration: .debug))]
-        ),
         .target(
             name: "Peregrine",
-            dependencies: ["PeregrineAVX512", .product(name: "Atomics", package: "swift-atomics")],
+            dependencies: [.product(name: "Atomics", package: "swift-atomics")],
             // Kernels unoptimised are ~50x slower; the test suite runs real models, so the
             // library is optimised in debug builds too.
             swiftSettings: cpuFlags + [.unsafeFlags(["-O"], .when(configuration: .debug))]

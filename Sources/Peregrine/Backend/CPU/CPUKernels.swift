@@ -1,18 +1,14 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import PeregrineAVX512
 
 /// Loads stored weights as f32 lanes. Generic kernels are specialised per element type.
 protocol WeightElement {
-    /// The element type's number in the AVX-512 kernels.
-    static var avx512Code: Int32 { get }
     static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float>
     static func load1(_ p: UnsafeRawPointer, _ i: Int) -> Float
 }
 
 enum F32Element: WeightElement {
-    static let avx512Code: Int32 = 0
     @inline(__always) static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> {
         p.loadUnaligned(fromByteOffset: i &* 4, as: SIMD8<Float>.self)
     }
@@ -22,7 +18,6 @@ enum F32Element: WeightElement {
 }
 
 enum F16Element: WeightElement {
-    static let avx512Code: Int32 = 1
     @inline(__always) static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> {
         SIMD8<Float>(p.loadUnaligned(fromByteOffset: i &* 2, as: SIMD8<Float16>.self))
     }
@@ -32,7 +27,6 @@ enum F16Element: WeightElement {
 }
 
 enum BF16Element: WeightElement {
-    static let avx512Code: Int32 = 2
     @inline(__always) static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> {
         let u = SIMD8<UInt32>(truncatingIfNeeded: p.loadUnaligned(fromByteOffset: i &* 2, as: SIMD8<UInt16>.self))
         return unsafeBitCast(u &<< 16, to: SIMD8<Float>.self)
@@ -42,22 +36,7 @@ enum BF16Element: WeightElement {
     }
 }
 
-public enum CPUKernels {
-    /// Whether this CPU runs the AVX-512 kernels (F, BW, DQ, VL), read once from /proc/cpuinfo;
-    /// PEREGRINE_NO_AVX512=1 turns them off.
-    public static let hasAVX512: Bool = {
-        if let v = getenv("PEREGRINE_NO_AVX512"), String(cString: v) == "1" { return false }
-        guard let info = try? FileSystem.read("/proc/cpuinfo") else { return false }
-        let text = String(decoding: info.prefix(1 << 16), as: UTF8.self)
-        guard let flags = text.split(separator: "\n").first(where: { $0.hasPrefix("flags") }) else { return false }
-        let set = Set(flags.split(separator: " ").map(String.init))
-        return ["avx512f", "avx512bw", "avx512dq", "avx512vl"].allSatisfy(set.contains)
-    }()
-
-    /// Which matrix kernels run: AVX-512 where the CPU has it (tests switch it off to check the
-    /// portable path).
-    nonisolated(unsafe) public static var useAVX512 = hasAVX512
-
+enum CPUKernels {
     /// dot(a, b) over n f32 values.
     @inline(__always)
     static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
@@ -167,15 +146,6 @@ public enum CPUKernels {
         // token passes over it. A block is at least ~64k multiply-adds, so decode-sized products
         // still spread over all threads.
         let grain = max(4, 65536 / max(1, tokens * k))
-        if useAVX512, let type = AVX512WeightType(rawValue: E.avx512Code) {
-            pool.parallelRanges(outDim, grain: grain) { rows in
-                avx512Matmul(type: type, w: w, k: k, x: x, tokens: tokens, rows: rows, y: y, ldy: outDim)
-                if let bias {
-                    for t in 0..<tokens { for o in rows { y[t &* outDim &+ o] += bias[o] } }
-                }
-            }
-            return
-        }
         pool.parallelRanges(outDim, grain: grain) { rows in
             var t = 0
             while t &+ 4 <= tokens {
