@@ -15,34 +15,22 @@ transformers, tokenizers)
 """
 import json
 import os
-import random
 import shutil
 import sys
 
 import torch
-from tokenizers import pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_large_tokenizer import random_bpe  # noqa: E402
 LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
 def tokenizer_json(vocab_size, specials, pattern, bos):
     """A valid byte-level BPE tokenizer.json with exactly vocab_size entries."""
-    random.seed(vocab_size)
-    alpha = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alpha)}
-    toks, merges = list(alpha), []
-    n_learned = vocab_size - len(specials)
-    while len(vocab) < n_learned:
-        a = random.choice(toks[-2000:] if len(toks) > 3000 and random.random() < 0.5 else toks)
-        b = random.choice(alpha)
-        if len(a) > 12 or a + b in vocab:
-            continue
-        vocab[a + b] = len(vocab)
-        toks.append(a + b)
-        merges.append(f"{a} {b}")
+    vocab, merges = random_bpe(vocab_size - len(specials), seed=vocab_size)
     added = [dict(id=len(vocab) + i, content=c, single_word=False, lstrip=False, rstrip=False, normalized=False,
                   special=True) for i, c in enumerate(specials)]
     post = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}

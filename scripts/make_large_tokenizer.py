@@ -16,12 +16,14 @@ from tokenizers import Tokenizer, pre_tokenizers
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def main(out):
-    random.seed(0)
+def random_bpe(size, seed=0):
+    """A byte-level BPE vocabulary of `size` entries whose merges are random but valid: each new
+    token is an earlier token with one byte symbol appended."""
+    random.seed(seed)
     alpha = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(alpha)}
     toks, merges = list(alpha), []
-    while len(vocab) < 151000:
+    while len(vocab) < size:
         a = random.choice(toks[-2000:] if len(toks) > 3000 and random.random() < 0.5 else toks)
         b = random.choice(alpha)
         if len(a) > 12 or a + b in vocab:
@@ -29,6 +31,11 @@ def main(out):
         vocab[a + b] = len(vocab)
         toks.append(a + b)
         merges.append(f"{a} {b}")
+    return vocab, merges
+
+
+def main(out):
+    vocab, merges = random_bpe(151000)
     tj = json.load(open(os.path.join(ROOT, "models", "tokenizer", "tokenizer.json")))
     tj["model"]["vocab"] = vocab
     tj["model"]["merges"] = merges
