@@ -12,9 +12,9 @@ first=1
 run() {
   if [ $first = 1 ]; then $P bench -r "$R" -n 128 "$@"; first=0; else $P bench -r "$R" -n 128 "$@" | tail -n +3; fi
 }
-for k in 2 4 8; do run --lookup --draft-tokens $k --prompt-file bench/prompts/grounded.txt; done
+for k in 2 3 4 7 8; do run --lookup --draft-tokens $k --prompt-file bench/prompts/grounded.txt; done
 run --lookup --draft-tokens 8 --adaptive --prompt-file bench/prompts/grounded.txt
-for k in 2 4 6; do run --draft models/draft --draft-tokens $k --prompt-file bench/prompts/open.txt; done
+for k in 2 3 4 6 7; do run --draft models/draft --draft-tokens $k --prompt-file bench/prompts/open.txt; done
 run --draft models/draft --draft-tokens 6 --adaptive --prompt-file bench/prompts/open.txt
 run --draft models/draft --draft-tokens 4 --prompt-file bench/prompts/grounded.txt
 run --skip-layers 2,4,6 --draft-tokens 3 --prompt-file bench/prompts/open.txt

@@ -143,7 +143,7 @@ struct SpeculationOptions: ParsableArguments {
     var skipLayers: String?
 
     @Option(help: "Tokens drafted per verification pass.")
-    var draftTokens: Int = 4
+    var draftTokens: Int = 3
 
     @Flag(help: "Adapt the draft length to the recent acceptance.")
     var adaptive = false
