@@ -162,7 +162,7 @@ public struct SpeculativeOptions: @unchecked Sendable {
     /// distribution, not the model's; the statistical test must catch it.
     public var acceptEverythingForTesting = false
 
-    public init(drafter: Drafter, draftTokens: Int = 4, adaptive: Bool = false) {
+    public init(drafter: Drafter, draftTokens: Int = 3, adaptive: Bool = false) {
         self.drafter = drafter
         self.draftTokens = draftTokens
         self.adaptive = adaptive
