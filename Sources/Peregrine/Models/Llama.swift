@@ -41,20 +41,15 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
     private var cosHost: [Float] = []
     private var sinHost: [Float] = []
 
-    /// Hugging Face tensor names, after the family's one sanitize step.
-    static func sanitize(_ weights: WeightStore) -> (String) -> String {
-        { name in name }
-    }
-
     public init(config c: ModelConfig, weights: WeightStore, backend: B) throws {
         config = c
         skippedLayers = []
         self.backend = backend
         self.weights = weights
-        let name = LlamaModel.sanitize(weights)
         var bytes = 0
+        // Weights are bound by their Hugging Face names.
         func load(_ n: String, _ shape: [Int]) throws -> B.Weight {
-            let t = try weights.require(name(n), shape: shape)
+            let t = try weights.require(n, shape: shape)
             bytes += t.byteCount
             return try backend.weight(t)
         }
@@ -89,7 +84,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         }
         self.layers = layers
         norm = try load("model.norm.weight", [d])
-        if c.tieWordEmbeddings || !weights.contains(name("lm_head.weight")) {
+        if c.tieWordEmbeddings || !weights.contains("lm_head.weight") {
             guard c.tieWordEmbeddings else { throw PeregrineError.format("missing tensor 'lm_head.weight'") }
             lmHead = embedTokens
         } else {

@@ -1,3 +1,5 @@
+import Foundation
+
 /// What to generate and when to stop.
 public struct GenerationOptions: Sendable {
     public var maxTokens = 128
@@ -301,5 +303,3 @@ struct StopStringMatcher {
         return (out, false)
     }
 }
-
-import Foundation

@@ -144,7 +144,9 @@ public struct Sampler {
         return best
     }
 
-    /// Picks the next token. `logits` may be modified.
+    /// Picks the next token. `logits` may be modified. Draws as
+    /// `draw(distribution(...))` does (up to rounding) without building a distribution, so nothing
+    /// is allocated per token.
     public mutating func sample(_ logits: UnsafeMutableBufferPointer<Float>, context: UnsafeBufferPointer<Int32>) -> Int {
         for i in processors.indices { processors[i].process(logits, context: context) }
         if parameters.temperature == 0 { return Sampler.argmax(UnsafeBufferPointer(logits)) }
