@@ -106,6 +106,7 @@ final class BadInputTests: XCTestCase {
         let cases: [(String, String)] = [
             (base.replacingOccurrences(of: "LlamaForCausalLM", with: "GPTNeoXForCausalLM"), "unsupported architecture GPTNeoXForCausalLM; supported: LlamaForCausalLM"),
             (base.replacingOccurrences(of: "\"hidden_size\": 64", with: "\"hidden_size\": -64"), "'hidden_size' must be a positive integer"),
+            (base.replacingOccurrences(of: "\"num_hidden_layers\": 2", with: "\"num_hidden_layers\": 1000000000000"), "'num_hidden_layers' must be a positive integer up to"),
             (base.replacingOccurrences(of: "\"num_key_value_heads\": 2", with: "\"num_key_value_heads\": 3"), "not a multiple"),
             (base.replacingOccurrences(of: "\"num_hidden_layers\": 2,", with: ""), "missing 'num_hidden_layers'"),
             (base.replacingOccurrences(of: "\"rope_type\": \"llama3\"", with: "\"rope_type\": \"yarn-ish\""), "unsupported rope_scaling type"),

@@ -45,14 +45,16 @@ public struct ModelConfig: Equatable, Sendable {
     public init(json: JSONValue, source: String = "config.json") throws {
         func bad(_ m: String) -> PeregrineError { .format("\(source): \(m)") }
         guard json.object != nil else { throw bad("not a JSON object") }
+        // Sizes beyond any real model are refused before anything is allocated from them.
+        let limit = 1 << 24
         func int(_ key: String) throws -> Int {
             guard let v = json[key] else { throw bad("missing '\(key)'") }
-            guard let i = v.int, i > 0 else { throw bad("'\(key)' must be a positive integer") }
+            guard let i = v.int, i > 0, i <= limit else { throw bad("'\(key)' must be a positive integer up to \(limit)") }
             return i
         }
         func optInt(_ key: String) throws -> Int? {
             guard let v = json[key], !v.isNull else { return nil }
-            guard let i = v.int, i > 0 else { throw bad("'\(key)' must be a positive integer") }
+            guard let i = v.int, i > 0, i <= limit else { throw bad("'\(key)' must be a positive integer up to \(limit)") }
             return i
         }
         let archs = json["architectures"]?.array?.compactMap(\.string) ?? []
