@@ -1,0 +1,111 @@
+import Foundation
+import XCTest
+@testable import Peregrine
+
+/// The GGUF reader against llama.cpp's own gguf-py reader on a file llama.cpp's converter wrote.
+final class GGUFTests: XCTestCase {
+    static let file = Fixtures.root + "/gguf/llama-f32.gguf"
+
+    func testMatchesLlamaCppReader() throws {
+        let g = try GGUFFile(path: Self.file)
+        let ref = try Fixtures.json(Fixtures.root + "/gguf/llama-f32.json")
+        XCTAssertEqual(Int(g.version), ref["version"]?.int)
+        XCTAssertEqual(g.alignment, ref["alignment"]?.int)
+        let meta = try XCTUnwrap(ref["metadata"]?.object)
+        XCTAssertEqual(Set(g.metadataKeys), Set(meta.keys))
+        for (key, want) in meta.pairs {
+            let got = try XCTUnwrap(g.metadata[key], key)
+            if let s = want["string"]?.string { XCTAssertEqual(got.string, s, key) }
+            if let n = want["uint32"]?.int { XCTAssertEqual(got.int, n, key) }
+            if let b = want["bool"]?.bool { XCTAssertEqual(got.bool, b, key) }
+            if let f = want["float32"]?.double { XCTAssertEqual(got.double ?? 0, f, accuracy: 1e-9, key) }
+            if let n = want["count"]?.int { XCTAssertEqual(got.array?.count, n, key) }
+        }
+        let tensors = try XCTUnwrap(ref["tensors"]?.array)
+        XCTAssertEqual(g.tensors.count, tensors.count)
+        for t in tensors {
+            let name = try XCTUnwrap(t["name"]?.string)
+            let info = try XCTUnwrap(g.info(name), name)
+            XCTAssertEqual(info.dims, t["shape"]?.array?.compactMap(\.int), name)
+            XCTAssertEqual(Int(info.type.rawValue), t["type"]?.int, name)
+            XCTAssertEqual(info.offset, t["offset"]?.int, name)
+            XCTAssertEqual(info.byteCount, t["bytes"]?.int, name)
+        }
+        // The token embedding holds the same numbers as the safetensors model it came from.
+        let st = try SafeTensorsFile(path: Fixtures.model("llama") + "/model.safetensors")
+        let a = try XCTUnwrap(g.view("token_embd.weight")), b = try XCTUnwrap(st.tensor("model.embed_tokens.weight"))
+        XCTAssertEqual(a.shape, b.shape)
+        XCTAssertEqual(a.toFloat(), b.toFloat())
+        XCTAssertEqual(g.metadata["tokenizer.ggml.tokens"]?.array?.first?.string, "!")
+    }
+
+    func assertRejects(_ bytes: [UInt8], _ message: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let dir = try Fixtures.tempDirectory(self)
+        let p = dir + "/bad.gguf"
+        try Data(bytes).write(to: URL(fileURLWithPath: p))
+        XCTAssertThrowsError(try GGUFFile(path: p), file: file, line: line) { e in
+            XCTAssertTrue("\(e)".contains(message), "'\(e)' lacks '\(message)'", file: file, line: line)
+        }
+    }
+
+    func testBadFiles() throws {
+        let good = try FileSystem.read(Self.file)
+        func le32(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
+        func le64(_ v: UInt64) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
+        try assertRejects(Array("GGML".utf8) + Array(good[4...]), "bad magic")
+        try assertRejects(Array(good[..<4]) + le32(7) + Array(good[8...]), "unsupported GGUF version 7")
+        try assertRejects(Array(good.prefix(20)), "shorter than a GGUF header")
+        try assertRejects(Array(good.prefix(3000)), "truncated")
+        try assertRejects(Array(good.prefix(good.count - 100)), "runs past the end of the file")
+        try assertRejects(Array(good[..<8]) + le64(1 << 60) + Array(good[16...]), "cannot fit in the file")
+        // A metadata value of an unknown type: the first key's type field follows its name.
+        let keyLength = Int(good.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 24, as: UInt64.self) })
+        var unknown = good
+        unknown.replaceSubrange((32 + keyLength)..<(36 + keyLength), with: le32(99))
+        try assertRejects(unknown, "unknown metadata value type 99")
+        // The first tensor's type field: an unsupported ggml type.
+        let g = try GGUFFile(path: Self.file)
+        let name = Array(g.tensors[0].name.utf8)
+        let at = try XCTUnwrap(findTensorInfo(good, name))
+        var badType = good
+        badType.replaceSubrange((at + 8 + name.count + 4 + 8)..<(at + 8 + name.count + 8 + 8), with: le32(77))
+        try assertRejects(badType, "unsupported type 77")
+    }
+
+    /// Where a tensor info (its name's length field) starts in the header.
+    func findTensorInfo(_ bytes: [UInt8], _ name: [UInt8]) -> Int? {
+        let needle = withUnsafeBytes(of: UInt64(name.count).littleEndian) { Array($0) } + name + withUnsafeBytes(of: UInt32(1).littleEndian) { Array($0) }
+        guard needle.count < bytes.count else { return nil }
+        for i in 0...(bytes.count - needle.count) where bytes[i] == needle[0] {
+            if Array(bytes[i..<(i + needle.count)]) == needle { return i }
+        }
+        return nil
+    }
+
+    /// Bounded-time fuzzing of the header: any mutation gives an error or a valid file, never a trap.
+    func testFuzzHeader() throws {
+        let good = try FileSystem.read(Self.file)
+        let g = try GGUFFile(path: Self.file)
+        let headerEnd = g.tensors.map(\.offset).min() ?? 1024
+        let dir = try Fixtures.tempDirectory(self)
+        let p = dir + "/fuzz.gguf"
+        var rng = SeededGenerator(seed: 5)
+        let clock = ContinuousClock()
+        let start = clock.now
+        var runs = 0
+        while clock.now - start < .seconds(2) {
+            var b = good
+            for _ in 0..<(1 + Int(rng.next() % 6)) {
+                let i = Int(rng.next() % UInt64(headerEnd))
+                b[i] = UInt8(truncatingIfNeeded: rng.next())
+            }
+            if rng.next() % 4 == 0 { b = Array(b.prefix(Int(rng.next() % UInt64(b.count)))) }
+            FileManager.default.createFile(atPath: p, contents: Data(b))
+            if let f = try? GGUFFile(path: p) {
+                for t in f.tensors { _ = f.data(t.name)?.last }
+            }
+            runs += 1
+        }
+        XCTAssertGreaterThan(runs, 20)
+    }
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Makes the GGUF reader's fixture: the tiny Llama test model (Tests/Fixtures/models/llama)
+converted to GGUF F32 by llama.cpp's own convert_hf_to_gguf.py, and what llama.cpp's gguf-py
+reader sees in it (metadata, tensor names, shapes, types, offsets), for the Swift reader to match.
+
+Run with the interpreter of scripts/compare_llamacpp.py (llama-cpp-python installed, torch and
+transformers available):  .venv-bench/bin/python scripts/make_gguf_fixture.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare_llamacpp import convert, llama_cpp_sources  # noqa: E402
+
+OUT = os.path.join(ROOT, "Tests", "Fixtures", "gguf")
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    path = os.path.join(OUT, "llama-f32.gguf")
+    if os.path.exists(path):
+        os.remove(path)
+    src = llama_cpp_sources()
+    code = f"""
+import sys
+sys.path.insert(0, {os.path.join(src, 'gguf-py')!r}); sys.path.insert(0, {src!r})
+sys.argv = ['convert_hf_to_gguf.py', {os.path.join(ROOT, 'Tests', 'Fixtures', 'models', 'llama')!r}, '--outtype', 'f32', '--outfile', {path!r}]
+import convert_hf_to_gguf as c
+from conversion.base import TextModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: 'llama-bpe'
+c.main()
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=src)
+    sys.path.insert(0, os.path.join(src, "gguf-py"))
+    from gguf import GGUFReader, GGUFValueType
+    r = GGUFReader(path)
+    meta = {}
+    for f in r.fields.values():
+        if f.name.startswith("GGUF."):
+            continue
+        t = f.types[0]
+        if t == GGUFValueType.ARRAY:
+            meta[f.name] = {"array_of": f.types[1].name, "count": len(f.data)}
+        elif t == GGUFValueType.STRING:
+            meta[f.name] = {"string": str(bytes(f.parts[f.data[0]]), "utf-8")}
+        else:
+            meta[f.name] = {t.name.lower(): f.parts[f.data[0]].tolist()[0]}
+    tensors = [{"name": t.name, "shape": [int(x) for x in t.shape], "type": int(t.tensor_type),
+                "offset": int(t.data_offset), "bytes": int(t.n_bytes)} for t in r.tensors]
+    with open(os.path.join(OUT, "llama-f32.json"), "w") as f:
+        json.dump({"version": 3, "alignment": r.alignment, "metadata": meta, "tensors": tensors}, f, indent=1,
+                  ensure_ascii=False)
+    print(path, os.path.getsize(path), "bytes,", len(tensors), "tensors,", len(meta), "metadata keys")
+
+
+if __name__ == "__main__":
+    main()
