@@ -55,6 +55,17 @@ c.main()
                   ensure_ascii=False)
     print(path, os.path.getsize(path), "bytes,", len(tensors), "tensors,", len(meta), "metadata keys")
 
+    # llama.cpp's logits on the fixture's prompt and greedy continuation (F32 weights and KV
+    # cache), for the Swift engine to match on the same file.
+    import numpy as np
+    from llama_cpp import Llama
+    ref = json.load(open(os.path.join(ROOT, "Tests", "Fixtures", "models", "llama", "reference.json")))
+    seq = ref["prompt_ids"] + ref["greedy_ids"]
+    llm = Llama(model_path=path, n_ctx=128, n_batch=128, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=2)
+    llm.eval(seq)
+    np.array(llm.scores[:len(seq)], dtype="<f4").tofile(os.path.join(OUT, "llama-f32.llamacpp_logits.bin"))
+    print("llama.cpp logits for", len(seq), "positions")
+
 
 if __name__ == "__main__":
     main()

@@ -209,14 +209,21 @@ struct ModelInfo {
 
     init(directory: String, model: LanguageModel) {
         name = URL(fileURLWithPath: directory).lastPathComponent
-        let store = try? WeightStore(directory: directory)
         var bytes = 0, params = 0
         var types = Set<String>()
-        for n in store?.tensorNames ?? [] {
-            if let t = store?.tensor(n) {
+        if directory.hasSuffix(".gguf"), let g = try? GGUFFile(path: directory) {
+            for t in g.tensors {
                 bytes += t.byteCount
                 params += t.elementCount
-                types.insert(t.dtype.rawValue)
+                types.insert("\(t.type)".uppercased())
+            }
+        } else if let store = try? WeightStore(directory: directory) {
+            for n in store.tensorNames {
+                if let t = store.tensor(n) {
+                    bytes += t.byteCount
+                    params += t.elementCount
+                    types.insert(t.dtype.rawValue)
+                }
             }
         }
         self.bytes = bytes

@@ -109,3 +109,44 @@ final class GGUFTests: XCTestCase {
         XCTAssertGreaterThan(runs, 20)
     }
 }
+
+/// A GGUF file runs through the same model definition: the tiny Llama converted by llama.cpp
+/// (q/k rows permuted for its RoPE, llama3 scaling as rope_freqs) gives the logits of the
+/// safetensors model, and its tokenizer from metadata the same ids.
+final class GGUFModelTests: XCTestCase {
+    func testGGUFModelMatchesSafetensorsModel() throws {
+        let path = GGUFTests.file
+        let ref = try Reference(model: "llama")
+        let gguf = try ModelRegistry.load(directory: path)
+        XCTAssertEqual(gguf.config.vocabSize, ref.vocab)
+        XCTAssertTrue(gguf.config.ropeInterleaved)
+        let seq = ref.promptIds + ref.greedyIds
+        let cache = try ContiguousKVCache(model: gguf, slots: 1, capacity: seq.count)
+        var plan = BatchPlan()
+        plan.append(tokens: seq, slot: 0, position: 0, logits: .all)
+        var logits = [Float](repeating: 0, count: seq.count * ref.vocab)
+        try logits.withUnsafeMutableBufferPointer { try gguf.forward(plan, kv: cache.memory, logits: $0) }
+        let d = maxAbsDiff(logits, ref.logits)
+        XCTAssertLessThan(d, 1e-4, "GGUF logits differ from transformers' by \(d)")
+        let llamacpp = try Fixtures.floats(Fixtures.root + "/gguf/llama-f32.llamacpp_logits.bin")
+        XCTAssertEqual(llamacpp.count, logits.count)
+        let e = maxAbsDiff(logits, llamacpp)
+        XCTAssertLessThan(e, 1e-4, "GGUF logits differ from llama.cpp's on the same file by \(e)")
+
+        let tok = try Tokenizer(directory: path)
+        let hf = try Tokenizer(directory: Fixtures.model("llama"))
+        let cases = try Fixtures.json(Fixtures.root + "/tokenizer_cases.json")
+        for c in try XCTUnwrap(cases["llama3"]?["cases"]?.array) {
+            let text = try XCTUnwrap(c["text"]?.string)
+            XCTAssertEqual(tok.encode(text), hf.encode(text), text.debugDescription)
+            XCTAssertEqual(tok.decode(hf.encode(text)), hf.decode(hf.encode(text)))
+        }
+        var options = GenerationOptions()
+        options.sampling = .greedy
+        options.maxTokens = 8
+        let a = try Generator(model: gguf, tokenizer: tok).generate(prompt: "The quick brown fox", options: options)
+        let b = try Generator(model: try ModelRegistry.load(directory: Fixtures.model("llama")), tokenizer: hf)
+            .generate(prompt: "The quick brown fox", options: options)
+        XCTAssertEqual(a.tokens, b.tokens)
+    }
+}

@@ -22,9 +22,11 @@ public protocol ComputeBackend: AnyObject {
     func rmsNorm(_ x: Buffer, weight: Weight, eps: Float, rows: Int, dim: Int, out: Buffer)
     /// out[t, :] = x[t, :] @ weight^T (+ bias), weight is [outDim, inDim].
     func matmul(_ x: Buffer, rows: Int, weight: Weight, bias: Weight?, out: Buffer)
-    /// Rotates `heads` heads of `headDim` per row in place, the rotate-half convention, with
-    /// cos/sin tables of [rows, headDim / 2].
-    func rope(_ x: Buffer, rows: Int, heads: Int, headDim: Int, cos: Buffer, sin: Buffer)
+    /// Rotates `heads` heads of `headDim` per row in place with cos/sin tables of
+    /// [rows, headDim / 2]: pair i is (i, i + headDim/2) in the rotate-half convention of
+    /// Hugging Face, (2i, 2i + 1) when `interleaved` (GGUF llama files, whose converter permuted
+    /// the q/k rows to suit it).
+    func rope(_ x: Buffer, rows: Int, heads: Int, headDim: Int, cos: Buffer, sin: Buffer, interleaved: Bool)
     /// Writes K and V rows [rows, kvDim] into the cache at each token's (slot, position).
     func storeKV(layer: Int, k: Buffer, v: Buffer, rows: Int, plan: BatchPlan, cache: KVStorage<Self>)
     /// Causal attention of each query row over its sequence's cache.

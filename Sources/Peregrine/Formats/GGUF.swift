@@ -253,3 +253,42 @@ struct GGUFByteReader {
         }
     }
 }
+
+/// The tensors of a GGUF file under their Hugging Face names, so the same model definition
+/// binds them. GGUF stores dimensions innermost first; views give them outermost first.
+public final class GGUFWeights: WeightSource, @unchecked Sendable {
+    public let file: GGUFFile
+
+    public init(_ file: GGUFFile) { self.file = file }
+
+    /// The family's one name-mapping step: Hugging Face name -> llama.cpp name.
+    static func ggufName(_ hf: String) -> String {
+        switch hf {
+        case "model.embed_tokens.weight": return "token_embd.weight"
+        case "model.norm.weight": return "output_norm.weight"
+        case "lm_head.weight": return "output.weight"
+        default: break
+        }
+        guard hf.hasPrefix("model.layers.") else { return hf }
+        let rest = hf.dropFirst("model.layers.".count)
+        guard let dot = rest.firstIndex(of: ".") else { return hf }
+        let layer = rest[..<dot], part = String(rest[rest.index(after: dot)...])
+        let map = [
+            "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+            "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+            "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+            "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+            "self_attn.v_proj.bias": "attn_v.bias", "self_attn.o_proj.bias": "attn_output.bias",
+            "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+            "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+            "mlp.down_proj.weight": "ffn_down.weight", "mlp.gate_proj.bias": "ffn_gate.bias",
+            "mlp.up_proj.bias": "ffn_up.bias", "mlp.down_proj.bias": "ffn_down.bias",
+        ]
+        guard let g = map[part] else { return hf }
+        return "blk.\(layer).\(g)"
+    }
+
+    public func tensor(_ name: String) -> TensorView? {
+        file.view(GGUFWeights.ggufName(name))
+    }
+}

@@ -36,6 +36,10 @@ public struct ModelConfig: Equatable, Sendable {
     public var torchDType: DType?
     public var bosTokenId: Int?
     public var eosTokenIds: [Int]
+    /// RoPE on adjacent pairs (GGUF llama files) instead of halves.
+    public var ropeInterleaved = false
+    /// Per-frequency divisors of the rotation frequencies (GGUF `rope_freqs`, Llama 3.1 scaling).
+    public var ropeFrequencyFactors: [Float]?
 
     /// Architectures whose config.json this struct reads (the model registry maps each to code).
     public static let supportedArchitectures = [
@@ -167,10 +171,75 @@ public struct ModelConfig: Equatable, Sendable {
         }
     }
 
+    /// From the metadata of a GGUF file (architectures llama, qwen2, qwen3). Which optional
+    /// weights exist (biases, q/k norms, an output matrix) is read from the tensors.
+    public init(gguf g: GGUFFile) throws {
+        func bad(_ m: String) -> PeregrineError { .format("\(g.path): \(m)") }
+        guard let arch = g.metadata["general.architecture"]?.string else { throw bad("no general.architecture") }
+        let archs = ["llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"]
+        guard let hf = archs[arch] else {
+            throw PeregrineError.unsupported("unsupported GGUF architecture \(arch); supported: \(archs.keys.sorted().joined(separator: ", "))")
+        }
+        let limit = 1 << 24
+        func int(_ key: String, _ fallback: Int? = nil) throws -> Int {
+            guard let v = g.metadata["\(arch).\(key)"] else {
+                if let fallback { return fallback }
+                throw bad("missing \(arch).\(key)")
+            }
+            guard let i = v.int, i > 0, i <= limit else { throw bad("\(arch).\(key) must be a positive integer up to \(limit)") }
+            return i
+        }
+        architecture = hf
+        modelType = arch
+        hiddenSize = try int("embedding_length")
+        intermediateSize = try int("feed_forward_length")
+        layerCount = try int("block_count")
+        headCount = try int("attention.head_count")
+        kvHeadCount = try int("attention.head_count_kv", headCount)
+        guard headCount % kvHeadCount == 0 else { throw bad("head_count is not a multiple of head_count_kv") }
+        headDim = try int("attention.key_length", hiddenSize / headCount)
+        guard headDim % 2 == 0 else { throw bad("head dimension must be even") }
+        let tokens = g.metadata["tokenizer.ggml.tokens"]?.array?.count
+        vocabSize = try int("vocab_size", tokens ?? g.info("token_embd.weight")?.dims.last ?? 0)
+        maxPositions = try int("context_length", 2048)
+        let eps = g.metadata["\(arch).attention.layer_norm_rms_epsilon"]?.double ?? 1e-6
+        guard eps > 0, eps < 1 else { throw bad("layer_norm_rms_epsilon out of range") }
+        rmsNormEps = Float(eps)
+        ropeTheta = g.metadata["\(arch).rope.freq_base"]?.double ?? 10000
+        guard ropeTheta > 1 else { throw bad("rope.freq_base must be greater than 1") }
+        switch g.metadata["\(arch).rope.scaling.type"]?.string {
+        case nil, "none": ropeScaling = .none
+        case "linear":
+            guard let f = g.metadata["\(arch).rope.scaling.factor"]?.double, f > 0 else { throw bad("linear RoPE scaling needs a factor") }
+            ropeScaling = .linear(factor: f)
+        case let t?: throw PeregrineError.unsupported("unsupported GGUF rope scaling '\(t)'")
+        }
+        tieWordEmbeddings = g.info("output.weight") == nil
+        qkvBias = g.info("blk.0.attn_q.bias") != nil
+        outputBias = g.info("blk.0.attn_output.bias") != nil
+        mlpBias = g.info("blk.0.ffn_up.bias") != nil
+        qkNorm = g.info("blk.0.attn_q_norm.weight") != nil
+        let window = g.metadata["\(arch).attention.sliding_window"]?.int
+        slidingWindow = [Int?](repeating: window, count: layerCount)
+        torchDType = nil
+        bosTokenId = g.metadata["tokenizer.ggml.bos_token_id"]?.int
+        eosTokenIds = g.metadata["tokenizer.ggml.eos_token_id"]?.int.map { [$0] } ?? []
+        // llama.cpp's converter permutes llama q/k rows for its adjacent-pair RoPE; Qwen files
+        // keep the halves convention.
+        ropeInterleaved = arch == "llama"
+        if let f = g.view("rope_freqs.weight") {
+            guard f.elementCount == headDim / 2 else { throw bad("rope_freqs has \(f.elementCount) values, expected \(headDim / 2)") }
+            ropeFrequencyFactors = f.toFloat()
+        }
+    }
+
     /// The inverse frequency of each rotary pair, after scaling.
     public func ropeInverseFrequencies() -> [Float] {
         let half = headDim / 2
         var inv = (0..<half).map { 1.0 / pow(ropeTheta, Double(2 * $0) / Double(headDim)) }
+        if let factors = ropeFrequencyFactors {
+            for i in 0..<half { inv[i] /= Double(factors[i]) }
+        }
         switch ropeScaling {
         case .none:
             break

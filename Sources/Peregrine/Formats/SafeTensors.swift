@@ -92,9 +92,27 @@ public final class SafeTensorsFile: @unchecked Sendable {
     }
 }
 
+/// Where a model's tensors come from, by Hugging Face name.
+public protocol WeightSource: AnyObject {
+    func tensor(_ name: String) -> TensorView?
+}
+
+extension WeightSource {
+    public func contains(_ name: String) -> Bool { tensor(name) != nil }
+
+    /// A tensor that must exist with the given shape (outermost dimension first).
+    public func require(_ name: String, shape: [Int]) throws -> TensorView {
+        guard let t = tensor(name) else { throw PeregrineError.format("missing tensor '\(name)'") }
+        guard t.shape == shape else {
+            throw PeregrineError.format("tensor '\(name)' has shape \(t.shape), expected \(shape)")
+        }
+        return t
+    }
+}
+
 /// All the weights of a model directory: model.safetensors, or shards listed by
 /// model.safetensors.index.json.
-public final class WeightStore: @unchecked Sendable {
+public final class WeightStore: WeightSource, @unchecked Sendable {
     public let files: [SafeTensorsFile]
     private var location: [String: Int] = [:]
 
@@ -125,19 +143,8 @@ public final class WeightStore: @unchecked Sendable {
 
     public var tensorNames: [String] { Array(location.keys) }
 
-    public func contains(_ name: String) -> Bool { location[name] != nil }
-
     public func tensor(_ name: String) -> TensorView? {
         guard let i = location[name] else { return nil }
         return files[i].tensor(name)
-    }
-
-    /// A tensor that must exist with the given shape.
-    public func require(_ name: String, shape: [Int]) throws -> TensorView {
-        guard let t = tensor(name) else { throw PeregrineError.format("missing tensor '\(name)'") }
-        guard t.shape == shape else {
-            throw PeregrineError.format("tensor '\(name)' has shape \(t.shape), expected \(shape)")
-        }
-        return t
     }
 }

@@ -42,8 +42,13 @@ public enum ModelFamily: String, CaseIterable, Sendable {
 }
 
 public enum ModelRegistry {
-    /// Reads config.json and the safetensors weights of a Hugging Face model directory.
+    /// Reads a Hugging Face model directory (config.json and safetensors weights) or a GGUF file.
     public static func load<B: ComputeBackend>(directory: String, backend: B) throws -> LanguageModel {
+        if !FileSystem.isDirectory(directory) && directory.hasSuffix(".gguf") {
+            let g = try GGUFFile(path: directory)
+            let config = try ModelConfig(gguf: g)
+            return try LlamaModel(config: config, weights: GGUFWeights(g), backend: backend)
+        }
         guard FileSystem.isDirectory(directory) else { throw PeregrineError.io("\(directory): not a model directory") }
         let configPath = FileSystem.join(directory, "config.json")
         guard FileSystem.exists(configPath) else { throw PeregrineError.io("\(directory): no config.json") }

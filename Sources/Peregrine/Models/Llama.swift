@@ -28,7 +28,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
     private let norm: B.Weight
     private let lmHead: B.Weight
     private let inverseFrequencies: [Float]
-    private let weights: WeightStore  // keeps the mapped files alive
+    private let weights: WeightSource  // keeps the mapped files alive
 
     /// Activation memory for up to `capacity` tokens, reused across calls.
     private struct Workspace {
@@ -41,7 +41,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
     private var cosHost: [Float] = []
     private var sinHost: [Float] = []
 
-    public init(config c: ModelConfig, weights: WeightStore, backend: B) throws {
+    public init(config c: ModelConfig, weights: WeightSource, backend: B) throws {
         config = c
         skippedLayers = []
         self.backend = backend
@@ -195,8 +195,8 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
                 backend.rmsNorm(w.q, weight: qn, eps: c.rmsNormEps, rows: n * c.headCount, dim: hd, out: w.q)
                 backend.rmsNorm(w.k, weight: kn, eps: c.rmsNormEps, rows: n * c.kvHeadCount, dim: hd, out: w.k)
             }
-            backend.rope(w.q, rows: n, heads: c.headCount, headDim: hd, cos: w.cos, sin: w.sin)
-            backend.rope(w.k, rows: n, heads: c.kvHeadCount, headDim: hd, cos: w.cos, sin: w.sin)
+            backend.rope(w.q, rows: n, heads: c.headCount, headDim: hd, cos: w.cos, sin: w.sin, interleaved: c.ropeInterleaved)
+            backend.rope(w.k, rows: n, heads: c.kvHeadCount, headDim: hd, cos: w.cos, sin: w.sin, interleaved: c.ropeInterleaved)
             backend.storeKV(layer: i, k: w.k, v: w.v, rows: n, plan: plan, cache: cache)
             backend.attention(layer: i, q: w.q, rows: n, plan: plan, cache: cache, heads: c.headCount,
                               window: c.slidingWindow[i], out: w.attn)

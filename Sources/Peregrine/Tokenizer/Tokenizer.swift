@@ -29,6 +29,10 @@ public final class Tokenizer: @unchecked Sendable {
     /// Loads tokenizer.json from a model directory, with tokenizer_config.json and
     /// generation_config.json when present.
     public convenience init(directory: String) throws {
+        if !FileSystem.isDirectory(directory) && directory.hasSuffix(".gguf") {
+            try self.init(gguf: try GGUFFile(path: directory))
+            return
+        }
         let path = FileSystem.join(directory, "tokenizer.json")
         guard FileSystem.exists(path) else { throw PeregrineError.io("\(directory): no tokenizer.json") }
         let json = try FileSystem.readJSON(path)

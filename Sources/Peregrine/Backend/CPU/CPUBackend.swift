@@ -113,16 +113,18 @@ public final class CPUBackend: ComputeBackend {
         }
     }
 
-    public func rope(_ x: CPUBuffer, rows: Int, heads: Int, headDim: Int, cos: CPUBuffer, sin: CPUBuffer) {
+    public func rope(_ x: CPUBuffer, rows: Int, heads: Int, headDim: Int, cos: CPUBuffer, sin: CPUBuffer, interleaved: Bool) {
         let half = headDim / 2
+        let (stride, offset) = interleaved ? (2, 1) : (1, half)
         for r in 0..<rows {
             let c = cos.pointer + r * half, s = sin.pointer + r * half
             for h in 0..<heads {
                 let p = x.pointer + (r * heads + h) * headDim
                 for i in 0..<half {
-                    let a = p[i], b = p[i + half]
-                    p[i] = a * c[i] - b * s[i]
-                    p[i + half] = b * c[i] + a * s[i]
+                    let j = i * stride
+                    let a = p[j], b = p[j + offset]
+                    p[j] = a * c[i] - b * s[i]
+                    p[j + offset] = b * c[i] + a * s[i]
                 }
             }
         }
