@@ -150,3 +150,82 @@ final class GGUFModelTests: XCTestCase {
         XCTAssertEqual(a.tokens, b.tokens)
     }
 }
+
+/// GGUF files whose metadata lies or is of the wrong type: one clear error each.
+final class GGUFMetadataTests: XCTestCase {
+    enum V { case u32(UInt32), f32(Float), str(String), strs([String]), bool(Bool) }
+
+    /// A minimal GGUF v3 writer: metadata, then F32 tensors of the given ggml dims.
+    func write(_ path: String, meta: [(String, V)], tensors: [(String, [Int])]) throws {
+        var b: [UInt8] = []
+        func u32(_ v: UInt32) { b += withUnsafeBytes(of: v.littleEndian) { Array($0) } }
+        func u64(_ v: UInt64) { b += withUnsafeBytes(of: v.littleEndian) { Array($0) } }
+        func str(_ s: String) { u64(UInt64(s.utf8.count)); b += Array(s.utf8) }
+        b += Array("GGUF".utf8); u32(3); u64(UInt64(tensors.count)); u64(UInt64(meta.count))
+        for (k, v) in meta {
+            str(k)
+            switch v {
+            case .u32(let x): u32(4); u32(x)
+            case .f32(let x): u32(6); u32(x.bitPattern)
+            case .str(let s): u32(8); str(s)
+            case .bool(let x): u32(7); b.append(x ? 1 : 0)
+            case .strs(let a): u32(9); u32(8); u64(UInt64(a.count)); a.forEach(str)
+            }
+        }
+        var offset = 0
+        for (name, dims) in tensors {
+            str(name); u32(UInt32(dims.count)); dims.forEach { u64(UInt64($0)) }; u32(0); u64(UInt64(offset))
+            offset += (dims.reduce(1, *) * 4 + 31) / 32 * 32
+        }
+        while b.count % 32 != 0 { b.append(0) }
+        b += [UInt8](repeating: 0, count: offset)
+        try Data(b).write(to: URL(fileURLWithPath: path))
+    }
+
+    func base(vocab: Int = 8, tokens: Int = 8, blockCount: V = .u32(1), arch: String = "llama",
+              tokenizer: String = "gpt2") -> ([(String, V)], [(String, [Int])]) {
+        let meta: [(String, V)] = [
+            ("general.architecture", .str(arch)), ("\(arch).block_count", blockCount), ("\(arch).context_length", .u32(64)),
+            ("\(arch).embedding_length", .u32(16)), ("\(arch).feed_forward_length", .u32(32)),
+            ("\(arch).attention.head_count", .u32(2)), ("\(arch).attention.head_count_kv", .u32(1)),
+            ("\(arch).attention.layer_norm_rms_epsilon", .f32(1e-5)),
+            ("tokenizer.ggml.model", .str(tokenizer)), ("tokenizer.ggml.pre", .str("llama-bpe")),
+            ("tokenizer.ggml.tokens", .strs((0..<tokens).map { "t\($0)" })), ("tokenizer.ggml.add_bos_token", .bool(false)),
+        ]
+        var t: [(String, [Int])] = [("token_embd.weight", [16, vocab]), ("output_norm.weight", [16])]
+        for n in ["attn_norm", "ffn_norm"] { t.append(("blk.0.\(n).weight", [16])) }
+        t += [("blk.0.attn_q.weight", [16, 16]), ("blk.0.attn_k.weight", [16, 8]), ("blk.0.attn_v.weight", [16, 8]),
+              ("blk.0.attn_output.weight", [16, 16]), ("blk.0.ffn_gate.weight", [16, 32]), ("blk.0.ffn_up.weight", [16, 32]),
+              ("blk.0.ffn_down.weight", [32, 16])]
+        return (meta, t)
+    }
+
+    func check(_ spec: ([(String, V)], [(String, [Int])]), _ message: String?, tokenizerMessage: String? = nil,
+               file: StaticString = #filePath, line: UInt = #line) throws {
+        let p = try Fixtures.tempDirectory(self) + "/m.gguf"
+        try write(p, meta: spec.0, tensors: spec.1)
+        if let message {
+            XCTAssertThrowsError(try ModelRegistry.load(directory: p), file: file, line: line) { e in
+                XCTAssertTrue("\(e)".contains(message), "'\(e)' lacks '\(message)'", file: file, line: line)
+            }
+        } else {
+            XCTAssertNoThrow(try ModelRegistry.load(directory: p), file: file, line: line)
+        }
+        if let tokenizerMessage {
+            XCTAssertThrowsError(try Tokenizer(directory: p), file: file, line: line) { e in
+                XCTAssertTrue("\(e)".contains(tokenizerMessage), "'\(e)' lacks '\(tokenizerMessage)'", file: file, line: line)
+            }
+        }
+    }
+
+    func testMetadataErrors() throws {
+        try check(base(), nil)  // the well-formed file loads
+        try check(base(blockCount: .str("one")), "block_count must be a positive integer")
+        try check(base(arch: "gptneox"), "unsupported GGUF architecture gptneox; supported: llama, qwen2, qwen3")
+        try check(base(vocab: 8, tokens: 9), "tensor 'token_embd.weight' has shape [8, 16], expected [9, 16]")
+        try check(base(tokenizer: "llama"), nil, tokenizerMessage: "unsupported GGUF tokenizer model 'llama'")
+        var missing = base()
+        missing.1.removeAll { $0.0 == "blk.0.ffn_up.weight" }
+        try check(missing, "missing tensor 'blk.0.ffn_up.weight'")
+    }
+}

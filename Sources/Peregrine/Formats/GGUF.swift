@@ -291,4 +291,6 @@ public final class GGUFWeights: WeightSource, @unchecked Sendable {
     public func tensor(_ name: String) -> TensorView? {
         file.view(GGUFWeights.ggufName(name))
     }
+
+    public func storedName(_ name: String) -> String { GGUFWeights.ggufName(name) }
 }

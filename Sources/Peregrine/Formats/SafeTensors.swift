@@ -95,16 +95,20 @@ public final class SafeTensorsFile: @unchecked Sendable {
 /// Where a model's tensors come from, by Hugging Face name.
 public protocol WeightSource: AnyObject {
     func tensor(_ name: String) -> TensorView?
+    /// The name the file itself uses for a tensor, for error messages.
+    func storedName(_ name: String) -> String
 }
 
 extension WeightSource {
+    public func storedName(_ name: String) -> String { name }
+
     public func contains(_ name: String) -> Bool { tensor(name) != nil }
 
     /// A tensor that must exist with the given shape (outermost dimension first).
     public func require(_ name: String, shape: [Int]) throws -> TensorView {
-        guard let t = tensor(name) else { throw PeregrineError.format("missing tensor '\(name)'") }
+        guard let t = tensor(name) else { throw PeregrineError.format("missing tensor '\(storedName(name))'") }
         guard t.shape == shape else {
-            throw PeregrineError.format("tensor '\(name)' has shape \(t.shape), expected \(shape)")
+            throw PeregrineError.format("tensor '\(storedName(name))' has shape \(t.shape), expected \(shape)")
         }
         return t
     }
