@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Makes the GGUF reader's fixture: the tiny Llama test model (Tests/Fixtures/models/llama)
-converted to GGUF F32 by llama.cpp's own convert_hf_to_gguf.py, and what llama.cpp's gguf-py
-reader sees in it (metadata, tensor names, shapes, types, offsets), for the Swift reader to match.
+"""Makes the GGUF fixtures: the tiny Llama test model (Tests/Fixtures/models/llama) converted to
+GGUF F32 and Q8_0 by llama.cpp's own convert_hf_to_gguf.py, what llama.cpp's gguf-py reader sees
+in the F32 file (metadata, tensor names, shapes, types, offsets), and llama.cpp's logits on both
+files, for the Swift reader and engine to match.
 
 Run with the interpreter of scripts/compare_llamacpp.py (llama-cpp-python installed, torch and
 transformers available):  .venv-bench/bin/python scripts/make_gguf_fixture.py
@@ -18,22 +19,40 @@ from compare_llamacpp import convert, llama_cpp_sources  # noqa: E402
 OUT = os.path.join(ROOT, "Tests", "Fixtures", "gguf")
 
 
-def main():
-    os.makedirs(OUT, exist_ok=True)
-    path = os.path.join(OUT, "llama-f32.gguf")
+def convert_fixture(src, outtype):
+    path = os.path.join(OUT, f"llama-{outtype}.gguf")
     if os.path.exists(path):
         os.remove(path)
-    src = llama_cpp_sources()
     code = f"""
 import sys
 sys.path.insert(0, {os.path.join(src, 'gguf-py')!r}); sys.path.insert(0, {src!r})
-sys.argv = ['convert_hf_to_gguf.py', {os.path.join(ROOT, 'Tests', 'Fixtures', 'models', 'llama')!r}, '--outtype', 'f32', '--outfile', {path!r}]
+sys.argv = ['convert_hf_to_gguf.py', {os.path.join(ROOT, 'Tests', 'Fixtures', 'models', 'llama')!r}, '--outtype', {outtype!r}, '--outfile', {path!r}]
 import convert_hf_to_gguf as c
 from conversion.base import TextModel
 TextModel.get_vocab_base_pre = lambda self, tokenizer: 'llama-bpe'
 c.main()
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=src)
+    return path
+
+
+def record_llama_cpp_logits(path, name):
+    """llama.cpp's logits on the fixture's prompt and greedy continuation (F32 KV cache)."""
+    import numpy as np
+    from llama_cpp import Llama
+    ref = json.load(open(os.path.join(ROOT, "Tests", "Fixtures", "models", "llama", "reference.json")))
+    seq = ref["prompt_ids"] + ref["greedy_ids"]
+    llm = Llama(model_path=path, n_ctx=128, n_batch=128, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=2)
+    llm.eval(seq)
+    np.array(llm.scores[:len(seq)], dtype="<f4").tofile(os.path.join(OUT, f"{name}.llamacpp_logits.bin"))
+    print(name, "llama.cpp logits for", len(seq), "positions")
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    src = llama_cpp_sources()
+    path = convert_fixture(src, "f32")
+    record_llama_cpp_logits(convert_fixture(src, "q8_0"), "llama-q8_0")
     sys.path.insert(0, os.path.join(src, "gguf-py"))
     from gguf import GGUFReader, GGUFValueType
     r = GGUFReader(path)
@@ -54,17 +73,7 @@ c.main()
         json.dump({"version": 3, "alignment": r.alignment, "metadata": meta, "tensors": tensors}, f, indent=1,
                   ensure_ascii=False)
     print(path, os.path.getsize(path), "bytes,", len(tensors), "tensors,", len(meta), "metadata keys")
-
-    # llama.cpp's logits on the fixture's prompt and greedy continuation (F32 weights and KV
-    # cache), for the Swift engine to match on the same file.
-    import numpy as np
-    from llama_cpp import Llama
-    ref = json.load(open(os.path.join(ROOT, "Tests", "Fixtures", "models", "llama", "reference.json")))
-    seq = ref["prompt_ids"] + ref["greedy_ids"]
-    llm = Llama(model_path=path, n_ctx=128, n_batch=128, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=2)
-    llm.eval(seq)
-    np.array(llm.scores[:len(seq)], dtype="<f4").tofile(os.path.join(OUT, "llama-f32.llamacpp_logits.bin"))
-    print("llama.cpp logits for", len(seq), "positions")
+    record_llama_cpp_logits(path, "llama-f32")
 
 
 if __name__ == "__main__":

@@ -176,7 +176,8 @@ public final class GGUFFile: @unchecked Sendable {
         return UnsafeRawBufferPointer(start: base + t.offset, count: t.byteCount)
     }
 
-    /// A tensor of a float type as a `TensorView` (row-major shape, outermost first).
+    /// A tensor of a type Peregrine computes with (F32, F16, BF16, Q8_0) as a `TensorView`
+    /// (row-major shape, outermost first).
     public func view(_ name: String) -> TensorView? {
         guard let t = info(name), let base = file.base else { return nil }
         let dtype: DType
@@ -184,6 +185,7 @@ public final class GGUFFile: @unchecked Sendable {
         case .f32: dtype = .f32
         case .f16: dtype = .f16
         case .bf16: dtype = .bf16
+        case .q8_0: dtype = .q8_0
         default: return nil
         }
         return TensorView(name: name, dtype: dtype, shape: t.dims.reversed(), data: base + t.offset, byteCount: t.byteCount)

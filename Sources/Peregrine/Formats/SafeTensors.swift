@@ -46,7 +46,7 @@ public final class SafeTensorsFile: @unchecked Sendable {
             }
             guard let t = value.object else { throw bad("tensor '\(name)' is not an object") }
             guard let dtName = t["dtype"]?.string else { throw bad("tensor '\(name)' has no dtype") }
-            guard let dtype = DType(rawValue: dtName) else {
+            guard let dtype = DType(rawValue: dtName), dtype.isFloat else {
                 throw bad("tensor '\(name)' has unsupported dtype \(dtName) (supported: F32, F16, BF16)")
             }
             guard let shapeArr = t["shape"]?.array else { throw bad("tensor '\(name)' has no shape") }

@@ -1,15 +1,25 @@
-/// Element types of stored tensors.
+/// Element types of stored tensors: floats, and llama.cpp's Q8_0 blocks (32 int8 values sharing
+/// an f16 scale, 34 bytes).
 public enum DType: String, Sendable, CaseIterable {
     case f32 = "F32"
     case f16 = "F16"
     case bf16 = "BF16"
+    case q8_0 = "Q8_0"
 
+    /// Bytes per element of a float type (safetensors holds only these).
     public var byteSize: Int {
         switch self {
         case .f32: return 4
         case .f16, .bf16: return 2
+        case .q8_0: return 0
         }
     }
+
+    public var isFloat: Bool { self != .q8_0 }
+
+    /// Elements per block and bytes per block.
+    public var blockSize: Int { self == .q8_0 ? 32 : 1 }
+    public var blockBytes: Int { self == .q8_0 ? 34 : byteSize }
 
     /// The name torch and transformers use in config.json's `torch_dtype`.
     public init?(torchName: String) {
@@ -66,6 +76,12 @@ public struct TensorView: @unchecked Sendable {
             for i in 0..<n { out[i] = Half.f16ToFloat(data.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
         case .bf16:
             for i in 0..<n { out[i] = Half.bf16ToFloat(data.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
+        case .q8_0:
+            for b in 0..<(n / 32) {
+                let block = data + 34 * b
+                let d = Half.f16ToFloat(block.loadUnaligned(as: UInt16.self))
+                for j in 0..<32 { out[32 * b + j] = d * Float(block.load(fromByteOffset: 2 + j, as: Int8.self)) }
+            }
         }
         return out
     }

@@ -57,6 +57,9 @@ public final class CPUBackend: ComputeBackend {
     public func weight(_ t: TensorView) throws -> CPUWeight {
         let rows = t.shape.count >= 2 ? t.shape[0] : 1
         let cols = t.shape.count >= 2 ? t.shape.dropFirst().reduce(1, *) : t.elementCount
+        guard t.dtype.isFloat || cols % t.dtype.blockSize == 0 else {
+            throw PeregrineError.format("tensor '\(t.name)': rows of \(cols) values do not divide into \(t.dtype.rawValue) blocks")
+        }
         var f32: CPUBuffer?
         if t.shape.count == 1 {
             let b = CPUBuffer(count: t.elementCount)
@@ -89,6 +92,13 @@ public final class CPUBackend: ComputeBackend {
             case .f32: for i in 0..<d { dst[i] = F32Element.load1(table.data, base + i) }
             case .f16: for i in 0..<d { dst[i] = F16Element.load1(table.data, base + i) }
             case .bf16: for i in 0..<d { dst[i] = BF16Element.load1(table.data, base + i) }
+            case .q8_0:
+                let row = table.data + Int(id) * (d / 32) * 34
+                for b in 0..<(d / 32) {
+                    let blk = row + 34 * b
+                    let scale = Float(blk.loadUnaligned(as: Float16.self))
+                    for j in 0..<32 { dst[32 * b + j] = scale * Float(blk.load(fromByteOffset: 2 + j, as: Int8.self)) }
+                }
             }
         }
     }
@@ -110,6 +120,8 @@ public final class CPUBackend: ComputeBackend {
             CPUKernels.matmul(F16Element.self, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
         case .bf16:
             CPUKernels.matmul(BF16Element.self, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
+        case .q8_0:
+            CPUKernels.matmulQ8(x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
         }
     }
 

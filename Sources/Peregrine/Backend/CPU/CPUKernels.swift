@@ -162,6 +162,41 @@ enum CPUKernels {
         }
     }
 
+    /// Y[t, o] = dot(W[o, :], X[t, :]) for Q8_0 weights: each 32-value block's products are
+    /// summed in f32 and scaled by the block's f16 scale, dequantized in registers. One token at
+    /// a time and the same order for every token, so results do not depend on the batch.
+    static func matmulQ8(x: UnsafePointer<Float>, tokens: Int, w: UnsafeRawPointer, outDim: Int, k: Int,
+                         bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, pool: ThreadPool) {
+        let blocks = k / 32
+        let rowBytes = blocks * 34
+        let grain = max(4, 65536 / max(1, tokens * k))
+        pool.parallelRanges(outDim, grain: grain) { rows in
+            for t in 0..<tokens {
+                let xt = x + t &* k
+                for o in rows {
+                    let row = w + o &* rowBytes
+                    var acc = SIMD8<Float>()
+                    for b in 0..<blocks {
+                        let blk = row + b &* 34
+                        let d = Float(blk.loadUnaligned(as: Float16.self))
+                        let q = blk + 2
+                        let xb = UnsafeRawPointer(xt + b &* 32)
+                        var s = SIMD8<Float>(SIMD8<Int32>(truncatingIfNeeded: q.loadUnaligned(as: SIMD8<Int8>.self)))
+                            * xb.loadUnaligned(as: SIMD8<Float>.self)
+                        s = s.addingProduct(SIMD8<Float>(SIMD8<Int32>(truncatingIfNeeded: q.loadUnaligned(fromByteOffset: 8, as: SIMD8<Int8>.self))),
+                                            xb.loadUnaligned(fromByteOffset: 32, as: SIMD8<Float>.self))
+                        s = s.addingProduct(SIMD8<Float>(SIMD8<Int32>(truncatingIfNeeded: q.loadUnaligned(fromByteOffset: 16, as: SIMD8<Int8>.self))),
+                                            xb.loadUnaligned(fromByteOffset: 64, as: SIMD8<Float>.self))
+                        s = s.addingProduct(SIMD8<Float>(SIMD8<Int32>(truncatingIfNeeded: q.loadUnaligned(fromByteOffset: 24, as: SIMD8<Int8>.self))),
+                                            xb.loadUnaligned(fromByteOffset: 96, as: SIMD8<Float>.self))
+                        acc = acc.addingProduct(SIMD8(repeating: d), s)
+                    }
+                    y[t &* outDim &+ o] = acc.sum() + (bias?[o] ?? 0)
+                }
+            }
+        }
+    }
+
     static func rmsNorm(x: UnsafePointer<Float>, w: UnsafePointer<Float>, eps: Float, dim: Int, out: UnsafeMutablePointer<Float>) {
         let ss = dot(x, x, dim)
         let scale = 1 / (ss / Float(dim) + eps).squareRoot()
