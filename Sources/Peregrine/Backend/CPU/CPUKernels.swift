@@ -174,27 +174,43 @@ enum CPUKernels {
             for t in 0..<tokens {
                 let xt = x + t &* k
                 for o in rows {
-                    let row = w + o &* rowBytes
-                    var acc = SIMD8<Float>()
-                    for b in 0..<blocks {
-                        let blk = row + b &* 34
-                        let d = Float(blk.loadUnaligned(as: Float16.self))
-                        let q = blk + 2
-                        let xb = UnsafeRawPointer(xt + b &* 32)
-                        var s = SIMD8<Float>(SIMD8<Int32>(truncatingIfNeeded: q.loadUnaligned(as: SIMD8<Int8>.self)))
-                            * xb.loadUnaligned(as: SIMD8<Float>.self)
-                        s = s.addingProduct(SIMD8<Float>(SIMD8<Int32>(truncatingIfNeeded: q.loadUnaligned(fromByteOffset: 8, as: SIMD8<Int8>.self))),
-                                            xb.loadUnaligned(fromByteOffset: 32, as: SIMD8<Float>.self))
-                        s = s.addingProduct(SIMD8<Float>(SIMD8<Int32>(truncatingIfNeeded: q.loadUnaligned(fromByteOffset: 16, as: SIMD8<Int8>.self))),
-                                            xb.loadUnaligned(fromByteOffset: 64, as: SIMD8<Float>.self))
-                        s = s.addingProduct(SIMD8<Float>(SIMD8<Int32>(truncatingIfNeeded: q.loadUnaligned(fromByteOffset: 24, as: SIMD8<Int8>.self))),
-                                            xb.loadUnaligned(fromByteOffset: 96, as: SIMD8<Float>.self))
-                        acc = acc.addingProduct(SIMD8(repeating: d), s)
-                    }
+                    let acc = q8Dot(w + o &* rowBytes, xt, blocks)
                     y[t &* outDim &+ o] = acc.sum() + (bias?[o] ?? 0)
                 }
             }
         }
+    }
+
+    /// Eight int8 values as f32 lanes (sign-extend, convert).
+    @inline(__always)
+    static func widen(_ p: UnsafeRawPointer, _ offset: Int) -> SIMD8<Float> {
+        // Lane by lane: the generic SIMD conversions are not inlined here, and these become
+        // one sign-extension and one conversion instruction.
+        let v = p.loadUnaligned(fromByteOffset: offset, as: SIMD8<Int8>.self)
+        return SIMD8<Float>(Float(v[0]), Float(v[1]), Float(v[2]), Float(v[3]), Float(v[4]), Float(v[5]), Float(v[6]), Float(v[7]))
+    }
+
+    /// One Q8_0 row against f32 activations: per block, the 32 products summed in f32, then
+    /// scaled by the block's scale. Kept small so the int8 conversions inline.
+    @inline(never)
+    static func q8Dot(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ blocks: Int) -> SIMD8<Float> {
+        var acc = SIMD8<Float>()
+        for b in 0..<blocks {
+            let blk = row + b &* 34
+            let d = Float(blk.loadUnaligned(as: Float16.self))
+            let q = blk + 2
+            let xb = UnsafeRawPointer(x + b &* 32)
+            let q0 = widen(q, 0)
+            let q1 = widen(q, 8)
+            let q2 = widen(q, 16)
+            let q3 = widen(q, 24)
+            var s = q0 * xb.loadUnaligned(as: SIMD8<Float>.self)
+            s = s.addingProduct(q1, xb.loadUnaligned(fromByteOffset: 32, as: SIMD8<Float>.self))
+            s = s.addingProduct(q2, xb.loadUnaligned(fromByteOffset: 64, as: SIMD8<Float>.self))
+            s = s.addingProduct(q3, xb.loadUnaligned(fromByteOffset: 96, as: SIMD8<Float>.self))
+            acc = acc.addingProduct(SIMD8(repeating: d), s)
+        }
+        return acc
     }
 
     static func rmsNorm(x: UnsafePointer<Float>, w: UnsafePointer<Float>, eps: Float, dim: Int, out: UnsafeMutablePointer<Float>) {
