@@ -53,6 +53,15 @@ def main():
     src = llama_cpp_sources()
     path = convert_fixture(src, "f32")
     record_llama_cpp_logits(convert_fixture(src, "q8_0"), "llama-q8_0")
+    # Q4_0 comes from llama.cpp's quantizer (its converter writes no 4-bit types); llama.cpp
+    # keeps the output matrix in Q8_0 there.
+    import ctypes
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    q4 = os.path.join(OUT, "llama-q4_0.gguf")
+    assert llama_cpp.llama_model_quantize(os.path.join(OUT, "llama-f32.gguf").encode(), q4.encode(), ctypes.byref(params)) == 0
+    record_llama_cpp_logits(q4, "llama-q4_0")
     sys.path.insert(0, os.path.join(src, "gguf-py"))
     from gguf import GGUFReader, GGUFValueType
     r = GGUFReader(path)

@@ -176,7 +176,7 @@ public final class GGUFFile: @unchecked Sendable {
         return UnsafeRawBufferPointer(start: base + t.offset, count: t.byteCount)
     }
 
-    /// A tensor of a type Peregrine computes with (F32, F16, BF16, Q8_0) as a `TensorView`
+    /// A tensor of a type Peregrine computes with (F32, F16, BF16, Q8_0, Q4_0) as a `TensorView`
     /// (row-major shape, outermost first).
     public func view(_ name: String) -> TensorView? {
         guard let t = info(name), let base = file.base else { return nil }
@@ -186,6 +186,7 @@ public final class GGUFFile: @unchecked Sendable {
         case .f16: dtype = .f16
         case .bf16: dtype = .bf16
         case .q8_0: dtype = .q8_0
+        case .q4_0: dtype = .q4_0
         default: return nil
         }
         return TensorView(name: name, dtype: dtype, shape: t.dims.reversed(), data: base + t.offset, byteCount: t.byteCount)

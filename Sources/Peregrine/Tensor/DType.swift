@@ -1,25 +1,58 @@
-/// Element types of stored tensors: floats, and llama.cpp's Q8_0 blocks (32 int8 values sharing
-/// an f16 scale, 34 bytes).
+/// Element types of stored tensors: floats, and llama.cpp's blocks of 32 values sharing an f16
+/// scale: Q8_0 (int8 values, 34 bytes) and Q4_0 (4-bit values offset by 8, 18 bytes).
 public enum DType: String, Sendable, CaseIterable {
     case f32 = "F32"
     case f16 = "F16"
     case bf16 = "BF16"
     case q8_0 = "Q8_0"
+    case q4_0 = "Q4_0"
 
     /// Bytes per element of a float type (safetensors holds only these).
     public var byteSize: Int {
         switch self {
         case .f32: return 4
         case .f16, .bf16: return 2
-        case .q8_0: return 0
+        case .q8_0, .q4_0: return 0
         }
     }
 
-    public var isFloat: Bool { self != .q8_0 }
+    public var isFloat: Bool { self == .f32 || self == .f16 || self == .bf16 }
 
     /// Elements per block and bytes per block.
-    public var blockSize: Int { self == .q8_0 ? 32 : 1 }
-    public var blockBytes: Int { self == .q8_0 ? 34 : byteSize }
+    public var blockSize: Int { isFloat ? 1 : 32 }
+    public var blockBytes: Int {
+        switch self {
+        case .q8_0: return 34
+        case .q4_0: return 18
+        default: return byteSize
+        }
+    }
+
+    /// Widens `n` stored values (a whole number of blocks for the quantized types) to f32.
+    public func dequantize(_ src: UnsafeRawPointer, count n: Int, into out: UnsafeMutablePointer<Float>) {
+        switch self {
+        case .f32: for i in 0..<n { out[i] = src.loadUnaligned(fromByteOffset: 4 * i, as: Float.self) }
+        case .f16: for i in 0..<n { out[i] = Half.f16ToFloat(src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
+        case .bf16: for i in 0..<n { out[i] = Half.bf16ToFloat(src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
+        case .q8_0:
+            for b in 0..<(n / 32) {
+                let block = src + 34 * b
+                let d = Half.f16ToFloat(block.loadUnaligned(as: UInt16.self))
+                for j in 0..<32 { out[32 * b + j] = d * Float(block.load(fromByteOffset: 2 + j, as: Int8.self)) }
+            }
+        case .q4_0:
+            // Byte j holds element j in its low nibble and element j + 16 in its high one.
+            for b in 0..<(n / 32) {
+                let block = src + 18 * b
+                let d = Half.f16ToFloat(block.loadUnaligned(as: UInt16.self))
+                for j in 0..<16 {
+                    let q = block.load(fromByteOffset: 2 + j, as: UInt8.self)
+                    out[32 * b + j] = d * Float(Int(q & 0x0F) - 8)
+                    out[32 * b + j + 16] = d * Float(Int(q >> 4) - 8)
+                }
+            }
+        }
+    }
 
     /// The name torch and transformers use in config.json's `torch_dtype`.
     public init?(torchName: String) {
@@ -68,21 +101,9 @@ public struct TensorView: @unchecked Sendable {
     /// Copies the tensor out as f32 (used for small tensors: norms, biases; and in tests).
     public func toFloat() -> [Float] {
         let n = elementCount
-        var out = [Float](repeating: 0, count: n)
-        switch dtype {
-        case .f32:
-            out.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(start: data, count: n * 4)) }
-        case .f16:
-            for i in 0..<n { out[i] = Half.f16ToFloat(data.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
-        case .bf16:
-            for i in 0..<n { out[i] = Half.bf16ToFloat(data.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
-        case .q8_0:
-            for b in 0..<(n / 32) {
-                let block = data + 34 * b
-                let d = Half.f16ToFloat(block.loadUnaligned(as: UInt16.self))
-                for j in 0..<32 { out[32 * b + j] = d * Float(block.load(fromByteOffset: 2 + j, as: Int8.self)) }
-            }
+        return [Float](unsafeUninitializedCapacity: n) { buf, count in
+            dtype.dequantize(data, count: n, into: buf.baseAddress!)
+            count = n
         }
-        return out
     }
 }

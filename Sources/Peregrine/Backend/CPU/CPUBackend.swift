@@ -85,21 +85,9 @@ public final class CPUBackend: ComputeBackend {
 
     public func embed(tokens: UnsafeBufferPointer<Int32>, table: CPUWeight, out: CPUBuffer) {
         let d = table.cols
+        let rowBytes = d / table.dtype.blockSize * table.dtype.blockBytes
         for (t, id) in tokens.enumerated() {
-            let dst = out.pointer + t * d
-            let base = Int(id) * d
-            switch table.dtype {
-            case .f32: for i in 0..<d { dst[i] = F32Element.load1(table.data, base + i) }
-            case .f16: for i in 0..<d { dst[i] = F16Element.load1(table.data, base + i) }
-            case .bf16: for i in 0..<d { dst[i] = BF16Element.load1(table.data, base + i) }
-            case .q8_0:
-                let row = table.data + Int(id) * (d / 32) * 34
-                for b in 0..<(d / 32) {
-                    let blk = row + 34 * b
-                    let scale = Float(blk.loadUnaligned(as: Float16.self))
-                    for j in 0..<32 { dst[32 * b + j] = scale * Float(blk.load(fromByteOffset: 2 + j, as: Int8.self)) }
-                }
-            }
+            table.dtype.dequantize(table.data + Int(id) * rowBytes, count: d, into: out.pointer + t * d)
         }
     }
 
@@ -120,8 +108,8 @@ public final class CPUBackend: ComputeBackend {
             CPUKernels.matmul(F16Element.self, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
         case .bf16:
             CPUKernels.matmul(BF16Element.self, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
-        case .q8_0:
-            CPUKernels.matmulQ8(x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
+        case .q8_0, .q4_0:
+            CPUKernels.matmulBlocks(weight.dtype, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
         }
     }
 

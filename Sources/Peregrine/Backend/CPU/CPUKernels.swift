@@ -162,19 +162,21 @@ enum CPUKernels {
         }
     }
 
-    /// Y[t, o] = dot(W[o, :], X[t, :]) for Q8_0 weights: each 32-value block's products are
-    /// summed in f32 and scaled by the block's f16 scale, dequantized in registers. One token at
-    /// a time and the same order for every token, so results do not depend on the batch.
-    static func matmulQ8(x: UnsafePointer<Float>, tokens: Int, w: UnsafeRawPointer, outDim: Int, k: Int,
-                         bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, pool: ThreadPool) {
+    /// Y[t, o] = dot(W[o, :], X[t, :]) for block-quantized weights (Q8_0, Q4_0): each 32-value
+    /// block's products are summed in f32 and scaled by the block's f16 scale, dequantized in
+    /// registers. One token at a time and the same order for every token, so results do not
+    /// depend on the batch.
+    static func matmulBlocks(_ type: DType, x: UnsafePointer<Float>, tokens: Int, w: UnsafeRawPointer, outDim: Int, k: Int,
+                             bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, pool: ThreadPool) {
         let blocks = k / 32
-        let rowBytes = blocks * 34
+        let rowBytes = blocks * type.blockBytes
+        let q4 = type == .q4_0
         let grain = max(4, 65536 / max(1, tokens * k))
         pool.parallelRanges(outDim, grain: grain) { rows in
             for t in 0..<tokens {
                 let xt = x + t &* k
                 for o in rows {
-                    let acc = q8Dot(w + o &* rowBytes, xt, blocks)
+                    let acc = q4 ? q4Dot(w + o &* rowBytes, xt, blocks) : q8Dot(w + o &* rowBytes, xt, blocks)
                     y[t &* outDim &+ o] = acc.sum() + (bias?[o] ?? 0)
                 }
             }
@@ -208,6 +210,33 @@ enum CPUKernels {
             s = s.addingProduct(q1, xb.loadUnaligned(fromByteOffset: 32, as: SIMD8<Float>.self))
             s = s.addingProduct(q2, xb.loadUnaligned(fromByteOffset: 64, as: SIMD8<Float>.self))
             s = s.addingProduct(q3, xb.loadUnaligned(fromByteOffset: 96, as: SIMD8<Float>.self))
+            acc = acc.addingProduct(SIMD8(repeating: d), s)
+        }
+        return acc
+    }
+
+    /// Eight 4-bit values (low or high nibbles of 8 bytes), offset by 8, as f32 lanes.
+    @inline(__always)
+    static func nibbles(_ v: SIMD8<UInt8>) -> SIMD8<Float> {
+        SIMD8<Float>(Float(v[0]), Float(v[1]), Float(v[2]), Float(v[3]), Float(v[4]), Float(v[5]), Float(v[6]), Float(v[7]))
+            - 8
+    }
+
+    /// One Q4_0 row against f32 activations (byte j: element j low, element j + 16 high).
+    @inline(never)
+    static func q4Dot(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ blocks: Int) -> SIMD8<Float> {
+        var acc = SIMD8<Float>()
+        let mask = SIMD8<UInt8>(repeating: 0x0F)
+        for b in 0..<blocks {
+            let blk = row + b &* 18
+            let d = Float(blk.loadUnaligned(as: Float16.self))
+            let lo = blk.loadUnaligned(fromByteOffset: 2, as: SIMD8<UInt8>.self)
+            let hi = blk.loadUnaligned(fromByteOffset: 10, as: SIMD8<UInt8>.self)
+            let xb = UnsafeRawPointer(x + b &* 32)
+            var s = nibbles(lo & mask) * xb.loadUnaligned(as: SIMD8<Float>.self)
+            s = s.addingProduct(nibbles(hi & mask), xb.loadUnaligned(fromByteOffset: 32, as: SIMD8<Float>.self))
+            s = s.addingProduct(nibbles(lo &>> 4), xb.loadUnaligned(fromByteOffset: 64, as: SIMD8<Float>.self))
+            s = s.addingProduct(nibbles(hi &>> 4), xb.loadUnaligned(fromByteOffset: 96, as: SIMD8<Float>.self))
             acc = acc.addingProduct(SIMD8(repeating: d), s)
         }
         return acc
