@@ -51,6 +51,16 @@ struct Reference {
     func row(_ r: Int) -> ArraySlice<Float> { logits[(r * vocab)..<((r + 1) * vocab)] }
 }
 
+/// The logits of every position of `tokens`, run as one sequence in one forward pass.
+func allLogits(_ model: LanguageModel, _ tokens: [Int]) throws -> [Float] {
+    let cache = try ContiguousKVCache(model: model, slots: 1, capacity: tokens.count)
+    var plan = BatchPlan()
+    plan.append(tokens: tokens, slot: 0, position: 0, logits: .all)
+    var logits = [Float](repeating: 0, count: tokens.count * model.config.vocabSize)
+    try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
+    return logits
+}
+
 func maxAbsDiff(_ a: some Collection<Float>, _ b: some Collection<Float>) -> Float {
     zip(a, b).reduce(0) { max($0, abs($1.0 - $1.1)) }
 }

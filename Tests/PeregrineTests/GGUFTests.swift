@@ -121,11 +121,7 @@ final class GGUFModelTests: XCTestCase {
         XCTAssertEqual(gguf.config.vocabSize, ref.vocab)
         XCTAssertTrue(gguf.config.ropeInterleaved)
         let seq = ref.promptIds + ref.greedyIds
-        let cache = try ContiguousKVCache(model: gguf, slots: 1, capacity: seq.count)
-        var plan = BatchPlan()
-        plan.append(tokens: seq, slot: 0, position: 0, logits: .all)
-        var logits = [Float](repeating: 0, count: seq.count * ref.vocab)
-        try logits.withUnsafeMutableBufferPointer { try gguf.forward(plan, kv: cache.memory, logits: $0) }
+        let logits = try allLogits(gguf, seq)
         let d = maxAbsDiff(logits, ref.logits)
         XCTAssertLessThan(d, 1e-4, "GGUF logits differ from transformers' by \(d)")
         let llamacpp = try Fixtures.floats(Fixtures.root + "/gguf/llama-f32.llamacpp_logits.bin")
@@ -247,11 +243,7 @@ final class QuantizedModelTests: XCTestCase {
         let ref = try Reference(model: "llama")
         let model = try ModelRegistry.load(directory: path)
         let seq = ref.promptIds + ref.greedyIds
-        let cache = try ContiguousKVCache(model: model, slots: 1, capacity: seq.count)
-        var plan = BatchPlan()
-        plan.append(tokens: seq, slot: 0, position: 0, logits: .all)
-        var logits = [Float](repeating: 0, count: seq.count * ref.vocab)
-        try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
+        let logits = try allLogits(model, seq)
         let llamacpp = try Fixtures.floats(Fixtures.root + "/gguf/\(name).llamacpp_logits.bin")
         let scale = llamacpp.reduce(0) { max($0, abs($1)) }
         // llama.cpp also rounds the activations to 8 bits for its dot products; Peregrine keeps

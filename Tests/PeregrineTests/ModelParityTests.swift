@@ -12,11 +12,7 @@ final class ModelParityTests: XCTestCase {
         XCTAssertEqual(model.config.vocabSize, ref.vocab)
         let seq = ref.promptIds + ref.greedyIds
         XCTAssertEqual(seq.count, ref.rows)
-        let cache = try ContiguousKVCache(model: model, slots: 1, capacity: seq.count)
-        var plan = BatchPlan()
-        plan.append(tokens: seq, slot: 0, position: 0, logits: .all)
-        var logits = [Float](repeating: 0, count: seq.count * ref.vocab)
-        try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
+        let logits = try allLogits(model, seq)
         let diff = maxAbsDiff(logits, ref.logits)
         XCTAssertLessThan(diff, tolerance, "\(name): max |logit difference| \(diff)")
     }
