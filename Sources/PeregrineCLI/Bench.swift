@@ -211,7 +211,7 @@ struct ModelInfo {
         name = URL(fileURLWithPath: directory).lastPathComponent
         var bytes = 0, params = 0
         var types = Set<String>()
-        if directory.hasSuffix(".gguf"), let g = try? GGUFFile(path: directory) {
+        if FileSystem.isGGUFFile(directory), let g = try? GGUFFile(path: directory) {
             for t in g.tensors {
                 bytes += t.byteCount
                 params += t.elementCount

@@ -57,6 +57,11 @@ public enum FileSystem {
         }
     }
 
+    /// A model given as a single GGUF file rather than a Hugging Face directory.
+    public static func isGGUFFile(_ path: String) -> Bool {
+        path.hasSuffix(".gguf") && !isDirectory(path)
+    }
+
     public static func join(_ a: String, _ b: String) -> String {
         a.hasSuffix("/") ? a + b : a + "/" + b
     }

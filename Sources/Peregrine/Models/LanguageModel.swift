@@ -44,19 +44,22 @@ public enum ModelFamily: String, CaseIterable, Sendable {
 public enum ModelRegistry {
     /// Reads a Hugging Face model directory (config.json and safetensors weights) or a GGUF file.
     public static func load<B: ComputeBackend>(directory: String, backend: B) throws -> LanguageModel {
-        if !FileSystem.isDirectory(directory) && directory.hasSuffix(".gguf") {
+        if FileSystem.isGGUFFile(directory) {
             let g = try GGUFFile(path: directory)
-            let config = try ModelConfig(gguf: g)
-            return try LlamaModel(config: config, weights: GGUFWeights(g), backend: backend)
+            return try model(config: try ModelConfig(gguf: g), weights: GGUFWeights(g), backend: backend)
         }
         guard FileSystem.isDirectory(directory) else { throw PeregrineError.io("\(directory): not a model directory") }
         let configPath = FileSystem.join(directory, "config.json")
         guard FileSystem.exists(configPath) else { throw PeregrineError.io("\(directory): no config.json") }
         let config = try ModelConfig(json: try FileSystem.readJSON(configPath), source: configPath)
+        return try model(config: config, weights: try WeightStore(directory: directory), backend: backend)
+    }
+
+    /// The family's model definition for a config, whatever file the weights came from.
+    static func model<B: ComputeBackend>(config: ModelConfig, weights: WeightSource, backend: B) throws -> LanguageModel {
         guard let family = ModelFamily.architectures[config.architecture] else {
             throw PeregrineError.unsupported("unsupported architecture \(config.architecture)")
         }
-        let weights = try WeightStore(directory: directory)
         switch family {
         case .llama: return try LlamaModel(config: config, weights: weights, backend: backend)
         }

@@ -31,7 +31,6 @@ public final class ModelDrafter: Drafter {
     private var logits: [Float]
     private var plan = BatchPlan()
     private var greedy = Sampler(.greedy)
-    private var confidence = Sampler(SamplingParameters.unfiltered)
     private var sampler: Sampler?
 
     public init(model: LanguageModel, name: String, capacity: Int = 1024, confidenceThreshold: Float = 0) throws {
@@ -72,9 +71,7 @@ public final class ModelDrafter: Drafter {
                 draft.distributions?.append(d)
             } else {
                 next = logits.withUnsafeMutableBufferPointer { l in ctx32.withUnsafeBufferPointer { greedy.sample(l, context: $0) } }
-                p = confidenceThreshold > 0
-                    ? logits.withUnsafeMutableBufferPointer { confidence.distribution($0, context: UnsafeBufferPointer(start: nil, count: 0)) }.probability(of: next)
-                    : 1
+                p = confidenceThreshold > 0 ? logits.withUnsafeBufferPointer { Sampler.softmaxProbability(of: next, in: $0) } : 1
             }
             // A drafted token the drafter itself doubts is unlikely to be accepted: stop here.
             if i > 0 && p < confidenceThreshold { break }
@@ -197,18 +194,6 @@ enum SpeculativeVerifier {
         }
         let last = p[draft.tokens.count]
         return (draft.tokens.count, greedy ? last.mode : sampler.draw(last))
-    }
-}
-
-extension SamplingParameters {
-    /// Temperature 1 with no filtering: the model's own distribution.
-    static var unfiltered: SamplingParameters {
-        var p = SamplingParameters()
-        p.temperature = 1
-        p.topK = 0
-        p.topP = 1
-        p.minP = 0
-        return p
     }
 }
 

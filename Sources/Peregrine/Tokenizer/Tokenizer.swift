@@ -29,7 +29,7 @@ public final class Tokenizer: @unchecked Sendable {
     /// Loads tokenizer.json from a model directory, with tokenizer_config.json and
     /// generation_config.json when present.
     public convenience init(directory: String) throws {
-        if !FileSystem.isDirectory(directory) && directory.hasSuffix(".gguf") {
+        if FileSystem.isGGUFFile(directory) {
             try self.init(gguf: try GGUFFile(path: directory))
             return
         }
