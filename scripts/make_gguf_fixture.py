@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Makes the GGUF fixtures: the tiny Llama test model (Tests/Fixtures/models/llama) converted to
-GGUF F32 and Q8_0 by llama.cpp's own convert_hf_to_gguf.py, what llama.cpp's gguf-py reader sees
+GGUF F32 and Q8_0 by llama.cpp's own convert_hf_to_gguf.py (and to Q4_0 by its quantizer), what llama.cpp's gguf-py reader sees
 in the F32 file (metadata, tensor names, shapes, types, offsets), and llama.cpp's logits on both
-files, for the Swift reader and engine to match.
+files, for the Swift reader and engine to match; and a random Llama with 256-wide rows
+quantized by llama.cpp to Q4_1, Q5_0, Q5_1, Q4_K_M, Q5_K_M and Q6_K, with llama.cpp's logits.
 
 Run with the interpreter of scripts/compare_llamacpp.py (llama-cpp-python installed, torch and
 transformers available):  .venv-bench/bin/python scripts/make_gguf_fixture.py
@@ -48,8 +49,58 @@ def record_llama_cpp_logits(path, name):
     print(name, "llama.cpp logits for", len(seq), "positions")
 
 
+# llama.cpp file types of the quantized fixtures, and the GGUF tensor types each exercises.
+QUANT_FIXTURES = {"q4_1": 3, "q5_0": 8, "q5_1": 9, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+
+
+def make_kquant_fixture(src):
+    """A random Llama whose rows are multiples of 256 values (the k-quants' block), with the tiny
+    fixture's tokenizer: converted to F32 by llama.cpp's converter, then quantized by llama.cpp
+    into each type of QUANT_FIXTURES. The quantized files and llama.cpp's logits on them are
+    committed; the F32 file is not (its logits are, as the unquantized reference)."""
+    import ctypes
+    import shutil
+    import tempfile
+    import torch
+    import transformers
+    import llama_cpp
+    tiny = os.path.join(ROOT, "Tests", "Fixtures", "models", "llama")
+    with tempfile.TemporaryDirectory() as d:
+        cfg = transformers.LlamaConfig(vocab_size=403, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                       max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                       initializer_range=0.08, tie_word_embeddings=False, bos_token_id=400,
+                                       eos_token_id=401)
+        torch.manual_seed(256)
+        model = transformers.LlamaForCausalLM(cfg).float()
+        model.save_pretrained(d, safe_serialization=True)
+        for f in ["tokenizer.json", "tokenizer_config.json"]:
+            shutil.copy(os.path.join(tiny, f), d)
+        f32 = os.path.join(d, "llama256-f32.gguf")
+        code = f"""
+import sys
+sys.path.insert(0, {os.path.join(src, 'gguf-py')!r}); sys.path.insert(0, {src!r})
+sys.argv = ['convert_hf_to_gguf.py', {d!r}, '--outtype', 'f32', '--outfile', {f32!r}]
+import convert_hf_to_gguf as c
+from conversion.base import TextModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: 'llama-bpe'
+c.main()
+"""
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=src)
+        record_llama_cpp_logits(f32, "llama256-f32")
+        for name, ftype in QUANT_FIXTURES.items():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = ftype
+            out = os.path.join(OUT, f"llama256-{name}.gguf")
+            assert llama_cpp.llama_model_quantize(f32.encode(), out.encode(), ctypes.byref(params)) == 0
+            record_llama_cpp_logits(out, f"llama256-{name}")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
+    if sys.argv[1:] == ["--kquant-only"]:
+        make_kquant_fixture(llama_cpp_sources())
+        return
     src = llama_cpp_sources()
     path = convert_fixture(src, "f32")
     record_llama_cpp_logits(convert_fixture(src, "q8_0"), "llama-q8_0")
@@ -83,6 +134,7 @@ def main():
                   ensure_ascii=False)
     print(path, os.path.getsize(path), "bytes,", len(tensors), "tensors,", len(meta), "metadata keys")
     record_llama_cpp_logits(path, "llama-f32")
+    make_kquant_fixture(src)
 
 
 if __name__ == "__main__":

@@ -236,6 +236,28 @@ final class QuantizedModelTests: XCTestCase {
         try check("llama-q4_0", .q4_0, loose: 0.2)
     }
 
+    /// The other block types, on a random Llama with 256-wide rows quantized by llama.cpp
+    /// (its file types Q4_1, Q5_0, Q5_1: that type plus a Q6_K output; Q4_K_M and Q5_K_M: Q4_K or
+    /// Q5_K plus Q6_K; Q6_K throughout).
+    func testOtherTypesMatchLlamaCpp() throws {
+        let ref = try Reference(model: "llama")
+        let seq = ref.promptIds + ref.greedyIds
+        let f32 = try Fixtures.floats(Fixtures.root + "/gguf/llama256-f32.llamacpp_logits.bin")
+        for (name, type) in [("q4_1", GGUFFile.TensorType.q4_1), ("q5_0", .q5_0), ("q5_1", .q5_1), ("q4_k_m", .q4_K),
+                             ("q5_k_m", .q5_K), ("q6_k", .q6_K)] {
+            let path = Fixtures.root + "/gguf/llama256-\(name).gguf"
+            XCTAssertEqual(try GGUFFile(path: path).info("blk.0.attn_q.weight")?.type, type)
+            let logits = try allLogits(try ModelRegistry.load(directory: path), seq)
+            let llamacpp = try Fixtures.floats(Fixtures.root + "/gguf/llama256-\(name).llamacpp_logits.bin")
+            let scale = f32.reduce(0) { max($0, abs($1)) }
+            let vsLlama = maxAbsDiff(logits, llamacpp), vsF32 = maxAbsDiff(logits, f32), llamaVsF32 = maxAbsDiff(llamacpp, f32)
+            // Measured: against llama.cpp 0.17-0.35 at logit scale 5.4 (it rounds activations to
+            // 8 bits); against the F32 model within 5% of llama.cpp's own distance from it.
+            XCTAssertLessThan(vsLlama, 0.1 * scale, "\(name) logits vs llama.cpp: \(vsLlama) (scale \(scale))")
+            XCTAssertLessThanOrEqual(vsF32, llamaVsF32 * 1.1, "\(name) logits vs the F32 model: \(vsF32); llama.cpp's: \(llamaVsF32)")
+        }
+    }
+
     func check(_ name: String, _ type: GGUFFile.TensorType, loose: Float) throws {
         let path = Fixtures.root + "/gguf/\(name).gguf"
         let g = try GGUFFile(path: path)

@@ -176,20 +176,38 @@ public final class GGUFFile: @unchecked Sendable {
         return UnsafeRawBufferPointer(start: base + t.offset, count: t.byteCount)
     }
 
-    /// A tensor of a type Peregrine computes with (F32, F16, BF16, Q8_0, Q4_0) as a `TensorView`
-    /// (row-major shape, outermost first).
+    /// A tensor of a type Peregrine computes with (every type but Q2_K, Q3_K and the activation
+    /// formats Q8_1, Q8_K) as a `TensorView` (row-major shape, outermost first).
     public func view(_ name: String) -> TensorView? {
-        guard let t = info(name), let base = file.base else { return nil }
-        let dtype: DType
-        switch t.type {
-        case .f32: dtype = .f32
-        case .f16: dtype = .f16
-        case .bf16: dtype = .bf16
-        case .q8_0: dtype = .q8_0
-        case .q4_0: dtype = .q4_0
-        default: return nil
-        }
+        guard let t = info(name), let base = file.base, let dtype = t.type.dtype else { return nil }
         return TensorView(name: name, dtype: dtype, shape: t.dims.reversed(), data: base + t.offset, byteCount: t.byteCount)
+    }
+}
+
+extension GGUFFile.TensorType {
+    /// The `DType` with the same layout, where Peregrine has kernels for it.
+    public var dtype: DType? {
+        switch self {
+        case .f32: return .f32
+        case .f16: return .f16
+        case .bf16: return .bf16
+        case .q8_0: return .q8_0
+        case .q4_0: return .q4_0
+        case .q4_1: return .q4_1
+        case .q5_0: return .q5_0
+        case .q5_1: return .q5_1
+        case .q4_K: return .q4_K
+        case .q5_K: return .q5_K
+        case .q6_K: return .q6_K
+        case .q8_1, .q2_K, .q3_K, .q8_K: return nil
+        }
+    }
+
+    public var name: String { String(describing: self).uppercased() }
+
+    public init?(_ dtype: DType) {
+        guard let t = Self.allCases.first(where: { $0.dtype == dtype }) else { return nil }
+        self = t
     }
 }
 
@@ -296,4 +314,17 @@ public final class GGUFWeights: WeightSource, @unchecked Sendable {
     }
 
     public func storedName(_ name: String) -> String { GGUFWeights.ggufName(name) }
+
+    /// Present in the file, whether or not its type is computable (so an output matrix of an
+    /// unsupported type is an error, not silently replaced by the tied embedding).
+    public func contains(_ name: String) -> Bool { file.info(GGUFWeights.ggufName(name)) != nil }
+
+    public func missingReason(_ name: String) -> String {
+        let stored = GGUFWeights.ggufName(name)
+        if let t = file.info(stored), t.type.dtype == nil {
+            let supported = DType.allCases.map(\.rawValue).joined(separator: ", ")
+            return "tensor '\(stored)' has type \(t.type.name), which Peregrine cannot compute with (supported: \(supported))"
+        }
+        return "missing tensor '\(stored)'"
+    }
 }

@@ -97,16 +97,20 @@ public protocol WeightSource: AnyObject {
     func tensor(_ name: String) -> TensorView?
     /// The name the file itself uses for a tensor, for error messages.
     func storedName(_ name: String) -> String
+    /// Why a tensor the model needs is not available, for error messages.
+    func missingReason(_ name: String) -> String
+    func contains(_ name: String) -> Bool
 }
 
 extension WeightSource {
     public func storedName(_ name: String) -> String { name }
+    public func missingReason(_ name: String) -> String { "missing tensor '\(storedName(name))'" }
 
     public func contains(_ name: String) -> Bool { tensor(name) != nil }
 
     /// A tensor that must exist with the given shape (outermost dimension first).
     public func require(_ name: String, shape: [Int]) throws -> TensorView {
-        guard let t = tensor(name) else { throw PeregrineError.format("missing tensor '\(storedName(name))'") }
+        guard let t = tensor(name) else { throw PeregrineError.format(missingReason(name)) }
         guard t.shape == shape else {
             throw PeregrineError.format("tensor '\(storedName(name))' has shape \(t.shape), expected \(shape)")
         }

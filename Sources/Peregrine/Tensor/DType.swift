@@ -1,54 +1,136 @@
-/// Element types of stored tensors: floats, and llama.cpp's blocks of 32 values sharing an f16
-/// scale: Q8_0 (int8 values, 34 bytes) and Q4_0 (4-bit values offset by 8, 18 bytes).
+/// Element types of stored tensors: floats, and llama.cpp's quantized blocks. The 32-value
+/// blocks share an f16 scale (and, for the `_1` types, an f16 offset); the k-quants pack 256
+/// values into sub-blocks whose scales are themselves quantized against f16 super-block scales.
+/// Layouts are ggml's byte for byte, so GGUF tensor data is used in place.
 public enum DType: String, Sendable, CaseIterable {
     case f32 = "F32"
     case f16 = "F16"
     case bf16 = "BF16"
     case q8_0 = "Q8_0"
     case q4_0 = "Q4_0"
+    case q4_1 = "Q4_1"
+    case q5_0 = "Q5_0"
+    case q5_1 = "Q5_1"
+    case q4_K = "Q4_K"
+    case q5_K = "Q5_K"
+    case q6_K = "Q6_K"
 
     /// Bytes per element of a float type (safetensors holds only these).
     public var byteSize: Int {
         switch self {
         case .f32: return 4
         case .f16, .bf16: return 2
-        case .q8_0, .q4_0: return 0
+        default: return 0
         }
     }
 
     public var isFloat: Bool { self == .f32 || self == .f16 || self == .bf16 }
 
     /// Elements per block and bytes per block.
-    public var blockSize: Int { isFloat ? 1 : 32 }
-    public var blockBytes: Int {
+    public var blockSize: Int {
         switch self {
-        case .q8_0: return 34
-        case .q4_0: return 18
-        default: return byteSize
+        case .f32, .f16, .bf16: return 1
+        case .q8_0, .q4_0, .q4_1, .q5_0, .q5_1: return 32
+        case .q4_K, .q5_K, .q6_K: return 256
         }
     }
 
-    /// Widens `n` stored values (a whole number of blocks for the quantized types) to f32.
+    public var blockBytes: Int {
+        switch self {
+        case .f32, .f16, .bf16: return byteSize
+        case .q8_0: return 34
+        case .q4_0: return 18
+        case .q4_1: return 20
+        case .q5_0: return 22
+        case .q5_1: return 24
+        case .q4_K: return 144
+        case .q5_K: return 176
+        case .q6_K: return 210
+        }
+    }
+
+    /// Bits of storage per weight.
+    public var bitsPerWeight: Double { Double(blockBytes * 8) / Double(blockSize) }
+
+    /// Bytes of `count` values (a whole number of blocks).
+    public func byteCount(elements count: Int) -> Int { count / blockSize * blockBytes }
+
+    /// Widens `n` stored values (a whole number of blocks for the quantized types) to f32. The
+    /// reference for the SIMD kernels, and the path for embedding rows.
     public func dequantize(_ src: UnsafeRawPointer, count n: Int, into out: UnsafeMutablePointer<Float>) {
+        @inline(__always) func f16(_ p: UnsafeRawPointer, _ o: Int) -> Float { Half.f16ToFloat(p.loadUnaligned(fromByteOffset: o, as: UInt16.self)) }
+        @inline(__always) func u8(_ p: UnsafeRawPointer, _ o: Int) -> Int { Int(p.load(fromByteOffset: o, as: UInt8.self)) }
         switch self {
         case .f32: for i in 0..<n { out[i] = src.loadUnaligned(fromByteOffset: 4 * i, as: Float.self) }
-        case .f16: for i in 0..<n { out[i] = Half.f16ToFloat(src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
+        case .f16: for i in 0..<n { out[i] = f16(src, 2 * i) }
         case .bf16: for i in 0..<n { out[i] = Half.bf16ToFloat(src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
         case .q8_0:
             for b in 0..<(n / 32) {
                 let block = src + 34 * b
-                let d = Half.f16ToFloat(block.loadUnaligned(as: UInt16.self))
+                let d = f16(block, 0)
                 for j in 0..<32 { out[32 * b + j] = d * Float(block.load(fromByteOffset: 2 + j, as: Int8.self)) }
             }
-        case .q4_0:
-            // Byte j holds element j in its low nibble and element j + 16 in its high one.
+        case .q4_0, .q4_1, .q5_0, .q5_1:
+            // Byte j of the 16 holds element j in its low nibble and element j + 16 in its high
+            // one; the 5-bit types keep each element's fifth bit in a 32-bit mask.
+            let bytes = blockBytes
+            let hasMin = self == .q4_1 || self == .q5_1
+            let five = self == .q5_0 || self == .q5_1
+            let qsOffset = (hasMin ? 4 : 2) + (five ? 4 : 0)
             for b in 0..<(n / 32) {
-                let block = src + 18 * b
-                let d = Half.f16ToFloat(block.loadUnaligned(as: UInt16.self))
+                let block = src + bytes * b
+                let d = f16(block, 0)
+                let m = hasMin ? f16(block, 2) : 0
+                let qh = five ? Int(block.loadUnaligned(fromByteOffset: hasMin ? 4 : 2, as: UInt32.self)) : 0
+                let offset = hasMin ? 0 : (five ? 16 : 8)
                 for j in 0..<16 {
-                    let q = block.load(fromByteOffset: 2 + j, as: UInt8.self)
-                    out[32 * b + j] = d * Float(Int(q & 0x0F) - 8)
-                    out[32 * b + j + 16] = d * Float(Int(q >> 4) - 8)
+                    let q = u8(block, qsOffset + j)
+                    let lo = (q & 0x0F) | (((qh >> j) & 1) << 4)
+                    let hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
+                    out[32 * b + j] = d * Float(lo - offset) + m
+                    out[32 * b + j + 16] = d * Float(hi - offset) + m
+                }
+            }
+        case .q4_K, .q5_K:
+            // Eight sub-blocks of 32, each with a 6-bit scale and min; 64 values per 32 bytes
+            // of nibbles (the low nibbles are one sub-block, the high nibbles the next).
+            let five = self == .q5_K
+            for b in 0..<(n / 256) {
+                let block = src + blockBytes * b
+                let d = f16(block, 0), dmin = f16(block, 2)
+                let qs = five ? 48 : 16
+                for c in 0..<4 {
+                    let (sc0, m0) = KQuant.scaleMin(block + 4, 2 * c)
+                    let (sc1, m1) = KQuant.scaleMin(block + 4, 2 * c + 1)
+                    for l in 0..<32 {
+                        let q = u8(block, qs + 32 * c + l)
+                        let h = five ? u8(block, 16 + l) >> (2 * c) : 0
+                        let lo = (q & 0x0F) | ((h & 1) << 4), hi = (q >> 4) | ((h & 2) << 3)
+                        out[256 * b + 64 * c + l] = d * Float(sc0) * Float(lo) - dmin * Float(m0)
+                        out[256 * b + 64 * c + 32 + l] = d * Float(sc1) * Float(hi) - dmin * Float(m1)
+                    }
+                }
+            }
+        case .q6_K:
+            // 16 sub-blocks of 16 with int8 scales; each value's low 4 bits in ql, high 2 in qh.
+            for b in 0..<(n / 256) {
+                let block = src + 210 * b
+                let d = f16(block, 208)
+                for half in 0..<2 {
+                    let ql = 64 * half, qh = 128 + 32 * half, sc = 192 + 8 * half
+                    for l in 0..<32 {
+                        let h = u8(block, qh + l)
+                        let q0 = (u8(block, ql + l) & 0x0F) | ((h & 3) << 4)
+                        let q1 = (u8(block, ql + l + 32) & 0x0F) | (((h >> 2) & 3) << 4)
+                        let q2 = (u8(block, ql + l) >> 4) | (((h >> 4) & 3) << 4)
+                        let q3 = (u8(block, ql + l + 32) >> 4) | (((h >> 6) & 3) << 4)
+                        let s = { (i: Int) in Float(block.load(fromByteOffset: sc + i, as: Int8.self)) }
+                        let base = 256 * b + 128 * half + l
+                        out[base] = d * s(l / 16) * Float(q0 - 32)
+                        out[base + 32] = d * s(l / 16 + 2) * Float(q1 - 32)
+                        out[base + 64] = d * s(l / 16 + 4) * Float(q2 - 32)
+                        out[base + 96] = d * s(l / 16 + 6) * Float(q3 - 32)
+                    }
                 }
             }
         }
@@ -62,6 +144,19 @@ public enum DType: String, Sendable, CaseIterable {
         case "bfloat16": self = .bf16
         default: return nil
         }
+    }
+}
+
+/// Shared pieces of the k-quant layouts.
+enum KQuant {
+    /// Sub-block j's 6-bit scale and min from the 12 packed bytes of Q4_K and Q5_K: sub-blocks
+    /// 0-3 use the low 6 bits of bytes j and j + 4; 4-7 take 4 bits from byte j + 4 and their
+    /// top 2 bits from the spare bits of bytes j - 4 and j.
+    @inline(__always)
+    static func scaleMin(_ q: UnsafeRawPointer, _ j: Int) -> (Int, Int) {
+        @inline(__always) func b(_ i: Int) -> Int { Int(q.load(fromByteOffset: i, as: UInt8.self)) }
+        if j < 4 { return (b(j) & 63, b(j + 4) & 63) }
+        return ((b(j + 4) & 0x0F) | ((b(j - 4) >> 6) << 4), (b(j + 4) >> 4) | ((b(j) >> 6) << 4))
     }
 }
 

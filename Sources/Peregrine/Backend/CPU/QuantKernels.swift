@@ -1,0 +1,242 @@
+/// Products of block-quantized weights (llama.cpp's layouts) with f32 activations. Each row is
+/// dequantized in registers, block by block: the integer values of a sub-block are widened to
+/// f32 lanes, multiplied with the activations and summed, and the sum is scaled by the
+/// sub-block's scale (less its min times the activations' sum, for the types with an offset).
+/// Every token goes through the same function in the same order, so a row's result does not
+/// depend on the batch it came in (speculative verification relies on that).
+extension CPUKernels {
+    static func matmulBlocks(_ type: DType, x: UnsafePointer<Float>, tokens: Int, w: UnsafeRawPointer, outDim: Int, k: Int,
+                             bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, pool: ThreadPool) {
+        let rowBytes = type.byteCount(elements: k)
+        let grain = max(4, 65536 / max(1, tokens * k))
+        pool.parallelRanges(outDim, grain: grain) { rows in
+            // Tokens inside: the block of rows stays in cache while every token passes over it.
+            for t in 0..<tokens {
+                let xt = x + t &* k
+                for o in rows {
+                    y[t &* outDim &+ o] = rowDot(type, w + o &* rowBytes, xt, k) + (bias?[o] ?? 0)
+                }
+            }
+        }
+    }
+
+    /// dot(row, x) for one quantized row of k values.
+    @inline(__always)
+    static func rowDot(_ type: DType, _ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ k: Int) -> Float {
+        switch type {
+        case .q8_0: return q8_0Dot(row, x, k / 32).sum()
+        case .q4_0: return q4_0Dot(row, x, k / 32).sum()
+        case .q4_1: return q4_1Dot(row, x, k / 32).sum()
+        case .q5_0: return q5Dot(row, x, k / 32, hasMin: false).sum()
+        case .q5_1: return q5Dot(row, x, k / 32, hasMin: true).sum()
+        case .q4_K: return q4_KDot(row, x, k / 256).sum()
+        case .q5_K: return q5_KDot(row, x, k / 256).sum()
+        case .q6_K: return q6_KDot(row, x, k / 256).sum()
+        case .f32, .f16, .bf16: preconditionFailure("rowDot is for quantized types")
+        }
+    }
+
+    /// Eight int8 values as f32 lanes (sign-extend, convert).
+    @inline(__always)
+    static func widen(_ p: UnsafeRawPointer, _ offset: Int) -> SIMD8<Float> {
+        // Lane by lane: the generic SIMD conversions are not inlined here, and these become
+        // one sign-extension and one conversion instruction.
+        let v = p.loadUnaligned(fromByteOffset: offset, as: SIMD8<Int8>.self)
+        return SIMD8<Float>(Float(v[0]), Float(v[1]), Float(v[2]), Float(v[3]), Float(v[4]), Float(v[5]), Float(v[6]), Float(v[7]))
+    }
+
+    /// Eight small unsigned values as f32 lanes.
+    @inline(__always)
+    static func floats(_ v: SIMD8<UInt8>) -> SIMD8<Float> {
+        SIMD8<Float>(Float(v[0]), Float(v[1]), Float(v[2]), Float(v[3]), Float(v[4]), Float(v[5]), Float(v[6]), Float(v[7]))
+    }
+
+    @inline(__always)
+    static func load8(_ x: UnsafePointer<Float>, _ i: Int) -> SIMD8<Float> {
+        UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self)
+    }
+
+    @inline(__always)
+    static func f16(_ p: UnsafeRawPointer, _ offset: Int) -> Float {
+        Float(p.loadUnaligned(fromByteOffset: offset, as: Float16.self))
+    }
+
+    static let nibbleMask = SIMD8<UInt8>(repeating: 0x0F)
+    static let laneBits = SIMD8<UInt8>(1, 2, 4, 8, 16, 32, 64, 128)
+
+    /// 16 in the lanes whose bit is set in `byte` (lane i: bit i), else 0: the fifth bits of
+    /// Q5_0/Q5_1 values.
+    @inline(__always)
+    static func fifthBits(_ byte: UInt8) -> SIMD8<UInt8> {
+        SIMD8<UInt8>(repeating: 0).replacing(with: 16, where: (SIMD8(repeating: byte) & laneBits) .!= 0)
+    }
+
+    /// Q8_0: 32 int8 values and an f16 scale.
+    @inline(never)
+    static func q8_0Dot(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ blocks: Int) -> SIMD8<Float> {
+        var acc = SIMD8<Float>()
+        for b in 0..<blocks {
+            let blk = row + b &* 34
+            let xb = b &* 32
+            var s = widen(blk, 2) * load8(x, xb)
+            s = s.addingProduct(widen(blk, 10), load8(x, xb &+ 8))
+            s = s.addingProduct(widen(blk, 18), load8(x, xb &+ 16))
+            s = s.addingProduct(widen(blk, 26), load8(x, xb &+ 24))
+            acc = acc.addingProduct(SIMD8(repeating: f16(blk, 0)), s)
+        }
+        return acc
+    }
+
+    /// Q4_0: 4-bit values offset by 8 (byte j: element j low, element j + 16 high).
+    @inline(never)
+    static func q4_0Dot(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ blocks: Int) -> SIMD8<Float> {
+        var acc = SIMD8<Float>()
+        let eight = SIMD8<Float>(repeating: 8)
+        for b in 0..<blocks {
+            let blk = row + b &* 18
+            let lo = blk.loadUnaligned(fromByteOffset: 2, as: SIMD8<UInt8>.self)
+            let hi = blk.loadUnaligned(fromByteOffset: 10, as: SIMD8<UInt8>.self)
+            let xb = b &* 32
+            var s = (floats(lo & nibbleMask) - eight) * load8(x, xb)
+            s = s.addingProduct(floats(hi & nibbleMask) - eight, load8(x, xb &+ 8))
+            s = s.addingProduct(floats(lo &>> 4) - eight, load8(x, xb &+ 16))
+            s = s.addingProduct(floats(hi &>> 4) - eight, load8(x, xb &+ 24))
+            acc = acc.addingProduct(SIMD8(repeating: f16(blk, 0)), s)
+        }
+        return acc
+    }
+
+    /// Q4_1: 4-bit values times a scale plus a min.
+    @inline(never)
+    static func q4_1Dot(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ blocks: Int) -> SIMD8<Float> {
+        var acc = SIMD8<Float>()
+        for b in 0..<blocks {
+            let blk = row + b &* 20
+            let lo = blk.loadUnaligned(fromByteOffset: 4, as: SIMD8<UInt8>.self)
+            let hi = blk.loadUnaligned(fromByteOffset: 12, as: SIMD8<UInt8>.self)
+            let xb = b &* 32
+            let x0 = load8(x, xb), x1 = load8(x, xb &+ 8), x2 = load8(x, xb &+ 16), x3 = load8(x, xb &+ 24)
+            var s = floats(lo & nibbleMask) * x0
+            s = s.addingProduct(floats(hi & nibbleMask), x1)
+            s = s.addingProduct(floats(lo &>> 4), x2)
+            s = s.addingProduct(floats(hi &>> 4), x3)
+            acc = acc.addingProduct(SIMD8(repeating: f16(blk, 0)), s)
+            acc = acc.addingProduct(SIMD8(repeating: f16(blk, 2)), (x0 + x1) + (x2 + x3))
+        }
+        return acc
+    }
+
+    /// Q5_0 (values offset by 16) and Q5_1 (scale and min): the 4-bit layout of Q4_0 plus each
+    /// value's fifth bit in a 32-bit mask (bit j for element j).
+    @inline(never)
+    static func q5Dot(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ blocks: Int, hasMin: Bool) -> SIMD8<Float> {
+        var acc = SIMD8<Float>()
+        let bytes = hasMin ? 24 : 22, qh = hasMin ? 4 : 2, qs = qh &+ 4
+        let offset = SIMD8<Float>(repeating: hasMin ? 0 : 16)
+        for b in 0..<blocks {
+            let blk = row + b &* bytes
+            let lo = blk.loadUnaligned(fromByteOffset: qs, as: SIMD8<UInt8>.self)
+            let hi = blk.loadUnaligned(fromByteOffset: qs &+ 8, as: SIMD8<UInt8>.self)
+            let h = blk.loadUnaligned(fromByteOffset: qh, as: SIMD4<UInt8>.self)
+            let xb = b &* 32
+            let x0 = load8(x, xb), x1 = load8(x, xb &+ 8), x2 = load8(x, xb &+ 16), x3 = load8(x, xb &+ 24)
+            var s = (floats((lo & nibbleMask) | fifthBits(h[0])) - offset) * x0
+            s = s.addingProduct(floats((hi & nibbleMask) | fifthBits(h[1])) - offset, x1)
+            s = s.addingProduct(floats((lo &>> 4) | fifthBits(h[2])) - offset, x2)
+            s = s.addingProduct(floats((hi &>> 4) | fifthBits(h[3])) - offset, x3)
+            acc = acc.addingProduct(SIMD8(repeating: f16(blk, 0)), s)
+            if hasMin { acc = acc.addingProduct(SIMD8(repeating: f16(blk, 2)), (x0 + x1) + (x2 + x3)) }
+        }
+        return acc
+    }
+
+    /// Q4_K: 256 values in 8 sub-blocks of 32 with 6-bit scales and mins.
+    @inline(never)
+    static func q4_KDot(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ blocks: Int) -> SIMD8<Float> {
+        kQuantDot(row, x, blocks, fifthBit: false)
+    }
+
+    /// Q5_K: Q4_K's layout plus a fifth bit per value (32 bytes, bit 2c/2c+1 for chunk c).
+    @inline(never)
+    static func q5_KDot(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ blocks: Int) -> SIMD8<Float> {
+        kQuantDot(row, x, blocks, fifthBit: true)
+    }
+
+    @inline(__always)
+    static func kQuantDot(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ blocks: Int, fifthBit: Bool) -> SIMD8<Float> {
+        var acc = SIMD8<Float>()
+        let bytes = fifthBit ? 176 : 144, qs = fifthBit ? 48 : 16
+        let zero = SIMD8<UInt8>(repeating: 0), sixteen = SIMD8<UInt8>(repeating: 16)
+        for b in 0..<blocks {
+            let blk = row + b &* bytes
+            let d = f16(blk, 0), dmin = f16(blk, 2)
+            let xb = x + b &* 256
+            for c in 0..<4 {
+                let (sc0, m0) = KQuant.scaleMin(blk + 4, 2 &* c)
+                let (sc1, m1) = KQuant.scaleMin(blk + 4, 2 &* c &+ 1)
+                var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), sx0 = SIMD8<Float>(), sx1 = SIMD8<Float>()
+                let u0 = SIMD8<UInt8>(repeating: UInt8(1) << (2 &* c)), u1 = u0 &<< 1
+                for i in 0..<4 {
+                    let q = blk.loadUnaligned(fromByteOffset: qs &+ 32 &* c &+ 8 &* i, as: SIMD8<UInt8>.self)
+                    var lo = q & nibbleMask, hi = q &>> 4
+                    if fifthBit {
+                        let h = blk.loadUnaligned(fromByteOffset: 16 &+ 8 &* i, as: SIMD8<UInt8>.self)
+                        lo |= zero.replacing(with: sixteen, where: (h & u0) .!= 0)
+                        hi |= zero.replacing(with: sixteen, where: (h & u1) .!= 0)
+                    }
+                    let xa = load8(xb, 64 &* c &+ 8 &* i), xh = load8(xb, 64 &* c &+ 32 &+ 8 &* i)
+                    s0 = s0.addingProduct(floats(lo), xa)
+                    s1 = s1.addingProduct(floats(hi), xh)
+                    sx0 += xa
+                    sx1 += xh
+                }
+                acc = acc.addingProduct(SIMD8(repeating: d * Float(sc0)), s0)
+                acc = acc.addingProduct(SIMD8(repeating: d * Float(sc1)), s1)
+                acc = acc.addingProduct(SIMD8(repeating: -dmin * Float(m0)), sx0)
+                acc = acc.addingProduct(SIMD8(repeating: -dmin * Float(m1)), sx1)
+            }
+        }
+        return acc
+    }
+
+    /// Q6_K: 256 values in 16 sub-blocks of 16 with int8 scales; each value's low 4 bits in
+    /// `ql`, its high 2 bits in `qh`, offset by 32.
+    @inline(never)
+    static func q6_KDot(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ blocks: Int) -> SIMD8<Float> {
+        var acc = SIMD8<Float>()
+        let three = SIMD8<UInt8>(repeating: 3), offset = SIMD8<Float>(repeating: 32)
+        for b in 0..<blocks {
+            let blk = row + b &* 210
+            let d = f16(blk, 208)
+            let xb = x + b &* 256
+            for half in 0..<2 {
+                let ql = 64 &* half, qh = 128 &+ 32 &* half, sc = 192 &+ 8 &* half, xh = 128 &* half
+                for g in 0..<2 {  // sub-blocks of 16: lanes 16g ..< 16g + 16 of each quarter
+                    var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), s2 = SIMD8<Float>(), s3 = SIMD8<Float>()
+                    for i in (2 &* g)..<(2 &* g &+ 2) {
+                        let a = blk.loadUnaligned(fromByteOffset: ql &+ 8 &* i, as: SIMD8<UInt8>.self)
+                        let c = blk.loadUnaligned(fromByteOffset: ql &+ 32 &+ 8 &* i, as: SIMD8<UInt8>.self)
+                        let h = blk.loadUnaligned(fromByteOffset: qh &+ 8 &* i, as: SIMD8<UInt8>.self)
+                        let q0 = (a & nibbleMask) | ((h & three) &<< 4)
+                        let q1 = (c & nibbleMask) | (((h &>> 2) & three) &<< 4)
+                        let q2 = (a &>> 4) | (((h &>> 4) & three) &<< 4)
+                        let q3 = (c &>> 4) | ((h &>> 6) &<< 4)
+                        let l = xh &+ 8 &* i
+                        s0 = s0.addingProduct(floats(q0) - offset, load8(xb, l))
+                        s1 = s1.addingProduct(floats(q1) - offset, load8(xb, l &+ 32))
+                        s2 = s2.addingProduct(floats(q2) - offset, load8(xb, l &+ 64))
+                        s3 = s3.addingProduct(floats(q3) - offset, load8(xb, l &+ 96))
+                    }
+                    @inline(__always) func scale(_ j: Int) -> SIMD8<Float> {
+                        SIMD8(repeating: d * Float(blk.load(fromByteOffset: sc &+ g &+ j, as: Int8.self)))
+                    }
+                    acc = acc.addingProduct(scale(0), s0)
+                    acc = acc.addingProduct(scale(2), s1)
+                    acc = acc.addingProduct(scale(4), s2)
+                    acc = acc.addingProduct(scale(6), s3)
+                }
+            }
+        }
+        return acc
+    }
+}
