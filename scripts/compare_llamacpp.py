@@ -48,6 +48,22 @@ def llama_cpp_sources():
     return glob.glob(os.path.join(cache, "*", "vendor", "llama.cpp"))[0]
 
 
+def llama_cpp_tool(name):
+    """A llama.cpp command-line tool (llama-perplexity, llama-quantize) built from the same
+    sdist's sources with CMake (pip's cmake and ninja), once, into .bench-models/llama-build."""
+    build = os.path.join(BENCH_MODELS, "llama-build")
+    exe = os.path.join(build, "bin", name)
+    if not os.path.exists(exe):
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "cmake", "ninja"], check=True)
+        bindir = os.path.dirname(sys.executable)
+        env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+        subprocess.run(["cmake", llama_cpp_sources(), "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+                        "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_NATIVE=ON",
+                        "-DBUILD_SHARED_LIBS=OFF"], check=True, env=env)
+        subprocess.run(["ninja", "-C", build, name], check=True, env=env)
+    return exe
+
+
 def convert(model_dir, out, pre):
     """HF -> GGUF F16 with llama.cpp's converter. The reference and random models use tokenizers
     trained here, which the converter does not know by hash; we tell it which pre-tokenizer they use."""

@@ -15,7 +15,7 @@ import sys
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_llamacpp import convert, llama_cpp_sources  # noqa: E402
+from compare_llamacpp import convert, llama_cpp_sources, llama_cpp_tool  # noqa: E402
 
 OUT = os.path.join(ROOT, "Tests", "Fixtures", "gguf")
 
@@ -96,8 +96,27 @@ c.main()
             record_llama_cpp_logits(out, f"llama256-{name}")
 
 
+def record_perplexity():
+    """llama-perplexity's estimates on perplexity.txt (chunks of 128) for some fixture files."""
+    import re
+    exe = llama_cpp_tool("llama-perplexity")
+    text = os.path.join(OUT, "perplexity.txt")
+    results = {}
+    for name in ["llama-f32", "llama-q8_0", "llama256-q4_k_m", "llama256-q6_k"]:
+        out = subprocess.run([exe, "-m", os.path.join(OUT, f"{name}.gguf"), "-f", text, "-c", "128", "-b", "128",
+                              "-t", "2", "-ctk", "f32", "-ctv", "f32"], capture_output=True, text=True, check=True)
+        m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", out.stdout + out.stderr)
+        results[name] = {"perplexity": float(m.group(1)), "uncertainty": float(m.group(2))}
+        print(name, results[name])
+    with open(os.path.join(OUT, "perplexity.json"), "w") as f:
+        json.dump({"ctx": 128, "file": "perplexity.txt", "llama.cpp": results}, f, indent=1)
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
+    if sys.argv[1:] == ["--perplexity-only"]:
+        record_perplexity()
+        return
     if sys.argv[1:] == ["--kquant-only"]:
         make_kquant_fixture(llama_cpp_sources())
         return
@@ -135,6 +154,7 @@ def main():
     print(path, os.path.getsize(path), "bytes,", len(tensors), "tensors,", len(meta), "metadata keys")
     record_llama_cpp_logits(path, "llama-f32")
     make_kquant_fixture(src)
+    record_perplexity()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,14 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(ids.split(separator: " ").first, "8189")
     }
 
+    func testPerplexity() throws {
+        let (code, out, err) = try run(["perplexity", "-m", "Tests/Fixtures/gguf/llama-f32.gguf", "-f", "Tests/Fixtures/gguf/perplexity.txt",
+                                        "-c", "128", "--json"])
+        XCTAssertEqual(code, 0, err)
+        XCTAssertTrue(err.contains("[9]2012."), err)
+        XCTAssertTrue(out.contains("\"perplexity\":2012."), out)
+    }
+
     func testBadInputs() throws {
         try assertFails(["generate", "--prompt", ""], "error: the prompt is empty")
         try assertFails(["generate", "--temperature=-1"], "error: temperature must be >= 0")
@@ -55,6 +63,10 @@ final class CLITests: XCTestCase {
         try assertFails(["tokenize", "--model", "models", "x"], "no tokenizer.json")
         try assertFails(["bench", "-r", "0"], "--repetitions must be between 1 and 1000")
         try assertFails(["bench", "-p", "5000"], "exceeds the model's context of 1024")
+        try assertFails(["perplexity", "-f", "/nonexistent.txt"], "error: /nonexistent.txt: cannot read the file")
+        try assertFails(["perplexity", "-f", "Tests/Fixtures/gguf/perplexity.txt", "-c", "2"], "--ctx must be between")
+        try assertFails(["perplexity", "-f", "Tests/Fixtures/gguf/perplexity.txt"], "needs at least 1024")
+        try assertFails(["perplexity", "-f", "Tests/Fixtures/gguf/perplexity.txt", "-c", "4096"], "longer than the model's 1024 positions")
         try assertFails(["frobnicate"], "Error:")
     }
 }

@@ -89,6 +89,14 @@ public final class Tokenizer: @unchecked Sendable {
 
     public var vocabularySize: Int { model.size }
 
+    /// The BOS id when encoding with special tokens puts it first (what the post-processor or
+    /// GGUF's add_bos_token says), else nil.
+    public var addedBOS: Int? {
+        guard let bos = bosTokenId else { return nil }
+        let with = encode("a", addSpecialTokens: true), without = encode("a", addSpecialTokens: false)
+        return with.count > without.count && with.first == bos ? bos : nil
+    }
+
     public func id(of token: String) -> Int? { model.id(of: token) }
 
     public func token(of id: Int) -> String? { model.token(of: id) }
