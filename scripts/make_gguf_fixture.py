@@ -55,9 +55,9 @@ QUANT_FIXTURES = {"q4_1": 3, "q5_0": 8, "q5_1": 9, "q4_k_m": 15, "q5_k_m": 17, "
 
 def make_kquant_fixture(src):
     """A random Llama whose rows are multiples of 256 values (the k-quants' block), with the tiny
-    fixture's tokenizer: converted to F32 by llama.cpp's converter, then quantized by llama.cpp
-    into each type of QUANT_FIXTURES. The quantized files and llama.cpp's logits on them are
-    committed; the F32 file is not (its logits are, as the unquantized reference)."""
+    fixture's tokenizer: converted to F16 by llama.cpp's converter, then quantized by llama.cpp
+    into each type of QUANT_FIXTURES. All the files and llama.cpp's logits on them are committed
+    (the F16 one is also the source `peregrine quantize` is tested on)."""
     import ctypes
     import shutil
     import tempfile
@@ -76,23 +76,23 @@ def make_kquant_fixture(src):
         model.save_pretrained(d, safe_serialization=True)
         for f in ["tokenizer.json", "tokenizer_config.json"]:
             shutil.copy(os.path.join(tiny, f), d)
-        f32 = os.path.join(d, "llama256-f32.gguf")
+        f16 = os.path.join(OUT, "llama256-f16.gguf")
         code = f"""
 import sys
 sys.path.insert(0, {os.path.join(src, 'gguf-py')!r}); sys.path.insert(0, {src!r})
-sys.argv = ['convert_hf_to_gguf.py', {d!r}, '--outtype', 'f32', '--outfile', {f32!r}]
+sys.argv = ['convert_hf_to_gguf.py', {d!r}, '--outtype', 'f16', '--outfile', {f16!r}]
 import convert_hf_to_gguf as c
 from conversion.base import TextModel
 TextModel.get_vocab_base_pre = lambda self, tokenizer: 'llama-bpe'
 c.main()
 """
         subprocess.run([sys.executable, "-c", code], check=True, cwd=src)
-        record_llama_cpp_logits(f32, "llama256-f32")
+        record_llama_cpp_logits(f16, "llama256-f16")
         for name, ftype in QUANT_FIXTURES.items():
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = ftype
             out = os.path.join(OUT, f"llama256-{name}.gguf")
-            assert llama_cpp.llama_model_quantize(f32.encode(), out.encode(), ctypes.byref(params)) == 0
+            assert llama_cpp.llama_model_quantize(f16.encode(), out.encode(), ctypes.byref(params)) == 0
             record_llama_cpp_logits(out, f"llama256-{name}")
 
 

@@ -242,7 +242,7 @@ final class QuantizedModelTests: XCTestCase {
     func testOtherTypesMatchLlamaCpp() throws {
         let ref = try Reference(model: "llama")
         let seq = ref.promptIds + ref.greedyIds
-        let f32 = try Fixtures.floats(Fixtures.root + "/gguf/llama256-f32.llamacpp_logits.bin")
+        let f32 = try Fixtures.floats(Fixtures.root + "/gguf/llama256-f16.llamacpp_logits.bin")
         for (name, type) in [("q4_1", GGUFFile.TensorType.q4_1), ("q5_0", .q5_0), ("q5_1", .q5_1), ("q4_k_m", .q4_K),
                              ("q5_k_m", .q5_K), ("q6_k", .q6_K)] {
             let path = Fixtures.root + "/gguf/llama256-\(name).gguf"

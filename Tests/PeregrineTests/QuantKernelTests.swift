@@ -51,3 +51,59 @@ struct SplitMix {
         return z ^ (z >> 31)
     }
 }
+
+/// The quantizers: dequantize(quantize(x)) close to x, by each type's precision.
+final class QuantizerTests: XCTestCase {
+    func testRoundTripError() {
+        var rng = SplitMix(seed: 3)
+        let n = 64 * 256
+        // Gaussian-ish values (sum of uniforms) with a few outliers, like weight rows.
+        let x: [Float] = (0..<n).map { i in
+            let u = (0..<4).reduce(Float(0)) { a, _ in a + Float(rng.next() % 10000) / 10000 - 0.5 }
+            return i % 97 == 0 ? 4 * u : u
+        }
+        let rms = (x.reduce(0) { $0 + $1 * $1 } / Float(n)).squareRoot()
+        for type in DType.allCases where !type.isFloat {
+            var bytes = [UInt8](repeating: 0, count: type.byteCount(elements: n))
+            var back = [Float](repeating: 0, count: n)
+            x.withUnsafeBufferPointer { src in bytes.withUnsafeMutableBytes { Quantizer.quantize(type, src.baseAddress!, count: n, into: $0.baseAddress!) } }
+            bytes.withUnsafeBytes { type.dequantize($0.baseAddress!, count: n, into: &back) }
+            let err = (zip(x, back).reduce(0) { $0 + ($1.0 - $1.1) * ($1.0 - $1.1) } / Float(n)).squareRoot() / rms
+            // Bounds about 1.3x what each type measures here (Q8_0 0.006 ... Q4_0 0.098).
+            let bound: [DType: Float] = [.q8_0: 0.008, .q6_K: 0.026, .q5_K: 0.05, .q5_1: 0.052, .q5_0: 0.065, .q4_K: 0.1,
+                                         .q4_1: 0.11, .q4_0: 0.13]
+            XCTAssertLessThan(err, bound[type]!, "\(type) relative RMS error")
+        }
+    }
+}
+
+extension QuantizerTests {
+    /// Our quantizer's error against llama.cpp's on the same weights: for every tensor that
+    /// llama.cpp quantized in the fixture files, quantize the F16 source here and compare the
+    /// squared errors.
+    func testErrorComparableToLlamaCpp() throws {
+        let files = ["llama-q8_0", "llama-q4_0"].map { ("llama-f32", $0) }
+            + ["q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k"].map { ("llama256-f16", "llama256-" + $0) }
+        for (sourceName, name) in files {
+            let source = try GGUFFile(path: Fixtures.root + "/gguf/\(sourceName).gguf")
+            let theirs = try GGUFFile(path: Fixtures.root + "/gguf/\(name).gguf")
+            var ours2 = [DType: Double](), their2 = [DType: Double]()
+            for t in theirs.tensors where t.dims.count == 2 {
+                guard let type = t.type.dtype, !type.isFloat, let src = source.view(t.name), let q = theirs.view(t.name) else { continue }
+                let x = src.toFloat(), n = x.count
+                var bytes = [UInt8](repeating: 0, count: type.byteCount(elements: n))
+                var back = [Float](repeating: 0, count: n)
+                x.withUnsafeBufferPointer { s in bytes.withUnsafeMutableBytes { Quantizer.quantize(type, s.baseAddress!, count: n, into: $0.baseAddress!) } }
+                bytes.withUnsafeBytes { type.dequantize($0.baseAddress!, count: n, into: &back) }
+                let llama = q.toFloat()
+                ours2[type, default: 0] += zip(x, back).reduce(0) { $0 + Double(($1.0 - $1.1) * ($1.0 - $1.1)) }
+                their2[type, default: 0] += zip(x, llama).reduce(0) { $0 + Double(($1.0 - $1.1) * ($1.0 - $1.1)) }
+            }
+            // Measured: 1.0 for the 32-value types, 0.99-1.012 for the k-quants.
+            XCTAssertFalse(ours2.isEmpty)
+            for (type, e) in ours2 {
+                XCTAssertLessThan(e / their2[type]!, 1.03, "\(name) \(type): squared error \(e) against llama.cpp's \(their2[type]!)")
+            }
+        }
+    }
+}
