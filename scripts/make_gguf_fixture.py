@@ -112,8 +112,27 @@ def record_perplexity():
         json.dump({"ctx": 128, "file": "perplexity.txt", "llama.cpp": results}, f, indent=1)
 
 
+def record_peregrine_quantized():
+    """llama.cpp's logits on files written by `peregrine quantize` (built first with
+    `swift build -c release`): the 256-wide model's F16 GGUF to Q4_K_M, and the tiny Hugging
+    Face fixture directory to Q8_0. The Swift tests quantize the same sources again and must
+    match these."""
+    import tempfile
+    exe = os.path.join(ROOT, ".build", "release", "peregrine")
+    jobs = [(os.path.join(OUT, "llama256-f16.gguf"), "Q4_K_M", "peregrine-llama256-q4_k_m"),
+            (os.path.join(ROOT, "Tests", "Fixtures", "models", "llama"), "Q8_0", "peregrine-llama-q8_0")]
+    with tempfile.TemporaryDirectory() as d:
+        for source, mix, name in jobs:
+            path = os.path.join(d, name + ".gguf")
+            subprocess.run([exe, "quantize", "-m", source, "--type", mix, "-o", path], check=True, capture_output=True)
+            record_llama_cpp_logits(path, name)
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
+    if sys.argv[1:] == ["--peregrine-only"]:
+        record_peregrine_quantized()
+        return
     if sys.argv[1:] == ["--perplexity-only"]:
         record_perplexity()
         return
@@ -155,6 +174,7 @@ def main():
     record_llama_cpp_logits(path, "llama-f32")
     make_kquant_fixture(src)
     record_perplexity()
+    record_peregrine_quantized()
 
 
 if __name__ == "__main__":

@@ -67,6 +67,11 @@ final class CLITests: XCTestCase {
         try assertFails(["perplexity", "-f", "Tests/Fixtures/gguf/perplexity.txt", "-c", "2"], "--ctx must be between")
         try assertFails(["perplexity", "-f", "Tests/Fixtures/gguf/perplexity.txt"], "needs at least 1024")
         try assertFails(["perplexity", "-f", "Tests/Fixtures/gguf/perplexity.txt", "-c", "4096"], "longer than the model's 1024 positions")
+        try assertFails(["quantize", "--type", "Q3_X", "-o", "/tmp/x.gguf"], "--type must be one of")
+        try assertFails(["quantize", "--type", "Q8_0", "-m", "Tests/Fixtures/gguf/llama256-q6_k.gguf", "-o", "Tests/Fixtures/gguf/llama256-q6_k.gguf"],
+                        "--out must differ from --model")
+        try assertFails(["quantize", "--type", "Q4_0", "-m", "Tests/Fixtures/gguf/llama256-q6_k.gguf", "-o", "/nonexistent/x.gguf"],
+                        "error: Tests/Fixtures/gguf/llama256-q6_k.gguf: tensor")
         try assertFails(["frobnicate"], "Error:")
     }
 }

@@ -81,6 +81,9 @@ public final class GGUFFile: @unchecked Sendable {
     public let alignment: Int
     public let metadata: [String: Value]
     public let metadataKeys: [String]
+    /// Where each key's value (its type tag and bytes) lies in the file, so a writer can copy
+    /// it with its exact width.
+    public let rawMetadata: [String: Range<Int>]
     public let tensors: [TensorInfo]
     private let byName: [String: Int]
 
@@ -102,14 +105,18 @@ public final class GGUFFile: @unchecked Sendable {
             throw r.error("tensor count \(tensorCount) or metadata count \(kvCount) cannot fit in the file")
         }
         var metadata: [String: Value] = [:]
+        var rawMetadata: [String: Range<Int>] = [:]
         var keys: [String] = []
         for _ in 0..<Int(kvCount) {
             let key = try r.string()
+            let start = r.pos
             let type = try r.u32()
             let value = try r.value(type: type, depth: 0)
             if metadata.updateValue(value, forKey: key) == nil { keys.append(key) }
+            rawMetadata[key] = start..<r.pos
         }
         self.metadata = metadata
+        self.rawMetadata = rawMetadata
         metadataKeys = keys
         var alignment = 32
         if let a = metadata["general.alignment"] {

@@ -1,0 +1,179 @@
+import Foundation
+
+/// A Hugging Face model directory described as llama.cpp's converter would write it: GGUF
+/// metadata (hyperparameters and the byte-level BPE tokenizer) and the tensors under their GGUF
+/// names. Llama q/k rows are reordered for llama.cpp's adjacent-pair RoPE, as its converter does.
+struct HFToGGUF {
+    let config: ModelConfig
+    var writer = GGUFWriter()
+    var tensors: [(name: String, dims: [Int], view: TensorView)] = []
+    private let store: WeightStore
+
+    init(directory: String) throws {
+        let configPath = FileSystem.join(directory, "config.json")
+        guard FileSystem.isDirectory(directory), FileSystem.exists(configPath) else {
+            throw PeregrineError.io("\(directory): neither a GGUF file nor a model directory with config.json")
+        }
+        let c = try ModelConfig(json: try FileSystem.readJSON(configPath), source: configPath)
+        config = c
+        store = try WeightStore(directory: directory)
+        let arch: String
+        switch c.architecture {
+        case "LlamaForCausalLM", "MistralForCausalLM": arch = "llama"
+        case "Qwen2ForCausalLM": arch = "qwen2"
+        case "Qwen3ForCausalLM": arch = "qwen3"
+        default: throw PeregrineError.unsupported("unsupported architecture \(c.architecture) for GGUF output")
+        }
+        if arch == "llama" && (c.qkvBias || c.qkNorm) {
+            throw PeregrineError.unsupported("\(directory): a llama model with q/k biases or norms cannot be written as a llama GGUF")
+        }
+        var w = GGUFWriter()
+        w.set("general.architecture", .string(arch))
+        w.set("general.name", .string(URL(fileURLWithPath: directory).lastPathComponent))
+        func u32(_ key: String, _ v: Int) { w.set("\(arch).\(key)", .u32(UInt32(v))) }
+        u32("vocab_size", c.vocabSize)
+        u32("context_length", c.maxPositions)
+        u32("embedding_length", c.hiddenSize)
+        u32("block_count", c.layerCount)
+        u32("feed_forward_length", c.intermediateSize)
+        u32("attention.head_count", c.headCount)
+        u32("attention.head_count_kv", c.kvHeadCount)
+        u32("attention.key_length", c.headDim)
+        u32("attention.value_length", c.headDim)
+        u32("rope.dimension_count", c.headDim)
+        w.set("\(arch).attention.layer_norm_rms_epsilon", .f32(c.rmsNormEps))
+        w.set("\(arch).rope.freq_base", .f32(Float(c.ropeTheta)))
+        if let window = c.slidingWindow.compactMap({ $0 }).first { u32("attention.sliding_window", window) }
+        var ropeFactors: [Float]?
+        switch c.ropeScaling {
+        case .none: break
+        case .linear(let f):
+            w.set("\(arch).rope.scaling.type", .string("linear"))
+            w.set("\(arch).rope.scaling.factor", .f32(Float(f)))
+        case .llama3:
+            // Stored as per-pair frequency divisors (llama.cpp's rope_freqs tensor).
+            var plain = c
+            plain.ropeScaling = .none
+            let base = plain.ropeInverseFrequencies(), scaled = c.ropeInverseFrequencies()
+            ropeFactors = zip(base, scaled).map { $0 / $1 }
+        }
+        try HFToGGUF.addTokenizer(directory: directory, config: c, to: &w)
+        writer = w
+
+        // Tensors, in llama.cpp's order: embeddings, layers, output norm, output.
+        var names = ["model.embed_tokens.weight"]
+        for i in 0..<c.layerCount {
+            let p = "model.layers.\(i)."
+            names += ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                      "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                      "mlp.down_proj.weight"].map { p + $0 }
+            for opt in ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "self_attn.o_proj.bias",
+                        "self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate_proj.bias", "mlp.up_proj.bias",
+                        "mlp.down_proj.bias"] where store.contains(p + opt) {
+                names.append(p + opt)
+            }
+        }
+        names.append("model.norm.weight")
+        if !c.tieWordEmbeddings && store.contains("lm_head.weight") { names.append("lm_head.weight") }
+        for name in names {
+            guard let v = store.tensor(name) else { throw PeregrineError.format(store.missingReason(name)) }
+            var view = v
+            if arch == "llama", name.hasSuffix("q_proj.weight") || name.hasSuffix("k_proj.weight") {
+                view = try HFToGGUF.pairRows(v, heads: name.hasSuffix("q_proj.weight") ? c.headCount : c.kvHeadCount, owner: &owned)
+            }
+            tensors.append((GGUFWeights.ggufName(name), view.shape.reversed(), view))
+        }
+        if let ropeFactors {
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 * ropeFactors.count, alignment: 16)
+            for (i, f) in ropeFactors.enumerated() { buffer.storeBytes(of: f, toByteOffset: 4 * i, as: Float.self) }
+            owned.append(buffer)
+            tensors.insert(("rope_freqs.weight", [ropeFactors.count],
+                            TensorView(name: "rope_freqs.weight", dtype: .f32, shape: [ropeFactors.count],
+                                       data: UnsafeRawPointer(buffer.baseAddress!), byteCount: buffer.count)), at: 0)
+        }
+    }
+
+    /// Buffers of reordered tensors; they live as long as the conversion (freed by `release`).
+    var owned: [UnsafeMutableRawBufferPointer] = []
+
+    func release() { for b in owned { b.deallocate() } }
+
+    /// Reorders the rows of each head from halves (i, i + d/2) to adjacent pairs (2i, 2i + 1).
+    static func pairRows(_ t: TensorView, heads: Int, owner: inout [UnsafeMutableRawBufferPointer]) throws -> TensorView {
+        guard t.dtype.isFloat, t.shape.count == 2, t.shape[0] % (2 * heads) == 0 else {
+            throw PeregrineError.format("tensor '\(t.name)' cannot be split into \(heads) heads")
+        }
+        let rowBytes = t.byteCount / t.shape[0], headDim = t.shape[0] / heads, half = headDim / 2
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: t.byteCount, alignment: 64)
+        owner.append(buffer)
+        for h in 0..<heads {
+            for i in 0..<half {
+                for j in 0..<2 {
+                    let to = h * headDim + 2 * i + j, from = h * headDim + j * half + i
+                    (buffer.baseAddress! + to * rowBytes).copyMemory(from: t.data + from * rowBytes, byteCount: rowBytes)
+                }
+            }
+        }
+        return TensorView(name: t.name, dtype: t.dtype, shape: t.shape, data: UnsafeRawPointer(buffer.baseAddress!), byteCount: t.byteCount)
+    }
+
+    /// tokenizer.json's byte-level BPE as GGUF's "gpt2" tokenizer.
+    static func addTokenizer(directory: String, config c: ModelConfig, to w: inout GGUFWriter) throws {
+        let path = FileSystem.join(directory, "tokenizer.json")
+        let json = try FileSystem.readJSON(path)
+        guard json["model"]?["type"]?.string == "BPE", let vocab = json["model"]?["vocab"]?.object else {
+            throw PeregrineError.unsupported("\(path): only byte-level BPE tokenizers can be written to GGUF")
+        }
+        let pre = try preTokenizerName(json["pre_tokenizer"], path: path)
+        var tokens = [String?](repeating: nil, count: c.vocabSize)
+        var types = [Int32](repeating: 1, count: c.vocabSize)
+        for (token, id) in vocab.pairs {
+            guard let i = id.int, i >= 0 else { throw PeregrineError.format("\(path): bad id for token '\(token)'") }
+            guard i < c.vocabSize else { throw PeregrineError.format("\(path): token id \(i) is outside the model's \(c.vocabSize) embeddings") }
+            tokens[i] = token
+        }
+        for added in json["added_tokens"]?.array ?? [] {
+            guard let i = added["id"]?.int, let content = added["content"]?.string, i >= 0, i < c.vocabSize else { continue }
+            tokens[i] = content
+            types[i] = added["special"]?.bool == true ? 3 : 4
+        }
+        for i in 0..<c.vocabSize where tokens[i] == nil {
+            tokens[i] = "[PAD\(i)]"
+            types[i] = 5  // unused: rows of the embedding beyond the tokenizer's vocabulary
+        }
+        let merges: [String] = (json["model"]?["merges"]?.array ?? []).map { m in
+            if let s = m.string { return s }
+            return (m.array ?? []).compactMap(\.string).joined(separator: " ")
+        }
+        w.set("tokenizer.ggml.model", .string("gpt2"))
+        w.set("tokenizer.ggml.pre", .string(pre))
+        w.set("tokenizer.ggml.tokens", .strings(tokens.map { $0! }))
+        w.set("tokenizer.ggml.token_type", .i32s(types))
+        w.set("tokenizer.ggml.merges", .strings(merges))
+        let tokenizer = try Tokenizer(directory: directory)
+        if let bos = tokenizer.bosTokenId ?? c.bosTokenId { w.set("tokenizer.ggml.bos_token_id", .u32(UInt32(bos))) }
+        if let eos = c.eosTokenIds.first ?? tokenizer.eosTokenIds.first { w.set("tokenizer.ggml.eos_token_id", .u32(UInt32(eos))) }
+        w.set("tokenizer.ggml.add_bos_token", .bool(tokenizer.addedBOS != nil))
+        let tc = FileSystem.join(directory, "tokenizer_config.json")
+        if FileSystem.exists(tc), let template = try FileSystem.readJSON(tc)["chat_template"]?.string {
+            w.set("tokenizer.chat_template", .string(template))
+        }
+    }
+
+    /// llama.cpp's name for the pre-tokenizer: the split pattern decides it.
+    static func preTokenizerName(_ pre: JSONValue?, path: String) throws -> String {
+        var patterns: [String] = []
+        var byteLevelRegex = false
+        func walk(_ v: JSONValue?) {
+            guard let v else { return }
+            if v["type"]?.string == "Split", let p = v["pattern"]?["Regex"]?.string { patterns.append(p) }
+            if v["type"]?.string == "ByteLevel", v["use_regex"]?.bool ?? true { byteLevelRegex = true }
+            for p in v["pretokenizers"]?.array ?? [] { walk(p) }
+        }
+        walk(pre)
+        if patterns == [ScalarRegex.llama3Pattern] { return "llama-bpe" }
+        if patterns == [ScalarRegex.qwen2Pattern] { return "qwen2" }
+        if patterns.isEmpty && byteLevelRegex { return "gpt-2" }
+        throw PeregrineError.unsupported("\(path): a pre-tokenizer GGUF has no name for (supported: Llama 3, Qwen2 and GPT-2 patterns)")
+    }
+}

@@ -1,0 +1,186 @@
+import Foundation
+
+/// A quantization mix: which type each tensor of a model gets, by llama.cpp's rules for the
+/// file type of the same name (so a Peregrine Q4_K_M file has the types llama.cpp's has).
+public enum QuantizationMix: String, CaseIterable, Sendable {
+    case f32 = "F32", f16 = "F16", bf16 = "BF16"
+    case q8_0 = "Q8_0", q4_0 = "Q4_0", q4_1 = "Q4_1", q5_0 = "Q5_0", q5_1 = "Q5_1"
+    case q4_K_S = "Q4_K_S", q4_K_M = "Q4_K_M", q5_K_S = "Q5_K_S", q5_K_M = "Q5_K_M", q6_K = "Q6_K"
+
+    /// llama.cpp's `general.file_type` number for the mix.
+    public var fileType: UInt32 {
+        switch self {
+        case .f32: return 0
+        case .f16: return 1
+        case .q4_0: return 2
+        case .q4_1: return 3
+        case .q8_0: return 7
+        case .q5_0: return 8
+        case .q5_1: return 9
+        case .q4_K_S: return 14
+        case .q4_K_M: return 15
+        case .q5_K_S: return 16
+        case .q5_K_M: return 17
+        case .q6_K: return 18
+        case .bf16: return 32
+        }
+    }
+
+    /// The type most tensors get.
+    public var base: DType {
+        switch self {
+        case .f32: return .f32
+        case .f16: return .f16
+        case .bf16: return .bf16
+        case .q8_0: return .q8_0
+        case .q4_0: return .q4_0
+        case .q4_1: return .q4_1
+        case .q5_0: return .q5_0
+        case .q5_1: return .q5_1
+        case .q4_K_S, .q4_K_M: return .q4_K
+        case .q5_K_S, .q5_K_M: return .q5_K
+        case .q6_K: return .q6_K
+        }
+    }
+
+    public init?(name: String) {
+        guard let m = Self.allCases.first(where: { $0.rawValue.lowercased() == name.lowercased() }) else { return nil }
+        self = m
+    }
+
+    /// The type of a matrix (GGUF name, `cols` values per row), or nil to keep the stored type
+    /// (vectors and norms stay as they are). `layers` is the model's layer count; `tied` says the
+    /// embedding table is also the output matrix.
+    public func type(of name: String, cols: Int, isMatrix: Bool, layers: Int, tied: Bool) -> DType? {
+        guard isMatrix, !name.hasSuffix("_norm.weight"), name != "rope_freqs.weight" else { return nil }
+        var type = base
+        guard !base.isFloat else { return base }
+        let layer = name.hasPrefix("blk.") ? Int(name.dropFirst(4).prefix { $0 != "." }) : nil
+        // The first and last eighth of the layers, and every third one between, get more bits.
+        func moreBits(_ i: Int) -> Bool { i < layers / 8 || i >= 7 * layers / 8 || (i - layers / 8) % 3 == 2 }
+        if name == "output.weight" || (tied && name == "token_embd.weight") {
+            type = cols % 256 != 0 || base == .q8_0 ? .q8_0 : .q6_K
+        } else if let i = layer, name.hasSuffix(".attn_v.weight") {
+            if (self == .q4_K_M || self == .q5_K_M) && moreBits(i) { type = .q6_K }
+            if self == .q4_K_S && i < 4 { type = .q5_K }
+        } else if let i = layer, name.hasSuffix(".ffn_down.weight") {
+            if (self == .q4_K_M || self == .q5_K_M) && moreBits(i) { type = .q6_K }
+            if (self == .q4_K_S || self == .q5_K_S) && i < layers / 8 { type = .q5_K }
+        }
+        // Rows that do not divide into 256-value blocks take a 32-value type of similar size.
+        if cols % type.blockSize != 0 {
+            switch type {
+            case .q4_K: type = .q5_0
+            case .q5_K: type = .q5_1
+            case .q6_K: type = .q8_0
+            default: break
+            }
+            if cols % type.blockSize != 0 { type = .f16 }
+        }
+        return type
+    }
+}
+
+/// Writes a quantized GGUF file from an F32/F16/BF16 GGUF file or a Hugging Face directory.
+public struct ModelQuantizer {
+    public struct Summary: Sendable {
+        public var tensors = 0
+        public var sourceBytes = 0
+        public var outputBytes = 0
+        public var parameters = 0
+        public var typeCounts: [String: Int] = [:]
+        public var seconds = 0.0
+
+        public var bitsPerWeight: Double { Double(outputBytes * 8) / Double(max(parameters, 1)) }
+    }
+
+    public let mix: QuantizationMix
+    public let pool: ThreadPool
+
+    public init(mix: QuantizationMix, pool: ThreadPool = .shared) {
+        self.mix = mix
+        self.pool = pool
+    }
+
+    /// Quantizes `source` (a .gguf file or a model directory) into `output`.
+    public func quantize(source: String, output: String,
+                         progress: (Int, Int, String, DType) -> Void = { _, _, _, _ in }) throws -> Summary {
+        let start = Date()
+        var writer: GGUFWriter
+        var inputs: [(name: String, dims: [Int], view: TensorView)]
+        let layers: Int
+        var hfSource: HFToGGUF?
+        defer { hfSource?.release() }
+        // The mapped source outlives the writing (tensor views point into it).
+        var ggufSource: GGUFFile?
+        defer { withExtendedLifetime(ggufSource) {} }
+        if FileSystem.isGGUFFile(source) {
+            let g = try GGUFFile(path: source)
+            ggufSource = g
+            _ = try ModelConfig(gguf: g)  // an architecture Peregrine runs, with sane hyperparameters
+            writer = GGUFWriter()
+            for key in g.metadataKeys {
+                guard let range = g.rawMetadata[key], let base = g.file.base else { continue }
+                writer.metadata.append((key, .raw(Array(UnsafeRawBufferPointer(start: base + range.lowerBound, count: range.count)))))
+            }
+            layers = g.metadata["\(g.metadata["general.architecture"]?.string ?? "").block_count"]?.int ?? 0
+            inputs = try g.tensors.map { t in
+                guard let v = g.view(t.name) else {
+                    throw PeregrineError.unsupported("\(source): tensor '\(t.name)' has type \(t.type.name), which cannot be read")
+                }
+                return (t.name, t.dims, v)
+            }
+        } else {
+            let hf = try HFToGGUF(directory: source)
+            hfSource = hf
+            writer = hf.writer
+            inputs = hf.tensors
+            layers = hf.config.layerCount
+        }
+        let tied = !inputs.contains { $0.name == "output.weight" }
+        writer.set("general.file_type", .u32(mix.fileType))
+        writer.set("general.quantization_version", .u32(2))
+        var summary = Summary()
+        var plan: [(String, [Int], TensorView, DType)] = []
+        for (name, dims, view) in inputs {
+            let target = mix.type(of: name, cols: dims[0], isMatrix: dims.count >= 2, layers: layers, tied: tied) ?? view.dtype
+            if view.dtype != target && !view.dtype.isFloat {
+                throw PeregrineError.unsupported(
+                    "\(source): tensor '\(name)' is already quantized (\(view.dtype.rawValue)); quantize from an F32, F16 or BF16 model")
+            }
+            plan.append((name, dims, view, target))
+            summary.tensors += 1
+            summary.parameters += view.elementCount
+            summary.sourceBytes += view.byteCount
+            summary.outputBytes += target.byteCount(elements: view.elementCount)
+            summary.typeCounts[target.rawValue, default: 0] += 1
+        }
+        let pool = self.pool
+        writer.tensors = plan.map { (name, dims, view, target) in
+            GGUFWriter.Tensor(name: name, dims: dims, type: GGUFFile.TensorType(target)!) { out in
+                ModelQuantizer.convert(view, to: target, rowLength: dims[0], into: out, pool: pool)
+            }
+        }
+        try writer.write(to: output) { i, t in progress(i, plan.count, t.name, plan[i].3) }
+        summary.seconds = Date().timeIntervalSince(start)
+        return summary
+    }
+
+    /// Converts a tensor row by row (widened to f32, then quantized), rows spread over threads.
+    static func convert(_ view: TensorView, to type: DType, rowLength: Int, into out: UnsafeMutableRawBufferPointer, pool: ThreadPool) {
+        if view.dtype == type {
+            out.copyMemory(from: UnsafeRawBufferPointer(start: view.data, count: view.byteCount))
+            return
+        }
+        let rows = view.elementCount / rowLength
+        let inBytes = view.dtype.byteCount(elements: rowLength), outBytes = type.byteCount(elements: rowLength)
+        pool.parallelRanges(rows, grain: max(1, 16384 / rowLength)) { range in
+            let row = UnsafeMutablePointer<Float>.allocate(capacity: rowLength)
+            defer { row.deallocate() }
+            for r in range {
+                view.dtype.dequantize(view.data + r * inBytes, count: rowLength, into: row)
+                Quantizer.quantize(type, row, count: rowLength, into: out.baseAddress! + r * outBytes)
+            }
+        }
+    }
+}
