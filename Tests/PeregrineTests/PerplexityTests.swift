@@ -15,11 +15,11 @@ final class PerplexityTests: XCTestCase {
 
     func testMatchesLlamaPerplexity() throws {
         let ref = try Fixtures.json(Fixtures.root + "/gguf/perplexity.json")
-        // Measured: F32 0.007%, Q4_K_M 0.03%, Q6_K 0.17%, Q8_0 0.48% apart. The files are tiny
-        // random models whose perplexities are in the thousands, so llama.cpp's 8-bit rounding of
-        // activations moves them more than it moves a trained model's (0.0006% on the reference
-        // model at F16; QUANTIZATION.md has the trained models' figures).
-        for (name, tolerance) in [("llama-f32", 0.001), ("llama-q8_0", 0.01), ("llama256-q4_k_m", 0.005), ("llama256-q6_k", 0.005)] {
+        // Measured: F32 0.007%, Q4_K_M 0.006%, Q6_K 0.06%, Q8_0 0.12% apart. Peregrine rounds
+        // activations to 8 bits for its quantized products as llama.cpp does, so mostly the
+        // summation order differs (llama-perplexity batches four chunks at once).
+        for name in ["llama-f32", "llama-q8_0", "llama256-q4_k_m", "llama256-q6_k"] {
+            let tolerance = 0.003
             let expected = try XCTUnwrap(ref["llama.cpp"]?[name]?["perplexity"]?.double)
             let expectedError = try XCTUnwrap(ref["llama.cpp"]?[name]?["uncertainty"]?.double)
             let r = try evaluate(name)

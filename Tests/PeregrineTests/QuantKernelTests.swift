@@ -39,6 +39,35 @@ final class QuantKernelTests: XCTestCase {
     }
 }
 
+#if arch(x86_64)
+extension QuantKernelTests {
+    /// The integer products (activations rounded to 8 bits) against the f32 reference: close to
+    /// within the rounding of the activations.
+    func testInt8ProductsMatchF32Products() {
+        var rng = SplitMix(seed: 11)
+        for type in DType.allCases where !type.isFloat {
+            let k = 4 * 256
+            let x = (0..<k).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
+            var worst = 0.0
+            for _ in 0..<8 {
+                let row = randomRow(type, blocks: k / type.blockSize, rng: &rng)
+                var w = [Float](repeating: 0, count: k)
+                row.withUnsafeBytes { type.dequantize($0.baseAddress!, count: k, into: &w) }
+                var act = [UInt8](repeating: 0, count: Int8Kernels.activationBytes(type, k: k))
+                x.withUnsafeBufferPointer { xs in act.withUnsafeMutableBytes { Int8Kernels.quantizeActivations(type, xs.baseAddress!, k: k, into: $0.baseAddress!) } }
+                let got = row.withUnsafeBytes { r in act.withUnsafeBytes { Int8Kernels.rowDot(type, r.baseAddress!, $0.baseAddress!, k) } }
+                let expected = zip(w, x).reduce(0) { $0 + Double($1.0) * Double($1.1) }
+                let magnitude = zip(w, x).reduce(0) { $0 + abs(Double($1.0) * Double($1.1)) }
+                worst = max(worst, abs(Double(got) - expected) / magnitude)
+            }
+            // 8-bit activations: each product is off by at most half a step of 1/127 of the
+            // block's largest value; relative to the sum of magnitudes that is below 1%.
+            XCTAssertLessThan(worst, 0.01, "\(type)")
+        }
+    }
+}
+#endif
+
 /// A small deterministic generator for test data.
 struct SplitMix {
     var state: UInt64

@@ -48,11 +48,11 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
         self = m
     }
 
-    /// The type of a matrix (GGUF name, `cols` values per row), or nil to keep the stored type
-    /// (vectors and norms stay as they are). `layers` is the model's layer count; `tied` says the
-    /// embedding table is also the output matrix.
-    public func type(of name: String, cols: Int, isMatrix: Bool, layers: Int, tied: Bool) -> DType? {
-        guard isMatrix, !name.hasSuffix("_norm.weight"), name != "rope_freqs.weight" else { return nil }
+    /// The type of a tensor (GGUF name, `cols` values per row). Vectors (norms, biases, RoPE
+    /// factors) are F32, as llama.cpp's converter writes them. `layers` is the model's layer
+    /// count; `tied` says the embedding table is also the output matrix.
+    public func type(of name: String, cols: Int, isMatrix: Bool, layers: Int, tied: Bool) -> DType {
+        guard isMatrix, !name.hasSuffix("_norm.weight") else { return .f32 }
         var type = base
         guard !base.isFloat else { return base }
         let layer = name.hasPrefix("blk.") ? Int(name.dropFirst(4).prefix { $0 != "." }) : nil
@@ -143,7 +143,7 @@ public struct ModelQuantizer {
         var summary = Summary()
         var plan: [(String, [Int], TensorView, DType)] = []
         for (name, dims, view) in inputs {
-            let target = mix.type(of: name, cols: dims[0], isMatrix: dims.count >= 2, layers: layers, tied: tied) ?? view.dtype
+            let target = mix.type(of: name, cols: dims[0], isMatrix: dims.count >= 2, layers: layers, tied: tied)
             if view.dtype != target && !view.dtype.isFloat {
                 throw PeregrineError.unsupported(
                     "\(source): tensor '\(name)' is already quantized (\(view.dtype.rawValue)); quantize from an F32, F16 or BF16 model")

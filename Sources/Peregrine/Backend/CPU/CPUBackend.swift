@@ -40,12 +40,19 @@ public final class CPUBackend: ComputeBackend {
     private var scratch: UnsafeMutablePointer<Float>
     private var scratchCapacity = 0
 
+    /// Activations rounded to 8 bits for quantized products, grown like `scratch`.
+    private var activationScratch = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 64)
+    private var activationCapacity = 64
+
     public init(pool: ThreadPool = .shared) {
         self.pool = pool
         scratch = UnsafeMutablePointer<Float>.allocate(capacity: 1)
     }
 
-    deinit { scratch.deallocate() }
+    deinit {
+        scratch.deallocate()
+        activationScratch.deallocate()
+    }
 
     private func ensureScratch(_ count: Int) {
         guard count > scratchCapacity else { return }
@@ -109,7 +116,14 @@ public final class CPUBackend: ComputeBackend {
         case .bf16:
             CPUKernels.matmul(BF16Element.self, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
         case .q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q4_K, .q5_K, .q6_K:
-            CPUKernels.matmulBlocks(weight.dtype, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
+            let bytes = CPUKernels.activationScratchBytes(weight.dtype, tokens: rows, k: weight.cols)
+            if bytes > activationCapacity {
+                activationScratch.deallocate()
+                activationCapacity = max(bytes, 2 * activationCapacity)
+                activationScratch = UnsafeMutableRawPointer.allocate(byteCount: activationCapacity, alignment: 64)
+            }
+            CPUKernels.matmulBlocks(weight.dtype, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols,
+                                    bias: b, y: out.pointer, scratch: activationScratch, pool: pool)
         }
     }
 

@@ -1,16 +1,45 @@
-/// Products of block-quantized weights (llama.cpp's layouts) with f32 activations. Each row is
+/// Products of block-quantized weights (llama.cpp's layouts). On x86 they run on activations
+/// rounded to 8 bits (QuantKernelsX86.swift), as llama.cpp's do; these f32-activation kernels
+/// are the portable path and the reference the integer ones are tested against. Each row is
 /// dequantized in registers, block by block: the integer values of a sub-block are widened to
 /// f32 lanes, multiplied with the activations and summed, and the sum is scaled by the
 /// sub-block's scale (less its min times the activations' sum, for the types with an offset).
 /// Every token goes through the same function in the same order, so a row's result does not
 /// depend on the batch it came in (speculative verification relies on that).
 extension CPUKernels {
+    /// Bytes of scratch `matmulBlocks` needs for `tokens` rows of `k` activations.
+    static func activationScratchBytes(_ type: DType, tokens: Int, k: Int) -> Int {
+        #if arch(x86_64)
+        return tokens * Int8Kernels.activationBytes(type, k: k)
+        #else
+        return 0
+        #endif
+    }
+
     static func matmulBlocks(_ type: DType, x: UnsafePointer<Float>, tokens: Int, w: UnsafeRawPointer, outDim: Int, k: Int,
-                             bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, pool: ThreadPool) {
+                             bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, scratch: UnsafeMutableRawPointer,
+                             pool: ThreadPool) {
         let rowBytes = type.byteCount(elements: k)
         let grain = max(4, 65536 / max(1, tokens * k))
+        #if arch(x86_64)
+        // Activations rounded to 8 bits once per token, then integer products for every row.
+        let stride = Int8Kernels.activationBytes(type, k: k)
+        if tokens == 1 {
+            Int8Kernels.quantizeActivations(type, x, k: k, into: scratch)
+        } else {
+            pool.parallelFor(tokens) { t in Int8Kernels.quantizeActivations(type, x + t &* k, k: k, into: scratch + t &* stride) }
+        }
         pool.parallelRanges(outDim, grain: grain) { rows in
             // Tokens inside: the block of rows stays in cache while every token passes over it.
+            for t in 0..<tokens {
+                let a = UnsafeRawPointer(scratch + t &* stride)
+                for o in rows {
+                    y[t &* outDim &+ o] = Int8Kernels.rowDot(type, w + o &* rowBytes, a, k) + (bias?[o] ?? 0)
+                }
+            }
+        }
+        #else
+        pool.parallelRanges(outDim, grain: grain) { rows in
             for t in 0..<tokens {
                 let xt = x + t &* k
                 for o in rows {
@@ -18,6 +47,7 @@ extension CPUKernels {
                 }
             }
         }
+        #endif
     }
 
     /// dot(row, x) for one quantized row of k values.
