@@ -30,13 +30,8 @@ extension CPUKernels {
             pool.parallelFor(tokens) { t in Int8Kernels.quantizeActivations(type, x + t &* k, k: k, into: scratch + t &* stride) }
         }
         pool.parallelRanges(outDim, grain: grain) { rows in
-            // Tokens inside: the block of rows stays in cache while every token passes over it.
-            for t in 0..<tokens {
-                let a = UnsafeRawPointer(scratch + t &* stride)
-                for o in rows {
-                    y[t &* outDim &+ o] = Int8Kernels.rowDot(type, w + o &* rowBytes, a, k) + (bias?[o] ?? 0)
-                }
-            }
+            Int8Kernels.rows(type, w: w, rowBytes: rowBytes, a: scratch, stride: stride, k: k, tokens: tokens, rows: rows,
+                             bias: bias, y: y, ldy: outDim)
         }
         #else
         pool.parallelRanges(outDim, grain: grain) { rows in

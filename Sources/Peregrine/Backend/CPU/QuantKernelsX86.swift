@@ -119,159 +119,281 @@ enum Int8Kernels {
 
     @inline(__always) static func hsum(_ x: __m256) -> Float { unsafeBitCast(x, to: SIMD8<Float>.self).sum() }
 
-    /// dot(row, activations) for one weight row of k values; `a` is from quantizeActivations.
+    /// y[t, o] = dot(W[o, :], activations of token t) for the rows `rows`, four tokens at a
+    /// time where there are four: each weight block is unpacked once for all four. The same
+    /// per-token arithmetic either way, so results do not depend on the batch.
     @inline(__always)
-    static func rowDot(_ type: DType, _ row: UnsafeRawPointer, _ a: UnsafeRawPointer, _ k: Int) -> Float {
+    static func rows(_ type: DType, w: UnsafeRawPointer, rowBytes: Int, a: UnsafeRawPointer, stride: Int, k: Int,
+                     tokens: Int, rows: Range<Int>, bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, ldy: Int) {
         switch type {
-        case .q8_0: return q8_0(row, a, k / 32)
-        case .q4_0: return q4_0(row, a, k / 32)
-        case .q5_0: return q5_0(row, a, k / 32)
-        case .q4_1: return q4_1(row, a, k / 32)
-        case .q5_1: return q5_1(row, a, k / 32)
-        case .q4_K: return q4_K(row, a, k / 256)
-        case .q5_K: return q5_K(row, a, k / 256)
-        case .q6_K: return q6_K(row, a, k / 256)
-        case .f32, .f16, .bf16: preconditionFailure("rowDot is for quantized types")
+        case .q8_0: tile(Q8_0Block.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q4_0: tile(Q4_0Block.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q5_0: tile(Q5_0Block.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q4_1: tile(Q4_1Block.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q5_1: tile(Q5_1Block.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q4_K: tile(Q4_KBlock.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q5_K: tile(Q5_KBlock.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q6_K: tile(Q6_KBlock.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .f32, .f16, .bf16: preconditionFailure("Int8Kernels are for quantized types")
         }
     }
 
-    @inline(never) static func q8_0(_ row: UnsafeRawPointer, _ a: UnsafeRawPointer, _ blocks: Int) -> Float {
-        var acc = _mm256_setzero_ps()
-        for b in 0..<blocks {
-            let w = row + 34 &* b, y = a + blockBytes &* b
-            let p = dotSigned(w.loadUnaligned(fromByteOffset: 2, as: __m256i.self), y.loadUnaligned(fromByteOffset: 8, as: __m256i.self))
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(w, 0) * y.load(as: Float.self)), _mm256_cvtepi32_ps(p), acc)
-        }
-        return hsum(acc)
+    /// One row against one token (tests use it; the same arithmetic as `rows`).
+    static func rowDot(_ type: DType, _ row: UnsafeRawPointer, _ a: UnsafeRawPointer, _ k: Int) -> Float {
+        var out: Float = 0
+        rows(type, w: row, rowBytes: 0, a: a, stride: 0, k: k, tokens: 1, rows: 0..<1, bias: nil, y: &out, ldy: 1)
+        return out
     }
 
-    @inline(never) static func q4_0(_ row: UnsafeRawPointer, _ a: UnsafeRawPointer, _ blocks: Int) -> Float {
-        var acc = _mm256_setzero_ps()
-        let eight = _mm256_set1_epi8(8)
-        for b in 0..<blocks {
-            let w = row + 18 &* b, y = a + blockBytes &* b
-            let q = _mm256_sub_epi8(nibbles(w + 2), eight)
-            let p = dotSigned(q, y.loadUnaligned(fromByteOffset: 8, as: __m256i.self))
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(w, 0) * y.load(as: Float.self)), _mm256_cvtepi32_ps(p), acc)
+    @inline(never)
+    static func tile<K: Int8Block>(_: K.Type, _ w: UnsafeRawPointer, _ rowBytes: Int, _ a: UnsafeRawPointer, _ stride: Int, _ k: Int,
+                                   _ tokens: Int, _ rows: Range<Int>, _ bias: UnsafePointer<Float>?,
+                                   _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
+        let blocks = k / K.values
+        var t = 0
+        while t &+ 4 <= tokens {
+            let a0 = a + t &* stride, a1 = a0 + stride, a2 = a1 + stride, a3 = a2 + stride
+            for o in rows {
+                let row = w + o &* rowBytes
+                var c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0
+                var s0: Float = 0, s1: Float = 0, s2: Float = 0, s3: Float = 0
+                for b in 0..<blocks {
+                    let d = K.decode(row + b &* K.weightBytes)
+                    let off = b &* K.activationBytes
+                    K.accumulate(d, a0 + off, &c0, &s0)
+                    K.accumulate(d, a1 + off, &c1, &s1)
+                    K.accumulate(d, a2 + off, &c2, &s2)
+                    K.accumulate(d, a3 + off, &c3, &s3)
+                }
+                let bo = bias?[o] ?? 0
+                y[t &* ldy &+ o] = hsum(c0) + s0 + bo
+                y[(t &+ 1) &* ldy &+ o] = hsum(c1) + s1 + bo
+                y[(t &+ 2) &* ldy &+ o] = hsum(c2) + s2 + bo
+                y[(t &+ 3) &* ldy &+ o] = hsum(c3) + s3 + bo
+            }
+            t &+= 4
         }
-        return hsum(acc)
-    }
-
-    @inline(never) static func q5_0(_ row: UnsafeRawPointer, _ a: UnsafeRawPointer, _ blocks: Int) -> Float {
-        var acc = _mm256_setzero_ps()
-        let sixteen = _mm256_set1_epi8(16)
-        for b in 0..<blocks {
-            let w = row + 22 &* b, y = a + blockBytes &* b
-            let q = _mm256_sub_epi8(_mm256_or_si256(nibbles(w + 6), fifthBits(w + 2)), sixteen)
-            let p = dotSigned(q, y.loadUnaligned(fromByteOffset: 8, as: __m256i.self))
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(w, 0) * y.load(as: Float.self)), _mm256_cvtepi32_ps(p), acc)
+        while t < tokens {
+            let at = a + t &* stride
+            for o in rows {
+                let row = w + o &* rowBytes
+                var c = _mm256_setzero_ps()
+                var s: Float = 0
+                for b in 0..<blocks { K.accumulate(K.decode(row + b &* K.weightBytes), at + b &* K.activationBytes, &c, &s) }
+                y[t &* ldy &+ o] = hsum(c) + s + (bias?[o] ?? 0)
+            }
+            t &+= 1
         }
-        return hsum(acc)
     }
+}
 
-    @inline(never) static func q4_1(_ row: UnsafeRawPointer, _ a: UnsafeRawPointer, _ blocks: Int) -> Float {
-        var acc = _mm256_setzero_ps()
-        var mins: Float = 0
-        for b in 0..<blocks {
-            let w = row + 20 &* b, y = a + blockBytes &* b
-            let p = dotUnsigned(nibbles(w + 4), y.loadUnaligned(fromByteOffset: 8, as: __m256i.self), ones16)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(w, 0) * y.load(as: Float.self)), _mm256_cvtepi32_ps(p), acc)
-            mins += f16(w, 2) * y.load(fromByteOffset: 4, as: Float.self)
-        }
-        return hsum(acc) + mins
+/// One block type's integer product: unpack a weight block once, then add its products with
+/// one token's activation block into a vector accumulator and a scalar one.
+protocol Int8Block {
+    associatedtype Decoded
+    static var values: Int { get }
+    static var weightBytes: Int { get }
+    static var activationBytes: Int { get }
+    static func decode(_ w: UnsafeRawPointer) -> Decoded
+    static func accumulate(_ d: Decoded, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float)
+}
+
+extension Int8Block {
+    static var activationBytes: Int { values == 256 ? Int8Kernels.kBlockBytes : Int8Kernels.blockBytes }
+}
+
+/// The 32-value types: values as bytes (signed when `signed`), the block scale, and the min
+/// for the types that have one.
+struct Block32 {
+    let q: __m256i
+    let d: Float
+    let m: Float
+}
+
+extension Int8Block where Decoded == Block32 {
+    static var values: Int { 32 }
+}
+
+enum Q8_0Block: Int8Block {
+    static let weightBytes = 34
+    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> Block32 {
+        Block32(q: w.loadUnaligned(fromByteOffset: 2, as: __m256i.self), d: Int8Kernels.f16(w, 0), m: 0)
     }
-
-    @inline(never) static func q5_1(_ row: UnsafeRawPointer, _ a: UnsafeRawPointer, _ blocks: Int) -> Float {
-        var acc = _mm256_setzero_ps()
-        var mins: Float = 0
-        for b in 0..<blocks {
-            let w = row + 24 &* b, y = a + blockBytes &* b
-            let q = _mm256_or_si256(nibbles(w + 8), fifthBits(w + 4))
-            let p = dotUnsigned(q, y.loadUnaligned(fromByteOffset: 8, as: __m256i.self), ones16)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(w, 0) * y.load(as: Float.self)), _mm256_cvtepi32_ps(p), acc)
-            mins += f16(w, 2) * y.load(fromByteOffset: 4, as: Float.self)
-        }
-        return hsum(acc) + mins
+    @inline(__always) static func accumulate(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
+        let p = Int8Kernels.dotSigned(d.q, y.loadUnaligned(fromByteOffset: 8, as: __m256i.self))
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d.d * y.load(as: Float.self)), _mm256_cvtepi32_ps(p), acc)
     }
+}
 
-    /// Q4_K and Q5_K against 256-value activation blocks: per 32-value sub-block an integer sum
-    /// times its 6-bit scale; the mins times the activations' 16-value sums.
+enum Q4_0Block: Int8Block {
+    static let weightBytes = 18
+    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> Block32 {
+        Block32(q: _mm256_sub_epi8(Int8Kernels.nibbles(w + 2), _mm256_set1_epi8(8)), d: Int8Kernels.f16(w, 0), m: 0)
+    }
+    @inline(__always) static func accumulate(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
+        Q8_0Block.accumulate(d, y, &acc, &s)
+    }
+}
+
+enum Q5_0Block: Int8Block {
+    static let weightBytes = 22
+    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> Block32 {
+        let q = _mm256_or_si256(Int8Kernels.nibbles(w + 6), Int8Kernels.fifthBits(w + 2))
+        return Block32(q: _mm256_sub_epi8(q, _mm256_set1_epi8(16)), d: Int8Kernels.f16(w, 0), m: 0)
+    }
+    @inline(__always) static func accumulate(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
+        Q8_0Block.accumulate(d, y, &acc, &s)
+    }
+}
+
+enum Q4_1Block: Int8Block {
+    static let weightBytes = 20
+    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> Block32 {
+        Block32(q: Int8Kernels.nibbles(w + 4), d: Int8Kernels.f16(w, 0), m: Int8Kernels.f16(w, 2))
+    }
+    /// Unsigned values: d * dy * sum(q y) + m * (dy * sum(y)).
+    @inline(__always) static func accumulate(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
+        let p = Int8Kernels.dotUnsigned(d.q, y.loadUnaligned(fromByteOffset: 8, as: __m256i.self), Int8Kernels.ones16)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d.d * y.load(as: Float.self)), _mm256_cvtepi32_ps(p), acc)
+        s += d.m * y.load(fromByteOffset: 4, as: Float.self)
+    }
+}
+
+enum Q5_1Block: Int8Block {
+    static let weightBytes = 24
+    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> Block32 {
+        Block32(q: _mm256_or_si256(Int8Kernels.nibbles(w + 8), Int8Kernels.fifthBits(w + 4)), d: Int8Kernels.f16(w, 0), m: Int8Kernels.f16(w, 2))
+    }
+    @inline(__always) static func accumulate(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
+        Q4_1Block.accumulate(d, y, &acc, &s)
+    }
+}
+
+/// Q4_K / Q5_K unpacked: eight sub-blocks of 32 values as bytes, their 6-bit scales
+/// broadcast as int16 vectors (for madd) and their mins as one int16 vector.
+struct BlockK {
+    var q: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i)
+    var scales: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i)
+    var mins: __m128i
+    var d: Float
+    var dmin: Float
+}
+
+enum KQuantBlocks {
     @inline(__always)
-    static func kQuant(_ row: UnsafeRawPointer, _ a: UnsafeRawPointer, _ blocks: Int, five: Bool) -> Float {
-        var acc = _mm256_setzero_ps()
-        var mins: Float = 0
-        let bytes = five ? 176 : 144, qs = five ? 48 : 16
-        let one = _mm256_set1_epi8(1)
-        for b in 0..<blocks {
-            let w = row + bytes &* b, y = a + kBlockBytes &* b
-            let dy = y.load(as: Float.self)
-            var summ: Int32 = 0
-            var sumi = _mm256_setzero_si256()
-            var hb = five ? w.loadUnaligned(fromByteOffset: 16, as: __m256i.self) : _mm256_setzero_si256()
-            for c in 0..<4 {
-                let (sc0, m0) = KQuant.scaleMin(w + 4, 2 &* c)
-                let (sc1, m1) = KQuant.scaleMin(w + 4, 2 &* c &+ 1)
-                summ &+= Int32(m0) &* (Int32(y.load(fromByteOffset: 4 &+ 8 &* c, as: Int16.self)) &+ Int32(y.load(fromByteOffset: 6 &+ 8 &* c, as: Int16.self)))
-                summ &+= Int32(m1) &* (Int32(y.load(fromByteOffset: 8 &+ 8 &* c, as: Int16.self)) &+ Int32(y.load(fromByteOffset: 10 &+ 8 &* c, as: Int16.self)))
-                let q = w.loadUnaligned(fromByteOffset: qs &+ 32 &* c, as: __m256i.self)
-                var lo = _mm256_and_si256(q, lowNibbles), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), lowNibbles)
-                if five {
-                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hb, one), 4))
-                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 1), one), 4))
-                    hb = _mm256_srli_epi16(hb, 2)
-                }
-                let p0 = dotUnsigned(lo, y.loadUnaligned(fromByteOffset: 36 &+ 64 &* c, as: __m256i.self), _mm256_set1_epi16(Int16(sc0)))
-                let p1 = dotUnsigned(hi, y.loadUnaligned(fromByteOffset: 68 &+ 64 &* c, as: __m256i.self), _mm256_set1_epi16(Int16(sc1)))
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1))
+    static func decode(_ w: UnsafeRawPointer, five: Bool) -> BlockK {
+        let qs = five ? 48 : 16
+        let low = Int8Kernels.lowNibbles, one = _mm256_set1_epi8(1)
+        var hb = five ? w.loadUnaligned(fromByteOffset: 16, as: __m256i.self) : _mm256_setzero_si256()
+        @inline(__always) func pair(_ c: Int) -> (__m256i, __m256i) {
+            let q = w.loadUnaligned(fromByteOffset: qs &+ 32 &* c, as: __m256i.self)
+            var lo = _mm256_and_si256(q, low), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low)
+            if five {
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hb, one), 4))
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 1), one), 4))
+                hb = _mm256_srli_epi16(hb, 2)
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(w, 0) * dy), _mm256_cvtepi32_ps(sumi), acc)
-            mins -= f16(w, 2) * dy * Float(summ)
+            return (lo, hi)
         }
-        return hsum(acc) + mins
-    }
-
-    @inline(never) static func q4_K(_ row: UnsafeRawPointer, _ a: UnsafeRawPointer, _ blocks: Int) -> Float {
-        kQuant(row, a, blocks, five: false)
-    }
-
-    @inline(never) static func q5_K(_ row: UnsafeRawPointer, _ a: UnsafeRawPointer, _ blocks: Int) -> Float {
-        kQuant(row, a, blocks, five: true)
-    }
-
-    /// Q6_K: 6-bit values offset by 32 with int8 scales per 16; the offset comes off through
-    /// the activations' 16-value sums.
-    @inline(never) static func q6_K(_ row: UnsafeRawPointer, _ a: UnsafeRawPointer, _ blocks: Int) -> Float {
-        var acc = _mm256_setzero_ps()
-        var offsets: Float = 0
-        let m3 = _mm256_set1_epi8(3)
-        for b in 0..<blocks {
-            let w = row + 210 &* b, y = a + kBlockBytes &* b
-            var offset: Int32 = 0
-            for j in 0..<16 {
-                offset &+= Int32(w.load(fromByteOffset: 192 &+ j, as: Int8.self)) &* Int32(y.load(fromByteOffset: 4 &+ 2 &* j, as: Int16.self))
-            }
-            var sumi = _mm256_setzero_si256()
-            for half in 0..<2 {
-                let qlA = w.loadUnaligned(fromByteOffset: 64 &* half, as: __m256i.self)
-                let qlB = w.loadUnaligned(fromByteOffset: 64 &* half &+ 32, as: __m256i.self)
-                let qh = w.loadUnaligned(fromByteOffset: 128 &+ 32 &* half, as: __m256i.self)
-                let q0 = _mm256_or_si256(_mm256_and_si256(qlA, lowNibbles), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4))
-                let q1 = _mm256_or_si256(_mm256_and_si256(qlB, lowNibbles), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4))
-                let q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlA, 4), lowNibbles), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4))
-                let q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlB, 4), lowNibbles), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4))
-                @inline(__always) func part(_ q: __m256i, _ i: Int) -> __m256i {
-                    let s0 = Int16(w.load(fromByteOffset: 192 &+ 8 &* half &+ 2 &* i, as: Int8.self))
-                    let s1 = Int16(w.load(fromByteOffset: 193 &+ 8 &* half &+ 2 &* i, as: Int8.self))
-                    let yq = y.loadUnaligned(fromByteOffset: 36 &+ 128 &* half &+ 32 &* i, as: __m256i.self)
-                    return dotUnsigned(q, yq, _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0)))
-                }
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_add_epi32(part(q0, 0), part(q1, 1)), _mm256_add_epi32(part(q2, 2), part(q3, 3))))
-            }
-            let d = f16(w, 208) * y.load(as: Float.self)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc)
-            offsets -= d * 32 * Float(offset)
+        let (q0, q1) = pair(0), (q2, q3) = pair(1), (q4, q5) = pair(2), (q6, q7) = pair(3)
+        @inline(__always) func sm(_ j: Int) -> (__m256i, Int16) {
+            let (s, m) = KQuant.scaleMin(w + 4, j)
+            return (_mm256_set1_epi16(Int16(s)), Int16(m))
         }
-        return hsum(acc) + offsets
+        let (s0, m0) = sm(0), (s1, m1) = sm(1), (s2, m2) = sm(2), (s3, m3) = sm(3)
+        let (s4, m4) = sm(4), (s5, m5) = sm(5), (s6, m6) = sm(6), (s7, m7) = sm(7)
+        return BlockK(q: (q0, q1, q2, q3, q4, q5, q6, q7), scales: (s0, s1, s2, s3, s4, s5, s6, s7),
+                      mins: _mm_setr_epi16(m0, m1, m2, m3, m4, m5, m6, m7), d: Int8Kernels.f16(w, 0), dmin: Int8Kernels.f16(w, 2))
+    }
+
+    @inline(__always)
+    static func accumulate(_ d: BlockK, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
+        @inline(__always) func p(_ q: __m256i, _ j: Int, _ sc: __m256i) -> __m256i {
+            Int8Kernels.dotUnsigned(q, y.loadUnaligned(fromByteOffset: 36 &+ 32 &* j, as: __m256i.self), sc)
+        }
+        let sumi = _mm256_add_epi32(
+            _mm256_add_epi32(_mm256_add_epi32(p(d.q.0, 0, d.scales.0), p(d.q.1, 1, d.scales.1)),
+                             _mm256_add_epi32(p(d.q.2, 2, d.scales.2), p(d.q.3, 3, d.scales.3))),
+            _mm256_add_epi32(_mm256_add_epi32(p(d.q.4, 4, d.scales.4), p(d.q.5, 5, d.scales.5)),
+                             _mm256_add_epi32(p(d.q.6, 6, d.scales.6), p(d.q.7, 7, d.scales.7))))
+        // Sums of 32 activations (pairs of the stored 16-value sums) times the mins, in the
+        // low four lanes.
+        let pairs = _mm_hadd_epi16(y.loadUnaligned(fromByteOffset: 4, as: __m128i.self), y.loadUnaligned(fromByteOffset: 20, as: __m128i.self))
+        let summ = _mm256_zextsi128_si256(_mm_madd_epi16(d.mins, pairs))
+        let dy = y.load(as: Float.self)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d.d * dy), _mm256_cvtepi32_ps(sumi), acc)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(-d.dmin * dy), _mm256_cvtepi32_ps(summ), acc)
+    }
+}
+
+enum Q4_KBlock: Int8Block {
+    static let values = 256
+    static let weightBytes = 144
+    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> BlockK { KQuantBlocks.decode(w, five: false) }
+    @inline(__always) static func accumulate(_ d: BlockK, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
+        KQuantBlocks.accumulate(d, y, &acc, &s)
+    }
+}
+
+enum Q5_KBlock: Int8Block {
+    static let values = 256
+    static let weightBytes = 176
+    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> BlockK { KQuantBlocks.decode(w, five: true) }
+    @inline(__always) static func accumulate(_ d: BlockK, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
+        KQuantBlocks.accumulate(d, y, &acc, &s)
+    }
+}
+
+/// Q6_K unpacked: eight groups of 32 values (0...63) and, per group, its two int8 scales as
+/// an int16 vector (low half, high half).
+struct Block6 {
+    var q: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i)
+    var scales: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i)
+    /// The 16 scales as int16.
+    var allScales: __m256i
+    var d: Float
+}
+
+enum Q6_KBlock: Int8Block {
+    static let values = 256
+    static let weightBytes = 210
+
+    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> Block6 {
+        let low = Int8Kernels.lowNibbles, m3 = _mm256_set1_epi8(3)
+        @inline(__always) func half(_ h: Int) -> (__m256i, __m256i, __m256i, __m256i) {
+            let qlA = w.loadUnaligned(fromByteOffset: 64 &* h, as: __m256i.self)
+            let qlB = w.loadUnaligned(fromByteOffset: 64 &* h &+ 32, as: __m256i.self)
+            let qh = w.loadUnaligned(fromByteOffset: 128 &+ 32 &* h, as: __m256i.self)
+            return (_mm256_or_si256(_mm256_and_si256(qlA, low), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4)),
+                    _mm256_or_si256(_mm256_and_si256(qlB, low), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlA, 4), low), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlB, 4), low), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4)))
+        }
+        @inline(__always) func sc(_ g: Int) -> __m256i {
+            let s0 = Int16(w.load(fromByteOffset: 192 &+ 2 &* g, as: Int8.self)), s1 = Int16(w.load(fromByteOffset: 193 &+ 2 &* g, as: Int8.self))
+            return _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0))
+        }
+        let (a0, a1, a2, a3) = half(0), (b0, b1, b2, b3) = half(1)
+        return Block6(q: (a0, a1, a2, a3, b0, b1, b2, b3), scales: (sc(0), sc(1), sc(2), sc(3), sc(4), sc(5), sc(6), sc(7)),
+                      allScales: _mm256_cvtepi8_epi16(w.loadUnaligned(fromByteOffset: 192, as: __m128i.self)), d: Int8Kernels.f16(w, 208))
+    }
+
+    /// sum over groups of scale * sum((q - 32) y): the offset comes off through the
+    /// activations' 16-value sums.
+    @inline(__always) static func accumulate(_ d: Block6, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
+        @inline(__always) func p(_ q: __m256i, _ g: Int, _ sc: __m256i) -> __m256i {
+            Int8Kernels.dotUnsigned(q, y.loadUnaligned(fromByteOffset: 36 &+ 32 &* g, as: __m256i.self), sc)
+        }
+        let sumi = _mm256_add_epi32(
+            _mm256_add_epi32(_mm256_add_epi32(p(d.q.0, 0, d.scales.0), p(d.q.1, 1, d.scales.1)),
+                             _mm256_add_epi32(p(d.q.2, 2, d.scales.2), p(d.q.3, 3, d.scales.3))),
+            _mm256_add_epi32(_mm256_add_epi32(p(d.q.4, 4, d.scales.4), p(d.q.5, 5, d.scales.5)),
+                             _mm256_add_epi32(p(d.q.6, 6, d.scales.6), p(d.q.7, 7, d.scales.7))))
+        // The offset of 32: scales times the activations' 16-value sums.
+        let offset = _mm256_madd_epi16(d.allScales, y.loadUnaligned(fromByteOffset: 4, as: __m256i.self))
+        let dd = d.d * y.load(as: Float.self)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(sumi), acc)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(-32 * dd), _mm256_cvtepi32_ps(offset), acc)
     }
 }
 #endif
