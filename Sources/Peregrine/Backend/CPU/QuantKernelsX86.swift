@@ -119,8 +119,8 @@ enum Int8Kernels {
 
     @inline(__always) static func hsum(_ x: __m256) -> Float { unsafeBitCast(x, to: SIMD8<Float>.self).sum() }
 
-    /// y[t, o] = dot(W[o, :], activations of token t) for the rows `rows`, four tokens at a
-    /// time where there are four: each weight block is unpacked once for all four. The same
+    /// y[t, o] = dot(W[o, :], activations of token t) for the rows `rows`, eight or four tokens
+    /// at a time where there are that many: each weight block is unpacked once for all of them. The same
     /// per-token arithmetic either way, so results do not depend on the batch.
     @inline(__always)
     static func rows(_ type: DType, w: UnsafeRawPointer, rowBytes: Int, a: UnsafeRawPointer, stride: Int, k: Int,
@@ -151,19 +151,49 @@ enum Int8Kernels {
                                    _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
         let blocks = k / K.values
         var t = 0
+        while t &+ 8 <= tokens {
+            let a0 = a + t &* stride
+            for o in rows {
+                let row = w + o &* rowBytes
+                var c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0
+                var s0: Float = 0, s1: Float = 0, s2: Float = 0, s3: Float = 0, s4: Float = 0, s5: Float = 0, s6: Float = 0, s7: Float = 0
+                for b in 0..<blocks {
+                    let d = K.decode(row + b &* K.weightBytes)
+                    let p = a0 + b &* K.activationBytes
+                    K.accumulate(d, p, &c0, &s0)
+                    K.accumulate(d, p + stride, &c1, &s1)
+                    K.accumulate(d, p + 2 &* stride, &c2, &s2)
+                    K.accumulate(d, p + 3 &* stride, &c3, &s3)
+                    K.accumulate(d, p + 4 &* stride, &c4, &s4)
+                    K.accumulate(d, p + 5 &* stride, &c5, &s5)
+                    K.accumulate(d, p + 6 &* stride, &c6, &s6)
+                    K.accumulate(d, p + 7 &* stride, &c7, &s7)
+                }
+                let bo = bias?[o] ?? 0
+                y[t &* ldy &+ o] = hsum(c0) + s0 + bo
+                y[(t &+ 1) &* ldy &+ o] = hsum(c1) + s1 + bo
+                y[(t &+ 2) &* ldy &+ o] = hsum(c2) + s2 + bo
+                y[(t &+ 3) &* ldy &+ o] = hsum(c3) + s3 + bo
+                y[(t &+ 4) &* ldy &+ o] = hsum(c4) + s4 + bo
+                y[(t &+ 5) &* ldy &+ o] = hsum(c5) + s5 + bo
+                y[(t &+ 6) &* ldy &+ o] = hsum(c6) + s6 + bo
+                y[(t &+ 7) &* ldy &+ o] = hsum(c7) + s7 + bo
+            }
+            t &+= 8
+        }
         while t &+ 4 <= tokens {
-            let a0 = a + t &* stride, a1 = a0 + stride, a2 = a1 + stride, a3 = a2 + stride
+            let a0 = a + t &* stride
             for o in rows {
                 let row = w + o &* rowBytes
                 var c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0
                 var s0: Float = 0, s1: Float = 0, s2: Float = 0, s3: Float = 0
                 for b in 0..<blocks {
                     let d = K.decode(row + b &* K.weightBytes)
-                    let off = b &* K.activationBytes
-                    K.accumulate(d, a0 + off, &c0, &s0)
-                    K.accumulate(d, a1 + off, &c1, &s1)
-                    K.accumulate(d, a2 + off, &c2, &s2)
-                    K.accumulate(d, a3 + off, &c3, &s3)
+                    let p = a0 + b &* K.activationBytes
+                    K.accumulate(d, p, &c0, &s0)
+                    K.accumulate(d, p + stride, &c1, &s1)
+                    K.accumulate(d, p + 2 &* stride, &c2, &s2)
+                    K.accumulate(d, p + 3 &* stride, &c3, &s3)
                 }
                 let bo = bias?[o] ?? 0
                 y[t &* ldy &+ o] = hsum(c0) + s0 + bo
