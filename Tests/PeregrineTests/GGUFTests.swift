@@ -219,7 +219,8 @@ final class GGUFMetadataTests: XCTestCase {
         try check(base(blockCount: .str("one")), "block_count must be a positive integer")
         try check(base(arch: "gptneox"), "unsupported GGUF architecture gptneox; supported: llama, qwen2, qwen3")
         try check(base(vocab: 8, tokens: 9), "tensor 'token_embd.weight' has shape [8, 16], expected [9, 16]")
-        try check(base(tokenizer: "llama"), nil, tokenizerMessage: "unsupported GGUF tokenizer model 'llama'")
+        try check(base(tokenizer: "llama"), nil, tokenizerMessage: "tokenizer.ggml.scores has 0 values for 8 tokens")
+        try check(base(tokenizer: "bert"), nil, tokenizerMessage: "unsupported GGUF tokenizer model 'bert'")
         var missing = base()
         missing.1.removeAll { $0.0 == "blk.0.ffn_up.weight" }
         try check(missing, "missing tensor 'blk.0.ffn_up.weight'")
@@ -285,6 +286,27 @@ final class QuantizedModelTests: XCTestCase {
             p.append(tokens: [t], slot: 0, position: i, logits: .last)
             try one.withUnsafeMutableBufferPointer { try model.forward(p, kv: solo.memory, logits: $0) }
             XCTAssertEqual(Array(one), Array(logits[(i * ref.vocab)..<((i + 1) * ref.vocab)]), "row \(i)")
+        }
+    }
+}
+
+/// The SentencePiece ("llama") GGUF vocabulary against llama.cpp's tokenizer on the same file
+/// (Tests/Fixtures/gguf/spm_cases.json, made by scripts/make_spm_gguf_fixture.py).
+final class SentencePieceGGUFTests: XCTestCase {
+    func testMatchesLlamaCppTokenizer() throws {
+        let tokenizer = try Tokenizer(directory: Fixtures.root + "/gguf/spm-vocab.gguf")
+        let cases = try XCTUnwrap(Fixtures.json(Fixtures.root + "/gguf/spm_cases.json")["cases"]?.array)
+        XCTAssertEqual(cases.count, 23)
+        for c in cases {
+            let text = try XCTUnwrap(c["text"]?.string)
+            let ids = try XCTUnwrap(c["ids"]?.array).compactMap(\.int)
+            let plain = try XCTUnwrap(c["ids_no_special"]?.array).compactMap(\.int)
+            XCTAssertEqual(tokenizer.encode(text), ids, text.debugDescription)
+            XCTAssertEqual(tokenizer.encode(text, addSpecialTokens: false), plain, text.debugDescription)
+            // llama.cpp's detokenizer keeps the space the prefix added; both drop control tokens.
+            let decoded = try XCTUnwrap(c["decoded"]?.string)
+            XCTAssertEqual(tokenizer.decode(plain, skipSpecialTokens: true), decoded.hasPrefix(" ") ? String(decoded.dropFirst()) : decoded,
+                           text.debugDescription)
         }
     }
 }
