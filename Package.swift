@@ -19,6 +19,8 @@ let package = Package(
         .target(
             name: "Peregrine",
             dependencies: [.product(name: "Atomics", package: "swift-atomics")],
+            // The CUDA kernels travel inside the library and are compiled by NVRTC at run time.
+            resources: [.embedInCode("Backend/CUDA/Kernels.cu")],
             // Kernels unoptimised are ~50x slower; the test suite runs real models, so the
             // library is optimised in debug builds too.
             swiftSettings: cpuFlags + [.unsafeFlags(["-O"], .when(configuration: .debug))]

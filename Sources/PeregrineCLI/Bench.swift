@@ -33,6 +33,9 @@ struct Bench: ParsableCommand {
     @Flag(help: "Print JSON lines instead of a table.")
     var json = false
 
+    @Option(help: "Where the model runs: cpu or cuda.")
+    var device: Device = .cpu
+
     @Flag(help: "Measure the CPU kernels, memory bandwidth and peak FLOP rate.")
     var kernels = false
 
@@ -65,9 +68,8 @@ struct Bench: ParsableCommand {
             }
             for path in model {
                 for t in threadCounts {
-                    let backend = CPUBackend(pool: ThreadPool(threadCount: t))
                     let t0 = Date()
-                    let lm = try ModelRegistry.load(directory: path, backend: backend)
+                    let lm = try device.load(path, threads: t)
                     let load = Date().timeIntervalSince(t0)
                     let info = ModelInfo(directory: path, model: lm)
                     var samples: [Benchmark.Sample] = []
@@ -89,7 +91,7 @@ struct Bench: ParsableCommand {
                             let obj = JSONObject([
                                 ("model", .string(info.name)), ("size_bytes", .number(Double(info.bytes))),
                                 ("params", .number(Double(info.parameters))), ("type", .string(info.type)),
-                                ("backend", .string("cpu")), ("threads", .number(Double(t))), ("test", .string(s.test)),
+                                ("backend", .string(device.rawValue)), ("device", .string(lm.backendName)), ("threads", .number(Double(t))), ("test", .string(s.test)),
                                 ("tokens_per_second", .number(s.median)), ("stddev", .number(s.standardDeviation)),
                                 ("samples", .array(s.tokensPerSecond.map { .number($0) })),
                                 ("load_seconds", .number(load)), ("peak_rss_bytes", .number(Double(rss))),
@@ -97,8 +99,8 @@ struct Bench: ParsableCommand {
                             ])
                             print(JSONWriter.write(.object(obj)))
                         } else {
-                            print(String(format: "| %@ | %@ | %@ | %@ | cpu | %d | %@ | %.2f ± %.2f | %.3f | %@ |",
-                                         info.name, formatBytes(info.bytes), formatCount(info.parameters), info.type, t, s.test,
+                            print(String(format: "| %@ | %@ | %@ | %@ | %@ | %d | %@ | %.2f ± %.2f | %.3f | %@ |",
+                                         info.name, formatBytes(info.bytes), formatCount(info.parameters), info.type, lm.backendName, t, s.test,
                                          s.median, s.standardDeviation, load, formatBytes(rss)))
                         }
                         fflush(stdout)

@@ -24,6 +24,9 @@ struct ModelOptions: ParsableArguments {
     @Option(name: .shortAndLong, help: "Worker threads (default: all cores).")
     var threads: Int?
 
+    @Option(help: "Where the model runs: cpu, or cuda (an NVIDIA GPU, through the driver and NVRTC found at run time).")
+    var device: Device = .cpu
+
     func validate() throws {
         if let t = threads, t < 1 || t > 1024 { throw ValidationError("--threads must be between 1 and 1024") }
     }
@@ -31,6 +34,23 @@ struct ModelOptions: ParsableArguments {
     func backend() -> CPUBackend {
         if let t = threads { return CPUBackend(pool: ThreadPool(threadCount: t)) }
         return CPUBackend()
+    }
+
+    func load() throws -> LanguageModel {
+        try device.load(model, threads: threads)
+    }
+}
+
+enum Device: String, ExpressibleByArgument, CaseIterable {
+    case cpu, cuda
+
+    func load(_ path: String, threads: Int?) throws -> LanguageModel {
+        switch self {
+        case .cpu:
+            return try ModelRegistry.load(directory: path, backend: threads.map { CPUBackend(pool: ThreadPool(threadCount: $0)) } ?? CPUBackend())
+        case .cuda:
+            return try ModelRegistry.load(directory: path, backend: try CUDABackend())
+        }
     }
 }
 
@@ -102,7 +122,7 @@ struct Generate: ParsableCommand {
 
             let clock = ContinuousClock()
             let start = clock.now
-            let model = try ModelRegistry.load(directory: modelOptions.model, backend: modelOptions.backend())
+            let model = try modelOptions.load()
             let tokenizer = try Tokenizer(directory: modelOptions.model)
             options.speculative = try speculation.make(target: model, tokenizer: tokenizer)
             let loaded = clock.now - start

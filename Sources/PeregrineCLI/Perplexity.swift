@@ -39,7 +39,7 @@ struct Perplexity: ParsableCommand {
         try reportingErrors {
             guard let data = FileManager.default.contents(atPath: file) else { throw PeregrineError.io("\(file): cannot read the file") }
             guard let text = String(data: data, encoding: .utf8) else { throw PeregrineError.format("\(file): not UTF-8 text") }
-            let model = try ModelRegistry.load(directory: modelOptions.model, backend: modelOptions.backend())
+            let model = try modelOptions.load()
             let tokenizer = try Tokenizer(directory: modelOptions.model)
             let tokens = tokenizer.encode(text)
             let evaluator = try PerplexityEvaluator(model: model, context: ctx, batch: batch)

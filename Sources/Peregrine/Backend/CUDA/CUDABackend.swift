@@ -1,0 +1,291 @@
+import Foundation
+
+/// f32 activations in device memory.
+public final class CUDABuffer: @unchecked Sendable {
+    public let pointer: CUDADriver.DevicePointer
+    public let count: Int
+    private let driver: CUDADriver
+
+    init(driver: CUDADriver, count: Int) throws {
+        var p: CUDADriver.DevicePointer = 0
+        try driver.check(driver.cuMemAlloc(&p, max(count, 1) * 4), "cuMemAlloc")
+        pointer = p
+        self.count = count
+        self.driver = driver
+    }
+
+    deinit { _ = driver.cuMemFree(pointer) }
+}
+
+/// A weight in device memory, in its stored type (vectors widened to f32).
+public struct CUDAWeight: @unchecked Sendable {
+    public let dtype: DType
+    public let rows: Int
+    public let cols: Int
+    let storage: CUDABuffer
+    var pointer: CUDADriver.DevicePointer { storage.pointer }
+}
+
+/// Runs the model on an NVIDIA GPU: kernels from Kernels.cu compiled by NVRTC for the device,
+/// cuBLAS for products over many tokens, one stream. Errors from launches are kept and thrown
+/// by `synchronize`, which every forward pass ends with.
+public final class CUDABackend: ComputeBackend {
+    public typealias Buffer = CUDABuffer
+    public typealias Weight = CUDAWeight
+
+    let driver: CUDADriver
+    let stream: OpaquePointer?
+    let cublas: OpaquePointer?
+    private var functions: [String: OpaquePointer?] = [:]
+    private var firstError: PeregrineError?
+    private let args = UnsafeMutableRawPointer.allocate(byteCount: 16 * 8, alignment: 8)
+    private let params = UnsafeMutablePointer<UnsafeMutableRawPointer?>.allocate(capacity: 16)
+
+    // Device copies of the batch's token ids, slots, positions and gathered rows (grown, reused).
+    private var tokenInts: CUDABuffer
+    private var planInts: CUDABuffer
+    private var rowInts: CUDABuffer
+    private var hostInts: [Int32] = []
+    private var planKey: (slots: [Int32], positions: [Int32]) = ([], [])
+    private var scratch: CUDABuffer
+    private var halfScratch: CUDABuffer
+
+    public var name: String { "cuda (\(driver.deviceName))" }
+
+    public init() throws {
+        let driver = try CUDADriver.shared.get()
+        try driver.makeCurrent()
+        self.driver = driver
+        var s: OpaquePointer?
+        try driver.check(driver.cuStreamCreate(&s, 1), "cuStreamCreate")
+        stream = s
+        var handle: OpaquePointer?
+        guard driver.cublasCreate(&handle) == 0 else { throw PeregrineError.backend("cublasCreate failed") }
+        _ = driver.cublasSetStream(handle, s)
+        cublas = handle
+        let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
+        let module = try driver.compile(source, name: "peregrine-kernels")
+        for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split",
+                     "attention_merge", "silu_mul", "add_inplace", "gather_rows"] {
+            var f: OpaquePointer?
+            try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
+            functions[name] = f
+        }
+        tokenInts = try CUDABuffer(driver: driver, count: 1024)
+        planInts = try CUDABuffer(driver: driver, count: 1024)
+        rowInts = try CUDABuffer(driver: driver, count: 1024)
+        scratch = try CUDABuffer(driver: driver, count: 1024)
+        halfScratch = try CUDABuffer(driver: driver, count: 1024)
+        for i in 0..<16 { params[i] = args + 8 * i }
+    }
+
+    deinit {
+        args.deallocate()
+        params.deallocate()
+    }
+
+    // MARK: launching
+
+    struct Arguments {
+        let base: UnsafeMutableRawPointer
+        var count = 0
+        mutating func ptr(_ p: CUDADriver.DevicePointer) { base.storeBytes(of: p, toByteOffset: 8 * count, as: UInt64.self); count += 1 }
+        mutating func ptr(_ b: CUDABuffer) { ptr(b.pointer) }
+        mutating func i32(_ v: Int) { base.storeBytes(of: Int32(v), toByteOffset: 8 * count, as: Int32.self); count += 1 }
+        mutating func i64(_ v: Int) { base.storeBytes(of: Int64(v), toByteOffset: 8 * count, as: Int64.self); count += 1 }
+        mutating func f32(_ v: Float) { base.storeBytes(of: v, toByteOffset: 8 * count, as: Float.self); count += 1 }
+    }
+
+    private func record(_ status: CUDADriver.Result, _ call: String) {
+        if status != 0, firstError == nil {
+            firstError = .backend("\(call) failed: \(CUDADriver.name(of: status, driver.cuGetErrorName))")
+        }
+    }
+
+    private func launch(_ name: String, grid: (Int, Int, Int), block: Int, _ fill: (inout Arguments) -> Void) {
+        var a = Arguments(base: args)
+        fill(&a)
+        let f = functions[name] ?? nil
+        record(driver.cuLaunchKernel(f, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2), UInt32(block), 1, 1, 0, stream, params, nil),
+               "cuLaunchKernel(\(name))")
+    }
+
+    private func blocks(_ n: Int, _ size: Int = 256) -> (Int, Int, Int) { (max(1, (n + size - 1) / size), 1, 1) }
+
+    /// Copies host ints into a device staging buffer (grown when needed). Copies from pageable
+    /// memory are ordered in the stream, and the host array may be reused once the call returns.
+    private func upload(_ values: UnsafeBufferPointer<Int32>, into buffer: inout CUDABuffer) -> CUDADriver.DevicePointer {
+        guard ensure(&buffer, values.count) else { return buffer.pointer }
+        if values.count > 0 { record(driver.cuMemcpyHtoDAsync(buffer.pointer, values.baseAddress!, values.count * 4, stream), "cuMemcpyHtoDAsync") }
+        return buffer.pointer
+    }
+
+    /// The plan's slots and positions on the device, uploaded once per batch and reused by every layer.
+    private func planPointers(_ plan: BatchPlan, rows: Int) -> (slots: CUDADriver.DevicePointer, positions: CUDADriver.DevicePointer) {
+        let slots = plan.slots[0..<rows], positions = plan.positions[0..<rows]
+        if !(slots.elementsEqual(planKey.slots) && positions.elementsEqual(planKey.positions)) {
+            hostInts.removeAll(keepingCapacity: true)
+            hostInts.append(contentsOf: slots)
+            hostInts.append(contentsOf: positions)
+            _ = hostInts.withUnsafeBufferPointer { upload($0, into: &planInts) }
+            planKey = (Array(slots), Array(positions))
+        }
+        return (planInts.pointer, planInts.pointer + UInt64(rows * 4))
+    }
+
+    private func ensure(_ buffer: inout CUDABuffer, _ count: Int) -> Bool {
+        guard buffer.count < count else { return true }
+        _ = driver.cuStreamSynchronize(stream)
+        guard let b = try? CUDABuffer(driver: driver, count: count) else {
+            if firstError == nil { firstError = .backend("out of GPU memory for \(count) scratch values") }
+            return false
+        }
+        buffer = b
+        return true
+    }
+
+    // MARK: ComputeBackend
+
+    public func weight(_ t: TensorView) throws -> CUDAWeight {
+        let rows = t.shape.count >= 2 ? t.shape[0] : 1
+        let cols = t.shape.count >= 2 ? t.shape.dropFirst().reduce(1, *) : t.elementCount
+        if t.shape.count == 1 || t.dtype == .f32 {
+            let values = t.toFloat()
+            let b = try CUDABuffer(driver: driver, count: values.count)
+            try values.withUnsafeBytes { try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, $0.baseAddress!, $0.count, stream), "cuMemcpyHtoDAsync") }
+            try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+            return CUDAWeight(dtype: .f32, rows: rows, cols: cols, storage: b)
+        }
+        guard t.dtype == .f16 || t.dtype == .bf16 else {
+            throw PeregrineError.unsupported("the CUDA backend runs F32, F16 and BF16 weights; tensor '\(t.name)' is \(t.dtype.rawValue)")
+        }
+        let b = try CUDABuffer(driver: driver, count: (t.byteCount + 3) / 4)
+        try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, t.data, t.byteCount, stream), "cuMemcpyHtoDAsync")
+        try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        return CUDAWeight(dtype: t.dtype, rows: rows, cols: cols, storage: b)
+    }
+
+    private func code(_ d: DType) -> Int { d == .bf16 ? 2 : d == .f16 ? 1 : 0 }
+
+    public func buffer(_ count: Int) throws -> CUDABuffer {
+        let b = try CUDABuffer(driver: driver, count: count)
+        try driver.check(driver.cuMemsetD8Async(b.pointer, 0, max(count, 1) * 4, stream), "cuMemsetD8Async")
+        return b
+    }
+
+    public func write(_ values: UnsafeBufferPointer<Float>, to buffer: CUDABuffer, offset: Int) {
+        guard values.count > 0 else { return }
+        record(driver.cuMemcpyHtoDAsync(buffer.pointer + UInt64(offset * 4), values.baseAddress!, values.count * 4, stream), "cuMemcpyHtoDAsync")
+    }
+
+    public func read(_ buffer: CUDABuffer, offset: Int, into values: UnsafeMutableBufferPointer<Float>) {
+        guard values.count > 0 else { return }
+        record(driver.cuMemcpyDtoHAsync(values.baseAddress!, buffer.pointer + UInt64(offset * 4), values.count * 4, stream), "cuMemcpyDtoHAsync")
+        record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+    }
+
+    public func embed(tokens: UnsafeBufferPointer<Int32>, table: CUDAWeight, out: CUDABuffer) {
+        let ids = upload(tokens, into: &tokenInts)
+        launch("embed_rows", grid: (tokens.count, 1, 1), block: 256) { a in
+            a.ptr(table.pointer); a.i32(code(table.dtype)); a.ptr(ids); a.ptr(out); a.i32(table.cols)
+        }
+    }
+
+    public func rmsNorm(_ x: CUDABuffer, weight: CUDAWeight, eps: Float, rows: Int, dim: Int, out: CUDABuffer) {
+        launch("rms_norm", grid: (rows, 1, 1), block: min(1024, max(32, (dim + 31) / 32 * 32))) { a in
+            a.ptr(x); a.ptr(weight.pointer); a.ptr(out); a.i32(dim); a.f32(eps)
+        }
+    }
+
+    public func matmul(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer) {
+        let outDim = weight.rows, k = weight.cols
+        if rows <= 8 || weight.dtype == .f32 && rows <= 64 {
+            launch("matmul_rows", grid: blocks(outDim * 32), block: 256) { a in
+                a.ptr(weight.pointer); a.i32(code(weight.dtype)); a.ptr(x); a.ptr(out); a.ptr(bias?.pointer ?? 0)
+                a.i32(outDim); a.i32(k); a.i32(rows)
+            }
+            return
+        }
+        // Y^T (outDim x rows, column-major) = W^T(k x outDim)^T X^T(k x rows), f32 accumulation.
+        var alpha: Float = 1, beta: Float = 0
+        var bPointer = x.pointer, abType: Int32 = 0
+        if weight.dtype != .f32 {
+            guard ensure(&halfScratch, (rows * k + 1) / 2) else { return }
+            launch("to_half", grid: blocks(rows * k), block: 256) { a in
+                a.ptr(x); a.ptr(halfScratch); a.i32(code(weight.dtype)); a.i64(rows * k)
+            }
+            bPointer = halfScratch.pointer
+            abType = weight.dtype == .bf16 ? 14 : 2
+        }
+        let status = driver.cublasGemmEx(cublas, 1, 0, Int32(outDim), Int32(rows), Int32(k), &alpha,
+                                         UnsafeRawPointer(bitPattern: UInt(weight.pointer)), abType, Int32(k),
+                                         UnsafeRawPointer(bitPattern: UInt(bPointer)), abType, Int32(k), &beta,
+                                         UnsafeMutableRawPointer(bitPattern: UInt(out.pointer)), 0, Int32(outDim), 68, -1)
+        if status != 0, firstError == nil { firstError = .backend("cublasGemmEx failed (\(status))") }
+        if let bias {
+            launch("add_bias", grid: blocks(rows * outDim), block: 256) { a in
+                a.ptr(out); a.ptr(bias.pointer); a.i32(outDim); a.i64(rows * outDim)
+            }
+        }
+    }
+
+    public func rope(_ x: CUDABuffer, rows: Int, heads: Int, headDim: Int, cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool) {
+        launch("rope", grid: blocks(rows * heads * headDim / 2), block: 256) { a in
+            a.ptr(x); a.ptr(cos); a.ptr(sin); a.i32(rows); a.i32(heads); a.i32(headDim); a.i32(interleaved ? 1 : 0)
+        }
+    }
+
+    public func storeKV(layer: Int, k: CUDABuffer, v: CUDABuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CUDABackend>) {
+        let (slots, positions) = planPointers(plan, rows: rows)
+        launch("store_kv", grid: (rows, 1, 1), block: 128) { a in
+            a.ptr(k); a.ptr(v); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(slots); a.ptr(positions)
+            a.i32(cache.rowSize); a.i64(cache.slotSize)
+        }
+    }
+
+    public func attention(layer: Int, q: CUDABuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CUDABackend>,
+                          heads: Int, window: Int?, out: CUDABuffer) {
+        let (slots, positions) = planPointers(plan, rows: rows)
+        var longest = 0
+        for t in 0..<rows { longest = max(longest, Int(plan.positions[t]) + 1) }
+        if let window { longest = min(longest, window) }
+        let splits = max(1, (longest + 255) / 256), hd = cache.headDim
+        guard ensure(&scratch, rows * heads * splits * (hd + 2)) else { return }
+        let stats = scratch.pointer + UInt64(rows * heads * splits * hd * 4)
+        launch("attention_split", grid: (rows, heads, splits), block: 128) { a in
+            a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)
+            a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.i64(cache.slotSize); a.f32(1 / Float(hd).squareRoot()); a.i32(window ?? 0)
+            a.i32(splits)
+        }
+        launch("attention_merge", grid: (rows, heads, 1), block: min(1024, max(32, hd))) { a in
+            a.ptr(scratch); a.ptr(stats); a.ptr(out); a.i32(heads); a.i32(hd); a.i32(splits)
+        }
+    }
+
+    public func siluMul(gate: CUDABuffer, up: CUDABuffer, count: Int, out: CUDABuffer) {
+        launch("silu_mul", grid: blocks(count), block: 256) { a in a.ptr(gate); a.ptr(up); a.ptr(out); a.i64(count) }
+    }
+
+    public func add(_ x: CUDABuffer, _ y: CUDABuffer, count: Int) {
+        launch("add_inplace", grid: blocks(count), block: 256) { a in a.ptr(x); a.ptr(y); a.i64(count) }
+    }
+
+    public func gatherRows(_ x: CUDABuffer, rows: UnsafeBufferPointer<Int32>, dim: Int, out: CUDABuffer) {
+        let r = upload(rows, into: &rowInts)
+        launch("gather_rows", grid: (rows.count, 1, 1), block: 256) { a in a.ptr(x); a.ptr(r); a.ptr(out); a.i32(dim) }
+    }
+
+    public func copy(_ src: CUDABuffer, offset srcOffset: Int, to dst: CUDABuffer, offset dstOffset: Int, count: Int) {
+        guard count > 0 else { return }
+        record(driver.cuMemcpyDtoDAsync(dst.pointer + UInt64(dstOffset * 4), src.pointer + UInt64(srcOffset * 4), count * 4, stream),
+               "cuMemcpyDtoDAsync")
+    }
+
+    public func synchronize() throws {
+        record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        if let e = firstError {
+            firstError = nil
+            throw e
+        }
+    }
+}

@@ -1,0 +1,225 @@
+// Peregrine's CUDA kernels, compiled at run time by NVRTC for the device's architecture.
+// Activations are f32, row-major, one row per token; weights keep their stored type
+// (0: f32, 1: f16, 2: bf16). The KV cache is f32, [slot, position, kvHeads, headDim].
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float load_weight(const void* w, int dtype, long i) {
+    if (dtype == 2) return __bfloat162float(((const __nv_bfloat16*)w)[i]);
+    if (dtype == 1) return __half2float(((const __half*)w)[i]);
+    return ((const float*)w)[i];
+}
+
+// Eight consecutive weights as f32 (i a multiple of 8; 16-byte loads for the 16-bit types).
+__device__ __forceinline__ void load8(const void* w, int dtype, long i, float* out) {
+    if (dtype == 2) {
+        uint4 u = *(const uint4*)((const __nv_bfloat16*)w + i);
+        const __nv_bfloat162* p = (const __nv_bfloat162*)&u;
+        for (int j = 0; j < 4; j++) { float2 f = __bfloat1622float2(p[j]); out[2 * j] = f.x; out[2 * j + 1] = f.y; }
+    } else if (dtype == 1) {
+        uint4 u = *(const uint4*)((const __half*)w + i);
+        const __half2* p = (const __half2*)&u;
+        for (int j = 0; j < 4; j++) { float2 f = __half22float2(p[j]); out[2 * j] = f.x; out[2 * j + 1] = f.y; }
+    } else {
+        float4 a = *(const float4*)((const float*)w + i), b = *(const float4*)((const float*)w + i + 4);
+        out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w; out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+    }
+}
+
+extern "C" __global__ void embed_rows(const void* table, int dtype, const int* tokens, float* out, int dim) {
+    int t = blockIdx.x;
+    long base = (long)tokens[t] * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) out[(long)t * dim + i] = load_weight(table, dtype, base + i);
+}
+
+// One block per row: out = x / rms(x) * w.
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim, float eps) {
+    const float* xr = x + (long)blockIdx.x * dim;
+    float* o = out + (long)blockIdx.x * dim;
+    __shared__ float partial[32];
+    float s = 0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += xr[i] * xr[i];
+    s = warp_sum(s);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) partial[0] = rsqrtf(v / dim + eps);
+    }
+    __syncthreads();
+    float scale = partial[0];
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * scale * w[i];
+}
+
+// y[t, o] = dot(W[o, :], x[t, :]) (+ bias[o]) for up to TOKENS tokens: one warp per output row,
+// each lane reading 16 bytes of the row at a time, so a decode step streams the weights once.
+#define TOKENS 8
+extern "C" __global__ void matmul_rows(const void* w, int dtype, const float* x, float* y, const float* bias,
+                                       int outDim, int k, int tokens) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (warp >= outDim) return;
+    long row = (long)warp * k;
+    for (int t0 = 0; t0 < tokens; t0 += TOKENS) {
+        int nt = min(TOKENS, tokens - t0);
+        float acc[TOKENS];
+        for (int t = 0; t < TOKENS; t++) acc[t] = 0;
+        if ((k & 7) == 0) {
+            for (int i = lane * 8; i < k; i += 256) {
+                float wv[8];
+                load8(w, dtype, row + i, wv);
+                for (int t = 0; t < nt; t++) {
+                    const float4* xp = (const float4*)(x + (long)(t0 + t) * k + i);
+                    float4 a = xp[0], b = xp[1];
+                    acc[t] += wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w + wv[4] * b.x + wv[5] * b.y + wv[6] * b.z + wv[7] * b.w;
+                }
+            }
+        } else {
+            for (int i = lane; i < k; i += 32) {
+                float wv = load_weight(w, dtype, row + i);
+                for (int t = 0; t < nt; t++) acc[t] += wv * x[(long)(t0 + t) * k + i];
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            float s = warp_sum(acc[t]);
+            if (lane == 0) y[(long)(t0 + t) * outDim + warp] = s + (bias ? bias[warp] : 0.f);
+        }
+    }
+}
+
+// Activations to the weights' 16-bit type, for cuBLAS products.
+extern "C" __global__ void to_half(const float* x, void* out, int dtype, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    if (dtype == 2) ((__nv_bfloat16*)out)[i] = __float2bfloat16(x[i]);
+    else ((__half*)out)[i] = __float2half(x[i]);
+}
+
+extern "C" __global__ void add_bias(float* y, const float* bias, int outDim, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += bias[i % outDim];
+}
+
+// One thread per rotated pair. Pair i is (i, i + d/2), or (2i, 2i + 1) when interleaved.
+extern "C" __global__ void rope(float* x, const float* cosT, const float* sinT, int rows, int heads, int headDim, int interleaved) {
+    int half = headDim / 2;
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)rows * heads * half) return;
+    int i = idx % half;
+    long rh = idx / half;
+    int r = rh / heads;
+    float* p = x + rh * headDim;
+    int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    float c = cosT[(long)r * half + i], s = sinT[(long)r * half + i];
+    float u = p[a], v = p[b];
+    p[a] = u * c - v * s;
+    p[b] = v * c + u * s;
+}
+
+extern "C" __global__ void store_kv(const float* k, const float* v, float* kc, float* vc, const int* slots, const int* positions,
+                                    int rowSize, long slotSize) {
+    int t = blockIdx.x;
+    long at = (long)slots[t] * slotSize + (long)positions[t] * rowSize;
+    for (int i = threadIdx.x; i < rowSize; i += blockDim.x) {
+        kc[at + i] = k[(long)t * rowSize + i];
+        vc[at + i] = v[(long)t * rowSize + i];
+    }
+}
+
+// Causal attention of one query head over its sequence, split across the sequence: block
+// (token, head, split) handles positions [split * chunk, ...), keeping the maximum, the sum of
+// exponentials and the weighted values; attention_merge combines the splits (flash-decoding).
+// One warp per key in turn; scores live in shared memory per chunk.
+#define CHUNK 256
+extern "C" __global__ void attention_split(const float* q, const float* kc, const float* vc, float* partial, float* stats,
+                                           const int* slots, const int* positions, int heads, int kvHeads, int headDim,
+                                           long slotSize, float scale, int window, int splits) {
+    int t = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
+    int pos = positions[t];
+    int lo = window > 0 ? max(0, pos - window + 1) : 0;
+    int start = lo + split * CHUNK, end = min(pos + 1, start + CHUNK);
+    int kvh = h / (heads / kvHeads);
+    int row = kvHeads * headDim;
+    const float* qp = q + ((long)t * heads + h) * headDim;
+    const float* kb = kc + (long)slots[t] * slotSize + kvh * headDim;
+    const float* vb = vc + (long)slots[t] * slotSize + kvh * headDim;
+    __shared__ float scores[CHUNK];
+    __shared__ float red[32];
+    int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float* out = partial + (((long)t * heads + h) * splits + split) * headDim;
+    float* st = stats + (((long)t * heads + h) * splits + split) * 2;
+    if (start >= end) {
+        for (int d = threadIdx.x; d < headDim; d += blockDim.x) out[d] = 0;
+        if (threadIdx.x == 0) { st[0] = -__int_as_float(0x7f800000); st[1] = 0; }
+        return;
+    }
+    int n = end - start;
+    for (int j = warp; j < n; j += warps) {
+        const float* kp = kb + (long)(start + j) * row;
+        float s = 0;
+        for (int d = lane; d < headDim; d += 32) s += qp[d] * kp[d];
+        s = warp_sum(s);
+        if (lane == 0) scores[j] = s * scale;
+    }
+    __syncthreads();
+    float m = -__int_as_float(0x7f800000);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, scores[j]);
+    m = warp_max(m);
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    m = -__int_as_float(0x7f800000);
+    for (int w = 0; w < warps; w++) m = fmaxf(m, red[w]);
+    __syncthreads();
+    float sum = 0;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) { float e = __expf(scores[j] - m); scores[j] = e; sum += e; }
+    sum = warp_sum(sum);
+    if (lane == 0) red[warp] = sum;
+    __syncthreads();
+    sum = 0;
+    for (int w = 0; w < warps; w++) sum += red[w];
+    for (int d = threadIdx.x; d < headDim; d += blockDim.x) {
+        float acc = 0;
+        for (int j = 0; j < n; j++) acc += scores[j] * vb[(long)(start + j) * row + d];
+        out[d] = acc;
+    }
+    if (threadIdx.x == 0) { st[0] = m; st[1] = sum; }
+}
+
+extern "C" __global__ void attention_merge(const float* partial, const float* stats, float* out, int heads, int headDim, int splits) {
+    long th = (long)blockIdx.x * heads + blockIdx.y;
+    const float* st = stats + th * splits * 2;
+    float m = -__int_as_float(0x7f800000);
+    for (int s = 0; s < splits; s++) m = fmaxf(m, st[2 * s]);
+    float total = 0;
+    for (int s = 0; s < splits; s++) if (st[2 * s + 1] > 0) total += st[2 * s + 1] * __expf(st[2 * s] - m);
+    for (int d = threadIdx.x; d < headDim; d += blockDim.x) {
+        float acc = 0;
+        for (int s = 0; s < splits; s++) if (st[2 * s + 1] > 0) acc += partial[(th * splits + s) * headDim + d] * __expf(st[2 * s] - m);
+        out[th * headDim + d] = acc / total;
+    }
+}
+
+extern "C" __global__ void silu_mul(const float* g, const float* u, float* o, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { float v = g[i]; o[i] = v / (1.f + __expf(-v)) * u[i]; }
+}
+
+extern "C" __global__ void add_inplace(float* x, const float* y, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+extern "C" __global__ void gather_rows(const float* x, const int* rows, float* out, int dim) {
+    int r = blockIdx.x;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) out[(long)r * dim + i] = x[(long)rows[r] * dim + i];
+}
