@@ -102,11 +102,11 @@ public final class CUDABackend: ComputeBackend {
         }
     }
 
-    private func launch(_ name: String, grid: (Int, Int, Int), block: Int, _ fill: (inout Arguments) -> Void) {
+    private func launch(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int = 0, _ fill: (inout Arguments) -> Void) {
         var a = Arguments(base: args)
         fill(&a)
         let f = functions[name] ?? nil
-        record(driver.cuLaunchKernel(f, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2), UInt32(block), 1, 1, 0, stream, params, nil),
+        record(driver.cuLaunchKernel(f, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2), UInt32(block), 1, 1, UInt32(shared), stream, params, nil),
                "cuLaunchKernel(\(name))")
     }
 
@@ -249,13 +249,17 @@ public final class CUDABackend: ComputeBackend {
         var longest = 0
         for t in 0..<rows { longest = max(longest, Int(plan.positions[t]) + 1) }
         if let window { longest = min(longest, window) }
-        let splits = max(1, (longest + 255) / 256), hd = cache.headDim
+        // Enough (token, head, split) blocks to fill the GPU; each split's scores fit in shared memory.
+        let hd = cache.headDim
+        var splits = max(1, min((2 * driver.multiprocessors + rows * heads - 1) / (rows * heads), (longest + 63) / 64))
+        splits = max(splits, (longest + 8191) / 8192)
+        let chunk = (longest + splits - 1) / splits
         guard ensure(&scratch, rows * heads * splits * (hd + 2)) else { return }
         let stats = scratch.pointer + UInt64(rows * heads * splits * hd * 4)
-        launch("attention_split", grid: (rows, heads, splits), block: 128) { a in
+        launch("attention_split", grid: (rows, heads, splits), block: 128, shared: 4 * chunk) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)
             a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.i64(cache.slotSize); a.f32(1 / Float(hd).squareRoot()); a.i32(window ?? 0)
-            a.i32(splits)
+            a.i32(splits); a.i32(chunk)
         }
         launch("attention_merge", grid: (rows, heads, 1), block: min(1024, max(32, hd))) { a in
             a.ptr(scratch); a.ptr(stats); a.ptr(out); a.i32(heads); a.i32(hd); a.i32(splits)

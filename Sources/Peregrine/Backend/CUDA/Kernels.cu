@@ -75,13 +75,21 @@ extern "C" __global__ void matmul_rows(const void* w, int dtype, const float* x,
         float acc[TOKENS];
         for (int t = 0; t < TOKENS; t++) acc[t] = 0;
         if ((k & 7) == 0) {
-            for (int i = lane * 8; i < k; i += 256) {
-                float wv[8];
-                load8(w, dtype, row + i, wv);
-                for (int t = 0; t < nt; t++) {
-                    const float4* xp = (const float4*)(x + (long)(t0 + t) * k + i);
-                    float4 a = xp[0], b = xp[1];
-                    acc[t] += wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w + wv[4] * b.x + wv[5] * b.y + wv[6] * b.z + wv[7] * b.w;
+            // Four 16-byte loads in flight per lane before any is used.
+            for (int i0 = lane * 8; i0 < k; i0 += 1024) {
+                float wv[4][8];
+#pragma unroll
+                for (int u = 0; u < 4; u++) if (i0 + u * 256 < k) load8(w, dtype, row + i0 + u * 256, wv[u]);
+#pragma unroll
+                for (int u = 0; u < 4; u++) {
+                    int i = i0 + u * 256;
+                    if (i >= k) break;
+                    for (int t = 0; t < nt; t++) {
+                        const float4* xp = (const float4*)(x + (long)(t0 + t) * k + i);
+                        float4 a = xp[0], b = xp[1];
+                        acc[t] += wv[u][0] * a.x + wv[u][1] * a.y + wv[u][2] * a.z + wv[u][3] * a.w
+                                + wv[u][4] * b.x + wv[u][5] * b.y + wv[u][6] * b.z + wv[u][7] * b.w;
+                    }
                 }
             }
         } else {
@@ -139,21 +147,20 @@ extern "C" __global__ void store_kv(const float* k, const float* v, float* kc, f
 // Causal attention of one query head over its sequence, split across the sequence: block
 // (token, head, split) handles positions [split * chunk, ...), keeping the maximum, the sum of
 // exponentials and the weighted values; attention_merge combines the splits (flash-decoding).
-// One warp per key in turn; scores live in shared memory per chunk.
-#define CHUNK 256
+// One warp per key in turn; the chunk's scores live in shared memory.
 extern "C" __global__ void attention_split(const float* q, const float* kc, const float* vc, float* partial, float* stats,
                                            const int* slots, const int* positions, int heads, int kvHeads, int headDim,
-                                           long slotSize, float scale, int window, int splits) {
+                                           long slotSize, float scale, int window, int splits, int chunk) {
     int t = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
     int pos = positions[t];
     int lo = window > 0 ? max(0, pos - window + 1) : 0;
-    int start = lo + split * CHUNK, end = min(pos + 1, start + CHUNK);
+    int start = lo + split * chunk, end = min(pos + 1, start + chunk);
     int kvh = h / (heads / kvHeads);
     int row = kvHeads * headDim;
     const float* qp = q + ((long)t * heads + h) * headDim;
     const float* kb = kc + (long)slots[t] * slotSize + kvh * headDim;
     const float* vb = vc + (long)slots[t] * slotSize + kvh * headDim;
-    __shared__ float scores[CHUNK];
+    extern __shared__ float scores[];
     __shared__ float red[32];
     int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float* out = partial + (((long)t * heads + h) * splits + split) * headDim;
