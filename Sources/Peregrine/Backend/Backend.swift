@@ -11,6 +11,8 @@ public protocol ComputeBackend: AnyObject {
 
     /// Makes a weight usable by the backend. The view's memory (a mapped file) outlives the model.
     func weight(_ t: TensorView) throws -> Weight
+    /// Rows of a matrix weight (the length of a product's output row).
+    func outputSize(_ w: Weight) -> Int
     /// An f32 buffer of `count` elements, zeroed.
     func buffer(_ count: Int) throws -> Buffer
     func write(_ values: UnsafeBufferPointer<Float>, to buffer: Buffer, offset: Int)
@@ -42,6 +44,38 @@ public protocol ComputeBackend: AnyObject {
     func copy(_ src: Buffer, offset srcOffset: Int, to dst: Buffer, offset dstOffset: Int, count: Int)
     /// Makes the results of queued work visible to the host (a no-op on the CPU).
     func synchronize() throws
+
+    // Fusions a backend may do in one pass; the defaults compose the operations above.
+
+    /// Three products of the same input (the q, k and v projections).
+    func matmul3(_ x: Buffer, rows: Int, _ a: (weight: Weight, bias: Weight?, out: Buffer),
+                 _ b: (weight: Weight, bias: Weight?, out: Buffer), _ c: (weight: Weight, bias: Weight?, out: Buffer))
+    /// residual += x @ weight^T (+ bias); `scratch` holds the product where it cannot be fused.
+    func matmulAdd(_ x: Buffer, rows: Int, weight: Weight, bias: Weight?, residual: Buffer, scratch: Buffer)
+    /// out = silu(x @ gate^T + gateBias) * (x @ up^T + upBias); `scratch` holds the up product.
+    func gatedProduct(_ x: Buffer, rows: Int, gate: Weight, gateBias: Weight?, up: Weight, upBias: Weight?,
+                      out: Buffer, scratch: Buffer)
+}
+
+extension ComputeBackend {
+    public func matmul3(_ x: Buffer, rows: Int, _ a: (weight: Weight, bias: Weight?, out: Buffer),
+                        _ b: (weight: Weight, bias: Weight?, out: Buffer), _ c: (weight: Weight, bias: Weight?, out: Buffer)) {
+        matmul(x, rows: rows, weight: a.weight, bias: a.bias, out: a.out)
+        matmul(x, rows: rows, weight: b.weight, bias: b.bias, out: b.out)
+        matmul(x, rows: rows, weight: c.weight, bias: c.bias, out: c.out)
+    }
+
+    public func matmulAdd(_ x: Buffer, rows: Int, weight: Weight, bias: Weight?, residual: Buffer, scratch: Buffer) {
+        matmul(x, rows: rows, weight: weight, bias: bias, out: scratch)
+        add(residual, scratch, count: rows * outputSize(weight))
+    }
+
+    public func gatedProduct(_ x: Buffer, rows: Int, gate: Weight, gateBias: Weight?, up: Weight, upBias: Weight?,
+                             out: Buffer, scratch: Buffer) {
+        matmul(x, rows: rows, weight: gate, bias: gateBias, out: out)
+        matmul(x, rows: rows, weight: up, bias: upBias, out: scratch)
+        siluMul(gate: out, up: scratch, count: rows * outputSize(up), out: out)
+    }
 }
 
 /// Where each token of a batch goes: its position in its sequence and its sequence's cache slot.

@@ -188,9 +188,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
 
         for (i, L) in layers.enumerated() where !skippedLayers.contains(i) {
             backend.rmsNorm(w.x, weight: L.inputNorm, eps: c.rmsNormEps, rows: n, dim: d, out: w.h)
-            backend.matmul(w.h, rows: n, weight: L.q, bias: L.qBias, out: w.q)
-            backend.matmul(w.h, rows: n, weight: L.k, bias: L.kBias, out: w.k)
-            backend.matmul(w.h, rows: n, weight: L.v, bias: L.vBias, out: w.v)
+            backend.matmul3(w.h, rows: n, (L.q, L.qBias, w.q), (L.k, L.kBias, w.k), (L.v, L.vBias, w.v))
             if let qn = L.qNorm, let kn = L.kNorm {
                 backend.rmsNorm(w.q, weight: qn, eps: c.rmsNormEps, rows: n * c.headCount, dim: hd, out: w.q)
                 backend.rmsNorm(w.k, weight: kn, eps: c.rmsNormEps, rows: n * c.kvHeadCount, dim: hd, out: w.k)
@@ -200,15 +198,11 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
             backend.storeKV(layer: i, k: w.k, v: w.v, rows: n, plan: plan, cache: cache)
             backend.attention(layer: i, q: w.q, rows: n, plan: plan, cache: cache, heads: c.headCount,
                               window: c.slidingWindow[i], out: w.attn)
-            backend.matmul(w.attn, rows: n, weight: L.o, bias: L.oBias, out: w.tmp)
-            backend.add(w.x, w.tmp, count: n * d)
+            backend.matmulAdd(w.attn, rows: n, weight: L.o, bias: L.oBias, residual: w.x, scratch: w.tmp)
 
             backend.rmsNorm(w.x, weight: L.postNorm, eps: c.rmsNormEps, rows: n, dim: d, out: w.h)
-            backend.matmul(w.h, rows: n, weight: L.gate, bias: L.gateBias, out: w.gate)
-            backend.matmul(w.h, rows: n, weight: L.up, bias: L.upBias, out: w.up)
-            backend.siluMul(gate: w.gate, up: w.up, count: n * c.intermediateSize, out: w.gate)
-            backend.matmul(w.gate, rows: n, weight: L.down, bias: L.downBias, out: w.tmp)
-            backend.add(w.x, w.tmp, count: n * d)
+            backend.gatedProduct(w.h, rows: n, gate: L.gate, gateBias: L.gateBias, up: L.up, upBias: L.upBias, out: w.gate, scratch: w.up)
+            backend.matmulAdd(w.gate, rows: n, weight: L.down, bias: L.downBias, residual: w.x, scratch: w.tmp)
         }
 
         let rows = plan.logitRows.count

@@ -76,6 +76,8 @@ public final class CPUBackend: ComputeBackend {
         return CPUWeight(dtype: t.dtype, rows: rows, cols: cols, data: t.data, f32: f32)
     }
 
+    public func outputSize(_ w: CPUWeight) -> Int { w.rows }
+
     public func buffer(_ count: Int) throws -> CPUBuffer { CPUBuffer(count: count) }
 
     public func write(_ values: UnsafeBufferPointer<Float>, to buffer: CPUBuffer, offset: Int) {

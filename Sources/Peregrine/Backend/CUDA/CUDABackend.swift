@@ -38,8 +38,8 @@ public final class CUDABackend: ComputeBackend {
     let cublas: OpaquePointer?
     private var functions: [String: OpaquePointer?] = [:]
     private var firstError: PeregrineError?
-    private let args = UnsafeMutableRawPointer.allocate(byteCount: 16 * 8, alignment: 8)
-    private let params = UnsafeMutablePointer<UnsafeMutableRawPointer?>.allocate(capacity: 16)
+    private let args = UnsafeMutableRawPointer.allocate(byteCount: 32 * 8, alignment: 8)
+    private let params = UnsafeMutablePointer<UnsafeMutableRawPointer?>.allocate(capacity: 32)
 
     // Device copies of the batch's token ids, slots, positions and gathered rows (grown, reused).
     private var tokenInts: CUDABuffer
@@ -76,7 +76,7 @@ public final class CUDABackend: ComputeBackend {
         rowInts = try CUDABuffer(driver: driver, count: 1024)
         scratch = try CUDABuffer(driver: driver, count: 1024)
         halfScratch = try CUDABuffer(driver: driver, count: 1024)
-        for i in 0..<16 { params[i] = args + 8 * i }
+        for i in 0..<32 { params[i] = args + 8 * i }
     }
 
     deinit {
@@ -89,6 +89,7 @@ public final class CUDABackend: ComputeBackend {
     struct Arguments {
         let base: UnsafeMutableRawPointer
         var count = 0
+        // 32 slots of 8 bytes (see `args`); kernels here take at most 17 parameters.
         mutating func ptr(_ p: CUDADriver.DevicePointer) { base.storeBytes(of: p, toByteOffset: 8 * count, as: UInt64.self); count += 1 }
         mutating func ptr(_ b: CUDABuffer) { ptr(b.pointer) }
         mutating func i32(_ v: Int) { base.storeBytes(of: Int32(v), toByteOffset: 8 * count, as: Int32.self); count += 1 }
@@ -197,17 +198,29 @@ public final class CUDABackend: ComputeBackend {
         }
     }
 
-    public func matmul(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer) {
-        let outDim = weight.rows, k = weight.cols
-        if rows <= 8 || weight.dtype == .f32 && rows <= 64 {
-            launch("matmul_rows", grid: blocks(outDim * 32), block: 256) { a in
-                a.ptr(weight.pointer); a.i32(code(weight.dtype)); a.ptr(x); a.ptr(out); a.ptr(bias?.pointer ?? 0)
-                a.i32(outDim); a.i32(k); a.i32(rows)
+    public func outputSize(_ w: CUDAWeight) -> Int { w.rows }
+
+    /// Products over few tokens run as warp-per-row kernels (reading the weights once); over many,
+    /// as cuBLAS matrix products.
+    private func usesRowKernel(_ rows: Int, _ w: CUDAWeight) -> Bool { rows <= 8 || w.dtype == .f32 && rows <= 64 }
+
+    private typealias Product = (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)
+
+    private func rowKernel(_ x: CUDABuffer, rows: Int, _ p: [Product], mode: Int) {
+        let n = p.map(\.weight.rows), warps = mode == 2 ? n[0] : n.reduce(0, +)
+        launch("matmul_rows", grid: blocks(warps * 32), block: 256) { a in
+            for i in 0..<3 {
+                if i < p.count { a.ptr(p[i].weight.pointer); a.ptr(p[i].bias?.pointer ?? 0); a.ptr(p[i].out); a.i32(mode == 2 && i == 1 ? 0 : n[i]) } else { a.ptr(0); a.ptr(0); a.ptr(0); a.i32(0) }
             }
-            return
+            a.i32(code(p[0].weight.dtype)); a.ptr(x); a.i32(p[0].weight.cols); a.i32(rows); a.i32(mode)
         }
-        // Y^T (outDim x rows, column-major) = W^T(k x outDim)^T X^T(k x rows), f32 accumulation.
-        var alpha: Float = 1, beta: Float = 0
+    }
+
+    /// out (+)= x @ W^T through cuBLAS: Y^T (outDim x rows, column-major) = W^T(k x outDim)^T X^T(k x rows),
+    /// f32 accumulation, beta 1 to accumulate.
+    private func gemm(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer, accumulate: Bool) {
+        let outDim = weight.rows, k = weight.cols
+        var alpha: Float = 1, beta: Float = accumulate ? 1 : 0
         var bPointer = x.pointer, abType: Int32 = 0
         if weight.dtype != .f32 {
             guard ensure(&halfScratch, (rows * k + 1) / 2) else { return }
@@ -226,6 +239,38 @@ public final class CUDABackend: ComputeBackend {
             launch("add_bias", grid: blocks(rows * outDim), block: 256) { a in
                 a.ptr(out); a.ptr(bias.pointer); a.i32(outDim); a.i64(rows * outDim)
             }
+        }
+    }
+
+    public func matmul(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer) {
+        if usesRowKernel(rows, weight) { rowKernel(x, rows: rows, [(weight, bias, out)], mode: 0) } else {
+            gemm(x, rows: rows, weight: weight, bias: bias, out: out, accumulate: false)
+        }
+    }
+
+    public func matmul3(_ x: CUDABuffer, rows: Int, _ a: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer),
+                        _ b: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer), _ c: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)) {
+        if usesRowKernel(rows, a.weight), a.weight.dtype == b.weight.dtype, b.weight.dtype == c.weight.dtype {
+            rowKernel(x, rows: rows, [a, b, c], mode: 0)
+        } else {
+            for p in [a, b, c] { matmul(x, rows: rows, weight: p.weight, bias: p.bias, out: p.out) }
+        }
+    }
+
+    public func matmulAdd(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, residual: CUDABuffer, scratch: CUDABuffer) {
+        if usesRowKernel(rows, weight) { rowKernel(x, rows: rows, [(weight, bias, residual)], mode: 1) } else {
+            gemm(x, rows: rows, weight: weight, bias: bias, out: residual, accumulate: true)
+        }
+    }
+
+    public func gatedProduct(_ x: CUDABuffer, rows: Int, gate: CUDAWeight, gateBias: CUDAWeight?, up: CUDAWeight, upBias: CUDAWeight?,
+                             out: CUDABuffer, scratch: CUDABuffer) {
+        if usesRowKernel(rows, gate), gate.dtype == up.dtype {
+            rowKernel(x, rows: rows, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2)
+        } else {
+            matmul(x, rows: rows, weight: gate, bias: gateBias, out: out)
+            matmul(x, rows: rows, weight: up, bias: upBias, out: scratch)
+            siluMul(gate: out, up: scratch, count: rows * up.rows, out: out)
         }
     }
 

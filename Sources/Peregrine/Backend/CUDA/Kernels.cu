@@ -62,45 +62,73 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
     for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * scale * w[i];
 }
 
-// y[t, o] = dot(W[o, :], x[t, :]) (+ bias[o]) for up to TOKENS tokens: one warp per output row,
-// each lane reading 16 bytes of the row at a time, so a decode step streams the weights once.
+// acc[t] += dot(W[row, :], x[t0 + t, :]) for nt <= TOKENS tokens, by one warp: each lane
+// reads 16 bytes of the row at a time, four loads in flight, so a decode step streams the
+// weights once.
 #define TOKENS 8
-extern "C" __global__ void matmul_rows(const void* w, int dtype, const float* x, float* y, const float* bias,
-                                       int outDim, int k, int tokens) {
+__device__ __forceinline__ void warp_row_dot(const void* w, int dtype, long row, const float* x, int k, int t0, int nt,
+                                             int lane, float* acc) {
+    if ((k & 7) == 0) {
+        for (int i0 = lane * 8; i0 < k; i0 += 1024) {
+            float wv[4][8];
+#pragma unroll
+            for (int u = 0; u < 4; u++) if (i0 + u * 256 < k) load8(w, dtype, row + i0 + u * 256, wv[u]);
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                int i = i0 + u * 256;
+                if (i >= k) break;
+                for (int t = 0; t < nt; t++) {
+                    const float4* xp = (const float4*)(x + (long)(t0 + t) * k + i);
+                    float4 a = xp[0], b = xp[1];
+                    acc[t] += wv[u][0] * a.x + wv[u][1] * a.y + wv[u][2] * a.z + wv[u][3] * a.w
+                            + wv[u][4] * b.x + wv[u][5] * b.y + wv[u][6] * b.z + wv[u][7] * b.w;
+                }
+            }
+        }
+    } else {
+        for (int i = lane; i < k; i += 32) {
+            float wv = load_weight(w, dtype, row + i);
+            for (int t = 0; t < nt; t++) acc[t] += wv * x[(long)(t0 + t) * k + i];
+        }
+    }
+    for (int t = 0; t < nt; t++) acc[t] = warp_sum(acc[t]);
+}
+
+// Products of up to three weights with the same input, one warp per output row (rows of
+// matrix 0, then 1, then 2). mode 0: y = W x + b; 1: y += W x + b (the residual add fused);
+// 2: gated, y0 = silu(W0 x + b0) * (W1 x + b1), one warp computing both rows.
+extern "C" __global__ void matmul_rows(const void* w0, const float* b0, float* y0, int n0,
+                                       const void* w1, const float* b1, float* y1, int n1,
+                                       const void* w2, const float* b2, float* y2, int n2,
+                                       int dtype, const float* x, int k, int tokens, int mode) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (warp >= outDim) return;
-    long row = (long)warp * k;
+    const void* w = w0; const float* b = b0; float* y = y0; int n = n0, o = warp;
+    if (mode != 2 && o >= n0) {
+        o -= n0; w = w1; b = b1; y = y1; n = n1;
+        if (o >= n1) { o -= n1; w = w2; b = b2; y = y2; n = n2; }
+    }
+    if (o >= n) return;
     for (int t0 = 0; t0 < tokens; t0 += TOKENS) {
         int nt = min(TOKENS, tokens - t0);
         float acc[TOKENS];
         for (int t = 0; t < TOKENS; t++) acc[t] = 0;
-        if ((k & 7) == 0) {
-            // Four 16-byte loads in flight per lane before any is used.
-            for (int i0 = lane * 8; i0 < k; i0 += 1024) {
-                float wv[4][8];
-#pragma unroll
-                for (int u = 0; u < 4; u++) if (i0 + u * 256 < k) load8(w, dtype, row + i0 + u * 256, wv[u]);
-#pragma unroll
-                for (int u = 0; u < 4; u++) {
-                    int i = i0 + u * 256;
-                    if (i >= k) break;
-                    for (int t = 0; t < nt; t++) {
-                        const float4* xp = (const float4*)(x + (long)(t0 + t) * k + i);
-                        float4 a = xp[0], b = xp[1];
-                        acc[t] += wv[u][0] * a.x + wv[u][1] * a.y + wv[u][2] * a.z + wv[u][3] * a.w
-                                + wv[u][4] * b.x + wv[u][5] * b.y + wv[u][6] * b.z + wv[u][7] * b.w;
-                    }
+        warp_row_dot(w, dtype, (long)o * k, x, k, t0, nt, lane, acc);
+        if (mode == 2) {
+            float up[TOKENS];
+            for (int t = 0; t < TOKENS; t++) up[t] = 0;
+            warp_row_dot(w1, dtype, (long)o * k, x, k, t0, nt, lane, up);
+            if (lane == 0) {
+                for (int t = 0; t < nt; t++) {
+                    float g = acc[t] + (b0 ? b0[o] : 0.f), u = up[t] + (b1 ? b1[o] : 0.f);
+                    y0[(long)(t0 + t) * n + o] = g / (1.f + __expf(-g)) * u;
                 }
             }
-        } else {
-            for (int i = lane; i < k; i += 32) {
-                float wv = load_weight(w, dtype, row + i);
-                for (int t = 0; t < nt; t++) acc[t] += wv * x[(long)(t0 + t) * k + i];
+        } else if (lane == 0) {
+            for (int t = 0; t < nt; t++) {
+                float v = acc[t] + (b ? b[o] : 0.f);
+                long at = (long)(t0 + t) * n + o;
+                y[at] = mode == 1 ? y[at] + v : v;
             }
-        }
-        for (int t = 0; t < nt; t++) {
-            float s = warp_sum(acc[t]);
-            if (lane == 0) y[(long)(t0 + t) * outDim + warp] = s + (bias ? bias[warp] : 0.f);
         }
     }
 }
