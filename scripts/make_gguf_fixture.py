@@ -37,11 +37,11 @@ c.main()
     return path
 
 
-def record_llama_cpp_logits(path, name):
-    """llama.cpp's logits on the fixture's prompt and greedy continuation (F32 KV cache)."""
+def record_llama_cpp_logits(path, name, reference="llama"):
+    """llama.cpp's logits on a fixture's prompt and greedy continuation (F32 KV cache)."""
     import numpy as np
     from llama_cpp import Llama
-    ref = json.load(open(os.path.join(ROOT, "Tests", "Fixtures", "models", "llama", "reference.json")))
+    ref = json.load(open(os.path.join(ROOT, "Tests", "Fixtures", "models", reference, "reference.json")))
     seq = ref["prompt_ids"] + ref["greedy_ids"]
     llm = Llama(model_path=path, n_ctx=128, n_batch=128, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=2)
     llm.eval(seq)
@@ -114,18 +114,20 @@ def record_perplexity():
 
 def record_peregrine_quantized():
     """llama.cpp's logits on files written by `peregrine quantize` (built first with
-    `swift build -c release`): the 256-wide model's F16 GGUF to Q4_K_M, and the tiny Hugging
-    Face fixture directory to Q8_0. The Swift tests quantize the same sources again and must
+    `swift build -c release`): the 256-wide model's F16 GGUF to Q4_K_M, the tiny Hugging Face
+    fixture directory to Q8_0, and the SentencePiece-tokenizer fixture (llama2) to F16. The Swift tests quantize the same sources again and must
     match these."""
     import tempfile
     exe = os.path.join(ROOT, ".build", "release", "peregrine")
-    jobs = [(os.path.join(OUT, "llama256-f16.gguf"), "Q4_K_M", "peregrine-llama256-q4_k_m"),
-            (os.path.join(ROOT, "Tests", "Fixtures", "models", "llama"), "Q8_0", "peregrine-llama-q8_0")]
+    models = os.path.join(ROOT, "Tests", "Fixtures", "models")
+    jobs = [(os.path.join(OUT, "llama256-f16.gguf"), "Q4_K_M", "peregrine-llama256-q4_k_m", "llama"),
+            (os.path.join(models, "llama"), "Q8_0", "peregrine-llama-q8_0", "llama"),
+            (os.path.join(models, "llama2"), "F16", "peregrine-llama2-f16", "llama2")]
     with tempfile.TemporaryDirectory() as d:
-        for source, mix, name in jobs:
+        for source, mix, name, reference in jobs:
             path = os.path.join(d, name + ".gguf")
             subprocess.run([exe, "quantize", "-m", source, "--type", mix, "-o", path], check=True, capture_output=True)
-            record_llama_cpp_logits(path, name)
+            record_llama_cpp_logits(path, name, reference=reference)
 
 
 def main():

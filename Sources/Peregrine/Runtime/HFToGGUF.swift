@@ -24,8 +24,8 @@ struct HFToGGUF {
         case "Qwen3ForCausalLM": arch = "qwen3"
         default: throw PeregrineError.unsupported("unsupported architecture \(c.architecture) for GGUF output")
         }
-        if arch == "llama" && (c.qkvBias || c.qkNorm) {
-            throw PeregrineError.unsupported("\(directory): a llama model with q/k biases or norms cannot be written as a llama GGUF")
+        if arch == "llama" && c.qkNorm {
+            throw PeregrineError.unsupported("\(directory): a llama model with q/k norms cannot be written as a llama GGUF")
         }
         var w = GGUFWriter()
         w.set("general.architecture", .string(arch))
@@ -78,8 +78,9 @@ struct HFToGGUF {
         for name in names {
             guard let v = store.tensor(name) else { throw PeregrineError.format(store.missingReason(name)) }
             var view = v
-            if arch == "llama", name.hasSuffix("q_proj.weight") || name.hasSuffix("k_proj.weight") {
-                view = try HFToGGUF.pairRows(v, heads: name.hasSuffix("q_proj.weight") ? c.headCount : c.kvHeadCount, owner: &owned)
+            if arch == "llama", name.hasSuffix("q_proj.weight") || name.hasSuffix("k_proj.weight")
+                || name.hasSuffix("q_proj.bias") || name.hasSuffix("k_proj.bias") {
+                view = try HFToGGUF.pairRows(v, heads: name.contains("q_proj") ? c.headCount : c.kvHeadCount, owner: &owned)
             }
             tensors.append((GGUFWeights.ggufName(name), view.shape.reversed(), view))
         }
@@ -98,9 +99,10 @@ struct HFToGGUF {
 
     func release() { for b in owned { b.deallocate() } }
 
-    /// Reorders the rows of each head from halves (i, i + d/2) to adjacent pairs (2i, 2i + 1).
+    /// Reorders the rows of each head (or a bias's values) from halves (i, i + d/2) to adjacent
+    /// pairs (2i, 2i + 1).
     static func pairRows(_ t: TensorView, heads: Int, owner: inout [UnsafeMutableRawBufferPointer]) throws -> TensorView {
-        guard t.dtype.isFloat, t.shape.count == 2, t.shape[0] % (2 * heads) == 0 else {
+        guard t.dtype.isFloat, t.shape.count <= 2, t.shape[0] % (2 * heads) == 0 else {
             throw PeregrineError.format("tensor '\(t.name)' cannot be split into \(heads) heads")
         }
         let rowBytes = t.byteCount / t.shape[0], headDim = t.shape[0] / heads, half = headDim / 2
@@ -117,25 +119,30 @@ struct HFToGGUF {
         return TensorView(name: t.name, dtype: t.dtype, shape: t.shape, data: UnsafeRawPointer(buffer.baseAddress!), byteCount: t.byteCount)
     }
 
-    /// tokenizer.json's byte-level BPE as GGUF's "gpt2" tokenizer.
+    /// tokenizer.json's BPE as a GGUF tokenizer: byte-level BPE as "gpt2" (tokens, types,
+    /// merges), SentencePiece-style BPE with byte fallback as "llama" (tokens, types and scores:
+    /// each token scores minus the rank of the merge that makes it, so merging by score is
+    /// merging by rank).
     static func addTokenizer(directory: String, config c: ModelConfig, to w: inout GGUFWriter) throws {
         let path = FileSystem.join(directory, "tokenizer.json")
         let json = try FileSystem.readJSON(path)
         guard json["model"]?["type"]?.string == "BPE", let vocab = json["model"]?["vocab"]?.object else {
-            throw PeregrineError.unsupported("\(path): only byte-level BPE tokenizers can be written to GGUF")
+            throw PeregrineError.unsupported("\(path): only BPE tokenizers can be written to GGUF")
         }
-        let pre = try preTokenizerName(json["pre_tokenizer"], path: path)
+        let sentencePiece = json["model"]?["byte_fallback"]?.bool == true
         var tokens = [String?](repeating: nil, count: c.vocabSize)
         var types = [Int32](repeating: 1, count: c.vocabSize)
         for (token, id) in vocab.pairs {
             guard let i = id.int, i >= 0 else { throw PeregrineError.format("\(path): bad id for token '\(token)'") }
             guard i < c.vocabSize else { throw PeregrineError.format("\(path): token id \(i) is outside the model's \(c.vocabSize) embeddings") }
             tokens[i] = token
+            if sentencePiece, token.count == 6, token.hasPrefix("<0x"), token.hasSuffix(">") { types[i] = 6 }
         }
+        if sentencePiece, let unk = json["model"]?["unk_token"]?.string, let id = vocab[unk]?.int, id < c.vocabSize { types[id] = 2 }
         for added in json["added_tokens"]?.array ?? [] {
             guard let i = added["id"]?.int, let content = added["content"]?.string, i >= 0, i < c.vocabSize else { continue }
             tokens[i] = content
-            types[i] = added["special"]?.bool == true ? 3 : 4
+            if types[i] != 2 { types[i] = added["special"]?.bool == true ? 3 : 4 }
         }
         for i in 0..<c.vocabSize where tokens[i] == nil {
             tokens[i] = "[PAD\(i)]"
@@ -145,12 +152,31 @@ struct HFToGGUF {
             if let s = m.string { return s }
             return (m.array ?? []).compactMap(\.string).joined(separator: " ")
         }
-        w.set("tokenizer.ggml.model", .string("gpt2"))
-        w.set("tokenizer.ggml.pre", .string(pre))
-        w.set("tokenizer.ggml.tokens", .strings(tokens.map { $0! }))
-        w.set("tokenizer.ggml.token_type", .i32s(types))
-        w.set("tokenizer.ggml.merges", .strings(merges))
         let tokenizer = try Tokenizer(directory: directory)
+        if sentencePiece {
+            var scores = [Float](repeating: 0, count: c.vocabSize)
+            var made = Set<String>()
+            for (rank, m) in merges.enumerated() {
+                let joined = m.replacingOccurrences(of: " ", with: "")
+                guard !made.contains(joined), let id = vocab[joined]?.int, id < c.vocabSize else { continue }
+                made.insert(joined)
+                scores[id] = -Float(rank + 1)
+            }
+            let prepends = json["normalizer"].map { "\($0)".contains("Prepend") } ?? false
+            w.set("tokenizer.ggml.model", .string("llama"))
+            w.set("tokenizer.ggml.pre", .string("default"))
+            w.set("tokenizer.ggml.tokens", .strings(tokens.map { $0! }))
+            w.set("tokenizer.ggml.scores", .f32s(scores))
+            w.set("tokenizer.ggml.token_type", .i32s(types))
+            w.set("tokenizer.ggml.add_space_prefix", .bool(prepends))
+            if let unk = json["model"]?["unk_token"]?.string, let id = vocab[unk]?.int { w.set("tokenizer.ggml.unknown_token_id", .u32(UInt32(id))) }
+        } else {
+            w.set("tokenizer.ggml.model", .string("gpt2"))
+            w.set("tokenizer.ggml.pre", .string(try preTokenizerName(json["pre_tokenizer"], path: path)))
+            w.set("tokenizer.ggml.tokens", .strings(tokens.map { $0! }))
+            w.set("tokenizer.ggml.token_type", .i32s(types))
+            w.set("tokenizer.ggml.merges", .strings(merges))
+        }
         if let bos = tokenizer.bosTokenId ?? c.bosTokenId { w.set("tokenizer.ggml.bos_token_id", .u32(UInt32(bos))) }
         if let eos = c.eosTokenIds.first ?? tokenizer.eosTokenIds.first { w.set("tokenizer.ggml.eos_token_id", .u32(UInt32(eos))) }
         w.set("tokenizer.ggml.add_bos_token", .bool(tokenizer.addedBOS != nil))
