@@ -22,6 +22,9 @@ struct Quantize: ParsableCommand {
     @Option(name: .shortAndLong, help: "Worker threads (default: all cores).")
     var threads: Int?
 
+    @Flag(help: "Give every matrix the type itself, output and embeddings included (llama.cpp's --pure).")
+    var pure = false
+
     func validate() throws {
         guard QuantizationMix(name: type) != nil else {
             throw ValidationError("--type must be one of \(QuantizationMix.allCases.map(\.rawValue).joined(separator: ", "))")
@@ -37,7 +40,7 @@ struct Quantize: ParsableCommand {
             let mix = QuantizationMix(name: type)!
             let pool = threads.map { ThreadPool(threadCount: $0) } ?? .shared
             let err = FileHandle.standardError
-            let summary = try ModelQuantizer(mix: mix, pool: pool).quantize(source: model, output: out) { i, n, name, dtype in
+            let summary = try ModelQuantizer(mix: mix, pure: pure, pool: pool).quantize(source: model, output: out) { i, n, name, dtype in
                 err.write(Data(String(format: "[%4d/%4d] %-32@ %@\n", i + 1, n, name, dtype.rawValue).utf8))
             }
             let types = summary.typeCounts.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value)" }.joined(separator: ", ")

@@ -51,10 +51,12 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
     /// The type of a tensor (GGUF name, `cols` values per row). Vectors (norms, biases, RoPE
     /// factors) are F32, as llama.cpp's converter writes them. `layers` is the model's layer
     /// count; `tied` says the embedding table is also the output matrix.
-    public func type(of name: String, cols: Int, isMatrix: Bool, layers: Int, tied: Bool) -> DType {
+    /// `pure` gives every matrix the base type (llama.cpp's --pure), fallbacks aside.
+    public func type(of name: String, cols: Int, isMatrix: Bool, layers: Int, tied: Bool, pure: Bool = false) -> DType {
         guard isMatrix, !name.hasSuffix("_norm.weight") else { return .f32 }
         var type = base
         guard !base.isFloat else { return base }
+        if pure { return fallback(type, cols: cols) }
         let layer = name.hasPrefix("blk.") ? Int(name.dropFirst(4).prefix { $0 != "." }) : nil
         // The first and last eighth of the layers, and every third one between, get more bits.
         func moreBits(_ i: Int) -> Bool { i < layers / 8 || i >= 7 * layers / 8 || (i - layers / 8) % 3 == 2 }
@@ -67,7 +69,12 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
             if (self == .q4_K_M || self == .q5_K_M) && moreBits(i) { type = .q6_K }
             if (self == .q4_K_S || self == .q5_K_S) && i < layers / 8 { type = .q5_K }
         }
-        // Rows that do not divide into 256-value blocks take a 32-value type of similar size.
+        return fallback(type, cols: cols)
+    }
+
+    /// Rows that do not divide into 256-value blocks take a 32-value type of similar size.
+    private func fallback(_ t: DType, cols: Int) -> DType {
+        var type = t
         if cols % type.blockSize != 0 {
             switch type {
             case .q4_K: type = .q5_0
@@ -95,10 +102,12 @@ public struct ModelQuantizer {
     }
 
     public let mix: QuantizationMix
+    public let pure: Bool
     public let pool: ThreadPool
 
-    public init(mix: QuantizationMix, pool: ThreadPool = .shared) {
+    public init(mix: QuantizationMix, pure: Bool = false, pool: ThreadPool = .shared) {
         self.mix = mix
+        self.pure = pure
         self.pool = pool
     }
 
@@ -143,7 +152,7 @@ public struct ModelQuantizer {
         var summary = Summary()
         var plan: [(String, [Int], TensorView, DType)] = []
         for (name, dims, view) in inputs {
-            let target = mix.type(of: name, cols: dims[0], isMatrix: dims.count >= 2, layers: layers, tied: tied)
+            let target = mix.type(of: name, cols: dims[0], isMatrix: dims.count >= 2, layers: layers, tied: tied, pure: pure)
             if view.dtype != target && !view.dtype.isFloat {
                 throw PeregrineError.unsupported(
                     "\(source): tensor '\(name)' is already quantized (\(view.dtype.rawValue)); quantize from an F32, F16 or BF16 model")

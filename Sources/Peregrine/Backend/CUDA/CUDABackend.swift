@@ -49,6 +49,7 @@ public final class CUDABackend: ComputeBackend {
     private var planKey: (slots: [Int32], positions: [Int32]) = ([], [])
     private var scratch: CUDABuffer
     private var halfScratch: CUDABuffer
+    private var dequantScratch: CUDABuffer
 
     public var name: String { "cuda (\(driver.deviceName))" }
 
@@ -66,7 +67,7 @@ public final class CUDABackend: ComputeBackend {
         let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
         let module = try driver.compile(source, name: "peregrine-kernels")
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split",
-                     "attention_merge", "silu_mul", "add_inplace", "gather_rows"] {
+                     "attention_merge", "silu_mul", "add_inplace", "gather_rows", "dequantize_bf16"] {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
@@ -76,6 +77,7 @@ public final class CUDABackend: ComputeBackend {
         rowInts = try CUDABuffer(driver: driver, count: 1024)
         scratch = try CUDABuffer(driver: driver, count: 1024)
         halfScratch = try CUDABuffer(driver: driver, count: 1024)
+        dequantScratch = try CUDABuffer(driver: driver, count: 1024)
         for i in 0..<32 { params[i] = args + 8 * i }
     }
 
@@ -157,8 +159,8 @@ public final class CUDABackend: ComputeBackend {
             try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
             return CUDAWeight(dtype: .f32, rows: rows, cols: cols, storage: b)
         }
-        guard t.dtype == .f16 || t.dtype == .bf16 else {
-            throw PeregrineError.unsupported("the CUDA backend runs F32, F16 and BF16 weights; tensor '\(t.name)' is \(t.dtype.rawValue)")
+        guard [.f16, .bf16, .q8_0, .q4_0].contains(t.dtype) else {
+            throw PeregrineError.unsupported("the CUDA backend runs F32, F16, BF16, Q8_0 and Q4_0 weights; tensor '\(t.name)' is \(t.dtype.rawValue)")
         }
         let b = try CUDABuffer(driver: driver, count: (t.byteCount + 3) / 4)
         try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, t.data, t.byteCount, stream), "cuMemcpyHtoDAsync")
@@ -166,7 +168,15 @@ public final class CUDABackend: ComputeBackend {
         return CUDAWeight(dtype: t.dtype, rows: rows, cols: cols, storage: b)
     }
 
-    private func code(_ d: DType) -> Int { d == .bf16 ? 2 : d == .f16 ? 1 : 0 }
+    private func code(_ d: DType) -> Int {
+        switch d {
+        case .f16: return 1
+        case .bf16: return 2
+        case .q8_0: return 3
+        case .q4_0: return 4
+        default: return 0
+        }
+    }
 
     public func buffer(_ count: Int) throws -> CUDABuffer {
         let b = try CUDABuffer(driver: driver, count: count)
@@ -222,16 +232,25 @@ public final class CUDABackend: ComputeBackend {
         let outDim = weight.rows, k = weight.cols
         var alpha: Float = 1, beta: Float = accumulate ? 1 : 0
         var bPointer = x.pointer, abType: Int32 = 0
+        var aPointer = weight.pointer
+        if weight.dtype == .q8_0 || weight.dtype == .q4_0 {
+            // Widened to BF16 for the tensor cores; the activations follow.
+            guard ensure(&dequantScratch, (outDim * k + 1) / 2) else { return }
+            launch("dequantize_bf16", grid: blocks(outDim * k), block: 256) { a in
+                a.ptr(weight.pointer); a.i32(code(weight.dtype)); a.ptr(dequantScratch); a.i64(outDim * k)
+            }
+            aPointer = dequantScratch.pointer
+        }
         if weight.dtype != .f32 {
             guard ensure(&halfScratch, (rows * k + 1) / 2) else { return }
             launch("to_half", grid: blocks(rows * k), block: 256) { a in
-                a.ptr(x); a.ptr(halfScratch); a.i32(code(weight.dtype)); a.i64(rows * k)
+                a.ptr(x); a.ptr(halfScratch); a.i32(weight.dtype == .f16 ? 1 : 2); a.i64(rows * k)
             }
             bPointer = halfScratch.pointer
-            abType = weight.dtype == .bf16 ? 14 : 2
+            abType = weight.dtype == .f16 ? 2 : 14
         }
         let status = driver.cublasGemmEx(cublas, 1, 0, Int32(outDim), Int32(rows), Int32(k), &alpha,
-                                         UnsafeRawPointer(bitPattern: UInt(weight.pointer)), abType, Int32(k),
+                                         UnsafeRawPointer(bitPattern: UInt(aPointer)), abType, Int32(k),
                                          UnsafeRawPointer(bitPattern: UInt(bPointer)), abType, Int32(k), &beta,
                                          UnsafeMutableRawPointer(bitPattern: UInt(out.pointer)), 0, Int32(outDim), 68, -1)
         if status != 0, firstError == nil { firstError = .backend("cublasGemmEx failed (\(status))") }

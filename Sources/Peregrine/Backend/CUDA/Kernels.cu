@@ -14,10 +14,54 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Quantized weights: 3 = Q8_0 (34-byte blocks: f16 scale, 32 int8), 4 = Q4_0 (18-byte
+// blocks: f16 scale, byte j holding value j low and j + 16 high, offset by 8).
 __device__ __forceinline__ float load_weight(const void* w, int dtype, long i) {
     if (dtype == 2) return __bfloat162float(((const __nv_bfloat16*)w)[i]);
     if (dtype == 1) return __half2float(((const __half*)w)[i]);
+    if (dtype == 3) {
+        const unsigned char* b = (const unsigned char*)w + (i / 32) * 34;
+        return __half2float(*(const __half*)b) * (float)(signed char)b[2 + i % 32];
+    }
+    if (dtype == 4) {
+        const unsigned char* b = (const unsigned char*)w + (i / 32) * 18;
+        int j = i % 32;
+        int q = j < 16 ? (b[2 + j] & 15) : (b[2 + j - 16] >> 4);
+        return __half2float(*(const __half*)b) * (float)(q - 8);
+    }
     return ((const float*)w)[i];
+}
+
+// One block of a quantized row against the activations of nt tokens, by one lane: the block's
+// 32 values dequantized in registers (2-byte loads: blocks are 2-byte aligned).
+__device__ __forceinline__ void block_dot(const void* w, int dtype, long row, long block, const float* x, int k, int t0,
+                                          int nt, float* acc) {
+    float v[32];
+    if (dtype == 3) {
+        const unsigned char* b = (const unsigned char*)w + (row / 32 + block) * 34;
+        float d = __half2float(*(const __half*)b);
+        const short* q = (const short*)(b + 2);
+#pragma unroll
+        for (int j = 0; j < 16; j++) { short p = q[j]; v[2 * j] = d * (float)(signed char)(p & 0xff); v[2 * j + 1] = d * (float)(signed char)(p >> 8); }
+    } else {
+        const unsigned char* b = (const unsigned char*)w + (row / 32 + block) * 18;
+        float d = __half2float(*(const __half*)b);
+        const unsigned short* q = (const unsigned short*)(b + 2);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            unsigned short p = q[j];
+            v[2 * j] = d * (float)((p & 15) - 8); v[2 * j + 16] = d * (float)(((p >> 4) & 15) - 8);
+            v[2 * j + 1] = d * (float)(((p >> 8) & 15) - 8); v[2 * j + 17] = d * (float)((p >> 12) - 8);
+        }
+    }
+    long base = block * 32;
+    for (int t = 0; t < nt; t++) {
+        const float4* xp = (const float4*)(x + (long)(t0 + t) * k + base);
+        float s = 0;
+#pragma unroll
+        for (int j = 0; j < 8; j++) { float4 a = xp[j]; s += v[4 * j] * a.x + v[4 * j + 1] * a.y + v[4 * j + 2] * a.z + v[4 * j + 3] * a.w; }
+        acc[t] += s;
+    }
 }
 
 // Eight consecutive weights as f32 (i a multiple of 8; 16-byte loads for the 16-bit types).
@@ -68,7 +112,10 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
 #define TOKENS 8
 __device__ __forceinline__ void warp_row_dot(const void* w, int dtype, long row, const float* x, int k, int t0, int nt,
                                              int lane, float* acc) {
-    if ((k & 7) == 0) {
+    if (dtype >= 3) {
+        // A lane per 32-value block: neighbouring lanes read neighbouring blocks.
+        for (long b = lane; b < k / 32; b += 32) block_dot(w, dtype, row, b, x, k, t0, nt, acc);
+    } else if ((k & 7) == 0) {
         for (int i0 = lane * 8; i0 < k; i0 += 1024) {
             float wv[4][8];
 #pragma unroll
@@ -131,6 +178,12 @@ extern "C" __global__ void matmul_rows(const void* w0, const float* b0, float* y
             }
         }
     }
+}
+
+// A quantized matrix widened to BF16, for cuBLAS products over many tokens.
+extern "C" __global__ void dequantize_bf16(const void* w, int dtype, __nv_bfloat16* out, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __float2bfloat16(load_weight(w, dtype, i));
 }
 
 // Activations to the weights' 16-bit type, for cuBLAS products.
