@@ -50,6 +50,7 @@ public final class CUDABackend: ComputeBackend {
     private var scratch: CUDABuffer
     private var halfScratch: CUDABuffer
     private var dequantScratch: CUDABuffer
+    private var activationScratch: CUDABuffer
 
     public var name: String { "cuda (\(driver.deviceName))" }
 
@@ -67,7 +68,7 @@ public final class CUDABackend: ComputeBackend {
         let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
         let module = try driver.compile(source, name: "peregrine-kernels")
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split",
-                     "attention_merge", "silu_mul", "add_inplace", "gather_rows", "dequantize_bf16"] {
+                     "attention_merge", "silu_mul", "add_inplace", "gather_rows", "dequantize_bf16", "quantize_q8"] {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
@@ -78,6 +79,7 @@ public final class CUDABackend: ComputeBackend {
         scratch = try CUDABuffer(driver: driver, count: 1024)
         halfScratch = try CUDABuffer(driver: driver, count: 1024)
         dequantScratch = try CUDABuffer(driver: driver, count: 1024)
+        activationScratch = try CUDABuffer(driver: driver, count: 1024)
         for i in 0..<32 { params[i] = args + 8 * i }
     }
 
@@ -91,7 +93,7 @@ public final class CUDABackend: ComputeBackend {
     struct Arguments {
         let base: UnsafeMutableRawPointer
         var count = 0
-        // 32 slots of 8 bytes (see `args`); kernels here take at most 17 parameters.
+        // 32 slots of 8 bytes (see `args`); kernels here take at most 19 parameters.
         mutating func ptr(_ p: CUDADriver.DevicePointer) { base.storeBytes(of: p, toByteOffset: 8 * count, as: UInt64.self); count += 1 }
         mutating func ptr(_ b: CUDABuffer) { ptr(b.pointer) }
         mutating func i32(_ v: Int) { base.storeBytes(of: Int32(v), toByteOffset: 8 * count, as: Int32.self); count += 1 }
@@ -218,11 +220,22 @@ public final class CUDABackend: ComputeBackend {
 
     private func rowKernel(_ x: CUDABuffer, rows: Int, _ p: [Product], mode: Int) {
         let n = p.map(\.weight.rows), warps = mode == 2 ? n[0] : n.reduce(0, +)
+        let k = p[0].weight.cols
+        var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
+        if p[0].weight.dtype == .q8_0 || p[0].weight.dtype == .q4_0 {
+            // Activations rounded to 8 bits once for all rows (int8 values, then one scale per 32).
+            guard ensure(&activationScratch, rows * k / 4 + rows * k / 32) else { return }
+            xq = activationScratch.pointer
+            xs = activationScratch.pointer + UInt64(rows * k)
+            launch("quantize_q8", grid: blocks(rows * k), block: 256) { a in
+                a.ptr(x); a.ptr(xq); a.ptr(xs); a.i64(rows * k / 32)
+            }
+        }
         launch("matmul_rows", grid: blocks(warps * 32), block: 256) { a in
             for i in 0..<3 {
                 if i < p.count { a.ptr(p[i].weight.pointer); a.ptr(p[i].bias?.pointer ?? 0); a.ptr(p[i].out); a.i32(mode == 2 && i == 1 ? 0 : n[i]) } else { a.ptr(0); a.ptr(0); a.ptr(0); a.i32(0) }
             }
-            a.i32(code(p[0].weight.dtype)); a.ptr(x); a.i32(p[0].weight.cols); a.i32(rows); a.i32(mode)
+            a.i32(code(p[0].weight.dtype)); a.ptr(x); a.ptr(xq); a.ptr(xs); a.i32(k); a.i32(rows); a.i32(mode)
         }
     }
 

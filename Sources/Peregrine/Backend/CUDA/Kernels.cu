@@ -32,38 +32,6 @@ __device__ __forceinline__ float load_weight(const void* w, int dtype, long i) {
     return ((const float*)w)[i];
 }
 
-// One block of a quantized row against the activations of nt tokens, by one lane: the block's
-// 32 values dequantized in registers (2-byte loads: blocks are 2-byte aligned).
-__device__ __forceinline__ void block_dot(const void* w, int dtype, long row, long block, const float* x, int k, int t0,
-                                          int nt, float* acc) {
-    float v[32];
-    if (dtype == 3) {
-        const unsigned char* b = (const unsigned char*)w + (row / 32 + block) * 34;
-        float d = __half2float(*(const __half*)b);
-        const short* q = (const short*)(b + 2);
-#pragma unroll
-        for (int j = 0; j < 16; j++) { short p = q[j]; v[2 * j] = d * (float)(signed char)(p & 0xff); v[2 * j + 1] = d * (float)(signed char)(p >> 8); }
-    } else {
-        const unsigned char* b = (const unsigned char*)w + (row / 32 + block) * 18;
-        float d = __half2float(*(const __half*)b);
-        const unsigned short* q = (const unsigned short*)(b + 2);
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            unsigned short p = q[j];
-            v[2 * j] = d * (float)((p & 15) - 8); v[2 * j + 16] = d * (float)(((p >> 4) & 15) - 8);
-            v[2 * j + 1] = d * (float)(((p >> 8) & 15) - 8); v[2 * j + 17] = d * (float)((p >> 12) - 8);
-        }
-    }
-    long base = block * 32;
-    for (int t = 0; t < nt; t++) {
-        const float4* xp = (const float4*)(x + (long)(t0 + t) * k + base);
-        float s = 0;
-#pragma unroll
-        for (int j = 0; j < 8; j++) { float4 a = xp[j]; s += v[4 * j] * a.x + v[4 * j + 1] * a.y + v[4 * j + 2] * a.z + v[4 * j + 3] * a.w; }
-        acc[t] += s;
-    }
-}
-
 // Eight consecutive weights as f32 (i a multiple of 8; 16-byte loads for the 16-bit types).
 __device__ __forceinline__ void load8(const void* w, int dtype, long i, float* out) {
     if (dtype == 2) {
@@ -106,15 +74,63 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
     for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * scale * w[i];
 }
 
+// One block of a quantized row against nt tokens' activations rounded to 8 bits (xq: int8,
+// xs: one scale per 32), by one lane: 4-byte integer dot products (dp4a), one float multiply
+// per block. Blocks are 2-byte aligned, so the weight words are assembled from halves.
+__device__ __forceinline__ void block_dot(const void* w, int dtype, long row, long block, const signed char* xq,
+                                          const float* xs, int k, int t0, int nt, float* acc) {
+    int wq[8];
+    float d;
+    if (dtype == 3) {
+        const unsigned char* b = (const unsigned char*)w + (row / 32 + block) * 34;
+        d = __half2float(*(const __half*)b);
+        const unsigned short* q = (const unsigned short*)(b + 2);
+#pragma unroll
+        for (int j = 0; j < 8; j++) wq[j] = (int)((unsigned)q[2 * j] | ((unsigned)q[2 * j + 1] << 16));
+    } else {
+        const unsigned char* b = (const unsigned char*)w + (row / 32 + block) * 18;
+        d = __half2float(*(const __half*)b);
+        const unsigned short* q = (const unsigned short*)(b + 2);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            unsigned v = (unsigned)q[2 * j] | ((unsigned)q[2 * j + 1] << 16);
+            // Values 4j..4j+3 are low nibbles, 16+4j.. the high ones; subtract the offset of 8 per byte.
+            wq[j] = (int)__vsub4(v & 0x0F0F0F0F, 0x08080808);
+            wq[j + 4] = (int)__vsub4((v >> 4) & 0x0F0F0F0F, 0x08080808);
+        }
+    }
+    long base = block * 32;
+    for (int t = 0; t < nt; t++) {
+        const int4* xp = (const int4*)(xq + (long)(t0 + t) * k + base);
+        int4 a = xp[0], c = xp[1];
+        int sum = __dp4a(wq[0], a.x, 0);
+        sum = __dp4a(wq[1], a.y, sum); sum = __dp4a(wq[2], a.z, sum); sum = __dp4a(wq[3], a.w, sum);
+        sum = __dp4a(wq[4], c.x, sum); sum = __dp4a(wq[5], c.y, sum); sum = __dp4a(wq[6], c.z, sum); sum = __dp4a(wq[7], c.w, sum);
+        acc[t] += d * xs[(long)(t0 + t) * (k / 32) + block] * (float)sum;
+    }
+}
+
+// Activations rounded to 8 bits per 32 values (scale = max |x| / 127), one warp per block.
+extern "C" __global__ void quantize_q8(const float* x, signed char* xq, float* xs, long blocks) {
+    long b = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (b >= blocks) return;
+    float v = x[b * 32 + lane];
+    float amax = warp_max(fabsf(v));
+    float d = amax / 127.f;
+    xq[b * 32 + lane] = (signed char)(d > 0 ? __float2int_rn(v / d) : 0);
+    if (lane == 0) xs[b] = d;
+}
+
 // acc[t] += dot(W[row, :], x[t0 + t, :]) for nt <= TOKENS tokens, by one warp: each lane
 // reads 16 bytes of the row at a time, four loads in flight, so a decode step streams the
 // weights once.
 #define TOKENS 8
-__device__ __forceinline__ void warp_row_dot(const void* w, int dtype, long row, const float* x, int k, int t0, int nt,
-                                             int lane, float* acc) {
+__device__ __forceinline__ void warp_row_dot(const void* w, int dtype, long row, const float* x, const signed char* xq,
+                                             const float* xs, int k, int t0, int nt, int lane, float* acc) {
     if (dtype >= 3) {
         // A lane per 32-value block: neighbouring lanes read neighbouring blocks.
-        for (long b = lane; b < k / 32; b += 32) block_dot(w, dtype, row, b, x, k, t0, nt, acc);
+        for (long b = lane; b < k / 32; b += 32) block_dot(w, dtype, row, b, xq, xs, k, t0, nt, acc);
     } else if ((k & 7) == 0) {
         for (int i0 = lane * 8; i0 < k; i0 += 1024) {
             float wv[4][8];
@@ -147,7 +163,8 @@ __device__ __forceinline__ void warp_row_dot(const void* w, int dtype, long row,
 extern "C" __global__ void matmul_rows(const void* w0, const float* b0, float* y0, int n0,
                                        const void* w1, const float* b1, float* y1, int n1,
                                        const void* w2, const float* b2, float* y2, int n2,
-                                       int dtype, const float* x, int k, int tokens, int mode) {
+                                       int dtype, const float* x, const signed char* xq, const float* xs, int k, int tokens,
+                                       int mode) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     const void* w = w0; const float* b = b0; float* y = y0; int n = n0, o = warp;
     if (mode != 2 && o >= n0) {
@@ -159,11 +176,11 @@ extern "C" __global__ void matmul_rows(const void* w0, const float* b0, float* y
         int nt = min(TOKENS, tokens - t0);
         float acc[TOKENS];
         for (int t = 0; t < TOKENS; t++) acc[t] = 0;
-        warp_row_dot(w, dtype, (long)o * k, x, k, t0, nt, lane, acc);
+        warp_row_dot(w, dtype, (long)o * k, x, xq, xs, k, t0, nt, lane, acc);
         if (mode == 2) {
             float up[TOKENS];
             for (int t = 0; t < TOKENS; t++) up[t] = 0;
-            warp_row_dot(w1, dtype, (long)o * k, x, k, t0, nt, lane, up);
+            warp_row_dot(w1, dtype, (long)o * k, x, xq, xs, k, t0, nt, lane, up);
             if (lane == 0) {
                 for (int t = 0; t < nt; t++) {
                     float g = acc[t] + (b0 ? b0[o] : 0.f), u = up[t] + (b1 ? b1[o] : 0.f);
