@@ -11,6 +11,23 @@ final class CUDABackendTests: XCTestCase {
         }
     }
 
+    /// Host side, no GPU needed: the caching allocator's size classes.
+    func testPoolSizeClasses() {
+        XCTAssertEqual(DeviceMemoryPool.sizeClass(1), 256)
+        XCTAssertEqual(DeviceMemoryPool.sizeClass(257), 512)
+        XCTAssertEqual(DeviceMemoryPool.sizeClass(600_000), 1 << 20)
+        XCTAssertEqual(DeviceMemoryPool.sizeClass((1 << 20) + 1), 2 << 20)
+        XCTAssertEqual(DeviceMemoryPool.sizeClass(5 << 20), 5 << 20)
+    }
+
+    /// The kernels are embedded in the library, whatever machine it was built on.
+    func testKernelSourceIsEmbedded() {
+        let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
+        for kernel in ["matmul_rows", "attention_split", "attention_merge", "quantize_q8", "rms_norm"] {
+            XCTAssertTrue(source.contains("__global__ void \(kernel)("), kernel)
+        }
+    }
+
     /// Every fixture architecture (F32 weights): logits of a prompt (one batch, cuBLAS) and of
     /// single-token steps (the GEMV kernel) against transformers' reference.
     func testFixtureModelsMatchReference() throws {

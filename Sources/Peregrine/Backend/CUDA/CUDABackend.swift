@@ -1,20 +1,82 @@
 import Foundation
 
-/// f32 activations in device memory.
+/// Device memory for activations, caches and scratch, kept for reuse when freed: a forward
+/// pass that grows a workspace, or a new KV cache per request, then costs no cuMemAlloc (which
+/// synchronizes the device). Sizes are rounded up to a power of two below 1 MiB and to whole
+/// MiB above. All work runs on one stream, so memory freed there is safe to hand out again.
+final class DeviceMemoryPool: @unchecked Sendable {
+    private let driver: CUDADriver
+    private var free: [Int: [CUDADriver.DevicePointer]] = [:]
+    private let lock = NSLock()
+
+    init(driver: CUDADriver) { self.driver = driver }
+
+    deinit { trim() }
+
+    static func sizeClass(_ bytes: Int) -> Int {
+        if bytes >= 1 << 20 { return ((bytes + (1 << 20) - 1) >> 20) << 20 }
+        var n = 256
+        while n < bytes { n <<= 1 }
+        return n
+    }
+
+    func allocate(_ bytes: Int) throws -> (CUDADriver.DevicePointer, Int) {
+        let size = DeviceMemoryPool.sizeClass(bytes)
+        lock.lock()
+        if let p = free[size]?.popLast() {
+            lock.unlock()
+            return (p, size)
+        }
+        lock.unlock()
+        var p: CUDADriver.DevicePointer = 0
+        if driver.cuMemAlloc(&p, size) != 0 {
+            // Out of memory: give the cached blocks back and try once more.
+            trim()
+            try driver.check(driver.cuMemAlloc(&p, size), "cuMemAlloc(\(size) bytes)")
+        }
+        return (p, size)
+    }
+
+    func release(_ p: CUDADriver.DevicePointer, size: Int) {
+        lock.lock()
+        free[size, default: []].append(p)
+        lock.unlock()
+    }
+
+    func trim() {
+        lock.lock()
+        let all = free.values.flatMap { $0 }
+        free.removeAll()
+        lock.unlock()
+        for p in all { _ = driver.cuMemFree(p) }
+    }
+}
+
+/// f32 activations in device memory (or a weight's bytes), from the pool or, for weights, allocated exactly.
 public final class CUDABuffer: @unchecked Sendable {
     public let pointer: CUDADriver.DevicePointer
     public let count: Int
     private let driver: CUDADriver
+    private let pool: DeviceMemoryPool?
+    private let size: Int
 
-    init(driver: CUDADriver, count: Int) throws {
-        var p: CUDADriver.DevicePointer = 0
-        try driver.check(driver.cuMemAlloc(&p, max(count, 1) * 4), "cuMemAlloc")
-        pointer = p
+    init(driver: CUDADriver, count: Int, pool: DeviceMemoryPool? = nil) throws {
+        let bytes = max(count, 1) * 4
+        if let pool {
+            (pointer, size) = try pool.allocate(bytes)
+        } else {
+            var p: CUDADriver.DevicePointer = 0
+            try driver.check(driver.cuMemAlloc(&p, bytes), "cuMemAlloc(\(bytes) bytes)")
+            (pointer, size) = (p, bytes)
+        }
         self.count = count
         self.driver = driver
+        self.pool = pool
     }
 
-    deinit { _ = driver.cuMemFree(pointer) }
+    deinit {
+        if let pool { pool.release(pointer, size: size) } else { _ = driver.cuMemFree(pointer) }
+    }
 }
 
 /// A weight in device memory, in its stored type (vectors widened to f32).
@@ -34,6 +96,7 @@ public final class CUDABackend: ComputeBackend {
     public typealias Weight = CUDAWeight
 
     let driver: CUDADriver
+    let pool: DeviceMemoryPool
     let stream: OpaquePointer?
     let cublas: OpaquePointer?
     private var functions: [String: OpaquePointer?] = [:]
@@ -58,6 +121,7 @@ public final class CUDABackend: ComputeBackend {
         let driver = try CUDADriver.shared.get()
         try driver.makeCurrent()
         self.driver = driver
+        pool = DeviceMemoryPool(driver: driver)
         var s: OpaquePointer?
         try driver.check(driver.cuStreamCreate(&s, 1), "cuStreamCreate")
         stream = s
@@ -73,13 +137,13 @@ public final class CUDABackend: ComputeBackend {
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
         }
-        tokenInts = try CUDABuffer(driver: driver, count: 1024)
-        planInts = try CUDABuffer(driver: driver, count: 1024)
-        rowInts = try CUDABuffer(driver: driver, count: 1024)
-        scratch = try CUDABuffer(driver: driver, count: 1024)
-        halfScratch = try CUDABuffer(driver: driver, count: 1024)
-        dequantScratch = try CUDABuffer(driver: driver, count: 1024)
-        activationScratch = try CUDABuffer(driver: driver, count: 1024)
+        tokenInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        planInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        rowInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        scratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        halfScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        dequantScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        activationScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         for i in 0..<32 { params[i] = args + 8 * i }
     }
 
@@ -141,7 +205,7 @@ public final class CUDABackend: ComputeBackend {
     private func ensure(_ buffer: inout CUDABuffer, _ count: Int) -> Bool {
         guard buffer.count < count else { return true }
         _ = driver.cuStreamSynchronize(stream)
-        guard let b = try? CUDABuffer(driver: driver, count: count) else {
+        guard let b = try? CUDABuffer(driver: driver, count: count, pool: pool) else {
             if firstError == nil { firstError = .backend("out of GPU memory for \(count) scratch values") }
             return false
         }
@@ -181,7 +245,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func buffer(_ count: Int) throws -> CUDABuffer {
-        let b = try CUDABuffer(driver: driver, count: count)
+        let b = try CUDABuffer(driver: driver, count: count, pool: pool)
         try driver.check(driver.cuMemsetD8Async(b.pointer, 0, max(count, 1) * 4, stream), "cuMemsetD8Async")
         return b
     }
