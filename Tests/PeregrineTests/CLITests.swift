@@ -72,6 +72,11 @@ final class CLITests: XCTestCase {
                         "--out must differ from --model")
         try assertFails(["quantize", "--type", "Q4_0", "-m", "Tests/Fixtures/gguf/llama256-q6_k.gguf", "-o", "/nonexistent/x.gguf"],
                         "error: Tests/Fixtures/gguf/llama256-q6_k.gguf: tensor")
+        if ProcessInfo.processInfo.environment["LD_LIBRARY_PATH"]?.contains("cuda") != true,
+           !FileManager.default.fileExists(atPath: "/usr/local/cuda/lib64/libnvrtc.so") {
+            try assertFails(["generate", "--device", "cuda", "-n", "2"], "error: CUDA is not available")
+        }
+        try assertFails(["generate", "--device", "tpu"], "Error:")
         try assertFails(["frobnicate"], "Error:")
     }
 }

@@ -67,7 +67,7 @@ public final class CUDADriver: @unchecked Sendable {
                 if let h = dlopen(dir + name, RTLD_NOW | RTLD_GLOBAL) { return h }
             }
         }
-        throw PeregrineError.backend("cannot open \(names[0]) (add CUDA's lib64 folder to LD_LIBRARY_PATH)")
+        throw PeregrineError.backend("CUDA is not available: cannot open \(names[0]) (an NVIDIA driver and CUDA's lib64 folder on LD_LIBRARY_PATH are needed)")
     }
 
     private static func symbol<T>(_ lib: UnsafeMutableRawPointer, _ names: [String], as: T.Type) throws -> T {
