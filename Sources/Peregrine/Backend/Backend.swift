@@ -52,6 +52,9 @@ public protocol ComputeBackend: AnyObject {
                  _ b: (weight: Weight, bias: Weight?, out: Buffer), _ c: (weight: Weight, bias: Weight?, out: Buffer))
     /// residual += x @ weight^T (+ bias); `scratch` holds the product where it cannot be fused.
     func matmulAdd(_ x: Buffer, rows: Int, weight: Weight, bias: Weight?, residual: Buffer, scratch: Buffer)
+    /// RoPE on the queries and keys, and the rotated keys and the values written to the cache.
+    func ropeStoreKV(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, cos: Buffer,
+                     sin: Buffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>)
     /// out = silu(x @ gate^T + gateBias) * (x @ up^T + upBias); `scratch` holds the up product.
     func gatedProduct(_ x: Buffer, rows: Int, gate: Weight, gateBias: Weight?, up: Weight, upBias: Weight?,
                       out: Buffer, scratch: Buffer)
@@ -68,6 +71,13 @@ extension ComputeBackend {
     public func matmulAdd(_ x: Buffer, rows: Int, weight: Weight, bias: Weight?, residual: Buffer, scratch: Buffer) {
         matmul(x, rows: rows, weight: weight, bias: bias, out: scratch)
         add(residual, scratch, count: rows * outputSize(weight))
+    }
+
+    public func ropeStoreKV(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, cos: Buffer,
+                            sin: Buffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>) {
+        rope(q, rows: rows, heads: heads, headDim: headDim, cos: cos, sin: sin, interleaved: interleaved)
+        rope(k, rows: rows, heads: cache.kvHeads, headDim: headDim, cos: cos, sin: sin, interleaved: interleaved)
+        storeKV(layer: layer, k: k, v: v, rows: rows, plan: plan, cache: cache)
     }
 
     public func gatedProduct(_ x: Buffer, rows: Int, gate: Weight, gateBias: Weight?, up: Weight, upBias: Weight?,

@@ -193,9 +193,8 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
                 backend.rmsNorm(w.q, weight: qn, eps: c.rmsNormEps, rows: n * c.headCount, dim: hd, out: w.q)
                 backend.rmsNorm(w.k, weight: kn, eps: c.rmsNormEps, rows: n * c.kvHeadCount, dim: hd, out: w.k)
             }
-            backend.rope(w.q, rows: n, heads: c.headCount, headDim: hd, cos: w.cos, sin: w.sin, interleaved: c.ropeInterleaved)
-            backend.rope(w.k, rows: n, heads: c.kvHeadCount, headDim: hd, cos: w.cos, sin: w.sin, interleaved: c.ropeInterleaved)
-            backend.storeKV(layer: i, k: w.k, v: w.v, rows: n, plan: plan, cache: cache)
+            backend.ropeStoreKV(layer: i, q: w.q, k: w.k, v: w.v, rows: n, heads: c.headCount, headDim: hd, cos: w.cos, sin: w.sin,
+                                interleaved: c.ropeInterleaved, plan: plan, cache: cache)
             backend.attention(layer: i, q: w.q, rows: n, plan: plan, cache: cache, heads: c.headCount,
                               window: c.slidingWindow[i], out: w.attn)
             backend.matmulAdd(w.attn, rows: n, weight: L.o, bias: L.oBias, residual: w.x, scratch: w.tmp)

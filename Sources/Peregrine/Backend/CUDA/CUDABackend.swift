@@ -132,7 +132,7 @@ public final class CUDABackend: ComputeBackend {
         let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
         let module = try driver.compile(source, name: "peregrine-kernels")
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split",
-                     "attention_merge", "silu_mul", "add_inplace", "gather_rows", "dequantize_bf16", "quantize_q8"] {
+                     "attention_merge", "silu_mul", "add_inplace", "gather_rows", "dequantize_bf16", "quantize_q8", "rope_store_kv"] {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
@@ -381,6 +381,15 @@ public final class CUDABackend: ComputeBackend {
         launch("store_kv", grid: (rows, 1, 1), block: 128) { a in
             a.ptr(k); a.ptr(v); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(slots); a.ptr(positions)
             a.i32(cache.rowSize); a.i64(cache.slotSize)
+        }
+    }
+
+    public func ropeStoreKV(layer: Int, q: CUDABuffer, k: CUDABuffer, v: CUDABuffer, rows: Int, heads: Int, headDim: Int,
+                            cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<CUDABackend>) {
+        let (slots, positions) = planPointers(plan, rows: rows)
+        launch("rope_store_kv", grid: (rows, 1, 1), block: 256) { a in
+            a.ptr(q); a.ptr(k); a.ptr(v); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(cos); a.ptr(sin); a.ptr(slots)
+            a.ptr(positions); a.i32(heads); a.i32(cache.kvHeads); a.i32(headDim); a.i64(cache.slotSize); a.i32(interleaved ? 1 : 0)
         }
     }
 

@@ -232,6 +232,34 @@ extern "C" __global__ void rope(float* x, const float* cosT, const float* sinT, 
     p[b] = v * c + u * s;
 }
 
+// RoPE on a token's query and key heads, and its rotated key and value rows written to the cache
+// at (slot, position): one block per token.
+extern "C" __global__ void rope_store_kv(float* q, const float* k, const float* v, float* kc, float* vc, const float* cosT,
+                                         const float* sinT, const int* slots, const int* positions, int heads, int kvHeads,
+                                         int headDim, long slotSize, int interleaved) {
+    int t = blockIdx.x, half = headDim / 2, row = kvHeads * headDim;
+    const float* c = cosT + (long)t * half;
+    const float* s = sinT + (long)t * half;
+    long at = (long)slots[t] * slotSize + (long)positions[t] * row;
+    for (int idx = threadIdx.x; idx < (heads + kvHeads) * half; idx += blockDim.x) {
+        int h = idx / half, i = idx % half;
+        int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+        if (h < heads) {
+            float* p = q + ((long)t * heads + h) * headDim;
+            float u = p[a], w = p[b];
+            p[a] = u * c[i] - w * s[i];
+            p[b] = w * c[i] + u * s[i];
+        } else {
+            int kh = h - heads;
+            const float* p = k + ((long)t * kvHeads + kh) * headDim;
+            float u = p[a], w = p[b];
+            kc[at + kh * headDim + a] = u * c[i] - w * s[i];
+            kc[at + kh * headDim + b] = w * c[i] + u * s[i];
+        }
+    }
+    for (int i = threadIdx.x; i < row; i += blockDim.x) vc[at + i] = v[(long)t * row + i];
+}
+
 extern "C" __global__ void store_kv(const float* k, const float* v, float* kc, float* vc, const int* slots, const int* positions,
                                     int rowSize, long slotSize) {
     int t = blockIdx.x;
