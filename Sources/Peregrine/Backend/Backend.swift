@@ -45,6 +45,11 @@ public protocol ComputeBackend: AnyObject {
     /// Makes the results of queued work visible to the host (a no-op on the CPU).
     func synchronize() throws
 
+    /// Marks the start of a forward pass whose work is the same, pointers and all, every time
+    /// it comes with this key (a decode step), so a backend may record it once and replay it.
+    /// The pass ends with `synchronize`.
+    func beginStep(key: Int)
+
     // Fusions a backend may do in one pass; the defaults compose the operations above.
 
     /// Three products of the same input (the q, k and v projections).
@@ -61,6 +66,8 @@ public protocol ComputeBackend: AnyObject {
 }
 
 extension ComputeBackend {
+    public func beginStep(key: Int) {}
+
     public func matmul3(_ x: Buffer, rows: Int, _ a: (weight: Weight, bias: Weight?, out: Buffer),
                         _ b: (weight: Weight, bias: Weight?, out: Buffer), _ c: (weight: Weight, bias: Weight?, out: Buffer)) {
         matmul(x, rows: rows, weight: a.weight, bias: a.bias, out: a.out)

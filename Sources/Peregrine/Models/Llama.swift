@@ -183,6 +183,14 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         guard logits.count >= plan.logitRows.count * c.vocabSize else { throw PeregrineError.invalidArgument("logits buffer too small") }
         let w = try workspace(tokens: n, logitRows: plan.logitRows.count)
         let d = c.hiddenSize, hd = c.headDim
+        if n == 1 {
+            // A decode step: the same work for the same cache, workspace and layers every token.
+            var key = Hasher()
+            key.combine(ObjectIdentifier(cache))
+            key.combine(plan.logitRows.count)
+            key.combine(skippedLayers)
+            backend.beginStep(key: key.finalize())
+        }
         fillRotaryTables(plan, w)
         plan.tokens.withUnsafeBufferPointer { backend.embed(tokens: $0, table: embedTokens, out: w.x) }
 

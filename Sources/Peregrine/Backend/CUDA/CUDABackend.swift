@@ -117,6 +117,20 @@ public final class CUDABackend: ComputeBackend {
 
     public var name: String { "cuda (\(driver.deviceName))" }
 
+    // Decode steps as CUDA graphs: a step key seen once runs eagerly (allocating what it needs),
+    // the second time it is captured, then replayed. Host inputs of a step go through pinned
+    // staging memory at the same offsets every time, read by the graph's copy nodes. Any
+    // allocation that could move a pointer a graph holds drops the graphs.
+    private enum StepMode { case eager, capturing(Int), replaying(OpaquePointer?) }
+    private var mode = StepMode.eager
+    private var graphs: [Int: OpaquePointer?] = [:]
+    private var seen: [Int: Int] = [:]
+    private let graphsEnabled = ProcessInfo.processInfo.environment["PEREGRINE_NO_CUDA_GRAPHS"] == nil
+    private var pinned: UnsafeMutableRawPointer?
+    private let pinnedBytes = 1 << 20
+    private var pinnedCursor = 0
+    private var planStaged = false
+
     public init() throws {
         let driver = try CUDADriver.shared.get()
         try driver.makeCurrent()
@@ -145,12 +159,52 @@ public final class CUDABackend: ComputeBackend {
         dequantScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         activationScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         for i in 0..<32 { params[i] = args + 8 * i }
+        var host: UnsafeMutableRawPointer?
+        if driver.cuMemAllocHost(&host, pinnedBytes) == 0 { pinned = host }
     }
 
     deinit {
         args.deallocate()
         params.deallocate()
+        dropGraphs()
     }
+
+    private var inGraphStep: Bool { if case .eager = mode { return false }; return true }
+
+    private func dropGraphs() {
+        for (_, g) in graphs { _ = driver.cuGraphExecDestroy(g) }
+        graphs.removeAll()
+        seen.removeAll()
+    }
+
+    public func beginStep(key: Int) {
+        mode = .eager
+        pinnedCursor = 0
+        planStaged = false
+        guard graphsEnabled, pinned != nil, firstError == nil else { return }
+        if let g = graphs[key] {
+            mode = .replaying(g)
+            return
+        }
+        seen[key, default: 0] += 1
+        guard seen[key]! >= 2 else { return }
+        if driver.cuStreamBeginCapture(stream, 2) == 0 { mode = .capturing(key) }  // relaxed mode
+    }
+
+    /// Host values to the device inside a graph step: through pinned memory at this step's next
+    /// offset; the copy is recorded when capturing and already in the graph when replaying.
+    private func stage(_ source: UnsafeRawPointer, bytes: Int, to destination: CUDADriver.DevicePointer) {
+        guard let pinned, pinnedCursor + bytes <= pinnedBytes else {
+            if firstError == nil { firstError = .backend("decode-step inputs exceed the pinned staging memory") }
+            return
+        }
+        (pinned + pinnedCursor).copyMemory(from: source, byteCount: bytes)
+        if case .capturing = mode {
+            record(driver.cuMemcpyHtoDAsync(destination, UnsafeRawPointer(pinned + pinnedCursor), bytes, stream), "cuMemcpyHtoDAsync")
+        }
+        pinnedCursor += (bytes + 255) / 256 * 256
+    }
+
 
     // MARK: launching
 
@@ -172,6 +226,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     private func launch(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int = 0, _ fill: (inout Arguments) -> Void) {
+        if case .replaying = mode { return }
         var a = Arguments(base: args)
         fill(&a)
         let f = functions[name] ?? nil
@@ -185,25 +240,38 @@ public final class CUDABackend: ComputeBackend {
     /// memory are ordered in the stream, and the host array may be reused once the call returns.
     private func upload(_ values: UnsafeBufferPointer<Int32>, into buffer: inout CUDABuffer) -> CUDADriver.DevicePointer {
         guard ensure(&buffer, values.count) else { return buffer.pointer }
-        if values.count > 0 { record(driver.cuMemcpyHtoDAsync(buffer.pointer, values.baseAddress!, values.count * 4, stream), "cuMemcpyHtoDAsync") }
+        guard values.count > 0 else { return buffer.pointer }
+        if inGraphStep {
+            stage(values.baseAddress!, bytes: values.count * 4, to: buffer.pointer)
+        } else {
+            record(driver.cuMemcpyHtoDAsync(buffer.pointer, values.baseAddress!, values.count * 4, stream), "cuMemcpyHtoDAsync")
+        }
         return buffer.pointer
     }
 
     /// The plan's slots and positions on the device, uploaded once per batch and reused by every layer.
     private func planPointers(_ plan: BatchPlan, rows: Int) -> (slots: CUDADriver.DevicePointer, positions: CUDADriver.DevicePointer) {
         let slots = plan.slots[0..<rows], positions = plan.positions[0..<rows]
-        if !(slots.elementsEqual(planKey.slots) && positions.elementsEqual(planKey.positions)) {
+        if inGraphStep ? !planStaged : !(slots.elementsEqual(planKey.slots) && positions.elementsEqual(planKey.positions)) {
+            planStaged = true
             hostInts.removeAll(keepingCapacity: true)
             hostInts.append(contentsOf: slots)
             hostInts.append(contentsOf: positions)
             _ = hostInts.withUnsafeBufferPointer { upload($0, into: &planInts) }
-            planKey = (Array(slots), Array(positions))
+            // After a graph step the next eager batch uploads again.
+            planKey = inGraphStep ? ([], []) : (Array(slots), Array(positions))
         }
         return (planInts.pointer, planInts.pointer + UInt64(rows * 4))
     }
 
     private func ensure(_ buffer: inout CUDABuffer, _ count: Int) -> Bool {
         guard buffer.count < count else { return true }
+        if inGraphStep {
+            // A graph step must not move memory; the key is run eagerly again next time.
+            if firstError == nil { firstError = .backend("internal: scratch grew during a graph step") }
+            return false
+        }
+        dropGraphs()
         _ = driver.cuStreamSynchronize(stream)
         guard let b = try? CUDABuffer(driver: driver, count: count, pool: pool) else {
             if firstError == nil { firstError = .backend("out of GPU memory for \(count) scratch values") }
@@ -245,6 +313,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func buffer(_ count: Int) throws -> CUDABuffer {
+        dropGraphs()
         let b = try CUDABuffer(driver: driver, count: count, pool: pool)
         try driver.check(driver.cuMemsetD8Async(b.pointer, 0, max(count, 1) * 4, stream), "cuMemsetD8Async")
         return b
@@ -252,6 +321,10 @@ public final class CUDABackend: ComputeBackend {
 
     public func write(_ values: UnsafeBufferPointer<Float>, to buffer: CUDABuffer, offset: Int) {
         guard values.count > 0 else { return }
+        if inGraphStep {
+            stage(values.baseAddress!, bytes: values.count * 4, to: buffer.pointer + UInt64(offset * 4))
+            return
+        }
         record(driver.cuMemcpyHtoDAsync(buffer.pointer + UInt64(offset * 4), values.baseAddress!, values.count * 4, stream), "cuMemcpyHtoDAsync")
     }
 
@@ -401,9 +474,12 @@ public final class CUDABackend: ComputeBackend {
         if let window { longest = min(longest, window) }
         // Enough (token, head, split) blocks to fill the GPU; each split's scores fit in shared memory.
         let hd = cache.headDim
-        var splits = max(1, min((2 * driver.multiprocessors + rows * heads - 1) / (rows * heads), (longest + 63) / 64))
-        splits = max(splits, (longest + 8191) / 8192)
-        let chunk = (longest + splits - 1) / splits
+        // A decode step splits by the cache's capacity, not the sequence's length, so its work
+        // (and a graph of it) is the same at every position; splits past the end exit at once.
+        let basis = rows == 1 ? min(window ?? cache.capacity, cache.capacity) : longest
+        var splits = max(1, min((2 * driver.multiprocessors + rows * heads - 1) / (rows * heads), (basis + 63) / 64))
+        splits = max(splits, (basis + 8191) / 8192)
+        let chunk = (basis + splits - 1) / splits
         guard ensure(&scratch, rows * heads * splits * (hd + 2)) else { return }
         let stats = scratch.pointer + UInt64(rows * heads * splits * hd * 4)
         launch("attention_split", grid: (rows, heads, splits), block: 128, shared: 4 * chunk) { a in
@@ -436,6 +512,23 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func synchronize() throws {
+        switch mode {
+        case .eager: break
+        case .capturing(let key):
+            var graph: OpaquePointer?
+            let ended = driver.cuStreamEndCapture(stream, &graph)
+            var exec: OpaquePointer?
+            if ended == 0, firstError == nil, driver.cuGraphInstantiate(&exec, graph, 0) == 0 {
+                graphs[key] = exec
+                record(driver.cuGraphLaunch(exec, stream), "cuGraphLaunch")
+            } else {
+                record(ended != 0 ? ended : 1, "capturing a decode step")
+            }
+            if graph != nil { _ = driver.cuGraphDestroy(graph) }
+        case .replaying(let exec):
+            record(driver.cuGraphLaunch(exec, stream), "cuGraphLaunch")
+        }
+        mode = .eager
         record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
         if let e = firstError {
             firstError = nil

@@ -31,6 +31,12 @@ public final class CUDADriver: @unchecked Sendable {
     let cuStreamSynchronize: @convention(c) (OpaquePointer?) -> Result
     let cuGetErrorName: @convention(c) (Result, UnsafeMutablePointer<UnsafePointer<CChar>?>) -> Result
     let cuMemAllocHost: @convention(c) (UnsafeMutablePointer<UnsafeMutableRawPointer?>, Int) -> Result
+    let cuStreamBeginCapture: @convention(c) (OpaquePointer?, UInt32) -> Result
+    let cuStreamEndCapture: @convention(c) (OpaquePointer?, UnsafeMutablePointer<OpaquePointer?>) -> Result
+    let cuGraphInstantiate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, OpaquePointer?, UInt64) -> Result
+    let cuGraphLaunch: @convention(c) (OpaquePointer?, OpaquePointer?) -> Result
+    let cuGraphDestroy: @convention(c) (OpaquePointer?) -> Result
+    let cuGraphExecDestroy: @convention(c) (OpaquePointer?) -> Result
 
     // NVRTC.
     let nvrtcCreateProgram: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UnsafePointer<CChar>, UnsafePointer<CChar>?, Int32,
@@ -100,6 +106,12 @@ public final class CUDADriver: @unchecked Sendable {
         cuStreamSynchronize = try CUDADriver.symbol(cuda, ["cuStreamSynchronize"], as: type(of: cuStreamSynchronize))
         cuGetErrorName = try CUDADriver.symbol(cuda, ["cuGetErrorName"], as: type(of: cuGetErrorName))
         cuMemAllocHost = try CUDADriver.symbol(cuda, ["cuMemAllocHost_v2"], as: type(of: cuMemAllocHost))
+        cuStreamBeginCapture = try CUDADriver.symbol(cuda, ["cuStreamBeginCapture_v2"], as: type(of: cuStreamBeginCapture))
+        cuStreamEndCapture = try CUDADriver.symbol(cuda, ["cuStreamEndCapture"], as: type(of: cuStreamEndCapture))
+        cuGraphInstantiate = try CUDADriver.symbol(cuda, ["cuGraphInstantiateWithFlags"], as: type(of: cuGraphInstantiate))
+        cuGraphLaunch = try CUDADriver.symbol(cuda, ["cuGraphLaunch"], as: type(of: cuGraphLaunch))
+        cuGraphDestroy = try CUDADriver.symbol(cuda, ["cuGraphDestroy"], as: type(of: cuGraphDestroy))
+        cuGraphExecDestroy = try CUDADriver.symbol(cuda, ["cuGraphExecDestroy"], as: type(of: cuGraphExecDestroy))
         nvrtcCreateProgram = try CUDADriver.symbol(nvrtc, ["nvrtcCreateProgram"], as: type(of: nvrtcCreateProgram))
         nvrtcCompileProgram = try CUDADriver.symbol(nvrtc, ["nvrtcCompileProgram"], as: type(of: nvrtcCompileProgram))
         nvrtcGetProgramLogSize = try CUDADriver.symbol(nvrtc, ["nvrtcGetProgramLogSize"], as: type(of: nvrtcGetProgramLogSize))
