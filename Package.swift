@@ -16,9 +16,25 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-atomics", from: "1.2.0"),
     ],
     targets: [
+        // Integer kernels for quantized weights, generic over the multiply-accumulate instruction.
+        .target(
+            name: "PeregrineInt8",
+            swiftSettings: cpuFlags + [.unsafeFlags(["-O"], .when(configuration: .debug))]
+        ),
+        // The same kernels specialized for AVX-512 VNNI, built for a CPU that has it (cascadelake);
+        // Peregrine calls them only where /proc/cpuinfo shows avx512_vnni. VNNI's intrinsics are
+        // macros in clang's headers, which Swift does not import, so they are reached through
+        // LLVM's own intrinsic in the Builtin module.
+        .target(
+            name: "PeregrineVNNI",
+            dependencies: ["PeregrineInt8"],
+            swiftSettings: [.unsafeFlags(["-target-cpu", "cascadelake"], .when(platforms: [.linux])),
+                            .unsafeFlags(["-O"], .when(configuration: .debug)),
+                            .enableExperimentalFeature("BuiltinModule")]
+        ),
         .target(
             name: "Peregrine",
-            dependencies: [.product(name: "Atomics", package: "swift-atomics")],
+            dependencies: ["PeregrineInt8", "PeregrineVNNI", .product(name: "Atomics", package: "swift-atomics")],
             // The CUDA kernels travel inside the library and are compiled by NVRTC at run time.
             resources: [.embedInCode("Backend/CUDA/Kernels.cu")],
             // Kernels unoptimised are ~50x slower; the test suite runs real models, so the

@@ -1,5 +1,9 @@
 import XCTest
 @testable import Peregrine
+import PeregrineInt8
+#if arch(x86_64)
+import PeregrineVNNI
+#endif
 
 /// Every quantized type's SIMD row product against its scalar dequantization, on random blocks.
 final class QuantKernelTests: XCTestCase {
@@ -53,9 +57,15 @@ extension QuantKernelTests {
                 let row = randomRow(type, blocks: k / type.blockSize, rng: &rng)
                 var w = [Float](repeating: 0, count: k)
                 row.withUnsafeBytes { type.dequantize($0.baseAddress!, count: k, into: &w) }
-                var act = [UInt8](repeating: 0, count: Int8Kernels.activationBytes(type, k: k))
-                x.withUnsafeBufferPointer { xs in act.withUnsafeMutableBytes { Int8Kernels.quantizeActivations(type, xs.baseAddress!, k: k, into: $0.baseAddress!) } }
-                let got = row.withUnsafeBytes { r in act.withUnsafeBytes { Int8Kernels.rowDot(type, r.baseAddress!, $0.baseAddress!, k) } }
+                let kind = Int8WeightType(type)!
+                var act = [UInt8](repeating: 0, count: Int8Kernels.activationBytes(kind, k: k))
+                x.withUnsafeBufferPointer { xs in act.withUnsafeMutableBytes { Int8Kernels.quantizeActivations(kind, xs.baseAddress!, k: k, into: $0.baseAddress!) } }
+                let got = row.withUnsafeBytes { r in act.withUnsafeBytes { Int8Kernels.rowDot(kind, dot: AVX2Dot.self, r.baseAddress!, $0.baseAddress!, k) } }
+                // The VNNI products sum the same integers: the same result to the bit.
+                if CPUFeatures.useVNNI {
+                    let vnni = row.withUnsafeBytes { r in act.withUnsafeBytes { VNNIKernels.rowDot(kind, r.baseAddress!, $0.baseAddress!, k) } }
+                    XCTAssertEqual(vnni, got, "\(type): VNNI")
+                }
                 let expected = zip(w, x).reduce(0) { $0 + Double($1.0) * Double($1.1) }
                 let magnitude = zip(w, x).reduce(0) { $0 + abs(Double($1.0) * Double($1.1)) }
                 worst = max(worst, abs(Double(got) - expected) / magnitude)

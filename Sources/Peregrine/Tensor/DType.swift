@@ -1,3 +1,5 @@
+import PeregrineInt8
+
 /// Element types of stored tensors: floats, and llama.cpp's quantized blocks. The 32-value
 /// blocks share an f16 scale (and, for the `_1` types, an f16 offset); the k-quants pack 256
 /// values into sub-blocks whose scales are themselves quantized against f16 super-block scales.
@@ -144,19 +146,6 @@ public enum DType: String, Sendable, CaseIterable {
         case "bfloat16": self = .bf16
         default: return nil
         }
-    }
-}
-
-/// Shared pieces of the k-quant layouts.
-enum KQuant {
-    /// Sub-block j's 6-bit scale and min from the 12 packed bytes of Q4_K and Q5_K: sub-blocks
-    /// 0-3 use the low 6 bits of bytes j and j + 4; 4-7 take 4 bits from byte j + 4 and their
-    /// top 2 bits from the spare bits of bytes j - 4 and j.
-    @inline(__always)
-    static func scaleMin(_ q: UnsafeRawPointer, _ j: Int) -> (Int, Int) {
-        @inline(__always) func b(_ i: Int) -> Int { Int(q.load(fromByteOffset: i, as: UInt8.self)) }
-        if j < 4 { return (b(j) & 63, b(j + 4) & 63) }
-        return ((b(j + 4) & 0x0F) | ((b(j - 4) >> 6) << 4), (b(j + 4) >> 4) | ((b(j) >> 6) << 4))
     }
 }
 

@@ -1,3 +1,11 @@
+import Foundation
+#if arch(x86_64)
+import PeregrineInt8
+import PeregrineVNNI
+#else
+import PeregrineInt8
+#endif
+
 /// Products of block-quantized weights (llama.cpp's layouts). On x86 they run on activations
 /// rounded to 8 bits (QuantKernelsX86.swift), as llama.cpp's do; these f32-activation kernels
 /// are the portable path and the reference the integer ones are tested against. Each row is
@@ -10,7 +18,7 @@ extension CPUKernels {
     /// Bytes of scratch `matmulBlocks` needs for `tokens` rows of `k` activations.
     static func activationScratchBytes(_ type: DType, tokens: Int, k: Int) -> Int {
         #if arch(x86_64)
-        return tokens * Int8Kernels.activationBytes(type, k: k)
+        return tokens * Int8Kernels.activationBytes(Int8WeightType(type)!, k: k)
         #else
         return 0
         #endif
@@ -23,15 +31,22 @@ extension CPUKernels {
         let grain = max(4, 65536 / max(1, tokens * k))
         #if arch(x86_64)
         // Activations rounded to 8 bits once per token, then integer products for every row.
-        let stride = Int8Kernels.activationBytes(type, k: k)
+        let kind = Int8WeightType(type)!
+        let stride = Int8Kernels.activationBytes(kind, k: k)
         if tokens == 1 {
-            Int8Kernels.quantizeActivations(type, x, k: k, into: scratch)
+            Int8Kernels.quantizeActivations(kind, x, k: k, into: scratch)
         } else {
-            pool.parallelFor(tokens) { t in Int8Kernels.quantizeActivations(type, x + t &* k, k: k, into: scratch + t &* stride) }
+            pool.parallelFor(tokens) { t in Int8Kernels.quantizeActivations(kind, x + t &* k, k: k, into: scratch + t &* stride) }
         }
+        let vnni = CPUFeatures.useVNNI
         pool.parallelRanges(outDim, grain: grain) { rows in
-            Int8Kernels.rows(type, w: w, rowBytes: rowBytes, a: scratch, stride: stride, k: k, tokens: tokens, rows: rows,
-                             bias: bias, y: y, ldy: outDim)
+            if vnni {
+                VNNIKernels.rows(kind, w: w, rowBytes: rowBytes, a: scratch, stride: stride, k: k, tokens: tokens, rows: rows,
+                                 bias: bias, y: y, ldy: outDim)
+            } else {
+                Int8Kernels.rows(kind, dot: AVX2Dot.self, w: w, rowBytes: rowBytes, a: scratch, stride: stride, k: k, tokens: tokens,
+                                 rows: rows, bias: bias, y: y, ldy: outDim)
+            }
         }
         #else
         pool.parallelRanges(outDim, grain: grain) { rows in
@@ -264,4 +279,40 @@ extension CPUKernels {
         }
         return acc
     }
+}
+
+extension Int8WeightType {
+    /// The integer-kernel type of a quantized DType (nil for the float types).
+    init?(_ type: DType) {
+        switch type {
+        case .q8_0: self = .q8_0
+        case .q4_0: self = .q4_0
+        case .q5_0: self = .q5_0
+        case .q4_1: self = .q4_1
+        case .q5_1: self = .q5_1
+        case .q4_K: self = .q4_K
+        case .q5_K: self = .q5_K
+        case .q6_K: self = .q6_K
+        case .f32, .f16, .bf16: return nil
+        }
+    }
+}
+
+/// What the CPU offers beyond the AVX2/FMA baseline, read once from /proc/cpuinfo.
+enum CPUFeatures {
+    static let flags: Set<Substring> = {
+        guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("flags") }) else { return [] }
+        return Set(line.split(separator: " "))
+    }()
+
+    /// AVX-512 VNNI with 256-bit forms (VL) and byte/word ops (BW); PEREGRINE_NO_VNNI=1 turns it off.
+    static let useVNNI: Bool = {
+        #if arch(x86_64)
+        if ProcessInfo.processInfo.environment["PEREGRINE_NO_VNNI"] != nil { return false }
+        return flags.contains("avx512_vnni") && flags.contains("avx512vl") && flags.contains("avx512bw")
+        #else
+        return false
+        #endif
+    }()
 }

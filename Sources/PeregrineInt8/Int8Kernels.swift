@@ -1,3 +1,21 @@
+// Integer kernels for llama.cpp's block types, generic over the multiply-accumulate
+// instruction: Peregrine specializes them for AVX2 (this module's baseline) and PeregrineVNNI
+// for AVX-512 VNNI, in a module built for it. Everything is @inlinable so each specialization
+// is compiled with its own module's target.
+
+/// Shared pieces of the k-quant layouts.
+public enum KQuant {
+    /// Sub-block j's 6-bit scale and min from the 12 packed bytes of Q4_K and Q5_K: sub-blocks
+    /// 0-3 use the low 6 bits of bytes j and j + 4; 4-7 take 4 bits from byte j + 4 and their
+    /// top 2 bits from the spare bits of bytes j - 4 and j.
+    @inlinable @inline(__always)
+    public static func scaleMin(_ q: UnsafeRawPointer, _ j: Int) -> (Int, Int) {
+        @inline(__always) func b(_ i: Int) -> Int { Int(q.load(fromByteOffset: i, as: UInt8.self)) }
+        if j < 4 { return (b(j) & 63, b(j + 4) & 63) }
+        return ((b(j + 4) & 0x0F) | ((b(j - 4) >> 6) << 4), (b(j + 4) >> 4) | ((b(j) >> 6) << 4))
+    }
+}
+
 #if arch(x86_64)
 import _Builtin_intrinsics.intel
 
@@ -6,30 +24,27 @@ import _Builtin_intrinsics.intel
 /// types, per 256 values (one scale, sums of each 16) for the k-quants. Products of 8-bit
 /// integers are summed exactly in 16 and 32 bits (AVX2's maddubs/madd) and scaled once per
 /// block. The activations are rounded once per token and reused by every row.
-enum Int8Kernels {
-    /// Bytes of one row of `k` activations in the layout `type`'s products take.
-    static func activationBytes(_ type: DType, k: Int) -> Int {
-        switch type {
-        case .q4_K, .q5_K, .q6_K: return k / 256 * kBlockBytes
-        default: return k / 32 * blockBytes
-        }
+public enum Int8Kernels {
+    /// Bytes of one row of `k` activations in the layout a weight type's products take.
+    @inlinable public static func activationBytes(_ type: Int8WeightType, k: Int) -> Int {
+        type.isKQuant ? k / 256 * kBlockBytes : k / 32 * blockBytes
     }
 
     /// Per 32 values: the scale, the scale times the sum of the values (both f16 values held as
     /// f32), 32 int8.
-    static let blockBytes = 40
+    @inlinable public static var blockBytes: Int { 40 }
     /// Per 256 values: f32 scale, 16 int16 sums of 16 values, 256 int8.
-    static let kBlockBytes = 292
+    @inlinable public static var kBlockBytes: Int { 292 }
 
-    @inline(__always) static func f16(_ p: UnsafeRawPointer, _ offset: Int) -> Float {
+    @inline(__always) @inlinable public static func f16(_ p: UnsafeRawPointer, _ offset: Int) -> Float {
         Float(p.loadUnaligned(fromByteOffset: offset, as: Float16.self))
     }
 
-    @inline(__always) static func v(_ x: __m256i) -> SIMD8<Int32> { unsafeBitCast(x, to: SIMD8<Int32>.self) }
+    @inline(__always) @inlinable public static func v(_ x: __m256i) -> SIMD8<Int32> { unsafeBitCast(x, to: SIMD8<Int32>.self) }
 
     /// Rounds 32 floats to int8 (nearest, ties to even) with scale `id`, in order.
-    @inline(__always)
-    static func round32(_ x: UnsafePointer<Float>, _ id: Float, into out: UnsafeMutableRawPointer) {
+    @inline(__always) @inlinable
+    public static func round32(_ x: UnsafePointer<Float>, _ id: Float, into out: UnsafeMutableRawPointer) {
         let s = _mm256_set1_ps(id)
         @inline(__always) func r(_ i: Int) -> __m256i {
             _mm256_cvtps_epi32(_mm256_mul_ps(UnsafeRawPointer(x + i).loadUnaligned(as: __m256.self), s))
@@ -40,7 +55,7 @@ enum Int8Kernels {
         out.storeBytes(of: packed, as: __m256i.self)
     }
 
-    @inline(__always) static func absMax(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
+    @inline(__always) @inlinable public static func absMax(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
         var m = SIMD8<Float>()
         var i = 0
         while i < n {
@@ -52,9 +67,9 @@ enum Int8Kernels {
     }
 
     /// Rounds one token's `k` activations for the products of weight type `type`.
-    static func quantizeActivations(_ type: DType, _ x: UnsafePointer<Float>, k: Int, into out: UnsafeMutableRawPointer) {
-        switch type {
-        case .q4_K, .q5_K, .q6_K:
+    @inlinable public static func quantizeActivations(_ type: Int8WeightType, _ x: UnsafePointer<Float>, k: Int, into out: UnsafeMutableRawPointer) {
+        switch type.isKQuant {
+        case true:
             for b in 0..<(k / 256) {
                 let xb = x + 256 &* b, ob = out + kBlockBytes &* b
                 // The value of largest magnitude maps to -127 (llama.cpp's Q8_K).
@@ -73,7 +88,7 @@ enum Int8Kernels {
                     ob.storeBytes(of: s, toByteOffset: 4 &+ 2 &* j, as: Int16.self)
                 }
             }
-        default:
+        case false:
             for b in 0..<(k / 32) {
                 let xb = x + 32 &* b, ob = out + blockBytes &* b
                 // llama.cpp keeps these scales (and the scaled sum) in f16.
@@ -87,29 +102,29 @@ enum Int8Kernels {
         }
     }
 
-    static let ones16 = _mm256_set1_epi16(1)
-    static let lowNibbles = _mm256_set1_epi8(0x0F)
+    @inlinable public static var ones16: __m256i { _mm256_set1_epi16(1) }
+    @inlinable public static var lowNibbles: __m256i { _mm256_set1_epi8(0x0F) }
 
     /// Sum of products of signed bytes, as 8 int32 lanes (the sign moves onto y so maddubs,
     /// unsigned x signed, can take it).
-    @inline(__always) static func dotSigned(_ x: __m256i, _ y: __m256i) -> __m256i {
+    @inline(__always) @inlinable public static func dotSigned(_ x: __m256i, _ y: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)), _mm256_set1_epi16(1))
     }
 
     /// Unsigned bytes x signed bytes, pairs summed in int16, then times `scales` (int16) and
     /// pairs summed in int32.
-    @inline(__always) static func dotUnsigned(_ x: __m256i, _ y: __m256i, _ scales: __m256i) -> __m256i {
+    @inline(__always) @inlinable public static func dotUnsigned(_ x: __m256i, _ y: __m256i, _ scales: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), scales)
     }
 
     /// 32 four-bit values of a 16-byte Q4 layout in element order (low nibbles, then high).
-    @inline(__always) static func nibbles(_ p: UnsafeRawPointer) -> __m256i {
+    @inline(__always) @inlinable public static func nibbles(_ p: UnsafeRawPointer) -> __m256i {
         let raw = p.loadUnaligned(as: __m128i.self)
         return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F))
     }
 
     /// 0x10 in byte i where bit i of the 32-bit mask is set: the fifth bits of Q5_0 / Q5_1.
-    @inline(__always) static func fifthBits(_ p: UnsafeRawPointer) -> __m256i {
+    @inline(__always) @inlinable public static func fifthBits(_ p: UnsafeRawPointer) -> __m256i {
         let m = _mm256_set1_epi32(Int32(bitPattern: p.loadUnaligned(as: UInt32.self)))
         let spread = _mm256_shuffle_epi8(m, _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                                              2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3))
@@ -117,36 +132,37 @@ enum Int8Kernels {
         return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10))
     }
 
-    @inline(__always) static func hsum(_ x: __m256) -> Float { unsafeBitCast(x, to: SIMD8<Float>.self).sum() }
+    @inline(__always) @inlinable public static func hsum(_ x: __m256) -> Float { unsafeBitCast(x, to: SIMD8<Float>.self).sum() }
 
     /// y[t, o] = dot(W[o, :], activations of token t) for the rows `rows`, eight or four tokens
     /// at a time where there are that many: each weight block is unpacked once for all of them. The same
     /// per-token arithmetic either way, so results do not depend on the batch.
-    @inline(__always)
-    static func rows(_ type: DType, w: UnsafeRawPointer, rowBytes: Int, a: UnsafeRawPointer, stride: Int, k: Int,
-                     tokens: Int, rows: Range<Int>, bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, ldy: Int) {
+    @inline(__always) @inlinable
+    public static func rows<D: Int8Dot>(_ type: Int8WeightType, dot: D.Type, w: UnsafeRawPointer, rowBytes: Int, a: UnsafeRawPointer,
+                                        stride: Int, k: Int, tokens: Int, rows: Range<Int>, bias: UnsafePointer<Float>?,
+                                        y: UnsafeMutablePointer<Float>, ldy: Int) {
         switch type {
-        case .q8_0: tile(Q8_0Block.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
-        case .q4_0: tile(Q4_0Block.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
-        case .q5_0: tile(Q5_0Block.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
-        case .q4_1: tile(Q4_1Block.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
-        case .q5_1: tile(Q5_1Block.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
-        case .q4_K: tile(Q4_KBlock.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
-        case .q5_K: tile(Q5_KBlock.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
-        case .q6_K: tile(Q6_KBlock.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
-        case .f32, .f16, .bf16: preconditionFailure("Int8Kernels are for quantized types")
+        case .q8_0: tile(Q8_0Block.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q4_0: tile(Q4_0Block.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q5_0: tile(Q5_0Block.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q4_1: tile(Q4_1Block.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q5_1: tile(Q5_1Block.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q4_K: tile(Q4_KBlock.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q5_K: tile(Q5_KBlock.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q6_K: tile(Q6_KBlock.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
         }
     }
 
     /// One row against one token (tests use it; the same arithmetic as `rows`).
-    static func rowDot(_ type: DType, _ row: UnsafeRawPointer, _ a: UnsafeRawPointer, _ k: Int) -> Float {
+    @inlinable public static func rowDot<D: Int8Dot>(_ type: Int8WeightType, dot: D.Type, _ row: UnsafeRawPointer, _ a: UnsafeRawPointer,
+                                                     _ k: Int) -> Float {
         var out: Float = 0
-        rows(type, w: row, rowBytes: 0, a: a, stride: 0, k: k, tokens: 1, rows: 0..<1, bias: nil, y: &out, ldy: 1)
+        rows(type, dot: D.self, w: row, rowBytes: 0, a: a, stride: 0, k: k, tokens: 1, rows: 0..<1, bias: nil, y: &out, ldy: 1)
         return out
     }
 
-    @inline(never)
-    static func tile<K: Int8Block>(_: K.Type, _ w: UnsafeRawPointer, _ rowBytes: Int, _ a: UnsafeRawPointer, _ stride: Int, _ k: Int,
+    @inlinable @inline(never)
+    public static func tile<K: Int8Block, D: Int8Dot>(_: K.Type, _: D.Type, _ w: UnsafeRawPointer, _ rowBytes: Int, _ a: UnsafeRawPointer, _ stride: Int, _ k: Int,
                                    _ tokens: Int, _ rows: Range<Int>, _ bias: UnsafePointer<Float>?,
                                    _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
         let blocks = k / K.values
@@ -160,14 +176,14 @@ enum Int8Kernels {
                 for b in 0..<blocks {
                     let d = K.decode(row + b &* K.weightBytes)
                     let p = a0 + b &* K.activationBytes
-                    K.accumulate(d, p, &c0, &s0)
-                    K.accumulate(d, p + stride, &c1, &s1)
-                    K.accumulate(d, p + 2 &* stride, &c2, &s2)
-                    K.accumulate(d, p + 3 &* stride, &c3, &s3)
-                    K.accumulate(d, p + 4 &* stride, &c4, &s4)
-                    K.accumulate(d, p + 5 &* stride, &c5, &s5)
-                    K.accumulate(d, p + 6 &* stride, &c6, &s6)
-                    K.accumulate(d, p + 7 &* stride, &c7, &s7)
+                    K.accumulate(d, p, &c0, &s0, D.self)
+                    K.accumulate(d, p + stride, &c1, &s1, D.self)
+                    K.accumulate(d, p + 2 &* stride, &c2, &s2, D.self)
+                    K.accumulate(d, p + 3 &* stride, &c3, &s3, D.self)
+                    K.accumulate(d, p + 4 &* stride, &c4, &s4, D.self)
+                    K.accumulate(d, p + 5 &* stride, &c5, &s5, D.self)
+                    K.accumulate(d, p + 6 &* stride, &c6, &s6, D.self)
+                    K.accumulate(d, p + 7 &* stride, &c7, &s7, D.self)
                 }
                 let bo = bias?[o] ?? 0
                 y[t &* ldy &+ o] = hsum(c0) + s0 + bo
@@ -190,10 +206,10 @@ enum Int8Kernels {
                 for b in 0..<blocks {
                     let d = K.decode(row + b &* K.weightBytes)
                     let p = a0 + b &* K.activationBytes
-                    K.accumulate(d, p, &c0, &s0)
-                    K.accumulate(d, p + stride, &c1, &s1)
-                    K.accumulate(d, p + 2 &* stride, &c2, &s2)
-                    K.accumulate(d, p + 3 &* stride, &c3, &s3)
+                    K.accumulate(d, p, &c0, &s0, D.self)
+                    K.accumulate(d, p + stride, &c1, &s1, D.self)
+                    K.accumulate(d, p + 2 &* stride, &c2, &s2, D.self)
+                    K.accumulate(d, p + 3 &* stride, &c3, &s3, D.self)
                 }
                 let bo = bias?[o] ?? 0
                 y[t &* ldy &+ o] = hsum(c0) + s0 + bo
@@ -209,7 +225,7 @@ enum Int8Kernels {
                 let row = w + o &* rowBytes
                 var c = _mm256_setzero_ps()
                 var s: Float = 0
-                for b in 0..<blocks { K.accumulate(K.decode(row + b &* K.weightBytes), at + b &* K.activationBytes, &c, &s) }
+                for b in 0..<blocks { K.accumulate(K.decode(row + b &* K.weightBytes), at + b &* K.activationBytes, &c, &s, D.self) }
                 y[t &* ldy &+ o] = hsum(c) + s + (bias?[o] ?? 0)
             }
             t &+= 1
@@ -219,99 +235,127 @@ enum Int8Kernels {
 
 /// One block type's integer product: unpack a weight block once, then add its products with
 /// one token's activation block into a vector accumulator and a scalar one.
-protocol Int8Block {
+public protocol Int8Block {
     associatedtype Decoded
     static var values: Int { get }
     static var weightBytes: Int { get }
     static var activationBytes: Int { get }
     static func decode(_ w: UnsafeRawPointer) -> Decoded
-    static func accumulate(_ d: Decoded, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float)
+    static func accumulate<D: Int8Dot>(_ d: Decoded, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type)
 }
 
 extension Int8Block {
-    static var activationBytes: Int { values == 256 ? Int8Kernels.kBlockBytes : Int8Kernels.blockBytes }
+    @inlinable public static var activationBytes: Int { values == 256 ? Int8Kernels.kBlockBytes : Int8Kernels.blockBytes }
+}
+
+/// The integer multiply-accumulate the kernels are built on: AVX2's maddubs/madd here, VNNI's
+/// vpdpbusd in PeregrineVNNI. Both give each int32 lane the same exact sum.
+public protocol Int8Dot {
+    /// Sum of products of signed bytes, four per int32 lane.
+    static func signed(_ x: __m256i, _ y: __m256i) -> __m256i
+    /// Unsigned bytes x signed bytes, four per int32 lane, times `scales` (int16 lanes holding the
+    /// same value in both halves of each int32 lane).
+    static func unsigned(_ x: __m256i, _ y: __m256i, _ scales: __m256i) -> __m256i
+}
+
+public enum AVX2Dot: Int8Dot {
+    @inlinable @inline(__always) public static func signed(_ x: __m256i, _ y: __m256i) -> __m256i { Int8Kernels.dotSigned(x, y) }
+    @inlinable @inline(__always) public static func unsigned(_ x: __m256i, _ y: __m256i, _ scales: __m256i) -> __m256i {
+        Int8Kernels.dotUnsigned(x, y, scales)
+    }
+}
+
+/// The weight types with integer kernels.
+public enum Int8WeightType: Int, Sendable {
+    case q8_0, q4_0, q5_0, q4_1, q5_1, q4_K, q5_K, q6_K
+    @inlinable public var isKQuant: Bool { self == .q4_K || self == .q5_K || self == .q6_K }
 }
 
 /// The 32-value types: values as bytes (signed when `signed`), the block scale, and the min
 /// for the types that have one.
-struct Block32 {
-    let q: __m256i
-    let d: Float
-    let m: Float
+@frozen public struct Block32 {
+    public let q: __m256i
+    public let d: Float
+    public let m: Float
+    @inlinable public init(q: __m256i, d: Float, m: Float) { self.q = q; self.d = d; self.m = m }
 }
 
 extension Int8Block where Decoded == Block32 {
-    static var values: Int { 32 }
+    @inlinable public static var values: Int { 32 }
 }
 
-enum Q8_0Block: Int8Block {
-    static let weightBytes = 34
-    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> Block32 {
+public enum Q8_0Block: Int8Block {
+    @inlinable public static var weightBytes: Int { 34 }
+    @inline(__always) @inlinable public static func decode(_ w: UnsafeRawPointer) -> Block32 {
         Block32(q: w.loadUnaligned(fromByteOffset: 2, as: __m256i.self), d: Int8Kernels.f16(w, 0), m: 0)
     }
-    @inline(__always) static func accumulate(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
-        let p = Int8Kernels.dotSigned(d.q, y.loadUnaligned(fromByteOffset: 8, as: __m256i.self))
+    @inline(__always) @inlinable public static func accumulate<D: Int8Dot>(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
+        let p = D.signed(d.q, y.loadUnaligned(fromByteOffset: 8, as: __m256i.self))
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d.d * y.load(as: Float.self)), _mm256_cvtepi32_ps(p), acc)
     }
 }
 
-enum Q4_0Block: Int8Block {
-    static let weightBytes = 18
-    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> Block32 {
+public enum Q4_0Block: Int8Block {
+    @inlinable public static var weightBytes: Int { 18 }
+    @inline(__always) @inlinable public static func decode(_ w: UnsafeRawPointer) -> Block32 {
         Block32(q: _mm256_sub_epi8(Int8Kernels.nibbles(w + 2), _mm256_set1_epi8(8)), d: Int8Kernels.f16(w, 0), m: 0)
     }
-    @inline(__always) static func accumulate(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
-        Q8_0Block.accumulate(d, y, &acc, &s)
+    @inline(__always) @inlinable public static func accumulate<D: Int8Dot>(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
+        Q8_0Block.accumulate(d, y, &acc, &s, D.self)
     }
 }
 
-enum Q5_0Block: Int8Block {
-    static let weightBytes = 22
-    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> Block32 {
+public enum Q5_0Block: Int8Block {
+    @inlinable public static var weightBytes: Int { 22 }
+    @inline(__always) @inlinable public static func decode(_ w: UnsafeRawPointer) -> Block32 {
         let q = _mm256_or_si256(Int8Kernels.nibbles(w + 6), Int8Kernels.fifthBits(w + 2))
         return Block32(q: _mm256_sub_epi8(q, _mm256_set1_epi8(16)), d: Int8Kernels.f16(w, 0), m: 0)
     }
-    @inline(__always) static func accumulate(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
-        Q8_0Block.accumulate(d, y, &acc, &s)
+    @inline(__always) @inlinable public static func accumulate<D: Int8Dot>(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
+        Q8_0Block.accumulate(d, y, &acc, &s, D.self)
     }
 }
 
-enum Q4_1Block: Int8Block {
-    static let weightBytes = 20
-    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> Block32 {
+public enum Q4_1Block: Int8Block {
+    @inlinable public static var weightBytes: Int { 20 }
+    @inline(__always) @inlinable public static func decode(_ w: UnsafeRawPointer) -> Block32 {
         Block32(q: Int8Kernels.nibbles(w + 4), d: Int8Kernels.f16(w, 0), m: Int8Kernels.f16(w, 2))
     }
     /// Unsigned values: d * dy * sum(q y) + m * (dy * sum(y)).
-    @inline(__always) static func accumulate(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
-        let p = Int8Kernels.dotUnsigned(d.q, y.loadUnaligned(fromByteOffset: 8, as: __m256i.self), Int8Kernels.ones16)
+    @inline(__always) @inlinable public static func accumulate<D: Int8Dot>(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
+        let p = D.unsigned(d.q, y.loadUnaligned(fromByteOffset: 8, as: __m256i.self), Int8Kernels.ones16)
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d.d * y.load(as: Float.self)), _mm256_cvtepi32_ps(p), acc)
         s += d.m * y.load(fromByteOffset: 4, as: Float.self)
     }
 }
 
-enum Q5_1Block: Int8Block {
-    static let weightBytes = 24
-    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> Block32 {
+public enum Q5_1Block: Int8Block {
+    @inlinable public static var weightBytes: Int { 24 }
+    @inline(__always) @inlinable public static func decode(_ w: UnsafeRawPointer) -> Block32 {
         Block32(q: _mm256_or_si256(Int8Kernels.nibbles(w + 8), Int8Kernels.fifthBits(w + 4)), d: Int8Kernels.f16(w, 0), m: Int8Kernels.f16(w, 2))
     }
-    @inline(__always) static func accumulate(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
-        Q4_1Block.accumulate(d, y, &acc, &s)
+    @inline(__always) @inlinable public static func accumulate<D: Int8Dot>(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
+        Q4_1Block.accumulate(d, y, &acc, &s, D.self)
     }
 }
 
 /// Q4_K / Q5_K unpacked: eight sub-blocks of 32 values as bytes, their 6-bit scales
 /// broadcast as int16 vectors (for madd) and their mins as one int16 vector.
-struct BlockK {
-    var q: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i)
-    var scales: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i)
-    var mins: __m128i
-    var d: Float
-    var dmin: Float
+@frozen public struct BlockK {
+    public var q: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i)
+    public var scales: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i)
+    public var mins: __m128i
+    public var d: Float
+    public var dmin: Float
+    @inlinable public init(q: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i),
+                           scales: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i), mins: __m128i, d: Float, dmin: Float) {
+        self.q = q; self.scales = scales; self.mins = mins; self.d = d; self.dmin = dmin
+    }
 }
 
-enum KQuantBlocks {
-    @inline(__always)
-    static func decode(_ w: UnsafeRawPointer, five: Bool) -> BlockK {
+public enum KQuantBlocks {
+    @inlinable @inline(__always)
+    public static func decode(_ w: UnsafeRawPointer, five: Bool) -> BlockK {
         let qs = five ? 48 : 16
         let low = Int8Kernels.lowNibbles, one = _mm256_set1_epi8(1)
         var hb = five ? w.loadUnaligned(fromByteOffset: 16, as: __m256i.self) : _mm256_setzero_si256()
@@ -336,10 +380,10 @@ enum KQuantBlocks {
                       mins: _mm_setr_epi16(m0, m1, m2, m3, m4, m5, m6, m7), d: Int8Kernels.f16(w, 0), dmin: Int8Kernels.f16(w, 2))
     }
 
-    @inline(__always)
-    static func accumulate(_ d: BlockK, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
+    @inlinable @inline(__always)
+    public static func accumulate<D: Int8Dot>(_ d: BlockK, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
         @inline(__always) func p(_ q: __m256i, _ j: Int, _ sc: __m256i) -> __m256i {
-            Int8Kernels.dotUnsigned(q, y.loadUnaligned(fromByteOffset: 36 &+ 32 &* j, as: __m256i.self), sc)
+            D.unsigned(q, y.loadUnaligned(fromByteOffset: 36 &+ 32 &* j, as: __m256i.self), sc)
         }
         let sumi = _mm256_add_epi32(
             _mm256_add_epi32(_mm256_add_epi32(p(d.q.0, 0, d.scales.0), p(d.q.1, 1, d.scales.1)),
@@ -356,39 +400,43 @@ enum KQuantBlocks {
     }
 }
 
-enum Q4_KBlock: Int8Block {
-    static let values = 256
-    static let weightBytes = 144
-    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> BlockK { KQuantBlocks.decode(w, five: false) }
-    @inline(__always) static func accumulate(_ d: BlockK, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
-        KQuantBlocks.accumulate(d, y, &acc, &s)
+public enum Q4_KBlock: Int8Block {
+    @inlinable public static var values: Int { 256 }
+    @inlinable public static var weightBytes: Int { 144 }
+    @inline(__always) @inlinable public static func decode(_ w: UnsafeRawPointer) -> BlockK { KQuantBlocks.decode(w, five: false) }
+    @inline(__always) @inlinable public static func accumulate<D: Int8Dot>(_ d: BlockK, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
+        KQuantBlocks.accumulate(d, y, &acc, &s, D.self)
     }
 }
 
-enum Q5_KBlock: Int8Block {
-    static let values = 256
-    static let weightBytes = 176
-    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> BlockK { KQuantBlocks.decode(w, five: true) }
-    @inline(__always) static func accumulate(_ d: BlockK, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
-        KQuantBlocks.accumulate(d, y, &acc, &s)
+public enum Q5_KBlock: Int8Block {
+    @inlinable public static var values: Int { 256 }
+    @inlinable public static var weightBytes: Int { 176 }
+    @inline(__always) @inlinable public static func decode(_ w: UnsafeRawPointer) -> BlockK { KQuantBlocks.decode(w, five: true) }
+    @inline(__always) @inlinable public static func accumulate<D: Int8Dot>(_ d: BlockK, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
+        KQuantBlocks.accumulate(d, y, &acc, &s, D.self)
     }
 }
 
 /// Q6_K unpacked: eight groups of 32 values (0...63) and, per group, its two int8 scales as
 /// an int16 vector (low half, high half).
-struct Block6 {
-    var q: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i)
-    var scales: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i)
+@frozen public struct Block6 {
+    public var q: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i)
+    public var scales: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i)
     /// The 16 scales as int16.
-    var allScales: __m256i
-    var d: Float
+    public var allScales: __m256i
+    public var d: Float
+    @inlinable public init(q: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i),
+                           scales: (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i), allScales: __m256i, d: Float) {
+        self.q = q; self.scales = scales; self.allScales = allScales; self.d = d
+    }
 }
 
-enum Q6_KBlock: Int8Block {
-    static let values = 256
-    static let weightBytes = 210
+public enum Q6_KBlock: Int8Block {
+    @inlinable public static var values: Int { 256 }
+    @inlinable public static var weightBytes: Int { 210 }
 
-    @inline(__always) static func decode(_ w: UnsafeRawPointer) -> Block6 {
+    @inline(__always) @inlinable public static func decode(_ w: UnsafeRawPointer) -> Block6 {
         let low = Int8Kernels.lowNibbles, m3 = _mm256_set1_epi8(3)
         @inline(__always) func half(_ h: Int) -> (__m256i, __m256i, __m256i, __m256i) {
             let qlA = w.loadUnaligned(fromByteOffset: 64 &* h, as: __m256i.self)
@@ -410,9 +458,9 @@ enum Q6_KBlock: Int8Block {
 
     /// sum over groups of scale * sum((q - 32) y): the offset comes off through the
     /// activations' 16-value sums.
-    @inline(__always) static func accumulate(_ d: Block6, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float) {
+    @inline(__always) @inlinable public static func accumulate<D: Int8Dot>(_ d: Block6, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
         @inline(__always) func p(_ q: __m256i, _ g: Int, _ sc: __m256i) -> __m256i {
-            Int8Kernels.dotUnsigned(q, y.loadUnaligned(fromByteOffset: 36 &+ 32 &* g, as: __m256i.self), sc)
+            D.unsigned(q, y.loadUnaligned(fromByteOffset: 36 &+ 32 &* g, as: __m256i.self), sc)
         }
         let sumi = _mm256_add_epi32(
             _mm256_add_epi32(_mm256_add_epi32(p(d.q.0, 0, d.scales.0), p(d.q.1, 1, d.scales.1)),
