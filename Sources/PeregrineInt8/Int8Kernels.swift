@@ -40,7 +40,6 @@ public enum Int8Kernels {
         Float(p.loadUnaligned(fromByteOffset: offset, as: Float16.self))
     }
 
-    @inline(__always) @inlinable public static func v(_ x: __m256i) -> SIMD8<Int32> { unsafeBitCast(x, to: SIMD8<Int32>.self) }
 
     /// Rounds 32 floats to int8 (nearest, ties to even) with scale `id`, in order.
     @inline(__always) @inlinable
@@ -130,6 +129,23 @@ public enum Int8Kernels {
                                                              2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3))
         let bit = _mm256_set1_epi64x(Int64(bitPattern: 0x8040_2010_0804_0201))
         return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10))
+    }
+
+    public typealias Vectors8 = (__m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i, __m256i)
+
+    /// Eight 32-value groups of unsigned bytes against the k-quant activation block's values
+    /// (group j at byte 36 + 32 j), each times its scale, summed per int32 lane: the integer
+    /// part of a Q4_K, Q5_K or Q6_K block's product.
+    @inline(__always) @inlinable
+    public static func scaledSum<D: Int8Dot>(_ q: Vectors8, _ scales: Vectors8, _ y: UnsafeRawPointer, _: D.Type) -> __m256i {
+        @inline(__always) func p(_ q: __m256i, _ j: Int, _ sc: __m256i) -> __m256i {
+            D.unsigned(q, y.loadUnaligned(fromByteOffset: 36 &+ 32 &* j, as: __m256i.self), sc)
+        }
+        return _mm256_add_epi32(
+            _mm256_add_epi32(_mm256_add_epi32(p(q.0, 0, scales.0), p(q.1, 1, scales.1)),
+                             _mm256_add_epi32(p(q.2, 2, scales.2), p(q.3, 3, scales.3))),
+            _mm256_add_epi32(_mm256_add_epi32(p(q.4, 4, scales.4), p(q.5, 5, scales.5)),
+                             _mm256_add_epi32(p(q.6, 6, scales.6), p(q.7, 7, scales.7))))
     }
 
     @inline(__always) @inlinable public static func hsum(_ x: __m256) -> Float { unsafeBitCast(x, to: SIMD8<Float>.self).sum() }
@@ -382,14 +398,7 @@ public enum KQuantBlocks {
 
     @inlinable @inline(__always)
     public static func accumulate<D: Int8Dot>(_ d: BlockK, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
-        @inline(__always) func p(_ q: __m256i, _ j: Int, _ sc: __m256i) -> __m256i {
-            D.unsigned(q, y.loadUnaligned(fromByteOffset: 36 &+ 32 &* j, as: __m256i.self), sc)
-        }
-        let sumi = _mm256_add_epi32(
-            _mm256_add_epi32(_mm256_add_epi32(p(d.q.0, 0, d.scales.0), p(d.q.1, 1, d.scales.1)),
-                             _mm256_add_epi32(p(d.q.2, 2, d.scales.2), p(d.q.3, 3, d.scales.3))),
-            _mm256_add_epi32(_mm256_add_epi32(p(d.q.4, 4, d.scales.4), p(d.q.5, 5, d.scales.5)),
-                             _mm256_add_epi32(p(d.q.6, 6, d.scales.6), p(d.q.7, 7, d.scales.7))))
+        let sumi = Int8Kernels.scaledSum(d.q, d.scales, y, D.self)
         // Sums of 32 activations (pairs of the stored 16-value sums) times the mins, in the
         // low four lanes.
         let pairs = _mm_hadd_epi16(y.loadUnaligned(fromByteOffset: 4, as: __m128i.self), y.loadUnaligned(fromByteOffset: 20, as: __m128i.self))
@@ -459,14 +468,7 @@ public enum Q6_KBlock: Int8Block {
     /// sum over groups of scale * sum((q - 32) y): the offset comes off through the
     /// activations' 16-value sums.
     @inline(__always) @inlinable public static func accumulate<D: Int8Dot>(_ d: Block6, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
-        @inline(__always) func p(_ q: __m256i, _ g: Int, _ sc: __m256i) -> __m256i {
-            D.unsigned(q, y.loadUnaligned(fromByteOffset: 36 &+ 32 &* g, as: __m256i.self), sc)
-        }
-        let sumi = _mm256_add_epi32(
-            _mm256_add_epi32(_mm256_add_epi32(p(d.q.0, 0, d.scales.0), p(d.q.1, 1, d.scales.1)),
-                             _mm256_add_epi32(p(d.q.2, 2, d.scales.2), p(d.q.3, 3, d.scales.3))),
-            _mm256_add_epi32(_mm256_add_epi32(p(d.q.4, 4, d.scales.4), p(d.q.5, 5, d.scales.5)),
-                             _mm256_add_epi32(p(d.q.6, 6, d.scales.6), p(d.q.7, 7, d.scales.7))))
+        let sumi = Int8Kernels.scaledSum(d.q, d.scales, y, D.self)
         // The offset of 32: scales times the activations' 16-value sums.
         let offset = _mm256_madd_epi16(d.allScales, y.loadUnaligned(fromByteOffset: 4, as: __m256i.self))
         let dd = d.d * y.load(as: Float.self)

@@ -422,7 +422,9 @@ public final class CUDABackend: ComputeBackend {
         if usesRowKernel(rows, a.weight), a.weight.dtype == b.weight.dtype, b.weight.dtype == c.weight.dtype {
             rowKernel(x, rows: rows, [a, b, c], mode: 0)
         } else {
-            for p in [a, b, c] { matmul(x, rows: rows, weight: p.weight, bias: p.bias, out: p.out) }
+            matmul(x, rows: rows, weight: a.weight, bias: a.bias, out: a.out)
+            matmul(x, rows: rows, weight: b.weight, bias: b.bias, out: b.out)
+            matmul(x, rows: rows, weight: c.weight, bias: c.bias, out: c.out)
         }
     }
 
