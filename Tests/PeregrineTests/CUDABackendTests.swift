@@ -23,13 +23,16 @@ final class CUDABackendTests: XCTestCase {
     /// The kernels are embedded in the library, whatever machine it was built on.
     func testKernelSourceIsEmbedded() {
         let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
-        for kernel in ["matmul_rows", "attention_split", "attention_merge", "quantize_q8", "rms_norm"] {
-            XCTAssertTrue(source.contains("__global__ void \(kernel)("), kernel)
+        for kernel in ["matmul_rows", "attention_split", "attention_prefill", "quantize_q8", "rms_norm",
+                       "argmax_rows", "topk_rows", "repetition_penalty", "repack_quantized"] {
+            XCTAssertTrue(source.contains("__global__ void \(kernel)(") || source.contains(") \(kernel)("), kernel)
         }
     }
 
-    /// Every fixture architecture (F32 weights): logits of a prompt (one batch, cuBLAS) and of
-    /// single-token steps (the GEMV kernel) against transformers' reference.
+    /// Every fixture architecture: logits of a prompt in one batch against transformers'
+    /// reference; F32 weights within 1e-3, BF16 weights (whose products over many tokens take
+    /// BF16 activations in cuBLAS) within the 0.1 of the logit scale that the CPU test allows
+    /// transformers computing natively in BF16 (it is 0.066 off there, this 0.04).
     func testFixtureModelsMatchReference() throws {
         let gpu = try backend()
         for name in ["llama", "llama2", "mistral", "qwen2", "qwen3", "llama-bf16"] {
@@ -37,7 +40,8 @@ final class CUDABackendTests: XCTestCase {
             let model = try ModelRegistry.load(directory: Fixtures.model(name), backend: gpu)
             let seq = ref.promptIds + ref.greedyIds
             let logits = try allLogits(model, seq)
-            XCTAssertLessThan(maxAbsDiff(logits, ref.logits), 1e-3, name)
+            let scale = ref.logits.reduce(0) { max($0, abs($1)) }
+            XCTAssertLessThan(maxAbsDiff(logits, ref.logits), name == "llama-bf16" ? 0.1 * scale : 1e-3, name)
         }
     }
 
@@ -58,5 +62,94 @@ final class CUDABackendTests: XCTestCase {
         let x = try Generator(model: cpu, tokenizer: tokenizer).generate(prompt: "And God said", options: options) { _ in true }
         let y = try Generator(model: cuda, tokenizer: tokenizer).generate(prompt: "And God said", options: options) { _ in true }
         XCTAssertEqual(x.tokens, y.tokens)
+    }
+
+    /// A long prompt in one pass (the tiled flash-attention prefill kernel) and in chunks that
+    /// attend to what earlier chunks cached, against the CPU backend.
+    func testLongPromptPrefill() throws {
+        let gpu = try backend()
+        let dir = CLITests.repo.appendingPathComponent("models/target").path
+        let cpu = try ModelRegistry.load(directory: dir), cuda = try ModelRegistry.load(directory: dir, backend: gpu)
+        let tokenizer = try Tokenizer(directory: dir)
+        let text = String(repeating: "In the beginning God created the heaven and the earth. And the earth was without form, and void. ", count: 6)
+        let prompt = Array(tokenizer.encode(text).prefix(150))
+        XCTAssertGreaterThan(prompt.count, 100)
+        let a = try allLogits(cpu, prompt), b = try allLogits(cuda, prompt)
+        let scale = a.reduce(0) { max($0, abs($1)) }
+        XCTAssertLessThan(maxAbsDiff(a, b), 0.02 * scale)
+        // In chunks of 50: the last row's logits.
+        let cache = try ContiguousKVCache(model: cuda, slots: 1, capacity: prompt.count)
+        var plan = BatchPlan()
+        var last = [Float](repeating: 0, count: cuda.config.vocabSize)
+        for start in stride(from: 0, to: prompt.count, by: 50) {
+            let end = min(prompt.count, start + 50)
+            plan.removeAll()
+            plan.append(tokens: prompt[start..<end], slot: 0, position: start, logits: .last)
+            try last.withUnsafeMutableBufferPointer { try cuda.forward(plan, kv: cache.memory, logits: $0) }
+            try cache.advance(0, by: end - start)
+        }
+        let v = cuda.config.vocabSize
+        XCTAssertLessThan(maxAbsDiff(last, a[((prompt.count - 1) * v)...]), 0.02 * scale)
+    }
+
+    /// The best id, the top-k and the repetition penalty computed on the GPU equal the host's on
+    /// the same logits.
+    func testSamplingOnTheDevice() throws {
+        let gpu = try backend()
+        let dir = CLITests.repo.appendingPathComponent("models/target").path
+        let cuda = try ModelRegistry.load(directory: dir, backend: gpu)
+        let tokenizer = try Tokenizer(directory: dir)
+        let prompt = tokenizer.encode("And the LORD spake unto Moses, saying")
+        let cache = try ContiguousKVCache(model: cuda, slots: 1, capacity: prompt.count)
+        var plan = BatchPlan()
+        plan.append(tokens: prompt, slot: 0, position: 0, logits: .all)
+        let rows = try cuda.forward(plan, kv: cache.memory)
+        let v = rows.vocabulary
+        var host = [Float](repeating: 0, count: v)
+        for r in 0..<rows.count {
+            try host.withUnsafeMutableBufferPointer { try rows.read(row: r, into: $0) }
+            XCTAssertEqual(try rows.argmax(row: r), host.withUnsafeBufferPointer { Sampler.argmax($0) })
+            for k in [1, 40, 700] {
+                var vals = [Float](repeating: 0, count: k), ids = [Int32](repeating: 0, count: k)
+                try vals.withUnsafeMutableBufferPointer { vb in try ids.withUnsafeMutableBufferPointer { try rows.top(row: r, k: k, values: vb, ids: $0) } }
+                var hv = vals, hi = ids
+                host.withUnsafeBufferPointer { all in
+                    hv.withUnsafeMutableBufferPointer { vb in hi.withUnsafeMutableBufferPointer { LogitCandidates.largest(k, of: all, values: vb, indices: $0) } }
+                }
+                XCTAssertEqual(vals.sorted(), hv.sorted(), "top-\(k)")
+                for (i, id) in ids.enumerated() { XCTAssertEqual(vals[i], host[Int(id)]) }
+            }
+        }
+        let ids: [Int32] = [5, 17, 99, 1000]
+        try ids.withUnsafeBufferPointer { try rows.penalize(row: 0, ids: $0, penalty: 1.5) }
+        var after = [Float](repeating: 0, count: v)
+        try after.withUnsafeMutableBufferPointer { try rows.read(row: 0, into: $0) }
+        try host.withUnsafeMutableBufferPointer { try rows.read(row: 0, into: $0) }
+        XCTAssertEqual(after, host)
+    }
+
+    /// Q8_0 and Q4_0 files (repacked on the GPU, 8-bit activations, dp4a) against the CPU's
+    /// integer kernels on the same files: logits and greedy text. Q4_K_M (k-quants widened to
+    /// BF16 at load) likewise.
+    func testQuantizedModelsMatchCPU() throws {
+        let gpu = try backend()
+        let dir = CLITests.repo.appendingPathComponent("models/target").path
+        let tokenizer = try Tokenizer(directory: dir)
+        let prompt = tokenizer.encode("And God said, Let there be light: and there was light. And God saw the light, that it was good")
+        for type in ["Q8_0", "Q4_0", "Q4_K_M"] {
+            let out = FileManager.default.temporaryDirectory.appendingPathComponent("peregrine-cuda-\(type).gguf").path
+            defer { try? FileManager.default.removeItem(atPath: out) }
+            _ = try ModelQuantizer(mix: QuantizationMix(name: type)!, pure: type != "Q4_K_M").quantize(source: dir, output: out)
+            let cpu = try ModelRegistry.load(directory: out), cuda = try ModelRegistry.load(directory: out, backend: gpu)
+            let a = try allLogits(cpu, prompt), b = try allLogits(cuda, prompt)
+            let scale = a.reduce(0) { max($0, abs($1)) }
+            XCTAssertLessThan(maxAbsDiff(a, b), 0.05 * scale, type)
+            var options = GenerationOptions()
+            options.maxTokens = 24
+            options.sampling.temperature = 0
+            let x = try Generator(model: cpu, tokenizer: tokenizer).generate(prompt: "And God said", options: options) { _ in true }
+            let y = try Generator(model: cuda, tokenizer: tokenizer).generate(prompt: "And God said", options: options) { _ in true }
+            XCTAssertEqual(x.tokens, y.tokens, type)
+        }
     }
 }

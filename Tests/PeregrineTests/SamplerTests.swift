@@ -80,4 +80,75 @@ final class SamplerTests: XCTestCase {
         XCTAssertTrue(hit)
         XCTAssertEqual(out, "Hello ENo more text ")
     }
+
+    /// Logit rows on the CPU backend that count whole-row reads.
+    final class CountingRows: LogitRows {
+        let inner: BackendLogitRows<CPUBackend>
+        var reads = 0
+        init(_ rows: [[Float]]) throws {
+            let cpu = CPUBackend()
+            let v = rows[0].count
+            inner = BackendLogitRows(backend: cpu, vocabulary: v)
+            let b = try cpu.buffer(rows.count * v)
+            for (r, row) in rows.enumerated() { row.withUnsafeBufferPointer { cpu.write($0, to: b, offset: r * v) } }
+            inner.buffer = b
+            inner.count = rows.count
+        }
+        var count: Int { inner.count }
+        var vocabulary: Int { inner.vocabulary }
+        func read(row: Int, into values: UnsafeMutableBufferPointer<Float>) throws { reads += 1; try inner.read(row: row, into: values) }
+        func argmax(row: Int) throws -> Int { try inner.argmax(row: row) }
+        func top(row: Int, k: Int, values: UnsafeMutableBufferPointer<Float>, ids: UnsafeMutableBufferPointer<Int32>) throws {
+            try inner.top(row: row, k: k, values: values, ids: ids)
+        }
+        func penalize(row: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) throws { try inner.penalize(row: row, ids: ids, penalty: penalty) }
+    }
+
+    /// Sampling from logits left on the backend (the best id, the top-k, or the whole row only
+    /// when the parameters need it) chooses exactly the tokens that sampling the whole row does,
+    /// with the same random stream.
+    func testSamplingFromKeptLogitsMatchesWholeRows() throws {
+        var rng = SeededGenerator(seed: 7)
+        let vocab = 1000
+        let rows = (0..<40).map { _ in (0..<vocab).map { _ in (rng.nextUnit() - 0.5) * 8 } }
+        let context: [Int32] = (0..<30).map { Int32($0 * 17 % vocab) }
+        func params(_ t: Float, _ k: Int, _ p: Float, _ minP: Float, _ penalty: Float = 1) -> SamplingParameters {
+            var s = SamplingParameters()
+            s.temperature = t; s.topK = k; s.topP = p; s.minP = minP; s.repetitionPenalty = penalty; s.seed = 11
+            return s
+        }
+        // (parameters, whether the whole row may be read)
+        let cases: [(SamplingParameters, Bool)] = [
+            (params(0, 40, 0.95, 0.05), false), (params(0, 0, 1, 0, 1.3), false), (params(0.8, 40, 0.95, 0.05), false),
+            (params(1.2, 5, 1, 0), false), (params(0.7, 30, 0.9, 0, 1.3), false), (params(1, 0, 1, 0.02), true),
+            (params(1, 0, 1, 0.3), false), (params(1, 0, 0.9, 0), true), (params(1, 1000, 1, 0), false), (params(1, 1500, 1, 0), false),
+        ]
+        for (p, mayRead) in cases {
+            var host = Sampler(p), kept = Sampler(p)
+            var reads = 0
+            for row in rows {
+                var l = row
+                let a = l.withUnsafeMutableBufferPointer { lb in context.withUnsafeBufferPointer { host.sample(lb, context: $0) } }
+                let device = try CountingRows([row])
+                let b = try context.withUnsafeBufferPointer { try kept.sample(device, row: 0, context: $0) }
+                XCTAssertEqual(a, b, "\(p)")
+                reads += device.reads
+            }
+            if !mayRead { XCTAssertEqual(reads, 0, "\(p)") }
+        }
+    }
+
+    func testLargestLogits() {
+        var rng = SeededGenerator(seed: 3)
+        let values = (0..<5000).map { _ in Float(Int(rng.next() % 300)) }  // many ties
+        for k in [1, 7, 64, 300] {
+            var v = [Float](repeating: 0, count: k), ids = [Int32](repeating: 0, count: k)
+            values.withUnsafeBufferPointer { all in
+                v.withUnsafeMutableBufferPointer { vb in ids.withUnsafeMutableBufferPointer { LogitCandidates.largest(k, of: all, values: vb, indices: $0) } }
+            }
+            let expected = values.enumerated().sorted { $0.element > $1.element || ($0.element == $1.element && $0.offset < $1.offset) }.prefix(k)
+            XCTAssertEqual(Set(ids.map { Int($0) }), Set(expected.map(\.offset)), "k = \(k)")
+            for (i, id) in ids.enumerated() { XCTAssertEqual(v[i], values[Int(id)]) }
+        }
+    }
 }

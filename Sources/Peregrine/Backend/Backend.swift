@@ -63,6 +63,24 @@ public protocol ComputeBackend: AnyObject {
     /// out = silu(x @ gate^T + gateBias) * (x @ up^T + upBias); `scratch` holds the up product.
     func gatedProduct(_ x: Buffer, rows: Int, gate: Weight, gateBias: Weight?, up: Weight, upBias: Weight?,
                       out: Buffer, scratch: Buffer)
+    /// `matmul3` of the RMS-normalized x; `normed` receives the normalized rows where the norm is not fused.
+    func normMatmul3(_ x: Buffer, norm: Weight, eps: Float, dim: Int, normed: Buffer, rows: Int,
+                     _ a: (weight: Weight, bias: Weight?, out: Buffer), _ b: (weight: Weight, bias: Weight?, out: Buffer),
+                     _ c: (weight: Weight, bias: Weight?, out: Buffer))
+    /// `gatedProduct` of the RMS-normalized x; `normed` as in `normMatmul3`.
+    func normGatedProduct(_ x: Buffer, norm: Weight, eps: Float, dim: Int, normed: Buffer, rows: Int, gate: Weight, gateBias: Weight?,
+                          up: Weight, upBias: Weight?, out: Buffer, scratch: Buffer)
+
+    // Choosing tokens where the logits are, so a GPU need not copy whole rows back. The defaults
+    // read the row.
+
+    /// The index of the largest value of row `row` of x (rows of `cols`), the first one on ties.
+    func argmax(_ x: Buffer, row: Int, cols: Int) throws -> Int
+    /// The `k` largest values of row `row` and their indices, in no particular order.
+    func topK(_ x: Buffer, row: Int, cols: Int, k: Int, values: UnsafeMutableBufferPointer<Float>,
+              indices: UnsafeMutableBufferPointer<Int32>) throws
+    /// The repetition penalty on row `row`: positive values at `ids` (distinct) divided by it, negative ones multiplied.
+    func penalize(_ x: Buffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float)
 }
 
 extension ComputeBackend {
@@ -92,6 +110,44 @@ extension ComputeBackend {
         matmul(x, rows: rows, weight: gate, bias: gateBias, out: out)
         matmul(x, rows: rows, weight: up, bias: upBias, out: scratch)
         siluMul(gate: out, up: scratch, count: rows * outputSize(up), out: out)
+    }
+
+    public func normMatmul3(_ x: Buffer, norm: Weight, eps: Float, dim: Int, normed: Buffer, rows: Int,
+                            _ a: (weight: Weight, bias: Weight?, out: Buffer), _ b: (weight: Weight, bias: Weight?, out: Buffer),
+                            _ c: (weight: Weight, bias: Weight?, out: Buffer)) {
+        rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
+        matmul3(normed, rows: rows, a, b, c)
+    }
+
+    public func normGatedProduct(_ x: Buffer, norm: Weight, eps: Float, dim: Int, normed: Buffer, rows: Int, gate: Weight,
+                                 gateBias: Weight?, up: Weight, upBias: Weight?, out: Buffer, scratch: Buffer) {
+        rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
+        gatedProduct(normed, rows: rows, gate: gate, gateBias: gateBias, up: up, upBias: upBias, out: out, scratch: scratch)
+    }
+
+    public func argmax(_ x: Buffer, row: Int, cols: Int) throws -> Int {
+        var values = [Float](repeating: 0, count: cols)
+        try synchronize()
+        values.withUnsafeMutableBufferPointer { read(x, offset: row * cols, into: $0) }
+        return values.withUnsafeBufferPointer { Sampler.argmax($0) }
+    }
+
+    public func topK(_ x: Buffer, row: Int, cols: Int, k: Int, values: UnsafeMutableBufferPointer<Float>,
+                     indices: UnsafeMutableBufferPointer<Int32>) throws {
+        var all = [Float](repeating: 0, count: cols)
+        try synchronize()
+        all.withUnsafeMutableBufferPointer { read(x, offset: row * cols, into: $0) }
+        all.withUnsafeBufferPointer { LogitCandidates.largest(k, of: $0, values: values, indices: indices) }
+    }
+
+    public func penalize(_ x: Buffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) {
+        var all = [Float](repeating: 0, count: cols)
+        all.withUnsafeMutableBufferPointer { read(x, offset: row * cols, into: $0) }
+        for id in ids where id >= 0 && Int(id) < cols {
+            let l = all[Int(id)]
+            all[Int(id)] = l > 0 ? l / penalty : l * penalty
+        }
+        all.withUnsafeBufferPointer { write($0, to: x, offset: row * cols) }
     }
 }
 

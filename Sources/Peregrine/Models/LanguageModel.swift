@@ -7,13 +7,76 @@ public protocol LanguageModel: AnyObject {
     var weightBytes: Int { get }
     /// Key/value memory for `slots` sequences of up to `capacity` positions each.
     func makeKVMemory(slots: Int, capacity: Int) throws -> KVMemory
-    /// Runs the batch: writes every token's keys and values into `kv` and the logits of
-    /// `plan.logitRows` (row after row of vocabSize floats) into `logits`.
-    func forward(_ plan: BatchPlan, kv: KVMemory, logits: UnsafeMutableBufferPointer<Float>) throws
+    /// Runs the batch: writes every token's keys and values into `kv` and computes the logits of
+    /// `plan.logitRows`, leaving them where they were computed (in GPU memory on the CUDA backend).
+    func forward(_ plan: BatchPlan, kv: KVMemory) throws -> LogitRows
     /// Copies positions 0..<count of one slot to another (prefix reuse, forking a sequence).
     func copyKV(_ kv: KVMemory, from: Int, to: Int, count: Int) throws
     /// The same model with these layers skipped, sharing the weights (self-speculation).
     func skippingLayers(_ layers: Set<Int>) throws -> LanguageModel
+}
+
+extension LanguageModel {
+    /// Runs the batch and copies the logits of `plan.logitRows` (row after row of vocabSize
+    /// floats) into `logits`.
+    public func forward(_ plan: BatchPlan, kv: KVMemory, logits: UnsafeMutableBufferPointer<Float>) throws {
+        let v = config.vocabSize
+        guard logits.count >= plan.logitRows.count * v else { throw PeregrineError.invalidArgument("logits buffer too small") }
+        let rows = try forward(plan, kv: kv)
+        for r in 0..<rows.count { try rows.read(row: r, into: UnsafeMutableBufferPointer(rebasing: logits[(r * v)..<((r + 1) * v)])) }
+    }
+}
+
+/// The logits of a model's last forward pass, one row per `plan.logitRows` entry, kept where they
+/// were computed and valid until the model's next pass. Sampling asks for only what it needs
+/// (the best id, the k largest), so a GPU copies back a few values instead of whole rows.
+public protocol LogitRows: AnyObject {
+    var count: Int { get }
+    var vocabulary: Int { get }
+    func read(row: Int, into values: UnsafeMutableBufferPointer<Float>) throws
+    /// The largest logit's id (the first one on ties).
+    func argmax(row: Int) throws -> Int
+    /// The `k` largest logits and their ids, in no particular order.
+    func top(row: Int, k: Int, values: UnsafeMutableBufferPointer<Float>, ids: UnsafeMutableBufferPointer<Int32>) throws
+    /// Applies a repetition penalty to the row in place (`ids` distinct).
+    func penalize(row: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) throws
+}
+
+/// Logit rows in a backend's buffer.
+final class BackendLogitRows<B: ComputeBackend>: LogitRows {
+    let backend: B
+    var buffer: B.Buffer?
+    var count = 0
+    let vocabulary: Int
+
+    init(backend: B, vocabulary: Int) {
+        self.backend = backend
+        self.vocabulary = vocabulary
+    }
+
+    private func check(_ row: Int) throws -> B.Buffer {
+        guard let buffer, row >= 0, row < count else { throw PeregrineError.invalidArgument("logit row \(row) does not exist (\(count) rows)") }
+        return buffer
+    }
+
+    func read(row: Int, into values: UnsafeMutableBufferPointer<Float>) throws {
+        let b = try check(row)
+        guard values.count >= vocabulary else { throw PeregrineError.invalidArgument("logits buffer too small") }
+        backend.read(b, offset: row * vocabulary, into: UnsafeMutableBufferPointer(rebasing: values[0..<vocabulary]))
+        try backend.synchronize()
+    }
+
+    func argmax(row: Int) throws -> Int { try backend.argmax(try check(row), row: row, cols: vocabulary) }
+
+    func top(row: Int, k: Int, values: UnsafeMutableBufferPointer<Float>, ids: UnsafeMutableBufferPointer<Int32>) throws {
+        let b = try check(row)
+        guard k > 0, k <= vocabulary, values.count >= k, ids.count >= k else { throw PeregrineError.invalidArgument("top-\(k) of \(vocabulary) logits") }
+        try backend.topK(b, row: row, cols: vocabulary, k: k, values: values, indices: ids)
+    }
+
+    func penalize(row: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) throws {
+        backend.penalize(try check(row), row: row, cols: vocabulary, ids: ids, penalty: penalty)
+    }
 }
 
 /// Key/value memory of some backend; see `KVStorage`.

@@ -38,11 +38,13 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         var last, lastNormed, logits: B.Buffer
     }
     private var ws: Workspace?
+    private let logitRows: BackendLogitRows<B>
     private var cosHost: [Float] = []
     private var sinHost: [Float] = []
 
     public init(config c: ModelConfig, weights: WeightSource, backend: B) throws {
         config = c
+        logitRows = BackendLogitRows(backend: backend, vocabulary: c.vocabSize)
         skippedLayers = []
         self.backend = backend
         self.weights = weights
@@ -99,6 +101,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
     private init(sharing m: LlamaModel, skipping: Set<Int>) {
         config = m.config
         backend = m.backend
+        logitRows = BackendLogitRows(backend: m.backend, vocabulary: m.config.vocabSize)
         weights = m.weights
         weightBytes = m.weightBytes
         embedTokens = m.embedTokens
@@ -166,10 +169,11 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         sinHost.withUnsafeBufferPointer { backend.write(UnsafeBufferPointer(rebasing: $0[0..<(plan.count * half)]), to: w.sin, offset: 0) }
     }
 
-    public func forward(_ plan: BatchPlan, kv: KVMemory, logits: UnsafeMutableBufferPointer<Float>) throws {
+    public func forward(_ plan: BatchPlan, kv: KVMemory) throws -> LogitRows {
         let c = config
         let n = plan.count
-        guard n > 0 else { return }
+        logitRows.count = 0
+        guard n > 0 else { return logitRows }
         guard let cache = kv as? KVStorage<B> else { throw PeregrineError.backend("KV memory belongs to another backend") }
         guard plan.positions.count == n, plan.slots.count == n else { throw PeregrineError.invalidArgument("inconsistent batch plan") }
         for t in 0..<n {
@@ -180,7 +184,6 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
                 throw PeregrineError.invalidArgument("position \(plan.positions[t]) is beyond the KV cache (\(cache.capacity) positions)")
             }
         }
-        guard logits.count >= plan.logitRows.count * c.vocabSize else { throw PeregrineError.invalidArgument("logits buffer too small") }
         let w = try workspace(tokens: n, logitRows: plan.logitRows.count)
         let d = c.hiddenSize, hd = c.headDim
         if n == 1 {
@@ -195,8 +198,8 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         plan.tokens.withUnsafeBufferPointer { backend.embed(tokens: $0, table: embedTokens, out: w.x) }
 
         for (i, L) in layers.enumerated() where !skippedLayers.contains(i) {
-            backend.rmsNorm(w.x, weight: L.inputNorm, eps: c.rmsNormEps, rows: n, dim: d, out: w.h)
-            backend.matmul3(w.h, rows: n, (L.q, L.qBias, w.q), (L.k, L.kBias, w.k), (L.v, L.vBias, w.v))
+            backend.normMatmul3(w.x, norm: L.inputNorm, eps: c.rmsNormEps, dim: d, normed: w.h, rows: n,
+                                (L.q, L.qBias, w.q), (L.k, L.kBias, w.k), (L.v, L.vBias, w.v))
             if let qn = L.qNorm, let kn = L.kNorm {
                 backend.rmsNorm(w.q, weight: qn, eps: c.rmsNormEps, rows: n * c.headCount, dim: hd, out: w.q)
                 backend.rmsNorm(w.k, weight: kn, eps: c.rmsNormEps, rows: n * c.kvHeadCount, dim: hd, out: w.k)
@@ -207,17 +210,19 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
                               window: c.slidingWindow[i], out: w.attn)
             backend.matmulAdd(w.attn, rows: n, weight: L.o, bias: L.oBias, residual: w.x, scratch: w.tmp)
 
-            backend.rmsNorm(w.x, weight: L.postNorm, eps: c.rmsNormEps, rows: n, dim: d, out: w.h)
-            backend.gatedProduct(w.h, rows: n, gate: L.gate, gateBias: L.gateBias, up: L.up, upBias: L.upBias, out: w.gate, scratch: w.up)
+            backend.normGatedProduct(w.x, norm: L.postNorm, eps: c.rmsNormEps, dim: d, normed: w.h, rows: n, gate: L.gate,
+                                     gateBias: L.gateBias, up: L.up, upBias: L.upBias, out: w.gate, scratch: w.up)
             backend.matmulAdd(w.gate, rows: n, weight: L.down, bias: L.downBias, residual: w.x, scratch: w.tmp)
         }
 
         let rows = plan.logitRows.count
-        guard rows > 0 else { try backend.synchronize(); return }
+        guard rows > 0 else { try backend.synchronize(); return logitRows }
         plan.logitRows.withUnsafeBufferPointer { backend.gatherRows(w.x, rows: $0, dim: d, out: w.last) }
         backend.rmsNorm(w.last, weight: norm, eps: c.rmsNormEps, rows: rows, dim: d, out: w.lastNormed)
         backend.matmul(w.lastNormed, rows: rows, weight: lmHead, bias: nil, out: w.logits)
         try backend.synchronize()
-        backend.read(w.logits, offset: 0, into: UnsafeMutableBufferPointer(rebasing: logits[0..<(rows * c.vocabSize)]))
+        logitRows.buffer = w.logits
+        logitRows.count = rows
+        return logitRows
     }
 }

@@ -44,7 +44,6 @@ public enum Benchmark {
     public static func promptProcessing(_ model: LanguageModel, tokens n: Int, batch: Int = 512, repetitions: Int) throws -> Sample {
         let vocab = model.config.vocabSize
         let cache = try ContiguousKVCache(model: model, slots: 1, capacity: n)
-        var logits = [Float](repeating: 0, count: vocab)
         let prompt = tokens(n, vocab: vocab, seed: 1)
         var plan = BatchPlan()
         var times: [Double] = []
@@ -56,7 +55,7 @@ public enum Benchmark {
                 let end = min(n, done + batch)
                 plan.removeAll()
                 plan.append(tokens: prompt[done..<end], slot: 0, position: done, logits: end == n ? .last : .none)
-                try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
+                _ = try model.forward(plan, kv: cache.memory)
                 try cache.advance(0, by: end - done)
                 done = end
             }
@@ -68,9 +67,7 @@ public enum Benchmark {
     /// Token generation: `tokens` single-token steps from an empty cache, each feeding back the
     /// greedy token, `repetitions` times after one warm-up run.
     public static func tokenGeneration(_ model: LanguageModel, tokens n: Int, repetitions: Int) throws -> Sample {
-        let vocab = model.config.vocabSize
         let cache = try ContiguousKVCache(model: model, slots: 1, capacity: n + 1)
-        var logits = [Float](repeating: 0, count: vocab)
         var plan = BatchPlan()
         var times: [Double] = []
         for rep in 0...repetitions {
@@ -80,9 +77,9 @@ public enum Benchmark {
             for i in 0..<n {
                 plan.removeAll()
                 plan.append(tokens: CollectionOfOne(next), slot: 0, position: i, logits: .last)
-                try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
+                let logits = try model.forward(plan, kv: cache.memory)
                 try cache.advance(0, by: 1)
-                next = logits.withUnsafeBufferPointer { Sampler.argmax($0) }
+                next = try logits.argmax(row: 0)
             }
             if rep > 0 { times.append(now() - t0) }
         }

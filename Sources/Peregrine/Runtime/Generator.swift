@@ -96,18 +96,21 @@ public final class Generator {
         }
     }
 
-    /// Reads `tokens` into the cache in chunks; the logits of the last one land in `logits`.
-    private func prefill(_ tokens: ArraySlice<Int>, cache: ContiguousKVCache, chunk: Int, logits: inout [Float]) throws {
+    /// Reads `tokens` into the cache in chunks; returns the logits of the last one.
+    @discardableResult
+    private func prefill(_ tokens: ArraySlice<Int>, cache: ContiguousKVCache, chunk: Int) throws -> LogitRows? {
         var plan = BatchPlan()
         var done = tokens.startIndex
+        var rows: LogitRows?
         while done < tokens.endIndex {
             let end = min(tokens.endIndex, done + chunk)
             plan.removeAll()
             plan.append(tokens: tokens[done..<end], slot: 0, position: done, logits: end == tokens.endIndex ? .last : .none)
-            try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
+            rows = try model.forward(plan, kv: cache.memory)
             try cache.advance(0, by: end - done)
             done = end
         }
+        return rows
     }
 
     /// One token per forward pass.
@@ -115,22 +118,22 @@ public final class Generator {
         let cache = try ContiguousKVCache(model: model, slots: 1, capacity: prompt.count + options.maxTokens)
         var sampler = Sampler(options.sampling)
         var plan = BatchPlan()
-        var logits = [Float](repeating: 0, count: model.config.vocabSize)
         var context32 = prompt.map { Int32($0) }
         context32.reserveCapacity(prompt.count + options.maxTokens)
         let t0 = Benchmark.now()
-        try prefill(prompt[...], cache: cache, chunk: options.prefillChunk, logits: &logits)
+        guard var logits = try prefill(prompt[...], cache: cache, chunk: options.prefillChunk) else {
+            throw PeregrineError.invalidArgument("empty prompt")
+        }
         let t1 = Benchmark.now()
         result.prefillSeconds = t1 - t0
         while true {
-            let next = logits.withUnsafeMutableBufferPointer { l in
-                context32.withUnsafeBufferPointer { sampler.sample(l, context: $0) }
-            }
+            // Sampling reads back only what it needs of the logits (on a GPU, an id or the top-k).
+            let next = try context32.withUnsafeBufferPointer { try sampler.sample(logits, row: 0, context: $0) }
             if !emitter.emit(next) { break }
             context32.append(Int32(next))
             plan.removeAll()
             plan.append(tokens: CollectionOfOne(next), slot: 0, position: cache.length(of: 0), logits: .last)
-            try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
+            logits = try model.forward(plan, kv: cache.memory)
             try cache.advance(0, by: 1)
         }
         emitter.finish()
@@ -153,7 +156,7 @@ public final class Generator {
         var context = prompt
         // The cache holds every token but the last, which each verification pass starts with.
         let t0 = Benchmark.now()
-        try prefill(prompt.dropLast(), cache: cache, chunk: options.prefillChunk, logits: &logits)
+        try prefill(prompt.dropLast(), cache: cache, chunk: options.prefillChunk)
         let t1 = Benchmark.now()
         result.prefillSeconds = t1 - t0
         try spec.drafter.rollBack(to: 0)

@@ -114,6 +114,53 @@ public struct RepetitionPenalty: LogitProcessor {
             logits[Int(t)] = l > 0 ? l / penalty : l * penalty
         }
     }
+
+    /// The distinct tokens of the window that `process` changes, for a penalty applied elsewhere.
+    public mutating func tokens(_ context: UnsafeBufferPointer<Int32>, vocabulary: Int, into ids: inout [Int32]) {
+        ids.removeAll(keepingCapacity: true)
+        guard penalty != 1 else { return }
+        seen.removeAll(keepingCapacity: true)
+        let start = window > 0 ? max(0, context.count - window) : 0
+        for i in start..<context.count where context[i] >= 0 && Int(context[i]) < vocabulary && seen.insert(context[i]).inserted {
+            ids.append(context[i])
+        }
+    }
+}
+
+public enum LogitCandidates {
+    /// The k largest of `values` (the first ones on ties) and their indices, kept as a min-heap in
+    /// the output buffers: nothing is allocated.
+    public static func largest(_ k: Int, of all: UnsafeBufferPointer<Float>, values: UnsafeMutableBufferPointer<Float>,
+                               indices: UnsafeMutableBufferPointer<Int32>) {
+        let k = min(k, all.count, values.count, indices.count)
+        guard k > 0 else { return }
+        func siftDown(_ start: Int) {
+            var i = start
+            while true {
+                let l = 2 * i + 1, r = l + 1
+                var m = i
+                if l < k && less(l, m) { m = l }
+                if r < k && less(r, m) { m = r }
+                if m == i { return }
+                values.swapAt(i, m)
+                indices.swapAt(i, m)
+                i = m
+            }
+        }
+        // Heap order: smaller value first; on equal values the later index counts as smaller, so
+        // it is the one replaced.
+        func less(_ a: Int, _ b: Int) -> Bool { values[a] < values[b] || (values[a] == values[b] && indices[a] > indices[b]) }
+        for i in 0..<k {
+            values[i] = all[i]
+            indices[i] = Int32(i)
+        }
+        for i in stride(from: k / 2 - 1, through: 0, by: -1) { siftDown(i) }
+        for i in k..<all.count where all[i] > values[0] {
+            values[0] = all[i]
+            indices[0] = Int32(i)
+            siftDown(0)
+        }
+    }
 }
 
 /// Chooses tokens from logits: the logit processors, then greedy or temperature with top-k,
@@ -122,8 +169,19 @@ public struct Sampler {
     public let parameters: SamplingParameters
     public var processors: [any LogitProcessor]
     private var rng: SeededGenerator
-    private var candidates: [Int32] = []
+    /// Candidate tokens and their logits; after `filter`, sorted by logit, largest first.
+    private var pairs: [(id: Int32, logit: Float)] = []
     private var probs: [Float] = []
+    // Buffers for logits kept on the device.
+    private var topValues: [Float] = []
+    private var topIds: [Int32] = []
+    private var penalized: [Int32] = []
+    private var row: [Float] = []
+
+    /// Logits fetched from the device when min-p alone bounds the candidates, and the most
+    /// fetched for top-k; beyond either the whole row is read.
+    public static let deviceCandidates = 256
+    public static let maxDeviceTopK = 1024
 
     public init(_ parameters: SamplingParameters) {
         self.parameters = parameters
@@ -158,17 +216,92 @@ public struct Sampler {
     /// is allocated per token.
     public mutating func sample(_ logits: UnsafeMutableBufferPointer<Float>, context: UnsafeBufferPointer<Int32>) -> Int {
         for i in processors.indices { processors[i].process(logits, context: context) }
+        return choose(logits)
+    }
+
+    /// Picks the next token from logits kept where the model computed them, reading back only
+    /// what the parameters need: the best id (greedy), the top-k logits, or the 256 largest when
+    /// min-p alone bounds the candidates (when they do not, or top-k is over 1024, or another
+    /// processor than the repetition penalty is set, the whole row). Chooses as `sample` does on
+    /// the whole row, with the same random stream.
+    public mutating func sample(_ logits: LogitRows, row r: Int, context: UnsafeBufferPointer<Int32>) throws -> Int {
+        let vocab = logits.vocabulary
+        guard processors.allSatisfy({ $0 is RepetitionPenalty }) else {
+            var buffer = takeRow(vocab)
+            defer { row = buffer }
+            return try buffer.withUnsafeMutableBufferPointer { b in
+                try logits.read(row: r, into: b)
+                return sample(b, context: context)
+            }
+        }
+        for i in processors.indices {
+            guard var penalty = processors[i] as? RepetitionPenalty else { continue }
+            penalty.tokens(context, vocabulary: vocab, into: &penalized)
+            processors[i] = penalty
+            if !penalized.isEmpty { try penalized.withUnsafeBufferPointer { try logits.penalize(row: r, ids: $0, penalty: penalty.penalty) } }
+        }
+        let p = parameters
+        if p.temperature == 0 { return try logits.argmax(row: r) }
+        let k = min(vocab, p.topK > 0 ? p.topK : p.minP > 0 ? Sampler.deviceCandidates : 0)
+        if k > 0 && k <= Sampler.maxDeviceTopK {
+            if topValues.count < k {
+                topValues = [Float](repeating: 0, count: k)
+                topIds = [Int32](repeating: 0, count: k)
+            }
+            try topValues.withUnsafeMutableBufferPointer { v in
+                try topIds.withUnsafeMutableBufferPointer { try logits.top(row: r, k: k, values: v, ids: $0) }
+            }
+            var maxLogit = -Float.infinity, smallest = Float.infinity
+            for i in 0..<k {
+                maxLogit = max(maxLogit, topValues[i])
+                smallest = min(smallest, topValues[i])
+            }
+            let cut = minLogit(maxLogit)
+            // With min-p alone, every candidate is among these only if one of them falls below the cut.
+            if p.topK > 0 || k == vocab || smallest < cut || !maxLogit.isFinite {
+                pairs.removeAll(keepingCapacity: true)
+                probs.removeAll(keepingCapacity: true)
+                if !maxLogit.isFinite {
+                    var best = 0
+                    for i in 0..<k where topValues[i] > topValues[best] || (topValues[i] == topValues[best] && topIds[i] < topIds[best]) { best = i }
+                    return Int(topIds[best])
+                }
+                for i in 0..<k where topValues[i] >= cut && topValues[i] > -Float.infinity { pairs.append((topIds[i], topValues[i])) }
+                return draw(keep: finish(maxLogit))
+            }
+        }
+        var buffer = takeRow(vocab)
+        defer { row = buffer }
+        return try buffer.withUnsafeMutableBufferPointer { b in
+            try logits.read(row: r, into: b)
+            return choose(b)
+        }
+    }
+
+    /// The kept row buffer, moved out (no copy) so it can be filled while self is mutated.
+    private mutating func takeRow(_ vocab: Int) -> [Float] {
+        var b: [Float] = []
+        swap(&b, &row)
+        if b.count != vocab { b = [Float](repeating: 0, count: vocab) }
+        return b
+    }
+
+    /// Greedy, or a draw from the filtered distribution; the processors have run.
+    private mutating func choose(_ logits: UnsafeMutableBufferPointer<Float>) -> Int {
         if parameters.temperature == 0 { return Sampler.argmax(UnsafeBufferPointer(logits)) }
-        let keep = filter(logits)
+        return draw(keep: filter(logits))
+    }
+
+    private mutating func draw(keep: Int) -> Int {
         var total: Float = 0
         for i in 0..<keep { total += probs[i] }
         let r = rng.nextUnit() * total
         var acc: Float = 0
         for i in 0..<keep {
             acc += probs[i]
-            if r < acc { return Int(candidates[i]) }
+            if r < acc { return Int(pairs[i].id) }
         }
-        return Int(candidates[keep - 1])
+        return Int(pairs[keep - 1].id)
     }
 
     /// The distribution `sample` draws from: processors, temperature, min-p, top-k, top-p; a
@@ -181,7 +314,7 @@ public struct Sampler {
         let keep = filter(logits)
         var total: Float = 0
         for i in 0..<keep { total += probs[i] }
-        return TokenDistribution(ids: Array(candidates[0..<keep]), probabilities: probs[0..<keep].map { $0 / total })
+        return TokenDistribution(ids: pairs[0..<keep].map(\.id), probabilities: probs[0..<keep].map { $0 / total })
     }
 
     /// Draws from a distribution with this sampler's random stream.
@@ -198,37 +331,47 @@ public struct Sampler {
     /// A uniform number in [0, 1) from this sampler's stream (for acceptance tests).
     public mutating func uniform() -> Float { rng.nextUnit() }
 
-    /// Fills `candidates` (sorted by logit, descending) and their unnormalised probabilities in
+    /// Logits below this are cut by min-p (min-p in probability space, relative to the best).
+    private func minLogit(_ maxLogit: Float) -> Float {
+        parameters.minP > 0 ? maxLogit + parameters.temperature * logf(parameters.minP) : -Float.infinity
+    }
+
+    /// Fills `pairs` (sorted by logit, descending) and their unnormalised probabilities in
     /// `probs`; returns how many survive top-p.
     private mutating func filter(_ logits: UnsafeMutableBufferPointer<Float>) -> Int {
-        let p = parameters
         let n = logits.count
-        let invT = 1 / p.temperature
         var maxLogit = -Float.infinity
         for i in 0..<n { maxLogit = max(maxLogit, logits[i]) }
-        candidates.removeAll(keepingCapacity: true)
+        pairs.removeAll(keepingCapacity: true)
         probs.removeAll(keepingCapacity: true)
         if !maxLogit.isFinite {
-            candidates.append(Int32(Sampler.argmax(UnsafeBufferPointer(logits))))
+            pairs.append((Int32(Sampler.argmax(UnsafeBufferPointer(logits))), maxLogit))
             probs.append(1)
             return 1
         }
-        // Candidates: everything above min-p of the best (min-p in probability space), which
-        // is cheap to find and usually leaves few tokens to sort.
-        let minLogit = p.minP > 0 ? maxLogit + p.temperature * logf(p.minP) : -Float.infinity
-        for i in 0..<n where logits[i] >= minLogit && logits[i] > -Float.infinity { candidates.append(Int32(i)) }
-        if p.topK > 0 && candidates.count > p.topK { selectLargest(p.topK, logits: logits) }
-        candidates.sort { logits[Int($0)] > logits[Int($1)] }
+        // Candidates: everything above min-p of the best, which is cheap to find and usually
+        // leaves few tokens to sort.
+        let cut = minLogit(maxLogit)
+        for i in 0..<n where logits[i] >= cut && logits[i] > -Float.infinity { pairs.append((Int32(i), logits[i])) }
+        return finish(maxLogit)
+    }
+
+    /// Top-k, the sort, the probabilities and top-p over the candidates in `pairs`.
+    private mutating func finish(_ maxLogit: Float) -> Int {
+        let p = parameters
+        if p.topK > 0 && pairs.count > p.topK { selectLargest(p.topK) }
+        pairs.sort { $0.logit > $1.logit }
+        let invT = 1 / p.temperature
         var sum: Float = 0
-        for c in candidates {
-            let e = expf((logits[Int(c)] - maxLogit) * invT)
+        for c in pairs {
+            let e = expf((c.logit - maxLogit) * invT)
             probs.append(e)
             sum += e
         }
-        var keep = candidates.count
+        var keep = pairs.count
         if p.topP < 1 {
             var cum: Float = 0
-            for i in 0..<candidates.count {
+            for i in 0..<pairs.count {
                 cum += probs[i] / sum
                 if cum >= p.topP { keep = i + 1; break }
             }
@@ -236,19 +379,19 @@ public struct Sampler {
         return keep
     }
 
-    /// Reorders `candidates` so its first k hold the k largest logits, and drops the rest.
-    private mutating func selectLargest(_ k: Int, logits: UnsafeMutableBufferPointer<Float>) {
-        var lo = 0, hi = candidates.count - 1
+    /// Reorders `pairs` so its first k hold the k largest logits, and drops the rest.
+    private mutating func selectLargest(_ k: Int) {
+        var lo = 0, hi = pairs.count - 1
         while lo < hi {
-            let pivot = logits[Int(candidates[(lo + hi) / 2])]
+            let pivot = pairs[(lo + hi) / 2].logit
             var i = lo, j = hi
             while i <= j {
-                while logits[Int(candidates[i])] > pivot { i += 1 }
-                while logits[Int(candidates[j])] < pivot { j -= 1 }
-                if i <= j { candidates.swapAt(i, j); i += 1; j -= 1 }
+                while pairs[i].logit > pivot { i += 1 }
+                while pairs[j].logit < pivot { j -= 1 }
+                if i <= j { pairs.swapAt(i, j); i += 1; j -= 1 }
             }
             if k - 1 <= j { hi = j } else if k - 1 >= i { lo = i } else { break }
         }
-        candidates.removeLast(candidates.count - k)
+        pairs.removeLast(pairs.count - k)
     }
 }

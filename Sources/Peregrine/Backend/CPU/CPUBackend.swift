@@ -88,6 +88,23 @@ public final class CPUBackend: ComputeBackend {
         values.baseAddress!.update(from: buffer.pointer + offset, count: values.count)
     }
 
+    public func argmax(_ x: CPUBuffer, row: Int, cols: Int) throws -> Int {
+        Sampler.argmax(UnsafeBufferPointer(start: x.pointer + row * cols, count: cols))
+    }
+
+    public func topK(_ x: CPUBuffer, row: Int, cols: Int, k: Int, values: UnsafeMutableBufferPointer<Float>,
+                     indices: UnsafeMutableBufferPointer<Int32>) throws {
+        LogitCandidates.largest(k, of: UnsafeBufferPointer(start: x.pointer + row * cols, count: cols), values: values, indices: indices)
+    }
+
+    public func penalize(_ x: CPUBuffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) {
+        let r = x.pointer + row * cols
+        for id in ids where id >= 0 && Int(id) < cols {
+            let l = r[Int(id)]
+            r[Int(id)] = l > 0 ? l / penalty : l * penalty
+        }
+    }
+
     public func copy(_ src: CPUBuffer, offset srcOffset: Int, to dst: CPUBuffer, offset dstOffset: Int, count: Int) {
         (dst.pointer + dstOffset).update(from: src.pointer + srcOffset, count: count)
     }

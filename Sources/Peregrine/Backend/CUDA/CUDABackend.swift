@@ -108,6 +108,11 @@ public final class CUDABackend: ComputeBackend {
     private var tokenInts: CUDABuffer
     private var planInts: CUDABuffer
     private var rowInts: CUDABuffer
+    private var tileInts: CUDABuffer
+    private var sampleInts: CUDABuffer
+    /// One counter per (token, head) for the split attention's last-block merge; each merge resets its own.
+    private let attentionCounters: CUDABuffer
+    private static let attentionCounterCount = 16 * 256
     private var hostInts: [Int32] = []
     private var planKey: (slots: [Int32], positions: [Int32]) = ([], [])
     private var scratch: CUDABuffer
@@ -116,6 +121,8 @@ public final class CUDABackend: ComputeBackend {
     private var activationScratch: CUDABuffer
 
     public var name: String { "cuda (\(driver.deviceName))" }
+    /// Dynamic shared memory a kernel of ours may ask for: the device's limit less room for static arrays.
+    private var dynamicSharedLimit: Int { driver.maxSharedPerBlock - 4096 }
 
     // Decode steps as CUDA graphs: a step key seen once runs eagerly (allocating what it needs),
     // the second time it is captured, then replayed. Host inputs of a step go through pinned
@@ -131,6 +138,19 @@ public final class CUDABackend: ComputeBackend {
     private var pinnedCursor = 0
     private var planStaged = false
 
+    // Programmatic dependent launches (Hopper and later): each kernel may start while the one
+    // before it drains, and streams its weights before waiting for its inputs (gdc_wait in
+    // Kernels.cu). PEREGRINE_NO_PDL=1 turns them off, PEREGRINE_NO_EARLY_TRIGGER=1 lets a kernel
+    // start only as the previous one's blocks exit; PEREGRINE_NO_FUSED_NORM=1 runs the RMSNorm
+    // before a single-token product as its own kernel.
+    private let pdl: Bool
+    /// Set from `beginStep` to the end of the pass: only decode steps launch programmatically
+    /// dependent (a prefill's large grids waiting early on the SMs would slow the kernel before them).
+    private var pdlStep = false
+    private let fusedNorm = ProcessInfo.processInfo.environment["PEREGRINE_NO_FUSED_NORM"] == nil
+    private let launchConfig = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
+    private let launchAttribute = UnsafeMutableRawPointer.allocate(byteCount: 72, alignment: 8)
+
     public init() throws {
         let driver = try CUDADriver.shared.get()
         try driver.makeCurrent()
@@ -144,16 +164,34 @@ public final class CUDABackend: ComputeBackend {
         _ = driver.cublasSetStream(handle, s)
         cublas = handle
         let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
-        let module = try driver.compile(source, name: "peregrine-kernels")
+        let early = ProcessInfo.processInfo.environment["PEREGRINE_NO_EARLY_TRIGGER"] == nil
+        let module = try driver.compile(source, name: "peregrine-kernels", defines: early ? [] : ["PEREGRINE_NO_EARLY_TRIGGER"])
+        let matvecs = ["f16", "bf16", "q8_0", "q4_0"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split",
-                     "attention_merge", "silu_mul", "add_inplace", "gather_rows", "dequantize_bf16", "quantize_q8", "rope_store_kv"] {
+                     "silu_mul", "add_inplace", "gather_rows", "dequantize_bf16", "quantize_q8", "rope_store_kv",
+                     "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows", "repetition_penalty"] + matvecs {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
         }
+        // Kernels whose dynamic shared memory may pass 48 KB (the normalized input of a product,
+        // a prefill attention tile) ask for what the device allows.
+        for name in matvecs + ["attention_prefill"] {
+            // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (the kernel's static shared memory counts against the device's limit)
+            try driver.check(driver.cuFuncSetAttribute(functions[name] ?? nil, 8, Int32(driver.maxSharedPerBlock - 4096)), "cuFuncSetAttribute(\(name))")
+        }
+        pdl = driver.cuLaunchKernelEx != nil && driver.computeCapability.major >= 9
+            && ProcessInfo.processInfo.environment["PEREGRINE_NO_PDL"] == nil
+        launchAttribute.initializeMemory(as: UInt8.self, repeating: 0, count: 72)
+        launchAttribute.storeBytes(of: Int32(6), as: Int32.self)  // CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        launchAttribute.storeBytes(of: Int32(1), toByteOffset: 8, as: Int32.self)
         tokenInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         planInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         rowInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        tileInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        sampleInts = try CUDABuffer(driver: driver, count: 2048, pool: pool)
+        attentionCounters = try CUDABuffer(driver: driver, count: CUDABackend.attentionCounterCount)
+        try driver.check(driver.cuMemsetD8Async(attentionCounters.pointer, 0, CUDABackend.attentionCounterCount * 4, s), "cuMemsetD8Async")
         scratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         halfScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         dequantScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
@@ -166,6 +204,8 @@ public final class CUDABackend: ComputeBackend {
     deinit {
         args.deallocate()
         params.deallocate()
+        launchConfig.deallocate()
+        launchAttribute.deallocate()
         dropGraphs()
     }
 
@@ -181,6 +221,7 @@ public final class CUDABackend: ComputeBackend {
         mode = .eager
         pinnedCursor = 0
         planStaged = false
+        pdlStep = pdl
         guard graphsEnabled, pinned != nil, firstError == nil else { return }
         if let g = graphs[key] {
             mode = .replaying(g)
@@ -225,11 +266,29 @@ public final class CUDABackend: ComputeBackend {
         }
     }
 
-    private func launch(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int = 0, _ fill: (inout Arguments) -> Void) {
+    /// Queues a kernel; `dependent` kernels (all of Kernels.cu but the load-time repacking) are
+    /// launched programmatically dependent where the device allows.
+    private func launch(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int = 0, dependent: Bool = true,
+                        _ fill: (inout Arguments) -> Void) {
         if case .replaying = mode { return }
         var a = Arguments(base: args)
         fill(&a)
         let f = functions[name] ?? nil
+        if pdlStep && dependent, let launchEx = driver.cuLaunchKernelEx {
+            let c = launchConfig
+            c.storeBytes(of: UInt32(grid.0), toByteOffset: 0, as: UInt32.self)
+            c.storeBytes(of: UInt32(grid.1), toByteOffset: 4, as: UInt32.self)
+            c.storeBytes(of: UInt32(grid.2), toByteOffset: 8, as: UInt32.self)
+            c.storeBytes(of: UInt32(block), toByteOffset: 12, as: UInt32.self)
+            c.storeBytes(of: UInt32(1), toByteOffset: 16, as: UInt32.self)
+            c.storeBytes(of: UInt32(1), toByteOffset: 20, as: UInt32.self)
+            c.storeBytes(of: UInt32(shared), toByteOffset: 24, as: UInt32.self)
+            c.storeBytes(of: stream, toByteOffset: 32, as: OpaquePointer?.self)
+            c.storeBytes(of: UnsafeRawPointer(launchAttribute), toByteOffset: 40, as: UnsafeRawPointer.self)
+            c.storeBytes(of: UInt32(1), toByteOffset: 48, as: UInt32.self)
+            record(launchEx(UnsafeRawPointer(c), f, params, nil), "cuLaunchKernelEx(\(name))")
+            return
+        }
         record(driver.cuLaunchKernel(f, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2), UInt32(block), 1, 1, UInt32(shared), stream, params, nil),
                "cuLaunchKernel(\(name))")
     }
@@ -294,10 +353,28 @@ public final class CUDABackend: ComputeBackend {
             return CUDAWeight(dtype: .f32, rows: rows, cols: cols, storage: b)
         }
         guard [.f16, .bf16, .q8_0, .q4_0].contains(t.dtype) else {
-            throw PeregrineError.unsupported("the CUDA backend runs F32, F16, BF16, Q8_0 and Q4_0 weights; tensor '\(t.name)' is \(t.dtype.rawValue)")
+            // Types without GPU kernels (Q4_1, Q5_0, Q5_1 and the k-quants) are widened to BF16
+            // at load: the file runs, at BF16's size and speed.
+            let wide = t.toFloat().map { Half.floatToBF16($0) }
+            let b = try CUDABuffer(driver: driver, count: (wide.count + 1) / 2)
+            try wide.withUnsafeBytes { try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, $0.baseAddress!, $0.count, stream), "cuMemcpyHtoDAsync") }
+            try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+            return CUDAWeight(dtype: .bf16, rows: rows, cols: cols, storage: b)
         }
         let b = try CUDABuffer(driver: driver, count: (t.byteCount + 3) / 4)
         try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, t.data, t.byteCount, stream), "cuMemcpyHtoDAsync")
+        if t.dtype == .q8_0 || t.dtype == .q4_0 {
+            // Planar on the device (values, then scales): 16-byte-aligned blocks for the kernels.
+            guard cols % 32 == 0 else { throw PeregrineError.format("tensor '\(t.name)': rows of \(cols) values are not whole blocks") }
+            let planar = try CUDABuffer(driver: driver, count: (t.byteCount + 3) / 4)
+            let blocks = rows * cols / 32
+            launch("repack_quantized", grid: self.blocks(blocks), block: 256, dependent: false) { a in
+                a.ptr(b); a.i32(code(t.dtype)); a.ptr(planar); a.i64(blocks)
+            }
+            try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+            if let e = firstError { firstError = nil; throw e }
+            return CUDAWeight(dtype: t.dtype, rows: rows, cols: cols, storage: planar)
+        }
         try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
         return CUDAWeight(dtype: t.dtype, rows: rows, cols: cols, storage: b)
     }
@@ -337,7 +414,7 @@ public final class CUDABackend: ComputeBackend {
     public func embed(tokens: UnsafeBufferPointer<Int32>, table: CUDAWeight, out: CUDABuffer) {
         let ids = upload(tokens, into: &tokenInts)
         launch("embed_rows", grid: (tokens.count, 1, 1), block: 256) { a in
-            a.ptr(table.pointer); a.i32(code(table.dtype)); a.ptr(ids); a.ptr(out); a.i32(table.cols)
+            a.ptr(table.pointer); a.i32(code(table.dtype)); a.i64(table.rows * table.cols); a.ptr(ids); a.ptr(out); a.i32(table.cols)
         }
     }
 
@@ -360,13 +437,8 @@ public final class CUDABackend: ComputeBackend {
         let k = p[0].weight.cols
         var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
         if p[0].weight.dtype == .q8_0 || p[0].weight.dtype == .q4_0 {
-            // Activations rounded to 8 bits once for all rows (int8 values, then one scale per 32).
-            guard ensure(&activationScratch, rows * k / 4 + rows * k / 32) else { return }
-            xq = activationScratch.pointer
-            xs = activationScratch.pointer + UInt64(rows * k)
-            launch("quantize_q8", grid: blocks(rows * k), block: 256) { a in
-                a.ptr(x); a.ptr(xq); a.ptr(xs); a.i64(rows * k / 32)
-            }
+            guard let q = quantizeActivations(x, rows: rows, k: k, norm: nil) else { return }
+            (xq, xs) = q
         }
         launch("matmul_rows", grid: blocks(warps * 32), block: 256) { a in
             for i in 0..<3 {
@@ -374,6 +446,50 @@ public final class CUDABackend: ComputeBackend {
             }
             a.i32(code(p[0].weight.dtype)); a.ptr(x); a.ptr(xq); a.ptr(xs); a.i32(k); a.i32(rows); a.i32(mode)
         }
+    }
+
+    /// Activations rounded to 8 bits once for all rows of a quantized product (int8 values, then
+    /// one scale per 32), RMS-normalized first with `norm`.
+    private func quantizeActivations(_ x: CUDABuffer, rows: Int, k: Int, norm: (weight: CUDAWeight, eps: Float)?)
+        -> (CUDADriver.DevicePointer, CUDADriver.DevicePointer)? {
+        guard ensure(&activationScratch, rows * k / 4 + rows * k / 32) else { return nil }
+        let xq = activationScratch.pointer, xs = activationScratch.pointer + UInt64(rows * k)
+        launch("quantize_q8", grid: (rows, (k + 255) / 256, 1), block: 256) { a in
+            a.ptr(x); a.ptr(norm?.weight.pointer ?? 0); a.f32(norm?.eps ?? 0); a.ptr(xq); a.ptr(xs); a.i32(k)
+        }
+        return (xq, xs)
+    }
+
+    /// One token's products (up to three matrices of one type, or gate and up with mode 2) as a
+    /// `matvec` kernel, with the RMSNorm of x fused when `norm` is given. False when the weights
+    /// do not suit it (f32, mixed types, odd sizes).
+    private func matvecKernel(_ x: CUDABuffer, _ p: [Product], mode: Int, norm: (weight: CUDAWeight, eps: Float)?) -> Bool {
+        let dtype = p[0].weight.dtype, k = p[0].weight.cols
+        let suffix: String
+        switch dtype {
+        case .f16: suffix = "f16"
+        case .bf16: suffix = "bf16"
+        case .q8_0: suffix = "q8_0"
+        case .q4_0: suffix = "q4_0"
+        default: return false
+        }
+        let quantized = dtype == .q8_0 || dtype == .q4_0
+        guard p.allSatisfy({ $0.weight.dtype == dtype && $0.weight.cols == k }), k % (quantized ? 32 : 8) == 0 else { return false }
+        if let norm, !quantized, norm.weight.rows * norm.weight.cols != k || k * 4 > dynamicSharedLimit { return false }
+        var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
+        if quantized {
+            guard let q = quantizeActivations(x, rows: 1, k: k, norm: norm) else { return true }
+            (xq, xs) = q
+        }
+        let n = p.map(\.weight.rows), warps = mode == 2 ? n[0] : n.reduce(0, +)
+        let normPointer = quantized ? 0 : norm?.weight.pointer ?? 0
+        launch("matvec_" + suffix + (mode == 2 ? "_gated" : ""), grid: blocks(warps * 32), block: 256, shared: normPointer != 0 ? k * 4 : 0) { a in
+            for i in 0..<3 {
+                if i < p.count { a.ptr(p[i].weight.pointer); a.ptr(p[i].bias?.pointer ?? 0); a.ptr(p[i].out); a.i32(mode == 2 && i == 1 ? 0 : n[i]) } else { a.ptr(0); a.ptr(0); a.ptr(0); a.i32(0) }
+            }
+            a.ptr(x); a.ptr(normPointer); a.f32(norm?.eps ?? 0); a.ptr(xq); a.ptr(xs); a.i32(k); a.i32(mode)
+        }
+        return true
     }
 
     /// out (+)= x @ W^T through cuBLAS: Y^T (outDim x rows, column-major) = W^T(k x outDim)^T X^T(k x rows),
@@ -412,6 +528,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func matmul(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer) {
+        if rows == 1, matvecKernel(x, [(weight, bias, out)], mode: 0, norm: nil) { return }
         if usesRowKernel(rows, weight) { rowKernel(x, rows: rows, [(weight, bias, out)], mode: 0) } else {
             gemm(x, rows: rows, weight: weight, bias: bias, out: out, accumulate: false)
         }
@@ -419,6 +536,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func matmul3(_ x: CUDABuffer, rows: Int, _ a: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer),
                         _ b: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer), _ c: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)) {
+        if rows == 1, matvecKernel(x, [a, b, c], mode: 0, norm: nil) { return }
         if usesRowKernel(rows, a.weight), a.weight.dtype == b.weight.dtype, b.weight.dtype == c.weight.dtype {
             rowKernel(x, rows: rows, [a, b, c], mode: 0)
         } else {
@@ -429,6 +547,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func matmulAdd(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, residual: CUDABuffer, scratch: CUDABuffer) {
+        if rows == 1, matvecKernel(x, [(weight, bias, residual)], mode: 1, norm: nil) { return }
         if usesRowKernel(rows, weight) { rowKernel(x, rows: rows, [(weight, bias, residual)], mode: 1) } else {
             gemm(x, rows: rows, weight: weight, bias: bias, out: residual, accumulate: true)
         }
@@ -436,6 +555,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func gatedProduct(_ x: CUDABuffer, rows: Int, gate: CUDAWeight, gateBias: CUDAWeight?, up: CUDAWeight, upBias: CUDAWeight?,
                              out: CUDABuffer, scratch: CUDABuffer) {
+        if rows == 1, up.rows == gate.rows, matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: nil) { return }
         if usesRowKernel(rows, gate), gate.dtype == up.dtype {
             rowKernel(x, rows: rows, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2)
         } else {
@@ -443,6 +563,22 @@ public final class CUDABackend: ComputeBackend {
             matmul(x, rows: rows, weight: up, bias: upBias, out: scratch)
             siluMul(gate: out, up: scratch, count: rows * up.rows, out: out)
         }
+    }
+
+    public func normMatmul3(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int,
+                            _ a: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer), _ b: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer),
+                            _ c: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)) {
+        if rows == 1, fusedNorm, matvecKernel(x, [a, b, c], mode: 0, norm: (norm, eps)) { return }
+        rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
+        matmul3(normed, rows: rows, a, b, c)
+    }
+
+    public func normGatedProduct(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int, gate: CUDAWeight,
+                                 gateBias: CUDAWeight?, up: CUDAWeight, upBias: CUDAWeight?, out: CUDABuffer, scratch: CUDABuffer) {
+        if rows == 1, fusedNorm, up.rows == gate.rows,
+           matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: (norm, eps)) { return }
+        rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
+        gatedProduct(normed, rows: rows, gate: gate, gateBias: gateBias, up: up, upBias: upBias, out: out, scratch: scratch)
     }
 
     public func rope(_ x: CUDABuffer, rows: Int, heads: Int, headDim: Int, cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool) {
@@ -462,7 +598,7 @@ public final class CUDABackend: ComputeBackend {
     public func ropeStoreKV(layer: Int, q: CUDABuffer, k: CUDABuffer, v: CUDABuffer, rows: Int, heads: Int, headDim: Int,
                             cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<CUDABackend>) {
         let (slots, positions) = planPointers(plan, rows: rows)
-        launch("rope_store_kv", grid: (rows, 1, 1), block: 256) { a in
+        launch("rope_store_kv", grid: (rows, heads + cache.kvHeads, 1), block: min(256, max(32, (headDim / 2 + 31) / 32 * 32))) { a in
             a.ptr(q); a.ptr(k); a.ptr(v); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(cos); a.ptr(sin); a.ptr(slots)
             a.ptr(positions); a.i32(heads); a.i32(cache.kvHeads); a.i32(headDim); a.i64(cache.slotSize); a.i32(interleaved ? 1 : 0)
         }
@@ -470,27 +606,54 @@ public final class CUDABackend: ComputeBackend {
 
     public func attention(layer: Int, q: CUDABuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CUDABackend>,
                           heads: Int, window: Int?, out: CUDABuffer) {
+        let hd = cache.headDim
+        guard hd <= 256 else {
+            if firstError == nil { firstError = .unsupported("the CUDA attention kernels take head dimensions up to 256 (this model has \(hd))") }
+            return
+        }
         let (slots, positions) = planPointers(plan, rows: rows)
+        let scale = 1 / Float(hd).squareRoot()
+        if rows > 16 {
+            // Prefill: flash attention over tiles of up to 32 consecutive positions of one sequence.
+            hostInts.removeAll(keepingCapacity: true)
+            var t = 0
+            while t < rows {
+                var count = 1
+                while count < 32, t + count < rows, plan.slots[t + count] == plan.slots[t],
+                      plan.positions[t + count] == plan.positions[t + count - 1] + 1 { count += 1 }
+                hostInts.append(Int32(t))
+                hostInts.append(Int32(count))
+                t += count
+            }
+            let tiles = hostInts.count / 2
+            let table = hostInts.withUnsafeBufferPointer { upload($0, into: &tileInts) }
+            let shared = (32 * hd + 32 * (hd + 1) + 32 * hd + 4 * 8 * 32) * 4
+            launch("attention_prefill", grid: (tiles, heads, 1), block: 128, shared: shared) { a in
+                a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(out); a.ptr(slots); a.ptr(positions); a.ptr(table)
+                a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.i64(cache.slotSize); a.f32(scale); a.i32(window ?? 0)
+            }
+            return
+        }
         var longest = 0
         for t in 0..<rows { longest = max(longest, Int(plan.positions[t]) + 1) }
         if let window { longest = min(longest, window) }
-        // Enough (token, head, split) blocks to fill the GPU; each split's scores fit in shared memory.
-        let hd = cache.headDim
         // A decode step splits by the cache's capacity, not the sequence's length, so its work
-        // (and a graph of it) is the same at every position; splits past the end exit at once.
+        // (and a graph of it) is the same at every position; each split's share of the positions
+        // is worked out on the device from the length. Enough (token, head, split) blocks to fill
+        // the GPU, more for long caches (about 256 positions a split), none under 32 positions.
         let basis = rows == 1 ? min(window ?? cache.capacity, cache.capacity) : longest
-        var splits = max(1, min((2 * driver.multiprocessors + rows * heads - 1) / (rows * heads), (basis + 63) / 64))
-        splits = max(splits, (basis + 8191) / 8192)
-        let chunk = (basis + splits - 1) / splits
+        let fill = (2 * driver.multiprocessors + rows * heads - 1) / (rows * heads)
+        let splits = max(1, min((basis + 31) / 32, max(fill, (basis + 255) / 256)))
+        guard rows * heads <= CUDABackend.attentionCounterCount else {
+            if firstError == nil { firstError = .unsupported("\(rows) tokens x \(heads) heads is past the attention kernel's counters") }
+            return
+        }
         guard ensure(&scratch, rows * heads * splits * (hd + 2)) else { return }
         let stats = scratch.pointer + UInt64(rows * heads * splits * hd * 4)
-        launch("attention_split", grid: (rows, heads, splits), block: 128, shared: 4 * chunk) { a in
+        launch("attention_split", grid: (rows, heads, splits), block: 128) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)
-            a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.i64(cache.slotSize); a.f32(1 / Float(hd).squareRoot()); a.i32(window ?? 0)
-            a.i32(splits); a.i32(chunk)
-        }
-        launch("attention_merge", grid: (rows, heads, 1), block: min(1024, max(32, hd))) { a in
-            a.ptr(scratch); a.ptr(stats); a.ptr(out); a.i32(heads); a.i32(hd); a.i32(splits)
+            a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.i64(cache.slotSize); a.f32(scale); a.i32(window ?? 0); a.i32(splits)
+            a.ptr(out); a.ptr(attentionCounters)
         }
     }
 
@@ -513,6 +676,44 @@ public final class CUDABackend: ComputeBackend {
                "cuMemcpyDtoDAsync")
     }
 
+    // MARK: choosing tokens on the device
+
+    private func rowPointer(_ x: CUDABuffer, _ row: Int, _ cols: Int) -> CUDADriver.DevicePointer { x.pointer + UInt64(row * cols * 4) }
+
+    public func argmax(_ x: CUDABuffer, row: Int, cols: Int) throws -> Int {
+        var word: UInt64 = 0
+        record(driver.cuMemsetD8Async(sampleInts.pointer, 0, 8, stream), "cuMemsetD8Async")
+        let parts = max(1, min(2 * driver.multiprocessors, (cols + 2047) / 2048))
+        launch("argmax_rows", grid: (parts, 1, 1), block: 256) { a in a.ptr(rowPointer(x, row, cols)); a.i32(cols); a.ptr(sampleInts) }
+        record(driver.cuMemcpyDtoHAsync(&word, sampleInts.pointer, 8, stream), "cuMemcpyDtoHAsync")
+        try synchronize()
+        // The low word holds the inverted index; zero (nothing but NaNs) means index 0.
+        let id = 0xffff_ffff - Int(word & 0xffff_ffff)
+        return word == 0 || id >= cols ? 0 : id
+    }
+
+    public func topK(_ x: CUDABuffer, row: Int, cols: Int, k: Int, values: UnsafeMutableBufferPointer<Float>,
+                     indices: UnsafeMutableBufferPointer<Int32>) throws {
+        let k = min(k, cols, values.count, indices.count)
+        guard k > 0 else { return }
+        guard ensure(&sampleInts, 2 * k) else { try synchronize(); return }
+        let ids = sampleInts.pointer + UInt64(k * 4)
+        launch("topk_rows", grid: (1, 1, 1), block: 1024) { a in
+            a.ptr(rowPointer(x, row, cols)); a.i32(cols); a.i32(k); a.ptr(sampleInts); a.ptr(ids)
+        }
+        record(driver.cuMemcpyDtoHAsync(values.baseAddress!, sampleInts.pointer, k * 4, stream), "cuMemcpyDtoHAsync")
+        record(driver.cuMemcpyDtoHAsync(indices.baseAddress!, ids, k * 4, stream), "cuMemcpyDtoHAsync")
+        try synchronize()
+    }
+
+    public func penalize(_ x: CUDABuffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) {
+        guard ids.count > 0 else { return }
+        let list = upload(ids, into: &rowInts)
+        launch("repetition_penalty", grid: blocks(ids.count), block: 256) { a in
+            a.ptr(rowPointer(x, row, cols)); a.ptr(list); a.i32(ids.count); a.f32(penalty)
+        }
+    }
+
     public func synchronize() throws {
         switch mode {
         case .eager: break
@@ -531,6 +732,7 @@ public final class CUDABackend: ComputeBackend {
             record(driver.cuGraphLaunch(exec, stream), "cuGraphLaunch")
         }
         mode = .eager
+        pdlStep = false
         record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
         if let e = firstError {
             firstError = nil

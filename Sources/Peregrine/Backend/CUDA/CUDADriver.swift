@@ -37,6 +37,11 @@ public final class CUDADriver: @unchecked Sendable {
     let cuGraphLaunch: @convention(c) (OpaquePointer?, OpaquePointer?) -> Result
     let cuGraphDestroy: @convention(c) (OpaquePointer?) -> Result
     let cuGraphExecDestroy: @convention(c) (OpaquePointer?) -> Result
+    let cuFuncSetAttribute: @convention(c) (OpaquePointer?, Int32, Int32) -> Result
+    /// cuLaunchKernelEx (CUDA 12 and later), for programmatic dependent launches; nil on older drivers.
+    typealias LaunchKernelEx = @convention(c) (UnsafeRawPointer, OpaquePointer?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?,
+                                               UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Result
+    let cuLaunchKernelEx: LaunchKernelEx?
 
     // NVRTC.
     let nvrtcCreateProgram: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UnsafePointer<CChar>, UnsafePointer<CChar>?, Int32,
@@ -57,6 +62,8 @@ public final class CUDADriver: @unchecked Sendable {
     public let deviceName: String
     public let computeCapability: (major: Int, minor: Int)
     public let multiprocessors: Int
+    /// Shared memory a block may have when a kernel asks for it (cuFuncSetAttribute).
+    public let maxSharedPerBlock: Int
     let context: OpaquePointer?
 
     /// The driver on this machine, or the reason there is none.
@@ -112,6 +119,8 @@ public final class CUDADriver: @unchecked Sendable {
         cuGraphLaunch = try CUDADriver.symbol(cuda, ["cuGraphLaunch"], as: type(of: cuGraphLaunch))
         cuGraphDestroy = try CUDADriver.symbol(cuda, ["cuGraphDestroy"], as: type(of: cuGraphDestroy))
         cuGraphExecDestroy = try CUDADriver.symbol(cuda, ["cuGraphExecDestroy"], as: type(of: cuGraphExecDestroy))
+        cuFuncSetAttribute = try CUDADriver.symbol(cuda, ["cuFuncSetAttribute"], as: type(of: cuFuncSetAttribute))
+        cuLaunchKernelEx = dlsym(cuda, "cuLaunchKernelEx").map { unsafeBitCast($0, to: LaunchKernelEx.self) }
         nvrtcCreateProgram = try CUDADriver.symbol(nvrtc, ["nvrtcCreateProgram"], as: type(of: nvrtcCreateProgram))
         nvrtcCompileProgram = try CUDADriver.symbol(nvrtc, ["nvrtcCompileProgram"], as: type(of: nvrtcCompileProgram))
         nvrtcGetProgramLogSize = try CUDADriver.symbol(nvrtc, ["nvrtcGetProgramLogSize"], as: type(of: nvrtcGetProgramLogSize))
@@ -130,12 +139,15 @@ public final class CUDADriver: @unchecked Sendable {
         var name = [CChar](repeating: 0, count: 256)
         try CUDADriver.check(cuDeviceGetName(&name, 256, device), "cuDeviceGetName", cuGetErrorName)
         deviceName = String(cString: name)
-        var major: Int32 = 0, minor: Int32 = 0, sms: Int32 = 0
+        var major: Int32 = 0, minor: Int32 = 0, sms: Int32 = 0, shared: Int32 = 0
         try CUDADriver.check(cuDeviceGetAttribute(&major, 75, device), "cuDeviceGetAttribute", cuGetErrorName)
         try CUDADriver.check(cuDeviceGetAttribute(&minor, 76, device), "cuDeviceGetAttribute", cuGetErrorName)
         try CUDADriver.check(cuDeviceGetAttribute(&sms, 16, device), "cuDeviceGetAttribute", cuGetErrorName)
+        // CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+        try CUDADriver.check(cuDeviceGetAttribute(&shared, 97, device), "cuDeviceGetAttribute", cuGetErrorName)
         computeCapability = (Int(major), Int(minor))
         multiprocessors = Int(sms)
+        maxSharedPerBlock = Int(shared)
         var ctx: OpaquePointer?
         try CUDADriver.check(cuDevicePrimaryCtxRetain(&ctx, device), "cuDevicePrimaryCtxRetain", cuGetErrorName)
         try CUDADriver.check(cuCtxSetCurrent(ctx), "cuCtxSetCurrent", cuGetErrorName)
@@ -160,10 +172,10 @@ public final class CUDADriver: @unchecked Sendable {
 
     /// Compiles CUDA C for this device with NVRTC, or loads the cubin cached on disk for the same
     /// source and architecture.
-    func compile(_ source: String, name: String) throws -> OpaquePointer? {
+    func compile(_ source: String, name: String, defines: [String] = []) throws -> OpaquePointer? {
         let arch = "sm_\(computeCapability.major)\(computeCapability.minor)"
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-        for b in (source + arch).utf8 { hash = (hash ^ UInt64(b)) &* 0x100_0000_01b3 }
+        for b in (source + arch + defines.joined(separator: " ")).utf8 { hash = (hash ^ UInt64(b)) &* 0x100_0000_01b3 }
         let cacheDir = (ProcessInfo.processInfo.environment["XDG_CACHE_HOME"] ?? (NSHomeDirectory() + "/.cache")) + "/peregrine"
         let cachePath = cacheDir + "/\(name)-\(arch)-\(String(hash, radix: 16)).cubin"
         var image: [UInt8]
@@ -174,7 +186,7 @@ public final class CUDADriver: @unchecked Sendable {
             let rc = nvrtcCreateProgram(&program, source, name + ".cu", 0, nil, nil)
             guard rc == 0 else { throw PeregrineError.backend("nvrtcCreateProgram failed (\(rc))") }
             defer { _ = nvrtcDestroyProgram(&program) }
-            var options = ["--gpu-architecture=\(arch)", "--std=c++17", "-default-device", "--use_fast_math"]
+            var options = ["--gpu-architecture=\(arch)", "--std=c++17", "-default-device", "--use_fast_math"] + defines.map { "-D" + $0 }
             // NVRTC carries the fp16/bf16 headers in recent versions; older ones need CUDA's include folder.
             for dir in ["/usr/local/cuda/include"] where FileManager.default.fileExists(atPath: dir) { options.append("-I" + dir) }
             let cOptions = options.map { strdup($0) }

@@ -1,8 +1,24 @@
 // Peregrine's CUDA kernels, compiled at run time by NVRTC for the device's architecture.
 // Activations are f32, row-major, one row per token; weights keep their stored type
-// (0: f32, 1: f16, 2: bf16). The KV cache is f32, [slot, position, kvHeads, headDim].
+// (0: f32, 1: f16, 2: bf16, 3: Q8_0, 4: Q4_0; the quantized ones repacked at load, see
+// repack_quantized). The KV cache is f32, [slot, position, kvHeads, headDim].
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+
+// Programmatic dependent launch (Hopper): a kernel launched with it may start while the one
+// before it finishes; it reads nothing that kernel writes (and writes nothing it reads) before
+// gdc_wait(), which returns once the previous kernel is complete and its writes are visible.
+// Every kernel calls it before touching activations; weight loads may come first. Once past it,
+// a kernel lets the next one launch (launch_dependents), so the next product's blocks take SMs
+// as this one's retire and start streaming their weights.
+__device__ __forceinline__ void gdc_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#ifndef PEREGRINE_NO_EARLY_TRIGGER
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+#endif
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
@@ -14,22 +30,36 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Quantized weights: 3 = Q8_0 (34-byte blocks: f16 scale, 32 int8), 4 = Q4_0 (18-byte
-// blocks: f16 scale, byte j holding value j low and j + 16 high, offset by 8).
-__device__ __forceinline__ float load_weight(const void* w, int dtype, long i) {
+// Quantized weights of `total` values are kept planar: all values first (Q8_0: one int8 each;
+// Q4_0: 16 bytes per 32-value block, byte j holding value j low and j + 16 high, offset by 8),
+// then one f16 scale per 32 values. Every block's values then start 16-byte aligned.
+__device__ __forceinline__ const __half* quant_scales(const void* w, int dtype, long total) {
+    return (const __half*)((const unsigned char*)w + (dtype == 3 ? total : total / 2));
+}
+
+__device__ __forceinline__ float load_weight(const void* w, int dtype, long i, long total) {
     if (dtype == 2) return __bfloat162float(((const __nv_bfloat16*)w)[i]);
     if (dtype == 1) return __half2float(((const __half*)w)[i]);
-    if (dtype == 3) {
-        const unsigned char* b = (const unsigned char*)w + (i / 32) * 34;
-        return __half2float(*(const __half*)b) * (float)(signed char)b[2 + i % 32];
-    }
+    if (dtype == 3) return __half2float(quant_scales(w, 3, total)[i / 32]) * (float)((const signed char*)w)[i];
     if (dtype == 4) {
-        const unsigned char* b = (const unsigned char*)w + (i / 32) * 18;
-        int j = i % 32;
-        int q = j < 16 ? (b[2 + j] & 15) : (b[2 + j - 16] >> 4);
-        return __half2float(*(const __half*)b) * (float)(q - 8);
+        unsigned char b = ((const unsigned char*)w)[(i / 32) * 16 + i % 16];
+        int q = i % 32 < 16 ? (b & 15) : (b >> 4);
+        return __half2float(quant_scales(w, 4, total)[i / 32]) * (float)(q - 8);
     }
     return ((const float*)w)[i];
+}
+
+// GGUF's interleaved blocks (Q8_0: 34 bytes, Q4_0: 18 bytes, each an f16 scale then the values)
+// to the planar layout above, one thread per block.
+extern "C" __global__ void repack_quantized(const unsigned char* raw, int dtype, unsigned char* out, long blocks) {
+    long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= blocks) return;
+    int size = dtype == 3 ? 32 : 16;
+    const unsigned char* src = raw + b * (size + 2);
+    for (int j = 0; j < size; j++) out[b * size + j] = src[2 + j];
+    unsigned char* scales = out + blocks * size;
+    scales[2 * b] = src[0];
+    scales[2 * b + 1] = src[1];
 }
 
 // Eight consecutive weights as f32 (i a multiple of 8; 16-byte loads for the 16-bit types).
@@ -48,14 +78,16 @@ __device__ __forceinline__ void load8(const void* w, int dtype, long i, float* o
     }
 }
 
-extern "C" __global__ void embed_rows(const void* table, int dtype, const int* tokens, float* out, int dim) {
+extern "C" __global__ void embed_rows(const void* table, int dtype, long total, const int* tokens, float* out, int dim) {
+    gdc_wait();
     int t = blockIdx.x;
     long base = (long)tokens[t] * dim;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) out[(long)t * dim + i] = load_weight(table, dtype, base + i);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) out[(long)t * dim + i] = load_weight(table, dtype, base + i, total);
 }
 
 // One block per row: out = x / rms(x) * w.
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim, float eps) {
+    gdc_wait();
     const float* xr = x + (long)blockIdx.x * dim;
     float* o = out + (long)blockIdx.x * dim;
     __shared__ float partial[32];
@@ -74,63 +106,235 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
     for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * scale * w[i];
 }
 
-// One block of a quantized row against nt tokens' activations rounded to 8 bits (xq: int8,
-// xs: one scale per 32), by one lane: 4-byte integer dot products (dp4a), one float multiply
-// per block. Blocks are 2-byte aligned, so the weight words are assembled from halves.
-__device__ __forceinline__ void block_dot(const void* w, int dtype, long row, long block, const signed char* xq,
-                                          const float* xs, int k, int t0, int nt, float* acc) {
-    int wq[8];
-    float d;
+// A quantized block's 32 values as eight words of four int8 each (values 4j..4j+3 in word j).
+__device__ __forceinline__ void block_words(const void* w, int dtype, long block, int* wq) {
     if (dtype == 3) {
-        const unsigned char* b = (const unsigned char*)w + (row / 32 + block) * 34;
-        d = __half2float(*(const __half*)b);
-        const unsigned short* q = (const unsigned short*)(b + 2);
-#pragma unroll
-        for (int j = 0; j < 8; j++) wq[j] = (int)((unsigned)q[2 * j] | ((unsigned)q[2 * j + 1] << 16));
+        const int4* q = (const int4*)((const signed char*)w + block * 32);
+        int4 a = q[0], c = q[1];
+        wq[0] = a.x; wq[1] = a.y; wq[2] = a.z; wq[3] = a.w; wq[4] = c.x; wq[5] = c.y; wq[6] = c.z; wq[7] = c.w;
     } else {
-        const unsigned char* b = (const unsigned char*)w + (row / 32 + block) * 18;
-        d = __half2float(*(const __half*)b);
-        const unsigned short* q = (const unsigned short*)(b + 2);
+        uint4 q = *(const uint4*)((const unsigned char*)w + block * 16);
+        unsigned v[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            unsigned v = (unsigned)q[2 * j] | ((unsigned)q[2 * j + 1] << 16);
             // Values 4j..4j+3 are low nibbles, 16+4j.. the high ones; subtract the offset of 8 per byte.
-            wq[j] = (int)__vsub4(v & 0x0F0F0F0F, 0x08080808);
-            wq[j + 4] = (int)__vsub4((v >> 4) & 0x0F0F0F0F, 0x08080808);
+            wq[j] = (int)__vsub4(v[j] & 0x0F0F0F0F, 0x08080808);
+            wq[j + 4] = (int)__vsub4((v[j] >> 4) & 0x0F0F0F0F, 0x08080808);
         }
     }
-    long base = block * 32;
+}
+
+__device__ __forceinline__ int dot32(const int* wq, const signed char* x) {
+    const int4* xp = (const int4*)x;
+    int4 a = xp[0], c = xp[1];
+    int sum = __dp4a(wq[0], a.x, 0);
+    sum = __dp4a(wq[1], a.y, sum); sum = __dp4a(wq[2], a.z, sum); sum = __dp4a(wq[3], a.w, sum);
+    sum = __dp4a(wq[4], c.x, sum); sum = __dp4a(wq[5], c.y, sum); sum = __dp4a(wq[6], c.z, sum); sum = __dp4a(wq[7], c.w, sum);
+    return sum;
+}
+
+// One block of a quantized row against nt tokens' activations rounded to 8 bits (xq: int8,
+// xs: one scale per 32), by one lane: 4-byte integer dot products (dp4a), one float multiply
+// per block.
+__device__ __forceinline__ void block_dot(const void* w, int dtype, long total, long row, long block, const signed char* xq,
+                                          const float* xs, int k, int t0, int nt, float* acc) {
+    int wq[8];
+    long b = row / 32 + block;
+    block_words(w, dtype, b, wq);
+    float d = __half2float(quant_scales(w, dtype, total)[b]);
     for (int t = 0; t < nt; t++) {
-        const int4* xp = (const int4*)(xq + (long)(t0 + t) * k + base);
-        int4 a = xp[0], c = xp[1];
-        int sum = __dp4a(wq[0], a.x, 0);
-        sum = __dp4a(wq[1], a.y, sum); sum = __dp4a(wq[2], a.z, sum); sum = __dp4a(wq[3], a.w, sum);
-        sum = __dp4a(wq[4], c.x, sum); sum = __dp4a(wq[5], c.y, sum); sum = __dp4a(wq[6], c.z, sum); sum = __dp4a(wq[7], c.w, sum);
+        int sum = dot32(wq, xq + (long)(t0 + t) * k + block * 32);
         acc[t] += d * xs[(long)(t0 + t) * (k / 32) + block] * (float)sum;
     }
 }
 
-// Activations rounded to 8 bits per 32 values (scale = max |x| / 127), one warp per block.
-extern "C" __global__ void quantize_q8(const float* x, signed char* xq, float* xs, long blocks) {
-    long b = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (b >= blocks) return;
-    float v = x[b * 32 + lane];
-    float amax = warp_max(fabsf(v));
-    float d = amax / 127.f;
-    xq[b * 32 + lane] = (signed char)(d > 0 ? __float2int_rn(v / d) : 0);
-    if (lane == 0) xs[b] = d;
+// Activations rounded to 8 bits per 32 values (scale = max |x| / 127): block (token, chunk)
+// takes 256 values, a warp per 32. With `norm`, the row is RMS-normalized and multiplied by it
+// first (the norm fused; each block sums the row's squares itself, so one launch does it all).
+extern "C" __global__ void __launch_bounds__(256) quantize_q8(const float* x, const float* norm, float eps, signed char* xq,
+                                                              float* xs, int k) {
+    gdc_wait();
+    const float* xr = x + (long)blockIdx.x * k;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float scale = 1;
+    if (norm) {
+        __shared__ float partial[8];
+        float s = 0;
+        for (int i = threadIdx.x * 4; i < k; i += blockDim.x * 4) {
+            float4 v = *(const float4*)(xr + i);
+            s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+        s = warp_sum(s);
+        if (lane == 0) partial[warp] = s;
+        __syncthreads();
+        s = 0;
+        for (int w = 0; w < 8; w++) s += partial[w];
+        scale = rsqrtf(s / k + eps);
+    }
+    int g = blockIdx.y * 8 + warp;
+    if (g >= k / 32) return;
+    int i = g * 32 + lane;
+    float v = norm ? xr[i] * scale * norm[i] : xr[i];
+    float d = warp_max(fabsf(v)) / 127.f;
+    xq[(long)blockIdx.x * k + i] = (signed char)(d > 0 ? __float2int_rn(v / d) : 0);
+    if (lane == 0) xs[(long)blockIdx.x * (k / 32) + g] = d;
 }
+
+// One token's products, a warp per output row, specialized per weight type DT and rows per warp R
+// (R = 2: gate and up of the same output, mode 2). Each lane keeps 8 / R 16-byte weight loads
+// per row in flight, and the first ones are issued before gdc_wait, so a product's weights
+// stream while the kernel before it finishes. 16-bit weights: x in shared memory, RMS-normalized
+// there when `norm` is given (the norm fused). Quantized: xq/xs from quantize_q8. Matrices and
+// modes as matmul_rows.
+template <int DT, int R>
+__device__ __forceinline__ void matvec_body(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
+                                            float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
+                                            const float* x, const float* norm, float eps, const signed char* xq, const float* xs,
+                                            int k, int mode) {
+    constexpr int U = 8 / R;
+    constexpr bool quantized = DT >= 3;
+    extern __shared__ float xsh[];
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    const void* w = w0; const float* b = b0; float* y = y0; int n = n0, o = warp;
+    if (R == 1 && o >= n0) {
+        o -= n0; w = w1; b = b1; y = y1; n = n1;
+        if (o >= n1) { o -= n1; w = w2; b = b2; y = y2; n = n2; }
+    }
+    bool active = o < n;
+    if (!active) o = 0;
+    const void* wr[2] = {w, w1};
+    // A 16-byte load is eight 16-bit weights, half a Q8_0 block or a Q4_0 block.
+    const int units = DT == 3 ? k / 16 : DT == 4 ? k / 32 : k / 8;
+    const long total = (long)n * k;
+    const uint4* base[R];
+    const __half* sc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        base[r] = (const uint4*)wr[r] + (long)o * units;
+        if (quantized) sc[r] = quant_scales(wr[r], DT, total) + (long)o * (k / 32);
+    }
+    uint4 q[R][U];
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        acc[r] = 0;
+#pragma unroll
+        for (int u = 0; u < U; u++) if (active && lane + u * 32 < units) q[r][u] = __ldcs(base[r] + lane + u * 32);
+    }
+    gdc_wait();
+    const float* xv = x;
+    if (!quantized && norm) {
+        __shared__ float partial[32];
+        float s = 0;
+        for (int i = threadIdx.x * 4; i < k; i += blockDim.x * 4) {
+            float4 v = *(const float4*)(x + i);
+            s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+        s = warp_sum(s);
+        if (lane == 0) partial[threadIdx.x >> 5] = s;
+        __syncthreads();
+        s = 0;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) s += partial[i];
+        float scale = rsqrtf(s / k + eps);
+        for (int i = threadIdx.x * 4; i < k; i += blockDim.x * 4) {
+            float4 v = *(const float4*)(x + i), g = *(const float4*)(norm + i);
+            *(float4*)(xsh + i) = make_float4(v.x * scale * g.x, v.y * scale * g.y, v.z * scale * g.z, v.w * scale * g.w);
+        }
+        __syncthreads();
+        xv = xsh;
+    }
+    if (active) {
+        for (int u0 = lane; u0 < units; u0 += 32 * U) {
+            if (u0 != lane) {
+#pragma unroll
+                for (int r = 0; r < R; r++)
+#pragma unroll
+                    for (int u = 0; u < U; u++) if (u0 + u * 32 < units) q[r][u] = __ldcs(base[r] + u0 + u * 32);
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int i = u0 + u * 32;
+                if (i >= units) break;
+                if (quantized) {
+                    int blk = DT == 3 ? i / 2 : i;
+                    float xd = xs[blk];
+                    int4 a = *(const int4*)(xq + (DT == 3 ? i * 16 : i * 32)), c = make_int4(0, 0, 0, 0);
+                    if (DT == 4) c = *(const int4*)(xq + i * 32 + 16);
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        int sum;
+                        if (DT == 3) {
+                            sum = __dp4a((int)q[r][u].x, a.x, 0); sum = __dp4a((int)q[r][u].y, a.y, sum);
+                            sum = __dp4a((int)q[r][u].z, a.z, sum); sum = __dp4a((int)q[r][u].w, a.w, sum);
+                        } else {
+                            unsigned v[4] = {q[r][u].x, q[r][u].y, q[r][u].z, q[r][u].w};
+                            int lo[4], hi[4];
+#pragma unroll
+                            for (int j = 0; j < 4; j++) {
+                                lo[j] = (int)__vsub4(v[j] & 0x0F0F0F0F, 0x08080808);
+                                hi[j] = (int)__vsub4((v[j] >> 4) & 0x0F0F0F0F, 0x08080808);
+                            }
+                            sum = __dp4a(lo[0], a.x, 0); sum = __dp4a(lo[1], a.y, sum); sum = __dp4a(lo[2], a.z, sum); sum = __dp4a(lo[3], a.w, sum);
+                            sum = __dp4a(hi[0], c.x, sum); sum = __dp4a(hi[1], c.y, sum); sum = __dp4a(hi[2], c.z, sum); sum = __dp4a(hi[3], c.w, sum);
+                        }
+                        acc[r] += __half2float(sc[r][blk]) * xd * (float)sum;
+                    }
+                } else {
+                    float4 a = *(const float4*)(xv + i * 8), c = *(const float4*)(xv + i * 8 + 4);
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        float f[8];
+                        if (DT == 2) {
+                            const __nv_bfloat162* p = (const __nv_bfloat162*)&q[r][u];
+#pragma unroll
+                            for (int j = 0; j < 4; j++) { float2 t = __bfloat1622float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
+                        } else {
+                            const __half2* p = (const __half2*)&q[r][u];
+#pragma unroll
+                            for (int j = 0; j < 4; j++) { float2 t = __half22float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
+                        }
+                        acc[r] += f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w + f[4] * c.x + f[5] * c.y + f[6] * c.z + f[7] * c.w;
+                    }
+                }
+            }
+        }
+    }
+    if (!active) return;
+    float g = warp_sum(acc[0]) + (b ? b[o] : 0.f);
+    if (R == 2) {
+        float u = warp_sum(acc[R - 1]) + (b1 ? b1[o] : 0.f);
+        if (lane == 0) y0[o] = g / (1.f + __expf(-g)) * u;
+    } else if (lane == 0) {
+        y[o] = mode == 1 ? y[o] + g : g;
+    }
+}
+
+#define MATVEC(name, DT, R, MIN_BLOCKS)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) name(                                                      \
+        const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
+        const float* b2, float* y2, int n2, const float* x, const float* norm, float eps, const signed char* xq, const float* xs, \
+        int k, int mode) {                                                                                                   \
+        matvec_body<DT, R>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, norm, eps, xq, xs, k, mode);                   \
+    }
+// Four blocks an SM (64 registers a thread) where that costs no spills: more rows in flight.
+MATVEC(matvec_f16, 1, 1, 4)
+MATVEC(matvec_f16_gated, 1, 2, 4)
+MATVEC(matvec_bf16, 2, 1, 4)
+MATVEC(matvec_bf16_gated, 2, 2, 4)
+MATVEC(matvec_q8_0, 3, 1, 3)
+MATVEC(matvec_q8_0_gated, 3, 2, 3)
+MATVEC(matvec_q4_0, 4, 1, 4)
+MATVEC(matvec_q4_0_gated, 4, 2, 4)
 
 // acc[t] += dot(W[row, :], x[t0 + t, :]) for nt <= TOKENS tokens, by one warp: each lane
 // reads 16 bytes of the row at a time, four loads in flight, so a decode step streams the
 // weights once.
 #define TOKENS 8
-__device__ __forceinline__ void warp_row_dot(const void* w, int dtype, long row, const float* x, const signed char* xq,
+__device__ __forceinline__ void warp_row_dot(const void* w, int dtype, long total, long row, const float* x, const signed char* xq,
                                              const float* xs, int k, int t0, int nt, int lane, float* acc) {
     if (dtype >= 3) {
         // A lane per 32-value block: neighbouring lanes read neighbouring blocks.
-        for (long b = lane; b < k / 32; b += 32) block_dot(w, dtype, row, b, xq, xs, k, t0, nt, acc);
+        for (long b = lane; b < k / 32; b += 32) block_dot(w, dtype, total, row, b, xq, xs, k, t0, nt, acc);
     } else if ((k & 7) == 0) {
         for (int i0 = lane * 8; i0 < k; i0 += 1024) {
             float wv[4][8];
@@ -150,7 +354,7 @@ __device__ __forceinline__ void warp_row_dot(const void* w, int dtype, long row,
         }
     } else {
         for (int i = lane; i < k; i += 32) {
-            float wv = load_weight(w, dtype, row + i);
+            float wv = load_weight(w, dtype, row + i, total);
             for (int t = 0; t < nt; t++) acc[t] += wv * x[(long)(t0 + t) * k + i];
         }
     }
@@ -165,6 +369,7 @@ extern "C" __global__ void matmul_rows(const void* w0, const float* b0, float* y
                                        const void* w2, const float* b2, float* y2, int n2,
                                        int dtype, const float* x, const signed char* xq, const float* xs, int k, int tokens,
                                        int mode) {
+    gdc_wait();
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     const void* w = w0; const float* b = b0; float* y = y0; int n = n0, o = warp;
     if (mode != 2 && o >= n0) {
@@ -176,11 +381,11 @@ extern "C" __global__ void matmul_rows(const void* w0, const float* b0, float* y
         int nt = min(TOKENS, tokens - t0);
         float acc[TOKENS];
         for (int t = 0; t < TOKENS; t++) acc[t] = 0;
-        warp_row_dot(w, dtype, (long)o * k, x, xq, xs, k, t0, nt, lane, acc);
+        warp_row_dot(w, dtype, (long)n * k, (long)o * k, x, xq, xs, k, t0, nt, lane, acc);
         if (mode == 2) {
             float up[TOKENS];
             for (int t = 0; t < TOKENS; t++) up[t] = 0;
-            warp_row_dot(w1, dtype, (long)o * k, x, xq, xs, k, t0, nt, lane, up);
+            warp_row_dot(w1, dtype, (long)n * k, (long)o * k, x, xq, xs, k, t0, nt, lane, up);
             if (lane == 0) {
                 for (int t = 0; t < nt; t++) {
                     float g = acc[t] + (b0 ? b0[o] : 0.f), u = up[t] + (b1 ? b1[o] : 0.f);
@@ -199,12 +404,14 @@ extern "C" __global__ void matmul_rows(const void* w0, const float* b0, float* y
 
 // A quantized matrix widened to BF16, for cuBLAS products over many tokens.
 extern "C" __global__ void dequantize_bf16(const void* w, int dtype, __nv_bfloat16* out, long n) {
+    gdc_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = __float2bfloat16(load_weight(w, dtype, i));
+    if (i < n) out[i] = __float2bfloat16(load_weight(w, dtype, i, n));
 }
 
 // Activations to the weights' 16-bit type, for cuBLAS products.
 extern "C" __global__ void to_half(const float* x, void* out, int dtype, long n) {
+    gdc_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     if (dtype == 2) ((__nv_bfloat16*)out)[i] = __float2bfloat16(x[i]);
@@ -212,12 +419,14 @@ extern "C" __global__ void to_half(const float* x, void* out, int dtype, long n)
 }
 
 extern "C" __global__ void add_bias(float* y, const float* bias, int outDim, long n) {
+    gdc_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] += bias[i % outDim];
 }
 
 // One thread per rotated pair. Pair i is (i, i + d/2), or (2i, 2i + 1) when interleaved.
 extern "C" __global__ void rope(float* x, const float* cosT, const float* sinT, int rows, int heads, int headDim, int interleaved) {
+    gdc_wait();
     int half = headDim / 2;
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long)rows * heads * half) return;
@@ -233,16 +442,16 @@ extern "C" __global__ void rope(float* x, const float* cosT, const float* sinT, 
 }
 
 // RoPE on a token's query and key heads, and its rotated key and value rows written to the cache
-// at (slot, position): one block per token.
+// at (slot, position): block (token, head) takes one query head, or one key/value head.
 extern "C" __global__ void rope_store_kv(float* q, const float* k, const float* v, float* kc, float* vc, const float* cosT,
                                          const float* sinT, const int* slots, const int* positions, int heads, int kvHeads,
                                          int headDim, long slotSize, int interleaved) {
-    int t = blockIdx.x, half = headDim / 2, row = kvHeads * headDim;
+    gdc_wait();
+    int t = blockIdx.x, h = blockIdx.y, half = headDim / 2, row = kvHeads * headDim;
     const float* c = cosT + (long)t * half;
     const float* s = sinT + (long)t * half;
     long at = (long)slots[t] * slotSize + (long)positions[t] * row;
-    for (int idx = threadIdx.x; idx < (heads + kvHeads) * half; idx += blockDim.x) {
-        int h = idx / half, i = idx % half;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
         int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
         if (h < heads) {
             float* p = q + ((long)t * heads + h) * headDim;
@@ -257,11 +466,15 @@ extern "C" __global__ void rope_store_kv(float* q, const float* k, const float* 
             kc[at + kh * headDim + b] = w * c[i] + u * s[i];
         }
     }
-    for (int i = threadIdx.x; i < row; i += blockDim.x) vc[at + i] = v[(long)t * row + i];
+    if (h >= heads) {
+        int kh = h - heads;
+        for (int i = threadIdx.x; i < headDim; i += blockDim.x) vc[at + kh * headDim + i] = v[((long)t * kvHeads + kh) * headDim + i];
+    }
 }
 
 extern "C" __global__ void store_kv(const float* k, const float* v, float* kc, float* vc, const int* slots, const int* positions,
                                     int rowSize, long slotSize) {
+    gdc_wait();
     int t = blockIdx.x;
     long at = (long)slots[t] * slotSize + (long)positions[t] * rowSize;
     for (int i = threadIdx.x; i < rowSize; i += blockDim.x) {
@@ -270,89 +483,333 @@ extern "C" __global__ void store_kv(const float* k, const float* v, float* kc, f
     }
 }
 
+// The splits' partial results of (token t, head h) combined into attn, by the block that
+// finishes last (the others' writes made visible by the fence before the count).
+__device__ __forceinline__ void merge_if_last(const float* partial, const float* stats, float* attn, unsigned* counters, int t,
+                                              int h, int heads, int headDim, int splits, bool* last) {
+    long th = (long)t * heads + h;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        *last = atomicAdd(&counters[th], 1u) == (unsigned)splits - 1;
+        if (*last) counters[th] = 0;
+    }
+    __syncthreads();
+    if (!*last) return;
+    __threadfence();
+    const float* st = stats + th * splits * 2;
+    float m = -__int_as_float(0x7f800000);
+    for (int s = 0; s < splits; s++) m = fmaxf(m, __ldcg(st + 2 * s));
+    float total = 0;
+    for (int s = 0; s < splits; s++) {
+        float l = __ldcg(st + 2 * s + 1);
+        if (l > 0) total += l * __expf(__ldcg(st + 2 * s) - m);
+    }
+    for (int d = threadIdx.x; d < headDim; d += blockDim.x) {
+        float acc = 0;
+        for (int s = 0; s < splits; s++) {
+            float l = __ldcg(st + 2 * s + 1);
+            if (l > 0) acc += __ldcg(partial + (th * splits + s) * headDim + d) * __expf(__ldcg(st + 2 * s) - m);
+        }
+        attn[th * headDim + d] = acc / total;
+    }
+}
+
 // Causal attention of one query head over its sequence, split across the sequence: block
-// (token, head, split) handles positions [split * chunk, ...), keeping the maximum, the sum of
-// exponentials and the weighted values; attention_merge combines the splits (flash-decoding).
-// One warp per key in turn; the chunk's scores live in shared memory.
-extern "C" __global__ void attention_split(const float* q, const float* kc, const float* vc, float* partial, float* stats,
-                                           const int* slots, const int* positions, int heads, int kvHeads, int headDim,
-                                           long slotSize, float scale, int window, int splits, int chunk) {
+// (token, head, split) takes its share of the positions (the split count is fixed at launch, the
+// share follows the sequence's length read on the device, so a recorded decode step stays
+// valid at every position). Each warp runs an online softmax over every fourth key of the
+// share, a lane holding head dimensions lane, lane + 32, ... (head dimension at most 256); the
+// warps then combine, and the last split of a (token, head) to finish combines the splits
+// (flash-decoding), its counter reset for the next launch.
+extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q, const float* kc, const float* vc, float* partial,
+                                                                  float* stats, const int* slots, const int* positions, int heads,
+                                                                  int kvHeads, int headDim, long slotSize, float scale, int window,
+                                                                  int splits, float* attn, unsigned* counters) {
+    gdc_wait();
     int t = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
     int pos = positions[t];
     int lo = window > 0 ? max(0, pos - window + 1) : 0;
+    int chunk = (pos + 1 - lo + splits - 1) / splits;
     int start = lo + split * chunk, end = min(pos + 1, start + chunk);
     int kvh = h / (heads / kvHeads);
     int row = kvHeads * headDim;
     const float* qp = q + ((long)t * heads + h) * headDim;
     const float* kb = kc + (long)slots[t] * slotSize + kvh * headDim;
     const float* vb = vc + (long)slots[t] * slotSize + kvh * headDim;
-    extern __shared__ float scores[];
-    __shared__ float red[32];
-    int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float* out = partial + (((long)t * heads + h) * splits + split) * headDim;
     float* st = stats + (((long)t * heads + h) * splits + split) * 2;
+    __shared__ bool last;
     if (start >= end) {
         for (int d = threadIdx.x; d < headDim; d += blockDim.x) out[d] = 0;
         if (threadIdx.x == 0) { st[0] = -__int_as_float(0x7f800000); st[1] = 0; }
+        merge_if_last(partial, stats, attn, counters, t, h, heads, headDim, splits, &last);
         return;
     }
-    int n = end - start;
-    for (int j = warp; j < n; j += warps) {
-        const float* kp = kb + (long)(start + j) * row;
-        float s = 0;
-        for (int d = lane; d < headDim; d += 32) s += qp[d] * kp[d];
-        s = warp_sum(s);
-        if (lane == 0) scores[j] = s * scale;
+    float qv[8], acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) { int d = lane + 32 * i; qv[i] = d < headDim ? qp[d] * scale : 0.f; acc[i] = 0; }
+    float m = -__int_as_float(0x7f800000), l = 0;
+    for (int j = start + warp; j < end; j += 8) {
+        // Two keys at a time, their loads issued together.
+        int j2 = j + 4;
+        bool two = j2 < end;
+        const float* k1 = kb + (long)j * row; const float* k2 = kb + (long)j2 * row;
+        const float* v1 = vb + (long)j * row; const float* v2 = vb + (long)j2 * row;
+        float ka[8], kb2[8], va[8], vb2[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int d = lane + 32 * i;
+            bool in = d < headDim;
+            ka[i] = in ? k1[d] : 0.f; va[i] = in ? v1[d] : 0.f;
+            kb2[i] = in && two ? k2[d] : 0.f; vb2[i] = in && two ? v2[d] : 0.f;
+        }
+        float s1 = 0, s2 = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) { s1 += qv[i] * ka[i]; s2 += qv[i] * kb2[i]; }
+        s1 = warp_sum(s1); s2 = warp_sum(s2);
+        if (!two) s2 = -__int_as_float(0x7f800000);
+        float mn = fmaxf(m, fmaxf(s1, s2));
+        float corr = __expf(m - mn), p1 = __expf(s1 - mn), p2 = __expf(s2 - mn);
+        l = l * corr + p1 + p2;
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[i] = acc[i] * corr + p1 * va[i] + p2 * vb2[i];
+        m = mn;
     }
+    __shared__ float wm[4], wl[4], wacc[4][256];
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+#pragma unroll
+    for (int i = 0; i < 8; i++) { int d = lane + 32 * i; if (d < headDim) wacc[warp][d] = acc[i]; }
     __syncthreads();
-    float m = -__int_as_float(0x7f800000);
-    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, scores[j]);
-    m = warp_max(m);
-    if (lane == 0) red[warp] = m;
-    __syncthreads();
-    m = -__int_as_float(0x7f800000);
-    for (int w = 0; w < warps; w++) m = fmaxf(m, red[w]);
-    __syncthreads();
+    float mm = fmaxf(fmaxf(wm[0], wm[1]), fmaxf(wm[2], wm[3]));
+    float f[4];
     float sum = 0;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) { float e = __expf(scores[j] - m); scores[j] = e; sum += e; }
-    sum = warp_sum(sum);
-    if (lane == 0) red[warp] = sum;
-    __syncthreads();
-    sum = 0;
-    for (int w = 0; w < warps; w++) sum += red[w];
-    for (int d = threadIdx.x; d < headDim; d += blockDim.x) {
-        float acc = 0;
-        for (int j = 0; j < n; j++) acc += scores[j] * vb[(long)(start + j) * row + d];
-        out[d] = acc;
-    }
-    if (threadIdx.x == 0) { st[0] = m; st[1] = sum; }
-}
-
-extern "C" __global__ void attention_merge(const float* partial, const float* stats, float* out, int heads, int headDim, int splits) {
-    long th = (long)blockIdx.x * heads + blockIdx.y;
-    const float* st = stats + th * splits * 2;
-    float m = -__int_as_float(0x7f800000);
-    for (int s = 0; s < splits; s++) m = fmaxf(m, st[2 * s]);
-    float total = 0;
-    for (int s = 0; s < splits; s++) if (st[2 * s + 1] > 0) total += st[2 * s + 1] * __expf(st[2 * s] - m);
-    for (int d = threadIdx.x; d < headDim; d += blockDim.x) {
-        float acc = 0;
-        for (int s = 0; s < splits; s++) if (st[2 * s + 1] > 0) acc += partial[(th * splits + s) * headDim + d] * __expf(st[2 * s] - m);
-        out[th * headDim + d] = acc / total;
-    }
+    for (int w = 0; w < 4; w++) { f[w] = wl[w] > 0 ? __expf(wm[w] - mm) : 0.f; sum += wl[w] * f[w]; }
+    for (int d = threadIdx.x; d < headDim; d += blockDim.x)
+        out[d] = wacc[0][d] * f[0] + wacc[1][d] * f[1] + wacc[2][d] * f[2] + wacc[3][d] * f[3];
+    if (threadIdx.x == 0) { st[0] = mm; st[1] = sum; }
+    merge_if_last(partial, stats, attn, counters, t, h, heads, headDim, splits, &last);
 }
 
 extern "C" __global__ void silu_mul(const float* g, const float* u, float* o, long n) {
+    gdc_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) { float v = g[i]; o[i] = v / (1.f + __expf(-v)) * u[i]; }
 }
 
 extern "C" __global__ void add_inplace(float* x, const float* y, long n) {
+    gdc_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] += y[i];
 }
 
 extern "C" __global__ void gather_rows(const float* x, const int* rows, float* out, int dim) {
+    gdc_wait();
     int r = blockIdx.x;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) out[(long)r * dim + i] = x[(long)rows[r] * dim + i];
+}
+
+// Causal attention over many queries (prefill) as flash attention: block (tile, head) takes up to
+// FA_Q consecutive rows of one sequence (tiles: first row, count; positions consecutive) and walks
+// that sequence's cache in tiles of FA_K positions staged in shared memory, keeping an online
+// softmax per query. Warp w handles query rows w, w + 4, ...; for scores lane j takes key j of the
+// tile, for values lane d takes dimensions d, d + 32, ... (head dimension at most 256).
+#define FA_Q 32
+#define FA_K 32
+extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float* q, const float* kc, const float* vc, float* out,
+                                                                    const int* slots, const int* positions, const int* tiles,
+                                                                    int heads, int kvHeads, int headDim, long slotSize, float scale,
+                                                                    int window) {
+    gdc_wait();
+    extern __shared__ float sh[];
+    int hdp = headDim + 1;  // K rows padded: lanes reading different keys hit different banks
+    float* Q = sh;
+    float* K = Q + FA_Q * headDim;
+    float* V = K + FA_K * hdp;
+    float* P = V + FA_K * headDim;
+    int first = tiles[2 * blockIdx.x], count = tiles[2 * blockIdx.x + 1], h = blockIdx.y;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int kvh = h / (heads / kvHeads), row = kvHeads * headDim;
+    int p0 = positions[first], lastPos = p0 + count - 1;
+    const float* kb = kc + (long)slots[first] * slotSize + kvh * headDim;
+    const float* vb = vc + (long)slots[first] * slotSize + kvh * headDim;
+    float* pw = P + warp * 8 * FA_K;
+    for (int i = threadIdx.x; i < FA_Q * headDim; i += blockDim.x) {
+        int r = i / headDim, d = i % headDim;
+        Q[i] = r < count ? q[((long)(first + r) * heads + h) * headDim + d] * scale : 0.f;
+    }
+    float m[8], l[8], acc[8][8];
+#pragma unroll
+    for (int r = 0; r < 8; r++) {
+        m[r] = -__int_as_float(0x7f800000); l[r] = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[r][i] = 0;
+    }
+    int lo = window > 0 ? max(0, p0 - window + 1) : 0;
+    for (int k0 = lo; k0 <= lastPos; k0 += FA_K) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < FA_K * headDim; i += blockDim.x) {
+            int j = i / headDim, d = i % headDim, pos = k0 + j;
+            bool in = pos <= lastPos;
+            K[j * hdp + d] = in ? kb[(long)pos * row + d] : 0.f;
+            V[j * headDim + d] = in ? vb[(long)pos * row + d] : 0.f;
+        }
+        __syncthreads();
+        float s[8];
+#pragma unroll
+        for (int r = 0; r < 8; r++) s[r] = 0;
+        for (int d = 0; d < headDim; d++) {
+            float kd = K[lane * hdp + d];
+#pragma unroll
+            for (int r = 0; r < 8; r++) s[r] += Q[(warp + 4 * r) * headDim + d] * kd;
+        }
+        int kpos = k0 + lane;
+#pragma unroll
+        for (int r = 0; r < 8; r++) {
+            int qr = warp + 4 * r, qpos = p0 + qr;
+            bool valid = qr < count && kpos <= qpos && (window <= 0 || kpos > qpos - window);
+            float sv = valid ? s[r] : -__int_as_float(0x7f800000);
+            float mn = fmaxf(m[r], warp_max(sv));
+            float p = 0, corr = 1;
+            if (mn != -__int_as_float(0x7f800000)) {
+                p = valid ? __expf(sv - mn) : 0.f;
+                corr = __expf(m[r] - mn);
+                m[r] = mn;
+            }
+            l[r] = l[r] * corr + warp_sum(p);
+            pw[r * FA_K + lane] = p;
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[r][i] *= corr;
+        }
+        __syncwarp();
+        for (int j = 0; j < FA_K; j++) {
+            float vd[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) { int d = lane + 32 * i; vd[i] = d < headDim ? V[j * headDim + d] : 0.f; }
+#pragma unroll
+            for (int r = 0; r < 8; r++) {
+                float p = pw[r * FA_K + j];
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[r][i] += p * vd[i];
+            }
+        }
+        __syncwarp();
+    }
+#pragma unroll
+    for (int r = 0; r < 8; r++) {
+        int qr = warp + 4 * r;
+        if (qr >= count) continue;
+        float inv = l[r] > 0 ? 1.f / l[r] : 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int d = lane + 32 * i;
+            if (d < headDim) out[((long)(first + qr) * heads + h) * headDim + d] = acc[r][i] * inv;
+        }
+    }
+}
+
+// Sampling on the device: only the chosen ids (greedy) or the k largest logits leave the GPU.
+
+// Floats as unsigned keys in the same order.
+__device__ __forceinline__ unsigned order_key(float f) {
+    unsigned u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The largest value of each row and its first index (greedy decoding): blocks (part, row) reduce
+// their share and combine with one 64-bit atomicMax of (value key, inverted index), so ties go to
+// the first index. out (zeroed first) holds one such word per row; NaNs are passed over.
+extern "C" __global__ void argmax_rows(const float* x, int cols, unsigned long long* out) {
+    gdc_wait();
+    const float* r = x + (long)blockIdx.y * cols;
+    unsigned long long best = 0;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x) {
+        float v = r[i];
+        if (v != v) continue;
+        unsigned long long key = ((unsigned long long)order_key(v) << 32) | (0xffffffffu - (unsigned)i);
+        if (key > best) best = key;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        unsigned long long other = __shfl_xor_sync(0xffffffff, best, o);
+        if (other > best) best = other;
+    }
+    __shared__ unsigned long long warps[32];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) warps[warp] = best;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) if (warps[w] > best) best = warps[w];
+        atomicMax(out + blockIdx.y, best);
+    }
+}
+
+// The k largest values of each row (in no particular order) and their indices, one block per
+// row: a radix select finds the k-th largest key 8 bits at a time (a 256-bin histogram per
+// pass over the row), then one pass gathers everything above it and enough equal to it.
+extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int cols, int k, float* values, int* indices) {
+    gdc_wait();
+    const float* r = x + (long)blockIdx.x * cols;
+    __shared__ unsigned hist[256];
+    __shared__ unsigned chosen, left, taken, equal;
+    unsigned prefix = 0, mask = 0, remaining = k;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+            unsigned key = order_key(r[i]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+        }
+        __syncthreads();
+        if (warp == 0) {
+            // Lane L holds digits 255 - 8L ... 248 - 8L (largest first); find the digit where the
+            // count of larger keys reaches `remaining`.
+            unsigned c[8], total = 0;
+#pragma unroll
+            for (int j = 0; j < 8; j++) { c[j] = hist[255 - (lane * 8 + j)]; total += c[j]; }
+            unsigned incl = total;
+            for (int o = 1; o < 32; o <<= 1) {
+                unsigned v = __shfl_up_sync(0xffffffff, incl, o);
+                if (lane >= o) incl += v;
+            }
+            unsigned before = incl - total;
+            if (before < remaining && remaining <= incl) {
+                unsigned cum = before;
+                for (int j = 0; j < 8; j++) {
+                    if (cum + c[j] >= remaining) { chosen = 255 - (lane * 8 + j); left = remaining - cum; break; }
+                    cum += c[j];
+                }
+            }
+        }
+        __syncthreads();
+        prefix |= chosen << shift;
+        mask |= 255u << shift;
+        remaining = left;
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) { taken = 0; equal = 0; }
+    __syncthreads();
+    float* vo = values + (long)blockIdx.x * k;
+    int* io = indices + (long)blockIdx.x * k;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float v = r[i];
+        unsigned key = order_key(v);
+        bool take = key > prefix;
+        if (key == prefix) take = atomicAdd(&equal, 1u) < remaining;
+        if (take) {
+            unsigned at = atomicAdd(&taken, 1u);
+            vo[at] = v;
+            io[at] = i;
+        }
+    }
+}
+
+// Repetition penalty on one row's logits, ids unique: positive logits divided, negative multiplied.
+extern "C" __global__ void repetition_penalty(float* logits, const int* ids, int count, float penalty) {
+    gdc_wait();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= count) return;
+    float l = logits[ids[i]];
+    logits[ids[i]] = l > 0 ? l / penalty : l * penalty;
 }
