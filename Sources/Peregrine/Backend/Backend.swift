@@ -60,6 +60,9 @@ public protocol ComputeBackend: AnyObject {
     /// RoPE on the queries and keys, and the rotated keys and the values written to the cache.
     func ropeStoreKV(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, cos: Buffer,
                      sin: Buffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>)
+    /// `ropeStoreKV`, then `attention` of the rotated queries into `out`.
+    func ropeAttention(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, cos: Buffer, sin: Buffer,
+                       interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>, window: Int?, out: Buffer)
     /// out = silu(x @ gate^T + gateBias) * (x @ up^T + upBias); `scratch` holds the up product.
     func gatedProduct(_ x: Buffer, rows: Int, gate: Weight, gateBias: Weight?, up: Weight, upBias: Weight?,
                       out: Buffer, scratch: Buffer)
@@ -103,6 +106,13 @@ extension ComputeBackend {
         rope(q, rows: rows, heads: heads, headDim: headDim, cos: cos, sin: sin, interleaved: interleaved)
         rope(k, rows: rows, heads: cache.kvHeads, headDim: headDim, cos: cos, sin: sin, interleaved: interleaved)
         storeKV(layer: layer, k: k, v: v, rows: rows, plan: plan, cache: cache)
+    }
+
+    public func ropeAttention(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, cos: Buffer, sin: Buffer,
+                              interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>, window: Int?, out: Buffer) {
+        ropeStoreKV(layer: layer, q: q, k: k, v: v, rows: rows, heads: heads, headDim: headDim, cos: cos, sin: sin,
+                    interleaved: interleaved, plan: plan, cache: cache)
+        attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: out)
     }
 
     public func gatedProduct(_ x: Buffer, rows: Int, gate: Weight, gateBias: Weight?, up: Weight, upBias: Weight?,

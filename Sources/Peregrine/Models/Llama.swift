@@ -204,10 +204,8 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
                 backend.rmsNorm(w.q, weight: qn, eps: c.rmsNormEps, rows: n * c.headCount, dim: hd, out: w.q)
                 backend.rmsNorm(w.k, weight: kn, eps: c.rmsNormEps, rows: n * c.kvHeadCount, dim: hd, out: w.k)
             }
-            backend.ropeStoreKV(layer: i, q: w.q, k: w.k, v: w.v, rows: n, heads: c.headCount, headDim: hd, cos: w.cos, sin: w.sin,
-                                interleaved: c.ropeInterleaved, plan: plan, cache: cache)
-            backend.attention(layer: i, q: w.q, rows: n, plan: plan, cache: cache, heads: c.headCount,
-                              window: c.slidingWindow[i], out: w.attn)
+            backend.ropeAttention(layer: i, q: w.q, k: w.k, v: w.v, rows: n, heads: c.headCount, headDim: hd, cos: w.cos, sin: w.sin,
+                                  interleaved: c.ropeInterleaved, plan: plan, cache: cache, window: c.slidingWindow[i], out: w.attn)
             backend.matmulAdd(w.attn, rows: n, weight: L.o, bias: L.oBias, residual: w.x, scratch: w.tmp)
 
             backend.normGatedProduct(w.x, norm: L.postNorm, eps: c.rmsNormEps, dim: d, normed: w.h, rows: n, gate: L.gate,

@@ -483,7 +483,8 @@ public final class CUDABackend: ComputeBackend {
         }
         let n = p.map(\.weight.rows), warps = mode == 2 ? n[0] : n.reduce(0, +)
         let normPointer = quantized ? 0 : norm?.weight.pointer ?? 0
-        launch("matvec_" + suffix + (mode == 2 ? "_gated" : ""), grid: blocks(warps * 32), block: 256, shared: normPointer != 0 ? k * 4 : 0) { a in
+        let shared = normPointer != 0 ? k * 4 : 0
+        launch("matvec_" + suffix + (mode == 2 ? "_gated" : ""), grid: blocks(warps * 32), block: 256, shared: shared) { a in
             for i in 0..<3 {
                 if i < p.count { a.ptr(p[i].weight.pointer); a.ptr(p[i].bias?.pointer ?? 0); a.ptr(p[i].out); a.i32(mode == 2 && i == 1 ? 0 : n[i]) } else { a.ptr(0); a.ptr(0); a.ptr(0); a.i32(0) }
             }
@@ -604,8 +605,28 @@ public final class CUDABackend: ComputeBackend {
         }
     }
 
+    /// One token: RoPE and the KV-cache write happen inside the attention kernel (one launch).
+    public func ropeAttention(layer: Int, q: CUDABuffer, k: CUDABuffer, v: CUDABuffer, rows: Int, heads: Int, headDim: Int,
+                              cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<CUDABackend>,
+                              window: Int?, out: CUDABuffer) {
+        if rows == 1 {
+            attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: out,
+                      rope: (k, v, cos, sin, interleaved))
+            return
+        }
+        ropeStoreKV(layer: layer, q: q, k: k, v: v, rows: rows, heads: heads, headDim: headDim, cos: cos, sin: sin,
+                    interleaved: interleaved, plan: plan, cache: cache)
+        attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: out)
+    }
+
     public func attention(layer: Int, q: CUDABuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CUDABackend>,
                           heads: Int, window: Int?, out: CUDABuffer) {
+        attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: out, rope: nil)
+    }
+
+    private func attention(layer: Int, q: CUDABuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CUDABackend>, heads: Int,
+                           window: Int?, out: CUDABuffer,
+                           rope: (k: CUDABuffer, v: CUDABuffer, cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool)?) {
         let hd = cache.headDim
         guard hd <= 256 else {
             if firstError == nil { firstError = .unsupported("the CUDA attention kernels take head dimensions up to 256 (this model has \(hd))") }
@@ -653,7 +674,8 @@ public final class CUDABackend: ComputeBackend {
         launch("attention_split", grid: (rows, heads, splits), block: 128) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)
             a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.i64(cache.slotSize); a.f32(scale); a.i32(window ?? 0); a.i32(splits)
-            a.ptr(out); a.ptr(attentionCounters)
+            a.ptr(out); a.ptr(attentionCounters); a.i32(rope == nil ? 0 : 1); a.ptr(rope?.k.pointer ?? 0); a.ptr(rope?.v.pointer ?? 0)
+            a.ptr(rope?.cos.pointer ?? 0); a.ptr(rope?.sin.pointer ?? 0); a.i32(rope?.interleaved == true ? 1 : 0)
         }
     }
 

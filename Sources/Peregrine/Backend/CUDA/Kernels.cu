@@ -184,8 +184,9 @@ extern "C" __global__ void __launch_bounds__(256) quantize_q8(const float* x, co
 // (R = 2: gate and up of the same output, mode 2). Each lane keeps 8 / R 16-byte weight loads
 // per row in flight, and the first ones are issued before gdc_wait, so a product's weights
 // stream while the kernel before it finishes. 16-bit weights: x in shared memory, RMS-normalized
-// there when `norm` is given (the norm fused). Quantized: xq/xs from quantize_q8. Matrices and
-// modes as matmul_rows.
+// there when `norm` is given (the norm fused). Quantized: xq/xs from quantize_q8 (one launch per
+// product: rounding x in every block instead measured 37% slower on Q4_0). Matrices and modes as
+// matmul_rows.
 template <int DT, int R>
 __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
                                             float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
@@ -521,14 +522,20 @@ __device__ __forceinline__ void merge_if_last(const float* partial, const float*
 // valid at every position). Each warp runs an online softmax over every fourth key of the
 // share, a lane holding head dimensions lane, lane + 32, ... (head dimension at most 256); the
 // warps then combine, and the last split of a (token, head) to finish combines the splits
-// (flash-decoding), its counter reset for the next launch.
-extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q, const float* kc, const float* vc, float* partial,
+// (flash-decoding), its counter reset for the next launch. With `fused` (one token), RoPE and the
+// KV-cache write happen here too: each block rotates its query head and the token's key head in
+// shared memory and takes the token's own key and value from there and from vin, and one block
+// per key/value head writes them to the cache (no block reads that cache row in this launch).
+extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q, float* kc, float* vc, float* partial,
                                                                   float* stats, const int* slots, const int* positions, int heads,
                                                                   int kvHeads, int headDim, long slotSize, float scale, int window,
-                                                                  int splits, float* attn, unsigned* counters) {
+                                                                  int splits, float* attn, unsigned* counters, int fused,
+                                                                  const float* kin, const float* vin, const float* cosT,
+                                                                  const float* sinT, int interleaved) {
     gdc_wait();
     int t = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
     int pos = positions[t];
+    __shared__ float qs[256], ks[256];
     int lo = window > 0 ? max(0, pos - window + 1) : 0;
     int chunk = (pos + 1 - lo + splits - 1) / splits;
     int start = lo + split * chunk, end = min(pos + 1, start + chunk);
@@ -537,7 +544,30 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
     const float* qp = q + ((long)t * heads + h) * headDim;
     const float* kb = kc + (long)slots[t] * slotSize + kvh * headDim;
     const float* vb = vc + (long)slots[t] * slotSize + kvh * headDim;
+    const float* vnow = vin + ((long)t * kvHeads + kvh) * headDim;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (fused) {
+        int half = headDim / 2;
+        const float* kp = kin + ((long)t * kvHeads + kvh) * headDim;
+        for (int d = threadIdx.x; d < headDim; d += blockDim.x) { qs[d] = qp[d]; ks[d] = kp[d]; }
+        __syncthreads();
+        float qr[2], kr[2];
+        for (int n = 0, d = threadIdx.x; d < headDim; d += blockDim.x, n++) {
+            bool first = interleaved ? (d & 1) == 0 : d < half;
+            int other = interleaved ? d ^ 1 : (first ? d + half : d - half), i = interleaved ? d / 2 : (first ? d : d - half);
+            float c = cosT[(long)t * half + i], sn = sinT[(long)t * half + i];
+            qr[n] = first ? qs[d] * c - qs[other] * sn : qs[d] * c + qs[other] * sn;
+            kr[n] = first ? ks[d] * c - ks[other] * sn : ks[d] * c + ks[other] * sn;
+        }
+        __syncthreads();
+        for (int n = 0, d = threadIdx.x; d < headDim; d += blockDim.x, n++) { qs[d] = qr[n]; ks[d] = kr[n]; }
+        __syncthreads();
+        if (split == 0 && h % (heads / kvHeads) == 0) {
+            long at = (long)slots[t] * slotSize + (long)pos * row + kvh * headDim;
+            for (int d = threadIdx.x; d < headDim; d += blockDim.x) { kc[at + d] = ks[d]; vc[at + d] = vnow[d]; }
+        }
+        qp = qs;
+    }
     float* out = partial + (((long)t * heads + h) * splits + split) * headDim;
     float* st = stats + (((long)t * heads + h) * splits + split) * 2;
     __shared__ bool last;
@@ -557,6 +587,8 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
         bool two = j2 < end;
         const float* k1 = kb + (long)j * row; const float* k2 = kb + (long)j2 * row;
         const float* v1 = vb + (long)j * row; const float* v2 = vb + (long)j2 * row;
+        if (fused && j == pos) { k1 = ks; v1 = vnow; }
+        if (fused && j2 == pos) { k2 = ks; v2 = vnow; }
         float ka[8], kb2[8], va[8], vb2[8];
 #pragma unroll
         for (int i = 0; i < 8; i++) {
