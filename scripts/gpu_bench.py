@@ -98,9 +98,10 @@ def main():
     for name, a, b in rows:
         print(f"| {name} | {a:.1f} | {b:.2f} | {tg / b:.2f}x |")
     achieved = bytes_per_token * tg
-    print(f"\nPeregrine decode: {bytes_per_token / 1e9:.2f} GB/token x {tg:.2f} t/s = {achieved / 1e12:.2f} TB/s = "
-          f"{100 * achieved / (bandwidth / 2):.0f}% of the copy's read rate ({bandwidth / 2e12:.2f} TB/s), "
-          f"{100 * achieved / bandwidth:.0f}% of its read + write rate")
+    # A copy reads and writes at once; its bytes moved per second (read + written) are the HBM
+    # rate reached in this run, which a decode step (almost all reads) is measured against.
+    print(f"\nPeregrine decode: {bytes_per_token / 1e9:.2f} GB/token x {tg:.2f} t/s = {achieved / 1e12:.2f} TB/s read = "
+          f"{100 * achieved / bandwidth:.0f}% of the copy's rate ({bandwidth / 1e12:.2f} TB/s read + written)")
 
 
 if __name__ == "__main__":

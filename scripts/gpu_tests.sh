@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs the GPU tests (CUDABackendTests) on a GPU machine that has no Swift toolchain.
+#   bash scripts/gpu_tests.sh pack TESTS.tar.xz   # where Swift is: the test bundle and the Swift runtime it links
+#   bash scripts/gpu_tests.sh run TESTS.tar.xz    # on the GPU machine, in a checkout with models/ and Tests/Fixtures/
+# The bundle finds its fixtures by the path of the checkout it was built in; `run` links that
+# path to this checkout when they differ.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+pack)
+    swift build --build-tests -c release -Xswiftc -enable-testing
+    dir=$(mktemp -d)
+    mkdir -p "$dir/gputest/lib"
+    cp .build/release/PeregrinePackageTests.xctest "$dir/gputest/"
+    for lib in $(ldd .build/release/PeregrinePackageTests.xctest | awk '/swift/ { print $3 }'); do cp "$lib" "$dir/gputest/lib/"; done
+    pwd > "$dir/gputest/checkout"
+    tar -C "$dir" -cf - gputest | xz -T0 -6 > "$2"
+    rm -rf "$dir"
+    ;;
+run)
+    dir=$(mktemp -d)
+    if command -v xz > /dev/null; then xz -dc "$2" | tar -C "$dir" -xf -; else
+        python3 -c "import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.argv[1])).extractall(sys.argv[2])" "$2" "$dir"; fi
+    built=$(cat "$dir/gputest/checkout")
+    if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then mkdir -p "$(dirname "$built")"; ln -s "$PWD" "$built"; fi
+    export LD_LIBRARY_PATH="$dir/gputest/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+    "$dir/gputest/PeregrinePackageTests.xctest" PeregrineTests.CUDABackendTests
+    ;;
+*)
+    echo "usage: $0 pack|run TESTS.tar.xz" >&2
+    exit 2
+    ;;
+esac
