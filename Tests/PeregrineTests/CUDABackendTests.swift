@@ -128,18 +128,18 @@ final class CUDABackendTests: XCTestCase {
         XCTAssertEqual(after, host)
     }
 
-    /// Q8_0 and Q4_0 files (repacked on the GPU, 8-bit activations, dp4a) against the CPU's
-    /// integer kernels on the same files: logits and greedy text. Q4_K_M (k-quants widened to
-    /// BF16 at load) likewise.
+    /// Q8_0, Q4_0 and Q4_K files (repacked on the GPU, 8-bit activations, dp4a) against the
+    /// CPU's integer kernels on the same files: logits and greedy text. Q4_K_M likewise (its
+    /// Q6_K tensors widened to BF16 at load).
     func testQuantizedModelsMatchCPU() throws {
         let gpu = try backend()
         let dir = CLITests.repo.appendingPathComponent("models/target").path
         let tokenizer = try Tokenizer(directory: dir)
         let prompt = tokenizer.encode("And God said, Let there be light: and there was light. And God saw the light, that it was good")
-        for type in ["Q8_0", "Q4_0", "Q4_K_M"] {
-            let out = FileManager.default.temporaryDirectory.appendingPathComponent("peregrine-cuda-\(type).gguf").path
+        for (type, pure) in [("Q8_0", true), ("Q4_0", true), ("Q4_K_M", true), ("Q4_K_M", false)] {
+            let out = FileManager.default.temporaryDirectory.appendingPathComponent("peregrine-cuda-\(type)-\(pure).gguf").path
             defer { try? FileManager.default.removeItem(atPath: out) }
-            _ = try ModelQuantizer(mix: QuantizationMix(name: type)!, pure: type != "Q4_K_M").quantize(source: dir, output: out)
+            _ = try ModelQuantizer(mix: QuantizationMix(name: type)!, pure: pure).quantize(source: dir, output: out)
             let cpu = try ModelRegistry.load(directory: out), cuda = try ModelRegistry.load(directory: out, backend: gpu)
             let a = try allLogits(cpu, prompt), b = try allLogits(cuda, prompt)
             let scale = a.reduce(0) { max($0, abs($1)) }
@@ -149,7 +149,20 @@ final class CUDABackendTests: XCTestCase {
             options.sampling.temperature = 0
             let x = try Generator(model: cpu, tokenizer: tokenizer).generate(prompt: "And God said", options: options) { _ in true }
             let y = try Generator(model: cuda, tokenizer: tokenizer).generate(prompt: "And God said", options: options) { _ in true }
-            XCTAssertEqual(x.tokens, y.tokens, type)
+            if type != "Q4_K_M" {
+                XCTAssertEqual(x.tokens, y.tokens, type)
+            } else {
+                // The CPU rounds activations for k-quants per 256 values (llama.cpp's Q8_K), the GPU
+                // per 32, so a near tie may go either way: every GPU choice must be within 1% of the
+                // logit scale of the best under the CPU's logits for the same text.
+                let start = tokenizer.encode("And God said", addSpecialTokens: options.addSpecialTokens)
+                let v = cpu.config.vocabSize
+                let logits = try allLogits(cpu, start + y.tokens)
+                for (i, token) in y.tokens.enumerated() {
+                    let row = logits[((start.count - 1 + i) * v)..<((start.count + i) * v)]
+                    XCTAssertLessThan(row.max()! - row[row.startIndex + token], 0.01 * scale, "\(type) token \(i)")
+                }
+            }
         }
     }
 }

@@ -37,6 +37,29 @@ __device__ __forceinline__ const __half* quant_scales(const void* w, int dtype, 
     return (const __half*)((const unsigned char*)w + (dtype == 3 ? total : total / 2));
 }
 
+// A Q4_K super-block's header (f16 d, f16 dmin, twelve bytes of 6-bit scales and minimums for
+// its eight sub-blocks, packed as ggml packs them): d, dmin and the scale and minimum of
+// sub-blocks s and s + 1 (s even).
+__device__ __forceinline__ int q4k_byte(uint4 h, int i) {
+    unsigned w = i < 4 ? h.y : i < 8 ? h.z : h.w;  // scale bytes start after d and dmin (h.x)
+    return (int)((w >> (8 * (i & 3))) & 0xff);
+}
+
+__device__ __forceinline__ void q4k_header(uint4 h, int s, float& d, float& dmin, int& s1, int& m1, int& s2, int& m2) {
+    d = __half2float(__ushort_as_half((unsigned short)(h.x & 0xffff)));
+    dmin = __half2float(__ushort_as_half((unsigned short)(h.x >> 16)));
+#pragma unroll
+    for (int t = 0; t < 2; t++) {
+        int j = s + t, sc, m;
+        if (j < 4) { sc = q4k_byte(h, j) & 63; m = q4k_byte(h, j + 4) & 63; }
+        else {
+            sc = (q4k_byte(h, j + 4) & 0xF) | ((q4k_byte(h, j - 4) >> 6) << 4);
+            m = (q4k_byte(h, j + 4) >> 4) | ((q4k_byte(h, j) >> 6) << 4);
+        }
+        if (t == 0) { s1 = sc; m1 = m; } else { s2 = sc; m2 = m; }
+    }
+}
+
 __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, long total) {
     if (dtype == 2) return __bfloat162float(((const __nv_bfloat16*)w)[i]);
     if (dtype == 1) return __half2float(((const __half*)w)[i]);
@@ -46,14 +69,34 @@ __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, l
         int q = i % 32 < 16 ? (b & 15) : (b >> 4);
         return __half2float(quant_scales(w, 4, total)[i / 32]) * (float)(q - 8);
     }
+    if (dtype == 5) {
+        // Q4_K planar: 128 bytes of values per super-block, then the 16-byte headers.
+        long sb = i / 256;
+        int r = i % 256, j = r / 64, l = r % 64;
+        unsigned char b = ((const unsigned char*)w)[sb * 128 + 32 * j + l % 32];
+        int q = l < 32 ? (b & 15) : (b >> 4);
+        uint4 h = ((const uint4*)((const unsigned char*)w + total / 2))[sb];
+        float d, dmin;
+        int s1, m1, s2, m2;
+        q4k_header(h, 2 * j, d, dmin, s1, m1, s2, m2);
+        return l < 32 ? d * s1 * q - dmin * m1 : d * s2 * q - dmin * m2;
+    }
     return ((const float*)w)[i];
 }
 
-// GGUF's interleaved blocks (Q8_0: 34 bytes, Q4_0: 18 bytes, each an f16 scale then the values)
-// to the planar layout above, one thread per block.
+// GGUF's interleaved blocks (Q8_0: 34 bytes, Q4_0: 18 bytes, each an f16 scale then the values;
+// Q4_K: 144 bytes, a 16-byte header then 128 bytes of values) to the planar layouts above, one
+// thread per block.
 extern "C" __global__ void repack_quantized(const unsigned char* raw, int dtype, unsigned char* out, long blocks) {
     long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= blocks) return;
+    if (dtype == 5) {
+        const uint4* src = (const uint4*)(raw + b * 144);  // 144 = 9 x 16: blocks stay 16-byte aligned
+        uint4* values = (uint4*)(out + b * 128);
+        for (int j = 0; j < 8; j++) values[j] = src[1 + j];
+        ((uint4*)(out + blocks * 128))[b] = src[0];
+        return;
+    }
     int size = dtype == 3 ? 32 : 16;
     const unsigned char* src = raw + b * (size + 2);
     for (int j = 0; j < size; j++) out[b * size + j] = src[2 + j];
@@ -192,7 +235,7 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
                                             float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
                                             const float* x, const float* norm, float eps, const signed char* xq, const float* xs,
                                             int k, int mode) {
-    constexpr int U = 8 / R;
+    constexpr int U = (DT == 5 ? 4 : 8) / R;
     constexpr bool quantized = DT >= 3;
     extern __shared__ float xsh[];
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
@@ -204,23 +247,29 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
     bool active = o < n;
     if (!active) o = 0;
     const void* wr[2] = {w, w1};
-    // A 16-byte load is eight 16-bit weights, half a Q8_0 block or a Q4_0 block.
-    const int units = DT == 3 ? k / 16 : DT == 4 ? k / 32 : k / 8;
+    // A 16-byte load is eight 16-bit weights, half a Q8_0 block, a Q4_0 block, or an eighth of a
+    // Q4_K super-block (whose 16-byte header, scales and minimums, comes with it).
+    const int units = DT == 3 ? k / 16 : DT >= 4 ? k / 32 : k / 8;
     const long total = (long)n * k;
     const uint4* base[R];
     const __half* sc[R];
+    const uint4* head[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
         base[r] = (const uint4*)wr[r] + (long)o * units;
-        if (quantized) sc[r] = quant_scales(wr[r], DT, total) + (long)o * (k / 32);
+        if (DT == 3 || DT == 4) sc[r] = quant_scales(wr[r], DT, total) + (long)o * (k / 32);
+        if (DT == 5) head[r] = (const uint4*)((const unsigned char*)wr[r] + total / 2) + (long)o * (k / 256);
     }
-    uint4 q[R][U];
+    uint4 q[R][U], hq[R][U];
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
         acc[r] = 0;
 #pragma unroll
-        for (int u = 0; u < U; u++) if (active && lane + u * 32 < units) q[r][u] = __ldcs(base[r] + lane + u * 32);
+        for (int u = 0; u < U; u++) if (active && lane + u * 32 < units) {
+            q[r][u] = __ldcs(base[r] + lane + u * 32);
+            if (DT == 5) hq[r][u] = head[r][(lane + u * 32) / 8];
+        }
     }
     gdc_wait();
     const float* xv = x;
@@ -250,13 +299,40 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
 #pragma unroll
                 for (int r = 0; r < R; r++)
 #pragma unroll
-                    for (int u = 0; u < U; u++) if (u0 + u * 32 < units) q[r][u] = __ldcs(base[r] + u0 + u * 32);
+                    for (int u = 0; u < U; u++) if (u0 + u * 32 < units) {
+                        q[r][u] = __ldcs(base[r] + u0 + u * 32);
+                        if (DT == 5) hq[r][u] = head[r][(u0 + u * 32) / 8];
+                    }
             }
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 int i = u0 + u * 32;
                 if (i >= units) break;
-                if (quantized) {
+                if (DT == 5) {
+                    // Unit i: super-block i / 8, 32-byte chunk j = (i % 8) / 2, half h = i % 2. Its low
+                    // nibbles are values 64j + 16h ... of sub-block 2j, its high nibbles 64j + 32 + 16h ...
+                    // of sub-block 2j + 1; with 8-bit x, value = d sc q - dmin m per sub-block.
+                    int j = (i % 8) / 2, h = i % 2;
+                    long at = (long)(i / 8) * 256 + 64 * j + 16 * h;
+                    int4 a = *(const int4*)(xq + at), c = *(const int4*)(xq + at + 32);
+                    float xlo = xs[at / 32], xhi = xs[at / 32 + 1];
+                    int sa = __dp4a(0x01010101, a.x, 0); sa = __dp4a(0x01010101, a.y, sa); sa = __dp4a(0x01010101, a.z, sa); sa = __dp4a(0x01010101, a.w, sa);
+                    int sc2 = __dp4a(0x01010101, c.x, 0); sc2 = __dp4a(0x01010101, c.y, sc2); sc2 = __dp4a(0x01010101, c.z, sc2); sc2 = __dp4a(0x01010101, c.w, sc2);
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        unsigned v[4] = {q[r][u].x, q[r][u].y, q[r][u].z, q[r][u].w};
+                        int lo = __dp4a((int)(v[0] & 0x0F0F0F0F), a.x, 0);
+                        lo = __dp4a((int)(v[1] & 0x0F0F0F0F), a.y, lo); lo = __dp4a((int)(v[2] & 0x0F0F0F0F), a.z, lo);
+                        lo = __dp4a((int)(v[3] & 0x0F0F0F0F), a.w, lo);
+                        int hi = __dp4a((int)((v[0] >> 4) & 0x0F0F0F0F), c.x, 0);
+                        hi = __dp4a((int)((v[1] >> 4) & 0x0F0F0F0F), c.y, hi); hi = __dp4a((int)((v[2] >> 4) & 0x0F0F0F0F), c.z, hi);
+                        hi = __dp4a((int)((v[3] >> 4) & 0x0F0F0F0F), c.w, hi);
+                        float d, dmin;
+                        int s1, m1, s2, m2;
+                        q4k_header(hq[r][u], 2 * j, d, dmin, s1, m1, s2, m2);
+                        acc[r] += xlo * (d * s1 * lo - dmin * m1 * sa) + xhi * (d * s2 * hi - dmin * m2 * sc2);
+                    }
+                } else if (quantized) {
                     int blk = DT == 3 ? i / 2 : i;
                     float xd = xs[blk];
                     int4 a = *(const int4*)(xq + (DT == 3 ? i * 16 : i * 32)), c = make_int4(0, 0, 0, 0);
@@ -326,6 +402,8 @@ MATVEC(matvec_q8_0, 3, 1, 3)
 MATVEC(matvec_q8_0_gated, 3, 2, 3)
 MATVEC(matvec_q4_0, 4, 1, 4)
 MATVEC(matvec_q4_0_gated, 4, 2, 4)
+MATVEC(matvec_q4_K, 5, 1, 3)
+MATVEC(matvec_q4_K_gated, 5, 2, 3)
 
 // acc[t] += dot(W[row, :], x[t0 + t, :]) for nt <= TOKENS tokens, by one warp: each lane
 // reads 16 bytes of the row at a time, four loads in flight, so a decode step streams the
