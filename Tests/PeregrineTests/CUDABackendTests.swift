@@ -120,6 +120,12 @@ final class CUDABackendTests: XCTestCase {
                 for (i, id) in ids.enumerated() { XCTAssertEqual(vals[i], host[Int(id)]) }
             }
         }
+        for r in 0..<rows.count {
+            try host.withUnsafeMutableBufferPointer { try rows.read(row: r, into: $0) }
+            let m = host.max()!
+            let expected = host.withUnsafeBufferPointer { Sampler.expSum($0, shift: m, scale: 1 / 0.7) }
+            XCTAssertEqual(try rows.expSum(row: r, shift: m, scale: 1 / 0.7), expected, accuracy: 1e-4 * expected)
+        }
         let ids: [Int32] = [5, 17, 99, 1000]
         try ids.withUnsafeBufferPointer { try rows.penalize(row: 0, ids: $0, penalty: 1.5) }
         var after = [Float](repeating: 0, count: v)

@@ -102,6 +102,7 @@ final class SamplerTests: XCTestCase {
             try inner.top(row: row, k: k, values: values, ids: ids)
         }
         func penalize(row: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) throws { try inner.penalize(row: row, ids: ids, penalty: penalty) }
+        func expSum(row: Int, shift: Float, scale: Float) throws -> Float { try inner.expSum(row: row, shift: shift, scale: scale) }
     }
 
     /// Sampling from logits left on the backend (the best id, the top-k, or the whole row only
@@ -121,7 +122,8 @@ final class SamplerTests: XCTestCase {
         let cases: [(SamplingParameters, Bool)] = [
             (params(0, 40, 0.95, 0.05), false), (params(0, 0, 1, 0, 1.3), false), (params(0.8, 40, 0.95, 0.05), false),
             (params(1.2, 5, 1, 0), false), (params(0.7, 30, 0.9, 0, 1.3), false), (params(1, 0, 1, 0.02), true),
-            (params(1, 0, 1, 0.3), false), (params(1, 0, 0.9, 0), true), (params(1, 1000, 1, 0), false), (params(1, 1500, 1, 0), false),
+            (params(1, 0, 1, 0.3), false), (params(1, 0, 0.9, 0), true), (params(0.3, 0, 0.9, 0), false), (params(0.3, 0, 0.95, 0, 1.2), false),
+            (params(1, 0, 1, 0), true), (params(1, 1000, 1, 0), false), (params(1, 1500, 1, 0), false),
         ]
         for (p, mayRead) in cases {
             var host = Sampler(p), kept = Sampler(p)

@@ -84,6 +84,8 @@ public protocol ComputeBackend: AnyObject {
               indices: UnsafeMutableBufferPointer<Int32>) throws
     /// The repetition penalty on row `row`: positive values at `ids` (distinct) divided by it, negative ones multiplied.
     func penalize(_ x: Buffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float)
+    /// Σ exp((x - shift) * scale) over row `row`: a softmax's normalizer (top-p from the top-k).
+    func expSum(_ x: Buffer, row: Int, cols: Int, shift: Float, scale: Float) throws -> Float
 }
 
 extension ComputeBackend {
@@ -148,6 +150,13 @@ extension ComputeBackend {
         try synchronize()
         all.withUnsafeMutableBufferPointer { read(x, offset: row * cols, into: $0) }
         all.withUnsafeBufferPointer { LogitCandidates.largest(k, of: $0, values: values, indices: indices) }
+    }
+
+    public func expSum(_ x: Buffer, row: Int, cols: Int, shift: Float, scale: Float) throws -> Float {
+        var all = [Float](repeating: 0, count: cols)
+        try synchronize()
+        all.withUnsafeMutableBufferPointer { read(x, offset: row * cols, into: $0) }
+        return all.withUnsafeBufferPointer { Sampler.expSum($0, shift: shift, scale: scale) }
     }
 
     public func penalize(_ x: Buffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) {

@@ -40,6 +40,8 @@ public protocol LogitRows: AnyObject {
     func top(row: Int, k: Int, values: UnsafeMutableBufferPointer<Float>, ids: UnsafeMutableBufferPointer<Int32>) throws
     /// Applies a repetition penalty to the row in place (`ids` distinct).
     func penalize(row: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) throws
+    /// Σ exp((logit - shift) * scale) over the row (the normalizer top-p needs).
+    func expSum(row: Int, shift: Float, scale: Float) throws -> Float
 }
 
 /// Logit rows in a backend's buffer.
@@ -72,6 +74,10 @@ final class BackendLogitRows<B: ComputeBackend>: LogitRows {
         let b = try check(row)
         guard k > 0, k <= vocabulary, values.count >= k, ids.count >= k else { throw PeregrineError.invalidArgument("top-\(k) of \(vocabulary) logits") }
         try backend.topK(b, row: row, cols: vocabulary, k: k, values: values, indices: ids)
+    }
+
+    func expSum(row: Int, shift: Float, scale: Float) throws -> Float {
+        try backend.expSum(try check(row), row: row, cols: vocabulary, shift: shift, scale: scale)
     }
 
     func penalize(row: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) throws {

@@ -202,6 +202,13 @@ public struct Sampler {
         return best
     }
 
+    /// Σ exp((logit - shift) * scale), in index order.
+    public static func expSum(_ logits: UnsafeBufferPointer<Float>, shift: Float, scale: Float) -> Float {
+        var sum: Float = 0
+        for l in logits { sum += expf((l - shift) * scale) }
+        return sum
+    }
+
     /// The model's own probability (softmax at temperature 1, no filtering) of one token.
     public static func softmaxProbability(of id: Int, in logits: UnsafeBufferPointer<Float>) -> Float {
         var m = -Float.infinity
@@ -221,9 +228,10 @@ public struct Sampler {
 
     /// Picks the next token from logits kept where the model computed them, reading back only
     /// what the parameters need: the best id (greedy), the top-k logits, or the 256 largest when
-    /// min-p alone bounds the candidates (when they do not, or top-k is over 1024, or another
-    /// processor than the repetition penalty is set, the whole row). Chooses as `sample` does on
-    /// the whole row, with the same random stream.
+    /// min-p or top-p alone bound the candidates (top-p with the row's softmax normalizer, summed
+    /// where the logits are). The whole row is read only when those 256 do not hold every
+    /// candidate, for top-k over 1024, plain temperature sampling, or a processor other than the
+    /// repetition penalty. Chooses as `sample` does on the whole row, with the same random stream.
     public mutating func sample(_ logits: LogitRows, row r: Int, context: UnsafeBufferPointer<Int32>) throws -> Int {
         let vocab = logits.vocabulary
         guard processors.allSatisfy({ $0 is RepetitionPenalty }) else {
@@ -242,7 +250,7 @@ public struct Sampler {
         }
         let p = parameters
         if p.temperature == 0 { return try logits.argmax(row: r) }
-        let k = min(vocab, p.topK > 0 ? p.topK : p.minP > 0 ? Sampler.deviceCandidates : 0)
+        let k = min(vocab, p.topK > 0 ? p.topK : p.minP > 0 || p.topP < 1 ? Sampler.deviceCandidates : 0)
         if k > 0 && k <= Sampler.maxDeviceTopK {
             if topValues.count < k {
                 topValues = [Float](repeating: 0, count: k)
@@ -257,17 +265,20 @@ public struct Sampler {
                 smallest = min(smallest, topValues[i])
             }
             let cut = minLogit(maxLogit)
+            pairs.removeAll(keepingCapacity: true)
+            probs.removeAll(keepingCapacity: true)
+            if !maxLogit.isFinite {
+                var best = 0
+                for i in 0..<k where topValues[i] > topValues[best] || (topValues[i] == topValues[best] && topIds[i] < topIds[best]) { best = i }
+                return Int(topIds[best])
+            }
+            for i in 0..<k where topValues[i] >= cut && topValues[i] > -Float.infinity { pairs.append((topIds[i], topValues[i])) }
             // With min-p alone, every candidate is among these only if one of them falls below the cut.
-            if p.topK > 0 || k == vocab || smallest < cut || !maxLogit.isFinite {
-                pairs.removeAll(keepingCapacity: true)
-                probs.removeAll(keepingCapacity: true)
-                if !maxLogit.isFinite {
-                    var best = 0
-                    for i in 0..<k where topValues[i] > topValues[best] || (topValues[i] == topValues[best] && topIds[i] < topIds[best]) { best = i }
-                    return Int(topIds[best])
-                }
-                for i in 0..<k where topValues[i] >= cut && topValues[i] > -Float.infinity { pairs.append((topIds[i], topValues[i])) }
-                return draw(keep: finish(maxLogit))
+            if p.topK > 0 || k == vocab || smallest < cut { return draw(keep: finish(maxLogit)!) }
+            // Top-p alone: exact if the nucleus ends among these, measured against every token.
+            if p.minP == 0, p.topP < 1 {
+                let total = try logits.expSum(row: r, shift: maxLogit, scale: 1 / p.temperature)
+                if let keep = finish(maxLogit, total: total) { return draw(keep: keep) }
             }
         }
         var buffer = takeRow(vocab)
@@ -353,11 +364,13 @@ public struct Sampler {
         // leaves few tokens to sort.
         let cut = minLogit(maxLogit)
         for i in 0..<n where logits[i] >= cut && logits[i] > -Float.infinity { pairs.append((Int32(i), logits[i])) }
-        return finish(maxLogit)
+        return finish(maxLogit)!
     }
 
-    /// Top-k, the sort, the probabilities and top-p over the candidates in `pairs`.
-    private mutating func finish(_ maxLogit: Float) -> Int {
+    /// Top-k, the sort, the probabilities and top-p over the candidates in `pairs`. `total`, when
+    /// given, is the probability mass of all candidates, of which `pairs` holds the largest; nil
+    /// if top-p is not reached within them.
+    private mutating func finish(_ maxLogit: Float, total: Float? = nil) -> Int? {
         let p = parameters
         if p.topK > 0 && pairs.count > p.topK { selectLargest(p.topK) }
         pairs.sort { $0.logit > $1.logit }
@@ -368,13 +381,16 @@ public struct Sampler {
             probs.append(e)
             sum += e
         }
+        if let total { sum = total }
         var keep = pairs.count
         if p.topP < 1 {
             var cum: Float = 0
+            var reached = false
             for i in 0..<pairs.count {
                 cum += probs[i] / sum
-                if cum >= p.topP { keep = i + 1; break }
+                if cum >= p.topP { keep = i + 1; reached = true; break }
             }
+            if total != nil && !reached { return nil }
         }
         return keep
     }

@@ -97,6 +97,10 @@ public final class CPUBackend: ComputeBackend {
         LogitCandidates.largest(k, of: UnsafeBufferPointer(start: x.pointer + row * cols, count: cols), values: values, indices: indices)
     }
 
+    public func expSum(_ x: CPUBuffer, row: Int, cols: Int, shift: Float, scale: Float) throws -> Float {
+        Sampler.expSum(UnsafeBufferPointer(start: x.pointer + row * cols, count: cols), shift: shift, scale: scale)
+    }
+
     public func penalize(_ x: CPUBuffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) {
         let r = x.pointer + row * cols
         for id in ids where id >= 0 && Int(id) < cols {

@@ -169,7 +169,7 @@ public final class CUDABackend: ComputeBackend {
         let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split",
                      "silu_mul", "add_inplace", "gather_rows", "dequantize_bf16", "quantize_q8", "rope_store_kv",
-                     "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows", "repetition_penalty"] + matvecs {
+                     "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows", "repetition_penalty", "exp_sum_rows"] + matvecs {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
@@ -728,6 +728,16 @@ public final class CUDABackend: ComputeBackend {
         record(driver.cuMemcpyDtoHAsync(values.baseAddress!, sampleInts.pointer, k * 4, stream), "cuMemcpyDtoHAsync")
         record(driver.cuMemcpyDtoHAsync(indices.baseAddress!, ids, k * 4, stream), "cuMemcpyDtoHAsync")
         try synchronize()
+    }
+
+    public func expSum(_ x: CUDABuffer, row: Int, cols: Int, shift: Float, scale: Float) throws -> Float {
+        var sum: Float = 0
+        launch("exp_sum_rows", grid: (1, 1, 1), block: 1024) { a in
+            a.ptr(rowPointer(x, row, cols)); a.i32(cols); a.f32(shift); a.f32(scale); a.ptr(sampleInts)
+        }
+        record(driver.cuMemcpyDtoHAsync(&sum, sampleInts.pointer, 4, stream), "cuMemcpyDtoHAsync")
+        try synchronize()
+        return sum
     }
 
     public func penalize(_ x: CUDABuffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) {

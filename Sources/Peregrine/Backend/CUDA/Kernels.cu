@@ -915,6 +915,22 @@ extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int
     }
 }
 
+// Σ exp((x - shift) * scale) over one row, in one block (a fixed order: the same sum every time).
+extern "C" __global__ void __launch_bounds__(1024) exp_sum_rows(const float* x, int cols, float shift, float scale, float* out) {
+    gdc_wait();
+    float s = 0;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) s += __expf((x[i] - shift) * scale);
+    s = warp_sum(s);
+    __shared__ float partial[32];
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total = 0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) total += partial[w];
+        out[0] = total;
+    }
+}
+
 // Repetition penalty on one row's logits, ids unique: positive logits divided, negative multiplied.
 extern "C" __global__ void repetition_penalty(float* logits, const int* ids, int count, float penalty) {
     gdc_wait();
