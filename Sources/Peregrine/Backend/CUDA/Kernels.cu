@@ -191,6 +191,22 @@ __device__ __forceinline__ void block_dot(const void* w, int dtype, long total, 
     }
 }
 
+// 1 / rms of a row of k values (k a multiple of 4), summed by the whole block: the RMSNorm scale.
+__device__ __forceinline__ float block_rms_scale(const float* x, int k, float eps) {
+    __shared__ float partial[32];
+    float s = 0;
+    for (int i = threadIdx.x * 4; i < k; i += blockDim.x * 4) {
+        float4 v = *(const float4*)(x + i);
+        s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    s = warp_sum(s);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = s;
+    __syncthreads();
+    s = 0;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) s += partial[w];
+    return rsqrtf(s / k + eps);
+}
+
 // Activations rounded to 8 bits per 32 values (scale = max |x| / 127): block (token, chunk)
 // takes 256 values, a warp per 32. With `norm`, the row is RMS-normalized and multiplied by it
 // first (the norm fused; each block sums the row's squares itself, so one launch does it all).
@@ -199,21 +215,7 @@ extern "C" __global__ void __launch_bounds__(256) quantize_q8(const float* x, co
     gdc_wait();
     const float* xr = x + (long)blockIdx.x * k;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float scale = 1;
-    if (norm) {
-        __shared__ float partial[8];
-        float s = 0;
-        for (int i = threadIdx.x * 4; i < k; i += blockDim.x * 4) {
-            float4 v = *(const float4*)(xr + i);
-            s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-        }
-        s = warp_sum(s);
-        if (lane == 0) partial[warp] = s;
-        __syncthreads();
-        s = 0;
-        for (int w = 0; w < 8; w++) s += partial[w];
-        scale = rsqrtf(s / k + eps);
-    }
+    float scale = norm ? block_rms_scale(xr, k, eps) : 1.f;
     int g = blockIdx.y * 8 + warp;
     if (g >= k / 32) return;
     int i = g * 32 + lane;
@@ -274,18 +276,7 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
     gdc_wait();
     const float* xv = x;
     if (!quantized && norm) {
-        __shared__ float partial[32];
-        float s = 0;
-        for (int i = threadIdx.x * 4; i < k; i += blockDim.x * 4) {
-            float4 v = *(const float4*)(x + i);
-            s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-        }
-        s = warp_sum(s);
-        if (lane == 0) partial[threadIdx.x >> 5] = s;
-        __syncthreads();
-        s = 0;
-        for (int i = 0; i < (int)(blockDim.x >> 5); i++) s += partial[i];
-        float scale = rsqrtf(s / k + eps);
+        float scale = block_rms_scale(x, k, eps);
         for (int i = threadIdx.x * 4; i < k; i += blockDim.x * 4) {
             float4 v = *(const float4*)(x + i), g = *(const float4*)(norm + i);
             *(float4*)(xsh + i) = make_float4(v.x * scale * g.x, v.y * scale * g.y, v.z * scale * g.z, v.w * scale * g.w);
