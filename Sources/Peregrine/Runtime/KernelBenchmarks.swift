@@ -113,7 +113,11 @@ public enum KernelBenchmarks {
         }
         // Elementwise and attention kernels at decode and prefill sizes.
         let d = 2048
-        let ln = try backend.weight(TensorView(name: "ln", dtype: .f32, shape: [d], data: UnsafeRawPointer([Float](repeating: 1, count: d)), byteCount: d * 4))
+        // The norm weight's memory outlives the benchmark (a backend may use it in place).
+        let ones = UnsafeMutablePointer<Float>.allocate(capacity: d)
+        ones.initialize(repeating: 1, count: d)
+        defer { ones.deallocate() }
+        let ln = try backend.weight(TensorView(name: "ln", dtype: .f32, shape: [d], data: UnsafeRawPointer(ones), byteCount: d * 4))
         for tokens in [1, 512] {
             let x = try backend.buffer(tokens * d), y = try backend.buffer(tokens * d)
             for i in 0..<(tokens * d) { x.pointer[i] = Float(i % 13) * 0.01 }

@@ -206,7 +206,8 @@ public final class CUDADriver: @unchecked Sendable {
             image = [UInt8](repeating: 0, count: size)
             _ = image.withUnsafeMutableBufferPointer { $0.withMemoryRebound(to: CChar.self) { nvrtcGetCUBIN(program, $0.baseAddress!) } }
             try? FileManager.default.createDirectory(atPath: cacheDir, withIntermediateDirectories: true)
-            FileManager.default.createFile(atPath: cachePath, contents: Data(image))
+            // A cache that cannot be written only costs the next run a compile.
+            _ = FileManager.default.createFile(atPath: cachePath, contents: Data(image))
         }
         var module: OpaquePointer?
         try image.withUnsafeBytes { try check(cuModuleLoadData(&module, $0.baseAddress!), "cuModuleLoadData") }
