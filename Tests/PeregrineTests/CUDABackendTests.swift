@@ -134,15 +134,15 @@ final class CUDABackendTests: XCTestCase {
         XCTAssertEqual(after, host)
     }
 
-    /// Q8_0, Q4_0 and Q4_K files (repacked on the GPU, 8-bit activations, dp4a) against the
-    /// CPU's integer kernels on the same files: logits and greedy text. Q4_K_M likewise (its
-    /// Q6_K tensors widened to BF16 at load).
+    /// Q8_0, Q4_0, Q4_K, Q4_K_M (Q4_K and Q6_K) and Q6_K files (repacked on the GPU, 8-bit
+    /// activations, dp4a) against the CPU's integer kernels on the same files: logits and
+    /// greedy text.
     func testQuantizedModelsMatchCPU() throws {
         let gpu = try backend()
         let dir = CLITests.repo.appendingPathComponent("models/target").path
         let tokenizer = try Tokenizer(directory: dir)
         let prompt = tokenizer.encode("And God said, Let there be light: and there was light. And God saw the light, that it was good")
-        for (type, pure) in [("Q8_0", true), ("Q4_0", true), ("Q4_K_M", true), ("Q4_K_M", false)] {
+        for (type, pure) in [("Q8_0", true), ("Q4_0", true), ("Q4_K_M", true), ("Q4_K_M", false), ("Q6_K", true)] {
             let out = FileManager.default.temporaryDirectory.appendingPathComponent("peregrine-cuda-\(type)-\(pure).gguf").path
             defer { try? FileManager.default.removeItem(atPath: out) }
             _ = try ModelQuantizer(mix: QuantizationMix(name: type)!, pure: pure).quantize(source: dir, output: out)
@@ -155,7 +155,7 @@ final class CUDABackendTests: XCTestCase {
             options.sampling.temperature = 0
             let x = try Generator(model: cpu, tokenizer: tokenizer).generate(prompt: "And God said", options: options) { _ in true }
             let y = try Generator(model: cuda, tokenizer: tokenizer).generate(prompt: "And God said", options: options) { _ in true }
-            if type != "Q4_K_M" {
+            if !type.contains("_K") {
                 XCTAssertEqual(x.tokens, y.tokens, type)
             } else {
                 // The CPU rounds activations for k-quants per 256 values (llama.cpp's Q8_K), the GPU

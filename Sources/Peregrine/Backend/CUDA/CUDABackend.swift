@@ -166,7 +166,7 @@ public final class CUDABackend: ComputeBackend {
         let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
         let early = ProcessInfo.processInfo.environment["PEREGRINE_NO_EARLY_TRIGGER"] == nil
         let module = try driver.compile(source, name: "peregrine-kernels", defines: early ? [] : ["PEREGRINE_NO_EARLY_TRIGGER"])
-        let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
+        let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split",
                      "silu_mul", "add_inplace", "gather_rows", "dequantize_bf16", "quantize_q8", "rope_store_kv",
                      "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows", "repetition_penalty", "exp_sum_rows"] + matvecs {
@@ -352,9 +352,9 @@ public final class CUDABackend: ComputeBackend {
             try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
             return CUDAWeight(dtype: .f32, rows: rows, cols: cols, storage: b)
         }
-        guard [.f16, .bf16, .q8_0, .q4_0].contains(t.dtype) || t.dtype == .q4_K && cols % 256 == 0 else {
-            // Types without GPU kernels (Q4_1, Q5_0, Q5_1, Q5_K, Q6_K) are widened to BF16 at
-            // load: the file runs, at BF16's size and speed for those tensors.
+        guard [.f16, .bf16, .q8_0, .q4_0].contains(t.dtype) || (t.dtype == .q4_K || t.dtype == .q6_K) && cols % 256 == 0 else {
+            // Types without GPU kernels (Q4_1, Q5_0, Q5_1, Q5_K) are widened to BF16 at load: the
+            // file runs, at BF16's size and speed for those tensors.
             let wide = t.toFloat().map { Half.floatToBF16($0) }
             let b = try CUDABuffer(driver: driver, count: (wide.count + 1) / 2)
             try wide.withUnsafeBytes { try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, $0.baseAddress!, $0.count, stream), "cuMemcpyHtoDAsync") }
@@ -363,7 +363,7 @@ public final class CUDABackend: ComputeBackend {
         }
         let b = try CUDABuffer(driver: driver, count: (t.byteCount + 3) / 4)
         try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, t.data, t.byteCount, stream), "cuMemcpyHtoDAsync")
-        if t.dtype == .q8_0 || t.dtype == .q4_0 || t.dtype == .q4_K {
+        if t.dtype == .q8_0 || t.dtype == .q4_0 || t.dtype == .q4_K || t.dtype == .q6_K {
             // Planar on the device (values, then scales): 16-byte-aligned blocks for the kernels.
             guard cols % t.dtype.blockSize == 0 else { throw PeregrineError.format("tensor '\(t.name)': rows of \(cols) values are not whole blocks") }
             let planar = try CUDABuffer(driver: driver, count: (t.byteCount + 3) / 4)
@@ -386,6 +386,7 @@ public final class CUDABackend: ComputeBackend {
         case .q8_0: return 3
         case .q4_0: return 4
         case .q4_K: return 5
+        case .q6_K: return 6
         default: return 0
         }
     }
@@ -429,7 +430,9 @@ public final class CUDABackend: ComputeBackend {
 
     /// Products over few tokens run as warp-per-row kernels (reading the weights once); over many,
     /// as cuBLAS matrix products.
-    private func usesRowKernel(_ rows: Int, _ w: CUDAWeight) -> Bool { rows <= 8 && w.dtype != .q4_K || w.dtype == .f32 && rows <= 64 }
+    private func usesRowKernel(_ rows: Int, _ w: CUDAWeight) -> Bool {
+        rows <= 8 && w.dtype != .q4_K && w.dtype != .q6_K || w.dtype == .f32 && rows <= 64
+    }
 
     private typealias Product = (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)
 
@@ -473,9 +476,10 @@ public final class CUDABackend: ComputeBackend {
         case .q8_0: suffix = "q8_0"
         case .q4_0: suffix = "q4_0"
         case .q4_K: suffix = "q4_K"
+        case .q6_K: suffix = "q6_K"
         default: return false
         }
-        let quantized = dtype == .q8_0 || dtype == .q4_0 || dtype == .q4_K
+        let quantized = dtype == .q8_0 || dtype == .q4_0 || dtype == .q4_K || dtype == .q6_K
         guard p.allSatisfy({ $0.weight.dtype == dtype && $0.weight.cols == k }), k % (quantized ? dtype.blockSize : 8) == 0 else { return false }
         if let norm, !quantized, norm.weight.rows * norm.weight.cols != k || k * 4 > dynamicSharedLimit { return false }
         var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
@@ -502,7 +506,7 @@ public final class CUDABackend: ComputeBackend {
         var alpha: Float = 1, beta: Float = accumulate ? 1 : 0
         var bPointer = x.pointer, abType: Int32 = 0
         var aPointer = weight.pointer
-        if weight.dtype == .q8_0 || weight.dtype == .q4_0 || weight.dtype == .q4_K {
+        if weight.dtype == .q8_0 || weight.dtype == .q4_0 || weight.dtype == .q4_K || weight.dtype == .q6_K {
             // Widened to BF16 for the tensor cores; the activations follow.
             guard ensure(&dequantScratch, (outDim * k + 1) / 2) else { return }
             launch("dequantize_bf16", grid: blocks(outDim * k), block: 256) { a in

@@ -81,6 +81,17 @@ __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, l
         q4k_header(h, 2 * j, d, dmin, s1, m1, s2, m2);
         return l < 32 ? d * s1 * q - dmin * m1 : d * s2 * q - dmin * m2;
     }
+    if (dtype == 6) {
+        // Q6_K planar: 192 bytes of values per super-block (ql then qh, as ggml has them), then
+        // 16 int8 scales per super-block, then one f16 d per super-block.
+        long sb = i / 256, blocks = total / 256;
+        int r = i % 256, n = r / 128, qd = (r % 128) / 32, l = r % 32;
+        const unsigned char* v = (const unsigned char*)w + sb * 192;
+        unsigned char b = v[n * 64 + l + (qd & 1 ? 32 : 0)];
+        int q = ((qd < 2 ? (b & 15) : (b >> 4)) | (((v[128 + n * 32 + l] >> (2 * qd)) & 3) << 4)) - 32;
+        int sc = ((const signed char*)w + blocks * 192)[sb * 16 + n * 8 + l / 16 + 2 * qd];
+        return __half2float(((const __half*)((const unsigned char*)w + blocks * 208))[sb]) * sc * q;
+    }
     return ((const float*)w)[i];
 }
 
@@ -90,6 +101,15 @@ __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, l
 extern "C" __global__ void repack_quantized(const unsigned char* raw, int dtype, unsigned char* out, long blocks) {
     long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= blocks) return;
+    if (dtype == 6) {
+        // Q6_K: 210 bytes (ql, qh, 16 scales, f16 d) to values, scales and d in three regions.
+        const unsigned char* src = raw + b * 210;
+        for (int j = 0; j < 192; j++) out[b * 192 + j] = src[j];
+        for (int j = 0; j < 16; j++) out[blocks * 192 + b * 16 + j] = src[192 + j];
+        out[blocks * 208 + b * 2] = src[208];
+        out[blocks * 208 + b * 2 + 1] = src[209];
+        return;
+    }
     if (dtype == 5) {
         const uint4* src = (const uint4*)(raw + b * 144);  // 144 = 9 x 16: blocks stay 16-byte aligned
         uint4* values = (uint4*)(out + b * 128);
@@ -376,6 +396,112 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
         y[o] = mode == 1 ? y[o] + g : g;
     }
 }
+
+// One token's products for Q6_K weights, as matvec_body: a unit is 16 values of each quarter of
+// one half (128 values) of a super-block, 48 bytes (its low-nibble bytes for quarters 0 and 2,
+// for 1 and 3, and its high-bit bytes), so one 16-value scale per quarter.
+template <int R>
+__device__ __forceinline__ void matvec_q6k_body(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
+                                                float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
+                                                const signed char* xq, const float* xs, int k, int mode) {
+    constexpr int U = 2 / R;
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    const void* w = w0; const float* b = b0; float* y = y0; int n = n0, o = warp;
+    if (R == 1 && o >= n0) {
+        o -= n0; w = w1; b = b1; y = y1; n = n1;
+        if (o >= n1) { o -= n1; w = w2; b = b2; y = y2; n = n2; }
+    }
+    bool active = o < n;
+    if (!active) o = 0;
+    const void* wr[2] = {w, w1};
+    const long blocks = (long)n * k / 256;
+    const int units = k / 64, perRow = k / 256;
+    const unsigned char* vals[R];
+    const signed char* scl[R];
+    const __half* dd[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const unsigned char* base = (const unsigned char*)wr[r];
+        vals[r] = base + (long)o * perRow * 192;
+        scl[r] = (const signed char*)base + blocks * 192 + (long)o * perRow * 16;
+        dd[r] = (const __half*)(base + blocks * 208) + (long)o * perRow;
+    }
+    uint4 qa[R][U], qb[R][U], qh[R][U];
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0;
+    auto load = [&](int u0) {
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int i = u0 + u * 32;
+                if (i >= units) break;
+                const unsigned char* v = vals[r] + (i / 4) * 192;
+                int half = (i % 4) / 2, lh = i % 2;
+                qa[r][u] = __ldcs((const uint4*)(v + half * 64 + 16 * lh));
+                qb[r][u] = __ldcs((const uint4*)(v + half * 64 + 32 + 16 * lh));
+                qh[r][u] = __ldcs((const uint4*)(v + 128 + half * 32 + 16 * lh));
+            }
+    };
+    if (active) load(lane);  // weights stream before the wait, as in matvec_body
+    gdc_wait();
+    if (active) {
+        for (int u0 = lane; u0 < units; u0 += 32 * U) {
+            if (u0 != lane) load(u0);
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int i = u0 + u * 32;
+                if (i >= units) break;
+                int sb = i / 4, half = (i % 4) / 2, lh = i % 2;
+                long p0 = (long)sb * 256 + half * 128 + 16 * lh;
+                int4 xa[4];
+                float xd[4];
+#pragma unroll
+                for (int t = 0; t < 4; t++) { xa[t] = *(const int4*)(xq + p0 + 32 * t); xd[t] = xs[(p0 + 32 * t) / 32]; }
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    unsigned A[4] = {qa[r][u].x, qa[r][u].y, qa[r][u].z, qa[r][u].w};
+                    unsigned B[4] = {qb[r][u].x, qb[r][u].y, qb[r][u].z, qb[r][u].w};
+                    unsigned H[4] = {qh[r][u].x, qh[r][u].y, qh[r][u].z, qh[r][u].w};
+                    int dot[4] = {0, 0, 0, 0};
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        int xj[4] = {j == 0 ? xa[0].x : j == 1 ? xa[0].y : j == 2 ? xa[0].z : xa[0].w,
+                                     j == 0 ? xa[1].x : j == 1 ? xa[1].y : j == 2 ? xa[1].z : xa[1].w,
+                                     j == 0 ? xa[2].x : j == 1 ? xa[2].y : j == 2 ? xa[2].z : xa[2].w,
+                                     j == 0 ? xa[3].x : j == 1 ? xa[3].y : j == 2 ? xa[3].z : xa[3].w};
+                        dot[0] = __dp4a((int)__vsub4((A[j] & 0x0F0F0F0F) | ((H[j] << 4) & 0x30303030), 0x20202020), xj[0], dot[0]);
+                        dot[1] = __dp4a((int)__vsub4((B[j] & 0x0F0F0F0F) | ((H[j] << 2) & 0x30303030), 0x20202020), xj[1], dot[1]);
+                        dot[2] = __dp4a((int)__vsub4(((A[j] >> 4) & 0x0F0F0F0F) | (H[j] & 0x30303030), 0x20202020), xj[2], dot[2]);
+                        dot[3] = __dp4a((int)__vsub4(((B[j] >> 4) & 0x0F0F0F0F) | ((H[j] >> 2) & 0x30303030), 0x20202020), xj[3], dot[3]);
+                    }
+                    const signed char* sc = scl[r] + sb * 16 + half * 8 + lh;
+                    float sum = sc[0] * xd[0] * dot[0] + sc[2] * xd[1] * dot[1] + sc[4] * xd[2] * dot[2] + sc[6] * xd[3] * dot[3];
+                    acc[r] += __half2float(dd[r][sb]) * sum;
+                }
+            }
+        }
+    }
+    if (!active) return;
+    float g = warp_sum(acc[0]) + (b ? b[o] : 0.f);
+    if (R == 2) {
+        float u = warp_sum(acc[R - 1]) + (b1 ? b1[o] : 0.f);
+        if (lane == 0) y0[o] = g / (1.f + __expf(-g)) * u;
+    } else if (lane == 0) {
+        y[o] = mode == 1 ? y[o] + g : g;
+    }
+}
+
+#define MATVEC_Q6K(name, R)                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) name(                                                                  \
+        const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
+        const float* b2, float* y2, int n2, const float* x, const float* norm, float eps, const signed char* xq, const float* xs, \
+        int k, int mode) {                                                                                                   \
+        matvec_q6k_body<R>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, xq, xs, k, mode);                                 \
+    }
+MATVEC_Q6K(matvec_q6_K, 1)
+MATVEC_Q6K(matvec_q6_K_gated, 2)
 
 #define MATVEC(name, DT, R, MIN_BLOCKS)                                                                                      \
     extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) name(                                                      \
