@@ -245,6 +245,42 @@ extern "C" __global__ void __launch_bounds__(256) quantize_q8(const float* x, co
     if (lane == 0) xs[(long)blockIdx.x * (k / 32) + g] = d;
 }
 
+// The output row a warp of a matvec kernel computes: row o of matrix 0, then 1, then 2 (or, gated,
+// row o of gate (0) and up (1)), with its bias and output.
+struct MatvecRow {
+    const void* w;
+    const float* b;
+    float* y;
+    int n, o;
+    bool active;
+};
+
+__device__ __forceinline__ MatvecRow matvec_row(bool gated, const void* w0, const float* b0, float* y0, int n0, const void* w1,
+                                                const float* b1, float* y1, int n1, const void* w2, const float* b2, float* y2,
+                                                int n2) {
+    MatvecRow m = {w0, b0, y0, n0, (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5), true};
+    if (!gated && m.o >= n0) {
+        m.o -= n0; m.w = w1; m.b = b1; m.y = y1; m.n = n1;
+        if (m.o >= n1) { m.o -= n1; m.w = w2; m.b = b2; m.y = y2; m.n = n2; }
+    }
+    m.active = m.o < m.n;
+    if (!m.active) m.o = 0;
+    return m;
+}
+
+// A warp's sums to its output: y = W x + b (mode 0), y += W x + b (mode 1), or gated,
+// y = silu(gate x + b) * (up x + b1).
+__device__ __forceinline__ void matvec_store(const MatvecRow& m, float acc, float up, bool gated, const float* b1, int mode,
+                                             int lane) {
+    float g = warp_sum(acc) + (m.b ? m.b[m.o] : 0.f);
+    if (gated) {
+        float u = warp_sum(up) + (b1 ? b1[m.o] : 0.f);
+        if (lane == 0) m.y[m.o] = g / (1.f + __expf(-g)) * u;
+    } else if (lane == 0) {
+        m.y[m.o] = mode == 1 ? m.y[m.o] + g : g;
+    }
+}
+
 // One token's products, a warp per output row, specialized per weight type DT and rows per warp R
 // (R = 2: gate and up of the same output, mode 2). Each lane keeps 8 / R 16-byte weight loads
 // per row in flight, and the first ones are issued before gdc_wait, so a product's weights
@@ -260,14 +296,10 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
     constexpr int U = (DT == 5 ? 4 : 8) / R;
     constexpr bool quantized = DT >= 3;
     extern __shared__ float xsh[];
-    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    const void* w = w0; const float* b = b0; float* y = y0; int n = n0, o = warp;
-    if (R == 1 && o >= n0) {
-        o -= n0; w = w1; b = b1; y = y1; n = n1;
-        if (o >= n1) { o -= n1; w = w2; b = b2; y = y2; n = n2; }
-    }
-    bool active = o < n;
-    if (!active) o = 0;
+    int lane = threadIdx.x & 31;
+    MatvecRow m = matvec_row(R == 2, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);
+    const void* w = m.w; int n = m.n, o = m.o;
+    bool active = m.active;
     const void* wr[2] = {w, w1};
     // A 16-byte load is eight 16-bit weights, half a Q8_0 block, a Q4_0 block, or an eighth of a
     // Q4_K super-block (whose 16-byte header, scales and minimums, comes with it).
@@ -387,14 +419,7 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
             }
         }
     }
-    if (!active) return;
-    float g = warp_sum(acc[0]) + (b ? b[o] : 0.f);
-    if (R == 2) {
-        float u = warp_sum(acc[R - 1]) + (b1 ? b1[o] : 0.f);
-        if (lane == 0) y0[o] = g / (1.f + __expf(-g)) * u;
-    } else if (lane == 0) {
-        y[o] = mode == 1 ? y[o] + g : g;
-    }
+    if (active) matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
 }
 
 // One token's products for Q6_K weights, as matvec_body: a unit is 16 values of each quarter of
@@ -405,14 +430,10 @@ __device__ __forceinline__ void matvec_q6k_body(const void* w0, const float* b0,
                                                 float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
                                                 const signed char* xq, const float* xs, int k, int mode) {
     constexpr int U = 2 / R;
-    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    const void* w = w0; const float* b = b0; float* y = y0; int n = n0, o = warp;
-    if (R == 1 && o >= n0) {
-        o -= n0; w = w1; b = b1; y = y1; n = n1;
-        if (o >= n1) { o -= n1; w = w2; b = b2; y = y2; n = n2; }
-    }
-    bool active = o < n;
-    if (!active) o = 0;
+    int lane = threadIdx.x & 31;
+    MatvecRow m = matvec_row(R == 2, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);
+    const void* w = m.w; int n = m.n, o = m.o;
+    bool active = m.active;
     const void* wr[2] = {w, w1};
     const long blocks = (long)n * k / 256;
     const int units = k / 64, perRow = k / 256;
@@ -483,14 +504,7 @@ __device__ __forceinline__ void matvec_q6k_body(const void* w0, const float* b0,
             }
         }
     }
-    if (!active) return;
-    float g = warp_sum(acc[0]) + (b ? b[o] : 0.f);
-    if (R == 2) {
-        float u = warp_sum(acc[R - 1]) + (b1 ? b1[o] : 0.f);
-        if (lane == 0) y0[o] = g / (1.f + __expf(-g)) * u;
-    } else if (lane == 0) {
-        y[o] = mode == 1 ? y[o] + g : g;
-    }
+    if (active) matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
 }
 
 #define MATVEC_Q6K(name, R)                                                                                                  \
