@@ -137,35 +137,32 @@ extension ComputeBackend {
         gatedProduct(normed, rows: rows, gate: gate, gateBias: gateBias, up: up, upBias: upBias, out: out, scratch: scratch)
     }
 
-    public func argmax(_ x: Buffer, row: Int, cols: Int) throws -> Int {
+    /// Row `row` of x (rows of `cols`) copied to the host, for the defaults below.
+    func hostRow(_ x: Buffer, row: Int, cols: Int) -> [Float] {
         var values = [Float](repeating: 0, count: cols)
-        try synchronize()
         values.withUnsafeMutableBufferPointer { read(x, offset: row * cols, into: $0) }
-        return values.withUnsafeBufferPointer { Sampler.argmax($0) }
+        return values
+    }
+
+    public func argmax(_ x: Buffer, row: Int, cols: Int) throws -> Int {
+        try synchronize()
+        return hostRow(x, row: row, cols: cols).withUnsafeBufferPointer { Sampler.argmax($0) }
     }
 
     public func topK(_ x: Buffer, row: Int, cols: Int, k: Int, values: UnsafeMutableBufferPointer<Float>,
                      indices: UnsafeMutableBufferPointer<Int32>) throws {
-        var all = [Float](repeating: 0, count: cols)
         try synchronize()
-        all.withUnsafeMutableBufferPointer { read(x, offset: row * cols, into: $0) }
-        all.withUnsafeBufferPointer { LogitCandidates.largest(k, of: $0, values: values, indices: indices) }
+        hostRow(x, row: row, cols: cols).withUnsafeBufferPointer { LogitCandidates.largest(k, of: $0, values: values, indices: indices) }
     }
 
     public func expSum(_ x: Buffer, row: Int, cols: Int, shift: Float, scale: Float) throws -> Float {
-        var all = [Float](repeating: 0, count: cols)
         try synchronize()
-        all.withUnsafeMutableBufferPointer { read(x, offset: row * cols, into: $0) }
-        return all.withUnsafeBufferPointer { Sampler.expSum($0, shift: shift, scale: scale) }
+        return hostRow(x, row: row, cols: cols).withUnsafeBufferPointer { Sampler.expSum($0, shift: shift, scale: scale) }
     }
 
     public func penalize(_ x: Buffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) {
-        var all = [Float](repeating: 0, count: cols)
-        all.withUnsafeMutableBufferPointer { read(x, offset: row * cols, into: $0) }
-        for id in ids where id >= 0 && Int(id) < cols {
-            let l = all[Int(id)]
-            all[Int(id)] = l > 0 ? l / penalty : l * penalty
-        }
+        var all = hostRow(x, row: row, cols: cols)
+        all.withUnsafeMutableBufferPointer { RepetitionPenalty.apply(penalty, to: $0, ids: ids) }
         all.withUnsafeBufferPointer { write($0, to: x, offset: row * cols) }
     }
 }

@@ -97,6 +97,7 @@ public struct RepetitionPenalty: LogitProcessor {
     public let penalty: Float
     public let window: Int
     private var seen: Set<Int32> = []
+    private var ids: [Int32] = []
 
     public init(penalty: Float, window: Int) {
         self.penalty = penalty
@@ -104,15 +105,11 @@ public struct RepetitionPenalty: LogitProcessor {
     }
 
     public mutating func process(_ logits: UnsafeMutableBufferPointer<Float>, context: UnsafeBufferPointer<Int32>) {
-        guard penalty != 1 else { return }
-        seen.removeAll(keepingCapacity: true)
-        let start = window > 0 ? max(0, context.count - window) : 0
-        for i in start..<context.count {
-            let t = context[i]
-            guard t >= 0, Int(t) < logits.count, seen.insert(t).inserted else { continue }
-            let l = logits[Int(t)]
-            logits[Int(t)] = l > 0 ? l / penalty : l * penalty
-        }
+        var ids: [Int32] = []
+        swap(&ids, &self.ids)  // the kept buffer, moved out so `tokens` can fill it
+        tokens(context, vocabulary: logits.count, into: &ids)
+        ids.withUnsafeBufferPointer { RepetitionPenalty.apply(penalty, to: logits, ids: $0) }
+        swap(&ids, &self.ids)
     }
 
     /// The distinct tokens of the window that `process` changes, for a penalty applied elsewhere.
@@ -123,6 +120,14 @@ public struct RepetitionPenalty: LogitProcessor {
         let start = window > 0 ? max(0, context.count - window) : 0
         for i in start..<context.count where context[i] >= 0 && Int(context[i]) < vocabulary && seen.insert(context[i]).inserted {
             ids.append(context[i])
+        }
+    }
+
+    /// The penalty on one row of logits at `ids` (distinct; those outside the row are passed over).
+    public static func apply(_ penalty: Float, to logits: UnsafeMutableBufferPointer<Float>, ids: UnsafeBufferPointer<Int32>) {
+        for id in ids where id >= 0 && Int(id) < logits.count {
+            let l = logits[Int(id)]
+            logits[Int(id)] = l > 0 ? l / penalty : l * penalty
         }
     }
 }
@@ -235,12 +240,7 @@ public struct Sampler {
     public mutating func sample(_ logits: LogitRows, row r: Int, context: UnsafeBufferPointer<Int32>) throws -> Int {
         let vocab = logits.vocabulary
         guard processors.allSatisfy({ $0 is RepetitionPenalty }) else {
-            var buffer = takeRow(vocab)
-            defer { row = buffer }
-            return try buffer.withUnsafeMutableBufferPointer { b in
-                try logits.read(row: r, into: b)
-                return sample(b, context: context)
-            }
+            return try withWholeRow(logits, r) { s, b in s.sample(b, context: context) }
         }
         for i in processors.indices {
             guard var penalty = processors[i] as? RepetitionPenalty else { continue }
@@ -281,20 +281,21 @@ public struct Sampler {
                 if let keep = finish(maxLogit, total: total) { return draw(keep: keep) }
             }
         }
-        var buffer = takeRow(vocab)
-        defer { row = buffer }
-        return try buffer.withUnsafeMutableBufferPointer { b in
-            try logits.read(row: r, into: b)
-            return choose(b)
-        }
+        return try withWholeRow(logits, r) { s, b in s.choose(b) }
     }
 
-    /// The kept row buffer, moved out (no copy) so it can be filled while self is mutated.
-    private mutating func takeRow(_ vocab: Int) -> [Float] {
-        var b: [Float] = []
-        swap(&b, &row)
-        if b.count != vocab { b = [Float](repeating: 0, count: vocab) }
-        return b
+    /// Reads the whole row into the kept buffer (moved out, not copied, so self can change while
+    /// `body` uses it) and hands both to `body`.
+    private mutating func withWholeRow(_ logits: LogitRows, _ r: Int,
+                                       _ body: (inout Sampler, UnsafeMutableBufferPointer<Float>) -> Int) throws -> Int {
+        var buffer: [Float] = []
+        swap(&buffer, &row)
+        defer { row = buffer }
+        if buffer.count != logits.vocabulary { buffer = [Float](repeating: 0, count: logits.vocabulary) }
+        return try buffer.withUnsafeMutableBufferPointer { b in
+            try logits.read(row: r, into: b)
+            return body(&self, b)
+        }
     }
 
     /// Greedy, or a draw from the filtered distribution; the processors have run.

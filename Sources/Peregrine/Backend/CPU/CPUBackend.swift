@@ -102,11 +102,7 @@ public final class CPUBackend: ComputeBackend {
     }
 
     public func penalize(_ x: CPUBuffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) {
-        let r = x.pointer + row * cols
-        for id in ids where id >= 0 && Int(id) < cols {
-            let l = r[Int(id)]
-            r[Int(id)] = l > 0 ? l / penalty : l * penalty
-        }
+        RepetitionPenalty.apply(penalty, to: UnsafeMutableBufferPointer(start: x.pointer + row * cols, count: cols), ids: ids)
     }
 
     public func copy(_ src: CPUBuffer, offset srcOffset: Int, to dst: CPUBuffer, offset dstOffset: Int, count: Int) {

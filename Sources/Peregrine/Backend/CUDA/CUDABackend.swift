@@ -346,23 +346,16 @@ public final class CUDABackend: ComputeBackend {
         let rows = t.shape.count >= 2 ? t.shape[0] : 1
         let cols = t.shape.count >= 2 ? t.shape.dropFirst().reduce(1, *) : t.elementCount
         if t.shape.count == 1 || t.dtype == .f32 {
-            let values = t.toFloat()
-            let b = try CUDABuffer(driver: driver, count: values.count)
-            try values.withUnsafeBytes { try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, $0.baseAddress!, $0.count, stream), "cuMemcpyHtoDAsync") }
-            try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+            let b = try t.toFloat().withUnsafeBytes { try deviceCopy(of: $0.baseAddress!, bytes: $0.count) }
             return CUDAWeight(dtype: .f32, rows: rows, cols: cols, storage: b)
         }
         guard [.f16, .bf16, .q8_0, .q4_0].contains(t.dtype) || (t.dtype == .q4_K || t.dtype == .q6_K) && cols % 256 == 0 else {
             // Types without GPU kernels (Q4_1, Q5_0, Q5_1, Q5_K) are widened to BF16 at load: the
             // file runs, at BF16's size and speed for those tensors.
-            let wide = t.toFloat().map { Half.floatToBF16($0) }
-            let b = try CUDABuffer(driver: driver, count: (wide.count + 1) / 2)
-            try wide.withUnsafeBytes { try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, $0.baseAddress!, $0.count, stream), "cuMemcpyHtoDAsync") }
-            try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+            let b = try t.toFloat().map { Half.floatToBF16($0) }.withUnsafeBytes { try deviceCopy(of: $0.baseAddress!, bytes: $0.count) }
             return CUDAWeight(dtype: .bf16, rows: rows, cols: cols, storage: b)
         }
-        let b = try CUDABuffer(driver: driver, count: (t.byteCount + 3) / 4)
-        try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, t.data, t.byteCount, stream), "cuMemcpyHtoDAsync")
+        let b = try deviceCopy(of: t.data, bytes: t.byteCount)
         if t.dtype == .q8_0 || t.dtype == .q4_0 || t.dtype == .q4_K || t.dtype == .q6_K {
             // Planar on the device (values, then scales): 16-byte-aligned blocks for the kernels.
             guard cols % t.dtype.blockSize == 0 else { throw PeregrineError.format("tensor '\(t.name)': rows of \(cols) values are not whole blocks") }
@@ -375,8 +368,15 @@ public final class CUDABackend: ComputeBackend {
             if let e = firstError { firstError = nil; throw e }
             return CUDAWeight(dtype: t.dtype, rows: rows, cols: cols, storage: planar)
         }
-        try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
         return CUDAWeight(dtype: t.dtype, rows: rows, cols: cols, storage: b)
+    }
+
+    /// Device memory (allocated exactly) holding `bytes` from the host, the copy complete.
+    private func deviceCopy(of source: UnsafeRawPointer, bytes: Int) throws -> CUDABuffer {
+        let b = try CUDABuffer(driver: driver, count: (bytes + 3) / 4)
+        try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, source, bytes, stream), "cuMemcpyHtoDAsync")
+        try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        return b
     }
 
     private func code(_ d: DType) -> Int {

@@ -149,23 +149,25 @@ extern "C" __global__ void embed_rows(const void* table, int dtype, long total, 
 }
 
 // One block per row: out = x / rms(x) * w.
+// 1 / rms of a row of k values, summed by the whole block: the RMSNorm scale (also fused into
+// quantize_q8 and the matvec kernels).
+__device__ __forceinline__ float block_rms_scale(const float* x, int k, float eps) {
+    __shared__ float partial[32];
+    float s = 0;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) s += x[i] * x[i];
+    s = warp_sum(s);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = s;
+    __syncthreads();
+    s = 0;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) s += partial[w];
+    return rsqrtf(s / k + eps);
+}
+
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim, float eps) {
     gdc_wait();
     const float* xr = x + (long)blockIdx.x * dim;
     float* o = out + (long)blockIdx.x * dim;
-    __shared__ float partial[32];
-    float s = 0;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += xr[i] * xr[i];
-    s = warp_sum(s);
-    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = s;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float v = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0;
-        v = warp_sum(v);
-        if (threadIdx.x == 0) partial[0] = rsqrtf(v / dim + eps);
-    }
-    __syncthreads();
-    float scale = partial[0];
+    float scale = block_rms_scale(xr, dim, eps);
     for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * scale * w[i];
 }
 
@@ -209,22 +211,6 @@ __device__ __forceinline__ void block_dot(const void* w, int dtype, long total, 
         int sum = dot32(wq, xq + (long)(t0 + t) * k + block * 32);
         acc[t] += d * xs[(long)(t0 + t) * (k / 32) + block] * (float)sum;
     }
-}
-
-// 1 / rms of a row of k values (k a multiple of 4), summed by the whole block: the RMSNorm scale.
-__device__ __forceinline__ float block_rms_scale(const float* x, int k, float eps) {
-    __shared__ float partial[32];
-    float s = 0;
-    for (int i = threadIdx.x * 4; i < k; i += blockDim.x * 4) {
-        float4 v = *(const float4*)(x + i);
-        s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-    }
-    s = warp_sum(s);
-    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = s;
-    __syncthreads();
-    s = 0;
-    for (int w = 0; w < (int)(blockDim.x >> 5); w++) s += partial[w];
-    return rsqrtf(s / k + eps);
 }
 
 // Activations rounded to 8 bits per 32 values (scale = max |x| / 127): block (token, chunk)
