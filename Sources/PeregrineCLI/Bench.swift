@@ -43,6 +43,9 @@ struct Bench: ParsableCommand {
     @Option(help: "Where the model runs: cpu or cuda.")
     var device: Device = .cpu
 
+    @Flag(help: "GPU: batch-invariant kernels (slower); the CPU always is.")
+    var deterministic = false
+
     @Flag(help: "Measure the CPU kernels, memory bandwidth and peak FLOP rate.")
     var kernels = false
 
@@ -166,11 +169,12 @@ struct Bench: ParsableCommand {
         }
         for path in model {
             for t in threadCounts {
-                let lm = try device.load(path, threads: t)
+                let lm = try device.load(path, threads: t, deterministic: deterministic)
                 let tokenizer = try? Tokenizer(directory: path)
                 print("model \(ModelInfo(directory: path, model: lm).name), \(lm.backendName)")
                 if batched { try runBatched(lm) }
                 if throughput { try runThroughput(lm, tokenizer) }
+                if let profile = lm.kernelProfile { print(profile) }
             }
         }
     }

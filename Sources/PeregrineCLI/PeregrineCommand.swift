@@ -27,6 +27,9 @@ struct ModelOptions: ParsableArguments {
     @Option(help: "Where the model runs: cpu, or cuda (an NVIDIA GPU, through the driver and NVRTC found at run time).")
     var device: Device = .cpu
 
+    @Flag(help: "GPU: batch-invariant kernels (a sequence's output does not depend on its batch; slower). The CPU always is.")
+    var deterministic = false
+
     func validate() throws {
         if let t = threads, t < 1 || t > 1024 { throw ValidationError("--threads must be between 1 and 1024") }
     }
@@ -37,19 +40,19 @@ struct ModelOptions: ParsableArguments {
     }
 
     func load() throws -> LanguageModel {
-        try device.load(model, threads: threads)
+        try device.load(model, threads: threads, deterministic: deterministic)
     }
 }
 
 enum Device: String, ExpressibleByArgument, CaseIterable {
     case cpu, cuda
 
-    func load(_ path: String, threads: Int?) throws -> LanguageModel {
+    func load(_ path: String, threads: Int?, deterministic: Bool = false) throws -> LanguageModel {
         switch self {
         case .cpu:
             return try ModelRegistry.load(directory: path, backend: threads.map { CPUBackend(pool: ThreadPool(threadCount: $0)) } ?? CPUBackend())
         case .cuda:
-            return try ModelRegistry.load(directory: path, backend: try CUDABackend())
+            return try ModelRegistry.load(directory: path, backend: try CUDABackend(deterministic: deterministic))
         }
     }
 }

@@ -11,6 +11,76 @@ final class CUDABackendTests: XCTestCase {
         }
     }
 
+    /// The serving engine on the GPU (a BF16 fixture model): with --deterministic, 24 requests
+    /// run together give each request's greedy tokens alone, and so does a pool that forces
+    /// preemption; by default, a batch's logits stay within BF16 tolerance of each sequence's alone.
+    func testEngineBatchesOnTheGPU() throws {
+        switch CUDADriver.shared {
+        case .failure(let e): throw XCTSkip("no CUDA: \(e)")
+        case .success: break
+        }
+        let dir = Fixtures.model("llama-bf16")
+        let tokenizer = try Tokenizer(directory: dir)
+        let model = try ModelRegistry.load(directory: dir, backend: try CUDABackend(deterministic: true))
+        let prompts = (0..<24).map { i in tokenizer.encode(["And God said", "The kernel", "In the beginning", "Debian is"][i % 4])
+            + Array(repeating: 11, count: i * 3) }
+        let requests = prompts.map { p -> EngineRequest in
+            var r = EngineRequest(promptTokens: p, maxTokens: 24)
+            r.ignoreEOS = true
+            return r
+        }
+        var config = EngineConfig()
+        config.maxBatchTokens = 128
+        config.kvBlocks = 256  // not the default of most of the free device memory, once per engine
+        let together = try Engine(model: model, tokenizer: tokenizer, config: config).generate(prompts: requests)
+        var small = config
+        small.kvBlocks = 16
+        config.kvBlocks = 12
+        let preempting = try Engine(model: model, tokenizer: tokenizer, config: config)
+        let squeezed = try preempting.generate(prompts: requests)
+        XCTAssertGreaterThan(preempting.stats.preemptions, 0)
+        for (i, r) in requests.enumerated() {
+            let alone = try Engine(model: model, tokenizer: tokenizer, config: small).generate(prompts: [r])[0]
+            XCTAssertEqual(together[i].tokens, alone.tokens, "request \(i)")
+            XCTAssertEqual(squeezed[i].tokens, alone.tokens, "request \(i), preempted")
+        }
+        // Default kernels: a decode batch's rows against each sequence alone, logits within tolerance.
+        let fast = try ModelRegistry.load(directory: dir, backend: try backend())
+        let cache = try PagedKVCache(model: fast, slots: 4, capacity: 128)
+        var plan = BatchPlan()
+        for s in 0..<4 { plan.append(tokens: prompts[s * 5], slot: s, position: 0, logits: .last) }
+        try cache.prepare(&plan)
+        let v = fast.config.vocabSize
+        var batched = [Float](repeating: 0, count: 4 * v)
+        try batched.withUnsafeMutableBufferPointer { try fast.forward(plan, kv: cache.memory, logits: $0) }
+        for s in 0..<4 {
+            let solo = try allLogits(fast, prompts[s * 5])
+            let last = solo[((prompts[s * 5].count - 1) * v)...]
+            let scale = last.reduce(0) { max($0, abs($1)) }
+            XCTAssertLessThan(maxAbsDiff(batched[(s * v)..<((s + 1) * v)], last), 0.02 * scale, "sequence \(s)")
+        }
+        // Decode through the block tables, one sequence (the fused RoPE/KV-write/attention kernel)
+        // and three at once (the split kernel), against the CPU on the same tokens.
+        let cpu = try ModelRegistry.load(directory: dir)
+        for width in [1, 3] {
+            let g = try PagedKVCache(model: fast, slots: width, capacity: 128, blockSize: 8)
+            let c = try PagedKVCache(model: cpu, slots: width, capacity: 128, blockSize: 8)
+            var gl = [Float](repeating: 0, count: width * v), cl = gl
+            for step in 0..<40 {
+                var p = BatchPlan()
+                for s in 0..<width { p.append(tokens: [Int(prompts[s][step % prompts[s].count])], slot: s, position: step, logits: .last) }
+                var q = p
+                try g.prepare(&p)
+                try c.prepare(&q)
+                try gl.withUnsafeMutableBufferPointer { try fast.forward(p, kv: g.memory, logits: $0) }
+                try cl.withUnsafeMutableBufferPointer { try cpu.forward(q, kv: c.memory, logits: $0) }
+                for s in 0..<width { try g.advance(s, by: 1); try c.advance(s, by: 1) }
+                let scale = cl.reduce(0) { max($0, abs($1)) }
+                XCTAssertLessThan(maxAbsDiff(gl, cl), 0.02 * scale, "\(width) sequences, step \(step)")
+            }
+        }
+    }
+
     /// Host side, no GPU needed: the caching allocator's size classes.
     func testPoolSizeClasses() {
         XCTAssertEqual(DeviceMemoryPool.sizeClass(1), 256)

@@ -45,10 +45,18 @@ public protocol ComputeBackend: AnyObject {
     /// Makes the results of queued work visible to the host (a no-op on the CPU).
     func synchronize() throws
 
+    /// Free device memory in bytes, for sizing the KV pool; nil where memory is the host's.
+    var freeDeviceMemory: Int? { get }
+    /// Time spent per kernel, when the backend was asked to measure it.
+    var kernelProfile: String? { get }
+
     /// Marks the start of a forward pass whose work is the same, pointers and all, every time
     /// it comes with this key (a decode step), so a backend may record it once and replay it.
     /// The pass ends with `synchronize`.
     func beginStep(key: Int)
+    /// The batch a forward pass runs (after `beginStep`), for a backend to move its positions and
+    /// block tables to the device once instead of in every layer.
+    func beginPass(_ plan: BatchPlan)
 
     // Fusions a backend may do in one pass; the defaults compose the operations above.
 
@@ -92,6 +100,10 @@ public protocol ComputeBackend: AnyObject {
 
 extension ComputeBackend {
     public func beginStep(key: Int) {}
+    public func beginPass(_ plan: BatchPlan) {}
+
+    public var freeDeviceMemory: Int? { nil }
+    public var kernelProfile: String? { nil }
 
     public func matmul3(_ x: Buffer, rows: Int, _ a: (weight: Weight, bias: Weight?, out: Buffer),
                         _ b: (weight: Weight, bias: Weight?, out: Buffer), _ c: (weight: Weight, bias: Weight?, out: Buffer)) {

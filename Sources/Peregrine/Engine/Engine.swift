@@ -59,6 +59,10 @@ public final class Engine: @unchecked Sendable {
             count = n
         } else if let bytes = config.kvMemoryBytes {
             count = bytes / (perPosition * config.blockSize)
+        } else if let free = model.freeDeviceMemory {
+            // The GPU: a fraction of what is free once the weights are in (activations and
+            // scratch take the rest).
+            count = Int(Double(free) * config.gpuMemoryFraction) / (perPosition * config.blockSize)
         } else {
             let physical = Int(sysconf(Int32(_SC_PHYS_PAGES))) * Int(sysconf(Int32(_SC_PAGESIZE)))
             let want = (context + config.blockSize - 1) / config.blockSize * min(config.maxSequences, 16)
@@ -67,7 +71,7 @@ public final class Engine: @unchecked Sendable {
         guard count > 0 else {
             throw PeregrineError.invalidArgument("the KV memory holds no block of \(config.blockSize) positions (\(perPosition * config.blockSize) bytes)")
         }
-        try PagedKVCache.checkFits(model.config, positions: count * config.blockSize)
+        if model.freeDeviceMemory == nil { try PagedKVCache.checkFits(model.config, positions: count * config.blockSize) }
         kv = try model.makeKVMemory(blocks: count, blockSize: config.blockSize, capacity: context)
         blocks = BlockManager(blocks: count, blockSize: config.blockSize)
         scheduler = Scheduler(config: config, blocks: blocks, contextLimit: context)

@@ -5,6 +5,10 @@ public protocol LanguageModel: AnyObject {
     var backendName: String { get }
     /// Bytes of weights read by one decode step (for bandwidth figures).
     var weightBytes: Int { get }
+    /// Free memory of the device the model runs on; nil on the CPU.
+    var freeDeviceMemory: Int? { get }
+    /// The backend's time per kernel, when it measures it (PEREGRINE_KERNEL_PROFILE on CUDA).
+    var kernelProfile: String? { get }
     /// Key/value memory: `blocks` blocks of `blockSize` positions, sequences of up to `capacity`
     /// positions each.
     func makeKVMemory(blocks: Int, blockSize: Int, capacity: Int) throws -> KVMemory

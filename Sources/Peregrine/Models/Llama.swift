@@ -9,6 +9,8 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
     public let config: ModelConfig
     public let backend: B
     public var backendName: String { backend.name }
+    public var freeDeviceMemory: Int? { backend.freeDeviceMemory }
+    public var kernelProfile: String? { backend.kernelProfile }
     public private(set) var weightBytes = 0
 
     struct Layer {
@@ -204,6 +206,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
             key.combine(skippedLayers)
             backend.beginStep(key: key.finalize())
         }
+        backend.beginPass(plan)
         fillRotaryTables(plan, w)
         plan.tokens.withUnsafeBufferPointer { backend.embed(tokens: $0, table: embedTokens, out: w.x) }
 

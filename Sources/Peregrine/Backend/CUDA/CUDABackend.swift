@@ -112,9 +112,9 @@ public final class CUDABackend: ComputeBackend {
     private var sampleInts: CUDABuffer
     /// One counter per (token, head) for the split attention's last-block merge; each merge resets its own.
     private let attentionCounters: CUDABuffer
-    private static let attentionCounterCount = 16 * 256
+    private static let attentionCounterCount = 64 * 256
     private var hostInts: [Int32] = []
-    private var planKey: (slots: [Int32], positions: [Int32], tables: [Int32]) = ([], [], [])
+    private var planRows = -1
     private var scratch: CUDABuffer
     private var halfScratch: CUDABuffer
     private var dequantScratch: CUDABuffer
@@ -133,10 +133,10 @@ public final class CUDABackend: ComputeBackend {
     private var graphs: [Int: OpaquePointer?] = [:]
     private var seen: [Int: Int] = [:]
     private let graphsEnabled = ProcessInfo.processInfo.environment["PEREGRINE_NO_CUDA_GRAPHS"] == nil
+        && ProcessInfo.processInfo.environment["PEREGRINE_KERNEL_PROFILE"] == nil
     private var pinned: UnsafeMutableRawPointer?
     private let pinnedBytes = 1 << 20
     private var pinnedCursor = 0
-    private var planStaged = false
 
     // Programmatic dependent launches (Hopper and later): each kernel may start while the one
     // before it drains, and streams its weights before waiting for its inputs (gdc_wait in
@@ -148,10 +148,20 @@ public final class CUDABackend: ComputeBackend {
     /// dependent (a prefill's large grids waiting early on the SMs would slow the kernel before them).
     private var pdlStep = false
     private let fusedNorm = ProcessInfo.processInfo.environment["PEREGRINE_NO_FUSED_NORM"] == nil
+    /// Batch-invariant arithmetic: every product over any number of tokens runs the same per-row
+    /// kernel and every attention the same per-query kernel, so a sequence's logits do not depend
+    /// on what else is in its batch (for F16, BF16, Q8_0 and Q4_0 weights; F32, Q4_K and Q6_K
+    /// products over many tokens still go to cuBLAS). Slower: no tensor cores, no fused decode step.
+    public let deterministic: Bool
+    /// Most tokens a product runs as a per-row kernel before cuBLAS takes it (PEREGRINE_ROW_KERNEL_TOKENS).
+    private let rowKernelTokens = Int(ProcessInfo.processInfo.environment["PEREGRINE_ROW_KERNEL_TOKENS"] ?? "") ?? 8
+    /// One token as `matvec` kernels (fused norms, RoPE inside attention): not in deterministic mode.
+    private var oneToken: Int { deterministic ? -1 : 1 }
     private let launchConfig = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
     private let launchAttribute = UnsafeMutableRawPointer.allocate(byteCount: 72, alignment: 8)
 
-    public init() throws {
+    public init(deterministic: Bool = false) throws {
+        self.deterministic = deterministic
         let driver = try CUDADriver.shared.get()
         try driver.makeCurrent()
         self.driver = driver
@@ -220,7 +230,6 @@ public final class CUDABackend: ComputeBackend {
     public func beginStep(key: Int) {
         mode = .eager
         pinnedCursor = 0
-        planStaged = false
         pdlStep = pdl
         guard graphsEnabled, pinned != nil, firstError == nil else { return }
         if let g = graphs[key] {
@@ -268,9 +277,46 @@ public final class CUDABackend: ComputeBackend {
 
     /// Queues a kernel; `dependent` kernels (all of Kernels.cu but the load-time repacking) are
     /// launched programmatically dependent where the device allows.
+    /// With PEREGRINE_KERNEL_PROFILE set, every launch is timed alone (the stream synchronized
+    /// around it; no graphs) and `kernelProfile` sums the times by kernel.
+    private let profiling = ProcessInfo.processInfo.environment["PEREGRINE_KERNEL_PROFILE"] != nil
+    private var profile: [String: (count: Int, seconds: Double)] = [:]
+    private var profileStart = 0.0
+
+    private func profiled(_ name: String, _ body: () -> Void) {
+        guard profiling else { body(); return }
+        _ = driver.cuStreamSynchronize(stream)
+        let t0 = Date().timeIntervalSince1970
+        if profileStart == 0 { profileStart = t0 }
+        body()
+        _ = driver.cuStreamSynchronize(stream)
+        let p = profile[name] ?? (0, 0)
+        profile[name] = (p.count + 1, p.seconds + Date().timeIntervalSince1970 - t0)
+    }
+
+    public var kernelProfile: String? {
+        guard profiling else { return nil }
+        let total = profile.values.reduce(0) { $0 + $1.seconds }
+        let wall = Date().timeIntervalSince1970 - profileStart
+        var lines = [String(format: "GPU work %.3f s of %.3f s since the first launch (the rest is the host)", total, wall)]
+        for (name, p) in profile.sorted(by: { $0.value.seconds > $1.value.seconds }) {
+            lines.append(String(format: "%-28@ %8d calls %9.3f s %5.1f%%", name as NSString, p.count, p.seconds, 100 * p.seconds / max(total, 1e-9)))
+        }
+        return lines.joined(separator: "\n")
+    }
+
     private func launch(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int = 0, dependent: Bool = true,
                         _ fill: (inout Arguments) -> Void) {
         if case .replaying = mode { return }
+        if profiling {
+            profiled(name) { launchNow(name, grid: grid, block: block, shared: shared, dependent: dependent, fill) }
+            return
+        }
+        launchNow(name, grid: grid, block: block, shared: shared, dependent: dependent, fill)
+    }
+
+    private func launchNow(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int, dependent: Bool,
+                           _ fill: (inout Arguments) -> Void) {
         var a = Arguments(base: args)
         fill(&a)
         let f = functions[name] ?? nil
@@ -308,24 +354,21 @@ public final class CUDABackend: ComputeBackend {
         return buffer.pointer
     }
 
-    /// The plan's slots and positions on the device, uploaded once per batch and reused by every layer.
-    /// The plan's slots, positions and block tables on the device (uploaded when they changed,
-    /// staged on every graph step).
+    /// The plan's slots, positions and block tables to the device once a pass (staged on a graph
+    /// step), for every layer's kernels.
+    public func beginPass(_ plan: BatchPlan) {
+        hostInts.removeAll(keepingCapacity: true)
+        hostInts.append(contentsOf: plan.slots)
+        hostInts.append(contentsOf: plan.positions)
+        hostInts.append(contentsOf: plan.blockTables)
+        _ = hostInts.withUnsafeBufferPointer { upload($0, into: &planInts) }
+        planRows = plan.count
+    }
+
     private func planPointers(_ plan: BatchPlan, rows: Int)
         -> (slots: CUDADriver.DevicePointer, positions: CUDADriver.DevicePointer, tables: CUDADriver.DevicePointer) {
-        let slots = plan.slots[0..<rows], positions = plan.positions[0..<rows]
-        if inGraphStep ? !planStaged : !(slots.elementsEqual(planKey.slots) && positions.elementsEqual(planKey.positions)
-                                          && plan.blockTables.elementsEqual(planKey.tables)) {
-            planStaged = true
-            hostInts.removeAll(keepingCapacity: true)
-            hostInts.append(contentsOf: slots)
-            hostInts.append(contentsOf: positions)
-            hostInts.append(contentsOf: plan.blockTables)
-            _ = hostInts.withUnsafeBufferPointer { upload($0, into: &planInts) }
-            // After a graph step the next eager batch uploads again.
-            planKey = inGraphStep ? ([], [], []) : (Array(slots), Array(positions), plan.blockTables)
-        }
-        return (planInts.pointer, planInts.pointer + UInt64(rows * 4), planInts.pointer + UInt64(2 * rows * 4))
+        if planRows != plan.count, firstError == nil { firstError = .backend("internal: a batch plan used before beginPass") }
+        return (planInts.pointer, planInts.pointer + UInt64(plan.count * 4), planInts.pointer + UInt64(2 * plan.count * 4))
     }
 
     private func ensure(_ buffer: inout CUDABuffer, _ count: Int) -> Bool {
@@ -436,7 +479,7 @@ public final class CUDABackend: ComputeBackend {
     /// Products over few tokens run as warp-per-row kernels (reading the weights once); over many,
     /// as cuBLAS matrix products.
     private func usesRowKernel(_ rows: Int, _ w: CUDAWeight) -> Bool {
-        rows <= 8 && w.dtype != .q4_K && w.dtype != .q6_K || w.dtype == .f32 && rows <= 64
+        (rows <= rowKernelTokens || deterministic) && w.dtype != .q4_K && w.dtype != .q6_K && w.dtype != .f32 || w.dtype == .f32 && rows <= 64
     }
 
     private typealias Product = (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)
@@ -527,10 +570,13 @@ public final class CUDABackend: ComputeBackend {
             bPointer = halfScratch.pointer
             abType = weight.dtype == .f16 ? 2 : 14
         }
-        let status = driver.cublasGemmEx(cublas, 1, 0, Int32(outDim), Int32(rows), Int32(k), &alpha,
+        var status: Int32 = 0
+        profiled("cublasGemmEx") {
+            status = driver.cublasGemmEx(cublas, 1, 0, Int32(outDim), Int32(rows), Int32(k), &alpha,
                                          UnsafeRawPointer(bitPattern: UInt(aPointer)), abType, Int32(k),
                                          UnsafeRawPointer(bitPattern: UInt(bPointer)), abType, Int32(k), &beta,
                                          UnsafeMutableRawPointer(bitPattern: UInt(out.pointer)), 0, Int32(outDim), 68, -1)
+        }
         if status != 0, firstError == nil { firstError = .backend("cublasGemmEx failed (\(status))") }
         if let bias {
             launch("add_bias", grid: blocks(rows * outDim), block: 256) { a in
@@ -540,7 +586,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func matmul(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer) {
-        if rows == 1, matvecKernel(x, [(weight, bias, out)], mode: 0, norm: nil) { return }
+        if rows == oneToken, matvecKernel(x, [(weight, bias, out)], mode: 0, norm: nil) { return }
         if usesRowKernel(rows, weight) { rowKernel(x, rows: rows, [(weight, bias, out)], mode: 0) } else {
             gemm(x, rows: rows, weight: weight, bias: bias, out: out, accumulate: false)
         }
@@ -548,7 +594,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func matmul3(_ x: CUDABuffer, rows: Int, _ a: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer),
                         _ b: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer), _ c: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)) {
-        if rows == 1, matvecKernel(x, [a, b, c], mode: 0, norm: nil) { return }
+        if rows == oneToken, matvecKernel(x, [a, b, c], mode: 0, norm: nil) { return }
         if usesRowKernel(rows, a.weight), a.weight.dtype == b.weight.dtype, b.weight.dtype == c.weight.dtype {
             rowKernel(x, rows: rows, [a, b, c], mode: 0)
         } else {
@@ -559,7 +605,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func matmulAdd(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, residual: CUDABuffer, scratch: CUDABuffer) {
-        if rows == 1, matvecKernel(x, [(weight, bias, residual)], mode: 1, norm: nil) { return }
+        if rows == oneToken, matvecKernel(x, [(weight, bias, residual)], mode: 1, norm: nil) { return }
         if usesRowKernel(rows, weight) { rowKernel(x, rows: rows, [(weight, bias, residual)], mode: 1) } else {
             gemm(x, rows: rows, weight: weight, bias: bias, out: residual, accumulate: true)
         }
@@ -567,7 +613,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func gatedProduct(_ x: CUDABuffer, rows: Int, gate: CUDAWeight, gateBias: CUDAWeight?, up: CUDAWeight, upBias: CUDAWeight?,
                              out: CUDABuffer, scratch: CUDABuffer) {
-        if rows == 1, up.rows == gate.rows, matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: nil) { return }
+        if rows == oneToken, up.rows == gate.rows, matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: nil) { return }
         if usesRowKernel(rows, gate), gate.dtype == up.dtype {
             rowKernel(x, rows: rows, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2)
         } else {
@@ -580,14 +626,14 @@ public final class CUDABackend: ComputeBackend {
     public func normMatmul3(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int,
                             _ a: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer), _ b: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer),
                             _ c: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)) {
-        if rows == 1, fusedNorm, matvecKernel(x, [a, b, c], mode: 0, norm: (norm, eps)) { return }
+        if rows == oneToken, fusedNorm, matvecKernel(x, [a, b, c], mode: 0, norm: (norm, eps)) { return }
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
         matmul3(normed, rows: rows, a, b, c)
     }
 
     public func normGatedProduct(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int, gate: CUDAWeight,
                                  gateBias: CUDAWeight?, up: CUDAWeight, upBias: CUDAWeight?, out: CUDABuffer, scratch: CUDABuffer) {
-        if rows == 1, fusedNorm, up.rows == gate.rows,
+        if rows == oneToken, fusedNorm, up.rows == gate.rows,
            matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: (norm, eps)) { return }
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
         gatedProduct(normed, rows: rows, gate: gate, gateBias: gateBias, up: up, upBias: upBias, out: out, scratch: scratch)
@@ -621,7 +667,7 @@ public final class CUDABackend: ComputeBackend {
     public func ropeAttention(layer: Int, q: CUDABuffer, k: CUDABuffer, v: CUDABuffer, rows: Int, heads: Int, headDim: Int,
                               cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<CUDABackend>,
                               window: Int?, out: CUDABuffer) {
-        if rows == 1 {
+        if rows == oneToken {
             attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: out,
                       rope: (k, v, cos, sin, interleaved))
             return
@@ -646,8 +692,8 @@ public final class CUDABackend: ComputeBackend {
         }
         let (slots, positions, tables) = planPointers(plan, rows: rows)
         let scale = 1 / Float(hd).squareRoot()
-        if rows > 16 {
-            // Prefill: flash attention over tiles of up to 32 consecutive positions of one sequence.
+        if rows > 16 || deterministic {
+            // Tiles of up to 32 consecutive positions of one sequence.
             hostInts.removeAll(keepingCapacity: true)
             var t = 0
             while t < rows {
@@ -659,14 +705,18 @@ public final class CUDABackend: ComputeBackend {
                 t += count
             }
             let tiles = hostInts.count / 2
-            let table = hostInts.withUnsafeBufferPointer { upload($0, into: &tileInts) }
-            let shared = (32 * hd + 32 * (hd + 1) + 32 * hd + 4 * 8 * 32) * 4
-            launch("attention_prefill", grid: (tiles, heads, 1), block: 128, shared: shared) { a in
-                a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(out); a.ptr(slots); a.ptr(positions); a.ptr(table)
-                a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
-                a.f32(scale); a.i32(window ?? 0)
+            // A batch of decode tokens (one query per sequence) goes to the split kernel below,
+            // which spreads each query's keys over the GPU; prompts to flash attention by tiles.
+            if tiles < rows || deterministic || rows * heads > CUDABackend.attentionCounterCount {
+                let table = hostInts.withUnsafeBufferPointer { upload($0, into: &tileInts) }
+                let shared = (32 * hd + 32 * (hd + 1) + 32 * hd + 4 * 8 * 32) * 4
+                launch("attention_prefill", grid: (tiles, heads, 1), block: 128, shared: shared) { a in
+                    a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(out); a.ptr(slots); a.ptr(positions); a.ptr(table)
+                    a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
+                    a.f32(scale); a.i32(window ?? 0)
+                }
+                return
             }
-            return
         }
         var longest = 0
         for t in 0..<rows { longest = max(longest, Int(plan.positions[t]) + 1) }
@@ -726,6 +776,28 @@ public final class CUDABackend: ComputeBackend {
         // The low word holds the inverted index; zero (nothing but NaNs) means index 0.
         let id = 0xffff_ffff - Int(word & 0xffff_ffff)
         return word == 0 || id >= cols ? 0 : id
+    }
+
+    public var freeDeviceMemory: Int? {
+        var free = 0, total = 0
+        return driver.cuMemGetInfo(&free, &total) == 0 ? free : nil
+    }
+
+    /// Every row from 0 to the last one asked for in one launch, one read back.
+    public func argmax(_ x: CUDABuffer, rows: [Int], cols: Int) throws -> [Int] {
+        guard let last = rows.max() else { return [] }
+        let n = last + 1
+        guard ensure(&sampleInts, 2 * n) else { try synchronize(); return [] }
+        var words = [UInt64](repeating: 0, count: n)
+        record(driver.cuMemsetD8Async(sampleInts.pointer, 0, 8 * n, stream), "cuMemsetD8Async")
+        let parts = max(1, min(max(1, 2 * driver.multiprocessors / n), (cols + 2047) / 2048))
+        launch("argmax_rows", grid: (parts, n, 1), block: 256) { a in a.ptr(x); a.i32(cols); a.ptr(sampleInts) }
+        words.withUnsafeMutableBytes { record(driver.cuMemcpyDtoHAsync($0.baseAddress!, sampleInts.pointer, 8 * n, stream), "cuMemcpyDtoHAsync") }
+        try synchronize()
+        return rows.map { r in
+            let word = words[r], id = 0xffff_ffff - Int(word & 0xffff_ffff)
+            return word == 0 || id >= cols ? 0 : id
+        }
     }
 
     public func topK(_ x: CUDABuffer, row: Int, cols: Int, k: Int, values: UnsafeMutableBufferPointer<Float>,

@@ -18,6 +18,7 @@ public final class CUDADriver: @unchecked Sendable {
     let cuDevicePrimaryCtxRetain: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, Int32) -> Result
     let cuCtxSetCurrent: @convention(c) (OpaquePointer?) -> Result
     let cuMemAlloc: @convention(c) (UnsafeMutablePointer<DevicePointer>, Int) -> Result
+    let cuMemGetInfo: @convention(c) (UnsafeMutablePointer<Int>, UnsafeMutablePointer<Int>) -> Result
     let cuMemFree: @convention(c) (DevicePointer) -> Result
     let cuMemcpyHtoDAsync: @convention(c) (DevicePointer, UnsafeRawPointer, Int, OpaquePointer?) -> Result
     let cuMemcpyDtoHAsync: @convention(c) (UnsafeMutableRawPointer, DevicePointer, Int, OpaquePointer?) -> Result
@@ -101,6 +102,7 @@ public final class CUDADriver: @unchecked Sendable {
         cuDevicePrimaryCtxRetain = try CUDADriver.symbol(cuda, ["cuDevicePrimaryCtxRetain"], as: type(of: cuDevicePrimaryCtxRetain))
         cuCtxSetCurrent = try CUDADriver.symbol(cuda, ["cuCtxSetCurrent"], as: type(of: cuCtxSetCurrent))
         cuMemAlloc = try CUDADriver.symbol(cuda, ["cuMemAlloc_v2"], as: type(of: cuMemAlloc))
+        cuMemGetInfo = try CUDADriver.symbol(cuda, ["cuMemGetInfo_v2"], as: type(of: cuMemGetInfo))
         cuMemFree = try CUDADriver.symbol(cuda, ["cuMemFree_v2"], as: type(of: cuMemFree))
         cuMemcpyHtoDAsync = try CUDADriver.symbol(cuda, ["cuMemcpyHtoDAsync_v2"], as: type(of: cuMemcpyHtoDAsync))
         cuMemcpyDtoHAsync = try CUDADriver.symbol(cuda, ["cuMemcpyDtoHAsync_v2"], as: type(of: cuMemcpyDtoHAsync))
