@@ -188,7 +188,8 @@ struct Bench: ParsableCommand {
         if config.kvBlocks == nil && config.kvMemoryBytes == nil {
             config.kvBlocks = most * ((longest + config.blockSize - 1) / config.blockSize + 1)
         }
-        config.maxBatchTokens = engineOptions.batchTokens ?? batchSize
+        // --batch-tokens, or the engine's default for the device (-b is the pp tests' batch).
+        config.maxBatchTokens = engineOptions.batchTokens
         let engine = try Engine(model: lm, tokenizer: nil, config: config)
         if !json {
             print("|    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |      T s |    S t/s |")
@@ -232,7 +233,6 @@ struct Bench: ParsableCommand {
         let reqs = w.makeRequests(vocabulary: lm.config.vocabSize)
         let longest = reqs.reduce(0) { max($0, $1.promptTokens.count + $1.maxTokens) } + 1
         var config = try engineOptions.config(contextLength: max(longest, min(lm.config.maxPositions, 4096)))
-        if let b = engineOptions.batchTokens { config.maxBatchTokens = b }
         let engine = try Engine(model: lm, tokenizer: tokenizer, config: config)
         // Warm up on a request of its own prompt (so it leaves no useful prefix behind).
         _ = try engine.generate(prompts: [EngineRequest(promptTokens: [1, 2, 3], maxTokens: 4)])

@@ -42,8 +42,10 @@ public final class Engine: @unchecked Sendable {
     private var stopping = false
     private var greedyRows: [Int] = []
 
-    public init(model: LanguageModel, tokenizer: Tokenizer?, config: EngineConfig = EngineConfig()) throws {
-        guard config.blockSize > 0, config.maxBatchTokens > 0, config.maxSequences > 0 else {
+    public init(model: LanguageModel, tokenizer: Tokenizer?, config requested: EngineConfig = EngineConfig()) throws {
+        var config = requested
+        config.maxBatchTokens = requested.maxBatchTokens ?? (model.freeDeviceMemory == nil ? 512 : 8192)
+        guard config.blockSize > 0, (config.maxBatchTokens ?? 0) > 0, config.maxSequences > 0 else {
             throw PeregrineError.invalidArgument("block size, batch tokens and sequences must be > 0")
         }
         self.model = model
@@ -378,10 +380,12 @@ public final class Engine: @unchecked Sendable {
                 if let f = o.finishReason {
                     t.result.finishReason = f
                     t.result.totalSeconds = now - t.added
+                }
+                tracks[o.requestId]?[o.index] = t
+                if o.finishReason != nil {
                     open -= 1
                     if open == 0 { done.signal() }
                 }
-                tracks[o.requestId]?[o.index] = t
             }, failure: { error in
                 collect.lock()
                 failure = failure ?? error
@@ -414,6 +418,8 @@ public final class Engine: @unchecked Sendable {
                 try step()
             }
         }
+        collect.lock()
+        defer { collect.unlock() }
         if let failure { throw failure }
         return ids.flatMap { tracks[$0]?.map(\.result) ?? [] }
     }

@@ -100,8 +100,9 @@ public struct EngineConfig: Sendable {
     /// of the machine's memory (on a GPU: `gpuMemoryFraction` of the free device memory).
     public var kvMemoryBytes: Int?
     public var gpuMemoryFraction = 0.9
-    /// Tokens per forward pass: decode tokens of running sequences plus prompt chunks.
-    public var maxBatchTokens = 512
+    /// Tokens per forward pass: decode tokens of running sequences plus prompt chunks (nil: 512
+    /// on the CPU, 8192 on a GPU, where a pass of 512 tokens leaves most of the chip idle).
+    public var maxBatchTokens: Int?
     /// Sequences running at once.
     public var maxSequences = 256
     /// Longest prompt plus generation of one sequence (default: the model's).

@@ -61,7 +61,7 @@ final class Scheduler {
     func schedule() -> [Work] {
         copies.removeAll(keepingCapacity: true)
         var work: [Work] = []
-        var budget = config.maxBatchTokens
+        var budget = config.maxBatchTokens ?? 512
         var preempted = false
         var i = 0
         while i < running.count && budget > 0 {

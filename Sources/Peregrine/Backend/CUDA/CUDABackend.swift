@@ -109,6 +109,9 @@ public final class CUDABackend: ComputeBackend {
     private var planInts: CUDABuffer
     private var rowInts: CUDABuffer
     private var tileInts: CUDABuffer
+    /// Rows of a mixed batch sent to the split attention kernel.
+    private var mapInts: CUDABuffer
+    private var singleRows: [Int32] = []
     private var sampleInts: CUDABuffer
     /// One counter per (token, head) for the split attention's last-block merge; each merge resets its own.
     private let attentionCounters: CUDABuffer
@@ -153,8 +156,12 @@ public final class CUDABackend: ComputeBackend {
     /// on what else is in its batch (for F16, BF16, Q8_0 and Q4_0 weights; F32, Q4_K and Q6_K
     /// products over many tokens still go to cuBLAS). Slower: no tensor cores, no fused decode step.
     public let deterministic: Bool
-    /// Most tokens a product runs as a per-row kernel before cuBLAS takes it (PEREGRINE_ROW_KERNEL_TOKENS).
-    private let rowKernelTokens = Int(ProcessInfo.processInfo.environment["PEREGRINE_ROW_KERNEL_TOKENS"] ?? "") ?? 8
+    /// Most tokens a product runs as a per-row kernel before cuBLAS takes it: for 16-bit weights
+    /// cuBLAS from two tokens on (measured 4x faster at 8 decode tokens on an H200); for Q8_0 and
+    /// Q4_0, whose cuBLAS path widens the whole matrix first, up to eight
+    /// (PEREGRINE_ROW_KERNEL_TOKENS overrides both).
+    private let rowKernelOverride = Int(ProcessInfo.processInfo.environment["PEREGRINE_ROW_KERNEL_TOKENS"] ?? "")
+    private func rowKernelTokens(_ t: DType) -> Int { rowKernelOverride ?? (t == .f16 || t == .bf16 ? 1 : 8) }
     /// One token as `matvec` kernels (fused norms, RoPE inside attention): not in deterministic mode.
     private var oneToken: Int { deterministic ? -1 : 1 }
     private let launchConfig = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
@@ -199,6 +206,7 @@ public final class CUDABackend: ComputeBackend {
         planInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         rowInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         tileInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        mapInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         sampleInts = try CUDABuffer(driver: driver, count: 2048, pool: pool)
         attentionCounters = try CUDABuffer(driver: driver, count: CUDABackend.attentionCounterCount)
         try driver.check(driver.cuMemsetD8Async(attentionCounters.pointer, 0, CUDABackend.attentionCounterCount * 4, s), "cuMemsetD8Async")
@@ -479,7 +487,8 @@ public final class CUDABackend: ComputeBackend {
     /// Products over few tokens run as warp-per-row kernels (reading the weights once); over many,
     /// as cuBLAS matrix products.
     private func usesRowKernel(_ rows: Int, _ w: CUDAWeight) -> Bool {
-        (rows <= rowKernelTokens || deterministic) && w.dtype != .q4_K && w.dtype != .q6_K && w.dtype != .f32 || w.dtype == .f32 && rows <= 64
+        (rows <= rowKernelTokens(w.dtype) || deterministic) && w.dtype != .q4_K && w.dtype != .q6_K && w.dtype != .f32
+            || w.dtype == .f32 && rows <= 64
     }
 
     private typealias Product = (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)
@@ -692,6 +701,7 @@ public final class CUDABackend: ComputeBackend {
         }
         let (slots, positions, tables) = planPointers(plan, rows: rows)
         let scale = 1 / Float(hd).squareRoot()
+        var rowMap: CUDADriver.DevicePointer = 0, splitRows = rows
         if rows > 16 || deterministic {
             // Tiles of up to 32 consecutive positions of one sequence.
             hostInts.removeAll(keepingCapacity: true)
@@ -705,18 +715,39 @@ public final class CUDABackend: ComputeBackend {
                 t += count
             }
             let tiles = hostInts.count / 2
-            // A batch of decode tokens (one query per sequence) goes to the split kernel below,
-            // which spreads each query's keys over the GPU; prompts to flash attention by tiles.
-            if tiles < rows || deterministic || rows * heads > CUDABackend.attentionCounterCount {
-                let table = hostInts.withUnsafeBufferPointer { upload($0, into: &tileInts) }
-                let shared = (32 * hd + 32 * (hd + 1) + 32 * hd + 4 * 8 * 32) * 4
-                launch("attention_prefill", grid: (tiles, heads, 1), block: 128, shared: shared) { a in
-                    a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(out); a.ptr(slots); a.ptr(positions); a.ptr(table)
-                    a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
-                    a.f32(scale); a.i32(window ?? 0)
-                }
+            if deterministic {
+                prefillAttention(layer: layer, q: q, cache: cache, plan: plan, heads: heads, scale: scale, window: window, out: out,
+                                 slots: slots, positions: positions, tables: tables, tiles: tiles)
                 return
             }
+            // Single queries (decode tokens, one a sequence) go to the split kernel below, which
+            // spreads each query's keys over the GPU; runs of a prompt to flash attention by tiles.
+            singleRows.removeAll(keepingCapacity: true)
+            var kept = 0
+            for i in 0..<tiles {
+                let first = hostInts[2 * i], count = hostInts[2 * i + 1]
+                if count == 1 { singleRows.append(first) } else {
+                    hostInts[2 * kept] = first
+                    hostInts[2 * kept + 1] = count
+                    kept += 1
+                }
+            }
+            if kept > 0 {
+                hostInts.removeLast(hostInts.count - 2 * kept)
+                prefillAttention(layer: layer, q: q, cache: cache, plan: plan, heads: heads, scale: scale, window: window, out: out,
+                                 slots: slots, positions: positions, tables: tables, tiles: kept)
+            }
+            if singleRows.isEmpty { return }
+            guard singleRows.count * heads <= CUDABackend.attentionCounterCount else {
+                // More single queries than the split kernel has counters for: flash attention for them too.
+                hostInts.removeAll(keepingCapacity: true)
+                for r in singleRows { hostInts.append(r); hostInts.append(1) }
+                prefillAttention(layer: layer, q: q, cache: cache, plan: plan, heads: heads, scale: scale, window: window, out: out,
+                                 slots: slots, positions: positions, tables: tables, tiles: singleRows.count)
+                return
+            }
+            rowMap = singleRows.withUnsafeBufferPointer { upload($0, into: &mapInts) }
+            splitRows = singleRows.count
         }
         var longest = 0
         for t in 0..<rows { longest = max(longest, Int(plan.positions[t]) + 1) }
@@ -726,20 +757,34 @@ public final class CUDABackend: ComputeBackend {
         // is worked out on the device from the length. Enough (token, head, split) blocks to fill
         // the GPU, more for long caches (about 256 positions a split), none under 32 positions.
         let basis = rows == 1 ? min(window ?? cache.capacity, cache.capacity) : longest
-        let fill = (2 * driver.multiprocessors + rows * heads - 1) / (rows * heads)
+        let fill = (2 * driver.multiprocessors + splitRows * heads - 1) / (splitRows * heads)
         let splits = max(1, min((basis + 31) / 32, max(fill, (basis + 255) / 256)))
-        guard rows * heads <= CUDABackend.attentionCounterCount else {
+        guard splitRows * heads <= CUDABackend.attentionCounterCount else {
             if firstError == nil { firstError = .unsupported("\(rows) tokens x \(heads) heads is past the attention kernel's counters") }
             return
         }
-        guard ensure(&scratch, rows * heads * splits * (hd + 2)) else { return }
-        let stats = scratch.pointer + UInt64(rows * heads * splits * hd * 4)
-        launch("attention_split", grid: (rows, heads, splits), block: 128) { a in
+        guard ensure(&scratch, splitRows * heads * splits * (hd + 2)) else { return }
+        let stats = scratch.pointer + UInt64(splitRows * heads * splits * hd * 4)
+        launch("attention_split", grid: (splitRows, heads, splits), block: 128) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)
             a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
             a.f32(scale); a.i32(window ?? 0); a.i32(splits)
             a.ptr(out); a.ptr(attentionCounters); a.i32(rope == nil ? 0 : 1); a.ptr(rope?.k.pointer ?? 0); a.ptr(rope?.v.pointer ?? 0)
-            a.ptr(rope?.cos.pointer ?? 0); a.ptr(rope?.sin.pointer ?? 0); a.i32(rope?.interleaved == true ? 1 : 0)
+            a.ptr(rope?.cos.pointer ?? 0); a.ptr(rope?.sin.pointer ?? 0); a.i32(rope?.interleaved == true ? 1 : 0); a.ptr(rowMap)
+        }
+    }
+
+    /// Flash attention over the tiles in `hostInts` (first row, count; consecutive positions of one sequence).
+    private func prefillAttention(layer: Int, q: CUDABuffer, cache: KVStorage<CUDABackend>, plan: BatchPlan, heads: Int, scale: Float,
+                                  window: Int?, out: CUDABuffer, slots: CUDADriver.DevicePointer, positions: CUDADriver.DevicePointer,
+                                  tables: CUDADriver.DevicePointer, tiles: Int) {
+        let hd = cache.headDim
+        let table = hostInts.withUnsafeBufferPointer { upload($0, into: &tileInts) }
+        let shared = (32 * hd + 32 * (hd + 1) + 32 * hd + 4 * 8 * 32) * 4
+        launch("attention_prefill", grid: (tiles, heads, 1), block: 128, shared: shared) { a in
+            a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(out); a.ptr(slots); a.ptr(positions); a.ptr(table)
+            a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
+            a.f32(scale); a.i32(window ?? 0)
         }
     }
 

@@ -687,9 +687,10 @@ extern "C" __global__ void store_kv(const float* k, const float* v, float* kc, f
 
 // The splits' partial results of (token t, head h) combined into attn, by the block that
 // finishes last (the others' writes made visible by the fence before the count).
-__device__ __forceinline__ void merge_if_last(const float* partial, const float* stats, float* attn, unsigned* counters, int t,
-                                              int h, int heads, int headDim, int splits, bool* last) {
-    long th = (long)t * heads + h;
+// u: the block's row within the launch (its scratch and counter), t: the batch row written.
+__device__ __forceinline__ void merge_if_last(const float* partial, const float* stats, float* attn, unsigned* counters, int u,
+                                              int t, int h, int heads, int headDim, int splits, bool* last) {
+    long th = (long)u * heads + h;
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -713,7 +714,7 @@ __device__ __forceinline__ void merge_if_last(const float* partial, const float*
             float l = __ldcg(st + 2 * s + 1);
             if (l > 0) acc += __ldcg(partial + (th * splits + s) * headDim + d) * __expf(__ldcg(st + 2 * s) - m);
         }
-        attn[th * headDim + d] = acc / total;
+        attn[((long)t * heads + h) * headDim + d] = acc / total;
     }
 }
 
@@ -733,9 +734,10 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
                                                                   float scale, int window,
                                                                   int splits, float* attn, unsigned* counters, int fused,
                                                                   const float* kin, const float* vin, const float* cosT,
-                                                                  const float* sinT, int interleaved) {
+                                                                  const float* sinT, int interleaved, const int* rowMap) {
     gdc_wait();
-    int t = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
+    // rowMap: the rows of a mixed batch that are single queries (the others go to attention_prefill).
+    int t = rowMap ? rowMap[blockIdx.x] : blockIdx.x, h = blockIdx.y, split = blockIdx.z;
     int pos = positions[t];
     __shared__ float qs[256], ks[256];
     int lo = window > 0 ? max(0, pos - window + 1) : 0;
@@ -771,13 +773,14 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
         }
         qp = qs;
     }
-    float* out = partial + (((long)t * heads + h) * splits + split) * headDim;
-    float* st = stats + (((long)t * heads + h) * splits + split) * 2;
+    int u = blockIdx.x;
+    float* out = partial + (((long)u * heads + h) * splits + split) * headDim;
+    float* st = stats + (((long)u * heads + h) * splits + split) * 2;
     __shared__ bool last;
     if (start >= end) {
         for (int d = threadIdx.x; d < headDim; d += blockDim.x) out[d] = 0;
         if (threadIdx.x == 0) { st[0] = -__int_as_float(0x7f800000); st[1] = 0; }
-        merge_if_last(partial, stats, attn, counters, t, h, heads, headDim, splits, &last);
+        merge_if_last(partial, stats, attn, counters, u, t, h, heads, headDim, splits, &last);
         return;
     }
     float qv[8], acc[8];
@@ -825,7 +828,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
     for (int d = threadIdx.x; d < headDim; d += blockDim.x)
         out[d] = wacc[0][d] * f[0] + wacc[1][d] * f[1] + wacc[2][d] * f[2] + wacc[3][d] * f[3];
     if (threadIdx.x == 0) { st[0] = mm; st[1] = sum; }
-    merge_if_last(partial, stats, attn, counters, t, h, heads, headDim, splits, &last);
+    merge_if_last(partial, stats, attn, counters, u, t, h, heads, headDim, splits, &last);
 }
 
 extern "C" __global__ void silu_mul(const float* g, const float* u, float* o, long n) {
