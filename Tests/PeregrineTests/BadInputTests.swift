@@ -193,9 +193,10 @@ final class BadInputTests: XCTestCase {
         let ref = try Reference(model: "qwen2")
         var a = [Float](repeating: 0, count: ref.vocab), b = a
         for (m, out) in [(sharded, 0), (whole, 1)] {
-            let cache = try ContiguousKVCache(model: m, slots: 1, capacity: 64)
+            let cache = try PagedKVCache(model: m, slots: 1, capacity: 64)
             var plan = BatchPlan()
             plan.append(tokens: ref.promptIds, slot: 0, position: 0, logits: .last)
+            try cache.prepare(&plan)
             if out == 0 { try a.withUnsafeMutableBufferPointer { try m.forward(plan, kv: cache.memory, logits: $0) } }
             else { try b.withUnsafeMutableBufferPointer { try m.forward(plan, kv: cache.memory, logits: $0) } }
         }

@@ -78,13 +78,14 @@ final class CUDABackendTests: XCTestCase {
         let scale = a.reduce(0) { max($0, abs($1)) }
         XCTAssertLessThan(maxAbsDiff(a, b), 0.02 * scale)
         // In chunks of 50: the last row's logits.
-        let cache = try ContiguousKVCache(model: cuda, slots: 1, capacity: prompt.count)
+        let cache = try PagedKVCache(model: cuda, slots: 1, capacity: prompt.count)
         var plan = BatchPlan()
         var last = [Float](repeating: 0, count: cuda.config.vocabSize)
         for start in stride(from: 0, to: prompt.count, by: 50) {
             let end = min(prompt.count, start + 50)
             plan.removeAll()
             plan.append(tokens: prompt[start..<end], slot: 0, position: start, logits: .last)
+            try cache.prepare(&plan)
             try last.withUnsafeMutableBufferPointer { try cuda.forward(plan, kv: cache.memory, logits: $0) }
             try cache.advance(0, by: end - start)
         }
@@ -100,9 +101,10 @@ final class CUDABackendTests: XCTestCase {
         let cuda = try ModelRegistry.load(directory: dir, backend: gpu)
         let tokenizer = try Tokenizer(directory: dir)
         let prompt = tokenizer.encode("And the LORD spake unto Moses, saying")
-        let cache = try ContiguousKVCache(model: cuda, slots: 1, capacity: prompt.count)
+        let cache = try PagedKVCache(model: cuda, slots: 1, capacity: prompt.count)
         var plan = BatchPlan()
         plan.append(tokens: prompt, slot: 0, position: 0, logits: .all)
+        try cache.prepare(&plan)
         let rows = try cuda.forward(plan, kv: cache.memory)
         let v = rows.vocabulary
         var host = [Float](repeating: 0, count: v)

@@ -53,10 +53,11 @@ struct Reference {
 
 /// The logits of every position of `tokens`, run as one sequence in one forward pass.
 func allLogits(_ model: LanguageModel, _ tokens: [Int]) throws -> [Float] {
-    let cache = try ContiguousKVCache(model: model, slots: 1, capacity: tokens.count)
+    let cache = try PagedKVCache(model: model, slots: 1, capacity: tokens.count)
     var plan = BatchPlan()
     plan.append(tokens: tokens, slot: 0, position: 0, logits: .all)
     var logits = [Float](repeating: 0, count: tokens.count * model.config.vocabSize)
+    try cache.prepare(&plan)
     try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
     return logits
 }

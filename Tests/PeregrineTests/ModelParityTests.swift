@@ -21,16 +21,18 @@ final class ModelParityTests: XCTestCase {
     func checkIncrementalLogits(_ name: String, tolerance: Float) throws {
         let ref = try Reference(model: name)
         let model = try ModelRegistry.load(directory: Fixtures.model(name))
-        let cache = try ContiguousKVCache(model: model, slots: 1, capacity: ref.rows)
+        let cache = try PagedKVCache(model: model, slots: 1, capacity: ref.rows)
         var logits = [Float](repeating: 0, count: ref.vocab)
         var plan = BatchPlan()
         plan.append(tokens: ref.promptIds, slot: 0, position: 0, logits: .last)
+        try cache.prepare(&plan)
         try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
         try cache.advance(0, by: ref.promptIds.count)
         var worst = maxAbsDiff(logits, ref.row(ref.promptIds.count - 1))
         for (i, t) in ref.greedyIds.enumerated() {
             plan.removeAll()
             plan.append(tokens: [t], slot: 0, position: cache.length(of: 0), logits: .last)
+            try cache.prepare(&plan)
             try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
             try cache.advance(0, by: 1)
             worst = max(worst, maxAbsDiff(logits, ref.row(ref.promptIds.count + i)))
@@ -90,19 +92,21 @@ final class ModelParityTests: XCTestCase {
         let ref = try Reference(model: "qwen2")
         let model = try ModelRegistry.load(directory: Fixtures.model("qwen2"))
         let a = Array(ref.promptIds.prefix(23)), b = Array(ref.promptIds.suffix(9)), c = [ref.promptIds[5]]
-        let cache = try ContiguousKVCache(model: model, slots: 3, capacity: 64)
+        let cache = try PagedKVCache(model: model, slots: 3, capacity: 64)
         var plan = BatchPlan()
         plan.append(tokens: a, slot: 0, position: 0, logits: .all)
         plan.append(tokens: b, slot: 1, position: 0, logits: .last)
         plan.append(tokens: c, slot: 2, position: 0, logits: .last)
         let v = ref.vocab
         var batched = [Float](repeating: 0, count: (a.count + 2) * v)
+        try cache.prepare(&plan)
         try batched.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
         for (slot, seq, rows) in [(0, a, Array(0..<a.count)), (1, b, [b.count - 1]), (2, c, [0])] {
-            let solo = try ContiguousKVCache(model: model, slots: 1, capacity: 64)
+            let solo = try PagedKVCache(model: model, slots: 1, capacity: 64)
             var p = BatchPlan()
             p.append(tokens: seq, slot: 0, position: 0, logits: .all)
             var l = [Float](repeating: 0, count: seq.count * v)
+            try solo.prepare(&p)
             try l.withUnsafeMutableBufferPointer { try model.forward(p, kv: solo.memory, logits: $0) }
             let offset = slot == 0 ? 0 : (slot == 1 ? a.count : a.count + 1)
             for (i, r) in rows.enumerated() {
@@ -117,11 +121,12 @@ final class ModelParityTests: XCTestCase {
     func testCacheTrimAndCopy() throws {
         let ref = try Reference(model: "llama")
         let model = try ModelRegistry.load(directory: Fixtures.model("llama"))
-        let cache = try ContiguousKVCache(model: model, slots: 2, capacity: ref.rows)
+        let cache = try PagedKVCache(model: model, slots: 2, capacity: ref.rows)
         var logits = [Float](repeating: 0, count: ref.vocab)
         func step(_ tokens: [Int], slot: Int) throws {
             var plan = BatchPlan()
             plan.append(tokens: tokens, slot: slot, position: cache.length(of: slot), logits: .last)
+            try cache.prepare(&plan)
             try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
             try cache.advance(slot, by: tokens.count)
         }

@@ -21,7 +21,7 @@ final class ReferenceModelTests: XCTestCase {
         XCTAssertEqual(tokenizer.encode(prompt), promptIds)
 
         // Teacher-forced through the KV cache: row i is the logits after prompt + greedy[..<i].
-        let cache = try ContiguousKVCache(model: model, slots: 1, capacity: promptIds.count + greedy.count)
+        let cache = try PagedKVCache(model: model, slots: 1, capacity: promptIds.count + greedy.count)
         var logits = [Float](repeating: 0, count: vocab)
         var plan = BatchPlan()
         var next = promptIds
@@ -29,6 +29,7 @@ final class ReferenceModelTests: XCTestCase {
         for i in 0..<greedy.count {
             plan.removeAll()
             plan.append(tokens: next, slot: 0, position: cache.length(of: 0), logits: .last)
+            try cache.prepare(&plan)
             try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
             try cache.advance(0, by: next.count)
             worst = max(worst, maxAbsDiff(logits, logitsRef[(i * vocab)..<((i + 1) * vocab)]))

@@ -98,6 +98,7 @@ final class SamplerTests: XCTestCase {
         var vocabulary: Int { inner.vocabulary }
         func read(row: Int, into values: UnsafeMutableBufferPointer<Float>) throws { reads += 1; try inner.read(row: row, into: values) }
         func argmax(row: Int) throws -> Int { try inner.argmax(row: row) }
+        func argmax(rows: [Int]) throws -> [Int] { try inner.argmax(rows: rows) }
         func top(row: Int, k: Int, values: UnsafeMutableBufferPointer<Float>, ids: UnsafeMutableBufferPointer<Int32>) throws {
             try inner.top(row: row, k: k, values: values, ids: ids)
         }

@@ -78,10 +78,11 @@ final class SpeculativeTests: XCTestCase {
         sampling.minP = 0
         // The model's distribution for the first generated token.
         let ids = tokenizer.encode(prompt)
-        let cache = try ContiguousKVCache(model: model, slots: 1, capacity: 64)
+        let cache = try PagedKVCache(model: model, slots: 1, capacity: 64)
         var plan = BatchPlan()
         plan.append(tokens: ids, slot: 0, position: 0, logits: .last)
         var logits = [Float](repeating: 0, count: model.config.vocabSize)
+        try cache.prepare(&plan)
         try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
         var s = Sampler(sampling)
         let p = logits.withUnsafeMutableBufferPointer { l in s.distribution(l, context: UnsafeBufferPointer(start: nil, count: 0)) }

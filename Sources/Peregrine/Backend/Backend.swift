@@ -79,6 +79,8 @@ public protocol ComputeBackend: AnyObject {
 
     /// The index of the largest value of row `row` of x (rows of `cols`), the first one on ties.
     func argmax(_ x: Buffer, row: Int, cols: Int) throws -> Int
+    /// `argmax` of several rows.
+    func argmax(_ x: Buffer, rows: [Int], cols: Int) throws -> [Int]
     /// The `k` largest values of row `row` and their indices, in no particular order.
     func topK(_ x: Buffer, row: Int, cols: Int, k: Int, values: UnsafeMutableBufferPointer<Float>,
               indices: UnsafeMutableBufferPointer<Int32>) throws
@@ -149,6 +151,10 @@ extension ComputeBackend {
         return hostRow(x, row: row, cols: cols).withUnsafeBufferPointer { Sampler.argmax($0) }
     }
 
+    public func argmax(_ x: Buffer, rows: [Int], cols: Int) throws -> [Int] {
+        try rows.map { try argmax(x, row: $0, cols: cols) }
+    }
+
     public func topK(_ x: Buffer, row: Int, cols: Int, k: Int, values: UnsafeMutableBufferPointer<Float>,
                      indices: UnsafeMutableBufferPointer<Int32>) throws {
         try synchronize()
@@ -167,24 +173,32 @@ extension ComputeBackend {
     }
 }
 
-/// Where each token of a batch goes: its position in its sequence and its sequence's cache slot.
-/// Built by the runtime, read by the model and the backend.
+/// Where each token of a batch goes: its position in its sequence and its sequence's row of
+/// block tables. Built by the runtime, read by the model and the backend.
 public struct BatchPlan {
     public var tokens: [Int32] = []
     public var positions: [Int32] = []
+    /// Each token's sequence: a row of `blockTables`.
     public var slots: [Int32] = []
     /// Rows (indices into tokens) whose logits are wanted, in output order.
     public var logitRows: [Int32] = []
+    /// The KV blocks of each sequence of the batch, `tableWidth` entries a row: position p of the
+    /// sequence in row s lives at offset p % blockSize of block blockTables[s * tableWidth + p / blockSize].
+    public var blockTables: [Int32] = []
+    public var tableWidth = 0
 
     public init() {}
 
     public var count: Int { tokens.count }
+    /// Sequences (rows of block tables) in the plan.
+    public var tableRows: Int { tableWidth > 0 ? blockTables.count / tableWidth : 0 }
 
     public mutating func removeAll() {
         tokens.removeAll(keepingCapacity: true)
         positions.removeAll(keepingCapacity: true)
         slots.removeAll(keepingCapacity: true)
         logitRows.removeAll(keepingCapacity: true)
+        blockTables.removeAll(keepingCapacity: true)
     }
 
     /// Appends one sequence's new tokens, starting at `position`.
@@ -202,27 +216,41 @@ public struct BatchPlan {
         }
     }
 
+    /// Appends a row of block tables (padded with block 0, which no valid position reads).
+    public mutating func appendBlockTable(_ blocks: some Collection<Int32>) {
+        blockTables.append(contentsOf: blocks.prefix(tableWidth))
+        for _ in min(blocks.count, tableWidth)..<tableWidth { blockTables.append(0) }
+    }
+
+    /// Where token `t`'s keys and values live: its row index in the KV pool.
+    @inline(__always)
+    public func kvRow(token t: Int, blockSize: Int) -> Int {
+        let p = Int(positions[t])
+        return Int(blockTables[Int(slots[t]) * tableWidth + p / blockSize]) * blockSize + p % blockSize
+    }
+
     public enum LogitSelection { case none, last, all }
 }
 
-/// The key/value memory of every layer, for `slots` sequences of up to `capacity` positions each.
-/// Layout per layer: [slot, position, kvHeads, headDim]. Which positions hold valid entries is
-/// the runtime's bookkeeping (KVCache); this is only the storage.
+/// The key/value memory of every layer: a pool of `blocks` blocks of `blockSize` positions each,
+/// a sequence reaching up to `capacity` positions through its block table. Layout per layer:
+/// [block, offset in block, kvHeads, headDim]. Which blocks a sequence holds is the runtime's
+/// bookkeeping (`BlockManager`); this is only the storage.
 public final class KVStorage<B: ComputeBackend>: KVMemory {
     public let keys: [B.Buffer]
     public let values: [B.Buffer]
     public let kvHeads: Int
     public let headDim: Int
 
-    public init(backend: B, layers: Int, slots: Int, capacity: Int, kvHeads: Int, headDim: Int) throws {
-        let n = slots * capacity * kvHeads * headDim
+    public init(backend: B, layers: Int, blocks: Int, blockSize: Int, capacity: Int, kvHeads: Int, headDim: Int) throws {
+        let n = blocks * blockSize * kvHeads * headDim
         keys = try (0..<layers).map { _ in try backend.buffer(n) }
         values = try (0..<layers).map { _ in try backend.buffer(n) }
         self.kvHeads = kvHeads
         self.headDim = headDim
-        super.init(slots: slots, capacity: capacity)
+        super.init(blocks: blocks, blockSize: blockSize, capacity: capacity)
     }
 
     public var rowSize: Int { kvHeads * headDim }
-    public var slotSize: Int { capacity * rowSize }
+    public var blockStride: Int { blockSize * rowSize }
 }

@@ -5,13 +5,14 @@ public protocol LanguageModel: AnyObject {
     var backendName: String { get }
     /// Bytes of weights read by one decode step (for bandwidth figures).
     var weightBytes: Int { get }
-    /// Key/value memory for `slots` sequences of up to `capacity` positions each.
-    func makeKVMemory(slots: Int, capacity: Int) throws -> KVMemory
+    /// Key/value memory: `blocks` blocks of `blockSize` positions, sequences of up to `capacity`
+    /// positions each.
+    func makeKVMemory(blocks: Int, blockSize: Int, capacity: Int) throws -> KVMemory
     /// Runs the batch: writes every token's keys and values into `kv` and computes the logits of
     /// `plan.logitRows`, leaving them where they were computed (in GPU memory on the CUDA backend).
     func forward(_ plan: BatchPlan, kv: KVMemory) throws -> LogitRows
-    /// Copies positions 0..<count of one slot to another (prefix reuse, forking a sequence).
-    func copyKV(_ kv: KVMemory, from: Int, to: Int, count: Int) throws
+    /// Copies whole KV blocks, `pairs[i].from` to `pairs[i].to` (copy on write of a shared block).
+    func copyKVBlocks(_ kv: KVMemory, _ pairs: [(from: Int32, to: Int32)]) throws
     /// The same model with these layers skipped, sharing the weights (self-speculation).
     func skippingLayers(_ layers: Set<Int>) throws -> LanguageModel
 }
@@ -36,6 +37,8 @@ public protocol LogitRows: AnyObject {
     func read(row: Int, into values: UnsafeMutableBufferPointer<Float>) throws
     /// The largest logit's id (the first one on ties).
     func argmax(row: Int) throws -> Int
+    /// The largest logit's id of each of these rows (one read back for all of them on a GPU).
+    func argmax(rows: [Int]) throws -> [Int]
     /// The `k` largest logits and their ids, in no particular order.
     func top(row: Int, k: Int, values: UnsafeMutableBufferPointer<Float>, ids: UnsafeMutableBufferPointer<Int32>) throws
     /// Applies a repetition penalty to the row in place (`ids` distinct).
@@ -70,6 +73,11 @@ final class BackendLogitRows<B: ComputeBackend>: LogitRows {
 
     func argmax(row: Int) throws -> Int { try backend.argmax(try check(row), row: row, cols: vocabulary) }
 
+    func argmax(rows: [Int]) throws -> [Int] {
+        guard let buffer, rows.allSatisfy({ $0 >= 0 && $0 < count }) else { throw PeregrineError.invalidArgument("logit rows out of range") }
+        return try backend.argmax(buffer, rows: rows, cols: vocabulary)
+    }
+
     func top(row: Int, k: Int, values: UnsafeMutableBufferPointer<Float>, ids: UnsafeMutableBufferPointer<Int32>) throws {
         let b = try check(row)
         guard k > 0, k <= vocabulary, values.count >= k, ids.count >= k else { throw PeregrineError.invalidArgument("top-\(k) of \(vocabulary) logits") }
@@ -87,13 +95,19 @@ final class BackendLogitRows<B: ComputeBackend>: LogitRows {
 
 /// Key/value memory of some backend; see `KVStorage`.
 open class KVMemory {
-    public let slots: Int
+    public let blocks: Int
+    public let blockSize: Int
+    /// The most positions one sequence may hold (its block table's width times the block size).
     public let capacity: Int
 
-    public init(slots: Int, capacity: Int) {
-        self.slots = slots
+    public init(blocks: Int, blockSize: Int, capacity: Int) {
+        self.blocks = blocks
+        self.blockSize = blockSize
         self.capacity = capacity
     }
+
+    /// Entries of a block table row.
+    public var tableWidth: Int { (capacity + blockSize - 1) / blockSize }
 }
 
 /// The model families Peregrine can run. Each family is one model definition that reads every

@@ -120,17 +120,21 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         throw PeregrineError.invalidArgument("layer \(bad) does not exist (the model has \(config.layerCount) layers, 0-\(config.layerCount - 1))")
     }
 
-    public func makeKVMemory(slots: Int, capacity: Int) throws -> KVMemory {
-        try KVStorage(backend: backend, layers: config.layerCount, slots: slots, capacity: capacity,
-                      kvHeads: config.kvHeadCount, headDim: config.headDim)
+    public func makeKVMemory(blocks: Int, blockSize: Int, capacity: Int) throws -> KVMemory {
+        guard blocks > 0, blockSize > 0, capacity > 0 else { throw PeregrineError.invalidArgument("KV memory needs at least one block and position") }
+        return try KVStorage(backend: backend, layers: config.layerCount, blocks: blocks, blockSize: blockSize, capacity: capacity,
+                             kvHeads: config.kvHeadCount, headDim: config.headDim)
     }
 
-    public func copyKV(_ kv: KVMemory, from: Int, to: Int, count: Int) throws {
+    public func copyKVBlocks(_ kv: KVMemory, _ pairs: [(from: Int32, to: Int32)]) throws {
         guard let kv = kv as? KVStorage<B> else { throw PeregrineError.backend("KV memory belongs to another backend") }
-        let n = count * kv.rowSize
-        for l in 0..<config.layerCount {
-            backend.copy(kv.keys[l], offset: from * kv.slotSize, to: kv.keys[l], offset: to * kv.slotSize, count: n)
-            backend.copy(kv.values[l], offset: from * kv.slotSize, to: kv.values[l], offset: to * kv.slotSize, count: n)
+        let n = kv.blockStride
+        for (from, to) in pairs {
+            guard from >= 0, Int(from) < kv.blocks, to >= 0, Int(to) < kv.blocks else { throw PeregrineError.invalidArgument("KV block out of range") }
+            for l in 0..<config.layerCount {
+                backend.copy(kv.keys[l], offset: Int(from) * n, to: kv.keys[l], offset: Int(to) * n, count: n)
+                backend.copy(kv.values[l], offset: Int(from) * n, to: kv.values[l], offset: Int(to) * n, count: n)
+            }
         }
     }
 
@@ -176,14 +180,20 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         guard n > 0 else { return logitRows }
         guard let cache = kv as? KVStorage<B> else { throw PeregrineError.backend("KV memory belongs to another backend") }
         guard plan.positions.count == n, plan.slots.count == n else { throw PeregrineError.invalidArgument("inconsistent batch plan") }
+        guard plan.tableWidth == cache.tableWidth, plan.blockTables.count % max(plan.tableWidth, 1) == 0 else {
+            throw PeregrineError.invalidArgument("block tables of \(plan.tableWidth) entries a row, the KV memory has \(cache.tableWidth)")
+        }
         for t in 0..<n {
             guard plan.tokens[t] >= 0, Int(plan.tokens[t]) < c.vocabSize else {
                 throw PeregrineError.invalidArgument("token id \(plan.tokens[t]) is outside the vocabulary (\(c.vocabSize))")
             }
-            guard plan.slots[t] >= 0, Int(plan.slots[t]) < cache.slots, plan.positions[t] >= 0, Int(plan.positions[t]) < cache.capacity else {
+            guard plan.slots[t] >= 0, Int(plan.slots[t]) < plan.tableRows, plan.positions[t] >= 0, Int(plan.positions[t]) < cache.capacity else {
                 throw PeregrineError.invalidArgument("position \(plan.positions[t]) is beyond the KV cache (\(cache.capacity) positions)")
             }
+            let block = plan.blockTables[Int(plan.slots[t]) * plan.tableWidth + Int(plan.positions[t]) / cache.blockSize]
+            guard block >= 0, Int(block) < cache.blocks else { throw PeregrineError.invalidArgument("KV block \(block) does not exist") }
         }
+        for r in plan.logitRows where r < 0 || Int(r) >= n { throw PeregrineError.invalidArgument("logit row \(r) is not in the batch") }
         let w = try workspace(tokens: n, logitRows: plan.logitRows.count)
         let d = c.hiddenSize, hd = c.headDim
         if n == 1 {

@@ -39,48 +39,43 @@ public enum Benchmark {
         return (0..<n).map { _ in Int(rng.next() % UInt64(vocab)) }
     }
 
+    /// An engine for one sequence of up to `positions` positions, reading prompts `batch` tokens
+    /// a pass, without prefix caching (repetitions must not find the last one's blocks).
+    static func singleSequenceEngine(_ model: LanguageModel, positions: Int, batch: Int) throws -> Engine {
+        var config = EngineConfig()
+        config.kvBlocks = (positions + config.blockSize - 1) / config.blockSize + 1
+        config.contextLength = positions + 1
+        config.maxBatchTokens = batch
+        config.maxSequences = 1
+        config.prefixCaching = false
+        return try Engine(model: model, tokenizer: nil, config: config)
+    }
+
     /// Prompt processing: `tokens` prompt tokens as one batch (chunked by `batch`), `repetitions`
-    /// times after one warm-up run.
+    /// times after one warm-up run, on the serving engine (a batch of one).
     public static func promptProcessing(_ model: LanguageModel, tokens n: Int, batch: Int = 512, repetitions: Int) throws -> Sample {
-        let vocab = model.config.vocabSize
-        let cache = try ContiguousKVCache(model: model, slots: 1, capacity: n)
-        let prompt = tokens(n, vocab: vocab, seed: 1)
-        var plan = BatchPlan()
+        let engine = try singleSequenceEngine(model, positions: n + 1, batch: batch)
+        var request = EngineRequest(promptTokens: tokens(n, vocab: model.config.vocabSize, seed: 1), maxTokens: 1)
+        request.ignoreEOS = true
         var times: [Double] = []
         for rep in 0...repetitions {
-            try cache.trim(0, to: 0)
             let t0 = now()
-            var done = 0
-            while done < n {
-                let end = min(n, done + batch)
-                plan.removeAll()
-                plan.append(tokens: prompt[done..<end], slot: 0, position: done, logits: end == n ? .last : .none)
-                _ = try model.forward(plan, kv: cache.memory)
-                try cache.advance(0, by: end - done)
-                done = end
-            }
+            _ = try engine.generate(prompts: [request])
             if rep > 0 { times.append(now() - t0) }
         }
         return Sample(test: "pp\(n)", tokens: n, seconds: times)
     }
 
     /// Token generation: `tokens` single-token steps from an empty cache, each feeding back the
-    /// greedy token, `repetitions` times after one warm-up run.
+    /// greedy token, `repetitions` times after one warm-up run, on the serving engine.
     public static func tokenGeneration(_ model: LanguageModel, tokens n: Int, repetitions: Int) throws -> Sample {
-        let cache = try ContiguousKVCache(model: model, slots: 1, capacity: n + 1)
-        var plan = BatchPlan()
+        let engine = try singleSequenceEngine(model, positions: n + 1, batch: 512)
+        var request = EngineRequest(promptTokens: [1], maxTokens: n)
+        request.ignoreEOS = true
         var times: [Double] = []
         for rep in 0...repetitions {
-            try cache.trim(0, to: 0)
-            var next = 1
             let t0 = now()
-            for i in 0..<n {
-                plan.removeAll()
-                plan.append(tokens: CollectionOfOne(next), slot: 0, position: i, logits: .last)
-                let logits = try model.forward(plan, kv: cache.memory)
-                try cache.advance(0, by: 1)
-                next = try logits.argmax(row: 0)
-            }
+            _ = try engine.generate(prompts: [request])
             if rep > 0 { times.append(now() - t0) }
         }
         return Sample(test: "tg\(n)", tokens: n, seconds: times)

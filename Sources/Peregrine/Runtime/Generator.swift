@@ -96,9 +96,9 @@ public final class Generator {
         }
     }
 
-    /// Reads `tokens` into the cache in chunks; returns the logits of the last one.
+    /// Reads `tokens` into slot 0 of the cache in chunks; returns the logits of the last one.
     @discardableResult
-    private func prefill(_ tokens: ArraySlice<Int>, cache: ContiguousKVCache, chunk: Int) throws -> LogitRows? {
+    private func prefill(_ tokens: ArraySlice<Int>, cache: PagedKVCache, chunk: Int) throws -> LogitRows? {
         var plan = BatchPlan()
         var done = tokens.startIndex
         var rows: LogitRows?
@@ -106,6 +106,7 @@ public final class Generator {
             let end = min(tokens.endIndex, done + chunk)
             plan.removeAll()
             plan.append(tokens: tokens[done..<end], slot: 0, position: done, logits: end == tokens.endIndex ? .last : .none)
+            try cache.prepare(&plan)
             rows = try model.forward(plan, kv: cache.memory)
             try cache.advance(0, by: end - done)
             done = end
@@ -113,31 +114,44 @@ public final class Generator {
         return rows
     }
 
-    /// One token per forward pass.
+    /// A batch of one on the serving engine: a pool of blocks just large enough for this
+    /// sequence, prompt chunks of `prefillChunk` tokens, then one token per step.
     private func decode(_ prompt: [Int], _ options: GenerationOptions, _ emitter: inout Emitter, _ result: inout GenerationResult) throws {
-        let cache = try ContiguousKVCache(model: model, slots: 1, capacity: prompt.count + options.maxTokens)
-        var sampler = Sampler(options.sampling)
-        var plan = BatchPlan()
-        var context32 = prompt.map { Int32($0) }
-        context32.reserveCapacity(prompt.count + options.maxTokens)
+        var config = EngineConfig()
+        let longest = prompt.count + options.maxTokens
+        config.kvBlocks = (longest + config.blockSize - 1) / config.blockSize + 1
+        config.contextLength = longest + 1
+        config.maxBatchTokens = options.prefillChunk
+        config.maxSequences = 1
+        config.prefixCaching = false
+        let engine = try Engine(model: model, tokenizer: tokenizer, config: config)
+        var request = EngineRequest(promptTokens: prompt, maxTokens: options.maxTokens, sampling: options.sampling)
+        request.stopStrings = options.stopStrings
+        let id = try engine.add(request)
         let t0 = Benchmark.now()
-        guard var logits = try prefill(prompt[...], cache: cache, chunk: options.prefillChunk) else {
-            throw PeregrineError.invalidArgument("empty prompt")
+        var t1: Double?
+        var cancelled = false
+        stepping: while true {
+            for o in try engine.step() {
+                if !o.tokens.isEmpty && t1 == nil { t1 = Benchmark.now() }
+                emitter.tokens += o.tokens
+                if !o.text.isEmpty {
+                    emitter.text += o.text
+                    if !cancelled && !emitter.onText(o.text) {
+                        cancelled = true
+                        engine.cancel(id)
+                        emitter.stopReason = .cancelled
+                    }
+                }
+                if let reason = o.stopReason {
+                    if !cancelled { emitter.stopReason = reason }
+                    if t1 == nil { t1 = Benchmark.now() }
+                    break stepping
+                }
+            }
         }
-        let t1 = Benchmark.now()
-        result.prefillSeconds = t1 - t0
-        while true {
-            // Sampling reads back only what it needs of the logits (on a GPU, an id or the top-k).
-            let next = try context32.withUnsafeBufferPointer { try sampler.sample(logits, row: 0, context: $0) }
-            if !emitter.emit(next) { break }
-            context32.append(Int32(next))
-            plan.removeAll()
-            plan.append(tokens: CollectionOfOne(next), slot: 0, position: cache.length(of: 0), logits: .last)
-            logits = try model.forward(plan, kv: cache.memory)
-            try cache.advance(0, by: 1)
-        }
-        emitter.finish()
-        result.decodeSeconds = Benchmark.now() - t1
+        result.prefillSeconds = (t1 ?? t0) - t0
+        result.decodeSeconds = Benchmark.now() - (t1 ?? t0)
     }
 
     /// Draft K tokens, verify them in one forward pass of K + 1 rows, keep the accepted prefix
@@ -146,7 +160,7 @@ public final class Generator {
                                      _ emitter: inout Emitter, _ result: inout GenerationResult) throws {
         let k = max(1, spec.draftTokens)
         let vocab = model.config.vocabSize
-        let cache = try ContiguousKVCache(model: model, slots: 1, capacity: prompt.count + options.maxTokens + k + 1)
+        let cache = try PagedKVCache(model: model, slots: 1, capacity: prompt.count + options.maxTokens + k + 1)
         var sampler = Sampler(options.sampling)
         let greedy = options.sampling.temperature == 0
         var length = DraftLength(maximum: k, adaptive: spec.adaptive)
@@ -169,6 +183,7 @@ public final class Generator {
             let start = context.count - 1
             plan.removeAll()
             plan.append(tokens: [context[start]] + draft.tokens, slot: 0, position: start, logits: .all)
+            try cache.prepare(&plan)
             try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
             try cache.advance(0, by: d + 1)
             var ctx32 = context.map { Int32($0) }
@@ -218,91 +233,3 @@ public final class Generator {
     }
 }
 
-/// Turns accepted tokens into streamed text and decides when to stop: EOS, a stop string, the
-/// token budget, or the caller.
-struct Emitter {
-    let tokenizer: Tokenizer
-    var stops: StopStringMatcher
-    let eos: Set<Int>
-    let maxTokens: Int
-    let onText: (String) -> Bool
-    var stream: StreamingDecoder
-    var tokens: [Int] = []
-    var text = ""
-    var stopReason: StopReason?
-
-    init(tokenizer: Tokenizer, stops: [String], eos: Set<Int>, maxTokens: Int, onText: @escaping (String) -> Bool) {
-        self.tokenizer = tokenizer
-        self.stops = StopStringMatcher(stops)
-        self.eos = eos
-        self.maxTokens = maxTokens
-        self.onText = onText
-        stream = tokenizer.makeStreamingDecoder()
-        tokens.reserveCapacity(min(maxTokens, 4096))
-    }
-
-    /// Takes the next token; false once generation must stop.
-    mutating func emit(_ token: Int) -> Bool {
-        if eos.contains(token) { stopReason = .endOfSequence; return false }
-        tokens.append(token)
-        let (out, hit) = stops.feed(stream.append(token))
-        if !out.isEmpty {
-            text += out
-            if !onText(out) { stopReason = .cancelled; return false }
-        }
-        if hit { stopReason = .stopString; return false }
-        if tokens.count >= maxTokens { stopReason = .maxTokens; return false }
-        return true
-    }
-
-    /// Flushes held-back text unless a stop string or the caller ended generation.
-    mutating func finish() {
-        guard stopReason != .stopString && stopReason != .cancelled else { return }
-        let (out, _) = stops.feed(stream.flush(), final: true)
-        if !out.isEmpty {
-            text += out
-            _ = onText(out)
-        }
-    }
-}
-
-/// Finds stop strings in streamed text. Text that might be the start of a stop string is held
-/// back until it is known not to be.
-struct StopStringMatcher {
-    let stops: [String]
-    private var pending = ""
-
-    init(_ stops: [String]) { self.stops = stops.filter { !$0.isEmpty } }
-
-    /// Returns the text safe to emit and whether a stop string was hit (text before it is emitted).
-    mutating func feed(_ piece: String, final: Bool = false) -> (String, Bool) {
-        guard !stops.isEmpty else { return (piece, false) }
-        pending += piece
-        var first: Range<String.Index>?
-        for s in stops {
-            if let r = pending.range(of: s), first == nil || r.lowerBound < first!.lowerBound { first = r }
-        }
-        if let r = first {
-            let out = String(pending[..<r.lowerBound])
-            pending = ""
-            return (out, true)
-        }
-        if final {
-            defer { pending = "" }
-            return (pending, false)
-        }
-        // Hold back the longest suffix that is a prefix of some stop string.
-        var hold = 0
-        for s in stops {
-            var n = min(s.count, pending.count)
-            while n > 0 {
-                if s.hasPrefix(pending.suffix(n)) { hold = max(hold, n); break }
-                n -= 1
-            }
-        }
-        let cut = pending.index(pending.endIndex, offsetBy: -hold)
-        let out = String(pending[..<cut])
-        pending = String(pending[cut...])
-        return (out, false)
-    }
-}

@@ -173,13 +173,17 @@ struct AttentionBench {
 
     func run(tokens: Int, context: Int) throws -> (Double, Double, Double) {
         let heads = 32, kvHeads = 8, hd = 64
-        let cache = try KVStorage(backend: backend, layers: 1, slots: 1, capacity: context, kvHeads: kvHeads, headDim: hd)
+        let blockSize = 16, blocks = (context + blockSize - 1) / blockSize
+        let cache = try KVStorage(backend: backend, layers: 1, blocks: blocks, blockSize: blockSize, capacity: blocks * blockSize,
+                                  kvHeads: kvHeads, headDim: hd)
         for i in 0..<(context * kvHeads * hd) {
             cache.keys[0].pointer[i] = Float(i % 17) * 0.01
             cache.values[0].pointer[i] = Float(i % 11) * 0.01
         }
         var plan = BatchPlan()
         plan.append(tokens: [Int](repeating: 0, count: tokens), slot: 0, position: context - tokens, logits: .none)
+        plan.tableWidth = cache.tableWidth
+        plan.appendBlockTable((0..<Int32(blocks)).reversed())  // pages out of order, as a busy pool hands them out
         let q = try backend.buffer(tokens * heads * hd), out = try backend.buffer(tokens * heads * hd)
         for i in 0..<(tokens * heads * hd) { q.pointer[i] = Float(i % 5) * 0.1 }
         let t = KernelBenchmarks.time {

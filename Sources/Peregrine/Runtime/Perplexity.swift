@@ -51,7 +51,7 @@ public struct PerplexityEvaluator {
         let chunks = min(available, maxChunks ?? available)
         let vocab = model.config.vocabSize
         let first = context / 2
-        let cache = try ContiguousKVCache(model: model, slots: 1, capacity: context)
+        let cache = try PagedKVCache(model: model, slots: 1, capacity: context)
         var logits = [Float](repeating: 0, count: batch * vocab)
         var nll = 0.0, nll2 = 0.0, count = 0
         let start = Date()
@@ -73,6 +73,7 @@ public struct PerplexityEvaluator {
                 }
                 // The last position predicts nothing inside the chunk.
                 if pos + n == context, !plan.logitRows.isEmpty { plan.logitRows.removeLast() }
+                try cache.prepare(&plan)
                 try logits.withUnsafeMutableBufferPointer { buf in
                     try model.forward(plan, kv: cache.memory, logits: buf)
                 }

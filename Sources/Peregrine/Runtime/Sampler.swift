@@ -197,6 +197,9 @@ public struct Sampler {
         }
     }
 
+    /// Greedy with nothing changing the logits: the best id is the whole answer.
+    public var isPlainGreedy: Bool { parameters.temperature == 0 && processors.isEmpty }
+
     public static func argmax(_ logits: UnsafeBufferPointer<Float>) -> Int {
         var best = 0
         var bestValue = -Float.infinity

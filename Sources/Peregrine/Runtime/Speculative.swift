@@ -25,7 +25,7 @@ public struct Draft {
 public final class ModelDrafter: Drafter {
     public let name: String
     let model: LanguageModel
-    private var cache: ContiguousKVCache
+    private var cache: PagedKVCache
     /// Stop drafting when the drafter's own probability of its token falls below this.
     public var confidenceThreshold: Float
     private var logits: [Float]
@@ -37,7 +37,7 @@ public final class ModelDrafter: Drafter {
         self.model = model
         self.name = name
         self.confidenceThreshold = confidenceThreshold
-        cache = try ContiguousKVCache(model: model, slots: 1, capacity: capacity)
+        cache = try PagedKVCache(model: model, slots: 1, capacity: capacity)
         logits = [Float](repeating: 0, count: model.config.vocabSize)
     }
 
@@ -52,7 +52,7 @@ public final class ModelDrafter: Drafter {
         guard maxTokens > 0 else { return draft }
         if context.count + maxTokens > cache.capacity {
             // A longer sequence than planned: a larger cache, filled again from the start.
-            cache = try ContiguousKVCache(model: model, slots: 1, capacity: max(2 * cache.capacity, context.count + maxTokens))
+            cache = try PagedKVCache(model: model, slots: 1, capacity: max(2 * cache.capacity, context.count + maxTokens))
         }
         // Catch up on the tokens accepted since the last proposal.
         var pending = Array(context[cache.length(of: 0)...])
@@ -60,6 +60,7 @@ public final class ModelDrafter: Drafter {
         for i in 0..<maxTokens {
             plan.removeAll()
             plan.append(tokens: pending, slot: 0, position: cache.length(of: 0), logits: .last)
+            try cache.prepare(&plan)
             try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
             try cache.advance(0, by: pending.count)
             let next: Int

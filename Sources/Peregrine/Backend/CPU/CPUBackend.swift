@@ -167,7 +167,7 @@ public final class CPUBackend: ComputeBackend {
         let row = cache.rowSize
         let kd = cache.keys[layer].pointer, vd = cache.values[layer].pointer
         for t in 0..<rows {
-            let at = Int(plan.slots[t]) * cache.slotSize + Int(plan.positions[t]) * row
+            let at = plan.kvRow(token: t, blockSize: cache.blockSize) * row
             (kd + at).update(from: k.pointer + t * row, count: row)
             (vd + at).update(from: v.pointer + t * row, count: row)
         }
@@ -191,8 +191,10 @@ public final class CPUBackend: ComputeBackend {
         let tasks = min(pairs, pool.threadCount * 4)
         ensureScratch(longest * group * tasks)
         let scratchBase = scratch
+        let bs = cache.blockSize, width = plan.tableWidth
         plan.positions.withUnsafeBufferPointer { positions in
             plan.slots.withUnsafeBufferPointer { slots in
+              plan.blockTables.withUnsafeBufferPointer { tables in
                 pool.parallelFor(tasks) { task in
                     let scores0 = scratchBase + task * longest * group
                     var pair = task
@@ -202,14 +204,21 @@ public final class CPUBackend: ComputeBackend {
                         let pos = Int(positions[t])
                         let lo = window.map { max(0, pos - $0 + 1) } ?? 0
                         let n = pos - lo + 1
-                        let base = Int(slots[t]) * cache.slotSize + kvh * hd
+                        let table = tables.baseAddress! + Int(slots[t]) * width
                         let scores = scores0
-                        for j in 0..<n {
-                            let kp = kd + base + (lo + j) * row
-                            for g in 0..<group {
-                                let qp = q.pointer + (t * heads + kvh * group + g) * hd
-                                scores[g * n + j] = CPUKernels.dot(qp, kp, hd) * scale
+                        // Positions are visited block by block: one table read per block.
+                        var j = 0
+                        while j < n {
+                            let p = lo + j, inBlock = p % bs, count = min(n - j, bs - inBlock)
+                            let kb = kd + (Int(table[p / bs]) * bs + inBlock) * row + kvh * hd
+                            for i in 0..<count {
+                                let kp = kb + i * row
+                                for g in 0..<group {
+                                    let qp = q.pointer + (t * heads + kvh * group + g) * hd
+                                    scores[g * n + j + i] = CPUKernels.dot(qp, kp, hd) * scale
+                                }
                             }
+                            j += count
                         }
                         for g in 0..<group {
                             let s = scores + g * n
@@ -218,10 +227,17 @@ public final class CPUBackend: ComputeBackend {
                             let inv = 1 / CPUKernels.expShiftSum(s, n, m)
                             let op = out.pointer + (t * heads + kvh * group + g) * hd
                             op.update(repeating: 0, count: hd)
-                            for j in 0..<n { CPUKernels.axpy(s[j] * inv, vd + base + (lo + j) * row, op, hd) }
+                            var j = 0
+                            while j < n {
+                                let p = lo + j, inBlock = p % bs, count = min(n - j, bs - inBlock)
+                                let vb = vd + (Int(table[p / bs]) * bs + inBlock) * row + kvh * hd
+                                for i in 0..<count { CPUKernels.axpy(s[j + i] * inv, vb + i * row, op, hd) }
+                                j += count
+                            }
                         }
                     }
                 }
+              }
             }
         }
     }

@@ -114,7 +114,7 @@ public final class CUDABackend: ComputeBackend {
     private let attentionCounters: CUDABuffer
     private static let attentionCounterCount = 16 * 256
     private var hostInts: [Int32] = []
-    private var planKey: (slots: [Int32], positions: [Int32]) = ([], [])
+    private var planKey: (slots: [Int32], positions: [Int32], tables: [Int32]) = ([], [], [])
     private var scratch: CUDABuffer
     private var halfScratch: CUDABuffer
     private var dequantScratch: CUDABuffer
@@ -252,7 +252,7 @@ public final class CUDABackend: ComputeBackend {
     struct Arguments {
         let base: UnsafeMutableRawPointer
         var count = 0
-        // 32 slots of 8 bytes (see `args`); kernels here take at most 19 parameters.
+        // 32 slots of 8 bytes (see `args`); kernels here take at most 24 parameters.
         mutating func ptr(_ p: CUDADriver.DevicePointer) { base.storeBytes(of: p, toByteOffset: 8 * count, as: UInt64.self); count += 1 }
         mutating func ptr(_ b: CUDABuffer) { ptr(b.pointer) }
         mutating func i32(_ v: Int) { base.storeBytes(of: Int32(v), toByteOffset: 8 * count, as: Int32.self); count += 1 }
@@ -309,18 +309,23 @@ public final class CUDABackend: ComputeBackend {
     }
 
     /// The plan's slots and positions on the device, uploaded once per batch and reused by every layer.
-    private func planPointers(_ plan: BatchPlan, rows: Int) -> (slots: CUDADriver.DevicePointer, positions: CUDADriver.DevicePointer) {
+    /// The plan's slots, positions and block tables on the device (uploaded when they changed,
+    /// staged on every graph step).
+    private func planPointers(_ plan: BatchPlan, rows: Int)
+        -> (slots: CUDADriver.DevicePointer, positions: CUDADriver.DevicePointer, tables: CUDADriver.DevicePointer) {
         let slots = plan.slots[0..<rows], positions = plan.positions[0..<rows]
-        if inGraphStep ? !planStaged : !(slots.elementsEqual(planKey.slots) && positions.elementsEqual(planKey.positions)) {
+        if inGraphStep ? !planStaged : !(slots.elementsEqual(planKey.slots) && positions.elementsEqual(planKey.positions)
+                                          && plan.blockTables.elementsEqual(planKey.tables)) {
             planStaged = true
             hostInts.removeAll(keepingCapacity: true)
             hostInts.append(contentsOf: slots)
             hostInts.append(contentsOf: positions)
+            hostInts.append(contentsOf: plan.blockTables)
             _ = hostInts.withUnsafeBufferPointer { upload($0, into: &planInts) }
             // After a graph step the next eager batch uploads again.
-            planKey = inGraphStep ? ([], []) : (Array(slots), Array(positions))
+            planKey = inGraphStep ? ([], [], []) : (Array(slots), Array(positions), plan.blockTables)
         }
-        return (planInts.pointer, planInts.pointer + UInt64(rows * 4))
+        return (planInts.pointer, planInts.pointer + UInt64(rows * 4), planInts.pointer + UInt64(2 * rows * 4))
     }
 
     private func ensure(_ buffer: inout CUDABuffer, _ count: Int) -> Bool {
@@ -595,19 +600,20 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func storeKV(layer: Int, k: CUDABuffer, v: CUDABuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CUDABackend>) {
-        let (slots, positions) = planPointers(plan, rows: rows)
+        let (slots, positions, tables) = planPointers(plan, rows: rows)
         launch("store_kv", grid: (rows, 1, 1), block: 128) { a in
             a.ptr(k); a.ptr(v); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(slots); a.ptr(positions)
-            a.i32(cache.rowSize); a.i64(cache.slotSize)
+            a.i32(cache.rowSize); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
         }
     }
 
     public func ropeStoreKV(layer: Int, q: CUDABuffer, k: CUDABuffer, v: CUDABuffer, rows: Int, heads: Int, headDim: Int,
                             cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<CUDABackend>) {
-        let (slots, positions) = planPointers(plan, rows: rows)
+        let (slots, positions, tables) = planPointers(plan, rows: rows)
         launch("rope_store_kv", grid: (rows, heads + cache.kvHeads, 1), block: min(256, max(32, (headDim / 2 + 31) / 32 * 32))) { a in
             a.ptr(q); a.ptr(k); a.ptr(v); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(cos); a.ptr(sin); a.ptr(slots)
-            a.ptr(positions); a.i32(heads); a.i32(cache.kvHeads); a.i32(headDim); a.i64(cache.slotSize); a.i32(interleaved ? 1 : 0)
+            a.ptr(positions); a.i32(heads); a.i32(cache.kvHeads); a.i32(headDim); a.ptr(tables); a.i32(plan.tableWidth)
+            a.i32(cache.blockSize); a.i32(interleaved ? 1 : 0)
         }
     }
 
@@ -638,7 +644,7 @@ public final class CUDABackend: ComputeBackend {
             if firstError == nil { firstError = .unsupported("the CUDA attention kernels take head dimensions up to 256 (this model has \(hd))") }
             return
         }
-        let (slots, positions) = planPointers(plan, rows: rows)
+        let (slots, positions, tables) = planPointers(plan, rows: rows)
         let scale = 1 / Float(hd).squareRoot()
         if rows > 16 {
             // Prefill: flash attention over tiles of up to 32 consecutive positions of one sequence.
@@ -657,7 +663,8 @@ public final class CUDABackend: ComputeBackend {
             let shared = (32 * hd + 32 * (hd + 1) + 32 * hd + 4 * 8 * 32) * 4
             launch("attention_prefill", grid: (tiles, heads, 1), block: 128, shared: shared) { a in
                 a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(out); a.ptr(slots); a.ptr(positions); a.ptr(table)
-                a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.i64(cache.slotSize); a.f32(scale); a.i32(window ?? 0)
+                a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
+                a.f32(scale); a.i32(window ?? 0)
             }
             return
         }
@@ -679,7 +686,8 @@ public final class CUDABackend: ComputeBackend {
         let stats = scratch.pointer + UInt64(rows * heads * splits * hd * 4)
         launch("attention_split", grid: (rows, heads, splits), block: 128) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)
-            a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.i64(cache.slotSize); a.f32(scale); a.i32(window ?? 0); a.i32(splits)
+            a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
+            a.f32(scale); a.i32(window ?? 0); a.i32(splits)
             a.ptr(out); a.ptr(attentionCounters); a.i32(rope == nil ? 0 : 1); a.ptr(rope?.k.pointer ?? 0); a.ptr(rope?.v.pointer ?? 0)
             a.ptr(rope?.cos.pointer ?? 0); a.ptr(rope?.sin.pointer ?? 0); a.i32(rope?.interleaved == true ? 1 : 0)
         }

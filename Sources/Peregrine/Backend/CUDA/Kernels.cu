@@ -637,16 +637,22 @@ extern "C" __global__ void rope(float* x, const float* cosT, const float* sinT, 
     p[b] = v * c + u * s;
 }
 
+// Where position `pos` of the sequence in block-table row `slot` lives in a layer's KV pool: the
+// offset of its row (blocks of `bs` positions, `width` table entries a row).
+__device__ __forceinline__ long kv_at(const int* tables, int width, int bs, int slot, int pos, int row) {
+    return ((long)tables[(long)slot * width + pos / bs] * bs + pos % bs) * row;
+}
+
 // RoPE on a token's query and key heads, and its rotated key and value rows written to the cache
 // at (slot, position): block (token, head) takes one query head, or one key/value head.
 extern "C" __global__ void rope_store_kv(float* q, const float* k, const float* v, float* kc, float* vc, const float* cosT,
                                          const float* sinT, const int* slots, const int* positions, int heads, int kvHeads,
-                                         int headDim, long slotSize, int interleaved) {
+                                         int headDim, const int* tables, int width, int bs, int interleaved) {
     gdc_wait();
     int t = blockIdx.x, h = blockIdx.y, half = headDim / 2, row = kvHeads * headDim;
     const float* c = cosT + (long)t * half;
     const float* s = sinT + (long)t * half;
-    long at = (long)slots[t] * slotSize + (long)positions[t] * row;
+    long at = kv_at(tables, width, bs, slots[t], positions[t], row);
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
         if (h < heads) {
@@ -669,10 +675,10 @@ extern "C" __global__ void rope_store_kv(float* q, const float* k, const float* 
 }
 
 extern "C" __global__ void store_kv(const float* k, const float* v, float* kc, float* vc, const int* slots, const int* positions,
-                                    int rowSize, long slotSize) {
+                                    int rowSize, const int* tables, int width, int bs) {
     gdc_wait();
     int t = blockIdx.x;
-    long at = (long)slots[t] * slotSize + (long)positions[t] * rowSize;
+    long at = kv_at(tables, width, bs, slots[t], positions[t], rowSize);
     for (int i = threadIdx.x; i < rowSize; i += blockDim.x) {
         kc[at + i] = k[(long)t * rowSize + i];
         vc[at + i] = v[(long)t * rowSize + i];
@@ -723,7 +729,8 @@ __device__ __forceinline__ void merge_if_last(const float* partial, const float*
 // per key/value head writes them to the cache (no block reads that cache row in this launch).
 extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q, float* kc, float* vc, float* partial,
                                                                   float* stats, const int* slots, const int* positions, int heads,
-                                                                  int kvHeads, int headDim, long slotSize, float scale, int window,
+                                                                  int kvHeads, int headDim, const int* tables, int width, int bs,
+                                                                  float scale, int window,
                                                                   int splits, float* attn, unsigned* counters, int fused,
                                                                   const float* kin, const float* vin, const float* cosT,
                                                                   const float* sinT, int interleaved) {
@@ -737,8 +744,9 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
     int kvh = h / (heads / kvHeads);
     int row = kvHeads * headDim;
     const float* qp = q + ((long)t * heads + h) * headDim;
-    const float* kb = kc + (long)slots[t] * slotSize + kvh * headDim;
-    const float* vb = vc + (long)slots[t] * slotSize + kvh * headDim;
+    int slot = slots[t];
+    const float* kb = kc + kvh * headDim;
+    const float* vb = vc + kvh * headDim;
     const float* vnow = vin + ((long)t * kvHeads + kvh) * headDim;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (fused) {
@@ -758,7 +766,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
         for (int n = 0, d = threadIdx.x; d < headDim; d += blockDim.x, n++) { qs[d] = qr[n]; ks[d] = kr[n]; }
         __syncthreads();
         if (split == 0 && h % (heads / kvHeads) == 0) {
-            long at = (long)slots[t] * slotSize + (long)pos * row + kvh * headDim;
+            long at = kv_at(tables, width, bs, slot, pos, row) + kvh * headDim;
             for (int d = threadIdx.x; d < headDim; d += blockDim.x) { kc[at + d] = ks[d]; vc[at + d] = vnow[d]; }
         }
         qp = qs;
@@ -780,8 +788,9 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
         // Two keys at a time, their loads issued together.
         int j2 = j + 4;
         bool two = j2 < end;
-        const float* k1 = kb + (long)j * row; const float* k2 = kb + (long)j2 * row;
-        const float* v1 = vb + (long)j * row; const float* v2 = vb + (long)j2 * row;
+        long o1 = kv_at(tables, width, bs, slot, j, row), o2 = two ? kv_at(tables, width, bs, slot, j2, row) : o1;
+        const float* k1 = kb + o1; const float* k2 = kb + o2;
+        const float* v1 = vb + o1; const float* v2 = vb + o2;
         if (fused && j == pos) { k1 = ks; v1 = vnow; }
         if (fused && j2 == pos) { k2 = ks; v2 = vnow; }
         float ka[8], kb2[8], va[8], vb2[8];
@@ -846,7 +855,8 @@ extern "C" __global__ void gather_rows(const float* x, const int* rows, float* o
 #define FA_K 32
 extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float* q, const float* kc, const float* vc, float* out,
                                                                     const int* slots, const int* positions, const int* tiles,
-                                                                    int heads, int kvHeads, int headDim, long slotSize, float scale,
+                                                                    int heads, int kvHeads, int headDim, const int* tables,
+                                                                    int width, int bs, float scale,
                                                                     int window) {
     gdc_wait();
     extern __shared__ float sh[];
@@ -859,8 +869,9 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float*
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int kvh = h / (heads / kvHeads), row = kvHeads * headDim;
     int p0 = positions[first], lastPos = p0 + count - 1;
-    const float* kb = kc + (long)slots[first] * slotSize + kvh * headDim;
-    const float* vb = vc + (long)slots[first] * slotSize + kvh * headDim;
+    int slot = slots[first];
+    const float* kb = kc + kvh * headDim;
+    const float* vb = vc + kvh * headDim;
     float* pw = P + warp * 8 * FA_K;
     for (int i = threadIdx.x; i < FA_Q * headDim; i += blockDim.x) {
         int r = i / headDim, d = i % headDim;
@@ -879,8 +890,9 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float*
         for (int i = threadIdx.x; i < FA_K * headDim; i += blockDim.x) {
             int j = i / headDim, d = i % headDim, pos = k0 + j;
             bool in = pos <= lastPos;
-            K[j * hdp + d] = in ? kb[(long)pos * row + d] : 0.f;
-            V[j * headDim + d] = in ? vb[(long)pos * row + d] : 0.f;
+            long o = in ? kv_at(tables, width, bs, slot, pos, row) : 0;
+            K[j * hdp + d] = in ? kb[o + d] : 0.f;
+            V[j * headDim + d] = in ? vb[o + d] : 0.f;
         }
         __syncthreads();
         float s[8];

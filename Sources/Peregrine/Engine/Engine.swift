@@ -1,0 +1,427 @@
+import Foundation
+
+/// The serving engine: a running batch of sequences over a paged KV cache with prefix caching.
+/// Requests join and leave the batch at every step; each step is one forward pass mixing the
+/// decode tokens of running sequences with chunks of waiting prompts.
+///
+/// Thread safety: `add`, `cancel`, `stream`, `stats` and `shutdown` may be called from any
+/// thread. `step` and `generate(prompts:)` run the model and take the engine's step lock, so
+/// concurrent callers take turns; outputs of a request go to its stream (if it was added with
+/// `stream`) and are also returned by the `step` call that produced them. `start` runs a
+/// background thread that steps while there is work; `stream` starts it.
+public final class Engine: @unchecked Sendable {
+    public let model: LanguageModel
+    /// nil: outputs carry tokens only, and stop strings cannot be used.
+    public let tokenizer: Tokenizer?
+    public let config: EngineConfig
+    /// Longest prompt plus generation of one sequence.
+    public let contextLength: Int
+    public let eosTokenIds: Set<Int>
+    let blocks: BlockManager
+    let kv: KVMemory
+    private let scheduler: Scheduler
+    private let runner: ModelRunner
+
+    private struct Pending {
+        var sequences: [Sequence]
+        var sink: ((EngineOutput) -> Void)?
+        var failure: ((Error) -> Void)?
+    }
+    /// Guards `inbox`, `cancellations`, `sinks`, `nextId`, `snapshot` and the loop flags.
+    private let lock = NSCondition()
+    private let stepLock = NSLock()
+    private var inbox: [Pending] = []
+    private var cancellations: [Int] = []
+    private var sinks: [Int: (output: (EngineOutput) -> Void, failure: (Error) -> Void)] = [:]
+    /// Requests the stepping thread knows: their live sequences.
+    private var live: [Int: [Sequence]] = [:]
+    private var nextId = 1
+    private var arrivals = 0
+    private var snapshot = EngineStats()
+    private var loopRunning = false
+    private var stopping = false
+    private var greedyRows: [Int] = []
+
+    public init(model: LanguageModel, tokenizer: Tokenizer?, config: EngineConfig = EngineConfig()) throws {
+        guard config.blockSize > 0, config.maxBatchTokens > 0, config.maxSequences > 0 else {
+            throw PeregrineError.invalidArgument("block size, batch tokens and sequences must be > 0")
+        }
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        let context = config.contextLength ?? model.config.maxPositions
+        guard context > 1 else { throw PeregrineError.invalidArgument("context length must be > 1") }
+        contextLength = context
+        eosTokenIds = Set((tokenizer?.eosTokenIds ?? []) + model.config.eosTokenIds)
+        let perPosition = PagedKVCache.bytesPerPosition(model.config)
+        let count: Int
+        if let n = config.kvBlocks {
+            count = n
+        } else if let bytes = config.kvMemoryBytes {
+            count = bytes / (perPosition * config.blockSize)
+        } else {
+            let physical = Int(sysconf(Int32(_SC_PHYS_PAGES))) * Int(sysconf(Int32(_SC_PAGESIZE)))
+            let want = (context + config.blockSize - 1) / config.blockSize * min(config.maxSequences, 16)
+            count = max(1, min(want, physical / 4 / (perPosition * config.blockSize)))
+        }
+        guard count > 0 else {
+            throw PeregrineError.invalidArgument("the KV memory holds no block of \(config.blockSize) positions (\(perPosition * config.blockSize) bytes)")
+        }
+        try PagedKVCache.checkFits(model.config, positions: count * config.blockSize)
+        kv = try model.makeKVMemory(blocks: count, blockSize: config.blockSize, capacity: context)
+        blocks = BlockManager(blocks: count, blockSize: config.blockSize)
+        scheduler = Scheduler(config: config, blocks: blocks, contextLimit: context)
+        runner = ModelRunner(model: model, kv: kv)
+        snapshot.kvBlocksTotal = count
+    }
+
+    deinit { shutdown() }
+
+    // MARK: Requests
+
+    /// Queues a request; its outputs come from `step` (and its stream). Throws for a request the
+    /// engine can never serve: bad parameters, an empty prompt or one beyond the context, more
+    /// blocks than the whole pool.
+    @discardableResult
+    public func add(_ request: EngineRequest) throws -> Int {
+        try add(request, sink: nil, failure: nil)
+    }
+
+    private func add(_ r: EngineRequest, sink: ((EngineOutput) -> Void)?, failure: ((Error) -> Void)?) throws -> Int {
+        try validate(r)
+        lock.lock()
+        defer { lock.unlock() }
+        guard !stopping else { throw PeregrineError.invalidArgument("the engine is shutting down") }
+        let id = nextId
+        nextId += 1
+        arrivals += 1
+        let vocab = model.config.vocabSize
+        let seqs = (0..<r.n).map {
+            Sequence(requestId: id, index: $0, request: r, arrival: arrivals, tokenizer: tokenizer, eos: eosTokenIds, vocabulary: vocab)
+        }
+        let now = Benchmark.now()
+        for s in seqs { s.addedAt = now }
+        inbox.append(Pending(sequences: seqs, sink: sink, failure: failure))
+        if let sink, let failure { sinks[id] = (sink, failure) }
+        lock.signal()
+        return id
+    }
+
+    private func validate(_ r: EngineRequest) throws {
+        try r.sampling.validate()
+        let vocab = model.config.vocabSize
+        guard !r.promptTokens.isEmpty else { throw PeregrineError.invalidArgument("the prompt is empty (no tokens to start from)") }
+        if let bad = r.promptTokens.first(where: { $0 < 0 || $0 >= vocab }) {
+            throw PeregrineError.invalidArgument("prompt token \(bad) is outside the model's vocabulary of \(vocab)")
+        }
+        guard tokenizer != nil || r.stopStrings.isEmpty else { throw PeregrineError.invalidArgument("stop strings need a tokenizer") }
+        guard r.maxTokens >= 0 else { throw PeregrineError.invalidArgument("max tokens must be >= 0 (got \(r.maxTokens))") }
+        guard r.promptTokens.count < contextLength else {
+            throw PeregrineError.invalidArgument("the prompt is \(r.promptTokens.count) tokens, but the context length is \(contextLength)")
+        }
+        guard r.n >= 1, r.n <= config.maxSequences else {
+            throw PeregrineError.invalidArgument("n must be between 1 and \(config.maxSequences) (got \(r.n))")
+        }
+        if let k = r.logprobs { guard k >= 0, k <= 20 else { throw PeregrineError.invalidArgument("logprobs must be between 0 and 20 (got \(k))") } }
+        guard r.presencePenalty.isFinite, r.frequencyPenalty.isFinite, r.logitBias.values.allSatisfy(\.isFinite) else {
+            throw PeregrineError.invalidArgument("penalties and logit biases must be finite numbers")
+        }
+        // One sequence alone must fit in the pool, or preemption could never make room for it.
+        let longest = min(r.promptTokens.count + r.maxTokens, contextLength)
+        let need = (longest + config.blockSize - 1) / config.blockSize + 1
+        guard need <= blocks.blockCount else {
+            throw PeregrineError.invalidArgument(
+                "the request needs up to \(need) KV blocks of \(config.blockSize) positions, more than the pool's \(blocks.blockCount)")
+        }
+    }
+
+    /// Stops a request wherever it is; its blocks are freed at once if the engine is not in the
+    /// middle of a step, else when that step ends.
+    public func cancel(_ id: Int) {
+        lock.lock()
+        cancellations.append(id)
+        lock.signal()
+        lock.unlock()
+        if stepLock.try() {
+            var outputs: [EngineOutput] = []
+            intake(&outputs)
+            stepLock.unlock()
+            deliver(outputs)
+        }
+    }
+
+    public var stats: EngineStats {
+        lock.lock()
+        defer { lock.unlock() }
+        return snapshot
+    }
+
+    // MARK: Stepping
+
+    /// Runs one forward pass of the running batch and returns what each sequence produced.
+    /// Returns nothing when there is no work.
+    @discardableResult
+    public func step() throws -> [EngineOutput] {
+        stepLock.lock()
+        var outputs: [EngineOutput] = []
+        do {
+            intake(&outputs)
+            try runStep(&outputs)
+            publish()
+            stepLock.unlock()
+        } catch {
+            // A failed pass fails every request it held; the engine stays usable.
+            let failed = scheduler.running + scheduler.waiting
+            for s in failed { s.finish(.cancelled); scheduler.remove(s) }
+            let ids = Set(failed.map(\.requestId))
+            for id in ids { live[id] = nil }
+            publish()
+            stepLock.unlock()
+            lock.lock()
+            let toFail = ids.compactMap { sinks.removeValue(forKey: $0)?.failure }
+            lock.unlock()
+            for f in toFail { f(error) }
+            throw error
+        }
+        deliver(outputs)
+        return outputs
+    }
+
+    /// Takes new requests and cancellations from the inbox. Caller holds the step lock.
+    private func intake(_ outputs: inout [EngineOutput]) {
+        lock.lock()
+        let newOnes = inbox
+        let cancelled = cancellations
+        inbox.removeAll()
+        cancellations.removeAll()
+        lock.unlock()
+        for p in newOnes {
+            guard let first = p.sequences.first else { continue }
+            live[first.requestId] = p.sequences
+            if first.request.maxTokens == 0 {
+                for s in p.sequences { s.finish(.length); outputs.append(s.takeOutput()) }
+                live[first.requestId] = nil
+                continue
+            }
+            for s in p.sequences.dropFirst() { s.waitsForParent = true }
+            first.forks = Array(p.sequences.dropFirst())
+            scheduler.add(first)
+        }
+        for id in cancelled {
+            guard let seqs = live.removeValue(forKey: id) else { continue }
+            for s in seqs where !s.isFinished {
+                scheduler.remove(s)
+                s.finish(.cancelled)
+                outputs.append(s.takeOutput())
+            }
+        }
+        if !cancelled.isEmpty { publish() }
+    }
+
+    private func runStep(_ outputs: inout [EngineOutput]) throws {
+        let work = scheduler.schedule()
+        guard !work.isEmpty else { return }
+        let logits = try runner.run(work, copies: scheduler.copies)
+        // Plain greedy rows are chosen together (one read back on a GPU); the rest one by one.
+        greedyRows.removeAll(keepingCapacity: true)
+        var row = 0
+        for w in work where w.samples {
+            if w.sequence.sampler.isPlainGreedy && w.sequence.request.logprobs == nil { greedyRows.append(row) }
+            row += 1
+        }
+        let greedy = greedyRows.isEmpty ? [] : try logits.map { try $0.argmax(rows: greedyRows) } ?? []
+        row = 0
+        var g = 0
+        for w in work {
+            let s = w.sequence
+            scheduler.advance(w)
+            guard w.samples, let logits else { continue }
+            if s.computed == s.promptCount { scheduler.releaseForks(of: s) }
+            let token: Int
+            if g < greedyRows.count && greedyRows[g] == row {
+                token = greedy[g]
+                g += 1
+            } else {
+                token = try runner.sample(s, logits: logits, row: row)
+            }
+            row += 1
+            if !s.accept(token, contextLimit: contextLength) {
+                scheduler.remove(s)
+            }
+            outputs.append(s.takeOutput())
+            if s.isFinished, let seqs = live[s.requestId], seqs.allSatisfy(\.isFinished) { live[s.requestId] = nil }
+        }
+    }
+
+    /// Updates the stats callers read. Caller holds the step lock.
+    private func publish() {
+        lock.lock()
+        snapshot.running = scheduler.running.count
+        snapshot.waiting = scheduler.waiting.count + scheduler.running.reduce(0) { $0 + $1.forks.count }
+        snapshot.kvBlocksUsed = blocks.usedCount
+        snapshot.kvBlocksCached = blocks.cachedCount
+        snapshot.kvBlocksPeak = max(snapshot.kvBlocksPeak, blocks.usedCount)
+        snapshot.prefixCacheQueries = scheduler.prefixQueries
+        snapshot.prefixCacheHits = scheduler.prefixHits
+        snapshot.preemptions = scheduler.preemptions
+        snapshot.steps += 1
+        lock.unlock()
+    }
+
+    private func deliver(_ outputs: [EngineOutput]) {
+        guard !outputs.isEmpty else { return }
+        lock.lock()
+        var calls: [((EngineOutput) -> Void, EngineOutput)] = []
+        for o in outputs {
+            guard let sink = sinks[o.requestId] else { continue }
+            calls.append((sink.output, o))
+        }
+        lock.unlock()
+        for (f, o) in calls { f(o) }
+    }
+
+    /// Drops the stream sink of a request all of whose sequences ended.
+    private func closeSink(_ id: Int) {
+        lock.lock()
+        sinks[id] = nil
+        lock.unlock()
+    }
+
+    // MARK: Background loop and streams
+
+    /// Starts the background thread that steps while there is work (idempotent).
+    public func start() {
+        lock.lock()
+        defer { lock.unlock() }
+        guard !loopRunning, !stopping else { return }
+        loopRunning = true
+        let t = Thread { [weak self] in self?.loop() }
+        t.name = "peregrine-engine"
+        t.start()
+    }
+
+    private func loop() {
+        while true {
+            lock.lock()
+            while !stopping && inbox.isEmpty && cancellations.isEmpty && snapshot.running + snapshot.waiting == 0 { lock.wait() }
+            if stopping { loopRunning = false; lock.broadcast(); lock.unlock(); return }
+            lock.unlock()
+            do { try step() } catch { /* the failed requests were told; keep serving */ }
+        }
+    }
+
+    /// Queues a request and returns its outputs as they are produced; ending the iteration early
+    /// (a client that goes away) cancels the request.
+    public func stream(_ request: EngineRequest) throws -> (id: Int, outputs: AsyncThrowingStream<EngineOutput, Error>) {
+        let (stream, continuation) = AsyncThrowingStream<EngineOutput, Error>.makeStream()
+        var remaining = request.n
+        let box = IdBox()
+        let id = try add(request, sink: { [weak self] o in
+            continuation.yield(o)
+            if o.finishReason != nil {
+                remaining -= 1
+                if remaining == 0 {
+                    self?.closeSink(o.requestId)
+                    continuation.finish()
+                }
+            }
+        }, failure: { continuation.finish(throwing: $0) })
+        box.id = id
+        continuation.onTermination = { [weak self] reason in
+            if case .cancelled = reason { self?.cancel(box.id) }
+        }
+        start()
+        return (id, stream)
+    }
+
+    private final class IdBox: @unchecked Sendable { var id = 0 }
+
+    /// Runs a batch of requests to the end and returns every sample's result, in request order
+    /// then sample order. Steps the engine itself unless the background thread runs.
+    public func generate(prompts: [EngineRequest]) throws -> [EngineResult] {
+        struct Track {
+            var result: EngineResult
+            var added: Double
+            var last = 0.0
+        }
+        let collect = NSLock()
+        var tracks: [Int: [Track]] = [:]
+        var open = 0
+        var failure: Error?
+        let done = DispatchSemaphore(value: 0)
+        var ids: [Int] = []
+        defer { for id in ids { closeSink(id) } }
+        for r in prompts {
+            // The sink may run before `add` returns (on the background thread), so the request's
+            // slot is made under the same lock first and filled in with the id after.
+            collect.lock()
+            let added = Result { try add(r, sink: { o in
+                let now = Benchmark.now()
+                collect.lock()
+                defer { collect.unlock() }
+                guard var t = tracks[o.requestId]?[o.index] else { return }
+                if !o.tokens.isEmpty {
+                    if t.result.tokens.isEmpty { t.result.firstTokenSeconds = now - t.added } else { t.result.interTokenSeconds.append(now - t.last) }
+                    t.last = now
+                }
+                t.result.tokens += o.tokens
+                t.result.text += o.text
+                t.result.logprobs += o.logprobs
+                t.result.promptTokenCount = o.promptTokenCount
+                t.result.cachedPromptTokens = o.cachedPromptTokens
+                if let f = o.finishReason {
+                    t.result.finishReason = f
+                    t.result.totalSeconds = now - t.added
+                    open -= 1
+                    if open == 0 { done.signal() }
+                }
+                tracks[o.requestId]?[o.index] = t
+            }, failure: { error in
+                collect.lock()
+                failure = failure ?? error
+                collect.unlock()
+                done.signal()
+            }) }
+            guard case .success(let id) = added else {
+                collect.unlock()
+                for id in ids { cancel(id) }
+                _ = try added.get()
+                return []
+            }
+            let now = Benchmark.now()
+            tracks[id] = (0..<r.n).map { Track(result: EngineResult(requestId: id, index: $0), added: now) }
+            open += r.n
+            collect.unlock()
+            ids.append(id)
+        }
+        lock.lock()
+        let background = loopRunning
+        lock.unlock()
+        if background {
+            if !ids.isEmpty { done.wait() }
+        } else {
+            while true {
+                collect.lock()
+                let finished = open == 0 || failure != nil
+                collect.unlock()
+                if finished { break }
+                try step()
+            }
+        }
+        if let failure { throw failure }
+        return ids.flatMap { tracks[$0]?.map(\.result) ?? [] }
+    }
+
+    /// Stops the background thread after cancelling every request.
+    public func shutdown() {
+        lock.lock()
+        let ids = Array(Set(sinks.keys))
+        lock.unlock()
+        for id in ids { cancel(id) }
+        lock.lock()
+        stopping = true
+        lock.broadcast()
+        while loopRunning { lock.wait() }
+        lock.unlock()
+    }
+}

@@ -1,0 +1,163 @@
+/// Decides, every step, which sequences run and how many of their tokens: the decode token of
+/// every running sequence first, then chunks of waiting prompts, under a per-step token budget
+/// (chunked prefill). Admits waiting sequences while blocks allow, mapping their cached prefix
+/// blocks first; when blocks run out it preempts the most recently admitted sequences, which
+/// give back their blocks and later read their tokens again (recomputation). Not thread-safe:
+/// the engine calls it from its stepping thread.
+final class Scheduler {
+    struct Work {
+        let sequence: Sequence
+        /// First position read this step, and how many.
+        let start: Int
+        let count: Int
+        /// Reads the sequence's last token, so a new one is sampled from it.
+        var samples: Bool { start + count == sequence.tokens.count }
+    }
+
+    let config: EngineConfig
+    let blocks: BlockManager
+    let contextLimit: Int
+    private(set) var waiting: [Sequence] = []
+    private(set) var running: [Sequence] = []
+    private var admissions = 0
+    private(set) var preemptions = 0
+    private(set) var prefixQueries = 0
+    private(set) var prefixHits = 0
+    /// Copies of shared blocks the next pass must make before writing (copy on write).
+    var copies: [(from: Int32, to: Int32)] = []
+
+    init(config: EngineConfig, blocks: BlockManager, contextLimit: Int) {
+        self.config = config
+        self.blocks = blocks
+        self.contextLimit = contextLimit
+    }
+
+    var hasWork: Bool { !waiting.isEmpty || !running.isEmpty }
+
+    func add(_ s: Sequence) { insertWaiting(s) }
+
+    /// Waiting sequences in service order: by arrival, or by priority then arrival.
+    private func insertWaiting(_ s: Sequence) {
+        s.status = .waiting
+        let i = waiting.firstIndex { before(s, $0) } ?? waiting.endIndex
+        waiting.insert(s, at: i)
+    }
+
+    private func before(_ a: Sequence, _ b: Sequence) -> Bool {
+        if config.policy == .priority && a.request.priority != b.request.priority { return a.request.priority < b.request.priority }
+        return a.arrival < b.arrival || (a.arrival == b.arrival && a.index < b.index)
+    }
+
+    /// The running sequence preemption takes first: the latest admitted (of the lowest priority).
+    private func victim() -> Int? {
+        running.indices.max { a, b in
+            let x = running[a], y = running[b]
+            if config.policy == .priority && x.request.priority != y.request.priority { return x.request.priority < y.request.priority }
+            return x.admission < y.admission
+        }
+    }
+
+    /// This step's work. `copies` holds the block copies to make first.
+    func schedule() -> [Work] {
+        copies.removeAll(keepingCapacity: true)
+        var work: [Work] = []
+        var budget = config.maxBatchTokens
+        var preempted = false
+        var i = 0
+        while i < running.count && budget > 0 {
+            let s = running[i]
+            let n = min(s.uncomputed, budget)
+            var placed = false
+            while true {
+                if blocks.blocksNeeded(s.table, positions: s.computed + n, writeFrom: s.computed) <= blocks.availableCount {
+                    placed = true
+                    break
+                }
+                guard let v = victim() else { break }
+                let victimIsSelf = running[v] === s
+                preempt(at: v)
+                preempted = true
+                if v < i { i -= 1 }
+                if victimIsSelf { break }
+            }
+            guard placed else { continue }  // s itself was preempted; `i` now names the next one
+            take(s, n)
+            work.append(Work(sequence: s, start: s.computed, count: n))
+            budget -= n
+            i += 1
+        }
+        // New sequences only when nothing had to be preempted (they would take the blocks back).
+        while !preempted && budget > 0 && running.count < config.maxSequences, let s = waiting.first {
+            if s.computed == 0 && s.table.blocks.isEmpty && config.prefixCaching {
+                // At least the last prompt token is read again, for the logits of the next one.
+                let mapped = blocks.mapCachedPrefix(&s.table, tokens: s.tokens, maxBlocks: (s.tokens.count - 1) / blocks.blockSize)
+                s.computed = mapped
+                if s.generatedCount == 0 {
+                    prefixQueries += s.promptCount
+                    prefixHits += mapped
+                    s.cachedPromptTokens = mapped
+                }
+            }
+            let n = min(s.uncomputed, budget)
+            guard blocks.blocksNeeded(s.table, positions: s.computed + n, writeFrom: s.computed) <= blocks.availableCount else {
+                // Keep the mapped prefix only while it waits at the head of the line.
+                break
+            }
+            waiting.removeFirst()
+            s.status = .running
+            admissions += 1
+            s.admission = admissions
+            running.append(s)
+            take(s, n)
+            work.append(Work(sequence: s, start: s.computed, count: n))
+            budget -= n
+        }
+        return work
+    }
+
+    /// Reserves the blocks positions computed..<computed+n are written to.
+    private func take(_ s: Sequence, _ n: Int) {
+        let ok = blocks.prepareWrite(&s.table, from: s.computed, to: s.computed + n, copies: &copies)
+            && blocks.reserve(&s.table, positions: s.computed + n)
+        precondition(ok, "blocks were counted before they were taken")
+    }
+
+    /// Gives back a running sequence's blocks and puts it back in line; it reads all its tokens
+    /// again when admitted (its registered blocks may still be found in the prefix cache).
+    private func preempt(at i: Int) {
+        let s = running.remove(at: i)
+        blocks.releaseAll(&s.table)
+        s.computed = 0
+        preemptions += 1
+        insertWaiting(s)
+    }
+
+    /// After the pass: positions are written, full blocks registered.
+    func advance(_ w: Work) {
+        let s = w.sequence
+        s.computed = w.start + w.count
+        if config.prefixCaching { blocks.commit(&s.table, tokens: s.tokens, length: s.computed) }
+    }
+
+    /// Sample 0 has read the prompt: the other samples take its blocks (sharing them) and read
+    /// only the last prompt token again, which copies the shared last block when written.
+    func releaseForks(of s: Sequence) {
+        guard !s.forks.isEmpty else { return }
+        for f in s.forks {
+            f.table = blocks.fork(s.table)
+            f.computed = s.promptCount - 1
+            f.cachedPromptTokens = s.cachedPromptTokens
+            f.waitsForParent = false
+            insertWaiting(f)
+        }
+        s.forks.removeAll()
+    }
+
+    /// Ends a sequence wherever it is, freeing its blocks at once.
+    func remove(_ s: Sequence) {
+        if let i = running.firstIndex(where: { $0 === s }) { running.remove(at: i) }
+        if let i = waiting.firstIndex(where: { $0 === s }) { waiting.remove(at: i) }
+        blocks.releaseAll(&s.table)
+        for f in s.forks { blocks.releaseAll(&f.table) }
+    }
+}
