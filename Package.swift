@@ -58,7 +58,8 @@ let package = Package(
         ),
         .executableTarget(
             name: "PeregrineCLI",
-            dependencies: ["Peregrine", "PeregrineServer", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["Peregrine", "PeregrineServer", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                           .product(name: "Logging", package: "swift-log")],
             swiftSettings: cpuFlags
         ),
         .testTarget(

@@ -10,3 +10,5 @@ public protocol CompletionEngine: AnyObject, Sendable {
     func cancel(_ id: Int)
     var stats: EngineStats { get }
 }
+
+extension Engine: CompletionEngine {}
