@@ -10,6 +10,13 @@ struct Bench: ParsableCommand {
         time from an empty cache. Each test runs once to warm up, then --repetitions times; the \
         table gives the median tokens/s and the standard deviation. --kernels measures the CPU \
         kernels and this machine's memory bandwidth and peak FLOP rate instead.
+
+        --batched prints llama-batched-bench's table: for each B of --npl, B sequences each read a \
+        prompt of --npp tokens, then generate --ntg tokens together, on the serving engine. \
+        --throughput runs --requests requests at once (prompt and output lengths fixed or drawn \
+        with --range-ratio from a fixed seed; --shared-prefix gives them a common system prompt) \
+        and reports requests/s, tokens/s, time to first token, inter-token latency, peak KV blocks \
+        and the prefix-cache hit rate.
         """)
 
     @Option(name: .shortAndLong, help: "Model directories (repeatable).")
@@ -44,6 +51,41 @@ struct Bench: ParsableCommand {
 
     @OptionGroup(title: "Speculative decoding") var speculation: SpeculationOptions
 
+    @Flag(help: "llama-batched-bench's table on the serving engine.")
+    var batched = false
+
+    @Option(parsing: .upToNextOption, help: "--batched: prompt lengths.")
+    var npp: [Int] = [128]
+
+    @Option(parsing: .upToNextOption, help: "--batched: generated tokens per sequence.")
+    var ntg: [Int] = [128]
+
+    @Option(parsing: .upToNextOption, help: "--batched: numbers of parallel sequences.")
+    var npl: [Int] = [1, 2, 4, 8, 16, 32, 64]
+
+    @Flag(help: "Offline throughput of many requests on the serving engine.")
+    var throughput = false
+
+    @Option(help: "--throughput: requests.")
+    var requests: Int = 64
+
+    @Option(help: "--throughput: prompt tokens per request (random ids).")
+    var inputLen: Int = 256
+
+    @Option(help: "--throughput: generated tokens per request.")
+    var outputLen: Int = 128
+
+    @Option(help: "--throughput: lengths drawn from [len x (1 - r), len x (1 + r)]; 0 keeps them fixed.")
+    var rangeRatio: Double = 0
+
+    @Option(help: "--throughput: tokens of a system prompt every request starts with.")
+    var sharedPrefix: Int = 0
+
+    @Option(help: "--throughput: seed of the drawn prompts and lengths.")
+    var seed: UInt64 = 0
+
+    @OptionGroup(title: "Serving engine") var engineOptions: EngineOptions
+
     func validate() throws {
         if prompt.contains(where: { $0 < 0 }) || gen.contains(where: { $0 < 0 }) { throw ValidationError("lengths must be >= 0") }
         if threads.contains(where: { $0 < 1 || $0 > 1024 }) { throw ValidationError("--threads must be between 1 and 1024") }
@@ -60,6 +102,10 @@ struct Bench: ParsableCommand {
             }
             if speculation.draft != nil || speculation.lookup || speculation.skipLayers != nil {
                 try runSpeculative(threadCounts)
+                return
+            }
+            if batched || throughput {
+                try runServing(threadCounts)
                 return
             }
             if !json {
@@ -107,6 +153,118 @@ struct Bench: ParsableCommand {
                     }
                 }
             }
+        }
+    }
+
+    /// The serving engine's benchmarks (--batched, --throughput).
+    func runServing(_ threadCounts: [Int]) throws {
+        if npp.contains(where: { $0 < 1 }) || ntg.contains(where: { $0 < 1 }) || npl.contains(where: { $0 < 1 }) {
+            throw PeregrineError.invalidArgument("--npp, --ntg and --npl must be >= 1")
+        }
+        guard requests >= 1, inputLen >= 1, outputLen >= 1, sharedPrefix >= 0, rangeRatio >= 0, rangeRatio < 1 else {
+            throw PeregrineError.invalidArgument("--requests, --input-len and --output-len must be >= 1, --range-ratio in [0, 1)")
+        }
+        for path in model {
+            for t in threadCounts {
+                let lm = try device.load(path, threads: t)
+                let tokenizer = try? Tokenizer(directory: path)
+                print("model \(ModelInfo(directory: path, model: lm).name), \(lm.backendName)")
+                if batched { try runBatched(lm) }
+                if throughput { try runThroughput(lm, tokenizer) }
+            }
+        }
+    }
+
+    func runBatched(_ lm: LanguageModel) throws {
+        let most = npl.max() ?? 1
+        let longest = (npp.max() ?? 0) + (ntg.max() ?? 0) + 1
+        var config = try engineOptions.config(contextLength: longest)
+        config.maxSequences = max(config.maxSequences, most)
+        config.prefixCaching = false
+        if config.kvBlocks == nil && config.kvMemoryBytes == nil {
+            config.kvBlocks = most * ((longest + config.blockSize - 1) / config.blockSize + 1)
+        }
+        config.maxBatchTokens = engineOptions.batchTokens ?? batchSize
+        let engine = try Engine(model: lm, tokenizer: nil, config: config)
+        if !json {
+            print("|    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |      T s |    S t/s |")
+            print("|-------|--------|------|--------|----------|----------|----------|----------|----------|----------|")
+        }
+        // One untimed run first, so the first row does not pay for warming up.
+        _ = try ServingBenchmark.batched(engine, promptTokens: min(npp[0], 32), generatedTokens: 4, batch: 1, seed: 99)
+        var seed: UInt64 = 1
+        for pp in npp {
+            for tg in ntg {
+                for b in npl {
+                    let r = try ServingBenchmark.batched(engine, promptTokens: pp, generatedTokens: tg, batch: b, seed: seed)
+                    seed += 1
+                    if json {
+                        print(JSONWriter.write(.object(JSONObject([
+                            ("pp", .number(Double(pp))), ("tg", .number(Double(tg))), ("b", .number(Double(b))),
+                            ("n_kv", .number(Double(r.kvPositions))), ("t_pp", .number(r.promptSeconds)),
+                            ("speed_pp", .number(r.promptTokensPerSecond)), ("t_tg", .number(r.generationSeconds)),
+                            ("speed_tg", .number(r.generationTokensPerSecond)), ("t", .number(r.totalSeconds)),
+                            ("speed", .number(r.totalTokensPerSecond)),
+                        ]))))
+                    } else {
+                        print(String(format: "| %5d | %6d | %4d | %6d | %8.3f | %8.2f | %8.3f | %8.2f | %8.3f | %8.2f |", pp, tg, b,
+                                     r.kvPositions, r.promptSeconds, r.promptTokensPerSecond, r.generationSeconds,
+                                     r.generationTokensPerSecond, r.totalSeconds, r.totalTokensPerSecond))
+                    }
+                    fflush(stdout)
+                }
+            }
+        }
+    }
+
+    func runThroughput(_ lm: LanguageModel, _ tokenizer: Tokenizer?) throws {
+        var w = ServingBenchmark.Workload()
+        w.requests = requests
+        w.inputTokens = inputLen
+        w.outputTokens = outputLen
+        w.rangeRatio = rangeRatio
+        w.sharedPrefix = sharedPrefix
+        w.seed = seed
+        let reqs = w.makeRequests(vocabulary: lm.config.vocabSize)
+        let longest = reqs.reduce(0) { max($0, $1.promptTokens.count + $1.maxTokens) } + 1
+        var config = try engineOptions.config(contextLength: max(longest, min(lm.config.maxPositions, 4096)))
+        if let b = engineOptions.batchTokens { config.maxBatchTokens = b }
+        let engine = try Engine(model: lm, tokenizer: tokenizer, config: config)
+        // Warm up on a request of its own prompt (so it leaves no useful prefix behind).
+        _ = try engine.generate(prompts: [EngineRequest(promptTokens: [1, 2, 3], maxTokens: 4)])
+        let r = try ServingBenchmark.throughput(engine, reqs)
+        func ms(_ xs: [Double], _ q: Double) -> Double { ServingBenchmark.percentile(xs, q) * 1000 }
+        if json {
+            print(JSONWriter.write(.object(JSONObject([
+                ("requests", .number(Double(r.requests))), ("seconds", .number(r.seconds)),
+                ("requests_per_second", .number(r.requestsPerSecond)), ("output_tokens_per_second", .number(r.outputTokensPerSecond)),
+                ("total_tokens_per_second", .number(r.totalTokensPerSecond)),
+                ("ttft_ms_p50", .number(ms(r.timeToFirstToken, 0.5))), ("ttft_ms_p90", .number(ms(r.timeToFirstToken, 0.9))),
+                ("ttft_ms_p99", .number(ms(r.timeToFirstToken, 0.99))),
+                ("itl_ms_p50", .number(ms(r.interTokenLatency, 0.5))), ("itl_ms_p90", .number(ms(r.interTokenLatency, 0.9))),
+                ("itl_ms_p99", .number(ms(r.interTokenLatency, 0.99))),
+                ("peak_kv_blocks", .number(Double(r.peakKVBlocks))), ("kv_blocks", .number(Double(r.kvBlocks))),
+                ("prefix_cache_hit_rate", .number(r.prefixCacheHitRate)), ("preemptions", .number(Double(r.preemptions))),
+            ]))))
+        } else {
+            print(String(format: "requests %d in %.2f s: %.2f requests/s, output %.1f tok/s, total %.1f tok/s",
+                         r.requests, r.seconds, r.requestsPerSecond, r.outputTokensPerSecond, r.totalTokensPerSecond))
+            print(String(format: "time to first token ms: p50 %.1f  p90 %.1f  p99 %.1f", ms(r.timeToFirstToken, 0.5),
+                         ms(r.timeToFirstToken, 0.9), ms(r.timeToFirstToken, 0.99)))
+            print(String(format: "inter-token latency ms: p50 %.2f  p90 %.2f  p99 %.2f", ms(r.interTokenLatency, 0.5),
+                         ms(r.interTokenLatency, 0.9), ms(r.interTokenLatency, 0.99)))
+            print(String(format: "KV blocks: peak %d of %d | prefix cache hit rate %.1f%% | preemptions %d", r.peakKVBlocks, r.kvBlocks,
+                         r.prefixCacheHitRate * 100, r.preemptions))
+        }
+        if sharedPrefix > 0 {
+            // Time to first token of a request whose shared prefix is cached, against one whose is not.
+            let probe = ServingBenchmark.Workload.probe(prefix: Array(reqs[0].promptTokens.prefix(sharedPrefix)), vocabulary: lm.config.vocabSize)
+            let cold = try Engine(model: lm, tokenizer: tokenizer, config: config)
+            _ = try cold.generate(prompts: [EngineRequest(promptTokens: [1, 2, 3], maxTokens: 2)])
+            let coldTTFT = try cold.generate(prompts: [probe]).first?.firstTokenSeconds ?? 0
+            let warmTTFT = try engine.generate(prompts: [probe]).first?.firstTokenSeconds ?? 0
+            print(String(format: "prefix of %d tokens: first token in %.1f ms uncached, %.1f ms cached (%.1fx)", sharedPrefix,
+                         coldTTFT * 1000, warmTTFT * 1000, coldTTFT / max(warmTTFT, 1e-9)))
         }
     }
 

@@ -245,3 +245,61 @@ func reportingErrors(_ body: () throws -> Void) throws {
         throw ExitCode(1)
     }
 }
+
+/// How the serving engine is sized: shared by the commands that run it.
+struct EngineOptions: ParsableArguments {
+    @Option(help: "Positions per KV block.")
+    var blockSize: Int = 16
+
+    @Option(help: "Bytes for the KV block pool (suffixes K, M, G), e.g. 2G (default: enough for the batch, at most a quarter of memory).")
+    var kvMemory: String?
+
+    @Option(help: "KV blocks in the pool (instead of --kv-memory).")
+    var kvBlocks: Int?
+
+    @Option(help: "Sequences running at once.")
+    var maxSequences: Int = 256
+
+    @Option(help: "Tokens per engine step (decode tokens plus prompt chunks).")
+    var batchTokens: Int?
+
+    @Flag(help: "Do not reuse the KV blocks of prompt prefixes seen before.")
+    var noPrefixCache = false
+
+    @Flag(help: "Serve the waiting requests by their priority instead of in arrival order.")
+    var priority = false
+
+    func config(contextLength: Int?) throws -> EngineConfig {
+        var c = EngineConfig()
+        guard blockSize >= 1, blockSize <= 1024 else { throw PeregrineError.invalidArgument("--block-size must be between 1 and 1024") }
+        guard maxSequences >= 1 else { throw PeregrineError.invalidArgument("--max-sequences must be >= 1") }
+        c.blockSize = blockSize
+        c.maxSequences = maxSequences
+        c.contextLength = contextLength
+        c.prefixCaching = !noPrefixCache
+        c.policy = priority ? .priority : .fcfs
+        if let b = batchTokens {
+            guard b >= 1 else { throw PeregrineError.invalidArgument("--batch-tokens must be >= 1") }
+            c.maxBatchTokens = b
+        }
+        if let n = kvBlocks {
+            guard n >= 1 else { throw PeregrineError.invalidArgument("--kv-blocks must be >= 1") }
+            c.kvBlocks = n
+        }
+        if let m = kvMemory { c.kvMemoryBytes = try EngineOptions.bytes(m) }
+        return c
+    }
+
+    /// "2G", "512M", "1048576": a byte count.
+    static func bytes(_ text: String) throws -> Int {
+        let units: [Character: Int] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+        var digits = text.uppercased()
+        var scale = 1
+        if digits.hasSuffix("B") { digits.removeLast() }
+        if let u = digits.last, let s = units[u] { scale = s; digits.removeLast() }
+        guard let v = Double(digits), v.isFinite, v > 0, v * Double(scale) < 1e15 else {
+            throw PeregrineError.invalidArgument("'\(text)' is not a size in bytes (e.g. 2G, 512M)")
+        }
+        return Int(v * Double(scale))
+    }
+}

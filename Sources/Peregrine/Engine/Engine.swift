@@ -328,7 +328,9 @@ public final class Engine: @unchecked Sendable {
         }, failure: { continuation.finish(throwing: $0) })
         box.id = id
         continuation.onTermination = { [weak self] reason in
-            if case .cancelled = reason { self?.cancel(box.id) }
+            // Not here and now: the stream may call this while it is yielding this request's output.
+            guard case .cancelled = reason, let engine = self else { return }
+            DispatchQueue.global().async { engine.cancel(box.id) }
         }
         start()
         return (id, stream)

@@ -1,0 +1,325 @@
+import XCTest
+@testable import Peregrine
+
+/// The serving engine on the shipped reference model: batch invariance, preemption, prefix
+/// caching, forked samples, cancellation and refusals, checked through outputs and the block
+/// pool's counts.
+final class EngineTests: XCTestCase {
+    static var shared: (LanguageModel, Tokenizer)?
+
+    func load() throws -> (LanguageModel, Tokenizer) {
+        if let s = Self.shared { return s }
+        let s = (try ModelRegistry.load(directory: ReferenceModelTests.modelDir), try Tokenizer(directory: ReferenceModelTests.modelDir))
+        Self.shared = s
+        return s
+    }
+
+    /// Prompts of different lengths from the corpus's opening words.
+    func prompts(_ tokenizer: Tokenizer, count: Int) -> [[Int]] {
+        let seeds = ["And God said", "In the beginning", "The LORD is my shepherd", "Python is a programming language",
+                     "The kernel", "And it came to pass, when", "Debian is", "Blessed are the", "A hacker is",
+                     "Now the serpent was more subtil than any beast of the field"]
+        return (0..<count).map { i in
+            var ids = tokenizer.encode(seeds[i % seeds.count])
+            // Vary lengths past block boundaries, so tables of 1-4 blocks mix in one batch.
+            ids += ids.prefix(i % 7) + Array(repeating: ids.last ?? 1, count: (i * 5) % 40)
+            return ids
+        }
+    }
+
+    func request(_ p: [Int], _ n: Int = 24, sampling: SamplingParameters = .greedy) -> EngineRequest {
+        var r = EngineRequest(promptTokens: p, maxTokens: n, sampling: sampling)
+        r.ignoreEOS = true
+        return r
+    }
+
+    func alone(_ engineConfig: EngineConfig = EngineConfig(), _ r: EngineRequest) throws -> EngineResult {
+        let (model, tokenizer) = try load()
+        let e = try Engine(model: model, tokenizer: tokenizer, config: engineConfig)
+        return try XCTUnwrap(e.generate(prompts: [r]).first)
+    }
+
+    /// 64 requests run together give, each, the tokens that request gives alone, greedy and sampled.
+    func testBatchOf64EqualsEachAlone() throws {
+        let (model, tokenizer) = try load()
+        var sampled = SamplingParameters()
+        sampled.seed = 7
+        let ps = prompts(tokenizer, count: 64)
+        let requests = ps.enumerated().map { i, p -> EngineRequest in
+            var s = sampled
+            s.seed = UInt64(i)
+            return request(p, 20, sampling: i % 2 == 0 ? .greedy : s)
+        }
+        var config = EngineConfig()
+        config.maxBatchTokens = 256  // prompts are read in chunks while others decode
+        let engine = try Engine(model: model, tokenizer: tokenizer, config: config)
+        let together = try engine.generate(prompts: requests)
+        XCTAssertEqual(together.count, 64)
+        for (i, r) in requests.enumerated() {
+            let solo = try alone(EngineConfig(), r)
+            XCTAssertEqual(together[i].tokens, solo.tokens, "request \(i)")
+            XCTAssertEqual(together[i].text, solo.text, "request \(i)")
+            XCTAssertEqual(together[i].tokens.count, 20)
+        }
+        XCTAssertEqual(engine.stats.kvBlocksUsed, 0, "every block is back once all finished")
+    }
+
+    /// A pool too small for the batch preempts; every request still completes with the tokens it
+    /// gives alone.
+    func testPreemptionKeepsOutputs() throws {
+        let (model, tokenizer) = try load()
+        let ps = prompts(tokenizer, count: 12)
+        let requests = ps.map { request($0, 40) }
+        var config = EngineConfig()
+        config.kvBlocks = 16  // 256 positions for 12 sequences of up to ~100
+        config.prefixCaching = false
+        let engine = try Engine(model: model, tokenizer: tokenizer, config: config)
+        let together = try engine.generate(prompts: requests)
+        XCTAssertGreaterThan(engine.stats.preemptions, 0, "the pool was meant to run out")
+        for (i, r) in requests.enumerated() {
+            XCTAssertEqual(together[i].tokens, try alone(EngineConfig(), r).tokens, "request \(i)")
+            XCTAssertEqual(together[i].finishReason, .length)
+        }
+        XCTAssertEqual(engine.stats.kvBlocksUsed, 0)
+    }
+
+    /// With prefix caching, a second request over the same long prefix maps its blocks and gives
+    /// the same tokens; shared blocks are never written.
+    func testPrefixCacheHitGivesSameTokens() throws {
+        let (model, tokenizer) = try load()
+        let text = try String(contentsOfFile: ReferenceModelTests.modelDir + "/../corpus/test.txt", encoding: .utf8)
+        let system = Array(tokenizer.encode(String(text.prefix(3000))).prefix(200))
+        let a = request(system + tokenizer.encode(" And God said"), 16)
+        let b = request(system + tokenizer.encode(" The kernel"), 16)
+        let engine = try Engine(model: model, tokenizer: tokenizer)
+        let first = try engine.generate(prompts: [a])[0]
+        XCTAssertEqual(first.cachedPromptTokens, 0)
+        let second = try engine.generate(prompts: [b])[0]
+        XCTAssertEqual(second.cachedPromptTokens, 192, "the 12 full blocks of the shared 200 tokens")
+        XCTAssertEqual(second.tokens, try alone(EngineConfig(), b).tokens)
+        // The same prompt again: all but its last block is found, and the answer is unchanged.
+        let again = try engine.generate(prompts: [a])[0]
+        XCTAssertEqual(again.tokens, first.tokens)
+        XCTAssertGreaterThanOrEqual(again.cachedPromptTokens, 192)
+        XCTAssertGreaterThan(engine.stats.prefixCacheHits, 0)
+        XCTAssertEqual(engine.stats.kvBlocksUsed, 0)
+        XCTAssertGreaterThan(engine.stats.kvBlocksCached, 0)
+    }
+
+    /// n samples of one prompt share its blocks; greedy samples all equal the single answer, and
+    /// seeded samples each follow their own stream.
+    func testSamplesShareThePromptBlocks() throws {
+        let (model, tokenizer) = try load()
+        let p = prompts(tokenizer, count: 10)[9] + prompts(tokenizer, count: 10)[3]
+        var r = request(p, 12)
+        r.n = 4
+        let engine = try Engine(model: model, tokenizer: tokenizer)
+        var peak = 0
+        let id = try engine.add(r)
+        var results = [[Int]](repeating: [], count: 4)
+        while engine.stats.running + engine.stats.waiting > 0 || results[0].isEmpty {
+            for o in try engine.step() where o.requestId == id { results[o.index] += o.tokens }
+            peak = max(peak, engine.stats.kvBlocksUsed)
+        }
+        let single = try alone(EngineConfig(), request(p, 12)).tokens
+        for i in 0..<4 { XCTAssertEqual(results[i], single, "sample \(i)") }
+        // Separate sequences would hold 4 x ceil((prompt + 12) / 16) blocks.
+        let separate = 4 * ((p.count + 12 + 15) / 16)
+        XCTAssertLessThan(peak, separate, "the prompt's full blocks are held once")
+        var sampled = SamplingParameters()
+        sampled.seed = 3
+        var s = request(p, 12, sampling: sampled)
+        s.n = 3
+        let outs = try engine.generate(prompts: [s])
+        XCTAssertEqual(outs.map(\.index), [0, 1, 2])
+        XCTAssertNotEqual(outs[1].tokens, outs[2].tokens, "each sample its own random stream")
+        var one = s
+        one.n = 1
+        XCTAssertEqual(outs[0].tokens, try alone(EngineConfig(), one).tokens, "sample 0 is the request's own stream")
+    }
+
+    /// Cancelling in prefill or in decode frees the sequence's blocks at once; the others go on.
+    func testCancelFreesBlocks() throws {
+        let (model, tokenizer) = try load()
+        var config = EngineConfig()
+        config.maxBatchTokens = 32
+        config.prefixCaching = false
+        let engine = try Engine(model: model, tokenizer: tokenizer, config: config)
+        let long = request(Array(repeating: 100, count: 300), 8)
+        let keep = request(prompts(tokenizer, count: 1)[0], 30)
+        let kept = try engine.add(keep)
+        let id = try engine.add(long)
+        var tokens: [Int] = []
+        var reason: FinishReason?
+        for _ in 0..<2 { for o in try engine.step() where o.requestId == kept { tokens += o.tokens } }
+        XCTAssertGreaterThan(engine.stats.kvBlocksUsed, 2, "both hold blocks mid-prefill")
+        let before = engine.stats.kvBlocksUsed
+        engine.cancel(id)
+        XCTAssertLessThan(engine.stats.kvBlocksUsed, before, "the cancelled prompt's blocks are free")
+        while reason == nil {
+            for o in try engine.step() where o.requestId == kept {
+                tokens += o.tokens
+                reason = o.finishReason
+            }
+        }
+        XCTAssertEqual(tokens, try alone(EngineConfig(), keep).tokens)
+        // In decode.
+        let d = try engine.add(keep)
+        for _ in 0..<5 { try engine.step() }
+        XCTAssertGreaterThan(engine.stats.kvBlocksUsed, 0)
+        engine.cancel(d)
+        XCTAssertEqual(engine.stats.kvBlocksUsed, 0)
+        XCTAssertEqual(engine.stats.running, 0)
+    }
+
+    /// Requests the engine can never serve are refused with a reason; the others run on.
+    func testRefusals() throws {
+        let (model, tokenizer) = try load()
+        var config = EngineConfig()
+        config.kvBlocks = 8
+        let engine = try Engine(model: model, tokenizer: tokenizer, config: config)
+        let ok = try engine.add(request(prompts(tokenizer, count: 1)[0], 10))
+        func refused(_ r: EngineRequest, _ words: String) {
+            XCTAssertThrowsError(try engine.add(r)) { XCTAssertTrue("\($0)".contains(words), "\($0)") }
+        }
+        refused(request(Array(repeating: 5, count: 1024), 4), "context length")
+        refused(request(Array(repeating: 5, count: 200), 4), "more than the pool")
+        refused(request([], 4), "empty")
+        refused(request([99999], 4), "vocabulary")
+        refused(request([5], -1), "max tokens")
+        var bad = request([5], 4)
+        bad.n = 0
+        refused(bad, "n must be")
+        bad = request([5], 4)
+        bad.sampling.topP = 2
+        refused(bad, "top-p")
+        var tokens: [Int] = []
+        var finished = false
+        while !finished {
+            for o in try engine.step() where o.requestId == ok {
+                tokens += o.tokens
+                finished = o.finishReason != nil
+            }
+        }
+        XCTAssertEqual(tokens.count, 10)
+    }
+
+    /// The blocks in use stay within one block per sequence of the positions the sequences hold.
+    func testBlocksInUseFollowPositions() throws {
+        let (model, tokenizer) = try load()
+        var config = EngineConfig()
+        config.prefixCaching = false
+        let engine = try Engine(model: model, tokenizer: tokenizer, config: config)
+        let ps = prompts(tokenizer, count: 16)
+        for p in ps { try engine.add(request(p, 30)) }
+        var lengths = [Int: Int]()
+        var steps = 0
+        repeat {
+            let outs = try engine.step()
+            steps += 1
+            for o in outs { lengths[o.requestId, default: 0] += o.tokens.count }
+            let s = engine.stats
+            // Positions held: each running sequence's prompt plus its tokens so far.
+            let held = ps.indices.reduce(0) { acc, i in
+                let made = lengths[i + 1] ?? 0
+                return made > 0 && made < 30 ? acc + ps[i].count + made : acc
+            }
+            if s.waiting == 0 && s.running > 0 {
+                XCTAssertLessThanOrEqual(s.kvBlocksUsed * 16, held + s.running * 16, "step \(steps)")
+            }
+        } while engine.stats.running + engine.stats.waiting > 0
+    }
+
+    /// Outputs through the async stream; stop strings cut the text.
+    func testStreamAndStopString() async throws {
+        let (model, tokenizer) = try load()
+        let engine = try Engine(model: model, tokenizer: tokenizer)
+        defer { engine.shutdown() }
+        let p = tokenizer.encode("And God said")
+        let full = try alone(EngineConfig(), request(p, 30))
+        let words = full.text.split(separator: " ")
+        XCTAssertGreaterThan(words.count, 3)
+        var r = request(p, 30)
+        r.stopStrings = [String(words[2])]
+        var text = ""
+        var reason: FinishReason?
+        for try await o in try engine.stream(r).outputs {
+            text += o.text
+            reason = o.finishReason ?? reason
+        }
+        XCTAssertEqual(reason, .stop)
+        XCTAssertTrue(full.text.hasPrefix(text))
+        XCTAssertFalse(text.contains(String(words[2])))
+        // A stream abandoned early cancels its request and frees its blocks.
+        do {
+            let (_, outputs) = try engine.stream(request(p, 500))
+            var seen = 0
+            for try await o in outputs {
+                seen += o.tokens.count
+                if seen >= 3 { break }
+            }
+        }
+        for _ in 0..<200 where engine.stats.kvBlocksUsed > 0 { try await Task.sleep(nanoseconds: 10_000_000) }
+        XCTAssertEqual(engine.stats.kvBlocksUsed, 0, "\(engine.stats)")
+    }
+
+    /// Log probabilities are the model's own: they sum to at most 1 and the chosen greedy token is
+    /// the most likely.
+    func testLogprobs() throws {
+        var r = request(prompts(try load().1, count: 1)[0], 5)
+        r.logprobs = 3
+        let out = try alone(EngineConfig(), r)
+        XCTAssertEqual(out.logprobs.count, 5)
+        for (t, lp) in zip(out.tokens, out.logprobs) {
+            XCTAssertEqual(lp.token, t)
+            XCTAssertEqual(lp.top.count, 3)
+            XCTAssertEqual(lp.top[0].token, t)
+            XCTAssertEqual(lp.top[0].logprob, lp.logprob)
+            XCTAssertLessThanOrEqual(lp.top.reduce(0) { $0 + exp($1.logprob) }, 1.0001)
+        }
+    }
+}
+
+final class BlockManagerTests: XCTestCase {
+    func testReferenceCountsAndLRU() {
+        let m = BlockManager(blocks: 4, blockSize: 2)
+        var a = BlockTable(), b = BlockTable()
+        XCTAssertTrue(m.reserve(&a, positions: 4))
+        XCTAssertEqual(m.usedCount, 2)
+        m.commit(&a, tokens: [1, 2, 3, 4], length: 4)
+        XCTAssertEqual(m.cachedCount, 2)
+        // A second sequence with the same prefix maps both blocks (leaving one token to read).
+        XCTAssertEqual(m.mapCachedPrefix(&b, tokens: [1, 2, 3, 4, 5], maxBlocks: 2), 4)
+        XCTAssertEqual(m.references(a.blocks[0]), 2)
+        m.releaseAll(&a)
+        XCTAssertEqual(m.usedCount, 2, "still held by b")
+        m.releaseAll(&b)
+        XCTAssertEqual(m.usedCount, 0)
+        XCTAssertEqual(m.evictableCount, 2, "kept for reuse")
+        // Four allocations evict the cached blocks, least recently used first.
+        var c = BlockTable()
+        XCTAssertTrue(m.reserve(&c, positions: 8))
+        XCTAssertFalse(m.reserve(&c, positions: 10), "the pool is full")
+        XCTAssertEqual(c.blocks.count, 4)
+        XCTAssertEqual(m.cachedCount, 0)
+        var d = BlockTable()
+        XCTAssertEqual(m.mapCachedPrefix(&d, tokens: [1, 2, 3, 4, 5], maxBlocks: 2), 0)
+    }
+
+    func testCopyOnWriteOfSharedBlock() {
+        let m = BlockManager(blocks: 6, blockSize: 4)
+        var a = BlockTable()
+        XCTAssertTrue(m.reserve(&a, positions: 6))
+        var b = m.fork(a)
+        var copies: [(from: Int32, to: Int32)] = []
+        // b writes position 6, in the shared second block: it gets its own copy.
+        XCTAssertTrue(m.prepareWrite(&b, from: 6, to: 7, copies: &copies))
+        XCTAssertEqual(copies.count, 1)
+        XCTAssertEqual(copies[0].from, a.blocks[1])
+        XCTAssertEqual(b.blocks[1], copies[0].to)
+        XCTAssertEqual(b.blocks[0], a.blocks[0], "the untouched block stays shared")
+        XCTAssertEqual(m.references(a.blocks[1]), 1)
+        // A chained hash depends on the whole prefix.
+        XCTAssertNotEqual(BlockManager.hash(parent: 0, tokens: [Int32(1), 2]), BlockManager.hash(parent: 1, tokens: [Int32(1), 2]))
+    }
+}
