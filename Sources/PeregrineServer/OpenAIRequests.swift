@@ -77,6 +77,7 @@ struct SamplingRequest: Sendable {
     /// The engine's request for one prompt, checked against the model (vocabulary, context).
     func engineRequest(prompt: [Int], defaultMaxTokens: Int?, limits: ModelLimits, promptParam: String) throws -> EngineRequest {
         guard !prompt.isEmpty else { throw APIError.invalid("The prompt is empty.", param: promptParam) }
+        guard n <= limits.maxSamples else { throw APIError.outOfRange("n", "at most \(limits.maxSamples) on this server") }
         if let bad = prompt.first(where: { $0 < 0 || $0 >= limits.vocabularySize }) {
             throw APIError.invalid("Token id \(bad) is outside the model's vocabulary of \(limits.vocabularySize).", param: promptParam,
                                    code: "invalid_value")
@@ -126,6 +127,8 @@ struct SamplingRequest: Sendable {
 struct ModelLimits: Sendable {
     var vocabularySize: Int
     var contextLength: Int
+    /// Most samples of one prompt (the engine runs them side by side).
+    var maxSamples = SamplingRequest.maxChoices
 }
 
 /// A prompt as the client sent it.

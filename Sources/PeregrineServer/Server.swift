@@ -50,7 +50,8 @@ public final class OpenAIServer: @unchecked Sendable {
         self.configuration = configuration
         self.logger = logger
         state = ServerState(admissionLimit: max(1, configuration.maxRunning) + max(0, configuration.maxQueue))
-        routes = Routes(engine: engine, tokenizer: tokenizer, limits: ModelLimits(vocabularySize: vocabularySize, contextLength: contextLength),
+        routes = Routes(engine: engine, tokenizer: tokenizer, limits: ModelLimits(vocabularySize: vocabularySize, contextLength: contextLength,
+                                                                       maxSamples: max(1, configuration.maxRunning)),
                         chatTemplate: chatTemplate, configuration: configuration, metrics: metrics, state: state, logger: logger)
     }
 
