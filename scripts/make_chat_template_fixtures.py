@@ -277,7 +277,7 @@ def main():
         units.append(entry)
     out = {"bos_token": BOS, "eos_token": EOS, "now": FIXED_NOW.isoformat(), "templates": templates, "units": units}
     with open(os.path.join(ROOT, "expected.json"), "w", encoding="utf-8") as f:
-        json.dump(out, f, ensure_ascii=False, indent=1)
+        json.dump(out, f, ensure_ascii=False, indent=0)
         f.write("\n")
     ok = sum(1 for t in templates.values() for r in t.values() if "output" in r)
     print(f"{len(templates)} templates, {ok} renderings, "

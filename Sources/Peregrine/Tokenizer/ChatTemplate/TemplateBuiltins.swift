@@ -121,7 +121,8 @@ enum Builtins {
     static let mutatingDictMethods: Set<String> = ["update", "pop", "popitem", "setdefault", "clear"]
 
     /// `value.name`: jinja2 tries the Python attribute first, then the item.
-    static func getAttribute(_ value: TemplateValue, _ name: String, _ interp: Interpreter) throws -> TemplateValue {
+    static func getAttribute(_ original: TemplateValue, _ name: String, _ interp: Interpreter) throws -> TemplateValue {
+        let value = original.plain
         switch value {
         case .undefined(let u):
             throw renderError(u.hint)
@@ -171,7 +172,8 @@ enum Builtins {
     }
 
     /// `value[key]`: jinja2 tries the item first, then the attribute named by a string key.
-    static func getItem(_ value: TemplateValue, _ key: TemplateValue, _ interp: Interpreter) throws -> TemplateValue {
+    static func getItem(_ original: TemplateValue, _ keyValue: TemplateValue, _ interp: Interpreter) throws -> TemplateValue {
+        let value = original.plain, key = keyValue.plain
         switch value {
         case .undefined(let u):
             throw renderError(u.hint)
@@ -203,6 +205,7 @@ enum Builtins {
 
     static func slice(_ value: TemplateValue, _ start: TemplateValue?, _ stop: TemplateValue?, _ step: TemplateValue?,
                       _ interp: Interpreter) throws -> TemplateValue {
+        let value = value.plain
         if case .undefined(let u) = value { throw renderError(u.hint) }
         func bound(_ v: TemplateValue?) throws -> Int? {
             guard let v, !v.isNone else { return nil }
@@ -469,7 +472,8 @@ enum Builtins {
         "odd", "even", "divisibleby", "in", "callable", "sameas", "lower", "upper", "escaped", "filter", "test",
     ]
 
-    static func test(_ name: String, _ v: TemplateValue, _ args: [TemplateValue], _ interp: Interpreter) throws -> Bool {
+    static func test(_ name: String, _ value: TemplateValue, _ args: [TemplateValue], _ interp: Interpreter) throws -> Bool {
+        let v = value.plain
         func arg() throws -> TemplateValue {
             guard let a = args.first else { throw renderError("test '\(name)' needs an argument") }
             return a
@@ -488,7 +492,7 @@ enum Builtins {
         case "mapping": if case .dict = v { return true }; return false
         case "iterable":
             switch v {
-            case .string, .list, .tuple, .dict, .undefined: return true
+            case .string, .list, .tuple, .dict, .undefined, .iterator: return true
             default: return false
             }
         case "sequence":

@@ -12,8 +12,15 @@ extension Builtins {
         "wordcount", "wordwrap",
     ]
 
-    static func filter(_ name: String, _ v: TemplateValue, _ positional: [TemplateValue], _ keywords: [(String, TemplateValue)],
+    static func filter(_ name: String, _ value: TemplateValue, _ positional: [TemplateValue], _ keywords: [(String, TemplateValue)],
                        _ interp: Interpreter) throws -> TemplateValue {
+        switch (name, value) {
+        case ("safe", _): return .markup(try value.str())
+        case ("e", .markup), ("escape", .markup), ("string", .markup): return value
+        case ("e", _), ("escape", _), ("forceescape", _): return .markup(htmlEscape(try value.str()))
+        default: break
+        }
+        let v = value.plain
         let a = Arguments(name, positional, keywords)
         // Filters that read the value as text (trim, upper, ...) take str() of it.
         func text() throws -> String { try v.str() }
@@ -26,8 +33,6 @@ extension Builtins {
         case "capitalize": return .string(StringOps.capitalize(try text()))
         case "title": return .string(titleFilter(try text()))
         case "string": return .string(try text())
-        case "safe": return v.isUndefined ? .string("") : (v.isNone ? .string("None") : (try { if case .string = v { return v }; return .string(try text()) }()))
-        case "e", "escape", "forceescape": return .string(htmlEscape(try text()))
         case "striptags": return .string(stripTags(try text()))
         case "length", "count":
             switch v {
@@ -36,6 +41,7 @@ extension Builtins {
             case .dict(let d): return .int(d.count)
             case .undefined: return .int(0)
             case .namespace(let ns): return .int(ns.attributes.count)
+            case .iterator: throw renderError("object of type 'generator' has no len()")
             default: throw renderError("object of type '\(v.typeName)' has no len()")
             }
         case "wordcount":
@@ -62,18 +68,19 @@ extension Builtins {
             let items = try interp.iterate(v)
             return items.first ?? .undefined("No first item, sequence was empty.")
         case "last":
+            if case .iterator = v { throw renderError("'generator' object is not reversible") }
             let items = try interp.iterate(v)
             return items.last ?? .undefined("No last item, sequence was empty.")
         case "list": return .list(try interp.iterate(v))
         case "items":
             switch v {
-            case .dict(let d): return .list(d.pairs.map { .tuple([$0, $1]) })
-            case .undefined: return .list([])
+            case .dict(let d): return .iterator(d.pairs.map { .tuple([$0, $1]) })
+            case .undefined: return .iterator([])
             default: throw renderError("'\(v.typeName)' object has no attribute 'items'")
             }
         case "reverse":
             if case .string(let s) = v { return .string(StringOps.string(s.unicodeScalars.reversed())) }
-            return .list(try interp.iterate(v).reversed())
+            return .iterator(try interp.iterate(v).reversed())
         case "unique":
             try a.check(max: 2, names: ["case_sensitive", "attribute"])
             let caseSensitive = a.bool(0, "case_sensitive", false)
@@ -88,7 +95,7 @@ extension Builtins {
                     out.append(item)
                 }
             }
-            return .list(out)
+            return .iterator(out)
         case "sort":
             try a.check(max: 3, names: ["reverse", "case_sensitive", "attribute"])
             let reverse = a.bool(0, "reverse", false)
@@ -230,7 +237,7 @@ extension Builtins {
                 out.append(.list(chunk))
                 i += size
             }
-            return .list(out)
+            return .iterator(out)
         case "slice":
             try a.check(max: 2, names: ["slices", "fill_with"])
             guard let n = try a.int(0, "slices"), n > 0 else { throw renderError("slice count must be a positive integer") }
@@ -245,12 +252,12 @@ extension Builtins {
                 if i >= extra, extra > 0, let fill = a.get(1, "fill_with"), !fill.isNone { chunk.append(fill) }
                 out.append(.list(chunk))
             }
-            return .list(out)
+            return .iterator(out)
         case "map":
-            let items = try interp.iterate(v)
+            let items = v.truthy ? try interp.iterate(v) : []
             if a.positional.isEmpty, let attr = a.keywords.first(where: { $0.0 == "attribute" })?.1 {
                 let dflt = a.keywords.first { $0.0 == "default" }?.1
-                return .list(try items.map { item in
+                return .iterator(try items.map { item in
                     let x = try attributeOf(item, attr, interp)
                     if x.isUndefined, let dflt { return dflt }
                     return x
@@ -259,30 +266,30 @@ extension Builtins {
             guard case .string(let filterName)? = a.positional.first else { throw renderError("map requires a filter name or attribute=") }
             guard filterNames.contains(filterName) else { throw renderError("unsupported filter '\(filterName)'") }
             let rest = Array(a.positional.dropFirst())
-            return .list(try items.map { try filter(filterName, $0, rest, a.keywords, interp) })
+            return .iterator(try items.map { try filter(filterName, $0, rest, a.keywords, interp) })
         case "select", "reject":
-            let items = try interp.iterate(v)
+            let items = v.truthy ? try interp.iterate(v) : []
             let keep = name == "select"
-            guard let testName = a.positional.first else { return .list(items.filter { $0.truthy == keep }) }
+            guard let testName = a.positional.first else { return .iterator(items.filter { $0.truthy == keep }) }
             guard case .string(let t) = testName, testNames.contains(t) else { throw renderError("unsupported test '\((try? testName.str()) ?? "")'") }
             let rest = Array(a.positional.dropFirst())
-            return .list(try items.filter { try test(t, $0, rest, interp) == keep })
+            return .iterator(try items.filter { try test(t, $0, rest, interp) == keep })
         case "selectattr", "rejectattr":
-            let items = try interp.iterate(v)
+            let items = v.truthy ? try interp.iterate(v) : []
             let keep = name == "selectattr"
             guard let attr = a.positional.first else { throw renderError("\(name) requires an attribute name") }
             let values = try items.map { try attributeOf($0, attr, interp) }
             var out: [TemplateValue] = []
             if a.positional.count < 2 {
                 for (item, x) in zip(items, values) where x.truthy == keep { out.append(item) }
-                return .list(out)
+                return .iterator(out)
             }
             guard case .string(let t) = a.positional[1], testNames.contains(t) else {
                 throw renderError("unsupported test '\((try? a.positional[1].str()) ?? "")'")
             }
             let rest = Array(a.positional.dropFirst(2))
             for (item, x) in zip(items, values) where try test(t, x, rest, interp) == keep { out.append(item) }
-            return .list(out)
+            return .iterator(out)
         case "attr":
             guard case .string(let n)? = a.positional.first else { throw renderError("attr requires a name") }
             return try getAttribute(v, n, interp)
@@ -535,7 +542,8 @@ struct JSONDumper {
         try put("\n" + String(repeating: ind, count: level))
     }
 
-    mutating func dump(_ v: TemplateValue, level: Int) throws {
+    mutating func dump(_ value: TemplateValue, level: Int) throws {
+        let v = value.plain
         guard level < 512 else { throw renderError("structure nested too deeply for tojson") }
         switch v {
         case .none: try put("null")
@@ -573,7 +581,7 @@ struct JSONDumper {
             }
             try newline(level)
             try put("}")
-        case .namespace, .callable, .loop, .undefined:
+        case .namespace, .callable, .loop, .undefined, .iterator, .markup:
             throw renderError("Object of type \(v.typeName) is not JSON serializable")
         }
     }

@@ -222,8 +222,8 @@ final class Interpreter {
     /// The items a for loop or a filter walks: list and tuple items, string characters, dict
     /// keys; nothing for undefined.
     func iterate(_ v: TemplateValue) throws -> [TemplateValue] {
-        switch v {
-        case .list(let a), .tuple(let a): return a
+        switch v.plain {
+        case .list(let a), .tuple(let a), .iterator(let a): return a
         case .string(let s): return s.unicodeScalars.map { .string(String($0)) }
         case .dict(let d): return d.keys
         case .undefined: return []

@@ -29,8 +29,10 @@ enum Operators {
         }
     }
 
-    static func binary(_ op: String, _ a: TemplateValue, _ b: TemplateValue, _ interp: Interpreter) throws -> TemplateValue {
-        if let e = undefinedError(a, b) { throw e }
+    static func binary(_ op: String, _ lhs: TemplateValue, _ rhs: TemplateValue, _ interp: Interpreter) throws -> TemplateValue {
+        if let e = undefinedError(lhs, rhs) { throw e }
+        if op == "+" || op == "*", let m = try markupArithmetic(op, lhs, rhs, interp) { return m }
+        let a = lhs.plain, b = rhs.plain
         switch op {
         case "+": return try add(a, b, interp)
         case "-":
@@ -103,6 +105,19 @@ enum Operators {
         }
     }
 
+    /// Markup plus a str escapes the str; Markup repeated stays Markup.
+    static func markupArithmetic(_ op: String, _ a: TemplateValue, _ b: TemplateValue, _ interp: Interpreter) throws -> TemplateValue? {
+        switch (op, a, b) {
+        case ("+", .markup(let x), .markup(let y)): return .markup(try interp.checkString(x + y).str())
+        case ("+", .markup(let x), .string(let y)): return .markup(try interp.checkString(x + Builtins.htmlEscape(y)).str())
+        case ("+", .string(let x), .markup(let y)): return .markup(try interp.checkString(Builtins.htmlEscape(x) + y).str())
+        case ("*", .markup, _), ("*", _, .markup):
+            if case .string(let s) = try multiply(a.plain, b.plain, interp) { return .markup(s) }
+            return nil
+        default: return nil
+        }
+    }
+
     static func add(_ a: TemplateValue, _ b: TemplateValue, _ interp: Interpreter) throws -> TemplateValue {
         switch (a, b) {
         case (.string(let x), .string(let y)): return try interp.checkString(x + y)
@@ -157,7 +172,8 @@ enum Operators {
         }
     }
 
-    static func compare(_ op: String, _ a: TemplateValue, _ b: TemplateValue) throws -> Bool {
+    static func compare(_ op: String, _ lhs: TemplateValue, _ rhs: TemplateValue) throws -> Bool {
+        let a = lhs.plain, b = rhs.plain
         switch op {
         case "==": return a.pyEquals(b)
         case "!=": return !a.pyEquals(b)
@@ -172,7 +188,8 @@ enum Operators {
     }
 
     /// Python's `item in container`.
-    static func contains(_ container: TemplateValue, _ item: TemplateValue) throws -> Bool {
+    static func contains(_ containerValue: TemplateValue, _ itemValue: TemplateValue) throws -> Bool {
+        let container = containerValue.plain, item = itemValue.plain
         switch container {
         case .string(let s):
             guard case .string(let needle) = item else {
@@ -180,7 +197,7 @@ enum Operators {
                 throw renderError("'in <string>' requires string as left operand, not \(item.typeName)")
             }
             return needle.isEmpty || StringOps.find(Array(s.unicodeScalars), Array(needle.unicodeScalars), from: 0) != nil
-        case .list(let a), .tuple(let a): return a.contains { $0.pyEquals(item) }
+        case .list(let a), .tuple(let a), .iterator(let a): return a.contains { $0.pyEquals(item) }
         case .dict(let d):
             if case .list = item { throw renderError("unhashable type: 'list'") }
             if case .dict = item { throw renderError("unhashable type: 'dict'") }

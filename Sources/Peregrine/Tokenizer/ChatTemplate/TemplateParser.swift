@@ -3,7 +3,9 @@
 // `*`/`/`/`//`/`%`, `**`, unary `-`/`+`, then postfix access, filters and tests.
 //
 // Names of filters and tests are checked here, so a template that uses one the interpreter lacks
-// is refused when it is loaded, not halfway through a request.
+// is refused when it is loaded, not halfway through a request. As in jinja2 (3.0 and later), an
+// unknown name inside an `if` statement or an inline `... if ... else ...` is an error only when
+// that code runs: templates guard optional features that way.
 
 struct TemplateParser {
     private let tokens: [Token]
@@ -14,12 +16,19 @@ struct TemplateParser {
     /// Names read inside the macro bodies being parsed, to know which take varargs/kwargs.
     private var macroNameUses: [Set<String>] = []
     private var expressionDepth = 0
+    /// Inside an `if` (not nested in a loop or macro body), where unknown names are tolerated.
+    private var conditional = false
+    /// Unknown filter and test names met so far, and whether each sat in conditional code.
+    private var unknownNames: [(message: String, line: Int, conditional: Bool)] = []
     private var statementDepth = 0
     static let maxNesting = 200
 
     static func parse(_ source: String) throws -> [Node] {
         var p = TemplateParser(tokens: try TemplateLexer.tokenize(source))
         let body = try p.parseBody(until: [])
+        if let unknown = p.unknownNames.first(where: { !$0.conditional }) {
+            throw ChatTemplateError(.syntax, unknown.message, line: unknown.line)
+        }
         return body
     }
 
@@ -177,6 +186,9 @@ struct TemplateParser {
     }
 
     private mutating func parseIf() throws -> Node {
+        let saved = conditional
+        conditional = true
+        defer { conditional = saved }
         var branches: [(Expr, [Node])] = []
         var otherwise: [Node] = []
         var condition = try parseTuple()
@@ -210,6 +222,9 @@ struct TemplateParser {
         if skipName("if") { condition = try parseExpression() }
         if isName("recursive") { throw error("unsupported loop modifier 'recursive'") }
         try expectBlockEnd()
+        let saved = conditional
+        conditional = false
+        defer { conditional = saved }
         loopDepth += 1
         let body = try parseBody(until: ["endfor", "else"])
         loopDepth -= 1
@@ -268,6 +283,9 @@ struct TemplateParser {
         try expectBlockEnd()
         let savedLoops = loopDepth
         loopDepth = 0
+        let savedConditional = conditional
+        conditional = false
+        defer { conditional = savedConditional }
         macroNameUses.append([])
         let body = try parseBody(until: ["endmacro"])
         let uses = macroNameUses.removeLast()
@@ -287,6 +305,9 @@ struct TemplateParser {
         try expectBlockEnd()
         let savedLoops = loopDepth
         loopDepth = 0
+        let savedConditional = conditional
+        conditional = false
+        defer { conditional = savedConditional }
         let body = try parseBody(until: ["endcall"])
         loopDepth = savedLoops
         try closeTag("endcall")
@@ -357,8 +378,15 @@ struct TemplateParser {
     private mutating func parseExpression() throws -> Expr {
         try enter()
         defer { expressionDepth -= 1 }
+        let unknownsBefore = unknownNames.count
         var e = try parseOr()
-        while skipName("if") {
+        while isName("if") {
+            // The whole inline if, its first operand included, is conditional code.
+            for i in unknownsBefore..<unknownNames.count { unknownNames[i].conditional = true }
+            let saved = conditional
+            conditional = true
+            defer { conditional = saved }
+            pos += 1
             let test = try parseOr()
             var otherwise: Expr?
             if skipName("else") { otherwise = try parseExpression() }
@@ -597,7 +625,9 @@ struct TemplateParser {
         let line = self.line
         var name = try expectName()
         while skipOp(".") { name += "." + (try expectName()) }
-        guard Builtins.filterNames.contains(name) else { throw error("unsupported filter '\(name)'", line: line) }
+        if !Builtins.filterNames.contains(name) {
+            unknownNames.append(("unsupported filter '\(name)'", line, conditional))
+        }
         var args: [Expr] = []
         var kwargs: [(String, Expr)] = []
         if isOp("(") { (args, kwargs) = try parseCallArguments() }
@@ -615,7 +645,9 @@ struct TemplateParser {
                 let negated = skipName("not")
                 var name = try expectName()
                 while skipOp(".") { name += "." + (try expectName()) }
-                guard Builtins.testNames.contains(name) else { throw error("unsupported test '\(name)'", line: line) }
+                if !Builtins.testNames.contains(name) {
+                    unknownNames.append(("unsupported test '\(name)'", line, conditional))
+                }
                 var args: [Expr] = []
                 if isOp("(") {
                     let (a, kw) = try parseCallArguments()

@@ -92,7 +92,7 @@ enum HashKey: Hashable {
         case .bool(let b): self = .number(b ? 1 : 0)
         case .int(let i): self = abs(i) < (1 << 53) ? .number(Double(i)) : .bigInt(i)
         case .float(let d): self = .number(d)
-        case .string(let s): self = .string(Array(s.utf8))
+        case .string(let s), .markup(let s): self = .string(Array(s.utf8))
         case .tuple(let items): self = .tuple(try items.map(HashKey.init))
         default: throw renderError("unhashable type: '\(v.typeName)'")
         }
@@ -137,6 +137,18 @@ enum TemplateValue {
     case namespace(Namespace)
     case callable(TemplateCallable)
     case loop(LoopState)
+    /// A one-pass iterator, what jinja2's map, select, reverse, unique, items... return: always
+    /// truthy, without a length, not JSON-serialisable; `|list` turns it into a list.
+    case iterator([TemplateValue])
+    /// Text marked safe (`|safe`, `|e`): adding a plain string to it HTML-escapes that string,
+    /// as markupsafe's Markup does. Everywhere else it behaves as a str.
+    case markup(String)
+
+    /// The value with Markup read as a plain str, for the operations that do not tell them apart.
+    var plain: TemplateValue {
+        if case .markup(let s) = self { return .string(s) }
+        return self
+    }
 
     static func undefined(_ hint: String) -> TemplateValue { .undefined(UndefinedValue(hint: hint)) }
 
@@ -155,6 +167,8 @@ enum TemplateValue {
         case .namespace: return "Namespace"
         case .callable: return "function"
         case .loop: return "LoopContext"
+        case .iterator: return "generator"
+        case .markup: return "Markup"
         }
     }
 
@@ -167,10 +181,10 @@ enum TemplateValue {
         case .bool(let b): return b
         case .int(let i): return i != 0
         case .float(let d): return d != 0
-        case .string(let s): return !s.isEmpty
+        case .string(let s), .markup(let s): return !s.isEmpty
         case .list(let a), .tuple(let a): return !a.isEmpty
         case .dict(let d): return d.count > 0
-        case .namespace, .callable, .loop: return true
+        case .namespace, .callable, .loop, .iterator: return true
         }
     }
 
@@ -335,7 +349,7 @@ extension TemplateValue {
     func str() throws -> String {
         switch self {
         case .undefined: return ""
-        case .string(let s): return s
+        case .string(let s), .markup(let s): return s
         default:
             var budget = PrintBudget(remaining: Interpreter.printLimit)
             var out = ""
@@ -394,6 +408,8 @@ extension TemplateValue {
             try put(">")
         case .callable(let c): try put("<function \(c.name)>")
         case .loop(let l): try put("<LoopContext \(l.index0 + 1)/\(l.items.count)>")
+        case .iterator: try put("<generator object>")
+        case .markup(let s): try put("Markup(" + PyFormat.stringRepr(s) + ")")
         }
     }
 }
@@ -402,7 +418,7 @@ extension TemplateValue {
 
 extension TemplateValue {
     func pyEquals(_ other: TemplateValue) -> Bool {
-        switch (self, other) {
+        switch (self.plain, other.plain) {
         case (.undefined, .undefined), (.none, .none): return true
         case (.string(let a), .string(let b)): return a.unicodeScalars.elementsEqual(b.unicodeScalars)
         case (.list(let a), .list(let b)), (.tuple(let a), .tuple(let b)):
@@ -426,7 +442,7 @@ extension TemplateValue {
     /// Python's ordering: numbers with numbers, strings by code point, sequences of the same
     /// kind lexicographically; anything else is a TypeError.
     func pyCompare(_ other: TemplateValue, _ op: String) throws -> Int {
-        switch (self, other) {
+        switch (self.plain, other.plain) {
         case (.string(let a), .string(let b)):
             return TemplateValue.compareScalars(a, b)
         case (.list(let a), .list(let b)), (.tuple(let a), .tuple(let b)):
