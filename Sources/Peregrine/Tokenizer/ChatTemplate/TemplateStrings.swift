@@ -250,6 +250,21 @@ enum StringFormat {
         return spec
     }
 
+    /// Thousands separators in the integer part of a formatted number.
+    static func group(_ text: String) -> String {
+        var digits = Substring(text)
+        var sign = ""
+        if digits.hasPrefix("-") { sign = "-"; digits = digits.dropFirst() }
+        let intPart = digits.prefix { $0.isASCII && $0.isNumber }
+        let rest = digits.dropFirst(intPart.count)
+        var out = ""
+        for (i, c) in intPart.enumerated() {
+            if i > 0 && (intPart.count - i) % 3 == 0 { out.append(",") }
+            out.append(c)
+        }
+        return sign + out + rest
+    }
+
     static func fixed(_ d: Double, _ precision: Int) -> String {
         if d.isNaN { return "nan" }
         if d.isInfinite { return d < 0 ? "-inf" : "inf" }
@@ -299,6 +314,9 @@ enum StringFormat {
             }
         default:
             throw renderError("unsupported format code '\(spec.type.map(String.init) ?? "")'")
+        }
+        if spec.grouping, numeric, spec.type == "d" || spec.type == "f" || spec.type == "F" || (spec.type == nil && v.integer != nil) {
+            body = group(body)
         }
         if numeric, let sign = spec.sign, !body.hasPrefix("-") {
             if sign == "+" { body = "+" + body } else if sign == " " { body = " " + body }
@@ -446,7 +464,10 @@ enum StringFormat {
             var spec = Spec()
             var flags = Substring(specText)
             if flags.hasPrefix("-") { spec.align = "<"; flags = flags.dropFirst() } else { spec.align = ">" }
-            if flags.hasPrefix("0") { spec.zero = true; spec.align = "="; flags = flags.dropFirst() }
+            if flags.hasPrefix("0") {
+                if spec.align == ">" { spec.fill = "0"; spec.align = "=" }
+                flags = flags.dropFirst()
+            }
             let parts = flags.split(separator: ".", omittingEmptySubsequences: false)
             spec.width = Int(parts.first ?? "") ?? 0
             if parts.count > 1 { spec.precision = Int(parts[1]) ?? 0 }
