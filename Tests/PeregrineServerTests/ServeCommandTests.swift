@@ -109,5 +109,5 @@ final class ServeCommandTests: XCTestCase {
         XCTAssertTrue(serve.output.contains { $0.contains("shutting down") })
     }
 
-    static func chatArguments() -> [String] { [] }
+    static func chatArguments() -> [String] { ["--chat-template", "Tests/Fixtures/server/chatml.jinja"] }
 }

@@ -41,7 +41,7 @@ final class TestServer: @unchecked Sendable {
         config.maxRunning = ec.maxSequences
         config.shutdownGracePeriod = .seconds(5)
         configure(&config)
-        let template = chatTemplate ? (try? ChatTemplates.load(model: modelPath, file: chatTemplatePath, tokenizer: tokenizer)) ?? nil : nil
+        let template = chatTemplate ? try ChatTemplates.load(model: modelPath, file: chatTemplatePath, tokenizer: tokenizer) : nil
         var logger = Logger(label: "peregrine-test")
         logger.logLevel = .warning
         let server = OpenAIServer(engine: engine, tokenizer: tokenizer, vocabularySize: model.config.vocabSize,
