@@ -69,7 +69,7 @@ let package = Package(
         ),
         .testTarget(
             name: "PeregrineServerTests",
-            dependencies: ["PeregrineServer", "Peregrine"],
+            dependencies: ["PeregrineServer", "Peregrine", .product(name: "Logging", package: "swift-log")],
             swiftSettings: cpuFlags
         ),
     ],
