@@ -9,11 +9,16 @@ let package = Package(
     platforms: [.macOS(.v14)],
     products: [
         .library(name: "Peregrine", targets: ["Peregrine"]),
+        .library(name: "PeregrineServer", targets: ["PeregrineServer"]),
         .executable(name: "peregrine", targets: ["PeregrineCLI"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-atomics", from: "1.2.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         // Integer kernels for quantized weights, generic over the multiply-accumulate instruction.
@@ -41,14 +46,30 @@ let package = Package(
             // library is optimised in debug builds too.
             swiftSettings: cpuFlags + [.unsafeFlags(["-O"], .when(configuration: .debug))]
         ),
+        // The OpenAI-compatible HTTP front end (`peregrine serve`).
+        .target(
+            name: "PeregrineServer",
+            dependencies: ["Peregrine",
+                           .product(name: "Hummingbird", package: "hummingbird"),
+                           .product(name: "NIOCore", package: "swift-nio"),
+                           .product(name: "Logging", package: "swift-log"),
+                           .product(name: "ServiceLifecycle", package: "swift-service-lifecycle")],
+            swiftSettings: cpuFlags
+        ),
         .executableTarget(
             name: "PeregrineCLI",
-            dependencies: ["Peregrine", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["Peregrine", "PeregrineServer", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                           .product(name: "Logging", package: "swift-log")],
             swiftSettings: cpuFlags
         ),
         .testTarget(
             name: "PeregrineTests",
             dependencies: ["Peregrine"],
+            swiftSettings: cpuFlags
+        ),
+        .testTarget(
+            name: "PeregrineServerTests",
+            dependencies: ["PeregrineServer", "Peregrine", .product(name: "Logging", package: "swift-log")],
             swiftSettings: cpuFlags
         ),
     ],
