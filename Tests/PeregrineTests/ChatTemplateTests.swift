@@ -194,6 +194,34 @@ final class ChatTemplateTests: XCTestCase {
         XCTAssertNotNil(parseError("{{ " + String(repeating: "-", count: 10_000) + "x }}"))
     }
 
+    /// Deep nesting fails with an error on a thread with a small stack (a server's worker),
+    /// rather than overflowing it.
+    func testDeepNestingStaysWithinASmallThreadStack() throws {
+        let nestedMacro = "{% macro f(n) %}" + String(repeating: "{% if true %}", count: 150) + "{{ f(n + 1) }}"
+            + String(repeating: "{% endif %}", count: 150) + "{% endmacro %}{{ f(0) }}"
+        let nestedExpression = "{{ " + String(repeating: "(", count: 150) + "1" + String(repeating: ")", count: 150) + " }}"
+        let sources = [nestedMacro, nestedExpression, String(repeating: "{% for x in [1] %}", count: 190) + "x"
+                       + String(repeating: "{% endfor %}", count: 190)]
+        var outcomes: [String] = []
+        let done = DispatchSemaphore(value: 0)
+        let thread = Thread {
+            for source in sources {
+                do {
+                    let t = try ChatTemplate(source: source)
+                    outcomes.append("rendered \(try t.render(context: [:]).count)")
+                } catch {
+                    outcomes.append("\(error)")
+                }
+            }
+            done.signal()
+        }
+        thread.stackSize = 512 << 10
+        thread.start()
+        done.wait()
+        XCTAssertEqual(outcomes.count, sources.count)
+        XCTAssertTrue(outcomes[0].contains("nested too deeply") || outcomes[0].contains("macro calls nested"), outcomes[0])
+    }
+
     // MARK: Loading
 
     func testLoadFindsTheTemplateOfADirectory() throws {
@@ -247,6 +275,12 @@ final class ChatTemplateTests: XCTestCase {
                                                    ("reasoning_content", .string("think"))]))
         XCTAssertEqual(try t.render(messages: [message], addGenerationPrompt: false),
                        #"{"thinking": "think", "role": "assistant", "reasoning_content": "think"}|None|False"#)
+        // Extra variables may replace the special tokens (as transformers' kwargs do) but not
+        // the variables transformers sets itself.
+        let tokens = try ChatTemplate(source: "{{ bos_token }}{{ enable_thinking }}")
+        XCTAssertEqual(try tokens.render(messages: [], addGenerationPrompt: false, bosToken: "<s>",
+                                         extra: ["bos_token": .string("[B]"), "enable_thinking": .bool(false)]), "[B]False")
+        XCTAssertThrowsError(try tokens.render(messages: [], addGenerationPrompt: false, extra: ["messages": .array([])]))
     }
 
     func testStrftimeNowReadsTheGivenClock() throws {

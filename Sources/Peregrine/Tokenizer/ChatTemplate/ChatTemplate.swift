@@ -17,7 +17,9 @@ import Darwin
 /// request (`1.0`) reaches the template as the int 1; integers are 64-bit (Python's grow);
 /// filters that give lazy iterators in jinja2 (map, select, reverse, ...) give lists, which print
 /// as lists where jinja2 would print a generator's address.
-public struct ChatTemplate {
+public struct ChatTemplate: @unchecked Sendable {
+    // Unchecked: the parsed tree is never mutated after init, and every rendering builds its own
+    // interpreter state, so one template may render on many threads at once.
     public let source: String
     let nodes: [Node]
 
@@ -114,7 +116,13 @@ public struct ChatTemplate {
         root.vars["add_generation_prompt"] = .bool(addGenerationPrompt)
         root.vars["bos_token"] = .string(bosToken)
         root.vars["eos_token"] = .string(eosToken)
-        for (k, v) in extra { root.vars[k] = TemplateValue(json: v) }
+        for (k, v) in extra {
+            // transformers passes these itself; Python refuses a second value for them.
+            if ["messages", "tools", "documents", "add_generation_prompt"].contains(k) {
+                throw PeregrineError.invalidArgument("the chat template variable '\(k)' cannot be set through extra variables")
+            }
+            root.vars[k] = TemplateValue(json: v)
+        }
         return try render(scope: root, now: now, limits: limits)
     }
 

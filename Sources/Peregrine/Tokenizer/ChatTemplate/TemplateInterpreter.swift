@@ -13,13 +13,18 @@ public struct ChatTemplateLimits: Sendable {
     public var maxCallDepth: Int
     /// Elements of a list made by range(), repetition or concatenation.
     public var maxListLength: Int
+    /// Machine stack the interpreter's recursion may use. Nesting (of blocks, expressions and
+    /// macro calls) is bounded by this rather than by counts, so rendering stays within the
+    /// stack of whatever thread calls it.
+    public var maxStackBytes: Int
 
     public init(maxOutputBytes: Int = 32 << 20, maxLoopIterations: Int = 2_000_000,
-                maxCallDepth: Int = 64, maxListLength: Int = 1_000_000) {
+                maxCallDepth: Int = 64, maxListLength: Int = 1_000_000, maxStackBytes: Int = 256 << 10) {
         self.maxOutputBytes = maxOutputBytes
         self.maxLoopIterations = maxLoopIterations
         self.maxCallDepth = maxCallDepth
         self.maxListLength = maxListLength
+        self.maxStackBytes = maxStackBytes
     }
 }
 
@@ -55,9 +60,31 @@ final class Interpreter {
     private var callDepth = 0
     var line = 0
 
+    /// Where the stack was when rendering started, to measure how deep the recursion went.
+    private let stackBase = Interpreter.stackAddress()
+    /// The deepest stack use seen, in bytes.
+    private(set) var stackUsed = 0
+
     init(limits: ChatTemplateLimits, now: ChatTemplate.Timestamp) {
         self.limits = limits
         self.now = now
+    }
+
+    @inline(never)
+    static func stackAddress() -> Int {
+        var marker: UInt8 = 0
+        return withUnsafeMutablePointer(to: &marker) { Int(bitPattern: $0) }
+    }
+
+    /// Fails once the recursion has used the stack budget (stacks grow down on every platform
+    /// Swift runs on).
+    @inline(__always)
+    private func checkStack() throws {
+        let used = stackBase - Interpreter.stackAddress()
+        if used > stackUsed {
+            stackUsed = used
+            if used > limits.maxStackBytes { throw error("template nested too deeply") }
+        }
     }
 
     func error(_ m: String) -> ChatTemplateError { ChatTemplateError(.render, m, line: line > 0 ? line : nil) }
@@ -93,6 +120,7 @@ final class Interpreter {
     }
 
     private func execute(_ nodes: [Node], scope: Scope, into out: inout String) throws -> Flow {
+        try checkStack()
         for node in nodes {
             switch node {
             case .text(let s):
@@ -296,6 +324,7 @@ final class Interpreter {
     // MARK: Expressions
 
     func eval(_ e: Expr, _ scope: Scope) throws -> TemplateValue {
+        try checkStack()
         switch e {
         case .literal(let v):
             return v

@@ -22,6 +22,14 @@ struct TemplateParser {
     private var unknownNames: [(message: String, line: Int, conditional: Bool)] = []
     private var statementDepth = 0
     static let maxNesting = 200
+    /// Machine stack the recursive descent may use, so a pathologically nested template is
+    /// refused on any thread instead of overflowing its stack.
+    static let maxStackBytes = 192 << 10
+    private let stackBase = Interpreter.stackAddress()
+
+    private func checkStack() throws {
+        if stackBase - Interpreter.stackAddress() > TemplateParser.maxStackBytes { throw error("template nested too deeply") }
+    }
 
     static func parse(_ source: String) throws -> [Node] {
         var p = TemplateParser(tokens: try TemplateLexer.tokenize(source))
@@ -99,6 +107,7 @@ struct TemplateParser {
     /// Parses nodes until a block tag named in `endTags` (left unconsumed, with its `{%`
     /// consumed) or the end of the template when `endTags` is empty.
     private mutating func parseBody(until endTags: Set<String>) throws -> [Node] {
+        try checkStack()
         statementDepth += 1
         defer { statementDepth -= 1 }
         guard statementDepth < TemplateParser.maxNesting else { throw error("blocks nested too deeply") }
@@ -342,6 +351,7 @@ struct TemplateParser {
     // MARK: Expressions
 
     private mutating func enter() throws {
+        try checkStack()
         expressionDepth += 1
         guard expressionDepth < TemplateParser.maxNesting else { throw error("expression nested too deeply") }
     }
