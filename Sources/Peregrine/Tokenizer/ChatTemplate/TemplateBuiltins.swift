@@ -366,12 +366,12 @@ enum Builtins {
                 let r = StringOps.replace(s, try str(a, 0, "old"), try str(a, 1, "new"), count: try a.int(2, "count") ?? -1)
                 return try interp.checkString(r)
             }
-        case "upper": return method(name) { _, _ in .string(s.uppercased()) }
-        case "lower": return method(name) { _, _ in .string(s.lowercased()) }
-        case "casefold": return method(name) { _, _ in .string(s.lowercased()) }
-        case "title": return method(name) { _, _ in .string(StringOps.title(s)) }
-        case "capitalize": return method(name) { _, _ in .string(StringOps.capitalize(s)) }
-        case "swapcase": return method(name) { _, _ in .string(StringOps.swapcase(s)) }
+        case "upper": return method(name) { a, _ in try a.check(max: 0, names: []); return .string(s.uppercased()) }
+        case "lower": return method(name) { a, _ in try a.check(max: 0, names: []); return .string(s.lowercased()) }
+        case "casefold": return method(name) { a, _ in try a.check(max: 0, names: []); return .string(s.lowercased()) }
+        case "title": return method(name) { a, _ in try a.check(max: 0, names: []); return .string(StringOps.title(s)) }
+        case "capitalize": return method(name) { a, _ in try a.check(max: 0, names: []); return .string(StringOps.capitalize(s)) }
+        case "swapcase": return method(name) { a, _ in try a.check(max: 0, names: []); return .string(StringOps.swapcase(s)) }
         case "find", "index", "rfind", "rindex", "count":
             return method(name) { a, _ in
                 let hay = StringOps.scalars(s)
@@ -404,16 +404,16 @@ enum Builtins {
                 .string(try StringFormat.format(s, args, kwargs, interp))
             })
         case "isdigit", "isdecimal", "isnumeric":
-            return method(name) { _, _ in .bool(!s.isEmpty && s.unicodeScalars.allSatisfy { $0.properties.numericType != nil }) }
-        case "isalpha": return method(name) { _, _ in .bool(!s.isEmpty && s.unicodeScalars.allSatisfy { $0.properties.isAlphabetic }) }
+            return method(name) { a, _ in try a.check(max: 0, names: []); return .bool(!s.isEmpty && s.unicodeScalars.allSatisfy { $0.properties.numericType != nil }) }
+        case "isalpha": return method(name) { a, _ in try a.check(max: 0, names: []); return .bool(!s.isEmpty && s.unicodeScalars.allSatisfy { $0.properties.isAlphabetic }) }
         case "isalnum":
             return method(name) { _, _ in
                 .bool(!s.isEmpty && s.unicodeScalars.allSatisfy { $0.properties.isAlphabetic || $0.properties.numericType != nil })
             }
-        case "isspace": return method(name) { _, _ in .bool(!s.isEmpty && s.unicodeScalars.allSatisfy(StringOps.isSpace)) }
-        case "islower": return method(name) { _, _ in .bool(StringOps.isLower(s)) }
-        case "isupper": return method(name) { _, _ in .bool(StringOps.isUpper(s)) }
-        case "istitle": return method(name) { _, _ in .bool(!s.isEmpty && StringOps.title(s) == s && s.unicodeScalars.contains(where: StringOps.isCased)) }
+        case "isspace": return method(name) { a, _ in try a.check(max: 0, names: []); return .bool(!s.isEmpty && s.unicodeScalars.allSatisfy(StringOps.isSpace)) }
+        case "islower": return method(name) { a, _ in try a.check(max: 0, names: []); return .bool(StringOps.isLower(s)) }
+        case "isupper": return method(name) { a, _ in try a.check(max: 0, names: []); return .bool(StringOps.isUpper(s)) }
+        case "istitle": return method(name) { a, _ in try a.check(max: 0, names: []); return .bool(!s.isEmpty && StringOps.title(s) == s && s.unicodeScalars.contains(where: StringOps.isCased)) }
         case "center", "ljust", "rjust":
             return method(name) { a, interp in
                 guard let width = try a.int(0, "width") else { throw renderError("\(name)() takes at least 1 argument") }
@@ -475,8 +475,12 @@ enum Builtins {
     static func test(_ name: String, _ value: TemplateValue, _ args: [TemplateValue], _ interp: Interpreter) throws -> Bool {
         let v = value.plain
         func arg() throws -> TemplateValue {
-            guard let a = args.first else { throw renderError("test '\(name)' needs an argument") }
+            guard let a = args.first, args.count == 1 else { throw renderError("test '\(name)' takes one argument (\(args.count) given)") }
             return a
+        }
+        let takesArgument: Set<String> = ["equalto", "eq", "ne", "lt", "gt", "ge", "le", "lessthan", "greaterthan", "divisibleby", "in", "sameas"]
+        if !takesArgument.contains(name) && !args.isEmpty {
+            throw renderError("test '\(name)' takes no arguments (\(args.count) given)")
         }
         switch name {
         case "defined": return !v.isUndefined

@@ -170,7 +170,18 @@ extension Builtins {
             switch method {
             case "common":
                 if case .float = v { return .float(roundHalfEven(x, precision)) }
-                return v.integer.map { .int($0) } ?? v
+                guard let i = v.integer else { return v }
+                guard precision < 0 else { return .int(i) }
+                // Python rounds ints to tens, hundreds... exactly, ties to even.
+                guard precision > -19 else { return .int(0) }
+                var scale = 1
+                for _ in 0..<(-precision) { scale *= 10 }
+                var q = i / scale, r = i % scale
+                if r < 0 { q -= 1; r += scale }
+                if 2 * r > scale || (2 * r == scale && q % 2 != 0) { q += 1 }
+                let (rounded, overflow) = q.multipliedReportingOverflow(by: scale)
+                if overflow { throw Operators.overflow() }
+                return .int(rounded)
             case "ceil", "floor":
                 let scale = Foundation.pow(10.0, Double(precision))
                 let y = method == "ceil" ? (x * scale).rounded(.up) : (x * scale).rounded(.down)
@@ -254,7 +265,9 @@ extension Builtins {
             }
             return .iterator(out)
         case "map":
-            let items = v.truthy ? try interp.iterate(v) : []
+            // jinja2 looks nothing up for a falsy input: it just yields nothing.
+            guard v.truthy else { return .iterator([]) }
+            let items = try interp.iterate(v)
             if a.positional.isEmpty, let attr = a.keywords.first(where: { $0.0 == "attribute" })?.1 {
                 let dflt = a.keywords.first { $0.0 == "default" }?.1
                 return .iterator(try items.map { item in
@@ -268,14 +281,16 @@ extension Builtins {
             let rest = Array(a.positional.dropFirst())
             return .iterator(try items.map { try filter(filterName, $0, rest, a.keywords, interp) })
         case "select", "reject":
-            let items = v.truthy ? try interp.iterate(v) : []
+            guard v.truthy else { return .iterator([]) }
+            let items = try interp.iterate(v)
             let keep = name == "select"
             guard let testName = a.positional.first else { return .iterator(items.filter { $0.truthy == keep }) }
             guard case .string(let t) = testName, testNames.contains(t) else { throw renderError("unsupported test '\((try? testName.str()) ?? "")'") }
             let rest = Array(a.positional.dropFirst())
             return .iterator(try items.filter { try test(t, $0, rest, interp) == keep })
         case "selectattr", "rejectattr":
-            let items = v.truthy ? try interp.iterate(v) : []
+            guard v.truthy else { return .iterator([]) }
+            let items = try interp.iterate(v)
             let keep = name == "selectattr"
             guard let attr = a.positional.first else { throw renderError("\(name) requires an attribute name") }
             let values = try items.map { try attributeOf($0, attr, interp) }
@@ -421,36 +436,61 @@ extension Builtins {
         return out
     }
 
+    /// markupsafe's striptags: comments, then tags, removed; whitespace collapsed; entities
+    /// decoded.
     static func stripTags(_ s: String) -> String {
-        var text = StringOps.scalars(s)
-        // Comments first, then tags, as markupsafe does.
-        var out: Scalars = []
+        func remove(_ text: Scalars, open: String, close: String) -> Scalars {
+            let o = StringOps.scalars(open), c = StringOps.scalars(close)
+            var out: Scalars = []
+            var i = 0
+            while i < text.count {
+                if text[i] == o[0], text[i...].starts(with: o) {
+                    // The end mark is searched from the opening itself, as markupsafe does.
+                    guard let end = StringOps.find(text, c, from: i + 1) else {
+                        out += text[i...]
+                        break
+                    }
+                    i = end + c.count
+                    continue
+                }
+                out.append(text[i])
+                i += 1
+            }
+            return out
+        }
+        let text = remove(remove(StringOps.scalars(s), open: "<!--", close: "-->"), open: "<", close: ">")
+        let collapsed = (try? StringOps.split(StringOps.string(text), nil, -1))?.joined(separator: " ") ?? ""
+        return unescapeEntities(collapsed)
+    }
+
+    /// HTML entities back to characters: numeric ones and the common named ones.
+    static func unescapeEntities(_ s: String) -> String {
+        guard s.contains("&") else { return s }
+        let named: [String: String] = ["amp": "&", "lt": "<", "gt": ">", "quot": "\"", "apos": "'", "nbsp": "\u{A0}"]
+        let a = StringOps.scalars(s)
+        var out = ""
         var i = 0
-        while i < text.count {
-            if text[i] == "<", i + 3 < text.count, text[i + 1] == "!", text[i + 2] == "-", text[i + 3] == "-",
-               let end = StringOps.find(text, StringOps.scalars("-->"), from: i + 4) {
-                i = end + 3
-                continue
+        while i < a.count {
+            if a[i] == "&", let semi = a[(i + 1)...].prefix(12).firstIndex(of: ";") {
+                let body = StringOps.string(a[(i + 1)..<semi])
+                var replacement: String?
+                if body.hasPrefix("#x") || body.hasPrefix("#X") {
+                    replacement = UInt32(body.dropFirst(2), radix: 16).flatMap(Unicode.Scalar.init).map { String($0) }
+                } else if body.hasPrefix("#") {
+                    replacement = UInt32(body.dropFirst()).flatMap(Unicode.Scalar.init).map { String($0) }
+                } else {
+                    replacement = named[body]
+                }
+                if let replacement {
+                    out += replacement
+                    i = semi + 1
+                    continue
+                }
             }
-            out.append(text[i])
+            out.unicodeScalars.append(a[i])
             i += 1
         }
-        text = out
-        out = []
-        i = 0
-        while i < text.count {
-            if text[i] == "<", let end = text[(i + 1)...].firstIndex(of: ">") {
-                i = end + 1
-                out.append(" ")
-                continue
-            }
-            out.append(text[i])
-            i += 1
-        }
-        let collapsed = (try? StringOps.split(StringOps.string(out), nil, -1))?.joined(separator: " ") ?? ""
-        return collapsed.replacingOccurrences(of: "&lt;", with: "<").replacingOccurrences(of: "&gt;", with: ">")
-            .replacingOccurrences(of: "&quot;", with: "\"").replacingOccurrences(of: "&#34;", with: "\"")
-            .replacingOccurrences(of: "&#39;", with: "'").replacingOccurrences(of: "&amp;", with: "&")
+        return out
     }
 
     /// jinja2's indent: the text gets a trailing newline before it is split into lines, so a

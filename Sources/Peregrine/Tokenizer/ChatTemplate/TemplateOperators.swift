@@ -30,6 +30,10 @@ enum Operators {
     }
 
     static func binary(_ op: String, _ lhs: TemplateValue, _ rhs: TemplateValue, _ interp: Interpreter) throws -> TemplateValue {
+        // `str % undefined` formats the undefined value (as ""), like any other argument.
+        if op == "%", case .string(let fmt) = lhs.plain, rhs.isUndefined {
+            return try interp.checkString(try StringFormat.percent(fmt, rhs))
+        }
         if let e = undefinedError(lhs, rhs) { throw e }
         if op == "+" || op == "*", let m = try markupArithmetic(op, lhs, rhs, interp) { return m }
         let a = lhs.plain, b = rhs.plain

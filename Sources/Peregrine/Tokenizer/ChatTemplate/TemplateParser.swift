@@ -200,14 +200,15 @@ struct TemplateParser {
         defer { conditional = saved }
         var branches: [(Expr, [Node])] = []
         var otherwise: [Node] = []
-        var condition = try parseTuple()
+        // As in jinja2, an if statement's test is not itself an inline if (parenthesise one).
+        var condition = try parseTuple(allowConditional: false)
         try expectBlockEnd()
         while true {
             let body = try parseBody(until: ["elif", "else", "endif"])
             branches.append((condition, body))
             let tag = try expectName()
             if tag == "elif" {
-                condition = try parseTuple()
+                condition = try parseTuple(allowConditional: false)
                 try expectBlockEnd()
                 continue
             }
@@ -597,8 +598,8 @@ struct TemplateParser {
             currentPart = try parseTuple()
         }
         if !isSlice {
-            guard let index = parts.first ?? nil else { throw error("empty subscript") }
-            return .item(base, index)
+            // `x[]` looks up the empty tuple, as jinja2 reads it.
+            return .item(base, (parts.first ?? nil) ?? .tuple([]))
         }
         while parts.count < 3 { parts.append(nil) }
         return .slice(base, parts[0], parts[1], parts[2])

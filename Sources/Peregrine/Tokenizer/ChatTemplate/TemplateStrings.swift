@@ -427,9 +427,13 @@ enum StringFormat {
     static func percent(_ template: String, _ arg: TemplateValue) throws -> String {
         var args: [TemplateValue]
         var mapping: PyDict?
-        switch arg {
+        // Python treats any argument with item access (a dict, but also a list) as a possible
+        // mapping, and then does not complain about arguments left unused.
+        var mappingLike = false
+        switch arg.plain {
         case .tuple(let items): args = items
-        case .dict(let d): args = [arg]; mapping = d
+        case .dict(let d): args = [arg]; mapping = d; mappingLike = true
+        case .list, .undefined, .string: args = [arg]; mappingLike = arg.plain.isUndefined || { if case .list = arg.plain { return true }; return false }()
         default: args = [arg]
         }
         let chars = Array(template)
@@ -462,12 +466,20 @@ enum StringFormat {
             }
             guard let v = value else { continue }
             var spec = Spec()
+            spec.align = ">"
             var flags = Substring(specText)
-            if flags.hasPrefix("-") { spec.align = "<"; flags = flags.dropFirst() } else { spec.align = ">" }
-            if flags.hasPrefix("0") {
-                if spec.align == ">" { spec.fill = "0"; spec.align = "=" }
+            var zeroPad = false
+            while let f = flags.first, "-+ #0".contains(f) {
+                switch f {
+                case "-": spec.align = "<"
+                case "+": spec.sign = "+"
+                case " ": if spec.sign == nil { spec.sign = " " }
+                case "0": zeroPad = true
+                default: break
+                }
                 flags = flags.dropFirst()
             }
+            if zeroPad && spec.align == ">" && type != "s" && type != "r" { spec.fill = "0"; spec.align = "=" }
             let parts = flags.split(separator: ".", omittingEmptySubsequences: false)
             spec.width = Int(parts.first ?? "") ?? 0
             if parts.count > 1 { spec.precision = Int(parts[1]) ?? 0 }
@@ -485,7 +497,7 @@ enum StringFormat {
                 throw renderError("unsupported format character '\(type)'")
             }
         }
-        if next < args.count && mapping == nil { throw renderError("not all arguments converted during string formatting") }
+        if next < args.count && !mappingLike { throw renderError("not all arguments converted during string formatting") }
         return out
     }
 }
