@@ -234,7 +234,11 @@ enum Builtins {
         case .string(let s):
             let a = StringOps.scalars(s)
             return .string(StringOps.string(try indices(a.count).map { a[$0] }))
+        case .dict:
+            throw renderError("unhashable type: 'slice'")
         default:
+            // jinja2 slices with Python's own subscript, so this fails rather than giving an
+            // undefined value as a bad index does.
             throw renderError("'\(value.typeName)' object is not subscriptable")
         }
     }
@@ -496,7 +500,7 @@ enum Builtins {
         case "mapping": if case .dict = v { return true }; return false
         case "iterable":
             switch v {
-            case .string, .list, .tuple, .dict, .undefined, .iterator: return true
+            case .string, .list, .tuple, .dict, .undefined, .iterator, .failingIterator: return true
             default: return false
             }
         case "sequence":

@@ -21,6 +21,23 @@ extension Builtins {
         default: break
         }
         let v = value.plain
+        if Builtins.generatorFilters.contains(name) {
+            // jinja2 runs these lazily: whatever goes wrong while producing the items (an input
+            // that cannot be walked, a test that fails on an item) fails only when the result is
+            // walked, so the result stands as a value until then.
+            do {
+                return try eagerFilter(name, v, positional, keywords, interp)
+            } catch let e as ChatTemplateError where e.kind == .render {
+                return .failingIterator(e.message)
+            }
+        }
+        return try eagerFilter(name, v, positional, keywords, interp)
+    }
+
+    static let generatorFilters: Set<String> = ["map", "select", "reject", "selectattr", "rejectattr", "unique", "batch", "slice", "items"]
+
+    private static func eagerFilter(_ name: String, _ v: TemplateValue, _ positional: [TemplateValue], _ keywords: [(String, TemplateValue)],
+                                    _ interp: Interpreter) throws -> TemplateValue {
         let a = Arguments(name, positional, keywords)
         // Filters that read the value as text (trim, upper, ...) take str() of it.
         func text() throws -> String { try v.str() }
@@ -41,7 +58,7 @@ extension Builtins {
             case .dict(let d): return .int(d.count)
             case .undefined: return .int(0)
             case .namespace(let ns): return .int(ns.attributes.count)
-            case .iterator: throw renderError("object of type 'generator' has no len()")
+            case .iterator, .failingIterator: throw renderError("object of type 'generator' has no len()")
             default: throw renderError("object of type '\(v.typeName)' has no len()")
             }
         case "wordcount":
@@ -76,10 +93,13 @@ extension Builtins {
             switch v {
             case .dict(let d): return .iterator(d.pairs.map { .tuple([$0, $1]) })
             case .undefined: return .iterator([])
-            default: throw renderError("'\(v.typeName)' object has no attribute 'items'")
+            default: return .failingIterator("Can only get item pairs from a mapping.")
             }
         case "reverse":
             if case .string(let s) = v { return .string(StringOps.string(s.unicodeScalars.reversed())) }
+            // A list reverses into an iterator; an iterator (which Python cannot reverse) into a
+            // list, as jinja2's fallback makes.
+            if case .iterator = v { return .list(try interp.iterate(v).reversed()) }
             return .iterator(try interp.iterate(v).reversed())
         case "unique":
             try a.check(max: 2, names: ["case_sensitive", "attribute"])
@@ -193,6 +213,7 @@ extension Builtins {
             try a.check(max: 2, names: ["default", "base"])
             let dflt = a.get(0, "default") ?? .int(0)
             let base = try a.int(1, "base") ?? 10
+            if case .undefined(let u) = v { throw renderError(u.hint) }
             return toInt(v, base: base) ?? dflt
         case "float":
             try a.check(max: 1, names: ["default"])
@@ -220,6 +241,11 @@ extension Builtins {
             return try interp.checkString(r)
         case "indent":
             try a.check(max: 3, names: ["width", "first", "blank"])
+            // jinja2 appends a newline to the value first, which only a str allows.
+            guard case .string = v else {
+                if case .undefined(let u) = v { throw renderError(u.hint) }
+                throw renderError("unsupported operand type(s) for +=: '\(v.typeName)' and 'str'")
+            }
             var indentation = "    "
             if let w = a.get(0, "width") {
                 if case .string(let s) = w { indentation = s }
@@ -342,8 +368,21 @@ extension Builtins {
         case "pprint": return .string(try v.repr())
         case "truncate":
             try a.check(max: 4, names: ["length", "killwords", "end", "leeway"])
-            let s = StringOps.scalars(try text())
             let length = try a.int(0, "length") ?? 255
+            guard case .string(let text) = v else {
+                // jinja2 measures the value as it is: an undefined value has length 0 and comes
+                // back as it is, as do short containers; anything else fails.
+                let count: Int
+                switch v {
+                case .undefined: return v
+                case .list(let l), .tuple(let l): count = l.count
+                case .dict(let d): count = d.count
+                default: throw renderError("object of type '\(v.typeName)' has no len()")
+                }
+                if count <= length + (try a.int(3, "leeway") ?? 5) { return v }
+                throw renderError("truncate needs a string")
+            }
+            let s = StringOps.scalars(text)
             let killwords = a.bool(1, "killwords", false)
             let end = try a.string(2, "end") ?? "..."
             let leeway = try a.int(3, "leeway") ?? 5
@@ -621,7 +660,7 @@ struct JSONDumper {
             }
             try newline(level)
             try put("}")
-        case .namespace, .callable, .loop, .undefined, .iterator, .markup:
+        case .namespace, .callable, .loop, .undefined, .iterator, .failingIterator, .markup:
             throw renderError("Object of type \(v.typeName) is not JSON serializable")
         }
     }

@@ -255,6 +255,7 @@ final class Interpreter {
         case .string(let s): return s.unicodeScalars.map { .string(String($0)) }
         case .dict(let d): return d.keys
         case .undefined: return []
+        case .failingIterator(let message): throw renderError(message)
         case .namespace: throw renderError("'Namespace' object is not iterable")
         default: throw renderError("'\(v.typeName)' object is not iterable")
         }
@@ -346,8 +347,15 @@ final class Interpreter {
             return try Builtins.getItem(try eval(base, scope), try eval(index, scope), self)
         case .slice(let base, let a, let b, let c):
             let v = try eval(base, scope)
-            return try Builtins.slice(v, try a.map { try eval($0, scope) }, try b.map { try eval($0, scope) },
-                                      try c.map { try eval($0, scope) }, self)
+            do {
+                return try Builtins.slice(v, try a.map { try eval($0, scope) }, try b.map { try eval($0, scope) },
+                                          try c.map { try eval($0, scope) }, self)
+            } catch let error as ChatTemplateError where error.kind == .render {
+                // jinja2 folds a slice of a literal when it compiles the template, through the
+                // lookup that gives an undefined value instead of failing.
+                if Interpreter.isConstant(base) { return .undefined("'\(Builtins.describe(v))' has no element slice") }
+                throw error
+            }
         case .call(let calleeExpr, let argExprs, let kwargExprs, let line):
             let callee = try eval(calleeExpr, scope)
             let args = try argExprs.map { try eval($0, scope) }
@@ -392,6 +400,16 @@ final class Interpreter {
             if try eval(test, scope).truthy { return try eval(then, scope) }
             if let otherwise { return try eval(otherwise, scope) }
             return .undefined("the inline if-expression evaluated to false and no else section was defined")
+        }
+    }
+
+    /// A literal, or a list, tuple or dict display of literals: what jinja2 folds at compile time.
+    static func isConstant(_ e: Expr) -> Bool {
+        switch e {
+        case .literal: return true
+        case .list(let items), .tuple(let items): return items.allSatisfy(isConstant)
+        case .dict(let pairs): return pairs.allSatisfy { isConstant($0.0) && isConstant($0.1) }
+        default: return false
         }
     }
 

@@ -62,7 +62,7 @@ enum Operators {
             }
             guard let x = a.number, let y = b.number else { throw unsupported("//", a, b) }
             guard y != 0 else { throw renderError("float floor division by zero") }
-            return .float((x / y).rounded(.down))
+            return .float(floatDivMod(x, y).div)
         case "%":
             if case .string(let fmt) = a { return try interp.checkString(try StringFormat.percent(fmt, b)) }
             if let x = a.integer, let y = b.integer {
@@ -74,9 +74,7 @@ enum Operators {
             }
             guard let x = a.number, let y = b.number else { throw unsupported("%", a, b) }
             guard y != 0 else { throw renderError("float modulo") }
-            var r = x.truncatingRemainder(dividingBy: y)
-            if r != 0 && ((r < 0) != (y < 0)) { r += y }
-            return .float(r)
+            return .float(floatDivMod(x, y).mod)
         case "**":
             if let x = a.integer, let y = b.integer {
                 if y < 0 {
@@ -107,6 +105,29 @@ enum Operators {
         default:
             throw renderError("unknown operator '\(op)'")
         }
+    }
+
+    /// Python's float divmod: the remainder takes the divisor's sign (zero included), and the
+    /// quotient is computed from it, so 1 // 0.1 is 9.0 as in Python.
+    static func floatDivMod(_ x: Double, _ y: Double) -> (div: Double, mod: Double) {
+        var mod = fmod(x, y)
+        var div = (x - mod) / y
+        if mod != 0 {
+            if (y < 0) != (mod < 0) {
+                mod += y
+                div -= 1
+            }
+        } else {
+            mod = Double(signOf: y, magnitudeOf: 0)
+        }
+        var floorDiv: Double
+        if div != 0 {
+            floorDiv = div.rounded(.down)
+            if div - floorDiv > 0.5 { floorDiv += 1 }
+        } else {
+            floorDiv = Double(signOf: x / y, magnitudeOf: 0)
+        }
+        return (floorDiv, mod)
     }
 
     /// Markup plus a str escapes the str; Markup repeated stays Markup.
@@ -207,6 +228,7 @@ enum Operators {
             if case .dict = item { throw renderError("unhashable type: 'dict'") }
             return d.get(item) != nil
         case .undefined: return false
+        case .failingIterator(let message): throw renderError(message)
         case .namespace(let ns): return ns.attributes.get(item) != nil
         default: throw renderError("argument of type '\(container.typeName)' is not iterable")
         }

@@ -140,6 +140,9 @@ enum TemplateValue {
     /// A one-pass iterator, what jinja2's map, select, reverse, unique, items... return: always
     /// truthy, without a length, not JSON-serialisable; `|list` turns it into a list.
     case iterator([TemplateValue])
+    /// A jinja2 generator over something that cannot be iterated: it only fails, with this
+    /// message, when something walks it (`zero | unique` is a value until then).
+    case failingIterator(String)
     /// Text marked safe (`|safe`, `|e`): adding a plain string to it HTML-escapes that string,
     /// as markupsafe's Markup does. Everywhere else it behaves as a str.
     case markup(String)
@@ -167,7 +170,7 @@ enum TemplateValue {
         case .namespace: return "Namespace"
         case .callable: return "function"
         case .loop: return "LoopContext"
-        case .iterator: return "generator"
+        case .iterator, .failingIterator: return "generator"
         case .markup: return "Markup"
         }
     }
@@ -184,7 +187,7 @@ enum TemplateValue {
         case .string(let s), .markup(let s): return !s.isEmpty
         case .list(let a), .tuple(let a): return !a.isEmpty
         case .dict(let d): return d.count > 0
-        case .namespace, .callable, .loop, .iterator: return true
+        case .namespace, .callable, .loop, .iterator, .failingIterator: return true
         }
     }
 
@@ -408,7 +411,7 @@ extension TemplateValue {
             try put(">")
         case .callable(let c): try put("<function \(c.name)>")
         case .loop(let l): try put("<LoopContext \(l.index0 + 1)/\(l.items.count)>")
-        case .iterator: try put("<generator object>")
+        case .iterator, .failingIterator: try put("<generator object>")
         case .markup(let s): try put("Markup(" + PyFormat.stringRepr(s) + ")")
         }
     }
