@@ -113,6 +113,26 @@ final class ChatTemplateTests: XCTestCase {
         }
     }
 
+    /// Seeded random expressions and statement mixes (whitespace control with every block tag),
+    /// rendered by jinja2 in the fixture script.
+    func testRandomTemplatesMatchJinja2() throws {
+        let random = try ChatTemplateTests.expected()["random"]
+        let cases = random?["cases"]?.array ?? []
+        XCTAssertGreaterThan(cases.count, 300)
+        var matched = 0
+        for (i, entry) in cases.enumerated() {
+            let source = entry["template"]?.string ?? ""
+            let contextName = entry["context"]?.string ?? ""
+            let context = random?["contexts"]?[contextName]?.object.map { o in
+                Dictionary(uniqueKeysWithValues: o.pairs.map { ($0, $1) })
+            } ?? [:]
+            if check("random case \(i): \(source)", Outcome(entry), {
+                try ChatTemplate(source: source).render(context: context, now: ChatTemplateTests.fixedNow)
+            }) { matched += 1 }
+        }
+        XCTAssertEqual(matched, cases.count)
+    }
+
     // MARK: Errors
 
     func parseError(_ source: String) -> ChatTemplateError? {

@@ -207,7 +207,8 @@ final class Interpreter {
             }
         }
         if items.isEmpty {
-            let flow = try execute(otherwise, scope: scope, into: &out)
+            // The else branch has a scope of its own too: what it sets stays there.
+            let flow = try execute(otherwise, scope: Scope(parent: scope), into: &out)
             if flow != .normal { throw error("'break' or 'continue' outside a loop") }
             return
         }
