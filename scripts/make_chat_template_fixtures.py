@@ -314,6 +314,7 @@ UNITS = [
     ("indent_needs_a_string", "{{ 5 | indent }}", {}),
     ("int_of_undefined_fails", "{{ missing | int }}", {}),
     ("for_else_scope", "{% set y = 0 %}{% for x in [] %}{% else %}{% set y = 1 %}{{ y }}{% endfor %}[{{ y }}]{% filter upper %}{% set q = 1 %}{% endfilter %}[{{ q }}]", {}),
+    ("dict_views", "{{ d.keys() }} {{ d.items() }} {{ d.values() | list }} {{ d.keys() is sequence }} {{ d.items() | length }} {{ 'a' in d.keys() }} [{{ d.keys()[0] }}] {{ d.keys() == {'b': 0, 'a': 0}.keys() }} {% for k, v in d.items() %}{{ k }}{{ v }}{% endfor %}", {"d": {"a": 1, "b": [2]}}),
     ("unknown_filter_parse_error", "{{ x | frobnicate }}", {}),
     ("unknown_tag_parse_error", "{% frobnicate %}", {}),
     ("unknown_test_parse_error", "{{ x is frobnicated }}", {}),

@@ -292,10 +292,10 @@ enum Builtins {
         case "items":
             return method(name) { a, _ in
                 try a.check(max: 0, names: [])
-                return .list(d.pairs.map { .tuple([$0, $1]) })
+                return .view("dict_items", d.pairs.map { .tuple([$0, $1]) })
             }
-        case "keys": return method(name) { a, _ in try a.check(max: 0, names: []); return .list(d.keys) }
-        case "values": return method(name) { a, _ in try a.check(max: 0, names: []); return .list(d.values) }
+        case "keys": return method(name) { a, _ in try a.check(max: 0, names: []); return .view("dict_keys", d.keys) }
+        case "values": return method(name) { a, _ in try a.check(max: 0, names: []); return .view("dict_values", d.values) }
         case "copy": return method(name) { _, _ in .dict(d) }
         default: return nil
         }
@@ -500,7 +500,7 @@ enum Builtins {
         case "mapping": if case .dict = v { return true }; return false
         case "iterable":
             switch v {
-            case .string, .list, .tuple, .dict, .undefined, .iterator, .failingIterator: return true
+            case .string, .list, .tuple, .dict, .undefined, .iterator, .failingIterator, .view: return true
             default: return false
             }
         case "sequence":

@@ -54,7 +54,7 @@ extension Builtins {
         case "length", "count":
             switch v {
             case .string(let s): return .int(s.unicodeScalars.count)
-            case .list(let l), .tuple(let l): return .int(l.count)
+            case .list(let l), .tuple(let l), .view(_, let l): return .int(l.count)
             case .dict(let d): return .int(d.count)
             case .undefined: return .int(0)
             case .namespace(let ns): return .int(ns.attributes.count)
@@ -660,7 +660,7 @@ struct JSONDumper {
             }
             try newline(level)
             try put("}")
-        case .namespace, .callable, .loop, .undefined, .iterator, .failingIterator, .markup:
+        case .namespace, .callable, .loop, .undefined, .iterator, .failingIterator, .markup, .view:
             throw renderError("Object of type \(v.typeName) is not JSON serializable")
         }
     }

@@ -252,7 +252,7 @@ final class Interpreter {
     /// keys; nothing for undefined.
     func iterate(_ v: TemplateValue) throws -> [TemplateValue] {
         switch v.plain {
-        case .list(let a), .tuple(let a), .iterator(let a): return a
+        case .list(let a), .tuple(let a), .iterator(let a), .view(_, let a): return a
         case .string(let s): return s.unicodeScalars.map { .string(String($0)) }
         case .dict(let d): return d.keys
         case .undefined: return []

@@ -222,7 +222,7 @@ enum Operators {
                 throw renderError("'in <string>' requires string as left operand, not \(item.typeName)")
             }
             return needle.isEmpty || StringOps.find(Array(s.unicodeScalars), Array(needle.unicodeScalars), from: 0) != nil
-        case .list(let a), .tuple(let a), .iterator(let a): return a.contains { $0.pyEquals(item) }
+        case .list(let a), .tuple(let a), .iterator(let a), .view(_, let a): return a.contains { $0.pyEquals(item) }
         case .dict(let d):
             if case .list = item { throw renderError("unhashable type: 'list'") }
             if case .dict = item { throw renderError("unhashable type: 'dict'") }
