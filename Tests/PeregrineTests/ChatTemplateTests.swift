@@ -265,9 +265,24 @@ final class ChatTemplateTests: XCTestCase {
         try "J".write(toFile: dir + "/chat_template.jinja", atomically: true, encoding: .utf8)
         XCTAssertEqual(try ChatTemplate.load(model: dir)?.source, "J")
 
+        try FileManager.default.createDirectory(atPath: dir + "/additional_chat_templates", withIntermediateDirectories: true)
+        try "R".write(toFile: dir + "/additional_chat_templates/rag.jinja", atomically: true, encoding: .utf8)
+        XCTAssertEqual(try ChatTemplate.load(model: dir, name: "rag")?.source, "R")
+        XCTAssertThrowsError(try ChatTemplate.load(model: dir, name: "missing"))
+
         try #"{"chat_template": "{{ x | nosuchfilter }}"}"#.write(toFile: dir + "/tokenizer_config.json", atomically: true, encoding: .utf8)
         try FileManager.default.removeItem(atPath: dir + "/chat_template.jinja")
         XCTAssertThrowsError(try ChatTemplate.load(model: dir))
+
+        // A list of templates without a default is an error naming them; chat_template.json is
+        // read when tokenizer_config.json has none.
+        try #"{"chat_template": [{"name": "a", "template": "A"}, {"name": "b", "template": "B"}]}"#
+            .write(toFile: dir + "/tokenizer_config.json", atomically: true, encoding: .utf8)
+        XCTAssertThrowsError(try ChatTemplate.load(model: dir)) { e in XCTAssertTrue("\(e)".contains("'a', 'b'")) }
+        XCTAssertEqual(try ChatTemplate.load(model: dir, name: "b")?.source, "B")
+        try #"{"bos_token": "<s>"}"#.write(toFile: dir + "/tokenizer_config.json", atomically: true, encoding: .utf8)
+        try #"{"chat_template": "P"}"#.write(toFile: dir + "/chat_template.json", atomically: true, encoding: .utf8)
+        XCTAssertEqual(try ChatTemplate.load(model: dir)?.source, "P")
     }
 
     func testLoadReadsGGUFMetadata() throws {
