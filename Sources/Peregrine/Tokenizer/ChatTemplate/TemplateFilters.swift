@@ -502,34 +502,60 @@ extension Builtins {
         return unescapeEntities(collapsed)
     }
 
-    /// HTML entities back to characters: numeric ones and the common named ones.
+    /// HTML entities back to characters, as Python's html.unescape reads them: numeric ones
+    /// (the semicolon optional) and the common named ones (those of them HTML allows without a
+    /// semicolon also without one).
     static func unescapeEntities(_ s: String) -> String {
         guard s.contains("&") else { return s }
-        let named: [String: String] = ["amp": "&", "lt": "<", "gt": ">", "quot": "\"", "apos": "'", "nbsp": "\u{A0}"]
+        let named: [(String, String, Bool)] = [("amp", "&", true), ("lt", "<", true), ("gt", ">", true),
+                                               ("quot", "\"", true), ("nbsp", "\u{A0}", true), ("apos", "'", false)]
         let a = StringOps.scalars(s)
-        var out = ""
+        var out = String.UnicodeScalarView()
         var i = 0
+        func isHex(_ u: Unicode.Scalar) -> Bool { ("0"..."9").contains(u) || ("a"..."f").contains(u) || ("A"..."F").contains(u) }
         while i < a.count {
-            if a[i] == "&", let semi = a[(i + 1)...].prefix(12).firstIndex(of: ";") {
-                let body = StringOps.string(a[(i + 1)..<semi])
-                var replacement: String?
-                if body.hasPrefix("#x") || body.hasPrefix("#X") {
-                    replacement = UInt32(body.dropFirst(2), radix: 16).flatMap(Unicode.Scalar.init).map { String($0) }
-                } else if body.hasPrefix("#") {
-                    replacement = UInt32(body.dropFirst()).flatMap(Unicode.Scalar.init).map { String($0) }
-                } else {
-                    replacement = named[body]
-                }
-                if let replacement {
-                    out += replacement
-                    i = semi + 1
+            guard a[i] == "&", i + 1 < a.count else { out.append(a[i]); i += 1; continue }
+            if a[i + 1] == "#" {
+                var j = i + 2
+                var radix: UInt32 = 10
+                if j < a.count, a[j] == "x" || a[j] == "X" { radix = 16; j += 1 }
+                let digitsStart = j
+                while j < a.count, radix == 16 ? isHex(a[j]) : ("0"..."9").contains(a[j]) { j += 1 }
+                if j > digitsStart {
+                    var value: UInt32 = 0
+                    for u in a[digitsStart..<j] {
+                        let d = UInt32(String(u), radix: Int(radix)) ?? 0
+                        value = value > 0x10FFFF ? value : value &* radix &+ d
+                    }
+                    // Python maps invalid code points to U+FFFD.
+                    let scalar = (value == 0 || value > 0x10FFFF) ? "\u{FFFD}" : (Unicode.Scalar(value) ?? "\u{FFFD}")
+                    out.append(scalar)
+                    i = j < a.count && a[j] == ";" ? j + 1 : j
                     continue
                 }
+            } else {
+                var matched = false
+                for (name, text, legacy) in named {
+                    let n = StringOps.scalars(name)
+                    guard a[(i + 1)...].starts(with: n) else { continue }
+                    let end = i + 1 + n.count
+                    if end < a.count, a[end] == ";" {
+                        out.append(contentsOf: text.unicodeScalars)
+                        i = end + 1
+                        matched = true
+                    } else if legacy {
+                        out.append(contentsOf: text.unicodeScalars)
+                        i = end
+                        matched = true
+                    }
+                    if matched { break }
+                }
+                if matched { continue }
             }
-            out.unicodeScalars.append(a[i])
+            out.append(a[i])
             i += 1
         }
-        return out
+        return String(out)
     }
 
     /// jinja2's indent: the text gets a trailing newline before it is split into lines, so a
