@@ -316,6 +316,9 @@ final class ChatTemplateTests: XCTestCase {
         XCTAssertEqual(try tokens.render(messages: [], addGenerationPrompt: false, bosToken: "<s>",
                                          extra: ["bos_token": .string("[B]"), "enable_thinking": .bool(false)]), "[B]False")
         XCTAssertThrowsError(try tokens.render(messages: [], addGenerationPrompt: false, extra: ["messages": .array([])]))
+        // A tokenizer without a BOS token leaves bos_token undefined, as transformers does.
+        let defined = try ChatTemplate(source: "{{ bos_token is defined }} {{ eos_token is defined }}")
+        XCTAssertEqual(try defined.render(messages: [], addGenerationPrompt: false, eosToken: "</s>"), "False True")
     }
 
     func testStrftimeNowReadsTheGivenClock() throws {

@@ -11,7 +11,8 @@ import Darwin
 /// What the template sees follows transformers: `messages` (with keys whose value is null
 /// dropped, and reasoning under `reasoning_content`, `thinking` or `reasoning` copied to both
 /// `thinking` and `reasoning_content`), `tools` (None when not given), `documents` (None),
-/// `add_generation_prompt`, `bos_token`, `eos_token` and the `extra` variables.
+/// `add_generation_prompt`, `bos_token` and `eos_token` (when the tokenizer has them) and the
+/// `extra` variables.
 ///
 /// Limitations: JSON numbers are doubles here, so a whole number written with a fraction in the
 /// request (`1.0`) reaches the template as the int 1; integers are 64-bit (Python's grow);
@@ -110,7 +111,8 @@ public struct ChatTemplate: @unchecked Sendable {
     /// Renders messages (each a JSON object: role, content (string, null, or a list of
     /// {type:"text", text} parts), optional tool_calls, name, tool_call_id, reasoning_content...).
     /// `tools` is handed to the template as `tools` (None when nil, as transformers passes it).
-    /// `bosToken`/`eosToken` are the tokenizer's special-token strings. `extra` adds further
+    /// `bosToken`/`eosToken` are the tokenizer's special-token strings ("" when it has none: the
+    /// template then sees them undefined, as with transformers). `extra` adds further
     /// variables (e.g. enable_thinking, date_string). `now` is the clock `strftime_now` reads
     /// (the local time when nil).
     public func render(messages: [JSONValue], tools: [JSONValue]? = nil, addGenerationPrompt: Bool,
@@ -121,8 +123,9 @@ public struct ChatTemplate: @unchecked Sendable {
         root.vars["tools"] = tools.map { .list($0.map(TemplateValue.init(json:))) } ?? TemplateValue.none
         root.vars["documents"] = TemplateValue.none
         root.vars["add_generation_prompt"] = .bool(addGenerationPrompt)
-        root.vars["bos_token"] = .string(bosToken)
-        root.vars["eos_token"] = .string(eosToken)
+        // transformers passes only the special tokens the tokenizer has; "" stands for none.
+        if !bosToken.isEmpty { root.vars["bos_token"] = .string(bosToken) }
+        if !eosToken.isEmpty { root.vars["eos_token"] = .string(eosToken) }
         for (k, v) in extra {
             // transformers passes these itself; Python refuses a second value for them.
             if ["messages", "tools", "documents", "add_generation_prompt"].contains(k) {
