@@ -242,6 +242,24 @@ final class ChatTemplateTests: XCTestCase {
         XCTAssertTrue(outcomes[0].contains("nested too deeply") || outcomes[0].contains("macro calls nested"), outcomes[0])
     }
 
+    /// Macros and their scopes refer to each other; a rendering must still free them all.
+    func testRenderingFreesItsScopes() throws {
+        weak var root: Scope?
+        weak var namespace: Namespace?
+        try {
+            let scope = Scope(parent: nil)
+            root = scope
+            let nodes = try TemplateParser.parse("{% set ns = namespace(v=1) %}{% macro m() %}{{ ns.v }}{% endmacro %}"
+                + "{% for i in [1, 2] %}{% macro inner() %}{{ i }}{% endmacro %}{{ inner() }}{{ m() }}"
+                + "{% set ns.me = ns %}{% set ns.loop = loop %}{{ loop.changed(loop) }}{% endfor %}")
+            let interp = Interpreter(limits: ChatTemplateLimits(), now: ChatTemplateTests.fixedNow)
+            XCTAssertEqual(try interp.render(nodes, scope: scope), "11True21False")
+            if case .namespace(let ns)? = scope.vars["ns"] { namespace = ns }
+        }()
+        XCTAssertNil(root)
+        XCTAssertNil(namespace)
+    }
+
     // MARK: Loading
 
     func testLoadFindsTheTemplateOfADirectory() throws {

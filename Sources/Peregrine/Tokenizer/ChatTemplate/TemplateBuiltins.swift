@@ -52,7 +52,7 @@ enum Builtins {
     static func global(_ name: String) -> TemplateValue? {
         switch name {
         case "range": return .callable(TemplateCallable("range", range))
-        case "namespace": return .callable(TemplateCallable("namespace") { _, args, kwargs in
+        case "namespace": return .callable(TemplateCallable("namespace") { interp, args, kwargs in
             var attrs = PyDict()
             for a in args {
                 guard case .dict(let d) = a else { throw renderError("namespace() takes a mapping, not \(a.typeName)") }
@@ -64,7 +64,9 @@ enum Builtins {
                     throw renderError("namespace attribute '\(s)' starts with an underscore")
                 }
             }
-            return .namespace(Namespace(attrs))
+            let ns = Namespace(attrs)
+            interp.namespaces.append(ns)
+            return .namespace(ns)
         })
         case "dict": return .callable(TemplateCallable("dict") { interp, args, kwargs in
             var d = PyDict()

@@ -58,6 +58,13 @@ final class Interpreter {
     let now: ChatTemplate.Timestamp
     private var iterations = 0
     private var callDepth = 0
+    /// Every namespace made while rendering. A namespace can hold itself (or a loop that holds
+    /// it), so they are emptied when rendering ends, which frees any such cycle.
+    var namespaces: [Namespace] = []
+
+    deinit {
+        for ns in namespaces { ns.attributes = PyDict() }
+    }
     var line = 0
 
     /// Where the stack was when rendering started, to measure how deep the recursion went.
@@ -213,6 +220,8 @@ final class Interpreter {
             return
         }
         let state = LoopState(items: items)
+        // loop.changed() may have been handed the loop itself; forget it so the two part.
+        defer { state.lastChanged = nil }
         for (i, item) in items.enumerated() {
             try tick()
             state.index0 = i
@@ -265,8 +274,11 @@ final class Interpreter {
     // MARK: Macros and calls
 
     func makeMacro(_ def: MacroDefinition, closure: Scope) -> TemplateCallable {
-        TemplateCallable(def.name) { interp, args, kwargs in
-            try interp.invokeMacro(def, closure: closure, args: args, kwargs: kwargs)
+        // The scope holds the macro and the macro its scope: held strongly, the pair would never
+        // be freed. A macro called after its scope is gone (only possible by smuggling it out of
+        // a loop through a namespace) sees the globals alone.
+        TemplateCallable(def.name) { [weak closure] interp, args, kwargs in
+            try interp.invokeMacro(def, closure: closure ?? Scope(parent: nil), args: args, kwargs: kwargs)
         }
     }
 

@@ -61,10 +61,9 @@ enum StringOps {
         var done = 0
         if o.isEmpty {
             // Python inserts the replacement between every character and at both ends.
-            for (i, u) in a.enumerated() {
+            for u in a {
                 if limit < 0 || done < limit { out += n; done += 1 }
                 out.append(u)
-                _ = i
             }
             if limit < 0 || done < limit { out += n }
             return string(out)
@@ -219,7 +218,7 @@ enum StringFormat {
 
     static func parseSpec(_ text: String) throws -> Spec {
         var spec = Spec()
-        var chars = Array(text)
+        let chars = Array(text)
         var i = 0
         let aligns: Set<Character> = ["<", ">", "^", "="]
         if chars.count >= 2, aligns.contains(chars[1]) {
@@ -246,7 +245,6 @@ enum StringFormat {
         }
         if i < chars.count { spec.type = chars[i]; i += 1 }
         guard i == chars.count else { throw renderError("invalid format specifier '\(text)'") }
-        chars.removeAll()
         return spec
     }
 
