@@ -222,15 +222,17 @@ final class ChatTemplateTests: XCTestCase {
         let nestedExpression = "{{ " + String(repeating: "(", count: 150) + "1" + String(repeating: ")", count: 150) + " }}"
         let sources = [nestedMacro, nestedExpression, String(repeating: "{% for x in [1] %}", count: 190) + "x"
                        + String(repeating: "{% endfor %}", count: 190)]
-        var outcomes: [String] = []
+        // Written by the thread, read after it signals.
+        final class Outcomes: @unchecked Sendable { var list: [String] = [] }
+        let results = Outcomes()
         let done = DispatchSemaphore(value: 0)
         let thread = Thread {
             for source in sources {
                 do {
                     let t = try ChatTemplate(source: source)
-                    outcomes.append("rendered \(try t.render(context: [:]).count)")
+                    results.list.append("rendered \(try t.render(context: [:]).count)")
                 } catch {
-                    outcomes.append("\(error)")
+                    results.list.append("\(error)")
                 }
             }
             done.signal()
@@ -238,6 +240,7 @@ final class ChatTemplateTests: XCTestCase {
         thread.stackSize = 512 << 10
         thread.start()
         done.wait()
+        let outcomes = results.list
         XCTAssertEqual(outcomes.count, sources.count)
         XCTAssertTrue(outcomes[0].contains("nested too deeply") || outcomes[0].contains("macro calls nested"), outcomes[0])
     }
