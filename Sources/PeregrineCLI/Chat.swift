@@ -200,7 +200,7 @@ final class ChatSession {
         let tokens: [Int]
         switch prompt {
         case .tooLong(let count):
-            Terminal.notice("[not sent: the message makes a prompt of \(count) tokens, and with -n \(maxTokens) that exceeds the context of \(window) tokens]")
+            Terminal.notice("[not sent: the message makes a prompt of \(count) tokens, which with -n \(maxTokens) exceeds the context of \(window) tokens; a smaller -n leaves more room]")
             return
         case .fits(let ids, let dropped):
             if dropped > 0 {
