@@ -22,7 +22,12 @@ rebuilt below from what transformers' chat_template_utils does:
 
 strftime_now reads a fixed clock (FIXED_NOW) so the output is reproducible; the Swift tests pass
 the same moment.
+
+expected.json holds, besides the renderings of each template on each conversation, "units"
+(small templates, one construct each) and "random" (seeded random expressions and statement
+mixes): jinja2's output for each, or the error it raised.
 """
+import copy
 import datetime
 import json
 import os
@@ -295,6 +300,24 @@ UNITS = [
     ("string_slicing_steps", "{{ 'abcdef'[1:5:2] }} {{ 'abcdef'[5:1:-2] }} {{ 'abcdef'[-1:-4:-1] }} {{ [1, 2, 3][10:] }} {{ 'abc'[::-1][0] }}", {}),
     ("content_list_join", "{{ content | map(attribute='text') | join('\\n') }}", {"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}),
     ("big_ints", "{{ 9007199254740993 }} {{ 2 ** 62 + 2 ** 61 }} {{ -9223372036854775807 - 1 }}", {}),
+    ("found_by_differential_fuzzing", "{{ 78 | round(-2) }} {{ 250 | round(-2) }} {{ -151 | round(-2) }} [{{ [1, 2][] }}] {{ '<p>a<br>b<!-- c -->d</p> &amp;&#39;&#x41;' | striptags }} {{ '' % [1, 2] }}|{{ 'x' % nothing }} {{ none | map('nosuchfilter') | list }} {{ '% d|%+d|%-4d|' % (5, 5, 5) }}", {}),
+    ("inline_if_not_allowed_in_if_statement", "{% if a if b %}x{% endif %}", {}),
+    ("test_argument_count", "{{ 1 is number(2) }}", {}),
+    ("method_argument_count", "{{ 'a'.upper(1) }}", {}),
+    ("lazy_generators", "{{ 'T' if (5 | unique) else 'F' }} {{ ({'a': 1} | select('odd')) is iterable }} {{ 1e3 | items | int }} {{ [1, 2] | map('string') | reverse }}", {}),
+    ("items_of_none_fails_when_walked", "{{ none | items | list }}", {}),
+    ("lazy_generator_fails_when_walked", "{{ 5 | unique | list }}", {}),
+    ("float_divmod", "{{ 0 % -3.75 }} {{ 1 // 0.1 }} {{ -0.0 // 1 }} {{ 5.5 % -2 }} {{ -1 % 0.3 }} {{ 1 % 0.1 }} {{ -7 // 2.0 }}", {}),
+    ("slices_of_constants", "[{{ 10[:1] }}] [{{ {}[:2] | join }}] {{ [1, 2, 3][1:] }}", {}),
+    ("slice_of_int_value_error", "{{ n[:1] }}", {"n": 5}),
+    ("truncate", "{{ [1, 2] | truncate(5) }} [{{ missing | truncate }}] {{ 'abcdefghijklmnopqrstuvwxyz' | truncate(10) }} {{ 'hello world foo bar baz qux' | truncate(12) }} {{ 'hello world foo bar baz qux' | truncate(12, true) }} {{ 'abcdefghijklmnop' | truncate(10, true, '!', 0) }}", {}),
+    ("indent_needs_a_string", "{{ 5 | indent }}", {}),
+    ("int_of_undefined_fails", "{{ missing | int }}", {}),
+    ("for_else_scope", "{% set y = 0 %}{% for x in [] %}{% else %}{% set y = 1 %}{{ y }}{% endfor %}[{{ y }}]{% filter upper %}{% set q = 1 %}{% endfilter %}[{{ q }}]", {}),
+    ("dict_views", "{{ d.keys() }} {{ d.items() }} {{ d.values() | list }} {{ d.keys() is sequence }} {{ d.items() | length }} {{ 'a' in d.keys() }} [{{ d.keys()[0] }}] {{ d.keys() == {'b': 0, 'a': 0}.keys() }} {% for k, v in d.items() %}{{ k }}{{ v }}{% endfor %}", {"d": {"a": 1, "b": [2]}}),
+    ("integer_literal_forms", "{{ 0x1F }} {{ 0o17 }} {{ 0b101 }} {{ 1_000_000 }} {{ 0 }} {{ 0_0 }} {{ 0xff_ff }} {{ 1.5e3 }} {{ 007.5 }}", {}),
+    ("leading_zero_integer_error", "{{ 07 }}", {}),
+    ("striptags_entities", "{{ 'a &amp b &lt;&gt &quot;x&quot; &#65&#x42; &apos; &apos &nbsp;|' | striptags }}", {}),
     ("unknown_filter_parse_error", "{{ x | frobnicate }}", {}),
     ("unknown_tag_parse_error", "{% frobnicate %}", {}),
     ("unknown_test_parse_error", "{{ x is frobnicated }}", {}),
@@ -305,6 +328,123 @@ UNITS = [
     ("break_outside_loop_error", "{% break %}", {}),
 ]
 
+
+# Random templates, seeded, for differential checks beyond the hand-written cases: expressions
+# over a fixed context, and statement soups that mix whitespace control with every block tag.
+RANDOM_CONTEXT = {"s": "Hello, Wörld! 😀 <b>x</b> 'q' \"dq\"", "n": 7, "f": 2.5, "l": [3, 1, 2, "a", None],
+                  "d": {"b": 2, "a": 1, "k": [1, {"z": None}]}, "e": "", "u": "  spaced  text\n",
+                  "nested": [[1, 2], [3, 4]], "zero": 0, "neg": -3.75,
+                  "msgs": [{"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": " yo ", "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]}]}
+
+
+def random_expression(rng, depth=0):
+    strs = ["'a'", "''", "'abc'", "'A b C'", "'  x  '", "'é😀'", "'\\n'", "'1,2,3'", "'it\\'s'", "'%s'", "'{}'", "'<&>'", "'42'", "'3.5'"]
+    nums = ["0", "1", "2", "-1", "3", "10", "0.5", "1.0", "2.75", "1e3", "7"]
+    names = ["s", "n", "f", "l", "d", "e", "u", "nested", "msgs", "missing", "zero", "neg"]
+    filters = ["trim", "length", "upper", "lower", "title", "capitalize", "first", "last", "list", "string", "int", "float",
+               "abs", "round", "unique | list", "reverse | list", "sort", "dictsort", "wordcount", "sum", "min", "max", "tojson",
+               "e", "striptags", "items | list", "center(9)", "indent(2, true)", "join(', ')", "replace('a', 'b')",
+               "default('dflt')", "default('x', true)", "selectattr('role') | list", "map(attribute='role') | list",
+               "map('string') | join", "select('odd') | list", "reject('none') | list", "batch(2) | list",
+               "sort(reverse=true)", "tojson(indent=2)", "tojson(sort_keys=true)", "round(1)", "int(5)", "truncate(5)"]
+    tests = ["defined", "undefined", "none", "string", "number", "integer", "float", "mapping", "iterable", "sequence",
+             "boolean", "odd", "even", "lower", "upper"]
+    methods = ["strip()", "upper()", "split()", "split(',')", "startswith('a')", "endswith('c')", "replace('a', 'b')",
+               "find('b')", "count('a')", "title()", "splitlines()", "format(1)", "join(['x', 'y'])"]
+    k = rng.randrange(10)
+    if k < 4:
+        e = rng.choice(names)
+    elif k < 7:
+        e = rng.choice(strs)
+    elif k < 9:
+        e = rng.choice(nums + ["none", "true", "false"])
+    elif depth < 2:
+        e = "[" + ", ".join(random_expression(rng, depth + 1) for _ in range(rng.randrange(3))) + "]"
+    else:
+        e = rng.choice(names)
+    for _ in range(rng.randrange(3)):
+        k = rng.randrange(10)
+        if k == 0:
+            e += "[" + rng.choice(["0", "-1", "'a'", "'role'", "1:", "::-1", ":2"]) + "]"
+        elif k == 1:
+            e += "." + rng.choice(["role", "content", "a", "k", "tool_calls"])
+        elif k == 2:
+            e += "." + rng.choice(methods)
+        elif k == 3:
+            e += "." + rng.choice(["get('a')", "items() | list", "keys() | list", "get('z', 0)"])
+        elif k < 8:
+            e += " | " + rng.choice(filters)
+        else:
+            e += " is " + rng.choice(["", "not "]) + rng.choice(tests)
+    if depth < 3 and rng.random() < 0.4:
+        op = rng.choice(["+", "-", "*", "/", "//", "%", "**", "~", "==", "!=", "<", ">=", "in", "not in", "and", "or"])
+        e = "(" + e + ") " + op + " (" + random_expression(rng, depth + 1) + ")"
+    if depth < 2 and rng.random() < 0.1:
+        e = "(" + e + ") if (" + random_expression(rng, depth + 1) + ") else (" + random_expression(rng, depth + 1) + ")"
+    return e
+
+
+def random_statements(rng, depth=0):
+    def pick(*options):
+        return rng.choice(options)
+    exprs = ["1", "'s'", "name", "items | length", "d.a", "loop.index if loop is defined else 0", "x if x is defined else 'nx'",
+             "ns.v", "flag and 'T'", "name | upper", "d | tojson", "caller() if caller is defined else ''", "y | default('dy')"]
+    def bo(): return pick("{%", "{%", "{%-", "{%+")
+    def bc(): return pick("%}", "%}", "-%}", "+%}")
+    def vo(): return pick("{{", "{{", "{{-")
+    def vc(): return pick("}}", "}}", "-}}")
+    parts = []
+    for _ in range(rng.randrange(1, 4)):
+        parts.append(pick("", "", " ", "  ", "\n", "\n  ", "\t", " \n", "\n\n", "text\n", "\n    "))
+        k = rng.randrange(11) if depth < 2 else 0
+        if k < 3:
+            parts.append(vo() + " " + rng.choice(exprs) + " " + vc())
+        elif k == 3:
+            parts.append(bo() + " if " + pick("flag", "not flag", "x is defined") + " " + bc() + random_statements(rng, depth + 1)
+                         + (bo() + " else " + bc() + random_statements(rng, depth + 1) if rng.random() < 0.4 else "")
+                         + bo() + " endif " + bc())
+        elif k == 4:
+            parts.append(bo() + " for x in " + pick("items", "d", "'ab'", "[]") + " " + bc() + random_statements(rng, depth + 1)
+                         + (bo() + " else " + bc() + random_statements(rng, depth + 1) if rng.random() < 0.3 else "")
+                         + bo() + " endfor " + bc())
+        elif k == 5:
+            parts.append(bo() + " set " + pick("y", "ns.v") + " = " + rng.choice(exprs) + " " + bc())
+        elif k == 6:
+            parts.append(pick("{#", "{#-") + pick(" c ", "\n") + pick("#}", "-#}"))
+        elif k == 7:
+            parts.append(bo() + " macro mm(a, b='B') " + bc() + random_statements(rng, depth + 1) + bo() + " endmacro " + bc()
+                         + vo() + " mm(1) " + vc())
+        elif k == 8:
+            parts.append(bo() + " call wrap() " + bc() + random_statements(rng, depth + 1) + bo() + " endcall " + bc())
+        elif k == 9:
+            parts.append(bo() + " filter upper " + bc() + random_statements(rng, depth + 1) + bo() + " endfilter " + bc())
+        else:
+            parts.append(bo() + " set z " + bc() + random_statements(rng, depth + 1) + bo() + " endset " + bc() + "[{{ z }}]")
+    return "".join(parts)
+
+
+def random_cases(env):
+    """Returns the contexts, by name, and the cases, each naming its context."""
+    import random
+    rng = random.Random(20240726)
+    contexts = {"expressions": RANDOM_CONTEXT,
+                "statements": {"items": [1, 2, 3], "d": {"a": 1, "b": [1, 2]}, "name": "Zoë", "flag": True}}
+    cases = [("{{ " + random_expression(rng) + " }}", "expressions") for _ in range(250)]
+    for _ in range(60):
+        source = ("{% set ns = namespace(v=0) %}{% macro wrap() %}<{{ caller() }}>{% endmacro %}"
+                  + random_statements(rng) + rng.choice(["", "\n", "\n\n"]))
+        cases.append((source, "statements"))
+    out = []
+    for source, context in cases:
+        entry = {"template": source, "context": context}
+        try:
+            entry["output"] = env.from_string(source).render(**copy.deepcopy(contexts[context]))
+        except Exception as e:
+            entry["error"] = str(e)
+            entry["kind"] = type(e).__name__
+        out.append(entry)
+    return {"contexts": contexts, "cases": out}
 
 def main():
     env = environment()
@@ -325,7 +465,8 @@ def main():
             entry["error"] = str(e)
             entry["kind"] = type(e).__name__
         units.append(entry)
-    out = {"bos_token": BOS, "eos_token": EOS, "now": FIXED_NOW.isoformat(), "templates": templates, "units": units}
+    out = {"bos_token": BOS, "eos_token": EOS, "now": FIXED_NOW.isoformat(), "templates": templates, "units": units,
+           "random": random_cases(env)}
     with open(os.path.join(ROOT, "expected.json"), "w", encoding="utf-8") as f:
         json.dump(out, f, ensure_ascii=False, indent=0)
         f.write("\n")

@@ -113,6 +113,26 @@ final class ChatTemplateTests: XCTestCase {
         }
     }
 
+    /// Seeded random expressions and statement mixes (whitespace control with every block tag),
+    /// rendered by jinja2 in the fixture script.
+    func testRandomTemplatesMatchJinja2() throws {
+        let random = try ChatTemplateTests.expected()["random"]
+        let cases = random?["cases"]?.array ?? []
+        XCTAssertGreaterThan(cases.count, 300)
+        var matched = 0
+        for (i, entry) in cases.enumerated() {
+            let source = entry["template"]?.string ?? ""
+            let contextName = entry["context"]?.string ?? ""
+            let context = random?["contexts"]?[contextName]?.object.map { o in
+                Dictionary(uniqueKeysWithValues: o.pairs.map { ($0, $1) })
+            } ?? [:]
+            if check("random case \(i): \(source)", Outcome(entry), {
+                try ChatTemplate(source: source).render(context: context, now: ChatTemplateTests.fixedNow)
+            }) { matched += 1 }
+        }
+        XCTAssertEqual(matched, cases.count)
+    }
+
     // MARK: Errors
 
     func parseError(_ source: String) -> ChatTemplateError? {
@@ -194,6 +214,55 @@ final class ChatTemplateTests: XCTestCase {
         XCTAssertNotNil(parseError("{{ " + String(repeating: "-", count: 10_000) + "x }}"))
     }
 
+    /// Deep nesting fails with an error on a thread with a small stack (a server's worker),
+    /// rather than overflowing it.
+    func testDeepNestingStaysWithinASmallThreadStack() throws {
+        let nestedMacro = "{% macro f(n) %}" + String(repeating: "{% if true %}", count: 150) + "{{ f(n + 1) }}"
+            + String(repeating: "{% endif %}", count: 150) + "{% endmacro %}{{ f(0) }}"
+        let nestedExpression = "{{ " + String(repeating: "(", count: 150) + "1" + String(repeating: ")", count: 150) + " }}"
+        let sources = [nestedMacro, nestedExpression, String(repeating: "{% for x in [1] %}", count: 190) + "x"
+                       + String(repeating: "{% endfor %}", count: 190)]
+        // Written by the thread, read after it signals.
+        final class Outcomes: @unchecked Sendable { var list: [String] = [] }
+        let results = Outcomes()
+        let done = DispatchSemaphore(value: 0)
+        let thread = Thread {
+            for source in sources {
+                do {
+                    let t = try ChatTemplate(source: source)
+                    results.list.append("rendered \(try t.render(context: [:]).count)")
+                } catch {
+                    results.list.append("\(error)")
+                }
+            }
+            done.signal()
+        }
+        thread.stackSize = 512 << 10
+        thread.start()
+        done.wait()
+        let outcomes = results.list
+        XCTAssertEqual(outcomes.count, sources.count)
+        XCTAssertTrue(outcomes[0].contains("nested too deeply") || outcomes[0].contains("macro calls nested"), outcomes[0])
+    }
+
+    /// Macros and their scopes refer to each other; a rendering must still free them all.
+    func testRenderingFreesItsScopes() throws {
+        weak var root: Scope?
+        weak var namespace: Namespace?
+        try {
+            let scope = Scope(parent: nil)
+            root = scope
+            let nodes = try TemplateParser.parse("{% set ns = namespace(v=1) %}{% macro m() %}{{ ns.v }}{% endmacro %}"
+                + "{% for i in [1, 2] %}{% macro inner() %}{{ i }}{% endmacro %}{{ inner() }}{{ m() }}"
+                + "{% set ns.me = ns %}{% set ns.loop = loop %}{{ loop.changed(loop) }}{% endfor %}")
+            let interp = Interpreter(limits: ChatTemplateLimits(), now: ChatTemplateTests.fixedNow)
+            XCTAssertEqual(try interp.render(nodes, scope: scope), "11True21False")
+            if case .namespace(let ns)? = scope.vars["ns"] { namespace = ns }
+        }()
+        XCTAssertNil(root)
+        XCTAssertNil(namespace)
+    }
+
     // MARK: Loading
 
     func testLoadFindsTheTemplateOfADirectory() throws {
@@ -217,9 +286,24 @@ final class ChatTemplateTests: XCTestCase {
         try "J".write(toFile: dir + "/chat_template.jinja", atomically: true, encoding: .utf8)
         XCTAssertEqual(try ChatTemplate.load(model: dir)?.source, "J")
 
+        try FileManager.default.createDirectory(atPath: dir + "/additional_chat_templates", withIntermediateDirectories: true)
+        try "R".write(toFile: dir + "/additional_chat_templates/rag.jinja", atomically: true, encoding: .utf8)
+        XCTAssertEqual(try ChatTemplate.load(model: dir, name: "rag")?.source, "R")
+        XCTAssertThrowsError(try ChatTemplate.load(model: dir, name: "missing"))
+
         try #"{"chat_template": "{{ x | nosuchfilter }}"}"#.write(toFile: dir + "/tokenizer_config.json", atomically: true, encoding: .utf8)
         try FileManager.default.removeItem(atPath: dir + "/chat_template.jinja")
         XCTAssertThrowsError(try ChatTemplate.load(model: dir))
+
+        // A list of templates without a default is an error naming them; chat_template.json is
+        // read when tokenizer_config.json has none.
+        try #"{"chat_template": [{"name": "a", "template": "A"}, {"name": "b", "template": "B"}]}"#
+            .write(toFile: dir + "/tokenizer_config.json", atomically: true, encoding: .utf8)
+        XCTAssertThrowsError(try ChatTemplate.load(model: dir)) { e in XCTAssertTrue("\(e)".contains("'a', 'b'")) }
+        XCTAssertEqual(try ChatTemplate.load(model: dir, name: "b")?.source, "B")
+        try #"{"bos_token": "<s>"}"#.write(toFile: dir + "/tokenizer_config.json", atomically: true, encoding: .utf8)
+        try #"{"chat_template": "P"}"#.write(toFile: dir + "/chat_template.json", atomically: true, encoding: .utf8)
+        XCTAssertEqual(try ChatTemplate.load(model: dir)?.source, "P")
     }
 
     func testLoadReadsGGUFMetadata() throws {
@@ -247,6 +331,15 @@ final class ChatTemplateTests: XCTestCase {
                                                    ("reasoning_content", .string("think"))]))
         XCTAssertEqual(try t.render(messages: [message], addGenerationPrompt: false),
                        #"{"thinking": "think", "role": "assistant", "reasoning_content": "think"}|None|False"#)
+        // Extra variables may replace the special tokens (as transformers' kwargs do) but not
+        // the variables transformers sets itself.
+        let tokens = try ChatTemplate(source: "{{ bos_token }}{{ enable_thinking }}")
+        XCTAssertEqual(try tokens.render(messages: [], addGenerationPrompt: false, bosToken: "<s>",
+                                         extra: ["bos_token": .string("[B]"), "enable_thinking": .bool(false)]), "[B]False")
+        XCTAssertThrowsError(try tokens.render(messages: [], addGenerationPrompt: false, extra: ["messages": .array([])]))
+        // A tokenizer without a BOS token leaves bos_token undefined, as transformers does.
+        let defined = try ChatTemplate(source: "{{ bos_token is defined }} {{ eos_token is defined }}")
+        XCTAssertEqual(try defined.render(messages: [], addGenerationPrompt: false, eosToken: "</s>"), "False True")
     }
 
     func testStrftimeNowReadsTheGivenClock() throws {

@@ -11,13 +11,16 @@ import Darwin
 /// What the template sees follows transformers: `messages` (with keys whose value is null
 /// dropped, and reasoning under `reasoning_content`, `thinking` or `reasoning` copied to both
 /// `thinking` and `reasoning_content`), `tools` (None when not given), `documents` (None),
-/// `add_generation_prompt`, `bos_token`, `eos_token` and the `extra` variables.
+/// `add_generation_prompt`, `bos_token` and `eos_token` (when the tokenizer has them) and the
+/// `extra` variables.
 ///
 /// Limitations: JSON numbers are doubles here, so a whole number written with a fraction in the
 /// request (`1.0`) reaches the template as the int 1; integers are 64-bit (Python's grow);
 /// filters that give lazy iterators in jinja2 (map, select, reverse, ...) give lists, which print
 /// as lists where jinja2 would print a generator's address.
-public struct ChatTemplate {
+public struct ChatTemplate: @unchecked Sendable {
+    // Unchecked: the parsed tree is never mutated after init, and every rendering builds its own
+    // interpreter state, so one template may render on many threads at once.
     public let source: String
     let nodes: [Node]
 
@@ -30,53 +33,60 @@ public struct ChatTemplate {
 
     /// The template of a model: `chat_template.jinja` in the directory, else
     /// tokenizer_config.json's `chat_template` (a string, or the list of {name, template} where
-    /// "default" is chosen, or `name` when given); for a GGUF file path, the
+    /// "default" is chosen, or `name` when given), else `chat_template.json`'s; a named template
+    /// may also be `additional_chat_templates/<name>.jinja`. For a GGUF file path, the
     /// `tokenizer.chat_template` metadata (or `tokenizer.chat_template.<name>`). Returns nil when
-    /// the model has none.
+    /// the model has none; a name the model lacks is an error.
     public static func load(model path: String, name: String? = nil) throws -> ChatTemplate? {
+        func missing(_ name: String) -> PeregrineError {
+            .invalidArgument("\(path) has no chat template named '\(name)'")
+        }
+        func file(_ p: String) throws -> ChatTemplate {
+            try ChatTemplate(source: String(decoding: try FileSystem.read(p), as: UTF8.self))
+        }
         if FileSystem.isGGUFFile(path) {
-            let file = try GGUFFile(path: path)
+            let gguf = try GGUFFile(path: path)
             let key = name.map { "tokenizer.chat_template.\($0)" } ?? "tokenizer.chat_template"
-            guard let text = file.metadata[key]?.string else {
-                if let name { throw PeregrineError.invalidArgument("\(path) has no chat template named '\(name)'") }
+            guard let text = gguf.metadata[key]?.string else {
+                if let name { throw missing(name) }
                 return nil
             }
             return try ChatTemplate(source: text)
         }
-        let jinjaPath = FileSystem.join(path, "chat_template.jinja")
-        if name == nil, FileSystem.exists(jinjaPath) {
-            let bytes = try FileSystem.read(jinjaPath)
-            return try ChatTemplate(source: String(decoding: bytes, as: UTF8.self))
+        if let name, name != "default" {
+            let named = FileSystem.join(path, "additional_chat_templates/\(name).jinja")
+            if FileSystem.exists(named) { return try file(named) }
+        } else {
+            let jinjaPath = FileSystem.join(path, "chat_template.jinja")
+            if FileSystem.exists(jinjaPath) { return try file(jinjaPath) }
         }
-        let configPath = FileSystem.join(path, "tokenizer_config.json")
-        guard FileSystem.exists(configPath) else {
-            if let name { throw PeregrineError.invalidArgument("\(path) has no chat template named '\(name)'") }
-            return nil
-        }
-        let config = try FileSystem.readJSON(configPath)
-        switch config["chat_template"] {
-        case .string(let text)?:
-            if let name, name != "default" {
-                throw PeregrineError.invalidArgument("\(path) has no chat template named '\(name)'")
-            }
-            return try ChatTemplate(source: text)
-        case .array(let entries)?:
-            // A list of named templates; "default" unless a name is asked for.
-            let wanted = name ?? "default"
-            for entry in entries where entry["name"]?.string == wanted {
-                guard let text = entry["template"]?.string else {
-                    throw PeregrineError.format("\(configPath): chat template '\(wanted)' has no template text")
-                }
+        for configName in ["tokenizer_config.json", "chat_template.json"] {
+            let configPath = FileSystem.join(path, configName)
+            guard FileSystem.exists(configPath) else { continue }
+            switch try FileSystem.readJSON(configPath)["chat_template"] {
+            case .string(let text)?:
+                if let name, name != "default" { throw missing(name) }
                 return try ChatTemplate(source: text)
+            case .array(let entries)?:
+                // Named templates; "default" unless a name is asked for.
+                let wanted = name ?? "default"
+                for entry in entries where entry["name"]?.string == wanted {
+                    guard let text = entry["template"]?.string else {
+                        throw PeregrineError.format("\(configPath): chat template '\(wanted)' has no template text")
+                    }
+                    return try ChatTemplate(source: text)
+                }
+                if let name { throw missing(name) }
+                let names = entries.compactMap { $0["name"]?.string }.map { "'\($0)'" }.joined(separator: ", ")
+                throw PeregrineError.invalidArgument("\(path) has several chat templates (\(names)) and none named 'default'; choose one by name")
+            case nil, .null?:
+                continue
+            default:
+                throw PeregrineError.format("\(configPath): chat_template is neither a string nor a list")
             }
-            if let name { throw PeregrineError.invalidArgument("\(path) has no chat template named '\(name)'") }
-            return nil
-        case nil, .null?:
-            if let name { throw PeregrineError.invalidArgument("\(path) has no chat template named '\(name)'") }
-            return nil
-        default:
-            throw PeregrineError.format("\(configPath): chat_template is neither a string nor a list")
         }
+        if let name, name != "default" { throw missing(name) }
+        return nil
     }
 
     /// The BOS and EOS token strings of a model directory's tokenizer_config.json (each a string
@@ -101,7 +111,8 @@ public struct ChatTemplate {
     /// Renders messages (each a JSON object: role, content (string, null, or a list of
     /// {type:"text", text} parts), optional tool_calls, name, tool_call_id, reasoning_content...).
     /// `tools` is handed to the template as `tools` (None when nil, as transformers passes it).
-    /// `bosToken`/`eosToken` are the tokenizer's special-token strings. `extra` adds further
+    /// `bosToken`/`eosToken` are the tokenizer's special-token strings ("" when it has none: the
+    /// template then sees them undefined, as with transformers). `extra` adds further
     /// variables (e.g. enable_thinking, date_string). `now` is the clock `strftime_now` reads
     /// (the local time when nil).
     public func render(messages: [JSONValue], tools: [JSONValue]? = nil, addGenerationPrompt: Bool,
@@ -112,9 +123,16 @@ public struct ChatTemplate {
         root.vars["tools"] = tools.map { .list($0.map(TemplateValue.init(json:))) } ?? TemplateValue.none
         root.vars["documents"] = TemplateValue.none
         root.vars["add_generation_prompt"] = .bool(addGenerationPrompt)
-        root.vars["bos_token"] = .string(bosToken)
-        root.vars["eos_token"] = .string(eosToken)
-        for (k, v) in extra { root.vars[k] = TemplateValue(json: v) }
+        // transformers passes only the special tokens the tokenizer has; "" stands for none.
+        if !bosToken.isEmpty { root.vars["bos_token"] = .string(bosToken) }
+        if !eosToken.isEmpty { root.vars["eos_token"] = .string(eosToken) }
+        for (k, v) in extra {
+            // transformers passes these itself; Python refuses a second value for them.
+            if ["messages", "tools", "documents", "add_generation_prompt"].contains(k) {
+                throw PeregrineError.invalidArgument("the chat template variable '\(k)' cannot be set through extra variables")
+            }
+            root.vars[k] = TemplateValue(json: v)
+        }
         return try render(scope: root, now: now, limits: limits)
     }
 

@@ -52,7 +52,7 @@ enum Builtins {
     static func global(_ name: String) -> TemplateValue? {
         switch name {
         case "range": return .callable(TemplateCallable("range", range))
-        case "namespace": return .callable(TemplateCallable("namespace") { _, args, kwargs in
+        case "namespace": return .callable(TemplateCallable("namespace") { interp, args, kwargs in
             var attrs = PyDict()
             for a in args {
                 guard case .dict(let d) = a else { throw renderError("namespace() takes a mapping, not \(a.typeName)") }
@@ -64,7 +64,9 @@ enum Builtins {
                     throw renderError("namespace attribute '\(s)' starts with an underscore")
                 }
             }
-            return .namespace(Namespace(attrs))
+            let ns = Namespace(attrs)
+            interp.namespaces.append(ns)
+            return .namespace(ns)
         })
         case "dict": return .callable(TemplateCallable("dict") { interp, args, kwargs in
             var d = PyDict()
@@ -234,7 +236,11 @@ enum Builtins {
         case .string(let s):
             let a = StringOps.scalars(s)
             return .string(StringOps.string(try indices(a.count).map { a[$0] }))
+        case .dict:
+            throw renderError("unhashable type: 'slice'")
         default:
+            // jinja2 slices with Python's own subscript, so this fails rather than giving an
+            // undefined value as a bad index does.
             throw renderError("'\(value.typeName)' object is not subscriptable")
         }
     }
@@ -288,10 +294,10 @@ enum Builtins {
         case "items":
             return method(name) { a, _ in
                 try a.check(max: 0, names: [])
-                return .list(d.pairs.map { .tuple([$0, $1]) })
+                return .view("dict_items", d.pairs.map { .tuple([$0, $1]) })
             }
-        case "keys": return method(name) { a, _ in try a.check(max: 0, names: []); return .list(d.keys) }
-        case "values": return method(name) { a, _ in try a.check(max: 0, names: []); return .list(d.values) }
+        case "keys": return method(name) { a, _ in try a.check(max: 0, names: []); return .view("dict_keys", d.keys) }
+        case "values": return method(name) { a, _ in try a.check(max: 0, names: []); return .view("dict_values", d.values) }
         case "copy": return method(name) { _, _ in .dict(d) }
         default: return nil
         }
@@ -366,12 +372,12 @@ enum Builtins {
                 let r = StringOps.replace(s, try str(a, 0, "old"), try str(a, 1, "new"), count: try a.int(2, "count") ?? -1)
                 return try interp.checkString(r)
             }
-        case "upper": return method(name) { _, _ in .string(s.uppercased()) }
-        case "lower": return method(name) { _, _ in .string(s.lowercased()) }
-        case "casefold": return method(name) { _, _ in .string(s.lowercased()) }
-        case "title": return method(name) { _, _ in .string(StringOps.title(s)) }
-        case "capitalize": return method(name) { _, _ in .string(StringOps.capitalize(s)) }
-        case "swapcase": return method(name) { _, _ in .string(StringOps.swapcase(s)) }
+        case "upper": return method(name) { a, _ in try a.check(max: 0, names: []); return .string(s.uppercased()) }
+        case "lower": return method(name) { a, _ in try a.check(max: 0, names: []); return .string(s.lowercased()) }
+        case "casefold": return method(name) { a, _ in try a.check(max: 0, names: []); return .string(s.lowercased()) }
+        case "title": return method(name) { a, _ in try a.check(max: 0, names: []); return .string(StringOps.title(s)) }
+        case "capitalize": return method(name) { a, _ in try a.check(max: 0, names: []); return .string(StringOps.capitalize(s)) }
+        case "swapcase": return method(name) { a, _ in try a.check(max: 0, names: []); return .string(StringOps.swapcase(s)) }
         case "find", "index", "rfind", "rindex", "count":
             return method(name) { a, _ in
                 let hay = StringOps.scalars(s)
@@ -404,16 +410,16 @@ enum Builtins {
                 .string(try StringFormat.format(s, args, kwargs, interp))
             })
         case "isdigit", "isdecimal", "isnumeric":
-            return method(name) { _, _ in .bool(!s.isEmpty && s.unicodeScalars.allSatisfy { $0.properties.numericType != nil }) }
-        case "isalpha": return method(name) { _, _ in .bool(!s.isEmpty && s.unicodeScalars.allSatisfy { $0.properties.isAlphabetic }) }
+            return method(name) { a, _ in try a.check(max: 0, names: []); return .bool(!s.isEmpty && s.unicodeScalars.allSatisfy { $0.properties.numericType != nil }) }
+        case "isalpha": return method(name) { a, _ in try a.check(max: 0, names: []); return .bool(!s.isEmpty && s.unicodeScalars.allSatisfy { $0.properties.isAlphabetic }) }
         case "isalnum":
             return method(name) { _, _ in
                 .bool(!s.isEmpty && s.unicodeScalars.allSatisfy { $0.properties.isAlphabetic || $0.properties.numericType != nil })
             }
-        case "isspace": return method(name) { _, _ in .bool(!s.isEmpty && s.unicodeScalars.allSatisfy(StringOps.isSpace)) }
-        case "islower": return method(name) { _, _ in .bool(StringOps.isLower(s)) }
-        case "isupper": return method(name) { _, _ in .bool(StringOps.isUpper(s)) }
-        case "istitle": return method(name) { _, _ in .bool(!s.isEmpty && StringOps.title(s) == s && s.unicodeScalars.contains(where: StringOps.isCased)) }
+        case "isspace": return method(name) { a, _ in try a.check(max: 0, names: []); return .bool(!s.isEmpty && s.unicodeScalars.allSatisfy(StringOps.isSpace)) }
+        case "islower": return method(name) { a, _ in try a.check(max: 0, names: []); return .bool(StringOps.isLower(s)) }
+        case "isupper": return method(name) { a, _ in try a.check(max: 0, names: []); return .bool(StringOps.isUpper(s)) }
+        case "istitle": return method(name) { a, _ in try a.check(max: 0, names: []); return .bool(!s.isEmpty && StringOps.title(s) == s && s.unicodeScalars.contains(where: StringOps.isCased)) }
         case "center", "ljust", "rjust":
             return method(name) { a, interp in
                 guard let width = try a.int(0, "width") else { throw renderError("\(name)() takes at least 1 argument") }
@@ -475,8 +481,12 @@ enum Builtins {
     static func test(_ name: String, _ value: TemplateValue, _ args: [TemplateValue], _ interp: Interpreter) throws -> Bool {
         let v = value.plain
         func arg() throws -> TemplateValue {
-            guard let a = args.first else { throw renderError("test '\(name)' needs an argument") }
+            guard let a = args.first, args.count == 1 else { throw renderError("test '\(name)' takes one argument (\(args.count) given)") }
             return a
+        }
+        let takesArgument: Set<String> = ["equalto", "eq", "ne", "lt", "gt", "ge", "le", "lessthan", "greaterthan", "divisibleby", "in", "sameas"]
+        if !takesArgument.contains(name) && !args.isEmpty {
+            throw renderError("test '\(name)' takes no arguments (\(args.count) given)")
         }
         switch name {
         case "defined": return !v.isUndefined
@@ -492,7 +502,7 @@ enum Builtins {
         case "mapping": if case .dict = v { return true }; return false
         case "iterable":
             switch v {
-            case .string, .list, .tuple, .dict, .undefined, .iterator: return true
+            case .string, .list, .tuple, .dict, .undefined, .iterator, .failingIterator, .view: return true
             default: return false
             }
         case "sequence":

@@ -21,6 +21,23 @@ extension Builtins {
         default: break
         }
         let v = value.plain
+        if Builtins.generatorFilters.contains(name) {
+            // jinja2 runs these lazily: whatever goes wrong while producing the items (an input
+            // that cannot be walked, a test that fails on an item) fails only when the result is
+            // walked, so the result stands as a value until then.
+            do {
+                return try eagerFilter(name, v, positional, keywords, interp)
+            } catch let e as ChatTemplateError where e.kind == .render {
+                return .failingIterator(e.message)
+            }
+        }
+        return try eagerFilter(name, v, positional, keywords, interp)
+    }
+
+    static let generatorFilters: Set<String> = ["map", "select", "reject", "selectattr", "rejectattr", "unique", "batch", "slice", "items"]
+
+    private static func eagerFilter(_ name: String, _ v: TemplateValue, _ positional: [TemplateValue], _ keywords: [(String, TemplateValue)],
+                                    _ interp: Interpreter) throws -> TemplateValue {
         let a = Arguments(name, positional, keywords)
         // Filters that read the value as text (trim, upper, ...) take str() of it.
         func text() throws -> String { try v.str() }
@@ -37,11 +54,11 @@ extension Builtins {
         case "length", "count":
             switch v {
             case .string(let s): return .int(s.unicodeScalars.count)
-            case .list(let l), .tuple(let l): return .int(l.count)
+            case .list(let l), .tuple(let l), .view(_, let l): return .int(l.count)
             case .dict(let d): return .int(d.count)
             case .undefined: return .int(0)
             case .namespace(let ns): return .int(ns.attributes.count)
-            case .iterator: throw renderError("object of type 'generator' has no len()")
+            case .iterator, .failingIterator: throw renderError("object of type 'generator' has no len()")
             default: throw renderError("object of type '\(v.typeName)' has no len()")
             }
         case "wordcount":
@@ -76,10 +93,13 @@ extension Builtins {
             switch v {
             case .dict(let d): return .iterator(d.pairs.map { .tuple([$0, $1]) })
             case .undefined: return .iterator([])
-            default: throw renderError("'\(v.typeName)' object has no attribute 'items'")
+            default: return .failingIterator("Can only get item pairs from a mapping.")
             }
         case "reverse":
             if case .string(let s) = v { return .string(StringOps.string(s.unicodeScalars.reversed())) }
+            // A list reverses into an iterator; an iterator (which Python cannot reverse) into a
+            // list, as jinja2's fallback makes.
+            if case .iterator = v { return .list(try interp.iterate(v).reversed()) }
             return .iterator(try interp.iterate(v).reversed())
         case "unique":
             try a.check(max: 2, names: ["case_sensitive", "attribute"])
@@ -170,7 +190,18 @@ extension Builtins {
             switch method {
             case "common":
                 if case .float = v { return .float(roundHalfEven(x, precision)) }
-                return v.integer.map { .int($0) } ?? v
+                guard let i = v.integer else { return v }
+                guard precision < 0 else { return .int(i) }
+                // Python rounds ints to tens, hundreds... exactly, ties to even.
+                guard precision > -19 else { return .int(0) }
+                var scale = 1
+                for _ in 0..<(-precision) { scale *= 10 }
+                var q = i / scale, r = i % scale
+                if r < 0 { q -= 1; r += scale }
+                if 2 * r > scale || (2 * r == scale && q % 2 != 0) { q += 1 }
+                let (rounded, overflow) = q.multipliedReportingOverflow(by: scale)
+                if overflow { throw Operators.overflow() }
+                return .int(rounded)
             case "ceil", "floor":
                 let scale = Foundation.pow(10.0, Double(precision))
                 let y = method == "ceil" ? (x * scale).rounded(.up) : (x * scale).rounded(.down)
@@ -182,6 +213,7 @@ extension Builtins {
             try a.check(max: 2, names: ["default", "base"])
             let dflt = a.get(0, "default") ?? .int(0)
             let base = try a.int(1, "base") ?? 10
+            if case .undefined(let u) = v { throw renderError(u.hint) }
             return toInt(v, base: base) ?? dflt
         case "float":
             try a.check(max: 1, names: ["default"])
@@ -209,6 +241,11 @@ extension Builtins {
             return try interp.checkString(r)
         case "indent":
             try a.check(max: 3, names: ["width", "first", "blank"])
+            // jinja2 appends a newline to the value first, which only a str allows.
+            guard case .string = v else {
+                if case .undefined(let u) = v { throw renderError(u.hint) }
+                throw renderError("unsupported operand type(s) for +=: '\(v.typeName)' and 'str'")
+            }
             var indentation = "    "
             if let w = a.get(0, "width") {
                 if case .string(let s) = w { indentation = s }
@@ -254,7 +291,9 @@ extension Builtins {
             }
             return .iterator(out)
         case "map":
-            let items = v.truthy ? try interp.iterate(v) : []
+            // jinja2 looks nothing up for a falsy input: it just yields nothing.
+            guard v.truthy else { return .iterator([]) }
+            let items = try interp.iterate(v)
             if a.positional.isEmpty, let attr = a.keywords.first(where: { $0.0 == "attribute" })?.1 {
                 let dflt = a.keywords.first { $0.0 == "default" }?.1
                 return .iterator(try items.map { item in
@@ -268,14 +307,16 @@ extension Builtins {
             let rest = Array(a.positional.dropFirst())
             return .iterator(try items.map { try filter(filterName, $0, rest, a.keywords, interp) })
         case "select", "reject":
-            let items = v.truthy ? try interp.iterate(v) : []
+            guard v.truthy else { return .iterator([]) }
+            let items = try interp.iterate(v)
             let keep = name == "select"
             guard let testName = a.positional.first else { return .iterator(items.filter { $0.truthy == keep }) }
             guard case .string(let t) = testName, testNames.contains(t) else { throw renderError("unsupported test '\((try? testName.str()) ?? "")'") }
             let rest = Array(a.positional.dropFirst())
             return .iterator(try items.filter { try test(t, $0, rest, interp) == keep })
         case "selectattr", "rejectattr":
-            let items = v.truthy ? try interp.iterate(v) : []
+            guard v.truthy else { return .iterator([]) }
+            let items = try interp.iterate(v)
             let keep = name == "selectattr"
             guard let attr = a.positional.first else { throw renderError("\(name) requires an attribute name") }
             let values = try items.map { try attributeOf($0, attr, interp) }
@@ -327,8 +368,21 @@ extension Builtins {
         case "pprint": return .string(try v.repr())
         case "truncate":
             try a.check(max: 4, names: ["length", "killwords", "end", "leeway"])
-            let s = StringOps.scalars(try text())
             let length = try a.int(0, "length") ?? 255
+            guard case .string(let text) = v else {
+                // jinja2 measures the value as it is: an undefined value has length 0 and comes
+                // back as it is, as do short containers; anything else fails.
+                let count: Int
+                switch v {
+                case .undefined: return v
+                case .list(let l), .tuple(let l): count = l.count
+                case .dict(let d): count = d.count
+                default: throw renderError("object of type '\(v.typeName)' has no len()")
+                }
+                if count <= length + (try a.int(3, "leeway") ?? 5) { return v }
+                throw renderError("truncate needs a string")
+            }
+            let s = StringOps.scalars(text)
             let killwords = a.bool(1, "killwords", false)
             let end = try a.string(2, "end") ?? "..."
             let leeway = try a.int(3, "leeway") ?? 5
@@ -421,36 +475,87 @@ extension Builtins {
         return out
     }
 
+    /// markupsafe's striptags: comments, then tags, removed; whitespace collapsed; entities
+    /// decoded.
     static func stripTags(_ s: String) -> String {
-        var text = StringOps.scalars(s)
-        // Comments first, then tags, as markupsafe does.
-        var out: Scalars = []
+        func remove(_ text: Scalars, open: String, close: String) -> Scalars {
+            let o = StringOps.scalars(open), c = StringOps.scalars(close)
+            var out: Scalars = []
+            var i = 0
+            while i < text.count {
+                if text[i] == o[0], text[i...].starts(with: o) {
+                    // The end mark is searched from the opening itself, as markupsafe does.
+                    guard let end = StringOps.find(text, c, from: i + 1) else {
+                        out += text[i...]
+                        break
+                    }
+                    i = end + c.count
+                    continue
+                }
+                out.append(text[i])
+                i += 1
+            }
+            return out
+        }
+        let text = remove(remove(StringOps.scalars(s), open: "<!--", close: "-->"), open: "<", close: ">")
+        let collapsed = (try? StringOps.split(StringOps.string(text), nil, -1))?.joined(separator: " ") ?? ""
+        return unescapeEntities(collapsed)
+    }
+
+    /// HTML entities back to characters, as Python's html.unescape reads them: numeric ones
+    /// (the semicolon optional) and the common named ones (those of them HTML allows without a
+    /// semicolon also without one).
+    static func unescapeEntities(_ s: String) -> String {
+        guard s.contains("&") else { return s }
+        let named: [(String, String, Bool)] = [("amp", "&", true), ("lt", "<", true), ("gt", ">", true),
+                                               ("quot", "\"", true), ("nbsp", "\u{A0}", true), ("apos", "'", false)]
+        let a = StringOps.scalars(s)
+        var out = String.UnicodeScalarView()
         var i = 0
-        while i < text.count {
-            if text[i] == "<", i + 3 < text.count, text[i + 1] == "!", text[i + 2] == "-", text[i + 3] == "-",
-               let end = StringOps.find(text, StringOps.scalars("-->"), from: i + 4) {
-                i = end + 3
-                continue
+        func isHex(_ u: Unicode.Scalar) -> Bool { ("0"..."9").contains(u) || ("a"..."f").contains(u) || ("A"..."F").contains(u) }
+        while i < a.count {
+            guard a[i] == "&", i + 1 < a.count else { out.append(a[i]); i += 1; continue }
+            if a[i + 1] == "#" {
+                var j = i + 2
+                var radix: UInt32 = 10
+                if j < a.count, a[j] == "x" || a[j] == "X" { radix = 16; j += 1 }
+                let digitsStart = j
+                while j < a.count, radix == 16 ? isHex(a[j]) : ("0"..."9").contains(a[j]) { j += 1 }
+                if j > digitsStart {
+                    var value: UInt32 = 0
+                    for u in a[digitsStart..<j] {
+                        let d = UInt32(String(u), radix: Int(radix)) ?? 0
+                        value = value > 0x10FFFF ? value : value &* radix &+ d
+                    }
+                    // Python maps invalid code points to U+FFFD.
+                    let scalar = (value == 0 || value > 0x10FFFF) ? "\u{FFFD}" : (Unicode.Scalar(value) ?? "\u{FFFD}")
+                    out.append(scalar)
+                    i = j < a.count && a[j] == ";" ? j + 1 : j
+                    continue
+                }
+            } else {
+                var matched = false
+                for (name, text, legacy) in named {
+                    let n = StringOps.scalars(name)
+                    guard a[(i + 1)...].starts(with: n) else { continue }
+                    let end = i + 1 + n.count
+                    if end < a.count, a[end] == ";" {
+                        out.append(contentsOf: text.unicodeScalars)
+                        i = end + 1
+                        matched = true
+                    } else if legacy {
+                        out.append(contentsOf: text.unicodeScalars)
+                        i = end
+                        matched = true
+                    }
+                    if matched { break }
+                }
+                if matched { continue }
             }
-            out.append(text[i])
+            out.append(a[i])
             i += 1
         }
-        text = out
-        out = []
-        i = 0
-        while i < text.count {
-            if text[i] == "<", let end = text[(i + 1)...].firstIndex(of: ">") {
-                i = end + 1
-                out.append(" ")
-                continue
-            }
-            out.append(text[i])
-            i += 1
-        }
-        let collapsed = (try? StringOps.split(StringOps.string(out), nil, -1))?.joined(separator: " ") ?? ""
-        return collapsed.replacingOccurrences(of: "&lt;", with: "<").replacingOccurrences(of: "&gt;", with: ">")
-            .replacingOccurrences(of: "&quot;", with: "\"").replacingOccurrences(of: "&#34;", with: "\"")
-            .replacingOccurrences(of: "&#39;", with: "'").replacingOccurrences(of: "&amp;", with: "&")
+        return String(out)
     }
 
     /// jinja2's indent: the text gets a trailing newline before it is split into lines, so a
@@ -581,7 +686,7 @@ struct JSONDumper {
             }
             try newline(level)
             try put("}")
-        case .namespace, .callable, .loop, .undefined, .iterator, .markup:
+        case .namespace, .callable, .loop, .undefined, .iterator, .failingIterator, .markup, .view:
             throw renderError("Object of type \(v.typeName) is not JSON serializable")
         }
     }

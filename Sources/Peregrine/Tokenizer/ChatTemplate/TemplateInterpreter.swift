@@ -13,13 +13,18 @@ public struct ChatTemplateLimits: Sendable {
     public var maxCallDepth: Int
     /// Elements of a list made by range(), repetition or concatenation.
     public var maxListLength: Int
+    /// Machine stack the interpreter's recursion may use. Nesting (of blocks, expressions and
+    /// macro calls) is bounded by this rather than by counts, so rendering stays within the
+    /// stack of whatever thread calls it.
+    public var maxStackBytes: Int
 
     public init(maxOutputBytes: Int = 32 << 20, maxLoopIterations: Int = 2_000_000,
-                maxCallDepth: Int = 64, maxListLength: Int = 1_000_000) {
+                maxCallDepth: Int = 64, maxListLength: Int = 1_000_000, maxStackBytes: Int = 256 << 10) {
         self.maxOutputBytes = maxOutputBytes
         self.maxLoopIterations = maxLoopIterations
         self.maxCallDepth = maxCallDepth
         self.maxListLength = maxListLength
+        self.maxStackBytes = maxStackBytes
     }
 }
 
@@ -53,11 +58,40 @@ final class Interpreter {
     let now: ChatTemplate.Timestamp
     private var iterations = 0
     private var callDepth = 0
+    /// Every namespace made while rendering. A namespace can hold itself (or a loop that holds
+    /// it), so they are emptied when rendering ends, which frees any such cycle.
+    var namespaces: [Namespace] = []
+
+    deinit {
+        for ns in namespaces { ns.attributes = PyDict() }
+    }
     var line = 0
+
+    /// Where the stack was when rendering started, to measure how deep the recursion went.
+    private let stackBase = Interpreter.stackAddress()
+    /// The deepest stack use seen, in bytes.
+    private(set) var stackUsed = 0
 
     init(limits: ChatTemplateLimits, now: ChatTemplate.Timestamp) {
         self.limits = limits
         self.now = now
+    }
+
+    @inline(never)
+    static func stackAddress() -> Int {
+        var marker: UInt8 = 0
+        return withUnsafeMutablePointer(to: &marker) { Int(bitPattern: $0) }
+    }
+
+    /// Fails once the recursion has used the stack budget (stacks grow down on every platform
+    /// Swift runs on).
+    @inline(__always)
+    private func checkStack() throws {
+        let used = stackBase - Interpreter.stackAddress()
+        if used > stackUsed {
+            stackUsed = used
+            if used > limits.maxStackBytes { throw error("template nested too deeply") }
+        }
     }
 
     func error(_ m: String) -> ChatTemplateError { ChatTemplateError(.render, m, line: line > 0 ? line : nil) }
@@ -93,6 +127,7 @@ final class Interpreter {
     }
 
     private func execute(_ nodes: [Node], scope: Scope, into out: inout String) throws -> Flow {
+        try checkStack()
         for node in nodes {
             switch node {
             case .text(let s):
@@ -179,11 +214,14 @@ final class Interpreter {
             }
         }
         if items.isEmpty {
-            let flow = try execute(otherwise, scope: scope, into: &out)
+            // The else branch has a scope of its own too: what it sets stays there.
+            let flow = try execute(otherwise, scope: Scope(parent: scope), into: &out)
             if flow != .normal { throw error("'break' or 'continue' outside a loop") }
             return
         }
         let state = LoopState(items: items)
+        // loop.changed() may have been handed the loop itself; forget it so the two part.
+        defer { state.lastChanged = nil }
         for (i, item) in items.enumerated() {
             try tick()
             state.index0 = i
@@ -223,10 +261,11 @@ final class Interpreter {
     /// keys; nothing for undefined.
     func iterate(_ v: TemplateValue) throws -> [TemplateValue] {
         switch v.plain {
-        case .list(let a), .tuple(let a), .iterator(let a): return a
+        case .list(let a), .tuple(let a), .iterator(let a), .view(_, let a): return a
         case .string(let s): return s.unicodeScalars.map { .string(String($0)) }
         case .dict(let d): return d.keys
         case .undefined: return []
+        case .failingIterator(let message): throw renderError(message)
         case .namespace: throw renderError("'Namespace' object is not iterable")
         default: throw renderError("'\(v.typeName)' object is not iterable")
         }
@@ -235,8 +274,11 @@ final class Interpreter {
     // MARK: Macros and calls
 
     func makeMacro(_ def: MacroDefinition, closure: Scope) -> TemplateCallable {
-        TemplateCallable(def.name) { interp, args, kwargs in
-            try interp.invokeMacro(def, closure: closure, args: args, kwargs: kwargs)
+        // The scope holds the macro and the macro its scope: held strongly, the pair would never
+        // be freed. A macro called after its scope is gone (only possible by smuggling it out of
+        // a loop through a namespace) sees the globals alone.
+        TemplateCallable(def.name) { [weak closure] interp, args, kwargs in
+            try interp.invokeMacro(def, closure: closure ?? Scope(parent: nil), args: args, kwargs: kwargs)
         }
     }
 
@@ -296,6 +338,7 @@ final class Interpreter {
     // MARK: Expressions
 
     func eval(_ e: Expr, _ scope: Scope) throws -> TemplateValue {
+        try checkStack()
         switch e {
         case .literal(let v):
             return v
@@ -317,8 +360,15 @@ final class Interpreter {
             return try Builtins.getItem(try eval(base, scope), try eval(index, scope), self)
         case .slice(let base, let a, let b, let c):
             let v = try eval(base, scope)
-            return try Builtins.slice(v, try a.map { try eval($0, scope) }, try b.map { try eval($0, scope) },
-                                      try c.map { try eval($0, scope) }, self)
+            do {
+                return try Builtins.slice(v, try a.map { try eval($0, scope) }, try b.map { try eval($0, scope) },
+                                          try c.map { try eval($0, scope) }, self)
+            } catch let error as ChatTemplateError where error.kind == .render {
+                // jinja2 folds a slice of a literal when it compiles the template, through the
+                // lookup that gives an undefined value instead of failing.
+                if Interpreter.isConstant(base) { return .undefined("'\(Builtins.describe(v))' has no element slice") }
+                throw error
+            }
         case .call(let calleeExpr, let argExprs, let kwargExprs, let line):
             let callee = try eval(calleeExpr, scope)
             let args = try argExprs.map { try eval($0, scope) }
@@ -363,6 +413,16 @@ final class Interpreter {
             if try eval(test, scope).truthy { return try eval(then, scope) }
             if let otherwise { return try eval(otherwise, scope) }
             return .undefined("the inline if-expression evaluated to false and no else section was defined")
+        }
+    }
+
+    /// A literal, or a list, tuple or dict display of literals: what jinja2 folds at compile time.
+    static func isConstant(_ e: Expr) -> Bool {
+        switch e {
+        case .literal: return true
+        case .list(let items), .tuple(let items): return items.allSatisfy(isConstant)
+        case .dict(let pairs): return pairs.allSatisfy { isConstant($0.0) && isConstant($0.1) }
+        default: return false
         }
     }
 

@@ -307,12 +307,14 @@ struct TemplateLexer {
         return j
     }
 
+    /// Numbers as jinja2 reads them: floats like 1.5, 1e3 and 1_000.5; integers in decimal
+    /// (no leading zeros except 0 itself), 0x, 0o and 0b forms, with single underscores.
     private mutating func lexNumber() throws {
         let start = pos
-        var j = digitRun(from: pos)
-        var isFloat = false
         // After a '.', a number is an index (`items.0`), never a float.
         let afterDot = tokens.last?.kind == .op(".")
+        var j = digitRun(from: pos)
+        var isFloat = false
         if !afterDot {
             if j + 1 < s.count, s[j] == ".", ("0"..."9").contains(s[j + 1]) {
                 j = digitRun(from: j + 1)
@@ -327,14 +329,57 @@ struct TemplateLexer {
                 }
             }
         }
-        let text = String(String.UnicodeScalarView(s[start..<j].filter { $0 != "_" }))
         if isFloat {
+            let text = String(String.UnicodeScalarView(s[start..<j].filter { $0 != "_" }))
             guard let d = Double(text) else { throw error("invalid number '\(text)'") }
             emit(.float(d))
-        } else {
-            guard let i = Int(text) else { throw error("integer literal '\(text)' is too large") }
-            emit(.integer(i))
+            advance(to: j)
+            return
         }
+        var radix = 10
+        var digitsStart = start
+        if s[start] == "0", start + 1 < s.count {
+            switch s[start + 1] {
+            case "x", "X": radix = 16
+            case "o", "O": radix = 8
+            case "b", "B": radix = 2
+            default: break
+            }
+        }
+        func isDigit(_ u: Unicode.Scalar) -> Bool {
+            switch radix {
+            case 16: return ("0"..."9").contains(u) || ("a"..."f").contains(u) || ("A"..."F").contains(u)
+            case 8: return ("0"..."7").contains(u)
+            case 2: return u == "0" || u == "1"
+            default: return ("0"..."9").contains(u)
+            }
+        }
+        if radix != 10 {
+            // 0x followed by digits, each optionally after one underscore.
+            digitsStart = start + 2
+            j = digitsStart
+            while j < s.count {
+                if isDigit(s[j]) { j += 1; continue }
+                if s[j] == "_", j + 1 < s.count, isDigit(s[j + 1]) { j += 2; continue }
+                break
+            }
+            if j == digitsStart {
+                radix = 10
+                digitsStart = start
+                j = start + 1
+            }
+        } else if s[start] == "0" {
+            // A decimal integer starting with 0 is only zeros; "07" is 0 then 7, as in jinja2.
+            j = start + 1
+            while j < s.count {
+                if s[j] == "0" { j += 1; continue }
+                if s[j] == "_", j + 1 < s.count, s[j + 1] == "0" { j += 2; continue }
+                break
+            }
+        }
+        let text = String(String.UnicodeScalarView(s[digitsStart..<j].filter { $0 != "_" }))
+        guard let i = Int(text, radix: radix) else { throw error("integer literal '\(text)' is too large") }
+        emit(.integer(i))
         advance(to: j)
     }
 

@@ -30,6 +30,10 @@ enum Operators {
     }
 
     static func binary(_ op: String, _ lhs: TemplateValue, _ rhs: TemplateValue, _ interp: Interpreter) throws -> TemplateValue {
+        // `str % undefined` formats the undefined value (as ""), like any other argument.
+        if op == "%", case .string(let fmt) = lhs.plain, rhs.isUndefined {
+            return try interp.checkString(try StringFormat.percent(fmt, rhs))
+        }
         if let e = undefinedError(lhs, rhs) { throw e }
         if op == "+" || op == "*", let m = try markupArithmetic(op, lhs, rhs, interp) { return m }
         let a = lhs.plain, b = rhs.plain
@@ -58,7 +62,7 @@ enum Operators {
             }
             guard let x = a.number, let y = b.number else { throw unsupported("//", a, b) }
             guard y != 0 else { throw renderError("float floor division by zero") }
-            return .float((x / y).rounded(.down))
+            return .float(floatDivMod(x, y).div)
         case "%":
             if case .string(let fmt) = a { return try interp.checkString(try StringFormat.percent(fmt, b)) }
             if let x = a.integer, let y = b.integer {
@@ -70,9 +74,7 @@ enum Operators {
             }
             guard let x = a.number, let y = b.number else { throw unsupported("%", a, b) }
             guard y != 0 else { throw renderError("float modulo") }
-            var r = x.truncatingRemainder(dividingBy: y)
-            if r != 0 && ((r < 0) != (y < 0)) { r += y }
-            return .float(r)
+            return .float(floatDivMod(x, y).mod)
         case "**":
             if let x = a.integer, let y = b.integer {
                 if y < 0 {
@@ -103,6 +105,29 @@ enum Operators {
         default:
             throw renderError("unknown operator '\(op)'")
         }
+    }
+
+    /// Python's float divmod: the remainder takes the divisor's sign (zero included), and the
+    /// quotient is computed from it, so 1 // 0.1 is 9.0 as in Python.
+    static func floatDivMod(_ x: Double, _ y: Double) -> (div: Double, mod: Double) {
+        var mod = fmod(x, y)
+        var div = (x - mod) / y
+        if mod != 0 {
+            if (y < 0) != (mod < 0) {
+                mod += y
+                div -= 1
+            }
+        } else {
+            mod = Double(signOf: y, magnitudeOf: 0)
+        }
+        var floorDiv: Double
+        if div != 0 {
+            floorDiv = div.rounded(.down)
+            if div - floorDiv > 0.5 { floorDiv += 1 }
+        } else {
+            floorDiv = Double(signOf: x / y, magnitudeOf: 0)
+        }
+        return (floorDiv, mod)
     }
 
     /// Markup plus a str escapes the str; Markup repeated stays Markup.
@@ -197,12 +222,13 @@ enum Operators {
                 throw renderError("'in <string>' requires string as left operand, not \(item.typeName)")
             }
             return needle.isEmpty || StringOps.find(Array(s.unicodeScalars), Array(needle.unicodeScalars), from: 0) != nil
-        case .list(let a), .tuple(let a), .iterator(let a): return a.contains { $0.pyEquals(item) }
+        case .list(let a), .tuple(let a), .iterator(let a), .view(_, let a): return a.contains { $0.pyEquals(item) }
         case .dict(let d):
             if case .list = item { throw renderError("unhashable type: 'list'") }
             if case .dict = item { throw renderError("unhashable type: 'dict'") }
             return d.get(item) != nil
         case .undefined: return false
+        case .failingIterator(let message): throw renderError(message)
         case .namespace(let ns): return ns.attributes.get(item) != nil
         default: throw renderError("argument of type '\(container.typeName)' is not iterable")
         }

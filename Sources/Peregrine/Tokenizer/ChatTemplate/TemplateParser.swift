@@ -22,6 +22,14 @@ struct TemplateParser {
     private var unknownNames: [(message: String, line: Int, conditional: Bool)] = []
     private var statementDepth = 0
     static let maxNesting = 200
+    /// Machine stack the recursive descent may use, so a pathologically nested template is
+    /// refused on any thread instead of overflowing its stack.
+    static let maxStackBytes = 192 << 10
+    private let stackBase = Interpreter.stackAddress()
+
+    private func checkStack() throws {
+        if stackBase - Interpreter.stackAddress() > TemplateParser.maxStackBytes { throw error("template nested too deeply") }
+    }
 
     static func parse(_ source: String) throws -> [Node] {
         var p = TemplateParser(tokens: try TemplateLexer.tokenize(source))
@@ -99,6 +107,7 @@ struct TemplateParser {
     /// Parses nodes until a block tag named in `endTags` (left unconsumed, with its `{%`
     /// consumed) or the end of the template when `endTags` is empty.
     private mutating func parseBody(until endTags: Set<String>) throws -> [Node] {
+        try checkStack()
         statementDepth += 1
         defer { statementDepth -= 1 }
         guard statementDepth < TemplateParser.maxNesting else { throw error("blocks nested too deeply") }
@@ -191,14 +200,15 @@ struct TemplateParser {
         defer { conditional = saved }
         var branches: [(Expr, [Node])] = []
         var otherwise: [Node] = []
-        var condition = try parseTuple()
+        // As in jinja2, an if statement's test is not itself an inline if (parenthesise one).
+        var condition = try parseTuple(allowConditional: false)
         try expectBlockEnd()
         while true {
             let body = try parseBody(until: ["elif", "else", "endif"])
             branches.append((condition, body))
             let tag = try expectName()
             if tag == "elif" {
-                condition = try parseTuple()
+                condition = try parseTuple(allowConditional: false)
                 try expectBlockEnd()
                 continue
             }
@@ -342,6 +352,7 @@ struct TemplateParser {
     // MARK: Expressions
 
     private mutating func enter() throws {
+        try checkStack()
         expressionDepth += 1
         guard expressionDepth < TemplateParser.maxNesting else { throw error("expression nested too deeply") }
     }
@@ -587,8 +598,8 @@ struct TemplateParser {
             currentPart = try parseTuple()
         }
         if !isSlice {
-            guard let index = parts.first ?? nil else { throw error("empty subscript") }
-            return .item(base, index)
+            // `x[]` looks up the empty tuple, as jinja2 reads it.
+            return .item(base, (parts.first ?? nil) ?? .tuple([]))
         }
         while parts.count < 3 { parts.append(nil) }
         return .slice(base, parts[0], parts[1], parts[2])

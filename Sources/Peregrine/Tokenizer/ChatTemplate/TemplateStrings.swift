@@ -61,10 +61,9 @@ enum StringOps {
         var done = 0
         if o.isEmpty {
             // Python inserts the replacement between every character and at both ends.
-            for (i, u) in a.enumerated() {
+            for u in a {
                 if limit < 0 || done < limit { out += n; done += 1 }
                 out.append(u)
-                _ = i
             }
             if limit < 0 || done < limit { out += n }
             return string(out)
@@ -219,7 +218,7 @@ enum StringFormat {
 
     static func parseSpec(_ text: String) throws -> Spec {
         var spec = Spec()
-        var chars = Array(text)
+        let chars = Array(text)
         var i = 0
         let aligns: Set<Character> = ["<", ">", "^", "="]
         if chars.count >= 2, aligns.contains(chars[1]) {
@@ -246,7 +245,6 @@ enum StringFormat {
         }
         if i < chars.count { spec.type = chars[i]; i += 1 }
         guard i == chars.count else { throw renderError("invalid format specifier '\(text)'") }
-        chars.removeAll()
         return spec
     }
 
@@ -427,9 +425,13 @@ enum StringFormat {
     static func percent(_ template: String, _ arg: TemplateValue) throws -> String {
         var args: [TemplateValue]
         var mapping: PyDict?
-        switch arg {
+        // Python treats any argument with item access (a dict, but also a list) as a possible
+        // mapping, and then does not complain about arguments left unused.
+        var mappingLike = false
+        switch arg.plain {
         case .tuple(let items): args = items
-        case .dict(let d): args = [arg]; mapping = d
+        case .dict(let d): args = [arg]; mapping = d; mappingLike = true
+        case .list, .undefined, .string: args = [arg]; mappingLike = arg.plain.isUndefined || { if case .list = arg.plain { return true }; return false }()
         default: args = [arg]
         }
         let chars = Array(template)
@@ -462,12 +464,20 @@ enum StringFormat {
             }
             guard let v = value else { continue }
             var spec = Spec()
+            spec.align = ">"
             var flags = Substring(specText)
-            if flags.hasPrefix("-") { spec.align = "<"; flags = flags.dropFirst() } else { spec.align = ">" }
-            if flags.hasPrefix("0") {
-                if spec.align == ">" { spec.fill = "0"; spec.align = "=" }
+            var zeroPad = false
+            while let f = flags.first, "-+ #0".contains(f) {
+                switch f {
+                case "-": spec.align = "<"
+                case "+": spec.sign = "+"
+                case " ": if spec.sign == nil { spec.sign = " " }
+                case "0": zeroPad = true
+                default: break
+                }
                 flags = flags.dropFirst()
             }
+            if zeroPad && spec.align == ">" && type != "s" && type != "r" { spec.fill = "0"; spec.align = "=" }
             let parts = flags.split(separator: ".", omittingEmptySubsequences: false)
             spec.width = Int(parts.first ?? "") ?? 0
             if parts.count > 1 { spec.precision = Int(parts[1]) ?? 0 }
@@ -485,7 +495,7 @@ enum StringFormat {
                 throw renderError("unsupported format character '\(type)'")
             }
         }
-        if next < args.count && mapping == nil { throw renderError("not all arguments converted during string formatting") }
+        if next < args.count && !mappingLike { throw renderError("not all arguments converted during string formatting") }
         return out
     }
 }

@@ -140,6 +140,12 @@ enum TemplateValue {
     /// A one-pass iterator, what jinja2's map, select, reverse, unique, items... return: always
     /// truthy, without a length, not JSON-serialisable; `|list` turns it into a list.
     case iterator([TemplateValue])
+    /// A jinja2 generator over something that cannot be iterated: it only fails, with this
+    /// message, when something walks it (`zero | unique` is a value until then).
+    case failingIterator(String)
+    /// What dict.keys(), .values() and .items() return ("dict_keys", ...): iterable and sized,
+    /// but not indexable, and printed as `dict_keys([...])`.
+    case view(String, [TemplateValue])
     /// Text marked safe (`|safe`, `|e`): adding a plain string to it HTML-escapes that string,
     /// as markupsafe's Markup does. Everywhere else it behaves as a str.
     case markup(String)
@@ -167,7 +173,8 @@ enum TemplateValue {
         case .namespace: return "Namespace"
         case .callable: return "function"
         case .loop: return "LoopContext"
-        case .iterator: return "generator"
+        case .iterator, .failingIterator: return "generator"
+        case .view(let kind, _): return kind
         case .markup: return "Markup"
         }
     }
@@ -182,9 +189,9 @@ enum TemplateValue {
         case .int(let i): return i != 0
         case .float(let d): return d != 0
         case .string(let s), .markup(let s): return !s.isEmpty
-        case .list(let a), .tuple(let a): return !a.isEmpty
+        case .list(let a), .tuple(let a), .view(_, let a): return !a.isEmpty
         case .dict(let d): return d.count > 0
-        case .namespace, .callable, .loop, .iterator: return true
+        case .namespace, .callable, .loop, .iterator, .failingIterator: return true
         }
     }
 
@@ -408,7 +415,11 @@ extension TemplateValue {
             try put(">")
         case .callable(let c): try put("<function \(c.name)>")
         case .loop(let l): try put("<LoopContext \(l.index0 + 1)/\(l.items.count)>")
-        case .iterator: try put("<generator object>")
+        case .iterator, .failingIterator: try put("<generator object>")
+        case .view(let kind, let items):
+            try put(kind + "(")
+            try TemplateValue.list(items).writeRepr(into: &out, budget: &budget, depth: depth + 1)
+            try put(")")
         case .markup(let s): try put("Markup(" + PyFormat.stringRepr(s) + ")")
         }
     }
@@ -430,6 +441,10 @@ extension TemplateValue {
             }
             return true
         case (.namespace(let a), .namespace(let b)): return a === b
+        case (.view(let k, let a), .view(let l, let b)):
+            // Key and item views compare as sets; value views never equal another view.
+            guard k == l, k != "dict_values", a.count == b.count else { return false }
+            return a.allSatisfy { x in b.contains { x.pyEquals($0) } }
         case (.callable(let a), .callable(let b)): return a === b
         case (.loop(let a), .loop(let b)): return a === b
         default:
