@@ -76,7 +76,7 @@ public final class Engine: @unchecked Sendable {
         if model.freeDeviceMemory == nil { try PagedKVCache.checkFits(model.config, positions: count * config.blockSize) }
         kv = try model.makeKVMemory(blocks: count, blockSize: config.blockSize, capacity: context)
         blocks = BlockManager(blocks: count, blockSize: config.blockSize)
-        scheduler = Scheduler(config: config, blocks: blocks, contextLimit: context)
+        scheduler = Scheduler(config: config, blocks: blocks)
         runner = ModelRunner(model: model, kv: kv)
         snapshot.kvBlocksTotal = count
     }
@@ -101,12 +101,9 @@ public final class Engine: @unchecked Sendable {
         let id = nextId
         nextId += 1
         arrivals += 1
-        let vocab = model.config.vocabSize
         let seqs = (0..<r.n).map {
-            Sequence(requestId: id, index: $0, request: r, arrival: arrivals, tokenizer: tokenizer, eos: eosTokenIds, vocabulary: vocab)
+            Sequence(requestId: id, index: $0, request: r, arrival: arrivals, tokenizer: tokenizer, eos: eosTokenIds)
         }
-        let now = Benchmark.now()
-        for s in seqs { s.addedAt = now }
         inbox.append(Pending(sequences: seqs, sink: sink, failure: failure))
         if let sink, let failure { sinks[id] = (sink, failure) }
         lock.signal()
@@ -209,7 +206,6 @@ public final class Engine: @unchecked Sendable {
                 live[first.requestId] = nil
                 continue
             }
-            for s in p.sequences.dropFirst() { s.waitsForParent = true }
             first.forks = Array(p.sequences.dropFirst())
             scheduler.add(first)
         }
