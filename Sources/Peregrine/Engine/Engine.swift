@@ -81,7 +81,17 @@ public final class Engine: @unchecked Sendable {
         snapshot.kvBlocksTotal = count
     }
 
-    deinit { shutdown() }
+    /// The background thread holds the engine only while it steps, so an engine nobody else
+    /// holds goes away; its streams end with an error instead of waiting forever.
+    deinit {
+        lock.lock()
+        stopping = true
+        let failures = sinks.values.map(\.failure)
+        sinks.removeAll()
+        lock.broadcast()
+        lock.unlock()
+        for f in failures { f(PeregrineError.invalidArgument("the engine was released")) }
+    }
 
     // MARK: Requests
 
@@ -297,19 +307,30 @@ public final class Engine: @unchecked Sendable {
         defer { lock.unlock() }
         guard !loopRunning, !stopping else { return }
         loopRunning = true
-        let t = Thread { [weak self] in self?.loop() }
+        // The thread takes the engine anew for each round, so it never keeps it alive by itself.
+        let t = Thread { [weak self] in
+            while let engine = self, engine.loopRound() {}
+        }
         t.name = "peregrine-engine"
         t.start()
     }
 
-    private func loop() {
-        while true {
-            lock.lock()
-            while !stopping && inbox.isEmpty && cancellations.isEmpty && snapshot.running + snapshot.waiting == 0 { lock.wait() }
-            if stopping { loopRunning = false; lock.broadcast(); lock.unlock(); return }
+    /// One round of the background thread: waits a while for work, then steps. False once the
+    /// engine is shutting down.
+    private func loopRound() -> Bool {
+        lock.lock()
+        var idle: Bool { inbox.isEmpty && cancellations.isEmpty && snapshot.running + snapshot.waiting == 0 }
+        if !stopping && idle { _ = lock.wait(until: Date(timeIntervalSinceNow: 0.25)) }
+        if stopping {
+            loopRunning = false
+            lock.broadcast()
             lock.unlock()
-            do { try step() } catch { /* the failed requests were told; keep serving */ }
+            return false
         }
+        let work = !idle
+        lock.unlock()
+        if work { do { try step() } catch { /* the failed requests were told; keep serving */ } }
+        return true
     }
 
     /// Queues a request and returns its outputs as they are produced; ending the iteration early
