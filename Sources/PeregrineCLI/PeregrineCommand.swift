@@ -7,7 +7,7 @@ struct PeregrineCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "peregrine",
         abstract: "Run large language models on the CPU: Hugging Face safetensors directories of the Llama family.",
-        subcommands: [Generate.self, Tokenize.self, Bench.self, Perplexity.self, Quantize.self, Serve.self],
+        subcommands: [Generate.self, Chat.self, Tokenize.self, Bench.self, Perplexity.self, Quantize.self, Serve.self],
         defaultSubcommand: Generate.self)
 }
 
@@ -69,29 +69,7 @@ struct Generate: ParsableCommand {
     @Option(name: [.customShort("n"), .long], help: "Most tokens to generate.")
     var maxTokens: Int = 128
 
-    @Option(help: "Sampling temperature; 0 is greedy decoding.")
-    var temperature: Float = 0.8
-
-    @Option(help: "Keep only the k most likely tokens (0: off).")
-    var topK: Int = 40
-
-    @Option(help: "Keep the smallest set of tokens whose probability reaches p (1: off).")
-    var topP: Float = 0.95
-
-    @Option(help: "Drop tokens less likely than min-p times the most likely one (0: off).")
-    var minP: Float = 0.05
-
-    @Option(help: "Penalise tokens already in the context (1: off).")
-    var repeatPenalty: Float = 1.0
-
-    @Option(help: "How many recent tokens the repetition penalty looks at (0: all).")
-    var repeatLastN: Int = 64
-
-    @Option(help: "Random seed (default: a new one each run, printed with the speeds).")
-    var seed: UInt64?
-
-    @Option(name: .customLong("stop"), help: "Stop when this text is generated (repeatable).")
-    var stops: [String] = []
+    @OptionGroup var samplingOptions: SamplingOptions
 
     @Option(name: [.customShort("c"), .long], help: "Context length: prompt plus generation (default: the model's).")
     var ctxSize: Int?
@@ -110,18 +88,11 @@ struct Generate: ParsableCommand {
         try reportingErrors {
             var options = GenerationOptions()
             options.maxTokens = maxTokens
-            options.stopStrings = stops
+            options.stopStrings = samplingOptions.stops
             options.addSpecialTokens = !noSpecial
             options.contextLength = ctxSize
-            options.sampling.temperature = temperature
-            options.sampling.topK = topK
-            options.sampling.topP = topP
-            options.sampling.minP = minP
-            options.sampling.repetitionPenalty = repeatPenalty
-            options.sampling.repetitionWindow = repeatLastN
-            let seed = seed ?? UInt64.random(in: 0..<(1 << 32))
-            options.sampling.seed = seed
-            try options.sampling.validate()
+            options.sampling = try samplingOptions.parameters()
+            let seed = options.sampling.seed
 
             let clock = ContinuousClock()
             let start = clock.now
@@ -148,6 +119,48 @@ struct Generate: ParsableCommand {
                     s.proposed, 100 * s.acceptanceRate, s.tokensPerVerification).utf8))
             }
         }
+    }
+}
+
+/// How tokens are chosen, shared by generate and chat.
+struct SamplingOptions: ParsableArguments {
+    @Option(help: "Sampling temperature; 0 is greedy decoding.")
+    var temperature: Float = 0.8
+
+    @Option(help: "Keep only the k most likely tokens (0: off).")
+    var topK: Int = 40
+
+    @Option(help: "Keep the smallest set of tokens whose probability reaches p (1: off).")
+    var topP: Float = 0.95
+
+    @Option(help: "Drop tokens less likely than min-p times the most likely one (0: off).")
+    var minP: Float = 0.05
+
+    @Option(help: "Penalise tokens already in the context (1: off).")
+    var repeatPenalty: Float = 1.0
+
+    @Option(help: "How many recent tokens the repetition penalty looks at (0: all).")
+    var repeatLastN: Int = 64
+
+    @Option(help: "Random seed (default: a new one each run, printed).")
+    var seed: UInt64?
+
+    @Option(name: .customLong("stop"), help: "Stop when this text is generated (repeatable).")
+    var stops: [String] = []
+
+    /// The parameters, checked; without --seed, a random seed (which callers print, so a run
+    /// can be repeated).
+    func parameters() throws -> SamplingParameters {
+        var p = SamplingParameters()
+        p.temperature = temperature
+        p.topK = topK
+        p.topP = topP
+        p.minP = minP
+        p.repetitionPenalty = repeatPenalty
+        p.repetitionWindow = repeatLastN
+        p.seed = seed ?? UInt64.random(in: 0..<(1 << 32))
+        try p.validate()
+        return p
     }
 }
 

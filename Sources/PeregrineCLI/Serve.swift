@@ -23,6 +23,9 @@ struct Serve: ParsableCommand {
     @Option(help: "Where the model runs: cpu or cuda.")
     var device: Device = .cpu
 
+    @Flag(help: "GPU: batch-invariant kernels, so a request's output does not depend on the others running (slower); the CPU always is.")
+    var deterministic = false
+
     @Option(name: [.customShort("c"), .long], help: "Context length: prompt plus completion of one request (default: the model's).")
     var ctxSize: Int?
 
@@ -81,7 +84,7 @@ struct Serve: ParsableCommand {
                 return h
             }
             let logger = Logger(label: "peregrine")
-            let loaded = try device.load(model, threads: threads)
+            let loaded = try device.load(model, threads: threads, deterministic: deterministic)
             let tokenizer = try Tokenizer(directory: model)
             var config = EngineConfig()
             config.contextLength = ctxSize

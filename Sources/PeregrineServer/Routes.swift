@@ -154,9 +154,7 @@ final class Routes: @unchecked Sendable {
             throw APIError.invalid("The chat template could not render these messages: \(error)", param: "messages",
                                    code: "chat_template_error")
         }
-        // Templates write their special tokens as text; BOS is added only if the template left it out.
-        var prompt = tokenizer.encode(text, addSpecialTokens: false)
-        if let bos = chatBOS, prompt.first != bos { prompt.insert(bos, at: 0) }
+        let prompt = tokenizer.encodeChatPrompt(text, bos: chatBOS)
         let engineRequest = try r.sampling.engineRequest(prompt: prompt, defaultMaxTokens: nil, limits: limits, promptParam: "messages")
         let job = Job(endpoint: "chat.completions", idPrefix: "chatcmpl-", chat: true, sampling: r.sampling, requests: [engineRequest],
                       echo: nil, arrival: arrival)

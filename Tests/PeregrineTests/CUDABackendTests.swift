@@ -62,13 +62,17 @@ final class CUDABackendTests: XCTestCase {
         // Decode through the block tables, one sequence (the fused RoPE/KV-write/attention kernel)
         // and three at once (the split kernel), against the CPU on the same tokens.
         let cpu = try ModelRegistry.load(directory: dir)
-        for width in [1, 3] {
+        // Twenty at once: more than 16 rows, single queries through the split kernel's row map.
+        for width in [1, 3, 20] {
             let g = try PagedKVCache(model: fast, slots: width, capacity: 128, blockSize: 8)
             let c = try PagedKVCache(model: cpu, slots: width, capacity: 128, blockSize: 8)
             var gl = [Float](repeating: 0, count: width * v), cl = gl
             for step in 0..<40 {
                 var p = BatchPlan()
-                for s in 0..<width { p.append(tokens: [Int(prompts[s][step % prompts[s].count])], slot: s, position: step, logits: .last) }
+                for s in 0..<width {
+                    let seq = prompts[s % prompts.count]
+                    p.append(tokens: [Int(seq[step % seq.count])], slot: s, position: step, logits: .last)
+                }
                 var q = p
                 try g.prepare(&p)
                 try c.prepare(&q)
@@ -78,6 +82,26 @@ final class CUDABackendTests: XCTestCase {
                 let scale = cl.reduce(0) { max($0, abs($1)) }
                 XCTAssertLessThan(maxAbsDiff(gl, cl), 0.02 * scale, "\(width) sequences, step \(step)")
             }
+            guard width == 20 else { continue }
+            // A mixed step: a 24-token prompt chunk of a new sequence beside 19 decode tokens (flash
+            // attention for the chunk, the split kernel for the single queries).
+            var p = BatchPlan(), q = BatchPlan()
+            for s in 0..<19 {
+                p.append(tokens: [Int(prompts[s % prompts.count][0])], slot: s, position: 40, logits: .last)
+                q.append(tokens: [Int(prompts[s % prompts.count][0])], slot: s, position: 40, logits: .last)
+            }
+            try g.trim(19, to: 0)
+            try c.trim(19, to: 0)
+            let chunk = (0..<24).map { Int(prompts[7][$0 % prompts[7].count]) }
+            p.append(tokens: chunk, slot: 19, position: 0, logits: .all)
+            q.append(tokens: chunk, slot: 19, position: 0, logits: .all)
+            try g.prepare(&p)
+            try c.prepare(&q)
+            var gm = [Float](repeating: 0, count: (19 + 24) * v), cm = gm
+            try gm.withUnsafeMutableBufferPointer { try fast.forward(p, kv: g.memory, logits: $0) }
+            try cm.withUnsafeMutableBufferPointer { try cpu.forward(q, kv: c.memory, logits: $0) }
+            let scale = cm.reduce(0) { max($0, abs($1)) }
+            XCTAssertLessThan(maxAbsDiff(gm, cm), 0.02 * scale, "mixed prompt chunk and decode tokens")
         }
     }
 

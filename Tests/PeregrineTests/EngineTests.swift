@@ -263,6 +263,22 @@ final class EngineTests: XCTestCase {
         XCTAssertEqual(engine.stats.kvBlocksUsed, 0, "\(engine.stats)")
     }
 
+    /// An engine nobody holds goes away even while its background thread runs, and a stream it
+    /// was serving ends with an error instead of waiting forever.
+    func testReleasedEngineEndsItsStreams() async throws {
+        let (model, tokenizer) = try load()
+        var engine: Engine? = try Engine(model: model, tokenizer: tokenizer)
+        weak let watcher = engine
+        let p = tokenizer.encode("And God said")
+        let (_, outputs) = try XCTUnwrap(engine).stream(request(p, 900))
+        engine = nil
+        var failed = false
+        do { for try await _ in outputs {} } catch { failed = "\(error)".contains("released") }
+        XCTAssertTrue(failed, "the stream ends with the engine's release")
+        for _ in 0..<100 where watcher != nil { try await Task.sleep(nanoseconds: 10_000_000) }
+        XCTAssertNil(watcher)
+    }
+
     /// Log probabilities are the model's own: they sum to at most 1 and the chosen greedy token is
     /// the most likely.
     func testLogprobs() throws {

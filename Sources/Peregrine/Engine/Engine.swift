@@ -76,12 +76,22 @@ public final class Engine: @unchecked Sendable {
         if model.freeDeviceMemory == nil { try PagedKVCache.checkFits(model.config, positions: count * config.blockSize) }
         kv = try model.makeKVMemory(blocks: count, blockSize: config.blockSize, capacity: context)
         blocks = BlockManager(blocks: count, blockSize: config.blockSize)
-        scheduler = Scheduler(config: config, blocks: blocks, contextLimit: context)
+        scheduler = Scheduler(config: config, blocks: blocks)
         runner = ModelRunner(model: model, kv: kv)
         snapshot.kvBlocksTotal = count
     }
 
-    deinit { shutdown() }
+    /// The background thread holds the engine only while it steps, so an engine nobody else
+    /// holds goes away; its streams end with an error instead of waiting forever.
+    deinit {
+        lock.lock()
+        stopping = true
+        let failures = sinks.values.map(\.failure)
+        sinks.removeAll()
+        lock.broadcast()
+        lock.unlock()
+        for f in failures { f(PeregrineError.invalidArgument("the engine was released")) }
+    }
 
     // MARK: Requests
 
@@ -101,12 +111,9 @@ public final class Engine: @unchecked Sendable {
         let id = nextId
         nextId += 1
         arrivals += 1
-        let vocab = model.config.vocabSize
         let seqs = (0..<r.n).map {
-            Sequence(requestId: id, index: $0, request: r, arrival: arrivals, tokenizer: tokenizer, eos: eosTokenIds, vocabulary: vocab)
+            Sequence(requestId: id, index: $0, request: r, arrival: arrivals, tokenizer: tokenizer, eos: eosTokenIds)
         }
-        let now = Benchmark.now()
-        for s in seqs { s.addedAt = now }
         inbox.append(Pending(sequences: seqs, sink: sink, failure: failure))
         if let sink, let failure { sinks[id] = (sink, failure) }
         lock.signal()
@@ -209,7 +216,6 @@ public final class Engine: @unchecked Sendable {
                 live[first.requestId] = nil
                 continue
             }
-            for s in p.sequences.dropFirst() { s.waitsForParent = true }
             first.forks = Array(p.sequences.dropFirst())
             scheduler.add(first)
         }
@@ -301,19 +307,30 @@ public final class Engine: @unchecked Sendable {
         defer { lock.unlock() }
         guard !loopRunning, !stopping else { return }
         loopRunning = true
-        let t = Thread { [weak self] in self?.loop() }
+        // The thread takes the engine anew for each round, so it never keeps it alive by itself.
+        let t = Thread { [weak self] in
+            while let engine = self, engine.loopRound() {}
+        }
         t.name = "peregrine-engine"
         t.start()
     }
 
-    private func loop() {
-        while true {
-            lock.lock()
-            while !stopping && inbox.isEmpty && cancellations.isEmpty && snapshot.running + snapshot.waiting == 0 { lock.wait() }
-            if stopping { loopRunning = false; lock.broadcast(); lock.unlock(); return }
+    /// One round of the background thread: waits a while for work, then steps. False once the
+    /// engine is shutting down.
+    private func loopRound() -> Bool {
+        lock.lock()
+        var idle: Bool { inbox.isEmpty && cancellations.isEmpty && snapshot.running + snapshot.waiting == 0 }
+        if !stopping && idle { _ = lock.wait(until: Date(timeIntervalSinceNow: 0.25)) }
+        if stopping {
+            loopRunning = false
+            lock.broadcast()
             lock.unlock()
-            do { try step() } catch { /* the failed requests were told; keep serving */ }
+            return false
         }
+        let work = !idle
+        lock.unlock()
+        if work { do { try step() } catch { /* the failed requests were told; keep serving */ } }
+        return true
     }
 
     /// Queues a request and returns its outputs as they are produced; ending the iteration early

@@ -16,7 +16,6 @@ final class Scheduler {
 
     let config: EngineConfig
     let blocks: BlockManager
-    let contextLimit: Int
     private(set) var waiting: [Sequence] = []
     private(set) var running: [Sequence] = []
     private var admissions = 0
@@ -26,10 +25,9 @@ final class Scheduler {
     /// Copies of shared blocks the next pass must make before writing (copy on write).
     var copies: [(from: Int32, to: Int32)] = []
 
-    init(config: EngineConfig, blocks: BlockManager, contextLimit: Int) {
+    init(config: EngineConfig, blocks: BlockManager) {
         self.config = config
         self.blocks = blocks
-        self.contextLimit = contextLimit
     }
 
     var hasWork: Bool { !waiting.isEmpty || !running.isEmpty }
@@ -147,7 +145,6 @@ final class Scheduler {
             f.table = blocks.fork(s.table)
             f.computed = s.promptCount - 1
             f.cachedPromptTokens = s.cachedPromptTokens
-            f.waitsForParent = false
             insertWaiting(f)
         }
         s.forks.removeAll()

@@ -21,16 +21,14 @@ final class Sequence {
     /// Samples 1..<n of a request wait here until sample 0 has read the prompt, then share its
     /// blocks.
     var forks: [Sequence] = []
-    var waitsForParent = false
     var sampler: Sampler
     var emitter: Emitter
     var finishReason: FinishReason?
     /// What this step produced, handed out with the step's outputs.
     var newTokens: [Int] = []
     var newLogprobs: [TokenLogprob] = []
-    var addedAt = 0.0
 
-    init(requestId: Int, index: Int, request: EngineRequest, arrival: Int, tokenizer: Tokenizer?, eos: Set<Int>, vocabulary: Int) {
+    init(requestId: Int, index: Int, request: EngineRequest, arrival: Int, tokenizer: Tokenizer?, eos: Set<Int>) {
         self.requestId = requestId
         self.index = index
         self.request = request

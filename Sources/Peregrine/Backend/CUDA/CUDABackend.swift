@@ -236,6 +236,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func beginStep(key: Int) {
+        bindContext()
         mode = .eager
         pinnedCursor = 0
         pdlStep = pdl
@@ -364,7 +365,18 @@ public final class CUDABackend: ComputeBackend {
 
     /// The plan's slots, positions and block tables to the device once a pass (staged on a graph
     /// step), for every layer's kernels.
+    /// A CUDA context is current per thread: the engine may step on a thread other than the one
+    /// that made the backend (a server's background loop), so each entry point makes it current
+    /// there first (a thread-local write, once per thread change).
+    private var boundThread: pthread_t?
+    private func bindContext() {
+        let me = pthread_self()
+        if let b = boundThread, pthread_equal(b, me) != 0 { return }
+        if (try? driver.makeCurrent()) != nil { boundThread = me }
+    }
+
     public func beginPass(_ plan: BatchPlan) {
+        bindContext()
         hostInts.removeAll(keepingCapacity: true)
         hostInts.append(contentsOf: plan.slots)
         hostInts.append(contentsOf: plan.positions)
@@ -399,6 +411,7 @@ public final class CUDABackend: ComputeBackend {
     // MARK: ComputeBackend
 
     public func weight(_ t: TensorView) throws -> CUDAWeight {
+        bindContext()
         let rows = t.shape.count >= 2 ? t.shape[0] : 1
         let cols = t.shape.count >= 2 ? t.shape.dropFirst().reduce(1, *) : t.elementCount
         if t.shape.count == 1 || t.dtype == .f32 {
@@ -448,6 +461,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func buffer(_ count: Int) throws -> CUDABuffer {
+        bindContext()
         dropGraphs()
         let b = try CUDABuffer(driver: driver, count: count, pool: pool)
         try driver.check(driver.cuMemsetD8Async(b.pointer, 0, max(count, 1) * 4, stream), "cuMemsetD8Async")
@@ -455,6 +469,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func write(_ values: UnsafeBufferPointer<Float>, to buffer: CUDABuffer, offset: Int) {
+        bindContext()
         guard values.count > 0 else { return }
         if inGraphStep {
             stage(values.baseAddress!, bytes: values.count * 4, to: buffer.pointer + UInt64(offset * 4))
@@ -464,6 +479,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func read(_ buffer: CUDABuffer, offset: Int, into values: UnsafeMutableBufferPointer<Float>) {
+        bindContext()
         guard values.count > 0 else { return }
         record(driver.cuMemcpyDtoHAsync(values.baseAddress!, buffer.pointer + UInt64(offset * 4), values.count * 4, stream), "cuMemcpyDtoHAsync")
         record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
@@ -802,6 +818,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func copy(_ src: CUDABuffer, offset srcOffset: Int, to dst: CUDABuffer, offset dstOffset: Int, count: Int) {
+        bindContext()
         guard count > 0 else { return }
         record(driver.cuMemcpyDtoDAsync(dst.pointer + UInt64(dstOffset * 4), src.pointer + UInt64(srcOffset * 4), count * 4, stream),
                "cuMemcpyDtoDAsync")
@@ -812,6 +829,7 @@ public final class CUDABackend: ComputeBackend {
     private func rowPointer(_ x: CUDABuffer, _ row: Int, _ cols: Int) -> CUDADriver.DevicePointer { x.pointer + UInt64(row * cols * 4) }
 
     public func argmax(_ x: CUDABuffer, row: Int, cols: Int) throws -> Int {
+        bindContext()
         var word: UInt64 = 0
         record(driver.cuMemsetD8Async(sampleInts.pointer, 0, 8, stream), "cuMemsetD8Async")
         let parts = max(1, min(2 * driver.multiprocessors, (cols + 2047) / 2048))
@@ -830,6 +848,7 @@ public final class CUDABackend: ComputeBackend {
 
     /// Every row from 0 to the last one asked for in one launch, one read back.
     public func argmax(_ x: CUDABuffer, rows: [Int], cols: Int) throws -> [Int] {
+        bindContext()
         guard let last = rows.max() else { return [] }
         let n = last + 1
         guard ensure(&sampleInts, 2 * n) else { try synchronize(); return [] }
@@ -847,6 +866,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func topK(_ x: CUDABuffer, row: Int, cols: Int, k: Int, values: UnsafeMutableBufferPointer<Float>,
                      indices: UnsafeMutableBufferPointer<Int32>) throws {
+        bindContext()
         let k = min(k, cols, values.count, indices.count)
         guard k > 0 else { return }
         guard ensure(&sampleInts, 2 * k) else { try synchronize(); return }
@@ -860,6 +880,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func expSum(_ x: CUDABuffer, row: Int, cols: Int, shift: Float, scale: Float) throws -> Float {
+        bindContext()
         var sum: Float = 0
         launch("exp_sum_rows", grid: (1, 1, 1), block: 1024) { a in
             a.ptr(rowPointer(x, row, cols)); a.i32(cols); a.f32(shift); a.f32(scale); a.ptr(sampleInts)
@@ -870,6 +891,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func penalize(_ x: CUDABuffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) {
+        bindContext()
         guard ids.count > 0 else { return }
         let list = upload(ids, into: &rowInts)
         launch("repetition_penalty", grid: blocks(ids.count), block: 256) { a in
@@ -878,6 +900,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func synchronize() throws {
+        bindContext()
         switch mode {
         case .eager: break
         case .capturing(let key):

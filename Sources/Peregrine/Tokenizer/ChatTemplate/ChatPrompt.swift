@@ -1,5 +1,3 @@
-import Peregrine
-
 /// Turns chat messages into the prompt text the model was trained on (its chat template).
 public protocol ChatPromptRenderer: Sendable {
     func render(messages: [JSONValue], tools: [JSONValue]?, addGenerationPrompt: Bool, extra: [String: JSONValue]) throws -> String
@@ -19,9 +17,8 @@ struct JinjaChatPrompt: ChatPromptRenderer, @unchecked Sendable {
 }
 
 public enum ChatTemplates {
-    /// The chat template to serve with: `file` when given, else the model's own
-    /// (chat_template.jinja, tokenizer_config.json, or a GGUF file's tokenizer.chat_template);
-    /// nil when there is none.
+    /// The chat template to use: `file` when given, else the model's own (chat_template.jinja,
+    /// tokenizer_config.json, or a GGUF file's tokenizer.chat_template); nil when there is none.
     public static func load(model: String, file: String?, tokenizer: Tokenizer) throws -> ChatPromptRenderer? {
         let template: ChatTemplate
         if let file {
@@ -39,5 +36,17 @@ public enum ChatTemplates {
         if bos.isEmpty, let id = tokenizer.bosTokenId { bos = tokenizer.decode([id]) }
         if eos.isEmpty, let id = tokenizer.eosTokenIds.first { eos = tokenizer.decode([id]) }
         return JinjaChatPrompt(template: template, bos: bos, eos: eos)
+    }
+}
+
+extension Tokenizer {
+    /// The ids of a prompt a chat template rendered. Templates write their special tokens as
+    /// text, so the text is encoded without adding any; `bos` (the tokenizer's `addedBOS`, which
+    /// callers keep because finding it encodes twice) is put first only if the template left it
+    /// out, so a model that expects BOS gets exactly one.
+    public func encodeChatPrompt(_ text: String, bos: Int?) -> [Int] {
+        var ids = encode(text, addSpecialTokens: false)
+        if let bos, ids.first != bos { ids.insert(bos, at: 0) }
+        return ids
     }
 }
