@@ -3,9 +3,10 @@
 GGUF, the same threads, prompts and output length, alternating, with medians and ratios.
 
     .build/release/peregrine quantize -m models/target --type F16 -o /tmp/target-f16.gguf
-    python3 scripts/compare_servers.py --llama-server PATH/TO/llama-server --gguf /tmp/target-f16.gguf \\
-        [--peregrine .build/release/peregrine] [--clients 1,8,32] [--rounds 5] [--threads 2] \\
-        [--max-tokens 128] [--requests N] [--json-out results.json]
+    python3 scripts/compare_servers.py --llama-server PATH/TO/llama-server --gguf /tmp/target-f16.gguf \
+        [--peregrine .build/release/peregrine] [--clients 1,8,32] [--rounds 5] [--threads 2] \
+        [--max-tokens 128] [--requests N] [--wait-idle 120] [--json-out results.json]
+    python3 scripts/compare_servers.py --from-json results.json      # the tables again
 
 For each concurrency N and each round, each server is started fresh on a free loopback port, its
 /health waited for, loaded by scripts/serve_load.py (N streaming clients on /v1/completions,
@@ -19,9 +20,15 @@ alternates from one measurement to the next. The servers get equivalent settings
 N sequences generated at once on both; each llama-server slot gets CTX (--ctx, default 1024, the
 shipped model's context) positions, as each Peregrine request may use the model's context.
 Everything else is each server's default (llama-server: continuous batching, prompt cache,
-batch 2048 / micro-batch 512; Peregrine: 512 batch tokens, prefix caching). The table gives the
-median over rounds of output tokens/s and p50 time to first token, and their ratios
-(Peregrine / llama-server; for TTFT lower is better).
+batch 2048 / micro-batch 512; Peregrine: 512 batch tokens, prefix caching).
+
+The machine may be shared: before each measurement the script waits (up to --wait-idle seconds)
+for the CPUs to be under 10% busy, and it measures the CPU time that neither the server nor the
+load generator used during the measurement (/proc/stat against /proc/PID/stat and the load
+generator's rusage): "other jobs' CPU share". The table gives the median over rounds of output
+tokens/s, p50 time to first token and p50 inter-token latency, and the ratios Peregrine /
+llama-server (for TTFT lower is better); a second table keeps only the rounds during which other
+jobs took less than --quiet-share of the CPUs, when some did not.
 """
 import argparse
 import json
@@ -171,8 +178,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peregrine", default=os.path.join(ROOT, ".build", "release", "peregrine"))
-    ap.add_argument("--llama-server", required=True, help="the llama-server binary")
-    ap.add_argument("--gguf", required=True, help="the model both servers load")
+    ap.add_argument("--llama-server", help="the llama-server binary (required unless --from-json)")
+    ap.add_argument("--gguf", help="the model both servers load (required unless --from-json)")
     ap.add_argument("--clients", default="1,8,32", help="concurrencies, comma-separated (1,8,32)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -181,8 +188,20 @@ def main():
     ap.add_argument("--requests", type=int, help="requests per client (default max(4, 16 / clients))")
     ap.add_argument("--wait-idle", type=float, default=120,
                     help="before each measurement, wait up to this many seconds for the CPUs to be under 10%% busy (120; 0: don't)")
+    ap.add_argument("--quiet-share", type=float, default=0.10,
+                    help="also tabulate the rounds during which other jobs took less than this share of the CPUs (0.10)")
     ap.add_argument("--json-out", help="write every measurement to this file")
+    ap.add_argument("--from-json", help="print the tables of an earlier run's --json-out file instead of measuring")
     a = ap.parse_args()
+    if a.from_json:
+        with open(a.from_json) as f:
+            saved = json.load(f)
+        st = saved["settings"]
+        concurrencies = sorted({x["clients"] for x in saved["runs"]}, key=[x["clients"] for x in saved["runs"]].index)
+        report(saved["runs"], concurrencies, st["rounds"], st["threads"], st["max_tokens"], a.quiet_share)
+        return
+    if not a.llama_server or not a.gguf:
+        ap.error("--llama-server and --gguf are required")
     for path in (a.peregrine, a.llama_server, a.gguf):
         if not os.path.exists(path):
             ap.error(f"{path} does not exist")
@@ -210,8 +229,17 @@ def main():
                               f"TTFT p50 {fmt(res['ttft_ms']['p50'])} ms, ITL p50 {fmt(res['itl_ms']['p50'])} ms, "
                               f"{res['errors']} errors; other jobs took {res['foreign_cpu_share'] * 100:.0f}% of the CPUs", file=sys.stderr, flush=True)
 
+    report(runs, concurrencies, a.rounds, a.threads, a.max_tokens, a.quiet_share)
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump({"settings": vars(a), "runs": runs}, f, indent=1)
+    failed = any(x["result"] is None or x["result"]["errors"] for x in runs)
+    sys.exit(1 if failed else 0)
+
+
+def summarize(runs, concurrencies, keep=lambda r: True):
     def pick(kind, n, f):
-        return [f(x["result"]) for x in runs if x["server"] == kind and x["clients"] == n and x["result"]]
+        return [f(x["result"]) for x in runs if x["server"] == kind and x["clients"] == n and x["result"] and keep(x["result"])]
 
     rows = []
     for n in concurrencies:
@@ -230,33 +258,41 @@ def main():
                 "foreign_cpu_share": median(pick(kind, n, lambda r: r.get("foreign_cpu_share"))),
             }
         rows.append(row)
+    return rows
 
+
+def print_table(rows):
     def pct(x):
         return None if x is None else x * 100
 
     def ratio(x, y):
         return x / y if x is not None and y else None
 
-    print(f"\nmedians of {a.rounds} rounds; {a.threads} threads; {a.max_tokens} tokens per request; "
-          f"Peregrine / llama-server ratios\n")
-    print("| clients | Peregrine tok/s | llama-server tok/s | ratio | Peregrine TTFT p50 ms | llama-server TTFT p50 ms | ratio "
-          "| Peregrine ITL p50 ms | llama-server ITL p50 ms | errors | other jobs' CPU share |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| clients | rounds | Peregrine tok/s | llama-server tok/s | ratio | Peregrine TTFT p50 ms | llama-server TTFT p50 ms "
+          "| ratio | Peregrine ITL p50 ms | llama-server ITL p50 ms | errors | other jobs' CPU share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         p, l = row["peregrine"], row["llama-server"]
-        print(f"| {row['clients']} | {fmt(p['output_tok_s'])} | {fmt(l['output_tok_s'])} | "
+        print(f"| {row['clients']} | {p['rounds']} / {l['rounds']} | {fmt(p['output_tok_s'])} | {fmt(l['output_tok_s'])} | "
               f"{fmt(ratio(p['output_tok_s'], l['output_tok_s']), 2)}x | {fmt(p['ttft_p50_ms'])} | {fmt(l['ttft_p50_ms'])} | "
               f"{fmt(ratio(p['ttft_p50_ms'], l['ttft_p50_ms']), 2)}x | {fmt(p['itl_p50_ms'], 2)} | {fmt(l['itl_p50_ms'], 2)} | "
               f"{p['errors']} / {l['errors']} | {fmt(pct(p['foreign_cpu_share']), 0)}% / {fmt(pct(l['foreign_cpu_share']), 0)}% |")
+
+
+def report(runs, concurrencies, rounds, threads, max_tokens, quiet_share):
+    rows = summarize(runs, concurrencies)
+    print(f"\nmedians of {rounds} rounds; {threads} threads; {max_tokens} tokens per request; "
+          f"ratios Peregrine / llama-server; the CPU share other jobs took during the measurements (median)\n")
+    print_table(rows)
     print("\nper-round output tok/s (Peregrine ; llama-server):")
     for row in rows:
         print(f"  {row['clients']} clients: " + ", ".join(f"{x:.1f}" for x in row["peregrine"]["per_round_tok_s"]) + " ; "
               + ", ".join(f"{x:.1f}" for x in row["llama-server"]["per_round_tok_s"]))
-    if a.json_out:
-        with open(a.json_out, "w") as f:
-            json.dump({"settings": vars(a), "summary": rows, "runs": runs}, f, indent=1)
-    failed = any(x["result"] is None or x["result"]["errors"] for x in runs)
-    sys.exit(1 if failed else 0)
+    quiet = lambda r: (r.get("foreign_cpu_share") or 0) < quiet_share  # noqa: E731
+    if any(x["result"] and not quiet(x["result"]) for x in runs):
+        print(f"\nonly the rounds during which other jobs took under {quiet_share * 100:.0f}% of the CPUs:\n")
+        print_table(summarize(runs, concurrencies, quiet))
+    return rows
 
 
 if __name__ == "__main__":

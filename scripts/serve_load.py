@@ -310,6 +310,7 @@ def summarize(results, start, end, max_tokens, clients, client_cpu=None):
         "reconnects": sum(1 for r in results if r.reconnected),
         "wall_s": round(wall, 3),
         "output_tokens": tokens,
+        "text_chunks": sum(len(r.chunk_times) for r in ok),
         "prompt_tokens": prompt_tokens,
         "output_tok_s": round(tokens / wall, 2) if wall > 0 else None,
         "requests_s": round(len(ok) / wall, 3) if wall > 0 else None,
@@ -326,7 +327,8 @@ def print_summary(s, out=sys.stdout):
 
     print(f"clients {s['clients']}, max_tokens {s['max_tokens']}: {s['ok']} of {s['requests']} requests ok "
           f"in {s['wall_s']:.2f} s, {s['errors']} errors", file=out)
-    print(f"  output       {s['output_tok_s']} tok/s ({s['output_tokens']} tokens), {s['requests_s']} requests/s", file=out)
+    print(f"  output       {s['output_tok_s']} tok/s ({s['output_tokens']} tokens in {s['text_chunks']} chunks with text), "
+          f"{s['requests_s']} requests/s", file=out)
     print(f"  TTFT         p50/p90/p99 {fmt(s['ttft_ms'])} ms", file=out)
     print(f"  inter-token  p50/p90/p99 {fmt(s['itl_ms'])} ms", file=out)
     print(f"  end-to-end   p50/p90/p99 {fmt(s['e2e_ms'])} ms", file=out)

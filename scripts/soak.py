@@ -211,6 +211,7 @@ def main():
     # 2. Load, with 3. memory sampling beside it.
     samples = []  # (seconds since start, KiB)
     stop_sampling = threading.Event()
+    crashed = threading.Event()
     start = time.perf_counter()
     deadline = start + a.duration
     sent = [0]
@@ -223,6 +224,7 @@ def main():
             kib = rss_kib(pid)
             if kib is None:
                 fail("crash", f"server process {pid} is gone at {time.perf_counter() - start:.0f} s")
+                crashed.set()  # the clients stop: nothing is left to test
                 return
             samples.append((time.perf_counter() - start, kib))
             stop_sampling.wait(a.sample_interval)
@@ -230,7 +232,7 @@ def main():
     def worker(c):
         cl = Client(a.url, 120, a.api_key)
         k = 0
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < deadline and not crashed.is_set():
             with lock:
                 if sent[0] >= a.max_requests:
                     break
@@ -240,11 +242,16 @@ def main():
             prompt, m = requests[i]
             r = cl.stream_completion(request_body(prompt, m, a.seed, a.model, ignore_eos=False))
             why = problems(r, m, refs[i])
+            if r.status is None:
+                time.sleep(0.1)  # no answer at all (refused, reset): don't spin on a dead server
             with lock:
                 if why:
                     stats["bad"] += 1
                     key = why[0].split(":")[0][:60]
-                    examples.setdefault(key, []).append(f"client {c}, request {i} (max_tokens {m}): {'; '.join(why)}")
+                    seen = examples.setdefault(key, [0, None])
+                    seen[0] += 1
+                    if seen[1] is None:
+                        seen[1] = f"client {c}, request {i} (max_tokens {m}): {'; '.join(why)}"
                 else:
                     stats["ok"] += 1
                     stats["tokens"] += r.usage["completion_tokens"]
@@ -275,8 +282,8 @@ def main():
     elapsed = time.perf_counter() - start
     stop_sampling.set()
     sampler_thread.join(timeout=a.sample_interval + 5)
-    for key, lines in examples.items():
-        fail(key, f"{len(lines)} responses, e.g. {lines[0]}")
+    for key, (count, first) in examples.items():
+        fail(key, f"{count} responses, e.g. {first}")
 
     # 4. The server afterwards.
     if rss_kib(pid) is None:
