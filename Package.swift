@@ -37,9 +37,18 @@ let package = Package(
                             .unsafeFlags(["-O"], .when(configuration: .debug)),
                             .enableExperimentalFeature("BuiltinModule")]
         ),
+        // Floating-point products on AVX-512's 32 registers, built for cascadelake; Peregrine
+        // calls them only where /proc/cpuinfo shows AVX-512. F16 widening goes through LLVM's
+        // vector fpext in the Builtin module (one vcvtph2ps per 16 values).
+        .target(
+            name: "PeregrineAVX512",
+            swiftSettings: [.unsafeFlags(["-target-cpu", "cascadelake"], .when(platforms: [.linux])),
+                            .unsafeFlags(["-O"], .when(configuration: .debug)),
+                            .enableExperimentalFeature("BuiltinModule")]
+        ),
         .target(
             name: "Peregrine",
-            dependencies: ["PeregrineInt8", "PeregrineVNNI", .product(name: "Atomics", package: "swift-atomics")],
+            dependencies: ["PeregrineInt8", "PeregrineVNNI", "PeregrineAVX512", .product(name: "Atomics", package: "swift-atomics")],
             // The CUDA kernels travel inside the library and are compiled by NVRTC at run time.
             resources: [.embedInCode("Backend/CUDA/Kernels.cu")],
             // Kernels unoptimised are ~50x slower; the test suite runs real models, so the

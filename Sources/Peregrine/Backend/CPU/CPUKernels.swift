@@ -1,14 +1,19 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+#if arch(x86_64)
+import PeregrineAVX512
+#endif
 
 /// Loads stored weights as f32 lanes. Generic kernels are specialised per element type.
 protocol WeightElement {
     static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float>
     static func load1(_ p: UnsafeRawPointer, _ i: Int) -> Float
+    static var dtype: DType { get }
 }
 
 enum F32Element: WeightElement {
+    static var dtype: DType { .f32 }
     @inline(__always) static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> {
         p.loadUnaligned(fromByteOffset: i &* 4, as: SIMD8<Float>.self)
     }
@@ -18,6 +23,7 @@ enum F32Element: WeightElement {
 }
 
 enum F16Element: WeightElement {
+    static var dtype: DType { .f16 }
     @inline(__always) static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> {
         SIMD8<Float>(p.loadUnaligned(fromByteOffset: i &* 2, as: SIMD8<Float16>.self))
     }
@@ -27,6 +33,7 @@ enum F16Element: WeightElement {
 }
 
 enum BF16Element: WeightElement {
+    static var dtype: DType { .bf16 }
     @inline(__always) static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> {
         let u = SIMD8<UInt32>(truncatingIfNeeded: p.loadUnaligned(fromByteOffset: i &* 2, as: SIMD8<UInt16>.self))
         return unsafeBitCast(u &<< 16, to: SIMD8<Float>.self)
@@ -178,6 +185,12 @@ enum CPUKernels {
     static func matmul<E: WeightElement>(_ e: E.Type, x: UnsafePointer<Float>, tokens: Int, w: UnsafeRawPointer,
                                           outDim: Int, k: Int, bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>,
                                           pool: ThreadPool) {
+        #if arch(x86_64)
+        if CPUFeatures.useAVX512 {
+            matmulAVX512(E.dtype, x: x, tokens: tokens, w: w, outDim: outDim, k: k, bias: bias, y: y, pool: pool)
+            return
+        }
+        #endif
         // Split output rows across threads; each block of rows stays hot in cache while every
         // token passes over it. A block is at least ~64k multiply-adds, so decode-sized products
         // still spread over all threads.
@@ -197,6 +210,51 @@ enum CPUKernels {
             }
         }
     }
+
+    #if arch(x86_64)
+    /// The AVX-512 product (`PeregrineAVX512`): threads take runs of four rows; for two tokens or
+    /// more, F16/BF16 rows are widened to f32 a block at a time into the thread's scratch (the
+    /// widening then costs once per block instead of once per tile of tokens) and the block stays
+    /// in the core's cache while every token passes over it. One token reads them in place.
+    static func matmulAVX512(_ dtype: DType, x: UnsafePointer<Float>, tokens: Int, w: UnsafeRawPointer, outDim: Int, k: Int,
+                             bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, pool: ThreadPool) {
+        let elementBytes = dtype.byteSize
+        let rowBytes = k * elementBytes
+        let quads = (outDim + 3) / 4
+        let grain = max(1, 16384 / max(1, tokens * k))
+        // Widened rows per block: about 256 KiB of f32, a multiple of four rows.
+        let blockRows = max(4, min(64, (65536 / max(1, k)) & ~3))
+        pool.parallelRanges(quads, grain: grain) { q in
+            let rows = (q.lowerBound * 4)..<min(outDim, q.upperBound * 4)
+            let yr = y + rows.lowerBound, wr = w + rows.lowerBound * rowBytes
+            if dtype == .f32 {
+                AVX512Products.productF32(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
+            } else if tokens == 1 {
+                if dtype == .f16 {
+                    AVX512Products.productF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: 1, y: yr, ldy: outDim)
+                } else {
+                    AVX512Products.productBF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: 1, y: yr, ldy: outDim)
+                }
+            } else {
+                let scratch = WidenedRows.scratch(floats: blockRows * k)
+                var r = 0
+                while r < rows.count {
+                    let n = min(blockRows, rows.count - r)
+                    if dtype == .f16 {
+                        AVX512Products.widenF16(wr + r * rowBytes, scratch, n * k)
+                    } else {
+                        AVX512Products.widenBF16(wr + r * rowBytes, scratch, n * k)
+                    }
+                    AVX512Products.productF32(w: UnsafeRawPointer(scratch), k: k, rows: n, x: x, ldx: k, tokens: tokens, y: yr + r, ldy: outDim)
+                    r += n
+                }
+            }
+            if let bias {
+                for t in 0..<tokens { for o in rows { y[t &* outDim &+ o] += bias[o] } }
+            }
+        }
+    }
+    #endif
 
     static func rmsNorm(x: UnsafePointer<Float>, w: UnsafePointer<Float>, eps: Float, dim: Int, out: UnsafeMutablePointer<Float>) {
         let ss = dot(x, x, dim)
@@ -271,5 +329,30 @@ enum CPUKernels {
             i += 8
         }
         while i < hd { acc[i] += p * v[i]; i += 1 }
+    }
+}
+
+/// A buffer per thread for weights widened to f32, grown when a larger one is asked for (at the
+/// first products of a model, not per token) and freed when its thread ends.
+enum WidenedRows {
+    private static let key: pthread_key_t = {
+        var key = pthread_key_t()
+        pthread_key_create(&key) { p in free(p) }
+        return key
+    }()
+
+    /// At least `floats` f32 values, 64-byte aligned; the capacity is kept in the first 64 bytes.
+    static func scratch(floats: Int) -> UnsafeMutablePointer<Float> {
+        if let p = pthread_getspecific(key) {
+            if p.load(as: Int.self) >= floats { return (p + 64).assumingMemoryBound(to: Float.self) }
+            free(p)
+        }
+        var raw: UnsafeMutableRawPointer?
+        guard posix_memalign(&raw, 64, 64 + floats * 4) == 0, let p = raw else {
+            fatalError("out of memory for \(floats * 4) bytes of widened weights")
+        }
+        p.storeBytes(of: floats, as: Int.self)
+        pthread_setspecific(key, p)
+        return (p + 64).assumingMemoryBound(to: Float.self)
     }
 }

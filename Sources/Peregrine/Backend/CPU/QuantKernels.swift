@@ -306,6 +306,17 @@ enum CPUFeatures {
         return Set(line.split(separator: " "))
     }()
 
+    /// AVX-512 with the instruction groups of `PeregrineAVX512`'s target (cascadelake) for the
+    /// f32/F16/BF16 products; PEREGRINE_NO_AVX512=1 turns it off.
+    static let useAVX512: Bool = {
+        #if arch(x86_64)
+        if ProcessInfo.processInfo.environment["PEREGRINE_NO_AVX512"] != nil { return false }
+        return ["avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512cd"].allSatisfy { flags.contains(Substring($0)) }
+        #else
+        return false
+        #endif
+    }()
+
     /// AVX-512 VNNI with 256-bit forms (VL) and byte/word ops (BW); PEREGRINE_NO_VNNI=1 turns it off.
     static let useVNNI: Bool = {
         #if arch(x86_64)

@@ -1,0 +1,231 @@
+#if arch(x86_64)
+import Builtin
+
+// Floating-point matrix products on AVX-512, built for a CPU that has it (cascadelake); Peregrine
+// calls them only where /proc/cpuinfo shows avx512f. With 32 vector registers a tile of 4 weight
+// rows by 6 tokens keeps 24 accumulators, 4 weight vectors and a token vector in registers, which
+// the 16 registers of AVX2 cannot.
+//
+// Every (row, token) product is the same arithmetic whatever tile computes it: 16-lane partial
+// sums over k in steps of 16, reduced in a fixed order, then the tail of k one element at a time.
+// So a token's result does not depend on how many other tokens share the product (batch
+// invariance), and F16/BF16 weights widened first give exactly what they give read in place.
+
+/// Reads 16 stored weights as f32 lanes.
+public protocol WideWeight {
+    static var bytes: Int { get }
+    static func load16(_ p: UnsafeRawPointer, _ i: Int) -> SIMD16<Float>
+    static func load1(_ p: UnsafeRawPointer, _ i: Int) -> Float
+}
+
+public enum WideF32: WideWeight {
+    @inline(__always) public static var bytes: Int { 4 }
+    @inline(__always) public static func load16(_ p: UnsafeRawPointer, _ i: Int) -> SIMD16<Float> {
+        p.loadUnaligned(fromByteOffset: i &* 4, as: SIMD16<Float>.self)
+    }
+    @inline(__always) public static func load1(_ p: UnsafeRawPointer, _ i: Int) -> Float {
+        p.loadUnaligned(fromByteOffset: i &* 4, as: Float.self)
+    }
+}
+
+public enum WideF16: WideWeight {
+    @inline(__always) public static var bytes: Int { 2 }
+    // One vcvtph2ps on a 512-bit register: Swift's own Float16 vector conversion goes 4 lanes at a time.
+    @inline(__always) public static func load16(_ p: UnsafeRawPointer, _ i: Int) -> SIMD16<Float> {
+        let h = p.loadUnaligned(fromByteOffset: i &* 2, as: SIMD16<UInt16>.self)
+        let f = Builtin.fpext_Vec16xFPIEEE16_Vec16xFPIEEE32(unsafeBitCast(h, to: Builtin.Vec16xFPIEEE16.self))
+        return unsafeBitCast(f, to: SIMD16<Float>.self)
+    }
+    @inline(__always) public static func load1(_ p: UnsafeRawPointer, _ i: Int) -> Float {
+        Float(p.loadUnaligned(fromByteOffset: i &* 2, as: Float16.self))
+    }
+}
+
+public enum WideBF16: WideWeight {
+    @inline(__always) public static var bytes: Int { 2 }
+    @inline(__always) public static func load16(_ p: UnsafeRawPointer, _ i: Int) -> SIMD16<Float> {
+        let h = p.loadUnaligned(fromByteOffset: i &* 2, as: SIMD16<UInt16>.self)
+        let u = Builtin.zext_Vec16xInt16_Vec16xInt32(unsafeBitCast(h, to: Builtin.Vec16xInt16.self))
+        return unsafeBitCast(unsafeBitCast(u, to: SIMD16<UInt32>.self) &<< 16, to: SIMD16<Float>.self)
+    }
+    @inline(__always) public static func load1(_ p: UnsafeRawPointer, _ i: Int) -> Float {
+        Float(bitPattern: UInt32(p.loadUnaligned(fromByteOffset: i &* 2, as: UInt16.self)) << 16)
+    }
+}
+
+/// How many tokens a tile covers, fixed at compile time so unused accumulators vanish.
+protocol TileTokens { static var n: Int { get } }
+enum Tokens1: TileTokens { @inline(__always) static var n: Int { 1 } }
+enum Tokens2: TileTokens { @inline(__always) static var n: Int { 2 } }
+enum Tokens3: TileTokens { @inline(__always) static var n: Int { 3 } }
+enum Tokens4: TileTokens { @inline(__always) static var n: Int { 4 } }
+enum Tokens5: TileTokens { @inline(__always) static var n: Int { 5 } }
+enum Tokens6: TileTokens { @inline(__always) static var n: Int { 6 } }
+
+public enum AVX512Products {
+    @inline(__always) static func x16(_ p: UnsafePointer<Float>, _ i: Int) -> SIMD16<Float> {
+        UnsafeRawPointer(p + i).loadUnaligned(as: SIMD16<Float>.self)
+    }
+
+    /// The one reduction order of 16 partial sums.
+    @inline(__always) static func reduce(_ a: SIMD16<Float>) -> Float {
+        let b = a.lowHalf + a.highHalf
+        let c = b.lowHalf + b.highHalf
+        let d = c.lowHalf + c.highHalf
+        return d[0] + d[1]
+    }
+
+    /// The reduced partial sums plus the products of k's tail.
+    @inline(__always)
+    static func finish<W: WideWeight>(_: W.Type, _ a: SIMD16<Float>, _ w: UnsafeRawPointer, _ x: UnsafePointer<Float>,
+                                      from: Int, to k: Int) -> Float {
+        var s = reduce(a)
+        var i = from
+        while i < k { s = s.addingProduct(W.load1(w, i), x[i]); i &+= 1 }
+        return s
+    }
+
+    /// One weight row (`w` at its first element) by one token.
+    @inline(__always)
+    static func dot<W: WideWeight>(_: W.Type, _ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ k: Int) -> Float {
+        let k16 = k & ~15
+        var a = SIMD16<Float>()
+        var i = 0
+        while i < k16 { a = a.addingProduct(W.load16(w, i), x16(x, i)); i &+= 16 }
+        return finish(W.self, a, w, x, from: k16, to: k)
+    }
+
+    /// Four weight rows (`w` at the first, `k` elements apart) by T tokens (`ldx` apart); results
+    /// at y[t * ldy + r].
+    @inline(__always)
+    static func tile4<W: WideWeight, T: TileTokens>(_: W.Type, _: T.Type, w: UnsafeRawPointer, k: Int,
+                                                    x: UnsafePointer<Float>, ldx: Int,
+                                                    y: UnsafeMutablePointer<Float>, ldy: Int) {
+        let n = T.n
+        let rb = k &* W.bytes
+        let w0 = w, w1 = w + rb, w2 = w1 + rb, w3 = w2 + rb
+        let x0 = x, x1 = x0 + ldx, x2 = x1 + ldx, x3 = x2 + ldx, x4 = x3 + ldx, x5 = x4 + ldx
+        let z = SIMD16<Float>()
+        var a00 = z, a10 = z, a20 = z, a30 = z, a01 = z, a11 = z, a21 = z, a31 = z
+        var a02 = z, a12 = z, a22 = z, a32 = z, a03 = z, a13 = z, a23 = z, a33 = z
+        var a04 = z, a14 = z, a24 = z, a34 = z, a05 = z, a15 = z, a25 = z, a35 = z
+        let k16 = k & ~15
+        var i = 0
+        while i < k16 {
+            let v0 = W.load16(w0, i), v1 = W.load16(w1, i), v2 = W.load16(w2, i), v3 = W.load16(w3, i)
+            var u = x16(x0, i)
+            a00 = a00.addingProduct(v0, u); a10 = a10.addingProduct(v1, u); a20 = a20.addingProduct(v2, u); a30 = a30.addingProduct(v3, u)
+            if n > 1 {
+                u = x16(x1, i)
+                a01 = a01.addingProduct(v0, u); a11 = a11.addingProduct(v1, u); a21 = a21.addingProduct(v2, u); a31 = a31.addingProduct(v3, u)
+            }
+            if n > 2 {
+                u = x16(x2, i)
+                a02 = a02.addingProduct(v0, u); a12 = a12.addingProduct(v1, u); a22 = a22.addingProduct(v2, u); a32 = a32.addingProduct(v3, u)
+            }
+            if n > 3 {
+                u = x16(x3, i)
+                a03 = a03.addingProduct(v0, u); a13 = a13.addingProduct(v1, u); a23 = a23.addingProduct(v2, u); a33 = a33.addingProduct(v3, u)
+            }
+            if n > 4 {
+                u = x16(x4, i)
+                a04 = a04.addingProduct(v0, u); a14 = a14.addingProduct(v1, u); a24 = a24.addingProduct(v2, u); a34 = a34.addingProduct(v3, u)
+            }
+            if n > 5 {
+                u = x16(x5, i)
+                a05 = a05.addingProduct(v0, u); a15 = a15.addingProduct(v1, u); a25 = a25.addingProduct(v2, u); a35 = a35.addingProduct(v3, u)
+            }
+            i &+= 16
+        }
+        @inline(__always) func put(_ t: Int, _ xt: UnsafePointer<Float>, _ c0: SIMD16<Float>, _ c1: SIMD16<Float>,
+                                   _ c2: SIMD16<Float>, _ c3: SIMD16<Float>) {
+            let yt = y + t &* ldy
+            yt[0] = finish(W.self, c0, w0, xt, from: k16, to: k)
+            yt[1] = finish(W.self, c1, w1, xt, from: k16, to: k)
+            yt[2] = finish(W.self, c2, w2, xt, from: k16, to: k)
+            yt[3] = finish(W.self, c3, w3, xt, from: k16, to: k)
+        }
+        put(0, x0, a00, a10, a20, a30)
+        if n > 1 { put(1, x1, a01, a11, a21, a31) }
+        if n > 2 { put(2, x2, a02, a12, a22, a32) }
+        if n > 3 { put(3, x3, a03, a13, a23, a33) }
+        if n > 4 { put(4, x4, a04, a14, a24, a34) }
+        if n > 5 { put(5, x5, a05, a15, a25, a35) }
+    }
+
+    /// Four rows by any number of tokens: tiles of six, then one tile for the rest.
+    @inline(__always)
+    static func rows4<W: WideWeight>(_: W.Type, w: UnsafeRawPointer, k: Int, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
+                                     y: UnsafeMutablePointer<Float>, ldy: Int) {
+        var t = 0
+        while t &+ 6 <= tokens {
+            tile4(W.self, Tokens6.self, w: w, k: k, x: x + t &* ldx, ldx: ldx, y: y + t &* ldy, ldy: ldy)
+            t &+= 6
+        }
+        let xt = x + t &* ldx, yt = y + t &* ldy
+        switch tokens &- t {
+        case 1: tile4(W.self, Tokens1.self, w: w, k: k, x: xt, ldx: ldx, y: yt, ldy: ldy)
+        case 2: tile4(W.self, Tokens2.self, w: w, k: k, x: xt, ldx: ldx, y: yt, ldy: ldy)
+        case 3: tile4(W.self, Tokens3.self, w: w, k: k, x: xt, ldx: ldx, y: yt, ldy: ldy)
+        case 4: tile4(W.self, Tokens4.self, w: w, k: k, x: xt, ldx: ldx, y: yt, ldy: ldy)
+        case 5: tile4(W.self, Tokens5.self, w: w, k: k, x: xt, ldx: ldx, y: yt, ldy: ldy)
+        default: break
+        }
+    }
+
+    @inline(__always)
+    static func product<W: WideWeight>(_: W.Type, w: UnsafeRawPointer, k: Int, rows: Int, x: UnsafePointer<Float>, ldx: Int,
+                                       tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
+        let rb = k &* W.bytes
+        var r = 0
+        while r &+ 4 <= rows {
+            rows4(W.self, w: w + r &* rb, k: k, x: x, ldx: ldx, tokens: tokens, y: y + r, ldy: ldy)
+            r &+= 4
+        }
+        while r < rows {
+            for t in 0..<tokens { y[t &* ldy &+ r] = dot(W.self, w + r &* rb, x + t &* ldx, k) }
+            r &+= 1
+        }
+    }
+
+    /// y[t * ldy + r] = dot(row r of `w`, x[t * ldx ..< t * ldx + k]) for r in 0..<rows and t in
+    /// 0..<tokens; `w` holds `rows` rows of `k` f32 weights.
+    public static func productF32(w: UnsafeRawPointer, k: Int, rows: Int, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
+                                  y: UnsafeMutablePointer<Float>, ldy: Int) {
+        product(WideF32.self, w: w, k: k, rows: rows, x: x, ldx: ldx, tokens: tokens, y: y, ldy: ldy)
+    }
+
+    /// The same product with F16 weights read in place (for one or a few tokens).
+    public static func productF16(w: UnsafeRawPointer, k: Int, rows: Int, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
+                                  y: UnsafeMutablePointer<Float>, ldy: Int) {
+        product(WideF16.self, w: w, k: k, rows: rows, x: x, ldx: ldx, tokens: tokens, y: y, ldy: ldy)
+    }
+
+    /// The same product with BF16 weights read in place.
+    public static func productBF16(w: UnsafeRawPointer, k: Int, rows: Int, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
+                                   y: UnsafeMutablePointer<Float>, ldy: Int) {
+        product(WideBF16.self, w: w, k: k, rows: rows, x: x, ldx: ldx, tokens: tokens, y: y, ldy: ldy)
+    }
+
+    @inline(__always)
+    static func widen<W: WideWeight>(_: W.Type, _ src: UnsafeRawPointer, _ dst: UnsafeMutablePointer<Float>, _ count: Int) {
+        let c16 = count & ~15
+        var i = 0
+        while i < c16 {
+            UnsafeMutableRawPointer(dst + i).storeBytes(of: W.load16(src, i), as: SIMD16<Float>.self)
+            i &+= 16
+        }
+        while i < count { dst[i] = W.load1(src, i); i &+= 1 }
+    }
+
+    /// Widens `count` F16 values to f32 (exactly).
+    public static func widenF16(_ src: UnsafeRawPointer, _ dst: UnsafeMutablePointer<Float>, _ count: Int) {
+        widen(WideF16.self, src, dst, count)
+    }
+
+    /// Widens `count` BF16 values to f32 (exactly).
+    public static func widenBF16(_ src: UnsafeRawPointer, _ dst: UnsafeMutablePointer<Float>, _ count: Int) {
+        widen(WideBF16.self, src, dst, count)
+    }
+}
+#endif
