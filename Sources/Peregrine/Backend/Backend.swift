@@ -245,8 +245,10 @@ public struct BatchPlan {
 }
 
 /// The key/value memory of every layer: a pool of `blocks` blocks of `blockSize` positions each,
-/// a sequence reaching up to `capacity` positions through its block table. Layout per layer:
-/// [block, offset in block, kvHeads, headDim]. Which blocks a sequence holds is the runtime's
+/// a sequence reaching up to `capacity` positions through its block table. Each layer's buffers
+/// hold `blocks` blocks of `blockSize * kvHeads * headDim` values; the layout inside a block is
+/// the backend's (values [offset, kvHead, headDim] on both; keys transposed to [kvHead, headDim,
+/// offset] on the CPU, see `PagedAttention`). Which blocks a sequence holds is the runtime's
 /// bookkeeping (`BlockManager`); this is only the storage.
 public final class KVStorage<B: ComputeBackend>: KVMemory {
     public let keys: [B.Buffer]

@@ -231,9 +231,9 @@ enum CPUKernels {
                 AVX512Products.productF32(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
             } else if tokens == 1 {
                 if dtype == .f16 {
-                    AVX512Products.productF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: 1, y: yr, ldy: outDim)
+                    AVX512Products.productF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
                 } else {
-                    AVX512Products.productBF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: 1, y: yr, ldy: outDim)
+                    AVX512Products.productBF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
                 }
             } else {
                 let scratch = WidenedRows.scratch(floats: blockRows * k)
