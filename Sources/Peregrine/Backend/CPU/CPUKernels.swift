@@ -222,8 +222,9 @@ enum CPUKernels {
         let rowBytes = k * elementBytes
         let quads = (outDim + 3) / 4
         let grain = max(1, 16384 / max(1, tokens * k))
-        // Widened rows per block: about 256 KiB of f32, a multiple of four rows.
-        let blockRows = max(4, min(64, (65536 / max(1, k)) & ~3))
+        // Widened rows per block: at most 16 (64 KiB of f32 at k = 1024), a multiple of four; small
+        // blocks leave more of them whose stored rows are prefetched while the one before is used.
+        let blockRows = max(4, min(16, (65536 / max(1, k)) & ~3))
         pool.parallelRanges(quads, grain: grain) { q in
             let rows = (q.lowerBound * 4)..<min(outDim, q.upperBound * 4)
             let yr = y + rows.lowerBound, wr = w + rows.lowerBound * rowBytes
@@ -245,7 +246,9 @@ enum CPUKernels {
                     } else {
                         AVX512Products.widenBF16(wr + r * rowBytes, scratch, n * k)
                     }
-                    AVX512Products.productF32(w: UnsafeRawPointer(scratch), k: k, rows: n, x: x, ldx: k, tokens: tokens, y: yr + r, ldy: outDim)
+                    let next = min(blockRows, rows.count - r - n)
+                    AVX512Products.productF32(w: UnsafeRawPointer(scratch), k: k, rows: n, x: x, ldx: k, tokens: tokens, y: yr + r, ldy: outDim,
+                                              ahead: next > 0 ? wr + (r + n) * rowBytes : nil, aheadBytes: next * rowBytes)
                     r += n
                 }
             }

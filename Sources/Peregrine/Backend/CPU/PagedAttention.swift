@@ -1,3 +1,7 @@
+#if arch(x86_64)
+import Builtin
+#endif
+
 /// Attention of one query token over a sequence's KV blocks, for the query heads of one KV head
 /// (a GQA group), on the CPU.
 ///
@@ -47,6 +51,12 @@ enum PagedAttention {
         for b in first...last {
             let block = Int(table[b])
             let kb = kd + keyBase(block: block, kvHead: kvHead, blockSize: bs, headDim: hd, rowSize: row)
+            // Blocks lie anywhere in the pool, where the hardware prefetcher cannot follow: ask
+            // for the next block's keys while this one's are used.
+            if b < last {
+                let next = kd + keyBase(block: Int(table[b &+ 1]), kvHead: kvHead, blockSize: bs, headDim: hd, rowSize: row)
+                prefetch(UnsafeRawPointer(next), bytes: hd &* bs &* 4)
+            }
             let s = scratch + (b &- first) &* bs
             if fast {
                 var c = 0
@@ -115,6 +125,17 @@ enum PagedAttention {
         }
     }
 
+    /// Asks for the cache lines of `bytes` bytes at `p` without waiting for them.
+    @inline(__always) static func prefetch(_ p: UnsafeRawPointer, bytes: Int) {
+        #if arch(x86_64)
+        var line = 0
+        while line < bytes {
+            Builtin.int_prefetch_RawPointer((p + line)._rawValue, Int32(0)._value, Int32(3)._value, Int32(1)._value)
+            line &+= 64
+        }
+        #endif
+    }
+
     @inline(__always) static func v8(_ p: UnsafePointer<Float>) -> SIMD8<Float> { UnsafeRawPointer(p).loadUnaligned(as: SIMD8<Float>.self) }
     @inline(__always) static func put8(_ v: SIMD8<Float>, _ p: UnsafeMutablePointer<Float>) {
         UnsafeMutableRawPointer(p).storeBytes(of: v, as: SIMD8<Float>.self)
@@ -159,6 +180,15 @@ enum PagedAttention {
             let block = Int(table[at / bs])
             let rowIndex: Int = block &* bs &+ inBlock
             var v: UnsafePointer<Float> = vd + (rowIndex &* row &+ kvHead &* hd &+ c)
+            if j &+ count < n {
+                // The next block's rows of this chunk, while this block's are summed.
+                let nextRow: Int = Int(table[(at &+ count) / bs]) &* bs
+                var r = vd + (nextRow &* row &+ kvHead &* hd &+ c)
+                for _ in 0..<bs {
+                    prefetch(UnsafeRawPointer(r), bytes: l &* 32)
+                    r += row
+                }
+            }
             for i in 0..<count {
                 let w = SIMD8<Float>(repeating: p[j &+ i])
                 a0 = a0.addingProduct(w, v8(v))
