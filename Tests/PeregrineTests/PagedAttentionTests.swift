@@ -5,7 +5,12 @@ import XCTest
 /// the same keys and values, for block sizes on and off its 16-position path, GQA groups of 1-8,
 /// head sizes with and without a tail of 8, scattered block tables and sliding windows.
 final class PagedAttentionTests: XCTestCase {
-    func testMatchesDirectAttention() throws {
+    func testMatchesDirectAttention() throws { try check(.f32) }
+
+    /// F16 keys and values: the direct attention over the same values rounded to half precision.
+    func testF16CacheMatchesDirectAttentionOverRoundedValues() throws { try check(.f16) }
+
+    func check(_ type: KVCacheType) throws {
         let backend = CPUBackend(pool: ThreadPool(threadCount: 2))
         var rng = SplitMix(seed: 5)
         func value() -> Float { Float(Int(rng.next() % 2001) - 1000) / 1000 }
@@ -14,10 +19,11 @@ final class PagedAttentionTests: XCTestCase {
             let heads = kvHeads * group, row = kvHeads * hd
             let lengths = [1, 7, bs + 3, 3 * bs, 70]
             let blocks = lengths.reduce(0) { $0 + ($1 + bs - 1) / bs } + 3
-            let kv = try KVStorage(backend: backend, layers: 1, blocks: blocks, blockSize: bs, capacity: 128, kvHeads: kvHeads, headDim: hd)
+            let kv = try KVStorage(backend: backend, layers: 1, blocks: blocks, blockSize: bs, capacity: 128, kvHeads: kvHeads, headDim: hd,
+                                   type: type)
             // Unwritten positions of the pool hold NaN: attention must never read them.
-            kv.keys[0].pointer.update(repeating: .nan, count: blocks * bs * row)
-            kv.values[0].pointer.update(repeating: .nan, count: blocks * bs * row)
+            kv.keys[0].pointer.update(repeating: .nan, count: blocks * kv.blockStride)
+            kv.values[0].pointer.update(repeating: .nan, count: blocks * kv.blockStride)
             // Each sequence gets blocks from the end of the pool backwards, so tables are not in order.
             var plan = BatchPlan()
             plan.tableWidth = (lengths.max()! + bs - 1) / bs
@@ -40,6 +46,10 @@ final class PagedAttentionTests: XCTestCase {
                 at += lengths[s]
             }
             backend.storeKV(layer: 0, k: k, v: v, rows: total, plan: plan, cache: kv)
+            if type == .f16 {
+                keys = keys.map { $0.map { Float(Float16($0)) } }
+                values = values.map { $0.map { Float(Float16($0)) } }
+            }
             let q = try backend.buffer(total * heads * hd), out = try backend.buffer(total * heads * hd)
             for i in 0..<(total * heads * hd) { q.pointer[i] = value() }
             backend.attention(layer: 0, q: q, rows: total, plan: plan, cache: kv, heads: heads, window: window, out: out)
@@ -63,7 +73,7 @@ final class PagedAttentionTests: XCTestCase {
                             var o = 0.0
                             for (n, j) in (lo...p).enumerated() { o += scores[n] / z * Double(values[s][j * row + kvh * hd + i]) }
                             XCTAssertEqual(Double(out.pointer[(t * heads + h) * hd + i]), o, accuracy: 1e-5,
-                                           "block \(bs) group \(group) hd \(hd) window \(String(describing: window)) seq \(s) pos \(p) head \(h) dim \(i)")
+                                           "\(type) block \(bs) group \(group) hd \(hd) window \(String(describing: window)) seq \(s) pos \(p) head \(h) dim \(i)")
                         }
                     }
                     t += 1

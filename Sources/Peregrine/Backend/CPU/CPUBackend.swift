@@ -165,12 +165,17 @@ public final class CPUBackend: ComputeBackend {
 
     public func storeKV(layer: Int, k: CPUBuffer, v: CPUBuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CPUBackend>) {
         let row = cache.rowSize, bs = cache.blockSize
-        let kd = cache.keys[layer].pointer, vd = cache.values[layer].pointer
+        let kd = UnsafeMutableRawPointer(cache.keys[layer].pointer), vd = UnsafeMutableRawPointer(cache.values[layer].pointer)
         for t in 0..<rows {
             let at = plan.kvRow(token: t, blockSize: bs)
-            PagedAttention.storeKey(k.pointer + t * row, to: kd, block: at / bs, offset: at % bs,
-                                    kvHeads: cache.kvHeads, headDim: cache.headDim, blockSize: bs)
-            (vd + at * row).update(from: v.pointer + t * row, count: row)
+            switch cache.type {
+            case .f32:
+                PagedAttention.store(F32KV.self, key: k.pointer + t * row, value: v.pointer + t * row, keys: kd, values: vd,
+                                     block: at / bs, offset: at % bs, kvHeads: cache.kvHeads, headDim: cache.headDim, blockSize: bs)
+            case .f16:
+                PagedAttention.store(F16KV.self, key: k.pointer + t * row, value: v.pointer + t * row, keys: kd, values: vd,
+                                     block: at / bs, offset: at % bs, kvHeads: cache.kvHeads, headDim: cache.headDim, blockSize: bs)
+            }
         }
     }
 
@@ -181,7 +186,8 @@ public final class CPUBackend: ComputeBackend {
         let group = heads / kvHeads
         let row = cache.rowSize
         let scale = 1 / Float(hd).squareRoot()
-        let kd = UnsafePointer(cache.keys[layer].pointer), vd = UnsafePointer(cache.values[layer].pointer)
+        let kd = UnsafeRawPointer(cache.keys[layer].pointer), vd = UnsafeRawPointer(cache.values[layer].pointer)
+        let f16 = cache.type == .f16
         var longest = 0
         for t in 0..<rows { longest = max(longest, Int(plan.positions[t]) + 1) }
         if let window { longest = min(longest, window) }
@@ -205,10 +211,16 @@ public final class CPUBackend: ComputeBackend {
                         let pos = Int(positions[t])
                         let lo = window.map { max(0, pos - $0 + 1) } ?? 0
                         let head = (t * heads + kvh * group) * hd
-                        PagedAttention.attend(q: q.pointer + head, group: group, hd: hd, scale: scale, kvHead: kvh,
-                                              keys: kd, values: vd, rowSize: row, blockSize: bs,
-                                              table: tables.baseAddress! + Int(slots[t]) * width, lo: lo, pos: pos,
-                                              scratch: scratchBase + task * perTask, out: out.pointer + head)
+                        let table = tables.baseAddress! + Int(slots[t]) * width, sc = scratchBase + task * perTask
+                        if f16 {
+                            PagedAttention.attend(F16KV.self, q: q.pointer + head, group: group, hd: hd, scale: scale, kvHead: kvh,
+                                                  keys: kd, values: vd, rowSize: row, blockSize: bs, table: table, lo: lo, pos: pos,
+                                                  scratch: sc, out: out.pointer + head)
+                        } else {
+                            PagedAttention.attend(F32KV.self, q: q.pointer + head, group: group, hd: hd, scale: scale, kvHead: kvh,
+                                                  keys: kd, values: vd, rowSize: row, blockSize: bs, table: table, lo: lo, pos: pos,
+                                                  scratch: sc, out: out.pointer + head)
+                        }
                     }
                 }
               }
