@@ -187,18 +187,26 @@ public enum AVX512Products {
                                        tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int,
                                        ahead: UnsafeRawPointer? = nil, aheadBytes: Int = 0) {
         let rb = k &* W.bytes
-        var r = 0
-        while r &+ 4 <= rows {
-            // The next block's share, spread over this block's tiles so the loads overlap the math.
-            if let ahead {
-                prefetch(ahead + r &* aheadBytes / rows, ahead + (r &+ 4) &* aheadBytes / rows)
+        // Tokens go in runs of 48 so that a run's activations stay in the core's L2 while every
+        // four rows of the block pass over them (a prompt's whole activations would not).
+        var t0 = 0
+        while t0 < tokens {
+            let tn = min(48, tokens &- t0)
+            let xt = x + t0 &* ldx, yt = y + t0 &* ldy
+            var r = 0
+            while r &+ 4 <= rows {
+                // The next block's share, spread over this block's tiles so the loads overlap the math.
+                if let ahead, t0 == 0 {
+                    prefetch(ahead + r &* aheadBytes / rows, ahead + (r &+ 4) &* aheadBytes / rows)
+                }
+                rows4(W.self, w: w + r &* rb, k: k, x: xt, ldx: ldx, tokens: tn, y: yt + r, ldy: ldy)
+                r &+= 4
             }
-            rows4(W.self, w: w + r &* rb, k: k, x: x, ldx: ldx, tokens: tokens, y: y + r, ldy: ldy)
-            r &+= 4
-        }
-        while r < rows {
-            for t in 0..<tokens { y[t &* ldy &+ r] = dot(W.self, w + r &* rb, x + t &* ldx, k) }
-            r &+= 1
+            while r < rows {
+                for t in 0..<tn { yt[t &* ldy &+ r] = dot(W.self, w + r &* rb, xt + t &* ldx, k) }
+                r &+= 1
+            }
+            t0 &+= tn
         }
     }
 
