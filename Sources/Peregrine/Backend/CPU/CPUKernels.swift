@@ -271,7 +271,9 @@ enum CPUKernels {
     /// coefficients), within ~2 ulp of expf over the float range; underflows to 0.
     @inline(__always)
     static func exp8(_ x: SIMD8<Float>) -> SIMD8<Float> {
-        let xc = pointwiseMax(pointwiseMin(x, SIMD8(repeating: 88.3762626647949)), SIMD8(repeating: -87.3365447505531))
+        // Clamped with masks: the standard library's pointwiseMin/Max stay calls here (not inlined).
+        let hi: Float = 88.3762626647949, lo: Float = -87.3365447505531
+        let xc = x.replacing(with: hi, where: x .> hi).replacing(with: lo, where: x .< lo)
         // Round x / ln 2 to an integer by adding 1.5 * 2^23: the integer lands in the low
         // mantissa bits, and subtracting the constant back gives it as a float.
         let magic = SIMD8<Float>(repeating: 12582912)
