@@ -35,6 +35,26 @@ final class FloatProductTests: XCTestCase {
         return y
     }
 
+    /// A row gives the same bits whether it falls in a tile of four rows or in the remainder
+    /// computed alone (the tiles reduce four accumulators at once, the remainder one).
+    func testRowGivesSameBitsInATileOrAlone() {
+        let pool = ThreadPool(threadCount: 1)
+        var rng = SplitMix(seed: 3)
+        let k = 256, tokens = 7
+        let wf = (0..<(5 * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
+        let x = (0..<(tokens * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
+        // Rows 0-4; then row 4 moved first, into the tile.
+        let rotated = Array(wf[(4 * k)...]) + Array(wf[..<(4 * k)])
+        for dtype in [DType.f32, .f16] {
+            let a = product(dtype, stored(wf, dtype), outDim: 5, k: k, x, tokens: tokens, pool: pool)
+            let b = product(dtype, stored(rotated, dtype), outDim: 5, k: k, x, tokens: tokens, pool: pool)
+            for t in 0..<tokens {
+                XCTAssertEqual(a[t * 5 + 4].bitPattern, b[t * 5].bitPattern, "\(dtype) token \(t)")
+                for r in 0..<4 { XCTAssertEqual(a[t * 5 + r].bitPattern, b[t * 5 + r + 1].bitPattern) }
+            }
+        }
+    }
+
     func testProductsMatchDoubleSumsAndDoNotDependOnTokenCount() {
         let pool = ThreadPool(threadCount: 2)
         var rng = SplitMix(seed: 11)
