@@ -4,7 +4,8 @@ GGUF, the same threads, prompts and output length, alternating, with medians and
 
     .build/release/peregrine quantize -m models/target --type F16 -o /tmp/target-f16.gguf
     python3 scripts/compare_servers.py --llama-server PATH/TO/llama-server --gguf /tmp/target-f16.gguf \
-        [--peregrine .build/release/peregrine] [--clients 1,8,32] [--rounds 5] [--threads 2] \
+        [--peregrine .build/release/peregrine] [--peregrine-args "--kv-cache-type f16"] \
+        [--clients 1,8,32] [--rounds 5] [--threads 2] \
         [--max-tokens 128] [--requests N] [--wait-idle 120] [--json-out results.json]
     python3 scripts/compare_servers.py --from-json results.json      # the tables again
 
@@ -73,7 +74,7 @@ def wait_healthy(url, proc, timeout=180.0):
 def server_command(kind, a, port, n):
     if kind == "peregrine":
         return [a.peregrine, "serve", "-m", a.gguf, "--host", "127.0.0.1", "--port", str(port),
-                "--threads", str(a.threads), "--max-sequences", str(n)]
+                "--threads", str(a.threads), "--max-sequences", str(n)] + a.peregrine_args.split()
     return [a.llama_server, "-m", a.gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(a.threads),
             "-tb", str(a.threads), "-np", str(n), "-c", str(n * a.ctx), "--no-webui"]
 
@@ -178,6 +179,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peregrine", default=os.path.join(ROOT, ".build", "release", "peregrine"))
+    ap.add_argument("--peregrine-args", default="",
+                    help="more flags for peregrine serve, e.g. '--kv-cache-type f16' (llama-server's default cache type)")
     ap.add_argument("--llama-server", help="the llama-server binary (required unless --from-json)")
     ap.add_argument("--gguf", help="the model both servers load (required unless --from-json)")
     ap.add_argument("--clients", default="1,8,32", help="concurrencies, comma-separated (1,8,32)")
