@@ -45,7 +45,8 @@ final class CUDABackendTests: XCTestCase {
             XCTAssertEqual(squeezed[i].tokens, alone.tokens, "request \(i), preempted")
         }
         // Default kernels: a decode batch's rows against each sequence alone, logits within tolerance.
-        let fast = try ModelRegistry.load(directory: dir, backend: try backend())
+        let gpu = try backend()
+        let fast = try ModelRegistry.load(directory: dir, backend: gpu)
         let cache = try PagedKVCache(model: fast, slots: 4, capacity: 128)
         var plan = BatchPlan()
         for s in 0..<4 { plan.append(tokens: prompts[s * 5], slot: s, position: 0, logits: .last) }
@@ -63,7 +64,9 @@ final class CUDABackendTests: XCTestCase {
         // and three at once (the split kernel), against the CPU on the same tokens.
         let cpu = try ModelRegistry.load(directory: dir)
         // Twenty at once: more than 16 rows, single queries through the split kernel's row map.
-        for width in [1, 3, 20] {
+        for (width, grouped) in [(1, false), (3, false), (20, false), (1, true), (3, true), (20, true)] {
+            // Either split kernel (the fixture's 4/2 heads make too few blocks for the grouped one by default).
+            gpu.groupedAttentionBlocks = grouped ? 0 : Int.max
             let g = try PagedKVCache(model: fast, slots: width, capacity: 128, blockSize: 8)
             let c = try PagedKVCache(model: cpu, slots: width, capacity: 128, blockSize: 8)
             var gl = [Float](repeating: 0, count: width * v), cl = gl
@@ -80,7 +83,7 @@ final class CUDABackendTests: XCTestCase {
                 try cl.withUnsafeMutableBufferPointer { try cpu.forward(q, kv: c.memory, logits: $0) }
                 for s in 0..<width { try g.advance(s, by: 1); try c.advance(s, by: 1) }
                 let scale = cl.reduce(0) { max($0, abs($1)) }
-                XCTAssertLessThan(maxAbsDiff(gl, cl), 0.02 * scale, "\(width) sequences, step \(step)")
+                XCTAssertLessThan(maxAbsDiff(gl, cl), 0.02 * scale, "\(width) sequences, grouped \(grouped), step \(step)")
             }
             guard width == 20 else { continue }
             // A mixed step: a 24-token prompt chunk of a new sequence beside 19 decode tokens (flash
@@ -105,6 +108,69 @@ final class CUDABackendTests: XCTestCase {
         }
     }
 
+    /// Decode attention against the CPU backend on the same cache and queries, through both split
+    /// kernels (one block per KV head and its group of query heads, and one per query head): the
+    /// Llama-3-8B layout (32 query heads on 8 KV heads of 128), a group of 16 (two blocks a KV
+    /// head), multi-head attention and 256-dimension heads; one query (RoPE and the KV write
+    /// fused into the kernel, several splits), five (splits by the longest), twenty (the row
+    /// map); with and without a window.
+    func testGroupedDecodeAttentionMatchesCPU() throws {
+        let gpu = try backend()
+        let cpu = CPUBackend()
+        var rng = SplitMix(seed: 42)
+        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
+        let blockSize = 16, blocks = 80, capacity = 512, width = capacity / blockSize
+        let positions = [511, 0, 7, 300, 31, 32, 100, 255, 64, 1]
+        for (heads, kvHeads, hd) in [(32, 8, 128), (32, 2, 64), (4, 4, 16), (12, 4, 256)] {
+            let keys = (0..<(blocks * blockSize * kvHeads * hd)).map { _ in uniform() }
+            let values = (0..<(blocks * blockSize * kvHeads * hd)).map { _ in uniform() }
+            for rows in [1, 5, 20] {
+                var plan = BatchPlan()
+                plan.tableWidth = width
+                for r in 0..<rows {
+                    // Block r holds row r's new position (no two rows write one place, none reads
+                    // another's); the rest are drawn from blocks 20 and up, shared at random.
+                    let position = positions[r % positions.count]
+                    plan.append(tokens: [1], slot: r, position: position, logits: .last)
+                    plan.appendBlockTable((0..<width).map { i in i == position / blockSize ? Int32(r) : Int32(20 + rng.next() % UInt64(blocks - 20)) })
+                }
+                let q = (0..<(rows * heads * hd)).map { _ in 2 * uniform() }
+                let k = (0..<(rows * kvHeads * hd)).map { _ in uniform() }
+                let v = (0..<(rows * kvHeads * hd)).map { _ in uniform() }
+                let angles = (0..<(rows * hd / 2)).map { _ in 3 * uniform() }
+                for (window, grouped) in [(nil, true), (48, true), (nil, false), (48, false)] as [(Int?, Bool)] {
+                    gpu.groupedAttentionBlocks = grouped ? 0 : Int.max
+                    func run<B: ComputeBackend>(_ b: B) throws -> (out: [Float], keys: [Float]) {
+                        let cache = try KVStorage(backend: b, layers: 1, blocks: blocks, blockSize: blockSize, capacity: capacity,
+                                                  kvHeads: kvHeads, headDim: hd)
+                        func buffer(_ x: [Float]) throws -> B.Buffer {
+                            let buf = try b.buffer(x.count)
+                            x.withUnsafeBufferPointer { b.write($0, to: buf, offset: 0) }
+                            return buf
+                        }
+                        keys.withUnsafeBufferPointer { b.write($0, to: cache.keys[0], offset: 0) }
+                        values.withUnsafeBufferPointer { b.write($0, to: cache.values[0], offset: 0) }
+                        let out = try b.buffer(rows * heads * hd)
+                        b.beginPass(plan)
+                        b.ropeAttention(layer: 0, q: try buffer(q), k: try buffer(k), v: try buffer(v), rows: rows, heads: heads,
+                                        headDim: hd, cos: try buffer(angles.map { cosf($0) }),
+                                        sin: try buffer(angles.map { sinf($0) }), interleaved: hd == 64, plan: plan,
+                                        cache: cache, window: window, out: out)
+                        try b.synchronize()
+                        var o = [Float](repeating: 0, count: rows * heads * hd), written = [Float](repeating: 0, count: keys.count)
+                        o.withUnsafeMutableBufferPointer { b.read(out, offset: 0, into: $0) }
+                        written.withUnsafeMutableBufferPointer { b.read(cache.keys[0], offset: 0, into: $0) }
+                        return (o, written)
+                    }
+                    let (a, c) = (try run(cpu), try run(gpu))
+                    let label = "\(heads)/\(kvHeads) heads of \(hd), \(rows) rows, window \(window ?? 0), grouped \(grouped)"
+                    XCTAssertLessThan(maxAbsDiff(a.out, c.out), 1e-4, label)
+                    XCTAssertLessThan(maxAbsDiff(a.keys, c.keys), 1e-5, label + ": the cache")
+                }
+            }
+        }
+    }
+
     /// Host side, no GPU needed: the caching allocator's size classes.
     func testPoolSizeClasses() {
         XCTAssertEqual(DeviceMemoryPool.sizeClass(1), 256)
@@ -117,7 +183,7 @@ final class CUDABackendTests: XCTestCase {
     /// The kernels are embedded in the library, whatever machine it was built on.
     func testKernelSourceIsEmbedded() {
         let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
-        for kernel in ["matmul_rows", "attention_split", "attention_prefill", "quantize_q8", "rms_norm",
+        for kernel in ["matmul_rows", "attention_split", "attention_split_heads", "attention_prefill", "quantize_q8", "rms_norm",
                        "argmax_rows", "topk_rows", "repetition_penalty", "repack_quantized"] {
             XCTAssertTrue(source.contains("__global__ void \(kernel)(") || source.contains(") \(kernel)("), kernel)
         }

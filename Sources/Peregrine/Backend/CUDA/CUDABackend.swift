@@ -162,6 +162,11 @@ public final class CUDABackend: ComputeBackend {
     /// (PEREGRINE_ROW_KERNEL_TOKENS overrides both).
     private let rowKernelOverride = Int(ProcessInfo.processInfo.environment["PEREGRINE_ROW_KERNEL_TOKENS"] ?? "")
     private func rowKernelTokens(_ t: DType) -> Int { rowKernelOverride ?? (t == .f16 || t == .bf16 ? 1 : 8) }
+    /// Fewest blocks (rows x KV heads) a decode attention runs as attention_split, one block per
+    /// KV head and its query heads; below, attention_split_heads, one per query head (more blocks
+    /// for a small batch: measured faster up to four sequences of the Llama-3-8B shape, 32/8
+    /// heads, on an H200, and no slower at eight). Tests set it to run either kernel.
+    var groupedAttentionBlocks = 64
     /// One token as `matvec` kernels (fused norms, RoPE inside attention): not in deterministic mode.
     private var oneToken: Int { deterministic ? -1 : 1 }
     private let launchConfig = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
@@ -184,7 +189,7 @@ public final class CUDABackend: ComputeBackend {
         let early = ProcessInfo.processInfo.environment["PEREGRINE_NO_EARLY_TRIGGER"] == nil
         let module = try driver.compile(source, name: "peregrine-kernels", defines: early ? [] : ["PEREGRINE_NO_EARLY_TRIGGER"])
         let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
-        for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split",
+        for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split", "attention_split_heads",
                      "silu_mul", "add_inplace", "gather_rows", "dequantize_bf16", "quantize_q8", "rope_store_kv",
                      "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows", "repetition_penalty", "exp_sum_rows"] + matvecs {
             var f: OpaquePointer?
@@ -193,7 +198,7 @@ public final class CUDABackend: ComputeBackend {
         }
         // Kernels whose dynamic shared memory may pass 48 KB (the normalized input of a product,
         // a prefill attention tile) ask for what the device allows.
-        for name in matvecs + ["attention_prefill"] {
+        for name in matvecs + ["attention_prefill", "attention_split"] {
             // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (the kernel's static shared memory counts against the device's limit)
             try driver.check(driver.cuFuncSetAttribute(functions[name] ?? nil, 8, Int32(driver.maxSharedPerBlock - 4096)), "cuFuncSetAttribute(\(name))")
         }
@@ -711,8 +716,10 @@ public final class CUDABackend: ComputeBackend {
                            window: Int?, out: CUDABuffer,
                            rope: (k: CUDABuffer, v: CUDABuffer, cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool)?) {
         let hd = cache.headDim
-        guard hd <= 256 else {
-            if firstError == nil { firstError = .unsupported("the CUDA attention kernels take head dimensions up to 256 (this model has \(hd))") }
+        guard hd <= 256, hd % 4 == 0, heads % cache.kvHeads == 0 else {
+            if firstError == nil {
+                firstError = .unsupported("the CUDA attention kernels take head dimensions up to 256, multiples of 4, and whole query-head groups (this model: \(hd), \(heads) / \(cache.kvHeads) heads)")
+            }
             return
         }
         let (slots, positions, tables) = planPointers(plan, rows: rows)
@@ -772,16 +779,30 @@ public final class CUDABackend: ComputeBackend {
         // (and a graph of it) is the same at every position; each split's share of the positions
         // is worked out on the device from the length. Enough (token, head, split) blocks to fill
         // the GPU, more for long caches (about 256 positions a split), none under 32 positions.
+        // attention_split: a block takes one KV head and up to eight of its query heads
+        // (SPLIT_GROUP in Kernels.cu), reading the KV head once for all of them, so a split has
+        // rows x kvHeads x parts blocks; about four a multiprocessor keep the memory busy while
+        // each block alternates between loading a tile and working on it. When that is too few
+        // blocks to spread a small batch's keys over the GPU (or with one query head a KV head),
+        // attention_split_heads: a block per query head, each reading its KV head.
         let basis = rows == 1 ? min(window ?? cache.capacity, cache.capacity) : longest
-        let fill = (2 * driver.multiprocessors + splitRows * heads - 1) / (splitRows * heads)
-        let splits = max(1, min((basis + 31) / 32, max(fill, (basis + 255) / 256)))
+        let group = heads / cache.kvHeads, parts = (group + 7) / 8
+        let grouped = group > 1 && splitRows * cache.kvHeads * parts >= groupedAttentionBlocks
+        let blocksPerSplit = grouped ? splitRows * cache.kvHeads * parts : splitRows * heads
+        let fill = ((grouped ? 4 : 2) * driver.multiprocessors + blocksPerSplit - 1) / blocksPerSplit
+        let splits = max(1, min((basis + 31) / 32, max(fill, (basis + 255) / 256), 64))  // SPLIT_MAX
         guard splitRows * heads <= CUDABackend.attentionCounterCount else {
             if firstError == nil { firstError = .unsupported("\(rows) tokens x \(heads) heads is past the attention kernel's counters") }
             return
         }
         guard ensure(&scratch, splitRows * heads * splits * (hd + 2)) else { return }
         let stats = scratch.pointer + UInt64(splitRows * heads * splits * hd * 4)
-        launch("attention_split", grid: (splitRows, heads, splits), block: 128) { a in
+        // Keys and values of a tile of 32 (keys padded by 16 bytes a row), the group's queries and
+        // the token's key, as float4s; then the tile's probabilities (8 x 32 floats) and key offsets.
+        let quads = hd / 4
+        let shared = grouped ? 16 * (32 * (quads + 1) + 32 * quads + 8 * quads + quads) + 4 * 8 * 32 + 8 * 32 : 0
+        launch(grouped ? "attention_split" : "attention_split_heads", grid: (splitRows, grouped ? cache.kvHeads * parts : heads, splits),
+               block: 128, shared: shared) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)
             a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
             a.f32(scale); a.i32(window ?? 0); a.i32(splits)
