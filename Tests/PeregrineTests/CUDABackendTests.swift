@@ -64,9 +64,12 @@ final class CUDABackendTests: XCTestCase {
         // and three at once (the split kernel), against the CPU on the same tokens.
         let cpu = try ModelRegistry.load(directory: dir)
         // Twenty at once: more than 16 rows, single queries through the split kernel's row map.
+        // Three and twenty are decode batches padded to 4 and 24 rows and replayed as graphs
+        // (unless PEREGRINE_NO_CUDA_GRAPHS is set), at positions of two split ranges (up to 32, 64).
         for (width, grouped) in [(1, false), (3, false), (20, false), (1, true), (3, true), (20, true)] {
             // Either split kernel (the fixture's 4/2 heads make too few blocks for the grouped one by default).
             gpu.groupedAttentionBlocks = grouped ? 0 : Int.max
+            let replaysBefore = gpu.graphReplays
             let g = try PagedKVCache(model: fast, slots: width, capacity: 128, blockSize: 8)
             let c = try PagedKVCache(model: cpu, slots: width, capacity: 128, blockSize: 8)
             var gl = [Float](repeating: 0, count: width * v), cl = gl
@@ -84,6 +87,9 @@ final class CUDABackendTests: XCTestCase {
                 for s in 0..<width { try g.advance(s, by: 1); try c.advance(s, by: 1) }
                 let scale = cl.reduce(0) { max($0, abs($1)) }
                 XCTAssertLessThan(maxAbsDiff(gl, cl), 0.02 * scale, "\(width) sequences, grouped \(grouped), step \(step)")
+            }
+            if ProcessInfo.processInfo.environment["PEREGRINE_NO_CUDA_GRAPHS"] == nil {
+                XCTAssertGreaterThan(gpu.graphReplays - replaysBefore, 30, "\(width) sequences, grouped \(grouped): steps replayed")
             }
             guard width == 20 else { continue }
             // A mixed step: a 24-token prompt chunk of a new sequence beside 19 decode tokens (flash

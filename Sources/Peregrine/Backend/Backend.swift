@@ -54,6 +54,11 @@ public protocol ComputeBackend: AnyObject {
     /// it comes with this key (a decode step), so a backend may record it once and replay it.
     /// The pass ends with `synchronize`.
     func beginStep(key: Int)
+    /// The rows a decode step of `rows` sequences (one token each, every row sampled) is padded
+    /// to so that the backend can record it once and replay it (the next of its capture sizes),
+    /// or nil to run the step as it is. Padding rows write only the KV memory's scratch block and
+    /// their logits are not returned.
+    func decodeGraphRows(_ rows: Int) -> Int?
     /// The batch a forward pass runs (after `beginStep`), for a backend to move its positions and
     /// block tables to the device once instead of in every layer.
     func beginPass(_ plan: BatchPlan)
@@ -100,6 +105,7 @@ public protocol ComputeBackend: AnyObject {
 
 extension ComputeBackend {
     public func beginStep(key: Int) {}
+    public func decodeGraphRows(_ rows: Int) -> Int? { nil }
     public func beginPass(_ plan: BatchPlan) {}
 
     public var freeDeviceMemory: Int? { nil }
@@ -255,7 +261,7 @@ public final class KVStorage<B: ComputeBackend>: KVMemory {
     public let headDim: Int
 
     public init(backend: B, layers: Int, blocks: Int, blockSize: Int, capacity: Int, kvHeads: Int, headDim: Int) throws {
-        let n = blocks * blockSize * kvHeads * headDim
+        let n = (blocks + 1) * blockSize * kvHeads * headDim
         keys = try (0..<layers).map { _ in try backend.buffer(n) }
         values = try (0..<layers).map { _ in try backend.buffer(n) }
         self.kvHeads = kvHeads
@@ -264,5 +270,8 @@ public final class KVStorage<B: ComputeBackend>: KVMemory {
     }
 
     public var rowSize: Int { kvHeads * headDim }
+    /// One block past the pool's `blocks` is allocated too: this one, which no sequence holds,
+    /// where the padding rows of a recorded decode step (`decodeGraphRows`) write their keys and values.
+    public var scratchBlock: Int { blocks }
     public var blockStride: Int { blockSize * rowSize }
 }

@@ -130,15 +130,24 @@ public final class CUDABackend: ComputeBackend {
     // Decode steps as CUDA graphs: a step key seen once runs eagerly (allocating what it needs),
     // the second time it is captured, then replayed. Host inputs of a step go through pinned
     // staging memory at the same offsets every time, read by the graph's copy nodes. Any
-    // allocation that could move a pointer a graph holds drops the graphs.
+    // allocation that could move a pointer a graph holds drops the graphs. A step's key is the
+    // model's (`beginStep`) and, for a batch, the power of two its longest sequence rounds up to,
+    // which fixes the attention's split count (`splitBasis`); the key is settled in `beginPass`.
+    // Batches of decode tokens are padded by the model to the next of `captureSizes`
+    // (`decodeGraphRows`), vLLM's way: a graph per size, not per batch.
     private enum StepMode { case eager, capturing(Int), replaying(OpaquePointer?) }
     private var mode = StepMode.eager
     private var graphs: [Int: OpaquePointer?] = [:]
     private var seen: [Int: Int] = [:]
+    private var pendingKey: Int?
+    /// Steps replayed from a graph so far (for tests).
+    private(set) var graphReplays = 0
     private let graphsEnabled = ProcessInfo.processInfo.environment["PEREGRINE_NO_CUDA_GRAPHS"] == nil
         && ProcessInfo.processInfo.environment["PEREGRINE_KERNEL_PROFILE"] == nil
+    static let captureSizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
     private var pinned: UnsafeMutableRawPointer?
-    private let pinnedBytes = 1 << 20
+    /// Enough for a 256-row step's tokens, positions, rotations and block tables of 2,048 entries a row.
+    private let pinnedBytes = 8 << 20
     private var pinnedCursor = 0
 
     // Programmatic dependent launches (Hopper and later): each kernel may start while the one
@@ -245,7 +254,40 @@ public final class CUDABackend: ComputeBackend {
         mode = .eager
         pinnedCursor = 0
         pdlStep = pdl
-        guard graphsEnabled, pinned != nil, firstError == nil else { return }
+        pendingKey = key
+    }
+
+    public func decodeGraphRows(_ rows: Int) -> Int? {
+        guard graphsEnabled, pinned != nil else { return nil }
+        return CUDABackend.captureSizes.first { $0 >= rows }
+    }
+
+    /// The positions a batch's attention splits are fixed by: its longest sequence (window-limited)
+    /// rounded up to a power of two, at least 32. Within one such range a batch's kernels, and
+    /// a graph of them, are the same whatever the lengths.
+    static func splitBasis(_ longest: Int) -> Int {
+        var b = 32
+        while b < longest { b <<= 1 }
+        return b
+    }
+
+    /// Replays the graph of a step whose key was given to `beginStep`, or captures it the second
+    /// time the key is seen; the first time (or when its inputs would not fit the staging
+    /// memory) the step runs eagerly.
+    private func beginGraphStep(_ plan: BatchPlan) {
+        guard let base = pendingKey else { return }
+        pendingKey = nil
+        guard graphsEnabled, pinned != nil, firstError == nil,
+              (2 * plan.count + plan.blockTables.count) * 4 <= pinnedBytes / 2 else { return }
+        var key = base
+        if plan.count > 1 {
+            var longest = 0
+            for p in plan.positions { longest = max(longest, Int(p) + 1) }
+            var h = Hasher()
+            h.combine(base)
+            h.combine(CUDABackend.splitBasis(longest))
+            key = h.finalize()
+        }
         if let g = graphs[key] {
             mode = .replaying(g)
             return
@@ -382,6 +424,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func beginPass(_ plan: BatchPlan) {
         bindContext()
+        beginGraphStep(plan)
         hostInts.removeAll(keepingCapacity: true)
         hostInts.append(contentsOf: plan.slots)
         hostInts.append(contentsOf: plan.positions)
@@ -601,6 +644,7 @@ public final class CUDABackend: ComputeBackend {
             abType = weight.dtype == .f16 ? 2 : 14
         }
         var status: Int32 = 0
+        if case .replaying = mode { return }  // the product is in the graph (as every launch is)
         profiled("cublasGemmEx") {
             status = driver.cublasGemmEx(cublas, 1, 0, Int32(outDim), Int32(rows), Int32(k), &alpha,
                                          UnsafeRawPointer(bitPattern: UInt(aPointer)), abType, Int32(k),
@@ -785,7 +829,7 @@ public final class CUDABackend: ComputeBackend {
         // each block alternates between loading a tile and working on it. When that is too few
         // blocks to spread a small batch's keys over the GPU (or with one query head a KV head),
         // attention_split_heads: a block per query head, each reading its KV head.
-        let basis = rows == 1 ? min(window ?? cache.capacity, cache.capacity) : longest
+        let basis = rows == 1 ? min(window ?? cache.capacity, cache.capacity) : CUDABackend.splitBasis(longest)
         let group = heads / cache.kvHeads, parts = (group + 7) / 8
         let grouped = group > 1 && splitRows * cache.kvHeads * parts >= groupedAttentionBlocks
         let blocksPerSplit = grouped ? splitRows * cache.kvHeads * parts : splitRows * heads
@@ -937,6 +981,7 @@ public final class CUDABackend: ComputeBackend {
             if graph != nil { _ = driver.cuGraphDestroy(graph) }
         case .replaying(let exec):
             record(driver.cuGraphLaunch(exec, stream), "cuGraphLaunch")
+            graphReplays += 1
         }
         mode = .eager
         pdlStep = false
