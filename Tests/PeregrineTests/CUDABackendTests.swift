@@ -12,8 +12,8 @@ final class CUDABackendTests: XCTestCase {
     }
 
     /// The serving engine on the GPU (a BF16 fixture model): with --deterministic, 24 requests
-    /// run together give each request's greedy tokens alone, and so does a pool that forces
-    /// preemption; by default, a batch's logits stay within BF16 tolerance of each sequence's alone.
+    /// run together give each request's tokens alone (greedy, and sampled on the device), and so
+    /// does a pool that forces preemption; by default, a batch's logits stay within BF16 tolerance of each sequence's alone.
     func testEngineBatchesOnTheGPU() throws {
         switch CUDADriver.shared {
         case .failure(let e): throw XCTSkip("no CUDA: \(e)")
@@ -24,9 +24,18 @@ final class CUDABackendTests: XCTestCase {
         let model = try ModelRegistry.load(directory: dir, backend: try CUDABackend(deterministic: true))
         let prompts = (0..<24).map { i in tokenizer.encode(["And God said", "The kernel", "In the beginning", "Debian is"][i % 4])
             + Array(repeating: 11, count: i * 3) }
-        let requests = prompts.map { p -> EngineRequest in
+        // Every other request samples (top-k 40, its own seed): drawn on the device with the
+        // step's other sampled rows, one launch, which must not depend on the batch either.
+        let requests = prompts.enumerated().map { i, p -> EngineRequest in
             var r = EngineRequest(promptTokens: p, maxTokens: 24)
             r.ignoreEOS = true
+            if i % 2 == 1 {
+                r.sampling.temperature = 0.9
+                r.sampling.topK = 40
+                r.sampling.seed = UInt64(i)
+            } else {
+                r.sampling = .greedy
+            }
             return r
         }
         var config = EngineConfig()
@@ -190,7 +199,7 @@ final class CUDABackendTests: XCTestCase {
     func testKernelSourceIsEmbedded() {
         let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
         for kernel in ["matmul_rows", "attention_split", "attention_split_heads", "attention_prefill", "quantize_q8", "rms_norm",
-                       "argmax_rows", "topk_rows", "repetition_penalty", "repack_quantized"] {
+                       "argmax_rows", "topk_rows", "sample_rows", "repetition_penalty", "repack_quantized"] {
             XCTAssertTrue(source.contains("__global__ void \(kernel)(") || source.contains(") \(kernel)("), kernel)
         }
     }
@@ -300,6 +309,59 @@ final class CUDABackendTests: XCTestCase {
         try after.withUnsafeMutableBufferPointer { try rows.read(row: 0, into: $0) }
         try host.withUnsafeMutableBufferPointer { try rows.read(row: 0, into: $0) }
         XCTAssertEqual(after, host)
+    }
+
+    /// Every row of a batch sampled on the device in one launch gives the token the host's
+    /// Sampler draws from the same logits with the same stream (temperature, top-k, top-p and
+    /// min-p varied per row, 40 seeds), and leaves each stream where the host's leaves it.
+    func testBatchedSamplingOnTheDevice() throws {
+        let gpu = try backend()
+        let dir = CLITests.repo.appendingPathComponent("models/target").path
+        let cuda = try ModelRegistry.load(directory: dir, backend: gpu)
+        let tokenizer = try Tokenizer(directory: dir)
+        let prompt = tokenizer.encode("And the LORD spake unto Moses, saying, Speak unto the children of Israel")
+        let cache = try PagedKVCache(model: cuda, slots: 1, capacity: prompt.count)
+        var plan = BatchPlan()
+        plan.append(tokens: prompt, slot: 0, position: 0, logits: .all)
+        try cache.prepare(&plan)
+        let rows = try cuda.forward(plan, kv: cache.memory)
+        XCTAssertTrue(rows.samplesRows)
+        let v = rows.vocabulary
+        var host = [[Float]](repeating: [Float](repeating: 0, count: v), count: rows.count)
+        for r in 0..<rows.count { try host[r].withUnsafeMutableBufferPointer { try rows.read(row: r, into: $0) } }
+        let temperatures: [Float] = [0.5, 0.8, 1.3, 2.0], topKs = [1, 40, 300, 1024], topPs: [Float] = [1, 0.95, 0.6], minPs: [Float] = [0, 0.05, 0.3]
+        var compared = 0
+        for seed in 0..<40 {
+            var parameters: [SamplingParameters] = []
+            for r in 0..<rows.count {
+                var p = SamplingParameters()
+                let i = seed * 7 + r
+                p.temperature = temperatures[i % 4]
+                p.topK = topKs[(i / 4) % 4]
+                p.topP = topPs[(i / 3) % 3]
+                p.minP = minPs[(i / 5) % 3]
+                p.seed = UInt64(1000 * seed + r)
+                parameters.append(p)
+            }
+            var device = parameters.map { Sampler($0) }
+            var draws: [SamplingDraw] = []
+            for r in 0..<rows.count {
+                let d = try [Int32]().withUnsafeBufferPointer { try device[r].deviceDraw(rows, row: r, context: $0) }
+                draws.append(try XCTUnwrap(d))
+            }
+            let chosen = try rows.sample(rows: Array(0..<rows.count), draws: draws)
+            for r in 0..<rows.count {
+                var sampler = Sampler(parameters[r])
+                var copy = host[r]
+                let expected = copy.withUnsafeMutableBufferPointer { b in [Int32]().withUnsafeBufferPointer { sampler.sample(b, context: $0) } }
+                XCTAssertEqual(chosen[r].token, expected, "seed \(seed), row \(r), \(parameters[r])")
+                XCTAssertTrue(chosen[r].drew)
+                device[r].settle(drew: chosen[r].drew)
+                XCTAssertEqual(device[r].uniform(), sampler.uniform(), "the streams after the draw")
+                compared += 1
+            }
+        }
+        XCTAssertEqual(compared, 40 * rows.count)
     }
 
     /// Q8_0, Q4_0, Q4_K, Q4_K_M (Q4_K and Q6_K) and Q6_K files (repacked on the GPU, 8-bit

@@ -101,6 +101,13 @@ public protocol ComputeBackend: AnyObject {
     func penalize(_ x: Buffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float)
     /// Σ exp((x - shift) * scale) over row `row`: a softmax's normalizer (top-p from the top-k).
     func expSum(_ x: Buffer, row: Int, cols: Int, shift: Float, scale: Float) throws -> Float
+    /// Whether `sampleRows` draws where the logits are, all rows at once (a GPU); otherwise the
+    /// engine samples row by row.
+    var samplesRows: Bool { get }
+    /// A token for each row of `rows` of x, drawn as `Sampler` draws with top-k (see
+    /// `SamplingDraw`); `drew` is false where the row's best logit was not finite and the best
+    /// token was taken without the draw's number.
+    func sampleRows(_ x: Buffer, rows: [Int], cols: Int, draws: [SamplingDraw]) throws -> [(token: Int, drew: Bool)]
 }
 
 extension ComputeBackend {
@@ -182,6 +189,12 @@ extension ComputeBackend {
     public func expSum(_ x: Buffer, row: Int, cols: Int, shift: Float, scale: Float) throws -> Float {
         try synchronize()
         return hostRow(x, row: row, cols: cols).withUnsafeBufferPointer { Sampler.expSum($0, shift: shift, scale: scale) }
+    }
+
+    public var samplesRows: Bool { false }
+
+    public func sampleRows(_ x: Buffer, rows: [Int], cols: Int, draws: [SamplingDraw]) throws -> [(token: Int, drew: Bool)] {
+        throw PeregrineError.unsupported("\(name) does not sample rows where the logits are")
     }
 
     public func penalize(_ x: Buffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) {

@@ -200,7 +200,7 @@ public final class CUDABackend: ComputeBackend {
         let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split", "attention_split_heads",
                      "silu_mul", "add_inplace", "gather_rows", "dequantize_bf16", "quantize_q8", "rope_store_kv",
-                     "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows", "repetition_penalty", "exp_sum_rows"] + matvecs {
+                     "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows", "repetition_penalty", "exp_sum_rows", "sample_rows"] + matvecs {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
@@ -953,6 +953,40 @@ public final class CUDABackend: ComputeBackend {
         record(driver.cuMemcpyDtoHAsync(&sum, sampleInts.pointer, 4, stream), "cuMemcpyDtoHAsync")
         try synchronize()
         return sum
+    }
+
+    /// PEREGRINE_NO_DEVICE_SAMPLING=1: sampled rows are chosen one by one (a top-k read back each).
+    private let deviceSampling = ProcessInfo.processInfo.environment["PEREGRINE_NO_DEVICE_SAMPLING"] == nil
+    public var samplesRows: Bool { deviceSampling }
+
+    /// Every row's token in one launch (sample_rows: a block per row) and one read back.
+    public func sampleRows(_ x: CUDABuffer, rows: [Int], cols: Int, draws: [SamplingDraw]) throws -> [(token: Int, drew: Bool)] {
+        bindContext()
+        let n = rows.count
+        guard n > 0 else { return [] }
+        guard draws.count == n, draws.allSatisfy({ $0.topK >= 1 && $0.topK <= min(1024, cols) }) else {
+            throw PeregrineError.invalidArgument("sampling on the device takes top-k from 1 to 1024")
+        }
+        // Inputs (row, k, four parameters) and outputs (token, drew) in one staging buffer.
+        hostInts.removeAll(keepingCapacity: true)
+        for r in rows { hostInts.append(Int32(r)) }
+        for d in draws { hostInts.append(Int32(d.topK)) }
+        for d in draws {
+            for v in [d.inverseTemperature, d.cutOffset, d.topP, d.uniform] { hostInts.append(Int32(bitPattern: v.bitPattern)) }
+        }
+        guard ensure(&sampleInts, 8 * n) else {
+            try synchronize()
+            throw PeregrineError.backend("no GPU memory for sampling \(n) rows")
+        }
+        _ = hostInts.withUnsafeBufferPointer { upload($0, into: &sampleInts) }
+        let base = sampleInts.pointer, results = base + UInt64(6 * n * 4)
+        launch("sample_rows", grid: (n, 1, 1), block: 1024) { a in
+            a.ptr(x); a.i32(cols); a.ptr(base); a.ptr(base + UInt64(2 * n * 4)); a.ptr(base + UInt64(n * 4)); a.ptr(results)
+        }
+        var out = [Int32](repeating: 0, count: 2 * n)
+        out.withUnsafeMutableBytes { record(driver.cuMemcpyDtoHAsync($0.baseAddress!, results, 8 * n, stream), "cuMemcpyDtoHAsync") }
+        try synchronize()
+        return (0..<n).map { i in (Int(out[2 * i]), out[2 * i + 1] != 0) }
     }
 
     public func penalize(_ x: CUDABuffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) {

@@ -1182,12 +1182,11 @@ extern "C" __global__ void argmax_rows(const float* x, int cols, unsigned long l
     }
 }
 
-// The k largest values of each row (in no particular order) and their indices, one block per
-// row: a radix select finds the k-th largest key 8 bits at a time (a 256-bin histogram per
-// pass over the row), then one pass gathers everything above it and enough equal to it.
-extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int cols, int k, float* values, int* indices) {
-    gdc_wait();
-    const float* r = x + (long)blockIdx.x * cols;
+// The k largest values of row r (in no particular order) and their indices, by one block: a
+// radix select finds the k-th largest key 8 bits at a time (a 256-bin histogram per pass over
+// the row), then one pass gathers everything above it and enough equal to it. vo and io may be
+// global or shared memory; they are complete when it returns.
+__device__ void select_largest(const float* r, int cols, int k, float* vo, int* io) {
     __shared__ unsigned hist[256];
     __shared__ unsigned chosen, left, taken, equal;
     unsigned prefix = 0, mask = 0, remaining = k;
@@ -1228,8 +1227,6 @@ extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int
     }
     if (threadIdx.x == 0) { taken = 0; equal = 0; }
     __syncthreads();
-    float* vo = values + (long)blockIdx.x * k;
-    int* io = indices + (long)blockIdx.x * k;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
         float v = r[i];
         unsigned key = order_key(v);
@@ -1241,6 +1238,97 @@ extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int
             io[at] = i;
         }
     }
+    __syncthreads();
+}
+
+// The k largest values of each row and their indices, one block per row (select_largest).
+extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int cols, int k, float* values, int* indices) {
+    gdc_wait();
+    select_largest(x + (long)blockIdx.x * cols, cols, k, values + (long)blockIdx.x * k, indices + (long)blockIdx.x * k);
+}
+
+// A token drawn for each of several rows in one launch, one block of 1024 threads per row, as
+// the host's Sampler draws with top-k (1 ... 1024): the k largest logits (select_largest), their
+// maximum m, those at or above the min-p cut m + cutOffset kept and sorted (largest first; ties
+// by id), p_i = exp((l_i - m) * invT), top-p over p_i / sum, then the first kept token whose
+// running sum passes u x (the kept sum), u being the row's number from its own stream. The sums
+// run in the host's order, and the arithmetic is IEEE's (the _rn intrinsics and exp in double,
+// rounded: this file is compiled with fast math), so the same u gives the host's token except
+// where an exponential rounds differently in its last bit. params: [invT, cutOffset, topP, u]
+// per row; out: [token, drew] per row, drew 0 when the row's maximum is not finite (the best
+// token is taken, as the host does, and no number is used).
+extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* x, int cols, const int* rows, const float* params,
+                                                               const int* ks, int* out) {
+    gdc_wait();
+    __shared__ float value[1024], weight[1024];
+    __shared__ int id[1024];
+    __shared__ float reduce[32];
+    int task = blockIdx.x, k = ks[task];
+    const float* r = x + (long)rows[task] * cols;
+    float invT = params[4 * task], cutOffset = params[4 * task + 1], topP = params[4 * task + 2], u = params[4 * task + 3];
+    select_largest(r, cols, k, value, id);
+    for (int i = k + threadIdx.x; i < 1024; i += blockDim.x) { value[i] = -__int_as_float(0x7f800000); id[i] = 0x7fffffff; }
+    float m = -__int_as_float(0x7f800000);
+    for (int i = threadIdx.x; i < k; i += blockDim.x) m = fmaxf(m, value[i]);
+    m = warp_max(m);
+    if ((threadIdx.x & 31) == 0) reduce[threadIdx.x >> 5] = m;
+    __syncthreads();
+    m = reduce[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); w++) m = fmaxf(m, reduce[w]);
+    if (!isfinite(m)) {
+        if (threadIdx.x == 0) {
+            int best = 0;
+            for (int i = 1; i < k; i++) if (value[i] > value[best] || (value[i] == value[best] && id[i] < id[best])) best = i;
+            out[2 * task] = id[best];
+            out[2 * task + 1] = 0;
+        }
+        return;
+    }
+    // Bitonic sort of the 1024 slots: larger value first, then smaller id.
+    for (int size = 2; size <= 1024; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            __syncthreads();
+            int i = threadIdx.x, j = i ^ stride;
+            if (j > i) {
+                bool before = value[i] > value[j] || (value[i] == value[j] && id[i] < id[j]);  // i belongs before j
+                bool ascending = (i & size) == 0;
+                if (before != ascending) {
+                    float tv = value[i]; value[i] = value[j]; value[j] = tv;
+                    int ti = id[i]; id[i] = id[j]; id[j] = ti;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    float cut = __fadd_rn(m, cutOffset);
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+        float l = value[i];
+        weight[i] = l >= cut && l > -__int_as_float(0x7f800000) ? (float)exp((double)__fmul_rn(__fsub_rn(l, m), invT)) : -1.f;
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    int n = 0;
+    while (n < k && weight[n] >= 0) n++;  // the kept candidates are a prefix: the largest
+    float sum = 0;
+    for (int i = 0; i < n; i++) sum = __fadd_rn(sum, weight[i]);
+    int keep = n;
+    if (topP < 1) {
+        float cum = 0;
+        for (int i = 0; i < n; i++) {
+            cum = __fadd_rn(cum, __fdiv_rn(weight[i], sum));
+            if (cum >= topP) { keep = i + 1; break; }
+        }
+    }
+    float total = 0;
+    for (int i = 0; i < keep; i++) total = __fadd_rn(total, weight[i]);
+    float target = __fmul_rn(u, total), acc = 0;
+    int chosen = id[keep - 1];
+    for (int i = 0; i < keep; i++) {
+        acc = __fadd_rn(acc, weight[i]);
+        if (target < acc) { chosen = id[i]; break; }
+    }
+    out[2 * task] = chosen;
+    out[2 * task + 1] = 1;
 }
 
 // Σ exp((x - shift) * scale) over one row, in one block (a fixed order: the same sum every time).
