@@ -52,8 +52,10 @@ let package = Package(
             // The CUDA kernels travel inside the library and are compiled by NVRTC at run time.
             resources: [.embedInCode("Backend/CUDA/Kernels.cu")],
             // Kernels unoptimised are ~50x slower; the test suite runs real models, so the
-            // library is optimised in debug builds too.
-            swiftSettings: cpuFlags + [.unsafeFlags(["-O"], .when(configuration: .debug))]
+            // library is optimised in debug builds too. The Builtin module gives the thread pool
+            // the x86 `pause` instruction (clang's _mm_pause is a header inline Swift cannot call).
+            swiftSettings: cpuFlags + [.unsafeFlags(["-O"], .when(configuration: .debug)),
+                                       .enableExperimentalFeature("BuiltinModule")]
         ),
         // The OpenAI-compatible HTTP front end (`peregrine serve`).
         .target(

@@ -173,26 +173,49 @@ public enum AVX512Products {
         }
     }
 
+    /// Asks for the cache lines of [from, to) into the core's L2 without waiting for them.
+    @inline(__always) static func prefetch(_ from: UnsafeRawPointer, _ to: UnsafeRawPointer) {
+        var p = from
+        while p < to {
+            Builtin.int_prefetch_RawPointer(p._rawValue, Int32(0)._value, Int32(2)._value, Int32(1)._value)
+            p += 64
+        }
+    }
+
     @inline(__always)
     static func product<W: WideWeight>(_: W.Type, w: UnsafeRawPointer, k: Int, rows: Int, x: UnsafePointer<Float>, ldx: Int,
-                                       tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
+                                       tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int,
+                                       ahead: UnsafeRawPointer? = nil, aheadBytes: Int = 0) {
         let rb = k &* W.bytes
-        var r = 0
-        while r &+ 4 <= rows {
-            rows4(W.self, w: w + r &* rb, k: k, x: x, ldx: ldx, tokens: tokens, y: y + r, ldy: ldy)
-            r &+= 4
-        }
-        while r < rows {
-            for t in 0..<tokens { y[t &* ldy &+ r] = dot(W.self, w + r &* rb, x + t &* ldx, k) }
-            r &+= 1
+        // Tokens go in runs of 48 so that a run's activations stay in the core's L2 while every
+        // four rows of the block pass over them (a prompt's whole activations would not).
+        var t0 = 0
+        while t0 < tokens {
+            let tn = min(48, tokens &- t0)
+            let xt = x + t0 &* ldx, yt = y + t0 &* ldy
+            var r = 0
+            while r &+ 4 <= rows {
+                // The next block's share, spread over this block's tiles so the loads overlap the math.
+                if let ahead, t0 == 0 {
+                    prefetch(ahead + r &* aheadBytes / rows, ahead + (r &+ 4) &* aheadBytes / rows)
+                }
+                rows4(W.self, w: w + r &* rb, k: k, x: xt, ldx: ldx, tokens: tn, y: yt + r, ldy: ldy)
+                r &+= 4
+            }
+            while r < rows {
+                for t in 0..<tn { yt[t &* ldy &+ r] = dot(W.self, w + r &* rb, xt + t &* ldx, k) }
+                r &+= 1
+            }
+            t0 &+= tn
         }
     }
 
     /// y[t * ldy + r] = dot(row r of `w`, x[t * ldx ..< t * ldx + k]) for r in 0..<rows and t in
-    /// 0..<tokens; `w` holds `rows` rows of `k` f32 weights.
+    /// 0..<tokens; `w` holds `rows` rows of `k` f32 weights. `ahead` (`aheadBytes` long) is
+    /// prefetched while the product runs: the stored weights of the next block to widen.
     public static func productF32(w: UnsafeRawPointer, k: Int, rows: Int, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
-                                  y: UnsafeMutablePointer<Float>, ldy: Int) {
-        product(WideF32.self, w: w, k: k, rows: rows, x: x, ldx: ldx, tokens: tokens, y: y, ldy: ldy)
+                                  y: UnsafeMutablePointer<Float>, ldy: Int, ahead: UnsafeRawPointer? = nil, aheadBytes: Int = 0) {
+        product(WideF32.self, w: w, k: k, rows: rows, x: x, ldx: ldx, tokens: tokens, y: y, ldy: ldy, ahead: ahead, aheadBytes: aheadBytes)
     }
 
     /// The same product with F16 weights read in place (for one or a few tokens).

@@ -262,6 +262,8 @@ func reportingErrors(_ body: () throws -> Void) throws {
     }
 }
 
+extension KVCacheType: ExpressibleByArgument {}
+
 /// How the serving engine is sized: shared by the commands that run it.
 struct EngineOptions: ParsableArguments {
     @Option(help: "Positions per KV block.")
@@ -272,6 +274,9 @@ struct EngineOptions: ParsableArguments {
 
     @Option(help: "KV blocks in the pool (instead of --kv-memory).")
     var kvBlocks: Int?
+
+    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; CPU only).")
+    var kvCacheType: KVCacheType = .f32
 
     @Option(help: "Sequences running at once.")
     var maxSequences: Int = 256
@@ -294,6 +299,7 @@ struct EngineOptions: ParsableArguments {
         c.contextLength = contextLength
         c.prefixCaching = !noPrefixCache
         c.policy = priority ? .priority : .fcfs
+        c.kvCacheType = kvCacheType
         if let b = batchTokens {
             guard b >= 1 else { throw PeregrineError.invalidArgument("--batch-tokens must be >= 1") }
             c.maxBatchTokens = b

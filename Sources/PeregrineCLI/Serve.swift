@@ -47,6 +47,9 @@ struct Serve: ParsableCommand {
     @Option(help: "Bytes for the KV cache (K, M and G suffixes allowed; default: enough for the batch, at most a quarter of memory).")
     var kvMemory: String?
 
+    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; CPU only).")
+    var kvCacheType: KVCacheType = .f32
+
     @Option(help: "Largest request body accepted, in bytes; larger ones get 413.")
     var maxBodyBytes = 8 << 20
 
@@ -90,6 +93,7 @@ struct Serve: ParsableCommand {
             config.contextLength = ctxSize
             config.maxSequences = maxSequences
             config.kvMemoryBytes = kvMemory.flatMap(Self.bytes)
+            config.kvCacheType = kvCacheType
             let engine = try Engine(model: loaded, tokenizer: tokenizer, config: config)
             let template = try ChatTemplates.load(model: model, file: chatTemplate, tokenizer: tokenizer)
 

@@ -83,6 +83,35 @@ final class EngineTests: XCTestCase {
         XCTAssertEqual(engine.stats.kvBlocksUsed, 0)
     }
 
+    /// An F16 KV cache: requests batched, preempted and hitting cached prefixes give the tokens
+    /// each gives alone with the same cache, and its logits stay close to the f32 cache's.
+    func testF16CacheIsBatchInvariantAndCloseToF32() throws {
+        let (model, tokenizer) = try load()
+        var f16 = EngineConfig()
+        f16.kvCacheType = .f16
+        let ps = prompts(tokenizer, count: 12)
+        let shared = Array(ps[9].prefix(20))
+        let requests = ps.map { request($0, 24) } + [request(shared + ps[0], 24), request(shared + ps[1], 24)]
+        var small = f16
+        small.kvBlocks = 20  // preemption for 14 sequences of up to ~100 positions
+        let engine = try Engine(model: model, tokenizer: tokenizer, config: small)
+        let together = try engine.generate(prompts: requests)
+        XCTAssertGreaterThan(engine.stats.preemptions, 0, "the pool was meant to run out")
+        XCTAssertGreaterThan(engine.stats.prefixCacheHits, 0, "cached blocks were mapped (and copied before a write)")
+        for (i, r) in requests.enumerated() {
+            XCTAssertEqual(together[i].tokens, try alone(f16, r).tokens, "request \(i)")
+        }
+        XCTAssertEqual(engine.stats.kvBlocksUsed, 0)
+        // Logits of one prompt through both caches: F16 rounding moves them little.
+        var a = request(ps[3], 8)
+        a.logprobs = 0
+        let exact = try alone(EngineConfig(), a), half = try alone(f16, a)
+        XCTAssertEqual(exact.tokens.prefix(4), half.tokens.prefix(4))
+        for (x, y) in zip(exact.logprobs, half.logprobs) where x.token == y.token {
+            XCTAssertEqual(x.logprob, y.logprob, accuracy: 0.02)
+        }
+    }
+
     /// With prefix caching, a second request over the same long prefix maps its blocks and gives
     /// the same tokens; shared blocks are never written.
     func testPrefixCacheHitGivesSameTokens() throws {

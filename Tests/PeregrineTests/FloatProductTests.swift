@@ -41,7 +41,7 @@ final class FloatProductTests: XCTestCase {
         // Row counts that are and are not multiples of four; k with and without a tail of 16.
         for (outDim, k) in [(37, 200), (64, 512), (6, 17)] {
             let wf = (0..<(outDim * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
-            let tokens = 13
+            let tokens = 53  // more than one run of 48 tokens
             let x = (0..<(tokens * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
             for dtype in [DType.f32, .f16, .bf16] {
                 let w = stored(wf, dtype)
@@ -57,7 +57,7 @@ final class FloatProductTests: XCTestCase {
                     }
                 }
                 // Every prefix of the tokens, and every token alone, gives the same bits.
-                for n in [1, 2, 3, 5, 6, 7, 12] {
+                for n in [1, 2, 3, 5, 6, 7, 12, 48, 50] {
                     let part = product(dtype, w, outDim: outDim, k: k, Array(x[0..<(n * k)]), tokens: n, pool: pool)
                     XCTAssertEqual(part.map(\.bitPattern), all[0..<(n * outDim)].map(\.bitPattern), "\(dtype) \(outDim)x\(k), \(n) tokens")
                 }

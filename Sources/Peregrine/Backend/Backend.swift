@@ -264,21 +264,32 @@ public struct BatchPlan {
 }
 
 /// The key/value memory of every layer: a pool of `blocks` blocks of `blockSize` positions each,
-/// a sequence reaching up to `capacity` positions through its block table. Layout per layer:
-/// [block, offset in block, kvHeads, headDim]. Which blocks a sequence holds is the runtime's
+/// a sequence reaching up to `capacity` positions through its block table. Each layer's buffers
+/// hold `blocks` blocks of `blockSize * kvHeads * headDim` values; the layout inside a block is
+/// the backend's (values [offset, kvHead, headDim] on both; keys transposed to [kvHead, headDim,
+/// offset] on the CPU, see `PagedAttention`). Which blocks a sequence holds is the runtime's
 /// bookkeeping (`BlockManager`); this is only the storage.
 public final class KVStorage<B: ComputeBackend>: KVMemory {
     public let keys: [B.Buffer]
     public let values: [B.Buffer]
     public let kvHeads: Int
     public let headDim: Int
+    /// How keys and values are stored; an F16 buffer holds two values in each f32 slot.
+    public let type: KVCacheType
 
-    public init(backend: B, layers: Int, blocks: Int, blockSize: Int, capacity: Int, kvHeads: Int, headDim: Int) throws {
+    public init(backend: B, layers: Int, blocks: Int, blockSize: Int, capacity: Int, kvHeads: Int, headDim: Int,
+                type: KVCacheType = .f32) throws {
+        // One block past `blocks`: see `scratchBlock`.
         let n = (blocks + 1) * blockSize * kvHeads * headDim
-        keys = try (0..<layers).map { _ in try backend.buffer(n) }
-        values = try (0..<layers).map { _ in try backend.buffer(n) }
+        if type == .f16, (blockSize * kvHeads * headDim) % 2 != 0 {
+            throw PeregrineError.invalidArgument("an F16 KV cache needs an even number of values per block (block size \(blockSize) x \(kvHeads) KV heads x head size \(headDim))")
+        }
+        let slots = type == .f32 ? n : n / 2
+        keys = try (0..<layers).map { _ in try backend.buffer(slots) }
+        values = try (0..<layers).map { _ in try backend.buffer(slots) }
         self.kvHeads = kvHeads
         self.headDim = headDim
+        self.type = type
         super.init(blocks: blocks, blockSize: blockSize, capacity: capacity)
     }
 
@@ -286,5 +297,13 @@ public final class KVStorage<B: ComputeBackend>: KVMemory {
     /// One block past the pool's `blocks` is allocated too: this one, which no sequence holds,
     /// where the padding rows of a recorded decode step (`decodeGraphRows`) write their keys and values.
     public var scratchBlock: Int { blocks }
-    public var blockStride: Int { blockSize * rowSize }
+    /// One block of one layer, in the buffers' f32 slots.
+    public var blockStride: Int { type == .f32 ? blockSize * rowSize : blockSize * rowSize / 2 }
+}
+
+/// The element type of the KV cache: f32 (the default, exact against the f32 reference), or F16,
+/// half the memory and half the bytes attention reads (llama.cpp's default; CPU only).
+public enum KVCacheType: String, Sendable, CaseIterable {
+    case f32, f16
+    public var bytes: Int { self == .f32 ? 4 : 2 }
 }

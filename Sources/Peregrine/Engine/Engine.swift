@@ -58,7 +58,7 @@ public final class Engine: @unchecked Sendable {
         guard context > 1 else { throw PeregrineError.invalidArgument("context length must be > 1") }
         contextLength = context
         eosTokenIds = Set((tokenizer?.eosTokenIds ?? []) + model.config.eosTokenIds)
-        let perPosition = PagedKVCache.bytesPerPosition(model.config)
+        let perPosition = PagedKVCache.bytesPerPosition(model.config, type: config.kvCacheType)
         let count: Int
         if let n = config.kvBlocks {
             count = n
@@ -76,8 +76,10 @@ public final class Engine: @unchecked Sendable {
         guard count > 0 else {
             throw PeregrineError.invalidArgument("the KV memory holds no block of \(config.blockSize) positions (\(perPosition * config.blockSize) bytes)")
         }
-        if model.freeDeviceMemory == nil { try PagedKVCache.checkFits(model.config, positions: count * config.blockSize) }
-        kv = try model.makeKVMemory(blocks: count, blockSize: config.blockSize, capacity: context)
+        if model.freeDeviceMemory == nil {
+            try PagedKVCache.checkFits(model.config, positions: count * config.blockSize, type: config.kvCacheType)
+        }
+        kv = try model.makeKVMemory(blocks: count, blockSize: config.blockSize, capacity: context, type: config.kvCacheType)
         blocks = BlockManager(blocks: count, blockSize: config.blockSize)
         scheduler = Scheduler(config: config, blocks: blocks)
         runner = ModelRunner(model: model, kv: kv)

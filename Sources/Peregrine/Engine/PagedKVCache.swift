@@ -29,25 +29,27 @@ public final class PagedKVCache: KVCacheProtocol {
     private var lengths: [Int]
     private var copies: [(from: Int32, to: Int32)] = []
 
-    public init(model: LanguageModel, slots: Int, capacity: Int, blockSize: Int = 16) throws {
+    public init(model: LanguageModel, slots: Int, capacity: Int, blockSize: Int = 16, type: KVCacheType = .f32) throws {
         guard slots > 0, capacity > 0, blockSize > 0 else { throw PeregrineError.invalidArgument("KV cache needs at least one slot and position") }
         let perSlot = (capacity + blockSize - 1) / blockSize
         // One block more a slot, for a copy on write of a shared partial block.
         let count = slots * (perSlot + 1)
-        try PagedKVCache.checkFits(model.config, positions: count * blockSize)
-        memory = try model.makeKVMemory(blocks: count, blockSize: blockSize, capacity: perSlot * blockSize)
+        try PagedKVCache.checkFits(model.config, positions: count * blockSize, type: type)
+        memory = try model.makeKVMemory(blocks: count, blockSize: blockSize, capacity: perSlot * blockSize, type: type)
         blocks = BlockManager(blocks: count, blockSize: blockSize)
         self.model = model
         tables = [BlockTable](repeating: BlockTable(), count: slots)
         lengths = [Int](repeating: 0, count: slots)
     }
 
-    /// Bytes of keys and values one position takes (f32, every layer).
-    public static func bytesPerPosition(_ c: ModelConfig) -> Int { c.layerCount * 2 * c.kvHeadCount * c.headDim * 4 }
+    /// Bytes of keys and values one position takes (every layer).
+    public static func bytesPerPosition(_ c: ModelConfig, type: KVCacheType = .f32) -> Int {
+        c.layerCount * 2 * c.kvHeadCount * c.headDim * type.bytes
+    }
 
     /// Refuses a pool larger than most of this machine's memory, with the numbers.
-    static func checkFits(_ c: ModelConfig, positions: Int) throws {
-        let bytes = Double(positions) * Double(bytesPerPosition(c))
+    static func checkFits(_ c: ModelConfig, positions: Int, type: KVCacheType) throws {
+        let bytes = Double(positions) * Double(bytesPerPosition(c, type: type))
         let available = Double(sysconf(Int32(_SC_PHYS_PAGES))) * Double(sysconf(Int32(_SC_PAGESIZE)))
         guard bytes < available * 0.8 else {
             throw PeregrineError.invalidArgument(String(

@@ -11,7 +11,7 @@ public protocol LanguageModel: AnyObject {
     var kernelProfile: String? { get }
     /// Key/value memory: `blocks` blocks of `blockSize` positions, sequences of up to `capacity`
     /// positions each.
-    func makeKVMemory(blocks: Int, blockSize: Int, capacity: Int) throws -> KVMemory
+    func makeKVMemory(blocks: Int, blockSize: Int, capacity: Int, type: KVCacheType) throws -> KVMemory
     /// Runs the batch: writes every token's keys and values into `kv` and computes the logits of
     /// `plan.logitRows`, leaving them where they were computed (in GPU memory on the CUDA backend).
     func forward(_ plan: BatchPlan, kv: KVMemory) throws -> LogitRows

@@ -124,10 +124,13 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         throw PeregrineError.invalidArgument("layer \(bad) does not exist (the model has \(config.layerCount) layers, 0-\(config.layerCount - 1))")
     }
 
-    public func makeKVMemory(blocks: Int, blockSize: Int, capacity: Int) throws -> KVMemory {
+    public func makeKVMemory(blocks: Int, blockSize: Int, capacity: Int, type: KVCacheType) throws -> KVMemory {
         guard blocks > 0, blockSize > 0, capacity > 0 else { throw PeregrineError.invalidArgument("KV memory needs at least one block and position") }
+        guard type == .f32 || backend is CPUBackend else {
+            throw PeregrineError.unsupported("a \(type.rawValue) KV cache is implemented on the CPU only; on this device keys and values are f32")
+        }
         return try KVStorage(backend: backend, layers: config.layerCount, blocks: blocks, blockSize: blockSize, capacity: capacity,
-                             kvHeads: config.kvHeadCount, headDim: config.headDim)
+                             kvHeads: config.kvHeadCount, headDim: config.headDim, type: type)
     }
 
     public func copyKVBlocks(_ kv: KVMemory, _ pairs: [(from: Int32, to: Int32)]) throws {

@@ -164,12 +164,18 @@ public final class CPUBackend: ComputeBackend {
     }
 
     public func storeKV(layer: Int, k: CPUBuffer, v: CPUBuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CPUBackend>) {
-        let row = cache.rowSize
-        let kd = cache.keys[layer].pointer, vd = cache.values[layer].pointer
+        let row = cache.rowSize, bs = cache.blockSize
+        let kd = UnsafeMutableRawPointer(cache.keys[layer].pointer), vd = UnsafeMutableRawPointer(cache.values[layer].pointer)
         for t in 0..<rows {
-            let at = plan.kvRow(token: t, blockSize: cache.blockSize) * row
-            (kd + at).update(from: k.pointer + t * row, count: row)
-            (vd + at).update(from: v.pointer + t * row, count: row)
+            let at = plan.kvRow(token: t, blockSize: bs)
+            switch cache.type {
+            case .f32:
+                PagedAttention.store(F32KV.self, key: k.pointer + t * row, value: v.pointer + t * row, keys: kd, values: vd,
+                                     block: at / bs, offset: at % bs, kvHeads: cache.kvHeads, headDim: cache.headDim, blockSize: bs)
+            case .f16:
+                PagedAttention.store(F16KV.self, key: k.pointer + t * row, value: v.pointer + t * row, keys: kd, values: vd,
+                                     block: at / bs, offset: at % bs, kvHeads: cache.kvHeads, headDim: cache.headDim, blockSize: bs)
+            }
         }
     }
 
@@ -180,60 +186,40 @@ public final class CPUBackend: ComputeBackend {
         let group = heads / kvHeads
         let row = cache.rowSize
         let scale = 1 / Float(hd).squareRoot()
-        let kd = cache.keys[layer].pointer, vd = cache.values[layer].pointer
+        let kd = UnsafeRawPointer(cache.keys[layer].pointer), vd = UnsafeRawPointer(cache.values[layer].pointer)
+        let f16 = cache.type == .f16
         var longest = 0
         for t in 0..<rows { longest = max(longest, Int(plan.positions[t]) + 1) }
         if let window { longest = min(longest, window) }
-        // Work is (token, KV head) pairs: the group's query heads share each key and value row
+        // Work is (token, KV head) pairs: the group's query heads share each key and value block
         // while it is in cache. Each of a fixed number of tasks takes every tasks-th pair and
         // uses its own scratch region.
         let pairs = rows * kvHeads
         let tasks = min(pairs, pool.threadCount * 4)
-        ensureScratch(longest * group * tasks)
-        let scratchBase = scratch
         let bs = cache.blockSize, width = plan.tableWidth
+        let perTask = PagedAttention.scratchFloats(positions: longest, group: group, blockSize: bs)
+        ensureScratch(perTask * tasks)
+        let scratchBase = scratch
         plan.positions.withUnsafeBufferPointer { positions in
             plan.slots.withUnsafeBufferPointer { slots in
               plan.blockTables.withUnsafeBufferPointer { tables in
                 pool.parallelFor(tasks) { task in
-                    let scores0 = scratchBase + task * longest * group
                     var pair = task
                     while pair < pairs {
                         let t = pair / kvHeads, kvh = pair % kvHeads
                         pair += tasks
                         let pos = Int(positions[t])
                         let lo = window.map { max(0, pos - $0 + 1) } ?? 0
-                        let n = pos - lo + 1
-                        let table = tables.baseAddress! + Int(slots[t]) * width
-                        let scores = scores0
-                        // Positions are visited block by block: one table read per block.
-                        var j = 0
-                        while j < n {
-                            let p = lo + j, inBlock = p % bs, count = min(n - j, bs - inBlock)
-                            let kb = kd + (Int(table[p / bs]) * bs + inBlock) * row + kvh * hd
-                            for i in 0..<count {
-                                let kp = kb + i * row
-                                for g in 0..<group {
-                                    let qp = q.pointer + (t * heads + kvh * group + g) * hd
-                                    scores[g * n + j + i] = CPUKernels.dot(qp, kp, hd) * scale
-                                }
-                            }
-                            j += count
-                        }
-                        for g in 0..<group {
-                            let s = scores + g * n
-                            var m = -Float.infinity
-                            for j in 0..<n { m = max(m, s[j]) }
-                            let inv = 1 / CPUKernels.expShiftSum(s, n, m)
-                            let op = out.pointer + (t * heads + kvh * group + g) * hd
-                            op.update(repeating: 0, count: hd)
-                            var j = 0
-                            while j < n {
-                                let p = lo + j, inBlock = p % bs, count = min(n - j, bs - inBlock)
-                                let vb = vd + (Int(table[p / bs]) * bs + inBlock) * row + kvh * hd
-                                for i in 0..<count { CPUKernels.axpy(s[j + i] * inv, vb + i * row, op, hd) }
-                                j += count
-                            }
+                        let head = (t * heads + kvh * group) * hd
+                        let table = tables.baseAddress! + Int(slots[t]) * width, sc = scratchBase + task * perTask
+                        if f16 {
+                            PagedAttention.attend(F16KV.self, q: q.pointer + head, group: group, hd: hd, scale: scale, kvHead: kvh,
+                                                  keys: kd, values: vd, rowSize: row, blockSize: bs, table: table, lo: lo, pos: pos,
+                                                  scratch: sc, out: out.pointer + head)
+                        } else {
+                            PagedAttention.attend(F32KV.self, q: q.pointer + head, group: group, hd: hd, scale: scale, kvHead: kvh,
+                                                  keys: kd, values: vd, rowSize: row, blockSize: bs, table: table, lo: lo, pos: pos,
+                                                  scratch: sc, out: out.pointer + head)
                         }
                     }
                 }

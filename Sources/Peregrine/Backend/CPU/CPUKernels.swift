@@ -222,8 +222,9 @@ enum CPUKernels {
         let rowBytes = k * elementBytes
         let quads = (outDim + 3) / 4
         let grain = max(1, 16384 / max(1, tokens * k))
-        // Widened rows per block: about 256 KiB of f32, a multiple of four rows.
-        let blockRows = max(4, min(64, (65536 / max(1, k)) & ~3))
+        // Widened rows per block: at most 16 (64 KiB of f32 at k = 1024), a multiple of four; small
+        // blocks leave more of them whose stored rows are prefetched while the one before is used.
+        let blockRows = max(4, min(16, (65536 / max(1, k)) & ~3))
         pool.parallelRanges(quads, grain: grain) { q in
             let rows = (q.lowerBound * 4)..<min(outDim, q.upperBound * 4)
             let yr = y + rows.lowerBound, wr = w + rows.lowerBound * rowBytes
@@ -231,9 +232,9 @@ enum CPUKernels {
                 AVX512Products.productF32(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
             } else if tokens == 1 {
                 if dtype == .f16 {
-                    AVX512Products.productF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: 1, y: yr, ldy: outDim)
+                    AVX512Products.productF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
                 } else {
-                    AVX512Products.productBF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: 1, y: yr, ldy: outDim)
+                    AVX512Products.productBF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
                 }
             } else {
                 let scratch = WidenedRows.scratch(floats: blockRows * k)
@@ -245,7 +246,9 @@ enum CPUKernels {
                     } else {
                         AVX512Products.widenBF16(wr + r * rowBytes, scratch, n * k)
                     }
-                    AVX512Products.productF32(w: UnsafeRawPointer(scratch), k: k, rows: n, x: x, ldx: k, tokens: tokens, y: yr + r, ldy: outDim)
+                    let next = min(blockRows, rows.count - r - n)
+                    AVX512Products.productF32(w: UnsafeRawPointer(scratch), k: k, rows: n, x: x, ldx: k, tokens: tokens, y: yr + r, ldy: outDim,
+                                              ahead: next > 0 ? wr + (r + n) * rowBytes : nil, aheadBytes: next * rowBytes)
                     r += n
                 }
             }
@@ -268,7 +271,9 @@ enum CPUKernels {
     /// coefficients), within ~2 ulp of expf over the float range; underflows to 0.
     @inline(__always)
     static func exp8(_ x: SIMD8<Float>) -> SIMD8<Float> {
-        let xc = pointwiseMax(pointwiseMin(x, SIMD8(repeating: 88.3762626647949)), SIMD8(repeating: -87.3365447505531))
+        // Clamped with masks: the standard library's pointwiseMin/Max stay calls here (not inlined).
+        let hi: Float = 88.3762626647949, lo: Float = -87.3365447505531
+        let xc = x.replacing(with: hi, where: x .> hi).replacing(with: lo, where: x .< lo)
         // Round x / ln 2 to an integer by adding 1.5 * 2^23: the integer lands in the low
         // mantissa bits, and subtracting the constant back gives it as a float.
         let magic = SIMD8<Float>(repeating: 12582912)

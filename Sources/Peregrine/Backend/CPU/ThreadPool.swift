@@ -2,6 +2,9 @@ import Atomics
 #if canImport(Glibc)
 import Glibc
 #endif
+#if arch(x86_64)
+import Builtin
+#endif
 
 /// A persistent pool of worker threads for data-parallel loops. The calling thread takes part, so a
 /// pool of N threads starts N - 1 workers. Workers spin briefly after each job (the next kernel of
@@ -74,12 +77,14 @@ public final class ThreadPool: @unchecked Sendable {
                 pthread_cond_broadcast(&wake)
                 pthread_mutex_unlock(&mutex)
                 runTasks(UnsafeRawPointer(ptr), count)
-                while remaining.load(ordering: .acquiring) > 0 { spinPause() }
+                var wait = SpinWait()
+                while remaining.load(ordering: .acquiring) > 0 { wait.pause() }
                 // No worker may join after this; wait for those that did to leave.
                 pthread_mutex_lock(&mutex)
                 job = nil
                 pthread_mutex_unlock(&mutex)
-                while active.load(ordering: .acquiring) > 0 { spinPause() }
+                wait = SpinWait()
+                while active.load(ordering: .acquiring) > 0 { wait.pause() }
             }
         }
     }
@@ -109,8 +114,9 @@ public final class ThreadPool: @unchecked Sendable {
         while true {
             // Spin a little before sleeping: forward passes issue jobs back to back.
             var spins = 0
+            var wait = SpinWait()
             while generation.load(ordering: .acquiring) == seen && spins < 20_000 {
-                spinPause()
+                wait.pause()
                 spins += 1
             }
             pthread_mutex_lock(&mutex)
@@ -139,8 +145,20 @@ private final class WorkerBox {
     init(pool: ThreadPool) { self.pool = pool }
 }
 
-/// Yields while spinning: with as many threads as cores, a spinning waiter must not starve the
-/// thread it waits for.
-@inline(__always) func spinPause() {
-    sched_yield()
+/// Waiting for another thread of the pool: a few microseconds of `pause` (the other thread is
+/// usually about to finish, and a system call per check costs more than the wait), then yields:
+/// with as many threads as cores, a spinning waiter must not starve the thread it waits for.
+struct SpinWait {
+    private var spins = 0
+
+    @inline(__always) mutating func pause() {
+        if spins < 256 {
+            spins &+= 1
+            #if arch(x86_64)
+            Builtin.int_x86_sse2_pause()
+            #endif
+        } else {
+            sched_yield()
+        }
+    }
 }
