@@ -66,6 +66,9 @@ struct Bench: ParsableCommand {
     @Option(parsing: .upToNextOption, help: "--batched: numbers of parallel sequences.")
     var npl: [Int] = [1, 2, 4, 8, 16, 32, 64]
 
+    @Option(help: "--batched: every sequence samples at this temperature (top-k 40, top-p 0.95, min-p 0.05, a seed each); 0: greedy.")
+    var temperature: Float = 0
+
     @Flag(help: "Offline throughput of many requests on the serving engine.")
     var throughput = false
 
@@ -201,7 +204,12 @@ struct Bench: ParsableCommand {
         for pp in npp {
             for tg in ntg {
                 for b in npl {
-                    let r = try ServingBenchmark.batched(engine, promptTokens: pp, generatedTokens: tg, batch: b, seed: seed)
+                    var sampling = SamplingParameters.greedy
+                    if temperature > 0 {
+                        sampling = SamplingParameters()
+                        sampling.temperature = temperature
+                    }
+                    let r = try ServingBenchmark.batched(engine, promptTokens: pp, generatedTokens: tg, batch: b, seed: seed, sampling: sampling)
                     seed += 1
                     if json {
                         print(JSONWriter.write(.object(JSONObject([

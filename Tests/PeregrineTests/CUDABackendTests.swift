@@ -12,8 +12,8 @@ final class CUDABackendTests: XCTestCase {
     }
 
     /// The serving engine on the GPU (a BF16 fixture model): with --deterministic, 24 requests
-    /// run together give each request's greedy tokens alone, and so does a pool that forces
-    /// preemption; by default, a batch's logits stay within BF16 tolerance of each sequence's alone.
+    /// run together give each request's tokens alone (greedy, and sampled on the device), and so
+    /// does a pool that forces preemption; by default, a batch's logits stay within BF16 tolerance of each sequence's alone.
     func testEngineBatchesOnTheGPU() throws {
         switch CUDADriver.shared {
         case .failure(let e): throw XCTSkip("no CUDA: \(e)")
@@ -24,9 +24,18 @@ final class CUDABackendTests: XCTestCase {
         let model = try ModelRegistry.load(directory: dir, backend: try CUDABackend(deterministic: true))
         let prompts = (0..<24).map { i in tokenizer.encode(["And God said", "The kernel", "In the beginning", "Debian is"][i % 4])
             + Array(repeating: 11, count: i * 3) }
-        let requests = prompts.map { p -> EngineRequest in
+        // Every other request samples (top-k 40, its own seed): drawn on the device with the
+        // step's other sampled rows, one launch, which must not depend on the batch either.
+        let requests = prompts.enumerated().map { i, p -> EngineRequest in
             var r = EngineRequest(promptTokens: p, maxTokens: 24)
             r.ignoreEOS = true
+            if i % 2 == 1 {
+                r.sampling.temperature = 0.9
+                r.sampling.topK = 40
+                r.sampling.seed = UInt64(i)
+            } else {
+                r.sampling = .greedy
+            }
             return r
         }
         var config = EngineConfig()
@@ -45,7 +54,8 @@ final class CUDABackendTests: XCTestCase {
             XCTAssertEqual(squeezed[i].tokens, alone.tokens, "request \(i), preempted")
         }
         // Default kernels: a decode batch's rows against each sequence alone, logits within tolerance.
-        let fast = try ModelRegistry.load(directory: dir, backend: try backend())
+        let gpu = try backend()
+        let fast = try ModelRegistry.load(directory: dir, backend: gpu)
         let cache = try PagedKVCache(model: fast, slots: 4, capacity: 128)
         var plan = BatchPlan()
         for s in 0..<4 { plan.append(tokens: prompts[s * 5], slot: s, position: 0, logits: .last) }
@@ -63,7 +73,12 @@ final class CUDABackendTests: XCTestCase {
         // and three at once (the split kernel), against the CPU on the same tokens.
         let cpu = try ModelRegistry.load(directory: dir)
         // Twenty at once: more than 16 rows, single queries through the split kernel's row map.
-        for width in [1, 3, 20] {
+        // Three and twenty are decode batches padded to 4 and 24 rows and replayed as graphs
+        // (unless PEREGRINE_NO_CUDA_GRAPHS is set), at positions of two split ranges (up to 32, 64).
+        for (width, grouped) in [(1, false), (3, false), (20, false), (1, true), (3, true), (20, true)] {
+            // Either split kernel (the fixture's 4/2 heads make too few blocks for the grouped one by default).
+            gpu.groupedAttentionBlocks = grouped ? 0 : Int.max
+            let replaysBefore = gpu.graphReplays
             let g = try PagedKVCache(model: fast, slots: width, capacity: 128, blockSize: 8)
             let c = try PagedKVCache(model: cpu, slots: width, capacity: 128, blockSize: 8)
             var gl = [Float](repeating: 0, count: width * v), cl = gl
@@ -80,7 +95,10 @@ final class CUDABackendTests: XCTestCase {
                 try cl.withUnsafeMutableBufferPointer { try cpu.forward(q, kv: c.memory, logits: $0) }
                 for s in 0..<width { try g.advance(s, by: 1); try c.advance(s, by: 1) }
                 let scale = cl.reduce(0) { max($0, abs($1)) }
-                XCTAssertLessThan(maxAbsDiff(gl, cl), 0.02 * scale, "\(width) sequences, step \(step)")
+                XCTAssertLessThan(maxAbsDiff(gl, cl), 0.02 * scale, "\(width) sequences, grouped \(grouped), step \(step)")
+            }
+            if ProcessInfo.processInfo.environment["PEREGRINE_NO_CUDA_GRAPHS"] == nil {
+                XCTAssertGreaterThan(gpu.graphReplays - replaysBefore, 30, "\(width) sequences, grouped \(grouped): steps replayed")
             }
             guard width == 20 else { continue }
             // A mixed step: a 24-token prompt chunk of a new sequence beside 19 decode tokens (flash
@@ -105,6 +123,79 @@ final class CUDABackendTests: XCTestCase {
         }
     }
 
+    /// Decode attention against the CPU backend on the same cache and queries, through both split
+    /// kernels (one block per KV head and its group of query heads, and one per query head): the
+    /// Llama-3-8B layout (32 query heads on 8 KV heads of 128), a group of 16 (two blocks a KV
+    /// head), multi-head attention and 256-dimension heads; one query (RoPE and the KV write
+    /// fused into the kernel, several splits), five (splits by the longest), twenty (the row
+    /// map); with and without a window. Each backend fills its cache through its own storeKV (the
+    /// layout inside a block is the backend's), and a second pass of attention alone checks the
+    /// keys and values the first one wrote.
+    func testGroupedDecodeAttentionMatchesCPU() throws {
+        let gpu = try backend()
+        let cpu = CPUBackend()
+        var rng = SplitMix(seed: 42)
+        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
+        // The capacity spans the whole pool, so one sequence's table can fill every block.
+        let blockSize = 16, blocks = 80, capacity = blocks * blockSize, width = blocks
+        let positions = [511, 0, 7, 300, 31, 32, 100, 255, 64, 1]
+        for (heads, kvHeads, hd) in [(32, 8, 128), (32, 2, 64), (4, 4, 16), (12, 4, 256)] {
+            let keys = (0..<(blocks * blockSize * kvHeads * hd)).map { _ in uniform() }
+            let values = (0..<(blocks * blockSize * kvHeads * hd)).map { _ in uniform() }
+            for rows in [1, 5, 20] {
+                var plan = BatchPlan()
+                plan.tableWidth = width
+                for r in 0..<rows {
+                    // Block r holds row r's new position (no two rows write one place, none reads
+                    // another's); the rest are drawn from blocks 20 and up, shared at random.
+                    let position = positions[r % positions.count]
+                    plan.append(tokens: [1], slot: r, position: position, logits: .last)
+                    plan.appendBlockTable((0..<width).map { i in i == position / blockSize ? Int32(r) : Int32(20 + rng.next() % UInt64(blocks - 20)) })
+                }
+                let q = (0..<(rows * heads * hd)).map { _ in 2 * uniform() }
+                let k = (0..<(rows * kvHeads * hd)).map { _ in uniform() }
+                let v = (0..<(rows * kvHeads * hd)).map { _ in uniform() }
+                let angles = (0..<(rows * hd / 2)).map { _ in 3 * uniform() }
+                for (window, grouped) in [(nil, true), (48, true), (nil, false), (48, false)] as [(Int?, Bool)] {
+                    gpu.groupedAttentionBlocks = grouped ? 0 : Int.max
+                    func run<B: ComputeBackend>(_ b: B) throws -> (out: [Float], again: [Float]) {
+                        let cache = try KVStorage(backend: b, layers: 1, blocks: blocks, blockSize: blockSize, capacity: capacity,
+                                                  kvHeads: kvHeads, headDim: hd)
+                        func buffer(_ x: [Float]) throws -> B.Buffer {
+                            let buf = try b.buffer(x.count)
+                            x.withUnsafeBufferPointer { b.write($0, to: buf, offset: 0) }
+                            return buf
+                        }
+                        // Position p of one sequence whose table is 0, 1, 2, ...: pool row p.
+                        var fill = BatchPlan()
+                        fill.tableWidth = width
+                        fill.append(tokens: [Int](repeating: 1, count: blocks * blockSize), slot: 0, position: 0, logits: .none)
+                        fill.appendBlockTable((0..<Int32(blocks)).map { $0 })
+                        b.beginPass(fill)
+                        b.storeKV(layer: 0, k: try buffer(keys), v: try buffer(values), rows: fill.count, plan: fill, cache: cache)
+                        let out = try b.buffer(rows * heads * hd), again = try b.buffer(rows * heads * hd)
+                        b.beginPass(plan)
+                        b.ropeAttention(layer: 0, q: try buffer(q), k: try buffer(k), v: try buffer(v), rows: rows, heads: heads,
+                                        headDim: hd, cos: try buffer(angles.map { cosf($0) }),
+                                        sin: try buffer(angles.map { sinf($0) }), interleaved: hd == 64, plan: plan,
+                                        cache: cache, window: window, out: out)
+                        // Attention alone (not fused) over the cache the pass above wrote into.
+                        b.attention(layer: 0, q: try buffer(q), rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: again)
+                        try b.synchronize()
+                        var o = [Float](repeating: 0, count: rows * heads * hd), o2 = o
+                        o.withUnsafeMutableBufferPointer { b.read(out, offset: 0, into: $0) }
+                        o2.withUnsafeMutableBufferPointer { b.read(again, offset: 0, into: $0) }
+                        return (o, o2)
+                    }
+                    let (a, c) = (try run(cpu), try run(gpu))
+                    let label = "\(heads)/\(kvHeads) heads of \(hd), \(rows) rows, window \(window ?? 0), grouped \(grouped)"
+                    XCTAssertLessThan(maxAbsDiff(a.out, c.out), 1e-4, label)
+                    XCTAssertLessThan(maxAbsDiff(a.again, c.again), 1e-4, label + ": over the keys and values it wrote")
+                }
+            }
+        }
+    }
+
     /// Host side, no GPU needed: the caching allocator's size classes.
     func testPoolSizeClasses() {
         XCTAssertEqual(DeviceMemoryPool.sizeClass(1), 256)
@@ -117,8 +208,8 @@ final class CUDABackendTests: XCTestCase {
     /// The kernels are embedded in the library, whatever machine it was built on.
     func testKernelSourceIsEmbedded() {
         let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
-        for kernel in ["matmul_rows", "attention_split", "attention_prefill", "quantize_q8", "rms_norm",
-                       "argmax_rows", "topk_rows", "repetition_penalty", "repack_quantized"] {
+        for kernel in ["matmul_rows", "attention_split", "attention_split_heads", "attention_prefill", "quantize_q8", "rms_norm",
+                       "argmax_rows", "topk_rows", "sample_rows", "repetition_penalty", "repack_quantized"] {
             XCTAssertTrue(source.contains("__global__ void \(kernel)(") || source.contains(") \(kernel)("), kernel)
         }
     }
@@ -228,6 +319,59 @@ final class CUDABackendTests: XCTestCase {
         try after.withUnsafeMutableBufferPointer { try rows.read(row: 0, into: $0) }
         try host.withUnsafeMutableBufferPointer { try rows.read(row: 0, into: $0) }
         XCTAssertEqual(after, host)
+    }
+
+    /// Every row of a batch sampled on the device in one launch gives the token the host's
+    /// Sampler draws from the same logits with the same stream (temperature, top-k, top-p and
+    /// min-p varied per row, 40 seeds), and leaves each stream where the host's leaves it.
+    func testBatchedSamplingOnTheDevice() throws {
+        let gpu = try backend()
+        let dir = CLITests.repo.appendingPathComponent("models/target").path
+        let cuda = try ModelRegistry.load(directory: dir, backend: gpu)
+        let tokenizer = try Tokenizer(directory: dir)
+        let prompt = tokenizer.encode("And the LORD spake unto Moses, saying, Speak unto the children of Israel")
+        let cache = try PagedKVCache(model: cuda, slots: 1, capacity: prompt.count)
+        var plan = BatchPlan()
+        plan.append(tokens: prompt, slot: 0, position: 0, logits: .all)
+        try cache.prepare(&plan)
+        let rows = try cuda.forward(plan, kv: cache.memory)
+        XCTAssertTrue(rows.samplesRows)
+        let v = rows.vocabulary
+        var host = [[Float]](repeating: [Float](repeating: 0, count: v), count: rows.count)
+        for r in 0..<rows.count { try host[r].withUnsafeMutableBufferPointer { try rows.read(row: r, into: $0) } }
+        let temperatures: [Float] = [0.5, 0.8, 1.3, 2.0], topKs = [1, 40, 300, 1024], topPs: [Float] = [1, 0.95, 0.6], minPs: [Float] = [0, 0.05, 0.3]
+        var compared = 0
+        for seed in 0..<40 {
+            var parameters: [SamplingParameters] = []
+            for r in 0..<rows.count {
+                var p = SamplingParameters()
+                let i = seed * 7 + r
+                p.temperature = temperatures[i % 4]
+                p.topK = topKs[(i / 4) % 4]
+                p.topP = topPs[(i / 3) % 3]
+                p.minP = minPs[(i / 5) % 3]
+                p.seed = UInt64(1000 * seed + r)
+                parameters.append(p)
+            }
+            var device = parameters.map { Sampler($0) }
+            var draws: [SamplingDraw] = []
+            for r in 0..<rows.count {
+                let d = try [Int32]().withUnsafeBufferPointer { try device[r].deviceDraw(rows, row: r, context: $0) }
+                draws.append(try XCTUnwrap(d))
+            }
+            let chosen = try rows.sample(rows: Array(0..<rows.count), draws: draws)
+            for r in 0..<rows.count {
+                var sampler = Sampler(parameters[r])
+                var copy = host[r]
+                let expected = copy.withUnsafeMutableBufferPointer { b in [Int32]().withUnsafeBufferPointer { sampler.sample(b, context: $0) } }
+                XCTAssertEqual(chosen[r].token, expected, "seed \(seed), row \(r), \(parameters[r])")
+                XCTAssertTrue(chosen[r].drew)
+                device[r].settle(drew: chosen[r].drew)
+                XCTAssertEqual(device[r].uniform(), sampler.uniform(), "the streams after the draw")
+                compared += 1
+            }
+        }
+        XCTAssertEqual(compared, 40 * rows.count)
     }
 
     /// Q8_0, Q4_0, Q4_K, Q4_K_M (Q4_K and Q6_K) and Q6_K files (repacked on the GPU, 8-bit

@@ -54,6 +54,11 @@ public protocol ComputeBackend: AnyObject {
     /// it comes with this key (a decode step), so a backend may record it once and replay it.
     /// The pass ends with `synchronize`.
     func beginStep(key: Int)
+    /// The rows a decode step of `rows` sequences (one token each, every row sampled) is padded
+    /// to so that the backend can record it once and replay it (the next of its capture sizes),
+    /// or nil to run the step as it is. Padding rows write only the KV memory's scratch block and
+    /// their logits are not returned.
+    func decodeGraphRows(_ rows: Int) -> Int?
     /// The batch a forward pass runs (after `beginStep`), for a backend to move its positions and
     /// block tables to the device once instead of in every layer.
     func beginPass(_ plan: BatchPlan)
@@ -96,10 +101,18 @@ public protocol ComputeBackend: AnyObject {
     func penalize(_ x: Buffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float)
     /// Σ exp((x - shift) * scale) over row `row`: a softmax's normalizer (top-p from the top-k).
     func expSum(_ x: Buffer, row: Int, cols: Int, shift: Float, scale: Float) throws -> Float
+    /// Whether `sampleRows` draws where the logits are, all rows at once (a GPU); otherwise the
+    /// engine samples row by row.
+    var samplesRows: Bool { get }
+    /// A token for each row of `rows` of x, drawn as `Sampler` draws with top-k (see
+    /// `SamplingDraw`); `drew` is false where the row's best logit was not finite and the best
+    /// token was taken without the draw's number.
+    func sampleRows(_ x: Buffer, rows: [Int], cols: Int, draws: [SamplingDraw]) throws -> [(token: Int, drew: Bool)]
 }
 
 extension ComputeBackend {
     public func beginStep(key: Int) {}
+    public func decodeGraphRows(_ rows: Int) -> Int? { nil }
     public func beginPass(_ plan: BatchPlan) {}
 
     public var freeDeviceMemory: Int? { nil }
@@ -176,6 +189,12 @@ extension ComputeBackend {
     public func expSum(_ x: Buffer, row: Int, cols: Int, shift: Float, scale: Float) throws -> Float {
         try synchronize()
         return hostRow(x, row: row, cols: cols).withUnsafeBufferPointer { Sampler.expSum($0, shift: shift, scale: scale) }
+    }
+
+    public var samplesRows: Bool { false }
+
+    public func sampleRows(_ x: Buffer, rows: [Int], cols: Int, draws: [SamplingDraw]) throws -> [(token: Int, drew: Bool)] {
+        throw PeregrineError.unsupported("\(name) does not sample rows where the logits are")
     }
 
     public func penalize(_ x: Buffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) {
@@ -260,7 +279,8 @@ public final class KVStorage<B: ComputeBackend>: KVMemory {
 
     public init(backend: B, layers: Int, blocks: Int, blockSize: Int, capacity: Int, kvHeads: Int, headDim: Int,
                 type: KVCacheType = .f32) throws {
-        let n = blocks * blockSize * kvHeads * headDim
+        // One block past `blocks`: see `scratchBlock`.
+        let n = (blocks + 1) * blockSize * kvHeads * headDim
         if type == .f16, (blockSize * kvHeads * headDim) % 2 != 0 {
             throw PeregrineError.invalidArgument("an F16 KV cache needs an even number of values per block (block size \(blockSize) x \(kvHeads) KV heads x head size \(headDim))")
         }
@@ -274,6 +294,9 @@ public final class KVStorage<B: ComputeBackend>: KVMemory {
     }
 
     public var rowSize: Int { kvHeads * headDim }
+    /// One block past the pool's `blocks` is allocated too: this one, which no sequence holds,
+    /// where the padding rows of a recorded decode step (`decodeGraphRows`) write their keys and values.
+    public var scratchBlock: Int { blocks }
     /// One block of one layer, in the buffers' f32 slots.
     public var blockStride: Int { type == .f32 ? blockSize * rowSize : blockSize * rowSize / 2 }
 }

@@ -41,6 +41,9 @@ public final class Engine: @unchecked Sendable {
     private var loopRunning = false
     private var stopping = false
     private var greedyRows: [Int] = []
+    /// Rows of a step drawn together where the logits are (`Sampler.deviceDraw`), and their draws.
+    private var drawnRows: [Int] = []
+    private var draws: [SamplingDraw] = []
 
     public init(model: LanguageModel, tokenizer: Tokenizer?, config requested: EngineConfig = EngineConfig()) throws {
         var config = requested
@@ -244,8 +247,27 @@ public final class Engine: @unchecked Sendable {
             row += 1
         }
         let greedy = greedyRows.isEmpty ? [] : try logits.map { try $0.argmax(rows: greedyRows) } ?? []
+        // Sampled rows whose parameters the backend covers are drawn together too (one launch and
+        // one read back on a GPU), each with its own sequence's stream.
+        drawnRows.removeAll(keepingCapacity: true)
+        draws.removeAll(keepingCapacity: true)
+        if let logits, logits.samplesRows {
+            row = 0
+            var g = 0
+            for w in work where w.samples {
+                if g < greedyRows.count && greedyRows[g] == row {
+                    g += 1
+                } else if w.sequence.request.logprobs == nil,
+                          let d = try w.sequence.tokens.withUnsafeBufferPointer({ try w.sequence.sampler.deviceDraw(logits, row: row, context: $0) }) {
+                    drawnRows.append(row)
+                    draws.append(d)
+                }
+                row += 1
+            }
+        }
+        let drawn = drawnRows.isEmpty ? [] : try logits?.sample(rows: drawnRows, draws: draws) ?? []
         row = 0
-        var g = 0
+        var g = 0, d = 0
         for w in work {
             let s = w.sequence
             scheduler.advance(w)
@@ -255,6 +277,10 @@ public final class Engine: @unchecked Sendable {
             if g < greedyRows.count && greedyRows[g] == row {
                 token = greedy[g]
                 g += 1
+            } else if d < drawnRows.count && drawnRows[d] == row {
+                token = drawn[d].token
+                s.sampler.settle(drew: drawn[d].drew)
+                d += 1
             } else {
                 token = try runner.sample(s, logits: logits, row: row)
             }

@@ -49,6 +49,17 @@ public protocol LogitRows: AnyObject {
     func penalize(row: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) throws
     /// Σ exp((logit - shift) * scale) over the row (the normalizer top-p needs).
     func expSum(row: Int, shift: Float, scale: Float) throws -> Float
+    /// Whether `sample(rows:draws:)` draws every row where the logits are, in one pass.
+    var samplesRows: Bool { get }
+    /// A token for each of these rows (see `ComputeBackend.sampleRows`).
+    func sample(rows: [Int], draws: [SamplingDraw]) throws -> [(token: Int, drew: Bool)]
+}
+
+extension LogitRows {
+    public var samplesRows: Bool { false }
+    public func sample(rows: [Int], draws: [SamplingDraw]) throws -> [(token: Int, drew: Bool)] {
+        throw PeregrineError.unsupported("these logits are not sampled where they are")
+    }
 }
 
 /// Logit rows in a backend's buffer.
@@ -94,6 +105,15 @@ final class BackendLogitRows<B: ComputeBackend>: LogitRows {
 
     func penalize(row: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) throws {
         backend.penalize(try check(row), row: row, cols: vocabulary, ids: ids, penalty: penalty)
+    }
+
+    var samplesRows: Bool { backend.samplesRows }
+
+    func sample(rows: [Int], draws: [SamplingDraw]) throws -> [(token: Int, drew: Bool)] {
+        guard let buffer, rows.count == draws.count, rows.allSatisfy({ $0 >= 0 && $0 < count }) else {
+            throw PeregrineError.invalidArgument("logit rows out of range")
+        }
+        return try backend.sampleRows(buffer, rows: rows, cols: vocabulary, draws: draws)
     }
 }
 

@@ -43,6 +43,8 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
     private let logitRows: BackendLogitRows<B>
     private var cosHost: [Float] = []
     private var sinHost: [Float] = []
+    /// A decode step's plan with its padding rows (see `decodeGraphRows`), reused.
+    private var paddedPlan = BatchPlan()
 
     public init(config c: ModelConfig, weights: WeightSource, backend: B) throws {
         config = c
@@ -199,16 +201,59 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
             guard block >= 0, Int(block) < cache.blocks else { throw PeregrineError.invalidArgument("KV block \(block) does not exist") }
         }
         for r in plan.logitRows where r < 0 || Int(r) >= n { throw PeregrineError.invalidArgument("logit row \(r) is not in the batch") }
-        let w = try workspace(tokens: n, logitRows: plan.logitRows.count)
-        let d = c.hiddenSize, hd = c.headDim
+        if n > 1, let padded = backend.decodeGraphRows(n), padded >= n, isDecodeStep(plan) {
+            // A decode step of n sequences, run as one of the backend's recorded batch sizes:
+            // padding rows (token 0 at position 0 of a sequence of their own whose every block is
+            // the scratch block) after the real ones; only the real rows' logits are returned.
+            paddedPlan.removeAll()
+            paddedPlan.tableWidth = plan.tableWidth
+            paddedPlan.tokens.append(contentsOf: plan.tokens)
+            paddedPlan.positions.append(contentsOf: plan.positions)
+            paddedPlan.slots.append(contentsOf: plan.slots)
+            paddedPlan.logitRows.append(contentsOf: plan.logitRows)
+            paddedPlan.blockTables.append(contentsOf: plan.blockTables)
+            for t in n..<padded {
+                paddedPlan.tokens.append(0)
+                paddedPlan.positions.append(0)
+                paddedPlan.slots.append(Int32(t))
+                paddedPlan.logitRows.append(Int32(t))
+                for _ in 0..<plan.tableWidth { paddedPlan.blockTables.append(Int32(cache.scratchBlock)) }
+            }
+            var key = Hasher()
+            key.combine(ObjectIdentifier(cache))
+            key.combine(padded)
+            key.combine(skippedLayers)
+            return try run(paddedPlan, cache: cache, stepKey: key.finalize(), returnedRows: n)
+        }
+        var stepKey: Int?
         if n == 1 {
             // A decode step: the same work for the same cache, workspace and layers every token.
             var key = Hasher()
             key.combine(ObjectIdentifier(cache))
             key.combine(plan.logitRows.count)
             key.combine(skippedLayers)
-            backend.beginStep(key: key.finalize())
+            stepKey = key.finalize()
         }
+        return try run(plan, cache: cache, stepKey: stepKey, returnedRows: plan.logitRows.count)
+    }
+
+    /// Every row a single token of its own sequence (row t in block-table row t), every row
+    /// sampled in order: the shape a backend can record once per batch size.
+    private func isDecodeStep(_ plan: BatchPlan) -> Bool {
+        let n = plan.count
+        guard plan.logitRows.count == n, plan.tableRows == n else { return false }
+        for t in 0..<n where plan.slots[t] != Int32(t) || plan.logitRows[t] != Int32(t) { return false }
+        return true
+    }
+
+    /// The forward pass of a checked plan; `stepKey` marks a step the backend may record. The
+    /// first `returnedRows` logit rows are returned.
+    private func run(_ plan: BatchPlan, cache: KVStorage<B>, stepKey: Int?, returnedRows: Int) throws -> LogitRows {
+        let c = config
+        let n = plan.count
+        let w = try workspace(tokens: n, logitRows: plan.logitRows.count)
+        let d = c.hiddenSize, hd = c.headDim
+        if let stepKey { backend.beginStep(key: stepKey) }
         backend.beginPass(plan)
         fillRotaryTables(plan, w)
         plan.tokens.withUnsafeBufferPointer { backend.embed(tokens: $0, table: embedTokens, out: w.x) }
@@ -236,7 +281,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         backend.matmul(w.lastNormed, rows: rows, weight: lmHead, bias: nil, out: w.logits)
         try backend.synchronize()
         logitRows.buffer = w.logits
-        logitRows.count = rows
+        logitRows.count = returnedRows
         return logitRows
     }
 }

@@ -86,6 +86,26 @@ public struct TokenDistribution: Sendable, Equatable {
     public var mode: Int { Int(ids[probabilities.indices.max { probabilities[$0] < probabilities[$1] } ?? 0]) }
 }
 
+/// One row's draw made where its logits are, beside other rows' (`LogitRows.sample(rows:draws:)`):
+/// what `Sampler.sample` uses with top-k, and the number it would take from the row's stream.
+public struct SamplingDraw: Sendable, Equatable {
+    public var inverseTemperature: Float
+    /// temperature x log(min-p): the min-p cut below the best logit (-infinity without min-p).
+    public var cutOffset: Float
+    /// 1 ... `Sampler.maxDeviceTopK`, at most the vocabulary.
+    public var topK: Int
+    public var topP: Float
+    public var uniform: Float
+
+    public init(inverseTemperature: Float, cutOffset: Float, topK: Int, topP: Float, uniform: Float) {
+        self.inverseTemperature = inverseTemperature
+        self.cutOffset = cutOffset
+        self.topK = topK
+        self.topP = topP
+        self.uniform = uniform
+    }
+}
+
 /// Changes logits before a token is chosen. Processors compose in order.
 public protocol LogitProcessor {
     mutating func process(_ logits: UnsafeMutableBufferPointer<Float>, context: UnsafeBufferPointer<Int32>)
@@ -174,6 +194,8 @@ public struct Sampler {
     public let parameters: SamplingParameters
     public var processors: [any LogitProcessor]
     private var rng: SeededGenerator
+    /// The stream before `deviceDraw` took its number, until `settle`.
+    private var beforeDraw: SeededGenerator?
     /// Candidate tokens and their logits; after `filter`, sorted by logit, largest first.
     private var pairs: [(id: Int32, logit: Float)] = []
     private var probs: [Float] = []
@@ -285,6 +307,33 @@ public struct Sampler {
             }
         }
         return try withWholeRow(logits, r) { s, b in s.choose(b) }
+    }
+
+    /// A draw for the backend to make with other rows' in one pass (`LogitRows.sample(rows:draws:)`),
+    /// where `sample(_:row:context:)` would take the top-k path: temperature above 0, top-k of 1
+    /// to 1024, no processor but the repetition penalty (applied here, where the logits are).
+    /// Takes the number `sample` would take from the stream; pass the backend's `drew` to
+    /// `settle`. nil where the parameters need `sample`.
+    public mutating func deviceDraw(_ logits: LogitRows, row r: Int, context: UnsafeBufferPointer<Int32>) throws -> SamplingDraw? {
+        let p = parameters, vocab = logits.vocabulary
+        guard logits.samplesRows, p.temperature > 0, p.topK > 0, min(p.topK, vocab) <= Sampler.maxDeviceTopK,
+              processors.allSatisfy({ $0 is RepetitionPenalty }) else { return nil }
+        for i in processors.indices {
+            guard var penalty = processors[i] as? RepetitionPenalty else { continue }
+            penalty.tokens(context, vocabulary: vocab, into: &penalized)
+            processors[i] = penalty
+            if !penalized.isEmpty { try penalized.withUnsafeBufferPointer { try logits.penalize(row: r, ids: $0, penalty: penalty.penalty) } }
+        }
+        beforeDraw = rng
+        return SamplingDraw(inverseTemperature: 1 / p.temperature, cutOffset: p.minP > 0 ? p.temperature * logf(p.minP) : -Float.infinity,
+                            topK: min(p.topK, vocab), topP: p.topP, uniform: rng.nextUnit())
+    }
+
+    /// After a `deviceDraw`: gives its number back to the stream when the backend chose without
+    /// it (a row whose best logit was not finite, where `sample` takes the best token undrawn).
+    public mutating func settle(drew: Bool) {
+        if !drew, let b = beforeDraw { rng = b }
+        beforeDraw = nil
     }
 
     /// Reads the whole row into the kept buffer (moved out, not copied, so self can change while

@@ -19,13 +19,16 @@ public enum ServingBenchmark {
 
     /// B distinct random prompts of PP tokens read together (in passes of the engine's token
     /// budget), then TG steps each decoding one token of every sequence, as llama-batched-bench
-    /// does. The prompt time ends when every sequence has its first token.
-    public static func batched(_ engine: Engine, promptTokens pp: Int, generatedTokens tg: Int, batch b: Int, seed: UInt64) throws -> BatchedRow {
+    /// does. The prompt time ends when every sequence has its first token. Sequence i samples with
+    /// `sampling` and seed `seed` + i (greedy by default).
+    public static func batched(_ engine: Engine, promptTokens pp: Int, generatedTokens tg: Int, batch b: Int, seed: UInt64,
+                               sampling: SamplingParameters = .greedy) throws -> BatchedRow {
         let vocab = engine.model.config.vocabSize
         var rng = SeededGenerator(seed: seed)
         var ids: [Int] = []
         for _ in 0..<b {
-            var r = EngineRequest(promptTokens: (0..<pp).map { _ in Int(rng.next() % UInt64(vocab)) }, maxTokens: tg + 1)
+            var r = EngineRequest(promptTokens: (0..<pp).map { _ in Int(rng.next() % UInt64(vocab)) }, maxTokens: tg + 1, sampling: sampling)
+            r.sampling.seed = seed &+ UInt64(ids.count)
             r.ignoreEOS = true
             ids.append(try engine.add(r))
         }

@@ -130,15 +130,24 @@ public final class CUDABackend: ComputeBackend {
     // Decode steps as CUDA graphs: a step key seen once runs eagerly (allocating what it needs),
     // the second time it is captured, then replayed. Host inputs of a step go through pinned
     // staging memory at the same offsets every time, read by the graph's copy nodes. Any
-    // allocation that could move a pointer a graph holds drops the graphs.
+    // allocation that could move a pointer a graph holds drops the graphs. A step's key is the
+    // model's (`beginStep`) and, for a batch, the power of two its longest sequence rounds up to,
+    // which fixes the attention's split count (`splitBasis`); the key is settled in `beginPass`.
+    // Batches of decode tokens are padded by the model to the next of `captureSizes`
+    // (`decodeGraphRows`), vLLM's way: a graph per size, not per batch.
     private enum StepMode { case eager, capturing(Int), replaying(OpaquePointer?) }
     private var mode = StepMode.eager
     private var graphs: [Int: OpaquePointer?] = [:]
     private var seen: [Int: Int] = [:]
+    private var pendingKey: Int?
+    /// Steps replayed from a graph so far (for tests).
+    private(set) var graphReplays = 0
     private let graphsEnabled = ProcessInfo.processInfo.environment["PEREGRINE_NO_CUDA_GRAPHS"] == nil
         && ProcessInfo.processInfo.environment["PEREGRINE_KERNEL_PROFILE"] == nil
+    static let captureSizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
     private var pinned: UnsafeMutableRawPointer?
-    private let pinnedBytes = 1 << 20
+    /// Enough for a 256-row step's tokens, positions, rotations and block tables of 2,048 entries a row.
+    private let pinnedBytes = 8 << 20
     private var pinnedCursor = 0
 
     // Programmatic dependent launches (Hopper and later): each kernel may start while the one
@@ -162,6 +171,11 @@ public final class CUDABackend: ComputeBackend {
     /// (PEREGRINE_ROW_KERNEL_TOKENS overrides both).
     private let rowKernelOverride = Int(ProcessInfo.processInfo.environment["PEREGRINE_ROW_KERNEL_TOKENS"] ?? "")
     private func rowKernelTokens(_ t: DType) -> Int { rowKernelOverride ?? (t == .f16 || t == .bf16 ? 1 : 8) }
+    /// Fewest blocks (rows x KV heads) a decode attention runs as attention_split, one block per
+    /// KV head and its query heads; below, attention_split_heads, one per query head (more blocks
+    /// for a small batch: measured faster up to four sequences of the Llama-3-8B shape, 32/8
+    /// heads, on an H200, and no slower at eight). Tests set it to run either kernel.
+    var groupedAttentionBlocks = 64
     /// One token as `matvec` kernels (fused norms, RoPE inside attention): not in deterministic mode.
     private var oneToken: Int { deterministic ? -1 : 1 }
     private let launchConfig = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
@@ -184,16 +198,16 @@ public final class CUDABackend: ComputeBackend {
         let early = ProcessInfo.processInfo.environment["PEREGRINE_NO_EARLY_TRIGGER"] == nil
         let module = try driver.compile(source, name: "peregrine-kernels", defines: early ? [] : ["PEREGRINE_NO_EARLY_TRIGGER"])
         let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
-        for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split",
+        for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split", "attention_split_heads",
                      "silu_mul", "add_inplace", "gather_rows", "dequantize_bf16", "quantize_q8", "rope_store_kv",
-                     "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows", "repetition_penalty", "exp_sum_rows"] + matvecs {
+                     "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows", "repetition_penalty", "exp_sum_rows", "sample_rows"] + matvecs {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
         }
         // Kernels whose dynamic shared memory may pass 48 KB (the normalized input of a product,
         // a prefill attention tile) ask for what the device allows.
-        for name in matvecs + ["attention_prefill"] {
+        for name in matvecs + ["attention_prefill", "attention_split"] {
             // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (the kernel's static shared memory counts against the device's limit)
             try driver.check(driver.cuFuncSetAttribute(functions[name] ?? nil, 8, Int32(driver.maxSharedPerBlock - 4096)), "cuFuncSetAttribute(\(name))")
         }
@@ -240,7 +254,40 @@ public final class CUDABackend: ComputeBackend {
         mode = .eager
         pinnedCursor = 0
         pdlStep = pdl
-        guard graphsEnabled, pinned != nil, firstError == nil else { return }
+        pendingKey = key
+    }
+
+    public func decodeGraphRows(_ rows: Int) -> Int? {
+        guard graphsEnabled, pinned != nil else { return nil }
+        return CUDABackend.captureSizes.first { $0 >= rows }
+    }
+
+    /// The positions a batch's attention splits are fixed by: its longest sequence (window-limited)
+    /// rounded up to a power of two, at least 32. Within one such range a batch's kernels, and
+    /// a graph of them, are the same whatever the lengths.
+    static func splitBasis(_ longest: Int) -> Int {
+        var b = 32
+        while b < longest { b <<= 1 }
+        return b
+    }
+
+    /// Replays the graph of a step whose key was given to `beginStep`, or captures it the second
+    /// time the key is seen; the first time (or when its inputs would not fit the staging
+    /// memory) the step runs eagerly.
+    private func beginGraphStep(_ plan: BatchPlan) {
+        guard let base = pendingKey else { return }
+        pendingKey = nil
+        guard graphsEnabled, pinned != nil, firstError == nil,
+              (2 * plan.count + plan.blockTables.count) * 4 <= pinnedBytes / 2 else { return }
+        var key = base
+        if plan.count > 1 {
+            var longest = 0
+            for p in plan.positions { longest = max(longest, Int(p) + 1) }
+            var h = Hasher()
+            h.combine(base)
+            h.combine(CUDABackend.splitBasis(longest))
+            key = h.finalize()
+        }
         if let g = graphs[key] {
             mode = .replaying(g)
             return
@@ -377,6 +424,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func beginPass(_ plan: BatchPlan) {
         bindContext()
+        beginGraphStep(plan)
         hostInts.removeAll(keepingCapacity: true)
         hostInts.append(contentsOf: plan.slots)
         hostInts.append(contentsOf: plan.positions)
@@ -596,6 +644,7 @@ public final class CUDABackend: ComputeBackend {
             abType = weight.dtype == .f16 ? 2 : 14
         }
         var status: Int32 = 0
+        if case .replaying = mode { return }  // the product is in the graph (as every launch is)
         profiled("cublasGemmEx") {
             status = driver.cublasGemmEx(cublas, 1, 0, Int32(outDim), Int32(rows), Int32(k), &alpha,
                                          UnsafeRawPointer(bitPattern: UInt(aPointer)), abType, Int32(k),
@@ -711,8 +760,10 @@ public final class CUDABackend: ComputeBackend {
                            window: Int?, out: CUDABuffer,
                            rope: (k: CUDABuffer, v: CUDABuffer, cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool)?) {
         let hd = cache.headDim
-        guard hd <= 256 else {
-            if firstError == nil { firstError = .unsupported("the CUDA attention kernels take head dimensions up to 256 (this model has \(hd))") }
+        guard hd <= 256, hd % 4 == 0, heads % cache.kvHeads == 0 else {
+            if firstError == nil {
+                firstError = .unsupported("the CUDA attention kernels take head dimensions up to 256, multiples of 4, and whole query-head groups (this model: \(hd), \(heads) / \(cache.kvHeads) heads)")
+            }
             return
         }
         let (slots, positions, tables) = planPointers(plan, rows: rows)
@@ -772,16 +823,30 @@ public final class CUDABackend: ComputeBackend {
         // (and a graph of it) is the same at every position; each split's share of the positions
         // is worked out on the device from the length. Enough (token, head, split) blocks to fill
         // the GPU, more for long caches (about 256 positions a split), none under 32 positions.
-        let basis = rows == 1 ? min(window ?? cache.capacity, cache.capacity) : longest
-        let fill = (2 * driver.multiprocessors + splitRows * heads - 1) / (splitRows * heads)
-        let splits = max(1, min((basis + 31) / 32, max(fill, (basis + 255) / 256)))
+        // attention_split: a block takes one KV head and up to eight of its query heads
+        // (SPLIT_GROUP in Kernels.cu), reading the KV head once for all of them, so a split has
+        // rows x kvHeads x parts blocks; about four a multiprocessor keep the memory busy while
+        // each block alternates between loading a tile and working on it. When that is too few
+        // blocks to spread a small batch's keys over the GPU (or with one query head a KV head),
+        // attention_split_heads: a block per query head, each reading its KV head.
+        let basis = rows == 1 ? min(window ?? cache.capacity, cache.capacity) : CUDABackend.splitBasis(longest)
+        let group = heads / cache.kvHeads, parts = (group + 7) / 8
+        let grouped = group > 1 && splitRows * cache.kvHeads * parts >= groupedAttentionBlocks
+        let blocksPerSplit = grouped ? splitRows * cache.kvHeads * parts : splitRows * heads
+        let fill = ((grouped ? 4 : 2) * driver.multiprocessors + blocksPerSplit - 1) / blocksPerSplit
+        let splits = max(1, min((basis + 31) / 32, max(fill, (basis + 255) / 256), 64))  // SPLIT_MAX
         guard splitRows * heads <= CUDABackend.attentionCounterCount else {
             if firstError == nil { firstError = .unsupported("\(rows) tokens x \(heads) heads is past the attention kernel's counters") }
             return
         }
         guard ensure(&scratch, splitRows * heads * splits * (hd + 2)) else { return }
         let stats = scratch.pointer + UInt64(splitRows * heads * splits * hd * 4)
-        launch("attention_split", grid: (splitRows, heads, splits), block: 128) { a in
+        // Keys and values of a tile of 32 (keys padded by 16 bytes a row), the group's queries and
+        // the token's key, as float4s; then the tile's probabilities (8 x 32 floats) and key offsets.
+        let quads = hd / 4
+        let shared = grouped ? 16 * (32 * (quads + 1) + 32 * quads + 8 * quads + quads) + 4 * 8 * 32 + 8 * 32 : 0
+        launch(grouped ? "attention_split" : "attention_split_heads", grid: (splitRows, grouped ? cache.kvHeads * parts : heads, splits),
+               block: 128, shared: shared) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)
             a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
             a.f32(scale); a.i32(window ?? 0); a.i32(splits)
@@ -890,6 +955,40 @@ public final class CUDABackend: ComputeBackend {
         return sum
     }
 
+    /// PEREGRINE_NO_DEVICE_SAMPLING=1: sampled rows are chosen one by one (a top-k read back each).
+    private let deviceSampling = ProcessInfo.processInfo.environment["PEREGRINE_NO_DEVICE_SAMPLING"] == nil
+    public var samplesRows: Bool { deviceSampling }
+
+    /// Every row's token in one launch (sample_rows: a block per row) and one read back.
+    public func sampleRows(_ x: CUDABuffer, rows: [Int], cols: Int, draws: [SamplingDraw]) throws -> [(token: Int, drew: Bool)] {
+        bindContext()
+        let n = rows.count
+        guard n > 0 else { return [] }
+        guard draws.count == n, draws.allSatisfy({ $0.topK >= 1 && $0.topK <= min(1024, cols) }) else {
+            throw PeregrineError.invalidArgument("sampling on the device takes top-k from 1 to 1024")
+        }
+        // Inputs (row, k, four parameters) and outputs (token, drew) in one staging buffer.
+        hostInts.removeAll(keepingCapacity: true)
+        for r in rows { hostInts.append(Int32(r)) }
+        for d in draws { hostInts.append(Int32(d.topK)) }
+        for d in draws {
+            for v in [d.inverseTemperature, d.cutOffset, d.topP, d.uniform] { hostInts.append(Int32(bitPattern: v.bitPattern)) }
+        }
+        guard ensure(&sampleInts, 8 * n) else {
+            try synchronize()
+            throw PeregrineError.backend("no GPU memory for sampling \(n) rows")
+        }
+        _ = hostInts.withUnsafeBufferPointer { upload($0, into: &sampleInts) }
+        let base = sampleInts.pointer, results = base + UInt64(6 * n * 4)
+        launch("sample_rows", grid: (n, 1, 1), block: 1024) { a in
+            a.ptr(x); a.i32(cols); a.ptr(base); a.ptr(base + UInt64(2 * n * 4)); a.ptr(base + UInt64(n * 4)); a.ptr(results)
+        }
+        var out = [Int32](repeating: 0, count: 2 * n)
+        out.withUnsafeMutableBytes { record(driver.cuMemcpyDtoHAsync($0.baseAddress!, results, 8 * n, stream), "cuMemcpyDtoHAsync") }
+        try synchronize()
+        return (0..<n).map { i in (Int(out[2 * i]), out[2 * i + 1] != 0) }
+    }
+
     public func penalize(_ x: CUDABuffer, row: Int, cols: Int, ids: UnsafeBufferPointer<Int32>, penalty: Float) {
         bindContext()
         guard ids.count > 0 else { return }
@@ -916,6 +1015,7 @@ public final class CUDABackend: ComputeBackend {
             if graph != nil { _ = driver.cuGraphDestroy(graph) }
         case .replaying(let exec):
             record(driver.cuGraphLaunch(exec, stream), "cuGraphLaunch")
+            graphReplays += 1
         }
         mode = .eager
         pdlStep = false

@@ -685,40 +685,235 @@ extern "C" __global__ void store_kv(const float* k, const float* v, float* kc, f
     }
 }
 
-// The splits' partial results of (token t, head h) combined into attn, by the block that
-// finishes last (the others' writes made visible by the fence before the count).
-// u: the block's row within the launch (its scratch and counter), t: the batch row written.
+// Most splits of one sequence (the host caps its count): a warp's lanes hold two each in the merge.
+#define SPLIT_MAX 64
+
+// The splits' partial results of query heads h0 ..< h0 + nh of token t combined into attn, by
+// the block of that group that finishes last (the others' writes made visible by the fence
+// before the count). u: the block's row within the launch (its scratch and counter), t: the
+// batch row written. One counter per (u, group), at the group's first head. Warp w first turns
+// the (max, sum) of heads w and w + 4 into each split's weight (shared memory), then every
+// thread sums its outputs' partials with them: two rounds of loads, whatever the split count.
 __device__ __forceinline__ void merge_if_last(const float* partial, const float* stats, float* attn, unsigned* counters, int u,
-                                              int t, int h, int heads, int headDim, int splits, bool* last) {
-    long th = (long)u * heads + h;
+                                              int t, int h0, int nh, int heads, int headDim, int splits, bool* last,
+                                              float* weights /* [SPLIT_GROUP][SPLIT_MAX] */, float* inverse /* [SPLIT_GROUP] */) {
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
-        *last = atomicAdd(&counters[th], 1u) == (unsigned)splits - 1;
-        if (*last) counters[th] = 0;
+        long c = (long)u * heads + h0;
+        *last = atomicAdd(&counters[c], 1u) == (unsigned)splits - 1;
+        if (*last) counters[c] = 0;
     }
     __syncthreads();
     if (!*last) return;
     __threadfence();
-    const float* st = stats + th * splits * 2;
-    float m = -__int_as_float(0x7f800000);
-    for (int s = 0; s < splits; s++) m = fmaxf(m, __ldcg(st + 2 * s));
-    float total = 0;
-    for (int s = 0; s < splits; s++) {
-        float l = __ldcg(st + 2 * s + 1);
-        if (l > 0) total += l * __expf(__ldcg(st + 2 * s) - m);
-    }
-    for (int d = threadIdx.x; d < headDim; d += blockDim.x) {
-        float acc = 0;
-        for (int s = 0; s < splits; s++) {
-            float l = __ldcg(st + 2 * s + 1);
-            if (l > 0) acc += __ldcg(partial + (th * splits + s) * headDim + d) * __expf(__ldcg(st + 2 * s) - m);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int hh = warp; hh < nh; hh += blockDim.x >> 5) {
+        const float* st = stats + ((long)u * heads + h0 + hh) * splits * 2;
+        float ms[2], ls[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            int s = lane + 32 * i;
+            ms[i] = s < splits ? __ldcg(st + 2 * s) : -__int_as_float(0x7f800000);
+            ls[i] = s < splits ? __ldcg(st + 2 * s + 1) : 0.f;
         }
-        attn[((long)t * heads + h) * headDim + d] = acc / total;
+        float m = warp_max(fmaxf(ms[0], ms[1])), total = 0;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            float f = ls[i] > 0 ? __expf(ms[i] - m) : 0.f;
+            if (lane + 32 * i < splits) weights[hh * SPLIT_MAX + lane + 32 * i] = f;
+            total += ls[i] * f;
+        }
+        total = warp_sum(total);
+        if (lane == 0) inverse[hh] = 1.f / total;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nh * headDim; i += blockDim.x) {
+        int hh = i / headDim, d = i % headDim;
+        const float* pt = partial + ((long)u * heads + h0 + hh) * splits * headDim + d;
+        const float* w = weights + hh * SPLIT_MAX;
+        float acc = 0;
+        for (int s = 0; s < splits; s++) acc += __ldcg(pt + (long)s * headDim) * w[s];
+        attn[((long)t * heads + h0 + hh) * headDim + d] = acc * inverse[hh];
     }
 }
 
-// Causal attention of one query head over its sequence, split across the sequence: block
+// Keys a split's block stages in shared memory at a time.
+#define SPLIT_KEYS 32
+// Most query heads of one KV head a block takes (a larger group is cut into several blocks).
+#define SPLIT_GROUP 8
+
+// Causal attention of single queries over their sequences, split across each sequence (flash
+// decoding), one block per (token, KV head, split): the block takes the nh (<= SPLIT_GROUP)
+// query heads of the KV head's group, so each key and value row is read from memory once for
+// all of them (GQA), not once per query head. The split count is fixed at launch and each
+// split's share of the positions follows the sequence's length read on the device, so a
+// recorded decode step stays valid at every position. The block walks its share in tiles of
+// SPLIT_KEYS keys: all threads stage the tile's keys and values in shared memory (16-byte
+// loads), then warp w takes query heads w and w + 4: lane j scores key j, the warp updates the
+// head's online softmax, and lane d accumulates value dimensions d, d + 32, ... (head dimension
+// at most 256, a multiple of 4). With one split the block writes attn itself; otherwise each
+// head's partial result and (max, sum) go to scratch and the group's last split to finish
+// combines them, its counter reset for the next launch. With `fused` (one token), RoPE and the
+// KV-cache write happen here too: the block rotates its query heads and the token's key in
+// shared memory and takes the token's own key and value from there and from vin, and split 0
+// of the group's first block writes them to the cache (no block reads that cache row in this
+// launch). Dynamic shared memory: see the host's attention().
+extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q, float* kc, float* vc, float* partial,
+                                                                  float* stats, const int* slots, const int* positions, int heads,
+                                                                  int kvHeads, int headDim, const int* tables, int width, int bs,
+                                                                  float scale, int window,
+                                                                  int splits, float* attn, unsigned* counters, int fused,
+                                                                  const float* kin, const float* vin, const float* cosT,
+                                                                  const float* sinT, int interleaved, const int* rowMap) {
+    gdc_wait();
+    extern __shared__ float4 shared4[];
+    // rowMap: the rows of a mixed batch that are single queries (the others go to attention_prefill).
+    int t = rowMap ? rowMap[blockIdx.x] : blockIdx.x, split = blockIdx.z;
+    int group = heads / kvHeads, parts = (group + SPLIT_GROUP - 1) / SPLIT_GROUP;
+    int kvh = blockIdx.y / parts, part = blockIdx.y % parts;
+    int h0 = kvh * group + part * SPLIT_GROUP, nh = min(SPLIT_GROUP, group - part * SPLIT_GROUP);
+    int pos = positions[t], slot = slots[t];
+    int lo = window > 0 ? max(0, pos - window + 1) : 0;
+    int chunk = (pos + 1 - lo + splits - 1) / splits;
+    int start = lo + split * chunk, end = min(pos + 1, start + chunk);
+    int row = kvHeads * headDim, quads = headDim / 4, kStride = quads + 1;  // K rows padded by 16 bytes: no bank conflicts
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float4* K = shared4;                                  // [SPLIT_KEYS][quads + 1]
+    float4* V = K + SPLIT_KEYS * kStride;                 // [SPLIT_KEYS][quads]
+    float4* Q = V + SPLIT_KEYS * quads;                   // [nh][quads], scaled (and rotated when fused)
+    float4* Knew = Q + SPLIT_GROUP * quads;               // the token's rotated key (fused)
+    float* P = (float*)(Knew + quads);                    // [SPLIT_GROUP][SPLIT_KEYS]: probabilities of the tile
+    long* offsets = (long*)(P + SPLIT_GROUP * SPLIT_KEYS);  // [SPLIT_KEYS]: the tile's keys' cache rows (offset_of)
+    float* Qf = (float*)Q;
+    float* Kf = (float*)Knew;
+    const float* vnow = vin + ((long)t * kvHeads + kvh) * headDim;
+    // Each key's cache row: -1 past the share, -2 the token's own (fused). The first tile's
+    // here, so the block-table reads overlap the queries'; the next tile's while this one is worked on.
+    auto offset_of = [&](int j) -> long {
+        return j >= end ? -1L : fused && j == pos ? -2L : kv_at(tables, width, bs, slot, j, row);
+    };
+    if (threadIdx.x < SPLIT_KEYS) offsets[threadIdx.x] = offset_of(start + threadIdx.x);
+    if (fused) {
+        int half = headDim / 2;
+        const float* kp = kin + ((long)t * kvHeads + kvh) * headDim;
+        for (int i = threadIdx.x; i < (nh + 1) * headDim; i += blockDim.x) {
+            int hh = i / headDim, d = i % headDim;
+            const float* src = hh < nh ? q + ((long)t * heads + h0 + hh) * headDim : kp;
+            bool first = interleaved ? (d & 1) == 0 : d < half;
+            int other = interleaved ? d ^ 1 : (first ? d + half : d - half), f = interleaved ? d / 2 : (first ? d : d - half);
+            float c = cosT[(long)t * half + f], sn = sinT[(long)t * half + f];
+            float r = first ? src[d] * c - src[other] * sn : src[d] * c + src[other] * sn;
+            if (hh < nh) Qf[hh * headDim + d] = r * scale; else Kf[d] = r;
+        }
+        __syncthreads();
+        if (split == 0 && part == 0) {
+            long at = kv_at(tables, width, bs, slot, pos, row) + kvh * headDim;
+            for (int d = threadIdx.x; d < headDim; d += blockDim.x) { kc[at + d] = Kf[d]; vc[at + d] = vnow[d]; }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nh * headDim; i += blockDim.x)
+            Qf[i] = q[((long)t * heads + h0) * headDim + i] * scale;
+    }
+    const float* kb = kc + kvh * headDim;
+    const float* vb = vc + kvh * headDim;
+    // Warp w's heads: w and w + 4 (those below nh).
+    bool has0 = warp < nh, has1 = warp + 4 < nh;
+    float m[2] = {-__int_as_float(0x7f800000), -__int_as_float(0x7f800000)}, l[2] = {0, 0}, acc[2][8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) { acc[0][i] = 0; acc[1][i] = 0; }
+    for (int k0 = start; k0 < end; k0 += SPLIT_KEYS) {
+        int count = min(SPLIT_KEYS, end - k0);
+        __syncthreads();  // the previous tile is no longer read; this one's offsets (and, first time, Q) are written
+        for (int i = threadIdx.x; i < SPLIT_KEYS * quads; i += blockDim.x) {
+            int j = i / quads, c = i % quads;
+            long o = offsets[j];
+            float4 kv4 = make_float4(0.f, 0.f, 0.f, 0.f), vv4 = kv4;
+            if (o >= 0) {
+                kv4 = *(const float4*)(kb + o + 4 * c);
+                vv4 = *(const float4*)(vb + o + 4 * c);
+            } else if (o == -2) {
+                kv4 = Knew[c];
+                vv4 = *(const float4*)(vnow + 4 * c);
+            }
+            K[j * kStride + c] = kv4;
+            V[j * quads + c] = vv4;
+        }
+        __syncthreads();
+        if (threadIdx.x < SPLIT_KEYS) offsets[threadIdx.x] = offset_of(k0 + SPLIT_KEYS + threadIdx.x);
+        if (!has0) continue;
+        // Scores: lane j against key j, for the warp's one or two heads (the key read once).
+        float s0 = 0, s1 = 0;
+        const float4* kr = K + lane * kStride;
+        const float4* q0 = Q + warp * quads;
+        const float4* q1 = Q + (has1 ? warp + 4 : warp) * quads;
+        for (int c = 0; c < quads; c++) {
+            float4 k4 = kr[c], a = q0[c], b = q1[c];
+            s0 += a.x * k4.x + a.y * k4.y + a.z * k4.z + a.w * k4.w;
+            s1 += b.x * k4.x + b.y * k4.y + b.z * k4.z + b.w * k4.w;
+        }
+        bool valid = lane < count;
+        float s[2] = {s0, s1};
+#pragma unroll
+        for (int n = 0; n < 2; n++) {
+            if (n == 1 && !has1) break;
+            float sv = valid ? s[n] : -__int_as_float(0x7f800000);
+            float mn = fmaxf(m[n], warp_max(sv));  // finite: the tile has a valid key
+            float corr = __expf(m[n] - mn), p = valid ? __expf(sv - mn) : 0.f;
+            l[n] = l[n] * corr + warp_sum(p);
+            m[n] = mn;
+            P[(warp + 4 * n) * SPLIT_KEYS + lane] = p;
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[n][i] *= corr;
+        }
+        __syncwarp();
+        const float* Vf = (const float*)V;
+        for (int j = 0; j < count; j++) {
+            float p0 = P[warp * SPLIT_KEYS + j], p1 = has1 ? P[(warp + 4) * SPLIT_KEYS + j] : 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                int d = lane + 32 * i;
+                if (d < headDim) {
+                    float v = Vf[j * headDim + d];
+                    acc[0][i] += p0 * v;
+                    acc[1][i] += p1 * v;
+                }
+            }
+        }
+    }
+    int u = blockIdx.x;
+#pragma unroll
+    for (int n = 0; n < 2; n++) {
+        int hh = warp + 4 * n;
+        if (hh >= nh) break;
+        int h = h0 + hh;
+        if (splits == 1) {
+            // The whole sequence was this block's: the result directly (what the merge would give).
+            float inv = l[n] > 0 ? 1.f / l[n] : 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                int d = lane + 32 * i;
+                if (d < headDim) attn[((long)t * heads + h) * headDim + d] = acc[n][i] * inv;
+            }
+            continue;
+        }
+        long th = ((long)u * heads + h) * splits + split;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int d = lane + 32 * i;
+            if (d < headDim) partial[th * headDim + d] = acc[n][i];
+        }
+        if (lane == 0) { stats[2 * th] = m[n]; stats[2 * th + 1] = l[n]; }
+    }
+    if (splits == 1) return;
+    __shared__ bool last;
+    __shared__ float weights[SPLIT_GROUP * SPLIT_MAX], inverse[SPLIT_GROUP];
+    merge_if_last(partial, stats, attn, counters, u, t, h0, nh, heads, headDim, splits, &last, weights, inverse);
+}
+
+// Causal attention of single queries, one block per (token, query head, split): the kernel for
+// small batches, where attention_split's blocks (one per KV head) would be too few to spread a
+// step's keys over the GPU; each block then reads its KV head for one query head. Block
 // (token, head, split) takes its share of the positions (the split count is fixed at launch, the
 // share follows the sequence's length read on the device, so a recorded decode step stays
 // valid at every position). Each warp runs an online softmax over every fourth key of the
@@ -728,7 +923,7 @@ __device__ __forceinline__ void merge_if_last(const float* partial, const float*
 // KV-cache write happen here too: each block rotates its query head and the token's key head in
 // shared memory and takes the token's own key and value from there and from vin, and one block
 // per key/value head writes them to the cache (no block reads that cache row in this launch).
-extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q, float* kc, float* vc, float* partial,
+extern "C" __global__ void __launch_bounds__(128) attention_split_heads(const float* q, float* kc, float* vc, float* partial,
                                                                   float* stats, const int* slots, const int* positions, int heads,
                                                                   int kvHeads, int headDim, const int* tables, int width, int bs,
                                                                   float scale, int window,
@@ -777,10 +972,11 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
     float* out = partial + (((long)u * heads + h) * splits + split) * headDim;
     float* st = stats + (((long)u * heads + h) * splits + split) * 2;
     __shared__ bool last;
+    __shared__ float weights[SPLIT_MAX], inverse[1];
     if (start >= end) {
         for (int d = threadIdx.x; d < headDim; d += blockDim.x) out[d] = 0;
         if (threadIdx.x == 0) { st[0] = -__int_as_float(0x7f800000); st[1] = 0; }
-        merge_if_last(partial, stats, attn, counters, u, t, h, heads, headDim, splits, &last);
+        merge_if_last(partial, stats, attn, counters, u, t, h, 1, heads, headDim, splits, &last, weights, inverse);
         return;
     }
     float qv[8], acc[8];
@@ -828,7 +1024,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
     for (int d = threadIdx.x; d < headDim; d += blockDim.x)
         out[d] = wacc[0][d] * f[0] + wacc[1][d] * f[1] + wacc[2][d] * f[2] + wacc[3][d] * f[3];
     if (threadIdx.x == 0) { st[0] = mm; st[1] = sum; }
-    merge_if_last(partial, stats, attn, counters, u, t, h, heads, headDim, splits, &last);
+    merge_if_last(partial, stats, attn, counters, u, t, h, 1, heads, headDim, splits, &last, weights, inverse);
 }
 
 extern "C" __global__ void silu_mul(const float* g, const float* u, float* o, long n) {
@@ -986,12 +1182,11 @@ extern "C" __global__ void argmax_rows(const float* x, int cols, unsigned long l
     }
 }
 
-// The k largest values of each row (in no particular order) and their indices, one block per
-// row: a radix select finds the k-th largest key 8 bits at a time (a 256-bin histogram per
-// pass over the row), then one pass gathers everything above it and enough equal to it.
-extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int cols, int k, float* values, int* indices) {
-    gdc_wait();
-    const float* r = x + (long)blockIdx.x * cols;
+// The k largest values of row r (in no particular order) and their indices, by one block: a
+// radix select finds the k-th largest key 8 bits at a time (a 256-bin histogram per pass over
+// the row), then one pass gathers everything above it and enough equal to it. vo and io may be
+// global or shared memory; they are complete when it returns.
+__device__ void select_largest(const float* r, int cols, int k, float* vo, int* io) {
     __shared__ unsigned hist[256];
     __shared__ unsigned chosen, left, taken, equal;
     unsigned prefix = 0, mask = 0, remaining = k;
@@ -1032,8 +1227,6 @@ extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int
     }
     if (threadIdx.x == 0) { taken = 0; equal = 0; }
     __syncthreads();
-    float* vo = values + (long)blockIdx.x * k;
-    int* io = indices + (long)blockIdx.x * k;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
         float v = r[i];
         unsigned key = order_key(v);
@@ -1045,6 +1238,97 @@ extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int
             io[at] = i;
         }
     }
+    __syncthreads();
+}
+
+// The k largest values of each row and their indices, one block per row (select_largest).
+extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int cols, int k, float* values, int* indices) {
+    gdc_wait();
+    select_largest(x + (long)blockIdx.x * cols, cols, k, values + (long)blockIdx.x * k, indices + (long)blockIdx.x * k);
+}
+
+// A token drawn for each of several rows in one launch, one block of 1024 threads per row, as
+// the host's Sampler draws with top-k (1 ... 1024): the k largest logits (select_largest), their
+// maximum m, those at or above the min-p cut m + cutOffset kept and sorted (largest first; ties
+// by id), p_i = exp((l_i - m) * invT), top-p over p_i / sum, then the first kept token whose
+// running sum passes u x (the kept sum), u being the row's number from its own stream. The sums
+// run in the host's order, and the arithmetic is IEEE's (the _rn intrinsics and exp in double,
+// rounded: this file is compiled with fast math), so the same u gives the host's token except
+// where an exponential rounds differently in its last bit. params: [invT, cutOffset, topP, u]
+// per row; out: [token, drew] per row, drew 0 when the row's maximum is not finite (the best
+// token is taken, as the host does, and no number is used).
+extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* x, int cols, const int* rows, const float* params,
+                                                               const int* ks, int* out) {
+    gdc_wait();
+    __shared__ float value[1024], weight[1024];
+    __shared__ int id[1024];
+    __shared__ float reduce[32];
+    int task = blockIdx.x, k = ks[task];
+    const float* r = x + (long)rows[task] * cols;
+    float invT = params[4 * task], cutOffset = params[4 * task + 1], topP = params[4 * task + 2], u = params[4 * task + 3];
+    select_largest(r, cols, k, value, id);
+    for (int i = k + threadIdx.x; i < 1024; i += blockDim.x) { value[i] = -__int_as_float(0x7f800000); id[i] = 0x7fffffff; }
+    float m = -__int_as_float(0x7f800000);
+    for (int i = threadIdx.x; i < k; i += blockDim.x) m = fmaxf(m, value[i]);
+    m = warp_max(m);
+    if ((threadIdx.x & 31) == 0) reduce[threadIdx.x >> 5] = m;
+    __syncthreads();
+    m = reduce[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); w++) m = fmaxf(m, reduce[w]);
+    if (!isfinite(m)) {
+        if (threadIdx.x == 0) {
+            int best = 0;
+            for (int i = 1; i < k; i++) if (value[i] > value[best] || (value[i] == value[best] && id[i] < id[best])) best = i;
+            out[2 * task] = id[best];
+            out[2 * task + 1] = 0;
+        }
+        return;
+    }
+    // Bitonic sort of the 1024 slots: larger value first, then smaller id.
+    for (int size = 2; size <= 1024; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            __syncthreads();
+            int i = threadIdx.x, j = i ^ stride;
+            if (j > i) {
+                bool before = value[i] > value[j] || (value[i] == value[j] && id[i] < id[j]);  // i belongs before j
+                bool ascending = (i & size) == 0;
+                if (before != ascending) {
+                    float tv = value[i]; value[i] = value[j]; value[j] = tv;
+                    int ti = id[i]; id[i] = id[j]; id[j] = ti;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    float cut = __fadd_rn(m, cutOffset);
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+        float l = value[i];
+        weight[i] = l >= cut && l > -__int_as_float(0x7f800000) ? (float)exp((double)__fmul_rn(__fsub_rn(l, m), invT)) : -1.f;
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    int n = 0;
+    while (n < k && weight[n] >= 0) n++;  // the kept candidates are a prefix: the largest
+    float sum = 0;
+    for (int i = 0; i < n; i++) sum = __fadd_rn(sum, weight[i]);
+    int keep = n;
+    if (topP < 1) {
+        float cum = 0;
+        for (int i = 0; i < n; i++) {
+            cum = __fadd_rn(cum, __fdiv_rn(weight[i], sum));
+            if (cum >= topP) { keep = i + 1; break; }
+        }
+    }
+    float total = 0;
+    for (int i = 0; i < keep; i++) total = __fadd_rn(total, weight[i]);
+    float target = __fmul_rn(u, total), acc = 0;
+    int chosen = id[keep - 1];
+    for (int i = 0; i < keep; i++) {
+        acc = __fadd_rn(acc, weight[i]);
+        if (target < acc) { chosen = id[i]; break; }
+    }
+    out[2 * task] = chosen;
+    out[2 * task + 1] = 1;
 }
 
 // Σ exp((x - shift) * scale) over one row, in one block (a fixed order: the same sum every time).
