@@ -240,10 +240,13 @@ public final class Engine: @unchecked Sendable {
         let logits = try runner.run(work, copies: scheduler.copies)
         // Plain greedy rows are chosen together (one read back on a GPU); the rest one by one.
         greedyRows.removeAll(keepingCapacity: true)
-        for (i, w) in work.enumerated() {
-            if let r = runner.sampleRows[i], w.sequence.sampler.isPlainGreedy && w.sequence.request.logprobs == nil { greedyRows.append(r) }
+        var row = 0
+        for w in work where w.samples && w.sequence.request.maxTokens > 0 {
+            if w.sequence.sampler.isPlainGreedy && w.sequence.request.logprobs == nil { greedyRows.append(row) }
+            row += 1
         }
         let greedy = greedyRows.isEmpty ? [] : try logits.map { try $0.argmax(rows: greedyRows) } ?? []
+        row = 0
         var g = 0
         for (i, w) in work.enumerated() {
             let s = w.sequence
@@ -254,7 +257,7 @@ public final class Engine: @unchecked Sendable {
                 if s.computed == s.promptCount { finishUnsampled(s, &outputs) }
                 continue
             }
-            guard let row = runner.sampleRows[i], let logits else { continue }
+            guard w.samples, let logits else { continue }
             if s.computed == s.promptCount { scheduler.releaseForks(of: s) }
             let token: Int
             if g < greedyRows.count && greedyRows[g] == row {
@@ -263,6 +266,7 @@ public final class Engine: @unchecked Sendable {
             } else {
                 token = try runner.sample(s, logits: logits, row: row)
             }
+            row += 1
             if !s.accept(token, contextLimit: contextLength) {
                 scheduler.remove(s)
             }

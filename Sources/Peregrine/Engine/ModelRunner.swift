@@ -16,37 +16,33 @@ final class ModelRunner {
         self.kv = kv
     }
 
-    /// For each work item: the logits row it samples from (nil when it does not sample), and
-    /// the rows of its prompt positions wanted for prompt log probabilities.
-    private(set) var sampleRows: [Int?] = []
+    /// For each work item, the rows of its prompt positions wanted for prompt log probabilities.
     private(set) var promptRows: [(first: Int, positions: Range<Int>)] = []
+    private var extraRows: [Int32] = []
 
-    /// Runs the work; returns the logit rows `sampleRows` and `promptRows` index.
+    /// Runs the work; returns the logit rows: first one for each work item that samples (in work
+    /// order), then those `promptRows` index.
     func run(_ work: [Scheduler.Work], copies: [(from: Int32, to: Int32)]) throws -> LogitRows? {
         if !copies.isEmpty { try model.copyKVBlocks(kv, copies) }
         plan.removeAll()
         plan.tableWidth = kv.tableWidth
-        sampleRows.removeAll(keepingCapacity: true)
         promptRows.removeAll(keepingCapacity: true)
+        extraRows.removeAll(keepingCapacity: true)
         for (slot, w) in work.enumerated() {
             let s = w.sequence
             let base = plan.count
-            plan.append(tokens: s.tokens[w.start..<(w.start + w.count)].lazy.map { Int($0) }, slot: slot,
-                        position: w.start, logits: .none)
-            plan.appendBlockTable(s.table.blocks)
-            // Rows in position order: the prompt's, then the sampled one (which is the last prompt
-            // position at the earliest, past every prompt row).
-            let wanted = s.promptRowsWanted.clamped(to: w.start..<(w.start + w.count))
-            promptRows.append((plan.logitRows.count, wanted))
-            for p in wanted { plan.logitRows.append(Int32(base + p - w.start)) }
             // A request for 0 tokens reads its prompt only for its log probabilities.
-            if w.samples && s.request.maxTokens > 0 {
-                sampleRows.append(plan.logitRows.count)
-                plan.logitRows.append(Int32(plan.count - 1))
-            } else {
-                sampleRows.append(nil)
-            }
+            plan.append(tokens: s.tokens[w.start..<(w.start + w.count)].lazy.map { Int($0) }, slot: slot,
+                        position: w.start, logits: w.samples && s.request.maxTokens > 0 ? .last : .none)
+            plan.appendBlockTable(s.table.blocks)
+            let wanted = s.promptRowsWanted.clamped(to: w.start..<(w.start + w.count))
+            promptRows.append((extraRows.count, wanted))
+            for p in wanted { extraRows.append(Int32(base + p - w.start)) }
         }
+        // The prompt rows go after the sampled ones, so those keep their places (row i: the i-th
+        // work item that samples).
+        for i in promptRows.indices { promptRows[i].first += plan.logitRows.count }
+        plan.logitRows += extraRows
         guard plan.count > 0 else { return nil }
         return try model.forward(plan, kv: kv)
     }
