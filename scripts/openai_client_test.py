@@ -87,6 +87,31 @@ def main():
     check(len(lp.choices[0].logprobs.tokens) == 3 and len(lp.choices[0].logprobs.top_logprobs[0]) >= 2,
           f"logprobs: {lp.choices[0].logprobs}")
 
+    # Echo with logprobs: the prompt's tokens are scored too (the first has none); with
+    # max_tokens 0 the prompt alone, as lm-eval-harness scores a text.
+    e = client.completions.create(model=model, prompt="And God said", max_tokens=3, temperature=0, echo=True, logprobs=1)
+    elp = e.choices[0].logprobs
+    n_prompt = e.usage.prompt_tokens
+    check(e.choices[0].text.startswith("And God said") and len(elp.tokens) == n_prompt + 3,
+          f"echo text and logprobs over prompt and completion: {e.choices[0]}")
+    check(elp.token_logprobs[0] is None and elp.top_logprobs[0] is None
+          and all(x is not None and x <= 0 for x in elp.token_logprobs[1:]), f"prompt token_logprobs: {elp.token_logprobs}")
+    check(elp.text_offset == sorted(elp.text_offset) and elp.text_offset[-1] < len(e.choices[0].text),
+          f"text_offset within the text: {elp.text_offset}")
+    z = client.completions.create(model=model, prompt="And God said", max_tokens=0, echo=True, logprobs=1)
+    zlp = z.choices[0].logprobs
+    check(z.choices[0].text == "And God said" and z.choices[0].finish_reason == "length" and z.usage.completion_tokens == 0,
+          f"max_tokens 0 with echo: {z}")
+    check(zlp.tokens == elp.tokens[:n_prompt]
+          and all(abs(a - b) < 1e-4 for a, b in zip(zlp.token_logprobs[1:], elp.token_logprobs[1:n_prompt])),
+          f"the prompt scored alone as in the echo: {zlp}")
+    streamed = list(client.completions.create(model=model, prompt="And God said", max_tokens=3, temperature=0, echo=True,
+                                              logprobs=1, stream=True))
+    first = streamed[0].choices[0]
+    check(first.text == "And God said" and first.logprobs is not None and len(first.logprobs.tokens) == n_prompt,
+          f"the streamed echo carries the prompt's logprobs: {first}")
+    check("".join(ch.choices[0].text for ch in streamed if ch.choices) == e.choices[0].text, "streamed echo text")
+
     try:
         client.completions.create(model=model, prompt="x", temperature=-1)
         check(False, "temperature -1 is refused")

@@ -24,16 +24,19 @@ struct SamplingRequest: Sendable {
     var includeUsage = false
     /// nil: no logprobs; k: the chosen token's plus the k most likely.
     var logprobs: Int?
+    /// nil: none; k: the prompt tokens' logprobs too (completions' echo with logprobs).
+    var promptLogprobs: Int?
 
     static let maxChoices = 64
     static let maxStops = 16
     static let maxTopLogprobs = 20
 
     /// Reads everything but the prompt and the logprobs, whose shapes differ between endpoints.
-    init(_ p: RequestParameters, maxTokensKeys: [String]) throws {
+    /// `zeroTokens`: a max_tokens of 0 is allowed (completions' echo, which answers the prompt).
+    init(_ p: RequestParameters, maxTokensKeys: [String], zeroTokens: Bool = false) throws {
         model = try p.string("model")
         for key in maxTokensKeys {
-            if let m = try p.int(key, in: 1...Int(Int32.max)) { maxTokens = m }
+            if let m = try p.int(key, in: (zeroTokens ? 0 : 1)...Int(Int32.max)) { maxTokens = m }
         }
         temperature = try p.float("temperature", in: 0...2) ?? 1
         topP = try p.float("top_p", in: 0...1, openBelow: true) ?? 1
@@ -119,6 +122,7 @@ struct SamplingRequest: Sendable {
         r.ignoreEOS = ignoreEOS
         r.n = n
         r.logprobs = logprobs
+        r.promptLogprobs = promptLogprobs
         return r
     }
 }
@@ -147,13 +151,11 @@ struct CompletionRequest: Sendable {
 
     init(json: JSONValue) throws {
         let p = try RequestParameters(json)
-        sampling = try SamplingRequest(p, maxTokensKeys: ["max_tokens"])
-        sampling.logprobs = try p.int("logprobs", in: 0...SamplingRequest.maxTopLogprobs)
         echo = try p.bool("echo") ?? false
-        if echo && sampling.logprobs != nil {
-            throw APIError.invalid("'echo' together with 'logprobs' (prompt logprobs) is not supported", param: "echo",
-                                   code: "unsupported_parameter")
-        }
+        // With echo, max_tokens 0 answers the prompt alone (with logprobs: scores it).
+        sampling = try SamplingRequest(p, maxTokensKeys: ["max_tokens"], zeroTokens: echo)
+        sampling.logprobs = try p.int("logprobs", in: 0...SamplingRequest.maxTopLogprobs)
+        if echo { sampling.promptLogprobs = sampling.logprobs }
         if p.value("suffix") != nil {
             throw APIError.invalid("'suffix' is not supported", param: "suffix", code: "unsupported_parameter")
         }

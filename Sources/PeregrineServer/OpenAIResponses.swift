@@ -51,22 +51,55 @@ enum OpenAIResponses {
         object(header(id: id, object: kind, created: created, model: model) + [("choices", .array([])), ("usage", usage(u))])
     }
 
-    /// Completions' logprobs: parallel lists, `text_offset` counted in characters of the choice's text.
+    /// Completions' logprobs: parallel lists, `text_offset` counted in Unicode scalars (Python's
+    /// characters) of the choice's text.
     static func completionLogprobs(_ entries: [TokenLogprob], tokenizer: Tokenizer, textOffset: inout Int) -> JSONValue {
-        var tokens: [JSONValue] = [], lps: [JSONValue] = [], tops: [JSONValue] = [], offsets: [JSONValue] = []
-        for e in entries {
-            let piece = tokenizer.decode([e.token])
-            tokens.append(.string(piece))
-            lps.append(number(e.logprob))
-            var top = JSONObject()
-            top[piece] = number(e.logprob)
-            for alt in e.top { top[tokenizer.decode([alt.token])] = number(alt.logprob) }
-            tops.append(.object(top))
-            offsets.append(.number(Double(textOffset)))
-            textOffset += piece.count
+        var parts = CompletionLogprobs()
+        parts.append(entries, tokenizer: tokenizer, textOffset: &textOffset)
+        return parts.json
+    }
+
+    /// The echoed prompt's part of completions' logprobs: the first token has no logprob and no
+    /// alternatives (null), each other token its logprob given the tokens before it. A token's
+    /// offset is where the text decoded from the tokens before it ends, in `echo`, the prompt's
+    /// text: a special token counts its text only where `echo` has it there (a BOS the tokenizer
+    /// added to a text prompt is not in it; the decoded text of a token prompt is), so the
+    /// offsets point into `echo` whenever it decodes back from the tokens; they never point past
+    /// its end.
+    static func promptLogprobs(_ tokens: [Int], _ entries: [TokenLogprob], echo: String, tokenizer: Tokenizer) -> CompletionLogprobs {
+        var parts = CompletionLogprobs()
+        let text = Array(echo.unicodeScalars)
+        var decoder = tokenizer.makeStreamingDecoder(skipSpecialTokens: true)
+        var decoded = 0
+        for (i, t) in tokens.enumerated() {
+            let piece = tokenizer.decode([t])
+            parts.tokens.append(.string(piece))
+            parts.offsets.append(.number(Double(min(decoded, text.count))))
+            if tokenizer.isSpecial(t) {
+                let content = Array(piece.unicodeScalars)
+                if decoded + content.count <= text.count && text[decoded..<(decoded + content.count)].elementsEqual(content) {
+                    decoded += content.count
+                }
+            }
+            if i > 0 && i - 1 < entries.count {
+                let e = entries[i - 1]
+                parts.logprobs.append(number(e.logprob))
+                parts.tops.append(top(e, tokenizer: tokenizer))
+            } else {
+                parts.logprobs.append(.null)
+                parts.tops.append(.null)
+            }
+            decoded += decoder.append(t).unicodeScalars.count
         }
-        return object([("tokens", .array(tokens)), ("token_logprobs", .array(lps)), ("top_logprobs", .array(tops)),
-                       ("text_offset", .array(offsets))])
+        return parts
+    }
+
+    /// A token's top_logprobs object: the token itself and its alternatives.
+    static func top(_ e: TokenLogprob, tokenizer: Tokenizer) -> JSONValue {
+        var top = JSONObject()
+        top[tokenizer.decode([e.token])] = number(e.logprob)
+        for alt in e.top { top[tokenizer.decode([alt.token])] = number(alt.logprob) }
+        return .object(top)
     }
 
     // MARK: /v1/chat/completions
@@ -127,4 +160,29 @@ struct ChoiceResult: Sendable {
     var text = ""
     var logprobs: JSONValue?
     var finishReason: String?
+}
+
+/// The lists of a completion choice's logprobs object, built in token order.
+struct CompletionLogprobs {
+    var tokens: [JSONValue] = []
+    var logprobs: [JSONValue] = []
+    var tops: [JSONValue] = []
+    var offsets: [JSONValue] = []
+
+    /// Generated tokens, each at `textOffset`, which moves past its text.
+    mutating func append(_ entries: [TokenLogprob], tokenizer: Tokenizer, textOffset: inout Int) {
+        for e in entries {
+            let piece = tokenizer.decode([e.token])
+            tokens.append(.string(piece))
+            logprobs.append(OpenAIResponses.number(e.logprob))
+            tops.append(OpenAIResponses.top(e, tokenizer: tokenizer))
+            offsets.append(.number(Double(textOffset)))
+            textOffset += piece.unicodeScalars.count
+        }
+    }
+
+    var json: JSONValue {
+        OpenAIResponses.object([("tokens", .array(tokens)), ("token_logprobs", .array(logprobs)), ("top_logprobs", .array(tops)),
+                                ("text_offset", .array(offsets))])
+    }
 }

@@ -270,16 +270,23 @@ final class Routes: @unchecked Sendable {
         }
         do {
             try await DisconnectWatcher.watching(context.channel, onDisconnect: { run.cancel(.disconnected); notes.markDisconnected() }) {
+                // With prompt logprobs, a choice's echo waits for its first output, which has them.
+                let scored = job.sampling.promptLogprobs != nil
+                var echoPending = [Bool](repeating: job.echo != nil && scored, count: job.choiceCount)
                 for i in 0..<job.choiceCount {
                     if job.chat {
                         try await send(SSE.event(chunk(i, text: "", role: true, logprobs: nil, finish: nil)))
-                    } else if let echo = job.echo {
+                    } else if let echo = job.echo, !scored {
                         try await send(SSE.event(chunk(i, text: echo[i / job.sampling.n], logprobs: nil, finish: nil)))
                     }
                 }
                 for try await e in run.outputs {
                     timer.observe(e, metrics: metrics)
                     let i = job.choice(e)
+                    if i >= 0 && i < echoPending.count && echoPending[i], let echo = job.echo {
+                        echoPending[i] = false
+                        try await send(SSE.event(chunk(i, text: echo[e.prompt], logprobs: acc.promptLogprobs(for: e)?.json, finish: nil)))
+                    }
                     let logprobs = acc.logprobs(for: e)
                     acc.add(e)
                     let finish = e.output.finishReason.flatMap(Accumulator.finishName)
@@ -338,6 +345,7 @@ struct Accumulator {
     var choices: [ChoiceResult]
     var usage = Usage()
     private var logprobEntries: [[TokenLogprob]]
+    private var promptEntries: [[TokenLogprob]?]
     private var textOffsets: [Int]
     private var cached: [Int]
 
@@ -347,13 +355,14 @@ struct Accumulator {
         let n = job.choiceCount
         choices = (0..<n).map { ChoiceResult(index: $0) }
         logprobEntries = Array(repeating: [], count: n)
+        promptEntries = Array(repeating: nil, count: n)
         cached = Array(repeating: 0, count: job.requests.count)
         textOffsets = Array(repeating: 0, count: n)
         usage.promptTokens = job.requests.reduce(0) { $0 + $1.promptTokens.count }
         if let echo = job.echo {
             for i in 0..<n {
                 choices[i].text = echo[i / job.sampling.n]
-                textOffsets[i] = choices[i].text.count
+                textOffsets[i] = choices[i].text.unicodeScalars.count
             }
         }
     }
@@ -376,6 +385,7 @@ struct Accumulator {
             cached[e.prompt] = e.output.cachedPromptTokens
         }
         if job.sampling.logprobs != nil { logprobEntries[i] += e.output.logprobs }
+        if let p = e.output.promptLogprobs { promptEntries[i] = p }
         if let r = e.output.finishReason { choices[i].finishReason = Self.finishName(r) }
     }
 
@@ -383,11 +393,26 @@ struct Accumulator {
     mutating func finishLogprobs() {
         guard job.sampling.logprobs != nil else { return }
         for i in choices.indices {
-            var offset = job.echo.map { $0[i / job.sampling.n].count } ?? 0
-            choices[i].logprobs = job.chat
-                ? OpenAIResponses.chatLogprobs(logprobEntries[i], tokenizer: tokenizer)
-                : OpenAIResponses.completionLogprobs(logprobEntries[i], tokenizer: tokenizer, textOffset: &offset)
+            let prompt = i / job.sampling.n
+            if job.chat {
+                choices[i].logprobs = OpenAIResponses.chatLogprobs(logprobEntries[i], tokenizer: tokenizer)
+                continue
+            }
+            var offset = job.echo.map { $0[prompt].unicodeScalars.count } ?? 0
+            var parts = promptLogprobs(prompt: prompt, entries: promptEntries[i]) ?? CompletionLogprobs()
+            parts.append(logprobEntries[i], tokenizer: tokenizer, textOffset: &offset)
+            choices[i].logprobs = parts.json
         }
+    }
+
+    /// The echoed prompt's logprobs of an output that carries them (nil otherwise).
+    func promptLogprobs(for e: GenerationRun.Event) -> CompletionLogprobs? {
+        promptLogprobs(prompt: e.prompt, entries: e.output.promptLogprobs)
+    }
+
+    private func promptLogprobs(prompt: Int, entries: [TokenLogprob]?) -> CompletionLogprobs? {
+        guard let entries, let echo = job.echo, prompt < echo.count else { return nil }
+        return OpenAIResponses.promptLogprobs(job.requests[prompt].promptTokens, entries, echo: echo[prompt], tokenizer: tokenizer)
     }
 
     /// The logprobs object of one streamed output (nil when none were asked for).

@@ -323,6 +323,159 @@ final class EngineTests: XCTestCase {
             XCTAssertLessThanOrEqual(lp.top.reduce(0) { $0 + exp($1.logprob) }, 1.0001)
         }
     }
+
+    // MARK: Prompt log probabilities
+
+    /// The reference: the prompt read one token at a time through the model, each position's
+    /// logits scoring the next prompt token.
+    func tokenByToken(_ prompt: [Int], top k: Int) throws -> [TokenLogprob] {
+        let model = try load().0
+        let cache = try PagedKVCache(model: model, slots: 1, capacity: prompt.count)
+        var plan = BatchPlan()
+        var row = [Float](repeating: 0, count: model.config.vocabSize)
+        var out: [TokenLogprob] = []
+        for p in 0..<(prompt.count - 1) {
+            plan.removeAll()
+            plan.append(tokens: [prompt[p]], slot: 0, position: p, logits: .last)
+            try cache.prepare(&plan)
+            let logits = try model.forward(plan, kv: cache.memory)
+            try cache.advance(0, by: 1)
+            try row.withUnsafeMutableBufferPointer { try logits.read(row: 0, into: $0) }
+            out.append(row.withUnsafeBufferPointer { ModelRunner.logprobs(of: prompt[p + 1], top: k, in: $0) })
+        }
+        return out
+    }
+
+    func assertClose(_ got: [TokenLogprob]?, _ want: [TokenLogprob], _ what: String, file: StaticString = #filePath, line: UInt = #line) {
+        guard let got else { return XCTFail("\(what): no prompt logprobs", file: file, line: line) }
+        XCTAssertEqual(got.count, want.count, what, file: file, line: line)
+        for (i, (a, b)) in zip(got, want).enumerated() {
+            XCTAssertEqual(a.token, b.token, "\(what) token \(i)", file: file, line: line)
+            XCTAssertEqual(a.logprob, b.logprob, accuracy: 1e-4, "\(what) token \(i)", file: file, line: line)
+            XCTAssertEqual(a.top.count, b.top.count, "\(what) token \(i)", file: file, line: line)
+            for (x, y) in zip(a.top, b.top) {
+                // Near-ties may swap places between the two computations; the values may not move.
+                XCTAssertEqual(x.logprob, y.logprob, accuracy: 1e-4, "\(what) token \(i) alternatives", file: file, line: line)
+            }
+            XCTAssertEqual(Set(a.top.map(\.token)), Set(b.top.map(\.token)), "\(what) token \(i) alternatives", file: file, line: line)
+        }
+    }
+
+    /// A prompt several chunks long (small batch budget, fewer logit rows a step than tokens a
+    /// chunk) is scored as reading it one token at a time scores it; the generated tokens are
+    /// those the request gives without prompt logprobs, and 0 tokens scores the prompt only.
+    func testPromptLogprobsMatchTokenByToken() throws {
+        let (model, tokenizer) = try load()
+        let text = try String(contentsOfFile: ReferenceModelTests.modelDir + "/../corpus/test.txt", encoding: .utf8)
+        let prompt = Array(tokenizer.encode(String(text.prefix(2000))).prefix(150))
+        XCTAssertEqual(prompt.count, 150)
+        let want = try tokenByToken(prompt, top: 3)
+        var config = EngineConfig()
+        config.maxBatchTokens = 32
+        config.maxPromptLogitRows = 20
+        let engine = try Engine(model: model, tokenizer: tokenizer, config: config)
+        var r = request(prompt, 6)
+        r.promptLogprobs = 3
+        r.logprobs = 2
+        let id = try engine.add(r)
+        var steps = 0, firstOutput: Int?
+        var scored = EngineResult(requestId: id, index: 0)
+        var finished = false
+        while !finished {
+            steps += 1
+            for o in try engine.step() where o.requestId == id {
+                firstOutput = firstOutput ?? steps
+                scored.tokens += o.tokens
+                scored.logprobs += o.logprobs
+                if let p = o.promptLogprobs {
+                    XCTAssertNil(scored.promptLogprobs, "given once")
+                    scored.promptLogprobs = p
+                }
+                if let f = o.finishReason { scored.finishReason = f; finished = true }
+            }
+            guard steps < 100 else { return XCTFail("the request never finished") }
+        }
+        // Rows 0..<149 at most 20 a step: 8 steps (32-token chunks alone would take 5).
+        XCTAssertEqual(firstOutput, 8)
+        assertClose(scored.promptLogprobs, want, "chunked")
+        var plain = request(prompt, 6)
+        plain.logprobs = 2
+        let unscored = try alone(EngineConfig(), plain)
+        XCTAssertNil(unscored.promptLogprobs)
+        XCTAssertEqual(scored.tokens, unscored.tokens)
+        XCTAssertEqual(scored.logprobs.count, 6)
+        for (a, b) in zip(scored.logprobs, unscored.logprobs) { XCTAssertEqual(a.logprob, b.logprob, accuracy: 1e-4) }
+
+        // The whole prompt in one chunk, and the prompt only (0 tokens), in every sample.
+        var only = request(prompt, 0)
+        only.promptLogprobs = 3
+        only.n = 3
+        let outs = try engine.generate(prompts: [only])
+        XCTAssertEqual(outs.count, 3)
+        for o in outs {
+            XCTAssertEqual(o.tokens, [])
+            XCTAssertEqual(o.finishReason, .length)
+            assertClose(o.promptLogprobs, want, "0 tokens, sample \(o.index)")
+        }
+        let whole = try alone(EngineConfig(), r)
+        assertClose(whole.promptLogprobs, want, "one chunk")
+        XCTAssertEqual(whole.tokens, unscored.tokens)
+        // A prompt of one token has nothing to score.
+        var one = request([prompt[0]], 2)
+        one.promptLogprobs = 0
+        XCTAssertEqual(try alone(EngineConfig(), one).promptLogprobs?.count, 0)
+        XCTAssertEqual(engine.stats.kvBlocksUsed, 0)
+    }
+
+    /// A prompt whose blocks are in the prefix cache is still scored at every position; its blocks
+    /// serve later requests. Samples forked from a scored prompt each carry its log probabilities.
+    func testPromptLogprobsWithCachedPrefix() throws {
+        let (model, tokenizer) = try load()
+        let text = try String(contentsOfFile: ReferenceModelTests.modelDir + "/../corpus/test.txt", encoding: .utf8)
+        let prompt = Array(tokenizer.encode(String(text.prefix(1500))).prefix(100))
+        let want = try tokenByToken(prompt, top: 1)
+        let engine = try Engine(model: model, tokenizer: tokenizer)
+        let warm = try engine.generate(prompts: [request(prompt, 4)])[0]
+        var r = request(prompt, 4)
+        r.promptLogprobs = 1
+        r.n = 2
+        let scored = try engine.generate(prompts: [r])
+        for o in scored {
+            assertClose(o.promptLogprobs, want, "cached prefix, sample \(o.index)")
+            XCTAssertEqual(o.cachedPromptTokens, 0, "the cached blocks were not mapped")
+            XCTAssertEqual(o.tokens, warm.tokens)
+        }
+        XCTAssertEqual(try engine.generate(prompts: [request(prompt, 4)])[0].cachedPromptTokens, 96)
+        XCTAssertEqual(engine.stats.kvBlocksUsed, 0)
+    }
+
+    /// Scored prompts preempted mid-prefill by a pool too small for them all keep log
+    /// probabilities equal to the reference (positions scored before are not taken twice).
+    func testPromptLogprobsSurvivePreemption() throws {
+        let (model, tokenizer) = try load()
+        let text = try String(contentsOfFile: ReferenceModelTests.modelDir + "/../corpus/test.txt", encoding: .utf8)
+        let ids = tokenizer.encode(String(text.prefix(6000)))
+        let ps = (0..<4).map { Array(ids[($0 * 37)..<($0 * 37 + 90)]) }
+        var config = EngineConfig()
+        config.kvBlocks = 14  // 224 positions for 4 sequences of ~100
+        config.maxBatchTokens = 48
+        config.maxPromptLogitRows = 40
+        let engine = try Engine(model: model, tokenizer: tokenizer, config: config)
+        let requests = ps.map { p -> EngineRequest in
+            var r = request(p, 12)
+            r.promptLogprobs = 2
+            return r
+        }
+        let outs = try engine.generate(prompts: requests)
+        XCTAssertGreaterThan(engine.stats.preemptions, 0, "the pool was meant to run out")
+        for (i, o) in outs.enumerated() {
+            assertClose(o.promptLogprobs, try tokenByToken(ps[i], top: 2), "request \(i)")
+            XCTAssertEqual(o.tokens.count, 12)
+        }
+        var bad = request(ps[0], 1)
+        bad.promptLogprobs = 21
+        XCTAssertThrowsError(try engine.add(bad))
+    }
 }
 
 final class BlockManagerTests: XCTestCase {

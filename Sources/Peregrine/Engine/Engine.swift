@@ -48,8 +48,9 @@ public final class Engine: @unchecked Sendable {
     public init(model: LanguageModel, tokenizer: Tokenizer?, config requested: EngineConfig = EngineConfig()) throws {
         var config = requested
         config.maxBatchTokens = requested.maxBatchTokens ?? (model.freeDeviceMemory == nil ? 512 : 8192)
-        guard config.blockSize > 0, (config.maxBatchTokens ?? 0) > 0, config.maxSequences > 0 else {
-            throw PeregrineError.invalidArgument("block size, batch tokens and sequences must be > 0")
+        config.maxPromptLogitRows = requested.maxPromptLogitRows ?? max(16, (64 << 20) / (4 * max(model.config.vocabSize, 1)))
+        guard config.blockSize > 0, (config.maxBatchTokens ?? 0) > 0, config.maxSequences > 0, (config.maxPromptLogitRows ?? 0) > 0 else {
+            throw PeregrineError.invalidArgument("block size, batch tokens, prompt logit rows and sequences must be > 0")
         }
         self.model = model
         self.tokenizer = tokenizer
@@ -141,6 +142,9 @@ public final class Engine: @unchecked Sendable {
             throw PeregrineError.invalidArgument("n must be between 1 and \(config.maxSequences) (got \(r.n))")
         }
         if let k = r.logprobs { guard k >= 0, k <= 20 else { throw PeregrineError.invalidArgument("logprobs must be between 0 and 20 (got \(k))") } }
+        if let k = r.promptLogprobs {
+            guard k >= 0, k <= 20 else { throw PeregrineError.invalidArgument("prompt logprobs must be between 0 and 20 (got \(k))") }
+        }
         guard r.presencePenalty.isFinite, r.frequencyPenalty.isFinite, r.logitBias.values.allSatisfy(\.isFinite) else {
             throw PeregrineError.invalidArgument("penalties and logit biases must be finite numbers")
         }
@@ -216,7 +220,7 @@ public final class Engine: @unchecked Sendable {
         for p in newOnes {
             guard let first = p.sequences.first else { continue }
             live[first.requestId] = p.sequences
-            if first.request.maxTokens == 0 {
+            if first.request.maxTokens == 0 && first.request.promptLogprobs == nil {
                 for s in p.sequences { s.finish(.length); outputs.append(s.takeOutput()) }
                 live[first.requestId] = nil
                 continue
@@ -242,7 +246,7 @@ public final class Engine: @unchecked Sendable {
         // Plain greedy rows are chosen together (one read back on a GPU); the rest one by one.
         greedyRows.removeAll(keepingCapacity: true)
         var row = 0
-        for w in work where w.samples {
+        for w in work where w.samples && w.sequence.request.maxTokens > 0 {
             if w.sequence.sampler.isPlainGreedy && w.sequence.request.logprobs == nil { greedyRows.append(row) }
             row += 1
         }
@@ -254,7 +258,7 @@ public final class Engine: @unchecked Sendable {
         if let logits, logits.samplesRows {
             row = 0
             var g = 0
-            for w in work where w.samples {
+            for w in work where w.samples && w.sequence.request.maxTokens > 0 {
                 if g < greedyRows.count && greedyRows[g] == row {
                     g += 1
                 } else if w.sequence.request.logprobs == nil,
@@ -268,9 +272,15 @@ public final class Engine: @unchecked Sendable {
         let drawn = drawnRows.isEmpty ? [] : try logits?.sample(rows: drawnRows, draws: draws) ?? []
         row = 0
         var g = 0, d = 0
-        for w in work {
+        for (i, w) in work.enumerated() {
             let s = w.sequence
+            if let logits { try runner.collectPromptLogprobs(s, item: i, logits: logits) }
             scheduler.advance(w)
+            if s.request.maxTokens == 0 {
+                // Read for its prompt log probabilities only: done once the prompt is.
+                if s.computed == s.promptCount { finishUnsampled(s, &outputs) }
+                continue
+            }
             guard w.samples, let logits else { continue }
             if s.computed == s.promptCount { scheduler.releaseForks(of: s) }
             let token: Int
@@ -291,6 +301,20 @@ public final class Engine: @unchecked Sendable {
             outputs.append(s.takeOutput())
             if s.isFinished, let seqs = live[s.requestId], seqs.allSatisfy(\.isFinished) { live[s.requestId] = nil }
         }
+    }
+
+    /// Ends a request of 0 tokens whose prompt was read: each sample gets the prompt's log
+    /// probabilities (the other samples never ran; they would read the same prompt).
+    private func finishUnsampled(_ s: Sequence, _ outputs: inout [EngineOutput]) {
+        let forks = s.forks
+        scheduler.remove(s)
+        s.forks.removeAll()
+        for f in [s] + forks {
+            f.promptLogprobs = s.promptLogprobs
+            f.finish(.length)
+            outputs.append(f.takeOutput())
+        }
+        live[s.requestId] = nil
     }
 
     /// Updates the stats callers read. Caller holds the step lock.
@@ -420,6 +444,7 @@ public final class Engine: @unchecked Sendable {
                 t.result.tokens += o.tokens
                 t.result.text += o.text
                 t.result.logprobs += o.logprobs
+                if let p = o.promptLogprobs { t.result.promptLogprobs = p }
                 t.result.promptTokenCount = o.promptTokenCount
                 t.result.cachedPromptTokens = o.cachedPromptTokens
                 if let f = o.finishReason {

@@ -21,6 +21,10 @@ public struct EngineRequest: Sendable {
     /// nil: no log probabilities; k: each token's log probability under the model and the k
     /// most likely tokens with theirs.
     public var logprobs: Int?
+    /// nil: none; k: each prompt token's log probability given the tokens before it, with the k
+    /// most likely tokens at that position (OpenAI's echo with logprobs, vLLM's prompt_logprobs).
+    /// With `maxTokens` 0 the prompt is still read, to score it.
+    public var promptLogprobs: Int?
 
     public init(promptTokens: [Int], maxTokens: Int, sampling: SamplingParameters = .greedy) {
         self.promptTokens = promptTokens
@@ -59,6 +63,9 @@ public struct EngineOutput: Sendable {
     /// string itself never appears.
     public var text = ""
     public var logprobs: [TokenLogprob] = []
+    /// With `EngineRequest.promptLogprobs`: prompt tokens 1..<count (the first has nothing before
+    /// it), given once, in the output of the step that finished reading the prompt.
+    public var promptLogprobs: [TokenLogprob]?
     public var finishReason: FinishReason?
     /// Why it stopped, in more detail than `finishReason`.
     public var stopReason: StopReason?
@@ -74,6 +81,8 @@ public struct EngineResult: Sendable {
     public var tokens: [Int] = []
     public var text = ""
     public var logprobs: [TokenLogprob] = []
+    /// See `EngineOutput.promptLogprobs`.
+    public var promptLogprobs: [TokenLogprob]?
     public var finishReason: FinishReason = .length
     public var promptTokenCount = 0
     public var cachedPromptTokens = 0
@@ -105,6 +114,10 @@ public struct EngineConfig: Sendable {
     /// Tokens per forward pass: decode tokens of running sequences plus prompt chunks (nil: 512
     /// on the CPU, 8192 on a GPU, where a pass of 512 tokens leaves most of the chip idle).
     public var maxBatchTokens: Int?
+    /// Logit rows a step computes for prompt log probabilities (nil: as many as 64 MiB of f32
+    /// logits hold, at least 16): each is a whole vocabulary row, so a long prompt is scored over
+    /// several steps instead of holding a row per token at once.
+    public var maxPromptLogitRows: Int?
     /// Sequences running at once.
     public var maxSequences = 256
     /// Longest prompt plus generation of one sequence (default: the model's).

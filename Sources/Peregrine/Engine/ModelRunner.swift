@@ -16,19 +16,49 @@ final class ModelRunner {
         self.kv = kv
     }
 
-    /// Runs the work; returns, for each work item that samples, the logits row it reads.
+    /// For each work item, the rows of its prompt positions wanted for prompt log probabilities.
+    private(set) var promptRows: [(first: Int, positions: Range<Int>)] = []
+    private var extraRows: [Int32] = []
+
+    /// Runs the work; returns the logit rows: first one for each work item that samples (in work
+    /// order), then those `promptRows` index.
     func run(_ work: [Scheduler.Work], copies: [(from: Int32, to: Int32)]) throws -> LogitRows? {
         if !copies.isEmpty { try model.copyKVBlocks(kv, copies) }
         plan.removeAll()
         plan.tableWidth = kv.tableWidth
+        promptRows.removeAll(keepingCapacity: true)
+        extraRows.removeAll(keepingCapacity: true)
         for (slot, w) in work.enumerated() {
             let s = w.sequence
+            let base = plan.count
+            // A request for 0 tokens reads its prompt only for its log probabilities.
             plan.append(tokens: s.tokens[w.start..<(w.start + w.count)].lazy.map { Int($0) }, slot: slot,
-                        position: w.start, logits: w.samples ? .last : .none)
+                        position: w.start, logits: w.samples && s.request.maxTokens > 0 ? .last : .none)
             plan.appendBlockTable(s.table.blocks)
+            let wanted = s.promptRowsWanted.clamped(to: w.start..<(w.start + w.count))
+            promptRows.append((extraRows.count, wanted))
+            for p in wanted { extraRows.append(Int32(base + p - w.start)) }
         }
+        // The prompt rows go after the sampled ones, so those keep their places (row i: the i-th
+        // work item that samples).
+        for i in promptRows.indices { promptRows[i].first += plan.logitRows.count }
+        plan.logitRows += extraRows
         guard plan.count > 0 else { return nil }
         return try model.forward(plan, kv: kv)
+    }
+
+    /// Takes the prompt log probabilities the work's rows give (rows of positions already scored
+    /// before a preemption are skipped).
+    func collectPromptLogprobs(_ s: Sequence, item i: Int, logits: LogitRows) throws {
+        guard let k = s.request.promptLogprobs else { return }
+        let (first, positions) = promptRows[i]
+        let vocab = logits.vocabulary
+        if row.count != vocab { row = [Float](repeating: 0, count: vocab) }
+        for (j, p) in positions.enumerated() where p == s.promptLogprobs.count {
+            try row.withUnsafeMutableBufferPointer { try logits.read(row: first + j, into: $0) }
+            let next = Int(s.tokens[p + 1])
+            s.promptLogprobs.append(row.withUnsafeBufferPointer { ModelRunner.logprobs(of: next, top: k, in: $0) })
+        }
     }
 
     /// Chooses the next token of `s` from logits row `r` (and its log probabilities when asked).

@@ -60,11 +60,13 @@ final class Scheduler {
         copies.removeAll(keepingCapacity: true)
         var work: [Work] = []
         var budget = config.maxBatchTokens ?? 512
+        var promptRows = config.maxPromptLogitRows ?? 256
         var preempted = false
         var i = 0
         while i < running.count && budget > 0 {
             let s = running[i]
-            let n = min(s.uncomputed, budget)
+            let n = chunk(s, budget: budget, promptRows: &promptRows)
+            guard n > 0 else { i += 1; continue }
             var placed = false
             while true {
                 if blocks.blocksNeeded(s.table, positions: s.computed + n, writeFrom: s.computed) <= blocks.availableCount {
@@ -88,7 +90,13 @@ final class Scheduler {
         while !preempted && budget > 0 && running.count < config.maxSequences, let s = waiting.first {
             if s.computed == 0 && s.table.blocks.isEmpty && config.prefixCaching {
                 // At least the last prompt token is read again, for the logits of the next one.
-                let mapped = blocks.mapCachedPrefix(&s.table, tokens: s.tokens, maxBlocks: (s.tokens.count - 1) / blocks.blockSize)
+                // Prompt log probabilities need the last layer's output at every prompt position,
+                // which the cache does not keep: cached blocks are mapped only up to the first
+                // position still to be scored (none for a new request), so those positions are
+                // computed rather than mapped and then computed again into shared blocks (copies).
+                // The blocks such a request writes are registered as usual for later requests.
+                let limit = s.request.promptLogprobs == nil ? s.tokens.count - 1 : min(s.tokens.count - 1, s.promptRowsWanted.lowerBound)
+                let mapped = blocks.mapCachedPrefix(&s.table, tokens: s.tokens, maxBlocks: limit / blocks.blockSize)
                 s.computed = mapped
                 if s.generatedCount == 0 {
                     prefixQueries += s.promptCount
@@ -96,11 +104,13 @@ final class Scheduler {
                     s.cachedPromptTokens = mapped
                 }
             }
-            let n = min(s.uncomputed, budget)
-            guard blocks.blocksNeeded(s.table, positions: s.computed + n, writeFrom: s.computed) <= blocks.availableCount else {
+            var rowsLeft = promptRows
+            let n = chunk(s, budget: budget, promptRows: &rowsLeft)
+            guard n > 0, blocks.blocksNeeded(s.table, positions: s.computed + n, writeFrom: s.computed) <= blocks.availableCount else {
                 // Keep the mapped prefix only while it waits at the head of the line.
                 break
             }
+            promptRows = rowsLeft
             waiting.removeFirst()
             s.status = .running
             admissions += 1
@@ -111,6 +121,20 @@ final class Scheduler {
             budget -= n
         }
         return work
+    }
+
+    /// Tokens of `s` to read this step: what is left, within the token budget and, for a
+    /// sequence scored for prompt log probabilities, within the step's logit rows left for those
+    /// (each position read from the first one still unscored takes a row), which it uses up.
+    private func chunk(_ s: Sequence, budget: Int, promptRows: inout Int) -> Int {
+        var n = min(s.uncomputed, budget)
+        let wanted = s.promptRowsWanted
+        if !wanted.isEmpty {
+            // Positions before the first wanted row were scored before a preemption: no rows.
+            n = min(n, max(0, wanted.lowerBound + promptRows - s.computed))
+            promptRows -= wanted.clamped(to: s.computed..<(s.computed + n)).count
+        }
+        return n
     }
 
     /// Reserves the blocks positions computed..<computed+n are written to.
@@ -145,6 +169,7 @@ final class Scheduler {
             f.table = blocks.fork(s.table)
             f.computed = s.promptCount - 1
             f.cachedPromptTokens = s.cachedPromptTokens
+            f.promptLogprobs = s.promptLogprobs
             insertWaiting(f)
         }
         s.forks.removeAll()

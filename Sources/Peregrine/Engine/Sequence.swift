@@ -27,6 +27,10 @@ final class Sequence {
     /// What this step produced, handed out with the step's outputs.
     var newTokens: [Int] = []
     var newLogprobs: [TokenLogprob] = []
+    /// Log probabilities of prompt tokens 1...promptLogprobs.count, filled in prompt order (a row
+    /// read again after preemption is not taken twice), and whether they were handed out.
+    var promptLogprobs: [TokenLogprob] = []
+    var promptLogprobsSent = false
 
     init(requestId: Int, index: Int, request: EngineRequest, arrival: Int, tokenizer: Tokenizer?, eos: Set<Int>) {
         self.requestId = requestId
@@ -53,6 +57,11 @@ final class Sequence {
     /// Tokens still to be read before the next one can be sampled.
     var uncomputed: Int { tokens.count - computed }
     var isFinished: Bool { status == .finished }
+    /// Prompt positions whose logit rows are still wanted for prompt log probabilities: the row of
+    /// position p scores prompt token p + 1.
+    var promptRowsWanted: Range<Int> {
+        request.promptLogprobs == nil ? 0..<0 : promptLogprobs.count..<max(promptLogprobs.count, promptCount - 1)
+    }
 
     /// Takes the sampled token; false once the sequence is done.
     func accept(_ token: Int, contextLimit: Int) -> Bool {
@@ -85,6 +94,10 @@ final class Sequence {
         o.tokens = newTokens
         o.text = emitter.takePending()
         o.logprobs = newLogprobs
+        if request.promptLogprobs != nil && !promptLogprobsSent && promptRowsWanted.isEmpty {
+            o.promptLogprobs = promptLogprobs
+            promptLogprobsSent = true
+        }
         o.finishReason = finishReason
         if finishReason != nil { o.stopReason = finishReason == .cancelled ? .cancelled : emitter.stopReason ?? .maxTokens }
         o.promptTokenCount = promptCount
