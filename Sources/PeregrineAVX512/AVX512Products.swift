@@ -199,6 +199,11 @@ public enum AVX512Products {
                 if let ahead, t0 == 0 {
                     prefetch(ahead + r &* aheadBytes / rows, ahead + (r &+ 4) &* aheadBytes / rows)
                 }
+                // One token reads the weights in place, once: ask for rows well ahead, so more of
+                // them are on their way from memory than the hardware prefetcher keeps in flight.
+                if tokens == 1, r &+ 16 < rows {
+                    prefetch(w + (r &+ 16) &* rb, w + min(rows, r &+ 20) &* rb)
+                }
                 rows4(W.self, w: w + r &* rb, k: k, x: xt, ldx: ldx, tokens: tn, y: yt + r, ldy: ldy)
                 r &+= 4
             }
