@@ -4,12 +4,13 @@ import Builtin
 // Floating-point matrix products on AVX-512, built for a CPU that has it (cascadelake); Peregrine
 // calls them only where /proc/cpuinfo shows avx512f. With 32 vector registers a tile of 4 weight
 // rows by 6 tokens keeps 24 accumulators, 4 weight vectors and a token vector in registers, which
-// the 16 registers of AVX2 cannot.
+// the 16 registers of AVX2 cannot. F16 and BF16 weights are widened in registers as they are read
+// (one vcvtph2ps, or a zero-extend and shift, per 16 values).
 //
 // Every (row, token) product is the same arithmetic whatever tile computes it: 16-lane partial
 // sums over k in steps of 16, reduced in a fixed order, then the tail of k one element at a time.
 // So a token's result does not depend on how many other tokens share the product (batch
-// invariance), and F16/BF16 weights widened first give exactly what they give read in place.
+// invariance).
 
 /// Reads 16 stored weights as f32 lanes.
 public protocol WideWeight {
@@ -184,24 +185,20 @@ public enum AVX512Products {
 
     @inline(__always)
     static func product<W: WideWeight>(_: W.Type, w: UnsafeRawPointer, k: Int, rows: Int, x: UnsafePointer<Float>, ldx: Int,
-                                       tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int,
-                                       ahead: UnsafeRawPointer? = nil, aheadBytes: Int = 0) {
+                                       tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
         let rb = k &* W.bytes
         // Tokens go in runs of 48 so that a run's activations stay in the core's L2 while every
-        // four rows of the block pass over them (a prompt's whole activations would not).
+        // four rows pass over them (a prompt's whole activations would not).
         var t0 = 0
         while t0 < tokens {
             let tn = min(48, tokens &- t0)
             let xt = x + t0 &* ldx, yt = y + t0 &* ldy
             var r = 0
             while r &+ 4 <= rows {
-                // The next block's share, spread over this block's tiles so the loads overlap the math.
-                if let ahead, t0 == 0 {
-                    prefetch(ahead + r &* aheadBytes / rows, ahead + (r &+ 4) &* aheadBytes / rows)
-                }
-                // One token reads the weights in place, once: ask for rows well ahead, so more of
-                // them are on their way from memory than the hardware prefetcher keeps in flight.
-                if tokens == 1, r &+ 16 < rows {
+                // The weights stream from memory: ask for rows well ahead, so more of them are on
+                // their way than the hardware prefetcher keeps in flight (a run's later tiles of
+                // the same four rows find them in L1).
+                if t0 == 0, r &+ 16 < rows {
                     prefetch(w + (r &+ 16) &* rb, w + min(rows, r &+ 20) &* rb)
                 }
                 rows4(W.self, w: w + r &* rb, k: k, x: xt, ldx: ldx, tokens: tn, y: yt + r, ldy: ldy)
@@ -216,14 +213,13 @@ public enum AVX512Products {
     }
 
     /// y[t * ldy + r] = dot(row r of `w`, x[t * ldx ..< t * ldx + k]) for r in 0..<rows and t in
-    /// 0..<tokens; `w` holds `rows` rows of `k` f32 weights. `ahead` (`aheadBytes` long) is
-    /// prefetched while the product runs: the stored weights of the next block to widen.
+    /// 0..<tokens; `w` holds `rows` rows of `k` f32 weights.
     public static func productF32(w: UnsafeRawPointer, k: Int, rows: Int, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
-                                  y: UnsafeMutablePointer<Float>, ldy: Int, ahead: UnsafeRawPointer? = nil, aheadBytes: Int = 0) {
-        product(WideF32.self, w: w, k: k, rows: rows, x: x, ldx: ldx, tokens: tokens, y: y, ldy: ldy, ahead: ahead, aheadBytes: aheadBytes)
+                                  y: UnsafeMutablePointer<Float>, ldy: Int) {
+        product(WideF32.self, w: w, k: k, rows: rows, x: x, ldx: ldx, tokens: tokens, y: y, ldy: ldy)
     }
 
-    /// The same product with F16 weights read in place (for one or a few tokens).
+    /// The same product with F16 weights, widened in registers as they are read.
     public static func productF16(w: UnsafeRawPointer, k: Int, rows: Int, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
                                   y: UnsafeMutablePointer<Float>, ldy: Int) {
         product(WideF16.self, w: w, k: k, rows: rows, x: x, ldx: ldx, tokens: tokens, y: y, ldy: ldy)
@@ -233,27 +229,6 @@ public enum AVX512Products {
     public static func productBF16(w: UnsafeRawPointer, k: Int, rows: Int, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
                                    y: UnsafeMutablePointer<Float>, ldy: Int) {
         product(WideBF16.self, w: w, k: k, rows: rows, x: x, ldx: ldx, tokens: tokens, y: y, ldy: ldy)
-    }
-
-    @inline(__always)
-    static func widen<W: WideWeight>(_: W.Type, _ src: UnsafeRawPointer, _ dst: UnsafeMutablePointer<Float>, _ count: Int) {
-        let c16 = count & ~15
-        var i = 0
-        while i < c16 {
-            UnsafeMutableRawPointer(dst + i).storeBytes(of: W.load16(src, i), as: SIMD16<Float>.self)
-            i &+= 16
-        }
-        while i < count { dst[i] = W.load1(src, i); i &+= 1 }
-    }
-
-    /// Widens `count` F16 values to f32 (exactly).
-    public static func widenF16(_ src: UnsafeRawPointer, _ dst: UnsafeMutablePointer<Float>, _ count: Int) {
-        widen(WideF16.self, src, dst, count)
-    }
-
-    /// Widens `count` BF16 values to f32 (exactly).
-    public static func widenBF16(_ src: UnsafeRawPointer, _ dst: UnsafeMutablePointer<Float>, _ count: Int) {
-        widen(WideBF16.self, src, dst, count)
     }
 }
 #endif

@@ -212,45 +212,20 @@ enum CPUKernels {
     }
 
     #if arch(x86_64)
-    /// The AVX-512 product (`PeregrineAVX512`): threads take runs of four rows; for two tokens or
-    /// more, F16/BF16 rows are widened to f32 a block at a time into the thread's scratch (the
-    /// widening then costs once per block instead of once per tile of tokens) and the block stays
-    /// in the core's cache while every token passes over it. One token reads them in place.
+    /// The AVX-512 product (`PeregrineAVX512`): threads take runs of four rows and read the
+    /// stored weights in place (F16/BF16 widened in registers), prefetching rows ahead.
     static func matmulAVX512(_ dtype: DType, x: UnsafePointer<Float>, tokens: Int, w: UnsafeRawPointer, outDim: Int, k: Int,
                              bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, pool: ThreadPool) {
-        let elementBytes = dtype.byteSize
-        let rowBytes = k * elementBytes
+        let rowBytes = k * dtype.byteSize
         let quads = (outDim + 3) / 4
         let grain = max(1, 16384 / max(1, tokens * k))
-        // Widened rows per block: at most 16 (64 KiB of f32 at k = 1024), a multiple of four; small
-        // blocks leave more of them whose stored rows are prefetched while the one before is used.
-        let blockRows = max(4, min(16, (65536 / max(1, k)) & ~3))
         pool.parallelRanges(quads, grain: grain) { q in
             let rows = (q.lowerBound * 4)..<min(outDim, q.upperBound * 4)
             let yr = y + rows.lowerBound, wr = w + rows.lowerBound * rowBytes
-            if dtype == .f32 {
-                AVX512Products.productF32(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
-            } else if tokens == 1 {
-                if dtype == .f16 {
-                    AVX512Products.productF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
-                } else {
-                    AVX512Products.productBF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
-                }
-            } else {
-                let scratch = WidenedRows.scratch(floats: blockRows * k)
-                var r = 0
-                while r < rows.count {
-                    let n = min(blockRows, rows.count - r)
-                    if dtype == .f16 {
-                        AVX512Products.widenF16(wr + r * rowBytes, scratch, n * k)
-                    } else {
-                        AVX512Products.widenBF16(wr + r * rowBytes, scratch, n * k)
-                    }
-                    let next = min(blockRows, rows.count - r - n)
-                    AVX512Products.productF32(w: UnsafeRawPointer(scratch), k: k, rows: n, x: x, ldx: k, tokens: tokens, y: yr + r, ldy: outDim,
-                                              ahead: next > 0 ? wr + (r + n) * rowBytes : nil, aheadBytes: next * rowBytes)
-                    r += n
-                }
+            switch dtype {
+            case .f16: AVX512Products.productF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
+            case .bf16: AVX512Products.productBF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
+            default: AVX512Products.productF32(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
             }
             if let bias {
                 for t in 0..<tokens { for o in rows { y[t &* outDim &+ o] += bias[o] } }
@@ -334,30 +309,5 @@ enum CPUKernels {
             i += 8
         }
         while i < hd { acc[i] += p * v[i]; i += 1 }
-    }
-}
-
-/// A buffer per thread for weights widened to f32, grown when a larger one is asked for (at the
-/// first products of a model, not per token) and freed when its thread ends.
-enum WidenedRows {
-    private static let key: pthread_key_t = {
-        var key = pthread_key_t()
-        pthread_key_create(&key) { p in free(p) }
-        return key
-    }()
-
-    /// At least `floats` f32 values, 64-byte aligned; the capacity is kept in the first 64 bytes.
-    static func scratch(floats: Int) -> UnsafeMutablePointer<Float> {
-        if let p = pthread_getspecific(key) {
-            if p.load(as: Int.self) >= floats { return (p + 64).assumingMemoryBound(to: Float.self) }
-            free(p)
-        }
-        var raw: UnsafeMutableRawPointer?
-        guard posix_memalign(&raw, 64, 64 + floats * 4) == 0, let p = raw else {
-            fatalError("out of memory for \(floats * 4) bytes of widened weights")
-        }
-        p.storeBytes(of: floats, as: Int.self)
-        pthread_setspecific(key, p)
-        return (p + 64).assumingMemoryBound(to: Float.self)
     }
 }
