@@ -170,10 +170,10 @@ public final class CPUBackend: ComputeBackend {
             let at = plan.kvRow(token: t, blockSize: bs)
             switch cache.type {
             case .f32:
-                PagedAttention.store(F32KV.self, key: k.pointer + t * row, value: v.pointer + t * row, keys: kd, values: vd,
+                PagedAttention.store(F32Element.self, key: k.pointer + t * row, value: v.pointer + t * row, keys: kd, values: vd,
                                      block: at / bs, offset: at % bs, kvHeads: cache.kvHeads, headDim: cache.headDim, blockSize: bs)
             case .f16:
-                PagedAttention.store(F16KV.self, key: k.pointer + t * row, value: v.pointer + t * row, keys: kd, values: vd,
+                PagedAttention.store(F16Element.self, key: k.pointer + t * row, value: v.pointer + t * row, keys: kd, values: vd,
                                      block: at / bs, offset: at % bs, kvHeads: cache.kvHeads, headDim: cache.headDim, blockSize: bs)
             }
         }
@@ -213,11 +213,11 @@ public final class CPUBackend: ComputeBackend {
                         let head = (t * heads + kvh * group) * hd
                         let table = tables.baseAddress! + Int(slots[t]) * width, sc = scratchBase + task * perTask
                         if f16 {
-                            PagedAttention.attend(F16KV.self, q: q.pointer + head, group: group, hd: hd, scale: scale, kvHead: kvh,
+                            PagedAttention.attend(F16Element.self, q: q.pointer + head, group: group, hd: hd, scale: scale, kvHead: kvh,
                                                   keys: kd, values: vd, rowSize: row, blockSize: bs, table: table, lo: lo, pos: pos,
                                                   scratch: sc, out: out.pointer + head)
                         } else {
-                            PagedAttention.attend(F32KV.self, q: q.pointer + head, group: group, hd: hd, scale: scale, kvHead: kvh,
+                            PagedAttention.attend(F32Element.self, q: q.pointer + head, group: group, hd: hd, scale: scale, kvHead: kvh,
                                                   keys: kd, values: vd, rowSize: row, blockSize: bs, table: table, lo: lo, pos: pos,
                                                   scratch: sc, out: out.pointer + head)
                         }

@@ -13,7 +13,7 @@ protocol WeightElement {
 }
 
 enum F32Element: WeightElement {
-    static var dtype: DType { .f32 }
+    @inline(__always) static var dtype: DType { .f32 }
     @inline(__always) static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> {
         p.loadUnaligned(fromByteOffset: i &* 4, as: SIMD8<Float>.self)
     }
@@ -23,7 +23,7 @@ enum F32Element: WeightElement {
 }
 
 enum F16Element: WeightElement {
-    static var dtype: DType { .f16 }
+    @inline(__always) static var dtype: DType { .f16 }
     @inline(__always) static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> {
         SIMD8<Float>(p.loadUnaligned(fromByteOffset: i &* 2, as: SIMD8<Float16>.self))
     }
@@ -33,7 +33,7 @@ enum F16Element: WeightElement {
 }
 
 enum BF16Element: WeightElement {
-    static var dtype: DType { .bf16 }
+    @inline(__always) static var dtype: DType { .bf16 }
     @inline(__always) static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> {
         let u = SIMD8<UInt32>(truncatingIfNeeded: p.loadUnaligned(fromByteOffset: i &* 2, as: SIMD8<UInt16>.self))
         return unsafeBitCast(u &<< 16, to: SIMD8<Float>.self)

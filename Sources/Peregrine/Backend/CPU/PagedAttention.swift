@@ -68,10 +68,10 @@ enum PagedAttention {
                     var g = 0
                     while g < group {
                         switch group &- g {
-                        case 1: scores16(E.self, HeadCount1.self, q: q + g &* hd, hd: hd, keys: kd, k: kb &+ c, bs: bs, scale: scale, out: s + g &* stride + c, stride: stride)
-                        case 2: scores16(E.self, HeadCount2.self, q: q + g &* hd, hd: hd, keys: kd, k: kb &+ c, bs: bs, scale: scale, out: s + g &* stride + c, stride: stride)
-                        case 3: scores16(E.self, HeadCount3.self, q: q + g &* hd, hd: hd, keys: kd, k: kb &+ c, bs: bs, scale: scale, out: s + g &* stride + c, stride: stride)
-                        default: scores16(E.self, HeadCount4.self, q: q + g &* hd, hd: hd, keys: kd, k: kb &+ c, bs: bs, scale: scale, out: s + g &* stride + c, stride: stride)
+                        case 1: scores16(E.self, Count1.self, q: q + g &* hd, hd: hd, keys: kd, k: kb &+ c, bs: bs, scale: scale, out: s + g &* stride + c, stride: stride)
+                        case 2: scores16(E.self, Count2.self, q: q + g &* hd, hd: hd, keys: kd, k: kb &+ c, bs: bs, scale: scale, out: s + g &* stride + c, stride: stride)
+                        case 3: scores16(E.self, Count3.self, q: q + g &* hd, hd: hd, keys: kd, k: kb &+ c, bs: bs, scale: scale, out: s + g &* stride + c, stride: stride)
+                        default: scores16(E.self, Count4.self, q: q + g &* hd, hd: hd, keys: kd, k: kb &+ c, bs: bs, scale: scale, out: s + g &* stride + c, stride: stride)
                         }
                         g &+= 4
                     }
@@ -101,17 +101,17 @@ enum PagedAttention {
             let o = out + g &* hd
             var c = 0
             while c &+ 64 <= hd {
-                valueChunk(E.self, Lanes8.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                valueChunk(E.self, Count8.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
                 c &+= 64
             }
             switch (hd &- c) / 8 {
-            case 1: valueChunk(E.self, Lanes1.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
-            case 2: valueChunk(E.self, Lanes2.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
-            case 3: valueChunk(E.self, Lanes3.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
-            case 4: valueChunk(E.self, Lanes4.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
-            case 5: valueChunk(E.self, Lanes5.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
-            case 6: valueChunk(E.self, Lanes6.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
-            case 7: valueChunk(E.self, Lanes7.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+            case 1: valueChunk(E.self, Count1.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+            case 2: valueChunk(E.self, Count2.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+            case 3: valueChunk(E.self, Count3.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+            case 4: valueChunk(E.self, Count4.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+            case 5: valueChunk(E.self, Count5.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+            case 6: valueChunk(E.self, Count6.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+            case 7: valueChunk(E.self, Count7.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
             default: break
             }
             c = hd & ~7
@@ -148,7 +148,7 @@ enum PagedAttention {
     /// Scores of 16 consecutive positions of a block for H (1-4) query heads: per dimension, two
     /// vectors of keys times each head's query value.
     @inline(__always)
-    static func scores16<E: KVElement, H: HeadCount>(_: E.Type, _: H.Type, q: UnsafePointer<Float>, hd: Int, keys: UnsafeRawPointer,
+    static func scores16<E: KVElement, H: FixedCount>(_: E.Type, _: H.Type, q: UnsafePointer<Float>, hd: Int, keys: UnsafeRawPointer,
                                                      k: Int, bs: Int, scale: Float, out: UnsafeMutablePointer<Float>, stride: Int) {
         let h = H.n
         let q0 = q, q1 = q0 + hd, q2 = q1 + hd, q3 = q2 + hd
@@ -173,7 +173,7 @@ enum PagedAttention {
     /// out[c ..< c + 8 L] = sum over positions j of p[j] * V[lo + j][c ..< c + 8 L], the L vectors
     /// of the sum kept in registers.
     @inline(__always)
-    static func valueChunk<E: KVElement, L: LaneCount>(_: E.Type, _: L.Type, p: UnsafePointer<Float>, lo: Int, n: Int, hd: Int, c: Int,
+    static func valueChunk<E: KVElement, L: FixedCount>(_: E.Type, _: L.Type, p: UnsafePointer<Float>, lo: Int, n: Int, hd: Int, c: Int,
                                                        kvHead: Int, values vd: UnsafeRawPointer, rowSize row: Int, blockSize bs: Int,
                                                        table: UnsafePointer<Int32>, out: UnsafeMutablePointer<Float>) {
         let l = L.n
@@ -219,46 +219,36 @@ enum PagedAttention {
     }
 }
 
-/// How keys and values are stored: read 8 or 1 at a time as f32, written from f32.
-protocol KVElement {
-    static var bytes: Int { get }
-    static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float>
-    static func load1(_ p: UnsafeRawPointer, _ i: Int) -> Float
+/// How keys and values are stored: read like weights (8 or 1 values at a time as f32), written
+/// from f32.
+protocol KVElement: WeightElement {
     static func store(_ v: Float, _ p: UnsafeMutableRawPointer, _ i: Int)
 }
 
-enum F32KV: KVElement {
-    @inline(__always) static var bytes: Int { 4 }
-    @inline(__always) static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> { F32Element.load8(p, i) }
-    @inline(__always) static func load1(_ p: UnsafeRawPointer, _ i: Int) -> Float { F32Element.load1(p, i) }
+extension KVElement {
+    @inline(__always) static var bytes: Int { dtype.byteSize }
+}
+
+extension F32Element: KVElement {
     @inline(__always) static func store(_ v: Float, _ p: UnsafeMutableRawPointer, _ i: Int) {
         p.storeBytes(of: v, toByteOffset: i &* 4, as: Float.self)
     }
 }
 
 /// IEEE half precision, rounded to nearest even when stored (as llama.cpp's default F16 cache).
-enum F16KV: KVElement {
-    @inline(__always) static var bytes: Int { 2 }
-    @inline(__always) static func load8(_ p: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> { F16Element.load8(p, i) }
-    @inline(__always) static func load1(_ p: UnsafeRawPointer, _ i: Int) -> Float { F16Element.load1(p, i) }
+extension F16Element: KVElement {
     @inline(__always) static func store(_ v: Float, _ p: UnsafeMutableRawPointer, _ i: Int) {
         p.storeBytes(of: Float16(v), toByteOffset: i &* 2, as: Float16.self)
     }
 }
 
-/// Compile-time counts for the kernels above, so unused registers vanish.
-protocol HeadCount { static var n: Int { get } }
-enum HeadCount1: HeadCount { @inline(__always) static var n: Int { 1 } }
-enum HeadCount2: HeadCount { @inline(__always) static var n: Int { 2 } }
-enum HeadCount3: HeadCount { @inline(__always) static var n: Int { 3 } }
-enum HeadCount4: HeadCount { @inline(__always) static var n: Int { 4 } }
-
-protocol LaneCount { static var n: Int { get } }
-enum Lanes1: LaneCount { @inline(__always) static var n: Int { 1 } }
-enum Lanes2: LaneCount { @inline(__always) static var n: Int { 2 } }
-enum Lanes3: LaneCount { @inline(__always) static var n: Int { 3 } }
-enum Lanes4: LaneCount { @inline(__always) static var n: Int { 4 } }
-enum Lanes5: LaneCount { @inline(__always) static var n: Int { 5 } }
-enum Lanes6: LaneCount { @inline(__always) static var n: Int { 6 } }
-enum Lanes7: LaneCount { @inline(__always) static var n: Int { 7 } }
-enum Lanes8: LaneCount { @inline(__always) static var n: Int { 8 } }
+/// Compile-time counts (heads of a score tile, vectors of a value chunk), so unused registers vanish.
+protocol FixedCount { static var n: Int { get } }
+enum Count1: FixedCount { @inline(__always) static var n: Int { 1 } }
+enum Count2: FixedCount { @inline(__always) static var n: Int { 2 } }
+enum Count3: FixedCount { @inline(__always) static var n: Int { 3 } }
+enum Count4: FixedCount { @inline(__always) static var n: Int { 4 } }
+enum Count5: FixedCount { @inline(__always) static var n: Int { 5 } }
+enum Count6: FixedCount { @inline(__always) static var n: Int { 6 } }
+enum Count7: FixedCount { @inline(__always) static var n: Int { 7 } }
+enum Count8: FixedCount { @inline(__always) static var n: Int { 8 } }
