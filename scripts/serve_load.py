@@ -14,7 +14,9 @@ Prompts come from models/corpus/test.txt, cut deterministically into pieces of a
 --prompt-chars characters at word boundaries; client c's r-th request takes piece
 (offset + r * clients + c), so every request of a run has its own prompt and two runs with the
 same arguments send the same requests in the same order (a run longer than the corpus wraps
-around). --warmup requests (not measured, one at a time) take the corpus's last pieces.
+around). --warmup requests (not measured, one at a time) take the corpus's last pieces. With
+--prompt-tokens N every prompt is instead a list of N random token ids (fixed by --seed), so the
+server reads exactly the prompt tokens `peregrine bench --throughput --input-len N` reads.
 
 Generated tokens are counted from the `usage` object that ends the stream:
 `stream_options.include_usage` makes OpenAI's server, vLLM and Peregrine send a last chunk with
@@ -61,6 +63,15 @@ def corpus_prompts(path=DEFAULT_CORPUS, chars=256, count=4096):
     if not prompts:
         raise SystemExit(f"no prompts in {path}")
     return prompts
+
+
+def token_prompts(length, low, high, seed, count=4096):
+    """`count` prompts of `length` token ids each, drawn uniformly from [low, high) with a fixed
+    seed; the server reads a list of ids as the prompt's tokens, so every server sees the same
+    number of prompt tokens whatever its tokenizer."""
+    import random
+    rng = random.Random(seed)
+    return [[rng.randrange(low, high) for _ in range(length)] for _ in range(count)]
 
 
 def percentile(values, p):
@@ -354,6 +365,12 @@ def main():
     ap.add_argument("--prompt-chars", type=int, default=256, help="prompt length in characters (256)")
     ap.add_argument("--prompt-offset", type=int, default=0, help="first corpus piece used (0)")
     ap.add_argument("--corpus", default=DEFAULT_CORPUS, help="text the prompts are cut from")
+    ap.add_argument("--prompt-tokens", type=int,
+                    help="send prompts of exactly this many token ids instead of text (random ids in"
+                         " [--token-low, --token-high), fixed by --seed): the work of `peregrine bench"
+                         " --throughput --input-len N`, whatever the tokenizer")
+    ap.add_argument("--token-low", type=int, default=100, help="--prompt-tokens: lowest id (100)")
+    ap.add_argument("--token-high", type=int, default=32000, help="--prompt-tokens: one past the highest id (32000)")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured requests sent first, one at a time (2)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--model", help="the `model` field of each request (left out by default)")
@@ -365,7 +382,12 @@ def main():
         ap.error("--clients must be >= 1")
     if a.duration is None and a.requests is None:
         a.requests = 4
-    prompts = corpus_prompts(a.corpus, a.prompt_chars)
+    if a.prompt_tokens is not None:
+        if a.prompt_tokens < 1 or not 0 <= a.token_low < a.token_high:
+            ap.error("--prompt-tokens must be >= 1 and --token-low < --token-high")
+        prompts = token_prompts(a.prompt_tokens, a.token_low, a.token_high, a.seed)
+    else:
+        prompts = corpus_prompts(a.corpus, a.prompt_chars)
     s = run_load(a.url, a.clients, a.max_tokens, prompts, requests_per_client=a.requests, duration=a.duration,
                  warmup=a.warmup, offset=a.prompt_offset, seed=a.seed, model=a.model, timeout=a.timeout,
                  api_key=a.api_key)

@@ -35,6 +35,9 @@ struct Serve: ParsableCommand {
     @Option(help: "Requests generated at once (the engine's batch of sequences).")
     var maxSequences = 16
 
+    @Option(help: "Tokens per engine step: decode tokens plus prompt chunks (default: 512 on the CPU, 8192 on a GPU). Smaller cuts the inter-token stalls new prompts cause; larger reads prompts faster.")
+    var batchTokens: Int?
+
     @Option(help: "The model's name in /v1/models and in requests (default: the model path's last component).")
     var servedModelName: String?
 
@@ -58,6 +61,7 @@ struct Serve: ParsableCommand {
 
     func validate() throws {
         if let t = threads, t < 1 || t > 1024 { throw ValidationError("--threads must be between 1 and 1024") }
+        if let b = batchTokens, b < 1 { throw ValidationError("--batch-tokens must be >= 1") }
         if !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535") }
         if let c = ctxSize, c < 2 { throw ValidationError("--ctx-size must be >= 2") }
         if maxQueue < 0 { throw ValidationError("--max-queue must be >= 0") }
@@ -92,6 +96,7 @@ struct Serve: ParsableCommand {
             var config = EngineConfig()
             config.contextLength = ctxSize
             config.maxSequences = maxSequences
+            config.maxBatchTokens = batchTokens
             config.kvMemoryBytes = kvMemory.flatMap(Self.bytes)
             config.kvCacheType = kvCacheType
             let engine = try Engine(model: loaded, tokenizer: tokenizer, config: config)

@@ -86,6 +86,10 @@ public final class ServerMetrics: @unchecked Sendable {
         out += "peregrine_prefix_cache_queries_total \(engine.prefixCacheQueries)\n"
         header("peregrine_prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.")
         out += "peregrine_prefix_cache_hits_total \(engine.prefixCacheHits)\n"
+        header("peregrine_engine_steps_total", "counter", "Forward passes the engine ran (each mixes decode tokens and prompt chunks).")
+        out += "peregrine_engine_steps_total \(engine.steps)\n"
+        header("peregrine_preemptions_total", "counter", "Sequences preempted for KV blocks (recomputed later).")
+        out += "peregrine_preemptions_total \(engine.preemptions)\n"
         return out
     }
 }

@@ -31,6 +31,10 @@ final class EndpointTests: XCTestCase {
         }
         let success = metrics.text.split(separator: "\n").first { $0.hasPrefix("peregrine_requests_total{endpoint=\"completions\",outcome=\"success\"}") }
         XCTAssertGreaterThan(Int(success?.split(separator: " ").last ?? "0") ?? 0, 0)
+        // Three tokens: the prompt's pass gives the first, two decode passes the others.
+        let steps = metrics.text.split(separator: "\n").first { $0.hasPrefix("peregrine_engine_steps_total ") }
+        XCTAssertGreaterThanOrEqual(Int(steps?.split(separator: " ").last ?? "0") ?? 0, 3)
+        XCTAssertTrue(metrics.text.contains("peregrine_preemptions_total 0"))
     }
 
     func testCompletion() async throws {

@@ -41,6 +41,8 @@ public final class Engine: @unchecked Sendable {
     private var loopRunning = false
     private var stopping = false
     private var greedyRows: [Int] = []
+    /// Forward passes run (steps with work). Caller holds the step lock.
+    private var forwardPasses = 0
     /// Rows of a step drawn together where the logits are (`Sampler.deviceDraw`), and their draws.
     private var drawnRows: [Int] = []
     private var draws: [SamplingDraw] = []
@@ -243,6 +245,7 @@ public final class Engine: @unchecked Sendable {
         let work = scheduler.schedule()
         guard !work.isEmpty else { return }
         let logits = try runner.run(work, copies: scheduler.copies)
+        forwardPasses += 1
         // Plain greedy rows are chosen together (one read back on a GPU); the rest one by one.
         greedyRows.removeAll(keepingCapacity: true)
         var row = 0
@@ -328,7 +331,7 @@ public final class Engine: @unchecked Sendable {
         snapshot.prefixCacheQueries = scheduler.prefixQueries
         snapshot.prefixCacheHits = scheduler.prefixHits
         snapshot.preemptions = scheduler.preemptions
-        snapshot.steps += 1
+        snapshot.steps = forwardPasses
         lock.unlock()
     }
 

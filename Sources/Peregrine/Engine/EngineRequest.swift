@@ -141,5 +141,6 @@ public struct EngineStats: Sendable {
     public var prefixCacheQueries = 0
     public var prefixCacheHits = 0
     public var preemptions = 0
+    /// Forward passes run since the engine started.
     public var steps = 0
 }
