@@ -7,7 +7,9 @@ struct Bench: ParsableCommand {
         abstract: "Measure prompt processing and token generation speed, in the manner of llama-bench.",
         discussion: """
         pp<N>: N prompt tokens in one batch into an empty cache. tg<N>: N tokens generated one at a \
-        time from an empty cache. Each test runs once to warm up, then --repetitions times; the \
+        time from an empty cache. With -d D, each test runs after D positions of context (llama-bench's \
+        "pp512 @ d4096"): a prompt of D tokens read once, untimed, which every timed run finds in the \
+        prefix cache. Each test runs once to warm up, then --repetitions times; the \
         table gives the median tokens/s and the standard deviation. --kernels measures the CPU \
         kernels and this machine's memory bandwidth and peak FLOP rate instead.
 
@@ -27,6 +29,10 @@ struct Bench: ParsableCommand {
 
     @Option(name: [.customShort("n"), .customLong("n-gen")], parsing: .upToNextOption, help: "Generation lengths (0: skip).")
     var gen: [Int] = [128]
+
+    @Option(name: [.customShort("d"), .customLong("n-depth")], parsing: .upToNextOption,
+            help: "Depths: positions of context read (untimed) before each pp and tg test, multiples of 16.")
+    var depth: [Int] = [0]
 
     @Option(name: .shortAndLong, parsing: .upToNextOption, help: "Thread counts (default: all cores).")
     var threads: [Int] = []
@@ -94,6 +100,7 @@ struct Bench: ParsableCommand {
 
     func validate() throws {
         if prompt.contains(where: { $0 < 0 }) || gen.contains(where: { $0 < 0 }) { throw ValidationError("lengths must be >= 0") }
+        if depth.contains(where: { $0 < 0 || $0 % 16 != 0 }) { throw ValidationError("depths must be >= 0 and multiples of 16 (the KV block size)") }
         if threads.contains(where: { $0 < 1 || $0 > 1024 }) { throw ValidationError("--threads must be between 1 and 1024") }
         if repetitions < 1 || repetitions > 1000 { throw ValidationError("--repetitions must be between 1 and 1000") }
         if batchSize < 1 { throw ValidationError("--batch-size must be >= 1") }
@@ -125,17 +132,19 @@ struct Bench: ParsableCommand {
                     let load = Date().timeIntervalSince(t0)
                     let info = ModelInfo(directory: path, model: lm)
                     var samples: [Benchmark.Sample] = []
-                    for p in prompt where p > 0 {
-                        guard p <= lm.config.maxPositions else {
-                            throw PeregrineError.invalidArgument("pp\(p) exceeds the model's context of \(lm.config.maxPositions)")
+                    for d in depth {
+                        for p in prompt where p > 0 {
+                            guard d + p <= lm.config.maxPositions else {
+                                throw PeregrineError.invalidArgument("pp\(p) at depth \(d) exceeds the model's context of \(lm.config.maxPositions)")
+                            }
+                            samples.append(try Benchmark.promptProcessing(lm, tokens: p, depth: d, batch: batchSize, repetitions: repetitions))
                         }
-                        samples.append(try Benchmark.promptProcessing(lm, tokens: p, batch: batchSize, repetitions: repetitions))
-                    }
-                    for n in gen where n > 0 {
-                        guard n < lm.config.maxPositions else {
-                            throw PeregrineError.invalidArgument("tg\(n) exceeds the model's context of \(lm.config.maxPositions)")
+                        for n in gen where n > 0 {
+                            guard d + n < lm.config.maxPositions else {
+                                throw PeregrineError.invalidArgument("tg\(n) at depth \(d) exceeds the model's context of \(lm.config.maxPositions)")
+                            }
+                            samples.append(try Benchmark.tokenGeneration(lm, tokens: n, depth: d, repetitions: repetitions))
                         }
-                        samples.append(try Benchmark.tokenGeneration(lm, tokens: n, repetitions: repetitions))
                     }
                     for s in samples {
                         let rss = Benchmark.peakResidentBytes()

@@ -48,6 +48,18 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(out.contains("\"perplexity\":2012."), out)
     }
 
+    func testBenchAtDepth() throws {
+        let (code, out, err) = try run(["bench", "-p", "16", "-n", "4", "-d", "0", "32", "-r", "1", "--json"])
+        XCTAssertEqual(code, 0, err)
+        let tests = out.split(separator: "\n").compactMap { line -> String? in
+            guard let r = line.range(of: "\"test\":\"") else { return nil }
+            return String(line[r.upperBound...].prefix { $0 != "\"" })
+        }
+        XCTAssertEqual(tests, ["pp16", "tg4", "pp16 @ d32", "tg4 @ d32"], out)
+        try assertFails(["bench", "-d", "17"], "multiples of 16")
+        try assertFails(["bench", "-p", "32", "-n", "0", "-d", "1008"], "pp32 at depth 1008 exceeds the model's context of 1024")
+    }
+
     func testBadInputs() throws {
         try assertFails(["generate", "--prompt", ""], "error: the prompt is empty")
         try assertFails(["generate", "--temperature=-1"], "error: temperature must be >= 0")

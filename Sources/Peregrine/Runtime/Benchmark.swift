@@ -2,8 +2,9 @@
 import Glibc
 #endif
 
-/// Measurements in the manner of llama-bench: prompt processing (one batch of `p` tokens into an
-/// empty cache) and token generation (`n` tokens one at a time from an empty cache), repeated.
+/// Measurements in the manner of llama-bench: prompt processing (one batch of `p` tokens) and
+/// token generation (`n` tokens one at a time), into an empty cache or after a depth of context,
+/// repeated.
 public enum Benchmark {
     public struct Sample: Sendable {
         public var test: String
@@ -51,34 +52,84 @@ public enum Benchmark {
         return try Engine(model: model, tokenizer: nil, config: config)
     }
 
-    /// Prompt processing: `tokens` prompt tokens as one batch (chunked by `batch`), `repetitions`
-    /// times after one warm-up run, on the serving engine (a batch of one).
-    public static func promptProcessing(_ model: LanguageModel, tokens n: Int, batch: Int = 512, repetitions: Int) throws -> Sample {
-        let engine = try singleSequenceEngine(model, positions: n + 1, batch: batch)
-        var request = EngineRequest(promptTokens: tokens(n, vocab: model.config.vocabSize, seed: 1), maxTokens: 1)
-        request.ignoreEOS = true
-        var times: [Double] = []
-        for rep in 0...repetitions {
-            let t0 = now()
-            _ = try engine.generate(prompts: [request])
-            if rep > 0 { times.append(now() - t0) }
+    /// A test's engine and the context its timed runs start from. At depth 0 the cache is empty.
+    /// At a depth (llama-bench's `-d`), a prompt of `depth` tokens is read once, untimed, and stays
+    /// in the prefix cache: every timed run starts with that prompt, maps its blocks and computes
+    /// only its own tokens, with `depth` positions of context before them.
+    private struct DepthContext {
+        let engine: Engine
+        let prefix: [Int]
+
+        init(_ model: LanguageModel, depth: Int, tokens n: Int, batch: Int, repetitions: Int) throws {
+            guard depth > 0 else {
+                engine = try singleSequenceEngine(model, positions: n + 1, batch: batch)
+                prefix = []
+                return
+            }
+            var config = EngineConfig()
+            guard depth % config.blockSize == 0 else {
+                throw PeregrineError.invalidArgument("a depth must be a multiple of the KV block size (\(config.blockSize)); \(depth) is not")
+            }
+            guard depth + n + 1 <= model.config.maxPositions else {
+                throw PeregrineError.invalidArgument("depth \(depth) plus \(n) tokens exceeds the model's context of \(model.config.maxPositions)")
+            }
+            // The depth's blocks, and room for every run's own blocks so that none evicts them.
+            let perRun = (n + 1 + config.blockSize - 1) / config.blockSize + 1
+            config.kvBlocks = depth / config.blockSize + (repetitions + 2) * perRun
+            config.contextLength = depth + n + 1
+            config.maxBatchTokens = batch
+            config.maxSequences = 1
+            config.prefixCaching = true
+            engine = try Engine(model: model, tokenizer: nil, config: config)
+            prefix = Benchmark.tokens(depth, vocab: model.config.vocabSize, seed: 7)
+            var fill = EngineRequest(promptTokens: prefix, maxTokens: 1)
+            fill.ignoreEOS = true
+            _ = try engine.generate(prompts: [fill])
         }
-        return Sample(test: "pp\(n)", tokens: n, seconds: times)
+
+        /// Runs a request that continues the context with `tokens`, and checks that its depth came
+        /// from the cache (a timed run must not read it again).
+        func run(_ tokens: [Int], maxTokens: Int) throws {
+            var request = EngineRequest(promptTokens: prefix + tokens, maxTokens: maxTokens)
+            request.ignoreEOS = true
+            let results = try engine.generate(prompts: [request])
+            guard prefix.isEmpty || results.first?.cachedPromptTokens == prefix.count else {
+                throw PeregrineError.invalidArgument("the depth's \(prefix.count) tokens were not found in the prefix cache")
+            }
+        }
+
+        var label: String { prefix.isEmpty ? "" : " @ d\(prefix.count)" }
     }
 
-    /// Token generation: `tokens` single-token steps from an empty cache, each feeding back the
-    /// greedy token, `repetitions` times after one warm-up run, on the serving engine.
-    public static func tokenGeneration(_ model: LanguageModel, tokens n: Int, repetitions: Int) throws -> Sample {
-        let engine = try singleSequenceEngine(model, positions: n + 1, batch: 512)
-        var request = EngineRequest(promptTokens: [1], maxTokens: n)
-        request.ignoreEOS = true
+    /// Prompt processing: `tokens` prompt tokens as one batch (chunked by `batch`), `repetitions`
+    /// times after one warm-up run, on the serving engine (a batch of one), after `depth`
+    /// positions of context.
+    public static func promptProcessing(_ model: LanguageModel, tokens n: Int, depth: Int = 0, batch: Int = 512, repetitions: Int) throws -> Sample {
+        let context = try DepthContext(model, depth: depth, tokens: n, batch: batch, repetitions: repetitions)
         var times: [Double] = []
         for rep in 0...repetitions {
+            // Each run its own tokens at a depth, so that none finds the last one's blocks.
+            let prompt = tokens(n, vocab: model.config.vocabSize, seed: depth == 0 ? 1 : 100 + UInt64(rep))
             let t0 = now()
-            _ = try engine.generate(prompts: [request])
+            try context.run(prompt, maxTokens: 1)
             if rep > 0 { times.append(now() - t0) }
         }
-        return Sample(test: "tg\(n)", tokens: n, seconds: times)
+        return Sample(test: "pp\(n)" + context.label, tokens: n, seconds: times)
+    }
+
+    /// Token generation: `tokens` single-token steps, each feeding back the greedy token,
+    /// `repetitions` times after one warm-up run, on the serving engine, from an empty cache or
+    /// after `depth` positions of context.
+    public static func tokenGeneration(_ model: LanguageModel, tokens n: Int, depth: Int = 0, repetitions: Int) throws -> Sample {
+        let context = try DepthContext(model, depth: depth, tokens: n, batch: 512, repetitions: repetitions)
+        var times: [Double] = []
+        for rep in 0...repetitions {
+            let first = depth == 0 ? 1 : Int(1 + rep) % model.config.vocabSize
+            let t0 = now()
+            try context.run([first], maxTokens: n)
+            if rep > 0 { times.append(now() - t0) }
+        }
+        return Sample(test: "tg\(n)" + context.label, tokens: n, seconds: times)
     }
 
     /// Peak resident memory of this process, in bytes.
