@@ -3,7 +3,8 @@
 heads over 8 KV heads of 128, 128256 vocabulary, untied output), BF16, in the Hugging Face
 layout, for the GPU benchmarks. The weights are drawn on the GPU (normal, std 0.02) and written
 with safetensors; the tokenizer is a byte-level BPE of the same vocabulary size with random
-merges (make_large_tokenizer.py). Speed does not depend on what the weights say.
+merges (make_large_tokenizer.py). Speed does not depend on what the weights say. Its context is
+32,768 positions (Llama 3 8B's is 8,192), so that decode can be measured at depths of 16k.
 
 Run on the GPU machine: python3 scripts/make_gpu_model.py OUT_DIR
 """
@@ -22,7 +23,7 @@ from make_bench_models import LLAMA3_PATTERN, tokenizer_json  # noqa: E402
 def main(out):
     os.makedirs(out, exist_ok=True)
     cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
                       rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000,
                       eos_token_id=128001, torch_dtype="bfloat16")
     cfg.save_pretrained(out)

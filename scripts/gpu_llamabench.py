@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Peregrine's `bench` beside llama.cpp's `llama-bench` on the same GGUF files and GPU: prompt
+processing (pp512, pp2048, pp8192), generation from an empty cache (tg128) and at depths
+(tg64 @ d4096, tg64 @ d16384), for each file, the two engines alternating file by file; then
+one table of tokens/s with the ratios (Peregrine / llama.cpp).
+
+Run on the GPU machine through scripts/gpu_llamabench.sh (it makes the files).
+    python3 scripts/gpu_llamabench.py --binary BIN --llama-bench LLAMA_BENCH FILE.gguf [FILE.gguf ...]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+
+def peregrine(binary, path, pp, tg, depths, dtg, reps, device):
+    """{test name: tokens/s} from `peregrine bench --json` (names as llama-bench's: 'tg64 @ d4096')."""
+    out = {}
+    runs = [["-p"] + [str(p) for p in pp] + ["-n"] + [str(n) for n in tg]]
+    if depths:
+        runs.append(["-p", "0", "-n", str(dtg), "-d"] + [str(d) for d in depths])
+    for args in runs:
+        r = subprocess.run([binary, "bench", "--device", device, "-m", path, "-r", str(reps), "--json"] + args,
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            print(r.stderr, file=sys.stderr)
+            continue
+        for line in r.stdout.splitlines():
+            if line.startswith("{"):
+                j = json.loads(line)
+                out[j["test"]] = j["tokens_per_second"]
+    return out
+
+
+def llamacpp(tool, path, pp, tg, depths, dtg, reps):
+    """{test name: tokens/s} from `llama-bench -o jsonl` with flash attention and every layer on the GPU."""
+    out = {}
+    runs = [["-p", ",".join(map(str, pp)), "-n", ",".join(map(str, tg))]]
+    if depths:
+        runs.append(["-p", "0", "-n", str(dtg), "-d", ",".join(map(str, depths))])
+    for args in runs:
+        r = subprocess.run([tool, "-m", path, "-ngl", "99", "-fa", "1", "-r", str(reps), "-o", "jsonl"] + args,
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            print(r.stderr[-2000:], file=sys.stderr)
+            continue
+        for line in r.stdout.splitlines():
+            if not line.startswith("{"):
+                continue
+            j = json.loads(line)
+            name = f"pp{j['n_prompt']}" if j["n_prompt"] > 0 else f"tg{j['n_gen']}"
+            if j.get("n_depth", 0):
+                name += f" @ d{j['n_depth']}"
+            out[name] = j["avg_ts"]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--binary", required=True)
+    ap.add_argument("--llama-bench", required=True)
+    ap.add_argument("--pp", type=int, nargs="+", default=[512, 2048, 8192])
+    ap.add_argument("--tg", type=int, nargs="+", default=[128])
+    ap.add_argument("--depths", type=int, nargs="*", default=[4096, 16384])
+    ap.add_argument("--depth-tg", type=int, default=64)
+    ap.add_argument("-r", "--repetitions", type=int, default=3)
+    ap.add_argument("--device", default="cuda", help="Peregrine's device (cuda; cpu to check the script where no GPU is)")
+    ap.add_argument("files", nargs="+")
+    a = ap.parse_args()
+    rows = []
+    for path in a.files:
+        ours = peregrine(a.binary, path, a.pp, a.tg, a.depths, a.depth_tg, a.repetitions, a.device)
+        print(f"# {os.path.basename(path)} peregrine: {json.dumps(ours)}", flush=True)
+        theirs = llamacpp(a.llama_bench, path, a.pp, a.tg, a.depths, a.depth_tg, a.repetitions)
+        print(f"# {os.path.basename(path)} llama.cpp: {json.dumps(theirs)}", flush=True)
+        for test in list(ours) + [t for t in theirs if t not in ours]:
+            rows.append((os.path.basename(path), test, ours.get(test), theirs.get(test)))
+    print("| file | test | Peregrine tok/s | llama.cpp tok/s | ratio |")
+    print("|---|---|---|---|---|")
+    def fmt(x):
+        return f"{x:,.1f}" if x else "-"
+    for f, test, p, l in rows:
+        ratio = f"{p / l:.2f}x" if p and l else "-"
+        print(f"| {f} | {test} | {fmt(p)} | {fmt(l)} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
