@@ -2,13 +2,18 @@
 """Builds the reference fixtures under Tests/Fixtures with the Hugging Face libraries.
 
 - tokenizers/<kind>/: a small tokenizer of each kind Peregrine reads (byte-level BPE with the GPT-2,
-  Llama 3 and Qwen2 pre-tokenizers; SentencePiece-style BPE, legacy and metaspace), trained with
-  the `tokenizers` library, and tokenizer_cases.json: its ids and decodings of the test strings.
+  Llama 3 and Qwen2 pre-tokenizers, and with SmolLM2's single-digit split before GPT-2's;
+  SentencePiece-style BPE, legacy and metaspace), trained with the `tokenizers` library, and
+  tokenizer_cases.json: its ids and decodings of the test strings.
 - models/<name>/: tiny randomly initialised models of each supported architecture in the
   transformers layout, with reference.json (prompt ids, greedy continuation) and
   reference_logits.bin (transformers' f32 logits for every position of prompt + continuation).
 
 Run: python3 scripts/make_fixtures.py   (needs torch, transformers, tokenizers, safetensors)
+     python3 scripts/make_fixtures.py --keep-tokenizers
+       trains only the tokenizers that are not committed yet and recomputes tokenizer_cases.json
+       from the committed tokenizer.json files (training is not reproducible for every kind);
+       no model is rebuilt.
 The outputs are committed, so the Swift tests need no Python.
 """
 import glob
@@ -53,7 +58,14 @@ TEST_STRINGS = [
     "Ŝtrange Ĉharacters ſ 'S 'ſ",
     "Arabic: مرحبا بالعالم Hebrew: שלום Greek: Καλημέρα Cyrillic: Привет",
     "repeated!!!!!!!???...---",
+    # Numbers by general category (Nd, Nl, No) beside CJK numerals, which have numeric values but
+    # are letters (Lo).
+    "Numerals: 零 一二三 〇 ½ ¾ Ⅻ ① ² ٣ ১ 42 零点五",
 ]
+
+# Text only the digits tokenizer is trained on, so that its merges join a space to a CJK numeral's
+# first byte (" 零" is one word when the numeral is a letter).
+NUMERAL_CORPUS = "零 一 二 三 四 五 六 七 八 九 十 百 千 万 零点 〇 ½ Ⅻ ① 12 345\n" * 3000
 
 
 def corpus_text():
@@ -72,6 +84,7 @@ def specials_for(kind):
         "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
         "qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         "gpt2": ["<|endoftext|>"],
+        "digits": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         "llama2": ["<unk>", "<s>", "</s>"],
         "metaspace": ["<unk>", "<s>", "</s>"],
     }[kind]
@@ -79,8 +92,16 @@ def specials_for(kind):
 
 def train_byte_level(kind, vocab_size=400):
     tok = Tokenizer(models.BPE(ignore_merges=(kind == "llama3")))
+    corpus = corpus_text()
     if kind == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif kind == "digits":
+        # SmolLM2's: every digit its own piece, then GPT-2's split and bytes.
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+        corpus.append(NUMERAL_CORPUS)
     else:
         pattern = LLAMA3_PATTERN if kind == "llama3" else QWEN2_PATTERN
         tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -92,7 +113,7 @@ def train_byte_level(kind, vocab_size=400):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator(corpus_text(), trainer)
+    tok.train_from_iterator(corpus, trainer)
     tok.add_special_tokens(specials_for(kind))
     if kind == "llama3":
         bos = "<|begin_of_text|>"
@@ -235,20 +256,30 @@ def write_model(directory, model, tok, kind, ids, greedy, logits, extra=None, dt
         json.dump(ref, f, indent=1)
 
 
+TOKENIZER_KINDS = ["llama3", "qwen2", "gpt2", "llama2", "metaspace", "digits"]
+
+
 def main():
     torch.set_num_threads(2)
+    keep = "--keep-tokenizers" in sys.argv[1:]
     tok_root = os.path.join(ROOT, "tokenizers")
-    if os.path.exists(tok_root):
+    if os.path.exists(tok_root) and not keep:
         shutil.rmtree(tok_root)
     toks = {}
     all_cases = {}
-    for kind in ["llama3", "qwen2", "gpt2", "llama2", "metaspace"]:
-        tok = train_byte_level(kind) if kind in ("llama3", "qwen2", "gpt2") else train_sentencepiece_style(kind)
+    for kind in TOKENIZER_KINDS:
+        path = os.path.join(tok_root, kind)
+        if keep and os.path.exists(os.path.join(path, "tokenizer.json")):
+            tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        else:
+            tok = train_sentencepiece_style(kind) if kind in ("llama2", "metaspace") else train_byte_level(kind)
+            save_tokenizer(tok, kind, path)
         toks[kind] = tok
-        save_tokenizer(tok, kind, os.path.join(tok_root, kind))
         all_cases[kind] = tokenizer_cases(tok, kind)
     with open(os.path.join(ROOT, "tokenizer_cases.json"), "w") as f:
         json.dump(all_cases, f, ensure_ascii=False, indent=1)
+    if keep:
+        return
 
     model_root = os.path.join(ROOT, "models")
     os.makedirs(model_root, exist_ok=True)
