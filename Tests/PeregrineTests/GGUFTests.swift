@@ -147,6 +147,46 @@ final class GGUFModelTests: XCTestCase {
     }
 }
 
+/// A GGUF file is known by its magic, whatever its name; a file named .gguf that is not one
+/// says so.
+final class GGUFDetectionTests: XCTestCase {
+    func testGGUFUnderAnotherNameLoads() throws {
+        let dir = try Fixtures.tempDirectory(self)
+        for name in ["llama-f32.bin", "llama-f32"] {
+            let path = dir + "/" + name
+            try FileManager.default.copyItem(atPath: GGUFTests.file, toPath: path)
+            XCTAssertTrue(FileSystem.isGGUFFile(path))
+            let model = try ModelRegistry.load(directory: path)
+            let ref = try Reference(model: "llama")
+            let logits = try allLogits(model, ref.promptIds + ref.greedyIds)
+            let llamacpp = try Fixtures.floats(Fixtures.root + "/gguf/llama-f32.llamacpp_logits.bin")
+            XCTAssertLessThan(maxAbsDiff(logits, llamacpp), 1e-4, name)
+            let tok = try Tokenizer(directory: path)
+            XCTAssertEqual(tok.encode("The quick brown fox"), try Tokenizer(directory: GGUFTests.file).encode("The quick brown fox"))
+            XCTAssertEqual(ChatTemplate.specialTokens(model: path).eos, ChatTemplate.specialTokens(model: GGUFTests.file).eos)
+        }
+    }
+
+    func testFilesThatAreNotGGUF() throws {
+        let dir = try Fixtures.tempDirectory(self)
+        let named = dir + "/weights.gguf", plain = dir + "/weights.bin"
+        for p in [named, plain] { try Data("not a model at all, just text".utf8).write(to: URL(fileURLWithPath: p)) }
+        func message(_ body: () throws -> Void) -> String {
+            do { try body() } catch { return "\(error)" }
+            return "no error"
+        }
+        let a = message { _ = try ModelRegistry.load(directory: named) }
+        XCTAssertTrue(a.contains("not a GGUF file (bad magic)"), a)
+        let b = message { _ = try Tokenizer(directory: named) }
+        XCTAssertTrue(b.contains("not a GGUF file (bad magic)"), b)
+        let c = message { _ = try ModelRegistry.load(directory: plain) }
+        XCTAssertTrue(c.contains("neither a model directory nor a GGUF file"), c)
+        XCTAssertFalse(FileSystem.isGGUFFile(plain))
+        XCTAssertFalse(FileSystem.isGGUFFile(dir))
+        XCTAssertFalse(FileSystem.isGGUFFile(dir + "/missing.gguf"))
+    }
+}
+
 /// GGUF files whose metadata lies or is of the wrong type: one clear error each.
 final class GGUFMetadataTests: XCTestCase {
     enum V { case u32(UInt32), f32(Float), str(String), strs([String]), bool(Bool) }

@@ -155,7 +155,10 @@ public enum ModelRegistry {
             let g = try GGUFFile(path: directory)
             return try model(config: try ModelConfig(gguf: g), weights: GGUFWeights(g), backend: backend)
         }
-        guard FileSystem.isDirectory(directory) else { throw PeregrineError.io("\(directory): not a model directory") }
+        guard FileSystem.isDirectory(directory) else {
+            guard FileSystem.exists(directory) else { throw PeregrineError.io("\(directory): not a model directory") }
+            throw PeregrineError.io("\(directory): neither a model directory nor a GGUF file")
+        }
         let configPath = FileSystem.join(directory, "config.json")
         guard FileSystem.exists(configPath) else { throw PeregrineError.io("\(directory): no config.json") }
         let config = try ModelConfig(json: try FileSystem.readJSON(configPath), source: configPath)
