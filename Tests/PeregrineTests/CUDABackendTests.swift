@@ -155,42 +155,45 @@ final class CUDABackendTests: XCTestCase {
                 let q = (0..<(rows * heads * hd)).map { _ in 2 * uniform() }
                 let k = (0..<(rows * kvHeads * hd)).map { _ in uniform() }
                 let v = (0..<(rows * kvHeads * hd)).map { _ in uniform() }
-                let angles = (0..<(rows * hd / 2)).map { _ in 3 * uniform() }
-                for (window, grouped) in [(nil, true), (48, true), (nil, false), (48, false)] as [(Int?, Bool)] {
-                    gpu.groupedAttentionBlocks = grouped ? 0 : Int.max
-                    func run<B: ComputeBackend>(_ b: B) throws -> (out: [Float], again: [Float]) {
-                        let cache = try KVStorage(backend: b, layers: 1, blocks: blocks, blockSize: blockSize, capacity: capacity,
-                                                  kvHeads: kvHeads, headDim: hd)
-                        func buffer(_ x: [Float]) throws -> B.Buffer {
-                            let buf = try b.buffer(x.count)
-                            x.withUnsafeBufferPointer { b.write($0, to: buf, offset: 0) }
-                            return buf
+                // Whole heads rotated, and half of each (partial rotary: the rest passes unrotated).
+                for rotary in [hd, hd / 2] {
+                    let angles = (0..<(rows * rotary / 2)).map { _ in 3 * uniform() }
+                    for (window, grouped) in [(nil, true), (48, true), (nil, false), (48, false)] as [(Int?, Bool)] {
+                        gpu.groupedAttentionBlocks = grouped ? 0 : Int.max
+                        func run<B: ComputeBackend>(_ b: B) throws -> (out: [Float], again: [Float]) {
+                            let cache = try KVStorage(backend: b, layers: 1, blocks: blocks, blockSize: blockSize, capacity: capacity,
+                                                      kvHeads: kvHeads, headDim: hd)
+                            func buffer(_ x: [Float]) throws -> B.Buffer {
+                                let buf = try b.buffer(x.count)
+                                x.withUnsafeBufferPointer { b.write($0, to: buf, offset: 0) }
+                                return buf
+                            }
+                            // Position p of one sequence whose table is 0, 1, 2, ...: pool row p.
+                            var fill = BatchPlan()
+                            fill.tableWidth = width
+                            fill.append(tokens: [Int](repeating: 1, count: blocks * blockSize), slot: 0, position: 0, logits: .none)
+                            fill.appendBlockTable((0..<Int32(blocks)).map { $0 })
+                            b.beginPass(fill)
+                            b.storeKV(layer: 0, k: try buffer(keys), v: try buffer(values), rows: fill.count, plan: fill, cache: cache)
+                            let out = try b.buffer(rows * heads * hd), again = try b.buffer(rows * heads * hd)
+                            b.beginPass(plan)
+                            b.ropeAttention(layer: 0, q: try buffer(q), k: try buffer(k), v: try buffer(v), rows: rows, heads: heads,
+                                            headDim: hd, rotaryDim: rotary, cos: try buffer(angles.map { cosf($0) }),
+                                            sin: try buffer(angles.map { sinf($0) }), interleaved: hd == 64, plan: plan,
+                                            cache: cache, window: window, out: out)
+                            // Attention alone (not fused) over the cache the pass above wrote into.
+                            b.attention(layer: 0, q: try buffer(q), rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: again)
+                            try b.synchronize()
+                            var o = [Float](repeating: 0, count: rows * heads * hd), o2 = o
+                            o.withUnsafeMutableBufferPointer { b.read(out, offset: 0, into: $0) }
+                            o2.withUnsafeMutableBufferPointer { b.read(again, offset: 0, into: $0) }
+                            return (o, o2)
                         }
-                        // Position p of one sequence whose table is 0, 1, 2, ...: pool row p.
-                        var fill = BatchPlan()
-                        fill.tableWidth = width
-                        fill.append(tokens: [Int](repeating: 1, count: blocks * blockSize), slot: 0, position: 0, logits: .none)
-                        fill.appendBlockTable((0..<Int32(blocks)).map { $0 })
-                        b.beginPass(fill)
-                        b.storeKV(layer: 0, k: try buffer(keys), v: try buffer(values), rows: fill.count, plan: fill, cache: cache)
-                        let out = try b.buffer(rows * heads * hd), again = try b.buffer(rows * heads * hd)
-                        b.beginPass(plan)
-                        b.ropeAttention(layer: 0, q: try buffer(q), k: try buffer(k), v: try buffer(v), rows: rows, heads: heads,
-                                        headDim: hd, cos: try buffer(angles.map { cosf($0) }),
-                                        sin: try buffer(angles.map { sinf($0) }), interleaved: hd == 64, plan: plan,
-                                        cache: cache, window: window, out: out)
-                        // Attention alone (not fused) over the cache the pass above wrote into.
-                        b.attention(layer: 0, q: try buffer(q), rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: again)
-                        try b.synchronize()
-                        var o = [Float](repeating: 0, count: rows * heads * hd), o2 = o
-                        o.withUnsafeMutableBufferPointer { b.read(out, offset: 0, into: $0) }
-                        o2.withUnsafeMutableBufferPointer { b.read(again, offset: 0, into: $0) }
-                        return (o, o2)
+                        let (a, c) = (try run(cpu), try run(gpu))
+                        let label = "\(heads)/\(kvHeads) heads of \(hd) (\(rotary) rotated), \(rows) rows, window \(window ?? 0), grouped \(grouped)"
+                        XCTAssertLessThan(maxAbsDiff(a.out, c.out), 1e-4, label)
+                        XCTAssertLessThan(maxAbsDiff(a.again, c.again), 1e-4, label + ": over the keys and values it wrote")
                     }
-                    let (a, c) = (try run(cpu), try run(gpu))
-                    let label = "\(heads)/\(kvHeads) heads of \(hd), \(rows) rows, window \(window ?? 0), grouped \(grouped)"
-                    XCTAssertLessThan(maxAbsDiff(a.out, c.out), 1e-4, label)
-                    XCTAssertLessThan(maxAbsDiff(a.again, c.again), 1e-4, label + ": over the keys and values it wrote")
                 }
             }
         }

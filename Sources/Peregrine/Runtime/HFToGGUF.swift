@@ -40,7 +40,7 @@ struct HFToGGUF {
         u32("attention.head_count_kv", c.kvHeadCount)
         u32("attention.key_length", c.headDim)
         u32("attention.value_length", c.headDim)
-        u32("rope.dimension_count", c.headDim)
+        u32("rope.dimension_count", c.rotaryDim)
         w.set("\(arch).attention.layer_norm_rms_epsilon", .f32(c.rmsNormEps))
         w.set("\(arch).rope.freq_base", .f32(Float(c.ropeTheta)))
         if let window = c.slidingWindow.compactMap({ $0 }).first { u32("attention.sliding_window", window) }
@@ -56,6 +56,8 @@ struct HFToGGUF {
             plain.ropeScaling = .none
             let base = plain.ropeInverseFrequencies(), scaled = c.ropeInverseFrequencies()
             ropeFactors = zip(base, scaled).map { $0 / $1 }
+        case .longrope:
+            throw PeregrineError.unsupported("\(directory): LongRoPE cannot be written as a \(arch) GGUF")
         }
         try HFToGGUF.addTokenizer(directory: directory, config: c, to: &w)
         writer = w
