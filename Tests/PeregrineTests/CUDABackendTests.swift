@@ -223,13 +223,50 @@ final class CUDABackendTests: XCTestCase {
     /// transformers computing natively in BF16 (it is 0.066 off there, this 0.04).
     func testFixtureModelsMatchReference() throws {
         let gpu = try backend()
-        for name in ["llama", "llama2", "mistral", "qwen2", "qwen3", "llama-bf16"] {
+        for name in ["llama", "llama2", "mistral", "qwen2", "qwen3", "llama-bf16"] + ModelParityTests.phi3Models {
             let ref = try Reference(model: name)
             let model = try ModelRegistry.load(directory: Fixtures.model(name), backend: gpu)
             let seq = ref.promptIds + ref.greedyIds
             let logits = try allLogits(model, seq)
             let scale = ref.logits.reduce(0) { max($0, abs($1)) }
             XCTAssertLessThan(maxAbsDiff(logits, ref.logits), name == "llama-bf16" ? 0.1 * scale : 1e-3, name)
+        }
+    }
+
+    /// Phi-3 decoding a token at a time (RoPE, partial rotary and the KV write inside the
+    /// attention kernel) against transformers' generation through its cache (LongRoPE switching
+    /// to its long factors inside the continuation), and its greedy tokens.
+    func testPhi3DecodeMatchesReference() throws {
+        let gpu = try backend()
+        for name in ModelParityTests.phi3Models {
+            let ref = try Reference(model: name, logitsFile: "reference_logits_incremental.bin")
+            let model = try ModelRegistry.load(directory: Fixtures.model(name), backend: gpu)
+            let cache = try PagedKVCache(model: model, slots: 1, capacity: ref.rows)
+            var logits = [Float](repeating: 0, count: ref.vocab)
+            var plan = BatchPlan()
+            plan.append(tokens: ref.promptIds, slot: 0, position: 0, logits: .last)
+            try cache.prepare(&plan)
+            try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
+            try cache.advance(0, by: ref.promptIds.count)
+            var worst = maxAbsDiff(logits, ref.row(ref.promptIds.count - 1))
+            for (i, t) in ref.greedyIds.enumerated() {
+                plan.removeAll()
+                plan.append(tokens: [t], slot: 0, position: cache.length(of: 0), logits: .last)
+                try cache.prepare(&plan)
+                try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
+                try cache.advance(0, by: 1)
+                worst = max(worst, maxAbsDiff(logits, ref.row(ref.promptIds.count + i)))
+            }
+            XCTAssertLessThan(worst, 1e-3, "\(name): max |logit difference| \(worst) while decoding")
+            let tokenizer = try Tokenizer(directory: Fixtures.model(name))
+            var options = GenerationOptions()
+            options.sampling = .greedy
+            options.maxTokens = ref.greedyIds.count
+            let prompt = try XCTUnwrap(ref.json["prompt"]?.string)
+            let result = try Generator(model: model, tokenizer: tokenizer).generate(prompt: prompt, options: options)
+            let eos = Set(tokenizer.eosTokenIds + model.config.eosTokenIds)
+            let want = Array(ref.greedyIds.prefix { !eos.contains($0) })
+            XCTAssertEqual(result.tokens, want, "\(name): greedy tokens")
         }
     }
 

@@ -138,6 +138,7 @@ open class KVMemory {
 /// architecture listed for it, switched by its config.
 public enum ModelFamily: String, CaseIterable, Sendable {
     case llama
+    case phi3
 
     /// From config.json's `architectures` entry.
     public static let architectures: [String: ModelFamily] = [
@@ -145,6 +146,7 @@ public enum ModelFamily: String, CaseIterable, Sendable {
         "MistralForCausalLM": .llama,
         "Qwen2ForCausalLM": .llama,
         "Qwen3ForCausalLM": .llama,
+        "Phi3ForCausalLM": .phi3,
     ]
 }
 
@@ -172,6 +174,7 @@ public enum ModelRegistry {
         }
         switch family {
         case .llama: return try LlamaModel(config: config, weights: weights, backend: backend)
+        case .phi3: return try Phi3Model(config: config, weights: weights, backend: backend)
         }
     }
 
