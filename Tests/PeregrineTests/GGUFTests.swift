@@ -265,6 +265,37 @@ final class GGUFMetadataTests: XCTestCase {
         missing.1.removeAll { $0.0 == "blk.0.ffn_up.weight" }
         try check(missing, "missing tensor 'blk.0.ffn_up.weight'")
     }
+
+    /// GGUF phi3: fused attn_qkv and ffn_up (gate over up), LongRoPE factors as tensors.
+    func testPhi3Metadata() throws {
+        func phi3(rotary: UInt32? = nil, qkv: [Int] = [16, 32], factors: [(String, [Int])] = []) -> ([(String, V)], [(String, [Int])]) {
+            var (meta, tensors) = base(arch: "phi3")
+            if let rotary { meta.append(("phi3.rope.dimension_count", .u32(rotary))) }
+            meta.append(("phi3.attention.sliding_window", .u32(0)))
+            tensors.removeAll { ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight", "blk.0.ffn_gate.weight",
+                                 "blk.0.ffn_up.weight"].contains($0.0) }
+            tensors += [("blk.0.attn_qkv.weight", qkv), ("blk.0.ffn_up.weight", [16, 64])] + factors
+            return (meta, tensors)
+        }
+        try check(phi3(), nil)
+        try check(phi3(rotary: 4), nil)
+        try check(phi3(rotary: 5), "rope.dimension_count 5 must be even and at most the head dimension 8")
+        try check(phi3(qkv: [16, 24]), "tensor 'blk.0.attn_qkv.weight' has shape [24, 16], expected [32, 16]")
+        try check(phi3(factors: [("rope_factors_long.weight", [4])]), "rope_factors_long and rope_factors_short come together")
+        try check(phi3(factors: [("rope_factors_long.weight", [3]), ("rope_factors_short.weight", [4])]),
+                  "rope_factors_long.weight has shape [3], expected [4] (one value per rotary pair)")
+        try check(phi3(rotary: 4, factors: [("rope_factors_long.weight", [4]), ("rope_factors_short.weight", [4])]),
+                  "rope_factors_long.weight has shape [4], expected [2] (one value per rotary pair)")
+        // The writer's tensors are zeros: factors of the right length, but not positive.
+        try check(phi3(factors: [("rope_factors_long.weight", [4]), ("rope_factors_short.weight", [4])]),
+                  "RoPE factors must be positive numbers")
+        let p = try Fixtures.tempDirectory(self) + "/m.gguf"
+        try write(p, meta: phi3().0, tensors: phi3().1)
+        let c = try ModelRegistry.load(directory: p).config
+        XCTAssertEqual(c.architecture, "Phi3ForCausalLM")
+        XCTAssertEqual(c.slidingWindow, [nil])
+        XCTAssertFalse(c.ropeInterleaved)
+    }
 }
 
 /// Quantized weights (Q8_0, Q4_0): dot products on the blocks, against llama.cpp on the same files.

@@ -168,4 +168,47 @@ final class Phi3Tests: XCTestCase {
         // And the two references differ where the factors do.
         XCTAssertGreaterThan(maxAbsDiff(full.logits[0..<(short.count * v)], incremental.logits[0..<(short.count * v)]), 0.01)
     }
+
+    /// The fixtures converted by llama.cpp's converter (fused attn_qkv and ffn_up, LongRoPE's
+    /// factors as tensors, partial rotary as rope.dimension_count): llama.cpp's logits on the
+    /// same files, and transformers'. llama.cpp runs Phi-3 without its sliding window, which this
+    /// GGUF path applies as transformers does: for the windowed model the two agree on the
+    /// positions the window does not yet cut (the first 16).
+    func testGGUFMatchesLlamaCppAndTransformers() throws {
+        for name in ModelParityTests.phi3Models {
+            let path = Fixtures.root + "/gguf/\(name)-f32.gguf"
+            let ref = try Reference(model: name)
+            let gguf = try ModelRegistry.load(directory: path)
+            let hf = try ModelRegistry.load(directory: Fixtures.model(name))
+            XCTAssertEqual(gguf.config.rotaryDim, hf.config.rotaryDim, name)
+            XCTAssertEqual(gguf.config.slidingWindow, hf.config.slidingWindow, name)
+            XCTAssertFalse(gguf.config.ropeInterleaved)
+            if case .longrope(let h) = hf.config.ropeScaling {
+                guard case .longrope(let g) = gguf.config.ropeScaling else { return XCTFail("\(name): no LongRoPE in the GGUF") }
+                XCTAssertEqual(g.shortFactors, h.shortFactors)
+                XCTAssertEqual(g.longFactors, h.longFactors)
+                XCTAssertEqual(g.originalMaxPositions, h.originalMaxPositions)
+                XCTAssertEqual(g.attentionFactor, h.attentionFactor, accuracy: 1e-6)  // stored as f32
+            }
+            let seq = ref.promptIds + ref.greedyIds
+            let logits = try allLogits(gguf, seq)
+            let d = maxAbsDiff(logits, ref.logits)
+            XCTAssertLessThan(d, 1e-4, "\(name): GGUF logits differ from transformers' by \(d)")
+            let llamacpp = try Fixtures.floats(Fixtures.root + "/gguf/\(name)-f32.llamacpp_logits.bin")
+            XCTAssertEqual(llamacpp.count, logits.count)
+            let rows = hf.config.slidingWindow[0] ?? seq.count, v = ref.vocab
+            let e = maxAbsDiff(logits[0..<(rows * v)], llamacpp[0..<(rows * v)])
+            XCTAssertLessThan(e, 1e-4, "\(name): GGUF logits differ from llama.cpp's on the same file by \(e) (first \(rows) rows)")
+            // The GGUF's own tokenizer and the greedy continuation.
+            let tok = try Tokenizer(directory: path)
+            let prompt = try XCTUnwrap(ref.json["prompt"]?.string)
+            XCTAssertEqual(tok.encode(prompt), ref.promptIds)
+            var options = GenerationOptions()
+            options.sampling = .greedy
+            options.maxTokens = ref.greedyIds.count
+            let result = try Generator(model: gguf, tokenizer: tok).generate(prompt: prompt, options: options)
+            let eos = Set(tok.eosTokenIds + gguf.config.eosTokenIds)
+            XCTAssertEqual(result.tokens, Array(ref.greedyIds.prefix { !eos.contains($0) }), "\(name): greedy tokens")
+        }
+    }
 }
