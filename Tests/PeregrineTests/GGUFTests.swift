@@ -266,6 +266,26 @@ final class GGUFMetadataTests: XCTestCase {
         try check(missing, "missing tensor 'blk.0.ffn_up.weight'")
     }
 
+    /// The pre-tokenizer names: "dbrx" (llama.cpp's name for cl100k's split, which Phi-4's files
+    /// carry) splits as Llama 3 does but, as in llama.cpp, merges a word that is whole in the
+    /// vocabulary like any other; the Llama 3 names take such a word as one token.
+    func testPreTokenizerNames() throws {
+        let p = try Fixtures.tempDirectory(self) + "/m.gguf"
+        let spec = base(vocab: 6, tokens: 6), tensors = spec.1
+        var meta = spec.0
+        meta.removeAll { $0.0 == "tokenizer.ggml.tokens" || $0.0 == "tokenizer.ggml.pre" }
+        meta.append(("tokenizer.ggml.tokens", .strs(["a", "b", "c", "ab", "abc", "Ġ"])))
+        meta.append(("tokenizer.ggml.merges", .strs(["a b"])))
+        for (pre, ids) in [("dbrx", [3, 2]), ("llama-bpe", [4]), ("gpt-2", [3, 2])] {
+            try write(p, meta: meta + [("tokenizer.ggml.pre", .str(pre))], tensors: tensors)
+            XCTAssertEqual(try Tokenizer(directory: p).encode("abc", addSpecialTokens: false), ids, pre)
+        }
+        try write(p, meta: meta + [("tokenizer.ggml.pre", .str("mystery"))], tensors: tensors)
+        XCTAssertThrowsError(try Tokenizer(directory: p)) { e in
+            XCTAssertTrue("\(e)".contains("unsupported GGUF pre-tokenizer 'mystery' (supported: llama-bpe, qwen2, gpt-2, dbrx)"), "\(e)")
+        }
+    }
+
     /// GGUF phi3: fused attn_qkv and ffn_up (gate over up), LongRoPE factors as tensors.
     func testPhi3Metadata() throws {
         func phi3(rotary: UInt32? = nil, qkv: [Int] = [16, 32], factors: [(String, [Int])] = []) -> ([(String, V)], [(String, [Int])]) {
