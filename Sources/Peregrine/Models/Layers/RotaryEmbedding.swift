@@ -19,7 +19,9 @@ public enum RopeScaling: Equatable, Sendable {
 /// the sequence, up to the pass's last token, stays within `originalMaxPositions`, and with the
 /// long factors past it, as transformers chooses by the length of the positions it is given.
 /// Keys already in the KV memory keep the rotation they were written with, as in transformers'
-/// generation through its cache.
+/// generation through its cache: a prompt that crosses the original context and is read in
+/// several passes (chunked prefill, a reused cached prefix) keeps the short factors for the keys
+/// of the passes that stayed within it, where one pass over the whole prompt uses the long ones.
 public struct LongRoPE: Equatable, Sendable {
     /// Divisors of the rotation frequencies, one per rotary pair.
     public var shortFactors: [Float]
