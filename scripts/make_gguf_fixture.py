@@ -179,7 +179,7 @@ c.main()
             ref = json.load(open(os.path.join(model_dir, "reference.json")))
             seq = ref["prompt_ids"] + ref["greedy_ids"]
             out = os.path.join(OUT, f"{name}-f32.llamacpp_logits.bin")
-            subprocess.run([exe, path, "128", out] + [str(t) for t in seq], check=True)
+            subprocess.run([exe, path, out, ",".join(str(t) for t in seq)], check=True)
             print(name, os.path.getsize(path), "bytes; llama.cpp logits for", len(seq), "positions")
 
 
