@@ -2,13 +2,27 @@
 """Builds the reference fixtures under Tests/Fixtures with the Hugging Face libraries.
 
 - tokenizers/<kind>/: a small tokenizer of each kind Peregrine reads (byte-level BPE with the GPT-2,
-  Llama 3 and Qwen2 pre-tokenizers; SentencePiece-style BPE, legacy and metaspace), trained with
-  the `tokenizers` library, and tokenizer_cases.json: its ids and decodings of the test strings.
+  Llama 3 and Qwen2 pre-tokenizers, and with SmolLM2's single-digit split before GPT-2's;
+  SentencePiece-style BPE, legacy and metaspace), trained with the `tokenizers` library, and
+  tokenizer_cases.json: its ids and decodings of the test strings.
 - models/<name>/: tiny randomly initialised models of each supported architecture in the
   transformers layout, with reference.json (prompt ids, greedy continuation) and
   reference_logits.bin (transformers' f32 logits for every position of prompt + continuation).
+- models/phi4, phi3-partial, phi3.5-longrope: tiny Phi3ForCausalLM models (fused qkv and gate_up
+  projections): plain (Phi-4), partial rotary with a sliding window (rotating the first half of each
+  head), and LongRoPE whose original_max_position_embeddings lies inside the greedy continuation,
+  so the short factors give way to the long ones. Their greedy continuation is transformers'
+  generation through its cache (prompt in one pass, then a token at a time), whose logits are
+  also kept (reference_logits_incremental.bin): with LongRoPE they differ from one pass over the
+  whole sequence, which uses the long factors at every position.
 
 Run: python3 scripts/make_fixtures.py   (needs torch, transformers, tokenizers, safetensors)
+     python3 scripts/make_fixtures.py --phi3
+       builds only the Phi-3 models, with the committed tokenizers.
+     python3 scripts/make_fixtures.py --keep-tokenizers
+       trains only the tokenizers that are not committed yet and recomputes tokenizer_cases.json
+       from the committed tokenizer.json files (training is not reproducible for every kind);
+       no model is rebuilt.
 The outputs are committed, so the Swift tests need no Python.
 """
 import glob
@@ -20,8 +34,8 @@ import sys
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers, Regex
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Tests", "Fixtures")
 
@@ -53,7 +67,14 @@ TEST_STRINGS = [
     "Ŝtrange Ĉharacters ſ 'S 'ſ",
     "Arabic: مرحبا بالعالم Hebrew: שלום Greek: Καλημέρα Cyrillic: Привет",
     "repeated!!!!!!!???...---",
+    # Numbers by general category (Nd, Nl, No) beside CJK numerals, which have numeric values but
+    # are letters (Lo).
+    "Numerals: 零 一二三 〇 ½ ¾ Ⅻ ① ² ٣ ১ 42 零点五",
 ]
+
+# Text only the digits tokenizer is trained on, so that its merges join a space to a CJK numeral's
+# first byte (" 零" is one word when the numeral is a letter).
+NUMERAL_CORPUS = "零 一 二 三 四 五 六 七 八 九 十 百 千 万 零点 〇 ½ Ⅻ ① 12 345\n" * 3000
 
 
 def corpus_text():
@@ -72,6 +93,7 @@ def specials_for(kind):
         "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
         "qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         "gpt2": ["<|endoftext|>"],
+        "digits": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         "llama2": ["<unk>", "<s>", "</s>"],
         "metaspace": ["<unk>", "<s>", "</s>"],
     }[kind]
@@ -79,8 +101,16 @@ def specials_for(kind):
 
 def train_byte_level(kind, vocab_size=400):
     tok = Tokenizer(models.BPE(ignore_merges=(kind == "llama3")))
+    corpus = corpus_text()
     if kind == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif kind == "digits":
+        # SmolLM2's: every digit its own piece, then GPT-2's split and bytes.
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+        corpus.append(NUMERAL_CORPUS)
     else:
         pattern = LLAMA3_PATTERN if kind == "llama3" else QWEN2_PATTERN
         tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -92,7 +122,7 @@ def train_byte_level(kind, vocab_size=400):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator(corpus_text(), trainer)
+    tok.train_from_iterator(corpus, trainer)
     tok.add_special_tokens(specials_for(kind))
     if kind == "llama3":
         bos = "<|begin_of_text|>"
@@ -176,12 +206,13 @@ PROMPT = "The quick brown fox jumps over the lazy dog. Numbers 1234 and café, �
 GREEDY_STEPS = 12
 
 
-def build_model(name, arch, cfg_kwargs, tok, kind, seed):
+def build_model(name, arch, cfg_kwargs, tok, kind, seed, cached=False):
     cls_cfg, cls_model = {
         "llama": (LlamaConfig, LlamaForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "phi3": (Phi3Config, Phi3ForCausalLM),
     }[arch]
     vocab = tok.get_vocab_size()
     bos = tok.token_to_id(specials_for(kind)[1 if kind in ("llama2", "metaspace") else 0])
@@ -191,6 +222,10 @@ def build_model(name, arch, cfg_kwargs, tok, kind, seed):
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                 rms_norm_eps=1e-5, initializer_range=0.25, bos_token_id=bos, eos_token_id=eos,
                 attn_implementation="eager")
+    if arch == "phi3":
+        base["pad_token_id"] = eos  # Phi3Config's default (32000) lies outside a tiny vocabulary
+    if callable(cfg_kwargs):
+        cfg_kwargs = cfg_kwargs(len(tok.encode(PROMPT, add_special_tokens=True).ids))
     base.update(cfg_kwargs)
     config = cls_cfg(**base)
     # Re-seed until every greedy step has a clear winner, so the comparison cannot hinge on a tie.
@@ -205,28 +240,63 @@ def build_model(name, arch, cfg_kwargs, tok, kind, seed):
                 elif n_.endswith(".bias"):
                     p.copy_(0.1 * torch.randn_like(p))
         ids = tok.encode(PROMPT, add_special_tokens=True).ids
-        seq = list(ids)
-        margins = []
-        with torch.no_grad():
-            for _ in range(GREEDY_STEPS):
-                logits = model(torch.tensor([seq])).logits[0, -1]
-                top = torch.topk(logits, 2).values
-                margins.append(float(top[0] - top[1]))
-                seq.append(int(torch.argmax(logits)))
+        if cached:
+            greedy, margins, incremental = greedy_through_cache(model, ids)
+            seq = ids + greedy
+        else:
+            seq = list(ids)
+            margins = []
+            with torch.no_grad():
+                for _ in range(GREEDY_STEPS):
+                    logits = model(torch.tensor([seq])).logits[0, -1]
+                    top = torch.topk(logits, 2).values
+                    margins.append(float(top[0] - top[1]))
+                    seq.append(int(torch.argmax(logits)))
         if min(margins) > 2e-3:
             break
     else:
         sys.exit(f"{name}: no seed gave clear greedy margins")
     with torch.no_grad():
         full_logits = model(torch.tensor([seq])).logits[0].float()
+    if cached:
+        return model, ids, seq[len(ids):], full_logits, min(margins), incremental
     return model, ids, seq[len(ids):], full_logits, min(margins)
 
 
-def write_model(directory, model, tok, kind, ids, greedy, logits, extra=None, dtype=torch.float32):
+def greedy_through_cache(model, ids):
+    """Greedy decoding as transformers generates: the prompt in one pass, then each chosen token
+    through the cache. Returns the continuation, each step's top-2 margin and the logits of every
+    position of prompt + continuation as computed on the way (the last token is fed too, so its
+    row exists as in one pass over the whole sequence)."""
+    import inspect
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+        rows = [out.logits[0].float()]
+        greedy, margins = [], []
+        for step in range(GREEDY_STEPS):
+            last = out.logits[0, -1]
+            top = torch.topk(last, 2).values
+            margins.append(float(top[0] - top[1]))
+            greedy.append(int(torch.argmax(last)))
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            out = model(torch.tensor([[greedy[-1]]]), use_cache=True, **{cache_arg: cache})
+            rows.append(out.logits[0].float())
+    return greedy, margins, torch.cat(rows, 0)
+
+
+def write_model(directory, model, tok, kind, ids, greedy, logits, extra=None, dtype=torch.float32, tokenizer_class=None):
     if os.path.exists(directory):
         shutil.rmtree(directory)
     model.to(dtype).save_pretrained(directory, safe_serialization=True)
     save_tokenizer(tok, kind, directory)
+    if tokenizer_class:
+        # As Phi-4 ships it (llama.cpp's converter reads the class to choose the vocabulary's kind).
+        path = os.path.join(directory, "tokenizer_config.json")
+        cfg = json.load(open(path))
+        cfg["tokenizer_class"] = tokenizer_class
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=2)
     with open(os.path.join(directory, "reference_logits.bin"), "wb") as f:
         f.write(logits.contiguous().numpy().astype("<f4").tobytes())
     ref = {"prompt": PROMPT, "prompt_ids": ids, "greedy_ids": greedy, "rows": logits.shape[0], "vocab": logits.shape[1]}
@@ -235,20 +305,67 @@ def write_model(directory, model, tok, kind, ids, greedy, logits, extra=None, dt
         json.dump(ref, f, indent=1)
 
 
+TOKENIZER_KINDS = ["llama3", "qwen2", "gpt2", "llama2", "metaspace", "digits"]
+
+
+def longrope_config(prompt_tokens):
+    """Phi-3.5-style LongRoPE, the original context ending 4 tokens into the continuation.
+    max_position_embeddings / original gives the attention factor transformers derives."""
+    half = 8  # head_dim 16, full rotary
+    return dict(original_max_position_embeddings=prompt_tokens + 4,
+                rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                     short_factor=[1.0 + 0.05 * i for i in range(half)],
+                                     long_factor=[1.0 + 2.5 * i for i in range(half)]))
+
+
+# name, config overrides (or a function of the prompt's length giving them), tokenizer kind
+PHI3_SPECS = [
+    ("phi4", dict(rope_theta=250000.0), "llama3"),
+    ("phi3-partial", dict(partial_rotary_factor=0.5, sliding_window=16), "llama3"),
+    ("phi3.5-longrope", longrope_config, "llama3"),
+]
+
+
+def build_phi3_models(toks, model_root):
+    for i, (name, kw, kind) in enumerate(PHI3_SPECS):
+        model, ids, greedy, logits, margin, incremental = build_model(
+            name, "phi3", kw, toks[kind], kind, seed=9000 + 100 * i, cached=True)
+        d = os.path.join(model_root, name)
+        write_model(d, model, toks[kind], kind, ids, greedy, logits, tokenizer_class="GPT2Tokenizer",
+                    extra={"note": "greedy_ids: transformers' generation through its cache; "
+                                   "reference_logits_incremental.bin: the logits computed on the way"})
+        with open(os.path.join(d, "reference_logits_incremental.bin"), "wb") as f:
+            f.write(incremental.contiguous().numpy().astype("<f4").tobytes())
+        differ = float((incremental - logits).abs().max())
+        print(f"{name}: {len(ids)} prompt tokens, greedy margin {margin:.4f}, "
+              f"max |incremental - one pass| {differ:.3g}")
+
+
 def main():
     torch.set_num_threads(2)
+    phi3_only = "--phi3" in sys.argv[1:]
+    keep = "--keep-tokenizers" in sys.argv[1:] or phi3_only
     tok_root = os.path.join(ROOT, "tokenizers")
-    if os.path.exists(tok_root):
+    if os.path.exists(tok_root) and not keep:
         shutil.rmtree(tok_root)
     toks = {}
     all_cases = {}
-    for kind in ["llama3", "qwen2", "gpt2", "llama2", "metaspace"]:
-        tok = train_byte_level(kind) if kind in ("llama3", "qwen2", "gpt2") else train_sentencepiece_style(kind)
+    for kind in TOKENIZER_KINDS:
+        path = os.path.join(tok_root, kind)
+        if keep and os.path.exists(os.path.join(path, "tokenizer.json")):
+            tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        else:
+            tok = train_sentencepiece_style(kind) if kind in ("llama2", "metaspace") else train_byte_level(kind)
+            save_tokenizer(tok, kind, path)
         toks[kind] = tok
-        save_tokenizer(tok, kind, os.path.join(tok_root, kind))
         all_cases[kind] = tokenizer_cases(tok, kind)
     with open(os.path.join(ROOT, "tokenizer_cases.json"), "w") as f:
         json.dump(all_cases, f, ensure_ascii=False, indent=1)
+    if phi3_only:
+        build_phi3_models(toks, os.path.join(ROOT, "models"))
+        return
+    if keep:
+        return
 
     model_root = os.path.join(ROOT, "models")
     os.makedirs(model_root, exist_ok=True)
@@ -291,6 +408,7 @@ def main():
                 ref = json.load(open(os.path.join(d, "reference.json")))
                 ref["greedy_ids_rounded_weights"] = seq2[len(ids):]
                 json.dump(ref, open(os.path.join(d, "reference.json"), "w"), indent=1)
+    build_phi3_models(toks, model_root)
 
 
 if __name__ == "__main__":

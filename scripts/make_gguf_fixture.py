@@ -7,6 +7,14 @@ quantized by llama.cpp to Q4_1, Q5_0, Q5_1, Q4_K_M, Q5_K_M and Q6_K, with llama.
 
 Run with the interpreter of scripts/compare_llamacpp.py (llama-cpp-python installed, torch and
 transformers available):  .venv-bench/bin/python scripts/make_gguf_fixture.py
+
+The Phi-3 fixtures (phi4-f32, phi3-partial-f32, phi3.5-longrope-f32: the tiny Phi3ForCausalLM
+models of Tests/Fixtures/models converted by llama.cpp's converter, and llama.cpp's logits on them)
+come from a llama.cpp source tree and its build (cmake -B build && cmake --build build), through
+scripts/llamacpp_logits.c, compiled here against llama.h and libllama:
+  LLAMA_CPP_DIR=/path/to/llama.cpp LLAMA_CPP_BUILD=/path/to/llama.cpp/build \
+    python3 scripts/make_gguf_fixture.py --phi3-only
+(needs torch, numpy, sentencepiece and a C compiler; the converter's gguf-py comes from the tree).
 """
 import json
 import os
@@ -130,8 +138,56 @@ def record_peregrine_quantized():
             record_llama_cpp_logits(path, name, reference=reference)
 
 
+PHI3_FIXTURES = ["phi4", "phi3-partial", "phi3.5-longrope"]
+
+
+def make_phi3_fixtures():
+    """Each Phi-3 fixture model converted to F32 GGUF by the converter of LLAMA_CPP_DIR (fused
+    attn_qkv and ffn_up; rope_factors_long/short for LongRoPE; rope.dimension_count for partial
+    rotary), and llama.cpp's logits for its prompt and greedy continuation in one batch, with a
+    context of 128 (longer than LongRoPE's original 64, so llama.cpp takes the long factors, as a
+    pass over the whole sequence does)."""
+    import tempfile
+    src = os.environ["LLAMA_CPP_DIR"]
+    build = os.environ["LLAMA_CPP_BUILD"]
+    libdir = next(d for d in [os.path.join(build, "bin"), os.path.join(build, "lib"), build]
+                  if os.path.exists(os.path.join(d, "libllama.so")))
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "llamacpp_logits")
+        subprocess.run(["cc", "-O2", "-o", exe, os.path.join(ROOT, "scripts", "llamacpp_logits.c"),
+                        "-I", os.path.join(src, "include"), "-I", os.path.join(src, "ggml", "include"),
+                        "-L", libdir, "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{libdir}"], check=True)
+        for name in PHI3_FIXTURES:
+            model_dir = os.path.join(ROOT, "Tests", "Fixtures", "models", name)
+            path = os.path.join(OUT, f"{name}-f32.gguf")
+            if os.path.exists(path):
+                os.remove(path)
+            # llama.cpp gives the special tokens of a model whose general.name contains "phi3" or
+            # "phi-3" the attributes of Phi-3's own vocabulary, which requires its "</s>"; the
+            # fixtures use another vocabulary, so their names avoid that spelling.
+            title = "tiny " + name.replace("phi3", "phi 3")
+            code = f"""
+import sys
+sys.path.insert(0, {os.path.join(src, 'gguf-py')!r}); sys.path.insert(0, {src!r})
+sys.argv = ['convert_hf_to_gguf.py', {model_dir!r}, '--outtype', 'f32', '--outfile', {path!r}, '--model-name', {title!r}]
+import convert_hf_to_gguf as c
+from conversion.base import TextModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: 'llama-bpe'
+c.main()
+"""
+            subprocess.run([sys.executable, "-c", code], check=True, cwd=src)
+            ref = json.load(open(os.path.join(model_dir, "reference.json")))
+            seq = ref["prompt_ids"] + ref["greedy_ids"]
+            out = os.path.join(OUT, f"{name}-f32.llamacpp_logits.bin")
+            subprocess.run([exe, path, out, ",".join(str(t) for t in seq)], check=True)
+            print(name, os.path.getsize(path), "bytes; llama.cpp logits for", len(seq), "positions")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
+    if sys.argv[1:] == ["--phi3-only"]:
+        make_phi3_fixtures()
+        return
     if sys.argv[1:] == ["--peregrine-only"]:
         record_peregrine_quantized()
         return

@@ -60,6 +60,24 @@ final class CLITests: XCTestCase {
         try assertFails(["bench", "-p", "32", "-n", "0", "-d", "1008"], "pp32 at depth 1008 exceeds the model's context of 1024")
     }
 
+    /// A GGUF file is one by its magic, whatever its name; a .gguf name on another file is an error.
+    func testGGUFDetectedByMagic() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("peregrine-cli-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let renamed = dir + "/tiny-llama.bin"
+        try FileManager.default.copyItem(atPath: Self.repo.path + "/Tests/Fixtures/gguf/llama-f32.gguf", toPath: renamed)
+        let (code, out, err) = try run(["generate", "--model", renamed, "--prompt", "The quick brown fox", "-n", "4", "--temperature", "0"])
+        XCTAssertEqual(code, 0, err)
+        XCTAssertFalse(out.isEmpty)
+        let fake = dir + "/fake.gguf"
+        try Data("plain text, long enough for a GGUF header".utf8).write(to: URL(fileURLWithPath: fake))
+        try assertFails(["generate", "--model", fake], "not a GGUF file (bad magic)")
+        let other = dir + "/notes.txt"
+        try Data("plain text".utf8).write(to: URL(fileURLWithPath: other))
+        try assertFails(["generate", "--model", other], "neither a model directory nor a GGUF file")
+    }
+
     func testBadInputs() throws {
         try assertFails(["generate", "--prompt", ""], "error: the prompt is empty")
         try assertFails(["generate", "--temperature=-1"], "error: temperature must be >= 0")

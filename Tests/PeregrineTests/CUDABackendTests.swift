@@ -155,42 +155,45 @@ final class CUDABackendTests: XCTestCase {
                 let q = (0..<(rows * heads * hd)).map { _ in 2 * uniform() }
                 let k = (0..<(rows * kvHeads * hd)).map { _ in uniform() }
                 let v = (0..<(rows * kvHeads * hd)).map { _ in uniform() }
-                let angles = (0..<(rows * hd / 2)).map { _ in 3 * uniform() }
-                for (window, grouped) in [(nil, true), (48, true), (nil, false), (48, false)] as [(Int?, Bool)] {
-                    gpu.groupedAttentionBlocks = grouped ? 0 : Int.max
-                    func run<B: ComputeBackend>(_ b: B) throws -> (out: [Float], again: [Float]) {
-                        let cache = try KVStorage(backend: b, layers: 1, blocks: blocks, blockSize: blockSize, capacity: capacity,
-                                                  kvHeads: kvHeads, headDim: hd)
-                        func buffer(_ x: [Float]) throws -> B.Buffer {
-                            let buf = try b.buffer(x.count)
-                            x.withUnsafeBufferPointer { b.write($0, to: buf, offset: 0) }
-                            return buf
+                // Whole heads rotated, and half of each (partial rotary: the rest passes unrotated).
+                for rotary in [hd, hd / 2] {
+                    let angles = (0..<(rows * rotary / 2)).map { _ in 3 * uniform() }
+                    for (window, grouped) in [(nil, true), (48, true), (nil, false), (48, false)] as [(Int?, Bool)] {
+                        gpu.groupedAttentionBlocks = grouped ? 0 : Int.max
+                        func run<B: ComputeBackend>(_ b: B) throws -> (out: [Float], again: [Float]) {
+                            let cache = try KVStorage(backend: b, layers: 1, blocks: blocks, blockSize: blockSize, capacity: capacity,
+                                                      kvHeads: kvHeads, headDim: hd)
+                            func buffer(_ x: [Float]) throws -> B.Buffer {
+                                let buf = try b.buffer(x.count)
+                                x.withUnsafeBufferPointer { b.write($0, to: buf, offset: 0) }
+                                return buf
+                            }
+                            // Position p of one sequence whose table is 0, 1, 2, ...: pool row p.
+                            var fill = BatchPlan()
+                            fill.tableWidth = width
+                            fill.append(tokens: [Int](repeating: 1, count: blocks * blockSize), slot: 0, position: 0, logits: .none)
+                            fill.appendBlockTable((0..<Int32(blocks)).map { $0 })
+                            b.beginPass(fill)
+                            b.storeKV(layer: 0, k: try buffer(keys), v: try buffer(values), rows: fill.count, plan: fill, cache: cache)
+                            let out = try b.buffer(rows * heads * hd), again = try b.buffer(rows * heads * hd)
+                            b.beginPass(plan)
+                            b.ropeAttention(layer: 0, q: try buffer(q), k: try buffer(k), v: try buffer(v), rows: rows, heads: heads,
+                                            headDim: hd, rotaryDim: rotary, cos: try buffer(angles.map { cosf($0) }),
+                                            sin: try buffer(angles.map { sinf($0) }), interleaved: hd == 64, plan: plan,
+                                            cache: cache, window: window, out: out)
+                            // Attention alone (not fused) over the cache the pass above wrote into.
+                            b.attention(layer: 0, q: try buffer(q), rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: again)
+                            try b.synchronize()
+                            var o = [Float](repeating: 0, count: rows * heads * hd), o2 = o
+                            o.withUnsafeMutableBufferPointer { b.read(out, offset: 0, into: $0) }
+                            o2.withUnsafeMutableBufferPointer { b.read(again, offset: 0, into: $0) }
+                            return (o, o2)
                         }
-                        // Position p of one sequence whose table is 0, 1, 2, ...: pool row p.
-                        var fill = BatchPlan()
-                        fill.tableWidth = width
-                        fill.append(tokens: [Int](repeating: 1, count: blocks * blockSize), slot: 0, position: 0, logits: .none)
-                        fill.appendBlockTable((0..<Int32(blocks)).map { $0 })
-                        b.beginPass(fill)
-                        b.storeKV(layer: 0, k: try buffer(keys), v: try buffer(values), rows: fill.count, plan: fill, cache: cache)
-                        let out = try b.buffer(rows * heads * hd), again = try b.buffer(rows * heads * hd)
-                        b.beginPass(plan)
-                        b.ropeAttention(layer: 0, q: try buffer(q), k: try buffer(k), v: try buffer(v), rows: rows, heads: heads,
-                                        headDim: hd, cos: try buffer(angles.map { cosf($0) }),
-                                        sin: try buffer(angles.map { sinf($0) }), interleaved: hd == 64, plan: plan,
-                                        cache: cache, window: window, out: out)
-                        // Attention alone (not fused) over the cache the pass above wrote into.
-                        b.attention(layer: 0, q: try buffer(q), rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: again)
-                        try b.synchronize()
-                        var o = [Float](repeating: 0, count: rows * heads * hd), o2 = o
-                        o.withUnsafeMutableBufferPointer { b.read(out, offset: 0, into: $0) }
-                        o2.withUnsafeMutableBufferPointer { b.read(again, offset: 0, into: $0) }
-                        return (o, o2)
+                        let (a, c) = (try run(cpu), try run(gpu))
+                        let label = "\(heads)/\(kvHeads) heads of \(hd) (\(rotary) rotated), \(rows) rows, window \(window ?? 0), grouped \(grouped)"
+                        XCTAssertLessThan(maxAbsDiff(a.out, c.out), 1e-4, label)
+                        XCTAssertLessThan(maxAbsDiff(a.again, c.again), 1e-4, label + ": over the keys and values it wrote")
                     }
-                    let (a, c) = (try run(cpu), try run(gpu))
-                    let label = "\(heads)/\(kvHeads) heads of \(hd), \(rows) rows, window \(window ?? 0), grouped \(grouped)"
-                    XCTAssertLessThan(maxAbsDiff(a.out, c.out), 1e-4, label)
-                    XCTAssertLessThan(maxAbsDiff(a.again, c.again), 1e-4, label + ": over the keys and values it wrote")
                 }
             }
         }
@@ -220,13 +223,50 @@ final class CUDABackendTests: XCTestCase {
     /// transformers computing natively in BF16 (it is 0.066 off there, this 0.04).
     func testFixtureModelsMatchReference() throws {
         let gpu = try backend()
-        for name in ["llama", "llama2", "mistral", "qwen2", "qwen3", "llama-bf16"] {
+        for name in ["llama", "llama2", "mistral", "qwen2", "qwen3", "llama-bf16"] + ModelParityTests.phi3Models {
             let ref = try Reference(model: name)
             let model = try ModelRegistry.load(directory: Fixtures.model(name), backend: gpu)
             let seq = ref.promptIds + ref.greedyIds
             let logits = try allLogits(model, seq)
             let scale = ref.logits.reduce(0) { max($0, abs($1)) }
             XCTAssertLessThan(maxAbsDiff(logits, ref.logits), name == "llama-bf16" ? 0.1 * scale : 1e-3, name)
+        }
+    }
+
+    /// Phi-3 decoding a token at a time (RoPE, partial rotary and the KV write inside the
+    /// attention kernel) against transformers' generation through its cache (LongRoPE switching
+    /// to its long factors inside the continuation), and its greedy tokens.
+    func testPhi3DecodeMatchesReference() throws {
+        let gpu = try backend()
+        for name in ModelParityTests.phi3Models {
+            let ref = try Reference(model: name, logitsFile: "reference_logits_incremental.bin")
+            let model = try ModelRegistry.load(directory: Fixtures.model(name), backend: gpu)
+            let cache = try PagedKVCache(model: model, slots: 1, capacity: ref.rows)
+            var logits = [Float](repeating: 0, count: ref.vocab)
+            var plan = BatchPlan()
+            plan.append(tokens: ref.promptIds, slot: 0, position: 0, logits: .last)
+            try cache.prepare(&plan)
+            try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
+            try cache.advance(0, by: ref.promptIds.count)
+            var worst = maxAbsDiff(logits, ref.row(ref.promptIds.count - 1))
+            for (i, t) in ref.greedyIds.enumerated() {
+                plan.removeAll()
+                plan.append(tokens: [t], slot: 0, position: cache.length(of: 0), logits: .last)
+                try cache.prepare(&plan)
+                try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
+                try cache.advance(0, by: 1)
+                worst = max(worst, maxAbsDiff(logits, ref.row(ref.promptIds.count + i)))
+            }
+            XCTAssertLessThan(worst, 1e-3, "\(name): max |logit difference| \(worst) while decoding")
+            let tokenizer = try Tokenizer(directory: Fixtures.model(name))
+            var options = GenerationOptions()
+            options.sampling = .greedy
+            options.maxTokens = ref.greedyIds.count
+            let prompt = try XCTUnwrap(ref.json["prompt"]?.string)
+            let result = try Generator(model: model, tokenizer: tokenizer).generate(prompt: prompt, options: options)
+            let eos = Set(tokenizer.eosTokenIds + model.config.eosTokenIds)
+            let want = Array(ref.greedyIds.prefix { !eos.contains($0) })
+            XCTAssertEqual(result.tokens, want, "\(name): greedy tokens")
         }
     }
 

@@ -147,6 +147,46 @@ final class GGUFModelTests: XCTestCase {
     }
 }
 
+/// A GGUF file is known by its magic, whatever its name; a file named .gguf that is not one
+/// says so.
+final class GGUFDetectionTests: XCTestCase {
+    func testGGUFUnderAnotherNameLoads() throws {
+        let dir = try Fixtures.tempDirectory(self)
+        for name in ["llama-f32.bin", "llama-f32"] {
+            let path = dir + "/" + name
+            try FileManager.default.copyItem(atPath: GGUFTests.file, toPath: path)
+            XCTAssertTrue(FileSystem.isGGUFFile(path))
+            let model = try ModelRegistry.load(directory: path)
+            let ref = try Reference(model: "llama")
+            let logits = try allLogits(model, ref.promptIds + ref.greedyIds)
+            let llamacpp = try Fixtures.floats(Fixtures.root + "/gguf/llama-f32.llamacpp_logits.bin")
+            XCTAssertLessThan(maxAbsDiff(logits, llamacpp), 1e-4, name)
+            let tok = try Tokenizer(directory: path)
+            XCTAssertEqual(tok.encode("The quick brown fox"), try Tokenizer(directory: GGUFTests.file).encode("The quick brown fox"))
+            XCTAssertEqual(ChatTemplate.specialTokens(model: path).eos, ChatTemplate.specialTokens(model: GGUFTests.file).eos)
+        }
+    }
+
+    func testFilesThatAreNotGGUF() throws {
+        let dir = try Fixtures.tempDirectory(self)
+        let named = dir + "/weights.gguf", plain = dir + "/weights.bin"
+        for p in [named, plain] { try Data("not a model at all, just text".utf8).write(to: URL(fileURLWithPath: p)) }
+        func message(_ body: () throws -> Void) -> String {
+            do { try body() } catch { return "\(error)" }
+            return "no error"
+        }
+        let a = message { _ = try ModelRegistry.load(directory: named) }
+        XCTAssertTrue(a.contains("not a GGUF file (bad magic)"), a)
+        let b = message { _ = try Tokenizer(directory: named) }
+        XCTAssertTrue(b.contains("not a GGUF file (bad magic)"), b)
+        let c = message { _ = try ModelRegistry.load(directory: plain) }
+        XCTAssertTrue(c.contains("neither a model directory nor a GGUF file"), c)
+        XCTAssertFalse(FileSystem.isGGUFFile(plain))
+        XCTAssertFalse(FileSystem.isGGUFFile(dir))
+        XCTAssertFalse(FileSystem.isGGUFFile(dir + "/missing.gguf"))
+    }
+}
+
 /// GGUF files whose metadata lies or is of the wrong type: one clear error each.
 final class GGUFMetadataTests: XCTestCase {
     enum V { case u32(UInt32), f32(Float), str(String), strs([String]), bool(Bool) }
@@ -217,13 +257,64 @@ final class GGUFMetadataTests: XCTestCase {
     func testMetadataErrors() throws {
         try check(base(), nil)  // the well-formed file loads
         try check(base(blockCount: .str("one")), "block_count must be a positive integer")
-        try check(base(arch: "gptneox"), "unsupported GGUF architecture gptneox; supported: llama, qwen2, qwen3")
+        try check(base(arch: "gptneox"), "unsupported GGUF architecture gptneox; supported: llama, phi3, qwen2, qwen3")
         try check(base(vocab: 8, tokens: 9), "tensor 'token_embd.weight' has shape [8, 16], expected [9, 16]")
         try check(base(tokenizer: "llama"), nil, tokenizerMessage: "tokenizer.ggml.scores has 0 values for 8 tokens")
         try check(base(tokenizer: "bert"), nil, tokenizerMessage: "unsupported GGUF tokenizer model 'bert'")
         var missing = base()
         missing.1.removeAll { $0.0 == "blk.0.ffn_up.weight" }
         try check(missing, "missing tensor 'blk.0.ffn_up.weight'")
+    }
+
+    /// The pre-tokenizer names: "dbrx" (llama.cpp's name for cl100k's split, which Phi-4's files
+    /// carry) splits as Llama 3 does but, as in llama.cpp, merges a word that is whole in the
+    /// vocabulary like any other; the Llama 3 names take such a word as one token.
+    func testPreTokenizerNames() throws {
+        let p = try Fixtures.tempDirectory(self) + "/m.gguf"
+        let spec = base(vocab: 6, tokens: 6), tensors = spec.1
+        var meta = spec.0
+        meta.removeAll { $0.0 == "tokenizer.ggml.tokens" || $0.0 == "tokenizer.ggml.pre" }
+        meta.append(("tokenizer.ggml.tokens", .strs(["a", "b", "c", "ab", "abc", "Ġ"])))
+        meta.append(("tokenizer.ggml.merges", .strs(["a b"])))
+        for (pre, ids) in [("dbrx", [3, 2]), ("llama-bpe", [4]), ("gpt-2", [3, 2])] {
+            try write(p, meta: meta + [("tokenizer.ggml.pre", .str(pre))], tensors: tensors)
+            XCTAssertEqual(try Tokenizer(directory: p).encode("abc", addSpecialTokens: false), ids, pre)
+        }
+        try write(p, meta: meta + [("tokenizer.ggml.pre", .str("mystery"))], tensors: tensors)
+        XCTAssertThrowsError(try Tokenizer(directory: p)) { e in
+            XCTAssertTrue("\(e)".contains("unsupported GGUF pre-tokenizer 'mystery' (supported: llama-bpe, qwen2, gpt-2, dbrx)"), "\(e)")
+        }
+    }
+
+    /// GGUF phi3: fused attn_qkv and ffn_up (gate over up), LongRoPE factors as tensors.
+    func testPhi3Metadata() throws {
+        func phi3(rotary: UInt32? = nil, qkv: [Int] = [16, 32], factors: [(String, [Int])] = []) -> ([(String, V)], [(String, [Int])]) {
+            var (meta, tensors) = base(arch: "phi3")
+            if let rotary { meta.append(("phi3.rope.dimension_count", .u32(rotary))) }
+            meta.append(("phi3.attention.sliding_window", .u32(0)))
+            tensors.removeAll { ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight", "blk.0.ffn_gate.weight",
+                                 "blk.0.ffn_up.weight"].contains($0.0) }
+            tensors += [("blk.0.attn_qkv.weight", qkv), ("blk.0.ffn_up.weight", [16, 64])] + factors
+            return (meta, tensors)
+        }
+        try check(phi3(), nil)
+        try check(phi3(rotary: 4), nil)
+        try check(phi3(rotary: 5), "rope.dimension_count 5 must be even and at most the head dimension 8")
+        try check(phi3(qkv: [16, 24]), "tensor 'blk.0.attn_qkv.weight' has shape [24, 16], expected [32, 16]")
+        try check(phi3(factors: [("rope_factors_long.weight", [4])]), "rope_factors_long and rope_factors_short come together")
+        try check(phi3(factors: [("rope_factors_long.weight", [3]), ("rope_factors_short.weight", [4])]),
+                  "rope_factors_long.weight has shape [3], expected [4] (one value per rotary pair)")
+        try check(phi3(rotary: 4, factors: [("rope_factors_long.weight", [4]), ("rope_factors_short.weight", [4])]),
+                  "rope_factors_long.weight has shape [4], expected [2] (one value per rotary pair)")
+        // The writer's tensors are zeros: factors of the right length, but not positive.
+        try check(phi3(factors: [("rope_factors_long.weight", [4]), ("rope_factors_short.weight", [4])]),
+                  "RoPE factors must be positive numbers")
+        let p = try Fixtures.tempDirectory(self) + "/m.gguf"
+        try write(p, meta: phi3().0, tensors: phi3().1)
+        let c = try ModelRegistry.load(directory: p).config
+        XCTAssertEqual(c.architecture, "Phi3ForCausalLM")
+        XCTAssertEqual(c.slidingWindow, [nil])
+        XCTAssertFalse(c.ropeInterleaved)
     }
 }
 

@@ -4,6 +4,7 @@ import XCTest
 /// Logits and greedy tokens equal transformers' on tiny models of every supported architecture.
 final class ModelParityTests: XCTestCase {
     static let f32Models = ["llama", "llama2", "mistral", "qwen2", "qwen3"]
+    static let phi3Models = ["phi4", "phi3-partial", "phi3.5-longrope"]
 
     /// One forward pass over prompt + continuation, every row's logits checked.
     func checkBatchedLogits(_ name: String, tolerance: Float, logitsFile: String = "reference_logits.bin") throws {
@@ -18,8 +19,8 @@ final class ModelParityTests: XCTestCase {
     }
 
     /// Prompt in one pass, then the continuation one token at a time through the KV cache.
-    func checkIncrementalLogits(_ name: String, tolerance: Float) throws {
-        let ref = try Reference(model: name)
+    func checkIncrementalLogits(_ name: String, tolerance: Float, logitsFile: String = "reference_logits.bin") throws {
+        let ref = try Reference(model: name, logitsFile: logitsFile)
         let model = try ModelRegistry.load(directory: Fixtures.model(name))
         let cache = try PagedKVCache(model: model, slots: 1, capacity: ref.rows)
         var logits = [Float](repeating: 0, count: ref.vocab)
@@ -59,6 +60,19 @@ final class ModelParityTests: XCTestCase {
         // Random weights emit arbitrary bytes; where they form valid text, the stream equals the decode.
         let full = tokenizer.decode(want, skipSpecialTokens: true)
         if !full.unicodeScalars.contains("\u{FFFD}") { XCTAssertEqual(result.text, full) }
+    }
+
+    /// Phi-3 (fused projections): plain (Phi-4), partial rotary with a sliding window, and
+    /// LongRoPE whose original context ends inside the continuation. transformers' own
+    /// generation through its cache is the incremental reference: with LongRoPE the prompt's keys
+    /// keep the short factors' rotation there, while one pass over the whole sequence uses the
+    /// long factors everywhere.
+    func testPhi3MatchesTransformers() throws {
+        for name in Self.phi3Models {
+            try checkBatchedLogits(name, tolerance: 1e-4)
+            try checkIncrementalLogits(name, tolerance: 1e-4, logitsFile: "reference_logits_incremental.bin")
+            try checkGreedy(name)
+        }
     }
 
     func testF32LogitsMatchTransformers() throws {

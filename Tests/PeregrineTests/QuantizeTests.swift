@@ -53,6 +53,35 @@ final class QuantizeTests: XCTestCase {
         XCTAssertEqual(fromGGUF.addedBOS, hf.addedBOS)
     }
 
+    /// Phi-3 directories written as llama.cpp's converter writes them: the same tensors (fused
+    /// attn_qkv and ffn_up, LongRoPE's factor tensors), byte for byte at F32, and the same
+    /// LongRoPE metadata; the file runs with transformers' logits, and quantizes as that file does.
+    func testPhi3Directories() throws {
+        for name in ModelParityTests.phi3Models {
+            let out = try quantize(Fixtures.model(name), .f32)
+            let ours = try GGUFFile(path: out), theirs = try GGUFFile(path: Fixtures.root + "/gguf/\(name)-f32.gguf")
+            XCTAssertEqual(ours.tensors.map(\.name).sorted(), theirs.tensors.map(\.name).sorted(), name)
+            for t in theirs.tensors {
+                let a = try XCTUnwrap(ours.view(t.name)), b = try XCTUnwrap(theirs.view(t.name))
+                XCTAssertEqual(a.shape, b.shape, t.name)
+                XCTAssertEqual(a.toFloat(), b.toFloat(), "\(name): \(t.name)")
+            }
+            for key in ["phi3.rope.dimension_count", "phi3.attention.sliding_window", "phi3.rope.scaling.attn_factor", "phi3.context_length"] {
+                XCTAssertEqual(ours.metadata[key], theirs.metadata[key], "\(name): \(key)")
+            }
+            if theirs.info("rope_factors_long.weight") != nil {
+                XCTAssertEqual(ours.metadata["phi3.rope.scaling.original_context_length"], theirs.metadata["phi3.rope.scaling.original_context_length"])
+            }
+            let ref = try Reference(model: name)
+            let seq = ref.promptIds + ref.greedyIds
+            XCTAssertLessThan(maxAbsDiff(try allLogits(try ModelRegistry.load(directory: out), seq), ref.logits), 1e-4, name)
+            // Q8_0 from the directory is Q8_0 from llama.cpp's F32 file: the same blocks, the same logits.
+            let q8 = try allLogits(try ModelRegistry.load(directory: try quantize(Fixtures.model(name), .q8_0)), seq)
+            let q8FromGGUF = try allLogits(try ModelRegistry.load(directory: try quantize(theirs.path, .q8_0)), seq)
+            XCTAssertEqual(maxAbsDiff(q8, q8FromGGUF), 0, "\(name): Q8_0")
+        }
+    }
+
     /// A SentencePiece-style tokenizer (byte fallback, no merges in GGUF: scores instead) and a
     /// llama with q/k biases (permuted like the weights) and linear RoPE scaling.
     func testSentencePieceDirectory() throws {

@@ -3,7 +3,7 @@ import XCTest
 
 /// Encode and decode equal the `tokenizers` library's on the committed test strings.
 final class TokenizerParityTests: XCTestCase {
-    static let kinds = ["llama3", "qwen2", "gpt2", "llama2", "metaspace"]
+    static let kinds = ["llama3", "qwen2", "gpt2", "llama2", "metaspace", "digits"]
 
     func testEncodeAndDecodeMatchReference() throws {
         let all = try Fixtures.json(Fixtures.root + "/tokenizer_cases.json")

@@ -24,11 +24,12 @@ public protocol ComputeBackend: AnyObject {
     func rmsNorm(_ x: Buffer, weight: Weight, eps: Float, rows: Int, dim: Int, out: Buffer)
     /// out[t, :] = x[t, :] @ weight^T (+ bias), weight is [outDim, inDim].
     func matmul(_ x: Buffer, rows: Int, weight: Weight, bias: Weight?, out: Buffer)
-    /// Rotates `heads` heads of `headDim` per row in place with cos/sin tables of
-    /// [rows, headDim / 2]: pair i is (i, i + headDim/2) in the rotate-half convention of
-    /// Hugging Face, (2i, 2i + 1) when `interleaved` (GGUF llama files, whose converter permuted
-    /// the q/k rows to suit it).
-    func rope(_ x: Buffer, rows: Int, heads: Int, headDim: Int, cos: Buffer, sin: Buffer, interleaved: Bool)
+    /// Rotates the first `rotaryDim` dimensions of `heads` heads of `headDim` per row in place
+    /// with cos/sin tables of [rows, rotaryDim / 2], leaving the rest of each head as it is
+    /// (partial rotary; `rotaryDim` is `headDim` for most models): pair i is
+    /// (i, i + rotaryDim/2) in the rotate-half convention of Hugging Face, (2i, 2i + 1) when
+    /// `interleaved` (GGUF llama files, whose converter permuted the q/k rows to suit it).
+    func rope(_ x: Buffer, rows: Int, heads: Int, headDim: Int, rotaryDim: Int, cos: Buffer, sin: Buffer, interleaved: Bool)
     /// Writes K and V rows [rows, kvDim] into the cache at each token's (slot, position).
     func storeKV(layer: Int, k: Buffer, v: Buffer, rows: Int, plan: BatchPlan, cache: KVStorage<Self>)
     /// Causal attention of each query row over its sequence's cache.
@@ -71,11 +72,11 @@ public protocol ComputeBackend: AnyObject {
     /// residual += x @ weight^T (+ bias); `scratch` holds the product where it cannot be fused.
     func matmulAdd(_ x: Buffer, rows: Int, weight: Weight, bias: Weight?, residual: Buffer, scratch: Buffer)
     /// RoPE on the queries and keys, and the rotated keys and the values written to the cache.
-    func ropeStoreKV(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, cos: Buffer,
+    func ropeStoreKV(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, rotaryDim: Int, cos: Buffer,
                      sin: Buffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>)
     /// `ropeStoreKV`, then `attention` of the rotated queries into `out`.
-    func ropeAttention(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, cos: Buffer, sin: Buffer,
-                       interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>, window: Int?, out: Buffer)
+    func ropeAttention(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, rotaryDim: Int, cos: Buffer,
+                       sin: Buffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>, window: Int?, out: Buffer)
     /// out = silu(x @ gate^T + gateBias) * (x @ up^T + upBias); `scratch` holds the up product.
     func gatedProduct(_ x: Buffer, rows: Int, gate: Weight, gateBias: Weight?, up: Weight, upBias: Weight?,
                       out: Buffer, scratch: Buffer)
@@ -130,16 +131,16 @@ extension ComputeBackend {
         add(residual, scratch, count: rows * outputSize(weight))
     }
 
-    public func ropeStoreKV(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, cos: Buffer,
+    public func ropeStoreKV(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, rotaryDim: Int, cos: Buffer,
                             sin: Buffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>) {
-        rope(q, rows: rows, heads: heads, headDim: headDim, cos: cos, sin: sin, interleaved: interleaved)
-        rope(k, rows: rows, heads: cache.kvHeads, headDim: headDim, cos: cos, sin: sin, interleaved: interleaved)
+        rope(q, rows: rows, heads: heads, headDim: headDim, rotaryDim: rotaryDim, cos: cos, sin: sin, interleaved: interleaved)
+        rope(k, rows: rows, heads: cache.kvHeads, headDim: headDim, rotaryDim: rotaryDim, cos: cos, sin: sin, interleaved: interleaved)
         storeKV(layer: layer, k: k, v: v, rows: rows, plan: plan, cache: cache)
     }
 
-    public func ropeAttention(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, cos: Buffer, sin: Buffer,
-                              interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>, window: Int?, out: Buffer) {
-        ropeStoreKV(layer: layer, q: q, k: k, v: v, rows: rows, heads: heads, headDim: headDim, cos: cos, sin: sin,
+    public func ropeAttention(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, rotaryDim: Int, cos: Buffer,
+                              sin: Buffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>, window: Int?, out: Buffer) {
+        ropeStoreKV(layer: layer, q: q, k: k, v: v, rows: rows, heads: heads, headDim: headDim, rotaryDim: rotaryDim, cos: cos, sin: sin,
                     interleaved: interleaved, plan: plan, cache: cache)
         attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: out)
     }

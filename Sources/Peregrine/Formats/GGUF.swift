@@ -311,6 +311,8 @@ public final class GGUFWeights: WeightSource, @unchecked Sendable {
             "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
             "mlp.down_proj.weight": "ffn_down.weight", "mlp.gate_proj.bias": "ffn_gate.bias",
             "mlp.up_proj.bias": "ffn_up.bias", "mlp.down_proj.bias": "ffn_down.bias",
+            // Fused projections (Phi-3): q/k/v in one matrix; gate over up in llama.cpp's ffn_up.
+            "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
         ]
         guard let g = map[part] else { return hf }
         return "blk.\(layer).\(g)"

@@ -57,9 +57,22 @@ public enum FileSystem {
         }
     }
 
-    /// A model given as a single GGUF file rather than a Hugging Face directory.
+    /// A model given as a single GGUF file rather than a Hugging Face directory: a file that
+    /// begins with GGUF's magic, whatever its name, or a file named `.gguf` (whose header
+    /// `GGUFFile` then checks, so a wrong one is reported as not a GGUF file).
     public static func isGGUFFile(_ path: String) -> Bool {
-        path.hasSuffix(".gguf") && !isDirectory(path)
+        guard exists(path), !isDirectory(path) else { return false }
+        return path.hasSuffix(".gguf") || startsWithGGUFMagic(path)
+    }
+
+    /// Whether the file's first four bytes are "GGUF".
+    static func startsWithGGUFMagic(_ path: String) -> Bool {
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var magic: (UInt8, UInt8, UInt8, UInt8) = (0, 0, 0, 0)
+        let n = withUnsafeMutableBytes(of: &magic) { pread(fd, $0.baseAddress, 4, 0) }
+        return n == 4 && magic == (0x47, 0x47, 0x55, 0x46)
     }
 
     public static func join(_ a: String, _ b: String) -> String {

@@ -1,6 +1,6 @@
-/// The hyperparameters of a decoder-only transformer of the Llama family, read from a Hugging Face
-/// config.json (or, later, GGUF metadata). One struct serves Llama, Mistral, Qwen2 and Qwen3: the
-/// families differ only in switches.
+/// The hyperparameters of a decoder-only transformer, read from a Hugging Face config.json or
+/// GGUF metadata. One struct serves Llama, Mistral, Qwen2, Qwen3 and Phi-3: the families differ
+/// only in switches.
 public struct ModelConfig: Equatable, Sendable {
     public var architecture: String
     public var modelType: String
@@ -32,10 +32,13 @@ public struct ModelConfig: Equatable, Sendable {
     public var ropeInterleaved = false
     /// Per-frequency divisors of the rotation frequencies (GGUF `rope_freqs`, Llama 3.1 scaling).
     public var ropeFrequencyFactors: [Float]?
+    /// The dimensions of each head that RoPE rotates, the first ones: `headDim`, or fewer with
+    /// a partial rotary factor (the rest pass unrotated).
+    public var rotaryDim: Int
 
     /// Architectures whose config.json this struct reads (the model registry maps each to code).
     public static let supportedArchitectures = [
-        "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+        "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
     ]
 
     public init(json: JSONValue, source: String = "config.json") throws {
@@ -88,7 +91,27 @@ public struct ModelConfig: Equatable, Sendable {
         ropeTheta = theta
         maxPositions = try optInt("max_position_embeddings") ?? 2048
         tieWordEmbeddings = json["tie_word_embeddings"]?.bool ?? false
-        ropeScaling = try ModelConfig.parseRopeScaling(json["rope_scaling"] ?? json["rope_parameters"], bad: bad)
+        let ropeJSON = json["rope_scaling"] ?? json["rope_parameters"]
+        // The rope dictionary's partial_rotary_factor wins over the top-level one, as transformers
+        // merges them; transformers rotates int(head_dim * factor) dimensions.
+        let partialKey = ropeJSON?["partial_rotary_factor"] != nil ? ropeJSON?["partial_rotary_factor"] : json["partial_rotary_factor"]
+        rotaryDim = headDim
+        if let partialKey, !partialKey.isNull {
+            guard let f = partialKey.double, f > 0, f <= 1 else { throw bad("'partial_rotary_factor' must be a number in (0, 1]") }
+            let dims = Int((Double(headDim) * f).rounded(.down))
+            guard dims >= 2, dims % 2 == 0 else {
+                throw bad("partial_rotary_factor \(f) rotates \(dims) of the head's \(headDim) dimensions; RoPE needs an even number, at least 2")
+            }
+            rotaryDim = dims
+        }
+        // Phi-3's config keeps the pretraining context at the top level (4096 when absent), and
+        // transformers prefers it to the rope dictionary's; other families take the rope
+        // dictionary's, then max_position_embeddings.
+        let originalMax = try optInt("original_max_position_embeddings")
+            ?? (arch == "Phi3ForCausalLM" ? 4096 : nil)
+        ropeScaling = try ModelConfig.parseRopeScaling(ropeJSON, bad: bad, rotaryPairs: rotaryDim / 2, maxPositions: maxPositions,
+                                                       originalMaxPositions: originalMax,
+                                                       longropeAliases: arch == "Phi3ForCausalLM" ? ["su", "yarn"] : [])
 
         let attentionBias = json["attention_bias"]?.bool ?? false
         switch arch {
@@ -101,12 +124,18 @@ public struct ModelConfig: Equatable, Sendable {
         }
         mlpBias = json["mlp_bias"]?.bool ?? false
         qkNorm = arch == "Qwen3ForCausalLM"
+        if arch == "Phi3ForCausalLM" {
+            // transformers' Phi-3 has no biases, whatever the config says.
+            qkvBias = false
+            outputBias = false
+            mlpBias = false
+        }
 
         let window = try optInt("sliding_window")
         var windows = [Int?](repeating: nil, count: layerCount)
         if let window {
             switch arch {
-            case "MistralForCausalLM":
+            case "MistralForCausalLM", "Phi3ForCausalLM":
                 windows = [Int?](repeating: window, count: layerCount)
             case "Qwen2ForCausalLM", "Qwen3ForCausalLM":
                 // Qwen applies the window only when asked, and only from max_window_layers on.
@@ -139,13 +168,20 @@ public struct ModelConfig: Equatable, Sendable {
         case "mistral": return "MistralForCausalLM"
         case "qwen2": return "Qwen2ForCausalLM"
         case "qwen3": return "Qwen3ForCausalLM"
+        case "phi3": return "Phi3ForCausalLM"
         default: return nil
         }
     }
 
-    static func parseRopeScaling(_ v: JSONValue?, bad: (String) -> PeregrineError) throws -> RopeScaling {
+    /// rope_scaling (or rope_parameters). LongRoPE needs `rotaryPairs` factors in each list; its
+    /// pretraining context is `originalMaxPositions` when the config gives one at the top level,
+    /// else the dictionary's, else `maxPositions`. `longropeAliases`: older names of LongRoPE
+    /// that a family's config may still carry (Phi-3: "su", "yarn").
+    static func parseRopeScaling(_ v: JSONValue?, bad: (String) -> PeregrineError, rotaryPairs: Int, maxPositions: Int,
+                                 originalMaxPositions: Int?, longropeAliases: Set<String> = []) throws -> RopeScaling {
         guard let v, let o = v.object else { return .none }
-        let type = o["rope_type"]?.string ?? o["type"]?.string ?? "default"
+        var type = o["rope_type"]?.string ?? o["type"]?.string ?? "default"
+        if longropeAliases.contains(type) { type = "longrope" }
         switch type {
         case "default":
             return .none
@@ -158,8 +194,37 @@ public struct ModelConfig: Equatable, Sendable {
                   let orig = o["original_max_position_embeddings"]?.int, orig > 0
             else { throw bad("rope_scaling of type llama3 needs factor, low_freq_factor < high_freq_factor and original_max_position_embeddings") }
             return .llama3(factor: f, lowFreqFactor: lo, highFreqFactor: hi, originalMaxPositions: orig)
+        case "longrope":
+            func factors(_ key: String) throws -> [Float] {
+                guard let list = o[key]?.array else { throw bad("rope_scaling of type longrope needs '\(key)', a list of \(rotaryPairs) numbers") }
+                guard list.count == rotaryPairs else {
+                    throw bad("rope_scaling '\(key)' has \(list.count) values, expected \(rotaryPairs) (one per rotary pair)")
+                }
+                return try list.map {
+                    guard let d = $0.double, d.isFinite, d > 0 else { throw bad("rope_scaling '\(key)' values must be positive numbers") }
+                    return Float(d)
+                }
+            }
+            let short = try factors("short_factor"), long = try factors("long_factor")
+            let dictOrig = o["original_max_position_embeddings"]
+            if let dictOrig, dictOrig.int == nil { throw bad("rope_scaling 'original_max_position_embeddings' must be an integer") }
+            let orig = originalMaxPositions ?? dictOrig?.int ?? maxPositions
+            guard orig > 1 else { throw bad("LongRoPE's original_max_position_embeddings must be greater than 1") }
+            let scale: Double
+            if let f = o["factor"], !f.isNull {
+                guard let d = f.double, d.isFinite, d > 0 else { throw bad("rope_scaling 'factor' must be a positive number") }
+                scale = d
+            } else {
+                scale = Double(maxPositions) / Double(orig)
+            }
+            var attention = LongRoPE.defaultAttentionFactor(scale: scale, originalMaxPositions: orig)
+            if let a = o["attention_factor"], !a.isNull {
+                guard let d = a.double, d.isFinite, d > 0 else { throw bad("rope_scaling 'attention_factor' must be a positive number") }
+                attention = d
+            }
+            return .longrope(LongRoPE(shortFactors: short, longFactors: long, originalMaxPositions: orig, attentionFactor: attention))
         default:
-            throw PeregrineError.unsupported("unsupported rope_scaling type '\(type)' (supported: linear, llama3)")
+            throw PeregrineError.unsupported("unsupported rope_scaling type '\(type)' (supported: linear, llama3, longrope)")
         }
     }
 
@@ -168,7 +233,7 @@ public struct ModelConfig: Equatable, Sendable {
     public init(gguf g: GGUFFile) throws {
         func bad(_ m: String) -> PeregrineError { .format("\(g.path): \(m)") }
         guard let arch = g.metadata["general.architecture"]?.string else { throw bad("no general.architecture") }
-        let archs = ["llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"]
+        let archs = ["llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"]
         guard let hf = archs[arch] else {
             throw PeregrineError.unsupported("unsupported GGUF architecture \(arch); supported: \(archs.keys.sorted().joined(separator: ", "))")
         }
@@ -211,23 +276,47 @@ public struct ModelConfig: Equatable, Sendable {
         outputBias = g.info("blk.0.attn_output.bias") != nil
         mlpBias = g.info("blk.0.ffn_up.bias") != nil
         qkNorm = g.info("blk.0.attn_q_norm.weight") != nil
-        let window = g.metadata["\(arch).attention.sliding_window"]?.int
+        // 0 says there is none (llama.cpp's converter writes 0 for Phi-4).
+        let window = g.metadata["\(arch).attention.sliding_window"]?.int.flatMap { $0 > 0 ? $0 : nil }
         slidingWindow = [Int?](repeating: window, count: layerCount)
         torchDType = nil
         bosTokenId = g.metadata["tokenizer.ggml.bos_token_id"]?.int
         eosTokenIds = g.metadata["tokenizer.ggml.eos_token_id"]?.int.map { [$0] } ?? []
-        // llama.cpp's converter permutes llama q/k rows for its adjacent-pair RoPE; Qwen files
-        // keep the halves convention.
+        // llama.cpp's converter permutes llama q/k rows for its adjacent-pair RoPE; Qwen and Phi-3
+        // files keep the halves convention.
         ropeInterleaved = arch == "llama"
+        rotaryDim = try int("rope.dimension_count", headDim)
+        guard rotaryDim % 2 == 0, rotaryDim <= headDim else {
+            throw bad("rope.dimension_count \(rotaryDim) must be even and at most the head dimension \(headDim)")
+        }
+        // LongRoPE: both factor lists as tensors, llama.cpp's names; the pretraining context and
+        // the attention factor in the metadata.
+        let long = g.view("rope_factors_long.weight"), short = g.view("rope_factors_short.weight")
+        if long != nil || short != nil {
+            guard let long, let short else { throw bad("rope_factors_long and rope_factors_short come together; one is missing") }
+            for f in [long, short] where f.elementCount != rotaryDim / 2 || f.shape.count != 1 {
+                throw bad("\(f.name) has shape \(f.shape), expected [\(rotaryDim / 2)] (one value per rotary pair)")
+            }
+            let orig = try int("rope.scaling.original_context_length", maxPositions)
+            guard orig > 1 else { throw bad("rope.scaling.original_context_length must be greater than 1") }
+            let attention = g.metadata["\(arch).rope.scaling.attn_factor"]?.double ?? 1
+            guard attention.isFinite, attention > 0 else { throw bad("rope.scaling.attn_factor must be a positive number") }
+            let factors = [long.toFloat(), short.toFloat()]
+            guard factors.joined().allSatisfy({ $0.isFinite && $0 > 0 }) else { throw bad("RoPE factors must be positive numbers") }
+            guard ropeScaling == .none else { throw bad("LongRoPE factors beside another RoPE scaling") }
+            ropeScaling = .longrope(LongRoPE(shortFactors: factors[1], longFactors: factors[0], originalMaxPositions: orig,
+                                             attentionFactor: attention))
+        }
         if let f = g.view("rope_freqs.weight") {
-            guard f.elementCount == headDim / 2 else { throw bad("rope_freqs has \(f.elementCount) values, expected \(headDim / 2)") }
+            guard f.elementCount == rotaryDim / 2 else { throw bad("rope_freqs has \(f.elementCount) values, expected \(rotaryDim / 2)") }
             ropeFrequencyFactors = f.toFloat()
         }
     }
 
     /// The RoPE variant of every layer.
     public var rope: RopeParameters {
-        RopeParameters(theta: ropeTheta, scaling: ropeScaling, frequencyFactors: ropeFrequencyFactors)
+        RopeParameters(theta: ropeTheta, scaling: ropeScaling, frequencyFactors: ropeFrequencyFactors,
+                       rotaryDim: rotaryDim == headDim ? nil : rotaryDim)
     }
 
     /// The inverse frequency of each rotary pair, after scaling.

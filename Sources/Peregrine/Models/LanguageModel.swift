@@ -138,6 +138,7 @@ open class KVMemory {
 /// architecture listed for it, switched by its config.
 public enum ModelFamily: String, CaseIterable, Sendable {
     case llama
+    case phi3
 
     /// From config.json's `architectures` entry.
     public static let architectures: [String: ModelFamily] = [
@@ -145,6 +146,7 @@ public enum ModelFamily: String, CaseIterable, Sendable {
         "MistralForCausalLM": .llama,
         "Qwen2ForCausalLM": .llama,
         "Qwen3ForCausalLM": .llama,
+        "Phi3ForCausalLM": .phi3,
     ]
 }
 
@@ -155,7 +157,10 @@ public enum ModelRegistry {
             let g = try GGUFFile(path: directory)
             return try model(config: try ModelConfig(gguf: g), weights: GGUFWeights(g), backend: backend)
         }
-        guard FileSystem.isDirectory(directory) else { throw PeregrineError.io("\(directory): not a model directory") }
+        guard FileSystem.isDirectory(directory) else {
+            guard FileSystem.exists(directory) else { throw PeregrineError.io("\(directory): not a model directory") }
+            throw PeregrineError.io("\(directory): neither a model directory nor a GGUF file")
+        }
         let configPath = FileSystem.join(directory, "config.json")
         guard FileSystem.exists(configPath) else { throw PeregrineError.io("\(directory): no config.json") }
         let config = try ModelConfig(json: try FileSystem.readJSON(configPath), source: configPath)
@@ -169,6 +174,7 @@ public enum ModelRegistry {
         }
         switch family {
         case .llama: return try LlamaModel(config: config, weights: weights, backend: backend)
+        case .phi3: return try Phi3Model(config: config, weights: weights, backend: backend)
         }
     }
 

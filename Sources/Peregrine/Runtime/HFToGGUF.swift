@@ -2,7 +2,9 @@ import Foundation
 
 /// A Hugging Face model directory described as llama.cpp's converter would write it: GGUF
 /// metadata (hyperparameters and the byte-level BPE tokenizer) and the tensors under their GGUF
-/// names. Llama q/k rows are reordered for llama.cpp's adjacent-pair RoPE, as its converter does.
+/// names. Llama q/k rows are reordered for llama.cpp's adjacent-pair RoPE, as its converter does;
+/// Phi-3 keeps its fused projections (attn_qkv, ffn_up holding gate over up) and LongRoPE's factors
+/// as tensors, as llama.cpp's converter writes them.
 struct HFToGGUF {
     let config: ModelConfig
     var writer = GGUFWriter()
@@ -22,6 +24,7 @@ struct HFToGGUF {
         case "LlamaForCausalLM", "MistralForCausalLM": arch = "llama"
         case "Qwen2ForCausalLM": arch = "qwen2"
         case "Qwen3ForCausalLM": arch = "qwen3"
+        case "Phi3ForCausalLM": arch = "phi3"
         default: throw PeregrineError.unsupported("unsupported architecture \(c.architecture) for GGUF output")
         }
         if arch == "llama" && c.qkNorm {
@@ -40,11 +43,16 @@ struct HFToGGUF {
         u32("attention.head_count_kv", c.kvHeadCount)
         u32("attention.key_length", c.headDim)
         u32("attention.value_length", c.headDim)
-        u32("rope.dimension_count", c.headDim)
+        u32("rope.dimension_count", c.rotaryDim)
         w.set("\(arch).attention.layer_norm_rms_epsilon", .f32(c.rmsNormEps))
         w.set("\(arch).rope.freq_base", .f32(Float(c.ropeTheta)))
-        if let window = c.slidingWindow.compactMap({ $0 }).first { u32("attention.sliding_window", window) }
+        if let window = c.slidingWindow.compactMap({ $0 }).first {
+            u32("attention.sliding_window", window)
+        } else if arch == "phi3" {
+            u32("attention.sliding_window", 0)  // none, as llama.cpp's converter says it
+        }
         var ropeFactors: [Float]?
+        var longRoPE: LongRoPE?
         switch c.ropeScaling {
         case .none: break
         case .linear(let f):
@@ -56,13 +64,23 @@ struct HFToGGUF {
             plain.ropeScaling = .none
             let base = plain.ropeInverseFrequencies(), scaled = c.ropeInverseFrequencies()
             ropeFactors = zip(base, scaled).map { $0 / $1 }
+        case .longrope(let l):
+            guard arch == "phi3" else { throw PeregrineError.unsupported("\(directory): LongRoPE cannot be written as a \(arch) GGUF") }
+            u32("rope.scaling.original_context_length", l.originalMaxPositions)
+            w.set("\(arch).rope.scaling.attn_factor", .f32(Float(l.attentionFactor)))
+            longRoPE = l
         }
         try HFToGGUF.addTokenizer(directory: directory, config: c, to: &w)
         writer = w
 
         // Tensors, in llama.cpp's order: embeddings, layers, output norm, output.
         var names = ["model.embed_tokens.weight"]
-        for i in 0..<c.layerCount {
+        for i in 0..<c.layerCount where arch == "phi3" {
+            let p = "model.layers.\(i)."
+            names += ["input_layernorm.weight", "self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+                      "mlp.gate_up_proj.weight", "mlp.down_proj.weight"].map { p + $0 }
+        }
+        for i in 0..<c.layerCount where arch != "phi3" {
             let p = "model.layers.\(i)."
             names += ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                       "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
@@ -84,13 +102,17 @@ struct HFToGGUF {
             }
             tensors.append((GGUFWeights.ggufName(name), view.shape.reversed(), view))
         }
-        if let ropeFactors {
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 * ropeFactors.count, alignment: 16)
-            for (i, f) in ropeFactors.enumerated() { buffer.storeBytes(of: f, toByteOffset: 4 * i, as: Float.self) }
+        func vector(_ name: String, _ values: [Float]) -> (name: String, dims: [Int], view: TensorView) {
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 * values.count, alignment: 16)
+            for (i, f) in values.enumerated() { buffer.storeBytes(of: f, toByteOffset: 4 * i, as: Float.self) }
             owned.append(buffer)
-            tensors.insert(("rope_freqs.weight", [ropeFactors.count],
-                            TensorView(name: "rope_freqs.weight", dtype: .f32, shape: [ropeFactors.count],
-                                       data: UnsafeRawPointer(buffer.baseAddress!), byteCount: buffer.count)), at: 0)
+            return (name, [values.count], TensorView(name: name, dtype: .f32, shape: [values.count],
+                                                     data: UnsafeRawPointer(buffer.baseAddress!), byteCount: buffer.count))
+        }
+        if let ropeFactors { tensors.insert(vector("rope_freqs.weight", ropeFactors), at: 0) }
+        if let l = longRoPE {
+            tensors.insert(contentsOf: [vector("rope_factors_long.weight", l.longFactors), vector("rope_factors_short.weight", l.shortFactors)],
+                           at: 0)
         }
     }
 

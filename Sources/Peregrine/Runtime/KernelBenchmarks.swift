@@ -132,7 +132,7 @@ public enum KernelBenchmarks {
             let heads = 32, hd = 64
             let cos = try backend.buffer(tokens * hd / 2), sin = try backend.buffer(tokens * hd / 2)
             let q = try backend.buffer(tokens * heads * hd)
-            t = time { backend.rope(q, rows: tokens, heads: heads, headDim: hd, cos: cos, sin: sin, interleaved: false) }
+            t = time { backend.rope(q, rows: tokens, heads: heads, headDim: hd, rotaryDim: hd, cos: cos, sin: sin, interleaved: false) }
             rows.append(Row(kernel: "rope", shape: "\(tokens)x\(heads)x\(hd)", microseconds: t * 1e6, gflops: nil,
                             gigabytesPerSecond: Double(tokens * heads * hd * 8) / t / 1e9))
         }

@@ -190,4 +190,14 @@ public struct TensorView: @unchecked Sendable {
             count = n
         }
     }
+    /// Rows `range` of a matrix (outermost dimension first) as a view of the same bytes: a
+    /// matrix's rows lie one after another in every stored type, whole blocks included. Nil when
+    /// the rows do not split the tensor's bytes evenly (a row not of whole blocks).
+    public func rows(_ range: Range<Int>, name: String) -> TensorView? {
+        guard shape.count == 2, range.lowerBound >= 0, range.upperBound <= shape[0], shape[1] % dtype.blockSize == 0,
+              dtype.byteCount(elements: shape[1]) * shape[0] == byteCount else { return nil }
+        let rowBytes = dtype.byteCount(elements: shape[1])
+        return TensorView(name: name, dtype: dtype, shape: [range.count, shape[1]], data: data + range.lowerBound * rowBytes,
+                          byteCount: range.count * rowBytes)
+    }
 }

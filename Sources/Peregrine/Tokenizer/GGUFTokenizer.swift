@@ -19,11 +19,21 @@ extension Tokenizer {
         let merges = (g.metadata["tokenizer.ggml.merges"]?.array ?? []).map { JSONValue.string($0.string ?? "") }
         let pre = g.metadata["tokenizer.ggml.pre"]?.string ?? "default"
         let pattern: String
+        // Whether a word found whole in the vocabulary is one token without its merges: llama.cpp
+        // sets it for the Llama 3 names, not for GPT-2's or dbrx's.
+        var ignoreMerges = true
         switch pre {
         case "llama-bpe", "llama3", "llama-v3": pattern = ScalarRegex.llama3Pattern
         case "qwen2": pattern = ScalarRegex.qwen2Pattern
-        case "gpt-2", "default": pattern = ScalarRegex.gpt2Pattern
-        default: throw PeregrineError.unsupported("\(g.path): unsupported GGUF pre-tokenizer '\(pre)' (supported: llama-bpe, qwen2, gpt-2)")
+        case "gpt-2", "default":
+            pattern = ScalarRegex.gpt2Pattern
+            ignoreMerges = false
+        case "dbrx", "smaug-bpe":
+            // cl100k's split (Llama 3's pattern), llama.cpp's name for it in Phi-4's files among others.
+            pattern = ScalarRegex.llama3Pattern
+            ignoreMerges = false
+        default:
+            throw PeregrineError.unsupported("\(g.path): unsupported GGUF pre-tokenizer '\(pre)' (supported: llama-bpe, qwen2, gpt-2, dbrx)")
         }
         var vocab = JSONObject()
         var added: [JSONValue] = []
@@ -38,7 +48,7 @@ extension Tokenizer {
         }
         var json = JSONObject()
         json["model"] = .object(JSONObject([("type", .string("BPE")), ("vocab", .object(vocab)), ("merges", .array(merges)),
-                                            ("ignore_merges", .bool(pre != "gpt-2" && pre != "default"))]))
+                                            ("ignore_merges", .bool(ignoreMerges))]))
         json["added_tokens"] = .array(added)
         json["pre_tokenizer"] = .object(JSONObject([("type", .string("Sequence")), ("pretokenizers", .array([
             .object(JSONObject([("type", .string("Split")), ("pattern", .object(JSONObject([("Regex", .string(pattern))]))),

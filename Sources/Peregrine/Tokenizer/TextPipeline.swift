@@ -227,9 +227,9 @@ indirect enum PreTokenizer {
                 var ms: [Range<Int>] = []
                 var i = 0
                 while i < p.count {
-                    if p[i].properties.numericType != nil {
+                    if p[i].isNumberCategory {
                         var j = i + 1
-                        if !individual { while j < p.count, p[j].properties.numericType != nil { j += 1 } }
+                        if !individual { while j < p.count, p[j].isNumberCategory { j += 1 } }
                         ms.append(i..<j)
                         i = j
                     } else { i += 1 }
@@ -241,6 +241,18 @@ indirect enum PreTokenizer {
                 let ms = p.indices.filter { p[$0].properties.isWhitespace }.map { $0..<($0 + 1) }
                 return splitScalars(p, matches: ms, behavior: .removed, invert: false)
             }
+        }
+    }
+}
+
+extension Unicode.Scalar {
+    /// A number by its general category (Nd, Nl, No), as the reference decides it (Rust's
+    /// `char::is_numeric`). Having a numeric value is not enough: CJK numerals such as 零 carry
+    /// one but are letters (Lo).
+    var isNumberCategory: Bool {
+        switch properties.generalCategory {
+        case .decimalNumber, .letterNumber, .otherNumber: return true
+        default: return false
         }
     }
 }

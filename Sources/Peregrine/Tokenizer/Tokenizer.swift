@@ -159,7 +159,7 @@ public final class Tokenizer: @unchecked Sendable {
         var textStart = 0
         var i = 0
         func isWordChar(_ c: Unicode.Scalar) -> Bool {
-            c == "_" || c.properties.isAlphabetic || c.properties.numericType != nil
+            c == "_" || c.properties.isAlphabetic || c.isNumberCategory
         }
         while i < s.count {
             var matched: AddedToken?

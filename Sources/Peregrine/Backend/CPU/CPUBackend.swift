@@ -146,8 +146,8 @@ public final class CPUBackend: ComputeBackend {
         }
     }
 
-    public func rope(_ x: CPUBuffer, rows: Int, heads: Int, headDim: Int, cos: CPUBuffer, sin: CPUBuffer, interleaved: Bool) {
-        let half = headDim / 2
+    public func rope(_ x: CPUBuffer, rows: Int, heads: Int, headDim: Int, rotaryDim: Int, cos: CPUBuffer, sin: CPUBuffer, interleaved: Bool) {
+        let half = rotaryDim / 2
         let (stride, offset) = interleaved ? (2, 1) : (1, half)
         for r in 0..<rows {
             let c = cos.pointer + r * half, s = sin.pointer + r * half

@@ -713,9 +713,10 @@ public final class CUDABackend: ComputeBackend {
         gatedProduct(normed, rows: rows, gate: gate, gateBias: gateBias, up: up, upBias: upBias, out: out, scratch: scratch)
     }
 
-    public func rope(_ x: CUDABuffer, rows: Int, heads: Int, headDim: Int, cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool) {
-        launch("rope", grid: blocks(rows * heads * headDim / 2), block: 256) { a in
-            a.ptr(x); a.ptr(cos); a.ptr(sin); a.i32(rows); a.i32(heads); a.i32(headDim); a.i32(interleaved ? 1 : 0)
+    public func rope(_ x: CUDABuffer, rows: Int, heads: Int, headDim: Int, rotaryDim: Int, cos: CUDABuffer, sin: CUDABuffer,
+                     interleaved: Bool) {
+        launch("rope", grid: blocks(rows * heads * rotaryDim / 2), block: 256) { a in
+            a.ptr(x); a.ptr(cos); a.ptr(sin); a.i32(rows); a.i32(heads); a.i32(headDim); a.i32(rotaryDim); a.i32(interleaved ? 1 : 0)
         }
     }
 
@@ -728,25 +729,26 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func ropeStoreKV(layer: Int, q: CUDABuffer, k: CUDABuffer, v: CUDABuffer, rows: Int, heads: Int, headDim: Int,
-                            cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<CUDABackend>) {
+                            rotaryDim: Int, cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool, plan: BatchPlan,
+                            cache: KVStorage<CUDABackend>) {
         let (slots, positions, tables) = planPointers(plan, rows: rows)
         launch("rope_store_kv", grid: (rows, heads + cache.kvHeads, 1), block: min(256, max(32, (headDim / 2 + 31) / 32 * 32))) { a in
             a.ptr(q); a.ptr(k); a.ptr(v); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(cos); a.ptr(sin); a.ptr(slots)
-            a.ptr(positions); a.i32(heads); a.i32(cache.kvHeads); a.i32(headDim); a.ptr(tables); a.i32(plan.tableWidth)
+            a.ptr(positions); a.i32(heads); a.i32(cache.kvHeads); a.i32(headDim); a.i32(rotaryDim); a.ptr(tables); a.i32(plan.tableWidth)
             a.i32(cache.blockSize); a.i32(interleaved ? 1 : 0)
         }
     }
 
     /// One token: RoPE and the KV-cache write happen inside the attention kernel (one launch).
     public func ropeAttention(layer: Int, q: CUDABuffer, k: CUDABuffer, v: CUDABuffer, rows: Int, heads: Int, headDim: Int,
-                              cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<CUDABackend>,
-                              window: Int?, out: CUDABuffer) {
+                              rotaryDim: Int, cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool, plan: BatchPlan,
+                              cache: KVStorage<CUDABackend>, window: Int?, out: CUDABuffer) {
         if rows == oneToken {
             attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: out,
-                      rope: (k, v, cos, sin, interleaved))
+                      rope: (k, v, cos, sin, rotaryDim, interleaved))
             return
         }
-        ropeStoreKV(layer: layer, q: q, k: k, v: v, rows: rows, heads: heads, headDim: headDim, cos: cos, sin: sin,
+        ropeStoreKV(layer: layer, q: q, k: k, v: v, rows: rows, heads: heads, headDim: headDim, rotaryDim: rotaryDim, cos: cos, sin: sin,
                     interleaved: interleaved, plan: plan, cache: cache)
         attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: out)
     }
@@ -758,7 +760,7 @@ public final class CUDABackend: ComputeBackend {
 
     private func attention(layer: Int, q: CUDABuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CUDABackend>, heads: Int,
                            window: Int?, out: CUDABuffer,
-                           rope: (k: CUDABuffer, v: CUDABuffer, cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool)?) {
+                           rope: (k: CUDABuffer, v: CUDABuffer, cos: CUDABuffer, sin: CUDABuffer, rotaryDim: Int, interleaved: Bool)?) {
         let hd = cache.headDim
         guard hd <= 256, hd % 4 == 0, heads % cache.kvHeads == 0 else {
             if firstError == nil {
@@ -851,7 +853,8 @@ public final class CUDABackend: ComputeBackend {
             a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
             a.f32(scale); a.i32(window ?? 0); a.i32(splits)
             a.ptr(out); a.ptr(attentionCounters); a.i32(rope == nil ? 0 : 1); a.ptr(rope?.k.pointer ?? 0); a.ptr(rope?.v.pointer ?? 0)
-            a.ptr(rope?.cos.pointer ?? 0); a.ptr(rope?.sin.pointer ?? 0); a.i32(rope?.interleaved == true ? 1 : 0); a.ptr(rowMap)
+            a.ptr(rope?.cos.pointer ?? 0); a.ptr(rope?.sin.pointer ?? 0); a.i32(rope?.rotaryDim ?? hd); a.i32(rope?.interleaved == true ? 1 : 0)
+            a.ptr(rowMap)
         }
     }
 

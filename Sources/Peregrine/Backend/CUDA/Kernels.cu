@@ -620,10 +620,12 @@ extern "C" __global__ void add_bias(float* y, const float* bias, int outDim, lon
     if (i < n) y[i] += bias[i % outDim];
 }
 
-// One thread per rotated pair. Pair i is (i, i + d/2), or (2i, 2i + 1) when interleaved.
-extern "C" __global__ void rope(float* x, const float* cosT, const float* sinT, int rows, int heads, int headDim, int interleaved) {
+// One thread per rotated pair of the first rotDim dimensions of each head (the rest are left as
+// they are). Pair i is (i, i + rotDim/2), or (2i, 2i + 1) when interleaved.
+extern "C" __global__ void rope(float* x, const float* cosT, const float* sinT, int rows, int heads, int headDim, int rotDim,
+                                int interleaved) {
     gdc_wait();
-    int half = headDim / 2;
+    int half = rotDim / 2;
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long)rows * heads * half) return;
     int i = idx % half;
@@ -643,13 +645,14 @@ __device__ __forceinline__ long kv_at(const int* tables, int width, int bs, int 
     return ((long)tables[(long)slot * width + pos / bs] * bs + pos % bs) * row;
 }
 
-// RoPE on a token's query and key heads, and its rotated key and value rows written to the cache
-// at (slot, position): block (token, head) takes one query head, or one key/value head.
+// RoPE on a token's query and key heads (their first rotDim dimensions), and its rotated key and
+// value rows written to the cache at (slot, position): block (token, head) takes one query head,
+// or one key/value head.
 extern "C" __global__ void rope_store_kv(float* q, const float* k, const float* v, float* kc, float* vc, const float* cosT,
                                          const float* sinT, const int* slots, const int* positions, int heads, int kvHeads,
-                                         int headDim, const int* tables, int width, int bs, int interleaved) {
+                                         int headDim, int rotDim, const int* tables, int width, int bs, int interleaved) {
     gdc_wait();
-    int t = blockIdx.x, h = blockIdx.y, half = headDim / 2, row = kvHeads * headDim;
+    int t = blockIdx.x, h = blockIdx.y, half = rotDim / 2, row = kvHeads * headDim;
     const float* c = cosT + (long)t * half;
     const float* s = sinT + (long)t * half;
     long at = kv_at(tables, width, bs, slots[t], positions[t], row);
@@ -670,6 +673,8 @@ extern "C" __global__ void rope_store_kv(float* q, const float* k, const float* 
     }
     if (h >= heads) {
         int kh = h - heads;
+        const float* p = k + ((long)t * kvHeads + kh) * headDim;
+        for (int i = rotDim + threadIdx.x; i < headDim; i += blockDim.x) kc[at + kh * headDim + i] = p[i];
         for (int i = threadIdx.x; i < headDim; i += blockDim.x) vc[at + kh * headDim + i] = v[((long)t * kvHeads + kh) * headDim + i];
     }
 }
@@ -765,7 +770,8 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
                                                                   float scale, int window,
                                                                   int splits, float* attn, unsigned* counters, int fused,
                                                                   const float* kin, const float* vin, const float* cosT,
-                                                                  const float* sinT, int interleaved, const int* rowMap) {
+                                                                  const float* sinT, int rotDim, int interleaved,
+                                                                  const int* rowMap) {
     gdc_wait();
     extern __shared__ float4 shared4[];
     // rowMap: the rows of a mixed batch that are single queries (the others go to attention_prefill).
@@ -795,15 +801,18 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
     };
     if (threadIdx.x < SPLIT_KEYS) offsets[threadIdx.x] = offset_of(start + threadIdx.x);
     if (fused) {
-        int half = headDim / 2;
+        int half = rotDim / 2;
         const float* kp = kin + ((long)t * kvHeads + kvh) * headDim;
         for (int i = threadIdx.x; i < (nh + 1) * headDim; i += blockDim.x) {
             int hh = i / headDim, d = i % headDim;
             const float* src = hh < nh ? q + ((long)t * heads + h0 + hh) * headDim : kp;
-            bool first = interleaved ? (d & 1) == 0 : d < half;
-            int other = interleaved ? d ^ 1 : (first ? d + half : d - half), f = interleaved ? d / 2 : (first ? d : d - half);
-            float c = cosT[(long)t * half + f], sn = sinT[(long)t * half + f];
-            float r = first ? src[d] * c - src[other] * sn : src[d] * c + src[other] * sn;
+            float r = src[d];  // dimensions past rotDim are not rotated
+            if (d < rotDim) {
+                bool first = interleaved ? (d & 1) == 0 : d < half;
+                int other = interleaved ? d ^ 1 : (first ? d + half : d - half), f = interleaved ? d / 2 : (first ? d : d - half);
+                float c = cosT[(long)t * half + f], sn = sinT[(long)t * half + f];
+                r = first ? src[d] * c - src[other] * sn : src[d] * c + src[other] * sn;
+            }
             if (hh < nh) Qf[hh * headDim + d] = r * scale; else Kf[d] = r;
         }
         __syncthreads();
@@ -929,7 +938,8 @@ extern "C" __global__ void __launch_bounds__(128) attention_split_heads(const fl
                                                                   float scale, int window,
                                                                   int splits, float* attn, unsigned* counters, int fused,
                                                                   const float* kin, const float* vin, const float* cosT,
-                                                                  const float* sinT, int interleaved, const int* rowMap) {
+                                                                  const float* sinT, int rotDim, int interleaved,
+                                                                  const int* rowMap) {
     gdc_wait();
     // rowMap: the rows of a mixed batch that are single queries (the others go to attention_prefill).
     int t = rowMap ? rowMap[blockIdx.x] : blockIdx.x, h = blockIdx.y, split = blockIdx.z;
@@ -947,17 +957,21 @@ extern "C" __global__ void __launch_bounds__(128) attention_split_heads(const fl
     const float* vnow = vin + ((long)t * kvHeads + kvh) * headDim;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (fused) {
-        int half = headDim / 2;
+        int half = rotDim / 2;
         const float* kp = kin + ((long)t * kvHeads + kvh) * headDim;
         for (int d = threadIdx.x; d < headDim; d += blockDim.x) { qs[d] = qp[d]; ks[d] = kp[d]; }
         __syncthreads();
         float qr[2], kr[2];
         for (int n = 0, d = threadIdx.x; d < headDim; d += blockDim.x, n++) {
-            bool first = interleaved ? (d & 1) == 0 : d < half;
-            int other = interleaved ? d ^ 1 : (first ? d + half : d - half), i = interleaved ? d / 2 : (first ? d : d - half);
-            float c = cosT[(long)t * half + i], sn = sinT[(long)t * half + i];
-            qr[n] = first ? qs[d] * c - qs[other] * sn : qs[d] * c + qs[other] * sn;
-            kr[n] = first ? ks[d] * c - ks[other] * sn : ks[d] * c + ks[other] * sn;
+            qr[n] = qs[d];  // dimensions past rotDim are not rotated
+            kr[n] = ks[d];
+            if (d < rotDim) {
+                bool first = interleaved ? (d & 1) == 0 : d < half;
+                int other = interleaved ? d ^ 1 : (first ? d + half : d - half), i = interleaved ? d / 2 : (first ? d : d - half);
+                float c = cosT[(long)t * half + i], sn = sinT[(long)t * half + i];
+                qr[n] = first ? qs[d] * c - qs[other] * sn : qs[d] * c + qs[other] * sn;
+                kr[n] = first ? ks[d] * c - ks[other] * sn : ks[d] * c + ks[other] * sn;
+            }
         }
         __syncthreads();
         for (int n = 0, d = threadIdx.x; d < headDim; d += blockDim.x, n++) { qs[d] = qr[n]; ks[d] = kr[n]; }

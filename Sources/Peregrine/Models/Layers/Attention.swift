@@ -39,7 +39,7 @@ struct Attention<B: ComputeBackend> {
             b.rmsNorm(w.q, weight: qNorm, eps: eps, rows: n * heads, dim: headDim, out: w.q)
             b.rmsNorm(w.k, weight: kNorm, eps: eps, rows: n * kvHeads, dim: headDim, out: w.k)
         }
-        b.ropeAttention(layer: layer, q: w.q, k: w.k, v: w.v, rows: n, heads: heads, headDim: headDim,
+        b.ropeAttention(layer: layer, q: w.q, k: w.k, v: w.v, rows: n, heads: heads, headDim: headDim, rotaryDim: rope.rotaryDim,
                         cos: w.cos[rope.table], sin: w.sin[rope.table], interleaved: rope.interleaved,
                         plan: pass.plan, cache: pass.cache, window: window, out: w.attn)
         b.matmulAdd(w.attn, rows: n, weight: o, bias: oBias, residual: w.x, scratch: w.tmp)

@@ -10,32 +10,75 @@ public enum RopeScaling: Equatable, Sendable {
     case linear(factor: Double)
     /// Llama 3.1's frequency-dependent scaling.
     case llama3(factor: Double, lowFreqFactor: Double, highFreqFactor: Double, originalMaxPositions: Int)
+    /// LongRoPE (Phi-3, Phi-3.5, Phi-4-mini): two sets of per-frequency divisors, chosen by the
+    /// sequence's length, and a scale of cos and sin.
+    case longrope(LongRoPE)
 }
 
-/// One RoPE variant: its base, its scaling and per-frequency divisors. A model may rotate
-/// different layers with different variants.
+/// LongRoPE's parameters. A forward pass rotates a sequence's tokens with the short factors while
+/// the sequence, up to the pass's last token, stays within `originalMaxPositions`, and with the
+/// long factors past it, as transformers chooses by the length of the positions it is given.
+/// Keys already in the KV memory keep the rotation they were written with, as in transformers'
+/// generation through its cache: a prompt that crosses the original context and is read in
+/// several passes (chunked prefill, a reused cached prefix) keeps the short factors for the keys
+/// of the passes that stayed within it, where one pass over the whole prompt uses the long ones.
+public struct LongRoPE: Equatable, Sendable {
+    /// Divisors of the rotation frequencies, one per rotary pair.
+    public var shortFactors: [Float]
+    public var longFactors: [Float]
+    /// The context the model was trained with; longer sequences take the long factors.
+    public var originalMaxPositions: Int
+    /// What cos and sin are multiplied by (for both sets).
+    public var attentionFactor: Double
+
+    public init(shortFactors: [Float], longFactors: [Float], originalMaxPositions: Int, attentionFactor: Double) {
+        self.shortFactors = shortFactors
+        self.longFactors = longFactors
+        self.originalMaxPositions = originalMaxPositions
+        self.attentionFactor = attentionFactor
+    }
+
+    /// The attention factor transformers derives when a config gives none: sqrt(1 + ln s /
+    /// ln original) for a context scaled by s = max positions / original, 1 when not scaled.
+    public static func defaultAttentionFactor(scale: Double, originalMaxPositions: Int) -> Double {
+        scale <= 1 ? 1 : (1 + log(scale) / log(Double(originalMaxPositions))).squareRoot()
+    }
+}
+
+/// One RoPE variant: its base, its scaling, per-frequency divisors and how much of a head it
+/// rotates. A model may rotate different layers with different variants.
 public struct RopeParameters: Equatable, Sendable {
     public var theta: Double
     public var scaling: RopeScaling
     /// Per-frequency divisors (GGUF `rope_freqs`, Llama 3.1 scaling).
     public var frequencyFactors: [Float]?
+    /// Partial rotary: only the first `rotaryDim` dimensions of each head are rotated (pairs
+    /// within them), the rest pass unchanged; nil rotates the whole head.
+    public var rotaryDim: Int?
 
-    public init(theta: Double, scaling: RopeScaling = .none, frequencyFactors: [Float]? = nil) {
+    public init(theta: Double, scaling: RopeScaling = .none, frequencyFactors: [Float]? = nil, rotaryDim: Int? = nil) {
         self.theta = theta
         self.scaling = scaling
         self.frequencyFactors = frequencyFactors
+        self.rotaryDim = rotaryDim
     }
 
-    /// The inverse frequency of each rotary pair of a head of `headDim`, after scaling.
-    public func inverseFrequencies(headDim: Int) -> [Float] {
-        let half = headDim / 2
-        var inv = (0..<half).map { 1.0 / pow(theta, Double(2 * $0) / Double(headDim)) }
+    /// The inverse frequency of each rotary pair of a head of `headDim` (of its first
+    /// `rotaryDim` dimensions when set), after scaling; for LongRoPE, with its short factors, or
+    /// with its long ones when `long`.
+    public func inverseFrequencies(headDim: Int, long: Bool = false) -> [Float] {
+        let dim = rotaryDim ?? headDim
+        let half = dim / 2
+        var inv = (0..<half).map { 1.0 / pow(theta, Double(2 * $0) / Double(dim)) }
         if let factors = frequencyFactors {
             for i in 0..<half { inv[i] /= Double(factors[i]) }
         }
         switch scaling {
         case .none:
             break
+        case .longrope(let l):
+            let factors = long ? l.longFactors : l.shortFactors
+            for i in 0..<half { inv[i] /= Double(factors[i]) }
         case .linear(let f):
             inv = inv.map { $0 / f }
         case .llama3(let factor, let lowF, let highF, let orig):
@@ -54,35 +97,62 @@ public struct RopeParameters: Equatable, Sendable {
 }
 
 /// The rotation of one RoPE variant: each token's cos/sin, written to one of the workspace's
-/// rotary tables (`table`) at the start of a pass for the layers that use it.
+/// rotary tables (`table`) at the start of a pass for the layers that use it, [tokens,
+/// rotaryDim / 2] each.
 final class RotaryEmbedding<B: ComputeBackend> {
     let inverseFrequencies: [Float]
+    /// LongRoPE: the frequencies of a sequence that reaches past `longFrom` positions.
+    let longInverseFrequencies: [Float]?
+    let longFrom: Int
+    /// cos and sin are multiplied by it (LongRoPE's attention factor; 1 otherwise).
+    let scale: Float
+    /// The dimensions of each head that are rotated, the first ones.
+    let rotaryDim: Int
     /// Adjacent pairs (GGUF llama files) instead of halves.
     let interleaved: Bool
     /// Which of the workspace's cos/sin tables this variant fills.
     let table: Int
     private var cosHost: [Float] = []
     private var sinHost: [Float] = []
+    /// The last position each sequence (block-table row) of a pass reaches, for LongRoPE.
+    private var sequenceEnds: [Int32] = []
 
     init(_ parameters: RopeParameters, headDim: Int, interleaved: Bool, table: Int = 0) {
         inverseFrequencies = parameters.inverseFrequencies(headDim: headDim)
+        if case .longrope(let l) = parameters.scaling {
+            longInverseFrequencies = parameters.inverseFrequencies(headDim: headDim, long: true)
+            longFrom = l.originalMaxPositions
+            scale = Float(l.attentionFactor)
+        } else {
+            longInverseFrequencies = nil
+            longFrom = .max
+            scale = 1
+        }
+        rotaryDim = parameters.rotaryDim ?? headDim
         self.interleaved = interleaved
         self.table = table
     }
 
     /// cos/sin of every token's rotation angles, computed in f32 as the reference does.
     func fill(_ pass: DecoderPass<B>) {
-        let half = inverseFrequencies.count, n = pass.rows * half
+        let half = inverseFrequencies.count, n = pass.rows * half, plan = pass.plan
         if cosHost.count < n {
             cosHost = [Float](repeating: 0, count: pass.workspace.capacity * half)
             sinHost = cosHost
         }
+        if longInverseFrequencies != nil {
+            if sequenceEnds.count < plan.tableRows { sequenceEnds = [Int32](repeating: 0, count: max(plan.tableRows, 2 * sequenceEnds.count)) }
+            for s in 0..<plan.tableRows { sequenceEnds[s] = 0 }
+            for t in 0..<pass.rows { sequenceEnds[Int(plan.slots[t])] = max(sequenceEnds[Int(plan.slots[t])], plan.positions[t]) }
+        }
         for t in 0..<pass.rows {
-            let pos = Float(pass.plan.positions[t])
+            let pos = Float(plan.positions[t])
+            var inv = inverseFrequencies
+            if let long = longInverseFrequencies, Int(sequenceEnds[Int(plan.slots[t])]) + 1 > longFrom { inv = long }
             for i in 0..<half {
-                let angle = Double(inverseFrequencies[i] * pos)
-                cosHost[t * half + i] = Float(cos(angle))
-                sinHost[t * half + i] = Float(sin(angle))
+                let angle = Double(inv[i] * pos)
+                cosHost[t * half + i] = Float(cos(angle)) * scale
+                sinHost[t * half + i] = Float(sin(angle)) * scale
             }
         }
         let w = pass.workspace
