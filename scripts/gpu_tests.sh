@@ -3,16 +3,19 @@
 #   bash scripts/gpu_tests.sh pack TESTS.tar.xz   # where Swift is: the test bundle and the Swift runtime it links
 #   bash scripts/gpu_tests.sh run TESTS.tar.xz    # on the GPU machine, in a checkout with models/ and Tests/Fixtures/
 # The bundle finds its fixtures by the path of the checkout it was built in; `run` links that
-# path to this checkout when they differ.
+# path to this checkout when they differ. CONFIG=debug packs the debug build (quicker to build,
+# slower host code; the kernels are the same). TESTS picks the XCTest filter (CUDABackendTests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 pack)
-    swift build --build-tests -c release -Xswiftc -enable-testing
+    config=${CONFIG:-release}
+    if [ "$config" = release ]; then swift build --build-tests -c release -Xswiftc -enable-testing; else swift build --build-tests; fi
     dir=$(mktemp -d)
     mkdir -p "$dir/gputest/lib"
-    cp .build/release/PeregrinePackageTests.xctest "$dir/gputest/"
-    for lib in $(ldd .build/release/PeregrinePackageTests.xctest | awk '/swift/ { print $3 }'); do cp "$lib" "$dir/gputest/lib/"; done
+    cp ".build/$config/PeregrinePackageTests.xctest" "$dir/gputest/"
+    strip --strip-debug "$dir/gputest/PeregrinePackageTests.xctest"
+    for lib in $(ldd ".build/$config/PeregrinePackageTests.xctest" | awk '/swift/ { print $3 }'); do cp "$lib" "$dir/gputest/lib/"; done
     pwd > "$dir/gputest/checkout"
     tar -C "$dir" -cf - gputest | xz -T0 -6 > "$2"
     rm -rf "$dir"
@@ -24,7 +27,7 @@ run)
     built=$(cat "$dir/gputest/checkout")
     if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then mkdir -p "$(dirname "$built")"; ln -s "$PWD" "$built"; fi
     export LD_LIBRARY_PATH="$dir/gputest/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-    "$dir/gputest/PeregrinePackageTests.xctest" PeregrineTests.CUDABackendTests
+    "$dir/gputest/PeregrinePackageTests.xctest" "PeregrineTests.${TESTS:-CUDABackendTests}"
     ;;
 *)
     echo "usage: $0 pack|run TESTS.tar.xz" >&2
