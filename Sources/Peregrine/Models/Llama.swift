@@ -12,6 +12,9 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
     public var freeDeviceMemory: Int? { backend.freeDeviceMemory }
     public var kernelProfile: String? { backend.kernelProfile }
     public private(set) var weightBytes = 0
+    /// Bytes every pass reads: all weights but the embedding table and the routed experts.
+    private var alwaysReadBytes = 0
+    private var passes = 0
 
     struct Layer {
         var inputNorm: B.Weight
@@ -19,8 +22,9 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         var qBias, kBias, vBias, oBias: B.Weight?
         var qNorm, kNorm: B.Weight?
         var postNorm: B.Weight
-        var gate, up, down: B.Weight
+        var gate, up, down: B.Weight?
         var gateBias, upBias, downBias: B.Weight?
+        var experts: MixtureOfExperts<B>?
     }
 
     private let embedTokens: B.Weight
@@ -38,6 +42,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         var logitCapacity = 0
         var x, h, q, k, v, attn, gate, up, tmp, cos, sin: B.Buffer
         var last, lastNormed, logits: B.Buffer
+        var experts: MixtureOfExperts<B>.Buffers?
     }
     private var ws: Workspace?
     private let logitRows: BackendLogitRows<B>
@@ -68,6 +73,14 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         var layers: [Layer] = []
         for i in 0..<c.layerCount {
             let p = "model.layers.\(i)."
+            let sparse = c.experts?.sparseLayers[i] ?? false
+            var moe: MixtureOfExperts<B>?
+            if let e = c.experts, sparse {
+                let names: MixtureOfExperts<B>.Names = c.architecture == "MixtralForCausalLM" ? .mixtral(layer: i) : .qwen(layer: i)
+                let m = try MixtureOfExperts(weights, backend: backend, names: names, hidden: d, config: e)
+                moe = m
+                bytes += m.alwaysReadBytes + e.used * m.bytesPerExpert
+            }
             layers.append(Layer(
                 inputNorm: try load(p + "input_layernorm.weight", [d]),
                 q: try load(p + "self_attn.q_proj.weight", [qd, d]),
@@ -81,12 +94,13 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
                 qNorm: try loadIf(c.qkNorm, p + "self_attn.q_norm.weight", [hd]),
                 kNorm: try loadIf(c.qkNorm, p + "self_attn.k_norm.weight", [hd]),
                 postNorm: try load(p + "post_attention_layernorm.weight", [d]),
-                gate: try load(p + "mlp.gate_proj.weight", [ff, d]),
-                up: try load(p + "mlp.up_proj.weight", [ff, d]),
-                down: try load(p + "mlp.down_proj.weight", [d, ff]),
-                gateBias: try loadIf(c.mlpBias, p + "mlp.gate_proj.bias", [ff]),
-                upBias: try loadIf(c.mlpBias, p + "mlp.up_proj.bias", [ff]),
-                downBias: try loadIf(c.mlpBias, p + "mlp.down_proj.bias", [d])))
+                gate: try loadIf(!sparse, p + "mlp.gate_proj.weight", [ff, d]),
+                up: try loadIf(!sparse, p + "mlp.up_proj.weight", [ff, d]),
+                down: try loadIf(!sparse, p + "mlp.down_proj.weight", [d, ff]),
+                gateBias: try loadIf(c.mlpBias && !sparse, p + "mlp.gate_proj.bias", [ff]),
+                upBias: try loadIf(c.mlpBias && !sparse, p + "mlp.up_proj.bias", [ff]),
+                downBias: try loadIf(c.mlpBias && !sparse, p + "mlp.down_proj.bias", [d]),
+                experts: moe))
         }
         self.layers = layers
         norm = try load("model.norm.weight", [d])
@@ -98,6 +112,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         }
         // A decode step reads one embedding row but the whole output projection.
         weightBytes = c.tieWordEmbeddings ? bytes : bytes - embedBytes
+        alwaysReadBytes = weightBytes - layers.reduce(0) { $0 + ($1.experts.map { $0.used * $0.bytesPerExpert + $0.alwaysReadBytes } ?? 0) }
         inverseFrequencies = c.ropeInverseFrequencies()
     }
 
@@ -108,12 +123,17 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         logitRows = BackendLogitRows(backend: m.backend, vocabulary: m.config.vocabSize)
         weights = m.weights
         weightBytes = m.weightBytes
+        alwaysReadBytes = m.alwaysReadBytes
         embedTokens = m.embedTokens
         layers = m.layers
         norm = m.norm
         lmHead = m.lmHead
         inverseFrequencies = m.inverseFrequencies
         skippedLayers = skipping
+    }
+
+    public var weightBytesRead: Int? {
+        try? layers.reduce(passes * alwaysReadBytes) { $0 + (try $1.experts?.bytesRead(backend, passes: passes) ?? 0) }
     }
 
     public func skippingLayers(_ skip: Set<Int>) throws -> LanguageModel {
@@ -150,15 +170,17 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         let c = config
         let n = max(tokens, ws?.capacity ?? 0), l = max(logitRows, ws?.logitCapacity ?? 0, 1)
         let qd = c.headCount * c.headDim, kvd = c.kvHeadCount * c.headDim
+        let ff = max(c.intermediateSize, c.experts?.sharedIntermediateSize ?? 0)
         let w = Workspace(
             capacity: n, logitCapacity: l,
             x: try backend.buffer(n * c.hiddenSize), h: try backend.buffer(n * c.hiddenSize),
             q: try backend.buffer(n * qd), k: try backend.buffer(n * kvd), v: try backend.buffer(n * kvd),
-            attn: try backend.buffer(n * qd), gate: try backend.buffer(n * c.intermediateSize),
-            up: try backend.buffer(n * c.intermediateSize), tmp: try backend.buffer(n * c.hiddenSize),
+            attn: try backend.buffer(n * qd), gate: try backend.buffer(n * ff),
+            up: try backend.buffer(n * ff), tmp: try backend.buffer(n * c.hiddenSize),
             cos: try backend.buffer(n * c.headDim / 2), sin: try backend.buffer(n * c.headDim / 2),
             last: try backend.buffer(l * c.hiddenSize), lastNormed: try backend.buffer(l * c.hiddenSize),
-            logits: try backend.buffer(l * c.vocabSize))
+            logits: try backend.buffer(l * c.vocabSize),
+            experts: try c.experts.map { try MixtureOfExperts<B>.Buffers(backend: backend, tokens: n, config: $0) })
         ws = w
         cosHost = [Float](repeating: 0, count: n * c.headDim / 2)
         sinHost = cosHost
@@ -254,6 +276,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         let w = try workspace(tokens: n, logitRows: plan.logitRows.count)
         let d = c.hiddenSize, hd = c.headDim
         if let stepKey { backend.beginStep(key: stepKey) }
+        passes += 1
         backend.beginPass(plan)
         fillRotaryTables(plan, w)
         plan.tokens.withUnsafeBufferPointer { backend.embed(tokens: $0, table: embedTokens, out: w.x) }
@@ -269,9 +292,14 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
                                   interleaved: c.ropeInterleaved, plan: plan, cache: cache, window: c.slidingWindow[i], out: w.attn)
             backend.matmulAdd(w.attn, rows: n, weight: L.o, bias: L.oBias, residual: w.x, scratch: w.tmp)
 
-            backend.normGatedProduct(w.x, norm: L.postNorm, eps: c.rmsNormEps, dim: d, normed: w.h, rows: n, gate: L.gate,
-                                     gateBias: L.gateBias, up: L.up, upBias: L.upBias, out: w.gate, scratch: w.up)
-            backend.matmulAdd(w.gate, rows: n, weight: L.down, bias: L.downBias, residual: w.x, scratch: w.tmp)
+            if let moe = L.experts, let buffers = w.experts {
+                backend.rmsNorm(w.x, weight: L.postNorm, eps: c.rmsNormEps, rows: n, dim: d, out: w.h)
+                moe(backend, h: w.h, rows: n, hidden: d, residual: w.x, buffers: buffers, out: w.tmp, gate: w.gate, up: w.up)
+            } else if let gate = L.gate, let up = L.up, let down = L.down {
+                backend.normGatedProduct(w.x, norm: L.postNorm, eps: c.rmsNormEps, dim: d, normed: w.h, rows: n, gate: gate,
+                                         gateBias: L.gateBias, up: up, upBias: L.upBias, out: w.gate, scratch: w.up)
+                backend.matmulAdd(w.gate, rows: n, weight: down, bias: L.downBias, residual: w.x, scratch: w.tmp)
+            }
         }
 
         let rows = plan.logitRows.count

@@ -1,0 +1,187 @@
+/// A mixture-of-experts MLP of one layer: a router scores every expert for each token, the
+/// top-k experts' gated MLPs (SiLU) run on the token and their outputs are summed with the
+/// routing weights; a shared expert, when there is one, runs on every token, scaled by the
+/// sigmoid of its own gate (Qwen2-MoE). Written once against `ComputeBackend`: the backend
+/// groups a batch's tokens by expert, so each chosen expert's weights are read once a pass and
+/// the others' not at all.
+struct MixtureOfExperts<B: ComputeBackend> {
+    /// [experts, hidden]: one logit per expert.
+    let router: B.Weight
+    let experts: B.Experts
+    let shared: SharedExpert?
+    let count: Int
+    let used: Int
+    let normalize: Bool
+    /// Bytes of one routed expert's three projections (read only when a token chose it).
+    let bytesPerExpert: Int
+    /// Bytes every pass reads: the router and the shared expert.
+    let alwaysReadBytes: Int
+
+    struct SharedExpert {
+        let gate, up, down: B.Weight
+        /// [1, hidden]: the logit of the shared expert's sigmoid gate.
+        let gateInput: B.Weight
+        let intermediate: Int
+    }
+
+    /// How a checkpoint names a layer's experts. Hugging Face files hold one tensor per expert
+    /// and projection; GGUF files (and fused Hugging Face layouts) one stacked tensor
+    /// [experts, rows, cols] per projection, read here as `stacked` names (which `GGUFWeights`
+    /// maps to llama.cpp's `ffn_*_exps`).
+    struct Names {
+        let router: String
+        let expert: (Int, Projection) -> String
+        let stacked: (Projection) -> String
+        /// gate and up stacked in one tensor [experts, 2 x intermediate, hidden], gate first.
+        let stackedGateUp: String
+        let shared: String?
+
+        enum Projection: CaseIterable { case gate, up, down }
+
+        /// Mixtral: `block_sparse_moe.gate` and `block_sparse_moe.experts.E.w1/w3/w2` (gate, up, down).
+        static func mixtral(layer: Int) -> Names {
+            let p = "model.layers.\(layer).block_sparse_moe."
+            return Names(router: p + "gate.weight",
+                         expert: { e, proj in p + "experts.\(e).\(proj == .gate ? "w1" : proj == .up ? "w3" : "w2").weight" },
+                         stacked: { proj in "model.layers.\(layer).mlp.experts.\(proj.hfName).weight" },
+                         stackedGateUp: "model.layers.\(layer).mlp.experts.gate_up_proj", shared: nil)
+        }
+
+        /// Qwen2-MoE and Qwen3-MoE: `mlp.gate`, `mlp.experts.E.gate_proj/up_proj/down_proj`, and
+        /// `mlp.shared_expert.*` with `mlp.shared_expert_gate`.
+        static func qwen(layer: Int) -> Names {
+            let p = "model.layers.\(layer).mlp."
+            return Names(router: p + "gate.weight", expert: { e, proj in p + "experts.\(e).\(proj.hfName).weight" },
+                         stacked: { proj in p + "experts.\(proj.hfName).weight" },
+                         stackedGateUp: p + "experts.gate_up_proj", shared: p + "shared_expert")
+        }
+    }
+
+    init(_ source: WeightSource, backend: B, names: Names, hidden d: Int, config e: ExpertConfig) throws {
+        count = e.count
+        used = e.used
+        normalize = e.normalizeWeights
+        let ff = e.intermediateSize
+        var always = 0
+        let r = try source.require(names.router, shape: [count, d])
+        always += r.byteCount
+        router = try backend.weight(r)
+        var views: [Names.Projection: [TensorView]] = [:]
+        for proj in Names.Projection.allCases {
+            let shape = proj == .down ? [d, ff] : [ff, d]
+            if source.contains(names.expert(0, proj)) {
+                views[proj] = try (0..<count).map { try source.require(names.expert($0, proj), shape: shape) }
+            } else if source.contains(names.stacked(proj)) {
+                views[proj] = try source.require(names.stacked(proj), shape: [count] + shape).experts(count)
+            } else if proj != .down, source.contains(names.stackedGateUp) {
+                let both = try source.require(names.stackedGateUp, shape: [count, 2 * ff, d]).experts(count)
+                views[proj] = try both.map { try $0.rows(proj == .gate ? 0..<ff : ff..<(2 * ff)) }
+            } else {
+                // Name the tensor as the file would: one per expert in safetensors, stacked in GGUF.
+                let stacked = names.stacked(proj)
+                throw PeregrineError.format(source.storedName(stacked) != stacked ? source.missingReason(stacked)
+                                            : source.missingReason(names.expert(0, proj)))
+            }
+        }
+        let gate = views[.gate]!, up = views[.up]!, down = views[.down]!
+        bytesPerExpert = gate[0].byteCount + up[0].byteCount + down[0].byteCount
+        experts = try backend.experts(gate: gate, up: up, down: down)
+        if let s = e.sharedIntermediateSize {
+            guard let p = names.shared else { throw PeregrineError.format("this architecture has no shared expert") }
+            func load(_ n: String, _ shape: [Int]) throws -> B.Weight {
+                let t = try source.require(n, shape: shape)
+                always += t.byteCount
+                return try backend.weight(t)
+            }
+            // A one-row matrix; GGUF files may store it as a vector.
+            let gateName = p + "_gate.weight"
+            let gateInput = source.tensor(gateName).map { $0.shape == [d] ? $0.reshaped([1, d]) : $0 }
+            guard let g = gateInput else { throw PeregrineError.format(source.missingReason(gateName)) }
+            guard g.shape == [1, d] else { throw PeregrineError.format("tensor '\(source.storedName(gateName))' has shape \(g.shape), expected [1, \(d)]") }
+            always += g.byteCount
+            shared = SharedExpert(gate: try load(p + ".gate_proj.weight", [s, d]), up: try load(p + ".up_proj.weight", [s, d]),
+                                  down: try load(p + ".down_proj.weight", [d, s]), gateInput: try backend.weight(g), intermediate: s)
+        } else {
+            shared = nil
+        }
+        alwaysReadBytes = always
+    }
+
+    /// Activation memory of the block beyond the decoder's (router logits and routes).
+    struct Buffers {
+        /// [tokens, experts]
+        let logits: B.Buffer
+        /// [tokens, 2 x used]: (weight, expert) pairs.
+        let routes: B.Buffer
+        /// [tokens]: the shared expert's gate logit.
+        let sharedGate: B.Buffer
+
+        init(backend: B, tokens n: Int, config e: ExpertConfig) throws {
+            logits = try backend.buffer(n * e.count)
+            routes = try backend.buffer(n * 2 * e.used)
+            sharedGate = try backend.buffer(n)
+        }
+    }
+
+    /// residual += experts(h) (+ sigmoid(gate · h) * shared(h)), h the normalized residual of
+    /// `rows` rows; `out`, `gate` and `up` are scratch of [rows, hidden] and [rows, the shared
+    /// expert's intermediate size].
+    func callAsFunction(_ b: B, h: B.Buffer, rows n: Int, hidden d: Int, residual: B.Buffer, buffers: Buffers,
+                        out: B.Buffer, gate: B.Buffer, up: B.Buffer) {
+        b.matmul(h, rows: n, weight: router, bias: nil, out: buffers.logits)
+        b.routeTopK(buffers.logits, rows: n, experts: count, k: used, normalize: normalize, routes: buffers.routes)
+        b.expertProducts(h, rows: n, routes: buffers.routes, k: used, experts: experts, out: out)
+        b.add(residual, out, count: n * d)
+        if let s = shared {
+            b.gatedProduct(h, rows: n, gate: s.gate, gateBias: nil, up: s.up, upBias: nil, out: gate, scratch: up)
+            b.matmul(gate, rows: n, weight: s.down, bias: nil, out: out)
+            b.matmul(h, rows: n, weight: s.gateInput, bias: nil, out: buffers.sharedGate)
+            b.addSigmoidGated(out, gate: buffers.sharedGate, rows: n, dim: d, residual: residual)
+        }
+    }
+
+    /// Bytes of weights the passes so far read: the router and shared expert every pass, each
+    /// routed expert in the passes that chose it.
+    func bytesRead(_ b: B, passes: Int) throws -> Int {
+        try b.expertReads(experts).reduce(0, +) * bytesPerExpert + passes * alwaysReadBytes
+    }
+}
+
+extension MixtureOfExperts.Names.Projection {
+    var hfName: String {
+        switch self {
+        case .gate: return "gate_proj"
+        case .up: return "up_proj"
+        case .down: return "down_proj"
+        }
+    }
+}
+
+extension TensorView {
+    /// A stacked tensor [experts, rows, cols] as one view per expert.
+    func experts(_ count: Int) throws -> [TensorView] {
+        guard shape.count == 3, shape[0] == count, byteCount % count == 0 else {
+            throw PeregrineError.format("tensor '\(name)' of shape \(shape) does not hold \(count) experts")
+        }
+        let bytes = byteCount / count
+        return (0..<count).map { e in
+            TensorView(name: "\(name)[\(e)]", dtype: dtype, shape: Array(shape.dropFirst()), data: data + e * bytes, byteCount: bytes)
+        }
+    }
+
+    /// Rows `range` of a matrix, as a view of the same memory.
+    func rows(_ range: Range<Int>) throws -> TensorView {
+        guard shape.count == 2, range.lowerBound >= 0, range.upperBound <= shape[0], byteCount % shape[0] == 0 else {
+            throw PeregrineError.format("tensor '\(name)' of shape \(shape) has no rows \(range)")
+        }
+        let rowBytes = byteCount / shape[0]
+        return TensorView(name: name, dtype: dtype, shape: [range.count, shape[1]], data: data + range.lowerBound * rowBytes,
+                          byteCount: range.count * rowBytes)
+    }
+
+    /// The same data under another shape of as many elements.
+    func reshaped(_ newShape: [Int]) -> TensorView {
+        precondition(newShape.reduce(1, *) == elementCount)
+        return TensorView(name: name, dtype: dtype, shape: newShape, data: data, byteCount: byteCount)
+    }
+}
