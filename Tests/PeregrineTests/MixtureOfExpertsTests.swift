@@ -119,3 +119,20 @@ final class MixtureOfExpertsTests: XCTestCase {
         try check({ $0["num_local_experts"] = nil }, "missing 'num_local_experts'")
     }
 }
+
+/// Mixture-of-experts GGUF files written by `peregrine quantize`.
+final class MixtureOfExpertsGGUFTests: XCTestCase {
+    /// Every MoE directory written as an F32 GGUF here (stacked experts, the shared expert and its
+    /// gate, a dense layer, the weight-normalization key) runs as the directory does.
+    func testDirectoriesConvertedToGGUFKeepTheirLogits() throws {
+        for name in MixtureOfExpertsTests.models {
+            let out = try Fixtures.tempDirectory(self) + "/\(name).gguf"
+            _ = try ModelQuantizer(mix: .f32).quantize(source: Fixtures.model(name), output: out)
+            let model = try ModelRegistry.load(directory: out)
+            XCTAssertEqual(model.config.experts, try ModelRegistry.load(directory: Fixtures.model(name)).config.experts, name)
+            let ref = try Reference(model: name)
+            let d = maxAbsDiff(try allLogits(model, ref.promptIds + ref.greedyIds), ref.logits)
+            XCTAssertLessThan(d, 1e-4, "\(name): \(d)")
+        }
+    }
+}

@@ -86,8 +86,8 @@ public struct ExpertConfig: Equatable, Sendable {
     /// From GGUF metadata: `<arch>.expert_count` and `expert_used_count`, the experts' size in
     /// `expert_feed_forward_length` (the dense size where absent: llama files of Mixtral), the
     /// shared expert's in `expert_shared_feed_forward_length` (Qwen2-MoE; the dense size where
-    /// absent, as llama.cpp reads it). A layer is sparse where it has a router
-    /// (`blk.N.ffn_gate_inp.weight`). The chosen weights are normalized as llama.cpp does for
+    /// absent, as llama.cpp reads it). A layer is sparse where it has a router or stacked experts
+    /// (`blk.N.ffn_gate_inp.weight`, `blk.N.ffn_*_exps.weight`). The chosen weights are normalized as llama.cpp does for
     /// the architecture (all but qwen2moe), unless `expert_weights_norm` says otherwise. Nil when
     /// the file has no expert count.
     init?(gguf g: GGUFFile, architecture arch: String, layers: Int, intermediateSize: Int, bad: (String) -> PeregrineError) throws {
@@ -116,7 +116,9 @@ public struct ExpertConfig: Equatable, Sendable {
         } else {
             sharedIntermediateSize = nil
         }
-        sparseLayers = (0..<layers).map { g.info("blk.\($0).ffn_gate_inp.weight") != nil }
+        sparseLayers = (0..<layers).map { i in
+            ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"].contains { g.info("blk.\(i).\($0).weight") != nil }
+        }
         guard count > 0 else { return nil }
         try validate(bad)
     }

@@ -76,8 +76,8 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
             let sparse = c.experts?.sparseLayers[i] ?? false
             var moe: MixtureOfExperts<B>?
             if let e = c.experts, sparse {
-                let names: MixtureOfExperts<B>.Names = c.architecture == "MixtralForCausalLM" ? .mixtral(layer: i) : .qwen(layer: i)
-                let m = try MixtureOfExperts(weights, backend: backend, names: names, hidden: d, config: e)
+                let m = try MixtureOfExperts(weights, backend: backend, names: ExpertTensorNames(architecture: c.architecture, layer: i),
+                                             hidden: d, config: e)
                 moe = m
                 bytes += m.alwaysReadBytes + e.used * m.bytesPerExpert
             }

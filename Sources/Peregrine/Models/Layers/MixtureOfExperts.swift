@@ -24,40 +24,7 @@ struct MixtureOfExperts<B: ComputeBackend> {
         let intermediate: Int
     }
 
-    /// How a checkpoint names a layer's experts. Hugging Face files hold one tensor per expert
-    /// and projection; GGUF files (and fused Hugging Face layouts) one stacked tensor
-    /// [experts, rows, cols] per projection, read here as `stacked` names (which `GGUFWeights`
-    /// maps to llama.cpp's `ffn_*_exps`).
-    struct Names {
-        let router: String
-        let expert: (Int, Projection) -> String
-        let stacked: (Projection) -> String
-        /// gate and up stacked in one tensor [experts, 2 x intermediate, hidden], gate first.
-        let stackedGateUp: String
-        let shared: String?
-
-        enum Projection: CaseIterable { case gate, up, down }
-
-        /// Mixtral: `block_sparse_moe.gate` and `block_sparse_moe.experts.E.w1/w3/w2` (gate, up, down).
-        static func mixtral(layer: Int) -> Names {
-            let p = "model.layers.\(layer).block_sparse_moe."
-            return Names(router: p + "gate.weight",
-                         expert: { e, proj in p + "experts.\(e).\(proj == .gate ? "w1" : proj == .up ? "w3" : "w2").weight" },
-                         stacked: { proj in "model.layers.\(layer).mlp.experts.\(proj.hfName).weight" },
-                         stackedGateUp: "model.layers.\(layer).mlp.experts.gate_up_proj", shared: nil)
-        }
-
-        /// Qwen2-MoE and Qwen3-MoE: `mlp.gate`, `mlp.experts.E.gate_proj/up_proj/down_proj`, and
-        /// `mlp.shared_expert.*` with `mlp.shared_expert_gate`.
-        static func qwen(layer: Int) -> Names {
-            let p = "model.layers.\(layer).mlp."
-            return Names(router: p + "gate.weight", expert: { e, proj in p + "experts.\(e).\(proj.hfName).weight" },
-                         stacked: { proj in p + "experts.\(proj.hfName).weight" },
-                         stackedGateUp: p + "experts.gate_up_proj", shared: p + "shared_expert")
-        }
-    }
-
-    init(_ source: WeightSource, backend: B, names: Names, hidden d: Int, config e: ExpertConfig) throws {
+    init(_ source: WeightSource, backend: B, names: ExpertTensorNames, hidden d: Int, config e: ExpertConfig) throws {
         count = e.count
         used = e.used
         normalize = e.normalizeWeights
@@ -66,22 +33,9 @@ struct MixtureOfExperts<B: ComputeBackend> {
         let r = try source.require(names.router, shape: [count, d])
         always += r.byteCount
         router = try backend.weight(r)
-        var views: [Names.Projection: [TensorView]] = [:]
-        for proj in Names.Projection.allCases {
-            let shape = proj == .down ? [d, ff] : [ff, d]
-            if source.contains(names.expert(0, proj)) {
-                views[proj] = try (0..<count).map { try source.require(names.expert($0, proj), shape: shape) }
-            } else if source.contains(names.stacked(proj)) {
-                views[proj] = try source.require(names.stacked(proj), shape: [count] + shape).experts(count)
-            } else if proj != .down, source.contains(names.stackedGateUp) {
-                let both = try source.require(names.stackedGateUp, shape: [count, 2 * ff, d]).experts(count)
-                views[proj] = try both.map { try $0.rows(proj == .gate ? 0..<ff : ff..<(2 * ff)) }
-            } else {
-                // Name the tensor as the file would: one per expert in safetensors, stacked in GGUF.
-                let stacked = names.stacked(proj)
-                throw PeregrineError.format(source.storedName(stacked) != stacked ? source.missingReason(stacked)
-                                            : source.missingReason(names.expert(0, proj)))
-            }
+        var views: [ExpertTensorNames.Projection: [TensorView]] = [:]
+        for proj in ExpertTensorNames.Projection.allCases {
+            views[proj] = try names.views(source, proj, experts: count, hidden: d, intermediate: ff)
         }
         let gate = views[.gate]!, up = views[.up]!, down = views[.down]!
         bytesPerExpert = gate[0].byteCount + up[0].byteCount + down[0].byteCount
@@ -147,16 +101,6 @@ struct MixtureOfExperts<B: ComputeBackend> {
     }
 }
 
-extension MixtureOfExperts.Names.Projection {
-    var hfName: String {
-        switch self {
-        case .gate: return "gate_proj"
-        case .up: return "up_proj"
-        case .down: return "down_proj"
-        }
-    }
-}
-
 extension TensorView {
     /// A stacked tensor [experts, rows, cols] as one view per expert.
     func experts(_ count: Int) throws -> [TensorView] {
@@ -183,5 +127,69 @@ extension TensorView {
     func reshaped(_ newShape: [Int]) -> TensorView {
         precondition(newShape.reduce(1, *) == elementCount)
         return TensorView(name: name, dtype: dtype, shape: newShape, data: data, byteCount: byteCount)
+    }
+}
+
+/// How a checkpoint names a layer's experts. Hugging Face files hold one tensor per expert and
+/// projection; GGUF files (and fused Hugging Face layouts) one stacked tensor [experts, rows,
+/// cols] per projection, read here under `stacked` names (which `GGUFWeights` maps to llama.cpp's
+/// `ffn_*_exps`).
+struct ExpertTensorNames {
+    let router: String
+    let expert: (Int, Projection) -> String
+    let stacked: (Projection) -> String
+    /// gate and up stacked in one tensor [experts, 2 x intermediate, hidden], gate first.
+    let stackedGateUp: String
+    /// The shared expert's prefix (`<prefix>.gate_proj.weight`, its gate `<prefix>_gate.weight`).
+    let shared: String?
+
+    enum Projection: CaseIterable {
+        case gate, up, down
+
+        var hfName: String {
+            switch self {
+            case .gate: return "gate_proj"
+            case .up: return "up_proj"
+            case .down: return "down_proj"
+            }
+        }
+    }
+
+    /// The names of the architecture's layer `layer`.
+    init(architecture: String, layer: Int) {
+        let p = "model.layers.\(layer)."
+        stacked = { proj in p + "mlp.experts.\(proj.hfName).weight" }
+        stackedGateUp = p + "mlp.experts.gate_up_proj"
+        if architecture == "MixtralForCausalLM" {
+            // block_sparse_moe.gate and experts.E.w1 / w3 / w2 (gate, up, down).
+            router = p + "block_sparse_moe.gate.weight"
+            expert = { e, proj in p + "block_sparse_moe.experts.\(e).\(proj == .gate ? "w1" : proj == .up ? "w3" : "w2").weight" }
+            shared = nil
+        } else {
+            // Qwen2-MoE, Qwen3-MoE: mlp.gate, mlp.experts.E.gate_proj / up_proj / down_proj, mlp.shared_expert.
+            router = p + "mlp.gate.weight"
+            expert = { e, proj in p + "mlp.experts.\(e).\(proj.hfName).weight" }
+            shared = p + "mlp.shared_expert"
+        }
+    }
+
+    /// One projection of every expert, each checked to be [intermediate, hidden] (gate, up) or
+    /// [hidden, intermediate] (down): from per-expert tensors, a stacked one, or gate and up
+    /// stacked together.
+    func views(_ source: WeightSource, _ proj: Projection, experts count: Int, hidden d: Int, intermediate ff: Int) throws -> [TensorView] {
+        let shape = proj == .down ? [d, ff] : [ff, d]
+        if source.contains(expert(0, proj)) {
+            return try (0..<count).map { try source.require(expert($0, proj), shape: shape) }
+        }
+        if source.contains(stacked(proj)) {
+            return try source.require(stacked(proj), shape: [count] + shape).experts(count)
+        }
+        if proj != .down, source.contains(stackedGateUp) {
+            let both = try source.require(stackedGateUp, shape: [count, 2 * ff, d]).experts(count)
+            return try both.map { try $0.rows(proj == .gate ? 0..<ff : ff..<(2 * ff)) }
+        }
+        // Named as the file would name it: one tensor per expert in safetensors, stacked in GGUF.
+        let name = stacked(proj)
+        throw PeregrineError.format(source.storedName(name) != name ? source.missingReason(name) : source.missingReason(expert(0, proj)))
     }
 }
