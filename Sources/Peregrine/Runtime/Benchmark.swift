@@ -9,6 +9,9 @@ public enum Benchmark {
         public var test: String
         public var tokens: Int
         public var seconds: [Double]
+        /// Bytes of weights read per token over the timed runs, where the model counts them
+        /// (a mixture of experts reads only the experts its tokens chose).
+        public var weightBytesPerToken: Double?
 
         public var tokensPerSecond: [Double] { seconds.map { Double(tokens) / $0 } }
         public var median: Double { Benchmark.median(tokensPerSecond) }
@@ -73,12 +76,17 @@ public enum Benchmark {
         var request = EngineRequest(promptTokens: [1], maxTokens: n)
         request.ignoreEOS = true
         var times: [Double] = []
+        var read: Int?
         for rep in 0...repetitions {
+            if rep == 1 { read = model.weightBytesRead }
             let t0 = now()
             _ = try engine.generate(prompts: [request])
             if rep > 0 { times.append(now() - t0) }
         }
-        return Sample(test: "tg\(n)", tokens: n, seconds: times)
+        // Each run is n passes of one token (the one-token prompt, then n - 1 decode steps).
+        var perToken: Double?
+        if let before = read, let after = model.weightBytesRead { perToken = Double(after - before) / Double(repetitions * n) }
+        return Sample(test: "tg\(n)", tokens: n, seconds: times, weightBytesPerToken: perToken)
     }
 
     /// Peak resident memory of this process, in bytes.
