@@ -144,6 +144,7 @@ open class KVMemory {
 /// architecture listed for it, switched by its config.
 public enum ModelFamily: String, CaseIterable, Sendable {
     case llama
+    case mixtureOfExperts
 
     /// From config.json's `architectures` entry.
     public static let architectures: [String: ModelFamily] = [
@@ -151,9 +152,9 @@ public enum ModelFamily: String, CaseIterable, Sendable {
         "MistralForCausalLM": .llama,
         "Qwen2ForCausalLM": .llama,
         "Qwen3ForCausalLM": .llama,
-        "MixtralForCausalLM": .llama,
-        "Qwen2MoeForCausalLM": .llama,
-        "Qwen3MoeForCausalLM": .llama,
+        "MixtralForCausalLM": .mixtureOfExperts,
+        "Qwen2MoeForCausalLM": .mixtureOfExperts,
+        "Qwen3MoeForCausalLM": .mixtureOfExperts,
     ]
 }
 
@@ -178,6 +179,7 @@ public enum ModelRegistry {
         }
         switch family {
         case .llama: return try LlamaModel(config: config, weights: weights, backend: backend)
+        case .mixtureOfExperts: return try MoEModel(config: config, weights: weights, backend: backend)
         }
     }
 

@@ -16,6 +16,7 @@ struct MixtureOfExperts<B: ComputeBackend> {
     let bytesPerExpert: Int
     /// Bytes every pass reads: the router and the shared expert.
     let alwaysReadBytes: Int
+    let eps: Float
 
     struct SharedExpert {
         let gate, up, down: B.Weight
@@ -24,42 +25,42 @@ struct MixtureOfExperts<B: ComputeBackend> {
         let intermediate: Int
     }
 
-    init(_ source: WeightSource, backend: B, names: ExpertTensorNames, hidden d: Int, config e: ExpertConfig) throws {
+    /// The layer's router, experts and shared expert, named by `names`, shaped by the config.
+    init(_ w: WeightLoader<B>, names: ExpertTensorNames, config c: ModelConfig, experts e: ExpertConfig) throws {
+        let d = c.hiddenSize, ff = e.intermediateSize
         count = e.count
         used = e.used
         normalize = e.normalizeWeights
-        let ff = e.intermediateSize
-        var always = 0
-        let r = try source.require(names.router, shape: [count, d])
-        always += r.byteCount
-        router = try backend.weight(r)
+        eps = c.rmsNormEps
+        let before = w.bytes
+        router = try w.load(names.router, [count, d])
         var views: [ExpertTensorNames.Projection: [TensorView]] = [:]
         for proj in ExpertTensorNames.Projection.allCases {
-            views[proj] = try names.views(source, proj, experts: count, hidden: d, intermediate: ff)
+            views[proj] = try names.views(w.source, proj, experts: count, hidden: d, intermediate: ff)
         }
         let gate = views[.gate]!, up = views[.up]!, down = views[.down]!
         bytesPerExpert = gate[0].byteCount + up[0].byteCount + down[0].byteCount
-        experts = try backend.experts(gate: gate, up: up, down: down)
+        experts = try w.experts(gate: gate, up: up, down: down)
         if let s = e.sharedIntermediateSize {
-            guard let p = names.shared else { throw PeregrineError.format("this architecture has no shared expert") }
-            func load(_ n: String, _ shape: [Int]) throws -> B.Weight {
-                let t = try source.require(n, shape: shape)
-                always += t.byteCount
-                return try backend.weight(t)
-            }
+            guard let p = names.shared else { throw PeregrineError.format("\(c.architecture) has no shared expert") }
             // A one-row matrix; GGUF files may store it as a vector.
             let gateName = p + "_gate.weight"
-            let gateInput = source.tensor(gateName).map { $0.shape == [d] ? $0.reshaped([1, d]) : $0 }
-            guard let g = gateInput else { throw PeregrineError.format(source.missingReason(gateName)) }
-            guard g.shape == [1, d] else { throw PeregrineError.format("tensor '\(source.storedName(gateName))' has shape \(g.shape), expected [1, \(d)]") }
-            always += g.byteCount
-            shared = SharedExpert(gate: try load(p + ".gate_proj.weight", [s, d]), up: try load(p + ".up_proj.weight", [s, d]),
-                                  down: try load(p + ".down_proj.weight", [d, s]), gateInput: try backend.weight(g), intermediate: s)
+            let g: B.Weight
+            if let t = w.source.tensor(gateName), t.shape == [d] {
+                g = try w.view(t.reshaped([1, d]), name: gateName, shape: [1, d])
+            } else {
+                g = try w.load(gateName, [1, d])
+            }
+            shared = SharedExpert(gate: try w.load(p + ".gate_proj.weight", [s, d]), up: try w.load(p + ".up_proj.weight", [s, d]),
+                                  down: try w.load(p + ".down_proj.weight", [d, s]), gateInput: g, intermediate: s)
         } else {
             shared = nil
         }
-        alwaysReadBytes = always
+        alwaysReadBytes = w.bytes - before - count * bytesPerExpert
     }
+
+    /// Bytes a token reads: the router, the shared expert and k experts.
+    var activeBytes: Int { alwaysReadBytes + used * bytesPerExpert }
 
     /// Activation memory of the block beyond the decoder's (router logits and routes).
     struct Buffers {
@@ -77,20 +78,22 @@ struct MixtureOfExperts<B: ComputeBackend> {
         }
     }
 
-    /// residual += experts(h) (+ sigmoid(gate · h) * shared(h)), h the normalized residual of
-    /// `rows` rows; `out`, `gate` and `up` are scratch of [rows, hidden] and [rows, the shared
-    /// expert's intermediate size].
-    func callAsFunction(_ b: B, h: B.Buffer, rows n: Int, hidden d: Int, residual: B.Buffer, buffers: Buffers,
-                        out: B.Buffer, gate: B.Buffer, up: B.Buffer) {
-        b.matmul(h, rows: n, weight: router, bias: nil, out: buffers.logits)
+    /// residual += experts(h) (+ sigmoid(gate · h) * shared(h)), h = norm(residual): the
+    /// workspace's `h` holds h, `tmp` the experts' (then the shared expert's) output, `gate` and
+    /// `up` the shared expert's products.
+    func callAsFunction(_ pass: DecoderPass<B>, norm: B.Weight) {
+        let b = pass.backend, w = pass.workspace, n = pass.rows, d = pass.hidden
+        guard let buffers = w.experts else { preconditionFailure("a workspace without expert buffers") }
+        b.rmsNorm(w.x, weight: norm, eps: eps, rows: n, dim: d, out: w.h)
+        b.matmul(w.h, rows: n, weight: router, bias: nil, out: buffers.logits)
         b.routeTopK(buffers.logits, rows: n, experts: count, k: used, normalize: normalize, routes: buffers.routes)
-        b.expertProducts(h, rows: n, routes: buffers.routes, k: used, experts: experts, out: out)
-        b.add(residual, out, count: n * d)
+        b.expertProducts(w.h, rows: n, routes: buffers.routes, k: used, experts: experts, out: w.tmp)
+        b.add(w.x, w.tmp, count: n * d)
         if let s = shared {
-            b.gatedProduct(h, rows: n, gate: s.gate, gateBias: nil, up: s.up, upBias: nil, out: gate, scratch: up)
-            b.matmul(gate, rows: n, weight: s.down, bias: nil, out: out)
-            b.matmul(h, rows: n, weight: s.gateInput, bias: nil, out: buffers.sharedGate)
-            b.addSigmoidGated(out, gate: buffers.sharedGate, rows: n, dim: d, residual: residual)
+            b.gatedProduct(w.h, rows: n, gate: s.gate, gateBias: nil, up: s.up, upBias: nil, out: w.gate, scratch: w.up)
+            b.matmul(w.gate, rows: n, weight: s.down, bias: nil, out: w.tmp)
+            b.matmul(w.h, rows: n, weight: s.gateInput, bias: nil, out: buffers.sharedGate)
+            b.addSigmoidGated(w.tmp, gate: buffers.sharedGate, rows: n, dim: d, residual: w.x)
         }
     }
 
