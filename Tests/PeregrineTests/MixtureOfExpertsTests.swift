@@ -96,6 +96,44 @@ final class MixtureOfExpertsTests: XCTestCase {
         XCTAssertEqual(perToken, model.weightBytes, "the active parameters")
     }
 
+    /// Transformers' fused layout (each layer's experts as one gate_up_proj [experts, 2 x
+    /// intermediate, hidden] and one down_proj [experts, hidden, intermediate]) reads as the
+    /// per-expert tensors do.
+    func testFusedExpertLayout() throws {
+        let src = Fixtures.model("qwen3_moe"), dir = try Fixtures.tempDirectory(self)
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            try FileManager.default.copyItem(atPath: src + "/" + f, toPath: dir + "/" + f)
+        }
+        let file = try SafeTensorsFile(path: src + "/model.safetensors")
+        let e = try XCTUnwrap(try ModelRegistry.load(directory: src).config.experts)
+        var tensors: [(String, [Int], [Float])] = []
+        for name in file.names where !name.contains(".mlp.experts.") {
+            let t = try XCTUnwrap(file.tensor(name))
+            tensors.append((name, t.shape, t.toFloat()))
+        }
+        for layer in 0..<e.sparseLayers.count {
+            let p = "model.layers.\(layer).mlp.experts."
+            func values(_ x: Int, _ proj: String) throws -> [Float] { try XCTUnwrap(file.tensor(p + "\(x).\(proj).weight")).toFloat() }
+            let gateUp = try (0..<e.count).flatMap { try values($0, "gate_proj") + values($0, "up_proj") }
+            let down = try (0..<e.count).flatMap { try values($0, "down_proj") }
+            tensors.append((p + "gate_up_proj", [e.count, 2 * e.intermediateSize, 64], gateUp))
+            tensors.append((p + "down_proj", [e.count, 64, e.intermediateSize], down))
+        }
+        var header: [(String, JSONValue)] = [], data: [Float] = []
+        for (name, shape, v) in tensors {
+            header.append((name, .object(JSONObject([("dtype", .string("F32")), ("shape", .array(shape.map { .number(Double($0)) })),
+                                                     ("data_offsets", .array([.number(Double(4 * data.count)), .number(Double(4 * (data.count + v.count)))]))]))))
+            data += v
+        }
+        let json = Array(JSONWriter.write(.object(JSONObject(header))).utf8)
+        var bytes = withUnsafeBytes(of: UInt64(json.count).littleEndian) { Array($0) } + json
+        data.withUnsafeBytes { bytes += $0 }
+        try Data(bytes).write(to: URL(fileURLWithPath: dir + "/model.safetensors"))
+        let ref = try Reference(model: "qwen3_moe")
+        let fused = try allLogits(try ModelRegistry.load(directory: dir), ref.promptIds + ref.greedyIds)
+        XCTAssertEqual(fused, try allLogits(try ModelRegistry.load(directory: src), ref.promptIds + ref.greedyIds))
+    }
+
     /// Files whose experts disagree with their config: one clear error each.
     func testInconsistentExpertsAreRefused() throws {
         func check(_ edit: (inout [String: JSONValue]) -> Void, _ message: String, file: StaticString = #filePath, line: UInt = #line) throws {

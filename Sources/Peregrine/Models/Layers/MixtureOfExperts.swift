@@ -141,8 +141,10 @@ struct ExpertTensorNames {
     let router: String
     let expert: (Int, Projection) -> String
     let stacked: (Projection) -> String
-    /// gate and up stacked in one tensor [experts, 2 x intermediate, hidden], gate first.
+    /// Transformers' fused layout: gate and up in one tensor [experts, 2 x intermediate, hidden],
+    /// gate first, and the down projections in one [experts, hidden, intermediate].
     let stackedGateUp: String
+    let stackedDown: String
     /// The shared expert's prefix (`<prefix>.gate_proj.weight`, its gate `<prefix>_gate.weight`).
     let shared: String?
 
@@ -163,6 +165,7 @@ struct ExpertTensorNames {
         let p = "model.layers.\(layer)."
         stacked = { proj in p + "mlp.experts.\(proj.hfName).weight" }
         stackedGateUp = p + "mlp.experts.gate_up_proj"
+        stackedDown = p + "mlp.experts.down_proj"
         if architecture == "MixtralForCausalLM" {
             // block_sparse_moe.gate and experts.E.w1 / w3 / w2 (gate, up, down).
             router = p + "block_sparse_moe.gate.weight"
@@ -177,8 +180,7 @@ struct ExpertTensorNames {
     }
 
     /// One projection of every expert, each checked to be [intermediate, hidden] (gate, up) or
-    /// [hidden, intermediate] (down): from per-expert tensors, a stacked one, or gate and up
-    /// stacked together.
+    /// [hidden, intermediate] (down): from per-expert tensors, a stacked one, or the fused layout.
     func views(_ source: WeightSource, _ proj: Projection, experts count: Int, hidden d: Int, intermediate ff: Int) throws -> [TensorView] {
         let shape = proj == .down ? [d, ff] : [ff, d]
         if source.contains(expert(0, proj)) {
@@ -186,6 +188,9 @@ struct ExpertTensorNames {
         }
         if source.contains(stacked(proj)) {
             return try source.require(stacked(proj), shape: [count] + shape).experts(count)
+        }
+        if proj == .down, source.contains(stackedDown) {
+            return try source.require(stackedDown, shape: [count] + shape).experts(count)
         }
         if proj != .down, source.contains(stackedGateUp) {
             let both = try source.require(stackedGateUp, shape: [count, 2 * ff, d]).experts(count)
