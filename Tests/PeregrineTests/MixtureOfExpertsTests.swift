@@ -136,9 +136,10 @@ final class MixtureOfExpertsTests: XCTestCase {
 
     /// Files whose experts disagree with their config: one clear error each.
     func testInconsistentExpertsAreRefused() throws {
-        func check(_ edit: (inout [String: JSONValue]) -> Void, _ message: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        func check(_ edit: (inout [String: JSONValue]) -> Void, _ message: String, model: String = "mixtral",
+                   file: StaticString = #filePath, line: UInt = #line) throws {
             let dir = try Fixtures.tempDirectory(self)
-            let src = Fixtures.model("mixtral")
+            let src = Fixtures.model(model)
             for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
                 try FileManager.default.copyItem(atPath: src + "/" + f, toPath: dir + "/" + f)
             }
@@ -155,6 +156,11 @@ final class MixtureOfExpertsTests: XCTestCase {
         try check({ $0["num_local_experts"] = .number(16) }, "has shape [8, 64], expected [16, 64]")
         try check({ $0["intermediate_size"] = .number(64) }, "expected [64, 64]")
         try check({ $0["num_local_experts"] = nil }, "missing 'num_local_experts'")
+        try check({ $0["shared_expert_intermediate_size"] = nil }, "missing 'shared_expert_intermediate_size'", model: "qwen2_moe")
+        try check({ $0["shared_expert_intermediate_size"] = .number(32) }, "has shape [64, 64], expected [32, 64]", model: "qwen2_moe")
+        try check({ $0["mlp_only_layers"] = .array([.number(5)]) }, "'mlp_only_layers' lists a layer outside 0..<2", model: "qwen2_moe")
+        try check({ $0["mlp_only_layers"] = .array([.number(1)]) }, "missing tensor 'model.layers.1.mlp.gate_proj.weight'", model: "qwen2_moe")
+        try check({ $0["moe_intermediate_size"] = .number(16) }, "has shape [8, 64], expected [16, 64]", model: "qwen3_moe")
     }
 }
 

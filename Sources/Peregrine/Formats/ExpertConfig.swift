@@ -66,7 +66,8 @@ public struct ExpertConfig: Equatable, Sendable {
             used = try int(["num_experts_per_tok"])
             self.intermediateSize = try int(["moe_intermediate_size"])
             normalizeWeights = json["norm_topk_prob"]?.bool ?? false
-            let shared = architecture == "Qwen2MoeForCausalLM" ? try int(["shared_expert_intermediate_size"], 0) : 0
+            // Required: transformers would otherwise build a shared expert of its default size.
+            let shared = architecture == "Qwen2MoeForCausalLM" ? try int(["shared_expert_intermediate_size"]) : 0
             sharedIntermediateSize = shared > 0 ? shared : nil
             let step = try int(["decoder_sparse_step"], 1)
             guard step >= 1 else { throw bad("'decoder_sparse_step' must be at least 1") }
