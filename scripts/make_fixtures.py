@@ -255,16 +255,17 @@ def routing_margin(model, seq):
 
 
 # Mixture-of-experts fixtures: name, arch, config overrides, tokenizer kind. Mixtral has 8
-# experts (top 2, weights renormalized); Qwen2-MoE a shared expert under a sigmoid gate and
-# unnormalized top-k weights; the dense-layer variant an MLP-only layer (mlp_only_layers) and
-# normalized weights; Qwen3-MoE 16 experts, top 8, q/k norms. Rows of 32 or more values where
-# the GGUF fixtures quantize them (Mixtral).
+# experts (top 2, weights renormalized); Qwen2-MoE a shared expert under a sigmoid gate,
+# unnormalized top-k weights and an output matrix of its own (llama.cpp's qwen2moe needs one);
+# the dense-layer variant an MLP-only layer (mlp_only_layers) and normalized weights; Qwen3-MoE
+# 16 experts, top 8, q/k norms. Rows of 32 or more values where the GGUF fixtures quantize them
+# (Mixtral).
 MOE_SPECS = [
     ("mixtral", "mixtral", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
                                 tie_word_embeddings=True, rope_theta=1000000.0), "llama3"),
     ("qwen2_moe", "qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                     shared_expert_intermediate_size=64, intermediate_size=64, norm_topk_prob=False,
-                                    tie_word_embeddings=True, rope_theta=1000000.0), "qwen2"),
+                                    tie_word_embeddings=False, rope_theta=1000000.0), "qwen2"),
     ("qwen2_moe-dense-layer", "qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                                 shared_expert_intermediate_size=32, intermediate_size=64,
                                                 norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=True,

@@ -164,8 +164,83 @@ final class MixtureOfExpertsTests: XCTestCase {
     }
 }
 
-/// Mixture-of-experts GGUF files written by `peregrine quantize`.
+/// Mixture-of-experts GGUF files: llama.cpp's converter's layout (stacked `ffn_*_exps`, routers,
+/// Qwen2-MoE's shared expert) against llama.cpp's logits on the same files
+/// (scripts/make_gguf_fixture.py --moe-only), quantized experts, and files `peregrine quantize`
+/// writes.
 final class MixtureOfExpertsGGUFTests: XCTestCase {
+    func testF32FilesMatchLlamaCppAndTransformers() throws {
+        for name in ["mixtral", "qwen2_moe", "qwen3_moe"] {
+            let path = Fixtures.root + "/gguf/\(name)-f32.gguf"
+            let g = try GGUFFile(path: path)
+            XCTAssertNotNil(g.info("blk.0.ffn_gate_exps.weight"), name)
+            let model = try ModelRegistry.load(directory: path)
+            XCTAssertEqual(model.config.experts?.count, try ModelRegistry.load(directory: Fixtures.model(name)).config.experts?.count)
+            let ref = try Reference(model: name)
+            let logits = try allLogits(model, ref.promptIds + ref.greedyIds)
+            let llamacpp = try Fixtures.floats(Fixtures.root + "/gguf/\(name)-f32.llamacpp_logits.bin")
+            XCTAssertEqual(llamacpp.count, logits.count)
+            // Measured: 3e-6 to 2.5e-5 from llama.cpp, 5e-6 to 4.5e-5 from transformers.
+            let vsLlama = maxAbsDiff(logits, llamacpp), vsHF = maxAbsDiff(logits, ref.logits)
+            XCTAssertLessThan(vsLlama, 1e-4, "\(name): GGUF logits differ from llama.cpp's on the same file by \(vsLlama)")
+            XCTAssertLessThan(vsHF, 1e-4, "\(name): GGUF logits differ from transformers' by \(vsHF)")
+            // The tokenizer from the file's metadata encodes the prompt as transformers' did.
+            let tokenizer = try Tokenizer(directory: path)
+            XCTAssertEqual(tokenizer.encode(try XCTUnwrap(ref.json["prompt"]?.string)), ref.promptIds)
+        }
+    }
+
+    /// Q8_0 and Q4_0 experts (llama-quantize's files) through the quantized products, against
+    /// llama.cpp on the same files, and row for row the same alone as in a batch.
+    func testQuantizedExpertsMatchLlamaCpp() throws {
+        let ref = try Reference(model: "mixtral")
+        let seq = ref.promptIds + ref.greedyIds
+        for (name, type) in [("mixtral-q8_0", GGUFFile.TensorType.q8_0), ("mixtral-q4_0", .q4_0)] {
+            let path = Fixtures.root + "/gguf/\(name).gguf"
+            XCTAssertEqual(try GGUFFile(path: path).info("blk.0.ffn_down_exps.weight")?.type, type)
+            let model = try ModelRegistry.load(directory: path)
+            let logits = try allLogits(model, seq)
+            let llamacpp = try Fixtures.floats(Fixtures.root + "/gguf/\(name).llamacpp_logits.bin")
+            let scale = llamacpp.reduce(0) { max($0, abs($1)) }
+            // Measured at logit scale 8.2 (Q8_0) and 7.4 (Q4_0): 1e-6 from llama.cpp (the same
+            // 8-bit activations, the same routing); both engines 2.65 (Q8_0) and 8.04 (Q4_0) from
+            // the F32 model, whose routing the rounding changes.
+            let vsLlama = maxAbsDiff(logits, llamacpp), vsF32 = maxAbsDiff(logits, ref.logits), llamaVsF32 = maxAbsDiff(llamacpp, ref.logits)
+            XCTAssertLessThan(vsLlama, 0.02 * scale, "\(name) logits vs llama.cpp: \(vsLlama) (scale \(scale))")
+            XCTAssertLessThanOrEqual(vsF32, llamaVsF32 * 1.05, "\(name) vs the f32 model: \(vsF32); llama.cpp's: \(llamaVsF32)")
+            let solo = try PagedKVCache(model: model, slots: 1, capacity: seq.count)
+            var one = [Float](repeating: 0, count: ref.vocab)
+            for (i, t) in seq.enumerated() {
+                var p = BatchPlan()
+                p.append(tokens: [t], slot: 0, position: i, logits: .last)
+                try solo.prepare(&p)
+                try one.withUnsafeMutableBufferPointer { try model.forward(p, kv: solo.memory, logits: $0) }
+                XCTAssertEqual(Array(one), Array(logits[(i * ref.vocab)..<((i + 1) * ref.vocab)]), "\(name) row \(i)")
+            }
+        }
+    }
+
+    /// `peregrine quantize` of the Mixtral directory to Q4_0: llama.cpp's tensor names and types
+    /// (routers kept F32; with 8 experts, attention's k and v in Q8_0), and llama.cpp's logits
+    /// on the file written here.
+    func testQuantizedMixtralDirectoryMatchesLlamaCpp() throws {
+        let out = try Fixtures.tempDirectory(self) + "/mixtral-q4_0.gguf"
+        _ = try ModelQuantizer(mix: .q4_0).quantize(source: Fixtures.model("mixtral"), output: out)
+        let ours = try GGUFFile(path: out), theirs = try GGUFFile(path: Fixtures.root + "/gguf/mixtral-q4_0.gguf")
+        XCTAssertEqual(ours.tensors.map(\.name).sorted(), theirs.tensors.map(\.name).sorted())
+        for t in theirs.tensors {
+            XCTAssertEqual(ours.info(t.name)?.type, t.type, t.name)
+            XCTAssertEqual(ours.info(t.name)?.dims, t.dims, t.name)
+        }
+        for key in ["llama.expert_count", "llama.expert_used_count"] { XCTAssertEqual(ours.metadata[key]?.int, theirs.metadata[key]?.int, key) }
+        let ref = try Reference(model: "mixtral")
+        let logits = try allLogits(try ModelRegistry.load(directory: out), ref.promptIds + ref.greedyIds)
+        let llamacpp = try Fixtures.floats(Fixtures.root + "/gguf/peregrine-mixtral-q4_0.llamacpp_logits.bin")
+        let scale = llamacpp.reduce(0) { max($0, abs($1)) }
+        // Measured: 1e-6 at logit scale 7.4.
+        XCTAssertLessThan(maxAbsDiff(logits, llamacpp), 0.02 * scale)
+    }
+
     /// Every MoE directory written as an F32 GGUF here (stacked experts, the shared expert and its
     /// gate, a dense layer, the weight-normalization key) runs as the directory does.
     func testDirectoriesConvertedToGGUFKeepTheirLogits() throws {
