@@ -31,7 +31,8 @@ import time
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 BENCH_MODELS = os.path.join(ROOT, ".bench-models")
-PRE_TOKENIZER = {"target-f16": "llama-bpe", "llama-1b-shape": "llama-bpe", "qwen2.5-0.5b-shape": "qwen2"}
+PRE_TOKENIZER = {"target-f16": "llama-bpe", "llama-1b-shape": "llama-bpe", "qwen2.5-0.5b-shape": "qwen2",
+                 "qwen3-moe-small-shape": "qwen2"}
 
 
 def llama_cpp_sources():

@@ -5,7 +5,10 @@
 - llama-1b-shape: random weights in the shape of Llama 3.2 1B (16 layers, 2048 hidden, 8192 MLP,
   32 query heads over 8 KV heads, 128256 vocabulary, tied embeddings, llama3 RoPE scaling);
 - qwen2.5-0.5b-shape: random weights in the shape of Qwen2.5 0.5B (24 layers, 896 hidden, 4864
-  MLP, 14 query heads over 2 KV heads, q/k/v biases, 151936 vocabulary, tied embeddings).
+  MLP, 14 query heads over 2 KV heads, q/k/v biases, 151936 vocabulary, tied embeddings);
+- qwen3-moe-small-shape: random weights in a scaled-down Qwen3-30B-A3B shape, small enough for a
+  two-core machine (8 layers, 768 hidden, 64 experts of 256 with 8 a token, 12 query heads over 4
+  KV heads of 64, q/k norms, 151936 vocabulary, tied embeddings): 0.43B parameters, 0.17B active.
 
 The random models get byte-level BPE tokenizers of their vocabulary size with random merges
 (see make_large_tokenizer.py); speed does not depend on what the weights say.
@@ -19,7 +22,7 @@ import shutil
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +96,15 @@ def main(out_root):
                       rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=151643,
                       eos_token_id=151643)
     save_random(os.path.join(out_root, "qwen2.5-0.5b-shape"), Qwen2ForCausalLM, cfg,
+                tokenizer_json(151936, specials, QWEN2_PATTERN, None),
+                {"bos_token": None, "eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"})
+
+    cfg = Qwen3MoeConfig(vocab_size=151936, hidden_size=768, intermediate_size=2048, moe_intermediate_size=256,
+                         num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=8,
+                         num_attention_heads=12, num_key_value_heads=4, head_dim=64, max_position_embeddings=32768,
+                         rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=151643,
+                         eos_token_id=151643)
+    save_random(os.path.join(out_root, "qwen3-moe-small-shape"), Qwen3MoeForCausalLM, cfg,
                 tokenizer_json(151936, specials, QWEN2_PATTERN, None),
                 {"bos_token": None, "eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"})
 

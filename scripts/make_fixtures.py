@@ -16,6 +16,10 @@
   also kept (reference_logits_incremental.bin): with LongRoPE they differ from one pass over the
   whole sequence, which uses the long factors at every position.
 
+  The mixture-of-experts models (mixtral, qwen2_moe, qwen2_moe-dense-layer, qwen3_moe) are
+  re-seeded until every routing decision is clear too (the k-th and (k+1)-th router
+  logits of every token apart), so the comparison cannot hinge on a near tie.
+
 Run: python3 scripts/make_fixtures.py   (needs torch, transformers, tokenizers, safetensors)
      python3 scripts/make_fixtures.py --phi3
        builds only the Phi-3 models, with the committed tokenizers.
@@ -23,6 +27,8 @@ Run: python3 scripts/make_fixtures.py   (needs torch, transformers, tokenizers, 
        trains only the tokenizers that are not committed yet and recomputes tokenizer_cases.json
        from the committed tokenizer.json files (training is not reproducible for every kind);
        no model is rebuilt.
+     python3 scripts/make_fixtures.py --moe-only [name...]   (only the mixture-of-experts models,
+     or the ones named, with the committed tokenizers)
 The outputs are committed, so the Swift tests need no Python.
 """
 import glob
@@ -34,8 +40,9 @@ import sys
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers, Regex
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
-                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
+                          Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Tests", "Fixtures")
 
@@ -206,13 +213,16 @@ PROMPT = "The quick brown fox jumps over the lazy dog. Numbers 1234 and cafÃ©, æ
 GREEDY_STEPS = 12
 
 
-def build_model(name, arch, cfg_kwargs, tok, kind, seed, cached=False):
+def build_model(name, arch, cfg_kwargs, tok, kind, seed, cached=False, routing=1e-3):
     cls_cfg, cls_model = {
         "llama": (LlamaConfig, LlamaForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM),
         "phi3": (Phi3Config, Phi3ForCausalLM),
+        "mixtral": (MixtralConfig, MixtralForCausalLM),
+        "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+        "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
     }[arch]
     vocab = tok.get_vocab_size()
     bos = tok.token_to_id(specials_for(kind)[1 if kind in ("llama2", "metaspace") else 0])
@@ -252,7 +262,7 @@ def build_model(name, arch, cfg_kwargs, tok, kind, seed, cached=False):
                     top = torch.topk(logits, 2).values
                     margins.append(float(top[0] - top[1]))
                     seq.append(int(torch.argmax(logits)))
-        if min(margins) > 2e-3:
+        if min(margins) > 2e-3 and routing_margin(model, seq) > routing:
             break
     else:
         sys.exit(f"{name}: no seed gave clear greedy margins")
@@ -283,6 +293,61 @@ def greedy_through_cache(model, ids):
             out = model(torch.tensor([[greedy[-1]]]), use_cache=True, **{cache_arg: cache})
             rows.append(out.logits[0].float())
     return greedy, margins, torch.cat(rows, 0)
+
+
+def routing_margin(model, seq):
+    """The smallest gap, over every token and MoE layer, between the k-th and (k+1)-th router
+    logits (infinite for a dense model): how far the expert choice is from a tie."""
+    k = getattr(model.config, "num_experts_per_tok", None)
+    routers = [m for n_, m in model.named_modules() if n_.endswith("mlp.gate") or n_.endswith("block_sparse_moe.gate")]
+    if k is None or not routers:
+        return float("inf")
+    logits = []
+    hooks = [r.register_forward_hook(lambda mod, inp, out: logits.append(out[0] if isinstance(out, tuple) else out))
+             for r in routers]
+    with torch.no_grad():
+        model(torch.tensor([seq]))
+    for h in hooks:
+        h.remove()
+    worst = float("inf")
+    for l in logits:
+        # In logits: the softmax keeps their order, and float noise in them is what could swap two experts.
+        p = l.float().reshape(-1, l.shape[-1]).sort(dim=-1, descending=True).values
+        if p.shape[-1] > k:
+            worst = min(worst, float((p[:, k - 1] - p[:, k]).min()))
+    return worst
+
+
+# Mixture-of-experts fixtures: name, arch, config overrides, tokenizer kind. Mixtral has 8
+# experts (top 2, weights renormalized); Qwen2-MoE a shared expert under a sigmoid gate,
+# unnormalized top-k weights and an output matrix of its own (llama.cpp's qwen2moe needs one);
+# the dense-layer variant an MLP-only layer (mlp_only_layers) and normalized weights; Qwen3-MoE
+# 16 experts, top 8, q/k norms. Rows of 32 or more values where the GGUF fixtures quantize them
+# (Mixtral).
+MOE_SPECS = [
+    ("mixtral", "mixtral", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                                tie_word_embeddings=True, rope_theta=1000000.0), "llama3"),
+    ("qwen2_moe", "qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=64, intermediate_size=64, norm_topk_prob=False,
+                                    tie_word_embeddings=False, rope_theta=1000000.0), "qwen2"),
+    ("qwen2_moe-dense-layer", "qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                                shared_expert_intermediate_size=32, intermediate_size=64,
+                                                norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=True,
+                                                rope_theta=1000000.0), "qwen2"),
+    ("qwen3_moe", "qwen3_moe", dict(num_experts=16, num_experts_per_tok=8, moe_intermediate_size=8, intermediate_size=64,
+                                    head_dim=32, norm_topk_prob=True, tie_word_embeddings=True, rope_theta=1000000.0),
+     "qwen2"),
+]
+
+
+def make_moe_models(toks, model_root, only=None, seed_base=9000):
+    for i, (name, arch, kw, kind) in enumerate(MOE_SPECS):
+        if only and name not in only:
+            continue
+        model, ids, greedy, logits, margin = build_model(name, arch, kw, toks[kind], kind, seed=seed_base + 100 * i)
+        write_model(os.path.join(model_root, name), model, toks[kind], kind, ids, greedy, logits,
+                    extra={"routing_margin": routing_margin(model, ids + greedy)})
+        print(f"{name}: {len(ids)} prompt tokens, greedy margin {margin:.4f}, routing margin {routing_margin(model, ids + greedy):.5f}")
 
 
 def write_model(directory, model, tok, kind, ids, greedy, logits, extra=None, dtype=torch.float32, tokenizer_class=None):
@@ -346,6 +411,10 @@ def main():
     phi3_only = "--phi3" in sys.argv[1:]
     keep = "--keep-tokenizers" in sys.argv[1:] or phi3_only
     tok_root = os.path.join(ROOT, "tokenizers")
+    if sys.argv[1:2] == ["--moe-only"]:
+        toks = {kind: Tokenizer.from_file(os.path.join(tok_root, kind, "tokenizer.json")) for kind in ["llama3", "qwen2"]}
+        make_moe_models(toks, os.path.join(ROOT, "models"), only=sys.argv[2:])
+        return
     if os.path.exists(tok_root) and not keep:
         shutil.rmtree(tok_root)
     toks = {}
@@ -409,6 +478,7 @@ def main():
                 ref["greedy_ids_rounded_weights"] = seq2[len(ids):]
                 json.dump(ref, open(os.path.join(d, "reference.json"), "w"), indent=1)
     build_phi3_models(toks, model_root)
+    make_moe_models(toks, model_root)
 
 
 if __name__ == "__main__":

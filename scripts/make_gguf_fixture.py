@@ -15,6 +15,16 @@ scripts/llamacpp_logits.c, compiled here against llama.h and libllama:
   LLAMA_CPP_DIR=/path/to/llama.cpp LLAMA_CPP_BUILD=/path/to/llama.cpp/build \
     python3 scripts/make_gguf_fixture.py --phi3-only
 (needs torch, numpy, sentencepiece and a C compiler; the converter's gguf-py comes from the tree).
+--moe-only makes the mixture-of-experts fixtures: the tiny Mixtral, Qwen2-MoE and Qwen3-MoE models
+of Tests/Fixtures/models (scripts/make_fixtures.py) converted to F32 by llama.cpp's converter,
+Mixtral also quantized by llama-quantize to Q8_0 and Q4_0, and llama.cpp's logits on each, and on
+the Q4_0 file `peregrine quantize` writes from the Mixtral directory. It needs a llama.cpp
+checkout and its CPU build (libllama and llama-quantize), not llama-cpp-python:
+  git clone https://github.com/ggml-org/llama.cpp && cmake -S llama.cpp -B llama.cpp/build && cmake --build llama.cpp/build
+  swift build
+  LLAMA_CPP=llama.cpp LLAMA_CPP_BIN=llama.cpp/build/bin python3 scripts/make_gguf_fixture.py --moe-only
+(the Python needs torch, numpy and sentencepiece for the converter; scripts/llamacpp_logits.c,
+compiled here with cc, reads the logits).
 """
 import json
 import os
@@ -183,10 +193,70 @@ c.main()
             print(name, os.path.getsize(path), "bytes; llama.cpp logits for", len(seq), "positions")
 
 
+def llama_cpp_checkout():
+    src, bindir = os.environ.get("LLAMA_CPP"), os.environ.get("LLAMA_CPP_BIN")
+    if not src or not bindir:
+        sys.exit("--moe-only needs LLAMA_CPP (a llama.cpp checkout) and LLAMA_CPP_BIN (its build's bin directory)")
+    return os.path.abspath(src), os.path.abspath(bindir)
+
+
+def convert_model(src, model_dir, outtype, path, pre):
+    """A Hugging Face directory to GGUF with llama.cpp's converter; our tokenizers are not known
+    to it by hash, so it is told which pre-tokenizer they use."""
+    if os.path.exists(path):
+        os.remove(path)
+    code = f"""
+import sys
+sys.path.insert(0, {os.path.join(src, 'gguf-py')!r}); sys.path.insert(0, {src!r})
+sys.argv = ['convert_hf_to_gguf.py', {model_dir!r}, '--outtype', {outtype!r}, '--outfile', {path!r}]
+import convert_hf_to_gguf as c
+from conversion.base import TextModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: {pre!r}
+c.main()
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=src)
+    return path
+
+
+def make_moe_fixtures():
+    import tempfile
+    src, bindir = llama_cpp_checkout()
+    models = os.path.join(ROOT, "Tests", "Fixtures", "models")
+    env = dict(os.environ, LD_LIBRARY_PATH=bindir + os.pathsep + os.environ.get("LD_LIBRARY_PATH", ""))
+    with tempfile.TemporaryDirectory() as d:
+        tool = os.path.join(d, "llamacpp_logits")
+        subprocess.run(["cc", "-O2", os.path.join(ROOT, "scripts", "llamacpp_logits.c"), "-I", os.path.join(src, "include"),
+                        "-I", os.path.join(src, "ggml", "include"), "-L", bindir, "-lllama", "-Wl,-rpath," + bindir, "-o", tool],
+                       check=True)
+
+        def logits(path, name, reference):
+            ref = json.load(open(os.path.join(models, reference, "reference.json")))
+            seq = ref["prompt_ids"] + ref["greedy_ids"]
+            out = os.path.join(OUT, f"{name}.llamacpp_logits.bin")
+            subprocess.run([tool, path, out, ",".join(str(t) for t in seq)], check=True, env=env, capture_output=True)
+            print(name, "llama.cpp logits for", len(seq), "positions,", os.path.getsize(path), "bytes of GGUF")
+
+        for name, pre in [("mixtral", "llama-bpe"), ("qwen2_moe", "qwen2"), ("qwen3_moe", "qwen2")]:
+            path = convert_model(src, os.path.join(models, name), "f32", os.path.join(OUT, f"{name}-f32.gguf"), pre)
+            logits(path, f"{name}-f32", name)
+        for mix in ["Q8_0", "Q4_0"]:
+            path = os.path.join(OUT, f"mixtral-{mix.lower()}.gguf")
+            subprocess.run([os.path.join(bindir, "llama-quantize"), os.path.join(OUT, "mixtral-f32.gguf"), path, mix],
+                           check=True, env=env, capture_output=True)
+            logits(path, f"mixtral-{mix.lower()}", "mixtral")
+        exe = os.environ.get("PEREGRINE") or os.path.join(ROOT, ".build", "debug", "peregrine")
+        path = os.path.join(d, "peregrine-mixtral-q4_0.gguf")
+        subprocess.run([exe, "quantize", "-m", os.path.join(models, "mixtral"), "--type", "Q4_0", "-o", path], check=True,
+                       capture_output=True)
+        logits(path, "peregrine-mixtral-q4_0", "mixtral")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     if sys.argv[1:] == ["--phi3-only"]:
         make_phi3_fixtures()
+    elif sys.argv[1:] == ["--moe-only"]:
+        make_moe_fixtures()
         return
     if sys.argv[1:] == ["--peregrine-only"]:
         record_peregrine_quantized()

@@ -158,11 +158,17 @@ struct Bench: ParsableCommand {
                                 ("load_seconds", .number(load)), ("peak_rss_bytes", .number(Double(rss))),
                                 ("decode_bytes_per_token", .number(Double(lm.weightBytes))),
                             ])
-                            print(JSONWriter.write(.object(obj)))
+                            var out = obj
+                            if let read = s.weightBytesPerToken { out["decode_bytes_read_per_token"] = .number(read) }
+                            print(JSONWriter.write(.object(out)))
                         } else {
                             print(String(format: "| %@ | %@ | %@ | %@ | %@ | %d | %@ | %.2f ± %.2f | %.3f | %@ |",
                                          info.name, formatBytes(info.bytes), formatCount(info.parameters), info.type, lm.backendName, t, s.test,
                                          s.median, s.standardDeviation, load, formatBytes(rss)))
+                            if let read = s.weightBytesPerToken, lm.config.experts != nil {
+                                // A mixture of experts reads the experts its tokens chose.
+                                print("| \(info.name) | | | | | | \(s.test) weights read/token | \(formatBytes(Int(read))) (active: \(formatBytes(lm.weightBytes))) | | |")
+                            }
                         }
                         fflush(stdout)
                     }

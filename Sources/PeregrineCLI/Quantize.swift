@@ -7,7 +7,8 @@ struct Quantize: ParsableCommand {
         abstract: "Write a quantized GGUF file from a Hugging Face model directory or an F32/F16/BF16 GGUF file.",
         discussion: """
             Types: \(QuantizationMix.allCases.map(\.rawValue).joined(separator: ", ")). The _K_S and _K_M mixes \
-            give some tensors more bits, by llama.cpp's rules (QUANTIZATION.md); norms stay F32.
+            give some tensors more bits, by llama.cpp's rules (QUANTIZATION.md); norms and expert routers stay \
+            F32, and each projection of a layer's experts is one stacked tensor.
             """)
 
     @Option(name: .shortAndLong, help: "The source: a model directory or a .gguf file.")

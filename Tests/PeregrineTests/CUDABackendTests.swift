@@ -451,4 +451,86 @@ final class CUDABackendTests: XCTestCase {
             }
         }
     }
+
+    /// Mixture-of-experts models on the GPU (routing on the device, the chosen experts' grouped
+    /// products): the F32 fixtures against transformers; with --deterministic, requests batched
+    /// give each one's tokens alone, and a decode step reads only the chosen experts.
+    func testMixtureOfExpertsMatchReference() throws {
+        let gpu = try backend()
+        for name in MixtureOfExpertsTests.models {
+            let ref = try Reference(model: name)
+            let model = try ModelRegistry.load(directory: Fixtures.model(name), backend: gpu)
+            XCTAssertLessThan(maxAbsDiff(try allLogits(model, ref.promptIds + ref.greedyIds), ref.logits), 1e-3, name)
+            // One token at a time through the cache (the one-token paths and recorded steps).
+            let cpu = try ModelRegistry.load(directory: Fixtures.model(name))
+            var options = GenerationOptions()
+            options.maxTokens = ref.greedyIds.count
+            options.sampling = .greedy
+            let tokenizer = try Tokenizer(directory: Fixtures.model(name))
+            let prompt = try XCTUnwrap(ref.json["prompt"]?.string)
+            let x = try Generator(model: cpu, tokenizer: tokenizer).generate(prompt: prompt, options: options)
+            let y = try Generator(model: model, tokenizer: tokenizer).generate(prompt: prompt, options: options)
+            XCTAssertEqual(x.tokens, y.tokens, name)
+        }
+        let deterministic = try ModelRegistry.load(directory: Fixtures.model("qwen3_moe"), backend: try CUDABackend(deterministic: true))
+        let ref = try Reference(model: "qwen3_moe")
+        let requests = (0..<8).map { i -> EngineRequest in
+            var r = EngineRequest(promptTokens: Array(ref.promptIds.prefix(5 + 6 * i)), maxTokens: 12)
+            r.ignoreEOS = true
+            return r
+        }
+        var config = EngineConfig()
+        config.kvBlocks = 64
+        let together = try Engine(model: deterministic, tokenizer: nil, config: config).generate(prompts: requests)
+        for (i, r) in requests.enumerated() {
+            let alone = try Engine(model: deterministic, tokenizer: nil, config: config).generate(prompts: [r])[0]
+            XCTAssertEqual(together[i].tokens, alone.tokens, "request \(i)")
+        }
+        let before = try XCTUnwrap(deterministic.weightBytesRead)
+        _ = try Engine(model: deterministic, tokenizer: nil, config: config).generate(prompts: [requests[0]])
+        let read = try XCTUnwrap(deterministic.weightBytesRead) - before
+        // The prompt's pass reads at most every weight once; the 11 decode steps the active parameters each.
+        let all = try SafeTensorsFile(path: Fixtures.model("qwen3_moe") + "/model.safetensors").entries.values.reduce(0) { $0 + $1.end - $1.begin }
+        XCTAssertLessThanOrEqual(read, all + 11 * deterministic.weightBytes)
+        XCTAssertGreaterThanOrEqual(read, 12 * deterministic.weightBytes)
+    }
+
+    /// Quantized experts on the GPU (Q8_0 and Q4_0 from llama.cpp's files; Q4_K and Q6_K on a
+    /// random MoE with 256-wide rows) against the CPU's integer kernels on the same files.
+    func testQuantizedExpertsMatchCPU() throws {
+        let gpu = try backend()
+        let dir = try Fixtures.tempDirectory(self)
+        let source = dir + "/moe-f32.gguf"
+        try writeRandomMoEGGUF(source)
+        var files = [Fixtures.root + "/gguf/mixtral-q8_0.gguf", Fixtures.root + "/gguf/mixtral-q4_0.gguf"]
+        for mix in [QuantizationMix.q4_K_M, .q6_K, .q8_0] {
+            let out = dir + "/moe-\(mix.rawValue).gguf"
+            _ = try ModelQuantizer(mix: mix, pure: true).quantize(source: source, output: out)
+            files.append(out)
+        }
+        for path in files {
+            let cpu = try ModelRegistry.load(directory: path), cuda = try ModelRegistry.load(directory: path, backend: gpu)
+            let tokens = (0..<40).map { ($0 * 37 + 11) % min(300, cpu.config.vocabSize) }
+            let a = try allLogits(cpu, tokens), b = try allLogits(cuda, tokens)
+            let scale = a.reduce(0) { max($0, abs($1)) }
+            XCTAssertLessThan(maxAbsDiff(a, b), 0.05 * scale, path)
+            // Decode steps (one token, then three sequences at once) against the CPU.
+            for width in [1, 3] {
+                let cc = try PagedKVCache(model: cpu, slots: width, capacity: 64), gc = try PagedKVCache(model: cuda, slots: width, capacity: 64)
+                for step in 0..<6 {
+                    var plan = BatchPlan()
+                    for s in 0..<width { plan.append(tokens: [tokens[(step * 7 + s * 5) % tokens.count]], slot: s, position: step, logits: .last) }
+                    var pc = plan, pg = plan
+                    try cc.prepare(&pc)
+                    try gc.prepare(&pg)
+                    let v = cpu.config.vocabSize
+                    var x = [Float](repeating: 0, count: width * v), y = x
+                    try x.withUnsafeMutableBufferPointer { try cpu.forward(pc, kv: cc.memory, logits: $0) }
+                    try y.withUnsafeMutableBufferPointer { try cuda.forward(pg, kv: gc.memory, logits: $0) }
+                    for s in 0..<width { try cc.advance(s, by: 1); try gc.advance(s, by: 1) }
+                    XCTAssertLessThan(maxAbsDiff(x, y), 0.05 * scale, "\(path) width \(width) step \(step)")
+                }
+            }
+        }
+    }
 }

@@ -257,7 +257,7 @@ final class GGUFMetadataTests: XCTestCase {
     func testMetadataErrors() throws {
         try check(base(), nil)  // the well-formed file loads
         try check(base(blockCount: .str("one")), "block_count must be a positive integer")
-        try check(base(arch: "gptneox"), "unsupported GGUF architecture gptneox; supported: llama, phi3, qwen2, qwen3")
+        try check(base(arch: "gptneox"), "unsupported GGUF architecture gptneox; supported: llama, phi3, qwen2, qwen2moe, qwen3, qwen3moe")
         try check(base(vocab: 8, tokens: 9), "tensor 'token_embd.weight' has shape [8, 16], expected [9, 16]")
         try check(base(tokenizer: "llama"), nil, tokenizerMessage: "tokenizer.ggml.scores has 0 values for 8 tokens")
         try check(base(tokenizer: "bert"), nil, tokenizerMessage: "unsupported GGUF tokenizer model 'bert'")
@@ -315,6 +315,30 @@ final class GGUFMetadataTests: XCTestCase {
         XCTAssertEqual(c.architecture, "Phi3ForCausalLM")
         XCTAssertEqual(c.slidingWindow, [nil])
         XCTAssertFalse(c.ropeInterleaved)
+    }
+
+    /// A qwen3moe file of 4 experts (top 2, 8 wide) whose counts and tensors disagree.
+    func testExpertErrors() throws {
+        func moe(count: Int = 4, used: Int = 2, router: Int = 4, stacked: Int = 4, drop: String? = nil,
+                 arch: String = "qwen3moe") -> ([(String, V)], [(String, [Int])]) {
+            var (meta, tensors) = base(arch: arch)
+            meta += [("\(arch).expert_count", .u32(UInt32(count))), ("\(arch).expert_used_count", .u32(UInt32(used))),
+                     ("\(arch).expert_feed_forward_length", .u32(8))]
+            tensors.removeAll { $0.0.hasPrefix("blk.0.ffn_") && !$0.0.hasSuffix("norm.weight") }
+            tensors += [("blk.0.ffn_gate_inp.weight", [16, router]), ("blk.0.ffn_gate_exps.weight", [16, 8, stacked]),
+                        ("blk.0.ffn_up_exps.weight", [16, 8, stacked]), ("blk.0.ffn_down_exps.weight", [8, 16, stacked])]
+            tensors.removeAll { $0.0 == drop }
+            return (meta, tensors)
+        }
+        try check(moe(), nil)
+        try check(moe(used: 5), "experts used per token (5) must be between 1 and the expert count (4)")
+        try check(moe(count: 8), "tensor 'blk.0.ffn_gate_inp.weight' has shape [4, 16], expected [8, 16]")
+        try check(moe(stacked: 3), "tensor 'blk.0.ffn_gate_exps.weight' has shape [3, 8, 16], expected [4, 8, 16]")
+        try check(moe(drop: "blk.0.ffn_down_exps.weight"), "missing tensor 'blk.0.ffn_down_exps.weight'")
+        try check(moe(drop: "blk.0.ffn_gate_inp.weight"), "missing tensor 'blk.0.ffn_gate_inp.weight'")
+        var noCount = moe(arch: "qwen2moe")
+        noCount.0.removeAll { $0.0 == "qwen2moe.expert_count" }
+        try check(noCount, "missing qwen2moe.expert_count")
     }
 }
 

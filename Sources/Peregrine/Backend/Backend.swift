@@ -109,6 +109,30 @@ public protocol ComputeBackend: AnyObject {
     /// `SamplingDraw`); `drew` is false where the row's best logit was not finite and the best
     /// token was taken without the draw's number.
     func sampleRows(_ x: Buffer, rows: [Int], cols: Int, draws: [SamplingDraw]) throws -> [(token: Int, drew: Bool)]
+
+    // Mixture of experts: a router chooses k experts per token, each a gated MLP of its own.
+
+    /// The routed experts of one layer as the backend keeps them.
+    associatedtype Experts
+    /// A layer's routed experts: expert e's gate and up projections ([intermediate, hidden]) and
+    /// down projection ([hidden, intermediate]); every expert has the same shapes, and each of
+    /// the three projections one stored type across the experts.
+    func experts(gate: [TensorView], up: [TensorView], down: [TensorView]) throws -> Experts
+    /// Top-k routing over a softmax: for each of `rows` rows of router logits [rows, experts], the
+    /// `k` most probable experts (the lower index first on ties), in order of falling probability,
+    /// with their probabilities, divided by their sum when `normalize`. `routes` receives
+    /// [rows, k] pairs (weight, expert index as the bits of an Int32).
+    func routeTopK(_ logits: Buffer, rows: Int, experts: Int, k: Int, normalize: Bool, routes: Buffer)
+    /// out[t] = Σ weight · down_e(silu(gate_e · x[t]) * up_e · x[t]) over the `k` routes (e, weight)
+    /// of row t, summed in order of expert index. The rows routed to an expert go through its
+    /// weights together, so each expert's weights are read once a pass, and only those of the
+    /// experts some row chose; a row's arithmetic does not depend on the other rows.
+    func expertProducts(_ x: Buffer, rows: Int, routes: Buffer, k: Int, experts: Experts, out: Buffer)
+    /// For each expert, how many passes read its weights since the experts were made.
+    func expertReads(_ experts: Experts) throws -> [Int]
+    /// residual[t, :] += sigmoid(gate[t]) * y[t, :] for `rows` rows of `dim` (a shared expert
+    /// scaled by its own gate).
+    func addSigmoidGated(_ y: Buffer, gate: Buffer, rows: Int, dim: Int, residual: Buffer)
 }
 
 extension ComputeBackend {

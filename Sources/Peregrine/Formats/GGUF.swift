@@ -313,6 +313,13 @@ public final class GGUFWeights: WeightSource, @unchecked Sendable {
             "mlp.up_proj.bias": "ffn_up.bias", "mlp.down_proj.bias": "ffn_down.bias",
             // Fused projections (Phi-3): q/k/v in one matrix; gate over up in llama.cpp's ffn_up.
             "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
+            // Mixture of experts: the router, each projection of every expert stacked in one
+            // tensor, and Qwen2-MoE's shared expert with its gate.
+            "mlp.gate.weight": "ffn_gate_inp.weight", "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
+            "mlp.experts.gate_proj.weight": "ffn_gate_exps.weight", "mlp.experts.up_proj.weight": "ffn_up_exps.weight",
+            "mlp.experts.down_proj.weight": "ffn_down_exps.weight",
+            "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight", "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+            "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight", "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
         ]
         guard let g = map[part] else { return hf }
         return "blk.\(layer).\(g)"

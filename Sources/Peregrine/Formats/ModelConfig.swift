@@ -36,9 +36,13 @@ public struct ModelConfig: Equatable, Sendable {
     /// a partial rotary factor (the rest pass unrotated).
     public var rotaryDim: Int
 
+    /// Routed experts in place of the dense MLP (Mixtral, Qwen2-MoE, Qwen3-MoE); nil for a dense model.
+    public var experts: ExpertConfig?
+
     /// Architectures whose config.json this struct reads (the model registry maps each to code).
     public static let supportedArchitectures = [
         "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+        "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
     ]
 
     public init(json: JSONValue, source: String = "config.json") throws {
@@ -118,12 +122,15 @@ public struct ModelConfig: Equatable, Sendable {
         case "Qwen2ForCausalLM":
             qkvBias = true
             outputBias = false
+        case "Qwen2MoeForCausalLM":
+            qkvBias = json["qkv_bias"]?.bool ?? true
+            outputBias = false
         default:
             qkvBias = attentionBias
             outputBias = attentionBias
         }
         mlpBias = json["mlp_bias"]?.bool ?? false
-        qkNorm = arch == "Qwen3ForCausalLM"
+        qkNorm = arch == "Qwen3ForCausalLM" || arch == "Qwen3MoeForCausalLM"
         if arch == "Phi3ForCausalLM" {
             // transformers' Phi-3 has no biases, whatever the config says.
             qkvBias = false
@@ -131,13 +138,14 @@ public struct ModelConfig: Equatable, Sendable {
             mlpBias = false
         }
 
-        let window = try optInt("sliding_window")
+        // Qwen2-MoE's configs write a window of 0 when sliding windows are off.
+        let window = json["sliding_window"]?.int == 0 ? nil : try optInt("sliding_window")
         var windows = [Int?](repeating: nil, count: layerCount)
         if let window {
             switch arch {
-            case "MistralForCausalLM", "Phi3ForCausalLM":
+            case "MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM":
                 windows = [Int?](repeating: window, count: layerCount)
-            case "Qwen2ForCausalLM", "Qwen3ForCausalLM":
+            case "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM":
                 // Qwen applies the window only when asked, and only from max_window_layers on.
                 if json["use_sliding_window"]?.bool == true {
                     let from = json["max_window_layers"]?.int ?? layerCount
@@ -154,6 +162,7 @@ public struct ModelConfig: Equatable, Sendable {
         torchDType = (json["torch_dtype"]?.string ?? json["dtype"]?.string).flatMap(DType.init(torchName:))
         bosTokenId = json["bos_token_id"]?.int
         eosTokenIds = ModelConfig.tokenIds(json["eos_token_id"])
+        experts = try ExpertConfig(json: json, architecture: arch, layers: layerCount, intermediateSize: intermediateSize, bad: bad)
     }
 
     static func tokenIds(_ v: JSONValue?) -> [Int] {
@@ -169,6 +178,9 @@ public struct ModelConfig: Equatable, Sendable {
         case "qwen2": return "Qwen2ForCausalLM"
         case "qwen3": return "Qwen3ForCausalLM"
         case "phi3": return "Phi3ForCausalLM"
+        case "mixtral": return "MixtralForCausalLM"
+        case "qwen2_moe": return "Qwen2MoeForCausalLM"
+        case "qwen3_moe": return "Qwen3MoeForCausalLM"
         default: return nil
         }
     }
@@ -228,12 +240,14 @@ public struct ModelConfig: Equatable, Sendable {
         }
     }
 
-    /// From the metadata of a GGUF file (architectures llama, qwen2, qwen3). Which optional
-    /// weights exist (biases, q/k norms, an output matrix) is read from the tensors.
+    /// From the metadata of a GGUF file (architectures llama, with or without experts, qwen2,
+    /// qwen3, qwen2moe, qwen3moe). Which optional weights exist (biases, q/k norms, an output
+    /// matrix, a layer's router) is read from the tensors.
     public init(gguf g: GGUFFile) throws {
         func bad(_ m: String) -> PeregrineError { .format("\(g.path): \(m)") }
         guard let arch = g.metadata["general.architecture"]?.string else { throw bad("no general.architecture") }
-        let archs = ["llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"]
+        let archs = ["llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                     "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"]
         guard let hf = archs[arch] else {
             throw PeregrineError.unsupported("unsupported GGUF architecture \(arch); supported: \(archs.keys.sorted().joined(separator: ", "))")
         }
@@ -311,6 +325,12 @@ public struct ModelConfig: Equatable, Sendable {
             guard f.elementCount == rotaryDim / 2 else { throw bad("rope_freqs has \(f.elementCount) values, expected \(rotaryDim / 2)") }
             ropeFrequencyFactors = f.toFloat()
         }
+        experts = try ExpertConfig(gguf: g, architecture: arch, layers: layerCount, intermediateSize: intermediateSize, bad: bad)
+        if arch == "qwen2moe" || arch == "qwen3moe" {
+            guard experts != nil else { throw bad("missing \(arch).expert_count") }
+        }
+        // A llama file with experts is Mixtral.
+        if arch == "llama" && experts != nil { architecture = "MixtralForCausalLM" }
     }
 
     /// The RoPE variant of every layer.

@@ -3,8 +3,12 @@
 public protocol LanguageModel: AnyObject {
     var config: ModelConfig { get }
     var backendName: String { get }
-    /// Bytes of weights read by one decode step (for bandwidth figures).
+    /// Bytes of weights read by one decode step (for bandwidth figures); for a mixture of
+    /// experts, the active parameters' (k experts a layer).
     var weightBytes: Int { get }
+    /// Bytes of weights the forward passes so far have read, each routed expert counted in the
+    /// passes that chose it; nil where the model does not count them.
+    var weightBytesRead: Int? { get }
     /// Free memory of the device the model runs on; nil on the CPU.
     var freeDeviceMemory: Int? { get }
     /// The backend's time per kernel, when it measures it (PEREGRINE_KERNEL_PROFILE on CUDA).
@@ -22,6 +26,8 @@ public protocol LanguageModel: AnyObject {
 }
 
 extension LanguageModel {
+    public var weightBytesRead: Int? { nil }
+
     /// Runs the batch and copies the logits of `plan.logitRows` (row after row of vocabSize
     /// floats) into `logits`.
     public func forward(_ plan: BatchPlan, kv: KVMemory, logits: UnsafeMutableBufferPointer<Float>) throws {
@@ -139,6 +145,7 @@ open class KVMemory {
 public enum ModelFamily: String, CaseIterable, Sendable {
     case llama
     case phi3
+    case mixtureOfExperts
 
     /// From config.json's `architectures` entry.
     public static let architectures: [String: ModelFamily] = [
@@ -147,6 +154,9 @@ public enum ModelFamily: String, CaseIterable, Sendable {
         "Qwen2ForCausalLM": .llama,
         "Qwen3ForCausalLM": .llama,
         "Phi3ForCausalLM": .phi3,
+        "MixtralForCausalLM": .mixtureOfExperts,
+        "Qwen2MoeForCausalLM": .mixtureOfExperts,
+        "Qwen3MoeForCausalLM": .mixtureOfExperts,
     ]
 }
 
@@ -175,6 +185,7 @@ public enum ModelRegistry {
         switch family {
         case .llama: return try LlamaModel(config: config, weights: weights, backend: backend)
         case .phi3: return try Phi3Model(config: config, weights: weights, backend: backend)
+        case .mixtureOfExperts: return try MoEModel(config: config, weights: weights, backend: backend)
         }
     }
 

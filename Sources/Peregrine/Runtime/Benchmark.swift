@@ -10,6 +10,9 @@ public enum Benchmark {
         public var test: String
         public var tokens: Int
         public var seconds: [Double]
+        /// Bytes of weights read per token over the timed runs, where the model counts them
+        /// (a mixture of experts reads only the experts its tokens chose).
+        public var weightBytesPerToken: Double?
 
         public var tokensPerSecond: [Double] { seconds.map { Double(tokens) / $0 } }
         public var median: Double { Benchmark.median(tokensPerSecond) }
@@ -123,13 +126,18 @@ public enum Benchmark {
     public static func tokenGeneration(_ model: LanguageModel, tokens n: Int, depth: Int = 0, repetitions: Int) throws -> Sample {
         let context = try DepthContext(model, depth: depth, tokens: n, batch: 512, repetitions: repetitions)
         var times: [Double] = []
+        var read: Int?
         for rep in 0...repetitions {
+            if rep == 1 { read = model.weightBytesRead }
             let first = depth == 0 ? 1 : Int(1 + rep) % model.config.vocabSize
             let t0 = now()
             try context.run([first], maxTokens: n)
             if rep > 0 { times.append(now() - t0) }
         }
-        return Sample(test: "tg\(n)" + context.label, tokens: n, seconds: times)
+        // Each run is n passes of one token (the one-token prompt, then n - 1 decode steps).
+        var perToken: Double?
+        if let before = read, let after = model.weightBytesRead { perToken = Double(after - before) / Double(repetitions * n) }
+        return Sample(test: "tg\(n)" + context.label, tokens: n, seconds: times, weightBytesPerToken: perToken)
     }
 
     /// Peak resident memory of this process, in bytes.

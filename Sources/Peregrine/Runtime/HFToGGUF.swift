@@ -3,12 +3,15 @@ import Foundation
 /// A Hugging Face model directory described as llama.cpp's converter would write it: GGUF
 /// metadata (hyperparameters and the byte-level BPE tokenizer) and the tensors under their GGUF
 /// names. Llama q/k rows are reordered for llama.cpp's adjacent-pair RoPE, as its converter does;
+/// each projection of a layer's experts becomes one stacked tensor (`ffn_*_exps`), as there;
 /// Phi-3 keeps its fused projections (attn_qkv, ffn_up holding gate over up) and LongRoPE's factors
 /// as tensors, as llama.cpp's converter writes them.
 struct HFToGGUF {
     let config: ModelConfig
     var writer = GGUFWriter()
-    var tensors: [(name: String, dims: [Int], view: TensorView)] = []
+    /// Each tensor's GGUF name, dimensions (innermost first) and data: one view, or one per
+    /// expert of a stacked tensor, in order.
+    var tensors: [(name: String, dims: [Int], parts: [TensorView])] = []
     private let store: WeightStore
 
     init(directory: String) throws {
@@ -21,9 +24,11 @@ struct HFToGGUF {
         store = try WeightStore(directory: directory)
         let arch: String
         switch c.architecture {
-        case "LlamaForCausalLM", "MistralForCausalLM": arch = "llama"
+        case "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM": arch = "llama"
         case "Qwen2ForCausalLM": arch = "qwen2"
         case "Qwen3ForCausalLM": arch = "qwen3"
+        case "Qwen2MoeForCausalLM": arch = "qwen2moe"
+        case "Qwen3MoeForCausalLM": arch = "qwen3moe"
         case "Phi3ForCausalLM": arch = "phi3"
         default: throw PeregrineError.unsupported("unsupported architecture \(c.architecture) for GGUF output")
         }
@@ -51,6 +56,15 @@ struct HFToGGUF {
         } else if arch == "phi3" {
             u32("attention.sliding_window", 0)  // none, as llama.cpp's converter says it
         }
+        if let e = c.experts {
+            u32("expert_count", e.count)
+            u32("expert_used_count", e.used)
+            if arch != "llama" { u32("expert_feed_forward_length", e.intermediateSize) }
+            if let s = e.sharedIntermediateSize { u32("expert_shared_feed_forward_length", s) }
+            // llama.cpp normalizes the chosen weights for every architecture but qwen2moe; the
+            // key is written only where the config disagrees.
+            if e.normalizeWeights != (arch != "qwen2moe") { w.set("\(arch).expert_weights_norm", .bool(e.normalizeWeights)) }
+        }
         var ropeFactors: [Float]?
         var longRoPE: LongRoPE?
         switch c.ropeScaling {
@@ -75,6 +89,7 @@ struct HFToGGUF {
 
         // Tensors, in llama.cpp's order: embeddings, layers, output norm, output.
         var names = ["model.embed_tokens.weight"]
+        var stacked: [String: [TensorView]] = [:]
         for i in 0..<c.layerCount where arch == "phi3" {
             let p = "model.layers.\(i)."
             names += ["input_layernorm.weight", "self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
@@ -83,8 +98,20 @@ struct HFToGGUF {
         for i in 0..<c.layerCount where arch != "phi3" {
             let p = "model.layers.\(i)."
             names += ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                      "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-                      "mlp.down_proj.weight"].map { p + $0 }
+                      "self_attn.o_proj.weight", "post_attention_layernorm.weight"].map { p + $0 }
+            if let e = c.experts, e.sparseLayers[i] {
+                let n = ExpertTensorNames(architecture: c.architecture, layer: i)
+                names.append(n.router)
+                for proj in ExpertTensorNames.Projection.allCases {
+                    stacked[n.stacked(proj)] = try n.views(store, proj, experts: e.count, hidden: c.hiddenSize, intermediate: e.intermediateSize)
+                    names.append(n.stacked(proj))
+                }
+                if let shared = n.shared, e.sharedIntermediateSize != nil {
+                    names += [shared + "_gate.weight", shared + ".gate_proj.weight", shared + ".up_proj.weight", shared + ".down_proj.weight"]
+                }
+            } else {
+                names += ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"].map { p + $0 }
+            }
             for opt in ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "self_attn.o_proj.bias",
                         "self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate_proj.bias", "mlp.up_proj.bias",
                         "mlp.down_proj.bias"] where store.contains(p + opt) {
@@ -94,20 +121,25 @@ struct HFToGGUF {
         names.append("model.norm.weight")
         if !c.tieWordEmbeddings && store.contains("lm_head.weight") { names.append("lm_head.weight") }
         for name in names {
+            if let experts = stacked[name] {
+                // [experts, rows, cols] outermost first: GGUF dims cols, rows, experts.
+                tensors.append((GGUFWeights.ggufName(name), Array(experts[0].shape.reversed()) + [experts.count], experts))
+                continue
+            }
             guard let v = store.tensor(name) else { throw PeregrineError.format(store.missingReason(name)) }
             var view = v
             if arch == "llama", name.hasSuffix("q_proj.weight") || name.hasSuffix("k_proj.weight")
                 || name.hasSuffix("q_proj.bias") || name.hasSuffix("k_proj.bias") {
                 view = try HFToGGUF.pairRows(v, heads: name.contains("q_proj") ? c.headCount : c.kvHeadCount, owner: &owned)
             }
-            tensors.append((GGUFWeights.ggufName(name), view.shape.reversed(), view))
+            tensors.append((GGUFWeights.ggufName(name), view.shape.reversed(), [view]))
         }
-        func vector(_ name: String, _ values: [Float]) -> (name: String, dims: [Int], view: TensorView) {
+        func vector(_ name: String, _ values: [Float]) -> (name: String, dims: [Int], parts: [TensorView]) {
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 * values.count, alignment: 16)
             for (i, f) in values.enumerated() { buffer.storeBytes(of: f, toByteOffset: 4 * i, as: Float.self) }
             owned.append(buffer)
-            return (name, [values.count], TensorView(name: name, dtype: .f32, shape: [values.count],
-                                                     data: UnsafeRawPointer(buffer.baseAddress!), byteCount: buffer.count))
+            return (name, [values.count], [TensorView(name: name, dtype: .f32, shape: [values.count],
+                                                      data: UnsafeRawPointer(buffer.baseAddress!), byteCount: buffer.count)])
         }
         if let ropeFactors { tensors.insert(vector("rope_freqs.weight", ropeFactors), at: 0) }
         if let l = longRoPE {

@@ -49,11 +49,15 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
     }
 
     /// The type of a tensor (GGUF name, `cols` values per row). Vectors (norms, biases, RoPE
-    /// factors) are F32, as llama.cpp's converter writes them. `layers` is the model's layer
-    /// count; `tied` says the embedding table is also the output matrix.
+    /// factors) are F32, as llama.cpp's converter writes them, and so are the experts' routers
+    /// (`ffn_gate_inp`, `ffn_gate_inp_shexp`), which llama.cpp never quantizes. `layers` is the
+    /// model's layer count; `tied` says the embedding table is also the output matrix;
+    /// `experts` the routed experts a layer (0 for a dense model: with 8, llama.cpp keeps
+    /// attention's k and v in Q8_0 and gives the K-quants' attention output Q5_K).
     /// `pure` gives every matrix the base type (llama.cpp's --pure), fallbacks aside.
-    public func type(of name: String, cols: Int, isMatrix: Bool, layers: Int, tied: Bool, pure: Bool = false) -> DType {
+    public func type(of name: String, cols: Int, isMatrix: Bool, layers: Int, tied: Bool, experts: Int = 0, pure: Bool = false) -> DType {
         guard isMatrix, !name.hasSuffix("_norm.weight") else { return .f32 }
+        if name.hasSuffix(".ffn_gate_inp.weight") || name.hasSuffix(".ffn_gate_inp_shexp.weight") { return .f32 }
         var type = base
         guard !base.isFloat else { return base }
         if pure { return fallback(type, cols: cols) }
@@ -65,7 +69,13 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
         } else if let i = layer, name.hasSuffix(".attn_v.weight") {
             if (self == .q4_K_M || self == .q5_K_M) && moreBits(i) { type = .q6_K }
             if self == .q4_K_S && i < 4 { type = .q5_K }
-        } else if let i = layer, name.hasSuffix(".ffn_down.weight") {
+            if experts == 8 { type = .q8_0 }
+        } else if layer != nil, name.hasSuffix(".attn_k.weight") {
+            if experts == 8 { type = .q8_0 }
+        } else if layer != nil, name.hasSuffix(".attn_output.weight") {
+            if experts == 8 && (self == .q4_K_S || self == .q4_K_M) { type = .q5_K }
+        } else if let i = layer, name.contains(".ffn_down") {
+            // Every down projection (dense, the stacked experts', the shared expert's), by its layer.
             if (self == .q4_K_M || self == .q5_K_M) && moreBits(i) { type = .q6_K }
             if (self == .q4_K_S || self == .q5_K_S) && i < layers / 8 { type = .q5_K }
         }
@@ -116,8 +126,9 @@ public struct ModelQuantizer {
                          progress: (Int, Int, String, DType) -> Void = { _, _, _, _ in }) throws -> Summary {
         let start = Date()
         var writer: GGUFWriter
-        var inputs: [(name: String, dims: [Int], view: TensorView)]
+        var inputs: [(name: String, dims: [Int], parts: [TensorView])]
         let layers: Int
+        let experts: Int
         var hfSource: HFToGGUF?
         defer { hfSource?.release() }
         // The mapped source outlives the writing (tensor views point into it).
@@ -132,12 +143,14 @@ public struct ModelQuantizer {
                 guard let range = g.rawMetadata[key], let base = g.file.base else { continue }
                 writer.metadata.append((key, .raw(Array(UnsafeRawBufferPointer(start: base + range.lowerBound, count: range.count)))))
             }
-            layers = g.metadata["\(g.metadata["general.architecture"]?.string ?? "").block_count"]?.int ?? 0
+            let arch = g.metadata["general.architecture"]?.string ?? ""
+            layers = g.metadata["\(arch).block_count"]?.int ?? 0
+            experts = g.metadata["\(arch).expert_count"]?.int ?? 0
             inputs = try g.tensors.map { t in
                 guard let v = g.view(t.name) else {
                     throw PeregrineError.unsupported("\(source): tensor '\(t.name)' has type \(t.type.name), which cannot be read")
                 }
-                return (t.name, t.dims, v)
+                return (t.name, t.dims, [v])
             }
         } else {
             let hf = try HFToGGUF(directory: source)
@@ -145,29 +158,41 @@ public struct ModelQuantizer {
             writer = hf.writer
             inputs = hf.tensors
             layers = hf.config.layerCount
+            experts = hf.config.experts?.count ?? 0
         }
         let tied = !inputs.contains { $0.name == "output.weight" }
         writer.set("general.file_type", .u32(mix.fileType))
         writer.set("general.quantization_version", .u32(2))
         var summary = Summary()
-        var plan: [(String, [Int], TensorView, DType)] = []
-        for (name, dims, view) in inputs {
-            let target = mix.type(of: name, cols: dims[0], isMatrix: dims.count >= 2, layers: layers, tied: tied, pure: pure)
-            if view.dtype != target && !view.dtype.isFloat {
+        var plan: [(String, [Int], [TensorView], DType)] = []
+        for (name, dims, parts) in inputs {
+            // A matrix has a second dimension above 1 (llama.cpp's count of dimensions): a
+            // one-row gate is a vector.
+            let isMatrix = dims.dropFirst().contains { $0 > 1 }
+            let target = mix.type(of: name, cols: dims[0], isMatrix: isMatrix, layers: layers, tied: tied, experts: experts, pure: pure)
+            for view in parts where view.dtype != target && !view.dtype.isFloat {
                 throw PeregrineError.unsupported(
                     "\(source): tensor '\(name)' is already quantized (\(view.dtype.rawValue)); quantize from an F32, F16 or BF16 model")
             }
-            plan.append((name, dims, view, target))
+            plan.append((name, dims, parts, target))
+            let elements = parts.reduce(0) { $0 + $1.elementCount }
             summary.tensors += 1
-            summary.parameters += view.elementCount
-            summary.sourceBytes += view.byteCount
-            summary.outputBytes += target.byteCount(elements: view.elementCount)
+            summary.parameters += elements
+            summary.sourceBytes += parts.reduce(0) { $0 + $1.byteCount }
+            summary.outputBytes += target.byteCount(elements: elements)
             summary.typeCounts[target.rawValue, default: 0] += 1
         }
         let pool = self.pool
-        writer.tensors = plan.map { (name, dims, view, target) in
+        writer.tensors = plan.map { (name, dims, parts, target) in
             GGUFWriter.Tensor(name: name, dims: dims, type: GGUFFile.TensorType(target)!) { out in
-                ModelQuantizer.convert(view, to: target, rowLength: dims[0], into: out, pool: pool)
+                // A stacked tensor's experts one after another.
+                var at = 0
+                for view in parts {
+                    let bytes = target.byteCount(elements: view.elementCount)
+                    ModelQuantizer.convert(view, to: target, rowLength: dims[0],
+                                           into: UnsafeMutableRawBufferPointer(rebasing: out[at..<(at + bytes)]), pool: pool)
+                    at += bytes
+                }
             }
         }
         try writer.write(to: output) { i, t in progress(i, plan.count, t.name, plan[i].3) }

@@ -44,6 +44,9 @@ public final class CPUBackend: ComputeBackend {
     private var activationScratch = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 64)
     private var activationCapacity = 64
 
+    /// The rows of a pass grouped by expert, and their products (see `CPUExperts.swift`).
+    let expertScratch = ExpertScratch()
+
     public init(pool: ThreadPool = .shared) {
         self.pool = pool
         scratch = UnsafeMutablePointer<Float>.allocate(capacity: 1)
@@ -126,14 +129,18 @@ public final class CPUBackend: ComputeBackend {
     }
 
     public func matmul(_ x: CPUBuffer, rows: Int, weight: CPUWeight, bias: CPUWeight?, out: CPUBuffer) {
-        let b = bias.map { $0.floats }
+        product(x.pointer, rows: rows, weight: weight, bias: bias.map { $0.floats }, out: out.pointer)
+    }
+
+    /// out[t, :] = x[t, :] @ weight^T (+ bias) on raw rows (a product over part of a buffer).
+    func product(_ x: UnsafePointer<Float>, rows: Int, weight: CPUWeight, bias b: UnsafePointer<Float>?, out: UnsafeMutablePointer<Float>) {
         switch weight.dtype {
         case .f32:
-            CPUKernels.matmul(F32Element.self, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
+            CPUKernels.matmul(F32Element.self, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out, pool: pool)
         case .f16:
-            CPUKernels.matmul(F16Element.self, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
+            CPUKernels.matmul(F16Element.self, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out, pool: pool)
         case .bf16:
-            CPUKernels.matmul(BF16Element.self, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out.pointer, pool: pool)
+            CPUKernels.matmul(BF16Element.self, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out, pool: pool)
         case .q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q4_K, .q5_K, .q6_K:
             let bytes = CPUKernels.activationScratchBytes(weight.dtype, tokens: rows, k: weight.cols)
             if bytes > activationCapacity {
@@ -141,8 +148,8 @@ public final class CPUBackend: ComputeBackend {
                 activationCapacity = max(bytes, 2 * activationCapacity)
                 activationScratch = UnsafeMutableRawPointer.allocate(byteCount: activationCapacity, alignment: 64)
             }
-            CPUKernels.matmulBlocks(weight.dtype, x: x.pointer, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols,
-                                    bias: b, y: out.pointer, scratch: activationScratch, pool: pool)
+            CPUKernels.matmulBlocks(weight.dtype, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols,
+                                    bias: b, y: out, scratch: activationScratch, pool: pool)
         }
     }
 

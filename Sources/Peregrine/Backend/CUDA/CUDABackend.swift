@@ -88,12 +88,40 @@ public struct CUDAWeight: @unchecked Sendable {
     var pointer: CUDADriver.DevicePointer { storage.pointer }
 }
 
+/// A layer's routed experts in device memory: each expert's projections as loaded weights,
+/// tables of their device addresses (for the grouped kernels), and per-expert read counts.
+public final class CUDAExperts: @unchecked Sendable {
+    static let maxExperts = 4096
+    static let maxUsed = 64
+    let gate, up, down: [CUDAWeight]
+    let gateTable, upTable, downTable: CUDABuffer
+    /// Passes that read each expert (Int32 counters, kept on the device).
+    let reads: CUDABuffer
+    let hidden: Int
+    let intermediate: Int
+    var count: Int { gate.count }
+
+    init(gate: [CUDAWeight], up: [CUDAWeight], down: [CUDAWeight], gateTable: CUDABuffer, upTable: CUDABuffer, downTable: CUDABuffer,
+         reads: CUDABuffer, hidden: Int, intermediate: Int) {
+        self.gate = gate
+        self.up = up
+        self.down = down
+        self.gateTable = gateTable
+        self.upTable = upTable
+        self.downTable = downTable
+        self.reads = reads
+        self.hidden = hidden
+        self.intermediate = intermediate
+    }
+}
+
 /// Runs the model on an NVIDIA GPU: kernels from Kernels.cu compiled by NVRTC for the device,
 /// cuBLAS for products over many tokens, one stream. Errors from launches are kept and thrown
 /// by `synchronize`, which every forward pass ends with.
 public final class CUDABackend: ComputeBackend {
     public typealias Buffer = CUDABuffer
     public typealias Weight = CUDAWeight
+    public typealias Experts = CUDAExperts
 
     let driver: CUDADriver
     let pool: DeviceMemoryPool
@@ -122,6 +150,12 @@ public final class CUDABackend: ComputeBackend {
     private var halfScratch: CUDABuffer
     private var dequantScratch: CUDABuffer
     private var activationScratch: CUDABuffer
+    /// A MoE layer's pass: its routes grouped by expert (counts, starts, chosen experts, places,
+    /// gathered rows), the gathered rows, the gated products and the experts' outputs.
+    private var moeInts: CUDABuffer
+    private var moeRows: CUDABuffer
+    private var moeHidden: CUDABuffer
+    private var moeOut: CUDABuffer
 
     public var name: String { "cuda (\(driver.deviceName))" }
     /// Dynamic shared memory a kernel of ours may ask for: the device's limit less room for static arrays.
@@ -200,7 +234,8 @@ public final class CUDABackend: ComputeBackend {
         let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split", "attention_split_heads",
                      "silu_mul", "add_inplace", "gather_rows", "dequantize_bf16", "quantize_q8", "rope_store_kv",
-                     "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows", "repetition_penalty", "exp_sum_rows", "sample_rows"] + matvecs {
+                     "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows", "repetition_penalty", "exp_sum_rows", "sample_rows",
+                     "moe_route", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated"] + matvecs {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
@@ -228,6 +263,10 @@ public final class CUDABackend: ComputeBackend {
         halfScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         dequantScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         activationScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        moeInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        moeRows = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        moeHidden = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        moeOut = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         for i in 0..<32 { params[i] = args + 8 * i }
         var host: UnsafeMutableRawPointer?
         if driver.cuMemAllocHost(&host, pinnedBytes) == 0 { pinned = host }
@@ -890,6 +929,94 @@ public final class CUDABackend: ComputeBackend {
         guard count > 0 else { return }
         record(driver.cuMemcpyDtoDAsync(dst.pointer + UInt64(dstOffset * 4), src.pointer + UInt64(srcOffset * 4), count * 4, stream),
                "cuMemcpyDtoDAsync")
+    }
+
+    // MARK: mixture of experts
+
+    public func experts(gate: [TensorView], up: [TensorView], down: [TensorView]) throws -> CUDAExperts {
+        bindContext()
+        guard !gate.isEmpty, gate.count == up.count, gate.count == down.count else {
+            throw PeregrineError.format("experts need as many gate, up and down projections (\(gate.count), \(up.count), \(down.count))")
+        }
+        guard gate.count <= CUDAExperts.maxExperts else {
+            throw PeregrineError.unsupported("\(gate.count) experts a layer; the CUDA backend groups at most \(CUDAExperts.maxExperts)")
+        }
+        let ff = gate[0].shape.first ?? 0, d = gate[0].shape.last ?? 0
+        for e in gate.indices {
+            for (t, shape) in [(gate[e], [ff, d]), (up[e], [ff, d]), (down[e], [d, ff])] where t.shape != shape {
+                throw PeregrineError.format("expert tensor '\(t.name)' has shape \(t.shape), expected \(shape)")
+            }
+            for (t, first) in [(gate[e], gate[0]), (up[e], up[0]), (down[e], down[0])] where t.dtype != first.dtype {
+                throw PeregrineError.format("expert tensor '\(t.name)' is \(t.dtype.rawValue), expert 0's is \(first.dtype.rawValue)")
+            }
+        }
+        let g = try gate.map(weight), u = try up.map(weight), dn = try down.map(weight)
+        func table(_ w: [CUDAWeight]) throws -> CUDABuffer {
+            try w.map { UInt64($0.pointer) }.withUnsafeBytes { try deviceCopy(of: $0.baseAddress!, bytes: $0.count) }
+        }
+        let reads = try CUDABuffer(driver: driver, count: gate.count)
+        try driver.check(driver.cuMemsetD8Async(reads.pointer, 0, gate.count * 4, stream), "cuMemsetD8Async")
+        try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        return CUDAExperts(gate: g, up: u, down: dn, gateTable: try table(g), upTable: try table(u), downTable: try table(dn),
+                           reads: reads, hidden: d, intermediate: ff)
+    }
+
+    public func routeTopK(_ logits: CUDABuffer, rows: Int, experts: Int, k: Int, normalize: Bool, routes: CUDABuffer) {
+        launch("moe_route", grid: blocks(rows * 32), block: 256) { a in
+            a.ptr(logits); a.i32(rows); a.i32(experts); a.i32(k); a.i32(normalize ? 1 : 0); a.ptr(routes)
+        }
+    }
+
+    public func expertProducts(_ x: CUDABuffer, rows: Int, routes: CUDABuffer, k: Int, experts: CUDAExperts, out: CUDABuffer) {
+        guard k >= 1, k <= CUDAExperts.maxUsed else {
+            if firstError == nil { firstError = .unsupported("\(k) experts a token; the CUDA backend takes at most \(CUDAExperts.maxUsed)") }
+            return
+        }
+        let n = experts.count, d = experts.hidden, ff = experts.intermediate, total = rows * k
+        // Ints: counts, starts and the chosen experts (n + 1) per expert, then each route's place and each place's row.
+        guard ensure(&moeInts, 3 * n + 1 + 2 * total), ensure(&moeRows, total * d), ensure(&moeHidden, total * ff),
+              ensure(&moeOut, total * d) else { return }
+        let ints = moeInts.pointer
+        let counts = ints, starts = ints + UInt64(4 * n), active = ints + UInt64(8 * n)
+        let place = ints + UInt64(4 * (3 * n + 1)), rowOf = place + UInt64(4 * total)
+        launch("moe_group", grid: (1, 1, 1), block: 1024) { a in
+            a.ptr(routes); a.i32(total); a.i32(k); a.i32(n); a.ptr(counts); a.ptr(starts); a.ptr(place); a.ptr(rowOf); a.ptr(active)
+            a.ptr(experts.reads)
+        }
+        launch("gather_rows", grid: (total, 1, 1), block: 256) { a in a.ptr(x); a.ptr(rowOf); a.ptr(moeRows); a.i32(d) }
+        // At most one group per route: the grid covers min(experts, routes) chosen experts.
+        let slots = min(n, total)
+        func products(_ input: CUDABuffer, _ w: CUDABuffer, _ type: DType, _ u: CUDABuffer?, _ upType: DType, outputs: Int, k: Int,
+                      _ y: CUDABuffer) {
+            var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
+            if [DType.q8_0, .q4_0].contains(type) || [DType.q8_0, .q4_0].contains(upType) {
+                guard let q = quantizeActivations(input, rows: total, k: k, norm: nil) else { return }
+                (xq, xs) = q
+            }
+            launch("moe_products", grid: blocks(slots * outputs * 32), block: 256) { a in
+                a.ptr(w); a.ptr(u?.pointer ?? 0); a.i32(code(type)); a.i32(code(upType)); a.i32(outputs); a.i32(k); a.ptr(input)
+                a.ptr(xq); a.ptr(xs); a.ptr(counts); a.ptr(starts); a.ptr(active); a.i32(n); a.i32(slots); a.ptr(y)
+            }
+        }
+        products(moeRows, experts.gateTable, experts.gate[0].dtype, experts.upTable, experts.up[0].dtype, outputs: ff, k: d, moeHidden)
+        products(moeHidden, experts.downTable, experts.down[0].dtype, nil, experts.down[0].dtype, outputs: d, k: ff, moeOut)
+        launch("moe_combine", grid: (rows, 1, 1), block: 256) { a in
+            a.ptr(routes); a.ptr(place); a.i32(k); a.ptr(moeOut); a.ptr(out); a.i32(d)
+        }
+    }
+
+    public func expertReads(_ experts: CUDAExperts) throws -> [Int] {
+        bindContext()
+        var counts = [Int32](repeating: 0, count: experts.count)
+        counts.withUnsafeMutableBytes { record(driver.cuMemcpyDtoHAsync($0.baseAddress!, experts.reads.pointer, $0.count, stream), "cuMemcpyDtoHAsync") }
+        try synchronize()
+        return counts.map(Int.init)
+    }
+
+    public func addSigmoidGated(_ y: CUDABuffer, gate: CUDABuffer, rows: Int, dim: Int, residual: CUDABuffer) {
+        launch("add_sigmoid_gated", grid: blocks(rows * dim), block: 256) { a in
+            a.ptr(y); a.ptr(gate); a.ptr(residual); a.i32(dim); a.i64(rows * dim)
+        }
     }
 
     // MARK: choosing tokens on the device

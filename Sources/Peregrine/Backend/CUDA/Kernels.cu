@@ -1369,3 +1369,162 @@ extern "C" __global__ void repetition_penalty(float* logits, const int* ids, int
     float l = logits[ids[i]];
     logits[ids[i]] = l > 0 ? l / penalty : l * penalty;
 }
+
+// ---- Mixture of experts ----
+// A pass's routes are [rows, k] pairs (weight, expert index as int bits). They are grouped by
+// expert on the device (moe_group), the routed rows gathered in that order (gather_rows), each
+// chosen expert's gate/up and down products run over its rows (a warp per output row of each
+// chosen expert: only the chosen experts' weights are read, each once a pass), and each row's
+// outputs summed with its weights in order of expert index (moe_combine). Every row's
+// arithmetic is its own, whatever else the batch holds.
+#define MOE_MAX_EXPERTS 4096
+#define MOE_MAX_USED 64
+
+// Routing: a warp per row. The softmax of the router logits, then k rounds of taking the most
+// probable expert after the one taken last (falling probability, rising index on ties); the
+// weights divided by their sum when `normalize`.
+extern "C" __global__ void moe_route(const float* logits, int rows, int experts, int k, int normalize, float* routes) {
+    gdc_wait();
+    int row = (int)(((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float* l = logits + (long)row * experts;
+    float m = -__int_as_float(0x7f800000);
+    for (int e = lane; e < experts; e += 32) m = fmaxf(m, l[e]);
+    m = warp_max(m);
+    float s = 0;
+    for (int e = lane; e < experts; e += 32) s += expf(l[e] - m);
+    s = warp_sum(s);
+    float* r = routes + (long)row * 2 * k;
+    float lastP = __int_as_float(0x7f800000), chosen = 0;
+    int lastE = -1;
+    for (int j = 0; j < k; j++) {
+        float bp = -1;
+        int be = experts;
+        for (int e = lane; e < experts; e += 32) {
+            float p = expf(l[e] - m) / s;
+            bool after = p < lastP || (p == lastP && e > lastE);
+            if (after && (p > bp || (p == bp && e < be))) { bp = p; be = e; }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            float op = __shfl_xor_sync(0xffffffff, bp, o);
+            int oe = __shfl_xor_sync(0xffffffff, be, o);
+            if (op > bp || (op == bp && oe < be)) { bp = op; be = oe; }
+        }
+        if (be >= experts) { bp = 0; be = j % experts; }  // non-finite logits: a valid index, weight 0
+        if (lane == 0) { r[2 * j] = bp; r[2 * j + 1] = __int_as_float(be); }
+        chosen += bp;
+        lastP = bp;
+        lastE = be;
+    }
+    __syncwarp();
+    if (normalize && chosen > 0)
+        for (int j = lane; j < k; j += 32) r[2 * j] /= chosen;
+}
+
+// Groups `total` routes by expert, one block: counts[e] and starts[e] of each expert's group,
+// place[r] (route r's position in grouped order), rowOf[p] (the row gathered at position p),
+// active[0..<a] the chosen experts in index order with a in active[experts], and reads[e] += 1
+// for each chosen expert. Within a group the order is whatever the atomics give: each row's
+// products are computed alone, so it changes no result.
+extern "C" __global__ void __launch_bounds__(1024) moe_group(const float* routes, int total, int k, int experts, int* counts,
+                                                              int* starts, int* place, int* rowOf, int* active, int* reads) {
+    gdc_wait();
+    __shared__ int n[MOE_MAX_EXPERTS];
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) n[e] = 0;
+    __syncthreads();
+    for (int r = threadIdx.x; r < total; r += blockDim.x) place[r] = atomicAdd(&n[__float_as_int(routes[2 * r + 1])], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int at = 0, a = 0;
+        for (int e = 0; e < experts; e++) {
+            int c = n[e];
+            counts[e] = c;
+            starts[e] = at;
+            n[e] = at;
+            at += c;
+            if (c > 0) { active[a++] = e; reads[e] += 1; }
+        }
+        active[experts] = a;
+    }
+    __syncthreads();
+    for (int r = threadIdx.x; r < total; r += blockDim.x) {
+        int p = n[__float_as_int(routes[2 * r + 1])] + place[r];
+        place[r] = p;
+        rowOf[p] = r / k;
+    }
+}
+
+// acc[t] += dot(W[row, :], x[t0 + t, :]) for nt tokens, by one warp, for every weight type:
+// warp_row_dot for the float types, Q8_0 and Q4_0; Q4_K and Q6_K value by value on f32 x.
+__device__ __forceinline__ void expert_row_dot(const void* w, int dtype, long total, long row, const float* x, const signed char* xq,
+                                               const float* xs, int k, int t0, int nt, int lane, float* acc) {
+    if (dtype <= 4) {
+        warp_row_dot(w, dtype, total, row, x, xq, xs, k, t0, nt, lane, acc);
+        return;
+    }
+    for (int i = lane; i < k; i += 32) {
+        float wv = load_weight(w, dtype, row + i, total);
+        for (int t = 0; t < nt; t++) acc[t] += wv * x[(long)(t0 + t) * k + i];
+    }
+    for (int t = 0; t < nt; t++) acc[t] = warp_sum(acc[t]);
+}
+
+// The chosen experts' products over their grouped rows: warp (a, o) takes output o of the a-th
+// chosen expert (weights[e] its matrix of n x k). Gated (up != 0): y = silu(W x) * (U x).
+extern "C" __global__ void moe_products(const unsigned long long* weights, const unsigned long long* ups, int dtype, int upType,
+                                        int n, int k, const float* x, const signed char* xq, const float* xs, const int* counts,
+                                        const int* starts, const int* active, int experts, int slots, float* y) {
+    gdc_wait();
+    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    int a = (int)(warp / n), o = (int)(warp % n);
+    if (a >= slots || a >= active[experts]) return;
+    int e = active[a];
+    const void* w = (const void*)weights[e];
+    const void* u = ups ? (const void*)ups[e] : 0;
+    long total = (long)n * k;
+    for (int t0 = starts[e], end = starts[e] + counts[e]; t0 < end; t0 += TOKENS) {
+        int nt = min(TOKENS, end - t0);
+        float acc[TOKENS], up[TOKENS];
+        for (int t = 0; t < TOKENS; t++) { acc[t] = 0; up[t] = 0; }
+        expert_row_dot(w, dtype, total, (long)o * k, x, xq, xs, k, t0, nt, lane, acc);
+        if (u) expert_row_dot(u, upType, total, (long)o * k, x, xq, xs, k, t0, nt, lane, up);
+        if (lane == 0) {
+            for (int t = 0; t < nt; t++) {
+                float g = acc[t];
+                y[(long)(t0 + t) * n + o] = u ? g / (1.f + __expf(-g)) * up[t] : g;
+            }
+        }
+    }
+}
+
+// out[t, :] = Σ weight · y[place of the route, :] over row t's k routes, in order of expert index.
+extern "C" __global__ void moe_combine(const float* routes, const int* place, int k, const float* y, float* out, int d) {
+    gdc_wait();
+    __shared__ int order[MOE_MAX_USED];
+    int t = blockIdx.x;
+    const float* r = routes + (long)t * 2 * k;
+    if (threadIdx.x == 0) {
+        for (int j = 0; j < k; j++) {
+            int i = j;
+            while (i > 0 && __float_as_int(r[2 * order[i - 1] + 1]) > __float_as_int(r[2 * j + 1])) { order[i] = order[i - 1]; i--; }
+            order[i] = j;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float s = 0;
+        for (int j = 0; j < k; j++) {
+            int q = t * k + order[j];
+            s += routes[2 * q] * y[(long)place[q] * d + i];
+        }
+        out[(long)t * d + i] = s;
+    }
+}
+
+// residual[t, :] += sigmoid(gate[t]) * y[t, :] (a shared expert under its own gate).
+extern "C" __global__ void add_sigmoid_gated(const float* y, const float* gate, float* residual, int dim, long n) {
+    gdc_wait();
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) residual[i] += y[i] / (1.f + __expf(-gate[i / dim]));
+}

@@ -11,6 +11,8 @@ struct ActivationShape {
     /// RoPE variants whose cos/sin tables a pass fills (see `RotaryEmbedding.table`).
     var rotaryTables: Int
     var vocabulary: Int
+    /// Routed experts, whose router logits and routes the workspace holds (nil: a dense model).
+    var experts: ExpertConfig?
 
     init(_ c: ModelConfig, rotaryTables: Int = 1) {
         hidden = c.hiddenSize
@@ -40,6 +42,8 @@ struct DecoderWorkspace<B: ComputeBackend> {
     let cos, sin: [B.Buffer]
     /// The rows whose logits are wanted, before and after the final norm, and their logits.
     let last, lastNormed, logits: B.Buffer
+    /// A mixture of experts' router logits and routes.
+    let experts: MixtureOfExperts<B>.Buffers?
 
     init(backend b: B, shape s: ActivationShape, tokens n: Int, logitRows l: Int) throws {
         capacity = n
@@ -58,6 +62,7 @@ struct DecoderWorkspace<B: ComputeBackend> {
         last = try b.buffer(l * s.hidden)
         lastNormed = try b.buffer(l * s.hidden)
         logits = try b.buffer(l * s.vocabulary)
+        experts = try s.experts.map { try MixtureOfExperts<B>.Buffers(backend: b, tokens: n, config: $0) }
     }
 }
 

@@ -18,6 +18,20 @@ final class WeightLoader<B: ComputeBackend> {
         return try backend.weight(t)
     }
 
+    /// A weight from a view already taken from the source (reshaped, or a slice), checked
+    /// against `shape` and named `name` in errors.
+    func view(_ t: TensorView, name: String, shape: [Int]) throws -> B.Weight {
+        guard t.shape == shape else { throw PeregrineError.format("tensor '\(source.storedName(name))' has shape \(t.shape), expected \(shape)") }
+        bytes += t.byteCount
+        return try backend.weight(t)
+    }
+
+    /// A layer's routed experts from their tensors (see `ComputeBackend.experts`).
+    func experts(gate: [TensorView], up: [TensorView], down: [TensorView]) throws -> B.Experts {
+        bytes += (gate + up + down).reduce(0) { $0 + $1.byteCount }
+        return try backend.experts(gate: gate, up: up, down: down)
+    }
+
     /// A weight the config says exists, or nil when it says none does.
     func load(_ name: String, _ shape: [Int], if present: Bool) throws -> B.Weight? {
         present ? try load(name, shape) : nil
