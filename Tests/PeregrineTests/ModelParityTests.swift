@@ -3,7 +3,7 @@ import XCTest
 
 /// Logits and greedy tokens equal transformers' on tiny models of every supported architecture.
 final class ModelParityTests: XCTestCase {
-    static let f32Models = ["llama", "llama2", "mistral", "qwen2", "qwen3"]
+    static let f32Models = ["llama", "llama2", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
 
     /// One forward pass over prompt + continuation, every row's logits checked.
     func checkBatchedLogits(_ name: String, tolerance: Float, logitsFile: String = "reference_logits.bin") throws {

@@ -138,13 +138,17 @@ open class KVMemory {
 /// architecture listed for it, switched by its config.
 public enum ModelFamily: String, CaseIterable, Sendable {
     case llama
+    case gemma
 
-    /// From config.json's `architectures` entry.
+    /// From config.json's `architectures` entry (GGUF's `general.architecture` is read into the
+    /// same names by `ModelConfig(gguf:)`: llama, qwen2, qwen3, gemma2, gemma3).
     public static let architectures: [String: ModelFamily] = [
         "LlamaForCausalLM": .llama,
         "MistralForCausalLM": .llama,
         "Qwen2ForCausalLM": .llama,
         "Qwen3ForCausalLM": .llama,
+        "Gemma2ForCausalLM": .gemma,
+        "Gemma3ForCausalLM": .gemma,
     ]
 }
 
@@ -169,6 +173,7 @@ public enum ModelRegistry {
         }
         switch family {
         case .llama: return try LlamaModel(config: config, weights: weights, backend: backend)
+        case .gemma: return try GemmaModel(config: config, weights: weights, backend: backend)
         }
     }
 
