@@ -79,6 +79,7 @@ def specials_for(kind):
         "gpt2": ["<|endoftext|>"],
         "llama2": ["<unk>", "<s>", "</s>"],
         "metaspace": ["<unk>", "<s>", "</s>"],
+        "gemma": ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
     }[kind]
 
 
@@ -244,26 +245,30 @@ def gemma_tokenizer(directory):
     """A SentencePiece BPE model trained the way Gemma's is set up (byte fallback, no dummy prefix,
     no normalization, digits split, whitespace kept), Gemma's special tokens first, and the
     tokenizer.json transformers' GemmaTokenizer converts it to. Both go into `directory`."""
+    import io
     import sentencepiece as spm
-    import tempfile
     from tokenizers import Tokenizer as FastTokenizer
     from transformers import AutoTokenizer
     os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "corpus.txt"), "w", encoding="utf-8") as f:
-            f.write("\n".join(corpus_text()))
-        spm.SentencePieceTrainer.train(
-            input=os.path.join(d, "corpus.txt"), model_prefix=os.path.join(d, "g"), model_type="bpe", vocab_size=600,
+    # Sentences from an iterator and the model to memory: the model records no file names.
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+            sentence_iterator=iter("\n".join(corpus_text()).split("\n")), model_writer=model, model_type="bpe", vocab_size=600,
             byte_fallback=True, add_dummy_prefix=False, normalization_rule_name="identity", remove_extra_whitespaces=False,
             split_digits=True, allow_whitespace_only_pieces=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
             pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
             user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"], character_coverage=0.9995,
             minloglevel=2, max_sentence_length=100000)
-        shutil.copy(os.path.join(d, "g.model"), os.path.join(directory, "tokenizer.model"))
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
                    "unk_token": "<unk>", "mask_token": "<mask>", "add_bos_token": True, "add_eos_token": False}, f, indent=2)
     AutoTokenizer.from_pretrained(directory).save_pretrained(directory)
+    config = json.load(open(os.path.join(directory, "tokenizer_config.json")))
+    config.pop("vocab_file", None)  # where it was converted from
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
     return FastTokenizer.from_file(os.path.join(directory, "tokenizer.json"))
 
 
@@ -328,6 +333,10 @@ def make_gemma_fixtures(model_root):
         with open(os.path.join(directory, "reference.json"), "w") as f:
             json.dump(ref, f, indent=1)
         print(f"{name}: {len(ids)} prompt tokens, greedy margin {min(margins):.4f}, max |logit| {float(full_logits.abs().max()):.3f}")
+    # Gemma's tokenizer.json differs from the others (no Prepend normalizer, a Split on " " before
+    # BPE): its ids and decodings of the test strings, beside the Gemma 3 fixture.
+    with open(os.path.join(model_root, "gemma3", "tokenizer_cases.json"), "w") as f:
+        json.dump(tokenizer_cases(tok, "gemma"), f, ensure_ascii=False, indent=1)
 
 
 def main():

@@ -7,6 +7,13 @@ quantized by llama.cpp to Q4_1, Q5_0, Q5_1, Q4_K_M, Q5_K_M and Q6_K, with llama.
 
 Run with the interpreter of scripts/compare_llamacpp.py (llama-cpp-python installed, torch and
 transformers available):  .venv-bench/bin/python scripts/make_gguf_fixture.py
+
+The Gemma fixtures (the tiny Gemma 2 and Gemma 3 of Tests/Fixtures/models converted by llama.cpp's
+converter to F32, Gemma 3 to Q8_0 too, and llama.cpp's logits on each) come from a llama.cpp
+checkout built with shared libraries (cmake -B build -DBUILD_SHARED_LIBS=ON && cmake --build build),
+its logits read through scripts/llamacpp_logits.c, compiled here with the system C compiler:
+  LLAMA_CPP_DIR=/path/to/llama.cpp LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin \
+      python3 scripts/make_gguf_fixture.py --gemma-only   (torch, numpy, sentencepiece, safetensors)
 """
 import json
 import os
@@ -130,8 +137,36 @@ def record_peregrine_quantized():
             record_llama_cpp_logits(path, name, reference=reference)
 
 
+def make_gemma_fixtures():
+    """Gemma 2 and Gemma 3 converted by llama.cpp's converter (which stores norm weights with the 1
+    of Gemma's (1 + weight) added) and llama.cpp's logits on each file for the fixture's prompt and
+    greedy continuation."""
+    import tempfile
+    src = os.environ["LLAMA_CPP_DIR"]
+    bin_dir = os.environ.get("LLAMA_CPP_BIN", os.path.join(src, "build", "bin"))
+    env = dict(os.environ, PYTHONPATH=os.path.join(src, "gguf-py"))
+    with tempfile.TemporaryDirectory() as d:
+        exe = os.path.join(d, "llamacpp_logits")
+        subprocess.run(["cc", "-O2", "-o", exe, os.path.join(ROOT, "scripts", "llamacpp_logits.c"),
+                        "-I" + os.path.join(src, "include"), "-I" + os.path.join(src, "ggml", "include"),
+                        "-L" + bin_dir, "-lllama", "-Wl,-rpath," + bin_dir], check=True)
+        for name, outtype in [("gemma2", "f32"), ("gemma3", "f32"), ("gemma3", "q8_0")]:
+            model = os.path.join(ROOT, "Tests", "Fixtures", "models", name)
+            path = os.path.join(OUT, f"{name}-{outtype}.gguf")
+            subprocess.run([sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), model, "--outtype", outtype,
+                            "--outfile", path], check=True, env=env, cwd=src, capture_output=True)
+            ref = json.load(open(os.path.join(model, "reference.json")))
+            ids = ",".join(str(i) for i in ref["prompt_ids"] + ref["greedy_ids"])
+            logits = os.path.join(OUT, f"{name}-{outtype}.llamacpp_logits.bin")
+            subprocess.run([exe, path, logits, ids], check=True, env=dict(os.environ, LD_LIBRARY_PATH=bin_dir))
+            print(path, os.path.getsize(path), "bytes; llama.cpp logits for", len(ref["prompt_ids"]) + len(ref["greedy_ids"]), "positions")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
+    if sys.argv[1:] == ["--gemma-only"]:
+        make_gemma_fixtures()
+        return
     if sys.argv[1:] == ["--peregrine-only"]:
         record_peregrine_quantized()
         return

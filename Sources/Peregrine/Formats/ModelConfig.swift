@@ -266,10 +266,11 @@ public struct ModelConfig: Equatable, Sendable {
     public init(gguf g: GGUFFile) throws {
         func bad(_ m: String) -> PeregrineError { .format("\(g.path): \(m)") }
         guard let arch = g.metadata["general.architecture"]?.string else { throw bad("no general.architecture") }
-        let archs = ["llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                     "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"]
-        guard let hf = archs[arch] else {
-            throw PeregrineError.unsupported("unsupported GGUF architecture \(arch); supported: \(archs.keys.sorted().joined(separator: ", "))")
+        // Family by family, in the order the error lists them.
+        let archs = [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
+                     ("gemma2", "Gemma2ForCausalLM"), ("gemma3", "Gemma3ForCausalLM")]
+        guard let hf = archs.first(where: { $0.0 == arch })?.1 else {
+            throw PeregrineError.unsupported("unsupported GGUF architecture \(arch); supported: \(archs.map(\.0).joined(separator: ", "))")
         }
         let limit = 1 << 24
         func int(_ key: String, _ fallback: Int? = nil) throws -> Int {
