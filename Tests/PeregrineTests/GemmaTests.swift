@@ -181,8 +181,49 @@ final class GemmaConfigTests: XCTestCase {
         expectError("rope_scaling type 'yarn2'") { o in
             o["rope_parameters"] = .object(JSONObject([("full_attention", .object(JSONObject([("rope_type", .string("yarn2"))])))]))
         }
-        expectError("Gemma3ForConditionalGeneration") { $0["architectures"] = .array([.string("Gemma3ForConditionalGeneration")]) }
+        expectError("without a text_config") { $0["architectures"] = .array([.string("Gemma3ForConditionalGeneration")]) }
         expectError("missing 'hidden_size'", model: "gemma2") { $0 = self.removing(["hidden_size"], from: $0) }
+    }
+
+    /// A Gemma3ForConditionalGeneration checkpoint runs its text model: the fixture's config
+    /// nested as text_config (the sizes the Hub's configs leave out taking Gemma3TextConfig's
+    /// defaults), its weights under the language model in either naming, a vision tensor beside
+    /// them, gives the logits of the fixture as a Gemma3ForCausalLM.
+    func testConditionalGenerationRunsItsTextModel() throws {
+        let src = Fixtures.model("gemma3")
+        guard case .object(let text) = try Fixtures.json(src + "/config.json") else { return XCTFail("config") }
+        let ref = try Reference(model: "gemma3")
+        let seq = ref.promptIds + ref.greedyIds
+        let direct = try allLogits(try ModelRegistry.load(directory: src), seq)
+        for prefix in ["model.language_model.", "language_model.model."] {
+            let dir = try Fixtures.tempDirectory(self)
+            try FileManager.default.copyItem(atPath: src + "/tokenizer.json", toPath: dir + "/tokenizer.json")
+            let top = JSONObject([("architectures", .array([.string("Gemma3ForConditionalGeneration")])), ("model_type", .string("gemma3")),
+                                  ("text_config", .object(removing(["architectures", "model_type", "max_position_embeddings"], from: text))),
+                                  ("eos_token_id", .number(1))])
+            try JSONWriter.write(.object(top)).write(toFile: dir + "/config.json", atomically: true, encoding: .utf8)
+            let st = try SafeTensorsFile(path: src + "/model.safetensors")
+            var tensors: [(String, TensorView)] = try st.names.sorted().map { n in
+                (n.hasPrefix("model.") ? prefix + n.dropFirst("model.".count) : n, try XCTUnwrap(st.tensor(n)))
+            }
+            tensors.append(("vision_tower.patch_embedding.weight", try XCTUnwrap(st.tensor("model.norm.weight"))))
+            try writeSafetensors(dir + "/model.safetensors", tensors)
+            let model = try ModelRegistry.load(directory: dir)
+            XCTAssertEqual(model.config.maxPositions, 131_072)
+            XCTAssertEqual(try allLogits(model, seq), direct, prefix)
+        }
+    }
+
+    func writeSafetensors(_ path: String, _ tensors: [(String, TensorView)]) throws {
+        var header = JSONObject()
+        var data: [UInt8] = []
+        for (name, t) in tensors {
+            header[name] = .object(JSONObject([("dtype", .string(t.dtype.rawValue)), ("shape", .array(t.shape.map { .number(Double($0)) })),
+                                               ("data_offsets", .array([.number(Double(data.count)), .number(Double(data.count + t.byteCount))]))]))
+            data += Array(UnsafeRawBufferPointer(start: t.data, count: t.byteCount))
+        }
+        let json = Array(JSONWriter.write(.object(header)).utf8)
+        try Data(withUnsafeBytes(of: UInt64(json.count).littleEndian) { Array($0) } + json + data).write(to: URL(fileURLWithPath: path))
     }
 
     /// A Gemma directory missing one of its extra norms is refused by name.
@@ -191,18 +232,8 @@ final class GemmaConfigTests: XCTestCase {
         let src = Fixtures.model("gemma2")
         for f in ["config.json", "tokenizer.json"] { try FileManager.default.copyItem(atPath: src + "/" + f, toPath: dir + "/" + f) }
         let st = try SafeTensorsFile(path: src + "/model.safetensors")
-        var header = JSONObject()
-        var data: [UInt8] = []
-        for name in st.names.sorted() where name != "model.layers.1.post_feedforward_layernorm.weight" {
-            let t = try XCTUnwrap(st.tensor(name))
-            header[name] = .object(JSONObject([("dtype", .string(t.dtype.rawValue)), ("shape", .array(t.shape.map { .number(Double($0)) })),
-                                               ("data_offsets", .array([.number(Double(data.count)), .number(Double(data.count + t.byteCount))]))]))
-            data += Array(UnsafeRawBufferPointer(start: t.data, count: t.byteCount))
-        }
-        let json = Array(JSONWriter.write(.object(header)).utf8)
-        var bytes = withUnsafeBytes(of: UInt64(json.count).littleEndian) { Array($0) }
-        bytes += json + data
-        try Data(bytes).write(to: URL(fileURLWithPath: dir + "/model.safetensors"))
+        try writeSafetensors(dir + "/model.safetensors", try st.names.sorted().filter { $0 != "model.layers.1.post_feedforward_layernorm.weight" }
+            .map { ($0, try XCTUnwrap(st.tensor($0))) })
         XCTAssertThrowsError(try ModelRegistry.load(directory: dir)) { e in
             XCTAssertTrue("\(e)".contains("model.layers.1.post_feedforward_layernorm.weight"), "\(e)")
         }

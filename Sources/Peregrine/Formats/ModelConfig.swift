@@ -47,10 +47,14 @@ public struct ModelConfig: Equatable, Sendable {
     /// Soft-capping of attention scores and of the final logits: cap * tanh(x / cap) (Gemma 2).
     public var attentionSoftCap: Float?
     public var finalLogitSoftCap: Float?
+    /// The text model of a vision-language checkpoint (Gemma3ForConditionalGeneration): its
+    /// weights are named under the language model (see `LanguageModelWeights`).
+    public var weightsUnderLanguageModel = false
 
     /// Architectures whose config.json this struct reads (the model registry maps each to code).
     public static let supportedArchitectures = [
         "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+        "Gemma3ForConditionalGeneration",
     ]
 
     public init(json: JSONValue, source: String = "config.json") throws {
@@ -74,8 +78,8 @@ public struct ModelConfig: Equatable, Sendable {
             throw bad("no 'architectures' or known 'model_type'")
         }
         if arch == "Gemma3ForConditionalGeneration" {
-            throw PeregrineError.unsupported(
-                "Gemma3ForConditionalGeneration (text and images) is not supported; a GGUF conversion of its text model, or a Gemma3ForCausalLM checkpoint, runs")
+            self = try ModelConfig(gemma3TextOf: json, source: source)
+            return
         }
         guard ModelConfig.supportedArchitectures.contains(arch) else {
             throw PeregrineError.unsupported(
@@ -145,6 +149,29 @@ public struct ModelConfig: Equatable, Sendable {
         bosTokenId = json["bos_token_id"]?.int
         eosTokenIds = ModelConfig.tokenIds(json["eos_token_id"])
         if arch == "Gemma2ForCausalLM" || arch == "Gemma3ForCausalLM" { try readGemma(json, bad: bad) }
+    }
+
+    /// The text model of a Gemma 3 vision-language checkpoint: its text_config, read as a
+    /// Gemma3ForCausalLM config with Gemma3TextConfig's defaults for what the Hub's configs leave
+    /// out (they list little beyond the sizes that differ); the images are not read.
+    private init(gemma3TextOf json: JSONValue, source: String) throws {
+        guard let text = json["text_config"]?.object else {
+            throw PeregrineError.format("\(source): Gemma3ForConditionalGeneration without a text_config object")
+        }
+        var o = text
+        o["architectures"] = .array([.string("Gemma3ForCausalLM")])
+        o["model_type"] = .string("gemma3_text")
+        let defaults: [(String, JSONValue)] = [
+            ("vocab_size", .number(262_208)), ("hidden_size", .number(2304)), ("intermediate_size", .number(9216)),
+            ("num_hidden_layers", .number(26)), ("num_attention_heads", .number(8)), ("num_key_value_heads", .number(4)),
+            ("max_position_embeddings", .number(131_072)),
+        ]
+        for (k, v) in defaults where o[k] == nil { o[k] = v }
+        for k in ["bos_token_id", "eos_token_id", "tie_word_embeddings", "torch_dtype", "dtype"] where o[k] == nil {
+            if let v = json[k] { o[k] = v }
+        }
+        try self.init(json: .object(o), source: source)
+        weightsUnderLanguageModel = true
     }
 
     /// Gemma 2 and 3 (text): what their config.json adds, with transformers' defaults for what a
@@ -237,6 +264,7 @@ public struct ModelConfig: Equatable, Sendable {
         case "qwen3": return "Qwen3ForCausalLM"
         case "gemma2": return "Gemma2ForCausalLM"
         case "gemma3_text": return "Gemma3ForCausalLM"
+        case "gemma3": return "Gemma3ForConditionalGeneration"
         default: return nil
         }
     }

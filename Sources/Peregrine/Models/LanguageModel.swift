@@ -149,6 +149,8 @@ public enum ModelFamily: String, CaseIterable, Sendable {
         "Qwen3ForCausalLM": .llama,
         "Gemma2ForCausalLM": .gemma,
         "Gemma3ForCausalLM": .gemma,
+        // Its text model: ModelConfig reads the text_config as a Gemma3ForCausalLM config.
+        "Gemma3ForConditionalGeneration": .gemma,
     ]
 }
 
@@ -163,7 +165,8 @@ public enum ModelRegistry {
         let configPath = FileSystem.join(directory, "config.json")
         guard FileSystem.exists(configPath) else { throw PeregrineError.io("\(directory): no config.json") }
         let config = try ModelConfig(json: try FileSystem.readJSON(configPath), source: configPath)
-        return try model(config: config, weights: try WeightStore(directory: directory), backend: backend)
+        let store = try WeightStore(directory: directory)
+        return try model(config: config, weights: config.weightsUnderLanguageModel ? LanguageModelWeights(store) : store, backend: backend)
     }
 
     /// The family's model definition for a config, whatever file the weights came from.
