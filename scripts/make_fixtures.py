@@ -20,6 +20,10 @@
   re-seeded until every routing decision is clear too (the k-th and (k+1)-th router
   logits of every token apart), so the comparison cannot hinge on a near tie.
 
+- models/gemma2, models/gemma3: the same for Gemma 2 and Gemma 3 (text), with a small
+  SentencePiece tokenizer of Gemma's kind (tokenizer.model, trained with sentencepiece, and the
+  tokenizer.json transformers converts it to).
+
 Run: python3 scripts/make_fixtures.py   (needs torch, transformers, tokenizers, safetensors)
      python3 scripts/make_fixtures.py --phi3
        builds only the Phi-3 models, with the committed tokenizers.
@@ -29,6 +33,8 @@ Run: python3 scripts/make_fixtures.py   (needs torch, transformers, tokenizers, 
        no model is rebuilt.
      python3 scripts/make_fixtures.py --moe-only [name...]   (only the mixture-of-experts models,
      or the ones named, with the committed tokenizers)
+     python3 scripts/make_fixtures.py --gemma
+       remakes only the Gemma fixtures (needs sentencepiece too).
 The outputs are committed, so the Swift tests need no Python.
 """
 import glob
@@ -40,9 +46,10 @@ import sys
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers, Regex
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
-                          MixtralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
-                          Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Tests", "Fixtures")
 
@@ -103,6 +110,7 @@ def specials_for(kind):
         "digits": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         "llama2": ["<unk>", "<s>", "</s>"],
         "metaspace": ["<unk>", "<s>", "</s>"],
+        "gemma": ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
     }[kind]
 
 
@@ -406,8 +414,109 @@ def build_phi3_models(toks, model_root):
               f"max |incremental - one pass| {differ:.3g}")
 
 
+def gemma_tokenizer(directory):
+    """A SentencePiece BPE model trained the way Gemma's is set up (byte fallback, no dummy prefix,
+    no normalization, digits split, whitespace kept), Gemma's special tokens first, and the
+    tokenizer.json transformers' GemmaTokenizer converts it to. Both go into `directory`."""
+    import io
+    import sentencepiece as spm
+    from tokenizers import Tokenizer as FastTokenizer
+    from transformers import AutoTokenizer
+    os.makedirs(directory, exist_ok=True)
+    # Sentences from an iterator and the model to memory: the model records no file names.
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+            sentence_iterator=iter("\n".join(corpus_text()).split("\n")), model_writer=model, model_type="bpe", vocab_size=600,
+            byte_fallback=True, add_dummy_prefix=False, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            split_digits=True, allow_whitespace_only_pieces=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+            pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+            user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"], character_coverage=0.9995,
+            minloglevel=2, max_sentence_length=100000)
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+                   "unk_token": "<unk>", "mask_token": "<mask>", "add_bos_token": True, "add_eos_token": False}, f, indent=2)
+    AutoTokenizer.from_pretrained(directory).save_pretrained(directory)
+    config = json.load(open(os.path.join(directory, "tokenizer_config.json")))
+    config.pop("vocab_file", None)  # where it was converted from
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return FastTokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+
+
+def make_gemma_fixtures(model_root):
+    """Tiny Gemma 2 and Gemma 3 models: sliding windows shorter than the test sequence, Gemma 2's
+    soft-capping of attention scores and final logits and a query_pre_attn_scalar other than the
+    head size, Gemma 3's q/k norms, its 5:1 pattern of local and global layers over 6 layers with
+    a local RoPE base and linear scaling on the global layers."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        tok = gemma_tokenizer(d)
+        files = {f: open(os.path.join(d, f), "rb").read() for f in os.listdir(d)}
+    vocab = tok.get_vocab_size()
+    base = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.25, pad_token_id=0,
+                bos_token_id=2, eos_token_id=1, hidden_activation="gelu_pytorch_tanh", attn_implementation="eager")
+    specs = [
+        ("gemma2", Gemma2Config, Gemma2ForCausalLM,
+         dict(num_hidden_layers=4, query_pre_attn_scalar=12, sliding_window=8, attn_logit_softcapping=6.0,
+              final_logit_softcapping=4.0)),
+        ("gemma3", Gemma3TextConfig, Gemma3ForCausalLM,
+         dict(num_hidden_layers=6, query_pre_attn_scalar=16, sliding_window=6,
+              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+    ]
+    ids = tok.encode(PROMPT, add_special_tokens=True).ids
+    for i, (name, cls_cfg, cls_model, kw) in enumerate(specs):
+        config = cls_cfg(**{**base, **kw})
+        for attempt in range(50):
+            torch.manual_seed(7000 + 100 * i + attempt)
+            model = cls_model(config).eval().float()
+            with torch.no_grad():
+                # Norm weights start at 0 (the norms multiply by 1 + weight); perturb them so they matter.
+                for n_, p in model.named_parameters():
+                    if n_.endswith("norm.weight"):
+                        p.copy_(0.1 * torch.randn_like(p))
+            seq = list(ids)
+            margins = []
+            with torch.no_grad():
+                for _ in range(GREEDY_STEPS):
+                    logits = model(torch.tensor([seq])).logits[0, -1]
+                    top = torch.topk(logits, 2).values
+                    margins.append(float(top[0] - top[1]))
+                    seq.append(int(torch.argmax(logits)))
+            if min(margins) > 2e-2:
+                break
+        else:
+            sys.exit(f"{name}: no seed gave clear greedy margins")
+        with torch.no_grad():
+            full_logits = model(torch.tensor([seq])).logits[0].float()
+        directory = os.path.join(model_root, name)
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        model.save_pretrained(directory, safe_serialization=True)
+        for f, data in files.items():
+            with open(os.path.join(directory, f), "wb") as out:
+                out.write(data)
+        with open(os.path.join(directory, "reference_logits.bin"), "wb") as f:
+            f.write(full_logits.contiguous().numpy().astype("<f4").tobytes())
+        ref = {"prompt": PROMPT, "prompt_ids": ids, "greedy_ids": seq[len(ids):], "rows": full_logits.shape[0],
+               "vocab": full_logits.shape[1]}
+        with open(os.path.join(directory, "reference.json"), "w") as f:
+            json.dump(ref, f, indent=1)
+        print(f"{name}: {len(ids)} prompt tokens, greedy margin {min(margins):.4f}, max |logit| {float(full_logits.abs().max()):.3f}")
+    # Gemma's tokenizer.json differs from the others (no Prepend normalizer, a Split on " " before
+    # BPE): its ids and decodings of the test strings, beside the Gemma 3 fixture.
+    with open(os.path.join(model_root, "gemma3", "tokenizer_cases.json"), "w") as f:
+        json.dump(tokenizer_cases(tok, "gemma"), f, ensure_ascii=False, indent=1)
+
+
 def main():
     torch.set_num_threads(2)
+    if sys.argv[1:] == ["--gemma"]:
+        make_gemma_fixtures(os.path.join(ROOT, "models"))
+        return
     phi3_only = "--phi3" in sys.argv[1:]
     keep = "--keep-tokenizers" in sys.argv[1:] or phi3_only
     tok_root = os.path.join(ROOT, "tokenizers")
@@ -479,6 +588,7 @@ def main():
                 json.dump(ref, open(os.path.join(d, "reference.json"), "w"), indent=1)
     build_phi3_models(toks, model_root)
     make_moe_models(toks, model_root)
+    make_gemma_fixtures(model_root)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ The Phi-3 fixtures (phi4-f32, phi3-partial-f32, phi3.5-longrope-f32: the tiny Ph
 models of Tests/Fixtures/models converted by llama.cpp's converter, and llama.cpp's logits on them)
 come from a llama.cpp source tree and its build (cmake -B build && cmake --build build), through
 scripts/llamacpp_logits.c, compiled here against llama.h and libllama:
-  LLAMA_CPP_DIR=/path/to/llama.cpp LLAMA_CPP_BUILD=/path/to/llama.cpp/build \
+  LLAMA_CPP_DIR=/path/to/llama.cpp LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin \
     python3 scripts/make_gguf_fixture.py --phi3-only
 (needs torch, numpy, sentencepiece and a C compiler; the converter's gguf-py comes from the tree).
 --moe-only makes the mixture-of-experts fixtures: the tiny Mixtral, Qwen2-MoE and Qwen3-MoE models
@@ -22,9 +22,15 @@ the Q4_0 file `peregrine quantize` writes from the Mixtral directory. It needs a
 checkout and its CPU build (libllama and llama-quantize), not llama-cpp-python:
   git clone https://github.com/ggml-org/llama.cpp && cmake -S llama.cpp -B llama.cpp/build && cmake --build llama.cpp/build
   swift build
-  LLAMA_CPP=llama.cpp LLAMA_CPP_BIN=llama.cpp/build/bin python3 scripts/make_gguf_fixture.py --moe-only
+  LLAMA_CPP_DIR=llama.cpp LLAMA_CPP_BIN=llama.cpp/build/bin python3 scripts/make_gguf_fixture.py --moe-only
 (the Python needs torch, numpy and sentencepiece for the converter; scripts/llamacpp_logits.c,
 compiled here with cc, reads the logits).
+The Gemma fixtures (the tiny Gemma 2 and Gemma 3 of Tests/Fixtures/models converted by llama.cpp's
+converter to F32, Gemma 3 to Q8_0 too, and llama.cpp's logits on each) come from a llama.cpp
+checkout built with shared libraries (cmake -B build -DBUILD_SHARED_LIBS=ON && cmake --build build),
+its logits read through scripts/llamacpp_logits.c, compiled here with the system C compiler:
+  LLAMA_CPP_DIR=/path/to/llama.cpp LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin \
+      python3 scripts/make_gguf_fixture.py --gemma-only   (torch, numpy, sentencepiece, safetensors)
 """
 import json
 import os
@@ -158,10 +164,7 @@ def make_phi3_fixtures():
     context of 128 (longer than LongRoPE's original 64, so llama.cpp takes the long factors, as a
     pass over the whole sequence does)."""
     import tempfile
-    src = os.environ["LLAMA_CPP_DIR"]
-    build = os.environ["LLAMA_CPP_BUILD"]
-    libdir = next(d for d in [os.path.join(build, "bin"), os.path.join(build, "lib"), build]
-                  if os.path.exists(os.path.join(d, "libllama.so")))
+    src, libdir = llama_cpp_checkout()
     with tempfile.TemporaryDirectory() as tmp:
         exe = os.path.join(tmp, "llamacpp_logits")
         subprocess.run(["cc", "-O2", "-o", exe, os.path.join(ROOT, "scripts", "llamacpp_logits.c"),
@@ -194,9 +197,9 @@ c.main()
 
 
 def llama_cpp_checkout():
-    src, bindir = os.environ.get("LLAMA_CPP"), os.environ.get("LLAMA_CPP_BIN")
+    src, bindir = os.environ.get("LLAMA_CPP_DIR"), os.environ.get("LLAMA_CPP_BIN")
     if not src or not bindir:
-        sys.exit("--moe-only needs LLAMA_CPP (a llama.cpp checkout) and LLAMA_CPP_BIN (its build's bin directory)")
+        sys.exit("needs LLAMA_CPP_DIR (a llama.cpp checkout) and LLAMA_CPP_BIN (its build's bin directory)")
     return os.path.abspath(src), os.path.abspath(bindir)
 
 
@@ -251,12 +254,39 @@ def make_moe_fixtures():
         logits(path, "peregrine-mixtral-q4_0", "mixtral")
 
 
+def make_gemma_fixtures():
+    """Gemma 2 and Gemma 3 converted by llama.cpp's converter (which stores norm weights with the 1
+    of Gemma's (1 + weight) added) and llama.cpp's logits on each file for the fixture's prompt and
+    greedy continuation."""
+    import tempfile
+    src = os.environ["LLAMA_CPP_DIR"]
+    bin_dir = os.environ.get("LLAMA_CPP_BIN", os.path.join(src, "build", "bin"))
+    env = dict(os.environ, PYTHONPATH=os.path.join(src, "gguf-py"))
+    with tempfile.TemporaryDirectory() as d:
+        exe = os.path.join(d, "llamacpp_logits")
+        subprocess.run(["cc", "-O2", "-o", exe, os.path.join(ROOT, "scripts", "llamacpp_logits.c"),
+                        "-I" + os.path.join(src, "include"), "-I" + os.path.join(src, "ggml", "include"),
+                        "-L" + bin_dir, "-lllama", "-Wl,-rpath," + bin_dir], check=True)
+        for name, outtype in [("gemma2", "f32"), ("gemma3", "f32"), ("gemma3", "q8_0")]:
+            model = os.path.join(ROOT, "Tests", "Fixtures", "models", name)
+            path = os.path.join(OUT, f"{name}-{outtype}.gguf")
+            subprocess.run([sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), model, "--outtype", outtype,
+                            "--outfile", path], check=True, env=env, cwd=src, capture_output=True)
+            ref = json.load(open(os.path.join(model, "reference.json")))
+            ids = ",".join(str(i) for i in ref["prompt_ids"] + ref["greedy_ids"])
+            logits = os.path.join(OUT, f"{name}-{outtype}.llamacpp_logits.bin")
+            subprocess.run([exe, path, logits, ids], check=True, env=dict(os.environ, LD_LIBRARY_PATH=bin_dir))
+            print(path, os.path.getsize(path), "bytes; llama.cpp logits for", len(ref["prompt_ids"]) + len(ref["greedy_ids"]), "positions")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     if sys.argv[1:] == ["--phi3-only"]:
         make_phi3_fixtures()
     elif sys.argv[1:] == ["--moe-only"]:
         make_moe_fixtures()
+    elif sys.argv[1:] == ["--gemma-only"]:
+        make_gemma_fixtures()
         return
     if sys.argv[1:] == ["--peregrine-only"]:
         record_peregrine_quantized()

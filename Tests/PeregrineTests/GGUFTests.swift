@@ -257,7 +257,7 @@ final class GGUFMetadataTests: XCTestCase {
     func testMetadataErrors() throws {
         try check(base(), nil)  // the well-formed file loads
         try check(base(blockCount: .str("one")), "block_count must be a positive integer")
-        try check(base(arch: "gptneox"), "unsupported GGUF architecture gptneox; supported: llama, phi3, qwen2, qwen2moe, qwen3, qwen3moe")
+        try check(base(arch: "gptneox"), "unsupported GGUF architecture gptneox; supported: gemma2, gemma3, llama, phi3, qwen2, qwen2moe, qwen3, qwen3moe")
         try check(base(vocab: 8, tokens: 9), "tensor 'token_embd.weight' has shape [8, 16], expected [9, 16]")
         try check(base(tokenizer: "llama"), nil, tokenizerMessage: "tokenizer.ggml.scores has 0 values for 8 tokens")
         try check(base(tokenizer: "bert"), nil, tokenizerMessage: "unsupported GGUF tokenizer model 'bert'")

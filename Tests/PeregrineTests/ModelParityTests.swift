@@ -3,7 +3,8 @@ import XCTest
 
 /// Logits and greedy tokens equal transformers' on tiny models of every supported architecture.
 final class ModelParityTests: XCTestCase {
-    static let f32Models = ["llama", "llama2", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen2_moe-dense-layer", "qwen3_moe"]
+    static let f32Models = ["llama", "llama2", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe",
+                            "qwen2_moe-dense-layer", "qwen3_moe"]
     static let phi3Models = ["phi4", "phi3-partial", "phi3.5-longrope"]
 
     /// One forward pass over prompt + continuation, every row's logits checked.

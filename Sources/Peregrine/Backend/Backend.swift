@@ -32,11 +32,19 @@ public protocol ComputeBackend: AnyObject {
     func rope(_ x: Buffer, rows: Int, heads: Int, headDim: Int, rotaryDim: Int, cos: Buffer, sin: Buffer, interleaved: Bool)
     /// Writes K and V rows [rows, kvDim] into the cache at each token's (slot, position).
     func storeKV(layer: Int, k: Buffer, v: Buffer, rows: Int, plan: BatchPlan, cache: KVStorage<Self>)
-    /// Causal attention of each query row over its sequence's cache.
+    /// Causal attention of each query row over its sequence's cache: softmax over the scores
+    /// (q . k) * `scoring.scale`, each first soft-capped to cap * tanh(score / cap) where
+    /// `scoring.softCap` is set.
     func attention(layer: Int, q: Buffer, rows: Int, plan: BatchPlan, cache: KVStorage<Self>,
-                   heads: Int, window: Int?, out: Buffer)
+                   heads: Int, window: Int?, scoring: AttentionScoring, out: Buffer)
     /// out = silu(gate) * up, elementwise over `count`.
     func siluMul(gate: Buffer, up: Buffer, count: Int, out: Buffer)
+    /// out = gelu_tanh(gate) * up, elementwise over `count` (GELU with the tanh approximation).
+    func geluTanhMul(gate: Buffer, up: Buffer, count: Int, out: Buffer)
+    /// x *= factor, elementwise over `count`.
+    func scale(_ x: Buffer, count: Int, by factor: Float)
+    /// x = cap * tanh(x / cap), elementwise over `count` (logit soft-capping).
+    func softCap(_ x: Buffer, count: Int, cap: Float)
     /// x += y, elementwise over `count`.
     func add(_ x: Buffer, _ y: Buffer, count: Int)
     /// out[i, :] = x[rows[i], :] for row vectors of `dim`.
@@ -76,17 +84,18 @@ public protocol ComputeBackend: AnyObject {
                      sin: Buffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>)
     /// `ropeStoreKV`, then `attention` of the rotated queries into `out`.
     func ropeAttention(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, rotaryDim: Int, cos: Buffer,
-                       sin: Buffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>, window: Int?, out: Buffer)
-    /// out = silu(x @ gate^T + gateBias) * (x @ up^T + upBias); `scratch` holds the up product.
+                       sin: Buffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>, window: Int?, scoring: AttentionScoring,
+                       out: Buffer)
+    /// out = act(x @ gate^T + gateBias) * (x @ up^T + upBias); `scratch` holds the up product.
     func gatedProduct(_ x: Buffer, rows: Int, gate: Weight, gateBias: Weight?, up: Weight, upBias: Weight?,
-                      out: Buffer, scratch: Buffer)
+                      activation: GatedActivation, out: Buffer, scratch: Buffer)
     /// `matmul3` of the RMS-normalized x; `normed` receives the normalized rows where the norm is not fused.
     func normMatmul3(_ x: Buffer, norm: Weight, eps: Float, dim: Int, normed: Buffer, rows: Int,
                      _ a: (weight: Weight, bias: Weight?, out: Buffer), _ b: (weight: Weight, bias: Weight?, out: Buffer),
                      _ c: (weight: Weight, bias: Weight?, out: Buffer))
     /// `gatedProduct` of the RMS-normalized x; `normed` as in `normMatmul3`.
     func normGatedProduct(_ x: Buffer, norm: Weight, eps: Float, dim: Int, normed: Buffer, rows: Int, gate: Weight, gateBias: Weight?,
-                          up: Weight, upBias: Weight?, out: Buffer, scratch: Buffer)
+                          up: Weight, upBias: Weight?, activation: GatedActivation, out: Buffer, scratch: Buffer)
 
     // Choosing tokens where the logits are, so a GPU need not copy whole rows back. The defaults
     // read the row.
@@ -163,17 +172,47 @@ extension ComputeBackend {
     }
 
     public func ropeAttention(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, rotaryDim: Int, cos: Buffer,
-                              sin: Buffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>, window: Int?, out: Buffer) {
+                              sin: Buffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>, window: Int?, scoring: AttentionScoring,
+                              out: Buffer) {
         ropeStoreKV(layer: layer, q: q, k: k, v: v, rows: rows, heads: heads, headDim: headDim, rotaryDim: rotaryDim, cos: cos, sin: sin,
                     interleaved: interleaved, plan: plan, cache: cache)
-        attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: out)
+        attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, scoring: scoring, out: out)
+    }
+
+    /// `attention` with the usual scale, 1 / sqrt(head size), and no soft-capping.
+    public func attention(layer: Int, q: Buffer, rows: Int, plan: BatchPlan, cache: KVStorage<Self>,
+                          heads: Int, window: Int?, out: Buffer) {
+        attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window,
+                  scoring: AttentionScoring(headDim: cache.headDim), out: out)
+    }
+
+    /// `ropeAttention` with the usual scale, 1 / sqrt(head size), and no soft-capping.
+    public func ropeAttention(layer: Int, q: Buffer, k: Buffer, v: Buffer, rows: Int, heads: Int, headDim: Int, rotaryDim: Int, cos: Buffer,
+                              sin: Buffer, interleaved: Bool, plan: BatchPlan, cache: KVStorage<Self>, window: Int?, out: Buffer) {
+        ropeAttention(layer: layer, q: q, k: k, v: v, rows: rows, heads: heads, headDim: headDim, rotaryDim: rotaryDim, cos: cos, sin: sin,
+                      interleaved: interleaved, plan: plan, cache: cache, window: window,
+                      scoring: AttentionScoring(headDim: headDim), out: out)
+    }
+
+    /// out = act(gate) * up with the activation given.
+    public func gatedActivation(_ activation: GatedActivation, gate: Buffer, up: Buffer, count: Int, out: Buffer) {
+        switch activation {
+        case .silu: siluMul(gate: gate, up: up, count: count, out: out)
+        case .geluTanh: geluTanhMul(gate: gate, up: up, count: count, out: out)
+        }
     }
 
     public func gatedProduct(_ x: Buffer, rows: Int, gate: Weight, gateBias: Weight?, up: Weight, upBias: Weight?,
-                             out: Buffer, scratch: Buffer) {
+                             activation: GatedActivation, out: Buffer, scratch: Buffer) {
         matmul(x, rows: rows, weight: gate, bias: gateBias, out: out)
         matmul(x, rows: rows, weight: up, bias: upBias, out: scratch)
-        siluMul(gate: out, up: scratch, count: rows * outputSize(up), out: out)
+        gatedActivation(activation, gate: out, up: scratch, count: rows * outputSize(up), out: out)
+    }
+
+    /// `gatedProduct` with silu.
+    public func gatedProduct(_ x: Buffer, rows: Int, gate: Weight, gateBias: Weight?, up: Weight, upBias: Weight?,
+                             out: Buffer, scratch: Buffer) {
+        gatedProduct(x, rows: rows, gate: gate, gateBias: gateBias, up: up, upBias: upBias, activation: .silu, out: out, scratch: scratch)
     }
 
     public func normMatmul3(_ x: Buffer, norm: Weight, eps: Float, dim: Int, normed: Buffer, rows: Int,
@@ -184,9 +223,10 @@ extension ComputeBackend {
     }
 
     public func normGatedProduct(_ x: Buffer, norm: Weight, eps: Float, dim: Int, normed: Buffer, rows: Int, gate: Weight,
-                                 gateBias: Weight?, up: Weight, upBias: Weight?, out: Buffer, scratch: Buffer) {
+                                 gateBias: Weight?, up: Weight, upBias: Weight?, activation: GatedActivation, out: Buffer, scratch: Buffer) {
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
-        gatedProduct(normed, rows: rows, gate: gate, gateBias: gateBias, up: up, upBias: upBias, out: out, scratch: scratch)
+        gatedProduct(normed, rows: rows, gate: gate, gateBias: gateBias, up: up, upBias: upBias, activation: activation,
+                     out: out, scratch: scratch)
     }
 
     /// Row `row` of x (rows of `cols`) copied to the host, for the defaults below.
@@ -226,6 +266,31 @@ extension ComputeBackend {
         var all = hostRow(x, row: row, cols: cols)
         all.withUnsafeMutableBufferPointer { RepetitionPenalty.apply(penalty, to: $0, ids: ids) }
         all.withUnsafeBufferPointer { write($0, to: x, offset: row * cols) }
+    }
+}
+
+/// The activation of a gated MLP's gate product: act(gate) * up.
+public enum GatedActivation: Sendable {
+    /// silu(x) = x * sigmoid(x) (Llama, Mistral, Qwen).
+    case silu
+    /// GELU with the tanh approximation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) (Gemma).
+    case geluTanh
+}
+
+/// How attention scores are formed from q . k: multiplied by `scale`, then, where `softCap` is
+/// set, soft-capped to softCap * tanh(score / softCap) (Gemma 2).
+public struct AttentionScoring: Equatable, Sendable {
+    public var scale: Float
+    public var softCap: Float?
+
+    public init(scale: Float, softCap: Float? = nil) {
+        self.scale = scale
+        self.softCap = softCap
+    }
+
+    /// The usual scale, 1 / sqrt(head size), and no cap.
+    public init(headDim: Int) {
+        self.init(scale: 1 / Float(headDim).squareRoot())
     }
 }
 

@@ -287,10 +287,30 @@ struct GGUFByteReader {
 public final class GGUFWeights: WeightSource, @unchecked Sendable {
     public let file: GGUFFile
 
-    public init(_ file: GGUFFile) { self.file = file }
+    /// Layer tensors whose llama.cpp name depends on the architecture.
+    let layerNames: [String: String]
 
-    /// The family's one name-mapping step: Hugging Face name -> llama.cpp name.
-    static func ggufName(_ hf: String) -> String {
+    public init(_ file: GGUFFile) {
+        self.file = file
+        switch file.metadata["general.architecture"]?.string {
+        case "gemma2", "gemma3": layerNames = GGUFWeights.gemmaLayerNames
+        default: layerNames = [:]
+        }
+    }
+
+    /// Gemma normalizes the attention's and the MLP's outputs too: its post_attention_layernorm
+    /// is an output norm, the MLP's input norm is pre_feedforward_layernorm.
+    static let gemmaLayerNames = [
+        "post_attention_layernorm.weight": "post_attention_norm.weight",
+        "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+        "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    ]
+
+    func ggufName(_ hf: String) -> String { GGUFWeights.ggufName(hf, layerNames: layerNames) }
+
+    /// The family's one name-mapping step: Hugging Face name -> llama.cpp name (`layerNames`
+    /// first for the parts of a layer's tensor names).
+    static func ggufName(_ hf: String, layerNames: [String: String] = [:]) -> String {
         switch hf {
         case "model.embed_tokens.weight": return "token_embd.weight"
         case "model.norm.weight": return "output_norm.weight"
@@ -321,22 +341,22 @@ public final class GGUFWeights: WeightSource, @unchecked Sendable {
             "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight", "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
             "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight", "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
         ]
-        guard let g = map[part] else { return hf }
+        guard let g = layerNames[part] ?? map[part] else { return hf }
         return "blk.\(layer).\(g)"
     }
 
     public func tensor(_ name: String) -> TensorView? {
-        file.view(GGUFWeights.ggufName(name))
+        file.view(ggufName(name))
     }
 
-    public func storedName(_ name: String) -> String { GGUFWeights.ggufName(name) }
+    public func storedName(_ name: String) -> String { ggufName(name) }
 
     /// Present in the file, whether or not its type is computable (so an output matrix of an
     /// unsupported type is an error, not silently replaced by the tied embedding).
-    public func contains(_ name: String) -> Bool { file.info(GGUFWeights.ggufName(name)) != nil }
+    public func contains(_ name: String) -> Bool { file.info(ggufName(name)) != nil }
 
     public func missingReason(_ name: String) -> String {
-        let stored = GGUFWeights.ggufName(name)
+        let stored = ggufName(name)
         if let t = file.info(stored), t.type.dtype == nil {
             let supported = DType.allCases.map(\.rawValue).joined(separator: ", ")
             return "tensor '\(stored)' has type \(t.type.name), which Peregrine cannot compute with (supported: \(supported))"

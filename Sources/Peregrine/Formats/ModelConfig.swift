@@ -1,6 +1,6 @@
-/// The hyperparameters of a decoder-only transformer, read from a Hugging Face config.json or
-/// GGUF metadata. One struct serves Llama, Mistral, Qwen2, Qwen3 and Phi-3: the families differ
-/// only in switches.
+/// The hyperparameters of a decoder-only transformer, read from a Hugging Face config.json or GGUF
+/// metadata. One struct serves Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3 and the
+/// mixture-of-experts families: they differ only in switches.
 public struct ModelConfig: Equatable, Sendable {
     public var architecture: String
     public var modelType: String
@@ -39,10 +39,30 @@ public struct ModelConfig: Equatable, Sendable {
     /// Routed experts in place of the dense MLP (Mixtral, Qwen2-MoE, Qwen3-MoE); nil for a dense model.
     public var experts: ExpertConfig?
 
+    /// The RoPE of the layers with a sliding window, where it differs from `rope` (Gemma 3's
+    /// local layers: their own base, no scaling).
+    public var slidingRope: RopeParameters?
+    /// What every RMSNorm weight is offset by: Gemma's norms multiply by (1 + weight) in the
+    /// Hugging Face layout (llama.cpp's converter stores the sum, so its GGUF files say 0).
+    public var normWeightOffset: Float = 0
+    /// The activation of the gated MLP.
+    public var hiddenActivation: GatedActivation = .silu
+    /// The factor the token embeddings are multiplied by (Gemma: sqrt(hidden size)).
+    public var embeddingScale: Float?
+    /// The attention scale where it is not 1 / sqrt(head size) (Gemma: query_pre_attn_scalar^-0.5).
+    public var attentionScale: Float?
+    /// Soft-capping of attention scores and of the final logits: cap * tanh(x / cap) (Gemma 2).
+    public var attentionSoftCap: Float?
+    public var finalLogitSoftCap: Float?
+    /// The text model of a vision-language checkpoint (Gemma3ForConditionalGeneration): its
+    /// weights are named under the language model (see `LanguageModelWeights`).
+    public var weightsUnderLanguageModel = false
+
     /// Architectures whose config.json this struct reads (the model registry maps each to code).
     public static let supportedArchitectures = [
         "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-        "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+        "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+        "Gemma3ForConditionalGeneration",
     ]
 
     public init(json: JSONValue, source: String = "config.json") throws {
@@ -64,6 +84,10 @@ public struct ModelConfig: Equatable, Sendable {
         let modelType = json["model_type"]?.string ?? ""
         guard let arch = archs.first ?? ModelConfig.architecture(forModelType: modelType) else {
             throw bad("no 'architectures' or known 'model_type'")
+        }
+        if arch == "Gemma3ForConditionalGeneration" {
+            self = try ModelConfig(gemma3TextOf: json, source: source)
+            return
         }
         guard ModelConfig.supportedArchitectures.contains(arch) else {
             throw PeregrineError.unsupported(
@@ -163,6 +187,106 @@ public struct ModelConfig: Equatable, Sendable {
         bosTokenId = json["bos_token_id"]?.int
         eosTokenIds = ModelConfig.tokenIds(json["eos_token_id"])
         experts = try ExpertConfig(json: json, architecture: arch, layers: layerCount, intermediateSize: intermediateSize, bad: bad)
+        if arch == "Gemma2ForCausalLM" || arch == "Gemma3ForCausalLM" { try readGemma(json, bad: bad) }
+    }
+
+    /// The text model of a Gemma 3 vision-language checkpoint: its text_config, read as a
+    /// Gemma3ForCausalLM config with Gemma3TextConfig's defaults for what the Hub's configs leave
+    /// out (they list little beyond the sizes that differ); the images are not read.
+    private init(gemma3TextOf json: JSONValue, source: String) throws {
+        guard let text = json["text_config"]?.object else {
+            throw PeregrineError.format("\(source): Gemma3ForConditionalGeneration without a text_config object")
+        }
+        var o = text
+        o["architectures"] = .array([.string("Gemma3ForCausalLM")])
+        o["model_type"] = .string("gemma3_text")
+        let defaults: [(String, JSONValue)] = [
+            ("vocab_size", .number(262_208)), ("hidden_size", .number(2304)), ("intermediate_size", .number(9216)),
+            ("num_hidden_layers", .number(26)), ("num_attention_heads", .number(8)), ("num_key_value_heads", .number(4)),
+            ("max_position_embeddings", .number(131_072)),
+        ]
+        for (k, v) in defaults where o[k] == nil { o[k] = v }
+        for k in ["bos_token_id", "eos_token_id", "tie_word_embeddings", "torch_dtype", "dtype"] where o[k] == nil {
+            if let v = json[k] { o[k] = v }
+        }
+        try self.init(json: .object(o), source: source)
+        weightsUnderLanguageModel = true
+    }
+
+    /// Gemma 2 and 3 (text): what their config.json adds, with transformers' defaults for what a
+    /// saved config leaves out (it omits values equal to its class's defaults).
+    private mutating func readGemma(_ json: JSONValue, bad: (String) -> PeregrineError) throws {
+        let gemma3 = architecture == "Gemma3ForCausalLM"
+        func positive(_ key: String, _ fallback: Double?) throws -> Double? {
+            guard let v = json[key], !v.isNull else { return fallback }
+            guard let d = v.double, d > 0, d.isFinite else { throw bad("'\(key)' must be a positive number") }
+            return d
+        }
+        if json["use_bidirectional_attention"]?.bool == true {
+            throw PeregrineError.unsupported("\(architecture) with use_bidirectional_attention (an encoder) is not supported")
+        }
+        if json["head_dim"] == nil { headDim = 256 }  // the class default, independent of hidden size / heads
+        guard headDim % 2 == 0 else { throw bad("head_dim must be even for rotary embeddings") }
+        if json["rms_norm_eps"] == nil { rmsNormEps = 1e-6 }
+        if json["tie_word_embeddings"] == nil { tieWordEmbeddings = true }
+        let act = json["hidden_activation"]?.string ?? json["hidden_act"]?.string ?? "gelu_pytorch_tanh"
+        guard act == "gelu_pytorch_tanh" || act == "gelu_tanh" else {
+            throw PeregrineError.unsupported("\(architecture) with hidden_activation '\(act)' is not supported (gelu_pytorch_tanh is)")
+        }
+        hiddenActivation = .geluTanh
+        normWeightOffset = 1
+        qkNorm = gemma3
+        embeddingScale = Float(Double(hiddenSize).squareRoot())
+        let scalar = try positive("query_pre_attn_scalar", 256)!
+        attentionScale = Float(1 / scalar.squareRoot())
+        // Gemma 3 keeps the key in its config but applies no attention soft-capping.
+        attentionSoftCap = gemma3 ? nil : try positive("attn_logit_softcapping", json["attn_logit_softcapping"]?.isNull == true ? nil : 50).map(Float.init)
+        finalLogitSoftCap = try positive("final_logit_softcapping", gemma3 || json["final_logit_softcapping"]?.isNull == true ? nil : 30).map(Float.init)
+        let window: Int?
+        if let v = json["sliding_window"], !v.isNull {
+            guard let w = v.int, w > 0 else { throw bad("'sliding_window' must be a positive integer") }
+            window = w
+        } else {
+            window = json["sliding_window"] == nil ? 4096 : nil
+        }
+        var windows = [Int?](repeating: nil, count: layerCount)
+        if let types = json["layer_types"] {
+            guard let list = types.array, list.count == layerCount else { throw bad("'layer_types' must list one type per layer (\(layerCount))") }
+            for (i, t) in list.enumerated() {
+                switch t.string {
+                case "sliding_attention": windows[i] = window
+                case "full_attention": windows[i] = nil
+                default: throw bad("layer_types[\(i)]: unknown layer type \(t)")
+                }
+            }
+        } else {
+            // Gemma 2 alternates (sliding first); Gemma 3 makes every `sliding_window_pattern`-th layer global.
+            let pattern = gemma3 ? (json["sliding_window_pattern"]?.int ?? 6) : 2
+            guard pattern > 0 else { throw bad("'sliding_window_pattern' must be a positive integer") }
+            for i in 0..<layerCount where (i + 1) % pattern != 0 { windows[i] = window }
+        }
+        slidingWindow = windows
+        // RoPE: Gemma 2 one variant; Gemma 3 its global layers' (rope_theta, rope_scaling) and its
+        // local layers' (rope_local_base_freq, unscaled), or both under rope_parameters by layer type.
+        if let params = json["rope_parameters"]?.object, params["full_attention"] != nil || params["sliding_attention"] != nil {
+            func variant(_ v: JSONValue?, theta fallback: Double) throws -> RopeParameters {
+                let theta = v?["rope_theta"]?.double ?? fallback
+                guard theta > 1 else { throw bad("'rope_theta' must be greater than 1") }
+                return RopeParameters(theta: theta, scaling: try ModelConfig.parseRopeScaling(v, bad: bad))
+            }
+            let global = try variant(params["full_attention"], theta: gemma3 ? 1_000_000 : 10000)
+            ropeTheta = global.theta
+            ropeScaling = global.scaling
+            slidingRope = try variant(params["sliding_attention"], theta: gemma3 ? 10000 : global.theta)
+        } else {
+            if json["rope_theta"] == nil, json["rope_parameters"]?["rope_theta"] == nil { ropeTheta = gemma3 ? 1_000_000 : 10000 }
+            if gemma3 {
+                let local = try positive("rope_local_base_freq", 10000)!
+                guard local > 1 else { throw bad("'rope_local_base_freq' must be greater than 1") }
+                slidingRope = RopeParameters(theta: local)
+            }
+        }
+        if slidingRope == rope { slidingRope = nil }
     }
 
     static func tokenIds(_ v: JSONValue?) -> [Int] {
@@ -181,6 +305,9 @@ public struct ModelConfig: Equatable, Sendable {
         case "mixtral": return "MixtralForCausalLM"
         case "qwen2_moe": return "Qwen2MoeForCausalLM"
         case "qwen3_moe": return "Qwen3MoeForCausalLM"
+        case "gemma2": return "Gemma2ForCausalLM"
+        case "gemma3_text": return "Gemma3ForCausalLM"
+        case "gemma3": return "Gemma3ForConditionalGeneration"
         default: return nil
         }
     }
@@ -246,10 +373,12 @@ public struct ModelConfig: Equatable, Sendable {
     public init(gguf g: GGUFFile) throws {
         func bad(_ m: String) -> PeregrineError { .format("\(g.path): \(m)") }
         guard let arch = g.metadata["general.architecture"]?.string else { throw bad("no general.architecture") }
-        let archs = ["llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                     "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"]
-        guard let hf = archs[arch] else {
-            throw PeregrineError.unsupported("unsupported GGUF architecture \(arch); supported: \(archs.keys.sorted().joined(separator: ", "))")
+        // Family by family, in the order the error lists them.
+        let archs = [("gemma2", "Gemma2ForCausalLM"), ("gemma3", "Gemma3ForCausalLM"), ("llama", "LlamaForCausalLM"),
+                     ("phi3", "Phi3ForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("qwen2moe", "Qwen2MoeForCausalLM"),
+                     ("qwen3", "Qwen3ForCausalLM"), ("qwen3moe", "Qwen3MoeForCausalLM")]
+        guard let hf = archs.first(where: { $0.0 == arch })?.1 else {
+            throw PeregrineError.unsupported("unsupported GGUF architecture \(arch); supported: \(archs.map(\.0).joined(separator: ", "))")
         }
         let limit = 1 << 24
         func int(_ key: String, _ fallback: Int? = nil) throws -> Int {
@@ -331,6 +460,60 @@ public struct ModelConfig: Equatable, Sendable {
         }
         // A llama file with experts is Mixtral.
         if arch == "llama" && experts != nil { architecture = "MixtralForCausalLM" }
+        if arch == "gemma2" || arch == "gemma3" { try readGemma(g, arch: arch, bad: bad) }
+    }
+
+    /// Gemma 2 and 3 as llama.cpp reads them: the converter stores norm weights with the 1 added,
+    /// the attention scale follows from the sizes, and what the metadata leaves out takes
+    /// llama.cpp's defaults (a sliding window of 4096 and both soft-caps for Gemma 2; Gemma 3's
+    /// local layers at base 10000, unscaled).
+    private mutating func readGemma(_ g: GGUFFile, arch: String, bad: (String) -> PeregrineError) throws {
+        let gemma3 = arch == "gemma3"
+        func number(_ key: String) throws -> Double? {
+            guard let v = g.metadata["\(arch).\(key)"] else { return nil }
+            guard let d = v.double, d.isFinite, d >= 0 else { throw bad("\(arch).\(key) must be a non-negative number") }
+            return d
+        }
+        hiddenActivation = .geluTanh
+        normWeightOffset = 0
+        embeddingScale = Float(hiddenSize).squareRoot()
+        // llama.cpp's rule: 1 / sqrt(head size), but hidden / heads for the 27B models (46 layers
+        // of Gemma 2, 62 of Gemma 3), whose query_pre_attn_scalar is that.
+        let bigModel = layerCount == (gemma3 ? 62 : 46)
+        attentionScale = 1 / Float(bigModel ? hiddenSize / headCount : headDim).squareRoot()
+        if !gemma3 {
+            let cap = try number("attn_logit_softcapping") ?? 50
+            guard cap > 0 else { throw bad("\(arch).attn_logit_softcapping must be positive") }
+            attentionSoftCap = Float(cap)
+        }
+        // A final cap of 0 is none (Gemma 3); Gemma 2 always caps.
+        let finalCap = try number("final_logit_softcapping") ?? (gemma3 ? 0 : 30)
+        guard finalCap > 0 || gemma3 else { throw bad("\(arch).final_logit_softcapping must be positive") }
+        finalLogitSoftCap = finalCap > 0 ? Float(finalCap) : nil
+        let window = try g.metadata["\(arch).attention.sliding_window"].map { v -> Int in
+            guard let w = v.int, w >= 0 else { throw bad("\(arch).attention.sliding_window must be a non-negative integer") }
+            return w
+        } ?? (gemma3 ? 0 : 4096)
+        var windows = [Int?](repeating: nil, count: layerCount)
+        if window > 0 {
+            if let pattern = g.metadata["\(arch).attention.sliding_window_pattern"] {
+                if let flags = pattern.array {
+                    guard flags.count == layerCount else { throw bad("\(arch).attention.sliding_window_pattern has \(flags.count) entries for \(layerCount) layers") }
+                    for (i, f) in flags.enumerated() where f.bool == true { windows[i] = window }
+                } else {
+                    guard let n = pattern.int, n >= 0 else { throw bad("\(arch).attention.sliding_window_pattern must be a count or per-layer flags") }
+                    // Every n-th layer global (n 0: every layer sliding).
+                    for i in 0..<layerCount where n == 0 || i % n < n - 1 { windows[i] = window }
+                }
+            } else {
+                let n = gemma3 ? 6 : 2
+                for i in 0..<layerCount where i % n < n - 1 { windows[i] = window }
+            }
+        }
+        slidingWindow = windows
+        let localBase = try number("rope.freq_base_swa") ?? (gemma3 ? 10000 : ropeTheta)
+        slidingRope = RopeParameters(theta: localBase, scaling: gemma3 ? .none : ropeScaling)
+        if slidingRope == rope { slidingRope = nil }
     }
 
     /// The RoPE variant of every layer.

@@ -156,3 +156,31 @@ public final class WeightStore: WeightSource, @unchecked Sendable {
         return files[i].tensor(name)
     }
 }
+
+/// The text model's weights inside a vision-language checkpoint, under the names a text-only
+/// checkpoint gives them: "model.X" is "model.language_model.X" as transformers 5 saves it, or
+/// "language_model.model.X" as earlier versions did; "lm_head.weight" likewise.
+public final class LanguageModelWeights: WeightSource, @unchecked Sendable {
+    let base: WeightSource
+
+    public init(_ base: WeightSource) { self.base = base }
+
+    func candidates(_ name: String) -> [String] {
+        if name.hasPrefix("model.") {
+            let rest = name.dropFirst("model.".count)
+            return ["model.language_model." + rest, "language_model.model." + rest]
+        }
+        return [name, "language_model." + name]
+    }
+
+    public func tensor(_ name: String) -> TensorView? {
+        for n in candidates(name) { if let t = base.tensor(n) { return t } }
+        return nil
+    }
+
+    public func storedName(_ name: String) -> String {
+        candidates(name).first { base.contains($0) } ?? candidates(name)[0]
+    }
+
+    public func contains(_ name: String) -> Bool { candidates(name).contains { base.contains($0) } }
+}

@@ -146,8 +146,10 @@ public enum ModelFamily: String, CaseIterable, Sendable {
     case llama
     case phi3
     case mixtureOfExperts
+    case gemma
 
-    /// From config.json's `architectures` entry.
+    /// From config.json's `architectures` entry (GGUF's `general.architecture` is read into the
+    /// same names by `ModelConfig(gguf:)`: llama, qwen2, qwen3, gemma2, gemma3).
     public static let architectures: [String: ModelFamily] = [
         "LlamaForCausalLM": .llama,
         "MistralForCausalLM": .llama,
@@ -157,6 +159,10 @@ public enum ModelFamily: String, CaseIterable, Sendable {
         "MixtralForCausalLM": .mixtureOfExperts,
         "Qwen2MoeForCausalLM": .mixtureOfExperts,
         "Qwen3MoeForCausalLM": .mixtureOfExperts,
+        "Gemma2ForCausalLM": .gemma,
+        "Gemma3ForCausalLM": .gemma,
+        // Its text model: ModelConfig reads the text_config as a Gemma3ForCausalLM config.
+        "Gemma3ForConditionalGeneration": .gemma,
     ]
 }
 
@@ -174,7 +180,8 @@ public enum ModelRegistry {
         let configPath = FileSystem.join(directory, "config.json")
         guard FileSystem.exists(configPath) else { throw PeregrineError.io("\(directory): no config.json") }
         let config = try ModelConfig(json: try FileSystem.readJSON(configPath), source: configPath)
-        return try model(config: config, weights: try WeightStore(directory: directory), backend: backend)
+        let store = try WeightStore(directory: directory)
+        return try model(config: config, weights: config.weightsUnderLanguageModel ? LanguageModelWeights(store) : store, backend: backend)
     }
 
     /// The family's model definition for a config, whatever file the weights came from.
@@ -186,6 +193,7 @@ public enum ModelRegistry {
         case .llama: return try LlamaModel(config: config, weights: weights, backend: backend)
         case .phi3: return try Phi3Model(config: config, weights: weights, backend: backend)
         case .mixtureOfExperts: return try MoEModel(config: config, weights: weights, backend: backend)
+        case .gemma: return try GemmaModel(config: config, weights: weights, backend: backend)
         }
     }
 

@@ -41,7 +41,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
             return Layer(inputNorm: try w.load(p + "input_layernorm.weight", [d]),
                          attention: try Attention(w, prefix: p + "self_attn.", config: c),
                          postNorm: try w.load(p + "post_attention_layernorm.weight", [d]),
-                         mlp: try GatedMLP(w, prefix: p + "mlp.", config: c, activation: .silu))
+                         mlp: try GatedMLP(w, prefix: p + "mlp.", config: c, activation: c.hiddenActivation))
         }
         head = OutputHead(norm: try w.load("model.norm.weight", [d]),
                           projection: try w.outputProjection(embedding: embedTokens, vocabulary: c.vocabSize, hidden: d,

@@ -187,12 +187,12 @@ public final class CPUBackend: ComputeBackend {
     }
 
     public func attention(layer: Int, q: CPUBuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CPUBackend>,
-                          heads: Int, window: Int?, out: CPUBuffer) {
+                          heads: Int, window: Int?, scoring: AttentionScoring, out: CPUBuffer) {
         let hd = cache.headDim
         let kvHeads = cache.kvHeads
         let group = heads / kvHeads
         let row = cache.rowSize
-        let scale = 1 / Float(hd).squareRoot()
+        let scale = scoring.scale, cap = scoring.softCap
         let kd = UnsafeRawPointer(cache.keys[layer].pointer), vd = UnsafeRawPointer(cache.values[layer].pointer)
         let f16 = cache.type == .f16
         var longest = 0
@@ -220,11 +220,11 @@ public final class CPUBackend: ComputeBackend {
                         let head = (t * heads + kvh * group) * hd
                         let table = tables.baseAddress! + Int(slots[t]) * width, sc = scratchBase + task * perTask
                         if f16 {
-                            PagedAttention.attend(F16Element.self, q: q.pointer + head, group: group, hd: hd, scale: scale, kvHead: kvh,
+                            PagedAttention.attend(F16Element.self, q: q.pointer + head, group: group, hd: hd, scale: scale, softCap: cap, kvHead: kvh,
                                                   keys: kd, values: vd, rowSize: row, blockSize: bs, table: table, lo: lo, pos: pos,
                                                   scratch: sc, out: out.pointer + head)
                         } else {
-                            PagedAttention.attend(F32Element.self, q: q.pointer + head, group: group, hd: hd, scale: scale, kvHead: kvh,
+                            PagedAttention.attend(F32Element.self, q: q.pointer + head, group: group, hd: hd, scale: scale, softCap: cap, kvHead: kvh,
                                                   keys: kd, values: vd, rowSize: row, blockSize: bs, table: table, lo: lo, pos: pos,
                                                   scratch: sc, out: out.pointer + head)
                         }
@@ -238,6 +238,21 @@ public final class CPUBackend: ComputeBackend {
     public func siluMul(gate: CPUBuffer, up: CPUBuffer, count: Int, out: CPUBuffer) {
         let g = gate.pointer, u = up.pointer, o = out.pointer
         pool.parallelRanges(count, grain: 1 << 14) { r in CPUKernels.siluMul(g, u, o, r) }
+    }
+
+    public func geluTanhMul(gate: CPUBuffer, up: CPUBuffer, count: Int, out: CPUBuffer) {
+        let g = gate.pointer, u = up.pointer, o = out.pointer
+        pool.parallelRanges(count, grain: 1 << 14) { r in CPUKernels.geluTanhMul(g, u, o, r) }
+    }
+
+    public func scale(_ x: CPUBuffer, count: Int, by factor: Float) {
+        let p = x.pointer
+        pool.parallelRanges(count, grain: 1 << 15) { r in CPUKernels.scale(p, factor, r) }
+    }
+
+    public func softCap(_ x: CPUBuffer, count: Int, cap: Float) {
+        let p = x.pointer
+        pool.parallelRanges(count, grain: 1 << 14) { r in CPUKernels.softCap(p, cap, r) }
     }
 
     public func add(_ x: CPUBuffer, _ y: CPUBuffer, count: Int) {

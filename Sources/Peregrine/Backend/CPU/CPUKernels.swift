@@ -281,6 +281,53 @@ enum CPUKernels {
         while i < range.upperBound { o[i] = silu(g[i]) * u[i]; i += 1 }
     }
 
+    /// gelu_tanh(v) = 0.5 v (1 + tanh(u)) with u = sqrt(2 / pi) (v + 0.044715 v^3), written as
+    /// v / (1 + e^(-2u)) (the same value: 1 + tanh(u) = 2 / (1 + e^(-2u))).
+    @inline(__always) static func geluTanh(_ v: Float) -> Float {
+        let u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        return v / (1 + expf(-2 * u))
+    }
+
+    /// out[i] = gelu_tanh(g[i]) * u[i]
+    static func geluTanhMul(_ g: UnsafePointer<Float>, _ u: UnsafePointer<Float>, _ o: UnsafeMutablePointer<Float>, _ range: Range<Int>) {
+        var i = range.lowerBound
+        let c = SIMD8<Float>(repeating: -2 * 0.7978845608028654), cubic = SIMD8<Float>(repeating: 0.044715)
+        while i + 8 <= range.upperBound {
+            let gv = UnsafeRawPointer(g + i).loadUnaligned(as: SIMD8<Float>.self)
+            let uv = UnsafeRawPointer(u + i).loadUnaligned(as: SIMD8<Float>.self)
+            let s = gv / (1 + exp8(c * gv.addingProduct(cubic * gv, gv * gv)))
+            UnsafeMutableRawPointer(o + i).storeBytes(of: s * uv, as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < range.upperBound { o[i] = geluTanh(g[i]) * u[i]; i += 1 }
+    }
+
+    /// x[i] *= f
+    static func scale(_ x: UnsafeMutablePointer<Float>, _ f: Float, _ range: Range<Int>) {
+        var i = range.lowerBound
+        let fv = SIMD8<Float>(repeating: f)
+        while i + 8 <= range.upperBound {
+            let v = UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self)
+            UnsafeMutableRawPointer(x + i).storeBytes(of: v * fv, as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < range.upperBound { x[i] *= f; i += 1 }
+    }
+
+    /// x[i] = cap * tanh(x[i] / cap), as cap - 2 cap / (e^(2 x / cap) + 1) (e^ saturating, so
+    /// large scores reach ±cap).
+    static func softCap(_ x: UnsafeMutablePointer<Float>, _ cap: Float, _ range: Range<Int>) {
+        var i = range.lowerBound
+        let capv = SIMD8<Float>(repeating: cap), twoOverCap = SIMD8<Float>(repeating: 2 / cap)
+        while i + 8 <= range.upperBound {
+            let v = UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self)
+            let t = capv - 2 * capv / (exp8(v * twoOverCap) + 1)
+            UnsafeMutableRawPointer(x + i).storeBytes(of: t, as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < range.upperBound { x[i] = cap * tanhf(x[i] / cap); i += 1 }
+    }
+
     /// In place: x = exp(x - m), returning the sum.
     static func expShiftSum(_ x: UnsafeMutablePointer<Float>, _ n: Int, _ m: Float) -> Float {
         var acc = SIMD8<Float>()

@@ -39,9 +39,10 @@ enum PagedAttention {
         group * (positions + 2 * max(blockSize, 16))
     }
 
-    /// out[g * hd ..< (g + 1) * hd] = softmax(q_g . K / sqrt(hd)) V for the `group` query heads at
-    /// `q` (head after head), over positions lo...pos of the sequence whose block table is `table`.
-    static func attend<E: KVElement>(_: E.Type, q: UnsafePointer<Float>, group: Int, hd: Int, scale: Float, kvHead: Int,
+    /// out[g * hd ..< (g + 1) * hd] = softmax(cap(q_g . K * scale)) V for the `group` query heads
+    /// at `q` (head after head), over positions lo...pos of the sequence whose block table is
+    /// `table`; cap(s) = softCap * tanh(s / softCap) where `softCap` is set, else s.
+    static func attend<E: KVElement>(_: E.Type, q: UnsafePointer<Float>, group: Int, hd: Int, scale: Float, softCap: Float?, kvHead: Int,
                        keys kd: UnsafeRawPointer, values vd: UnsafeRawPointer, rowSize row: Int, blockSize bs: Int,
                        table: UnsafePointer<Int32>, lo: Int, pos: Int, scratch: UnsafeMutablePointer<Float>,
                        out: UnsafeMutablePointer<Float>) {
@@ -94,6 +95,7 @@ enum PagedAttention {
         for g in 0..<group {
             let s = scratch + g &* stride + from
             let n = to &- from
+            if let softCap { CPUKernels.softCap(s, softCap, 0..<n) }
             var m = -Float.infinity
             for j in 0..<n { m = max(m, s[j]) }
             let inv = 1 / CPUKernels.expShiftSum(s, n, m)

@@ -233,8 +233,9 @@ public final class CUDABackend: ComputeBackend {
         let module = try driver.compile(source, name: "peregrine-kernels", defines: early ? [] : ["PEREGRINE_NO_EARLY_TRIGGER"])
         let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split", "attention_split_heads",
-                     "silu_mul", "add_inplace", "gather_rows", "dequantize_bf16", "quantize_q8", "rope_store_kv",
-                     "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows", "repetition_penalty", "exp_sum_rows", "sample_rows",
+                     "silu_mul", "gelu_tanh_mul", "scale_inplace", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
+                     "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
+                     "repetition_penalty", "exp_sum_rows", "sample_rows",
                      "moe_route", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated"] + matvecs {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
@@ -725,7 +726,14 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func gatedProduct(_ x: CUDABuffer, rows: Int, gate: CUDAWeight, gateBias: CUDAWeight?, up: CUDAWeight, upBias: CUDAWeight?,
-                             out: CUDABuffer, scratch: CUDABuffer) {
+                             activation: GatedActivation, out: CUDABuffer, scratch: CUDABuffer) {
+        guard activation == .silu else {
+            // The fused products apply silu; other activations run after two plain products.
+            matmul(x, rows: rows, weight: gate, bias: gateBias, out: out)
+            matmul(x, rows: rows, weight: up, bias: upBias, out: scratch)
+            gatedActivation(activation, gate: out, up: scratch, count: rows * up.rows, out: out)
+            return
+        }
         if rows == oneToken, up.rows == gate.rows, matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: nil) { return }
         if usesRowKernel(rows, gate), gate.dtype == up.dtype {
             rowKernel(x, rows: rows, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2)
@@ -745,11 +753,13 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func normGatedProduct(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int, gate: CUDAWeight,
-                                 gateBias: CUDAWeight?, up: CUDAWeight, upBias: CUDAWeight?, out: CUDABuffer, scratch: CUDABuffer) {
-        if rows == oneToken, fusedNorm, up.rows == gate.rows,
+                                 gateBias: CUDAWeight?, up: CUDAWeight, upBias: CUDAWeight?, activation: GatedActivation,
+                                 out: CUDABuffer, scratch: CUDABuffer) {
+        if rows == oneToken, fusedNorm, activation == .silu, up.rows == gate.rows,
            matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: (norm, eps)) { return }
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
-        gatedProduct(normed, rows: rows, gate: gate, gateBias: gateBias, up: up, upBias: upBias, out: out, scratch: scratch)
+        gatedProduct(normed, rows: rows, gate: gate, gateBias: gateBias, up: up, upBias: upBias, activation: activation,
+                     out: out, scratch: scratch)
     }
 
     public func rope(_ x: CUDABuffer, rows: Int, heads: Int, headDim: Int, rotaryDim: Int, cos: CUDABuffer, sin: CUDABuffer,
@@ -781,24 +791,25 @@ public final class CUDABackend: ComputeBackend {
     /// One token: RoPE and the KV-cache write happen inside the attention kernel (one launch).
     public func ropeAttention(layer: Int, q: CUDABuffer, k: CUDABuffer, v: CUDABuffer, rows: Int, heads: Int, headDim: Int,
                               rotaryDim: Int, cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool, plan: BatchPlan,
-                              cache: KVStorage<CUDABackend>, window: Int?, out: CUDABuffer) {
+                              cache: KVStorage<CUDABackend>, window: Int?, scoring: AttentionScoring, out: CUDABuffer) {
         if rows == oneToken {
-            attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: out,
+            attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, scoring: scoring, out: out,
                       rope: (k, v, cos, sin, rotaryDim, interleaved))
             return
         }
         ropeStoreKV(layer: layer, q: q, k: k, v: v, rows: rows, heads: heads, headDim: headDim, rotaryDim: rotaryDim, cos: cos, sin: sin,
                     interleaved: interleaved, plan: plan, cache: cache)
-        attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: out)
+        attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, scoring: scoring, out: out)
     }
 
     public func attention(layer: Int, q: CUDABuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CUDABackend>,
-                          heads: Int, window: Int?, out: CUDABuffer) {
-        attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, out: out, rope: nil)
+                          heads: Int, window: Int?, scoring: AttentionScoring, out: CUDABuffer) {
+        attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, scoring: scoring, out: out,
+                  rope: nil)
     }
 
     private func attention(layer: Int, q: CUDABuffer, rows: Int, plan: BatchPlan, cache: KVStorage<CUDABackend>, heads: Int,
-                           window: Int?, out: CUDABuffer,
+                           window: Int?, scoring: AttentionScoring, out: CUDABuffer,
                            rope: (k: CUDABuffer, v: CUDABuffer, cos: CUDABuffer, sin: CUDABuffer, rotaryDim: Int, interleaved: Bool)?) {
         let hd = cache.headDim
         guard hd <= 256, hd % 4 == 0, heads % cache.kvHeads == 0 else {
@@ -808,7 +819,7 @@ public final class CUDABackend: ComputeBackend {
             return
         }
         let (slots, positions, tables) = planPointers(plan, rows: rows)
-        let scale = 1 / Float(hd).squareRoot()
+        let scale = scoring.scale, softCap = scoring.softCap ?? 0
         var rowMap: CUDADriver.DevicePointer = 0, splitRows = rows
         if rows > 16 || deterministic {
             // Tiles of up to 32 consecutive positions of one sequence.
@@ -824,7 +835,7 @@ public final class CUDABackend: ComputeBackend {
             }
             let tiles = hostInts.count / 2
             if deterministic {
-                prefillAttention(layer: layer, q: q, cache: cache, plan: plan, heads: heads, scale: scale, window: window, out: out,
+                prefillAttention(layer: layer, q: q, cache: cache, plan: plan, heads: heads, scale: scale, softCap: softCap, window: window, out: out,
                                  slots: slots, positions: positions, tables: tables, tiles: tiles)
                 return
             }
@@ -842,7 +853,7 @@ public final class CUDABackend: ComputeBackend {
             }
             if kept > 0 {
                 hostInts.removeLast(hostInts.count - 2 * kept)
-                prefillAttention(layer: layer, q: q, cache: cache, plan: plan, heads: heads, scale: scale, window: window, out: out,
+                prefillAttention(layer: layer, q: q, cache: cache, plan: plan, heads: heads, scale: scale, softCap: softCap, window: window, out: out,
                                  slots: slots, positions: positions, tables: tables, tiles: kept)
             }
             if singleRows.isEmpty { return }
@@ -850,7 +861,7 @@ public final class CUDABackend: ComputeBackend {
                 // More single queries than the split kernel has counters for: flash attention for them too.
                 hostInts.removeAll(keepingCapacity: true)
                 for r in singleRows { hostInts.append(r); hostInts.append(1) }
-                prefillAttention(layer: layer, q: q, cache: cache, plan: plan, heads: heads, scale: scale, window: window, out: out,
+                prefillAttention(layer: layer, q: q, cache: cache, plan: plan, heads: heads, scale: scale, softCap: softCap, window: window, out: out,
                                  slots: slots, positions: positions, tables: tables, tiles: singleRows.count)
                 return
             }
@@ -890,7 +901,7 @@ public final class CUDABackend: ComputeBackend {
                block: 128, shared: shared) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)
             a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
-            a.f32(scale); a.i32(window ?? 0); a.i32(splits)
+            a.f32(scale); a.f32(softCap); a.i32(window ?? 0); a.i32(splits)
             a.ptr(out); a.ptr(attentionCounters); a.i32(rope == nil ? 0 : 1); a.ptr(rope?.k.pointer ?? 0); a.ptr(rope?.v.pointer ?? 0)
             a.ptr(rope?.cos.pointer ?? 0); a.ptr(rope?.sin.pointer ?? 0); a.i32(rope?.rotaryDim ?? hd); a.i32(rope?.interleaved == true ? 1 : 0)
             a.ptr(rowMap)
@@ -899,7 +910,7 @@ public final class CUDABackend: ComputeBackend {
 
     /// Flash attention over the tiles in `hostInts` (first row, count; consecutive positions of one sequence).
     private func prefillAttention(layer: Int, q: CUDABuffer, cache: KVStorage<CUDABackend>, plan: BatchPlan, heads: Int, scale: Float,
-                                  window: Int?, out: CUDABuffer, slots: CUDADriver.DevicePointer, positions: CUDADriver.DevicePointer,
+                                  softCap: Float, window: Int?, out: CUDABuffer, slots: CUDADriver.DevicePointer, positions: CUDADriver.DevicePointer,
                                   tables: CUDADriver.DevicePointer, tiles: Int) {
         let hd = cache.headDim
         let table = hostInts.withUnsafeBufferPointer { upload($0, into: &tileInts) }
@@ -907,12 +918,24 @@ public final class CUDABackend: ComputeBackend {
         launch("attention_prefill", grid: (tiles, heads, 1), block: 128, shared: shared) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(out); a.ptr(slots); a.ptr(positions); a.ptr(table)
             a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
-            a.f32(scale); a.i32(window ?? 0)
+            a.f32(scale); a.f32(softCap); a.i32(window ?? 0)
         }
     }
 
     public func siluMul(gate: CUDABuffer, up: CUDABuffer, count: Int, out: CUDABuffer) {
         launch("silu_mul", grid: blocks(count), block: 256) { a in a.ptr(gate); a.ptr(up); a.ptr(out); a.i64(count) }
+    }
+
+    public func geluTanhMul(gate: CUDABuffer, up: CUDABuffer, count: Int, out: CUDABuffer) {
+        launch("gelu_tanh_mul", grid: blocks(count), block: 256) { a in a.ptr(gate); a.ptr(up); a.ptr(out); a.i64(count) }
+    }
+
+    public func scale(_ x: CUDABuffer, count: Int, by factor: Float) {
+        launch("scale_inplace", grid: blocks(count), block: 256) { a in a.ptr(x); a.f32(factor); a.i64(count) }
+    }
+
+    public func softCap(_ x: CUDABuffer, count: Int, cap: Float) {
+        launch("soft_cap_inplace", grid: blocks(count), block: 256) { a in a.ptr(x); a.f32(cap); a.i64(count) }
     }
 
     public func add(_ x: CUDABuffer, _ y: CUDABuffer, count: Int) {

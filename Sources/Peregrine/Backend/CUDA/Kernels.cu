@@ -748,6 +748,9 @@ __device__ __forceinline__ void merge_if_last(const float* partial, const float*
 // Most query heads of one KV head a block takes (a larger group is cut into several blocks).
 #define SPLIT_GROUP 8
 
+// An attention score soft-capped to cap * tanh(s / cap) (Gemma 2); cap 0: the score as it is.
+__device__ __forceinline__ float soft_cap(float s, float cap) { return cap > 0.f ? cap * tanhf(s / cap) : s; }
+
 // Causal attention of single queries over their sequences, split across each sequence (flash
 // decoding), one block per (token, KV head, split): the block takes the nh (<= SPLIT_GROUP)
 // query heads of the KV head's group, so each key and value row is read from memory once for
@@ -767,7 +770,7 @@ __device__ __forceinline__ void merge_if_last(const float* partial, const float*
 extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q, float* kc, float* vc, float* partial,
                                                                   float* stats, const int* slots, const int* positions, int heads,
                                                                   int kvHeads, int headDim, const int* tables, int width, int bs,
-                                                                  float scale, int window,
+                                                                  float scale, float softcap, int window,
                                                                   int splits, float* attn, unsigned* counters, int fused,
                                                                   const float* kin, const float* vin, const float* cosT,
                                                                   const float* sinT, int rotDim, int interleaved,
@@ -862,7 +865,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
             s1 += b.x * k4.x + b.y * k4.y + b.z * k4.z + b.w * k4.w;
         }
         bool valid = lane < count;
-        float s[2] = {s0, s1};
+        float s[2] = {soft_cap(s0, softcap), soft_cap(s1, softcap)};
 #pragma unroll
         for (int n = 0; n < 2; n++) {
             if (n == 1 && !has1) break;
@@ -935,7 +938,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
 extern "C" __global__ void __launch_bounds__(128) attention_split_heads(const float* q, float* kc, float* vc, float* partial,
                                                                   float* stats, const int* slots, const int* positions, int heads,
                                                                   int kvHeads, int headDim, const int* tables, int width, int bs,
-                                                                  float scale, int window,
+                                                                  float scale, float softcap, int window,
                                                                   int splits, float* attn, unsigned* counters, int fused,
                                                                   const float* kin, const float* vin, const float* cosT,
                                                                   const float* sinT, int rotDim, int interleaved,
@@ -1017,7 +1020,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_split_heads(const fl
         float s1 = 0, s2 = 0;
 #pragma unroll
         for (int i = 0; i < 8; i++) { s1 += qv[i] * ka[i]; s2 += qv[i] * kb2[i]; }
-        s1 = warp_sum(s1); s2 = warp_sum(s2);
+        s1 = soft_cap(warp_sum(s1), softcap); s2 = soft_cap(warp_sum(s2), softcap);
         if (!two) s2 = -__int_as_float(0x7f800000);
         float mn = fmaxf(m, fmaxf(s1, s2));
         float corr = __expf(m - mn), p1 = __expf(s1 - mn), p2 = __expf(s2 - mn);
@@ -1039,6 +1042,25 @@ extern "C" __global__ void __launch_bounds__(128) attention_split_heads(const fl
         out[d] = wacc[0][d] * f[0] + wacc[1][d] * f[1] + wacc[2][d] * f[2] + wacc[3][d] * f[3];
     if (threadIdx.x == 0) { st[0] = mm; st[1] = sum; }
     merge_if_last(partial, stats, attn, counters, u, t, h, 1, heads, headDim, splits, &last, weights, inverse);
+}
+
+// o = gelu_tanh(g) * u, GELU's tanh approximation written as g / (1 + e^(-2 sqrt(2/pi) (g + 0.044715 g^3))).
+extern "C" __global__ void gelu_tanh_mul(const float* g, const float* u, float* o, long n) {
+    gdc_wait();
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { float v = g[i]; o[i] = v / (1.f + expf(-1.5957691216057308f * (v + 0.044715f * v * v * v))) * u[i]; }
+}
+
+extern "C" __global__ void scale_inplace(float* x, float f, long n) {
+    gdc_wait();
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] *= f;
+}
+
+extern "C" __global__ void soft_cap_inplace(float* x, float cap, long n) {
+    gdc_wait();
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = cap * tanhf(x[i] / cap);
 }
 
 extern "C" __global__ void silu_mul(const float* g, const float* u, float* o, long n) {
@@ -1070,7 +1092,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float*
                                                                     const int* slots, const int* positions, const int* tiles,
                                                                     int heads, int kvHeads, int headDim, const int* tables,
                                                                     int width, int bs, float scale,
-                                                                    int window) {
+                                                                    float softcap, int window) {
     gdc_wait();
     extern __shared__ float sh[];
     int hdp = headDim + 1;  // K rows padded: lanes reading different keys hit different banks
@@ -1121,7 +1143,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float*
         for (int r = 0; r < 8; r++) {
             int qr = warp + 4 * r, qpos = p0 + qr;
             bool valid = qr < count && kpos <= qpos && (window <= 0 || kpos > qpos - window);
-            float sv = valid ? s[r] : -__int_as_float(0x7f800000);
+            float sv = valid ? soft_cap(s[r], softcap) : -__int_as_float(0x7f800000);
             float mn = fmaxf(m[r], warp_max(sv));
             float p = 0, corr = 1;
             if (mn != -__int_as_float(0x7f800000)) {

@@ -73,7 +73,8 @@ struct DecoderPass<B: ComputeBackend> {
     let plan: BatchPlan
     let cache: KVStorage<B>
     let workspace: DecoderWorkspace<B>
-    let hidden: Int
+    let shape: ActivationShape
+    var hidden: Int { shape.hidden }
     var rows: Int { plan.count }
 
     /// x = the embedding rows of the batch's tokens.
@@ -82,11 +83,13 @@ struct DecoderPass<B: ComputeBackend> {
     }
 }
 
-/// The final RMSNorm and the output projection, applied to the rows whose logits are wanted.
+/// The final RMSNorm and the output projection, applied to the rows whose logits are wanted, the
+/// logits soft-capped where `softCap` is set (Gemma 2).
 struct OutputHead<B: ComputeBackend> {
     let norm: B.Weight
     let projection: B.Weight
     let eps: Float
+    var softCap: Float? = nil
 
     /// The logits of `plan.logitRows` in the workspace's `logits`, or nil when none are wanted.
     func callAsFunction(_ pass: DecoderPass<B>) -> B.Buffer? {
@@ -95,6 +98,7 @@ struct OutputHead<B: ComputeBackend> {
         pass.plan.logitRows.withUnsafeBufferPointer { b.gatherRows(w.x, rows: $0, dim: pass.hidden, out: w.last) }
         b.rmsNorm(w.last, weight: norm, eps: eps, rows: rows, dim: pass.hidden, out: w.lastNormed)
         b.matmul(w.lastNormed, rows: rows, weight: projection, bias: nil, out: w.logits)
+        if let softCap { b.softCap(w.logits, count: rows * pass.shape.vocabulary, cap: softCap) }
         return w.logits
     }
 }
@@ -227,7 +231,7 @@ final class DecoderRunner<B: ComputeBackend> {
         let w = try activations(tokens: plan.count, logitRows: plan.logitRows.count)
         if let stepKey { backend.beginStep(key: stepKey) }
         backend.beginPass(plan)
-        let logits = try layers(DecoderPass(backend: backend, plan: plan, cache: cache, workspace: w, hidden: shape.hidden))
+        let logits = try layers(DecoderPass(backend: backend, plan: plan, cache: cache, workspace: w, shape: shape))
         try backend.synchronize()
         guard let logits else { return logitRows }
         logitRows.buffer = logits

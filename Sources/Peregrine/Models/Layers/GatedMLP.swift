@@ -1,11 +1,5 @@
-/// The activation applied to the gate product of a gated MLP.
-enum GatedActivation: Sendable {
-    /// silu(gate) * up (Llama, Mistral, Qwen).
-    case silu
-}
-
-/// A gated MLP of one layer: down(act(gate(x)) * up(x)) of the RMS-normalized input, added to
-/// the residual stream; gate, up and down may carry biases.
+/// A gated MLP of one layer: down(act(gate(x)) * up(x)) of the RMS-normalized input, optionally
+/// RMS-normalized itself, added to the residual stream; gate, up and down may carry biases.
 struct GatedMLP<B: ComputeBackend> {
     let gate, up, down: B.Weight
     let gateBias, upBias, downBias: B.Weight?
@@ -25,14 +19,18 @@ struct GatedMLP<B: ComputeBackend> {
         eps = c.rmsNormEps
     }
 
-    /// residual += down(act(gate(norm(residual))) * up(norm(residual))).
-    func callAsFunction(_ pass: DecoderPass<B>, norm: B.Weight) {
+    /// residual += down(act(gate(norm(residual))) * up(norm(residual))), the sum normalized by
+    /// `outputNorm` before the add where one is given (Gemma).
+    func callAsFunction(_ pass: DecoderPass<B>, norm: B.Weight, outputNorm: B.Weight? = nil) {
         let b = pass.backend, w = pass.workspace, n = pass.rows
-        switch activation {
-        case .silu:
-            b.normGatedProduct(w.x, norm: norm, eps: eps, dim: pass.hidden, normed: w.h, rows: n, gate: gate,
-                               gateBias: gateBias, up: up, upBias: upBias, out: w.gate, scratch: w.up)
+        b.normGatedProduct(w.x, norm: norm, eps: eps, dim: pass.hidden, normed: w.h, rows: n, gate: gate,
+                           gateBias: gateBias, up: up, upBias: upBias, activation: activation, out: w.gate, scratch: w.up)
+        if let outputNorm {
+            b.matmul(w.gate, rows: n, weight: down, bias: downBias, out: w.tmp)
+            b.rmsNorm(w.tmp, weight: outputNorm, eps: eps, rows: n, dim: pass.hidden, out: w.tmp)
+            b.add(w.x, w.tmp, count: n * pass.hidden)
+        } else {
+            b.matmulAdd(w.gate, rows: n, weight: down, bias: downBias, residual: w.x, scratch: w.tmp)
         }
-        b.matmulAdd(w.gate, rows: n, weight: down, bias: downBias, residual: w.x, scratch: w.tmp)
     }
 }

@@ -37,6 +37,18 @@ final class WeightLoader<B: ComputeBackend> {
         present ? try load(name, shape) : nil
     }
 
+    /// An RMSNorm weight of `dim`, with `offset` added to every value where the config asks
+    /// (Gemma's (1 + weight)); the sum is taken in f32, as the reference computes it.
+    func loadNorm(_ name: String, _ dim: Int, offset: Float) throws -> B.Weight {
+        guard offset != 0 else { return try load(name, [dim]) }
+        let t = try source.require(name, shape: [dim])
+        bytes += t.byteCount
+        // Vector weights are copied by every backend at load, so the sum need not outlive this call.
+        return try t.toFloat().map { $0 + offset }.withUnsafeBytes { sum in
+            try backend.weight(TensorView(name: t.name, dtype: .f32, shape: [dim], data: sum.baseAddress!, byteCount: sum.count))
+        }
+    }
+
     /// The output projection: `lm_head.weight`, or the embedding table when the config ties them.
     /// A file without `lm_head.weight` whose config does not say so is refused rather than tied.
     func outputProjection(embedding: B.Weight, vocabulary: Int, hidden: Int, tied: Bool) throws -> B.Weight {
