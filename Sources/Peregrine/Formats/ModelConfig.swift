@@ -225,7 +225,10 @@ public struct ModelConfig: Equatable, Sendable {
         if json["use_bidirectional_attention"]?.bool == true {
             throw PeregrineError.unsupported("\(architecture) with use_bidirectional_attention (an encoder) is not supported")
         }
-        if json["head_dim"] == nil { headDim = 256 }  // the class default, independent of hidden size / heads
+        if json["head_dim"] == nil {
+            headDim = 256  // the class default, independent of hidden size / heads
+            rotaryDim = headDim
+        }
         guard headDim % 2 == 0 else { throw bad("head_dim must be even for rotary embeddings") }
         if json["rms_norm_eps"] == nil { rmsNormEps = 1e-6 }
         if json["tie_word_embeddings"] == nil { tieWordEmbeddings = true }
@@ -272,7 +275,8 @@ public struct ModelConfig: Equatable, Sendable {
             func variant(_ v: JSONValue?, theta fallback: Double) throws -> RopeParameters {
                 let theta = v?["rope_theta"]?.double ?? fallback
                 guard theta > 1 else { throw bad("'rope_theta' must be greater than 1") }
-                return RopeParameters(theta: theta, scaling: try ModelConfig.parseRopeScaling(v, bad: bad))
+                return RopeParameters(theta: theta, scaling: try ModelConfig.parseRopeScaling(v, bad: bad, rotaryPairs: rotaryDim / 2,
+                                                                                             maxPositions: maxPositions, originalMaxPositions: nil))
             }
             let global = try variant(params["full_attention"], theta: gemma3 ? 1_000_000 : 10000)
             ropeTheta = global.theta
