@@ -1,11 +1,3 @@
-/// How positions are turned into rotation frequencies.
-public enum RopeScaling: Equatable, Sendable {
-    case none
-    case linear(factor: Double)
-    /// Llama 3.1's frequency-dependent scaling.
-    case llama3(factor: Double, lowFreqFactor: Double, highFreqFactor: Double, originalMaxPositions: Int)
-}
-
 /// The hyperparameters of a decoder-only transformer of the Llama family, read from a Hugging Face
 /// config.json (or, later, GGUF metadata). One struct serves Llama, Mistral, Qwen2 and Qwen3: the
 /// families differ only in switches.
@@ -233,35 +225,11 @@ public struct ModelConfig: Equatable, Sendable {
         }
     }
 
-    /// The inverse frequency of each rotary pair, after scaling.
-    public func ropeInverseFrequencies() -> [Float] {
-        let half = headDim / 2
-        var inv = (0..<half).map { 1.0 / pow(ropeTheta, Double(2 * $0) / Double(headDim)) }
-        if let factors = ropeFrequencyFactors {
-            for i in 0..<half { inv[i] /= Double(factors[i]) }
-        }
-        switch ropeScaling {
-        case .none:
-            break
-        case .linear(let f):
-            inv = inv.map { $0 / f }
-        case .llama3(let factor, let lowF, let highF, let orig):
-            let lowWavelen = Double(orig) / lowF
-            let highWavelen = Double(orig) / highF
-            inv = inv.map { f in
-                let wavelen = 2 * Double.pi / f
-                if wavelen < highWavelen { return f }
-                if wavelen > lowWavelen { return f / factor }
-                let smooth = (Double(orig) / wavelen - lowF) / (highF - lowF)
-                return (1 - smooth) * f / factor + smooth * f
-            }
-        }
-        return inv.map { Float($0) }
+    /// The RoPE variant of every layer.
+    public var rope: RopeParameters {
+        RopeParameters(theta: ropeTheta, scaling: ropeScaling, frequencyFactors: ropeFrequencyFactors)
     }
-}
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
+    /// The inverse frequency of each rotary pair, after scaling.
+    public func ropeInverseFrequencies() -> [Float] { rope.inverseFrequencies(headDim: headDim) }
+}

@@ -1,0 +1,47 @@
+/// Grouped-query self-attention of one layer: q/k/v projections of the RMS-normalized input
+/// (with optional biases), optional per-head RMSNorm of queries and keys, RoPE, paged attention
+/// over the layer's KV memory, and the output projection added to the residual stream.
+struct Attention<B: ComputeBackend> {
+    let q, k, v, o: B.Weight
+    let qBias, kBias, vBias, oBias: B.Weight?
+    let qNorm, kNorm: B.Weight?
+    let heads: Int
+    let kvHeads: Int
+    let headDim: Int
+    let eps: Float
+
+    /// `<prefix>q_proj.weight` and so on (prefix "model.layers.N.self_attn."), shaped by the config.
+    init(_ w: WeightLoader<B>, prefix p: String, config c: ModelConfig) throws {
+        let d = c.hiddenSize, hd = c.headDim, qd = c.headCount * hd, kvd = c.kvHeadCount * hd
+        q = try w.load(p + "q_proj.weight", [qd, d])
+        k = try w.load(p + "k_proj.weight", [kvd, d])
+        v = try w.load(p + "v_proj.weight", [kvd, d])
+        o = try w.load(p + "o_proj.weight", [d, qd])
+        qBias = try w.load(p + "q_proj.bias", [qd], if: c.qkvBias)
+        kBias = try w.load(p + "k_proj.bias", [kvd], if: c.qkvBias)
+        vBias = try w.load(p + "v_proj.bias", [kvd], if: c.qkvBias)
+        oBias = try w.load(p + "o_proj.bias", [d], if: c.outputBias)
+        qNorm = try w.load(p + "q_norm.weight", [hd], if: c.qkNorm)
+        kNorm = try w.load(p + "k_norm.weight", [hd], if: c.qkNorm)
+        heads = c.headCount
+        kvHeads = c.kvHeadCount
+        headDim = hd
+        eps = c.rmsNormEps
+    }
+
+    /// residual += o(attention(rope(q, k), v)) of norm(residual), keys and values of the batch
+    /// written to layer `layer`'s KV memory; `window` limits how far back a query looks.
+    func callAsFunction(layer: Int, _ pass: DecoderPass<B>, norm: B.Weight, rope: RotaryEmbedding<B>, window: Int?) {
+        let b = pass.backend, w = pass.workspace, n = pass.rows
+        b.normMatmul3(w.x, norm: norm, eps: eps, dim: pass.hidden, normed: w.h, rows: n,
+                      (q, qBias, w.q), (k, kBias, w.k), (v, vBias, w.v))
+        if let qNorm, let kNorm {
+            b.rmsNorm(w.q, weight: qNorm, eps: eps, rows: n * heads, dim: headDim, out: w.q)
+            b.rmsNorm(w.k, weight: kNorm, eps: eps, rows: n * kvHeads, dim: headDim, out: w.k)
+        }
+        b.ropeAttention(layer: layer, q: w.q, k: w.k, v: w.v, rows: n, heads: heads, headDim: headDim,
+                        cos: w.cos[rope.table], sin: w.sin[rope.table], interleaved: rope.interleaved,
+                        plan: pass.plan, cache: pass.cache, window: window, out: w.attn)
+        b.matmulAdd(w.attn, rows: n, weight: o, bias: oBias, residual: w.x, scratch: w.tmp)
+    }
+}
