@@ -52,7 +52,10 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
     /// factors) are F32, as llama.cpp's converter writes them. `layers` is the model's layer
     /// count; `tied` says the embedding table is also the output matrix.
     /// `pure` gives every matrix the base type (llama.cpp's --pure), fallbacks aside.
-    public func type(of name: String, cols: Int, isMatrix: Bool, layers: Int, tied: Bool, pure: Bool = false) -> DType {
+    /// `importance` says the quantization is weighted by an importance matrix, which moves the
+    /// first eighth of the layers' `ffn_down` from Q4_0/Q5_0 to Q4_1/Q5_1, as llama.cpp does.
+    public func type(of name: String, cols: Int, isMatrix: Bool, layers: Int, tied: Bool, pure: Bool = false,
+                     importance: Bool = false) -> DType {
         guard isMatrix, !name.hasSuffix("_norm.weight") else { return .f32 }
         var type = base
         guard !base.isFloat else { return base }
@@ -68,6 +71,7 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
         } else if let i = layer, name.hasSuffix(".ffn_down.weight") {
             if (self == .q4_K_M || self == .q5_K_M) && moreBits(i) { type = .q6_K }
             if (self == .q4_K_S || self == .q5_K_S) && i < layers / 8 { type = .q5_K }
+            if importance && (self == .q4_0 || self == .q5_0) && i < layers / 8 { type = self == .q4_0 ? .q4_1 : .q5_1 }
         }
         return fallback(type, cols: cols)
     }
@@ -96,6 +100,8 @@ public struct ModelQuantizer {
         public var outputBytes = 0
         public var parameters = 0
         public var typeCounts: [String: Int] = [:]
+        /// Quantized tensors whose error the importance matrix weighted.
+        public var weightedTensors = 0
         public var seconds = 0.0
 
         public var bitsPerWeight: Double { Double(outputBytes * 8) / Double(max(parameters, 1)) }
@@ -104,11 +110,19 @@ public struct ModelQuantizer {
     public let mix: QuantizationMix
     public let pure: Bool
     public let pool: ThreadPool
+    /// Weights each quantized tensor's error by the matrix's entry of the same name (GGUF names),
+    /// where it has one.
+    public let importance: ImportanceMatrix?
+    /// What the output file records as the matrix's file (llama.cpp's `quantize.imatrix.file`).
+    public let importanceFile: String?
 
-    public init(mix: QuantizationMix, pure: Bool = false, pool: ThreadPool = .shared) {
+    public init(mix: QuantizationMix, pure: Bool = false, pool: ThreadPool = .shared, importance: ImportanceMatrix? = nil,
+                importanceFile: String? = nil) {
         self.mix = mix
         self.pure = pure
         self.pool = pool
+        self.importance = importance
+        self.importanceFile = importanceFile
     }
 
     /// Quantizes `source` (a .gguf file or a model directory) into `output`.
@@ -149,25 +163,47 @@ public struct ModelQuantizer {
         let tied = !inputs.contains { $0.name == "output.weight" }
         writer.set("general.file_type", .u32(mix.fileType))
         writer.set("general.quantization_version", .u32(2))
+        if let m = importance {
+            // The keys llama.cpp's quantizer writes, so a file says how it was made.
+            if let f = importanceFile { writer.set("quantize.imatrix.file", .string(f)) }
+            if let d = m.datasets.first { writer.set("quantize.imatrix.dataset", .string(d)) }
+            writer.set("quantize.imatrix.entries_count", .u32(UInt32(clamping: m.entries.count)))
+            if m.chunkCount > 0 { writer.set("quantize.imatrix.chunks_count", .u32(UInt32(clamping: m.chunkCount))) }
+        }
         var summary = Summary()
-        var plan: [(String, [Int], TensorView, DType)] = []
+        var plan: [(String, [Int], TensorView, DType, [Float]?)] = []
         for (name, dims, view) in inputs {
-            let target = mix.type(of: name, cols: dims[0], isMatrix: dims.count >= 2, layers: layers, tied: tied, pure: pure)
+            let target = mix.type(of: name, cols: dims[0], isMatrix: dims.count >= 2, layers: layers, tied: tied, pure: pure,
+                                  importance: importance != nil)
             if view.dtype != target && !view.dtype.isFloat {
                 throw PeregrineError.unsupported(
                     "\(source): tensor '\(name)' is already quantized (\(view.dtype.rawValue)); quantize from an F32, F16 or BF16 model")
             }
-            plan.append((name, dims, view, target))
+            // Stacked experts [experts, rows, cols] have an importance row per expert.
+            var weights: [Float]?
+            if let m = importance, !target.isFloat, dims.count >= 2 {
+                do {
+                    weights = try m.importance(of: name, columns: dims[0], experts: dims.count >= 3 ? dims[2] : 1)
+                } catch where name == "token_embd.weight" {
+                    // An embedding table's rows are not a product's input columns (llama.cpp ignores a mismatch there too).
+                    weights = nil
+                }
+            }
+            if weights != nil { summary.weightedTensors += 1 }
+            plan.append((name, dims, view, target, weights))
             summary.tensors += 1
             summary.parameters += view.elementCount
             summary.sourceBytes += view.byteCount
             summary.outputBytes += target.byteCount(elements: view.elementCount)
             summary.typeCounts[target.rawValue, default: 0] += 1
         }
+        if importance != nil, summary.weightedTensors == 0, plan.contains(where: { !$0.3.isFloat }) {
+            throw PeregrineError.invalidArgument("the importance matrix has no entry for any tensor of \(source) (it names \(importance!.entries.keys.sorted().prefix(3).joined(separator: ", ")), ...)")
+        }
         let pool = self.pool
-        writer.tensors = plan.map { (name, dims, view, target) in
+        writer.tensors = plan.map { (name, dims, view, target, weights) in
             GGUFWriter.Tensor(name: name, dims: dims, type: GGUFFile.TensorType(target)!) { out in
-                ModelQuantizer.convert(view, to: target, rowLength: dims[0], into: out, pool: pool)
+                ModelQuantizer.convert(view, to: target, rowLength: dims[0], into: out, pool: pool, importance: weights)
             }
         }
         try writer.write(to: output) { i, t in progress(i, plan.count, t.name, plan[i].3) }
@@ -176,19 +212,30 @@ public struct ModelQuantizer {
     }
 
     /// Converts a tensor row by row (widened to f32, then quantized), rows spread over threads.
-    static func convert(_ view: TensorView, to type: DType, rowLength: Int, into out: UnsafeMutableRawBufferPointer, pool: ThreadPool) {
+    /// `importance` holds a value per column, for each expert in turn when the tensor stacks
+    /// experts (the rows divide evenly among them).
+    static func convert(_ view: TensorView, to type: DType, rowLength: Int, into out: UnsafeMutableRawBufferPointer, pool: ThreadPool,
+                        importance: [Float]? = nil) {
         if view.dtype == type {
             out.copyMemory(from: UnsafeRawBufferPointer(start: view.data, count: view.byteCount))
             return
         }
         let rows = view.elementCount / rowLength
         let inBytes = view.dtype.byteCount(elements: rowLength), outBytes = type.byteCount(elements: rowLength)
+        let experts = (importance?.count ?? 0) / rowLength, rowsPerExpert = experts > 0 ? max(1, rows / experts) : rows
+        let importance = importance.map { v in
+            let p = UnsafeMutablePointer<Float>.allocate(capacity: v.count)
+            p.initialize(from: v, count: v.count)
+            return p
+        }
+        defer { importance?.deallocate() }
         pool.parallelRanges(rows, grain: max(1, 16384 / rowLength)) { range in
             let row = UnsafeMutablePointer<Float>.allocate(capacity: rowLength)
             defer { row.deallocate() }
             for r in range {
                 view.dtype.dequantize(view.data + r * inBytes, count: rowLength, into: row)
-                Quantizer.quantize(type, row, count: rowLength, into: out.baseAddress! + r * outBytes)
+                let weights = importance.map { $0 + min(r / rowsPerExpert, experts - 1) * rowLength }
+                Quantizer.quantize(type, row, count: rowLength, importance: weights, into: out.baseAddress! + r * outBytes)
             }
         }
     }
