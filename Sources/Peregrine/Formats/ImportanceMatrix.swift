@@ -167,6 +167,7 @@ public struct ImportanceMatrix: Equatable, Sendable {
 
     private func writeGGUF(to path: String) throws {
         var w = GGUFWriter()
+        w.padsLastTensor = true
         w.set("general.type", .string("imatrix"))
         w.set("imatrix.datasets", .strings(datasets))
         w.set("imatrix.chunk_count", .u32(UInt32(clamping: chunkCount)))

@@ -82,7 +82,7 @@ struct BinaryReader {
     mutating func u32() throws -> UInt32 { UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: try take(4), as: UInt32.self)) }
 
     mutating func floats(_ n: Int) throws -> [Float] {
-        guard n >= 0, n <= remaining / 4 else { throw error("\(n) values at byte \(pos) run past the end of the file") }
+        guard n >= 0, n <= remaining / 4 else { throw error("truncated at byte \(pos) (\(n) values expected)") }
         let start = try take(4 * n)
         return (0..<n).map { Float(bitPattern: UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: start + 4 * $0, as: UInt32.self))) }
     }

@@ -87,7 +87,7 @@ public enum Quantizer {
         let top = five ? 31 : 15
         let xs = Array(UnsafeBufferPointer(start: x, count: 32))
         let w = (0..<32).map { importance[$0] * (sigma2 + xs[$0] * xs[$0]).squareRoot() }
-        let (scale, offset) = scaleAndOffset(xs[...], weights: w, top: top, stretches: -0.9, by: 0.05, steps: 36)
+        let (scale, offset) = scaleAndOffset(xs[...], weights: w, top: top, stretches: -0.9, by: 0.05, steps: 36, followingBest: true)
         storeHalf(scale, out, 0)
         storeHalf(offset, out, 2)
         let d = asHalf(scale), m = asHalf(offset), id: Float = d != 0 ? 1 / d : 0
@@ -190,9 +190,10 @@ public enum Quantizer {
     /// For one sub-block, the scale and (non-positive) offset with x ~ scale * q + offset,
     /// q in 0...top, minimising sum w (x - scale q - offset)^2: starting from min-to-max, try
     /// `steps + 1` stretches of the grid (top + stretch levels over the range, stretch = `from`,
-    /// `from + by`, ...) and refit scale and offset by least squares on each.
-    static func scaleAndOffset(_ x: ArraySlice<Float>, weights w: [Float], top: Int,
-                               stretches from: Float = -1, by: Float = 0.1, steps: Int = 20) -> (scale: Float, offset: Float) {
+    /// `from + by`, ...) and refit scale and offset by least squares on each. With
+    /// `followingBest` each grid starts from the best offset found so far instead of the minimum.
+    static func scaleAndOffset(_ x: ArraySlice<Float>, weights w: [Float], top: Int, stretches from: Float = -1, by: Float = 0.1,
+                               steps: Int = 20, followingBest: Bool = false) -> (scale: Float, offset: Float) {
         let base = x.startIndex
         var lo = x.min()!, hi = x.max()!
         if lo > 0 { lo = 0 }
@@ -203,11 +204,12 @@ public enum Quantizer {
             for i in 0..<n { let d = s * Float(q[i]) + m - x[base + i]; e += w[i] * d * d }
             return e
         }
-        func grid(_ iscale: Float) -> [Int] { (0..<n).map { max(0, min(top, Int((iscale * (x[base + $0] - lo)).rounded()))) } }
+        var origin = lo
+        func grid(_ iscale: Float) -> [Int] { (0..<n).map { max(0, min(top, Int((iscale * (x[base + $0] - origin)).rounded()))) } }
         var bestScale = (hi - lo) / Float(top), bestOffset = lo
         var best = error(bestScale, bestOffset, grid(Float(top) / (hi - lo)))
         for step in 0...steps {
-            let q = grid((from + by * Float(step) + Float(top)) / (hi - lo))
+            let q = grid((from + by * Float(step) + Float(top)) / (hi - origin))
             var sw: Float = 0, sl: Float = 0, sl2: Float = 0, sxl: Float = 0, sx: Float = 0
             for i in 0..<n {
                 let l = Float(q[i]), wi = w[i], xi = x[base + i]
@@ -218,7 +220,10 @@ public enum Quantizer {
             var s = (sw * sxl - sx * sl) / det, m = (sl2 * sx - sl * sxl) / det
             if m > 0 { m = 0; s = sxl / sl2 }
             let e = error(s, m, q)
-            if e < best { best = e; bestScale = s; bestOffset = m }
+            if e < best {
+                best = e; bestScale = s; bestOffset = m
+                if followingBest { origin = m }
+            }
         }
         return (bestScale, bestOffset)
     }
@@ -241,7 +246,7 @@ public enum Quantizer {
             if let imp = importance.map({ blockImportance($0 + 32 * j, 32) }) {
                 let w = (0..<32).map { imp[$0] * (sigma2 + sub[32 * j + $0] * sub[32 * j + $0]).squareRoot() }
                 subWeights[j] = w.reduce(0, +)
-                (s, m) = scaleAndOffset(sub, weights: w, top: top, stretches: -0.9, by: 0.05, steps: 36)
+                (s, m) = scaleAndOffset(sub, weights: w, top: top, stretches: -0.9, by: 0.05, steps: 36, followingBest: true)
             } else {
                 let rms = (sub.reduce(0) { $0 + $1 * $1 } / 32).squareRoot()
                 (s, m) = scaleAndOffset(sub, weights: sub.map { rms + abs($0) }, top: top)
