@@ -7,7 +7,7 @@ struct PeregrineCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "peregrine",
         abstract: "Run large language models on the CPU: Hugging Face safetensors directories of the Llama family.",
-        subcommands: [Generate.self, Chat.self, Tokenize.self, Bench.self, Perplexity.self, Quantize.self, Serve.self],
+        subcommands: [Generate.self, Chat.self, Tokenize.self, Bench.self, Perplexity.self, Imatrix.self, Quantize.self, Serve.self],
         defaultSubcommand: Generate.self)
 }
 

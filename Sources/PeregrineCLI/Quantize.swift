@@ -8,7 +8,10 @@ struct Quantize: ParsableCommand {
         discussion: """
             Types: \(QuantizationMix.allCases.map(\.rawValue).joined(separator: ", ")). The _K_S and _K_M mixes \
             give some tensors more bits, by llama.cpp's rules (QUANTIZATION.md); norms and expert routers stay \
-            F32, and each projection of a layer's experts is one stacked tensor.
+            F32, and each projection of a layer's experts is one stacked tensor. \
+            With --imatrix (a file of `peregrine imatrix` or llama.cpp's llama-imatrix, GGUF or legacy .dat), \
+            each tensor with an entry there is quantized for the least error weighted by the importance \
+            of its columns.
             """)
 
     @Option(name: .shortAndLong, help: "The source: a model directory or a .gguf file.")
@@ -26,6 +29,9 @@ struct Quantize: ParsableCommand {
     @Flag(help: "Give every matrix the type itself, output and embeddings included (llama.cpp's --pure).")
     var pure = false
 
+    @Option(help: "An importance matrix file (peregrine imatrix, or llama.cpp's llama-imatrix: GGUF or legacy format).")
+    var imatrix: String?
+
     func validate() throws {
         guard QuantizationMix(name: type) != nil else {
             throw ValidationError("--type must be one of \(QuantizationMix.allCases.map(\.rawValue).joined(separator: ", "))")
@@ -41,13 +47,18 @@ struct Quantize: ParsableCommand {
             let mix = QuantizationMix(name: type)!
             let pool = threads.map { ThreadPool(threadCount: $0) } ?? .shared
             let err = FileHandle.standardError
-            let summary = try ModelQuantizer(mix: mix, pure: pure, pool: pool).quantize(source: model, output: out) { i, n, name, dtype in
+            let importance = try imatrix.map { try ImportanceMatrix(path: $0) }
+            let quantizer = ModelQuantizer(mix: mix, pure: pure, pool: pool, importance: importance, importanceFile: imatrix)
+            let summary = try quantizer.quantize(source: model, output: out) { i, n, name, dtype in
                 err.write(Data(String(format: "[%4d/%4d] %-32@ %@\n", i + 1, n, name, dtype.rawValue).utf8))
             }
             let types = summary.typeCounts.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value)" }.joined(separator: ", ")
             print(String(format: "%@: %@, %d tensors (%@), %.1f MiB -> %.1f MiB, %.2f bits per weight, %.1f s",
                          out, mix.rawValue, summary.tensors, types, Double(summary.sourceBytes) / 1048576,
                          Double(summary.outputBytes) / 1048576, summary.bitsPerWeight, summary.seconds))
+            if let importance {
+                print("importance matrix \(imatrix!): \(importance.entries.count) entries, \(importance.chunkCount) chunks; weighted \(summary.weightedTensors) tensors")
+            }
         }
     }
 }

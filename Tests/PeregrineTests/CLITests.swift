@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import Peregrine
 
 /// The `peregrine` command: bad flags and inputs give one error line and a non-zero exit.
 final class CLITests: XCTestCase {
@@ -78,6 +79,35 @@ final class CLITests: XCTestCase {
         try assertFails(["generate", "--model", other], "neither a model directory nor a GGUF file")
     }
 
+    /// An importance matrix collected, used by quantize, and the quantized file compared with the
+    /// source's token distributions.
+    func testImatrixQuantizeAndKLDivergence() throws {
+        let dir = try Fixtures.tempDirectory(self)
+        let f16 = "Tests/Fixtures/gguf/llama256-f16.gguf", text = "Tests/Fixtures/gguf/perplexity.txt"
+        var (code, out, err) = try run(["imatrix", "-m", f16, "-f", text, "-c", "128", "-o", dir + "/m.gguf"])
+        XCTAssertEqual(code, 0, err)
+        XCTAssertTrue(err.contains("[9/9]") && err.contains("tok/s") && err.contains("left"), err)
+        XCTAssertTrue(out.contains("14 entries over 9 chunks of 128 tokens (gguf)"), out)
+        (code, out, err) = try run(["quantize", "-m", f16, "--type", "Q4_K_M", "-o", dir + "/q.gguf", "--imatrix", dir + "/m.gguf"])
+        XCTAssertEqual(code, 0, err)
+        XCTAssertTrue(out.contains("weighted 14 tensors"), out)
+        (code, out, err) = try run(["perplexity", "-m", f16, "-f", text, "-c", "128", "--kl-divergence-base", dir + "/base.kld"])
+        XCTAssertEqual(code, 0, err)
+        XCTAssertTrue(err.contains("token distributions of 567 positions written"), err)
+        (code, out, err) = try run(["perplexity", "-m", dir + "/q.gguf", "--kl-divergence-base", dir + "/base.kld", "--kl-divergence", "--json"])
+        XCTAssertEqual(code, 0, err)
+        let result = try JSON.parse(Array(out.utf8))
+        XCTAssertEqual(result["scored_tokens"]?.int, 567)
+        XCTAssertGreaterThan(try XCTUnwrap(result["kl_divergence"]?["value"]?.double), 0)
+        XCTAssertNotNil(result["kl_divergence_percentiles"]?["p99"]?.double)
+        XCTAssertNotNil(result["same_top_p"]?["value"]?.double)
+        (code, out, err) = try run(["perplexity", "-m", dir + "/q.gguf", "--kl-divergence-base", dir + "/base.kld", "--kl-divergence"])
+        XCTAssertEqual(code, 0, err)
+        for line in ["Mean PPL(Q)/PPL(base)", "Mean PPL(Q)-PPL(base)", "Mean    KLD", "99.0%   KLD", "Median  KLD", "Same top p"] {
+            XCTAssertTrue(out.contains(line), "\(line) missing from \(out)")
+        }
+    }
+
     func testBadInputs() throws {
         try assertFails(["generate", "--prompt", ""], "error: the prompt is empty")
         try assertFails(["generate", "--temperature=-1"], "error: temperature must be >= 0")
@@ -106,6 +136,14 @@ final class CLITests: XCTestCase {
            !FileManager.default.fileExists(atPath: "/usr/local/cuda/lib64/libnvrtc.so") {
             try assertFails(["generate", "--device", "cuda", "-n", "2"], "error: CUDA is not available")
         }
+        try assertFails(["imatrix", "-f", "Tests/Fixtures/gguf/perplexity.txt", "--device", "cuda"], "collected on the CPU backend")
+        try assertFails(["imatrix", "-f", "Tests/Fixtures/gguf/perplexity.txt", "--output-format", "xml"], "--output-format must be gguf or dat")
+        try assertFails(["imatrix", "-f", "Tests/Fixtures/gguf/perplexity.txt"], "needs at least 1024")
+        try assertFails(["perplexity", "--kl-divergence"], "--kl-divergence needs --kl-divergence-base")
+        try assertFails(["perplexity", "--kl-divergence", "--kl-divergence-base", "/nonexistent.kld"], "error: cannot open /nonexistent.kld")
+        try assertFails(["perplexity"], "--file is required")
+        try assertFails(["quantize", "--type", "Q4_0", "-m", "Tests/Fixtures/gguf/llama256-f16.gguf", "-o", "/tmp/x.gguf", "--imatrix", "/nonexistent"],
+                        "error: cannot open /nonexistent")
         try assertFails(["generate", "--device", "tpu"], "Error:")
         try assertFails(["frobnicate"], "Error:")
     }

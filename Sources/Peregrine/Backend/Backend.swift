@@ -294,6 +294,17 @@ public struct AttentionScoring: Equatable, Sendable {
     }
 }
 
+/// Sees the input of a backend's matrix products as they run, without changing them: what
+/// an importance matrix is collected from. A backend that takes an observer calls it once per
+/// product with the product's input rows, before the product.
+public protocol ProductObserver: AnyObject {
+    /// `rows` rows of `cols` values at `input`: the input of a product with the weight stored
+    /// as `weight` (its name in the model's file). A layer's routed experts report the rows
+    /// routed to each expert separately, as expert `expert` of `experts`; a dense product is
+    /// expert 0 of 1.
+    func observe(weight: String, expert: Int, of experts: Int, input: UnsafePointer<Float>, rows: Int, cols: Int)
+}
+
 /// Where each token of a batch goes: its position in its sequence and its sequence's row of
 /// block tables. Built by the runtime, read by the model and the backend.
 public struct BatchPlan {

@@ -35,6 +35,10 @@ public struct GGUFWriter {
     public var metadata: [(String, Value)] = []
     public var tensors: [Tensor] = []
     public let alignment = 32
+    /// Pads the last tensor's data to the alignment too. llama.cpp's reader needs it where it
+    /// reads the data section into memory (an imatrix file) rather than mapping it; model files
+    /// keep the layout they have always had.
+    public var padsLastTensor = false
 
     public init() {}
 
@@ -87,7 +91,7 @@ public struct GGUFWriter {
             try t.fill(UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]))
             try put(buffer.baseAddress!, n)
             let padding = (alignment - n % alignment) % alignment
-            if i + 1 < tensors.count { try zeros.withUnsafeBytes { try put($0.baseAddress!, padding) } }
+            if i + 1 < tensors.count || padsLastTensor { try zeros.withUnsafeBytes { try put($0.baseAddress!, padding) } }
         }
         guard fflush(f) == 0 else { throw PeregrineError.io("\(path): write failed (\(String(cString: strerror(errno))))") }
         guard rename(partial, path) == 0 else { throw PeregrineError.io("\(path): cannot rename into place (\(String(cString: strerror(errno))))") }

@@ -55,7 +55,10 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
     /// `experts` the routed experts a layer (0 for a dense model: with 8, llama.cpp keeps
     /// attention's k and v in Q8_0 and gives the K-quants' attention output Q5_K).
     /// `pure` gives every matrix the base type (llama.cpp's --pure), fallbacks aside.
-    public func type(of name: String, cols: Int, isMatrix: Bool, layers: Int, tied: Bool, experts: Int = 0, pure: Bool = false) -> DType {
+    /// `importance` says the quantization is weighted by an importance matrix, which moves the
+    /// first eighth of the layers' `ffn_down` from Q4_0/Q5_0 to Q4_1/Q5_1, as llama.cpp does.
+    public func type(of name: String, cols: Int, isMatrix: Bool, layers: Int, tied: Bool, experts: Int = 0, pure: Bool = false,
+                     importance: Bool = false) -> DType {
         guard isMatrix, !name.hasSuffix("_norm.weight") else { return .f32 }
         if name.hasSuffix(".ffn_gate_inp.weight") || name.hasSuffix(".ffn_gate_inp_shexp.weight") { return .f32 }
         var type = base
@@ -78,6 +81,7 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
             // Every down projection (dense, the stacked experts', the shared expert's), by its layer.
             if (self == .q4_K_M || self == .q5_K_M) && moreBits(i) { type = .q6_K }
             if (self == .q4_K_S || self == .q5_K_S) && i < layers / 8 { type = .q5_K }
+            if importance && (self == .q4_0 || self == .q5_0) && i < layers / 8 { type = self == .q4_0 ? .q4_1 : .q5_1 }
         }
         return fallback(type, cols: cols)
     }
@@ -106,6 +110,8 @@ public struct ModelQuantizer {
         public var outputBytes = 0
         public var parameters = 0
         public var typeCounts: [String: Int] = [:]
+        /// Quantized tensors whose error the importance matrix weighted.
+        public var weightedTensors = 0
         public var seconds = 0.0
 
         public var bitsPerWeight: Double { Double(outputBytes * 8) / Double(max(parameters, 1)) }
@@ -114,11 +120,19 @@ public struct ModelQuantizer {
     public let mix: QuantizationMix
     public let pure: Bool
     public let pool: ThreadPool
+    /// Weights each quantized tensor's error by the matrix's entry of the same name (GGUF names),
+    /// where it has one.
+    public let importance: ImportanceMatrix?
+    /// What the output file records as the matrix's file (llama.cpp's `quantize.imatrix.file`).
+    public let importanceFile: String?
 
-    public init(mix: QuantizationMix, pure: Bool = false, pool: ThreadPool = .shared) {
+    public init(mix: QuantizationMix, pure: Bool = false, pool: ThreadPool = .shared, importance: ImportanceMatrix? = nil,
+                importanceFile: String? = nil) {
         self.mix = mix
         self.pure = pure
         self.pool = pool
+        self.importance = importance
+        self.importanceFile = importanceFile
     }
 
     /// Quantizes `source` (a .gguf file or a model directory) into `output`.
@@ -163,18 +177,37 @@ public struct ModelQuantizer {
         let tied = !inputs.contains { $0.name == "output.weight" }
         writer.set("general.file_type", .u32(mix.fileType))
         writer.set("general.quantization_version", .u32(2))
+        if let m = importance {
+            // The keys llama.cpp's quantizer writes, so a file says how it was made.
+            if let f = importanceFile { writer.set("quantize.imatrix.file", .string(f)) }
+            if let d = m.datasets.first { writer.set("quantize.imatrix.dataset", .string(d)) }
+            writer.set("quantize.imatrix.entries_count", .u32(UInt32(clamping: m.entries.count)))
+            if m.chunkCount > 0 { writer.set("quantize.imatrix.chunks_count", .u32(UInt32(clamping: m.chunkCount))) }
+        }
         var summary = Summary()
-        var plan: [(String, [Int], [TensorView], DType)] = []
+        var plan: [(String, [Int], [TensorView], DType, [Float]?)] = []
         for (name, dims, parts) in inputs {
             // A matrix has a second dimension above 1 (llama.cpp's count of dimensions): a
             // one-row gate is a vector.
             let isMatrix = dims.dropFirst().contains { $0 > 1 }
-            let target = mix.type(of: name, cols: dims[0], isMatrix: isMatrix, layers: layers, tied: tied, experts: experts, pure: pure)
+            let target = mix.type(of: name, cols: dims[0], isMatrix: isMatrix, layers: layers, tied: tied, experts: experts, pure: pure,
+                                  importance: importance != nil)
             for view in parts where view.dtype != target && !view.dtype.isFloat {
                 throw PeregrineError.unsupported(
                     "\(source): tensor '\(name)' is already quantized (\(view.dtype.rawValue)); quantize from an F32, F16 or BF16 model")
             }
-            plan.append((name, dims, parts, target))
+            // Stacked experts [experts, rows, cols] have an importance row per expert.
+            var weights: [Float]?
+            if let m = importance, !target.isFloat, isMatrix {
+                do {
+                    weights = try m.importance(of: name, columns: dims[0], experts: dims.count >= 3 ? dims[2] : 1)
+                } catch where name == "token_embd.weight" {
+                    // An embedding table's rows are not a product's input columns (llama.cpp ignores a mismatch there too).
+                    weights = nil
+                }
+            }
+            if weights != nil { summary.weightedTensors += 1 }
+            plan.append((name, dims, parts, target, weights))
             let elements = parts.reduce(0) { $0 + $1.elementCount }
             summary.tensors += 1
             summary.parameters += elements
@@ -182,15 +215,19 @@ public struct ModelQuantizer {
             summary.outputBytes += target.byteCount(elements: elements)
             summary.typeCounts[target.rawValue, default: 0] += 1
         }
+        if importance != nil, summary.weightedTensors == 0, plan.contains(where: { !$0.3.isFloat }) {
+            throw PeregrineError.invalidArgument("the importance matrix has no entry for any tensor of \(source) (it names \(importance!.entries.keys.sorted().prefix(3).joined(separator: ", ")), ...)")
+        }
         let pool = self.pool
-        writer.tensors = plan.map { (name, dims, parts, target) in
+        writer.tensors = plan.map { (name, dims, parts, target, weights) in
             GGUFWriter.Tensor(name: name, dims: dims, type: GGUFFile.TensorType(target)!) { out in
-                // A stacked tensor's experts one after another.
+                // A stacked tensor's experts one after another, each with its own importance row.
                 var at = 0
-                for view in parts {
+                for (i, view) in parts.enumerated() {
                     let bytes = target.byteCount(elements: view.elementCount)
+                    let own = weights.map { w in w.count == dims[0] * parts.count ? Array(w[(i * dims[0])..<((i + 1) * dims[0])]) : w }
                     ModelQuantizer.convert(view, to: target, rowLength: dims[0],
-                                           into: UnsafeMutableRawBufferPointer(rebasing: out[at..<(at + bytes)]), pool: pool)
+                                           into: UnsafeMutableRawBufferPointer(rebasing: out[at..<(at + bytes)]), pool: pool, importance: own)
                     at += bytes
                 }
             }
@@ -201,19 +238,30 @@ public struct ModelQuantizer {
     }
 
     /// Converts a tensor row by row (widened to f32, then quantized), rows spread over threads.
-    static func convert(_ view: TensorView, to type: DType, rowLength: Int, into out: UnsafeMutableRawBufferPointer, pool: ThreadPool) {
+    /// `importance` holds a value per column, for each expert in turn when the tensor stacks
+    /// experts (the rows divide evenly among them).
+    static func convert(_ view: TensorView, to type: DType, rowLength: Int, into out: UnsafeMutableRawBufferPointer, pool: ThreadPool,
+                        importance: [Float]? = nil) {
         if view.dtype == type {
             out.copyMemory(from: UnsafeRawBufferPointer(start: view.data, count: view.byteCount))
             return
         }
         let rows = view.elementCount / rowLength
         let inBytes = view.dtype.byteCount(elements: rowLength), outBytes = type.byteCount(elements: rowLength)
+        let experts = (importance?.count ?? 0) / rowLength, rowsPerExpert = experts > 0 ? max(1, rows / experts) : rows
+        let importance = importance.map { v in
+            let p = UnsafeMutablePointer<Float>.allocate(capacity: v.count)
+            p.initialize(from: v, count: v.count)
+            return p
+        }
+        defer { importance?.deallocate() }
         pool.parallelRanges(rows, grain: max(1, 16384 / rowLength)) { range in
             let row = UnsafeMutablePointer<Float>.allocate(capacity: rowLength)
             defer { row.deallocate() }
             for r in range {
                 view.dtype.dequantize(view.data + r * inBytes, count: rowLength, into: row)
-                Quantizer.quantize(type, row, count: rowLength, into: out.baseAddress! + r * outBytes)
+                let weights = importance.map { $0 + min(r / rowsPerExpert, experts - 1) * rowLength }
+                Quantizer.quantize(type, row, count: rowLength, importance: weights, into: out.baseAddress! + r * outBytes)
             }
         }
     }

@@ -39,14 +39,27 @@ public struct PerplexityEvaluator {
         self.batch = min(batch, context)
     }
 
+    /// A scored position: the logits at `position` of chunk `chunk`, which predict `target`.
+    public struct ScoredRow {
+        public let chunk: Int
+        public let position: Int
+        public let logits: UnsafeBufferPointer<Float>
+        public let target: Int
+    }
+
     /// Scores `tokens` (the whole text, tokenized with BOS when the tokenizer adds one).
-    /// `maxChunks` limits the work; `progress` is called after each chunk.
-    public func evaluate(tokens: [Int], bos: Int?, maxChunks: Int? = nil,
+    /// `maxChunks` limits the work; `scored` sees each scored row's logits, in order;
+    /// `progress` is called after each chunk. With `logitsOfEveryPosition` the output
+    /// projection runs on every position of a chunk, not only the scored ones (so that an
+    /// observer of the products sees it as llama.cpp's imatrix tool does). A text must hold
+    /// `minimumChunks` chunks (two, as llama-perplexity asks of a text).
+    public func evaluate(tokens: [Int], bos: Int?, maxChunks: Int? = nil, logitsOfEveryPosition: Bool = false,
+                         minimumChunks: Int = 2, scored: ((ScoredRow) throws -> Void)? = nil,
                          progress: (Progress) -> Void = { _ in }) throws -> Result {
         let available = tokens.count / context
-        guard tokens.count >= 2 * context else {
+        guard tokens.count >= max(1, minimumChunks) * context else {
             throw PeregrineError.invalidArgument(
-                "the text has \(tokens.count) tokens; perplexity at context \(context) needs at least \(2 * context)")
+                "the text has \(tokens.count) tokens; perplexity at context \(context) needs at least \(max(1, minimumChunks) * context)")
         }
         let chunks = min(available, maxChunks ?? available)
         let vocab = model.config.vocabSize
@@ -67,25 +80,33 @@ public struct PerplexityEvaluator {
                 // Logits only where they are scored: positions first ..< context - 1 predict
                 // the token after them.
                 let scoredFrom = max(pos, first), scoredTo = min(pos + n, context - 1)
-                if scoredFrom > pos { plan.append(tokens: chunk[pos..<min(scoredFrom, pos + n)], slot: 0, position: pos, logits: .none) }
-                if scoredFrom < pos + n {
-                    plan.append(tokens: chunk[scoredFrom..<(pos + n)], slot: 0, position: scoredFrom, logits: .all)
+                if logitsOfEveryPosition {
+                    plan.append(tokens: chunk[pos..<(pos + n)], slot: 0, position: pos, logits: .all)
+                } else {
+                    if scoredFrom > pos { plan.append(tokens: chunk[pos..<min(scoredFrom, pos + n)], slot: 0, position: pos, logits: .none) }
+                    if scoredFrom < pos + n {
+                        plan.append(tokens: chunk[scoredFrom..<(pos + n)], slot: 0, position: scoredFrom, logits: .all)
+                    }
+                    // The last position predicts nothing inside the chunk.
+                    if pos + n == context, !plan.logitRows.isEmpty { plan.logitRows.removeLast() }
                 }
-                // The last position predicts nothing inside the chunk.
-                if pos + n == context, !plan.logitRows.isEmpty { plan.logitRows.removeLast() }
+                // The row holding the logits of position `scoredFrom`.
+                let firstScoredRow = logitsOfEveryPosition ? scoredFrom - pos : 0
                 try cache.prepare(&plan)
                 try logits.withUnsafeMutableBufferPointer { buf in
                     try model.forward(plan, kv: cache.memory, logits: buf)
                 }
                 try cache.advance(0, by: n)
                 if scoredFrom < scoredTo {
-                    logits.withUnsafeBufferPointer { buf in
-                        for (r, p) in (scoredFrom..<scoredTo).enumerated() {
-                            let loss = PerplexityEvaluator.negativeLogLikelihood(
-                                UnsafeBufferPointer(rebasing: buf[(r * vocab)..<((r + 1) * vocab)]), target: chunk[p + 1])
+                    try logits.withUnsafeBufferPointer { buf in
+                        for (i, p) in (scoredFrom..<scoredTo).enumerated() {
+                            let r = firstScoredRow + i
+                            let row = UnsafeBufferPointer(rebasing: buf[(r * vocab)..<((r + 1) * vocab)])
+                            let loss = PerplexityEvaluator.negativeLogLikelihood(row, target: chunk[p + 1])
                             nll += loss
                             nll2 += loss * loss
                             count += 1
+                            try scored?(ScoredRow(chunk: c, position: p, logits: row, target: chunk[p + 1]))
                         }
                     }
                 }

@@ -19,6 +19,8 @@ public final class CPUBuffer: @unchecked Sendable {
 /// A weight used in place: a matrix [rows, cols] (or a vector: rows == 1) of its stored type.
 /// Vectors (norm weights, biases) are widened to f32 once, at load.
 public struct CPUWeight: @unchecked Sendable {
+    /// The tensor's name in the model's file (what a `ProductObserver` is told).
+    public let name: String
     public let dtype: DType
     public let rows: Int
     public let cols: Int
@@ -35,6 +37,8 @@ public final class CPUBackend: ComputeBackend {
 
     public let pool: ThreadPool
     public var name: String { "cpu (\(pool.threadCount) threads)" }
+    /// Shown the input of every matrix product before it runs (nil: nothing is watched).
+    public var productObserver: ProductObserver?
     /// Attention scores, one region per task slot, grown when a longer sequence arrives (never
     /// per token).
     private var scratch: UnsafeMutablePointer<Float>
@@ -76,7 +80,7 @@ public final class CPUBackend: ComputeBackend {
             t.toFloat().withUnsafeBufferPointer { b.pointer.update(from: $0.baseAddress!, count: t.elementCount) }
             f32 = b
         }
-        return CPUWeight(dtype: t.dtype, rows: rows, cols: cols, data: t.data, f32: f32)
+        return CPUWeight(name: t.name, dtype: t.dtype, rows: rows, cols: cols, data: t.data, f32: f32)
     }
 
     public func outputSize(_ w: CPUWeight) -> Int { w.rows }
@@ -129,6 +133,7 @@ public final class CPUBackend: ComputeBackend {
     }
 
     public func matmul(_ x: CPUBuffer, rows: Int, weight: CPUWeight, bias: CPUWeight?, out: CPUBuffer) {
+        productObserver?.observe(weight: weight.name, expert: 0, of: 1, input: x.pointer, rows: rows, cols: weight.cols)
         product(x.pointer, rows: rows, weight: weight, bias: bias.map { $0.floats }, out: out.pointer)
     }
 
