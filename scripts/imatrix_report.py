@@ -16,7 +16,7 @@ measured against its BF16 weights: the figures of QUANTIZATION.md's importance-m
 
 Needs a release build (swift build -c release), llama.cpp's llama-imatrix, llama-quantize and
 llama-perplexity built from source (see scripts/make_imatrix_fixture.py), Python with gguf.
-Run:  python3 scripts/imatrix_report.py --llama-bin LLAMA_CPP/build/bin [--types Q4_0 Q4_K_M Q8_0]
+Run:  python3 scripts/imatrix_report.py --llama-bin LLAMA_CPP/build/bin [--types Q4_0 Q4_K_M Q8_0] [--llama-perplexity]
 Files go to .bench-models/imatrix (the base distributions take ~550 MB); the table goes to stdout
 and the figures to .bench-models/imatrix/report.json.
 """
@@ -67,13 +67,19 @@ def llama_kl(log):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--llama-bin", required=True)
+    ap.add_argument("--llama-bin", help="directory of llama.cpp's llama-imatrix, llama-quantize, llama-perplexity")
     ap.add_argument("--peregrine", default=os.path.join(ROOT, ".build", "release", "peregrine"))
     ap.add_argument("--work", default=os.path.join(ROOT, ".bench-models", "imatrix"))
     ap.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K_M", "Q8_0"])
     ap.add_argument("--threads", default="2")
     ap.add_argument("--llama-perplexity", action="store_true", help="also llama-perplexity --kl-divergence on every file")
+    ap.add_argument("--table", action="store_true", help="only print the tables of the last run's report.json")
     args = ap.parse_args()
+    if args.table:
+        table(json.load(open(os.path.join(os.path.abspath(args.work), "report.json"))))
+        return
+    if not args.llama_bin:
+        ap.error("--llama-bin is required")
     p, w, t = os.path.abspath(args.peregrine), os.path.abspath(args.work), args.threads
     bindir = os.path.abspath(args.llama_bin)
     env = dict(os.environ, LD_LIBRARY_PATH=bindir + os.pathsep + os.environ.get("LD_LIBRARY_PATH", ""))
@@ -111,13 +117,29 @@ def main():
     report = {"base": {"file": os.path.relpath(bf16, ROOT), "mib": mib, "bpw": bpw, "ppl": base_ppl}, "rows": rows}
     with open(os.path.join(w, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    print(f"| type | quantized by | size MiB | bits/weight | PPL (test) | mean KLD | median KLD | 99% KLD | same top p |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| BF16 | (base) | {mib:.1f} | {bpw:.2f} | {base_ppl['perplexity']:.4f} ± {base_ppl['uncertainty']:.4f} | | | | |")
-    for r in rows:
-        print(f"| {r['type']} | {r['how']} | {r['mib']:.1f} | {r['bpw']:.2f} | {r['ppl']['value']:.4f} ± {r['ppl']['uncertainty']:.4f} "
-              f"| {r['kld']['value']:.5f} ± {r['kld']['uncertainty']:.5f} | {r['kld_percentiles']['median']:.5f} "
-              f"| {r['kld_percentiles']['p99']:.5f} | {100 * r['same_top_p']['value']:.2f} ± {100 * r['same_top_p']['uncertainty']:.2f} % |")
+    table(report)
+
+
+def table(report):
+    b = report["base"]
+    print("| type | quantized by | size MiB | bits/weight | PPL (test split) | PPL / PPL(BF16) | mean KLD | median KLD | 99% KLD | max KLD | same top token |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| BF16 | (the shipped weights) | {b['mib']:.1f} | {b['bpw']:.2f} | {b['ppl']['perplexity']:.4f} ± {b['ppl']['uncertainty']:.4f} "
+          "| 1 | 0 | 0 | 0 | 0 | 100% |")
+    for r in report["rows"]:
+        k = r["kld_percentiles"]
+        print(f"| {r['type']} | `{r['how']}` | {r['mib']:.1f} | {r['bpw']:.2f} | {r['ppl']['value']:.4f} ± {r['ppl']['uncertainty']:.4f} "
+              f"| {r['ppl_ratio']['value']:.5f} ± {r['ppl_ratio']['uncertainty']:.5f} "
+              f"| {r['kld']['value']:.5f} ± {r['kld']['uncertainty']:.5f} | {k['median']:.5f} | {k['p99']:.5f} | {k['max']:.4f} "
+              f"| {100 * r['same_top_p']['value']:.2f} ± {100 * r['same_top_p']['uncertainty']:.2f} % |")
+    if all("llama-perplexity" in r for r in report["rows"]):
+        print()
+        print("| type | quantized by | PPL: peregrine / llama-perplexity | mean KLD: peregrine / llama-perplexity | same top token: peregrine / llama-perplexity |")
+        print("|---|---|---|---|---|")
+        for r in report["rows"]:
+            l = r["llama-perplexity"]
+            print(f"| {r['type']} | `{r['how']}` | {r['ppl']['value']:.4f} / {l['ppl']:.4f} | {r['kld']['value']:.6f} / {l['kld']:.6f} "
+                  f"| {100 * r['same_top_p']['value']:.3f} / {l['same_top_p']:.3f} % |")
 
 
 if __name__ == "__main__":
