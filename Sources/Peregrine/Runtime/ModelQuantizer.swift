@@ -215,8 +215,9 @@ public struct ModelQuantizer {
             summary.outputBytes += target.byteCount(elements: elements)
             summary.typeCounts[target.rawValue, default: 0] += 1
         }
-        if importance != nil, summary.weightedTensors == 0, plan.contains(where: { !$0.3.isFloat }) {
-            throw PeregrineError.invalidArgument("the importance matrix has no entry for any tensor of \(source) (it names \(importance!.entries.keys.sorted().prefix(3).joined(separator: ", ")), ...)")
+        if let m = importance, summary.weightedTensors == 0, plan.contains(where: { !$0.3.isFloat }) {
+            let names = m.entries.keys.sorted().prefix(3).joined(separator: ", ")
+            throw PeregrineError.invalidArgument("the importance matrix has no entry for any tensor of \(source) (it names \(names), ...)")
         }
         let pool = self.pool
         writer.tensors = plan.map { (name, dims, parts, target, weights) in

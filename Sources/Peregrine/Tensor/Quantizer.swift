@@ -244,7 +244,7 @@ public enum Quantizer {
             let sub = xs[(32 * j)..<(32 * j + 32)]
             let s: Float, m: Float
             if let imp = importance.map({ blockImportance($0 + 32 * j, 32) }) {
-                let w = (0..<32).map { imp[$0] * (sigma2 + sub[32 * j + $0] * sub[32 * j + $0]).squareRoot() }
+                let w = (0..<32).map { imp[$0] * (sigma2 + xs[32 * j + $0] * xs[32 * j + $0]).squareRoot() }
                 subWeights[j] = w.reduce(0, +)
                 (s, m) = scaleAndOffset(sub, weights: w, top: top, stretches: -0.9, by: 0.05, steps: 36, followingBest: true)
             } else {
