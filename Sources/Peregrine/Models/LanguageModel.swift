@@ -191,7 +191,7 @@ public enum ModelRegistry {
         }
         switch family {
         case .llama: return try LlamaModel(config: config, weights: weights, backend: backend)
-        case .phi3: return try Phi3Model(config: config, weights: weights, backend: backend)
+        case .phi3: return try Phi3.model(config: config, weights: weights, backend: backend)
         case .mixtureOfExperts: return try MoEModel(config: config, weights: weights, backend: backend)
         case .gemma: return try GemmaModel(config: config, weights: weights, backend: backend)
         }

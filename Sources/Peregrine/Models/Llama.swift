@@ -1,4 +1,4 @@
-/// The Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2 and Qwen3, one definition switched by
+/// The Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3 (and Phi-3, see `Phi3`), one definition switched by
 /// config (grouped-query attention, q/k/v biases, q/k norms, sliding windows, RoPE scaling, tied
 /// embeddings). Written against `ComputeBackend` over the shared layers, so the same code runs on
 /// every backend.

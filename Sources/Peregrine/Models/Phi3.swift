@@ -1,33 +1,10 @@
 /// The Phi-3 family: Phi-3, Phi-3.5 and Phi-4 (Hugging Face `Phi3ForCausalLM`, GGUF `phi3`). Its
 /// layers are Llama's (RMSNorm, grouped-query attention, SiLU-gated MLP, no biases) with the q/k/v
 /// projections stored as one matrix and gate/up as another; these are split at load into views of
-/// their rows (`FusedProjections`), so the shared layers, and a backend's fused products, run them
-/// as they run separate projections. The config switches partial rotary, LongRoPE and a sliding
-/// window.
-public final class Phi3Model<B: ComputeBackend>: LanguageModel {
-    public let config: ModelConfig
-    public let backend: B
-    public var backendName: String { backend.name }
-    public var freeDeviceMemory: Int? { backend.freeDeviceMemory }
-    public var kernelProfile: String? { backend.kernelProfile }
-    public let weightBytes: Int
-
-    struct Layer {
-        let inputNorm: B.Weight
-        let attention: Attention<B>
-        let postNorm: B.Weight
-        let mlp: GatedMLP<B>
-    }
-
-    private let embedTokens: B.Weight
-    private let layers: [Layer]
-    private let head: OutputHead<B>
-    private let rope: RotaryEmbedding<B>
-    /// Layers this instance passes over (self-speculative drafting shares the weights).
-    public let skippedLayers: Set<Int>
-    private let runner: DecoderRunner<B>
-    private let weights: WeightSource  // keeps the mapped files alive
-
+/// their rows (`FusedProjections`) under the separate projections' names, so the Llama family's
+/// definition, and a backend's fused products, run them as they run separate projections. The
+/// config switches partial rotary, LongRoPE and a sliding window.
+enum Phi3 {
     /// The fused matrices of every layer, by their Hugging Face names, and the parts they hold.
     static func fusedLayouts(_ c: ModelConfig) -> [FusedProjections.Layout] {
         let d = c.hiddenSize, qd = c.headCount * c.headDim, kvd = c.kvHeadCount * c.headDim, ff = c.intermediateSize
@@ -39,72 +16,10 @@ public final class Phi3Model<B: ComputeBackend>: LanguageModel {
         }
     }
 
-    public init(config c: ModelConfig, weights source: WeightSource, backend: B) throws {
-        guard !c.qkvBias, !c.outputBias, !c.mlpBias, !c.qkNorm else {
-            throw PeregrineError.unsupported("Phi-3 models have no projection biases or q/k norms")
+    static func model<B: ComputeBackend>(config c: ModelConfig, weights source: WeightSource, backend: B) throws -> LanguageModel {
+        guard !c.qkvBias, !c.outputBias, !c.mlpBias, !c.qkNorm, c.hiddenActivation == .silu else {
+            throw PeregrineError.unsupported("Phi-3 models have no projection biases or q/k norms, and gate with SiLU")
         }
-        config = c
-        self.backend = backend
-        let weights = try FusedProjections(source, Phi3Model.fusedLayouts(c))
-        self.weights = weights
-        skippedLayers = []
-        let w = WeightLoader(weights, backend: backend)
-        let d = c.hiddenSize
-        embedTokens = try w.load("model.embed_tokens.weight", [c.vocabSize, d])
-        let embedBytes = w.bytes
-        layers = try (0..<c.layerCount).map { i in
-            let p = "model.layers.\(i)."
-            return Layer(inputNorm: try w.load(p + "input_layernorm.weight", [d]),
-                         attention: try Attention(w, prefix: p + "self_attn.", config: c),
-                         postNorm: try w.load(p + "post_attention_layernorm.weight", [d]),
-                         mlp: try GatedMLP(w, prefix: p + "mlp.", config: c, activation: .silu))
-        }
-        head = OutputHead(norm: try w.load("model.norm.weight", [d]),
-                          projection: try w.outputProjection(embedding: embedTokens, vocabulary: c.vocabSize, hidden: d,
-                                                             tied: c.tieWordEmbeddings),
-                          eps: c.rmsNormEps)
-        // A decode step reads one embedding row but the whole output projection.
-        weightBytes = c.tieWordEmbeddings ? w.bytes : w.bytes - embedBytes
-        rope = RotaryEmbedding(c.rope, headDim: c.headDim, interleaved: c.ropeInterleaved)
-        runner = DecoderRunner(backend: backend, config: c, shape: ActivationShape(c))
-    }
-
-    /// The same weights with some layers skipped: a cheaper model of the same vocabulary.
-    private init(sharing m: Phi3Model, skipping: Set<Int>) {
-        config = m.config
-        backend = m.backend
-        weights = m.weights
-        weightBytes = m.weightBytes
-        embedTokens = m.embedTokens
-        layers = m.layers
-        head = m.head
-        rope = RotaryEmbedding(m.config.rope, headDim: m.config.headDim, interleaved: m.config.ropeInterleaved)
-        runner = DecoderRunner(backend: m.backend, config: m.config, shape: m.runner.shape)
-        skippedLayers = skipping
-    }
-
-    public func skippingLayers(_ skip: Set<Int>) throws -> LanguageModel {
-        try checkSkippable(skip, layerCount: config.layerCount)
-        return Phi3Model(sharing: self, skipping: skip)
-    }
-
-    public func makeKVMemory(blocks: Int, blockSize: Int, capacity: Int, type: KVCacheType) throws -> KVMemory {
-        try runner.makeKVMemory(blocks: blocks, blockSize: blockSize, capacity: capacity, type: type)
-    }
-
-    public func copyKVBlocks(_ kv: KVMemory, _ pairs: [(from: Int32, to: Int32)]) throws {
-        try runner.copyKVBlocks(kv, pairs)
-    }
-
-    public func forward(_ plan: BatchPlan, kv: KVMemory) throws -> LogitRows {
-        try runner.forward(plan, kv: kv, skippedLayers: skippedLayers) { pass in
-            rope.fill(pass)
-            pass.embed(embedTokens)
-            for (i, L) in layers.enumerated() where !skippedLayers.contains(i) {
-                L.attention(layer: i, pass, norm: L.inputNorm, rope: rope, window: config.slidingWindow[i])
-                L.mlp(pass, norm: L.postNorm)
-            }
-            return head(pass)
-        }
+        return try LlamaModel(config: c, weights: try FusedProjections(source, fusedLayouts(c)), backend: backend)
     }
 }
