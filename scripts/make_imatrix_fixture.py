@@ -6,8 +6,9 @@ and checks that llama.cpp reads the files Peregrine writes:
   squared inputs of each of transformers' q/k/v/o and gate/up/down projections over
   Tests/Fixtures/gguf/perplexity.txt cut as llama-imatrix cuts it (chunks of 128 tokens, the
   first of each replaced by BOS), with the rows counted: the reference pass.
-- llama-f32.imatrix.gguf, llama-f32.imatrix.dat, llama256-f16.imatrix.gguf: llama.cpp's
-  llama-imatrix on the GGUF fixtures over the same text (both of its formats).
+- llama-f32.imatrix.gguf, llama-f32.imatrix.dat, llama256-f16.imatrix.gguf,
+  mixtral-f32.imatrix.gguf: llama.cpp's llama-imatrix on the GGUF fixtures over the same text
+  (both of its formats; the Mixtral file's stacked experts counted per expert).
 - llama256-weighted.json: llama256-f16.gguf quantized by llama-quantize --pure --imatrix (the
   llama256 matrix above) to each type, and the importance-weighted squared error of each layer
   matrix (weights dequantized by gguf-py against the F16 source).
@@ -226,6 +227,7 @@ def main():
     llama256 = os.path.join(OUT, "llama256-f16.imatrix.gguf")
     llama_imatrix(tool, os.path.join(GGUF_DIR, "llama256-f16.gguf"), llama256)
     weighted_errors(tool, llama256)
+    llama_imatrix(tool, os.path.join(GGUF_DIR, "mixtral-f32.gguf"), os.path.join(OUT, "mixtral-f32.imatrix.gguf"))
     llama_cpp_loads_ours(tool)
     kl_divergence(tool)
 

@@ -495,41 +495,52 @@ final class CUDABackendTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(read, 12 * deterministic.weightBytes)
     }
 
-    /// Quantized experts on the GPU (Q8_0 and Q4_0 from llama.cpp's files; Q4_K and Q6_K on a
-    /// random MoE with 256-wide rows) against the CPU's integer kernels on the same files.
+    /// Quantized experts on the GPU (Q4_K, Q6_K and Q8_0 on a random MoE with 256-wide rows;
+    /// llama.cpp's Mixtral files are among the GGUF fixtures) against the CPU's integer kernels.
     func testQuantizedExpertsMatchCPU() throws {
         let gpu = try backend()
         let dir = try Fixtures.tempDirectory(self)
         let source = dir + "/moe-f32.gguf"
         try writeRandomMoEGGUF(source)
-        var files = [Fixtures.root + "/gguf/mixtral-q8_0.gguf", Fixtures.root + "/gguf/mixtral-q4_0.gguf"]
         for mix in [QuantizationMix.q4_K_M, .q6_K, .q8_0] {
             let out = dir + "/moe-\(mix.rawValue).gguf"
             _ = try ModelQuantizer(mix: mix, pure: true).quantize(source: source, output: out)
-            files.append(out)
+            try assertMatchesCPU(out, gpu)
         }
-        for path in files {
-            let cpu = try ModelRegistry.load(directory: path), cuda = try ModelRegistry.load(directory: path, backend: gpu)
-            let tokens = (0..<40).map { ($0 * 37 + 11) % min(300, cpu.config.vocabSize) }
-            let a = try allLogits(cpu, tokens), b = try allLogits(cuda, tokens)
-            let scale = a.reduce(0) { max($0, abs($1)) }
-            XCTAssertLessThan(maxAbsDiff(a, b), 0.05 * scale, path)
-            // Decode steps (one token, then three sequences at once) against the CPU.
-            for width in [1, 3] {
-                let cc = try PagedKVCache(model: cpu, slots: width, capacity: 64), gc = try PagedKVCache(model: cuda, slots: width, capacity: 64)
-                for step in 0..<6 {
-                    var plan = BatchPlan()
-                    for s in 0..<width { plan.append(tokens: [tokens[(step * 7 + s * 5) % tokens.count]], slot: s, position: step, logits: .last) }
-                    var pc = plan, pg = plan
-                    try cc.prepare(&pc)
-                    try gc.prepare(&pg)
-                    let v = cpu.config.vocabSize
-                    var x = [Float](repeating: 0, count: width * v), y = x
-                    try x.withUnsafeMutableBufferPointer { try cpu.forward(pc, kv: cc.memory, logits: $0) }
-                    try y.withUnsafeMutableBufferPointer { try cuda.forward(pg, kv: gc.memory, logits: $0) }
-                    for s in 0..<width { try cc.advance(s, by: 1); try gc.advance(s, by: 1) }
-                    XCTAssertLessThan(maxAbsDiff(x, y), 0.05 * scale, "\(path) width \(width) step \(step)")
-                }
+    }
+
+    /// Every GGUF fixture (llama.cpp's files of each family and type, small shapes whose rows
+    /// hold one or two blocks) on the GPU against the CPU.
+    func testGGUFFixturesMatchCPU() throws {
+        let gpu = try backend()
+        let dir = Fixtures.root + "/gguf"
+        let files = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".gguf") }.sorted()
+        XCTAssertGreaterThan(files.count, 5)
+        for f in files { try assertMatchesCPU(dir + "/" + f, gpu) }
+    }
+
+    /// A model file's logits on the GPU against the CPU's: a 40-token prompt in one pass, then
+    /// decode steps (one sequence, then three at once) through the paged cache.
+    private func assertMatchesCPU(_ path: String, _ gpu: CUDABackend, file: StaticString = #filePath, line: UInt = #line) throws {
+        let cpu = try ModelRegistry.load(directory: path), cuda = try ModelRegistry.load(directory: path, backend: gpu)
+        let tokens = (0..<40).map { ($0 * 37 + 11) % min(300, cpu.config.vocabSize) }
+        let a = try allLogits(cpu, tokens), b = try allLogits(cuda, tokens)
+        let scale = a.reduce(0) { max($0, abs($1)) }
+        XCTAssertLessThan(maxAbsDiff(a, b), 0.05 * scale, "\(path) prompt", file: file, line: line)
+        for width in [1, 3] {
+            let cc = try PagedKVCache(model: cpu, slots: width, capacity: 64), gc = try PagedKVCache(model: cuda, slots: width, capacity: 64)
+            for step in 0..<6 {
+                var plan = BatchPlan()
+                for s in 0..<width { plan.append(tokens: [tokens[(step * 7 + s * 5) % tokens.count]], slot: s, position: step, logits: .last) }
+                var pc = plan, pg = plan
+                try cc.prepare(&pc)
+                try gc.prepare(&pg)
+                let v = cpu.config.vocabSize
+                var x = [Float](repeating: 0, count: width * v), y = x
+                try x.withUnsafeMutableBufferPointer { try cpu.forward(pc, kv: cc.memory, logits: $0) }
+                try y.withUnsafeMutableBufferPointer { try cuda.forward(pg, kv: gc.memory, logits: $0) }
+                for s in 0..<width { try cc.advance(s, by: 1); try gc.advance(s, by: 1) }
+                XCTAssertLessThan(maxAbsDiff(x, y), 0.05 * scale, "\(path) width \(width) step \(step)", file: file, line: line)
             }
         }
     }

@@ -20,9 +20,9 @@ final class ImatrixTests: XCTestCase {
 
     /// Each column's sum within `relative` of the reference's, or within `relative` of the entry's
     /// largest sum for columns whose sums are small.
-    func assertClose(_ ours: ImportanceMatrix.Entry, _ sums: [Double], count: Int, relative: Double, _ name: String,
-                     file: StaticString = #filePath, line: UInt = #line) {
-        XCTAssertEqual(ours.counts, [count], name, file: file, line: line)
+    func assertClose(_ ours: ImportanceMatrix.Entry, _ sums: [Double], count: Int? = nil, counts: [Int]? = nil, relative: Double,
+                     _ name: String, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertEqual(ours.counts, counts ?? count.map { [$0] } ?? [], name, file: file, line: line)
         XCTAssertEqual(ours.sums.count, sums.count, name, file: file, line: line)
         let largest = sums.max() ?? 0
         var worst = 0.0
@@ -51,9 +51,10 @@ final class ImatrixTests: XCTestCase {
     }
 
     /// The GGUF files against llama-imatrix's matrices of the same files, read from its GGUF
-    /// output; its legacy output holds the same means.
+    /// output (the Mixtral file's routed experts counted per expert); its legacy output holds the
+    /// same means.
     func testMatchesLlamaImatrix() throws {
-        for name in ["llama-f32", "llama256-f16"] {
+        for name in ["llama-f32", "llama256-f16", "mixtral-f32"] {
             let theirs = try ImportanceMatrix(path: Self.dir + "/\(name).imatrix.gguf")
             let (ours, _) = try collect(Fixtures.root + "/gguf/\(name).gguf")
             XCTAssertEqual(Set(ours.entries.keys), Set(theirs.entries.keys), name)
@@ -63,8 +64,8 @@ final class ImatrixTests: XCTestCase {
             for (tensor, e) in theirs.entries {
                 // Measured: 3.4e-6 at most for llama-f32 (llama.cpp sums in f32, 9 chunks a
                 // batch), 8.6e-4 for llama256-f16 (its F16 products round activations to f16).
-                assertClose(try XCTUnwrap(ours.entries[tensor]), e.sums.map(Double.init), count: e.counts[0],
-                            relative: name == "llama-f32" ? 1e-4 : 3e-3, "\(name) \(tensor)")
+                assertClose(try XCTUnwrap(ours.entries[tensor], tensor), e.sums.map(Double.init), counts: e.counts,
+                            relative: name == "llama256-f16" ? 3e-3 : 1e-4, "\(name) \(tensor)")
             }
         }
         let gguf = try ImportanceMatrix(path: Self.dir + "/llama-f32.imatrix.gguf")
@@ -77,6 +78,24 @@ final class ImatrixTests: XCTestCase {
             XCTAssertEqual(legacy.entries[name]?.counts, [9], name)
             for (x, y) in zip(a, b) { XCTAssertEqual(x, y, accuracy: 1e-6 * max(abs(x), 1e-3), name) }
         }
+    }
+
+    /// A mixture of experts from its Hugging Face directory (one tensor per expert) names and
+    /// counts its experts as the GGUF file stacks them, with the same sums; quantizing the GGUF
+    /// with the matrix weights the stacked experts too.
+    func testExpertsFromEitherFile() throws {
+        let (hf, _) = try collect(Fixtures.model("mixtral"))
+        let (gguf, _) = try collect(Fixtures.root + "/gguf/mixtral-f32.gguf")
+        XCTAssertEqual(Set(hf.entries.keys), Set(gguf.entries.keys))
+        XCTAssertEqual(hf.entries["blk.1.ffn_down_exps.weight"]?.counts.count, 8)
+        for (name, e) in gguf.entries {
+            assertClose(try XCTUnwrap(hf.entries[name], name), e.sums.map(Double.init), counts: e.counts, relative: 1e-4, name)
+        }
+        let dir = try Fixtures.tempDirectory(self)
+        let summary = try ModelQuantizer(mix: .q4_0, importance: gguf)
+            .quantize(source: Fixtures.root + "/gguf/mixtral-f32.gguf", output: dir + "/w.gguf")
+        // Per layer: q, k, v, output and the three stacked experts (the router stays F32).
+        XCTAssertEqual(summary.weightedTensors, 2 * 7)
     }
 
     /// Ours written and read back, in both formats.

@@ -20,6 +20,17 @@ public final class CPUExperts: @unchecked Sendable {
     }
 
     public var count: Int { gate.count }
+
+    /// The stacked tensors the experts' gate, up and down weights are slices of: expert 0's
+    /// names without the `[0]` the model's loader appends (what a `ProductObserver` is told,
+    /// with the expert's index).
+    lazy var stackNames: (gate: String, up: String, down: String) = {
+        func stack(_ w: CPUWeight) -> String {
+            guard w.name.hasSuffix("]"), let open = w.name.lastIndex(of: "[") else { return w.name }
+            return String(w.name[..<open])
+        }
+        return (stack(gate[0]), stack(up[0]), stack(down[0]))
+    }()
 }
 
 /// Host memory grown on demand and kept: the decode loop allocates nothing once it has seen its
@@ -141,10 +152,15 @@ extension CPUBackend {
         for e in 0..<n where s.counts[e] > 0 {
             experts.reads[e] += 1
             let m = s.counts[e], first = s.starts[e]
+            if let observer = productObserver {
+                observer.observe(weight: experts.stackNames.gate, expert: e, of: n, input: xs + first * d, rows: m, cols: d)
+                observer.observe(weight: experts.stackNames.up, expert: e, of: n, input: xs + first * d, rows: m, cols: d)
+            }
             product(xs + first * d, rows: m, weight: experts.gate[e], bias: nil, out: gs + first * ff)
             product(xs + first * d, rows: m, weight: experts.up[e], bias: nil, out: us + first * ff)
             let g = gs + first * ff, u = us + first * ff
             pool.parallelRanges(m * ff, grain: 1 << 14) { range in CPUKernels.siluMul(g, u, g, range) }
+            productObserver?.observe(weight: experts.stackNames.down, expert: e, of: n, input: g, rows: m, cols: ff)
             product(gs + first * ff, rows: m, weight: experts.down[e], bias: nil, out: ds + first * d)
         }
         // Each row's weighted sum, its experts taken in index order whatever the batch.

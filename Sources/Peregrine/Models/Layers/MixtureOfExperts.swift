@@ -182,6 +182,15 @@ struct ExpertTensorNames {
     /// One projection of every expert, each checked to be [intermediate, hidden] (gate, up) or
     /// [hidden, intermediate] (down): from per-expert tensors, a stacked one, or the fused layout.
     func views(_ source: WeightSource, _ proj: Projection, experts count: Int, hidden d: Int, intermediate ff: Int) throws -> [TensorView] {
+        // Each expert's view is named as a slice of the stacked tensor's name in the file (what a
+        // `ProductObserver` is told, so an importance matrix names the experts as GGUF stacks them).
+        let stack = source.storedName(stacked(proj))
+        return try found(source, proj, experts: count, hidden: d, intermediate: ff).enumerated().map { e, v in
+            TensorView(name: "\(stack)[\(e)]", dtype: v.dtype, shape: v.shape, data: v.data, byteCount: v.byteCount)
+        }
+    }
+
+    private func found(_ source: WeightSource, _ proj: Projection, experts count: Int, hidden d: Int, intermediate ff: Int) throws -> [TensorView] {
         let shape = proj == .down ? [d, ff] : [ff, d]
         if source.contains(expert(0, proj)) {
             return try (0..<count).map { try source.require(expert($0, proj), shape: shape) }
