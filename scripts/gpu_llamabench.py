@@ -14,8 +14,9 @@ import subprocess
 import sys
 
 
-def peregrine(binary, path, pp, tg, depths, dtg, reps, device):
-    """{test name: tokens/s} from `peregrine bench --json` (names as llama-bench's: 'tg64 @ d4096')."""
+def peregrine(binary, path, pp, tg, depths, dtg, reps, device, reads=None):
+    """{test name: tokens/s} from `peregrine bench --json` (names as llama-bench's: 'tg64 @ d4096');
+    for a mixture of experts, `reads` gets {test: (weight bytes read per decoded token, active bytes)}."""
     out = {}
     runs = [["-p"] + [str(p) for p in pp] + ["-n"] + [str(n) for n in tg]]
     if depths:
@@ -30,6 +31,8 @@ def peregrine(binary, path, pp, tg, depths, dtg, reps, device):
             if line.startswith("{"):
                 j = json.loads(line)
                 out[j["test"]] = j["tokens_per_second"]
+                if reads is not None and "decode_bytes_read_per_token" in j and j["test"].startswith("tg"):
+                    reads[j["test"]] = (j["decode_bytes_read_per_token"], j["decode_bytes_per_token"])
     return out
 
 
@@ -68,9 +71,11 @@ def main():
     ap.add_argument("--device", default="cuda", help="Peregrine's device (cuda; cpu to check the script where no GPU is)")
     ap.add_argument("files", nargs="+")
     a = ap.parse_args()
-    rows = []
+    rows, read_rows = [], []
     for path in a.files:
-        ours = peregrine(a.binary, path, a.pp, a.tg, a.depths, a.depth_tg, a.repetitions, a.device)
+        reads = {}
+        ours = peregrine(a.binary, path, a.pp, a.tg, a.depths, a.depth_tg, a.repetitions, a.device, reads)
+        read_rows += [(os.path.basename(path), t, r) for t, r in reads.items()]
         print(f"# {os.path.basename(path)} peregrine: {json.dumps(ours)}", flush=True)
         theirs = llamacpp(a.llama_bench, path, a.pp, a.tg, a.depths, a.depth_tg, a.repetitions)
         print(f"# {os.path.basename(path)} llama.cpp: {json.dumps(theirs)}", flush=True)
@@ -83,6 +88,14 @@ def main():
     for f, test, p, l in rows:
         ratio = f"{p / l:.2f}x" if p and l else "-"
         print(f"| {f} | {test} | {fmt(p)} | {fmt(l)} | {ratio} |")
+    if read_rows:
+        # Mixtures of experts: the weights Peregrine read per decoded token (router, attention,
+        # output and the experts the tokens chose) against the active parameters' bytes.
+        print()
+        print("| file | test | weights read per token (GB) | active parameters' bytes (GB) | read / active |")
+        print("|---|---|---|---|---|")
+        for f, test, (read, active) in read_rows:
+            print(f"| {f} | {test} | {read / 1e9:.3f} | {active / 1e9:.3f} | {read / active:.3f} |")
 
 
 if __name__ == "__main__":

@@ -1012,7 +1012,8 @@ public final class CUDABackend: ComputeBackend {
         func products(_ input: CUDABuffer, _ w: CUDABuffer, _ type: DType, _ u: CUDABuffer?, _ upType: DType, outputs: Int, k: Int,
                       _ y: CUDABuffer) {
             var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
-            if [DType.q8_0, .q4_0].contains(type) || [DType.q8_0, .q4_0].contains(upType) {
+            // Every quantized type's products run on 8-bit activations (rounded per 32 values).
+            if [DType.q8_0, .q4_0, .q4_K, .q6_K].contains(type) || [DType.q8_0, .q4_0, .q4_K, .q6_K].contains(upType) {
                 guard let q = quantizeActivations(input, rows: total, k: k, norm: nil) else { return }
                 (xq, xs) = q
             }

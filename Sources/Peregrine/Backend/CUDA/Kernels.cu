@@ -1476,19 +1476,87 @@ extern "C" __global__ void __launch_bounds__(1024) moe_group(const float* routes
     }
 }
 
-// acc[t] += dot(W[row, :], x[t0 + t, :]) for nt tokens, by one warp, for every weight type:
-// warp_row_dot for the float types, Q8_0 and Q4_0; Q4_K and Q6_K value by value on f32 x.
-__device__ __forceinline__ void expert_row_dot(const void* w, int dtype, long total, long row, const float* x, const signed char* xq,
-                                               const float* xs, int k, int t0, int nt, int lane, float* acc) {
-    if (dtype <= 4) {
-        warp_row_dot(w, dtype, total, row, x, xq, xs, k, t0, nt, lane, acc);
-        return;
-    }
-    for (int i = lane; i < k; i += 32) {
-        float wv = load_weight(w, dtype, row + i, total);
-        for (int t = 0; t < nt; t++) acc[t] += wv * x[(long)(t0 + t) * k + i];
+// acc[t] += dot(W[row, :], x[t0 + t, :]) for nt tokens of 8-bit x (xq, xs), by one warp, for a
+// Q4_K row (`row` its first value): a lane per 16 bytes of values, 32 values of two sub-blocks,
+// as matvec_body reads them, the weights read once for all nt tokens.
+__device__ __forceinline__ void q4k_row_dot(const void* w, long total, long row, const signed char* xq, const float* xs, int k,
+                                            int t0, int nt, int lane, float* acc) {
+    const uint4* base = (const uint4*)w + row / 32;
+    const uint4* head = (const uint4*)((const unsigned char*)w + total / 2) + row / 256;
+    for (int i = lane; i < k / 32; i += 32) {
+        uint4 qv = __ldg(base + i), h = head[i / 8];
+        int j = (i % 8) / 2, half = i % 2;
+        float d, dmin;
+        int s1, m1, s2, m2;
+        q4k_header(h, 2 * j, d, dmin, s1, m1, s2, m2);
+        unsigned v[4] = {qv.x, qv.y, qv.z, qv.w};
+        int lo4[4], hi4[4];
+#pragma unroll
+        for (int b = 0; b < 4; b++) { lo4[b] = (int)(v[b] & 0x0F0F0F0F); hi4[b] = (int)((v[b] >> 4) & 0x0F0F0F0F); }
+        long at = (long)(i / 8) * 256 + 64 * j + 16 * half;
+        for (int t = 0; t < nt; t++) {
+            const signed char* xr = xq + (long)(t0 + t) * k;
+            const float* sr = xs + (long)(t0 + t) * (k / 32);
+            int4 a = *(const int4*)(xr + at), c = *(const int4*)(xr + at + 32);
+            int sa = __dp4a(0x01010101, a.x, 0); sa = __dp4a(0x01010101, a.y, sa); sa = __dp4a(0x01010101, a.z, sa); sa = __dp4a(0x01010101, a.w, sa);
+            int sc = __dp4a(0x01010101, c.x, 0); sc = __dp4a(0x01010101, c.y, sc); sc = __dp4a(0x01010101, c.z, sc); sc = __dp4a(0x01010101, c.w, sc);
+            int lo = __dp4a(lo4[0], a.x, 0); lo = __dp4a(lo4[1], a.y, lo); lo = __dp4a(lo4[2], a.z, lo); lo = __dp4a(lo4[3], a.w, lo);
+            int hi = __dp4a(hi4[0], c.x, 0); hi = __dp4a(hi4[1], c.y, hi); hi = __dp4a(hi4[2], c.z, hi); hi = __dp4a(hi4[3], c.w, hi);
+            acc[t] += sr[at / 32] * (d * s1 * lo - dmin * m1 * sa) + sr[at / 32 + 1] * (d * s2 * hi - dmin * m2 * sc);
+        }
     }
     for (int t = 0; t < nt; t++) acc[t] = warp_sum(acc[t]);
+}
+
+// The same for a Q6_K row: a lane per unit of matvec_q6k_body (16 values of each quarter of one
+// half of a super-block, 48 bytes, four 16-value scales).
+__device__ __forceinline__ void q6k_row_dot(const void* w, long total, long row, const signed char* xq, const float* xs, int k,
+                                            int t0, int nt, int lane, float* acc) {
+    const long blocks = total / 256;
+    const unsigned char* vals = (const unsigned char*)w + (row / 256) * 192;
+    const signed char* scl = (const signed char*)w + blocks * 192 + (row / 256) * 16;
+    const __half* dd = (const __half*)((const unsigned char*)w + blocks * 208) + row / 256;
+    for (int i = lane; i < k / 64; i += 32) {
+        int sb = i / 4, half = (i % 4) / 2, lh = i % 2;
+        const unsigned char* v = vals + sb * 192;
+        uint4 qa = __ldg((const uint4*)(v + half * 64 + 16 * lh)), qb = __ldg((const uint4*)(v + half * 64 + 32 + 16 * lh));
+        uint4 qh = __ldg((const uint4*)(v + 128 + half * 32 + 16 * lh));
+        unsigned A[4] = {qa.x, qa.y, qa.z, qa.w}, B[4] = {qb.x, qb.y, qb.z, qb.w}, H[4] = {qh.x, qh.y, qh.z, qh.w};
+        int q[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            q[0][j] = (int)__vsub4((A[j] & 0x0F0F0F0F) | ((H[j] << 4) & 0x30303030), 0x20202020);
+            q[1][j] = (int)__vsub4((B[j] & 0x0F0F0F0F) | ((H[j] << 2) & 0x30303030), 0x20202020);
+            q[2][j] = (int)__vsub4(((A[j] >> 4) & 0x0F0F0F0F) | (H[j] & 0x30303030), 0x20202020);
+            q[3][j] = (int)__vsub4(((B[j] >> 4) & 0x0F0F0F0F) | ((H[j] >> 2) & 0x30303030), 0x20202020);
+        }
+        const signed char* sc = scl + sb * 16 + half * 8 + lh;
+        float d = __half2float(dd[sb]);
+        long p0 = (long)sb * 256 + half * 128 + 16 * lh;
+        for (int t = 0; t < nt; t++) {
+            const signed char* xr = xq + (long)(t0 + t) * k;
+            const float* sr = xs + (long)(t0 + t) * (k / 32);
+            float sum = 0;
+#pragma unroll
+            for (int quarter = 0; quarter < 4; quarter++) {
+                int4 a = *(const int4*)(xr + p0 + 32 * quarter);
+                int dot = __dp4a(q[quarter][0], a.x, 0);
+                dot = __dp4a(q[quarter][1], a.y, dot); dot = __dp4a(q[quarter][2], a.z, dot); dot = __dp4a(q[quarter][3], a.w, dot);
+                sum += sc[2 * quarter] * sr[(p0 + 32 * quarter) / 32] * dot;
+            }
+            acc[t] += d * sum;
+        }
+    }
+    for (int t = 0; t < nt; t++) acc[t] = warp_sum(acc[t]);
+}
+
+// acc[t] += dot(W[row, :], x[t0 + t, :]) for nt tokens, by one warp, for every weight type:
+// warp_row_dot for the float types, Q8_0 and Q4_0; Q4_K and Q6_K on 8-bit x with dp4a.
+__device__ __forceinline__ void expert_row_dot(const void* w, int dtype, long total, long row, const float* x, const signed char* xq,
+                                               const float* xs, int k, int t0, int nt, int lane, float* acc) {
+    if (dtype == 5) q4k_row_dot(w, total, row, xq, xs, k, t0, nt, lane, acc);
+    else if (dtype == 6) q6k_row_dot(w, total, row, xq, xs, k, t0, nt, lane, acc);
+    else warp_row_dot(w, dtype, total, row, x, xq, xs, k, t0, nt, lane, acc);
 }
 
 // The chosen experts' products over their grouped rows: warp (a, o) takes output o of the a-th
