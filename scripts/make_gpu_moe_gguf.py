@@ -13,7 +13,9 @@ as llama.cpp's `gpt2` vocabulary with the `qwen2` pre-tokenizer. Speed does not 
 the weights say. Writing the file needs llama.cpp's gguf-py (`--gguf-py DIR`, or on the path).
 
 Run on the GPU machine: python3 scripts/make_gpu_moe_gguf.py OUT.gguf [--layers 24]
-(`--tiny` makes a small model of the same structure, to check the script on a CPU.)
+`--small` makes the scaled-down shape the CPU benchmarks use (8 layers, 768 hidden, 64 experts
+of 256 with 8 a token, 12 query heads over 4 KV heads of 64), `--tiny` a very small model of the
+same structure to check the script; `--f16` writes F16 instead of BF16.
 """
 import argparse
 import os
@@ -26,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_large_tokenizer import random_bpe  # noqa: E402
 
 FULL = dict(vocab=151936, hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128, used=8, expert_ff=768, layers=48)
+# Scaled down for a two-core CPU (the benchmarks' qwen3-moe-small-shape): 0.43B parameters.
+SMALL = dict(vocab=151936, hidden=768, heads=12, kv_heads=4, head_dim=64, experts=64, used=8, expert_ff=256, layers=8)
 TINY = dict(vocab=1024, hidden=256, heads=4, kv_heads=2, head_dim=64, experts=16, used=4, expert_ff=128, layers=2)
 
 
@@ -33,14 +37,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
     ap.add_argument("--layers", type=int, help="layers to keep (default: all 48)")
-    ap.add_argument("--tiny", action="store_true", help="a small model of the same structure")
+    ap.add_argument("--small", action="store_true", help="the CPU benchmarks' scaled-down shape")
+    ap.add_argument("--tiny", action="store_true", help="a very small model of the same structure")
+    ap.add_argument("--f16", action="store_true", help="F16 weights instead of BF16")
     ap.add_argument("--gguf-py", help="llama.cpp's gguf-py directory, if gguf is not installed")
     a = ap.parse_args()
     if a.gguf_py:
         sys.path.insert(0, a.gguf_py)
     import gguf
 
-    s = dict(TINY if a.tiny else FULL)
+    s = dict(TINY if a.tiny else SMALL if a.small else FULL)
     if a.layers:
         s["layers"] = a.layers
     d, v, L, E = s["hidden"], s["vocab"], s["layers"], s["experts"]
@@ -48,7 +54,9 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=device).manual_seed(0)
 
-    def rand(*shape, dtype=torch.bfloat16):
+    half = torch.float16 if a.f16 else torch.bfloat16
+
+    def rand(*shape, dtype=half):
         t = (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype).cpu()
         return t.view(torch.int16).numpy() if dtype == torch.bfloat16 else t.numpy()
 
@@ -56,7 +64,8 @@ def main():
         return np.ones(n, dtype=np.float32)
 
     # name -> (shape in row-major order, GGML type, maker)
-    BF16, F32 = gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.F32
+    BF16 = gguf.GGMLQuantizationType.F16 if a.f16 else gguf.GGMLQuantizationType.BF16
+    F32 = gguf.GGMLQuantizationType.F32
     plan = [("token_embd.weight", (v, d), BF16, lambda: rand(v, d))]
     for i in range(L):
         p = f"blk.{i}."
@@ -78,12 +87,12 @@ def main():
 
     arch = "qwen3moe"
     w = gguf.GGUFWriter(a.out, arch)
-    w.add_name("qwen3-30b-a3b-shape" + ("-tiny" if a.tiny else f"-{L}-layers" if L != 48 else ""))
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+    w.add_name("qwen3-moe-small-shape" if a.small else "qwen3-30b-a3b-shape" + ("-tiny" if a.tiny else f"-{L}-layers" if L != 48 else ""))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if a.f16 else gguf.LlamaFileType.MOSTLY_BF16)
     w.add_block_count(L)
     w.add_context_length(32768)
     w.add_embedding_length(d)
-    w.add_feed_forward_length(6144 if not a.tiny else 4 * d)
+    w.add_feed_forward_length(4 * d if a.tiny or a.small else 6144)
     w.add_head_count(s["heads"])
     w.add_head_count_kv(s["kv_heads"])
     w.add_key_length(s["head_dim"])

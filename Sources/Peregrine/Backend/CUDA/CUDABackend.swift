@@ -155,6 +155,8 @@ public final class CUDABackend: ComputeBackend {
     private var moeInts: CUDABuffer
     private var moeRows: CUDABuffer
     private var moeHidden: CUDABuffer
+    /// The up projections' outputs where the experts' products run through cuBLAS.
+    private var moeUp: CUDABuffer
     private var moeOut: CUDABuffer
 
     public var name: String { "cuda (\(driver.deviceName))" }
@@ -236,7 +238,7 @@ public final class CUDABackend: ComputeBackend {
                      "silu_mul", "gelu_tanh_mul", "scale_inplace", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
                      "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
                      "repetition_penalty", "exp_sum_rows", "sample_rows",
-                     "moe_route", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated"] + matvecs {
+                     "moe_route", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16"] + matvecs {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
@@ -268,6 +270,7 @@ public final class CUDABackend: ComputeBackend {
         moeRows = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         moeHidden = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         moeOut = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        moeUp = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         for i in 0..<32 { params[i] = args + 8 * i }
         var host: UnsafeMutableRawPointer?
         if driver.cuMemAllocHost(&host, pinnedBytes) == 0 { pinned = host }
@@ -660,43 +663,61 @@ public final class CUDABackend: ComputeBackend {
         return true
     }
 
-    /// out (+)= x @ W^T through cuBLAS: Y^T (outDim x rows, column-major) = W^T(k x outDim)^T X^T(k x rows),
-    /// f32 accumulation, beta 1 to accumulate.
+    /// out (+)= x @ W^T through cuBLAS (see `cublasProduct`), the bias added after.
     private func gemm(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer, accumulate: Bool) {
         let outDim = weight.rows, k = weight.cols
-        var alpha: Float = 1, beta: Float = accumulate ? 1 : 0
-        var bPointer = x.pointer, abType: Int32 = 0
-        var aPointer = weight.pointer
-        if weight.dtype == .q8_0 || weight.dtype == .q4_0 || weight.dtype == .q4_K || weight.dtype == .q6_K {
-            // Widened to BF16 for the tensor cores; the activations follow.
-            guard ensure(&dequantScratch, (outDim * k + 1) / 2) else { return }
-            launch("dequantize_bf16", grid: blocks(outDim * k), block: 256) { a in
-                a.ptr(weight.pointer); a.i32(code(weight.dtype)); a.ptr(dequantScratch); a.i64(outDim * k)
-            }
-            aPointer = dequantScratch.pointer
-        }
-        if weight.dtype != .f32 {
-            guard ensure(&halfScratch, (rows * k + 1) / 2) else { return }
-            launch("to_half", grid: blocks(rows * k), block: 256) { a in
-                a.ptr(x); a.ptr(halfScratch); a.i32(weight.dtype == .f16 ? 1 : 2); a.i64(rows * k)
-            }
-            bPointer = halfScratch.pointer
-            abType = weight.dtype == .f16 ? 2 : 14
-        }
-        var status: Int32 = 0
-        if case .replaying = mode { return }  // the product is in the graph (as every launch is)
-        profiled("cublasGemmEx") {
-            status = driver.cublasGemmEx(cublas, 1, 0, Int32(outDim), Int32(rows), Int32(k), &alpha,
-                                         UnsafeRawPointer(bitPattern: UInt(aPointer)), abType, Int32(k),
-                                         UnsafeRawPointer(bitPattern: UInt(bPointer)), abType, Int32(k), &beta,
-                                         UnsafeMutableRawPointer(bitPattern: UInt(out.pointer)), 0, Int32(outDim), 68, -1)
-        }
-        if status != 0, firstError == nil { firstError = .backend("cublasGemmEx failed (\(status))") }
+        guard let (a, type) = gemmWeight(weight), let b = gemmInput(x.pointer, count: rows * k, for: weight.dtype) else { return }
+        cublasProduct(a, b, type: type, outDim: outDim, rows: rows, k: k, out: out.pointer, accumulate: accumulate)
         if let bias {
             launch("add_bias", grid: blocks(rows * outDim), block: 256) { a in
                 a.ptr(out); a.ptr(bias.pointer); a.i32(outDim); a.i64(rows * outDim)
             }
         }
+    }
+
+    /// A weight as cuBLAS takes it, with its cudaDataType: 16-bit and f32 weights in place;
+    /// quantized ones widened to BF16 for the tensor cores (into `dequantScratch`, valid until
+    /// the next widening).
+    private func gemmWeight(_ weight: CUDAWeight) -> (CUDADriver.DevicePointer, Int32)? {
+        switch weight.dtype {
+        case .f32: return (weight.pointer, 0)
+        case .f16: return (weight.pointer, 2)
+        case .bf16: return (weight.pointer, 14)
+        default:
+            let n = weight.rows * weight.cols
+            guard ensure(&dequantScratch, (n + 1) / 2) else { return nil }
+            launch("dequantize_bf16", grid: blocks(n), block: 256) { a in
+                a.ptr(weight.pointer); a.i32(code(weight.dtype)); a.ptr(dequantScratch); a.i64(n)
+            }
+            return (dequantScratch.pointer, 14)
+        }
+    }
+
+    /// `count` activations in the type `gemmWeight` gives a weight of `dtype`: f32 in place, else
+    /// rounded into `halfScratch` (valid until the next rounding).
+    private func gemmInput(_ x: CUDADriver.DevicePointer, count: Int, for dtype: DType) -> CUDADriver.DevicePointer? {
+        guard dtype != .f32 else { return x }
+        guard ensure(&halfScratch, (count + 1) / 2) else { return nil }
+        launch("to_half", grid: blocks(count), block: 256) { a in
+            a.ptr(x); a.ptr(halfScratch); a.i32(dtype == .f16 ? 1 : 2); a.i64(count)
+        }
+        return halfScratch.pointer
+    }
+
+    /// out (+)= b @ a^T through cuBLAS: Y^T (outDim x rows, column-major) = A^T(k x outDim)^T B^T(k x rows),
+    /// both of cudaDataType `type`, f32 accumulation and output, beta 1 to accumulate.
+    private func cublasProduct(_ a: CUDADriver.DevicePointer, _ b: CUDADriver.DevicePointer, type: Int32, outDim: Int, rows: Int, k: Int,
+                               out: CUDADriver.DevicePointer, accumulate: Bool) {
+        var alpha: Float = 1, beta: Float = accumulate ? 1 : 0
+        var status: Int32 = 0
+        if case .replaying = mode { return }  // the product is in the graph (as every launch is)
+        profiled("cublasGemmEx") {
+            status = driver.cublasGemmEx(cublas, 1, 0, Int32(outDim), Int32(rows), Int32(k), &alpha,
+                                         UnsafeRawPointer(bitPattern: UInt(a)), type, Int32(k),
+                                         UnsafeRawPointer(bitPattern: UInt(b)), type, Int32(k), &beta,
+                                         UnsafeMutableRawPointer(bitPattern: UInt(out)), 0, Int32(outDim), 68, -1)
+        }
+        if status != 0, firstError == nil { firstError = .backend("cublasGemmEx failed (\(status))") }
     }
 
     public func matmul(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer) {
@@ -1007,6 +1028,76 @@ public final class CUDABackend: ComputeBackend {
             a.ptr(experts.reads)
         }
         launch("gather_rows", grid: (total, 1, 1), block: 256) { a in a.ptr(x); a.ptr(rowOf); a.ptr(moeRows); a.i32(d) }
+        if total >= expertGEMMRoutes, !inGraphStep, !deterministic {
+            expertGEMMs(experts, total: total, counts: counts, active: active)
+        } else {
+            expertRowProducts(experts, total: total)
+        }
+        launch("moe_combine", grid: (rows, 1, 1), block: 256) { a in
+            a.ptr(routes); a.ptr(place); a.i32(k); a.ptr(moeOut); a.ptr(out); a.i32(d)
+        }
+    }
+
+    /// Routes a pass needs for the chosen experts' products to run as cuBLAS products, one an
+    /// expert and projection on the tensor cores: a prompt's pass, where each expert gets many
+    /// rows. Fewer (decode steps) take the warp-per-row kernels, which read each chosen expert's
+    /// weights once for all its rows.
+    private let expertGEMMRoutes = 64
+
+    /// The chosen experts' products over their grouped rows (moeRows -> moeHidden -> moeOut) as
+    /// cuBLAS products: the group sizes read back (so never in a graph step), the rows rounded to
+    /// the weights' 16-bit type once a projection, a quantized projection's chosen experts
+    /// widened to BF16 in one launch.
+    private func expertGEMMs(_ experts: CUDAExperts, total: Int, counts: CUDADriver.DevicePointer, active: CUDADriver.DevicePointer) {
+        let n = experts.count, d = experts.hidden, ff = experts.intermediate
+        guard ensure(&moeUp, total * ff) else { return }
+        var sizes = [Int32](repeating: 0, count: n)
+        sizes.withUnsafeMutableBytes { record(driver.cuMemcpyDtoHAsync($0.baseAddress!, counts, $0.count, stream), "cuMemcpyDtoHAsync") }
+        record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        guard sizes.reduce(0, { $0 + Int($1) }) == total else {
+            if firstError == nil { firstError = .backend("internal: expert groups do not add up to the pass's routes") }
+            return
+        }
+        let chosen = sizes.filter { $0 > 0 }.count
+        func stage(_ input: CUDABuffer, k: Int, _ products: [(weights: [CUDAWeight], table: CUDABuffer, out: CUDABuffer)]) {
+            for (weights, table, out) in products {
+                // Rounded for each projection: gate and up may be stored in different types.
+                let dtype = weights[0].dtype, rows = weights[0].rows, size = rows * k
+                guard let xh = gemmInput(input.pointer, count: total * k, for: dtype) else { return }
+                let inputBytes = dtype == .f32 ? 4 : 2
+                var widened: CUDADriver.DevicePointer?
+                if ![DType.f32, .f16, .bf16].contains(dtype) {
+                    guard ensure(&dequantScratch, (chosen * size + 1) / 2) else { return }
+                    launch("dequantize_experts_bf16", grid: (blocks(size).0, chosen, 1), block: 256) { a in
+                        a.ptr(table); a.ptr(active); a.i32(n); a.i32(code(dtype)); a.i64(size); a.ptr(dequantScratch)
+                    }
+                    widened = dequantScratch.pointer
+                }
+                var start = 0, index = 0
+                for e in 0..<n where sizes[e] > 0 {
+                    let m = Int(sizes[e])
+                    let (a, type): (CUDADriver.DevicePointer, Int32)
+                    if let widened { (a, type) = (widened + UInt64(index * size * 2), 14) } else {
+                        guard let w = gemmWeight(weights[e]) else { return }
+                        (a, type) = w
+                    }
+                    cublasProduct(a, xh + UInt64(start * k * inputBytes), type: type, outDim: rows, rows: m, k: k,
+                                  out: out.pointer + UInt64(start * rows * 4), accumulate: false)
+                    start += m
+                    index += 1
+                }
+            }
+        }
+        stage(moeRows, k: d, [(experts.gate, experts.gateTable, moeHidden), (experts.up, experts.upTable, moeUp)])
+        siluMul(gate: moeHidden, up: moeUp, count: total * ff, out: moeHidden)
+        stage(moeHidden, k: ff, [(experts.down, experts.downTable, moeOut)])
+    }
+
+    /// The chosen experts' products by the warp-per-row kernels (moe_products).
+    private func expertRowProducts(_ experts: CUDAExperts, total: Int) {
+        let n = experts.count, d = experts.hidden, ff = experts.intermediate
+        let ints = moeInts.pointer
+        let counts = ints, starts = ints + UInt64(4 * n), active = ints + UInt64(8 * n)
         // At most one group per route: the grid covers min(experts, routes) chosen experts.
         let slots = min(n, total)
         func products(_ input: CUDABuffer, _ w: CUDABuffer, _ type: DType, _ u: CUDABuffer?, _ upType: DType, outputs: Int, k: Int,
@@ -1024,9 +1115,6 @@ public final class CUDABackend: ComputeBackend {
         }
         products(moeRows, experts.gateTable, experts.gate[0].dtype, experts.upTable, experts.up[0].dtype, outputs: ff, k: d, moeHidden)
         products(moeHidden, experts.downTable, experts.down[0].dtype, nil, experts.down[0].dtype, outputs: d, k: ff, moeOut)
-        launch("moe_combine", grid: (rows, 1, 1), block: 256) { a in
-            a.ptr(routes); a.ptr(place); a.i32(k); a.ptr(moeOut); a.ptr(out); a.i32(d)
-        }
     }
 
     public func expertReads(_ experts: CUDAExperts) throws -> [Int] {

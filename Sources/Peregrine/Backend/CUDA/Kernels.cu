@@ -605,6 +605,17 @@ extern "C" __global__ void dequantize_bf16(const void* w, int dtype, __nv_bfloat
     if (i < n) out[i] = __float2bfloat16(load_weight(w, dtype, i, n));
 }
 
+// The chosen experts' weights of one projection widened to BF16 for cuBLAS: block row y takes
+// the y-th chosen expert (active[0..<active[experts]], as moe_group lists them), n values each.
+extern "C" __global__ void dequantize_experts_bf16(const unsigned long long* weights, const int* active, int experts, int dtype, long n,
+                                                   __nv_bfloat16* out) {
+    gdc_wait();
+    int a = blockIdx.y;
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (a >= active[experts] || i >= n) return;
+    out[(long)a * n + i] = __float2bfloat16(load_weight((const void*)weights[active[a]], dtype, i, n));
+}
+
 // Activations to the weights' 16-bit type, for cuBLAS products.
 extern "C" __global__ void to_half(const float* x, void* out, int dtype, long n) {
     gdc_wait();
