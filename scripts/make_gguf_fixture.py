@@ -25,6 +25,12 @@ checkout and its CPU build (libllama and llama-quantize), not llama-cpp-python:
   LLAMA_CPP_DIR=llama.cpp LLAMA_CPP_BIN=llama.cpp/build/bin python3 scripts/make_gguf_fixture.py --moe-only
 (the Python needs torch, numpy and sentencepiece for the converter; scripts/llamacpp_logits.c,
 compiled here with cc, reads the logits).
+--iq4-only makes the IQ4 fixtures: the 256-wide random Llama (llama256-f16.gguf, above) quantized by
+llama-quantize to IQ4_NL and IQ4_XS (committed) and by `peregrine quantize` to the same types, and
+llama.cpp's logits on all four files. Like --moe-only it needs a llama.cpp checkout and its CPU
+build, and a Peregrine build (PEREGRINE=path/to/peregrine, default .build/debug/peregrine):
+  swift build
+  LLAMA_CPP_DIR=llama.cpp LLAMA_CPP_BIN=llama.cpp/build/bin python3 scripts/make_gguf_fixture.py --iq4-only
 The Gemma fixtures (the tiny Gemma 2 and Gemma 3 of Tests/Fixtures/models converted by llama.cpp's
 converter to F32, Gemma 3 to Q8_0 too, and llama.cpp's logits on each) come from a llama.cpp
 checkout built with shared libraries (cmake -B build -DBUILD_SHARED_LIBS=ON && cmake --build build),
@@ -254,6 +260,34 @@ def make_moe_fixtures():
         logits(path, "peregrine-mixtral-q4_0", "mixtral")
 
 
+def make_iq4_fixtures():
+    """llama256-f16.gguf to IQ4_NL and IQ4_XS by llama-quantize (no importance matrix) and by
+    `peregrine quantize`, with llama.cpp's logits on each (the Peregrine files themselves are not
+    kept: the tests write them again, and their IQ4 tensors must equal llama.cpp's byte for byte)."""
+    import tempfile
+    src, bindir = llama_cpp_checkout()
+    env = dict(os.environ, LD_LIBRARY_PATH=bindir + os.pathsep + os.environ.get("LD_LIBRARY_PATH", ""))
+    source = os.path.join(OUT, "llama256-f16.gguf")
+    exe = os.environ.get("PEREGRINE") or os.path.join(ROOT, ".build", "debug", "peregrine")
+    ref = json.load(open(os.path.join(ROOT, "Tests", "Fixtures", "models", "llama", "reference.json")))
+    ids = ",".join(str(t) for t in ref["prompt_ids"] + ref["greedy_ids"])
+    with tempfile.TemporaryDirectory() as d:
+        tool = os.path.join(d, "llamacpp_logits")
+        subprocess.run(["cc", "-O2", os.path.join(ROOT, "scripts", "llamacpp_logits.c"), "-I", os.path.join(src, "include"),
+                        "-I", os.path.join(src, "ggml", "include"), "-L", bindir, "-lllama", "-Wl,-rpath," + bindir, "-o", tool],
+                       check=True)
+        for mix in ["IQ4_NL", "IQ4_XS"]:
+            theirs = os.path.join(OUT, f"llama256-{mix.lower()}.gguf")
+            subprocess.run([os.path.join(bindir, "llama-quantize"), source, theirs, mix], check=True, env=env, capture_output=True)
+            ours = os.path.join(d, f"peregrine-llama256-{mix.lower()}.gguf")
+            subprocess.run([exe, "quantize", "-m", source, "--type", mix, "-o", ours], check=True, capture_output=True)
+            for path in [theirs, ours]:
+                name = os.path.basename(path)[:-len(".gguf")]
+                subprocess.run([tool, path, os.path.join(OUT, f"{name}.llamacpp_logits.bin"), ids], check=True, env=env,
+                               capture_output=True)
+                print(name, os.path.getsize(path), "bytes; llama.cpp logits")
+
+
 def make_gemma_fixtures():
     """Gemma 2 and Gemma 3 converted by llama.cpp's converter (which stores norm weights with the 1
     of Gemma's (1 + weight) added) and llama.cpp's logits on each file for the fixture's prompt and
@@ -285,6 +319,9 @@ def main():
         make_phi3_fixtures()
     elif sys.argv[1:] == ["--moe-only"]:
         make_moe_fixtures()
+    elif sys.argv[1:] == ["--iq4-only"]:
+        make_iq4_fixtures()
+        return
     elif sys.argv[1:] == ["--gemma-only"]:
         make_gemma_fixtures()
         return

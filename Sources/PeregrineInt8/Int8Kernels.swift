@@ -16,6 +16,26 @@ public enum KQuant {
     }
 }
 
+/// Shared pieces of the IQ4 layouts (IQ4_NL, IQ4_XS).
+public enum IQ4 {
+    /// The 16 levels a 4-bit index selects (ggml's table): uneven steps, finest near zero.
+    public static let levels: [Int8] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+
+    /// The levels as one little-endian 128-bit pattern (bytes 0-15), for table lookups in registers.
+    public static let levelsLow: UInt64 = 0xF6EA_DDCF_BFAD_9881
+    public static let levelsHigh: UInt64 = 0x7159_4535_2619_0D01
+
+    /// Sub-block s's signed 6-bit scale of an IQ4_XS block: the low 4 bits from nibble s of the
+    /// 4 bytes at offset 4, the top 2 from bits 2s, 2s + 1 of the 16-bit word at offset 2,
+    /// stored offset by 32.
+    @inlinable @inline(__always)
+    public static func subScale(_ block: UnsafeRawPointer, _ s: Int) -> Int {
+        let low = Int(block.load(fromByteOffset: 4 &+ s >> 1, as: UInt8.self) >> UInt8(4 &* (s & 1))) & 0x0F
+        let high = Int(block.loadUnaligned(fromByteOffset: 2, as: UInt16.self) >> UInt16(2 &* s)) & 3
+        return (low | high << 4) &- 32
+    }
+}
+
 #if arch(x86_64)
 import _Builtin_intrinsics.intel
 
@@ -27,7 +47,7 @@ import _Builtin_intrinsics.intel
 public enum Int8Kernels {
     /// Bytes of one row of `k` activations in the layout a weight type's products take.
     @inlinable public static func activationBytes(_ type: Int8WeightType, k: Int) -> Int {
-        type.isKQuant ? k / 256 * kBlockBytes : k / 32 * blockBytes
+        type.superBlocks ? k / 256 * kBlockBytes : k / 32 * blockBytes
     }
 
     /// Per 32 values: the scale, the scale times the sum of the values (both f16 values held as
@@ -67,7 +87,7 @@ public enum Int8Kernels {
 
     /// Rounds one token's `k` activations for the products of weight type `type`.
     @inlinable public static func quantizeActivations(_ type: Int8WeightType, _ x: UnsafePointer<Float>, k: Int, into out: UnsafeMutableRawPointer) {
-        switch type.isKQuant {
+        switch type.superBlocks {
         case true:
             for b in 0..<(k / 256) {
                 let xb = x + 256 &* b, ob = out + kBlockBytes &* b
@@ -166,6 +186,8 @@ public enum Int8Kernels {
         case .q4_K: tile(Q4_KBlock.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
         case .q5_K: tile(Q5_KBlock.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
         case .q6_K: tile(Q6_KBlock.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .iq4_nl: tile(IQ4_NLBlock.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .iq4_xs: tile(IQ4_XSBlock.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
         }
     }
 
@@ -284,7 +306,10 @@ public enum AVX2Dot: Int8Dot {
 /// The weight types with integer kernels.
 public enum Int8WeightType: Int, Sendable {
     case q8_0, q4_0, q5_0, q4_1, q5_1, q4_K, q5_K, q6_K
+    case iq4_nl, iq4_xs
     @inlinable public var isKQuant: Bool { self == .q4_K || self == .q5_K || self == .q6_K }
+    /// Products on activations in 256-value blocks (llama.cpp's Q8_K) rather than 32-value ones.
+    @inlinable public var superBlocks: Bool { isKQuant || self == .iq4_xs }
 }
 
 /// The 32-value types: values as bytes (signed when `signed`), the block scale, and the min
@@ -474,6 +499,70 @@ public enum Q6_KBlock: Int8Block {
         let dd = d.d * y.load(as: Float.self)
         acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(sumi), acc)
         acc = _mm256_fmadd_ps(_mm256_set1_ps(-32 * dd), _mm256_cvtepi32_ps(offset), acc)
+    }
+}
+
+extension IQ4 {
+    /// The 16 levels in each 128-bit lane, for `_mm256_shuffle_epi8` lookups.
+    @inlinable @inline(__always) public static var table: __m256i {
+        _mm256_broadcastsi128_si256(_mm_set_epi64x(Int64(bitPattern: levelsHigh), Int64(bitPattern: levelsLow)))
+    }
+
+    /// 32 values of a 16-byte nibble layout (element j low in byte j, j + 16 high) as their int8 levels.
+    @inlinable @inline(__always) public static func values(_ p: UnsafeRawPointer, _ table: __m256i) -> __m256i {
+        _mm256_shuffle_epi8(table, Int8Kernels.nibbles(p))
+    }
+}
+
+/// IQ4_NL: the table's levels as signed bytes, then Q8_0's product.
+public enum IQ4_NLBlock: Int8Block {
+    @inlinable public static var weightBytes: Int { 18 }
+    @inline(__always) @inlinable public static func decode(_ w: UnsafeRawPointer) -> Block32 {
+        Block32(q: IQ4.values(w + 2, IQ4.table), d: Int8Kernels.f16(w, 0), m: 0)
+    }
+    @inline(__always) @inlinable public static func accumulate<D: Int8Dot>(_ d: Block32, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
+        Q8_0Block.accumulate(d, y, &acc, &s, D.self)
+    }
+}
+
+/// IQ4_XS unpacked: eight sub-blocks of 32 levels as their magnitudes (unsigned bytes) and
+/// signs, and each sub-block's signed 6-bit scale broadcast as int16.
+@frozen public struct BlockXS {
+    public var magnitudes: Int8Kernels.Vectors8
+    public var signs: Int8Kernels.Vectors8
+    public var scales: Int8Kernels.Vectors8
+    public var d: Float
+    @inlinable public init(magnitudes: Int8Kernels.Vectors8, signs: Int8Kernels.Vectors8, scales: Int8Kernels.Vectors8, d: Float) {
+        self.magnitudes = magnitudes; self.signs = signs; self.scales = scales; self.d = d
+    }
+}
+
+public enum IQ4_XSBlock: Int8Block {
+    @inlinable public static var values: Int { 256 }
+    @inlinable public static var weightBytes: Int { 136 }
+
+    @inline(__always) @inlinable public static func decode(_ w: UnsafeRawPointer) -> BlockXS {
+        let table = IQ4.table
+        @inline(__always) func q(_ s: Int) -> __m256i { IQ4.values(w + (8 &+ 16 &* s), table) }
+        @inline(__always) func sc(_ s: Int) -> __m256i { _mm256_set1_epi16(Int16(IQ4.subScale(w, s))) }
+        let q0 = q(0), q1 = q(1), q2 = q(2), q3 = q(3), q4 = q(4), q5 = q(5), q6 = q(6), q7 = q(7)
+        @inline(__always) func m(_ v: __m256i) -> __m256i { _mm256_sign_epi8(v, v) }
+        return BlockXS(magnitudes: (m(q0), m(q1), m(q2), m(q3), m(q4), m(q5), m(q6), m(q7)), signs: (q0, q1, q2, q3, q4, q5, q6, q7),
+                       scales: (sc(0), sc(1), sc(2), sc(3), sc(4), sc(5), sc(6), sc(7)), d: Int8Kernels.f16(w, 0))
+    }
+
+    /// Each sub-block's signed product as |q| x (y with q's sign), unsigned times signed bytes,
+    /// times its scale; summed exactly in int32 and scaled once by d times the activations' scale.
+    @inline(__always) @inlinable public static func accumulate<D: Int8Dot>(_ d: BlockXS, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
+        @inline(__always) func p(_ m: __m256i, _ q: __m256i, _ j: Int, _ sc: __m256i) -> __m256i {
+            D.unsigned(m, _mm256_sign_epi8(y.loadUnaligned(fromByteOffset: 36 &+ 32 &* j, as: __m256i.self), q), sc)
+        }
+        let sumi = _mm256_add_epi32(
+            _mm256_add_epi32(_mm256_add_epi32(p(d.magnitudes.0, d.signs.0, 0, d.scales.0), p(d.magnitudes.1, d.signs.1, 1, d.scales.1)),
+                             _mm256_add_epi32(p(d.magnitudes.2, d.signs.2, 2, d.scales.2), p(d.magnitudes.3, d.signs.3, 3, d.scales.3))),
+            _mm256_add_epi32(_mm256_add_epi32(p(d.magnitudes.4, d.signs.4, 4, d.scales.4), p(d.magnitudes.5, d.signs.5, 5, d.scales.5)),
+                             _mm256_add_epi32(p(d.magnitudes.6, d.signs.6, 6, d.scales.6), p(d.magnitudes.7, d.signs.7, 7, d.scales.7))))
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d.d * y.load(as: Float.self)), _mm256_cvtepi32_ps(sumi), acc)
     }
 }
 #endif

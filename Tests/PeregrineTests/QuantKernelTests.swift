@@ -15,6 +15,7 @@ final class QuantKernelTests: XCTestCase {
         case .q8_0, .q4_0, .q5_0: halfOffsets = [0]
         case .q4_1, .q5_1, .q4_K, .q5_K: halfOffsets = [0, 2]
         case .q6_K: halfOffsets = [208]
+        case .iq4_nl, .iq4_xs: halfOffsets = [0]
         default: halfOffsets = []
         }
         for b in 0..<blocks {
@@ -75,6 +76,44 @@ extension QuantKernelTests {
             XCTAssertLessThan(worst, 0.01, "\(type)")
         }
     }
+
+    /// Products over many tokens (the prefill path: tiles of eight and four tokens, then one at a
+    /// time, rows spread over threads) give each token exactly its single-token result, and that
+    /// result is the dequantized row's product within the activations' rounding.
+    func testBatchedProductsMatchSingleTokens() {
+        var rng = SplitMix(seed: 19)
+        let k = 2 * 256, rows = 37, tokens = 13
+        for type in DType.allCases where !type.isFloat {
+            let x = (0..<(tokens * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
+            let w = (0..<rows).flatMap { _ in randomRow(type, blocks: k / type.blockSize, rng: &rng) }
+            let bias = (0..<rows).map { Float($0) / 100 }
+            var y = [Float](repeating: 0, count: tokens * rows)
+            let scratch = UnsafeMutableRawPointer.allocate(byteCount: CPUKernels.activationScratchBytes(type, tokens: tokens, k: k), alignment: 64)
+            defer { scratch.deallocate() }
+            w.withUnsafeBytes { wp in
+                CPUKernels.matmulBlocks(type, x: x, tokens: tokens, w: wp.baseAddress!, outDim: rows, k: k, bias: bias, y: &y,
+                                        scratch: scratch, pool: .shared)
+            }
+            let rowBytes = type.byteCount(elements: k)
+            var worst = 0.0
+            for t in 0..<tokens {
+                var one = [Float](repeating: 0, count: rows)
+                w.withUnsafeBytes { wp in
+                    CPUKernels.matmulBlocks(type, x: Array(x[(t * k)..<((t + 1) * k)]), tokens: 1, w: wp.baseAddress!, outDim: rows, k: k,
+                                            bias: bias, y: &one, scratch: scratch, pool: .shared)
+                }
+                XCTAssertEqual(Array(y[(t * rows)..<((t + 1) * rows)]), one, "\(type): token \(t)")
+                for o in 0..<rows {
+                    var wf = [Float](repeating: 0, count: k)
+                    w.withUnsafeBytes { type.dequantize($0.baseAddress! + o * rowBytes, count: k, into: &wf) }
+                    let expected = (0..<k).reduce(0.0) { $0 + Double(wf[$1]) * Double(x[t * k + $1]) } + Double(bias[o])
+                    let magnitude = (0..<k).reduce(0.0) { $0 + abs(Double(wf[$1]) * Double(x[t * k + $1])) }
+                    worst = max(worst, abs(Double(y[t * rows + o]) - expected) / magnitude)
+                }
+            }
+            XCTAssertLessThan(worst, 0.01, "\(type)")
+        }
+    }
 }
 #endif
 
@@ -108,9 +147,10 @@ final class QuantizerTests: XCTestCase {
             x.withUnsafeBufferPointer { src in bytes.withUnsafeMutableBytes { Quantizer.quantize(type, src.baseAddress!, count: n, into: $0.baseAddress!) } }
             bytes.withUnsafeBytes { type.dequantize($0.baseAddress!, count: n, into: &back) }
             let err = (zip(x, back).reduce(0) { $0 + ($1.0 - $1.1) * ($1.0 - $1.1) } / Float(n)).squareRoot() / rms
-            // Bounds about 1.3x what each type measures here (Q8_0 0.006 ... Q4_0 0.098).
+            // Bounds about 1.3x what each type measures here (Q8_0 0.006 ... Q4_0 0.098; IQ4_NL 0.083,
+            // IQ4_XS 0.085).
             let bound: [DType: Float] = [.q8_0: 0.008, .q6_K: 0.026, .q5_K: 0.05, .q5_1: 0.052, .q5_0: 0.065, .q4_K: 0.1,
-                                         .q4_1: 0.11, .q4_0: 0.13]
+                                         .q4_1: 0.11, .q4_0: 0.13, .iq4_nl: 0.11, .iq4_xs: 0.11]
             XCTAssertLessThan(err, bound[type]!, "\(type) relative RMS error")
         }
     }
@@ -122,7 +162,7 @@ extension QuantizerTests {
     /// squared errors.
     func testErrorComparableToLlamaCpp() throws {
         let files = ["llama-q8_0", "llama-q4_0"].map { ("llama-f32", $0) }
-            + ["q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k"].map { ("llama256-f16", "llama256-" + $0) }
+            + ["q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs"].map { ("llama256-f16", "llama256-" + $0) }
         for (sourceName, name) in files {
             let source = try GGUFFile(path: Fixtures.root + "/gguf/\(sourceName).gguf")
             let theirs = try GGUFFile(path: Fixtures.root + "/gguf/\(name).gguf")

@@ -34,12 +34,15 @@ public final class GGUFFile: @unchecked Sendable {
     public enum TensorType: UInt32, Sendable, CaseIterable {
         case f32 = 0, f16 = 1, q4_0 = 2, q4_1 = 3, q5_0 = 6, q5_1 = 7, q8_0 = 8, q8_1 = 9
         case q2_K = 10, q3_K = 11, q4_K = 12, q5_K = 13, q6_K = 14, q8_K = 15, bf16 = 30
+        case iq4_nl = 20, iq4_xs = 23
 
         public var blockSize: Int {
             switch self {
             case .f32, .f16, .bf16: return 1
             case .q4_0, .q4_1, .q5_0, .q5_1, .q8_0, .q8_1: return 32
             case .q2_K, .q3_K, .q4_K, .q5_K, .q6_K, .q8_K: return 256
+            case .iq4_nl: return 32
+            case .iq4_xs: return 256
             }
         }
 
@@ -59,6 +62,8 @@ public final class GGUFFile: @unchecked Sendable {
             case .q5_K: return 176
             case .q6_K: return 210
             case .q8_K: return 292
+            case .iq4_nl: return 18
+            case .iq4_xs: return 136
             }
         }
     }
@@ -206,6 +211,8 @@ extension GGUFFile.TensorType {
         case .q4_K: return .q4_K
         case .q5_K: return .q5_K
         case .q6_K: return .q6_K
+        case .iq4_nl: return .iq4_nl
+        case .iq4_xs: return .iq4_xs
         case .q8_1, .q2_K, .q3_K, .q8_K: return nil
         }
     }

@@ -6,6 +6,7 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
     case f32 = "F32", f16 = "F16", bf16 = "BF16"
     case q8_0 = "Q8_0", q4_0 = "Q4_0", q4_1 = "Q4_1", q5_0 = "Q5_0", q5_1 = "Q5_1"
     case q4_K_S = "Q4_K_S", q4_K_M = "Q4_K_M", q5_K_S = "Q5_K_S", q5_K_M = "Q5_K_M", q6_K = "Q6_K"
+    case iq4_nl = "IQ4_NL", iq4_xs = "IQ4_XS"
 
     /// llama.cpp's `general.file_type` number for the mix.
     public var fileType: UInt32 {
@@ -22,6 +23,8 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
         case .q5_K_S: return 16
         case .q5_K_M: return 17
         case .q6_K: return 18
+        case .iq4_nl: return 25
+        case .iq4_xs: return 30
         case .bf16: return 32
         }
     }
@@ -40,6 +43,8 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
         case .q4_K_S, .q4_K_M: return .q4_K
         case .q5_K_S, .q5_K_M: return .q5_K
         case .q6_K: return .q6_K
+        case .iq4_nl: return .iq4_nl
+        case .iq4_xs: return .iq4_xs
         }
     }
 
@@ -56,9 +61,11 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
     /// attention's k and v in Q8_0 and gives the K-quants' attention output Q5_K).
     /// `pure` gives every matrix the base type (llama.cpp's --pure), fallbacks aside.
     /// `importance` says the quantization is weighted by an importance matrix, which moves the
-    /// first eighth of the layers' `ffn_down` from Q4_0/Q5_0 to Q4_1/Q5_1, as llama.cpp does.
+    /// first eighth of the layers' `ffn_down` from Q4_0/Q5_0 to Q4_1/Q5_1, as llama.cpp does (and
+    /// keeps it at IQ4_NL/IQ4_XS, which take Q5_K there without one). `gqa` is the query heads per
+    /// key/value head: with 4 or more, the IQ4 mixes give attention's v Q5_K.
     public func type(of name: String, cols: Int, isMatrix: Bool, layers: Int, tied: Bool, experts: Int = 0, pure: Bool = false,
-                     importance: Bool = false) -> DType {
+                     importance: Bool = false, gqa: Int = 1) -> DType {
         guard isMatrix, !name.hasSuffix("_norm.weight") else { return .f32 }
         if name.hasSuffix(".ffn_gate_inp.weight") || name.hasSuffix(".ffn_gate_inp_shexp.weight") { return .f32 }
         var type = base
@@ -72,21 +79,24 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
         } else if let i = layer, name.hasSuffix(".attn_v.weight") {
             if (self == .q4_K_M || self == .q5_K_M) && moreBits(i) { type = .q6_K }
             if self == .q4_K_S && i < 4 { type = .q5_K }
+            if (self == .iq4_nl || self == .iq4_xs) && gqa >= 4 { type = .q5_K }
             if experts == 8 { type = .q8_0 }
         } else if layer != nil, name.hasSuffix(".attn_k.weight") {
             if experts == 8 { type = .q8_0 }
         } else if layer != nil, name.hasSuffix(".attn_output.weight") {
-            if experts == 8 && (self == .q4_K_S || self == .q4_K_M) { type = .q5_K }
+            if experts == 8 && (self == .q4_K_S || self == .q4_K_M || self == .iq4_nl || self == .iq4_xs) { type = .q5_K }
         } else if let i = layer, name.contains(".ffn_down") {
             // Every down projection (dense, the stacked experts', the shared expert's), by its layer.
             if (self == .q4_K_M || self == .q5_K_M) && moreBits(i) { type = .q6_K }
             if (self == .q4_K_S || self == .q5_K_S) && i < layers / 8 { type = .q5_K }
             if importance && (self == .q4_0 || self == .q5_0) && i < layers / 8 { type = self == .q4_0 ? .q4_1 : .q5_1 }
+            if !importance && (self == .iq4_nl || self == .iq4_xs) && i < layers / 8 { type = .q5_K }
         }
         return fallback(type, cols: cols)
     }
 
-    /// Rows that do not divide into 256-value blocks take a 32-value type of similar size.
+    /// Rows that do not divide into 256-value blocks take a 32-value type of similar size; rows
+    /// that do not divide into 32 either, F16.
     private func fallback(_ t: DType, cols: Int) -> DType {
         var type = t
         if cols % type.blockSize != 0 {
@@ -94,6 +104,7 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
             case .q4_K: type = .q5_0
             case .q5_K: type = .q5_1
             case .q6_K: type = .q8_0
+            case .iq4_xs: type = .iq4_nl
             default: break
             }
             if cols % type.blockSize != 0 { type = .f16 }
@@ -143,6 +154,7 @@ public struct ModelQuantizer {
         var inputs: [(name: String, dims: [Int], parts: [TensorView])]
         let layers: Int
         let experts: Int
+        let config: ModelConfig
         var hfSource: HFToGGUF?
         defer { hfSource?.release() }
         // The mapped source outlives the writing (tensor views point into it).
@@ -151,7 +163,7 @@ public struct ModelQuantizer {
         if FileSystem.isGGUFFile(source) {
             let g = try GGUFFile(path: source)
             ggufSource = g
-            _ = try ModelConfig(gguf: g)  // an architecture Peregrine runs, with sane hyperparameters
+            config = try ModelConfig(gguf: g)  // an architecture Peregrine runs, with sane hyperparameters
             writer = GGUFWriter()
             for key in g.metadataKeys {
                 guard let range = g.rawMetadata[key], let base = g.file.base else { continue }
@@ -173,6 +185,7 @@ public struct ModelQuantizer {
             inputs = hf.tensors
             layers = hf.config.layerCount
             experts = hf.config.experts?.count ?? 0
+            config = hf.config
         }
         let tied = !inputs.contains { $0.name == "output.weight" }
         writer.set("general.file_type", .u32(mix.fileType))
@@ -191,7 +204,7 @@ public struct ModelQuantizer {
             // one-row gate is a vector.
             let isMatrix = dims.dropFirst().contains { $0 > 1 }
             let target = mix.type(of: name, cols: dims[0], isMatrix: isMatrix, layers: layers, tied: tied, experts: experts, pure: pure,
-                                  importance: importance != nil)
+                                  importance: importance != nil, gqa: config.headCount / max(1, config.kvHeadCount))
             for view in parts where view.dtype != target && !view.dtype.isFloat {
                 throw PeregrineError.unsupported(
                     "\(source): tensor '\(name)' is already quantized (\(view.dtype.rawValue)); quantize from an F32, F16 or BF16 model")

@@ -3,6 +3,8 @@ import PeregrineInt8
 /// Element types of stored tensors: floats, and llama.cpp's quantized blocks. The 32-value
 /// blocks share an f16 scale (and, for the `_1` types, an f16 offset); the k-quants pack 256
 /// values into sub-blocks whose scales are themselves quantized against f16 super-block scales.
+/// The IQ4 types store 4-bit indices into a fixed table of 16 unevenly spaced levels (denser
+/// near zero, where trained weights cluster) instead of evenly spaced integers.
 /// Layouts are ggml's byte for byte, so GGUF tensor data is used in place.
 public enum DType: String, Sendable, CaseIterable {
     case f32 = "F32"
@@ -16,6 +18,8 @@ public enum DType: String, Sendable, CaseIterable {
     case q4_K = "Q4_K"
     case q5_K = "Q5_K"
     case q6_K = "Q6_K"
+    case iq4_nl = "IQ4_NL"
+    case iq4_xs = "IQ4_XS"
 
     /// Bytes per element of a float type (safetensors holds only these).
     public var byteSize: Int {
@@ -34,6 +38,8 @@ public enum DType: String, Sendable, CaseIterable {
         case .f32, .f16, .bf16: return 1
         case .q8_0, .q4_0, .q4_1, .q5_0, .q5_1: return 32
         case .q4_K, .q5_K, .q6_K: return 256
+        case .iq4_nl: return 32
+        case .iq4_xs: return 256
         }
     }
 
@@ -48,6 +54,8 @@ public enum DType: String, Sendable, CaseIterable {
         case .q4_K: return 144
         case .q5_K: return 176
         case .q6_K: return 210
+        case .iq4_nl: return 18
+        case .iq4_xs: return 136
         }
     }
 
@@ -132,6 +140,32 @@ public enum DType: String, Sendable, CaseIterable {
                         out[base + 32] = d * s(l / 16 + 2) * Float(q1 - 32)
                         out[base + 64] = d * s(l / 16 + 4) * Float(q2 - 32)
                         out[base + 96] = d * s(l / 16 + 6) * Float(q3 - 32)
+                    }
+                }
+            }
+        case .iq4_nl:
+            // f16 scale, then byte j: element j's table index low, element j + 16's high.
+            for b in 0..<(n / 32) {
+                let block = src + 18 * b
+                let d = f16(block, 0)
+                for j in 0..<16 {
+                    let q = u8(block, 2 + j)
+                    out[32 * b + j] = d * Float(IQ4.levels[q & 0x0F])
+                    out[32 * b + j + 16] = d * Float(IQ4.levels[q >> 4])
+                }
+            }
+        case .iq4_xs:
+            // f16 d, then eight 6-bit sub-block scales (offset by 32), then the IQ4_NL nibble
+            // layout for each sub-block of 32.
+            for b in 0..<(n / 256) {
+                let block = src + 136 * b
+                let d = f16(block, 0)
+                for s in 0..<8 {
+                    let dl = d * Float(IQ4.subScale(block, s))
+                    for j in 0..<16 {
+                        let q = u8(block, 8 + 16 * s + j)
+                        out[256 * b + 32 * s + j] = dl * Float(IQ4.levels[q & 0x0F])
+                        out[256 * b + 32 * s + j + 16] = dl * Float(IQ4.levels[q >> 4])
                     }
                 }
             }

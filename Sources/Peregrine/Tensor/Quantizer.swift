@@ -1,4 +1,5 @@
 import Foundation
+import PeregrineInt8
 
 /// Rounds f32 values into the block types, the inverse of `DType.dequantize`. The 32-value types
 /// take a scale from each block's extreme value; the k-quants search, per sub-block, for the
@@ -17,6 +18,8 @@ public enum Quantizer {
         case .q4_1, .q5_1: for b in 0..<(n / 32) { withMin(x + 32 * b, out + type.blockBytes * b, five: type == .q5_1) }
         case .q4_K, .q5_K: for b in 0..<(n / 256) { kQuant(x + 256 * b, out + type.blockBytes * b, five: type == .q5_K) }
         case .q6_K: for b in 0..<(n / 256) { q6_K(x + 256 * b, out + 210 * b) }
+        case .iq4_nl: for b in 0..<(n / 32) { iq4(x + 32 * b, count: 32, out + 18 * b) }
+        case .iq4_xs: for b in 0..<(n / 256) { iq4(x + 256 * b, count: 256, out + 136 * b) }
         }
     }
 
@@ -54,6 +57,10 @@ public enum Quantizer {
             for b in 0..<(n / 256) { kQuant(x + 256 * b, out + type.blockBytes * b, five: type == .q5_K, importance: importance + 256 * b) }
         case .q6_K:
             for b in 0..<(n / 256) { q6_K(x + 256 * b, out + 210 * b, importance: importance + 256 * b) }
+        case .iq4_nl:
+            for b in 0..<(n / 32) { iq4(x + 32 * b, count: 32, out + 18 * b, importance: importance + 32 * b) }
+        case .iq4_xs:
+            for b in 0..<(n / 256) { iq4(x + 256 * b, count: 256, out + 136 * b, importance: importance + 256 * b) }
         }
     }
 
@@ -365,6 +372,102 @@ public enum Quantizer {
                 out.storeBytes(of: UInt8((q[b + 32] & 15) | ((q[b + 96] & 15) << 4)), toByteOffset: 64 * half + 32 + l, as: UInt8.self)
                 let h = (q[b] >> 4) | ((q[b + 32] >> 4) << 2) | ((q[b + 64] >> 4) << 4) | ((q[b + 96] >> 4) << 6)
                 out.storeBytes(of: UInt8(h), toByteOffset: 128 + 32 * half + l, as: UInt8.self)
+            }
+        }
+    }
+
+    /// The index of the IQ4 level nearest to `v` (the upper one on a tie, as ggml rounds).
+    @inline(__always) static func nearestLevel(_ v: Float) -> Int {
+        let levels = IQ4.levels
+        if v <= Float(levels[0]) { return 0 }
+        if v >= Float(levels[15]) { return 15 }
+        var upper = 1
+        while Float(levels[upper]) <= v { upper += 1 }
+        return v - Float(levels[upper - 1]) < Float(levels[upper]) - v ? upper - 1 : upper
+    }
+
+    /// ggml's rounding of a scale to an integer: to nearest, ties to even.
+    @inline(__always) static func nearestEven(_ v: Float) -> Int { Int(v.rounded(.toNearestOrEven)) }
+
+    /// IQ4_NL (`count` 32: one block, its f16 scale) and IQ4_XS (`count` 256: eight sub-blocks
+    /// of 32 whose scales are 6-bit integers times an f16 super-block scale), as ggml's quantizer
+    /// computes them, step for step and in the same float operations, so a file matches
+    /// llama-quantize's byte for byte. Each sub-block's scale is searched for the least weighted
+    /// squared error: first the grid that puts the value of largest magnitude on the table's
+    /// outermost level (127), refitted by least squares, then the grids that put it on 120...134
+    /// (each refitted too), keeping the best. Values are weighted by x² without importance; with
+    /// it (one value per column) by importance × sqrt(σ² + x²), σ² twice the mean square of the
+    /// `count` values, a sub-block whose importance is all zero weighted as if every column
+    /// mattered equally. The values are then matched to the nearest level at the scale as stored
+    /// (IQ4_XS: the sub-block's 6-bit scale times the super-block scale before f16 rounding, as
+    /// ggml does).
+    static func iq4(_ x: UnsafePointer<Float>, count n: Int, _ out: UnsafeMutableRawPointer, importance: UnsafePointer<Float>? = nil) {
+        var sigma2: Float = 0
+        for j in 0..<n { sigma2 += x[j] * x[j] }
+        sigma2 *= 2 / Float(n)
+        let subBlocks = n / 32
+        var scales = [Float](repeating: 0, count: subBlocks)
+        var largest: Float = 0, extremeScale: Float = 0
+        var w = [Float](repeating: 0, count: 32)
+        for s in 0..<subBlocks {
+            let xb = x + 32 * s
+            if let importance {
+                let imp = blockImportance(importance + 32 * s, 32)
+                for j in 0..<32 { w[j] = imp[j] * (sigma2 + xb[j] * xb[j]).squareRoot() }
+            } else {
+                for j in 0..<32 { w[j] = xb[j] * xb[j] }
+            }
+            var amax: Float = 0, extreme: Float = 0
+            for j in 0..<32 where abs(xb[j]) > amax { amax = abs(xb[j]); extreme = xb[j] }
+            guard amax >= 1e-15 else { continue }
+            // Σ w q x and Σ w q² for the levels the values take at inverse scale `id`.
+            func fit(_ id: Float) -> (Float, Float) {
+                var sqx: Float = 0, sq2: Float = 0
+                for j in 0..<32 {
+                    let q = Float(IQ4.levels[nearestLevel(id * xb[j])])
+                    sqx += w[j] * q * xb[j]
+                    sq2 += w[j] * q * q
+                }
+                return (sqx, sq2)
+            }
+            var (sqx, sq2) = fit(1 / (-extreme / -127))
+            var d: Float = sq2 > 0 ? sqx / sq2 : 0
+            var best = d * sqx
+            for stretch in -7...7 {
+                (sqx, sq2) = fit(Float(stretch - 127) / extreme)
+                if sq2 > 0 && sqx * sqx > best * sq2 { d = sqx / sq2; best = d * sqx }
+            }
+            scales[s] = d
+            if abs(d) > largest { largest = abs(d); extremeScale = d }
+        }
+        var levels = [Int](repeating: 0, count: n)
+        if subBlocks == 1 {
+            storeHalf(scales[0], out, 0)
+            let id: Float = scales[0] != 0 ? 1 / scales[0] : 0
+            for j in 0..<32 { levels[j] = nearestLevel(id * x[j]) }
+        } else {
+            // The largest sub-block scale maps to -32, the end of the 6-bit range with more room.
+            let d = -extremeScale / 32
+            storeHalf(d, out, 0)
+            let id: Float = d != 0 ? 1 / d : 0
+            var high: UInt16 = 0
+            var low = [UInt8](repeating: 0, count: 4)
+            for s in 0..<subBlocks {
+                let l = max(-32, min(31, nearestEven(id * scales[s])))
+                let dl = d * Float(l), idl: Float = dl != 0 ? 1 / dl : 0
+                for j in 0..<32 { levels[32 * s + j] = nearestLevel(idl * x[32 * s + j]) }
+                let stored = l + 32
+                low[s / 2] |= UInt8(stored & 15) << (4 * (s % 2))
+                high |= UInt16(stored >> 4) << (2 * s)
+            }
+            out.storeBytes(of: high.littleEndian, toByteOffset: 2, as: UInt16.self)
+            for i in 0..<4 { out.storeBytes(of: low[i], toByteOffset: 4 + i, as: UInt8.self) }
+        }
+        let qs = subBlocks == 1 ? 2 : 8
+        for s in 0..<subBlocks {
+            for j in 0..<16 {
+                let b = UInt8(levels[32 * s + j] | levels[32 * s + 16 + j] << 4)
+                out.storeBytes(of: b, toByteOffset: qs + 16 * s + j, as: UInt8.self)
             }
         }
     }

@@ -72,6 +72,8 @@ extension CPUKernels {
         case .q4_K: return q4_KDot(row, x, k / 256).sum()
         case .q5_K: return q5_KDot(row, x, k / 256).sum()
         case .q6_K: return q6_KDot(row, x, k / 256).sum()
+        case .iq4_nl: return iq4_nlDot(row, x, k / 32).sum()
+        case .iq4_xs: return iq4_xsDot(row, x, k / 256).sum()
         case .f32, .f16, .bf16: preconditionFailure("rowDot is for quantized types")
         }
     }
@@ -281,6 +283,60 @@ extension CPUKernels {
     }
 }
 
+extension CPUKernels {
+    /// The IQ4 levels as f32, for the portable products.
+    static let iq4Levels: [Float] = IQ4.levels.map { Float($0) }
+
+    /// Eight 4-bit indices (low nibbles of `v`, or high with `high`) as their IQ4 levels.
+    @inline(__always)
+    static func iq4Floats(_ v: SIMD8<UInt8>, _ levels: UnsafePointer<Float>) -> SIMD8<Float> {
+        let i = SIMD8<Int>(truncatingIfNeeded: v & nibbleMask)
+        return SIMD8<Float>(levels[i[0]], levels[i[1]], levels[i[2]], levels[i[3]], levels[i[4]], levels[i[5]], levels[i[6]], levels[i[7]])
+    }
+
+    /// The 32 values of one IQ4 nibble layout (16 bytes at `qs`) against x[0..<32], unscaled.
+    @inline(__always)
+    static func iq4Sum(_ blk: UnsafeRawPointer, _ qs: Int, _ x: UnsafePointer<Float>, _ levels: UnsafePointer<Float>) -> SIMD8<Float> {
+        let lo = blk.loadUnaligned(fromByteOffset: qs, as: SIMD8<UInt8>.self)
+        let hi = blk.loadUnaligned(fromByteOffset: qs &+ 8, as: SIMD8<UInt8>.self)
+        var s = iq4Floats(lo, levels) * load8(x, 0)
+        s = s.addingProduct(iq4Floats(hi, levels), load8(x, 8))
+        s = s.addingProduct(iq4Floats(lo &>> 4, levels), load8(x, 16))
+        return s.addingProduct(iq4Floats(hi &>> 4, levels), load8(x, 24))
+    }
+
+    /// IQ4_NL: 4-bit indices into the IQ4 levels, one f16 scale per 32.
+    @inline(never)
+    static func iq4_nlDot(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ blocks: Int) -> SIMD8<Float> {
+        iq4Levels.withUnsafeBufferPointer { levels in
+            var acc = SIMD8<Float>()
+            for b in 0..<blocks {
+                let blk = row + b &* 18
+                acc = acc.addingProduct(SIMD8(repeating: f16(blk, 0)), iq4Sum(blk, 2, x + b &* 32, levels.baseAddress!))
+            }
+            return acc
+        }
+    }
+
+    /// IQ4_XS: IQ4_NL's indices in eight sub-blocks of 32 per 256, each with a signed 6-bit scale
+    /// times the f16 super-block scale.
+    @inline(never)
+    static func iq4_xsDot(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ blocks: Int) -> SIMD8<Float> {
+        iq4Levels.withUnsafeBufferPointer { levels in
+            var acc = SIMD8<Float>()
+            for b in 0..<blocks {
+                let blk = row + b &* 136
+                let d = f16(blk, 0)
+                for s in 0..<8 {
+                    let sum = iq4Sum(blk, 8 &+ 16 &* s, x + (b &* 256 &+ 32 &* s), levels.baseAddress!)
+                    acc = acc.addingProduct(SIMD8(repeating: d * Float(IQ4.subScale(blk, s))), sum)
+                }
+            }
+            return acc
+        }
+    }
+}
+
 extension Int8WeightType {
     /// The integer-kernel type of a quantized DType (nil for the float types).
     init?(_ type: DType) {
@@ -293,6 +349,8 @@ extension Int8WeightType {
         case .q4_K: self = .q4_K
         case .q5_K: self = .q5_K
         case .q6_K: self = .q6_K
+        case .iq4_nl: self = .iq4_nl
+        case .iq4_xs: self = .iq4_xs
         case .f32, .f16, .bf16: return nil
         }
     }

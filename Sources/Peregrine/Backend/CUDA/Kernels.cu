@@ -1,7 +1,7 @@
 // Peregrine's CUDA kernels, compiled at run time by NVRTC for the device's architecture.
 // Activations are f32, row-major, one row per token; weights keep their stored type
-// (0: f32, 1: f16, 2: bf16, 3: Q8_0, 4: Q4_0; the quantized ones repacked at load, see
-// repack_quantized). The KV cache is f32, [slot, position, kvHeads, headDim].
+// (0: f32, 1: f16, 2: bf16, 3: Q8_0, 4: Q4_0, 5: Q4_K, 6: Q6_K, 7: IQ4_NL, 8: IQ4_XS; the
+// quantized ones repacked at load, see repack_quantized). The KV cache is f32, [slot, position, kvHeads, headDim].
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -60,6 +60,35 @@ __device__ __forceinline__ void q4k_header(uint4 h, int s, float& d, float& dmin
     }
 }
 
+// The IQ4 types' 16 levels (ggml's table), four int8 per word: levels 4j..4j+3 in word j.
+#define IQ4_LEVELS_0 0xBFAD9881u
+#define IQ4_LEVELS_1 0xF6EADDCFu
+#define IQ4_LEVELS_2 0x26190D01u
+#define IQ4_LEVELS_3 0x71594535u
+
+// Four 4-bit indices, one in the low nibble of each byte of v (the high nibbles ignored), to
+// their four int8 levels: a byte permute picks from levels 0-7 and one from 8-15 by the low 3
+// bits, and bit 3 chooses between them.
+__device__ __forceinline__ int iq4_levels4(unsigned v) {
+    unsigned idx = v & 0x0F0F0F0Fu, low3 = idx & 0x07070707u;
+    unsigned sel = (low3 & 0x7u) | ((low3 >> 4) & 0x70u) | ((low3 >> 8) & 0x700u) | ((low3 >> 12) & 0x7000u);
+    unsigned lo = __byte_perm(IQ4_LEVELS_0, IQ4_LEVELS_1, sel), hi = __byte_perm(IQ4_LEVELS_2, IQ4_LEVELS_3, sel);
+    unsigned upper = ((idx >> 3) & 0x01010101u) * 0xFFu;
+    return (int)((hi & upper) | (lo & ~upper));
+}
+
+__device__ __forceinline__ int iq4_level(int index) {
+    unsigned word = index < 4 ? IQ4_LEVELS_0 : index < 8 ? IQ4_LEVELS_1 : index < 12 ? IQ4_LEVELS_2 : IQ4_LEVELS_3;
+    return (int)(signed char)((word >> (8 * (index & 3))) & 0xff);
+}
+
+// An IQ4_XS super-block's 8-byte header (as two words: f16 d and the 16 bits of high scale
+// bits; the 4 bytes of low scale nibbles): d times sub-block s's signed 6-bit scale.
+__device__ __forceinline__ float iq4xs_scale(uint2 h, int s) {
+    int ls = ((h.y >> (4 * s)) & 15) | (((h.x >> (16 + 2 * s)) & 3) << 4);
+    return __half2float(__ushort_as_half((unsigned short)(h.x & 0xffff))) * (float)(ls - 32);
+}
+
 __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, long total) {
     if (dtype == 2) return __bfloat162float(((const __nv_bfloat16*)w)[i]);
     if (dtype == 1) return __half2float(((const __half*)w)[i]);
@@ -92,6 +121,15 @@ __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, l
         int sc = ((const signed char*)w + blocks * 192)[sb * 16 + n * 8 + l / 16 + 2 * qd];
         return __half2float(((const __half*)((const unsigned char*)w + blocks * 208))[sb]) * sc * q;
     }
+    if (dtype == 7 || dtype == 8) {
+        // IQ4_NL planar as Q4_0 (16 bytes of indices per 32 values, then f16 scales); IQ4_XS:
+        // the same 16 bytes per sub-block of 32, then an 8-byte header per super-block.
+        unsigned char b = ((const unsigned char*)w)[(i / 32) * 16 + i % 16];
+        int q = iq4_level(i % 32 < 16 ? (b & 15) : (b >> 4));
+        if (dtype == 7) return __half2float(quant_scales(w, 7, total)[i / 32]) * (float)q;
+        uint2 h = ((const uint2*)((const unsigned char*)w + total / 2))[i / 256];
+        return iq4xs_scale(h, (int)((i / 32) % 8)) * (float)q;
+    }
     return ((const float*)w)[i];
 }
 
@@ -108,6 +146,13 @@ extern "C" __global__ void repack_quantized(const unsigned char* raw, int dtype,
         for (int j = 0; j < 16; j++) out[blocks * 192 + b * 16 + j] = src[192 + j];
         out[blocks * 208 + b * 2] = src[208];
         out[blocks * 208 + b * 2 + 1] = src[209];
+        return;
+    }
+    if (dtype == 8) {
+        // IQ4_XS: 136 bytes (8 of header, 128 of indices) to the indices, then the headers.
+        const unsigned char* src = raw + b * 136;
+        for (int j = 0; j < 128; j++) out[b * 128 + j] = src[8 + j];
+        for (int j = 0; j < 8; j++) out[blocks * 128 + b * 8 + j] = src[j];
         return;
     }
     if (dtype == 5) {
@@ -177,6 +222,11 @@ __device__ __forceinline__ void block_words(const void* w, int dtype, long block
         const int4* q = (const int4*)((const signed char*)w + block * 32);
         int4 a = q[0], c = q[1];
         wq[0] = a.x; wq[1] = a.y; wq[2] = a.z; wq[3] = a.w; wq[4] = c.x; wq[5] = c.y; wq[6] = c.z; wq[7] = c.w;
+    } else if (dtype == 7) {
+        uint4 q = *(const uint4*)((const unsigned char*)w + block * 16);
+        unsigned v[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) { wq[j] = iq4_levels4(v[j]); wq[j + 4] = iq4_levels4(v[j] >> 4); }
     } else {
         uint4 q = *(const uint4*)((const unsigned char*)w + block * 16);
         unsigned v[4] = {q.x, q.y, q.z, q.w};
@@ -287,18 +337,21 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
     const void* w = m.w; int n = m.n, o = m.o;
     bool active = m.active;
     const void* wr[2] = {w, w1};
-    // A 16-byte load is eight 16-bit weights, half a Q8_0 block, a Q4_0 block, or an eighth of a
-    // Q4_K super-block (whose 16-byte header, scales and minimums, comes with it).
+    // A 16-byte load is eight 16-bit weights, half a Q8_0 block, a Q4_0 or IQ4_NL block, a
+    // sub-block of an IQ4_XS super-block, or an eighth of a Q4_K super-block (whose 16-byte
+    // header, scales and minimums, comes with it).
     const int units = DT == 3 ? k / 16 : DT >= 4 ? k / 32 : k / 8;
     const long total = (long)n * k;
     const uint4* base[R];
     const __half* sc[R];
     const uint4* head[R];
+    const uint2* xsHead[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
         base[r] = (const uint4*)wr[r] + (long)o * units;
-        if (DT == 3 || DT == 4) sc[r] = quant_scales(wr[r], DT, total) + (long)o * (k / 32);
+        if (DT == 3 || DT == 4 || DT == 7) sc[r] = quant_scales(wr[r], DT, total) + (long)o * (k / 32);
         if (DT == 5) head[r] = (const uint4*)((const unsigned char*)wr[r] + total / 2) + (long)o * (k / 256);
+        if (DT == 8) xsHead[r] = (const uint2*)((const unsigned char*)wr[r] + total / 2) + (long)o * (k / 256);
     }
     uint4 q[R][U], hq[R][U];
     float acc[R];
@@ -365,13 +418,19 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
                     int blk = DT == 3 ? i / 2 : i;
                     float xd = xs[blk];
                     int4 a = *(const int4*)(xq + (DT == 3 ? i * 16 : i * 32)), c = make_int4(0, 0, 0, 0);
-                    if (DT == 4) c = *(const int4*)(xq + i * 32 + 16);
+                    if (DT != 3) c = *(const int4*)(xq + i * 32 + 16);
 #pragma unroll
                     for (int r = 0; r < R; r++) {
                         int sum;
                         if (DT == 3) {
                             sum = __dp4a((int)q[r][u].x, a.x, 0); sum = __dp4a((int)q[r][u].y, a.y, sum);
                             sum = __dp4a((int)q[r][u].z, a.z, sum); sum = __dp4a((int)q[r][u].w, a.w, sum);
+                        } else if (DT == 7 || DT == 8) {
+                            unsigned v[4] = {q[r][u].x, q[r][u].y, q[r][u].z, q[r][u].w};
+                            sum = __dp4a(iq4_levels4(v[0]), a.x, 0); sum = __dp4a(iq4_levels4(v[1]), a.y, sum);
+                            sum = __dp4a(iq4_levels4(v[2]), a.z, sum); sum = __dp4a(iq4_levels4(v[3]), a.w, sum);
+                            sum = __dp4a(iq4_levels4(v[0] >> 4), c.x, sum); sum = __dp4a(iq4_levels4(v[1] >> 4), c.y, sum);
+                            sum = __dp4a(iq4_levels4(v[2] >> 4), c.z, sum); sum = __dp4a(iq4_levels4(v[3] >> 4), c.w, sum);
                         } else {
                             unsigned v[4] = {q[r][u].x, q[r][u].y, q[r][u].z, q[r][u].w};
                             int lo[4], hi[4];
@@ -383,7 +442,8 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
                             sum = __dp4a(lo[0], a.x, 0); sum = __dp4a(lo[1], a.y, sum); sum = __dp4a(lo[2], a.z, sum); sum = __dp4a(lo[3], a.w, sum);
                             sum = __dp4a(hi[0], c.x, sum); sum = __dp4a(hi[1], c.y, sum); sum = __dp4a(hi[2], c.z, sum); sum = __dp4a(hi[3], c.w, sum);
                         }
-                        acc[r] += __half2float(sc[r][blk]) * xd * (float)sum;
+                        float scale = DT == 8 ? iq4xs_scale(xsHead[r][i / 8], i % 8) : __half2float(sc[r][blk]);
+                        acc[r] += scale * xd * (float)sum;
                     }
                 } else {
                     float4 a = *(const float4*)(xv + i * 8), c = *(const float4*)(xv + i * 8 + 4);
@@ -521,6 +581,10 @@ MATVEC(matvec_q4_0, 4, 1, 4)
 MATVEC(matvec_q4_0_gated, 4, 2, 4)
 MATVEC(matvec_q4_K, 5, 1, 3)
 MATVEC(matvec_q4_K_gated, 5, 2, 3)
+MATVEC(matvec_iq4_nl, 7, 1, 4)
+MATVEC(matvec_iq4_nl_gated, 7, 2, 4)
+MATVEC(matvec_iq4_xs, 8, 1, 4)
+MATVEC(matvec_iq4_xs_gated, 8, 2, 4)
 
 // acc[t] += dot(W[row, :], x[t0 + t, :]) for nt <= TOKENS tokens, by one warp: each lane
 // reads 16 bytes of the row at a time, four loads in flight, so a decode step streams the
@@ -1562,12 +1626,23 @@ __device__ __forceinline__ void q6k_row_dot(const void* w, long total, long row,
 }
 
 // acc[t] += dot(W[row, :], x[t0 + t, :]) for nt tokens, by one warp, for every weight type:
-// warp_row_dot for the float types, Q8_0 and Q4_0; Q4_K and Q6_K on 8-bit x with dp4a.
+// warp_row_dot for the float types, Q8_0 and Q4_0; Q4_K and Q6_K on 8-bit x with dp4a; the
+// other types value by value on f32 x.
 __device__ __forceinline__ void expert_row_dot(const void* w, int dtype, long total, long row, const float* x, const signed char* xq,
                                                const float* xs, int k, int t0, int nt, int lane, float* acc) {
-    if (dtype == 5) q4k_row_dot(w, total, row, xq, xs, k, t0, nt, lane, acc);
-    else if (dtype == 6) q6k_row_dot(w, total, row, xq, xs, k, t0, nt, lane, acc);
-    else warp_row_dot(w, dtype, total, row, x, xq, xs, k, t0, nt, lane, acc);
+    if (dtype <= 4) {
+        warp_row_dot(w, dtype, total, row, x, xq, xs, k, t0, nt, lane, acc);
+    } else if (dtype == 5) {
+        q4k_row_dot(w, total, row, xq, xs, k, t0, nt, lane, acc);
+    } else if (dtype == 6) {
+        q6k_row_dot(w, total, row, xq, xs, k, t0, nt, lane, acc);
+    } else {
+        for (int i = lane; i < k; i += 32) {
+            float wv = load_weight(w, dtype, row + i, total);
+            for (int t = 0; t < nt; t++) acc[t] += wv * x[(long)(t0 + t) * k + i];
+        }
+        for (int t = 0; t < nt; t++) acc[t] = warp_sum(acc[t]);
+    }
 }
 
 // The chosen experts' products over their grouped rows: warp (a, o) takes output o of the a-th
