@@ -24,7 +24,8 @@ llama-quantize and llama-perplexity, from a CPU build of llama.cpp's sources:
   cmake --build LLAMA_CPP/build --target llama-imatrix llama-quantize llama-perplexity
 and Python with torch, transformers, numpy and gguf (llama.cpp's gguf-py).
 Run:  python3 scripts/make_imatrix_fixture.py --llama-bin LLAMA_CPP/build/bin [--peregrine PATH]
-(--only transformers makes the transformers reference alone.)
+(--only transformers makes the transformers reference alone; --only weighted remakes
+llama256-weighted.json alone, from the committed llama256 matrix.)
 """
 import argparse
 import json
@@ -53,7 +54,7 @@ PROJECTIONS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self
                "mlp.down_proj": "ffn_down"}
 # llama-quantize type names, and the tensor type each gives every layer matrix with --pure.
 TYPES = {"Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1",
-         "Q4_K_S": "Q4_K", "Q5_K_S": "Q5_K", "Q6_K": "Q6_K"}
+         "Q4_K_S": "Q4_K", "Q5_K_S": "Q5_K", "Q6_K": "Q6_K", "Q3_K_S": "Q3_K", "Q2_K": "Q2_K"}
 
 
 def run(cmd, **kw):
@@ -198,7 +199,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llama-bin", required=False, help="directory of llama.cpp's llama-imatrix, llama-quantize, llama-perplexity")
     ap.add_argument("--peregrine", default=PEREGRINE, help="the peregrine executable (default: the release build)")
-    ap.add_argument("--only", choices=["transformers"], help="make only the transformers reference (needs no llama.cpp)")
+    ap.add_argument("--only", choices=["transformers", "weighted"],
+                    help="make only the transformers reference (needs no llama.cpp) or only llama256-weighted.json")
     args = ap.parse_args()
     PEREGRINE = os.path.abspath(args.peregrine)
     if args.only == "transformers":
@@ -217,6 +219,9 @@ def main():
             sys.exit(f"{path} is missing: build it (cmake --build ... --target {name})")
         return path
 
+    if args.only == "weighted":
+        weighted_errors(tool, os.path.join(OUT, "llama256-f16.imatrix.gguf"))
+        return
     if not os.path.exists(PEREGRINE):
         sys.exit(f"{PEREGRINE} is missing: swift build -c release")
     transformers_sums()

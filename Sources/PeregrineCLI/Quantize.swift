@@ -6,8 +6,8 @@ struct Quantize: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Write a quantized GGUF file from a Hugging Face model directory or an F32/F16/BF16 GGUF file.",
         discussion: """
-            Types: \(QuantizationMix.allCases.map(\.rawValue).joined(separator: ", ")). The _K_S and _K_M mixes \
-            give some tensors more bits, by llama.cpp's rules (QUANTIZATION.md); norms and expert routers stay \
+            Types: \(QuantizationMix.allCases.map(\.rawValue).joined(separator: ", ")). Q2_K and the _K_S, _K_M \
+            and _K_L mixes give some tensors more bits, by llama.cpp's rules (QUANTIZATION.md); norms and expert routers stay \
             F32, and each projection of a layer's experts is one stacked tensor. \
             With --imatrix (a file of `peregrine imatrix` or llama.cpp's llama-imatrix, GGUF or legacy .dat), \
             each tensor with an entry there is quantized for the least error weighted by the importance \

@@ -206,7 +206,9 @@ extension GGUFFile.TensorType {
         case .q4_K: return .q4_K
         case .q5_K: return .q5_K
         case .q6_K: return .q6_K
-        case .q8_1, .q2_K, .q3_K, .q8_K: return nil
+        case .q3_K: return .q3_K
+        case .q2_K: return .q2_K
+        case .q8_1, .q8_K: return nil
         }
     }
 

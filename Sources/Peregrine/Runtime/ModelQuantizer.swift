@@ -6,6 +6,7 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
     case f32 = "F32", f16 = "F16", bf16 = "BF16"
     case q8_0 = "Q8_0", q4_0 = "Q4_0", q4_1 = "Q4_1", q5_0 = "Q5_0", q5_1 = "Q5_1"
     case q4_K_S = "Q4_K_S", q4_K_M = "Q4_K_M", q5_K_S = "Q5_K_S", q5_K_M = "Q5_K_M", q6_K = "Q6_K"
+    case q2_K = "Q2_K", q3_K_S = "Q3_K_S", q3_K_M = "Q3_K_M", q3_K_L = "Q3_K_L"
 
     /// llama.cpp's `general.file_type` number for the mix.
     public var fileType: UInt32 {
@@ -23,6 +24,10 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
         case .q5_K_M: return 17
         case .q6_K: return 18
         case .bf16: return 32
+        case .q2_K: return 10
+        case .q3_K_S: return 11
+        case .q3_K_M: return 12
+        case .q3_K_L: return 13
         }
     }
 
@@ -40,6 +45,8 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
         case .q4_K_S, .q4_K_M: return .q4_K
         case .q5_K_S, .q5_K_M: return .q5_K
         case .q6_K: return .q6_K
+        case .q2_K: return .q2_K
+        case .q3_K_S, .q3_K_M, .q3_K_L: return .q3_K
         }
     }
 
@@ -57,8 +64,9 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
     /// `pure` gives every matrix the base type (llama.cpp's --pure), fallbacks aside.
     /// `importance` says the quantization is weighted by an importance matrix, which moves the
     /// first eighth of the layers' `ffn_down` from Q4_0/Q5_0 to Q4_1/Q5_1, as llama.cpp does.
+    /// `gqa` is query heads per key/value head (Q2_K gives attention's v Q4_K from 4 on).
     public func type(of name: String, cols: Int, isMatrix: Bool, layers: Int, tied: Bool, experts: Int = 0, pure: Bool = false,
-                     importance: Bool = false) -> DType {
+                     importance: Bool = false, gqa: Int = 1) -> DType {
         guard isMatrix, !name.hasSuffix("_norm.weight") else { return .f32 }
         if name.hasSuffix(".ffn_gate_inp.weight") || name.hasSuffix(".ffn_gate_inp_shexp.weight") { return .f32 }
         var type = base
@@ -69,21 +77,54 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
         func moreBits(_ i: Int) -> Bool { i < layers / 8 || i >= 7 * layers / 8 || (i - layers / 8) % 3 == 2 }
         if name == "output.weight" || (tied && name == "token_embd.weight") {
             type = cols % 256 != 0 || base == .q8_0 ? .q8_0 : .q6_K
-        } else if let i = layer, name.hasSuffix(".attn_v.weight") {
+        } else if let i = layer, name.hasSuffix(".attn_v.weight") || name.hasSuffix(".attn_qkv.weight") {
+            // llama.cpp gives a fused qkv matrix (Phi-3) the rules of attention's v.
             if (self == .q4_K_M || self == .q5_K_M) && moreBits(i) { type = .q6_K }
             if self == .q4_K_S && i < 4 { type = .q5_K }
+            if let low = lowBitsAttentionV(layer: i, gqa: gqa) { type = low }
             if experts == 8 { type = .q8_0 }
         } else if layer != nil, name.hasSuffix(".attn_k.weight") {
             if experts == 8 { type = .q8_0 }
         } else if layer != nil, name.hasSuffix(".attn_output.weight") {
             if experts == 8 && (self == .q4_K_S || self == .q4_K_M) { type = .q5_K }
+            if let low = lowBitsAttentionOutput(experts: experts) { type = low }
         } else if let i = layer, name.contains(".ffn_down") {
             // Every down projection (dense, the stacked experts', the shared expert's), by its layer.
             if (self == .q4_K_M || self == .q5_K_M) && moreBits(i) { type = .q6_K }
             if (self == .q4_K_S || self == .q5_K_S) && i < layers / 8 { type = .q5_K }
             if importance && (self == .q4_0 || self == .q5_0) && i < layers / 8 { type = self == .q4_0 ? .q4_1 : .q5_1 }
+            if let low = lowBitsFeedForwardDown(layer: i, layers: layers) { type = low }
         }
         return fallback(type, cols: cols)
+    }
+
+    /// Q2_K and Q3_K mixes: attention's v (or fused qkv) matrix of layer `layer`. Nil for the other mixes.
+    private func lowBitsAttentionV(layer i: Int, gqa: Int) -> DType? {
+        switch self {
+        case .q2_K: return gqa >= 4 ? .q4_K : .q3_K
+        case .q3_K_M: return i < 2 ? .q5_K : .q4_K
+        case .q3_K_L: return .q5_K
+        default: return nil
+        }
+    }
+
+    /// Q2_K and Q3_K mixes: attention's output matrix (Q5_K beside eight experts).
+    private func lowBitsAttentionOutput(experts: Int) -> DType? {
+        switch self {
+        case .q2_K, .q3_K_S, .q3_K_M: return experts == 8 ? .q5_K : self == .q2_K ? .q3_K : self == .q3_K_M ? .q4_K : nil
+        case .q3_K_L: return experts == 8 ? nil : .q5_K
+        default: return nil
+        }
+    }
+
+    /// Q2_K and Q3_K mixes: a down projection of layer `layer` (Q3_K_M: Q5_K in the first sixteenth).
+    private func lowBitsFeedForwardDown(layer i: Int, layers: Int) -> DType? {
+        switch self {
+        case .q2_K: return .q3_K
+        case .q3_K_M: return i < layers / 16 ? .q5_K : .q4_K
+        case .q3_K_L: return .q5_K
+        default: return nil
+        }
     }
 
     /// Rows that do not divide into 256-value blocks take a 32-value type of similar size.
@@ -94,6 +135,7 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
             case .q4_K: type = .q5_0
             case .q5_K: type = .q5_1
             case .q6_K: type = .q8_0
+            case .q2_K, .q3_K: type = .q4_0
             default: break
             }
             if cols % type.blockSize != 0 { type = .f16 }
@@ -143,6 +185,7 @@ public struct ModelQuantizer {
         var inputs: [(name: String, dims: [Int], parts: [TensorView])]
         let layers: Int
         let experts: Int
+        let gqa: Int
         var hfSource: HFToGGUF?
         defer { hfSource?.release() }
         // The mapped source outlives the writing (tensor views point into it).
@@ -151,7 +194,8 @@ public struct ModelQuantizer {
         if FileSystem.isGGUFFile(source) {
             let g = try GGUFFile(path: source)
             ggufSource = g
-            _ = try ModelConfig(gguf: g)  // an architecture Peregrine runs, with sane hyperparameters
+            let config = try ModelConfig(gguf: g)  // an architecture Peregrine runs, with sane hyperparameters
+            gqa = config.kvHeadCount > 0 ? config.headCount / config.kvHeadCount : 0
             writer = GGUFWriter()
             for key in g.metadataKeys {
                 guard let range = g.rawMetadata[key], let base = g.file.base else { continue }
@@ -173,6 +217,7 @@ public struct ModelQuantizer {
             inputs = hf.tensors
             layers = hf.config.layerCount
             experts = hf.config.experts?.count ?? 0
+            gqa = hf.config.kvHeadCount > 0 ? hf.config.headCount / hf.config.kvHeadCount : 0
         }
         let tied = !inputs.contains { $0.name == "output.weight" }
         writer.set("general.file_type", .u32(mix.fileType))
@@ -191,7 +236,7 @@ public struct ModelQuantizer {
             // one-row gate is a vector.
             let isMatrix = dims.dropFirst().contains { $0 > 1 }
             let target = mix.type(of: name, cols: dims[0], isMatrix: isMatrix, layers: layers, tied: tied, experts: experts, pure: pure,
-                                  importance: importance != nil)
+                                  importance: importance != nil, gqa: gqa)
             for view in parts where view.dtype != target && !view.dtype.isFloat {
                 throw PeregrineError.unsupported(
                     "\(source): tensor '\(name)' is already quantized (\(view.dtype.rawValue)); quantize from an F32, F16 or BF16 model")

@@ -16,6 +16,8 @@ public enum DType: String, Sendable, CaseIterable {
     case q4_K = "Q4_K"
     case q5_K = "Q5_K"
     case q6_K = "Q6_K"
+    case q3_K = "Q3_K"
+    case q2_K = "Q2_K"
 
     /// Bytes per element of a float type (safetensors holds only these).
     public var byteSize: Int {
@@ -34,6 +36,7 @@ public enum DType: String, Sendable, CaseIterable {
         case .f32, .f16, .bf16: return 1
         case .q8_0, .q4_0, .q4_1, .q5_0, .q5_1: return 32
         case .q4_K, .q5_K, .q6_K: return 256
+        case .q3_K, .q2_K: return 256
         }
     }
 
@@ -48,6 +51,8 @@ public enum DType: String, Sendable, CaseIterable {
         case .q4_K: return 144
         case .q5_K: return 176
         case .q6_K: return 210
+        case .q3_K: return 110
+        case .q2_K: return 84
         }
     }
 
@@ -132,6 +137,40 @@ public enum DType: String, Sendable, CaseIterable {
                         out[base + 32] = d * s(l / 16 + 2) * Float(q1 - 32)
                         out[base + 64] = d * s(l / 16 + 4) * Float(q2 - 32)
                         out[base + 96] = d * s(l / 16 + 6) * Float(q3 - 32)
+                    }
+                }
+            }
+        case .q3_K:
+            // 16 sub-blocks of 16 with signed 6-bit scales; each value's low 2 bits in qs (byte
+            // 32h + l holds values 128h + 32s + l at bits 2s), its third bit in hmask (byte l,
+            // bit 4h + s), stored offset by 4.
+            for b in 0..<(n / 256) {
+                let block = src + 110 * b
+                let d = f16(block, 108)
+                for h in 0..<2 {
+                    for s in 0..<4 {
+                        for l in 0..<32 {
+                            let low = (u8(block, 32 + 32 * h + l) >> (2 * s)) & 3
+                            let high = (u8(block, l) >> (4 * h + s)) & 1
+                            let scale = d * Float(KQuant.q3Scale(block + 96, 8 * h + 2 * s + l / 16))
+                            out[256 * b + 128 * h + 32 * s + l] = scale * Float((low | high << 2) - 4)
+                        }
+                    }
+                }
+            }
+        case .q2_K:
+            // 16 sub-blocks of 16, each with a 4-bit scale (low nibble) and min (high nibble);
+            // 2-bit values laid out as Q3_K's low bits.
+            for b in 0..<(n / 256) {
+                let block = src + 84 * b
+                let d = f16(block, 80), dmin = f16(block, 82)
+                for h in 0..<2 {
+                    for s in 0..<4 {
+                        for l in 0..<32 {
+                            let q = (u8(block, 16 + 32 * h + l) >> (2 * s)) & 3
+                            let sm = u8(block, 8 * h + 2 * s + l / 16)
+                            out[256 * b + 128 * h + 32 * s + l] = d * Float(sm & 15) * Float(q) - dmin * Float(sm >> 4)
+                        }
                     }
                 }
             }

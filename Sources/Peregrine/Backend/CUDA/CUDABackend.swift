@@ -231,7 +231,7 @@ public final class CUDABackend: ComputeBackend {
         let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
         let early = ProcessInfo.processInfo.environment["PEREGRINE_NO_EARLY_TRIGGER"] == nil
         let module = try driver.compile(source, name: "peregrine-kernels", defines: early ? [] : ["PEREGRINE_NO_EARLY_TRIGGER"])
-        let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
+        let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K", "q3_K", "q2_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split", "attention_split_heads",
                      "silu_mul", "gelu_tanh_mul", "scale_inplace", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
                      "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
@@ -506,14 +506,14 @@ public final class CUDABackend: ComputeBackend {
             let b = try t.toFloat().withUnsafeBytes { try deviceCopy(of: $0.baseAddress!, bytes: $0.count) }
             return CUDAWeight(dtype: .f32, rows: rows, cols: cols, storage: b)
         }
-        guard [.f16, .bf16, .q8_0, .q4_0].contains(t.dtype) || (t.dtype == .q4_K || t.dtype == .q6_K) && cols % 256 == 0 else {
+        guard [.f16, .bf16, .q8_0, .q4_0].contains(t.dtype) || [.q4_K, .q6_K, .q3_K, .q2_K].contains(t.dtype) && cols % 256 == 0 else {
             // Types without GPU kernels (Q4_1, Q5_0, Q5_1, Q5_K) are widened to BF16 at load: the
             // file runs, at BF16's size and speed for those tensors.
             let b = try t.toFloat().map { Half.floatToBF16($0) }.withUnsafeBytes { try deviceCopy(of: $0.baseAddress!, bytes: $0.count) }
             return CUDAWeight(dtype: .bf16, rows: rows, cols: cols, storage: b)
         }
         let b = try deviceCopy(of: t.data, bytes: t.byteCount)
-        if t.dtype == .q8_0 || t.dtype == .q4_0 || t.dtype == .q4_K || t.dtype == .q6_K {
+        if t.dtype == .q8_0 || t.dtype == .q4_0 || t.dtype == .q4_K || t.dtype == .q6_K || t.dtype == .q3_K || t.dtype == .q2_K {
             // Planar on the device (values, then scales): 16-byte-aligned blocks for the kernels.
             guard cols % t.dtype.blockSize == 0 else { throw PeregrineError.format("tensor '\(t.name)': rows of \(cols) values are not whole blocks") }
             let planar = try CUDABuffer(driver: driver, count: (t.byteCount + 3) / 4)
@@ -544,6 +544,8 @@ public final class CUDABackend: ComputeBackend {
         case .q4_0: return 4
         case .q4_K: return 5
         case .q6_K: return 6
+        case .q3_K: return 7
+        case .q2_K: return 8
         default: return 0
         }
     }
@@ -591,7 +593,7 @@ public final class CUDABackend: ComputeBackend {
     /// Products over few tokens run as warp-per-row kernels (reading the weights once); over many,
     /// as cuBLAS matrix products.
     private func usesRowKernel(_ rows: Int, _ w: CUDAWeight) -> Bool {
-        (rows <= rowKernelTokens(w.dtype) || deterministic) && w.dtype != .q4_K && w.dtype != .q6_K && w.dtype != .f32
+        (rows <= rowKernelTokens(w.dtype) || deterministic) && ![.q4_K, .q6_K, .q3_K, .q2_K, .f32].contains(w.dtype)
             || w.dtype == .f32 && rows <= 64
     }
 
@@ -638,9 +640,11 @@ public final class CUDABackend: ComputeBackend {
         case .q4_0: suffix = "q4_0"
         case .q4_K: suffix = "q4_K"
         case .q6_K: suffix = "q6_K"
+        case .q3_K: suffix = "q3_K"
+        case .q2_K: suffix = "q2_K"
         default: return false
         }
-        let quantized = dtype == .q8_0 || dtype == .q4_0 || dtype == .q4_K || dtype == .q6_K
+        let quantized = dtype == .q8_0 || dtype == .q4_0 || dtype == .q4_K || dtype == .q6_K || dtype == .q3_K || dtype == .q2_K
         guard p.allSatisfy({ $0.weight.dtype == dtype && $0.weight.cols == k }), k % (quantized ? dtype.blockSize : 8) == 0 else { return false }
         if let norm, !quantized, norm.weight.rows * norm.weight.cols != k || k * 4 > dynamicSharedLimit { return false }
         var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
@@ -667,7 +671,8 @@ public final class CUDABackend: ComputeBackend {
         var alpha: Float = 1, beta: Float = accumulate ? 1 : 0
         var bPointer = x.pointer, abType: Int32 = 0
         var aPointer = weight.pointer
-        if weight.dtype == .q8_0 || weight.dtype == .q4_0 || weight.dtype == .q4_K || weight.dtype == .q6_K {
+        if weight.dtype == .q8_0 || weight.dtype == .q4_0 || weight.dtype == .q4_K || weight.dtype == .q6_K || weight.dtype == .q3_K
+            || weight.dtype == .q2_K {
             // Widened to BF16 for the tensor cores; the activations follow.
             guard ensure(&dequantScratch, (outDim * k + 1) / 2) else { return }
             launch("dequantize_bf16", grid: blocks(outDim * k), block: 256) { a in
