@@ -110,9 +110,11 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
 
     /// Q2_K and Q3_K mixes: attention's output matrix (Q5_K beside eight experts).
     private func lowBitsAttentionOutput(experts: Int) -> DType? {
+        if experts == 8 { return [.q2_K, .q3_K_S, .q3_K_M].contains(self) ? .q5_K : nil }
         switch self {
-        case .q2_K, .q3_K_S, .q3_K_M: return experts == 8 ? .q5_K : self == .q2_K ? .q3_K : self == .q3_K_M ? .q4_K : nil
-        case .q3_K_L: return experts == 8 ? nil : .q5_K
+        case .q2_K: return .q3_K
+        case .q3_K_M: return .q4_K
+        case .q3_K_L: return .q5_K
         default: return nil
         }
     }
