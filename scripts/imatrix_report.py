@@ -17,6 +17,9 @@ measured against its BF16 weights: the figures of QUANTIZATION.md's importance-m
 Needs a release build (swift build -c release), llama.cpp's llama-imatrix, llama-quantize and
 llama-perplexity built from source (see scripts/make_imatrix_fixture.py), Python with gguf.
 Run:  python3 scripts/imatrix_report.py --llama-bin LLAMA_CPP/build/bin [--types Q4_0 Q4_K_M Q8_0] [--llama-perplexity]
+      [--chunks N] [--reuse]
+(--chunks scores the first N chunks of the test split only; --reuse keeps the files a run already
+made: the BF16 file, both matrices, the quantized files and the base distributions.)
 Files go to .bench-models/imatrix (the base distributions take ~550 MB); the table goes to stdout
 and the figures to .bench-models/imatrix/report.json.
 """
@@ -74,6 +77,8 @@ def main():
     ap.add_argument("--threads", default="2")
     ap.add_argument("--llama-perplexity", action="store_true", help="also llama-perplexity --kl-divergence on every file")
     ap.add_argument("--table", action="store_true", help="only print the tables of the last run's report.json")
+    ap.add_argument("--chunks", help="score only the first N chunks of the test split")
+    ap.add_argument("--reuse", action="store_true", help="keep the files an earlier run made (matrices, quantized files, base)")
     args = ap.parse_args()
     if args.table:
         table(json.load(open(os.path.join(os.path.abspath(args.work), "report.json"))))
@@ -85,32 +90,42 @@ def main():
     env = dict(os.environ, LD_LIBRARY_PATH=bindir + os.pathsep + os.environ.get("LD_LIBRARY_PATH", ""))
     tool = lambda name: os.path.join(bindir, name)  # noqa: E731
     os.makedirs(w, exist_ok=True)
+
+    def make(path, cmd, env=None):
+        if not (args.reuse and os.path.exists(path)):
+            run(cmd, env=env)
+
+    chunks = ["--chunks", args.chunks] if args.chunks else []
     bf16 = os.path.join(w, "target-bf16.gguf")
-    run([p, "quantize", "-m", MODEL, "--type", "BF16", "-o", bf16, "-t", t])
+    make(bf16, [p, "quantize", "-m", MODEL, "--type", "BF16", "-o", bf16, "-t", t])
     ours, theirs = os.path.join(w, "peregrine.imatrix.gguf"), os.path.join(w, "llama.imatrix.gguf")
-    run([p, "imatrix", "-m", MODEL, "-f", CALIBRATION, "-o", ours, "-t", t])
-    run([tool("llama-imatrix"), "-m", bf16, "-f", CALIBRATION, "-o", theirs, "-c", "512", "-t", t], env=env)
+    make(ours, [p, "imatrix", "-m", MODEL, "-f", CALIBRATION, "-o", ours, "-t", t])
+    make(theirs, [tool("llama-imatrix"), "-m", bf16, "-f", CALIBRATION, "-o", theirs, "-c", "512", "-t", t], env=env)
     files = []
     for ty in args.types:
         plain, weighted, llama = (os.path.join(w, f"target-{ty}{s}.gguf") for s in ["", "-imatrix", "-llama-imatrix"])
-        run([p, "quantize", "-m", MODEL, "--type", ty, "-o", plain, "-t", t])
-        run([p, "quantize", "-m", MODEL, "--type", ty, "-o", weighted, "--imatrix", ours, "-t", t])
-        run([tool("llama-quantize"), "--imatrix", theirs, bf16, llama, ty, t], env=env)
+        make(plain, [p, "quantize", "-m", MODEL, "--type", ty, "-o", plain, "-t", t])
+        make(weighted, [p, "quantize", "-m", MODEL, "--type", ty, "-o", weighted, "--imatrix", ours, "-t", t])
+        make(llama, [tool("llama-quantize"), "--imatrix", theirs, bf16, llama, ty, t], env=env)
         files += [(ty, "peregrine quantize", plain), (ty, "peregrine quantize --imatrix", weighted),
                   (ty, "llama-quantize --imatrix", llama)]
     base = os.path.join(w, "target-bf16.kld")
-    out, _ = run([p, "perplexity", "-m", bf16, "-f", TEST, "--kl-divergence-base", base, "--json", "-t", t])
-    base_ppl = json.loads(out)
+    make(base, [p, "perplexity", "-m", bf16, "-f", TEST, "--kl-divergence-base", base, "--json", "-t", t])
+    base_ppl = None
     rows = []
     for ty, how, path in files:
-        out, _ = run([p, "perplexity", "-m", path, "--kl-divergence-base", base, "--kl-divergence", "--json", "-t", t])
+        out, _ = run([p, "perplexity", "-m", path, "--kl-divergence-base", base, "--kl-divergence", "--json", "-t", t] + chunks)
         r = json.loads(out)
+        # The base model's perplexity over the same chunks, as the comparison computed it.
+        base_ppl = {"perplexity": r["base_perplexity"]["value"], "uncertainty": r["base_perplexity"]["uncertainty"],
+                    "chunks": r["chunks"]}
         mib, bpw = size(path)
         row = {"type": ty, "how": how, "file": os.path.relpath(path, ROOT), "mib": mib, "bpw": bpw,
                "ppl": r["perplexity"], "kld": r["kl_divergence"], "kld_percentiles": r["kl_divergence_percentiles"],
                "same_top_p": r["same_top_p"], "ppl_ratio": r["perplexity_ratio"]}
         if args.llama_perplexity:
-            o, e = run([tool("llama-perplexity"), "-m", path, "--kl-divergence-base", base, "--kl-divergence", "-t", t], env=env)
+            o, e = run([tool("llama-perplexity"), "-m", path, "--kl-divergence-base", base, "--kl-divergence", "-t", t]
+                       + (["--chunks", args.chunks] if args.chunks else []), env=env)
             row["llama-perplexity"] = llama_kl(o + e)
         rows.append(row)
     mib, bpw = size(bf16)

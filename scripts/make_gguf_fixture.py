@@ -31,6 +31,14 @@ llama.cpp's logits on all four files. Like --moe-only it needs a llama.cpp check
 build, and a Peregrine build (PEREGRINE=path/to/peregrine, default .build/debug/peregrine):
   swift build
   LLAMA_CPP_DIR=llama.cpp LLAMA_CPP_BIN=llama.cpp/build/bin python3 scripts/make_gguf_fixture.py --iq4-only
+
+--low-k-only makes the Q2_K and Q3_K fixtures: the 256-wide random Llama (llama256-f16.gguf, made
+above) quantized by llama-quantize to Q2_K and Q3_K_M, llama.cpp's logits on both and on the files
+`peregrine quantize` writes for the same mixes, and the tensor types llama-quantize gives for Q2_K,
+Q3_K_S, Q3_K_M and Q3_K_L (llama256-low-k-types.json). It needs a llama.cpp checkout and its CPU
+build, and a Peregrine build (`swift build`; PEREGRINE=path/to/peregrine to use another):
+  LLAMA_CPP_DIR=llama.cpp LLAMA_CPP_BIN=llama.cpp/build/bin python3 scripts/make_gguf_fixture.py --low-k-only
+(the Python needs numpy; llama.cpp's gguf-py comes from the checkout).
 The Gemma fixtures (the tiny Gemma 2 and Gemma 3 of Tests/Fixtures/models converted by llama.cpp's
 converter to F32, Gemma 3 to Q8_0 too, and llama.cpp's logits on each) come from a llama.cpp
 checkout built with shared libraries (cmake -B build -DBUILD_SHARED_LIBS=ON && cmake --build build),
@@ -288,6 +296,47 @@ def make_iq4_fixtures():
                 print(name, os.path.getsize(path), "bytes; llama.cpp logits")
 
 
+# llama-quantize file types of the Q2_K/Q3_K fixtures; the files of the first two are committed.
+LOW_K_MIXES = ["Q2_K", "Q3_K_M", "Q3_K_S", "Q3_K_L"]
+
+
+def make_low_k_fixtures():
+    import tempfile
+    src, bindir = llama_cpp_checkout()
+    sys.path.insert(0, os.path.join(src, "gguf-py"))
+    from gguf import GGUFReader
+    env = dict(os.environ, LD_LIBRARY_PATH=bindir + os.pathsep + os.environ.get("LD_LIBRARY_PATH", ""))
+    source = os.path.join(OUT, "llama256-f16.gguf")
+    ref = json.load(open(os.path.join(ROOT, "Tests", "Fixtures", "models", "llama", "reference.json")))
+    seq = ",".join(str(t) for t in ref["prompt_ids"] + ref["greedy_ids"])
+    exe = os.environ.get("PEREGRINE") or os.path.join(ROOT, ".build", "debug", "peregrine")
+    types = {}
+    with tempfile.TemporaryDirectory() as d:
+        tool = os.path.join(d, "llamacpp_logits")
+        subprocess.run(["cc", "-O2", os.path.join(ROOT, "scripts", "llamacpp_logits.c"), "-I", os.path.join(src, "include"),
+                        "-I", os.path.join(src, "ggml", "include"), "-L", bindir, "-lllama", "-Wl,-rpath," + bindir, "-o", tool],
+                       check=True)
+
+        def logits(path, name):
+            subprocess.run([tool, path, os.path.join(OUT, f"{name}.llamacpp_logits.bin"), seq], check=True, env=env,
+                           capture_output=True)
+            print(name, "llama.cpp logits,", os.path.getsize(path), "bytes of GGUF")
+
+        for i, mix in enumerate(LOW_K_MIXES):
+            committed = i < 2
+            path = os.path.join(OUT if committed else d, f"llama256-{mix.lower()}.gguf")
+            subprocess.run([os.path.join(bindir, "llama-quantize"), source, path, mix], check=True, env=env, capture_output=True)
+            types[mix] = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+            if committed:
+                logits(path, f"llama256-{mix.lower()}")
+                ours = os.path.join(d, f"peregrine-{mix}.gguf")
+                subprocess.run([exe, "quantize", "-m", source, "--type", mix, "-o", ours], check=True, capture_output=True)
+                logits(ours, f"peregrine-llama256-{mix.lower()}")
+    with open(os.path.join(OUT, "llama256-low-k-types.json"), "w") as f:
+        json.dump({"source": "llama256-f16.gguf", "command": "llama-quantize SOURCE OUT MIX", "types": types}, f, indent=1,
+                  sort_keys=True)
+
+
 def make_gemma_fixtures():
     """Gemma 2 and Gemma 3 converted by llama.cpp's converter (which stores norm weights with the 1
     of Gemma's (1 + weight) added) and llama.cpp's logits on each file for the fixture's prompt and
@@ -321,6 +370,9 @@ def main():
         make_moe_fixtures()
     elif sys.argv[1:] == ["--iq4-only"]:
         make_iq4_fixtures()
+        return
+    elif sys.argv[1:] == ["--low-k-only"]:
+        make_low_k_fixtures()
         return
     elif sys.argv[1:] == ["--gemma-only"]:
         make_gemma_fixtures()

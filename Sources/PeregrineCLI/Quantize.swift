@@ -6,10 +6,10 @@ struct Quantize: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Write a quantized GGUF file from a Hugging Face model directory or an F32/F16/BF16 GGUF file.",
         discussion: """
-            Types: \(QuantizationMix.allCases.map(\.rawValue).joined(separator: ", ")). The _K_S and _K_M mixes \
-            give some tensors more bits, by llama.cpp's rules (QUANTIZATION.md), and so do IQ4_NL and IQ4_XS \
-            (4-bit indices into a fixed non-uniform table of levels; IQ4_XS with 6-bit scales per 32 values \
-            under one per 256, 4.25 bits per weight); norms and expert routers stay \
+            Types: \(QuantizationMix.allCases.map(\.rawValue).joined(separator: ", ")). Q2_K and the _K_S, _K_M \
+            and _K_L mixes give some tensors more bits, by llama.cpp's rules (QUANTIZATION.md), and so do IQ4_NL \
+            and IQ4_XS (4-bit indices into a fixed non-uniform table of levels; IQ4_XS with 6-bit scales per 32 \
+            values under one per 256, 4.25 bits per weight); norms and expert routers stay \
             F32, and each projection of a layer's experts is one stacked tensor. \
             With --imatrix (a file of `peregrine imatrix` or llama.cpp's llama-imatrix, GGUF or legacy .dat), \
             each tensor with an entry there is quantized for the least error weighted by the importance \

@@ -14,6 +14,16 @@ public enum KQuant {
         if j < 4 { return (b(j) & 63, b(j + 4) & 63) }
         return ((b(j + 4) & 0x0F) | ((b(j - 4) >> 6) << 4), (b(j + 4) >> 4) | ((b(j) >> 6) << 4))
     }
+
+    /// Sub-block j's signed scale (-32...31) from the 12 packed bytes of Q3_K: its low 4 bits
+    /// are the low (j < 8) or high nibble of byte j % 8, its top 2 bits are bits 2 (j / 4) of
+    /// byte 8 + j % 4; stored offset by 32.
+    @inlinable @inline(__always)
+    public static func q3Scale(_ q: UnsafeRawPointer, _ j: Int) -> Int {
+        @inline(__always) func b(_ i: Int) -> Int { Int(q.load(fromByteOffset: i, as: UInt8.self)) }
+        let low = j < 8 ? b(j) & 0x0F : b(j - 8) >> 4
+        return (low | ((b(8 + j % 4) >> (2 * (j / 4))) & 3) << 4) - 32
+    }
 }
 
 /// Shared pieces of the IQ4 layouts (IQ4_NL, IQ4_XS).
@@ -188,6 +198,8 @@ public enum Int8Kernels {
         case .q6_K: tile(Q6_KBlock.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
         case .iq4_nl: tile(IQ4_NLBlock.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
         case .iq4_xs: tile(IQ4_XSBlock.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q3_K: tile(Q3_KBlock.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
+        case .q2_K: tile(Q2_KBlock.self, D.self, w, rowBytes, a, stride, k, tokens, rows, bias, y, ldy)
         }
     }
 
@@ -305,9 +317,9 @@ public enum AVX2Dot: Int8Dot {
 
 /// The weight types with integer kernels.
 public enum Int8WeightType: Int, Sendable {
-    case q8_0, q4_0, q5_0, q4_1, q5_1, q4_K, q5_K, q6_K
+    case q8_0, q4_0, q5_0, q4_1, q5_1, q4_K, q5_K, q6_K, q3_K, q2_K
     case iq4_nl, iq4_xs
-    @inlinable public var isKQuant: Bool { self == .q4_K || self == .q5_K || self == .q6_K }
+    @inlinable public var isKQuant: Bool { self == .q4_K || self == .q5_K || self == .q6_K || self == .q3_K || self == .q2_K }
     /// Products on activations in 256-value blocks (llama.cpp's Q8_K) rather than 32-value ones.
     @inlinable public var superBlocks: Bool { isKQuant || self == .iq4_xs }
 }
@@ -563,6 +575,91 @@ public enum IQ4_XSBlock: Int8Block {
             _mm256_add_epi32(_mm256_add_epi32(p(d.magnitudes.4, d.signs.4, 4, d.scales.4), p(d.magnitudes.5, d.signs.5, 5, d.scales.5)),
                              _mm256_add_epi32(p(d.magnitudes.6, d.signs.6, 6, d.scales.6), p(d.magnitudes.7, d.signs.7, 7, d.scales.7))))
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d.d * y.load(as: Float.self)), _mm256_cvtepi32_ps(sumi), acc)
+    }
+}
+
+/// Q3_K and Q2_K unpacked: eight groups of 32 unsigned values (0...7 or 0...3), per group its
+/// two 16-value scales as an int16 vector (low half, high half), and the 16 int16 multipliers
+/// of the activations' 16-value sums that take off the offset (Q3_K: its scales, for the
+/// offset of 4) or the mins (Q2_K), with the float scales of the two parts.
+@frozen public struct BlockSixteen {
+    public var q: Int8Kernels.Vectors8
+    public var scales: Int8Kernels.Vectors8
+    public var sums: __m256i
+    public var d: Float
+    public var dSums: Float
+    @inlinable public init(q: Int8Kernels.Vectors8, scales: Int8Kernels.Vectors8, sums: __m256i, d: Float, dSums: Float) {
+        self.q = q; self.scales = scales; self.sums = sums; self.d = d; self.dSums = dSums
+    }
+
+    /// Group j's two scales (sub-blocks 2j and 2j + 1) as madd multipliers.
+    @inline(__always) @inlinable public static func pair(_ s: SIMD16<Int16>, _ j: Int) -> __m256i {
+        _mm256_set_m128i(_mm_set1_epi16(s[2 &* j &+ 1]), _mm_set1_epi16(s[2 &* j]))
+    }
+
+    /// The low bits of group j (values 32j ..< 32j + 32): bits 2 (j % 4) of the 32 bytes for its half.
+    @inline(__always) @inlinable public static func twoBits(_ halves: (__m256i, __m256i), _ j: Int) -> __m256i {
+        let v = j < 4 ? halves.0 : halves.1
+        return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(Int32(2 &* (j & 3)))), _mm256_set1_epi8(3))
+    }
+
+    /// d dy sum(scale q y) + dSums dy sum(multiplier x 16-value sum of y).
+    @inline(__always) @inlinable
+    public static func accumulate<D: Int8Dot>(_ d: BlockSixteen, _ y: UnsafeRawPointer, _ acc: inout __m256, _ dot: D.Type) {
+        let sumi = Int8Kernels.scaledSum(d.q, d.scales, y, D.self)
+        let offset = _mm256_madd_epi16(d.sums, y.loadUnaligned(fromByteOffset: 4, as: __m256i.self))
+        let dy = y.load(as: Float.self)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d.d * dy), _mm256_cvtepi32_ps(sumi), acc)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d.dSums * dy), _mm256_cvtepi32_ps(offset), acc)
+    }
+}
+
+public enum Q3_KBlock: Int8Block {
+    @inlinable public static var values: Int { 256 }
+    @inlinable public static var weightBytes: Int { 110 }
+
+    /// Values (q - 4 stored as q = low 2 bits | third bit << 2) as 0...7; the offset of 4 comes off
+    /// through the activations' sums times the scales.
+    @inline(__always) @inlinable public static func decode(_ w: UnsafeRawPointer) -> BlockSixteen {
+        let halves = (w.loadUnaligned(fromByteOffset: 32, as: __m256i.self), w.loadUnaligned(fromByteOffset: 64, as: __m256i.self))
+        let mask = w.loadUnaligned(as: __m256i.self), one = _mm256_set1_epi8(1)
+        @inline(__always) func group(_ j: Int) -> __m256i {
+            let high = _mm256_and_si256(_mm256_srl_epi16(mask, _mm_cvtsi32_si128(Int32(j))), one)
+            return _mm256_or_si256(BlockSixteen.twoBits(halves, j), _mm256_slli_epi16(high, 2))
+        }
+        var s = SIMD16<Int16>()
+        for j in 0..<16 { s[j] = Int16(KQuant.q3Scale(w + 96, j)) }
+        let d = Int8Kernels.f16(w, 108)
+        return BlockSixteen(q: (group(0), group(1), group(2), group(3), group(4), group(5), group(6), group(7)),
+                            scales: (BlockSixteen.pair(s, 0), BlockSixteen.pair(s, 1), BlockSixteen.pair(s, 2), BlockSixteen.pair(s, 3),
+                                     BlockSixteen.pair(s, 4), BlockSixteen.pair(s, 5), BlockSixteen.pair(s, 6), BlockSixteen.pair(s, 7)),
+                            sums: unsafeBitCast(s, to: __m256i.self), d: d, dSums: -4 * d)
+    }
+
+    @inline(__always) @inlinable public static func accumulate<D: Int8Dot>(_ d: BlockSixteen, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
+        BlockSixteen.accumulate(d, y, &acc, D.self)
+    }
+}
+
+public enum Q2_KBlock: Int8Block {
+    @inlinable public static var values: Int { 256 }
+    @inlinable public static var weightBytes: Int { 84 }
+
+    /// Values 0...3 with 4-bit scales; the mins come off through the activations' sums.
+    @inline(__always) @inlinable public static func decode(_ w: UnsafeRawPointer) -> BlockSixteen {
+        let halves = (w.loadUnaligned(fromByteOffset: 16, as: __m256i.self), w.loadUnaligned(fromByteOffset: 48, as: __m256i.self))
+        let packed = _mm256_cvtepu8_epi16(w.loadUnaligned(as: __m128i.self))
+        let s = unsafeBitCast(_mm256_and_si256(packed, _mm256_set1_epi16(15)), to: SIMD16<Int16>.self)
+        return BlockSixteen(q: (BlockSixteen.twoBits(halves, 0), BlockSixteen.twoBits(halves, 1), BlockSixteen.twoBits(halves, 2),
+                                BlockSixteen.twoBits(halves, 3), BlockSixteen.twoBits(halves, 4), BlockSixteen.twoBits(halves, 5),
+                                BlockSixteen.twoBits(halves, 6), BlockSixteen.twoBits(halves, 7)),
+                            scales: (BlockSixteen.pair(s, 0), BlockSixteen.pair(s, 1), BlockSixteen.pair(s, 2), BlockSixteen.pair(s, 3),
+                                     BlockSixteen.pair(s, 4), BlockSixteen.pair(s, 5), BlockSixteen.pair(s, 6), BlockSixteen.pair(s, 7)),
+                            sums: _mm256_srli_epi16(packed, 4), d: Int8Kernels.f16(w, 80), dSums: -Int8Kernels.f16(w, 82))
+    }
+
+    @inline(__always) @inlinable public static func accumulate<D: Int8Dot>(_ d: BlockSixteen, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
+        BlockSixteen.accumulate(d, y, &acc, D.self)
     }
 }
 #endif

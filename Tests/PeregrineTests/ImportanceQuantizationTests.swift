@@ -6,7 +6,7 @@ import XCTest
 /// made by scripts/make_imatrix_fixture.py), the mix rule it changes, and files without one
 /// unchanged byte for byte.
 final class ImportanceQuantizationTests: XCTestCase {
-    static let types: [DType] = [.q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q4_K, .q5_K, .q6_K, .iq4_nl, .iq4_xs]
+    static let types: [DType] = [.q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q4_K, .q5_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K]
 
     /// Σ importance_j (x_ij - dequantized_ij)^2 over the rows.
     func weightedError(_ x: [Float], _ type: DType, cols: Int, importance: [Float], weighted: Bool) -> Double {

@@ -16,6 +16,8 @@ final class QuantKernelTests: XCTestCase {
         case .q4_1, .q5_1, .q4_K, .q5_K: halfOffsets = [0, 2]
         case .q6_K: halfOffsets = [208]
         case .iq4_nl, .iq4_xs: halfOffsets = [0]
+        case .q3_K: halfOffsets = [108]
+        case .q2_K: halfOffsets = [80, 82]
         default: halfOffsets = []
         }
         for b in 0..<blocks {
@@ -114,6 +116,38 @@ extension QuantKernelTests {
             XCTAssertLessThan(worst, 0.01, "\(type)")
         }
     }
+
+    /// The products over many tokens (tiles of 8, 4 and 1 tokens, rows spread over the pool, as a
+    /// prefill runs them) give each token exactly its single-row product.
+    func testMultiTokenProductsMatchRowProducts() {
+        var rng = SplitMix(seed: 13)
+        let k = 2 * 256, rows = 5, tokens = 13
+        let pool = ThreadPool(threadCount: 2)
+        for type in DType.allCases where !type.isFloat {
+            let w = (0..<rows).flatMap { _ in randomRow(type, blocks: k / type.blockSize, rng: &rng) }
+            let x = (0..<(tokens * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
+            var y = [Float](repeating: .nan, count: tokens * rows)
+            let kind = Int8WeightType(type)!
+            let stride = Int8Kernels.activationBytes(kind, k: k)
+            let scratch = UnsafeMutableRawPointer.allocate(byteCount: CPUKernels.activationScratchBytes(type, tokens: tokens, k: k), alignment: 64)
+            defer { scratch.deallocate() }
+            w.withUnsafeBytes { wb in
+                x.withUnsafeBufferPointer { xb in
+                    CPUKernels.matmulBlocks(type, x: xb.baseAddress!, tokens: tokens, w: wb.baseAddress!, outDim: rows, k: k, bias: nil,
+                                            y: &y, scratch: scratch, pool: pool)
+                }
+            }
+            let rowBytes = type.byteCount(elements: k)
+            for t in 0..<tokens {
+                var act = [UInt8](repeating: 0, count: stride)
+                x.withUnsafeBufferPointer { xb in act.withUnsafeMutableBytes { Int8Kernels.quantizeActivations(kind, xb.baseAddress! + t * k, k: k, into: $0.baseAddress!) } }
+                for o in 0..<rows {
+                    let one = w.withUnsafeBytes { r in act.withUnsafeBytes { Int8Kernels.rowDot(kind, dot: AVX2Dot.self, r.baseAddress! + o * rowBytes, $0.baseAddress!, k) } }
+                    XCTAssertEqual(y[t * rows + o], one, "\(type) token \(t) row \(o)")
+                }
+            }
+        }
+    }
 }
 #endif
 
@@ -148,9 +182,9 @@ final class QuantizerTests: XCTestCase {
             bytes.withUnsafeBytes { type.dequantize($0.baseAddress!, count: n, into: &back) }
             let err = (zip(x, back).reduce(0) { $0 + ($1.0 - $1.1) * ($1.0 - $1.1) } / Float(n)).squareRoot() / rms
             // Bounds about 1.3x what each type measures here (Q8_0 0.006 ... Q4_0 0.098; IQ4_NL 0.083,
-            // IQ4_XS 0.085).
+            // IQ4_XS 0.085; Q3_K 0.164, Q2_K 0.306).
             let bound: [DType: Float] = [.q8_0: 0.008, .q6_K: 0.026, .q5_K: 0.05, .q5_1: 0.052, .q5_0: 0.065, .q4_K: 0.1,
-                                         .q4_1: 0.11, .q4_0: 0.13, .iq4_nl: 0.11, .iq4_xs: 0.11]
+                                         .q4_1: 0.11, .q4_0: 0.13, .iq4_nl: 0.11, .iq4_xs: 0.11, .q3_K: 0.21, .q2_K: 0.4]
             XCTAssertLessThan(err, bound[type]!, "\(type) relative RMS error")
         }
     }

@@ -213,7 +213,9 @@ extension GGUFFile.TensorType {
         case .q6_K: return .q6_K
         case .iq4_nl: return .iq4_nl
         case .iq4_xs: return .iq4_xs
-        case .q8_1, .q2_K, .q3_K, .q8_K: return nil
+        case .q3_K: return .q3_K
+        case .q2_K: return .q2_K
+        case .q8_1, .q8_K: return nil
         }
     }
 

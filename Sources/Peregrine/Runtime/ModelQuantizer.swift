@@ -7,6 +7,7 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
     case q8_0 = "Q8_0", q4_0 = "Q4_0", q4_1 = "Q4_1", q5_0 = "Q5_0", q5_1 = "Q5_1"
     case q4_K_S = "Q4_K_S", q4_K_M = "Q4_K_M", q5_K_S = "Q5_K_S", q5_K_M = "Q5_K_M", q6_K = "Q6_K"
     case iq4_nl = "IQ4_NL", iq4_xs = "IQ4_XS"
+    case q2_K = "Q2_K", q3_K_S = "Q3_K_S", q3_K_M = "Q3_K_M", q3_K_L = "Q3_K_L"
 
     /// llama.cpp's `general.file_type` number for the mix.
     public var fileType: UInt32 {
@@ -26,6 +27,10 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
         case .iq4_nl: return 25
         case .iq4_xs: return 30
         case .bf16: return 32
+        case .q2_K: return 10
+        case .q3_K_S: return 11
+        case .q3_K_M: return 12
+        case .q3_K_L: return 13
         }
     }
 
@@ -45,6 +50,8 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
         case .q6_K: return .q6_K
         case .iq4_nl: return .iq4_nl
         case .iq4_xs: return .iq4_xs
+        case .q2_K: return .q2_K
+        case .q3_K_S, .q3_K_M, .q3_K_L: return .q3_K
         }
     }
 
@@ -63,7 +70,7 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
     /// `importance` says the quantization is weighted by an importance matrix, which moves the
     /// first eighth of the layers' `ffn_down` from Q4_0/Q5_0 to Q4_1/Q5_1, as llama.cpp does (and
     /// keeps it at IQ4_NL/IQ4_XS, which take Q5_K there without one). `gqa` is the query heads per
-    /// key/value head: with 4 or more, the IQ4 mixes give attention's v Q5_K.
+    /// key/value head: with 4 or more, the IQ4 mixes give attention's v Q5_K (Q2_K: Q4_K).
     public func type(of name: String, cols: Int, isMatrix: Bool, layers: Int, tied: Bool, experts: Int = 0, pure: Bool = false,
                      importance: Bool = false, gqa: Int = 1) -> DType {
         guard isMatrix, !name.hasSuffix("_norm.weight") else { return .f32 }
@@ -76,23 +83,58 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
         func moreBits(_ i: Int) -> Bool { i < layers / 8 || i >= 7 * layers / 8 || (i - layers / 8) % 3 == 2 }
         if name == "output.weight" || (tied && name == "token_embd.weight") {
             type = cols % 256 != 0 || base == .q8_0 ? .q8_0 : .q6_K
-        } else if let i = layer, name.hasSuffix(".attn_v.weight") {
+        } else if let i = layer, name.hasSuffix(".attn_v.weight") || name.hasSuffix(".attn_qkv.weight") {
+            // llama.cpp gives a fused qkv matrix (Phi-3) the rules of attention's v.
             if (self == .q4_K_M || self == .q5_K_M) && moreBits(i) { type = .q6_K }
             if self == .q4_K_S && i < 4 { type = .q5_K }
             if (self == .iq4_nl || self == .iq4_xs) && gqa >= 4 { type = .q5_K }
+            if let low = lowBitsAttentionV(layer: i, gqa: gqa) { type = low }
             if experts == 8 { type = .q8_0 }
         } else if layer != nil, name.hasSuffix(".attn_k.weight") {
             if experts == 8 { type = .q8_0 }
         } else if layer != nil, name.hasSuffix(".attn_output.weight") {
             if experts == 8 && (self == .q4_K_S || self == .q4_K_M || self == .iq4_nl || self == .iq4_xs) { type = .q5_K }
+            if let low = lowBitsAttentionOutput(experts: experts) { type = low }
         } else if let i = layer, name.contains(".ffn_down") {
             // Every down projection (dense, the stacked experts', the shared expert's), by its layer.
             if (self == .q4_K_M || self == .q5_K_M) && moreBits(i) { type = .q6_K }
             if (self == .q4_K_S || self == .q5_K_S) && i < layers / 8 { type = .q5_K }
             if importance && (self == .q4_0 || self == .q5_0) && i < layers / 8 { type = self == .q4_0 ? .q4_1 : .q5_1 }
             if !importance && (self == .iq4_nl || self == .iq4_xs) && i < layers / 8 { type = .q5_K }
+            if let low = lowBitsFeedForwardDown(layer: i, layers: layers) { type = low }
         }
         return fallback(type, cols: cols)
+    }
+
+    /// Q2_K and Q3_K mixes: attention's v (or fused qkv) matrix of layer `layer`. Nil for the other mixes.
+    private func lowBitsAttentionV(layer i: Int, gqa: Int) -> DType? {
+        switch self {
+        case .q2_K: return gqa >= 4 ? .q4_K : .q3_K
+        case .q3_K_M: return i < 2 ? .q5_K : .q4_K
+        case .q3_K_L: return .q5_K
+        default: return nil
+        }
+    }
+
+    /// Q2_K and Q3_K mixes: attention's output matrix (Q5_K beside eight experts).
+    private func lowBitsAttentionOutput(experts: Int) -> DType? {
+        if experts == 8 { return [.q2_K, .q3_K_S, .q3_K_M].contains(self) ? .q5_K : nil }
+        switch self {
+        case .q2_K: return .q3_K
+        case .q3_K_M: return .q4_K
+        case .q3_K_L: return .q5_K
+        default: return nil
+        }
+    }
+
+    /// Q2_K and Q3_K mixes: a down projection of layer `layer` (Q3_K_M: Q5_K in the first sixteenth).
+    private func lowBitsFeedForwardDown(layer i: Int, layers: Int) -> DType? {
+        switch self {
+        case .q2_K: return .q3_K
+        case .q3_K_M: return i < layers / 16 ? .q5_K : .q4_K
+        case .q3_K_L: return .q5_K
+        default: return nil
+        }
     }
 
     /// Rows that do not divide into 256-value blocks take a 32-value type of similar size; rows
@@ -105,6 +147,7 @@ public enum QuantizationMix: String, CaseIterable, Sendable {
             case .q5_K: type = .q5_1
             case .q6_K: type = .q8_0
             case .iq4_xs: type = .iq4_nl
+            case .q2_K, .q3_K: type = .q4_0
             default: break
             }
             if cols % type.blockSize != 0 { type = .f16 }

@@ -20,6 +20,8 @@ public enum DType: String, Sendable, CaseIterable {
     case q6_K = "Q6_K"
     case iq4_nl = "IQ4_NL"
     case iq4_xs = "IQ4_XS"
+    case q3_K = "Q3_K"
+    case q2_K = "Q2_K"
 
     /// Bytes per element of a float type (safetensors holds only these).
     public var byteSize: Int {
@@ -40,6 +42,7 @@ public enum DType: String, Sendable, CaseIterable {
         case .q4_K, .q5_K, .q6_K: return 256
         case .iq4_nl: return 32
         case .iq4_xs: return 256
+        case .q3_K, .q2_K: return 256
         }
     }
 
@@ -56,6 +59,8 @@ public enum DType: String, Sendable, CaseIterable {
         case .q6_K: return 210
         case .iq4_nl: return 18
         case .iq4_xs: return 136
+        case .q3_K: return 110
+        case .q2_K: return 84
         }
     }
 
@@ -166,6 +171,40 @@ public enum DType: String, Sendable, CaseIterable {
                         let q = u8(block, 8 + 16 * s + j)
                         out[256 * b + 32 * s + j] = dl * Float(IQ4.levels[q & 0x0F])
                         out[256 * b + 32 * s + j + 16] = dl * Float(IQ4.levels[q >> 4])
+                    }
+                }
+            }
+        case .q3_K:
+            // 16 sub-blocks of 16 with signed 6-bit scales; each value's low 2 bits in qs (byte
+            // 32h + l holds values 128h + 32s + l at bits 2s), its third bit in hmask (byte l,
+            // bit 4h + s), stored offset by 4.
+            for b in 0..<(n / 256) {
+                let block = src + 110 * b
+                let d = f16(block, 108)
+                for h in 0..<2 {
+                    for s in 0..<4 {
+                        for l in 0..<32 {
+                            let low = (u8(block, 32 + 32 * h + l) >> (2 * s)) & 3
+                            let high = (u8(block, l) >> (4 * h + s)) & 1
+                            let scale = d * Float(KQuant.q3Scale(block + 96, 8 * h + 2 * s + l / 16))
+                            out[256 * b + 128 * h + 32 * s + l] = scale * Float((low | high << 2) - 4)
+                        }
+                    }
+                }
+            }
+        case .q2_K:
+            // 16 sub-blocks of 16, each with a 4-bit scale (low nibble) and min (high nibble);
+            // 2-bit values laid out as Q3_K's low bits.
+            for b in 0..<(n / 256) {
+                let block = src + 84 * b
+                let d = f16(block, 80), dmin = f16(block, 82)
+                for h in 0..<2 {
+                    for s in 0..<4 {
+                        for l in 0..<32 {
+                            let q = (u8(block, 16 + 32 * h + l) >> (2 * s)) & 3
+                            let sm = u8(block, 8 * h + 2 * s + l / 16)
+                            out[256 * b + 128 * h + 32 * s + l] = d * Float(sm & 15) * Float(q) - dmin * Float(sm >> 4)
+                        }
                     }
                 }
             }

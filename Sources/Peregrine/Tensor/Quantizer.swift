@@ -20,6 +20,8 @@ public enum Quantizer {
         case .q6_K: for b in 0..<(n / 256) { q6_K(x + 256 * b, out + 210 * b) }
         case .iq4_nl: for b in 0..<(n / 32) { iq4(x + 32 * b, count: 32, out + 18 * b) }
         case .iq4_xs: for b in 0..<(n / 256) { iq4(x + 256 * b, count: 256, out + 136 * b) }
+        case .q3_K: for b in 0..<(n / 256) { q3_K(x + 256 * b, out + 110 * b) }
+        case .q2_K: for b in 0..<(n / 256) { q2_K(x + 256 * b, out + 84 * b) }
         }
     }
 
@@ -61,6 +63,10 @@ public enum Quantizer {
             for b in 0..<(n / 32) { iq4(x + 32 * b, count: 32, out + 18 * b, importance: importance + 32 * b) }
         case .iq4_xs:
             for b in 0..<(n / 256) { iq4(x + 256 * b, count: 256, out + 136 * b, importance: importance + 256 * b) }
+        case .q3_K:
+            for b in 0..<(n / 256) { q3_K(x + 256 * b, out + 110 * b, importance: importance + 256 * b) }
+        case .q2_K:
+            for b in 0..<(n / 256) { q2_K(x + 256 * b, out + 84 * b, importance: importance + 256 * b) }
         }
     }
 
@@ -469,6 +475,340 @@ public enum Quantizer {
                 let b = UInt8(levels[32 * s + j] | levels[32 * s + 16 + j] << 4)
                 out.storeBytes(of: b, toByteOffset: qs + 16 * s + j, as: UInt8.self)
             }
+        }
+    }
+}
+
+/// Q3_K and Q2_K. Their fits follow llama.cpp's reference quantizers step for step (the same
+/// searches, the same order of float operations, rounding to nearest with ties to even), so
+/// plain rounding gives llama-quantize's bytes; the other k-quants above use fits of their own.
+extension Quantizer {
+    /// Nearest integer, ties to even; non-finite values give 0.
+    @inline(__always) static func nearest(_ v: Float) -> Int {
+        guard v.isFinite else { return 0 }
+        return Int(max(-4_194_303, min(4_194_303, v)).rounded(.toNearestOrEven))
+    }
+
+    /// The value of largest magnitude, sign kept (the first of equal magnitudes).
+    @inline(__always) static func extreme(_ x: UnsafePointer<Float>, _ n: Int) -> (value: Float, magnitude: Float) {
+        var amax: Float = 0, value: Float = 0
+        for i in 0..<n where abs(x[i]) > amax { amax = abs(x[i]); value = x[i] }
+        return (value, amax)
+    }
+
+    /// A symmetric sub-block's scale, levels -top...top-1 weighted by x² (Q3_K without importance):
+    /// the grid that maps the extreme value to -top, then up to five passes that move single
+    /// levels where that improves the least-squares fit. `levels` gets q + top.
+    static func symmetricLevels(_ x: UnsafePointer<Float>, _ n: Int, top: Int, _ levels: UnsafeMutablePointer<Int>) -> Float {
+        let (peak, amax) = extreme(x, n)
+        guard amax >= 1e-15 else {
+            for i in 0..<n { levels[i] = 0 }
+            return 0
+        }
+        let iscale = -Float(top) / peak
+        var sumlx: Float = 0, suml2: Float = 0
+        for i in 0..<n {
+            let l = max(-top, min(top - 1, nearest(iscale * x[i])))
+            levels[i] = l
+            let w = x[i] * x[i]
+            sumlx += w * x[i] * Float(l)
+            suml2 += w * Float(l) * Float(l)
+        }
+        for _ in 0..<5 {
+            var changed = false
+            for i in 0..<n {
+                let w = x[i] * x[i]
+                var slx = sumlx - w * x[i] * Float(levels[i])
+                guard slx > 0 else { continue }
+                var sl2 = suml2 - w * Float(levels[i]) * Float(levels[i])
+                let candidate = max(-top, min(top - 1, nearest(x[i] * sl2 / slx)))
+                guard candidate != levels[i] else { continue }
+                slx += w * x[i] * Float(candidate)
+                sl2 += w * Float(candidate) * Float(candidate)
+                if sl2 > 0, slx * slx * suml2 > sumlx * sumlx * sl2 {
+                    levels[i] = candidate; sumlx = slx; suml2 = sl2; changed = true
+                }
+            }
+            if !changed { break }
+        }
+        for i in 0..<n { levels[i] += top }
+        return suml2 > 0 ? sumlx / suml2 : 0
+    }
+
+    /// The scale minimising sum w (x - scale q)², q in -top...top-1: the grid mapping the extreme
+    /// value to -top and 18 stretches of it, each refitted by least squares. `levels` gets q + top
+    /// of the best grid (all 0 when x is).
+    static func weightedSymmetricLevels(_ x: UnsafePointer<Float>, _ n: Int, top: Int, weights w: UnsafePointer<Float>,
+                                        _ levels: UnsafeMutablePointer<Int>) -> Float {
+        let (peak, amax) = extreme(x, n)
+        guard amax >= 1e-15 else {
+            for i in 0..<n { levels[i] = 0 }
+            return 0
+        }
+        func fit(_ iscale: Float) -> (Float, Float) {
+            var sumlx: Float = 0, suml2: Float = 0
+            for i in 0..<n {
+                let l = Float(max(-top, min(top - 1, nearest(iscale * x[i]))))
+                sumlx += w[i] * x[i] * l
+                suml2 += w[i] * l * l
+            }
+            return (sumlx, suml2)
+        }
+        func setLevels(_ iscale: Float) { for i in 0..<n { levels[i] = top + max(-top, min(top - 1, nearest(iscale * x[i]))) } }
+        var iscale = -Float(top) / peak
+        setLevels(iscale)
+        let (sumlx, suml2) = fit(iscale)
+        var scale: Float = suml2 != 0 ? sumlx / suml2 : 0
+        var best = scale * sumlx
+        for step in -9...9 where step != 0 {
+            iscale = -(Float(top) + 0.1 * Float(step)) / peak
+            let (a, b) = fit(iscale)
+            if b > 0, a * a > best * b {
+                setLevels(iscale)
+                scale = a / b
+                best = scale * a
+            }
+        }
+        return scale
+    }
+
+    /// A sub-block of 16 as scale * q - min, q in 0...top, min >= 0 (Q2_K): from min-to-max,
+    /// `steps + 1` stretches of the grid (top + from + by i levels over the range), each refitted
+    /// for scale and min by weighted least squares, the best (by summed weighted absolute error
+    /// with `absolute`, else squared) kept and the next grid taken from its min. `levels` gets q.
+    static func offsetLevels(_ x: UnsafePointer<Float>, _ n: Int, top: Int, weights w: UnsafePointer<Float>, from: Float, by: Float,
+                             steps: Int, absolute: Bool, _ levels: UnsafeMutablePointer<Int>) -> (scale: Float, min: Float) {
+        var lo = x[0], hi = x[0]
+        var sumW = w[0], sumX = sumW * x[0]
+        for i in 1..<n {
+            if x[i] < lo { lo = x[i] }
+            if x[i] > hi { hi = x[i] }
+            sumW += w[i]
+            sumX += w[i] * x[i]
+        }
+        if lo > 0 { lo = 0 }
+        if hi == lo {
+            for i in 0..<n { levels[i] = 0 }
+            return (0, -lo)
+        }
+        @inline(__always) func cost(_ d: Float) -> Float { absolute ? abs(d) : d * d }
+        var iscale = Float(top) / (hi - lo)
+        var scale = 1 / iscale
+        var bestError: Float = 0
+        for i in 0..<n {
+            levels[i] = max(0, min(top, nearest(iscale * (x[i] - lo))))
+            bestError += w[i] * cost(scale * Float(levels[i]) + lo - x[i])
+        }
+        var trial = [Int](repeating: 0, count: n)
+        for step in 0...steps {
+            iscale = (from + by * Float(step) + Float(top)) / (hi - lo)
+            var sumL: Float = 0, sumL2: Float = 0, sumXL: Float = 0
+            for i in 0..<n {
+                let l = max(0, min(top, nearest(iscale * (x[i] - lo))))
+                trial[i] = l
+                sumL += w[i] * Float(l)
+                sumL2 += w[i] * Float(l) * Float(l)
+                sumXL += w[i] * Float(l) * x[i]
+            }
+            let det = sumW * sumL2 - sumL * sumL
+            guard det > 0 else { continue }
+            var s = (sumW * sumXL - sumX * sumL) / det
+            var m = (sumL2 * sumX - sumL * sumXL) / det
+            if m > 0 {
+                m = 0
+                s = sumXL / sumL2
+            }
+            var error: Float = 0
+            for i in 0..<n { error += w[i] * cost(s * Float(trial[i]) + m - x[i]) }
+            if error < bestError {
+                for i in 0..<n { levels[i] = trial[i] }
+                bestError = error
+                scale = s
+                lo = m
+            }
+        }
+        return (scale, -lo)
+    }
+
+    /// Non-negative values as levels 0...top (stored as bytes, as the reference keeps them) times
+    /// one scale, weighted: the best of nine stretches of the grid mapping the largest value to
+    /// top, then up to five passes moving single levels while the least-squares fit improves.
+    static func positiveLevels(_ x: [Float], top: Int, weights w: [Float]) -> (scale: Float, levels: [UInt8]) {
+        let n = x.count
+        var largest: Float = 0
+        for v in x { largest = max(largest, v) }
+        guard largest >= 1e-15 else { return (0, [UInt8](repeating: 0, count: n)) }
+        var iscale = Float(top) / largest
+        var levels = x.map { UInt8(truncatingIfNeeded: nearest(iscale * $0)) }
+        let scale = 1 / iscale
+        var bestError: Float = 0
+        for i in 0..<n {
+            let d = x[i] - scale * Float(levels[i])
+            bestError += w[i] * d * d
+        }
+        for step in -4...4 where step != 0 {
+            let candidate = (0.1 * Float(step) + Float(top)) / largest, s = 1 / candidate
+            var error: Float = 0
+            for i in 0..<n {
+                let d = x[i] - s * Float(min(top, nearest(candidate * x[i])))
+                error += w[i] * d * d
+            }
+            if error < bestError { bestError = error; iscale = candidate }
+        }
+        var sumlx: Float = 0, suml2: Float = 0
+        for i in 0..<n {
+            let l = min(top, nearest(iscale * x[i]))
+            levels[i] = UInt8(truncatingIfNeeded: l)
+            sumlx += w[i] * x[i] * Float(l)
+            suml2 += w[i] * Float(l) * Float(l)
+        }
+        for _ in 0..<5 {
+            var changed = false
+            for i in 0..<n {
+                let li = Float(levels[i])
+                var slx = sumlx - w[i] * x[i] * li, sl2 = suml2 - w[i] * li * li
+                guard slx > 0, sl2 > 0 else { continue }
+                let candidate = min(top, nearest(x[i] * sl2 / slx))
+                guard candidate != Int(levels[i]) else { continue }
+                slx += w[i] * x[i] * Float(candidate)
+                sl2 += w[i] * Float(candidate) * Float(candidate)
+                if slx * slx * suml2 > sumlx * sumlx * sl2 {
+                    levels[i] = UInt8(truncatingIfNeeded: candidate); sumlx = slx; suml2 = sl2; changed = true
+                }
+            }
+            if !changed { break }
+        }
+        return (suml2 > 0 ? sumlx / suml2 : 0, levels)
+    }
+
+    /// 256 values of 0...3 as Q2_K and Q3_K store their low bits: byte 32h + l holds values
+    /// 128h + l + 32s at bits 2s.
+    static func packTwoBits(_ q: UnsafePointer<Int>, _ out: UnsafeMutableRawPointer) {
+        for h in 0..<2 {
+            for l in 0..<32 {
+                let b = 128 * h + l
+                out.storeBytes(of: UInt8(truncatingIfNeeded: q[b] | q[b + 32] << 2 | q[b + 64] << 4 | q[b + 96] << 6),
+                               toByteOffset: 32 * h + l, as: UInt8.self)
+            }
+        }
+    }
+
+    /// Q3_K: sixteen sub-blocks of 16 values -4...3 with 6-bit signed scales against one f16
+    /// scale. Without importance each sub-block's scale minimises its error weighted by x² and
+    /// the scales are rounded against the largest; with it, the weights are
+    /// importance x sqrt(σ² + x²) (σ² twice the block's mean square) and the 6-bit scales are
+    /// fitted weighted by each sub-block's total weight. Values are then rounded again against
+    /// the scales as stored.
+    static func q3_K(_ x: UnsafePointer<Float>, _ out: UnsafeMutableRawPointer, importance: UnsafePointer<Float>? = nil) {
+        withUnsafeTemporaryAllocation(of: Int.self, capacity: 256) { buffer in
+            let q = buffer.baseAddress!
+            var stored = [Int](repeating: 0, count: 16)  // 6-bit scales, offset by 32
+            var d: Float = 0
+            if let importance {
+                var sumSquares: Float = 0
+                for i in 0..<256 { sumSquares += x[i] * x[i] }
+                let sigma2 = 2 * sumSquares / 256
+                var scales = [Float](repeating: 0, count: 16), subWeights = [Float](repeating: 0, count: 16)
+                for j in 0..<16 {
+                    let imp = blockImportance(importance + 16 * j, 16)
+                    let w = (0..<16).map { imp[$0] * (sigma2 + x[16 * j + $0] * x[16 * j + $0]).squareRoot() }
+                    subWeights[j] = w.reduce(0, +)
+                    scales[j] = weightedSymmetricLevels(x + 16 * j, 16, top: 4, weights: w, q + 16 * j)
+                }
+                d = weightedSymmetricLevels(scales, 16, top: 32, weights: subWeights, &stored)
+            } else {
+                var scales = [Float](repeating: 0, count: 16)
+                for j in 0..<16 { scales[j] = symmetricLevels(x + 16 * j, 16, top: 4, q + 16 * j) }
+                let peak = extreme(scales, 16).value
+                if peak != 0 {
+                    let iscale = -32 / peak
+                    for j in 0..<16 { stored[j] = max(-32, min(31, nearest(iscale * scales[j]))) + 32 }
+                    d = 1 / iscale
+                }
+            }
+            var packed = [UInt8](repeating: 0, count: 12)
+            for j in 0..<16 {
+                let l = stored[j]
+                packed[j % 8] |= UInt8(truncatingIfNeeded: (l & 0xF) << (j < 8 ? 0 : 4))
+                packed[8 + j % 4] |= UInt8(truncatingIfNeeded: (l >> 4) << (2 * (j / 4)))
+            }
+            for (i, b) in packed.enumerated() { out.storeBytes(of: b, toByteOffset: 96 + i, as: UInt8.self) }
+            storeHalf(d, out, 108)
+            let dd = asHalf(d)
+            for j in 0..<16 {
+                let scale = packed.withUnsafeBytes { dd * Float(KQuant.q3Scale($0.baseAddress!, j)) }
+                guard scale != 0 else { continue }
+                for i in 0..<16 { q[16 * j + i] = max(-4, min(3, nearest(x[16 * j + i] / scale))) + 4 }
+            }
+            var mask = [UInt8](repeating: 0, count: 32)
+            for i in 0..<256 where q[i] > 3 {
+                mask[i % 32] |= UInt8(1) << (i / 32)
+                q[i] -= 4
+            }
+            for (i, b) in mask.enumerated() { out.storeBytes(of: b, toByteOffset: i, as: UInt8.self) }
+            packTwoBits(q, out + 32)
+        }
+    }
+
+    /// Q2_K: sixteen sub-blocks of 16 values 0...3, each with a 4-bit scale and a 4-bit min
+    /// against f16 super-block scales. Without importance each sub-block's scale and min
+    /// minimise its absolute error weighted by |x| and are rounded against the largest; with
+    /// it, the squared error weighted by importance x sqrt(σ² + x²) (σ² the block's mean square)
+    /// over a finer search, and the 4-bit scales and mins are fitted weighted by each sub-block's
+    /// total weight. Values are then rounded again against the scales and mins as stored.
+    static func q2_K(_ x: UnsafePointer<Float>, _ out: UnsafeMutableRawPointer, importance: UnsafePointer<Float>? = nil) {
+        withUnsafeTemporaryAllocation(of: Int.self, capacity: 256) { buffer in
+            let q = buffer.baseAddress!
+            var scales = [Float](repeating: 0, count: 16), mins = [Float](repeating: 0, count: 16)
+            var packed = [UInt8](repeating: 0, count: 16)
+            var d: Float = 0, dmin: Float = 0
+            if let importance {
+                var sumSquares: Float = 0
+                for i in 0..<256 { sumSquares += x[i] * x[i] }
+                let sigma2 = sumSquares / 256
+                var subWeights = [Float](repeating: 0, count: 16)
+                for j in 0..<16 {
+                    let imp = blockImportance(importance + 16 * j, 16)
+                    let w = (0..<16).map { imp[$0] * (sigma2 + x[16 * j + $0] * x[16 * j + $0]).squareRoot() }
+                    subWeights[j] = w.reduce(0, +)
+                    (scales[j], mins[j]) = offsetLevels(x + 16 * j, 16, top: 3, weights: w, from: -0.9, by: 0.05, steps: 36,
+                                                        absolute: false, q + 16 * j)
+                }
+                let (ds, ls) = positiveLevels(scales, top: 15, weights: subWeights)
+                let (dm, lm) = positiveLevels(mins, top: 15, weights: subWeights)
+                d = ds; dmin = dm
+                for j in 0..<16 { packed[j] = ls[j] | lm[j] << 4 }
+            } else {
+                var maxScale: Float = 0, maxMin: Float = 0
+                for j in 0..<16 {
+                    let w = (0..<16).map { abs(x[16 * j + $0]) }
+                    (scales[j], mins[j]) = offsetLevels(x + 16 * j, 16, top: 3, weights: w, from: -0.5, by: 0.1, steps: 15,
+                                                        absolute: true, q + 16 * j)
+                    if scales[j] > maxScale { maxScale = scales[j] }
+                    if mins[j] > maxMin { maxMin = mins[j] }
+                }
+                if maxScale > 0 {
+                    let iscale = 15 / maxScale
+                    for j in 0..<16 { packed[j] = UInt8(truncatingIfNeeded: nearest(iscale * scales[j])) }
+                    d = maxScale / 15
+                }
+                if maxMin > 0 {
+                    let iscale = 15 / maxMin
+                    for j in 0..<16 { packed[j] |= UInt8(truncatingIfNeeded: nearest(iscale * mins[j]) << 4) }
+                    dmin = maxMin / 15
+                }
+            }
+            for (i, b) in packed.enumerated() { out.storeBytes(of: b, toByteOffset: i, as: UInt8.self) }
+            storeHalf(d, out, 80)
+            storeHalf(dmin, out, 82)
+            let dd = asHalf(d), dm = asHalf(dmin)
+            for j in 0..<16 {
+                let scale = dd * Float(packed[j] & 0xF)
+                guard scale != 0 else { continue }
+                let m = dm * Float(packed[j] >> 4)
+                for i in 0..<16 { q[16 * j + i] = max(0, min(3, nearest((x[16 * j + i] + m) / scale))) }
+            }
+            packTwoBits(q, out + 16)
         }
     }
 }

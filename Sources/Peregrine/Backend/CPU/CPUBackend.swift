@@ -146,7 +146,7 @@ public final class CPUBackend: ComputeBackend {
             CPUKernels.matmul(F16Element.self, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out, pool: pool)
         case .bf16:
             CPUKernels.matmul(BF16Element.self, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out, pool: pool)
-        case .q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q4_K, .q5_K, .q6_K, .iq4_nl, .iq4_xs:
+        case .q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q4_K, .q5_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K:
             let bytes = CPUKernels.activationScratchBytes(weight.dtype, tokens: rows, k: weight.cols)
             if bytes > activationCapacity {
                 activationScratch.deallocate()

@@ -74,6 +74,8 @@ extension CPUKernels {
         case .q6_K: return q6_KDot(row, x, k / 256).sum()
         case .iq4_nl: return iq4_nlDot(row, x, k / 32).sum()
         case .iq4_xs: return iq4_xsDot(row, x, k / 256).sum()
+        case .q3_K: return q3_KDot(row, x, k / 256).sum()
+        case .q2_K: return q2_KDot(row, x, k / 256).sum()
         case .f32, .f16, .bf16: preconditionFailure("rowDot is for quantized types")
         }
     }
@@ -335,6 +337,68 @@ extension CPUKernels {
             return acc
         }
     }
+
+    /// Q3_K: 256 values in 16 sub-blocks of 16 with signed 6-bit scales; each value's low 2
+    /// bits in `qs` (byte 32h + l, bits 2s for value 128h + 32s + l), its third bit in `hmask`
+    /// (byte l, bit 4h + s), offset by 4.
+    @inline(never)
+    static func q3_KDot(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ blocks: Int) -> SIMD8<Float> {
+        var acc = SIMD8<Float>()
+        let three = SIMD8<UInt8>(repeating: 3), one = SIMD8<UInt8>(repeating: 1), four = SIMD8<Float>(repeating: 4)
+        for b in 0..<blocks {
+            let blk = row + b &* 110
+            let d = f16(blk, 108)
+            let xb = x + b &* 256
+            for h in 0..<2 {
+                for s in 0..<4 {
+                    for g in 0..<2 {  // the two sub-blocks of 16 in values 128h + 32s ..< + 32
+                        var sum = SIMD8<Float>()
+                        for i in 0..<2 {
+                            let l = 16 &* g &+ 8 &* i
+                            let q = blk.loadUnaligned(fromByteOffset: 32 &+ 32 &* h &+ l, as: SIMD8<UInt8>.self)
+                            let m = blk.loadUnaligned(fromByteOffset: l, as: SIMD8<UInt8>.self)
+                            let v = ((q &>> UInt8(2 &* s)) & three) | (((m &>> UInt8(4 &* h &+ s)) & one) &<< 2)
+                            sum = sum.addingProduct(floats(v) - four, load8(xb, 128 &* h &+ 32 &* s &+ l))
+                        }
+                        let scale = Float(KQuant.q3Scale(blk + 96, 8 &* h &+ 2 &* s &+ g))
+                        acc = acc.addingProduct(SIMD8(repeating: d * scale), sum)
+                    }
+                }
+            }
+        }
+        return acc
+    }
+
+    /// Q2_K: 256 values of 2 bits (Q3_K's low-bit layout) in 16 sub-blocks of 16, each with a
+    /// 4-bit scale and a 4-bit min.
+    @inline(never)
+    static func q2_KDot(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ blocks: Int) -> SIMD8<Float> {
+        var acc = SIMD8<Float>()
+        let three = SIMD8<UInt8>(repeating: 3)
+        for b in 0..<blocks {
+            let blk = row + b &* 84
+            let d = f16(blk, 80), dmin = f16(blk, 82)
+            let xb = x + b &* 256
+            for h in 0..<2 {
+                for s in 0..<4 {
+                    for g in 0..<2 {
+                        var sum = SIMD8<Float>(), sx = SIMD8<Float>()
+                        for i in 0..<2 {
+                            let l = 16 &* g &+ 8 &* i
+                            let q = blk.loadUnaligned(fromByteOffset: 16 &+ 32 &* h &+ l, as: SIMD8<UInt8>.self)
+                            let xv = load8(xb, 128 &* h &+ 32 &* s &+ l)
+                            sum = sum.addingProduct(floats((q &>> UInt8(2 &* s)) & three), xv)
+                            sx += xv
+                        }
+                        let sm = blk.load(fromByteOffset: 8 &* h &+ 2 &* s &+ g, as: UInt8.self)
+                        acc = acc.addingProduct(SIMD8(repeating: d * Float(sm & 15)), sum)
+                        acc = acc.addingProduct(SIMD8(repeating: -dmin * Float(sm >> 4)), sx)
+                    }
+                }
+            }
+        }
+        return acc
+    }
 }
 
 extension Int8WeightType {
@@ -351,6 +415,8 @@ extension Int8WeightType {
         case .q6_K: self = .q6_K
         case .iq4_nl: self = .iq4_nl
         case .iq4_xs: self = .iq4_xs
+        case .q3_K: self = .q3_K
+        case .q2_K: self = .q2_K
         case .f32, .f16, .bf16: return nil
         }
     }

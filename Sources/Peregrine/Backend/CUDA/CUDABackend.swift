@@ -233,7 +233,7 @@ public final class CUDABackend: ComputeBackend {
         let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
         let early = ProcessInfo.processInfo.environment["PEREGRINE_NO_EARLY_TRIGGER"] == nil
         let module = try driver.compile(source, name: "peregrine-kernels", defines: early ? [] : ["PEREGRINE_NO_EARLY_TRIGGER"])
-        let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K", "iq4_nl", "iq4_xs"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
+        let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K", "iq4_nl", "iq4_xs", "q3_K", "q2_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split", "attention_split_heads",
                      "silu_mul", "gelu_tanh_mul", "scale_inplace", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
                      "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
@@ -509,14 +509,14 @@ public final class CUDABackend: ComputeBackend {
             let b = try t.toFloat().withUnsafeBytes { try deviceCopy(of: $0.baseAddress!, bytes: $0.count) }
             return CUDAWeight(dtype: .f32, rows: rows, cols: cols, storage: b)
         }
-        guard [.f16, .bf16, .q8_0, .q4_0, .iq4_nl].contains(t.dtype) || (t.dtype == .q4_K || t.dtype == .q6_K || t.dtype == .iq4_xs) && cols % 256 == 0 else {
+        guard [.f16, .bf16, .q8_0, .q4_0, .iq4_nl].contains(t.dtype) || [.q4_K, .q6_K, .iq4_xs, .q3_K, .q2_K].contains(t.dtype) && cols % 256 == 0 else {
             // Types without GPU kernels (Q4_1, Q5_0, Q5_1, Q5_K) are widened to BF16 at load: the
             // file runs, at BF16's size and speed for those tensors.
             let b = try t.toFloat().map { Half.floatToBF16($0) }.withUnsafeBytes { try deviceCopy(of: $0.baseAddress!, bytes: $0.count) }
             return CUDAWeight(dtype: .bf16, rows: rows, cols: cols, storage: b)
         }
         let b = try deviceCopy(of: t.data, bytes: t.byteCount)
-        if t.dtype == .q8_0 || t.dtype == .q4_0 || t.dtype == .q4_K || t.dtype == .q6_K || t.dtype == .iq4_nl || t.dtype == .iq4_xs {
+        if [.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K].contains(t.dtype) {
             // Planar on the device (values, then scales): 16-byte-aligned blocks for the kernels.
             guard cols % t.dtype.blockSize == 0 else { throw PeregrineError.format("tensor '\(t.name)': rows of \(cols) values are not whole blocks") }
             let planar = try CUDABuffer(driver: driver, count: (t.byteCount + 3) / 4)
@@ -549,6 +549,8 @@ public final class CUDABackend: ComputeBackend {
         case .q6_K: return 6
         case .iq4_nl: return 7
         case .iq4_xs: return 8
+        case .q3_K: return 9
+        case .q2_K: return 10
         default: return 0
         }
     }
@@ -596,7 +598,7 @@ public final class CUDABackend: ComputeBackend {
     /// Products over few tokens run as warp-per-row kernels (reading the weights once); over many,
     /// as cuBLAS matrix products.
     private func usesRowKernel(_ rows: Int, _ w: CUDAWeight) -> Bool {
-        (rows <= rowKernelTokens(w.dtype) || deterministic) && w.dtype != .q4_K && w.dtype != .q6_K && w.dtype != .iq4_xs && w.dtype != .f32
+        (rows <= rowKernelTokens(w.dtype) || deterministic) && ![.q4_K, .q6_K, .iq4_xs, .q3_K, .q2_K, .f32].contains(w.dtype)
             || w.dtype == .f32 && rows <= 64
     }
 
@@ -645,9 +647,11 @@ public final class CUDABackend: ComputeBackend {
         case .q6_K: suffix = "q6_K"
         case .iq4_nl: suffix = "iq4_nl"
         case .iq4_xs: suffix = "iq4_xs"
+        case .q3_K: suffix = "q3_K"
+        case .q2_K: suffix = "q2_K"
         default: return false
         }
-        let quantized = dtype == .q8_0 || dtype == .q4_0 || dtype == .q4_K || dtype == .q6_K || dtype == .iq4_nl || dtype == .iq4_xs
+        let quantized = [.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K].contains(dtype)
         guard p.allSatisfy({ $0.weight.dtype == dtype && $0.weight.cols == k }), k % (quantized ? dtype.blockSize : 8) == 0 else { return false }
         if let norm, !quantized, norm.weight.rows * norm.weight.cols != k || k * 4 > dynamicSharedLimit { return false }
         var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0

@@ -1,7 +1,8 @@
 // Peregrine's CUDA kernels, compiled at run time by NVRTC for the device's architecture.
 // Activations are f32, row-major, one row per token; weights keep their stored type
-// (0: f32, 1: f16, 2: bf16, 3: Q8_0, 4: Q4_0, 5: Q4_K, 6: Q6_K, 7: IQ4_NL, 8: IQ4_XS; the
-// quantized ones repacked at load, see repack_quantized). The KV cache is f32, [slot, position, kvHeads, headDim].
+// (0: f32, 1: f16, 2: bf16, 3: Q8_0, 4: Q4_0, 5: Q4_K, 6: Q6_K, 7: IQ4_NL, 8: IQ4_XS, 9: Q3_K,
+// 10: Q2_K; the quantized ones repacked at load, see repack_quantized). The KV cache is f32,
+// [slot, position, kvHeads, headDim].
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -89,6 +90,13 @@ __device__ __forceinline__ float iq4xs_scale(uint2 h, int s) {
     return __half2float(__ushort_as_half((unsigned short)(h.x & 0xffff))) * (float)(ls - 32);
 }
 
+// Q3_K sub-block j's signed scale from its super-block's twelve scale bytes (ggml's packing: low
+// 4 bits in byte j % 8, low nibble for j < 8; top 2 bits at bit 2 (j / 4) of byte 8 + j % 4).
+__device__ __forceinline__ int q3k_scale(const unsigned char* sc, int j) {
+    int low = j < 8 ? sc[j] & 15 : sc[j - 8] >> 4;
+    return (low | (((sc[8 + (j & 3)] >> (2 * (j >> 2))) & 3) << 4)) - 32;
+}
+
 __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, long total) {
     if (dtype == 2) return __bfloat162float(((const __nv_bfloat16*)w)[i]);
     if (dtype == 1) return __half2float(((const __half*)w)[i]);
@@ -130,6 +138,26 @@ __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, l
         uint2 h = ((const uint2*)((const unsigned char*)w + total / 2))[i / 256];
         return iq4xs_scale(h, (int)((i / 32) % 8)) * (float)q;
     }
+    if (dtype == 9 || dtype == 10) {
+        // Q3_K planar: 96 bytes of values per super-block (hmask, then qs), then 12 scale bytes
+        // per super-block, then one f16 d per super-block. Q2_K planar: 64 bytes of qs per
+        // super-block, then 16 scale bytes (scale low nibble, min high) each, then f16 d and dmin.
+        // Value 128h + 32s + l: low bits at bits 2s of qs byte 32h + l, Q3_K's third bit at bit
+        // 4h + s of hmask byte l; sub-block 8h + 2s + l / 16.
+        long sb = i / 256, blocks = total / 256;
+        int r = i % 256, h = r / 128, s = (r % 128) / 32, l = r % 32, j = 8 * h + 2 * s + l / 16;
+        const unsigned char* base = (const unsigned char*)w;
+        if (dtype == 9) {
+            const unsigned char* v = base + sb * 96;
+            int q = (((v[32 + 32 * h + l] >> (2 * s)) & 3) | (((v[l] >> (4 * h + s)) & 1) << 2)) - 4;
+            float d = __half2float(((const __half*)(base + blocks * 108))[sb]);
+            return d * q3k_scale(base + blocks * 96 + sb * 12, j) * q;
+        }
+        int q = (base[sb * 64 + 32 * h + l] >> (2 * s)) & 3;
+        int sm = base[blocks * 64 + sb * 16 + j];
+        const __half* dm = (const __half*)(base + blocks * 80) + 2 * sb;
+        return __half2float(dm[0]) * (sm & 15) * q - __half2float(dm[1]) * (sm >> 4);
+    }
     return ((const float*)w)[i];
 }
 
@@ -153,6 +181,23 @@ extern "C" __global__ void repack_quantized(const unsigned char* raw, int dtype,
         const unsigned char* src = raw + b * 136;
         for (int j = 0; j < 128; j++) out[b * 128 + j] = src[8 + j];
         for (int j = 0; j < 8; j++) out[blocks * 128 + b * 8 + j] = src[j];
+        return;
+    }
+    if (dtype == 9) {
+        // Q3_K: 110 bytes (hmask, qs, 12 scale bytes, f16 d) to values, scales and d.
+        const unsigned char* src = raw + b * 110;
+        for (int j = 0; j < 96; j++) out[b * 96 + j] = src[j];
+        for (int j = 0; j < 12; j++) out[blocks * 96 + b * 12 + j] = src[96 + j];
+        out[blocks * 108 + b * 2] = src[108];
+        out[blocks * 108 + b * 2 + 1] = src[109];
+        return;
+    }
+    if (dtype == 10) {
+        // Q2_K: 84 bytes (16 scale bytes, qs, f16 d, f16 dmin) to values, scales and d/dmin.
+        const unsigned char* src = raw + b * 84;
+        for (int j = 0; j < 64; j++) out[b * 64 + j] = src[16 + j];
+        for (int j = 0; j < 16; j++) out[blocks * 64 + b * 16 + j] = src[j];
+        for (int j = 0; j < 4; j++) out[blocks * 80 + b * 4 + j] = src[80 + j];
         return;
     }
     if (dtype == 5) {
@@ -585,6 +630,118 @@ MATVEC(matvec_iq4_nl, 7, 1, 4)
 MATVEC(matvec_iq4_nl_gated, 7, 2, 4)
 MATVEC(matvec_iq4_xs, 8, 1, 4)
 MATVEC(matvec_iq4_xs_gated, 8, 2, 4)
+
+// One token's products for Q3_K (DT 9) and Q2_K (DT 10) weights, as matvec_q6k_body: a unit is
+// 16 values of each quarter of one half (128 values) of a super-block: 16 bytes of low bits
+// (and for Q3_K 16 bytes of high bits), four 16-value sub-blocks, dequantized in registers
+// four values a word and multiplied with the 8-bit activations by dp4a.
+template <int DT, int R>
+__device__ __forceinline__ void matvec_low_k_body(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
+                                                  float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
+                                                  const signed char* xq, const float* xs, int k, int mode) {
+    constexpr int U = 4 / R;
+    constexpr int VB = DT == 9 ? 96 : 64, SB = DT == 9 ? 12 : 16;
+    int lane = threadIdx.x & 31;
+    MatvecRow m = matvec_row(R == 2, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);
+    const void* w = m.w; int n = m.n, o = m.o;
+    bool active = m.active;
+    const void* wr[2] = {w, w1};
+    const long blocks = (long)n * k / 256;
+    const int units = k / 64, perRow = k / 256;
+    const unsigned char* vals[R];
+    const unsigned char* scl[R];
+    const __half* dd[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const unsigned char* base = (const unsigned char*)wr[r];
+        vals[r] = base + (long)o * perRow * VB;
+        scl[r] = base + blocks * VB + (long)o * perRow * SB;
+        dd[r] = (const __half*)(base + blocks * (VB + SB)) + (long)o * perRow * (DT == 9 ? 1 : 2);
+    }
+    uint4 ql[R][U], qh[R][U];
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0;
+    auto load = [&](int u0) {
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int i = u0 + u * 32;
+                if (i >= units) break;
+                const unsigned char* v = vals[r] + (i / 4) * VB;
+                int half = (i % 4) / 2, lh = i % 2;
+                ql[r][u] = __ldcs((const uint4*)(v + (DT == 9 ? 32 : 0) + half * 32 + 16 * lh));
+                if (DT == 9) qh[r][u] = __ldcs((const uint4*)(v + 16 * lh));
+            }
+    };
+    if (active) load(lane);  // weights stream before the wait, as in matvec_body
+    gdc_wait();
+    if (active) {
+        for (int u0 = lane; u0 < units; u0 += 32 * U) {
+            if (u0 != lane) load(u0);
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int i = u0 + u * 32;
+                if (i >= units) break;
+                int sb = i / 4, half = (i % 4) / 2, lh = i % 2;
+                long p0 = (long)sb * 256 + half * 128 + 16 * lh;
+                int xw[4][4], xsum[4];
+                float xd[4];
+#pragma unroll
+                for (int t = 0; t < 4; t++) {
+                    int4 a = *(const int4*)(xq + p0 + 32 * t);
+                    xw[t][0] = a.x; xw[t][1] = a.y; xw[t][2] = a.z; xw[t][3] = a.w;
+                    xd[t] = xs[(p0 + 32 * t) / 32];
+                    xsum[t] = 0;
+                    if (DT == 10) {
+#pragma unroll
+                        for (int j = 0; j < 4; j++) xsum[t] = __dp4a(0x01010101, xw[t][j], xsum[t]);
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    unsigned L[4] = {ql[r][u].x, ql[r][u].y, ql[r][u].z, ql[r][u].w};
+                    unsigned H[4] = {qh[r][u].x, qh[r][u].y, qh[r][u].z, qh[r][u].w};
+                    const unsigned char* sc = scl[r] + sb * SB;
+                    float sum = 0, mins = 0;
+#pragma unroll
+                    for (int t = 0; t < 4; t++) {
+                        int dot = 0;
+#pragma unroll
+                        for (int j = 0; j < 4; j++) {
+                            unsigned v = (L[j] >> (2 * t)) & 0x03030303;
+                            if (DT == 9) v = __vsub4(v | (((H[j] >> (4 * half + t)) & 0x01010101) << 2), 0x04040404);
+                            dot = __dp4a((int)v, xw[t][j], dot);
+                        }
+                        int sub = 8 * half + 2 * t + lh;
+                        if (DT == 9) {
+                            sum += q3k_scale(sc, sub) * xd[t] * dot;
+                        } else {
+                            sum += (sc[sub] & 15) * xd[t] * dot;
+                            mins += (sc[sub] >> 4) * xd[t] * xsum[t];
+                        }
+                    }
+                    if (DT == 9) acc[r] += __half2float(dd[r][sb]) * sum;
+                    else acc[r] += __half2float(dd[r][2 * sb]) * sum - __half2float(dd[r][2 * sb + 1]) * mins;
+                }
+            }
+        }
+    }
+    if (active) matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
+}
+
+#define MATVEC_LOW_K(name, DT, R)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) name(                                                                  \
+        const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
+        const float* b2, float* y2, int n2, const float* x, const float* norm, float eps, const signed char* xq, const float* xs, \
+        int k, int mode) {                                                                                                   \
+        matvec_low_k_body<DT, R>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, xq, xs, k, mode);                           \
+    }
+MATVEC_LOW_K(matvec_q3_K, 9, 1)
+MATVEC_LOW_K(matvec_q3_K_gated, 9, 2)
+MATVEC_LOW_K(matvec_q2_K, 10, 1)
+MATVEC_LOW_K(matvec_q2_K_gated, 10, 2)
 
 // acc[t] += dot(W[row, :], x[t0 + t, :]) for nt <= TOKENS tokens, by one warp: each lane
 // reads 16 bytes of the row at a time, four loads in flight, so a decode step streams the
