@@ -536,7 +536,7 @@ final class CUDABackendTests: XCTestCase {
 
     /// A model file's logits on the GPU against the CPU's: a 40-token prompt in one pass, then
     /// decode steps (one sequence, then three at once) through the paged cache.
-    private func assertMatchesCPU(_ path: String, _ gpu: CUDABackend, tolerance: Float = 0.05, file: StaticString = #filePath,
+    func assertMatchesCPU(_ path: String, _ gpu: CUDABackend, tolerance: Float = 0.05, file: StaticString = #filePath,
                                   line: UInt = #line) throws {
         let cpu = try ModelRegistry.load(directory: path), cuda = try ModelRegistry.load(directory: path, backend: gpu)
         let tokens = (0..<40).map { ($0 * 37 + 11) % min(300, cpu.config.vocabSize) }
