@@ -134,10 +134,11 @@ final class IQ4Tests: XCTestCase {
         XCTAssertEqual(QuantizationMix(name: "iq4_xs"), .iq4_xs)
     }
 
-    /// Blocks of zeros and of one value repeated: ggml's choices there too (a zero super-block
-    /// stores -0 as its scale; every index then points at level 8, the one nearest zero).
+    /// Blocks of zeros and of one value repeated give ggml's bytes (checked against
+    /// ggml_quantize_chunk): a zero super-block stores -0 as its scale and every index points at
+    /// level 8, the one nearest zero; 32 equal values all take level 15 (113) at scale x / 113.
     func testDegenerateBlocksMatchGGML() {
-        var zeros = [UInt8](repeating: 0xAA, count: 136)
+        var zeros = [UInt8](repeating: 0x55, count: 136)
         Quantizer.quantize(.iq4_xs, [Float](repeating: 0, count: 256), count: 256, into: &zeros)
         XCTAssertEqual(Array(zeros[0..<2]), [0x00, 0x80])
         // Each sub-block stores scale 0 as 32: high bits 2 (0xAAAA), low nibbles 0.
@@ -145,6 +146,7 @@ final class IQ4Tests: XCTestCase {
         XCTAssertTrue(zeros[8...].allSatisfy { $0 == 0x88 })
         var nl = [UInt8](repeating: 0, count: 18)
         Quantizer.quantize(.iq4_nl, [Float](repeating: 0.25, count: 32), count: 32, into: &nl)
+        XCTAssertEqual(nl, [0x88, 0x18] + [UInt8](repeating: 0xFF, count: 16))
         var back = [Float](repeating: 0, count: 32)
         DType.iq4_nl.dequantize(nl, count: 32, into: &back)
         for v in back { XCTAssertEqual(v, 0.25, accuracy: 0.25 / 1000) }
