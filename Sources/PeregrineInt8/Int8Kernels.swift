@@ -592,9 +592,17 @@ public enum IQ4_XSBlock: Int8Block {
         self.q = q; self.scales = scales; self.sums = sums; self.d = d; self.dSums = dSums
     }
 
-    /// Group j's two scales (sub-blocks 2j and 2j + 1) as madd multipliers.
-    @inline(__always) @inlinable public static func pair(_ s: SIMD16<Int16>, _ j: Int) -> __m256i {
-        _mm256_set_m128i(_mm_set1_epi16(s[2 &* j &+ 1]), _mm_set1_epi16(s[2 &* j]))
+    /// Group j's two scales (sub-blocks 2j and 2j + 1, of the 16 int16 in `s`) as madd
+    /// multipliers: the 32-bit lane holding both, broadcast, then each 128-bit half takes one.
+    @inline(__always) @inlinable public static func pair(_ s: __m256i, _ j: Int) -> __m256i {
+        let both = _mm256_permutevar8x32_epi32(s, _mm256_set1_epi32(Int32(j)))
+        return _mm256_shuffle_epi8(both, _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                                          2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3))
+    }
+
+    /// (p(0), ..., p(7)) for the 16 int16 scales `s`.
+    @inline(__always) @inlinable public static func pairs(_ s: __m256i) -> Int8Kernels.Vectors8 {
+        (pair(s, 0), pair(s, 1), pair(s, 2), pair(s, 3), pair(s, 4), pair(s, 5), pair(s, 6), pair(s, 7))
     }
 
     /// The low bits of group j (values 32j ..< 32j + 32): bits 2 (j % 4) of the 32 bytes for its half.
@@ -627,13 +635,22 @@ public enum Q3_KBlock: Int8Block {
             let high = _mm256_and_si256(_mm256_srl_epi16(mask, _mm_cvtsi32_si128(Int32(j))), one)
             return _mm256_or_si256(BlockSixteen.twoBits(halves, j), _mm256_slli_epi16(high, 2))
         }
-        var s = SIMD16<Int16>()
-        for j in 0..<16 { s[j] = Int16(KQuant.q3Scale(w + 96, j)) }
+        let s = scales(w + 96)
         let d = Int8Kernels.f16(w, 108)
         return BlockSixteen(q: (group(0), group(1), group(2), group(3), group(4), group(5), group(6), group(7)),
-                            scales: (BlockSixteen.pair(s, 0), BlockSixteen.pair(s, 1), BlockSixteen.pair(s, 2), BlockSixteen.pair(s, 3),
-                                     BlockSixteen.pair(s, 4), BlockSixteen.pair(s, 5), BlockSixteen.pair(s, 6), BlockSixteen.pair(s, 7)),
-                            sums: unsafeBitCast(s, to: __m256i.self), d: d, dSums: -4 * d)
+                            scales: BlockSixteen.pairs(s), sums: s, d: d, dSums: -4 * d)
+    }
+
+    /// The 16 signed 6-bit scales (see `KQuant.q3Scale`) as int16, unpacked eight at a time:
+    /// low 4 bits from the nibbles of bytes 0-7, top 2 bits from bytes 8-11 (bits 2(j / 4) of
+    /// byte 8 + j % 4), less 32.
+    @inline(__always) @inlinable public static func scales(_ p: UnsafeRawPointer) -> __m256i {
+        let low = p.loadUnaligned(as: UInt64.self), top = UInt64(p.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
+        let nibbles: UInt64 = 0x0F0F_0F0F_0F0F_0F0F, twoBits: UInt64 = 0x0303_0303
+        let first = (low & nibbles) | ((top & twoBits) | ((top >> 2) & twoBits) << 32) << 4
+        let second = ((low >> 4) & nibbles) | (((top >> 4) & twoBits) | ((top >> 6) & twoBits) << 32) << 4
+        let bytes = _mm_sub_epi8(_mm_set_epi64x(Int64(bitPattern: second), Int64(bitPattern: first)), _mm_set1_epi8(32))
+        return _mm256_cvtepi8_epi16(bytes)
     }
 
     @inline(__always) @inlinable public static func accumulate<D: Int8Dot>(_ d: BlockSixteen, _ y: UnsafeRawPointer, _ acc: inout __m256, _ s: inout Float, _ dot: D.Type) {
@@ -649,12 +666,11 @@ public enum Q2_KBlock: Int8Block {
     @inline(__always) @inlinable public static func decode(_ w: UnsafeRawPointer) -> BlockSixteen {
         let halves = (w.loadUnaligned(fromByteOffset: 16, as: __m256i.self), w.loadUnaligned(fromByteOffset: 48, as: __m256i.self))
         let packed = _mm256_cvtepu8_epi16(w.loadUnaligned(as: __m128i.self))
-        let s = unsafeBitCast(_mm256_and_si256(packed, _mm256_set1_epi16(15)), to: SIMD16<Int16>.self)
+        let s = _mm256_and_si256(packed, _mm256_set1_epi16(15))
         return BlockSixteen(q: (BlockSixteen.twoBits(halves, 0), BlockSixteen.twoBits(halves, 1), BlockSixteen.twoBits(halves, 2),
                                 BlockSixteen.twoBits(halves, 3), BlockSixteen.twoBits(halves, 4), BlockSixteen.twoBits(halves, 5),
                                 BlockSixteen.twoBits(halves, 6), BlockSixteen.twoBits(halves, 7)),
-                            scales: (BlockSixteen.pair(s, 0), BlockSixteen.pair(s, 1), BlockSixteen.pair(s, 2), BlockSixteen.pair(s, 3),
-                                     BlockSixteen.pair(s, 4), BlockSixteen.pair(s, 5), BlockSixteen.pair(s, 6), BlockSixteen.pair(s, 7)),
+                            scales: BlockSixteen.pairs(s),
                             sums: _mm256_srli_epi16(packed, 4), d: Int8Kernels.f16(w, 80), dSums: -Int8Kernels.f16(w, 82))
     }
 

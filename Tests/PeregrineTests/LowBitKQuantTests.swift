@@ -122,9 +122,12 @@ final class LowBitKQuantCUDATests: XCTestCase {
         let dir = try Fixtures.tempDirectory(self)
         let moe = dir + "/moe-f32.gguf"
         try writeRandomMoEGGUF(moe)
+        // The reference model (real weights, as the other quantized GPU tests use) and a random
+        // MoE with 256-wide rows (the expert products).
+        let target = CLITests.repo.appendingPathComponent("models/target").path
         var files: [String] = []
-        for (source, mix, pure) in [(LowBitKQuantTests.source, QuantizationMix.q3_K_S, true), (LowBitKQuantTests.source, .q2_K, true),
-                                    (LowBitKQuantTests.source, .q3_K_M, false), (moe, .q3_K_S, true), (moe, .q2_K, true)] {
+        for (source, mix, pure) in [(target, QuantizationMix.q3_K_S, true), (target, .q2_K, true), (target, .q3_K_M, false),
+                                    (moe, .q3_K_S, true), (moe, .q2_K, true)] {
             let out = dir + "/\(files.count)-\(mix.rawValue).gguf"
             _ = try ModelQuantizer(mix: mix, pure: pure).quantize(source: source, output: out)
             files.append(out)
