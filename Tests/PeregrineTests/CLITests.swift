@@ -108,6 +108,21 @@ final class CLITests: XCTestCase {
         }
     }
 
+    /// quantize --method gptq / awq from a calibration text.
+    func testQuantizeWithCalibration() throws {
+        let dir = try Fixtures.tempDirectory(self)
+        let f16 = "Tests/Fixtures/gguf/llama256-f16.gguf", text = "Tests/Fixtures/gguf/perplexity.txt"
+        var (code, out, err) = try run(["quantize", "-m", f16, "--type", "Q4_K_M", "-o", dir + "/g.gguf", "--method", "gptq", "--calibration", text,
+                                        "--calibration-ctx", "128", "--act-order"])
+        XCTAssertEqual(code, 0, err)
+        XCTAssertTrue(err.contains("calibration [9/9]") && err.contains("9 chunks of 128, 14 weights"), err)
+        XCTAssertTrue(out.contains("gptq: 14 tensors, damp 0.01, act-order"), out)
+        (code, out, err) = try run(["quantize", "-m", f16, "--type", "Q4_0", "-o", dir + "/a.gguf", "--method", "awq", "--calibration", text,
+                                    "--calibration-ctx", "128", "--calibration-chunks", "2"])
+        XCTAssertEqual(code, 0, err)
+        XCTAssertTrue(out.contains("awq: 8 groups scaled"), out)
+    }
+
     func testBadInputs() throws {
         try assertFails(["generate", "--prompt", ""], "error: the prompt is empty")
         try assertFails(["generate", "--temperature=-1"], "error: temperature must be >= 0")
@@ -144,6 +159,16 @@ final class CLITests: XCTestCase {
         try assertFails(["perplexity"], "--file is required")
         try assertFails(["quantize", "--type", "Q4_0", "-m", "Tests/Fixtures/gguf/llama256-f16.gguf", "-o", "/tmp/x.gguf", "--imatrix", "/nonexistent"],
                         "error: cannot open /nonexistent")
+        let f16 = "Tests/Fixtures/gguf/llama256-f16.gguf", text = "Tests/Fixtures/gguf/perplexity.txt"
+        try assertFails(["quantize", "--type", "Q4_0", "-m", f16, "-o", "/tmp/x.gguf", "--method", "hqq"], "--method must be round, gptq or awq")
+        try assertFails(["quantize", "--type", "Q4_0", "-m", f16, "-o", "/tmp/x.gguf", "--method", "gptq"], "--method gptq needs a calibration text")
+        try assertFails(["quantize", "--type", "Q4_0", "-m", f16, "-o", "/tmp/x.gguf", "--method", "awq", "--calibration", "/nonexistent.txt"],
+                        "--calibration /nonexistent.txt: no such readable file")
+        try assertFails(["quantize", "--type", "Q4_0", "-m", f16, "-o", "/tmp/x.gguf", "--calibration", text], "--calibration is used by --method gptq or awq")
+        try assertFails(["quantize", "--type", "Q4_0", "-m", f16, "-o", "/tmp/x.gguf", "--method", "gptq", "--calibration", text,
+                         "--calibration-ctx", "4096"], "error: the calibration text has 1171 tokens, fewer than one chunk of 4096")
+        try assertFails(["quantize", "--type", "Q4_0", "-m", f16, "-o", "/tmp/x.gguf", "--method", "gptq", "--calibration", text, "--damp=-1"],
+                        "--damp must be between 0 and 10")
         try assertFails(["generate", "--device", "tpu"], "Error:")
         try assertFails(["frobnicate"], "Error:")
     }

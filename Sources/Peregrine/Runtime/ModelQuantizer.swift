@@ -166,6 +166,10 @@ public struct ModelQuantizer {
         public var typeCounts: [String: Int] = [:]
         /// Quantized tensors whose error the importance matrix weighted.
         public var weightedTensors = 0
+        /// Tensors quantized by GPTQ (the others are rounded).
+        public var gptqTensors = 0
+        /// AWQ's choice for each group of weights it scaled.
+        public var awqChoices: [AWQ.Choice] = []
         public var seconds = 0.0
 
         public var bitsPerWeight: Double { Double(outputBytes * 8) / Double(max(parameters, 1)) }
@@ -179,14 +183,16 @@ public struct ModelQuantizer {
     public let importance: ImportanceMatrix?
     /// What the output file records as the matrix's file (llama.cpp's `quantize.imatrix.file`).
     public let importanceFile: String?
+    public let method: QuantizationMethod
 
     public init(mix: QuantizationMix, pure: Bool = false, pool: ThreadPool = .shared, importance: ImportanceMatrix? = nil,
-                importanceFile: String? = nil) {
+                importanceFile: String? = nil, method: QuantizationMethod = .rounding) {
         self.mix = mix
         self.pure = pure
         self.pool = pool
         self.importance = importance
         self.importanceFile = importanceFile
+        self.method = method
     }
 
     /// Quantizes `source` (a .gguf file or a model directory) into `output`.
@@ -263,6 +269,9 @@ public struct ModelQuantizer {
                 }
             }
             if weights != nil { summary.weightedTensors += 1 }
+            if case .gptq(_, let statistics) = method, !target.isFloat, parts.count == 1, statistics[name]?.columns == dims[0] {
+                summary.gptqTensors += 1
+            }
             plan.append((name, dims, parts, target, weights))
             let elements = parts.reduce(0) { $0 + $1.elementCount }
             summary.tensors += 1
@@ -275,9 +284,43 @@ public struct ModelQuantizer {
             let names = m.entries.keys.sorted().prefix(3).joined(separator: ", ")
             throw PeregrineError.invalidArgument("the importance matrix has no entry for any tensor of \(source) (it names \(names), ...)")
         }
-        let pool = self.pool
+        // AWQ: the scaled weights and the ops the scales fold into, as f32 copies.
+        let folded = AWQ.Tensors()
+        if case .awq(let awq, let statistics) = method {
+            guard ModelFamily.architectures[config.architecture] == .llama, config.normWeightOffset == 0, config.experts == nil else {
+                throw PeregrineError.unsupported("AWQ folds its scales into Llama-family layers (Llama, Mistral, Qwen2, Qwen3); not \(config.architecture)")
+            }
+            let folds = ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_v.bias", "attn_output.weight",
+                         "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_up.bias", "ffn_down.weight"]
+            var types: [String: DType] = [:]
+            for (name, dims, parts, target, weights) in plan where name.hasPrefix("blk.") && parts.count == 1 {
+                guard folds.contains(where: { name.hasSuffix("." + $0) }) else { continue }
+                folded.values[name] = parts[0].toFloat()
+                folded.dims[name] = dims
+                types[name] = target
+                if let weights, weights.count == dims[0] { folded.importance[name] = weights }
+            }
+            let layout = AWQ.Layout(layers: layers, heads: config.headCount, kvHeads: config.kvHeadCount, headDim: config.headDim)
+            summary.awqChoices = try awq.apply(to: folded, layout: layout, statistics: statistics, types: types, pool: pool)
+        }
+        let pool = self.pool, method = self.method
         writer.tensors = plan.map { (name, dims, parts, target, weights) in
             GGUFWriter.Tensor(name: name, dims: dims, type: GGUFFile.TensorType(target)!) { out in
+                if let values = folded.values[name] {
+                    // An AWQ-scaled tensor (or a fold's target), rounded by its type's quantizer.
+                    try values.withUnsafeBufferPointer { v in
+                        let view = TensorView(name: name, dtype: .f32, shape: parts[0].shape, data: v.baseAddress!, byteCount: 4 * v.count)
+                        try ModelQuantizer.convert(view, to: target, rowLength: dims[0], into: out, pool: pool,
+                                                   importance: folded.importance[name] ?? weights,
+                                                   gptq: method.gptq(for: name))
+                    }
+                    return
+                }
+                if parts.count == 1 {
+                    try ModelQuantizer.convert(parts[0], to: target, rowLength: dims[0], into: out, pool: pool, importance: weights,
+                                               gptq: method.gptq(for: name))
+                    return
+                }
                 // A stacked tensor's experts one after another, each with its own importance row.
                 var at = 0
                 for (i, view) in parts.enumerated() {
@@ -292,6 +335,21 @@ public struct ModelQuantizer {
         try writer.write(to: output) { i, t in progress(i, plan.count, t.name, plan[i].3) }
         summary.seconds = Date().timeIntervalSince(start)
         return summary
+    }
+
+    /// Converts a tensor by GPTQ where `gptq` gives the tensor's input statistics, else by
+    /// rounding (`convert(_:to:rowLength:into:pool:importance:)`).
+    static func convert(_ view: TensorView, to type: DType, rowLength: Int, into out: UnsafeMutableRawBufferPointer, pool: ThreadPool,
+                        importance: [Float]?, gptq: (GPTQ, InputStatistics)?) throws {
+        if let (gptq, s) = gptq, !type.isFloat, s.columns == rowLength, rowLength % type.blockSize == 0 {
+            let w = view.toFloat()
+            try w.withUnsafeBufferPointer {
+                try gptq.quantize($0.baseAddress!, rows: w.count / rowLength, cols: rowLength, xtx: s.xtx, type: type, importance: importance,
+                                  into: out.baseAddress!, pool: pool)
+            }
+            return
+        }
+        convert(view, to: type, rowLength: rowLength, into: out, pool: pool, importance: importance)
     }
 
     /// Converts a tensor row by row (widened to f32, then quantized), rows spread over threads.
@@ -320,6 +378,29 @@ public struct ModelQuantizer {
                 let weights = importance.map { $0 + min(r / rowsPerExpert, experts - 1) * rowLength }
                 Quantizer.quantize(type, row, count: rowLength, importance: weights, into: out.baseAddress! + r * outBytes)
             }
+        }
+    }
+}
+
+/// How quantized values are chosen. `rounding`: each block rounded by its type's quantizer
+/// (weighted by an importance matrix where given). `gptq` and `awq` use statistics of each
+/// layer weight's inputs over a calibration text (`CalibrationRun`), by GGUF weight name.
+public enum QuantizationMethod {
+    case rounding
+    case gptq(GPTQ, [String: InputStatistics])
+    case awq(AWQ, [String: InputStatistics])
+
+    /// GPTQ and the statistics of the tensor named `name`, when this is GPTQ and it has them.
+    func gptq(for name: String) -> (GPTQ, InputStatistics)? {
+        guard case .gptq(let g, let statistics) = self, let s = statistics[name] else { return nil }
+        return (g, s)
+    }
+
+    public var name: String {
+        switch self {
+        case .rounding: return "rounding"
+        case .gptq: return "gptq"
+        case .awq: return "awq"
         }
     }
 }

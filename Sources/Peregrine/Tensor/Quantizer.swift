@@ -299,6 +299,12 @@ public enum Quantizer {
             guard sd > 0 else { continue }
             for l in 0..<32 { q[32 * j + l] = max(0, min(top, Int(((xs[32 * j + l] + sm) / sd).rounded()))) }
         }
+        packKQuant(q, out, five: five)
+    }
+
+    /// Stores Q4_K/Q5_K's 256 levels (0...15 or 0...31) after the block's scales: pairs of
+    /// 32-value sub-blocks share bytes (low nibbles the first), fifth bits in 32 bytes before.
+    static func packKQuant(_ q: [Int], _ out: UnsafeMutableRawPointer, five: Bool) {
         let qs = five ? 48 : 16
         for c in 0..<4 {
             for l in 0..<32 {
@@ -371,6 +377,11 @@ public enum Quantizer {
             guard sd != 0 else { continue }
             for l in 0..<16 { q[16 * j + l] = max(-32, min(31, Int((xs[16 * j + l] / sd).rounded()))) + 32 }
         }
+        packQ6K(q, out)
+    }
+
+    /// Stores Q6_K's 256 levels (0...63): low four bits in 128 bytes, high two in 64.
+    static func packQ6K(_ q: [Int], _ out: UnsafeMutableRawPointer) {
         for half in 0..<2 {
             for l in 0..<32 {
                 let b = 128 * half + l

@@ -1,0 +1,75 @@
+import Foundation
+
+/// A quantized block's grid: every value of a block type is `scale * level + offset`, with an
+/// integer level in `levels` and a scale and offset that the block's header fixes per value
+/// (per block, or per sub-block for the k-quants). Methods that choose the levels themselves
+/// (GPTQ) let a type's own quantizer fix the header, read the grid back, and store their levels
+/// in its place, so the block stays a standard block of the type.
+public struct BlockGrid {
+    public var scales: [Float]
+    public var offsets: [Float]
+    public let levels: ClosedRange<Int>
+
+    /// The level nearest `x` on value `i`'s grid (the lowest level where the scale is zero).
+    @inline(__always) public func level(_ x: Float, at i: Int) -> Int {
+        let s = scales[i]
+        guard s != 0 else { return levels.lowerBound }
+        return max(levels.lowerBound, min(levels.upperBound, Int(((x - offsets[i]) / s).rounded())))
+    }
+
+    @inline(__always) public func value(_ level: Int, at i: Int) -> Float { scales[i] * Float(level) + offsets[i] }
+}
+
+extension Quantizer {
+    /// The integer levels a block type stores (Q8_0 as signed bytes; the others unsigned).
+    public static func levelRange(_ type: DType) -> ClosedRange<Int> {
+        switch type {
+        case .q8_0: return -127...127
+        case .q4_0, .q4_1, .q4_K: return 0...15
+        case .q5_0, .q5_1, .q5_K: return 0...31
+        case .q6_K: return 0...63
+        case .f32, .f16, .bf16: preconditionFailure("\(type.rawValue) has no levels")
+        }
+    }
+
+    /// Overwrites the levels of one block of `type` at `block` with `levels` (`type.blockSize`
+    /// of them, within `levelRange(type)`), leaving its scales as they are.
+    public static func storeLevels(_ type: DType, _ levels: [Int], into block: UnsafeMutableRawPointer) {
+        precondition(levels.count == type.blockSize)
+        switch type {
+        case .q8_0: for j in 0..<32 { block.storeBytes(of: Int8(levels[j]), toByteOffset: 2 + j, as: Int8.self) }
+        case .q4_0: packNibbles(levels, block, qs: 2, qh: nil)
+        case .q5_0: packNibbles(levels, block, qs: 6, qh: 2)
+        case .q4_1: packNibbles(levels, block, qs: 4, qh: nil)
+        case .q5_1: packNibbles(levels, block, qs: 8, qh: 4)
+        case .q4_K, .q5_K: packKQuant(levels, block, five: type == .q5_K)
+        case .q6_K: packQ6K(levels, block)
+        case .f32, .f16, .bf16: preconditionFailure("\(type.rawValue) has no levels")
+        }
+    }
+
+    /// The grid of one block of `type` at `block`, read through the type's own dequantizer (so
+    /// it is what every reader of the block computes): every level at its lowest gives the
+    /// offsets, one level up the scales.
+    public static func grid(_ type: DType, block: UnsafeRawPointer) -> BlockGrid {
+        let n = type.blockSize, range = levelRange(type)
+        let copy = UnsafeMutableRawPointer.allocate(byteCount: type.blockBytes, alignment: 16)
+        defer { copy.deallocate() }
+        copy.copyMemory(from: block, byteCount: type.blockBytes)
+        var low = [Float](repeating: 0, count: n), high = [Float](repeating: 0, count: n)
+        storeLevels(type, [Int](repeating: range.lowerBound, count: n), into: copy)
+        type.dequantize(copy, count: n, into: &low)
+        storeLevels(type, [Int](repeating: range.lowerBound + 1, count: n), into: copy)
+        type.dequantize(copy, count: n, into: &high)
+        let scales = (0..<n).map { high[$0] - low[$0] }
+        let offsets = (0..<n).map { low[$0] - scales[$0] * Float(range.lowerBound) }
+        return BlockGrid(scales: scales, offsets: offsets, levels: range)
+    }
+
+    /// Quantizes one block's values `x` against the scales already in `block` (of `type`):
+    /// each value rounded to its nearest level, the header kept.
+    public static func quantize(_ type: DType, _ x: UnsafePointer<Float>, withScalesOf block: UnsafeMutableRawPointer) {
+        let g = grid(type, block: block)
+        storeLevels(type, (0..<type.blockSize).map { g.level(x[$0], at: $0) }, into: block)
+    }
+}
