@@ -6,7 +6,7 @@ import XCTest
 /// unchanged, and whole files that load and run.
 final class CalibrationQuantizationTests: XCTestCase {
     typealias Noise = ImportanceQuantizationTests.Noise
-    static let blockTypes: [DType] = [.q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q4_K, .q5_K, .q6_K]
+    static let blockTypes: [DType] = [.q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q4_K, .q5_K, .q6_K, .q3_K, .q2_K]
 
     /// A block's grid is what its dequantizer computes, and its levels stored back give the same bytes.
     func testGridAndLevelsRoundTrip() {
@@ -35,6 +35,19 @@ final class CalibrationQuantizationTests: XCTestCase {
                 for i in 0..<n { e0 += (x[i] - back[i]) * (x[i] - back[i]); e1 += (x[i] - again[i]) * (x[i] - again[i]) }
                 XCTAssertLessThanOrEqual(e1, e0 * 1.0001 + 1e-9, "\(type)")
             }
+        }
+    }
+
+    /// The IQ4 types' levels come from a table, not a scale's steps: GPTQ refuses them with an error.
+    func testGPTQRefusesTableTypes() {
+        let cols = 256, w = [Float](repeating: 0.5, count: 2 * cols)
+        var xtx = [Double](repeating: 0, count: cols * cols)
+        for i in 0..<cols { xtx[i * cols + i] = 1 }
+        var out = [UInt8](repeating: 0, count: 2 * DType.iq4_xs.byteCount(elements: cols))
+        for type in [DType.iq4_nl, .iq4_xs] {
+            XCTAssertThrowsError(try out.withUnsafeMutableBytes { o in
+                try w.withUnsafeBufferPointer { try GPTQ().quantize($0.baseAddress!, rows: 2, cols: cols, xtx: xtx, type: type, into: o.baseAddress!) }
+            }, "\(type)")
         }
     }
 

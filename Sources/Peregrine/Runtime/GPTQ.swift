@@ -38,6 +38,9 @@ public struct GPTQ: Sendable {
     public func quantize(_ w: UnsafePointer<Float>, rows: Int, cols: Int, xtx: [Double], type: DType, importance: [Float]? = nil,
                          into out: UnsafeMutableRawPointer, pool: ThreadPool = .shared) throws {
         precondition(!type.isFloat && cols % type.blockSize == 0 && xtx.count == cols * cols)
+        guard Quantizer.hasLinearGrid(type) else {
+            throw PeregrineError.unsupported("GPTQ rounds to evenly spaced levels; \(type.rawValue) looks its levels up in a table (quantize it without --method gptq, or with --method awq)")
+        }
         // Processing order: the stored order, or by decreasing diagonal.
         let order = actOrder ? (0..<cols).sorted { (xtx[$0 * cols + $0], $1) > (xtx[$1 * cols + $1], $0) } : Array(0..<cols)
         let u = try inverseCholeskyFactor(xtx, order: order, n: cols, pool: pool)

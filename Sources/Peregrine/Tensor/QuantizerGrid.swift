@@ -21,14 +21,22 @@ public struct BlockGrid {
 }
 
 extension Quantizer {
+    /// Whether the type's values are evenly spaced levels under a block's scale and offset (the
+    /// IQ4 types look their levels up in a table).
+    public static func hasLinearGrid(_ type: DType) -> Bool {
+        !type.isFloat && type != .iq4_nl && type != .iq4_xs
+    }
+
     /// The integer levels a block type stores (Q8_0 as signed bytes; the others unsigned).
     public static func levelRange(_ type: DType) -> ClosedRange<Int> {
         switch type {
         case .q8_0: return -127...127
+        case .q2_K: return 0...3
+        case .q3_K: return 0...7
         case .q4_0, .q4_1, .q4_K: return 0...15
         case .q5_0, .q5_1, .q5_K: return 0...31
         case .q6_K: return 0...63
-        case .f32, .f16, .bf16: preconditionFailure("\(type.rawValue) has no levels")
+        case .f32, .f16, .bf16, .iq4_nl, .iq4_xs: preconditionFailure("\(type.rawValue) has no evenly spaced levels")
         }
     }
 
@@ -44,7 +52,22 @@ extension Quantizer {
         case .q5_1: packNibbles(levels, block, qs: 8, qh: 4)
         case .q4_K, .q5_K: packKQuant(levels, block, five: type == .q5_K)
         case .q6_K: packQ6K(levels, block)
-        case .f32, .f16, .bf16: preconditionFailure("\(type.rawValue) has no levels")
+        case .q3_K, .q2_K:
+            // Value 128h + 32s + l: its low 2 bits at bits 2s of byte 32h + l of the 2-bit
+            // values (Q3_K: at 32, Q2_K: at 16), Q3_K's third bit at bit 4h + s of mask byte l.
+            let qs = type == .q3_K ? 32 : 16
+            for i in 0..<256 {
+                let h = i / 128, s = (i % 128) / 32, l = i % 32, v = levels[i]
+                let at = qs + 32 * h + l, shift = 2 * s
+                let byte = block.load(fromByteOffset: at, as: UInt8.self) & ~UInt8(3 << shift) | UInt8((v & 3) << shift)
+                block.storeBytes(of: byte, toByteOffset: at, as: UInt8.self)
+                if type == .q3_K {
+                    let bit = 4 * h + s
+                    let mask = block.load(fromByteOffset: l, as: UInt8.self) & ~UInt8(1 << bit) | UInt8(((v >> 2) & 1) << bit)
+                    block.storeBytes(of: mask, toByteOffset: l, as: UInt8.self)
+                }
+            }
+        case .f32, .f16, .bf16, .iq4_nl, .iq4_xs: preconditionFailure("\(type.rawValue) has no evenly spaced levels")
         }
     }
 
