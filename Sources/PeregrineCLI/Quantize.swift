@@ -17,7 +17,7 @@ struct Quantize: ParsableCommand {
             --method gptq or awq first runs the model over a calibration text (--calibration; chunks of \
             --calibration-ctx tokens, on the CPU) and collects X^T X of every layer weight's inputs. GPTQ \
             quantizes each layer weight column by column, pushing each column's rounding error onto the \
-            columns not yet quantized (--damp, --act-order); AWQ scales each weight's input columns by the \
+            columns not yet quantized (--damp, --act-order; not the IQ4 types, whose levels are a table); AWQ scales each weight's input columns by the \
             mean |x|^alpha that best preserves the product after rounding and folds the scales into the \
             preceding norm or projection. Either way the blocks are the type's own, so the file runs \
             anywhere GGUF does; with --imatrix the block scales are also fitted with the importance weights.
