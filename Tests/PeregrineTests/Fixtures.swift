@@ -62,6 +62,22 @@ func allLogits(_ model: LanguageModel, _ tokens: [Int]) throws -> [Float] {
     return logits
 }
 
+/// Each position of `tokens` decoded one at a time through a fresh cache gives exactly its row
+/// of `logits`, the logits of the same tokens in one pass: a row must not depend on its batch.
+func assertOneTokenAtATime(_ model: LanguageModel, _ tokens: [Int], give logits: [Float], _ name: String,
+                           file: StaticString = #filePath, line: UInt = #line) throws {
+    let v = model.config.vocabSize
+    let solo = try PagedKVCache(model: model, slots: 1, capacity: tokens.count)
+    var one = [Float](repeating: 0, count: v)
+    for (i, t) in tokens.enumerated() {
+        var p = BatchPlan()
+        p.append(tokens: [t], slot: 0, position: i, logits: .last)
+        try solo.prepare(&p)
+        try one.withUnsafeMutableBufferPointer { try model.forward(p, kv: solo.memory, logits: $0) }
+        XCTAssertEqual(one, Array(logits[(i * v)..<((i + 1) * v)]), "\(name) row \(i)", file: file, line: line)
+    }
+}
+
 func maxAbsDiff(_ a: some Collection<Float>, _ b: some Collection<Float>) -> Float {
     zip(a, b).reduce(0) { max($0, abs($1.0 - $1.1)) }
 }

@@ -394,15 +394,7 @@ final class QuantizedModelTests: XCTestCase {
         XCTAssertLessThan(vsLlama, loose * scale, "\(name) logits vs llama.cpp: \(vsLlama) (scale \(scale))")
         XCTAssertLessThanOrEqual(vsF32, llamaVsF32 * 1.05, "\(name) logits vs the f32 model: \(vsF32); llama.cpp's: \(llamaVsF32)")
         // Decoding the same rows one at a time gives the same numbers (batch invariance).
-        let solo = try PagedKVCache(model: model, slots: 1, capacity: seq.count)
-        var one = [Float](repeating: 0, count: ref.vocab)
-        for (i, t) in seq.enumerated() {
-            var p = BatchPlan()
-            p.append(tokens: [t], slot: 0, position: i, logits: .last)
-            try solo.prepare(&p)
-            try one.withUnsafeMutableBufferPointer { try model.forward(p, kv: solo.memory, logits: $0) }
-            XCTAssertEqual(Array(one), Array(logits[(i * ref.vocab)..<((i + 1) * ref.vocab)]), "row \(i)")
-        }
+        try assertOneTokenAtATime(model, seq, give: logits, name)
     }
 }
 

@@ -208,15 +208,7 @@ final class MixtureOfExpertsGGUFTests: XCTestCase {
             let vsLlama = maxAbsDiff(logits, llamacpp), vsF32 = maxAbsDiff(logits, ref.logits), llamaVsF32 = maxAbsDiff(llamacpp, ref.logits)
             XCTAssertLessThan(vsLlama, 0.02 * scale, "\(name) logits vs llama.cpp: \(vsLlama) (scale \(scale))")
             XCTAssertLessThanOrEqual(vsF32, llamaVsF32 * 1.05, "\(name) vs the f32 model: \(vsF32); llama.cpp's: \(llamaVsF32)")
-            let solo = try PagedKVCache(model: model, slots: 1, capacity: seq.count)
-            var one = [Float](repeating: 0, count: ref.vocab)
-            for (i, t) in seq.enumerated() {
-                var p = BatchPlan()
-                p.append(tokens: [t], slot: 0, position: i, logits: .last)
-                try solo.prepare(&p)
-                try one.withUnsafeMutableBufferPointer { try model.forward(p, kv: solo.memory, logits: $0) }
-                XCTAssertEqual(Array(one), Array(logits[(i * ref.vocab)..<((i + 1) * ref.vocab)]), "\(name) row \(i)")
-            }
+            try assertOneTokenAtATime(model, seq, give: logits, name)
         }
     }
 
