@@ -17,7 +17,7 @@ struct Quantize: ParsableCommand {
             --method gptq or awq first runs the model over a calibration text (--calibration; chunks of \
             --calibration-ctx tokens, on the CPU) and collects X^T X of every layer weight's inputs. GPTQ \
             quantizes each layer weight column by column, pushing each column's rounding error onto the \
-            columns not yet quantized (--damp, --act-order; not the IQ4 types, whose levels are a table); AWQ scales each weight's input columns by the \
+            columns not yet quantized (--damp, --act-order; for the IQ4 types, to the nearest of their table's levels); AWQ scales each weight's input columns by the \
             mean |x|^alpha that best preserves the product after rounding and folds the scales into the \
             preceding norm or projection. Either way the blocks are the type's own, so the file runs \
             anywhere GGUF does; with --imatrix the block scales are also fitted with the importance weights.
@@ -53,6 +53,9 @@ struct Quantize: ParsableCommand {
     @Option(help: "Use at most this many calibration chunks (default: all).")
     var calibrationChunks: Int?
 
+    @Option(help: ArgumentHelp("Keep the calibration statistics in this file: read them from it when it exists (made from the same model, text, --calibration-ctx and --calibration-chunks), else collect them and write it; for several types or settings from one pass over the text.", valueName: "file"))
+    var calibrationStatistics: String?
+
     @Option(help: "GPTQ: added to the diagonal of X^T X, as a fraction of its mean.")
     var damp: Double = 0.01
 
@@ -72,7 +75,7 @@ struct Quantize: ParsableCommand {
         }
         guard ["round", "gptq", "awq"].contains(method) else { throw ValidationError("--method must be round, gptq or awq, not '\(method)'") }
         if method == "round" {
-            if calibration != nil { throw ValidationError("--calibration is used by --method gptq or awq") }
+            if calibration != nil || calibrationStatistics != nil { throw ValidationError("--calibration and --calibration-statistics are used by --method gptq or awq") }
         } else {
             guard let c = calibration else { throw ValidationError("--method \(method) needs a calibration text: --calibration FILE") }
             guard FileManager.default.isReadableFile(atPath: c) else { throw ValidationError("--calibration \(c): no such readable file") }
@@ -94,9 +97,24 @@ struct Quantize: ParsableCommand {
                 guard let data = FileManager.default.contents(atPath: calibration) else { throw PeregrineError.io("\(calibration): cannot read the file") }
                 guard let text = String(data: data, encoding: .utf8) else { throw PeregrineError.format("\(calibration): not UTF-8 text") }
                 let start = Date()
-                let (statistics, chunks, tokens) = try CalibrationRun.statistics(source: model, text: text, context: calibrationCtx,
+                let origin = CalibrationStatisticsFile.Origin(text: text, context: calibrationCtx, maxChunks: calibrationChunks)
+                let statistics: [String: InputStatistics], chunks: Int, tokens: Int
+                if let kept = calibrationStatistics, FileManager.default.fileExists(atPath: kept) {
+                    let contents = try CalibrationStatisticsFile.read(kept)
+                    guard contents.origin == origin else {
+                        throw PeregrineError.invalidArgument("\(kept) holds statistics of another calibration text or --calibration-ctx/--calibration-chunks; remove it or name another file")
+                    }
+                    (statistics, chunks, tokens) = (contents.statistics, contents.chunks, contents.tokens)
+                    err.write(Data("calibration statistics read from \(kept)\n".utf8))
+                } else {
+                    (statistics, chunks, tokens) = try CalibrationRun.statistics(source: model, text: text, context: calibrationCtx,
                                                                                  maxChunks: calibrationChunks, pool: pool) { p in
-                    err.write(Data(String(format: "calibration [%d/%d] PPL %.4f, %.1f s\n", p.chunk, p.chunks, p.perplexity, p.seconds).utf8))
+                        err.write(Data(String(format: "calibration [%d/%d] PPL %.4f, %.1f s\n", p.chunk, p.chunks, p.perplexity, p.seconds).utf8))
+                    }
+                    if let kept = calibrationStatistics {
+                        try CalibrationStatisticsFile.write(statistics, origin: origin, chunks: chunks, tokens: tokens, to: kept)
+                        err.write(Data("calibration statistics written to \(kept)\n".utf8))
+                    }
                 }
                 err.write(Data(String(format: "calibration %@: %d tokens, %d chunks of %d, %d weights, %.1f s\n", calibration, tokens, chunks,
                                       calibrationCtx, statistics.count, Date().timeIntervalSince(start)).utf8))

@@ -121,6 +121,21 @@ final class CLITests: XCTestCase {
                                     "--calibration-ctx", "128", "--calibration-chunks", "2"])
         XCTAssertEqual(code, 0, err)
         XCTAssertTrue(out.contains("awq: 8 groups scaled"), out)
+        // Statistics kept in a file: the second run reads them instead of running the model, and
+        // writes the same bytes; another context is refused.
+        let stats = dir + "/stats.calib"
+        for (i, name) in ["k1.gguf", "k2.gguf"].enumerated() {
+            (code, out, err) = try run(["quantize", "-m", f16, "--type", "IQ4_NL", "-o", dir + "/" + name, "--method", "gptq", "--calibration", text,
+                                        "--calibration-ctx", "128", "--calibration-chunks", "2", "--calibration-statistics", stats])
+            XCTAssertEqual(code, 0, err)
+            XCTAssertTrue(err.contains(i == 0 ? "calibration statistics written to" : "calibration statistics read from"), err)
+            XCTAssertEqual(err.contains("calibration [1/2]"), i == 0, err)
+        }
+        XCTAssertEqual(try FileSystem.read(dir + "/k1.gguf"), try FileSystem.read(dir + "/k2.gguf"))
+        (code, out, err) = try run(["quantize", "-m", f16, "--type", "IQ4_NL", "-o", dir + "/k3.gguf", "--method", "gptq", "--calibration", text,
+                                    "--calibration-ctx", "64", "--calibration-chunks", "2", "--calibration-statistics", stats])
+        XCTAssertNotEqual(code, 0)
+        XCTAssertTrue(err.contains("holds statistics of another calibration text"), err)
     }
 
     func testBadInputs() throws {

@@ -6,7 +6,7 @@ import XCTest
 /// unchanged, and whole files that load and run.
 final class CalibrationQuantizationTests: XCTestCase {
     typealias Noise = ImportanceQuantizationTests.Noise
-    static let blockTypes: [DType] = [.q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q4_K, .q5_K, .q6_K, .q3_K, .q2_K]
+    static let blockTypes: [DType] = [.q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q4_K, .q5_K, .q6_K, .q3_K, .q2_K, .iq4_nl, .iq4_xs]
 
     /// A block's grid is what its dequantizer computes, and its levels stored back give the same bytes.
     func testGridAndLevelsRoundTrip() {
@@ -38,17 +38,37 @@ final class CalibrationQuantizationTests: XCTestCase {
         }
     }
 
-    /// The IQ4 types' levels come from a table, not a scale's steps: GPTQ refuses them with an error.
-    func testGPTQRefusesTableTypes() {
-        let cols = 256, w = [Float](repeating: 0.5, count: 2 * cols)
-        var xtx = [Double](repeating: 0, count: cols * cols)
-        for i in 0..<cols { xtx[i * cols + i] = 1 }
-        var out = [UInt8](repeating: 0, count: 2 * DType.iq4_xs.byteCount(elements: cols))
-        for type in [DType.iq4_nl, .iq4_xs] {
-            XCTAssertThrowsError(try out.withUnsafeMutableBytes { o in
-                try w.withUnsafeBufferPointer { try GPTQ().quantize($0.baseAddress!, rows: 2, cols: cols, xtx: xtx, type: type, into: o.baseAddress!) }
-            }, "\(type)")
+    /// Statistics written to a file and read back are the same numbers, with the same weights
+    /// sharing one set; the origin (text, context, chunk limit) comes back to be compared.
+    func testStatisticsFileRoundTrip() throws {
+        let dir = try Fixtures.tempDirectory(self)
+        var noise = Noise(state: 5)
+        let a = InputStatistics(inputs: (0..<(9 * 7)).map { _ in noise.normal() }, rows: 9, columns: 7)
+        let b = InputStatistics(inputs: (0..<(4 * 3)).map { _ in noise.normal() }, rows: 4, columns: 3)
+        let original = ["blk.0.attn_q.weight": a, "blk.0.attn_v.weight": a, "blk.0.attn_output.weight": b]
+        let origin = CalibrationStatisticsFile.Origin(text: "calibration text", context: 64, maxChunks: 3)
+        let path = dir + "/stats.calib"
+        try CalibrationStatisticsFile.write(original, origin: origin, chunks: 3, tokens: 192, to: path)
+        let back = try CalibrationStatisticsFile.read(path)
+        XCTAssertEqual(back.origin, origin)
+        XCTAssertNotEqual(back.origin, CalibrationStatisticsFile.Origin(text: "calibration text!", context: 64, maxChunks: 3))
+        XCTAssertNotEqual(back.origin, CalibrationStatisticsFile.Origin(text: "calibration text", context: 64, maxChunks: nil))
+        XCTAssertEqual(back.chunks, 3)
+        XCTAssertEqual(back.tokens, 192)
+        XCTAssertEqual(Set(back.statistics.keys), Set(original.keys))
+        for (name, s) in original {
+            let r = try XCTUnwrap(back.statistics[name])
+            XCTAssertEqual(r.columns, s.columns)
+            XCTAssertEqual(r.rows, s.rows)
+            XCTAssertEqual(r.xtx, s.xtx, name)
+            XCTAssertEqual(r.absoluteSums, s.absoluteSums, name)
         }
+        XCTAssertTrue(back.statistics["blk.0.attn_q.weight"] === back.statistics["blk.0.attn_v.weight"])
+        XCTAssertFalse(back.statistics["blk.0.attn_q.weight"] === back.statistics["blk.0.attn_output.weight"])
+        // A cut file and another file's bytes are errors, not traps.
+        let bytes = try FileSystem.read(path)
+        XCTAssertThrowsError(try CalibrationStatisticsFile.parse(Array(bytes.dropLast(8)), path: "cut"))
+        XCTAssertThrowsError(try CalibrationStatisticsFile.parse(Array("GGUF".utf8) + bytes, path: "other"))
     }
 
     /// X^T X, |x| sums and rows against a direct computation (odd sizes: the tiles' edges).
@@ -137,7 +157,7 @@ final class CalibrationQuantizationTests: XCTestCase {
         let x = Self.correlatedInputs(rows: samples, cols: cols, noise: &noise)
         let stats = InputStatistics(inputs: x, rows: samples, columns: cols)
         let w = (0..<(rows * cols)).map { _ in noise.normal() * 0.05 }
-        for type in [DType.q4_0, .q4_K, .q6_K] {
+        for type in [DType.q4_0, .q4_K, .q6_K, .iq4_nl, .iq4_xs] {
             let bytes = type.byteCount(elements: rows * cols)
             var plain = [UInt8](repeating: 0, count: bytes)
             w.withUnsafeBufferPointer { wp in
@@ -161,7 +181,7 @@ final class CalibrationQuantizationTests: XCTestCase {
                 let error = Self.productError(w, values, cols: cols, xtx: stats.xtx)
                 print(String(format: "%@ act-order %@: product error %.4g, plain rounding %.4g (%.3fx)", type.rawValue, actOrder ? "on" : "off",
                              error, plainError, error / plainError))
-                // Measured: 0.07-0.13x of plain rounding's on these inputs (Q4_0, Q4_K, Q6_K).
+                // Measured: 0.07-0.13x of plain rounding's on these inputs (Q4_0, Q4_K, Q6_K, IQ4_NL, IQ4_XS).
                 XCTAssertLessThan(error, 0.3 * plainError, "\(type) act-order \(actOrder)")
                 XCTAssertTrue(values.allSatisfy(\.isFinite))
                 // Valid blocks: every block's levels are its values rounded against its own scales.

@@ -98,4 +98,24 @@ final class FuzzTests: XCTestCase {
             }
         }
     }
+
+    /// Calibration statistics files: mutated headers, counts and truncations give an error or
+    /// statistics whose sizes agree with their column counts.
+    func testCalibrationStatisticsFile() throws {
+        let dir = try Fixtures.tempDirectory(self)
+        var rng = SeededGenerator(seed: 9)
+        let x = (0..<(6 * 5)).map { _ in Float(Int(rng.next() % 200)) / 50 - 2 }
+        let shared = InputStatistics(inputs: x, rows: 6, columns: 5), other = InputStatistics(inputs: x, rows: 5, columns: 6)
+        let path = dir + "/s.calib"
+        try CalibrationStatisticsFile.write(["blk.0.attn_q.weight": shared, "blk.0.attn_k.weight": shared, "blk.0.ffn_down.weight": other],
+                                            origin: .init(text: "abc", context: 8, maxChunks: nil), chunks: 1, tokens: 3, to: path)
+        let runs = fuzz(4, [try FileSystem.read(path)]) { bytes in
+            guard let c = try? CalibrationStatisticsFile.parse(bytes, path: "fuzz") else { return }
+            for s in c.statistics.values {
+                XCTAssertEqual(s.xtx.count, s.columns * s.columns)
+                XCTAssertEqual(s.absoluteSums.count, s.columns)
+            }
+        }
+        XCTAssertGreaterThan(runs, 100)
+    }
 }

@@ -14,7 +14,8 @@ import Foundation
 /// up, i.e. after the errors of every column processed before it were pushed onto them. That
 /// way the scales fit the values actually rounded (which the compensation moves, sometimes
 /// past the original extremes) rather than the original ones. Each column is then rounded to
-/// the nearest level of those scales. With act-order the columns are processed by decreasing
+/// the nearest level of those scales (for the IQ4 types, the nearest of the table's uneven
+/// levels under the block's scale). With act-order the columns are processed by decreasing
 /// H[i,i] (the inputs that matter most first, while there are the most columns left to take
 /// their error); blocks are still runs of 32 or 256 consecutive columns of the stored row, and
 /// a block's scales are fixed when the first of its columns comes up in that order.
@@ -38,9 +39,6 @@ public struct GPTQ: Sendable {
     public func quantize(_ w: UnsafePointer<Float>, rows: Int, cols: Int, xtx: [Double], type: DType, importance: [Float]? = nil,
                          into out: UnsafeMutableRawPointer, pool: ThreadPool = .shared) throws {
         precondition(!type.isFloat && cols % type.blockSize == 0 && xtx.count == cols * cols)
-        guard Quantizer.hasLinearGrid(type) else {
-            throw PeregrineError.unsupported("GPTQ rounds to evenly spaced levels; \(type.rawValue) looks its levels up in a table (quantize it without --method gptq, or with --method awq)")
-        }
         // Processing order: the stored order, or by decreasing diagonal.
         let order = actOrder ? (0..<cols).sorted { (xtx[$0 * cols + $0], $1) > (xtx[$1 * cols + $1], $0) } : Array(0..<cols)
         let u = try inverseCholeskyFactor(xtx, order: order, n: cols, pool: pool)

@@ -1,35 +1,56 @@
 import Foundation
+import PeregrineInt8
 
 /// A quantized block's grid: every value of a block type is `scale * level + offset`, with an
 /// integer level in `levels` and a scale and offset that the block's header fixes per value
-/// (per block, or per sub-block for the k-quants). Methods that choose the levels themselves
-/// (GPTQ) let a type's own quantizer fix the header, read the grid back, and store their levels
-/// in its place, so the block stays a standard block of the type.
+/// (per block, or per sub-block for the k-quants). For the IQ4 types a level is an index into
+/// a fixed table of uneven steps (`table`): the value is `scale * table[level]`. Methods that
+/// choose the levels themselves (GPTQ) let a type's own quantizer fix the header, read the grid
+/// back, and store their levels in its place, so the block stays a standard block of the type.
 public struct BlockGrid {
     public var scales: [Float]
     public var offsets: [Float]
     public let levels: ClosedRange<Int>
+    /// The value of each level before scaling (ascending), for the table types; nil when the
+    /// levels are evenly spaced.
+    public let table: [Float]?
+
+    public init(scales: [Float], offsets: [Float], levels: ClosedRange<Int>, table: [Float]? = nil) {
+        self.scales = scales
+        self.offsets = offsets
+        self.levels = levels
+        self.table = table
+    }
 
     /// The level nearest `x` on value `i`'s grid (the lowest level where the scale is zero).
     @inline(__always) public func level(_ x: Float, at i: Int) -> Int {
         let s = scales[i]
         guard s != 0 else { return levels.lowerBound }
-        return max(levels.lowerBound, min(levels.upperBound, Int(((x - offsets[i]) / s).rounded())))
+        let t = (x - offsets[i]) / s
+        guard let table else { return max(levels.lowerBound, min(levels.upperBound, Int(t.rounded()))) }
+        // The table is ascending: the first level whose midpoint with the next lies above t.
+        var level = 0
+        while level + 1 < table.count && t > 0.5 * (table[level] + table[level + 1]) { level += 1 }
+        return level
     }
 
-    @inline(__always) public func value(_ level: Int, at i: Int) -> Float { scales[i] * Float(level) + offsets[i] }
+    @inline(__always) public func value(_ level: Int, at i: Int) -> Float {
+        scales[i] * (table.map { $0[level] } ?? Float(level)) + offsets[i]
+    }
 }
 
 extension Quantizer {
-    /// Whether the type's values are evenly spaced levels under a block's scale and offset (the
-    /// IQ4 types look their levels up in a table).
-    public static func hasLinearGrid(_ type: DType) -> Bool {
-        !type.isFloat && type != .iq4_nl && type != .iq4_xs
+    /// The values the IQ4 types' 4-bit indices select before scaling (ascending); nil for the
+    /// types whose levels are evenly spaced.
+    public static func levelTable(_ type: DType) -> [Float]? {
+        type == .iq4_nl || type == .iq4_xs ? IQ4.levels.map(Float.init) : nil
     }
 
-    /// The integer levels a block type stores (Q8_0 as signed bytes; the others unsigned).
+    /// The integer levels a block type stores (Q8_0 as signed bytes; the others unsigned; the
+    /// IQ4 types' indices into `levelTable`).
     public static func levelRange(_ type: DType) -> ClosedRange<Int> {
         switch type {
+        case .iq4_nl, .iq4_xs: return 0...15
         case .q8_0: return -127...127
         case .q2_K: return 0...3
         case .q3_K: return 0...7
@@ -67,18 +88,34 @@ extension Quantizer {
                     block.storeBytes(of: mask, toByteOffset: l, as: UInt8.self)
                 }
             }
-        case .f32, .f16, .bf16, .iq4_nl, .iq4_xs: preconditionFailure("\(type.rawValue) has no evenly spaced levels")
+        case .iq4_nl, .iq4_xs:
+            // Per 32 values (after IQ4_XS's 8-byte header, IQ4_NL's 2-byte scale): byte j holds
+            // value j's index low and value j + 16's high.
+            let header = type == .iq4_nl ? 2 : 8, stride = type == .iq4_nl ? 18 : 16
+            for s in 0..<(levels.count / 32) {
+                for j in 0..<16 {
+                    block.storeBytes(of: UInt8(levels[32 * s + j] | levels[32 * s + j + 16] << 4), toByteOffset: header + stride * s + j, as: UInt8.self)
+                }
+            }
+        case .f32, .f16, .bf16: preconditionFailure("\(type.rawValue) has no levels")
         }
     }
 
     /// The grid of one block of `type` at `block`, read through the type's own dequantizer (so
     /// it is what every reader of the block computes): every level at its lowest gives the
-    /// offsets, one level up the scales.
+    /// offsets, one level up the scales. A table type's scales are its top level's values over
+    /// the table's top entry (no offsets).
     public static func grid(_ type: DType, block: UnsafeRawPointer) -> BlockGrid {
         let n = type.blockSize, range = levelRange(type)
         let copy = UnsafeMutableRawPointer.allocate(byteCount: type.blockBytes, alignment: 16)
         defer { copy.deallocate() }
         copy.copyMemory(from: block, byteCount: type.blockBytes)
+        if let table = levelTable(type) {
+            var top = [Float](repeating: 0, count: n)
+            storeLevels(type, [Int](repeating: range.upperBound, count: n), into: copy)
+            type.dequantize(copy, count: n, into: &top)
+            return BlockGrid(scales: top.map { $0 / table[range.upperBound] }, offsets: [Float](repeating: 0, count: n), levels: range, table: table)
+        }
         var low = [Float](repeating: 0, count: n), high = [Float](repeating: 0, count: n)
         storeLevels(type, [Int](repeating: range.lowerBound, count: n), into: copy)
         type.dequantize(copy, count: n, into: &low)
