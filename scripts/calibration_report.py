@@ -8,7 +8,8 @@ importance matrices come from; the test split (models/corpus/test.txt) is only s
 type and each method variant:
 
   peregrine quantize -m models/target --type T -o W/target-T-VARIANT.gguf --method gptq|awq \
-      --calibration models/corpus/validation.txt [--act-order] [--imatrix W/peregrine.imatrix.gguf]
+      --calibration models/corpus/validation.txt [--act-order] [--imatrix W/peregrine.imatrix.gguf] \
+      --calibration-statistics W/validation.calibration-statistics
   peregrine perplexity -m FILE --kl-divergence-base W/target-bf16.kld --kl-divergence --json
 
 with the BF16 file, its base distributions and Peregrine's importance matrix made as
@@ -56,7 +57,8 @@ def main():
         return
     p, t = os.path.abspath(args.peregrine), args.threads
     os.makedirs(w, exist_ok=True)
-    bf16, base, imatrix = (os.path.join(w, f) for f in ["target-bf16.gguf", "target-bf16.kld", "peregrine.imatrix.gguf"])
+    bf16, base, imatrix, stats = (os.path.join(w, f) for f in ["target-bf16.gguf", "target-bf16.kld", "peregrine.imatrix.gguf",
+                                                             "validation.calibration-statistics"])
     if not os.path.exists(bf16):
         run([p, "quantize", "-m", MODEL, "--type", "BF16", "-o", bf16, "-t", t])
     if not os.path.exists(imatrix):
@@ -75,7 +77,9 @@ def main():
         for v in args.variants:
             how, extra = VARIANTS[v]
             path = os.path.join(w, f"target-{ty}-{v}.gguf")
-            qout, qerr = run([p, "quantize", "-m", MODEL, "--type", ty, "-o", path, "-t", t] + [a.format(imatrix=imatrix) for a in extra])
+            # One pass over the calibration text serves every type and variant (the statistics file).
+            kept = ["--calibration-statistics", stats] if "--calibration" in extra else []
+            qout, qerr = run([p, "quantize", "-m", MODEL, "--type", ty, "-o", path, "-t", t] + [a.format(imatrix=imatrix) for a in extra] + kept)
             out, _ = run([p, "perplexity", "-m", path, "--kl-divergence-base", base, "--kl-divergence", "--json", "-t", t])
             r = json.loads(out)
             mib, bpw = size(path)

@@ -6,15 +6,21 @@ one table of tokens/s with the ratios (Peregrine / llama.cpp).
 
 Run on the GPU machine through scripts/gpu_llamabench.sh (it makes the files).
     python3 scripts/gpu_llamabench.py --binary BIN --llama-bench LLAMA_BENCH FILE.gguf [FILE.gguf ...]
+On the CPU (both engines with the same threads, llama-bench's CPU build with its defaults):
+    python3 scripts/gpu_llamabench.py --device cpu --threads 2 --rounds 3 --pp 512 --depths --binary BIN \
+        --llama-bench LLAMA_BENCH FILE.gguf [...]
+With --rounds R the files are measured R times over, the engines alternating each time, and the
+table gives medians.
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
 
-def peregrine(binary, path, pp, tg, depths, dtg, reps, device, reads=None):
+def peregrine(binary, path, pp, tg, depths, dtg, reps, device, reads=None, threads=None):
     """{test name: tokens/s} from `peregrine bench --json` (names as llama-bench's: 'tg64 @ d4096');
     for a mixture of experts, `reads` gets {test: (weight bytes read per decoded token, active bytes)}."""
     out = {}
@@ -22,7 +28,8 @@ def peregrine(binary, path, pp, tg, depths, dtg, reps, device, reads=None):
     if depths:
         runs.append(["-p", "0", "-n", str(dtg), "-d"] + [str(d) for d in depths])
     for args in runs:
-        r = subprocess.run([binary, "bench", "--device", device, "-m", path, "-r", str(reps), "--json"] + args,
+        r = subprocess.run([binary, "bench", "--device", device, "-m", path, "-r", str(reps), "--json"] + args
+                           + (["-t", str(threads)] if threads else []),
                            capture_output=True, text=True)
         if r.returncode != 0:
             print(r.stderr, file=sys.stderr)
@@ -36,14 +43,17 @@ def peregrine(binary, path, pp, tg, depths, dtg, reps, device, reads=None):
     return out
 
 
-def llamacpp(tool, path, pp, tg, depths, dtg, reps):
-    """{test name: tokens/s} from `llama-bench -o jsonl` with flash attention and every layer on the GPU."""
+def llamacpp(tool, path, pp, tg, depths, dtg, reps, device="cuda", threads=None):
+    """{test name: tokens/s} from `llama-bench -o jsonl`: on the GPU with flash attention and every
+    layer there, on the CPU with its defaults."""
     out = {}
     runs = [["-p", ",".join(map(str, pp)), "-n", ",".join(map(str, tg))]]
     if depths:
         runs.append(["-p", "0", "-n", str(dtg), "-d", ",".join(map(str, depths))])
     for args in runs:
-        r = subprocess.run([tool, "-m", path, "-ngl", "99", "-fa", "1", "-r", str(reps), "-o", "jsonl"] + args,
+        placement = ["-ngl", "99", "-fa", "1"] if device == "cuda" else []
+        r = subprocess.run([tool, "-m", path, "-r", str(reps), "-o", "jsonl"] + placement + args
+                           + (["-t", str(threads)] if threads else []),
                            capture_output=True, text=True)
         if r.returncode != 0:
             print(r.stderr[-2000:], file=sys.stderr)
@@ -69,18 +79,30 @@ def main():
     ap.add_argument("--depth-tg", type=int, default=64)
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("--device", default="cuda", help="Peregrine's device (cuda; cpu to check the script where no GPU is)")
+    ap.add_argument("--threads", type=int, help="threads for both engines (-t)")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every file this many times over; medians")
     ap.add_argument("files", nargs="+")
     a = ap.parse_args()
     rows, read_rows = [], []
+    ours_all, theirs_all = {}, {}
+    for round_index in range(a.rounds):
+        for path in a.files:
+            reads = {}
+            ours = peregrine(a.binary, path, a.pp, a.tg, a.depths, a.depth_tg, a.repetitions, a.device, reads, a.threads)
+            if round_index == 0:
+                read_rows += [(os.path.basename(path), t, r) for t, r in reads.items()]
+            print(f"# {os.path.basename(path)} peregrine: {json.dumps(ours)}", flush=True)
+            theirs = llamacpp(a.llama_bench, path, a.pp, a.tg, a.depths, a.depth_tg, a.repetitions, a.device, a.threads)
+            print(f"# {os.path.basename(path)} llama.cpp: {json.dumps(theirs)}", flush=True)
+            for t, v in ours.items():
+                ours_all.setdefault((path, t), []).append(v)
+            for t, v in theirs.items():
+                theirs_all.setdefault((path, t), []).append(v)
     for path in a.files:
-        reads = {}
-        ours = peregrine(a.binary, path, a.pp, a.tg, a.depths, a.depth_tg, a.repetitions, a.device, reads)
-        read_rows += [(os.path.basename(path), t, r) for t, r in reads.items()]
-        print(f"# {os.path.basename(path)} peregrine: {json.dumps(ours)}", flush=True)
-        theirs = llamacpp(a.llama_bench, path, a.pp, a.tg, a.depths, a.depth_tg, a.repetitions)
-        print(f"# {os.path.basename(path)} llama.cpp: {json.dumps(theirs)}", flush=True)
-        for test in list(ours) + [t for t in theirs if t not in ours]:
-            rows.append((os.path.basename(path), test, ours.get(test), theirs.get(test)))
+        tests = [t for (p, t) in ours_all if p == path] + [t for (p, t) in theirs_all if p == path and (p, t) not in ours_all]
+        for test in tests:
+            o, l = ours_all.get((path, test)), theirs_all.get((path, test))
+            rows.append((os.path.basename(path), test, o and statistics.median(o), l and statistics.median(l)))
     print("| file | test | Peregrine tok/s | llama.cpp tok/s | ratio |")
     print("|---|---|---|---|---|")
     def fmt(x):
