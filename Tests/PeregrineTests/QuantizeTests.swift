@@ -53,6 +53,52 @@ final class QuantizeTests: XCTestCase {
         XCTAssertEqual(fromGGUF.addedBOS, hf.addedBOS)
     }
 
+    /// A Gemma 3 directory written as llama.cpp's converter writes it: the same tensors (norms
+    /// with Gemma's 1 added, in f32), equal at F32, the same hyperparameters and vocabulary; the
+    /// file gives transformers' logits and llama.cpp's on the converter's file. Gemma 2's fixture
+    /// (query_pre_attn_scalar 12 with heads of 16) is refused: a gemma2 GGUF implies 1/sqrt(16).
+    func testGemmaDirectories() throws {
+        let out = try quantize(Fixtures.model("gemma3"), .f32)
+        let ours = try GGUFFile(path: out), theirs = try GGUFFile(path: Fixtures.root + "/gguf/gemma3-f32.gguf")
+        XCTAssertEqual(ours.tensors.map(\.name).sorted(), theirs.tensors.map(\.name).sorted())
+        for t in theirs.tensors {
+            let a = try XCTUnwrap(ours.view(t.name)), b = try XCTUnwrap(theirs.view(t.name))
+            XCTAssertEqual(a.shape, b.shape, t.name)
+            XCTAssertEqual(a.toFloat(), b.toFloat(), t.name)
+        }
+        for key in ["general.architecture", "gemma3.block_count", "gemma3.embedding_length", "gemma3.feed_forward_length",
+                    "gemma3.attention.head_count", "gemma3.attention.head_count_kv", "gemma3.attention.key_length",
+                    "gemma3.attention.layer_norm_rms_epsilon", "gemma3.attention.sliding_window", "gemma3.rope.freq_base",
+                    "gemma3.rope.freq_base_swa", "gemma3.rope.scaling.type", "gemma3.rope.scaling.factor", "gemma3.context_length",
+                    "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.bos_token_id",
+                    "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.add_space_prefix"] {
+            XCTAssertEqual(ours.metadata[key], theirs.metadata[key], key)
+        }
+        // Token types: the same but for tokenizer.json's added tokens (<mask> special, the turn
+        // markers not), which the converter, reading the SentencePiece pieces, calls normal.
+        let types = { (g: GGUFFile) in g.metadata["tokenizer.ggml.token_type"]?.array?.compactMap(\.int) ?? [] }
+        let differing = zip(types(ours), types(theirs)).enumerated().filter { $0.element.0 != $0.element.1 }.map(\.offset)
+        XCTAssertEqual(types(ours).count, 600)
+        XCTAssertEqual(differing, [4, 5, 6])
+        XCTAssertEqual(differing.map { types(ours)[$0] }, [3, 4, 4])
+        let ref = try Reference(model: "gemma3")
+        let logits = try allLogits(try ModelRegistry.load(directory: out), ref.promptIds + ref.greedyIds)
+        let llamacpp = try Fixtures.floats(Fixtures.root + "/gguf/gemma3-f32.llamacpp_logits.bin")
+        XCTAssertLessThan(maxAbsDiff(logits, ref.logits), 1e-4)
+        XCTAssertLessThan(maxAbsDiff(logits, llamacpp), 1e-2)
+        let text = try String(contentsOfFile: Fixtures.root + "/gguf/perplexity.txt", encoding: .utf8)
+        XCTAssertEqual(try Tokenizer(directory: out).encode(text), try Tokenizer(directory: Fixtures.model("gemma3")).encode(text))
+        // Quantized from the directory: it runs, as near the f32 model as llama.cpp's Q8_0 file of
+        // the same weights (the converter's --outtype q8_0) is in llama.cpp.
+        let q8 = try quantize(Fixtures.model("gemma3"), .q8_0)
+        let q8Logits = try allLogits(try ModelRegistry.load(directory: q8), ref.promptIds + ref.greedyIds)
+        let theirQ8 = try Fixtures.floats(Fixtures.root + "/gguf/gemma3-q8_0.llamacpp_logits.bin")
+        XCTAssertLessThan(maxAbsDiff(q8Logits, ref.logits), 1.2 * maxAbsDiff(theirQ8, ref.logits))
+        XCTAssertThrowsError(try quantize(Fixtures.model("gemma2"), .f32)) { error in
+            XCTAssertTrue("\(error)".contains("query_pre_attn_scalar"), "\(error)")
+        }
+    }
+
     /// Phi-3 directories written as llama.cpp's converter writes them: the same tensors (fused
     /// attn_qkv and ffn_up, LongRoPE's factor tensors), byte for byte at F32, and the same
     /// LongRoPE metadata; the file runs with transformers' logits, and quantizes as that file does.

@@ -5,7 +5,9 @@ import Foundation
 /// names. Llama q/k rows are reordered for llama.cpp's adjacent-pair RoPE, as its converter does;
 /// each projection of a layer's experts becomes one stacked tensor (`ffn_*_exps`), as there;
 /// Phi-3 keeps its fused projections (attn_qkv, ffn_up holding gate over up) and LongRoPE's factors
-/// as tensors, as llama.cpp's converter writes them.
+/// as tensors, as llama.cpp's converter writes them. Gemma 2 and 3 store their norm weights with
+/// the 1 their RMSNorm adds already added, and the soft-caps, sliding window and local RoPE base as
+/// metadata (llama.cpp derives the attention scale and the layer pattern from the sizes).
 struct HFToGGUF {
     let config: ModelConfig
     var writer = GGUFWriter()
@@ -30,8 +32,12 @@ struct HFToGGUF {
         case "Qwen2MoeForCausalLM": arch = "qwen2moe"
         case "Qwen3MoeForCausalLM": arch = "qwen3moe"
         case "Phi3ForCausalLM": arch = "phi3"
+        case "Gemma2ForCausalLM": arch = "gemma2"
+        case "Gemma3ForCausalLM": arch = "gemma3"
         default: throw PeregrineError.unsupported("unsupported architecture \(c.architecture) for GGUF output")
         }
+        let gemma = arch == "gemma2" || arch == "gemma3"
+        if gemma { try HFToGGUF.checkGemmaFitsGGUF(c, arch: arch, directory: directory) }
         if arch == "llama" && c.qkNorm {
             throw PeregrineError.unsupported("\(directory): a llama model with q/k norms cannot be written as a llama GGUF")
         }
@@ -51,6 +57,11 @@ struct HFToGGUF {
         u32("rope.dimension_count", c.rotaryDim)
         w.set("\(arch).attention.layer_norm_rms_epsilon", .f32(c.rmsNormEps))
         w.set("\(arch).rope.freq_base", .f32(Float(c.ropeTheta)))
+        if gemma {
+            if let cap = c.attentionSoftCap { w.set("\(arch).attn_logit_softcapping", .f32(cap)) }
+            if let cap = c.finalLogitSoftCap { w.set("\(arch).final_logit_softcapping", .f32(cap)) }
+            if arch == "gemma3" { w.set("\(arch).rope.freq_base_swa", .f32(Float((c.slidingRope ?? c.rope).theta))) }
+        }
         if let window = c.slidingWindow.compactMap({ $0 }).first {
             u32("attention.sliding_window", window)
         } else if arch == "phi3" {
@@ -87,6 +98,14 @@ struct HFToGGUF {
         try HFToGGUF.addTokenizer(directory: directory, config: c, to: &w)
         writer = w
 
+        func vector(_ name: String, _ values: [Float]) -> (name: String, dims: [Int], parts: [TensorView]) {
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 * max(values.count, 1), alignment: 16)
+            for (i, f) in values.enumerated() { buffer.storeBytes(of: f, toByteOffset: 4 * i, as: Float.self) }
+            owned.append(buffer)
+            return (name, [values.count], [TensorView(name: name, dtype: .f32, shape: [values.count],
+                                                      data: UnsafeRawPointer(buffer.baseAddress!), byteCount: 4 * values.count)])
+        }
+
         // Tensors, in llama.cpp's order: embeddings, layers, output norm, output.
         var names = ["model.embed_tokens.weight"]
         var stacked: [String: [TensorView]] = [:]
@@ -99,6 +118,7 @@ struct HFToGGUF {
             let p = "model.layers.\(i)."
             names += ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                       "self_attn.o_proj.weight", "post_attention_layernorm.weight"].map { p + $0 }
+            if gemma { names += ["pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"].map { p + $0 } }
             if let e = c.experts, e.sparseLayers[i] {
                 let n = ExpertTensorNames(architecture: c.architecture, layer: i)
                 names.append(n.router)
@@ -127,24 +147,47 @@ struct HFToGGUF {
                 continue
             }
             guard let v = store.tensor(name) else { throw PeregrineError.format(store.missingReason(name)) }
+            let ggufName = GGUFWeights.ggufName(name, layerNames: gemma ? GGUFWeights.gemmaLayerNames : [:])
+            if gemma && ggufName.hasSuffix("norm.weight") {
+                // Gemma's RMSNorm multiplies by (1 + weight); GGUF files hold the sum, in f32.
+                tensors.append(vector(ggufName, v.toFloat().map { $0 + c.normWeightOffset }))
+                continue
+            }
             var view = v
             if arch == "llama", name.hasSuffix("q_proj.weight") || name.hasSuffix("k_proj.weight")
                 || name.hasSuffix("q_proj.bias") || name.hasSuffix("k_proj.bias") {
                 view = try HFToGGUF.pairRows(v, heads: name.contains("q_proj") ? c.headCount : c.kvHeadCount, owner: &owned)
             }
-            tensors.append((GGUFWeights.ggufName(name), view.shape.reversed(), [view]))
-        }
-        func vector(_ name: String, _ values: [Float]) -> (name: String, dims: [Int], parts: [TensorView]) {
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 * values.count, alignment: 16)
-            for (i, f) in values.enumerated() { buffer.storeBytes(of: f, toByteOffset: 4 * i, as: Float.self) }
-            owned.append(buffer)
-            return (name, [values.count], [TensorView(name: name, dtype: .f32, shape: [values.count],
-                                                      data: UnsafeRawPointer(buffer.baseAddress!), byteCount: buffer.count)])
+            tensors.append((ggufName, view.shape.reversed(), [view]))
         }
         if let ropeFactors { tensors.insert(vector("rope_freqs.weight", ropeFactors), at: 0) }
         if let l = longRoPE {
             tensors.insert(contentsOf: [vector("rope_factors_long.weight", l.longFactors), vector("rope_factors_short.weight", l.shortFactors)],
                            at: 0)
+        }
+    }
+
+    /// What a Gemma GGUF cannot say: llama.cpp takes the attention scale from the sizes (1 /
+    /// sqrt(head size), or hidden / heads for the 27B models) and the sliding layers from a fixed
+    /// pattern (every second layer global for Gemma 2, every sixth for Gemma 3), and Gemma 3's
+    /// local layers are unscaled. A config that differs would run differently from the file.
+    static func checkGemmaFitsGGUF(_ c: ModelConfig, arch: String, directory: String) throws {
+        let gemma3 = arch == "gemma3"
+        let big = c.layerCount == (gemma3 ? 62 : 46)
+        let derived = 1 / Float(big ? c.hiddenSize / c.headCount : c.headDim).squareRoot()
+        if let scale = c.attentionScale, abs(scale - derived) > 1e-6 * derived {
+            throw PeregrineError.unsupported("\(directory): query_pre_attn_scalar gives an attention scale of \(scale); a \(arch) GGUF implies \(derived)")
+        }
+        let n = gemma3 ? 6 : 2
+        let window = c.slidingWindow.compactMap { $0 }.first
+        for (i, w) in c.slidingWindow.enumerated() where w != (i % n < n - 1 ? window : nil) {
+            throw PeregrineError.unsupported("\(directory): layer \(i)'s attention window differs from the \(arch) GGUF pattern (every \(n)th layer global)")
+        }
+        if gemma3, let local = c.slidingRope, local.scaling != .none {
+            throw PeregrineError.unsupported("\(directory): scaled RoPE on the sliding layers cannot be written as a gemma3 GGUF")
+        }
+        if !gemma3, c.slidingRope != nil {
+            throw PeregrineError.unsupported("\(directory): a second RoPE variant cannot be written as a gemma2 GGUF")
         }
     }
 
