@@ -179,7 +179,7 @@ final class CLITests: XCTestCase {
         try assertFails(["quantize", "--type", "Q4_0", "-m", f16, "-o", "/tmp/x.gguf", "--method", "gptq"], "--method gptq needs a calibration text")
         try assertFails(["quantize", "--type", "Q4_0", "-m", f16, "-o", "/tmp/x.gguf", "--method", "awq", "--calibration", "/nonexistent.txt"],
                         "--calibration /nonexistent.txt: no such readable file")
-        try assertFails(["quantize", "--type", "Q4_0", "-m", f16, "-o", "/tmp/x.gguf", "--calibration", text], "--calibration is used by --method gptq or awq")
+        try assertFails(["quantize", "--type", "Q4_0", "-m", f16, "-o", "/tmp/x.gguf", "--calibration", text], "--calibration and --calibration-statistics are used by --method gptq or awq")
         try assertFails(["quantize", "--type", "Q4_0", "-m", f16, "-o", "/tmp/x.gguf", "--method", "gptq", "--calibration", text,
                          "--calibration-ctx", "4096"], "error: the calibration text has 1171 tokens, fewer than one chunk of 4096")
         try assertFails(["quantize", "--type", "Q4_0", "-m", f16, "-o", "/tmp/x.gguf", "--method", "gptq", "--calibration", text, "--damp=-1"],

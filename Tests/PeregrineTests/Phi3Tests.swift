@@ -169,6 +169,78 @@ final class Phi3Tests: XCTestCase {
         XCTAssertGreaterThan(maxAbsDiff(full.logits[0..<(short.count * v)], incremental.logits[0..<(short.count * v)]), 0.01)
     }
 
+    /// Logits of `sequence` read in passes of `cuts`, each pass with the sequence's prompt
+    /// length `promptLength` (nil: none in the plan, the pass decides).
+    func logitsInPasses(_ model: LanguageModel, _ sequence: [Int], cuts: [Int], promptLength: Int?) throws -> [Float] {
+        let cache = try PagedKVCache(model: model, slots: 1, capacity: sequence.count)
+        var out: [Float] = []
+        var start = 0
+        for end in cuts + [sequence.count] where end > start {
+            var plan = BatchPlan()
+            plan.append(tokens: sequence[start..<end], slot: 0, position: start, logits: .all)
+            if let promptLength { plan.promptLengths = [Int32(promptLength)] }
+            try cache.prepare(&plan)
+            var logits = [Float](repeating: 0, count: (end - start) * model.config.vocabSize)
+            try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
+            out += logits
+            start = end
+        }
+        return out
+    }
+
+    /// A prompt past LongRoPE's original context (64) takes the long factors at every position
+    /// however many passes read it: in passes of 40 and 32 tokens, the logits of one pass over it
+    /// (transformers'). A prompt within it (60 tokens) then generated one token at a time switches
+    /// to the long factors at position 64, as transformers' generation through its cache does.
+    func testLongRoPEPromptInPassesAndGeneration() throws {
+        let name = "phi3.5-longrope"
+        let full = try Reference(model: name), incremental = try Reference(model: name, logitsFile: "reference_logits_incremental.bin")
+        let model = try ModelRegistry.load(directory: Fixtures.model(name))
+        let sequence = full.promptIds + full.greedyIds
+        XCTAssertEqual(sequence.count, 72)
+        let chunked = try logitsInPasses(model, sequence, cuts: [40], promptLength: sequence.count)
+        XCTAssertLessThan(maxAbsDiff(chunked, full.logits), 1e-4)
+        // Deciding by the pass alone, the first pass would take the short factors.
+        let byPass = try logitsInPasses(model, sequence, cuts: [40], promptLength: nil)
+        XCTAssertGreaterThan(maxAbsDiff(byPass[0..<(40 * full.vocab)], full.logits[0..<(40 * full.vocab)]), 0.01)
+        let generated = try logitsInPasses(model, sequence, cuts: Array(full.promptIds.count..<sequence.count), promptLength: full.promptIds.count)
+        XCTAssertLessThan(maxAbsDiff(generated, incremental.logits), 1e-4)
+    }
+
+    /// Through the engine: a long prompt read in chunks of 16 scores its tokens as one pass over
+    /// it does, and a short prompt's cached blocks (short factors) are not mapped into a long
+    /// prompt with the same first tokens.
+    func testLongRoPEInTheEngine() throws {
+        let name = "phi3.5-longrope"
+        let full = try Reference(model: name)
+        let model = try ModelRegistry.load(directory: Fixtures.model(name))
+        let tokenizer = try Tokenizer(directory: Fixtures.model(name))
+        let sequence = full.promptIds + full.greedyIds, v = full.vocab
+        var config = EngineConfig()
+        config.maxBatchTokens = 16
+        let engine = try Engine(model: model, tokenizer: tokenizer, config: config)
+        var short = EngineRequest(promptTokens: Array(sequence.prefix(40)), maxTokens: 1, sampling: .greedy)
+        short.ignoreEOS = true
+        _ = try engine.generate(prompts: [short])
+        var long = EngineRequest(promptTokens: sequence, maxTokens: 1, sampling: .greedy)
+        long.ignoreEOS = true
+        long.promptLogprobs = 0
+        let result = try XCTUnwrap(engine.generate(prompts: [long]).first)
+        XCTAssertEqual(result.cachedPromptTokens, 0, "blocks of a prompt within the original context")
+        let scored = try XCTUnwrap(result.promptLogprobs)
+        XCTAssertEqual(scored.count, sequence.count - 1)
+        for (i, s) in scored.enumerated() {
+            let row = full.logits[(i * v)..<((i + 1) * v)]
+            let m = row.max()!, z = row.reduce(0) { $0 + exp($1 - m) }
+            XCTAssertEqual(s.token, sequence[i + 1])
+            XCTAssertEqual(s.logprob, row[row.startIndex + sequence[i + 1]] - m - log(z), accuracy: 1e-3, "position \(i + 1)")
+        }
+        // The same long prompt again maps its own blocks.
+        XCTAssertEqual(try XCTUnwrap(engine.generate(prompts: [long]).first).cachedPromptTokens, 0, "scored prompts map no blocks")
+        long.promptLogprobs = nil
+        XCTAssertGreaterThan(try XCTUnwrap(engine.generate(prompts: [long]).first).cachedPromptTokens, 0)
+    }
+
     /// The fixtures converted by llama.cpp's converter (fused attn_qkv and ffn_up, LongRoPE's
     /// factors as tensors, partial rotary as rope.dimension_count): llama.cpp's logits on the
     /// same files, and transformers'. llama.cpp runs Phi-3 without its sliding window, which this

@@ -318,6 +318,11 @@ public struct BatchPlan {
     /// sequence in row s lives at offset p % blockSize of block blockTables[s * tableWidth + p / blockSize].
     public var blockTables: [Int32] = []
     public var tableWidth = 0
+    /// The length of each sequence's prompt (by row of block tables; rows beyond the list: the
+    /// last position the pass gives the sequence, plus one). It fixes what a position's rotation
+    /// depends on besides the position: LongRoPE takes its long factors at every position of a
+    /// prompt longer than the original context, however many passes read the prompt.
+    public var promptLengths: [Int32] = []
 
     public init() {}
 
@@ -331,6 +336,7 @@ public struct BatchPlan {
         slots.removeAll(keepingCapacity: true)
         logitRows.removeAll(keepingCapacity: true)
         blockTables.removeAll(keepingCapacity: true)
+        promptLengths.removeAll(keepingCapacity: true)
     }
 
     /// Appends one sequence's new tokens, starting at `position`.

@@ -161,8 +161,12 @@ public final class BlockManager {
 public struct BlockTable: Sendable {
     public internal(set) var blocks: [Int32] = []
     var hashes: [UInt64] = []
+    /// The parent hash of the first block: sequences whose keys and values differ for the same
+    /// tokens (LongRoPE's long factors, taken for a long prompt) share blocks only among
+    /// themselves.
+    public var root: UInt64 = 0
 
-    public init() {}
+    public init(root: UInt64 = 0) { self.root = root }
 }
 
 extension BlockManager {
@@ -217,7 +221,7 @@ extension BlockManager {
         let full = min(length / blockSize, t.blocks.count)
         while t.hashes.count < full {
             let i = t.hashes.count
-            let parent = i == 0 ? 0 : t.hashes[i - 1]
+            let parent = i == 0 ? t.root : t.hashes[i - 1]
             let run = tokens[(i * blockSize)..<((i + 1) * blockSize)]
             let h = BlockManager.hash(parent: parent, tokens: run)
             register(t.blocks[i], hash: h, parent: parent, tokens: run)
@@ -229,7 +233,7 @@ extension BlockManager {
     /// empty table; returns the positions they cover.
     public func mapCachedPrefix(_ t: inout BlockTable, tokens: [Int32], maxBlocks: Int) -> Int {
         precondition(t.blocks.isEmpty, "a cached prefix maps into an empty table")
-        var parent: UInt64 = 0
+        var parent = t.root
         while t.blocks.count < maxBlocks {
             let i = t.blocks.count
             guard (i + 1) * blockSize <= tokens.count else { break }

@@ -84,7 +84,9 @@ public final class Engine: @unchecked Sendable {
         }
         kv = try model.makeKVMemory(blocks: count, blockSize: config.blockSize, capacity: context, type: config.kvCacheType)
         blocks = BlockManager(blocks: count, blockSize: config.blockSize)
-        scheduler = Scheduler(config: config, blocks: blocks)
+        var longPromptFrom: Int?
+        if case .longrope(let l) = model.config.ropeScaling { longPromptFrom = l.originalMaxPositions }
+        scheduler = Scheduler(config: config, blocks: blocks, longPromptFrom: longPromptFrom)
         runner = ModelRunner(model: model, kv: kv)
         snapshot.kvBlocksTotal = count
     }

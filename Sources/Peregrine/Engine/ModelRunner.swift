@@ -35,6 +35,7 @@ final class ModelRunner {
             plan.append(tokens: s.tokens[w.start..<(w.start + w.count)].lazy.map { Int($0) }, slot: slot,
                         position: w.start, logits: w.samples && s.request.maxTokens > 0 ? .last : .none)
             plan.appendBlockTable(s.table.blocks)
+            plan.promptLengths.append(Int32(s.promptCount))
             let wanted = s.promptRowsWanted.clamped(to: w.start..<(w.start + w.count))
             promptRows.append((extraRows.count, wanted))
             for p in wanted { extraRows.append(Int32(base + p - w.start)) }

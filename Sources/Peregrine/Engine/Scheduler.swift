@@ -25,14 +25,23 @@ final class Scheduler {
     /// Copies of shared blocks the next pass must make before writing (copy on write).
     var copies: [(from: Int32, to: Int32)] = []
 
-    init(config: EngineConfig, blocks: BlockManager) {
+    /// LongRoPE's original context: a longer prompt takes the long factors at every position, so
+    /// its blocks hold other keys than a shorter prompt's for the same tokens.
+    let longPromptFrom: Int?
+    static let longPromptRoot: UInt64 = 0x4C6F_6E67_526F_5045
+
+    init(config: EngineConfig, blocks: BlockManager, longPromptFrom: Int? = nil) {
         self.config = config
         self.blocks = blocks
+        self.longPromptFrom = longPromptFrom
     }
 
     var hasWork: Bool { !waiting.isEmpty || !running.isEmpty }
 
-    func add(_ s: Sequence) { insertWaiting(s) }
+    func add(_ s: Sequence) {
+        if let limit = longPromptFrom, s.promptCount > limit { s.table.root = Scheduler.longPromptRoot }
+        insertWaiting(s)
+    }
 
     /// Waiting sequences in service order: by arrival, or by priority then arrival.
     private func insertWaiting(_ s: Sequence) {

@@ -169,6 +169,7 @@ final class DecoderRunner<B: ComputeBackend> {
             paddedPlan.slots.append(contentsOf: plan.slots)
             paddedPlan.logitRows.append(contentsOf: plan.logitRows)
             paddedPlan.blockTables.append(contentsOf: plan.blockTables)
+            paddedPlan.promptLengths.append(contentsOf: plan.promptLengths)
             for t in n..<padded {
                 paddedPlan.tokens.append(0)
                 paddedPlan.positions.append(0)

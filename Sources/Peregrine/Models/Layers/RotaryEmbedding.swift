@@ -114,7 +114,8 @@ final class RotaryEmbedding<B: ComputeBackend> {
     let table: Int
     private var cosHost: [Float] = []
     private var sinHost: [Float] = []
-    /// The last position each sequence (block-table row) of a pass reaches, for LongRoPE.
+    /// For LongRoPE, each sequence's (block-table row's) length below which its positions take
+    /// the short factors: its prompt's length, or the end of the pass when the plan gives none.
     private var sequenceEnds: [Int32] = []
 
     init(_ parameters: RopeParameters, headDim: Int, interleaved: Bool, table: Int = 0) {
@@ -141,14 +142,21 @@ final class RotaryEmbedding<B: ComputeBackend> {
             sinHost = cosHost
         }
         if longInverseFrequencies != nil {
+            // transformers takes the long factors when the sequence it is given reaches past the
+            // original context: a prompt read in one pass uses them at every position if it is
+            // longer, and generation switches to them at the first position past it (keeping the
+            // keys cached before). Taking the prompt's length, not the pass's, gives the same
+            // rotations however the prompt is cut into passes, and after a preempted sequence is
+            // read again.
             if sequenceEnds.count < plan.tableRows { sequenceEnds = [Int32](repeating: 0, count: max(plan.tableRows, 2 * sequenceEnds.count)) }
             for s in 0..<plan.tableRows { sequenceEnds[s] = 0 }
-            for t in 0..<pass.rows { sequenceEnds[Int(plan.slots[t])] = max(sequenceEnds[Int(plan.slots[t])], plan.positions[t]) }
+            for t in 0..<pass.rows { sequenceEnds[Int(plan.slots[t])] = max(sequenceEnds[Int(plan.slots[t])], plan.positions[t] + 1) }
+            for s in 0..<min(plan.tableRows, plan.promptLengths.count) { sequenceEnds[s] = plan.promptLengths[s] }
         }
         for t in 0..<pass.rows {
             let pos = Float(plan.positions[t])
             var inv = inverseFrequencies
-            if let long = longInverseFrequencies, Int(sequenceEnds[Int(plan.slots[t])]) + 1 > longFrom { inv = long }
+            if let long = longInverseFrequencies, max(Int(sequenceEnds[Int(plan.slots[t])]), Int(plan.positions[t]) + 1) > longFrom { inv = long }
             for i in 0..<half {
                 let angle = Double(inv[i] * pos)
                 cosHost[t * half + i] = Float(cos(angle)) * scale
