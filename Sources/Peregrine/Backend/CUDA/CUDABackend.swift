@@ -1068,10 +1068,19 @@ public final class CUDABackend: ComputeBackend {
         }
         let chosen = sizes.filter { $0 > 0 }.count
         func stage(_ input: CUDABuffer, k: Int, _ products: [(weights: [CUDAWeight], table: CUDABuffer, out: CUDABuffer)]) {
+            // The input rounded to the 16-bit type of a projection's products (none for f32),
+            // kept for the next projection when it takes the same (gate and up may be stored in
+            // different types; quantized ones are all widened to BF16).
+            var rounded: (half: Int, pointer: CUDADriver.DevicePointer)?
             for (weights, table, out) in products {
-                // Rounded for each projection: gate and up may be stored in different types.
                 let dtype = weights[0].dtype, rows = weights[0].rows, size = rows * k
-                guard let xh = gemmInput(input.pointer, count: total * k, for: dtype) else { return }
+                let half = dtype == .f32 ? 0 : dtype == .f16 ? 1 : 2
+                let xh: CUDADriver.DevicePointer
+                if let r = rounded, r.half == half { xh = r.pointer } else {
+                    guard let p = gemmInput(input.pointer, count: total * k, for: dtype) else { return }
+                    xh = p
+                    rounded = (half, p)
+                }
                 let inputBytes = dtype == .f32 ? 4 : 2
                 var widened: CUDADriver.DevicePointer?
                 if ![DType.f32, .f16, .bf16].contains(dtype) {

@@ -164,55 +164,50 @@ __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, l
 // GGUF's interleaved blocks (Q8_0: 34 bytes, Q4_0: 18 bytes, each an f16 scale then the values;
 // Q4_K: 144 bytes, a 16-byte header then 128 bytes of values) to the planar layouts above, one
 // thread per block.
+// Block b of `blocks` blocks of `bytes` bytes into planar regions: region k holds piece k
+// (`length[k]` bytes from byte `from[k]` of the block) of every block in turn, so region k
+// starts at blocks * (length[0] + ... + length[k - 1]).
+__device__ __forceinline__ void repack_pieces(const unsigned char* raw, int bytes, const int* from, const int* length, int pieces,
+                                              unsigned char* out, long blocks, long b) {
+    const unsigned char* src = raw + b * bytes;
+    long region = 0;
+    for (int k = 0; k < pieces; k++) {
+        for (int j = 0; j < length[k]; j++) out[region + b * length[k] + j] = src[from[k] + j];
+        region += blocks * length[k];
+    }
+}
+
 extern "C" __global__ void repack_quantized(const unsigned char* raw, int dtype, unsigned char* out, long blocks) {
     long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= blocks) return;
-    if (dtype == 6) {
-        // Q6_K: 210 bytes (ql, qh, 16 scales, f16 d) to values, scales and d in three regions.
-        const unsigned char* src = raw + b * 210;
-        for (int j = 0; j < 192; j++) out[b * 192 + j] = src[j];
-        for (int j = 0; j < 16; j++) out[blocks * 192 + b * 16 + j] = src[192 + j];
-        out[blocks * 208 + b * 2] = src[208];
-        out[blocks * 208 + b * 2 + 1] = src[209];
-        return;
-    }
-    if (dtype == 8) {
-        // IQ4_XS: 136 bytes (8 of header, 128 of indices) to the indices, then the headers.
-        const unsigned char* src = raw + b * 136;
-        for (int j = 0; j < 128; j++) out[b * 128 + j] = src[8 + j];
-        for (int j = 0; j < 8; j++) out[blocks * 128 + b * 8 + j] = src[j];
-        return;
-    }
-    if (dtype == 9) {
-        // Q3_K: 110 bytes (hmask, qs, 12 scale bytes, f16 d) to values, scales and d.
-        const unsigned char* src = raw + b * 110;
-        for (int j = 0; j < 96; j++) out[b * 96 + j] = src[j];
-        for (int j = 0; j < 12; j++) out[blocks * 96 + b * 12 + j] = src[96 + j];
-        out[blocks * 108 + b * 2] = src[108];
-        out[blocks * 108 + b * 2 + 1] = src[109];
-        return;
-    }
-    if (dtype == 10) {
-        // Q2_K: 84 bytes (16 scale bytes, qs, f16 d, f16 dmin) to values, scales and d/dmin.
-        const unsigned char* src = raw + b * 84;
-        for (int j = 0; j < 64; j++) out[b * 64 + j] = src[16 + j];
-        for (int j = 0; j < 16; j++) out[blocks * 64 + b * 16 + j] = src[j];
-        for (int j = 0; j < 4; j++) out[blocks * 80 + b * 4 + j] = src[80 + j];
-        return;
-    }
     if (dtype == 5) {
-        const uint4* src = (const uint4*)(raw + b * 144);  // 144 = 9 x 16: blocks stay 16-byte aligned
+        // Q4_K: 144 bytes (16 of header, 128 of values) to the values, then the headers, in
+        // 16-byte stores (144 = 9 x 16: blocks stay 16-byte aligned).
+        const uint4* src = (const uint4*)(raw + b * 144);
         uint4* values = (uint4*)(out + b * 128);
         for (int j = 0; j < 8; j++) values[j] = src[1 + j];
         ((uint4*)(out + blocks * 128))[b] = src[0];
         return;
     }
-    int size = dtype == 3 ? 32 : 16;
-    const unsigned char* src = raw + b * (size + 2);
-    for (int j = 0; j < size; j++) out[b * size + j] = src[2 + j];
-    unsigned char* scales = out + blocks * size;
-    scales[2 * b] = src[0];
-    scales[2 * b + 1] = src[1];
+    // Each type's block as (from, length) pieces in the order of its planar regions: the values
+    // first, then the scales (and d, dmin where they are apart).
+    if (dtype == 6) {  // Q6_K, 210 bytes: ql and qh, 16 scales, f16 d
+        const int from[3] = {0, 192, 208}, length[3] = {192, 16, 2};
+        repack_pieces(raw, 210, from, length, 3, out, blocks, b);
+    } else if (dtype == 8) {  // IQ4_XS, 136 bytes: an 8-byte header, 128 bytes of indices
+        const int from[2] = {8, 0}, length[2] = {128, 8};
+        repack_pieces(raw, 136, from, length, 2, out, blocks, b);
+    } else if (dtype == 9) {  // Q3_K, 110 bytes: hmask and qs, 12 scale bytes, f16 d
+        const int from[3] = {0, 96, 108}, length[3] = {96, 12, 2};
+        repack_pieces(raw, 110, from, length, 3, out, blocks, b);
+    } else if (dtype == 10) {  // Q2_K, 84 bytes: 16 scale bytes, qs, f16 d and dmin
+        const int from[3] = {16, 0, 80}, length[3] = {64, 16, 4};
+        repack_pieces(raw, 84, from, length, 3, out, blocks, b);
+    } else {  // Q8_0 (34 bytes), Q4_0 and IQ4_NL (18): an f16 scale, then the values
+        int size = dtype == 3 ? 32 : 16;
+        const int from[2] = {2, 0}, length[2] = {size, 2};
+        repack_pieces(raw, size + 2, from, length, 2, out, blocks, b);
+    }
 }
 
 // Eight consecutive weights as f32 (i a multiple of 8; 16-byte loads for the 16-bit types).
