@@ -166,7 +166,7 @@ public struct BlockTable: Sendable {
     /// themselves.
     public var root: UInt64 = 0
 
-    public init(root: UInt64 = 0) { self.root = root }
+    public init() {}
 }
 
 extension BlockManager {

@@ -43,8 +43,11 @@ extension Quantizer {
     /// The values the IQ4 types' 4-bit indices select before scaling (ascending); nil for the
     /// types whose levels are evenly spaced.
     public static func levelTable(_ type: DType) -> [Float]? {
-        type == .iq4_nl || type == .iq4_xs ? IQ4.levels.map(Float.init) : nil
+        type == .iq4_nl || type == .iq4_xs ? iq4Levels : nil
     }
+
+    /// IQ4's table as floats, made once: GPTQ reads a grid for every block of every row.
+    private static let iq4Levels = IQ4.levels.map(Float.init)
 
     /// The integer levels a block type stores (Q8_0 as signed bytes; the others unsigned; the
     /// IQ4 types' indices into `levelTable`).
