@@ -84,37 +84,95 @@ public enum Int8Kernels {
         out.storeBytes(of: packed, as: __m256i.self)
     }
 
+    /// The largest magnitude of `n` (a multiple of 8) floats. Written on the intrinsics: the
+    /// generic SIMD `pointwiseMax` is not inlined across modules and cost a call per 8 values.
     @inline(__always) @inlinable public static func absMax(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
-        var m = SIMD8<Float>()
+        let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF))
+        var m = _mm256_setzero_ps()
         var i = 0
         while i < n {
-            let v = UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self)
-            m = pointwiseMax(m, pointwiseMax(v, -v))
+            m = _mm256_max_ps(m, _mm256_and_ps(UnsafeRawPointer(x + i).loadUnaligned(as: __m256.self), magnitude))
             i &+= 8
         }
-        return m.max()
+        return horizontalMax(m)
     }
 
-    /// Rounds one token's `k` activations for the products of weight type `type`.
-    @inlinable public static func quantizeActivations(_ type: Int8WeightType, _ x: UnsafePointer<Float>, k: Int, into out: UnsafeMutableRawPointer) {
+    // Reductions across lanes by lane permutations (the shuffles that take an immediate are
+    // macros in clang's headers, which Swift does not import).
+    @inline(__always) @inlinable static func swapped(_ v: __m256, _ a: Int32, _ b: Int32, _ c: Int32, _ d: Int32) -> __m256 {
+        _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(a, b, c, d, a, b, c, d))
+    }
+
+    @inline(__always) @inlinable public static func horizontalMax(_ v: __m256) -> Float {
+        let h = _mm256_max_ps(v, _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(4, 5, 6, 7, 0, 1, 2, 3)))
+        let q = _mm256_max_ps(h, swapped(h, 2, 3, 0, 1))
+        return _mm256_cvtss_f32(_mm256_max_ps(q, swapped(q, 1, 0, 3, 2)))
+    }
+
+    @inline(__always) @inlinable public static func horizontalMin(_ v: __m256) -> Float {
+        let h = _mm256_min_ps(v, _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(4, 5, 6, 7, 0, 1, 2, 3)))
+        let q = _mm256_min_ps(h, swapped(h, 2, 3, 0, 1))
+        return _mm256_cvtss_f32(_mm256_min_ps(q, swapped(q, 1, 0, 3, 2)))
+    }
+
+    /// Sums of each four bytes of 32 signed bytes, as eight int32 lanes.
+    @inline(__always) @inlinable static func quadSums(_ q: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q), _mm256_set1_epi16(1))
+    }
+
+    /// The int32 sum of 32 signed bytes.
+    @inline(__always) @inlinable public static func byteSum(_ q: __m256i) -> Int32 {
+        let v = quadSums(q)
+        let h = _mm256_add_epi32(v, _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(4, 5, 6, 7, 0, 1, 2, 3)))
+        let p = _mm256_add_epi32(h, _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(2, 3, 0, 1, 2, 3, 0, 1)))
+        return _mm256_cvtsi256_si32(_mm256_add_epi32(p, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(1, 0, 3, 2, 1, 0, 3, 2))))
+    }
+
+    /// The sums of the first and the last 16 of 32 signed bytes.
+    @inline(__always) @inlinable public static func halfSums(_ q: __m256i) -> (Int16, Int16) {
+        // Lanes 0-3 hold the first 16 bytes' quads, lanes 4-7 the last 16's.
+        let v = quadSums(q)
+        let p = _mm256_add_epi32(v, _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(2, 3, 0, 1, 6, 7, 4, 5)))
+        let s = unsafeBitCast(_mm256_add_epi32(p, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6))), to: SIMD8<Int32>.self)
+        return (Int16(truncatingIfNeeded: s[0]), Int16(truncatingIfNeeded: s[4]))
+    }
+
+    /// Rounds one token's `k` activations for the products of weight type `type`. With
+    /// `integerSums` (the row-group kernels' layout) a 32-value block holds the exact int32 sum
+    /// of its values where it would hold the scaled sum, and a 256-value block the int16 sums of
+    /// each 32 values (bytes 4..<20) where it would hold those of each 16.
+    @inlinable public static func quantizeActivations(_ type: Int8WeightType, _ x: UnsafePointer<Float>, k: Int, into out: UnsafeMutableRawPointer,
+                                                      integerSums: Bool = false) {
         switch type.superBlocks {
         case true:
             for b in 0..<(k / 256) {
                 let xb = x + 256 &* b, ob = out + kBlockBytes &* b
-                // The value of largest magnitude maps to -127 (llama.cpp's Q8_K).
-                var amax: Float = 0, extreme: Float = 0
-                for i in 0..<256 where abs(xb[i]) > amax { amax = abs(xb[i]); extreme = xb[i] }
-                if amax == 0 {
+                // The value of largest magnitude maps to -127 (llama.cpp's Q8_K). Where +a and -a
+                // both occur, either gives the same products: the rounded values and the scale
+                // both change sign.
+                var hi = _mm256_loadu_ps(xb), lo = hi
+                for i in Swift.stride(from: 8, to: 256, by: 8) {
+                    let v = UnsafeRawPointer(xb + i).loadUnaligned(as: __m256.self)
+                    hi = _mm256_max_ps(hi, v)
+                    lo = _mm256_min_ps(lo, v)
+                }
+                let top = horizontalMax(hi), bottom = horizontalMin(lo)
+                let extreme = -bottom > top ? bottom : top
+                if extreme == 0 {
                     (ob).initializeMemory(as: UInt8.self, repeating: 0, count: kBlockBytes)
                     continue
                 }
                 let iscale = -127 / extreme
                 ob.storeBytes(of: 1 / iscale, as: Float.self)
-                for c in 0..<8 { round32(xb + 32 &* c, iscale, into: ob + (36 &+ 32 &* c)) }
-                for j in 0..<16 {
-                    var s: Int16 = 0
-                    for l in 0..<16 { s &+= Int16(ob.load(fromByteOffset: 36 &+ 16 &* j &+ l, as: Int8.self)) }
-                    ob.storeBytes(of: s, toByteOffset: 4 &+ 2 &* j, as: Int16.self)
+                for c in 0..<8 {
+                    round32(xb + 32 &* c, iscale, into: ob + (36 &+ 32 &* c))
+                    let (a, b) = halfSums(ob.loadUnaligned(fromByteOffset: 36 &+ 32 &* c, as: __m256i.self))
+                    if integerSums {
+                        ob.storeBytes(of: a &+ b, toByteOffset: 4 &+ 2 &* c, as: Int16.self)
+                    } else {
+                        ob.storeBytes(of: a, toByteOffset: 4 &+ 4 &* c, as: Int16.self)
+                        ob.storeBytes(of: b, toByteOffset: 6 &+ 4 &* c, as: Int16.self)
+                    }
                 }
             }
         case false:
@@ -123,10 +181,13 @@ public enum Int8Kernels {
                 // llama.cpp keeps these scales (and the scaled sum) in f16.
                 let amax = absMax(xb, 32), d = amax / 127
                 round32(xb, amax > 0 ? 127 / amax : 0, into: ob + 8)
-                var sum: Int32 = 0
-                for l in 0..<32 { sum &+= Int32(ob.load(fromByteOffset: 8 &+ l, as: Int8.self)) }
+                let sum = byteSum(ob.loadUnaligned(fromByteOffset: 8, as: __m256i.self))
                 ob.storeBytes(of: Float(Float16(d)), as: Float.self)
-                ob.storeBytes(of: Float(Float16(d * Float(sum))), toByteOffset: 4, as: Float.self)
+                if integerSums {
+                    ob.storeBytes(of: sum, toByteOffset: 4, as: Int32.self)
+                } else {
+                    ob.storeBytes(of: Float(Float16(d * Float(sum))), toByteOffset: 4, as: Float.self)
+                }
             }
         }
     }

@@ -148,6 +148,39 @@ extension QuantKernelTests {
             }
         }
     }
+
+    /// Weights repacked in groups of eight rows (the VNNI row-group kernels) give each token what
+    /// the row kernels give it, to float rounding (the same exact integer sums per block, summed
+    /// in another order), and each token of a batch exactly its result alone.
+    func testRowGroupProductsMatchRowProducts() throws {
+        guard CPUFeatures.useVNNI else { throw XCTSkip("row-group kernels need AVX-512 VNNI; this CPU has none") }
+        var rng = SplitMix(seed: 23)
+        let k = 3 * 256, rows = 24, tokens = 13
+        let pool = ThreadPool(threadCount: 2)
+        for type in [DType.q8_0, .q4_0, .iq4_nl, .q4_K] {
+            let w = (0..<rows).flatMap { _ in randomRow(type, blocks: k / type.blockSize, rng: &rng) }
+            let x = (0..<(tokens * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
+            let bias = (0..<rows).map { Float($0) / 100 - 0.1 }
+            let scratch = UnsafeMutableRawPointer.allocate(byteCount: CPUKernels.activationScratchBytes(type, tokens: tokens, k: k), alignment: 64)
+            defer { scratch.deallocate() }
+            var expected = [Float](repeating: .nan, count: tokens * rows), got = expected
+            try w.withUnsafeBytes { wb in
+                let groups = try XCTUnwrap(RowGroupMatrix(type, data: wb.baseAddress!, rows: rows, cols: k, pool: pool, force: true))
+                CPUKernels.matmulBlocks(type, x: x, tokens: tokens, w: wb.baseAddress!, outDim: rows, k: k, bias: bias, y: &expected,
+                                        scratch: scratch, pool: pool)
+                CPUKernels.matmulRowGroups(groups, x: x, tokens: tokens, bias: bias, y: &got, scratch: scratch, pool: pool)
+                for t in 0..<tokens {
+                    var one = [Float](repeating: .nan, count: rows)
+                    CPUKernels.matmulRowGroups(groups, x: Array(x[(t * k)..<((t + 1) * k)]), tokens: 1, bias: bias, y: &one,
+                                               scratch: scratch, pool: pool)
+                    XCTAssertEqual(Array(got[(t * rows)..<((t + 1) * rows)]), one, "\(type): token \(t) alone")
+                }
+            }
+            for i in 0..<(tokens * rows) {
+                XCTAssertEqual(got[i], expected[i], accuracy: 1e-5 * max(1, abs(expected[i])), "\(type): token \(i / rows) row \(i % rows)")
+            }
+        }
+    }
 }
 #endif
 

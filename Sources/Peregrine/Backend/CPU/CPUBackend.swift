@@ -26,6 +26,9 @@ public struct CPUWeight: @unchecked Sendable {
     public let cols: Int
     public let data: UnsafeRawPointer
     let f32: CPUBuffer?
+    /// The matrix repacked in groups of eight rows for the row-group kernels, where the CPU and
+    /// the type have them (nil: products read `data`).
+    let rowGroups: RowGroupMatrix?
 
     var floats: UnsafePointer<Float> { UnsafePointer(f32?.pointer ?? UnsafeMutablePointer(mutating: data.assumingMemoryBound(to: Float.self))) }
 }
@@ -80,7 +83,8 @@ public final class CPUBackend: ComputeBackend {
             t.toFloat().withUnsafeBufferPointer { b.pointer.update(from: $0.baseAddress!, count: t.elementCount) }
             f32 = b
         }
-        return CPUWeight(name: t.name, dtype: t.dtype, rows: rows, cols: cols, data: t.data, f32: f32)
+        let groups = t.shape.count == 2 ? RowGroupMatrix(t.dtype, data: t.data, rows: rows, cols: cols, pool: pool) : nil
+        return CPUWeight(name: t.name, dtype: t.dtype, rows: rows, cols: cols, data: t.data, f32: f32, rowGroups: groups)
     }
 
     public func outputSize(_ w: CPUWeight) -> Int { w.rows }
@@ -153,8 +157,12 @@ public final class CPUBackend: ComputeBackend {
                 activationCapacity = max(bytes, 2 * activationCapacity)
                 activationScratch = UnsafeMutableRawPointer.allocate(byteCount: activationCapacity, alignment: 64)
             }
-            CPUKernels.matmulBlocks(weight.dtype, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols,
-                                    bias: b, y: out, scratch: activationScratch, pool: pool)
+            if let groups = weight.rowGroups {
+                CPUKernels.matmulRowGroups(groups, x: x, tokens: rows, bias: b, y: out, scratch: activationScratch, pool: pool)
+            } else {
+                CPUKernels.matmulBlocks(weight.dtype, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols,
+                                        bias: b, y: out, scratch: activationScratch, pool: pool)
+            }
         }
     }
 

@@ -60,6 +60,30 @@ extension CPUKernels {
         #endif
     }
 
+    /// `matmulBlocks` on a matrix in row groups (the same integer sums per block, so results agree
+    /// with it to float rounding).
+    static func matmulRowGroups(_ m: RowGroupMatrix, x: UnsafePointer<Float>, tokens: Int, bias: UnsafePointer<Float>?,
+                                y: UnsafeMutablePointer<Float>, scratch: UnsafeMutableRawPointer, pool: ThreadPool) {
+        #if arch(x86_64)
+        let k = m.cols, kind = m.kind
+        let stride = Int8Kernels.activationBytes(kind, k: k)
+        if tokens == 1 {
+            Int8Kernels.quantizeActivations(kind, x, k: k, into: scratch, integerSums: true)
+        } else {
+            pool.parallelFor(tokens) { t in
+                Int8Kernels.quantizeActivations(kind, x + t &* k, k: k, into: scratch + t &* stride, integerSums: true)
+            }
+        }
+        let outDim = m.rows, w = UnsafeRawPointer(m.bytes)
+        let grain = max(1, 8192 / max(1, tokens * k))
+        pool.parallelRanges(outDim / RowGroups.rows, grain: grain) { groups in
+            RowGroupKernels.groups(kind, w: w, k: k, a: scratch, stride: stride, tokens: tokens, groups: groups, bias: bias, y: y, ldy: outDim)
+        }
+        #else
+        preconditionFailure("row groups are built only on x86")
+        #endif
+    }
+
     /// dot(row, x) for one quantized row of k values.
     @inline(__always)
     static func rowDot(_ type: DType, _ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ k: Int) -> Float {
@@ -423,6 +447,37 @@ extension Int8WeightType {
 }
 
 /// What the CPU offers beyond the AVX2/FMA baseline, read once from /proc/cpuinfo.
+/// A matrix of a 32-value type repacked at load in groups of eight rows (`RowGroups`) for the
+/// VNNI row-group kernels. Made only where the CPU has VNNI, the type has the layout and the
+/// rows divide into groups; PEREGRINE_NO_REPACK=1 keeps every matrix as stored.
+final class RowGroupMatrix: @unchecked Sendable {
+    let kind: Int8WeightType
+    let rows: Int
+    let cols: Int
+    let bytes: UnsafeMutableRawPointer
+
+    static let enabled: Bool = CPUFeatures.useVNNI && ProcessInfo.processInfo.environment["PEREGRINE_NO_REPACK"] == nil
+
+    init?(_ type: DType, data: UnsafeRawPointer, rows: Int, cols: Int, pool: ThreadPool, force: Bool = false) {
+        #if arch(x86_64)
+        guard force || Self.enabled, let kind = Int8WeightType(type), RowGroups.supports(kind),
+              rows % RowGroups.rows == 0, cols % RowGroups.blockValues(kind) == 0, rows > 0 else { return nil }
+        self.kind = kind
+        self.rows = rows
+        self.cols = cols
+        bytes = UnsafeMutableRawPointer.allocate(byteCount: RowGroups.byteCount(kind, rows: rows, k: cols), alignment: 64)
+        let rowBytes = type.byteCount(elements: cols), out = bytes
+        pool.parallelRanges(rows / RowGroups.rows, grain: 16) { groups in
+            RowGroups.repack(kind, data, rowBytes: rowBytes, k: cols, groups: groups, into: out)
+        }
+        #else
+        return nil
+        #endif
+    }
+
+    deinit { bytes.deallocate() }
+}
+
 enum CPUFeatures {
     static let flags: Set<Substring> = {
         guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),

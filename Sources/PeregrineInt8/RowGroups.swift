@@ -1,0 +1,107 @@
+/// Weights of the 32-value types repacked at load into groups of eight rows, the layout of the
+/// row-group kernels (PeregrineVNNI's `RowGroupKernels`). In the layout as stored, a product
+/// pays its per-block work (the sign trick of an unsigned-by-signed multiply, the int-to-float
+/// conversion, the scale) for every row and token; with eight rows side by side, one 32-bit lane
+/// per row, each token's four activation bytes are broadcast once and one multiply-accumulate
+/// serves eight rows, and the per-block work is shared by the eight (as llama.cpp's repacked
+/// CPU buffers do).
+///
+/// A group's block b holds, for its rows r = 0...7:
+/// - bytes 0..<16: the eight rows' f16 scales;
+/// - then the values as unsigned bytes in dwords, dword r of each 32-byte vector being row r's:
+///   - Q8_0: eight vectors, vector c holding values 4c..<4c+4 plus 128 (the value xor 0x80);
+///   - Q4_0 and IQ4_NL: four vectors, vector j holding the row's nibble bytes 4j..<4j+4 as
+///     stored, whose low nibbles are values 4j..<4j+4 and high nibbles values 16+4j..<16+4j+4.
+/// Each type's unsigned values are its signed values plus an offset (128 for Q8_0 and IQ4_NL's
+/// levels, 8 for Q4_0's nibbles) that the kernel takes back with the activations' integer sum,
+/// so every block's integer product is exact and the same as the row kernels'.
+///
+/// Q4_K has blocks of 256 values per row; a group's block holds the eight rows' d (f16, bytes
+/// 0..<16) and dmin (16..<32); their 6-bit sub-block scales as bytes, sub-block j's eight at
+/// 32 + 8j; their mins as int16 pairs, vector p (at 96 + 32p) holding row r's mins of sub-blocks
+/// 2p and 2p + 1 in its dword r; then 32 vectors of nibble bytes (at 224), vector 8c + u holding
+/// row r's bytes 32c + 4u..<32c + 4u + 4 as stored, whose low nibbles are values 4u..<4u + 4 of
+/// sub-block 2c and high nibbles those of sub-block 2c + 1.
+public enum RowGroups {
+    /// Rows per group.
+    @inlinable public static var rows: Int { 8 }
+
+    /// The types with a row-group layout.
+    @inlinable public static func supports(_ type: Int8WeightType) -> Bool {
+        type == .q8_0 || type == .q4_0 || type == .iq4_nl || type == .q4_K
+    }
+
+    /// Values per row in one block.
+    @inlinable public static func blockValues(_ type: Int8WeightType) -> Int { type == .q4_K ? 256 : 32 }
+
+    /// Bytes of one group's block of 32 values per row.
+    @inlinable public static func blockBytes(_ type: Int8WeightType) -> Int {
+        switch type {
+        case .q8_0: return 16 + 256
+        case .q4_K: return 32 + 64 + 128 + 1024
+        default: return 16 + 128
+        }
+    }
+
+    /// log2 of the offset between a type's unsigned values and its signed ones.
+    @inlinable public static func offsetShift(_ type: Int8WeightType) -> Int32 { type == .q4_0 ? 3 : 7 }
+
+    /// Bytes of a matrix of `rows` (a multiple of 8) rows of `k` values in row groups.
+    @inlinable public static func byteCount(_ type: Int8WeightType, rows: Int, k: Int) -> Int {
+        rows / 8 * (k / blockValues(type)) * blockBytes(type)
+    }
+
+    /// Repacks the row groups `groups` of a matrix stored row after row (`rowBytes` apart) into
+    /// `dst` (`byteCount` bytes in all).
+    public static func repack(_ type: Int8WeightType, _ src: UnsafeRawPointer, rowBytes: Int, k: Int, groups: Range<Int>,
+                              into dst: UnsafeMutableRawPointer) {
+        precondition(supports(type), "no row-group layout for \(type)")
+        if type == .q4_K { return repackQ4_K(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
+        let blocks = k / 32, gb = blockBytes(type), srcBlock = type == .q8_0 ? 34 : 18
+        for g in groups {
+            for b in 0..<blocks {
+                let out = dst + (g &* blocks &+ b) &* gb
+                for r in 0..<8 {
+                    let row: Int = (g &* 8 &+ r) &* rowBytes
+                    let block: UnsafeRawPointer = src + (row &+ b &* srcBlock)
+                    out.storeBytes(of: block.loadUnaligned(as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
+                    if type == .q8_0 {
+                        for c in 0..<8 {
+                            let v = block.loadUnaligned(fromByteOffset: 2 &+ 4 &* c, as: UInt32.self) ^ 0x8080_8080
+                            out.storeBytes(of: v, toByteOffset: 16 &+ 32 &* c &+ 4 &* r, as: UInt32.self)
+                        }
+                    } else {
+                        for j in 0..<4 {
+                            let v = block.loadUnaligned(fromByteOffset: 2 &+ 4 &* j, as: UInt32.self)
+                            out.storeBytes(of: v, toByteOffset: 16 &+ 32 &* j &+ 4 &* r, as: UInt32.self)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    static func repackQ4_K(_ src: UnsafeRawPointer, rowBytes: Int, k: Int, groups: Range<Int>, into dst: UnsafeMutableRawPointer) {
+        let blocks = k / 256, gb = blockBytes(.q4_K)
+        for g in groups {
+            for b in 0..<blocks {
+                let out = dst + (g &* blocks &+ b) &* gb
+                for r in 0..<8 {
+                    let row: Int = (g &* 8 &+ r) &* rowBytes
+                    let block: UnsafeRawPointer = src + (row &+ b &* 144)
+                    out.storeBytes(of: block.loadUnaligned(as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
+                    out.storeBytes(of: block.loadUnaligned(fromByteOffset: 2, as: UInt16.self), toByteOffset: 16 &+ 2 &* r, as: UInt16.self)
+                    for j in 0..<8 {
+                        let (scale, min) = KQuant.scaleMin(block + 4, j)
+                        out.storeBytes(of: UInt8(scale), toByteOffset: 32 &+ 8 &* j &+ r, as: UInt8.self)
+                        out.storeBytes(of: Int16(min), toByteOffset: 96 &+ 32 &* (j >> 1) &+ 4 &* r &+ 2 &* (j & 1), as: Int16.self)
+                    }
+                    for v in 0..<32 {
+                        let q = block.loadUnaligned(fromByteOffset: 16 &+ 4 &* v, as: UInt32.self)
+                        out.storeBytes(of: q, toByteOffset: 224 &+ 32 &* v &+ 4 &* r, as: UInt32.self)
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+#if arch(x86_64)
+import PeregrineInt8
+import _Builtin_intrinsics.intel
+
+/// Products of weights in row groups (`RowGroups`) with activations rounded to 8 bits: each
+/// 32-bit lane is one of the group's eight rows, so one `vpdpbusd` with a token's four activation
+/// bytes broadcast adds four products to each of eight rows, and a block's scales, offset and
+/// conversion to float are paid once per eight rows. Activations come as from
+/// `Int8Kernels.quantizeActivations(..., integerSums: true)`. Every token goes through the same
+/// arithmetic whatever the batch, so a row's result does not depend on the batch it came in.
+public enum RowGroupKernels {
+    /// y[t, 8g + r] = dot(row 8g + r, token t) (+ bias) for the groups `groups`.
+    public static func groups(_ type: Int8WeightType, w: UnsafeRawPointer, k: Int, a: UnsafeRawPointer, stride: Int, tokens: Int,
+                              groups: Range<Int>, bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, ldy: Int) {
+        switch type {
+        case .q8_0: tile(Q8_0Group.self, w, k, a, stride, tokens, groups, bias, y, ldy)
+        case .q4_0: tile(Q4_0Group.self, w, k, a, stride, tokens, groups, bias, y, ldy)
+        case .iq4_nl: tile(IQ4_NLGroup.self, w, k, a, stride, tokens, groups, bias, y, ldy)
+        case .q4_K: q4_K(w, k, a, stride, tokens, groups, bias, y, ldy)
+        default: preconditionFailure("no row-group kernel for \(type)")
+        }
+    }
+
+    /// One token's product with a group's block: the eight rows' exact integer sums, less the
+    /// offset times the activations' sum, scaled by each row's scale times the token's.
+    @inline(__always) @inlinable
+    static func accumulate(_ q: Int8Kernels.Vectors8, _ dw: __m256, _ shift: Int32, _ x: UnsafeRawPointer, _ acc: inout __m256) {
+        @inline(__always) func b(_ c: Int) -> __m256i { _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 8 &+ 4 &* c, as: Int32.self)) }
+        var s = VNNIDot.dpbusd(_mm256_setzero_si256(), q.0, b(0))
+        s = VNNIDot.dpbusd(s, q.1, b(1))
+        s = VNNIDot.dpbusd(s, q.2, b(2))
+        s = VNNIDot.dpbusd(s, q.3, b(3))
+        s = VNNIDot.dpbusd(s, q.4, b(4))
+        s = VNNIDot.dpbusd(s, q.5, b(5))
+        s = VNNIDot.dpbusd(s, q.6, b(6))
+        s = VNNIDot.dpbusd(s, q.7, b(7))
+        let offset = _mm256_set1_epi32(x.load(fromByteOffset: 4, as: Int32.self) << shift)
+        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.load(as: Float.self)))
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s, offset)), scale, acc)
+    }
+
+    @inlinable @inline(never)
+    static func tile<G: RowGroupBlock>(_: G.Type, _ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
+                                       _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
+        let blocks = k / 32, gb = G.bytes, shift = G.shift
+        @inline(__always) func store(_ acc: __m256, _ t: Int, _ g: Int) {
+            let o = 8 &* g
+            let v = bias.map { _mm256_add_ps(acc, UnsafeRawPointer($0 + o).loadUnaligned(as: __m256.self)) } ?? acc
+            let out: UnsafeMutablePointer<Float> = y + (t &* ldy &+ o)
+            UnsafeMutableRawPointer(out).storeBytes(of: v, as: __m256.self)
+        }
+        var t = 0
+        // Eight tokens at a time: a block's unpacked values serve all eight.
+        while t &+ 8 <= tokens {
+            let a0 = a + t &* stride
+            for g in groups {
+                let wg = w + g &* blocks &* gb
+                var c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0
+                for b in 0..<blocks {
+                    let p = wg + b &* gb
+                    let q = G.unpack(p + 16)
+                    let dw = _mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self))
+                    let x = a0 + b &* 40
+                    accumulate(q, dw, shift, x, &c0)
+                    accumulate(q, dw, shift, x + stride, &c1)
+                    accumulate(q, dw, shift, x + 2 &* stride, &c2)
+                    accumulate(q, dw, shift, x + 3 &* stride, &c3)
+                    accumulate(q, dw, shift, x + 4 &* stride, &c4)
+                    accumulate(q, dw, shift, x + 5 &* stride, &c5)
+                    accumulate(q, dw, shift, x + 6 &* stride, &c6)
+                    accumulate(q, dw, shift, x + 7 &* stride, &c7)
+                }
+                store(c0, t, g); store(c1, t &+ 1, g); store(c2, t &+ 2, g); store(c3, t &+ 3, g)
+                store(c4, t &+ 4, g); store(c5, t &+ 5, g); store(c6, t &+ 6, g); store(c7, t &+ 7, g)
+            }
+            t &+= 8
+        }
+        while t < tokens {
+            let at = a + t &* stride
+            for g in groups {
+                let wg = w + g &* blocks &* gb
+                var c = _mm256_setzero_ps()
+                for b in 0..<blocks {
+                    let p = wg + b &* gb
+                    accumulate(G.unpack(p + 16), _mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), shift, at + b &* 40, &c)
+                }
+                store(c, t, g)
+            }
+            t &+= 1
+        }
+    }
+}
+
+extension RowGroupKernels {
+    @inline(__always) @inlinable
+    static func store(_ acc: __m256, _ t: Int, _ g: Int, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
+        let o = 8 &* g
+        let v = bias.map { _mm256_add_ps(acc, UnsafeRawPointer($0 + o).loadUnaligned(as: __m256.self)) } ?? acc
+        let out: UnsafeMutablePointer<Float> = y + (t &* ldy &+ o)
+        UnsafeMutableRawPointer(out).storeBytes(of: v, as: __m256.self)
+    }
+
+    /// Sub-block j of a Q4_K group block: its eight vectors of values (unsigned nibbles).
+    @inline(__always) @inlinable
+    static func q4_KValues(_ p: UnsafeRawPointer, _ j: Int) -> Int8Kernels.Vectors8 {
+        let base = p + (224 &+ 256 &* (j >> 1)), low = Int8Kernels.lowNibbles
+        @inline(__always) func v(_ u: Int) -> __m256i {
+            let raw = base.loadUnaligned(fromByteOffset: 32 &* u, as: __m256i.self)
+            return _mm256_and_si256(j & 1 == 0 ? raw : _mm256_srli_epi16(raw, 4), low)
+        }
+        return (v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7))
+    }
+
+    /// One token's integer sum over sub-block j (activations at x, a 256-value block), times
+    /// each row's scale, added to `total`.
+    @inline(__always) @inlinable
+    static func q4_KSubBlock(_ q: Int8Kernels.Vectors8, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int, _ total: inout __m256i) {
+        let xj = x + (36 &+ 32 &* j)
+        @inline(__always) func b(_ u: Int) -> __m256i { _mm256_set1_epi32(xj.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self)) }
+        var s = VNNIDot.dpbusd(_mm256_setzero_si256(), q.0, b(0))
+        s = VNNIDot.dpbusd(s, q.1, b(1))
+        s = VNNIDot.dpbusd(s, q.2, b(2))
+        s = VNNIDot.dpbusd(s, q.3, b(3))
+        s = VNNIDot.dpbusd(s, q.4, b(4))
+        s = VNNIDot.dpbusd(s, q.5, b(5))
+        s = VNNIDot.dpbusd(s, q.6, b(6))
+        s = VNNIDot.dpbusd(s, q.7, b(7))
+        total = _mm256_add_epi32(total, _mm256_mullo_epi32(s, scales))
+    }
+
+    /// A token's block done: d times its scaled sums less dmin times the mins times the
+    /// activations' sub-block sums, each times the token's scale.
+    @inline(__always) @inlinable
+    static func q4_KFinish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256) {
+        @inline(__always) func m(_ i: Int) -> __m256i {
+            _mm256_madd_epi16(p.loadUnaligned(fromByteOffset: 96 &+ 32 &* i, as: __m256i.self),
+                              _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &+ 4 &* i, as: Int32.self)))
+        }
+        let mins = _mm256_add_epi32(_mm256_add_epi32(m(0), m(1)), _mm256_add_epi32(m(2), m(3)))
+        let dy = _mm256_set1_ps(x.load(as: Float.self))
+        let d = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), dy)
+        let dmin = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(fromByteOffset: 16, as: __m128i.self)), dy)
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), d, acc)
+        acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), dmin, acc)
+    }
+
+    @inline(__always) @inlinable
+    static func q4_KScales(_ p: UnsafeRawPointer, _ j: Int) -> __m256i {
+        _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(p.loadUnaligned(fromByteOffset: 32 &+ 8 &* j, as: Int64.self)))
+    }
+
+    @inlinable @inline(never)
+    static func q4_K(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
+                     _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
+        let blocks = k / 256, gb = 1248, xb = 292
+        var t = 0
+        // Eight tokens at a time, sub-block by sub-block: its values are unpacked once for all eight.
+        while t &+ 8 <= tokens {
+            let a0 = a + t &* stride
+            for g in groups {
+                let wg = w + g &* blocks &* gb
+                var c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0
+                for b in 0..<blocks {
+                    let p = wg + b &* gb, x = a0 + b &* xb
+                    var s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0
+                    for j in 0..<8 {
+                        let q = q4_KValues(p, j), sc = q4_KScales(p, j)
+                        q4_KSubBlock(q, sc, x, j, &s0)
+                        q4_KSubBlock(q, sc, x + stride, j, &s1)
+                        q4_KSubBlock(q, sc, x + 2 &* stride, j, &s2)
+                        q4_KSubBlock(q, sc, x + 3 &* stride, j, &s3)
+                        q4_KSubBlock(q, sc, x + 4 &* stride, j, &s4)
+                        q4_KSubBlock(q, sc, x + 5 &* stride, j, &s5)
+                        q4_KSubBlock(q, sc, x + 6 &* stride, j, &s6)
+                        q4_KSubBlock(q, sc, x + 7 &* stride, j, &s7)
+                    }
+                    q4_KFinish(p, s0, x, &c0)
+                    q4_KFinish(p, s1, x + stride, &c1)
+                    q4_KFinish(p, s2, x + 2 &* stride, &c2)
+                    q4_KFinish(p, s3, x + 3 &* stride, &c3)
+                    q4_KFinish(p, s4, x + 4 &* stride, &c4)
+                    q4_KFinish(p, s5, x + 5 &* stride, &c5)
+                    q4_KFinish(p, s6, x + 6 &* stride, &c6)
+                    q4_KFinish(p, s7, x + 7 &* stride, &c7)
+                }
+                store(c0, t, g, bias, y, ldy); store(c1, t &+ 1, g, bias, y, ldy)
+                store(c2, t &+ 2, g, bias, y, ldy); store(c3, t &+ 3, g, bias, y, ldy)
+                store(c4, t &+ 4, g, bias, y, ldy); store(c5, t &+ 5, g, bias, y, ldy)
+                store(c6, t &+ 6, g, bias, y, ldy); store(c7, t &+ 7, g, bias, y, ldy)
+            }
+            t &+= 8
+        }
+        while t < tokens {
+            let at = a + t &* stride
+            for g in groups {
+                let wg = w + g &* blocks &* gb
+                var c = _mm256_setzero_ps()
+                for b in 0..<blocks {
+                    let p = wg + b &* gb, x = at + b &* xb
+                    var s = _mm256_setzero_si256()
+                    for j in 0..<8 { q4_KSubBlock(q4_KValues(p, j), q4_KScales(p, j), x, j, &s) }
+                    q4_KFinish(p, s, x, &c)
+                }
+                store(c, t, g, bias, y, ldy)
+            }
+            t &+= 1
+        }
+    }
+}
+
+/// A row-group block's values as unsigned bytes: eight vectors, vector c holding values
+/// 4c..<4c+4 of each row in its dword.
+public protocol RowGroupBlock {
+    static var bytes: Int { get }
+    static var shift: Int32 { get }
+    static func unpack(_ p: UnsafeRawPointer) -> Int8Kernels.Vectors8
+}
+
+public enum Q8_0Group: RowGroupBlock {
+    @inlinable public static var bytes: Int { 272 }
+    @inlinable public static var shift: Int32 { 7 }
+    @inline(__always) @inlinable public static func unpack(_ p: UnsafeRawPointer) -> Int8Kernels.Vectors8 {
+        @inline(__always) func v(_ c: Int) -> __m256i { p.loadUnaligned(fromByteOffset: 32 &* c, as: __m256i.self) }
+        return (v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7))
+    }
+}
+
+/// Nibble bytes: vector j's low nibbles are values 4j..<4j+4, its high nibbles 16+4j..<16+4j+4.
+@inline(__always) @inlinable
+func nibbleVectors(_ p: UnsafeRawPointer, _ map: (__m256i) -> __m256i) -> Int8Kernels.Vectors8 {
+    let low = Int8Kernels.lowNibbles
+    @inline(__always) func v(_ j: Int) -> __m256i { p.loadUnaligned(fromByteOffset: 32 &* j, as: __m256i.self) }
+    let v0 = v(0), v1 = v(1), v2 = v(2), v3 = v(3)
+    @inline(__always) func lo(_ x: __m256i) -> __m256i { map(_mm256_and_si256(x, low)) }
+    @inline(__always) func hi(_ x: __m256i) -> __m256i { map(_mm256_and_si256(_mm256_srli_epi16(x, 4), low)) }
+    return (lo(v0), lo(v1), lo(v2), lo(v3), hi(v0), hi(v1), hi(v2), hi(v3))
+}
+
+public enum Q4_0Group: RowGroupBlock {
+    @inlinable public static var bytes: Int { 144 }
+    @inlinable public static var shift: Int32 { 3 }
+    @inline(__always) @inlinable public static func unpack(_ p: UnsafeRawPointer) -> Int8Kernels.Vectors8 {
+        nibbleVectors(p) { $0 }
+    }
+}
+
+public enum IQ4_NLGroup: RowGroupBlock {
+    @inlinable public static var bytes: Int { 144 }
+    @inlinable public static var shift: Int32 { 7 }
+    @inline(__always) @inlinable public static func unpack(_ p: UnsafeRawPointer) -> Int8Kernels.Vectors8 {
+        // The levels plus 128: the table's signed bytes with their top bit flipped.
+        let table = _mm256_xor_si256(IQ4.table, _mm256_set1_epi8(-128))
+        return nibbleVectors(p) { _mm256_shuffle_epi8(table, $0) }
+    }
+}
+#endif
