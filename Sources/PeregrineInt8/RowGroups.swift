@@ -22,23 +22,36 @@
 /// 2p and 2p + 1 in its dword r; then 32 vectors of nibble bytes (at 224), vector 8c + u holding
 /// row r's bytes 32c + 4u..<32c + 4u + 4 as stored, whose low nibbles are values 4u..<4u + 4 of
 /// sub-block 2c and high nibbles those of sub-block 2c + 1.
+///
+/// Q6_K (256 values, 16 sub-blocks of 16 with signed 8-bit scales, 6-bit values offset by 32): a
+/// group's block holds the rows' d (f16, bytes 0..<16); their scales as int16 pairs, vector p (at
+/// 16 + 32p) holding row r's scales of sub-blocks 2p and 2p + 1 in dword r; then per sub-block s
+/// two vectors of low nibbles (at 272 + 64s), vector h's byte b of row r holding value 4h + b of
+/// the sub-block in its low nibble and value 8 + 4h + b in its high one; then per sub-block one
+/// vector of top bits (at 1296 + 32s), byte b of row r holding value 4k + b's two top bits at
+/// bits 2k, 2k + 1 for k = 0...3.
 public enum RowGroups {
     /// Rows per group.
     @inlinable public static var rows: Int { 8 }
 
     /// The types with a row-group layout.
     @inlinable public static func supports(_ type: Int8WeightType) -> Bool {
-        type == .q8_0 || type == .q4_0 || type == .iq4_nl || type == .q4_K
+        type == .q8_0 || type == .q4_0 || type == .iq4_nl || type == .q4_K || type == .q6_K
     }
 
+    /// Whether the type's kernel takes activations with integer sums (`quantizeActivations`'
+    /// `integerSums`); Q6_K takes the sums of each 16 of the usual layout.
+    @inlinable public static func integerSums(_ type: Int8WeightType) -> Bool { type != .q6_K }
+
     /// Values per row in one block.
-    @inlinable public static func blockValues(_ type: Int8WeightType) -> Int { type == .q4_K ? 256 : 32 }
+    @inlinable public static func blockValues(_ type: Int8WeightType) -> Int { type == .q4_K || type == .q6_K ? 256 : 32 }
 
     /// Bytes of one group's block of 32 values per row.
     @inlinable public static func blockBytes(_ type: Int8WeightType) -> Int {
         switch type {
         case .q8_0: return 16 + 256
         case .q4_K: return 32 + 64 + 128 + 1024
+        case .q6_K: return 16 + 256 + 1024 + 512
         default: return 16 + 128
         }
     }
@@ -57,6 +70,7 @@ public enum RowGroups {
                               into dst: UnsafeMutableRawPointer) {
         precondition(supports(type), "no row-group layout for \(type)")
         if type == .q4_K { return repackQ4_K(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
+        if type == .q6_K { return repackQ6_K(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
         let blocks = k / 32, gb = blockBytes(type), srcBlock = type == .q8_0 ? 34 : 18
         for g in groups {
             for b in 0..<blocks {
@@ -99,6 +113,47 @@ public enum RowGroups {
                     for v in 0..<32 {
                         let q = block.loadUnaligned(fromByteOffset: 16 &+ 4 &* v, as: UInt32.self)
                         out.storeBytes(of: q, toByteOffset: 224 &+ 32 &* v &+ 4 &* r, as: UInt32.self)
+                    }
+                }
+            }
+        }
+    }
+
+    static func repackQ6_K(_ src: UnsafeRawPointer, rowBytes: Int, k: Int, groups: Range<Int>, into dst: UnsafeMutableRawPointer) {
+        let blocks = k / 256, gb = blockBytes(.q6_K)
+        var q = [UInt8](repeating: 0, count: 256)
+        for g in groups {
+            for b in 0..<blocks {
+                let out = dst + (g &* blocks &+ b) &* gb
+                for r in 0..<8 {
+                    let row: Int = (g &* 8 &+ r) &* rowBytes
+                    let block: UnsafeRawPointer = src + (row &+ b &* 210)
+                    // The 6-bit values in order (ggml's layout: low nibbles in ql, top bits in qh).
+                    for half in 0..<2 {
+                        let ql = block + 64 &* half, qh = block + (128 &+ 32 &* half)
+                        for l in 0..<32 {
+                            let lo0 = ql.load(fromByteOffset: l, as: UInt8.self), lo1 = ql.load(fromByteOffset: l &+ 32, as: UInt8.self)
+                            let h = qh.load(fromByteOffset: l, as: UInt8.self)
+                            let e = 128 &* half &+ l
+                            q[e] = (lo0 & 0xF) | (h & 3) << 4
+                            q[e &+ 32] = (lo1 & 0xF) | ((h >> 2) & 3) << 4
+                            q[e &+ 64] = (lo0 >> 4) | ((h >> 4) & 3) << 4
+                            q[e &+ 96] = (lo1 >> 4) | ((h >> 6) & 3) << 4
+                        }
+                    }
+                    out.storeBytes(of: block.loadUnaligned(fromByteOffset: 208, as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
+                    for s in 0..<16 {
+                        let scale = Int16(block.load(fromByteOffset: 192 &+ s, as: Int8.self))
+                        out.storeBytes(of: scale, toByteOffset: 16 &+ 32 &* (s >> 1) &+ 4 &* r &+ 2 &* (s & 1), as: Int16.self)
+                        for byte in 0..<4 {
+                            for h in 0..<2 {
+                                let v = q[16 &* s &+ 4 &* h &+ byte] & 0xF | (q[16 &* s &+ 8 &+ 4 &* h &+ byte] & 0xF) << 4
+                                out.storeBytes(of: v, toByteOffset: 272 &+ 64 &* s &+ 32 &* h &+ 4 &* r &+ byte, as: UInt8.self)
+                            }
+                            var top: UInt8 = 0
+                            for c in 0..<4 { top |= (q[16 &* s &+ 4 &* c &+ byte] >> 4) << (2 &* c) }
+                            out.storeBytes(of: top, toByteOffset: 1296 &+ 32 &* s &+ 4 &* r &+ byte, as: UInt8.self)
+                        }
                     }
                 }
             }

@@ -157,7 +157,7 @@ extension QuantKernelTests {
         var rng = SplitMix(seed: 23)
         let k = 3 * 256, rows = 24, tokens = 13
         let pool = ThreadPool(threadCount: 2)
-        for type in [DType.q8_0, .q4_0, .iq4_nl, .q4_K] {
+        for type in [DType.q8_0, .q4_0, .iq4_nl, .q4_K, .q6_K] {
             let w = (0..<rows).flatMap { _ in randomRow(type, blocks: k / type.blockSize, rng: &rng) }
             let x = (0..<(tokens * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
             let bias = (0..<rows).map { Float($0) / 100 - 0.1 }
@@ -176,8 +176,17 @@ extension QuantKernelTests {
                     XCTAssertEqual(Array(got[(t * rows)..<((t + 1) * rows)]), one, "\(type): token \(t) alone")
                 }
             }
-            for i in 0..<(tokens * rows) {
-                XCTAssertEqual(got[i], expected[i], accuracy: 1e-5 * max(1, abs(expected[i])), "\(type): token \(i / rows) row \(i % rows)")
+            // Float rounding of a different order of the same sums: within a millionth of the
+            // products' magnitudes (a wrong value, scale or offset would miss by orders more).
+            let rowBytes = type.byteCount(elements: k)
+            for o in 0..<rows {
+                var wf = [Float](repeating: 0, count: k)
+                w.withUnsafeBytes { type.dequantize($0.baseAddress! + o * rowBytes, count: k, into: &wf) }
+                for t in 0..<tokens {
+                    let magnitude = (0..<k).reduce(0.0) { $0 + abs(Double(wf[$1]) * Double(x[t * k + $1])) }
+                    XCTAssertEqual(Double(got[t * rows + o]), Double(expected[t * rows + o]), accuracy: 1e-6 * magnitude + 1e-6,
+                                   "\(type): token \(t) row \(o)")
+                }
             }
         }
     }

@@ -66,12 +66,12 @@ extension CPUKernels {
                                 y: UnsafeMutablePointer<Float>, scratch: UnsafeMutableRawPointer, pool: ThreadPool) {
         #if arch(x86_64)
         let k = m.cols, kind = m.kind
-        let stride = Int8Kernels.activationBytes(kind, k: k)
+        let stride = Int8Kernels.activationBytes(kind, k: k), sums = RowGroups.integerSums(kind)
         if tokens == 1 {
-            Int8Kernels.quantizeActivations(kind, x, k: k, into: scratch, integerSums: true)
+            Int8Kernels.quantizeActivations(kind, x, k: k, into: scratch, integerSums: sums)
         } else {
             pool.parallelFor(tokens) { t in
-                Int8Kernels.quantizeActivations(kind, x + t &* k, k: k, into: scratch + t &* stride, integerSums: true)
+                Int8Kernels.quantizeActivations(kind, x + t &* k, k: k, into: scratch + t &* stride, integerSums: sums)
             }
         }
         let outDim = m.rows, w = UnsafeRawPointer(m.bytes)
