@@ -21,7 +21,9 @@
 /// 32 + 8j; their mins as int16 pairs, vector p (at 96 + 32p) holding row r's mins of sub-blocks
 /// 2p and 2p + 1 in its dword r; then 32 vectors of nibble bytes (at 224), vector 8c + u holding
 /// row r's bytes 32c + 4u..<32c + 4u + 4 as stored, whose low nibbles are values 4u..<4u + 4 of
-/// sub-block 2c and high nibbles those of sub-block 2c + 1.
+/// sub-block 2c and high nibbles those of sub-block 2c + 1. Q5_K's blocks are Q4_K's followed by
+/// eight vectors of fifth bits (at 1248), vector j's byte b of row r holding at bit u the fifth
+/// bit of value 4u + b of sub-block j.
 ///
 /// Q6_K (256 values, 16 sub-blocks of 16 with signed 8-bit scales, 6-bit values offset by 32): a
 /// group's block holds the rows' d (f16, bytes 0..<16); their scales as int16 pairs, vector p (at
@@ -36,7 +38,7 @@ public enum RowGroups {
 
     /// The types with a row-group layout.
     @inlinable public static func supports(_ type: Int8WeightType) -> Bool {
-        type == .q8_0 || type == .q4_0 || type == .iq4_nl || type == .q4_K || type == .q6_K
+        type == .q8_0 || type == .q4_0 || type == .iq4_nl || type == .q4_K || type == .q5_K || type == .q6_K
     }
 
     /// Whether the type's kernel takes activations with integer sums (`quantizeActivations`'
@@ -44,13 +46,14 @@ public enum RowGroups {
     @inlinable public static func integerSums(_ type: Int8WeightType) -> Bool { type != .q6_K }
 
     /// Values per row in one block.
-    @inlinable public static func blockValues(_ type: Int8WeightType) -> Int { type == .q4_K || type == .q6_K ? 256 : 32 }
+    @inlinable public static func blockValues(_ type: Int8WeightType) -> Int { type.superBlocks ? 256 : 32 }
 
     /// Bytes of one group's block of 32 values per row.
     @inlinable public static func blockBytes(_ type: Int8WeightType) -> Int {
         switch type {
         case .q8_0: return 16 + 256
         case .q4_K: return 32 + 64 + 128 + 1024
+        case .q5_K: return 32 + 64 + 128 + 1024 + 256
         case .q6_K: return 16 + 256 + 1024 + 512
         default: return 16 + 128
         }
@@ -69,7 +72,7 @@ public enum RowGroups {
     public static func repack(_ type: Int8WeightType, _ src: UnsafeRawPointer, rowBytes: Int, k: Int, groups: Range<Int>,
                               into dst: UnsafeMutableRawPointer) {
         precondition(supports(type), "no row-group layout for \(type)")
-        if type == .q4_K { return repackQ4_K(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
+        if type == .q4_K || type == .q5_K { return repackQ4_K(src, five: type == .q5_K, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
         if type == .q6_K { return repackQ6_K(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
         let blocks = k / 32, gb = blockBytes(type), srcBlock = type == .q8_0 ? 34 : 18
         for g in groups {
@@ -95,14 +98,16 @@ public enum RowGroups {
         }
     }
 
-    static func repackQ4_K(_ src: UnsafeRawPointer, rowBytes: Int, k: Int, groups: Range<Int>, into dst: UnsafeMutableRawPointer) {
-        let blocks = k / 256, gb = blockBytes(.q4_K)
+    /// Q4_K, or Q5_K (`five`: 32 bytes of fifth bits between the scales and the nibbles, bit j
+    /// of byte l being value l's of sub-block j).
+    static func repackQ4_K(_ src: UnsafeRawPointer, five: Bool, rowBytes: Int, k: Int, groups: Range<Int>, into dst: UnsafeMutableRawPointer) {
+        let blocks = k / 256, gb = blockBytes(five ? .q5_K : .q4_K), srcBytes = five ? 176 : 144, qs = five ? 48 : 16
         for g in groups {
             for b in 0..<blocks {
                 let out = dst + (g &* blocks &+ b) &* gb
                 for r in 0..<8 {
                     let row: Int = (g &* 8 &+ r) &* rowBytes
-                    let block: UnsafeRawPointer = src + (row &+ b &* 144)
+                    let block: UnsafeRawPointer = src + (row &+ b &* srcBytes)
                     out.storeBytes(of: block.loadUnaligned(as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
                     out.storeBytes(of: block.loadUnaligned(fromByteOffset: 2, as: UInt16.self), toByteOffset: 16 &+ 2 &* r, as: UInt16.self)
                     for j in 0..<8 {
@@ -111,8 +116,20 @@ public enum RowGroups {
                         out.storeBytes(of: Int16(min), toByteOffset: 96 &+ 32 &* (j >> 1) &+ 4 &* r &+ 2 &* (j & 1), as: Int16.self)
                     }
                     for v in 0..<32 {
-                        let q = block.loadUnaligned(fromByteOffset: 16 &+ 4 &* v, as: UInt32.self)
+                        let q = block.loadUnaligned(fromByteOffset: qs &+ 4 &* v, as: UInt32.self)
                         out.storeBytes(of: q, toByteOffset: 224 &+ 32 &* v &+ 4 &* r, as: UInt32.self)
+                    }
+                    if five {
+                        for j in 0..<8 {
+                            for byte in 0..<4 {
+                                var bits: UInt8 = 0
+                                for u in 0..<8 {
+                                    let qh = block.load(fromByteOffset: 16 &+ 4 &* u &+ byte, as: UInt8.self)
+                                    bits |= ((qh >> UInt8(j)) & 1) << UInt8(u)
+                                }
+                                out.storeBytes(of: bits, toByteOffset: 1248 &+ 32 &* j &+ 4 &* r &+ byte, as: UInt8.self)
+                            }
+                        }
                     }
                 }
             }

@@ -25,6 +25,7 @@ public enum RowGroupKernels {
             case .q4_0: tile(Q4_0Group.self, w, k, a, stride, tokens, part, bias, y, ldy)
             case .iq4_nl: tile(IQ4_NLGroup.self, w, k, a, stride, tokens, part, bias, y, ldy)
             case .q4_K: q4_K(w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q5_K: q5_K(w, k, a, stride, tokens, part, bias, y, ldy)
             case .q6_K: q6_K(w, k, a, stride, tokens, part, bias, y, ldy)
             default: preconditionFailure("no row-group kernel for \(type)")
             }
@@ -111,13 +112,20 @@ extension RowGroupKernels {
         UnsafeMutableRawPointer(out).storeBytes(of: v, as: __m256.self)
     }
 
-    /// Sub-block j of a Q4_K group block: its eight vectors of values (unsigned nibbles).
+    /// Sub-block j of a Q4_K (or Q5_K, `five`) group block: its eight vectors of values
+    /// (unsigned nibbles, with Q5_K's fifth bits from the vector at 1248 + 32j: bit u of byte b
+    /// of row r is value 4u + b's).
     @inline(__always) @inlinable
-    static func q4_KValues(_ p: UnsafeRawPointer, _ j: Int) -> Int8Kernels.Vectors8 {
-        let base = p + (224 &+ 256 &* (j >> 1)), low = Int8Kernels.lowNibbles
+    static func q4_KValues(_ p: UnsafeRawPointer, _ j: Int, five: Bool) -> Int8Kernels.Vectors8 {
+        let base = p + (224 &+ 256 &* (j >> 1)), low = Int8Kernels.lowNibbles, bit = _mm256_set1_epi8(0x10)
+        let h = five ? p.loadUnaligned(fromByteOffset: 1248 &+ 32 &* j, as: __m256i.self) : _mm256_setzero_si256()
         @inline(__always) func v(_ u: Int) -> __m256i {
             let raw = base.loadUnaligned(fromByteOffset: 32 &* u, as: __m256i.self)
-            return _mm256_and_si256(j & 1 == 0 ? raw : _mm256_srli_epi16(raw, 4), low)
+            let q = _mm256_and_si256(j & 1 == 0 ? raw : _mm256_srli_epi16(raw, 4), low)
+            guard five else { return q }
+            // Bit u to bit 4 of each byte (16-bit shifts: what crosses a byte is masked away).
+            let top = u <= 4 ? _mm256_slli_epi16(h, Int32(4 &- u)) : _mm256_srli_epi16(h, Int32(u &- 4))
+            return _mm256_or_si256(q, _mm256_and_si256(top, bit))
         }
         return (v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7))
     }
@@ -163,7 +171,20 @@ extension RowGroupKernels {
     @inlinable @inline(never)
     static func q4_K(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
                      _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
-        let blocks = k / 256, gb = 1248, xb = 292
+        kQuant(w, k, a, stride, tokens, groups, bias, y, ldy, five: false)
+    }
+
+    @inlinable @inline(never)
+    static func q5_K(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
+                     _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
+        kQuant(w, k, a, stride, tokens, groups, bias, y, ldy, five: true)
+    }
+
+    /// Q4_K or Q5_K (`five`, a constant in each caller, so each gets its own loop).
+    @inlinable @inline(__always)
+    static func kQuant(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
+                       _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int, five: Bool) {
+        let blocks = k / 256, gb = five ? 1504 : 1248, xb = 292
         var t = 0
         // Eight tokens at a time, sub-block by sub-block: its values are unpacked once for all eight.
         while t &+ 8 <= tokens {
@@ -175,7 +196,7 @@ extension RowGroupKernels {
                     let p = wg + b &* gb, x = a0 + b &* xb
                     var s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0
                     for j in 0..<8 {
-                        let q = q4_KValues(p, j), sc = q4_KScales(p, j)
+                        let q = q4_KValues(p, j, five: five), sc = q4_KScales(p, j)
                         q4_KSubBlock(q, sc, x, j, &s0)
                         q4_KSubBlock(q, sc, x + stride, j, &s1)
                         q4_KSubBlock(q, sc, x + 2 &* stride, j, &s2)
@@ -210,7 +231,7 @@ extension RowGroupKernels {
                     let p = wg + b &* gb, x = at + b &* xb
                     var s = _mm256_setzero_si256()
                     for j in 0..<8 {
-                        q4_KSubBlock(q4_KValues(p, j), q4_KScales(p, j), x, j, &s)
+                        q4_KSubBlock(q4_KValues(p, j, five: five), q4_KScales(p, j), x, j, &s)
                     }
                     q4_KFinish(p, s, x, &c)
                 }
