@@ -1,4 +1,4 @@
-/// Weights of the 32-value types repacked at load into groups of eight rows, the layout of the
+/// Weights of the block types repacked at load into groups of eight rows, the layout of the
 /// row-group kernels (PeregrineVNNI's `RowGroupKernels`). In the layout as stored, a product
 /// pays its per-block work (the sign trick of an unsigned-by-signed multiply, the int-to-float
 /// conversion, the scale) for every row and token; with eight rows side by side, one 32-bit lane
@@ -25,6 +25,12 @@
 /// eight vectors of fifth bits (at 1248), vector j's byte b of row r holding at bit u the fifth
 /// bit of value 4u + b of sub-block j.
 ///
+/// IQ4_XS (256 values, eight sub-blocks of 32 with signed 6-bit scales): a group's block holds
+/// the rows' d (f16, bytes 0..<16); their sub-block scales as signed bytes, sub-block j's eight
+/// at 16 + 8j; then per sub-block four vectors of nibble bytes (at 80 + 128j), vector u's dword
+/// r holding row r's bytes 4u..<4u + 4 of the sub-block as stored (low nibbles: values
+/// 4u..<4u + 4, high nibbles: 16 + 4u..<16 + 4u + 4). The kernel looks the levels up plus 128.
+///
 /// Q6_K (256 values, 16 sub-blocks of 16 with signed 8-bit scales, 6-bit values offset by 32): a
 /// group's block holds the rows' d (f16, bytes 0..<16); their scales as int16 pairs, vector p (at
 /// 16 + 32p) holding row r's scales of sub-blocks 2p and 2p + 1 in dword r; then per sub-block s
@@ -38,7 +44,7 @@ public enum RowGroups {
 
     /// The types with a row-group layout.
     @inlinable public static func supports(_ type: Int8WeightType) -> Bool {
-        type == .q8_0 || type == .q4_0 || type == .iq4_nl || type == .q4_K || type == .q5_K || type == .q6_K
+        type == .q8_0 || type == .q4_0 || type == .iq4_nl || type == .q4_K || type == .q5_K || type == .q6_K || type == .iq4_xs
     }
 
     /// Whether the type's kernel takes activations with integer sums (`quantizeActivations`'
@@ -55,6 +61,7 @@ public enum RowGroups {
         case .q4_K: return 32 + 64 + 128 + 1024
         case .q5_K: return 32 + 64 + 128 + 1024 + 256
         case .q6_K: return 16 + 256 + 1024 + 512
+        case .iq4_xs: return 16 + 64 + 1024
         default: return 16 + 128
         }
     }
@@ -74,6 +81,7 @@ public enum RowGroups {
         precondition(supports(type), "no row-group layout for \(type)")
         if type == .q4_K || type == .q5_K { return repackQ4_K(src, five: type == .q5_K, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
         if type == .q6_K { return repackQ6_K(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
+        if type == .iq4_xs { return repackIQ4_XS(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
         let blocks = k / 32, gb = blockBytes(type), srcBlock = type == .q8_0 ? 34 : 18
         for g in groups {
             for b in 0..<blocks {
@@ -170,6 +178,27 @@ public enum RowGroups {
                             var top: UInt8 = 0
                             for c in 0..<4 { top |= (q[16 &* s &+ 4 &* c &+ byte] >> 4) << (2 &* c) }
                             out.storeBytes(of: top, toByteOffset: 1296 &+ 32 &* s &+ 4 &* r &+ byte, as: UInt8.self)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    static func repackIQ4_XS(_ src: UnsafeRawPointer, rowBytes: Int, k: Int, groups: Range<Int>, into dst: UnsafeMutableRawPointer) {
+        let blocks = k / 256, gb = blockBytes(.iq4_xs)
+        for g in groups {
+            for b in 0..<blocks {
+                let out = dst + (g &* blocks &+ b) &* gb
+                for r in 0..<8 {
+                    let row: Int = (g &* 8 &+ r) &* rowBytes
+                    let block: UnsafeRawPointer = src + (row &+ b &* 136)
+                    out.storeBytes(of: block.loadUnaligned(as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
+                    for j in 0..<8 {
+                        out.storeBytes(of: Int8(IQ4.subScale(block, j)), toByteOffset: 16 &+ 8 &* j &+ r, as: Int8.self)
+                        for u in 0..<4 {
+                            let q = block.loadUnaligned(fromByteOffset: 8 &+ 16 &* j &+ 4 &* u, as: UInt32.self)
+                            out.storeBytes(of: q, toByteOffset: 80 &+ 128 &* j &+ 32 &* u &+ 4 &* r, as: UInt32.self)
                         }
                     }
                 }

@@ -27,6 +27,7 @@ public enum RowGroupKernels {
             case .q4_K: q4_K(w, k, a, stride, tokens, part, bias, y, ldy)
             case .q5_K: q5_K(w, k, a, stride, tokens, part, bias, y, ldy)
             case .q6_K: q6_K(w, k, a, stride, tokens, part, bias, y, ldy)
+            case .iq4_xs: iq4_xs(w, k, a, stride, tokens, part, bias, y, ldy)
             default: preconditionFailure("no row-group kernel for \(type)")
             }
             g = part.upperBound
@@ -354,6 +355,99 @@ extension RowGroupKernels {
                         q6_KSubBlock(q6_KValues(p, sb), q6_KScales(p, sb), x, sb, &s)
                     }
                     q6_KFinish(p, s, x, &c)
+                }
+                store(c, t, g, bias, y, ldy)
+            }
+            t &+= 1
+        }
+    }
+}
+
+extension RowGroupKernels {
+    /// One token's sum over IQ4_XS sub-block j: the levels plus 128 against the activations,
+    /// less 128 times their 32-value sum, times each row's scale.
+    @inline(__always) @inlinable
+    static func iq4_xsSubBlock(_ q: Int8Kernels.Vectors8, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int, _ total: inout __m256i) {
+        let xj = x + (36 &+ 32 &* j)
+        @inline(__always) func b(_ u: Int) -> __m256i { _mm256_set1_epi32(xj.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self)) }
+        var s = VNNIDot.dpbusd(_mm256_setzero_si256(), q.0, b(0))
+        s = VNNIDot.dpbusd(s, q.1, b(1))
+        s = VNNIDot.dpbusd(s, q.2, b(2))
+        s = VNNIDot.dpbusd(s, q.3, b(3))
+        s = VNNIDot.dpbusd(s, q.4, b(4))
+        s = VNNIDot.dpbusd(s, q.5, b(5))
+        s = VNNIDot.dpbusd(s, q.6, b(6))
+        s = VNNIDot.dpbusd(s, q.7, b(7))
+        let offset = _mm256_set1_epi32(Int32(x.load(fromByteOffset: 4 &+ 2 &* j, as: Int16.self)) << 7)
+        total = _mm256_add_epi32(total, _mm256_mullo_epi32(_mm256_sub_epi32(s, offset), scales))
+    }
+
+    @inline(__always) @inlinable
+    static func iq4_xsFinish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256) {
+        let d = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), _mm256_set1_ps(x.load(as: Float.self)))
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), d, acc)
+    }
+
+    @inline(__always) @inlinable
+    static func iq4_xsScales(_ p: UnsafeRawPointer, _ j: Int) -> __m256i {
+        _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(p.loadUnaligned(fromByteOffset: 16 &+ 8 &* j, as: Int64.self)))
+    }
+
+    @inline(__always) @inlinable
+    static func iq4_xsValues(_ p: UnsafeRawPointer, _ j: Int) -> Int8Kernels.Vectors8 {
+        IQ4_NLGroup.unpack(p + (80 &+ 128 &* j))
+    }
+
+    @inlinable @inline(never)
+    static func iq4_xs(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
+                       _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
+        let blocks = k / 256, gb = 1104, xb = 292
+        var t = 0
+        while t &+ 8 <= tokens {
+            let a0 = a + t &* stride
+            for g in groups {
+                let wg = w + g &* blocks &* gb
+                var c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0
+                for b in 0..<blocks {
+                    let p = wg + b &* gb, x = a0 + b &* xb
+                    var s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0
+                    for j in 0..<8 {
+                        let q = iq4_xsValues(p, j), sc = iq4_xsScales(p, j)
+                        iq4_xsSubBlock(q, sc, x, j, &s0)
+                        iq4_xsSubBlock(q, sc, x + stride, j, &s1)
+                        iq4_xsSubBlock(q, sc, x + 2 &* stride, j, &s2)
+                        iq4_xsSubBlock(q, sc, x + 3 &* stride, j, &s3)
+                        iq4_xsSubBlock(q, sc, x + 4 &* stride, j, &s4)
+                        iq4_xsSubBlock(q, sc, x + 5 &* stride, j, &s5)
+                        iq4_xsSubBlock(q, sc, x + 6 &* stride, j, &s6)
+                        iq4_xsSubBlock(q, sc, x + 7 &* stride, j, &s7)
+                    }
+                    iq4_xsFinish(p, s0, x, &c0)
+                    iq4_xsFinish(p, s1, x + stride, &c1)
+                    iq4_xsFinish(p, s2, x + 2 &* stride, &c2)
+                    iq4_xsFinish(p, s3, x + 3 &* stride, &c3)
+                    iq4_xsFinish(p, s4, x + 4 &* stride, &c4)
+                    iq4_xsFinish(p, s5, x + 5 &* stride, &c5)
+                    iq4_xsFinish(p, s6, x + 6 &* stride, &c6)
+                    iq4_xsFinish(p, s7, x + 7 &* stride, &c7)
+                }
+                store(c0, t, g, bias, y, ldy); store(c1, t &+ 1, g, bias, y, ldy)
+                store(c2, t &+ 2, g, bias, y, ldy); store(c3, t &+ 3, g, bias, y, ldy)
+                store(c4, t &+ 4, g, bias, y, ldy); store(c5, t &+ 5, g, bias, y, ldy)
+                store(c6, t &+ 6, g, bias, y, ldy); store(c7, t &+ 7, g, bias, y, ldy)
+            }
+            t &+= 8
+        }
+        while t < tokens {
+            let at = a + t &* stride
+            for g in groups {
+                let wg = w + g &* blocks &* gb
+                var c = _mm256_setzero_ps()
+                for b in 0..<blocks {
+                    let p = wg + b &* gb, x = at + b &* xb
+                    var s = _mm256_setzero_si256()
+                    for j in 0..<8 { iq4_xsSubBlock(iq4_xsValues(p, j), iq4_xsScales(p, j), x, j, &s) }
+                    iq4_xsFinish(p, s, x, &c)
                 }
                 store(c, t, g, bias, y, ldy)
             }

@@ -447,7 +447,7 @@ extension Int8WeightType {
 }
 
 /// What the CPU offers beyond the AVX2/FMA baseline, read once from /proc/cpuinfo.
-/// A matrix of a 32-value type repacked at load in groups of eight rows (`RowGroups`) for the
+/// A matrix of a block type repacked at load in groups of eight rows (`RowGroups`) for the
 /// VNNI row-group kernels. Made only where the CPU has VNNI, the type has the layout and the
 /// rows divide into groups; PEREGRINE_NO_REPACK=1 keeps every matrix as stored.
 final class RowGroupMatrix: @unchecked Sendable {
