@@ -11,9 +11,11 @@
 /// - then the values as unsigned bytes in dwords, dword r of each 32-byte vector being row r's:
 ///   - Q8_0: eight vectors, vector c holding values 4c..<4c+4 plus 128 (the value xor 0x80);
 ///   - Q4_0 and IQ4_NL: four vectors, vector j holding the row's nibble bytes 4j..<4j+4 as
-///     stored, whose low nibbles are values 4j..<4j+4 and high nibbles values 16+4j..<16+4j+4.
+///     stored, whose low nibbles are values 4j..<4j+4 and high nibbles values 16+4j..<16+4j+4;
+///   - Q5_0: Q4_0's four vectors, then one of fifth bits, byte b of row r holding at bit u the
+///     fifth bit of value 4u + b.
 /// Each type's unsigned values are its signed values plus an offset (128 for Q8_0 and IQ4_NL's
-/// levels, 8 for Q4_0's nibbles) that the kernel takes back with the activations' integer sum,
+/// levels, 8 for Q4_0's nibbles, 16 for Q5_0's) that the kernel takes back with the activations' integer sum,
 /// so every block's integer product is exact and the same as the row kernels'.
 ///
 /// Q4_K has blocks of 256 values per row; a group's block holds the eight rows' d (f16, bytes
@@ -44,7 +46,7 @@ public enum RowGroups {
 
     /// The types with a row-group layout.
     @inlinable public static func supports(_ type: Int8WeightType) -> Bool {
-        type == .q8_0 || type == .q4_0 || type == .iq4_nl || type == .q4_K || type == .q5_K || type == .q6_K || type == .iq4_xs
+        type == .q8_0 || type == .q4_0 || type == .q5_0 || type == .iq4_nl || type == .q4_K || type == .q5_K || type == .q6_K || type == .iq4_xs
     }
 
     /// Whether the type's kernel takes activations with integer sums (`quantizeActivations`'
@@ -61,13 +63,11 @@ public enum RowGroups {
         case .q4_K: return 32 + 64 + 128 + 1024
         case .q5_K: return 32 + 64 + 128 + 1024 + 256
         case .q6_K: return 16 + 256 + 1024 + 512
+        case .q5_0: return 16 + 128 + 32
         case .iq4_xs: return 16 + 64 + 1024
         default: return 16 + 128
         }
     }
-
-    /// log2 of the offset between a type's unsigned values and its signed ones.
-    @inlinable public static func offsetShift(_ type: Int8WeightType) -> Int32 { type == .q4_0 ? 3 : 7 }
 
     /// Bytes of a matrix of `rows` (a multiple of 8) rows of `k` values in row groups.
     @inlinable public static func byteCount(_ type: Int8WeightType, rows: Int, k: Int) -> Int {
@@ -82,7 +82,8 @@ public enum RowGroups {
         if type == .q4_K || type == .q5_K { return repackQ4_K(src, five: type == .q5_K, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
         if type == .q6_K { return repackQ6_K(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
         if type == .iq4_xs { return repackIQ4_XS(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
-        let blocks = k / 32, gb = blockBytes(type), srcBlock = type == .q8_0 ? 34 : 18
+        let blocks = k / 32, gb = blockBytes(type), srcBlock = type == .q8_0 ? 34 : type == .q5_0 ? 22 : 18
+        let nibbles = type == .q5_0 ? 6 : 2
         for g in groups {
             for b in 0..<blocks {
                 let out = dst + (g &* blocks &+ b) &* gb
@@ -97,8 +98,16 @@ public enum RowGroups {
                         }
                     } else {
                         for j in 0..<4 {
-                            let v = block.loadUnaligned(fromByteOffset: 2 &+ 4 &* j, as: UInt32.self)
+                            let v = block.loadUnaligned(fromByteOffset: nibbles &+ 4 &* j, as: UInt32.self)
                             out.storeBytes(of: v, toByteOffset: 16 &+ 32 &* j &+ 4 &* r, as: UInt32.self)
+                        }
+                        if type == .q5_0 {
+                            let qh = block.loadUnaligned(fromByteOffset: 2, as: UInt32.self)
+                            for byte in 0..<4 {
+                                var bits: UInt8 = 0
+                                for u in 0..<8 { bits |= UInt8((qh >> UInt32(4 &* u &+ byte)) & 1) << UInt8(u) }
+                                out.storeBytes(of: bits, toByteOffset: 144 &+ 4 &* r &+ byte, as: UInt8.self)
+                            }
                         }
                     }
                 }

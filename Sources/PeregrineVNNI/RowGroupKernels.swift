@@ -24,6 +24,7 @@ public enum RowGroupKernels {
             case .q8_0: tile(Q8_0Group.self, w, k, a, stride, tokens, part, bias, y, ldy)
             case .q4_0: tile(Q4_0Group.self, w, k, a, stride, tokens, part, bias, y, ldy)
             case .iq4_nl: tile(IQ4_NLGroup.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q5_0: tile(Q5_0Group.self, w, k, a, stride, tokens, part, bias, y, ldy)
             case .q4_K: q4_K(w, k, a, stride, tokens, part, bias, y, ldy)
             case .q5_K: q5_K(w, k, a, stride, tokens, part, bias, y, ldy)
             case .q6_K: q6_K(w, k, a, stride, tokens, part, bias, y, ldy)
@@ -489,6 +490,22 @@ public enum Q4_0Group: RowGroupBlock {
     @inlinable public static var shift: Int32 { 3 }
     @inline(__always) @inlinable public static func unpack(_ p: UnsafeRawPointer) -> Int8Kernels.Vectors8 {
         nibbleVectors(p) { $0 }
+    }
+}
+
+public enum Q5_0Group: RowGroupBlock {
+    @inlinable public static var bytes: Int { 176 }
+    @inlinable public static var shift: Int32 { 4 }
+    /// Q4_0's nibble vectors with the fifth bits of the vector after them: bit u of byte b of row
+    /// r is value 4u + b's, moved to bit 4 by one shift (what crosses a byte is masked away).
+    @inline(__always) @inlinable public static func unpack(_ p: UnsafeRawPointer) -> Int8Kernels.Vectors8 {
+        let n = nibbleVectors(p) { $0 }
+        let h = p.loadUnaligned(fromByteOffset: 128, as: __m256i.self), bit = _mm256_set1_epi8(0x10)
+        @inline(__always) func five(_ q: __m256i, _ u: Int32) -> __m256i {
+            let top = u <= 4 ? _mm256_slli_epi16(h, 4 &- u) : _mm256_srli_epi16(h, u &- 4)
+            return _mm256_or_si256(q, _mm256_and_si256(top, bit))
+        }
+        return (five(n.0, 0), five(n.1, 1), five(n.2, 2), five(n.3, 3), five(n.4, 4), five(n.5, 5), five(n.6, 6), five(n.7, 7))
     }
 }
 
