@@ -470,12 +470,26 @@ final class RowGroupMatrix: @unchecked Sendable {
         pool.parallelRanges(rows / RowGroups.rows, grain: 16) { groups in
             RowGroups.repack(kind, data, rowBytes: rowBytes, k: cols, groups: groups, into: out)
         }
+        Self.release(data, bytes: rows * rowBytes)
         #else
         return nil
         #endif
     }
 
     deinit { bytes.deallocate() }
+
+    /// Hands the stored matrix's whole pages back to the kernel (MADV_PAGEOUT) once repacked, so
+    /// the process does not hold both copies: a file mapping's pages are dropped and read again
+    /// if something (a tied embedding's rows) still uses them; other memory keeps its contents.
+    static func release(_ data: UnsafeRawPointer, bytes: Int) {
+        #if os(Linux)
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let start = (Int(bitPattern: data) + page - 1) / page * page
+        let end = (Int(bitPattern: data) + bytes) / page * page
+        guard end > start, let p = UnsafeMutableRawPointer(bitPattern: start) else { return }
+        _ = madvise(p, end - start, 21)  // MADV_PAGEOUT (Linux 5.4); refused where unknown, harmlessly
+        #endif
+    }
 }
 
 enum CPUFeatures {
