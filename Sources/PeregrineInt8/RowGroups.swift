@@ -40,18 +40,24 @@
 /// the sub-block in its low nibble and value 8 + 4h + b in its high one; then per sub-block one
 /// vector of top bits (at 1296 + 32s), byte b of row r holding value 4k + b's two top bits at
 /// bits 2k, 2k + 1 for k = 0...3.
+///
+/// Q3_K (the same sub-blocks, 3-bit values offset by 4, 6-bit signed scales) keeps Q6_K's first
+/// 272 bytes (d, scale pairs); then per sub-block s one vector (at 272 + 32s) whose byte b of row
+/// r holds value 4k + b's low two bits at bits 2k, 2k + 1; then per pair of sub-blocks one vector
+/// (at 784 + 32p) whose byte b holds value 4k + b's third bit at bit k for sub-block 2p and bit
+/// 4 + k for 2p + 1.
 public enum RowGroups {
     /// Rows per group.
     @inlinable public static var rows: Int { 8 }
 
     /// The types with a row-group layout.
     @inlinable public static func supports(_ type: Int8WeightType) -> Bool {
-        type == .q8_0 || type == .q4_0 || type == .q5_0 || type == .iq4_nl || type == .q4_K || type == .q5_K || type == .q6_K || type == .iq4_xs
+        type == .q8_0 || type == .q4_0 || type == .q5_0 || type == .iq4_nl || type == .q4_K || type == .q5_K || type == .q6_K || type == .q3_K || type == .iq4_xs
     }
 
     /// Whether the type's kernel takes activations with integer sums (`quantizeActivations`'
-    /// `integerSums`); Q6_K takes the sums of each 16 of the usual layout.
-    @inlinable public static func integerSums(_ type: Int8WeightType) -> Bool { type != .q6_K }
+    /// `integerSums`); Q6_K and Q3_K take the sums of each 16 of the usual layout.
+    @inlinable public static func integerSums(_ type: Int8WeightType) -> Bool { type != .q6_K && type != .q3_K }
 
     /// Values per row in one block.
     @inlinable public static func blockValues(_ type: Int8WeightType) -> Int { type.superBlocks ? 256 : 32 }
@@ -63,6 +69,7 @@ public enum RowGroups {
         case .q4_K: return 32 + 64 + 128 + 1024
         case .q5_K: return 32 + 64 + 128 + 1024 + 256
         case .q6_K: return 16 + 256 + 1024 + 512
+        case .q3_K: return 16 + 256 + 512 + 256
         case .q5_0: return 16 + 128 + 32
         case .iq4_xs: return 16 + 64 + 1024
         default: return 16 + 128
@@ -81,6 +88,7 @@ public enum RowGroups {
         precondition(supports(type), "no row-group layout for \(type)")
         if type == .q4_K || type == .q5_K { return repackQ4_K(src, five: type == .q5_K, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
         if type == .q6_K { return repackQ6_K(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
+        if type == .q3_K { return repackQ3_K(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
         if type == .iq4_xs { return repackIQ4_XS(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
         let blocks = k / 32, gb = blockBytes(type), srcBlock = type == .q8_0 ? 34 : type == .q5_0 ? 22 : 18
         let nibbles = type == .q5_0 ? 6 : 2
@@ -208,6 +216,54 @@ public enum RowGroups {
                         for u in 0..<4 {
                             let q = block.loadUnaligned(fromByteOffset: 8 &+ 16 &* j &+ 4 &* u, as: UInt32.self)
                             out.storeBytes(of: q, toByteOffset: 80 &+ 128 &* j &+ 32 &* u &+ 4 &* r, as: UInt32.self)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    static func repackQ3_K(_ src: UnsafeRawPointer, rowBytes: Int, k: Int, groups: Range<Int>, into dst: UnsafeMutableRawPointer) {
+        let blocks = k / 256, gb = blockBytes(.q3_K)
+        var q = [UInt8](repeating: 0, count: 256)
+        for g in groups {
+            for b in 0..<blocks {
+                let out = dst + (g &* blocks &+ b) &* gb
+                for r in 0..<8 {
+                    let row: Int = (g &* 8 &+ r) &* rowBytes
+                    let block: UnsafeRawPointer = src + (row &+ b &* 110)
+                    // The 3-bit values plus 4 in order (ggml's layout: two bits in qs, the third
+                    // in hmask, set where the value is not lowered by 4).
+                    var e = 0
+                    for half in 0..<2 {
+                        for j in 0..<4 {
+                            for second in 0..<2 {
+                                for l in 0..<16 {
+                                    let i = 16 &* second &+ l
+                                    let two = (block.load(fromByteOffset: 32 &+ 32 &* half &+ i, as: UInt8.self) >> UInt8(2 &* j)) & 3
+                                    let third = (block.load(fromByteOffset: i, as: UInt8.self) >> UInt8(4 &* half &+ j)) & 1
+                                    q[e] = two | third << 2
+                                    e &+= 1
+                                }
+                            }
+                        }
+                    }
+                    out.storeBytes(of: block.loadUnaligned(fromByteOffset: 108, as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
+                    for s in 0..<16 {
+                        let scale = Int16(KQuant.q3Scale(block + 96, s))
+                        out.storeBytes(of: scale, toByteOffset: 16 &+ 32 &* (s >> 1) &+ 4 &* r &+ 2 &* (s & 1), as: Int16.self)
+                        for byte in 0..<4 {
+                            var low: UInt8 = 0
+                            var third: UInt8 = 0
+                            for c in 0..<4 {
+                                let v = q[16 &* s &+ 4 &* c &+ byte]
+                                low |= (v & 3) << UInt8(2 &* c)
+                                third |= (v >> 2) << UInt8(c &+ 4 &* (s & 1))
+                            }
+                            out.storeBytes(of: low, toByteOffset: 272 &+ 32 &* s &+ 4 &* r &+ byte, as: UInt8.self)
+                            let at = 784 &+ 32 &* (s >> 1) &+ 4 &* r &+ byte
+                            let earlier = s & 1 == 0 ? 0 : out.load(fromByteOffset: at, as: UInt8.self)
+                            out.storeBytes(of: earlier | third, toByteOffset: at, as: UInt8.self)
                         }
                     }
                 }

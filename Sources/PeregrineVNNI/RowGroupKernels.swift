@@ -28,6 +28,7 @@ public enum RowGroupKernels {
             case .q4_K: q4_K(w, k, a, stride, tokens, part, bias, y, ldy)
             case .q5_K: q5_K(w, k, a, stride, tokens, part, bias, y, ldy)
             case .q6_K: q6_K(w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q3_K: q3_K(w, k, a, stride, tokens, part, bias, y, ldy)
             case .iq4_xs: iq4_xs(w, k, a, stride, tokens, part, bias, y, ldy)
             default: preconditionFailure("no row-group kernel for \(type)")
             }
@@ -256,6 +257,22 @@ extension RowGroupKernels {
 
     public typealias Vectors4 = (__m256i, __m256i, __m256i, __m256i)
 
+    /// Sub-block s (16 values) of a Q3_K group block: four vectors of unsigned 3-bit values (the
+    /// low two bits of chunk k at bits 2k of the sub-block's vector, the third at bit
+    /// k + 4 (s & 1) of its pair's vector; the 16-bit shifts' spill across bytes is masked away).
+    @inline(__always) @inlinable
+    static func q3_KValues(_ p: UnsafeRawPointer, _ s: Int) -> Vectors4 {
+        let low = p.loadUnaligned(fromByteOffset: 272 &+ 32 &* s, as: __m256i.self)
+        let h = p.loadUnaligned(fromByteOffset: 784 &+ 32 &* (s >> 1), as: __m256i.self)
+        let two = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4)
+        @inline(__always) func v(_ c: Int32) -> __m256i {
+            let at = c &+ 4 &* Int32(s & 1)
+            let third = at >= 2 ? _mm256_srli_epi16(h, at &- 2) : _mm256_slli_epi16(h, 2 &- at)
+            return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low, 2 &* c), two), _mm256_and_si256(third, four))
+        }
+        return (v(0), v(1), v(2), v(3))
+    }
+
     /// Sub-block s (16 values) of a Q6_K group block: four vectors of unsigned 6-bit values.
     @inline(__always) @inlinable
     static func q6_KValues(_ p: UnsafeRawPointer, _ s: Int) -> Vectors4 {
@@ -287,17 +304,17 @@ extension RowGroupKernels {
         total = _mm256_add_epi32(total, _mm256_mullo_epi32(d, scales))
     }
 
-    /// A token's block done: the offset of 32 taken back through the scales times the
-    /// activations' 16-value sums, then d times the token's scale.
+    /// A token's block done: the offset (32 for Q6_K, 4 for Q3_K: 1 << offsetShift) taken back
+    /// through the scales times the activations' 16-value sums, then d times the token's scale.
     @inline(__always) @inlinable
-    static func q6_KFinish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256) {
+    static func q6_KFinish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256, offsetShift: Int32) {
         @inline(__always) func m(_ i: Int) -> __m256i {
             _mm256_madd_epi16(p.loadUnaligned(fromByteOffset: 16 &+ 32 &* i, as: __m256i.self),
                               _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &+ 4 &* i, as: Int32.self)))
         }
         let offset = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(m(0), m(1)), _mm256_add_epi32(m(2), m(3))),
                                       _mm256_add_epi32(_mm256_add_epi32(m(4), m(5)), _mm256_add_epi32(m(6), m(7))))
-        let sum = _mm256_sub_epi32(total, _mm256_slli_epi32(offset, 5))
+        let sum = _mm256_sub_epi32(total, _mm256_slli_epi32(offset, offsetShift))
         let d = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), _mm256_set1_ps(x.load(as: Float.self)))
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, acc)
     }
@@ -305,7 +322,23 @@ extension RowGroupKernels {
     @inlinable @inline(never)
     static func q6_K(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
                      _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
-        let blocks = k / 256, gb = 1808, xb = 292
+        sixteens(w, k, a, stride, tokens, groups, bias, y, ldy, three: false)
+    }
+
+    @inlinable @inline(never)
+    static func q3_K(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
+                     _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
+        sixteens(w, k, a, stride, tokens, groups, bias, y, ldy, three: true)
+    }
+
+    /// The types of 16-value sub-blocks with signed scales and an offset: Q6_K, or Q3_K
+    /// (`three`, a constant in each caller).
+    @inlinable @inline(__always)
+    static func sixteens(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
+                         _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int,
+                         three: Bool) {
+        let blocks = k / 256, gb = three ? 1040 : 1808, xb = 292, shift: Int32 = three ? 2 : 5
+        @inline(__always) func values(_ p: UnsafeRawPointer, _ s: Int) -> Vectors4 { three ? q3_KValues(p, s) : q6_KValues(p, s) }
         var t = 0
         while t &+ 8 <= tokens {
             let a0 = a + t &* stride
@@ -316,7 +349,7 @@ extension RowGroupKernels {
                     let p = wg + b &* gb, x = a0 + b &* xb
                     var s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0
                     for s in 0..<16 {
-                        let q = q6_KValues(p, s), sc = q6_KScales(p, s)
+                        let q = values(p, s), sc = q6_KScales(p, s)
                         q6_KSubBlock(q, sc, x, s, &s0)
                         q6_KSubBlock(q, sc, x + stride, s, &s1)
                         q6_KSubBlock(q, sc, x + 2 &* stride, s, &s2)
@@ -326,14 +359,14 @@ extension RowGroupKernels {
                         q6_KSubBlock(q, sc, x + 6 &* stride, s, &s6)
                         q6_KSubBlock(q, sc, x + 7 &* stride, s, &s7)
                     }
-                    q6_KFinish(p, s0, x, &c0)
-                    q6_KFinish(p, s1, x + stride, &c1)
-                    q6_KFinish(p, s2, x + 2 &* stride, &c2)
-                    q6_KFinish(p, s3, x + 3 &* stride, &c3)
-                    q6_KFinish(p, s4, x + 4 &* stride, &c4)
-                    q6_KFinish(p, s5, x + 5 &* stride, &c5)
-                    q6_KFinish(p, s6, x + 6 &* stride, &c6)
-                    q6_KFinish(p, s7, x + 7 &* stride, &c7)
+                    q6_KFinish(p, s0, x, &c0, offsetShift: shift)
+                    q6_KFinish(p, s1, x + stride, &c1, offsetShift: shift)
+                    q6_KFinish(p, s2, x + 2 &* stride, &c2, offsetShift: shift)
+                    q6_KFinish(p, s3, x + 3 &* stride, &c3, offsetShift: shift)
+                    q6_KFinish(p, s4, x + 4 &* stride, &c4, offsetShift: shift)
+                    q6_KFinish(p, s5, x + 5 &* stride, &c5, offsetShift: shift)
+                    q6_KFinish(p, s6, x + 6 &* stride, &c6, offsetShift: shift)
+                    q6_KFinish(p, s7, x + 7 &* stride, &c7, offsetShift: shift)
                 }
                 store(c0, t, g, bias, y, ldy); store(c1, t &+ 1, g, bias, y, ldy)
                 store(c2, t &+ 2, g, bias, y, ldy); store(c3, t &+ 3, g, bias, y, ldy)
@@ -353,9 +386,9 @@ extension RowGroupKernels {
                     for sb in 0..<16 {
                         prefetch(p + (2 &* gb &+ 128 &* sb))
                         prefetch(p + (2 &* gb &+ 128 &* sb &+ 64))
-                        q6_KSubBlock(q6_KValues(p, sb), q6_KScales(p, sb), x, sb, &s)
+                        q6_KSubBlock(values(p, sb), q6_KScales(p, sb), x, sb, &s)
                     }
-                    q6_KFinish(p, s, x, &c)
+                    q6_KFinish(p, s, x, &c, offsetShift: shift)
                 }
                 store(c, t, g, bias, y, ldy)
             }
