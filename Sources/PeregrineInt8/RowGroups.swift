@@ -62,7 +62,7 @@ public enum RowGroups {
     /// Values per row in one block.
     @inlinable public static func blockValues(_ type: Int8WeightType) -> Int { type.superBlocks ? 256 : 32 }
 
-    /// Bytes of one group's block of 32 values per row.
+    /// Bytes of one group's block (`blockValues` values per row).
     @inlinable public static func blockBytes(_ type: Int8WeightType) -> Int {
         switch type {
         case .q8_0: return 16 + 256
@@ -82,191 +82,170 @@ public enum RowGroups {
     }
 
     /// Repacks the row groups `groups` of a matrix stored row after row (`rowBytes` apart) into
-    /// `dst` (`byteCount` bytes in all).
+    /// `dst` (`byteCount` bytes in all): each group's block b takes block b of its eight rows.
     public static func repack(_ type: Int8WeightType, _ src: UnsafeRawPointer, rowBytes: Int, k: Int, groups: Range<Int>,
                               into dst: UnsafeMutableRawPointer) {
         precondition(supports(type), "no row-group layout for \(type)")
-        if type == .q4_K || type == .q5_K { return repackQ4_K(src, five: type == .q5_K, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
-        if type == .q6_K { return repackQ6_K(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
-        if type == .q3_K { return repackQ3_K(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
-        if type == .iq4_xs { return repackIQ4_XS(src, rowBytes: rowBytes, k: k, groups: groups, into: dst) }
-        let blocks = k / 32, gb = blockBytes(type), srcBlock = type == .q8_0 ? 34 : type == .q5_0 ? 22 : 18
-        let nibbles = type == .q5_0 ? 6 : 2
+        let blocks = k / blockValues(type), gb = blockBytes(type), stored = rowBytes / blocks
+        // Q6_K's and Q3_K's values of one row's block, in order.
+        var values = [UInt8](repeating: 0, count: 256)
         for g in groups {
             for b in 0..<blocks {
                 let out = dst + (g &* blocks &+ b) &* gb
                 for r in 0..<8 {
                     let row: Int = (g &* 8 &+ r) &* rowBytes
-                    let block: UnsafeRawPointer = src + (row &+ b &* srcBlock)
-                    out.storeBytes(of: block.loadUnaligned(as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
-                    if type == .q8_0 {
-                        for c in 0..<8 {
-                            let v = block.loadUnaligned(fromByteOffset: 2 &+ 4 &* c, as: UInt32.self) ^ 0x8080_8080
-                            out.storeBytes(of: v, toByteOffset: 16 &+ 32 &* c &+ 4 &* r, as: UInt32.self)
-                        }
-                    } else {
-                        for j in 0..<4 {
-                            let v = block.loadUnaligned(fromByteOffset: nibbles &+ 4 &* j, as: UInt32.self)
-                            out.storeBytes(of: v, toByteOffset: 16 &+ 32 &* j &+ 4 &* r, as: UInt32.self)
-                        }
-                        if type == .q5_0 {
-                            let qh = block.loadUnaligned(fromByteOffset: 2, as: UInt32.self)
-                            for byte in 0..<4 {
-                                var bits: UInt8 = 0
-                                for u in 0..<8 { bits |= UInt8((qh >> UInt32(4 &* u &+ byte)) & 1) << UInt8(u) }
-                                out.storeBytes(of: bits, toByteOffset: 144 &+ 4 &* r &+ byte, as: UInt8.self)
-                            }
-                        }
+                    let block: UnsafeRawPointer = src + (row &+ b &* stored)
+                    switch type {
+                    case .q8_0: packQ8_0(block, out, r)
+                    case .q4_0, .iq4_nl: packNibbles(block, at: 2, out, r)
+                    case .q5_0: packQ5_0(block, out, r)
+                    case .q4_K, .q5_K: packKQuant(block, out, r, five: type == .q5_K)
+                    case .q6_K: packQ6_K(block, out, r, &values)
+                    case .q3_K: packQ3_K(block, out, r, &values)
+                    case .iq4_xs: packIQ4_XS(block, out, r)
+                    default: preconditionFailure("no row-group layout for \(type)")
                     }
                 }
             }
+        }
+    }
+
+    // Each pack function writes row r's part of a group's block `out` from the row's stored block.
+
+    static func packQ8_0(_ block: UnsafeRawPointer, _ out: UnsafeMutableRawPointer, _ r: Int) {
+        out.storeBytes(of: block.loadUnaligned(as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
+        for c in 0..<8 {
+            let v = block.loadUnaligned(fromByteOffset: 2 &+ 4 &* c, as: UInt32.self) ^ 0x8080_8080
+            out.storeBytes(of: v, toByteOffset: 16 &+ 32 &* c &+ 4 &* r, as: UInt32.self)
+        }
+    }
+
+    /// The f16 scale at the block's start, and the 16 nibble bytes at offset `nibbles`.
+    static func packNibbles(_ block: UnsafeRawPointer, at nibbles: Int, _ out: UnsafeMutableRawPointer, _ r: Int) {
+        out.storeBytes(of: block.loadUnaligned(as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
+        for j in 0..<4 {
+            let v = block.loadUnaligned(fromByteOffset: nibbles &+ 4 &* j, as: UInt32.self)
+            out.storeBytes(of: v, toByteOffset: 16 &+ 32 &* j &+ 4 &* r, as: UInt32.self)
+        }
+    }
+
+    static func packQ5_0(_ block: UnsafeRawPointer, _ out: UnsafeMutableRawPointer, _ r: Int) {
+        packNibbles(block, at: 6, out, r)
+        let qh = block.loadUnaligned(fromByteOffset: 2, as: UInt32.self)
+        for byte in 0..<4 {
+            var bits: UInt8 = 0
+            for u in 0..<8 { bits |= UInt8((qh >> UInt32(4 &* u &+ byte)) & 1) << UInt8(u) }
+            out.storeBytes(of: bits, toByteOffset: 144 &+ 4 &* r &+ byte, as: UInt8.self)
         }
     }
 
     /// Q4_K, or Q5_K (`five`: 32 bytes of fifth bits between the scales and the nibbles, bit j
     /// of byte l being value l's of sub-block j).
-    static func repackQ4_K(_ src: UnsafeRawPointer, five: Bool, rowBytes: Int, k: Int, groups: Range<Int>, into dst: UnsafeMutableRawPointer) {
-        let blocks = k / 256, gb = blockBytes(five ? .q5_K : .q4_K), srcBytes = five ? 176 : 144, qs = five ? 48 : 16
-        for g in groups {
-            for b in 0..<blocks {
-                let out = dst + (g &* blocks &+ b) &* gb
-                for r in 0..<8 {
-                    let row: Int = (g &* 8 &+ r) &* rowBytes
-                    let block: UnsafeRawPointer = src + (row &+ b &* srcBytes)
-                    out.storeBytes(of: block.loadUnaligned(as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
-                    out.storeBytes(of: block.loadUnaligned(fromByteOffset: 2, as: UInt16.self), toByteOffset: 16 &+ 2 &* r, as: UInt16.self)
-                    for j in 0..<8 {
-                        let (scale, min) = KQuant.scaleMin(block + 4, j)
-                        out.storeBytes(of: UInt8(scale), toByteOffset: 32 &+ 8 &* j &+ r, as: UInt8.self)
-                        out.storeBytes(of: Int16(min), toByteOffset: 96 &+ 32 &* (j >> 1) &+ 4 &* r &+ 2 &* (j & 1), as: Int16.self)
-                    }
-                    for v in 0..<32 {
-                        let q = block.loadUnaligned(fromByteOffset: qs &+ 4 &* v, as: UInt32.self)
-                        out.storeBytes(of: q, toByteOffset: 224 &+ 32 &* v &+ 4 &* r, as: UInt32.self)
-                    }
-                    if five {
-                        for j in 0..<8 {
-                            for byte in 0..<4 {
-                                var bits: UInt8 = 0
-                                for u in 0..<8 {
-                                    let qh = block.load(fromByteOffset: 16 &+ 4 &* u &+ byte, as: UInt8.self)
-                                    bits |= ((qh >> UInt8(j)) & 1) << UInt8(u)
-                                }
-                                out.storeBytes(of: bits, toByteOffset: 1248 &+ 32 &* j &+ 4 &* r &+ byte, as: UInt8.self)
-                            }
-                        }
-                    }
+    static func packKQuant(_ block: UnsafeRawPointer, _ out: UnsafeMutableRawPointer, _ r: Int, five: Bool) {
+        out.storeBytes(of: block.loadUnaligned(as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
+        out.storeBytes(of: block.loadUnaligned(fromByteOffset: 2, as: UInt16.self), toByteOffset: 16 &+ 2 &* r, as: UInt16.self)
+        for j in 0..<8 {
+            let (scale, min) = KQuant.scaleMin(block + 4, j)
+            out.storeBytes(of: UInt8(scale), toByteOffset: 32 &+ 8 &* j &+ r, as: UInt8.self)
+            out.storeBytes(of: Int16(min), toByteOffset: 96 &+ 32 &* (j >> 1) &+ 4 &* r &+ 2 &* (j & 1), as: Int16.self)
+        }
+        let qs = five ? 48 : 16
+        for v in 0..<32 {
+            let q = block.loadUnaligned(fromByteOffset: qs &+ 4 &* v, as: UInt32.self)
+            out.storeBytes(of: q, toByteOffset: 224 &+ 32 &* v &+ 4 &* r, as: UInt32.self)
+        }
+        guard five else { return }
+        for j in 0..<8 {
+            for byte in 0..<4 {
+                var bits: UInt8 = 0
+                for u in 0..<8 {
+                    let qh = block.load(fromByteOffset: 16 &+ 4 &* u &+ byte, as: UInt8.self)
+                    bits |= ((qh >> UInt8(j)) & 1) << UInt8(u)
                 }
+                out.storeBytes(of: bits, toByteOffset: 1248 &+ 32 &* j &+ 4 &* r &+ byte, as: UInt8.self)
             }
         }
     }
 
-    static func repackQ6_K(_ src: UnsafeRawPointer, rowBytes: Int, k: Int, groups: Range<Int>, into dst: UnsafeMutableRawPointer) {
-        let blocks = k / 256, gb = blockBytes(.q6_K)
-        var q = [UInt8](repeating: 0, count: 256)
-        for g in groups {
-            for b in 0..<blocks {
-                let out = dst + (g &* blocks &+ b) &* gb
-                for r in 0..<8 {
-                    let row: Int = (g &* 8 &+ r) &* rowBytes
-                    let block: UnsafeRawPointer = src + (row &+ b &* 210)
-                    // The 6-bit values in order (ggml's layout: low nibbles in ql, top bits in qh).
-                    for half in 0..<2 {
-                        let ql = block + 64 &* half, qh = block + (128 &+ 32 &* half)
-                        for l in 0..<32 {
-                            let lo0 = ql.load(fromByteOffset: l, as: UInt8.self), lo1 = ql.load(fromByteOffset: l &+ 32, as: UInt8.self)
-                            let h = qh.load(fromByteOffset: l, as: UInt8.self)
-                            let e = 128 &* half &+ l
-                            q[e] = (lo0 & 0xF) | (h & 3) << 4
-                            q[e &+ 32] = (lo1 & 0xF) | ((h >> 2) & 3) << 4
-                            q[e &+ 64] = (lo0 >> 4) | ((h >> 4) & 3) << 4
-                            q[e &+ 96] = (lo1 >> 4) | ((h >> 6) & 3) << 4
-                        }
-                    }
-                    out.storeBytes(of: block.loadUnaligned(fromByteOffset: 208, as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
-                    for s in 0..<16 {
-                        let scale = Int16(block.load(fromByteOffset: 192 &+ s, as: Int8.self))
-                        out.storeBytes(of: scale, toByteOffset: 16 &+ 32 &* (s >> 1) &+ 4 &* r &+ 2 &* (s & 1), as: Int16.self)
-                        for byte in 0..<4 {
-                            for h in 0..<2 {
-                                let v = q[16 &* s &+ 4 &* h &+ byte] & 0xF | (q[16 &* s &+ 8 &+ 4 &* h &+ byte] & 0xF) << 4
-                                out.storeBytes(of: v, toByteOffset: 272 &+ 64 &* s &+ 32 &* h &+ 4 &* r &+ byte, as: UInt8.self)
-                            }
-                            var top: UInt8 = 0
-                            for c in 0..<4 { top |= (q[16 &* s &+ 4 &* c &+ byte] >> 4) << (2 &* c) }
-                            out.storeBytes(of: top, toByteOffset: 1296 &+ 32 &* s &+ 4 &* r &+ byte, as: UInt8.self)
-                        }
-                    }
+    /// The d and int16 scale pairs Q6_K and Q3_K share.
+    static func packSixteensHeader(_ d: UInt16, _ scale: (Int) -> Int, _ out: UnsafeMutableRawPointer, _ r: Int) {
+        out.storeBytes(of: d, toByteOffset: 2 &* r, as: UInt16.self)
+        for s in 0..<16 {
+            out.storeBytes(of: Int16(scale(s)), toByteOffset: 16 &+ 32 &* (s >> 1) &+ 4 &* r &+ 2 &* (s & 1), as: Int16.self)
+        }
+    }
+
+    static func packQ6_K(_ block: UnsafeRawPointer, _ out: UnsafeMutableRawPointer, _ r: Int, _ q: inout [UInt8]) {
+        // The 6-bit values in order (ggml's layout: low nibbles in ql, top bits in qh).
+        for half in 0..<2 {
+            let ql = block + 64 &* half, qh = block + (128 &+ 32 &* half)
+            for l in 0..<32 {
+                let lo0 = ql.load(fromByteOffset: l, as: UInt8.self), lo1 = ql.load(fromByteOffset: l &+ 32, as: UInt8.self)
+                let h = qh.load(fromByteOffset: l, as: UInt8.self)
+                let e = 128 &* half &+ l
+                q[e] = (lo0 & 0xF) | (h & 3) << 4
+                q[e &+ 32] = (lo1 & 0xF) | ((h >> 2) & 3) << 4
+                q[e &+ 64] = (lo0 >> 4) | ((h >> 4) & 3) << 4
+                q[e &+ 96] = (lo1 >> 4) | ((h >> 6) & 3) << 4
+            }
+        }
+        packSixteensHeader(block.loadUnaligned(fromByteOffset: 208, as: UInt16.self),
+                           { Int(block.load(fromByteOffset: 192 &+ $0, as: Int8.self)) }, out, r)
+        for s in 0..<16 {
+            for byte in 0..<4 {
+                for h in 0..<2 {
+                    let v = q[16 &* s &+ 4 &* h &+ byte] & 0xF | (q[16 &* s &+ 8 &+ 4 &* h &+ byte] & 0xF) << 4
+                    out.storeBytes(of: v, toByteOffset: 272 &+ 64 &* s &+ 32 &* h &+ 4 &* r &+ byte, as: UInt8.self)
                 }
+                var top: UInt8 = 0
+                for c in 0..<4 { top |= (q[16 &* s &+ 4 &* c &+ byte] >> 4) << (2 &* c) }
+                out.storeBytes(of: top, toByteOffset: 1296 &+ 32 &* s &+ 4 &* r &+ byte, as: UInt8.self)
             }
         }
     }
 
-    static func repackIQ4_XS(_ src: UnsafeRawPointer, rowBytes: Int, k: Int, groups: Range<Int>, into dst: UnsafeMutableRawPointer) {
-        let blocks = k / 256, gb = blockBytes(.iq4_xs)
-        for g in groups {
-            for b in 0..<blocks {
-                let out = dst + (g &* blocks &+ b) &* gb
-                for r in 0..<8 {
-                    let row: Int = (g &* 8 &+ r) &* rowBytes
-                    let block: UnsafeRawPointer = src + (row &+ b &* 136)
-                    out.storeBytes(of: block.loadUnaligned(as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
-                    for j in 0..<8 {
-                        out.storeBytes(of: Int8(IQ4.subScale(block, j)), toByteOffset: 16 &+ 8 &* j &+ r, as: Int8.self)
-                        for u in 0..<4 {
-                            let q = block.loadUnaligned(fromByteOffset: 8 &+ 16 &* j &+ 4 &* u, as: UInt32.self)
-                            out.storeBytes(of: q, toByteOffset: 80 &+ 128 &* j &+ 32 &* u &+ 4 &* r, as: UInt32.self)
-                        }
+    static func packQ3_K(_ block: UnsafeRawPointer, _ out: UnsafeMutableRawPointer, _ r: Int, _ q: inout [UInt8]) {
+        // The 3-bit values plus 4 in order (ggml's layout: two bits in qs, the third in hmask,
+        // set where the value is not lowered by 4).
+        var e = 0
+        for half in 0..<2 {
+            for j in 0..<4 {
+                for second in 0..<2 {
+                    for l in 0..<16 {
+                        let i = 16 &* second &+ l
+                        let two = (block.load(fromByteOffset: 32 &+ 32 &* half &+ i, as: UInt8.self) >> UInt8(2 &* j)) & 3
+                        let third = (block.load(fromByteOffset: i, as: UInt8.self) >> UInt8(4 &* half &+ j)) & 1
+                        q[e] = two | third << 2
+                        e &+= 1
                     }
                 }
             }
         }
+        packSixteensHeader(block.loadUnaligned(fromByteOffset: 108, as: UInt16.self), { KQuant.q3Scale(block + 96, $0) }, out, r)
+        for s in 0..<16 {
+            for byte in 0..<4 {
+                var low: UInt8 = 0
+                var third: UInt8 = 0
+                for c in 0..<4 {
+                    let v = q[16 &* s &+ 4 &* c &+ byte]
+                    low |= (v & 3) << UInt8(2 &* c)
+                    third |= (v >> 2) << UInt8(c &+ 4 &* (s & 1))
+                }
+                out.storeBytes(of: low, toByteOffset: 272 &+ 32 &* s &+ 4 &* r &+ byte, as: UInt8.self)
+                let at = 784 &+ 32 &* (s >> 1) &+ 4 &* r &+ byte
+                let earlier = s & 1 == 0 ? 0 : out.load(fromByteOffset: at, as: UInt8.self)
+                out.storeBytes(of: earlier | third, toByteOffset: at, as: UInt8.self)
+            }
+        }
     }
 
-    static func repackQ3_K(_ src: UnsafeRawPointer, rowBytes: Int, k: Int, groups: Range<Int>, into dst: UnsafeMutableRawPointer) {
-        let blocks = k / 256, gb = blockBytes(.q3_K)
-        var q = [UInt8](repeating: 0, count: 256)
-        for g in groups {
-            for b in 0..<blocks {
-                let out = dst + (g &* blocks &+ b) &* gb
-                for r in 0..<8 {
-                    let row: Int = (g &* 8 &+ r) &* rowBytes
-                    let block: UnsafeRawPointer = src + (row &+ b &* 110)
-                    // The 3-bit values plus 4 in order (ggml's layout: two bits in qs, the third
-                    // in hmask, set where the value is not lowered by 4).
-                    var e = 0
-                    for half in 0..<2 {
-                        for j in 0..<4 {
-                            for second in 0..<2 {
-                                for l in 0..<16 {
-                                    let i = 16 &* second &+ l
-                                    let two = (block.load(fromByteOffset: 32 &+ 32 &* half &+ i, as: UInt8.self) >> UInt8(2 &* j)) & 3
-                                    let third = (block.load(fromByteOffset: i, as: UInt8.self) >> UInt8(4 &* half &+ j)) & 1
-                                    q[e] = two | third << 2
-                                    e &+= 1
-                                }
-                            }
-                        }
-                    }
-                    out.storeBytes(of: block.loadUnaligned(fromByteOffset: 108, as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
-                    for s in 0..<16 {
-                        let scale = Int16(KQuant.q3Scale(block + 96, s))
-                        out.storeBytes(of: scale, toByteOffset: 16 &+ 32 &* (s >> 1) &+ 4 &* r &+ 2 &* (s & 1), as: Int16.self)
-                        for byte in 0..<4 {
-                            var low: UInt8 = 0
-                            var third: UInt8 = 0
-                            for c in 0..<4 {
-                                let v = q[16 &* s &+ 4 &* c &+ byte]
-                                low |= (v & 3) << UInt8(2 &* c)
-                                third |= (v >> 2) << UInt8(c &+ 4 &* (s & 1))
-                            }
-                            out.storeBytes(of: low, toByteOffset: 272 &+ 32 &* s &+ 4 &* r &+ byte, as: UInt8.self)
-                            let at = 784 &+ 32 &* (s >> 1) &+ 4 &* r &+ byte
-                            let earlier = s & 1 == 0 ? 0 : out.load(fromByteOffset: at, as: UInt8.self)
-                            out.storeBytes(of: earlier | third, toByteOffset: at, as: UInt8.self)
-                        }
-                    }
-                }
+    static func packIQ4_XS(_ block: UnsafeRawPointer, _ out: UnsafeMutableRawPointer, _ r: Int) {
+        out.storeBytes(of: block.loadUnaligned(as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
+        for j in 0..<8 {
+            out.storeBytes(of: Int8(IQ4.subScale(block, j)), toByteOffset: 16 &+ 8 &* j &+ r, as: Int8.self)
+            for u in 0..<4 {
+                let q = block.loadUnaligned(fromByteOffset: 8 &+ 16 &* j &+ 4 &* u, as: UInt32.self)
+                out.storeBytes(of: q, toByteOffset: 80 &+ 128 &* j &+ 32 &* u &+ 4 &* r, as: UInt32.self)
             }
         }
     }

@@ -25,11 +25,11 @@ public enum RowGroupKernels {
             case .q4_0: tile(Q4_0Group.self, w, k, a, stride, tokens, part, bias, y, ldy)
             case .iq4_nl: tile(IQ4_NLGroup.self, w, k, a, stride, tokens, part, bias, y, ldy)
             case .q5_0: tile(Q5_0Group.self, w, k, a, stride, tokens, part, bias, y, ldy)
-            case .q4_K: q4_K(w, k, a, stride, tokens, part, bias, y, ldy)
-            case .q5_K: q5_K(w, k, a, stride, tokens, part, bias, y, ldy)
-            case .q6_K: q6_K(w, k, a, stride, tokens, part, bias, y, ldy)
-            case .q3_K: q3_K(w, k, a, stride, tokens, part, bias, y, ldy)
-            case .iq4_xs: iq4_xs(w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q4_K: superBlocks(Q4_KGroup.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q5_K: superBlocks(Q5_KGroup.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q6_K: superBlocks(Q6_KGroup.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q3_K: superBlocks(Q3_KGroup.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .iq4_xs: superBlocks(IQ4_XSGroup.self, w, k, a, stride, tokens, part, bias, y, ldy)
             default: preconditionFailure("no row-group kernel for \(type)")
             }
             g = part.upperBound
@@ -40,15 +40,7 @@ public enum RowGroupKernels {
     /// offset times the activations' sum, scaled by each row's scale times the token's.
     @inline(__always) @inlinable
     static func accumulate(_ q: Int8Kernels.Vectors8, _ dw: __m256, _ shift: Int32, _ x: UnsafeRawPointer, _ acc: inout __m256) {
-        @inline(__always) func b(_ c: Int) -> __m256i { _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 8 &+ 4 &* c, as: Int32.self)) }
-        var s = VNNIDot.dpbusd(_mm256_setzero_si256(), q.0, b(0))
-        s = VNNIDot.dpbusd(s, q.1, b(1))
-        s = VNNIDot.dpbusd(s, q.2, b(2))
-        s = VNNIDot.dpbusd(s, q.3, b(3))
-        s = VNNIDot.dpbusd(s, q.4, b(4))
-        s = VNNIDot.dpbusd(s, q.5, b(5))
-        s = VNNIDot.dpbusd(s, q.6, b(6))
-        s = VNNIDot.dpbusd(s, q.7, b(7))
+        let s = dot(q, x + 8)
         let offset = _mm256_set1_epi32(x.load(fromByteOffset: 4, as: Int32.self) << shift)
         let scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.load(as: Float.self)))
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s, offset)), scale, acc)
@@ -58,12 +50,6 @@ public enum RowGroupKernels {
     static func tile<G: RowGroupBlock>(_: G.Type, _ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
                                        _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
         let blocks = k / 32, gb = G.bytes, shift = G.shift
-        @inline(__always) func store(_ acc: __m256, _ t: Int, _ g: Int) {
-            let o = 8 &* g
-            let v = bias.map { _mm256_add_ps(acc, UnsafeRawPointer($0 + o).loadUnaligned(as: __m256.self)) } ?? acc
-            let out: UnsafeMutablePointer<Float> = y + (t &* ldy &+ o)
-            UnsafeMutableRawPointer(out).storeBytes(of: v, as: __m256.self)
-        }
         var t = 0
         // Eight tokens at a time: a block's unpacked values serve all eight.
         while t &+ 8 <= tokens {
@@ -85,8 +71,10 @@ public enum RowGroupKernels {
                     accumulate(q, dw, shift, x + 6 &* stride, &c6)
                     accumulate(q, dw, shift, x + 7 &* stride, &c7)
                 }
-                store(c0, t, g); store(c1, t &+ 1, g); store(c2, t &+ 2, g); store(c3, t &+ 3, g)
-                store(c4, t &+ 4, g); store(c5, t &+ 5, g); store(c6, t &+ 6, g); store(c7, t &+ 7, g)
+                store(c0, t, g, bias, y, ldy); store(c1, t &+ 1, g, bias, y, ldy)
+                store(c2, t &+ 2, g, bias, y, ldy); store(c3, t &+ 3, g, bias, y, ldy)
+                store(c4, t &+ 4, g, bias, y, ldy); store(c5, t &+ 5, g, bias, y, ldy)
+                store(c6, t &+ 6, g, bias, y, ldy); store(c7, t &+ 7, g, bias, y, ldy)
             }
             t &+= 8
         }
@@ -99,7 +87,7 @@ public enum RowGroupKernels {
                     let p = wg + b &* gb
                     accumulate(G.unpack(p + 16), _mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), shift, at + b &* 40, &c)
                 }
-                store(c, t, g)
+                store(c, t, g, bias, y, ldy)
             }
             t &+= 1
         }
@@ -115,30 +103,11 @@ extension RowGroupKernels {
         UnsafeMutableRawPointer(out).storeBytes(of: v, as: __m256.self)
     }
 
-    /// Sub-block j of a Q4_K (or Q5_K, `five`) group block: its eight vectors of values
-    /// (unsigned nibbles, with Q5_K's fifth bits from the vector at 1248 + 32j: bit u of byte b
-    /// of row r is value 4u + b's).
+    /// The eight rows' integer sums of eight chunks of values against a token's activation bytes
+    /// from `x` on (chunk u's four bytes broadcast from x + 4u).
     @inline(__always) @inlinable
-    static func q4_KValues(_ p: UnsafeRawPointer, _ j: Int, five: Bool) -> Int8Kernels.Vectors8 {
-        let base = p + (224 &+ 256 &* (j >> 1)), low = Int8Kernels.lowNibbles, bit = _mm256_set1_epi8(0x10)
-        let h = five ? p.loadUnaligned(fromByteOffset: 1248 &+ 32 &* j, as: __m256i.self) : _mm256_setzero_si256()
-        @inline(__always) func v(_ u: Int) -> __m256i {
-            let raw = base.loadUnaligned(fromByteOffset: 32 &* u, as: __m256i.self)
-            let q = _mm256_and_si256(j & 1 == 0 ? raw : _mm256_srli_epi16(raw, 4), low)
-            guard five else { return q }
-            // Bit u to bit 4 of each byte (16-bit shifts: what crosses a byte is masked away).
-            let top = u <= 4 ? _mm256_slli_epi16(h, Int32(4 &- u)) : _mm256_srli_epi16(h, Int32(u &- 4))
-            return _mm256_or_si256(q, _mm256_and_si256(top, bit))
-        }
-        return (v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7))
-    }
-
-    /// One token's integer sum over sub-block j (activations at x, a 256-value block), times
-    /// each row's scale, added to `total`.
-    @inline(__always) @inlinable
-    static func q4_KSubBlock(_ q: Int8Kernels.Vectors8, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int, _ total: inout __m256i) {
-        let xj = x + (36 &+ 32 &* j)
-        @inline(__always) func b(_ u: Int) -> __m256i { _mm256_set1_epi32(xj.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self)) }
+    static func dot(_ q: Int8Kernels.Vectors8, _ x: UnsafeRawPointer) -> __m256i {
+        @inline(__always) func b(_ u: Int) -> __m256i { _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self)) }
         var s = VNNIDot.dpbusd(_mm256_setzero_si256(), q.0, b(0))
         s = VNNIDot.dpbusd(s, q.1, b(1))
         s = VNNIDot.dpbusd(s, q.2, b(2))
@@ -146,14 +115,160 @@ extension RowGroupKernels {
         s = VNNIDot.dpbusd(s, q.4, b(4))
         s = VNNIDot.dpbusd(s, q.5, b(5))
         s = VNNIDot.dpbusd(s, q.6, b(6))
-        s = VNNIDot.dpbusd(s, q.7, b(7))
-        total = _mm256_add_epi32(total, _mm256_mullo_epi32(s, scales))
+        return VNNIDot.dpbusd(s, q.7, b(7))
     }
 
-    /// A token's block done: d times its scaled sums less dmin times the mins times the
-    /// activations' sub-block sums, each times the token's scale.
+    /// The same over four chunks.
     @inline(__always) @inlinable
-    static func q4_KFinish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256) {
+    static func dot(_ q: Vectors4, _ x: UnsafeRawPointer) -> __m256i {
+        @inline(__always) func b(_ u: Int) -> __m256i { _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self)) }
+        var s = VNNIDot.dpbusd(_mm256_setzero_si256(), q.0, b(0))
+        s = VNNIDot.dpbusd(s, q.1, b(1))
+        s = VNNIDot.dpbusd(s, q.2, b(2))
+        return VNNIDot.dpbusd(s, q.3, b(3))
+    }
+
+    /// Bit u of each byte of `h` at bit 4 (16-bit shifts: what crosses a byte is masked away):
+    /// the fifth bits of Q5_0 and Q5_K values.
+    @inline(__always) @inlinable
+    static func fifthBit(_ h: __m256i, _ u: Int32) -> __m256i {
+        _mm256_and_si256(u <= 4 ? _mm256_slli_epi16(h, 4 &- u) : _mm256_srli_epi16(h, u &- 4), _mm256_set1_epi8(0x10))
+    }
+
+    /// Asks for a cache line ahead of the loads. One token's Q6_K product reads a group block in
+    /// three interleaved streams, which the hardware prefetcher did not keep up with: decode
+    /// measured 380-410 tok/s without this and 810-1,330 with it on the reference model (the
+    /// same prefetch measured no gain for Q4_K and a loss for Q8_0, which read one stream).
+    /// Q3_K's blocks, read in two streams the same way, take it too.
+    @inline(__always) @inlinable
+    static func prefetch(_ p: UnsafeRawPointer) {
+        Builtin.int_prefetch_RawPointer(p._rawValue, Int32(0)._value, Int32(3)._value, Int32(1)._value)
+    }
+
+    public typealias Vectors4 = (__m256i, __m256i, __m256i, __m256i)
+
+    /// A 256-value type's products, sub-block by sub-block: a sub-block's values are unpacked
+    /// once for eight tokens, each token's integer sums gathered over the block, then finished
+    /// in float.
+    @inlinable @inline(never)
+    static func superBlocks<G: SuperBlockGroup>(_: G.Type, _ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int,
+                                                _ tokens: Int, _ groups: Range<Int>, _ bias: UnsafePointer<Float>?,
+                                                _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
+        let blocks = k / 256, gb = G.bytes, xb = 292
+        var t = 0
+        while t &+ 8 <= tokens {
+            let a0 = a + t &* stride
+            for g in groups {
+                let wg = w + g &* blocks &* gb
+                var c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0
+                for b in 0..<blocks {
+                    let p = wg + b &* gb, x = a0 + b &* xb
+                    var s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0
+                    for j in 0..<G.subBlocks {
+                        let q = G.values(p, j), sc = G.scales(p, j)
+                        G.subBlock(q, sc, x, j, &s0)
+                        G.subBlock(q, sc, x + stride, j, &s1)
+                        G.subBlock(q, sc, x + 2 &* stride, j, &s2)
+                        G.subBlock(q, sc, x + 3 &* stride, j, &s3)
+                        G.subBlock(q, sc, x + 4 &* stride, j, &s4)
+                        G.subBlock(q, sc, x + 5 &* stride, j, &s5)
+                        G.subBlock(q, sc, x + 6 &* stride, j, &s6)
+                        G.subBlock(q, sc, x + 7 &* stride, j, &s7)
+                    }
+                    G.finish(p, s0, x, &c0)
+                    G.finish(p, s1, x + stride, &c1)
+                    G.finish(p, s2, x + 2 &* stride, &c2)
+                    G.finish(p, s3, x + 3 &* stride, &c3)
+                    G.finish(p, s4, x + 4 &* stride, &c4)
+                    G.finish(p, s5, x + 5 &* stride, &c5)
+                    G.finish(p, s6, x + 6 &* stride, &c6)
+                    G.finish(p, s7, x + 7 &* stride, &c7)
+                }
+                store(c0, t, g, bias, y, ldy); store(c1, t &+ 1, g, bias, y, ldy)
+                store(c2, t &+ 2, g, bias, y, ldy); store(c3, t &+ 3, g, bias, y, ldy)
+                store(c4, t &+ 4, g, bias, y, ldy); store(c5, t &+ 5, g, bias, y, ldy)
+                store(c6, t &+ 6, g, bias, y, ldy); store(c7, t &+ 7, g, bias, y, ldy)
+            }
+            t &+= 8
+        }
+        while t < tokens {
+            let at = a + t &* stride
+            for g in groups {
+                let wg = w + g &* blocks &* gb
+                var c = _mm256_setzero_ps()
+                for b in 0..<blocks {
+                    let p = wg + b &* gb, x = at + b &* xb
+                    var s = _mm256_setzero_si256()
+                    for j in 0..<G.subBlocks {
+                        if G.prefetches {
+                            prefetch(p + (2 &* gb &+ 128 &* j))
+                            prefetch(p + (2 &* gb &+ 128 &* j &+ 64))
+                        }
+                        G.subBlock(G.values(p, j), G.scales(p, j), x, j, &s)
+                    }
+                    G.finish(p, s, x, &c)
+                }
+                store(c, t, g, bias, y, ldy)
+            }
+            t &+= 1
+        }
+    }
+}
+
+/// A 256-value type's group block (`RowGroups` has the layouts), for `superBlocks`; x is a
+/// token's 256-value activation block.
+public protocol SuperBlockGroup {
+    associatedtype Values
+    static var bytes: Int { get }
+    static var subBlocks: Int { get }
+    /// Whether one token's product prefetches two blocks ahead (`RowGroupKernels.prefetch`).
+    static var prefetches: Bool { get }
+    /// Sub-block j's values as unsigned bytes.
+    static func values(_ p: UnsafeRawPointer, _ j: Int) -> Values
+    /// Sub-block j's scales, one int32 lane per row.
+    static func scales(_ p: UnsafeRawPointer, _ j: Int) -> __m256i
+    /// One token's integer sum over sub-block j, times each row's scale, added to `total`.
+    static func subBlock(_ q: Values, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int, _ total: inout __m256i)
+    /// A token's block done in float.
+    static func finish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256)
+}
+
+/// Q4_K, and Q5_K (`five`): sub-blocks of 32 with unsigned 6-bit scales and mins.
+public protocol KQuantGroup: SuperBlockGroup where Values == Int8Kernels.Vectors8 {
+    static var five: Bool { get }
+}
+
+extension KQuantGroup {
+    @inlinable public static var bytes: Int { five ? 1504 : 1248 }
+    @inlinable public static var subBlocks: Int { 8 }
+    @inlinable public static var prefetches: Bool { false }
+
+    /// Unsigned nibbles, with Q5_K's fifth bits from the vector at 1248 + 32j: bit u of byte b
+    /// of row r is value 4u + b's.
+    @inline(__always) @inlinable public static func values(_ p: UnsafeRawPointer, _ j: Int) -> Int8Kernels.Vectors8 {
+        let base = p + (224 &+ 256 &* (j >> 1)), low = Int8Kernels.lowNibbles
+        let h = five ? p.loadUnaligned(fromByteOffset: 1248 &+ 32 &* j, as: __m256i.self) : _mm256_setzero_si256()
+        @inline(__always) func v(_ u: Int) -> __m256i {
+            let raw = base.loadUnaligned(fromByteOffset: 32 &* u, as: __m256i.self)
+            let q = _mm256_and_si256(j & 1 == 0 ? raw : _mm256_srli_epi16(raw, 4), low)
+            return five ? _mm256_or_si256(q, RowGroupKernels.fifthBit(h, Int32(u))) : q
+        }
+        return (v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7))
+    }
+
+    @inline(__always) @inlinable public static func scales(_ p: UnsafeRawPointer, _ j: Int) -> __m256i {
+        _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(p.loadUnaligned(fromByteOffset: 32 &+ 8 &* j, as: Int64.self)))
+    }
+
+    @inline(__always) @inlinable
+    public static func subBlock(_ q: Int8Kernels.Vectors8, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int, _ total: inout __m256i) {
+        total = _mm256_add_epi32(total, _mm256_mullo_epi32(RowGroupKernels.dot(q, x + (36 &+ 32 &* j)), scales))
+    }
+
+    /// d times the scaled sums less dmin times the mins times the activations' sub-block sums,
+    /// each times the token's scale.
+    @inline(__always) @inlinable
+    public static func finish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256) {
         @inline(__always) func m(_ i: Int) -> __m256i {
             _mm256_madd_epi16(p.loadUnaligned(fromByteOffset: 96 &+ 32 &* i, as: __m256i.self),
                               _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &+ 4 &* i, as: Int32.self)))
@@ -165,103 +280,29 @@ extension RowGroupKernels {
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), d, acc)
         acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), dmin, acc)
     }
-
-    @inline(__always) @inlinable
-    static func q4_KScales(_ p: UnsafeRawPointer, _ j: Int) -> __m256i {
-        _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(p.loadUnaligned(fromByteOffset: 32 &+ 8 &* j, as: Int64.self)))
-    }
-
-    @inlinable @inline(never)
-    static func q4_K(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
-                     _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
-        kQuant(w, k, a, stride, tokens, groups, bias, y, ldy, five: false)
-    }
-
-    @inlinable @inline(never)
-    static func q5_K(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
-                     _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
-        kQuant(w, k, a, stride, tokens, groups, bias, y, ldy, five: true)
-    }
-
-    /// Q4_K or Q5_K (`five`, a constant in each caller, so each gets its own loop).
-    @inlinable @inline(__always)
-    static func kQuant(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
-                       _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int, five: Bool) {
-        let blocks = k / 256, gb = five ? 1504 : 1248, xb = 292
-        var t = 0
-        // Eight tokens at a time, sub-block by sub-block: its values are unpacked once for all eight.
-        while t &+ 8 <= tokens {
-            let a0 = a + t &* stride
-            for g in groups {
-                let wg = w + g &* blocks &* gb
-                var c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0
-                for b in 0..<blocks {
-                    let p = wg + b &* gb, x = a0 + b &* xb
-                    var s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0
-                    for j in 0..<8 {
-                        let q = q4_KValues(p, j, five: five), sc = q4_KScales(p, j)
-                        q4_KSubBlock(q, sc, x, j, &s0)
-                        q4_KSubBlock(q, sc, x + stride, j, &s1)
-                        q4_KSubBlock(q, sc, x + 2 &* stride, j, &s2)
-                        q4_KSubBlock(q, sc, x + 3 &* stride, j, &s3)
-                        q4_KSubBlock(q, sc, x + 4 &* stride, j, &s4)
-                        q4_KSubBlock(q, sc, x + 5 &* stride, j, &s5)
-                        q4_KSubBlock(q, sc, x + 6 &* stride, j, &s6)
-                        q4_KSubBlock(q, sc, x + 7 &* stride, j, &s7)
-                    }
-                    q4_KFinish(p, s0, x, &c0)
-                    q4_KFinish(p, s1, x + stride, &c1)
-                    q4_KFinish(p, s2, x + 2 &* stride, &c2)
-                    q4_KFinish(p, s3, x + 3 &* stride, &c3)
-                    q4_KFinish(p, s4, x + 4 &* stride, &c4)
-                    q4_KFinish(p, s5, x + 5 &* stride, &c5)
-                    q4_KFinish(p, s6, x + 6 &* stride, &c6)
-                    q4_KFinish(p, s7, x + 7 &* stride, &c7)
-                }
-                store(c0, t, g, bias, y, ldy); store(c1, t &+ 1, g, bias, y, ldy)
-                store(c2, t &+ 2, g, bias, y, ldy); store(c3, t &+ 3, g, bias, y, ldy)
-                store(c4, t &+ 4, g, bias, y, ldy); store(c5, t &+ 5, g, bias, y, ldy)
-                store(c6, t &+ 6, g, bias, y, ldy); store(c7, t &+ 7, g, bias, y, ldy)
-            }
-            t &+= 8
-        }
-        while t < tokens {
-            let at = a + t &* stride
-            for g in groups {
-                let wg = w + g &* blocks &* gb
-                var c = _mm256_setzero_ps()
-                for b in 0..<blocks {
-                    let p = wg + b &* gb, x = at + b &* xb
-                    var s = _mm256_setzero_si256()
-                    for j in 0..<8 {
-                        q4_KSubBlock(q4_KValues(p, j, five: five), q4_KScales(p, j), x, j, &s)
-                    }
-                    q4_KFinish(p, s, x, &c)
-                }
-                store(c, t, g, bias, y, ldy)
-            }
-            t &+= 1
-        }
-    }
 }
 
-extension RowGroupKernels {
-    /// Asks for a cache line ahead of the loads. One token's Q6_K product reads a group block in
-    /// three interleaved streams, which the hardware prefetcher did not keep up with: decode
-    /// measured 380-410 tok/s without this and 810-1,330 with it on the reference model (the
-    /// same prefetch measured no gain for Q4_K and a loss for Q8_0, which read one stream).
-    @inline(__always) @inlinable
-    static func prefetch(_ p: UnsafeRawPointer) {
-        Builtin.int_prefetch_RawPointer(p._rawValue, Int32(0)._value, Int32(3)._value, Int32(1)._value)
+public enum Q4_KGroup: KQuantGroup { @inlinable public static var five: Bool { false } }
+public enum Q5_KGroup: KQuantGroup { @inlinable public static var five: Bool { true } }
+
+/// Q6_K, and Q3_K (`three`): sub-blocks of 16 with signed scales (as int16 pairs at 16) and an
+/// offset of 32 (Q6_K) or 4 (Q3_K) taken back through the activations' 16-value sums.
+public protocol SixteensGroup: SuperBlockGroup where Values == RowGroupKernels.Vectors4 {
+    static var three: Bool { get }
+}
+
+extension SixteensGroup {
+    @inlinable public static var bytes: Int { three ? 1040 : 1808 }
+    @inlinable public static var subBlocks: Int { 16 }
+    @inlinable public static var prefetches: Bool { true }
+
+    @inline(__always) @inlinable public static func values(_ p: UnsafeRawPointer, _ s: Int) -> RowGroupKernels.Vectors4 {
+        three ? q3_KValues(p, s) : q6_KValues(p, s)
     }
 
-    public typealias Vectors4 = (__m256i, __m256i, __m256i, __m256i)
-
-    /// Sub-block s (16 values) of a Q3_K group block: four vectors of unsigned 3-bit values (the
-    /// low two bits of chunk k at bits 2k of the sub-block's vector, the third at bit
-    /// k + 4 (s & 1) of its pair's vector; the 16-bit shifts' spill across bytes is masked away).
-    @inline(__always) @inlinable
-    static func q3_KValues(_ p: UnsafeRawPointer, _ s: Int) -> Vectors4 {
+    /// Q3_K: the low two bits of chunk k at bits 2k of the sub-block's vector, the third at bit
+    /// k + 4 (s & 1) of its pair's vector (the 16-bit shifts' spill across bytes is masked away).
+    @inline(__always) @inlinable static func q3_KValues(_ p: UnsafeRawPointer, _ s: Int) -> RowGroupKernels.Vectors4 {
         let low = p.loadUnaligned(fromByteOffset: 272 &+ 32 &* s, as: __m256i.self)
         let h = p.loadUnaligned(fromByteOffset: 784 &+ 32 &* (s >> 1), as: __m256i.self)
         let two = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4)
@@ -273,9 +314,8 @@ extension RowGroupKernels {
         return (v(0), v(1), v(2), v(3))
     }
 
-    /// Sub-block s (16 values) of a Q6_K group block: four vectors of unsigned 6-bit values.
-    @inline(__always) @inlinable
-    static func q6_KValues(_ p: UnsafeRawPointer, _ s: Int) -> Vectors4 {
+    /// Q6_K: two vectors of low nibbles and one of top bits per sub-block.
+    @inline(__always) @inlinable static func q6_KValues(_ p: UnsafeRawPointer, _ s: Int) -> RowGroupKernels.Vectors4 {
         let low = Int8Kernels.lowNibbles, top = _mm256_set1_epi8(0x30)
         let a = p.loadUnaligned(fromByteOffset: 272 &+ 64 &* s, as: __m256i.self)
         let b = p.loadUnaligned(fromByteOffset: 304 &+ 64 &* s, as: __m256i.self)
@@ -287,206 +327,62 @@ extension RowGroupKernels {
     }
 
     /// Sub-block s's signed scales as int32 lanes (from the int16 pairs).
-    @inline(__always) @inlinable
-    static func q6_KScales(_ p: UnsafeRawPointer, _ s: Int) -> __m256i {
+    @inline(__always) @inlinable public static func scales(_ p: UnsafeRawPointer, _ s: Int) -> __m256i {
         let pair = p.loadUnaligned(fromByteOffset: 16 &+ 32 &* (s >> 1), as: __m256i.self)
         return s & 1 == 0 ? _mm256_srai_epi32(_mm256_slli_epi32(pair, 16), 16) : _mm256_srai_epi32(pair, 16)
     }
 
     @inline(__always) @inlinable
-    static func q6_KSubBlock(_ q: Vectors4, _ scales: __m256i, _ x: UnsafeRawPointer, _ s: Int, _ total: inout __m256i) {
-        let xs = x + (36 &+ 16 &* s)
-        @inline(__always) func b(_ u: Int) -> __m256i { _mm256_set1_epi32(xs.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self)) }
-        var d = VNNIDot.dpbusd(_mm256_setzero_si256(), q.0, b(0))
-        d = VNNIDot.dpbusd(d, q.1, b(1))
-        d = VNNIDot.dpbusd(d, q.2, b(2))
-        d = VNNIDot.dpbusd(d, q.3, b(3))
-        total = _mm256_add_epi32(total, _mm256_mullo_epi32(d, scales))
+    public static func subBlock(_ q: RowGroupKernels.Vectors4, _ scales: __m256i, _ x: UnsafeRawPointer, _ s: Int, _ total: inout __m256i) {
+        total = _mm256_add_epi32(total, _mm256_mullo_epi32(RowGroupKernels.dot(q, x + (36 &+ 16 &* s)), scales))
     }
 
-    /// A token's block done: the offset (32 for Q6_K, 4 for Q3_K: 1 << offsetShift) taken back
-    /// through the scales times the activations' 16-value sums, then d times the token's scale.
+    /// The offset taken back through the scales times the activations' 16-value sums, then d
+    /// times the token's scale.
     @inline(__always) @inlinable
-    static func q6_KFinish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256, offsetShift: Int32) {
+    public static func finish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256) {
         @inline(__always) func m(_ i: Int) -> __m256i {
             _mm256_madd_epi16(p.loadUnaligned(fromByteOffset: 16 &+ 32 &* i, as: __m256i.self),
                               _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &+ 4 &* i, as: Int32.self)))
         }
         let offset = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(m(0), m(1)), _mm256_add_epi32(m(2), m(3))),
                                       _mm256_add_epi32(_mm256_add_epi32(m(4), m(5)), _mm256_add_epi32(m(6), m(7))))
-        let sum = _mm256_sub_epi32(total, _mm256_slli_epi32(offset, offsetShift))
+        let sum = _mm256_sub_epi32(total, _mm256_slli_epi32(offset, three ? 2 : 5))
         let d = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), _mm256_set1_ps(x.load(as: Float.self)))
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, acc)
     }
-
-    @inlinable @inline(never)
-    static func q6_K(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
-                     _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
-        sixteens(w, k, a, stride, tokens, groups, bias, y, ldy, three: false)
-    }
-
-    @inlinable @inline(never)
-    static func q3_K(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
-                     _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
-        sixteens(w, k, a, stride, tokens, groups, bias, y, ldy, three: true)
-    }
-
-    /// The types of 16-value sub-blocks with signed scales and an offset: Q6_K, or Q3_K
-    /// (`three`, a constant in each caller).
-    @inlinable @inline(__always)
-    static func sixteens(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
-                         _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int,
-                         three: Bool) {
-        let blocks = k / 256, gb = three ? 1040 : 1808, xb = 292, shift: Int32 = three ? 2 : 5
-        @inline(__always) func values(_ p: UnsafeRawPointer, _ s: Int) -> Vectors4 { three ? q3_KValues(p, s) : q6_KValues(p, s) }
-        var t = 0
-        while t &+ 8 <= tokens {
-            let a0 = a + t &* stride
-            for g in groups {
-                let wg = w + g &* blocks &* gb
-                var c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0
-                for b in 0..<blocks {
-                    let p = wg + b &* gb, x = a0 + b &* xb
-                    var s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0
-                    for s in 0..<16 {
-                        let q = values(p, s), sc = q6_KScales(p, s)
-                        q6_KSubBlock(q, sc, x, s, &s0)
-                        q6_KSubBlock(q, sc, x + stride, s, &s1)
-                        q6_KSubBlock(q, sc, x + 2 &* stride, s, &s2)
-                        q6_KSubBlock(q, sc, x + 3 &* stride, s, &s3)
-                        q6_KSubBlock(q, sc, x + 4 &* stride, s, &s4)
-                        q6_KSubBlock(q, sc, x + 5 &* stride, s, &s5)
-                        q6_KSubBlock(q, sc, x + 6 &* stride, s, &s6)
-                        q6_KSubBlock(q, sc, x + 7 &* stride, s, &s7)
-                    }
-                    q6_KFinish(p, s0, x, &c0, offsetShift: shift)
-                    q6_KFinish(p, s1, x + stride, &c1, offsetShift: shift)
-                    q6_KFinish(p, s2, x + 2 &* stride, &c2, offsetShift: shift)
-                    q6_KFinish(p, s3, x + 3 &* stride, &c3, offsetShift: shift)
-                    q6_KFinish(p, s4, x + 4 &* stride, &c4, offsetShift: shift)
-                    q6_KFinish(p, s5, x + 5 &* stride, &c5, offsetShift: shift)
-                    q6_KFinish(p, s6, x + 6 &* stride, &c6, offsetShift: shift)
-                    q6_KFinish(p, s7, x + 7 &* stride, &c7, offsetShift: shift)
-                }
-                store(c0, t, g, bias, y, ldy); store(c1, t &+ 1, g, bias, y, ldy)
-                store(c2, t &+ 2, g, bias, y, ldy); store(c3, t &+ 3, g, bias, y, ldy)
-                store(c4, t &+ 4, g, bias, y, ldy); store(c5, t &+ 5, g, bias, y, ldy)
-                store(c6, t &+ 6, g, bias, y, ldy); store(c7, t &+ 7, g, bias, y, ldy)
-            }
-            t &+= 8
-        }
-        while t < tokens {
-            let at = a + t &* stride
-            for g in groups {
-                let wg = w + g &* blocks &* gb
-                var c = _mm256_setzero_ps()
-                for b in 0..<blocks {
-                    let p = wg + b &* gb, x = at + b &* xb
-                    var s = _mm256_setzero_si256()
-                    for sb in 0..<16 {
-                        prefetch(p + (2 &* gb &+ 128 &* sb))
-                        prefetch(p + (2 &* gb &+ 128 &* sb &+ 64))
-                        q6_KSubBlock(values(p, sb), q6_KScales(p, sb), x, sb, &s)
-                    }
-                    q6_KFinish(p, s, x, &c, offsetShift: shift)
-                }
-                store(c, t, g, bias, y, ldy)
-            }
-            t &+= 1
-        }
-    }
 }
 
-extension RowGroupKernels {
-    /// One token's sum over IQ4_XS sub-block j: the levels plus 128 against the activations,
-    /// less 128 times their 32-value sum, times each row's scale.
+public enum Q6_KGroup: SixteensGroup { @inlinable public static var three: Bool { false } }
+public enum Q3_KGroup: SixteensGroup { @inlinable public static var three: Bool { true } }
+
+/// IQ4_XS: IQ4_NL's nibble vectors per sub-block of 32, signed scales as bytes at 16.
+public enum IQ4_XSGroup: SuperBlockGroup {
+    @inlinable public static var bytes: Int { 1104 }
+    @inlinable public static var subBlocks: Int { 8 }
+    @inlinable public static var prefetches: Bool { false }
+
+    @inline(__always) @inlinable public static func values(_ p: UnsafeRawPointer, _ j: Int) -> Int8Kernels.Vectors8 {
+        IQ4_NLGroup.unpack(p + (80 &+ 128 &* j))
+    }
+
+    @inline(__always) @inlinable public static func scales(_ p: UnsafeRawPointer, _ j: Int) -> __m256i {
+        _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(p.loadUnaligned(fromByteOffset: 16 &+ 8 &* j, as: Int64.self)))
+    }
+
+    /// The levels plus 128 against the activations, less 128 times their 32-value sum, times
+    /// each row's scale.
     @inline(__always) @inlinable
-    static func iq4_xsSubBlock(_ q: Int8Kernels.Vectors8, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int, _ total: inout __m256i) {
-        let xj = x + (36 &+ 32 &* j)
-        @inline(__always) func b(_ u: Int) -> __m256i { _mm256_set1_epi32(xj.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self)) }
-        var s = VNNIDot.dpbusd(_mm256_setzero_si256(), q.0, b(0))
-        s = VNNIDot.dpbusd(s, q.1, b(1))
-        s = VNNIDot.dpbusd(s, q.2, b(2))
-        s = VNNIDot.dpbusd(s, q.3, b(3))
-        s = VNNIDot.dpbusd(s, q.4, b(4))
-        s = VNNIDot.dpbusd(s, q.5, b(5))
-        s = VNNIDot.dpbusd(s, q.6, b(6))
-        s = VNNIDot.dpbusd(s, q.7, b(7))
+    public static func subBlock(_ q: Int8Kernels.Vectors8, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int, _ total: inout __m256i) {
         let offset = _mm256_set1_epi32(Int32(x.load(fromByteOffset: 4 &+ 2 &* j, as: Int16.self)) << 7)
+        let s = RowGroupKernels.dot(q, x + (36 &+ 32 &* j))
         total = _mm256_add_epi32(total, _mm256_mullo_epi32(_mm256_sub_epi32(s, offset), scales))
     }
 
     @inline(__always) @inlinable
-    static func iq4_xsFinish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256) {
+    public static func finish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256) {
         let d = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), _mm256_set1_ps(x.load(as: Float.self)))
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), d, acc)
-    }
-
-    @inline(__always) @inlinable
-    static func iq4_xsScales(_ p: UnsafeRawPointer, _ j: Int) -> __m256i {
-        _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(p.loadUnaligned(fromByteOffset: 16 &+ 8 &* j, as: Int64.self)))
-    }
-
-    @inline(__always) @inlinable
-    static func iq4_xsValues(_ p: UnsafeRawPointer, _ j: Int) -> Int8Kernels.Vectors8 {
-        IQ4_NLGroup.unpack(p + (80 &+ 128 &* j))
-    }
-
-    @inlinable @inline(never)
-    static func iq4_xs(_ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
-                       _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
-        let blocks = k / 256, gb = 1104, xb = 292
-        var t = 0
-        while t &+ 8 <= tokens {
-            let a0 = a + t &* stride
-            for g in groups {
-                let wg = w + g &* blocks &* gb
-                var c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0
-                for b in 0..<blocks {
-                    let p = wg + b &* gb, x = a0 + b &* xb
-                    var s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0
-                    for j in 0..<8 {
-                        let q = iq4_xsValues(p, j), sc = iq4_xsScales(p, j)
-                        iq4_xsSubBlock(q, sc, x, j, &s0)
-                        iq4_xsSubBlock(q, sc, x + stride, j, &s1)
-                        iq4_xsSubBlock(q, sc, x + 2 &* stride, j, &s2)
-                        iq4_xsSubBlock(q, sc, x + 3 &* stride, j, &s3)
-                        iq4_xsSubBlock(q, sc, x + 4 &* stride, j, &s4)
-                        iq4_xsSubBlock(q, sc, x + 5 &* stride, j, &s5)
-                        iq4_xsSubBlock(q, sc, x + 6 &* stride, j, &s6)
-                        iq4_xsSubBlock(q, sc, x + 7 &* stride, j, &s7)
-                    }
-                    iq4_xsFinish(p, s0, x, &c0)
-                    iq4_xsFinish(p, s1, x + stride, &c1)
-                    iq4_xsFinish(p, s2, x + 2 &* stride, &c2)
-                    iq4_xsFinish(p, s3, x + 3 &* stride, &c3)
-                    iq4_xsFinish(p, s4, x + 4 &* stride, &c4)
-                    iq4_xsFinish(p, s5, x + 5 &* stride, &c5)
-                    iq4_xsFinish(p, s6, x + 6 &* stride, &c6)
-                    iq4_xsFinish(p, s7, x + 7 &* stride, &c7)
-                }
-                store(c0, t, g, bias, y, ldy); store(c1, t &+ 1, g, bias, y, ldy)
-                store(c2, t &+ 2, g, bias, y, ldy); store(c3, t &+ 3, g, bias, y, ldy)
-                store(c4, t &+ 4, g, bias, y, ldy); store(c5, t &+ 5, g, bias, y, ldy)
-                store(c6, t &+ 6, g, bias, y, ldy); store(c7, t &+ 7, g, bias, y, ldy)
-            }
-            t &+= 8
-        }
-        while t < tokens {
-            let at = a + t &* stride
-            for g in groups {
-                let wg = w + g &* blocks &* gb
-                var c = _mm256_setzero_ps()
-                for b in 0..<blocks {
-                    let p = wg + b &* gb, x = at + b &* xb
-                    var s = _mm256_setzero_si256()
-                    for j in 0..<8 { iq4_xsSubBlock(iq4_xsValues(p, j), iq4_xsScales(p, j), x, j, &s) }
-                    iq4_xsFinish(p, s, x, &c)
-                }
-                store(c, t, g, bias, y, ldy)
-            }
-            t &+= 1
-        }
     }
 }
 
@@ -530,14 +426,11 @@ public enum Q5_0Group: RowGroupBlock {
     @inlinable public static var bytes: Int { 176 }
     @inlinable public static var shift: Int32 { 4 }
     /// Q4_0's nibble vectors with the fifth bits of the vector after them: bit u of byte b of row
-    /// r is value 4u + b's, moved to bit 4 by one shift (what crosses a byte is masked away).
+    /// r is value 4u + b's.
     @inline(__always) @inlinable public static func unpack(_ p: UnsafeRawPointer) -> Int8Kernels.Vectors8 {
         let n = nibbleVectors(p) { $0 }
-        let h = p.loadUnaligned(fromByteOffset: 128, as: __m256i.self), bit = _mm256_set1_epi8(0x10)
-        @inline(__always) func five(_ q: __m256i, _ u: Int32) -> __m256i {
-            let top = u <= 4 ? _mm256_slli_epi16(h, 4 &- u) : _mm256_srli_epi16(h, u &- 4)
-            return _mm256_or_si256(q, _mm256_and_si256(top, bit))
-        }
+        let h = p.loadUnaligned(fromByteOffset: 128, as: __m256i.self)
+        @inline(__always) func five(_ q: __m256i, _ u: Int32) -> __m256i { _mm256_or_si256(q, RowGroupKernels.fifthBit(h, u)) }
         return (five(n.0, 0), five(n.1, 1), five(n.2, 2), five(n.3, 3), five(n.4, 4), five(n.5, 5), five(n.6, 6), five(n.7, 7))
     }
 }

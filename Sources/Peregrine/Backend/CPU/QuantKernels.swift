@@ -446,7 +446,6 @@ extension Int8WeightType {
     }
 }
 
-/// What the CPU offers beyond the AVX2/FMA baseline, read once from /proc/cpuinfo.
 /// A matrix of a block type repacked at load in groups of eight rows (`RowGroups`) for the
 /// VNNI row-group kernels. Made only where the CPU has VNNI, the type has the layout and the
 /// rows divide into groups; PEREGRINE_NO_REPACK=1 keeps every matrix as stored.
@@ -492,6 +491,7 @@ final class RowGroupMatrix: @unchecked Sendable {
     }
 }
 
+/// What the CPU offers beyond the AVX2/FMA baseline, read once from /proc/cpuinfo.
 enum CPUFeatures {
     static let flags: Set<Substring> = {
         guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
