@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 
-def peregrine(binary, path, pp, tg, depths, dtg, reps, device, reads=None, threads=None):
+def peregrine(binary, path, pp, tg, depths, dtg, reps, device, reads=None, threads=None, extra=()):
     """{test name: tokens/s} from `peregrine bench --json` (names as llama-bench's: 'tg64 @ d4096');
     for a mixture of experts, `reads` gets {test: (weight bytes read per decoded token, active bytes)}."""
     out = {}
@@ -29,7 +29,7 @@ def peregrine(binary, path, pp, tg, depths, dtg, reps, device, reads=None, threa
         runs.append(["-p", "0", "-n", str(dtg), "-d"] + [str(d) for d in depths])
     for args in runs:
         r = subprocess.run([binary, "bench", "--device", device, "-m", path, "-r", str(reps), "--json"] + args
-                           + (["-t", str(threads)] if threads else []),
+                           + (["-t", str(threads)] if threads else []) + list(extra),
                            capture_output=True, text=True)
         if r.returncode != 0:
             print(r.stderr, file=sys.stderr)
@@ -81,6 +81,8 @@ def main():
     ap.add_argument("--device", default="cuda", help="Peregrine's device (cuda; cpu to check the script where no GPU is)")
     ap.add_argument("--threads", type=int, help="threads for both engines (-t)")
     ap.add_argument("--rounds", type=int, default=1, help="measure every file this many times over; medians")
+    ap.add_argument("--peregrine-args", default="",
+                    help="more arguments for Peregrine's bench, e.g. '--kv-cache-type f16' (llama.cpp's cache is F16 by default)")
     ap.add_argument("files", nargs="+")
     a = ap.parse_args()
     rows, read_rows = [], []
@@ -88,7 +90,8 @@ def main():
     for round_index in range(a.rounds):
         for path in a.files:
             reads = {}
-            ours = peregrine(a.binary, path, a.pp, a.tg, a.depths, a.depth_tg, a.repetitions, a.device, reads, a.threads)
+            ours = peregrine(a.binary, path, a.pp, a.tg, a.depths, a.depth_tg, a.repetitions, a.device, reads, a.threads,
+                             a.peregrine_args.split())
             if round_index == 0:
                 read_rows += [(os.path.basename(path), t, r) for t, r in reads.items()]
             print(f"# {os.path.basename(path)} peregrine: {json.dumps(ours)}", flush=True)

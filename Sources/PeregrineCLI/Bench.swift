@@ -137,13 +137,15 @@ struct Bench: ParsableCommand {
                             guard d + p <= lm.config.maxPositions else {
                                 throw PeregrineError.invalidArgument("pp\(p) at depth \(d) exceeds the model's context of \(lm.config.maxPositions)")
                             }
-                            samples.append(try Benchmark.promptProcessing(lm, tokens: p, depth: d, batch: batchSize, repetitions: repetitions))
+                            samples.append(try Benchmark.promptProcessing(lm, tokens: p, depth: d, batch: batchSize, repetitions: repetitions,
+                                                                         cacheType: engineOptions.kvCacheType))
                         }
                         for n in gen where n > 0 {
                             guard d + n < lm.config.maxPositions else {
                                 throw PeregrineError.invalidArgument("tg\(n) at depth \(d) exceeds the model's context of \(lm.config.maxPositions)")
                             }
-                            samples.append(try Benchmark.tokenGeneration(lm, tokens: n, depth: d, repetitions: repetitions))
+                            samples.append(try Benchmark.tokenGeneration(lm, tokens: n, depth: d, repetitions: repetitions,
+                                                                        cacheType: engineOptions.kvCacheType))
                         }
                     }
                     for s in samples {
@@ -157,6 +159,7 @@ struct Bench: ParsableCommand {
                                 ("samples", .array(s.tokensPerSecond.map { .number($0) })),
                                 ("load_seconds", .number(load)), ("peak_rss_bytes", .number(Double(rss))),
                                 ("decode_bytes_per_token", .number(Double(lm.weightBytes))),
+                                ("kv_cache_type", .string(engineOptions.kvCacheType.rawValue)),
                             ])
                             var out = obj
                             if let read = s.weightBytesPerToken { out["decode_bytes_read_per_token"] = .number(read) }

@@ -275,7 +275,7 @@ struct EngineOptions: ParsableArguments {
     @Option(help: "KV blocks in the pool (instead of --kv-memory).")
     var kvBlocks: Int?
 
-    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; CPU only).")
+    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; on the GPU, prompts attend on tensor cores).")
     var kvCacheType: KVCacheType = .f32
 
     @Option(help: "Sequences running at once.")

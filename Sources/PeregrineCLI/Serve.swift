@@ -50,7 +50,7 @@ struct Serve: ParsableCommand {
     @Option(help: "Bytes for the KV cache (K, M and G suffixes allowed; default: enough for the batch, at most a quarter of memory).")
     var kvMemory: String?
 
-    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; CPU only).")
+    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; on the GPU, prompts attend on tensor cores).")
     var kvCacheType: KVCacheType = .f32
 
     @Option(help: "Largest request body accepted, in bytes; larger ones get 413.")

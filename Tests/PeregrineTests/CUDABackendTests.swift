@@ -130,7 +130,8 @@ final class CUDABackendTests: XCTestCase {
     /// fused into the kernel, several splits), five (splits by the longest), twenty (the row
     /// map); with and without a window. Each backend fills its cache through its own storeKV (the
     /// layout inside a block is the backend's), and a second pass of attention alone checks the
-    /// keys and values the first one wrote.
+    /// keys and values the first one wrote. Both cache types: f32, and F16 (each backend rounding
+    /// the token's own key and value as its cache holds them).
     func testGroupedDecodeAttentionMatchesCPU() throws {
         let gpu = try backend()
         let cpu = CPUBackend()
@@ -159,10 +160,11 @@ final class CUDABackendTests: XCTestCase {
                 for rotary in [hd, hd / 2] {
                     let angles = (0..<(rows * rotary / 2)).map { _ in 3 * uniform() }
                     for (window, grouped) in [(nil, true), (48, true), (nil, false), (48, false)] as [(Int?, Bool)] {
+                      for type in KVCacheType.allCases {
                         gpu.groupedAttentionBlocks = grouped ? 0 : Int.max
                         func run<B: ComputeBackend>(_ b: B) throws -> (out: [Float], again: [Float]) {
                             let cache = try KVStorage(backend: b, layers: 1, blocks: blocks, blockSize: blockSize, capacity: capacity,
-                                                      kvHeads: kvHeads, headDim: hd)
+                                                      kvHeads: kvHeads, headDim: hd, type: type)
                             func buffer(_ x: [Float]) throws -> B.Buffer {
                                 let buf = try b.buffer(x.count)
                                 x.withUnsafeBufferPointer { b.write($0, to: buf, offset: 0) }
@@ -190,11 +192,83 @@ final class CUDABackendTests: XCTestCase {
                             return (o, o2)
                         }
                         let (a, c) = (try run(cpu), try run(gpu))
-                        let label = "\(heads)/\(kvHeads) heads of \(hd) (\(rotary) rotated), \(rows) rows, window \(window ?? 0), grouped \(grouped)"
+                        let label = "\(heads)/\(kvHeads) heads of \(hd) (\(rotary) rotated), \(rows) rows, window \(window ?? 0), grouped \(grouped), \(type) cache"
                         XCTAssertLessThan(maxAbsDiff(a.out, c.out), 1e-4, label)
                         XCTAssertLessThan(maxAbsDiff(a.again, c.again), 1e-4, label + ": over the keys and values it wrote")
+                      }
                     }
                 }
+            }
+        }
+    }
+
+    /// Prompt attention over an F16 cache on the tensor cores against the CPU backend on the same
+    /// cache: Llama-3-8B's layout, groups of 4 and 1, head sizes 64, 96, 128 and 256; one launch
+    /// holding three sequences' prompt chunks (one starting mid-sequence at a position that is no
+    /// multiple of a tile, so its queries attend to keys cached before it; one short of a tile);
+    /// with and without a sliding window and Gemma 2's soft-capping. Queries and probabilities
+    /// are rounded to f16 on the GPU, so the bound is f16's; the f32 kernel on the same F16 cache
+    /// (`tensorCoreAttentionAllowed` off) is held to 1e-4 (5e-4 with the larger capped scores). The chunks' blocks come from a shared
+    /// pool in shuffled order, as the block manager hands them out.
+    func testTensorCorePromptAttentionMatchesCPU() throws {
+        let gpu = try backend()
+        guard gpu.driver.computeCapability.major >= 8 else { throw XCTSkip("tensor-core attention needs compute capability 8.0 or later") }
+        defer { gpu.tensorCoreAttentionAllowed = true }
+        let cpu = CPUBackend()
+        var rng = SplitMix(seed: 7)
+        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
+        let blockSize = 16, blocks = 64, width = 24
+        // (slot, first position, rows): chunk of slot 0 from 37 (its keys 0 ..< 37 cached before).
+        let chunks = [(0, 37, 150), (1, 0, 70), (2, 200, 17)]
+        for (heads, kvHeads, hd) in [(32, 8, 128), (8, 2, 64), (12, 4, 256), (6, 6, 96)] {
+            var order = Array(0..<Int32(blocks))
+            for i in stride(from: order.count - 1, to: 0, by: -1) { order.swapAt(i, Int(rng.next() % UInt64(i + 1))) }
+            var plan = BatchPlan()
+            plan.tableWidth = width
+            for (c, (slot, start, rows)) in chunks.enumerated() {
+                plan.append(tokens: [Int](repeating: 1, count: rows), slot: slot, position: start, logits: .all)
+                plan.appendBlockTable(Array(order[(c * 20)..<(c * 20 + width)]))
+            }
+            let rows = plan.count
+            // Keys and values of every position up to the chunks' ends (what earlier chunks stored too).
+            var fill = BatchPlan()
+            fill.tableWidth = width
+            for (c, (slot, start, n)) in chunks.enumerated() {
+                fill.append(tokens: [Int](repeating: 1, count: start + n), slot: slot, position: 0, logits: .none)
+                fill.appendBlockTable(Array(order[(c * 20)..<(c * 20 + width)]))
+            }
+            let keys = (0..<(fill.count * kvHeads * hd)).map { _ in 2 * uniform() }
+            let values = (0..<(fill.count * kvHeads * hd)).map { _ in uniform() }
+            let q = (0..<(rows * heads * hd)).map { _ in 2 * uniform() }
+            for (window, cap) in [(nil, nil), (48, nil), (nil, 30)] as [(Int?, Float?)] {
+                let scoring = AttentionScoring(scale: 1 / Float(hd).squareRoot() * (cap == nil ? 1 : 8), softCap: cap)
+                func run<B: ComputeBackend>(_ b: B) throws -> [Float] {
+                    let cache = try KVStorage(backend: b, layers: 1, blocks: blocks, blockSize: blockSize, capacity: width * blockSize,
+                                              kvHeads: kvHeads, headDim: hd, type: .f16)
+                    func buffer(_ x: [Float]) throws -> B.Buffer {
+                        let buf = try b.buffer(x.count)
+                        x.withUnsafeBufferPointer { b.write($0, to: buf, offset: 0) }
+                        return buf
+                    }
+                    b.beginPass(fill)
+                    b.storeKV(layer: 0, k: try buffer(keys), v: try buffer(values), rows: fill.count, plan: fill, cache: cache)
+                    let out = try b.buffer(rows * heads * hd)
+                    b.beginPass(plan)
+                    b.attention(layer: 0, q: try buffer(q), rows: rows, plan: plan, cache: cache, heads: heads, window: window,
+                                scoring: scoring, out: out)
+                    try b.synchronize()
+                    var o = [Float](repeating: 0, count: rows * heads * hd)
+                    o.withUnsafeMutableBufferPointer { b.read(out, offset: 0, into: $0) }
+                    return o
+                }
+                let label = "\(heads)/\(kvHeads) heads of \(hd), window \(window ?? 0), cap \(cap ?? 0)"
+                let expected = try run(cpu)
+                gpu.tensorCoreAttentionAllowed = true
+                let fast = try run(gpu)
+                // Scores of 8x the scale (soft-capped) carry 8x the error of rounding the queries.
+                XCTAssertLessThan(maxAbsDiff(fast, expected), cap == nil ? 4e-3 : 1.5e-2, label + ": tensor cores")
+                gpu.tensorCoreAttentionAllowed = false
+                XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 1e-4 : 5e-4, label + ": f32 kernel")
             }
         }
     }
@@ -290,7 +364,8 @@ final class CUDABackendTests: XCTestCase {
     }
 
     /// A long prompt in one pass (the tiled flash-attention prefill kernel) and in chunks that
-    /// attend to what earlier chunks cached, against the CPU backend.
+    /// attend to what earlier chunks cached, against the CPU backend; and over F16 caches on both
+    /// (the tensor-core kernel on the GPU), in one pass and in chunks of 50.
     func testLongPromptPrefill() throws {
         let gpu = try backend()
         let dir = CLITests.repo.appendingPathComponent("models/target").path
@@ -316,6 +391,18 @@ final class CUDABackendTests: XCTestCase {
         }
         let v = cuda.config.vocabSize
         XCTAssertLessThan(maxAbsDiff(last, a[((prompt.count - 1) * v)...]), 0.02 * scale)
+        let a16 = try allLogits(cpu, prompt, cacheType: .f16), b16 = try allLogits(cuda, prompt, cacheType: .f16)
+        XCTAssertLessThan(maxAbsDiff(a16, b16), 0.02 * scale, "F16 cache")
+        let half = try PagedKVCache(model: cuda, slots: 1, capacity: prompt.count, type: .f16)
+        for start in stride(from: 0, to: prompt.count, by: 50) {
+            let end = min(prompt.count, start + 50)
+            plan.removeAll()
+            plan.append(tokens: prompt[start..<end], slot: 0, position: start, logits: .last)
+            try half.prepare(&plan)
+            try last.withUnsafeMutableBufferPointer { try cuda.forward(plan, kv: half.memory, logits: $0) }
+            try half.advance(0, by: end - start)
+        }
+        XCTAssertLessThan(maxAbsDiff(last, a16[((prompt.count - 1) * v)...]), 0.02 * scale, "F16 cache, in chunks")
     }
 
     /// The best id, the top-k and the repetition penalty computed on the GPU equal the host's on

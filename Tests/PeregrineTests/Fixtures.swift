@@ -52,8 +52,8 @@ struct Reference {
 }
 
 /// The logits of every position of `tokens`, run as one sequence in one forward pass.
-func allLogits(_ model: LanguageModel, _ tokens: [Int]) throws -> [Float] {
-    let cache = try PagedKVCache(model: model, slots: 1, capacity: tokens.count)
+func allLogits(_ model: LanguageModel, _ tokens: [Int], cacheType: KVCacheType = .f32) throws -> [Float] {
+    let cache = try PagedKVCache(model: model, slots: 1, capacity: tokens.count, type: cacheType)
     var plan = BatchPlan()
     plan.append(tokens: tokens, slot: 0, position: 0, logits: .all)
     var logits = [Float](repeating: 0, count: tokens.count * model.config.vocabSize)

@@ -409,7 +409,8 @@ public final class KVStorage<B: ComputeBackend>: KVMemory {
 }
 
 /// The element type of the KV cache: f32 (the default, exact against the f32 reference), or F16,
-/// half the memory and half the bytes attention reads (llama.cpp's default; CPU only).
+/// half the memory and half the bytes attention reads (llama.cpp's default); on the GPU, an F16 cache
+/// also lets prompts attend on tensor cores (f16 products, f32 accumulation).
 public enum KVCacheType: String, Sendable, CaseIterable {
     case f32, f16
     public var bytes: Int { self == .f32 ? 4 : 2 }

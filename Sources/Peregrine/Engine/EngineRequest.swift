@@ -109,7 +109,7 @@ public struct EngineConfig: Sendable {
     /// of the machine's memory (on a GPU: `gpuMemoryFraction` of the free device memory).
     public var kvMemoryBytes: Int?
     public var gpuMemoryFraction = 0.9
-    /// How keys and values are stored (F16: CPU only).
+    /// How keys and values are stored (F32, or F16: half the bytes).
     public var kvCacheType = KVCacheType.f32
     /// Tokens per forward pass: decode tokens of running sequences plus prompt chunks (nil: 512
     /// on the CPU, 8192 on a GPU, where a pass of 512 tokens leaves most of the chip idle).

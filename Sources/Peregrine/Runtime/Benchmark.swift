@@ -45,8 +45,9 @@ public enum Benchmark {
 
     /// An engine for one sequence of up to `positions` positions, reading prompts `batch` tokens
     /// a pass, without prefix caching (repetitions must not find the last one's blocks).
-    static func singleSequenceEngine(_ model: LanguageModel, positions: Int, batch: Int) throws -> Engine {
+    static func singleSequenceEngine(_ model: LanguageModel, positions: Int, batch: Int, cacheType: KVCacheType = .f32) throws -> Engine {
         var config = EngineConfig()
+        config.kvCacheType = cacheType
         config.kvBlocks = (positions + config.blockSize - 1) / config.blockSize + 1
         config.contextLength = positions + 1
         config.maxBatchTokens = batch
@@ -63,13 +64,14 @@ public enum Benchmark {
         let engine: Engine
         let prefix: [Int]
 
-        init(_ model: LanguageModel, depth: Int, tokens n: Int, batch: Int, repetitions: Int) throws {
+        init(_ model: LanguageModel, depth: Int, tokens n: Int, batch: Int, repetitions: Int, cacheType: KVCacheType) throws {
             guard depth > 0 else {
-                engine = try singleSequenceEngine(model, positions: n + 1, batch: batch)
+                engine = try singleSequenceEngine(model, positions: n + 1, batch: batch, cacheType: cacheType)
                 prefix = []
                 return
             }
             var config = EngineConfig()
+            config.kvCacheType = cacheType
             guard depth % config.blockSize == 0 else {
                 throw PeregrineError.invalidArgument("a depth must be a multiple of the KV block size (\(config.blockSize)); \(depth) is not")
             }
@@ -106,9 +108,10 @@ public enum Benchmark {
 
     /// Prompt processing: `tokens` prompt tokens as one batch (chunked by `batch`), `repetitions`
     /// times after one warm-up run, on the serving engine (a batch of one), after `depth`
-    /// positions of context.
-    public static func promptProcessing(_ model: LanguageModel, tokens n: Int, depth: Int = 0, batch: Int = 512, repetitions: Int) throws -> Sample {
-        let context = try DepthContext(model, depth: depth, tokens: n, batch: batch, repetitions: repetitions)
+    /// positions of context, keys and values stored as `cacheType` (llama-bench's -ctk/-ctv).
+    public static func promptProcessing(_ model: LanguageModel, tokens n: Int, depth: Int = 0, batch: Int = 512, repetitions: Int,
+                                        cacheType: KVCacheType = .f32) throws -> Sample {
+        let context = try DepthContext(model, depth: depth, tokens: n, batch: batch, repetitions: repetitions, cacheType: cacheType)
         var times: [Double] = []
         for rep in 0...repetitions {
             // Each run its own tokens at a depth, so that none finds the last one's blocks.
@@ -123,8 +126,9 @@ public enum Benchmark {
     /// Token generation: `tokens` single-token steps, each feeding back the greedy token,
     /// `repetitions` times after one warm-up run, on the serving engine, from an empty cache or
     /// after `depth` positions of context.
-    public static func tokenGeneration(_ model: LanguageModel, tokens n: Int, depth: Int = 0, repetitions: Int) throws -> Sample {
-        let context = try DepthContext(model, depth: depth, tokens: n, batch: 512, repetitions: repetitions)
+    public static func tokenGeneration(_ model: LanguageModel, tokens n: Int, depth: Int = 0, repetitions: Int,
+                                       cacheType: KVCacheType = .f32) throws -> Sample {
+        let context = try DepthContext(model, depth: depth, tokens: n, batch: 512, repetitions: repetitions, cacheType: cacheType)
         var times: [Double] = []
         var read: Int?
         for rep in 0...repetitions {

@@ -161,7 +161,7 @@ public final class CUDABackend: ComputeBackend {
 
     public var name: String { "cuda (\(driver.deviceName))" }
     /// Dynamic shared memory a kernel of ours may ask for: the device's limit less room for static arrays.
-    private var dynamicSharedLimit: Int { driver.maxSharedPerBlock - 4096 }
+    private var dynamicSharedLimit: Int { driver.maxSharedPerBlock - 8192 }
 
     // Decode steps as CUDA graphs: a step key seen once runs eagerly (allocating what it needs),
     // the second time it is captured, then replayed. Host inputs of a step go through pinned
@@ -210,8 +210,12 @@ public final class CUDABackend: ComputeBackend {
     /// Fewest blocks (rows x KV heads) a decode attention runs as attention_split, one block per
     /// KV head and its query heads; below, attention_split_heads, one per query head (more blocks
     /// for a small batch: measured faster up to four sequences of the Llama-3-8B shape, 32/8
-    /// heads, on an H200, and no slower at eight). Tests set it to run either kernel.
-    var groupedAttentionBlocks = 64
+    /// heads, on an H200, and no slower at eight). Tests set it to run either kernel;
+    /// PEREGRINE_GROUPED_ATTENTION_BLOCKS sets it for measuring.
+    var groupedAttentionBlocks = Int(ProcessInfo.processInfo.environment["PEREGRINE_GROUPED_ATTENTION_BLOCKS"] ?? "") ?? 64
+    /// Prompt attention on tensor cores where `tensorCoreAttention` allows it (tests turn it off
+    /// to compare the two kernels on one cache).
+    var tensorCoreAttentionAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_TENSOR_CORE_ATTENTION"] == nil
     /// One token as `matvec` kernels (fused norms, RoPE inside attention): not in deterministic mode.
     private var oneToken: Int { deterministic ? -1 : 1 }
     private let launchConfig = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
@@ -238,16 +242,18 @@ public final class CUDABackend: ComputeBackend {
                      "silu_mul", "gelu_tanh_mul", "scale_inplace", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
                      "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
                      "repetition_penalty", "exp_sum_rows", "sample_rows",
-                     "moe_route", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16"] + matvecs {
+                     "moe_route", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16"]
+                     + matvecs + CUDABackend.tensorCoreAttentionDims.map { "attention_prefill_mma_\($0)" } {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
         }
         // Kernels whose dynamic shared memory may pass 48 KB (the normalized input of a product,
         // a prefill attention tile) ask for what the device allows.
-        for name in matvecs + ["attention_prefill", "attention_split"] {
-            // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (the kernel's static shared memory counts against the device's limit)
-            try driver.check(driver.cuFuncSetAttribute(functions[name] ?? nil, 8, Int32(driver.maxSharedPerBlock - 4096)), "cuFuncSetAttribute(\(name))")
+        for name in matvecs + ["attention_prefill", "attention_split"] + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" }) {
+            // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, as dynamicSharedLimit (the kernel's static shared memory, up to 8 KB, counts
+            // against the device's limit)
+            try driver.check(driver.cuFuncSetAttribute(functions[name] ?? nil, 8, Int32(driver.maxSharedPerBlock - 8192)), "cuFuncSetAttribute(\(name))")
         }
         pdl = driver.cuLaunchKernelEx != nil && driver.computeCapability.major >= 9
             && ProcessInfo.processInfo.environment["PEREGRINE_NO_PDL"] == nil
@@ -802,7 +808,7 @@ public final class CUDABackend: ComputeBackend {
         let (slots, positions, tables) = planPointers(plan, rows: rows)
         launch("store_kv", grid: (rows, 1, 1), block: 128) { a in
             a.ptr(k); a.ptr(v); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(slots); a.ptr(positions)
-            a.i32(cache.rowSize); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
+            a.i32(cache.rowSize); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize); a.i32(cache.halfPrecision)
         }
     }
 
@@ -813,7 +819,7 @@ public final class CUDABackend: ComputeBackend {
         launch("rope_store_kv", grid: (rows, heads + cache.kvHeads, 1), block: min(256, max(32, (headDim / 2 + 31) / 32 * 32))) { a in
             a.ptr(q); a.ptr(k); a.ptr(v); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(cos); a.ptr(sin); a.ptr(slots)
             a.ptr(positions); a.i32(heads); a.i32(cache.kvHeads); a.i32(headDim); a.i32(rotaryDim); a.ptr(tables); a.i32(plan.tableWidth)
-            a.i32(cache.blockSize); a.i32(interleaved ? 1 : 0)
+            a.i32(cache.blockSize); a.i32(interleaved ? 1 : 0); a.i32(cache.halfPrecision)
         }
     }
 
@@ -851,12 +857,14 @@ public final class CUDABackend: ComputeBackend {
         let scale = scoring.scale, softCap = scoring.softCap ?? 0
         var rowMap: CUDADriver.DevicePointer = 0, splitRows = rows
         if rows > 16 || deterministic {
-            // Tiles of up to 32 consecutive positions of one sequence.
+            // Tiles of consecutive positions of one sequence: up to 64 for the tensor-core
+            // kernel, 32 for the f32 one.
+            let tileRows = tensorCoreAttention(cache) ? 64 : 32
             hostInts.removeAll(keepingCapacity: true)
             var t = 0
             while t < rows {
                 var count = 1
-                while count < 32, t + count < rows, plan.slots[t + count] == plan.slots[t],
+                while count < tileRows, t + count < rows, plan.slots[t + count] == plan.slots[t],
                       plan.positions[t + count] == plan.positions[t + count - 1] + 1 { count += 1 }
                 hostInts.append(Int32(t))
                 hostInts.append(Int32(count))
@@ -933,8 +941,20 @@ public final class CUDABackend: ComputeBackend {
             a.f32(scale); a.f32(softCap); a.i32(window ?? 0); a.i32(splits)
             a.ptr(out); a.ptr(attentionCounters); a.i32(rope == nil ? 0 : 1); a.ptr(rope?.k.pointer ?? 0); a.ptr(rope?.v.pointer ?? 0)
             a.ptr(rope?.cos.pointer ?? 0); a.ptr(rope?.sin.pointer ?? 0); a.i32(rope?.rotaryDim ?? hd); a.i32(rope?.interleaved == true ? 1 : 0)
-            a.ptr(rowMap)
+            a.ptr(rowMap); a.i32(cache.halfPrecision)
         }
+    }
+
+    /// Head dimensions the tensor-core prompt attention is compiled for (`attention_prefill_mma_D`).
+    static let tensorCoreAttentionDims = [64, 96, 128, 256]
+
+    /// Whether prompts attend on tensor cores: an F16 cache (whose keys and values are already
+    /// what the f16 products take), Ampere or later, a head dimension it is compiled for, and not
+    /// --deterministic (whose one kernel for every query keeps f32 scores).
+    /// PEREGRINE_NO_TENSOR_CORE_ATTENTION=1 keeps the f32 kernel.
+    func tensorCoreAttention(_ cache: KVStorage<CUDABackend>) -> Bool {
+        cache.type == .f16 && !deterministic && driver.computeCapability.major >= 8 && tensorCoreAttentionAllowed
+            && CUDABackend.tensorCoreAttentionDims.contains(cache.headDim)
     }
 
     /// Flash attention over the tiles in `hostInts` (first row, count; consecutive positions of one sequence).
@@ -943,11 +963,22 @@ public final class CUDABackend: ComputeBackend {
                                   tables: CUDADriver.DevicePointer, tiles: Int) {
         let hd = cache.headDim
         let table = hostInts.withUnsafeBufferPointer { upload($0, into: &tileInts) }
+        if tensorCoreAttention(cache) {
+            // Queries (64 rows) and two buffers of keys and values (64 positions, 32 for 256-wide
+            // heads), f16 rows padded by 8 (FA_ROWS and KT in Kernels.cu).
+            let keys = hd > 128 ? 32 : 64
+            launch("attention_prefill_mma_\(hd)", grid: (tiles, heads, 1), block: 128, shared: (64 + 4 * keys) * (hd + 8) * 2) { a in
+                a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(out); a.ptr(slots); a.ptr(positions); a.ptr(table)
+                a.i32(heads); a.i32(cache.kvHeads); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
+                a.f32(scale); a.f32(softCap); a.i32(window ?? 0)
+            }
+            return
+        }
         let shared = (32 * hd + 32 * (hd + 1) + 32 * hd + 4 * 8 * 32) * 4
         launch("attention_prefill", grid: (tiles, heads, 1), block: 128, shared: shared) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(out); a.ptr(slots); a.ptr(positions); a.ptr(table)
             a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
-            a.f32(scale); a.f32(softCap); a.i32(window ?? 0)
+            a.f32(scale); a.f32(softCap); a.i32(window ?? 0); a.i32(cache.halfPrecision)
         }
     }
 
@@ -1284,4 +1315,9 @@ public final class CUDABackend: ComputeBackend {
             throw e
         }
     }
+}
+
+extension KVStorage where B == CUDABackend {
+    /// The kernels' `kvHalf` argument: 1 when keys and values are stored as f16.
+    var halfPrecision: Int { type == .f16 ? 1 : 0 }
 }

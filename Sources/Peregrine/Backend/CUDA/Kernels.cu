@@ -1,8 +1,8 @@
 // Peregrine's CUDA kernels, compiled at run time by NVRTC for the device's architecture.
 // Activations are f32, row-major, one row per token; weights keep their stored type
 // (0: f32, 1: f16, 2: bf16, 3: Q8_0, 4: Q4_0, 5: Q4_K, 6: Q6_K, 7: IQ4_NL, 8: IQ4_XS, 9: Q3_K,
-// 10: Q2_K; the quantized ones repacked at load, see repack_quantized). The KV cache is f32,
-// [slot, position, kvHeads, headDim].
+// 10: Q2_K; the quantized ones repacked at load, see repack_quantized). The KV cache is f32 or
+// f16 (the kernels that touch it take `kvHalf`), [block, position in block, kvHeads, headDim].
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -872,12 +872,38 @@ __device__ __forceinline__ long kv_at(const int* tables, int width, int bs, int 
     return ((long)tables[(long)slot * width + pos / bs] * bs + pos % bs) * row;
 }
 
+// The KV cache's elements, f32 or f16, at element offset i: one, or four (i a multiple of 4: one
+// 16- or 8-byte load). The attention kernels are templates over the element type KV (their
+// extern "C" entry points pick one by `kvHalf`), so their loads stay straight-line; the kernels
+// that only write the cache take the flag. The half-precision cache holds what f16 rounding of a
+// key or value gives, and kv_round<KV> is that rounding, for a key or value used before it is
+// read back.
+__device__ __forceinline__ float kv_load(const float* p, long i) { return p[i]; }
+__device__ __forceinline__ float kv_load(const __half* p, long i) { return __half2float(p[i]); }
+
+__device__ __forceinline__ float4 kv_load4(const float* p, long i) { return *(const float4*)(p + i); }
+__device__ __forceinline__ float4 kv_load4(const __half* p, long i) {
+    uint2 u = *(const uint2*)(p + i);
+    float2 a = __half22float2(*(const __half2*)&u.x), b = __half22float2(*(const __half2*)&u.y);
+    return make_float4(a.x, a.y, b.x, b.y);
+}
+
+__device__ __forceinline__ void kv_store(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void kv_store(__half* p, long i, float v) { p[i] = __float2half_rn(v); }
+__device__ __forceinline__ void kv_store(void* base, long i, float v, int kvHalf) {
+    if (kvHalf) kv_store((__half*)base, i, v); else kv_store((float*)base, i, v);
+}
+
+template <typename KV> __device__ __forceinline__ float kv_round(float v) { return v; }
+template <> __device__ __forceinline__ float kv_round<__half>(float v) { return __half2float(__float2half_rn(v)); }
+
 // RoPE on a token's query and key heads (their first rotDim dimensions), and its rotated key and
 // value rows written to the cache at (slot, position): block (token, head) takes one query head,
 // or one key/value head.
-extern "C" __global__ void rope_store_kv(float* q, const float* k, const float* v, float* kc, float* vc, const float* cosT,
+extern "C" __global__ void rope_store_kv(float* q, const float* k, const float* v, void* kc, void* vc, const float* cosT,
                                          const float* sinT, const int* slots, const int* positions, int heads, int kvHeads,
-                                         int headDim, int rotDim, const int* tables, int width, int bs, int interleaved) {
+                                         int headDim, int rotDim, const int* tables, int width, int bs, int interleaved,
+                                         int kvHalf) {
     gdc_wait();
     int t = blockIdx.x, h = blockIdx.y, half = rotDim / 2, row = kvHeads * headDim;
     const float* c = cosT + (long)t * half;
@@ -894,26 +920,27 @@ extern "C" __global__ void rope_store_kv(float* q, const float* k, const float* 
             int kh = h - heads;
             const float* p = k + ((long)t * kvHeads + kh) * headDim;
             float u = p[a], w = p[b];
-            kc[at + kh * headDim + a] = u * c[i] - w * s[i];
-            kc[at + kh * headDim + b] = w * c[i] + u * s[i];
+            kv_store(kc, at + kh * headDim + a, u * c[i] - w * s[i], kvHalf);
+            kv_store(kc, at + kh * headDim + b, w * c[i] + u * s[i], kvHalf);
         }
     }
     if (h >= heads) {
         int kh = h - heads;
         const float* p = k + ((long)t * kvHeads + kh) * headDim;
-        for (int i = rotDim + threadIdx.x; i < headDim; i += blockDim.x) kc[at + kh * headDim + i] = p[i];
-        for (int i = threadIdx.x; i < headDim; i += blockDim.x) vc[at + kh * headDim + i] = v[((long)t * kvHeads + kh) * headDim + i];
+        for (int i = rotDim + threadIdx.x; i < headDim; i += blockDim.x) kv_store(kc, at + kh * headDim + i, p[i], kvHalf);
+        for (int i = threadIdx.x; i < headDim; i += blockDim.x)
+            kv_store(vc, at + kh * headDim + i, v[((long)t * kvHeads + kh) * headDim + i], kvHalf);
     }
 }
 
-extern "C" __global__ void store_kv(const float* k, const float* v, float* kc, float* vc, const int* slots, const int* positions,
-                                    int rowSize, const int* tables, int width, int bs) {
+extern "C" __global__ void store_kv(const float* k, const float* v, void* kc, void* vc, const int* slots, const int* positions,
+                                    int rowSize, const int* tables, int width, int bs, int kvHalf) {
     gdc_wait();
     int t = blockIdx.x;
     long at = kv_at(tables, width, bs, slots[t], positions[t], rowSize);
     for (int i = threadIdx.x; i < rowSize; i += blockDim.x) {
-        kc[at + i] = k[(long)t * rowSize + i];
-        vc[at + i] = v[(long)t * rowSize + i];
+        kv_store(kc, at + i, k[(long)t * rowSize + i], kvHalf);
+        kv_store(vc, at + i, v[(long)t * rowSize + i], kvHalf);
     }
 }
 
@@ -994,7 +1021,8 @@ __device__ __forceinline__ float soft_cap(float s, float cap) { return cap > 0.f
 // shared memory and takes the token's own key and value from there and from vin, and split 0
 // of the group's first block writes them to the cache (no block reads that cache row in this
 // launch). Dynamic shared memory: see the host's attention().
-extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q, float* kc, float* vc, float* partial,
+template <typename KV>
+__device__ __forceinline__ void attention_split_body(const float* q, KV* kc, KV* vc, float* partial,
                                                                   float* stats, const int* slots, const int* positions, int heads,
                                                                   int kvHeads, int headDim, const int* tables, int width, int bs,
                                                                   float scale, float softcap, int window,
@@ -1043,19 +1071,18 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
                 float c = cosT[(long)t * half + f], sn = sinT[(long)t * half + f];
                 r = first ? src[d] * c - src[other] * sn : src[d] * c + src[other] * sn;
             }
-            if (hh < nh) Qf[hh * headDim + d] = r * scale; else Kf[d] = r;
+            if (hh < nh) Qf[hh * headDim + d] = r * scale; else Kf[d] = kv_round<KV>(r);
         }
         __syncthreads();
         if (split == 0 && part == 0) {
             long at = kv_at(tables, width, bs, slot, pos, row) + kvh * headDim;
-            for (int d = threadIdx.x; d < headDim; d += blockDim.x) { kc[at + d] = Kf[d]; vc[at + d] = vnow[d]; }
+            for (int d = threadIdx.x; d < headDim; d += blockDim.x) { kv_store(kc, at + d, Kf[d]); kv_store(vc, at + d, vnow[d]); }
         }
     } else {
         for (int i = threadIdx.x; i < nh * headDim; i += blockDim.x)
             Qf[i] = q[((long)t * heads + h0) * headDim + i] * scale;
     }
-    const float* kb = kc + kvh * headDim;
-    const float* vb = vc + kvh * headDim;
+    long kvOffset = kvh * headDim;
     // Warp w's heads: w and w + 4 (those below nh).
     bool has0 = warp < nh, has1 = warp + 4 < nh;
     float m[2] = {-__int_as_float(0x7f800000), -__int_as_float(0x7f800000)}, l[2] = {0, 0}, acc[2][8];
@@ -1069,11 +1096,12 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
             long o = offsets[j];
             float4 kv4 = make_float4(0.f, 0.f, 0.f, 0.f), vv4 = kv4;
             if (o >= 0) {
-                kv4 = *(const float4*)(kb + o + 4 * c);
-                vv4 = *(const float4*)(vb + o + 4 * c);
+                kv4 = kv_load4(kc, kvOffset + o + 4 * c);
+                vv4 = kv_load4(vc, kvOffset + o + 4 * c);
             } else if (o == -2) {
                 kv4 = Knew[c];
                 vv4 = *(const float4*)(vnow + 4 * c);
+                vv4 = make_float4(kv_round<KV>(vv4.x), kv_round<KV>(vv4.y), kv_round<KV>(vv4.z), kv_round<KV>(vv4.w));
             }
             K[j * kStride + c] = kv4;
             V[j * quads + c] = vv4;
@@ -1150,6 +1178,18 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
     merge_if_last(partial, stats, attn, counters, u, t, h0, nh, heads, headDim, splits, &last, weights, inverse);
 }
 
+extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q, void* kc, void* vc, float* partial,
+                                                                  float* stats, const int* slots, const int* positions, int heads,
+                                                                  int kvHeads, int headDim, const int* tables, int width, int bs,
+                                                                  float scale, float softcap, int window,
+                                                                  int splits, float* attn, unsigned* counters, int fused,
+                                                                  const float* kin, const float* vin, const float* cosT,
+                                                                  const float* sinT, int rotDim, int interleaved,
+                                                                  const int* rowMap, int kvHalf) {
+    if (kvHalf) attention_split_body<__half>(q, (__half*)kc, (__half*)vc, partial, stats, slots, positions, heads, kvHeads, headDim, tables, width, bs, scale, softcap, window, splits, attn, counters, fused, kin, vin, cosT, sinT, rotDim, interleaved, rowMap);
+    else attention_split_body<float>(q, (float*)kc, (float*)vc, partial, stats, slots, positions, heads, kvHeads, headDim, tables, width, bs, scale, softcap, window, splits, attn, counters, fused, kin, vin, cosT, sinT, rotDim, interleaved, rowMap);
+}
+
 // Causal attention of single queries, one block per (token, query head, split): the kernel for
 // small batches, where attention_split's blocks (one per KV head) would be too few to spread a
 // step's keys over the GPU; each block then reads its KV head for one query head. Block
@@ -1162,7 +1202,8 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
 // KV-cache write happen here too: each block rotates its query head and the token's key head in
 // shared memory and takes the token's own key and value from there and from vin, and one block
 // per key/value head writes them to the cache (no block reads that cache row in this launch).
-extern "C" __global__ void __launch_bounds__(128) attention_split_heads(const float* q, float* kc, float* vc, float* partial,
+template <typename KV>
+__device__ __forceinline__ void attention_split_heads_body(const float* q, KV* kc, KV* vc, float* partial,
                                                                   float* stats, const int* slots, const int* positions, int heads,
                                                                   int kvHeads, int headDim, const int* tables, int width, int bs,
                                                                   float scale, float softcap, int window,
@@ -1182,9 +1223,9 @@ extern "C" __global__ void __launch_bounds__(128) attention_split_heads(const fl
     int row = kvHeads * headDim;
     const float* qp = q + ((long)t * heads + h) * headDim;
     int slot = slots[t];
-    const float* kb = kc + kvh * headDim;
-    const float* vb = vc + kvh * headDim;
+    long kvOffset = kvh * headDim;
     const float* vnow = vin + ((long)t * kvHeads + kvh) * headDim;
+    __shared__ float vs[256];  // the token's value, rounded as the cache holds it (fused)
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (fused) {
         int half = rotDim / 2;
@@ -1204,11 +1245,15 @@ extern "C" __global__ void __launch_bounds__(128) attention_split_heads(const fl
             }
         }
         __syncthreads();
-        for (int n = 0, d = threadIdx.x; d < headDim; d += blockDim.x, n++) { qs[d] = qr[n]; ks[d] = kr[n]; }
+        for (int n = 0, d = threadIdx.x; d < headDim; d += blockDim.x, n++) {
+            qs[d] = qr[n];
+            ks[d] = kv_round<KV>(kr[n]);
+            vs[d] = kv_round<KV>(vnow[d]);
+        }
         __syncthreads();
         if (split == 0 && h % (heads / kvHeads) == 0) {
             long at = kv_at(tables, width, bs, slot, pos, row) + kvh * headDim;
-            for (int d = threadIdx.x; d < headDim; d += blockDim.x) { kc[at + d] = ks[d]; vc[at + d] = vnow[d]; }
+            for (int d = threadIdx.x; d < headDim; d += blockDim.x) { kv_store(kc, at + d, ks[d]); kv_store(vc, at + d, vs[d]); }
         }
         qp = qs;
     }
@@ -1231,18 +1276,17 @@ extern "C" __global__ void __launch_bounds__(128) attention_split_heads(const fl
         // Two keys at a time, their loads issued together.
         int j2 = j + 4;
         bool two = j2 < end;
-        long o1 = kv_at(tables, width, bs, slot, j, row), o2 = two ? kv_at(tables, width, bs, slot, j2, row) : o1;
-        const float* k1 = kb + o1; const float* k2 = kb + o2;
-        const float* v1 = vb + o1; const float* v2 = vb + o2;
-        if (fused && j == pos) { k1 = ks; v1 = vnow; }
-        if (fused && j2 == pos) { k2 = ks; v2 = vnow; }
+        long o1 = kv_at(tables, width, bs, slot, j, row) + kvOffset, o2 = two ? kv_at(tables, width, bs, slot, j2, row) + kvOffset : o1;
+        bool own1 = fused && j == pos, own2 = fused && j2 == pos;  // the token's own key and value: from shared memory
         float ka[8], kb2[8], va[8], vb2[8];
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             int d = lane + 32 * i;
             bool in = d < headDim;
-            ka[i] = in ? k1[d] : 0.f; va[i] = in ? v1[d] : 0.f;
-            kb2[i] = in && two ? k2[d] : 0.f; vb2[i] = in && two ? v2[d] : 0.f;
+            ka[i] = !in ? 0.f : own1 ? ks[d] : kv_load(kc, o1 + d);
+            va[i] = !in ? 0.f : own1 ? vs[d] : kv_load(vc, o1 + d);
+            kb2[i] = !(in && two) ? 0.f : own2 ? ks[d] : kv_load(kc, o2 + d);
+            vb2[i] = !(in && two) ? 0.f : own2 ? vs[d] : kv_load(vc, o2 + d);
         }
         float s1 = 0, s2 = 0;
 #pragma unroll
@@ -1269,6 +1313,18 @@ extern "C" __global__ void __launch_bounds__(128) attention_split_heads(const fl
         out[d] = wacc[0][d] * f[0] + wacc[1][d] * f[1] + wacc[2][d] * f[2] + wacc[3][d] * f[3];
     if (threadIdx.x == 0) { st[0] = mm; st[1] = sum; }
     merge_if_last(partial, stats, attn, counters, u, t, h, 1, heads, headDim, splits, &last, weights, inverse);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_split_heads(const float* q, void* kc, void* vc, float* partial,
+                                                                  float* stats, const int* slots, const int* positions, int heads,
+                                                                  int kvHeads, int headDim, const int* tables, int width, int bs,
+                                                                  float scale, float softcap, int window,
+                                                                  int splits, float* attn, unsigned* counters, int fused,
+                                                                  const float* kin, const float* vin, const float* cosT,
+                                                                  const float* sinT, int rotDim, int interleaved,
+                                                                  const int* rowMap, int kvHalf) {
+    if (kvHalf) attention_split_heads_body<__half>(q, (__half*)kc, (__half*)vc, partial, stats, slots, positions, heads, kvHeads, headDim, tables, width, bs, scale, softcap, window, splits, attn, counters, fused, kin, vin, cosT, sinT, rotDim, interleaved, rowMap);
+    else attention_split_heads_body<float>(q, (float*)kc, (float*)vc, partial, stats, slots, positions, heads, kvHeads, headDim, tables, width, bs, scale, softcap, window, splits, attn, counters, fused, kin, vin, cosT, sinT, rotDim, interleaved, rowMap);
 }
 
 // o = gelu_tanh(g) * u, GELU's tanh approximation written as g / (1 + e^(-2 sqrt(2/pi) (g + 0.044715 g^3))).
@@ -1315,7 +1371,8 @@ extern "C" __global__ void gather_rows(const float* x, const int* rows, float* o
 // tile, for values lane d takes dimensions d, d + 32, ... (head dimension at most 256).
 #define FA_Q 32
 #define FA_K 32
-extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float* q, const float* kc, const float* vc, float* out,
+template <typename KV>
+__device__ __forceinline__ void attention_prefill_body(const float* q, const KV* kc, const KV* vc, float* out,
                                                                     const int* slots, const int* positions, const int* tiles,
                                                                     int heads, int kvHeads, int headDim, const int* tables,
                                                                     int width, int bs, float scale,
@@ -1332,8 +1389,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float*
     int kvh = h / (heads / kvHeads), row = kvHeads * headDim;
     int p0 = positions[first], lastPos = p0 + count - 1;
     int slot = slots[first];
-    const float* kb = kc + kvh * headDim;
-    const float* vb = vc + kvh * headDim;
+    long kvOffset = kvh * headDim;
     float* pw = P + warp * 8 * FA_K;
     for (int i = threadIdx.x; i < FA_Q * headDim; i += blockDim.x) {
         int r = i / headDim, d = i % headDim;
@@ -1352,9 +1408,9 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float*
         for (int i = threadIdx.x; i < FA_K * headDim; i += blockDim.x) {
             int j = i / headDim, d = i % headDim, pos = k0 + j;
             bool in = pos <= lastPos;
-            long o = in ? kv_at(tables, width, bs, slot, pos, row) : 0;
-            K[j * hdp + d] = in ? kb[o + d] : 0.f;
-            V[j * headDim + d] = in ? vb[o + d] : 0.f;
+            long o = in ? kv_at(tables, width, bs, slot, pos, row) + kvOffset : 0;
+            K[j * hdp + d] = in ? kv_load(kc, o + d) : 0.f;
+            V[j * headDim + d] = in ? kv_load(vc, o + d) : 0.f;
         }
         __syncthreads();
         float s[8];
@@ -1409,6 +1465,229 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float*
         }
     }
 }
+
+extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float* q, const void* kc, const void* vc, float* out,
+                                                                    const int* slots, const int* positions, const int* tiles,
+                                                                    int heads, int kvHeads, int headDim, const int* tables,
+                                                                    int width, int bs, float scale,
+                                                                    float softcap, int window, int kvHalf) {
+    if (kvHalf) attention_prefill_body<__half>(q, (const __half*)kc, (const __half*)vc, out, slots, positions, tiles, heads, kvHeads, headDim, tables, width, bs, scale, softcap, window);
+    else attention_prefill_body<float>(q, (const float*)kc, (const float*)vc, out, slots, positions, tiles, heads, kvHeads, headDim, tables, width, bs, scale, softcap, window);
+}
+
+// Prompt attention on tensor cores over an F16 KV cache (FlashAttention-2's scheme with
+// mma.sync, Ampere and later): block (tile, head) takes up to FA_ROWS consecutive queries of one
+// sequence (tiles as for attention_prefill), warp w its rows 16w ..< 16w + 16, and walks the
+// sequence's keys in tiles of KT positions. A key/value tile is copied from the paged cache into
+// shared memory with cp.async while the tile before it is worked on (two buffers). Scores are
+// Q K^T as m16n8k16 products (f16 in, f32 out; Q pre-scaled and rounded to f16), soft-capped and
+// masked in f32, then an online softmax per row, and the probabilities (rounded to f16, as
+// llama.cpp does) multiply V on the tensor cores too, each row's sum kept in f32. A thread holds
+// rows lane / 4 and lane / 4 + 8 of its warp's 16 (mma's accumulator layout), so a row's max and
+// sum take two shuffles. Key tiles start at multiples of KT whatever the first query, so a
+// query's result does not depend on the tile it came in. Head dimension D: a multiple of 16;
+// D <= 128 keeps the queries' fragments in registers, larger D reads them from shared memory.
+#define FA_ROWS 64
+
+__device__ __forceinline__ unsigned shared_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
+}
+
+// c += a (16 x 16, row-major fragment) * b (16 x 8, column-major fragment), f16 in, f32 accumulated.
+__device__ __forceinline__ void mma_f16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16 bytes from global to shared memory without passing through registers; zeros when !in.
+__device__ __forceinline__ void copy16_async(void* dst, const void* src, bool in) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(shared_address(dst)), "l"(src), "r"(in ? 16 : 0));
+}
+
+__device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *(unsigned*)&h;
+}
+
+template <int D, int KT>
+__device__ __forceinline__ void attention_prefill_mma(const float* q, const __half* kc, const __half* vc, float* out,
+                                                      const int* slots, const int* positions, const int* tiles, int heads,
+                                                      int kvHeads, const int* tables, int width, int bs, float scale,
+                                                      float softcap, int window) {
+#if __CUDA_ARCH__ >= 800
+    gdc_wait();
+    constexpr int LD = D + 8;           // shared rows padded by 16 bytes: ldmatrix's eight rows hit different banks
+    constexpr int NT = KT / 8;          // score fragments a row of the warp holds (8 keys each)
+    constexpr int DT = D / 8;           // output fragments (8 dimensions each)
+    constexpr int KS = D / 16;          // k-steps of Q K^T
+    constexpr bool QREG = D <= 128;
+    constexpr int CHUNKS = KT * D / 8;  // 16-byte pieces of a key (or value) tile
+    extern __shared__ __align__(16) unsigned char fa_shared[];
+    __half* Qs = (__half*)fa_shared;    // [FA_ROWS][LD]
+    __half* Ks = Qs + FA_ROWS * LD;     // [2][KT][LD]
+    __half* Vs = Ks + 2 * KT * LD;      // [2][KT][LD]
+    int tile = gridDim.x - 1 - blockIdx.x;  // the longest tiles (latest in their sequence) first
+    int first = tiles[2 * tile], count = tiles[2 * tile + 1], h = blockIdx.y;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int kvh = h / (heads / kvHeads), row = kvHeads * D;
+    int p0 = positions[first], lastPos = p0 + count - 1, slot = slots[first];
+    long kvOffset = (long)kvh * D;
+    int lo = window > 0 ? max(0, p0 - window + 1) / KT * KT : 0;
+    int nTiles = (lastPos - lo) / KT + 1;
+    auto load_tile = [&](int t) {
+        int k0 = lo + t * KT;
+        __half* kd = Ks + (t & 1) * KT * LD;
+        __half* vd = Vs + (t & 1) * KT * LD;
+        for (int c = threadIdx.x; c < CHUNKS; c += blockDim.x) {
+            int j = c / (D / 8), part = c % (D / 8), pos = k0 + j;
+            bool in = pos <= lastPos;
+            long o = in ? kv_at(tables, width, bs, slot, pos, row) + kvOffset + part * 8 : 0;
+            copy16_async(kd + j * LD + part * 8, kc + o, in);
+            copy16_async(vd + j * LD + part * 8, vc + o, in);
+        }
+        asm volatile("cp.async.commit_group;");
+    };
+    load_tile(0);
+    // The queries, scaled and rounded to f16 (rows past the tile's count are zeros).
+    for (int i = threadIdx.x; i < FA_ROWS * D / 4; i += blockDim.x) {
+        int r = i / (D / 4), d = 4 * (i % (D / 4));
+        float4 v = r < count ? *(const float4*)(q + ((long)(first + r) * heads + h) * D + d) : make_float4(0.f, 0.f, 0.f, 0.f);
+        *(uint2*)(Qs + r * LD + d) = make_uint2(pack_half2(v.x * scale, v.y * scale), pack_half2(v.z * scale, v.w * scale));
+    }
+    __syncthreads();
+    const __half* qw = Qs + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8;  // this lane's ldmatrix row of Q
+    unsigned qf[QREG ? KS : 1][4];
+    if constexpr (QREG) {
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) ldmatrix_x4(qf[kk], qw + kk * 16);
+    }
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    const float NEG = -__int_as_float(0x7f800000);
+    float m[2] = {NEG, NEG}, l[2] = {0.f, 0.f};
+    int r0 = warp * 16 + (lane >> 2);   // the thread's rows: r0 and r0 + 8
+    int warpFirst = p0 + warp * 16, warpLast = p0 + min(count - 1, warp * 16 + 15);
+    for (int t = 0; t < nTiles; t++) {
+        if (t + 1 < nTiles) {
+            load_tile(t + 1);
+            asm volatile("cp.async.wait_group 1;" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;" ::: "memory");
+        }
+        __syncthreads();
+        int k0 = lo + t * KT;
+        // Skip a tile every key of which is masked for all of the warp's rows.
+        bool work = warp * 16 < count && k0 <= warpLast && (window <= 0 || k0 + KT - 1 > warpFirst - window);
+        if (work) {
+            const __half* kt = Ks + (t & 1) * KT * LD;
+            const __half* vt = Vs + (t & 1) * KT * LD;
+            float s[NT][4];
+#pragma unroll
+            for (int n = 0; n < NT; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                unsigned a[4];
+                if constexpr (QREG) { a[0] = qf[kk][0]; a[1] = qf[kk][1]; a[2] = qf[kk][2]; a[3] = qf[kk][3]; }
+                else ldmatrix_x4(a, qw + kk * 16);
+#pragma unroll
+                for (int j = 0; j < KT / 16; j++) {
+                    unsigned b[4];
+                    ldmatrix_x4(b, kt + (16 * j + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+                    mma_f16(s[2 * j], a, b[0], b[1]);
+                    mma_f16(s[2 * j + 1], a, b[2], b[3]);
+                }
+            }
+            // Soft-cap, mask, and the online softmax of rows r0 (i = 0) and r0 + 8 (i = 1).
+            float mx[2] = {NEG, NEG};
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int r = r0 + (e >> 1) * 8, key = k0 + 8 * n + 2 * (lane & 3) + (e & 1), qpos = p0 + r;
+                    bool valid = r < count && key <= qpos && (window <= 0 || key > qpos - window);
+                    float v = valid ? soft_cap(s[n][e], softcap) : NEG;
+                    s[n][e] = v;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                }
+            }
+            float corr[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
+                float mn = fmaxf(m[i], mx[i]);
+                float base = mn == NEG ? 0.f : mn;  // a row with nothing valid yet: exp(-inf - 0) = 0
+                corr[i] = __expf(m[i] - base);
+                m[i] = mn;
+                mx[i] = base;
+                l[i] *= corr[i];
+            }
+#pragma unroll
+            for (int i = 0; i < DT; i++) { o[i][0] *= corr[0]; o[i][1] *= corr[0]; o[i][2] *= corr[1]; o[i][3] *= corr[1]; }
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float p = __expf(s[n][e] - mx[e >> 1]);
+                    s[n][e] = p;
+                    l[e >> 1] += p;
+                }
+            }
+            // O += P V: the scores' accumulator fragments of keys 16j ..< 16j + 16 are P's A fragment.
+#pragma unroll
+            for (int j = 0; j < KT / 16; j++) {
+                unsigned a[4] = {pack_half2(s[2 * j][0], s[2 * j][1]), pack_half2(s[2 * j][2], s[2 * j][3]),
+                                 pack_half2(s[2 * j + 1][0], s[2 * j + 1][1]), pack_half2(s[2 * j + 1][2], s[2 * j + 1][3])};
+#pragma unroll
+                for (int i = 0; i < DT / 2; i++) {
+                    unsigned b[4];
+                    ldmatrix_x4_trans(b, vt + (16 * j + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + 16 * i + (lane >> 4) * 8);
+                    mma_f16(o[2 * i], a, b[0], b[1]);
+                    mma_f16(o[2 * i + 1], a, b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with this buffer before the next load_tile refills it
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int r = r0 + 8 * i;
+        if (r >= count) continue;
+        float inv = l[i] > 0 ? 1.f / l[i] : 0.f;
+        float* dst = out + ((long)(first + r) * heads + h) * D + 2 * (lane & 3);
+#pragma unroll
+        for (int n = 0; n < DT; n++) *(float2*)(dst + 8 * n) = make_float2(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+    }
+#endif
+}
+
+#define ATTENTION_PREFILL_MMA(D, KT)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma_##D(                                            \
+        const float* q, const __half* kc, const __half* vc, float* out, const int* slots, const int* positions,              \
+        const int* tiles, int heads, int kvHeads, const int* tables, int width, int bs, float scale, float softcap,          \
+        int window) {                                                                                                        \
+        attention_prefill_mma<D, KT>(q, kc, vc, out, slots, positions, tiles, heads, kvHeads, tables, width, bs, scale,     \
+                                     softcap, window);                                                                       \
+    }
+ATTENTION_PREFILL_MMA(64, 64)
+ATTENTION_PREFILL_MMA(96, 64)
+ATTENTION_PREFILL_MMA(128, 64)
+ATTENTION_PREFILL_MMA(256, 32)
 
 // Sampling on the device: only the chosen ids (greedy) or the k largest logits leave the GPU.
 

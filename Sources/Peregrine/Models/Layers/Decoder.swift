@@ -128,9 +128,6 @@ final class DecoderRunner<B: ComputeBackend> {
 
     func makeKVMemory(blocks: Int, blockSize: Int, capacity: Int, type: KVCacheType) throws -> KVMemory {
         guard blocks > 0, blockSize > 0, capacity > 0 else { throw PeregrineError.invalidArgument("KV memory needs at least one block and position") }
-        guard type == .f32 || backend is CPUBackend else {
-            throw PeregrineError.unsupported("a \(type.rawValue) KV cache is implemented on the CPU only; on this device keys and values are f32")
-        }
         return try KVStorage(backend: backend, layers: layerCount, blocks: blocks, blockSize: blockSize, capacity: capacity,
                              kvHeads: kvHeads, headDim: headDim, type: type)
     }
