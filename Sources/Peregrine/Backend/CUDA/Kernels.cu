@@ -872,27 +872,41 @@ __device__ __forceinline__ long kv_at(const int* tables, int width, int bs, int 
     return ((long)tables[(long)slot * width + pos / bs] * bs + pos % bs) * row;
 }
 
-// The KV cache's elements, f32 or f16, at element offset i: one, or four (i a multiple of 4: one
-// 16- or 8-byte load). The attention kernels are templates over the element type KV (their
-// extern "C" entry points pick one by `kvHalf`), so their loads stay straight-line; the kernels
-// that only write the cache take the flag. The half-precision cache holds what f16 rounding of a
-// key or value gives, and kv_round<KV> is that rounding, for a key or value used before it is
-// read back.
-__device__ __forceinline__ float kv_load(const float* p, long i) { return p[i]; }
-__device__ __forceinline__ float kv_load(const __half* p, long i) { return __half2float(p[i]); }
-
-__device__ __forceinline__ float4 kv_load4(const float* p, long i) { return *(const float4*)(p + i); }
-__device__ __forceinline__ float4 kv_load4(const __half* p, long i) {
-    uint2 u = *(const uint2*)(p + i);
-    float2 a = __half22float2(*(const __half2*)&u.x), b = __half22float2(*(const __half2*)&u.y);
-    return make_float4(a.x, a.y, b.x, b.y);
-}
-
+// The KV cache's elements are f32 or f16. The attention kernels are templates over the element
+// type KV (their extern "C" entry points pick one by `kvHalf`), so their loads stay
+// straight-line; the kernels that only write the cache take the flag. The half-precision cache
+// holds what f16 rounding of a key or value gives, and kv_round<KV> is that rounding, for a key
+// or value used before it is read back.
 __device__ __forceinline__ void kv_store(float* p, long i, float v) { p[i] = v; }
 __device__ __forceinline__ void kv_store(__half* p, long i, float v) { p[i] = __float2half_rn(v); }
 __device__ __forceinline__ void kv_store(void* base, long i, float v, int kvHalf) {
     if (kvHalf) kv_store((__half*)base, i, v); else kv_store((float*)base, i, v);
 }
+
+// A cache element at element offset i (or four, i a multiple of 4: one 16- or 8-byte load) as
+// its stored bits, and their widening to f32: loads of f16 as 16-bit integers, which the
+// compiler predicates and issues together, where a load followed by its conversion (inline
+// assembly) would be branched around, one load at a time.
+template <typename KV> struct KVBits;
+template <> struct KVBits<float> {
+    typedef float Stored;
+    typedef float4 Stored4;
+    static __device__ __forceinline__ Stored load(const float* p, long i) { return p[i]; }
+    static __device__ __forceinline__ float widen(Stored x) { return x; }
+    static __device__ __forceinline__ Stored4 load4(const float* p, long i) { return *(const float4*)(p + i); }
+    static __device__ __forceinline__ float4 widen4(Stored4 x) { return x; }
+};
+template <> struct KVBits<__half> {
+    typedef unsigned short Stored;
+    typedef uint2 Stored4;
+    static __device__ __forceinline__ Stored load(const __half* p, long i) { return ((const unsigned short*)p)[i]; }
+    static __device__ __forceinline__ float widen(Stored x) { return __half2float(__ushort_as_half(x)); }
+    static __device__ __forceinline__ Stored4 load4(const __half* p, long i) { return *(const uint2*)(p + i); }
+    static __device__ __forceinline__ float4 widen4(Stored4 x) {
+        float2 a = __half22float2(*(const __half2*)&x.x), b = __half22float2(*(const __half2*)&x.y);
+        return make_float4(a.x, a.y, b.x, b.y);
+    }
+};
 
 template <typename KV> __device__ __forceinline__ float kv_round(float v) { return v; }
 template <> __device__ __forceinline__ float kv_round<__half>(float v) { return __half2float(__float2half_rn(v)); }
@@ -1094,11 +1108,13 @@ __device__ __forceinline__ void attention_split_body(const float* q, KV* kc, KV*
         for (int i = threadIdx.x; i < SPLIT_KEYS * quads; i += blockDim.x) {
             int j = i / quads, c = i % quads;
             long o = offsets[j];
-            float4 kv4 = make_float4(0.f, 0.f, 0.f, 0.f), vv4 = kv4;
+            typename KVBits<KV>::Stored4 rk = {}, rv = {};
             if (o >= 0) {
-                kv4 = kv_load4(kc, kvOffset + o + 4 * c);
-                vv4 = kv_load4(vc, kvOffset + o + 4 * c);
-            } else if (o == -2) {
+                rk = KVBits<KV>::load4(kc, kvOffset + o + 4 * c);
+                rv = KVBits<KV>::load4(vc, kvOffset + o + 4 * c);
+            }
+            float4 kv4 = KVBits<KV>::widen4(rk), vv4 = KVBits<KV>::widen4(rv);
+            if (o == -2) {
                 kv4 = Knew[c];
                 vv4 = *(const float4*)(vnow + 4 * c);
                 vv4 = make_float4(kv_round<KV>(vv4.x), kv_round<KV>(vv4.y), kv_round<KV>(vv4.z), kv_round<KV>(vv4.w));
@@ -1278,15 +1294,38 @@ __device__ __forceinline__ void attention_split_heads_body(const float* q, KV* k
         bool two = j2 < end;
         long o1 = kv_at(tables, width, bs, slot, j, row) + kvOffset, o2 = two ? kv_at(tables, width, bs, slot, j2, row) + kvOffset : o1;
         bool own1 = fused && j == pos, own2 = fused && j2 == pos;  // the token's own key and value: from shared memory
-        float ka[8], kb2[8], va[8], vb2[8];
+        // Every load issued before any is used (their latencies overlap): the cache rows are
+        // read even where the token's own row (not yet written) replaces them, and selected
+        // after; a choice between a shared and a global source per load would branch around each.
+        // Loaded as stored and widened after, so that the loads are plain predicated ones.
+        typename KVBits<KV>::Stored rk1[8], rv1[8], rk2[8], rv2[8];
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             int d = lane + 32 * i;
             bool in = d < headDim;
-            ka[i] = !in ? 0.f : own1 ? ks[d] : kv_load(kc, o1 + d);
-            va[i] = !in ? 0.f : own1 ? vs[d] : kv_load(vc, o1 + d);
-            kb2[i] = !(in && two) ? 0.f : own2 ? ks[d] : kv_load(kc, o2 + d);
-            vb2[i] = !(in && two) ? 0.f : own2 ? vs[d] : kv_load(vc, o2 + d);
+            rk1[i] = in ? KVBits<KV>::load(kc, o1 + d) : 0;
+            rv1[i] = in ? KVBits<KV>::load(vc, o1 + d) : 0;
+            rk2[i] = in ? KVBits<KV>::load(kc, o2 + d) : 0;
+            rv2[i] = in ? KVBits<KV>::load(vc, o2 + d) : 0;
+        }
+        float ka[8], kb2[8], va[8], vb2[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            ka[i] = KVBits<KV>::widen(rk1[i]); va[i] = KVBits<KV>::widen(rv1[i]);
+            kb2[i] = KVBits<KV>::widen(rk2[i]); vb2[i] = KVBits<KV>::widen(rv2[i]);
+        }
+        if (own1 || own2) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                int d = lane + 32 * i;
+                if (d >= headDim) continue;
+                if (own1) { ka[i] = ks[d]; va[i] = vs[d]; }
+                if (own2) { kb2[i] = ks[d]; vb2[i] = vs[d]; }
+            }
+        }
+        if (!two) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) { kb2[i] = 0.f; vb2[i] = 0.f; }
         }
         float s1 = 0, s2 = 0;
 #pragma unroll
@@ -1409,8 +1448,8 @@ __device__ __forceinline__ void attention_prefill_body(const float* q, const KV*
             int j = i / headDim, d = i % headDim, pos = k0 + j;
             bool in = pos <= lastPos;
             long o = in ? kv_at(tables, width, bs, slot, pos, row) + kvOffset : 0;
-            K[j * hdp + d] = in ? kv_load(kc, o + d) : 0.f;
-            V[j * headDim + d] = in ? kv_load(vc, o + d) : 0.f;
+            K[j * hdp + d] = KVBits<KV>::widen(in ? KVBits<KV>::load(kc, o + d) : 0);
+            V[j * headDim + d] = KVBits<KV>::widen(in ? KVBits<KV>::load(vc, o + d) : 0);
         }
         __syncthreads();
         float s[8];
