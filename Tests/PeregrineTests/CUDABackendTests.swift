@@ -378,31 +378,25 @@ final class CUDABackendTests: XCTestCase {
         let scale = a.reduce(0) { max($0, abs($1)) }
         XCTAssertLessThan(maxAbsDiff(a, b), 0.02 * scale)
         // In chunks of 50: the last row's logits.
-        let cache = try PagedKVCache(model: cuda, slots: 1, capacity: prompt.count)
-        var plan = BatchPlan()
-        var last = [Float](repeating: 0, count: cuda.config.vocabSize)
-        for start in stride(from: 0, to: prompt.count, by: 50) {
-            let end = min(prompt.count, start + 50)
-            plan.removeAll()
-            plan.append(tokens: prompt[start..<end], slot: 0, position: start, logits: .last)
-            try cache.prepare(&plan)
-            try last.withUnsafeMutableBufferPointer { try cuda.forward(plan, kv: cache.memory, logits: $0) }
-            try cache.advance(0, by: end - start)
+        func lastInChunks(_ type: KVCacheType) throws -> [Float] {
+            let cache = try PagedKVCache(model: cuda, slots: 1, capacity: prompt.count, type: type)
+            var plan = BatchPlan()
+            var last = [Float](repeating: 0, count: cuda.config.vocabSize)
+            for start in stride(from: 0, to: prompt.count, by: 50) {
+                let end = min(prompt.count, start + 50)
+                plan.removeAll()
+                plan.append(tokens: prompt[start..<end], slot: 0, position: start, logits: .last)
+                try cache.prepare(&plan)
+                try last.withUnsafeMutableBufferPointer { try cuda.forward(plan, kv: cache.memory, logits: $0) }
+                try cache.advance(0, by: end - start)
+            }
+            return last
         }
         let v = cuda.config.vocabSize
-        XCTAssertLessThan(maxAbsDiff(last, a[((prompt.count - 1) * v)...]), 0.02 * scale)
+        XCTAssertLessThan(maxAbsDiff(try lastInChunks(.f32), a[((prompt.count - 1) * v)...]), 0.02 * scale)
         let a16 = try allLogits(cpu, prompt, cacheType: .f16), b16 = try allLogits(cuda, prompt, cacheType: .f16)
         XCTAssertLessThan(maxAbsDiff(a16, b16), 0.02 * scale, "F16 cache")
-        let half = try PagedKVCache(model: cuda, slots: 1, capacity: prompt.count, type: .f16)
-        for start in stride(from: 0, to: prompt.count, by: 50) {
-            let end = min(prompt.count, start + 50)
-            plan.removeAll()
-            plan.append(tokens: prompt[start..<end], slot: 0, position: start, logits: .last)
-            try half.prepare(&plan)
-            try last.withUnsafeMutableBufferPointer { try cuda.forward(plan, kv: half.memory, logits: $0) }
-            try half.advance(0, by: end - start)
-        }
-        XCTAssertLessThan(maxAbsDiff(last, a16[((prompt.count - 1) * v)...]), 0.02 * scale, "F16 cache, in chunks")
+        XCTAssertLessThan(maxAbsDiff(try lastInChunks(.f16), a16[((prompt.count - 1) * v)...]), 0.02 * scale, "F16 cache, in chunks")
     }
 
     /// The best id, the top-k and the repetition penalty computed on the GPU equal the host's on

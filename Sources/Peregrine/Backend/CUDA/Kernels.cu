@@ -874,19 +874,13 @@ __device__ __forceinline__ long kv_at(const int* tables, int width, int bs, int 
 
 // The KV cache's elements are f32 or f16. The attention kernels are templates over the element
 // type KV (their extern "C" entry points pick one by `kvHalf`), so their loads stay
-// straight-line; the kernels that only write the cache take the flag. The half-precision cache
-// holds what f16 rounding of a key or value gives, and kv_round<KV> is that rounding, for a key
-// or value used before it is read back.
-__device__ __forceinline__ void kv_store(float* p, long i, float v) { p[i] = v; }
-__device__ __forceinline__ void kv_store(__half* p, long i, float v) { p[i] = __float2half_rn(v); }
-__device__ __forceinline__ void kv_store(void* base, long i, float v, int kvHalf) {
-    if (kvHalf) kv_store((__half*)base, i, v); else kv_store((float*)base, i, v);
-}
-
-// A cache element at element offset i (or four, i a multiple of 4: one 16- or 8-byte load) as
-// its stored bits, and their widening to f32: loads of f16 as 16-bit integers, which the
-// compiler predicates and issues together, where a load followed by its conversion (inline
-// assembly) would be branched around, one load at a time.
+// straight-line; the kernels that only write the cache take the flag (kv_store). KVBits<KV>:
+// - load/load4: an element at offset i (or four, i a multiple of 4: one 16- or 8-byte load) as
+//   its stored bits, widen/widen4 them to f32 after: f16 is loaded as 16-bit integers, which the
+//   compiler predicates and issues together, where a load followed by its conversion (inline
+//   assembly) would be branched around, one load at a time;
+// - store: an f32 value written as the cache holds it; round: the same rounding, for the token's
+//   own key or value used before it is read back.
 template <typename KV> struct KVBits;
 template <> struct KVBits<float> {
     typedef float Stored;
@@ -895,6 +889,8 @@ template <> struct KVBits<float> {
     static __device__ __forceinline__ float widen(Stored x) { return x; }
     static __device__ __forceinline__ Stored4 load4(const float* p, long i) { return *(const float4*)(p + i); }
     static __device__ __forceinline__ float4 widen4(Stored4 x) { return x; }
+    static __device__ __forceinline__ void store(float* p, long i, float v) { p[i] = v; }
+    static __device__ __forceinline__ float round(float v) { return v; }
 };
 template <> struct KVBits<__half> {
     typedef unsigned short Stored;
@@ -906,10 +902,13 @@ template <> struct KVBits<__half> {
         float2 a = __half22float2(*(const __half2*)&x.x), b = __half22float2(*(const __half2*)&x.y);
         return make_float4(a.x, a.y, b.x, b.y);
     }
+    static __device__ __forceinline__ void store(__half* p, long i, float v) { p[i] = __float2half_rn(v); }
+    static __device__ __forceinline__ float round(float v) { return __half2float(__float2half_rn(v)); }
 };
 
-template <typename KV> __device__ __forceinline__ float kv_round(float v) { return v; }
-template <> __device__ __forceinline__ float kv_round<__half>(float v) { return __half2float(__float2half_rn(v)); }
+__device__ __forceinline__ void kv_store(void* base, long i, float v, int kvHalf) {
+    if (kvHalf) KVBits<__half>::store((__half*)base, i, v); else KVBits<float>::store((float*)base, i, v);
+}
 
 // RoPE on a token's query and key heads (their first rotDim dimensions), and its rotated key and
 // value rows written to the cache at (slot, position): block (token, head) takes one query head,
@@ -1085,12 +1084,12 @@ __device__ __forceinline__ void attention_split_body(const float* q, KV* kc, KV*
                 float c = cosT[(long)t * half + f], sn = sinT[(long)t * half + f];
                 r = first ? src[d] * c - src[other] * sn : src[d] * c + src[other] * sn;
             }
-            if (hh < nh) Qf[hh * headDim + d] = r * scale; else Kf[d] = kv_round<KV>(r);
+            if (hh < nh) Qf[hh * headDim + d] = r * scale; else Kf[d] = KVBits<KV>::round(r);
         }
         __syncthreads();
         if (split == 0 && part == 0) {
             long at = kv_at(tables, width, bs, slot, pos, row) + kvh * headDim;
-            for (int d = threadIdx.x; d < headDim; d += blockDim.x) { kv_store(kc, at + d, Kf[d]); kv_store(vc, at + d, vnow[d]); }
+            for (int d = threadIdx.x; d < headDim; d += blockDim.x) { KVBits<KV>::store(kc, at + d, Kf[d]); KVBits<KV>::store(vc, at + d, vnow[d]); }
         }
     } else {
         for (int i = threadIdx.x; i < nh * headDim; i += blockDim.x)
@@ -1117,7 +1116,7 @@ __device__ __forceinline__ void attention_split_body(const float* q, KV* kc, KV*
             if (o == -2) {
                 kv4 = Knew[c];
                 vv4 = *(const float4*)(vnow + 4 * c);
-                vv4 = make_float4(kv_round<KV>(vv4.x), kv_round<KV>(vv4.y), kv_round<KV>(vv4.z), kv_round<KV>(vv4.w));
+                vv4 = make_float4(KVBits<KV>::round(vv4.x), KVBits<KV>::round(vv4.y), KVBits<KV>::round(vv4.z), KVBits<KV>::round(vv4.w));
             }
             K[j * kStride + c] = kv4;
             V[j * quads + c] = vv4;
@@ -1263,13 +1262,13 @@ __device__ __forceinline__ void attention_split_heads_body(const float* q, KV* k
         __syncthreads();
         for (int n = 0, d = threadIdx.x; d < headDim; d += blockDim.x, n++) {
             qs[d] = qr[n];
-            ks[d] = kv_round<KV>(kr[n]);
-            vs[d] = kv_round<KV>(vnow[d]);
+            ks[d] = KVBits<KV>::round(kr[n]);
+            vs[d] = KVBits<KV>::round(vnow[d]);
         }
         __syncthreads();
         if (split == 0 && h % (heads / kvHeads) == 0) {
             long at = kv_at(tables, width, bs, slot, pos, row) + kvh * headDim;
-            for (int d = threadIdx.x; d < headDim; d += blockDim.x) { kv_store(kc, at + d, ks[d]); kv_store(vc, at + d, vs[d]); }
+            for (int d = threadIdx.x; d < headDim; d += blockDim.x) { KVBits<KV>::store(kc, at + d, ks[d]); KVBits<KV>::store(vc, at + d, vs[d]); }
         }
         qp = qs;
     }
