@@ -78,6 +78,7 @@ final class CUDABackendTests: XCTestCase {
         for (width, grouped) in [(1, false), (3, false), (20, false), (1, true), (3, true), (20, true)] {
             // Either split kernel (the fixture's 4/2 heads make too few blocks for the grouped one by default).
             gpu.groupedAttentionBlocks = grouped ? 0 : Int.max
+            gpu.groupedAttentionFrom = grouped ? 0 : Int.max
             let replaysBefore = gpu.graphReplays
             let g = try PagedKVCache(model: fast, slots: width, capacity: 128, blockSize: 8)
             let c = try PagedKVCache(model: cpu, slots: width, capacity: 128, blockSize: 8)
@@ -140,7 +141,7 @@ final class CUDABackendTests: XCTestCase {
         // The capacity spans the whole pool, so one sequence's table can fill every block.
         let blockSize = 16, blocks = 80, capacity = blocks * blockSize, width = blocks
         let positions = [511, 0, 7, 300, 31, 32, 100, 255, 64, 1]
-        for (heads, kvHeads, hd) in [(32, 8, 128), (32, 2, 64), (4, 4, 16), (12, 4, 256)] {
+        for (heads, kvHeads, hd) in [(32, 8, 128), (32, 2, 64), (4, 4, 16), (12, 4, 256), (16, 4, 96), (4, 2, 24)] {
             let keys = (0..<(blocks * blockSize * kvHeads * hd)).map { _ in uniform() }
             let values = (0..<(blocks * blockSize * kvHeads * hd)).map { _ in uniform() }
             for rows in [1, 5, 20] {
@@ -162,6 +163,7 @@ final class CUDABackendTests: XCTestCase {
                     for (window, grouped) in [(nil, true), (48, true), (nil, false), (48, false)] as [(Int?, Bool)] {
                       for type in KVCacheType.allCases {
                         gpu.groupedAttentionBlocks = grouped ? 0 : Int.max
+                        gpu.groupedAttentionFrom = grouped ? 0 : Int.max
                         func run<B: ComputeBackend>(_ b: B) throws -> (out: [Float], again: [Float]) {
                             let cache = try KVStorage(backend: b, layers: 1, blocks: blocks, blockSize: blockSize, capacity: capacity,
                                                       kvHeads: kvHeads, headDim: hd, type: type)
@@ -198,6 +200,67 @@ final class CUDABackendTests: XCTestCase {
                       }
                     }
                 }
+            }
+        }
+    }
+
+    /// Quantized products on the GPU, for every quantized type it keeps. Over more tokens than
+    /// the row kernels take, the matrix is widened to BF16 for cuBLAS (`dequantize_bf16`, eight
+    /// values a thread, each block's scale decoded once): against the CPU's dequantized values
+    /// with weights and activations rounded to BF16 as the GPU rounds them (a value decoded from
+    /// the wrong bits moves a sum by the size of a weight, far past the bound). Over a few tokens
+    /// the types with row kernels (Q4_K and Q6_K among them) read the weights once for all
+    /// tokens: each token's row equals that token's one-token product within float rounding.
+    /// Under --deterministic every type's product over many tokens gives each token's alone, bit
+    /// for bit.
+    func testQuantizedProductsMatchCPU() throws {
+        let gpu = try backend(), deterministic = try CUDABackend(deterministic: true)
+        var rng = SplitMix(seed: 7)
+        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
+        func bf16(_ x: Float) -> Float { Half.bf16ToFloat(Half.floatToBF16(x)) }
+        func product(_ b: CUDABackend, _ w: CUDAWeight, _ x: ArraySlice<Float>, rows: Int) throws -> [Float] {
+            let xb = try b.buffer(x.count), out = try b.buffer(rows * w.rows)
+            Array(x).withUnsafeBufferPointer { b.write($0, to: xb, offset: 0) }
+            b.matmul(xb, rows: rows, weight: w, bias: nil, out: out)
+            try b.synchronize()
+            var y = [Float](repeating: 0, count: rows * w.rows)
+            y.withUnsafeMutableBufferPointer { b.read(out, offset: 0, into: $0) }
+            return y
+        }
+        let n = 40, k = 768, tokens = 24, few = 5
+        for type in [DType.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K] {
+            let values = (0..<(n * k)).map { _ in uniform() }
+            let size = type.byteCount(elements: n * k)
+            let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
+            defer { bytes.deallocate() }
+            values.withUnsafeBufferPointer { Quantizer.quantize(type, $0.baseAddress!, count: n * k, into: bytes) }
+            let view = TensorView(name: "w", dtype: type, shape: [n, k], data: UnsafeRawPointer(bytes), byteCount: size)
+            let w = view.toFloat().map(bf16)
+            let x = (0..<(tokens * k)).map { _ in uniform() }
+            let weight = try gpu.weight(view)
+            let y = try product(gpu, weight, x[...], rows: tokens)
+            var expected = [Float](repeating: 0, count: tokens * n)
+            for t in 0..<tokens {
+                for o in 0..<n {
+                    var sum = 0.0
+                    for i in 0..<k { sum += Double(bf16(x[t * k + i])) * Double(w[o * k + i]) }
+                    expected[t * n + o] = Float(sum)
+                }
+            }
+            let scale = expected.reduce(0) { max($0, abs($1)) }
+            XCTAssertLessThan(maxAbsDiff(y, expected), 2e-3 * scale, "\(type), \(tokens) tokens")
+            if [.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl].contains(type) {
+                let rows = try product(gpu, weight, x[0..<(few * k)], rows: few)
+                for t in 0..<few {
+                    let alone = try product(gpu, weight, x[(t * k)..<((t + 1) * k)], rows: 1)
+                    XCTAssertLessThan(maxAbsDiff(rows[(t * n)..<((t + 1) * n)], alone), 1e-4 * scale, "\(type), token \(t) of \(few)")
+                }
+            }
+            let exact = try deterministic.weight(view)
+            let all = try product(deterministic, exact, x[...], rows: tokens)
+            for t in [0, 7, tokens - 1] {
+                XCTAssertEqual(Array(all[(t * n)..<((t + 1) * n)]), try product(deterministic, exact, x[(t * k)..<((t + 1) * k)], rows: 1),
+                               "\(type), token \(t), deterministic")
             }
         }
     }

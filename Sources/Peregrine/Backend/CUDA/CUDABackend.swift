@@ -198,12 +198,12 @@ public final class CUDABackend: ComputeBackend {
     private let fusedNorm = ProcessInfo.processInfo.environment["PEREGRINE_NO_FUSED_NORM"] == nil
     /// Batch-invariant arithmetic: every product over any number of tokens runs the same per-row
     /// kernel and every attention the same per-query kernel, so a sequence's logits do not depend
-    /// on what else is in its batch (for F16, BF16, Q8_0, Q4_0 and IQ4_NL weights; F32, Q4_K, Q6_K
-    /// and IQ4_XS products over many tokens still go to cuBLAS). Slower: no tensor cores, no fused decode step.
+    /// on what else is in its batch (for every weight type but F32, whose products over more than
+    /// 64 tokens still go to cuBLAS). Slower: no tensor cores, no fused decode step.
     public let deterministic: Bool
     /// Most tokens a product runs as a per-row kernel before cuBLAS takes it: for 16-bit weights
-    /// cuBLAS from two tokens on (measured 4x faster at 8 decode tokens on an H200); for Q8_0 and
-    /// Q4_0, whose cuBLAS path widens the whole matrix first, up to eight
+    /// cuBLAS from two tokens on (measured 4x faster at 8 decode tokens on an H200); for the
+    /// quantized types, whose cuBLAS path widens the whole matrix first, up to eight
     /// (PEREGRINE_ROW_KERNEL_TOKENS overrides both).
     private let rowKernelOverride = Int(ProcessInfo.processInfo.environment["PEREGRINE_ROW_KERNEL_TOKENS"] ?? "")
     private func rowKernelTokens(_ t: DType) -> Int { rowKernelOverride ?? (t == .f16 || t == .bf16 ? 1 : 8) }
@@ -213,6 +213,12 @@ public final class CUDABackend: ComputeBackend {
     /// heads, on an H200, and no slower at eight). Tests set it to run either kernel;
     /// PEREGRINE_GROUPED_ATTENTION_BLOCKS sets it for measuring.
     var groupedAttentionBlocks = Int(ProcessInfo.processInfo.environment["PEREGRINE_GROUPED_ATTENTION_BLOCKS"] ?? "") ?? 64
+    /// Positions from which one sequence's decode attention runs as attention_split all the
+    /// same: its blocks (8 KV heads x splits for the 8B shape) are fewer, but each reads a KV head
+    /// once for its group with 16-byte asynchronous copies, which pays once the keys outweigh
+    /// the block's fixed work (H200: 134 against 100 tok/s at depth 16,384, 175 against 192 at
+    /// depth 0). PEREGRINE_GROUPED_ATTENTION_FROM sets it for measuring.
+    var groupedAttentionFrom = Int(ProcessInfo.processInfo.environment["PEREGRINE_GROUPED_ATTENTION_FROM"] ?? "") ?? 1024
     /// Prompt attention on tensor cores where `tensorCoreAttention` allows it (tests turn it off
     /// to compare the two kernels on one cache).
     var tensorCoreAttentionAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_TENSOR_CORE_ATTENTION"] == nil
@@ -329,14 +335,14 @@ public final class CUDABackend: ComputeBackend {
         guard graphsEnabled, pinned != nil, firstError == nil,
               (2 * plan.count + plan.blockTables.count) * 4 <= pinnedBytes / 2 else { return }
         var key = base
-        if plan.count > 1 {
-            var longest = 0
-            for p in plan.positions { longest = max(longest, Int(p) + 1) }
-            var h = Hasher()
-            h.combine(base)
-            h.combine(CUDABackend.splitBasis(longest))
-            key = h.finalize()
-        }
+        var longest = 0
+        for p in plan.positions { longest = max(longest, Int(p) + 1) }
+        var h = Hasher()
+        h.combine(base)
+        // A batch's split count follows its longest sequence; one sequence's splits follow the
+        // cache's capacity, and its kernel the sequence's length (`groupedAttentionFrom`).
+        h.combine(plan.count > 1 ? CUDABackend.splitBasis(longest) : longest >= groupedAttentionFrom ? 1 : 0)
+        key = h.finalize()
         if let g = graphs[key] {
             mode = .replaying(g)
             return
@@ -602,10 +608,11 @@ public final class CUDABackend: ComputeBackend {
     public func outputSize(_ w: CUDAWeight) -> Int { w.rows }
 
     /// Products over few tokens run as warp-per-row kernels (reading the weights once); over many,
-    /// as cuBLAS matrix products.
+    /// as cuBLAS matrix products. IQ4_XS, Q3_K and Q2_K rows are read value by value there, so
+    /// they take it only when --deterministic asks every product to be the same per-row kernel.
     private func usesRowKernel(_ rows: Int, _ w: CUDAWeight) -> Bool {
-        (rows <= rowKernelTokens(w.dtype) || deterministic) && ![.q4_K, .q6_K, .iq4_xs, .q3_K, .q2_K, .f32].contains(w.dtype)
-            || w.dtype == .f32 && rows <= 64
+        if w.dtype == .f32 { return rows <= 64 }
+        return deterministic || rows <= rowKernelTokens(w.dtype) && ![.iq4_xs, .q3_K, .q2_K].contains(w.dtype)
     }
 
     private typealias Product = (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)
@@ -614,7 +621,7 @@ public final class CUDABackend: ComputeBackend {
         let n = p.map(\.weight.rows), warps = mode == 2 ? n[0] : n.reduce(0, +)
         let k = p[0].weight.cols
         var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
-        if p[0].weight.dtype == .q8_0 || p[0].weight.dtype == .q4_0 || p[0].weight.dtype == .iq4_nl {
+        if !p[0].weight.dtype.isFloat {
             guard let q = quantizeActivations(x, rows: rows, k: k, norm: nil) else { return }
             (xq, xs) = q
         }
@@ -700,7 +707,7 @@ public final class CUDABackend: ComputeBackend {
         default:
             let n = weight.rows * weight.cols
             guard ensure(&dequantScratch, (n + 1) / 2) else { return nil }
-            launch("dequantize_bf16", grid: blocks(n), block: 256) { a in
+            launch("dequantize_bf16", grid: blocks((n + 7) / 8), block: 256) { a in
                 a.ptr(weight.pointer); a.i32(code(weight.dtype)); a.ptr(dequantScratch); a.i64(n)
             }
             return (dequantScratch.pointer, 14)
@@ -917,10 +924,14 @@ public final class CUDABackend: ComputeBackend {
         // rows x kvHeads x parts blocks; about four a multiprocessor keep the memory busy while
         // each block alternates between loading a tile and working on it. When that is too few
         // blocks to spread a small batch's keys over the GPU (or with one query head a KV head),
-        // attention_split_heads: a block per query head, each reading its KV head.
+        // attention_split_heads: a block per query head, each reading its KV head; but one
+        // sequence from `groupedAttentionFrom` positions on takes attention_split all the same.
         let basis = rows == 1 ? min(window ?? cache.capacity, cache.capacity) : CUDABackend.splitBasis(longest)
         let group = heads / cache.kvHeads, parts = (group + 7) / 8
-        let grouped = group > 1 && splitRows * cache.kvHeads * parts >= groupedAttentionBlocks
+        // attention_split copies rows in 16-byte pieces: 8 f16 or 4 f32 values.
+        let rowBytes = hd * (cache.halfPrecision != 0 ? 2 : 4)
+        let grouped = group > 1 && rowBytes % 16 == 0
+            && (splitRows * cache.kvHeads * parts >= groupedAttentionBlocks || splitRows == 1 && longest >= groupedAttentionFrom)
         let blocksPerSplit = grouped ? splitRows * cache.kvHeads * parts : splitRows * heads
         let fill = ((grouped ? 4 : 2) * driver.multiprocessors + blocksPerSplit - 1) / blocksPerSplit
         let splits = max(1, min((basis + 31) / 32, max(fill, (basis + 255) / 256), 64))  // SPLIT_MAX
@@ -930,10 +941,11 @@ public final class CUDABackend: ComputeBackend {
         }
         guard ensure(&scratch, splitRows * heads * splits * (hd + 2)) else { return }
         let stats = scratch.pointer + UInt64(splitRows * heads * splits * hd * 4)
-        // Keys and values of a tile of 32 (keys padded by 16 bytes a row), the group's queries and
-        // the token's key, as float4s; then the tile's probabilities (8 x 32 floats) and key offsets.
-        let quads = hd / 4
-        let shared = grouped ? 16 * (32 * (quads + 1) + 32 * quads + 8 * quads + quads) + 4 * 8 * 32 + 8 * 32 : 0
+        // Two buffers of a tile's 32 key rows (padded by 16 bytes) and value rows as stored, the
+        // group's queries and the token's key as float4s; then the tile's probabilities (8 x 32
+        // floats) and the two tiles' key offsets (SPLIT_KEYS, SPLIT_GROUP in Kernels.cu).
+        let quads = hd / 4, chunks = rowBytes / 16
+        let shared = grouped ? 16 * (2 * 32 * (chunks + 1) + 2 * 32 * chunks + 8 * quads + quads) + 4 * 8 * 32 + 8 * 2 * 32 : 0
         launch(grouped ? "attention_split" : "attention_split_heads", grid: (splitRows, grouped ? cache.kvHeads * parts : heads, splits),
                block: 128, shared: shared) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)
@@ -1116,7 +1128,7 @@ public final class CUDABackend: ComputeBackend {
                 var widened: CUDADriver.DevicePointer?
                 if ![DType.f32, .f16, .bf16].contains(dtype) {
                     guard ensure(&dequantScratch, (chosen * size + 1) / 2) else { return }
-                    launch("dequantize_experts_bf16", grid: (blocks(size).0, chosen, 1), block: 256) { a in
+                    launch("dequantize_experts_bf16", grid: (blocks((size + 7) / 8).0, chosen, 1), block: 256) { a in
                         a.ptr(table); a.ptr(active); a.i32(n); a.i32(code(dtype)); a.i64(size); a.ptr(dequantScratch)
                     }
                     widened = dequantScratch.pointer

@@ -773,6 +773,100 @@ __device__ __forceinline__ void warp_row_dot(const void* w, int dtype, long tota
     for (int t = 0; t < nt; t++) acc[t] = warp_sum(acc[t]);
 }
 
+// acc[t] += dot(W[row, :], x[t0 + t, :]) for nt tokens of 8-bit x (xq, xs), by one warp, for a
+// Q4_K row (`row` its first value): a lane per 16 bytes of values, 32 values of two sub-blocks,
+// as matvec_body reads them, the weights read once for all nt tokens.
+__device__ __forceinline__ void q4k_row_dot(const void* w, long total, long row, const signed char* xq, const float* xs, int k,
+                                            int t0, int nt, int lane, float* acc) {
+    const uint4* base = (const uint4*)w + row / 32;
+    const uint4* head = (const uint4*)((const unsigned char*)w + total / 2) + row / 256;
+    for (int i = lane; i < k / 32; i += 32) {
+        uint4 qv = __ldg(base + i), h = head[i / 8];
+        int j = (i % 8) / 2, half = i % 2;
+        float d, dmin;
+        int s1, m1, s2, m2;
+        q4k_header(h, 2 * j, d, dmin, s1, m1, s2, m2);
+        unsigned v[4] = {qv.x, qv.y, qv.z, qv.w};
+        int lo4[4], hi4[4];
+#pragma unroll
+        for (int b = 0; b < 4; b++) { lo4[b] = (int)(v[b] & 0x0F0F0F0F); hi4[b] = (int)((v[b] >> 4) & 0x0F0F0F0F); }
+        long at = (long)(i / 8) * 256 + 64 * j + 16 * half;
+        for (int t = 0; t < nt; t++) {
+            const signed char* xr = xq + (long)(t0 + t) * k;
+            const float* sr = xs + (long)(t0 + t) * (k / 32);
+            int4 a = *(const int4*)(xr + at), c = *(const int4*)(xr + at + 32);
+            int sa = __dp4a(0x01010101, a.x, 0); sa = __dp4a(0x01010101, a.y, sa); sa = __dp4a(0x01010101, a.z, sa); sa = __dp4a(0x01010101, a.w, sa);
+            int sc = __dp4a(0x01010101, c.x, 0); sc = __dp4a(0x01010101, c.y, sc); sc = __dp4a(0x01010101, c.z, sc); sc = __dp4a(0x01010101, c.w, sc);
+            int lo = __dp4a(lo4[0], a.x, 0); lo = __dp4a(lo4[1], a.y, lo); lo = __dp4a(lo4[2], a.z, lo); lo = __dp4a(lo4[3], a.w, lo);
+            int hi = __dp4a(hi4[0], c.x, 0); hi = __dp4a(hi4[1], c.y, hi); hi = __dp4a(hi4[2], c.z, hi); hi = __dp4a(hi4[3], c.w, hi);
+            acc[t] += sr[at / 32] * (d * s1 * lo - dmin * m1 * sa) + sr[at / 32 + 1] * (d * s2 * hi - dmin * m2 * sc);
+        }
+    }
+    for (int t = 0; t < nt; t++) acc[t] = warp_sum(acc[t]);
+}
+
+// The same for a Q6_K row: a lane per unit of matvec_q6k_body (16 values of each quarter of one
+// half of a super-block, 48 bytes, four 16-value scales).
+__device__ __forceinline__ void q6k_row_dot(const void* w, long total, long row, const signed char* xq, const float* xs, int k,
+                                            int t0, int nt, int lane, float* acc) {
+    const long blocks = total / 256;
+    const unsigned char* vals = (const unsigned char*)w + (row / 256) * 192;
+    const signed char* scl = (const signed char*)w + blocks * 192 + (row / 256) * 16;
+    const __half* dd = (const __half*)((const unsigned char*)w + blocks * 208) + row / 256;
+    for (int i = lane; i < k / 64; i += 32) {
+        int sb = i / 4, half = (i % 4) / 2, lh = i % 2;
+        const unsigned char* v = vals + sb * 192;
+        uint4 qa = __ldg((const uint4*)(v + half * 64 + 16 * lh)), qb = __ldg((const uint4*)(v + half * 64 + 32 + 16 * lh));
+        uint4 qh = __ldg((const uint4*)(v + 128 + half * 32 + 16 * lh));
+        unsigned A[4] = {qa.x, qa.y, qa.z, qa.w}, B[4] = {qb.x, qb.y, qb.z, qb.w}, H[4] = {qh.x, qh.y, qh.z, qh.w};
+        int q[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            q[0][j] = (int)__vsub4((A[j] & 0x0F0F0F0F) | ((H[j] << 4) & 0x30303030), 0x20202020);
+            q[1][j] = (int)__vsub4((B[j] & 0x0F0F0F0F) | ((H[j] << 2) & 0x30303030), 0x20202020);
+            q[2][j] = (int)__vsub4(((A[j] >> 4) & 0x0F0F0F0F) | (H[j] & 0x30303030), 0x20202020);
+            q[3][j] = (int)__vsub4(((B[j] >> 4) & 0x0F0F0F0F) | ((H[j] >> 2) & 0x30303030), 0x20202020);
+        }
+        const signed char* sc = scl + sb * 16 + half * 8 + lh;
+        float d = __half2float(dd[sb]);
+        long p0 = (long)sb * 256 + half * 128 + 16 * lh;
+        for (int t = 0; t < nt; t++) {
+            const signed char* xr = xq + (long)(t0 + t) * k;
+            const float* sr = xs + (long)(t0 + t) * (k / 32);
+            float sum = 0;
+#pragma unroll
+            for (int quarter = 0; quarter < 4; quarter++) {
+                int4 a = *(const int4*)(xr + p0 + 32 * quarter);
+                int dot = __dp4a(q[quarter][0], a.x, 0);
+                dot = __dp4a(q[quarter][1], a.y, dot); dot = __dp4a(q[quarter][2], a.z, dot); dot = __dp4a(q[quarter][3], a.w, dot);
+                sum += sc[2 * quarter] * sr[(p0 + 32 * quarter) / 32] * dot;
+            }
+            acc[t] += d * sum;
+        }
+    }
+    for (int t = 0; t < nt; t++) acc[t] = warp_sum(acc[t]);
+}
+
+// acc[t] += dot(W[row, :], x[t0 + t, :]) for nt tokens, by one warp, for every weight type (xq,
+// xs: x rounded to 8 bits, for the quantized types): warp_row_dot for the float types, Q8_0,
+// Q4_0 and IQ4_NL; Q4_K and Q6_K on 8-bit x with dp4a; the other types value by value on f32 x.
+__device__ __forceinline__ void row_dot(const void* w, int dtype, long total, long row, const float* x, const signed char* xq,
+                                        const float* xs, int k, int t0, int nt, int lane, float* acc) {
+    if (dtype <= 4 || dtype == 7) {
+        warp_row_dot(w, dtype, total, row, x, xq, xs, k, t0, nt, lane, acc);
+    } else if (dtype == 5) {
+        q4k_row_dot(w, total, row, xq, xs, k, t0, nt, lane, acc);
+    } else if (dtype == 6) {
+        q6k_row_dot(w, total, row, xq, xs, k, t0, nt, lane, acc);
+    } else {
+        for (int i = lane; i < k; i += 32) {
+            float wv = load_weight(w, dtype, row + i, total);
+            for (int t = 0; t < nt; t++) acc[t] += wv * x[(long)(t0 + t) * k + i];
+        }
+        for (int t = 0; t < nt; t++) acc[t] = warp_sum(acc[t]);
+    }
+}
+
 // Products of up to three weights with the same input, one warp per output row (rows of
 // matrix 0, then 1, then 2). mode 0: y = W x + b; 1: y += W x + b (the residual add fused);
 // 2: gated, y0 = silu(W0 x + b0) * (W1 x + b1), one warp computing both rows.
@@ -793,11 +887,11 @@ extern "C" __global__ void matmul_rows(const void* w0, const float* b0, float* y
         int nt = min(TOKENS, tokens - t0);
         float acc[TOKENS];
         for (int t = 0; t < TOKENS; t++) acc[t] = 0;
-        warp_row_dot(w, dtype, (long)n * k, (long)o * k, x, xq, xs, k, t0, nt, lane, acc);
+        row_dot(w, dtype, (long)n * k, (long)o * k, x, xq, xs, k, t0, nt, lane, acc);
         if (mode == 2) {
             float up[TOKENS];
             for (int t = 0; t < TOKENS; t++) up[t] = 0;
-            warp_row_dot(w1, dtype, (long)n * k, (long)o * k, x, xq, xs, k, t0, nt, lane, up);
+            row_dot(w1, dtype, (long)n * k, (long)o * k, x, xq, xs, k, t0, nt, lane, up);
             if (lane == 0) {
                 for (int t = 0; t < nt; t++) {
                     float g = acc[t] + (b0 ? b0[o] : 0.f), u = up[t] + (b1 ? b1[o] : 0.f);
@@ -814,22 +908,91 @@ extern "C" __global__ void matmul_rows(const void* w0, const float* b0, float* y
     }
 }
 
-// A quantized matrix widened to BF16, for cuBLAS products over many tokens.
+// Values i0 ..< i0 + 8 of a quantized matrix of `total` values (i0 a multiple of 8) as BF16, each
+// the value load_weight gives: the common types decode their block's scale (or Q4_K's header)
+// once for the eight and read their bytes in one load, so widening a matrix is bound by its
+// writes, not by decoding every value on its own.
+__device__ __forceinline__ uint4 dequant8_bf16(const void* w, int dtype, long i0, long total) {
+    float f[8];
+    const unsigned char* base = (const unsigned char*)w;
+    if (dtype == 3) {
+        uint2 raw = *(const uint2*)(base + i0);
+        float d = __half2float(quant_scales(w, 3, total)[i0 / 32]);
+        const signed char* q = (const signed char*)&raw;
+#pragma unroll
+        for (int e = 0; e < 8; e++) f[e] = d * (float)q[e];
+    } else if (dtype == 4 || dtype == 7) {
+        // Values 0-15 of a 32-value block are its 16 bytes' low nibbles, 16-31 their high ones.
+        int r = (int)(i0 % 32);
+        uint2 raw = *(const uint2*)(base + (i0 / 32) * 16 + r % 16);
+        const unsigned char* b = (const unsigned char*)&raw;
+        float d = __half2float(quant_scales(w, dtype, total)[i0 / 32]);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            int q = r < 16 ? (b[e] & 15) : (b[e] >> 4);
+            f[e] = dtype == 4 ? d * (float)(q - 8) : d * (float)iq4_level(q);
+        }
+    } else if (dtype == 5) {
+        long sb = i0 / 256;
+        int r = (int)(i0 % 256), j = r / 64, l = r % 64;
+        uint2 raw = *(const uint2*)(base + sb * 128 + 32 * j + l % 32);
+        const unsigned char* b = (const unsigned char*)&raw;
+        uint4 h = ((const uint4*)(base + total / 2))[sb];
+        float d, dmin;
+        int s1, m1, s2, m2;
+        q4k_header(h, 2 * j, d, dmin, s1, m1, s2, m2);
+        int sc = l < 32 ? s1 : s2, m = l < 32 ? m1 : m2;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            int q = l < 32 ? (b[e] & 15) : (b[e] >> 4);
+            f[e] = d * sc * q - dmin * m;
+        }
+    } else if (dtype == 6) {
+        long sb = i0 / 256, blocks = total / 256;
+        int r = (int)(i0 % 256), n = r / 128, qd = (r % 128) / 32, l = r % 32;
+        const unsigned char* v = base + sb * 192;
+        uint2 lo = *(const uint2*)(v + n * 64 + l + (qd & 1 ? 32 : 0)), hi = *(const uint2*)(v + 128 + n * 32 + l);
+        const unsigned char* bl = (const unsigned char*)&lo;
+        const unsigned char* bh = (const unsigned char*)&hi;
+        int sc = ((const signed char*)base + blocks * 192)[sb * 16 + n * 8 + l / 16 + 2 * qd];
+        float d = __half2float(((const __half*)(base + blocks * 208))[sb]);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            int q = ((qd < 2 ? (bl[e] & 15) : (bl[e] >> 4)) | (((bh[e] >> (2 * qd)) & 3) << 4)) - 32;
+            f[e] = d * sc * q;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++) f[e] = load_weight(w, dtype, i0 + e, total);
+    }
+    uint4 out;
+    unsigned* o = (unsigned*)&out;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        __nv_bfloat162 pair = __floats2bfloat162_rn(f[2 * e], f[2 * e + 1]);
+        o[e] = *(unsigned*)&pair;
+    }
+    return out;
+}
+
+// A quantized matrix of n values (a multiple of 8) widened to BF16 for cuBLAS products over many
+// tokens, eight values a thread.
 extern "C" __global__ void dequantize_bf16(const void* w, int dtype, __nv_bfloat16* out, long n) {
     gdc_wait();
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = __float2bfloat16(load_weight(w, dtype, i, n));
+    long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i < n) *(uint4*)(out + i) = dequant8_bf16(w, dtype, i, n);
 }
 
 // The chosen experts' weights of one projection widened to BF16 for cuBLAS: block row y takes
-// the y-th chosen expert (active[0..<active[experts]], as moe_group lists them), n values each.
+// the y-th chosen expert (active[0..<active[experts]], as moe_group lists them), n values each
+// (a multiple of 8), eight a thread.
 extern "C" __global__ void dequantize_experts_bf16(const unsigned long long* weights, const int* active, int experts, int dtype, long n,
                                                    __nv_bfloat16* out) {
     gdc_wait();
     int a = blockIdx.y;
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (a >= active[experts] || i >= n) return;
-    out[(long)a * n + i] = __float2bfloat16(load_weight((const void*)weights[active[a]], dtype, i, n));
+    *(uint4*)(out + (long)a * n + i) = dequant8_bf16((const void*)weights[active[a]], dtype, i, n);
 }
 
 // Activations to the weights' 16-bit type, for cuBLAS products.
@@ -880,7 +1043,8 @@ __device__ __forceinline__ long kv_at(const int* tables, int width, int bs, int 
 //   compiler predicates and issues together, where a load followed by its conversion (inline
 //   assembly) would be branched around, one load at a time;
 // - store: an f32 value written as the cache holds it; round: the same rounding, for the token's
-//   own key or value used before it is read back.
+//   own key or value used before it is read back;
+// - widen_chunk: 16 stored bytes (perChunk elements: 4 f32 or 8 f16) as f32.
 template <typename KV> struct KVBits;
 template <> struct KVBits<float> {
     typedef float Stored;
@@ -891,6 +1055,10 @@ template <> struct KVBits<float> {
     static __device__ __forceinline__ float4 widen4(Stored4 x) { return x; }
     static __device__ __forceinline__ void store(float* p, long i, float v) { p[i] = v; }
     static __device__ __forceinline__ float round(float v) { return v; }
+    static constexpr int perChunk = 4;
+    static __device__ __forceinline__ void widen_chunk(uint4 raw, float* x) {
+        x[0] = __uint_as_float(raw.x); x[1] = __uint_as_float(raw.y); x[2] = __uint_as_float(raw.z); x[3] = __uint_as_float(raw.w);
+    }
 };
 template <> struct KVBits<__half> {
     typedef unsigned short Stored;
@@ -904,6 +1072,15 @@ template <> struct KVBits<__half> {
     }
     static __device__ __forceinline__ void store(__half* p, long i, float v) { p[i] = __float2half_rn(v); }
     static __device__ __forceinline__ float round(float v) { return __half2float(__float2half_rn(v)); }
+    static constexpr int perChunk = 8;
+    static __device__ __forceinline__ void widen_chunk(uint4 raw, float* x) {
+        unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float2 f = __half22float2(*(const __half2*)&w[i]);
+            x[2 * i] = f.x; x[2 * i + 1] = f.y;
+        }
+    }
 };
 
 __device__ __forceinline__ void kv_store(void* base, long i, float v, int kvHalf) {
@@ -955,6 +1132,31 @@ extern "C" __global__ void store_kv(const float* k, const float* v, void* kc, vo
         kv_store(kc, at + i, k[(long)t * rowSize + i], kvHalf);
         kv_store(vc, at + i, v[(long)t * rowSize + i], kvHalf);
     }
+}
+
+__device__ __forceinline__ unsigned shared_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+// 16 bytes from global to shared memory without passing through registers (Ampere and later;
+// before, an ordinary load and store); zeros when !in. Copies are grouped by copy_commit, and
+// copy_wait<N> waits until at most N of this thread's groups are still in flight.
+__device__ __forceinline__ void copy16_async(void* dst, const void* src, bool in) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(shared_address(dst)), "l"(src), "r"(in ? 16 : 0));
+#else
+    *(uint4*)dst = in ? *(const uint4*)src : make_uint4(0, 0, 0, 0);
+#endif
+}
+
+__device__ __forceinline__ void copy_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;");
+#endif
+}
+
+template <int N> __device__ __forceinline__ void copy_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+#endif
 }
 
 // Most splits of one sequence (the host caps its count): a warp's lanes hold two each in the merge.
@@ -1024,16 +1226,20 @@ __device__ __forceinline__ float soft_cap(float s, float cap) { return cap > 0.f
 // all of them (GQA), not once per query head. The split count is fixed at launch and each
 // split's share of the positions follows the sequence's length read on the device, so a
 // recorded decode step stays valid at every position. The block walks its share in tiles of
-// SPLIT_KEYS keys: all threads stage the tile's keys and values in shared memory (16-byte
-// loads), then warp w takes query heads w and w + 4: lane j scores key j, the warp updates the
-// head's online softmax, and lane d accumulates value dimensions d, d + 32, ... (head dimension
-// at most 256, a multiple of 4). With one split the block writes attn itself; otherwise each
-// head's partial result and (max, sum) go to scratch and the group's last split to finish
-// combines them, its counter reset for the next launch. With `fused` (one token), RoPE and the
-// KV-cache write happen here too: the block rotates its query heads and the token's key in
-// shared memory and takes the token's own key and value from there and from vin, and split 0
-// of the group's first block writes them to the cache (no block reads that cache row in this
-// launch). Dynamic shared memory: see the host's attention().
+// SPLIT_KEYS keys, copied as stored (16-byte cp.async, no registers) into one of two shared
+// buffers while the other tile is worked on: decode attention is bound by how many loads are in
+// flight, and a tile loaded into registers and stored would keep one round trip per element.
+// Warp w then takes query heads w and w + 4: lane j scores key j (its row read in 16-byte
+// chunks, rows padded by 16 bytes against bank conflicts), the warp updates the head's online
+// softmax, and lane l accumulates value dimensions 4l ..< 4l + 4 and 128 + 4l ..< 132 + 4l (head
+// dimension at most 256, a multiple of 16 bytes of the cache's type). With one split the block
+// writes attn itself; otherwise each head's partial result and (max, sum) go to scratch and the
+// group's last split to finish combines them, its counter reset for the next launch. With
+// `fused` (one token), RoPE and the KV-cache write happen here too: the block rotates its query
+// heads and the token's key in shared memory and puts the token's own key and value (rounded as
+// the cache holds them) in the tile in place of the cache row, which split 0 of the group's
+// first block writes (no block reads that cache row in this launch). Dynamic shared memory:
+// see the host's attention().
 template <typename KV>
 __device__ __forceinline__ void attention_split_body(const float* q, KV* kc, KV* vc, float* partial,
                                                                   float* stats, const int* slots, const int* positions, int heads,
@@ -1045,6 +1251,7 @@ __device__ __forceinline__ void attention_split_body(const float* q, KV* kc, KV*
                                                                   const int* rowMap) {
     gdc_wait();
     extern __shared__ float4 shared4[];
+    constexpr int per = KVBits<KV>::perChunk;
     // rowMap: the rows of a mixed batch that are single queries (the others go to attention_prefill).
     int t = rowMap ? rowMap[blockIdx.x] : blockIdx.x, split = blockIdx.z;
     int group = heads / kvHeads, parts = (group + SPLIT_GROUP - 1) / SPLIT_GROUP;
@@ -1054,19 +1261,18 @@ __device__ __forceinline__ void attention_split_body(const float* q, KV* kc, KV*
     int lo = window > 0 ? max(0, pos - window + 1) : 0;
     int chunk = (pos + 1 - lo + splits - 1) / splits;
     int start = lo + split * chunk, end = min(pos + 1, start + chunk);
-    int row = kvHeads * headDim, quads = headDim / 4, kStride = quads + 1;  // K rows padded by 16 bytes: no bank conflicts
+    int row = kvHeads * headDim, quads = headDim / 4, chunks = headDim / per, kStride = chunks + 1;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float4* K = shared4;                                  // [SPLIT_KEYS][quads + 1]
-    float4* V = K + SPLIT_KEYS * kStride;                 // [SPLIT_KEYS][quads]
-    float4* Q = V + SPLIT_KEYS * quads;                   // [nh][quads], scaled (and rotated when fused)
-    float4* Knew = Q + SPLIT_GROUP * quads;               // the token's rotated key (fused)
+    uint4* Kraw = (uint4*)shared4;                        // [2][SPLIT_KEYS][chunks + 1]: key rows as stored
+    uint4* Vraw = Kraw + 2 * SPLIT_KEYS * kStride;        // [2][SPLIT_KEYS][chunks]: value rows as stored
+    float4* Q = (float4*)(Vraw + 2 * SPLIT_KEYS * chunks);  // [nh][quads], scaled (and rotated when fused)
+    float4* Knew = Q + SPLIT_GROUP * quads;               // the token's rotated key, rounded as stored (fused)
     float* P = (float*)(Knew + quads);                    // [SPLIT_GROUP][SPLIT_KEYS]: probabilities of the tile
-    long* offsets = (long*)(P + SPLIT_GROUP * SPLIT_KEYS);  // [SPLIT_KEYS]: the tile's keys' cache rows (offset_of)
+    long* offsets = (long*)(P + SPLIT_GROUP * SPLIT_KEYS);  // [2][SPLIT_KEYS]: the tiles' keys' cache rows (offset_of)
     float* Qf = (float*)Q;
     float* Kf = (float*)Knew;
     const float* vnow = vin + ((long)t * kvHeads + kvh) * headDim;
-    // Each key's cache row: -1 past the share, -2 the token's own (fused). The first tile's
-    // here, so the block-table reads overlap the queries'; the next tile's while this one is worked on.
+    // Each key's cache row: -1 past the share, -2 the token's own (fused).
     auto offset_of = [&](int j) -> long {
         return j >= end ? -1L : fused && j == pos ? -2L : kv_at(tables, width, bs, slot, j, row);
     };
@@ -1096,69 +1302,96 @@ __device__ __forceinline__ void attention_split_body(const float* q, KV* kc, KV*
             Qf[i] = q[((long)t * heads + h0) * headDim + i] * scale;
     }
     long kvOffset = kvh * headDim;
+    // The (key, chunk) pairs a thread copies: threadIdx.x, then every blockDim.x-th, walked
+    // without a division per element.
+    int j0 = threadIdx.x / chunks, c0 = threadIdx.x % chunks, dj = blockDim.x / chunks, dc = blockDim.x % chunks;
+    // Tile `buf` of the keys whose rows are in offsets[buf]: cache rows copied asynchronously,
+    // zeros past the share, the token's own row written from shared memory.
+    auto stage = [&](int buf) {
+        const long* offs = offsets + buf * SPLIT_KEYS;
+        uint4* kd = Kraw + buf * SPLIT_KEYS * kStride;
+        uint4* vd = Vraw + buf * SPLIT_KEYS * chunks;
+        for (int j = j0, c = c0; j < SPLIT_KEYS;) {
+            long o = offs[j];
+            if (o == -2) {
+#pragma unroll
+                for (int e = 0; e < per; e++) {
+                    KVBits<KV>::store((KV*)(kd + j * kStride + c), e, Kf[c * per + e]);
+                    KVBits<KV>::store((KV*)(vd + j * chunks + c), e, vnow[c * per + e]);
+                }
+            } else {
+                long at = o >= 0 ? kvOffset + o + c * per : 0;
+                copy16_async(kd + j * kStride + c, kc + at, o >= 0);
+                copy16_async(vd + j * chunks + c, vc + at, o >= 0);
+            }
+            j += dj; c += dc;
+            if (c >= chunks) { c -= chunks; j++; }
+        }
+        copy_commit();
+    };
     // Warp w's heads: w and w + 4 (those below nh).
     bool has0 = warp < nh, has1 = warp + 4 < nh;
     float m[2] = {-__int_as_float(0x7f800000), -__int_as_float(0x7f800000)}, l[2] = {0, 0}, acc[2][8];
 #pragma unroll
     for (int i = 0; i < 8; i++) { acc[0][i] = 0; acc[1][i] = 0; }
-    for (int k0 = start; k0 < end; k0 += SPLIT_KEYS) {
-        int count = min(SPLIT_KEYS, end - k0);
-        __syncthreads();  // the previous tile is no longer read; this one's offsets (and, first time, Q) are written
-        for (int i = threadIdx.x; i < SPLIT_KEYS * quads; i += blockDim.x) {
-            int j = i / quads, c = i % quads;
-            long o = offsets[j];
-            typename KVBits<KV>::Stored4 rk = {}, rv = {};
-            if (o >= 0) {
-                rk = KVBits<KV>::load4(kc, kvOffset + o + 4 * c);
-                rv = KVBits<KV>::load4(vc, kvOffset + o + 4 * c);
-            }
-            float4 kv4 = KVBits<KV>::widen4(rk), vv4 = KVBits<KV>::widen4(rv);
-            if (o == -2) {
-                kv4 = Knew[c];
-                vv4 = *(const float4*)(vnow + 4 * c);
-                vv4 = make_float4(KVBits<KV>::round(vv4.x), KVBits<KV>::round(vv4.y), KVBits<KV>::round(vv4.z), KVBits<KV>::round(vv4.w));
-            }
-            K[j * kStride + c] = kv4;
-            V[j * quads + c] = vv4;
+    int tiles = end > start ? (end - start + SPLIT_KEYS - 1) / SPLIT_KEYS : 0;
+    __syncthreads();  // the first tile's offsets, Q and the token's key are written
+    if (tiles > 0) stage(0);
+    for (int n = 0; n < tiles; n++) {
+        int k0 = start + n * SPLIT_KEYS, count = min(SPLIT_KEYS, end - k0), buf = n & 1;
+        if (n + 1 < tiles) {
+            if (threadIdx.x < SPLIT_KEYS) offsets[(buf ^ 1) * SPLIT_KEYS + threadIdx.x] = offset_of(k0 + SPLIT_KEYS + threadIdx.x);
+            __syncthreads();  // the next tile's offsets are written, and the tile before this one is no longer read
+            stage(buf ^ 1);
+            copy_wait<1>();
+        } else {
+            copy_wait<0>();
         }
-        __syncthreads();
-        if (threadIdx.x < SPLIT_KEYS) offsets[threadIdx.x] = offset_of(k0 + SPLIT_KEYS + threadIdx.x);
+        __syncthreads();  // this tile is in shared memory, every thread's copies
         if (!has0) continue;
         // Scores: lane j against key j, for the warp's one or two heads (the key read once).
         float s0 = 0, s1 = 0;
-        const float4* kr = K + lane * kStride;
+        const uint4* kr = Kraw + (buf * SPLIT_KEYS + lane) * kStride;
         const float4* q0 = Q + warp * quads;
         const float4* q1 = Q + (has1 ? warp + 4 : warp) * quads;
-        for (int c = 0; c < quads; c++) {
-            float4 k4 = kr[c], a = q0[c], b = q1[c];
-            s0 += a.x * k4.x + a.y * k4.y + a.z * k4.z + a.w * k4.w;
-            s1 += b.x * k4.x + b.y * k4.y + b.z * k4.z + b.w * k4.w;
+        for (int c = 0; c < chunks; c++) {
+            float x[per];
+            KVBits<KV>::widen_chunk(kr[c], x);
+#pragma unroll
+            for (int e = 0; e < per; e += 4) {
+                float4 a = q0[(c * per + e) / 4], b = q1[(c * per + e) / 4];
+                s0 += a.x * x[e] + a.y * x[e + 1] + a.z * x[e + 2] + a.w * x[e + 3];
+                s1 += b.x * x[e] + b.y * x[e + 1] + b.z * x[e + 2] + b.w * x[e + 3];
+            }
         }
         bool valid = lane < count;
         float s[2] = {soft_cap(s0, softcap), soft_cap(s1, softcap)};
 #pragma unroll
-        for (int n = 0; n < 2; n++) {
-            if (n == 1 && !has1) break;
-            float sv = valid ? s[n] : -__int_as_float(0x7f800000);
-            float mn = fmaxf(m[n], warp_max(sv));  // finite: the tile has a valid key
-            float corr = __expf(m[n] - mn), p = valid ? __expf(sv - mn) : 0.f;
-            l[n] = l[n] * corr + warp_sum(p);
-            m[n] = mn;
-            P[(warp + 4 * n) * SPLIT_KEYS + lane] = p;
+        for (int n2 = 0; n2 < 2; n2++) {
+            if (n2 == 1 && !has1) break;
+            float sv = valid ? s[n2] : -__int_as_float(0x7f800000);
+            float mn = fmaxf(m[n2], warp_max(sv));  // finite: the tile has a valid key
+            float corr = __expf(m[n2] - mn), p = valid ? __expf(sv - mn) : 0.f;
+            l[n2] = l[n2] * corr + warp_sum(p);
+            m[n2] = mn;
+            P[(warp + 4 * n2) * SPLIT_KEYS + lane] = p;
 #pragma unroll
-            for (int i = 0; i < 8; i++) acc[n][i] *= corr;
+            for (int i = 0; i < 8; i++) acc[n2][i] *= corr;
         }
         __syncwarp();
-        const float* Vf = (const float*)V;
+        const KV* Vt = (const KV*)(Vraw + buf * SPLIT_KEYS * chunks);
+        const float* P0 = P + warp * SPLIT_KEYS;
+        const float* P1 = P + (has1 ? warp + 4 : warp) * SPLIT_KEYS;
+#pragma unroll 2
         for (int j = 0; j < count; j++) {
-            float p0 = P[warp * SPLIT_KEYS + j], p1 = has1 ? P[(warp + 4) * SPLIT_KEYS + j] : 0.f;
+            float p0 = P0[j], p1 = has1 ? P1[j] : 0.f;
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                int d = lane + 32 * i;
+            for (int i = 0; i < 2; i++) {
+                int d = 4 * lane + 128 * i;
                 if (d < headDim) {
-                    float v = Vf[j * headDim + d];
-                    acc[0][i] += p0 * v;
-                    acc[1][i] += p1 * v;
+                    float4 v = KVBits<KV>::widen4(KVBits<KV>::load4(Vt, (long)j * headDim + d));
+                    acc[0][4 * i] += p0 * v.x; acc[0][4 * i + 1] += p0 * v.y; acc[0][4 * i + 2] += p0 * v.z; acc[0][4 * i + 3] += p0 * v.w;
+                    acc[1][4 * i] += p1 * v.x; acc[1][4 * i + 1] += p1 * v.y; acc[1][4 * i + 2] += p1 * v.z; acc[1][4 * i + 3] += p1 * v.w;
                 }
             }
         }
@@ -1169,23 +1402,18 @@ __device__ __forceinline__ void attention_split_body(const float* q, KV* kc, KV*
         int hh = warp + 4 * n;
         if (hh >= nh) break;
         int h = h0 + hh;
-        if (splits == 1) {
-            // The whole sequence was this block's: the result directly (what the merge would give).
-            float inv = l[n] > 0 ? 1.f / l[n] : 0.f;
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                int d = lane + 32 * i;
-                if (d < headDim) attn[((long)t * heads + h) * headDim + d] = acc[n][i] * inv;
-            }
-            continue;
-        }
+        // Lane l's dimensions: 4l + 128i + e, its accumulator 4i + e.
+        float inv = splits == 1 ? (l[n] > 0 ? 1.f / l[n] : 0.f) : 1.f;
         long th = ((long)u * heads + h) * splits + split;
+        // With one split the whole sequence was this block's: the result directly (what the merge would give).
+        float* dst = splits == 1 ? attn + ((long)t * heads + h) * headDim : partial + th * headDim;
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-            int d = lane + 32 * i;
-            if (d < headDim) partial[th * headDim + d] = acc[n][i];
+        for (int i = 0; i < 2; i++) {
+            int d = 4 * lane + 128 * i;
+            if (d < headDim)
+                *(float4*)(dst + d) = make_float4(acc[n][4 * i] * inv, acc[n][4 * i + 1] * inv, acc[n][4 * i + 2] * inv, acc[n][4 * i + 3] * inv);
         }
-        if (lane == 0) { stats[2 * th] = m[n]; stats[2 * th + 1] = l[n]; }
+        if (splits > 1 && lane == 0) { stats[2 * th] = m[n]; stats[2 * th + 1] = l[n]; }
     }
     if (splits == 1) return;
     __shared__ bool last;
@@ -1527,8 +1755,6 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float*
 // D <= 128 keeps the queries' fragments in registers, larger D reads them from shared memory.
 #define FA_ROWS 64
 
-__device__ __forceinline__ unsigned shared_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
@@ -1544,11 +1770,6 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const unsigned (&a)[4], u
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// 16 bytes from global to shared memory without passing through registers; zeros when !in.
-__device__ __forceinline__ void copy16_async(void* dst, const void* src, bool in) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(shared_address(dst)), "l"(src), "r"(in ? 16 : 0));
 }
 
 __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
@@ -1592,7 +1813,7 @@ __device__ __forceinline__ void attention_prefill_mma(const float* q, const __ha
             copy16_async(kd + j * LD + part * 8, kc + o, in);
             copy16_async(vd + j * LD + part * 8, vc + o, in);
         }
-        asm volatile("cp.async.commit_group;");
+        copy_commit();
     };
     load_tile(0);
     // The queries, scaled and rounded to f16 (rows past the tile's count are zeros).
@@ -1618,9 +1839,9 @@ __device__ __forceinline__ void attention_prefill_mma(const float* q, const __ha
     for (int t = 0; t < nTiles; t++) {
         if (t + 1 < nTiles) {
             load_tile(t + 1);
-            asm volatile("cp.async.wait_group 1;" ::: "memory");
+            copy_wait<1>();
         } else {
-            asm volatile("cp.async.wait_group 0;" ::: "memory");
+            copy_wait<0>();
         }
         __syncthreads();
         int k0 = lo + t * KT;
@@ -2020,100 +2241,6 @@ extern "C" __global__ void __launch_bounds__(1024) moe_group(const float* routes
     }
 }
 
-// acc[t] += dot(W[row, :], x[t0 + t, :]) for nt tokens of 8-bit x (xq, xs), by one warp, for a
-// Q4_K row (`row` its first value): a lane per 16 bytes of values, 32 values of two sub-blocks,
-// as matvec_body reads them, the weights read once for all nt tokens.
-__device__ __forceinline__ void q4k_row_dot(const void* w, long total, long row, const signed char* xq, const float* xs, int k,
-                                            int t0, int nt, int lane, float* acc) {
-    const uint4* base = (const uint4*)w + row / 32;
-    const uint4* head = (const uint4*)((const unsigned char*)w + total / 2) + row / 256;
-    for (int i = lane; i < k / 32; i += 32) {
-        uint4 qv = __ldg(base + i), h = head[i / 8];
-        int j = (i % 8) / 2, half = i % 2;
-        float d, dmin;
-        int s1, m1, s2, m2;
-        q4k_header(h, 2 * j, d, dmin, s1, m1, s2, m2);
-        unsigned v[4] = {qv.x, qv.y, qv.z, qv.w};
-        int lo4[4], hi4[4];
-#pragma unroll
-        for (int b = 0; b < 4; b++) { lo4[b] = (int)(v[b] & 0x0F0F0F0F); hi4[b] = (int)((v[b] >> 4) & 0x0F0F0F0F); }
-        long at = (long)(i / 8) * 256 + 64 * j + 16 * half;
-        for (int t = 0; t < nt; t++) {
-            const signed char* xr = xq + (long)(t0 + t) * k;
-            const float* sr = xs + (long)(t0 + t) * (k / 32);
-            int4 a = *(const int4*)(xr + at), c = *(const int4*)(xr + at + 32);
-            int sa = __dp4a(0x01010101, a.x, 0); sa = __dp4a(0x01010101, a.y, sa); sa = __dp4a(0x01010101, a.z, sa); sa = __dp4a(0x01010101, a.w, sa);
-            int sc = __dp4a(0x01010101, c.x, 0); sc = __dp4a(0x01010101, c.y, sc); sc = __dp4a(0x01010101, c.z, sc); sc = __dp4a(0x01010101, c.w, sc);
-            int lo = __dp4a(lo4[0], a.x, 0); lo = __dp4a(lo4[1], a.y, lo); lo = __dp4a(lo4[2], a.z, lo); lo = __dp4a(lo4[3], a.w, lo);
-            int hi = __dp4a(hi4[0], c.x, 0); hi = __dp4a(hi4[1], c.y, hi); hi = __dp4a(hi4[2], c.z, hi); hi = __dp4a(hi4[3], c.w, hi);
-            acc[t] += sr[at / 32] * (d * s1 * lo - dmin * m1 * sa) + sr[at / 32 + 1] * (d * s2 * hi - dmin * m2 * sc);
-        }
-    }
-    for (int t = 0; t < nt; t++) acc[t] = warp_sum(acc[t]);
-}
-
-// The same for a Q6_K row: a lane per unit of matvec_q6k_body (16 values of each quarter of one
-// half of a super-block, 48 bytes, four 16-value scales).
-__device__ __forceinline__ void q6k_row_dot(const void* w, long total, long row, const signed char* xq, const float* xs, int k,
-                                            int t0, int nt, int lane, float* acc) {
-    const long blocks = total / 256;
-    const unsigned char* vals = (const unsigned char*)w + (row / 256) * 192;
-    const signed char* scl = (const signed char*)w + blocks * 192 + (row / 256) * 16;
-    const __half* dd = (const __half*)((const unsigned char*)w + blocks * 208) + row / 256;
-    for (int i = lane; i < k / 64; i += 32) {
-        int sb = i / 4, half = (i % 4) / 2, lh = i % 2;
-        const unsigned char* v = vals + sb * 192;
-        uint4 qa = __ldg((const uint4*)(v + half * 64 + 16 * lh)), qb = __ldg((const uint4*)(v + half * 64 + 32 + 16 * lh));
-        uint4 qh = __ldg((const uint4*)(v + 128 + half * 32 + 16 * lh));
-        unsigned A[4] = {qa.x, qa.y, qa.z, qa.w}, B[4] = {qb.x, qb.y, qb.z, qb.w}, H[4] = {qh.x, qh.y, qh.z, qh.w};
-        int q[4][4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            q[0][j] = (int)__vsub4((A[j] & 0x0F0F0F0F) | ((H[j] << 4) & 0x30303030), 0x20202020);
-            q[1][j] = (int)__vsub4((B[j] & 0x0F0F0F0F) | ((H[j] << 2) & 0x30303030), 0x20202020);
-            q[2][j] = (int)__vsub4(((A[j] >> 4) & 0x0F0F0F0F) | (H[j] & 0x30303030), 0x20202020);
-            q[3][j] = (int)__vsub4(((B[j] >> 4) & 0x0F0F0F0F) | ((H[j] >> 2) & 0x30303030), 0x20202020);
-        }
-        const signed char* sc = scl + sb * 16 + half * 8 + lh;
-        float d = __half2float(dd[sb]);
-        long p0 = (long)sb * 256 + half * 128 + 16 * lh;
-        for (int t = 0; t < nt; t++) {
-            const signed char* xr = xq + (long)(t0 + t) * k;
-            const float* sr = xs + (long)(t0 + t) * (k / 32);
-            float sum = 0;
-#pragma unroll
-            for (int quarter = 0; quarter < 4; quarter++) {
-                int4 a = *(const int4*)(xr + p0 + 32 * quarter);
-                int dot = __dp4a(q[quarter][0], a.x, 0);
-                dot = __dp4a(q[quarter][1], a.y, dot); dot = __dp4a(q[quarter][2], a.z, dot); dot = __dp4a(q[quarter][3], a.w, dot);
-                sum += sc[2 * quarter] * sr[(p0 + 32 * quarter) / 32] * dot;
-            }
-            acc[t] += d * sum;
-        }
-    }
-    for (int t = 0; t < nt; t++) acc[t] = warp_sum(acc[t]);
-}
-
-// acc[t] += dot(W[row, :], x[t0 + t, :]) for nt tokens, by one warp, for every weight type:
-// warp_row_dot for the float types, Q8_0 and Q4_0; Q4_K and Q6_K on 8-bit x with dp4a; the
-// other types value by value on f32 x.
-__device__ __forceinline__ void expert_row_dot(const void* w, int dtype, long total, long row, const float* x, const signed char* xq,
-                                               const float* xs, int k, int t0, int nt, int lane, float* acc) {
-    if (dtype <= 4) {
-        warp_row_dot(w, dtype, total, row, x, xq, xs, k, t0, nt, lane, acc);
-    } else if (dtype == 5) {
-        q4k_row_dot(w, total, row, xq, xs, k, t0, nt, lane, acc);
-    } else if (dtype == 6) {
-        q6k_row_dot(w, total, row, xq, xs, k, t0, nt, lane, acc);
-    } else {
-        for (int i = lane; i < k; i += 32) {
-            float wv = load_weight(w, dtype, row + i, total);
-            for (int t = 0; t < nt; t++) acc[t] += wv * x[(long)(t0 + t) * k + i];
-        }
-        for (int t = 0; t < nt; t++) acc[t] = warp_sum(acc[t]);
-    }
-}
-
 // The chosen experts' products over their grouped rows: warp (a, o) takes output o of the a-th
 // chosen expert (weights[e] its matrix of n x k). Gated (up != 0): y = silu(W x) * (U x).
 extern "C" __global__ void moe_products(const unsigned long long* weights, const unsigned long long* ups, int dtype, int upType,
@@ -2132,8 +2259,8 @@ extern "C" __global__ void moe_products(const unsigned long long* weights, const
         int nt = min(TOKENS, end - t0);
         float acc[TOKENS], up[TOKENS];
         for (int t = 0; t < TOKENS; t++) { acc[t] = 0; up[t] = 0; }
-        expert_row_dot(w, dtype, total, (long)o * k, x, xq, xs, k, t0, nt, lane, acc);
-        if (u) expert_row_dot(u, upType, total, (long)o * k, x, xq, xs, k, t0, nt, lane, up);
+        row_dot(w, dtype, total, (long)o * k, x, xq, xs, k, t0, nt, lane, acc);
+        if (u) row_dot(u, upType, total, (long)o * k, x, xq, xs, k, t0, nt, lane, up);
         if (lane == 0) {
             for (int t = 0; t < nt; t++) {
                 float g = acc[t];
