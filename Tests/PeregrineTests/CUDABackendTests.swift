@@ -138,8 +138,10 @@ final class CUDABackendTests: XCTestCase {
         let cpu = CPUBackend()
         var rng = SplitMix(seed: 42)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
-        // The capacity spans the whole pool, so one sequence's table can fill every block.
-        let blockSize = 16, blocks = 80, capacity = blocks * blockSize, width = blocks
+        // The capacity spans the whole pool, so one sequence's table can fill every block; 3,584
+        // positions at 32 a split give one sequence 113 splits (the merge's lanes hold up to four).
+        let blockSize = 16, blocks = 224, capacity = blocks * blockSize, width = blocks
+        gpu.splitPositions = 32
         let positions = [511, 0, 7, 300, 31, 32, 100, 255, 64, 1]
         for (heads, kvHeads, hd) in [(32, 8, 128), (32, 2, 64), (4, 4, 16), (12, 4, 256), (16, 4, 96), (4, 2, 24)] {
             let keys = (0..<(blocks * blockSize * kvHeads * hd)).map { _ in uniform() }

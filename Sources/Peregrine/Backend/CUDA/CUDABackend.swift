@@ -161,7 +161,10 @@ public final class CUDABackend: ComputeBackend {
 
     public var name: String { "cuda (\(driver.deviceName))" }
     /// Dynamic shared memory a kernel of ours may ask for: the device's limit less room for static arrays.
-    private var dynamicSharedLimit: Int { driver.maxSharedPerBlock - 8192 }
+    private var dynamicSharedLimit: Int { driver.maxSharedPerBlock - CUDABackend.staticSharedRoom }
+    /// Static shared memory our kernels may hold beside their dynamic memory (attention_split's
+    /// merge weights, SPLIT_GROUP x SPLIT_MAX floats, and its other arrays take 8.3 KB).
+    static let staticSharedRoom = 12288
 
     // Decode steps as CUDA graphs: a step key seen once runs eagerly (allocating what it needs),
     // the second time it is captured, then replayed. Host inputs of a step go through pinned
@@ -218,6 +221,11 @@ public final class CUDABackend: ComputeBackend {
     /// once for its group with 16-byte asynchronous copies, which pays once the keys outweigh
     /// the block's fixed work (H200: 134 against 100 tok/s at depth 16,384, 175 against 192 at
     /// depth 0). PEREGRINE_GROUPED_ATTENTION_FROM sets it for measuring.
+    /// Positions a decode split takes in a long cache (fewer splits than fill the GPU are never
+    /// used, more than 128 never): on an H200 at depth 16,384, 256 (66 splits of one sequence's
+    /// grouped kernel) measured 142 tok/s against 133 for 128 or 64. PEREGRINE_SPLIT_POSITIONS
+    /// sets it for measuring; the tests set it to reach the merge's largest split counts.
+    var splitPositions = max(32, Int(ProcessInfo.processInfo.environment["PEREGRINE_SPLIT_POSITIONS"] ?? "") ?? 256)
     var groupedAttentionFrom = Int(ProcessInfo.processInfo.environment["PEREGRINE_GROUPED_ATTENTION_FROM"] ?? "") ?? 1024
     /// Prompt attention on tensor cores where `tensorCoreAttention` allows it (tests turn it off
     /// to compare the two kernels on one cache).
@@ -257,9 +265,9 @@ public final class CUDABackend: ComputeBackend {
         // Kernels whose dynamic shared memory may pass 48 KB (the normalized input of a product,
         // a prefill attention tile) ask for what the device allows.
         for name in matvecs + ["attention_prefill", "attention_split"] + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" }) {
-            // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, as dynamicSharedLimit (the kernel's static shared memory, up to 8 KB, counts
-            // against the device's limit)
-            try driver.check(driver.cuFuncSetAttribute(functions[name] ?? nil, 8, Int32(driver.maxSharedPerBlock - 8192)), "cuFuncSetAttribute(\(name))")
+            // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, as dynamicSharedLimit (the kernel's
+            // static shared memory counts against the device's limit)
+            try driver.check(driver.cuFuncSetAttribute(functions[name] ?? nil, 8, Int32(driver.maxSharedPerBlock - CUDABackend.staticSharedRoom)), "cuFuncSetAttribute(\(name))")
         }
         pdl = driver.cuLaunchKernelEx != nil && driver.computeCapability.major >= 9
             && ProcessInfo.processInfo.environment["PEREGRINE_NO_PDL"] == nil
@@ -918,7 +926,7 @@ public final class CUDABackend: ComputeBackend {
         // A decode step splits by the cache's capacity, not the sequence's length, so its work
         // (and a graph of it) is the same at every position; each split's share of the positions
         // is worked out on the device from the length. Enough (token, head, split) blocks to fill
-        // the GPU, more for long caches (about 256 positions a split), none under 32 positions.
+        // the GPU, more for long caches (`splitPositions` a split), none under 32 positions.
         // attention_split: a block takes one KV head and up to eight of its query heads
         // (SPLIT_GROUP in Kernels.cu), reading the KV head once for all of them, so a split has
         // rows x kvHeads x parts blocks; about four a multiprocessor keep the memory busy while
@@ -934,7 +942,7 @@ public final class CUDABackend: ComputeBackend {
             && (splitRows * cache.kvHeads * parts >= groupedAttentionBlocks || splitRows == 1 && longest >= groupedAttentionFrom)
         let blocksPerSplit = grouped ? splitRows * cache.kvHeads * parts : splitRows * heads
         let fill = ((grouped ? 4 : 2) * driver.multiprocessors + blocksPerSplit - 1) / blocksPerSplit
-        let splits = max(1, min((basis + 31) / 32, max(fill, (basis + 255) / 256), 64))  // SPLIT_MAX
+        let splits = max(1, min((basis + 31) / 32, max(fill, (basis + splitPositions - 1) / splitPositions), 128))  // SPLIT_MAX
         guard splitRows * heads <= CUDABackend.attentionCounterCount else {
             if firstError == nil { firstError = .unsupported("\(rows) tokens x \(heads) heads is past the attention kernel's counters") }
             return

@@ -1159,15 +1159,17 @@ template <int N> __device__ __forceinline__ void copy_wait() {
 #endif
 }
 
-// Most splits of one sequence (the host caps its count): a warp's lanes hold two each in the merge.
-#define SPLIT_MAX 64
+// Most splits of one sequence (the host caps its count): a warp's lanes hold four each in the merge.
+#define SPLIT_MAX 128
+#define SPLIT_LANE (SPLIT_MAX / 32)
 
 // The splits' partial results of query heads h0 ..< h0 + nh of token t combined into attn, by
 // the block of that group that finishes last (the others' writes made visible by the fence
 // before the count). u: the block's row within the launch (its scratch and counter), t: the
 // batch row written. One counter per (u, group), at the group's first head. Warp w first turns
 // the (max, sum) of heads w and w + 4 into each split's weight (shared memory), then every
-// thread sums its outputs' partials with them: two rounds of loads, whatever the split count.
+// thread sums four of its outputs' partials with them (16-byte loads, eight splits' loads
+// issued together, so the merge's latency does not grow with the split count as fast).
 __device__ __forceinline__ void merge_if_last(const float* partial, const float* stats, float* attn, unsigned* counters, int u,
                                               int t, int h0, int nh, int heads, int headDim, int splits, bool* last,
                                               float* weights /* [SPLIT_GROUP][SPLIT_MAX] */, float* inverse /* [SPLIT_GROUP] */) {
@@ -1184,16 +1186,18 @@ __device__ __forceinline__ void merge_if_last(const float* partial, const float*
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int hh = warp; hh < nh; hh += blockDim.x >> 5) {
         const float* st = stats + ((long)u * heads + h0 + hh) * splits * 2;
-        float ms[2], ls[2];
+        float ms[SPLIT_LANE], ls[SPLIT_LANE];
+        float m = -__int_as_float(0x7f800000), total = 0;
 #pragma unroll
-        for (int i = 0; i < 2; i++) {
+        for (int i = 0; i < SPLIT_LANE; i++) {
             int s = lane + 32 * i;
             ms[i] = s < splits ? __ldcg(st + 2 * s) : -__int_as_float(0x7f800000);
             ls[i] = s < splits ? __ldcg(st + 2 * s + 1) : 0.f;
+            m = fmaxf(m, ms[i]);
         }
-        float m = warp_max(fmaxf(ms[0], ms[1])), total = 0;
+        m = warp_max(m);
 #pragma unroll
-        for (int i = 0; i < 2; i++) {
+        for (int i = 0; i < SPLIT_LANE; i++) {
             float f = ls[i] > 0 ? __expf(ms[i] - m) : 0.f;
             if (lane + 32 * i < splits) weights[hh * SPLIT_MAX + lane + 32 * i] = f;
             total += ls[i] * f;
@@ -1202,13 +1206,20 @@ __device__ __forceinline__ void merge_if_last(const float* partial, const float*
         if (lane == 0) inverse[hh] = 1.f / total;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < nh * headDim; i += blockDim.x) {
-        int hh = i / headDim, d = i % headDim;
-        const float* pt = partial + ((long)u * heads + h0 + hh) * splits * headDim + d;
+    int quads = headDim / 4;  // headDim is a multiple of 4
+    for (int i = threadIdx.x; i < nh * quads; i += blockDim.x) {
+        int hh = i / quads, c = i % quads;
+        const float4* pt = (const float4*)(partial + ((long)u * heads + h0 + hh) * splits * headDim) + c;
         const float* w = weights + hh * SPLIT_MAX;
-        float acc = 0;
-        for (int s = 0; s < splits; s++) acc += __ldcg(pt + (long)s * headDim) * w[s];
-        attn[((long)t * heads + h0 + hh) * headDim + d] = acc * inverse[hh];
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+        for (int s = 0; s < splits; s++) {
+            float4 p = __ldcg(pt + (long)s * quads);
+            float ws = w[s];
+            acc.x += p.x * ws; acc.y += p.y * ws; acc.z += p.z * ws; acc.w += p.w * ws;
+        }
+        float inv = inverse[hh];
+        *(float4*)(attn + ((long)t * heads + h0 + hh) * headDim + 4 * c) = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
     }
 }
 
@@ -1232,7 +1243,7 @@ __device__ __forceinline__ float soft_cap(float s, float cap) { return cap > 0.f
 // Warp w then takes query heads w and w + 4: lane j scores key j (its row read in 16-byte
 // chunks, rows padded by 16 bytes against bank conflicts), the warp updates the head's online
 // softmax, and lane l accumulates value dimensions 4l ..< 4l + 4 and 128 + 4l ..< 132 + 4l (head
-// dimension at most 256, a multiple of 16 bytes of the cache's type). With one split the block
+// dimension at most 256, its rows a whole number of 16-byte pieces in the cache). With one split the block
 // writes attn itself; otherwise each head's partial result and (max, sum) go to scratch and the
 // group's last split to finish combines them, its counter reset for the next launch. With
 // `fused` (one token), RoPE and the KV-cache write happen here too: the block rotates its query
