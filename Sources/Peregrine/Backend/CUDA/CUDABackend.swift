@@ -161,10 +161,11 @@ public final class CUDABackend: ComputeBackend {
 
     public var name: String { "cuda (\(driver.deviceName))" }
     /// Dynamic shared memory a kernel of ours may ask for: the device's limit less room for static arrays.
-    private var dynamicSharedLimit: Int { driver.maxSharedPerBlock - CUDABackend.staticSharedRoom }
-    /// Static shared memory our kernels may hold beside their dynamic memory (attention_split's
-    /// merge weights, SPLIT_GROUP x SPLIT_MAX floats, and its other arrays take 8.3 KB).
-    static let staticSharedRoom = 12288
+    private var dynamicSharedLimit: Int { CUDABackend.dynamicSharedLimit(driver) }
+    /// The device's limit less 12 KB for the static arrays our kernels hold beside their dynamic
+    /// memory (attention_split's merge weights, SPLIT_GROUP x SPLIT_MAX floats, and its other
+    /// arrays take 8.3 KB).
+    private static func dynamicSharedLimit(_ driver: CUDADriver) -> Int { driver.maxSharedPerBlock - 12288 }
 
     // Decode steps as CUDA graphs: a step key seen once runs eagerly (allocating what it needs),
     // the second time it is captured, then replayed. Host inputs of a step go through pinned
@@ -221,12 +222,12 @@ public final class CUDABackend: ComputeBackend {
     /// once for its group with 16-byte asynchronous copies, which pays once the keys outweigh
     /// the block's fixed work (H200: 134 against 100 tok/s at depth 16,384, 175 against 192 at
     /// depth 0). PEREGRINE_GROUPED_ATTENTION_FROM sets it for measuring.
+    var groupedAttentionFrom = Int(ProcessInfo.processInfo.environment["PEREGRINE_GROUPED_ATTENTION_FROM"] ?? "") ?? 1024
     /// Positions a decode split takes in a long cache (fewer splits than fill the GPU are never
     /// used, more than 128 never): on an H200 at depth 16,384, 256 (66 splits of one sequence's
     /// grouped kernel) measured 142 tok/s against 133 for 128 or 64. PEREGRINE_SPLIT_POSITIONS
     /// sets it for measuring; the tests set it to reach the merge's largest split counts.
     var splitPositions = max(32, Int(ProcessInfo.processInfo.environment["PEREGRINE_SPLIT_POSITIONS"] ?? "") ?? 256)
-    var groupedAttentionFrom = Int(ProcessInfo.processInfo.environment["PEREGRINE_GROUPED_ATTENTION_FROM"] ?? "") ?? 1024
     /// Prompt attention on tensor cores where `tensorCoreAttention` allows it (tests turn it off
     /// to compare the two kernels on one cache).
     var tensorCoreAttentionAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_TENSOR_CORE_ATTENTION"] == nil
@@ -267,7 +268,7 @@ public final class CUDABackend: ComputeBackend {
         for name in matvecs + ["attention_prefill", "attention_split"] + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" }) {
             // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, as dynamicSharedLimit (the kernel's
             // static shared memory counts against the device's limit)
-            try driver.check(driver.cuFuncSetAttribute(functions[name] ?? nil, 8, Int32(driver.maxSharedPerBlock - CUDABackend.staticSharedRoom)), "cuFuncSetAttribute(\(name))")
+            try driver.check(driver.cuFuncSetAttribute(functions[name] ?? nil, 8, Int32(CUDABackend.dynamicSharedLimit(driver))), "cuFuncSetAttribute(\(name))")
         }
         pdl = driver.cuLaunchKernelEx != nil && driver.computeCapability.major >= 9
             && ProcessInfo.processInfo.environment["PEREGRINE_NO_PDL"] == nil
@@ -937,7 +938,7 @@ public final class CUDABackend: ComputeBackend {
         let basis = rows == 1 ? min(window ?? cache.capacity, cache.capacity) : CUDABackend.splitBasis(longest)
         let group = heads / cache.kvHeads, parts = (group + 7) / 8
         // attention_split copies rows in 16-byte pieces: 8 f16 or 4 f32 values.
-        let rowBytes = hd * (cache.halfPrecision != 0 ? 2 : 4)
+        let rowBytes = hd * cache.type.bytes
         let grouped = group > 1 && rowBytes % 16 == 0
             && (splitRows * cache.kvHeads * parts >= groupedAttentionBlocks || splitRows == 1 && longest >= groupedAttentionFrom)
         let blocksPerSplit = grouped ? splitRows * cache.kvHeads * parts : splitRows * heads

@@ -1223,6 +1223,18 @@ __device__ __forceinline__ void merge_if_last(const float* partial, const float*
     }
 }
 
+// The decode attention kernels' parameters, in the order the host's attention() passes them
+// (the cache's keys and values as KV*; the entry points take void* and a kvHalf flag after
+// them, and hand SPLIT_ARGS to the body for the cache's element type).
+#define SPLIT_PARAMS(KV)                                                                                                    \
+    const float* q, KV* kc, KV* vc, float* partial, float* stats, const int* slots, const int* positions, int heads,        \
+        int kvHeads, int headDim, const int* tables, int width, int bs, float scale, float softcap, int window, int splits, \
+        float* attn, unsigned* counters, int fused, const float* kin, const float* vin, const float* cosT,                 \
+        const float* sinT, int rotDim, int interleaved, const int* rowMap
+#define SPLIT_ARGS(KV)                                                                                                      \
+    q, (KV*)kc, (KV*)vc, partial, stats, slots, positions, heads, kvHeads, headDim, tables, width, bs, scale, softcap,     \
+        window, splits, attn, counters, fused, kin, vin, cosT, sinT, rotDim, interleaved, rowMap
+
 // Keys a split's block stages in shared memory at a time.
 #define SPLIT_KEYS 32
 // Most query heads of one KV head a block takes (a larger group is cut into several blocks).
@@ -1252,14 +1264,7 @@ __device__ __forceinline__ float soft_cap(float s, float cap) { return cap > 0.f
 // first block writes (no block reads that cache row in this launch). Dynamic shared memory:
 // see the host's attention().
 template <typename KV>
-__device__ __forceinline__ void attention_split_body(const float* q, KV* kc, KV* vc, float* partial,
-                                                                  float* stats, const int* slots, const int* positions, int heads,
-                                                                  int kvHeads, int headDim, const int* tables, int width, int bs,
-                                                                  float scale, float softcap, int window,
-                                                                  int splits, float* attn, unsigned* counters, int fused,
-                                                                  const float* kin, const float* vin, const float* cosT,
-                                                                  const float* sinT, int rotDim, int interleaved,
-                                                                  const int* rowMap) {
+__device__ __forceinline__ void attention_split_body(SPLIT_PARAMS(KV)) {
     gdc_wait();
     extern __shared__ float4 shared4[];
     constexpr int per = KVBits<KV>::perChunk;
@@ -1432,16 +1437,9 @@ __device__ __forceinline__ void attention_split_body(const float* q, KV* kc, KV*
     merge_if_last(partial, stats, attn, counters, u, t, h0, nh, heads, headDim, splits, &last, weights, inverse);
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q, void* kc, void* vc, float* partial,
-                                                                  float* stats, const int* slots, const int* positions, int heads,
-                                                                  int kvHeads, int headDim, const int* tables, int width, int bs,
-                                                                  float scale, float softcap, int window,
-                                                                  int splits, float* attn, unsigned* counters, int fused,
-                                                                  const float* kin, const float* vin, const float* cosT,
-                                                                  const float* sinT, int rotDim, int interleaved,
-                                                                  const int* rowMap, int kvHalf) {
-    if (kvHalf) attention_split_body<__half>(q, (__half*)kc, (__half*)vc, partial, stats, slots, positions, heads, kvHeads, headDim, tables, width, bs, scale, softcap, window, splits, attn, counters, fused, kin, vin, cosT, sinT, rotDim, interleaved, rowMap);
-    else attention_split_body<float>(q, (float*)kc, (float*)vc, partial, stats, slots, positions, heads, kvHeads, headDim, tables, width, bs, scale, softcap, window, splits, attn, counters, fused, kin, vin, cosT, sinT, rotDim, interleaved, rowMap);
+extern "C" __global__ void __launch_bounds__(128) attention_split(SPLIT_PARAMS(void), int kvHalf) {
+    if (kvHalf) attention_split_body<__half>(SPLIT_ARGS(__half));
+    else attention_split_body<float>(SPLIT_ARGS(float));
 }
 
 // Causal attention of single queries, one block per (token, query head, split): the kernel for
@@ -1457,14 +1455,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(const float* q
 // shared memory and takes the token's own key and value from there and from vin, and one block
 // per key/value head writes them to the cache (no block reads that cache row in this launch).
 template <typename KV>
-__device__ __forceinline__ void attention_split_heads_body(const float* q, KV* kc, KV* vc, float* partial,
-                                                                  float* stats, const int* slots, const int* positions, int heads,
-                                                                  int kvHeads, int headDim, const int* tables, int width, int bs,
-                                                                  float scale, float softcap, int window,
-                                                                  int splits, float* attn, unsigned* counters, int fused,
-                                                                  const float* kin, const float* vin, const float* cosT,
-                                                                  const float* sinT, int rotDim, int interleaved,
-                                                                  const int* rowMap) {
+__device__ __forceinline__ void attention_split_heads_body(SPLIT_PARAMS(KV)) {
     gdc_wait();
     // rowMap: the rows of a mixed batch that are single queries (the others go to attention_prefill).
     int t = rowMap ? rowMap[blockIdx.x] : blockIdx.x, h = blockIdx.y, split = blockIdx.z;
@@ -1592,16 +1583,9 @@ __device__ __forceinline__ void attention_split_heads_body(const float* q, KV* k
     merge_if_last(partial, stats, attn, counters, u, t, h, 1, heads, headDim, splits, &last, weights, inverse);
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_split_heads(const float* q, void* kc, void* vc, float* partial,
-                                                                  float* stats, const int* slots, const int* positions, int heads,
-                                                                  int kvHeads, int headDim, const int* tables, int width, int bs,
-                                                                  float scale, float softcap, int window,
-                                                                  int splits, float* attn, unsigned* counters, int fused,
-                                                                  const float* kin, const float* vin, const float* cosT,
-                                                                  const float* sinT, int rotDim, int interleaved,
-                                                                  const int* rowMap, int kvHalf) {
-    if (kvHalf) attention_split_heads_body<__half>(q, (__half*)kc, (__half*)vc, partial, stats, slots, positions, heads, kvHeads, headDim, tables, width, bs, scale, softcap, window, splits, attn, counters, fused, kin, vin, cosT, sinT, rotDim, interleaved, rowMap);
-    else attention_split_heads_body<float>(q, (float*)kc, (float*)vc, partial, stats, slots, positions, heads, kvHeads, headDim, tables, width, bs, scale, softcap, window, splits, attn, counters, fused, kin, vin, cosT, sinT, rotDim, interleaved, rowMap);
+extern "C" __global__ void __launch_bounds__(128) attention_split_heads(SPLIT_PARAMS(void), int kvHalf) {
+    if (kvHalf) attention_split_heads_body<__half>(SPLIT_ARGS(__half));
+    else attention_split_heads_body<float>(SPLIT_ARGS(float));
 }
 
 // o = gelu_tanh(g) * u, GELU's tanh approximation written as g / (1 + e^(-2 sqrt(2/pi) (g + 0.044715 g^3))).
