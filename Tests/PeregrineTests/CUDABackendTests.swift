@@ -75,13 +75,16 @@ final class CUDABackendTests: XCTestCase {
         // Twenty at once: more than 16 rows, single queries through the split kernel's row map.
         // Three and twenty are decode batches padded to 4 and 24 rows and replayed as graphs
         // (unless PEREGRINE_NO_CUDA_GRAPHS is set), at positions of two split ranges (up to 32, 64).
-        for (width, grouped) in [(1, false), (3, false), (20, false), (1, true), (3, true), (20, true)] {
+        // Over an F16 cache the grouped kernel is the tensor-core one (attention_decode_mma), one
+        // sequence included (RoPE and the cache write then in rope_store_kv).
+        for (width, grouped, type) in [(1, false, .f32), (3, false, .f32), (20, false, .f32), (1, true, .f32), (3, true, .f32), (20, true, .f32),
+                                       (1, true, .f16), (20, true, .f16)] as [(Int, Bool, KVCacheType)] {
             // Either split kernel (the fixture's 4/2 heads make too few blocks for the grouped one by default).
             gpu.groupedAttentionBlocks = grouped ? 0 : Int.max
             gpu.groupedAttentionFrom = grouped ? 0 : Int.max
             let replaysBefore = gpu.graphReplays
-            let g = try PagedKVCache(model: fast, slots: width, capacity: 128, blockSize: 8)
-            let c = try PagedKVCache(model: cpu, slots: width, capacity: 128, blockSize: 8)
+            let g = try PagedKVCache(model: fast, slots: width, capacity: 128, blockSize: 8, type: type)
+            let c = try PagedKVCache(model: cpu, slots: width, capacity: 128, blockSize: 8, type: type)
             var gl = [Float](repeating: 0, count: width * v), cl = gl
             for step in 0..<40 {
                 var p = BatchPlan()
@@ -96,12 +99,12 @@ final class CUDABackendTests: XCTestCase {
                 try cl.withUnsafeMutableBufferPointer { try cpu.forward(q, kv: c.memory, logits: $0) }
                 for s in 0..<width { try g.advance(s, by: 1); try c.advance(s, by: 1) }
                 let scale = cl.reduce(0) { max($0, abs($1)) }
-                XCTAssertLessThan(maxAbsDiff(gl, cl), 0.02 * scale, "\(width) sequences, grouped \(grouped), step \(step)")
+                XCTAssertLessThan(maxAbsDiff(gl, cl), 0.02 * scale, "\(width) sequences, grouped \(grouped), \(type) cache, step \(step)")
             }
             if ProcessInfo.processInfo.environment["PEREGRINE_NO_CUDA_GRAPHS"] == nil {
                 XCTAssertGreaterThan(gpu.graphReplays - replaysBefore, 30, "\(width) sequences, grouped \(grouped): steps replayed")
             }
-            guard width == 20 else { continue }
+            guard width == 20, type == .f32 else { continue }
             // A mixed step: a 24-token prompt chunk of a new sequence beside 19 decode tokens (flash
             // attention for the chunk, the split kernel for the single queries).
             var p = BatchPlan(), q = BatchPlan()
@@ -142,6 +145,10 @@ final class CUDABackendTests: XCTestCase {
         // positions at 32 a split give one sequence 113 splits (the merge's lanes hold up to four).
         let blockSize = 16, blocks = 224, capacity = blocks * blockSize, width = blocks
         gpu.splitPositions = 32
+        // attention_split here; the tensor-core kernel a batch takes over an F16 cache is
+        // testTensorCoreDecodeAttentionMatchesCPU's.
+        gpu.tensorCoreDecodeAllowed = false
+        defer { gpu.tensorCoreDecodeAllowed = true }
         let positions = [511, 0, 7, 300, 31, 32, 100, 255, 64, 1]
         for (heads, kvHeads, hd) in [(32, 8, 128), (32, 2, 64), (4, 4, 16), (12, 4, 256), (16, 4, 96), (4, 2, 24)] {
             let keys = (0..<(blocks * blockSize * kvHeads * hd)).map { _ in uniform() }
@@ -334,6 +341,76 @@ final class CUDABackendTests: XCTestCase {
                 XCTAssertLessThan(maxAbsDiff(fast, expected), cap == nil ? 4e-3 : 1.5e-2, label + ": tensor cores")
                 gpu.tensorCoreAttentionAllowed = false
                 XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 1e-4 : 5e-4, label + ": f32 kernel")
+            }
+        }
+    }
+
+    /// A batch's decode attention over an F16 cache on the tensor cores (attention_decode_mma)
+    /// against the CPU backend on the same cache: 24 single queries of sequences from 1 to 700
+    /// positions (and one query alone), their blocks from a shared pool in shuffled order; groups
+    /// of 4, 4, 20 and 2 query heads a KV head (20: three blocks of up to eight heads), head sizes
+    /// 128, 64, 96 and 16; one
+    /// split a sequence, three, and forty (more than a short sequence has positions, so some
+    /// splits are empty); with and without a
+    /// sliding window and soft-capping. The bound is f16's, as for the prompt kernel;
+    /// attention_split on the same batch is held to 1e-4.
+    func testTensorCoreDecodeAttentionMatchesCPU() throws {
+        let gpu = try backend()
+        guard gpu.driver.computeCapability.major >= 8 else { throw XCTSkip("tensor-core attention needs compute capability 8.0 or later") }
+        gpu.groupedAttentionBlocks = 0
+        defer { gpu.tensorCoreDecodeAllowed = true; gpu.groupedAttentionBlocks = 64; gpu.decodeSplits = nil }
+        let cpu = CPUBackend()
+        var rng = SplitMix(seed: 11)
+        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
+        let blockSize = 16, width = 48, blocks = 24 * width
+        let all = (0..<24).map { r in [0, 1, 15, 16, 63, 64, 65, 200, 511, 699][r % 10] + (r / 10) * 3 }
+        for (heads, kvHeads, hd, positions) in [(32, 8, 128, all), (8, 2, 64, all), (40, 2, 96, all), (32, 8, 128, [699]), (4, 2, 16, all)] {
+            let rows = positions.count
+            var order = Array(0..<Int32(blocks))
+            for i in stride(from: order.count - 1, to: 0, by: -1) { order.swapAt(i, Int(rng.next() % UInt64(i + 1))) }
+            var plan = BatchPlan(), fill = BatchPlan()
+            plan.tableWidth = width
+            fill.tableWidth = width
+            for (r, p) in positions.enumerated() {
+                let table = Array(order[(r * width)..<((r + 1) * width)])
+                plan.append(tokens: [1], slot: r, position: p, logits: .last)
+                plan.appendBlockTable(table)
+                fill.append(tokens: [Int](repeating: 1, count: p + 1), slot: r, position: 0, logits: .none)
+                fill.appendBlockTable(table)
+            }
+            let keys = (0..<(fill.count * kvHeads * hd)).map { _ in 2 * uniform() }
+            let values = (0..<(fill.count * kvHeads * hd)).map { _ in uniform() }
+            let q = (0..<(rows * heads * hd)).map { _ in 2 * uniform() }
+            for (window, cap) in [(nil, nil), (48, nil), (nil, 30)] as [(Int?, Float?)] {
+                let scoring = AttentionScoring(scale: 1 / Float(hd).squareRoot() * (cap == nil ? 1 : 8), softCap: cap)
+                func run<B: ComputeBackend>(_ b: B) throws -> [Float] {
+                    let cache = try KVStorage(backend: b, layers: 1, blocks: blocks, blockSize: blockSize, capacity: width * blockSize,
+                                              kvHeads: kvHeads, headDim: hd, type: .f16)
+                    func buffer(_ x: [Float]) throws -> B.Buffer {
+                        let buf = try b.buffer(x.count)
+                        x.withUnsafeBufferPointer { b.write($0, to: buf, offset: 0) }
+                        return buf
+                    }
+                    b.beginPass(fill)
+                    b.storeKV(layer: 0, k: try buffer(keys), v: try buffer(values), rows: fill.count, plan: fill, cache: cache)
+                    let out = try b.buffer(rows * heads * hd)
+                    b.beginPass(plan)
+                    b.attention(layer: 0, q: try buffer(q), rows: rows, plan: plan, cache: cache, heads: heads, window: window,
+                                scoring: scoring, out: out)
+                    try b.synchronize()
+                    var o = [Float](repeating: 0, count: rows * heads * hd)
+                    o.withUnsafeMutableBufferPointer { b.read(out, offset: 0, into: $0) }
+                    return o
+                }
+                let expected = try run(cpu)
+                for splits in [1, 3, 40] {
+                    gpu.decodeSplits = splits
+                    let label = "\(heads)/\(kvHeads) heads of \(hd), window \(window ?? 0), cap \(cap ?? 0), \(splits) splits"
+                    gpu.tensorCoreDecodeAllowed = true
+                    XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 4e-3 : 1.5e-2, label + ": tensor cores")
+                    gpu.tensorCoreDecodeAllowed = false
+                    XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 1e-4 : 5e-4, label + ": attention_split")
+                }
             }
         }
     }

@@ -148,6 +148,13 @@ public final class CUDABackend: ComputeBackend {
     private var planRows = -1
     private var scratch: CUDABuffer
     private var halfScratch: CUDABuffer
+    /// What `halfScratch` holds: the 16-bit rounding (cuBLAS type 2 F16, 14 BF16; kernel code 1 or
+    /// 2) of `count` values at `source`, written beside them by the kernel that computed them, or
+    /// by `to_half`. The products that share an input (q/k/v, gate/up) then round it once, and a
+    /// norm's or a gated activation's output is never rounded in a pass of its own. Every other
+    /// launch or copy forgets it (`launch`, `copy`, `write`, a product writing over it), so a
+    /// product never reads a stale rounding.
+    private var halfHolds: (source: CUDADriver.DevicePointer, count: Int, type: Int32)?
     private var dequantScratch: CUDABuffer
     private var activationScratch: CUDABuffer
     /// A MoE layer's pass: its routes grouped by expert (counts, starts, chosen experts, places,
@@ -223,11 +230,21 @@ public final class CUDABackend: ComputeBackend {
     /// the block's fixed work (H200: 134 against 100 tok/s at depth 16,384, 175 against 192 at
     /// depth 0). PEREGRINE_GROUPED_ATTENTION_FROM sets it for measuring.
     var groupedAttentionFrom = Int(ProcessInfo.processInfo.environment["PEREGRINE_GROUPED_ATTENTION_FROM"] ?? "") ?? 1024
+    /// Whether grouped decode attention over an F16 cache runs on tensor cores
+    /// (attention_decode_mma_D) rather than attention_split (see `tensorCoreDecode`);
+    /// PEREGRINE_NO_TENSOR_CORE_DECODE=1 keeps attention_split, for measuring. Tests set it to
+    /// run either kernel.
+    var tensorCoreDecodeAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_TENSOR_CORE_DECODE"] == nil
+    /// Head dimensions attention_decode_mma_D is compiled for.
+    static let tensorCoreDecodeDims = [16, 32, 64, 96, 128]
     /// Positions a decode split takes in a long cache (fewer splits than fill the GPU are never
     /// used, more than 128 never): on an H200 at depth 16,384, 256 (66 splits of one sequence's
     /// grouped kernel) measured 142 tok/s against 133 for 128 or 64. PEREGRINE_SPLIT_POSITIONS
     /// sets it for measuring; the tests set it to reach the merge's largest split counts.
     var splitPositions = max(32, Int(ProcessInfo.processInfo.environment["PEREGRINE_SPLIT_POSITIONS"] ?? "") ?? 256)
+    /// Tests set it to give a decode attention exactly this many splits (at most 128), the one
+    /// split that a large batch takes on a large GPU included.
+    var decodeSplits: Int?
     /// Prompt attention on tensor cores where `tensorCoreAttention` allows it (tests turn it off
     /// to compare the two kernels on one cache).
     var tensorCoreAttentionAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_TENSOR_CORE_ATTENTION"] == nil
@@ -258,14 +275,16 @@ public final class CUDABackend: ComputeBackend {
                      "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
                      "repetition_penalty", "exp_sum_rows", "sample_rows",
                      "moe_route", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16"]
-                     + matvecs + CUDABackend.tensorCoreAttentionDims.map { "attention_prefill_mma_\($0)" } {
+                     + matvecs + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
+                     + CUDABackend.tensorCoreDecodeDims.map({ "attention_decode_mma_\($0)" }) {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
         }
         // Kernels whose dynamic shared memory may pass 48 KB (the normalized input of a product,
         // a prefill attention tile) ask for what the device allows.
-        for name in matvecs + ["attention_prefill", "attention_split"] + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" }) {
+        for name in matvecs + ["attention_prefill", "attention_split"] + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
+            + CUDABackend.tensorCoreDecodeDims.map({ "attention_decode_mma_\($0)" }) {
             // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, as dynamicSharedLimit (the kernel's
             // static shared memory counts against the device's limit)
             try driver.check(driver.cuFuncSetAttribute(functions[name] ?? nil, 8, Int32(CUDABackend.dynamicSharedLimit(driver))), "cuFuncSetAttribute(\(name))")
@@ -317,6 +336,7 @@ public final class CUDABackend: ComputeBackend {
         bindContext()
         mode = .eager
         pinnedCursor = 0
+        halfHolds = nil
         pdlStep = pdl
         pendingKey = key
     }
@@ -427,6 +447,7 @@ public final class CUDABackend: ComputeBackend {
 
     private func launch(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int = 0, dependent: Bool = true,
                         _ fill: (inout Arguments) -> Void) {
+        halfHolds = nil
         if case .replaying = mode { return }
         if profiling {
             profiled(name) { launchNow(name, grid: grid, block: block, shared: shared, dependent: dependent, fill) }
@@ -578,6 +599,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func buffer(_ count: Int) throws -> CUDABuffer {
         bindContext()
+        halfHolds = nil
         dropGraphs()
         let b = try CUDABuffer(driver: driver, count: count, pool: pool)
         try driver.check(driver.cuMemsetD8Async(b.pointer, 0, max(count, 1) * 4, stream), "cuMemsetD8Async")
@@ -586,6 +608,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func write(_ values: UnsafeBufferPointer<Float>, to buffer: CUDABuffer, offset: Int) {
         bindContext()
+        halfHolds = nil
         guard values.count > 0 else { return }
         if inGraphStep {
             stage(values.baseAddress!, bytes: values.count * 4, to: buffer.pointer + UInt64(offset * 4))
@@ -609,9 +632,26 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func rmsNorm(_ x: CUDABuffer, weight: CUDAWeight, eps: Float, rows: Int, dim: Int, out: CUDABuffer) {
+        rmsNorm(x, weight: weight, eps: eps, rows: rows, dim: dim, out: out, for: nil)
+    }
+
+    /// The RMSNorm, with the 16-bit copy of its output that a cuBLAS product of `consumer` reads
+    /// written beside it (see `halfHolds`).
+    private func rmsNorm(_ x: CUDABuffer, weight: CUDAWeight, eps: Float, rows: Int, dim: Int, out: CUDABuffer, for consumer: CUDAWeight?) {
+        let half = halfTwin(of: out, count: rows * dim, rows: rows, consumer: consumer)
         launch("rms_norm", grid: (rows, 1, 1), block: min(1024, max(32, (dim + 31) / 32 * 32))) { a in
-            a.ptr(x); a.ptr(weight.pointer); a.ptr(out); a.i32(dim); a.f32(eps)
+            a.ptr(x); a.ptr(weight.pointer); a.ptr(out); a.i32(dim); a.f32(eps); a.ptr(half?.pointer ?? 0); a.i32(Int(half?.code ?? 0))
         }
+        if let half { halfHolds = (out.pointer, rows * dim, half.code) }
+    }
+
+    /// Where a kernel writing `count` values into `out` should write their 16-bit copy: when the
+    /// next product, of `consumer` over `rows` tokens, goes through cuBLAS on a rounded input.
+    private func halfTwin(of out: CUDABuffer, count: Int, rows: Int, consumer: CUDAWeight?)
+        -> (pointer: CUDADriver.DevicePointer, code: Int32)? {
+        guard let w = consumer, rows != oneToken, w.dtype != .f32, !usesRowKernel(rows, w),
+              ensure(&halfScratch, (count + 1) / 2) else { return nil }
+        return (halfScratch.pointer, w.dtype == .f16 ? 1 : 2)
     }
 
     public func outputSize(_ w: CUDAWeight) -> Int { w.rows }
@@ -727,10 +767,13 @@ public final class CUDABackend: ComputeBackend {
     /// rounded into `halfScratch` (valid until the next rounding).
     private func gemmInput(_ x: CUDADriver.DevicePointer, count: Int, for dtype: DType) -> CUDADriver.DevicePointer? {
         guard dtype != .f32 else { return x }
+        let code: Int32 = dtype == .f16 ? 1 : 2
+        if let h = halfHolds, h.source == x, h.count >= count, h.type == code { return halfScratch.pointer }
         guard ensure(&halfScratch, (count + 1) / 2) else { return nil }
         launch("to_half", grid: blocks(count), block: 256) { a in
-            a.ptr(x); a.ptr(halfScratch); a.i32(dtype == .f16 ? 1 : 2); a.i64(count)
+            a.ptr(x); a.ptr(halfScratch); a.i32(Int(code)); a.i64(count)
         }
+        halfHolds = (x, count, code)
         return halfScratch.pointer
     }
 
@@ -748,6 +791,7 @@ public final class CUDABackend: ComputeBackend {
                                          UnsafeMutableRawPointer(bitPattern: UInt(out)), 0, Int32(outDim), 68, -1)
         }
         if status != 0, firstError == nil { firstError = .backend("cublasGemmEx failed (\(status))") }
+        if let h = halfHolds, out < h.source + UInt64(h.count * 4), h.source < out + UInt64(outDim * rows * 4) { halfHolds = nil }
     }
 
     public func matmul(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer) {
@@ -791,7 +835,8 @@ public final class CUDABackend: ComputeBackend {
         } else {
             matmul(x, rows: rows, weight: gate, bias: gateBias, out: out)
             matmul(x, rows: rows, weight: up, bias: upBias, out: scratch)
-            siluMul(gate: out, up: scratch, count: rows * up.rows, out: out)
+            // The down projection that reads `out` is of the gate's type in the families we load.
+            siluMul(gate: out, up: scratch, count: rows * up.rows, out: out, rows: rows, for: gate)
         }
     }
 
@@ -799,7 +844,7 @@ public final class CUDABackend: ComputeBackend {
                             _ a: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer), _ b: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer),
                             _ c: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)) {
         if rows == oneToken, fusedNorm, matvecKernel(x, [a, b, c], mode: 0, norm: (norm, eps)) { return }
-        rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
+        rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed, for: a.weight)
         matmul3(normed, rows: rows, a, b, c)
     }
 
@@ -808,7 +853,7 @@ public final class CUDABackend: ComputeBackend {
                                  out: CUDABuffer, scratch: CUDABuffer) {
         if rows == oneToken, fusedNorm, activation == .silu, up.rows == gate.rows,
            matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: (norm, eps)) { return }
-        rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
+        rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed, for: gate)
         gatedProduct(normed, rows: rows, gate: gate, gateBias: gateBias, up: up, upBias: upBias, activation: activation,
                      out: out, scratch: scratch)
     }
@@ -839,11 +884,14 @@ public final class CUDABackend: ComputeBackend {
         }
     }
 
-    /// One token: RoPE and the KV-cache write happen inside the attention kernel (one launch).
+    /// One token: RoPE and the KV-cache write happen inside the attention kernel (one launch),
+    /// except where its grouped attention runs on tensor cores (from `groupedAttentionFrom`
+    /// positions, an F16 cache), which takes them from rope_store_kv first.
     public func ropeAttention(layer: Int, q: CUDABuffer, k: CUDABuffer, v: CUDABuffer, rows: Int, heads: Int, headDim: Int,
                               rotaryDim: Int, cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool, plan: BatchPlan,
                               cache: KVStorage<CUDABackend>, window: Int?, scoring: AttentionScoring, out: CUDABuffer) {
-        if rows == oneToken {
+        let longest = rows == 1 ? min(Int(plan.positions[0]) + 1, window ?? Int.max) : 0
+        if rows == oneToken, !(heads > cache.kvHeads && longest >= groupedAttentionFrom && tensorCoreDecode(cache)) {
             attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, scoring: scoring, out: out,
                       rope: (k, v, cos, sin, rotaryDim, interleaved))
             return
@@ -943,26 +991,37 @@ public final class CUDABackend: ComputeBackend {
             && (splitRows * cache.kvHeads * parts >= groupedAttentionBlocks || splitRows == 1 && longest >= groupedAttentionFrom)
         let blocksPerSplit = grouped ? splitRows * cache.kvHeads * parts : splitRows * heads
         let fill = ((grouped ? 4 : 2) * driver.multiprocessors + blocksPerSplit - 1) / blocksPerSplit
-        let splits = max(1, min((basis + 31) / 32, max(fill, (basis + splitPositions - 1) / splitPositions), 128))  // SPLIT_MAX
+        let splits = decodeSplits.map { max(1, min($0, 128)) }
+            ?? max(1, min((basis + 31) / 32, max(fill, (basis + splitPositions - 1) / splitPositions), 128))  // SPLIT_MAX
         guard splitRows * heads <= CUDABackend.attentionCounterCount else {
             if firstError == nil { firstError = .unsupported("\(rows) tokens x \(heads) heads is past the attention kernel's counters") }
             return
         }
         guard ensure(&scratch, splitRows * heads * splits * (hd + 2)) else { return }
         let stats = scratch.pointer + UInt64(splitRows * heads * splits * hd * 4)
-        // Two buffers of a tile's 32 key rows (padded by 16 bytes) and value rows as stored, the
-        // group's queries and the token's key as float4s; then the tile's probabilities (8 x 32
-        // floats) and the two tiles' key offsets (SPLIT_KEYS, SPLIT_GROUP in Kernels.cu).
+        // Grouped attention over an F16 cache on tensor cores: in a large batch, attention_split
+        // is bound by its arithmetic (H200, 256 sequences of 192 positions on average, the 8B
+        // shape: 162 us a layer, a quarter of the copy rate; attention_decode_mma: 75 us). One
+        // token whose RoPE and cache write attention_split would fuse comes here unfused (see
+        // `ropeAttention`).
+        let tensorCores = grouped && rope == nil && tensorCoreDecode(cache)
+        // attention_split: two buffers of a tile's 32 key rows (padded by 16 bytes) and value rows
+        // as stored, the group's queries and the token's key as float4s; then the tile's
+        // probabilities (8 x 32 floats) and the two tiles' key offsets (SPLIT_KEYS, SPLIT_GROUP
+        // in Kernels.cu). attention_decode_mma: two buffers of 64 key and value rows (DT_KEYS),
+        // padded by 16 bytes, and the two tiles' key offsets.
         let quads = hd / 4, chunks = rowBytes / 16
-        let shared = grouped ? 16 * (2 * 32 * (chunks + 1) + 2 * 32 * chunks + 8 * quads + quads) + 4 * 8 * 32 + 8 * 2 * 32 : 0
-        launch(grouped ? "attention_split" : "attention_split_heads", grid: (splitRows, grouped ? cache.kvHeads * parts : heads, splits),
-               block: 128, shared: shared) { a in
+        let shared = tensorCores ? 2 * 2 * 64 * (hd + 8) * 2 + 2 * 64 * 8
+            : grouped ? 16 * (2 * 32 * (chunks + 1) + 2 * 32 * chunks + 8 * quads + quads) + 4 * 8 * 32 + 8 * 2 * 32 : 0
+        let kernel = tensorCores ? "attention_decode_mma_\(hd)" : grouped ? "attention_split" : "attention_split_heads"
+        launch(kernel, grid: (splitRows, grouped ? cache.kvHeads * parts : heads, splits), block: 128, shared: shared) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)
             a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
             a.f32(scale); a.f32(softCap); a.i32(window ?? 0); a.i32(splits)
             a.ptr(out); a.ptr(attentionCounters); a.i32(rope == nil ? 0 : 1); a.ptr(rope?.k.pointer ?? 0); a.ptr(rope?.v.pointer ?? 0)
             a.ptr(rope?.cos.pointer ?? 0); a.ptr(rope?.sin.pointer ?? 0); a.i32(rope?.rotaryDim ?? hd); a.i32(rope?.interleaved == true ? 1 : 0)
-            a.ptr(rowMap); a.i32(cache.halfPrecision)
+            a.ptr(rowMap)
+            if !tensorCores { a.i32(cache.halfPrecision) }
         }
     }
 
@@ -973,6 +1032,14 @@ public final class CUDABackend: ComputeBackend {
     /// what the f16 products take), Ampere or later, a head dimension it is compiled for, and not
     /// --deterministic (whose one kernel for every query keeps f32 scores).
     /// PEREGRINE_NO_TENSOR_CORE_ATTENTION=1 keeps the f32 kernel.
+    /// Whether single queries that take the grouped decode attention run on tensor cores: an F16
+    /// cache, Ampere or later, a head dimension attention_decode_mma is compiled for, and not
+    /// --deterministic.
+    func tensorCoreDecode(_ cache: KVStorage<CUDABackend>) -> Bool {
+        cache.type == .f16 && !deterministic && driver.computeCapability.major >= 8 && tensorCoreDecodeAllowed
+            && CUDABackend.tensorCoreDecodeDims.contains(cache.headDim)
+    }
+
     func tensorCoreAttention(_ cache: KVStorage<CUDABackend>) -> Bool {
         cache.type == .f16 && !deterministic && driver.computeCapability.major >= 8 && tensorCoreAttentionAllowed
             && CUDABackend.tensorCoreAttentionDims.contains(cache.headDim)
@@ -1004,7 +1071,16 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func siluMul(gate: CUDABuffer, up: CUDABuffer, count: Int, out: CUDABuffer) {
-        launch("silu_mul", grid: blocks(count), block: 256) { a in a.ptr(gate); a.ptr(up); a.ptr(out); a.i64(count) }
+        siluMul(gate: gate, up: up, count: count, out: out, rows: 0, for: nil)
+    }
+
+    /// silu(gate) * up, with the 16-bit copy a cuBLAS product of `consumer` over `rows` tokens reads.
+    private func siluMul(gate: CUDABuffer, up: CUDABuffer, count: Int, out: CUDABuffer, rows: Int, for consumer: CUDAWeight?) {
+        let half = halfTwin(of: out, count: count, rows: rows, consumer: consumer)
+        launch("silu_mul", grid: blocks(count), block: 256) { a in
+            a.ptr(gate); a.ptr(up); a.ptr(out); a.i64(count); a.ptr(half?.pointer ?? 0); a.i32(Int(half?.code ?? 0))
+        }
+        if let half { halfHolds = (out.pointer, count, half.code) }
     }
 
     public func geluTanhMul(gate: CUDABuffer, up: CUDABuffer, count: Int, out: CUDABuffer) {
@@ -1030,6 +1106,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func copy(_ src: CUDABuffer, offset srcOffset: Int, to dst: CUDABuffer, offset dstOffset: Int, count: Int) {
         bindContext()
+        halfHolds = nil
         guard count > 0 else { return }
         record(driver.cuMemcpyDtoDAsync(dst.pointer + UInt64(dstOffset * 4), src.pointer + UInt64(srcOffset * 4), count * 4, stream),
                "cuMemcpyDtoDAsync")

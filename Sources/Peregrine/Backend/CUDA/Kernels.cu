@@ -248,12 +248,23 @@ __device__ __forceinline__ float block_rms_scale(const float* x, int k, float ep
     return rsqrtf(s / k + eps);
 }
 
-extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim, float eps) {
+// Value i of a 16-bit copy of an activation (halfType 1: F16, 2: BF16), written beside the f32
+// value by the kernel that computes it, so the cuBLAS product that reads it needs no rounding pass.
+__device__ __forceinline__ void store_half(void* half, int halfType, long i, float v) {
+    if (halfType == 2) ((__nv_bfloat16*)half)[i] = __float2bfloat16(v);
+    else if (halfType == 1) ((__half*)half)[i] = __float2half(v);
+}
+
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim, float eps, void* half, int halfType) {
     gdc_wait();
     const float* xr = x + (long)blockIdx.x * dim;
     float* o = out + (long)blockIdx.x * dim;
     float scale = block_rms_scale(xr, dim, eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * scale * w[i];
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = xr[i] * scale * w[i];
+        o[i] = v;
+        store_half(half, halfType, (long)blockIdx.x * dim + i, v);
+    }
 }
 
 // A quantized block's 32 values as eight words of four int8 each (values 4j..4j+3 in word j).
@@ -999,9 +1010,7 @@ extern "C" __global__ void dequantize_experts_bf16(const unsigned long long* wei
 extern "C" __global__ void to_half(const float* x, void* out, int dtype, long n) {
     gdc_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    if (dtype == 2) ((__nv_bfloat16*)out)[i] = __float2bfloat16(x[i]);
-    else ((__half*)out)[i] = __float2half(x[i]);
+    if (i < n) store_half(out, dtype, i, x[i]);
 }
 
 extern "C" __global__ void add_bias(float* y, const float* bias, int outDim, long n) {
@@ -1607,10 +1616,15 @@ extern "C" __global__ void soft_cap_inplace(float* x, float cap, long n) {
     if (i < n) x[i] = cap * tanhf(x[i] / cap);
 }
 
-extern "C" __global__ void silu_mul(const float* g, const float* u, float* o, long n) {
+extern "C" __global__ void silu_mul(const float* g, const float* u, float* o, long n, void* half, int halfType) {
     gdc_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) { float v = g[i]; o[i] = v / (1.f + __expf(-v)) * u[i]; }
+    if (i < n) {
+        float v = g[i];
+        v = v / (1.f + __expf(-v)) * u[i];
+        o[i] = v;
+        store_half(half, halfType, i, v);
+    }
 }
 
 extern "C" __global__ void add_inplace(float* x, const float* y, long n) {
@@ -1942,6 +1956,194 @@ ATTENTION_PREFILL_MMA(64, 64)
 ATTENTION_PREFILL_MMA(96, 64)
 ATTENTION_PREFILL_MMA(128, 64)
 ATTENTION_PREFILL_MMA(256, 32)
+
+// Single queries of a batch (decode steps) on tensor cores, over an F16 cache: the grid and the
+// scratch of attention_split (block: token, KV head and part of its group, split), the group's
+// query heads as the rows of one 16-row mma tile (heads past the group are zero rows), so each
+// key and value row is read once for all of them and the arithmetic that bounds attention_split
+// in large batches becomes a few mma instructions a tile. The block copies tiles of DT_KEYS keys
+// (16-byte cp.async, two buffers); warp w takes keys 16w ..< 16w + 16 of each with its own online
+// softmax, as attention_prefill_mma does for its rows, and the four warps' results are combined
+// in shared memory at the end. With one split the block writes attn; otherwise the partial
+// result and (max, sum) go to scratch for merge_if_last, as attention_split's do.
+#define DT_KEYS 64
+
+template <int D>
+__device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
+#if __CUDA_ARCH__ >= 800
+    gdc_wait();
+    constexpr int LD = D + 8, DT = D / 8, KS = D / 16, CH = D / 8;
+    extern __shared__ __align__(16) unsigned char fa_shared[];
+    __half* Ks = (__half*)fa_shared;     // [2][DT_KEYS][LD]
+    __half* Vs = Ks + 2 * DT_KEYS * LD;  // [2][DT_KEYS][LD]
+    long* offs = (long*)(Vs + 2 * DT_KEYS * LD);  // [2][DT_KEYS]: the two tiles' keys' cache rows, -1 past the share
+    int t = rowMap ? rowMap[blockIdx.x] : blockIdx.x, split = blockIdx.z;
+    int group = heads / kvHeads, parts = (group + SPLIT_GROUP - 1) / SPLIT_GROUP;
+    int kvh = blockIdx.y / parts, part = blockIdx.y % parts;
+    int h0 = kvh * group + part * SPLIT_GROUP, nh = min(SPLIT_GROUP, group - part * SPLIT_GROUP);
+    int pos = positions[t], slot = slots[t];
+    int lo = window > 0 ? max(0, pos - window + 1) : 0;
+    int chunk = (pos + 1 - lo + splits - 1) / splits;
+    int start = lo + split * chunk, end = min(pos + 1, start + chunk);
+    int row = kvHeads * D, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    long kvOffset = (long)kvh * D;
+    int nTiles = end > start ? (end - start + DT_KEYS - 1) / DT_KEYS : 0;
+    // Tile n's keys' rows, one thread a key (the block-table lookups once a key, not once a piece).
+    auto find_rows = [&](int n) {
+        int p = start + n * DT_KEYS + threadIdx.x;
+        if (threadIdx.x < DT_KEYS && n < nTiles) offs[(n & 1) * DT_KEYS + threadIdx.x] = p < end ? kv_at(tables, width, bs, slot, p, row) + kvOffset : -1L;
+    };
+    auto load_tile = [&](int n) {
+        __half* kd = Ks + (n & 1) * DT_KEYS * LD;
+        __half* vd = Vs + (n & 1) * DT_KEYS * LD;
+        const long* rows = offs + (n & 1) * DT_KEYS;
+        for (int c = threadIdx.x; c < DT_KEYS * CH; c += blockDim.x) {
+            int j = c / CH, piece = c % CH;
+            long o = rows[j];
+            bool in = o >= 0;
+            o = in ? o + piece * 8 : 0;
+            copy16_async(kd + j * LD + piece * 8, kc + o, in);
+            copy16_async(vd + j * LD + piece * 8, vc + o, in);
+        }
+        copy_commit();
+    };
+    find_rows(0);
+    find_rows(1);
+    __syncthreads();
+    if (nTiles > 0) load_tile(0);
+    // The thread's query fragments (mma's A layout, row g = lane / 4): head h0 + g, scaled and
+    // rounded to f16; rows g + 8 and heads past the part are zeros.
+    int g = lane >> 2, c2 = 2 * (lane & 3);
+    unsigned qf[KS][4];
+    const float* qr = q + ((long)t * heads + h0 + g) * D;
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        float2 x = g < nh ? *(const float2*)(qr + 16 * kk + c2) : make_float2(0.f, 0.f);
+        float2 y = g < nh ? *(const float2*)(qr + 16 * kk + c2 + 8) : make_float2(0.f, 0.f);
+        qf[kk][0] = pack_half2(x.x * scale, x.y * scale);
+        qf[kk][1] = 0;
+        qf[kk][2] = pack_half2(y.x * scale, y.y * scale);
+        qf[kk][3] = 0;
+    }
+    const float NEG = -__int_as_float(0x7f800000);
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m = NEG, l = 0.f;  // row g's running max and (this thread's share of the) sum
+    for (int n = 0; n < nTiles; n++) {
+        if (n + 1 < nTiles) {
+            load_tile(n + 1);
+            copy_wait<1>();
+        } else {
+            copy_wait<0>();
+        }
+        __syncthreads();
+        int kw = start + n * DT_KEYS + 16 * warp;  // the warp's first key
+        if (kw < end) {
+            const __half* kt = Ks + ((n & 1) * DT_KEYS + 16 * warp) * LD;
+            const __half* vt = Vs + ((n & 1) * DT_KEYS + 16 * warp) * LD;
+            float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                unsigned b[4];
+                ldmatrix_x4(b, kt + ((lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+                mma_f16(s[0], qf[kk], b[0], b[1]);
+                mma_f16(s[1], qf[kk], b[2], b[3]);
+            }
+            // Row g's scores of keys kw + 8j + c2 + e (the accumulators' first two values).
+            float mx = NEG;
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float v = kw + 8 * j + c2 + e < end ? soft_cap(s[j][e], softcap) : NEG;
+                    s[j][e] = v;
+                    mx = fmaxf(mx, v);
+                }
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            float mn = fmaxf(m, mx);  // finite: the warp's first key is valid
+            float corr = __expf(m - mn);
+            m = mn;
+            l *= corr;
+#pragma unroll
+            for (int i = 0; i < DT; i++) { o[i][0] *= corr; o[i][1] *= corr; }
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float p = __expf(s[j][e] - mn);
+                    s[j][e] = p;
+                    l += p;
+                }
+            }
+            unsigned a[4] = {pack_half2(s[0][0], s[0][1]), 0u, pack_half2(s[1][0], s[1][1]), 0u};
+#pragma unroll
+            for (int i = 0; i < DT / 2; i++) {
+                unsigned b[4];
+                ldmatrix_x4_trans(b, vt + (((lane >> 3) & 1) * 8 + (lane & 7)) * LD + 16 * i + (lane >> 4) * 8);
+                mma_f16(o[2 * i], a, b[0], b[1]);
+                mma_f16(o[2 * i + 1], a, b[2], b[3]);
+            }
+        }
+        find_rows(n + 2);  // into tile n's slot, read by its load_tile before this iteration
+        __syncthreads();  // every warp is done with this buffer before the next load_tile refills it
+    }
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    // The warps' results, combined: each row's (max, sum) by warp, then its outputs scaled to the
+    // block's max (shared memory: the tiles are no longer read).
+    float* ms = (float*)fa_shared;    // [4][SPLIT_GROUP]
+    float* ls = ms + 4 * SPLIT_GROUP;  // [4][SPLIT_GROUP]
+    float* os = ls + 4 * SPLIT_GROUP;  // [4][SPLIT_GROUP][D]
+    if ((lane & 3) == 0 && g < SPLIT_GROUP) { ms[warp * SPLIT_GROUP + g] = m; ls[warp * SPLIT_GROUP + g] = l; }
+    __syncthreads();
+    if (g < nh) {
+        float top = fmaxf(fmaxf(ms[g], ms[SPLIT_GROUP + g]), fmaxf(ms[2 * SPLIT_GROUP + g], ms[3 * SPLIT_GROUP + g]));
+        float f = m == NEG ? 0.f : __expf(m - top);
+        float* dst = os + (warp * SPLIT_GROUP + g) * D + c2;
+#pragma unroll
+        for (int i = 0; i < DT; i++) *(float2*)(dst + 8 * i) = make_float2(o[i][0] * f, o[i][1] * f);
+    }
+    __syncthreads();
+    int u = blockIdx.x;
+    for (int i = threadIdx.x; i < nh * D; i += blockDim.x) {
+        int hh = i / D, d = i % D;
+        float top = NEG;
+#pragma unroll
+        for (int w = 0; w < 4; w++) top = fmaxf(top, ms[w * SPLIT_GROUP + hh]);
+        float sum = 0.f, acc = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            float mw = ms[w * SPLIT_GROUP + hh];
+            sum += mw == NEG ? 0.f : ls[w * SPLIT_GROUP + hh] * __expf(mw - top);
+            acc += os[(w * SPLIT_GROUP + hh) * D + d];
+        }
+        long th = ((long)u * heads + h0 + hh) * splits + split;
+        if (splits == 1) {
+            attn[((long)t * heads + h0 + hh) * D + d] = sum > 0 ? acc / sum : 0.f;
+        } else {
+            partial[th * D + d] = acc;
+            if (d == 0) { stats[2 * th] = top; stats[2 * th + 1] = sum; }
+        }
+    }
+    if (splits == 1) return;
+    __shared__ bool last;
+    __shared__ float weights[SPLIT_GROUP * SPLIT_MAX], inverse[SPLIT_GROUP];
+    merge_if_last(partial, stats, attn, counters, u, t, h0, nh, heads, D, splits, &last, weights, inverse);
+#endif
+}
+
+#define ATTENTION_DECODE_MMA(D)                                                                                               \
+    extern "C" __global__ void __launch_bounds__(128) attention_decode_mma_##D(SPLIT_PARAMS(void)) {                       \
+        attention_decode_mma<D>(SPLIT_ARGS(__half));                                                                          \
+    }
+ATTENTION_DECODE_MMA(16)
+ATTENTION_DECODE_MMA(32)
+ATTENTION_DECODE_MMA(64)
+ATTENTION_DECODE_MMA(96)
+ATTENTION_DECODE_MMA(128)
 
 // Sampling on the device: only the chosen ids (greedy) or the k largest logits leave the GPU.
 
