@@ -224,11 +224,13 @@ public final class CUDABackend: ComputeBackend {
     /// heads, on an H200, and no slower at eight). Tests set it to run either kernel;
     /// PEREGRINE_GROUPED_ATTENTION_BLOCKS sets it for measuring.
     var groupedAttentionBlocks = Int(ProcessInfo.processInfo.environment["PEREGRINE_GROUPED_ATTENTION_BLOCKS"] ?? "") ?? 64
-    /// Positions from which one sequence's decode attention runs as attention_split all the
-    /// same: its blocks (8 KV heads x splits for the 8B shape) are fewer, but each reads a KV head
-    /// once for its group with 16-byte asynchronous copies, which pays once the keys outweigh
-    /// the block's fixed work (H200: 134 against 100 tok/s at depth 16,384, 175 against 192 at
-    /// depth 0). PEREGRINE_GROUPED_ATTENTION_FROM sets it for measuring.
+    /// Positions from which one sequence's decode attention runs grouped all the same
+    /// (attention_split, or attention_decode_mma over an F16 cache): its blocks (8 KV heads x
+    /// splits for the 8B shape) are fewer, but each reads a KV head once for its group with
+    /// 16-byte asynchronous copies, which pays once the keys outweigh the block's fixed work
+    /// (H200, attention_split: 134 against 100 tok/s at depth 16,384, 175 against 192 at depth
+    /// 0; attention_decode_mma: 162 at depth 16,384, 186 at 1,024). PEREGRINE_GROUPED_ATTENTION_FROM
+    /// sets it for measuring.
     var groupedAttentionFrom = Int(ProcessInfo.processInfo.environment["PEREGRINE_GROUPED_ATTENTION_FROM"] ?? "") ?? 1024
     /// Whether grouped decode attention over an F16 cache runs on tensor cores
     /// (attention_decode_mma_D) rather than attention_split (see `tensorCoreDecode`);
