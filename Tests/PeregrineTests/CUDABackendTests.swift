@@ -358,7 +358,7 @@ final class CUDABackendTests: XCTestCase {
         let gpu = try backend()
         guard gpu.driver.computeCapability.major >= 8 else { throw XCTSkip("tensor-core attention needs compute capability 8.0 or later") }
         gpu.groupedAttentionBlocks = 0
-        defer { gpu.tensorCoreDecodeAllowed = true; gpu.groupedAttentionBlocks = 64; gpu.decodeSplits = nil }
+        defer { gpu.tensorCoreDecodeAllowed = true; gpu.groupedAttentionBlocks = 64; gpu.decodeSplits = nil; gpu.tensorCoreDecodeWarps = 2 }
         let cpu = CPUBackend()
         var rng = SplitMix(seed: 11)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
@@ -407,7 +407,10 @@ final class CUDABackendTests: XCTestCase {
                     gpu.decodeSplits = splits
                     let label = "\(heads)/\(kvHeads) heads of \(hd), window \(window ?? 0), cap \(cap ?? 0), \(splits) splits"
                     gpu.tensorCoreDecodeAllowed = true
-                    XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 4e-3 : 1.5e-2, label + ": tensor cores")
+                    for warps in [4, 2] {
+                        gpu.tensorCoreDecodeWarps = warps
+                        XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 4e-3 : 1.5e-2, label + ": tensor cores, \(warps) warps")
+                    }
                     gpu.tensorCoreDecodeAllowed = false
                     XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 1e-4 : 5e-4, label + ": attention_split")
                 }

@@ -239,6 +239,10 @@ public final class CUDABackend: ComputeBackend {
     var tensorCoreDecodeAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_TENSOR_CORE_DECODE"] == nil
     /// Head dimensions attention_decode_mma_D is compiled for.
     static let tensorCoreDecodeDims = [16, 32, 64, 96, 128]
+    /// Warps a block of attention_decode_mma: 2 (tiles of 32 keys; H200, 256 sequences of PP 128
+    /// / TG 128: 25,505 and 26,054 total tok/s in two rounds) or 4 (tiles of 64, the `_w4`
+    /// kernels: 24,543 and 25,160). PEREGRINE_DECODE_WARPS=4 sets it for measuring; tests run both.
+    var tensorCoreDecodeWarps = Int(ProcessInfo.processInfo.environment["PEREGRINE_DECODE_WARPS"] ?? "") == 4 ? 4 : 2
     /// Positions a decode split takes in a long cache (fewer splits than fill the GPU are never
     /// used, more than 128 never): on an H200 at depth 16,384, 256 (66 splits of one sequence's
     /// grouped kernel) measured 142 tok/s against 133 for 128 or 64. PEREGRINE_SPLIT_POSITIONS
@@ -278,7 +282,7 @@ public final class CUDABackend: ComputeBackend {
                      "repetition_penalty", "exp_sum_rows", "sample_rows",
                      "moe_route", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16"]
                      + matvecs + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
-                     + CUDABackend.tensorCoreDecodeDims.map({ "attention_decode_mma_\($0)" }) {
+                     + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4"] }) {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
@@ -286,7 +290,7 @@ public final class CUDABackend: ComputeBackend {
         // Kernels whose dynamic shared memory may pass 48 KB (the normalized input of a product,
         // a prefill attention tile) ask for what the device allows.
         for name in matvecs + ["attention_prefill", "attention_split"] + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
-            + CUDABackend.tensorCoreDecodeDims.map({ "attention_decode_mma_\($0)" }) {
+            + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4"] }) {
             // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, as dynamicSharedLimit (the kernel's
             // static shared memory counts against the device's limit)
             try driver.check(driver.cuFuncSetAttribute(functions[name] ?? nil, 8, Int32(CUDABackend.dynamicSharedLimit(driver))), "cuFuncSetAttribute(\(name))")
@@ -1003,20 +1007,21 @@ public final class CUDABackend: ComputeBackend {
         let stats = scratch.pointer + UInt64(splitRows * heads * splits * hd * 4)
         // Grouped attention over an F16 cache on tensor cores: in a large batch, attention_split
         // is bound by its arithmetic (H200, 256 sequences of 192 positions on average, the 8B
-        // shape: 162 us a layer, a quarter of the copy rate; attention_decode_mma: 75 us). One
-        // token whose RoPE and cache write attention_split would fuse comes here unfused (see
-        // `ropeAttention`).
+        // shape: 162 us a layer, a quarter of the copy rate; attention_decode_mma with four warps
+        // a block: 75 us). One token whose RoPE and cache write attention_split would fuse comes
+        // here unfused (see `ropeAttention`).
         let tensorCores = grouped && rope == nil && tensorCoreDecode(cache)
         // attention_split: two buffers of a tile's 32 key rows (padded by 16 bytes) and value rows
         // as stored, the group's queries and the token's key as float4s; then the tile's
         // probabilities (8 x 32 floats) and the two tiles' key offsets (SPLIT_KEYS, SPLIT_GROUP
-        // in Kernels.cu). attention_decode_mma: two buffers of 64 key and value rows (DT_KEYS),
-        // padded by 16 bytes, and the two tiles' key offsets.
-        let quads = hd / 4, chunks = rowBytes / 16
-        let shared = tensorCores ? 2 * 2 * 64 * (hd + 8) * 2 + 2 * 64 * 8
+        // in Kernels.cu). attention_decode_mma: two buffers of 16 x warps key and value rows
+        // (DT_KEYS), padded by 16 bytes, and the two tiles' key offsets.
+        let quads = hd / 4, chunks = rowBytes / 16, warps = tensorCoreDecodeWarps, tileKeys = 16 * warps
+        let shared = tensorCores ? 2 * 2 * tileKeys * (hd + 8) * 2 + 2 * tileKeys * 8
             : grouped ? 16 * (2 * 32 * (chunks + 1) + 2 * 32 * chunks + 8 * quads + quads) + 4 * 8 * 32 + 8 * 2 * 32 : 0
-        let kernel = tensorCores ? "attention_decode_mma_\(hd)" : grouped ? "attention_split" : "attention_split_heads"
-        launch(kernel, grid: (splitRows, grouped ? cache.kvHeads * parts : heads, splits), block: 128, shared: shared) { a in
+        let kernel = tensorCores ? "attention_decode_mma_\(hd)" + (warps == 4 ? "_w4" : "") : grouped ? "attention_split" : "attention_split_heads"
+        launch(kernel, grid: (splitRows, grouped ? cache.kvHeads * parts : heads, splits), block: tensorCores ? 32 * warps : 128,
+               shared: shared) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)
             a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
             a.f32(scale); a.f32(softCap); a.i32(window ?? 0); a.i32(splits)

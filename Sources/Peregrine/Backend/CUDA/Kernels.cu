@@ -1963,16 +1963,19 @@ ATTENTION_PREFILL_MMA(256, 32)
 // key and value row is read once for all of them and the arithmetic that bounds attention_split
 // in large batches becomes a few mma instructions a tile. The block copies tiles of DT_KEYS keys
 // (16-byte cp.async, two buffers); warp w takes keys 16w ..< 16w + 16 of each with its own online
-// softmax, as attention_prefill_mma does for its rows, and the four warps' results are combined
+// softmax, as attention_prefill_mma does for its rows, and the warps' results are combined
 // in shared memory at the end. With one split the block writes attn; otherwise the partial
-// result and (max, sum) go to scratch for merge_if_last, as attention_split's do.
-#define DT_KEYS 64
-
-template <int D>
+// result and (max, sum) go to scratch for merge_if_last, as attention_split's do. W warps a
+// block, tiles of 16W keys: two (the kernels attention_decode_mma_D; 35 KB of tiles for D = 128,
+// six blocks a multiprocessor) measured up to 4% faster than four (`_w4`: 70 KB, three blocks)
+// in a batch of 256 sequences on an H200, and no slower elsewhere.
+template <int D, int W>
 __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
 #if __CUDA_ARCH__ >= 800
     gdc_wait();
-    constexpr int LD = D + 8, DT = D / 8, KS = D / 16, CH = D / 8;
+    constexpr int LD = D + 8, DT = D / 8, KS = D / 16, CH = D / 8, DT_KEYS = 16 * W;
+    static_assert((2 * W * SPLIT_GROUP + W * SPLIT_GROUP * D + SPLIT_GROUP * SPLIT_MAX + SPLIT_GROUP) * 4 <= 4 * DT_KEYS * LD * 2,
+                  "the warps' results and the merge's weights fit in the tiles' memory");
     extern __shared__ __align__(16) unsigned char fa_shared[];
     __half* Ks = (__half*)fa_shared;     // [2][DT_KEYS][LD]
     __half* Vs = Ks + 2 * DT_KEYS * LD;  // [2][DT_KEYS][LD]
@@ -2094,13 +2097,15 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
     l += __shfl_xor_sync(0xffffffff, l, 2);
     // The warps' results, combined: each row's (max, sum) by warp, then its outputs scaled to the
     // block's max (shared memory: the tiles are no longer read).
-    float* ms = (float*)fa_shared;    // [4][SPLIT_GROUP]
-    float* ls = ms + 4 * SPLIT_GROUP;  // [4][SPLIT_GROUP]
-    float* os = ls + 4 * SPLIT_GROUP;  // [4][SPLIT_GROUP][D]
+    float* ms = (float*)fa_shared;    // [W][SPLIT_GROUP]
+    float* ls = ms + W * SPLIT_GROUP;  // [W][SPLIT_GROUP]
+    float* os = ls + W * SPLIT_GROUP;  // [W][SPLIT_GROUP][D]
     if ((lane & 3) == 0 && g < SPLIT_GROUP) { ms[warp * SPLIT_GROUP + g] = m; ls[warp * SPLIT_GROUP + g] = l; }
     __syncthreads();
     if (g < nh) {
-        float top = fmaxf(fmaxf(ms[g], ms[SPLIT_GROUP + g]), fmaxf(ms[2 * SPLIT_GROUP + g], ms[3 * SPLIT_GROUP + g]));
+        float top = ms[g];
+#pragma unroll
+        for (int w = 1; w < W; w++) top = fmaxf(top, ms[w * SPLIT_GROUP + g]);
         float f = m == NEG ? 0.f : __expf(m - top);
         float* dst = os + (warp * SPLIT_GROUP + g) * D + c2;
 #pragma unroll
@@ -2112,10 +2117,10 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
         int hh = i / D, d = i % D;
         float top = NEG;
 #pragma unroll
-        for (int w = 0; w < 4; w++) top = fmaxf(top, ms[w * SPLIT_GROUP + hh]);
+        for (int w = 0; w < W; w++) top = fmaxf(top, ms[w * SPLIT_GROUP + hh]);
         float sum = 0.f, acc = 0.f;
 #pragma unroll
-        for (int w = 0; w < 4; w++) {
+        for (int w = 0; w < W; w++) {
             float mw = ms[w * SPLIT_GROUP + hh];
             sum += mw == NEG ? 0.f : ls[w * SPLIT_GROUP + hh] * __expf(mw - top);
             acc += os[(w * SPLIT_GROUP + hh) * D + d];
@@ -2129,15 +2134,20 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
         }
     }
     if (splits == 1) return;
+    // The merge's weights after the warps' results, in the tiles' memory (static arrays would
+    // cost every block their 4 KB, and a multiprocessor one resident block of two warps).
     __shared__ bool last;
-    __shared__ float weights[SPLIT_GROUP * SPLIT_MAX], inverse[SPLIT_GROUP];
-    merge_if_last(partial, stats, attn, counters, u, t, h0, nh, heads, D, splits, &last, weights, inverse);
+    float* weights = os + W * SPLIT_GROUP * D;  // [SPLIT_GROUP][SPLIT_MAX]
+    merge_if_last(partial, stats, attn, counters, u, t, h0, nh, heads, D, splits, &last, weights, weights + SPLIT_GROUP * SPLIT_MAX);
 #endif
 }
 
 #define ATTENTION_DECODE_MMA(D)                                                                                               \
-    extern "C" __global__ void __launch_bounds__(128) attention_decode_mma_##D(SPLIT_PARAMS(void)) {                       \
-        attention_decode_mma<D>(SPLIT_ARGS(__half));                                                                          \
+    extern "C" __global__ void __launch_bounds__(64) attention_decode_mma_##D(SPLIT_PARAMS(void)) {                        \
+        attention_decode_mma<D, 2>(SPLIT_ARGS(__half));                                                                       \
+    }                                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) attention_decode_mma_##D##_w4(SPLIT_PARAMS(void)) {                  \
+        attention_decode_mma<D, 4>(SPLIT_ARGS(__half));                                                                       \
     }
 ATTENTION_DECODE_MMA(16)
 ATTENTION_DECODE_MMA(32)
