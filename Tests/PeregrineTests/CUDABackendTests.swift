@@ -348,8 +348,8 @@ final class CUDABackendTests: XCTestCase {
     /// A batch's decode attention over an F16 cache on the tensor cores (attention_decode_mma)
     /// against the CPU backend on the same cache: 24 single queries of sequences from 1 to 700
     /// positions (and one query alone), their blocks from a shared pool in shuffled order; groups
-    /// of 4, 4, 20 and 2 query heads a KV head (20: three blocks of up to eight heads), head sizes
-    /// 128, 64, 96 and 16; one
+    /// of 4, 4, 20, 2 and 4 query heads a KV head (20: three blocks of up to eight heads), head
+    /// sizes 128, 64, 96, 16 and 32; one
     /// split a sequence, three, and forty (more than a short sequence has positions, so some
     /// splits are empty); with and without a
     /// sliding window and soft-capping. The bound is f16's, as for the prompt kernel;
@@ -364,7 +364,8 @@ final class CUDABackendTests: XCTestCase {
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         let blockSize = 16, width = 48, blocks = 24 * width
         let all = (0..<24).map { r in [0, 1, 15, 16, 63, 64, 65, 200, 511, 699][r % 10] + (r / 10) * 3 }
-        for (heads, kvHeads, hd, positions) in [(32, 8, 128, all), (8, 2, 64, all), (40, 2, 96, all), (32, 8, 128, [699]), (4, 2, 16, all)] {
+        for (heads, kvHeads, hd, positions) in [(32, 8, 128, all), (8, 2, 64, all), (40, 2, 96, all), (32, 8, 128, [699]), (4, 2, 16, all),
+                                                (16, 4, 32, all)] {
             let rows = positions.count
             var order = Array(0..<Int32(blocks))
             for i in stride(from: order.count - 1, to: 0, by: -1) { order.swapAt(i, Int(rng.next() % UInt64(i + 1))) }

@@ -148,12 +148,13 @@ public final class CUDABackend: ComputeBackend {
     private var planRows = -1
     private var scratch: CUDABuffer
     private var halfScratch: CUDABuffer
-    /// What `halfScratch` holds: the 16-bit rounding (cuBLAS type 2 F16, 14 BF16; kernel code 1 or
-    /// 2) of `count` values at `source`, written beside them by the kernel that computed them, or
-    /// by `to_half`. The products that share an input (q/k/v, gate/up) then round it once, and a
+    /// What `halfScratch` holds: the 16-bit rounding (`type`, the kernels' code: 1 F16, 2 BF16) of
+    /// `count` values at `source`, written beside them by the kernel that computed them, or by
+    /// `to_half`. The products that share an input (q/k/v, gate/up) then round it once, and a
     /// norm's or a gated activation's output is never rounded in a pass of its own. Every other
     /// launch or copy forgets it (`launch`, `copy`, `write`, a product writing over it), so a
-    /// product never reads a stale rounding.
+    /// product never reads a stale rounding; the launches known to leave both untouched (a
+    /// weight's widening, a bias added to another buffer) keep it.
     private var halfHolds: (source: CUDADriver.DevicePointer, count: Int, type: Int32)?
     private var dequantScratch: CUDABuffer
     private var activationScratch: CUDABuffer
@@ -235,7 +236,8 @@ public final class CUDABackend: ComputeBackend {
     /// Whether grouped decode attention over an F16 cache runs on tensor cores
     /// (attention_decode_mma_D) rather than attention_split (see `tensorCoreDecode`);
     /// PEREGRINE_NO_TENSOR_CORE_DECODE=1 keeps attention_split, for measuring. Tests set it to
-    /// run either kernel.
+    /// run either kernel. (Like `tensorCoreDecodeWarps` and `decodeSplits`, it is not part of a
+    /// recorded step's key: set it before the steps it is for, or with graphs off.)
     var tensorCoreDecodeAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_TENSOR_CORE_DECODE"] == nil
     /// Head dimensions attention_decode_mma_D is compiled for.
     static let tensorCoreDecodeDims = [16, 32, 64, 96, 128]
@@ -407,7 +409,7 @@ public final class CUDABackend: ComputeBackend {
     struct Arguments {
         let base: UnsafeMutableRawPointer
         var count = 0
-        // 32 slots of 8 bytes (see `args`); kernels here take at most 24 parameters.
+        // 32 slots of 8 bytes (see `args`); kernels here take at most 28 parameters.
         mutating func ptr(_ p: CUDADriver.DevicePointer) { base.storeBytes(of: p, toByteOffset: 8 * count, as: UInt64.self); count += 1 }
         mutating func ptr(_ b: CUDABuffer) { ptr(b.pointer) }
         mutating func i32(_ v: Int) { base.storeBytes(of: Int32(v), toByteOffset: 8 * count, as: Int32.self); count += 1 }
@@ -745,9 +747,11 @@ public final class CUDABackend: ComputeBackend {
         guard let (a, type) = gemmWeight(weight), let b = gemmInput(x.pointer, count: rows * k, for: weight.dtype) else { return }
         cublasProduct(a, b, type: type, outDim: outDim, rows: rows, k: k, out: out.pointer, accumulate: accumulate)
         if let bias {
+            let held = halfHolds  // still valid: cublasProduct forgot it if `out` overlaps its source
             launch("add_bias", grid: blocks(rows * outDim), block: 256) { a in
                 a.ptr(out); a.ptr(bias.pointer); a.i32(outDim); a.i64(rows * outDim)
             }
+            halfHolds = held
         }
     }
 
@@ -762,9 +766,11 @@ public final class CUDABackend: ComputeBackend {
         default:
             let n = weight.rows * weight.cols
             guard ensure(&dequantScratch, (n + 1) / 2) else { return nil }
+            let held = halfHolds  // the widening writes only dequantScratch
             launch("dequantize_bf16", grid: blocks((n + 7) / 8), block: 256) { a in
                 a.ptr(weight.pointer); a.i32(code(weight.dtype)); a.ptr(dequantScratch); a.i64(n)
             }
+            halfHolds = held
             return (dequantScratch.pointer, 14)
         }
     }
@@ -789,6 +795,7 @@ public final class CUDABackend: ComputeBackend {
                                out: CUDADriver.DevicePointer, accumulate: Bool) {
         var alpha: Float = 1, beta: Float = accumulate ? 1 : 0
         var status: Int32 = 0
+        if let h = halfHolds, out < h.source + UInt64(h.count * 4), h.source < out + UInt64(outDim * rows * 4) { halfHolds = nil }
         if case .replaying = mode { return }  // the product is in the graph (as every launch is)
         profiled("cublasGemmEx") {
             status = driver.cublasGemmEx(cublas, 1, 0, Int32(outDim), Int32(rows), Int32(k), &alpha,
@@ -797,7 +804,6 @@ public final class CUDABackend: ComputeBackend {
                                          UnsafeMutableRawPointer(bitPattern: UInt(out)), 0, Int32(outDim), 68, -1)
         }
         if status != 0, firstError == nil { firstError = .backend("cublasGemmEx failed (\(status))") }
-        if let h = halfHolds, out < h.source + UInt64(h.count * 4), h.source < out + UInt64(outDim * rows * 4) { halfHolds = nil }
     }
 
     public func matmul(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer) {
@@ -1035,10 +1041,6 @@ public final class CUDABackend: ComputeBackend {
     /// Head dimensions the tensor-core prompt attention is compiled for (`attention_prefill_mma_D`).
     static let tensorCoreAttentionDims = [64, 96, 128, 256]
 
-    /// Whether prompts attend on tensor cores: an F16 cache (whose keys and values are already
-    /// what the f16 products take), Ampere or later, a head dimension it is compiled for, and not
-    /// --deterministic (whose one kernel for every query keeps f32 scores).
-    /// PEREGRINE_NO_TENSOR_CORE_ATTENTION=1 keeps the f32 kernel.
     /// Whether single queries that take the grouped decode attention run on tensor cores: an F16
     /// cache, Ampere or later, a head dimension attention_decode_mma is compiled for, and not
     /// --deterministic.
@@ -1047,6 +1049,10 @@ public final class CUDABackend: ComputeBackend {
             && CUDABackend.tensorCoreDecodeDims.contains(cache.headDim)
     }
 
+    /// Whether prompts attend on tensor cores: an F16 cache (whose keys and values are already
+    /// what the f16 products take), Ampere or later, a head dimension it is compiled for, and not
+    /// --deterministic (whose one kernel for every query keeps f32 scores).
+    /// PEREGRINE_NO_TENSOR_CORE_ATTENTION=1 keeps the f32 kernel.
     func tensorCoreAttention(_ cache: KVStorage<CUDABackend>) -> Bool {
         cache.type == .f16 && !deterministic && driver.computeCapability.major >= 8 && tensorCoreAttentionAllowed
             && CUDABackend.tensorCoreAttentionDims.contains(cache.headDim)
