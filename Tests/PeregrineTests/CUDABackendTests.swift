@@ -315,23 +315,8 @@ final class CUDABackendTests: XCTestCase {
             for (window, cap) in [(nil, nil), (48, nil), (nil, 30)] as [(Int?, Float?)] {
                 let scoring = AttentionScoring(scale: 1 / Float(hd).squareRoot() * (cap == nil ? 1 : 8), softCap: cap)
                 func run<B: ComputeBackend>(_ b: B) throws -> [Float] {
-                    let cache = try KVStorage(backend: b, layers: 1, blocks: blocks, blockSize: blockSize, capacity: width * blockSize,
-                                              kvHeads: kvHeads, headDim: hd, type: .f16)
-                    func buffer(_ x: [Float]) throws -> B.Buffer {
-                        let buf = try b.buffer(x.count)
-                        x.withUnsafeBufferPointer { b.write($0, to: buf, offset: 0) }
-                        return buf
-                    }
-                    b.beginPass(fill)
-                    b.storeKV(layer: 0, k: try buffer(keys), v: try buffer(values), rows: fill.count, plan: fill, cache: cache)
-                    let out = try b.buffer(rows * heads * hd)
-                    b.beginPass(plan)
-                    b.attention(layer: 0, q: try buffer(q), rows: rows, plan: plan, cache: cache, heads: heads, window: window,
-                                scoring: scoring, out: out)
-                    try b.synchronize()
-                    var o = [Float](repeating: 0, count: rows * heads * hd)
-                    o.withUnsafeMutableBufferPointer { b.read(out, offset: 0, into: $0) }
-                    return o
+                    try attentionOverF16Cache(b, fill: fill, keys: keys, values: values, plan: plan, q: q, heads: heads, kvHeads: kvHeads,
+                                              headDim: hd, blocks: blocks, blockSize: blockSize, width: width, window: window, scoring: scoring)
                 }
                 let label = "\(heads)/\(kvHeads) heads of \(hd), window \(window ?? 0), cap \(cap ?? 0)"
                 let expected = try run(cpu)
@@ -385,23 +370,8 @@ final class CUDABackendTests: XCTestCase {
             for (window, cap) in [(nil, nil), (48, nil), (nil, 30)] as [(Int?, Float?)] {
                 let scoring = AttentionScoring(scale: 1 / Float(hd).squareRoot() * (cap == nil ? 1 : 8), softCap: cap)
                 func run<B: ComputeBackend>(_ b: B) throws -> [Float] {
-                    let cache = try KVStorage(backend: b, layers: 1, blocks: blocks, blockSize: blockSize, capacity: width * blockSize,
-                                              kvHeads: kvHeads, headDim: hd, type: .f16)
-                    func buffer(_ x: [Float]) throws -> B.Buffer {
-                        let buf = try b.buffer(x.count)
-                        x.withUnsafeBufferPointer { b.write($0, to: buf, offset: 0) }
-                        return buf
-                    }
-                    b.beginPass(fill)
-                    b.storeKV(layer: 0, k: try buffer(keys), v: try buffer(values), rows: fill.count, plan: fill, cache: cache)
-                    let out = try b.buffer(rows * heads * hd)
-                    b.beginPass(plan)
-                    b.attention(layer: 0, q: try buffer(q), rows: rows, plan: plan, cache: cache, heads: heads, window: window,
-                                scoring: scoring, out: out)
-                    try b.synchronize()
-                    var o = [Float](repeating: 0, count: rows * heads * hd)
-                    o.withUnsafeMutableBufferPointer { b.read(out, offset: 0, into: $0) }
-                    return o
+                    try attentionOverF16Cache(b, fill: fill, keys: keys, values: values, plan: plan, q: q, heads: heads, kvHeads: kvHeads,
+                                              headDim: hd, blocks: blocks, blockSize: blockSize, width: width, window: window, scoring: scoring)
                 }
                 let expected = try run(cpu)
                 for splits in [1, 3, 40] {
@@ -417,6 +387,30 @@ final class CUDABackendTests: XCTestCase {
                 }
             }
         }
+    }
+
+    /// Attention of `plan`'s rows over an F16 cache that `fill` (one row per cached position)
+    /// first stores `keys` and `values` into, on backend `b`: the output rows.
+    private func attentionOverF16Cache<B: ComputeBackend>(_ b: B, fill: BatchPlan, keys: [Float], values: [Float], plan: BatchPlan,
+                                                          q: [Float], heads: Int, kvHeads: Int, headDim hd: Int, blocks: Int,
+                                                          blockSize: Int, width: Int, window: Int?, scoring: AttentionScoring) throws -> [Float] {
+        let cache = try KVStorage(backend: b, layers: 1, blocks: blocks, blockSize: blockSize, capacity: width * blockSize,
+                                  kvHeads: kvHeads, headDim: hd, type: .f16)
+        func buffer(_ x: [Float]) throws -> B.Buffer {
+            let buf = try b.buffer(x.count)
+            x.withUnsafeBufferPointer { b.write($0, to: buf, offset: 0) }
+            return buf
+        }
+        let rows = plan.count
+        b.beginPass(fill)
+        b.storeKV(layer: 0, k: try buffer(keys), v: try buffer(values), rows: fill.count, plan: fill, cache: cache)
+        let out = try b.buffer(rows * heads * hd)
+        b.beginPass(plan)
+        b.attention(layer: 0, q: try buffer(q), rows: rows, plan: plan, cache: cache, heads: heads, window: window, scoring: scoring, out: out)
+        try b.synchronize()
+        var o = [Float](repeating: 0, count: rows * heads * hd)
+        o.withUnsafeMutableBufferPointer { b.read(out, offset: 0, into: $0) }
+        return o
     }
 
     /// Host side, no GPU needed: the caching allocator's size classes.

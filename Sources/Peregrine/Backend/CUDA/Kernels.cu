@@ -1249,6 +1249,37 @@ __device__ __forceinline__ void merge_if_last(const float* partial, const float*
 // Most query heads of one KV head a block takes (a larger group is cut into several blocks).
 #define SPLIT_GROUP 8
 
+// Split `split` of `splits`'s share [start, end) of the positions a query at `pos` attends to
+// (the last `window` of them, or all): the split count is fixed at launch and the share follows
+// the length read on the device, so a recorded decode step stays valid at every position.
+__device__ __forceinline__ void split_range(int pos, int window, int splits, int split, int& start, int& end) {
+    int lo = window > 0 ? max(0, pos - window + 1) : 0;
+    int chunk = (pos + 1 - lo + splits - 1) / splits;
+    start = lo + split * chunk;
+    end = min(pos + 1, start + chunk);
+}
+
+// A grouped decode block's work (attention_split, attention_decode_mma; grid: rows, KV heads x
+// parts, splits): its batch row t (through rowMap in a mixed batch), KV head, the query heads
+// h0 ..< h0 + nh of its part of the group (at most SPLIT_GROUP), and its split's positions.
+struct GroupedShare { int t, split, kvh, part, h0, nh, pos, slot, start, end; };
+
+__device__ __forceinline__ GroupedShare grouped_share(const int* rowMap, const int* positions, const int* slots, int heads,
+                                                      int kvHeads, int window, int splits) {
+    GroupedShare s;
+    s.t = rowMap ? rowMap[blockIdx.x] : blockIdx.x;
+    s.split = blockIdx.z;
+    int group = heads / kvHeads, parts = (group + SPLIT_GROUP - 1) / SPLIT_GROUP;
+    s.kvh = blockIdx.y / parts;
+    s.part = blockIdx.y % parts;
+    s.h0 = s.kvh * group + s.part * SPLIT_GROUP;
+    s.nh = min(SPLIT_GROUP, group - s.part * SPLIT_GROUP);
+    s.pos = positions[s.t];
+    s.slot = slots[s.t];
+    split_range(s.pos, window, splits, s.split, s.start, s.end);
+    return s;
+}
+
 // An attention score soft-capped to cap * tanh(s / cap) (Gemma 2); cap 0: the score as it is.
 __device__ __forceinline__ float soft_cap(float s, float cap) { return cap > 0.f ? cap * tanhf(s / cap) : s; }
 
@@ -1278,14 +1309,9 @@ __device__ __forceinline__ void attention_split_body(SPLIT_PARAMS(KV)) {
     extern __shared__ float4 shared4[];
     constexpr int per = KVBits<KV>::perChunk;
     // rowMap: the rows of a mixed batch that are single queries (the others go to attention_prefill).
-    int t = rowMap ? rowMap[blockIdx.x] : blockIdx.x, split = blockIdx.z;
-    int group = heads / kvHeads, parts = (group + SPLIT_GROUP - 1) / SPLIT_GROUP;
-    int kvh = blockIdx.y / parts, part = blockIdx.y % parts;
-    int h0 = kvh * group + part * SPLIT_GROUP, nh = min(SPLIT_GROUP, group - part * SPLIT_GROUP);
-    int pos = positions[t], slot = slots[t];
-    int lo = window > 0 ? max(0, pos - window + 1) : 0;
-    int chunk = (pos + 1 - lo + splits - 1) / splits;
-    int start = lo + split * chunk, end = min(pos + 1, start + chunk);
+    GroupedShare sh = grouped_share(rowMap, positions, slots, heads, kvHeads, window, splits);
+    int t = sh.t, split = sh.split, kvh = sh.kvh, part = sh.part, h0 = sh.h0, nh = sh.nh;
+    int pos = sh.pos, slot = sh.slot, start = sh.start, end = sh.end;
     int row = kvHeads * headDim, quads = headDim / 4, chunks = headDim / per, kStride = chunks + 1;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     uint4* Kraw = (uint4*)shared4;                        // [2][SPLIT_KEYS][chunks + 1]: key rows as stored
@@ -1470,9 +1496,8 @@ __device__ __forceinline__ void attention_split_heads_body(SPLIT_PARAMS(KV)) {
     int t = rowMap ? rowMap[blockIdx.x] : blockIdx.x, h = blockIdx.y, split = blockIdx.z;
     int pos = positions[t];
     __shared__ float qs[256], ks[256];
-    int lo = window > 0 ? max(0, pos - window + 1) : 0;
-    int chunk = (pos + 1 - lo + splits - 1) / splits;
-    int start = lo + split * chunk, end = min(pos + 1, start + chunk);
+    int start, end;
+    split_range(pos, window, splits, split, start, end);
     int kvh = h / (heads / kvHeads);
     int row = kvHeads * headDim;
     const float* qp = q + ((long)t * heads + h) * headDim;
@@ -1980,14 +2005,8 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
     __half* Ks = (__half*)fa_shared;     // [2][DT_KEYS][LD]
     __half* Vs = Ks + 2 * DT_KEYS * LD;  // [2][DT_KEYS][LD]
     long* offs = (long*)(Vs + 2 * DT_KEYS * LD);  // [2][DT_KEYS]: the two tiles' keys' cache rows, -1 past the share
-    int t = rowMap ? rowMap[blockIdx.x] : blockIdx.x, split = blockIdx.z;
-    int group = heads / kvHeads, parts = (group + SPLIT_GROUP - 1) / SPLIT_GROUP;
-    int kvh = blockIdx.y / parts, part = blockIdx.y % parts;
-    int h0 = kvh * group + part * SPLIT_GROUP, nh = min(SPLIT_GROUP, group - part * SPLIT_GROUP);
-    int pos = positions[t], slot = slots[t];
-    int lo = window > 0 ? max(0, pos - window + 1) : 0;
-    int chunk = (pos + 1 - lo + splits - 1) / splits;
-    int start = lo + split * chunk, end = min(pos + 1, start + chunk);
+    GroupedShare sh = grouped_share(rowMap, positions, slots, heads, kvHeads, window, splits);
+    int t = sh.t, split = sh.split, kvh = sh.kvh, h0 = sh.h0, nh = sh.nh, slot = sh.slot, start = sh.start, end = sh.end;
     int row = kvHeads * D, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     long kvOffset = (long)kvh * D;
     int nTiles = end > start ? (end - start + DT_KEYS - 1) / DT_KEYS : 0;
