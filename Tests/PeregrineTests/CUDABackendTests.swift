@@ -707,23 +707,32 @@ final class CUDABackendTests: XCTestCase {
             let alone = try Engine(model: deterministic, tokenizer: nil, config: config).generate(prompts: [r])[0]
             XCTAssertEqual(together[i].tokens, alone.tokens, "request \(i)")
         }
-        let before = try XCTUnwrap(deterministic.weightBytesRead)
-        _ = try Engine(model: deterministic, tokenizer: nil, config: config).generate(prompts: [requests[0]])
-        let read = try XCTUnwrap(deterministic.weightBytesRead) - before
-        // The prompt's pass reads at most every weight once; the 11 decode steps the active parameters each.
+        // The prompt's pass reads at most every weight once; the 11 decode steps the active
+        // parameters each: counted by the grouped kernels (deterministic) and by the matvec
+        // kernels' expert mode (a one-sequence decode step by default).
         let all = try SafeTensorsFile(path: Fixtures.model("qwen3_moe") + "/model.safetensors").entries.values.reduce(0) { $0 + $1.end - $1.begin }
-        XCTAssertLessThanOrEqual(read, all + 11 * deterministic.weightBytes)
-        XCTAssertGreaterThanOrEqual(read, 12 * deterministic.weightBytes)
+        let bf16Path = try Fixtures.tempDirectory(self) + "/qwen3_moe-bf16.gguf"
+        _ = try ModelQuantizer(mix: .bf16).quantize(source: Fixtures.model("qwen3_moe"), output: bf16Path)
+        let bf16 = try ModelRegistry.load(directory: bf16Path, backend: gpu)
+        for m in [deterministic, bf16] {
+            let before = try XCTUnwrap(m.weightBytesRead)
+            _ = try Engine(model: m, tokenizer: nil, config: config).generate(prompts: [requests[0]])
+            let read = try XCTUnwrap(m.weightBytesRead) - before
+            XCTAssertLessThanOrEqual(read, all + 11 * m.weightBytes)
+            XCTAssertGreaterThanOrEqual(read, 12 * m.weightBytes)
+        }
     }
 
-    /// Quantized experts on the GPU (Q4_K, Q6_K and Q8_0 on a random MoE with 256-wide rows;
-    /// llama.cpp's Mixtral files are among the GGUF fixtures) against the CPU's integer kernels.
+    /// Quantized and 16-bit experts on the GPU (Q4_K, Q6_K, Q8_0, BF16 and F16 on a random MoE
+    /// with 256-wide rows; llama.cpp's Mixtral files are among the GGUF fixtures) against the
+    /// CPU: decode steps of one and three sequences take the matvec kernels' expert mode, the
+    /// prompt's pass the grouped products.
     func testQuantizedExpertsMatchCPU() throws {
         let gpu = try backend()
         let dir = try Fixtures.tempDirectory(self)
         let source = dir + "/moe-f32.gguf"
         try writeRandomMoEGGUF(source)
-        for mix in [QuantizationMix.q4_K_M, .q6_K, .q8_0] {
+        for mix in [QuantizationMix.q4_K_M, .q6_K, .q8_0, .bf16, .f16] {
             let out = dir + "/moe-\(mix.rawValue).gguf"
             _ = try ModelQuantizer(mix: mix, pure: true).quantize(source: source, output: out)
             try assertMatchesCPU(out, gpu)

@@ -132,11 +132,13 @@ public protocol ComputeBackend: AnyObject {
     /// with their probabilities, divided by their sum when `normalize`. `routes` receives
     /// [rows, k] pairs (weight, expert index as the bits of an Int32).
     func routeTopK(_ logits: Buffer, rows: Int, experts: Int, k: Int, normalize: Bool, routes: Buffer)
-    /// out[t] = Σ weight · down_e(silu(gate_e · x[t]) * up_e · x[t]) over the `k` routes (e, weight)
-    /// of row t, summed in order of expert index. The rows routed to an expert go through its
-    /// weights together, so each expert's weights are read once a pass, and only those of the
-    /// experts some row chose; a row's arithmetic does not depend on the other rows.
-    func expertProducts(_ x: Buffer, rows: Int, routes: Buffer, k: Int, experts: Experts, out: Buffer)
+    /// residual[t] += Σ weight · down_e(silu(gate_e · x[t]) * up_e · x[t]) over the `k` routes
+    /// (e, weight) of row t, summed in order of expert index, then added. Only the chosen
+    /// experts' weights are read. Over many rows, the rows routed to an expert go through its
+    /// weights together, so each is read once a pass; over a few a backend may run each route
+    /// alone. A row's arithmetic does not depend on the other rows (on a GPU, under
+    /// `deterministic`, nor on how many there are).
+    func expertProducts(_ x: Buffer, rows: Int, routes: Buffer, k: Int, experts: Experts, residual: Buffer)
     /// For each expert, how many passes read its weights since the experts were made.
     func expertReads(_ experts: Experts) throws -> [Int]
     /// residual[t, :] += sigmoid(gate[t]) * y[t, :] for `rows` rows of `dim` (a shared expert

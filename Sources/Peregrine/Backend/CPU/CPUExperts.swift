@@ -116,7 +116,7 @@ extension CPUBackend {
         }
     }
 
-    public func expertProducts(_ x: CPUBuffer, rows: Int, routes: CPUBuffer, k: Int, experts: CPUExperts, out: CPUBuffer) {
+    public func expertProducts(_ x: CPUBuffer, rows: Int, routes: CPUBuffer, k: Int, experts: CPUExperts, residual: CPUBuffer) {
         let s = expertScratch
         let n = experts.count, d = experts.hidden, ff = experts.intermediate, total = rows * k
         @inline(__always) func expert(_ r: Int) -> Int {
@@ -180,13 +180,15 @@ extension CPUBackend {
         s.place.withUnsafeBufferPointer { place in
             s.order.withUnsafeBufferPointer { order in
                 let body = { (range: Range<Int>) in
+                    // The sum in a row of `rows` (free once the products are done), then added.
                     for t in range {
-                        let o = out.pointer + t * d
+                        let o = xs + t * d
                         o.update(repeating: 0, count: d)
                         for i in 0..<k {
                             let r = t * k + order[t * k + i]
                             CPUKernels.axpy(routes.pointer[2 * r], ds + place[r] * d, o, d)
                         }
+                        CPUKernels.axpy(1, o, residual.pointer + t * d, d)
                     }
                 }
                 if rows * k * d < 1 << 15 { body(0..<rows) } else { pool.parallelRanges(rows, body) }

@@ -707,20 +707,7 @@ public final class CUDABackend: ComputeBackend {
     /// do not suit it (f32, mixed types, odd sizes).
     private func matvecKernel(_ x: CUDABuffer, _ p: [Product], mode: Int, norm: (weight: CUDAWeight, eps: Float)?) -> Bool {
         let dtype = p[0].weight.dtype, k = p[0].weight.cols
-        let suffix: String
-        switch dtype {
-        case .f16: suffix = "f16"
-        case .bf16: suffix = "bf16"
-        case .q8_0: suffix = "q8_0"
-        case .q4_0: suffix = "q4_0"
-        case .q4_K: suffix = "q4_K"
-        case .q6_K: suffix = "q6_K"
-        case .iq4_nl: suffix = "iq4_nl"
-        case .iq4_xs: suffix = "iq4_xs"
-        case .q3_K: suffix = "q3_K"
-        case .q2_K: suffix = "q2_K"
-        default: return false
-        }
+        guard let suffix = matvecSuffix(dtype) else { return false }
         let quantized = [.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K].contains(dtype)
         guard p.allSatisfy({ $0.weight.dtype == dtype && $0.weight.cols == k }), k % (quantized ? dtype.blockSize : 8) == 0 else { return false }
         if let norm, !quantized, norm.weight.rows * norm.weight.cols != k || k * 4 > dynamicSharedLimit { return false }
@@ -736,9 +723,27 @@ public final class CUDABackend: ComputeBackend {
             for i in 0..<3 {
                 if i < p.count { a.ptr(p[i].weight.pointer); a.ptr(p[i].bias?.pointer ?? 0); a.ptr(p[i].out); a.i32(mode == 2 && i == 1 ? 0 : n[i]) } else { a.ptr(0); a.ptr(0); a.ptr(0); a.i32(0) }
             }
-            a.ptr(x); a.ptr(normPointer); a.f32(norm?.eps ?? 0); a.ptr(xq); a.ptr(xs); a.i32(k); a.i32(mode)
+            a.ptr(x); a.ptr(normPointer); a.f32(norm?.eps ?? 0); a.ptr(xq); a.ptr(xs); a.i32(k); a.i32(mode); a.ptr(0); a.i32(1)
         }
         return true
+    }
+
+    /// The `matvec` kernel of a weight type, when there is one that takes rows of any length the
+    /// type's blocks divide.
+    private func matvecSuffix(_ dtype: DType) -> String? {
+        switch dtype {
+        case .f16: return "f16"
+        case .bf16: return "bf16"
+        case .q8_0: return "q8_0"
+        case .q4_0: return "q4_0"
+        case .q4_K: return "q4_K"
+        case .q6_K: return "q6_K"
+        case .iq4_nl: return "iq4_nl"
+        case .iq4_xs: return "iq4_xs"
+        case .q3_K: return "q3_K"
+        case .q2_K: return "q2_K"
+        default: return nil
+        }
     }
 
     /// out (+)= x @ W^T through cuBLAS (see `cublasProduct`), the bias added after.
@@ -1161,12 +1166,15 @@ public final class CUDABackend: ComputeBackend {
         }
     }
 
-    public func expertProducts(_ x: CUDABuffer, rows: Int, routes: CUDABuffer, k: Int, experts: CUDAExperts, out: CUDABuffer) {
+    public func expertProducts(_ x: CUDABuffer, rows: Int, routes: CUDABuffer, k: Int, experts: CUDAExperts, residual: CUDABuffer) {
         guard k >= 1, k <= CUDAExperts.maxUsed else {
             if firstError == nil { firstError = .unsupported("\(k) experts a token; the CUDA backend takes at most \(CUDAExperts.maxUsed)") }
             return
         }
         let n = experts.count, d = experts.hidden, ff = experts.intermediate, total = rows * k
+        if total <= expertMatvecRoutes, !deterministic, expertMatvecs(x, rows: rows, routes: routes, k: k, experts: experts, residual: residual) {
+            return
+        }
         // Ints: counts, starts and the chosen experts (n + 1) per expert, then each route's place and each place's row.
         guard ensure(&moeInts, 3 * n + 1 + 2 * total), ensure(&moeRows, total * d), ensure(&moeHidden, total * ff),
               ensure(&moeOut, total * d) else { return }
@@ -1184,8 +1192,50 @@ public final class CUDABackend: ComputeBackend {
             expertRowProducts(experts, total: total)
         }
         launch("moe_combine", grid: (rows, 1, 1), block: 256) { a in
-            a.ptr(routes); a.ptr(place); a.i32(k); a.ptr(moeOut); a.ptr(out); a.i32(d)
+            a.ptr(routes); a.ptr(place); a.i32(k); a.ptr(moeOut); a.ptr(residual); a.i32(d); a.ptr(0)
         }
+    }
+
+    /// Routes a pass may have for its experts' products to run as the matvec kernels' expert
+    /// mode, each route one token's product with one expert's weights, no grouping: a decode
+    /// step of a few sequences. An expert two of the rows chose is read twice, which costs less
+    /// than grouping does until many rows share experts (128 experts, 8 a token: 64 routes
+    /// choose about 50 distinct experts).
+    private let expertMatvecRoutes = 64
+
+    /// The experts' products of a few rows as the matvec kernels' expert mode: gate and up with
+    /// the SiLU gating for every route in one launch, down in another, then each row's weighted
+    /// sum added to the residual (moe_combine, counting each route's read). False when the
+    /// weights' types have no such kernel (the grouped kernels take them).
+    private func expertMatvecs(_ x: CUDABuffer, rows: Int, routes: CUDABuffer, k: Int, experts: CUDAExperts, residual: CUDABuffer) -> Bool {
+        let d = experts.hidden, ff = experts.intermediate, total = rows * k
+        let gateType = experts.gate[0].dtype, downType = experts.down[0].dtype
+        guard gateType == experts.up[0].dtype, let gateKernel = matvecSuffix(gateType), let downKernel = matvecSuffix(downType),
+              d % gateType.blockSize == 0, d % 8 == 0, ff % downType.blockSize == 0, ff % 8 == 0 else { return false }
+        guard ensure(&moeHidden, total * ff), ensure(&moeOut, total * d) else { return true }
+        func product(_ kernel: String, _ type: DType, tables: (CUDABuffer, CUDABuffer?), input: CUDABuffer, inputRows: Int, cols: Int,
+                     outputs: Int, routeDiv: Int, out: CUDABuffer) {
+            var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
+            if !type.isFloat {
+                guard let q = quantizeActivations(input, rows: inputRows, k: cols, norm: nil) else { return }
+                (xq, xs) = q
+            }
+            let gated = tables.1 != nil
+            launch("matvec_" + kernel + (gated ? "_gated" : ""), grid: (blocks(outputs * 32).0, total, 1), block: 256) { a in
+                a.ptr(tables.0); a.ptr(0); a.ptr(out); a.i32(outputs)
+                a.ptr(tables.1?.pointer ?? 0); a.ptr(0); a.ptr(0); a.i32(0)
+                a.ptr(0); a.ptr(0); a.ptr(0); a.i32(0)
+                a.ptr(input); a.ptr(0); a.f32(0); a.ptr(xq); a.ptr(xs); a.i32(cols); a.i32(gated ? 2 : 0); a.ptr(routes); a.i32(routeDiv)
+            }
+        }
+        product(gateKernel, gateType, tables: (experts.gateTable, experts.upTable), input: x, inputRows: rows, cols: d, outputs: ff,
+                routeDiv: k, out: moeHidden)
+        product(downKernel, downType, tables: (experts.downTable, nil), input: moeHidden, inputRows: total, cols: ff, outputs: d,
+                routeDiv: 1, out: moeOut)
+        launch("moe_combine", grid: (rows, 1, 1), block: 256) { a in
+            a.ptr(routes); a.ptr(0); a.i32(k); a.ptr(moeOut); a.ptr(residual); a.i32(d); a.ptr(experts.reads)
+        }
+        return true
     }
 
     /// Routes a pass needs for the chosen experts' products to run as cuBLAS products, one an

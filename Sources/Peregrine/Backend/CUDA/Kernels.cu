@@ -368,6 +368,28 @@ __device__ __forceinline__ void matvec_store(const MatvecRow& m, float acc, floa
     }
 }
 
+// Expert mode of the matvec kernels (routes != 0; a mixture-of-experts decode step): block row
+// y takes route y of the pass's routes, [rows, k] (weight, expert) pairs. w0 (and w1, gated) are
+// then tables of the experts' matrices, indexed by the route's expert; x and its 8-bit copy
+// (xq, xs) are advanced to row y / routeDiv (the route's token for gate and up, routeDiv = k; the
+// route's own row for down, routeDiv = 1), y0 to row y of the outputs. Each route is one
+// token's product with one expert, computed as a dense product's row is, whatever else the
+// batch holds. The expert is known only after the routing kernel, so this waits before the
+// weights' first loads.
+__device__ __forceinline__ void matvec_route(const float* routes, int routeDiv, int k, int n0, const void*& w0, const void*& w1,
+                                             const float*& x, const signed char*& xq, const float*& xs, float*& y0) {
+    if (!routes) return;
+    gdc_wait();
+    int j = blockIdx.y;
+    int e = __float_as_int(routes[2 * j + 1]);
+    w0 = (const void*)((const unsigned long long*)w0)[e];
+    if (w1) w1 = (const void*)((const unsigned long long*)w1)[e];
+    long row = j / routeDiv;
+    if (x) x += row * k;
+    if (xq) { xq += row * k; xs += row * (k / 32); }
+    y0 += (long)j * n0;
+}
+
 // One token's products, a warp per output row, specialized per weight type DT and rows per warp R
 // (R = 2: gate and up of the same output, mode 2). Each lane keeps 8 / R 16-byte weight loads
 // per row in flight, and the first ones are issued before gdc_wait, so a product's weights
@@ -608,7 +630,8 @@ __device__ __forceinline__ void matvec_q6k_body(const void* w0, const float* b0,
     extern "C" __global__ void __launch_bounds__(256) name(                                                                  \
         const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
         const float* b2, float* y2, int n2, const float* x, const float* norm, float eps, const signed char* xq, const float* xs, \
-        int k, int mode) {                                                                                                   \
+        int k, int mode, const float* routes, int routeDiv) {                                                                \
+        matvec_route(routes, routeDiv, k, n0, w0, w1, x, xq, xs, y0);                                                        \
         matvec_q6k_body<R>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, xq, xs, k, mode);                                 \
     }
 MATVEC_Q6K(matvec_q6_K, 1)
@@ -618,7 +641,8 @@ MATVEC_Q6K(matvec_q6_K_gated, 2)
     extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) name(                                                      \
         const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
         const float* b2, float* y2, int n2, const float* x, const float* norm, float eps, const signed char* xq, const float* xs, \
-        int k, int mode) {                                                                                                   \
+        int k, int mode, const float* routes, int routeDiv) {                                                                \
+        matvec_route(routes, routeDiv, k, n0, w0, w1, x, xq, xs, y0);                                                        \
         matvec_body<DT, R>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, norm, eps, xq, xs, k, mode);                   \
     }
 // Four blocks an SM (64 registers a thread) where that costs no spills: more rows in flight.
@@ -741,7 +765,8 @@ __device__ __forceinline__ void matvec_low_k_body(const void* w0, const float* b
     extern "C" __global__ void __launch_bounds__(256) name(                                                                  \
         const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
         const float* b2, float* y2, int n2, const float* x, const float* norm, float eps, const signed char* xq, const float* xs, \
-        int k, int mode) {                                                                                                   \
+        int k, int mode, const float* routes, int routeDiv) {                                                                \
+        matvec_route(routes, routeDiv, k, n0, w0, w1, x, xq, xs, y0);                                                        \
         matvec_low_k_body<DT, R>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, xq, xs, k, mode);                           \
     }
 MATVEC_LOW_K(matvec_q3_K, 9, 1)
@@ -2496,8 +2521,10 @@ extern "C" __global__ void moe_products(const unsigned long long* weights, const
     }
 }
 
-// out[t, :] = Σ weight · y[place of the route, :] over row t's k routes, in order of expert index.
-extern "C" __global__ void moe_combine(const float* routes, const int* place, int k, const float* y, float* out, int d) {
+// out[t, :] += Σ weight · y[place of the route, :] over row t's k routes, in order of expert
+// index (the sum first, then added: as a separate add would). Without `place` (the matvec
+// kernels' expert mode) route q's output is row q of y, and reads[e] counts each route's expert.
+extern "C" __global__ void moe_combine(const float* routes, const int* place, int k, const float* y, float* out, int d, int* reads) {
     gdc_wait();
     __shared__ int order[MOE_MAX_USED];
     int t = blockIdx.x;
@@ -2507,6 +2534,7 @@ extern "C" __global__ void moe_combine(const float* routes, const int* place, in
             int i = j;
             while (i > 0 && __float_as_int(r[2 * order[i - 1] + 1]) > __float_as_int(r[2 * j + 1])) { order[i] = order[i - 1]; i--; }
             order[i] = j;
+            if (reads) atomicAdd(&reads[__float_as_int(r[2 * j + 1])], 1);
         }
     }
     __syncthreads();
@@ -2514,9 +2542,9 @@ extern "C" __global__ void moe_combine(const float* routes, const int* place, in
         float s = 0;
         for (int j = 0; j < k; j++) {
             int q = t * k + order[j];
-            s += routes[2 * q] * y[(long)place[q] * d + i];
+            s += routes[2 * q] * y[(long)(place ? place[q] : q) * d + i];
         }
-        out[(long)t * d + i] = s;
+        out[(long)t * d + i] += s;
     }
 }
 

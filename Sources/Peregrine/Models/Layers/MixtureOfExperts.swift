@@ -79,16 +79,14 @@ struct MixtureOfExperts<B: ComputeBackend> {
     }
 
     /// residual += experts(h) (+ sigmoid(gate · h) * shared(h)), h = norm(residual): the
-    /// workspace's `h` holds h, `tmp` the experts' (then the shared expert's) output, `gate` and
-    /// `up` the shared expert's products.
+    /// workspace's `h` holds h, `tmp` the shared expert's output, `gate` and `up` its products.
     func callAsFunction(_ pass: DecoderPass<B>, norm: B.Weight) {
         let b = pass.backend, w = pass.workspace, n = pass.rows, d = pass.hidden
         guard let buffers = w.experts else { preconditionFailure("a workspace without expert buffers") }
         b.rmsNorm(w.x, weight: norm, eps: eps, rows: n, dim: d, out: w.h)
         b.matmul(w.h, rows: n, weight: router, bias: nil, out: buffers.logits)
         b.routeTopK(buffers.logits, rows: n, experts: count, k: used, normalize: normalize, routes: buffers.routes)
-        b.expertProducts(w.h, rows: n, routes: buffers.routes, k: used, experts: experts, out: w.tmp)
-        b.add(w.x, w.tmp, count: n * d)
+        b.expertProducts(w.h, rows: n, routes: buffers.routes, k: used, experts: experts, residual: w.x)
         if let s = shared {
             b.gatedProduct(w.h, rows: n, gate: s.gate, gateBias: nil, up: s.up, upBias: nil, out: w.gate, scratch: w.up)
             b.matmul(w.gate, rows: n, weight: s.down, bias: nil, out: w.tmp)
