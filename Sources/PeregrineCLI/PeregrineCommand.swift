@@ -18,7 +18,7 @@ enum Defaults {
 }
 
 struct ModelOptions: ParsableArguments {
-    @Option(name: .shortAndLong, help: "A Hugging Face model directory (config.json, *.safetensors, tokenizer.json) or a GGUF file (F32/F16/BF16).")
+    @Option(name: .shortAndLong, help: "A Hugging Face model directory (config.json, *.safetensors, tokenizer.json) or a GGUF file.")
     var model: String = Defaults.model
 
     @Option(name: .shortAndLong, help: "Worker threads (default: all cores).")

@@ -22,6 +22,9 @@ public protocol ComputeBackend: AnyObject {
     func embed(tokens: UnsafeBufferPointer<Int32>, table: Weight, out: Buffer)
     /// out[r, :] = x[r, :] / rms(x[r, :]) * weight, for `rows` rows of `dim`.
     func rmsNorm(_ x: Buffer, weight: Weight, eps: Float, rows: Int, dim: Int, out: Buffer)
+    /// Two in-place RMSNorms over rows of one width (a layer's per-head query and key norms),
+    /// as two `rmsNorm` calls give; a GPU runs them as one launch.
+    func rmsNormPair(_ a: (x: Buffer, weight: Weight, rows: Int), _ b: (x: Buffer, weight: Weight, rows: Int), eps: Float, dim: Int)
     /// out[t, :] = x[t, :] @ weight^T (+ bias), weight is [outDim, inDim].
     func matmul(_ x: Buffer, rows: Int, weight: Weight, bias: Weight?, out: Buffer)
     /// Rotates the first `rotaryDim` dimensions of `heads` heads of `headDim` per row in place
@@ -132,6 +135,11 @@ public protocol ComputeBackend: AnyObject {
     /// with their probabilities, divided by their sum when `normalize`. `routes` receives
     /// [rows, k] pairs (weight, expert index as the bits of an Int32).
     func routeTopK(_ logits: Buffer, rows: Int, experts: Int, k: Int, normalize: Bool, routes: Buffer)
+    /// A MoE layer's input and routes: normed = rmsNorm(x), logits = normed @ router^T, routes
+    /// = routeTopK(logits), as those three calls give (within rounding: a GPU may run them as
+    /// one launch, and prepare the input `experts` take from `normed`).
+    func normRoute(_ x: Buffer, norm: Weight, eps: Float, rows: Int, dim: Int, router: Weight, experts: Experts, count: Int, k: Int,
+                   normalize: Bool, normed: Buffer, logits: Buffer, routes: Buffer)
     /// residual[t] += Σ weight · down_e(silu(gate_e · x[t]) * up_e · x[t]) over the `k` routes
     /// (e, weight) of row t, summed in order of expert index, then added. Only the chosen
     /// experts' weights are read. Over many rows, the rows routed to an expert go through its
@@ -153,6 +161,18 @@ extension ComputeBackend {
 
     public var freeDeviceMemory: Int? { nil }
     public var kernelProfile: String? { nil }
+
+    public func normRoute(_ x: Buffer, norm: Weight, eps: Float, rows: Int, dim: Int, router: Weight, experts: Experts, count: Int, k: Int,
+                          normalize: Bool, normed: Buffer, logits: Buffer, routes: Buffer) {
+        rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
+        matmul(normed, rows: rows, weight: router, bias: nil, out: logits)
+        routeTopK(logits, rows: rows, experts: count, k: k, normalize: normalize, routes: routes)
+    }
+
+    public func rmsNormPair(_ a: (x: Buffer, weight: Weight, rows: Int), _ b: (x: Buffer, weight: Weight, rows: Int), eps: Float, dim: Int) {
+        rmsNorm(a.x, weight: a.weight, eps: eps, rows: a.rows, dim: dim, out: a.x)
+        rmsNorm(b.x, weight: b.weight, eps: eps, rows: b.rows, dim: dim, out: b.x)
+    }
 
     public func matmul3(_ x: Buffer, rows: Int, _ a: (weight: Weight, bias: Weight?, out: Buffer),
                         _ b: (weight: Weight, bias: Weight?, out: Buffer), _ c: (weight: Weight, bias: Weight?, out: Buffer)) {

@@ -158,6 +158,13 @@ public final class CUDABackend: ComputeBackend {
     private var halfHolds: (source: CUDADriver.DevicePointer, count: Int, type: Int32)?
     private var dequantScratch: CUDABuffer
     private var activationScratch: CUDABuffer
+    /// The 8-bit copy (int8 values, then a scale per 32) of a MoE layer's normalized input that
+    /// moe_router wrote into `routedQ8` beside `source`, for the quantized experts' products
+    /// that follow it; forgotten as `halfHolds` is.
+    private var q8Holds: (source: CUDADriver.DevicePointer, rows: Int, k: Int)?
+    private var routedQ8: CUDABuffer
+    /// One counter per row for moe_router's last-block routing; the routing block resets its own.
+    private let routerCounters: CUDABuffer
     /// A MoE layer's pass: its routes grouped by expert (counts, starts, chosen experts, places,
     /// gathered rows), the gathered rows, the gated products and the experts' outputs.
     private var moeInts: CUDABuffer
@@ -282,7 +289,7 @@ public final class CUDABackend: ComputeBackend {
                      "silu_mul", "gelu_tanh_mul", "scale_inplace", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
                      "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
                      "repetition_penalty", "exp_sum_rows", "sample_rows",
-                     "moe_route", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16"]
+                     "moe_route", "moe_router", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16"]
                      + matvecs + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
                      + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4"] }) {
             var f: OpaquePointer?
@@ -314,6 +321,9 @@ public final class CUDABackend: ComputeBackend {
         halfScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         dequantScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         activationScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        routedQ8 = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        routerCounters = try CUDABuffer(driver: driver, count: CUDABackend.routerRows)
+        try driver.check(driver.cuMemsetD8Async(routerCounters.pointer, 0, CUDABackend.routerRows * 4, s), "cuMemsetD8Async")
         moeInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         moeRows = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         moeHidden = try CUDABuffer(driver: driver, count: 1024, pool: pool)
@@ -345,6 +355,7 @@ public final class CUDABackend: ComputeBackend {
         mode = .eager
         pinnedCursor = 0
         halfHolds = nil
+        q8Holds = nil
         pdlStep = pdl
         pendingKey = key
     }
@@ -456,6 +467,7 @@ public final class CUDABackend: ComputeBackend {
     private func launch(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int = 0, dependent: Bool = true,
                         _ fill: (inout Arguments) -> Void) {
         halfHolds = nil
+        q8Holds = nil
         if case .replaying = mode { return }
         if profiling {
             profiled(name) { launchNow(name, grid: grid, block: block, shared: shared, dependent: dependent, fill) }
@@ -608,6 +620,7 @@ public final class CUDABackend: ComputeBackend {
     public func buffer(_ count: Int) throws -> CUDABuffer {
         bindContext()
         halfHolds = nil
+        q8Holds = nil
         dropGraphs()
         let b = try CUDABuffer(driver: driver, count: count, pool: pool)
         try driver.check(driver.cuMemsetD8Async(b.pointer, 0, max(count, 1) * 4, stream), "cuMemsetD8Async")
@@ -617,6 +630,7 @@ public final class CUDABackend: ComputeBackend {
     public func write(_ values: UnsafeBufferPointer<Float>, to buffer: CUDABuffer, offset: Int) {
         bindContext()
         halfHolds = nil
+        q8Holds = nil
         guard values.count > 0 else { return }
         if inGraphStep {
             stage(values.baseAddress!, bytes: values.count * 4, to: buffer.pointer + UInt64(offset * 4))
@@ -649,8 +663,17 @@ public final class CUDABackend: ComputeBackend {
         let half = halfTwin(of: out, count: rows * dim, rows: rows, consumer: consumer)
         launch("rms_norm", grid: (rows, 1, 1), block: min(1024, max(32, (dim + 31) / 32 * 32))) { a in
             a.ptr(x); a.ptr(weight.pointer); a.ptr(out); a.i32(dim); a.f32(eps); a.ptr(half?.pointer ?? 0); a.i32(Int(half?.code ?? 0))
+            a.ptr(0); a.ptr(0); a.ptr(0); a.i32(rows)
         }
         if let half { halfHolds = (out.pointer, rows * dim, half.code) }
+    }
+
+    public func rmsNormPair(_ a: (x: CUDABuffer, weight: CUDAWeight, rows: Int), _ b: (x: CUDABuffer, weight: CUDAWeight, rows: Int),
+                            eps: Float, dim: Int) {
+        launch("rms_norm", grid: (a.rows + b.rows, 1, 1), block: min(1024, max(32, (dim + 31) / 32 * 32))) { p in
+            p.ptr(a.x); p.ptr(a.weight.pointer); p.ptr(a.x); p.i32(dim); p.f32(eps); p.ptr(0); p.i32(0)
+            p.ptr(b.x); p.ptr(b.weight.pointer); p.ptr(b.x); p.i32(a.rows)
+        }
     }
 
     /// Where a kernel writing `count` values into `out` should write their 16-bit copy: when the
@@ -705,14 +728,18 @@ public final class CUDABackend: ComputeBackend {
     /// One token's products (up to three matrices of one type, or gate and up with mode 2) as a
     /// `matvec` kernel, with the RMSNorm of x fused when `norm` is given. False when the weights
     /// do not suit it (f32, mixed types, odd sizes).
-    private func matvecKernel(_ x: CUDABuffer, _ p: [Product], mode: Int, norm: (weight: CUDAWeight, eps: Float)?) -> Bool {
+    /// `q8`: x already rounded to 8 bits (quantizeActivations) for quantized weights.
+    private func matvecKernel(_ x: CUDABuffer, _ p: [Product], mode: Int, norm: (weight: CUDAWeight, eps: Float)?,
+                              q8: (CUDADriver.DevicePointer, CUDADriver.DevicePointer)? = nil) -> Bool {
         let dtype = p[0].weight.dtype, k = p[0].weight.cols
         guard let suffix = matvecSuffix(dtype) else { return false }
         let quantized = [.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K].contains(dtype)
         guard p.allSatisfy({ $0.weight.dtype == dtype && $0.weight.cols == k }), k % (quantized ? dtype.blockSize : 8) == 0 else { return false }
         if let norm, !quantized, norm.weight.rows * norm.weight.cols != k || k * 4 > dynamicSharedLimit { return false }
         var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
-        if quantized {
+        if quantized, let q8 {
+            (xq, xs) = q8
+        } else if quantized {
             guard let q = quantizeActivations(x, rows: 1, k: k, norm: norm) else { return true }
             (xq, xs) = q
         }
@@ -801,6 +828,7 @@ public final class CUDABackend: ComputeBackend {
         var alpha: Float = 1, beta: Float = accumulate ? 1 : 0
         var status: Int32 = 0
         if let h = halfHolds, out < h.source + UInt64(h.count * 4), h.source < out + UInt64(outDim * rows * 4) { halfHolds = nil }
+        q8Holds = nil
         if case .replaying = mode { return }  // the product is in the graph (as every launch is)
         profiled("cublasGemmEx") {
             status = driver.cublasGemmEx(cublas, 1, 0, Int32(outDim), Int32(rows), Int32(k), &alpha,
@@ -818,9 +846,29 @@ public final class CUDABackend: ComputeBackend {
         }
     }
 
+    /// One token's products of quantized weights of more than one type over one input (a
+    /// Q4_K_M layer's q and k in Q4_K, v in Q6_K): the input rounded to 8 bits once (normalized
+    /// first with `norm`), then a matvec launch per run of one type. False (nothing launched)
+    /// when some weight has no such kernel.
+    private func mixedQuantizedMatvecs(_ x: CUDABuffer, _ p: [Product], norm: (weight: CUDAWeight, eps: Float)?) -> Bool {
+        let k = p[0].weight.cols
+        guard p.allSatisfy({ !$0.weight.dtype.isFloat && matvecSuffix($0.weight.dtype) != nil && $0.weight.cols == k
+                             && k % $0.weight.dtype.blockSize == 0 }),
+              Set(p.map(\.weight.dtype)).count > 1 else { return false }
+        guard let q8 = quantizeActivations(x, rows: 1, k: k, norm: norm) else { return true }
+        var i = 0
+        while i < p.count {
+            var j = i + 1
+            while j < p.count, p[j].weight.dtype == p[i].weight.dtype { j += 1 }
+            _ = matvecKernel(x, Array(p[i..<j]), mode: 0, norm: nil, q8: q8)
+            i = j
+        }
+        return true
+    }
+
     public func matmul3(_ x: CUDABuffer, rows: Int, _ a: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer),
                         _ b: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer), _ c: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)) {
-        if rows == oneToken, matvecKernel(x, [a, b, c], mode: 0, norm: nil) { return }
+        if rows == oneToken, matvecKernel(x, [a, b, c], mode: 0, norm: nil) || mixedQuantizedMatvecs(x, [a, b, c], norm: nil) { return }
         if usesRowKernel(rows, a.weight), a.weight.dtype == b.weight.dtype, b.weight.dtype == c.weight.dtype {
             rowKernel(x, rows: rows, [a, b, c], mode: 0)
         } else {
@@ -860,7 +908,8 @@ public final class CUDABackend: ComputeBackend {
     public func normMatmul3(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int,
                             _ a: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer), _ b: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer),
                             _ c: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)) {
-        if rows == oneToken, fusedNorm, matvecKernel(x, [a, b, c], mode: 0, norm: (norm, eps)) { return }
+        if rows == oneToken, fusedNorm,
+           matvecKernel(x, [a, b, c], mode: 0, norm: (norm, eps)) || mixedQuantizedMatvecs(x, [a, b, c], norm: (norm, eps)) { return }
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed, for: a.weight)
         matmul3(normed, rows: rows, a, b, c)
     }
@@ -1125,6 +1174,7 @@ public final class CUDABackend: ComputeBackend {
     public func copy(_ src: CUDABuffer, offset srcOffset: Int, to dst: CUDABuffer, offset dstOffset: Int, count: Int) {
         bindContext()
         halfHolds = nil
+        q8Holds = nil
         guard count > 0 else { return }
         record(driver.cuMemcpyDtoDAsync(dst.pointer + UInt64(dstOffset * 4), src.pointer + UInt64(srcOffset * 4), count * 4, stream),
                "cuMemcpyDtoDAsync")
@@ -1166,6 +1216,38 @@ public final class CUDABackend: ComputeBackend {
         }
     }
 
+    /// Rows a decode step may have for a MoE layer's norm, router product and routing to run as
+    /// one moe_router launch.
+    private static let routerRows = 64
+    /// PEREGRINE_NO_FUSED_ROUTER=1 keeps the three launches (to measure the fusion against).
+    private let fusedRouter = ProcessInfo.processInfo.environment["PEREGRINE_NO_FUSED_ROUTER"] == nil
+
+    public func normRoute(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, rows: Int, dim: Int, router: CUDAWeight, experts: CUDAExperts,
+                          count: Int, k: Int, normalize: Bool, normed: CUDABuffer, logits: CUDABuffer, routes: CUDABuffer) {
+        // Not --deterministic: the fused kernel's sums are ordered otherwise than the three
+        // kernels', and a row's result must not depend on how many rows the step has.
+        guard fusedRouter, rows * k <= expertMatvecRoutes, rows <= CUDABackend.routerRows, !deterministic, router.dtype == .f32,
+              dim % 128 == 0, count <= 65535, k >= 1, k <= min(count, CUDAExperts.maxUsed) else {
+            rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
+            matmul(normed, rows: rows, weight: router, bias: nil, out: logits)
+            routeTopK(logits, rows: rows, experts: count, k: k, normalize: normalize, routes: routes)
+            return
+        }
+        // The gate/up products of quantized experts (expertMatvecs) read the input's 8-bit copy.
+        let quantizedExperts = !experts.gate[0].dtype.isFloat && experts.gate[0].dtype == experts.up[0].dtype
+            && matvecSuffix(experts.gate[0].dtype) != nil
+        var hq: CUDADriver.DevicePointer = 0, hs: CUDADriver.DevicePointer = 0
+        if quantizedExperts {
+            guard ensure(&routedQ8, rows * dim / 4 + rows * dim / 32) else { return }
+            (hq, hs) = (routedQ8.pointer, routedQ8.pointer + UInt64(rows * dim))
+        }
+        launch("moe_router", grid: (rows, count, 1), block: 256) { a in
+            a.ptr(x); a.ptr(norm.pointer); a.f32(eps); a.i32(dim); a.ptr(router.pointer); a.i32(count); a.i32(k); a.i32(normalize ? 1 : 0)
+            a.ptr(normed); a.ptr(logits); a.ptr(routes); a.ptr(routerCounters); a.ptr(hq); a.ptr(hs)
+        }
+        if quantizedExperts { q8Holds = (normed.pointer, rows, dim) }
+    }
+
     public func expertProducts(_ x: CUDABuffer, rows: Int, routes: CUDABuffer, k: Int, experts: CUDAExperts, residual: CUDABuffer) {
         guard k >= 1, k <= CUDAExperts.maxUsed else {
             if firstError == nil { firstError = .unsupported("\(k) experts a token; the CUDA backend takes at most \(CUDAExperts.maxUsed)") }
@@ -1191,7 +1273,7 @@ public final class CUDABackend: ComputeBackend {
         } else {
             expertRowProducts(experts, total: total)
         }
-        launch("moe_combine", grid: (rows, 1, 1), block: 256) { a in
+        launch("moe_combine", grid: (rows, (d + 255) / 256, 1), block: 256) { a in
             a.ptr(routes); a.ptr(place); a.i32(k); a.ptr(moeOut); a.ptr(residual); a.i32(d); a.ptr(0)
         }
     }
@@ -1216,7 +1298,9 @@ public final class CUDABackend: ComputeBackend {
         func product(_ kernel: String, _ type: DType, tables: (CUDABuffer, CUDABuffer?), input: CUDABuffer, inputRows: Int, cols: Int,
                      outputs: Int, routeDiv: Int, out: CUDABuffer) {
             var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
-            if !type.isFloat {
+            if let h = q8Holds, h.source == input.pointer, h.rows == inputRows, h.k == cols, !type.isFloat {
+                (xq, xs) = (routedQ8.pointer, routedQ8.pointer + UInt64(inputRows * cols))
+            } else if !type.isFloat {
                 guard let q = quantizeActivations(input, rows: inputRows, k: cols, norm: nil) else { return }
                 (xq, xs) = q
             }
@@ -1232,7 +1316,7 @@ public final class CUDABackend: ComputeBackend {
                 routeDiv: k, out: moeHidden)
         product(downKernel, downType, tables: (experts.downTable, nil), input: moeHidden, inputRows: total, cols: ff, outputs: d,
                 routeDiv: 1, out: moeOut)
-        launch("moe_combine", grid: (rows, 1, 1), block: 256) { a in
+        launch("moe_combine", grid: (rows, (d + 255) / 256, 1), block: 256) { a in
             a.ptr(routes); a.ptr(0); a.i32(k); a.ptr(moeOut); a.ptr(residual); a.i32(d); a.ptr(experts.reads)
         }
         return true

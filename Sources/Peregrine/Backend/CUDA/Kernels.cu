@@ -255,15 +255,21 @@ __device__ __forceinline__ void store_half(void* half, int halfType, long i, flo
     else if (halfType == 1) ((__half*)half)[i] = __float2half(v);
 }
 
-extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim, float eps, void* half, int halfType) {
+// A block per row. With `x2`, blocks from `rows` on take rows of a second tensor (x2, w2, out2:
+// a layer's key norms beside its query norms, one launch for both); the 16-bit copy is the
+// first tensor's only.
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim, float eps, void* half, int halfType,
+                                    const float* x2, const float* w2, float* out2, int rows) {
     gdc_wait();
-    const float* xr = x + (long)blockIdx.x * dim;
-    float* o = out + (long)blockIdx.x * dim;
+    long row = blockIdx.x;
+    if (x2 && row >= rows) { row -= rows; x = x2; w = w2; out = out2; half = 0; halfType = 0; }
+    const float* xr = x + row * dim;
+    float* o = out + row * dim;
     float scale = block_rms_scale(xr, dim, eps);
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
         float v = xr[i] * scale * w[i];
         o[i] = v;
-        store_half(half, halfType, (long)blockIdx.x * dim + i, v);
+        store_half(half, halfType, row * dim + i, v);
     }
 }
 
@@ -2418,28 +2424,24 @@ extern "C" __global__ void repetition_penalty(float* logits, const int* ids, int
 #define MOE_MAX_EXPERTS 4096
 #define MOE_MAX_USED 64
 
-// Routing: a warp per row. The softmax of the router logits, then k rounds of taking the most
-// probable expert after the one taken last (falling probability, rising index on ties); the
-// weights divided by their sum when `normalize`.
-extern "C" __global__ void moe_route(const float* logits, int rows, int experts, int k, int normalize, float* routes) {
-    gdc_wait();
-    int row = (int)(((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const float* l = logits + (long)row * experts;
+// Routing of one row of router logits `l` by one warp: the softmax, then k rounds of taking
+// the most probable expert after the one taken last (falling probability, rising index on
+// ties); the weights divided by their sum when `normalize`. The logits are read through L2
+// (__ldcg): moe_router's routing block reads what other blocks of its grid wrote.
+__device__ __forceinline__ void route_row(const float* l, int experts, int k, int normalize, float* r, int lane) {
     float m = -__int_as_float(0x7f800000);
-    for (int e = lane; e < experts; e += 32) m = fmaxf(m, l[e]);
+    for (int e = lane; e < experts; e += 32) m = fmaxf(m, __ldcg(l + e));
     m = warp_max(m);
     float s = 0;
-    for (int e = lane; e < experts; e += 32) s += expf(l[e] - m);
+    for (int e = lane; e < experts; e += 32) s += expf(__ldcg(l + e) - m);
     s = warp_sum(s);
-    float* r = routes + (long)row * 2 * k;
     float lastP = __int_as_float(0x7f800000), chosen = 0;
     int lastE = -1;
     for (int j = 0; j < k; j++) {
         float bp = -1;
         int be = experts;
         for (int e = lane; e < experts; e += 32) {
-            float p = expf(l[e] - m) / s;
+            float p = expf(__ldcg(l + e) - m) / s;
             bool after = p < lastP || (p == lastP && e > lastE);
             if (after && (p > bp || (p == bp && e < be))) { bp = p; be = e; }
         }
@@ -2457,6 +2459,73 @@ extern "C" __global__ void moe_route(const float* logits, int rows, int experts,
     __syncwarp();
     if (normalize && chosen > 0)
         for (int j = lane; j < k; j += 32) r[2 * j] /= chosen;
+}
+
+// Routing: a warp per row (route_row).
+extern "C" __global__ void moe_route(const float* logits, int rows, int experts, int k, int normalize, float* routes) {
+    gdc_wait();
+    int row = (int)(((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    route_row(logits + (long)row * experts, experts, k, normalize, routes + (long)row * 2 * k, lane);
+}
+
+// A MoE layer's input and routing for a decode step of a few rows, in one launch (RMSNorm,
+// router product and routing would be three). Block (t, e) computes router logit e of row t in
+// one pass over x, the norm's weight and the router's row (float4 loads, all in flight at
+// once): the sum of squares and the dot product together, the dot scaled after. Block (t, 0)
+// writes the normalized row to h and, with hq, its 8-bit copy (hq, hs: as quantize_q8 rounds
+// it) for quantized experts. The last block of row t to finish (counters[t], which it resets)
+// routes the row. d is a multiple of 128, so every warp's lanes run the same iterations.
+extern "C" __global__ void __launch_bounds__(256) moe_router(const float* x, const float* norm, float eps, int d, const float* router,
+                                                             int experts, int k, int normalize, float* h, float* logits, float* routes,
+                                                             int* counters, signed char* hq, float* hs) {
+    gdc_wait();
+    __shared__ float partial[2][8];
+    __shared__ int last;
+    int t = blockIdx.x, e = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float* xr = x + (long)t * d;
+    const float* wr = router + (long)e * d;
+    float ss = 0, dot = 0;
+    for (int i = threadIdx.x * 4; i < d; i += 1024) {
+        float4 a = *(const float4*)(xr + i), g = *(const float4*)(norm + i), w = *(const float4*)(wr + i);
+        ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+        dot += a.x * g.x * w.x + a.y * g.y * w.y + a.z * g.z * w.z + a.w * g.w * w.w;
+    }
+    ss = warp_sum(ss);
+    dot = warp_sum(dot);
+    if (lane == 0) { partial[0][warp] = ss; partial[1][warp] = dot; }
+    __syncthreads();
+    ss = 0;
+    dot = 0;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) { ss += partial[0][w]; dot += partial[1][w]; }
+    float scale = rsqrtf(ss / d + eps);
+    if (threadIdx.x == 0) logits[(long)t * experts + e] = dot * scale;
+    if (e == 0) {
+        for (int i = threadIdx.x * 4; i < d; i += 1024) {
+            float4 a = *(const float4*)(xr + i), g = *(const float4*)(norm + i);
+            float4 v = make_float4(a.x * scale * g.x, a.y * scale * g.y, a.z * scale * g.z, a.w * scale * g.w);
+            *(float4*)(h + (long)t * d + i) = v;
+            if (hq) {
+                // Lanes 8j .. 8j + 7 hold one 32-value block.
+                float m = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+                for (int o = 4; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+                float dq = m / 127.f;
+                char4 q = dq > 0 ? make_char4(__float2int_rn(v.x / dq), __float2int_rn(v.y / dq), __float2int_rn(v.z / dq),
+                                              __float2int_rn(v.w / dq))
+                                 : make_char4(0, 0, 0, 0);
+                *(char4*)(hq + (long)t * d + i) = q;
+                if ((lane & 7) == 0) hs[(long)t * (d / 32) + i / 32] = dq;
+            }
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&counters[t], 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (warp == 0) route_row(logits + (long)t * experts, experts, k, normalize, routes + (long)t * 2 * k, lane);
+    if (threadIdx.x == 0) counters[t] = 0;
 }
 
 // Groups `total` routes by expert, one block: counts[e] and starts[e] of each expert's group,
@@ -2524,7 +2593,10 @@ extern "C" __global__ void moe_products(const unsigned long long* weights, const
 // out[t, :] += Σ weight · y[place of the route, :] over row t's k routes, in order of expert
 // index (the sum first, then added: as a separate add would). Without `place` (the matvec
 // kernels' expert mode) route q's output is row q of y, and reads[e] counts each route's expert.
-extern "C" __global__ void moe_combine(const float* routes, const int* place, int k, const float* y, float* out, int d, int* reads) {
+// Block (t, c) takes columns [c x 256, (c + 1) x 256) of row t, so a decode step's few rows
+// still spread over the GPU.
+extern "C" __global__ void __launch_bounds__(256) moe_combine(const float* routes, const int* place, int k, const float* y, float* out,
+                                                              int d, int* reads) {
     gdc_wait();
     __shared__ int order[MOE_MAX_USED];
     int t = blockIdx.x;
@@ -2534,11 +2606,11 @@ extern "C" __global__ void moe_combine(const float* routes, const int* place, in
             int i = j;
             while (i > 0 && __float_as_int(r[2 * order[i - 1] + 1]) > __float_as_int(r[2 * j + 1])) { order[i] = order[i - 1]; i--; }
             order[i] = j;
-            if (reads) atomicAdd(&reads[__float_as_int(r[2 * j + 1])], 1);
+            if (reads && blockIdx.y == 0) atomicAdd(&reads[__float_as_int(r[2 * j + 1])], 1);
         }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    for (int i = blockIdx.y * 256 + threadIdx.x; i < min(d, (int)(blockIdx.y + 1) * 256); i += blockDim.x) {
         float s = 0;
         for (int j = 0; j < k; j++) {
             int q = t * k + order[j];

@@ -41,8 +41,7 @@ struct Attention<B: ComputeBackend> {
         b.normMatmul3(w.x, norm: norm, eps: eps, dim: pass.hidden, normed: w.h, rows: n,
                       (q, qBias, w.q), (k, kBias, w.k), (v, vBias, w.v))
         if let qNorm, let kNorm {
-            b.rmsNorm(w.q, weight: qNorm, eps: eps, rows: n * heads, dim: headDim, out: w.q)
-            b.rmsNorm(w.k, weight: kNorm, eps: eps, rows: n * kvHeads, dim: headDim, out: w.k)
+            b.rmsNormPair((w.q, qNorm, n * heads), (w.k, kNorm, n * kvHeads), eps: eps, dim: headDim)
         }
         b.ropeAttention(layer: layer, q: w.q, k: w.k, v: w.v, rows: n, heads: heads, headDim: headDim, rotaryDim: rope.rotaryDim,
                         cos: w.cos[rope.table], sin: w.sin[rope.table], interleaved: rope.interleaved,

@@ -83,9 +83,8 @@ struct MixtureOfExperts<B: ComputeBackend> {
     func callAsFunction(_ pass: DecoderPass<B>, norm: B.Weight) {
         let b = pass.backend, w = pass.workspace, n = pass.rows, d = pass.hidden
         guard let buffers = w.experts else { preconditionFailure("a workspace without expert buffers") }
-        b.rmsNorm(w.x, weight: norm, eps: eps, rows: n, dim: d, out: w.h)
-        b.matmul(w.h, rows: n, weight: router, bias: nil, out: buffers.logits)
-        b.routeTopK(buffers.logits, rows: n, experts: count, k: used, normalize: normalize, routes: buffers.routes)
+        b.normRoute(w.x, norm: norm, eps: eps, rows: n, dim: d, router: router, experts: experts, count: count, k: used,
+                    normalize: normalize, normed: w.h, logits: buffers.logits, routes: buffers.routes)
         b.expertProducts(w.h, rows: n, routes: buffers.routes, k: used, experts: experts, residual: w.x)
         if let s = shared {
             b.gatedProduct(w.h, rows: n, gate: s.gate, gateBias: nil, up: s.up, upBias: nil, out: w.gate, scratch: w.up)
