@@ -231,4 +231,130 @@ public enum AVX512Products {
         product(WideBF16.self, w: w, k: k, rows: rows, x: x, ldx: ldx, tokens: tokens, y: y, ldy: ldy)
     }
 }
+
+/// F16 weights repacked for `AVX512Products.panelProductF16`: panels of 16 rows, each holding
+/// the 16 rows' values at k = 0, 1, ... in turn (16 halves, 32 bytes: one vector widened per
+/// k), the last panel padded with zero rows and the panel count with a zero panel to an even
+/// number (the kernel takes two panels at a time).
+public enum F16Panels {
+    public static func panels(rows: Int) -> Int { ((rows + 15) / 16 + 1) & ~1 }
+    public static func byteCount(rows: Int, k: Int) -> Int { panels(rows: rows) * 16 * k * 2 }
+
+    /// Writes panels `range` of the matrix `w` (`rows` rows of `k` F16 values) into `out`,
+    /// which holds `byteCount(rows:k:)` bytes.
+    public static func repack(_ w: UnsafeRawPointer, rows: Int, k: Int, panels range: Range<Int>, into out: UnsafeMutableRawPointer) {
+        let src = w.assumingMemoryBound(to: UInt16.self), dst = out.assumingMemoryBound(to: UInt16.self)
+        for p in range {
+            let panel = dst + p &* k &* 16
+            panel.update(repeating: 0, count: k &* 16)
+            for l in 0..<16 {
+                let r = p &* 16 &+ l
+                guard r < rows else { break }
+                let row = src + r &* k
+                var i = 0
+                while i < k { panel[i &* 16 &+ l] = row[i]; i &+= 1 }
+            }
+        }
+    }
+}
+
+enum Tokens7: TileTokens { @inline(__always) static var n: Int { 7 } }
+enum Tokens8: TileTokens { @inline(__always) static var n: Int { 8 } }
+enum Tokens9: TileTokens { @inline(__always) static var n: Int { 9 } }
+enum Tokens10: TileTokens { @inline(__always) static var n: Int { 10 } }
+enum Tokens11: TileTokens { @inline(__always) static var n: Int { 11 } }
+enum Tokens12: TileTokens { @inline(__always) static var n: Int { 12 } }
+
+extension AVX512Products {
+    /// Two panels (32 rows, `p` at the first) by T tokens: 24 accumulators of 16 rows each, one
+    /// widened weight vector per panel and k, each token's value broadcast. Every (row, token)
+    /// result is one chain of fused multiply-adds over k in order, whatever the tile, so a
+    /// token's result does not depend on the batch. Rows from `valid` on are padding.
+    @inline(__always)
+    static func panelTile<T: TileTokens>(_: T.Type, p: UnsafeRawPointer, k: Int, valid: Int, x: UnsafePointer<Float>, ldx: Int,
+                                         y: UnsafeMutablePointer<Float>, ldy: Int) {
+        let n = T.n
+        let q = p + k &* 32
+        let x0 = x + 0 &* ldx; let x1 = x + 1 &* ldx; let x2 = x + 2 &* ldx; let x3 = x + 3 &* ldx; let x4 = x + 4 &* ldx; let x5 = x + 5 &* ldx; let x6 = x + 6 &* ldx; let x7 = x + 7 &* ldx; let x8 = x + 8 &* ldx; let x9 = x + 9 &* ldx; let x10 = x + 10 &* ldx; let x11 = x + 11 &* ldx
+        let z = SIMD16<Float>()
+        var a0 = z, b0 = z, a1 = z, b1 = z, a2 = z, b2 = z, a3 = z, b3 = z, a4 = z, b4 = z, a5 = z, b5 = z, a6 = z, b6 = z, a7 = z, b7 = z, a8 = z, b8 = z, a9 = z, b9 = z, a10 = z, b10 = z, a11 = z, b11 = z
+        var i = 0
+        while i < k {
+            let v = WideF16.load16(p, i &* 16), w = WideF16.load16(q, i &* 16)
+            var u = SIMD16<Float>(repeating: x0[i])
+            a0 = a0.addingProduct(v, u); b0 = b0.addingProduct(w, u)
+            if n > 1 { u = SIMD16<Float>(repeating: x1[i]); a1 = a1.addingProduct(v, u); b1 = b1.addingProduct(w, u) }
+            if n > 2 { u = SIMD16<Float>(repeating: x2[i]); a2 = a2.addingProduct(v, u); b2 = b2.addingProduct(w, u) }
+            if n > 3 { u = SIMD16<Float>(repeating: x3[i]); a3 = a3.addingProduct(v, u); b3 = b3.addingProduct(w, u) }
+            if n > 4 { u = SIMD16<Float>(repeating: x4[i]); a4 = a4.addingProduct(v, u); b4 = b4.addingProduct(w, u) }
+            if n > 5 { u = SIMD16<Float>(repeating: x5[i]); a5 = a5.addingProduct(v, u); b5 = b5.addingProduct(w, u) }
+            if n > 6 { u = SIMD16<Float>(repeating: x6[i]); a6 = a6.addingProduct(v, u); b6 = b6.addingProduct(w, u) }
+            if n > 7 { u = SIMD16<Float>(repeating: x7[i]); a7 = a7.addingProduct(v, u); b7 = b7.addingProduct(w, u) }
+            if n > 8 { u = SIMD16<Float>(repeating: x8[i]); a8 = a8.addingProduct(v, u); b8 = b8.addingProduct(w, u) }
+            if n > 9 { u = SIMD16<Float>(repeating: x9[i]); a9 = a9.addingProduct(v, u); b9 = b9.addingProduct(w, u) }
+            if n > 10 { u = SIMD16<Float>(repeating: x10[i]); a10 = a10.addingProduct(v, u); b10 = b10.addingProduct(w, u) }
+            if n > 11 { u = SIMD16<Float>(repeating: x11[i]); a11 = a11.addingProduct(v, u); b11 = b11.addingProduct(w, u) }
+            i &+= 1
+        }
+        @inline(__always) func put(_ t: Int, _ a: SIMD16<Float>, _ b: SIMD16<Float>) {
+            let yt = y + t &* ldy
+            if valid >= 32 {
+                UnsafeMutableRawPointer(yt).storeBytes(of: a, as: SIMD16<Float>.self)
+                UnsafeMutableRawPointer(yt + 16).storeBytes(of: b, as: SIMD16<Float>.self)
+            } else {
+                for l in 0..<min(16, valid) { yt[l] = a[l] }
+                if valid > 16 { for l in 0..<(valid &- 16) { yt[16 &+ l] = b[l] } }
+            }
+        }
+        put(0, a0, b0)
+        if n > 1 { put(1, a1, b1) }
+        if n > 2 { put(2, a2, b2) }
+        if n > 3 { put(3, a3, b3) }
+        if n > 4 { put(4, a4, b4) }
+        if n > 5 { put(5, a5, b5) }
+        if n > 6 { put(6, a6, b6) }
+        if n > 7 { put(7, a7, b7) }
+        if n > 8 { put(8, a8, b8) }
+        if n > 9 { put(9, a9, b9) }
+        if n > 10 { put(10, a10, b10) }
+        if n > 11 { put(11, a11, b11) }
+    }
+
+    /// y[t * ldy + r] = dot(row r, x[t * ldx ..< t * ldx + k]) for the rows of panel pairs
+    /// `pairs` (of a matrix repacked by `F16Panels`, `rows` rows in all; y at the matrix's row 0)
+    /// and `tokens` tokens: tokens in runs of 48 (the run's activations stay in L2 while the
+    /// pairs pass over them), each pair's 32 KB-a-thousand-k panels reused from L1 by the run's
+    /// tiles of 12 tokens.
+    public static func panelProductF16(panels w: UnsafeRawPointer, k: Int, rows: Int, pairs: Range<Int>, x: UnsafePointer<Float>,
+                                       ldx: Int, tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
+        var t0 = 0
+        while t0 < tokens {
+            let tn = min(48, tokens &- t0)
+            for pair in pairs {
+                let p = w + pair &* 2 &* k &* 32, r0 = pair &* 32, valid = min(32, rows &- r0)
+                var t = t0
+                while t &+ 12 <= t0 &+ tn {
+                    panelTile(Tokens12.self, p: p, k: k, valid: valid, x: x + t &* ldx, ldx: ldx, y: y + t &* ldy + r0, ldy: ldy)
+                    t &+= 12
+                }
+                let xt = x + t &* ldx, yt = y + t &* ldy + r0
+                switch t0 &+ tn &- t {
+                case 1: panelTile(Tokens1.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 2: panelTile(Tokens2.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 3: panelTile(Tokens3.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 4: panelTile(Tokens4.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 5: panelTile(Tokens5.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 6: panelTile(Tokens6.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 7: panelTile(Tokens7.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 8: panelTile(Tokens8.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 9: panelTile(Tokens9.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 10: panelTile(Tokens10.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 11: panelTile(Tokens11.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                default: break
+                }
+            }
+            t0 &+= tn
+        }
+    }
+}
 #endif

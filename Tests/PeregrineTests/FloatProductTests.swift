@@ -88,4 +88,57 @@ final class FloatProductTests: XCTestCase {
             }
         }
     }
+
+    /// The AVX-512 product over F16 panels (what F16 weights take on such a CPU): right against a
+    /// double-precision sum, each token's result the same bits in any batch, rows past the last
+    /// full panel (and the padding panel) handled, a bias added.
+    func testF16PanelProductMatchesDoubleSumsAndDoesNotDependOnTokenCount() throws {
+        #if arch(x86_64)
+        guard CPUFeatures.useAVX512 else { throw XCTSkip("no AVX-512 on this CPU: the panel product is not used") }
+        let pool = ThreadPool(threadCount: 2)
+        var rng = SplitMix(seed: 17)
+        for (outDim, k) in [(37, 200), (64, 512), (6, 17), (100, 64)] {
+            let wf = (0..<(outDim * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
+            let bias = (0..<outDim).map { Float($0) / 8 }
+            let tokens = 53
+            let x = (0..<(tokens * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
+            let w = stored(wf, .f16)
+            var wq = [Float](repeating: 0, count: outDim * k)
+            w.withUnsafeBytes { DType.f16.dequantize($0.baseAddress!, count: outDim * k, into: &wq) }
+            func panelProduct(_ xs: [Float], tokens: Int) -> [Float] {
+                var y = [Float](repeating: .nan, count: tokens * outDim)
+                w.withUnsafeBytes { wr in
+                    let panels = F16PanelMatrix(wr.baseAddress!, rows: outDim, k: k)
+                    xs.withUnsafeBufferPointer { xp in
+                        bias.withUnsafeBufferPointer { bp in
+                            y.withUnsafeMutableBufferPointer { yp in
+                                CPUKernels.matmulF16Panels(panels.panels(pool: pool), x: xp.baseAddress!, tokens: tokens, outDim: outDim, k: k,
+                                                           bias: bp.baseAddress!, y: yp.baseAddress!, pool: pool)
+                            }
+                        }
+                    }
+                }
+                return y
+            }
+            let all = panelProduct(x, tokens: tokens)
+            for t in 0..<tokens {
+                for o in 0..<outDim {
+                    var s = Double(bias[o]), m = 0.0
+                    for i in 0..<k { s += Double(wq[o * k + i]) * Double(x[t * k + i]); m += abs(Double(wq[o * k + i]) * Double(x[t * k + i])) }
+                    XCTAssertEqual(Double(all[t * outDim + o]), s, accuracy: 1e-5 * m + 1e-6, "\(outDim)x\(k) row \(o) token \(t)")
+                }
+            }
+            for n in [1, 2, 5, 11, 12, 13, 48, 50] {
+                let part = panelProduct(Array(x[0..<(n * k)]), tokens: n)
+                XCTAssertEqual(part.map(\.bitPattern), all[0..<(n * outDim)].map(\.bitPattern), "\(outDim)x\(k), \(n) tokens")
+            }
+            for t in [0, 13, 52] {
+                let one = panelProduct(Array(x[(t * k)..<((t + 1) * k)]), tokens: 1)
+                XCTAssertEqual(one.map(\.bitPattern), all[(t * outDim)..<((t + 1) * outDim)].map(\.bitPattern), "token \(t) alone")
+            }
+        }
+        #else
+        throw XCTSkip("the panel product is x86-64's")
+        #endif
+    }
 }

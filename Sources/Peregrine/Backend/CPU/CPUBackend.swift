@@ -1,5 +1,9 @@
+import Foundation
 #if canImport(Glibc)
 import Glibc
+#endif
+#if arch(x86_64)
+import PeregrineAVX512
 #endif
 
 /// f32 activation memory on the host.
@@ -29,6 +33,8 @@ public struct CPUWeight: @unchecked Sendable {
     /// The matrix repacked in groups of eight rows for the row-group kernels, where the CPU and
     /// the type have them (nil: products read `data`).
     let rowGroups: RowGroupMatrix?
+    /// An F16 matrix's panel copy for the AVX-512 products (nil: they read `data`).
+    let f16Panels: F16PanelMatrix?
 
     var floats: UnsafePointer<Float> { UnsafePointer(f32?.pointer ?? UnsafeMutablePointer(mutating: data.assumingMemoryBound(to: Float.self))) }
 }
@@ -84,7 +90,8 @@ public final class CPUBackend: ComputeBackend {
             f32 = b
         }
         let groups = t.shape.count == 2 ? RowGroupMatrix(t.dtype, data: t.data, rows: rows, cols: cols, pool: pool) : nil
-        return CPUWeight(name: t.name, dtype: t.dtype, rows: rows, cols: cols, data: t.data, f32: f32, rowGroups: groups)
+        let panels = t.shape.count == 2 && t.dtype == .f16 && F16PanelMatrix.enabled ? F16PanelMatrix(t.data, rows: rows, k: cols) : nil
+        return CPUWeight(name: t.name, dtype: t.dtype, rows: rows, cols: cols, data: t.data, f32: f32, rowGroups: groups, f16Panels: panels)
     }
 
     public func outputSize(_ w: CPUWeight) -> Int { w.rows }
@@ -147,6 +154,13 @@ public final class CPUBackend: ComputeBackend {
         case .f32:
             CPUKernels.matmul(F32Element.self, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out, pool: pool)
         case .f16:
+            #if arch(x86_64)
+            if let panels = weight.f16Panels {
+                CPUKernels.matmulF16Panels(panels.panels(pool: pool), x: x, tokens: rows, outDim: weight.rows, k: weight.cols, bias: b,
+                                           y: out, pool: pool)
+                return
+            }
+            #endif
             CPUKernels.matmul(F16Element.self, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out, pool: pool)
         case .bf16:
             CPUKernels.matmul(BF16Element.self, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out, pool: pool)
@@ -280,4 +294,44 @@ public final class CPUBackend: ComputeBackend {
     }
 
     public func synchronize() throws {}
+}
+
+/// An F16 matrix repacked into panels of 16 rows (`F16Panels`) for the AVX-512 products, made the
+/// first time a product reads the matrix (so an embedding table that is only looked up never
+/// is). The panel kernel multiplies each row with broadcast activations, one chain of fused
+/// multiply-adds over k per (row, token), where the row-major kernel keeps 16-lane partial sums
+/// that a tile of 4 rows by 6 tokens must reduce at its end (a quarter of its instructions at
+/// k = 512). The copy costs the matrix's bytes again in memory. PEREGRINE_NO_F16_PANELS=1 keeps
+/// the row-major kernel.
+final class F16PanelMatrix: @unchecked Sendable {
+    static let enabled = CPUFeatures.useAVX512 && ProcessInfo.processInfo.environment["PEREGRINE_NO_F16_PANELS"] == nil
+    let source: UnsafeRawPointer
+    let rows, k: Int
+    private var storage: UnsafeMutableRawPointer?
+    private let lock = NSLock()
+
+    init(_ source: UnsafeRawPointer, rows: Int, k: Int) {
+        self.source = source
+        self.rows = rows
+        self.k = k
+    }
+
+    deinit { storage?.deallocate() }
+
+    /// The panels, repacked by `pool`'s threads on the first call.
+    func panels(pool: ThreadPool) -> UnsafeRawPointer {
+        lock.lock()
+        defer { lock.unlock() }
+        if let storage { return UnsafeRawPointer(storage) }
+        #if arch(x86_64)
+        let bytes = F16Panels.byteCount(rows: rows, k: k)
+        let out = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+        let (source, rows, k) = (self.source, self.rows, self.k)
+        pool.parallelRanges(F16Panels.panels(rows: rows)) { range in F16Panels.repack(source, rows: rows, k: k, panels: range, into: out) }
+        storage = out
+        return UnsafeRawPointer(out)
+        #else
+        preconditionFailure("F16 panels exist only on x86-64")
+        #endif
+    }
 }

@@ -234,6 +234,21 @@ enum CPUKernels {
     }
     #endif
 
+    #if arch(x86_64)
+    /// The AVX-512 product over an F16 matrix's panels (`F16PanelMatrix`): threads take pairs of
+    /// panels (32 rows).
+    static func matmulF16Panels(_ panels: UnsafeRawPointer, x: UnsafePointer<Float>, tokens: Int, outDim: Int, k: Int,
+                                bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, pool: ThreadPool) {
+        pool.parallelRanges(F16Panels.panels(rows: outDim) / 2) { pairs in
+            AVX512Products.panelProductF16(panels: panels, k: k, rows: outDim, pairs: pairs, x: x, ldx: k, tokens: tokens, y: y, ldy: outDim)
+            if let bias {
+                let rows = (pairs.lowerBound * 32)..<min(outDim, pairs.upperBound * 32)
+                for t in 0..<tokens { for o in rows { y[t &* outDim &+ o] += bias[o] } }
+            }
+        }
+    }
+    #endif
+
     static func rmsNorm(x: UnsafePointer<Float>, w: UnsafePointer<Float>, eps: Float, dim: Int, out: UnsafeMutablePointer<Float>) {
         let ss = dot(x, x, dim)
         let scale = 1 / (ss / Float(dim) + eps).squareRoot()
