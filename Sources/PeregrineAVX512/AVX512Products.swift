@@ -323,7 +323,7 @@ extension AVX512Products {
     /// y[t * ldy + r] = dot(row r, x[t * ldx ..< t * ldx + k]) for the rows of panel pairs
     /// `pairs` (of a matrix repacked by `F16Panels`, `rows` rows in all; y at the matrix's row 0)
     /// and `tokens` tokens: tokens in runs of 48 (the run's activations stay in L2 while the
-    /// pairs pass over them), each pair's 32 KB-a-thousand-k panels reused from L1 by the run's
+    /// pairs pass over them), each pair's panels (64 bytes a k) reused from L1 by the run's
     /// tiles of 12 tokens.
     public static func panelProductF16(panels w: UnsafeRawPointer, k: Int, rows: Int, pairs: Range<Int>, x: UnsafePointer<Float>,
                                        ldx: Int, tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {

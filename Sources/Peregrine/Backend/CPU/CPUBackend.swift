@@ -301,8 +301,8 @@ public final class CPUBackend: ComputeBackend {
 /// is). The panel kernel multiplies each row with broadcast activations, one chain of fused
 /// multiply-adds over k per (row, token), where the row-major kernel keeps 16-lane partial sums
 /// that a tile of 4 rows by 6 tokens must reduce at its end (a quarter of its instructions at
-/// k = 512). The copy costs the matrix's bytes again in memory. PEREGRINE_NO_F16_PANELS=1 keeps
-/// the row-major kernel.
+/// k = 512). Once copied, the stored matrix's pages are handed back (as the row groups' are),
+/// so the process holds one copy. PEREGRINE_NO_F16_PANELS=1 keeps the row-major kernel.
 final class F16PanelMatrix: @unchecked Sendable {
     static let enabled = CPUFeatures.useAVX512 && ProcessInfo.processInfo.environment["PEREGRINE_NO_F16_PANELS"] == nil
     let source: UnsafeRawPointer
@@ -328,6 +328,7 @@ final class F16PanelMatrix: @unchecked Sendable {
         let out = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
         let (source, rows, k) = (self.source, self.rows, self.k)
         pool.parallelRanges(F16Panels.panels(rows: rows)) { range in F16Panels.repack(source, rows: rows, k: k, panels: range, into: out) }
+        RowGroupMatrix.release(source, bytes: rows * k * 2)
         storage = out
         return UnsafeRawPointer(out)
         #else
