@@ -232,11 +232,12 @@ public enum AVX512Products {
     }
 }
 
-/// F16 weights repacked for `AVX512Products.panelProductF16`: panels of 16 rows, each holding
+/// 16-bit weights repacked for `AVX512Products.panelProductF16` (the kernel is generic over the
+/// widening; F16 is the type that takes it): panels of 16 rows, each holding
 /// the 16 rows' values at k = 0, 1, ... in turn (16 halves, 32 bytes: one vector widened per
 /// k), the last panel padded with zero rows and the panel count with a zero panel to an even
 /// number (the kernel takes two panels at a time).
-public enum F16Panels {
+public enum HalfPanels {
     public static func panels(rows: Int) -> Int { ((rows + 15) / 16 + 1) & ~1 }
     public static func byteCount(rows: Int, k: Int) -> Int { panels(rows: rows) * 16 * k * 2 }
 
@@ -271,8 +272,8 @@ extension AVX512Products {
     /// result is one chain of fused multiply-adds over k in order, whatever the tile, so a
     /// token's result does not depend on the batch. Rows from `valid` on are padding.
     @inline(__always)
-    static func panelTile<T: TileTokens>(_: T.Type, p: UnsafeRawPointer, k: Int, valid: Int, x: UnsafePointer<Float>, ldx: Int,
-                                         y: UnsafeMutablePointer<Float>, ldy: Int) {
+    static func panelTile<W: WideWeight, T: TileTokens>(_: W.Type, _: T.Type, p: UnsafeRawPointer, k: Int, valid: Int,
+                                                         x: UnsafePointer<Float>, ldx: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
         let n = T.n
         let q = p + k &* 32
         let x0 = x + 0 &* ldx; let x1 = x + 1 &* ldx; let x2 = x + 2 &* ldx; let x3 = x + 3 &* ldx; let x4 = x + 4 &* ldx; let x5 = x + 5 &* ldx; let x6 = x + 6 &* ldx; let x7 = x + 7 &* ldx; let x8 = x + 8 &* ldx; let x9 = x + 9 &* ldx; let x10 = x + 10 &* ldx; let x11 = x + 11 &* ldx
@@ -280,7 +281,7 @@ extension AVX512Products {
         var a0 = z, b0 = z, a1 = z, b1 = z, a2 = z, b2 = z, a3 = z, b3 = z, a4 = z, b4 = z, a5 = z, b5 = z, a6 = z, b6 = z, a7 = z, b7 = z, a8 = z, b8 = z, a9 = z, b9 = z, a10 = z, b10 = z, a11 = z, b11 = z
         var i = 0
         while i < k {
-            let v = WideF16.load16(p, i &* 16), w = WideF16.load16(q, i &* 16)
+            let v = W.load16(p, i &* 16), w = W.load16(q, i &* 16)
             var u = SIMD16<Float>(repeating: x0[i])
             a0 = a0.addingProduct(v, u); b0 = b0.addingProduct(w, u)
             if n > 1 { u = SIMD16<Float>(repeating: x1[i]); a1 = a1.addingProduct(v, u); b1 = b1.addingProduct(w, u) }
@@ -321,12 +322,18 @@ extension AVX512Products {
     }
 
     /// y[t * ldy + r] = dot(row r, x[t * ldx ..< t * ldx + k]) for the rows of panel pairs
-    /// `pairs` (of a matrix repacked by `F16Panels`, `rows` rows in all; y at the matrix's row 0)
+    /// `pairs` (of a matrix repacked by `HalfPanels`, `rows` rows in all; y at the matrix's row 0)
     /// and `tokens` tokens: tokens in runs of 48 (the run's activations stay in L2 while the
     /// pairs pass over them), each pair's panels (64 bytes a k) reused from L1 by the run's
     /// tiles of 12 tokens.
     public static func panelProductF16(panels w: UnsafeRawPointer, k: Int, rows: Int, pairs: Range<Int>, x: UnsafePointer<Float>,
                                        ldx: Int, tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
+        panelProduct(WideF16.self, panels: w, k: k, rows: rows, pairs: pairs, x: x, ldx: ldx, tokens: tokens, y: y, ldy: ldy)
+    }
+
+    @inline(__always)
+    static func panelProduct<W: WideWeight>(_: W.Type, panels w: UnsafeRawPointer, k: Int, rows: Int, pairs: Range<Int>,
+                                            x: UnsafePointer<Float>, ldx: Int, tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
         var t0 = 0
         while t0 < tokens {
             let tn = min(48, tokens &- t0)
@@ -334,22 +341,22 @@ extension AVX512Products {
                 let p = w + pair &* 2 &* k &* 32, r0 = pair &* 32, valid = min(32, rows &- r0)
                 var t = t0
                 while t &+ 12 <= t0 &+ tn {
-                    panelTile(Tokens12.self, p: p, k: k, valid: valid, x: x + t &* ldx, ldx: ldx, y: y + t &* ldy + r0, ldy: ldy)
+                    panelTile(W.self, Tokens12.self, p: p, k: k, valid: valid, x: x + t &* ldx, ldx: ldx, y: y + t &* ldy + r0, ldy: ldy)
                     t &+= 12
                 }
                 let xt = x + t &* ldx, yt = y + t &* ldy + r0
                 switch t0 &+ tn &- t {
-                case 1: panelTile(Tokens1.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 2: panelTile(Tokens2.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 3: panelTile(Tokens3.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 4: panelTile(Tokens4.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 5: panelTile(Tokens5.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 6: panelTile(Tokens6.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 7: panelTile(Tokens7.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 8: panelTile(Tokens8.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 9: panelTile(Tokens9.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 10: panelTile(Tokens10.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 11: panelTile(Tokens11.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 1: panelTile(W.self, Tokens1.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 2: panelTile(W.self, Tokens2.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 3: panelTile(W.self, Tokens3.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 4: panelTile(W.self, Tokens4.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 5: panelTile(W.self, Tokens5.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 6: panelTile(W.self, Tokens6.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 7: panelTile(W.self, Tokens7.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 8: panelTile(W.self, Tokens8.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 9: panelTile(W.self, Tokens9.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 10: panelTile(W.self, Tokens10.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 11: panelTile(W.self, Tokens11.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
                 default: break
                 }
             }

@@ -97,22 +97,23 @@ final class FloatProductTests: XCTestCase {
         guard CPUFeatures.useAVX512 else { throw XCTSkip("no AVX-512 on this CPU: the panel product is not used") }
         let pool = ThreadPool(threadCount: 2)
         var rng = SplitMix(seed: 17)
+        let dtype = DType.f16
         for (outDim, k) in [(37, 200), (64, 512), (6, 17), (100, 64)] {
             let wf = (0..<(outDim * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
             let bias = (0..<outDim).map { Float($0) / 8 }
             let tokens = 53
             let x = (0..<(tokens * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
-            let w = stored(wf, .f16)
+            let w = stored(wf, dtype)
             var wq = [Float](repeating: 0, count: outDim * k)
-            w.withUnsafeBytes { DType.f16.dequantize($0.baseAddress!, count: outDim * k, into: &wq) }
+            w.withUnsafeBytes { dtype.dequantize($0.baseAddress!, count: outDim * k, into: &wq) }
             func panelProduct(_ xs: [Float], tokens: Int) -> [Float] {
                 var y = [Float](repeating: .nan, count: tokens * outDim)
                 w.withUnsafeBytes { wr in
-                    let panels = F16PanelMatrix(wr.baseAddress!, rows: outDim, k: k)
+                    let panels = HalfPanelMatrix(wr.baseAddress!, rows: outDim, k: k)
                     xs.withUnsafeBufferPointer { xp in
                         bias.withUnsafeBufferPointer { bp in
                             y.withUnsafeMutableBufferPointer { yp in
-                                CPUKernels.matmulF16Panels(panels.panels(pool: pool), x: xp.baseAddress!, tokens: tokens, outDim: outDim, k: k,
+                                CPUKernels.matmulHalfPanels(panels.panels(pool: pool), x: xp.baseAddress!, tokens: tokens, outDim: outDim, k: k,
                                                            bias: bp.baseAddress!, y: yp.baseAddress!, pool: pool)
                             }
                         }

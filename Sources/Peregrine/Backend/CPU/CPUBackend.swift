@@ -34,7 +34,7 @@ public struct CPUWeight: @unchecked Sendable {
     /// the type have them (nil: products read `data`).
     let rowGroups: RowGroupMatrix?
     /// An F16 matrix's panel copy for the AVX-512 products (nil: they read `data`).
-    let f16Panels: F16PanelMatrix?
+    let halfPanels: HalfPanelMatrix?
 
     var floats: UnsafePointer<Float> { UnsafePointer(f32?.pointer ?? UnsafeMutablePointer(mutating: data.assumingMemoryBound(to: Float.self))) }
 }
@@ -90,8 +90,9 @@ public final class CPUBackend: ComputeBackend {
             f32 = b
         }
         let groups = t.shape.count == 2 ? RowGroupMatrix(t.dtype, data: t.data, rows: rows, cols: cols, pool: pool) : nil
-        let panels = t.shape.count == 2 && t.dtype == .f16 && F16PanelMatrix.enabled ? F16PanelMatrix(t.data, rows: rows, k: cols) : nil
-        return CPUWeight(name: t.name, dtype: t.dtype, rows: rows, cols: cols, data: t.data, f32: f32, rowGroups: groups, f16Panels: panels)
+        // F16 only: BF16 in panels measured faster decode but slower prefill (BENCHMARKS.md).
+        let panels = t.shape.count == 2 && t.dtype == .f16 && HalfPanelMatrix.enabled ? HalfPanelMatrix(t.data, rows: rows, k: cols) : nil
+        return CPUWeight(name: t.name, dtype: t.dtype, rows: rows, cols: cols, data: t.data, f32: f32, rowGroups: groups, halfPanels: panels)
     }
 
     public func outputSize(_ w: CPUWeight) -> Int { w.rows }
@@ -155,9 +156,9 @@ public final class CPUBackend: ComputeBackend {
             CPUKernels.matmul(F32Element.self, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out, pool: pool)
         case .f16:
             #if arch(x86_64)
-            if let panels = weight.f16Panels {
-                CPUKernels.matmulF16Panels(panels.panels(pool: pool), x: x, tokens: rows, outDim: weight.rows, k: weight.cols, bias: b,
-                                           y: out, pool: pool)
+            if let panels = weight.halfPanels {
+                CPUKernels.matmulHalfPanels(panels.panels(pool: pool), x: x, tokens: rows, outDim: weight.rows, k: weight.cols, bias: b,
+                                            y: out, pool: pool)
                 return
             }
             #endif
@@ -296,15 +297,15 @@ public final class CPUBackend: ComputeBackend {
     public func synchronize() throws {}
 }
 
-/// An F16 matrix repacked into panels of 16 rows (`F16Panels`) for the AVX-512 products, made the
+/// An F16 matrix repacked into panels of 16 rows (`HalfPanels`) for the AVX-512 products, made the
 /// first time a product reads the matrix (so an embedding table that is only looked up never
 /// is). The panel kernel multiplies each row with broadcast activations, one chain of fused
 /// multiply-adds over k per (row, token), where the row-major kernel keeps 16-lane partial sums
 /// that a tile of 4 rows by 6 tokens must reduce at its end (a quarter of its instructions at
 /// k = 512). Once copied, the stored matrix's pages are handed back (as the row groups' are),
-/// so the process holds one copy. PEREGRINE_NO_F16_PANELS=1 keeps the row-major kernel.
-final class F16PanelMatrix: @unchecked Sendable {
-    static let enabled = CPUFeatures.useAVX512 && ProcessInfo.processInfo.environment["PEREGRINE_NO_F16_PANELS"] == nil
+/// so the process holds one copy. PEREGRINE_NO_PANELS=1 keeps the row-major kernel.
+final class HalfPanelMatrix: @unchecked Sendable {
+    static let enabled = CPUFeatures.useAVX512 && ProcessInfo.processInfo.environment["PEREGRINE_NO_PANELS"] == nil
     let source: UnsafeRawPointer
     let rows, k: Int
     private var storage: UnsafeMutableRawPointer?
@@ -324,10 +325,10 @@ final class F16PanelMatrix: @unchecked Sendable {
         defer { lock.unlock() }
         if let storage { return UnsafeRawPointer(storage) }
         #if arch(x86_64)
-        let bytes = F16Panels.byteCount(rows: rows, k: k)
+        let bytes = HalfPanels.byteCount(rows: rows, k: k)
         let out = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
         let (source, rows, k) = (self.source, self.rows, self.k)
-        pool.parallelRanges(F16Panels.panels(rows: rows)) { range in F16Panels.repack(source, rows: rows, k: k, panels: range, into: out) }
+        pool.parallelRanges(HalfPanels.panels(rows: rows)) { range in HalfPanels.repack(source, rows: rows, k: k, panels: range, into: out) }
         RowGroupMatrix.release(source, bytes: rows * k * 2)
         storage = out
         return UnsafeRawPointer(out)

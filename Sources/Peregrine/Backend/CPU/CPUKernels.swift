@@ -235,11 +235,11 @@ enum CPUKernels {
     #endif
 
     #if arch(x86_64)
-    /// The AVX-512 product over an F16 matrix's panels (`F16PanelMatrix`): threads take pairs of
+    /// The AVX-512 product over an F16 matrix's panels (`HalfPanelMatrix`): threads take pairs of
     /// panels (32 rows).
-    static func matmulF16Panels(_ panels: UnsafeRawPointer, x: UnsafePointer<Float>, tokens: Int, outDim: Int, k: Int,
-                                bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, pool: ThreadPool) {
-        pool.parallelRanges(F16Panels.panels(rows: outDim) / 2) { pairs in
+    static func matmulHalfPanels(_ panels: UnsafeRawPointer, x: UnsafePointer<Float>, tokens: Int, outDim: Int, k: Int,
+                                 bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, pool: ThreadPool) {
+        pool.parallelRanges(HalfPanels.panels(rows: outDim) / 2) { pairs in
             AVX512Products.panelProductF16(panels: panels, k: k, rows: outDim, pairs: pairs, x: x, ldx: k, tokens: tokens, y: y, ldy: outDim)
             if let bias {
                 let rows = (pairs.lowerBound * 32)..<min(outDim, pairs.upperBound * 32)
