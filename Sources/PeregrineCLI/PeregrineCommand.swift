@@ -77,6 +77,9 @@ struct Generate: ParsableCommand {
     @Flag(help: "Do not add the tokenizer's special tokens (BOS) to the prompt.")
     var noSpecial = false
 
+    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; on the GPU, prompts and long contexts attend on tensor cores).")
+    var kvCacheType: KVCacheType = .f32
+
     @OptionGroup(title: "Speculative decoding") var speculation: SpeculationOptions
 
     func validate() throws {
@@ -92,6 +95,7 @@ struct Generate: ParsableCommand {
             options.addSpecialTokens = !noSpecial
             options.contextLength = ctxSize
             options.sampling = try samplingOptions.parameters()
+            options.kvCacheType = kvCacheType
             let seed = options.sampling.seed
 
             let clock = ContinuousClock()

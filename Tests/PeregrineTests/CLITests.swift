@@ -36,6 +36,11 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(code, 0, err)
         XCTAssertFalse(out.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty)
         XCTAssertTrue(err.contains("generation 8 tokens"), err)
+        // An F16 cache (greedy: the same 8 tokens on the reference model), and a type there is not.
+        let (c16, out16, err16) = try run(["generate", "--prompt", "And God said", "-n", "8", "--temperature", "0", "--kv-cache-type", "f16"])
+        XCTAssertEqual(c16, 0, err16)
+        XCTAssertEqual(out16, out)
+        try assertFails(["generate", "-n", "2", "--kv-cache-type", "q4"], "kv-cache-type")
         let (c2, ids, _) = try run(["tokenize", "--ids-only", "Hello"])
         XCTAssertEqual(c2, 0)
         XCTAssertEqual(ids.split(separator: " ").first, "8189")

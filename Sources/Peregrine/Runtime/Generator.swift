@@ -13,6 +13,8 @@ public struct GenerationOptions: Sendable {
     public var prefillChunk = 512
     /// Draft and verify (speculative decoding); nil decodes one token per pass.
     public var speculative: SpeculativeOptions?
+    /// How the KV cache stores keys and values (the target model's, with speculation).
+    public var kvCacheType = KVCacheType.f32
 
     public init() {}
 }
@@ -124,6 +126,7 @@ public final class Generator {
         config.maxBatchTokens = options.prefillChunk
         config.maxSequences = 1
         config.prefixCaching = false
+        config.kvCacheType = options.kvCacheType
         let engine = try Engine(model: model, tokenizer: tokenizer, config: config)
         var request = EngineRequest(promptTokens: prompt, maxTokens: options.maxTokens, sampling: options.sampling)
         request.stopStrings = options.stopStrings
@@ -160,7 +163,7 @@ public final class Generator {
                                      _ emitter: inout Emitter, _ result: inout GenerationResult) throws {
         let k = max(1, spec.draftTokens)
         let vocab = model.config.vocabSize
-        let cache = try PagedKVCache(model: model, slots: 1, capacity: prompt.count + options.maxTokens + k + 1)
+        let cache = try PagedKVCache(model: model, slots: 1, capacity: prompt.count + options.maxTokens + k + 1, type: options.kvCacheType)
         var sampler = Sampler(options.sampling)
         let greedy = options.sampling.temperature == 0
         var length = DraftLength(maximum: k, adaptive: spec.adaptive)
