@@ -162,6 +162,11 @@ public final class CUDABackend: ComputeBackend {
     /// moe_router wrote into `routedQ8` beside `source`, for the quantized experts' products
     /// that follow it; forgotten as `halfHolds` is.
     private var q8Holds: (source: CUDADriver.DevicePointer, rows: Int, k: Int)?
+    /// Forgets what `halfScratch` and `routedQ8` hold (any launch or copy may overwrite a source).
+    private func forgetCopies() {
+        halfHolds = nil
+        q8Holds = nil
+    }
     private var routedQ8: CUDABuffer
     /// One counter per row for moe_router's last-block routing; the routing block resets its own.
     private let routerCounters: CUDABuffer
@@ -354,8 +359,7 @@ public final class CUDABackend: ComputeBackend {
         bindContext()
         mode = .eager
         pinnedCursor = 0
-        halfHolds = nil
-        q8Holds = nil
+        forgetCopies()
         pdlStep = pdl
         pendingKey = key
     }
@@ -466,8 +470,7 @@ public final class CUDABackend: ComputeBackend {
 
     private func launch(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int = 0, dependent: Bool = true,
                         _ fill: (inout Arguments) -> Void) {
-        halfHolds = nil
-        q8Holds = nil
+        forgetCopies()
         if case .replaying = mode { return }
         if profiling {
             profiled(name) { launchNow(name, grid: grid, block: block, shared: shared, dependent: dependent, fill) }
@@ -619,8 +622,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func buffer(_ count: Int) throws -> CUDABuffer {
         bindContext()
-        halfHolds = nil
-        q8Holds = nil
+        forgetCopies()
         dropGraphs()
         let b = try CUDABuffer(driver: driver, count: count, pool: pool)
         try driver.check(driver.cuMemsetD8Async(b.pointer, 0, max(count, 1) * 4, stream), "cuMemsetD8Async")
@@ -629,8 +631,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func write(_ values: UnsafeBufferPointer<Float>, to buffer: CUDABuffer, offset: Int) {
         bindContext()
-        halfHolds = nil
-        q8Holds = nil
+        forgetCopies()
         guard values.count > 0 else { return }
         if inGraphStep {
             stage(values.baseAddress!, bytes: values.count * 4, to: buffer.pointer + UInt64(offset * 4))
@@ -659,21 +660,20 @@ public final class CUDABackend: ComputeBackend {
 
     /// The RMSNorm, with the 16-bit copy of its output that a cuBLAS product of `consumer` reads
     /// written beside it (see `halfHolds`).
-    private func rmsNorm(_ x: CUDABuffer, weight: CUDAWeight, eps: Float, rows: Int, dim: Int, out: CUDABuffer, for consumer: CUDAWeight?) {
+    /// With `second`, the same launch normalizes that tensor's rows in place after these.
+    private func rmsNorm(_ x: CUDABuffer, weight: CUDAWeight, eps: Float, rows: Int, dim: Int, out: CUDABuffer, for consumer: CUDAWeight?,
+                         second: (x: CUDABuffer, weight: CUDAWeight, rows: Int)? = nil) {
         let half = halfTwin(of: out, count: rows * dim, rows: rows, consumer: consumer)
-        launch("rms_norm", grid: (rows, 1, 1), block: min(1024, max(32, (dim + 31) / 32 * 32))) { a in
+        launch("rms_norm", grid: (rows + (second?.rows ?? 0), 1, 1), block: min(1024, max(32, (dim + 31) / 32 * 32))) { a in
             a.ptr(x); a.ptr(weight.pointer); a.ptr(out); a.i32(dim); a.f32(eps); a.ptr(half?.pointer ?? 0); a.i32(Int(half?.code ?? 0))
-            a.ptr(0); a.ptr(0); a.ptr(0); a.i32(rows)
+            a.ptr(second?.x.pointer ?? 0); a.ptr(second?.weight.pointer ?? 0); a.ptr(second?.x.pointer ?? 0); a.i32(rows)
         }
         if let half { halfHolds = (out.pointer, rows * dim, half.code) }
     }
 
     public func rmsNormPair(_ a: (x: CUDABuffer, weight: CUDAWeight, rows: Int), _ b: (x: CUDABuffer, weight: CUDAWeight, rows: Int),
                             eps: Float, dim: Int) {
-        launch("rms_norm", grid: (a.rows + b.rows, 1, 1), block: min(1024, max(32, (dim + 31) / 32 * 32))) { p in
-            p.ptr(a.x); p.ptr(a.weight.pointer); p.ptr(a.x); p.i32(dim); p.f32(eps); p.ptr(0); p.i32(0)
-            p.ptr(b.x); p.ptr(b.weight.pointer); p.ptr(b.x); p.i32(a.rows)
-        }
+        rmsNorm(a.x, weight: a.weight, eps: eps, rows: a.rows, dim: dim, out: a.x, for: nil, second: b)
     }
 
     /// Where a kernel writing `count` values into `out` should write their 16-bit copy: when the
@@ -733,7 +733,7 @@ public final class CUDABackend: ComputeBackend {
                               q8: (CUDADriver.DevicePointer, CUDADriver.DevicePointer)? = nil) -> Bool {
         let dtype = p[0].weight.dtype, k = p[0].weight.cols
         guard let suffix = matvecSuffix(dtype) else { return false }
-        let quantized = [.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K].contains(dtype)
+        let quantized = !dtype.isFloat
         guard p.allSatisfy({ $0.weight.dtype == dtype && $0.weight.cols == k }), k % (quantized ? dtype.blockSize : 8) == 0 else { return false }
         if let norm, !quantized, norm.weight.rows * norm.weight.cols != k || k * 4 > dynamicSharedLimit { return false }
         var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
@@ -1173,8 +1173,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func copy(_ src: CUDABuffer, offset srcOffset: Int, to dst: CUDABuffer, offset dstOffset: Int, count: Int) {
         bindContext()
-        halfHolds = nil
-        q8Holds = nil
+        forgetCopies()
         guard count > 0 else { return }
         record(driver.cuMemcpyDtoDAsync(dst.pointer + UInt64(dstOffset * 4), src.pointer + UInt64(srcOffset * 4), count * 4, stream),
                "cuMemcpyDtoDAsync")
@@ -1234,8 +1233,7 @@ public final class CUDABackend: ComputeBackend {
             return
         }
         // The gate/up products of quantized experts (expertMatvecs) read the input's 8-bit copy.
-        let quantizedExperts = !experts.gate[0].dtype.isFloat && experts.gate[0].dtype == experts.up[0].dtype
-            && matvecSuffix(experts.gate[0].dtype) != nil
+        let quantizedExperts = expertMatvecKernels(experts) != nil && !experts.gate[0].dtype.isFloat
         var hq: CUDADriver.DevicePointer = 0, hs: CUDADriver.DevicePointer = 0
         if quantizedExperts {
             guard ensure(&routedQ8, rows * dim / 4 + rows * dim / 32) else { return }
@@ -1285,6 +1283,16 @@ public final class CUDABackend: ComputeBackend {
     /// choose about 50 distinct experts).
     private let expertMatvecRoutes = 64
 
+    /// The matvec kernels (gate/up, down) of the experts' expert mode, when their types and
+    /// sizes have them.
+    private func expertMatvecKernels(_ experts: CUDAExperts) -> (gateUp: String, down: String)? {
+        let d = experts.hidden, ff = experts.intermediate
+        let gateType = experts.gate[0].dtype, downType = experts.down[0].dtype
+        guard gateType == experts.up[0].dtype, let gateKernel = matvecSuffix(gateType), let downKernel = matvecSuffix(downType),
+              d % gateType.blockSize == 0, d % 8 == 0, ff % downType.blockSize == 0, ff % 8 == 0 else { return nil }
+        return (gateKernel, downKernel)
+    }
+
     /// The experts' products of a few rows as the matvec kernels' expert mode: gate and up with
     /// the SiLU gating for every route in one launch, down in another, then each row's weighted
     /// sum added to the residual (moe_combine, counting each route's read). False when the
@@ -1292,8 +1300,7 @@ public final class CUDABackend: ComputeBackend {
     private func expertMatvecs(_ x: CUDABuffer, rows: Int, routes: CUDABuffer, k: Int, experts: CUDAExperts, residual: CUDABuffer) -> Bool {
         let d = experts.hidden, ff = experts.intermediate, total = rows * k
         let gateType = experts.gate[0].dtype, downType = experts.down[0].dtype
-        guard gateType == experts.up[0].dtype, let gateKernel = matvecSuffix(gateType), let downKernel = matvecSuffix(downType),
-              d % gateType.blockSize == 0, d % 8 == 0, ff % downType.blockSize == 0, ff % 8 == 0 else { return false }
+        guard let (gateKernel, downKernel) = expertMatvecKernels(experts) else { return false }
         guard ensure(&moeHidden, total * ff), ensure(&moeOut, total * d) else { return true }
         func product(_ kernel: String, _ type: DType, tables: (CUDABuffer, CUDABuffer?), input: CUDABuffer, inputRows: Int, cols: Int,
                      outputs: Int, routeDiv: Int, out: CUDABuffer) {
