@@ -182,6 +182,13 @@ enum CPUKernels {
         }
     }
 
+    /// y[t * ldy + o] += bias[o] for the output rows `rows` of `tokens` tokens (none without a bias).
+    @inline(__always)
+    static func addBias(_ bias: UnsafePointer<Float>?, rows: Range<Int>, tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
+        guard let bias else { return }
+        for t in 0..<tokens { for o in rows { y[t &* ldy &+ o] += bias[o] } }
+    }
+
     static func matmul<E: WeightElement>(_ e: E.Type, x: UnsafePointer<Float>, tokens: Int, w: UnsafeRawPointer,
                                           outDim: Int, k: Int, bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>,
                                           pool: ThreadPool) {
@@ -205,9 +212,7 @@ enum CPUKernels {
                 gemvRows(e, w: w, k: k, x: x + t &* k, rows: rows, y: y + t &* outDim)
                 t &+= 1
             }
-            if let bias {
-                for t in 0..<tokens { for o in rows { y[t &* outDim &+ o] += bias[o] } }
-            }
+            addBias(bias, rows: rows, tokens: tokens, y: y, ldy: outDim)
         }
     }
 
@@ -227,24 +232,17 @@ enum CPUKernels {
             case .bf16: AVX512Products.productBF16(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
             default: AVX512Products.productF32(w: wr, k: k, rows: rows.count, x: x, ldx: k, tokens: tokens, y: yr, ldy: outDim)
             }
-            if let bias {
-                for t in 0..<tokens { for o in rows { y[t &* outDim &+ o] += bias[o] } }
-            }
+            addBias(bias, rows: rows, tokens: tokens, y: y, ldy: outDim)
         }
     }
-    #endif
 
-    #if arch(x86_64)
     /// The AVX-512 product over an F16 matrix's panels (`HalfPanelMatrix`): threads take pairs of
     /// panels (32 rows).
     static func matmulHalfPanels(_ panels: UnsafeRawPointer, x: UnsafePointer<Float>, tokens: Int, outDim: Int, k: Int,
                                  bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, pool: ThreadPool) {
         pool.parallelRanges(HalfPanels.panels(rows: outDim) / 2) { pairs in
             AVX512Products.panelProductF16(panels: panels, k: k, rows: outDim, pairs: pairs, x: x, ldx: k, tokens: tokens, y: y, ldy: outDim)
-            if let bias {
-                let rows = (pairs.lowerBound * 32)..<min(outDim, pairs.upperBound * 32)
-                for t in 0..<tokens { for o in rows { y[t &* outDim &+ o] += bias[o] } }
-            }
+            addBias(bias, rows: (pairs.lowerBound * 32)..<min(outDim, pairs.upperBound * 32), tokens: tokens, y: y, ldy: outDim)
         }
     }
     #endif
