@@ -177,6 +177,8 @@ public final class CUDABackend: ComputeBackend {
     private var moeHidden: CUDABuffer
     /// The up projections' outputs where the experts' products run through cuBLAS.
     private var moeUp: CUDABuffer
+    /// The gated products' outputs in 16 bits where expert_gemm runs them (the down products' input).
+    private var moeHalf: CUDABuffer
     private var moeOut: CUDABuffer
 
     public var name: String { "cuda (\(driver.deviceName))" }
@@ -268,6 +270,9 @@ public final class CUDABackend: ComputeBackend {
     /// Prompt attention on tensor cores where `tensorCoreAttention` allows it (tests turn it off
     /// to compare the two kernels on one cache).
     var tensorCoreAttentionAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_TENSOR_CORE_ATTENTION"] == nil
+    /// The chosen experts' products of many rows by expert_gemm (tensor cores, one launch a
+    /// projection); PEREGRINE_NO_EXPERT_GEMM=1 keeps the cuBLAS products an expert for measuring.
+    var expertGEMMAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_EXPERT_GEMM"] == nil
     /// One token as `matvec` kernels (fused norms, RoPE inside attention): not in deterministic mode.
     private var oneToken: Int { deterministic ? -1 : 1 }
     private let launchConfig = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
@@ -294,7 +299,8 @@ public final class CUDABackend: ComputeBackend {
                      "silu_mul", "gelu_tanh_mul", "scale_inplace", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
                      "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
                      "repetition_penalty", "exp_sum_rows", "sample_rows",
-                     "moe_route", "moe_router", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16"]
+                     "moe_route", "moe_router", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16",
+                     "expert_gemm_bf16", "expert_gemm_f16"]
                      + matvecs + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
                      + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4"] }) {
             var f: OpaquePointer?
@@ -334,6 +340,7 @@ public final class CUDABackend: ComputeBackend {
         moeHidden = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         moeOut = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         moeUp = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        moeHalf = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         for i in 0..<32 { params[i] = args + 8 * i }
         var host: UnsafeMutableRawPointer?
         if driver.cuMemAllocHost(&host, pinnedBytes) == 0 { pinned = host }
@@ -1255,25 +1262,69 @@ public final class CUDABackend: ComputeBackend {
         if total <= expertMatvecRoutes, !deterministic, expertMatvecs(x, rows: rows, routes: routes, k: k, experts: experts, residual: residual) {
             return
         }
-        // Ints: counts, starts and the chosen experts (n + 1) per expert, then each route's place and each place's row.
-        guard ensure(&moeInts, 3 * n + 1 + 2 * total), ensure(&moeRows, total * d), ensure(&moeHidden, total * ff),
-              ensure(&moeOut, total * d) else { return }
+        let maxTiles = (total + expertTileRows - 1) / expertTileRows + min(n, total)
+        let tensorCores = !deterministic && maxTiles <= 65_535 && expertGEMMHalf(experts) != nil
+        // Ints: counts, starts and the chosen experts (n + 1) per expert, then each route's place
+        // and each place's row, then expert_gemm's tiles.
+        guard ensure(&moeInts, 3 * n + 1 + 2 * total + 1 + 3 * maxTiles), ensure(&moeOut, total * d),
+              tensorCores || (ensure(&moeRows, total * d) && ensure(&moeHidden, total * ff)) else { return }
         let ints = moeInts.pointer
         let counts = ints, starts = ints + UInt64(4 * n), active = ints + UInt64(8 * n)
-        let place = ints + UInt64(4 * (3 * n + 1)), rowOf = place + UInt64(4 * total)
+        let place = ints + UInt64(4 * (3 * n + 1)), rowOf = place + UInt64(4 * total), tiles = rowOf + UInt64(4 * total)
         launch("moe_group", grid: (1, 1, 1), block: 1024) { a in
             a.ptr(routes); a.i32(total); a.i32(k); a.i32(n); a.ptr(counts); a.ptr(starts); a.ptr(place); a.ptr(rowOf); a.ptr(active)
-            a.ptr(experts.reads)
+            a.ptr(experts.reads); a.ptr(tensorCores ? tiles : 0); a.i32(expertTileRows)
         }
-        launch("gather_rows", grid: (total, 1, 1), block: 256) { a in a.ptr(x); a.ptr(rowOf); a.ptr(moeRows); a.i32(d) }
-        if total >= expertGEMMRoutes, !inGraphStep, !deterministic {
-            expertGEMMs(experts, total: total, counts: counts, active: active)
+        if tensorCores {
+            expertTensorCoreProducts(x, experts, total: total, rowOf: rowOf, tiles: tiles, maxTiles: maxTiles)
         } else {
-            expertRowProducts(experts, total: total)
+            launch("gather_rows", grid: (total, 1, 1), block: 256) { a in a.ptr(x); a.ptr(rowOf); a.ptr(moeRows); a.i32(d) }
+            if total >= expertGEMMRoutes, !inGraphStep, !deterministic {
+                expertGEMMs(experts, total: total, counts: counts, active: active)
+            } else {
+                expertRowProducts(experts, total: total)
+            }
         }
         launch("moe_combine", grid: (rows, (d + 255) / 256, 1), block: 256) { a in
             a.ptr(routes); a.ptr(place); a.i32(k); a.ptr(moeOut); a.ptr(residual); a.i32(d); a.ptr(0)
         }
+    }
+
+    /// Rows of one expert a block of expert_gemm takes (EG_ROWS in Kernels.cu); its outputs
+    /// (EG_OUTS) and the slice of k it decodes at a time (EG_K).
+    private let expertTileRows = 32, expertTileOutputs = 64, expertTileK = 64
+
+    /// Whether expert_gemm takes these experts (nil: it does not), and then whether its products
+    /// run in F16 (F16 weights) or BF16 (the rest, quantized ones decoded to BF16). Gate and up
+    /// must share a type, and down multiply in the same 16 bits as them (it reads their output
+    /// rounded so); f32 weights keep cuBLAS.
+    private func expertGEMMHalf(_ experts: CUDAExperts) -> Bool? {
+        let gate = experts.gate[0].dtype, down = experts.down[0].dtype
+        guard expertGEMMAllowed, driver.computeCapability.major >= 8, gate == experts.up[0].dtype, gate != .f32, down != .f32,
+              (gate == .f16) == (down == .f16), experts.hidden % expertTileK == 0, experts.intermediate % expertTileK == 0 else { return nil }
+        return gate == .f16
+    }
+
+    /// The chosen experts' products on the tensor cores, a launch a stage: gate and up with the
+    /// SiLU gating from the layer's rows (read through rowOf, rounded to 16 bits as they are
+    /// staged) into moeHalf, then down from moeHalf into moeOut. No group size comes back to the
+    /// host, so a recorded decode step may hold it too.
+    private func expertTensorCoreProducts(_ x: CUDABuffer, _ experts: CUDAExperts, total: Int, rowOf: CUDADriver.DevicePointer,
+                                          tiles: CUDADriver.DevicePointer, maxTiles: Int) {
+        let d = experts.hidden, ff = experts.intermediate
+        guard let half = expertGEMMHalf(experts), ensure(&moeHalf, (total * ff + 1) / 2) else { return }
+        let kernel = half ? "expert_gemm_f16" : "expert_gemm_bf16"
+        func product(_ weights: CUDABuffer, _ ups: CUDABuffer?, _ type: DType, n: Int, k: Int, x: CUDADriver.DevicePointer, xHalf: Bool,
+                     rowOf: CUDADriver.DevicePointer, y: CUDADriver.DevicePointer, yh: CUDADriver.DevicePointer) {
+            launch(kernel, grid: ((n + expertTileOutputs - 1) / expertTileOutputs, maxTiles, 1), block: 128) { a in
+                a.ptr(weights); a.ptr(ups?.pointer ?? 0); a.i32(code(type)); a.i32(n); a.i32(k); a.ptr(x); a.i32(xHalf ? 1 : 0)
+                a.ptr(rowOf); a.ptr(tiles); a.ptr(y); a.ptr(yh)
+            }
+        }
+        product(experts.gateTable, experts.upTable, experts.gate[0].dtype, n: ff, k: d, x: x.pointer, xHalf: false, rowOf: rowOf,
+                y: 0, yh: moeHalf.pointer)
+        product(experts.downTable, nil, experts.down[0].dtype, n: d, k: ff, x: moeHalf.pointer, xHalf: true, rowOf: 0,
+                y: moeOut.pointer, yh: 0)
     }
 
     /// Routes a pass may have for its experts' products to run as the matvec kernels' expert

@@ -2531,29 +2531,43 @@ extern "C" __global__ void __launch_bounds__(256) moe_router(const float* x, con
 // Groups `total` routes by expert, one block: counts[e] and starts[e] of each expert's group,
 // place[r] (route r's position in grouped order), rowOf[p] (the row gathered at position p),
 // active[0..<a] the chosen experts in index order with a in active[experts], and reads[e] += 1
-// for each chosen expert. Within a group the order is whatever the atomics give: each row's
-// products are computed alone, so it changes no result.
+// for each chosen expert. With `tiles`, also the groups cut in tiles of up to tileRows rows for
+// expert_gemm: their count, then expert, first row and rows of each. Within a group the order is
+// whatever the atomics give: each row's products are computed alone, so it changes no result.
 extern "C" __global__ void __launch_bounds__(1024) moe_group(const float* routes, int total, int k, int experts, int* counts,
-                                                              int* starts, int* place, int* rowOf, int* active, int* reads) {
+                                                              int* starts, int* place, int* rowOf, int* active, int* reads,
+                                                              int* tiles, int tileRows) {
     gdc_wait();
     __shared__ int n[MOE_MAX_EXPERTS];
+    __shared__ int firstTile[MOE_MAX_EXPERTS];
     for (int e = threadIdx.x; e < experts; e += blockDim.x) n[e] = 0;
     __syncthreads();
     for (int r = threadIdx.x; r < total; r += blockDim.x) place[r] = atomicAdd(&n[__float_as_int(routes[2 * r + 1])], 1);
     __syncthreads();
     if (threadIdx.x == 0) {
-        int at = 0, a = 0;
+        int at = 0, a = 0, tile = 0;
         for (int e = 0; e < experts; e++) {
             int c = n[e];
             counts[e] = c;
             starts[e] = at;
             n[e] = at;
+            firstTile[e] = tile;
             at += c;
             if (c > 0) { active[a++] = e; reads[e] += 1; }
+            if (tiles) tile += (c + tileRows - 1) / tileRows;
         }
         active[experts] = a;
+        if (tiles) tiles[0] = tile;
     }
     __syncthreads();
+    if (tiles)
+        for (int e = threadIdx.x; e < experts; e += blockDim.x)
+            for (int r = 0, c = counts[e]; r < c; r += tileRows) {
+                int* t = tiles + 1 + 3 * (firstTile[e] + r / tileRows);
+                t[0] = e;
+                t[1] = n[e] + r;
+                t[2] = min(tileRows, c - r);
+            }
     for (int r = threadIdx.x; r < total; r += blockDim.x) {
         int p = n[__float_as_int(routes[2 * r + 1])] + place[r];
         place[r] = p;
@@ -2588,6 +2602,148 @@ extern "C" __global__ void moe_products(const unsigned long long* weights, const
             }
         }
     }
+}
+
+// The chosen experts' products on the tensor cores, one launch for every expert (a prompt's
+// pass, or a decode step of many rows): moe_group lists tiles of up to EG_ROWS grouped rows of
+// one expert (tiles[0] of them, then expert, first row and rows for each), and block (o, t)
+// computes outputs EG_OUTS o ..< EG_OUTS (o + 1) of tile t. Each EG_K-wide slice of the expert's
+// weights is decoded into shared memory as 16-bit values (dequant8_bf16 for the quantized types,
+// never a whole widened copy in memory) beside the tile's rows rounded to the same type, then
+// multiplied by m16n8k16 products with f32 accumulation: warp w takes 16 outputs for all the
+// tile's rows. Gated (ups != 0): gate and up are decoded side by side and the block writes
+// silu(gate) * up. x is f32 (xHalf 0) or already in the 16-bit type (xHalf 1), its grouped row
+// p at row rowOf[p] (rowOf 0: row p); y gets f32 results, yh (if set) the same rounded to the
+// 16-bit type, for the next product. A row's result depends on no other row of its tile, and
+// its sums run over k in one order: the same whatever else the pass holds.
+#define EG_ROWS 32
+#define EG_OUTS 64
+#define EG_K 64
+#define EG_LD (EG_K + 8)  // shared rows padded by 16 bytes: ldmatrix's eight rows hit different banks
+
+template <bool HALF> __device__ __forceinline__ unsigned pack16(float lo, float hi) {
+    if (HALF) { __half2 h = __floats2half2_rn(lo, hi); return *(unsigned*)&h; }
+    __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+    return *(unsigned*)&b;
+}
+
+template <bool HALF> __device__ __forceinline__ void mma16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    if (HALF)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <bool HALF>
+__device__ __forceinline__ void expert_gemm_body(const unsigned long long* weights, const unsigned long long* ups, int dtype, int n, int k,
+                                                 const void* x, int xHalf, const int* rowOf, const int* tiles, float* y,
+                                                 unsigned short* yh) {
+#if __CUDA_ARCH__ >= 800
+    gdc_wait();
+    __shared__ __align__(16) unsigned short xs[EG_ROWS * EG_LD];
+    __shared__ __align__(16) unsigned short ws[2 * EG_OUTS * EG_LD];
+    int t = blockIdx.y;
+    if (t >= tiles[0]) return;
+    int e = tiles[1 + 3 * t], r0 = tiles[2 + 3 * t], rows = tiles[3 + 3 * t];
+    int o0 = blockIdx.x * EG_OUTS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    bool gated = ups != 0;
+    const void* w = (const void*)weights[e];
+    const void* u = gated ? (const void*)ups[e] : 0;
+    long total = (long)n * k;
+    int stored = HALF ? 1 : 2;  // weights already in the products' type
+    float acc[2][2][4], accu[2][2][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) { acc[i][j][c] = 0; accu[i][j][c] = 0; }
+    constexpr int PIECES = EG_K / 8;  // 16-byte pieces of a row's slice
+    for (int k0 = 0; k0 < k; k0 += EG_K) {
+        for (int p = threadIdx.x; p < EG_ROWS * PIECES; p += blockDim.x) {
+            int r = p / PIECES, c = (p % PIECES) * 8;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (r < rows) {
+                long row = rowOf ? rowOf[r0 + r] : r0 + r;
+                if (xHalf) v = *(const uint4*)((const unsigned short*)x + row * k + k0 + c);
+                else {
+                    const float* f = (const float*)x + row * k + k0 + c;
+                    float4 a = *(const float4*)f, b = *(const float4*)(f + 4);
+                    v = make_uint4(pack16<HALF>(a.x, a.y), pack16<HALF>(a.z, a.w), pack16<HALF>(b.x, b.y), pack16<HALF>(b.z, b.w));
+                }
+            }
+            *(uint4*)(xs + r * EG_LD + c) = v;
+        }
+        for (int p = threadIdx.x; p < (gated ? 2 : 1) * EG_OUTS * PIECES; p += blockDim.x) {
+            int m = p / (EG_OUTS * PIECES), q = p % (EG_OUTS * PIECES);
+            int o = q / PIECES, c = (q % PIECES) * 8;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (o0 + o < n) {
+                const void* src = m ? u : w;
+                long i = (long)(o0 + o) * k + k0 + c;
+                v = dtype == stored ? *(const uint4*)((const unsigned short*)src + i) : dequant8_bf16(src, dtype, i, total);
+            }
+            *(uint4*)(ws + (m * EG_OUTS + o) * EG_LD + c) = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < EG_K; kk += 16) {
+            unsigned a[2][4], b[4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) ldmatrix_x4(a[mt], xs + (mt * 16 + (lane & 15)) * EG_LD + kk + (lane >> 4) * 8);
+            // Matrices (outputs 0-7, k 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15): each 8-output
+            // tile's two B registers.
+            int bo = warp * 16 + (lane & 7) + ((lane >> 4) << 3), bk = kk + ((lane >> 3) & 1) * 8;
+            ldmatrix_x4(b, ws + bo * EG_LD + bk);
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int nt = 0; nt < 2; nt++) mma16<HALF>(acc[mt][nt], a[mt], b[2 * nt], b[2 * nt + 1]);
+            if (gated) {
+                ldmatrix_x4(b, ws + (EG_OUTS + bo) * EG_LD + bk);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                    for (int nt = 0; nt < 2; nt++) mma16<HALF>(accu[mt][nt], a[mt], b[2 * nt], b[2 * nt + 1]);
+            }
+        }
+        __syncthreads();
+    }
+    // Accumulator c of tile (mt, nt): rows lane / 4 (c 0, 1) and lane / 4 + 8 (c 2, 3), outputs 2 (lane % 4) + {0, 1}.
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int r = mt * 16 + (lane >> 2) + 8 * h, o = o0 + warp * 16 + nt * 8 + 2 * (lane & 3);
+                if (r >= rows || o >= n) continue;
+                float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
+                if (gated) {
+                    v0 = v0 / (1.f + __expf(-v0)) * accu[mt][nt][2 * h];
+                    v1 = v1 / (1.f + __expf(-v1)) * accu[mt][nt][2 * h + 1];
+                }
+                long at = (long)(r0 + r) * n + o;
+                if (y) *(float2*)(y + at) = make_float2(v0, v1);
+                if (yh) *(unsigned*)(yh + at) = pack16<HALF>(v0, v1);
+            }
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(128) expert_gemm_bf16(const unsigned long long* weights, const unsigned long long* ups, int dtype,
+                                                                  int n, int k, const void* x, int xHalf, const int* rowOf,
+                                                                  const int* tiles, float* y, unsigned short* yh) {
+    expert_gemm_body<false>(weights, ups, dtype, n, k, x, xHalf, rowOf, tiles, y, yh);
+}
+
+extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned long long* weights, const unsigned long long* ups, int dtype,
+                                                                 int n, int k, const void* x, int xHalf, const int* rowOf,
+                                                                 const int* tiles, float* y, unsigned short* yh) {
+    expert_gemm_body<true>(weights, ups, dtype, n, k, x, xHalf, rowOf, tiles, y, yh);
 }
 
 // out[t, :] += Σ weight · y[place of the route, :] over row t's k routes, in order of expert
