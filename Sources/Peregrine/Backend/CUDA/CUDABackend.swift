@@ -260,13 +260,15 @@ public final class CUDABackend: ComputeBackend {
     /// kernels: 24,543 and 25,160). PEREGRINE_DECODE_WARPS=4 sets it for measuring; tests run both.
     var tensorCoreDecodeWarps = Int(ProcessInfo.processInfo.environment["PEREGRINE_DECODE_WARPS"] ?? "") == 4 ? 4 : 2
     /// Positions a decode split takes in a long cache (fewer splits than fill the GPU are never
-    /// used, more than 128 never): on an H200 at depth 16,384, 256 (66 splits of one sequence's
+    /// used, more than 128 never; one sequence on the tensor cores has its own rule, in
+    /// `attention`): on an H200 at depth 16,384, 256 (66 splits of one sequence's
     /// grouped kernel) measured 142 tok/s against 133 for 128 or 64. PEREGRINE_SPLIT_POSITIONS
     /// sets it for measuring; the tests set it to reach the merge's largest split counts.
     var splitPositions = max(32, Int(ProcessInfo.processInfo.environment["PEREGRINE_SPLIT_POSITIONS"] ?? "") ?? 256)
     /// Tests set it to give a decode attention exactly this many splits (at most 128), the one
-    /// split that a large batch takes on a large GPU included.
-    var decodeSplits: Int?
+    /// split that a large batch takes on a large GPU included; PEREGRINE_DECODE_SPLITS sets it
+    /// for measuring.
+    var decodeSplits: Int? = Int(ProcessInfo.processInfo.environment["PEREGRINE_DECODE_SPLITS"] ?? "")
     /// Prompt attention on tensor cores where `tensorCoreAttention` allows it (tests turn it off
     /// to compare the two kernels on one cache).
     var tensorCoreAttentionAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_TENSOR_CORE_ATTENTION"] == nil
@@ -1064,8 +1066,17 @@ public final class CUDABackend: ComputeBackend {
             && (splitRows * cache.kvHeads * parts >= groupedAttentionBlocks || splitRows == 1 && longest >= groupedAttentionFrom)
         let blocksPerSplit = grouped ? splitRows * cache.kvHeads * parts : splitRows * heads
         let fill = ((grouped ? 4 : 2) * driver.multiprocessors + blocksPerSplit - 1) / blocksPerSplit
+        // One sequence on the tensor cores: splits of at least 128 positions, at most 64. The
+        // last block of a KV head's group merges every split's partial rows of its query heads,
+        // so many splits of a few positions cost more in the merge than they save. H200, a
+        // Qwen3-30B-A3B-shaped layer (4 KV heads, 8 query heads each) at depth 4,096, tg64 tok/s
+        // by splits (8, 16, 32, 64, 128): BF16 670, 756, 746, 749, 665; Q4_K_M 769, 822, 881,
+        // 843, 775 (128 had been the rule's: enough blocks to fill the GPU four times). The 8B
+        // shape at depth 16,384 measured 66 splits faster than 128 too (see `splitPositions`).
+        let oneSequenceOnTensorCores = splitRows == 1 && grouped && rope == nil && tensorCoreDecode(cache)
         let splits = decodeSplits.map { max(1, min($0, 128)) }
-            ?? max(1, min((basis + 31) / 32, max(fill, (basis + splitPositions - 1) / splitPositions), 128))  // SPLIT_MAX
+            ?? (oneSequenceOnTensorCores ? max(1, min((basis + 127) / 128, 64))
+                : max(1, min((basis + 31) / 32, max(fill, (basis + splitPositions - 1) / splitPositions), 128)))  // SPLIT_MAX
         guard splitRows * heads <= CUDABackend.attentionCounterCount else {
             if firstError == nil { firstError = .unsupported("\(rows) tokens x \(heads) heads is past the attention kernel's counters") }
             return
@@ -1292,7 +1303,7 @@ public final class CUDABackend: ComputeBackend {
 
     /// Rows of one expert a block of expert_gemm takes (EG_ROWS in Kernels.cu); its outputs
     /// (EG_OUTS) and the slice of k it decodes at a time (EG_K).
-    private let expertTileRows = 32, expertTileOutputs = 64, expertTileK = 64
+    private let expertTileRows = 64, expertTileOutputs = 64, expertTileK = 64
 
     /// Whether expert_gemm takes these experts (nil: it does not), and then whether its products
     /// run in F16 (F16 weights) or BF16 (the rest, quantized ones decoded to BF16). Gate and up

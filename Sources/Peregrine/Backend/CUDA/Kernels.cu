@@ -1037,6 +1037,83 @@ extern "C" __global__ void dequantize_experts_bf16(const unsigned long long* wei
     *(uint4*)(out + (long)a * n + i) = dequant8_bf16((const void*)weights[active[a]], dtype, i, n);
 }
 
+// Values i0 ..< i0 + 32 (i0 a multiple of 32) of a quantized matrix of `total` values as BF16,
+// each the value load_weight gives, into out: Q4_K, Q6_K, Q8_0 and Q4_0 decode their block's
+// scales once for the 32 and read the bytes in 16-byte loads; the other types go eight at a time.
+__device__ __forceinline__ void dequant32_bf16(const void* w, int dtype, long i0, long total, uint4 (&out)[4]) {
+    const unsigned char* base = (const unsigned char*)w;
+    float f[32];
+    if (dtype == 5) {
+        // Q4_K: the 32 bytes of the sub-block pair (values of sub-block 2j low, 2j + 1 high).
+        long sb = i0 / 256;
+        int r = (int)(i0 % 256), j = r / 64, high = (r % 64) / 32;
+        const uint4* q = (const uint4*)(base + sb * 128 + 32 * j);
+        float d, dmin;
+        int s1, m1, s2, m2;
+        q4k_header(((const uint4*)(base + total / 2))[sb], 2 * j, d, dmin, s1, m1, s2, m2);
+        float scale = d * (high ? s2 : s1), offset = dmin * (high ? m2 : m1);
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            uint4 v = q[c];
+            const unsigned char* b = (const unsigned char*)&v;
+#pragma unroll
+            for (int e = 0; e < 16; e++) f[16 * c + e] = scale * (high ? b[e] >> 4 : b[e] & 15) - offset;
+        }
+    } else if (dtype == 6) {
+        // Q6_K: low 4 bits from ql, high 2 from qh, a scale per 16 values.
+        long sb = i0 / 256, blocks = total / 256;
+        int r = (int)(i0 % 256), n = r / 128, qd = (r % 128) / 32;
+        const unsigned char* v = base + sb * 192;
+        const uint4* lo = (const uint4*)(v + n * 64 + (qd & 1 ? 32 : 0));
+        const uint4* hi = (const uint4*)(v + 128 + n * 32);
+        const signed char* sc = (const signed char*)base + blocks * 192 + sb * 16 + n * 8 + 2 * qd;
+        float d = __half2float(((const __half*)(base + blocks * 208))[sb]);
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            uint4 l4 = lo[c], h4 = hi[c];
+            const unsigned char* bl = (const unsigned char*)&l4;
+            const unsigned char* bh = (const unsigned char*)&h4;
+            float scale = d * sc[c];
+#pragma unroll
+            for (int e = 0; e < 16; e++)
+                f[16 * c + e] = scale * (float)(((qd < 2 ? (bl[e] & 15) : (bl[e] >> 4)) | (((bh[e] >> (2 * qd)) & 3) << 4)) - 32);
+        }
+    } else if (dtype == 3 || dtype == 4) {
+        float d = __half2float(quant_scales(w, dtype, total)[i0 / 32]);
+        if (dtype == 3) {
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                uint4 v = ((const uint4*)(base + i0))[c];
+                const signed char* q = (const signed char*)&v;
+#pragma unroll
+                for (int e = 0; e < 16; e++) f[16 * c + e] = d * (float)q[e];
+            }
+        } else {
+            // Q4_0: values 0-15 the 16 bytes' low nibbles, 16-31 their high ones, offset by 8.
+            uint4 v = *(const uint4*)(base + (i0 / 32) * 16);
+            const unsigned char* b = (const unsigned char*)&v;
+#pragma unroll
+            for (int e = 0; e < 16; e++) {
+                f[e] = d * (float)((b[e] & 15) - 8);
+                f[16 + e] = d * (float)((b[e] >> 4) - 8);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int c = 0; c < 4; c++) out[c] = dequant8_bf16(w, dtype, i0 + 8 * c, total);
+        return;
+    }
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        unsigned* o = (unsigned*)&out[c];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            __nv_bfloat162 pair = __floats2bfloat162_rn(f[8 * c + 2 * e], f[8 * c + 2 * e + 1]);
+            o[e] = *(unsigned*)&pair;
+        }
+    }
+}
+
 // Activations to the weights' 16-bit type, for cuBLAS products.
 extern "C" __global__ void to_half(const float* x, void* out, int dtype, long n) {
     gdc_wait();
@@ -2611,12 +2688,13 @@ extern "C" __global__ void moe_products(const unsigned long long* weights, const
 // weights is decoded into shared memory as 16-bit values (dequant8_bf16 for the quantized types,
 // never a whole widened copy in memory) beside the tile's rows rounded to the same type, then
 // multiplied by m16n8k16 products with f32 accumulation: warp w takes 16 outputs for all the
-// tile's rows. Gated (ups != 0): gate and up are decoded side by side and the block writes
+// tile's rows. A prompt's pass of 512 tokens gives 128 experts 32 rows each on average, so a
+// tile of 64 decodes most experts' weights once. Gated (ups != 0): gate and up are decoded side by side and the block writes
 // silu(gate) * up. x is f32 (xHalf 0) or already in the 16-bit type (xHalf 1), its grouped row
 // p at row rowOf[p] (rowOf 0: row p); y gets f32 results, yh (if set) the same rounded to the
 // 16-bit type, for the next product. A row's result depends on no other row of its tile, and
 // its sums run over k in one order: the same whatever else the pass holds.
-#define EG_ROWS 32
+#define EG_ROWS 64
 #define EG_OUTS 64
 #define EG_K 64
 #define EG_LD (EG_K + 8)  // shared rows padded by 16 bytes: ldmatrix's eight rows hit different banks
@@ -2655,9 +2733,10 @@ __device__ __forceinline__ void expert_gemm_body(const unsigned long long* weigh
     const void* u = gated ? (const void*)ups[e] : 0;
     long total = (long)n * k;
     int stored = HALF ? 1 : 2;  // weights already in the products' type
-    float acc[2][2][4], accu[2][2][4];
+    constexpr int MT = EG_ROWS / 16;  // row tiles of 16
+    float acc[MT][2][4], accu[MT][2][4];
 #pragma unroll
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < MT; i++)
 #pragma unroll
         for (int j = 0; j < 2; j++)
 #pragma unroll
@@ -2678,35 +2757,41 @@ __device__ __forceinline__ void expert_gemm_body(const unsigned long long* weigh
             }
             *(uint4*)(xs + r * EG_LD + c) = v;
         }
-        for (int p = threadIdx.x; p < (gated ? 2 : 1) * EG_OUTS * PIECES; p += blockDim.x) {
-            int m = p / (EG_OUTS * PIECES), q = p % (EG_OUTS * PIECES);
-            int o = q / PIECES, c = (q % PIECES) * 8;
-            uint4 v = make_uint4(0, 0, 0, 0);
+        // The weights in runs of 32 values (a quantized block's scales decoded once for them).
+        constexpr int RUNS = EG_K / 32;
+        for (int p = threadIdx.x; p < (gated ? 2 : 1) * EG_OUTS * RUNS; p += blockDim.x) {
+            int m = p / (EG_OUTS * RUNS), q = p % (EG_OUTS * RUNS);
+            int o = q / RUNS, c = (q % RUNS) * 32;
+            uint4 v[4] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
             if (o0 + o < n) {
                 const void* src = m ? u : w;
                 long i = (long)(o0 + o) * k + k0 + c;
-                v = dtype == stored ? *(const uint4*)((const unsigned short*)src + i) : dequant8_bf16(src, dtype, i, total);
+                if (dtype == stored) {
+#pragma unroll
+                    for (int j = 0; j < 4; j++) v[j] = ((const uint4*)((const unsigned short*)src + i))[j];
+                } else dequant32_bf16(src, dtype, i, total, v);
             }
-            *(uint4*)(ws + (m * EG_OUTS + o) * EG_LD + c) = v;
+#pragma unroll
+            for (int j = 0; j < 4; j++) *(uint4*)(ws + (m * EG_OUTS + o) * EG_LD + c + 8 * j) = v[j];
         }
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < EG_K; kk += 16) {
-            unsigned a[2][4], b[4];
+            unsigned a[MT][4], b[4];
 #pragma unroll
-            for (int mt = 0; mt < 2; mt++) ldmatrix_x4(a[mt], xs + (mt * 16 + (lane & 15)) * EG_LD + kk + (lane >> 4) * 8);
+            for (int mt = 0; mt < MT; mt++) ldmatrix_x4(a[mt], xs + (mt * 16 + (lane & 15)) * EG_LD + kk + (lane >> 4) * 8);
             // Matrices (outputs 0-7, k 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15): each 8-output
             // tile's two B registers.
             int bo = warp * 16 + (lane & 7) + ((lane >> 4) << 3), bk = kk + ((lane >> 3) & 1) * 8;
             ldmatrix_x4(b, ws + bo * EG_LD + bk);
 #pragma unroll
-            for (int mt = 0; mt < 2; mt++)
+            for (int mt = 0; mt < MT; mt++)
 #pragma unroll
                 for (int nt = 0; nt < 2; nt++) mma16<HALF>(acc[mt][nt], a[mt], b[2 * nt], b[2 * nt + 1]);
             if (gated) {
                 ldmatrix_x4(b, ws + (EG_OUTS + bo) * EG_LD + bk);
 #pragma unroll
-                for (int mt = 0; mt < 2; mt++)
+                for (int mt = 0; mt < MT; mt++)
 #pragma unroll
                     for (int nt = 0; nt < 2; nt++) mma16<HALF>(accu[mt][nt], a[mt], b[2 * nt], b[2 * nt + 1]);
             }
@@ -2715,7 +2800,7 @@ __device__ __forceinline__ void expert_gemm_body(const unsigned long long* weigh
     }
     // Accumulator c of tile (mt, nt): rows lane / 4 (c 0, 1) and lane / 4 + 8 (c 2, 3), outputs 2 (lane % 4) + {0, 1}.
 #pragma unroll
-    for (int mt = 0; mt < 2; mt++)
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
         for (int nt = 0; nt < 2; nt++)
 #pragma unroll
