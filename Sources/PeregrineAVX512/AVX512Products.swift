@@ -259,6 +259,30 @@ public enum HalfPanels {
     }
 }
 
+extension HalfPanels {
+    /// Tokens the panel kernel takes in one tile.
+    public static let tileTokens = 12
+
+    /// The activations of `tokens` tokens (rows `ldx` apart, k values each) rewritten for
+    /// `AVX512Products.panelProductF16(interleaved: true)` into `out` (tokens x k floats):
+    /// tiles `tiles` of 12 tokens (the last may be shorter), tile j at out + 12 j k holding its
+    /// tokens' values at k = 0, then at k = 1, and so on. Read in place, a tile's 12 rows lie
+    /// k x 4 bytes apart, in one set of the L1 cache when that is a multiple of 4 KB (k = 1024,
+    /// 2048, 8192), so its broadcasts missed L1; interleaved, they read consecutive floats.
+    public static func interleave(_ x: UnsafePointer<Float>, ldx: Int, k: Int, tokens: Int, tiles: Range<Int>,
+                                  into out: UnsafeMutablePointer<Float>) {
+        for j in tiles {
+            let t0 = j &* tileTokens, n = min(tileTokens, tokens &- t0)
+            let dst = out + t0 &* k
+            for t in 0..<n {
+                let src = x + (t0 &+ t) &* ldx
+                var i = 0, at = t
+                while i < k { dst[at] = src[i]; i &+= 1; at &+= n }
+            }
+        }
+    }
+}
+
 enum Tokens7: TileTokens { @inline(__always) static var n: Int { 7 } }
 enum Tokens8: TileTokens { @inline(__always) static var n: Int { 8 } }
 enum Tokens9: TileTokens { @inline(__always) static var n: Int { 9 } }
@@ -270,32 +294,38 @@ extension AVX512Products {
     /// Two panels (32 rows, `p` at the first) by T tokens: 24 accumulators of 16 rows each, one
     /// widened weight vector per panel and k, each token's value broadcast. Every (row, token)
     /// result is one chain of fused multiply-adds over k in order, whatever the tile, so a
-    /// token's result does not depend on the batch. Rows from `valid` on are padding.
+    /// token's result does not depend on the batch. Rows from `valid` on are padding. The
+    /// tokens' activations are rows `ldx` apart, or (`interleaved`) the tile's T values at k = 0,
+    /// then at k = 1, ... (`HalfPanels.interleave`).
     @inline(__always)
     static func panelTile<W: WideWeight, T: TileTokens>(_: W.Type, _: T.Type, p: UnsafeRawPointer, k: Int, valid: Int,
-                                                         x: UnsafePointer<Float>, ldx: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
+                                                         x: UnsafePointer<Float>, ldx: Int, interleaved: Bool,
+                                                         y: UnsafeMutablePointer<Float>, ldy: Int) {
         let n = T.n
         let q = p + k &* 32
-        let x0 = x + 0 &* ldx; let x1 = x + 1 &* ldx; let x2 = x + 2 &* ldx; let x3 = x + 3 &* ldx; let x4 = x + 4 &* ldx; let x5 = x + 5 &* ldx; let x6 = x + 6 &* ldx; let x7 = x + 7 &* ldx; let x8 = x + 8 &* ldx; let x9 = x + 9 &* ldx; let x10 = x + 10 &* ldx; let x11 = x + 11 &* ldx
+        // Token t's value at k = i is at x[i * ks + t * ts].
+        let ts = interleaved ? 1 : ldx, ks = interleaved ? n : 1
+        let x0 = x + 0 &* ts; let x1 = x + 1 &* ts; let x2 = x + 2 &* ts; let x3 = x + 3 &* ts; let x4 = x + 4 &* ts; let x5 = x + 5 &* ts; let x6 = x + 6 &* ts; let x7 = x + 7 &* ts; let x8 = x + 8 &* ts; let x9 = x + 9 &* ts; let x10 = x + 10 &* ts; let x11 = x + 11 &* ts
         let z = SIMD16<Float>()
         var a0 = z, b0 = z, a1 = z, b1 = z, a2 = z, b2 = z, a3 = z, b3 = z, a4 = z, b4 = z, a5 = z, b5 = z, a6 = z, b6 = z, a7 = z, b7 = z, a8 = z, b8 = z, a9 = z, b9 = z, a10 = z, b10 = z, a11 = z, b11 = z
-        var i = 0
+        var i = 0, at = 0
         while i < k {
             let v = W.load16(p, i &* 16), w = W.load16(q, i &* 16)
-            var u = SIMD16<Float>(repeating: x0[i])
+            var u = SIMD16<Float>(repeating: x0[at])
             a0 = a0.addingProduct(v, u); b0 = b0.addingProduct(w, u)
-            if n > 1 { u = SIMD16<Float>(repeating: x1[i]); a1 = a1.addingProduct(v, u); b1 = b1.addingProduct(w, u) }
-            if n > 2 { u = SIMD16<Float>(repeating: x2[i]); a2 = a2.addingProduct(v, u); b2 = b2.addingProduct(w, u) }
-            if n > 3 { u = SIMD16<Float>(repeating: x3[i]); a3 = a3.addingProduct(v, u); b3 = b3.addingProduct(w, u) }
-            if n > 4 { u = SIMD16<Float>(repeating: x4[i]); a4 = a4.addingProduct(v, u); b4 = b4.addingProduct(w, u) }
-            if n > 5 { u = SIMD16<Float>(repeating: x5[i]); a5 = a5.addingProduct(v, u); b5 = b5.addingProduct(w, u) }
-            if n > 6 { u = SIMD16<Float>(repeating: x6[i]); a6 = a6.addingProduct(v, u); b6 = b6.addingProduct(w, u) }
-            if n > 7 { u = SIMD16<Float>(repeating: x7[i]); a7 = a7.addingProduct(v, u); b7 = b7.addingProduct(w, u) }
-            if n > 8 { u = SIMD16<Float>(repeating: x8[i]); a8 = a8.addingProduct(v, u); b8 = b8.addingProduct(w, u) }
-            if n > 9 { u = SIMD16<Float>(repeating: x9[i]); a9 = a9.addingProduct(v, u); b9 = b9.addingProduct(w, u) }
-            if n > 10 { u = SIMD16<Float>(repeating: x10[i]); a10 = a10.addingProduct(v, u); b10 = b10.addingProduct(w, u) }
-            if n > 11 { u = SIMD16<Float>(repeating: x11[i]); a11 = a11.addingProduct(v, u); b11 = b11.addingProduct(w, u) }
+            if n > 1 { u = SIMD16<Float>(repeating: x1[at]); a1 = a1.addingProduct(v, u); b1 = b1.addingProduct(w, u) }
+            if n > 2 { u = SIMD16<Float>(repeating: x2[at]); a2 = a2.addingProduct(v, u); b2 = b2.addingProduct(w, u) }
+            if n > 3 { u = SIMD16<Float>(repeating: x3[at]); a3 = a3.addingProduct(v, u); b3 = b3.addingProduct(w, u) }
+            if n > 4 { u = SIMD16<Float>(repeating: x4[at]); a4 = a4.addingProduct(v, u); b4 = b4.addingProduct(w, u) }
+            if n > 5 { u = SIMD16<Float>(repeating: x5[at]); a5 = a5.addingProduct(v, u); b5 = b5.addingProduct(w, u) }
+            if n > 6 { u = SIMD16<Float>(repeating: x6[at]); a6 = a6.addingProduct(v, u); b6 = b6.addingProduct(w, u) }
+            if n > 7 { u = SIMD16<Float>(repeating: x7[at]); a7 = a7.addingProduct(v, u); b7 = b7.addingProduct(w, u) }
+            if n > 8 { u = SIMD16<Float>(repeating: x8[at]); a8 = a8.addingProduct(v, u); b8 = b8.addingProduct(w, u) }
+            if n > 9 { u = SIMD16<Float>(repeating: x9[at]); a9 = a9.addingProduct(v, u); b9 = b9.addingProduct(w, u) }
+            if n > 10 { u = SIMD16<Float>(repeating: x10[at]); a10 = a10.addingProduct(v, u); b10 = b10.addingProduct(w, u) }
+            if n > 11 { u = SIMD16<Float>(repeating: x11[at]); a11 = a11.addingProduct(v, u); b11 = b11.addingProduct(w, u) }
             i &+= 1
+            at &+= ks
         }
         @inline(__always) func put(_ t: Int, _ a: SIMD16<Float>, _ b: SIMD16<Float>) {
             let yt = y + t &* ldy
@@ -326,14 +356,22 @@ extension AVX512Products {
     /// and `tokens` tokens: tokens in runs of 48 (the run's activations stay in L2 while the
     /// pairs pass over them), each pair's panels (64 bytes a k) reused from L1 by the run's
     /// tiles of 12 tokens.
+    ///
+    /// With `interleaved`, x holds the activations as `HalfPanels.interleave` lays them out:
+    /// tiles of 12 tokens, each tile's values at k = 0, then at k = 1, ... (12 k floats a tile).
     public static func panelProductF16(panels w: UnsafeRawPointer, k: Int, rows: Int, pairs: Range<Int>, x: UnsafePointer<Float>,
-                                       ldx: Int, tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
-        panelProduct(WideF16.self, panels: w, k: k, rows: rows, pairs: pairs, x: x, ldx: ldx, tokens: tokens, y: y, ldy: ldy)
+                                       ldx: Int, interleaved: Bool, tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
+        if interleaved {
+            panelProduct(WideF16.self, panels: w, k: k, rows: rows, pairs: pairs, x: x, ldx: k, interleaved: true, tokens: tokens, y: y, ldy: ldy)
+        } else {
+            panelProduct(WideF16.self, panels: w, k: k, rows: rows, pairs: pairs, x: x, ldx: ldx, interleaved: false, tokens: tokens, y: y, ldy: ldy)
+        }
     }
 
     @inline(__always)
     static func panelProduct<W: WideWeight>(_: W.Type, panels w: UnsafeRawPointer, k: Int, rows: Int, pairs: Range<Int>,
-                                            x: UnsafePointer<Float>, ldx: Int, tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
+                                            x: UnsafePointer<Float>, ldx: Int, interleaved: Bool, tokens: Int,
+                                            y: UnsafeMutablePointer<Float>, ldy: Int) {
         var t0 = 0
         while t0 < tokens {
             let tn = min(48, tokens &- t0)
@@ -341,22 +379,22 @@ extension AVX512Products {
                 let p = w + pair &* 2 &* k &* 32, r0 = pair &* 32, valid = min(32, rows &- r0)
                 var t = t0
                 while t &+ 12 <= t0 &+ tn {
-                    panelTile(W.self, Tokens12.self, p: p, k: k, valid: valid, x: x + t &* ldx, ldx: ldx, y: y + t &* ldy + r0, ldy: ldy)
+                    panelTile(W.self, Tokens12.self, p: p, k: k, valid: valid, x: x + t &* ldx, ldx: ldx, interleaved: interleaved, y: y + t &* ldy + r0, ldy: ldy)
                     t &+= 12
                 }
                 let xt = x + t &* ldx, yt = y + t &* ldy + r0
                 switch t0 &+ tn &- t {
-                case 1: panelTile(W.self, Tokens1.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 2: panelTile(W.self, Tokens2.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 3: panelTile(W.self, Tokens3.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 4: panelTile(W.self, Tokens4.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 5: panelTile(W.self, Tokens5.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 6: panelTile(W.self, Tokens6.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 7: panelTile(W.self, Tokens7.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 8: panelTile(W.self, Tokens8.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 9: panelTile(W.self, Tokens9.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 10: panelTile(W.self, Tokens10.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
-                case 11: panelTile(W.self, Tokens11.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, y: yt, ldy: ldy)
+                case 1: panelTile(W.self, Tokens1.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, interleaved: interleaved, y: yt, ldy: ldy)
+                case 2: panelTile(W.self, Tokens2.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, interleaved: interleaved, y: yt, ldy: ldy)
+                case 3: panelTile(W.self, Tokens3.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, interleaved: interleaved, y: yt, ldy: ldy)
+                case 4: panelTile(W.self, Tokens4.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, interleaved: interleaved, y: yt, ldy: ldy)
+                case 5: panelTile(W.self, Tokens5.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, interleaved: interleaved, y: yt, ldy: ldy)
+                case 6: panelTile(W.self, Tokens6.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, interleaved: interleaved, y: yt, ldy: ldy)
+                case 7: panelTile(W.self, Tokens7.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, interleaved: interleaved, y: yt, ldy: ldy)
+                case 8: panelTile(W.self, Tokens8.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, interleaved: interleaved, y: yt, ldy: ldy)
+                case 9: panelTile(W.self, Tokens9.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, interleaved: interleaved, y: yt, ldy: ldy)
+                case 10: panelTile(W.self, Tokens10.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, interleaved: interleaved, y: yt, ldy: ldy)
+                case 11: panelTile(W.self, Tokens11.self, p: p, k: k, valid: valid, x: xt, ldx: ldx, interleaved: interleaved, y: yt, ldy: ldy)
                 default: break
                 }
             }

@@ -90,8 +90,9 @@ final class FloatProductTests: XCTestCase {
     }
 
     /// The AVX-512 product over F16 panels (what F16 weights take on such a CPU): right against a
-    /// double-precision sum, each token's result the same bits in any batch, rows past the last
-    /// full panel (and the padding panel) handled, a bias added.
+    /// double-precision sum, each token's result the same bits in any batch (one token read in
+    /// place, more interleaved by tiles of 12), rows past the last full panel (and the padding
+    /// panel) handled, a bias added.
     func testF16PanelProductMatchesDoubleSumsAndDoesNotDependOnTokenCount() throws {
         #if arch(x86_64)
         guard CPUFeatures.useAVX512 else { throw XCTSkip("no AVX-512 on this CPU: the panel product is not used") }
@@ -108,13 +109,17 @@ final class FloatProductTests: XCTestCase {
             w.withUnsafeBytes { dtype.dequantize($0.baseAddress!, count: outDim * k, into: &wq) }
             func panelProduct(_ xs: [Float], tokens: Int) -> [Float] {
                 var y = [Float](repeating: .nan, count: tokens * outDim)
+                // The activations interleaved here first (more than one token); NaN where nothing should be read.
+                var scratch = [Float](repeating: .nan, count: tokens * k)
                 w.withUnsafeBytes { wr in
                     let panels = HalfPanelMatrix(wr.baseAddress!, rows: outDim, k: k)
                     xs.withUnsafeBufferPointer { xp in
                         bias.withUnsafeBufferPointer { bp in
                             y.withUnsafeMutableBufferPointer { yp in
-                                CPUKernels.matmulHalfPanels(panels.panels(pool: pool), x: xp.baseAddress!, tokens: tokens, outDim: outDim, k: k,
-                                                           bias: bp.baseAddress!, y: yp.baseAddress!, pool: pool)
+                                scratch.withUnsafeMutableBufferPointer { sp in
+                                    CPUKernels.matmulHalfPanels(panels.panels(pool: pool), x: xp.baseAddress!, tokens: tokens, outDim: outDim,
+                                                               k: k, bias: bp.baseAddress!, y: yp.baseAddress!, scratch: sp.baseAddress!, pool: pool)
+                                }
                             }
                         }
                     }

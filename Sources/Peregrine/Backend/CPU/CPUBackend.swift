@@ -53,7 +53,8 @@ public final class CPUBackend: ComputeBackend {
     private var scratch: UnsafeMutablePointer<Float>
     private var scratchCapacity = 0
 
-    /// Activations rounded to 8 bits for quantized products, grown like `scratch`.
+    /// Activations rounded to 8 bits for quantized products (or interleaved for the F16
+    /// panels' products), grown like `scratch`.
     private var activationScratch = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 64)
     private var activationCapacity = 64
 
@@ -75,6 +76,13 @@ public final class CPUBackend: ComputeBackend {
         scratch.deallocate()
         scratchCapacity = max(count, 2 * scratchCapacity)
         scratch = UnsafeMutablePointer<Float>.allocate(capacity: scratchCapacity)
+    }
+
+    private func ensureActivationScratch(_ bytes: Int) {
+        guard bytes > activationCapacity else { return }
+        activationScratch.deallocate()
+        activationCapacity = max(bytes, 2 * activationCapacity)
+        activationScratch = UnsafeMutableRawPointer.allocate(byteCount: activationCapacity, alignment: 64)
     }
 
     public func weight(_ t: TensorView) throws -> CPUWeight {
@@ -157,8 +165,9 @@ public final class CPUBackend: ComputeBackend {
         case .f16:
             #if arch(x86_64)
             if let panels = weight.halfPanels {
+                ensureActivationScratch(rows * weight.cols * 4)
                 CPUKernels.matmulHalfPanels(panels.panels(pool: pool), x: x, tokens: rows, outDim: weight.rows, k: weight.cols, bias: b,
-                                            y: out, pool: pool)
+                                            y: out, scratch: activationScratch.assumingMemoryBound(to: Float.self), pool: pool)
                 return
             }
             #endif
@@ -166,12 +175,7 @@ public final class CPUBackend: ComputeBackend {
         case .bf16:
             CPUKernels.matmul(BF16Element.self, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out, pool: pool)
         case .q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q4_K, .q5_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K:
-            let bytes = CPUKernels.activationScratchBytes(weight.dtype, tokens: rows, k: weight.cols)
-            if bytes > activationCapacity {
-                activationScratch.deallocate()
-                activationCapacity = max(bytes, 2 * activationCapacity)
-                activationScratch = UnsafeMutableRawPointer.allocate(byteCount: activationCapacity, alignment: 64)
-            }
+            ensureActivationScratch(CPUKernels.activationScratchBytes(weight.dtype, tokens: rows, k: weight.cols))
             if let groups = weight.rowGroups {
                 CPUKernels.matmulRowGroups(groups, x: x, tokens: rows, bias: b, y: out, scratch: activationScratch, pool: pool)
             } else {

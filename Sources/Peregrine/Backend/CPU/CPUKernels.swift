@@ -238,10 +238,21 @@ enum CPUKernels {
 
     /// The AVX-512 product over an F16 matrix's panels (`HalfPanelMatrix`): threads take pairs of
     /// panels (32 rows).
+    /// More than one token's activations are first interleaved into `scratch` (tokens x k
+    /// floats; `HalfPanels.interleave` says why), which moves no result.
     static func matmulHalfPanels(_ panels: UnsafeRawPointer, x: UnsafePointer<Float>, tokens: Int, outDim: Int, k: Int,
-                                 bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, pool: ThreadPool) {
+                                 bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, scratch: UnsafeMutablePointer<Float>,
+                                 pool: ThreadPool) {
+        let interleaved = tokens > 1
+        if interleaved {
+            pool.parallelRanges((tokens + HalfPanels.tileTokens - 1) / HalfPanels.tileTokens) { tiles in
+                HalfPanels.interleave(x, ldx: k, k: k, tokens: tokens, tiles: tiles, into: scratch)
+            }
+        }
+        let input = interleaved ? UnsafePointer(scratch) : x
         pool.parallelRanges(HalfPanels.panels(rows: outDim) / 2) { pairs in
-            AVX512Products.panelProductF16(panels: panels, k: k, rows: outDim, pairs: pairs, x: x, ldx: k, tokens: tokens, y: y, ldy: outDim)
+            AVX512Products.panelProductF16(panels: panels, k: k, rows: outDim, pairs: pairs, x: input, ldx: k, interleaved: interleaved,
+                                           tokens: tokens, y: y, ldy: outDim)
             addBias(bias, rows: (pairs.lowerBound * 32)..<min(outDim, pairs.upperBound * 32), tokens: tokens, y: y, ldy: outDim)
         }
     }
