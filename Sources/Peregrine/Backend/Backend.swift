@@ -164,6 +164,13 @@ extension ComputeBackend {
 
     public func normRoute(_ x: Buffer, norm: Weight, eps: Float, rows: Int, dim: Int, router: Weight, experts: Experts, count: Int, k: Int,
                           normalize: Bool, normed: Buffer, logits: Buffer, routes: Buffer) {
+        normRouteInSteps(x, norm: norm, eps: eps, rows: rows, dim: dim, router: router, count: count, k: k, normalize: normalize,
+                         normed: normed, logits: logits, routes: routes)
+    }
+
+    /// `normRoute` as its three calls (what a backend that fuses them falls back to).
+    func normRouteInSteps(_ x: Buffer, norm: Weight, eps: Float, rows: Int, dim: Int, router: Weight, count: Int, k: Int,
+                          normalize: Bool, normed: Buffer, logits: Buffer, routes: Buffer) {
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
         matmul(normed, rows: rows, weight: router, bias: nil, out: logits)
         routeTopK(logits, rows: rows, experts: count, k: k, normalize: normalize, routes: routes)

@@ -1066,6 +1066,12 @@ public final class CUDABackend: ComputeBackend {
             && (splitRows * cache.kvHeads * parts >= groupedAttentionBlocks || splitRows == 1 && longest >= groupedAttentionFrom)
         let blocksPerSplit = grouped ? splitRows * cache.kvHeads * parts : splitRows * heads
         let fill = ((grouped ? 4 : 2) * driver.multiprocessors + blocksPerSplit - 1) / blocksPerSplit
+        // Grouped attention over an F16 cache on tensor cores: in a large batch, attention_split
+        // is bound by its arithmetic (H200, 256 sequences of 192 positions on average, the 8B
+        // shape: 162 us a layer, a quarter of the copy rate; attention_decode_mma with four warps
+        // a block: 75 us). One token whose RoPE and cache write attention_split would fuse comes
+        // here unfused (see `ropeAttention`).
+        let tensorCores = grouped && rope == nil && tensorCoreDecode(cache)
         // One sequence on the tensor cores: splits of at least 128 positions, at most 64. The
         // last block of a KV head's group merges every split's partial rows of its query heads,
         // so many splits of a few positions cost more in the merge than they save. H200, a
@@ -1073,9 +1079,8 @@ public final class CUDABackend: ComputeBackend {
         // by splits (8, 16, 32, 64, 128): BF16 670, 756, 746, 749, 665; Q4_K_M 769, 822, 881,
         // 843, 775 (128 had been the rule's: enough blocks to fill the GPU four times). The 8B
         // shape at depth 16,384 measured 66 splits faster than 128 too (see `splitPositions`).
-        let oneSequenceOnTensorCores = splitRows == 1 && grouped && rope == nil && tensorCoreDecode(cache)
         let splits = decodeSplits.map { max(1, min($0, 128)) }
-            ?? (oneSequenceOnTensorCores ? max(1, min((basis + 127) / 128, 64))
+            ?? (splitRows == 1 && tensorCores ? max(1, min((basis + 127) / 128, 64))
                 : max(1, min((basis + 31) / 32, max(fill, (basis + splitPositions - 1) / splitPositions), 128)))  // SPLIT_MAX
         guard splitRows * heads <= CUDABackend.attentionCounterCount else {
             if firstError == nil { firstError = .unsupported("\(rows) tokens x \(heads) heads is past the attention kernel's counters") }
@@ -1083,12 +1088,6 @@ public final class CUDABackend: ComputeBackend {
         }
         guard ensure(&scratch, splitRows * heads * splits * (hd + 2)) else { return }
         let stats = scratch.pointer + UInt64(splitRows * heads * splits * hd * 4)
-        // Grouped attention over an F16 cache on tensor cores: in a large batch, attention_split
-        // is bound by its arithmetic (H200, 256 sequences of 192 positions on average, the 8B
-        // shape: 162 us a layer, a quarter of the copy rate; attention_decode_mma with four warps
-        // a block: 75 us). One token whose RoPE and cache write attention_split would fuse comes
-        // here unfused (see `ropeAttention`).
-        let tensorCores = grouped && rope == nil && tensorCoreDecode(cache)
         // attention_split: two buffers of a tile's 32 key rows (padded by 16 bytes) and value rows
         // as stored, the group's queries and the token's key as float4s; then the tile's
         // probabilities (8 x 32 floats) and the two tiles' key offsets (SPLIT_KEYS, SPLIT_GROUP
@@ -1245,9 +1244,8 @@ public final class CUDABackend: ComputeBackend {
         // kernels', and a row's result must not depend on how many rows the step has.
         guard fusedRouter, rows * k <= expertMatvecRoutes, rows <= CUDABackend.routerRows, !deterministic, router.dtype == .f32,
               dim % 128 == 0, count <= 65535, k >= 1, k <= min(count, CUDAExperts.maxUsed) else {
-            rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
-            matmul(normed, rows: rows, weight: router, bias: nil, out: logits)
-            routeTopK(logits, rows: rows, experts: count, k: k, normalize: normalize, routes: routes)
+            normRouteInSteps(x, norm: norm, eps: eps, rows: rows, dim: dim, router: router, count: count, k: k, normalize: normalize,
+                             normed: normed, logits: logits, routes: routes)
             return
         }
         // The gate/up products of quantized experts (expertMatvecs) read the input's 8-bit copy.
@@ -1274,7 +1272,9 @@ public final class CUDABackend: ComputeBackend {
             return
         }
         let maxTiles = (total + expertTileRows - 1) / expertTileRows + min(n, total)
-        let tensorCores = !deterministic && maxTiles <= 65_535 && expertGEMMHalf(experts) != nil
+        // expert_gemm's 16-bit type (nil: it does not take this pass).
+        let tensorCoreHalf = deterministic || maxTiles > 65_535 ? nil : expertGEMMHalf(experts)
+        let tensorCores = tensorCoreHalf != nil
         // Ints: counts, starts and the chosen experts (n + 1) per expert, then each route's place
         // and each place's row, then expert_gemm's tiles.
         guard ensure(&moeInts, 3 * n + 1 + 2 * total + 1 + 3 * maxTiles), ensure(&moeOut, total * d),
@@ -1286,8 +1286,8 @@ public final class CUDABackend: ComputeBackend {
             a.ptr(routes); a.i32(total); a.i32(k); a.i32(n); a.ptr(counts); a.ptr(starts); a.ptr(place); a.ptr(rowOf); a.ptr(active)
             a.ptr(experts.reads); a.ptr(tensorCores ? tiles : 0); a.i32(expertTileRows)
         }
-        if tensorCores {
-            expertTensorCoreProducts(x, experts, total: total, rowOf: rowOf, tiles: tiles, maxTiles: maxTiles)
+        if let half = tensorCoreHalf {
+            expertTensorCoreProducts(x, experts, half: half, total: total, rowOf: rowOf, tiles: tiles, maxTiles: maxTiles)
         } else {
             launch("gather_rows", grid: (total, 1, 1), block: 256) { a in a.ptr(x); a.ptr(rowOf); a.ptr(moeRows); a.i32(d) }
             if total >= expertGEMMRoutes, !inGraphStep, !deterministic {
@@ -1318,12 +1318,13 @@ public final class CUDABackend: ComputeBackend {
 
     /// The chosen experts' products on the tensor cores, a launch a stage: gate and up with the
     /// SiLU gating from the layer's rows (read through rowOf, rounded to 16 bits as they are
-    /// staged) into moeHalf, then down from moeHalf into moeOut. No group size comes back to the
-    /// host, so a recorded decode step may hold it too.
-    private func expertTensorCoreProducts(_ x: CUDABuffer, _ experts: CUDAExperts, total: Int, rowOf: CUDADriver.DevicePointer,
+    /// staged) into moeHalf, then down from moeHalf into moeOut, in F16 (`half`) or BF16 as
+    /// `expertGEMMHalf` chose. No group size comes back to the host, so a recorded decode step
+    /// may hold it too.
+    private func expertTensorCoreProducts(_ x: CUDABuffer, _ experts: CUDAExperts, half: Bool, total: Int, rowOf: CUDADriver.DevicePointer,
                                           tiles: CUDADriver.DevicePointer, maxTiles: Int) {
         let d = experts.hidden, ff = experts.intermediate
-        guard let half = expertGEMMHalf(experts), ensure(&moeHalf, (total * ff + 1) / 2) else { return }
+        guard ensure(&moeHalf, (total * ff + 1) / 2) else { return }
         let kernel = half ? "expert_gemm_f16" : "expert_gemm_bf16"
         func product(_ weights: CUDABuffer, _ ups: CUDABuffer?, _ type: DType, n: Int, k: Int, x: CUDADriver.DevicePointer, xHalf: Bool,
                      rowOf: CUDADriver.DevicePointer, y: CUDADriver.DevicePointer, yh: CUDADriver.DevicePointer) {

@@ -2699,17 +2699,17 @@ extern "C" __global__ void moe_products(const unsigned long long* weights, const
 #define EG_K 64
 #define EG_LD (EG_K + 8)  // shared rows padded by 16 bytes: ldmatrix's eight rows hit different banks
 
+// Two values in the products' 16-bit type (F16 as the attention kernels pack them, or BF16),
+// and the m16n8k16 product in it (F16: mma_f16).
 template <bool HALF> __device__ __forceinline__ unsigned pack16(float lo, float hi) {
-    if (HALF) { __half2 h = __floats2half2_rn(lo, hi); return *(unsigned*)&h; }
+    if (HALF) return pack_half2(lo, hi);
     __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
     return *(unsigned*)&b;
 }
 
 template <bool HALF> __device__ __forceinline__ void mma16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     if (HALF)
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        mma_f16(c, a, b0, b1);
     else
         asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
