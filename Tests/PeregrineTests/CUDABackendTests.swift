@@ -274,6 +274,63 @@ final class CUDABackendTests: XCTestCase {
         }
     }
 
+    /// One token's products of 16-bit weights (matvec_half_body, whose lanes read a row in chunks
+    /// and load the next chunk before using the current one) against the CPU's sums in doubles:
+    /// rows of one partial chunk, of chunks ending mid-way, and of the 8B shape's down projection;
+    /// plain, the three matrices of q/k/v in one launch, and gated.
+    func testHalfMatvecMatchesCPU() throws {
+        let gpu = try backend()
+        var rng = SplitMix(seed: 11)
+        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
+        func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] {
+            try gpu.synchronize()
+            var y = [Float](repeating: 0, count: count)
+            y.withUnsafeMutableBufferPointer { gpu.read(b, offset: 0, into: $0) }
+            return y
+        }
+        let n = 40
+        for type in [DType.bf16, .f16] {
+            for k in [808, 3000, 14336] {
+                let x = (0..<k).map { _ in uniform() }
+                let xb = try gpu.buffer(k)
+                x.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
+                var views: [TensorView] = [], storage: [UnsafeMutableRawPointer] = []
+                defer { storage.forEach { $0.deallocate() } }
+                for _ in 0..<3 {
+                    let values = (0..<(n * k)).map { _ in uniform() }
+                    let size = type.byteCount(elements: n * k)
+                    let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
+                    storage.append(bytes)
+                    values.withUnsafeBufferPointer { Quantizer.quantize(type, $0.baseAddress!, count: n * k, into: bytes) }
+                    views.append(TensorView(name: "w", dtype: type, shape: [n, k], data: UnsafeRawPointer(bytes), byteCount: size))
+                }
+                let weights = try views.map { try gpu.weight($0) }
+                let outs = try (0..<3).map { _ in try gpu.buffer(n) }
+                let scratch = try gpu.buffer(n)
+                var expected: [[Double]] = []
+                for m in 0..<3 {
+                    let w = views[m].toFloat()
+                    expected.append((0..<n).map { o in (0..<k).reduce(0.0) { $0 + Double(x[$1]) * Double(w[o * k + $1]) } })
+                }
+                let scale = Float(expected.joined().reduce(0) { max($0, abs($1)) })
+                gpu.matmul(xb, rows: 1, weight: weights[0], bias: nil, out: outs[0])
+                XCTAssertLessThan(maxAbsDiff(try read(outs[0], n), expected[0].map { Float($0) }), 1e-5 * scale, "\(type), k \(k), plain")
+                gpu.matmul3(xb, rows: 1, (weights[0], nil, outs[0]), (weights[1], nil, outs[1]), (weights[2], nil, outs[2]))
+                for m in 0..<3 {
+                    XCTAssertLessThan(maxAbsDiff(try read(outs[m], n), expected[m].map { Float($0) }), 1e-5 * scale, "\(type), k \(k), q/k/v \(m)")
+                }
+                gpu.gatedProduct(xb, rows: 1, gate: weights[0], gateBias: nil, up: weights[1], upBias: nil, activation: .silu,
+                                 out: outs[0], scratch: scratch)
+                let gated = (0..<n).map { o -> Float in
+                    let g = expected[0][o], u = expected[1][o]
+                    return Float(g / (1 + exp(-g)) * u)
+                }
+                let gatedScale = gated.reduce(0) { max($0, abs($1)) }
+                XCTAssertLessThan(maxAbsDiff(try read(outs[0], n), gated), 1e-4 * gatedScale, "\(type), k \(k), gated")
+            }
+        }
+    }
+
     /// Prompt attention over an F16 cache on the tensor cores against the CPU backend on the same
     /// cache: Llama-3-8B's layout, groups of 4 and 1, head sizes 64, 96, 128 and 256; one launch
     /// holding three sequences' prompt chunks (one starting mid-sequence at a position that is no

@@ -396,30 +396,113 @@ __device__ __forceinline__ void matvec_route(const float* routes, int routeDiv, 
     y0 += (long)j * n0;
 }
 
-// One token's products, a warp per output row, specialized per weight type DT and rows per warp R
-// (R = 2: gate and up of the same output, mode 2). Each lane keeps 8 / R 16-byte weight loads
-// per row in flight, and the first ones are issued before gdc_wait, so a product's weights
-// stream while the kernel before it finishes. 16-bit weights: x in shared memory, RMS-normalized
-// there when `norm` is given (the norm fused). Quantized: xq/xs from quantize_q8 (one launch per
-// product: rounding x in every block instead measured 37% slower on Q4_0). Matrices and modes as
-// matmul_rows.
+// One token's products of 16-bit weights (DT 1: F16, 2: BF16), a warp per output row (R = 2:
+// gate and up of the same output, mode 2), x in shared memory, RMS-normalized there when `norm`
+// is given (the norm fused). A lane reads its row in chunks of U = 4 / R 16-byte loads per row
+// and issues the next chunk's loads before it uses the current one's (two sets of registers,
+// taken in turn), so a warp always has loads in flight; the first chunk is issued before
+// gdc_wait, so a product's weights stream while the kernel before it finishes. Four blocks an
+// SM (64 registers a thread), so the next kernel's blocks find room beside this one's.
+// H200, the 8B shape's BF16 decode (tg128 / tg64 at depths 4,096 and 16,384, tok/s, one run,
+// two rounds): one set of 8 / R loads (a chunk loaded, then used) 192.5, 190.3 / 180.5, 178.5 /
+// 163.8, 161.7; two sets of 4 / R 196.8, 197.5 / 182.1, 183.6 / 162.3, 166.0; two sets of 8 / R
+// at two blocks an SM (their 114 registers) 184.4, 184.9 / 162.0, 162.1 / 149.8, 148.6, though
+// run alone, one product after another with the weights rotated beyond L2, that one was the
+// fastest (q/k/v 21.7 -> 14.7 us, gate/up 59.3 -> 56.4, down 38.3 -> 30.4 against one set).
+// Matrices and modes as matmul_rows.
+template <int DT, int R>
+__device__ __forceinline__ void matvec_half_body(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
+                                                 float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
+                                                 const float* x, const float* norm, float eps, int k, int mode) {
+    constexpr int U = 4 / R;
+    extern __shared__ float xsh[];
+    const int lane = threadIdx.x & 31;
+    MatvecRow m = matvec_row(R == 2, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);
+    const void* wr[2] = {m.w, w1};
+    const int units = k / 8, chunks = (units + 32 * U - 1) / (32 * U);  // a unit: eight weights, one load
+    const uint4* base[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) base[r] = (const uint4*)wr[r] + (long)m.o * units + lane;
+    uint4 qa[R][U], qb[R][U];
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.f;
+    // Chunk c: the lane's units c * 32U + 32u + lane, u < U.
+    auto load = [&](uint4 (&q)[R][U], int c) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int i = c * 32 * U + u * 32;
+            if (i + lane < units) {
+#pragma unroll
+                for (int r = 0; r < R; r++) q[r][u] = __ldcs(base[r] + i);
+            }
+        }
+    };
+    const float* xv = x;
+    auto use = [&](const uint4 (&q)[R][U], int c) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int i = c * 32 * U + u * 32 + lane;
+            if (i >= units) break;
+            float4 a = *(const float4*)(xv + i * 8), b = *(const float4*)(xv + i * 8 + 4);
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                float f[8];
+                if (DT == 2) {
+                    const __nv_bfloat162* p = (const __nv_bfloat162*)&q[r][u];
+#pragma unroll
+                    for (int j = 0; j < 4; j++) { float2 t = __bfloat1622float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
+                } else {
+                    const __half2* p = (const __half2*)&q[r][u];
+#pragma unroll
+                    for (int j = 0; j < 4; j++) { float2 t = __half22float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
+                }
+                acc[r] += f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w + f[4] * b.x + f[5] * b.y + f[6] * b.z + f[7] * b.w;
+            }
+        }
+    };
+    if (m.active) load(qa, 0);
+    gdc_wait();
+    if (norm) {
+        float scale = block_rms_scale(x, k, eps);
+        for (int i = threadIdx.x * 4; i < k; i += blockDim.x * 4) {
+            float4 v = *(const float4*)(x + i), g = *(const float4*)(norm + i);
+            *(float4*)(xsh + i) = make_float4(v.x * scale * g.x, v.y * scale * g.y, v.z * scale * g.z, v.w * scale * g.w);
+        }
+        __syncthreads();
+        xv = xsh;
+    }
+    if (!m.active) return;
+    for (int c = 0; c < chunks; c += 2) {
+        if (c + 1 < chunks) load(qb, c + 1);
+        use(qa, c);
+        if (c + 2 < chunks) load(qa, c + 2);
+        if (c + 1 < chunks) use(qb, c + 1);
+    }
+    matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
+}
+
+// One token's products of quantized weights, a warp per output row, specialized per weight type
+// DT and rows per warp R (R = 2: gate and up of the same output, mode 2). Each lane keeps 8 / R
+// 16-byte weight loads per row in flight (4 / R for Q4_K, whose headers come with them), and the
+// first ones are issued before gdc_wait, so a product's weights stream while the kernel before
+// it finishes. x comes as xq/xs from quantize_q8 (one launch per product: rounding x in every
+// block instead measured 37% slower on Q4_0). Matrices and modes as matmul_rows.
 template <int DT, int R>
 __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
                                             float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
-                                            const float* x, const float* norm, float eps, const signed char* xq, const float* xs,
-                                            int k, int mode) {
+                                            const signed char* xq, const float* xs, int k, int mode) {
+    static_assert(DT >= 3, "16-bit weights take matvec_half_body");
     constexpr int U = (DT == 5 ? 4 : 8) / R;
-    constexpr bool quantized = DT >= 3;
-    extern __shared__ float xsh[];
     int lane = threadIdx.x & 31;
     MatvecRow m = matvec_row(R == 2, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);
     const void* w = m.w; int n = m.n, o = m.o;
     bool active = m.active;
     const void* wr[2] = {w, w1};
-    // A 16-byte load is eight 16-bit weights, half a Q8_0 block, a Q4_0 or IQ4_NL block, a
-    // sub-block of an IQ4_XS super-block, or an eighth of a Q4_K super-block (whose 16-byte
+    // A 16-byte load is half a Q8_0 block, a Q4_0 or IQ4_NL block, a sub-block of an IQ4_XS
+    // super-block, or an eighth of a Q4_K super-block (whose 16-byte
     // header, scales and minimums, comes with it).
-    const int units = DT == 3 ? k / 16 : DT >= 4 ? k / 32 : k / 8;
+    const int units = DT == 3 ? k / 16 : k / 32;
     const long total = (long)n * k;
     const uint4* base[R];
     const __half* sc[R];
@@ -444,16 +527,6 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
         }
     }
     gdc_wait();
-    const float* xv = x;
-    if (!quantized && norm) {
-        float scale = block_rms_scale(x, k, eps);
-        for (int i = threadIdx.x * 4; i < k; i += blockDim.x * 4) {
-            float4 v = *(const float4*)(x + i), g = *(const float4*)(norm + i);
-            *(float4*)(xsh + i) = make_float4(v.x * scale * g.x, v.y * scale * g.y, v.z * scale * g.z, v.w * scale * g.w);
-        }
-        __syncthreads();
-        xv = xsh;
-    }
     if (active) {
         for (int u0 = lane; u0 < units; u0 += 32 * U) {
             if (u0 != lane) {
@@ -493,7 +566,7 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
                         q4k_header(hq[r][u], 2 * j, d, dmin, s1, m1, s2, m2);
                         acc[r] += xlo * (d * s1 * lo - dmin * m1 * sa) + xhi * (d * s2 * hi - dmin * m2 * sc2);
                     }
-                } else if (quantized) {
+                } else {
                     int blk = DT == 3 ? i / 2 : i;
                     float xd = xs[blk];
                     int4 a = *(const int4*)(xq + (DT == 3 ? i * 16 : i * 32)), c = make_int4(0, 0, 0, 0);
@@ -523,22 +596,6 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
                         }
                         float scale = DT == 8 ? iq4xs_scale(xsHead[r][i / 8], i % 8) : __half2float(sc[r][blk]);
                         acc[r] += scale * xd * (float)sum;
-                    }
-                } else {
-                    float4 a = *(const float4*)(xv + i * 8), c = *(const float4*)(xv + i * 8 + 4);
-#pragma unroll
-                    for (int r = 0; r < R; r++) {
-                        float f[8];
-                        if (DT == 2) {
-                            const __nv_bfloat162* p = (const __nv_bfloat162*)&q[r][u];
-#pragma unroll
-                            for (int j = 0; j < 4; j++) { float2 t = __bfloat1622float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
-                        } else {
-                            const __half2* p = (const __half2*)&q[r][u];
-#pragma unroll
-                            for (int j = 0; j < 4; j++) { float2 t = __half22float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
-                        }
-                        acc[r] += f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w + f[4] * c.x + f[5] * c.y + f[6] * c.z + f[7] * c.w;
                     }
                 }
             }
@@ -649,13 +706,21 @@ MATVEC_Q6K(matvec_q6_K_gated, 2)
         const float* b2, float* y2, int n2, const float* x, const float* norm, float eps, const signed char* xq, const float* xs, \
         int k, int mode, const float* routes, int routeDiv) {                                                                \
         matvec_route(routes, routeDiv, k, n0, w0, w1, x, xq, xs, y0);                                                        \
-        matvec_body<DT, R>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, norm, eps, xq, xs, k, mode);                   \
+        matvec_body<DT, R>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, xq, xs, k, mode);                                 \
+    }
+#define MATVEC_HALF(name, DT, R)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 4) name(                                                               \
+        const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
+        const float* b2, float* y2, int n2, const float* x, const float* norm, float eps, const signed char* xq, const float* xs, \
+        int k, int mode, const float* routes, int routeDiv) {                                                                \
+        matvec_route(routes, routeDiv, k, n0, w0, w1, x, xq, xs, y0);                                                        \
+        matvec_half_body<DT, R>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, norm, eps, k, mode);                      \
     }
 // Four blocks an SM (64 registers a thread) where that costs no spills: more rows in flight.
-MATVEC(matvec_f16, 1, 1, 4)
-MATVEC(matvec_f16_gated, 1, 2, 4)
-MATVEC(matvec_bf16, 2, 1, 4)
-MATVEC(matvec_bf16_gated, 2, 2, 4)
+MATVEC_HALF(matvec_f16, 1, 1)
+MATVEC_HALF(matvec_f16_gated, 1, 2)
+MATVEC_HALF(matvec_bf16, 2, 1)
+MATVEC_HALF(matvec_bf16_gated, 2, 2)
 MATVEC(matvec_q8_0, 3, 1, 3)
 MATVEC(matvec_q8_0_gated, 3, 2, 3)
 MATVEC(matvec_q4_0, 4, 1, 4)
