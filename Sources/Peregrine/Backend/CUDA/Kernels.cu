@@ -397,8 +397,8 @@ __device__ __forceinline__ void matvec_route(const float* routes, int routeDiv, 
 }
 
 // One token's products of 16-bit weights (DT 1: F16, 2: BF16), a warp per output row (R = 2:
-// gate and up of the same output, mode 2), x in shared memory, RMS-normalized there when `norm`
-// is given (the norm fused). A lane reads its row in chunks of U = 4 / R 16-byte loads per row
+// gate and up of the same output, mode 2), x read in place or, when `norm` is given,
+// RMS-normalized into shared memory (the norm fused). A lane reads its row in chunks of U = 4 / R 16-byte loads per row
 // and issues the next chunk's loads before it uses the current one's (two sets of registers,
 // taken in turn), so a warp always has loads in flight; the first chunk is issued before
 // gdc_wait, so a product's weights stream while the kernel before it finishes. Four blocks an
