@@ -398,11 +398,12 @@ __device__ __forceinline__ void matvec_route(const float* routes, int routeDiv, 
 
 // One token's products of 16-bit weights (DT 1: F16, 2: BF16), a warp per output row (R = 2:
 // gate and up of the same output, mode 2), x read in place or, when `norm` is given,
-// RMS-normalized into shared memory (the norm fused). A lane reads its row in chunks of U = 4 / R 16-byte loads per row
-// and issues the next chunk's loads before it uses the current one's (two sets of registers,
-// taken in turn), so a warp always has loads in flight; the first chunk is issued before
-// gdc_wait, so a product's weights stream while the kernel before it finishes. Four blocks an
-// SM (64 registers a thread), so the next kernel's blocks find room beside this one's.
+// RMS-normalized into shared memory (the norm fused). A lane reads its row in chunks of U = 4 / R
+// 16-byte loads per row and issues the next chunk's loads before it uses the current one's (two
+// sets of registers, taken in turn), so a warp always has loads in flight; the first chunk is
+// issued before gdc_wait, so a product's weights stream while the kernel before it finishes.
+// Four blocks an SM (64 registers a thread; the kernels that are not gated spill 8 bytes), so
+// the next kernel's blocks find room beside this one's.
 // H200, the 8B shape's BF16 decode (tg128 / tg64 at depths 4,096 and 16,384, tok/s, one run,
 // two rounds): one set of 8 / R loads (a chunk loaded, then used) 192.5, 190.3 / 180.5, 178.5 /
 // 163.8, 161.7; two sets of 4 / R 196.8, 197.5 / 182.1, 183.6 / 162.3, 166.0; two sets of 8 / R
@@ -500,8 +501,8 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
     bool active = m.active;
     const void* wr[2] = {w, w1};
     // A 16-byte load is half a Q8_0 block, a Q4_0 or IQ4_NL block, a sub-block of an IQ4_XS
-    // super-block, or an eighth of a Q4_K super-block (whose 16-byte
-    // header, scales and minimums, comes with it).
+    // super-block, or an eighth of a Q4_K super-block (whose 16-byte header, scales and minimums,
+    // comes with it).
     const int units = DT == 3 ? k / 16 : k / 32;
     const long total = (long)n * k;
     const uint4* base[R];
@@ -706,21 +707,17 @@ MATVEC_Q6K(matvec_q6_K_gated, 2)
         const float* b2, float* y2, int n2, const float* x, const float* norm, float eps, const signed char* xq, const float* xs, \
         int k, int mode, const float* routes, int routeDiv) {                                                                \
         matvec_route(routes, routeDiv, k, n0, w0, w1, x, xq, xs, y0);                                                        \
-        matvec_body<DT, R>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, xq, xs, k, mode);                                 \
+        if constexpr (DT <= 2)                                                                                               \
+            matvec_half_body<DT, R>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, norm, eps, k, mode);                  \
+        else                                                                                                                 \
+            matvec_body<DT, R>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, xq, xs, k, mode);                             \
     }
-#define MATVEC_HALF(name, DT, R)                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 4) name(                                                               \
-        const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
-        const float* b2, float* y2, int n2, const float* x, const float* norm, float eps, const signed char* xq, const float* xs, \
-        int k, int mode, const float* routes, int routeDiv) {                                                                \
-        matvec_route(routes, routeDiv, k, n0, w0, w1, x, xq, xs, y0);                                                        \
-        matvec_half_body<DT, R>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, norm, eps, k, mode);                      \
-    }
-// Four blocks an SM (64 registers a thread) where that costs no spills: more rows in flight.
-MATVEC_HALF(matvec_f16, 1, 1)
-MATVEC_HALF(matvec_f16_gated, 1, 2)
-MATVEC_HALF(matvec_bf16, 2, 1)
-MATVEC_HALF(matvec_bf16_gated, 2, 2)
+// Four blocks an SM (64 registers a thread) where that costs no spills (or, for the 16-bit
+// kernels, 8 bytes): more rows in flight.
+MATVEC(matvec_f16, 1, 1, 4)
+MATVEC(matvec_f16_gated, 1, 2, 4)
+MATVEC(matvec_bf16, 2, 1, 4)
+MATVEC(matvec_bf16_gated, 2, 2, 4)
 MATVEC(matvec_q8_0, 3, 1, 3)
 MATVEC(matvec_q8_0_gated, 3, 2, 3)
 MATVEC(matvec_q4_0, 4, 1, 4)
