@@ -204,7 +204,9 @@ final class ChatCommandTests: XCTestCase {
             guard p.wait("the interrupt notice", seconds: 30, until: { p.stderr.contains("[interrupted; the reply so far stays") }) else { return }
             // Well before 900 tokens could have been generated.
             XCTAssertLessThan(Date().timeIntervalSince(start), 10)
-            XCTAssertTrue(p.stdout.hasSuffix("\n"))
+            // The newline goes to stdout before the notice goes to stderr, but the two pipes are
+            // read on separate threads, so the newline may arrive here a moment later.
+            XCTAssertTrue(p.wait("the reply's closing newline", seconds: 10, until: { p.stdout.hasSuffix("\n") }))
             kill(p.process.processIdentifier, SIGINT)
             guard p.wait("the prompt's Ctrl-C notice", seconds: 30, until: { p.stderr.contains("[input discarded") }) else { return }
             if quitWithCtrlC {
