@@ -22,9 +22,12 @@ let package = Package(
     ],
     targets: [
         // Integer kernels for quantized weights, generic over the multiply-accumulate instruction.
+        // The Builtin module gives the row-group kernels a prefetch (clang's _mm_prefetch is a
+        // macro Swift cannot call).
         .target(
             name: "PeregrineInt8",
-            swiftSettings: cpuFlags + [.unsafeFlags(["-O"], .when(configuration: .debug))]
+            swiftSettings: cpuFlags + [.unsafeFlags(["-O"], .when(configuration: .debug)),
+                                       .enableExperimentalFeature("BuiltinModule")]
         ),
         // The same kernels specialized for AVX-512 VNNI, built for a CPU that has it (cascadelake);
         // Peregrine calls them only where /proc/cpuinfo shows avx512_vnni. VNNI's intrinsics are

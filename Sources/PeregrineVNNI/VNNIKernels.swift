@@ -28,12 +28,44 @@ public enum VNNIDot: Int8Dot {
     }
 }
 
+extension VNNIDot: RowGroupDot {
+    /// One `vpdpbusd` a chunk, whatever the values' width: it sums in 32 bits.
+    @inlinable @inline(__always)
+    public static func dot(_ q: Int8Kernels.Vectors8, _ x: UnsafeRawPointer, bits: Int) -> __m256i {
+        @inline(__always) func b(_ u: Int) -> __m256i { _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self)) }
+        var s = dpbusd(_mm256_setzero_si256(), q.0, b(0))
+        s = dpbusd(s, q.1, b(1))
+        s = dpbusd(s, q.2, b(2))
+        s = dpbusd(s, q.3, b(3))
+        s = dpbusd(s, q.4, b(4))
+        s = dpbusd(s, q.5, b(5))
+        s = dpbusd(s, q.6, b(6))
+        return dpbusd(s, q.7, b(7))
+    }
+
+    @inlinable @inline(__always)
+    public static func dot(_ q: RowGroupKernels.Vectors4, _ x: UnsafeRawPointer, bits: Int) -> __m256i {
+        @inline(__always) func b(_ u: Int) -> __m256i { _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self)) }
+        var s = dpbusd(_mm256_setzero_si256(), q.0, b(0))
+        s = dpbusd(s, q.1, b(1))
+        s = dpbusd(s, q.2, b(2))
+        return dpbusd(s, q.3, b(3))
+    }
+}
+
 public enum VNNIKernels {
     /// `Int8Kernels.rows` with VNNI products; call only where the CPU has AVX-512 VNNI and VL.
     public static func rows(_ type: Int8WeightType, w: UnsafeRawPointer, rowBytes: Int, a: UnsafeRawPointer, stride: Int, k: Int,
                             tokens: Int, rows: Range<Int>, bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, ldy: Int) {
         Int8Kernels.rows(type, dot: VNNIDot.self, w: w, rowBytes: rowBytes, a: a, stride: stride, k: k, tokens: tokens, rows: rows,
                          bias: bias, y: y, ldy: ldy)
+    }
+
+    /// `RowGroupKernels.groups` with VNNI products.
+    public static func groups(_ type: Int8WeightType, w: UnsafeRawPointer, k: Int, a: UnsafeRawPointer, stride: Int, tokens: Int,
+                              groups: Range<Int>, bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, ldy: Int) {
+        RowGroupKernels.groups(type, dot: VNNIDot.self, w: w, k: k, a: a, stride: stride, tokens: tokens, groups: groups, bias: bias,
+                               y: y, ldy: ldy)
     }
 
     public static func rowDot(_ type: Int8WeightType, _ row: UnsafeRawPointer, _ a: UnsafeRawPointer, _ k: Int) -> Float {

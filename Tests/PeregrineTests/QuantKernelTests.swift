@@ -149,11 +149,11 @@ extension QuantKernelTests {
         }
     }
 
-    /// Weights repacked in groups of eight rows (the VNNI row-group kernels) give each token what
-    /// the row kernels give it, to float rounding (the same exact integer sums per block, summed
-    /// in another order), and each token of a batch exactly its result alone.
+    /// Weights repacked in groups of eight rows (the row-group kernels) give each token what the
+    /// row kernels give it, to float rounding (the same exact integer sums per block, summed in
+    /// another order), and each token of a batch exactly its result alone. Where the CPU has
+    /// VNNI, its kernels and AVX2's give the same bits.
     func testRowGroupProductsMatchRowProducts() throws {
-        guard CPUFeatures.useVNNI else { throw XCTSkip("row-group kernels need AVX-512 VNNI; this CPU has none") }
         var rng = SplitMix(seed: 23)
         let k = 3 * 256, rows = 24, tokens = 13
         let pool = ThreadPool(threadCount: 2)
@@ -169,6 +169,17 @@ extension QuantKernelTests {
                 CPUKernels.matmulBlocks(type, x: x, tokens: tokens, w: wb.baseAddress!, outDim: rows, k: k, bias: bias, y: &expected,
                                         scratch: scratch, pool: pool)
                 CPUKernels.matmulRowGroups(groups, x: x, tokens: tokens, bias: bias, y: &got, scratch: scratch, pool: pool)
+                if CPUFeatures.useVNNI {
+                    // The activations matmulRowGroups left in the scratch, through AVX2's kernels.
+                    let kind = try XCTUnwrap(Int8WeightType(type))
+                    var avx2 = [Float](repeating: .nan, count: tokens * rows)
+                    bias.withUnsafeBufferPointer { b in
+                        RowGroupKernels.groups(kind, dot: AVX2RowGroupDot.self, w: groups.bytes, k: k, a: scratch,
+                                               stride: Int8Kernels.activationBytes(kind, k: k), tokens: tokens, groups: 0..<(rows / 8),
+                                               bias: b.baseAddress, y: &avx2, ldy: rows)
+                    }
+                    XCTAssertEqual(avx2, got, "\(type): AVX2 and VNNI row groups")
+                }
                 for t in 0..<tokens {
                     var one = [Float](repeating: .nan, count: rows)
                     CPUKernels.matmulRowGroups(groups, x: Array(x[(t * k)..<((t + 1) * k)]), tokens: 1, bias: bias, y: &one,

@@ -76,8 +76,14 @@ extension CPUKernels {
         }
         let outDim = m.rows, w = UnsafeRawPointer(m.bytes)
         let grain = max(1, 8192 / max(1, tokens * k))
+        let vnni = CPUFeatures.useVNNI
         pool.parallelRanges(outDim / RowGroups.rows, grain: grain) { groups in
-            RowGroupKernels.groups(kind, w: w, k: k, a: scratch, stride: stride, tokens: tokens, groups: groups, bias: bias, y: y, ldy: outDim)
+            if vnni {
+                VNNIKernels.groups(kind, w: w, k: k, a: scratch, stride: stride, tokens: tokens, groups: groups, bias: bias, y: y, ldy: outDim)
+            } else {
+                RowGroupKernels.groups(kind, dot: AVX2RowGroupDot.self, w: w, k: k, a: scratch, stride: stride, tokens: tokens, groups: groups,
+                                       bias: bias, y: y, ldy: outDim)
+            }
         }
         #else
         preconditionFailure("row groups are built only on x86")
@@ -447,15 +453,16 @@ extension Int8WeightType {
 }
 
 /// A matrix of a block type repacked at load in groups of eight rows (`RowGroups`) for the
-/// VNNI row-group kernels. Made only where the CPU has VNNI, the type has the layout and the
-/// rows divide into groups; PEREGRINE_NO_REPACK=1 keeps every matrix as stored.
+/// row-group kernels (AVX-512 VNNI's where the CPU has it, else AVX2's). Made on x86 where the
+/// type has the layout and the rows divide into groups; PEREGRINE_NO_REPACK=1 keeps every
+/// matrix as stored.
 final class RowGroupMatrix: @unchecked Sendable {
     let kind: Int8WeightType
     let rows: Int
     let cols: Int
     let bytes: UnsafeMutableRawPointer
 
-    static let enabled: Bool = CPUFeatures.useVNNI && ProcessInfo.processInfo.environment["PEREGRINE_NO_REPACK"] == nil
+    static let enabled: Bool = ProcessInfo.processInfo.environment["PEREGRINE_NO_REPACK"] == nil
 
     init?(_ type: DType, data: UnsafeRawPointer, rows: Int, cols: Int, pool: ThreadPool, force: Bool = false) {
         #if arch(x86_64)

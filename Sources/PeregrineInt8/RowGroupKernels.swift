@@ -1,18 +1,21 @@
 #if arch(x86_64)
 import Builtin
-import PeregrineInt8
 import _Builtin_intrinsics.intel
 
 /// Products of weights in row groups (`RowGroups`) with activations rounded to 8 bits: each
-/// 32-bit lane is one of the group's eight rows, so one `vpdpbusd` with a token's four activation
-/// bytes broadcast adds four products to each of eight rows, and a block's scales, offset and
-/// conversion to float are paid once per eight rows. Activations come as from
+/// 32-bit lane is one of the group's eight rows, so a token's four activation bytes, broadcast,
+/// go through one multiply-accumulate for eight rows (`RowGroupDot`: AVX-512 VNNI's `vpdpbusd`,
+/// or AVX2's `maddubs` summed in 16 bits), and a block's scales, offset and conversion to float
+/// are paid once per eight rows. Activations come as from
 /// `Int8Kernels.quantizeActivations(..., integerSums: true)`. Every token goes through the same
-/// arithmetic whatever the batch, so a row's result does not depend on the batch it came in.
+/// arithmetic whatever the batch, so a row's result does not depend on the batch it came in; the
+/// integer sums are exact, so both instructions give the same bits.
 public enum RowGroupKernels {
     /// y[t, 8g + r] = dot(row 8g + r, token t) (+ bias) for the groups `groups`.
-    public static func groups(_ type: Int8WeightType, w: UnsafeRawPointer, k: Int, a: UnsafeRawPointer, stride: Int, tokens: Int,
-                              groups: Range<Int>, bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, ldy: Int) {
+    @inlinable
+    public static func groups<D: RowGroupDot>(_ type: Int8WeightType, dot: D.Type, w: UnsafeRawPointer, k: Int, a: UnsafeRawPointer,
+                                              stride: Int, tokens: Int, groups: Range<Int>, bias: UnsafePointer<Float>?,
+                                              y: UnsafeMutablePointer<Float>, ldy: Int) {
         // Groups in runs of about 256 KB, each run taken through all the tokens before the next:
         // a run stays in the core's L2 while every tile of eight tokens passes over it.
         let bytes = k / RowGroups.blockValues(type) * RowGroups.blockBytes(type)
@@ -21,15 +24,15 @@ public enum RowGroupKernels {
         while g < groups.upperBound {
             let part = g..<min(groups.upperBound, g &+ run)
             switch type {
-            case .q8_0: tile(Q8_0Group.self, w, k, a, stride, tokens, part, bias, y, ldy)
-            case .q4_0: tile(Q4_0Group.self, w, k, a, stride, tokens, part, bias, y, ldy)
-            case .iq4_nl: tile(IQ4_NLGroup.self, w, k, a, stride, tokens, part, bias, y, ldy)
-            case .q5_0: tile(Q5_0Group.self, w, k, a, stride, tokens, part, bias, y, ldy)
-            case .q4_K: superBlocks(Q4_KGroup.self, w, k, a, stride, tokens, part, bias, y, ldy)
-            case .q5_K: superBlocks(Q5_KGroup.self, w, k, a, stride, tokens, part, bias, y, ldy)
-            case .q6_K: superBlocks(Q6_KGroup.self, w, k, a, stride, tokens, part, bias, y, ldy)
-            case .q3_K: superBlocks(Q3_KGroup.self, w, k, a, stride, tokens, part, bias, y, ldy)
-            case .iq4_xs: superBlocks(IQ4_XSGroup.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q8_0: tile(Q8_0Group.self, D.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q4_0: tile(Q4_0Group.self, D.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .iq4_nl: tile(IQ4_NLGroup.self, D.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q5_0: tile(Q5_0Group.self, D.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q4_K: superBlocks(Q4_KGroup.self, D.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q5_K: superBlocks(Q5_KGroup.self, D.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q6_K: superBlocks(Q6_KGroup.self, D.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q3_K: superBlocks(Q3_KGroup.self, D.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .iq4_xs: superBlocks(IQ4_XSGroup.self, D.self, w, k, a, stride, tokens, part, bias, y, ldy)
             default: preconditionFailure("no row-group kernel for \(type)")
             }
             g = part.upperBound
@@ -39,17 +42,18 @@ public enum RowGroupKernels {
     /// One token's product with a group's block: the eight rows' exact integer sums, less the
     /// offset times the activations' sum, scaled by each row's scale times the token's.
     @inline(__always) @inlinable
-    static func accumulate(_ q: Int8Kernels.Vectors8, _ dw: __m256, _ shift: Int32, _ x: UnsafeRawPointer, _ acc: inout __m256) {
-        let s = dot(q, x + 8)
+    static func accumulate<D: RowGroupDot>(_: D.Type, _ q: Int8Kernels.Vectors8, _ bits: Int, _ dw: __m256, _ shift: Int32,
+                                           _ x: UnsafeRawPointer, _ acc: inout __m256) {
+        let s = D.dot(q, x + 8, bits: bits)
         let offset = _mm256_set1_epi32(x.load(fromByteOffset: 4, as: Int32.self) << shift)
         let scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.load(as: Float.self)))
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s, offset)), scale, acc)
     }
 
     @inlinable @inline(never)
-    static func tile<G: RowGroupBlock>(_: G.Type, _ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
+    static func tile<G: RowGroupBlock, D: RowGroupDot>(_: G.Type, _: D.Type, _ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int, _ tokens: Int,
                                        _ groups: Range<Int>, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
-        let blocks = k / 32, gb = G.bytes, shift = G.shift
+        let blocks = k / 32, gb = G.bytes, shift = G.shift, bits = G.bits
         var t = 0
         // Eight tokens at a time: a block's unpacked values serve all eight.
         while t &+ 8 <= tokens {
@@ -62,14 +66,14 @@ public enum RowGroupKernels {
                     let q = G.unpack(p + 16)
                     let dw = _mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self))
                     let x = a0 + b &* 40
-                    accumulate(q, dw, shift, x, &c0)
-                    accumulate(q, dw, shift, x + stride, &c1)
-                    accumulate(q, dw, shift, x + 2 &* stride, &c2)
-                    accumulate(q, dw, shift, x + 3 &* stride, &c3)
-                    accumulate(q, dw, shift, x + 4 &* stride, &c4)
-                    accumulate(q, dw, shift, x + 5 &* stride, &c5)
-                    accumulate(q, dw, shift, x + 6 &* stride, &c6)
-                    accumulate(q, dw, shift, x + 7 &* stride, &c7)
+                    accumulate(D.self, q, bits, dw, shift, x, &c0)
+                    accumulate(D.self, q, bits, dw, shift, x + stride, &c1)
+                    accumulate(D.self, q, bits, dw, shift, x + 2 &* stride, &c2)
+                    accumulate(D.self, q, bits, dw, shift, x + 3 &* stride, &c3)
+                    accumulate(D.self, q, bits, dw, shift, x + 4 &* stride, &c4)
+                    accumulate(D.self, q, bits, dw, shift, x + 5 &* stride, &c5)
+                    accumulate(D.self, q, bits, dw, shift, x + 6 &* stride, &c6)
+                    accumulate(D.self, q, bits, dw, shift, x + 7 &* stride, &c7)
                 }
                 store(c0, t, g, bias, y, ldy); store(c1, t &+ 1, g, bias, y, ldy)
                 store(c2, t &+ 2, g, bias, y, ldy); store(c3, t &+ 3, g, bias, y, ldy)
@@ -85,7 +89,7 @@ public enum RowGroupKernels {
                 var c = _mm256_setzero_ps()
                 for b in 0..<blocks {
                     let p = wg + b &* gb
-                    accumulate(G.unpack(p + 16), _mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), shift, at + b &* 40, &c)
+                    accumulate(D.self, G.unpack(p + 16), bits, _mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), shift, at + b &* 40, &c)
                 }
                 store(c, t, g, bias, y, ldy)
             }
@@ -101,31 +105,6 @@ extension RowGroupKernels {
         let v = bias.map { _mm256_add_ps(acc, UnsafeRawPointer($0 + o).loadUnaligned(as: __m256.self)) } ?? acc
         let out: UnsafeMutablePointer<Float> = y + (t &* ldy &+ o)
         UnsafeMutableRawPointer(out).storeBytes(of: v, as: __m256.self)
-    }
-
-    /// The eight rows' integer sums of eight chunks of values against a token's activation bytes
-    /// from `x` on (chunk u's four bytes broadcast from x + 4u).
-    @inline(__always) @inlinable
-    static func dot(_ q: Int8Kernels.Vectors8, _ x: UnsafeRawPointer) -> __m256i {
-        @inline(__always) func b(_ u: Int) -> __m256i { _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self)) }
-        var s = VNNIDot.dpbusd(_mm256_setzero_si256(), q.0, b(0))
-        s = VNNIDot.dpbusd(s, q.1, b(1))
-        s = VNNIDot.dpbusd(s, q.2, b(2))
-        s = VNNIDot.dpbusd(s, q.3, b(3))
-        s = VNNIDot.dpbusd(s, q.4, b(4))
-        s = VNNIDot.dpbusd(s, q.5, b(5))
-        s = VNNIDot.dpbusd(s, q.6, b(6))
-        return VNNIDot.dpbusd(s, q.7, b(7))
-    }
-
-    /// The same over four chunks.
-    @inline(__always) @inlinable
-    static func dot(_ q: Vectors4, _ x: UnsafeRawPointer) -> __m256i {
-        @inline(__always) func b(_ u: Int) -> __m256i { _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self)) }
-        var s = VNNIDot.dpbusd(_mm256_setzero_si256(), q.0, b(0))
-        s = VNNIDot.dpbusd(s, q.1, b(1))
-        s = VNNIDot.dpbusd(s, q.2, b(2))
-        return VNNIDot.dpbusd(s, q.3, b(3))
     }
 
     /// Bit u of each byte of `h` at bit 4 (16-bit shifts: what crosses a byte is masked away):
@@ -151,7 +130,7 @@ extension RowGroupKernels {
     /// once for eight tokens, each token's integer sums gathered over the block, then finished
     /// in float.
     @inlinable @inline(never)
-    static func superBlocks<G: SuperBlockGroup>(_: G.Type, _ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int,
+    static func superBlocks<G: SuperBlockGroup, D: RowGroupDot>(_: G.Type, _: D.Type, _ w: UnsafeRawPointer, _ k: Int, _ a: UnsafeRawPointer, _ stride: Int,
                                                 _ tokens: Int, _ groups: Range<Int>, _ bias: UnsafePointer<Float>?,
                                                 _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
         let blocks = k / 256, gb = G.bytes, xb = 292
@@ -166,14 +145,14 @@ extension RowGroupKernels {
                     var s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0
                     for j in 0..<G.subBlocks {
                         let q = G.values(p, j), sc = G.scales(p, j)
-                        G.subBlock(q, sc, x, j, &s0)
-                        G.subBlock(q, sc, x + stride, j, &s1)
-                        G.subBlock(q, sc, x + 2 &* stride, j, &s2)
-                        G.subBlock(q, sc, x + 3 &* stride, j, &s3)
-                        G.subBlock(q, sc, x + 4 &* stride, j, &s4)
-                        G.subBlock(q, sc, x + 5 &* stride, j, &s5)
-                        G.subBlock(q, sc, x + 6 &* stride, j, &s6)
-                        G.subBlock(q, sc, x + 7 &* stride, j, &s7)
+                        G.subBlock(D.self, q, sc, x, j, &s0)
+                        G.subBlock(D.self, q, sc, x + stride, j, &s1)
+                        G.subBlock(D.self, q, sc, x + 2 &* stride, j, &s2)
+                        G.subBlock(D.self, q, sc, x + 3 &* stride, j, &s3)
+                        G.subBlock(D.self, q, sc, x + 4 &* stride, j, &s4)
+                        G.subBlock(D.self, q, sc, x + 5 &* stride, j, &s5)
+                        G.subBlock(D.self, q, sc, x + 6 &* stride, j, &s6)
+                        G.subBlock(D.self, q, sc, x + 7 &* stride, j, &s7)
                     }
                     G.finish(p, s0, x, &c0)
                     G.finish(p, s1, x + stride, &c1)
@@ -204,7 +183,7 @@ extension RowGroupKernels {
                             prefetch(p + (2 &* gb &+ 128 &* j))
                             prefetch(p + (2 &* gb &+ 128 &* j &+ 64))
                         }
-                        G.subBlock(G.values(p, j), G.scales(p, j), x, j, &s)
+                        G.subBlock(D.self, G.values(p, j), G.scales(p, j), x, j, &s)
                     }
                     G.finish(p, s, x, &c)
                 }
@@ -212,6 +191,119 @@ extension RowGroupKernels {
             }
             t &+= 1
         }
+    }
+}
+
+/// The multiply-accumulate of the row-group kernels: the eight rows' exact int32 sums of chunks
+/// of four unsigned values (dword r of a vector is row r's) against a token's activation bytes,
+/// chunk u's four bytes broadcast from x + 4u. `bits`: the values are below 2^bits, a constant
+/// at every call, which AVX2 needs to know how long its 16-bit sums cannot overflow.
+public protocol RowGroupDot {
+    static func dot(_ q: Int8Kernels.Vectors8, _ x: UnsafeRawPointer, bits: Int) -> __m256i
+    static func dot(_ q: RowGroupKernels.Vectors4, _ x: UnsafeRawPointer, bits: Int) -> __m256i
+    /// `dot` times each row's scale (`scales`: int32 lanes within -128...127), as a k-quant
+    /// sub-block takes it.
+    static func scaledDot(_ q: Int8Kernels.Vectors8, _ x: UnsafeRawPointer, bits: Int, scales: __m256i) -> __m256i
+    static func scaledDot(_ q: RowGroupKernels.Vectors4, _ x: UnsafeRawPointer, bits: Int, scales: __m256i) -> __m256i
+}
+
+extension RowGroupDot {
+    @inline(__always) @inlinable
+    public static func scaledDot(_ q: Int8Kernels.Vectors8, _ x: UnsafeRawPointer, bits: Int, scales: __m256i) -> __m256i {
+        _mm256_mullo_epi32(dot(q, x, bits: bits), scales)
+    }
+
+    @inline(__always) @inlinable
+    public static func scaledDot(_ q: RowGroupKernels.Vectors4, _ x: UnsafeRawPointer, bits: Int, scales: __m256i) -> __m256i {
+        _mm256_mullo_epi32(dot(q, x, bits: bits), scales)
+    }
+}
+
+/// AVX2 has no four-byte multiply-accumulate: `maddubs` multiplies unsigned by signed bytes and
+/// adds pairs into 16-bit lanes, which then go to 32 bits by `madd` with ones. A pair is at most
+/// 2 x (2^bits - 1) x 128 in magnitude, so several chunks' pairs are added in 16 bits before one
+/// `madd`: all eight for 4-bit values (at most 30,720), four for 5-bit, two for 6-bit. Eight-bit
+/// values (Q8_0's and the IQ4 levels, offset to unsigned) would overflow a pair, so they go as
+/// two nibbles, each summed like 4-bit values, the high sum taken 16 times.
+public enum AVX2RowGroupDot: RowGroupDot {
+    @inline(__always) @inlinable static func broadcast(_ x: UnsafeRawPointer, _ u: Int) -> __m256i {
+        _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self))
+    }
+
+    /// Each chunk's pairs in 16 bits, added by twos: chunks 0-1, 2-3, 4-5 and 6-7.
+    @inline(__always) @inlinable
+    static func pairSums(_ q: Int8Kernels.Vectors8, _ x: UnsafeRawPointer) -> (__m256i, __m256i, __m256i, __m256i) {
+        @inline(__always) func p(_ v: __m256i, _ c: Int) -> __m256i { _mm256_maddubs_epi16(v, broadcast(x, c)) }
+        return (_mm256_add_epi16(p(q.0, 0), p(q.1, 1)), _mm256_add_epi16(p(q.2, 2), p(q.3, 3)),
+                _mm256_add_epi16(p(q.4, 4), p(q.5, 5)), _mm256_add_epi16(p(q.6, 6), p(q.7, 7)))
+    }
+
+    @inline(__always) @inlinable
+    public static func dot(_ q: Int8Kernels.Vectors8, _ x: UnsafeRawPointer, bits: Int) -> __m256i {
+        let ones = Int8Kernels.ones16
+        @inline(__always) func wide(_ v: __m256i) -> __m256i { _mm256_madd_epi16(v, ones) }
+        @inline(__always) func all(_ s: (__m256i, __m256i, __m256i, __m256i)) -> __m256i {
+            _mm256_add_epi16(_mm256_add_epi16(s.0, s.1), _mm256_add_epi16(s.2, s.3))
+        }
+        switch bits {
+        case ...4:
+            return wide(all(pairSums(q, x)))
+        case 5:
+            let s = pairSums(q, x)
+            return _mm256_add_epi32(wide(_mm256_add_epi16(s.0, s.1)), wide(_mm256_add_epi16(s.2, s.3)))
+        case 6:
+            let s = pairSums(q, x)
+            return _mm256_add_epi32(_mm256_add_epi32(wide(s.0), wide(s.1)), _mm256_add_epi32(wide(s.2), wide(s.3)))
+        default:
+            let low = Int8Kernels.lowNibbles
+            @inline(__always) func lo(_ v: __m256i) -> __m256i { _mm256_and_si256(v, low) }
+            @inline(__always) func hi(_ v: __m256i) -> __m256i { _mm256_and_si256(_mm256_srli_epi16(v, 4), low) }
+            let l = all(pairSums((lo(q.0), lo(q.1), lo(q.2), lo(q.3), lo(q.4), lo(q.5), lo(q.6), lo(q.7)), x))
+            let h = all(pairSums((hi(q.0), hi(q.1), hi(q.2), hi(q.3), hi(q.4), hi(q.5), hi(q.6), hi(q.7)), x))
+            return _mm256_add_epi32(_mm256_madd_epi16(h, _mm256_set1_epi16(16)), wide(l))
+        }
+    }
+
+    @inline(__always) @inlinable
+    public static func dot(_ q: RowGroupKernels.Vectors4, _ x: UnsafeRawPointer, bits: Int) -> __m256i {
+        @inline(__always) func p(_ v: __m256i, _ c: Int) -> __m256i { _mm256_maddubs_epi16(v, broadcast(x, c)) }
+        let ones = Int8Kernels.ones16
+        let a = _mm256_add_epi16(p(q.0, 0), p(q.1, 1)), b = _mm256_add_epi16(p(q.2, 2), p(q.3, 3))
+        if bits <= 5 { return _mm256_madd_epi16(_mm256_add_epi16(a, b), ones) }
+        precondition(bits <= 6, "four chunks of AVX2 row-group products take values of at most 6 bits")
+        return _mm256_add_epi32(_mm256_madd_epi16(a, ones), _mm256_madd_epi16(b, ones))
+    }
+
+    /// The scale as int16 in both halves of each int32 lane: `madd` with it takes the 16-bit
+    /// sums to 32 bits already scaled, instead of `madd` with ones and a 32-bit multiply. A
+    /// 16-bit sum is at most 32,767 in magnitude and a scale 128, so a lane's two products fit.
+    @inline(__always) @inlinable static func pairScales(_ scales: __m256i) -> __m256i {
+        _mm256_or_si256(_mm256_and_si256(scales, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(scales, 16))
+    }
+
+    @inline(__always) @inlinable
+    public static func scaledDot(_ q: Int8Kernels.Vectors8, _ x: UnsafeRawPointer, bits: Int, scales: __m256i) -> __m256i {
+        let sc = pairScales(scales)
+        switch bits {
+        case ...4:
+            let s = pairSums(q, x)
+            return _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(s.0, s.1), _mm256_add_epi16(s.2, s.3)), sc)
+        case 5:
+            let s = pairSums(q, x)
+            return _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(s.0, s.1), sc), _mm256_madd_epi16(_mm256_add_epi16(s.2, s.3), sc))
+        default:
+            return _mm256_mullo_epi32(dot(q, x, bits: bits), scales)
+        }
+    }
+
+    @inline(__always) @inlinable
+    public static func scaledDot(_ q: RowGroupKernels.Vectors4, _ x: UnsafeRawPointer, bits: Int, scales: __m256i) -> __m256i {
+        @inline(__always) func p(_ v: __m256i, _ c: Int) -> __m256i { _mm256_maddubs_epi16(v, broadcast(x, c)) }
+        let sc = pairScales(scales)
+        let a = _mm256_add_epi16(p(q.0, 0), p(q.1, 1)), b = _mm256_add_epi16(p(q.2, 2), p(q.3, 3))
+        if bits <= 5 { return _mm256_madd_epi16(_mm256_add_epi16(a, b), sc) }
+        precondition(bits <= 6, "four chunks of AVX2 row-group products take values of at most 6 bits")
+        return _mm256_add_epi32(_mm256_madd_epi16(a, sc), _mm256_madd_epi16(b, sc))
     }
 }
 
@@ -228,7 +320,7 @@ public protocol SuperBlockGroup {
     /// Sub-block j's scales, one int32 lane per row.
     static func scales(_ p: UnsafeRawPointer, _ j: Int) -> __m256i
     /// One token's integer sum over sub-block j, times each row's scale, added to `total`.
-    static func subBlock(_ q: Values, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int, _ total: inout __m256i)
+    static func subBlock<D: RowGroupDot>(_: D.Type, _ q: Values, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int, _ total: inout __m256i)
     /// A token's block done in float.
     static func finish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256)
 }
@@ -261,8 +353,9 @@ extension KQuantGroup {
     }
 
     @inline(__always) @inlinable
-    public static func subBlock(_ q: Int8Kernels.Vectors8, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int, _ total: inout __m256i) {
-        total = _mm256_add_epi32(total, _mm256_mullo_epi32(RowGroupKernels.dot(q, x + (36 &+ 32 &* j)), scales))
+    public static func subBlock<D: RowGroupDot>(_: D.Type, _ q: Int8Kernels.Vectors8, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int,
+                                                _ total: inout __m256i) {
+        total = _mm256_add_epi32(total, D.scaledDot(q, x + (36 &+ 32 &* j), bits: five ? 5 : 4, scales: scales))
     }
 
     /// d times the scaled sums less dmin times the mins times the activations' sub-block sums,
@@ -333,8 +426,9 @@ extension SixteensGroup {
     }
 
     @inline(__always) @inlinable
-    public static func subBlock(_ q: RowGroupKernels.Vectors4, _ scales: __m256i, _ x: UnsafeRawPointer, _ s: Int, _ total: inout __m256i) {
-        total = _mm256_add_epi32(total, _mm256_mullo_epi32(RowGroupKernels.dot(q, x + (36 &+ 16 &* s)), scales))
+    public static func subBlock<D: RowGroupDot>(_: D.Type, _ q: RowGroupKernels.Vectors4, _ scales: __m256i, _ x: UnsafeRawPointer, _ s: Int,
+                                                _ total: inout __m256i) {
+        total = _mm256_add_epi32(total, D.scaledDot(q, x + (36 &+ 16 &* s), bits: three ? 3 : 6, scales: scales))
     }
 
     /// The offset taken back through the scales times the activations' 16-value sums, then d
@@ -373,9 +467,10 @@ public enum IQ4_XSGroup: SuperBlockGroup {
     /// The levels plus 128 against the activations, less 128 times their 32-value sum, times
     /// each row's scale.
     @inline(__always) @inlinable
-    public static func subBlock(_ q: Int8Kernels.Vectors8, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int, _ total: inout __m256i) {
+    public static func subBlock<D: RowGroupDot>(_: D.Type, _ q: Int8Kernels.Vectors8, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int,
+                                                _ total: inout __m256i) {
         let offset = _mm256_set1_epi32(Int32(x.load(fromByteOffset: 4 &+ 2 &* j, as: Int16.self)) << 7)
-        let s = RowGroupKernels.dot(q, x + (36 &+ 32 &* j))
+        let s = D.dot(q, x + (36 &+ 32 &* j), bits: 8)
         total = _mm256_add_epi32(total, _mm256_mullo_epi32(_mm256_sub_epi32(s, offset), scales))
     }
 
@@ -390,13 +485,17 @@ public enum IQ4_XSGroup: SuperBlockGroup {
 /// 4c..<4c+4 of each row in its dword.
 public protocol RowGroupBlock {
     static var bytes: Int { get }
+    /// log2 of the offset the values carry.
     static var shift: Int32 { get }
+    /// The values are below 2^bits.
+    static var bits: Int { get }
     static func unpack(_ p: UnsafeRawPointer) -> Int8Kernels.Vectors8
 }
 
 public enum Q8_0Group: RowGroupBlock {
     @inlinable public static var bytes: Int { 272 }
     @inlinable public static var shift: Int32 { 7 }
+    @inlinable public static var bits: Int { 8 }
     @inline(__always) @inlinable public static func unpack(_ p: UnsafeRawPointer) -> Int8Kernels.Vectors8 {
         @inline(__always) func v(_ c: Int) -> __m256i { p.loadUnaligned(fromByteOffset: 32 &* c, as: __m256i.self) }
         return (v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7))
@@ -417,6 +516,7 @@ func nibbleVectors(_ p: UnsafeRawPointer, _ map: (__m256i) -> __m256i) -> Int8Ke
 public enum Q4_0Group: RowGroupBlock {
     @inlinable public static var bytes: Int { 144 }
     @inlinable public static var shift: Int32 { 3 }
+    @inlinable public static var bits: Int { 4 }
     @inline(__always) @inlinable public static func unpack(_ p: UnsafeRawPointer) -> Int8Kernels.Vectors8 {
         nibbleVectors(p) { $0 }
     }
@@ -425,6 +525,7 @@ public enum Q4_0Group: RowGroupBlock {
 public enum Q5_0Group: RowGroupBlock {
     @inlinable public static var bytes: Int { 176 }
     @inlinable public static var shift: Int32 { 4 }
+    @inlinable public static var bits: Int { 5 }
     /// Q4_0's nibble vectors with the fifth bits of the vector after them: bit u of byte b of row
     /// r is value 4u + b's.
     @inline(__always) @inlinable public static func unpack(_ p: UnsafeRawPointer) -> Int8Kernels.Vectors8 {
@@ -438,6 +539,7 @@ public enum Q5_0Group: RowGroupBlock {
 public enum IQ4_NLGroup: RowGroupBlock {
     @inlinable public static var bytes: Int { 144 }
     @inlinable public static var shift: Int32 { 7 }
+    @inlinable public static var bits: Int { 8 }
     @inline(__always) @inlinable public static func unpack(_ p: UnsafeRawPointer) -> Int8Kernels.Vectors8 {
         // The levels plus 128: the table's signed bytes with their top bit flipped.
         let table = _mm256_xor_si256(IQ4.table, _mm256_set1_epi8(-128))
