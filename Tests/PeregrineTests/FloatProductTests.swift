@@ -58,8 +58,10 @@ final class FloatProductTests: XCTestCase {
     func testProductsMatchDoubleSumsAndDoNotDependOnTokenCount() {
         let pool = ThreadPool(threadCount: 2)
         var rng = SplitMix(seed: 11)
-        // Row counts that are and are not multiples of four; k with and without a tail of 16.
-        for (outDim, k) in [(37, 200), (64, 512), (6, 17)] {
+        // Row counts that are and are not multiples of four; k with and without a tail of 16;
+        // a k long enough that a chunk's rows go in several runs of 12 (AVX2's F16 and BF16
+        // prompts widen each run to f32).
+        for (outDim, k) in [(37, 200), (64, 512), (6, 17), (40, 4100)] {
             let wf = (0..<(outDim * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
             let tokens = 53  // more than one run of 48 tokens
             let x = (0..<(tokens * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }

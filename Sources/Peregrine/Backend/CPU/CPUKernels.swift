@@ -182,6 +182,17 @@ enum CPUKernels {
         }
     }
 
+    /// Row values from element `start` on, k of them, as f32 (exact for F16 and BF16).
+    @inline(__always)
+    static func widenRow<E: WeightElement>(_: E.Type, _ w: UnsafeRawPointer, _ start: Int, _ k: Int, into out: UnsafeMutablePointer<Float>) {
+        var i = 0
+        while i &+ 8 <= k {
+            UnsafeMutableRawPointer(out + i).storeBytes(of: E.load8(w, start &+ i), as: SIMD8<Float>.self)
+            i &+= 8
+        }
+        while i < k { out[i] = E.load1(w, start &+ i); i &+= 1 }
+    }
+
     /// y[t * ldy + o] += bias[o] for the output rows `rows` of `tokens` tokens (none without a bias).
     @inline(__always)
     static func addBias(_ bias: UnsafePointer<Float>?, rows: Range<Int>, tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
@@ -198,19 +209,48 @@ enum CPUKernels {
             return
         }
         #endif
-        // Split output rows across threads; each block of rows stays hot in cache while every
-        // token passes over it. A block is at least ~64k multiply-adds, so decode-sized products
-        // still spread over all threads.
+        // Split output rows across threads. A chunk's rows go in runs of about 192 KB of f32
+        // weights, each run taken through every token before the next, so a run is read from
+        // memory once and then from L2 (a whole chunk, megabytes, was read again for every four
+        // tokens). A chunk is at least ~64k multiply-adds, so decode-sized products still
+        // spread over all threads.
         let grain = max(4, 65536 / max(1, tokens * k))
+        let run = max(12, (192 << 10) / max(1, k * 4) / 12 * 12)
+        // F16 and BF16 rows of a prompt's product are widened once per run into f32 (exactly),
+        // instead of once per four tokens in registers, where the widening took FMA issue
+        // slots: the same values in the same order, so every (row, token) gets the same bits as
+        // a single token's product.
+        let widen = E.dtype != .f32 && tokens >= 4
         pool.parallelRanges(outDim, grain: grain) { rows in
-            var t = 0
-            while t &+ 4 <= tokens {
-                gemm4Tokens(e, w: w, k: k, x: x + t &* k, rows: rows, y: y + t &* outDim, ldy: outDim)
-                t &+= 4
-            }
-            while t < tokens {
-                gemvRows(e, w: w, k: k, x: x + t &* k, rows: rows, y: y + t &* outDim)
-                t &+= 1
+            let wide = widen ? UnsafeMutablePointer<Float>.allocate(capacity: min(run, rows.count) * k) : nil
+            defer { wide?.deallocate() }
+            var r = rows.lowerBound
+            while r < rows.upperBound {
+                let part = r..<min(rows.upperBound, r &+ run)
+                if let wide {
+                    for (i, o) in part.enumerated() { widenRow(E.self, w, o &* k, k, into: wide + i &* k) }
+                    let rw = UnsafeRawPointer(wide), local = 0..<part.count, yp = y + part.lowerBound
+                    var t = 0
+                    while t &+ 4 <= tokens {
+                        gemm4Tokens(F32Element.self, w: rw, k: k, x: x + t &* k, rows: local, y: yp + t &* outDim, ldy: outDim)
+                        t &+= 4
+                    }
+                    while t < tokens {
+                        gemvRows(F32Element.self, w: rw, k: k, x: x + t &* k, rows: local, y: yp + t &* outDim)
+                        t &+= 1
+                    }
+                } else {
+                    var t = 0
+                    while t &+ 4 <= tokens {
+                        gemm4Tokens(e, w: w, k: k, x: x + t &* k, rows: part, y: y + t &* outDim, ldy: outDim)
+                        t &+= 4
+                    }
+                    while t < tokens {
+                        gemvRows(e, w: w, k: k, x: x + t &* k, rows: part, y: y + t &* outDim)
+                        t &+= 1
+                    }
+                }
+                r = part.upperBound
             }
             addBias(bias, rows: rows, tokens: tokens, y: y, ldy: outDim)
         }
