@@ -43,6 +43,32 @@ enum BF16Element: WeightElement {
     }
 }
 
+/// A buffer of floats for each thread, kept between calls (a batched decode step must not
+/// allocate): the pool's threads live as long as the process, and a thread's buffer is freed
+/// when the thread ends.
+enum ThreadScratch {
+    private static let key: pthread_key_t = {
+        var key = pthread_key_t()
+        pthread_key_create(&key) { p in
+            if let p { Unmanaged<GrowingFloats>.fromOpaque(p).release() }
+        }
+        return key
+    }()
+
+    /// At least `count` floats, this thread's only; valid until its next call.
+    static func floats(_ count: Int) -> UnsafeMutablePointer<Float> {
+        if let p = pthread_getspecific(key) {
+            let buffer = Unmanaged<GrowingFloats>.fromOpaque(p).takeUnretainedValue()
+            buffer.ensure(count)
+            return buffer.pointer
+        }
+        let buffer = GrowingFloats()
+        buffer.ensure(count)
+        pthread_setspecific(key, Unmanaged.passRetained(buffer).toOpaque())
+        return buffer.pointer
+    }
+}
+
 enum CPUKernels {
     /// dot(a, b) over n f32 values.
     @inline(__always)
@@ -222,8 +248,7 @@ enum CPUKernels {
         // a single token's product.
         let widen = E.dtype != .f32 && tokens >= 4
         pool.parallelRanges(outDim, grain: grain) { rows in
-            let wide = widen ? UnsafeMutablePointer<Float>.allocate(capacity: min(run, rows.count) * k) : nil
-            defer { wide?.deallocate() }
+            let wide = widen ? ThreadScratch.floats(min(run, rows.count) * k) : nil
             var r = rows.lowerBound
             while r < rows.upperBound {
                 let part = r..<min(rows.upperBound, r &+ run)
