@@ -99,6 +99,12 @@ public enum RowGroupKernels {
 }
 
 extension RowGroupKernels {
+    /// Chunk u's four activation bytes, from x + 4u, in every int32 lane.
+    @inline(__always) @inlinable
+    public static func broadcast(_ x: UnsafeRawPointer, _ u: Int) -> __m256i {
+        _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self))
+    }
+
     @inline(__always) @inlinable
     static func store(_ acc: __m256, _ t: Int, _ g: Int, _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
         let o = 8 &* g
@@ -226,52 +232,54 @@ extension RowGroupDot {
 /// values (Q8_0's and the IQ4 levels, offset to unsigned) would overflow a pair, so they go as
 /// two nibbles, each summed like 4-bit values, the high sum taken 16 times.
 public enum AVX2RowGroupDot: RowGroupDot {
-    @inline(__always) @inlinable static func broadcast(_ x: UnsafeRawPointer, _ u: Int) -> __m256i {
-        _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self))
-    }
-
     /// Each chunk's pairs in 16 bits, added by twos: chunks 0-1, 2-3, 4-5 and 6-7.
     @inline(__always) @inlinable
     static func pairSums(_ q: Int8Kernels.Vectors8, _ x: UnsafeRawPointer) -> (__m256i, __m256i, __m256i, __m256i) {
-        @inline(__always) func p(_ v: __m256i, _ c: Int) -> __m256i { _mm256_maddubs_epi16(v, broadcast(x, c)) }
+        @inline(__always) func p(_ v: __m256i, _ c: Int) -> __m256i { _mm256_maddubs_epi16(v, RowGroupKernels.broadcast(x, c)) }
         return (_mm256_add_epi16(p(q.0, 0), p(q.1, 1)), _mm256_add_epi16(p(q.2, 2), p(q.3, 3)),
                 _mm256_add_epi16(p(q.4, 4), p(q.5, 5)), _mm256_add_epi16(p(q.6, 6), p(q.7, 7)))
+    }
+
+    /// The eight chunks' sums of values of at most 6 bits, taken to 32 bits by `madd` with `m`
+    /// (int16 pairs: ones, or each row's scale).
+    @inline(__always) @inlinable
+    static func sums(_ q: Int8Kernels.Vectors8, _ x: UnsafeRawPointer, bits: Int, _ m: __m256i) -> __m256i {
+        @inline(__always) func wide(_ v: __m256i) -> __m256i { _mm256_madd_epi16(v, m) }
+        let s = pairSums(q, x)
+        switch bits {
+        case ...4: return wide(_mm256_add_epi16(_mm256_add_epi16(s.0, s.1), _mm256_add_epi16(s.2, s.3)))
+        case 5: return _mm256_add_epi32(wide(_mm256_add_epi16(s.0, s.1)), wide(_mm256_add_epi16(s.2, s.3)))
+        default:
+            precondition(bits <= 6, "AVX2 row-group sums in 16 bits take values of at most 6 bits")
+            return _mm256_add_epi32(_mm256_add_epi32(wide(s.0), wide(s.1)), _mm256_add_epi32(wide(s.2), wide(s.3)))
+        }
+    }
+
+    /// The same over four chunks.
+    @inline(__always) @inlinable
+    static func sums(_ q: RowGroupKernels.Vectors4, _ x: UnsafeRawPointer, bits: Int, _ m: __m256i) -> __m256i {
+        @inline(__always) func p(_ v: __m256i, _ c: Int) -> __m256i { _mm256_maddubs_epi16(v, RowGroupKernels.broadcast(x, c)) }
+        let a = _mm256_add_epi16(p(q.0, 0), p(q.1, 1)), b = _mm256_add_epi16(p(q.2, 2), p(q.3, 3))
+        if bits <= 5 { return _mm256_madd_epi16(_mm256_add_epi16(a, b), m) }
+        precondition(bits <= 6, "four chunks of AVX2 row-group products take values of at most 6 bits")
+        return _mm256_add_epi32(_mm256_madd_epi16(a, m), _mm256_madd_epi16(b, m))
     }
 
     @inline(__always) @inlinable
     public static func dot(_ q: Int8Kernels.Vectors8, _ x: UnsafeRawPointer, bits: Int) -> __m256i {
         let ones = Int8Kernels.ones16
-        @inline(__always) func wide(_ v: __m256i) -> __m256i { _mm256_madd_epi16(v, ones) }
-        @inline(__always) func all(_ s: (__m256i, __m256i, __m256i, __m256i)) -> __m256i {
-            _mm256_add_epi16(_mm256_add_epi16(s.0, s.1), _mm256_add_epi16(s.2, s.3))
-        }
-        switch bits {
-        case ...4:
-            return wide(all(pairSums(q, x)))
-        case 5:
-            let s = pairSums(q, x)
-            return _mm256_add_epi32(wide(_mm256_add_epi16(s.0, s.1)), wide(_mm256_add_epi16(s.2, s.3)))
-        case 6:
-            let s = pairSums(q, x)
-            return _mm256_add_epi32(_mm256_add_epi32(wide(s.0), wide(s.1)), _mm256_add_epi32(wide(s.2), wide(s.3)))
-        default:
-            let low = Int8Kernels.lowNibbles
-            @inline(__always) func lo(_ v: __m256i) -> __m256i { _mm256_and_si256(v, low) }
-            @inline(__always) func hi(_ v: __m256i) -> __m256i { _mm256_and_si256(_mm256_srli_epi16(v, 4), low) }
-            let l = all(pairSums((lo(q.0), lo(q.1), lo(q.2), lo(q.3), lo(q.4), lo(q.5), lo(q.6), lo(q.7)), x))
-            let h = all(pairSums((hi(q.0), hi(q.1), hi(q.2), hi(q.3), hi(q.4), hi(q.5), hi(q.6), hi(q.7)), x))
-            return _mm256_add_epi32(_mm256_madd_epi16(h, _mm256_set1_epi16(16)), wide(l))
-        }
+        if bits <= 6 { return sums(q, x, bits: bits, ones) }
+        let low = Int8Kernels.lowNibbles
+        @inline(__always) func lo(_ v: __m256i) -> __m256i { _mm256_and_si256(v, low) }
+        @inline(__always) func hi(_ v: __m256i) -> __m256i { _mm256_and_si256(_mm256_srli_epi16(v, 4), low) }
+        let l = sums((lo(q.0), lo(q.1), lo(q.2), lo(q.3), lo(q.4), lo(q.5), lo(q.6), lo(q.7)), x, bits: 4, ones)
+        let h = sums((hi(q.0), hi(q.1), hi(q.2), hi(q.3), hi(q.4), hi(q.5), hi(q.6), hi(q.7)), x, bits: 4, _mm256_set1_epi16(16))
+        return _mm256_add_epi32(h, l)
     }
 
     @inline(__always) @inlinable
     public static func dot(_ q: RowGroupKernels.Vectors4, _ x: UnsafeRawPointer, bits: Int) -> __m256i {
-        @inline(__always) func p(_ v: __m256i, _ c: Int) -> __m256i { _mm256_maddubs_epi16(v, broadcast(x, c)) }
-        let ones = Int8Kernels.ones16
-        let a = _mm256_add_epi16(p(q.0, 0), p(q.1, 1)), b = _mm256_add_epi16(p(q.2, 2), p(q.3, 3))
-        if bits <= 5 { return _mm256_madd_epi16(_mm256_add_epi16(a, b), ones) }
-        precondition(bits <= 6, "four chunks of AVX2 row-group products take values of at most 6 bits")
-        return _mm256_add_epi32(_mm256_madd_epi16(a, ones), _mm256_madd_epi16(b, ones))
+        sums(q, x, bits: bits, Int8Kernels.ones16)
     }
 
     /// The scale as int16 in both halves of each int32 lane: `madd` with it takes the 16-bit
@@ -283,27 +291,12 @@ public enum AVX2RowGroupDot: RowGroupDot {
 
     @inline(__always) @inlinable
     public static func scaledDot(_ q: Int8Kernels.Vectors8, _ x: UnsafeRawPointer, bits: Int, scales: __m256i) -> __m256i {
-        let sc = pairScales(scales)
-        switch bits {
-        case ...4:
-            let s = pairSums(q, x)
-            return _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(s.0, s.1), _mm256_add_epi16(s.2, s.3)), sc)
-        case 5:
-            let s = pairSums(q, x)
-            return _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(s.0, s.1), sc), _mm256_madd_epi16(_mm256_add_epi16(s.2, s.3), sc))
-        default:
-            return _mm256_mullo_epi32(dot(q, x, bits: bits), scales)
-        }
+        bits <= 6 ? sums(q, x, bits: bits, pairScales(scales)) : _mm256_mullo_epi32(dot(q, x, bits: bits), scales)
     }
 
     @inline(__always) @inlinable
     public static func scaledDot(_ q: RowGroupKernels.Vectors4, _ x: UnsafeRawPointer, bits: Int, scales: __m256i) -> __m256i {
-        @inline(__always) func p(_ v: __m256i, _ c: Int) -> __m256i { _mm256_maddubs_epi16(v, broadcast(x, c)) }
-        let sc = pairScales(scales)
-        let a = _mm256_add_epi16(p(q.0, 0), p(q.1, 1)), b = _mm256_add_epi16(p(q.2, 2), p(q.3, 3))
-        if bits <= 5 { return _mm256_madd_epi16(_mm256_add_epi16(a, b), sc) }
-        precondition(bits <= 6, "four chunks of AVX2 row-group products take values of at most 6 bits")
-        return _mm256_add_epi32(_mm256_madd_epi16(a, sc), _mm256_madd_epi16(b, sc))
+        sums(q, x, bits: bits, pairScales(scales))
     }
 }
 

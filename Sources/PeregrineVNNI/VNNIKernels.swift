@@ -32,24 +32,19 @@ extension VNNIDot: RowGroupDot {
     /// One `vpdpbusd` a chunk, whatever the values' width: it sums in 32 bits.
     @inlinable @inline(__always)
     public static func dot(_ q: Int8Kernels.Vectors8, _ x: UnsafeRawPointer, bits: Int) -> __m256i {
-        @inline(__always) func b(_ u: Int) -> __m256i { _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self)) }
-        var s = dpbusd(_mm256_setzero_si256(), q.0, b(0))
-        s = dpbusd(s, q.1, b(1))
-        s = dpbusd(s, q.2, b(2))
-        s = dpbusd(s, q.3, b(3))
-        s = dpbusd(s, q.4, b(4))
-        s = dpbusd(s, q.5, b(5))
-        s = dpbusd(s, q.6, b(6))
-        return dpbusd(s, q.7, b(7))
+        chain(chain(_mm256_setzero_si256(), (q.0, q.1, q.2, q.3), x), (q.4, q.5, q.6, q.7), x + 16)
     }
 
     @inlinable @inline(__always)
     public static func dot(_ q: RowGroupKernels.Vectors4, _ x: UnsafeRawPointer, bits: Int) -> __m256i {
-        @inline(__always) func b(_ u: Int) -> __m256i { _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &* u, as: Int32.self)) }
-        var s = dpbusd(_mm256_setzero_si256(), q.0, b(0))
-        s = dpbusd(s, q.1, b(1))
-        s = dpbusd(s, q.2, b(2))
-        return dpbusd(s, q.3, b(3))
+        chain(_mm256_setzero_si256(), q, x)
+    }
+
+    /// Four chunks added to `s` in order.
+    @inlinable @inline(__always)
+    static func chain(_ s: __m256i, _ q: RowGroupKernels.Vectors4, _ x: UnsafeRawPointer) -> __m256i {
+        @inline(__always) func b(_ u: Int) -> __m256i { RowGroupKernels.broadcast(x, u) }
+        return dpbusd(dpbusd(dpbusd(dpbusd(s, q.0, b(0)), q.1, b(1)), q.2, b(2)), q.3, b(3))
     }
 }
 

@@ -219,6 +219,21 @@ enum CPUKernels {
         while i < k { out[i] = E.load1(w, start &+ i); i &+= 1 }
     }
 
+    /// Y[t, o] for every token and the rows `rows`: four tokens at a time, then one by one.
+    @inline(__always)
+    static func tokenTiles<E: WeightElement>(_ e: E.Type, w: UnsafeRawPointer, k: Int, x: UnsafePointer<Float>, tokens: Int,
+                                             rows: Range<Int>, y: UnsafeMutablePointer<Float>, ldy: Int) {
+        var t = 0
+        while t &+ 4 <= tokens {
+            gemm4Tokens(e, w: w, k: k, x: x + t &* k, rows: rows, y: y + t &* ldy, ldy: ldy)
+            t &+= 4
+        }
+        while t < tokens {
+            gemvRows(e, w: w, k: k, x: x + t &* k, rows: rows, y: y + t &* ldy)
+            t &+= 1
+        }
+    }
+
     /// y[t * ldy + o] += bias[o] for the output rows `rows` of `tokens` tokens (none without a bias).
     @inline(__always)
     static func addBias(_ bias: UnsafePointer<Float>?, rows: Range<Int>, tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
@@ -254,26 +269,10 @@ enum CPUKernels {
                 let part = r..<min(rows.upperBound, r &+ run)
                 if let wide {
                     for (i, o) in part.enumerated() { widenRow(E.self, w, o &* k, k, into: wide + i &* k) }
-                    let rw = UnsafeRawPointer(wide), local = 0..<part.count, yp = y + part.lowerBound
-                    var t = 0
-                    while t &+ 4 <= tokens {
-                        gemm4Tokens(F32Element.self, w: rw, k: k, x: x + t &* k, rows: local, y: yp + t &* outDim, ldy: outDim)
-                        t &+= 4
-                    }
-                    while t < tokens {
-                        gemvRows(F32Element.self, w: rw, k: k, x: x + t &* k, rows: local, y: yp + t &* outDim)
-                        t &+= 1
-                    }
+                    tokenTiles(F32Element.self, w: UnsafeRawPointer(wide), k: k, x: x, tokens: tokens, rows: 0..<part.count,
+                               y: y + part.lowerBound, ldy: outDim)
                 } else {
-                    var t = 0
-                    while t &+ 4 <= tokens {
-                        gemm4Tokens(e, w: w, k: k, x: x + t &* k, rows: part, y: y + t &* outDim, ldy: outDim)
-                        t &+= 4
-                    }
-                    while t < tokens {
-                        gemvRows(e, w: w, k: k, x: x + t &* k, rows: part, y: y + t &* outDim)
-                        t &+= 1
-                    }
+                    tokenTiles(e, w: w, k: k, x: x, tokens: tokens, rows: part, y: y, ldy: outDim)
                 }
                 r = part.upperBound
             }
