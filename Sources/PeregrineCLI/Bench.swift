@@ -177,6 +177,7 @@ struct Bench: ParsableCommand {
                     }
                 }
             }
+            if let steps = StepProfile.shared?.report { print(steps) }
         }
     }
 
@@ -196,6 +197,7 @@ struct Bench: ParsableCommand {
                 if batched { try runBatched(lm) }
                 if throughput { try runThroughput(lm, tokenizer) }
                 if let profile = lm.kernelProfile { print(profile) }
+                if let steps = StepProfile.shared?.report { print(steps) }
             }
         }
     }

@@ -11,6 +11,9 @@ public protocol ComputeBackend: AnyObject {
 
     /// Makes a weight usable by the backend. The view's memory (a mapped file) outlives the model.
     func weight(_ t: TensorView) throws -> Weight
+    /// Weights that products take together over one input (a layer's q, k and v): a backend may
+    /// place them one under another in one allocation and run them as one product.
+    func weights(_ ts: [TensorView]) throws -> [Weight]
     /// Rows of a matrix weight (the length of a product's output row).
     func outputSize(_ w: Weight) -> Int
     /// An f32 buffer of `count` elements, zeroed.
@@ -66,6 +69,9 @@ public protocol ComputeBackend: AnyObject {
     /// it comes with this key (a decode step), so a backend may record it once and replay it.
     /// The pass ends with `synchronize`.
     func beginStep(key: Int)
+    /// Set from `beginPass` to `synchronize` when the pass replays a recording: its kernels are
+    /// queued already, and only the values it stages (tokens, RoPE tables, logit rows) change.
+    var replayingStep: Bool { get }
     /// The rows a decode step of `rows` sequences (one token each, every row sampled) is padded
     /// to so that the backend can record it once and replay it (the next of its capture sizes),
     /// or nil to run the step as it is. Padding rows write only the KV memory's scratch block and
@@ -155,7 +161,9 @@ public protocol ComputeBackend: AnyObject {
 }
 
 extension ComputeBackend {
+    public func weights(_ ts: [TensorView]) throws -> [Weight] { try ts.map { try weight($0) } }
     public func beginStep(key: Int) {}
+    public var replayingStep: Bool { false }
     public func decodeGraphRows(_ rows: Int) -> Int? { nil }
     public func beginPass(_ plan: BatchPlan) {}
 

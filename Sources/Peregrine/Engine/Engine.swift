@@ -89,6 +89,9 @@ public final class Engine: @unchecked Sendable {
         scheduler = Scheduler(config: config, blocks: blocks, longPromptFrom: longPromptFrom)
         runner = ModelRunner(model: model, kv: kv)
         snapshot.kvBlocksTotal = count
+        if model.freeDeviceMemory != nil {
+            try runner.warmUp(tokens: config.maxBatchTokens ?? 1, sequences: config.maxSequences)
+        }
     }
 
     /// The background thread holds the engine only while it steps, so an engine nobody else
@@ -244,8 +247,11 @@ public final class Engine: @unchecked Sendable {
     }
 
     private func runStep(_ outputs: inout [EngineOutput]) throws {
+        let profile = StepProfile.shared
+        profile?.beginStep()
         let work = scheduler.schedule()
         guard !work.isEmpty else { return }
+        profile?.mark(.schedule)
         let logits = try runner.run(work, copies: scheduler.copies)
         forwardPasses += 1
         // Plain greedy rows are chosen together (one read back on a GPU); the rest one by one.
@@ -275,6 +281,7 @@ public final class Engine: @unchecked Sendable {
             }
         }
         let drawn = drawnRows.isEmpty ? [] : try logits?.sample(rows: drawnRows, draws: draws) ?? []
+        profile?.mark(.sample)
         row = 0
         var g = 0, d = 0
         for (i, w) in work.enumerated() {
@@ -305,6 +312,10 @@ public final class Engine: @unchecked Sendable {
             }
             outputs.append(s.takeOutput())
             if s.isFinished, let seqs = live[s.requestId], seqs.allSatisfy(\.isFinished) { live[s.requestId] = nil }
+        }
+        if let profile {
+            profile.mark(.advance)
+            profile.endStep(decode: work.allSatisfy { $0.count == 1 && $0.start + 1 > $0.sequence.promptCount })
         }
     }
 

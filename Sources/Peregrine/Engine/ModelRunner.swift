@@ -45,7 +45,40 @@ final class ModelRunner {
         for i in promptRows.indices { promptRows[i].first += plan.logitRows.count }
         plan.logitRows += extraRows
         guard plan.count > 0 else { return nil }
+        StepProfile.shared?.mark(.plan)
         return try model.forward(plan, kv: kv)
+    }
+
+    /// Batch sizes of the decode steps `warmUp` runs: vLLM's CUDA graph capture sizes, which a
+    /// GPU backend pads other sizes to.
+    static let warmedDecodeSizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+
+    /// A prefill pass over about `tokens` tokens as up to `sequences` prompts of equal length,
+    /// each sampling its last token, then a decode step of each of `warmedDecodeSizes` up to
+    /// `sequences` rows; all of them write into the pool's first blocks, which every sequence
+    /// shares: called before any sequence holds a block, so nothing is overwritten, and the
+    /// results are dropped. On a GPU the largest step's activations and scratch are allocated
+    /// here, its kernels loaded and its products chosen (as llama.cpp reserves its compute
+    /// buffers and vLLM runs a profiling pass and captures its graphs when they start), not
+    /// inside the first requests' steps: on an H200, the 8B shape's first 256-sequence decode
+    /// steps took about 12 ms of host time each for that.
+    func warmUp(tokens: Int, sequences: Int) throws {
+        let count = max(1, min(sequences, tokens))
+        let length = min(tokens / count, kv.capacity - 1, kv.blocks * kv.blockSize - 1)
+        guard length >= 1 else { return }
+        let table = (0..<(length / kv.blockSize + 1)).map { Int32($0) }
+        func pass(rows: Int, tokens n: Int, position: Int) throws {
+            plan.removeAll()
+            plan.tableWidth = kv.tableWidth
+            for slot in 0..<rows {
+                plan.append(tokens: repeatElement(0, count: n), slot: slot, position: position, logits: .last)
+                plan.appendBlockTable(table)
+                plan.promptLengths.append(Int32(length))
+            }
+            _ = try model.forward(plan, kv: kv)
+        }
+        try pass(rows: count, tokens: length, position: 0)
+        for rows in ModelRunner.warmedDecodeSizes where rows <= sequences { try pass(rows: rows, tokens: 1, position: length) }
     }
 
     /// Takes the prompt log probabilities the work's rows give (rows of positions already scored

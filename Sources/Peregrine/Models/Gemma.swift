@@ -118,7 +118,7 @@ public final class GemmaModel<B: ComputeBackend>: LanguageModel {
             localRope?.fill(pass)
             pass.embed(embedTokens)
             backend.scale(pass.workspace.x, count: pass.rows * pass.hidden, by: embeddingScale)
-            for (i, L) in layers.enumerated() where !skippedLayers.contains(i) {
+            for (i, L) in layers.enumerated() where !skippedLayers.contains(i) && !pass.replaying {
                 L.attention(layer: i, pass, norm: L.inputNorm, rope: L.rope, window: config.slidingWindow[i],
                             outputNorm: L.postAttentionNorm)
                 L.mlp(pass, norm: L.preFeedforwardNorm, outputNorm: L.postFeedforwardNorm)

@@ -84,7 +84,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
         try runner.forward(plan, kv: kv, skippedLayers: skippedLayers) { pass in
             rope.fill(pass)
             pass.embed(embedTokens)
-            for (i, L) in layers.enumerated() where !skippedLayers.contains(i) {
+            for (i, L) in layers.enumerated() where !skippedLayers.contains(i) && !pass.replaying {
                 L.attention(layer: i, pass, norm: L.inputNorm, rope: rope, window: config.slidingWindow[i])
                 L.mlp(pass, norm: L.postNorm)
             }

@@ -122,7 +122,7 @@ public final class MoEModel<B: ComputeBackend>: LanguageModel {
             passes += 1
             rope.fill(pass)
             pass.embed(embedTokens)
-            for (i, L) in layers.enumerated() where !skippedLayers.contains(i) {
+            for (i, L) in layers.enumerated() where !skippedLayers.contains(i) && !pass.replaying {
                 L.attention(layer: i, pass, norm: L.inputNorm, rope: rope, window: config.slidingWindow[i])
                 switch L.feedForward {
                 case .dense(let mlp): mlp(pass, norm: L.postNorm)

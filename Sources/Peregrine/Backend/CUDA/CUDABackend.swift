@@ -85,7 +85,9 @@ public struct CUDAWeight: @unchecked Sendable {
     public let rows: Int
     public let cols: Int
     let storage: CUDABuffer
-    var pointer: CUDADriver.DevicePointer { storage.pointer }
+    /// Where it starts in `storage` (weights placed together by `weights`).
+    var byteOffset: UInt64 = 0
+    var pointer: CUDADriver.DevicePointer { storage.pointer + byteOffset }
 }
 
 /// A layer's routed experts in device memory: each expert's projections as loaded weights,
@@ -137,6 +139,10 @@ public final class CUDABackend: ComputeBackend {
     private var planInts: CUDABuffer
     private var rowInts: CUDABuffer
     private var tileInts: CUDABuffer
+    /// Tiles (first row, count) of a step whose every row is one query of its own, row t in tile t,
+    /// for up to the largest recorded batch: a --deterministic decode step's attention reads them
+    /// from here, not from a copy staged in every layer (a replayed step stages its inputs only).
+    private let singleRowTiles: CUDABuffer
     /// Rows of a mixed batch sent to the split attention kernel.
     private var mapInts: CUDABuffer
     private var singleRows: [Int32] = []
@@ -157,6 +163,8 @@ public final class CUDABackend: ComputeBackend {
     /// weight's widening, a bias added to another buffer) keep it.
     private var halfHolds: (source: CUDADriver.DevicePointer, count: Int, type: Int32)?
     private var dequantScratch: CUDABuffer
+    /// A product over stacked weights (`matmul3`), before its rows are split.
+    private var stackedOut: CUDABuffer
     private var activationScratch: CUDABuffer
     /// The 8-bit copy (int8 values, then a scale per 32) of a MoE layer's normalized input that
     /// moe_router wrote into `routedQ8` beside `source`, for the quantized experts' products
@@ -197,9 +205,18 @@ public final class CUDABackend: ComputeBackend {
     // which fixes the attention's split count (`splitBasis`); the key is settled in `beginPass`.
     // Batches of decode tokens are padded by the model to the next of `captureSizes`
     // (`decodeGraphRows`), vLLM's way: a graph per size, not per batch.
-    private enum StepMode { case eager, capturing(Int), replaying(OpaquePointer?) }
+    private enum StepMode { case eager, capturing(Int), replaying(OpaquePointer?, Int) }
     private var mode = StepMode.eager
     private var graphs: [Int: OpaquePointer?] = [:]
+    /// Bytes each recorded step staged: a replay stages as much, in the same order, or its
+    /// inputs would land where the recording does not read them.
+    private var stagedBytes: [Int: Int] = [:]
+    /// Recorded steps whose layers staged nothing (attention's tiles or row maps are staged in
+    /// every layer of a mixed step): only those are replayed without walking the layers
+    /// (`replayingStep`); the rest are walked, restaging what they staged.
+    private var inputsOnly: Set<Int> = []
+    /// Some layer of the step being recorded staged values.
+    private var layersStaged = false
     private var seen: [Int: Int] = [:]
     private var pendingKey: Int?
     /// Steps replayed from a graph so far (for tests).
@@ -300,7 +317,7 @@ public final class CUDABackend: ComputeBackend {
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split", "attention_split_heads",
                      "silu_mul", "gelu_tanh_mul", "scale_inplace", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
                      "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
-                     "repetition_penalty", "exp_sum_rows", "sample_rows",
+                     "repetition_penalty", "exp_sum_rows", "sample_rows", "split_columns",
                      "moe_route", "moe_router", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16",
                      "expert_gemm_bf16", "expert_gemm_f16"]
                      + matvecs + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
@@ -331,7 +348,14 @@ public final class CUDABackend: ComputeBackend {
         attentionCounters = try CUDABuffer(driver: driver, count: CUDABackend.attentionCounterCount)
         try driver.check(driver.cuMemsetD8Async(attentionCounters.pointer, 0, CUDABackend.attentionCounterCount * 4, s), "cuMemsetD8Async")
         scratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        let tileRows = CUDABackend.captureSizes.last ?? 1
+        let tileBuffer = try CUDABuffer(driver: driver, count: 2 * tileRows)
+        let tiles = (0..<tileRows).flatMap { [Int32($0), 1] }
+        try tiles.withUnsafeBytes { try driver.check(driver.cuMemcpyHtoDAsync(tileBuffer.pointer, $0.baseAddress!, $0.count, s), "cuMemcpyHtoDAsync") }
+        singleRowTiles = tileBuffer
+        try driver.check(driver.cuStreamSynchronize(s), "cuStreamSynchronize")
         halfScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
+        stackedOut = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         dequantScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         activationScratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         routedQ8 = try CUDABuffer(driver: driver, count: 1024, pool: pool)
@@ -362,16 +386,21 @@ public final class CUDABackend: ComputeBackend {
         for (_, g) in graphs { _ = driver.cuGraphExecDestroy(g) }
         graphs.removeAll()
         seen.removeAll()
+        stagedBytes.removeAll()
+        inputsOnly.removeAll()
     }
 
     public func beginStep(key: Int) {
         bindContext()
         mode = .eager
         pinnedCursor = 0
+        layersStaged = false
         forgetCopies()
         pdlStep = pdl
         pendingKey = key
     }
+
+    public var replayingStep: Bool { if case .replaying(_, let key) = mode { return inputsOnly.contains(key) }; return false }
 
     public func decodeGraphRows(_ rows: Int) -> Int? {
         guard graphsEnabled, pinned != nil else { return nil }
@@ -405,7 +434,7 @@ public final class CUDABackend: ComputeBackend {
         h.combine(plan.count > 1 ? CUDABackend.splitBasis(longest) : longest >= groupedAttentionFrom ? 1 : 0)
         key = h.finalize()
         if let g = graphs[key] {
-            mode = .replaying(g)
+            mode = .replaying(g, key)
             return
         }
         seen[key, default: 0] += 1
@@ -603,6 +632,27 @@ public final class CUDABackend: ComputeBackend {
             return CUDAWeight(dtype: t.dtype, rows: rows, cols: cols, storage: planar)
         }
         return CUDAWeight(dtype: t.dtype, rows: rows, cols: cols, storage: b)
+    }
+
+    /// 16-bit matrices of one width, of at least eight columns (rows 16-byte aligned), go one
+    /// under another in one allocation: `matmul3` runs them as one product when many tokens
+    /// take them. Anything else is loaded as `weight` loads it.
+    public func weights(_ ts: [TensorView]) throws -> [CUDAWeight] {
+        guard ts.count > 1, let first = ts.first, first.dtype == .f16 || first.dtype == .bf16, first.shape.count == 2,
+              first.shape[1] % 8 == 0, ts.allSatisfy({ $0.dtype == first.dtype && $0.shape.count == 2 && $0.shape[1] == first.shape[1] })
+        else { return try ts.map { try weight($0) } }
+        bindContext()
+        let total = ts.reduce(0) { $0 + $1.byteCount }
+        let b = try CUDABuffer(driver: driver, count: (total + 3) / 4)
+        var offset = 0
+        var placed: [CUDAWeight] = []
+        for t in ts {
+            try driver.check(driver.cuMemcpyHtoDAsync(b.pointer + UInt64(offset), t.data, t.byteCount, stream), "cuMemcpyHtoDAsync")
+            placed.append(CUDAWeight(dtype: t.dtype, rows: t.shape[0], cols: t.shape[1], storage: b, byteOffset: UInt64(offset)))
+            offset += t.byteCount
+        }
+        try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        return placed
     }
 
     /// Device memory (allocated exactly) holding `bytes` from the host, the copy complete.
@@ -880,11 +930,33 @@ public final class CUDABackend: ComputeBackend {
         if rows == oneToken, matvecKernel(x, [a, b, c], mode: 0, norm: nil) || mixedQuantizedMatvecs(x, [a, b, c], norm: nil) { return }
         if usesRowKernel(rows, a.weight), a.weight.dtype == b.weight.dtype, b.weight.dtype == c.weight.dtype {
             rowKernel(x, rows: rows, [a, b, c], mode: 0)
+        } else if a.bias == nil, b.bias == nil, c.bias == nil, stacked([a.weight, b.weight, c.weight]) {
+            // One product over the three matrices as one (placed together by `weights`), its rows
+            // then split: the 8B shape's q, k and v at 64 tokens took three cuBLAS products (two
+            // of them split-K, with their reductions) and 29 us a layer on an H200.
+            let n = a.weight.rows + b.weight.rows + c.weight.rows
+            guard ensure(&stackedOut, rows * n) else { return }
+            gemm(x, rows: rows, weight: CUDAWeight(dtype: a.weight.dtype, rows: n, cols: a.weight.cols, storage: a.weight.storage,
+                                                   byteOffset: a.weight.byteOffset), bias: nil, out: stackedOut, accumulate: false)
+            launch("split_columns", grid: (rows, 1, 1), block: 256) { p in
+                p.ptr(stackedOut); p.ptr(a.out); p.ptr(b.out); p.ptr(c.out); p.i32(a.weight.rows); p.i32(b.weight.rows); p.i32(c.weight.rows)
+            }
         } else {
             matmul(x, rows: rows, weight: a.weight, bias: a.bias, out: a.out)
             matmul(x, rows: rows, weight: b.weight, bias: b.bias, out: b.out)
             matmul(x, rows: rows, weight: c.weight, bias: c.bias, out: c.out)
         }
+    }
+
+    /// 16-bit matrices of one width, each right under the one before it in one allocation.
+    private func stacked(_ ws: [CUDAWeight]) -> Bool {
+        guard let first = ws.first, first.dtype == .f16 || first.dtype == .bf16 else { return false }
+        var end = first.byteOffset
+        for w in ws {
+            guard w.storage === first.storage, w.dtype == first.dtype, w.cols == first.cols, w.byteOffset == end else { return false }
+            end += UInt64(w.rows * w.cols * 2)
+        }
+        return true
     }
 
     public func matmulAdd(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, residual: CUDABuffer, scratch: CUDABuffer) {
@@ -1041,7 +1113,12 @@ public final class CUDABackend: ComputeBackend {
                                  slots: slots, positions: positions, tables: tables, tiles: singleRows.count)
                 return
             }
-            rowMap = singleRows.withUnsafeBufferPointer { upload($0, into: &mapInts) }
+            // A decode step's rows are all single queries, in order: no map (and no copy of one
+            // into every layer of its graph).
+            if singleRows.count < rows {
+                rowMap = singleRows.withUnsafeBufferPointer { upload($0, into: &mapInts) }
+                layersStaged = true
+            }
             splitRows = singleRows.count
         }
         var longest = 0
@@ -1134,7 +1211,11 @@ public final class CUDABackend: ComputeBackend {
                                   softCap: Float, window: Int?, out: CUDABuffer, slots: CUDADriver.DevicePointer, positions: CUDADriver.DevicePointer,
                                   tables: CUDADriver.DevicePointer, tiles: Int) {
         let hd = cache.headDim
-        let table = hostInts.withUnsafeBufferPointer { upload($0, into: &tileInts) }
+        var table = singleRowTiles.pointer
+        if tiles != plan.count || tiles > singleRowTiles.count / 2 {
+            table = hostInts.withUnsafeBufferPointer { upload($0, into: &tileInts) }
+            layersStaged = true
+        }
         if tensorCoreAttention(cache) {
             // Queries (64 rows) and two buffers of keys and values (64 positions, 32 for 256-wide
             // heads), f16 rows padded by 8 (FA_ROWS and KT in Kernels.cu).
@@ -1524,7 +1605,9 @@ public final class CUDABackend: ComputeBackend {
         guard ensure(&sampleInts, 2 * n) else { try synchronize(); return [] }
         var words = [UInt64](repeating: 0, count: n)
         record(driver.cuMemsetD8Async(sampleInts.pointer, 0, 8 * n, stream), "cuMemsetD8Async")
-        let parts = max(1, min(max(1, 2 * driver.multiprocessors / n), (cols + 2047) / 2048))
+        // About eight blocks a multiprocessor, so many rows are read at the memory's rate (one
+        // block a row read 256 rows of the 8B shape's vocabulary at a sixth of it).
+        let parts = max(1, min((8 * driver.multiprocessors + n - 1) / n, (cols + 2047) / 2048))
         launch("argmax_rows", grid: (parts, n, 1), block: 256) { a in a.ptr(x); a.i32(cols); a.ptr(sampleInts) }
         words.withUnsafeMutableBytes { record(driver.cuMemcpyDtoHAsync($0.baseAddress!, sampleInts.pointer, 8 * n, stream), "cuMemcpyDtoHAsync") }
         try synchronize()
@@ -1613,12 +1696,17 @@ public final class CUDABackend: ComputeBackend {
             var exec: OpaquePointer?
             if ended == 0, firstError == nil, driver.cuGraphInstantiate(&exec, graph, 0) == 0 {
                 graphs[key] = exec
+                stagedBytes[key] = pinnedCursor
+                if !layersStaged { inputsOnly.insert(key) }
                 record(driver.cuGraphLaunch(exec, stream), "cuGraphLaunch")
             } else {
                 record(ended != 0 ? ended : 1, "capturing a decode step")
             }
             if graph != nil { _ = driver.cuGraphDestroy(graph) }
-        case .replaying(let exec):
+        case .replaying(let exec, let key):
+            if pinnedCursor != stagedBytes[key], firstError == nil {
+                firstError = .backend("internal: a replayed step staged \(pinnedCursor) bytes, its recording \(stagedBytes[key] ?? 0)")
+            }
             record(driver.cuGraphLaunch(exec, stream), "cuGraphLaunch")
             graphReplays += 1
         }

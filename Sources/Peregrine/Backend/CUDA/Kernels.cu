@@ -1828,6 +1828,21 @@ extern "C" __global__ void add_inplace(float* x, const float* y, long n) {
     if (i < n) x[i] += y[i];
 }
 
+// Row t of a product over three stacked matrices ([rows, na + nb + nc]) to the outputs each
+// matrix's part belongs in.
+extern "C" __global__ void split_columns(const float* x, float* a, float* b, float* c, int na, int nb, int nc) {
+    gdc_wait();
+    long t = blockIdx.x;
+    int n = na + nb + nc;
+    const float* r = x + t * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = r[i];
+        if (i < na) a[t * na + i] = v;
+        else if (i < na + nb) b[t * nb + i - na] = v;
+        else c[t * nc + i - na - nb] = v;
+    }
+}
+
 extern "C" __global__ void gather_rows(const float* x, const int* rows, float* out, int dim) {
     gdc_wait();
     int r = blockIdx.x;
@@ -2359,7 +2374,19 @@ extern "C" __global__ void argmax_rows(const float* x, int cols, unsigned long l
     gdc_wait();
     const float* r = x + (long)blockIdx.y * cols;
     unsigned long long best = 0;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x) {
+    const int stride = gridDim.x * blockDim.x;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    // Four loads in flight a thread before any compare: the loop is bound by memory latency.
+    for (; i + 3 * stride < cols; i += 4 * stride) {
+        float v[4] = {r[i], r[i + stride], r[i + 2 * stride], r[i + 3 * stride]};
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if (v[j] != v[j]) continue;
+            unsigned long long key = ((unsigned long long)order_key(v[j]) << 32) | (0xffffffffu - (unsigned)(i + j * stride));
+            if (key > best) best = key;
+        }
+    }
+    for (; i < cols; i += stride) {
         float v = r[i];
         if (v != v) continue;
         unsigned long long key = ((unsigned long long)order_key(v) << 32) | (0xffffffffu - (unsigned)i);

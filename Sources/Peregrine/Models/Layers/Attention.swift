@@ -15,9 +15,8 @@ struct Attention<B: ComputeBackend> {
     /// `<prefix>q_proj.weight` and so on (prefix "model.layers.N.self_attn."), shaped by the config.
     init(_ w: WeightLoader<B>, prefix p: String, config c: ModelConfig) throws {
         let d = c.hiddenSize, hd = c.headDim, qd = c.headCount * hd, kvd = c.kvHeadCount * hd
-        q = try w.load(p + "q_proj.weight", [qd, d])
-        k = try w.load(p + "k_proj.weight", [kvd, d])
-        v = try w.load(p + "v_proj.weight", [kvd, d])
+        let qkv = try w.load(together: [(p + "q_proj.weight", [qd, d]), (p + "k_proj.weight", [kvd, d]), (p + "v_proj.weight", [kvd, d])])
+        (q, k, v) = (qkv[0], qkv[1], qkv[2])
         o = try w.load(p + "o_proj.weight", [d, qd])
         qBias = try w.load(p + "q_proj.bias", [qd], if: c.qkvBias)
         kBias = try w.load(p + "k_proj.bias", [kvd], if: c.qkvBias)

@@ -76,10 +76,17 @@ struct DecoderPass<B: ComputeBackend> {
     let shape: ActivationShape
     var hidden: Int { shape.hidden }
     var rows: Int { plan.count }
+    /// The backend replays a recording of this step: the layers' kernels are in it, so a family
+    /// walks only what stages the step's inputs (RoPE tables, embeddings, the head's rows), not
+    /// its layers, whose host work (a fifteenth of a 256-sequence decode step of the 8B shape on
+    /// an H200) would leave the device idle.
+    let replaying: Bool
 
     /// x = the embedding rows of the batch's tokens.
     func embed(_ table: B.Weight) {
+        StepProfile.shared?.mark(.rope)
         plan.tokens.withUnsafeBufferPointer { backend.embed(tokens: $0, table: table, out: workspace.x) }
+        StepProfile.shared?.mark(.embed)
     }
 }
 
@@ -227,10 +234,17 @@ final class DecoderRunner<B: ComputeBackend> {
                      _ layers: (DecoderPass<B>) throws -> B.Buffer?) throws -> LogitRows {
         // Allocation happens before the step begins: a backend recording the step must not see it.
         let w = try activations(tokens: plan.count, logitRows: plan.logitRows.count)
+        let profile = StepProfile.shared
+        profile?.mark(.check)
         if let stepKey { backend.beginStep(key: stepKey) }
         backend.beginPass(plan)
-        let logits = try layers(DecoderPass(backend: backend, plan: plan, cache: cache, workspace: w, shape: shape))
+        profile?.mark(.stage)
+        if backend.replayingStep { profile?.noteReplay() }
+        let logits = try layers(DecoderPass(backend: backend, plan: plan, cache: cache, workspace: w, shape: shape,
+                                            replaying: backend.replayingStep))
+        profile?.mark(.walk)
         try backend.synchronize()
+        profile?.mark(.wait)
         guard let logits else { return logitRows }
         logitRows.buffer = logits
         logitRows.count = returnedRows

@@ -114,6 +114,11 @@ final class RotaryEmbedding<B: ComputeBackend> {
     let table: Int
     private var cosHost: [Float] = []
     private var sinHost: [Float] = []
+    /// Each position's cos then sin row, by frequency set (0: `inverseFrequencies`, 1: the long
+    /// ones), computed the first time a position is seen: a pass copies its rows instead of
+    /// taking two trigonometric functions per rotary pair and token (for a decode step of 256
+    /// sequences, 32,768 of them, a large share of the host's time in a step).
+    private var rowsByPosition: [[Float]] = [[], []]
     /// For LongRoPE, each sequence's (block-table row's) length below which its positions take
     /// the short factors: its prompt's length, or the end of the pass when the plan gives none.
     private var sequenceEnds: [Int32] = []
@@ -153,18 +158,34 @@ final class RotaryEmbedding<B: ComputeBackend> {
             for t in 0..<pass.rows { sequenceEnds[Int(plan.slots[t])] = max(sequenceEnds[Int(plan.slots[t])], plan.positions[t] + 1) }
             for s in 0..<min(plan.tableRows, plan.promptLengths.count) { sequenceEnds[s] = plan.promptLengths[s] }
         }
-        for t in 0..<pass.rows {
-            let pos = Float(plan.positions[t])
-            var inv = inverseFrequencies
-            if let long = longInverseFrequencies, max(Int(sequenceEnds[Int(plan.slots[t])]), Int(plan.positions[t]) + 1) > longFrom { inv = long }
-            for i in 0..<half {
-                let angle = Double(inv[i] * pos)
-                cosHost[t * half + i] = Float(cos(angle)) * scale
-                sinHost[t * half + i] = Float(sin(angle)) * scale
+        for t in 0..<pass.rows where half > 0 {
+            let position = Int(plan.positions[t])
+            let set = longInverseFrequencies != nil && max(Int(sequenceEnds[Int(plan.slots[t])]), position + 1) > longFrom ? 1 : 0
+            if rowsByPosition[set].count < (position + 1) * 2 * half { computeRows(set, through: position) }
+            rowsByPosition[set].withUnsafeBufferPointer { rows in
+                let row = rows.baseAddress! + position * 2 * half
+                cosHost.withUnsafeMutableBufferPointer { $0.baseAddress!.advanced(by: t * half).update(from: row, count: half) }
+                sinHost.withUnsafeMutableBufferPointer { $0.baseAddress!.advanced(by: t * half).update(from: row + half, count: half) }
             }
         }
         let w = pass.workspace
         cosHost.withUnsafeBufferPointer { pass.backend.write(UnsafeBufferPointer(rebasing: $0[0..<n]), to: w.cos[table], offset: 0) }
         sinHost.withUnsafeBufferPointer { pass.backend.write(UnsafeBufferPointer(rebasing: $0[0..<n]), to: w.sin[table], offset: 0) }
+    }
+
+    /// The rows of frequency set `set` up to `position`, computed in f32 angles and double
+    /// trigonometry as the reference does (the rows a pass copies are these exactly).
+    private func computeRows(_ set: Int, through position: Int) {
+        let inv = set == 1 ? longInverseFrequencies ?? inverseFrequencies : inverseFrequencies
+        let half = inv.count
+        var p = rowsByPosition[set].count / (2 * half)
+        let needed = (position + 1) * 2 * half
+        if rowsByPosition[set].capacity < needed { rowsByPosition[set].reserveCapacity(max(needed, 2 * rowsByPosition[set].capacity)) }
+        while p <= position {
+            let pos = Float(p)
+            for i in 0..<half { rowsByPosition[set].append(Float(cos(Double(inv[i] * pos))) * scale) }
+            for i in 0..<half { rowsByPosition[set].append(Float(sin(Double(inv[i] * pos))) * scale) }
+            p += 1
+        }
     }
 }

@@ -18,6 +18,14 @@ final class WeightLoader<B: ComputeBackend> {
         return try backend.weight(t)
     }
 
+    /// Weights that must exist with these shapes and that products take over one input (see
+    /// `ComputeBackend.weights`).
+    func load(together parts: [(name: String, shape: [Int])]) throws -> [B.Weight] {
+        let ts = try parts.map { try source.require($0.name, shape: $0.shape) }
+        bytes += ts.reduce(0) { $0 + $1.byteCount }
+        return try backend.weights(ts)
+    }
+
     /// A weight from a view already taken from the source (reshaped, or a slice), checked
     /// against `shape` and named `name` in errors.
     func view(_ t: TensorView, name: String, shape: [Int]) throws -> B.Weight {
