@@ -294,6 +294,9 @@ struct EngineOptions: ParsableArguments {
     @Flag(help: "Serve the waiting requests by their priority instead of in arrival order.")
     var priority = false
 
+    @Flag(help: "GPU: skip the warm-up pass when the engine starts (the first requests then pay for allocating scratch, loading kernels and choosing cuBLAS algorithms).")
+    var noWarmup = false
+
     func config(contextLength: Int?) throws -> EngineConfig {
         var c = EngineConfig()
         guard blockSize >= 1, blockSize <= 1024 else { throw PeregrineError.invalidArgument("--block-size must be between 1 and 1024") }
@@ -303,6 +306,7 @@ struct EngineOptions: ParsableArguments {
         c.contextLength = contextLength
         c.prefixCaching = !noPrefixCache
         c.policy = priority ? .priority : .fcfs
+        if noWarmup { c.warmUp = false }
         c.kvCacheType = kvCacheType
         if let b = batchTokens {
             guard b >= 1 else { throw PeregrineError.invalidArgument("--batch-tokens must be >= 1") }

@@ -202,6 +202,27 @@ final class EngineTests: XCTestCase {
     }
 
     /// Requests the engine can never serve are refused with a reason; the others run on.
+    /// The warm-up pass (on a GPU by default, asked for here on the CPU) writes only into blocks
+    /// no sequence holds and leaves nothing behind: the pool is empty after it, no step counted,
+    /// and requests give the tokens they give without it.
+    func testWarmUpLeavesPoolAndOutputsAlone() throws {
+        let (model, tokenizer) = try load()
+        var config = EngineConfig()
+        config.maxBatchTokens = 64
+        config.maxSequences = 8
+        config.kvBlocks = 24
+        config.warmUp = true
+        let warmed = try Engine(model: model, tokenizer: tokenizer, config: config)
+        XCTAssertEqual(warmed.stats.kvBlocksUsed, 0)
+        XCTAssertEqual(warmed.stats.steps, 0)
+        let requests = prompts(tokenizer, count: 6).map { request($0, 12) }
+        let got = try warmed.generate(prompts: requests)
+        config.warmUp = false
+        let plain = try Engine(model: model, tokenizer: tokenizer, config: config)
+        XCTAssertEqual(got.map(\.tokens), try plain.generate(prompts: requests).map(\.tokens))
+        XCTAssertEqual(got.count, 6)
+    }
+
     func testRefusals() throws {
         let (model, tokenizer) = try load()
         var config = EngineConfig()

@@ -89,7 +89,7 @@ public final class Engine: @unchecked Sendable {
         scheduler = Scheduler(config: config, blocks: blocks, longPromptFrom: longPromptFrom)
         runner = ModelRunner(model: model, kv: kv)
         snapshot.kvBlocksTotal = count
-        if model.freeDeviceMemory != nil {
+        if config.warmUp ?? (model.freeDeviceMemory != nil) {
             try runner.warmUp(tokens: config.maxBatchTokens ?? 1, sequences: config.maxSequences)
         }
     }

@@ -124,6 +124,11 @@ public struct EngineConfig: Sendable {
     public var contextLength: Int?
     public var prefixCaching = true
     public var policy = SchedulingPolicy.fcfs
+    /// Whether the engine runs a warm-up pass when it is made (`ModelRunner.warmUp`: a prefill of
+    /// `maxBatchTokens` tokens and a decode step of each CUDA-graph batch size up to
+    /// `maxSequences`, into blocks no sequence holds yet, its results dropped); nil: on a GPU only,
+    /// where it settles allocation, kernel loading and cuBLAS's choices before the first request.
+    public var warmUp: Bool?
 
     public init() {}
 }
