@@ -1704,11 +1704,15 @@ public final class CUDABackend: ComputeBackend {
             }
             if graph != nil { _ = driver.cuGraphDestroy(graph) }
         case .replaying(let exec, let key):
-            if pinnedCursor != stagedBytes[key], firstError == nil {
-                firstError = .backend("internal: a replayed step staged \(pinnedCursor) bytes, its recording \(stagedBytes[key] ?? 0)")
+            if pinnedCursor != stagedBytes[key] {
+                // Its inputs are not where the recording reads them: not launched, the step fails.
+                if firstError == nil {
+                    firstError = .backend("internal: a replayed step staged \(pinnedCursor) bytes, its recording \(stagedBytes[key] ?? 0)")
+                }
+            } else {
+                record(driver.cuGraphLaunch(exec, stream), "cuGraphLaunch")
+                graphReplays += 1
             }
-            record(driver.cuGraphLaunch(exec, stream), "cuGraphLaunch")
-            graphReplays += 1
         }
         mode = .eager
         pdlStep = false

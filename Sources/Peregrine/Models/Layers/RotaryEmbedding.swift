@@ -119,6 +119,9 @@ final class RotaryEmbedding<B: ComputeBackend> {
     /// taking two trigonometric functions per rotary pair and token (for a decode step of 256
     /// sequences, 32,768 of them, a large share of the host's time in a step).
     private var rowsByPosition: [[Float]] = [[], []]
+    /// Positions whose rows are kept (32 MiB a set for 64 rotary pairs); later ones are computed
+    /// each pass, as they were before.
+    static var keptPositions: Int { 1 << 16 }
     /// For LongRoPE, each sequence's (block-table row's) length below which its positions take
     /// the short factors: its prompt's length, or the end of the pass when the plan gives none.
     private var sequenceEnds: [Int32] = []
@@ -161,6 +164,14 @@ final class RotaryEmbedding<B: ComputeBackend> {
         for t in 0..<pass.rows where half > 0 {
             let position = Int(plan.positions[t])
             let set = longInverseFrequencies != nil && max(Int(sequenceEnds[Int(plan.slots[t])]), position + 1) > longFrom ? 1 : 0
+            guard position < RotaryEmbedding.keptPositions else {
+                let inv = set == 1 ? longInverseFrequencies ?? inverseFrequencies : inverseFrequencies, pos = Float(position)
+                for i in 0..<half {
+                    cosHost[t * half + i] = Float(cos(Double(inv[i] * pos))) * scale
+                    sinHost[t * half + i] = Float(sin(Double(inv[i] * pos))) * scale
+                }
+                continue
+            }
             if rowsByPosition[set].count < (position + 1) * 2 * half { computeRows(set, through: position) }
             rowsByPosition[set].withUnsafeBufferPointer { rows in
                 let row = rows.baseAddress! + position * 2 * half
