@@ -160,6 +160,10 @@ public protocol ComputeBackend: AnyObject {
     func addSigmoidGated(_ y: Buffer, gate: Buffer, rows: Int, dim: Int, residual: Buffer)
 }
 
+/// The decode batch sizes a backend that records steps records (vLLM's CUDA graph capture
+/// sizes; other sizes are padded to the next), which a GPU engine warms up at start.
+public let recordedDecodeBatchSizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+
 extension ComputeBackend {
     public func weights(_ ts: [TensorView]) throws -> [Weight] { try ts.map { try weight($0) } }
     public func beginStep(key: Int) {}

@@ -49,12 +49,8 @@ final class ModelRunner {
         return try model.forward(plan, kv: kv)
     }
 
-    /// Batch sizes of the decode steps `warmUp` runs: vLLM's CUDA graph capture sizes, which a
-    /// GPU backend pads other sizes to.
-    static let warmedDecodeSizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
-
     /// A prefill pass over about `tokens` tokens as up to `sequences` prompts of equal length,
-    /// each sampling its last token, then a decode step of each of `warmedDecodeSizes` up to
+    /// each sampling its last token, then a decode step of each of `recordedDecodeBatchSizes` up to
     /// `sequences` rows; all of them write into the pool's first blocks, which every sequence
     /// shares: called before any sequence holds a block, so nothing is overwritten, and the
     /// results are dropped. On a GPU the largest step's activations and scratch are allocated
@@ -78,7 +74,7 @@ final class ModelRunner {
             _ = try model.forward(plan, kv: kv)
         }
         try pass(rows: count, tokens: length, position: 0)
-        for rows in ModelRunner.warmedDecodeSizes where rows <= sequences { try pass(rows: rows, tokens: 1, position: length) }
+        for rows in recordedDecodeBatchSizes where rows <= sequences { try pass(rows: rows, tokens: 1, position: length) }
     }
 
     /// Takes the prompt log probabilities the work's rows give (rows of positions already scored

@@ -47,6 +47,7 @@ public final class StepProfile: @unchecked Sendable {
     private var pending = [Double](repeating: 0, count: Phase.allCases.count)
     private var started = 0.0
 
+    /// Seconds on the monotonic clock (the benchmarks' clock too).
     public static func now() -> Double {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)

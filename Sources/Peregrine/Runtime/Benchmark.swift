@@ -31,11 +31,7 @@ public enum Benchmark {
         return (xs.reduce(0) { $0 + ($1 - m) * ($1 - m) } / Double(xs.count - 1)).squareRoot()
     }
 
-    static func now() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) * 1e-9
-    }
+    static func now() -> Double { StepProfile.now() }
 
     /// Deterministic token ids in the vocabulary (llama-bench also feeds arbitrary tokens).
     static func tokens(_ n: Int, vocab: Int, seed: UInt64) -> [Int] {

@@ -223,7 +223,7 @@ public final class CUDABackend: ComputeBackend {
     private(set) var graphReplays = 0
     private let graphsEnabled = ProcessInfo.processInfo.environment["PEREGRINE_NO_CUDA_GRAPHS"] == nil
         && ProcessInfo.processInfo.environment["PEREGRINE_KERNEL_PROFILE"] == nil
-    static let captureSizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+    static let captureSizes = recordedDecodeBatchSizes
     private var pinned: UnsafeMutableRawPointer?
     /// Enough for a 256-row step's tokens, positions, rotations and block tables of 2,048 entries a row.
     private let pinnedBytes = 8 << 20

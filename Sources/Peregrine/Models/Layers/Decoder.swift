@@ -239,9 +239,9 @@ final class DecoderRunner<B: ComputeBackend> {
         if let stepKey { backend.beginStep(key: stepKey) }
         backend.beginPass(plan)
         profile?.mark(.stage)
-        if backend.replayingStep { profile?.noteReplay() }
-        let logits = try layers(DecoderPass(backend: backend, plan: plan, cache: cache, workspace: w, shape: shape,
-                                            replaying: backend.replayingStep))
+        let replaying = backend.replayingStep
+        if replaying { profile?.noteReplay() }
+        let logits = try layers(DecoderPass(backend: backend, plan: plan, cache: cache, workspace: w, shape: shape, replaying: replaying))
         profile?.mark(.walk)
         try backend.synchronize()
         profile?.mark(.wait)

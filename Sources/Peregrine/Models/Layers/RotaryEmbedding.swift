@@ -165,10 +165,10 @@ final class RotaryEmbedding<B: ComputeBackend> {
             let position = Int(plan.positions[t])
             let set = longInverseFrequencies != nil && max(Int(sequenceEnds[Int(plan.slots[t])]), position + 1) > longFrom ? 1 : 0
             guard position < RotaryEmbedding.keptPositions else {
-                let inv = set == 1 ? longInverseFrequencies ?? inverseFrequencies : inverseFrequencies, pos = Float(position)
-                for i in 0..<half {
-                    cosHost[t * half + i] = Float(cos(Double(inv[i] * pos))) * scale
-                    sinHost[t * half + i] = Float(sin(Double(inv[i] * pos))) * scale
+                cosHost.withUnsafeMutableBufferPointer { c in
+                    sinHost.withUnsafeMutableBufferPointer { s in
+                        rotation(set, position, cosines: c.baseAddress! + t * half, sines: s.baseAddress! + t * half)
+                    }
                 }
                 continue
             }
@@ -184,19 +184,28 @@ final class RotaryEmbedding<B: ComputeBackend> {
         sinHost.withUnsafeBufferPointer { pass.backend.write(UnsafeBufferPointer(rebasing: $0[0..<n]), to: w.sin[table], offset: 0) }
     }
 
-    /// The rows of frequency set `set` up to `position`, computed in f32 angles and double
-    /// trigonometry as the reference does (the rows a pass copies are these exactly).
+    /// The rows of frequency set `set` up to `position` (the rows a pass copies are these exactly).
     private func computeRows(_ set: Int, through position: Int) {
-        let inv = set == 1 ? longInverseFrequencies ?? inverseFrequencies : inverseFrequencies
-        let half = inv.count
-        var p = rowsByPosition[set].count / (2 * half)
+        let half = inverseFrequencies.count, first = rowsByPosition[set].count / (2 * half)
         let needed = (position + 1) * 2 * half
         if rowsByPosition[set].capacity < needed { rowsByPosition[set].reserveCapacity(max(needed, 2 * rowsByPosition[set].capacity)) }
-        while p <= position {
-            let pos = Float(p)
-            for i in 0..<half { rowsByPosition[set].append(Float(cos(Double(inv[i] * pos))) * scale) }
-            for i in 0..<half { rowsByPosition[set].append(Float(sin(Double(inv[i] * pos))) * scale) }
-            p += 1
+        rowsByPosition[set].append(contentsOf: repeatElement(0, count: needed - rowsByPosition[set].count))
+        rowsByPosition[set].withUnsafeMutableBufferPointer { rows in
+            for p in first...position {
+                let row = rows.baseAddress! + p * 2 * half
+                rotation(set, p, cosines: row, sines: row + half)
+            }
+        }
+    }
+
+    /// Position `position`'s cos and sin of frequency set `set` (times `scale`), one value per
+    /// rotary pair each, in f32 angles and double trigonometry as the reference computes them.
+    private func rotation(_ set: Int, _ position: Int, cosines: UnsafeMutablePointer<Float>, sines: UnsafeMutablePointer<Float>) {
+        let inv = set == 1 ? longInverseFrequencies ?? inverseFrequencies : inverseFrequencies, pos = Float(position)
+        for i in 0..<inv.count {
+            let angle = Double(inv[i] * pos)
+            cosines[i] = Float(cos(angle)) * scale
+            sines[i] = Float(sin(angle)) * scale
         }
     }
 }
