@@ -350,7 +350,9 @@ public final class CUDABackend: ComputeBackend {
         scratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         let tileRows = CUDABackend.captureSizes.last ?? 1
         let tileBuffer = try CUDABuffer(driver: driver, count: 2 * tileRows)
-        let tiles = (0..<tileRows).flatMap { [Int32($0), 1] }
+        // (first row, count) of each single-row tile. Typed: an untyped `[Int32($0), 1]` makes
+        // flatMap the deprecated optional-returning one, and the buffer a copy of array references.
+        let tiles: [Int32] = (0..<tileRows).flatMap { (r: Int) -> [Int32] in [Int32(r), 1] }
         try tiles.withUnsafeBytes { try driver.check(driver.cuMemcpyHtoDAsync(tileBuffer.pointer, $0.baseAddress!, $0.count, s), "cuMemcpyHtoDAsync") }
         singleRowTiles = tileBuffer
         try driver.check(driver.cuStreamSynchronize(s), "cuStreamSynchronize")
