@@ -317,7 +317,7 @@ public final class CUDABackend: ComputeBackend {
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split", "attention_split_heads",
                      "silu_mul", "gelu_tanh_mul", "scale_inplace", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
                      "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
-                     "repetition_penalty", "exp_sum_rows", "sample_rows", "split_columns",
+                     "repetition_penalty", "exp_sum_rows", "sample_rows", "split_columns", "silu_mul_16", "rope_store_kv_stacked",
                      "moe_route", "moe_router", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16",
                      "expert_gemm_bf16", "expert_gemm_f16"]
                      + matvecs + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
@@ -510,6 +510,7 @@ public final class CUDABackend: ComputeBackend {
 
     private func launch(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int = 0, dependent: Bool = true,
                         _ fill: (inout Arguments) -> Void) {
+        if pendingSplit != nil { partStackedRows() }
         forgetCopies()
         if case .replaying = mode { return }
         if profiling {
@@ -589,6 +590,7 @@ public final class CUDABackend: ComputeBackend {
 
     private func ensure(_ buffer: inout CUDABuffer, _ count: Int) -> Bool {
         guard buffer.count < count else { return true }
+        partStackedRows()  // before `stackedOut` (or any scratch) may be replaced
         if inGraphStep {
             // A graph step must not move memory; the key is run eagerly again next time.
             if firstError == nil { firstError = .backend("internal: scratch grew during a graph step") }
@@ -637,8 +639,8 @@ public final class CUDABackend: ComputeBackend {
     }
 
     /// 16-bit matrices of one width, of at least eight columns (rows 16-byte aligned), go one
-    /// under another in one allocation: `matmul3` runs them as one product when many tokens
-    /// take them. Anything else is loaded as `weight` loads it.
+    /// under another in one allocation: `matmul3` and `gatedProduct` run them as one product
+    /// when many tokens take them. Anything else is loaded as `weight` loads it.
     public func weights(_ ts: [TensorView]) throws -> [CUDAWeight] {
         guard ts.count > 1, let first = ts.first, first.dtype == .f16 || first.dtype == .bf16, first.shape.count == 2,
               first.shape[1] % 8 == 0, ts.allSatisfy({ $0.dtype == first.dtype && $0.shape.count == 2 && $0.shape[1] == first.shape[1] })
@@ -692,6 +694,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func write(_ values: UnsafeBufferPointer<Float>, to buffer: CUDABuffer, offset: Int) {
         bindContext()
+        partStackedRows()
         forgetCopies()
         guard values.count > 0 else { return }
         if inGraphStep {
@@ -703,6 +706,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func read(_ buffer: CUDABuffer, offset: Int, into values: UnsafeMutableBufferPointer<Float>) {
         bindContext()
+        partStackedRows()
         guard values.count > 0 else { return }
         record(driver.cuMemcpyDtoHAsync(values.baseAddress!, buffer.pointer + UInt64(offset * 4), values.count * 4, stream), "cuMemcpyDtoHAsync")
         record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
@@ -725,7 +729,11 @@ public final class CUDABackend: ComputeBackend {
     private func rmsNorm(_ x: CUDABuffer, weight: CUDAWeight, eps: Float, rows: Int, dim: Int, out: CUDABuffer, for consumer: CUDAWeight?,
                          second: (x: CUDABuffer, weight: CUDAWeight, rows: Int)? = nil) {
         let half = halfTwin(of: out, count: rows * dim, rows: rows, consumer: consumer)
-        launch("rms_norm", grid: (rows + (second?.rows ?? 0), 1, 1), block: min(1024, max(32, (dim + 31) / 32 * 32))) { a in
+        // A float4 of the row at a time where the row is whole float4s (see rms_norm); blocks of
+        // at most 256 threads, so that eight fit on a multiprocessor: a 256-row decode step of
+        // the 8B shape took 10.5 us a norm with 1,024-thread blocks.
+        let lanes = dim % 4 == 0 ? dim / 4 : dim
+        launch("rms_norm", grid: (rows + (second?.rows ?? 0), 1, 1), block: min(256, max(32, (lanes + 31) / 32 * 32))) { a in
             a.ptr(x); a.ptr(weight.pointer); a.ptr(out); a.i32(dim); a.f32(eps); a.ptr(half?.pointer ?? 0); a.i32(Int(half?.code ?? 0))
             a.ptr(second?.x.pointer ?? 0); a.ptr(second?.weight.pointer ?? 0); a.ptr(second?.x.pointer ?? 0); a.i32(rows)
         }
@@ -835,10 +843,14 @@ public final class CUDABackend: ComputeBackend {
     }
 
     /// out (+)= x @ W^T through cuBLAS (see `cublasProduct`), the bias added after.
-    private func gemm(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer, accumulate: Bool) {
+    /// `outPointer` places the output inside `out` (at its start by default); `halfOut` writes it
+    /// in the weight's 16-bit type (a 16-bit weight, no bias).
+    private func gemm(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer,
+                      outPointer: CUDADriver.DevicePointer? = nil, accumulate: Bool, halfOut: Bool = false) {
         let outDim = weight.rows, k = weight.cols
         guard let (a, type) = gemmWeight(weight), let b = gemmInput(x.pointer, count: rows * k, for: weight.dtype) else { return }
-        cublasProduct(a, b, type: type, outDim: outDim, rows: rows, k: k, out: out.pointer, accumulate: accumulate)
+        cublasProduct(a, b, type: type, outDim: outDim, rows: rows, k: k, out: outPointer ?? out.pointer, accumulate: accumulate,
+                      outType: halfOut && bias == nil && type != 0 ? type : 0)
         if let bias {
             let held = halfHolds  // still valid: cublasProduct forgot it if `out` overlaps its source
             launch("add_bias", grid: blocks(rows * outDim), block: 256) { a in
@@ -875,7 +887,7 @@ public final class CUDABackend: ComputeBackend {
         let code: Int32 = dtype == .f16 ? 1 : 2
         if let h = halfHolds, h.source == x, h.count >= count, h.type == code { return halfScratch.pointer }
         guard ensure(&halfScratch, (count + 1) / 2) else { return nil }
-        launch("to_half", grid: blocks(count), block: 256) { a in
+        launch("to_half", grid: blocks((count + 3) / 4), block: 256) { a in
             a.ptr(x); a.ptr(halfScratch); a.i32(Int(code)); a.i64(count)
         }
         halfHolds = (x, count, code)
@@ -885,7 +897,8 @@ public final class CUDABackend: ComputeBackend {
     /// out (+)= b @ a^T through cuBLAS: Y^T (outDim x rows, column-major) = A^T(k x outDim)^T B^T(k x rows),
     /// both of cudaDataType `type`, f32 accumulation and output, beta 1 to accumulate.
     private func cublasProduct(_ a: CUDADriver.DevicePointer, _ b: CUDADriver.DevicePointer, type: Int32, outDim: Int, rows: Int, k: Int,
-                               out: CUDADriver.DevicePointer, accumulate: Bool) {
+                               out: CUDADriver.DevicePointer, accumulate: Bool, outType: Int32 = 0) {
+        if pendingSplit != nil { partStackedRows() }
         var alpha: Float = 1, beta: Float = accumulate ? 1 : 0
         var status: Int32 = 0
         if let h = halfHolds, out < h.source + UInt64(h.count * 4), h.source < out + UInt64(outDim * rows * 4) { halfHolds = nil }
@@ -895,7 +908,7 @@ public final class CUDABackend: ComputeBackend {
             status = driver.cublasGemmEx(cublas, 1, 0, Int32(outDim), Int32(rows), Int32(k), &alpha,
                                          UnsafeRawPointer(bitPattern: UInt(a)), type, Int32(k),
                                          UnsafeRawPointer(bitPattern: UInt(b)), type, Int32(k), &beta,
-                                         UnsafeMutableRawPointer(bitPattern: UInt(out)), 0, Int32(outDim), 68, -1)
+                                         UnsafeMutableRawPointer(bitPattern: UInt(out)), outType, Int32(outDim), 68, -1)
         }
         if status != 0, firstError == nil { firstError = .backend("cublasGemmEx failed (\(status))") }
     }
@@ -934,19 +947,41 @@ public final class CUDABackend: ComputeBackend {
             rowKernel(x, rows: rows, [a, b, c], mode: 0)
         } else if a.bias == nil, b.bias == nil, c.bias == nil, stacked([a.weight, b.weight, c.weight]) {
             // One product over the three matrices as one (placed together by `weights`), its rows
-            // then split: the 8B shape's q, k and v at 64 tokens took three cuBLAS products (two
+            // then parted: the 8B shape's q, k and v at 64 tokens took three cuBLAS products (two
             // of them split-K, with their reductions) and 29 us a layer on an H200.
             let n = a.weight.rows + b.weight.rows + c.weight.rows
             guard ensure(&stackedOut, rows * n) else { return }
             gemm(x, rows: rows, weight: CUDAWeight(dtype: a.weight.dtype, rows: n, cols: a.weight.cols, storage: a.weight.storage,
                                                    byteOffset: a.weight.byteOffset), bias: nil, out: stackedOut, accumulate: false)
-            launch("split_columns", grid: (rows, 1, 1), block: 256) { p in
-                p.ptr(stackedOut); p.ptr(a.out); p.ptr(b.out); p.ptr(c.out); p.i32(a.weight.rows); p.i32(b.weight.rows); p.i32(c.weight.rows)
-            }
+            // Parted when the next launch, product or copy comes, unless that is RoPE over these
+            // q, k and v, which parts the rows itself (rope_store_kv_stacked).
+            pendingSplit = (rows, a.out, b.out, c.out, a.weight.rows, b.weight.rows, c.weight.rows)
         } else {
             matmul(x, rows: rows, weight: a.weight, bias: a.bias, out: a.out)
             matmul(x, rows: rows, weight: b.weight, bias: b.bias, out: b.out)
             matmul(x, rows: rows, weight: c.weight, bias: c.bias, out: c.out)
+        }
+    }
+
+    /// Tokens up to which a stacked gate and up run as one product (their output, twice the
+    /// intermediate size a token, goes to `stackedOut`): decode steps, where the product reads
+    /// the weights once for few rows.
+    private static let stackedGateUpRows = 512
+    /// 16-bit gate and up products with 16-bit outputs for the gating (see `gatedProduct`).
+    /// PEREGRINE_NO_FUSED_GATE_UP=1 keeps two products with f32 outputs, to measure against.
+    private let fusedGateUp = ProcessInfo.processInfo.environment["PEREGRINE_NO_FUSED_GATE_UP"] == nil
+
+    /// A stacked q/k/v product's rows (in `stackedOut`) not yet parted into their outputs, and
+    /// the widths of the three parts.
+    private var pendingSplit: (rows: Int, a: CUDABuffer, b: CUDABuffer, c: CUDABuffer, na: Int, nb: Int, nc: Int)?
+
+    /// Parts the pending stacked rows into their three outputs (split_columns). Every launch,
+    /// product, copy and read comes here first, so no one reads the outputs before they hold them.
+    private func partStackedRows() {
+        guard let p = pendingSplit else { return }
+        pendingSplit = nil
+        launch("split_columns", grid: (p.rows, 1, 1), block: 256) { a in
+            a.ptr(stackedOut); a.ptr(p.a); a.ptr(p.b); a.ptr(p.c); a.i32(p.na); a.i32(p.nb); a.i32(p.nc)
         }
     }
 
@@ -980,6 +1015,35 @@ public final class CUDABackend: ComputeBackend {
         if rows == oneToken, up.rows == gate.rows, matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: nil) { return }
         if usesRowKernel(rows, gate), gate.dtype == up.dtype {
             rowKernel(x, rows: rows, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2)
+        } else if fusedGateUp, gateBias == nil, upBias == nil, gate.rows == up.rows, gate.dtype == up.dtype,
+                  gate.dtype == .f16 || gate.dtype == .bf16 {
+            // The products write 16-bit values (cuBLAS rounds its f32 sums), which the gating
+            // reads: half the bytes of f32 each way (a 8192-token step of the 8B shape wrote and
+            // read 2.6 GB a layer for it). Up to `stackedGateUpRows` tokens, gate and up are one
+            // product over the two matrices where `weights` placed them together (one cuBLAS
+            // product fewer a layer in a decode step), its rows [gate | up]; past that, two
+            // products into the two halves of `scratch`.
+            let ff = gate.rows, code: Int32 = gate.dtype == .f16 ? 1 : 2
+            let g: CUDADriver.DevicePointer, u: CUDADriver.DevicePointer, stride: Int
+            if rows <= CUDABackend.stackedGateUpRows, stacked([gate, up]) {
+                guard ensure(&stackedOut, rows * ff) else { return }  // rows x 2ff 16-bit values
+                gemm(x, rows: rows, weight: CUDAWeight(dtype: gate.dtype, rows: 2 * ff, cols: gate.cols, storage: gate.storage,
+                                                       byteOffset: gate.byteOffset), bias: nil, out: stackedOut, accumulate: false, halfOut: true)
+                (g, u, stride) = (stackedOut.pointer, stackedOut.pointer + UInt64(2 * ff), 2 * ff)
+            } else {
+                gemm(x, rows: rows, weight: gate, bias: nil, out: scratch, accumulate: false, halfOut: true)
+                let upOut = scratch.pointer + UInt64(2 * rows * ff)
+                gemm(x, rows: rows, weight: up, bias: nil, out: scratch, outPointer: upOut, accumulate: false, halfOut: true)
+                (g, u, stride) = (scratch.pointer, upOut, ff)
+            }
+            // The down projection that reads `out` is of the gate's type in the families we load;
+            // `out` is written in f32 too, for any other reader.
+            let half = halfTwin(of: out, count: rows * ff, rows: rows, consumer: gate)
+            launch("silu_mul_16", grid: blocks(rows * ff), block: 256) { a in
+                a.ptr(g); a.ptr(u); a.i32(Int(code)); a.i32(ff); a.i32(stride); a.ptr(out); a.i64(rows * ff)
+                a.ptr(half?.pointer ?? 0); a.i32(Int(half?.code ?? 0))
+            }
+            if let half { halfHolds = (out.pointer, rows * ff, half.code) }
         } else {
             matmul(x, rows: rows, weight: gate, bias: gateBias, out: out)
             matmul(x, rows: rows, weight: up, bias: upBias, out: scratch)
@@ -1026,6 +1090,17 @@ public final class CUDABackend: ComputeBackend {
                             rotaryDim: Int, cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool, plan: BatchPlan,
                             cache: KVStorage<CUDABackend>) {
         let (slots, positions, tables) = planPointers(plan, rows: rows)
+        if let p = pendingSplit, p.a === q, p.b === k, p.c === v, p.rows == rows, p.na == heads * headDim, p.nb == cache.kvHeads * headDim,
+           p.nc == p.nb {
+            // q, k and v are still one product's stacked rows: parted here, with RoPE and the cache write.
+            pendingSplit = nil
+            launch("rope_store_kv_stacked", grid: (rows, (heads + cache.kvHeads + 3) / 4, 1), block: 256) { a in  // ROPE_HEADS
+                a.ptr(stackedOut); a.ptr(q); a.ptr(k); a.ptr(v); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(cos)
+                a.ptr(sin); a.ptr(slots); a.ptr(positions); a.i32(heads); a.i32(cache.kvHeads); a.i32(headDim); a.i32(rotaryDim)
+                a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize); a.i32(interleaved ? 1 : 0); a.i32(cache.halfPrecision)
+            }
+            return
+        }
         launch("rope_store_kv", grid: (rows, heads + cache.kvHeads, 1), block: min(256, max(32, (headDim / 2 + 31) / 32 * 32))) { a in
             a.ptr(q); a.ptr(k); a.ptr(v); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(cos); a.ptr(sin); a.ptr(slots)
             a.ptr(positions); a.i32(heads); a.i32(cache.kvHeads); a.i32(headDim); a.i32(rotaryDim); a.ptr(tables); a.i32(plan.tableWidth)
@@ -1144,13 +1219,17 @@ public final class CUDABackend: ComputeBackend {
         let grouped = group > 1 && rowBytes % 16 == 0
             && (splitRows * cache.kvHeads * parts >= groupedAttentionBlocks || splitRows == 1 && longest >= groupedAttentionFrom)
         let blocksPerSplit = grouped ? splitRows * cache.kvHeads * parts : splitRows * heads
-        let fill = ((grouped ? 4 : 2) * driver.multiprocessors + blocksPerSplit - 1) / blocksPerSplit
+        // The tensor-core kernel's blocks take more shared memory, and each split costs a merge:
+        // half as many blocks. H200, 8B shape, 64 sequences of 128-256 positions (512 blocks a
+        // split), total tok/s of PP 128 / TG 128 with 1, 2 and 4 splits: 16,721, 16,443, 16,150.
+        let tensorCoreKernel = grouped && rope == nil && tensorCoreDecode(cache)
+        let fill = ((tensorCoreKernel ? 2 : grouped ? 4 : 2) * driver.multiprocessors + blocksPerSplit - 1) / blocksPerSplit
         // Grouped attention over an F16 cache on tensor cores: in a large batch, attention_split
         // is bound by its arithmetic (H200, 256 sequences of 192 positions on average, the 8B
         // shape: 162 us a layer, a quarter of the copy rate; attention_decode_mma with four warps
         // a block: 75 us). One token whose RoPE and cache write attention_split would fuse comes
         // here unfused (see `ropeAttention`).
-        let tensorCores = grouped && rope == nil && tensorCoreDecode(cache)
+        let tensorCores = tensorCoreKernel
         // One sequence on the tensor cores: splits of at least 128 positions, at most 64. The
         // last block of a KV head's group merges every split's partial rows of its query heads,
         // so many splits of a few positions cost more in the merge than they save. H200, a
@@ -1273,6 +1352,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func copy(_ src: CUDABuffer, offset srcOffset: Int, to dst: CUDABuffer, offset dstOffset: Int, count: Int) {
         bindContext()
+        partStackedRows()
         forgetCopies()
         guard count > 0 else { return }
         record(driver.cuMemcpyDtoDAsync(dst.pointer + UInt64(dstOffset * 4), src.pointer + UInt64(srcOffset * 4), count * 4, stream),
@@ -1690,6 +1770,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func synchronize() throws {
         bindContext()
+        partStackedRows()
         switch mode {
         case .eager: break
         case .capturing(let key):

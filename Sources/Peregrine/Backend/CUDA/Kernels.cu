@@ -265,6 +265,32 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
     if (x2 && row >= rows) { row -= rows; x = x2; w = w2; out = out2; half = 0; halfType = 0; }
     const float* xr = x + row * dim;
     float* o = out + row * dim;
+    if ((dim & 3) == 0 && (((unsigned long)xr | (unsigned long)o | (unsigned long)w) & 15) == 0) {
+        // Rows of whole 16-byte pieces: a float4 a thread at a time (the block is sized for dim / 4).
+        const float4* x4 = (const float4*)xr;
+        const float4* w4 = (const float4*)w;
+        int n4 = dim >> 2;
+        __shared__ float partial[32];
+        float s = 0;
+#pragma unroll 4
+        for (int i = threadIdx.x; i < n4; i += blockDim.x) { float4 a = x4[i]; s += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w; }
+        s = warp_sum(s);
+        if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = s;
+        __syncthreads();
+        s = 0;
+        for (int j = 0; j < (int)(blockDim.x >> 5); j++) s += partial[j];
+        float scale = rsqrtf(s / dim + eps);
+#pragma unroll 4
+        for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+            float4 a = x4[i], g = w4[i];
+            float4 v = make_float4(a.x * scale * g.x, a.y * scale * g.y, a.z * scale * g.z, a.w * scale * g.w);
+            ((float4*)o)[i] = v;
+            long at = row * dim + 4 * i;
+            store_half(half, halfType, at, v.x); store_half(half, halfType, at + 1, v.y);
+            store_half(half, halfType, at + 2, v.z); store_half(half, halfType, at + 3, v.w);
+        }
+        return;
+    }
     float scale = block_rms_scale(xr, dim, eps);
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
         float v = xr[i] * scale * w[i];
@@ -1177,10 +1203,17 @@ __device__ __forceinline__ void dequant32_bf16(const void* w, int dtype, long i0
 }
 
 // Activations to the weights' 16-bit type, for cuBLAS products.
+// A thread takes four values: one 16-byte load where x is so aligned.
 extern "C" __global__ void to_half(const float* x, void* out, int dtype, long n) {
     gdc_wait();
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) store_half(out, dtype, i, x[i]);
+    long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (i + 4 <= n && ((unsigned long)(x + i) & 15) == 0) {
+        float4 v = *(const float4*)(x + i);
+        store_half(out, dtype, i, v.x); store_half(out, dtype, i + 1, v.y);
+        store_half(out, dtype, i + 2, v.z); store_half(out, dtype, i + 3, v.w);
+    } else {
+        for (long j = i; j < i + 4 && j < n; j++) store_half(out, dtype, j, x[j]);
+    }
 }
 
 extern "C" __global__ void add_bias(float* y, const float* bias, int outDim, long n) {
@@ -1299,6 +1332,47 @@ extern "C" __global__ void rope_store_kv(float* q, const float* k, const float* 
         for (int i = rotDim + threadIdx.x; i < headDim; i += blockDim.x) kv_store(kc, at + kh * headDim + i, p[i], kvHalf);
         for (int i = threadIdx.x; i < headDim; i += blockDim.x)
             kv_store(vc, at + kh * headDim + i, v[((long)t * kvHeads + kh) * headDim + i], kvHalf);
+    }
+}
+
+// rope_store_kv and split_columns in one: the token's row of a product over stacked q, k and v
+// ([heads + 2 kvHeads] x headDim values) is parted into q (rotated), k and v (as computed), its
+// rotated key and its value written to the cache. Block (token, c) takes ROPE_HEADS of the
+// heads + kvHeads heads, a thread an element (reading its rotation partner too): a decode step's
+// few values a token spread over enough blocks.
+#define ROPE_HEADS 4
+extern "C" __global__ void rope_store_kv_stacked(const float* src, float* q, float* k, float* v, void* kc, void* vc,
+                                                 const float* cosT, const float* sinT, const int* slots, const int* positions,
+                                                 int heads, int kvHeads, int headDim, int rotDim, const int* tables, int width,
+                                                 int bs, int interleaved, int kvHalf) {
+    gdc_wait();
+    int t = blockIdx.x, half = rotDim / 2, row = kvHeads * headDim;
+    const float* r = src + (long)t * (heads + 2 * kvHeads) * headDim;
+    const float* c = cosT + (long)t * half;
+    const float* s = sinT + (long)t * half;
+    long at = kv_at(tables, width, bs, slots[t], positions[t], row);
+    int h0 = blockIdx.y * ROPE_HEADS, h1 = min(h0 + ROPE_HEADS, heads + kvHeads);
+    for (int i = threadIdx.x; i < (h1 - h0) * headDim; i += blockDim.x) {
+        int h = h0 + i / headDim, d = i % headDim;
+        const float* x = r + (long)h * headDim;  // q heads, then k heads: one after another in the row
+        float value = x[d], rotated = value;
+        if (d < rotDim) {
+            int p = interleaved ? d >> 1 : d % half;
+            bool first = interleaved ? (d & 1) == 0 : d < half;
+            float partner = x[interleaved ? d ^ 1 : first ? d + half : d - half];
+            rotated = first ? value * c[p] - partner * s[p] : value * c[p] + partner * s[p];
+        }
+        if (h < heads) {
+            q[((long)t * heads + h) * headDim + d] = rotated;
+        } else {
+            int kh = h - heads;
+            long e = ((long)t * kvHeads + kh) * headDim + d;
+            float vv = r[(long)(heads + kvHeads + kh) * headDim + d];
+            k[e] = value;
+            v[e] = vv;
+            kv_store(kc, at + kh * headDim + d, rotated, kvHalf);
+            kv_store(vc, at + kh * headDim + d, vv, kvHalf);
+        }
     }
 }
 
@@ -1817,6 +1891,23 @@ extern "C" __global__ void silu_mul(const float* g, const float* u, float* o, lo
     if (i < n) {
         float v = g[i];
         v = v / (1.f + __expf(-v)) * u[i];
+        o[i] = v;
+        store_half(half, halfType, i, v);
+    }
+}
+
+// silu(gate) * up from 16-bit products (type 1: F16, 2: BF16): value j of row r at
+// g[r * stride + j] and u[r * stride + j] (one product's rows [gate | up], or two products'
+// rows), into f32 o (rows x ff) and its 16-bit copy.
+extern "C" __global__ void silu_mul_16(const void* g, const void* u, int type, int ff, int stride, float* o, long n, void* half,
+                                       int halfType) {
+    gdc_wait();
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        long r = i / ff, at = r * stride + (i - r * ff);
+        float gv = type == 1 ? __half2float(((const __half*)g)[at]) : __bfloat162float(((const __nv_bfloat16*)g)[at]);
+        float uv = type == 1 ? __half2float(((const __half*)u)[at]) : __bfloat162float(((const __nv_bfloat16*)u)[at]);
+        float v = gv / (1.f + __expf(-gv)) * uv;
         o[i] = v;
         store_half(half, halfType, i, v);
     }

@@ -9,8 +9,8 @@ struct GatedMLP<B: ComputeBackend> {
     /// `<prefix>gate_proj.weight` and so on (prefix "model.layers.N.mlp."), shaped by the config.
     init(_ w: WeightLoader<B>, prefix p: String, config c: ModelConfig, activation: GatedActivation) throws {
         let d = c.hiddenSize, ff = c.intermediateSize
-        gate = try w.load(p + "gate_proj.weight", [ff, d])
-        up = try w.load(p + "up_proj.weight", [ff, d])
+        let gateUp = try w.load(together: [(p + "gate_proj.weight", [ff, d]), (p + "up_proj.weight", [ff, d])])
+        (gate, up) = (gateUp[0], gateUp[1])
         down = try w.load(p + "down_proj.weight", [d, ff])
         gateBias = try w.load(p + "gate_proj.bias", [ff], if: c.mlpBias)
         upBias = try w.load(p + "up_proj.bias", [ff], if: c.mlpBias)
