@@ -854,7 +854,7 @@ public final class CUDABackend: ComputeBackend {
         if let bias {
             let held = halfHolds  // still valid: cublasProduct forgot it if `out` overlaps its source
             launch("add_bias", grid: blocks(rows * outDim), block: 256) { a in
-                a.ptr(out); a.ptr(bias.pointer); a.i32(outDim); a.i64(rows * outDim)
+                a.ptr(outPointer ?? out.pointer); a.ptr(bias.pointer); a.i32(outDim); a.i64(rows * outDim)
             }
             halfHolds = held
         }
@@ -955,7 +955,7 @@ public final class CUDABackend: ComputeBackend {
                                                    byteOffset: a.weight.byteOffset), bias: nil, out: stackedOut, accumulate: false)
             // Parted when the next launch, product or copy comes, unless that is RoPE over these
             // q, k and v, which parts the rows itself (rope_store_kv_stacked).
-            pendingSplit = (rows, a.out, b.out, c.out, a.weight.rows, b.weight.rows, c.weight.rows)
+            pendingSplit = (stackedOut.pointer, rows, a.out, b.out, c.out, a.weight.rows, b.weight.rows, c.weight.rows)
         } else {
             matmul(x, rows: rows, weight: a.weight, bias: a.bias, out: a.out)
             matmul(x, rows: rows, weight: b.weight, bias: b.bias, out: b.out)
@@ -967,13 +967,16 @@ public final class CUDABackend: ComputeBackend {
     /// intermediate size a token, goes to `stackedOut`): decode steps, where the product reads
     /// the weights once for few rows.
     private static let stackedGateUpRows = 512
-    /// 16-bit gate and up products with 16-bit outputs for the gating (see `gatedProduct`).
+    /// BF16 gate and up products with BF16 outputs for the gating (see `gatedProduct`).
     /// PEREGRINE_NO_FUSED_GATE_UP=1 keeps two products with f32 outputs, to measure against.
     private let fusedGateUp = ProcessInfo.processInfo.environment["PEREGRINE_NO_FUSED_GATE_UP"] == nil
 
     /// A stacked q/k/v product's rows (in `stackedOut`) not yet parted into their outputs, and
     /// the widths of the three parts.
-    private var pendingSplit: (rows: Int, a: CUDABuffer, b: CUDABuffer, c: CUDABuffer, na: Int, nb: Int, nc: Int)?
+    /// (`source` is `stackedOut`'s memory when the split was recorded: parting may happen inside
+    /// `ensure(&stackedOut, ...)`, which must not read the buffer it is replacing.)
+    private var pendingSplit: (source: CUDADriver.DevicePointer, rows: Int, a: CUDABuffer, b: CUDABuffer, c: CUDABuffer,
+                               na: Int, nb: Int, nc: Int)?
 
     /// Parts the pending stacked rows into their three outputs (split_columns). Every launch,
     /// product, copy and read comes here first, so no one reads the outputs before they hold them.
@@ -981,7 +984,7 @@ public final class CUDABackend: ComputeBackend {
         guard let p = pendingSplit else { return }
         pendingSplit = nil
         launch("split_columns", grid: (p.rows, 1, 1), block: 256) { a in
-            a.ptr(stackedOut); a.ptr(p.a); a.ptr(p.b); a.ptr(p.c); a.i32(p.na); a.i32(p.nb); a.i32(p.nc)
+            a.ptr(p.source); a.ptr(p.a); a.ptr(p.b); a.ptr(p.c); a.i32(p.na); a.i32(p.nb); a.i32(p.nc)
         }
     }
 
@@ -1015,15 +1018,15 @@ public final class CUDABackend: ComputeBackend {
         if rows == oneToken, up.rows == gate.rows, matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: nil) { return }
         if usesRowKernel(rows, gate), gate.dtype == up.dtype {
             rowKernel(x, rows: rows, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2)
-        } else if fusedGateUp, gateBias == nil, upBias == nil, gate.rows == up.rows, gate.dtype == up.dtype,
-                  gate.dtype == .f16 || gate.dtype == .bf16 {
-            // The products write 16-bit values (cuBLAS rounds its f32 sums), which the gating
+        } else if fusedGateUp, gateBias == nil, upBias == nil, gate.rows == up.rows, gate.dtype == .bf16, up.dtype == .bf16 {
+            // The products write BF16 values (cuBLAS rounds its f32 sums), which the gating
             // reads: half the bytes of f32 each way (a 8192-token step of the 8B shape wrote and
             // read 2.6 GB a layer for it). Up to `stackedGateUpRows` tokens, gate and up are one
             // product over the two matrices where `weights` placed them together (one cuBLAS
             // product fewer a layer in a decode step), its rows [gate | up]; past that, two
-            // products into the two halves of `scratch`.
-            let ff = gate.rows, code: Int32 = gate.dtype == .f16 ? 1 : 2
+            // products into the two halves of `scratch`. Not F16 weights: a gate past 65,504
+            // would become infinite there, and its gating NaN, where f32 keeps it finite.
+            let ff = gate.rows, code: Int32 = 2  // BF16 (silu_mul_16's type 2)
             let g: CUDADriver.DevicePointer, u: CUDADriver.DevicePointer, stride: Int
             if rows <= CUDABackend.stackedGateUpRows, stacked([gate, up]) {
                 guard ensure(&stackedOut, rows * ff) else { return }  // rows x 2ff 16-bit values
@@ -1095,7 +1098,7 @@ public final class CUDABackend: ComputeBackend {
             // q, k and v are still one product's stacked rows: parted here, with RoPE and the cache write.
             pendingSplit = nil
             launch("rope_store_kv_stacked", grid: (rows, (heads + cache.kvHeads + 3) / 4, 1), block: 256) { a in  // ROPE_HEADS
-                a.ptr(stackedOut); a.ptr(q); a.ptr(k); a.ptr(v); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(cos)
+                a.ptr(p.source); a.ptr(q); a.ptr(k); a.ptr(v); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(cos)
                 a.ptr(sin); a.ptr(slots); a.ptr(positions); a.i32(heads); a.i32(cache.kvHeads); a.i32(headDim); a.i32(rotaryDim)
                 a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize); a.i32(interleaved ? 1 : 0); a.i32(cache.halfPrecision)
             }
