@@ -260,7 +260,7 @@ struct Bench: ParsableCommand {
         w.seed = seed
         let reqs = w.makeRequests(vocabulary: lm.config.vocabSize)
         let longest = reqs.reduce(0) { max($0, $1.promptTokens.count + $1.maxTokens) } + 1
-        var config = try engineOptions.config(contextLength: max(longest, min(lm.config.maxPositions, 4096)))
+        let config = try engineOptions.config(contextLength: max(longest, min(lm.config.maxPositions, 4096)))
         let engine = try Engine(model: lm, tokenizer: tokenizer, config: config)
         // Warm up on a request of its own prompt (so it leaves no useful prefix behind).
         _ = try engine.generate(prompts: [EngineRequest(promptTokens: [1, 2, 3], maxTokens: 4)])

@@ -60,7 +60,7 @@ extension Quantizer {
         case .q4_0, .q4_1, .q4_K: return 0...15
         case .q5_0, .q5_1, .q5_K: return 0...31
         case .q6_K: return 0...63
-        case .f32, .f16, .bf16, .iq4_nl, .iq4_xs: preconditionFailure("\(type.rawValue) has no evenly spaced levels")
+        case .f32, .f16, .bf16: preconditionFailure("\(type.rawValue) has no evenly spaced levels")
         }
     }
 
