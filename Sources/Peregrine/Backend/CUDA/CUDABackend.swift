@@ -163,7 +163,8 @@ public final class CUDABackend: ComputeBackend {
     /// weight's widening, a bias added to another buffer) keep it.
     private var halfHolds: (source: CUDADriver.DevicePointer, count: Int, type: Int32)?
     private var dequantScratch: CUDABuffer
-    /// A product over stacked weights (`matmul3`), before its rows are split.
+    /// A product over stacked weights: q, k and v (`matmul3`) before `partStackedRows` or RoPE
+    /// parts its rows, or gate and up (`gatedProduct`) in BF16 for the gating.
     private var stackedOut: CUDABuffer
     private var activationScratch: CUDABuffer
     /// The 8-bit copy (int8 values, then a scale per 32) of a MoE layer's normalized input that
@@ -510,7 +511,7 @@ public final class CUDABackend: ComputeBackend {
 
     private func launch(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int = 0, dependent: Bool = true,
                         _ fill: (inout Arguments) -> Void) {
-        if pendingSplit != nil { partStackedRows() }
+        partStackedRows()
         forgetCopies()
         if case .replaying = mode { return }
         if profiling {
@@ -898,7 +899,7 @@ public final class CUDABackend: ComputeBackend {
     /// both of cudaDataType `type`, f32 accumulation and output, beta 1 to accumulate.
     private func cublasProduct(_ a: CUDADriver.DevicePointer, _ b: CUDADriver.DevicePointer, type: Int32, outDim: Int, rows: Int, k: Int,
                                out: CUDADriver.DevicePointer, accumulate: Bool, outType: Int32 = 0) {
-        if pendingSplit != nil { partStackedRows() }
+        partStackedRows()
         var alpha: Float = 1, beta: Float = accumulate ? 1 : 0
         var status: Int32 = 0
         if let h = halfHolds, out < h.source + UInt64(h.count * 4), h.source < out + UInt64(outDim * rows * 4) { halfHolds = nil }
@@ -1222,17 +1223,16 @@ public final class CUDABackend: ComputeBackend {
         let grouped = group > 1 && rowBytes % 16 == 0
             && (splitRows * cache.kvHeads * parts >= groupedAttentionBlocks || splitRows == 1 && longest >= groupedAttentionFrom)
         let blocksPerSplit = grouped ? splitRows * cache.kvHeads * parts : splitRows * heads
-        // The tensor-core kernel's blocks take more shared memory, and each split costs a merge:
-        // half as many blocks. H200, 8B shape, 64 sequences of 128-256 positions (512 blocks a
-        // split), total tok/s of PP 128 / TG 128 with 1, 2 and 4 splits: 16,721, 16,443, 16,150.
-        let tensorCoreKernel = grouped && rope == nil && tensorCoreDecode(cache)
-        let fill = ((tensorCoreKernel ? 2 : grouped ? 4 : 2) * driver.multiprocessors + blocksPerSplit - 1) / blocksPerSplit
         // Grouped attention over an F16 cache on tensor cores: in a large batch, attention_split
         // is bound by its arithmetic (H200, 256 sequences of 192 positions on average, the 8B
         // shape: 162 us a layer, a quarter of the copy rate; attention_decode_mma with four warps
         // a block: 75 us). One token whose RoPE and cache write attention_split would fuse comes
         // here unfused (see `ropeAttention`).
-        let tensorCores = tensorCoreKernel
+        let tensorCores = grouped && rope == nil && tensorCoreDecode(cache)
+        // The tensor-core kernel's blocks take more shared memory, and each split costs a merge:
+        // half as many blocks. H200, 8B shape, 64 sequences of 128-256 positions (512 blocks a
+        // split), total tok/s of PP 128 / TG 128 with 1, 2 and 4 splits: 16,721, 16,443, 16,150.
+        let fill = ((tensorCores ? 2 : grouped ? 4 : 2) * driver.multiprocessors + blocksPerSplit - 1) / blocksPerSplit
         // One sequence on the tensor cores: splits of at least 128 positions, at most 64. The
         // last block of a KV head's group merges every split's partial rows of its query heads,
         // so many splits of a few positions cost more in the merge than they save. H200, a
