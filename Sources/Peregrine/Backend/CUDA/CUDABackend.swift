@@ -290,6 +290,9 @@ public final class CUDABackend: ComputeBackend {
     /// Prompt attention on tensor cores where `tensorCoreAttention` allows it (tests turn it off
     /// to compare the two kernels on one cache).
     var tensorCoreAttentionAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_TENSOR_CORE_ATTENTION"] == nil
+    /// Several query heads a block in prompt attention on tensor cores (`promptHeadGroup`); tests
+    /// turn it off to compare.
+    var groupedPromptAttention = ProcessInfo.processInfo.environment["PEREGRINE_NO_GROUPED_PROMPT_ATTENTION"] == nil
     /// The chosen experts' products of many rows by expert_gemm (tensor cores, one launch a
     /// projection); PEREGRINE_NO_EXPERT_GEMM=1 keeps the cuBLAS products an expert for measuring.
     var expertGEMMAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_EXPERT_GEMM"] == nil
@@ -1149,9 +1152,9 @@ public final class CUDABackend: ComputeBackend {
         let scale = scoring.scale, softCap = scoring.softCap ?? 0
         var rowMap: CUDADriver.DevicePointer = 0, splitRows = rows
         if rows > 16 || deterministic {
-            // Tiles of consecutive positions of one sequence: up to 64 for the tensor-core
-            // kernel, 32 for the f32 one.
-            let tileRows = tensorCoreAttention(cache) ? 64 : 32
+            // Tiles of consecutive positions of one sequence: up to 64 rows for the tensor-core
+            // kernel (its query heads a block times positions), 32 for the f32 one.
+            let tileRows = tensorCoreAttention(cache) ? 64 / promptHeadGroup(heads: heads, kvHeads: cache.kvHeads) : 32
             hostInts.removeAll(keepingCapacity: true)
             var t = 0
             while t < rows {
@@ -1273,6 +1276,18 @@ public final class CUDABackend: ComputeBackend {
     /// Head dimensions the tensor-core prompt attention is compiled for (`attention_prefill_mma_D`).
     static let tensorCoreAttentionDims = [64, 96, 128, 256]
 
+    /// Query heads of one KV head that a block of attention_prefill_mma takes together (`gq` in
+    /// Kernels.cu), at 64 / gq positions each: the largest power of two up to 16 that divides the
+    /// group, so a key/value tile copied from L2 serves that many heads instead of one.
+    /// PEREGRINE_NO_GROUPED_PROMPT_ATTENTION=1 keeps one head a block, for measuring.
+    func promptHeadGroup(heads: Int, kvHeads: Int) -> Int {
+        guard groupedPromptAttention, kvHeads > 0 else { return 1 }
+        let group = heads / kvHeads
+        var gq = 1
+        while gq < 16 && group % (2 * gq) == 0 { gq *= 2 }
+        return gq
+    }
+
     /// Whether single queries that take the grouped decode attention run on tensor cores: an F16
     /// cache, Ampere or later, a head dimension attention_decode_mma is compiled for, and not
     /// --deterministic.
@@ -1302,12 +1317,14 @@ public final class CUDABackend: ComputeBackend {
         }
         if tensorCoreAttention(cache) {
             // Queries (64 rows) and two buffers of keys and values (64 positions, 32 for 256-wide
-            // heads), f16 rows padded by 8 (FA_ROWS and KT in Kernels.cu).
+            // heads), f16 rows padded by 8, and the two tiles' row offsets (FA_ROWS and KT in Kernels.cu).
             let keys = hd > 128 ? 32 : 64
-            launch("attention_prefill_mma_\(hd)", grid: (tiles, heads, 1), block: 128, shared: (64 + 4 * keys) * (hd + 8) * 2) { a in
+            let gq = promptHeadGroup(heads: heads, kvHeads: cache.kvHeads)
+            launch("attention_prefill_mma_\(hd)", grid: (tiles, heads / gq, 1), block: 128,
+                   shared: (64 + 4 * keys) * (hd + 8) * 2 + 2 * keys * 8) { a in
                 a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(out); a.ptr(slots); a.ptr(positions); a.ptr(table)
                 a.i32(heads); a.i32(cache.kvHeads); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
-                a.f32(scale); a.f32(softCap); a.i32(window ?? 0)
+                a.f32(scale); a.f32(softCap); a.i32(window ?? 0); a.i32(gq)
             }
             return
         }

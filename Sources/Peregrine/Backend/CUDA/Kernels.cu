@@ -2052,12 +2052,16 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float*
 }
 
 // Prompt attention on tensor cores over an F16 KV cache (FlashAttention-2's scheme with
-// mma.sync, Ampere and later): block (tile, head) takes up to FA_ROWS consecutive queries of one
-// sequence (tiles as for attention_prefill), warp w its rows 16w ..< 16w + 16, and walks the
-// sequence's keys in tiles of KT positions. A key/value tile is copied from the paged cache into
-// shared memory with cp.async while the tile before it is worked on (two buffers). Scores are
-// Q K^T as m16n8k16 products (f16 in, f32 out; Q pre-scaled and rounded to f16), soft-capped and
-// masked in f32, then an online softmax per row, and the probabilities (rounded to f16, as
+// mma.sync, Ampere and later): block (tile, head group) takes gq query heads of one KV head at
+// up to P = FA_ROWS / gq consecutive positions of one sequence (the host's tiles), so a key/value
+// tile read from L2 serves the gq heads that share it; warp w takes block rows 16w ..< 16w + 16
+// (MT m16 tiles a warp: 16 MT rows; the backend runs MT = 1, and scripts/fa_lab.cu compares),
+// and the block walks the sequence's keys in tiles of KT positions, each tile's cache offsets
+// looked up once (by KT threads, a tile ahead). A key/value tile is copied
+// from the paged cache into shared memory with cp.async while the tile before it is worked on
+// (two buffers). Scores are Q K^T as m16n8k16 products (f16 in, f32 out; Q pre-scaled and
+// rounded to f16), soft-capped and masked in f32 (a tile no row of a warp masks skips the mask),
+// then an online softmax per row in log2 units (exp2), and the probabilities (rounded to f16, as
 // llama.cpp does) multiply V on the tensor cores too, each row's sum kept in f32. A thread holds
 // rows lane / 4 and lane / 4 + 8 of its warp's 16 (mma's accumulator layout), so a row's max and
 // sum take two shuffles. Key tiles start at multiples of KT whatever the first query, so a
@@ -2087,65 +2091,93 @@ __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
     return *(unsigned*)&h;
 }
 
-template <int D, int KT>
+template <int D, int KT, int MT>
 __device__ __forceinline__ void attention_prefill_mma(const float* q, const __half* kc, const __half* vc, float* out,
                                                       const int* slots, const int* positions, const int* tiles, int heads,
                                                       int kvHeads, const int* tables, int width, int bs, float scale,
-                                                      float softcap, int window) {
+                                                      float softcap, int window, int gq) {
 #if __CUDA_ARCH__ >= 800
     gdc_wait();
+    constexpr int BR = FA_ROWS * MT;    // block rows: 4 warps of MT m16 tiles
+    constexpr int WR = 16 * MT;         // a warp's rows
     constexpr int LD = D + 8;           // shared rows padded by 16 bytes: ldmatrix's eight rows hit different banks
     constexpr int NT = KT / 8;          // score fragments a row of the warp holds (8 keys each)
     constexpr int DT = D / 8;           // output fragments (8 dimensions each)
     constexpr int KS = D / 16;          // k-steps of Q K^T
-    constexpr bool QREG = D <= 128;
+    constexpr bool QREG = D * MT <= 128;
     constexpr int CHUNKS = KT * D / 8;  // 16-byte pieces of a key (or value) tile
     extern __shared__ __align__(16) unsigned char fa_shared[];
-    __half* Qs = (__half*)fa_shared;    // [FA_ROWS][LD]
-    __half* Ks = Qs + FA_ROWS * LD;     // [2][KT][LD]
+    __half* Qs = (__half*)fa_shared;    // [BR][LD]
+    __half* Ks = Qs + BR * LD;          // [2][KT][LD]
     __half* Vs = Ks + 2 * KT * LD;      // [2][KT][LD]
+    long* rowAt = (long*)(Vs + 2 * KT * LD);  // [2][KT]: the cache offset of each key row of a tile
     int tile = gridDim.x - 1 - blockIdx.x;  // the longest tiles (latest in their sequence) first
-    int first = tiles[2 * tile], count = tiles[2 * tile + 1], h = blockIdx.y;
+    int first = tiles[2 * tile], count = tiles[2 * tile + 1], h0 = blockIdx.y * gq;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int kvh = h / (heads / kvHeads), row = kvHeads * D;
+    // Block row r is query head h0 + r / P at the tile's position r % P (P positions a head).
+    const int P = BR / gq;
+    int kvh = h0 / (heads / kvHeads), row = kvHeads * D;
     int p0 = positions[first], lastPos = p0 + count - 1, slot = slots[first];
     long kvOffset = (long)kvh * D;
     int lo = window > 0 ? max(0, p0 - window + 1) / KT * KT : 0;
     int nTiles = (lastPos - lo) / KT + 1;
+    // A tile's row offsets are worked out once (a block-table lookup and a division each), by
+    // KT threads, a tile ahead of its copies.
+    auto locate = [&](int t) {
+        int pos = lo + t * KT + threadIdx.x;
+        if (threadIdx.x < KT && t < nTiles) rowAt[(t & 1) * KT + threadIdx.x] = pos <= lastPos ? kv_at(tables, width, bs, slot, pos, row) + kvOffset : -1;
+    };
     auto load_tile = [&](int t) {
-        int k0 = lo + t * KT;
         __half* kd = Ks + (t & 1) * KT * LD;
         __half* vd = Vs + (t & 1) * KT * LD;
-        for (int c = threadIdx.x; c < CHUNKS; c += blockDim.x) {
-            int j = c / (D / 8), part = c % (D / 8), pos = k0 + j;
-            bool in = pos <= lastPos;
-            long o = in ? kv_at(tables, width, bs, slot, pos, row) + kvOffset + part * 8 : 0;
+        const long* at = rowAt + (t & 1) * KT;
+#pragma unroll
+        for (int c = threadIdx.x; c < CHUNKS; c += 128) {
+            int j = c / (D / 8), part = c % (D / 8);
+            long o = at[j];
+            bool in = o >= 0;
+            o = in ? o + part * 8 : 0;
             copy16_async(kd + j * LD + part * 8, kc + o, in);
             copy16_async(vd + j * LD + part * 8, vc + o, in);
         }
         copy_commit();
     };
-    load_tile(0);
+    locate(0);
+    locate(1);
+    // Scores are kept in log2 units (exp2 below): the scale times log2(e) goes into the queries,
+    // unless soft-capping, whose tanh takes the scores in natural units first.
+    const float LOG2E = 1.4426950408889634f;
+    const float qscale = softcap > 0.f ? scale : scale * LOG2E;
     // The queries, scaled and rounded to f16 (rows past the tile's count are zeros).
-    for (int i = threadIdx.x; i < FA_ROWS * D / 4; i += blockDim.x) {
-        int r = i / (D / 4), d = 4 * (i % (D / 4));
-        float4 v = r < count ? *(const float4*)(q + ((long)(first + r) * heads + h) * D + d) : make_float4(0.f, 0.f, 0.f, 0.f);
-        *(uint2*)(Qs + r * LD + d) = make_uint2(pack_half2(v.x * scale, v.y * scale), pack_half2(v.z * scale, v.w * scale));
+    for (int i = threadIdx.x; i < BR * D / 4; i += blockDim.x) {
+        int r = i / (D / 4), d = 4 * (i % (D / 4)), pi = r % P;
+        float4 v = pi < count ? *(const float4*)(q + ((long)(first + pi) * heads + h0 + r / P) * D + d) : make_float4(0.f, 0.f, 0.f, 0.f);
+        *(uint2*)(Qs + r * LD + d) = make_uint2(pack_half2(v.x * qscale, v.y * qscale), pack_half2(v.z * qscale, v.w * qscale));
     }
     __syncthreads();
-    const __half* qw = Qs + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8;  // this lane's ldmatrix row of Q
-    unsigned qf[QREG ? KS : 1][4];
+    load_tile(0);
+    // This lane's ldmatrix row of Q in m-tile mt: qw + mt * 16 * LD.
+    const __half* qw = Qs + (warp * WR + (lane & 15)) * LD + (lane >> 4) * 8;
+    unsigned qf[QREG ? MT : 1][QREG ? KS : 1][4];
     if constexpr (QREG) {
 #pragma unroll
-        for (int kk = 0; kk < KS; kk++) ldmatrix_x4(qf[kk], qw + kk * 16);
-    }
-    float o[DT][4];
+        for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-    for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+            for (int kk = 0; kk < KS; kk++) ldmatrix_x4(qf[mt][kk], qw + mt * 16 * LD + kk * 16);
+    }
+    float o[MT][DT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int i = 0; i < DT; i++) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
     const float NEG = -__int_as_float(0x7f800000);
-    float m[2] = {NEG, NEG}, l[2] = {0.f, 0.f};
-    int r0 = warp * 16 + (lane >> 2);   // the thread's rows: r0 and r0 + 8
-    int warpFirst = p0 + warp * 16, warpLast = p0 + min(count - 1, warp * 16 + 15);
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) { m[mt][0] = m[mt][1] = NEG; l[mt][0] = l[mt][1] = 0.f; }
+    int r0 = warp * WR + (lane >> 2);   // the thread's rows: r0 + 16 mt and r0 + 16 mt + 8
+    // The positions of the warp's rows: WR consecutive ones of one head, or all P of WR / P heads.
+    int posLo = P >= WR ? (warp * WR) % P : 0, posHi = P >= WR ? posLo + WR - 1 : P - 1;
+    int warpFirst = p0 + posLo, warpLast = p0 + min(count - 1, posHi);
     for (int t = 0; t < nTiles; t++) {
         if (t + 1 < nTiles) {
             load_tile(t + 1);
@@ -2156,91 +2188,123 @@ __device__ __forceinline__ void attention_prefill_mma(const float* q, const __ha
         __syncthreads();
         int k0 = lo + t * KT;
         // Skip a tile every key of which is masked for all of the warp's rows.
-        bool work = warp * 16 < count && k0 <= warpLast && (window <= 0 || k0 + KT - 1 > warpFirst - window);
+        bool work = posLo < count && k0 <= warpLast && (window <= 0 || k0 + KT - 1 > warpFirst - window);
+        // A tile every key of which every row of the warp sees takes no mask (most of a long prompt's).
+        bool open = k0 + KT - 1 <= warpFirst && (window <= 0 || k0 > warpLast - window) && softcap <= 0.f;
         if (work) {
             const __half* kt = Ks + (t & 1) * KT * LD;
             const __half* vt = Vs + (t & 1) * KT * LD;
-            float s[NT][4];
+            float s[MT][NT][4];
 #pragma unroll
-            for (int n = 0; n < NT; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int n = 0; n < NT; n++) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) {
-                unsigned a[4];
-                if constexpr (QREG) { a[0] = qf[kk][0]; a[1] = qf[kk][1]; a[2] = qf[kk][2]; a[3] = qf[kk][3]; }
-                else ldmatrix_x4(a, qw + kk * 16);
+                unsigned a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    if constexpr (QREG) { a[mt][0] = qf[mt][kk][0]; a[mt][1] = qf[mt][kk][1]; a[mt][2] = qf[mt][kk][2]; a[mt][3] = qf[mt][kk][3]; }
+                    else ldmatrix_x4(a[mt], qw + mt * 16 * LD + kk * 16);
+                }
 #pragma unroll
                 for (int j = 0; j < KT / 16; j++) {
                     unsigned b[4];
                     ldmatrix_x4(b, kt + (16 * j + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
-                    mma_f16(s[2 * j], a, b[0], b[1]);
-                    mma_f16(s[2 * j + 1], a, b[2], b[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma_f16(s[mt][2 * j], a[mt], b[0], b[1]);
+                        mma_f16(s[mt][2 * j + 1], a[mt], b[2], b[3]);
+                    }
                 }
             }
-            // Soft-cap, mask, and the online softmax of rows r0 (i = 0) and r0 + 8 (i = 1).
-            float mx[2] = {NEG, NEG};
 #pragma unroll
-            for (int n = 0; n < NT; n++) {
+            for (int mt = 0; mt < MT; mt++) {
+                // Soft-cap, mask, and the online softmax of rows r0 + 16 mt (i = 0) and r0 + 16 mt + 8 (i = 1).
+                float mx[2] = {NEG, NEG};
+                if (open) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int r = r0 + (e >> 1) * 8, key = k0 + 8 * n + 2 * (lane & 3) + (e & 1), qpos = p0 + r;
-                    bool valid = r < count && key <= qpos && (window <= 0 || key > qpos - window);
-                    float v = valid ? soft_cap(s[n][e], softcap) : NEG;
-                    s[n][e] = v;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                    for (int n = 0; n < NT; n++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][n][e]);
+                    }
+                } else {
+#pragma unroll
+                    for (int n = 0; n < NT; n++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            int pi = (r0 + 16 * mt + (e >> 1) * 8) % P, key = k0 + 8 * n + 2 * (lane & 3) + (e & 1), qpos = p0 + pi;
+                            bool valid = pi < count && key <= qpos && (window <= 0 || key > qpos - window);
+                            float v = valid ? (softcap > 0.f ? soft_cap(s[mt][n][e], softcap) * LOG2E : s[mt][n][e]) : NEG;
+                            s[mt][n][e] = v;
+                            mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                        }
+                    }
                 }
-            }
-            float corr[2];
+                float corr[2];
 #pragma unroll
-            for (int i = 0; i < 2; i++) {
-                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
-                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
-                float mn = fmaxf(m[i], mx[i]);
-                float base = mn == NEG ? 0.f : mn;  // a row with nothing valid yet: exp(-inf - 0) = 0
-                corr[i] = __expf(m[i] - base);
-                m[i] = mn;
-                mx[i] = base;
-                l[i] *= corr[i];
-            }
+                for (int i = 0; i < 2; i++) {
+                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
+                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
+                    float mn = fmaxf(m[mt][i], mx[i]);
+                    float base = mn == NEG ? 0.f : mn;  // a row with nothing valid yet: exp(-inf - 0) = 0
+                    corr[i] = exp2f(m[mt][i] - base);
+                    m[mt][i] = mn;
+                    mx[i] = base;
+                    l[mt][i] *= corr[i];
+                }
 #pragma unroll
-            for (int i = 0; i < DT; i++) { o[i][0] *= corr[0]; o[i][1] *= corr[0]; o[i][2] *= corr[1]; o[i][3] *= corr[1]; }
+                for (int i = 0; i < DT; i++) { o[mt][i][0] *= corr[0]; o[mt][i][1] *= corr[0]; o[mt][i][2] *= corr[1]; o[mt][i][3] *= corr[1]; }
 #pragma unroll
-            for (int n = 0; n < NT; n++) {
+                for (int n = 0; n < NT; n++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float p = __expf(s[n][e] - mx[e >> 1]);
-                    s[n][e] = p;
-                    l[e >> 1] += p;
+                    for (int e = 0; e < 4; e++) {
+                        float p = exp2f(s[mt][n][e] - mx[e >> 1]);
+                        s[mt][n][e] = p;
+                        l[mt][e >> 1] += p;
+                    }
                 }
             }
             // O += P V: the scores' accumulator fragments of keys 16j ..< 16j + 16 are P's A fragment.
 #pragma unroll
             for (int j = 0; j < KT / 16; j++) {
-                unsigned a[4] = {pack_half2(s[2 * j][0], s[2 * j][1]), pack_half2(s[2 * j][2], s[2 * j][3]),
-                                 pack_half2(s[2 * j + 1][0], s[2 * j + 1][1]), pack_half2(s[2 * j + 1][2], s[2 * j + 1][3])};
+                unsigned a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    a[mt][0] = pack_half2(s[mt][2 * j][0], s[mt][2 * j][1]); a[mt][1] = pack_half2(s[mt][2 * j][2], s[mt][2 * j][3]);
+                    a[mt][2] = pack_half2(s[mt][2 * j + 1][0], s[mt][2 * j + 1][1]); a[mt][3] = pack_half2(s[mt][2 * j + 1][2], s[mt][2 * j + 1][3]);
+                }
 #pragma unroll
                 for (int i = 0; i < DT / 2; i++) {
                     unsigned b[4];
                     ldmatrix_x4_trans(b, vt + (16 * j + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + 16 * i + (lane >> 4) * 8);
-                    mma_f16(o[2 * i], a, b[0], b[1]);
-                    mma_f16(o[2 * i + 1], a, b[2], b[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma_f16(o[mt][2 * i], a[mt], b[0], b[1]);
+                        mma_f16(o[mt][2 * i + 1], a[mt], b[2], b[3]);
+                    }
                 }
             }
         }
+        locate(t + 2);  // rowAt[t & 1] was read by tile t's copies, issued before this one's wait
         __syncthreads();  // every warp is done with this buffer before the next load_tile refills it
     }
 #pragma unroll
-    for (int i = 0; i < 2; i++) {
-        l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
-        l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
-    }
+    for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-    for (int i = 0; i < 2; i++) {
-        int r = r0 + 8 * i;
-        if (r >= count) continue;
-        float inv = l[i] > 0 ? 1.f / l[i] : 0.f;
-        float* dst = out + ((long)(first + r) * heads + h) * D + 2 * (lane & 3);
+        for (int i = 0; i < 2; i++) {
+            l[mt][i] += __shfl_xor_sync(0xffffffff, l[mt][i], 1);
+            l[mt][i] += __shfl_xor_sync(0xffffffff, l[mt][i], 2);
+        }
 #pragma unroll
-        for (int n = 0; n < DT; n++) *(float2*)(dst + 8 * n) = make_float2(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+        for (int i = 0; i < 2; i++) {
+            int r = r0 + 16 * mt + 8 * i, pi = r % P;
+            if (pi >= count) continue;
+            float inv = l[mt][i] > 0 ? 1.f / l[mt][i] : 0.f;
+            float* dst = out + ((long)(first + pi) * heads + h0 + r / P) * D + 2 * (lane & 3);
+#pragma unroll
+            for (int n = 0; n < DT; n++) *(float2*)(dst + 8 * n) = make_float2(o[mt][n][2 * i] * inv, o[mt][n][2 * i + 1] * inv);
+        }
     }
 #endif
 }
@@ -2249,9 +2313,9 @@ __device__ __forceinline__ void attention_prefill_mma(const float* q, const __ha
     extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma_##D(                                            \
         const float* q, const __half* kc, const __half* vc, float* out, const int* slots, const int* positions,              \
         const int* tiles, int heads, int kvHeads, const int* tables, int width, int bs, float scale, float softcap,          \
-        int window) {                                                                                                        \
-        attention_prefill_mma<D, KT>(q, kc, vc, out, slots, positions, tiles, heads, kvHeads, tables, width, bs, scale,     \
-                                     softcap, window);                                                                       \
+        int window, int gq) {                                                                                                \
+        attention_prefill_mma<D, KT, 1>(q, kc, vc, out, slots, positions, tiles, heads, kvHeads, tables, width, bs, scale,  \
+                                        softcap, window, gq);                                                                \
     }
 ATTENTION_PREFILL_MMA(64, 64)
 ATTENTION_PREFILL_MMA(96, 64)
