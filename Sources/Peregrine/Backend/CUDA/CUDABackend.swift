@@ -1297,12 +1297,22 @@ public final class CUDABackend: ComputeBackend {
     }
 
     /// Whether prompts attend on tensor cores: an F16 cache (whose keys and values are already
-    /// what the f16 products take), Ampere or later, a head dimension it is compiled for, and not
-    /// --deterministic (whose one kernel for every query keeps f32 scores).
+    /// what the f16 products take), Ampere or later, a head dimension it is compiled for whose
+    /// tiles fit the device's shared memory (256-wide heads do not on GPUs with 99 KB a block),
+    /// and not --deterministic (whose one kernel for every query keeps f32 scores).
     /// PEREGRINE_NO_TENSOR_CORE_ATTENTION=1 keeps the f32 kernel.
     func tensorCoreAttention(_ cache: KVStorage<CUDABackend>) -> Bool {
         cache.type == .f16 && !deterministic && driver.computeCapability.major >= 8 && tensorCoreAttentionAllowed
             && CUDABackend.tensorCoreAttentionDims.contains(cache.headDim)
+            && CUDABackend.promptAttentionShared(headDim: cache.headDim) <= CUDABackend.dynamicSharedLimit(driver)
+    }
+
+    /// attention_prefill_mma's shared memory: the queries (64 rows) and two buffers of keys and
+    /// values (64 positions, 32 for 256-wide heads), f16 rows padded by 8, and the two tiles' row
+    /// offsets (FA_ROWS and KT in Kernels.cu).
+    static func promptAttentionShared(headDim hd: Int) -> Int {
+        let keys = hd > 128 ? 32 : 64
+        return (64 + 4 * keys) * (hd + 8) * 2 + 2 * keys * 8
     }
 
     /// Flash attention over the tiles in `hostInts` (first row, count; consecutive positions of one sequence).
@@ -1316,12 +1326,9 @@ public final class CUDABackend: ComputeBackend {
             layersStaged = true
         }
         if tensorCoreAttention(cache) {
-            // Queries (64 rows) and two buffers of keys and values (64 positions, 32 for 256-wide
-            // heads), f16 rows padded by 8, and the two tiles' row offsets (FA_ROWS and KT in Kernels.cu).
-            let keys = hd > 128 ? 32 : 64
             let gq = promptHeadGroup(heads: heads, kvHeads: cache.kvHeads)
             launch("attention_prefill_mma_\(hd)", grid: (tiles, heads / gq, 1), block: 128,
-                   shared: (64 + 4 * keys) * (hd + 8) * 2 + 2 * keys * 8) { a in
+                   shared: CUDABackend.promptAttentionShared(headDim: hd)) { a in
                 a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(out); a.ptr(slots); a.ptr(positions); a.ptr(table)
                 a.i32(heads); a.i32(cache.kvHeads); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
                 a.f32(scale); a.f32(softCap); a.i32(window ?? 0); a.i32(gq)

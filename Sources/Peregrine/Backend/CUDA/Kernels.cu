@@ -2052,21 +2052,23 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float*
 }
 
 // Prompt attention on tensor cores over an F16 KV cache (FlashAttention-2's scheme with
-// mma.sync, Ampere and later): block (tile, head group) takes gq query heads of one KV head at
-// up to P = FA_ROWS / gq consecutive positions of one sequence (the host's tiles), so a key/value
-// tile read from L2 serves the gq heads that share it; warp w takes block rows 16w ..< 16w + 16
-// (MT m16 tiles a warp: 16 MT rows; the backend runs MT = 1, and scripts/fa_lab.cu compares),
-// and the block walks the sequence's keys in tiles of KT positions, each tile's cache offsets
-// looked up once (by KT threads, a tile ahead). A key/value tile is copied
-// from the paged cache into shared memory with cp.async while the tile before it is worked on
-// (two buffers). Scores are Q K^T as m16n8k16 products (f16 in, f32 out; Q pre-scaled and
-// rounded to f16), soft-capped and masked in f32 (a tile no row of a warp masks skips the mask),
-// then an online softmax per row in log2 units (exp2), and the probabilities (rounded to f16, as
-// llama.cpp does) multiply V on the tensor cores too, each row's sum kept in f32. A thread holds
-// rows lane / 4 and lane / 4 + 8 of its warp's 16 (mma's accumulator layout), so a row's max and
+// mma.sync, Ampere and later), in blocks of 128 threads: block (tile, head group) takes gq query
+// heads of one KV head (gq a power of two dividing FA_ROWS * MT) at up to P = FA_ROWS * MT / gq
+// consecutive positions of one sequence (the host's tiles), so a key/value tile read from L2
+// serves the gq heads that share it; warp w takes block rows 16 MT w ..< 16 MT (w + 1) (MT m16
+// tiles a warp; the backend runs MT = 1, and scripts/fa_lab.cu compares), and the block walks
+// the sequence's keys in tiles of KT positions, each tile's cache offsets looked up once (by KT
+// threads, a tile ahead). A key/value tile is copied from the paged cache into shared memory
+// with cp.async while the tile before it is worked on (two buffers). Scores are Q K^T as
+// m16n8k16 products (f16 in, f32 out; Q pre-scaled and rounded to f16), soft-capped and masked
+// in f32 (without soft-capping, a tile no row of a warp masks skips the mask), then an online
+// softmax per row in log2 units (exp2), and the probabilities (rounded to f16, as llama.cpp
+// does) multiply V on the tensor cores too, each row's sum kept in f32. In each m16 tile a
+// thread holds rows lane / 4 and lane / 4 + 8 (mma's accumulator layout), so a row's max and
 // sum take two shuffles. Key tiles start at multiples of KT whatever the first query, so a
 // query's result does not depend on the tile it came in. Head dimension D: a multiple of 16;
-// D <= 128 keeps the queries' fragments in registers, larger D reads them from shared memory.
+// D * MT <= 128 keeps the queries' fragments in registers, otherwise they are read from shared
+// memory for every key tile.
 #define FA_ROWS 64
 
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
