@@ -1030,7 +1030,7 @@ public final class CUDABackend: ComputeBackend {
             // product fewer a layer in a decode step), its rows [gate | up]; past that, two
             // products into the two halves of `scratch`. Not F16 weights: a gate past 65,504
             // would become infinite there, and its gating NaN, where f32 keeps it finite.
-            let ff = gate.rows, code: Int32 = 2  // BF16 (silu_mul_16's type 2)
+            let ff = gate.rows
             let g: CUDADriver.DevicePointer, u: CUDADriver.DevicePointer, stride: Int
             if rows <= CUDABackend.stackedGateUpRows, stacked([gate, up]) {
                 guard ensure(&stackedOut, rows * ff) else { return }  // rows x 2ff 16-bit values
@@ -1047,7 +1047,7 @@ public final class CUDABackend: ComputeBackend {
             // `out` is written in f32 too, for any other reader.
             let half = halfTwin(of: out, count: rows * ff, rows: rows, consumer: gate)
             launch("silu_mul_16", grid: blocks(rows * ff), block: 256) { a in
-                a.ptr(g); a.ptr(u); a.i32(Int(code)); a.i32(ff); a.i32(stride); a.ptr(out); a.i64(rows * ff)
+                a.ptr(g); a.ptr(u); a.i32(ff); a.i32(stride); a.ptr(out); a.i64(rows * ff)
                 a.ptr(half?.pointer ?? 0); a.i32(Int(half?.code ?? 0))
             }
             if let half { halfHolds = (out.pointer, rows * ff, half.code) }

@@ -236,16 +236,21 @@ extern "C" __global__ void embed_rows(const void* table, int dtype, long total, 
 // One block per row: out = x / rms(x) * w.
 // 1 / rms of a row of k values, summed by the whole block: the RMSNorm scale (also fused into
 // quantize_q8 and the matvec kernels).
-__device__ __forceinline__ float block_rms_scale(const float* x, int k, float eps) {
+// The sum of every thread's s over the block (warps' sums in order), returned to every thread.
+__device__ __forceinline__ float block_sum(float s) {
     __shared__ float partial[32];
-    float s = 0;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) s += x[i] * x[i];
     s = warp_sum(s);
     if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = s;
     __syncthreads();
     s = 0;
     for (int w = 0; w < (int)(blockDim.x >> 5); w++) s += partial[w];
-    return rsqrtf(s / k + eps);
+    return s;
+}
+
+__device__ __forceinline__ float block_rms_scale(const float* x, int k, float eps) {
+    float s = 0;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) s += x[i] * x[i];
+    return rsqrtf(block_sum(s) / k + eps);
 }
 
 // Value i of a 16-bit copy of an activation (halfType 1: F16, 2: BF16), written beside the f32
@@ -270,16 +275,10 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
         const float4* x4 = (const float4*)xr;
         const float4* w4 = (const float4*)w;
         int n4 = dim >> 2;
-        __shared__ float partial[32];
         float s = 0;
 #pragma unroll 4
         for (int i = threadIdx.x; i < n4; i += blockDim.x) { float4 a = x4[i]; s += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w; }
-        s = warp_sum(s);
-        if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = s;
-        __syncthreads();
-        s = 0;
-        for (int j = 0; j < (int)(blockDim.x >> 5); j++) s += partial[j];
-        float scale = rsqrtf(s / dim + eps);
+        float scale = rsqrtf(block_sum(s) / dim + eps);
 #pragma unroll 4
         for (int i = threadIdx.x; i < n4; i += blockDim.x) {
             float4 a = x4[i], g = w4[i];
@@ -1896,17 +1895,16 @@ extern "C" __global__ void silu_mul(const float* g, const float* u, float* o, lo
     }
 }
 
-// silu(gate) * up from 16-bit products (type 1: F16, 2: BF16): value j of row r at
-// g[r * stride + j] and u[r * stride + j] (one product's rows [gate | up], or two products'
-// rows), into f32 o (rows x ff) and its 16-bit copy.
-extern "C" __global__ void silu_mul_16(const void* g, const void* u, int type, int ff, int stride, float* o, long n, void* half,
-                                       int halfType) {
+// silu(gate) * up from BF16 products (F16 ones could overflow; see gatedProduct): value j of
+// row r at g[r * stride + j] and u[r * stride + j] (one product's rows [gate | up], or two
+// products' rows), into f32 o (rows x ff) and its 16-bit copy.
+extern "C" __global__ void silu_mul_16(const __nv_bfloat16* g, const __nv_bfloat16* u, int ff, int stride, float* o, long n,
+                                       void* half, int halfType) {
     gdc_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
         long r = i / ff, at = r * stride + (i - r * ff);
-        float gv = type == 1 ? __half2float(((const __half*)g)[at]) : __bfloat162float(((const __nv_bfloat16*)g)[at]);
-        float uv = type == 1 ? __half2float(((const __half*)u)[at]) : __bfloat162float(((const __nv_bfloat16*)u)[at]);
+        float gv = __bfloat162float(g[at]), uv = __bfloat162float(u[at]);
         float v = gv / (1.f + __expf(-gv)) * uv;
         o[i] = v;
         store_half(half, halfType, i, v);
