@@ -171,7 +171,7 @@ int main() {
                                                    nullptr, nul, s.k, 2, nul, 0);
             });
             // gated as two plain rows-sets
-            time("oneset U8 minb4 (2n rows)", [&](int i) { gemv_oneset<4096, 8, 4><<<(2 * s.n * 32 + 255) / 256, 256>>>(W(i), x, y, 2 * s.n); });: 2n rows of one matrix
+            time("oneset U8 minb4 (2n rows)", [&](int i) { gemv_oneset<4096, 8, 4><<<(2 * s.n * 32 + 255) / 256, 256>>>(W(i), x, y, 2 * s.n); });  // 2n rows of one matrix
             time("pipe U4 ldcs RPW2 (2n rows)", [&](int i) { gemv_pipe<4096, 4, 0, 2, 2><<<(2 * s.n / 2 * 32 + 255) / 256, 256>>>(W(i), x, y, 2 * s.n); });
             time("pipe U8 ldcs RPW1 (2n rows)", [&](int i) { gemv_pipe<4096, 8, 0, 1, 2><<<(2 * s.n * 32 + 255) / 256, 256>>>(W(i), x, y, 2 * s.n); });
             time("pipe U4 ldcs RPW1 (2n rows)", [&](int i) { gemv_pipe<4096, 4, 0, 1, 3><<<(2 * s.n * 32 + 255) / 256, 256>>>(W(i), x, y, 2 * s.n); });

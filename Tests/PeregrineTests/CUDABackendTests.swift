@@ -274,6 +274,51 @@ final class CUDABackendTests: XCTestCase {
         }
     }
 
+    /// Q6_K rows of 2,048 values, which matvec_q6k_body takes two a warp (`paired`): one token's
+    /// products against the deterministic backend's row kernel (the same 8-bit input), plain with
+    /// an odd row count, added to a residual, and as three matrices in one launch whose pairs of
+    /// rows straddle them.
+    func testPairedQ6KRowsMatchRowKernel() throws {
+        let gpu = try backend(), deterministic = try CUDABackend(deterministic: true)
+        var rng = SplitMix(seed: 17)
+        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
+        let k = 2048
+        var storage: [UnsafeMutableRawPointer] = []
+        defer { storage.forEach { $0.deallocate() } }
+        func matrix(_ rows: Int) -> TensorView {
+            let values = (0..<(rows * k)).map { _ in uniform() }
+            let size = DType.q6_K.byteCount(elements: rows * k)
+            let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
+            storage.append(bytes)
+            values.withUnsafeBufferPointer { Quantizer.quantize(.q6_K, $0.baseAddress!, count: rows * k, into: bytes) }
+            return TensorView(name: "w", dtype: .q6_K, shape: [rows, k], data: UnsafeRawPointer(bytes), byteCount: size)
+        }
+        let big = matrix(41), parts = [matrix(5), matrix(7), matrix(3)]
+        let x = (0..<k).map { _ in uniform() }, residual = (0..<41).map { _ in uniform() }
+        func run(_ b: CUDABackend) throws -> [[Float]] {
+            let w = try b.weight(big), ws = try parts.map { try b.weight($0) }
+            let xb = try b.buffer(k), y = try b.buffer(41), r = try b.buffer(41), scratch = try b.buffer(41)
+            let outs = try parts.map { try b.buffer($0.shape[0]) }
+            x.withUnsafeBufferPointer { b.write($0, to: xb, offset: 0) }
+            residual.withUnsafeBufferPointer { b.write($0, to: r, offset: 0) }
+            b.matmul(xb, rows: 1, weight: w, bias: nil, out: y)
+            b.matmulAdd(xb, rows: 1, weight: w, bias: nil, residual: r, scratch: scratch)
+            b.matmul3(xb, rows: 1, (ws[0], nil, outs[0]), (ws[1], nil, outs[1]), (ws[2], nil, outs[2]))
+            try b.synchronize()
+            return try ([(y, 41), (r, 41)] + zip(outs, parts.map { $0.shape[0] }).map { ($0, $1) }).map { buffer, count in
+                var v = [Float](repeating: 0, count: count)
+                v.withUnsafeMutableBufferPointer { b.read(buffer, offset: 0, into: $0) }
+                return v
+            }
+        }
+        let got = try run(gpu), expected = try run(deterministic)
+        let scale = expected[0].reduce(0) { max($0, abs($1)) }
+        XCTAssertGreaterThan(scale, 0)
+        for (i, name) in ["plain", "added", "q", "k", "v"].enumerated() {
+            XCTAssertLessThan(maxAbsDiff(got[i], expected[i]), 1e-4 * scale, name)
+        }
+    }
+
     /// One token's products of 16-bit weights (matvec_half_body, whose lanes read a row in chunks
     /// and load the next chunk before using the current one) against the CPU's sums in doubles:
     /// rows of one partial chunk, of chunks ending mid-way, and of the 8B shape's down projection;
@@ -786,16 +831,17 @@ final class CUDABackendTests: XCTestCase {
         }
     }
 
-    /// Quantized and 16-bit experts on the GPU (Q4_K, Q6_K, Q8_0, BF16 and F16 on a random MoE
-    /// with 256-wide rows; llama.cpp's Mixtral files are among the GGUF fixtures) against the
-    /// CPU: decode steps of one and three sequences take the matvec kernels' expert mode, the
-    /// prompt's pass the grouped products.
+    /// Quantized and 16-bit experts on the GPU (Q4_K, Q6_K, Q8_0, Q4_0, IQ4_NL, BF16 and F16 on a
+    /// random MoE with 256-wide rows; llama.cpp's Mixtral files are among the GGUF fixtures)
+    /// against the CPU: decode steps of one and three sequences take the matvec kernels' expert
+    /// mode for gate and up and moe_down for down and the weighted sum, the prompt's pass the
+    /// grouped products.
     func testQuantizedExpertsMatchCPU() throws {
         let gpu = try backend()
         let dir = try Fixtures.tempDirectory(self)
         let source = dir + "/moe-f32.gguf"
         try writeRandomMoEGGUF(source)
-        for mix in [QuantizationMix.q4_K_M, .q6_K, .q8_0, .bf16, .f16] {
+        for mix in [QuantizationMix.q4_K_M, .q6_K, .q8_0, .q4_0, .iq4_nl, .bf16, .f16] {
             let out = dir + "/moe-\(mix.rawValue).gguf"
             _ = try ModelQuantizer(mix: mix, pure: true).quantize(source: source, output: out)
             try assertMatchesCPU(out, gpu)

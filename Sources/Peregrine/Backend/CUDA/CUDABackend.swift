@@ -234,12 +234,23 @@ public final class CUDABackend: ComputeBackend {
     // before it drains, and streams its weights before waiting for its inputs (gdc_wait in
     // Kernels.cu). PEREGRINE_NO_PDL=1 turns them off, PEREGRINE_NO_EARLY_TRIGGER=1 lets a kernel
     // start only as the previous one's blocks exit; PEREGRINE_NO_FUSED_NORM=1 runs the RMSNorm
-    // before a single-token product as its own kernel.
+    // before a single-token product of quantized weights as its own kernel (see `fusesNorm`).
     private let pdl: Bool
     /// Set from `beginStep` to the end of the pass: only decode steps launch programmatically
     /// dependent (a prefill's large grids waiting early on the SMs would slow the kernel before them).
     private var pdlStep = false
     private let fusedNorm = ProcessInfo.processInfo.environment["PEREGRINE_NO_FUSED_NORM"] == nil
+    /// PEREGRINE_FUSED_HALF_NORM=1: 16-bit products normalize their input in every block too.
+    private let fusedHalfNorm = ProcessInfo.processInfo.environment["PEREGRINE_FUSED_HALF_NORM"] != nil
+
+    /// Whether a single-token product of `w` takes the RMSNorm of its input in the same launch.
+    /// Quantized weights: yes, in the launch that rounds the input to 8 bits (quantize_q8), which
+    /// runs once. 16-bit weights: no, although matvec_half_body can: each of its blocks then
+    /// normalizes the row into shared memory before its first product, a wait every wave of
+    /// blocks pays (the gate/up product has 3.4 waves on an H200). The 8B shape's BF16 decode,
+    /// tg128 on an H200, same binary and run, two rounds: 202.5 / 203.9 tok/s fused, 218.1 /
+    /// 215.5 with an rms_norm launch before the product.
+    private func fusesNorm(_ w: CUDAWeight) -> Bool { fusedNorm && (!w.dtype.isFloat || fusedHalfNorm) }
     /// Batch-invariant arithmetic: every product over any number of tokens runs the same per-row
     /// kernel and every attention the same per-query kernel, so a sequence's logits do not depend
     /// on what else is in its batch (for every weight type but F32, whose products over more than
@@ -324,7 +335,7 @@ public final class CUDABackend: ComputeBackend {
                      "repetition_penalty", "exp_sum_rows", "sample_rows", "split_columns", "silu_mul_16", "rope_store_kv_stacked",
                      "moe_route", "moe_router", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16",
                      "expert_gemm_bf16", "expert_gemm_f16"]
-                     + matvecs + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
+                     + matvecs + CUDABackend.expertDownTypes.values.map { "moe_down_" + $0 } + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
                      + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4"] }) {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
@@ -816,7 +827,7 @@ public final class CUDABackend: ComputeBackend {
             guard let q = quantizeActivations(x, rows: 1, k: k, norm: norm) else { return true }
             (xq, xs) = q
         }
-        let n = p.map(\.weight.rows), warps = mode == 2 ? n[0] : n.reduce(0, +)
+        let n = p.map(\.weight.rows), warps = matvecWarps(mode == 2 ? n[0] : n.reduce(0, +), dtype, k: k, gated: mode == 2)
         let normPointer = quantized ? 0 : norm?.weight.pointer ?? 0
         let shared = normPointer != 0 ? k * 4 : 0
         launch("matvec_" + suffix + (mode == 2 ? "_gated" : ""), grid: blocks(warps * 32), block: 256, shared: shared) { a in
@@ -826,6 +837,13 @@ public final class CUDABackend: ComputeBackend {
             a.ptr(x); a.ptr(normPointer); a.f32(norm?.eps ?? 0); a.ptr(xq); a.ptr(xs); a.i32(k); a.i32(mode); a.ptr(0); a.i32(1)
         }
         return true
+    }
+
+    /// Warps a matvec launch has for `rows` output rows of length k: one a row, but a Q6_K row of
+    /// 2,048 values fills one load a lane, so there a warp that is not gated takes two
+    /// (matvec_q6k_body's `paired`).
+    private func matvecWarps(_ rows: Int, _ dtype: DType, k: Int, gated: Bool) -> Int {
+        dtype == .q6_K && !gated && k == 2048 ? (rows + 1) / 2 : rows
     }
 
     /// The `matvec` kernel of a weight type, when there is one that takes rows of any length the
@@ -1062,7 +1080,7 @@ public final class CUDABackend: ComputeBackend {
     public func normMatmul3(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int,
                             _ a: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer), _ b: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer),
                             _ c: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)) {
-        if rows == oneToken, fusedNorm,
+        if rows == oneToken, fusesNorm(a.weight),
            matvecKernel(x, [a, b, c], mode: 0, norm: (norm, eps)) || mixedQuantizedMatvecs(x, [a, b, c], norm: (norm, eps)) { return }
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed, for: a.weight)
         matmul3(normed, rows: rows, a, b, c)
@@ -1071,7 +1089,7 @@ public final class CUDABackend: ComputeBackend {
     public func normGatedProduct(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int, gate: CUDAWeight,
                                  gateBias: CUDAWeight?, up: CUDAWeight, upBias: CUDAWeight?, activation: GatedActivation,
                                  out: CUDABuffer, scratch: CUDABuffer) {
-        if rows == oneToken, fusedNorm, activation == .silu, up.rows == gate.rows,
+        if rows == oneToken, fusesNorm(gate), activation == .silu, up.rows == gate.rows,
            matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: (norm, eps)) { return }
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed, for: gate)
         gatedProduct(normed, rows: rows, gate: gate, gateBias: gateBias, up: up, upBias: upBias, activation: activation,
@@ -1547,9 +1565,12 @@ public final class CUDABackend: ComputeBackend {
     }
 
     /// The experts' products of a few rows as the matvec kernels' expert mode: gate and up with
-    /// the SiLU gating for every route in one launch, down in another, then each row's weighted
-    /// sum added to the residual (moe_combine, counting each route's read). False when the
-    /// weights' types have no such kernel (the grouped kernels take them).
+    /// the SiLU gating for every route in one launch, then down and each row's weighted sum added
+    /// to the residual in another (moe_down, counting each route's read; for down types it does
+    /// not take, down in the expert mode and the sum in moe_combine). False when the weights'
+    /// types have no such kernel (the grouped kernels take them). Qwen3-30B-A3B-shaped layers on
+    /// an H200 (4 layers, Q4_K_M, tg128 tok/s, one run, two rounds): 2,565 / 2,644 with moe_down,
+    /// 2,426 / 2,326 without.
     private func expertMatvecs(_ x: CUDABuffer, rows: Int, routes: CUDABuffer, k: Int, experts: CUDAExperts, residual: CUDABuffer) -> Bool {
         let d = experts.hidden, ff = experts.intermediate, total = rows * k
         let gateType = experts.gate[0].dtype, downType = experts.down[0].dtype
@@ -1565,7 +1586,8 @@ public final class CUDABackend: ComputeBackend {
                 (xq, xs) = q
             }
             let gated = tables.1 != nil
-            launch("matvec_" + kernel + (gated ? "_gated" : ""), grid: (blocks(outputs * 32).0, total, 1), block: 256) { a in
+            let warps = matvecWarps(outputs, type, k: cols, gated: gated)
+            launch("matvec_" + kernel + (gated ? "_gated" : ""), grid: (blocks(warps * 32).0, total, 1), block: 256) { a in
                 a.ptr(tables.0); a.ptr(0); a.ptr(out); a.i32(outputs)
                 a.ptr(tables.1?.pointer ?? 0); a.ptr(0); a.ptr(0); a.i32(0)
                 a.ptr(0); a.ptr(0); a.ptr(0); a.i32(0)
@@ -1574,6 +1596,18 @@ public final class CUDABackend: ComputeBackend {
         }
         product(gateKernel, gateType, tables: (experts.gateTable, experts.upTable), input: x, inputRows: rows, cols: d, outputs: ff,
                 routeDiv: k, out: moeHidden)
+        if fusedExpertDown, let suffix = CUDABackend.expertDownTypes[downType] {
+            var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
+            if !downType.isFloat {
+                guard let q = quantizeActivations(moeHidden, rows: total, k: ff, norm: nil) else { return true }
+                (xq, xs) = q
+            }
+            launch("moe_down_" + suffix, grid: ((d + 7) / 8, rows, 1), block: 256) { a in
+                a.ptr(experts.downTable); a.i32(d); a.i32(ff); a.ptr(routes); a.i32(k); a.ptr(downType.isFloat ? moeHidden.pointer : 0)
+                a.ptr(xq); a.ptr(xs); a.ptr(residual); a.ptr(experts.reads)
+            }
+            return true
+        }
         product(downKernel, downType, tables: (experts.downTable, nil), input: moeHidden, inputRows: total, cols: ff, outputs: d,
                 routeDiv: 1, out: moeOut)
         launch("moe_combine", grid: (rows, (d + 255) / 256, 1), block: 256) { a in
@@ -1581,6 +1615,14 @@ public final class CUDABackend: ComputeBackend {
         }
         return true
     }
+
+    /// Down weight types whose expert-mode product and weighted sum run as one launch
+    /// (`moe_down_<suffix>`): a warp per output of a row over all its routes, so short expert rows
+    /// keep every lane busy (Kernels.cu). PEREGRINE_NO_FUSED_EXPERT_DOWN=1 keeps the matvec
+    /// kernel's expert mode and moe_combine, to measure against.
+    static let expertDownTypes: [DType: String] = [.f16: "f16", .bf16: "bf16", .q8_0: "q8_0", .q4_0: "q4_0", .q4_K: "q4_K",
+                                                   .q6_K: "q6_K", .iq4_nl: "iq4_nl"]
+    private let fusedExpertDown = ProcessInfo.processInfo.environment["PEREGRINE_NO_FUSED_EXPERT_DOWN"] == nil
 
     /// Routes a pass needs for the chosen experts' products to run as cuBLAS products, one an
     /// expert and projection on the tensor cores: a prompt's pass, where each expert gets many

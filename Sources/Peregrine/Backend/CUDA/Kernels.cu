@@ -373,10 +373,11 @@ struct MatvecRow {
     bool active;
 };
 
-__device__ __forceinline__ MatvecRow matvec_row(bool gated, const void* w0, const float* b0, float* y0, int n0, const void* w1,
-                                                const float* b1, float* y1, int n1, const void* w2, const float* b2, float* y2,
-                                                int n2) {
-    MatvecRow m = {w0, b0, y0, n0, (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5), true};
+// (matvec_row_at: output row `index` of the three matrices, for a warp that takes more than one.)
+__device__ __forceinline__ MatvecRow matvec_row_at(int index, bool gated, const void* w0, const float* b0, float* y0, int n0,
+                                                   const void* w1, const float* b1, float* y1, int n1, const void* w2,
+                                                   const float* b2, float* y2, int n2) {
+    MatvecRow m = {w0, b0, y0, n0, index, true};
     if (!gated && m.o >= n0) {
         m.o -= n0; m.w = w1; m.b = b1; m.y = y1; m.n = n1;
         if (m.o >= n1) { m.o -= n1; m.w = w2; m.b = b2; m.y = y2; m.n = n2; }
@@ -384,6 +385,12 @@ __device__ __forceinline__ MatvecRow matvec_row(bool gated, const void* w0, cons
     m.active = m.o < m.n;
     if (!m.active) m.o = 0;
     return m;
+}
+
+__device__ __forceinline__ MatvecRow matvec_row(bool gated, const void* w0, const float* b0, float* y0, int n0, const void* w1,
+                                                const float* b1, float* y1, int n1, const void* w2, const float* b2, float* y2,
+                                                int n2) {
+    return matvec_row_at((int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5), gated, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);
 }
 
 // A warp's sums to its output: y = W x + b (mode 0), y += W x + b (mode 1), or gated,
@@ -423,10 +430,12 @@ __device__ __forceinline__ void matvec_route(const float* routes, int routeDiv, 
 
 // One token's products of 16-bit weights (DT 1: F16, 2: BF16), a warp per output row (R = 2:
 // gate and up of the same output, mode 2), x read in place or, when `norm` is given,
-// RMS-normalized into shared memory (the norm fused). A lane reads its row in chunks of U = 4 / R
-// 16-byte loads per row and issues the next chunk's loads before it uses the current one's (two
-// sets of registers, taken in turn), so a warp always has loads in flight; the first chunk is
-// issued before gdc_wait, so a product's weights stream while the kernel before it finishes.
+// RMS-normalized into shared memory (the norm fused; the host asks for that only with
+// PEREGRINE_FUSED_HALF_NORM, since every wave of blocks waits for it). A lane reads its row in
+// chunks of U = 4 / R 16-byte loads per row and issues the next chunk's loads before it uses the
+// current one's (two sets of registers, taken in turn), so a warp always has loads in flight;
+// the first chunk is issued before gdc_wait, so a product's weights stream while the kernel
+// before it finishes.
 // Four blocks an SM (64 registers a thread; the kernels that are not gated spill 8 bytes), so
 // the next kernel's blocks find room beside this one's.
 // H200, the 8B shape's BF16 decode (tg128 / tg64 at depths 4,096 and 16,384, tok/s, one run,
@@ -508,6 +517,74 @@ __device__ __forceinline__ void matvec_half_body(const void* w0, const float* b0
     matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
 }
 
+// Unit i of a Q4_K row (16 bytes: super-block i / 8, 32-byte chunk j = (i % 8) / 2, half h =
+// i % 2; its low nibbles are values 64j + 16h ... of sub-block 2j, its high nibbles 64j + 32 + 16h
+// ... of sub-block 2j + 1) against 8-bit x: q4k_x reads x's two 16-value runs (a, c), their
+// scales and the sums of their values once for all rows that share them; q4k_unit multiplies,
+// value = d sc q - dmin m per sub-block, hq the super-block's header.
+struct Q4KX { int4 a, c; float lo, hi; int sa, sc; };
+
+__device__ __forceinline__ Q4KX q4k_x(const signed char* xq, const float* xs, int i) {
+    int j = (i % 8) / 2, h = i % 2;
+    long at = (long)(i / 8) * 256 + 64 * j + 16 * h;
+    Q4KX x;
+    x.a = *(const int4*)(xq + at);
+    x.c = *(const int4*)(xq + at + 32);
+    x.lo = xs[at / 32];
+    x.hi = xs[at / 32 + 1];
+    x.sa = __dp4a(0x01010101, x.a.x, 0); x.sa = __dp4a(0x01010101, x.a.y, x.sa); x.sa = __dp4a(0x01010101, x.a.z, x.sa); x.sa = __dp4a(0x01010101, x.a.w, x.sa);
+    x.sc = __dp4a(0x01010101, x.c.x, 0); x.sc = __dp4a(0x01010101, x.c.y, x.sc); x.sc = __dp4a(0x01010101, x.c.z, x.sc); x.sc = __dp4a(0x01010101, x.c.w, x.sc);
+    return x;
+}
+
+__device__ __forceinline__ float q4k_unit(uint4 q, uint4 hq, int i, const Q4KX& x) {
+    unsigned v[4] = {q.x, q.y, q.z, q.w};
+    int lo = __dp4a((int)(v[0] & 0x0F0F0F0F), x.a.x, 0);
+    lo = __dp4a((int)(v[1] & 0x0F0F0F0F), x.a.y, lo); lo = __dp4a((int)(v[2] & 0x0F0F0F0F), x.a.z, lo);
+    lo = __dp4a((int)(v[3] & 0x0F0F0F0F), x.a.w, lo);
+    int hi = __dp4a((int)((v[0] >> 4) & 0x0F0F0F0F), x.c.x, 0);
+    hi = __dp4a((int)((v[1] >> 4) & 0x0F0F0F0F), x.c.y, hi); hi = __dp4a((int)((v[2] >> 4) & 0x0F0F0F0F), x.c.z, hi);
+    hi = __dp4a((int)((v[3] >> 4) & 0x0F0F0F0F), x.c.w, hi);
+    float d, dmin;
+    int s1, m1, s2, m2;
+    q4k_header(hq, 2 * ((i % 8) / 2), d, dmin, s1, m1, s2, m2);
+    return x.lo * (d * s1 * lo - dmin * m1 * x.sa) + x.hi * (d * s2 * hi - dmin * m2 * x.sc);
+}
+
+// Unit i of a Q6_K row (see matvec_q6k_body: 16 values of each quarter of half (i % 4) / 2 of
+// super-block i / 4; qa, qb its low-nibble bytes, qh its high bits) against 8-bit x: q6k_x reads
+// x's four 16-value runs and their scales; q6k_unit multiplies, sc the unit's first 16-value
+// scale (the others every second byte), d the super-block's scale.
+struct Q6KX { int4 a[4]; float d[4]; };
+
+__device__ __forceinline__ Q6KX q6k_x(const signed char* xq, const float* xs, int i) {
+    long p0 = (long)(i / 4) * 256 + (i % 4) / 2 * 128 + 16 * (i % 2);
+    Q6KX x;
+#pragma unroll
+    for (int t = 0; t < 4; t++) { x.a[t] = *(const int4*)(xq + p0 + 32 * t); x.d[t] = xs[(p0 + 32 * t) / 32]; }
+    return x;
+}
+
+__device__ __forceinline__ float q6k_unit(uint4 qa, uint4 qb, uint4 qh, const signed char* sc, __half d, const Q6KX& x) {
+    unsigned A[4] = {qa.x, qa.y, qa.z, qa.w};
+    unsigned B[4] = {qb.x, qb.y, qb.z, qb.w};
+    unsigned H[4] = {qh.x, qh.y, qh.z, qh.w};
+    int dot[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        int xj[4] = {j == 0 ? x.a[0].x : j == 1 ? x.a[0].y : j == 2 ? x.a[0].z : x.a[0].w,
+                     j == 0 ? x.a[1].x : j == 1 ? x.a[1].y : j == 2 ? x.a[1].z : x.a[1].w,
+                     j == 0 ? x.a[2].x : j == 1 ? x.a[2].y : j == 2 ? x.a[2].z : x.a[2].w,
+                     j == 0 ? x.a[3].x : j == 1 ? x.a[3].y : j == 2 ? x.a[3].z : x.a[3].w};
+        dot[0] = __dp4a((int)__vsub4((A[j] & 0x0F0F0F0F) | ((H[j] << 4) & 0x30303030), 0x20202020), xj[0], dot[0]);
+        dot[1] = __dp4a((int)__vsub4((B[j] & 0x0F0F0F0F) | ((H[j] << 2) & 0x30303030), 0x20202020), xj[1], dot[1]);
+        dot[2] = __dp4a((int)__vsub4(((A[j] >> 4) & 0x0F0F0F0F) | (H[j] & 0x30303030), 0x20202020), xj[2], dot[2]);
+        dot[3] = __dp4a((int)__vsub4(((B[j] >> 4) & 0x0F0F0F0F) | ((H[j] >> 2) & 0x30303030), 0x20202020), xj[3], dot[3]);
+    }
+    float sum = sc[0] * x.d[0] * dot[0] + sc[2] * x.d[1] * dot[1] + sc[4] * x.d[2] * dot[2] + sc[6] * x.d[3] * dot[3];
+    return __half2float(d) * sum;
+}
+
 // One token's products of quantized weights, a warp per output row, specialized per weight type
 // DT and rows per warp R (R = 2: gate and up of the same output, mode 2). Each lane keeps 8 / R
 // 16-byte weight loads per row in flight (4 / R for Q4_K, whose headers come with them), and the
@@ -569,29 +646,9 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
                 int i = u0 + u * 32;
                 if (i >= units) break;
                 if (DT == 5) {
-                    // Unit i: super-block i / 8, 32-byte chunk j = (i % 8) / 2, half h = i % 2. Its low
-                    // nibbles are values 64j + 16h ... of sub-block 2j, its high nibbles 64j + 32 + 16h ...
-                    // of sub-block 2j + 1; with 8-bit x, value = d sc q - dmin m per sub-block.
-                    int j = (i % 8) / 2, h = i % 2;
-                    long at = (long)(i / 8) * 256 + 64 * j + 16 * h;
-                    int4 a = *(const int4*)(xq + at), c = *(const int4*)(xq + at + 32);
-                    float xlo = xs[at / 32], xhi = xs[at / 32 + 1];
-                    int sa = __dp4a(0x01010101, a.x, 0); sa = __dp4a(0x01010101, a.y, sa); sa = __dp4a(0x01010101, a.z, sa); sa = __dp4a(0x01010101, a.w, sa);
-                    int sc2 = __dp4a(0x01010101, c.x, 0); sc2 = __dp4a(0x01010101, c.y, sc2); sc2 = __dp4a(0x01010101, c.z, sc2); sc2 = __dp4a(0x01010101, c.w, sc2);
+                    Q4KX xv = q4k_x(xq, xs, i);
 #pragma unroll
-                    for (int r = 0; r < R; r++) {
-                        unsigned v[4] = {q[r][u].x, q[r][u].y, q[r][u].z, q[r][u].w};
-                        int lo = __dp4a((int)(v[0] & 0x0F0F0F0F), a.x, 0);
-                        lo = __dp4a((int)(v[1] & 0x0F0F0F0F), a.y, lo); lo = __dp4a((int)(v[2] & 0x0F0F0F0F), a.z, lo);
-                        lo = __dp4a((int)(v[3] & 0x0F0F0F0F), a.w, lo);
-                        int hi = __dp4a((int)((v[0] >> 4) & 0x0F0F0F0F), c.x, 0);
-                        hi = __dp4a((int)((v[1] >> 4) & 0x0F0F0F0F), c.y, hi); hi = __dp4a((int)((v[2] >> 4) & 0x0F0F0F0F), c.z, hi);
-                        hi = __dp4a((int)((v[3] >> 4) & 0x0F0F0F0F), c.w, hi);
-                        float d, dmin;
-                        int s1, m1, s2, m2;
-                        q4k_header(hq[r][u], 2 * j, d, dmin, s1, m1, s2, m2);
-                        acc[r] += xlo * (d * s1 * lo - dmin * m1 * sa) + xhi * (d * s2 * hi - dmin * m2 * sc2);
-                    }
+                    for (int r = 0; r < R; r++) acc[r] += q4k_unit(q[r][u], hq[r][u], i, xv);
                 } else {
                     int blk = DT == 3 ? i / 2 : i;
                     float xd = xs[blk];
@@ -632,87 +689,87 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
 
 // One token's products for Q6_K weights, as matvec_body: a unit is 16 values of each quarter of
 // one half (128 values) of a super-block, 48 bytes (its low-nibble bytes for quarters 0 and 2,
-// for 1 and 3, and its high-bit bytes), so one 16-value scale per quarter.
+// for 1 and 3, and its high-bit bytes), so one 16-value scale per quarter. A lane has U = 2 / R
+// units of a row in flight. A row of exactly 32 units (2,048 values) fills one unit a lane, so
+// there a warp that is not gated takes two rows (`paired`: rows 2w and 2w + 1, one a set of
+// loads; the host launches half the warps) and keeps as many loads in flight as on longer rows:
+// the Qwen3-30B-A3B shape's output matrix (151,936 x 2,048) took 144 us a token on an H200 with
+// one row a warp, 72 waves of blocks each waiting out one round trip.
 template <int R>
 __device__ __forceinline__ void matvec_q6k_body(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
                                                 float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
                                                 const signed char* xq, const float* xs, int k, int mode) {
     constexpr int U = 2 / R;
     int lane = threadIdx.x & 31;
-    MatvecRow m = matvec_row(R == 2, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);
-    const void* w = m.w; int n = m.n, o = m.o;
-    bool active = m.active;
-    const void* wr[2] = {w, w1};
-    const long blocks = (long)n * k / 256;
     const int units = k / 64, perRow = k / 256;
-    const unsigned char* vals[R];
-    const signed char* scl[R];
-    const __half* dd[R];
+    const bool paired = R == 1 && units == 32;
+    const int warpIndex = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    // Slot u's row (the warp's row, or row 2w + u when paired) and, gated, up's row beside it.
+    MatvecRow m[U];
 #pragma unroll
-    for (int r = 0; r < R; r++) {
-        const unsigned char* base = (const unsigned char*)wr[r];
-        vals[r] = base + (long)o * perRow * 192;
-        scl[r] = (const signed char*)base + blocks * 192 + (long)o * perRow * 16;
-        dd[r] = (const __half*)(base + blocks * 208) + (long)o * perRow;
+    for (int u = 0; u < U; u++)
+        m[u] = matvec_row_at(paired ? 2 * warpIndex + u : warpIndex, R == 2, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);
+    const unsigned char* vals[U][R];
+    const signed char* scl[U][R];
+    const __half* dd[U][R];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const void* wr[2] = {m[u].w, w1};
+        const long blocks = (long)m[u].n * k / 256;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const unsigned char* base = (const unsigned char*)wr[r];
+            vals[u][r] = base + (long)m[u].o * perRow * 192;
+            scl[u][r] = (const signed char*)base + blocks * 192 + (long)m[u].o * perRow * 16;
+            dd[u][r] = (const __half*)(base + blocks * 208) + (long)m[u].o * perRow;
+        }
     }
     uint4 qa[R][U], qb[R][U], qh[R][U];
-    float acc[R];
+    float acc[U][R];
 #pragma unroll
-    for (int r = 0; r < R; r++) acc[r] = 0;
+    for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[u][r] = 0;
+    // Slot u's unit for the round that starts at u0 (units u0, u0 + 32 of one row, or unit u0 of two).
+    auto unitOf = [&](int u0, int u) { return paired ? u0 : u0 + u * 32; };
+    auto live = [&](int u0, int u) { return m[u].active && unitOf(u0, u) < units; };
     auto load = [&](int u0) {
 #pragma unroll
         for (int r = 0; r < R; r++)
 #pragma unroll
             for (int u = 0; u < U; u++) {
-                int i = u0 + u * 32;
-                if (i >= units) break;
-                const unsigned char* v = vals[r] + (i / 4) * 192;
+                if (!live(u0, u)) continue;
+                int i = unitOf(u0, u);
+                const unsigned char* v = vals[u][r] + (i / 4) * 192;
                 int half = (i % 4) / 2, lh = i % 2;
                 qa[r][u] = __ldcs((const uint4*)(v + half * 64 + 16 * lh));
                 qb[r][u] = __ldcs((const uint4*)(v + half * 64 + 32 + 16 * lh));
                 qh[r][u] = __ldcs((const uint4*)(v + 128 + half * 32 + 16 * lh));
             }
     };
-    if (active) load(lane);  // weights stream before the wait, as in matvec_body
+    const int step = paired ? 32 : 32 * U;
+    load(lane);  // weights stream before the wait, as in matvec_body
     gdc_wait();
-    if (active) {
-        for (int u0 = lane; u0 < units; u0 += 32 * U) {
-            if (u0 != lane) load(u0);
+    for (int u0 = lane; u0 < units; u0 += step) {
+        if (u0 != lane) load(u0);
 #pragma unroll
-            for (int u = 0; u < U; u++) {
-                int i = u0 + u * 32;
-                if (i >= units) break;
-                int sb = i / 4, half = (i % 4) / 2, lh = i % 2;
-                long p0 = (long)sb * 256 + half * 128 + 16 * lh;
-                int4 xa[4];
-                float xd[4];
+        for (int u = 0; u < U; u++) {
+            if (!live(u0, u)) continue;
+            int i = unitOf(u0, u), sb = i / 4;
+            Q6KX xv = q6k_x(xq, xs, i);
 #pragma unroll
-                for (int t = 0; t < 4; t++) { xa[t] = *(const int4*)(xq + p0 + 32 * t); xd[t] = xs[(p0 + 32 * t) / 32]; }
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    unsigned A[4] = {qa[r][u].x, qa[r][u].y, qa[r][u].z, qa[r][u].w};
-                    unsigned B[4] = {qb[r][u].x, qb[r][u].y, qb[r][u].z, qb[r][u].w};
-                    unsigned H[4] = {qh[r][u].x, qh[r][u].y, qh[r][u].z, qh[r][u].w};
-                    int dot[4] = {0, 0, 0, 0};
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        int xj[4] = {j == 0 ? xa[0].x : j == 1 ? xa[0].y : j == 2 ? xa[0].z : xa[0].w,
-                                     j == 0 ? xa[1].x : j == 1 ? xa[1].y : j == 2 ? xa[1].z : xa[1].w,
-                                     j == 0 ? xa[2].x : j == 1 ? xa[2].y : j == 2 ? xa[2].z : xa[2].w,
-                                     j == 0 ? xa[3].x : j == 1 ? xa[3].y : j == 2 ? xa[3].z : xa[3].w};
-                        dot[0] = __dp4a((int)__vsub4((A[j] & 0x0F0F0F0F) | ((H[j] << 4) & 0x30303030), 0x20202020), xj[0], dot[0]);
-                        dot[1] = __dp4a((int)__vsub4((B[j] & 0x0F0F0F0F) | ((H[j] << 2) & 0x30303030), 0x20202020), xj[1], dot[1]);
-                        dot[2] = __dp4a((int)__vsub4(((A[j] >> 4) & 0x0F0F0F0F) | (H[j] & 0x30303030), 0x20202020), xj[2], dot[2]);
-                        dot[3] = __dp4a((int)__vsub4(((B[j] >> 4) & 0x0F0F0F0F) | ((H[j] >> 2) & 0x30303030), 0x20202020), xj[3], dot[3]);
-                    }
-                    const signed char* sc = scl[r] + sb * 16 + half * 8 + lh;
-                    float sum = sc[0] * xd[0] * dot[0] + sc[2] * xd[1] * dot[1] + sc[4] * xd[2] * dot[2] + sc[6] * xd[3] * dot[3];
-                    acc[r] += __half2float(dd[r][sb]) * sum;
-                }
+            for (int r = 0; r < R; r++) {
+                float t = q6k_unit(qa[r][u], qb[r][u], qh[r][u], scl[u][r] + sb * 16 + (i % 4) / 2 * 8 + i % 2, dd[u][r][sb], xv);
+                if (paired) acc[u][r] += t; else acc[0][r] += t;  // one row: its units summed in order
             }
         }
     }
-    if (active) matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
+    if (paired) {
+#pragma unroll
+        for (int u = 0; u < U; u++) if (m[u].active) matvec_store(m[u], acc[u][0], acc[u][0], false, nullptr, mode, lane);
+    } else if (m[0].active) {
+        matvec_store(m[0], acc[0][0], acc[0][R - 1], R == 2, b1, mode, lane);
+    }
 }
 
 #define MATVEC_Q6K(name, R)                                                                                                  \
@@ -1734,8 +1791,13 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(SPLIT_PARAMS(v
 // per key/value head writes them to the cache (no block reads that cache row in this launch).
 template <typename KV>
 __device__ __forceinline__ void attention_split_heads_body(SPLIT_PARAMS(KV)) {
-    gdc_wait();
+    typedef typename KVBits<KV>::Stored Stored;
     // rowMap: the rows of a mixed batch that are single queries (the others go to attention_prefill).
+    // Before gdc_wait this reads only what the host staged before the step (rowMap, positions,
+    // slots, block tables) and, for one token whose RoPE and cache write are fused here, its
+    // warp's first keys and values: cache rows before the token's own, which no kernel of this
+    // step writes (the own row is written by this launch and taken from shared memory). So
+    // those loads overlap the end of the q/k/v product before it.
     int t = rowMap ? rowMap[blockIdx.x] : blockIdx.x, h = blockIdx.y, split = blockIdx.z;
     int pos = positions[t];
     __shared__ float qs[256], ks[256];
@@ -1743,12 +1805,34 @@ __device__ __forceinline__ void attention_split_heads_body(SPLIT_PARAMS(KV)) {
     split_range(pos, window, splits, split, start, end);
     int kvh = h / (heads / kvHeads);
     int row = kvHeads * headDim;
-    const float* qp = q + ((long)t * heads + h) * headDim;
     int slot = slots[t];
     long kvOffset = kvh * headDim;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // A warp's step: keys j and j + 4 (the warp takes j = start + warp, + 8, ...), loaded as
+    // stored and widened after, so that the loads are plain predicated ones. The cache rows are
+    // read even where the token's own row (not yet written) replaces them, and selected after:
+    // a choice between a shared and a global source per load would branch around each.
+    auto load = [&](int j, Stored (&k1)[8], Stored (&v1)[8], Stored (&k2)[8], Stored (&v2)[8]) {
+        int j2 = j + 4;
+        long o1 = kv_at(tables, width, bs, slot, j, row) + kvOffset, o2 = j2 < end ? kv_at(tables, width, bs, slot, j2, row) + kvOffset : o1;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int d = lane + 32 * i;
+            bool in = d < headDim;
+            k1[i] = in ? KVBits<KV>::load(kc, o1 + d) : 0;
+            v1[i] = in ? KVBits<KV>::load(vc, o1 + d) : 0;
+            k2[i] = in ? KVBits<KV>::load(kc, o2 + d) : 0;
+            v2[i] = in ? KVBits<KV>::load(vc, o2 + d) : 0;
+        }
+    };
+    Stored ka1[8], va1[8], ka2[8], va2[8], kb1[8], vb1[8], kb2[8], vb2[8];
+    int j = start + warp;
+    bool early = fused && j < end;
+    if (early) load(j, ka1, va1, ka2, va2);
+    gdc_wait();
+    const float* qp = q + ((long)t * heads + h) * headDim;
     const float* vnow = vin + ((long)t * kvHeads + kvh) * headDim;
     __shared__ float vs[256];  // the token's value, rounded as the cache holds it (fused)
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (fused) {
         int half = rotDim / 2;
         const float* kp = kin + ((long)t * kvHeads + kvh) * headDim;
@@ -1794,31 +1878,15 @@ __device__ __forceinline__ void attention_split_heads_body(SPLIT_PARAMS(KV)) {
 #pragma unroll
     for (int i = 0; i < 8; i++) { int d = lane + 32 * i; qv[i] = d < headDim ? qp[d] * scale : 0.f; acc[i] = 0; }
     float m = -__int_as_float(0x7f800000), l = 0;
-    for (int j = start + warp; j < end; j += 8) {
-        // Two keys at a time, their loads issued together.
+    auto step = [&](int j, const Stored (&rk1)[8], const Stored (&rv1)[8], const Stored (&rk2)[8], const Stored (&rv2)[8]) {
         int j2 = j + 4;
         bool two = j2 < end;
-        long o1 = kv_at(tables, width, bs, slot, j, row) + kvOffset, o2 = two ? kv_at(tables, width, bs, slot, j2, row) + kvOffset : o1;
         bool own1 = fused && j == pos, own2 = fused && j2 == pos;  // the token's own key and value: from shared memory
-        // Every load issued before any is used (their latencies overlap): the cache rows are
-        // read even where the token's own row (not yet written) replaces them, and selected
-        // after; a choice between a shared and a global source per load would branch around each.
-        // Loaded as stored and widened after, so that the loads are plain predicated ones.
-        typename KVBits<KV>::Stored rk1[8], rv1[8], rk2[8], rv2[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            int d = lane + 32 * i;
-            bool in = d < headDim;
-            rk1[i] = in ? KVBits<KV>::load(kc, o1 + d) : 0;
-            rv1[i] = in ? KVBits<KV>::load(vc, o1 + d) : 0;
-            rk2[i] = in ? KVBits<KV>::load(kc, o2 + d) : 0;
-            rv2[i] = in ? KVBits<KV>::load(vc, o2 + d) : 0;
-        }
-        float ka[8], kb2[8], va[8], vb2[8];
+        float ka[8], kb[8], va[8], vb[8];
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             ka[i] = KVBits<KV>::widen(rk1[i]); va[i] = KVBits<KV>::widen(rv1[i]);
-            kb2[i] = KVBits<KV>::widen(rk2[i]); vb2[i] = KVBits<KV>::widen(rv2[i]);
+            kb[i] = KVBits<KV>::widen(rk2[i]); vb[i] = KVBits<KV>::widen(rv2[i]);
         }
         if (own1 || own2) {
 #pragma unroll
@@ -1826,24 +1894,33 @@ __device__ __forceinline__ void attention_split_heads_body(SPLIT_PARAMS(KV)) {
                 int d = lane + 32 * i;
                 if (d >= headDim) continue;
                 if (own1) { ka[i] = ks[d]; va[i] = vs[d]; }
-                if (own2) { kb2[i] = ks[d]; vb2[i] = vs[d]; }
+                if (own2) { kb[i] = ks[d]; vb[i] = vs[d]; }
             }
         }
         if (!two) {
 #pragma unroll
-            for (int i = 0; i < 8; i++) { kb2[i] = 0.f; vb2[i] = 0.f; }
+            for (int i = 0; i < 8; i++) { kb[i] = 0.f; vb[i] = 0.f; }
         }
         float s1 = 0, s2 = 0;
 #pragma unroll
-        for (int i = 0; i < 8; i++) { s1 += qv[i] * ka[i]; s2 += qv[i] * kb2[i]; }
+        for (int i = 0; i < 8; i++) { s1 += qv[i] * ka[i]; s2 += qv[i] * kb[i]; }
         s1 = soft_cap(warp_sum(s1), softcap); s2 = soft_cap(warp_sum(s2), softcap);
         if (!two) s2 = -__int_as_float(0x7f800000);
         float mn = fmaxf(m, fmaxf(s1, s2));
         float corr = __expf(m - mn), p1 = __expf(s1 - mn), p2 = __expf(s2 - mn);
         l = l * corr + p1 + p2;
 #pragma unroll
-        for (int i = 0; i < 8; i++) acc[i] = acc[i] * corr + p1 * va[i] + p2 * vb2[i];
+        for (int i = 0; i < 8; i++) acc[i] = acc[i] * corr + p1 * va[i] + p2 * vb[i];
         m = mn;
+    };
+    // Two sets of registers taken in turn: a warp's next keys are in flight while it scores these.
+    if (!early && j < end) load(j, ka1, va1, ka2, va2);
+    for (; j < end; j += 16) {
+        if (j + 8 < end) load(j + 8, kb1, vb1, kb2, vb2);
+        step(j, ka1, va1, ka2, va2);
+        if (j + 8 >= end) break;
+        if (j + 16 < end) load(j + 16, ka1, va1, ka2, va2);
+        step(j + 8, kb1, vb1, kb2, vb2);
     }
     __shared__ float wm[4], wl[4], wacc[4][256];
     if (lane == 0) { wm[warp] = m; wl[warp] = l; }
@@ -2749,7 +2826,56 @@ extern "C" __global__ void repetition_penalty(float* logits, const int* ids, int
 // the most probable expert after the one taken last (falling probability, rising index on
 // ties); the weights divided by their sum when `normalize`. The logits are read through L2
 // (__ldcg): moe_router's routing block reads what other blocks of its grid wrote.
+// Up to 32 x PL experts: each lane holds its logits' probabilities in registers, so the k rounds
+// read no memory (reading the logits again each round cost a trip to L2 per round: moe_router
+// took 13.6 us a layer on an H200 for 128 experts, 8 chosen).
+template <int PL>
+__device__ __forceinline__ void route_row_held(const float* l, int experts, int k, int normalize, float* r, int lane) {
+    float p[PL];
+    float m = -__int_as_float(0x7f800000);
+#pragma unroll
+    for (int i = 0; i < PL; i++) {
+        int e = lane + 32 * i;
+        p[i] = e < experts ? __ldcg(l + e) : -__int_as_float(0x7f800000);
+        m = fmaxf(m, p[i]);
+    }
+    m = warp_max(m);
+    float s = 0;
+#pragma unroll
+    for (int i = 0; i < PL; i++) if (lane + 32 * i < experts) s += expf(p[i] - m);
+    s = warp_sum(s);
+#pragma unroll
+    for (int i = 0; i < PL; i++) p[i] = lane + 32 * i < experts ? expf(p[i] - m) / s : -1.f;
+    float lastP = __int_as_float(0x7f800000), chosen = 0;
+    int lastE = -1;
+    for (int j = 0; j < k; j++) {
+        float bp = -1;
+        int be = experts;
+#pragma unroll
+        for (int i = 0; i < PL; i++) {
+            int e = lane + 32 * i;
+            bool after = p[i] < lastP || (p[i] == lastP && e > lastE);
+            if (e < experts && after && (p[i] > bp || (p[i] == bp && e < be))) { bp = p[i]; be = e; }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            float op = __shfl_xor_sync(0xffffffff, bp, o);
+            int oe = __shfl_xor_sync(0xffffffff, be, o);
+            if (op > bp || (op == bp && oe < be)) { bp = op; be = oe; }
+        }
+        if (be >= experts) { bp = 0; be = j % experts; }  // non-finite logits: a valid index, weight 0
+        if (lane == 0) { r[2 * j] = bp; r[2 * j + 1] = __int_as_float(be); }
+        chosen += bp;
+        lastP = bp;
+        lastE = be;
+    }
+    __syncwarp();
+    if (normalize && chosen > 0)
+        for (int j = lane; j < k; j += 32) r[2 * j] /= chosen;
+}
+
 __device__ __forceinline__ void route_row(const float* l, int experts, int k, int normalize, float* r, int lane) {
+    if (experts <= 128) { route_row_held<4>(l, experts, k, normalize, r, lane); return; }
+    if (experts <= 256) { route_row_held<8>(l, experts, k, normalize, r, lane); return; }
     float m = -__int_as_float(0x7f800000);
     for (int e = lane; e < experts; e += 32) m = fmaxf(m, __ldcg(l + e));
     m = warp_max(m);
@@ -3077,21 +3203,27 @@ extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned
 
 // out[t, :] += Σ weight · y[place of the route, :] over row t's k routes, in order of expert
 // index (the sum first, then added: as a separate add would). Without `place` (the matvec
-// kernels' expert mode) route q's output is row q of y, and reads[e] counts each route's expert.
+// kernels' expert mode, when moe_down does not take the down weights' type) route q's output is
+// row q of y, and reads[e] counts each route's expert.
 // Block (t, c) takes columns [c x 256, (c + 1) x 256) of row t, so a decode step's few rows
 // still spread over the GPU.
 extern "C" __global__ void __launch_bounds__(256) moe_combine(const float* routes, const int* place, int k, const float* y, float* out,
                                                               int d, int* reads) {
     gdc_wait();
-    __shared__ int order[MOE_MAX_USED];
+    __shared__ int order[MOE_MAX_USED], chosen[MOE_MAX_USED];
     int t = blockIdx.x;
     const float* r = routes + (long)t * 2 * k;
+    // The row's experts staged first: sorting them where they lie took a trip to memory a step.
+    for (int j = threadIdx.x; j < k; j += blockDim.x) {
+        chosen[j] = __float_as_int(r[2 * j + 1]);
+        if (reads && blockIdx.y == 0) atomicAdd(&reads[chosen[j]], 1);
+    }
+    __syncthreads();
     if (threadIdx.x == 0) {
         for (int j = 0; j < k; j++) {
             int i = j;
-            while (i > 0 && __float_as_int(r[2 * order[i - 1] + 1]) > __float_as_int(r[2 * j + 1])) { order[i] = order[i - 1]; i--; }
+            while (i > 0 && chosen[order[i - 1]] > chosen[j]) { order[i] = order[i - 1]; i--; }
             order[i] = j;
-            if (reads && blockIdx.y == 0) atomicAdd(&reads[__float_as_int(r[2 * j + 1])], 1);
         }
     }
     __syncthreads();
@@ -3104,6 +3236,138 @@ extern "C" __global__ void __launch_bounds__(256) moe_combine(const float* route
         out[(long)t * d + i] += s;
     }
 }
+
+// A decode step's down products of the chosen experts and their weighted sum, in one launch
+// (the matvec kernels' expert mode for down, then moe_combine, would be two): warp o of block
+// (c, t) takes output o of row t, c x 8 + its warp, over all of the row's `used` routes, the
+// routes' rows of down laid end to end as one row of used x units units. So a lane's loads
+// (B units at a time, all issued before any is used) go to whichever route they fall in, and
+// a short row (Qwen3-MoE's 768 values: 12 Q6_K units, 24 Q4_K ones) keeps every lane busy,
+// where a warp per route and output kept 12 or 24 of its 32 lanes busy for one round of loads.
+// Each unit's product is weighted by its route's weight as it is added, and the warp's sum is
+// added to the residual: the same terms as down then moe_combine, added in another (fixed)
+// order. Block (0, t) counts each route's read. Units: 8 values of the 16-bit types (x read in
+// f32 from `x`), 32 of Q8_0, Q4_0 and IQ4_NL (as block_words reads them), 32 of Q4_K and 64 of
+// Q6_K (q4k_unit, q6k_unit), against the 8-bit copy of x (xq, xs) for the quantized ones.
+template <int DT> struct DownUnit { uint4 a, b, c; };
+
+template <int DT>
+__device__ __forceinline__ void down_unit_load(const void* w, long total, int o, int k, int i, DownUnit<DT>& u) {
+    if (DT <= 2) {
+        u.a = __ldcs((const uint4*)w + (long)o * (k / 8) + i);
+    } else if (DT == 3) {
+        const uint4* q = (const uint4*)((const signed char*)w + (long)o * k + 32 * i);
+        u.a = __ldcs(q);
+        u.b = __ldcs(q + 1);
+    } else if (DT == 4 || DT == 7) {
+        u.a = __ldcs((const uint4*)w + (long)o * (k / 32) + i);
+    } else if (DT == 5) {
+        u.a = __ldcs((const uint4*)w + (long)o * (k / 32) + i);
+        u.b = ((const uint4*)((const unsigned char*)w + total / 2))[(long)o * (k / 256) + i / 8];
+    } else {
+        const unsigned char* v = (const unsigned char*)w + ((long)o * (k / 256) + i / 4) * 192;
+        int half = (i % 4) / 2, lh = i % 2;
+        u.a = __ldcs((const uint4*)(v + half * 64 + 16 * lh));
+        u.b = __ldcs((const uint4*)(v + half * 64 + 32 + 16 * lh));
+        u.c = __ldcs((const uint4*)(v + 128 + half * 32 + 16 * lh));
+    }
+}
+
+template <int DT>
+__device__ __forceinline__ float down_unit_dot(const void* w, long total, int o, int k, int i, const DownUnit<DT>& u,
+                                               const float* x, const signed char* xq, const float* xs) {
+    if (DT <= 2) {
+        float4 a = *(const float4*)(x + 8 * i), b = *(const float4*)(x + 8 * i + 4);
+        float f[8];
+        if (DT == 2) {
+            const __nv_bfloat162* p = (const __nv_bfloat162*)&u.a;
+#pragma unroll
+            for (int j = 0; j < 4; j++) { float2 t = __bfloat1622float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
+        } else {
+            const __half2* p = (const __half2*)&u.a;
+#pragma unroll
+            for (int j = 0; j < 4; j++) { float2 t = __half22float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
+        }
+        return f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w + f[4] * b.x + f[5] * b.y + f[6] * b.z + f[7] * b.w;
+    } else if (DT == 5) {
+        return q4k_unit(u.a, u.b, i, q4k_x(xq, xs, i));
+    } else if (DT == 6) {
+        const long blocks = total / 256, sb = (long)o * (k / 256) + i / 4;
+        const signed char* sc = (const signed char*)w + blocks * 192 + sb * 16 + (i % 4) / 2 * 8 + i % 2;
+        return q6k_unit(u.a, u.b, u.c, sc, ((const __half*)((const unsigned char*)w + blocks * 208))[sb], q6k_x(xq, xs, i));
+    } else {
+        int wq[8];
+        unsigned v[4] = {u.a.x, u.a.y, u.a.z, u.a.w};
+        if (DT == 3) {
+            wq[0] = u.a.x; wq[1] = u.a.y; wq[2] = u.a.z; wq[3] = u.a.w; wq[4] = u.b.x; wq[5] = u.b.y; wq[6] = u.b.z; wq[7] = u.b.w;
+        } else if (DT == 7) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) { wq[j] = iq4_levels4(v[j]); wq[j + 4] = iq4_levels4(v[j] >> 4); }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                wq[j] = (int)__vsub4(v[j] & 0x0F0F0F0F, 0x08080808);
+                wq[j + 4] = (int)__vsub4((v[j] >> 4) & 0x0F0F0F0F, 0x08080808);
+            }
+        }
+        long b = (long)o * (k / 32) + i;
+        return __half2float(quant_scales(w, DT, total)[b]) * xs[i] * (float)dot32(wq, xq + 32 * i);
+    }
+}
+
+template <int DT, int B>
+__device__ __forceinline__ void moe_down_body(const unsigned long long* table, int n, int k, const float* routes, int used,
+                                              const float* x, const signed char* xq, const float* xs, float* residual, int* reads) {
+    __shared__ const void* expertRows[MOE_MAX_USED];
+    __shared__ float routeWeight[MOE_MAX_USED];
+    gdc_wait();
+    const int t = blockIdx.y, lane = threadIdx.x & 31, o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    for (int j = threadIdx.x; j < used; j += blockDim.x) {
+        int e = __float_as_int(routes[2 * (t * used + j) + 1]);
+        expertRows[j] = (const void*)table[e];
+        routeWeight[j] = routes[2 * (t * used + j)];
+        if (reads && blockIdx.x == 0) atomicAdd(&reads[e], 1);
+    }
+    __syncthreads();
+    if (o >= n) return;
+    constexpr int V = DT <= 2 ? 8 : DT == 6 ? 64 : 32;  // values a unit
+    const int units = k / V, pairs = units * used;
+    const long total = (long)n * k;
+    float acc = 0;
+    for (int p0 = lane; p0 < pairs; p0 += 32 * B) {
+        DownUnit<DT> u[B];
+#pragma unroll
+        for (int b = 0; b < B; b++) {
+            int p = p0 + 32 * b;
+            if (p < pairs) down_unit_load<DT>(expertRows[p / units], total, o, k, p % units, u[b]);
+        }
+#pragma unroll
+        for (int b = 0; b < B; b++) {
+            int p = p0 + 32 * b;
+            if (p >= pairs) break;
+            int j = p / units, i = p % units;
+            long xrow = (long)t * used + j;
+            acc += routeWeight[j] * down_unit_dot<DT>(expertRows[j], total, o, k, i, u[b], x ? x + xrow * k : nullptr,
+                                                      xq ? xq + xrow * k : nullptr, xs ? xs + xrow * (k / 32) : nullptr);
+        }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) residual[(long)t * n + o] += acc;
+}
+
+#define MOE_DOWN(name, DT, B)                                                                                                \
+    extern "C" __global__ void __launch_bounds__(256) name(const unsigned long long* table, int n, int k, const float* routes, \
+                                                           int used, const float* x, const signed char* xq, const float* xs,  \
+                                                           float* residual, int* reads) {                                   \
+        moe_down_body<DT, B>(table, n, k, routes, used, x, xq, xs, residual, reads);                                         \
+    }
+MOE_DOWN(moe_down_f16, 1, 8)
+MOE_DOWN(moe_down_bf16, 2, 8)
+MOE_DOWN(moe_down_q8_0, 3, 4)
+MOE_DOWN(moe_down_q4_0, 4, 8)
+MOE_DOWN(moe_down_q4_K, 5, 6)
+MOE_DOWN(moe_down_q6_K, 6, 4)
+MOE_DOWN(moe_down_iq4_nl, 7, 8)
 
 // residual[t, :] += sigmoid(gate[t]) * y[t, :] (a shared expert under its own gate).
 extern "C" __global__ void add_sigmoid_gated(const float* y, const float* gate, float* residual, int dim, long n) {
