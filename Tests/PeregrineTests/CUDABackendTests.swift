@@ -848,6 +848,32 @@ final class CUDABackendTests: XCTestCase {
         }
     }
 
+    /// The experts' down products of a decode step both ways, on experts of 2,048 values a row:
+    /// `moe_down` (BF16: two rounds of loads a lane) and, with PEREGRINE_NO_FUSED_EXPERT_DOWN=1,
+    /// the matvec kernels' expert mode (Q6_K rows of 2,048 values, two a warp) then moe_combine.
+    /// BF16 both ways against the CPU; Q6_K the two ways against each other, since on this shape
+    /// one router decision of the sixth decode step is near a tie once activations are rounded to
+    /// 8 bits (both GPU paths measured 0.3354 of the logit scale off the CPU there, and as close
+    /// as each other elsewhere).
+    func testExpertDownPathsMatchCPU() throws {
+        let gpu = try backend()
+        setenv("PEREGRINE_NO_FUSED_EXPERT_DOWN", "1", 1)
+        let unfused: CUDABackend
+        do {
+            defer { unsetenv("PEREGRINE_NO_FUSED_EXPERT_DOWN") }
+            unfused = try CUDABackend()
+        }
+        let dir = try Fixtures.tempDirectory(self)
+        let source = dir + "/moe-wide-f32.gguf"
+        try writeRandomMoEGGUF(source, ff: 2048, experts: 4)
+        let bf16 = dir + "/moe-wide-BF16.gguf", q6 = dir + "/moe-wide-Q6_K.gguf"
+        _ = try ModelQuantizer(mix: .bf16, pure: true).quantize(source: source, output: bf16)
+        _ = try ModelQuantizer(mix: .q6_K, pure: true).quantize(source: source, output: q6)
+        try assertMatchesCPU(bf16, gpu)
+        try assertMatchesCPU(bf16, unfused)
+        try assertMatchesCPU(q6, gpu, reference: unfused, tolerance: 1e-3)
+    }
+
     /// Every GGUF model fixture (llama.cpp's files of each family and type, small shapes whose
     /// rows hold one or two blocks) on the GPU against the CPU. These random models amplify any
     /// difference in rounding through their layers, and a mixture of experts then routes to
@@ -875,9 +901,11 @@ final class CUDABackendTests: XCTestCase {
 
     /// A model file's logits on the GPU against the CPU's: a 40-token prompt in one pass, then
     /// decode steps (one sequence, then three at once) through the paged cache.
-    func assertMatchesCPU(_ path: String, _ gpu: CUDABackend, tolerance: Float = 0.05, file: StaticString = #filePath,
-                                  line: UInt = #line) throws {
-        let cpu = try ModelRegistry.load(directory: path), cuda = try ModelRegistry.load(directory: path, backend: gpu)
+    /// (`reference`: the same against another CUDA backend instead of the CPU.)
+    func assertMatchesCPU(_ path: String, _ gpu: CUDABackend, reference: CUDABackend? = nil, tolerance: Float = 0.05,
+                          file: StaticString = #filePath, line: UInt = #line) throws {
+        let cpu = try reference.map { try ModelRegistry.load(directory: path, backend: $0) } ?? ModelRegistry.load(directory: path)
+        let cuda = try ModelRegistry.load(directory: path, backend: gpu)
         let tokens = (0..<40).map { ($0 * 37 + 11) % min(300, cpu.config.vocabSize) }
         let a = try allLogits(cpu, tokens), b = try allLogits(cuda, tokens)
         let scale = a.reduce(0) { max($0, abs($1)) }

@@ -249,13 +249,13 @@ final class MixtureOfExpertsGGUFTests: XCTestCase {
 }
 
 /// A random qwen3moe GGUF file of F32 weights whose rows are whole k-quant blocks (256 wide):
-/// 2 layers, 8 experts of 256 with 2 a token, 4 query heads over 2 KV heads of 64, q/k norms, a
-/// vocabulary of 300. For the quantized expert paths the tiny transformers fixtures cannot take.
-/// With the default seed no router decision of the test prompt is near a tie once activations
-/// are rounded to 8 bits (with other seeds a few are, for some type: a flipped choice moves that
-/// row's logits by up to 40% of their scale, measured).
-func writeRandomMoEGGUF(_ path: String, seed: UInt64 = 13) throws {
-    let d = 256, ff = 256, experts = 8, vocab = 300, layers = 2, hd = 64
+/// 2 layers, 8 experts of 256 with 2 a token (or `experts` of `ff`), 4 query heads over 2 KV heads
+/// of 64, q/k norms, a vocabulary of 300. For the quantized expert paths the tiny transformers
+/// fixtures cannot take. With the default seed and shape no router decision of the test prompt is
+/// near a tie once activations are rounded to 8 bits (with other seeds a few are, for some type:
+/// a flipped choice moves that row's logits by up to 40% of their scale, measured).
+func writeRandomMoEGGUF(_ path: String, seed: UInt64 = 13, ff: Int = 256, experts: Int = 8) throws {
+    let d = 256, vocab = 300, layers = 2, hd = 64
     var w = GGUFWriter()
     let arch = "qwen3moe"
     w.set("general.architecture", .string(arch))

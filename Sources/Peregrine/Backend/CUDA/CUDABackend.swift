@@ -1575,7 +1575,7 @@ public final class CUDABackend: ComputeBackend {
         let d = experts.hidden, ff = experts.intermediate, total = rows * k
         let gateType = experts.gate[0].dtype, downType = experts.down[0].dtype
         guard let (gateKernel, downKernel) = expertMatvecKernels(experts) else { return false }
-        guard ensure(&moeHidden, total * ff), ensure(&moeOut, total * d) else { return true }
+        guard ensure(&moeHidden, total * ff) else { return true }
         func product(_ kernel: String, _ type: DType, tables: (CUDABuffer, CUDABuffer?), input: CUDABuffer, inputRows: Int, cols: Int,
                      outputs: Int, routeDiv: Int, out: CUDABuffer) {
             var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
@@ -1608,6 +1608,7 @@ public final class CUDABackend: ComputeBackend {
             }
             return true
         }
+        guard ensure(&moeOut, total * d) else { return true }
         product(downKernel, downType, tables: (experts.downTable, nil), input: moeHidden, inputRows: total, cols: ff, outputs: d,
                 routeDiv: 1, out: moeOut)
         launch("moe_combine", grid: (rows, (d + 255) / 256, 1), block: 256) { a in

@@ -11,7 +11,10 @@
 // gdc_wait(), which returns once the previous kernel is complete and its writes are visible.
 // Every kernel calls it before touching activations; weight loads may come first. Once past it,
 // a kernel lets the next one launch (launch_dependents), so the next product's blocks take SMs
-// as this one's retire and start streaming their weights.
+// as this one's retire and start streaming their weights. Because no kernel lets the next one
+// launch before its own wait, a kernel that has not waited yet runs beside the one launched
+// right before it at most, never beside an earlier one: what earlier kernels wrote may be read
+// before the wait (attention_split_heads does).
 __device__ __forceinline__ void gdc_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -1793,11 +1796,12 @@ template <typename KV>
 __device__ __forceinline__ void attention_split_heads_body(SPLIT_PARAMS(KV)) {
     typedef typename KVBits<KV>::Stored Stored;
     // rowMap: the rows of a mixed batch that are single queries (the others go to attention_prefill).
-    // Before gdc_wait this reads only what the host staged before the step (rowMap, positions,
-    // slots, block tables) and, for one token whose RoPE and cache write are fused here, its
-    // warp's first keys and values: cache rows before the token's own, which no kernel of this
-    // step writes (the own row is written by this launch and taken from shared memory). So
-    // those loads overlap the end of the q/k/v product before it.
+    // Before gdc_wait this reads only what copies from the host wrote (rowMap, positions, slots,
+    // block tables) and, for one token whose RoPE and cache write are fused here, its warp's first
+    // keys and values: cache rows that no kernel of this step writes, or the token's own row,
+    // which this launch writes and whose values are then taken from shared memory instead. The
+    // kernel still running beside this one can only be the one launched right before it (see
+    // gdc_wait), the q/k/v product or the q/k norms. So those loads overlap its end.
     int t = rowMap ? rowMap[blockIdx.x] : blockIdx.x, h = blockIdx.y, split = blockIdx.z;
     int pos = positions[t];
     __shared__ float qs[256], ks[256];
