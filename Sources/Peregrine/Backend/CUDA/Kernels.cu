@@ -302,25 +302,31 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
 }
 
 // A quantized block's 32 values as eight words of four int8 each (values 4j..4j+3 in word j).
-__device__ __forceinline__ void block_words(const void* w, int dtype, long block, int* wq) {
+// (words_of: the same from a block's loaded bytes, a (and c, Q8_0's second 16 bytes).)
+__device__ __forceinline__ void words_of(uint4 a, uint4 c, int dtype, int* wq) {
     if (dtype == 3) {
-        const int4* q = (const int4*)((const signed char*)w + block * 32);
-        int4 a = q[0], c = q[1];
         wq[0] = a.x; wq[1] = a.y; wq[2] = a.z; wq[3] = a.w; wq[4] = c.x; wq[5] = c.y; wq[6] = c.z; wq[7] = c.w;
     } else if (dtype == 7) {
-        uint4 q = *(const uint4*)((const unsigned char*)w + block * 16);
-        unsigned v[4] = {q.x, q.y, q.z, q.w};
+        unsigned v[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
         for (int j = 0; j < 4; j++) { wq[j] = iq4_levels4(v[j]); wq[j + 4] = iq4_levels4(v[j] >> 4); }
     } else {
-        uint4 q = *(const uint4*)((const unsigned char*)w + block * 16);
-        unsigned v[4] = {q.x, q.y, q.z, q.w};
+        unsigned v[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             // Values 4j..4j+3 are low nibbles, 16+4j.. the high ones; subtract the offset of 8 per byte.
             wq[j] = (int)__vsub4(v[j] & 0x0F0F0F0F, 0x08080808);
             wq[j + 4] = (int)__vsub4((v[j] >> 4) & 0x0F0F0F0F, 0x08080808);
         }
+    }
+}
+
+__device__ __forceinline__ void block_words(const void* w, int dtype, long block, int* wq) {
+    if (dtype == 3) {
+        const uint4* q = (const uint4*)((const signed char*)w + block * 32);
+        words_of(q[0], q[1], dtype, wq);
+    } else {
+        words_of(*(const uint4*)((const unsigned char*)w + block * 16), make_uint4(0, 0, 0, 0), dtype, wq);
     }
 }
 
@@ -2830,6 +2836,32 @@ extern "C" __global__ void repetition_penalty(float* logits, const int* ids, int
 // the most probable expert after the one taken last (falling probability, rising index on
 // ties); the weights divided by their sum when `normalize`. The logits are read through L2
 // (__ldcg): moe_router's routing block reads what other blocks of its grid wrote.
+// The k rounds of choosing, given `best(lastP, lastE, bp, be)`: the lane's most probable expert
+// among its own that comes after (lastP, lastE) in the order of choosing, into (bp, be).
+template <typename Best>
+__device__ __forceinline__ void route_rounds(int experts, int k, int normalize, float* r, int lane, Best best) {
+    float lastP = __int_as_float(0x7f800000), chosen = 0;
+    int lastE = -1;
+    for (int j = 0; j < k; j++) {
+        float bp = -1;
+        int be = experts;
+        best(lastP, lastE, bp, be);
+        for (int o = 16; o > 0; o >>= 1) {
+            float op = __shfl_xor_sync(0xffffffff, bp, o);
+            int oe = __shfl_xor_sync(0xffffffff, be, o);
+            if (op > bp || (op == bp && oe < be)) { bp = op; be = oe; }
+        }
+        if (be >= experts) { bp = 0; be = j % experts; }  // non-finite logits: a valid index, weight 0
+        if (lane == 0) { r[2 * j] = bp; r[2 * j + 1] = __int_as_float(be); }
+        chosen += bp;
+        lastP = bp;
+        lastE = be;
+    }
+    __syncwarp();
+    if (normalize && chosen > 0)
+        for (int j = lane; j < k; j += 32) r[2 * j] /= chosen;
+}
+
 // Up to 32 x PL experts: each lane holds its logits' probabilities in registers, so the k rounds
 // read no memory (reading the logits again each round cost a trip to L2 per round: moe_router
 // took 13.6 us a layer on an H200 for 128 experts, 8 chosen).
@@ -2850,31 +2882,14 @@ __device__ __forceinline__ void route_row_held(const float* l, int experts, int 
     s = warp_sum(s);
 #pragma unroll
     for (int i = 0; i < PL; i++) p[i] = lane + 32 * i < experts ? expf(p[i] - m) / s : -1.f;
-    float lastP = __int_as_float(0x7f800000), chosen = 0;
-    int lastE = -1;
-    for (int j = 0; j < k; j++) {
-        float bp = -1;
-        int be = experts;
+    route_rounds(experts, k, normalize, r, lane, [&](float lastP, int lastE, float& bp, int& be) {
 #pragma unroll
         for (int i = 0; i < PL; i++) {
             int e = lane + 32 * i;
             bool after = p[i] < lastP || (p[i] == lastP && e > lastE);
             if (e < experts && after && (p[i] > bp || (p[i] == bp && e < be))) { bp = p[i]; be = e; }
         }
-        for (int o = 16; o > 0; o >>= 1) {
-            float op = __shfl_xor_sync(0xffffffff, bp, o);
-            int oe = __shfl_xor_sync(0xffffffff, be, o);
-            if (op > bp || (op == bp && oe < be)) { bp = op; be = oe; }
-        }
-        if (be >= experts) { bp = 0; be = j % experts; }  // non-finite logits: a valid index, weight 0
-        if (lane == 0) { r[2 * j] = bp; r[2 * j + 1] = __int_as_float(be); }
-        chosen += bp;
-        lastP = bp;
-        lastE = be;
-    }
-    __syncwarp();
-    if (normalize && chosen > 0)
-        for (int j = lane; j < k; j += 32) r[2 * j] /= chosen;
+    });
 }
 
 __device__ __forceinline__ void route_row(const float* l, int experts, int k, int normalize, float* r, int lane) {
@@ -2886,30 +2901,13 @@ __device__ __forceinline__ void route_row(const float* l, int experts, int k, in
     float s = 0;
     for (int e = lane; e < experts; e += 32) s += expf(__ldcg(l + e) - m);
     s = warp_sum(s);
-    float lastP = __int_as_float(0x7f800000), chosen = 0;
-    int lastE = -1;
-    for (int j = 0; j < k; j++) {
-        float bp = -1;
-        int be = experts;
+    route_rounds(experts, k, normalize, r, lane, [&](float lastP, int lastE, float& bp, int& be) {
         for (int e = lane; e < experts; e += 32) {
             float p = expf(__ldcg(l + e) - m) / s;
             bool after = p < lastP || (p == lastP && e > lastE);
             if (after && (p > bp || (p == bp && e < be))) { bp = p; be = e; }
         }
-        for (int o = 16; o > 0; o >>= 1) {
-            float op = __shfl_xor_sync(0xffffffff, bp, o);
-            int oe = __shfl_xor_sync(0xffffffff, be, o);
-            if (op > bp || (op == bp && oe < be)) { bp = op; be = oe; }
-        }
-        if (be >= experts) { bp = 0; be = j % experts; }  // non-finite logits: a valid index, weight 0
-        if (lane == 0) { r[2 * j] = bp; r[2 * j + 1] = __int_as_float(be); }
-        chosen += bp;
-        lastP = bp;
-        lastE = be;
-    }
-    __syncwarp();
-    if (normalize && chosen > 0)
-        for (int j = lane; j < k; j += 32) r[2 * j] /= chosen;
+    });
 }
 
 // Routing: a warp per row (route_row).
@@ -3301,19 +3299,7 @@ __device__ __forceinline__ float down_unit_dot(const void* w, long total, int o,
         return q6k_unit(u.a, u.b, u.c, sc, ((const __half*)((const unsigned char*)w + blocks * 208))[sb], q6k_x(xq, xs, i));
     } else {
         int wq[8];
-        unsigned v[4] = {u.a.x, u.a.y, u.a.z, u.a.w};
-        if (DT == 3) {
-            wq[0] = u.a.x; wq[1] = u.a.y; wq[2] = u.a.z; wq[3] = u.a.w; wq[4] = u.b.x; wq[5] = u.b.y; wq[6] = u.b.z; wq[7] = u.b.w;
-        } else if (DT == 7) {
-#pragma unroll
-            for (int j = 0; j < 4; j++) { wq[j] = iq4_levels4(v[j]); wq[j + 4] = iq4_levels4(v[j] >> 4); }
-        } else {
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                wq[j] = (int)__vsub4(v[j] & 0x0F0F0F0F, 0x08080808);
-                wq[j + 4] = (int)__vsub4((v[j] >> 4) & 0x0F0F0F0F, 0x08080808);
-            }
-        }
+        words_of(u.a, u.b, DT, wq);
         long b = (long)o * (k / 32) + i;
         return __half2float(quant_scales(w, DT, total)[b]) * xs[i] * (float)dot32(wq, xq + 32 * i);
     }
