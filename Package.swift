@@ -49,9 +49,20 @@ let package = Package(
                             .unsafeFlags(["-O"], .when(configuration: .debug)),
                             .enableExperimentalFeature("BuiltinModule")]
         ),
+        // AVX-512 BF16's pair dot product as one inline C function: Swift cannot name the
+        // intrinsic's bfloat operands (the header says more).
+        .target(name: "CPeregrineBF16"),
+        // BF16 products on `vdpbf16ps`, built for a CPU that has AVX-512 BF16 (cooperlake);
+        // Peregrine calls them only where /proc/cpuinfo shows avx512_bf16.
+        .target(
+            name: "PeregrineBF16",
+            dependencies: ["CPeregrineBF16"],
+            swiftSettings: [.unsafeFlags(["-target-cpu", "cooperlake"], .when(platforms: [.linux])),
+                            .unsafeFlags(["-O"], .when(configuration: .debug))]
+        ),
         .target(
             name: "Peregrine",
-            dependencies: ["PeregrineInt8", "PeregrineVNNI", "PeregrineAVX512", .product(name: "Atomics", package: "swift-atomics")],
+            dependencies: ["PeregrineInt8", "PeregrineVNNI", "PeregrineAVX512", "PeregrineBF16", .product(name: "Atomics", package: "swift-atomics")],
             // The CUDA kernels travel inside the library and are compiled by NVRTC at run time.
             resources: [.embedInCode("Backend/CUDA/Kernels.cu")],
             // Kernels unoptimised are ~50x slower; the test suite runs real models, so the

@@ -1,5 +1,8 @@
 import XCTest
 @testable import Peregrine
+#if arch(x86_64)
+import PeregrineBF16
+#endif
 
 /// The CPU's F32/F16/BF16 matrix products (AVX-512 tiles where the CPU has them, AVX2 otherwise):
 /// right against a double-precision sum, and each token's result the same bit for bit whatever
@@ -114,7 +117,7 @@ final class FloatProductTests: XCTestCase {
                 // The activations interleaved here first (more than one token); NaN where nothing should be read.
                 var scratch = [Float](repeating: .nan, count: tokens * k)
                 w.withUnsafeBytes { wr in
-                    let panels = HalfPanelMatrix(wr.baseAddress!, rows: outDim, k: k)
+                    let panels = PanelMatrix(wr.baseAddress!, rows: outDim, k: k, layout: .halves)
                     xs.withUnsafeBufferPointer { xp in
                         bias.withUnsafeBufferPointer { bp in
                             y.withUnsafeMutableBufferPointer { yp in
@@ -147,6 +150,65 @@ final class FloatProductTests: XCTestCase {
         }
         #else
         throw XCTSkip("the panel product is x86-64's")
+        #endif
+    }
+
+    /// The AVX-512 BF16 product over pair panels (what BF16 weights take on a CPU with
+    /// avx512_bf16): against a double-precision sum of the BF16 weights and the activations
+    /// rounded to BF16, each token's result the same bits in any batch, odd k (a half-empty last
+    /// pair), rows past the last full panel, a bias added.
+    func testBF16PairProductMatchesDoubleSumsAndDoesNotDependOnTokenCount() throws {
+        #if arch(x86_64)
+        guard CPUFeatures.useBF16Pairs else { throw XCTSkip("no AVX-512 BF16 on this CPU: the pair product is not used") }
+        let pool = ThreadPool(threadCount: 2)
+        var rng = SplitMix(seed: 23)
+        let dtype = DType.bf16
+        for (outDim, k) in [(37, 200), (64, 512), (6, 17), (100, 64), (33, 1)] {
+            let wf = (0..<(outDim * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
+            let bias = (0..<outDim).map { Float($0) / 8 }
+            let tokens = 53
+            let x = (0..<(tokens * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
+            let w = stored(wf, dtype)
+            var wq = [Float](repeating: 0, count: outDim * k)
+            w.withUnsafeBytes { dtype.dequantize($0.baseAddress!, count: outDim * k, into: &wq) }
+            let xq = x.map { Half.bf16ToFloat(Half.floatToBF16($0)) }
+            func pairProduct(_ xs: [Float], tokens: Int) -> [Float] {
+                var y = [Float](repeating: .nan, count: tokens * outDim)
+                var scratch = [UInt32](repeating: 0xFFFF_FFFF, count: tokens * BF16PairPanels.pairs(k: k))
+                w.withUnsafeBytes { wr in
+                    let panels = PanelMatrix(wr.baseAddress!, rows: outDim, k: k, layout: .bf16Pairs)
+                    xs.withUnsafeBufferPointer { xp in
+                        bias.withUnsafeBufferPointer { bp in
+                            y.withUnsafeMutableBufferPointer { yp in
+                                scratch.withUnsafeMutableBufferPointer { sp in
+                                    CPUKernels.matmulBF16Pairs(panels.panels(pool: pool), x: xp.baseAddress!, tokens: tokens, outDim: outDim,
+                                                               k: k, bias: bp.baseAddress!, y: yp.baseAddress!, scratch: sp.baseAddress!, pool: pool)
+                                }
+                            }
+                        }
+                    }
+                }
+                return y
+            }
+            let all = pairProduct(x, tokens: tokens)
+            for t in 0..<tokens {
+                for o in 0..<outDim {
+                    var s = Double(bias[o]), m = 0.0
+                    for i in 0..<k { s += Double(wq[o * k + i]) * Double(xq[t * k + i]); m += abs(Double(wq[o * k + i]) * Double(xq[t * k + i])) }
+                    XCTAssertEqual(Double(all[t * outDim + o]), s, accuracy: 1e-5 * m + 1e-6, "\(outDim)x\(k) row \(o) token \(t)")
+                }
+            }
+            for n in [1, 2, 5, 11, 12, 13, 48, 50] {
+                let part = pairProduct(Array(x[0..<(n * k)]), tokens: n)
+                XCTAssertEqual(part.map(\.bitPattern), all[0..<(n * outDim)].map(\.bitPattern), "\(outDim)x\(k), \(n) tokens")
+            }
+            for t in [0, 13, 52] {
+                let one = pairProduct(Array(x[(t * k)..<((t + 1) * k)]), tokens: 1)
+                XCTAssertEqual(one.map(\.bitPattern), all[(t * outDim)..<((t + 1) * outDim)].map(\.bitPattern), "token \(t) alone")
+            }
+        }
+        #else
+        throw XCTSkip("the pair product is x86-64's")
         #endif
     }
 }

@@ -4,6 +4,7 @@ import Glibc
 #endif
 #if arch(x86_64)
 import PeregrineAVX512
+import PeregrineBF16
 #endif
 
 /// f32 activation memory on the host.
@@ -33,8 +34,8 @@ public struct CPUWeight: @unchecked Sendable {
     /// The matrix repacked in groups of eight rows for the row-group kernels, where the CPU and
     /// the type have them (nil: products read `data`).
     let rowGroups: RowGroupMatrix?
-    /// An F16 matrix's panel copy for the AVX-512 products (nil: they read `data`).
-    let halfPanels: HalfPanelMatrix?
+    /// An F16 or BF16 matrix's panel copy for the AVX-512 products (nil: they read `data`).
+    let panels: PanelMatrix?
 
     var floats: UnsafePointer<Float> { UnsafePointer(f32?.pointer ?? UnsafeMutablePointer(mutating: data.assumingMemoryBound(to: Float.self))) }
 }
@@ -54,15 +55,25 @@ public final class CPUBackend: ComputeBackend {
     private var scratchCapacity = 0
 
     /// Activations rounded to 8 bits for quantized products (or interleaved for the F16
-    /// panels' products), grown like `scratch`.
+    /// panels' products, or rounded to BF16 pairs for the BF16 ones), grown like `scratch`.
     private var activationScratch = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 64)
     private var activationCapacity = 64
 
     /// The rows of a pass grouped by expert, and their products (see `CPUExperts.swift`).
     let expertScratch = ExpertScratch()
 
-    public init(pool: ThreadPool = .shared) {
+    /// Whether BF16 weights go into pair panels for `vdpbf16ps` (activations rounded to BF16).
+    let bf16Pairs: Bool
+
+    public convenience init(pool: ThreadPool = .shared) {
+        self.init(pool: pool, bf16Pairs: CPUFeatures.useBF16Pairs)
+    }
+
+    /// `bf16Pairs: false` keeps BF16 products in f32 on a CPU that has AVX-512 BF16 (tests
+    /// compare the two).
+    init(pool: ThreadPool, bf16Pairs: Bool) {
         self.pool = pool
+        self.bf16Pairs = bf16Pairs && CPUFeatures.useBF16Pairs
         scratch = UnsafeMutablePointer<Float>.allocate(capacity: 1)
     }
 
@@ -98,9 +109,13 @@ public final class CPUBackend: ComputeBackend {
             f32 = b
         }
         let groups = t.shape.count == 2 ? RowGroupMatrix(t.dtype, data: t.data, rows: rows, cols: cols, pool: pool) : nil
-        // F16 only: BF16 in panels measured faster decode but slower prefill (BENCHMARKS.md).
-        let panels = t.shape.count == 2 && t.dtype == .f16 && HalfPanelMatrix.enabled ? HalfPanelMatrix(t.data, rows: rows, k: cols) : nil
-        return CPUWeight(name: t.name, dtype: t.dtype, rows: rows, cols: cols, data: t.data, f32: f32, rowGroups: groups, halfPanels: panels)
+        // BF16 takes panels only for the pair products: panels widened to f32 measured faster
+        // decode but slower prefill (BENCHMARKS.md).
+        let layout: PanelMatrix.Layout? = t.shape.count != 2 ? nil
+            : t.dtype == .f16 && CPUFeatures.useHalfPanels ? .halves
+            : t.dtype == .bf16 && bf16Pairs ? .bf16Pairs : nil
+        let panels = layout.map { PanelMatrix(t.data, rows: rows, k: cols, layout: $0) }
+        return CPUWeight(name: t.name, dtype: t.dtype, rows: rows, cols: cols, data: t.data, f32: f32, rowGroups: groups, panels: panels)
     }
 
     public func outputSize(_ w: CPUWeight) -> Int { w.rows }
@@ -164,7 +179,7 @@ public final class CPUBackend: ComputeBackend {
             CPUKernels.matmul(F32Element.self, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out, pool: pool)
         case .f16:
             #if arch(x86_64)
-            if let panels = weight.halfPanels {
+            if let panels = weight.panels {
                 ensureActivationScratch(rows * weight.cols * 4)
                 CPUKernels.matmulHalfPanels(panels.panels(pool: pool), x: x, tokens: rows, outDim: weight.rows, k: weight.cols, bias: b,
                                             y: out, scratch: activationScratch.assumingMemoryBound(to: Float.self), pool: pool)
@@ -173,6 +188,14 @@ public final class CPUBackend: ComputeBackend {
             #endif
             CPUKernels.matmul(F16Element.self, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out, pool: pool)
         case .bf16:
+            #if arch(x86_64)
+            if let panels = weight.panels {
+                ensureActivationScratch(rows * BF16PairPanels.pairs(k: weight.cols) * 4)
+                CPUKernels.matmulBF16Pairs(panels.panels(pool: pool), x: x, tokens: rows, outDim: weight.rows, k: weight.cols, bias: b,
+                                           y: out, scratch: activationScratch.assumingMemoryBound(to: UInt32.self), pool: pool)
+                return
+            }
+            #endif
             CPUKernels.matmul(BF16Element.self, x: x, tokens: rows, w: weight.data, outDim: weight.rows, k: weight.cols, bias: b, y: out, pool: pool)
         case .q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q4_K, .q5_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K:
             ensureActivationScratch(CPUKernels.activationScratchBytes(weight.dtype, tokens: rows, k: weight.cols))
@@ -301,24 +324,28 @@ public final class CPUBackend: ComputeBackend {
     public func synchronize() throws {}
 }
 
-/// An F16 matrix repacked into panels of 16 rows (`HalfPanels`) for the AVX-512 products, made the
-/// first time a product reads the matrix (so an embedding table that is only looked up never
-/// is). The panel kernel multiplies each row with broadcast activations, one chain of fused
-/// multiply-adds over k per (row, token), where the row-major kernel keeps 16-lane partial sums
-/// that a tile of 4 rows by 6 tokens must reduce at its end (a quarter of its instructions at
-/// k = 512). Once copied, the stored matrix's pages are handed back (as the row groups' are),
-/// so the process holds one copy. PEREGRINE_NO_PANELS=1 keeps the row-major kernel.
-final class HalfPanelMatrix: @unchecked Sendable {
-    static let enabled = CPUFeatures.useAVX512 && ProcessInfo.processInfo.environment["PEREGRINE_NO_PANELS"] == nil
+/// An F16 or BF16 matrix repacked into panels of 16 rows for the AVX-512 products, made the first
+/// time a product reads the matrix (so an embedding table that is only looked up never is).
+/// F16 goes into `HalfPanels`: the panel kernel multiplies each row with broadcast activations,
+/// one chain of fused multiply-adds over k per (row, token), where the row-major kernel keeps
+/// 16-lane partial sums that a tile of 4 rows by 6 tokens must reduce at its end (a quarter of
+/// its instructions at k = 512). BF16 goes into `BF16PairPanels` for `vdpbf16ps`, where the CPU
+/// has AVX-512 BF16. Once copied, the stored matrix's pages are handed back (as the row groups'
+/// are), so the process holds one copy. PEREGRINE_NO_PANELS=1 keeps the row-major kernel for
+/// F16; PEREGRINE_NO_BF16_PAIRS=1 for BF16.
+final class PanelMatrix: @unchecked Sendable {
+    enum Layout { case halves, bf16Pairs }
     let source: UnsafeRawPointer
     let rows, k: Int
+    let layout: Layout
     private var storage: UnsafeMutableRawPointer?
     private let lock = NSLock()
 
-    init(_ source: UnsafeRawPointer, rows: Int, k: Int) {
+    init(_ source: UnsafeRawPointer, rows: Int, k: Int, layout: Layout) {
         self.source = source
         self.rows = rows
         self.k = k
+        self.layout = layout
     }
 
     deinit { storage?.deallocate() }
@@ -329,15 +356,23 @@ final class HalfPanelMatrix: @unchecked Sendable {
         defer { lock.unlock() }
         if let storage { return UnsafeRawPointer(storage) }
         #if arch(x86_64)
-        let bytes = HalfPanels.byteCount(rows: rows, k: k)
-        let out = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
         let (source, rows, k) = (self.source, self.rows, self.k)
-        pool.parallelRanges(HalfPanels.panels(rows: rows)) { range in HalfPanels.repack(source, rows: rows, k: k, panels: range, into: out) }
+        let out: UnsafeMutableRawPointer
+        switch layout {
+        case .halves:
+            out = UnsafeMutableRawPointer.allocate(byteCount: HalfPanels.byteCount(rows: rows, k: k), alignment: 64)
+            pool.parallelRanges(HalfPanels.panels(rows: rows)) { range in HalfPanels.repack(source, rows: rows, k: k, panels: range, into: out) }
+        case .bf16Pairs:
+            out = UnsafeMutableRawPointer.allocate(byteCount: BF16PairPanels.byteCount(rows: rows, k: k), alignment: 64)
+            pool.parallelRanges(BF16PairPanels.panels(rows: rows)) { range in
+                BF16PairPanels.repack(source, rows: rows, k: k, panels: range, into: out)
+            }
+        }
         RowGroupMatrix.release(source, bytes: rows * k * 2)
         storage = out
         return UnsafeRawPointer(out)
         #else
-        preconditionFailure("F16 panels exist only on x86-64")
+        preconditionFailure("panels exist only on x86-64")
         #endif
     }
 }

@@ -3,6 +3,7 @@ import Glibc
 #endif
 #if arch(x86_64)
 import PeregrineAVX512
+import PeregrineBF16
 #endif
 
 /// Loads stored weights as f32 lanes. Generic kernels are specialised per element type.
@@ -300,7 +301,7 @@ enum CPUKernels {
         }
     }
 
-    /// The AVX-512 product over an F16 matrix's panels (`HalfPanelMatrix`): threads take pairs of
+    /// The AVX-512 product over an F16 matrix's panels (`PanelMatrix`): threads take pairs of
     /// panels (32 rows).
     /// More than one token's activations are first interleaved into `scratch` (tokens x k
     /// floats; `HalfPanels.interleave` says why), which moves no result.
@@ -318,6 +319,46 @@ enum CPUKernels {
             AVX512Products.panelProductF16(panels: panels, k: k, rows: outDim, pairs: pairs, x: input, ldx: k, interleaved: interleaved,
                                            tokens: tokens, y: y, ldy: outDim)
             addBias(bias, rows: (pairs.lowerBound * 32)..<min(outDim, pairs.upperBound * 32), tokens: tokens, y: y, ldy: outDim)
+        }
+    }
+
+    /// The AVX-512 BF16 product over a BF16 matrix's pair panels (`PanelMatrix`): the activations
+    /// are rounded to BF16 into `scratch` (tokens x pairs(k) words) in the layout
+    /// `BF16PairProducts.product` reads, then threads take pairs of panels (32 rows).
+    static func matmulBF16Pairs(_ panels: UnsafeRawPointer, x: UnsafePointer<Float>, tokens: Int, outDim: Int, k: Int,
+                                bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, scratch: UnsafeMutablePointer<UInt32>,
+                                pool: ThreadPool) {
+        let tiles = (tokens + BF16PairPanels.tileTokens - 1) / BF16PairPanels.tileTokens
+        if tiles > 1 {
+            pool.parallelRanges(tiles) { range in roundPairs(x, k: k, tokens: tokens, tiles: range, into: scratch) }
+        } else {
+            roundPairs(x, k: k, tokens: tokens, tiles: 0..<tiles, into: scratch)
+        }
+        pool.parallelRanges(BF16PairPanels.panels(rows: outDim) / 2) { pairs in
+            BF16PairProducts.product(panels: panels, k: k, rows: outDim, pairs: pairs, x: scratch, tokens: tokens, y: y, ldy: outDim)
+            addBias(bias, rows: (pairs.lowerBound * 32)..<min(outDim, pairs.upperBound * 32), tokens: tokens, y: y, ldy: outDim)
+        }
+    }
+
+    /// The activations of `tokens` tokens (rows of k floats) rounded to BF16 (to nearest, ties to
+    /// even) in pairs (k = 2i in a word's low half, 2i + 1 in its high half; an odd k's last
+    /// word has a zero high half), written for tiles `tiles` of 12 tokens: tile j at
+    /// out + 12 j pairs(k), holding its tokens' words of pair 0, then of pair 1, and so on.
+    static func roundPairs(_ x: UnsafePointer<Float>, k: Int, tokens: Int, tiles: Range<Int>, into out: UnsafeMutablePointer<UInt32>) {
+        let kp = BF16PairPanels.pairs(k: k), even = k & ~1
+        for j in tiles {
+            let t0 = j &* BF16PairPanels.tileTokens, n = min(BF16PairPanels.tileTokens, tokens &- t0)
+            let dst = out + t0 &* kp
+            for t in 0..<n {
+                let src = x + (t0 &+ t) &* k
+                var i = 0, at = t
+                while i < even {
+                    dst[at] = UInt32(Half.floatToBF16(src[i])) | UInt32(Half.floatToBF16(src[i &+ 1])) &<< 16
+                    i &+= 2
+                    at &+= n
+                }
+                if even < k { dst[at] = UInt32(Half.floatToBF16(src[even])) }
+            }
         }
     }
     #endif

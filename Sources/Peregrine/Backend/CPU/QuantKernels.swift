@@ -517,6 +517,21 @@ enum CPUFeatures {
         #endif
     }()
 
+    /// F16 products over panels (`PanelMatrix`), where AVX-512 is used; PEREGRINE_NO_PANELS=1
+    /// keeps the row-major kernel.
+    static let useHalfPanels = useAVX512 && ProcessInfo.processInfo.environment["PEREGRINE_NO_PANELS"] == nil
+
+    /// BF16 products on AVX-512 BF16's `vdpbf16ps` (`PeregrineBF16`), with activations rounded to
+    /// BF16; PEREGRINE_NO_BF16_PAIRS=1 keeps the f32 products on widened weights.
+    static let useBF16Pairs: Bool = {
+        #if arch(x86_64)
+        if ProcessInfo.processInfo.environment["PEREGRINE_NO_BF16_PAIRS"] != nil { return false }
+        return useAVX512 && flags.contains("avx512_bf16")
+        #else
+        return false
+        #endif
+    }()
+
     /// AVX-512 VNNI with 256-bit forms (VL) and byte/word ops (BW); PEREGRINE_NO_VNNI=1 turns it off.
     static let useVNNI: Bool = {
         #if arch(x86_64)
