@@ -3,6 +3,10 @@ import XCTest
 
 /// The CUDA backend against the CPU backend on the same models. Without an NVIDIA GPU (and its
 /// driver, NVRTC and cuBLAS) these skip, saying why.
+/// The CPU the GPU is checked against, keeping f32 activations in BF16 products (on a CPU with
+/// AVX-512 BF16 the default rounds them to BF16, a different arithmetic from the GPU's).
+func cpuReference() -> CPUBackend { CPUBackend(pool: .shared, bf16Pairs: false) }
+
 final class CUDABackendTests: XCTestCase {
     func backend() throws -> CUDABackend {
         switch CUDADriver.shared {
@@ -71,7 +75,7 @@ final class CUDABackendTests: XCTestCase {
         }
         // Decode through the block tables, one sequence (the fused RoPE/KV-write/attention kernel)
         // and three at once (the split kernel), against the CPU on the same tokens.
-        let cpu = try ModelRegistry.load(directory: dir)
+        let cpu = try ModelRegistry.load(directory: dir, backend: cpuReference())
         // Twenty at once: more than 16 rows, single queries through the split kernel's row map.
         // Three and twenty are decode batches padded to 4 and 24 rows and replayed as graphs
         // (unless PEREGRINE_NO_CUDA_GRAPHS is set), at positions of two split ranges (up to 32, 64).
@@ -138,7 +142,7 @@ final class CUDABackendTests: XCTestCase {
     /// the token's own key and value as its cache holds them).
     func testGroupedDecodeAttentionMatchesCPU() throws {
         let gpu = try backend()
-        let cpu = CPUBackend()
+        let cpu = cpuReference()
         var rng = SplitMix(seed: 42)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         // The capacity spans the whole pool, so one sequence's table can fill every block; 3,584
@@ -389,7 +393,7 @@ final class CUDABackendTests: XCTestCase {
         let gpu = try backend()
         guard gpu.driver.computeCapability.major >= 8 else { throw XCTSkip("tensor-core attention needs compute capability 8.0 or later") }
         defer { gpu.tensorCoreAttentionAllowed = true; gpu.groupedPromptAttention = true }
-        let cpu = CPUBackend()
+        let cpu = cpuReference()
         var rng = SplitMix(seed: 7)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         let blockSize = 16, blocks = 64, width = 24
@@ -450,7 +454,7 @@ final class CUDABackendTests: XCTestCase {
         guard gpu.driver.computeCapability.major >= 8 else { throw XCTSkip("tensor-core attention needs compute capability 8.0 or later") }
         gpu.groupedAttentionBlocks = 0
         defer { gpu.tensorCoreDecodeAllowed = true; gpu.groupedAttentionBlocks = 64; gpu.decodeSplits = nil; gpu.tensorCoreDecodeWarps = 2 }
-        let cpu = CPUBackend()
+        let cpu = cpuReference()
         var rng = SplitMix(seed: 11)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         let blockSize = 16, width = 48, blocks = 24 * width
@@ -789,7 +793,7 @@ final class CUDABackendTests: XCTestCase {
             let model = try ModelRegistry.load(directory: Fixtures.model(name), backend: gpu)
             XCTAssertLessThan(maxAbsDiff(try allLogits(model, ref.promptIds + ref.greedyIds), ref.logits), 1e-3, name)
             // One token at a time through the cache (the one-token paths and recorded steps).
-            let cpu = try ModelRegistry.load(directory: Fixtures.model(name))
+            let cpu = try ModelRegistry.load(directory: Fixtures.model(name), backend: cpuReference())
             var options = GenerationOptions()
             options.maxTokens = ref.greedyIds.count
             options.sampling = .greedy
@@ -904,7 +908,7 @@ final class CUDABackendTests: XCTestCase {
     /// (`reference`: the same against another CUDA backend instead of the CPU.)
     func assertMatchesCPU(_ path: String, _ gpu: CUDABackend, reference: CUDABackend? = nil, tolerance: Float = 0.05,
                           file: StaticString = #filePath, line: UInt = #line) throws {
-        let cpu = try reference.map { try ModelRegistry.load(directory: path, backend: $0) } ?? ModelRegistry.load(directory: path)
+        let cpu = try reference.map { try ModelRegistry.load(directory: path, backend: $0) } ?? ModelRegistry.load(directory: path, backend: cpuReference())
         let cuda = try ModelRegistry.load(directory: path, backend: gpu)
         let tokens = (0..<40).map { ($0 * 37 + 11) % min(300, cpu.config.vocabSize) }
         let a = try allLogits(cpu, tokens), b = try allLogits(cuda, tokens)
@@ -957,7 +961,7 @@ final class GemmaCUDATests: XCTestCase {
             let seq = ref.promptIds + ref.greedyIds
             XCTAssertLessThan(maxAbsDiff(try allLogits(model, seq), ref.logits), 1e-3, name)
             // Decode one token at a time after the prompt, as the CPU does.
-            let cpu = try ModelRegistry.load(directory: Fixtures.model(name))
+            let cpu = try ModelRegistry.load(directory: Fixtures.model(name), backend: cpuReference())
             let a = try PagedKVCache(model: model, slots: 1, capacity: seq.count), b = try PagedKVCache(model: cpu, slots: 1, capacity: seq.count)
             var x = [Float](repeating: 0, count: ref.vocab), y = x
             for (i, t) in seq.enumerated() {
