@@ -153,6 +153,39 @@ final class FloatProductTests: XCTestCase {
         #endif
     }
 
+    /// The activations' rounding to BF16 pairs gives Half.floatToBF16's bits for every value (NaN,
+    /// infinities, ties and subnormals included), in the tile layout the pair product reads, an
+    /// odd k's last word with a zero high half.
+    func testRoundPairsMatchesScalarRounding() throws {
+        #if arch(x86_64)
+        var rng = SplitMix(seed: 5)
+        let special: [Float] = [.nan, -.nan, .infinity, -.infinity, 0, -0, .leastNonzeroMagnitude, -.leastNormalMagnitude,
+                                .greatestFiniteMagnitude, Float(bitPattern: 0x3F80_8000), Float(bitPattern: 0x3F81_8000),
+                                Float(bitPattern: 0x7F80_0001), Float(bitPattern: 0xFF7F_FFFF)]
+        for k in [37, 64, 1] {
+            let tokens = 13
+            let x: [Float] = (0..<(tokens * k)).map { i in
+                i % 5 == 0 ? special[(i / 5) % special.count] : Float(bitPattern: UInt32(truncatingIfNeeded: rng.next()))
+            }
+            let kp = BF16PairPanels.pairs(k: k)
+            var out = [UInt32](repeating: 0xDEAD_BEEF, count: tokens * kp)
+            x.withUnsafeBufferPointer { xp in
+                out.withUnsafeMutableBufferPointer { CPUKernels.roundPairs(xp.baseAddress!, k: k, tokens: tokens, tiles: 0..<2, into: $0.baseAddress!) }
+            }
+            for t in 0..<tokens {
+                let tile = t / 12, n = min(12, tokens - tile * 12), base = tile * 12 * kp
+                for p in 0..<kp {
+                    let lo = UInt32(Half.floatToBF16(x[t * k + 2 * p]))
+                    let hi = 2 * p + 1 < k ? UInt32(Half.floatToBF16(x[t * k + 2 * p + 1])) : 0
+                    XCTAssertEqual(out[base + p * n + (t - tile * 12)], lo | hi << 16, "k \(k) token \(t) pair \(p)")
+                }
+            }
+        }
+        #else
+        throw XCTSkip("the pair product is x86-64's")
+        #endif
+    }
+
     /// The AVX-512 BF16 product over pair panels (what BF16 weights take on a CPU with
     /// avx512_bf16): against a double-precision sum of the BF16 weights and the activations
     /// rounded to BF16, each token's result the same bits in any batch, odd k (a half-empty last
