@@ -232,6 +232,25 @@ public enum AVX512Products {
     }
 }
 
+extension AVX512Products {
+    /// `iterations` rounds of 12 independent 16-lane FMA chains (seeded with `seed`), for the
+    /// machine's peak: a core with two 512-bit FMA units runs twice the products of 8-lane ones.
+    public static func fmaChains(iterations: Int, seed: Float) -> Float {
+        let m = SIMD16<Float>(repeating: 0.999999)
+        var a0 = SIMD16<Float>(repeating: seed), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0
+        var a8 = a0, a9 = a0, a10 = a0, a11 = a0
+        for _ in 0..<iterations {
+            a0 = a0.addingProduct(a0, m); a1 = a1.addingProduct(a1, m)
+            a2 = a2.addingProduct(a2, m); a3 = a3.addingProduct(a3, m)
+            a4 = a4.addingProduct(a4, m); a5 = a5.addingProduct(a5, m)
+            a6 = a6.addingProduct(a6, m); a7 = a7.addingProduct(a7, m)
+            a8 = a8.addingProduct(a8, m); a9 = a9.addingProduct(a9, m)
+            a10 = a10.addingProduct(a10, m); a11 = a11.addingProduct(a11, m)
+        }
+        return (a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11).sum()
+    }
+}
+
 /// 16-bit weights repacked for `AVX512Products.panelProductF16` (the kernel is generic over the
 /// widening; F16 is the type that takes it): panels of 16 rows, each holding
 /// the 16 rows' values at k = 0, 1, ... in turn (16 halves, 32 bytes: one vector widened per

@@ -1,6 +1,9 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+#if arch(x86_64)
+import PeregrineAVX512
+#endif
 
 /// The machine's limits, measured with the same thread pool the kernels use, and each CPU kernel
 /// measured against them.
@@ -54,8 +57,30 @@ public enum KernelBenchmarks {
         return Double(bytes) / t / 1e9
     }
 
-    /// Peak f32 FMA rate: independent accumulator chains in registers on every thread.
+    /// Peak f32 FMA rate: independent accumulator chains in registers on every thread, 8 lanes
+    /// wide, and 16 where the CPU has AVX-512 (the larger: some cores run a 512-bit FMA as two
+    /// halves, others have two 512-bit units, twice the 8-lane rate).
     public static func peakFlops(pool: ThreadPool) -> Double {
+        var best = peakFlops8(pool: pool)
+        #if arch(x86_64)
+        if CPUFeatures.useAVX512 {
+            let iterations = 2_000_000
+            let parts = pool.threadCount
+            var sink = [Float](repeating: 0, count: parts)
+            let t = time(repetitions: 3) {
+                sink.withUnsafeMutableBufferPointer { out in
+                    pool.parallelFor(parts) { p in out[p] = AVX512Products.fmaChains(iterations: iterations, seed: Float(p)) }
+                }
+            }
+            // 12 FMAs of 16 lanes, 2 flops each, per iteration.
+            best = max(best, Double(parts * iterations * 12 * 16 * 2) / t / 1e9)
+        }
+        #endif
+        return best
+    }
+
+    /// The 8-lane (AVX2) chains of `peakFlops`.
+    static func peakFlops8(pool: ThreadPool) -> Double {
         let iterations = 2_000_000
         let parts = pool.threadCount
         var sink = [Float](repeating: 0, count: parts)
