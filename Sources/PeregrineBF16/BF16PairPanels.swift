@@ -21,7 +21,7 @@ public enum BF16PairPanels {
     public static func pairs(k: Int) -> Int { (k + 1) / 2 }
     public static func byteCount(rows: Int, k: Int) -> Int { panels(rows: rows) * 16 * pairs(k: k) * 4 }
 
-    /// Tokens the kernel takes in one tile.
+    /// Tokens the kernel takes in one tile (`BF16PairProducts.tile`'s largest case).
     public static let tileTokens = 12
 
     /// Writes panels `range` of the matrix `w` (`rows` rows of `k` BF16 values) into `out`,
@@ -47,7 +47,8 @@ public enum BF16PairPanels {
     }
 }
 
-/// How many tokens a tile covers, fixed at compile time so unused accumulators vanish.
+/// How many tokens a tile covers, fixed at compile time so unused accumulators vanish (the same
+/// as PeregrineAVX512's `TileTokens`, which this module, built for another CPU, does not import).
 protocol PairTileTokens { static var n: Int { get } }
 enum PairTokens1: PairTileTokens { @inline(__always) static var n: Int { 1 } }
 enum PairTokens2: PairTileTokens { @inline(__always) static var n: Int { 2 } }
@@ -132,15 +133,18 @@ public enum BF16PairProducts {
     public static func product(panels w: UnsafeRawPointer, k: Int, rows: Int, pairs: Range<Int>, x: UnsafePointer<UInt32>,
                                tokens: Int, y: UnsafeMutablePointer<Float>, ldy: Int) {
         let kp = BF16PairPanels.pairs(k: k)
+        // The tiles' layout (roundPairs in Peregrine writes it) has tileTokens a tile, and `tile`'s
+        // largest case is 12; a run is whole tiles, so every tile starts at x + 12 j kp.
+        let full = BF16PairPanels.tileTokens, run = 4 * full
         var t0 = 0
         while t0 < tokens {
-            let tn = min(48, tokens &- t0)
+            let tn = min(run, tokens &- t0)
             for pair in pairs {
                 let p = w + pair &* 2 &* kp &* 64, r0 = pair &* 32, valid = min(32, rows &- r0)
                 var t = t0
-                while t &+ 12 <= t0 &+ tn {
+                while t &+ full <= t0 &+ tn {
                     tile(PairTokens12.self, p: p, kp: kp, valid: valid, x: x + t &* kp, y: y + t &* ldy + r0, ldy: ldy)
-                    t &+= 12
+                    t &+= full
                 }
                 let xt = x + t &* kp, yt = y + t &* ldy + r0
                 switch t0 &+ tn &- t {

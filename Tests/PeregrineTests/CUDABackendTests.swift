@@ -1,12 +1,12 @@
 import XCTest
 @testable import Peregrine
 
-/// The CUDA backend against the CPU backend on the same models. Without an NVIDIA GPU (and its
-/// driver, NVRTC and cuBLAS) these skip, saying why.
-/// The CPU the GPU is checked against, keeping f32 activations in BF16 products (on a CPU with
-/// AVX-512 BF16 the default rounds them to BF16, a different arithmetic from the GPU's).
+/// The CPU the GPU is checked against: BF16 products keep f32 activations, as the GPU's decode
+/// products do (on a CPU with AVX-512 BF16 the default rounds them to BF16 for `vdpbf16ps`).
 func cpuReference() -> CPUBackend { CPUBackend(pool: .shared, bf16Pairs: false) }
 
+/// The CUDA backend against the CPU backend on the same models. Without an NVIDIA GPU (and its
+/// driver, NVRTC and cuBLAS) these skip, saying why.
 final class CUDABackendTests: XCTestCase {
     func backend() throws -> CUDABackend {
         switch CUDADriver.shared {
@@ -599,7 +599,7 @@ final class CUDABackendTests: XCTestCase {
     func testReferenceModelMatchesCPU() throws {
         let gpu = try backend()
         let dir = CLITests.repo.appendingPathComponent("models/target").path
-        let cpu = try ModelRegistry.load(directory: dir), cuda = try ModelRegistry.load(directory: dir, backend: gpu)
+        let cpu = try ModelRegistry.load(directory: dir, backend: cpuReference()), cuda = try ModelRegistry.load(directory: dir, backend: gpu)
         let tokenizer = try Tokenizer(directory: dir)
         let prompt = tokenizer.encode("And God said unto Moses")
         let a = try allLogits(cpu, prompt), b = try allLogits(cuda, prompt)
@@ -619,7 +619,7 @@ final class CUDABackendTests: XCTestCase {
     func testLongPromptPrefill() throws {
         let gpu = try backend()
         let dir = CLITests.repo.appendingPathComponent("models/target").path
-        let cpu = try ModelRegistry.load(directory: dir), cuda = try ModelRegistry.load(directory: dir, backend: gpu)
+        let cpu = try ModelRegistry.load(directory: dir, backend: cpuReference()), cuda = try ModelRegistry.load(directory: dir, backend: gpu)
         let tokenizer = try Tokenizer(directory: dir)
         let text = String(repeating: "In the beginning God created the heaven and the earth. And the earth was without form, and void. ", count: 6)
         let prompt = Array(tokenizer.encode(text).prefix(150))
