@@ -56,7 +56,7 @@ let package = Package(
         // Peregrine calls them only where /proc/cpuinfo shows avx512_bf16.
         .target(
             name: "PeregrineBF16",
-            dependencies: ["CPeregrineBF16"],
+            dependencies: ["CPeregrineBF16", "PeregrineAVX512"],
             swiftSettings: [.unsafeFlags(["-target-cpu", "cooperlake"], .when(platforms: [.linux])),
                             .unsafeFlags(["-O"], .when(configuration: .debug))]
         ),

@@ -54,14 +54,15 @@ public enum WideBF16: WideWeight {
     }
 }
 
-/// How many tokens a tile covers, fixed at compile time so unused accumulators vanish.
-protocol TileTokens { static var n: Int { get } }
-enum Tokens1: TileTokens { @inline(__always) static var n: Int { 1 } }
-enum Tokens2: TileTokens { @inline(__always) static var n: Int { 2 } }
-enum Tokens3: TileTokens { @inline(__always) static var n: Int { 3 } }
-enum Tokens4: TileTokens { @inline(__always) static var n: Int { 4 } }
-enum Tokens5: TileTokens { @inline(__always) static var n: Int { 5 } }
-enum Tokens6: TileTokens { @inline(__always) static var n: Int { 6 } }
+/// How many tokens a tile covers, fixed at compile time so unused accumulators vanish (public:
+/// PeregrineBF16's tiles count their tokens with these too).
+public protocol TileTokens { static var n: Int { get } }
+public enum Tokens1: TileTokens { @inlinable @inline(__always) public static var n: Int { 1 } }
+public enum Tokens2: TileTokens { @inlinable @inline(__always) public static var n: Int { 2 } }
+public enum Tokens3: TileTokens { @inlinable @inline(__always) public static var n: Int { 3 } }
+public enum Tokens4: TileTokens { @inlinable @inline(__always) public static var n: Int { 4 } }
+public enum Tokens5: TileTokens { @inlinable @inline(__always) public static var n: Int { 5 } }
+public enum Tokens6: TileTokens { @inlinable @inline(__always) public static var n: Int { 6 } }
 
 public enum AVX512Products {
     @inline(__always) static func x16(_ p: UnsafePointer<Float>, _ i: Int) -> SIMD16<Float> {
@@ -302,14 +303,27 @@ extension HalfPanels {
     }
 }
 
-enum Tokens7: TileTokens { @inline(__always) static var n: Int { 7 } }
-enum Tokens8: TileTokens { @inline(__always) static var n: Int { 8 } }
-enum Tokens9: TileTokens { @inline(__always) static var n: Int { 9 } }
-enum Tokens10: TileTokens { @inline(__always) static var n: Int { 10 } }
-enum Tokens11: TileTokens { @inline(__always) static var n: Int { 11 } }
-enum Tokens12: TileTokens { @inline(__always) static var n: Int { 12 } }
+public enum Tokens7: TileTokens { @inlinable @inline(__always) public static var n: Int { 7 } }
+public enum Tokens8: TileTokens { @inlinable @inline(__always) public static var n: Int { 8 } }
+public enum Tokens9: TileTokens { @inlinable @inline(__always) public static var n: Int { 9 } }
+public enum Tokens10: TileTokens { @inlinable @inline(__always) public static var n: Int { 10 } }
+public enum Tokens11: TileTokens { @inlinable @inline(__always) public static var n: Int { 11 } }
+public enum Tokens12: TileTokens { @inlinable @inline(__always) public static var n: Int { 12 } }
 
 extension AVX512Products {
+    /// One token's results of two 16-row panels (`a` rows 0-15, `b` rows 16-31) into `yt`, the
+    /// first `valid` of them (the rest are padding rows). Shared with PeregrineBF16's tiles.
+    @inlinable @inline(__always)
+    public static func storeRows(_ a: SIMD16<Float>, _ b: SIMD16<Float>, valid: Int, to yt: UnsafeMutablePointer<Float>) {
+        if valid >= 32 {
+            UnsafeMutableRawPointer(yt).storeBytes(of: a, as: SIMD16<Float>.self)
+            UnsafeMutableRawPointer(yt + 16).storeBytes(of: b, as: SIMD16<Float>.self)
+        } else {
+            for l in 0..<min(16, valid) { yt[l] = a[l] }
+            if valid > 16 { for l in 0..<(valid &- 16) { yt[16 &+ l] = b[l] } }
+        }
+    }
+
     /// Two panels (32 rows, `p` at the first) by T tokens: 24 accumulators of 16 rows each, one
     /// widened weight vector per panel and k, each token's value broadcast. Every (row, token)
     /// result is one chain of fused multiply-adds over k in order, whatever the tile, so a
@@ -346,16 +360,7 @@ extension AVX512Products {
             i &+= 1
             at &+= ks
         }
-        @inline(__always) func put(_ t: Int, _ a: SIMD16<Float>, _ b: SIMD16<Float>) {
-            let yt = y + t &* ldy
-            if valid >= 32 {
-                UnsafeMutableRawPointer(yt).storeBytes(of: a, as: SIMD16<Float>.self)
-                UnsafeMutableRawPointer(yt + 16).storeBytes(of: b, as: SIMD16<Float>.self)
-            } else {
-                for l in 0..<min(16, valid) { yt[l] = a[l] }
-                if valid > 16 { for l in 0..<(valid &- 16) { yt[16 &+ l] = b[l] } }
-            }
-        }
+        @inline(__always) func put(_ t: Int, _ a: SIMD16<Float>, _ b: SIMD16<Float>) { storeRows(a, b, valid: valid, to: y + t &* ldy) }
         put(0, a0, b0)
         if n > 1 { put(1, a1, b1) }
         if n > 2 { put(2, a2, b2) }

@@ -1,5 +1,6 @@
 #if arch(x86_64)
 import CPeregrineBF16
+import PeregrineAVX512
 
 // BF16 matrix products on AVX-512 BF16 (`vdpbf16ps`), built for a CPU that has it (cooperlake:
 // cascadelake plus AVX-512 BF16); Peregrine calls them only where /proc/cpuinfo shows
@@ -47,22 +48,6 @@ public enum BF16PairPanels {
     }
 }
 
-/// How many tokens a tile covers, fixed at compile time so unused accumulators vanish (the same
-/// as PeregrineAVX512's `TileTokens`, which this module, built for another CPU, does not import).
-protocol PairTileTokens { static var n: Int { get } }
-enum PairTokens1: PairTileTokens { @inline(__always) static var n: Int { 1 } }
-enum PairTokens2: PairTileTokens { @inline(__always) static var n: Int { 2 } }
-enum PairTokens3: PairTileTokens { @inline(__always) static var n: Int { 3 } }
-enum PairTokens4: PairTileTokens { @inline(__always) static var n: Int { 4 } }
-enum PairTokens5: PairTileTokens { @inline(__always) static var n: Int { 5 } }
-enum PairTokens6: PairTileTokens { @inline(__always) static var n: Int { 6 } }
-enum PairTokens7: PairTileTokens { @inline(__always) static var n: Int { 7 } }
-enum PairTokens8: PairTileTokens { @inline(__always) static var n: Int { 8 } }
-enum PairTokens9: PairTileTokens { @inline(__always) static var n: Int { 9 } }
-enum PairTokens10: PairTileTokens { @inline(__always) static var n: Int { 10 } }
-enum PairTokens11: PairTileTokens { @inline(__always) static var n: Int { 11 } }
-enum PairTokens12: PairTileTokens { @inline(__always) static var n: Int { 12 } }
-
 public enum BF16PairProducts {
     /// acc + the products of 16 rows' pairs `w` with the token's pair `x`, broadcast (the
     /// broadcast folds into the instruction's memory operand).
@@ -74,7 +59,7 @@ public enum BF16PairProducts {
     /// weight vector per panel and pair. `x` holds the tile's rounded activations pair after
     /// pair: the T tokens' words of pair 0, then of pair 1, ... Rows from `valid` on are padding.
     @inline(__always)
-    static func tile<T: PairTileTokens>(_: T.Type, p: UnsafeRawPointer, kp: Int, valid: Int, x: UnsafePointer<UInt32>,
+    static func tile<T: TileTokens>(_: T.Type, p: UnsafeRawPointer, kp: Int, valid: Int, x: UnsafePointer<UInt32>,
                                         y: UnsafeMutablePointer<Float>, ldy: Int) {
         let n = T.n
         let q = p + kp &* 64
@@ -100,14 +85,7 @@ public enum BF16PairProducts {
             xi += n
         }
         @inline(__always) func put(_ t: Int, _ a: SIMD16<Float>, _ b: SIMD16<Float>) {
-            let yt = y + t &* ldy
-            if valid >= 32 {
-                UnsafeMutableRawPointer(yt).storeBytes(of: a, as: SIMD16<Float>.self)
-                UnsafeMutableRawPointer(yt + 16).storeBytes(of: b, as: SIMD16<Float>.self)
-            } else {
-                for l in 0..<min(16, valid) { yt[l] = a[l] }
-                if valid > 16 { for l in 0..<(valid &- 16) { yt[16 &+ l] = b[l] } }
-            }
+            AVX512Products.storeRows(a, b, valid: valid, to: y + t &* ldy)
         }
         put(0, a0, b0)
         if n > 1 { put(1, a1, b1) }
@@ -143,22 +121,22 @@ public enum BF16PairProducts {
                 let p = w + pair &* 2 &* kp &* 64, r0 = pair &* 32, valid = min(32, rows &- r0)
                 var t = t0
                 while t &+ full <= t0 &+ tn {
-                    tile(PairTokens12.self, p: p, kp: kp, valid: valid, x: x + t &* kp, y: y + t &* ldy + r0, ldy: ldy)
+                    tile(Tokens12.self, p: p, kp: kp, valid: valid, x: x + t &* kp, y: y + t &* ldy + r0, ldy: ldy)
                     t &+= full
                 }
                 let xt = x + t &* kp, yt = y + t &* ldy + r0
                 switch t0 &+ tn &- t {
-                case 1: tile(PairTokens1.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
-                case 2: tile(PairTokens2.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
-                case 3: tile(PairTokens3.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
-                case 4: tile(PairTokens4.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
-                case 5: tile(PairTokens5.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
-                case 6: tile(PairTokens6.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
-                case 7: tile(PairTokens7.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
-                case 8: tile(PairTokens8.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
-                case 9: tile(PairTokens9.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
-                case 10: tile(PairTokens10.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
-                case 11: tile(PairTokens11.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
+                case 1: tile(Tokens1.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
+                case 2: tile(Tokens2.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
+                case 3: tile(Tokens3.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
+                case 4: tile(Tokens4.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
+                case 5: tile(Tokens5.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
+                case 6: tile(Tokens6.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
+                case 7: tile(Tokens7.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
+                case 8: tile(Tokens8.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
+                case 9: tile(Tokens9.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
+                case 10: tile(Tokens10.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
+                case 11: tile(Tokens11.self, p: p, kp: kp, valid: valid, x: xt, y: yt, ldy: ldy)
                 default: break
                 }
             }

@@ -102,9 +102,37 @@ final class FloatProductTests: XCTestCase {
         #if arch(x86_64)
         guard CPUFeatures.useAVX512 else { throw XCTSkip("no AVX-512 on this CPU: the panel product is not used") }
         let pool = ThreadPool(threadCount: 2)
-        var rng = SplitMix(seed: 17)
-        let dtype = DType.f16
-        for (outDim, k) in [(37, 200), (64, 512), (6, 17), (100, 64)] {
+        checkPanelProduct(.f16, seed: 17, shapes: [(37, 200), (64, 512), (6, 17), (100, 64)]) { w, outDim, k, bias, xs, tokens in
+            var y = [Float](repeating: .nan, count: tokens * outDim)
+            // The activations interleaved here first (more than one token); NaN where nothing should be read.
+            var scratch = [Float](repeating: .nan, count: tokens * k)
+            let panels = PanelMatrix(w, rows: outDim, k: k, layout: .halves)
+            xs.withUnsafeBufferPointer { xp in
+                bias.withUnsafeBufferPointer { bp in
+                    y.withUnsafeMutableBufferPointer { yp in
+                        scratch.withUnsafeMutableBufferPointer { sp in
+                            CPUKernels.matmulHalfPanels(panels.panels(pool: pool), x: xp.baseAddress!, tokens: tokens, outDim: outDim,
+                                                       k: k, bias: bp.baseAddress!, y: yp.baseAddress!, scratch: sp.baseAddress!, pool: pool)
+                        }
+                    }
+                }
+            }
+            return y
+        }
+        #else
+        throw XCTSkip("the panel product is x86-64's")
+        #endif
+    }
+
+    /// What the panel tests share: for each (rows, k) shape, random weights stored as `dtype` and
+    /// 53 tokens' random activations; `product` (the kernel over the stored matrix `w`, a bias and
+    /// `tokens` tokens' activations) against a double-precision sum of the stored weights and the
+    /// activations as `activation` rounds them, and every prefix of the tokens, and some tokens
+    /// alone, giving the same bits as the whole batch.
+    func checkPanelProduct(_ dtype: DType, seed: UInt64, shapes: [(Int, Int)], activation: (Float) -> Float = { $0 },
+                           product: (_ w: UnsafeRawPointer, _ outDim: Int, _ k: Int, _ bias: [Float], _ xs: [Float], _ tokens: Int) -> [Float]) {
+        var rng = SplitMix(seed: seed)
+        for (outDim, k) in shapes {
             let wf = (0..<(outDim * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
             let bias = (0..<outDim).map { Float($0) / 8 }
             let tokens = 53
@@ -112,45 +140,25 @@ final class FloatProductTests: XCTestCase {
             let w = stored(wf, dtype)
             var wq = [Float](repeating: 0, count: outDim * k)
             w.withUnsafeBytes { dtype.dequantize($0.baseAddress!, count: outDim * k, into: &wq) }
-            func panelProduct(_ xs: [Float], tokens: Int) -> [Float] {
-                var y = [Float](repeating: .nan, count: tokens * outDim)
-                // The activations interleaved here first (more than one token); NaN where nothing should be read.
-                var scratch = [Float](repeating: .nan, count: tokens * k)
-                w.withUnsafeBytes { wr in
-                    let panels = PanelMatrix(wr.baseAddress!, rows: outDim, k: k, layout: .halves)
-                    xs.withUnsafeBufferPointer { xp in
-                        bias.withUnsafeBufferPointer { bp in
-                            y.withUnsafeMutableBufferPointer { yp in
-                                scratch.withUnsafeMutableBufferPointer { sp in
-                                    CPUKernels.matmulHalfPanels(panels.panels(pool: pool), x: xp.baseAddress!, tokens: tokens, outDim: outDim,
-                                                               k: k, bias: bp.baseAddress!, y: yp.baseAddress!, scratch: sp.baseAddress!, pool: pool)
-                                }
-                            }
-                        }
-                    }
-                }
-                return y
-            }
-            let all = panelProduct(x, tokens: tokens)
+            let xq = x.map(activation)
+            func run(_ xs: [Float], _ n: Int) -> [Float] { w.withUnsafeBytes { product($0.baseAddress!, outDim, k, bias, xs, n) } }
+            let all = run(x, tokens)
             for t in 0..<tokens {
                 for o in 0..<outDim {
                     var s = Double(bias[o]), m = 0.0
-                    for i in 0..<k { s += Double(wq[o * k + i]) * Double(x[t * k + i]); m += abs(Double(wq[o * k + i]) * Double(x[t * k + i])) }
-                    XCTAssertEqual(Double(all[t * outDim + o]), s, accuracy: 1e-5 * m + 1e-6, "\(outDim)x\(k) row \(o) token \(t)")
+                    for i in 0..<k { s += Double(wq[o * k + i]) * Double(xq[t * k + i]); m += abs(Double(wq[o * k + i]) * Double(xq[t * k + i])) }
+                    XCTAssertEqual(Double(all[t * outDim + o]), s, accuracy: 1e-5 * m + 1e-6, "\(dtype) \(outDim)x\(k) row \(o) token \(t)")
                 }
             }
             for n in [1, 2, 5, 11, 12, 13, 48, 50] {
-                let part = panelProduct(Array(x[0..<(n * k)]), tokens: n)
-                XCTAssertEqual(part.map(\.bitPattern), all[0..<(n * outDim)].map(\.bitPattern), "\(outDim)x\(k), \(n) tokens")
+                let part = run(Array(x[0..<(n * k)]), n)
+                XCTAssertEqual(part.map(\.bitPattern), all[0..<(n * outDim)].map(\.bitPattern), "\(dtype) \(outDim)x\(k), \(n) tokens")
             }
             for t in [0, 13, 52] {
-                let one = panelProduct(Array(x[(t * k)..<((t + 1) * k)]), tokens: 1)
-                XCTAssertEqual(one.map(\.bitPattern), all[(t * outDim)..<((t + 1) * outDim)].map(\.bitPattern), "token \(t) alone")
+                let one = run(Array(x[(t * k)..<((t + 1) * k)]), 1)
+                XCTAssertEqual(one.map(\.bitPattern), all[(t * outDim)..<((t + 1) * outDim)].map(\.bitPattern), "\(dtype) token \(t) alone")
             }
         }
-        #else
-        throw XCTSkip("the panel product is x86-64's")
-        #endif
     }
 
     /// The activations' rounding to BF16 pairs gives Half.floatToBF16's bits for every value (NaN,
@@ -197,51 +205,22 @@ final class FloatProductTests: XCTestCase {
             throw XCTSkip("no AVX-512 BF16 on this CPU: the pair product is not used")
         }
         let pool = ThreadPool(threadCount: 2)
-        var rng = SplitMix(seed: 23)
-        let dtype = DType.bf16
-        for (outDim, k) in [(37, 200), (64, 512), (6, 17), (100, 64), (33, 1)] {
-            let wf = (0..<(outDim * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
-            let bias = (0..<outDim).map { Float($0) / 8 }
-            let tokens = 53
-            let x = (0..<(tokens * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
-            let w = stored(wf, dtype)
-            var wq = [Float](repeating: 0, count: outDim * k)
-            w.withUnsafeBytes { dtype.dequantize($0.baseAddress!, count: outDim * k, into: &wq) }
-            let xq = x.map { Half.bf16ToFloat(Half.floatToBF16($0)) }
-            func pairProduct(_ xs: [Float], tokens: Int) -> [Float] {
-                var y = [Float](repeating: .nan, count: tokens * outDim)
-                var scratch = [UInt32](repeating: 0xFFFF_FFFF, count: tokens * BF16PairPanels.pairs(k: k))
-                w.withUnsafeBytes { wr in
-                    let panels = PanelMatrix(wr.baseAddress!, rows: outDim, k: k, layout: .bf16Pairs)
-                    xs.withUnsafeBufferPointer { xp in
-                        bias.withUnsafeBufferPointer { bp in
-                            y.withUnsafeMutableBufferPointer { yp in
-                                scratch.withUnsafeMutableBufferPointer { sp in
-                                    CPUKernels.matmulBF16Pairs(panels.panels(pool: pool), x: xp.baseAddress!, tokens: tokens, outDim: outDim,
-                                                               k: k, bias: bp.baseAddress!, y: yp.baseAddress!, scratch: sp.baseAddress!, pool: pool)
-                                }
-                            }
+        checkPanelProduct(.bf16, seed: 23, shapes: [(37, 200), (64, 512), (6, 17), (100, 64), (33, 1)],
+                          activation: { Half.bf16ToFloat(Half.floatToBF16($0)) }) { w, outDim, k, bias, xs, tokens in
+            var y = [Float](repeating: .nan, count: tokens * outDim)
+            var scratch = [UInt32](repeating: 0xFFFF_FFFF, count: tokens * BF16PairPanels.pairs(k: k))
+            let panels = PanelMatrix(w, rows: outDim, k: k, layout: .bf16Pairs)
+            xs.withUnsafeBufferPointer { xp in
+                bias.withUnsafeBufferPointer { bp in
+                    y.withUnsafeMutableBufferPointer { yp in
+                        scratch.withUnsafeMutableBufferPointer { sp in
+                            CPUKernels.matmulBF16Pairs(panels.panels(pool: pool), x: xp.baseAddress!, tokens: tokens, outDim: outDim,
+                                                       k: k, bias: bp.baseAddress!, y: yp.baseAddress!, scratch: sp.baseAddress!, pool: pool)
                         }
                     }
                 }
-                return y
             }
-            let all = pairProduct(x, tokens: tokens)
-            for t in 0..<tokens {
-                for o in 0..<outDim {
-                    var s = Double(bias[o]), m = 0.0
-                    for i in 0..<k { s += Double(wq[o * k + i]) * Double(xq[t * k + i]); m += abs(Double(wq[o * k + i]) * Double(xq[t * k + i])) }
-                    XCTAssertEqual(Double(all[t * outDim + o]), s, accuracy: 1e-5 * m + 1e-6, "\(outDim)x\(k) row \(o) token \(t)")
-                }
-            }
-            for n in [1, 2, 5, 11, 12, 13, 48, 50] {
-                let part = pairProduct(Array(x[0..<(n * k)]), tokens: n)
-                XCTAssertEqual(part.map(\.bitPattern), all[0..<(n * outDim)].map(\.bitPattern), "\(outDim)x\(k), \(n) tokens")
-            }
-            for t in [0, 13, 52] {
-                let one = pairProduct(Array(x[(t * k)..<((t + 1) * k)]), tokens: 1)
-                XCTAssertEqual(one.map(\.bitPattern), all[(t * outDim)..<((t + 1) * outDim)].map(\.bitPattern), "token \(t) alone")
-            }
+            return y
         }
         #else
         throw XCTSkip("the pair product is x86-64's")

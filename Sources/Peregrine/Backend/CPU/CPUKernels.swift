@@ -329,11 +329,7 @@ enum CPUKernels {
                                 bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, scratch: UnsafeMutablePointer<UInt32>,
                                 pool: ThreadPool) {
         let tiles = (tokens + BF16PairPanels.tileTokens - 1) / BF16PairPanels.tileTokens
-        if tiles > 1 {
-            pool.parallelRanges(tiles) { range in roundPairs(x, k: k, tokens: tokens, tiles: range, into: scratch) }
-        } else {
-            roundPairs(x, k: k, tokens: tokens, tiles: 0..<tiles, into: scratch)
-        }
+        pool.parallelRanges(tiles) { range in roundPairs(x, k: k, tokens: tokens, tiles: range, into: scratch) }
         pool.parallelRanges(BF16PairPanels.panels(rows: outDim) / 2) { pairs in
             BF16PairProducts.product(panels: panels, k: k, rows: outDim, pairs: pairs, x: scratch, tokens: tokens, y: y, ldy: outDim)
             addBias(bias, rows: (pairs.lowerBound * 32)..<min(outDim, pairs.upperBound * 32), tokens: tokens, y: y, ldy: outDim)
