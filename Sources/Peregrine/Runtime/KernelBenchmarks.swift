@@ -61,50 +61,42 @@ public enum KernelBenchmarks {
     /// wide, and 16 where the CPU has AVX-512 (the larger: some cores run a 512-bit FMA as two
     /// halves, others have two 512-bit units, twice the 8-lane rate).
     public static func peakFlops(pool: ThreadPool) -> Double {
-        var best = peakFlops8(pool: pool)
+        var best = chainRate(pool: pool, lanes: 8, fmaChains8)
         #if arch(x86_64)
-        if CPUFeatures.useAVX512 {
-            let iterations = 2_000_000
-            let parts = pool.threadCount
-            var sink = [Float](repeating: 0, count: parts)
-            let t = time(repetitions: 3) {
-                sink.withUnsafeMutableBufferPointer { out in
-                    pool.parallelFor(parts) { p in out[p] = AVX512Products.fmaChains(iterations: iterations, seed: Float(p)) }
-                }
-            }
-            // 12 FMAs of 16 lanes, 2 flops each, per iteration.
-            best = max(best, Double(parts * iterations * 12 * 16 * 2) / t / 1e9)
-        }
+        if CPUFeatures.useAVX512 { best = max(best, chainRate(pool: pool, lanes: 16, AVX512Products.fmaChains)) }
         #endif
         return best
     }
 
-    /// The 8-lane (AVX2) chains of `peakFlops`.
-    static func peakFlops8(pool: ThreadPool) -> Double {
+    /// Flop/s of `chains` (12 FMAs of `lanes` lanes an iteration) run on every thread at once.
+    static func chainRate(pool: ThreadPool, lanes: Int, _ chains: (_ iterations: Int, _ seed: Float) -> Float) -> Double {
         let iterations = 2_000_000
         let parts = pool.threadCount
         var sink = [Float](repeating: 0, count: parts)
         let t = time(repetitions: 3) {
             sink.withUnsafeMutableBufferPointer { out in
-                pool.parallelFor(parts) { p in
-                    // Values grow to infinity, which costs nothing extra (denormals would).
-                    let m = SIMD8<Float>(repeating: 0.999999)
-                    var a0 = SIMD8<Float>(repeating: Float(p)), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0
-                    var a8 = a0, a9 = a0, a10 = a0, a11 = a0
-                    for _ in 0..<iterations {
-                        a0 = a0.addingProduct(a0, m); a1 = a1.addingProduct(a1, m)
-                        a2 = a2.addingProduct(a2, m); a3 = a3.addingProduct(a3, m)
-                        a4 = a4.addingProduct(a4, m); a5 = a5.addingProduct(a5, m)
-                        a6 = a6.addingProduct(a6, m); a7 = a7.addingProduct(a7, m)
-                        a8 = a8.addingProduct(a8, m); a9 = a9.addingProduct(a9, m)
-                        a10 = a10.addingProduct(a10, m); a11 = a11.addingProduct(a11, m)
-                    }
-                    out[p] = (a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11).sum()
-                }
+                pool.parallelFor(parts) { p in out[p] = chains(iterations, Float(p)) }
             }
         }
-        // 12 FMAs of 8 lanes, 2 flops each, per iteration.
-        return Double(parts * iterations * 12 * 8 * 2) / t / 1e9
+        return Double(parts * iterations * 12 * lanes * 2) / t / 1e9
+    }
+
+    /// 12 independent 8-lane FMA chains (`AVX512Products.fmaChains` is the 16-lane twin, in the
+    /// module built for AVX-512: this one must run on AVX2-only CPUs).
+    static func fmaChains8(iterations: Int, seed: Float) -> Float {
+        // Values grow to infinity, which costs nothing extra (denormals would).
+        let m = SIMD8<Float>(repeating: 0.999999)
+        var a0 = SIMD8<Float>(repeating: seed), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0
+        var a8 = a0, a9 = a0, a10 = a0, a11 = a0
+        for _ in 0..<iterations {
+            a0 = a0.addingProduct(a0, m); a1 = a1.addingProduct(a1, m)
+            a2 = a2.addingProduct(a2, m); a3 = a3.addingProduct(a3, m)
+            a4 = a4.addingProduct(a4, m); a5 = a5.addingProduct(a5, m)
+            a6 = a6.addingProduct(a6, m); a7 = a7.addingProduct(a7, m)
+            a8 = a8.addingProduct(a8, m); a9 = a9.addingProduct(a9, m)
+            a10 = a10.addingProduct(a10, m); a11 = a11.addingProduct(a11, m)
+        }
+        return (a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11).sum()
     }
 
     /// Matrix products on stored weight types, the shapes of a Llama-3.2-1B-sized layer.

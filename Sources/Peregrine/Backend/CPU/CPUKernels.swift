@@ -337,9 +337,10 @@ enum CPUKernels {
     }
 
     /// The activations of `tokens` tokens (rows of k floats) rounded to BF16 (to nearest, ties to
-    /// even) in the layout `BF16PairProducts.product` reads: pairs (k = 2i in a word's low half, 2i + 1 in its high half; an odd k's last
-    /// word has a zero high half), written for tiles `tiles` of 12 tokens: tile j at
-    /// out + 12 j pairs(k), holding its tokens' words of pair 0, then of pair 1, and so on.
+    /// even) in the layout `BF16PairProducts.product` reads: pairs (k = 2i in a word's low half,
+    /// 2i + 1 in its high half; an odd k's last word has a zero high half), written for tiles
+    /// `tiles` of 12 tokens: tile j at out + 12 j pairs(k), holding its tokens' words of pair 0,
+    /// then of pair 1, and so on.
     static func roundPairs(_ x: UnsafePointer<Float>, k: Int, tokens: Int, tiles: Range<Int>, into out: UnsafeMutablePointer<UInt32>) {
         let kp = BF16PairPanels.pairs(k: k), even = k & ~1
         for j in tiles {
