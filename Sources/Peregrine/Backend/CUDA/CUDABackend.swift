@@ -1576,15 +1576,19 @@ public final class CUDABackend: ComputeBackend {
         let gateType = experts.gate[0].dtype, downType = experts.down[0].dtype
         guard let (gateKernel, downKernel) = expertMatvecKernels(experts) else { return false }
         guard ensure(&moeHidden, total * ff) else { return true }
+        // A product's input rounded to 8 bits for quantized weights (the routed rows' copy where it
+        // holds this input), (0, 0) for 16-bit ones; nil when its scratch could not be had.
+        func roundedInput(_ input: CUDABuffer, rows inputRows: Int, cols: Int, _ type: DType)
+            -> (CUDADriver.DevicePointer, CUDADriver.DevicePointer)? {
+            if type.isFloat { return (0, 0) }
+            if let h = q8Holds, h.source == input.pointer, h.rows == inputRows, h.k == cols {
+                return (routedQ8.pointer, routedQ8.pointer + UInt64(inputRows * cols))
+            }
+            return quantizeActivations(input, rows: inputRows, k: cols, norm: nil)
+        }
         func product(_ kernel: String, _ type: DType, tables: (CUDABuffer, CUDABuffer?), input: CUDABuffer, inputRows: Int, cols: Int,
                      outputs: Int, routeDiv: Int, out: CUDABuffer) {
-            var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
-            if let h = q8Holds, h.source == input.pointer, h.rows == inputRows, h.k == cols, !type.isFloat {
-                (xq, xs) = (routedQ8.pointer, routedQ8.pointer + UInt64(inputRows * cols))
-            } else if !type.isFloat {
-                guard let q = quantizeActivations(input, rows: inputRows, k: cols, norm: nil) else { return }
-                (xq, xs) = q
-            }
+            guard let (xq, xs) = roundedInput(input, rows: inputRows, cols: cols, type) else { return }
             let gated = tables.1 != nil
             let warps = matvecWarps(outputs, type, k: cols, gated: gated)
             launch("matvec_" + kernel + (gated ? "_gated" : ""), grid: (blocks(warps * 32).0, total, 1), block: 256) { a in
@@ -1597,11 +1601,7 @@ public final class CUDABackend: ComputeBackend {
         product(gateKernel, gateType, tables: (experts.gateTable, experts.upTable), input: x, inputRows: rows, cols: d, outputs: ff,
                 routeDiv: k, out: moeHidden)
         if fusedExpertDown, let suffix = CUDABackend.expertDownTypes[downType] {
-            var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
-            if !downType.isFloat {
-                guard let q = quantizeActivations(moeHidden, rows: total, k: ff, norm: nil) else { return true }
-                (xq, xs) = q
-            }
+            guard let (xq, xs) = roundedInput(moeHidden, rows: total, cols: ff, downType) else { return true }
             launch("moe_down_" + suffix, grid: ((d + 7) / 8, rows, 1), block: 256) { a in
                 a.ptr(experts.downTable); a.i32(d); a.i32(ff); a.ptr(routes); a.i32(k); a.ptr(downType.isFloat ? moeHidden.pointer : 0)
                 a.ptr(xq); a.ptr(xs); a.ptr(residual); a.ptr(experts.reads)
