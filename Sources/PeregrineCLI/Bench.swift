@@ -368,6 +368,7 @@ struct Bench: ParsableCommand {
             let pool = ThreadPool(threadCount: t)
             let bandwidth = KernelBenchmarks.memoryReadBandwidth(pool: pool)
             let flops = KernelBenchmarks.peakFlops(pool: pool)
+            let intOps = KernelBenchmarks.peakInt8Ops(pool: pool)
             let rows = try KernelBenchmarks.run(backend: CPUBackend(pool: pool))
             if json {
                 for r in rows {
@@ -376,15 +377,20 @@ struct Bench: ParsableCommand {
                         ("microseconds", .number(r.microseconds)), ("gflops", r.gflops.map { .number($0) } ?? .null),
                         ("gbps", r.gigabytesPerSecond.map { .number($0) } ?? .null),
                         ("machine_read_gbps", .number(bandwidth)), ("machine_peak_gflops", .number(flops)),
+                        ("machine_peak_int8_gops", intOps.map { .number($0) } ?? .null),
                     ]))))
                 }
                 continue
             }
-            print(String(format: "threads %d: memory read bandwidth %.1f GB/s, peak f32 FMA %.1f GFLOP/s\n", t, bandwidth, flops))
+            let int8 = intOps.map { String(format: ", peak int8 dot (vpdpbusd) %.1f GOP/s", $0) } ?? ""
+            print(String(format: "threads %d: memory read bandwidth %.1f GB/s, peak f32 FMA %.1f GFLOP/s", t, bandwidth, flops) + int8 + "\n")
             print("| kernel | shape | µs | GFLOP/s | % peak | GB/s | % bandwidth |")
             print("|---|---|---|---|---|---|---|")
             for r in rows {
-                let g = r.gflops.map { String(format: "%.1f | %.0f%%", $0, 100 * $0 / flops) } ?? "- | -"
+                // The block types' products run on 8-bit integers: their peak is the dot
+                // instruction's where it was measured.
+                let peak = r.integer ? intOps ?? flops : flops
+                let g = r.gflops.map { String(format: "%.1f | %.0f%%", $0, 100 * $0 / peak) } ?? "- | -"
                 let b = r.gigabytesPerSecond.map { String(format: "%.1f | %.0f%%", $0, 100 * $0 / bandwidth) } ?? "- | -"
                 print("| \(r.kernel) | \(r.shape) | \(String(format: "%.1f", r.microseconds)) | \(g) | \(b) |")
             }

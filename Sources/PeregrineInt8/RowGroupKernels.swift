@@ -312,6 +312,14 @@ public protocol SuperBlockGroup {
     static func values(_ p: UnsafeRawPointer, _ j: Int) -> Values
     /// Sub-block j's scales, one int32 lane per row.
     static func scales(_ p: UnsafeRawPointer, _ j: Int) -> __m256i
+    /// The values are below 2^bits.
+    static var bits: Int { get }
+    /// Where sub-block j's activation bytes start in a token's block.
+    static func activations(_ j: Int) -> Int
+    /// What a token's integer sum over sub-block j carries from the values' offset, taken back
+    /// before the sub-block's scale (IQ4_XS: 128 times the activations' sum; the other types
+    /// take their offsets back in `finish`, so 0).
+    static func subBlockOffset(_ x: UnsafeRawPointer, _ j: Int) -> Int32
     /// One token's integer sum over sub-block j, times each row's scale, added to `total`.
     static func subBlock<D: RowGroupDot>(_: D.Type, _ q: Values, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int, _ total: inout __m256i)
     /// A token's block done in float.
@@ -327,6 +335,9 @@ extension KQuantGroup {
     @inlinable public static var bytes: Int { five ? 1504 : 1248 }
     @inlinable public static var subBlocks: Int { 8 }
     @inlinable public static var prefetches: Bool { false }
+    @inlinable public static var bits: Int { five ? 5 : 4 }
+    @inline(__always) @inlinable public static func activations(_ j: Int) -> Int { 36 &+ 32 &* j }
+    @inline(__always) @inlinable public static func subBlockOffset(_ x: UnsafeRawPointer, _ j: Int) -> Int32 { 0 }
 
     /// Unsigned nibbles, with Q5_K's fifth bits from the vector at 1248 + 32j: bit u of byte b
     /// of row r is value 4u + b's.
@@ -348,7 +359,7 @@ extension KQuantGroup {
     @inline(__always) @inlinable
     public static func subBlock<D: RowGroupDot>(_: D.Type, _ q: Int8Kernels.Vectors8, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int,
                                                 _ total: inout __m256i) {
-        total = _mm256_add_epi32(total, D.scaledDot(q, x + (36 &+ 32 &* j), bits: five ? 5 : 4, scales: scales))
+        total = _mm256_add_epi32(total, D.scaledDot(q, x + activations(j), bits: bits, scales: scales))
     }
 
     /// d times the scaled sums less dmin times the mins times the activations' sub-block sums,
@@ -381,6 +392,9 @@ extension SixteensGroup {
     @inlinable public static var bytes: Int { three ? 1040 : 1808 }
     @inlinable public static var subBlocks: Int { 16 }
     @inlinable public static var prefetches: Bool { true }
+    @inlinable public static var bits: Int { three ? 3 : 6 }
+    @inline(__always) @inlinable public static func activations(_ s: Int) -> Int { 36 &+ 16 &* s }
+    @inline(__always) @inlinable public static func subBlockOffset(_ x: UnsafeRawPointer, _ s: Int) -> Int32 { 0 }
 
     @inline(__always) @inlinable public static func values(_ p: UnsafeRawPointer, _ s: Int) -> RowGroupKernels.Vectors4 {
         three ? q3_KValues(p, s) : q6_KValues(p, s)
@@ -421,7 +435,7 @@ extension SixteensGroup {
     @inline(__always) @inlinable
     public static func subBlock<D: RowGroupDot>(_: D.Type, _ q: RowGroupKernels.Vectors4, _ scales: __m256i, _ x: UnsafeRawPointer, _ s: Int,
                                                 _ total: inout __m256i) {
-        total = _mm256_add_epi32(total, D.scaledDot(q, x + (36 &+ 16 &* s), bits: three ? 3 : 6, scales: scales))
+        total = _mm256_add_epi32(total, D.scaledDot(q, x + activations(s), bits: bits, scales: scales))
     }
 
     /// The offset taken back through the scales times the activations' 16-value sums, then d
@@ -448,6 +462,11 @@ public enum IQ4_XSGroup: SuperBlockGroup {
     @inlinable public static var bytes: Int { 1104 }
     @inlinable public static var subBlocks: Int { 8 }
     @inlinable public static var prefetches: Bool { false }
+    @inlinable public static var bits: Int { 8 }
+    @inline(__always) @inlinable public static func activations(_ j: Int) -> Int { 36 &+ 32 &* j }
+    @inline(__always) @inlinable public static func subBlockOffset(_ x: UnsafeRawPointer, _ j: Int) -> Int32 {
+        Int32(x.load(fromByteOffset: 4 &+ 2 &* j, as: Int16.self)) << 7
+    }
 
     @inline(__always) @inlinable public static func values(_ p: UnsafeRawPointer, _ j: Int) -> Int8Kernels.Vectors8 {
         IQ4_NLGroup.unpack(p + (80 &+ 128 &* j))
@@ -462,8 +481,8 @@ public enum IQ4_XSGroup: SuperBlockGroup {
     @inline(__always) @inlinable
     public static func subBlock<D: RowGroupDot>(_: D.Type, _ q: Int8Kernels.Vectors8, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int,
                                                 _ total: inout __m256i) {
-        let offset = _mm256_set1_epi32(Int32(x.load(fromByteOffset: 4 &+ 2 &* j, as: Int16.self)) << 7)
-        let s = D.dot(q, x + (36 &+ 32 &* j), bits: 8)
+        let offset = _mm256_set1_epi32(subBlockOffset(x, j))
+        let s = D.dot(q, x + activations(j), bits: bits)
         total = _mm256_add_epi32(total, _mm256_mullo_epi32(_mm256_sub_epi32(s, offset), scales))
     }
 

@@ -56,11 +56,18 @@ public enum VNNIKernels {
                          bias: bias, y: y, ldy: ldy)
     }
 
-    /// `RowGroupKernels.groups` with VNNI products.
+    /// `RowGroupKernels.groups` with VNNI products; `wide`: tiles of eight tokens on pairs of
+    /// groups go through the 512-bit kernels (`WideRowGroupKernels`, the same bits).
     public static func groups(_ type: Int8WeightType, w: UnsafeRawPointer, k: Int, a: UnsafeRawPointer, stride: Int, tokens: Int,
-                              groups: Range<Int>, bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, ldy: Int) {
-        RowGroupKernels.groups(type, dot: VNNIDot.self, w: w, k: k, a: a, stride: stride, tokens: tokens, groups: groups, bias: bias,
-                               y: y, ldy: ldy)
+                              groups: Range<Int>, bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, ldy: Int, wide: Bool = true) {
+        let tiled = wide && groups.count >= 2 ? tokens & ~7 : 0
+        if tiled > 0 {
+            WideRowGroupKernels.groups(type, w: w, k: k, a: a, stride: stride, tokens: tiled, groups: groups, bias: bias, y: y, ldy: ldy)
+        }
+        if tiled < tokens {
+            RowGroupKernels.groups(type, dot: VNNIDot.self, w: w, k: k, a: a + tiled &* stride, stride: stride, tokens: tokens &- tiled,
+                                   groups: groups, bias: bias, y: y + tiled &* ldy, ldy: ldy)
+        }
     }
 
     public static func rowDot(_ type: Int8WeightType, _ row: UnsafeRawPointer, _ a: UnsafeRawPointer, _ k: Int) -> Float {

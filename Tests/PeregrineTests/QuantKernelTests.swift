@@ -179,6 +179,16 @@ extension QuantKernelTests {
                                                bias: b.baseAddress, y: &avx2, ldy: rows)
                     }
                     XCTAssertEqual(avx2, got, "\(type): AVX2 and VNNI row groups")
+                    // All three groups in one call, with and without the 512-bit pairs (the
+                    // first two groups' tile of eight tokens on 512 bits, the rest on 256).
+                    for wide in [true, false] {
+                        var vnni = [Float](repeating: .nan, count: tokens * rows)
+                        bias.withUnsafeBufferPointer { b in
+                            VNNIKernels.groups(kind, w: groups.bytes, k: k, a: scratch, stride: Int8Kernels.activationBytes(kind, k: k),
+                                               tokens: tokens, groups: 0..<(rows / 8), bias: b.baseAddress, y: &vnni, ldy: rows, wide: wide)
+                        }
+                        XCTAssertEqual(avx2, vnni, "\(type): AVX2 and VNNI row groups, wide \(wide)")
+                    }
                 }
                 for t in 0..<tokens {
                     var one = [Float](repeating: .nan, count: rows)

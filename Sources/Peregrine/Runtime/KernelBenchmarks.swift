@@ -3,6 +3,7 @@ import Glibc
 #endif
 #if arch(x86_64)
 import PeregrineAVX512
+import PeregrineVNNI
 #endif
 
 /// The machine's limits, measured with the same thread pool the kernels use, and each CPU kernel
@@ -14,6 +15,8 @@ public enum KernelBenchmarks {
         public var microseconds: Double
         public var gflops: Double?
         public var gigabytesPerSecond: Double?
+        /// A product of a block type, on 8-bit integers.
+        public var integer = false
     }
 
     /// Best of `repetitions` timings of `body`, in seconds.
@@ -68,7 +71,20 @@ public enum KernelBenchmarks {
         return best
     }
 
-    /// Flop/s of `chains` (12 FMAs of `lanes` lanes an iteration) run on every thread at once.
+    /// Peak integer dot-product rate where the CPU has AVX-512 VNNI: 512-bit `vpdpbusd` chains
+    /// on every thread (64 multiply-adds an instruction, counted as 128 operations, as the
+    /// f32 rate counts an FMA's two). nil elsewhere.
+    public static func peakInt8Ops(pool: ThreadPool) -> Double? {
+        #if arch(x86_64)
+        guard CPUFeatures.useVNNI else { return nil }
+        return chainRate(pool: pool, lanes: 64) { Float(WideRowGroupKernels.dotChains(iterations: $0, seed: Int32($1))) }
+        #else
+        return nil
+        #endif
+    }
+
+    /// Operations/s of `chains` (12 instructions of `lanes` multiply-adds an iteration) run on
+    /// every thread at once.
     static func chainRate(pool: ThreadPool, lanes: Int, _ chains: (_ iterations: Int, _ seed: Float) -> Float) -> Double {
         let iterations = 2_000_000
         let parts = pool.threadCount
@@ -99,25 +115,22 @@ public enum KernelBenchmarks {
         return (a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11).sum()
     }
 
-    /// Matrix products on stored weight types, the shapes of a Llama-3.2-1B-sized layer.
+    /// Matrix products on stored weight types, the shapes of a Llama-3.2-1B-sized layer. The
+    /// block types' "GFLOP/s" count their multiply-adds as the float types' do.
     public static func run(backend: CPUBackend) throws -> [Row] {
         var rows: [Row] = []
-        for dtype in [DType.f32, .f16, .bf16] {
+        for dtype in [DType.f32, .f16, .bf16, .q8_0, .q4_0, .q4_K, .q6_K] {
             // Decode reads a matrix far larger than the caches; prefill reuses one layer's.
             for (tokens, k, outDim) in [(1, 4096, 16384), (512, 2048, 2048)] {
-                let bytes = outDim * k * dtype.byteSize
+                let rowBytes = dtype.byteCount(elements: k), bytes = outDim * rowBytes
                 let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
                 defer { raw.deallocate() }
+                // 64 random rows, rounded once and repeated: the k-quants' search would take
+                // longer than the products over the whole matrix.
                 var rng = SeededGenerator(seed: 7)
-                for i in 0..<(outDim * k) {
-                    let v = Float(rng.nextUnit()) - 0.5
-                    switch dtype {
-                    case .f32: raw.storeBytes(of: v, toByteOffset: 4 * i, as: Float.self)
-                    case .f16: raw.storeBytes(of: Half.floatToF16(v), toByteOffset: 2 * i, as: UInt16.self)
-                    case .bf16: raw.storeBytes(of: Half.floatToBF16(v), toByteOffset: 2 * i, as: UInt16.self)
-                    default: break  // not in this table
-                    }
-                }
+                let pattern = (0..<(64 * k)).map { _ in Float(rng.nextUnit()) - 0.5 }
+                pattern.withUnsafeBufferPointer { Quantizer.quantize(dtype, $0.baseAddress!, count: 64 * k, into: raw) }
+                for r in 64..<outDim { (raw + r * rowBytes).copyMemory(from: raw + (r % 64) * rowBytes, byteCount: rowBytes) }
                 let w = try backend.weight(TensorView(name: "w", dtype: dtype, shape: [outDim, k], data: UnsafeRawPointer(raw), byteCount: bytes))
                 let x = try backend.buffer(tokens * k), y = try backend.buffer(tokens * outDim)
                 for i in 0..<(tokens * k) { x.pointer[i] = Float(i % 7) * 0.1 }
@@ -125,7 +138,7 @@ public enum KernelBenchmarks {
                 let flops = 2.0 * Double(tokens * k * outDim)
                 rows.append(Row(kernel: tokens == 1 ? "gemv \(dtype.rawValue)" : "gemm \(dtype.rawValue)",
                                 shape: "\(tokens)x\(k) * \(outDim)x\(k)", microseconds: t * 1e6, gflops: flops / t / 1e9,
-                                gigabytesPerSecond: Double(bytes + tokens * (k + outDim) * 4) / t / 1e9))
+                                gigabytesPerSecond: Double(bytes + tokens * (k + outDim) * 4) / t / 1e9, integer: !dtype.isFloat))
             }
         }
         // Elementwise and attention kernels at decode and prefill sizes.

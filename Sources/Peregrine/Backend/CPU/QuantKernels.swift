@@ -76,10 +76,11 @@ extension CPUKernels {
         }
         let outDim = m.rows, w = UnsafeRawPointer(m.bytes)
         let grain = max(1, 8192 / max(1, tokens * k))
-        let vnni = CPUFeatures.useVNNI
+        let vnni = CPUFeatures.useVNNI, wide = CPUFeatures.useWideRowGroups
         pool.parallelRanges(outDim / RowGroups.rows, grain: grain) { groups in
             if vnni {
-                VNNIKernels.groups(kind, w: w, k: k, a: scratch, stride: stride, tokens: tokens, groups: groups, bias: bias, y: y, ldy: outDim)
+                VNNIKernels.groups(kind, w: w, k: k, a: scratch, stride: stride, tokens: tokens, groups: groups, bias: bias, y: y, ldy: outDim,
+                                   wide: wide)
             } else {
                 RowGroupKernels.groups(kind, dot: AVX2RowGroupDot.self, w: w, k: k, a: scratch, stride: stride, tokens: tokens, groups: groups,
                                        bias: bias, y: y, ldy: outDim)
@@ -541,4 +542,9 @@ enum CPUFeatures {
         return false
         #endif
     }()
+
+    /// Prompt products on row groups with 512-bit `vpdpbusd`, two groups a vector
+    /// (`WideRowGroupKernels`), where VNNI is used; PEREGRINE_NO_WIDE_GROUPS=1 keeps the 256-bit
+    /// kernels.
+    static let useWideRowGroups = useVNNI && ProcessInfo.processInfo.environment["PEREGRINE_NO_WIDE_GROUPS"] == nil
 }
