@@ -92,43 +92,83 @@ enum PagedAttention {
         // Positions before lo and after pos are outside the window: their lanes hold whatever the
         // block held, and take no part.
         let from = lo &- base, to = pos &- base &+ 1
+        let n = to &- from
         for g in 0..<group {
             let s = scratch + g &* stride + from
-            let n = to &- from
             if let softCap { CPUKernels.softCap(s, softCap, 0..<n) }
-            var m = -Float.infinity
-            for j in 0..<n { m = max(m, s[j]) }
-            let inv = 1 / CPUKernels.expShiftSum(s, n, m)
+            let inv = 1 / CPUKernels.expShiftSum(s, n, maximum(s, n))
             for j in 0..<n { s[j] *= inv }
-            let o = out + g &* hd
-            var c = 0
-            while c &+ 64 <= hd {
-                valueChunk(E.self, Count8.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
-                c &+= 64
-            }
-            switch (hd &- c) / 8 {
-            case 1: valueChunk(E.self, Count1.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
-            case 2: valueChunk(E.self, Count2.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
-            case 3: valueChunk(E.self, Count3.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
-            case 4: valueChunk(E.self, Count4.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
-            case 5: valueChunk(E.self, Count5.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
-            case 6: valueChunk(E.self, Count6.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
-            case 7: valueChunk(E.self, Count7.self, p: s, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
-            default: break
-            }
-            c = hd & ~7
-            // A head size that is not a multiple of 8: the last columns one at a time.
-            while c < hd {
-                var acc: Float = 0
-                for j in 0..<n {
-                    let p = lo &+ j
-                    let rowIndex: Int = Int(table[p / bs]) &* bs &+ p % bs
-                    acc = acc.addingProduct(s[j], E.load1(vd, rowIndex &* row &+ kvHead &* hd &+ c))
-                }
-                o[c] = acc
-                c &+= 1
-            }
         }
+        // Values: each row a value chunk is read for up to four of the group's heads at once
+        // (16 columns each), or for one head 64 columns at a time. Every output element is the
+        // same chain of FMAs over the positions in order either way.
+        var g = 0
+        while g < group {
+            let h = min(4, group &- g), p = scratch + g &* stride + from, o = out + g &* hd
+            var c = 0
+            if h == 1 {
+                while c &+ 64 <= hd {
+                    valueChunk(E.self, Count1.self, Count8.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                    c &+= 64
+                }
+                switch (hd &- c) / 8 {
+                case 1: valueChunk(E.self, Count1.self, Count1.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                case 2: valueChunk(E.self, Count1.self, Count2.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                case 3: valueChunk(E.self, Count1.self, Count3.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                case 4: valueChunk(E.self, Count1.self, Count4.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                case 5: valueChunk(E.self, Count1.self, Count5.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                case 6: valueChunk(E.self, Count1.self, Count6.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                case 7: valueChunk(E.self, Count1.self, Count7.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                default: break
+                }
+            } else {
+                while c &+ 16 <= hd {
+                    switch h {
+                    case 2: valueChunk(E.self, Count2.self, Count2.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                    case 3: valueChunk(E.self, Count3.self, Count2.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                    default: valueChunk(E.self, Count4.self, Count2.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                    }
+                    c &+= 16
+                }
+                if c &+ 8 <= hd {
+                    switch h {
+                    case 2: valueChunk(E.self, Count2.self, Count1.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                    case 3: valueChunk(E.self, Count3.self, Count1.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                    default: valueChunk(E.self, Count4.self, Count1.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
+                    }
+                }
+            }
+            // A head size that is not a multiple of 8: the last columns one at a time.
+            for i in 0..<h {
+                let ph = p + i &* stride, oh = o + i &* hd
+                var c = hd & ~7
+                while c < hd {
+                    var acc: Float = 0
+                    for j in 0..<n {
+                        let at = lo &+ j
+                        let rowIndex: Int = Int(table[at / bs]) &* bs &+ at % bs
+                        acc = acc.addingProduct(ph[j], E.load1(vd, rowIndex &* row &+ kvHead &* hd &+ c))
+                    }
+                    oh[c] = acc
+                    c &+= 1
+                }
+            }
+            g &+= 4
+        }
+    }
+
+    /// The largest of x[0..<n] (n > 0), eight lanes at a time.
+    @inline(__always) static func maximum(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
+        var m = -Float.infinity
+        var i = 0
+        if n >= 8 {
+            var v = v8(x)
+            i = 8
+            while i &+ 8 <= n { let w = v8(x + i); v = v.replacing(with: w, where: w .> v); i &+= 8 }
+            m = v.max()
+        }
+        while i < n { m = max(m, x[i]); i &+= 1 }
+        return m
     }
 
     /// Asks for the cache lines of `bytes` bytes at `p` without waiting for them.
@@ -172,14 +212,18 @@ enum PagedAttention {
         if h > 3 { put8(a3 * sc, out + 3 &* stride); put8(b3 * sc, out + 3 &* stride + 8) }
     }
 
-    /// out[c ..< c + 8 L] = sum over positions j of p[j] * V[lo + j][c ..< c + 8 L], the L vectors
-    /// of the sum kept in registers.
+    /// out[i * hd + c ..< i * hd + c + 8 L] = sum over positions j of p[i * pStride + j] *
+    /// V[lo + j][c ..< c + 8 L] for the H heads i of a group, the H x L vectors of the sums kept
+    /// in registers (at most eight): each value vector read once for the H heads.
     @inline(__always)
-    static func valueChunk<E: KVElement, L: FixedCount>(_: E.Type, _: L.Type, p: UnsafePointer<Float>, lo: Int, n: Int, hd: Int, c: Int,
-                                                       kvHead: Int, values vd: UnsafeRawPointer, rowSize row: Int, blockSize bs: Int,
-                                                       table: UnsafePointer<Int32>, out: UnsafeMutablePointer<Float>) {
-        let l = L.n
+    static func valueChunk<E: KVElement, H: FixedCount, L: FixedCount>(_: E.Type, _: H.Type, _: L.Type, p: UnsafePointer<Float>, pStride: Int,
+                                                                      lo: Int, n: Int, hd: Int, c: Int, kvHead: Int, values vd: UnsafeRawPointer,
+                                                                      rowSize row: Int, blockSize bs: Int, table: UnsafePointer<Int32>,
+                                                                      out: UnsafeMutablePointer<Float>) {
+        let h = H.n, l = L.n
+        // Head i's vector u is a[i * l + u] (l is 1 or 2 where h > 1).
         var a0 = SIMD8<Float>(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0
+        let p0 = p, p1 = p0 + pStride, p2 = p1 + pStride, p3 = p2 + pStride
         var j = 0
         while j < n {
             let at = lo &+ j, inBlock = at % bs, count = min(n &- j, bs &- inBlock)
@@ -196,28 +240,55 @@ enum PagedAttention {
                 }
             }
             for i in 0..<count {
-                let w = SIMD8<Float>(repeating: p[j &+ i])
-                a0 = a0.addingProduct(w, E.load8(vd, v))
-                if l > 1 { a1 = a1.addingProduct(w, E.load8(vd, v &+ 8)) }
-                if l > 2 { a2 = a2.addingProduct(w, E.load8(vd, v &+ 16)) }
-                if l > 3 { a3 = a3.addingProduct(w, E.load8(vd, v &+ 24)) }
-                if l > 4 { a4 = a4.addingProduct(w, E.load8(vd, v &+ 32)) }
-                if l > 5 { a5 = a5.addingProduct(w, E.load8(vd, v &+ 40)) }
-                if l > 6 { a6 = a6.addingProduct(w, E.load8(vd, v &+ 48)) }
-                if l > 7 { a7 = a7.addingProduct(w, E.load8(vd, v &+ 56)) }
+                let x = j &+ i
+                if h == 1 {
+                    let w = SIMD8<Float>(repeating: p0[x])
+                    a0 = a0.addingProduct(w, E.load8(vd, v))
+                    if l > 1 { a1 = a1.addingProduct(w, E.load8(vd, v &+ 8)) }
+                    if l > 2 { a2 = a2.addingProduct(w, E.load8(vd, v &+ 16)) }
+                    if l > 3 { a3 = a3.addingProduct(w, E.load8(vd, v &+ 24)) }
+                    if l > 4 { a4 = a4.addingProduct(w, E.load8(vd, v &+ 32)) }
+                    if l > 5 { a5 = a5.addingProduct(w, E.load8(vd, v &+ 40)) }
+                    if l > 6 { a6 = a6.addingProduct(w, E.load8(vd, v &+ 48)) }
+                    if l > 7 { a7 = a7.addingProduct(w, E.load8(vd, v &+ 56)) }
+                } else {
+                    let v0 = E.load8(vd, v), v1 = l > 1 ? E.load8(vd, v &+ 8) : v0
+                    var w = SIMD8<Float>(repeating: p0[x])
+                    a0 = a0.addingProduct(w, v0); if l > 1 { a1 = a1.addingProduct(w, v1) }
+                    w = SIMD8(repeating: p1[x])
+                    if l > 1 { a2 = a2.addingProduct(w, v0); a3 = a3.addingProduct(w, v1) } else { a1 = a1.addingProduct(w, v0) }
+                    if h > 2 {
+                        w = SIMD8(repeating: p2[x])
+                        if l > 1 { a4 = a4.addingProduct(w, v0); a5 = a5.addingProduct(w, v1) } else { a2 = a2.addingProduct(w, v0) }
+                    }
+                    if h > 3 {
+                        w = SIMD8(repeating: p3[x])
+                        if l > 1 { a6 = a6.addingProduct(w, v0); a7 = a7.addingProduct(w, v1) } else { a3 = a3.addingProduct(w, v0) }
+                    }
+                }
                 v &+= row
             }
             j &+= count
         }
         let o = out + c
-        put8(a0, o)
-        if l > 1 { put8(a1, o + 8) }
-        if l > 2 { put8(a2, o + 16) }
-        if l > 3 { put8(a3, o + 24) }
-        if l > 4 { put8(a4, o + 32) }
-        if l > 5 { put8(a5, o + 40) }
-        if l > 6 { put8(a6, o + 48) }
-        if l > 7 { put8(a7, o + 56) }
+        if h == 1 {
+            put8(a0, o)
+            if l > 1 { put8(a1, o + 8) }
+            if l > 2 { put8(a2, o + 16) }
+            if l > 3 { put8(a3, o + 24) }
+            if l > 4 { put8(a4, o + 32) }
+            if l > 5 { put8(a5, o + 40) }
+            if l > 6 { put8(a6, o + 48) }
+            if l > 7 { put8(a7, o + 56) }
+        } else if l > 1 {
+            put8(a0, o); put8(a1, o + 8); put8(a2, o + hd); put8(a3, o + hd + 8)
+            if h > 2 { put8(a4, o + 2 &* hd); put8(a5, o + 2 &* hd + 8) }
+            if h > 3 { put8(a6, o + 3 &* hd); put8(a7, o + 3 &* hd + 8) }
+        } else {
+            put8(a0, o); put8(a1, o + hd)
+            if h > 2 { put8(a2, o + 2 &* hd) }
+            if h > 3 { put8(a3, o + 3 &* hd) }
+        }
     }
 }
 
