@@ -32,6 +32,7 @@ public enum RowGroupKernels {
             case .q5_K: superBlocks(Q5_KGroup.self, D.self, w, k, a, stride, tokens, part, bias, y, ldy)
             case .q6_K: superBlocks(Q6_KGroup.self, D.self, w, k, a, stride, tokens, part, bias, y, ldy)
             case .q3_K: superBlocks(Q3_KGroup.self, D.self, w, k, a, stride, tokens, part, bias, y, ldy)
+            case .q2_K: superBlocks(Q2_KGroup.self, D.self, w, k, a, stride, tokens, part, bias, y, ldy)
             case .iq4_xs: superBlocks(IQ4_XSGroup.self, D.self, w, k, a, stride, tokens, part, bias, y, ldy)
             default: preconditionFailure("no row-group kernel for \(type)")
             }
@@ -456,6 +457,52 @@ extension SixteensGroup {
 
 public enum Q6_KGroup: SixteensGroup { @inlinable public static var three: Bool { false } }
 public enum Q3_KGroup: SixteensGroup { @inlinable public static var three: Bool { true } }
+
+/// Q2_K: sub-blocks of 16 with unsigned 4-bit scales (int16 pairs at 32) and mins (at 288),
+/// the mins taken off through the activations' 16-value sums.
+public enum Q2_KGroup: SuperBlockGroup {
+    @inlinable public static var bytes: Int { 1056 }
+    @inlinable public static var subBlocks: Int { 16 }
+    @inlinable public static var prefetches: Bool { true }
+    @inlinable public static var bits: Int { 2 }
+    @inline(__always) @inlinable public static func activations(_ s: Int) -> Int { 36 &+ 16 &* s }
+    @inline(__always) @inlinable public static func subBlockOffset(_ x: UnsafeRawPointer, _ s: Int) -> Int32 { 0 }
+
+    /// Chunk c's two bits at bits 2c of each byte of the sub-block's vector.
+    @inline(__always) @inlinable public static func values(_ p: UnsafeRawPointer, _ s: Int) -> RowGroupKernels.Vectors4 {
+        let v = p.loadUnaligned(fromByteOffset: 544 &+ 32 &* s, as: __m256i.self), three = _mm256_set1_epi8(3)
+        return (_mm256_and_si256(v, three), _mm256_and_si256(_mm256_srli_epi16(v, 2), three),
+                _mm256_and_si256(_mm256_srli_epi16(v, 4), three), _mm256_and_si256(_mm256_srli_epi16(v, 6), three))
+    }
+
+    @inline(__always) @inlinable public static func scales(_ p: UnsafeRawPointer, _ s: Int) -> __m256i {
+        let pair = p.loadUnaligned(fromByteOffset: 32 &+ 32 &* (s >> 1), as: __m256i.self)
+        return s & 1 == 0 ? _mm256_and_si256(pair, _mm256_set1_epi32(0xFFFF)) : _mm256_srli_epi32(pair, 16)
+    }
+
+    @inline(__always) @inlinable
+    public static func subBlock<D: RowGroupDot>(_: D.Type, _ q: RowGroupKernels.Vectors4, _ scales: __m256i, _ x: UnsafeRawPointer, _ s: Int,
+                                                _ total: inout __m256i) {
+        total = _mm256_add_epi32(total, D.scaledDot(q, x + activations(s), bits: bits, scales: scales))
+    }
+
+    /// d times the scaled sums less dmin times the mins times the activations' 16-value sums,
+    /// each times the token's scale.
+    @inline(__always) @inlinable
+    public static func finish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256) {
+        @inline(__always) func m(_ i: Int) -> __m256i {
+            _mm256_madd_epi16(p.loadUnaligned(fromByteOffset: 288 &+ 32 &* i, as: __m256i.self),
+                              _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &+ 4 &* i, as: Int32.self)))
+        }
+        let mins = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(m(0), m(1)), _mm256_add_epi32(m(2), m(3))),
+                                    _mm256_add_epi32(_mm256_add_epi32(m(4), m(5)), _mm256_add_epi32(m(6), m(7))))
+        let dy = _mm256_set1_ps(x.load(as: Float.self))
+        let d = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), dy)
+        let dmin = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(fromByteOffset: 16, as: __m128i.self)), dy)
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), d, acc)
+        acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), dmin, acc)
+    }
+}
 
 /// IQ4_XS: IQ4_NL's nibble vectors per sub-block of 32, signed scales as bytes at 16.
 public enum IQ4_XSGroup: SuperBlockGroup {

@@ -27,6 +27,12 @@
 /// eight vectors of fifth bits (at 1248), vector j's byte b of row r holding at bit u the fifth
 /// bit of value 4u + b of sub-block j.
 ///
+/// Q2_K (the same sub-blocks of 16, 2-bit values, 4-bit scales and mins): a group's block holds
+/// the rows' d (f16, bytes 0..<16) and dmin (16..<32); their scales as int16 pairs, vector p (at
+/// 32 + 32p) holding row r's scales of sub-blocks 2p and 2p + 1 in dword r; their mins the same
+/// way at 288; then per sub-block s one vector (at 544 + 32s) laid out as Q3_K's low bits: byte b
+/// of row r holds value 4k + b's two bits at bits 2k, 2k + 1.
+///
 /// IQ4_XS (256 values, eight sub-blocks of 32 with signed 6-bit scales): a group's block holds
 /// the rows' d (f16, bytes 0..<16); their sub-block scales as signed bytes, sub-block j's eight
 /// at 16 + 8j; then per sub-block four vectors of nibble bytes (at 80 + 128j), vector u's dword
@@ -52,12 +58,12 @@ public enum RowGroups {
 
     /// The types with a row-group layout.
     @inlinable public static func supports(_ type: Int8WeightType) -> Bool {
-        type == .q8_0 || type == .q4_0 || type == .q5_0 || type == .iq4_nl || type == .q4_K || type == .q5_K || type == .q6_K || type == .q3_K || type == .iq4_xs
+        type == .q8_0 || type == .q4_0 || type == .q5_0 || type == .iq4_nl || type == .q4_K || type == .q5_K || type == .q6_K || type == .q3_K || type == .q2_K || type == .iq4_xs
     }
 
     /// Whether the type's kernel takes activations with integer sums (`quantizeActivations`'
-    /// `integerSums`); Q6_K and Q3_K take the sums of each 16 of the usual layout.
-    @inlinable public static func integerSums(_ type: Int8WeightType) -> Bool { type != .q6_K && type != .q3_K }
+    /// `integerSums`); Q6_K, Q3_K and Q2_K take the sums of each 16 of the usual layout.
+    @inlinable public static func integerSums(_ type: Int8WeightType) -> Bool { type != .q6_K && type != .q3_K && type != .q2_K }
 
     /// Values per row in one block.
     @inlinable public static func blockValues(_ type: Int8WeightType) -> Int { type.superBlocks ? 256 : 32 }
@@ -70,6 +76,7 @@ public enum RowGroups {
         case .q5_K: return 32 + 64 + 128 + 1024 + 256
         case .q6_K: return 16 + 256 + 1024 + 512
         case .q3_K: return 16 + 256 + 512 + 256
+        case .q2_K: return 32 + 256 + 256 + 512
         case .q5_0: return 16 + 128 + 32
         case .iq4_xs: return 16 + 64 + 1024
         default: return 16 + 128
@@ -102,6 +109,7 @@ public enum RowGroups {
                     case .q4_K, .q5_K: packKQuant(block, out, r, five: type == .q5_K)
                     case .q6_K: packQ6_K(block, out, r, &values)
                     case .q3_K: packQ3_K(block, out, r, &values)
+                    case .q2_K: packQ2_K(block, out, r)
                     case .iq4_xs: packIQ4_XS(block, out, r)
                     default: preconditionFailure("no row-group layout for \(type)")
                     }
@@ -235,6 +243,28 @@ public enum RowGroups {
                 let at = 784 &+ 32 &* (s >> 1) &+ 4 &* r &+ byte
                 let earlier = s & 1 == 0 ? 0 : out.load(fromByteOffset: at, as: UInt8.self)
                 out.storeBytes(of: earlier | third, toByteOffset: at, as: UInt8.self)
+            }
+        }
+    }
+
+    static func packQ2_K(_ block: UnsafeRawPointer, _ out: UnsafeMutableRawPointer, _ r: Int) {
+        // ggml's layout: scale (low nibble) and min (high) of sub-block s in byte s; value
+        // 128h + 32j + l in bits 2j of qs byte 32h + l (qs at 16); d at 80, dmin at 82.
+        out.storeBytes(of: block.loadUnaligned(fromByteOffset: 80, as: UInt16.self), toByteOffset: 2 &* r, as: UInt16.self)
+        out.storeBytes(of: block.loadUnaligned(fromByteOffset: 82, as: UInt16.self), toByteOffset: 16 &+ 2 &* r, as: UInt16.self)
+        @inline(__always) func value(_ i: Int) -> UInt8 {
+            let h = i >> 7, j = (i >> 5) & 3, l = i & 31
+            return (block.load(fromByteOffset: 16 &+ 32 &* h &+ l, as: UInt8.self) >> UInt8(2 &* j)) & 3
+        }
+        for s in 0..<16 {
+            let sm = block.load(fromByteOffset: s, as: UInt8.self)
+            let at = 32 &* (s >> 1) &+ 4 &* r &+ 2 &* (s & 1)
+            out.storeBytes(of: Int16(sm & 15), toByteOffset: 32 &+ at, as: Int16.self)
+            out.storeBytes(of: Int16(sm >> 4), toByteOffset: 288 &+ at, as: Int16.self)
+            for byte in 0..<4 {
+                var bits: UInt8 = 0
+                for k in 0..<4 { bits |= value(16 &* s &+ 4 &* k &+ byte) << UInt8(2 &* k) }
+                out.storeBytes(of: bits, toByteOffset: 544 &+ 32 &* s &+ 4 &* r &+ byte, as: UInt8.self)
             }
         }
     }

@@ -39,6 +39,7 @@ public enum WideRowGroupKernels {
             case .iq4_xs: superBlocks(IQ4_XSGroup.self, WideChunks8.self, w, k, a, stride, tokens, g, pairs, bias, y, ldy)
             case .q6_K: superBlocks(Q6_KGroup.self, WideChunks4.self, w, k, a, stride, tokens, g, pairs, bias, y, ldy)
             case .q3_K: superBlocks(Q3_KGroup.self, WideChunks4.self, w, k, a, stride, tokens, g, pairs, bias, y, ldy)
+            case .q2_K: superBlocks(Q2_KGroup.self, WideChunks4.self, w, k, a, stride, tokens, g, pairs, bias, y, ldy)
             default: preconditionFailure("no row-group kernel for \(type)")
             }
             g &+= 2 &* pairs

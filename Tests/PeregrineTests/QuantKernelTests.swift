@@ -157,7 +157,7 @@ extension QuantKernelTests {
         var rng = SplitMix(seed: 23)
         let k = 3 * 256, rows = 24, tokens = 13
         let pool = ThreadPool(threadCount: 2)
-        for type in [DType.q8_0, .q4_0, .q5_0, .iq4_nl, .q4_K, .q5_K, .q6_K, .q3_K, .iq4_xs] {
+        for type in [DType.q8_0, .q4_0, .q5_0, .iq4_nl, .q4_K, .q5_K, .q6_K, .q3_K, .q2_K, .iq4_xs] {
             let w = (0..<rows).flatMap { _ in randomRow(type, blocks: k / type.blockSize, rng: &rng) }
             let x = (0..<(tokens * k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
             let bias = (0..<rows).map { Float($0) / 100 - 0.1 }
