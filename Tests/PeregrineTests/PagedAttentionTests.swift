@@ -3,7 +3,8 @@ import XCTest
 
 /// The CPU's paged attention (keys transposed inside blocks) against a direct softmax(qK)V over
 /// the same keys and values, for block sizes on and off its 16-position path, GQA groups of 1-8,
-/// head sizes with and without a tail of 8, scattered block tables and sliding windows.
+/// head sizes with and without a tail of 8, scattered block tables and sliding windows; where the
+/// CPU has AVX-512, its kernels against the 8-lane ones bit for bit.
 final class PagedAttentionTests: XCTestCase {
     func testMatchesDirectAttention() throws { try check(.f32) }
 
@@ -53,6 +54,16 @@ final class PagedAttentionTests: XCTestCase {
             let q = try backend.buffer(total * heads * hd), out = try backend.buffer(total * heads * hd)
             for i in 0..<(total * heads * hd) { q.pointer[i] = value() }
             backend.attention(layer: 0, q: q, rows: total, plan: plan, cache: kv, heads: heads, window: window, out: out)
+            if CPUFeatures.useAVX512 {
+                // The AVX-512 scores and value sums do each lane's arithmetic of the 8-lane loops:
+                // the same bits.
+                let narrow = CPUBackend(pool: ThreadPool(threadCount: 2), bf16Pairs: false, wideAttention: false)
+                let eight = try narrow.buffer(total * heads * hd)
+                narrow.attention(layer: 0, q: q, rows: total, plan: plan, cache: kv, heads: heads, window: window, out: eight)
+                XCTAssertEqual(Array(UnsafeBufferPointer(start: out.pointer, count: total * heads * hd)),
+                               Array(UnsafeBufferPointer(start: eight.pointer, count: total * heads * hd)),
+                               "\(type) block \(bs) group \(group) hd \(hd): 16-lane and 8-lane attention")
+            }
             // Every token of every sequence attends to its own prefix (within the window).
             var t = 0
             for s in lengths.indices {

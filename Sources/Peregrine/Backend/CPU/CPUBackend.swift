@@ -65,15 +65,19 @@ public final class CPUBackend: ComputeBackend {
     /// Whether BF16 weights go into pair panels for `vdpbf16ps` (activations rounded to BF16).
     let bf16Pairs: Bool
 
+    /// Whether attention's scores and value sums run on AVX-512 (`AVX512Attention`).
+    let wideAttention: Bool
+
     public convenience init(pool: ThreadPool = .shared) {
         self.init(pool: pool, bf16Pairs: CPUFeatures.useBF16Pairs)
     }
 
-    /// `bf16Pairs: false` keeps BF16 products in f32 on a CPU that has AVX-512 BF16 (tests
-    /// compare the two).
-    init(pool: ThreadPool, bf16Pairs: Bool) {
+    /// `bf16Pairs: false` keeps BF16 products in f32 on a CPU that has AVX-512 BF16;
+    /// `wideAttention: false` keeps attention on 8-lane vectors (tests compare the two).
+    init(pool: ThreadPool, bf16Pairs: Bool, wideAttention: Bool = CPUFeatures.useAVX512) {
         self.pool = pool
         self.bf16Pairs = bf16Pairs && CPUFeatures.useBF16Pairs
+        self.wideAttention = wideAttention && CPUFeatures.useAVX512
         scratch = UnsafeMutablePointer<Float>.allocate(capacity: 1)
     }
 
@@ -249,7 +253,7 @@ public final class CPUBackend: ComputeBackend {
         let row = cache.rowSize
         let scale = scoring.scale, cap = scoring.softCap
         let kd = UnsafeRawPointer(cache.keys[layer].pointer), vd = UnsafeRawPointer(cache.values[layer].pointer)
-        let f16 = cache.type == .f16
+        let f16 = cache.type == .f16, wide = wideAttention
         var longest = 0
         for t in 0..<rows { longest = max(longest, Int(plan.positions[t]) + 1) }
         if let window { longest = min(longest, window) }
@@ -275,11 +279,11 @@ public final class CPUBackend: ComputeBackend {
                         let head = (t * heads + kvh * group) * hd
                         let table = tables.baseAddress! + Int(slots[t]) * width, sc = scratchBase + task * perTask
                         if f16 {
-                            PagedAttention.attend(F16Element.self, q: q.pointer + head, group: group, hd: hd, scale: scale, softCap: cap, kvHead: kvh,
+                            PagedAttention.attend(F16Element.self, wide: wide, q: q.pointer + head, group: group, hd: hd, scale: scale, softCap: cap, kvHead: kvh,
                                                   keys: kd, values: vd, rowSize: row, blockSize: bs, table: table, lo: lo, pos: pos,
                                                   scratch: sc, out: out.pointer + head)
                         } else {
-                            PagedAttention.attend(F32Element.self, q: q.pointer + head, group: group, hd: hd, scale: scale, softCap: cap, kvHead: kvh,
+                            PagedAttention.attend(F32Element.self, wide: wide, q: q.pointer + head, group: group, hd: hd, scale: scale, softCap: cap, kvHead: kvh,
                                                   keys: kd, values: vd, rowSize: row, blockSize: bs, table: table, lo: lo, pos: pos,
                                                   scratch: sc, out: out.pointer + head)
                         }

@@ -1,5 +1,6 @@
 #if arch(x86_64)
 import Builtin
+import PeregrineAVX512
 #endif
 
 /// Attention of one query token over a sequence's KV blocks, for the query heads of one KV head
@@ -42,7 +43,7 @@ enum PagedAttention {
     /// out[g * hd ..< (g + 1) * hd] = softmax(cap(q_g . K * scale)) V for the `group` query heads
     /// at `q` (head after head), over positions lo...pos of the sequence whose block table is
     /// `table`; cap(s) = softCap * tanh(s / softCap) where `softCap` is set, else s.
-    static func attend<E: KVElement>(_: E.Type, q: UnsafePointer<Float>, group: Int, hd: Int, scale: Float, softCap: Float?, kvHead: Int,
+    static func attend<E: KVElement>(_: E.Type, wide: Bool, q: UnsafePointer<Float>, group: Int, hd: Int, scale: Float, softCap: Float?, kvHead: Int,
                        keys kd: UnsafeRawPointer, values vd: UnsafeRawPointer, rowSize row: Int, blockSize bs: Int,
                        table: UnsafePointer<Int32>, lo: Int, pos: Int, scratch: UnsafeMutablePointer<Float>,
                        out: UnsafeMutablePointer<Float>) {
@@ -53,6 +54,11 @@ enum PagedAttention {
         let span = (last &- first &+ 1) &* bs
         let stride = span
         let fast = bs % 16 == 0
+        #if arch(x86_64)
+        // `wide` (where the CPU has AVX-512): the scores and value sums run on 16-lane vectors,
+        // each lane the same arithmetic as here (`AVX512Attention`).
+        let f16 = E.dtype == .f16
+        #endif
         for b in first...last {
             let block = Int(table[b])
             let kb = keyBase(block: block, kvHead: kvHead, blockSize: bs, headDim: hd, rowSize: row)
@@ -63,7 +69,11 @@ enum PagedAttention {
                 prefetch(kd + next &* E.bytes, bytes: hd &* bs &* E.bytes)
             }
             let s = scratch + (b &- first) &* bs
-            if fast {
+            if fast && wide {
+                #if arch(x86_64)
+                AVX512Attention.blockScores(f16: f16, heads: group, q: q, hd: hd, keys: kd, k: kb, bs: bs, scale: scale, out: s, stride: stride)
+                #endif
+            } else if fast {
                 var c = 0
                 while c < bs {
                     var g = 0
@@ -106,6 +116,12 @@ enum PagedAttention {
         while g < group {
             let h = min(4, group &- g), p = scratch + g &* stride + from, o = out + g &* hd
             var c = 0
+            #if arch(x86_64)
+            if wide {
+                c = AVX512Attention.valueSums(f16: f16, heads: h, p: p, pStride: stride, lo: lo, n: n, hd: hd, kvHead: kvHead, values: vd,
+                                              rowSize: row, blockSize: bs, table: table, out: o)
+            }
+            #endif
             if h == 1 {
                 while c &+ 64 <= hd {
                     valueChunk(E.self, Count1.self, Count8.self, p: p, pStride: stride, lo: lo, n: n, hd: hd, c: c, kvHead: kvHead, values: vd, rowSize: row, blockSize: bs, table: table, out: o)
