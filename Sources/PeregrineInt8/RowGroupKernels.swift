@@ -7,7 +7,7 @@ import _Builtin_intrinsics.intel
 /// go through one multiply-accumulate for eight rows (`RowGroupDot`: AVX-512 VNNI's `vpdpbusd`,
 /// or AVX2's `maddubs` summed in 16 bits), and a block's scales, offset and conversion to float
 /// are paid once per eight rows. Activations come as from
-/// `Int8Kernels.quantizeActivations(..., integerSums: true)`. Every token goes through the same
+/// `Int8Kernels.quantizeActivations(..., integerSums: RowGroups.integerSums(type))`. Every token goes through the same
 /// arithmetic whatever the batch, so a row's result does not depend on the batch it came in; the
 /// integer sums are exact, so both instructions give the same bits.
 public enum RowGroupKernels {
@@ -321,7 +321,10 @@ public protocol SuperBlockGroup {
     /// before the sub-block's scale (IQ4_XS: 128 times the activations' sum; the other types
     /// take their offsets back in `finish`, so 0).
     static func subBlockOffset(_ x: UnsafeRawPointer, _ j: Int) -> Int32
-    /// One token's integer sum over sub-block j, times each row's scale, added to `total`.
+    /// One token's integer sum over sub-block j, times each row's scale, added to `total`: the
+    /// values' exact sums against the token's bytes at `activations(j)`, less
+    /// `subBlockOffset`, times `scales(p, j)` (PeregrineVNNI's 512-bit kernels compute it from
+    /// those pieces, so a type must not do anything else here).
     static func subBlock<D: RowGroupDot>(_: D.Type, _ q: Values, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int, _ total: inout __m256i)
     /// A token's block done in float.
     static func finish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256)

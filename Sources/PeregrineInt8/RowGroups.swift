@@ -27,12 +27,6 @@
 /// eight vectors of fifth bits (at 1248), vector j's byte b of row r holding at bit u the fifth
 /// bit of value 4u + b of sub-block j.
 ///
-/// Q2_K (the same sub-blocks of 16, 2-bit values, 4-bit scales and mins): a group's block holds
-/// the rows' d (f16, bytes 0..<16) and dmin (16..<32); their scales as int16 pairs, vector p (at
-/// 32 + 32p) holding row r's scales of sub-blocks 2p and 2p + 1 in dword r; their mins the same
-/// way at 288; then per sub-block s one vector (at 544 + 32s) laid out as Q3_K's low bits: byte b
-/// of row r holds value 4k + b's two bits at bits 2k, 2k + 1.
-///
 /// IQ4_XS (256 values, eight sub-blocks of 32 with signed 6-bit scales): a group's block holds
 /// the rows' d (f16, bytes 0..<16); their sub-block scales as signed bytes, sub-block j's eight
 /// at 16 + 8j; then per sub-block four vectors of nibble bytes (at 80 + 128j), vector u's dword
@@ -52,6 +46,13 @@
 /// r holds value 4k + b's low two bits at bits 2k, 2k + 1; then per pair of sub-blocks one vector
 /// (at 784 + 32p) whose byte b holds value 4k + b's third bit at bit k for sub-block 2p and bit
 /// 4 + k for 2p + 1.
+///
+/// Q2_K (Q6_K's sub-blocks of 16, 2-bit values with no offset, unsigned 4-bit scales and mins): a
+/// group's block holds the rows' d (f16, bytes 0..<16) and dmin (16..<32); their scales as int16
+/// pairs, vector p (at 32 + 32p) holding row r's scales of sub-blocks 2p and 2p + 1 in dword r;
+/// their mins the same way at 288 (taken off through the activations' 16-value sums); then per
+/// sub-block s one vector (at 544 + 32s) laid out as Q3_K's low bits: byte b of row r holds value
+/// 4k + b's two bits at bits 2k, 2k + 1.
 public enum RowGroups {
     /// Rows per group.
     @inlinable public static var rows: Int { 8 }

@@ -59,7 +59,7 @@ public enum VNNIKernels {
     /// `RowGroupKernels.groups` with VNNI products; `wide`: tiles of eight tokens on pairs of
     /// groups go through the 512-bit kernels (`WideRowGroupKernels`, the same bits).
     public static func groups(_ type: Int8WeightType, w: UnsafeRawPointer, k: Int, a: UnsafeRawPointer, stride: Int, tokens: Int,
-                              groups: Range<Int>, bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, ldy: Int, wide: Bool = true) {
+                              groups: Range<Int>, bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, ldy: Int, wide: Bool) {
         let tiled = wide && groups.count >= 2 ? tokens & ~7 : 0
         if tiled > 0 {
             WideRowGroupKernels.groups(type, w: w, k: k, a: a, stride: stride, tokens: tiled, groups: groups, bias: bias, y: y, ldy: ldy)

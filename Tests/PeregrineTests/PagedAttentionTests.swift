@@ -16,7 +16,9 @@ final class PagedAttentionTests: XCTestCase {
         var rng = SplitMix(seed: 5)
         func value() -> Float { Float(Int(rng.next() % 2001) - 1000) / 1000 }
         for (bs, kvHeads, group, hd, window) in [(16, 2, 4, 64, nil), (32, 1, 8, 128, nil), (8, 2, 1, 64, nil),
-                                                   (16, 3, 5, 40, 21), (48, 1, 2, 16, nil), (4, 1, 3, 12, 6)] as [(Int, Int, Int, Int, Int?)] {
+                                                   (16, 3, 5, 40, 21), (48, 1, 2, 16, nil), (4, 1, 3, 12, 6),
+                                                   (16, 1, 6, 24, nil), (16, 1, 7, 44, 9), (32, 2, 2, 20, nil), (16, 1, 4, 36, nil),
+                                                   (8, 1, 3, 40, nil)] as [(Int, Int, Int, Int, Int?)] {
             let heads = kvHeads * group, row = kvHeads * hd
             let lengths = [1, 7, bs + 3, 3 * bs, 70]
             let blocks = lengths.reduce(0) { $0 + ($1 + bs - 1) / bs } + 3

@@ -173,16 +173,13 @@ enum PagedAttention {
         }
     }
 
-    /// The largest of x[0..<n] (n > 0), eight lanes at a time.
+    /// The largest of x[0..<n], eight lanes at a time; NaNs are passed over (as `max` passes
+    /// them), and -infinity where there is nothing else.
     @inline(__always) static func maximum(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
-        var m = -Float.infinity
+        var v = SIMD8<Float>(repeating: -.infinity)
         var i = 0
-        if n >= 8 {
-            var v = v8(x)
-            i = 8
-            while i &+ 8 <= n { let w = v8(x + i); v = v.replacing(with: w, where: w .> v); i &+= 8 }
-            m = v.max()
-        }
+        while i &+ 8 <= n { let w = v8(x + i); v = v.replacing(with: w, where: w .> v); i &+= 8 }
+        var m = v.max()
         while i < n { m = max(m, x[i]); i &+= 1 }
         return m
     }

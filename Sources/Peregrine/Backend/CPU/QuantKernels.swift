@@ -545,6 +545,7 @@ enum CPUFeatures {
 
     /// Prompt products on row groups with 512-bit `vpdpbusd`, two groups a vector
     /// (`WideRowGroupKernels`), where VNNI is used; PEREGRINE_NO_WIDE_GROUPS=1 keeps the 256-bit
-    /// kernels.
+    /// kernels (PEREGRINE_NO_AVX512 is about the float products; PEREGRINE_NO_VNNI turns off
+    /// both integer paths).
     static let useWideRowGroups = useVNNI && ProcessInfo.processInfo.environment["PEREGRINE_NO_WIDE_GROUPS"] == nil
 }
