@@ -19,6 +19,30 @@ final class SamplerTests: XCTestCase {
         XCTAssertEqual(Set(sample(logits, p, times: 50)), [1])
     }
 
+    /// The vectorized argmax gives the first index of the largest value, passing NaNs over, as a
+    /// plain loop does: ties, NaNs, infinities, all -infinity, lengths around the vector width.
+    func testArgmaxIsTheFirstLargest() {
+        func plain(_ x: [Float]) -> Int {
+            var best = 0, value = -Float.infinity
+            for i in x.indices where x[i] > value { value = x[i]; best = i }
+            return best
+        }
+        var rng = SplitMix(seed: 11)
+        for n in [0, 1, 7, 8, 9, 16, 23, 100, 1000] {
+            for trial in 0..<20 {
+                // Few distinct values, so ties are common; some NaNs and infinities.
+                var x = (0..<n).map { _ in Float(Int(rng.next() % 7)) - 3 }
+                for i in x.indices where rng.next() % 10 == 0 {
+                    x[i] = [Float.nan, -.infinity, .infinity, -0.0][Int(rng.next() % 4)]
+                }
+                if trial == 0 { x = x.map { _ in -.infinity } }
+                if trial == 1 { x = x.map { _ in .nan } }
+                let got = x.withUnsafeBufferPointer { Sampler.argmax($0) }
+                XCTAssertEqual(got, plain(x), "n \(n) trial \(trial): \(x)")
+            }
+        }
+    }
+
     func testSameSeedSameTokens() {
         let logits = (0..<1000).map { Float(sin(Double($0))) * 3 }
         var p = SamplingParameters()

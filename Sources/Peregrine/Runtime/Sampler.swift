@@ -222,14 +222,35 @@ public struct Sampler {
     /// Greedy with nothing changing the logits: the best id is the whole answer.
     public var isPlainGreedy: Bool { parameters.temperature == 0 && processors.isEmpty }
 
+    /// The first index of the largest logit (NaNs passed over; 0 where no logit is above
+    /// -infinity). The largest value is found eight lanes at a time, then its first index the
+    /// same way: a 152k vocabulary's scalar loop of compares and branches took 91 us a token,
+    /// this 8.5 (`bench --kernels`, "sample greedy").
     public static func argmax(_ logits: UnsafeBufferPointer<Float>) -> Int {
-        var best = 0
-        var bestValue = -Float.infinity
-        for i in 0..<logits.count where logits[i] > bestValue {
-            bestValue = logits[i]
-            best = i
+        guard let base = logits.baseAddress else { return 0 }
+        let n = logits.count
+        // Four independent vectors: one compare-and-select chain would wait on itself.
+        var v0 = SIMD8<Float>(repeating: -.infinity), v1 = v0, v2 = v0, v3 = v0
+        @inline(__always) func load(_ i: Int) -> SIMD8<Float> { UnsafeRawPointer(base + i).loadUnaligned(as: SIMD8<Float>.self) }
+        var i = 0
+        while i &+ 32 <= n {
+            let w0 = load(i), w1 = load(i &+ 8), w2 = load(i &+ 16), w3 = load(i &+ 24)
+            v0 = v0.replacing(with: w0, where: w0 .> v0); v1 = v1.replacing(with: w1, where: w1 .> v1)
+            v2 = v2.replacing(with: w2, where: w2 .> v2); v3 = v3.replacing(with: w3, where: w3 .> v3)
+            i &+= 32
         }
-        return best
+        while i &+ 8 <= n { let w = load(i); v0 = v0.replacing(with: w, where: w .> v0); i &+= 8 }
+        v0 = v0.replacing(with: v1, where: v1 .> v0)
+        v2 = v2.replacing(with: v3, where: v3 .> v2)
+        v0 = v0.replacing(with: v2, where: v2 .> v0)
+        var top = v0.max()
+        while i < n { if base[i] > top { top = base[i] }; i &+= 1 }
+        guard top > -.infinity else { return 0 }
+        var j = 0
+        let t = SIMD8<Float>(repeating: top)
+        while j &+ 8 <= n, !any(load(j) .== t) { j &+= 8 }
+        while base[j] != top { j &+= 1 }
+        return j
     }
 
     /// Σ exp((logit - shift) * scale), in index order.
