@@ -228,29 +228,39 @@ public struct Sampler {
     /// this 8.5 (`bench --kernels`, "sample greedy").
     public static func argmax(_ logits: UnsafeBufferPointer<Float>) -> Int {
         guard let base = logits.baseAddress else { return 0 }
+        let n = logits.count, top = largest(logits)
+        guard top > -.infinity else { return 0 }
+        var j = 0
+        let t = SIMD8<Float>(repeating: top)
+        while j &+ 8 <= n, !any(load8(base, j) .== t) { j &+= 8 }
+        while base[j] != top { j &+= 1 }
+        return j
+    }
+
+    @inline(__always) static func load8(_ p: UnsafePointer<Float>, _ i: Int) -> SIMD8<Float> {
+        UnsafeRawPointer(p + i).loadUnaligned(as: SIMD8<Float>.self)
+    }
+
+    /// The largest logit, NaNs passed over (-infinity where there is nothing else): four
+    /// independent 8-lane compare-and-select chains (one would wait on itself).
+    static func largest(_ logits: UnsafeBufferPointer<Float>) -> Float {
+        guard let base = logits.baseAddress else { return -.infinity }
         let n = logits.count
-        // Four independent vectors: one compare-and-select chain would wait on itself.
         var v0 = SIMD8<Float>(repeating: -.infinity), v1 = v0, v2 = v0, v3 = v0
-        @inline(__always) func load(_ i: Int) -> SIMD8<Float> { UnsafeRawPointer(base + i).loadUnaligned(as: SIMD8<Float>.self) }
         var i = 0
         while i &+ 32 <= n {
-            let w0 = load(i), w1 = load(i &+ 8), w2 = load(i &+ 16), w3 = load(i &+ 24)
+            let w0 = load8(base, i), w1 = load8(base, i &+ 8), w2 = load8(base, i &+ 16), w3 = load8(base, i &+ 24)
             v0 = v0.replacing(with: w0, where: w0 .> v0); v1 = v1.replacing(with: w1, where: w1 .> v1)
             v2 = v2.replacing(with: w2, where: w2 .> v2); v3 = v3.replacing(with: w3, where: w3 .> v3)
             i &+= 32
         }
-        while i &+ 8 <= n { let w = load(i); v0 = v0.replacing(with: w, where: w .> v0); i &+= 8 }
+        while i &+ 8 <= n { let w = load8(base, i); v0 = v0.replacing(with: w, where: w .> v0); i &+= 8 }
         v0 = v0.replacing(with: v1, where: v1 .> v0)
         v2 = v2.replacing(with: v3, where: v3 .> v2)
         v0 = v0.replacing(with: v2, where: v2 .> v0)
         var top = v0.max()
         while i < n { if base[i] > top { top = base[i] }; i &+= 1 }
-        guard top > -.infinity else { return 0 }
-        var j = 0
-        let t = SIMD8<Float>(repeating: top)
-        while j &+ 8 <= n, !any(load(j) .== t) { j &+= 8 }
-        while base[j] != top { j &+= 1 }
-        return j
+        return top
     }
 
     /// Σ exp((logit - shift) * scale), in index order.
@@ -262,8 +272,7 @@ public struct Sampler {
 
     /// The model's own probability (softmax at temperature 1, no filtering) of one token.
     public static func softmaxProbability(of id: Int, in logits: UnsafeBufferPointer<Float>) -> Float {
-        var m = -Float.infinity
-        for l in logits { m = max(m, l) }
+        let m = largest(logits)
         var sum: Float = 0
         for l in logits { sum += expf(l - m) }
         return expf(logits[id] - m) / sum
@@ -425,8 +434,7 @@ public struct Sampler {
     /// `probs`; returns how many survive top-p.
     private mutating func filter(_ logits: UnsafeMutableBufferPointer<Float>) -> Int {
         let n = logits.count
-        var maxLogit = -Float.infinity
-        for i in 0..<n { maxLogit = max(maxLogit, logits[i]) }
+        let maxLogit = Sampler.largest(UnsafeBufferPointer(logits))
         pairs.removeAll(keepingCapacity: true)
         probs.removeAll(keepingCapacity: true)
         if !maxLogit.isFinite {
@@ -437,7 +445,20 @@ public struct Sampler {
         // Candidates: everything above min-p of the best, which is cheap to find and usually
         // leaves few tokens to sort.
         let cut = minLogit(maxLogit)
-        for i in 0..<n where logits[i] >= cut && logits[i] > -Float.infinity { pairs.append((Int32(i), logits[i])) }
+        // Eight logits at a time, passing over the eights with no candidate (most of them, for
+        // a model's logits); the candidates in index order.
+        var i = 0
+        if let base = UnsafePointer(logits.baseAddress) {
+            let c = SIMD8<Float>(repeating: cut), floor = SIMD8<Float>(repeating: -.infinity)
+            while i &+ 8 <= n {
+                let w = Sampler.load8(base, i)
+                if any((w .>= c) .& (w .> floor)) {
+                    for j in i..<(i &+ 8) where base[j] >= cut && base[j] > -Float.infinity { pairs.append((Int32(j), base[j])) }
+                }
+                i &+= 8
+            }
+        }
+        while i < n { if logits[i] >= cut && logits[i] > -Float.infinity { pairs.append((Int32(i), logits[i])) }; i &+= 1 }
         return finish(maxLogit)!
     }
 
