@@ -106,8 +106,7 @@ final class ModelRunner {
 
     /// The model's log probabilities (softmax of the raw logits) of a token and of the k most likely.
     static func logprobs(of token: Int, top k: Int, in logits: UnsafeBufferPointer<Float>) -> TokenLogprob {
-        var m = -Float.infinity
-        for l in logits { m = max(m, l) }
+        let m = Sampler.largest(logits)
         var sum: Double = 0
         for l in logits { sum += Double(expf(l - m)) }
         let logZ = m + Float(log(sum))
