@@ -326,8 +326,51 @@ public protocol SuperBlockGroup {
     /// `subBlockOffset`, times `scales(p, j)` (PeregrineVNNI's 512-bit kernels compute it from
     /// those pieces, so a type must not do anything else here).
     static func subBlock<D: RowGroupDot>(_: D.Type, _ q: Values, _ scales: __m256i, _ x: UnsafeRawPointer, _ j: Int, _ total: inout __m256i)
-    /// A token's block done in float.
-    static func finish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256)
+    /// The block's int16 pair vectors taken from the integer total before the float finish
+    /// (their products with the activations' int16 sum pairs, shifted), if any.
+    static var offsetPairs: FinishPairs? { get }
+    /// The block's int16 pair vectors of mins, whose products with the activations' sum pairs,
+    /// times dmin (f16 at 16) and the token's scale, come off after it, if any.
+    static var minPairs: FinishPairs? { get }
+}
+
+/// Int16 pair vectors of a group's block for its float finish: `count` of them from byte `at`,
+/// 32 bytes apart, vector i paired with the token's int32 at 4 + 4i (two int16 sums).
+public struct FinishPairs: Sendable {
+    public let at: Int
+    public let count: Int
+    public let shift: Int32
+    @inlinable public init(at: Int, count: Int, shift: Int32 = 0) { self.at = at; self.count = count; self.shift = shift }
+}
+
+extension SuperBlockGroup {
+    /// The exact sum of the pair vectors' products with the token's sum pairs.
+    @inline(__always) @inlinable
+    public static func pairSums(_ p: UnsafeRawPointer, _ f: FinishPairs, _ x: UnsafeRawPointer) -> __m256i {
+        @inline(__always) func m(_ i: Int) -> __m256i {
+            _mm256_madd_epi16(p.loadUnaligned(fromByteOffset: f.at &+ 32 &* i, as: __m256i.self),
+                              _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &+ 4 &* i, as: Int32.self)))
+        }
+        var s = m(0)
+        for i in 1..<f.count { s = _mm256_add_epi32(s, m(i)) }
+        return s
+    }
+
+    /// A token's block done in float: (the total less the offset) times d (f16 at 0) times the
+    /// token's scale, less the mins' sums times dmin times the token's scale. PeregrineVNNI's
+    /// 512-bit kernels do the same per lane.
+    @inline(__always) @inlinable
+    public static func finish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256) {
+        var t = total
+        if let o = offsetPairs { t = _mm256_sub_epi32(t, _mm256_sll_epi32(pairSums(p, o, x), _mm_cvtsi32_si128(o.shift))) }
+        let dy = _mm256_set1_ps(x.load(as: Float.self))
+        let d = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), dy)
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), d, acc)
+        if let m = minPairs {
+            let dmin = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(fromByteOffset: 16, as: __m128i.self)), dy)
+            acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(pairSums(p, m, x)), dmin, acc)
+        }
+    }
 }
 
 /// Q4_K, and Q5_K (`five`): sub-blocks of 32 with unsigned 6-bit scales and mins.
@@ -340,6 +383,9 @@ extension KQuantGroup {
     @inlinable public static var subBlocks: Int { 8 }
     @inlinable public static var prefetches: Bool { false }
     @inlinable public static var bits: Int { five ? 5 : 4 }
+    /// The mins, as int16 pairs of sub-blocks 2i and 2i + 1.
+    @inlinable public static var offsetPairs: FinishPairs? { nil }
+    @inlinable public static var minPairs: FinishPairs? { FinishPairs(at: 96, count: 4) }
     @inline(__always) @inlinable public static func activations(_ j: Int) -> Int { 36 &+ 32 &* j }
     @inline(__always) @inlinable public static func subBlockOffset(_ x: UnsafeRawPointer, _ j: Int) -> Int32 { 0 }
 
@@ -366,21 +412,6 @@ extension KQuantGroup {
         total = _mm256_add_epi32(total, D.scaledDot(q, x + activations(j), bits: bits, scales: scales))
     }
 
-    /// d times the scaled sums less dmin times the mins times the activations' sub-block sums,
-    /// each times the token's scale.
-    @inline(__always) @inlinable
-    public static func finish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256) {
-        @inline(__always) func m(_ i: Int) -> __m256i {
-            _mm256_madd_epi16(p.loadUnaligned(fromByteOffset: 96 &+ 32 &* i, as: __m256i.self),
-                              _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &+ 4 &* i, as: Int32.self)))
-        }
-        let mins = _mm256_add_epi32(_mm256_add_epi32(m(0), m(1)), _mm256_add_epi32(m(2), m(3)))
-        let dy = _mm256_set1_ps(x.load(as: Float.self))
-        let d = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), dy)
-        let dmin = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(fromByteOffset: 16, as: __m128i.self)), dy)
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), d, acc)
-        acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), dmin, acc)
-    }
 }
 
 public enum Q4_KGroup: KQuantGroup { @inlinable public static var five: Bool { false } }
@@ -397,6 +428,10 @@ extension SixteensGroup {
     @inlinable public static var subBlocks: Int { 16 }
     @inlinable public static var prefetches: Bool { true }
     @inlinable public static var bits: Int { three ? 3 : 6 }
+    /// The offset (32 for Q6_K, 4 for Q3_K) taken back through the scales times the
+    /// activations' 16-value sums.
+    @inlinable public static var offsetPairs: FinishPairs? { FinishPairs(at: 16, count: 8, shift: three ? 2 : 5) }
+    @inlinable public static var minPairs: FinishPairs? { nil }
     @inline(__always) @inlinable public static func activations(_ s: Int) -> Int { 36 &+ 16 &* s }
     @inline(__always) @inlinable public static func subBlockOffset(_ x: UnsafeRawPointer, _ s: Int) -> Int32 { 0 }
 
@@ -442,20 +477,6 @@ extension SixteensGroup {
         total = _mm256_add_epi32(total, D.scaledDot(q, x + activations(s), bits: bits, scales: scales))
     }
 
-    /// The offset taken back through the scales times the activations' 16-value sums, then d
-    /// times the token's scale.
-    @inline(__always) @inlinable
-    public static func finish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256) {
-        @inline(__always) func m(_ i: Int) -> __m256i {
-            _mm256_madd_epi16(p.loadUnaligned(fromByteOffset: 16 &+ 32 &* i, as: __m256i.self),
-                              _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &+ 4 &* i, as: Int32.self)))
-        }
-        let offset = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(m(0), m(1)), _mm256_add_epi32(m(2), m(3))),
-                                      _mm256_add_epi32(_mm256_add_epi32(m(4), m(5)), _mm256_add_epi32(m(6), m(7))))
-        let sum = _mm256_sub_epi32(total, _mm256_slli_epi32(offset, three ? 2 : 5))
-        let d = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), _mm256_set1_ps(x.load(as: Float.self)))
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, acc)
-    }
 }
 
 public enum Q6_KGroup: SixteensGroup { @inlinable public static var three: Bool { false } }
@@ -468,6 +489,8 @@ public enum Q2_KGroup: SuperBlockGroup {
     @inlinable public static var subBlocks: Int { 16 }
     @inlinable public static var prefetches: Bool { true }
     @inlinable public static var bits: Int { 2 }
+    @inlinable public static var offsetPairs: FinishPairs? { nil }
+    @inlinable public static var minPairs: FinishPairs? { FinishPairs(at: 288, count: 8) }
     @inline(__always) @inlinable public static func activations(_ s: Int) -> Int { 36 &+ 16 &* s }
     @inline(__always) @inlinable public static func subBlockOffset(_ x: UnsafeRawPointer, _ s: Int) -> Int32 { 0 }
 
@@ -489,22 +512,6 @@ public enum Q2_KGroup: SuperBlockGroup {
         total = _mm256_add_epi32(total, D.scaledDot(q, x + activations(s), bits: bits, scales: scales))
     }
 
-    /// d times the scaled sums less dmin times the mins times the activations' 16-value sums,
-    /// each times the token's scale.
-    @inline(__always) @inlinable
-    public static func finish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256) {
-        @inline(__always) func m(_ i: Int) -> __m256i {
-            _mm256_madd_epi16(p.loadUnaligned(fromByteOffset: 288 &+ 32 &* i, as: __m256i.self),
-                              _mm256_set1_epi32(x.loadUnaligned(fromByteOffset: 4 &+ 4 &* i, as: Int32.self)))
-        }
-        let mins = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(m(0), m(1)), _mm256_add_epi32(m(2), m(3))),
-                                    _mm256_add_epi32(_mm256_add_epi32(m(4), m(5)), _mm256_add_epi32(m(6), m(7))))
-        let dy = _mm256_set1_ps(x.load(as: Float.self))
-        let d = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), dy)
-        let dmin = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(fromByteOffset: 16, as: __m128i.self)), dy)
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), d, acc)
-        acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), dmin, acc)
-    }
 }
 
 /// IQ4_XS: IQ4_NL's nibble vectors per sub-block of 32, signed scales as bytes at 16.
@@ -513,6 +520,9 @@ public enum IQ4_XSGroup: SuperBlockGroup {
     @inlinable public static var subBlocks: Int { 8 }
     @inlinable public static var prefetches: Bool { false }
     @inlinable public static var bits: Int { 8 }
+    /// The levels' offset of 128 comes off per sub-block (`subBlockOffset`); no mins.
+    @inlinable public static var offsetPairs: FinishPairs? { nil }
+    @inlinable public static var minPairs: FinishPairs? { nil }
     @inline(__always) @inlinable public static func activations(_ j: Int) -> Int { 36 &+ 32 &* j }
     @inline(__always) @inlinable public static func subBlockOffset(_ x: UnsafeRawPointer, _ j: Int) -> Int32 {
         Int32(x.load(fromByteOffset: 4 &+ 2 &* j, as: Int16.self)) << 7
@@ -536,11 +546,6 @@ public enum IQ4_XSGroup: SuperBlockGroup {
         total = _mm256_add_epi32(total, _mm256_mullo_epi32(_mm256_sub_epi32(s, offset), scales))
     }
 
-    @inline(__always) @inlinable
-    public static func finish(_ p: UnsafeRawPointer, _ total: __m256i, _ x: UnsafeRawPointer, _ acc: inout __m256) {
-        let d = _mm256_mul_ps(_mm256_cvtph_ps(p.loadUnaligned(as: __m128i.self)), _mm256_set1_ps(x.load(as: Float.self)))
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), d, acc)
-    }
 }
 
 /// A row-group block's values as unsigned bytes: eight vectors, vector c holding values

@@ -12,8 +12,7 @@ import _Builtin_intrinsics.intel
 /// tile of eight tokens.
 ///
 /// Every lane goes through the 256-bit VNNI kernels' arithmetic: the same exact integer sums and
-/// the same float operations in the same order (the k-quants' float finish is theirs, half by
-/// half). So a row's result has the same bits whichever kernel computes it, and a token's result
+/// the same float operations in the same order. So a row's result has the same bits whichever kernel computes it, and a token's result
 /// does not depend on its batch.
 public enum WideRowGroupKernels {
     public typealias Wide = SIMD16<Int32>
@@ -161,14 +160,40 @@ public enum WideRowGroupKernels {
         total &+= (s &- Wide(repeating: G.subBlockOffset(x, j))) &* scales
     }
 
-    /// A token's block done in float, each half by the 256-bit kernels' `finish` on its group.
+    /// `SuperBlockGroup.finish` on sixteen rows, the same operations per lane: (the total less
+    /// the offset) times d (`d`: the pair's, as f32) times the token's scale, less the mins' sums
+    /// times dmin times the token's scale.
     @inline(__always) @inlinable
-    static func finish<G: SuperBlockGroup>(_: G.Type, _ p0: UnsafeRawPointer, _ p1: UnsafeRawPointer, _ total: Wide, _ x: UnsafeRawPointer,
-                                           _ acc: inout SIMD16<Float>) {
-        var lo = unsafeBitCast(acc.lowHalf, to: __m256.self), hi = unsafeBitCast(acc.highHalf, to: __m256.self)
-        G.finish(p0, unsafeBitCast(total.lowHalf, to: __m256i.self), x, &lo)
-        G.finish(p1, unsafeBitCast(total.highHalf, to: __m256i.self), x, &hi)
-        acc = SIMD16(lowHalf: unsafeBitCast(lo, to: SIMD8<Float>.self), highHalf: unsafeBitCast(hi, to: SIMD8<Float>.self))
+    static func finish<G: SuperBlockGroup>(_: G.Type, _ p0: UnsafeRawPointer, _ p1: UnsafeRawPointer, _ d: SIMD16<Float>, _ dmin: SIMD16<Float>,
+                                           _ total: Wide, _ x: UnsafeRawPointer, _ acc: inout SIMD16<Float>) {
+        var t = total
+        if let o = G.offsetPairs { t &-= pairSums(p0, p1, o, x) &<< o.shift }
+        let dy = SIMD16<Float>(repeating: x.load(as: Float.self))
+        acc = acc.addingProduct(float(t), d * dy)
+        if let m = G.minPairs { acc = acc.addingProduct(-float(pairSums(p0, p1, m, x)), dmin * dy) }
+    }
+
+    /// `SuperBlockGroup.pairSums` on the pair's joined vectors.
+    @inline(__always) @inlinable
+    static func pairSums(_ p0: UnsafeRawPointer, _ p1: UnsafeRawPointer, _ f: FinishPairs, _ x: UnsafeRawPointer) -> Wide {
+        @inline(__always) func m(_ i: Int) -> Wide {
+            let o = f.at &+ 32 &* i
+            let v = join(p0.loadUnaligned(fromByteOffset: o, as: __m256i.self), p1.loadUnaligned(fromByteOffset: o, as: __m256i.self))
+            return madd(v, Wide(repeating: x.loadUnaligned(fromByteOffset: 4 &+ 4 &* i, as: Int32.self)))
+        }
+        var s = m(0)
+        for i in 1..<f.count { s &+= m(i) }
+        return s
+    }
+
+    /// `vpmaddwd`: int16 pairs multiplied and each pair's two products added into its int32 lane.
+    @inline(__always) @inlinable
+    static func madd(_ a: Wide, _ b: Wide) -> Wide {
+        let r = Builtin.int_x86_avx512_pmaddw_d_512(unsafeBitCast(a, to: SIMD32<Int16>.self)._storage._value,
+                                                    unsafeBitCast(b, to: SIMD32<Int16>.self)._storage._value)
+        var v = Wide()
+        v._storage._value = r
+        return v
     }
 
     /// `RowGroupKernels.superBlocks` on pairs of groups: a sub-block's values unpacked and joined
@@ -188,6 +213,7 @@ public enum WideRowGroupKernels {
                 var c0 = SIMD16<Float>(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0
                 for b in 0..<blocks {
                     let p0 = w0 + b &* gb, p1 = w1 + b &* gb, x = a0 + b &* xb
+                    let d = scales(p0, p1), dmin = G.minPairs == nil ? d : scales(p0 + 16, p1 + 16)
                     var s0 = Wide(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0
                     for j in 0..<G.subBlocks {
                         let q = C(G.values(p0, j), G.values(p1, j)), sc = join(G.scales(p0, j), G.scales(p1, j)), o = G.activations(j)
@@ -200,14 +226,14 @@ public enum WideRowGroupKernels {
                         subBlock(G.self, q.dot(x + (6 &* stride &+ o)), sc, x + 6 &* stride, j, &s6)
                         subBlock(G.self, q.dot(x + (7 &* stride &+ o)), sc, x + 7 &* stride, j, &s7)
                     }
-                    finish(G.self, p0, p1, s0, x, &c0)
-                    finish(G.self, p0, p1, s1, x + stride, &c1)
-                    finish(G.self, p0, p1, s2, x + 2 &* stride, &c2)
-                    finish(G.self, p0, p1, s3, x + 3 &* stride, &c3)
-                    finish(G.self, p0, p1, s4, x + 4 &* stride, &c4)
-                    finish(G.self, p0, p1, s5, x + 5 &* stride, &c5)
-                    finish(G.self, p0, p1, s6, x + 6 &* stride, &c6)
-                    finish(G.self, p0, p1, s7, x + 7 &* stride, &c7)
+                    finish(G.self, p0, p1, d, dmin, s0, x, &c0)
+                    finish(G.self, p0, p1, d, dmin, s1, x + stride, &c1)
+                    finish(G.self, p0, p1, d, dmin, s2, x + 2 &* stride, &c2)
+                    finish(G.self, p0, p1, d, dmin, s3, x + 3 &* stride, &c3)
+                    finish(G.self, p0, p1, d, dmin, s4, x + 4 &* stride, &c4)
+                    finish(G.self, p0, p1, d, dmin, s5, x + 5 &* stride, &c5)
+                    finish(G.self, p0, p1, d, dmin, s6, x + 6 &* stride, &c6)
+                    finish(G.self, p0, p1, d, dmin, s7, x + 7 &* stride, &c7)
                 }
                 store(c0, t, g, bias, y, ldy); store(c1, t &+ 1, g, bias, y, ldy)
                 store(c2, t &+ 2, g, bias, y, ldy); store(c3, t &+ 3, g, bias, y, ldy)
