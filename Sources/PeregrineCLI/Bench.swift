@@ -11,7 +11,8 @@ struct Bench: ParsableCommand {
         "pp512 @ d4096"): a prompt of D tokens read once, untimed, which every timed run finds in the \
         prefix cache. Each test runs once to warm up, then --repetitions times; the \
         table gives the median tokens/s and the standard deviation. --kernels measures the CPU \
-        kernels and this machine's memory bandwidth and peak FLOP rate instead.
+        kernels and this machine's memory bandwidth and peak FLOP rate (and, with AVX-512 VNNI, \
+        its 8-bit dot-product rate) instead.
 
         --batched prints llama-batched-bench's table: for each B of --npl, B sequences each read a \
         prompt of --npp tokens, then generate --ntg tokens together, on the serving engine. \
@@ -52,7 +53,7 @@ struct Bench: ParsableCommand {
     @Flag(help: "GPU: batch-invariant kernels (slower); the CPU always is.")
     var deterministic = false
 
-    @Flag(help: "Measure the CPU kernels, memory bandwidth and peak FLOP rate.")
+    @Flag(help: "Measure the CPU kernels, memory bandwidth and peak FLOP (and 8-bit dot-product) rates.")
     var kernels = false
 
     @Option(help: "With a speculative flag: the prompt (a text file) to generate from, greedily, with and without speculation.")
