@@ -232,35 +232,15 @@ public struct Sampler {
         guard top > -.infinity else { return 0 }
         var j = 0
         let t = SIMD8<Float>(repeating: top)
-        while j &+ 8 <= n, !any(load8(base, j) .== t) { j &+= 8 }
+        while j &+ 8 <= n, !any(CPUKernels.load8(base, j) .== t) { j &+= 8 }
         while base[j] != top { j &+= 1 }
         return j
     }
 
-    @inline(__always) static func load8(_ p: UnsafePointer<Float>, _ i: Int) -> SIMD8<Float> {
-        UnsafeRawPointer(p + i).loadUnaligned(as: SIMD8<Float>.self)
-    }
-
-    /// The largest logit, NaNs passed over (-infinity where there is nothing else): four
-    /// independent 8-lane compare-and-select chains (one would wait on itself).
+    /// The largest logit, NaNs passed over (-infinity where there is nothing else).
     static func largest(_ logits: UnsafeBufferPointer<Float>) -> Float {
         guard let base = logits.baseAddress else { return -.infinity }
-        let n = logits.count
-        var v0 = SIMD8<Float>(repeating: -.infinity), v1 = v0, v2 = v0, v3 = v0
-        var i = 0
-        while i &+ 32 <= n {
-            let w0 = load8(base, i), w1 = load8(base, i &+ 8), w2 = load8(base, i &+ 16), w3 = load8(base, i &+ 24)
-            v0 = v0.replacing(with: w0, where: w0 .> v0); v1 = v1.replacing(with: w1, where: w1 .> v1)
-            v2 = v2.replacing(with: w2, where: w2 .> v2); v3 = v3.replacing(with: w3, where: w3 .> v3)
-            i &+= 32
-        }
-        while i &+ 8 <= n { let w = load8(base, i); v0 = v0.replacing(with: w, where: w .> v0); i &+= 8 }
-        v0 = v0.replacing(with: v1, where: v1 .> v0)
-        v2 = v2.replacing(with: v3, where: v3 .> v2)
-        v0 = v0.replacing(with: v2, where: v2 .> v0)
-        var top = v0.max()
-        while i < n { if base[i] > top { top = base[i] }; i &+= 1 }
-        return top
+        return CPUKernels.maximum(base, logits.count)
     }
 
     /// Σ exp((logit - shift) * scale), in index order.
@@ -451,7 +431,7 @@ public struct Sampler {
         if let base = UnsafePointer(logits.baseAddress) {
             let c = SIMD8<Float>(repeating: cut), floor = SIMD8<Float>(repeating: -.infinity)
             while i &+ 8 <= n {
-                let w = Sampler.load8(base, i)
+                let w = CPUKernels.load8(base, i)
                 if any((w .>= c) .& (w .> floor)) {
                     for j in i..<(i &+ 8) where base[j] >= cut && base[j] > -Float.infinity { pairs.append((Int32(j), base[j])) }
                 }

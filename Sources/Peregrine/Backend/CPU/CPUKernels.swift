@@ -454,6 +454,27 @@ enum CPUKernels {
         while i < range.upperBound { x[i] = cap * tanhf(x[i] / cap); i += 1 }
     }
 
+    /// The largest of x[0..<n], NaNs passed over (as `max` passes them), -infinity where there is
+    /// nothing else: four independent 8-lane compare-and-select chains (one would wait on itself).
+    /// Softmax's shift, and the sampler's largest logit.
+    static func maximum(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
+        var v0 = SIMD8<Float>(repeating: -.infinity), v1 = v0, v2 = v0, v3 = v0
+        var i = 0
+        while i &+ 32 <= n {
+            let w0 = load8(x, i), w1 = load8(x, i &+ 8), w2 = load8(x, i &+ 16), w3 = load8(x, i &+ 24)
+            v0 = v0.replacing(with: w0, where: w0 .> v0); v1 = v1.replacing(with: w1, where: w1 .> v1)
+            v2 = v2.replacing(with: w2, where: w2 .> v2); v3 = v3.replacing(with: w3, where: w3 .> v3)
+            i &+= 32
+        }
+        while i &+ 8 <= n { let w = load8(x, i); v0 = v0.replacing(with: w, where: w .> v0); i &+= 8 }
+        v0 = v0.replacing(with: v1, where: v1 .> v0)
+        v2 = v2.replacing(with: v3, where: v3 .> v2)
+        v0 = v0.replacing(with: v2, where: v2 .> v0)
+        var top = v0.max()
+        while i < n { if x[i] > top { top = x[i] }; i &+= 1 }
+        return top
+    }
+
     /// In place: x = exp(x - m), returning the sum.
     static func expShiftSum(_ x: UnsafeMutablePointer<Float>, _ n: Int, _ m: Float) -> Float {
         var acc = SIMD8<Float>()

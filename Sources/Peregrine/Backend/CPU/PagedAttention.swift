@@ -106,7 +106,7 @@ enum PagedAttention {
         for g in 0..<group {
             let s = scratch + g &* stride + from
             if let softCap { CPUKernels.softCap(s, softCap, 0..<n) }
-            let inv = 1 / CPUKernels.expShiftSum(s, n, maximum(s, n))
+            let inv = 1 / CPUKernels.expShiftSum(s, n, CPUKernels.maximum(s, n))
             for j in 0..<n { s[j] *= inv }
         }
         // Values: each row a value chunk is read for up to four of the group's heads at once
@@ -171,17 +171,6 @@ enum PagedAttention {
             }
             g &+= 4
         }
-    }
-
-    /// The largest of x[0..<n], eight lanes at a time; NaNs are passed over (as `max` passes
-    /// them), and -infinity where there is nothing else.
-    @inline(__always) static func maximum(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
-        var v = SIMD8<Float>(repeating: -.infinity)
-        var i = 0
-        while i &+ 8 <= n { let w = v8(x + i); v = v.replacing(with: w, where: w .> v); i &+= 8 }
-        var m = v.max()
-        while i < n { m = max(m, x[i]); i &+= 1 }
-        return m
     }
 
     /// Asks for the cache lines of `bytes` bytes at `p` without waiting for them.
