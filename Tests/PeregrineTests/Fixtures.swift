@@ -78,6 +78,12 @@ func assertOneTokenAtATime(_ model: LanguageModel, _ tokens: [Int], give logits:
     }
 }
 
+/// The largest |a - b|; NaN where any difference is NaN (Swift's max would pass a NaN over), and
+/// infinity where the lengths differ.
 func maxAbsDiff(_ a: some Collection<Float>, _ b: some Collection<Float>) -> Float {
-    zip(a, b).reduce(0) { max($0, abs($1.0 - $1.1)) }
+    guard a.count == b.count else { return .infinity }
+    return zip(a, b).reduce(0) { m, pair in
+        let d = abs(pair.0 - pair.1)
+        return d <= m ? m : d
+    }
 }
