@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Compiles Sources/Peregrine/Backend/CUDA/Kernels.cu with NVRTC for sm_90 (and sm_80) on a machine
+"""Compiles Sources/Peregrine/Backend/CUDA/Kernels.cu with NVRTC for sm_90a (what the backend takes on
+Hopper, whose wgmma kernels compile only there), sm_90, sm_80 and sm_75 on a machine
 without a GPU, with the options the CUDA backend uses, and prints NVRTC's log: a syntax and type
 check of the kernels before they travel to a GPU machine. NVRTC comes from PyPI:
     pip install nvidia-cuda-nvrtc nvidia-cuda-runtime
@@ -27,7 +28,7 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     src = open(os.path.join(here, "..", "Sources", "Peregrine", "Backend", "CUDA", "Kernels.cu"), "rb").read()
     failed = False
-    for arch in sys.argv[1:] or ["sm_90", "sm_80", "sm_75"]:
+    for arch in sys.argv[1:] or ["sm_90a", "sm_90", "sm_80", "sm_75"]:
         prog = ctypes.c_void_p()
         assert nv.nvrtcCreateProgram(ctypes.byref(prog), src, b"Kernels.cu", 0, None, None) == 0
         opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-default-device", b"--use_fast_math"] + includes() \

@@ -3,7 +3,8 @@
 // shuffled order): the 16 chunks of 512 tokens that an 8,192-token prompt read 512 tokens a pass
 // (llama-bench's pp8192) attends with, each variant timed on every chunk (median of 10 launches),
 // summed: one layer's prompt attention of pp8192. Variants: m16 tiles a warp (MT: 1, 64 rows a
-// block; 2, 128 rows), key tile size (KT), query heads a block (gq). TFLOP/s counts the causal
+// block; 2, 128 rows), key tile size (KT), query heads a block (gq), and Hopper's warpgroup MMA
+// (attention_prefill_wgmma; sm_90a). TFLOP/s counts the causal
 // half of the scores. Each variant's output is checked against the first one's.
 // Run on the GPU machine, from the checkout:
 //   nvcc -O3 -arch=sm_90a -std=c++17 --use_fast_math -o fa_lab scripts/fa_lab.cu && ./fa_lab
@@ -29,6 +30,19 @@
 LAB_KERNEL(fa_mt1_kt64, 128, 64, 1)
 LAB_KERNEL(fa_mt1_kt32, 128, 32, 1)
 LAB_KERNEL(fa_mt2_kt64, 128, 64, 2)
+// Hopper's warpgroup MMA (attention_prefill_wgmma): key tiles of KT, WG warpgroups of 64 rows a
+// block, PIPE (a tile's softmax overlapped with the last one's P V). Kernels.cu's
+// attention_prefill_wgmma_128* are the backend's choices; these two only the lab's.
+#define LAB_WGMMA(name, KT, WG, PIPE)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128 * WG) name(                                                             \
+        const float* q, const __half* kc, const __half* vc, float* out, const int* slots, const int* positions,              \
+        const int* tiles, int heads, int kvHeads, const int* tables, int width, int bs, float scale, float softcap,          \
+        int window, int gq) {                                                                                                \
+        attention_prefill_wgmma<KT, WG, PIPE>(q, kc, vc, out, slots, positions, tiles, heads, kvHeads, tables, width, bs,    \
+                                              scale, softcap, window, gq);                                                   \
+    }
+LAB_WGMMA(fa_wgmma_kt128, 128, 1, false)
+LAB_WGMMA(fa_wgmma_kt128_wg2, 128, 2, false)
 
 typedef void (*Kernel)(const float*, const __half*, const __half*, float*, const int*, const int*, const int*, int, int,
                        const int*, int, int, float, float, int, int);
@@ -71,7 +85,11 @@ int main(int argc, char** argv) {
     CK(cudaMemcpy(dTable, table.data(), blocks * 4, cudaMemcpyHostToDevice));
     std::vector<int> zeros(chunk, 0);
     CK(cudaMemcpy(dSlots, zeros.data(), chunk * 4, cudaMemcpyHostToDevice));
-    struct Variant { const char* name; Kernel k; int kt, mt, gq; };
+    // shared: 0 for the mma kernel's; rows: a block's (64 MT for the mma kernel)
+    struct Variant { const char* name; Kernel k; int kt, mt, gq; size_t shared = 0; int rows = 0; };
+    // The wgmma kernel's shared memory: the queries and two buffers of keys and values unpadded, 1 KB of alignment, the
+    // row offsets of three tiles.
+    auto wgShared = [](int rows, int kt) { return (size_t)(rows + 4 * kt) * 256 + 1024 + 3 * kt * 8; };
     std::vector<Variant> variants = {
 #ifdef FA_OLD
         {"fa_old, a head a block", fa_old, 64, 1, 1},
@@ -80,6 +98,16 @@ int main(int argc, char** argv) {
         {"MT 1, KT 64, 4 heads a block (the backend's)", fa_mt1_kt64, 64, 1, 4},
         {"MT 1, KT 32, 4 heads a block", fa_mt1_kt32, 32, 1, 4},
         {"MT 2, KT 64, 4 heads a block", fa_mt2_kt64, 64, 2, 4},
+        {"wgmma, KT 64, 4 heads a block (attention_prefill_wgmma_128)", attention_prefill_wgmma_128, 64, 1, 4, wgShared(64, 64), 64},
+        {"wgmma, KT 64, a head a block", attention_prefill_wgmma_128, 64, 1, 1, wgShared(64, 64), 64},
+        {"wgmma, KT 128, 4 heads a block", fa_wgmma_kt128, 128, 1, 4, wgShared(64, 128), 64},
+        {"wgmma, 2 warpgroups, KT 64, 4 heads a block (_wg2)", attention_prefill_wgmma_128_wg2, 64, 1, 4, wgShared(128, 64), 128},
+        {"wgmma, 2 warpgroups, KT 128, 4 heads a block", fa_wgmma_kt128_wg2, 128, 1, 4, wgShared(128, 128), 128},
+        {"wgmma, overlapped, KT 64, 4 heads a block (_overlap)", attention_prefill_wgmma_128_overlap, 64, 1, 4, wgShared(64, 64), 64},
+        {"wgmma, overlapped, 2 warpgroups, KT 64, 4 heads a block (_wg2_overlap)", attention_prefill_wgmma_128_wg2_overlap, 64, 1, 4,
+         wgShared(128, 64), 128},
+        {"wgmma, overlapped, 2 warpgroups, KT 128, 4 heads a block (_kt128_wg2_overlap)", attention_prefill_wgmma_128_kt128_wg2_overlap,
+         128, 1, 4, wgShared(128, 128), 128},
     };
     float scale = 1.f / sqrtf((float)D);
     cudaEvent_t a, b; CK(cudaEventCreate(&a)); CK(cudaEventCreate(&b));
@@ -87,8 +115,8 @@ int main(int argc, char** argv) {
     printf("|---|---|---|---|---|---|---|\n");
     for (size_t vi = 0; vi < variants.size(); vi++) {
         auto& v = variants[vi];
-        int rowsPerBlock = 64 * v.mt, P = rowsPerBlock / v.gq;
-        size_t shared = (size_t)(rowsPerBlock + 4 * v.kt) * (D + 8) * 2 + 2 * v.kt * 8;
+        int rowsPerBlock = v.rows ? v.rows : 64 * v.mt, P = rowsPerBlock / v.gq;
+        size_t shared = v.shared ? v.shared : (size_t)(rowsPerBlock + 4 * v.kt) * (D + 8) * 2 + 2 * v.kt * 8;
         CK(cudaFuncSetAttribute(v.k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared));
         std::vector<int> tiles;
         for (int t = 0; t < chunk; t += P) { tiles.push_back(t); tiles.push_back(std::min(P, chunk - t)); }
@@ -102,7 +130,7 @@ int main(int argc, char** argv) {
             for (int i = 0; i < chunk; i++) pos[i] = c * chunk + i;
             CK(cudaMemcpy(dPos, pos.data(), chunk * 4, cudaMemcpyHostToDevice));
             auto run = [&] {
-                v.k<<<dim3(nTiles, heads / v.gq), 128, shared>>>(q, kc, vc, out, dSlots, dPos, dTiles, heads, kvHeads, dTable, width, bs,
+                v.k<<<dim3(nTiles, heads / v.gq), v.rows ? 2 * v.rows : 128, shared>>>(q, kc, vc, out, dSlots, dPos, dTiles, heads, kvHeads, dTable, width, bs,
                                                                  scale, 0.f, 0, v.gq);
             };
             if (onlyChunk >= 0) { run(); CK(cudaDeviceSynchronize()); continue; }

@@ -382,7 +382,8 @@ final class CUDABackendTests: XCTestCase {
 
     /// Prompt attention over an F16 cache on the tensor cores against the CPU backend on the same
     /// cache: Llama-3-8B's layout, groups of 4, 3, 1, 8, 16 and 6 query heads a KV head (blocks of
-    /// 4, 1, 1, 8, 16 and 2 heads; and with one head a block), head sizes 64, 96, 128 and 256; one launch
+    /// 4, 1, 1, 8, 16 and 2 heads; and with one head a block), head sizes 64, 96, 128 and 256 (128
+    /// on each of Hopper's warpgroup-MMA kernels too); one launch
     /// holding three sequences' prompt chunks (one starting mid-sequence at a position that is no
     /// multiple of a tile, so its queries attend to keys cached before it; one short of a tile);
     /// with and without a sliding window and Gemma 2's soft-capping. Queries and probabilities
@@ -392,7 +393,7 @@ final class CUDABackendTests: XCTestCase {
     func testTensorCorePromptAttentionMatchesCPU() throws {
         let gpu = try backend()
         guard gpu.driver.computeCapability.major >= 8 else { throw XCTSkip("tensor-core attention needs compute capability 8.0 or later") }
-        defer { gpu.tensorCoreAttentionAllowed = true; gpu.groupedPromptAttention = true }
+        defer { gpu.tensorCoreAttentionAllowed = true; gpu.groupedPromptAttention = true; gpu.warpgroupPromptAttention = nil }
         let cpu = cpuReference()
         var rng = SplitMix(seed: 7)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
@@ -434,6 +435,14 @@ final class CUDABackendTests: XCTestCase {
                 gpu.groupedPromptAttention = false
                 XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 4e-3 : 1.5e-2, label + ": tensor cores, a head a block")
                 gpu.groupedPromptAttention = true
+                for kernel in CUDABackend.warpgroupAttentionKernels where gpu.driver.computeCapability == (9, 0) && hd == 128 {
+                    gpu.warpgroupPromptAttention = kernel
+                    XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 4e-3 : 1.5e-2, label + ": " + kernel.name)
+                    gpu.groupedPromptAttention = false
+                    XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 4e-3 : 1.5e-2, label + ": \(kernel.name), a head a block")
+                    gpu.groupedPromptAttention = true
+                    gpu.warpgroupPromptAttention = nil
+                }
                 gpu.tensorCoreAttentionAllowed = false
                 XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 1e-4 : 5e-4, label + ": f32 kernel")
             }

@@ -304,6 +304,14 @@ public final class CUDABackend: ComputeBackend {
     /// Several query heads a block in prompt attention on tensor cores (`promptHeadGroup`); tests
     /// turn it off to compare.
     var groupedPromptAttention = ProcessInfo.processInfo.environment["PEREGRINE_NO_GROUPED_PROMPT_ATTENTION"] == nil
+    /// Prompt attention of 128-wide heads on Hopper's warpgroup MMA (one of
+    /// `warpgroupAttentionKernels`) instead of mma.sync where `warpgroupAttention` allows it.
+    /// PEREGRINE_WGMMA_PROMPT_ATTENTION picks one for measuring: 1 the first, or the part of a
+    /// kernel's name after attention_prefill_wgmma_128_ (tests go through all of them).
+    var warpgroupPromptAttention: WarpgroupAttentionKernel? = {
+        guard let choice = ProcessInfo.processInfo.environment["PEREGRINE_WGMMA_PROMPT_ATTENTION"] else { return nil }
+        return CUDABackend.warpgroupAttentionKernels.first { choice == "1" ? true : $0.name == "attention_prefill_wgmma_128_" + choice }
+    }()
     /// The chosen experts' products of many rows by expert_gemm (tensor cores, one launch a
     /// projection); PEREGRINE_NO_EXPERT_GEMM=1 keeps the cuBLAS products an expert for measuring.
     var expertGEMMAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_EXPERT_GEMM"] == nil
@@ -336,14 +344,14 @@ public final class CUDABackend: ComputeBackend {
                      "moe_route", "moe_router", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16",
                      "expert_gemm_bf16", "expert_gemm_f16"]
                      + matvecs + CUDABackend.expertDownTypes.values.map { "moe_down_" + $0 } + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
-                     + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4"] }) {
+                     + CUDABackend.warpgroupAttentionKernels.map(\.name) + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4"] }) {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
         }
         // Kernels whose dynamic shared memory may pass 48 KB (the normalized input of a product,
         // a prefill attention tile) ask for what the device allows.
-        for name in matvecs + ["attention_prefill", "attention_split"] + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
+        for name in matvecs + ["attention_prefill", "attention_split"] + CUDABackend.warpgroupAttentionKernels.map(\.name) + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
             + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4"] }) {
             // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, as dynamicSharedLimit (the kernel's
             // static shared memory counts against the device's limit)
@@ -1172,7 +1180,7 @@ public final class CUDABackend: ComputeBackend {
         if rows > 16 || deterministic {
             // Tiles of consecutive positions of one sequence: up to 64 rows for the tensor-core
             // kernel (its query heads a block times positions), 32 for the f32 one.
-            let tileRows = tensorCoreAttention(cache) ? 64 / promptHeadGroup(heads: heads, kvHeads: cache.kvHeads) : 32
+            let tileRows = tensorCoreAttention(cache) ? (warpgroupAttention(cache)?.rows ?? 64) / promptHeadGroup(heads: heads, kvHeads: cache.kvHeads) : 32
             hostInts.removeAll(keepingCapacity: true)
             var t = 0
             while t < rows {
@@ -1325,6 +1333,38 @@ public final class CUDABackend: ComputeBackend {
             && CUDABackend.promptAttentionShared(headDim: cache.headDim) <= CUDABackend.dynamicSharedLimit(driver)
     }
 
+    /// One of the warpgroup-MMA prompt attention kernels (attention_prefill_wgmma in Kernels.cu):
+    /// blocks of `warpgroups` x 64 query rows over key tiles of `keys` positions, a tile's softmax
+    /// overlapped with the last one's P V or not (the kernel's name says).
+    public struct WarpgroupAttentionKernel: Sendable {
+        public let name: String
+        let keys: Int
+        let warpgroups: Int
+        var rows: Int { 64 * warpgroups }
+        var threads: Int { 128 * warpgroups }
+        /// The queries and two buffers of keys and values (128-wide f16 rows, unpadded), 1 KB to
+        /// align them to 1,024 bytes (the swizzle pattern's period), and three tiles' row offsets.
+        var shared: Int { (rows + 4 * keys) * 128 * 2 + 1024 + 3 * keys * 8 }
+    }
+
+    /// The warpgroup-MMA prompt attention kernels Kernels.cu compiles (ATTENTION_PREFILL_WGMMA).
+    public static let warpgroupAttentionKernels = [
+        WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128", keys: 64, warpgroups: 1),
+        WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128_overlap", keys: 64, warpgroups: 1),
+        WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128_wg2", keys: 64, warpgroups: 2),
+        WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128_wg2_overlap", keys: 64, warpgroups: 2),
+        WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128_kt128_wg2_overlap", keys: 128, warpgroups: 2),
+    ]
+
+    /// The warpgroup-MMA kernel a prompt's tensor-core attention takes, if any: one chosen, a
+    /// compute capability 9.0 device (the kernels use sm_90a's wgmma), 128-wide heads, and its
+    /// shared memory within the device's.
+    func warpgroupAttention(_ cache: KVStorage<CUDABackend>) -> WarpgroupAttentionKernel? {
+        guard let kernel = warpgroupPromptAttention, driver.computeCapability == (9, 0), cache.headDim == 128,
+              kernel.shared <= CUDABackend.dynamicSharedLimit(driver) else { return nil }
+        return kernel
+    }
+
     /// attention_prefill_mma's shared memory: the queries (64 rows) and two buffers of keys and
     /// values (64 positions, 32 for 256-wide heads), f16 rows padded by 8, and the two tiles' row
     /// offsets (FA_ROWS and KT in Kernels.cu).
@@ -1345,8 +1385,9 @@ public final class CUDABackend: ComputeBackend {
         }
         if tensorCoreAttention(cache) {
             let gq = promptHeadGroup(heads: heads, kvHeads: cache.kvHeads)
-            launch("attention_prefill_mma_\(hd)", grid: (tiles, heads / gq, 1), block: 128,
-                   shared: CUDABackend.promptAttentionShared(headDim: hd)) { a in
+            let warpgroup = warpgroupAttention(cache)
+            launch(warpgroup?.name ?? "attention_prefill_mma_\(hd)", grid: (tiles, heads / gq, 1), block: warpgroup?.threads ?? 128,
+                   shared: warpgroup?.shared ?? CUDABackend.promptAttentionShared(headDim: hd)) { a in
                 a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(out); a.ptr(slots); a.ptr(positions); a.ptr(table)
                 a.i32(heads); a.i32(cache.kvHeads); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
                 a.f32(scale); a.f32(softCap); a.i32(window ?? 0); a.i32(gq)

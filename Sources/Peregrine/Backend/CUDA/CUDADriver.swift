@@ -175,7 +175,8 @@ public final class CUDADriver: @unchecked Sendable {
     /// Compiles CUDA C for this device with NVRTC, or loads the cubin cached on disk for the same
     /// source and architecture.
     func compile(_ source: String, name: String, defines: [String] = []) throws -> OpaquePointer? {
-        let arch = "sm_\(computeCapability.major)\(computeCapability.minor)"
+        // Hopper (9.0) compiles for sm_90a, whose arch-specific instructions (wgmma) some kernels use.
+        let arch = "sm_\(computeCapability.major)\(computeCapability.minor)" + (computeCapability == (9, 0) ? "a" : "")
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
         for b in (source + arch + defines.joined(separator: " ")).utf8 { hash = (hash ^ UInt64(b)) &* 0x100_0000_01b3 }
         let cacheDir = (ProcessInfo.processInfo.environment["XDG_CACHE_HOME"] ?? (NSHomeDirectory() + "/.cache")) + "/peregrine"

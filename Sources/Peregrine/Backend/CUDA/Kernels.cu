@@ -2409,6 +2409,337 @@ ATTENTION_PREFILL_MMA(96, 64)
 ATTENTION_PREFILL_MMA(128, 64)
 ATTENTION_PREFILL_MMA(256, 32)
 
+// Prompt attention on Hopper's warpgroup MMA (wgmma.mma_async, sm_90a only) over an F16 KV cache,
+// 128-wide heads: the grid, tiles, head grouping, masking and online softmax of
+// attention_prefill_mma (gq query heads of one KV head at BR / gq positions; warp w holds rows
+// 16w ..< 16w + 16), since wgmma's accumulator gives each warp its 16 rows in mma.sync's layout.
+// A block is WG warpgroups of 64 rows each (BR = 64 WG) sharing each key and value tile, and PIPE
+// overlaps a tile's softmax with the tensor cores' work (below); scripts/fa_lab.cu compares. What differs is where the operands come from. The queries and each key and
+// value tile sit in shared memory as wgmma reads them through a descriptor: each 64-dimension half
+// of a row is one 128-byte line, its 16-byte pieces swizzled by the row's index mod 8 (so eight
+// rows cover the 32 banks and no padding is needed). The four warps then multiply all 64 rows by
+// 16 dimensions of a whole key tile in one asynchronous instruction (scores), and the
+// probabilities, from registers, by 16 keys of the value tile read N-major (P V), with no
+// ldmatrix. cp.async fills the tiles, so a proxy fence makes its writes visible to wgmma; the
+// tensor cores' results are waited for before the registers holding them are read, and the
+// probability registers are held until the products that read them are complete.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// d (64 x 64, f32) = A (64 x 16: a K-major descriptor) * B (16 x 64: a K-major descriptor) + d (+ d when accumulate).
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// d (64 x 128, f32) = A (64 x 16: a K-major descriptor) * B (16 x 128: a K-major descriptor) + d (+ d when accumulate).
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// d (64 x 128, f32) = A (64 x 16 in registers: each warp's 16 rows as mma.sync's A fragment) * B (16 x 128: an
+// N-major descriptor) (+ d when accumulate).
+__device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const unsigned (&a)[4], unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
+// Orders this thread's generic-proxy writes of shared memory (stores, cp.async) before the async
+// proxy's reads (wgmma).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// The compiler sees an asynchronous wgmma's registers as read and written when it is issued; these
+// keep their reads, and any reuse of the registers, after the wait that completes it.
+__device__ __forceinline__ void hold(float& x) { asm volatile("" : "+f"(x) :: "memory"); }
+__device__ __forceinline__ void hold(unsigned& x) { asm volatile("" : "+r"(x) :: "memory"); }
+// A shared-memory matrix descriptor with 128-byte swizzling: the start address and the leading and
+// stride byte offsets (all in 16-byte units).
+__device__ __forceinline__ unsigned long long wgmma_desc(unsigned address, unsigned leading, unsigned stride) {
+    return (unsigned long long)((address & 0x3FFFF) >> 4) | ((unsigned long long)(leading >> 4) << 16)
+           | ((unsigned long long)(stride >> 4) << 32) | (1ull << 62);
+}
+#endif
+
+// The byte offset of 16-byte piece `part` of row r in a tile of `rows` rows kept as 64-element
+// (128-byte) halves one after the other, swizzled as wgmma's 128-byte mode reads them (the
+// tile's start 1024-byte aligned).
+__device__ __forceinline__ int swizzled128(int r, int part, int rows) {
+    return (part >> 3) * rows * 128 + r * 128 + (((part & 7) ^ (r & 7)) << 4);
+}
+
+template <int KT, int WG, bool PIPE>
+__device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __half* kc, const __half* vc, float* out,
+                                                        const int* slots, const int* positions, const int* tiles, int heads,
+                                                        int kvHeads, const int* tables, int width, int bs, float scale,
+                                                        float softcap, int window, int gq) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    gdc_wait();
+    constexpr int D = 128, BR = FA_ROWS * WG;  // block rows: WG warpgroups of 64
+    constexpr int THREADS = 128 * WG;
+    constexpr int NT = KT / 8;          // score fragments a thread holds per row pair (8 keys each)
+    constexpr int DT = D / 8;           // output fragments (8 dimensions each)
+    constexpr int KS = D / 16;          // k-steps of Q K^T
+    constexpr int QB = 2 * BR * 128;    // bytes of the queries (a warpgroup's 64 rows: 2 x 64 x 128)
+    constexpr int TB = 2 * KT * 128;    // of a key (or value) tile
+    constexpr int CHUNKS = KT * D / 8;  // 16-byte pieces of a key (or value) tile
+    static_assert(KT == 64 || KT == 128, "a key tile is one wgmma of 64 or 128 columns");
+    static_assert(KT <= THREADS, "a tile's row offsets are looked up by a thread each");
+    extern __shared__ __align__(16) unsigned char fa_shared[];
+    unsigned char* Qs = fa_shared + ((1024 - (shared_address(fa_shared) & 1023)) & 1023);  // swizzled tiles start 1024-aligned
+    unsigned char* Ks = Qs + QB;         // [2][TB]
+    unsigned char* Vs = Ks + 2 * TB;     // [2][TB]
+    long* rowAt = (long*)(Vs + 2 * TB);  // [3][KT]: the cache offset of each key row of a tile
+    int tile = gridDim.x - 1 - blockIdx.x;  // the longest tiles (latest in their sequence) first
+    int first = tiles[2 * tile], count = tiles[2 * tile + 1], h0 = blockIdx.y * gq;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int P = BR / gq;  // block row r is query head h0 + r / P at the tile's position r % P
+    int kvh = h0 / (heads / kvHeads), row = kvHeads * D;
+    int p0 = positions[first], lastPos = p0 + count - 1, slot = slots[first];
+    long kvOffset = (long)kvh * D;
+    int lo = window > 0 ? max(0, p0 - window + 1) / KT * KT : 0;
+    int nTiles = (lastPos - lo) / KT + 1;
+    auto locate = [&](int t) {
+        int pos = lo + t * KT + threadIdx.x;
+        if (threadIdx.x < KT && t < nTiles) rowAt[(t % 3) * KT + threadIdx.x] = pos <= lastPos ? kv_at(tables, width, bs, slot, pos, row) + kvOffset : -1;
+    };
+    // Copies the keys (K) and/or the values (V) of tile t into buffer t & 1 (no commit).
+    auto load = [&](int t, bool K, bool V) {
+        unsigned char* kd = Ks + (t & 1) * TB;
+        unsigned char* vd = Vs + (t & 1) * TB;
+        const long* at = rowAt + (t % 3) * KT;
+#pragma unroll
+        for (int c = threadIdx.x; c < CHUNKS; c += THREADS) {
+            int j = c / (D / 8), part = c % (D / 8);
+            long o = at[j];
+            bool in = o >= 0;
+            o = in ? o + part * 8 : 0;
+            int to = swizzled128(j, part, KT);
+            if (K) copy16_async(kd + to, kc + o, in);
+            if (V) copy16_async(vd + to, vc + o, in);
+        }
+    };
+    auto load_tile = [&](int t) {
+        load(t, true, true);
+        copy_commit();
+    };
+    locate(0);
+    locate(1);
+    const float LOG2E = 1.4426950408889634f;
+    const float qscale = softcap > 0.f ? scale : scale * LOG2E;
+    for (int i = threadIdx.x; i < BR * D / 4; i += blockDim.x) {
+        int r = i / (D / 4), d = 4 * (i % (D / 4)), pi = r % P;
+        float4 v = pi < count ? *(const float4*)(q + ((long)(first + pi) * heads + h0 + r / P) * D + d) : make_float4(0.f, 0.f, 0.f, 0.f);
+        *(uint2*)(Qs + (r >> 6) * (2 * 64 * 128) + swizzled128(r & 63, d / 8, 64) + (d % 8) * 2) =
+            make_uint2(pack_half2(v.x * qscale, v.y * qscale), pack_half2(v.z * qscale, v.w * qscale));
+    }
+    fence_proxy_async();
+    __syncthreads();
+    // This warpgroup's 64 query rows.
+    const unsigned qAddr = shared_address(Qs) + (warp >> 2) * (2 * 64 * 128), kAddr = shared_address(Ks), vAddr = shared_address(Vs);
+    float o[DT * 4];  // wgmma's accumulator: o[4n + e] is mma's o[n][e]
+#pragma unroll
+    for (int i = 0; i < DT * 4; i++) o[i] = 0.f;
+    const float NEG = -__int_as_float(0x7f800000);
+    float m[2] = {NEG, NEG}, l[2] = {0.f, 0.f};
+    int r0 = warp * 16 + (lane >> 2);  // the thread's rows: r0 and r0 + 8
+    int posLo = P >= 16 ? (warp * 16) % P : 0, posHi = P >= 16 ? posLo + 15 : P - 1;
+    int warpFirst = p0 + posLo, warpLast = p0 + min(count - 1, posHi);
+    // wgmma takes a warpgroup's four warps together, so no warp skips a tile: one whose rows it
+    // all masks gets zero probabilities. (The block's tiles start at the window's first key, so
+    // every tile has keys some row of the block sees.)
+    // Issues S = Q K^T for key tile t (16 dimensions a wgmma: a 32-byte step along a 128-byte half line).
+    auto scores = [&](float (&s)[NT * 4], int t) {
+        const unsigned kt = kAddr + (t & 1) * TB;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) {
+            unsigned long long a = wgmma_desc(qAddr + (kk >> 2) * (64 * 128) + (kk & 3) * 32, 16, 1024);
+            unsigned long long b = wgmma_desc(kt + (kk >> 2) * (KT * 128) + (kk & 3) * 32, 16, 1024);
+            if constexpr (KT == 64) wgmma_ss_n64(s, a, b, kk > 0);
+            else wgmma_ss_n128(s, a, b, kk > 0);
+        }
+    };
+    // Soft-caps and masks tile t's scores, and turns them into probabilities with the online softmax
+    // (the rows' maximum and sum); corr: what the output so far is to be scaled by.
+    auto softmax = [&](float (&s)[NT * 4], int t, float (&corr)[2]) {
+        int k0 = lo + t * KT;
+        bool open = k0 + KT - 1 <= warpFirst && (window <= 0 || k0 > warpLast - window) && softcap <= 0.f && posLo < count;
+        float mx[2] = {NEG, NEG};
+        if (open) {
+#pragma unroll
+            for (int i = 0; i < NT * 4; i++) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+        } else {
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int pi = (r0 + (e >> 1) * 8) % P, key = k0 + 8 * n + 2 * (lane & 3) + (e & 1), qpos = p0 + pi;
+                    bool valid = pi < count && key <= qpos && (window <= 0 || key > qpos - window);
+                    float v = valid ? (softcap > 0.f ? soft_cap(s[4 * n + e], softcap) * LOG2E : s[4 * n + e]) : NEG;
+                    s[4 * n + e] = v;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
+            float mn = fmaxf(m[i], mx[i]);
+            float base = mn == NEG ? 0.f : mn;  // a row with nothing valid yet: exp(-inf - 0) = 0
+            corr[i] = exp2f(m[i] - base);
+            m[i] = mn;
+            mx[i] = base;
+            l[i] *= corr[i];
+        }
+#pragma unroll
+        for (int i = 0; i < NT * 4; i++) {
+            float p = exp2f(s[i] - mx[(i >> 1) & 1]);
+            s[i] = p;
+            l[(i >> 1) & 1] += p;
+        }
+    };
+    auto rescale = [&](const float (&corr)[2]) {
+#pragma unroll
+        for (int n = 0; n < DT; n++) { o[4 * n] *= corr[0]; o[4 * n + 1] *= corr[0]; o[4 * n + 2] *= corr[1]; o[4 * n + 3] *= corr[1]; }
+    };
+    // The probabilities of keys 16j ..< 16j + 16 (the scores' accumulator fragments) as P's A fragment.
+    auto pack = [&](unsigned (&a)[KT / 16][4], const float (&s)[NT * 4]) {
+#pragma unroll
+        for (int j = 0; j < KT / 16; j++) {
+            a[j][0] = pack_half2(s[8 * j], s[8 * j + 1]); a[j][1] = pack_half2(s[8 * j + 2], s[8 * j + 3]);
+            a[j][2] = pack_half2(s[8 * j + 4], s[8 * j + 5]); a[j][3] = pack_half2(s[8 * j + 6], s[8 * j + 7]);
+        }
+    };
+    // Issues O += P V for value tile t: 16 keys a wgmma, each of 2 x 64 dimensions (N-major: 8-row
+    // groups 1024 bytes apart, the stride; the two 64-dimension halves KT * 128 bytes apart, the leading offset).
+    auto values = [&](const unsigned (&a)[KT / 16][4], int t) {
+        const unsigned vt = vAddr + (t & 1) * TB;
+#pragma unroll
+        for (int j = 0; j < KT / 16; j++) wgmma_rs_n128(o, a[j], wgmma_desc(vt + j * 16 * 128, KT * 128, 1024), 1);
+    };
+    auto hold_probabilities = [&](unsigned (&a)[KT / 16][4]) {
+#pragma unroll
+        for (int j = 0; j < KT / 16; j++) { hold(a[j][0]); hold(a[j][1]); hold(a[j][2]); hold(a[j][3]); }
+    };
+    auto hold_output = [&] {
+#pragma unroll
+        for (int i = 0; i < DT * 4; i++) hold(o[i]);
+    };
+    if constexpr (!PIPE) {
+        // One tile at a time: its scores, softmax, then P V, while the next tile is copied.
+        load_tile(0);
+        for (int t = 0; t < nTiles; t++) {
+            if (t + 1 < nTiles) {
+                load_tile(t + 1);
+                copy_wait<1>();
+            } else {
+                copy_wait<0>();
+            }
+            fence_proxy_async();
+            __syncthreads();
+            float s[NT * 4];  // s[4n + e] is mma's s[n][e]
+            wgmma_fence();
+            scores(s, t);
+            wgmma_commit();
+            wgmma_wait<0>();
+#pragma unroll
+            for (int i = 0; i < NT * 4; i++) hold(s[i]);
+            float corr[2];
+            softmax(s, t, corr);
+            rescale(corr);
+            unsigned a[KT / 16][4];
+            pack(a, s);
+            wgmma_fence();
+            values(a, t);
+            wgmma_commit();
+            wgmma_wait<0>();
+            hold_output();
+            hold_probabilities(a);
+            locate(t + 2);  // rowAt[t % 3] was read by tile t's copies, issued before this one's wait
+            __syncthreads();  // every warp is done with this buffer before the next load_tile refills it
+        }
+    } else {
+        // FlashAttention-3's overlap within a warpgroup: tile t's scores and tile t - 1's P V are
+        // issued together, and tile t's softmax runs while the tensor cores do P V. The values
+        // are copied a tile behind the keys: iteration t reads keys t and values t - 1 while keys
+        // t + 1 and values t are copied into the buffers that keys t - 1 and values t - 2 left.
+        unsigned a[KT / 16][4] = {};
+        load(0, true, false);
+        copy_commit();
+        for (int t = 0; t < nTiles; t++) {
+            copy_wait<0>();  // keys t and values t - 1, the last copies issued
+            fence_proxy_async();
+            __syncthreads();  // visible to every warp, and every warp is done with iteration t - 1
+            if (t + 1 < nTiles) load(t + 1, true, false);
+            load(t, false, true);
+            copy_commit();
+            locate(t + 2);  // rowAt[(t + 2) % 3] was last read by iteration t - 1's copies
+            float s[NT * 4];
+            wgmma_fence();
+            scores(s, t);
+            wgmma_commit();
+            if (t > 0) values(a, t - 1);
+            wgmma_commit();
+            wgmma_wait<1>();  // the scores (P V may still run)
+#pragma unroll
+            for (int i = 0; i < NT * 4; i++) hold(s[i]);
+            float corr[2];
+            softmax(s, t, corr);
+            wgmma_wait<0>();  // P V of tile t - 1: the output, and P's registers free again
+            hold_output();
+            hold_probabilities(a);
+            rescale(corr);
+            pack(a, s);
+        }
+        copy_wait<0>();  // the last tile's values
+        fence_proxy_async();
+        __syncthreads();
+        wgmma_fence();
+        values(a, nTiles - 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        hold_output();
+        hold_probabilities(a);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int r = r0 + 8 * i, pi = r % P;
+        if (pi >= count) continue;
+        float inv = l[i] > 0 ? 1.f / l[i] : 0.f;
+        float* dst = out + ((long)(first + pi) * heads + h0 + r / P) * D + 2 * (lane & 3);
+#pragma unroll
+        for (int n = 0; n < DT; n++) *(float2*)(dst + 8 * n) = make_float2(o[4 * n + 2 * i] * inv, o[4 * n + 2 * i + 1] * inv);
+    }
+#endif
+}
+
+// The backend's kernels (key tile, warpgroups a block, overlap); CUDABackend.warpgroupAttentionKernels
+// mirrors the list, and PEREGRINE_WGMMA_PROMPT_ATTENTION picks one.
+#define ATTENTION_PREFILL_WGMMA(name, KT, WG, PIPE)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128 * WG) name(                                                             \
+        const float* q, const __half* kc, const __half* vc, float* out, const int* slots, const int* positions,              \
+        const int* tiles, int heads, int kvHeads, const int* tables, int width, int bs, float scale, float softcap,          \
+        int window, int gq) {                                                                                                \
+        attention_prefill_wgmma<KT, WG, PIPE>(q, kc, vc, out, slots, positions, tiles, heads, kvHeads, tables, width, bs,    \
+                                              scale, softcap, window, gq);                                                   \
+    }
+ATTENTION_PREFILL_WGMMA(attention_prefill_wgmma_128, 64, 1, false)
+ATTENTION_PREFILL_WGMMA(attention_prefill_wgmma_128_overlap, 64, 1, true)
+ATTENTION_PREFILL_WGMMA(attention_prefill_wgmma_128_wg2, 64, 2, false)
+ATTENTION_PREFILL_WGMMA(attention_prefill_wgmma_128_wg2_overlap, 64, 2, true)
+ATTENTION_PREFILL_WGMMA(attention_prefill_wgmma_128_kt128_wg2_overlap, 128, 2, true)
+
 // Single queries of a batch (decode steps) on tensor cores, over an F16 cache: the grid and the
 // scratch of attention_split (block: token, KV head and part of its group, split), the group's
 // query heads as the rows of one 16-row mma tile (heads past the group are zero rows), so each
