@@ -9,7 +9,8 @@
 // Run on the GPU machine, from the checkout:
 //   nvcc -O3 -arch=sm_90a -std=c++17 --use_fast_math -o fa_lab scripts/fa_lab.cu && ./fa_lab
 // (-DFA_OLD='"file"' adds a kernel `fa_old` from that file, with the same parameters, first.)
-// (`./fa_lab 15` runs each variant once on the last chunk only, for ncu.)
+// (`./fa_lab 15` runs each variant once on the last chunk only, for ncu; FA_VARIANT=i runs the
+// first and the i-th only.)
 #include "../Sources/Peregrine/Backend/CUDA/Kernels.cu"
 #include <algorithm>
 #include <cstdio>
@@ -113,7 +114,12 @@ int main(int argc, char** argv) {
     cudaEvent_t a, b; CK(cudaEventCreate(&a)); CK(cudaEventCreate(&b));
     printf("| variant | chunk 4 (keys to 2,048) us | chunk 8 (4,096) us | chunk 16 (8,192) us | pp8192's 16 chunks ms | TFLOP/s | max diff |\n");
     printf("|---|---|---|---|---|---|---|\n");
+    // FA_VARIANT=i runs the first variant (the reference of max diff) and the i-th only, so a
+    // kernel that faults takes no other's result with it: `for i in 1 2 ...; do FA_VARIANT=$i ./fa_lab; done`.
+    const char* only = getenv("FA_VARIANT");
+    if (only && (atoi(only) < 1 || atoi(only) >= (int)variants.size())) { printf("FA_VARIANT: 1 to %zu\n", variants.size() - 1); return 2; }
     for (size_t vi = 0; vi < variants.size(); vi++) {
+        if (only && vi != 0 && (int)vi != atoi(only)) continue;
         auto& v = variants[vi];
         int rowsPerBlock = v.rows ? v.rows : 64 * v.mt, P = rowsPerBlock / v.gq;
         size_t shared = v.shared ? v.shared : (size_t)(rowsPerBlock + 4 * v.kt) * (D + 8) * 2 + 2 * v.kt * 8;
