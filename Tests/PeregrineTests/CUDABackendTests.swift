@@ -383,7 +383,7 @@ final class CUDABackendTests: XCTestCase {
     /// Prompt attention over an F16 cache on the tensor cores against the CPU backend on the same
     /// cache: Llama-3-8B's layout, groups of 4, 3, 1, 8, 16 and 6 query heads a KV head (blocks of
     /// 4, 1, 1, 8, 16 and 2 heads; and with one head a block), head sizes 64, 96, 128 and 256 (128
-    /// on each of Hopper's warpgroup-MMA kernels too); one launch
+    /// on each of Hopper's warpgroup-MMA kernels too, with groups of 4, 8 and 16); one launch
     /// holding three sequences' prompt chunks (one starting mid-sequence at a position that is no
     /// multiple of a tile, so its queries attend to keys cached before it; one short of a tile);
     /// with and without a sliding window and Gemma 2's soft-capping. Queries and probabilities
@@ -400,7 +400,7 @@ final class CUDABackendTests: XCTestCase {
         let blockSize = 16, blocks = 64, width = 24
         // (slot, first position, rows): chunk of slot 0 from 37 (its keys 0 ..< 37 cached before).
         let chunks = [(0, 37, 150), (1, 0, 70), (2, 200, 17)]
-        for (heads, kvHeads, hd) in [(32, 8, 128), (8, 2, 64), (12, 4, 256), (6, 6, 96), (16, 2, 128), (32, 2, 64), (12, 2, 64)] {
+        for (heads, kvHeads, hd) in [(32, 8, 128), (8, 2, 64), (12, 4, 256), (6, 6, 96), (16, 2, 128), (32, 2, 64), (12, 2, 64), (32, 2, 128)] {
             var order = Array(0..<Int32(blocks))
             for i in stride(from: order.count - 1, to: 0, by: -1) { order.swapAt(i, Int(rng.next() % UInt64(i + 1))) }
             var plan = BatchPlan()

@@ -2655,13 +2655,15 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
             rescale(corr);
             unsigned a[KT / 16][4];
             pack(a, s);
+            hold_output();  // the rescaled output and P written before the fence, not sunk past it
+            hold_probabilities(a);
             wgmma_fence();
             values(a, t);
             wgmma_commit();
             wgmma_wait<0>();
             hold_output();
             hold_probabilities(a);
-            locate(t + 2);  // rowAt[t % 3] was read by tile t's copies, issued before this one's wait
+            locate(t + 2);  // rowAt[(t + 2) % 3] was last read by tile t - 1's copies, before this one's wait
             __syncthreads();  // every warp is done with this buffer before the next load_tile refills it
         }
     } else {
@@ -2681,6 +2683,8 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
             copy_commit();
             locate(t + 2);  // rowAt[(t + 2) % 3] was last read by iteration t - 1's copies
             float s[NT * 4];
+            hold_output();  // the rescaled output and P written before the fence, not sunk past it
+            hold_probabilities(a);
             wgmma_fence();
             scores(s, t);
             wgmma_commit();
@@ -2700,6 +2704,8 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
         copy_wait<0>();  // the last tile's values
         fence_proxy_async();
         __syncthreads();
+        hold_output();
+        hold_probabilities(a);
         wgmma_fence();
         values(a, nTiles - 1);
         wgmma_commit();
