@@ -393,7 +393,8 @@ final class CUDABackendTests: XCTestCase {
     func testTensorCorePromptAttentionMatchesCPU() throws {
         let gpu = try backend()
         guard gpu.driver.computeCapability.major >= 8 else { throw XCTSkip("tensor-core attention needs compute capability 8.0 or later") }
-        defer { gpu.tensorCoreAttentionAllowed = true; gpu.groupedPromptAttention = true; gpu.warpgroupPromptAttention = nil }
+        let warpgroupDefault = gpu.warpgroupPromptAttention
+        defer { gpu.tensorCoreAttentionAllowed = true; gpu.groupedPromptAttention = true; gpu.warpgroupPromptAttention = warpgroupDefault }
         let cpu = cpuReference()
         var rng = SplitMix(seed: 7)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
@@ -429,6 +430,7 @@ final class CUDABackendTests: XCTestCase {
                 let label = "\(heads)/\(kvHeads) heads of \(hd), window \(window ?? 0), cap \(cap ?? 0)"
                 let expected = try run(cpu)
                 gpu.tensorCoreAttentionAllowed = true
+                gpu.warpgroupPromptAttention = nil  // mma.sync (Hopper's 128-wide heads take warpgroup MMA by default)
                 let fast = try run(gpu)
                 // Scores of 8x the scale (soft-capped) carry 8x the error of rounding the queries.
                 XCTAssertLessThan(maxAbsDiff(fast, expected), cap == nil ? 4e-3 : 1.5e-2, label + ": tensor cores")
@@ -441,8 +443,8 @@ final class CUDABackendTests: XCTestCase {
                     gpu.groupedPromptAttention = false
                     XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 4e-3 : 1.5e-2, label + ": \(kernel.name), a head a block")
                     gpu.groupedPromptAttention = true
-                    gpu.warpgroupPromptAttention = nil
                 }
+                gpu.warpgroupPromptAttention = nil
                 gpu.tensorCoreAttentionAllowed = false
                 XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 1e-4 : 5e-4, label + ": f32 kernel")
             }

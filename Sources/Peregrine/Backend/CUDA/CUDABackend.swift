@@ -305,11 +305,14 @@ public final class CUDABackend: ComputeBackend {
     /// turn it off to compare.
     var groupedPromptAttention = ProcessInfo.processInfo.environment["PEREGRINE_NO_GROUPED_PROMPT_ATTENTION"] == nil
     /// Prompt attention of 128-wide heads on Hopper's warpgroup MMA (one of
-    /// `warpgroupAttentionKernels`) instead of mma.sync where `warpgroupAttention` allows it.
-    /// PEREGRINE_WGMMA_PROMPT_ATTENTION picks one for measuring: 1 the first, or the part of a
-    /// kernel's name after attention_prefill_wgmma_128_ (tests go through all of them).
+    /// `warpgroupAttentionKernels`) instead of mma.sync where `warpgroupAttention` allows it: by
+    /// default `kt128_wg2` (blocks of 128 query rows over 128-key tiles), the fastest of them on
+    /// an H200 (BENCHMARKS.md). PEREGRINE_WGMMA_PROMPT_ATTENTION picks another for measuring (the
+    /// part of its name after attention_prefill_wgmma_128_, or 1 for the first), 0 keeps mma.sync;
+    /// tests go through all of them.
     var warpgroupPromptAttention: WarpgroupAttentionKernel? = {
-        guard let choice = ProcessInfo.processInfo.environment["PEREGRINE_WGMMA_PROMPT_ATTENTION"] else { return nil }
+        let choice = ProcessInfo.processInfo.environment["PEREGRINE_WGMMA_PROMPT_ATTENTION"] ?? "kt128_wg2"
+        if choice == "0" { return nil }
         return CUDABackend.warpgroupAttentionKernels.first { choice == "1" ? true : $0.name == "attention_prefill_wgmma_128_" + choice }
     }()
     /// The chosen experts' products of many rows by expert_gemm (tensor cores, one launch a
@@ -1354,6 +1357,7 @@ public final class CUDABackend: ComputeBackend {
         WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128_wg2", keys: 64, warpgroups: 2),
         WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128_wg2_overlap", keys: 64, warpgroups: 2),
         WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128_kt128_wg2_overlap", keys: 128, warpgroups: 2),
+        WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128_kt128_wg2", keys: 128, warpgroups: 2),
     ]
 
     /// The warpgroup-MMA kernel a prompt's tensor-core attention takes, if any: one chosen, a

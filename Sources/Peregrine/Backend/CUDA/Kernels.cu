@@ -2745,6 +2745,7 @@ ATTENTION_PREFILL_WGMMA(attention_prefill_wgmma_128_overlap, 64, 1, true)
 ATTENTION_PREFILL_WGMMA(attention_prefill_wgmma_128_wg2, 64, 2, false)
 ATTENTION_PREFILL_WGMMA(attention_prefill_wgmma_128_wg2_overlap, 64, 2, true)
 ATTENTION_PREFILL_WGMMA(attention_prefill_wgmma_128_kt128_wg2_overlap, 128, 2, true)
+ATTENTION_PREFILL_WGMMA(attention_prefill_wgmma_128_kt128_wg2, 128, 2, false)
 
 // Single queries of a batch (decode steps) on tensor cores, over an F16 cache: the grid and the
 // scratch of attention_split (block: token, KV head and part of its group, split), the group's
