@@ -5,7 +5,7 @@
 # 1. the tensor-core prompt attention test (every kernel against the CPU; scripts/gpu_tests.sh's bundle);
 # 2. scripts/fa_lab.cu (where nvcc is): each kernel alone on pp8192's 16 chunks, beside mma.sync;
 # 3. `bench -p 512 -p 2048 -p 8192 -n 0` on the 8B-shaped BF16 file with the default kernel and
-#    each PEREGRINE_WGMMA_PROMPT_ATTENTION choice, alternating, ROUNDS rounds (default 2).
+#    each PEREGRINE_WGMMA_PROMPT_ATTENTION choice (0: mma.sync), alternating, ROUNDS rounds (default 2).
 # PARTS picks some of them (default "test lab bench"); CHOICES the bench's kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +41,7 @@ echo "== bench"
 [ -f "$MODEL/config.json" ] || python3 scripts/make_gpu_model.py "$MODEL"
 [ -f "$WORK/m-bf16.gguf" ] || "$BIN" quantize -m "$MODEL" --type BF16 -o "$WORK/m-bf16.gguf" > /dev/null
 for round in $(seq "${ROUNDS:-2}"); do
-    for choice in ${CHOICES:-default 1 overlap wg2 wg2_overlap kt128_wg2_overlap}; do
+    for choice in ${CHOICES:-default 0 1 overlap wg2 wg2_overlap kt128_wg2_overlap}; do
         if [ "$choice" = default ]; then unset PEREGRINE_WGMMA_PROMPT_ATTENTION; else export PEREGRINE_WGMMA_PROMPT_ATTENTION=$choice; fi
         printf 'round %s %-18s ' "$round" "$choice"
         timeout 300 "$BIN" bench --device cuda -m "$WORK/m-bf16.gguf" -p 512 -p 2048 -p 8192 -n 0 -r 2 --kv-cache-type f16 --json 2>&1 \
