@@ -33,18 +33,10 @@
 LAB_KERNEL(fa_mt1_kt64, 128, 64, 1)
 LAB_KERNEL(fa_mt1_kt32, 128, 32, 1)
 LAB_KERNEL(fa_mt2_kt64, 128, 64, 2)
-// Hopper's warpgroup MMA (attention_prefill_wgmma): key tiles of KT, WG warpgroups of 64 rows a
-// block, PIPE (a tile's softmax overlapped with the last one's P V). Kernels.cu's
-// attention_prefill_wgmma_128* are the backend's choices (kt128_wg2 its default); this one only the lab's.
-#define LAB_WGMMA(name, KT, WG, PIPE)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(128 * WG) name(                                                             \
-        const float* q, const __half* kc, const __half* vc, float* out, const int* slots, const int* positions,              \
-        const int* tiles, int heads, int kvHeads, const int* tables, int width, int bs, float scale, float softcap,          \
-        int window, int gq) {                                                                                                \
-        attention_prefill_wgmma<KT, WG, PIPE>(q, kc, vc, out, slots, positions, tiles, heads, kvHeads, tables, width, bs,    \
-                                              scale, softcap, window, gq);                                                   \
-    }
-LAB_WGMMA(fa_wgmma_kt128, 128, 1, false)
+// Hopper's warpgroup MMA (attention_prefill_wgmma): Kernels.cu's attention_prefill_wgmma_128*
+// are the backend's choices (kt128_wg2 its default); this one, 64 rows over 128-key tiles, only
+// the lab's, made by Kernels.cu's own macro.
+ATTENTION_PREFILL_WGMMA(fa_wgmma_kt128, 128, 1, false)
 
 typedef void (*Kernel)(const float*, const __half*, const __half*, float*, const int*, const int*, const int*, int, int,
                        const int*, int, int, float, float, int, int);

@@ -2178,6 +2178,85 @@ __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
     return *(unsigned*)&h;
 }
 
+// The prompt kernels' online softmax, one m16 tile's step for a thread's two rows r and r + 8
+// (mma's accumulator layout: s[n][e] is key k0 + 8n + 2 (lane & 3) + (e & 1) of row r + 8 (e >> 1);
+// block row r is position r % P of the tile). Soft-caps and masks the scores (a tile every row
+// sees, `open`, takes no mask), updates the rows' maximum m and scales their sum l; mx is then
+// what the probabilities are taken against, corr what the output so far is to be scaled by.
+template <int NT>
+__device__ __forceinline__ void prompt_softmax_max(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&mx)[2], float (&corr)[2],
+                                                   bool open, int r, int P, int count, int k0, int p0, int lane, int window,
+                                                   float softcap) {
+    const float NEG = -__int_as_float(0x7f800000), LOG2E = 1.4426950408889634f;
+    mx[0] = mx[1] = NEG;
+    if (open) {
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+        }
+    } else {
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int pi = (r + (e >> 1) * 8) % P, key = k0 + 8 * n + 2 * (lane & 3) + (e & 1), qpos = p0 + pi;
+                bool valid = pi < count && key <= qpos && (window <= 0 || key > qpos - window);
+                float v = valid ? (softcap > 0.f ? soft_cap(s[n][e], softcap) * LOG2E : s[n][e]) : NEG;
+                s[n][e] = v;
+                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
+        float mn = fmaxf(m[i], mx[i]);
+        float base = mn == NEG ? 0.f : mn;  // a row with nothing valid yet: exp(-inf - 0) = 0
+        corr[i] = exp2f(m[i] - base);
+        m[i] = mn;
+        mx[i] = base;
+        l[i] *= corr[i];
+    }
+}
+
+// The step's probabilities: the scores in place of exp2(s - mx), summed into l.
+template <int NT>
+__device__ __forceinline__ void prompt_softmax_exp(float (&s)[NT][4], const float (&mx)[2], float (&l)[2]) {
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float p = exp2f(s[n][e] - mx[e >> 1]);
+            s[n][e] = p;
+            l[e >> 1] += p;
+        }
+    }
+}
+
+// Writes a thread's two rows r and r + 8 of one m16 output tile (o[n][e]: dimension 8n +
+// 2 (lane & 3) + (e & 1) of row r + 8 (e >> 1)), divided by the rows' sums, which are first
+// added over the four lanes that hold them; rows past the tile's count are not written.
+template <int DT>
+__device__ __forceinline__ void prompt_store_rows(const float (&o)[DT][4], float (&l)[2], int r, int P, int count, float* out,
+                                                  int first, int heads, int h0, int lane) {
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int ri = r + 8 * i, pi = ri % P;
+        if (pi >= count) continue;
+        float inv = l[i] > 0 ? 1.f / l[i] : 0.f;
+        float* dst = out + ((long)(first + pi) * heads + h0 + ri / P) * (8 * DT) + 2 * (lane & 3);
+#pragma unroll
+        for (int n = 0; n < DT; n++) *(float2*)(dst + 8 * n) = make_float2(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+    }
+}
+
 template <int D, int KT, int MT>
 __device__ __forceinline__ void attention_prefill_mma(const float* q, const __half* kc, const __half* vc, float* out,
                                                       const int* slots, const int* positions, const int* tiles, int heads,
@@ -2307,50 +2386,12 @@ __device__ __forceinline__ void attention_prefill_mma(const float* q, const __ha
             }
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
-                // Soft-cap, mask, and the online softmax of rows r0 + 16 mt (i = 0) and r0 + 16 mt + 8 (i = 1).
-                float mx[2] = {NEG, NEG};
-                if (open) {
-#pragma unroll
-                    for (int n = 0; n < NT; n++) {
-#pragma unroll
-                        for (int e = 0; e < 4; e++) mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][n][e]);
-                    }
-                } else {
-#pragma unroll
-                    for (int n = 0; n < NT; n++) {
-#pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            int pi = (r0 + 16 * mt + (e >> 1) * 8) % P, key = k0 + 8 * n + 2 * (lane & 3) + (e & 1), qpos = p0 + pi;
-                            bool valid = pi < count && key <= qpos && (window <= 0 || key > qpos - window);
-                            float v = valid ? (softcap > 0.f ? soft_cap(s[mt][n][e], softcap) * LOG2E : s[mt][n][e]) : NEG;
-                            s[mt][n][e] = v;
-                            mx[e >> 1] = fmaxf(mx[e >> 1], v);
-                        }
-                    }
-                }
-                float corr[2];
-#pragma unroll
-                for (int i = 0; i < 2; i++) {
-                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
-                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
-                    float mn = fmaxf(m[mt][i], mx[i]);
-                    float base = mn == NEG ? 0.f : mn;  // a row with nothing valid yet: exp(-inf - 0) = 0
-                    corr[i] = exp2f(m[mt][i] - base);
-                    m[mt][i] = mn;
-                    mx[i] = base;
-                    l[mt][i] *= corr[i];
-                }
+                // Soft-cap, mask, and the online softmax of rows r0 + 16 mt and r0 + 16 mt + 8.
+                float mx[2], corr[2];
+                prompt_softmax_max(s[mt], m[mt], l[mt], mx, corr, open, r0 + 16 * mt, P, count, k0, p0, lane, window, softcap);
 #pragma unroll
                 for (int i = 0; i < DT; i++) { o[mt][i][0] *= corr[0]; o[mt][i][1] *= corr[0]; o[mt][i][2] *= corr[1]; o[mt][i][3] *= corr[1]; }
-#pragma unroll
-                for (int n = 0; n < NT; n++) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        float p = exp2f(s[mt][n][e] - mx[e >> 1]);
-                        s[mt][n][e] = p;
-                        l[mt][e >> 1] += p;
-                    }
-                }
+                prompt_softmax_exp(s[mt], mx, l[mt]);
             }
             // O += P V: the scores' accumulator fragments of keys 16j ..< 16j + 16 are P's A fragment.
 #pragma unroll
@@ -2377,22 +2418,7 @@ __device__ __forceinline__ void attention_prefill_mma(const float* q, const __ha
         __syncthreads();  // every warp is done with this buffer before the next load_tile refills it
     }
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            l[mt][i] += __shfl_xor_sync(0xffffffff, l[mt][i], 1);
-            l[mt][i] += __shfl_xor_sync(0xffffffff, l[mt][i], 2);
-        }
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            int r = r0 + 16 * mt + 8 * i, pi = r % P;
-            if (pi >= count) continue;
-            float inv = l[mt][i] > 0 ? 1.f / l[mt][i] : 0.f;
-            float* dst = out + ((long)(first + pi) * heads + h0 + r / P) * D + 2 * (lane & 3);
-#pragma unroll
-            for (int n = 0; n < DT; n++) *(float2*)(dst + 8 * n) = make_float2(o[mt][n][2 * i] * inv, o[mt][n][2 * i + 1] * inv);
-        }
-    }
+    for (int mt = 0; mt < MT; mt++) prompt_store_rows(o[mt], l[mt], r0 + 16 * mt, P, count, out, first, heads, h0, lane);
 #endif
 }
 
@@ -2424,28 +2450,30 @@ ATTENTION_PREFILL_MMA(256, 32)
 // tensor cores' results are waited for before the registers holding them are read, and the
 // probability registers are held until the products that read them are complete.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// d (64 x 64, f32) = A (64 x 16: a K-major descriptor) * B (16 x 64: a K-major descriptor) + d (+ d when accumulate).
-__device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) {
+// The wrappers' accumulators: d[i / 4][i % 4] is register i, for each warp its 16 rows in mma.sync's
+// m16n8 fragment layout (d[n][e]: row lane / 4 + 8 (e >> 1), column 8n + 2 (lane & 3) + (e & 1)).
+// d (64 x 64, f32) = A (64 x 16: a K-major descriptor) * B (16 x 64: a K-major descriptor) (+ d when accumulate).
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], unsigned long long a, unsigned long long b, int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
                  : "l"(a), "l"(b), "r"(accumulate));
 }
 
-// d (64 x 128, f32) = A (64 x 16: a K-major descriptor) * B (16 x 128: a K-major descriptor) + d (+ d when accumulate).
-__device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) {
+// d (64 x 128, f32) = A (64 x 16: a K-major descriptor) * B (16 x 128: a K-major descriptor) (+ d when accumulate).
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[16][4], unsigned long long a, unsigned long long b, int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
                  : "l"(a), "l"(b), "r"(accumulate));
 }
 
 // d (64 x 128, f32) = A (64 x 16 in registers: each warp's 16 rows as mma.sync's A fragment) * B (16 x 128: an
 // N-major descriptor) (+ d when accumulate).
-__device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const unsigned (&a)[4], unsigned long long b, int accumulate) {
+__device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const unsigned (&a)[4], unsigned long long b, int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
@@ -2542,9 +2570,9 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
     __syncthreads();
     // This warpgroup's 64 query rows.
     const unsigned qAddr = shared_address(Qs) + (warp >> 2) * (2 * 64 * 128), kAddr = shared_address(Ks), vAddr = shared_address(Vs);
-    float o[DT * 4];  // wgmma's accumulator: o[4n + e] is mma's o[n][e]
+    float o[DT][4];  // wgmma's accumulator, in mma.sync's fragment layout
 #pragma unroll
-    for (int i = 0; i < DT * 4; i++) o[i] = 0.f;
+    for (int n = 0; n < DT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     const float NEG = -__int_as_float(0x7f800000);
     float m[2] = {NEG, NEG}, l[2] = {0.f, 0.f};
     int r0 = warp * 16 + (lane >> 2);  // the thread's rows: r0 and r0 + 8
@@ -2554,7 +2582,7 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
     // all masks gets zero probabilities. (The block's tiles start at the window's first key, so
     // every tile has keys some row of the block sees.)
     // Issues S = Q K^T for key tile t (16 dimensions a wgmma: a 32-byte step along a 128-byte half line).
-    auto scores = [&](float (&s)[NT * 4], int t) {
+    auto scores = [&](float (&s)[NT][4], int t) {
         const unsigned kt = kAddr + (t & 1) * TB;
 #pragma unroll
         for (int kk = 0; kk < KS; kk++) {
@@ -2564,56 +2592,25 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
             else wgmma_ss_n128(s, a, b, kk > 0);
         }
     };
-    // Soft-caps and masks tile t's scores, and turns them into probabilities with the online softmax
-    // (the rows' maximum and sum); corr: what the output so far is to be scaled by.
-    auto softmax = [&](float (&s)[NT * 4], int t, float (&corr)[2]) {
+    // Tile t's online softmax step (prompt_softmax_max and _exp); corr: what the output so far is
+    // to be scaled by.
+    auto softmax = [&](float (&s)[NT][4], int t, float (&corr)[2]) {
         int k0 = lo + t * KT;
         bool open = k0 + KT - 1 <= warpFirst && (window <= 0 || k0 > warpLast - window) && softcap <= 0.f && posLo < count;
-        float mx[2] = {NEG, NEG};
-        if (open) {
-#pragma unroll
-            for (int i = 0; i < NT * 4; i++) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
-        } else {
-#pragma unroll
-            for (int n = 0; n < NT; n++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int pi = (r0 + (e >> 1) * 8) % P, key = k0 + 8 * n + 2 * (lane & 3) + (e & 1), qpos = p0 + pi;
-                    bool valid = pi < count && key <= qpos && (window <= 0 || key > qpos - window);
-                    float v = valid ? (softcap > 0.f ? soft_cap(s[4 * n + e], softcap) * LOG2E : s[4 * n + e]) : NEG;
-                    s[4 * n + e] = v;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
-                }
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
-            float mn = fmaxf(m[i], mx[i]);
-            float base = mn == NEG ? 0.f : mn;  // a row with nothing valid yet: exp(-inf - 0) = 0
-            corr[i] = exp2f(m[i] - base);
-            m[i] = mn;
-            mx[i] = base;
-            l[i] *= corr[i];
-        }
-#pragma unroll
-        for (int i = 0; i < NT * 4; i++) {
-            float p = exp2f(s[i] - mx[(i >> 1) & 1]);
-            s[i] = p;
-            l[(i >> 1) & 1] += p;
-        }
+        float mx[2];
+        prompt_softmax_max(s, m, l, mx, corr, open, r0, P, count, k0, p0, lane, window, softcap);
+        prompt_softmax_exp(s, mx, l);
     };
     auto rescale = [&](const float (&corr)[2]) {
 #pragma unroll
-        for (int n = 0; n < DT; n++) { o[4 * n] *= corr[0]; o[4 * n + 1] *= corr[0]; o[4 * n + 2] *= corr[1]; o[4 * n + 3] *= corr[1]; }
+        for (int n = 0; n < DT; n++) { o[n][0] *= corr[0]; o[n][1] *= corr[0]; o[n][2] *= corr[1]; o[n][3] *= corr[1]; }
     };
     // The probabilities of keys 16j ..< 16j + 16 (the scores' accumulator fragments) as P's A fragment.
-    auto pack = [&](unsigned (&a)[KT / 16][4], const float (&s)[NT * 4]) {
+    auto pack = [&](unsigned (&a)[KT / 16][4], const float (&s)[NT][4]) {
 #pragma unroll
         for (int j = 0; j < KT / 16; j++) {
-            a[j][0] = pack_half2(s[8 * j], s[8 * j + 1]); a[j][1] = pack_half2(s[8 * j + 2], s[8 * j + 3]);
-            a[j][2] = pack_half2(s[8 * j + 4], s[8 * j + 5]); a[j][3] = pack_half2(s[8 * j + 6], s[8 * j + 7]);
+            a[j][0] = pack_half2(s[2 * j][0], s[2 * j][1]); a[j][1] = pack_half2(s[2 * j][2], s[2 * j][3]);
+            a[j][2] = pack_half2(s[2 * j + 1][0], s[2 * j + 1][1]); a[j][3] = pack_half2(s[2 * j + 1][2], s[2 * j + 1][3]);
         }
     };
     // Issues O += P V for value tile t: 16 keys a wgmma, each of 2 x 64 dimensions (N-major: 8-row
@@ -2627,9 +2624,13 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
 #pragma unroll
         for (int j = 0; j < KT / 16; j++) { hold(a[j][0]); hold(a[j][1]); hold(a[j][2]); hold(a[j][3]); }
     };
+    auto hold_scores = [&](float (&s)[NT][4]) {
+#pragma unroll
+        for (int n = 0; n < NT; n++) { hold(s[n][0]); hold(s[n][1]); hold(s[n][2]); hold(s[n][3]); }
+    };
     auto hold_output = [&] {
 #pragma unroll
-        for (int i = 0; i < DT * 4; i++) hold(o[i]);
+        for (int n = 0; n < DT; n++) { hold(o[n][0]); hold(o[n][1]); hold(o[n][2]); hold(o[n][3]); }
     };
     if constexpr (!PIPE) {
         // One tile at a time: its scores, softmax, then P V, while the next tile is copied.
@@ -2643,13 +2644,12 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
             }
             fence_proxy_async();
             __syncthreads();
-            float s[NT * 4];  // s[4n + e] is mma's s[n][e]
+            float s[NT][4];
             wgmma_fence();
             scores(s, t);
             wgmma_commit();
             wgmma_wait<0>();
-#pragma unroll
-            for (int i = 0; i < NT * 4; i++) hold(s[i]);
+            hold_scores(s);
             float corr[2];
             softmax(s, t, corr);
             rescale(corr);
@@ -2682,7 +2682,7 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
             load(t, false, true);
             copy_commit();
             locate(t + 2);  // rowAt[(t + 2) % 3] was last read by iteration t - 1's copies
-            float s[NT * 4];
+            float s[NT][4];
             hold_output();  // the rescaled output and P written before the fence, not sunk past it
             hold_probabilities(a);
             wgmma_fence();
@@ -2691,8 +2691,7 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
             if (t > 0) values(a, t - 1);
             wgmma_commit();
             wgmma_wait<1>();  // the scores (P V may still run)
-#pragma unroll
-            for (int i = 0; i < NT * 4; i++) hold(s[i]);
+            hold_scores(s);
             float corr[2];
             softmax(s, t, corr);
             wgmma_wait<0>();  // P V of tile t - 1: the output, and P's registers free again
@@ -2713,20 +2712,7 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
         hold_output();
         hold_probabilities(a);
     }
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
-        l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
-    }
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        int r = r0 + 8 * i, pi = r % P;
-        if (pi >= count) continue;
-        float inv = l[i] > 0 ? 1.f / l[i] : 0.f;
-        float* dst = out + ((long)(first + pi) * heads + h0 + r / P) * D + 2 * (lane & 3);
-#pragma unroll
-        for (int n = 0; n < DT; n++) *(float2*)(dst + 8 * n) = make_float2(o[4 * n + 2 * i] * inv, o[4 * n + 2 * i + 1] * inv);
-    }
+    prompt_store_rows(o, l, r0, P, count, out, first, heads, h0, lane);
 #endif
 }
 
