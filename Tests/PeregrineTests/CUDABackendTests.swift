@@ -458,13 +458,15 @@ final class CUDABackendTests: XCTestCase {
     /// sizes 128, 64, 96, 16 and 32; one
     /// split a sequence, three, and forty (more than a short sequence has positions, so some
     /// splits are empty); with and without a
-    /// sliding window and soft-capping. The bound is f16's, as for the prompt kernel;
-    /// attention_split on the same batch is held to 1e-4.
+    /// sliding window and soft-capping; four warps a block with three tile buffers and with two,
+    /// and two warps. The bound is f16's, as for the prompt kernel; attention_split on the same
+    /// batch is held to 1e-4.
     func testTensorCoreDecodeAttentionMatchesCPU() throws {
         let gpu = try backend()
         guard gpu.driver.computeCapability.major >= 8 else { throw XCTSkip("tensor-core attention needs compute capability 8.0 or later") }
         gpu.groupedAttentionBlocks = 0
-        defer { gpu.tensorCoreDecodeAllowed = true; gpu.groupedAttentionBlocks = 64; gpu.decodeSplits = nil; gpu.tensorCoreDecodeWarps = 2 }
+        defer { gpu.tensorCoreDecodeAllowed = true; gpu.groupedAttentionBlocks = 64; gpu.decodeSplits = nil; gpu.tensorCoreDecodeWarps = nil
+                gpu.tensorCoreDecodeStages = nil }
         let cpu = cpuReference()
         var rng = SplitMix(seed: 11)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
@@ -499,9 +501,11 @@ final class CUDABackendTests: XCTestCase {
                     gpu.decodeSplits = splits
                     let label = "\(heads)/\(kvHeads) heads of \(hd), window \(window ?? 0), cap \(cap ?? 0), \(splits) splits"
                     gpu.tensorCoreDecodeAllowed = true
-                    for warps in [4, 2] {
+                    for (warps, stages) in [(4, 3), (4, 2), (2, 2)] {
                         gpu.tensorCoreDecodeWarps = warps
-                        XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 4e-3 : 1.5e-2, label + ": tensor cores, \(warps) warps")
+                        gpu.tensorCoreDecodeStages = stages
+                        XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 4e-3 : 1.5e-2,
+                                          label + ": tensor cores, \(warps) warps, \(stages) buffers")
                     }
                     gpu.tensorCoreDecodeAllowed = false
                     XCTAssertLessThan(maxAbsDiff(try run(gpu), expected), cap == nil ? 1e-4 : 5e-4, label + ": attention_split")

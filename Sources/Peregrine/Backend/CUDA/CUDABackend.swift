@@ -284,10 +284,18 @@ public final class CUDABackend: ComputeBackend {
     var tensorCoreDecodeAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_TENSOR_CORE_DECODE"] == nil
     /// Head dimensions attention_decode_mma_D is compiled for.
     static let tensorCoreDecodeDims = [16, 32, 64, 96, 128]
-    /// Warps a block of attention_decode_mma: 2 (tiles of 32 keys; H200, 256 sequences of PP 128
-    /// / TG 128: 25,505 and 26,054 total tok/s in two rounds) or 4 (tiles of 64, the `_w4`
-    /// kernels: 24,543 and 25,160). PEREGRINE_DECODE_WARPS=4 sets it for measuring; tests run both.
-    var tensorCoreDecodeWarps = Int(ProcessInfo.processInfo.environment["PEREGRINE_DECODE_WARPS"] ?? "") == 4 ? 4 : 2
+    /// Warps a block of attention_decode_mma: 2 (tiles of 32 keys) or 4 (tiles of 64, the `_w4`
+    /// kernels). nil: 2 in a batch (H200, 256 sequences of PP 128 / TG 128: 25,505 and 26,054
+    /// total tok/s in two rounds against 24,543 and 25,160 with 4), 4 for one sequence, whose
+    /// blocks are few and long (a split of 128 positions is two 64-key tiles, both in flight at
+    /// once, where two warps wait for four 32-key tiles one after another). PEREGRINE_DECODE_WARPS
+    /// (2 or 4) sets it for measuring; tests run both.
+    var tensorCoreDecodeWarps: Int? = [2, 4].first { $0 == Int(ProcessInfo.processInfo.environment["PEREGRINE_DECODE_WARPS"] ?? "") }
+    /// Buffers of key/value tiles a block of attention_decode_mma with four warps keeps: 2, or 3
+    /// (the `_w4s3` kernels: two tiles in flight while the warps work on a third). nil: 3 for one
+    /// sequence, 2 otherwise; PEREGRINE_DECODE_STAGES (2 or 3) sets it for measuring. Two warps
+    /// always take 2.
+    var tensorCoreDecodeStages: Int? = [2, 3].first { $0 == Int(ProcessInfo.processInfo.environment["PEREGRINE_DECODE_STAGES"] ?? "") }
     /// Positions a decode split takes in a long cache (fewer splits than fill the GPU are never
     /// used, more than 128 never; one sequence on the tensor cores has its own rule, in
     /// `attention`): on an H200 at depth 16,384, 256 (66 splits of one sequence's
@@ -347,7 +355,7 @@ public final class CUDABackend: ComputeBackend {
                      "moe_route", "moe_router", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16",
                      "expert_gemm_bf16", "expert_gemm_f16"]
                      + matvecs + CUDABackend.expertDownTypes.values.map { "moe_down_" + $0 } + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
-                     + CUDABackend.warpgroupAttentionKernels.map(\.name) + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4"] }) {
+                     + CUDABackend.warpgroupAttentionKernels.map(\.name) + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4", "attention_decode_mma_\($0)_w4s3"] }) {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
@@ -355,7 +363,7 @@ public final class CUDABackend: ComputeBackend {
         // Kernels whose dynamic shared memory may pass 48 KB (the normalized input of a product,
         // a prefill attention tile) ask for what the device allows.
         for name in matvecs + ["attention_prefill", "attention_split"] + CUDABackend.warpgroupAttentionKernels.map(\.name) + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
-            + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4"] }) {
+            + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4", "attention_decode_mma_\($0)_w4s3"] }) {
             // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, as dynamicSharedLimit (the kernel's
             // static shared memory counts against the device's limit)
             try driver.check(driver.cuFuncSetAttribute(functions[name] ?? nil, 8, Int32(CUDABackend.dynamicSharedLimit(driver))), "cuFuncSetAttribute(\(name))")
@@ -1272,8 +1280,12 @@ public final class CUDABackend: ComputeBackend {
         // by splits (8, 16, 32, 64, 128): BF16 670, 756, 746, 749, 665; Q4_K_M 769, 822, 881,
         // 843, 775 (128 had been the rule's: enough blocks to fill the GPU four times). The 8B
         // shape at depth 16,384 measured 66 splits faster than 128 too (see `splitPositions`).
+        // With four warps a block (one sequence), at most 32 splits: H200, 8B shape, one run, tg64
+        // tok/s by splits (default, 16, 32, 64, 128) at depth 16,384: two warps 176.0, 159.7, 175.2,
+        // 173.7, 168.3; four 172.4 (64 splits), 175.2, 178.1, 175.1, 168.6.
+        let warps = tensorCoreDecodeWarps ?? (splitRows == 1 ? 4 : 2)
         let splits = decodeSplits.map { max(1, min($0, 128)) }
-            ?? (splitRows == 1 && tensorCores ? max(1, min((basis + 127) / 128, 64))
+            ?? (splitRows == 1 && tensorCores ? max(1, min((basis + 127) / 128, warps == 4 ? 32 : 64))
                 : max(1, min((basis + 31) / 32, max(fill, (basis + splitPositions - 1) / splitPositions), 128)))  // SPLIT_MAX
         guard splitRows * heads <= CUDABackend.attentionCounterCount else {
             if firstError == nil { firstError = .unsupported("\(rows) tokens x \(heads) heads is past the attention kernel's counters") }
@@ -1284,12 +1296,16 @@ public final class CUDABackend: ComputeBackend {
         // attention_split: two buffers of a tile's 32 key rows (padded by 16 bytes) and value rows
         // as stored, the group's queries and the token's key as float4s; then the tile's
         // probabilities (8 x 32 floats) and the two tiles' key offsets (SPLIT_KEYS, SPLIT_GROUP
-        // in Kernels.cu). attention_decode_mma: two buffers of 16 x warps key and value rows
-        // (DT_KEYS), padded by 16 bytes, and the two tiles' key offsets.
-        let quads = hd / 4, chunks = rowBytes / 16, warps = tensorCoreDecodeWarps, tileKeys = 16 * warps
-        let shared = tensorCores ? 2 * 2 * tileKeys * (hd + 8) * 2 + 2 * tileKeys * 8
+        // in Kernels.cu). attention_decode_mma: `stages` buffers of 16 x warps key and value rows
+        // (DT_KEYS), padded by 16 bytes, and their keys' offsets; three only where they fit (104 KB
+        // for D = 128: not on GPUs with 99 KB a block).
+        let quads = hd / 4, chunks = rowBytes / 16, tileKeys = 16 * warps
+        let tiles = { (stages: Int) in stages * 2 * tileKeys * (hd + 8) * 2 + stages * tileKeys * 8 }
+        let wanted = warps == 4 ? tensorCoreDecodeStages ?? (splitRows == 1 ? 3 : 2) : 2
+        let stages = wanted == 3 && tiles(3) > CUDABackend.dynamicSharedLimit(driver) ? 2 : wanted
+        let shared = tensorCores ? tiles(stages)
             : grouped ? 16 * (2 * 32 * (chunks + 1) + 2 * 32 * chunks + 8 * quads + quads) + 4 * 8 * 32 + 8 * 2 * 32 : 0
-        let kernel = tensorCores ? "attention_decode_mma_\(hd)" + (warps == 4 ? "_w4" : "") : grouped ? "attention_split" : "attention_split_heads"
+        let kernel = tensorCores ? "attention_decode_mma_\(hd)" + (warps == 4 ? stages == 3 ? "_w4s3" : "_w4" : "") : grouped ? "attention_split" : "attention_split_heads"
         launch(kernel, grid: (splitRows, grouped ? cache.kvHeads * parts : heads, splits), block: tensorCores ? 32 * warps : 128,
                shared: shared) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)

@@ -2744,18 +2744,22 @@ ATTENTION_PREFILL_WGMMA(attention_prefill_wgmma_128_kt128_wg2, 128, 2, false)
 // result and (max, sum) go to scratch for merge_if_last, as attention_split's do. W warps a
 // block, tiles of 16W keys: two (the kernels attention_decode_mma_D; 35 KB of tiles for D = 128,
 // six blocks a multiprocessor) measured up to 4% faster than four (`_w4`: 70 KB, three blocks)
-// in a batch of 256 sequences on an H200, and no slower elsewhere.
-template <int D, int W>
+// in a batch of 256 sequences on an H200. S buffers of tiles: S - 1 tiles are in flight while the
+// warps work on one. One sequence's blocks are few and long (splits of 128 positions or more),
+// so they take four warps and three buffers (`_w4s3`: 104 KB for D = 128, two blocks a
+// multiprocessor); every copy group is committed, empty past the last tile, so that the wait
+// for tile n is always "at most S - 1 groups in flight".
+template <int D, int W, int S>
 __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
 #if __CUDA_ARCH__ >= 800
     gdc_wait();
     constexpr int LD = D + 8, DT = D / 8, KS = D / 16, CH = D / 8, DT_KEYS = 16 * W;
-    static_assert((2 * W * SPLIT_GROUP + W * SPLIT_GROUP * D + SPLIT_GROUP * SPLIT_MAX + SPLIT_GROUP) * 4 <= 4 * DT_KEYS * LD * 2,
+    static_assert((2 * W * SPLIT_GROUP + W * SPLIT_GROUP * D + SPLIT_GROUP * SPLIT_MAX + SPLIT_GROUP) * 4 <= 2 * S * DT_KEYS * LD * 2,
                   "the warps' results and the merge's weights fit in the tiles' memory");
     extern __shared__ __align__(16) unsigned char fa_shared[];
-    __half* Ks = (__half*)fa_shared;     // [2][DT_KEYS][LD]
-    __half* Vs = Ks + 2 * DT_KEYS * LD;  // [2][DT_KEYS][LD]
-    long* offs = (long*)(Vs + 2 * DT_KEYS * LD);  // [2][DT_KEYS]: the two tiles' keys' cache rows, -1 past the share
+    __half* Ks = (__half*)fa_shared;     // [S][DT_KEYS][LD]
+    __half* Vs = Ks + S * DT_KEYS * LD;  // [S][DT_KEYS][LD]
+    long* offs = (long*)(Vs + S * DT_KEYS * LD);  // [S][DT_KEYS]: the S tiles' keys' cache rows, -1 past the share
     GroupedShare sh = grouped_share(rowMap, positions, slots, heads, kvHeads, window, splits);
     int t = sh.t, split = sh.split, kvh = sh.kvh, h0 = sh.h0, nh = sh.nh, slot = sh.slot, start = sh.start, end = sh.end;
     int row = kvHeads * D, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -2764,26 +2768,29 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
     // Tile n's keys' rows, one thread a key (the block-table lookups once a key, not once a piece).
     auto find_rows = [&](int n) {
         int p = start + n * DT_KEYS + threadIdx.x;
-        if (threadIdx.x < DT_KEYS && n < nTiles) offs[(n & 1) * DT_KEYS + threadIdx.x] = p < end ? kv_at(tables, width, bs, slot, p, row) + kvOffset : -1L;
+        if (threadIdx.x < DT_KEYS && n < nTiles) offs[(n % S) * DT_KEYS + threadIdx.x] = p < end ? kv_at(tables, width, bs, slot, p, row) + kvOffset : -1L;
     };
     auto load_tile = [&](int n) {
-        __half* kd = Ks + (n & 1) * DT_KEYS * LD;
-        __half* vd = Vs + (n & 1) * DT_KEYS * LD;
-        const long* rows = offs + (n & 1) * DT_KEYS;
-        for (int c = threadIdx.x; c < DT_KEYS * CH; c += blockDim.x) {
-            int j = c / CH, piece = c % CH;
-            long o = rows[j];
-            bool in = o >= 0;
-            o = in ? o + piece * 8 : 0;
-            copy16_async(kd + j * LD + piece * 8, kc + o, in);
-            copy16_async(vd + j * LD + piece * 8, vc + o, in);
+        if (n < nTiles) {
+            __half* kd = Ks + (n % S) * DT_KEYS * LD;
+            __half* vd = Vs + (n % S) * DT_KEYS * LD;
+            const long* rows = offs + (n % S) * DT_KEYS;
+            for (int c = threadIdx.x; c < DT_KEYS * CH; c += blockDim.x) {
+                int j = c / CH, piece = c % CH;
+                long o = rows[j];
+                bool in = o >= 0;
+                o = in ? o + piece * 8 : 0;
+                copy16_async(kd + j * LD + piece * 8, kc + o, in);
+                copy16_async(vd + j * LD + piece * 8, vc + o, in);
+            }
         }
         copy_commit();
     };
-    find_rows(0);
-    find_rows(1);
+#pragma unroll
+    for (int n = 0; n < S; n++) find_rows(n);
     __syncthreads();
-    if (nTiles > 0) load_tile(0);
+#pragma unroll
+    for (int n = 0; n < S - 1; n++) load_tile(n);
     // The thread's query fragments (mma's A layout, row g = lane / 4): head h0 + g, scaled and
     // rounded to f16; rows g + 8 and heads past the part are zeros.
     int g = lane >> 2, c2 = 2 * (lane & 3);
@@ -2804,17 +2811,13 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
     for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m = NEG, l = 0.f;  // row g's running max and (this thread's share of the) sum
     for (int n = 0; n < nTiles; n++) {
-        if (n + 1 < nTiles) {
-            load_tile(n + 1);
-            copy_wait<1>();
-        } else {
-            copy_wait<0>();
-        }
+        load_tile(n + S - 1);  // into the buffer tile n - 1 was read from
+        copy_wait<S - 1>();
         __syncthreads();
         int kw = start + n * DT_KEYS + 16 * warp;  // the warp's first key
         if (kw < end) {
-            const __half* kt = Ks + ((n & 1) * DT_KEYS + 16 * warp) * LD;
-            const __half* vt = Vs + ((n & 1) * DT_KEYS + 16 * warp) * LD;
+            const __half* kt = Ks + ((n % S) * DT_KEYS + 16 * warp) * LD;
+            const __half* vt = Vs + ((n % S) * DT_KEYS + 16 * warp) * LD;
             float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) {
@@ -2860,7 +2863,7 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
                 mma_f16(o[2 * i + 1], a, b[2], b[3]);
             }
         }
-        find_rows(n + 2);  // into tile n's slot, read by its load_tile before this iteration
+        find_rows(n + S);  // into tile n's slot, read by its load_tile before this iteration
         __syncthreads();  // every warp is done with this buffer before the next load_tile refills it
     }
     l += __shfl_xor_sync(0xffffffff, l, 1);
@@ -2914,10 +2917,13 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
 
 #define ATTENTION_DECODE_MMA(D)                                                                                               \
     extern "C" __global__ void __launch_bounds__(64) attention_decode_mma_##D(SPLIT_PARAMS(void)) {                        \
-        attention_decode_mma<D, 2>(SPLIT_ARGS(__half));                                                                       \
+        attention_decode_mma<D, 2, 2>(SPLIT_ARGS(__half));                                                                    \
     }                                                                                                                         \
     extern "C" __global__ void __launch_bounds__(128) attention_decode_mma_##D##_w4(SPLIT_PARAMS(void)) {                  \
-        attention_decode_mma<D, 4>(SPLIT_ARGS(__half));                                                                       \
+        attention_decode_mma<D, 4, 2>(SPLIT_ARGS(__half));                                                                    \
+    }                                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) attention_decode_mma_##D##_w4s3(SPLIT_PARAMS(void)) {                \
+        attention_decode_mma<D, 4, 3>(SPLIT_ARGS(__half));                                                                    \
     }
 ATTENTION_DECODE_MMA(16)
 ATTENTION_DECODE_MMA(32)
