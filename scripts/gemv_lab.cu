@@ -6,6 +6,10 @@
 //                the 16-bit matvec kernels before matvec_half_body);
 //   gemv_pipe:   two sets of U loads, the next chunk issued before the current one is used;
 //   gemv_splitk: each row over S warps, their sums added atomically.
+// Kernels.cu's own fixed-length kernels (matvec_bf16[_gated]_kK_sS) are timed beside them. Last,
+// an L2 prefetch test: an 8 us kernel that leaves the memory idle (as one token's attention
+// does) before the output projection, with and without asking L2 for the projection's weights
+// by Hopper's bulk prefetch.
 // Run on the GPU machine, from the checkout:
 //   nvcc -O3 -arch=sm_90a -std=c++17 -o gemv_lab scripts/gemv_lab.cu && ./gemv_lab
 // BENCHMARKS.md ("One token's 16-bit products: two sets of loads") has its figures; in a decode
@@ -119,6 +123,20 @@ __global__ void __launch_bounds__(256, MINB) gemv_splitk(const uint4* W, const f
     if (lane == 0) atomicAdd(y + row, acc);
 }
 
+// A kernel that waits `cycles` (about 8 us at 1,980 MHz), first asking L2 for [p, p + n), lane i
+// of each block's first warp taking 64 KB pieces i, i + 32 x blocks, ...
+__global__ void idle_then(long cycles, const char* p, long n) {
+    if (p && threadIdx.x < 32) {
+        const long piece = 64 << 10;
+        for (long at = ((long)blockIdx.x * 32 + threadIdx.x) * piece; at < n; at += (long)gridDim.x * 32 * piece) {
+            unsigned size = (unsigned)(min(piece, n - at) & ~15L);
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + at), "r"(size) : "memory");
+        }
+    }
+    long t0 = clock64();
+    while (clock64() - t0 < cycles) {}
+}
+
 struct Shape { const char* name; int n, k; bool gated; };
 
 int main() {
@@ -170,6 +188,11 @@ int main() {
                 matvec_bf16_gated<<<blocks, 256>>>(w, nul, y, s.n, w + half, nul, y1, s.n, nullptr, nul, nullptr, 0, x, nul, 0.f,
                                                    nullptr, nul, s.k, 2, nul, 0);
             });
+            time("matvec_bf16_gated_k4096", [&](int i) {
+                const __nv_bfloat16* w = (const __nv_bfloat16*)W(i);
+                matvec_bf16_gated_k4096<<<blocks, 256>>>(w, nul, y, s.n, w + half, nul, y1, s.n, nullptr, nul, nullptr, 0, x, nul, 0.f,
+                                                            nullptr, nul, s.k, 2, nul, 0);
+            });
             // gated as two plain rows-sets
             time("oneset U8 minb4 (2n rows)", [&](int i) { gemv_oneset<4096, 8, 4><<<(2 * s.n * 32 + 255) / 256, 256>>>(W(i), x, y, 2 * s.n); });  // 2n rows of one matrix
             time("pipe U4 ldcs RPW2 (2n rows)", [&](int i) { gemv_pipe<4096, 4, 0, 2, 2><<<(2 * s.n / 2 * 32 + 255) / 256, 256>>>(W(i), x, y, 2 * s.n); });
@@ -183,6 +206,18 @@ int main() {
             matvec_bf16<<<blocks, 256>>>(W(i), nul, y, s.n, nullptr, nul, nullptr, 0, nullptr, nul, nullptr, 0, x, nul, 0.f, nullptr, nul,
                                          s.k, 0, nul, 0);
         });
+#define FIXED(KN)                                                                                                           \
+        time(#KN, [&](int i) {                                                                                              \
+            KN<<<blocks, 256>>>(W(i), nul, y, s.n, nullptr, nul, nullptr, 0, nullptr, nul, nullptr, 0, x, nul, 0.f, nullptr, nul, s.k, 0, nul, 0); \
+        });
+        if (s.k == 4096) { FIXED(matvec_bf16_k4096) } else { FIXED(matvec_bf16_k14336) }
+        if (bytes <= prop.l2CacheSize && !s.gated && s.k == 4096 && s.n == 4096) {
+            const int idle = 16000;
+            auto product = [&](int i) { matvec_bf16_k4096<<<blocks, 256>>>(W(i), nul, y, s.n, nullptr, nul, nullptr, 0, nullptr, nul, nullptr, 0, x, nul, 0.f, nullptr, nul, s.k, 0, nul, 0); };
+            time("idle 8 us alone", [&](int i) { idle_then<<<32, 128>>>(idle, nullptr, 0); });
+            time("idle 8 us, then the product", [&](int i) { idle_then<<<32, 128>>>(idle, nullptr, 0); product(i); });
+            time("idle 8 us prefetching, then the product", [&](int i) { idle_then<<<32, 128>>>(idle, (const char*)W(i), bytes); product(i); });
+        }
         if (s.k == 4096) {
             time("oneset U8 minb4", [&](int i) { gemv_oneset<4096, 8, 4><<<blocks, 256>>>(W(i), x, y, s.n); });
             time("pipe U8 ldcs RPW1", [&](int i) { gemv_pipe<4096, 8, 0, 1, 2><<<blocks, 256>>>(W(i), x, y, s.n); });

@@ -325,10 +325,12 @@ final class CUDABackendTests: XCTestCase {
 
     /// One token's products of 16-bit weights (matvec_half_body, whose lanes read a row in chunks
     /// and load the next chunk before using the current one) against the CPU's sums in doubles:
-    /// rows of one partial chunk, of chunks ending mid-way, and of the 8B shape's down projection;
-    /// plain, the three matrices of q/k/v in one launch, and gated.
+    /// rows of one partial chunk, of chunks ending mid-way, and of the 8B shape's rows (4,096 and
+    /// the down projection's 14,336, which have kernels of their own, each way of loading checked,
+    /// and the general kernel too); plain, the three matrices of q/k/v in one launch, and gated.
     func testHalfMatvecMatchesCPU() throws {
         let gpu = try backend()
+        defer { gpu.fixedMatvecs = true }
         var rng = SplitMix(seed: 11)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] {
@@ -339,7 +341,7 @@ final class CUDABackendTests: XCTestCase {
         }
         let n = 40
         for type in [DType.bf16, .f16] {
-            for k in [808, 3000, 14336] {
+            for k in [808, 3000, 4096, 14336] {
                 let x = (0..<k).map { _ in uniform() }
                 let xb = try gpu.buffer(k)
                 x.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
@@ -362,20 +364,24 @@ final class CUDABackendTests: XCTestCase {
                     expected.append((0..<n).map { o in (0..<k).reduce(0.0) { $0 + Double(x[$1]) * Double(w[o * k + $1]) } })
                 }
                 let scale = Float(expected.joined().reduce(0) { max($0, abs($1)) })
-                gpu.matmul(xb, rows: 1, weight: weights[0], bias: nil, out: outs[0])
-                XCTAssertLessThan(maxAbsDiff(try read(outs[0], n), expected[0].map { Float($0) }), 1e-5 * scale, "\(type), k \(k), plain")
-                gpu.matmul3(xb, rows: 1, (weights[0], nil, outs[0]), (weights[1], nil, outs[1]), (weights[2], nil, outs[2]))
-                for m in 0..<3 {
-                    XCTAssertLessThan(maxAbsDiff(try read(outs[m], n), expected[m].map { Float($0) }), 1e-5 * scale, "\(type), k \(k), q/k/v \(m)")
-                }
-                gpu.gatedProduct(xb, rows: 1, gate: weights[0], gateBias: nil, up: weights[1], upBias: nil, activation: .silu,
-                                 out: outs[0], scratch: scratch)
                 let gated = (0..<n).map { o -> Float in
                     let g = expected[0][o], u = expected[1][o]
                     return Float(g / (1 + exp(-g)) * u)
                 }
                 let gatedScale = gated.reduce(0) { max($0, abs($1)) }
-                XCTAssertLessThan(maxAbsDiff(try read(outs[0], n), gated), 1e-4 * gatedScale, "\(type), k \(k), gated")
+                for fixed in CUDABackend.fixedMatvecLengths.contains(k) ? [true, false] : [true] {
+                    gpu.fixedMatvecs = fixed
+                    let label = "\(type), k \(k), \(fixed && CUDABackend.fixedMatvecLengths.contains(k) ? "fixed-length" : "general") kernel"
+                    gpu.matmul(xb, rows: 1, weight: weights[0], bias: nil, out: outs[0])
+                    XCTAssertLessThan(maxAbsDiff(try read(outs[0], n), expected[0].map { Float($0) }), 1e-5 * scale, label + ", plain")
+                    gpu.matmul3(xb, rows: 1, (weights[0], nil, outs[0]), (weights[1], nil, outs[1]), (weights[2], nil, outs[2]))
+                    for m in 0..<3 {
+                        XCTAssertLessThan(maxAbsDiff(try read(outs[m], n), expected[m].map { Float($0) }), 1e-5 * scale, label + ", q/k/v \(m)")
+                    }
+                    gpu.gatedProduct(xb, rows: 1, gate: weights[0], gateBias: nil, up: weights[1], upBias: nil, activation: .silu,
+                                     out: outs[0], scratch: scratch)
+                    XCTAssertLessThan(maxAbsDiff(try read(outs[0], n), gated), 1e-4 * gatedScale, label + ", gated")
+                }
             }
         }
     }

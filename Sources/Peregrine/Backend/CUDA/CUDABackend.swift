@@ -326,6 +326,12 @@ public final class CUDABackend: ComputeBackend {
     /// The chosen experts' products of many rows by expert_gemm (tensor cores, one launch a
     /// projection); PEREGRINE_NO_EXPERT_GEMM=1 keeps the cuBLAS products an expert for measuring.
     var expertGEMMAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_EXPERT_GEMM"] == nil
+    /// Row lengths whose one-token 16-bit products have kernels of their own (`matvec_half_fixed`
+    /// in Kernels.cu: the length fixed at compile time).
+    static let fixedMatvecLengths = [4096, 14336]
+    /// Whether those products take them; PEREGRINE_FIXED_MATVEC=0 keeps the general kernel, for
+    /// measuring.
+    var fixedMatvecs = ProcessInfo.processInfo.environment["PEREGRINE_FIXED_MATVEC"] != "0"
     /// One token as `matvec` kernels (fused norms, RoPE inside attention): not in deterministic mode.
     private var oneToken: Int { deterministic ? -1 : 1 }
     private let launchConfig = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
@@ -348,13 +354,16 @@ public final class CUDABackend: ComputeBackend {
         let early = ProcessInfo.processInfo.environment["PEREGRINE_NO_EARLY_TRIGGER"] == nil
         let module = try driver.compile(source, name: "peregrine-kernels", defines: early ? [] : ["PEREGRINE_NO_EARLY_TRIGGER"])
         let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K", "iq4_nl", "iq4_xs", "q3_K", "q2_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
+        let fixedMatvecs = ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in
+            CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)" }
+        }
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split", "attention_split_heads",
                      "silu_mul", "gelu_tanh_mul", "scale_inplace", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
                      "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
                      "repetition_penalty", "exp_sum_rows", "sample_rows", "split_columns", "silu_mul_16", "rope_store_kv_stacked",
                      "moe_route", "moe_router", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16",
                      "expert_gemm_bf16", "expert_gemm_f16"]
-                     + matvecs + CUDABackend.expertDownTypes.values.map { "moe_down_" + $0 } + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
+                     + matvecs + fixedMatvecs + CUDABackend.expertDownTypes.values.map { "moe_down_" + $0 } + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
                      + CUDABackend.warpgroupAttentionKernels.map(\.name) + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4", "attention_decode_mma_\($0)_w4s3"] }) {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
@@ -849,7 +858,9 @@ public final class CUDABackend: ComputeBackend {
         let n = p.map(\.weight.rows), warps = matvecWarps(mode == 2 ? n[0] : n.reduce(0, +), dtype, k: k, gated: mode == 2)
         let normPointer = quantized ? 0 : norm?.weight.pointer ?? 0
         let shared = normPointer != 0 ? k * 4 : 0
-        launch("matvec_" + suffix + (mode == 2 ? "_gated" : ""), grid: blocks(warps * 32), block: 256, shared: shared) { a in
+        let fixed = fixedMatvecs && (dtype == .f16 || dtype == .bf16) && normPointer == 0 && CUDABackend.fixedMatvecLengths.contains(k)
+        let kernel = "matvec_" + suffix + (mode == 2 ? "_gated" : "") + (fixed ? "_k\(k)" : "")
+        launch(kernel, grid: blocks(warps * 32), block: 256, shared: shared) { a in
             for i in 0..<3 {
                 if i < p.count { a.ptr(p[i].weight.pointer); a.ptr(p[i].bias?.pointer ?? 0); a.ptr(p[i].out); a.i32(mode == 2 && i == 1 ? 0 : n[i]) } else { a.ptr(0); a.ptr(0); a.ptr(0); a.i32(0) }
             }

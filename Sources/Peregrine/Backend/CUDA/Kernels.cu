@@ -454,6 +454,22 @@ __device__ __forceinline__ void matvec_route(const float* routes, int routeDiv, 
 // run alone, one product after another with the weights rotated beyond L2, that one was the
 // fastest (q/k/v 21.7 -> 14.7 us, gate/up 59.3 -> 56.4, down 38.3 -> 30.4 against one set).
 // Matrices and modes as matmul_rows.
+// Eight 16-bit weights (DT 1: F16, 2: BF16) against x's a and b.
+template <int DT>
+__device__ __forceinline__ float half_dot8(const uint4& q, float4 a, float4 b) {
+    float f[8];
+    if (DT == 2) {
+        const __nv_bfloat162* p = (const __nv_bfloat162*)&q;
+#pragma unroll
+        for (int j = 0; j < 4; j++) { float2 t = __bfloat1622float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
+    } else {
+        const __half2* p = (const __half2*)&q;
+#pragma unroll
+        for (int j = 0; j < 4; j++) { float2 t = __half22float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
+    }
+    return f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w + f[4] * b.x + f[5] * b.y + f[6] * b.z + f[7] * b.w;
+}
+
 template <int DT, int R>
 __device__ __forceinline__ void matvec_half_body(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
                                                  float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
@@ -490,19 +506,7 @@ __device__ __forceinline__ void matvec_half_body(const void* w0, const float* b0
             if (i >= units) break;
             float4 a = *(const float4*)(xv + i * 8), b = *(const float4*)(xv + i * 8 + 4);
 #pragma unroll
-            for (int r = 0; r < R; r++) {
-                float f[8];
-                if (DT == 2) {
-                    const __nv_bfloat162* p = (const __nv_bfloat162*)&q[r][u];
-#pragma unroll
-                    for (int j = 0; j < 4; j++) { float2 t = __bfloat1622float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
-                } else {
-                    const __half2* p = (const __half2*)&q[r][u];
-#pragma unroll
-                    for (int j = 0; j < 4; j++) { float2 t = __half22float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
-                }
-                acc[r] += f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w + f[4] * b.x + f[5] * b.y + f[6] * b.z + f[7] * b.w;
-            }
+            for (int r = 0; r < R; r++) acc[r] += half_dot8<DT>(q[r][u], a, b);
         }
     };
     if (m.active) load(qa, 0);
@@ -525,6 +529,76 @@ __device__ __forceinline__ void matvec_half_body(const void* w0, const float* b0
     }
     matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
 }
+
+// matvec_half_body for rows of exactly K values (a multiple of 1,024 / R) and no fused norm,
+// the row length fixed at compile time: every bound is known and a lane's loads are one base
+// and constant offsets. The same two sets of 4 / R loads a row taken in turn, the next chunk
+// issued before the current one is used; the sums are matvec_half_body's, in the same order.
+// The chunk loop is not unrolled: unrolled, the compiler hoists later chunks' loads and spills.
+// Alone on an H200 (scripts/gemv_lab.cu, weights beyond L2), the 8B shape's q/k/v 21.5 -> 17.4
+// us, output projection 14.3 -> 12.0, down 35.0 -> 32.1, gate/up 59.6 -> 57.8, output matrix
+// 271.6 -> 258.6; chunks of 8 / R loads each loaded then used, or three sets at three blocks an
+// SM, lost in the decode step (BENCHMARKS.md).
+template <int DT, int R, int K>
+__device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
+                                                  float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
+                                                  const float* x, int mode) {
+    constexpr int U = 4 / R, units = K / 8, per = units / 32, chunks = per / U;
+    static_assert(K % 256 == 0 && per % U == 0 && chunks % 2 == 0, "whole pairs of chunks");
+    const int lane = threadIdx.x & 31;
+    MatvecRow m = matvec_row(R == 2, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);
+    const void* wr[2] = {m.w, w1};
+    const uint4* base[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) base[r] = (const uint4*)wr[r] + (long)m.o * units + lane;
+    uint4 q[2][R][U];
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.f;
+    // Chunk c into set s: the lane's units (cU + u) * 32 + lane, u < U.
+    auto load = [&](int s, int c) {
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int r = 0; r < R; r++) q[s][r][u] = __ldcs(base[r] + (c * U + u) * 32);
+    };
+    auto use = [&](int s, int c) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int i = (c * U + u) * 32 + lane;
+            float4 a = *(const float4*)(x + i * 8), b = *(const float4*)(x + i * 8 + 4);
+#pragma unroll
+            for (int r = 0; r < R; r++) acc[r] += half_dot8<DT>(q[s][r][u], a, b);
+        }
+    };
+    if (m.active) load(0, 0);
+    gdc_wait();
+    if (!m.active) return;
+#pragma unroll 1
+    for (int c = 0; c < chunks; c += 2) {
+        load(1, c + 1);
+        use(0, c);
+        if (c + 2 < chunks) load(0, c + 2);
+        use(1, c + 1);
+    }
+    matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
+}
+
+#define MATVEC_FIXED(name, DT, R, K)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256, 4) name(                                                               \
+        const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
+        const float* b2, float* y2, int n2, const float* x, const float* norm, float eps, const signed char* xq, const float* xs, \
+        int k, int mode, const float* routes, int routeDiv) {                                                                \
+        matvec_half_fixed<DT, R, K>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode);                                 \
+    }
+// The row lengths of CUDABackend.fixedMatvecLengths.
+#define MATVEC_FIXED_ALL(K)                                                                                                  \
+    MATVEC_FIXED(matvec_f16_k##K, 1, 1, K)                                                                                   \
+    MATVEC_FIXED(matvec_f16_gated_k##K, 1, 2, K)                                                                             \
+    MATVEC_FIXED(matvec_bf16_k##K, 2, 1, K)                                                                                  \
+    MATVEC_FIXED(matvec_bf16_gated_k##K, 2, 2, K)
+MATVEC_FIXED_ALL(4096)
+MATVEC_FIXED_ALL(14336)
 
 // Unit i of a Q4_K row (16 bytes: super-block i / 8, 32-byte chunk j = (i % 8) / 2, half h =
 // i % 2; its low nibbles are values 64j + 16h ... of sub-block 2j, its high nibbles 64j + 32 + 16h
