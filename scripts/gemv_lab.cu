@@ -6,7 +6,7 @@
 //                the 16-bit matvec kernels before matvec_half_body);
 //   gemv_pipe:   two sets of U loads, the next chunk issued before the current one is used;
 //   gemv_splitk: each row over S warps, their sums added atomically.
-// Kernels.cu's own fixed-length kernels (matvec_bf16[_gated]_kK_sS) are timed beside them. Last,
+// Kernels.cu's own fixed-length kernels (matvec_bf16[_gated]_kK) are timed beside them. Last,
 // an L2 prefetch test: an 8 us kernel that leaves the memory idle (as one token's attention
 // does) before the output projection, with and without asking L2 for the projection's weights
 // by Hopper's bulk prefetch.

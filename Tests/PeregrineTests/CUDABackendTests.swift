@@ -331,7 +331,8 @@ final class CUDABackendTests: XCTestCase {
     /// launch, and gated.
     func testHalfMatvecMatchesCPU() throws {
         let gpu = try backend()
-        defer { gpu.fixedMatvecs = true }
+        let fixedBefore = gpu.fixedMatvecs
+        defer { gpu.fixedMatvecs = fixedBefore }
         var rng = SplitMix(seed: 11)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] {

@@ -289,7 +289,7 @@ public final class CUDABackend: ComputeBackend {
     /// total tok/s in two rounds against 24,543 and 25,160 with 4), 4 for one sequence, whose
     /// blocks are few and long (a split of 128 positions is two 64-key tiles, both in flight at
     /// once, where two warps wait for four 32-key tiles one after another). PEREGRINE_DECODE_WARPS
-    /// (2 or 4) sets it for measuring; tests run both.
+    /// (2 or 4) sets it for measuring; tests run four warps with three buffers and with two, and two warps.
     var tensorCoreDecodeWarps: Int? = [2, 4].first { $0 == Int(ProcessInfo.processInfo.environment["PEREGRINE_DECODE_WARPS"] ?? "") }
     /// Buffers of key/value tiles a block of attention_decode_mma with four warps keeps: 2, or 3
     /// (the `_w4s3` kernels: two tiles in flight while the warps work on a third). nil: 3 for one
@@ -1284,7 +1284,8 @@ public final class CUDABackend: ComputeBackend {
         // half as many blocks. H200, 8B shape, 64 sequences of 128-256 positions (512 blocks a
         // split), total tok/s of PP 128 / TG 128 with 1, 2 and 4 splits: 16,721, 16,443, 16,150.
         let fill = ((tensorCores ? 2 : grouped ? 4 : 2) * driver.multiprocessors + blocksPerSplit - 1) / blocksPerSplit
-        // One sequence on the tensor cores: splits of at least 128 positions, at most 64. The
+        // One sequence on the tensor cores: splits of at least 128 positions, at most 64 (32 with
+        // four warps a block, below). The
         // last block of a KV head's group merges every split's partial rows of its query heads,
         // so many splits of a few positions cost more in the merge than they save. H200, a
         // Qwen3-30B-A3B-shaped layer (4 KV heads, 8 query heads each) at depth 4,096, tg64 tok/s

@@ -437,6 +437,22 @@ __device__ __forceinline__ void matvec_route(const float* routes, int routeDiv, 
     y0 += (long)j * n0;
 }
 
+// Eight 16-bit weights (DT 1: F16, 2: BF16) against x's a and b.
+template <int DT>
+__device__ __forceinline__ float half_dot8(const uint4& q, float4 a, float4 b) {
+    float f[8];
+    if (DT == 2) {
+        const __nv_bfloat162* p = (const __nv_bfloat162*)&q;
+#pragma unroll
+        for (int j = 0; j < 4; j++) { float2 t = __bfloat1622float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
+    } else {
+        const __half2* p = (const __half2*)&q;
+#pragma unroll
+        for (int j = 0; j < 4; j++) { float2 t = __half22float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
+    }
+    return f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w + f[4] * b.x + f[5] * b.y + f[6] * b.z + f[7] * b.w;
+}
+
 // One token's products of 16-bit weights (DT 1: F16, 2: BF16), a warp per output row (R = 2:
 // gate and up of the same output, mode 2), x read in place or, when `norm` is given,
 // RMS-normalized into shared memory (the norm fused; the host asks for that only with
@@ -454,22 +470,6 @@ __device__ __forceinline__ void matvec_route(const float* routes, int routeDiv, 
 // run alone, one product after another with the weights rotated beyond L2, that one was the
 // fastest (q/k/v 21.7 -> 14.7 us, gate/up 59.3 -> 56.4, down 38.3 -> 30.4 against one set).
 // Matrices and modes as matmul_rows.
-// Eight 16-bit weights (DT 1: F16, 2: BF16) against x's a and b.
-template <int DT>
-__device__ __forceinline__ float half_dot8(const uint4& q, float4 a, float4 b) {
-    float f[8];
-    if (DT == 2) {
-        const __nv_bfloat162* p = (const __nv_bfloat162*)&q;
-#pragma unroll
-        for (int j = 0; j < 4; j++) { float2 t = __bfloat1622float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
-    } else {
-        const __half2* p = (const __half2*)&q;
-#pragma unroll
-        for (int j = 0; j < 4; j++) { float2 t = __half22float2(p[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
-    }
-    return f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w + f[4] * b.x + f[5] * b.y + f[6] * b.z + f[7] * b.w;
-}
-
 template <int DT, int R>
 __device__ __forceinline__ void matvec_half_body(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
                                                  float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
@@ -530,7 +530,8 @@ __device__ __forceinline__ void matvec_half_body(const void* w0, const float* b0
     matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
 }
 
-// matvec_half_body for rows of exactly K values (a multiple of 1,024 / R) and no fused norm,
+// matvec_half_body for rows of exactly K values (a multiple of 2,048 / R: whole pairs of chunks) and
+// no fused norm (the host picks it only then; it ignores `norm`, `k` and `routes`),
 // the row length fixed at compile time: every bound is known and a lane's loads are one base
 // and constant offsets. The same two sets of 4 / R loads a row taken in turn, the next chunk
 // issued before the current one is used; the sums are matvec_half_body's, in the same order.
@@ -2821,7 +2822,7 @@ ATTENTION_PREFILL_WGMMA(attention_prefill_wgmma_128_kt128_wg2, 128, 2, false)
 // in a batch of 256 sequences on an H200. S buffers of tiles: S - 1 tiles are in flight while the
 // warps work on one. One sequence's blocks are few and long (splits of 128 positions or more),
 // so they take four warps and three buffers (`_w4s3`: 104 KB for D = 128, two blocks a
-// multiprocessor); every copy group is committed, empty past the last tile, so that the wait
+// multiprocessor on an H200); every copy group is committed, empty past the last tile, so that the wait
 // for tile n is always "at most S - 1 groups in flight".
 template <int D, int W, int S>
 __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
