@@ -357,22 +357,22 @@ public final class CUDABackend: ComputeBackend {
         let fixedMatvecs = ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in
             CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)" }
         }
+        let prefillMMA = CUDABackend.tensorCoreAttentionDims.map { "attention_prefill_mma_\($0)" } + CUDABackend.warpgroupAttentionKernels.map(\.name)
+        let decodeMMA = CUDABackend.tensorCoreDecodeDims.flatMap { ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4", "attention_decode_mma_\($0)_w4s3"] }
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split", "attention_split_heads",
                      "silu_mul", "gelu_tanh_mul", "scale_inplace", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
                      "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
                      "repetition_penalty", "exp_sum_rows", "sample_rows", "split_columns", "silu_mul_16", "rope_store_kv_stacked",
                      "moe_route", "moe_router", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16",
                      "expert_gemm_bf16", "expert_gemm_f16"]
-                     + matvecs + fixedMatvecs + CUDABackend.expertDownTypes.values.map { "moe_down_" + $0 } + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
-                     + CUDABackend.warpgroupAttentionKernels.map(\.name) + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4", "attention_decode_mma_\($0)_w4s3"] }) {
+                     + matvecs + fixedMatvecs + CUDABackend.expertDownTypes.values.map { "moe_down_" + $0 } + prefillMMA + decodeMMA {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
         }
         // Kernels whose dynamic shared memory may pass 48 KB (the normalized input of a product,
         // a prefill attention tile) ask for what the device allows.
-        for name in matvecs + ["attention_prefill", "attention_split"] + CUDABackend.warpgroupAttentionKernels.map(\.name) + CUDABackend.tensorCoreAttentionDims.map({ "attention_prefill_mma_\($0)" })
-            + CUDABackend.tensorCoreDecodeDims.flatMap({ ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4", "attention_decode_mma_\($0)_w4s3"] }) {
+        for name in matvecs + ["attention_prefill", "attention_split"] + prefillMMA + decodeMMA {
             // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, as dynamicSharedLimit (the kernel's
             // static shared memory counts against the device's limit)
             try driver.check(driver.cuFuncSetAttribute(functions[name] ?? nil, 8, Int32(CUDABackend.dynamicSharedLimit(driver))), "cuFuncSetAttribute(\(name))")

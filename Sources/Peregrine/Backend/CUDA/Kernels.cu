@@ -2253,6 +2253,64 @@ __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
     return *(unsigned*)&h;
 }
 
+// What a block of the prompt kernels works on (tiles[]: runs of consecutive positions of one
+// sequence, the longest, latest in their sequence, taken first): `count` queries from row `first`
+// for query heads h0 ..< h0 + gq (block row r: head h0 + r / P at the run's position r % P), over
+// KV head kvh, whose keys it reads in tiles of KT positions from `lo` (the window's first tile)
+// to the run's last position.
+struct PromptTile {
+    int first, count, h0, P, kvh, row, p0, lastPos, slot, lo, nTiles;
+    long kvOffset;
+};
+
+template <int D, int KT, int BR>
+__device__ __forceinline__ PromptTile prompt_tile(const int* tiles, const int* positions, const int* slots, int heads, int kvHeads,
+                                                  int window, int gq) {
+    PromptTile t;
+    int tile = gridDim.x - 1 - blockIdx.x;
+    t.first = tiles[2 * tile];
+    t.count = tiles[2 * tile + 1];
+    t.h0 = blockIdx.y * gq;
+    t.P = BR / gq;
+    t.kvh = t.h0 / (heads / kvHeads);
+    t.row = kvHeads * D;
+    t.p0 = positions[t.first];
+    t.lastPos = t.p0 + t.count - 1;
+    t.slot = slots[t.first];
+    t.kvOffset = (long)t.kvh * D;
+    t.lo = window > 0 ? max(0, t.p0 - window + 1) / KT * KT : 0;
+    t.nTiles = (t.lastPos - t.lo) / KT + 1;
+    return t;
+}
+
+// The cache offset of key row i of key tile n (-1 past the run's last position): the kernels
+// look a tile's rows up once, KT threads a row each, a tile ahead of its copies.
+template <int KT>
+__device__ __forceinline__ long prompt_key_row(const PromptTile& t, int n, int i, const int* tables, int width, int bs) {
+    int pos = t.lo + n * KT + i;
+    return pos <= t.lastPos ? kv_at(tables, width, bs, t.slot, pos, t.row) + t.kvOffset : -1;
+}
+
+// Piece c of a key (or value) tile, 16 bytes of row c / (D / 8) as the cache holds it: its
+// offset in the cache (0 where the row is past the run, `in` false, the copy zero-filled).
+template <int D>
+__device__ __forceinline__ long prompt_piece(const long* rowAt, int c, bool& in) {
+    long o = rowAt[c / (D / 8)];
+    in = o >= 0;
+    return in ? o + (c % (D / 8)) * 8 : 0;
+}
+
+// Piece i of the block's queries (row r = i / (D / 4), dimensions d ..< d + 4): scaled and
+// rounded to f16, zeros for rows past the run.
+template <int D>
+__device__ __forceinline__ uint2 prompt_query(const float* q, int i, const PromptTile& t, int heads, float qscale, int& r, int& d) {
+    r = i / (D / 4);
+    d = 4 * (i % (D / 4));
+    int pi = r % t.P;
+    float4 v = pi < t.count ? *(const float4*)(q + ((long)(t.first + pi) * heads + t.h0 + r / t.P) * D + d) : make_float4(0.f, 0.f, 0.f, 0.f);
+    return make_uint2(pack_half2(v.x * qscale, v.y * qscale), pack_half2(v.z * qscale, v.w * qscale));
+}
+
 // The prompt kernels' online softmax, one m16 tile's step for a thread's two rows r and r + 8
 // (mma's accumulator layout: s[n][e] is key k0 + 8n + 2 (lane & 3) + (e & 1) of row r + 8 (e >> 1);
 // block row r is position r % P of the tile). Soft-caps and masks the scores (a tile every row
@@ -2352,21 +2410,11 @@ __device__ __forceinline__ void attention_prefill_mma(const float* q, const __ha
     __half* Ks = Qs + BR * LD;          // [2][KT][LD]
     __half* Vs = Ks + 2 * KT * LD;      // [2][KT][LD]
     long* rowAt = (long*)(Vs + 2 * KT * LD);  // [2][KT]: the cache offset of each key row of a tile
-    int tile = gridDim.x - 1 - blockIdx.x;  // the longest tiles (latest in their sequence) first
-    int first = tiles[2 * tile], count = tiles[2 * tile + 1], h0 = blockIdx.y * gq;
+    const PromptTile pt = prompt_tile<D, KT, BR>(tiles, positions, slots, heads, kvHeads, window, gq);
+    const int count = pt.count, P = pt.P, p0 = pt.p0, lo = pt.lo, nTiles = pt.nTiles;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    // Block row r is query head h0 + r / P at the tile's position r % P (P positions a head).
-    const int P = BR / gq;
-    int kvh = h0 / (heads / kvHeads), row = kvHeads * D;
-    int p0 = positions[first], lastPos = p0 + count - 1, slot = slots[first];
-    long kvOffset = (long)kvh * D;
-    int lo = window > 0 ? max(0, p0 - window + 1) / KT * KT : 0;
-    int nTiles = (lastPos - lo) / KT + 1;
-    // A tile's row offsets are worked out once (a block-table lookup and a division each), by
-    // KT threads, a tile ahead of its copies.
     auto locate = [&](int t) {
-        int pos = lo + t * KT + threadIdx.x;
-        if (threadIdx.x < KT && t < nTiles) rowAt[(t & 1) * KT + threadIdx.x] = pos <= lastPos ? kv_at(tables, width, bs, slot, pos, row) + kvOffset : -1;
+        if (threadIdx.x < KT && t < nTiles) rowAt[(t & 1) * KT + threadIdx.x] = prompt_key_row<KT>(pt, t, threadIdx.x, tables, width, bs);
     };
     auto load_tile = [&](int t) {
         __half* kd = Ks + (t & 1) * KT * LD;
@@ -2375,9 +2423,8 @@ __device__ __forceinline__ void attention_prefill_mma(const float* q, const __ha
 #pragma unroll
         for (int c = threadIdx.x; c < CHUNKS; c += 128) {
             int j = c / (D / 8), part = c % (D / 8);
-            long o = at[j];
-            bool in = o >= 0;
-            o = in ? o + part * 8 : 0;
+            bool in;
+            long o = prompt_piece<D>(at, c, in);
             copy16_async(kd + j * LD + part * 8, kc + o, in);
             copy16_async(vd + j * LD + part * 8, vc + o, in);
         }
@@ -2389,11 +2436,10 @@ __device__ __forceinline__ void attention_prefill_mma(const float* q, const __ha
     // unless soft-capping, whose tanh takes the scores in natural units first.
     const float LOG2E = 1.4426950408889634f;
     const float qscale = softcap > 0.f ? scale : scale * LOG2E;
-    // The queries, scaled and rounded to f16 (rows past the tile's count are zeros).
     for (int i = threadIdx.x; i < BR * D / 4; i += blockDim.x) {
-        int r = i / (D / 4), d = 4 * (i % (D / 4)), pi = r % P;
-        float4 v = pi < count ? *(const float4*)(q + ((long)(first + pi) * heads + h0 + r / P) * D + d) : make_float4(0.f, 0.f, 0.f, 0.f);
-        *(uint2*)(Qs + r * LD + d) = make_uint2(pack_half2(v.x * qscale, v.y * qscale), pack_half2(v.z * qscale, v.w * qscale));
+        int r, d;
+        uint2 v = prompt_query<D>(q, i, pt, heads, qscale, r, d);
+        *(uint2*)(Qs + r * LD + d) = v;
     }
     __syncthreads();
     load_tile(0);
@@ -2493,7 +2539,7 @@ __device__ __forceinline__ void attention_prefill_mma(const float* q, const __ha
         __syncthreads();  // every warp is done with this buffer before the next load_tile refills it
     }
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++) prompt_store_rows(o[mt], l[mt], r0 + 16 * mt, P, count, out, first, heads, h0, lane);
+    for (int mt = 0; mt < MT; mt++) prompt_store_rows(o[mt], l[mt], r0 + 16 * mt, P, count, out, pt.first, heads, pt.h0, lane);
 #endif
 }
 
@@ -2598,18 +2644,11 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
     unsigned char* Ks = Qs + QB;         // [2][TB]
     unsigned char* Vs = Ks + 2 * TB;     // [2][TB]
     long* rowAt = (long*)(Vs + 2 * TB);  // [3][KT]: the cache offset of each key row of a tile
-    int tile = gridDim.x - 1 - blockIdx.x;  // the longest tiles (latest in their sequence) first
-    int first = tiles[2 * tile], count = tiles[2 * tile + 1], h0 = blockIdx.y * gq;
+    const PromptTile pt = prompt_tile<D, KT, BR>(tiles, positions, slots, heads, kvHeads, window, gq);
+    const int count = pt.count, P = pt.P, p0 = pt.p0, lo = pt.lo, nTiles = pt.nTiles;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int P = BR / gq;  // block row r is query head h0 + r / P at the tile's position r % P
-    int kvh = h0 / (heads / kvHeads), row = kvHeads * D;
-    int p0 = positions[first], lastPos = p0 + count - 1, slot = slots[first];
-    long kvOffset = (long)kvh * D;
-    int lo = window > 0 ? max(0, p0 - window + 1) / KT * KT : 0;
-    int nTiles = (lastPos - lo) / KT + 1;
     auto locate = [&](int t) {
-        int pos = lo + t * KT + threadIdx.x;
-        if (threadIdx.x < KT && t < nTiles) rowAt[(t % 3) * KT + threadIdx.x] = pos <= lastPos ? kv_at(tables, width, bs, slot, pos, row) + kvOffset : -1;
+        if (threadIdx.x < KT && t < nTiles) rowAt[(t % 3) * KT + threadIdx.x] = prompt_key_row<KT>(pt, t, threadIdx.x, tables, width, bs);
     };
     // Copies the keys (K) and/or the values (V) of tile t into buffer t & 1 (no commit).
     auto load = [&](int t, bool K, bool V) {
@@ -2618,11 +2657,9 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
         const long* at = rowAt + (t % 3) * KT;
 #pragma unroll
         for (int c = threadIdx.x; c < CHUNKS; c += THREADS) {
-            int j = c / (D / 8), part = c % (D / 8);
-            long o = at[j];
-            bool in = o >= 0;
-            o = in ? o + part * 8 : 0;
-            int to = swizzled128(j, part, KT);
+            bool in;
+            long o = prompt_piece<D>(at, c, in);
+            int to = swizzled128(c / (D / 8), c % (D / 8), KT);
             if (K) copy16_async(kd + to, kc + o, in);
             if (V) copy16_async(vd + to, vc + o, in);
         }
@@ -2636,10 +2673,9 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
     const float LOG2E = 1.4426950408889634f;
     const float qscale = softcap > 0.f ? scale : scale * LOG2E;
     for (int i = threadIdx.x; i < BR * D / 4; i += blockDim.x) {
-        int r = i / (D / 4), d = 4 * (i % (D / 4)), pi = r % P;
-        float4 v = pi < count ? *(const float4*)(q + ((long)(first + pi) * heads + h0 + r / P) * D + d) : make_float4(0.f, 0.f, 0.f, 0.f);
-        *(uint2*)(Qs + (r >> 6) * (2 * 64 * 128) + swizzled128(r & 63, d / 8, 64) + (d % 8) * 2) =
-            make_uint2(pack_half2(v.x * qscale, v.y * qscale), pack_half2(v.z * qscale, v.w * qscale));
+        int r, d;
+        uint2 v = prompt_query<D>(q, i, pt, heads, qscale, r, d);
+        *(uint2*)(Qs + (r >> 6) * (2 * 64 * 128) + swizzled128(r & 63, d / 8, 64) + (d % 8) * 2) = v;
     }
     fence_proxy_async();
     __syncthreads();
@@ -2787,7 +2823,7 @@ __device__ __forceinline__ void attention_prefill_wgmma(const float* q, const __
         hold_output();
         hold_probabilities(a);
     }
-    prompt_store_rows(o, l, r0, P, count, out, first, heads, h0, lane);
+    prompt_store_rows(o, l, r0, P, count, out, pt.first, heads, pt.h0, lane);
 #endif
 }
 
