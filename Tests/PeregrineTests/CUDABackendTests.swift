@@ -278,6 +278,63 @@ final class CUDABackendTests: XCTestCase {
         }
     }
 
+    /// Prompt products of quantized weights decoded on the fly into wgmma's operands (quant_gemm,
+    /// Hopper only) against the widened matrix through cuBLAS (the same BF16 values, summed in
+    /// another order), for each type with kernels and both token tiles (128 and 256): more weight
+    /// rows and tokens than a block takes, neither a multiple of its tile; chunk counts odd (Q8_0,
+    /// Q4_0) and even; plain, with a bias, and added to a residual (with the bias after).
+    func testQuantGemmMatchesWidening() throws {
+        let gpu = try backend()
+        guard gpu.driver.computeCapability == (9, 0) else { throw XCTSkip("quant_gemm needs wgmma (compute capability 9.0)") }
+        defer { (gpu.quantGemmAllowed, gpu.quantGemmTokens) = (true, nil) }
+        var rng = SplitMix(seed: 23)
+        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
+        func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] {
+            try gpu.synchronize()
+            var y = [Float](repeating: 0, count: count)
+            y.withUnsafeMutableBufferPointer { gpu.read(b, offset: 0, into: $0) }
+            return y
+        }
+        let n = 300, tokens = 200
+        for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.q4_K, 1024), (.q6_K, 1024)] {
+            let values = (0..<(n * k)).map { _ in uniform() }
+            let size = type.byteCount(elements: n * k)
+            let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
+            defer { bytes.deallocate() }
+            values.withUnsafeBufferPointer { Quantizer.quantize(type, $0.baseAddress!, count: n * k, into: bytes) }
+            let weight = try gpu.weight(TensorView(name: "w", dtype: type, shape: [n, k], data: UnsafeRawPointer(bytes), byteCount: size))
+            let biasValues = (0..<n).map { _ in uniform() }
+            let bias = try biasValues.withUnsafeBytes {
+                try gpu.weight(TensorView(name: "b", dtype: .f32, shape: [n], data: $0.baseAddress!, byteCount: $0.count))
+            }
+            let x = (0..<(tokens * k)).map { _ in uniform() }, residual = (0..<(tokens * n)).map { _ in uniform() }
+            let xb = try gpu.buffer(tokens * k), out = try gpu.buffer(tokens * n), scratch = try gpu.buffer(tokens * n)
+            x.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
+            func run(fused: Bool, tokensABlock: Int? = nil) throws -> [[Float]] {
+                (gpu.quantGemmAllowed, gpu.quantGemmTokens) = (fused, tokensABlock)
+                let before = gpu.quantGemmLaunches
+                gpu.matmul(xb, rows: tokens, weight: weight, bias: nil, out: out)
+                let plain = try read(out, tokens * n)
+                gpu.matmul(xb, rows: tokens, weight: weight, bias: bias, out: out)
+                let biased = try read(out, tokens * n)
+                residual.withUnsafeBufferPointer { gpu.write($0, to: out, offset: 0) }
+                gpu.matmulAdd(xb, rows: tokens, weight: weight, bias: bias, residual: out, scratch: scratch)
+                let added = try read(out, tokens * n)
+                XCTAssertEqual(gpu.quantGemmLaunches - before, fused ? 3 : 0, "\(type): products that took quant_gemm")
+                return [plain, biased, added]
+            }
+            let widened = try run(fused: false)
+            let scale = widened[0].reduce(0) { max($0, abs($1)) }
+            XCTAssertGreaterThan(scale, 0)
+            for tokensABlock in [128, 256] {
+                let fused = try run(fused: true, tokensABlock: tokensABlock)
+                for (i, name) in ["plain", "with a bias", "added to a residual"].enumerated() {
+                    XCTAssertLessThan(maxAbsDiff(fused[i], widened[i]), 2e-5 * scale, "\(type), k \(k), \(tokensABlock) tokens a block: \(name)")
+                }
+            }
+        }
+    }
+
     /// Q6_K rows of 2,048 values, which matvec_q6k_body takes two a warp (`paired`): one token's
     /// products against the deterministic backend's row kernel (the same 8-bit input), plain with
     /// an odd row count, added to a residual, and as three matrices in one launch whose pairs of

@@ -3644,6 +3644,324 @@ extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned
     expert_gemm_body<true>(weights, ups, dtype, n, k, x, xHalf, rowOf, tiles, y, yh);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Prompt products of quantized weights on Hopper's tensor cores, without widening the matrix:
+// y[t, o] (+)= Σ_k x[t, k] W[o, k] for W in Q8_0, Q4_0, Q4_K or Q6_K and x already rounded to BF16.
+// A block takes QG_ROWS weight rows (two warpgroups of 64) by NT tokens (128 or 256: a decoded
+// value serves that many tokens, so the decoding's share of the instructions halves from 128 to
+// 256, for twice the accumulator registers and half the blocks) and walks k in chunks of QG_K
+// values through STAGES shared-memory buffers filled by cp.async: the chunk's
+// activations, swizzled as wgmma's 128-byte mode reads a K-major B, and each weight row's raw
+// bytes for the chunk (values, then the 16-byte pieces holding its scales) as they lie in memory.
+// Each thread decodes its own rows' values straight into wgmma's A fragments (registers, the
+// BF16 value dequant32_bf16 gives: f32 arithmetic, then rounded), so a weight value is decoded
+// once a block and never written back; the next chunk is decoded while the tensor cores multiply
+// this one. Grid: x over token tiles (fastest, so a weight tile's token tiles run together and
+// its bytes come from memory once), y over weight-row tiles. K must be a multiple of QG_K (256
+// for the k-quants, as their blocks are).
+#define QG_ROWS 128
+#define QG_K 64
+
+// One weight row's bytes for a chunk of QG_K values: PIECES 16-byte pieces (piece(...) gives
+// each one's address), STRIDE bytes apart in shared memory (an odd number of pieces, so the
+// eight rows a fragment load touches fall in different banks), and fragment(...), which turns
+// them into the row's part of four k16 steps' A fragments: lo[j] the values 16j + 2c and
+// 16j + 2c + 1, hi[j] 16j + 2c + 8 and 16j + 2c + 9, as BF16 pairs (c = lane % 4).
+template <int DT> struct QuantChunk;
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(PEREGRINE_CUDA_EMULATOR)
+// d (64 x N, f32) = A (64 x 16 in registers, BF16: each warp's 16 rows as mma.sync's A fragment) * B (16 x N, BF16: a
+// K-major descriptor) (+ d when accumulate), N = 128 or 256.
+__device__ __forceinline__ void wgmma_rs_bf16_n128(float (&d)[16][4], const unsigned (&a)[4], unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_rs_bf16_n256(float (&d)[32][4], const unsigned (&a)[4], unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]), "+f"(d[16][0]), "+f"(d[16][1]), "+f"(d[16][2]), "+f"(d[16][3]), "+f"(d[17][0]), "+f"(d[17][1]), "+f"(d[17][2]), "+f"(d[17][3]), "+f"(d[18][0]), "+f"(d[18][1]), "+f"(d[18][2]), "+f"(d[18][3]), "+f"(d[19][0]), "+f"(d[19][1]), "+f"(d[19][2]), "+f"(d[19][3]), "+f"(d[20][0]), "+f"(d[20][1]), "+f"(d[20][2]), "+f"(d[20][3]), "+f"(d[21][0]), "+f"(d[21][1]), "+f"(d[21][2]), "+f"(d[21][3]), "+f"(d[22][0]), "+f"(d[22][1]), "+f"(d[22][2]), "+f"(d[22][3]), "+f"(d[23][0]), "+f"(d[23][1]), "+f"(d[23][2]), "+f"(d[23][3]), "+f"(d[24][0]), "+f"(d[24][1]), "+f"(d[24][2]), "+f"(d[24][3]), "+f"(d[25][0]), "+f"(d[25][1]), "+f"(d[25][2]), "+f"(d[25][3]), "+f"(d[26][0]), "+f"(d[26][1]), "+f"(d[26][2]), "+f"(d[26][3]), "+f"(d[27][0]), "+f"(d[27][1]), "+f"(d[27][2]), "+f"(d[27][3]), "+f"(d[28][0]), "+f"(d[28][1]), "+f"(d[28][2]), "+f"(d[28][3]), "+f"(d[29][0]), "+f"(d[29][1]), "+f"(d[29][2]), "+f"(d[29][3]), "+f"(d[30][0]), "+f"(d[30][1]), "+f"(d[30][2]), "+f"(d[30][3]), "+f"(d[31][0]), "+f"(d[31][1]), "+f"(d[31][2]), "+f"(d[31][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+#endif
+
+// Two BF16 values in one register, the first in the low half (the lower k, as mma fragments take them).
+__device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
+    __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+    return *(unsigned*)&b;
+}
+
+// The two 16-bit pieces of a 16-byte group that lane c's fragments take: bytes 2c, 2c + 1 (lo)
+// and 2c + 8, 2c + 9 (hi), each in the low 16 bits.
+__device__ __forceinline__ void fragment_bytes(const unsigned char* group, int c, unsigned& lo, unsigned& hi) {
+    const unsigned* w = (const unsigned*)group;
+    int shift = 16 * (c & 1);
+    lo = w[c >> 1] >> shift;
+    hi = w[2 + (c >> 1)] >> shift;
+}
+
+// The 16-byte piece of memory holding byte `at` (scales that share a piece with their neighbours).
+__device__ __forceinline__ const void* piece_holding(const void* w, long at) {
+    return (const unsigned char*)w + (at & ~15L);
+}
+
+template <> struct QuantChunk<3> {  // Q8_0: 64 int8 values, then the piece holding the two blocks' f16 scales
+    static constexpr int PIECES = 5, STRIDE = 80;
+    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
+        long i = (long)o * k + k0;
+        return p < 4 ? (const void*)((const unsigned char*)w + i + 16 * p) : piece_holding(w, total + 2 * (i / 32));
+    }
+    static __device__ __forceinline__ float value(unsigned b, float d) { return d * (float)(signed char)(b & 0xff); }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        long i = (long)o * k + k0;
+        const __half* s = (const __half*)(row + 64 + ((total + 2 * (i / 32)) & 15));
+        float d0 = __half2float(s[0]), d1 = __half2float(s[1]);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            unsigned a, b;
+            fragment_bytes(row + 16 * j, c, a, b);
+            float d = j < 2 ? d0 : d1;
+            lo[j] = bf16_pair(value(a, d), value(a >> 8, d));
+            hi[j] = bf16_pair(value(b, d), value(b >> 8, d));
+        }
+    }
+};
+
+template <> struct QuantChunk<4> {  // Q4_0: two blocks of 16 bytes (value j low, j + 16 high, offset by 8), then the scales' piece
+    static constexpr int PIECES = 3, STRIDE = 48;
+    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
+        long i = (long)o * k + k0;
+        return p < 2 ? (const void*)((const unsigned char*)w + i / 2 + 16 * p) : piece_holding(w, total / 2 + 2 * (i / 32));
+    }
+    static __device__ __forceinline__ float value(unsigned b, int shift, float d) { return d * (float)((int)((b >> shift) & 15) - 8); }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        long i = (long)o * k + k0;
+        const __half* s = (const __half*)(row + 32 + ((total / 2 + 2 * (i / 32)) & 15));
+#pragma unroll
+        for (int b = 0; b < 2; b++) {
+            float d = __half2float(s[b]);
+            unsigned x, y;
+            fragment_bytes(row + 16 * b, c, x, y);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {  // k16 step 2b + h: the low nibbles, then the high ones
+                lo[2 * b + h] = bf16_pair(value(x, 4 * h, d), value(x, 8 + 4 * h, d));
+                hi[2 * b + h] = bf16_pair(value(y, 4 * h, d), value(y, 8 + 4 * h, d));
+            }
+        }
+    }
+};
+
+template <> struct QuantChunk<5> {  // Q4_K: the 32 bytes of sub-blocks 2j (low nibbles) and 2j + 1 (high), then the super-block's header
+    static constexpr int PIECES = 3, STRIDE = 48;
+    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
+        long sb = ((long)o * k + k0) / 256;
+        int j = (k0 % 256) / 64;
+        return p < 2 ? (const void*)((const unsigned char*)w + sb * 128 + 32 * j + 16 * p)
+                     : (const void*)((const unsigned char*)w + total / 2 + 16 * sb);
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        float d, dmin;
+        int s1, m1, s2, m2;
+        q4k_header(*(const uint4*)(row + 32), 2 * ((k0 % 256) / 64), d, dmin, s1, m1, s2, m2);
+        float scale[2] = {d * s1, d * s2}, offset[2] = {dmin * m1, dmin * m2};
+#pragma unroll
+        for (int b = 0; b < 2; b++) {
+            unsigned x, y;
+            fragment_bytes(row + 16 * b, c, x, y);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {  // k16 step b (low nibbles, sub-block 2j) and 2 + b (high, 2j + 1)
+                float sc = scale[h], of = offset[h];
+                lo[2 * h + b] = bf16_pair(sc * ((x >> (4 * h)) & 15) - of, sc * ((x >> (8 + 4 * h)) & 15) - of);
+                hi[2 * h + b] = bf16_pair(sc * ((y >> (4 * h)) & 15) - of, sc * ((y >> (8 + 4 * h)) & 15) - of);
+            }
+        }
+    }
+};
+
+template <> struct QuantChunk<6> {
+    // Q6_K: a chunk is quarter h of half n of a super-block: value t's low four bits are nibble h of
+    // ql byte 64n + t, its high two bits 2 (2h + t / 32) of qh byte 32n + t % 32, its scale
+    // sc[8n + 4h + t / 16]. Pieces: the 64 ql bytes, the 32 qh bytes, the super-block's 16 scales,
+    // and the piece holding its f16 d.
+    static constexpr int PIECES = 8, STRIDE = 144;
+    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
+        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        int n = (k0 % 256) / 128;
+        const unsigned char* base = (const unsigned char*)w;
+        if (p < 4) return base + sb * 192 + 64 * n + 16 * p;
+        if (p < 6) return base + sb * 192 + 128 + 32 * n + 16 * (p - 4);
+        if (p == 6) return base + blocks * 192 + 16 * sb;
+        return piece_holding(w, blocks * 208 + 2 * sb);
+    }
+    static __device__ __forceinline__ int q6(unsigned l, unsigned h, int ls, int hs) {
+        return (int)(((l >> ls) & 15) | (((h >> hs) & 3) << 4)) - 32;
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        int r = k0 % 256, n = r / 128, h = (r % 128) / 64;
+        float d = __half2float(*(const __half*)(row + 112 + ((blocks * 208 + 2 * sb) & 15)));
+        const signed char* sc = (const signed char*)(row + 96) + 8 * n + 4 * h;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            unsigned ql, qlh, qh, qhh;
+            fragment_bytes(row + 16 * j, c, ql, qlh);
+            fragment_bytes(row + 64 + 16 * (j & 1), c, qh, qhh);
+            float scale = d * sc[j];
+            int ls = 4 * h, hs = 2 * (2 * h + (j >> 1));
+            lo[j] = bf16_pair(scale * (float)q6(ql, qh, ls, hs), scale * (float)q6(ql, qh, 8 + ls, 8 + hs));
+            hi[j] = bf16_pair(scale * (float)q6(qlh, qhh, ls, hs), scale * (float)q6(qlh, qhh, 8 + ls, 8 + hs));
+        }
+    }
+};
+
+// The shared memory a block of quant_gemm takes: STAGES buffers of the activations (NT rows of
+// 128 bytes) and the weights' bytes (rounded up to 1,024, so every activation tile starts
+// 1024-aligned), and 1,024 bytes to align the first. CUDABackend.QuantGemmKernel.shared mirrors it.
+template <int DT, int NT, int STAGES> constexpr int quant_gemm_shared() {
+    return STAGES * (NT * 128 + (QG_ROWS * QuantChunk<DT>::STRIDE + 1023) / 1024 * 1024) + 1024;
+}
+
+template <int DT, int NT, int STAGES>
+__device__ __forceinline__ void quant_gemm(const void* w, const unsigned short* x, const float* bias, void* y, int n, int rows, int k,
+                                           int accumulate, int halfOut) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    static_assert(STAGES >= 3, "a chunk is multiplied while the next is decoded and a third is copied");
+    static_assert(NT == 128 || NT == 256, "one wgmma of 128 or 256 columns");
+    using Q = QuantChunk<DT>;
+    constexpr int XB = NT * 128;
+    constexpr int SB = XB + (QG_ROWS * Q::STRIDE + 1023) / 1024 * 1024;
+    extern __shared__ __align__(16) unsigned char fa_shared[];
+    unsigned char* base = fa_shared + ((1024 - (shared_address(fa_shared) & 1023)) & 1023);
+    const int t0 = blockIdx.x * NT, o0 = blockIdx.y * QG_ROWS, chunks = k / QG_K;
+    const long total = (long)n * k;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
+    const int r = 64 * (warp >> 2) + 16 * (warp & 3) + (lane >> 2);  // the thread's rows in the tile: r and r + 8
+    gdc_wait();
+    // Chunk s's copies into buffer s % STAGES (none past the last chunk; no commit).
+    auto load = [&](int s) {
+        if (s >= chunks) return;
+        unsigned char* xs = base + (s % STAGES) * SB;
+        unsigned char* ws = xs + XB;
+        int k0 = s * QG_K;
+        for (int p = threadIdx.x; p < NT * 8; p += blockDim.x) {
+            int t = p >> 3, part = p & 7;
+            bool in = t0 + t < rows;
+            copy16_async(xs + swizzled128(t, part, NT), x + (in ? (long)(t0 + t) * k + k0 + 8 * part : 0), in);
+        }
+        for (int p = threadIdx.x; p < QG_ROWS * Q::PIECES; p += blockDim.x) {
+            int o = p / Q::PIECES, piece = p % Q::PIECES;
+            bool in = o0 + o < n;
+            copy16_async(ws + o * Q::STRIDE + 16 * piece, in ? Q::piece(w, total, k, o0 + o, k0, piece) : w, in);
+        }
+    };
+    // The thread's A fragments of chunk s (its buffer complete and visible).
+    auto decode = [&](unsigned (&a)[4][4], int s) {
+        const unsigned char* ws = base + (s % STAGES) * SB + XB;
+        unsigned lo0[4], hi0[4], lo1[4], hi1[4];
+        int k0 = s * QG_K;
+        // Rows past the matrix were filled with zeros and decode to zeros or finite values that are never stored.
+        Q::fragment(ws + r * Q::STRIDE, total, k, min(o0 + r, n - 1), k0, c, lo0, hi0);
+        Q::fragment(ws + (r + 8) * Q::STRIDE, total, k, min(o0 + r + 8, n - 1), k0, c, lo1, hi1);
+#pragma unroll
+        for (int j = 0; j < 4; j++) { a[j][0] = lo0[j]; a[j][1] = lo1[j]; a[j][2] = hi0[j]; a[j][3] = hi1[j]; }
+    };
+    float acc[NT / 8][4];
+#pragma unroll
+    for (int i = 0; i < NT / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    auto hold_acc = [&] {
+#pragma unroll
+        for (int i = 0; i < NT / 8; i++) { hold(acc[i][0]); hold(acc[i][1]); hold(acc[i][2]); hold(acc[i][3]); }
+    };
+    auto hold_a = [&](unsigned (&a)[4][4]) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) { hold(a[j][0]); hold(a[j][1]); hold(a[j][2]); hold(a[j][3]); }
+    };
+    // Chunk s on the tensor cores from `cur`, and chunk s + 1 decoded into `next` meanwhile. Before
+    // the wait for chunk s + 1, copy groups 0 ..< s + STAGES - 1 are committed (one a chunk, empty
+    // past the last), so at most STAGES - 3 may still be in flight. The barrier after it also
+    // follows every warpgroup's wait for chunk s - 1, whose buffer the copies of chunk
+    // s + STAGES - 1 then refill.
+    auto step = [&](int s, unsigned (&cur)[4][4], unsigned (&next)[4][4]) {
+        const unsigned xs = shared_address(base + (s % STAGES) * SB);
+        hold_acc();
+        hold_a(cur);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if constexpr (NT == 128) wgmma_rs_bf16_n128(acc, cur[j], wgmma_desc(xs + 32 * j, 16, 1024), 1);
+            else wgmma_rs_bf16_n256(acc, cur[j], wgmma_desc(xs + 32 * j, 16, 1024), 1);
+        }
+        wgmma_commit();
+        if (s + 1 < chunks) {
+            copy_wait<STAGES - 3>();
+            fence_proxy_async();
+            __syncthreads();
+            load(s + STAGES - 1);
+            copy_commit();
+            decode(next, s + 1);
+        }
+        wgmma_wait<0>();
+        hold_acc();
+        hold_a(cur);
+    };
+    for (int s = 0; s < STAGES - 1; s++) {
+        load(s);
+        copy_commit();
+    }
+    copy_wait<STAGES - 2>();
+    fence_proxy_async();
+    __syncthreads();
+    unsigned a0[4][4], a1[4][4];
+    decode(a0, 0);
+    for (int s = 0; s < chunks; s += 2) {
+        step(s, a0, a1);
+        if (s + 1 < chunks) step(s + 1, a1, a0);
+    }
+    // Accumulator (i, e): weight row r + 8 (e >> 1), token 8i + 2c + (e & 1). With accumulate the
+    // product is added to y first and the bias after, as cuBLAS's beta and add_bias do.
+#pragma unroll
+    for (int i = 0; i < NT / 8; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int o = o0 + r + 8 * (e >> 1), t = t0 + 8 * i + 2 * c + (e & 1);
+            if (o >= n || t >= rows) continue;
+            long at = (long)t * n + o;
+            float v = acc[i][e];
+            if (halfOut) {
+                ((__nv_bfloat16*)y)[at] = __float2bfloat16_rn(v);
+                continue;
+            }
+            if (accumulate) v += ((float*)y)[at];
+            if (bias) v += bias[o];
+            ((float*)y)[at] = v;
+        }
+#endif
+}
+
+// The backend's kernels (CUDABackend.quantGemmKernels mirrors them), 256 threads: 128 tokens with
+// two blocks a multiprocessor (128 registers a thread; quant_gemm_shared at four stages: 105 KB
+// for Q8_0, 89 KB for Q4_0 and Q4_K; Q6_K takes three, 103 KB), and 256 tokens (`_t256`) with
+// one, four stages (Q8_0 169 KB, Q4_0 and Q4_K 153 KB, Q6_K 201 KB).
+#define QUANT_GEMM(name, DT, NT, STAGES, MIN_BLOCKS)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) name(const void* w, const unsigned short* x, const float* bias, \
+                                                                       void* y, int n, int rows, int k, int accumulate,      \
+                                                                       int halfOut) {                                        \
+        quant_gemm<DT, NT, STAGES>(w, x, bias, y, n, rows, k, accumulate, halfOut);                                      \
+    }
+QUANT_GEMM(quant_gemm_q8_0, 3, 128, 4, 2)
+QUANT_GEMM(quant_gemm_q4_0, 4, 128, 4, 2)
+QUANT_GEMM(quant_gemm_q4_K, 5, 128, 4, 2)
+QUANT_GEMM(quant_gemm_q6_K, 6, 128, 3, 2)
+QUANT_GEMM(quant_gemm_q8_0_t256, 3, 256, 4, 1)
+QUANT_GEMM(quant_gemm_q4_0_t256, 4, 256, 4, 1)
+QUANT_GEMM(quant_gemm_q4_K_t256, 5, 256, 4, 1)
+QUANT_GEMM(quant_gemm_q6_K_t256, 6, 256, 4, 1)
+
 // out[t, :] += Σ weight · y[place of the route, :] over row t's k routes, in order of expert
 // index (the sum first, then added: as a separate add would). Without `place` (the matvec
 // kernels' expert mode, when moe_down does not take the down weights' type) route q's output is
