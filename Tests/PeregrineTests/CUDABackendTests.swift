@@ -282,7 +282,7 @@ final class CUDABackendTests: XCTestCase {
     /// Hopper only) against the widened matrix through cuBLAS (the same BF16 values, summed in
     /// another order), for each type with kernels and both token tiles (128 and 256): more weight
     /// rows and tokens than a block takes, neither a multiple of its tile; chunk counts odd (Q8_0,
-    /// Q4_0) and even; plain, with a bias, and added to a residual (with the bias after).
+    /// Q4_0, IQ4_NL) and even; plain, with a bias, and added to a residual (with the bias after).
     func testQuantGemmMatchesWidening() throws {
         let gpu = try backend()
         guard gpu.driver.computeCapability == (9, 0) else { throw XCTSkip("quant_gemm needs wgmma (compute capability 9.0)") }
@@ -296,7 +296,7 @@ final class CUDABackendTests: XCTestCase {
             return y
         }
         let n = 300, tokens = 200
-        for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.q4_K, 1024), (.q6_K, 1024)] {
+        for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.q4_K, 1024), (.q6_K, 1024)] {
             let values = (0..<(n * k)).map { _ in uniform() }
             let size = type.byteCount(elements: n * k)
             let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)

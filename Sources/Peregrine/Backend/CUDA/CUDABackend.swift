@@ -1001,6 +1001,8 @@ public final class CUDABackend: ComputeBackend {
                 QuantGemmKernel(name: "quant_gemm_q8_0_t256", tokens: 256, stages: 4, rowBytes: 80)],
         .q4_0: [QuantGemmKernel(name: "quant_gemm_q4_0", tokens: 128, stages: 4, rowBytes: 48),
                 QuantGemmKernel(name: "quant_gemm_q4_0_t256", tokens: 256, stages: 4, rowBytes: 48)],
+        .iq4_nl: [QuantGemmKernel(name: "quant_gemm_iq4_nl", tokens: 128, stages: 4, rowBytes: 48),
+                  QuantGemmKernel(name: "quant_gemm_iq4_nl_t256", tokens: 256, stages: 4, rowBytes: 48)],
         .q4_K: [QuantGemmKernel(name: "quant_gemm_q4_K", tokens: 128, stages: 4, rowBytes: 48),
                 QuantGemmKernel(name: "quant_gemm_q4_K_t256", tokens: 256, stages: 4, rowBytes: 48)],
         .q6_K: [QuantGemmKernel(name: "quant_gemm_q6_K", tokens: 128, stages: 3, rowBytes: 144),

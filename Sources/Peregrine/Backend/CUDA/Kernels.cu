@@ -3646,7 +3646,7 @@ extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned
 
 // ---------------------------------------------------------------------------------------------
 // Prompt products of quantized weights on Hopper's tensor cores, without widening the matrix:
-// y[t, o] (+)= Σ_k x[t, k] W[o, k] for W in Q8_0, Q4_0, Q4_K or Q6_K and x already rounded to BF16.
+// y[t, o] (+)= Σ_k x[t, k] W[o, k] for W in Q8_0, Q4_0, IQ4_NL, Q4_K or Q6_K and x already rounded to BF16.
 // A block takes QG_ROWS weight rows (two warpgroups of 64) by NT tokens (128 or 256: a decoded
 // value serves that many tokens, so the decoding's share of the instructions halves from 128 to
 // 256, for twice the accumulator registers and half the blocks) and walks k in chunks of QG_K
@@ -3729,13 +3729,22 @@ template <> struct QuantChunk<3> {  // Q8_0: 64 int8 values, then the piece hold
     }
 };
 
-template <> struct QuantChunk<4> {  // Q4_0: two blocks of 16 bytes (value j low, j + 16 high, offset by 8), then the scales' piece
+// Q4_0 (NL false) and IQ4_NL: two blocks of 16 bytes (value j in byte j's low nibble, j + 16 in its
+// high one: Q4_0's offset by 8, IQ4_NL's an index into ggml's levels), then the scales' piece.
+template <bool NL> struct Nibble32Chunk {
     static constexpr int PIECES = 3, STRIDE = 48;
     static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
         long i = (long)o * k + k0;
         return p < 2 ? (const void*)((const unsigned char*)w + i / 2 + 16 * p) : piece_holding(w, total / 2 + 2 * (i / 32));
     }
-    static __device__ __forceinline__ float value(unsigned b, int shift, float d) { return d * (float)((int)((b >> shift) & 15) - 8); }
+    // The values of the nibbles at bits `shift` and 8 + shift of b as a BF16 pair.
+    static __device__ __forceinline__ unsigned pair(unsigned b, int shift, float d) {
+        if (NL) {
+            int levels = iq4_levels4(b >> shift);
+            return bf16_pair(d * (float)(signed char)(levels & 0xff), d * (float)(signed char)((levels >> 8) & 0xff));
+        }
+        return bf16_pair(d * (float)((int)((b >> shift) & 15) - 8), d * (float)((int)((b >> (8 + shift)) & 15) - 8));
+    }
     static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
         long i = (long)o * k + k0;
@@ -3747,12 +3756,14 @@ template <> struct QuantChunk<4> {  // Q4_0: two blocks of 16 bytes (value j low
             fragment_bytes(row + 16 * b, c, x, y);
 #pragma unroll
             for (int h = 0; h < 2; h++) {  // k16 step 2b + h: the low nibbles, then the high ones
-                lo[2 * b + h] = bf16_pair(value(x, 4 * h, d), value(x, 8 + 4 * h, d));
-                hi[2 * b + h] = bf16_pair(value(y, 4 * h, d), value(y, 8 + 4 * h, d));
+                lo[2 * b + h] = pair(x, 4 * h, d);
+                hi[2 * b + h] = pair(y, 4 * h, d);
             }
         }
     }
 };
+template <> struct QuantChunk<4> : Nibble32Chunk<false> {};
+template <> struct QuantChunk<7> : Nibble32Chunk<true> {};
 
 template <> struct QuantChunk<5> {  // Q4_K: the 32 bytes of sub-blocks 2j (low nibbles) and 2j + 1 (high), then the super-block's header
     static constexpr int PIECES = 3, STRIDE = 48;
@@ -3945,22 +3956,24 @@ __device__ __forceinline__ void quant_gemm(const void* w, const unsigned short* 
 
 // The backend's kernels (CUDABackend.quantGemmKernels mirrors them), 256 threads: 128 tokens with
 // two blocks a multiprocessor (128 registers a thread; quant_gemm_shared at four stages: 105 KB
-// for Q8_0, 89 KB for Q4_0 and Q4_K; Q6_K takes three, 103 KB), and 256 tokens (`_t256`) with
-// one, four stages (Q8_0 169 KB, Q4_0 and Q4_K 153 KB, Q6_K 201 KB).
-#define QUANT_GEMM(name, DT, NT, STAGES, MIN_BLOCKS)                                                                     \
+// for Q8_0, 89 KB for Q4_0, IQ4_NL and Q4_K; Q6_K takes three, 103 KB), and 256 tokens (`_t256`)
+// with one, four stages (Q8_0 169 KB, Q4_0, IQ4_NL and Q4_K 153 KB, Q6_K 201 KB).
+#define QUANT_GEMM(name, DT, NT, STAGES, MIN_BLOCKS)                                                                        \
     extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) name(const void* w, const unsigned short* x, const float* bias, \
-                                                                       void* y, int n, int rows, int k, int accumulate,      \
-                                                                       int halfOut) {                                        \
-        quant_gemm<DT, NT, STAGES>(w, x, bias, y, n, rows, k, accumulate, halfOut);                                      \
+                                                                       void* y, int n, int rows, int k, int accumulate,     \
+                                                                       int halfOut) {                                       \
+        quant_gemm<DT, NT, STAGES>(w, x, bias, y, n, rows, k, accumulate, halfOut);                                         \
     }
 QUANT_GEMM(quant_gemm_q8_0, 3, 128, 4, 2)
 QUANT_GEMM(quant_gemm_q4_0, 4, 128, 4, 2)
 QUANT_GEMM(quant_gemm_q4_K, 5, 128, 4, 2)
 QUANT_GEMM(quant_gemm_q6_K, 6, 128, 3, 2)
+QUANT_GEMM(quant_gemm_iq4_nl, 7, 128, 4, 2)
 QUANT_GEMM(quant_gemm_q8_0_t256, 3, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q4_0_t256, 4, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q4_K_t256, 5, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q6_K_t256, 6, 256, 4, 1)
+QUANT_GEMM(quant_gemm_iq4_nl_t256, 7, 256, 4, 1)
 
 // out[t, :] += Σ weight · y[place of the route, :] over row t's k routes, in order of expert
 // index (the sum first, then added: as a separate add would). Without `place` (the matvec

@@ -1,0 +1,153 @@
+// quant_gemm (quantized prompt products decoded into wgmma's register operands) against the
+// widening it replaces: random weights in each type's planar device layout, widened by the
+// dequantize_bf16 kernel (checked on GPUs), multiplied on the host in doubles by BF16
+// activations, against quant_gemm's sums; both token tiles, weight rows and tokens that are no
+// multiple of a block's, odd and even chunk counts, plain, with a bias, added to y, and BF16 output.
+#include "cuda_emulator.h"
+#include "../../Sources/Peregrine/Backend/CUDA/Kernels.cu"
+
+#include <random>
+
+namespace {
+
+unsigned short bf16_bits(float f) {
+    unsigned u;
+    memcpy(&u, &f, 4);
+    return (unsigned short)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+float bf16_value(unsigned short b) {
+    unsigned u = (unsigned)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+unsigned short f16_bits(float f) {  // normal values only, which the scales here are
+    unsigned u;
+    memcpy(&u, &f, 4);
+    int e = (int)((u >> 23) & 0xff) - 127 + 15;
+    unsigned m = u & 0x7fffff, r = m >> 13, rest = m & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (r & 1))) r++;
+    unsigned bits = ((u >> 16) & 0x8000) | ((unsigned)e << 10);
+    return (unsigned short)(bits + r);
+}
+
+struct Case {
+    int dtype;
+    const char* name;
+    int k;
+};
+
+// Bytes of a matrix of `total` values of the type in the device's planar layout.
+size_t layout_bytes(int dtype, long total) {
+    switch (dtype) {
+    case 3: return total + total / 32 * 2;
+    case 4:
+    case 7: return total / 2 + total / 32 * 2;
+    case 5: return total / 2 + total / 256 * 16;
+    default: return total / 256 * 210;
+    }
+}
+
+// Random values and scales: the scales small normal f16 values (random bytes could be NaN).
+void fill(int dtype, long total, unsigned char* w, std::mt19937& rng) {
+    std::uniform_int_distribution<int> byte(0, 255);
+    std::uniform_real_distribution<float> scale(0.002f, 0.02f);
+    size_t size = layout_bytes(dtype, total);
+    for (size_t i = 0; i < size; i++) w[i] = (unsigned char)byte(rng);
+    auto put16 = [&](size_t at, unsigned short v) { memcpy(w + at, &v, 2); };
+    if (dtype == 3 || dtype == 4 || dtype == 7) {
+        size_t s = dtype == 3 ? total : total / 2;
+        for (long b = 0; b < total / 32; b++) put16(s + 2 * b, f16_bits(scale(rng)));
+    } else if (dtype == 5) {
+        for (long b = 0; b < total / 256; b++) {
+            put16(total / 2 + 16 * b, f16_bits(scale(rng)));
+            put16(total / 2 + 16 * b + 2, f16_bits(scale(rng)));
+        }
+    } else {
+        long blocks = total / 256;
+        for (long b = 0; b < blocks; b++) put16(blocks * 208 + 2 * b, f16_bits(scale(rng)));
+    }
+}
+
+template <class Kernel>
+int check(const char* label, Kernel kernel, int nt, size_t shared, const unsigned char* w, const unsigned short* x, const float* bias,
+          const std::vector<double>& expected, int n, int rows, int k, int accumulate, int halfOut, const std::vector<float>& start) {
+    std::vector<float> y = start;
+    emu::launch(kernel, dim3((rows + nt - 1) / nt, (n + QG_ROWS - 1) / QG_ROWS), dim3(256), shared, (const void*)w, x, bias,
+                (void*)y.data(), n, rows, k, accumulate, halfOut);
+    double scale = 0, worst = 0;
+    for (long i = 0; i < (long)rows * n; i++) {
+        int o = (int)(i % n);
+        double want = expected[i] + (accumulate ? start[i] : 0) + (bias ? bias[o] : 0);
+        double got = halfOut ? bf16_value(((const unsigned short*)y.data())[i]) : y[i];
+        scale = std::max(scale, fabs(want));
+        worst = std::max(worst, fabs(got - want));
+    }
+    // Untouched past the output (BF16 output: the second half of y's bytes).
+    if (halfOut)
+        for (long i = (long)rows * n / 2 + 1; i < (long)rows * n; i++)
+            if (memcmp(&y[i], &start[i], 4) != 0) {
+                printf("FAIL %s: wrote past the BF16 output at %ld\n", label, i);
+                return 1;
+            }
+    double bound = (halfOut ? 8e-3 : 1e-5) * scale;
+    bool ok = worst <= bound && scale > 0;
+    printf("%s %s: max error %.3g (bound %.3g, largest %.3g)\n", ok ? "ok  " : "FAIL", label, worst, bound, scale);
+    return ok ? 0 : 1;
+}
+
+}  // namespace
+
+int main() {
+    std::mt19937 rng(5);
+    const int n = 200, rows = 150;
+    const Case cases[] = {{3, "Q8_0", 320}, {4, "Q4_0", 320}, {7, "IQ4_NL", 320}, {5, "Q4_K", 512}, {6, "Q6_K", 512}};
+    int failures = 0;
+    for (const Case& c : cases) {
+        long total = (long)n * c.k;
+        std::vector<unsigned char> w(layout_bytes(c.dtype, total) + 16);
+        fill(c.dtype, total, w.data(), rng);
+        std::vector<unsigned short> wide(total);
+        emu::launch(dequantize_bf16, dim3((unsigned)((total / 8 + 255) / 256)), dim3(256), 0, (const void*)w.data(), c.dtype,
+                    (__nv_bfloat16*)wide.data(), total);
+        std::uniform_real_distribution<float> uniform(-1.f, 1.f);
+        std::vector<unsigned short> x((size_t)rows * c.k);
+        for (auto& v : x) v = bf16_bits(uniform(rng));
+        std::vector<float> bias(n), start((size_t)rows * n);
+        for (auto& v : bias) v = uniform(rng);
+        for (auto& v : start) v = uniform(rng);
+        std::vector<double> expected((size_t)rows * n);
+        for (int t = 0; t < rows; t++)
+            for (int o = 0; o < n; o++) {
+                double s = 0;
+                for (int i = 0; i < c.k; i++) s += (double)bf16_value(x[(size_t)t * c.k + i]) * bf16_value(wide[(size_t)o * c.k + i]);
+                expected[(size_t)t * n + o] = s;
+            }
+        struct Kernel {
+            void (*f)(const void*, const unsigned short*, const float*, void*, int, int, int, int, int);
+            int nt;
+            size_t shared;
+        };
+        Kernel kernels[2];
+        switch (c.dtype) {
+        case 3: kernels[0] = {quant_gemm_q8_0, 128, quant_gemm_shared<3, 128, 4>()}; kernels[1] = {quant_gemm_q8_0_t256, 256, quant_gemm_shared<3, 256, 4>()}; break;
+        case 4: kernels[0] = {quant_gemm_q4_0, 128, quant_gemm_shared<4, 128, 4>()}; kernels[1] = {quant_gemm_q4_0_t256, 256, quant_gemm_shared<4, 256, 4>()}; break;
+        case 7: kernels[0] = {quant_gemm_iq4_nl, 128, quant_gemm_shared<7, 128, 4>()}; kernels[1] = {quant_gemm_iq4_nl_t256, 256, quant_gemm_shared<7, 256, 4>()}; break;
+        case 5: kernels[0] = {quant_gemm_q4_K, 128, quant_gemm_shared<5, 128, 4>()}; kernels[1] = {quant_gemm_q4_K_t256, 256, quant_gemm_shared<5, 256, 4>()}; break;
+        default: kernels[0] = {quant_gemm_q6_K, 128, quant_gemm_shared<6, 128, 3>()}; kernels[1] = {quant_gemm_q6_K_t256, 256, quant_gemm_shared<6, 256, 4>()}; break;
+        }
+        for (const Kernel& kk : kernels) {
+            char label[96];
+            const char* modes[] = {"plain", "bias", "added, bias", "BF16 out"};
+            for (int m = 0; m < 4; m++) {
+                snprintf(label, sizeof label, "%s k %d, %d tokens a block, %s", c.name, c.k, kk.nt, modes[m]);
+                failures += check(label, kk.f, kk.nt, kk.shared, w.data(), x.data(), m == 1 || m == 2 ? bias.data() : nullptr, expected,
+                                  n, rows, c.k, m == 2, m == 3, start);
+            }
+        }
+    }
+    printf(failures ? "%d FAILED\n" : "all passed\n", failures);
+    return failures ? 1 : 0;
+}
