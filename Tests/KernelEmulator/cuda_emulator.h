@@ -339,17 +339,25 @@ struct Block {
 };
 
 inline thread_local Block* block_ = nullptr;
-inline thread_local std::vector<void*> stacks_;
 constexpr size_t STACK_BYTES = 256 * 1024, GUARD_BYTES = 4096;
 
+// The fibers' stacks, kept for the OS thread's next blocks and unmapped when it ends.
+struct Stacks {
+    std::vector<void*> all;
+    ~Stacks() {
+        for (void* p : all) munmap(p, STACK_BYTES + GUARD_BYTES);
+    }
+};
+inline thread_local Stacks stacks_;
+
 inline void* stack_(int i) {
-    while ((int)stacks_.size() <= i) {
+    while ((int)stacks_.all.size() <= i) {
         void* p = mmap(nullptr, STACK_BYTES + GUARD_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (p == MAP_FAILED) die("mmap of a thread's stack failed");
         mprotect(p, GUARD_BYTES, PROT_NONE);  // an overflow faults
-        stacks_.push_back(p);
+        stacks_.all.push_back(p);
     }
-    return stacks_[i];
+    return stacks_.all[i];
 }
 
 inline void yield_() {
@@ -689,7 +697,7 @@ inline void ldmatrix_x4_(unsigned (&r)[4], const void* p, bool trans) {
 // mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32, with g = lane / 4 and c = lane % 4: A (16 x 16)
 // a0 (g, 2c..2c+1), a1 (g+8, 2c..), a2 (g, 2c+8..), a3 (g+8, 2c+8..); B (16 x 8) b0 (k 2c..2c+1,
 // n g), b1 (k 2c+8.., n g); C and D (16 x 8) c0, c1 (g, 2c..2c+1), c2, c3 (g+8, 2c..2c+1).
-// Products are exact and summed in double, rounded once to f32 with C added.
+// Products (exact in f32) are summed in double, rounded once to f32 with C added.
 struct Mma {
     const unsigned* a;
     unsigned b0, b1;
@@ -718,9 +726,9 @@ template <Type T> inline void mma_op_(Collective& c) {
         int g = l / 4, q = l % 4;
         for (int e = 0; e < 4; e++) {
             int row = g + 8 * (e >> 1), col = 2 * q + (e & 1);
-            double s = C[row][col];
-            for (int k = 0; k < 16; k++) s += (double)A[row][k] * B[k][col];
-            m->c[e] = (float)s;
+            double s = 0;
+            for (int k = 0; k < 16; k++) s += (double)(A[row][k] * B[k][col]);
+            m->c[e] = (float)(C[row][col] + s);
         }
     }
 }
@@ -786,7 +794,8 @@ template <int N, Type T, bool TransA, bool TransB, int ScaleA, int ScaleB> inlin
         if ((!w0.aRegs && w.a != w0.a) || w.b != w0.b || w.accumulate != w0.accumulate)
             die("wgmma: the warpgroup's threads gave different descriptors or scale-d");
     }
-    static thread_local float A[64][16], B[16][N];
+    static thread_local float A[64][16], B[N][16];  // B by column: the sums read both rows contiguously
+    static thread_local double D[64][N];
     for (int t = 0; t < 128; t++) {
         const Wgmma& w = *(const Wgmma*)c.args[t];
         if (!w.aRegs) break;
@@ -811,7 +820,14 @@ template <int N, Type T, bool TransA, bool TransB, int ScaleA, int ScaleB> inlin
     for (int k = 0; k < 16; k++)
         for (int n = 0; n < N; n++) {
             memcpy(&v, desc_element_(w0.b, n, k, TransB), 2);
-            B[k][n] = widen_(v, T) * ScaleB;
+            B[n][k] = widen_(v, T) * ScaleB;
+        }
+    // 16-bit products are exact in f32; their sum is taken in double, rounded once with D added.
+    for (int m = 0; m < 64; m++)
+        for (int n = 0; n < N; n++) {
+            double s = 0;
+            for (int k = 0; k < 16; k++) s += (double)(A[m][k] * B[n][k]);
+            D[m][n] = s;
         }
     for (int t = 0; t < 128; t++) {
         const Wgmma& w = *(const Wgmma*)c.args[t];
@@ -819,9 +835,7 @@ template <int N, Type T, bool TransA, bool TransB, int ScaleA, int ScaleB> inlin
         for (int n = 0; n < N / 8; n++)
             for (int e = 0; e < 4; e++) {
                 int row = r + 8 * (e >> 1), col = 8 * n + 2 * q + (e & 1);
-                double s = w0.accumulate ? w.d[4 * n + e] : 0.0;
-                for (int k = 0; k < 16; k++) s += (double)A[row][k] * B[k][col];
-                w.d[4 * n + e] = (float)s;
+                w.d[4 * n + e] = (float)((w0.accumulate ? w.d[4 * n + e] : 0.0) + D[row][col]);
             }
     }
 }
