@@ -501,15 +501,17 @@ inline void run_block_(dim3 block, void (*body)(void*), void* arg) {
             if (f.done) done++;
         }
         if (!ran) {
-            for (int t = 0; t < b.threads; t++) {
-                Fiber& f = b.fibers[t];
-                if (f.done) continue;
-                const char* at = "?";
+            auto where = [&](int t) {
+                const Fiber& f = b.fibers[t];
+                if (f.done) return "(finished)";
                 for (auto* cs : {&b.warps, &b.groups})
                     for (auto& c : *cs)
-                        if (f.waitOn == &c.gen) at = c.name;
-                if (f.waitOn == &b.barrier.gen) at = b.barrier.name;
-                fprintf(stderr, "emu: thread %d waits at %s\n", t, at);
+                        if (f.waitOn == &c.gen) return c.name;
+                return f.waitOn == &b.barrier.gen ? b.barrier.name : "?";
+            };
+            for (int t = 0, u; t < b.threads; t = u) {  // runs of threads at the same place
+                for (u = t + 1; u < b.threads && !strcmp(where(u), where(t)); u++) {}
+                fprintf(stderr, "emu: threads %d-%d: %s\n", t, u - 1, where(t));
             }
             threadIdx = {0, 0, 0};
             die("deadlock: every thread left waits at a collective the others do not reach");
@@ -637,16 +639,6 @@ inline int __any_sync(unsigned mask, int p) { return emu::ballot_(mask, p) != 0;
 inline int __all_sync(unsigned mask, int p) { return emu::ballot_(mask, p) == (mask & emu::warp_().liveMask); }
 inline void __syncwarp(unsigned mask = 0xffffffff) { emu::arrive_(emu::warp_(), emu::nothing_op_, "__syncwarp", nullptr, mask); }
 inline void __syncthreads() { emu::arrive_(emu::block_->barrier, emu::nothing_op_, "__syncthreads", nullptr); }
-inline int __syncthreads_or(int p) {
-    static thread_local int any;
-    any = 0;  // every thread clears it before the first barrier: race free
-    __syncthreads();
-    if (p) any = 1;
-    __syncthreads();
-    int r = any;
-    __syncthreads();
-    return r;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core instructions (PTX ISA: ldmatrix, mma.sync m16n8k16, wgmma.mma_async m64nNk16).

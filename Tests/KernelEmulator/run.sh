@@ -1,7 +1,8 @@
 #!/bin/sh
 # Builds and runs the kernel emulator's tests (Kernels.cu's kernels on the CPU against host
 # references), failing at the first failure. CXX picks the compiler, TESTS the tests (names of
-# test_*.cpp without the extension), BUILD where the binaries go (a temporary directory otherwise).
+# test_*.cpp without the extension), BUILD where the binaries go (a temporary directory otherwise),
+# EMU_THREADS how many OS threads run a launch's blocks.
 set -e
 cd "$(dirname "$0")"
 CXX=${CXX:-c++}
@@ -22,6 +23,12 @@ done
 failed=0
 for p in $pids; do wait "$p" || failed=1; done
 [ "$failed" = 0 ] || { echo "KernelEmulator: a test did not build"; exit 1; }
+# Blocks of a launch run on up to EMU_THREADS OS threads (1: one after another, in order).
+if [ -z "$EMU_THREADS" ]; then
+    EMU_THREADS=$(nproc 2>/dev/null || echo 1)
+    [ "$EMU_THREADS" -le 8 ] || EMU_THREADS=8
+fi
+export EMU_THREADS
 for t in $TESTS; do
     echo "== $t"
     "$BUILD/$t"
