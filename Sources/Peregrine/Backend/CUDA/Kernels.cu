@@ -3,8 +3,12 @@
 // (0: f32, 1: f16, 2: bf16, 3: Q8_0, 4: Q4_0, 5: Q4_K, 6: Q6_K, 7: IQ4_NL, 8: IQ4_XS, 9: Q3_K,
 // 10: Q2_K; the quantized ones repacked at load, see repack_quantized). The KV cache is f32 or
 // f16 (the kernels that touch it take `kvHalf`), [block, position in block, kvHeads, headDim].
+// PEREGRINE_CUDA_EMULATOR: compiled on the host by Tests/KernelEmulator, whose prelude defines the
+// CUDA types and intrinsics, and the inline-assembly helpers left out below.
+#ifndef PEREGRINE_CUDA_EMULATOR
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#endif
 
 // Programmatic dependent launch (Hopper): a kernel launched with it may start while the one
 // before it finishes; it reads nothing that kernel writes (and writes nothing it reads) before
@@ -16,7 +20,7 @@
 // right before it at most, never beside an earlier one: what earlier kernels wrote may be read
 // before the wait (attention_split_heads does).
 __device__ __forceinline__ void gdc_wait() {
-#if __CUDA_ARCH__ >= 900
+#if __CUDA_ARCH__ >= 900 && !defined(PEREGRINE_CUDA_EMULATOR)
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #ifndef PEREGRINE_NO_EARLY_TRIGGER
     asm volatile("griddepcontrol.launch_dependents;");
@@ -1532,6 +1536,7 @@ __device__ __forceinline__ unsigned shared_address(const void* p) { return (unsi
 // 16 bytes from global to shared memory without passing through registers (Ampere and later;
 // before, an ordinary load and store); zeros when !in. Copies are grouped by copy_commit, and
 // copy_wait<N> waits until at most N of this thread's groups are still in flight.
+#ifndef PEREGRINE_CUDA_EMULATOR
 __device__ __forceinline__ void copy16_async(void* dst, const void* src, bool in) {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(shared_address(dst)), "l"(src), "r"(in ? 16 : 0));
@@ -1551,6 +1556,7 @@ template <int N> __device__ __forceinline__ void copy_wait() {
     asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
 #endif
 }
+#endif
 
 // Most splits of one sequence (the host caps its count): a warp's lanes hold four each in the merge.
 #define SPLIT_MAX 128
@@ -2231,6 +2237,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float*
 // memory for every key tile.
 #define FA_ROWS 64
 
+#ifndef PEREGRINE_CUDA_EMULATOR
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
@@ -2247,6 +2254,7 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const unsigned (&a)[4], u
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
@@ -2573,6 +2581,7 @@ ATTENTION_PREFILL_MMA(256, 32)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // The wrappers' accumulators: d[i / 4][i % 4] is register i, for each warp its 16 rows in mma.sync's
 // m16n8 fragment layout (d[n][e]: row lane / 4 + 8 (e >> 1), column 8n + 2 (lane & 3) + (e & 1)).
+#ifndef PEREGRINE_CUDA_EMULATOR
 // d (64 x 64, f32) = A (64 x 16: a K-major descriptor) * B (16 x 64: a K-major descriptor) (+ d when accumulate).
 __device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], unsigned long long a, unsigned long long b, int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
@@ -2607,6 +2616,7 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 // keep their reads, and any reuse of the registers, after the wait that completes it.
 __device__ __forceinline__ void hold(float& x) { asm volatile("" : "+f"(x) :: "memory"); }
 __device__ __forceinline__ void hold(unsigned& x) { asm volatile("" : "+r"(x) :: "memory"); }
+#endif
 // A shared-memory matrix descriptor with 128-byte swizzling: the start address and the leading and
 // stride byte offsets (all in 16-byte units).
 __device__ __forceinline__ unsigned long long wgmma_desc(unsigned address, unsigned leading, unsigned stride) {
@@ -3520,6 +3530,7 @@ template <bool HALF> __device__ __forceinline__ unsigned pack16(float lo, float 
     return *(unsigned*)&b;
 }
 
+#ifndef PEREGRINE_CUDA_EMULATOR
 template <bool HALF> __device__ __forceinline__ void mma16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     if (HALF)
         mma_f16(c, a, b0, b1);
@@ -3528,6 +3539,7 @@ template <bool HALF> __device__ __forceinline__ void mma16(float (&c)[4], const 
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 template <bool HALF>
 __device__ __forceinline__ void expert_gemm_body(const unsigned long long* weights, const unsigned long long* ups, int dtype, int n, int k,
