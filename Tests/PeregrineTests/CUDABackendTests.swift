@@ -286,7 +286,8 @@ final class CUDABackendTests: XCTestCase {
     func testQuantGemmMatchesWidening() throws {
         let gpu = try backend()
         guard gpu.driver.computeCapability == (9, 0) else { throw XCTSkip("quant_gemm needs wgmma (compute capability 9.0)") }
-        defer { (gpu.quantGemmAllowed, gpu.quantGemmTokens) = (true, nil) }
+        let allowedBefore = gpu.quantGemmAllowed
+        defer { (gpu.quantGemmAllowed, gpu.quantGemmTokens) = (allowedBefore, nil) }
         var rng = SplitMix(seed: 23)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] {
