@@ -46,6 +46,9 @@ size_t layout_bytes(int dtype, long total) {
     case 4:
     case 7: return total / 2 + total / 32 * 2;
     case 5: return total / 2 + total / 256 * 16;
+    case 8: return total / 2 + total / 256 * 8;
+    case 9: return total / 256 * 110;
+    case 10: return total / 256 * 84;
     default: return total / 256 * 210;
     }
 }
@@ -64,6 +67,17 @@ void fill(int dtype, long total, unsigned char* w, std::mt19937& rng) {
         for (long b = 0; b < total / 256; b++) {
             put16(total / 2 + 16 * b, f16_bits(scale(rng)));
             put16(total / 2 + 16 * b + 2, f16_bits(scale(rng)));
+        }
+    } else if (dtype == 8) {
+        for (long b = 0; b < total / 256; b++) put16(total / 2 + 8 * b, f16_bits(scale(rng)));
+    } else if (dtype == 9) {
+        long blocks = total / 256;
+        for (long b = 0; b < blocks; b++) put16(blocks * 108 + 2 * b, f16_bits(scale(rng)));
+    } else if (dtype == 10) {
+        long blocks = total / 256;
+        for (long b = 0; b < blocks; b++) {
+            put16(blocks * 80 + 4 * b, f16_bits(scale(rng)));
+            put16(blocks * 80 + 4 * b + 2, f16_bits(scale(rng)));
         }
     } else {
         long blocks = total / 256;
@@ -103,7 +117,8 @@ int check(const char* label, Kernel kernel, int nt, size_t shared, const unsigne
 int main() {
     std::mt19937 rng(5);
     const int n = 200, rows = 150;
-    const Case cases[] = {{3, "Q8_0", 320}, {4, "Q4_0", 320}, {7, "IQ4_NL", 320}, {5, "Q4_K", 512}, {6, "Q6_K", 512}};
+    const Case cases[] = {{3, "Q8_0", 320}, {4, "Q4_0", 320}, {7, "IQ4_NL", 320}, {8, "IQ4_XS", 512},
+                          {5, "Q4_K", 512},  {6, "Q6_K", 512}, {9, "Q3_K", 512},   {10, "Q2_K", 512}};
     int failures = 0;
     for (const Case& c : cases) {
         long total = (long)n * c.k;
@@ -135,6 +150,9 @@ int main() {
         case 3: kernels[0] = {quant_gemm_q8_0, 128, quant_gemm_shared<3, 128, 4>()}; kernels[1] = {quant_gemm_q8_0_t256, 256, quant_gemm_shared<3, 256, 4>()}; break;
         case 4: kernels[0] = {quant_gemm_q4_0, 128, quant_gemm_shared<4, 128, 4>()}; kernels[1] = {quant_gemm_q4_0_t256, 256, quant_gemm_shared<4, 256, 4>()}; break;
         case 7: kernels[0] = {quant_gemm_iq4_nl, 128, quant_gemm_shared<7, 128, 4>()}; kernels[1] = {quant_gemm_iq4_nl_t256, 256, quant_gemm_shared<7, 256, 4>()}; break;
+        case 8: kernels[0] = {quant_gemm_iq4_xs, 128, quant_gemm_shared<8, 128, 4>()}; kernels[1] = {quant_gemm_iq4_xs_t256, 256, quant_gemm_shared<8, 256, 4>()}; break;
+        case 9: kernels[0] = {quant_gemm_q3_K, 128, quant_gemm_shared<9, 128, 3>()}; kernels[1] = {quant_gemm_q3_K_t256, 256, quant_gemm_shared<9, 256, 4>()}; break;
+        case 10: kernels[0] = {quant_gemm_q2_K, 128, quant_gemm_shared<10, 128, 4>()}; kernels[1] = {quant_gemm_q2_K_t256, 256, quant_gemm_shared<10, 256, 4>()}; break;
         case 5: kernels[0] = {quant_gemm_q4_K, 128, quant_gemm_shared<5, 128, 4>()}; kernels[1] = {quant_gemm_q4_K_t256, 256, quant_gemm_shared<5, 256, 4>()}; break;
         default: kernels[0] = {quant_gemm_q6_K, 128, quant_gemm_shared<6, 128, 3>()}; kernels[1] = {quant_gemm_q6_K_t256, 256, quant_gemm_shared<6, 256, 4>()}; break;
         }

@@ -297,7 +297,8 @@ final class CUDABackendTests: XCTestCase {
             return y
         }
         let n = 300, tokens = 200
-        for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.q4_K, 1024), (.q6_K, 1024)] {
+        for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.iq4_xs, 1024), (.q4_K, 1024), (.q6_K, 1024), (.q3_K, 1024),
+                          (.q2_K, 1024)] {
             let values = (0..<(n * k)).map { _ in uniform() }
             let size = type.byteCount(elements: n * k)
             let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)

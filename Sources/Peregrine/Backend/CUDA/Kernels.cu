@@ -3658,7 +3658,8 @@ extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned
 
 // ---------------------------------------------------------------------------------------------
 // Prompt products of quantized weights on Hopper's tensor cores, without widening the matrix:
-// y[t, o] (+)= Σ_k x[t, k] W[o, k] for W in Q8_0, Q4_0, IQ4_NL, Q4_K or Q6_K and x already rounded to BF16.
+// y[t, o] (+)= Σ_k x[t, k] W[o, k] for W in any quantized type the backend keeps (Q8_0, Q4_0, IQ4_NL,
+// IQ4_XS, Q4_K, Q6_K, Q3_K, Q2_K) and x already rounded to BF16.
 // A block takes QG_ROWS weight rows (two warpgroups of 64) by NT tokens (128 or 256: a decoded
 // value serves that many tokens, so the decoding's share of the instructions halves from 128 to
 // 256, for twice the accumulator registers and half the blocks) and walks k in chunks of QG_K
@@ -3842,6 +3843,98 @@ template <> struct QuantChunk<6> {
     }
 };
 
+template <> struct QuantChunk<8> {
+    // IQ4_XS: Q4_0's 16 bytes of indices per sub-block of 32 (two sub-blocks a chunk), then the
+    // piece holding the super-block's 8-byte header (d and the sub-blocks' 6-bit scales).
+    static constexpr int PIECES = 3, STRIDE = 48;
+    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
+        long i = (long)o * k + k0;
+        return p < 2 ? (const void*)((const unsigned char*)w + i / 2 + 16 * p) : piece_holding(w, total / 2 + 8 * (i / 256));
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        long i = (long)o * k + k0;
+        uint2 h = *(const uint2*)(row + 32 + ((total / 2 + 8 * (i / 256)) & 15));
+#pragma unroll
+        for (int b = 0; b < 2; b++) {
+            float d = iq4xs_scale(h, (k0 % 256) / 32 + b);
+            unsigned x, y;
+            fragment_bytes(row + 16 * b, c, x, y);
+#pragma unroll
+            for (int hh = 0; hh < 2; hh++) {
+                lo[2 * b + hh] = Nibble32Chunk<true>::pair(x, 4 * hh, d);
+                hi[2 * b + hh] = Nibble32Chunk<true>::pair(y, 4 * hh, d);
+            }
+        }
+    }
+};
+
+// Q3_K and Q2_K: a chunk is quarter-pair s' of half h of a super-block, value t of it 2-bit
+// group s = 2s' + t / 32 of byte 32h + t % 32 of the low bits, sub-block j = 8h + 2s + (t % 32) / 16.
+template <> struct QuantChunk<9> {
+    // Q3_K: the 32 hmask bytes (the third bit: bit 4h + s), the 32 low-bit bytes, the two pieces
+    // the super-block's 12 scale bytes may straddle, and the piece holding its f16 d.
+    static constexpr int PIECES = 7, STRIDE = 112;
+    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
+        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        int h = (k0 % 256) / 128;
+        const unsigned char* v = (const unsigned char*)w + sb * 96;
+        if (p < 2) return v + 16 * p;
+        if (p < 4) return v + 32 + 32 * h + 16 * (p - 2);
+        if (p < 6) return (const unsigned char*)piece_holding(w, blocks * 96 + 12 * sb) + 16 * (p - 4);
+        return piece_holding(w, blocks * 108 + 2 * sb);
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        int r0 = k0 % 256, h = r0 / 128, s0 = 2 * ((r0 % 128) / 64);
+        const unsigned char* sc = row + 64 + ((blocks * 96 + 12 * sb) & 15);
+        float d = __half2float(*(const __half*)(row + 96 + ((blocks * 108 + 2 * sb) & 15)));
+#pragma unroll
+        for (int jj = 0; jj < 4; jj++) {
+            int s = s0 + (jj >> 1);
+            float scale = d * q3k_scale(sc, 8 * h + 2 * s + (jj & 1));
+            unsigned m, mh, q, qh;
+            fragment_bytes(row + 16 * (jj & 1), c, m, mh);
+            fragment_bytes(row + 32 + 16 * (jj & 1), c, q, qh);
+            auto value = [&](unsigned qb, unsigned mb, int e) {
+                return scale * (float)((int)(((qb >> (8 * e + 2 * s)) & 3) | (((mb >> (8 * e + 4 * h + s)) & 1) << 2)) - 4);
+            };
+            lo[jj] = bf16_pair(value(q, m, 0), value(q, m, 1));
+            hi[jj] = bf16_pair(value(qh, mh, 0), value(qh, mh, 1));
+        }
+    }
+};
+
+template <> struct QuantChunk<10> {
+    // Q2_K: the 32 low-bit bytes, the super-block's 16 scale bytes (scale low nibble, min high),
+    // and the piece holding its f16 d and dmin (rows five pieces apart: an odd count).
+    static constexpr int PIECES = 4, STRIDE = 80;
+    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
+        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        int h = (k0 % 256) / 128;
+        if (p < 2) return (const unsigned char*)w + sb * 64 + 32 * h + 16 * p;
+        if (p == 2) return (const unsigned char*)w + blocks * 64 + 16 * sb;
+        return piece_holding(w, blocks * 80 + 4 * sb);
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        int r0 = k0 % 256, h = r0 / 128, s0 = 2 * ((r0 % 128) / 64);
+        const __half* dm = (const __half*)(row + 48 + ((blocks * 80 + 4 * sb) & 15));
+        float d = __half2float(dm[0]), dmin = __half2float(dm[1]);
+#pragma unroll
+        for (int jj = 0; jj < 4; jj++) {
+            int s = s0 + (jj >> 1), sm = row[32 + 8 * h + 2 * s + (jj & 1)];
+            unsigned q, qh;
+            fragment_bytes(row + 16 * (jj & 1), c, q, qh);
+            auto value = [&](unsigned qb, int e) { return d * (sm & 15) * (int)((qb >> (8 * e + 2 * s)) & 3) - dmin * (sm >> 4); };
+            lo[jj] = bf16_pair(value(q, 0), value(q, 1));
+            hi[jj] = bf16_pair(value(qh, 0), value(qh, 1));
+        }
+    }
+};
+
 // The shared memory a block of quant_gemm takes: STAGES buffers of the activations (NT rows of
 // 128 bytes) and the weights' bytes (rounded up to 1,024, so every activation tile starts
 // 1024-aligned), and 1,024 bytes to align the first. CUDABackend.QuantGemmKernel.shared mirrors it.
@@ -3968,8 +4061,9 @@ __device__ __forceinline__ void quant_gemm(const void* w, const unsigned short* 
 
 // The backend's kernels (CUDABackend.quantGemmKernels mirrors them), 256 threads: 128 tokens with
 // two blocks a multiprocessor (128 registers a thread; quant_gemm_shared at four stages: 105 KB
-// for Q8_0, 89 KB for Q4_0, IQ4_NL and Q4_K; Q6_K takes three, 103 KB), and 256 tokens (`_t256`)
-// with one, four stages (Q8_0 169 KB, Q4_0, IQ4_NL and Q4_K 153 KB, Q6_K 201 KB).
+// for Q8_0 and Q2_K, 89 KB for Q4_0, IQ4_NL, IQ4_XS and Q4_K; Q6_K and Q3_K take three, 103 and
+// 91 KB), and 256 tokens (`_t256`) with one, four stages (Q8_0 and Q2_K 169 KB, Q4_0, IQ4_NL,
+// IQ4_XS and Q4_K 153 KB, Q3_K 185 KB, Q6_K 201 KB).
 #define QUANT_GEMM(name, DT, NT, STAGES, MIN_BLOCKS)                                                                        \
     extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) name(const void* w, const unsigned short* x, const float* bias, \
                                                                        void* y, int n, int rows, int k, int accumulate,     \
@@ -3981,11 +4075,17 @@ QUANT_GEMM(quant_gemm_q4_0, 4, 128, 4, 2)
 QUANT_GEMM(quant_gemm_q4_K, 5, 128, 4, 2)
 QUANT_GEMM(quant_gemm_q6_K, 6, 128, 3, 2)
 QUANT_GEMM(quant_gemm_iq4_nl, 7, 128, 4, 2)
+QUANT_GEMM(quant_gemm_iq4_xs, 8, 128, 4, 2)
+QUANT_GEMM(quant_gemm_q3_K, 9, 128, 3, 2)
+QUANT_GEMM(quant_gemm_q2_K, 10, 128, 4, 2)
 QUANT_GEMM(quant_gemm_q8_0_t256, 3, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q4_0_t256, 4, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q4_K_t256, 5, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q6_K_t256, 6, 256, 4, 1)
 QUANT_GEMM(quant_gemm_iq4_nl_t256, 7, 256, 4, 1)
+QUANT_GEMM(quant_gemm_iq4_xs_t256, 8, 256, 4, 1)
+QUANT_GEMM(quant_gemm_q3_K_t256, 9, 256, 4, 1)
+QUANT_GEMM(quant_gemm_q2_K_t256, 10, 256, 4, 1)
 
 // out[t, :] += Σ weight · y[place of the route, :] over row t's k routes, in order of expert
 // index (the sum first, then added: as a separate add would). Without `place` (the matvec
