@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <deque>
 #include <mutex>
 #include <thread>
 #include <tuple>
@@ -307,6 +308,29 @@ struct Fiber {
     const unsigned* waitOn = nullptr;  // runnable once *waitOn != waitFor
     unsigned waitFor = 0;
     uint3 tid{};
+    // The thread's cp.async copies in flight: those not yet committed, then its committed groups,
+    // oldest first. They land in shared memory only when a copy_wait lets them (see copy16_).
+    struct Copy {
+        unsigned char* dst;
+        unsigned char bytes[16];
+    };
+    std::vector<Copy> openCopies;
+    std::deque<std::vector<Copy>> copyGroups;
+};
+
+// A warpgroup's wgmma instructions in flight: issued but not committed, then committed groups,
+// oldest first. Each runs (reading shared memory and the A registers, writing the accumulators)
+// only when a wgmma_wait lets it (see wgmma_issue_op_).
+struct PendingWgmma {
+    void (*run)(const PendingWgmma&);
+    unsigned long long a, b;
+    int accumulate;
+    const unsigned* aRegs[128];
+    float* d[128];
+};
+struct WgmmaQueue {
+    std::vector<PendingWgmma> open;
+    std::deque<std::vector<PendingWgmma>> groups;
 };
 
 // A collective of a set of threads (a warp's lanes, a warpgroup, the block): each arriving thread
@@ -327,6 +351,7 @@ struct Collective {
 struct Block {
     std::vector<Fiber> fibers;
     std::vector<Collective> warps, groups;
+    std::vector<WgmmaQueue> wgmmas;  // one a warpgroup
     Collective barrier;
     int current = 0, threads = 0;
 #if defined(__x86_64__)
@@ -412,9 +437,18 @@ inline void arrive_(Collective& c, void (*op)(Collective&), const char* name, vo
     yield_();
 }
 
+inline void land_copies_(std::vector<Fiber::Copy>& copies) {
+    for (const Fiber::Copy& c : copies) memcpy(c.dst, c.bytes, 16);
+    copies.clear();
+}
+
 inline void exit_thread_() {
     Block& b = *block_;
     int t = b.current;
+    // Copies still in flight land (the thread reads nothing more, others may).
+    for (auto& g : b.fibers[t].copyGroups) land_copies_(g);
+    b.fibers[t].copyGroups.clear();
+    land_copies_(b.fibers[t].openCopies);
     b.fibers[t].done = true;
     Collective* cs[3] = {&b.warps[t / 32], b.groups.empty() ? nullptr : &b.groups[t / 128], &b.barrier};
     for (Collective* c : cs) {
@@ -455,6 +489,7 @@ inline void run_block_(dim3 block, void (*body)(void*), void* arg) {
     }
     if (b.threads % 128 == 0) {
         b.groups.resize(b.threads / 128);
+        b.wgmmas.resize(b.threads / 128);
         for (size_t g = 0; g < b.groups.size(); g++) {
             b.groups[g].size = 128;
             b.groups[g].base = 128 * (int)g;
@@ -517,6 +552,8 @@ inline void run_block_(dim3 block, void (*body)(void*), void* arg) {
             die("deadlock: every thread left waits at a collective the others do not reach");
         }
     }
+    for (const WgmmaQueue& q : b.wgmmas)
+        if (!q.open.empty() || !q.groups.empty()) die("a block ended with wgmma instructions never waited for");
     block_ = nullptr;
 }
 
@@ -769,8 +806,8 @@ inline const unsigned char* desc_element_(unsigned long long desc, int mn, int k
 // (+ D when scale-d). A from a descriptor (`aRegs` null) or from registers (warp w of the
 // warpgroup holding rows 16w ..< 16w + 16 in mma.sync's A layout); B from a descriptor. The
 // accumulator: register i of a thread is d[i / 4][i % 4], d[n][e] at row 16w + lane / 4 + 8 (e >> 1),
-// column 8n + 2 (lane & 3) + (e & 1). Executed when the warpgroup's 128 threads have all issued it
-// (reading shared memory then), so fence, commit and wait have nothing left to do.
+// column 8n + 2 (lane & 3) + (e & 1). Queued once the warpgroup's 128 threads have all issued it,
+// and run (reading shared memory and the A registers then) when a wgmma_wait completes its group.
 struct Wgmma {
     unsigned long long a, b;
     const unsigned* aRegs;
@@ -778,40 +815,44 @@ struct Wgmma {
     int accumulate;
 };
 
-template <int N, Type T, bool TransA, bool TransB, int ScaleA, int ScaleB> inline void wgmma_op_(Collective& c) {
-    if (c.arrived != 128) die("wgmma without the warpgroup's 128 threads");
-    const Wgmma& w0 = *(const Wgmma*)c.args[0];
-    for (int t = 1; t < 128; t++) {
-        const Wgmma& w = *(const Wgmma*)c.args[t];
-        if ((!w0.aRegs && w.a != w0.a) || w.b != w0.b || w.accumulate != w0.accumulate)
-            die("wgmma: the warpgroup's threads gave different descriptors or scale-d");
-    }
+// Whether asynchronous work (cp.async, wgmma) happens at issue instead of when its wait lets it
+// (EMU_EAGER_ASYNC=1): the late completion is the default because it is the strictest order the
+// hardware allows, so a missing or short wait, a buffer refilled while a wgmma still reads it, or
+// registers changed before the wait show as wrong results.
+inline bool eager_async_() {
+    static bool eager = [] {
+        const char* e = getenv("EMU_EAGER_ASYNC");
+        return e && atoi(e) != 0;
+    }();
+    return eager;
+}
+
+// Runs a wgmma: A from its descriptor or the threads' registers, B from its descriptor, as they
+// are now; the threads' accumulators read (scale-d) and written.
+template <int N, Type T, bool TransA, bool TransB, int ScaleA, int ScaleB> inline void wgmma_run_(const PendingWgmma& w) {
     static thread_local float A[64][16], B[N][16];  // B by column: the sums read both rows contiguously
     static thread_local double D[64][N];
-    for (int t = 0; t < 128; t++) {
-        const Wgmma& w = *(const Wgmma*)c.args[t];
-        if (!w.aRegs) break;
+    bool regs = w.aRegs[0] != nullptr;
+    for (int t = 0; regs && t < 128; t++) {
+        const unsigned* a = w.aRegs[t];
         int l = t & 31, r = 16 * (t >> 5) + l / 4, q = l % 4;
         for (int h = 0; h < 2; h++) {
-            A[r][2 * q + h] = widen_(h ? hi16_(w.aRegs[0]) : lo16_(w.aRegs[0]), T);
-            A[r + 8][2 * q + h] = widen_(h ? hi16_(w.aRegs[1]) : lo16_(w.aRegs[1]), T);
-            A[r][2 * q + 8 + h] = widen_(h ? hi16_(w.aRegs[2]) : lo16_(w.aRegs[2]), T);
-            A[r + 8][2 * q + 8 + h] = widen_(h ? hi16_(w.aRegs[3]) : lo16_(w.aRegs[3]), T);
+            A[r][2 * q + h] = widen_(h ? hi16_(a[0]) : lo16_(a[0]), T) * ScaleA;
+            A[r + 8][2 * q + h] = widen_(h ? hi16_(a[1]) : lo16_(a[1]), T) * ScaleA;
+            A[r][2 * q + 8 + h] = widen_(h ? hi16_(a[2]) : lo16_(a[2]), T) * ScaleA;
+            A[r + 8][2 * q + 8 + h] = widen_(h ? hi16_(a[3]) : lo16_(a[3]), T) * ScaleA;
         }
     }
     unsigned short v;
-    if (!w0.aRegs)
+    if (!regs)
         for (int m = 0; m < 64; m++)
             for (int k = 0; k < 16; k++) {
-                memcpy(&v, desc_element_(w0.a, m, k, TransA), 2);
+                memcpy(&v, desc_element_(w.a, m, k, TransA), 2);
                 A[m][k] = widen_(v, T) * ScaleA;
             }
-    else if (ScaleA != 1)
-        for (int m = 0; m < 64; m++)
-            for (int k = 0; k < 16; k++) A[m][k] *= ScaleA;
     for (int k = 0; k < 16; k++)
         for (int n = 0; n < N; n++) {
-            memcpy(&v, desc_element_(w0.b, n, k, TransB), 2);
+            memcpy(&v, desc_element_(w.b, n, k, TransB), 2);
             B[n][k] = widen_(v, T) * ScaleB;
         }
     // 16-bit products are exact in f32; their sum is taken in double, rounded once with D added.
@@ -822,13 +863,49 @@ template <int N, Type T, bool TransA, bool TransB, int ScaleA, int ScaleB> inlin
             D[m][n] = s;
         }
     for (int t = 0; t < 128; t++) {
-        const Wgmma& w = *(const Wgmma*)c.args[t];
+        float* d = w.d[t];
         int l = t & 31, r = 16 * (t >> 5) + l / 4, q = l % 4;
         for (int n = 0; n < N / 8; n++)
             for (int e = 0; e < 4; e++) {
                 int row = r + 8 * (e >> 1), col = 8 * n + 2 * q + (e & 1);
-                w.d[4 * n + e] = (float)((w0.accumulate ? w.d[4 * n + e] : 0.0) + D[row][col]);
+                d[4 * n + e] = (float)((w.accumulate ? d[4 * n + e] : 0.0) + D[row][col]);
             }
+    }
+}
+
+// The last of the warpgroup's 128 threads to issue a wgmma queues it for the group's next
+// commit (or runs it, eagerly).
+template <int N, Type T, bool TransA, bool TransB, int ScaleA, int ScaleB> inline void wgmma_issue_op_(Collective& c) {
+    if (c.arrived != 128) die("wgmma without the warpgroup's 128 threads");
+    const Wgmma& w0 = *(const Wgmma*)c.args[0];
+    PendingWgmma p;
+    p.run = wgmma_run_<N, T, TransA, TransB, ScaleA, ScaleB>;
+    p.a = w0.a;
+    p.b = w0.b;
+    p.accumulate = w0.accumulate;
+    for (int t = 0; t < 128; t++) {
+        const Wgmma& w = *(const Wgmma*)c.args[t];
+        if ((!w0.aRegs && w.a != w0.a) || w.b != w0.b || w.accumulate != w0.accumulate || !w.aRegs != !w0.aRegs)
+            die("wgmma: the warpgroup's threads gave different descriptors or scale-d");
+        p.aRegs[t] = w.aRegs;
+        p.d[t] = w.d;
+    }
+    if (eager_async_()) p.run(p);
+    else block_->wgmmas[c.base / 128].open.push_back(p);
+}
+
+inline void wgmma_commit_op_(Collective& c) {
+    WgmmaQueue& q = block_->wgmmas[c.base / 128];
+    q.groups.push_back(std::move(q.open));
+    q.open.clear();
+}
+
+// wgmma.wait_group N: every committed group but the newest N completes, oldest first.
+template <int N> inline void wgmma_wait_op_(Collective& c) {
+    WgmmaQueue& q = block_->wgmmas[c.base / 128];
+    while (q.groups.size() > (size_t)N) {
+        for (const PendingWgmma& p : q.groups.front()) p.run(p);
+        q.groups.pop_front();
     }
 }
 
@@ -844,14 +921,37 @@ template <int N, Type T, bool TransA, bool TransB, int ScaleA = 1, int ScaleB = 
 inline void wgmma(float (&d)[N / 8][4], unsigned long long a, const unsigned* aRegs, unsigned long long b, int accumulate) {
     static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma's N: a multiple of 8 up to 256");
     Wgmma w{a, b, aRegs, &d[0][0], accumulate != 0};
-    arrive_(group_(), wgmma_op_<N, T, TransA, TransB, ScaleA, ScaleB>, "wgmma.mma_async", &w);
+    arrive_(group_(), wgmma_issue_op_<N, T, TransA, TransB, ScaleA, ScaleB>, "wgmma.mma_async", &w);
 }
 
-// cp.async.cg.shared.global, 16 bytes (zeros when !in), done at issue.
+inline void wgmma_commit_() { arrive_(group_(), wgmma_commit_op_, "wgmma.commit_group", nullptr); }
+template <int N> inline void wgmma_wait_() { arrive_(group_(), wgmma_wait_op_<N>, "wgmma.wait_group", nullptr); }
+
+// cp.async.cg.shared.global, 16 bytes (zeros when !in): the source read at issue, the bytes
+// landing when a copy_wait lets the group holding them complete (or at issue, eagerly).
 inline void copy16_(void* dst, const void* src, bool in) {
     if (((uintptr_t)dst | (in ? (uintptr_t)src : 0)) & 15) die("cp.async: an address not 16-byte aligned");
-    if (in) memcpy(dst, src, 16);
-    else memset(dst, 0, 16);
+    Fiber::Copy c;
+    c.dst = (unsigned char*)dst;
+    if (in) memcpy(c.bytes, src, 16);
+    else memset(c.bytes, 0, 16);
+    if (eager_async_()) memcpy(c.dst, c.bytes, 16);
+    else block_->fibers[block_->current].openCopies.push_back(c);
+}
+
+inline void copy_commit_() {
+    Fiber& f = block_->fibers[block_->current];
+    f.copyGroups.push_back(std::move(f.openCopies));
+    f.openCopies.clear();
+}
+
+// cp.async.wait_group N: the thread's committed groups but the newest N land, oldest first.
+template <int N> inline void copy_wait_() {
+    Fiber& f = block_->fibers[block_->current];
+    while (f.copyGroups.size() > (size_t)N) {
+        land_copies_(f.copyGroups.front());
+        f.copyGroups.pop_front();
+    }
 }
 }  // namespace emu
 
@@ -860,8 +960,8 @@ inline void copy16_(void* dst, const void* src, bool in) {
 // same names and signatures. A new helper's wrapper is a line over emu::wgmma or emu::mma_.
 
 inline void copy16_async(void* dst, const void* src, bool in) { emu::copy16_(dst, src, in); }
-inline void copy_commit() {}
-template <int N> inline void copy_wait() {}
+inline void copy_commit() { emu::copy_commit_(); }
+template <int N> inline void copy_wait() { emu::copy_wait_<N>(); }
 
 inline void ldmatrix_x4(unsigned (&r)[4], const void* p) { emu::ldmatrix_x4_(r, p, false); }
 inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) { emu::ldmatrix_x4_(r, p, true); }
@@ -890,8 +990,8 @@ inline void wgmma_rs_bf16_n256(float (&d)[32][4], const unsigned (&a)[4], unsign
     emu::wgmma<256, Type::bf16, false, false>(d, 0, a, b, accumulate);
 }
 inline void wgmma_fence() {}
-inline void wgmma_commit() {}
-template <int N> inline void wgmma_wait() {}
+inline void wgmma_commit() { emu::wgmma_commit_(); }
+template <int N> inline void wgmma_wait() { emu::wgmma_wait_<N>(); }
 inline void fence_proxy_async() {}
 inline void hold(float&) {}
 inline void hold(unsigned&) {}
