@@ -3674,6 +3674,7 @@ extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned
 // for the k-quants, as their blocks are).
 #define QG_ROWS 128
 #define QG_K 64
+#define QG_THREADS 256
 
 // One weight row's bytes for a chunk of QG_K values: PIECES 16-byte pieces (piece(...) gives
 // each one's address), STRIDE bytes apart in shared memory (an odd number of pieces, so the
@@ -3725,7 +3726,12 @@ template <> struct QuantChunk<3> {  // Q8_0: 64 int8 values, then the piece hold
         long i = (long)o * k + k0;
         return p < 4 ? (const void*)((const unsigned char*)w + i + 16 * p) : piece_holding(w, total + 2 * (i / 32));
     }
-    static __device__ __forceinline__ float value(unsigned b, float d) { return d * (float)(signed char)(b & 0xff); }
+    // The int8 in b's low byte times d. The byte, its sign bit flipped, is the low mantissa byte of
+    // 2^23 + (q + 128), from which subtracting 2^23 + 128 leaves q exactly: two integer and one
+    // float operation where an int8-to-float conversion runs at a quarter of their rate.
+    static __device__ __forceinline__ float value(unsigned b, float d) {
+        return d * (__int_as_float(0x4B000000u | ((b ^ 0x80u) & 0xffu)) - 8388736.f);
+    }
     static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
         long i = (long)o * k + k0;
@@ -4065,9 +4071,9 @@ __device__ __forceinline__ void quant_gemm(const void* w, const unsigned short* 
 // 91 KB), and 256 tokens (`_t256`) with one, four stages (Q8_0 and Q2_K 169 KB, Q4_0, IQ4_NL,
 // IQ4_XS and Q4_K 153 KB, Q3_K 185 KB, Q6_K 201 KB).
 #define QUANT_GEMM(name, DT, NT, STAGES, MIN_BLOCKS)                                                                        \
-    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) name(const void* w, const unsigned short* x, const float* bias, \
-                                                                       void* y, int n, int rows, int k, int accumulate,     \
-                                                                       int halfOut) {                                       \
+    extern "C" __global__ void __launch_bounds__(QG_THREADS, MIN_BLOCKS) name(const void* w, const unsigned short* x,       \
+                                                                              const float* bias, void* y, int n, int rows,  \
+                                                                              int k, int accumulate, int halfOut) {         \
         quant_gemm<DT, NT, STAGES>(w, x, bias, y, n, rows, k, accumulate, halfOut);                                         \
     }
 QUANT_GEMM(quant_gemm_q8_0, 3, 128, 4, 2)
