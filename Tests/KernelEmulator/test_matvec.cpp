@@ -3,13 +3,14 @@
 // fixed-length 16-bit ones, and matmul_rows over several tokens, for every weight type they take.
 // Weights: Q8_0, Q4_0, Q4_K and Q6_K as random ggml blocks repacked by repack_quantized, their
 // values from the host's ggml dequantization; IQ4_NL, IQ4_XS, Q3_K and Q2_K as random bytes in the
-// planar device layout (scales small normal f16 values), their values from load_weight; 16-bit
-// weights random. The reference multiplies those values in doubles by the activations as the
+// planar device layout (scales small normal f16 values), their values from host decoders of that
+// layout (load_weight is checked against both); 16-bit weights random. The reference multiplies those values in doubles by the activations as the
 // kernel sees them (for quantized weights, quantize_q8's int8 values times their scales), so the
 // bound is f32 summation's. Cases: plain, with a bias, added to a residual (mode 1), gated
 // (mode 2), three matrices in one launch, the fused norm, row counts that are no multiple of a
 // block's rows, and rows that end inside a chunk of loads; outputs past each matrix's rows and the
-// gated launch's second output stay untouched.
+// gated launch's second output stay untouched. The expert mode (routes) as a mixture-of-experts
+// decode step launches it.
 #include "cuda_emulator.h"
 #include "../../Sources/Peregrine/Backend/CUDA/Kernels.cu"
 #include "test_util.h"
@@ -331,6 +332,74 @@ void matvec_type(const MatvecType& t, Rng& rng) {
     }
 }
 
+// The expert mode (routes given): a mixture-of-experts decode step of `tokens` tokens with `used`
+// experts each. Gate and up (gated, tables of the experts' matrices, each route reading its
+// token's row: routeDiv = used), then down over the routes' own rows (routeDiv = 1).
+void matvec_experts(const MatvecType& t, int d, int ff, Rng& rng) {
+    const int experts = 3, tokens = 2, used = 2, routes = tokens * used;
+    const bool q = quantized(t.dtype);
+    std::vector<Weight> gate, up, down;
+    std::vector<unsigned long long> gates, ups, downs;
+    for (int e = 0; e < experts; e++) {
+        gate.push_back(make_weight(t.dtype, ff, d, rng));
+        up.push_back(make_weight(t.dtype, ff, d, rng));
+        down.push_back(make_weight(t.dtype, d, ff, rng));
+    }
+    for (int e = 0; e < experts; e++) {
+        gates.push_back((unsigned long long)gate[e].bytes.data());
+        ups.push_back((unsigned long long)up[e].bytes.data());
+        downs.push_back((unsigned long long)down[e].bytes.data());
+    }
+    std::vector<float> route(2 * routes);
+    const int chosen[routes] = {2, 0, 1, 2};
+    for (int j = 0; j < routes; j++) {
+        route[2 * j] = rng.uniform(0.1f, 1.f);
+        int e = chosen[j];
+        memcpy(&route[2 * j + 1], &e, 4);
+    }
+    auto run = [&](const char* what, Matvec kernel, const std::vector<unsigned long long>& w0, const std::vector<unsigned long long>* w1,
+                   const std::vector<float>& x, int inRows, int k, int n, int routeDiv, std::vector<Weight>& w, std::vector<Weight>* u,
+                   std::vector<float>& y) {
+        std::vector<signed char> xq;
+        std::vector<float> xs;
+        std::vector<double> xe(x.begin(), x.end());
+        if (q) {
+            quantize(x, inRows, k, nullptr, 0, xq, xs);
+            for (long i = 0; i < (long)inRows * k; i++) xe[i] = xq[i] * (double)xs[i / 32];
+        }
+        std::vector<float> start = activations((long)routes * n + 8, rng);
+        y = start;
+        int warps = kernel == matvec_q6_K && k == 2048 ? (n + 1) / 2 : n;
+        emu::launch(kernel, dim3((warps * 32 + 255) / 256, routes), dim3(256), 0, (const void*)w0.data(), nullptr, y.data(), n,
+                    w1 ? (const void*)w1->data() : nullptr, nullptr, nullptr, 0, nullptr, nullptr, nullptr, 0, x.data(), nullptr, 0.f,
+                    q ? xq.data() : nullptr, q ? xs.data() : nullptr, k, u ? 2 : 0, route.data(), routeDiv);
+        double worst = 0, largest = 0;
+        bool untouched = true;
+        for (int i = routes * n; i < routes * n + 8; i++) untouched &= memcmp(&y[i], &start[i], 4) == 0;
+        for (int j = 0; j < routes; j++)
+            for (int o = 0; o < n; o++) {
+                const double* xr = xe.data() + (long)(j / routeDiv) * k;
+                auto dot = [&](const Weight& m) {
+                    double s = 0;
+                    for (int i = 0; i < k; i++) s += (double)m.v[(long)o * k + i] * xr[i];
+                    return s;
+                };
+                double g = dot(w[chosen[j]]), want = u ? g / (1 + exp(-g)) * dot((*u)[chosen[j]]) : g;
+                largest = std::max(largest, fabs(want));
+                double e = fabs(y[(long)j * n + o] - want);
+                worst = e == e ? std::max(worst, e) : INFINITY;
+            }
+        double bound = 2e-6 * largest;
+        char label[128];
+        snprintf(label, sizeof label, "matvec_%s experts, %s, %d routes", t.name, what, routes);
+        verdict(worst <= bound && largest > 0 && untouched, label, worst, bound, largest);
+    };
+    std::vector<float> x = activations((long)tokens * d, rng), hidden;
+    run("gate/up", t.gated, gates, &ups, x, tokens, d, ff, used, gate, &up, hidden);
+    std::vector<float> h(hidden.begin(), hidden.begin() + (long)routes * ff), out;
+    run("down", t.plain, downs, nullptr, h, routes, ff, d, 1, down, nullptr, out);
+}
+
 // The fixed-length 16-bit kernels (rows of exactly K values).
 void matvec_fixed(int dtype, const char* name, Matvec plain, Matvec gated, int k, Rng& rng) {
     char label[128];
@@ -442,6 +511,7 @@ int main() {
         {2, "bf16", matvec_bf16, matvec_bf16_gated, 808, 3000},
     };
     for (const MatvecType& t : types) matvec_type(t, rng);
+    for (const MatvecType& t : types) matvec_experts(t, t.shortK, 256, rng);
     matvec_fixed(1, "f16", matvec_f16_k4096, matvec_f16_gated_k4096, 4096, rng);
     matvec_fixed(2, "bf16", matvec_bf16_k4096, matvec_bf16_gated_k4096, 4096, rng);
     matvec_fixed(1, "f16", matvec_f16_k14336, matvec_f16_gated_k14336, 14336, rng);

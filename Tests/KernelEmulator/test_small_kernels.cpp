@@ -24,6 +24,11 @@ void verdict(bool ok, const char* label, double worst, double bound) {
     if (!ok) failures++;
 }
 
+void verdict(bool ok, const char* label) {
+    printf("%s %-64s exact\n", ok ? "ok  " : "FAIL", label);
+    if (!ok) failures++;
+}
+
 std::vector<float> uniform(long n, Rng& rng, float lo = -1.f, float hi = 1.f) {
     std::vector<float> v(n);
     for (auto& x : v) x = rng.uniform(lo, hi);
@@ -231,14 +236,19 @@ void argmax_case(int rows, int cols, int parts, Rng& rng) {
     }
     char label[96];
     snprintf(label, sizeof label, "argmax_rows %d rows of %d, %d blocks a row", rows, cols, parts);
-    verdict(ok, label, 0, 0);
+    verdict(ok, label);
 }
 
-// topk_rows: the k largest of each row (in any order), with many values equal to the k-th.
+// topk_rows: the k largest of each row (in any order), with values equal to the k-th beyond it
+// (only as many of them taken as fill k).
 void topk_case(int rows, int cols, int k, Rng& rng) {
     std::vector<float> x = uniform((long)rows * cols, rng, -10.f, 10.f);
-    for (int r = 0; r < rows; r++)
-        for (int j = 0; j < 40; j++) x[(long)r * cols + rng.below(cols)] = 3.25f;  // ties, likely at the k-th
+    for (int r = 0; r < rows; r++) {
+        float* row = x.data() + (long)r * cols;
+        std::vector<float> sorted(row, row + cols);
+        std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+        for (int j = 0; j < 6; j++) row[rng.below(cols)] = sorted[k - 1];
+    }
     std::vector<float> values((long)rows * k + 1, -1e30f);
     std::vector<int> indices((long)rows * k + 1, -7);
     emu::launch(topk_rows, dim3(rows), dim3(1024), 0, x.data(), cols, k, values.data(), indices.data());
@@ -256,7 +266,7 @@ void topk_case(int rows, int cols, int k, Rng& rng) {
     }
     char label[96];
     snprintf(label, sizeof label, "topk_rows %d rows of %d, k %d", rows, cols, k);
-    verdict(ok, label, 0, 0);
+    verdict(ok, label);
 }
 
 // The host Sampler's choice as sample_rows documents it, in the same f32 operations and order.
@@ -300,7 +310,7 @@ std::pair<int, int> host_sample(const float* r, int cols, const Draw& d) {
 }
 
 void sample_case(Rng& rng) {
-    const int rows = 3, cols = 3000;
+    const int rows = 4, cols = 3000;
     // Distinct logits (which of several equal ones at the k-th place is kept is not fixed).
     std::vector<float> x((long)rows * cols);
     for (int r = 0; r < rows; r++) {
@@ -310,6 +320,14 @@ void sample_case(Rng& rng) {
         for (int i = 0; i < cols; i++) x[(long)r * cols + i] = (perm[i] - cols / 2) * 0.004f * (r + 1);
     }
     x[(long)2 * cols + 77] = INFINITY;  // row 2's maximum is not finite: the best token, no draw
+    // Row 3: row 0 with its five largest equal (sorted by id among themselves).
+    std::copy(x.begin(), x.begin() + cols, x.begin() + 3L * cols);
+    {
+        std::vector<int> order(cols);
+        std::iota(order.begin(), order.end(), 0);
+        std::sort(order.begin(), order.end(), [&](int a, int b) { return x[a] > x[b]; });
+        for (int j = 1; j < 5; j++) x[3L * cols + order[j]] = x[order[0]];
+    }
     std::vector<Draw> draws;
     const float us[] = {0.f, 0.13f, 0.5f, 0.87f, 0.9999f};
     for (float u : us) {
@@ -320,6 +338,7 @@ void sample_case(Rng& rng) {
         draws.push_back({1, 300, 1 / 1.3f, 1.3f * logf(0.01f), 1.f, u});
     }
     draws.push_back({2, 50, 1.f, -INFINITY, 1.f, 0.5f});
+    for (float u : {0.f, 0.3f, 0.5f, 0.75f}) draws.push_back({3, 40, 1.f, -INFINITY, 1.f, u});
     int n = (int)draws.size();
     std::vector<int> rowOf(n), ks(n), out(2 * n, -1), again(2 * n, -2);
     std::vector<float> params(4 * n);
@@ -345,7 +364,7 @@ void sample_case(Rng& rng) {
     ok &= kinds > n / 2;  // the draws do choose different tokens
     char label[96];
     snprintf(label, sizeof label, "sample_rows %d draws over %d rows of %d (%d tokens), twice", n, rows, cols, kinds);
-    verdict(ok, label, 0, 0);
+    verdict(ok, label);
 }
 
 }  // namespace
