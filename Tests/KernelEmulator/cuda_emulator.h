@@ -252,17 +252,20 @@ inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 // ---------------------------------------------------------------------------------------------
 // Dynamic shared memory: `extern __shared__ T name[]` in a kernel names a symbol, so the names
 // Kernels.cu declares are one thread-local arena, defined in assembly so that every declaration,
-// whatever its type, is the same storage (a kernel that declares a new name needs it added here).
-// shared4, of class type, gets an empty TLS initializer: the compilers call one for extern
-// thread-local objects of class type defined elsewhere.
+// whatever its type, is the same storage (a kernel that declares a new name needs it added here,
+// with its length). Each name gets an empty TLS initializer (_ZTH, the length, the name): the
+// compilers may call one for an extern thread-local object defined elsewhere (for shared4, of
+// class type, always; GCC for xsh, a float array, too, through a PLT entry that a missing weak
+// definition leaves at address 0).
 
 #define EMU_SHARED_BYTES 262144  // wgmma descriptors address 256 KB (18 bits)
-#define EMU_SHARED_NAMES(X) X(fa_shared) X(xsh) X(shared4) X(sh)
+#define EMU_SHARED_NAMES(X) X(fa_shared, 9) X(xsh, 3) X(shared4, 7) X(sh, 2)
 #define EMU_STR2(x) #x
 #define EMU_STR(x) EMU_STR2(x)
-#define EMU_SHARED_DECL(n) ".globl " #n "\n.type " #n ",@object\n.size " #n ", " EMU_STR(EMU_SHARED_BYTES) "\n" #n ":\n"
+#define EMU_SHARED_DECL(n, len) ".globl " #n "\n.type " #n ",@object\n.size " #n ", " EMU_STR(EMU_SHARED_BYTES) "\n" #n ":\n"
+#define EMU_SHARED_INIT(n, len) ".weak _ZTH" #len #n "\n.type _ZTH" #len #n ",@function\n_ZTH" #len #n ":\nret\n"
 asm(".pushsection .tbss,\"awT\",@nobits\n.balign 1024\n" EMU_SHARED_NAMES(EMU_SHARED_DECL) ".zero " EMU_STR(EMU_SHARED_BYTES) "\n.popsection\n"
-    ".pushsection .text\n.weak _ZTH7shared4\n.type _ZTH7shared4,@function\n_ZTH7shared4:\nret\n.popsection\n");
+    ".pushsection .text\n" EMU_SHARED_NAMES(EMU_SHARED_INIT) ".popsection\n");
 extern "C" {
 extern thread_local unsigned char fa_shared[];
 }
