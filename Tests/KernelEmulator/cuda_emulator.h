@@ -985,7 +985,7 @@ inline void wgmma_ss_n128(float (&d)[16][4], unsigned long long a, unsigned long
 inline void wgmma_rs_n128(float (&d)[16][4], const unsigned (&a)[4], unsigned long long b, int accumulate) {
     emu::wgmma<128, Type::f16, false, true>(d, 0, a, b, accumulate);
 }
-// Not in Kernels.cu yet: BF16, B K-major.
+// BF16, B K-major (quant_gemm).
 inline void wgmma_rs_bf16_n128(float (&d)[16][4], const unsigned (&a)[4], unsigned long long b, int accumulate) {
     emu::wgmma<128, Type::bf16, false, false>(d, 0, a, b, accumulate);
 }
