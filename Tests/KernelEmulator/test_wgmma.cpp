@@ -1,7 +1,8 @@
 // The BF16 wgmma wrappers quant_gemm uses (wgmma_rs_bf16_n128 and _n256: A from registers, B
-// K-major with 128-byte swizzling), on a 64 x 64 by 64 x N product whose B is laid out as the prompt attention kernels lay out their keys (swizzled128, rows of
-// 64 values in 128-byte lines, four k steps of 32 bytes along them), against a host product.
-// The layout and instruction encoding are the GPU-tested F16 kernels'; only the type and N are new.
+// K-major with 128-byte swizzling), on a 64 x 64 by 64 x N product whose B is laid out as the
+// prompt attention kernels lay out their keys (swizzled128, rows of 64 values in 128-byte lines,
+// four k steps of 32 bytes along them), against a host product. The layout and instruction encoding
+// are the GPU-tested F16 kernels'; only the type and N are new.
 #include "cuda_emulator.h"
 #include "../../Sources/Peregrine/Backend/CUDA/Kernels.cu"
 #include "test_util.h"
