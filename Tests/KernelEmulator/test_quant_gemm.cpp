@@ -2,7 +2,8 @@
 // widening it replaces: random weights in each type's planar device layout, widened by the
 // dequantize_bf16 kernel (checked on GPUs), multiplied on the host in doubles by BF16
 // activations, against quant_gemm's sums; both token tiles, weight rows and tokens that are no
-// multiple of a block's, odd and even chunk counts, plain, with a bias, added to y, and BF16 output.
+// multiple of a block's, odd and even chunk counts, plain, with a bias, added to y, BF16 output,
+// and two or three matrices in one launch.
 #include "cuda_emulator.h"
 #include "../../Sources/Peregrine/Backend/CUDA/Kernels.cu"
 
@@ -85,64 +86,109 @@ void fill(int dtype, long total, unsigned char* w, std::mt19937& rng) {
     }
 }
 
-template <class Kernel>
-int check(const char* label, Kernel kernel, int nt, size_t shared, const unsigned char* w, const unsigned short* x, const float* bias,
-          const std::vector<double>& expected, int n, int rows, int k, int accumulate, int halfOut, const std::vector<float>& start) {
-    std::vector<float> y = start;
-    emu::launch(kernel, dim3((rows + nt - 1) / nt, (n + QG_ROWS - 1) / QG_ROWS), dim3(256), shared, (const void*)w, x, bias,
-                (void*)y.data(), n, rows, k, accumulate, halfOut);
-    double scale = 0, worst = 0;
-    for (long i = 0; i < (long)rows * n; i++) {
-        int o = (int)(i % n);
-        double want = expected[i] + (accumulate ? start[i] : 0) + (bias ? bias[o] : 0);
-        double got = halfOut ? bf16_value(((const unsigned short*)y.data())[i]) : y[i];
-        scale = std::max(scale, fabs(want));
-        double e = fabs(got - want);
-        if (!(e <= worst)) worst = e;  // a NaN stays
+// One matrix of a launch: its weights in the device layout, their widening, x times them in
+// doubles, a bias, and what y holds before the launch.
+struct Matrix {
+    int n;
+    std::vector<unsigned char> w;
+    std::vector<double> expected;
+    std::vector<float> bias, start;
+};
+
+Matrix make_matrix(int dtype, int n, int k, const std::vector<unsigned short>& x, int rows, std::mt19937& rng) {
+    Matrix m;
+    m.n = n;
+    long total = (long)n * k;
+    m.w.resize(layout_bytes(dtype, total) + 16);
+    fill(dtype, total, m.w.data(), rng);
+    std::vector<unsigned short> wide(total);
+    emu::launch(dequantize_bf16, dim3((unsigned)((total / 8 + 255) / 256)), dim3(256), 0, (const void*)m.w.data(), dtype,
+                (__nv_bfloat16*)wide.data(), total);
+    m.expected.resize((size_t)rows * n);
+    for (int t = 0; t < rows; t++)
+        for (int o = 0; o < n; o++) {
+            double s = 0;
+            for (int i = 0; i < k; i++) s += (double)bf16_value(x[(size_t)t * k + i]) * bf16_value(wide[(size_t)o * k + i]);
+            m.expected[(size_t)t * n + o] = s;
+        }
+    std::uniform_real_distribution<float> uniform(-1.f, 1.f);
+    m.bias.resize(n);
+    m.start.resize((size_t)rows * n);
+    for (auto& v : m.bias) v = uniform(rng);
+    for (auto& v : m.start) v = uniform(rng);
+    return m;
+}
+
+using QuantGemm = void (*)(const void*, const float*, void*, int, const void*, const float*, void*, int, const void*, const float*, void*,
+                           int, const unsigned short*, int, int, int, int);
+
+// One launch over `ms` (one to three matrices), each checked against its reference.
+int check(const char* label, QuantGemm kernel, int nt, size_t shared, std::vector<const Matrix*> ms, const unsigned short* x, int rows,
+          int k, bool biased, int accumulate, int halfOut) {
+    std::vector<std::vector<float>> ys;
+    int tiles = 0;
+    for (const Matrix* m : ms) {
+        ys.push_back(m->start);
+        tiles += (m->n + QG_ROWS - 1) / QG_ROWS;
     }
-    // Untouched past the output (BF16 output: the second half of y's bytes).
-    if (halfOut)
-        for (long i = (long)rows * n / 2 + 1; i < (long)rows * n; i++)
-            if (memcmp(&y[i], &start[i], 4) != 0) {
-                printf("FAIL %s: wrote past the BF16 output at %ld\n", label, i);
-                return 1;
-            }
-    double bound = (halfOut ? 8e-3 : 1e-5) * scale;
-    bool ok = worst <= bound && scale > 0;
-    printf("%s %s: max error %.3g (bound %.3g, largest %.3g)\n", ok ? "ok  " : "FAIL", label, worst, bound, scale);
-    return ok ? 0 : 1;
+    const void* w[3] = {};
+    const float* b[3] = {};
+    void* y[3] = {};
+    int n[3] = {};
+    for (size_t i = 0; i < ms.size(); i++) {
+        w[i] = ms[i]->w.data();
+        b[i] = biased ? ms[i]->bias.data() : nullptr;
+        y[i] = ys[i].data();
+        n[i] = ms[i]->n;
+    }
+    emu::launch(kernel, dim3((rows + nt - 1) / nt, tiles), dim3(256), shared, w[0], b[0], y[0], n[0], w[1], b[1], y[1], n[1], w[2], b[2],
+                y[2], n[2], x, rows, k, accumulate, halfOut);
+    int failures = 0;
+    for (size_t m = 0; m < ms.size(); m++) {
+        const Matrix& mat = *ms[m];
+        const std::vector<float>& out = ys[m];
+        double scale = 0, worst = 0;
+        for (long i = 0; i < (long)rows * mat.n; i++) {
+            int o = (int)(i % mat.n);
+            double want = mat.expected[i] + (accumulate ? mat.start[i] : 0) + (biased ? mat.bias[o] : 0);
+            double got = halfOut ? bf16_value(((const unsigned short*)out.data())[i]) : out[i];
+            scale = std::max(scale, fabs(want));
+            double e = fabs(got - want);
+            if (!(e <= worst)) worst = e;  // a NaN stays
+        }
+        // Untouched past the output (BF16 output: the second half of y's bytes).
+        if (halfOut)
+            for (long i = (long)rows * mat.n / 2 + 1; i < (long)rows * mat.n; i++)
+                if (memcmp(&out[i], &mat.start[i], 4) != 0) {
+                    printf("FAIL %s, matrix %zu: wrote past the BF16 output at %ld\n", label, m, i);
+                    return failures + 1;
+                }
+        double bound = (halfOut ? 8e-3 : 1e-5) * scale;
+        bool ok = worst <= bound && scale > 0;
+        printf("%s %s, matrix %zu of %zu: max error %.3g (bound %.3g, largest %.3g)\n", ok ? "ok  " : "FAIL", label, m, ms.size(), worst,
+               bound, scale);
+        failures += ok ? 0 : 1;
+    }
+    return failures;
 }
 
 }  // namespace
 
 int main() {
     std::mt19937 rng(5);
-    const int n = 200, rows = 150;
+    const int rows = 150;
     const Case cases[] = {{3, "Q8_0", 320}, {4, "Q4_0", 320}, {7, "IQ4_NL", 320}, {8, "IQ4_XS", 512},
                           {5, "Q4_K", 512},  {6, "Q6_K", 512}, {9, "Q3_K", 512},   {10, "Q2_K", 512}};
     int failures = 0;
     for (const Case& c : cases) {
-        long total = (long)n * c.k;
-        std::vector<unsigned char> w(layout_bytes(c.dtype, total) + 16);
-        fill(c.dtype, total, w.data(), rng);
-        std::vector<unsigned short> wide(total);
-        emu::launch(dequantize_bf16, dim3((unsigned)((total / 8 + 255) / 256)), dim3(256), 0, (const void*)w.data(), c.dtype,
-                    (__nv_bfloat16*)wide.data(), total);
         std::uniform_real_distribution<float> uniform(-1.f, 1.f);
         std::vector<unsigned short> x((size_t)rows * c.k);
         for (auto& v : x) v = bf16_bits(uniform(rng));
-        std::vector<float> bias(n), start((size_t)rows * n);
-        for (auto& v : bias) v = uniform(rng);
-        for (auto& v : start) v = uniform(rng);
-        std::vector<double> expected((size_t)rows * n);
-        for (int t = 0; t < rows; t++)
-            for (int o = 0; o < n; o++) {
-                double s = 0;
-                for (int i = 0; i < c.k; i++) s += (double)bf16_value(x[(size_t)t * c.k + i]) * bf16_value(wide[(size_t)o * c.k + i]);
-                expected[(size_t)t * n + o] = s;
-            }
+        // A matrix of 200 rows alone; three of 200, 72 and 40 rows in one launch (q, k and v).
+        Matrix big = make_matrix(c.dtype, 200, c.k, x, rows, rng), mid = make_matrix(c.dtype, 72, c.k, x, rows, rng),
+               small = make_matrix(c.dtype, 40, c.k, x, rows, rng);
         struct Kernel {
-            void (*f)(const void*, const unsigned short*, const float*, void*, int, int, int, int, int);
+            QuantGemm f;
             int nt;
             size_t shared;
         };
@@ -162,9 +208,12 @@ int main() {
             const char* modes[] = {"plain", "bias", "added, bias", "BF16 out"};
             for (int m = 0; m < 4; m++) {
                 snprintf(label, sizeof label, "%s k %d, %d tokens a block, %s", c.name, c.k, kk.nt, modes[m]);
-                failures += check(label, kk.f, kk.nt, kk.shared, w.data(), x.data(), m == 1 || m == 2 ? bias.data() : nullptr, expected,
-                                  n, rows, c.k, m == 2, m == 3, start);
+                failures += check(label, kk.f, kk.nt, kk.shared, {&big}, x.data(), rows, c.k, m == 1 || m == 2, m == 2, m == 3);
             }
+            snprintf(label, sizeof label, "%s k %d, %d tokens a block, three matrices, bias", c.name, c.k, kk.nt);
+            failures += check(label, kk.f, kk.nt, kk.shared, {&big, &mid, &small}, x.data(), rows, c.k, true, 0, 0);
+            snprintf(label, sizeof label, "%s k %d, %d tokens a block, two matrices", c.name, c.k, kk.nt);
+            failures += check(label, kk.f, kk.nt, kk.shared, {&small, &mid}, x.data(), rows, c.k, false, 0, 0);
         }
     }
     printf(failures ? "%d FAILED\n" : "all passed\n", failures);

@@ -901,17 +901,7 @@ public final class CUDABackend: ComputeBackend {
     private func gemm(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer,
                       outPointer: CUDADriver.DevicePointer? = nil, accumulate: Bool, halfOut: Bool = false) {
         let outDim = weight.rows, k = weight.cols
-        if let kernel = quantGemmKernel(weight, rows: rows) {
-            guard let b = gemmInput(x.pointer, count: rows * k, for: weight.dtype) else { return }
-            let out = outPointer ?? out.pointer
-            productWrites(out, count: outDim * rows)
-            quantGemmLaunches += 1
-            launch(kernel.name, grid: ((rows + kernel.tokens - 1) / kernel.tokens,
-                                       (outDim + CUDABackend.quantGemmRows - 1) / CUDABackend.quantGemmRows, 1),
-                   block: 256, shared: kernel.shared) { a in
-                a.ptr(weight.pointer); a.ptr(b); a.ptr(bias?.pointer ?? 0); a.ptr(out); a.i32(outDim); a.i32(rows); a.i32(k)
-                a.i32(accumulate ? 1 : 0); a.i32(halfOut && bias == nil ? 1 : 0)
-            }
+        if quantGemm(x, rows: rows, [(weight, bias, outPointer ?? out.pointer)], accumulate: accumulate, halfOut: halfOut && bias == nil) {
             return
         }
         guard let (a, type) = gemmWeight(weight), let b = gemmInput(x.pointer, count: rows * k, for: weight.dtype) else { return }
@@ -1027,16 +1017,34 @@ public final class CUDABackend: ComputeBackend {
     /// quant_gemm launches so far (recorded steps count once), for tests.
     private(set) var quantGemmLaunches = 0
 
-    /// The quant_gemm kernel for a product of `weight` over `rows` tokens, if one takes it: a
-    /// compute capability 9.0 device (wgmma), a type with kernels, rows a multiple of their
-    /// chunk of 64 values, and the kernel's shared memory within the device's.
-    private func quantGemmKernel(_ weight: CUDAWeight, rows: Int) -> QuantGemmKernel? {
-        guard quantGemmAllowed, driver.computeCapability == (9, 0), weight.cols % 64 == 0,
-              let kernels = CUDABackend.quantGemmKernels[weight.dtype] else { return nil }
-        let rowTiles = (weight.rows + CUDABackend.quantGemmRows - 1) / CUDABackend.quantGemmRows
+    /// Up to three products of quantized weights over the same `rows` tokens of x in one
+    /// quant_gemm launch, if one takes them (false: nothing launched): a compute capability 9.0
+    /// device (wgmma), one type with kernels, rows of one length, a multiple of the kernels'
+    /// chunk of 64 values, and the kernel's shared memory within the device's. `halfOut` writes
+    /// BF16 outputs (no bias).
+    private func quantGemm(_ x: CUDABuffer, rows: Int, _ p: [(weight: CUDAWeight, bias: CUDAWeight?, out: CUDADriver.DevicePointer)],
+                           accumulate: Bool, halfOut: Bool = false) -> Bool {
+        let w = p[0].weight, k = w.cols
+        guard quantGemmAllowed, driver.computeCapability == (9, 0), k % 64 == 0, p.count <= 3,
+              p.allSatisfy({ $0.weight.dtype == w.dtype && $0.weight.cols == k }),
+              let kernels = CUDABackend.quantGemmKernels[w.dtype] else { return false }
+        let rowTiles = p.reduce(0) { $0 + ($1.weight.rows + CUDABackend.quantGemmRows - 1) / CUDABackend.quantGemmRows }
         let tokens = quantGemmTokens ?? ((rows + 255) / 256 * rowTiles >= driver.multiprocessors ? 256 : 128)
-        guard let kernel = kernels.first(where: { $0.tokens == tokens }), kernel.shared <= CUDABackend.dynamicSharedLimit(driver) else { return nil }
-        return kernel
+        guard let kernel = kernels.first(where: { $0.tokens == tokens }), kernel.shared <= CUDABackend.dynamicSharedLimit(driver),
+              let b = gemmInput(x.pointer, count: rows * k, for: w.dtype) else { return false }
+        for q in p { productWrites(q.out, count: q.weight.rows * rows) }
+        quantGemmLaunches += 1
+        launch(kernel.name, grid: ((rows + kernel.tokens - 1) / kernel.tokens, rowTiles, 1), block: 256, shared: kernel.shared) { a in
+            for i in 0..<3 {
+                if i < p.count {
+                    a.ptr(p[i].weight.pointer); a.ptr(p[i].bias?.pointer ?? 0); a.ptr(p[i].out); a.i32(p[i].weight.rows)
+                } else {
+                    a.ptr(0); a.ptr(0); a.ptr(0); a.i32(0)
+                }
+            }
+            a.ptr(b); a.i32(rows); a.i32(k); a.i32(accumulate ? 1 : 0); a.i32(halfOut ? 1 : 0)
+        }
+        return true
     }
 
     public func matmul(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer) {
@@ -1082,6 +1090,11 @@ public final class CUDABackend: ComputeBackend {
             // Parted when the next launch, product or copy comes, unless that is RoPE over these
             // q, k and v, which parts the rows itself (rope_store_kv_stacked).
             pendingSplit = (stackedOut.pointer, rows, a.out, b.out, c.out, a.weight.rows, b.weight.rows, c.weight.rows)
+        } else if quantGemm(x, rows: rows, [a, b, c].map { ($0.weight, $0.bias, $0.out.pointer) }, accumulate: false) {
+            // q, k and v in one launch: k's and v's few weight-row tiles alone would leave most
+            // of the GPU idle.
+        } else if quantGemm(x, rows: rows, [a, b].map { ($0.weight, $0.bias, $0.out.pointer) }, accumulate: false) {
+            matmul(x, rows: rows, weight: c.weight, bias: c.bias, out: c.out)  // Q4_K_M's v, in Q6_K where q and k are Q4_K
         } else {
             matmul(x, rows: rows, weight: a.weight, bias: a.bias, out: a.out)
             matmul(x, rows: rows, weight: b.weight, bias: b.bias, out: b.out)
@@ -1174,8 +1187,10 @@ public final class CUDABackend: ComputeBackend {
             }
             if let half { halfHolds = (out.pointer, rows * ff, half.code) }
         } else {
-            matmul(x, rows: rows, weight: gate, bias: gateBias, out: out)
-            matmul(x, rows: rows, weight: up, bias: upBias, out: scratch)
+            if !quantGemm(x, rows: rows, [(gate, gateBias, out.pointer), (up, upBias, scratch.pointer)], accumulate: false) {
+                matmul(x, rows: rows, weight: gate, bias: gateBias, out: out)
+                matmul(x, rows: rows, weight: up, bias: upBias, out: scratch)
+            }
             // The down projection that reads `out` is of the gate's type in the families we load.
             siluMul(gate: out, up: scratch, count: rows * up.rows, out: out, rows: rows, for: gate)
         }

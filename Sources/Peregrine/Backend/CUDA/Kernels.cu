@@ -3948,9 +3948,14 @@ template <int DT, int NT, int STAGES> constexpr int quant_gemm_shared() {
     return STAGES * (NT * 128 + (QG_ROWS * QuantChunk<DT>::STRIDE + 1023) / 1024 * 1024) + 1024;
 }
 
+// Up to three products over the same activations in one launch (a layer's q, k and v; gate and
+// up): matrix m's weights wm (nm rows; none when nm is 0), bias bm, output ym. Block row y takes
+// the weight-row tiles of matrix 0, then of 1, then of 2, so the small matrices' tiles fill the
+// GPU beside the large one's instead of in launches of their own.
 template <int DT, int NT, int STAGES>
-__device__ __forceinline__ void quant_gemm(const void* w, const unsigned short* x, const float* bias, void* y, int n, int rows, int k,
-                                           int accumulate, int halfOut) {
+__device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void* y0, int n0, const void* w1, const float* b1, void* y1,
+                                           int n1, const void* w2, const float* b2, void* y2, int n2, const unsigned short* x, int rows,
+                                           int k, int accumulate, int halfOut) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     static_assert(STAGES >= 3, "a chunk is multiplied while the next is decoded and a third is copied");
     static_assert(NT == 128 || NT == 256, "one wgmma of 128 or 256 columns");
@@ -3959,7 +3964,21 @@ __device__ __forceinline__ void quant_gemm(const void* w, const unsigned short* 
     constexpr int SB = XB + (QG_ROWS * Q::STRIDE + 1023) / 1024 * 1024;
     extern __shared__ __align__(16) unsigned char fa_shared[];
     unsigned char* base = fa_shared + ((1024 - (shared_address(fa_shared) & 1023)) & 1023);
-    const int t0 = blockIdx.x * NT, o0 = blockIdx.y * QG_ROWS, chunks = k / QG_K;
+    int tile = blockIdx.y, tiles0 = (n0 + QG_ROWS - 1) / QG_ROWS, tiles1 = (n1 + QG_ROWS - 1) / QG_ROWS;
+    const void* w = w0;
+    const float* bias = b0;
+    void* y = y0;
+    int n = n0;
+    if (tile >= tiles0) {
+        tile -= tiles0;
+        bool second = tile < tiles1;
+        if (!second) tile -= tiles1;
+        w = second ? w1 : w2;
+        bias = second ? b1 : b2;
+        y = second ? y1 : y2;
+        n = second ? n1 : n2;
+    }
+    const int t0 = blockIdx.x * NT, o0 = tile * QG_ROWS, chunks = k / QG_K;
     const long total = (long)n * k;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
     const int r = 64 * (warp >> 2) + 16 * (warp & 3) + (lane >> 2);  // the thread's rows in the tile: r and r + 8
@@ -4071,10 +4090,10 @@ __device__ __forceinline__ void quant_gemm(const void* w, const unsigned short* 
 // 91 KB), and 256 tokens (`_t256`) with one, four stages (Q8_0 and Q2_K 169 KB, Q4_0, IQ4_NL,
 // IQ4_XS and Q4_K 153 KB, Q3_K 185 KB, Q6_K 201 KB).
 #define QUANT_GEMM(name, DT, NT, STAGES, MIN_BLOCKS)                                                                        \
-    extern "C" __global__ void __launch_bounds__(QG_THREADS, MIN_BLOCKS) name(const void* w, const unsigned short* x,       \
-                                                                              const float* bias, void* y, int n, int rows,  \
-                                                                              int k, int accumulate, int halfOut) {         \
-        quant_gemm<DT, NT, STAGES>(w, x, bias, y, n, rows, k, accumulate, halfOut);                                         \
+    extern "C" __global__ void __launch_bounds__(QG_THREADS, MIN_BLOCKS)                                                    \
+        name(const void* w0, const float* b0, void* y0, int n0, const void* w1, const float* b1, void* y1, int n1, const void* w2, \
+             const float* b2, void* y2, int n2, const unsigned short* x, int rows, int k, int accumulate, int halfOut) {    \
+        quant_gemm<DT, NT, STAGES>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, rows, k, accumulate, halfOut);        \
     }
 QUANT_GEMM(quant_gemm_q8_0, 3, 128, 4, 2)
 QUANT_GEMM(quant_gemm_q4_0, 4, 128, 4, 2)
