@@ -668,9 +668,11 @@ public final class CUDABackend: ComputeBackend {
         }
         let b = try deviceCopy(of: t.data, bytes: t.byteCount)
         if [.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K].contains(t.dtype) {
-            // Planar on the device (values, then scales): 16-byte-aligned blocks for the kernels.
+            // Planar on the device (values, then scales): 16-byte-aligned blocks for the kernels,
+            // and 32 bytes past the end, which quant_gemm's 16-byte copies of the pieces holding
+            // the last scales may reach (Q3_K's 12 scale bytes take two).
             guard cols % t.dtype.blockSize == 0 else { throw PeregrineError.format("tensor '\(t.name)': rows of \(cols) values are not whole blocks") }
-            let planar = try CUDABuffer(driver: driver, count: (t.byteCount + 3) / 4)
+            let planar = try CUDABuffer(driver: driver, count: (t.byteCount + 3) / 4 + 8)
             let blocks = rows * cols / t.dtype.blockSize
             launch("repack_quantized", grid: self.blocks(blocks), block: 256, dependent: false) { a in
                 a.ptr(b); a.i32(code(t.dtype)); a.ptr(planar); a.i64(blocks)
@@ -1014,18 +1016,19 @@ public final class CUDABackend: ComputeBackend {
     /// multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets it for measuring; tests
     /// run both.
     var quantGemmTokens: Int? = [128, 256].first { $0 == Int(ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM_TOKENS"] ?? "") }
-    /// quant_gemm launches so far (recorded steps count once), for tests.
+    /// quant_gemm launches the host has issued (a graph's replays count none), for tests.
     private(set) var quantGemmLaunches = 0
 
     /// Up to three products of quantized weights over the same `rows` tokens of x in one
-    /// quant_gemm launch, if one takes them (false: nothing launched): a compute capability 9.0
-    /// device (wgmma), one type with kernels, rows of one length, a multiple of the kernels'
-    /// chunk of 64 values, and the kernel's shared memory within the device's. `halfOut` writes
-    /// BF16 outputs (no bias).
+    /// quant_gemm launch, if one takes them (false: nothing launched): too many tokens for the
+    /// row kernel (which --deterministic keeps for every count), a compute capability 9.0 device
+    /// (wgmma), one type with kernels, rows of one length, a multiple of the kernels' chunk of 64
+    /// values, and the kernel's shared memory within the device's. `halfOut` writes BF16 outputs
+    /// (no bias).
     private func quantGemm(_ x: CUDABuffer, rows: Int, _ p: [(weight: CUDAWeight, bias: CUDAWeight?, out: CUDADriver.DevicePointer)],
                            accumulate: Bool, halfOut: Bool = false) -> Bool {
         let w = p[0].weight, k = w.cols
-        guard quantGemmAllowed, driver.computeCapability == (9, 0), k % 64 == 0, p.count <= 3,
+        guard quantGemmAllowed, !usesRowKernel(rows, w), driver.computeCapability == (9, 0), k % 64 == 0, p.count <= 3,
               p.allSatisfy({ $0.weight.dtype == w.dtype && $0.weight.cols == k }),
               let kernels = CUDABackend.quantGemmKernels[w.dtype] else { return false }
         let rowTiles = p.reduce(0) { $0 + ($1.weight.rows + CUDABackend.quantGemmRows - 1) / CUDABackend.quantGemmRows }
