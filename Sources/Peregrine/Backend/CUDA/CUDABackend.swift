@@ -1864,8 +1864,10 @@ public final class CUDABackend: ComputeBackend {
         func products(_ input: CUDABuffer, _ w: CUDABuffer, _ type: DType, _ u: CUDABuffer?, _ upType: DType, outputs: Int, k: Int,
                       _ y: CUDABuffer) {
             var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
-            // Every quantized type's products run on 8-bit activations (rounded per 32 values).
-            if [DType.q8_0, .q4_0, .q4_K, .q6_K].contains(type) || [DType.q8_0, .q4_0, .q4_K, .q6_K].contains(upType) {
+            // The types whose row_dot reads 8-bit activations (rounded per 32 values); the others
+            // (IQ4_XS, Q3_K, Q2_K) read the f32 ones.
+            let eightBit: [DType] = [.q8_0, .q4_0, .iq4_nl, .q4_K, .q6_K]
+            if eightBit.contains(type) || eightBit.contains(upType) {
                 guard let q = quantizeActivations(input, rows: total, k: k, norm: nil) else { return }
                 (xq, xs) = q
             }
