@@ -3673,7 +3673,7 @@ extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned
 // activations, swizzled as wgmma's 128-byte mode reads a K-major B, and each weight row's raw
 // bytes for the chunk (values, then the 16-byte pieces holding its scales) as they lie in memory.
 // Each thread decodes its own rows' values straight into wgmma's A fragments (registers, the
-// BF16 value dequant32_bf16 gives: f32 arithmetic, then rounded), so a weight value is decoded
+// BF16 value dequantize_bf16 gives: load_weight's f32 arithmetic, then rounded), so a value is decoded
 // once a block and never written back; the next chunk is decoded while the tensor cores multiply
 // this one. Grid: x over token tiles (fastest, so a weight tile's token tiles run together and
 // its bytes come from memory once), y over weight-row tiles. K must be a multiple of QG_K (256
