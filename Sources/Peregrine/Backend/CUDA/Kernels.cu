@@ -123,7 +123,8 @@ __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, l
         float d, dmin;
         int s1, m1, s2, m2;
         q4k_header(h, 2 * j, d, dmin, s1, m1, s2, m2);
-        return l < 32 ? d * s1 * q - dmin * m1 : d * s2 * q - dmin * m2;
+        // One rounding (fma) in a fixed form, which quant_gemm's decoding repeats to the bit.
+        return l < 32 ? __fmaf_rn(d * s1, (float)q, -(dmin * m1)) : __fmaf_rn(d * s2, (float)q, -(dmin * m2));
     }
     if (dtype == 6) {
         // Q6_K planar: 192 bytes of values per super-block (ql then qh, as ggml has them), then
@@ -163,7 +164,7 @@ __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, l
         int q = (base[sb * 64 + 32 * h + l] >> (2 * s)) & 3;
         int sm = base[blocks * 64 + sb * 16 + j];
         const __half* dm = (const __half*)(base + blocks * 80) + 2 * sb;
-        return __half2float(dm[0]) * (sm & 15) * q - __half2float(dm[1]) * (sm >> 4);
+        return __fmaf_rn(__half2float(dm[0]) * (sm & 15), (float)q, -(__half2float(dm[1]) * (sm >> 4)));
     }
     return ((const float*)w)[i];
 }
@@ -3707,15 +3708,38 @@ __device__ __forceinline__ void wgmma_rs_bf16_n256(float (&d)[32][4], const unsi
 #endif
 
 // The two 16-bit pieces of a 16-byte group that lane c's fragments take: bytes 2c, 2c + 1 (lo)
-// and 2c + 8, 2c + 9 (hi), each in the low 16 bits.
+// and 2c + 8, 2c + 9 (hi), each loaded alone, so the high 16 bits are zero and a value's bits
+// lie at a constant place.
 __device__ __forceinline__ void fragment_bytes(const unsigned char* group, int c, unsigned& lo, unsigned& hi) {
-    const unsigned* w = (const unsigned*)group;
-    int shift = 16 * (c & 1);
-    lo = w[c >> 1] >> shift;
-    hi = w[2 + (c >> 1)] >> shift;
+    lo = *(const unsigned short*)(group + 2 * c);
+    hi = *(const unsigned short*)(group + 2 * c + 8);
 }
 
-// The 16-byte piece of memory holding byte `at` (scales that share a piece with their neighbours).
+// The decoders below turn integers into floats without a conversion instruction: an integer
+// below 2^23 put into the low mantissa bits of 2^23 makes the float 2^23 + the integer, exactly.
+// The bits of w under `mask` (a field at bit p, below bit 23), as the float field * 2^p: one
+// logic operation and one subtraction; the caller's scale carries the 2^-p (a power of two, so
+// the products round as the field's own would).
+__device__ __forceinline__ float field_value(unsigned w, unsigned mask) {
+#ifdef PEREGRINE_CUDA_EMULATOR
+    unsigned bits = (w & mask) | 0x4B000000u;
+#else
+    // (w & mask) | 2^23's bits in one lop3: written in C, the compiler takes two, as its
+    // instruction has room for one constant.
+    unsigned bits;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(bits) : "r"(w), "r"(mask), "r"(0x4B000000u));
+#endif
+    return __uint_as_float(bits) - 8388608.f;
+}
+
+// Byte i of w, u, as the float 32768 + u: the byte at bits 8-15 of 2^15's mantissa, one byte
+// permute. 32896 d is exact for an f16 d (20 bits), so fma(d, byte_float(w, i), -32896 d) is
+// d (u - 128) rounded once, as d times the integer would be.
+__device__ __forceinline__ float byte_float(unsigned w, int i) {
+    return __uint_as_float(__byte_perm(w, 0x47000000u, 0x7504u | (unsigned)(i << 4)));
+}
+
+// The piece of memory holding byte `at` (scales that share a piece with their neighbours).
 __device__ __forceinline__ const void* piece_holding(const void* w, long at) {
     return (const unsigned char*)w + (at & ~15L);
 }
@@ -3726,27 +3750,29 @@ template <> struct QuantChunk<3> {  // Q8_0: 64 int8 values, then the piece hold
         long i = (long)o * k + k0;
         return p < 4 ? (const void*)((const unsigned char*)w + i + 16 * p) : piece_holding(w, total + 2 * (i / 32));
     }
-    // The int8 in b's low byte times d. The byte, its sign bit flipped, is the low mantissa byte of
-    // 2^23 + (q + 128), from which subtracting 2^23 + 128 leaves q exactly: two integer and one
-    // float operation where an int8-to-float conversion runs at a quarter of their rate.
-    static __device__ __forceinline__ float value(unsigned b, float d) {
-        return d * (__int_as_float(0x4B000000u | ((b ^ 0x80u) & 0xffu)) - 8388736.f);
+    // The two int8 of b (bytes 0 and 1), sign bits flipped (q + 128), times d: d q exactly.
+    static __device__ __forceinline__ unsigned pair(unsigned b, float d, float offset) {
+        b ^= 0x8080u;
+        return pack16<false>(__fmaf_rn(d, byte_float(b, 0), offset), __fmaf_rn(d, byte_float(b, 1), offset));
     }
     static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
         long i = (long)o * k + k0;
         const __half* s = (const __half*)(row + 64 + ((total + 2 * (i / 32)) & 15));
-        float d0 = __half2float(s[0]), d1 = __half2float(s[1]);
+        float d[2] = {__half2float(s[0]), __half2float(s[1])};
+        float offset[2] = {-32896.f * d[0], -32896.f * d[1]};
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             unsigned a, b;
             fragment_bytes(row + 16 * j, c, a, b);
-            float d = j < 2 ? d0 : d1;
-            lo[j] = pack16<false>(value(a, d), value(a >> 8, d));
-            hi[j] = pack16<false>(value(b, d), value(b >> 8, d));
+            lo[j] = pair(a, d[j / 2], offset[j / 2]);
+            hi[j] = pair(b, d[j / 2], offset[j / 2]);
         }
     }
 };
+
+// The IQ4 levels plus 128, as unsigned bytes.
+#define IQ4_BIASED(word) ((word) ^ 0x80808080u)
 
 // Q4_0 (NL false) and IQ4_NL: two blocks of 16 bytes (value j in byte j's low nibble, j + 16 in its
 // high one: Q4_0's offset by 8, IQ4_NL's an index into ggml's levels), then the scales' piece.
@@ -3756,28 +3782,37 @@ template <bool NL> struct Nibble32Chunk {
         long i = (long)o * k + k0;
         return p < 2 ? (const void*)((const unsigned char*)w + i / 2 + 16 * p) : piece_holding(w, total / 2 + 2 * (i / 32));
     }
-    // The values of the nibbles at bits `shift` and 8 + shift of b as a BF16 pair.
-    static __device__ __forceinline__ unsigned pair(unsigned b, int shift, float d) {
+    // Two bytes of a block (b's low 16 bits) as the pairs of the k16 steps they feed: `low` their
+    // low nibbles' values, `high` their high nibbles', times d.
+    static __device__ __forceinline__ void pairs(unsigned b, float d, unsigned& low, unsigned& high) {
         if (NL) {
-            int levels = iq4_levels4(b >> shift);
-            return pack16<false>(d * (float)(signed char)(levels & 0xff), d * (float)(signed char)((levels >> 8) & 0xff));
+            // The four nibbles index the levels: a byte permute picks each from levels 0-7 and
+            // one from 8-15 by its low three bits, and a third takes the first or the second by
+            // its fourth bit. Byte n of v is nibble n's level plus 128.
+            unsigned s = b & 0x7777u;
+            unsigned first = __byte_perm(IQ4_BIASED(IQ4_LEVELS_0), IQ4_BIASED(IQ4_LEVELS_1), s);
+            unsigned second = __byte_perm(IQ4_BIASED(IQ4_LEVELS_2), IQ4_BIASED(IQ4_LEVELS_3), s);
+            unsigned v = __byte_perm(first, second, ((b >> 1) & 0x4444u) | 0x3210u);
+            auto level = [&](int n) { return d * (byte_float(v, n) - 32896.f); };
+            low = pack16<false>(level(0), level(2));
+            high = pack16<false>(level(1), level(3));
+            return;
         }
-        return pack16<false>(d * (float)((int)((b >> shift) & 15) - 8), d * (float)((int)((b >> (8 + shift)) & 15) - 8));
+        float offset = -8.f * d;
+        low = pack16<false>(__fmaf_rn(d, field_value(b, 0xFu), offset), __fmaf_rn(d * 0x1p-8f, field_value(b, 0xF00u), offset));
+        high = pack16<false>(__fmaf_rn(d * 0x1p-4f, field_value(b, 0xF0u), offset), __fmaf_rn(d * 0x1p-12f, field_value(b, 0xF000u), offset));
     }
     static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
         long i = (long)o * k + k0;
         const __half* s = (const __half*)(row + 32 + ((total / 2 + 2 * (i / 32)) & 15));
 #pragma unroll
-        for (int b = 0; b < 2; b++) {
+        for (int b = 0; b < 2; b++) {  // k16 steps 2b (the low nibbles) and 2b + 1 (the high ones)
             float d = __half2float(s[b]);
             unsigned x, y;
             fragment_bytes(row + 16 * b, c, x, y);
-#pragma unroll
-            for (int h = 0; h < 2; h++) {  // k16 step 2b + h: the low nibbles, then the high ones
-                lo[2 * b + h] = pair(x, 4 * h, d);
-                hi[2 * b + h] = pair(y, 4 * h, d);
-            }
+            pairs(x, d, lo[2 * b], lo[2 * b + 1]);
+            pairs(y, d, hi[2 * b], hi[2 * b + 1]);
         }
     }
 };
@@ -3797,17 +3832,22 @@ template <> struct QuantChunk<5> {  // Q4_K: the 32 bytes of sub-blocks 2j (low 
         float d, dmin;
         int s1, m1, s2, m2;
         q4k_header(*(const uint4*)(row + 32), 2 * ((k0 % 256) / 64), d, dmin, s1, m1, s2, m2);
-        float scale[2] = {d * s1, d * s2}, offset[2] = {dmin * m1, dmin * m2};
+        // load_weight's fma(d s, q, -dmin m), with the nibble's place taken out of the scale.
+        float scale[2] = {d * s1, d * s2}, offset[2] = {-(dmin * m1), -(dmin * m2)};
 #pragma unroll
         for (int b = 0; b < 2; b++) {
             unsigned x, y;
             fragment_bytes(row + 16 * b, c, x, y);
-#pragma unroll
-            for (int h = 0; h < 2; h++) {  // k16 step b (low nibbles, sub-block 2j) and 2 + b (high, 2j + 1)
+            // k16 step b: the low nibbles (sub-block 2j); step 2 + b: the high ones (2j + 1).
+            auto pair = [&](unsigned v, int h) {
                 float sc = scale[h], of = offset[h];
-                lo[2 * h + b] = pack16<false>(sc * ((x >> (4 * h)) & 15) - of, sc * ((x >> (8 + 4 * h)) & 15) - of);
-                hi[2 * h + b] = pack16<false>(sc * ((y >> (4 * h)) & 15) - of, sc * ((y >> (8 + 4 * h)) & 15) - of);
-            }
+                return pack16<false>(__fmaf_rn(h ? sc * 0x1p-4f : sc, field_value(v, 0xFu << (4 * h)), of),
+                                     __fmaf_rn(sc * (h ? 0x1p-12f : 0x1p-8f), field_value(v, 0xF00u << (4 * h)), of));
+            };
+            lo[b] = pair(x, 0);
+            hi[b] = pair(y, 0);
+            lo[2 + b] = pair(x, 1);
+            hi[2 + b] = pair(y, 1);
         }
     }
 };
@@ -3827,24 +3867,32 @@ template <> struct QuantChunk<6> {
         if (p == 6) return base + blocks * 192 + 16 * sb;
         return piece_holding(w, blocks * 208 + 2 * sb);
     }
-    static __device__ __forceinline__ int q6(unsigned l, unsigned h, int ls, int hs) {
-        return (int)(((l >> ls) & 15) | (((h >> hs) & 3) << 4)) - 32;
-    }
     static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
         long sb = ((long)o * k + k0) / 256, blocks = total / 256;
         int r = k0 % 256, n = r / 128, h = (r % 128) / 64;
         float d = __half2float(*(const __half*)(row + 112 + ((blocks * 208 + 2 * sb) & 15)));
         const signed char* sc = (const signed char*)(row + 96) + 8 * n + 4 * h;
+        // Value e of a pair (byte e of the pieces): its low four bits at bit 4h + 8e of ql, its
+        // high two at bit 4h + 2 (j / 2) + 8e of qh; scale (low + 16 high - 32) as fma(scale,
+        // low, fma(16 scale, high, -32 scale)): the inner sum is exact (a multiple of 16 scale),
+        // so the value rounds once, as scale times the integer would.
+        const unsigned lowMask = 0xFu << (4 * h), highMask = 3u << (4 * h);
+        const float place = h ? 0x1p-4f : 1.f;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             unsigned ql, qlh, qh, qhh;
             fragment_bytes(row + 16 * j, c, ql, qlh);
             fragment_bytes(row + 64 + 16 * (j & 1), c, qh, qhh);
-            float scale = d * sc[j];
-            int ls = 4 * h, hs = 2 * (2 * h + (j >> 1));
-            lo[j] = pack16<false>(scale * (float)q6(ql, qh, ls, hs), scale * (float)q6(ql, qh, 8 + ls, 8 + hs));
-            hi[j] = pack16<false>(scale * (float)q6(qlh, qhh, ls, hs), scale * (float)q6(qlh, qhh, 8 + ls, 8 + hs));
+            float scale = d * sc[j], low = scale * place, high = low * (j < 2 ? 16.f : 4.f), offset = -32.f * scale;
+            unsigned hm = j < 2 ? highMask : highMask << 2;
+            auto pair = [&](unsigned l, unsigned q) {
+                return pack16<false>(__fmaf_rn(low, field_value(l, lowMask), __fmaf_rn(high, field_value(q, hm), offset)),
+                                     __fmaf_rn(low * 0x1p-8f, field_value(l, lowMask << 8),
+                                               __fmaf_rn(high * 0x1p-8f, field_value(q, hm << 8), offset)));
+            };
+            lo[j] = pair(ql, qh);
+            hi[j] = pair(qlh, qhh);
         }
     }
 };
@@ -3866,11 +3914,8 @@ template <> struct QuantChunk<8> {
             float d = iq4xs_scale(h, (k0 % 256) / 32 + b);
             unsigned x, y;
             fragment_bytes(row + 16 * b, c, x, y);
-#pragma unroll
-            for (int hh = 0; hh < 2; hh++) {
-                lo[2 * b + hh] = Nibble32Chunk<true>::pair(x, 4 * hh, d);
-                hi[2 * b + hh] = Nibble32Chunk<true>::pair(y, 4 * hh, d);
-            }
+            Nibble32Chunk<true>::pairs(x, d, lo[2 * b], lo[2 * b + 1]);
+            Nibble32Chunk<true>::pairs(y, d, hi[2 * b], hi[2 * b + 1]);
         }
     }
 };
@@ -3934,7 +3979,7 @@ template <> struct QuantChunk<10> {
             int s = s0 + (jj >> 1), sm = row[32 + 8 * h + 2 * s + (jj & 1)];
             unsigned q, qh;
             fragment_bytes(row + 16 * (jj & 1), c, q, qh);
-            auto value = [&](unsigned qb, int e) { return d * (sm & 15) * (int)((qb >> (8 * e + 2 * s)) & 3) - dmin * (sm >> 4); };
+            auto value = [&](unsigned qb, int e) { return __fmaf_rn(d * (sm & 15), (float)(int)((qb >> (8 * e + 2 * s)) & 3), -(dmin * (sm >> 4))); };
             lo[jj] = pack16<false>(value(q, 0), value(q, 1));
             hi[jj] = pack16<false>(value(qh, 0), value(qh, 1));
         }
