@@ -189,10 +189,11 @@ template <int DT> int decode_case(const char* name, const Matrix& m, int k) {
     long wrong = 0, checked = 0;
     for (int o = 0; o < m.n; o++)
         for (int k0 = 0; k0 < k; k0 += QG_K) {
-            for (int p = 0; p < Q::PIECES; p++) memcpy(row + 16 * p, Q::piece(m.w.data(), total, k, o, k0, p), 16);
+            unsigned long i = (unsigned long)o * k + k0;
+            for (int p = 0; p < Q::PIECES; p++) memcpy(row + 16 * p, Q::piece(m.w.data(), total, i, k0, p), 16);
             for (int c = 0; c < 4; c++) {
                 unsigned lo[4], hi[4];
-                Q::fragment(row, total, k, o, k0, c, lo, hi);
+                Q::fragment(row, total, i, k0, c, lo, hi);
                 for (int j = 0; j < 4; j++) {
                     const unsigned short* want = m.wide.data() + (long)o * k + k0 + 16 * j + 2 * c;
                     unsigned got[4] = {lo[j] & 0xffff, lo[j] >> 16, hi[j] & 0xffff, hi[j] >> 16};

@@ -3687,7 +3687,10 @@ extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned
 // each one's address), STRIDE bytes apart in shared memory (an odd number of pieces, so the
 // eight rows a fragment load touches fall in different banks), and fragment(...), which turns
 // them into the row's part of four k16 steps' A fragments: lo[j] the values 16j + 2c and
-// 16j + 2c + 1, hi[j] 16j + 2c + 8 and 16j + 2c + 9, as BF16 pairs (c = lane % 4).
+// 16j + 2c + 1, hi[j] 16j + 2c + 8 and 16j + 2c + 9, as BF16 pairs (c = lane % 4). Both take
+// the matrix's value count `total`, the index i of the chunk's first value in it (o k + k0 for
+// row o; unsigned, so that divisions by powers of two are shifts) and its column k0 (whose
+// place in a super-block is i's, k being a multiple of 256 for the k-quants).
 template <int DT> struct QuantChunk;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(PEREGRINE_CUDA_EMULATOR)
@@ -3740,14 +3743,13 @@ __device__ __forceinline__ float byte_float(unsigned w, int i) {
 }
 
 // The piece of memory holding byte `at` (scales that share a piece with their neighbours).
-__device__ __forceinline__ const void* piece_holding(const void* w, long at) {
-    return (const unsigned char*)w + (at & ~15L);
+__device__ __forceinline__ const void* piece_holding(const void* w, unsigned long at) {
+    return (const unsigned char*)w + (at & ~15UL);
 }
 
 template <> struct QuantChunk<3> {  // Q8_0: 64 int8 values, then the piece holding the two blocks' f16 scales
     static constexpr int PIECES = 5, STRIDE = 80;
-    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
-        long i = (long)o * k + k0;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
         return p < 4 ? (const void*)((const unsigned char*)w + i + 16 * p) : piece_holding(w, total + 2 * (i / 32));
     }
     // The two int8 of b (bytes 0 and 1), sign bits flipped (q + 128), times d: d q exactly.
@@ -3755,9 +3757,8 @@ template <> struct QuantChunk<3> {  // Q8_0: 64 int8 values, then the piece hold
         b ^= 0x8080u;
         return pack16<false>(__fmaf_rn(d, byte_float(b, 0), offset), __fmaf_rn(d, byte_float(b, 1), offset));
     }
-    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
-        long i = (long)o * k + k0;
         const __half* s = (const __half*)(row + 64 + ((total + 2 * (i / 32)) & 15));
         float d[2] = {__half2float(s[0]), __half2float(s[1])};
         float offset[2] = {-32896.f * d[0], -32896.f * d[1]};
@@ -3778,8 +3779,7 @@ template <> struct QuantChunk<3> {  // Q8_0: 64 int8 values, then the piece hold
 // high one: Q4_0's offset by 8, IQ4_NL's an index into ggml's levels), then the scales' piece.
 template <bool NL> struct Nibble32Chunk {
     static constexpr int PIECES = 3, STRIDE = 48;
-    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
-        long i = (long)o * k + k0;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
         return p < 2 ? (const void*)((const unsigned char*)w + i / 2 + 16 * p) : piece_holding(w, total / 2 + 2 * (i / 32));
     }
     // Two bytes of a block (b's low 16 bits) as the pairs of the k16 steps they feed: `low` their
@@ -3802,9 +3802,8 @@ template <bool NL> struct Nibble32Chunk {
         low = pack16<false>(__fmaf_rn(d, field_value(b, 0xFu), offset), __fmaf_rn(d * 0x1p-8f, field_value(b, 0xF00u), offset));
         high = pack16<false>(__fmaf_rn(d * 0x1p-4f, field_value(b, 0xF0u), offset), __fmaf_rn(d * 0x1p-12f, field_value(b, 0xF000u), offset));
     }
-    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
-        long i = (long)o * k + k0;
         const __half* s = (const __half*)(row + 32 + ((total / 2 + 2 * (i / 32)) & 15));
 #pragma unroll
         for (int b = 0; b < 2; b++) {  // k16 steps 2b (the low nibbles) and 2b + 1 (the high ones)
@@ -3821,19 +3820,32 @@ template <> struct QuantChunk<7> : Nibble32Chunk<true> {};
 
 template <> struct QuantChunk<5> {  // Q4_K: the 32 bytes of sub-blocks 2j (low nibbles) and 2j + 1 (high), then the super-block's header
     static constexpr int PIECES = 3, STRIDE = 48;
-    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
-        long sb = ((long)o * k + k0) / 256;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
+        unsigned long sb = i / 256;
         int j = (k0 % 256) / 64;
         return p < 2 ? (const void*)((const unsigned char*)w + sb * 128 + 32 * j + 16 * p)
                      : (const void*)((const unsigned char*)w + total / 2 + 16 * sb);
     }
-    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+    // q4k_header's d s and dmin m of sub-blocks s and s + 1 (s even), for an s known only at run
+    // time: the two sub-blocks' bytes are neighbours, so each word's pair is taken at once,
+    // without branches, and the 6-bit integers become floats as fields (field_value).
+    static __device__ __forceinline__ void pair_scales(uint4 h, int s, float (&scale)[2], float (&offset)[2]) {
+        float d = __half2float(__ushort_as_half((unsigned short)(h.x & 0xffff)));
+        float dmin = __half2float(__ushort_as_half((unsigned short)(h.x >> 16)));
+        int t = 8 * (s & 2);
+        unsigned a = h.y >> t, b = h.z >> t, c = h.w >> t;
+        unsigned sc = s < 4 ? a & 0x3F3Fu : (c & 0x0F0Fu) | ((a >> 2) & 0x3030u);
+        unsigned m = s < 4 ? b & 0x3F3Fu : ((c >> 4) & 0x0F0Fu) | ((b >> 2) & 0x3030u);
+        scale[0] = d * field_value(sc, 0xFFu);
+        scale[1] = d * 0x1p-8f * field_value(sc, 0xFF00u);
+        offset[0] = -(dmin * field_value(m, 0xFFu));
+        offset[1] = -(dmin * 0x1p-8f * field_value(m, 0xFF00u));
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
-        float d, dmin;
-        int s1, m1, s2, m2;
-        q4k_header(*(const uint4*)(row + 32), 2 * ((k0 % 256) / 64), d, dmin, s1, m1, s2, m2);
         // load_weight's fma(d s, q, -dmin m), with the nibble's place taken out of the scale.
-        float scale[2] = {d * s1, d * s2}, offset[2] = {-(dmin * m1), -(dmin * m2)};
+        float scale[2], offset[2];
+        pair_scales(*(const uint4*)(row + 32), 2 * ((k0 % 256) / 64), scale, offset);
 #pragma unroll
         for (int b = 0; b < 2; b++) {
             unsigned x, y;
@@ -3858,8 +3870,8 @@ template <> struct QuantChunk<6> {
     // sc[8n + 4h + t / 16]. Pieces: the 64 ql bytes, the 32 qh bytes, the super-block's 16 scales,
     // and the piece holding its f16 d.
     static constexpr int PIECES = 8, STRIDE = 144;
-    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
-        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
+        unsigned long sb = i / 256, blocks = total / 256;
         int n = (k0 % 256) / 128;
         const unsigned char* base = (const unsigned char*)w;
         if (p < 4) return base + sb * 192 + 64 * n + 16 * p;
@@ -3867,29 +3879,28 @@ template <> struct QuantChunk<6> {
         if (p == 6) return base + blocks * 192 + 16 * sb;
         return piece_holding(w, blocks * 208 + 2 * sb);
     }
-    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
-        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        unsigned long sb = i / 256, blocks = total / 256;
         int r = k0 % 256, n = r / 128, h = (r % 128) / 64;
         float d = __half2float(*(const __half*)(row + 112 + ((blocks * 208 + 2 * sb) & 15)));
         const signed char* sc = (const signed char*)(row + 96) + 8 * n + 4 * h;
         // Value e of a pair (byte e of the pieces): its low four bits at bit 4h + 8e of ql, its
-        // high two at bit 4h + 2 (j / 2) + 8e of qh; scale (low + 16 high - 32) as fma(scale,
-        // low, fma(16 scale, high, -32 scale)): the inner sum is exact (a multiple of 16 scale),
-        // so the value rounds once, as scale times the integer would.
-        const unsigned lowMask = 0xFu << (4 * h), highMask = 3u << (4 * h);
+        // high two at bit 4h + 2 (j / 2) + 8e of qh. Shifted to bit 4h + 4 + 8e, they join the low
+        // ones in one 6-bit field q + 32 (both values of the pair in one lop3), and the value is
+        // fma(scale, q + 32, -32 scale): one rounding, as scale times q would be.
+        const unsigned lowBits = 0x0F0Fu << (4 * h);
         const float place = h ? 0x1p-4f : 1.f;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             unsigned ql, qlh, qh, qhh;
             fragment_bytes(row + 16 * j, c, ql, qlh);
             fragment_bytes(row + 64 + 16 * (j & 1), c, qh, qhh);
-            float scale = d * sc[j], low = scale * place, high = low * (j < 2 ? 16.f : 4.f), offset = -32.f * scale;
-            unsigned hm = j < 2 ? highMask : highMask << 2;
+            float scale = d * sc[j], low = scale * place, offset = -32.f * scale;
             auto pair = [&](unsigned l, unsigned q) {
-                return pack16<false>(__fmaf_rn(low, field_value(l, lowMask), __fmaf_rn(high, field_value(q, hm), offset)),
-                                     __fmaf_rn(low * 0x1p-8f, field_value(l, lowMask << 8),
-                                               __fmaf_rn(high * 0x1p-8f, field_value(q, hm << 8), offset)));
+                unsigned v = (l & lowBits) | ((q << (4 - 2 * (j >> 1))) & (0x3030u << (4 * h)));
+                return pack16<false>(__fmaf_rn(low, field_value(v, 0x3Fu << (4 * h)), offset),
+                                     __fmaf_rn(low * 0x1p-8f, field_value(v, 0x3F00u << (4 * h)), offset));
             };
             lo[j] = pair(ql, qh);
             hi[j] = pair(qlh, qhh);
@@ -3901,13 +3912,11 @@ template <> struct QuantChunk<8> {
     // IQ4_XS: Q4_0's 16 bytes of indices per sub-block of 32 (two sub-blocks a chunk), then the
     // piece holding the super-block's 8-byte header (d and the sub-blocks' 6-bit scales).
     static constexpr int PIECES = 3, STRIDE = 48;
-    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
-        long i = (long)o * k + k0;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
         return p < 2 ? (const void*)((const unsigned char*)w + i / 2 + 16 * p) : piece_holding(w, total / 2 + 8 * (i / 256));
     }
-    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
-        long i = (long)o * k + k0;
         uint2 h = *(const uint2*)(row + 32 + ((total / 2 + 8 * (i / 256)) & 15));
 #pragma unroll
         for (int b = 0; b < 2; b++) {
@@ -3926,8 +3935,8 @@ template <> struct QuantChunk<9> {
     // Q3_K: the 32 hmask bytes (the third bit: bit 4h + s), the 32 low-bit bytes, the two pieces
     // the super-block's 12 scale bytes may straddle, and the piece holding its f16 d.
     static constexpr int PIECES = 7, STRIDE = 112;
-    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
-        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
+        unsigned long sb = i / 256, blocks = total / 256;
         int h = (k0 % 256) / 128;
         const unsigned char* v = (const unsigned char*)w + sb * 96;
         if (p < 2) return v + 16 * p;
@@ -3935,24 +3944,34 @@ template <> struct QuantChunk<9> {
         if (p < 6) return (const unsigned char*)piece_holding(w, blocks * 96 + 12 * sb) + 16 * (p - 4);
         return piece_holding(w, blocks * 108 + 2 * sb);
     }
-    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
-        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        unsigned long sb = i / 256, blocks = total / 256;
         int r0 = k0 % 256, h = r0 / 128, s0 = 2 * ((r0 % 128) / 64);
-        const unsigned char* sc = row + 64 + ((blocks * 96 + 12 * sb) & 15);
+        const unsigned char* sc = row + 64 + ((blocks * 96 + 12 * sb) & 15);  // 4-byte aligned
         float d = __half2float(*(const __half*)(row + 96 + ((blocks * 108 + 2 * sb) & 15)));
+        // q3k_scale of the chunk's sub-blocks j0 .. j0 + 3 (j0 = 8h + 2s0, a multiple of 4), all
+        // four at once: their low four bits are nibbles of four neighbouring bytes, their high two
+        // bits the same pair of each of bytes 8-11. Byte n of v is sub-block j0 + n's scale + 32.
+        const int j0 = 8 * h + 2 * s0;
+        const unsigned low = *(const unsigned*)(sc + (j0 & 4)), high = *(const unsigned*)(sc + 8);
+        const unsigned v = ((j0 < 8 ? low : low >> 4) & 0x0F0F0F0Fu) | (((high >> (2 * (j0 >> 2))) & 0x03030303u) << 4);
 #pragma unroll
         for (int jj = 0; jj < 4; jj++) {
             int s = s0 + (jj >> 1);
-            float scale = d * q3k_scale(sc, 8 * h + 2 * s + (jj & 1));
+            float scale = d * (byte_float(v, jj) - 32800.f);
             unsigned m, mh, q, qh;
             fragment_bytes(row + 16 * (jj & 1), c, m, mh);
             fragment_bytes(row + 32 + 16 * (jj & 1), c, q, qh);
-            auto value = [&](unsigned qb, unsigned mb, int e) {
-                return scale * (float)((int)(((qb >> (8 * e + 2 * s)) & 3) | (((mb >> (8 * e + 4 * h + s)) & 1) << 2)) - 4);
+            // Both values' three bits (q + 4) as fields at bits 0 and 8, and scale (q + 4) - 4 scale
+            // rounded once, as scale q would be.
+            float offset = -4.f * scale;
+            auto pair = [&](unsigned qb, unsigned mb) {
+                unsigned v = ((qb >> (2 * s)) & 0x0303u) | (((mb >> (4 * h + s)) & 0x0101u) << 2);
+                return pack16<false>(__fmaf_rn(scale, field_value(v, 0x7u), offset), __fmaf_rn(scale * 0x1p-8f, field_value(v, 0x700u), offset));
             };
-            lo[jj] = pack16<false>(value(q, m, 0), value(q, m, 1));
-            hi[jj] = pack16<false>(value(qh, mh, 0), value(qh, mh, 1));
+            lo[jj] = pair(q, m);
+            hi[jj] = pair(qh, mh);
         }
     }
 };
@@ -3961,16 +3980,16 @@ template <> struct QuantChunk<10> {
     // Q2_K: the 32 low-bit bytes, the super-block's 16 scale bytes (scale low nibble, min high),
     // and the piece holding its f16 d and dmin (rows five pieces apart: an odd count).
     static constexpr int PIECES = 4, STRIDE = 80;
-    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
-        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
+        unsigned long sb = i / 256, blocks = total / 256;
         int h = (k0 % 256) / 128;
         if (p < 2) return (const unsigned char*)w + sb * 64 + 32 * h + 16 * p;
         if (p == 2) return (const unsigned char*)w + blocks * 64 + 16 * sb;
         return piece_holding(w, blocks * 80 + 4 * sb);
     }
-    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
-        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        unsigned long sb = i / 256, blocks = total / 256;
         int r0 = k0 % 256, h = r0 / 128, s0 = 2 * ((r0 % 128) / 64);
         const __half* dm = (const __half*)(row + 48 + ((blocks * 80 + 4 * sb) & 15));
         float d = __half2float(dm[0]), dmin = __half2float(dm[1]);
@@ -3979,9 +3998,14 @@ template <> struct QuantChunk<10> {
             int s = s0 + (jj >> 1), sm = row[32 + 8 * h + 2 * s + (jj & 1)];
             unsigned q, qh;
             fragment_bytes(row + 16 * (jj & 1), c, q, qh);
-            auto value = [&](unsigned qb, int e) { return __fmaf_rn(d * (sm & 15), (float)(int)((qb >> (8 * e + 2 * s)) & 3), -(dmin * (sm >> 4))); };
-            lo[jj] = pack16<false>(value(q, 0), value(q, 1));
-            hi[jj] = pack16<false>(value(qh, 0), value(qh, 1));
+            // load_weight's fma(d sc, q, -dmin m), q as a field (bits 0 and 8 of the shifted pair).
+            float scale = d * field_value((unsigned)sm, 0xFu), offset = -(dmin * (0x1p-4f * field_value((unsigned)sm, 0xF0u)));
+            auto pair = [&](unsigned qb) {
+                unsigned v = qb >> (2 * s);
+                return pack16<false>(__fmaf_rn(scale, field_value(v, 0x3u), offset), __fmaf_rn(scale * 0x1p-8f, field_value(v, 0x300u), offset));
+            };
+            lo[jj] = pair(q);
+            hi[jj] = pair(qh);
         }
     }
 };
@@ -4029,7 +4053,7 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
         n = second ? n1 : n2;
     }
     const int t0 = blockIdx.x * NT, o0 = tile * QG_ROWS, chunks = k / QG_K;
-    const long total = (long)n * k;
+    const unsigned long total = (unsigned long)n * (unsigned)k;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
     const int r = 64 * (warp >> 2) + 16 * (warp & 3) + (lane >> 2);  // the thread's rows in the tile: r and r + 8
     gdc_wait();
@@ -4037,38 +4061,39 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
     // activation rows tA + 32m (m < NT / 32), 16-byte part pA of each (the rows' swizzle is
     // tA's, as 32m keeps a row's low three bits, and row tA + 32m lies 4,096 bytes after row
     // tA's place in the tile); and weight row oW, pieces (threadIdx.x & 1) + 2j (two threads a row).
+    // Rows past the tokens or the matrix copy zeros (from addresses clamped into the last row,
+    // never read): the first inA of a thread's activation rows are in, and its weight row if inW.
     const int tA = threadIdx.x >> 3, pA = threadIdx.x & 7, oW = threadIdx.x >> 1;
-    const unsigned short* xA = x + (long)(t0 + tA) * k + 8 * pA;
-    const long strideA = 32L * k;
+    const int inA = max(0, min(NT / 32, (rows - t0 - tA + 31) / 32));
+    const unsigned char* xA = (const unsigned char*)(x + (long)min(t0 + tA, rows - 1) * k + 8 * pA);
+    const unsigned strideA = 64u * (unsigned)k;  // bytes from row tA + 32m to tA + 32(m + 1)
     const int dA = tA * 128 + ((pA ^ (tA & 7)) << 4);
     const bool inW = o0 + oW < n;
-    // Chunk s's copies into buffer s % STAGES (none past the last chunk; no commit). Zeros where
-    // a row is past the tokens or the matrix (their source address is never read).
+    const unsigned long iW = (unsigned long)min(o0 + oW, n - 1) * (unsigned)k;
+    // Chunk s's copies into buffer s % STAGES (none past the last chunk; no commit).
     auto load = [&](int s) {
         if (s >= chunks) return;
         unsigned char* xs = base + (s % STAGES) * SB;
         unsigned char* ws = xs + XB;
         int k0 = s * QG_K;
+        const unsigned char* xk = xA + 2 * k0;
 #pragma unroll
-        for (int m = 0; m < NT / 32; m++) {
-            bool in = t0 + tA + 32 * m < rows;
-            copy16_async(xs + dA + 4096 * m, in ? xA + m * strideA + k0 : x, in);
-        }
+        for (int m = 0; m < NT / 32; m++) copy16_async(xs + dA + 4096 * m, xk + (m < inA ? m : 0) * strideA, m < inA);
 #pragma unroll
         for (int j = 0; j < (Q::PIECES + 1) / 2; j++) {
             int piece = (threadIdx.x & 1) + 2 * j;
-            if (piece < Q::PIECES)
-                copy16_async(ws + oW * Q::STRIDE + 16 * piece, inW ? Q::piece(w, total, k, o0 + oW, k0, piece) : w, inW);
+            if (piece < Q::PIECES) copy16_async(ws + oW * Q::STRIDE + 16 * piece, Q::piece(w, total, iW + k0, k0, piece), inW);
         }
     };
-    // The thread's A fragments of chunk s (its buffer complete and visible).
+    // The thread's A fragments of chunk s (its buffer complete and visible). Rows past the
+    // matrix were filled with zeros and decode to zeros or finite values that are never stored.
+    const unsigned long i0 = (unsigned long)min(o0 + r, n - 1) * (unsigned)k, i1 = (unsigned long)min(o0 + r + 8, n - 1) * (unsigned)k;
     auto decode = [&](unsigned (&a)[4][4], int s) {
         const unsigned char* ws = base + (s % STAGES) * SB + XB;
         unsigned lo0[4], hi0[4], lo1[4], hi1[4];
         int k0 = s * QG_K;
-        // Rows past the matrix were filled with zeros and decode to zeros or finite values that are never stored.
-        Q::fragment(ws + r * Q::STRIDE, total, k, min(o0 + r, n - 1), k0, c, lo0, hi0);
-        Q::fragment(ws + (r + 8) * Q::STRIDE, total, k, min(o0 + r + 8, n - 1), k0, c, lo1, hi1);
+        Q::fragment(ws + r * Q::STRIDE, total, i0 + k0, k0, c, lo0, hi0);
+        Q::fragment(ws + (r + 8) * Q::STRIDE, total, i1 + k0, k0, c, lo1, hi1);
 #pragma unroll
         for (int j = 0; j < 4; j++) { a[j][0] = lo0[j]; a[j][1] = lo1[j]; a[j][2] = hi0[j]; a[j][3] = hi1[j]; }
     };
@@ -4083,20 +4108,23 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
 #pragma unroll
         for (int j = 0; j < 4; j++) { hold(a[j][0]); hold(a[j][1]); hold(a[j][2]); hold(a[j][3]); }
     };
+    const unsigned long long xDesc = wgmma_desc(shared_address(base), 16, 1024);
     // Chunk s on the tensor cores from `cur`, and chunk s + 1 decoded into `next` meanwhile. Before
     // the wait for chunk s + 1, copy groups 0 ..< s + STAGES - 1 are committed (one a chunk, empty
     // past the last), so at most STAGES - 3 may still be in flight. The barrier after it also
     // follows every warpgroup's wait for chunk s - 1, whose buffer the copies of chunk
     // s + STAGES - 1 then refill.
     auto step = [&](int s, unsigned (&cur)[4][4], unsigned (&next)[4][4]) {
-        const unsigned xs = shared_address(base + (s % STAGES) * SB);
+        // The descriptor's address field is the shared address / 16, below its 14 bits' end,
+        // so the buffer's and the k16 step's offsets add to the first buffer's descriptor.
+        const unsigned long long xs = xDesc + (unsigned)(s % STAGES) * (SB >> 4);
         hold_acc();
         hold_a(cur);
         wgmma_fence();
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            if constexpr (NT == 128) wgmma_rs_bf16_n128(acc, cur[j], wgmma_desc(xs + 32 * j, 16, 1024), 1);
-            else wgmma_rs_bf16_n256(acc, cur[j], wgmma_desc(xs + 32 * j, 16, 1024), 1);
+            if constexpr (NT == 128) wgmma_rs_bf16_n128(acc, cur[j], xs + 2 * j, 1);
+            else wgmma_rs_bf16_n256(acc, cur[j], xs + 2 * j, 1);
         }
         wgmma_commit();
         if (s + 1 < chunks) {
