@@ -24,7 +24,7 @@ final class CUDABackendTests: XCTestCase {
             "PEREGRINE_WGMMA_PROMPT_ATTENTION": "kt128_wg2", "PEREGRINE_QUANT_GEMM": "1", "PEREGRINE_QUANT_GEMM_TOKENS": "256",
             "PEREGRINE_DECODE_WARPS": "4", "PEREGRINE_DECODE_STAGES": "3", "PEREGRINE_DECODE_SPLITS": "128",
             "PEREGRINE_ROW_KERNEL_TOKENS": "0", "PEREGRINE_SPLIT_POSITIONS": "64", "PEREGRINE_GROUPED_ATTENTION_BLOCKS": "64",
-            "PEREGRINE_GROUPED_ATTENTION_FROM": "0", "PEREGRINE_UNRELATED": "x",
+            "PEREGRINE_GROUPED_ATTENTION_FROM": "0", "PEREGRINE_FIXED_MATVEC": "0", "PEREGRINE_UNRELATED": "x",
         ]))
         for value in ["0", "1"] + CUDABackend.warpgroupAttentionKernels.dropFirst().map({ String($0.name.dropFirst(28)) }) {
             XCTAssertNoThrow(try CUDABackend.checkMeasuringSwitches(["PEREGRINE_WGMMA_PROMPT_ATTENTION": value]), value)
@@ -32,7 +32,8 @@ final class CUDABackendTests: XCTestCase {
         let wrong = [("PEREGRINE_WGMMA_PROMPT_ATTENTION", "kt128-wg2"), ("PEREGRINE_QUANT_GEMM", "yes"),
                      ("PEREGRINE_QUANT_GEMM_TOKENS", "192"), ("PEREGRINE_DECODE_WARPS", "3"), ("PEREGRINE_DECODE_STAGES", ""),
                      ("PEREGRINE_DECODE_SPLITS", "129"), ("PEREGRINE_ROW_KERNEL_TOKENS", "-1"), ("PEREGRINE_SPLIT_POSITIONS", "0"),
-                     ("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "many"), ("PEREGRINE_GROUPED_ATTENTION_FROM", "1k")]
+                     ("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "many"), ("PEREGRINE_GROUPED_ATTENTION_FROM", "1k"),
+                     ("PEREGRINE_FIXED_MATVEC", "off")]
         for (name, value) in wrong {
             XCTAssertThrowsError(try CUDABackend.checkMeasuringSwitches([name: value]), "\(name)=\(value)") { error in
                 XCTAssertTrue("\(error)".contains("\(name)=\(value)"), "\(error)")

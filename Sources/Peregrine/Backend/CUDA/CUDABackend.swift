@@ -1485,6 +1485,7 @@ public final class CUDABackend: ComputeBackend {
         try check("PEREGRINE_DECODE_SPLITS", "a number of splits from 1 to 128") { number($0, 1...128) }
         try check("PEREGRINE_QUANT_GEMM", "0 or 1") { $0 == "0" || $0 == "1" }
         try check("PEREGRINE_QUANT_GEMM_TOKENS", "128 or 256") { $0 == "128" || $0 == "256" }
+        try check("PEREGRINE_FIXED_MATVEC", "0 or 1") { $0 == "0" || $0 == "1" }
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }
         try check("PEREGRINE_WGMMA_PROMPT_ATTENTION", "0 (mma.sync), 1 (the first kernel) or one of " + kernels.joined(separator: ", ")) {
