@@ -1469,10 +1469,11 @@ public final class CUDABackend: ComputeBackend {
     /// The warpgroup-MMA prompt attention kernels Kernels.cu compiles (ATTENTION_PREFILL_WGMMA).
     /// The measuring switches that take a value (the properties above read them), checked before
     /// anything runs: a mistyped value would otherwise fall back to the default without a word,
-    /// and a measurement would compare the default with itself.
+    /// and a measurement would compare the default with itself. An empty value counts as unset.
     static func checkMeasuringSwitches(_ env: [String: String]) throws {
         func check(_ name: String, _ accepted: String, _ valid: (String) -> Bool) throws {
-            guard let value = env[name], !valid(value) else { return }
+            // Empty is unset, as a shell's `NAME= command` means.
+            guard let value = env[name], !value.isEmpty, !valid(value) else { return }
             throw PeregrineError.invalidArgument("\(name)=\(value): expected \(accepted)")
         }
         func number(_ v: String, _ range: ClosedRange<Int>) -> Bool { Int(v).map(range.contains) ?? false }
