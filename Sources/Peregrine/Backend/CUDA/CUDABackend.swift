@@ -1010,9 +1010,10 @@ public final class CUDABackend: ComputeBackend {
     })
     /// Whether quantized prompt products decode their weights on the fly into the tensor cores'
     /// operands (quant_gemm) rather than widening the whole matrix to BF16 for cuBLAS first.
-    /// quant_gemm is checked on the kernel emulator (Tests/KernelEmulator) but not yet measured
-    /// on a GPU against the widening, so it is off unless PEREGRINE_QUANT_GEMM=1. Tests set it
-    /// to compare the two.
+    /// quant_gemm is checked on the kernel emulator (Tests/KernelEmulator) and on GPUs, but it
+    /// measured slower than the widening on an H100 (Q4_K_M prompts 0.86x, Q8_0 0.96x, Q4_0
+    /// 1.0x; BENCHMARKS.md), so it is off unless PEREGRINE_QUANT_GEMM=1. Tests set it to compare
+    /// the two.
     var quantGemmAllowed = ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM"] == "1"
     /// Tokens a block of quant_gemm takes (128 or 256); nil: 256 where that still gives every
     /// multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets it for measuring; tests
