@@ -290,12 +290,14 @@ public final class CUDABackend: ComputeBackend {
     /// blocks are few and long (a split of 128 positions is two 64-key tiles, both in flight at
     /// once, where two warps wait for four 32-key tiles one after another). PEREGRINE_DECODE_WARPS
     /// (2 or 4) sets it for measuring; tests run four warps with three buffers and with two, and two warps.
-    var tensorCoreDecodeWarps: Int? = [2, 4].first { $0 == Int(ProcessInfo.processInfo.environment["PEREGRINE_DECODE_WARPS"] ?? "") }
+    var tensorCoreDecodeWarps: Int? = CUDABackend.measuringChoice("PEREGRINE_DECODE_WARPS", CUDABackend.decodeWarpChoices)
+    static let decodeWarpChoices = [2, 4]
     /// Buffers of key/value tiles a block of attention_decode_mma with four warps keeps: 2, or 3
     /// (the `_w4s3` kernels: two tiles in flight while the warps work on a third). nil: 3 for one
     /// sequence, 2 otherwise; PEREGRINE_DECODE_STAGES (2 or 3) sets it for measuring. Two warps
     /// always take 2.
-    var tensorCoreDecodeStages: Int? = [2, 3].first { $0 == Int(ProcessInfo.processInfo.environment["PEREGRINE_DECODE_STAGES"] ?? "") }
+    var tensorCoreDecodeStages: Int? = CUDABackend.measuringChoice("PEREGRINE_DECODE_STAGES", CUDABackend.decodeStageChoices)
+    static let decodeStageChoices = [2, 3]
     /// Positions a decode split takes in a long cache (fewer splits than fill the GPU are never
     /// used, more than 128 never; one sequence on the tensor cores has its own rule, in
     /// `attention`): on an H200 at depth 16,384, 256 (66 splits of one sequence's
@@ -1018,7 +1020,8 @@ public final class CUDABackend: ComputeBackend {
     /// Tokens a block of quant_gemm takes (128 or 256); nil: 256 where that still gives every
     /// multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets it for measuring; tests
     /// run both.
-    var quantGemmTokens: Int? = [128, 256].first { $0 == Int(ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM_TOKENS"] ?? "") }
+    var quantGemmTokens: Int? = CUDABackend.measuringChoice("PEREGRINE_QUANT_GEMM_TOKENS", CUDABackend.quantGemmTokenChoices)
+    static let quantGemmTokenChoices = [128, 256]
     /// quant_gemm launches the host has issued (a graph's replays count none), for tests.
     private(set) var quantGemmLaunches = 0
 
@@ -1467,7 +1470,6 @@ public final class CUDABackend: ComputeBackend {
         var shared: Int { (rows + 4 * keys) * 128 * 2 + 1024 + 3 * keys * 8 }
     }
 
-    /// The warpgroup-MMA prompt attention kernels Kernels.cu compiles (ATTENTION_PREFILL_WGMMA).
     /// The measuring switches that take a value (the properties above read them), checked before
     /// anything runs: a mistyped value would otherwise fall back to the default without a word,
     /// and a measurement would compare the default with itself. An empty value counts as unset.
@@ -1478,15 +1480,18 @@ public final class CUDABackend: ComputeBackend {
             throw PeregrineError.invalidArgument("\(name)=\(value): expected \(accepted)")
         }
         func number(_ v: String, _ range: ClosedRange<Int>) -> Bool { Int(v).map(range.contains) ?? false }
+        func choice(_ name: String, _ choices: [Int]) throws {
+            try check(name, choices.map(String.init).joined(separator: " or ")) { v in Int(v).map(choices.contains) ?? false }
+        }
         try check("PEREGRINE_ROW_KERNEL_TOKENS", "a number of tokens (0 or more)") { number($0, 0...Int.max) }
         try check("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "a number of blocks (1 or more)") { number($0, 1...Int.max) }
         try check("PEREGRINE_GROUPED_ATTENTION_FROM", "a position (0 or more)") { number($0, 0...Int.max) }
-        try check("PEREGRINE_DECODE_WARPS", "2 or 4") { $0 == "2" || $0 == "4" }
-        try check("PEREGRINE_DECODE_STAGES", "2 or 3") { $0 == "2" || $0 == "3" }
+        try choice("PEREGRINE_DECODE_WARPS", decodeWarpChoices)
+        try choice("PEREGRINE_DECODE_STAGES", decodeStageChoices)
         try check("PEREGRINE_SPLIT_POSITIONS", "a number of positions (1 or more)") { number($0, 1...Int.max) }
         try check("PEREGRINE_DECODE_SPLITS", "a number of splits from 1 to 128") { number($0, 1...128) }
         try check("PEREGRINE_QUANT_GEMM", "0 or 1") { $0 == "0" || $0 == "1" }
-        try check("PEREGRINE_QUANT_GEMM_TOKENS", "128 or 256") { $0 == "128" || $0 == "256" }
+        try choice("PEREGRINE_QUANT_GEMM_TOKENS", quantGemmTokenChoices)
         try check("PEREGRINE_FIXED_MATVEC", "0 or 1") { $0 == "0" || $0 == "1" }
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }
@@ -1495,6 +1500,13 @@ public final class CUDABackend: ComputeBackend {
         }
     }
 
+    /// The value of a measuring switch among `choices`; nil where it is unset (or names none of
+    /// them, which checkMeasuringSwitches refuses when the backend starts).
+    static func measuringChoice(_ name: String, _ choices: [Int]) -> Int? {
+        choices.first { $0 == Int(ProcessInfo.processInfo.environment[name] ?? "") }
+    }
+
+    /// The warpgroup-MMA prompt attention kernels Kernels.cu compiles (ATTENTION_PREFILL_WGMMA).
     public static let warpgroupAttentionKernels = [
         WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128", keys: 64, warpgroups: 1),
         WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128_overlap", keys: 64, warpgroups: 1),
