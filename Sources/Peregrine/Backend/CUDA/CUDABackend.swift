@@ -171,19 +171,10 @@ public final class CUDABackend: ComputeBackend {
     /// moe_router wrote into `routedQ8` beside `source`, for the quantized experts' products
     /// that follow it; forgotten as `halfHolds` is.
     private var q8Holds: (source: CUDADriver.DevicePointer, rows: Int, k: Int)?
-    /// The residual row at `source` as the one-token residual product that wrote it last left it:
-    /// in `residualSums`, `count` block sums of its squares (matvec_half_fixed's `sumsOut`), from
-    /// which the product that reads it next applies its RMSNorm without a launch of its own.
-    /// Forgotten as `halfHolds` is.
-    private var residualSumsHold: (source: CUDADriver.DevicePointer, count: Int)?
-    private let residualSums: CUDABuffer
-    private static let residualSumCount = 8192
-    /// Forgets what `halfScratch`, `routedQ8` and `residualSums` hold (any launch or copy may
-    /// overwrite a source).
+    /// Forgets what `halfScratch` and `routedQ8` hold (any launch or copy may overwrite a source).
     private func forgetCopies() {
         halfHolds = nil
         q8Holds = nil
-        residualSumsHold = nil
     }
     private var routedQ8: CUDABuffer
     /// One counter per row for moe_router's last-block routing; the routing block resets its own.
@@ -343,14 +334,6 @@ public final class CUDABackend: ComputeBackend {
     /// Whether those products take them; PEREGRINE_FIXED_MATVEC=0 keeps the general kernel, for
     /// measuring.
     var fixedMatvecs = ProcessInfo.processInfo.environment["PEREGRINE_FIXED_MATVEC"] != "0"
-    /// Whether the RMSNorm before a one-token q/k/v or gate/up product of those kernels rides on
-    /// the residual product before it and on the product itself (matvec_half_fixed's `sumsOut`
-    /// and `norm`) instead of an rms_norm launch. Off until measured on a GPU (PEREGRINE_CARRIED_NORM=1 turns it on).
-    var carriedNorms = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"] == "1"
-    /// The chunks of its row a warp of those kernels asks for before the kernel before it ends
-    /// (`matvec_half_fixed`'s E); PEREGRINE_MATVEC_EARLY picks one, for measuring.
-    static let earlyChunkChoices = [1, 2, 4]
-    let earlyChunks = CUDABackend.measuringChoice("PEREGRINE_MATVEC_EARLY", CUDABackend.earlyChunkChoices) ?? 1
     /// One token as `matvec` kernels (fused norms, RoPE inside attention): not in deterministic mode.
     private var oneToken: Int { deterministic ? -1 : 1 }
     private let launchConfig = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
@@ -375,7 +358,7 @@ public final class CUDABackend: ComputeBackend {
         let module = try driver.compile(source, name: "peregrine-kernels", defines: early ? [] : ["PEREGRINE_NO_EARLY_TRIGGER"])
         let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K", "iq4_nl", "iq4_xs", "q3_K", "q2_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         let fixedMatvecs = ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in
-            CUDABackend.fixedMatvecLengths.flatMap { k in CUDABackend.earlyChunkChoices.map { "matvec_\(t)_k\(k)_e\($0)" } }
+            CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)" }
         }
         let prefillMMA = CUDABackend.tensorCoreAttentionDims.map { "attention_prefill_mma_\($0)" } + CUDABackend.warpgroupAttentionKernels.map(\.name)
         let quantGemms = CUDABackend.quantGemmKernels.values.flatMap { $0.map(\.name) }
@@ -412,7 +395,6 @@ public final class CUDABackend: ComputeBackend {
         attentionCounters = try CUDABuffer(driver: driver, count: CUDABackend.attentionCounterCount)
         try driver.check(driver.cuMemsetD8Async(attentionCounters.pointer, 0, CUDABackend.attentionCounterCount * 4, s), "cuMemsetD8Async")
         scratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
-        residualSums = try CUDABuffer(driver: driver, count: CUDABackend.residualSumCount)
         let tileRows = CUDABackend.captureSizes.last ?? 1
         let tileBuffer = try CUDABuffer(driver: driver, count: 2 * tileRows)
         // (first row, count) of each single-row tile. Typed: an untyped `[Int32($0), 1]` makes
@@ -876,27 +858,13 @@ public final class CUDABackend: ComputeBackend {
     /// `matvec` kernel, with the RMSNorm of x fused when `norm` is given. False when the weights
     /// do not suit it (f32, mixed types, odd sizes).
     /// `q8`: x already rounded to 8 bits (quantizeActivations) for quantized weights.
-    /// `carried`: x is a residual row whose norm (`norm`) the fixed-length kernel applies from the
-    /// block sums its residual product left (`residualSumsHold`); `sumsOut`: this product (mode 1)
-    /// leaves them for the next one. Both only where `fixedMatvec` takes the product.
     private func matvecKernel(_ x: CUDABuffer, _ p: [Product], mode: Int, norm: (weight: CUDAWeight, eps: Float)?,
-                              q8: (CUDADriver.DevicePointer, CUDADriver.DevicePointer)? = nil,
-                              carried: (sums: CUDADriver.DevicePointer, count: Int)? = nil, sumsOut: CUDADriver.DevicePointer? = nil) -> Bool {
+                              q8: (CUDADriver.DevicePointer, CUDADriver.DevicePointer)? = nil) -> Bool {
         let dtype = p[0].weight.dtype, k = p[0].weight.cols
         guard let suffix = Self.matvecSuffix(dtype) else { return false }
         let quantized = !dtype.isFloat
         guard p.allSatisfy({ $0.weight.dtype == dtype && $0.weight.cols == k }), k % (quantized ? dtype.blockSize : 8) == 0 else { return false }
-        if let norm, !quantized, norm.weight.rows * norm.weight.cols != k || carried == nil && k * 4 > dynamicSharedLimit { return false }
-        let n = p.map(\.weight.rows), warps = matvecWarps(mode == 2 ? n[0] : n.reduce(0, +), dtype, k: k, gated: mode == 2)
-        if carried != nil || sumsOut != nil {
-            guard fixedMatvec(dtype, k: k, norm: nil) else { return false }
-            launch("matvec_" + suffix + (mode == 2 ? "_gated" : "") + "_k\(k)_e\(earlyChunks)", grid: blocks(warps * 32), block: 256) { a in
-                a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out.pointer, mode == 2 && i == 1 ? 0 : n[i]) }
-                a.ptr(x); a.ptr(carried != nil ? norm?.weight.pointer ?? 0 : 0); a.f32(norm?.eps ?? 0)
-                a.ptr(carried?.sums ?? 0); a.i32(carried?.count ?? 0); a.ptr(sumsOut ?? 0); a.i32(mode)
-            }
-            return true
-        }
+        if let norm, !quantized, norm.weight.rows * norm.weight.cols != k || k * 4 > dynamicSharedLimit { return false }
         var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
         if quantized, let q8 {
             (xq, xs) = q8
@@ -904,34 +872,16 @@ public final class CUDABackend: ComputeBackend {
             guard let q = quantizeActivations(x, rows: 1, k: k, norm: norm) else { return true }
             (xq, xs) = q
         }
+        let n = p.map(\.weight.rows), warps = matvecWarps(mode == 2 ? n[0] : n.reduce(0, +), dtype, k: k, gated: mode == 2)
         let normPointer = quantized ? 0 : norm?.weight.pointer ?? 0
         let shared = normPointer != 0 ? k * 4 : 0
-        if fixedMatvec(dtype, k: k, norm: normPointer) {
-            launch("matvec_" + suffix + (mode == 2 ? "_gated" : "") + "_k\(k)_e\(earlyChunks)", grid: blocks(warps * 32), block: 256) { a in
-                a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out.pointer, mode == 2 && i == 1 ? 0 : n[i]) }
-                a.ptr(x); a.ptr(0); a.f32(0); a.ptr(0); a.i32(0); a.ptr(0); a.i32(mode)
-            }
-            return true
-        }
-        let kernel = "matvec_" + suffix + (mode == 2 ? "_gated" : "")
+        let fixed = fixedMatvecs && (dtype == .f16 || dtype == .bf16) && normPointer == 0 && CUDABackend.fixedMatvecLengths.contains(k)
+        let kernel = "matvec_" + suffix + (mode == 2 ? "_gated" : "") + (fixed ? "_k\(k)" : "")
         launch(kernel, grid: blocks(warps * 32), block: 256, shared: shared) { a in
             a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out.pointer, mode == 2 && i == 1 ? 0 : n[i]) }
             a.ptr(x); a.ptr(normPointer); a.f32(norm?.eps ?? 0); a.ptr(xq); a.ptr(xs); a.i32(k); a.i32(mode); a.ptr(0); a.i32(1)
         }
         return true
-    }
-
-    /// Whether one token's product of `dtype` rows of k values takes a fixed-length kernel
-    /// (`matvec_half_fixed`), which fuses no norm of its own.
-    private func fixedMatvec(_ dtype: DType, k: Int, norm: CUDADriver.DevicePointer?) -> Bool {
-        fixedMatvecs && (dtype == .f16 || dtype == .bf16) && (norm ?? 0) == 0 && CUDABackend.fixedMatvecLengths.contains(k)
-    }
-
-    /// The block sums of squares that a one-token product of `x` with a norm of `dim` values may
-    /// apply its norm from: those the residual product that wrote x left, if it was the last launch.
-    private func carriedSums(_ x: CUDABuffer, dim: Int, _ w: CUDAWeight) -> (sums: CUDADriver.DevicePointer, count: Int)? {
-        guard carriedNorms, let h = residualSumsHold, h.source == x.pointer, w.cols == dim, fixedMatvec(w.dtype, k: dim, norm: nil) else { return nil }
-        return (residualSums.pointer, h.count)
     }
 
     /// Warps a matvec launch has for `rows` output rows of length k: one a row, but a Q6_K row of
@@ -1192,12 +1142,6 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func matmulAdd(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, residual: CUDABuffer, scratch: CUDABuffer) {
-        let sumCount = (weight.rows + 7) / 8  // matvec_half_fixed's blocks of eight warps
-        if rows == oneToken, carriedNorms, sumCount <= CUDABackend.residualSumCount,
-           matvecKernel(x, [(weight, bias, residual)], mode: 1, norm: nil, sumsOut: residualSums.pointer) {
-            residualSumsHold = (residual.pointer, sumCount)
-            return
-        }
         if rows == oneToken, matvecKernel(x, [(weight, bias, residual)], mode: 1, norm: nil) { return }
         if usesRowKernel(rows, weight) { rowKernel(x, rows: rows, [(weight, bias, residual)], mode: 1) } else {
             gemm(x, rows: rows, weight: weight, bias: bias, out: residual, accumulate: true)
@@ -1258,9 +1202,6 @@ public final class CUDABackend: ComputeBackend {
     public func normMatmul3(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int,
                             _ a: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer), _ b: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer),
                             _ c: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)) {
-        if rows == oneToken, let sums = carriedSums(x, dim: dim, a.weight), matvecKernel(x, [a, b, c], mode: 0, norm: (norm, eps), carried: sums) {
-            return
-        }
         if rows == oneToken, fusesNorm(a.weight),
            matvecKernel(x, [a, b, c], mode: 0, norm: (norm, eps)) || mixedQuantizedMatvecs(x, [a, b, c], norm: (norm, eps)) { return }
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed, for: a.weight)
@@ -1270,8 +1211,6 @@ public final class CUDABackend: ComputeBackend {
     public func normGatedProduct(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int, gate: CUDAWeight,
                                  gateBias: CUDAWeight?, up: CUDAWeight, upBias: CUDAWeight?, activation: GatedActivation,
                                  out: CUDABuffer, scratch: CUDABuffer) {
-        if rows == oneToken, activation == .silu, up.rows == gate.rows, let sums = carriedSums(x, dim: dim, gate),
-           matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: (norm, eps), carried: sums) { return }
         if rows == oneToken, fusesNorm(gate), activation == .silu, up.rows == gate.rows,
            matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: (norm, eps)) { return }
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed, for: gate)
@@ -1554,8 +1493,6 @@ public final class CUDABackend: ComputeBackend {
         try check("PEREGRINE_QUANT_GEMM", "0 or 1") { $0 == "0" || $0 == "1" }
         try choice("PEREGRINE_QUANT_GEMM_TOKENS", quantGemmTokenChoices)
         try check("PEREGRINE_FIXED_MATVEC", "0 or 1") { $0 == "0" || $0 == "1" }
-        try choice("PEREGRINE_MATVEC_EARLY", earlyChunkChoices)
-        try check("PEREGRINE_CARRIED_NORM", "0 or 1") { $0 == "0" || $0 == "1" }
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }
         try check("PEREGRINE_WGMMA_PROMPT_ATTENTION", "0 (mma.sync), 1 (the first kernel) or one of " + kernels.joined(separator: ", ")) {

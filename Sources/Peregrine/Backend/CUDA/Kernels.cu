@@ -38,33 +38,6 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-__device__ __forceinline__ unsigned shared_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-
-// 16 bytes from global to shared memory without passing through registers (Ampere and later;
-// before, an ordinary load and store); zeros when !in. Copies are grouped by copy_commit, and
-// copy_wait<N> waits until at most N of this thread's groups are still in flight.
-#ifndef PEREGRINE_CUDA_EMULATOR
-__device__ __forceinline__ void copy16_async(void* dst, const void* src, bool in) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(shared_address(dst)), "l"(src), "r"(in ? 16 : 0));
-#else
-    *(uint4*)dst = in ? *(const uint4*)src : make_uint4(0, 0, 0, 0);
-#endif
-}
-
-__device__ __forceinline__ void copy_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;");
-#endif
-}
-
-template <int N> __device__ __forceinline__ void copy_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
-#endif
-}
-#endif
-
 // Quantized weights of `total` values are kept planar: all values first (Q8_0: one int8 each;
 // Q4_0: 16 bytes per 32-value block, byte j holding value j low and j + 16 high, offset by 8),
 // then one f16 scale per 32 values. Every block's values then start 16-byte aligned.
@@ -562,7 +535,8 @@ __device__ __forceinline__ void matvec_half_body(const void* w0, const float* b0
     matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
 }
 
-// matvec_half_body for rows of exactly K values (a multiple of 2,048 / R: whole pairs of chunks),
+// matvec_half_body for rows of exactly K values (a multiple of 2,048 / R: whole pairs of chunks) and
+// no fused norm (the host picks it only then; it ignores `norm`, `k` and `routes`),
 // the row length fixed at compile time: every bound is known and a lane's loads are one base
 // and constant offsets. The same two sets of 4 / R loads a row taken in turn, the next chunk
 // issued before the current one is used; the sums are matvec_half_body's, in the same order.
@@ -571,28 +545,12 @@ __device__ __forceinline__ void matvec_half_body(const void* w0, const float* b0
 // us, output projection 14.3 -> 12.0, down 35.0 -> 32.1, gate/up 59.6 -> 57.8, output matrix
 // 271.6 -> 258.6; chunks of 8 / R loads each loaded then used, or three sets at three blocks an
 // SM, lost in the decode step (BENCHMARKS.md).
-// E: the chunks a warp asks for before gdc_wait, while the kernel before it (a norm, one token's
-// attention: a few blocks, latency more than bytes) still runs: 1, the first set of registers;
-// 2, both sets; 4, both sets and two chunks more copied into shared memory (cp.async: no
-// registers held; 32 KB a block), which then take the place of those chunks' loads. A warp reads
-// back only what it copied, so no barrier is needed.
-// The RMSNorm between a residual product and the next one rides on the two instead of a launch
-// of its own (one block, all latency, twice a layer):
-// - `sumsOut` (the residual product, mode 1): each block writes the sum of the squares of the
-//   residual values it just wrote, in order of its warps;
-// - `norm` (the next product, whose x is that residual): x is multiplied by the norm's weights as
-//   it is read, and each warp's sums by rsqrt(mean + eps) at the end, the mean of the squares
-//   from the `sumCount` block sums in `sumsIn`, added in the same order by every warp. Since
-//   W (x * scale * g) = scale * W (x * g), only rounding differs from the norm applied first.
-template <int DT, int R, int K, int E>
+template <int DT, int R, int K>
 __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
                                                   float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
-                                                  const float* x, const float* norm, float eps, const float* sumsIn, int sumCount,
-                                                  float* sumsOut, int mode) {
+                                                  const float* x, int mode) {
     constexpr int U = 4 / R, units = K / 8, per = units / 32, chunks = per / U;
     static_assert(K % 256 == 0 && per % U == 0 && chunks % 2 == 0, "whole pairs of chunks");
-    static_assert(E == 1 || E == 2 || (E == 4 && chunks >= 4), "1, 2 or 4 chunks early");
-    __shared__ uint4 early[E == 4 ? 2 : 1][R * U][E == 4 ? 256 : 1];
     const int lane = threadIdx.x & 31;
     MatvecRow m = matvec_row(R == 2, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);
     const void* wr[2] = {m.w, w1};
@@ -605,14 +563,6 @@ __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b
     for (int r = 0; r < R; r++) acc[r] = 0.f;
     // Chunk c into set s: the lane's units (cU + u) * 32 + lane, u < U.
     auto load = [&](int s, int c) {
-        if (E == 4 && (c == 2 || c == 3)) {
-            if (c == 2) copy_wait<0>();
-#pragma unroll
-            for (int u = 0; u < U; u++)
-#pragma unroll
-                for (int r = 0; r < R; r++) q[s][r][u] = early[E == 4 ? c - 2 : 0][r * U + u][E == 4 ? threadIdx.x : 0];
-            return;
-        }
 #pragma unroll
         for (int u = 0; u < U; u++)
 #pragma unroll
@@ -623,79 +573,36 @@ __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b
         for (int u = 0; u < U; u++) {
             int i = (c * U + u) * 32 + lane;
             float4 a = *(const float4*)(x + i * 8), b = *(const float4*)(x + i * 8 + 4);
-            if (norm) {
-                float4 ga = *(const float4*)(norm + i * 8), gb = *(const float4*)(norm + i * 8 + 4);
-                a = make_float4(a.x * ga.x, a.y * ga.y, a.z * ga.z, a.w * ga.w);
-                b = make_float4(b.x * gb.x, b.y * gb.y, b.z * gb.z, b.w * gb.w);
-            }
 #pragma unroll
             for (int r = 0; r < R; r++) acc[r] += half_dot8<DT>(q[s][r][u], a, b);
         }
     };
-    if (m.active) {
-        load(0, 0);
-        if (E >= 2) load(1, 1);
-        if (E == 4) {
-#pragma unroll
-            for (int c = 2; c < 4; c++)
-#pragma unroll
-                for (int u = 0; u < U; u++)
-#pragma unroll
-                    for (int r = 0; r < R; r++)
-                        copy16_async(&early[E == 4 ? c - 2 : 0][r * U + u][E == 4 ? threadIdx.x : 0], base[r] + (c * U + u) * 32, true);
-            copy_commit();
-        }
-    }
+    if (m.active) load(0, 0);
     gdc_wait();
-    if (m.active) {
+    if (!m.active) return;
 #pragma unroll 1
-        for (int c = 0; c < chunks; c += 2) {
-            if (E == 1 || c > 0) load(1, c + 1);
-            use(0, c);
-            if (c + 2 < chunks) load(0, c + 2);
-            use(1, c + 1);
-        }
-        if (norm) {
-            float t = 0.f;
-            for (int j = lane; j < sumCount; j += 32) t += sumsIn[j];
-            float scale = rsqrtf(warp_sum(t) / K + eps);
-#pragma unroll
-            for (int r = 0; r < R; r++) acc[r] *= scale;
-        }
-        matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
+    for (int c = 0; c < chunks; c += 2) {
+        load(1, c + 1);
+        use(0, c);
+        if (c + 2 < chunks) load(0, c + 2);
+        use(1, c + 1);
     }
-    if (sumsOut) {
-        __shared__ float squares[8];
-        const int warp = threadIdx.x >> 5;
-        if (lane == 0) {
-            float v = m.active ? m.y[m.o] : 0.f;  // the value lane 0 just stored
-            squares[warp] = v * v;
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float t = 0.f;
-            for (int w = 0; w < (int)(blockDim.x >> 5); w++) t += squares[w];
-            sumsOut[blockIdx.x] = t;
-        }
-    }
+    matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
 }
 
-#define MATVEC_FIXED(name, DT, R, K, E)                                                                                      \
+#define MATVEC_FIXED(name, DT, R, K)                                                                                         \
     extern "C" __global__ void __launch_bounds__(256, 4) name(                                                               \
         const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
-        const float* b2, float* y2, int n2, const float* x, const float* norm, float eps, const float* sumsIn, int sumCount,   \
-        float* sumsOut, int mode) {                                                                                          \
-        matvec_half_fixed<DT, R, K, E>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, norm, eps, sumsIn, sumCount, sumsOut, \
-                                       mode);                                                                                \
+        const float* b2, float* y2, int n2, const float* x, const float* norm, float eps, const signed char* xq, const float* xs, \
+        int k, int mode, const float* routes, int routeDiv) {                                                                \
+        matvec_half_fixed<DT, R, K>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode);                                 \
     }
-// The row lengths of CUDABackend.fixedMatvecLengths, each with the early chunks of
-// CUDABackend.earlyChunkChoices.
-#define MATVEC_FIXED_EARLY(K, E)                                                                                             \
-    MATVEC_FIXED(matvec_f16_k##K##_e##E, 1, 1, K, E)                                                                         \
-    MATVEC_FIXED(matvec_f16_gated_k##K##_e##E, 1, 2, K, E)                                                                   \
-    MATVEC_FIXED(matvec_bf16_k##K##_e##E, 2, 1, K, E)                                                                        \
-    MATVEC_FIXED(matvec_bf16_gated_k##K##_e##E, 2, 2, K, E)
-#define MATVEC_FIXED_ALL(K) MATVEC_FIXED_EARLY(K, 1) MATVEC_FIXED_EARLY(K, 2) MATVEC_FIXED_EARLY(K, 4)
+// The row lengths of CUDABackend.fixedMatvecLengths.
+#define MATVEC_FIXED_ALL(K)                                                                                                  \
+    MATVEC_FIXED(matvec_f16_k##K, 1, 1, K)                                                                                   \
+    MATVEC_FIXED(matvec_f16_gated_k##K, 1, 2, K)                                                                             \
+    MATVEC_FIXED(matvec_bf16_k##K, 2, 1, K)                                                                                  \
+    MATVEC_FIXED(matvec_bf16_gated_k##K, 2, 2, K)
 MATVEC_FIXED_ALL(4096)
 MATVEC_FIXED_ALL(14336)
 
@@ -1625,6 +1532,32 @@ extern "C" __global__ void store_kv(const float* k, const float* v, void* kc, vo
     }
 }
 
+__device__ __forceinline__ unsigned shared_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+// 16 bytes from global to shared memory without passing through registers (Ampere and later;
+// before, an ordinary load and store); zeros when !in. Copies are grouped by copy_commit, and
+// copy_wait<N> waits until at most N of this thread's groups are still in flight.
+#ifndef PEREGRINE_CUDA_EMULATOR
+__device__ __forceinline__ void copy16_async(void* dst, const void* src, bool in) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(shared_address(dst)), "l"(src), "r"(in ? 16 : 0));
+#else
+    *(uint4*)dst = in ? *(const uint4*)src : make_uint4(0, 0, 0, 0);
+#endif
+}
+
+__device__ __forceinline__ void copy_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;");
+#endif
+}
+
+template <int N> __device__ __forceinline__ void copy_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+#endif
+}
+#endif
 
 // Most splits of one sequence (the host caps its count): a warp's lanes hold four each in the merge.
 #define SPLIT_MAX 128
