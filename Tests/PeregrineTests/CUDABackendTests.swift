@@ -315,67 +315,72 @@ final class CUDABackendTests: XCTestCase {
     func testQuantGemmMatchesWidening() throws {
         let gpu = try backend()
         guard gpu.driver.computeCapability == (9, 0) else { throw XCTSkip("quant_gemm needs wgmma (compute capability 9.0)") }
-        let before = (gpu.quantGemmAllowed, gpu.quantGemmTokens)
-        defer { (gpu.quantGemmAllowed, gpu.quantGemmTokens) = before }
+        let before = (gpu.quantGemmTokenLimit, gpu.quantGemmTokens)
+        defer { (gpu.quantGemmTokenLimit, gpu.quantGemmTokens) = before }
         var rng = SplitMix(seed: 23)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] { try gpu.values(b, count) }
-        let n = 300, tokens = 200
-        for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.iq4_xs, 1024), (.q4_K, 1024), (.q6_K, 1024), (.q3_K, 1024),
-                          (.q2_K, 1024)] {
-            var storage: [UnsafeMutableRawPointer] = []
-            defer { storage.forEach { $0.deallocate() } }
-            func matrix(_ rows: Int, _ t: DType? = nil) throws -> CUDAWeight {
-                let type = t ?? type
-                let values = (0..<(rows * k)).map { _ in uniform() }
-                let size = type.byteCount(elements: rows * k)
-                let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
-                storage.append(bytes)
-                values.withUnsafeBufferPointer { Quantizer.quantize(type, $0.baseAddress!, count: rows * k, into: bytes) }
-                return try gpu.weight(TensorView(name: "w", dtype: type, shape: [rows, k], data: UnsafeRawPointer(bytes), byteCount: size))
-            }
-            // The product's matrix; k and v of a q/k/v launch; the up of a gated one; for Q4_K, a
-            // v in Q6_K, as Q4_K_M files have (q and k in one launch, v in another).
-            let weight = try matrix(n), kw = try matrix(72), vw = try matrix(40), up = try matrix(n)
-            let mixedV = type == .q4_K ? try matrix(40, .q6_K) : nil
-            let biasValues = (0..<n).map { _ in uniform() }
-            let bias = try biasValues.withUnsafeBytes {
-                try gpu.weight(TensorView(name: "b", dtype: .f32, shape: [n], data: $0.baseAddress!, byteCount: $0.count))
-            }
-            let x = (0..<(tokens * k)).map { _ in uniform() }, residual = (0..<(tokens * n)).map { _ in uniform() }
-            let xb = try gpu.buffer(tokens * k), out = try gpu.buffer(tokens * n), scratch = try gpu.buffer(tokens * n)
-            let kOut = try gpu.buffer(tokens * 72), vOut = try gpu.buffer(tokens * 40)
-            x.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
-            func run(fused: Bool, tokensABlock: Int? = nil) throws -> [[Float]] {
-                (gpu.quantGemmAllowed, gpu.quantGemmTokens) = (fused, tokensABlock)
-                let before = gpu.quantGemmLaunches
-                gpu.matmul(xb, rows: tokens, weight: weight, bias: nil, out: out)
-                let plain = try read(out, tokens * n)
-                gpu.matmul(xb, rows: tokens, weight: weight, bias: bias, out: out)
-                let biased = try read(out, tokens * n)
-                residual.withUnsafeBufferPointer { gpu.write($0, to: out, offset: 0) }
-                gpu.matmulAdd(xb, rows: tokens, weight: weight, bias: bias, residual: out, scratch: scratch)
-                let added = try read(out, tokens * n)
-                gpu.matmul3(xb, rows: tokens, (weight, bias, out), (kw, nil, kOut), (vw, nil, vOut))
-                let (q, kv, vv) = (try read(out, tokens * n), try read(kOut, tokens * 72), try read(vOut, tokens * 40))
-                gpu.gatedProduct(xb, rows: tokens, gate: weight, gateBias: nil, up: up, upBias: nil, activation: .silu, out: out, scratch: scratch)
-                let gated = try read(out, tokens * n)
-                var mixed: [[Float]] = []
-                if let mixedV {
-                    gpu.matmul3(xb, rows: tokens, (weight, bias, out), (kw, nil, kOut), (mixedV, nil, vOut))
-                    mixed = [try read(out, tokens * n), try read(kOut, tokens * 72), try read(vOut, tokens * 40)]
+        // 200 tokens (two tiles of 128, one of 256) and 16, a batch of decode steps, whose few
+        // tiles take k in slices (split-K), added into the outputs.
+        let n = 300
+        for tokens in [200, 16] {
+            for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.iq4_xs, 1024), (.q4_K, 1024), (.q6_K, 1024), (.q3_K, 1024),
+                              (.q2_K, 1024)] {
+                var storage: [UnsafeMutableRawPointer] = []
+                defer { storage.forEach { $0.deallocate() } }
+                func matrix(_ rows: Int, _ t: DType? = nil) throws -> CUDAWeight {
+                    let type = t ?? type
+                    let values = (0..<(rows * k)).map { _ in uniform() }
+                    let size = type.byteCount(elements: rows * k)
+                    let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
+                    storage.append(bytes)
+                    values.withUnsafeBufferPointer { Quantizer.quantize(type, $0.baseAddress!, count: rows * k, into: bytes) }
+                    return try gpu.weight(TensorView(name: "w", dtype: type, shape: [rows, k], data: UnsafeRawPointer(bytes), byteCount: size))
                 }
-                XCTAssertEqual(gpu.quantGemmLaunches - before, fused ? (mixedV == nil ? 5 : 7) : 0, "\(type): launches of quant_gemm")
-                return [plain, biased, added, q, kv, vv, gated] + mixed
-            }
-            let widened = try run(fused: false)
-            for tokensABlock in [128, 256] {
-                let fused = try run(fused: true, tokensABlock: tokensABlock)
-                let names = ["plain", "with a bias", "added to a residual", "q", "k", "v", "gated", "q (v in Q6_K)", "k (v in Q6_K)", "v in Q6_K"]
-                for (i, name) in names.prefix(widened.count).enumerated() {
-                    let scale = widened[i].reduce(0) { max($0, abs($1)) }
-                    XCTAssertGreaterThan(scale, 0)
-                    XCTAssertLessThan(maxAbsDiff(fused[i], widened[i]), 2e-5 * scale, "\(type), k \(k), \(tokensABlock) tokens a block: \(name)")
+                // The product's matrix; k and v of a q/k/v launch; the up of a gated one; for Q4_K, a
+                // v in Q6_K, as Q4_K_M files have (q and k in one launch, v in another).
+                let weight = try matrix(n), kw = try matrix(72), vw = try matrix(40), up = try matrix(n)
+                let mixedV = type == .q4_K ? try matrix(40, .q6_K) : nil
+                let biasValues = (0..<n).map { _ in uniform() }
+                let bias = try biasValues.withUnsafeBytes {
+                    try gpu.weight(TensorView(name: "b", dtype: .f32, shape: [n], data: $0.baseAddress!, byteCount: $0.count))
+                }
+                let x = (0..<(tokens * k)).map { _ in uniform() }, residual = (0..<(tokens * n)).map { _ in uniform() }
+                let xb = try gpu.buffer(tokens * k), out = try gpu.buffer(tokens * n), scratch = try gpu.buffer(tokens * n)
+                let kOut = try gpu.buffer(tokens * 72), vOut = try gpu.buffer(tokens * 40)
+                x.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
+                func run(fused: Bool, tokensABlock: Int? = nil) throws -> [[Float]] {
+                    (gpu.quantGemmTokenLimit, gpu.quantGemmTokens) = (fused ? .max : 0, tokensABlock)
+                    let before = gpu.quantGemmLaunches
+                    gpu.matmul(xb, rows: tokens, weight: weight, bias: nil, out: out)
+                    let plain = try read(out, tokens * n)
+                    gpu.matmul(xb, rows: tokens, weight: weight, bias: bias, out: out)
+                    let biased = try read(out, tokens * n)
+                    residual.withUnsafeBufferPointer { gpu.write($0, to: out, offset: 0) }
+                    gpu.matmulAdd(xb, rows: tokens, weight: weight, bias: bias, residual: out, scratch: scratch)
+                    let added = try read(out, tokens * n)
+                    gpu.matmul3(xb, rows: tokens, (weight, bias, out), (kw, nil, kOut), (vw, nil, vOut))
+                    let (q, kv, vv) = (try read(out, tokens * n), try read(kOut, tokens * 72), try read(vOut, tokens * 40))
+                    gpu.gatedProduct(xb, rows: tokens, gate: weight, gateBias: nil, up: up, upBias: nil, activation: .silu, out: out, scratch: scratch)
+                    let gated = try read(out, tokens * n)
+                    var mixed: [[Float]] = []
+                    if let mixedV {
+                        gpu.matmul3(xb, rows: tokens, (weight, bias, out), (kw, nil, kOut), (mixedV, nil, vOut))
+                        mixed = [try read(out, tokens * n), try read(kOut, tokens * 72), try read(vOut, tokens * 40)]
+                    }
+                    XCTAssertEqual(gpu.quantGemmLaunches - before, fused ? (mixedV == nil ? 5 : 7) : 0, "\(type): launches of quant_gemm")
+                    return [plain, biased, added, q, kv, vv, gated] + mixed
+                }
+                let widened = try run(fused: false)
+                for tokensABlock in [128, 256] {
+                    let fused = try run(fused: true, tokensABlock: tokensABlock)
+                    let names = ["plain", "with a bias", "added to a residual", "q", "k", "v", "gated", "q (v in Q6_K)", "k (v in Q6_K)", "v in Q6_K"]
+                    for (i, name) in names.prefix(widened.count).enumerated() {
+                        let scale = widened[i].reduce(0) { max($0, abs($1)) }
+                        XCTAssertGreaterThan(scale, 0)
+                        XCTAssertLessThan(maxAbsDiff(fused[i], widened[i]), 2e-5 * scale,
+                                          "\(type), k \(k), \(tokens) tokens, \(tokensABlock) a block: \(name)")
+                    }
                 }
             }
         }

@@ -364,7 +364,7 @@ public final class CUDABackend: ComputeBackend {
         let quantGemms = CUDABackend.quantGemmKernels.values.flatMap { $0.map(\.name) }
         let decodeMMA = CUDABackend.tensorCoreDecodeDims.flatMap { ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4", "attention_decode_mma_\($0)_w4s3"] }
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split", "attention_split_heads",
-                     "silu_mul", "gelu_tanh_mul", "scale_inplace", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
+                     "silu_mul", "gelu_tanh_mul", "scale_inplace", "zero_floats", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
                      "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
                      "repetition_penalty", "exp_sum_rows", "sample_rows", "split_columns", "silu_mul_16", "rope_store_kv_stacked",
                      "moe_route", "moe_router", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16",
@@ -1010,13 +1010,21 @@ public final class CUDABackend: ComputeBackend {
         return (type, [QuantGemmKernel(name: name, tokens: 128, stages: stages, rowBytes: rowBytes),
                        QuantGemmKernel(name: name + "_t256", tokens: 256, stages: 4, rowBytes: rowBytes)])
     })
-    /// Whether quantized prompt products decode their weights on the fly into the tensor cores'
-    /// operands (quant_gemm) rather than widening the whole matrix to BF16 for cuBLAS first.
-    /// quant_gemm is checked on the kernel emulator (Tests/KernelEmulator) and on GPUs, but it
-    /// measured slower than the widening on an H100 (Q4_K_M prompts 0.86x, Q8_0 0.96x, Q4_0
-    /// 1.0x; BENCHMARKS.md), so it is off unless PEREGRINE_QUANT_GEMM=1. Tests set it to compare
-    /// the two.
-    var quantGemmAllowed = ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM"] == "1"
+    /// Most tokens for which a quantized product decodes its weights on the fly into the tensor
+    /// cores' operands (quant_gemm) rather than widening the whole matrix to BF16 for cuBLAS
+    /// first. quant_gemm is checked on the kernel emulator (Tests/KernelEmulator) and on GPUs.
+    /// Over long prompts it measured slower than the widening on an H100 (Q4_K_M 0.86x, Q8_0
+    /// 0.96x, Q4_0 1.0x; BENCHMARKS.md), where the widening is paid once for many tokens; over
+    /// the few tokens of a batch of decode steps the widening costs more than the product.
+    /// PEREGRINE_QUANT_GEMM=1 takes quant_gemm for every count, =0 for none. Tests set it.
+    var quantGemmTokenLimit: Int = {
+        switch ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM"] {
+        case "1": return .max
+        case "0": return 0
+        default: return CUDABackend.quantGemmDefaultTokenLimit
+        }
+    }()
+    static let quantGemmDefaultTokenLimit = 0
     /// Tokens a block of quant_gemm takes (128 or 256); nil: 256 where that still gives every
     /// multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets it for measuring; tests
     /// run both.
@@ -1034,16 +1042,28 @@ public final class CUDABackend: ComputeBackend {
     private func quantGemm(_ x: CUDABuffer, rows: Int, _ p: [(weight: CUDAWeight, bias: CUDAWeight?, out: CUDADriver.DevicePointer)],
                            accumulate: Bool, halfOut: Bool = false) -> Bool {
         let w = p[0].weight, k = w.cols
-        guard quantGemmAllowed, !usesRowKernel(rows, w), driver.computeCapability == (9, 0), k % 64 == 0, p.count <= 3,
+        guard rows <= quantGemmTokenLimit, !usesRowKernel(rows, w), driver.computeCapability == (9, 0), k % 64 == 0, p.count <= 3,
               p.allSatisfy({ $0.weight.dtype == w.dtype && $0.weight.cols == k }),
               let kernels = CUDABackend.quantGemmKernels[w.dtype] else { return false }
         let rowTiles = p.reduce(0) { $0 + ($1.weight.rows + CUDABackend.quantGemmRows - 1) / CUDABackend.quantGemmRows }
-        let tokens = quantGemmTokens ?? ((rows + 255) / 256 * rowTiles >= driver.multiprocessors ? 256 : 128)
+        let tokens = quantGemmTokens ?? (rows > 128 && (rows + 255) / 256 * rowTiles >= driver.multiprocessors ? 256 : 128)
         guard let kernel = kernels.first(where: { $0.tokens == tokens }), kernel.shared <= CUDABackend.dynamicSharedLimit(driver),
               let b = gemmInput(x.pointer, count: rows * k, for: w.dtype) else { return false }
         for q in p { productWrites(q.out, count: q.weight.rows * rows) }
+        // Few tokens make few tiles (a decode step of 16 sequences: 32 for the 8B shape's down
+        // projection, on 132 multiprocessors that each hold two), so each tile's k is parted
+        // among slices, as many as bring the blocks to what the GPU holds at once, of at least
+        // four chunks each; their sums are added into outputs zeroed first (or the residual).
+        let tiles = (rows + kernel.tokens - 1) / kernel.tokens * rowTiles
+        let resident = (kernel.tokens == 128 ? 2 : 1) * driver.multiprocessors
+        let slices = halfOut ? 1 : max(1, min(k / 64 / 4, (resident + tiles - 1) / tiles))
+        if slices > 1, !accumulate {
+            for q in p {
+                launch("zero_floats", grid: blocks(q.weight.rows * rows), block: 256) { a in a.ptr(q.out); a.i64(q.weight.rows * rows) }
+            }
+        }
         quantGemmLaunches += 1
-        launch(kernel.name, grid: ((rows + kernel.tokens - 1) / kernel.tokens, rowTiles, 1), block: 256, shared: kernel.shared) { a in
+        launch(kernel.name, grid: ((rows + kernel.tokens - 1) / kernel.tokens, rowTiles, slices), block: 256, shared: kernel.shared) { a in
             a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out, p[i].weight.rows) }
             a.ptr(b); a.i32(rows); a.i32(k); a.i32(accumulate ? 1 : 0); a.i32(halfOut ? 1 : 0)
         }

@@ -2047,6 +2047,13 @@ extern "C" __global__ void scale_inplace(float* x, float f, long n) {
     if (i < n) x[i] *= f;
 }
 
+// y = 0 (the outputs a quant_gemm split over slices of k adds into).
+extern "C" __global__ void zero_floats(float* y, long n) {
+    gdc_wait();
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = 0.f;
+}
+
 extern "C" __global__ void soft_cap_inplace(float* x, float cap, long n) {
     gdc_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -3677,8 +3684,11 @@ extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned
 // BF16 value dequantize_bf16 gives: load_weight's f32 arithmetic, then rounded), so a value is decoded
 // once a block and never written back; the next chunk is decoded while the tensor cores multiply
 // this one. Grid: x over token tiles (fastest, so a weight tile's token tiles run together and
-// its bytes come from memory once), y over weight-row tiles. K must be a multiple of QG_K (256
-// for the k-quants, as their blocks are).
+// its bytes come from memory once), y over weight-row tiles, z over slices of k (split-K: a few
+// tokens' products have too few tiles to fill the GPU, so each tile's chunks are parted among
+// gridDim.z blocks, whose sums are added into y atomically: y holds zeros, or the residual when
+// accumulating, before the launch, and only slice 0 adds the bias). K must be a multiple of QG_K
+// (256 for the k-quants, as their blocks are).
 #define QG_ROWS 128
 #define QG_K 64
 #define QG_THREADS 256
@@ -4052,7 +4062,9 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
         y = second ? y1 : y2;
         n = second ? n1 : n2;
     }
-    const int t0 = blockIdx.x * NT, o0 = tile * QG_ROWS, chunks = k / QG_K;
+    // This block's slice of k: chunks c0 ..< c0 + chunks (all of them when gridDim.z is 1).
+    const int t0 = blockIdx.x * NT, o0 = tile * QG_ROWS, slices = gridDim.z;
+    const int c0 = (int)((long)(k / QG_K) * blockIdx.z / slices), chunks = (int)((long)(k / QG_K) * (blockIdx.z + 1) / slices) - c0;
     const unsigned long total = (unsigned long)n * (unsigned)k;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
     const int r = 64 * (warp >> 2) + 16 * (warp & 3) + (lane >> 2);  // the thread's rows in the tile: r and r + 8
@@ -4075,7 +4087,7 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
         if (s >= chunks) return;
         unsigned char* xs = base + (s % STAGES) * SB;
         unsigned char* ws = xs + XB;
-        int k0 = s * QG_K;
+        int k0 = (c0 + s) * QG_K;
         const unsigned char* xk = xA + 2 * k0;
 #pragma unroll
         for (int m = 0; m < NT / 32; m++) copy16_async(xs + dA + 4096 * m, xk + (m < inA ? m : 0) * strideA, m < inA);
@@ -4091,7 +4103,7 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
     auto decode = [&](unsigned (&a)[4][4], int s) {
         const unsigned char* ws = base + (s % STAGES) * SB + XB;
         unsigned lo0[4], hi0[4], lo1[4], hi1[4];
-        int k0 = s * QG_K;
+        int k0 = (c0 + s) * QG_K;
         Q::fragment(ws + r * Q::STRIDE, total, i0 + k0, k0, c, lo0, hi0);
         Q::fragment(ws + (r + 8) * Q::STRIDE, total, i1 + k0, k0, c, lo1, hi1);
 #pragma unroll
@@ -4157,7 +4169,8 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
     wgmma_wait<0>();
     hold_acc();
     // Accumulator (i, e): weight row r + 8 (e >> 1), token 8i + 2c + (e & 1). With accumulate the
-    // product is added to y first and the bias after, as cuBLAS's beta and add_bias do.
+    // product is added to y first and the bias after, as cuBLAS's beta and add_bias do. Slices of
+    // k add theirs atomically (the host never splits a BF16 output).
 #pragma unroll
     for (int i = 0; i < NT / 8; i++)
 #pragma unroll
@@ -4169,6 +4182,11 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
             if (halfOut) {
                 __nv_bfloat16* h = (__nv_bfloat16*)y + at;
                 *h = __float2bfloat16_rn(accumulate ? v + __bfloat162float(*h) : v);
+                continue;
+            }
+            if (slices > 1) {
+                if (bias && blockIdx.z == 0) v += bias[o];
+                atomicAdd((float*)y + at, v);
                 continue;
             }
             if (accumulate) v += ((float*)y)[at];
