@@ -1012,11 +1012,13 @@ public final class CUDABackend: ComputeBackend {
     })
     /// Most tokens for which a quantized product decodes its weights on the fly into the tensor
     /// cores' operands (quant_gemm) rather than widening the whole matrix to BF16 for cuBLAS
-    /// first. quant_gemm is checked on the kernel emulator (Tests/KernelEmulator) and on GPUs.
-    /// Over long prompts it measured slower than the widening on an H100 (Q4_K_M 0.86x, Q8_0
-    /// 0.96x, Q4_0 1.0x; BENCHMARKS.md), where the widening is paid once for many tokens; over
-    /// the few tokens of a batch of decode steps the widening costs more than the product.
-    /// PEREGRINE_QUANT_GEMM=1 takes quant_gemm for every count, =0 for none. Tests set it.
+    /// first (checked on the kernel emulator and on GPUs). Measured on an H100 with 8 layers of
+    /// the 8B shape in Q4_K_M, quant_gemm against the widening (BENCHMARKS.md, SERVING.md):
+    /// prompts of 16, 64, 256 and 512 tokens 1.64x, 1.56x, 1.20x and 0.92x; batched decode steps
+    /// of 16 to 256 sequences 1.8x down to 1.2x. Over the few tokens of a decode step the
+    /// widening costs more than the product; over long prompts it is paid once for many tokens,
+    /// and cuBLAS's product beats quant_gemm's. PEREGRINE_QUANT_GEMM=1 takes quant_gemm for
+    /// every count, =0 for none. Tests set it.
     var quantGemmTokenLimit: Int = {
         switch ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM"] {
         case "1": return .max
@@ -1024,7 +1026,7 @@ public final class CUDABackend: ComputeBackend {
         default: return CUDABackend.quantGemmDefaultTokenLimit
         }
     }()
-    static let quantGemmDefaultTokenLimit = 0
+    static let quantGemmDefaultTokenLimit = 256
     /// Tokens a block of quant_gemm takes (128 or 256); nil: 256 where that still gives every
     /// multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets it for measuring; tests
     /// run both.
