@@ -246,7 +246,8 @@ final class CUDABackendTests: XCTestCase {
 
     /// Quantized products on the GPU, for every quantized type it keeps. Over more tokens than
     /// the row kernels take, the matrix is widened to BF16 for cuBLAS (`dequantize_bf16`, eight
-    /// values a thread, each block's scale decoded once): against the CPU's dequantized values
+    /// values a thread, each block's scale decoded once), or on Hopper, by default up to 256
+    /// tokens, decoded by quant_gemm (both are run): against the CPU's dequantized values
     /// with weights and activations rounded to BF16 as the GPU rounds them (a value decoded from
     /// the wrong bits moves a sum by the size of a weight, far past the bound). Over a few tokens
     /// the types with row kernels (Q4_K and Q6_K among them) read the weights once for all
@@ -278,7 +279,12 @@ final class CUDABackendTests: XCTestCase {
             let w = view.toFloat().map(bf16)
             let x = (0..<(tokens * k)).map { _ in uniform() }
             let weight = try gpu.weight(view)
-            let y = try product(gpu, weight, x[...], rows: tokens)
+            let limit = gpu.quantGemmTokenLimit
+            gpu.quantGemmTokenLimit = 0
+            let widened = try product(gpu, weight, x[...], rows: tokens)
+            gpu.quantGemmTokenLimit = CUDABackend.quantGemmDefaultTokenLimit
+            let byDefault = try product(gpu, weight, x[...], rows: tokens)
+            gpu.quantGemmTokenLimit = limit
             var expected = [Float](repeating: 0, count: tokens * n)
             for t in 0..<tokens {
                 for o in 0..<n {
@@ -288,7 +294,8 @@ final class CUDABackendTests: XCTestCase {
                 }
             }
             let scale = expected.reduce(0) { max($0, abs($1)) }
-            XCTAssertLessThan(maxAbsDiff(y, expected), 2e-3 * scale, "\(type), \(tokens) tokens")
+            XCTAssertLessThan(maxAbsDiff(widened, expected), 2e-3 * scale, "\(type), \(tokens) tokens, widened")
+            XCTAssertLessThan(maxAbsDiff(byDefault, expected), 2e-3 * scale, "\(type), \(tokens) tokens, the default path")
             if [.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl].contains(type) {
                 let rows = try product(gpu, weight, x[0..<(few * k)], rows: few)
                 for t in 0..<few {
@@ -315,13 +322,14 @@ final class CUDABackendTests: XCTestCase {
     func testQuantGemmMatchesWidening() throws {
         let gpu = try backend()
         guard gpu.driver.computeCapability == (9, 0) else { throw XCTSkip("quant_gemm needs wgmma (compute capability 9.0)") }
-        let before = (gpu.quantGemmTokenLimit, gpu.quantGemmTokens)
-        defer { (gpu.quantGemmTokenLimit, gpu.quantGemmTokens) = before }
+        let before = (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices)
+        defer { (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices) = before }
         var rng = SplitMix(seed: 23)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] { try gpu.values(b, count) }
-        // 200 tokens (two tiles of 128, one of 256) and 16, a batch of decode steps, whose few
-        // tiles take k in slices (split-K), added into the outputs.
+        // 200 tokens (two tiles of 128, one of 256) and 16, a batch of decode steps. These few
+        // tiles take k in slices (split-K) by the backend's rule, added into the outputs; each
+        // case also runs in one slice, as products of many tiles do.
         let n = 300
         for tokens in [200, 16] {
             for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.iq4_xs, 1024), (.q4_K, 1024), (.q6_K, 1024), (.q3_K, 1024),
@@ -349,9 +357,9 @@ final class CUDABackendTests: XCTestCase {
                 let xb = try gpu.buffer(tokens * k), out = try gpu.buffer(tokens * n), scratch = try gpu.buffer(tokens * n)
                 let kOut = try gpu.buffer(tokens * 72), vOut = try gpu.buffer(tokens * 40)
                 x.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
-                func run(fused: Bool, tokensABlock: Int? = nil) throws -> [[Float]] {
-                    (gpu.quantGemmTokenLimit, gpu.quantGemmTokens) = (fused ? .max : 0, tokensABlock)
-                    let before = gpu.quantGemmLaunches
+                func run(fused: Bool, tokensABlock: Int? = nil, slices: Int? = nil) throws -> [[Float]] {
+                    (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices) = (fused ? .max : 0, tokensABlock, slices)
+                    let before = gpu.quantGemmLaunches, splitBefore = gpu.quantGemmSplitLaunches
                     gpu.matmul(xb, rows: tokens, weight: weight, bias: nil, out: out)
                     let plain = try read(out, tokens * n)
                     gpu.matmul(xb, rows: tokens, weight: weight, bias: bias, out: out)
@@ -368,18 +376,21 @@ final class CUDABackendTests: XCTestCase {
                         gpu.matmul3(xb, rows: tokens, (weight, bias, out), (kw, nil, kOut), (mixedV, nil, vOut))
                         mixed = [try read(out, tokens * n), try read(kOut, tokens * 72), try read(vOut, tokens * 40)]
                     }
-                    XCTAssertEqual(gpu.quantGemmLaunches - before, fused ? (mixedV == nil ? 5 : 7) : 0, "\(type): launches of quant_gemm")
+                    let launches = fused ? (mixedV == nil ? 5 : 7) : 0
+                    XCTAssertEqual(gpu.quantGemmLaunches - before, launches, "\(type): launches of quant_gemm")
+                    // These few tiles split by the rule (every launch here), or not when told.
+                    XCTAssertEqual(gpu.quantGemmSplitLaunches - splitBefore, slices == 1 ? 0 : launches, "\(type): launches in slices of k")
                     return [plain, biased, added, q, kv, vv, gated] + mixed
                 }
                 let widened = try run(fused: false)
-                for tokensABlock in [128, 256] {
-                    let fused = try run(fused: true, tokensABlock: tokensABlock)
+                for (tokensABlock, slices) in [(128, nil), (256, nil), (128, 1), (256, 1)] as [(Int, Int?)] {
+                    let fused = try run(fused: true, tokensABlock: tokensABlock, slices: slices)
                     let names = ["plain", "with a bias", "added to a residual", "q", "k", "v", "gated", "q (v in Q6_K)", "k (v in Q6_K)", "v in Q6_K"]
                     for (i, name) in names.prefix(widened.count).enumerated() {
                         let scale = widened[i].reduce(0) { max($0, abs($1)) }
                         XCTAssertGreaterThan(scale, 0)
                         XCTAssertLessThan(maxAbsDiff(fused[i], widened[i]), 2e-5 * scale,
-                                          "\(type), k \(k), \(tokens) tokens, \(tokensABlock) a block: \(name)")
+                                          "\(type), k \(k), \(tokens) tokens, \(tokensABlock) a block, \(slices == 1 ? "one slice" : "slices"): \(name)")
                     }
                 }
             }

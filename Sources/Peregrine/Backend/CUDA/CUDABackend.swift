@@ -1027,20 +1027,24 @@ public final class CUDABackend: ComputeBackend {
         }
     }()
     static let quantGemmDefaultTokenLimit = 256
-    /// Tokens a block of quant_gemm takes (128 or 256); nil: 256 where that still gives every
-    /// multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets it for measuring; tests
-    /// run both.
+    /// Tokens a block of quant_gemm takes (128 or 256); nil: 256 for more than 128 tokens where
+    /// that still gives every multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets
+    /// it for measuring; tests run both.
     var quantGemmTokens: Int? = CUDABackend.measuringChoice("PEREGRINE_QUANT_GEMM_TOKENS", CUDABackend.quantGemmTokenChoices)
     static let quantGemmTokenChoices = [128, 256]
-    /// quant_gemm launches the host has issued (a graph's replays count none), for tests.
-    private(set) var quantGemmLaunches = 0
+    /// Slices of k a quant_gemm launch takes (split-K); nil: the rule in `quantGemm`. Tests set it.
+    var quantGemmSlices: Int?
+    /// quant_gemm launches the host has issued (a graph's replays count none), and of those the
+    /// ones in more than one slice of k, for tests.
+    private(set) var quantGemmLaunches = 0, quantGemmSplitLaunches = 0
 
     /// Up to three products of quantized weights over the same `rows` tokens of x in one
-    /// quant_gemm launch, if one takes them (false: nothing launched): too many tokens for the
-    /// row kernel (which --deterministic keeps for every count), a compute capability 9.0 device
-    /// (wgmma), one type with kernels, rows of one length, a multiple of the kernels' chunk of 64
-    /// values, and the kernel's shared memory within the device's. `halfOut` writes BF16 outputs
-    /// (no bias).
+    /// quant_gemm launch, if one takes them (false: nothing launched): no more tokens than
+    /// `quantGemmTokenLimit`, too many for the row kernel (which --deterministic keeps for every
+    /// count), a compute capability 9.0 device (wgmma), one type with kernels, rows of one length,
+    /// a multiple of the kernels' chunk of 64 values, and the kernel's shared memory within the
+    /// device's. Split into slices of k, the outputs are zeroed first (`zero_floats`) unless
+    /// added to. `halfOut` writes BF16 outputs (no bias; never split).
     private func quantGemm(_ x: CUDABuffer, rows: Int, _ p: [(weight: CUDAWeight, bias: CUDAWeight?, out: CUDADriver.DevicePointer)],
                            accumulate: Bool, halfOut: Bool = false) -> Bool {
         let w = p[0].weight, k = w.cols
@@ -1058,13 +1062,14 @@ public final class CUDABackend: ComputeBackend {
         // four chunks each; their sums are added into outputs zeroed first (or the residual).
         let tiles = (rows + kernel.tokens - 1) / kernel.tokens * rowTiles
         let resident = (kernel.tokens == 128 ? 2 : 1) * driver.multiprocessors
-        let slices = halfOut ? 1 : max(1, min(k / 64 / 4, (resident + tiles - 1) / tiles))
+        let slices = halfOut ? 1 : max(1, quantGemmSlices.map { min($0, k / 64) } ?? min(k / 64 / 4, (resident + tiles - 1) / tiles))
         if slices > 1, !accumulate {
             for q in p {
                 launch("zero_floats", grid: blocks(q.weight.rows * rows), block: 256) { a in a.ptr(q.out); a.i64(q.weight.rows * rows) }
             }
         }
         quantGemmLaunches += 1
+        if slices > 1 { quantGemmSplitLaunches += 1 }
         launch(kernel.name, grid: ((rows + kernel.tokens - 1) / kernel.tokens, rowTiles, slices), block: 256, shared: kernel.shared) { a in
             a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out, p[i].weight.rows) }
             a.ptr(b); a.i32(rows); a.i32(k); a.i32(accumulate ? 1 : 0); a.i32(halfOut ? 1 : 0)

@@ -3671,7 +3671,8 @@ extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prompt products of quantized weights on Hopper's tensor cores, without widening the matrix:
+// Products of quantized weights over many tokens (up to 256 by default: a short prompt, a batch of
+// decode steps) on Hopper's tensor cores, without widening the matrix:
 // y[t, o] (+)= Σ_k x[t, k] W[o, k] for W in any quantized type the backend keeps (Q8_0, Q4_0, IQ4_NL,
 // IQ4_XS, Q4_K, Q6_K, Q3_K, Q2_K) and x already rounded to BF16.
 // A block takes QG_ROWS weight rows (two warpgroups of 64) by NT tokens (128 or 256: a decoded
