@@ -256,6 +256,8 @@ final class CUDABackendTests: XCTestCase {
     /// for bit.
     func testQuantizedProductsMatchCPU() throws {
         let gpu = try backend(), deterministic = try CUDABackend(deterministic: true)
+        let limit = gpu.quantGemmTokenLimit
+        defer { gpu.quantGemmTokenLimit = limit }
         var rng = SplitMix(seed: 7)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         func bf16(_ x: Float) -> Float { Half.bf16ToFloat(Half.floatToBF16(x)) }
@@ -279,12 +281,10 @@ final class CUDABackendTests: XCTestCase {
             let w = view.toFloat().map(bf16)
             let x = (0..<(tokens * k)).map { _ in uniform() }
             let weight = try gpu.weight(view)
-            let limit = gpu.quantGemmTokenLimit
             gpu.quantGemmTokenLimit = 0
             let widened = try product(gpu, weight, x[...], rows: tokens)
             gpu.quantGemmTokenLimit = CUDABackend.quantGemmDefaultTokenLimit
             let byDefault = try product(gpu, weight, x[...], rows: tokens)
-            gpu.quantGemmTokenLimit = limit
             var expected = [Float](repeating: 0, count: tokens * n)
             for t in 0..<tokens {
                 for o in 0..<n {

@@ -1060,9 +1060,9 @@ public final class CUDABackend: ComputeBackend {
         // projection, on 132 multiprocessors that each hold two), so each tile's k is parted
         // among slices, as many as bring the blocks to what the GPU holds at once, of at least
         // four chunks each; their sums are added into outputs zeroed first (or the residual).
-        let tiles = (rows + kernel.tokens - 1) / kernel.tokens * rowTiles
-        let resident = (kernel.tokens == 128 ? 2 : 1) * driver.multiprocessors
-        let slices = halfOut ? 1 : max(1, quantGemmSlices.map { min($0, k / 64) } ?? min(k / 64 / 4, (resident + tiles - 1) / tiles))
+        let tokenTiles = (rows + kernel.tokens - 1) / kernel.tokens, tiles = tokenTiles * rowTiles
+        let chunks = k / 64, resident = (kernel.tokens == 128 ? 2 : 1) * driver.multiprocessors
+        let slices = halfOut ? 1 : max(1, quantGemmSlices.map { min($0, chunks) } ?? min(chunks / 4, (resident + tiles - 1) / tiles))
         if slices > 1, !accumulate {
             for q in p {
                 launch("zero_floats", grid: blocks(q.weight.rows * rows), block: 256) { a in a.ptr(q.out); a.i64(q.weight.rows * rows) }
@@ -1070,7 +1070,7 @@ public final class CUDABackend: ComputeBackend {
         }
         quantGemmLaunches += 1
         if slices > 1 { quantGemmSplitLaunches += 1 }
-        launch(kernel.name, grid: ((rows + kernel.tokens - 1) / kernel.tokens, rowTiles, slices), block: 256, shared: kernel.shared) { a in
+        launch(kernel.name, grid: (tokenTiles, rowTiles, slices), block: 256, shared: kernel.shared) { a in
             a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out, p[i].weight.rows) }
             a.ptr(b); a.i32(rows); a.i32(k); a.i32(accumulate ? 1 : 0); a.i32(halfOut ? 1 : 0)
         }
