@@ -24,7 +24,8 @@ final class CUDABackendTests: XCTestCase {
             "PEREGRINE_WGMMA_PROMPT_ATTENTION": "kt128_wg2", "PEREGRINE_QUANT_GEMM": "1", "PEREGRINE_QUANT_GEMM_TOKENS": "256",
             "PEREGRINE_DECODE_WARPS": "4", "PEREGRINE_DECODE_STAGES": "3", "PEREGRINE_DECODE_SPLITS": "128",
             "PEREGRINE_ROW_KERNEL_TOKENS": "0", "PEREGRINE_SPLIT_POSITIONS": "64", "PEREGRINE_GROUPED_ATTENTION_BLOCKS": "64",
-            "PEREGRINE_GROUPED_ATTENTION_FROM": "0", "PEREGRINE_FIXED_MATVEC": "0", "PEREGRINE_UNRELATED": "x",
+            "PEREGRINE_GROUPED_ATTENTION_FROM": "0", "PEREGRINE_FIXED_MATVEC": "0", "PEREGRINE_CARRIED_NORM": "0",
+            "PEREGRINE_UNRELATED": "x",
         ]))
         XCTAssertNoThrow(try CUDABackend.checkMeasuringSwitches(["PEREGRINE_QUANT_GEMM_TOKENS": "", "PEREGRINE_DECODE_SPLITS": ""]))
         for value in ["0", "1"] + CUDABackend.warpgroupAttentionKernels.dropFirst().map({ String($0.name.dropFirst(28)) }) {
@@ -34,7 +35,7 @@ final class CUDABackendTests: XCTestCase {
                      ("PEREGRINE_QUANT_GEMM_TOKENS", "192"), ("PEREGRINE_DECODE_WARPS", "3"), ("PEREGRINE_DECODE_STAGES", "1"),
                      ("PEREGRINE_DECODE_SPLITS", "129"), ("PEREGRINE_ROW_KERNEL_TOKENS", "-1"), ("PEREGRINE_SPLIT_POSITIONS", "0"),
                      ("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "many"), ("PEREGRINE_GROUPED_ATTENTION_FROM", "1k"),
-                     ("PEREGRINE_FIXED_MATVEC", "off")]
+                     ("PEREGRINE_FIXED_MATVEC", "off"), ("PEREGRINE_CARRIED_NORM", "no")]
         for (name, value) in wrong {
             XCTAssertThrowsError(try CUDABackend.checkMeasuringSwitches([name: value]), "\(name)=\(value)") { error in
                 XCTAssertTrue("\(error)".contains("\(name)=\(value)"), "\(error)")
@@ -498,6 +499,90 @@ final class CUDABackendTests: XCTestCase {
                     gpu.gatedProduct(xb, rows: 1, gate: weights[0], gateBias: nil, up: weights[1], upBias: nil, activation: .silu,
                                      out: outs[0], scratch: scratch)
                     XCTAssertLessThan(maxAbsDiff(try read(outs[0], n), gated), 1e-4 * gatedScale, label + ", gated")
+                }
+            }
+        }
+    }
+
+    /// The RMSNorm between a one-token residual product and the q/k/v product after it, carried
+    /// by the two (NormCarry in Kernels.cu), against the norm applied first, in doubles: output
+    /// projections of 4,096 and 14,336 values a row into a residual of 4,096, then q/k/v (or
+    /// gate/up) of it. Carried, the norm's output buffer holds the residual times the norm's
+    /// weights; before gate/up, with a launch between the residual product and the next (an add),
+    /// or with PEREGRINE_CARRIED_NORM's switch off, the norm runs first and writes the normalized row.
+    func testCarriedNormMatchesNormFirst() throws {
+        let gpu = try backend()
+        let carriedBefore = gpu.carriedNorm
+        defer { gpu.carriedNorm = carriedBefore }
+        var rng = SplitMix(seed: 5)
+        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
+        var storage: [UnsafeMutableRawPointer] = []
+        defer { storage.forEach { $0.deallocate() } }
+        func matrix(_ n: Int, _ k: Int) throws -> (view: TensorView, weight: CUDAWeight) {
+            let values = (0..<(n * k)).map { _ in uniform() * 0.05 }
+            let size = DType.bf16.byteCount(elements: n * k)
+            let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
+            storage.append(bytes)
+            values.withUnsafeBufferPointer { Quantizer.quantize(.bf16, $0.baseAddress!, count: n * k, into: bytes) }
+            let view = TensorView(name: "w", dtype: .bf16, shape: [n, k], data: UnsafeRawPointer(bytes), byteCount: size)
+            return (view, try gpu.weight(view))
+        }
+        let d = 4096, n = 24, eps: Float = 1e-5
+        let g = (0..<d).map { _ in 0.5 + (uniform() + 1) / 2 }
+        let norm = try g.withUnsafeBytes { bytes in
+            try gpu.weight(TensorView(name: "norm", dtype: .f32, shape: [d], data: bytes.baseAddress!, byteCount: bytes.count))
+        }
+        let consumers = try (0..<3).map { _ in try matrix(n, d) }
+        let consumerValues = consumers.map { $0.view.toFloat() }
+        let outs = try (0..<3).map { _ in try gpu.buffer(n) }
+        let scratch = try gpu.buffer(n), normed = try gpu.buffer(d), other = try gpu.buffer(d)
+        let x0 = (0..<d).map { _ in uniform() }, added = (0..<d).map { _ in uniform() }
+        added.withUnsafeBufferPointer { gpu.write($0, to: other, offset: 0) }
+        for k in [4096, 14336] {
+            let producer = try matrix(d, k)
+            let pv = producer.view.toFloat()
+            let a = (0..<k).map { _ in uniform() }
+            let ab = try gpu.buffer(k), xb = try gpu.buffer(d)
+            a.withUnsafeBufferPointer { gpu.write($0, to: ab, offset: 0) }
+            let residual = pv.withUnsafeBufferPointer { w in
+                (0..<d).map { o in
+                    var s = Double(x0[o])
+                    for i in 0..<k { s += Double(w[o * k + i]) * Double(a[i]) }
+                    return s
+                }
+            }
+            for (carried, addBetween) in [(true, false), (true, true), (false, false)] {
+                gpu.carriedNorm = carried
+                let label = "rows of \(k), \(carried ? "carried" : "switched off")\(addBetween ? ", an add between" : "")"
+                // The residual after the product (and the add), normalized, in doubles.
+                var h = residual
+                if addBetween { for o in 0..<d { h[o] += Double(added[o]) } }
+                let scale = 1 / (h.reduce(0) { $0 + $1 * $1 } / Double(d) + Double(eps)).squareRoot()
+                let xn = (0..<d).map { h[$0] * scale * Double(g[$0]) }
+                let want = consumerValues.map { w in (0..<n).map { o in (0..<d).reduce(0.0) { $0 + Double(w[o * d + $1]) * xn[$1] } } }
+                let gated = (0..<n).map { o -> Float in Float(want[0][o] / (1 + exp(-want[0][o])) * want[1][o]) }
+                let bound = 1e-5 * Float(want.joined().reduce(0) { max($0, abs($1)) })
+                let gatedBound = 1e-4 * gated.reduce(0) { max($0, abs($1)) }
+                for gatedCase in [false, true] {
+                    x0.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
+                    gpu.matmulAdd(ab, rows: 1, weight: producer.weight, bias: nil, residual: xb, scratch: scratch)
+                    if addBetween { gpu.add(xb, other, count: d) }
+                    if gatedCase {
+                        gpu.normGatedProduct(xb, norm: norm, eps: eps, dim: d, normed: normed, rows: 1, gate: consumers[0].weight,
+                                             gateBias: nil, up: consumers[1].weight, upBias: nil, activation: .silu, out: outs[0], scratch: scratch)
+                        XCTAssertLessThan(maxAbsDiff(try gpu.values(outs[0], n), gated), gatedBound, label + ", gate/up")
+                    } else {
+                        gpu.normMatmul3(xb, norm: norm, eps: eps, dim: d, normed: normed, rows: 1, (consumers[0].weight, nil, outs[0]),
+                                        (consumers[1].weight, nil, outs[1]), (consumers[2].weight, nil, outs[2]))
+                        for m in 0..<3 {
+                            XCTAssertLessThan(maxAbsDiff(try gpu.values(outs[m], n), want[m].map { Float($0) }), bound, label + ", q/k/v \(m)")
+                        }
+                    }
+                    let normedNow = try gpu.values(normed, d).map(Double.init)
+                    let held = carried && !addBetween && !gatedCase ? (0..<d).map { h[$0] * Double(g[$0]) } : xn
+                    let worst = zip(normedNow, held).reduce(0.0) { max($0, abs($1.0 - $1.1)) }
+                    XCTAssertLessThan(worst, 1e-5 * held.reduce(0.0) { max($0, abs($1)) },
+                                      label + (gatedCase ? ", gate/up" : ", q/k/v") + ": the norm's output buffer")
                 }
             }
         }

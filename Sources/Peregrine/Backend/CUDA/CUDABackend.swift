@@ -359,7 +359,7 @@ public final class CUDABackend: ComputeBackend {
         let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K", "iq4_nl", "iq4_xs", "q3_K", "q2_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         let fixedMatvecs = ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in
             CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)" }
-        }
+        } + ["f16", "bf16"].flatMap { t in CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)_carry" } }
         let prefillMMA = CUDABackend.tensorCoreAttentionDims.map { "attention_prefill_mma_\($0)" } + CUDABackend.warpgroupAttentionKernels.map(\.name)
         let quantGemms = CUDABackend.quantGemmKernels.values.flatMap { $0.map(\.name) }
         let decodeMMA = CUDABackend.tensorCoreDecodeDims.flatMap { ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4", "attention_decode_mma_\($0)_w4s3"] }
@@ -394,6 +394,8 @@ public final class CUDABackend: ComputeBackend {
         sampleInts = try CUDABuffer(driver: driver, count: 2048, pool: pool)
         attentionCounters = try CUDABuffer(driver: driver, count: CUDABackend.attentionCounterCount)
         try driver.check(driver.cuMemsetD8Async(attentionCounters.pointer, 0, CUDABackend.attentionCounterCount * 4, s), "cuMemsetD8Async")
+        normCarryArea = try CUDABuffer(driver: driver, count: 64 + CUDABackend.normCarryBlocks)
+        try driver.check(driver.cuMemsetD8Async(normCarryArea.pointer, 0, 64 * 4, s), "cuMemsetD8Async")
         scratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         let tileRows = CUDABackend.captureSizes.last ?? 1
         let tileBuffer = try CUDABuffer(driver: driver, count: 2 * tileRows)
@@ -1147,14 +1149,65 @@ public final class CUDABackend: ComputeBackend {
     private var pendingSplit: (source: CUDADriver.DevicePointer, rows: Int, a: CUDABuffer, b: CUDABuffer, c: CUDABuffer,
                                na: Int, nb: Int, nc: Int)?
 
-    /// Parts the pending stacked rows into their three outputs (split_columns). Every launch,
-    /// product, copy and read comes here first, so no one reads the outputs before they hold them.
+    /// Launches a held residual product (`pendingResidual`) and parts the pending stacked rows
+    /// into their three outputs (split_columns). Every launch, product, copy and read comes here
+    /// first, so no one reads the outputs before they hold them.
     private func partStackedRows() {
+        if let p = pendingResidual {
+            pendingResidual = nil
+            if !matvecKernel(p.x, [(p.weight, p.bias, p.residual)], mode: 1, norm: nil), firstError == nil {
+                firstError = .backend("internal: a held residual product has no kernel")
+            }
+        }
         guard let p = pendingSplit else { return }
         pendingSplit = nil
         launch("split_columns", grid: (p.rows, 1, 1), block: 256) { a in
             a.ptr(p.source); a.ptr(p.a); a.ptr(p.b); a.ptr(p.c); a.i32(p.na); a.i32(p.nb); a.i32(p.nc)
         }
+    }
+
+    /// A one-token residual product (`matmulAdd`) held back until the next call: if that is the
+    /// RMSNorm and 16-bit q/k/v product after it (`normMatmul3`), the two carry the norm between
+    /// them (NormCarry in Kernels.cu) and no norm kernel runs; any other launch, copy or read
+    /// launches it first, as it was (`partStackedRows`). Only before q/k/v: measured on an H100
+    /// (the 8B shape in BF16, BENCHMARKS.md), carried there tg128 gained 1.0-1.6% at depths 0,
+    /// 1,024 and 4,096, while carried before gate/up too it gained 2.6% at depth 0 but lost 0.5%
+    /// at 1,024 and 2.3% at 4,096 (before gate/up alone: +1.3%, -1.6%, -2.6%).
+    private var pendingResidual: (x: CUDABuffer, weight: CUDAWeight, bias: CUDAWeight?, residual: CUDABuffer)?
+    /// NormCarry's `area`: the sum of squares, the count, then a partial sum a block.
+    private let normCarryArea: CUDABuffer
+    static let normCarryBlocks = 8192
+    /// PEREGRINE_CARRIED_NORM=0 runs the norm between a residual product and the q/k/v product as
+    /// its own kernel, for measuring.
+    var carriedNorm = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"] != "0"
+
+    /// Whether a one-token residual product of `w` can produce a carried norm: a fixed-length
+    /// 16-bit kernel whose rows, the next product's row length, have one too.
+    private func carriesNorm(_ w: CUDAWeight) -> Bool {
+        fixedMatvecs && (w.dtype == .f16 || w.dtype == .bf16) && CUDABackend.fixedMatvecLengths.contains(w.cols)
+            && CUDABackend.fixedMatvecLengths.contains(w.rows) && w.rows / 8 <= CUDABackend.normCarryBlocks
+    }
+
+    /// The held residual product into `x` with the RMSNorm of its result by `norm` carried into
+    /// the products `p` (q, k and v) of `dim`-long rows: false (nothing launched, the product
+    /// still held) when they do not suit it.
+    private func carryNorm(into x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, _ p: [Product]) -> Bool {
+        guard let r = pendingResidual, r.residual === x, r.weight.rows == dim, norm.rows * norm.cols == dim,
+              let suffix = Self.matvecSuffix(p[0].weight.dtype), p[0].weight.dtype == .f16 || p[0].weight.dtype == .bf16,
+              p.allSatisfy({ $0.weight.dtype == p[0].weight.dtype && $0.weight.cols == dim }),
+              CUDABackend.fixedMatvecLengths.contains(dim), let rSuffix = Self.matvecSuffix(r.weight.dtype) else { return false }
+        pendingResidual = nil
+        let area = normCarryArea.pointer
+        launch("matvec_\(rSuffix)_k\(r.weight.cols)_carry", grid: blocks(r.weight.rows * 32), block: 256) { a in
+            a.products(1) { _ in (r.weight.pointer, r.bias?.pointer ?? 0, r.residual.pointer, r.weight.rows) }
+            a.ptr(r.x); a.i32(1); a.f32(0); a.ptr(norm.pointer); a.ptr(normed); a.ptr(area); a.i32(2)
+        }
+        let n = p.map(\.weight.rows)
+        launch("matvec_" + suffix + "_k\(dim)_carry", grid: blocks(n.reduce(0, +) * 32), block: 256) { a in
+            a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out.pointer, n[i]) }
+            a.ptr(normed); a.i32(0); a.f32(eps); a.ptr(0); a.ptr(0); a.ptr(area); a.i32(1)
+        }
+        return true
     }
 
     /// 16-bit matrices of one width, each right under the one before it in one allocation.
@@ -1169,6 +1222,11 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func matmulAdd(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, residual: CUDABuffer, scratch: CUDABuffer) {
+        if rows == oneToken, carriedNorm, carriesNorm(weight) {
+            partStackedRows()
+            pendingResidual = (x, weight, bias, residual)
+            return
+        }
         if rows == oneToken, matvecKernel(x, [(weight, bias, residual)], mode: 1, norm: nil) { return }
         if usesRowKernel(rows, weight) { rowKernel(x, rows: rows, [(weight, bias, residual)], mode: 1) } else {
             gemm(x, rows: rows, weight: weight, bias: bias, out: residual, accumulate: true)
@@ -1229,6 +1287,7 @@ public final class CUDABackend: ComputeBackend {
     public func normMatmul3(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int,
                             _ a: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer), _ b: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer),
                             _ c: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)) {
+        if rows == oneToken, carryNorm(into: x, norm: norm, eps: eps, dim: dim, normed: normed, [a, b, c]) { return }
         if rows == oneToken, fusesNorm(a.weight),
            matvecKernel(x, [a, b, c], mode: 0, norm: (norm, eps)) || mixedQuantizedMatvecs(x, [a, b, c], norm: (norm, eps)) { return }
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed, for: a.weight)
@@ -1520,6 +1579,7 @@ public final class CUDABackend: ComputeBackend {
         try check("PEREGRINE_QUANT_GEMM", "0 or 1") { $0 == "0" || $0 == "1" }
         try choice("PEREGRINE_QUANT_GEMM_TOKENS", quantGemmTokenChoices)
         try check("PEREGRINE_FIXED_MATVEC", "0 or 1") { $0 == "0" || $0 == "1" }
+        try check("PEREGRINE_CARRIED_NORM", "0 or 1") { $0 == "0" || $0 == "1" }
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }
         try check("PEREGRINE_WGMMA_PROMPT_ATTENTION", "0 (mma.sync), 1 (the first kernel) or one of " + kernels.joined(separator: ", ")) {

@@ -409,11 +409,12 @@ __device__ __forceinline__ MatvecRow matvec_row(bool gated, const void* w0, cons
 
 // A warp's sums to its output: y = W x + b (mode 0), y += W x + b (mode 1), or gated,
 // y = silu(gate x + b) * (up x + b1).
+// `scale` multiplies the sums before the bias (a carried RMSNorm's, see NormCarry).
 __device__ __forceinline__ void matvec_store(const MatvecRow& m, float acc, float up, bool gated, const float* b1, int mode,
-                                             int lane) {
-    float g = warp_sum(acc) + (m.b ? m.b[m.o] : 0.f);
+                                             int lane, float scale = 1.f) {
+    float g = warp_sum(acc) * scale + (m.b ? m.b[m.o] : 0.f);
     if (gated) {
-        float u = warp_sum(up) + (b1 ? b1[m.o] : 0.f);
+        float u = warp_sum(up) * scale + (b1 ? b1[m.o] : 0.f);
         if (lane == 0) m.y[m.o] = g / (1.f + __expf(-g)) * u;
     } else if (lane == 0) {
         m.y[m.o] = mode == 1 ? m.y[m.o] + g : g;
@@ -545,10 +546,25 @@ __device__ __forceinline__ void matvec_half_body(const void* w0, const float* b0
 // us, output projection 14.3 -> 12.0, down 35.0 -> 32.1, gate/up 59.6 -> 57.8, output matrix
 // 271.6 -> 258.6; chunks of 8 / R loads each loaded then used, or three sets at three blocks an
 // SM, lost in the decode step (BENCHMARKS.md).
-template <int DT, int R, int K>
+// The RMSNorm between a residual product and the 16-bit product after it, carried by the two
+// (the `_carry` kernels) instead of a launch of its own: the residual product (`produce`) writes
+// beside each new residual value r its product with the norm's weight, r g, and sums the
+// squares of its block's values into `area` (partials from area + 64 on; the block that counts
+// last, area[1], sums them in order into area[0] and resets the count); the next product
+// (`consume`) reads r g as its x and scales its sums by rsqrt(area[0] / k + eps) before the bias,
+// which is the product of the normalized row. The same arithmetic up to the order of rounding.
+struct NormCarry {
+    const float* g;
+    float* xg;
+    float* area;
+    float eps;
+    bool produce, consume;
+};
+
+template <int DT, int R, int K, bool CARRY = false>
 __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
                                                   float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
-                                                  const float* x, int mode) {
+                                                  const float* x, int mode, NormCarry carry = {}) {
     constexpr int U = 4 / R, units = K / 8, per = units / 32, chunks = per / U;
     static_assert(K % 256 == 0 && per % U == 0 && chunks % 2 == 0, "whole pairs of chunks");
     const int lane = threadIdx.x & 31;
@@ -579,15 +595,54 @@ __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b
     };
     if (m.active) load(0, 0);
     gdc_wait();
-    if (!m.active) return;
+    if (!CARRY && !m.active) return;
+    if (m.active) {
 #pragma unroll 1
-    for (int c = 0; c < chunks; c += 2) {
-        load(1, c + 1);
-        use(0, c);
-        if (c + 2 < chunks) load(0, c + 2);
-        use(1, c + 1);
+        for (int c = 0; c < chunks; c += 2) {
+            load(1, c + 1);
+            use(0, c);
+            if (c + 2 < chunks) load(0, c + 2);
+            use(1, c + 1);
+        }
     }
-    matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
+    if (!CARRY) {
+        matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
+        return;
+    }
+    if (carry.consume) {
+        float scale = rsqrtf(carry.area[0] / K + carry.eps);
+        if (m.active) matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane, scale);
+        return;
+    }
+    // The producer: a residual product (mode 1, one matrix), its rows the next norm's values.
+    float sq = 0.f;
+    float v = warp_sum(acc[0]) + (m.b ? m.b[m.o] : 0.f);
+    if (m.active && lane == 0) {
+        v += m.y[m.o];
+        m.y[m.o] = v;
+        carry.xg[m.o] = v * carry.g[m.o];
+        sq = v * v;
+    }
+    __shared__ float warpSquares[32];
+    __shared__ bool last;
+    if (lane == 0) warpSquares[threadIdx.x >> 5] = sq;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float b = 0.f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) b += warpSquares[w];
+        carry.area[64 + blockIdx.x] = b;
+        __threadfence();
+        unsigned* count = (unsigned*)(carry.area + 1);
+        last = atomicAdd(count, 1u) == gridDim.x - 1;
+        if (last) *count = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    float t = 0.f;
+    for (int i = threadIdx.x; i < (int)gridDim.x; i += blockDim.x) t += ((volatile float*)carry.area)[64 + i];
+    t = block_sum(t);
+    if (threadIdx.x == 0) carry.area[0] = t;
 }
 
 #define MATVEC_FIXED(name, DT, R, K)                                                                                         \
@@ -605,6 +660,21 @@ __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b
     MATVEC_FIXED(matvec_bf16_gated_k##K, 2, 2, K)
 MATVEC_FIXED_ALL(4096)
 MATVEC_FIXED_ALL(14336)
+// The fixed-length kernels carrying an RMSNorm (NormCarry): `carry` 1 consumes one (x is r g;
+// q/k/v, mode 0), 2 produces one (mode 1); g, xg and area as NormCarry's.
+#define MATVEC_CARRY(name, DT, K)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256, 4) name(                                                               \
+        const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
+        const float* b2, float* y2, int n2, const float* x, int mode, float eps, const float* g, float* xg, float* area,       \
+        int carry) {                                                                                                         \
+        NormCarry c = {g, xg, area, eps, carry == 2, carry == 1};                                                            \
+        matvec_half_fixed<DT, 1, K, true>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode, c);                      \
+    }
+#define MATVEC_CARRY_ALL(K)                                                                                                  \
+    MATVEC_CARRY(matvec_f16_k##K##_carry, 1, K)                                                                              \
+    MATVEC_CARRY(matvec_bf16_k##K##_carry, 2, K)
+MATVEC_CARRY_ALL(4096)
+MATVEC_CARRY_ALL(14336)
 
 // Unit i of a Q4_K row (16 bytes: super-block i / 8, 32-byte chunk j = (i % 8) / 2, half h =
 // i % 2; its low nibbles are values 64j + 16h ... of sub-block 2j, its high nibbles 64j + 32 + 16h
@@ -4024,7 +4094,7 @@ template <> struct QuantChunk<10> {
 // The shared memory a block of quant_gemm takes: STAGES buffers of the activations (NT rows of
 // 128 bytes) and the weights' bytes (rounded up to 1,024, so every activation tile starts
 // 1024-aligned), and 1,024 bytes to align the first. CUDABackend.QuantGemmKernel.shared mirrors it.
-template <int DT, int NT, int STAGES> constexpr int quant_gemm_shared() {
+template <int DT, int NT, int STAGES> __host__ __device__ constexpr int quant_gemm_shared() {
     return STAGES * (NT * 128 + (QG_ROWS * QuantChunk<DT>::STRIDE + 1023) / 1024 * 1024) + 1024;
 }
 
