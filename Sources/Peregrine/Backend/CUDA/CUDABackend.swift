@@ -1171,7 +1171,7 @@ public final class CUDABackend: ComputeBackend {
     /// them (NormCarry in Kernels.cu) and no norm kernel runs; any other launch, copy or read
     /// launches it first, as it was (`partStackedRows`). Only before q/k/v: measured on an H100
     /// (the 8B shape in BF16, BENCHMARKS.md), carried there tg128 gained 1.0-1.6% at depths 0,
-    /// 1,024 and 4,096, while carried before gate/up too it gained 2.6% at depth 0 but lost 0.5%
+    /// 1,024 and 4,096 (0.5-1.0% to 16,384 on another H100), while carried before gate/up too it gained 2.6% at depth 0 but lost 0.5%
     /// at 1,024 and 2.3% at 4,096 (before gate/up alone: +1.3%, -1.6%, -2.6%).
     private var pendingResidual: (x: CUDABuffer, weight: CUDAWeight, bias: CUDAWeight?, residual: CUDABuffer)?
     /// NormCarry's `area`: the sum of squares, the count, then a partial sum a block.
