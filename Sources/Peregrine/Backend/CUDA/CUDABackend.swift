@@ -1177,6 +1177,9 @@ public final class CUDABackend: ComputeBackend {
     /// NormCarry's `area`: the sum of squares, the count, then a partial sum a block.
     private let normCarryArea: CUDABuffer
     static let normCarryBlocks = 8192
+    /// PEREGRINE_EARLY_DECODE_KEYS=0: one token's tensor-core decode attention copies no keys
+    /// before the kernel before it ends (attention_decode_mma's `fused` 2), for measuring.
+    var earlyDecodeKeys = ProcessInfo.processInfo.environment["PEREGRINE_EARLY_DECODE_KEYS"] != "0"
     /// PEREGRINE_CARRIED_NORM=0 runs the norm between a residual product and the q/k/v product as
     /// its own kernel, for measuring.
     var carriedNorm = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"] != "0"
@@ -1496,12 +1499,16 @@ public final class CUDABackend: ComputeBackend {
         let shared = tensorCores ? tiles(stages)
             : grouped ? 16 * (2 * 32 * (chunks + 1) + 2 * 32 * chunks + 8 * quads + quads) + 4 * 8 * 32 + 8 * 2 * 32 : 0
         let kernel = tensorCores ? "attention_decode_mma_\(hd)" + (warps == 4 ? stages == 3 ? "_w4s3" : "_w4" : "") : grouped ? "attention_split" : "attention_split_heads"
+        // One sequence's one token: every key but its own was written before this step, so the
+        // tensor-core kernel copies tiles of older keys before waiting for rope_store_kv.
+        let oldKeysEarly = tensorCores && rope == nil && rows == oneToken && earlyDecodeKeys
         launch(kernel, grid: (splitRows, grouped ? cache.kvHeads * parts : heads, splits), block: tensorCores ? 32 * warps : 128,
                shared: shared) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)
             a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
             a.f32(scale); a.f32(softCap); a.i32(window ?? 0); a.i32(splits)
-            a.ptr(out); a.ptr(attentionCounters); a.i32(rope == nil ? 0 : 1); a.ptr(rope?.k.pointer ?? 0); a.ptr(rope?.v.pointer ?? 0)
+            a.ptr(out); a.ptr(attentionCounters); a.i32(rope != nil ? 1 : oldKeysEarly ? 2 : 0)
+            a.ptr(rope?.k.pointer ?? 0); a.ptr(rope?.v.pointer ?? 0)
             a.ptr(rope?.cos.pointer ?? 0); a.ptr(rope?.sin.pointer ?? 0); a.i32(rope?.rotaryDim ?? hd); a.i32(rope?.interleaved == true ? 1 : 0)
             a.ptr(rowMap)
             if !tensorCores { a.i32(cache.halfPrecision) }
@@ -1580,6 +1587,7 @@ public final class CUDABackend: ComputeBackend {
         try choice("PEREGRINE_QUANT_GEMM_TOKENS", quantGemmTokenChoices)
         try check("PEREGRINE_FIXED_MATVEC", "0 or 1") { $0 == "0" || $0 == "1" }
         try check("PEREGRINE_CARRIED_NORM", "0 or 1") { $0 == "0" || $0 == "1" }
+        try check("PEREGRINE_EARLY_DECODE_KEYS", "0 or 1") { $0 == "0" || $0 == "1" }
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }
         try check("PEREGRINE_WGMMA_PROMPT_ATTENTION", "0 (mma.sync), 1 (the first kernel) or one of " + kernels.joined(separator: ", ")) {
