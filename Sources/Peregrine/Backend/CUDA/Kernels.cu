@@ -558,7 +558,7 @@ struct NormCarry {
     float* xg;
     float* area;
     float eps;
-    bool produce, consume;
+    bool consume;  // else produce
 };
 
 template <int DT, int R, int K, bool CARRY = false>
@@ -667,7 +667,7 @@ MATVEC_FIXED_ALL(14336)
         const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
         const float* b2, float* y2, int n2, const float* x, int mode, float eps, const float* g, float* xg, float* area,       \
         int carry) {                                                                                                         \
-        NormCarry c = {g, xg, area, eps, carry == 2, carry == 1};                                                            \
+        NormCarry c = {g, xg, area, eps, carry == 1};                                                                        \
         matvec_half_fixed<DT, 1, K, true>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode, c);                      \
     }
 #define MATVEC_CARRY_ALL(K)                                                                                                  \
