@@ -298,6 +298,9 @@ public final class CUDABackend: ComputeBackend {
     /// always take 2.
     var tensorCoreDecodeStages: Int? = CUDABackend.measuringChoice("PEREGRINE_DECODE_STAGES", CUDABackend.decodeStageChoices)
     static let decodeStageChoices = [2, 3]
+    /// PEREGRINE_EARLY_DECODE_KEYS=0: one token's tensor-core decode attention copies no keys
+    /// before the kernel before it ends (attention_decode_mma's `fused` 2), for measuring.
+    var earlyDecodeKeys = ProcessInfo.processInfo.environment["PEREGRINE_EARLY_DECODE_KEYS"] != "0"
     /// Positions a decode split takes in a long cache (fewer splits than fill the GPU are never
     /// used, more than 128 never; one sequence on the tensor cores has its own rule, in
     /// `attention`): on an H200 at depth 16,384, 256 (66 splits of one sequence's
@@ -334,6 +337,11 @@ public final class CUDABackend: ComputeBackend {
     /// Whether those products take them; PEREGRINE_FIXED_MATVEC=0 keeps the general kernel, for
     /// measuring.
     var fixedMatvecs = ProcessInfo.processInfo.environment["PEREGRINE_FIXED_MATVEC"] != "0"
+    /// Whether one-token products of `dtype` rows of k values take a fixed-length kernel
+    /// (`matvec_<type>[_gated]_k<k>`, and the `_carry` ones).
+    private func hasFixedMatvec(_ dtype: DType, k: Int) -> Bool {
+        fixedMatvecs && (dtype == .f16 || dtype == .bf16) && CUDABackend.fixedMatvecLengths.contains(k)
+    }
     /// One token as `matvec` kernels (fused norms, RoPE inside attention): not in deterministic mode.
     private var oneToken: Int { deterministic ? -1 : 1 }
     private let launchConfig = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
@@ -877,7 +885,7 @@ public final class CUDABackend: ComputeBackend {
         let n = p.map(\.weight.rows), warps = matvecWarps(mode == 2 ? n[0] : n.reduce(0, +), dtype, k: k, gated: mode == 2)
         let normPointer = quantized ? 0 : norm?.weight.pointer ?? 0
         let shared = normPointer != 0 ? k * 4 : 0
-        let fixed = fixedMatvecs && (dtype == .f16 || dtype == .bf16) && normPointer == 0 && CUDABackend.fixedMatvecLengths.contains(k)
+        let fixed = normPointer == 0 && hasFixedMatvec(dtype, k: k)
         let kernel = "matvec_" + suffix + (mode == 2 ? "_gated" : "") + (fixed ? "_k\(k)" : "")
         launch(kernel, grid: blocks(warps * 32), block: 256, shared: shared) { a in
             a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out.pointer, mode == 2 && i == 1 ? 0 : n[i]) }
@@ -1171,15 +1179,13 @@ public final class CUDABackend: ComputeBackend {
     /// them (NormCarry in Kernels.cu) and no norm kernel runs; any other launch, copy or read
     /// launches it first, as it was (`partStackedRows`). Only before q/k/v: measured on an H100
     /// (the 8B shape in BF16, BENCHMARKS.md), carried there tg128 gained 1.0-1.6% at depths 0,
-    /// 1,024 and 4,096 (0.5-1.0% to 16,384 on another H100), while carried before gate/up too it gained 2.6% at depth 0 but lost 0.5%
-    /// at 1,024 and 2.3% at 4,096 (before gate/up alone: +1.3%, -1.6%, -2.6%).
+    /// 1,024 and 4,096 (0.5-1.0% to 16,384 on another H100), while carried before gate/up too it
+    /// gained 2.6% at depth 0 but lost 0.5% at 1,024 and 2.3% at 4,096 (before gate/up alone:
+    /// +1.3%, -1.6%, -2.6%).
     private var pendingResidual: (x: CUDABuffer, weight: CUDAWeight, bias: CUDAWeight?, residual: CUDABuffer)?
     /// NormCarry's `area`: the sum of squares, the count, then a partial sum a block.
     private let normCarryArea: CUDABuffer
     static let normCarryBlocks = 8192
-    /// PEREGRINE_EARLY_DECODE_KEYS=0: one token's tensor-core decode attention copies no keys
-    /// before the kernel before it ends (attention_decode_mma's `fused` 2), for measuring.
-    var earlyDecodeKeys = ProcessInfo.processInfo.environment["PEREGRINE_EARLY_DECODE_KEYS"] != "0"
     /// PEREGRINE_CARRIED_NORM=0 runs the norm between a residual product and the q/k/v product as
     /// its own kernel, for measuring.
     var carriedNorm = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"] != "0"
@@ -1187,8 +1193,7 @@ public final class CUDABackend: ComputeBackend {
     /// Whether a one-token residual product of `w` can produce a carried norm: a fixed-length
     /// 16-bit kernel whose rows, the next product's row length, have one too.
     private func carriesNorm(_ w: CUDAWeight) -> Bool {
-        fixedMatvecs && (w.dtype == .f16 || w.dtype == .bf16) && CUDABackend.fixedMatvecLengths.contains(w.cols)
-            && CUDABackend.fixedMatvecLengths.contains(w.rows) && w.rows / 8 <= CUDABackend.normCarryBlocks
+        hasFixedMatvec(w.dtype, k: w.cols) && CUDABackend.fixedMatvecLengths.contains(w.rows) && w.rows / 8 <= CUDABackend.normCarryBlocks
     }
 
     /// The held residual product into `x` with the RMSNorm of its result by `norm` carried into
@@ -1196,9 +1201,8 @@ public final class CUDABackend: ComputeBackend {
     /// still held) when they do not suit it.
     private func carryNorm(into x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, _ p: [Product]) -> Bool {
         guard let r = pendingResidual, r.residual === x, r.weight.rows == dim, norm.rows * norm.cols == dim,
-              let suffix = Self.matvecSuffix(p[0].weight.dtype), p[0].weight.dtype == .f16 || p[0].weight.dtype == .bf16,
-              p.allSatisfy({ $0.weight.dtype == p[0].weight.dtype && $0.weight.cols == dim }),
-              CUDABackend.fixedMatvecLengths.contains(dim), let rSuffix = Self.matvecSuffix(r.weight.dtype) else { return false }
+              hasFixedMatvec(p[0].weight.dtype, k: dim), p.allSatisfy({ $0.weight.dtype == p[0].weight.dtype && $0.weight.cols == dim }),
+              let suffix = Self.matvecSuffix(p[0].weight.dtype), let rSuffix = Self.matvecSuffix(r.weight.dtype) else { return false }
         pendingResidual = nil
         let area = normCarryArea.pointer
         launch("matvec_\(rSuffix)_k\(r.weight.cols)_carry", grid: blocks(r.weight.rows * 32), block: 256) { a in

@@ -623,13 +623,9 @@ __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b
         carry.xg[m.o] = v * carry.g[m.o];
         sq = v * v;
     }
-    __shared__ float warpSquares[32];
     __shared__ bool last;
-    if (lane == 0) warpSquares[threadIdx.x >> 5] = sq;
-    __syncthreads();
+    float b = block_sum(sq);  // the warps' squares (each its lane 0's) in order
     if (threadIdx.x == 0) {
-        float b = 0.f;
-        for (int w = 0; w < (int)(blockDim.x >> 5); w++) b += warpSquares[w];
         carry.area[64 + blockIdx.x] = b;
         __threadfence();
         unsigned* count = (unsigned*)(carry.area + 1);
