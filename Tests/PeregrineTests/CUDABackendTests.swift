@@ -278,6 +278,77 @@ final class CUDABackendTests: XCTestCase {
         }
     }
 
+    /// Prompt products of quantized weights decoded on the fly into wgmma's operands (quant_gemm,
+    /// Hopper only) against the widened matrix through cuBLAS (the same BF16 values, summed in
+    /// another order), for each type with kernels and both token tiles (128 and 256): more weight
+    /// rows and tokens than a block takes, neither a multiple of its tile; chunk counts odd (Q8_0,
+    /// Q4_0, IQ4_NL) and even; plain, with a bias, added to a residual (with the bias after), q, k
+    /// and v of three row counts in one launch, and gate and up in one launch before the gating.
+    func testQuantGemmMatchesWidening() throws {
+        let gpu = try backend()
+        guard gpu.driver.computeCapability == (9, 0) else { throw XCTSkip("quant_gemm needs wgmma (compute capability 9.0)") }
+        let allowedBefore = gpu.quantGemmAllowed
+        defer { (gpu.quantGemmAllowed, gpu.quantGemmTokens) = (allowedBefore, nil) }
+        var rng = SplitMix(seed: 23)
+        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
+        func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] {
+            try gpu.synchronize()
+            var y = [Float](repeating: 0, count: count)
+            y.withUnsafeMutableBufferPointer { gpu.read(b, offset: 0, into: $0) }
+            return y
+        }
+        let n = 300, tokens = 200
+        for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.iq4_xs, 1024), (.q4_K, 1024), (.q6_K, 1024), (.q3_K, 1024),
+                          (.q2_K, 1024)] {
+            var storage: [UnsafeMutableRawPointer] = []
+            defer { storage.forEach { $0.deallocate() } }
+            func matrix(_ rows: Int) throws -> CUDAWeight {
+                let values = (0..<(rows * k)).map { _ in uniform() }
+                let size = type.byteCount(elements: rows * k)
+                let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
+                storage.append(bytes)
+                values.withUnsafeBufferPointer { Quantizer.quantize(type, $0.baseAddress!, count: rows * k, into: bytes) }
+                return try gpu.weight(TensorView(name: "w", dtype: type, shape: [rows, k], data: UnsafeRawPointer(bytes), byteCount: size))
+            }
+            // The product's matrix; k and v of a q/k/v launch; the up of a gated one.
+            let weight = try matrix(n), kw = try matrix(72), vw = try matrix(40), up = try matrix(n)
+            let biasValues = (0..<n).map { _ in uniform() }
+            let bias = try biasValues.withUnsafeBytes {
+                try gpu.weight(TensorView(name: "b", dtype: .f32, shape: [n], data: $0.baseAddress!, byteCount: $0.count))
+            }
+            let x = (0..<(tokens * k)).map { _ in uniform() }, residual = (0..<(tokens * n)).map { _ in uniform() }
+            let xb = try gpu.buffer(tokens * k), out = try gpu.buffer(tokens * n), scratch = try gpu.buffer(tokens * n)
+            let kOut = try gpu.buffer(tokens * 72), vOut = try gpu.buffer(tokens * 40)
+            x.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
+            func run(fused: Bool, tokensABlock: Int? = nil) throws -> [[Float]] {
+                (gpu.quantGemmAllowed, gpu.quantGemmTokens) = (fused, tokensABlock)
+                let before = gpu.quantGemmLaunches
+                gpu.matmul(xb, rows: tokens, weight: weight, bias: nil, out: out)
+                let plain = try read(out, tokens * n)
+                gpu.matmul(xb, rows: tokens, weight: weight, bias: bias, out: out)
+                let biased = try read(out, tokens * n)
+                residual.withUnsafeBufferPointer { gpu.write($0, to: out, offset: 0) }
+                gpu.matmulAdd(xb, rows: tokens, weight: weight, bias: bias, residual: out, scratch: scratch)
+                let added = try read(out, tokens * n)
+                gpu.matmul3(xb, rows: tokens, (weight, bias, out), (kw, nil, kOut), (vw, nil, vOut))
+                let (q, kv, vv) = (try read(out, tokens * n), try read(kOut, tokens * 72), try read(vOut, tokens * 40))
+                gpu.gatedProduct(xb, rows: tokens, gate: weight, gateBias: nil, up: up, upBias: nil, activation: .silu, out: out, scratch: scratch)
+                let gated = try read(out, tokens * n)
+                XCTAssertEqual(gpu.quantGemmLaunches - before, fused ? 5 : 0, "\(type): launches of quant_gemm")
+                return [plain, biased, added, q, kv, vv, gated]
+            }
+            let widened = try run(fused: false)
+            for tokensABlock in [128, 256] {
+                let fused = try run(fused: true, tokensABlock: tokensABlock)
+                for (i, name) in ["plain", "with a bias", "added to a residual", "q", "k", "v", "gated"].enumerated() {
+                    let scale = widened[i].reduce(0) { max($0, abs($1)) }
+                    XCTAssertGreaterThan(scale, 0)
+                    XCTAssertLessThan(maxAbsDiff(fused[i], widened[i]), 2e-5 * scale, "\(type), k \(k), \(tokensABlock) tokens a block: \(name)")
+                }
+            }
+        }
+    }
+
     /// Q6_K rows of 2,048 values, which matvec_q6k_body takes two a warp (`paired`): one token's
     /// products against the deterministic backend's row kernel (the same 8-bit input), plain with
     /// an odd row count, added to a residual, and as three matrices in one launch whose pairs of

@@ -361,6 +361,7 @@ public final class CUDABackend: ComputeBackend {
             CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)" }
         }
         let prefillMMA = CUDABackend.tensorCoreAttentionDims.map { "attention_prefill_mma_\($0)" } + CUDABackend.warpgroupAttentionKernels.map(\.name)
+        let quantGemms = CUDABackend.quantGemmKernels.values.flatMap { $0.map(\.name) }
         let decodeMMA = CUDABackend.tensorCoreDecodeDims.flatMap { ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4", "attention_decode_mma_\($0)_w4s3"] }
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split", "attention_split_heads",
                      "silu_mul", "gelu_tanh_mul", "scale_inplace", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
@@ -368,14 +369,14 @@ public final class CUDABackend: ComputeBackend {
                      "repetition_penalty", "exp_sum_rows", "sample_rows", "split_columns", "silu_mul_16", "rope_store_kv_stacked",
                      "moe_route", "moe_router", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16",
                      "expert_gemm_bf16", "expert_gemm_f16"]
-                     + matvecs + fixedMatvecs + CUDABackend.expertDownTypes.values.map { "moe_down_" + $0 } + prefillMMA + decodeMMA {
+                     + matvecs + fixedMatvecs + CUDABackend.expertDownTypes.values.map { "moe_down_" + $0 } + prefillMMA + decodeMMA + quantGemms {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
             functions[name] = f
         }
         // Kernels whose dynamic shared memory may pass 48 KB (the normalized input of a product,
         // a prefill attention tile) ask for what the device allows.
-        for name in matvecs + ["attention_prefill", "attention_split"] + prefillMMA + decodeMMA {
+        for name in matvecs + ["attention_prefill", "attention_split"] + prefillMMA + decodeMMA + quantGemms {
             // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, as dynamicSharedLimit (the kernel's
             // static shared memory counts against the device's limit)
             try driver.check(driver.cuFuncSetAttribute(functions[name] ?? nil, 8, Int32(CUDABackend.dynamicSharedLimit(driver))), "cuFuncSetAttribute(\(name))")
@@ -903,6 +904,9 @@ public final class CUDABackend: ComputeBackend {
     private func gemm(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer,
                       outPointer: CUDADriver.DevicePointer? = nil, accumulate: Bool, halfOut: Bool = false) {
         let outDim = weight.rows, k = weight.cols
+        if quantGemm(x, rows: rows, [(weight, bias, outPointer ?? out.pointer)], accumulate: accumulate, halfOut: halfOut && bias == nil) {
+            return
+        }
         guard let (a, type) = gemmWeight(weight), let b = gemmInput(x.pointer, count: rows * k, for: weight.dtype) else { return }
         cublasProduct(a, b, type: type, outDim: outDim, rows: rows, k: k, out: outPointer ?? out.pointer, accumulate: accumulate,
                       outType: halfOut && bias == nil && type != 0 ? type : 0)
@@ -956,8 +960,7 @@ public final class CUDABackend: ComputeBackend {
         partStackedRows()
         var alpha: Float = 1, beta: Float = accumulate ? 1 : 0
         var status: Int32 = 0
-        if let h = halfHolds, out < h.source + UInt64(h.count * 4), h.source < out + UInt64(outDim * rows * 4) { halfHolds = nil }
-        q8Holds = nil
+        productWrites(out, count: outDim * rows)
         if case .replaying = mode { return }  // the product is in the graph (as every launch is)
         profiled("cublasGemmEx") {
             status = driver.cublasGemmEx(cublas, 1, 0, Int32(outDim), Int32(rows), Int32(k), &alpha,
@@ -966,6 +969,85 @@ public final class CUDABackend: ComputeBackend {
                                          UnsafeMutableRawPointer(bitPattern: UInt(out)), outType, Int32(outDim), 68, -1)
         }
         if status != 0, firstError == nil { firstError = .backend("cublasGemmEx failed (\(status))") }
+    }
+
+    /// What a product writing `count` f32 values at `out` makes stale: the 16-bit copy of its
+    /// input if `out` overlaps that input, and the 8-bit one.
+    private func productWrites(_ out: CUDADriver.DevicePointer, count: Int) {
+        if let h = halfHolds, out < h.source + UInt64(h.count * 4), h.source < out + UInt64(count * 4) { halfHolds = nil }
+        q8Holds = nil
+    }
+
+    /// Weight rows a block of quant_gemm takes (QG_ROWS in Kernels.cu).
+    static let quantGemmRows = 128
+    /// A quant_gemm kernel: its name, the tokens a block takes, its buffers, and the bytes a
+    /// weight row takes in one (QuantChunk's STRIDE).
+    struct QuantGemmKernel {
+        let name: String, tokens: Int, stages: Int, rowBytes: Int
+        /// quant_gemm_shared in Kernels.cu: each buffer's activations (`tokens` rows of 128
+        /// bytes) and weight rows rounded up to 1,024 bytes, and 1,024 to align the first.
+        var shared: Int { stages * (tokens * 128 + (CUDABackend.quantGemmRows * rowBytes + 1023) / 1024 * 1024) + 1024 }
+    }
+    /// The kernels of each weight type: 128 tokens a block, then 256 (QUANT_GEMM in Kernels.cu).
+    static let quantGemmKernels: [DType: [QuantGemmKernel]] = [
+        .q8_0: [QuantGemmKernel(name: "quant_gemm_q8_0", tokens: 128, stages: 4, rowBytes: 80),
+                QuantGemmKernel(name: "quant_gemm_q8_0_t256", tokens: 256, stages: 4, rowBytes: 80)],
+        .q4_0: [QuantGemmKernel(name: "quant_gemm_q4_0", tokens: 128, stages: 4, rowBytes: 48),
+                QuantGemmKernel(name: "quant_gemm_q4_0_t256", tokens: 256, stages: 4, rowBytes: 48)],
+        .iq4_nl: [QuantGemmKernel(name: "quant_gemm_iq4_nl", tokens: 128, stages: 4, rowBytes: 48),
+                  QuantGemmKernel(name: "quant_gemm_iq4_nl_t256", tokens: 256, stages: 4, rowBytes: 48)],
+        .iq4_xs: [QuantGemmKernel(name: "quant_gemm_iq4_xs", tokens: 128, stages: 4, rowBytes: 48),
+                  QuantGemmKernel(name: "quant_gemm_iq4_xs_t256", tokens: 256, stages: 4, rowBytes: 48)],
+        .q3_K: [QuantGemmKernel(name: "quant_gemm_q3_K", tokens: 128, stages: 3, rowBytes: 112),
+                QuantGemmKernel(name: "quant_gemm_q3_K_t256", tokens: 256, stages: 4, rowBytes: 112)],
+        .q2_K: [QuantGemmKernel(name: "quant_gemm_q2_K", tokens: 128, stages: 4, rowBytes: 80),
+                QuantGemmKernel(name: "quant_gemm_q2_K_t256", tokens: 256, stages: 4, rowBytes: 80)],
+        .q4_K: [QuantGemmKernel(name: "quant_gemm_q4_K", tokens: 128, stages: 4, rowBytes: 48),
+                QuantGemmKernel(name: "quant_gemm_q4_K_t256", tokens: 256, stages: 4, rowBytes: 48)],
+        .q6_K: [QuantGemmKernel(name: "quant_gemm_q6_K", tokens: 128, stages: 3, rowBytes: 144),
+                QuantGemmKernel(name: "quant_gemm_q6_K_t256", tokens: 256, stages: 4, rowBytes: 144)],
+    ]
+    /// Whether quantized prompt products decode their weights on the fly into the tensor cores'
+    /// operands (quant_gemm) rather than widening the whole matrix to BF16 for cuBLAS first.
+    /// quant_gemm is checked on the kernel emulator (Tests/KernelEmulator) but not yet measured
+    /// on a GPU against the widening, so it is off unless PEREGRINE_QUANT_GEMM=1. Tests set it
+    /// to compare the two.
+    var quantGemmAllowed = ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM"] == "1"
+    /// Tokens a block of quant_gemm takes (128 or 256); nil: 256 where that still gives every
+    /// multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets it for measuring; tests
+    /// run both.
+    var quantGemmTokens: Int? = [128, 256].first { $0 == Int(ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM_TOKENS"] ?? "") }
+    /// quant_gemm launches so far (recorded steps count once), for tests.
+    private(set) var quantGemmLaunches = 0
+
+    /// Up to three products of quantized weights over the same `rows` tokens of x in one
+    /// quant_gemm launch, if one takes them (false: nothing launched): a compute capability 9.0
+    /// device (wgmma), one type with kernels, rows of one length, a multiple of the kernels'
+    /// chunk of 64 values, and the kernel's shared memory within the device's. `halfOut` writes
+    /// BF16 outputs (no bias).
+    private func quantGemm(_ x: CUDABuffer, rows: Int, _ p: [(weight: CUDAWeight, bias: CUDAWeight?, out: CUDADriver.DevicePointer)],
+                           accumulate: Bool, halfOut: Bool = false) -> Bool {
+        let w = p[0].weight, k = w.cols
+        guard quantGemmAllowed, driver.computeCapability == (9, 0), k % 64 == 0, p.count <= 3,
+              p.allSatisfy({ $0.weight.dtype == w.dtype && $0.weight.cols == k }),
+              let kernels = CUDABackend.quantGemmKernels[w.dtype] else { return false }
+        let rowTiles = p.reduce(0) { $0 + ($1.weight.rows + CUDABackend.quantGemmRows - 1) / CUDABackend.quantGemmRows }
+        let tokens = quantGemmTokens ?? ((rows + 255) / 256 * rowTiles >= driver.multiprocessors ? 256 : 128)
+        guard let kernel = kernels.first(where: { $0.tokens == tokens }), kernel.shared <= CUDABackend.dynamicSharedLimit(driver),
+              let b = gemmInput(x.pointer, count: rows * k, for: w.dtype) else { return false }
+        for q in p { productWrites(q.out, count: q.weight.rows * rows) }
+        quantGemmLaunches += 1
+        launch(kernel.name, grid: ((rows + kernel.tokens - 1) / kernel.tokens, rowTiles, 1), block: 256, shared: kernel.shared) { a in
+            for i in 0..<3 {
+                if i < p.count {
+                    a.ptr(p[i].weight.pointer); a.ptr(p[i].bias?.pointer ?? 0); a.ptr(p[i].out); a.i32(p[i].weight.rows)
+                } else {
+                    a.ptr(0); a.ptr(0); a.ptr(0); a.i32(0)
+                }
+            }
+            a.ptr(b); a.i32(rows); a.i32(k); a.i32(accumulate ? 1 : 0); a.i32(halfOut ? 1 : 0)
+        }
+        return true
     }
 
     public func matmul(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer) {
@@ -1011,6 +1093,11 @@ public final class CUDABackend: ComputeBackend {
             // Parted when the next launch, product or copy comes, unless that is RoPE over these
             // q, k and v, which parts the rows itself (rope_store_kv_stacked).
             pendingSplit = (stackedOut.pointer, rows, a.out, b.out, c.out, a.weight.rows, b.weight.rows, c.weight.rows)
+        } else if quantGemm(x, rows: rows, [a, b, c].map { ($0.weight, $0.bias, $0.out.pointer) }, accumulate: false) {
+            // q, k and v in one launch: k's and v's few weight-row tiles alone would leave most
+            // of the GPU idle.
+        } else if quantGemm(x, rows: rows, [a, b].map { ($0.weight, $0.bias, $0.out.pointer) }, accumulate: false) {
+            matmul(x, rows: rows, weight: c.weight, bias: c.bias, out: c.out)  // Q4_K_M's v, in Q6_K where q and k are Q4_K
         } else {
             matmul(x, rows: rows, weight: a.weight, bias: a.bias, out: a.out)
             matmul(x, rows: rows, weight: b.weight, bias: b.bias, out: b.out)
@@ -1103,8 +1190,10 @@ public final class CUDABackend: ComputeBackend {
             }
             if let half { halfHolds = (out.pointer, rows * ff, half.code) }
         } else {
-            matmul(x, rows: rows, weight: gate, bias: gateBias, out: out)
-            matmul(x, rows: rows, weight: up, bias: upBias, out: scratch)
+            if !quantGemm(x, rows: rows, [(gate, gateBias, out.pointer), (up, upBias, scratch.pointer)], accumulate: false) {
+                matmul(x, rows: rows, weight: gate, bias: gateBias, out: out)
+                matmul(x, rows: rows, weight: up, bias: upBias, out: scratch)
+            }
             // The down projection that reads `out` is of the gate's type in the families we load.
             siluMul(gate: out, up: scratch, count: rows * up.rows, out: out, rows: rows, for: gate)
         }

@@ -3,8 +3,12 @@
 // (0: f32, 1: f16, 2: bf16, 3: Q8_0, 4: Q4_0, 5: Q4_K, 6: Q6_K, 7: IQ4_NL, 8: IQ4_XS, 9: Q3_K,
 // 10: Q2_K; the quantized ones repacked at load, see repack_quantized). The KV cache is f32 or
 // f16 (the kernels that touch it take `kvHalf`), [block, position in block, kvHeads, headDim].
+// PEREGRINE_CUDA_EMULATOR: compiled on the host by Tests/KernelEmulator, whose prelude defines the
+// CUDA types and intrinsics, and the inline-assembly helpers left out below.
+#ifndef PEREGRINE_CUDA_EMULATOR
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#endif
 
 // Programmatic dependent launch (Hopper): a kernel launched with it may start while the one
 // before it finishes; it reads nothing that kernel writes (and writes nothing it reads) before
@@ -16,7 +20,7 @@
 // right before it at most, never beside an earlier one: what earlier kernels wrote may be read
 // before the wait (attention_split_heads does).
 __device__ __forceinline__ void gdc_wait() {
-#if __CUDA_ARCH__ >= 900
+#if __CUDA_ARCH__ >= 900 && !defined(PEREGRINE_CUDA_EMULATOR)
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #ifndef PEREGRINE_NO_EARLY_TRIGGER
     asm volatile("griddepcontrol.launch_dependents;");
@@ -1561,6 +1565,7 @@ __device__ __forceinline__ unsigned shared_address(const void* p) { return (unsi
 // 16 bytes from global to shared memory without passing through registers (Ampere and later;
 // before, an ordinary load and store); zeros when !in. Copies are grouped by copy_commit, and
 // copy_wait<N> waits until at most N of this thread's groups are still in flight.
+#ifndef PEREGRINE_CUDA_EMULATOR
 __device__ __forceinline__ void copy16_async(void* dst, const void* src, bool in) {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(shared_address(dst)), "l"(src), "r"(in ? 16 : 0));
@@ -1580,6 +1585,7 @@ template <int N> __device__ __forceinline__ void copy_wait() {
     asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
 #endif
 }
+#endif
 
 // Most splits of one sequence (the host caps its count): a warp's lanes hold four each in the merge.
 #define SPLIT_MAX 128
@@ -2260,6 +2266,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill(const float*
 // memory for every key tile.
 #define FA_ROWS 64
 
+#ifndef PEREGRINE_CUDA_EMULATOR
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
@@ -2276,6 +2283,7 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const unsigned (&a)[4], u
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
@@ -2602,6 +2610,7 @@ ATTENTION_PREFILL_MMA(256, 32)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // The wrappers' accumulators: d[i / 4][i % 4] is register i, for each warp its 16 rows in mma.sync's
 // m16n8 fragment layout (d[n][e]: row lane / 4 + 8 (e >> 1), column 8n + 2 (lane & 3) + (e & 1)).
+#ifndef PEREGRINE_CUDA_EMULATOR
 // d (64 x 64, f32) = A (64 x 16: a K-major descriptor) * B (16 x 64: a K-major descriptor) (+ d when accumulate).
 __device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], unsigned long long a, unsigned long long b, int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
@@ -2636,6 +2645,7 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 // keep their reads, and any reuse of the registers, after the wait that completes it.
 __device__ __forceinline__ void hold(float& x) { asm volatile("" : "+f"(x) :: "memory"); }
 __device__ __forceinline__ void hold(unsigned& x) { asm volatile("" : "+r"(x) :: "memory"); }
+#endif
 // A shared-memory matrix descriptor with 128-byte swizzling: the start address and the leading and
 // stride byte offsets (all in 16-byte units).
 __device__ __forceinline__ unsigned long long wgmma_desc(unsigned address, unsigned leading, unsigned stride) {
@@ -3549,6 +3559,7 @@ template <bool HALF> __device__ __forceinline__ unsigned pack16(float lo, float 
     return *(unsigned*)&b;
 }
 
+#ifndef PEREGRINE_CUDA_EMULATOR
 template <bool HALF> __device__ __forceinline__ void mma16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     if (HALF)
         mma_f16(c, a, b0, b1);
@@ -3557,6 +3568,7 @@ template <bool HALF> __device__ __forceinline__ void mma16(float (&c)[4], const 
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 template <bool HALF>
 __device__ __forceinline__ void expert_gemm_body(const unsigned long long* weights, const unsigned long long* ups, int dtype, int n, int k,
@@ -3672,6 +3684,462 @@ extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned
                                                                  const int* tiles, float* y, unsigned short* yh) {
     expert_gemm_body<true>(weights, ups, dtype, n, k, x, xHalf, rowOf, tiles, y, yh);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Prompt products of quantized weights on Hopper's tensor cores, without widening the matrix:
+// y[t, o] (+)= Σ_k x[t, k] W[o, k] for W in any quantized type the backend keeps (Q8_0, Q4_0, IQ4_NL,
+// IQ4_XS, Q4_K, Q6_K, Q3_K, Q2_K) and x already rounded to BF16.
+// A block takes QG_ROWS weight rows (two warpgroups of 64) by NT tokens (128 or 256: a decoded
+// value serves that many tokens, so the decoding's share of the instructions halves from 128 to
+// 256, for twice the accumulator registers and half the blocks) and walks k in chunks of QG_K
+// values through STAGES shared-memory buffers filled by cp.async: the chunk's
+// activations, swizzled as wgmma's 128-byte mode reads a K-major B, and each weight row's raw
+// bytes for the chunk (values, then the 16-byte pieces holding its scales) as they lie in memory.
+// Each thread decodes its own rows' values straight into wgmma's A fragments (registers, the
+// BF16 value dequant32_bf16 gives: f32 arithmetic, then rounded), so a weight value is decoded
+// once a block and never written back; the next chunk is decoded while the tensor cores multiply
+// this one. Grid: x over token tiles (fastest, so a weight tile's token tiles run together and
+// its bytes come from memory once), y over weight-row tiles. K must be a multiple of QG_K (256
+// for the k-quants, as their blocks are).
+#define QG_ROWS 128
+#define QG_K 64
+#define QG_THREADS 256
+
+// One weight row's bytes for a chunk of QG_K values: PIECES 16-byte pieces (piece(...) gives
+// each one's address), STRIDE bytes apart in shared memory (an odd number of pieces, so the
+// eight rows a fragment load touches fall in different banks), and fragment(...), which turns
+// them into the row's part of four k16 steps' A fragments: lo[j] the values 16j + 2c and
+// 16j + 2c + 1, hi[j] 16j + 2c + 8 and 16j + 2c + 9, as BF16 pairs (c = lane % 4).
+template <int DT> struct QuantChunk;
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(PEREGRINE_CUDA_EMULATOR)
+// d (64 x N, f32) = A (64 x 16 in registers, BF16: each warp's 16 rows as mma.sync's A fragment) * B (16 x N, BF16: a
+// K-major descriptor) (+ d when accumulate), N = 128 or 256.
+__device__ __forceinline__ void wgmma_rs_bf16_n128(float (&d)[16][4], const unsigned (&a)[4], unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_rs_bf16_n256(float (&d)[32][4], const unsigned (&a)[4], unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]), "+f"(d[16][0]), "+f"(d[16][1]), "+f"(d[16][2]), "+f"(d[16][3]), "+f"(d[17][0]), "+f"(d[17][1]), "+f"(d[17][2]), "+f"(d[17][3]), "+f"(d[18][0]), "+f"(d[18][1]), "+f"(d[18][2]), "+f"(d[18][3]), "+f"(d[19][0]), "+f"(d[19][1]), "+f"(d[19][2]), "+f"(d[19][3]), "+f"(d[20][0]), "+f"(d[20][1]), "+f"(d[20][2]), "+f"(d[20][3]), "+f"(d[21][0]), "+f"(d[21][1]), "+f"(d[21][2]), "+f"(d[21][3]), "+f"(d[22][0]), "+f"(d[22][1]), "+f"(d[22][2]), "+f"(d[22][3]), "+f"(d[23][0]), "+f"(d[23][1]), "+f"(d[23][2]), "+f"(d[23][3]), "+f"(d[24][0]), "+f"(d[24][1]), "+f"(d[24][2]), "+f"(d[24][3]), "+f"(d[25][0]), "+f"(d[25][1]), "+f"(d[25][2]), "+f"(d[25][3]), "+f"(d[26][0]), "+f"(d[26][1]), "+f"(d[26][2]), "+f"(d[26][3]), "+f"(d[27][0]), "+f"(d[27][1]), "+f"(d[27][2]), "+f"(d[27][3]), "+f"(d[28][0]), "+f"(d[28][1]), "+f"(d[28][2]), "+f"(d[28][3]), "+f"(d[29][0]), "+f"(d[29][1]), "+f"(d[29][2]), "+f"(d[29][3]), "+f"(d[30][0]), "+f"(d[30][1]), "+f"(d[30][2]), "+f"(d[30][3]), "+f"(d[31][0]), "+f"(d[31][1]), "+f"(d[31][2]), "+f"(d[31][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+#endif
+
+// Two BF16 values in one register, the first in the low half (the lower k, as mma fragments take them).
+__device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
+    __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+    return *(unsigned*)&b;
+}
+
+// The two 16-bit pieces of a 16-byte group that lane c's fragments take: bytes 2c, 2c + 1 (lo)
+// and 2c + 8, 2c + 9 (hi), each in the low 16 bits.
+__device__ __forceinline__ void fragment_bytes(const unsigned char* group, int c, unsigned& lo, unsigned& hi) {
+    const unsigned* w = (const unsigned*)group;
+    int shift = 16 * (c & 1);
+    lo = w[c >> 1] >> shift;
+    hi = w[2 + (c >> 1)] >> shift;
+}
+
+// The 16-byte piece of memory holding byte `at` (scales that share a piece with their neighbours).
+__device__ __forceinline__ const void* piece_holding(const void* w, long at) {
+    return (const unsigned char*)w + (at & ~15L);
+}
+
+template <> struct QuantChunk<3> {  // Q8_0: 64 int8 values, then the piece holding the two blocks' f16 scales
+    static constexpr int PIECES = 5, STRIDE = 80;
+    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
+        long i = (long)o * k + k0;
+        return p < 4 ? (const void*)((const unsigned char*)w + i + 16 * p) : piece_holding(w, total + 2 * (i / 32));
+    }
+    // The int8 in b's low byte times d. The byte, its sign bit flipped, is the low mantissa byte of
+    // 2^23 + (q + 128), from which subtracting 2^23 + 128 leaves q exactly: two integer and one
+    // float operation where an int8-to-float conversion runs at a quarter of their rate.
+    static __device__ __forceinline__ float value(unsigned b, float d) {
+        return d * (__int_as_float(0x4B000000u | ((b ^ 0x80u) & 0xffu)) - 8388736.f);
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        long i = (long)o * k + k0;
+        const __half* s = (const __half*)(row + 64 + ((total + 2 * (i / 32)) & 15));
+        float d0 = __half2float(s[0]), d1 = __half2float(s[1]);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            unsigned a, b;
+            fragment_bytes(row + 16 * j, c, a, b);
+            float d = j < 2 ? d0 : d1;
+            lo[j] = bf16_pair(value(a, d), value(a >> 8, d));
+            hi[j] = bf16_pair(value(b, d), value(b >> 8, d));
+        }
+    }
+};
+
+// Q4_0 (NL false) and IQ4_NL: two blocks of 16 bytes (value j in byte j's low nibble, j + 16 in its
+// high one: Q4_0's offset by 8, IQ4_NL's an index into ggml's levels), then the scales' piece.
+template <bool NL> struct Nibble32Chunk {
+    static constexpr int PIECES = 3, STRIDE = 48;
+    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
+        long i = (long)o * k + k0;
+        return p < 2 ? (const void*)((const unsigned char*)w + i / 2 + 16 * p) : piece_holding(w, total / 2 + 2 * (i / 32));
+    }
+    // The values of the nibbles at bits `shift` and 8 + shift of b as a BF16 pair.
+    static __device__ __forceinline__ unsigned pair(unsigned b, int shift, float d) {
+        if (NL) {
+            int levels = iq4_levels4(b >> shift);
+            return bf16_pair(d * (float)(signed char)(levels & 0xff), d * (float)(signed char)((levels >> 8) & 0xff));
+        }
+        return bf16_pair(d * (float)((int)((b >> shift) & 15) - 8), d * (float)((int)((b >> (8 + shift)) & 15) - 8));
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        long i = (long)o * k + k0;
+        const __half* s = (const __half*)(row + 32 + ((total / 2 + 2 * (i / 32)) & 15));
+#pragma unroll
+        for (int b = 0; b < 2; b++) {
+            float d = __half2float(s[b]);
+            unsigned x, y;
+            fragment_bytes(row + 16 * b, c, x, y);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {  // k16 step 2b + h: the low nibbles, then the high ones
+                lo[2 * b + h] = pair(x, 4 * h, d);
+                hi[2 * b + h] = pair(y, 4 * h, d);
+            }
+        }
+    }
+};
+template <> struct QuantChunk<4> : Nibble32Chunk<false> {};
+template <> struct QuantChunk<7> : Nibble32Chunk<true> {};
+
+template <> struct QuantChunk<5> {  // Q4_K: the 32 bytes of sub-blocks 2j (low nibbles) and 2j + 1 (high), then the super-block's header
+    static constexpr int PIECES = 3, STRIDE = 48;
+    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
+        long sb = ((long)o * k + k0) / 256;
+        int j = (k0 % 256) / 64;
+        return p < 2 ? (const void*)((const unsigned char*)w + sb * 128 + 32 * j + 16 * p)
+                     : (const void*)((const unsigned char*)w + total / 2 + 16 * sb);
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        float d, dmin;
+        int s1, m1, s2, m2;
+        q4k_header(*(const uint4*)(row + 32), 2 * ((k0 % 256) / 64), d, dmin, s1, m1, s2, m2);
+        float scale[2] = {d * s1, d * s2}, offset[2] = {dmin * m1, dmin * m2};
+#pragma unroll
+        for (int b = 0; b < 2; b++) {
+            unsigned x, y;
+            fragment_bytes(row + 16 * b, c, x, y);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {  // k16 step b (low nibbles, sub-block 2j) and 2 + b (high, 2j + 1)
+                float sc = scale[h], of = offset[h];
+                lo[2 * h + b] = bf16_pair(sc * ((x >> (4 * h)) & 15) - of, sc * ((x >> (8 + 4 * h)) & 15) - of);
+                hi[2 * h + b] = bf16_pair(sc * ((y >> (4 * h)) & 15) - of, sc * ((y >> (8 + 4 * h)) & 15) - of);
+            }
+        }
+    }
+};
+
+template <> struct QuantChunk<6> {
+    // Q6_K: a chunk is quarter h of half n of a super-block: value t's low four bits are nibble h of
+    // ql byte 64n + t, its high two bits 2 (2h + t / 32) of qh byte 32n + t % 32, its scale
+    // sc[8n + 4h + t / 16]. Pieces: the 64 ql bytes, the 32 qh bytes, the super-block's 16 scales,
+    // and the piece holding its f16 d.
+    static constexpr int PIECES = 8, STRIDE = 144;
+    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
+        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        int n = (k0 % 256) / 128;
+        const unsigned char* base = (const unsigned char*)w;
+        if (p < 4) return base + sb * 192 + 64 * n + 16 * p;
+        if (p < 6) return base + sb * 192 + 128 + 32 * n + 16 * (p - 4);
+        if (p == 6) return base + blocks * 192 + 16 * sb;
+        return piece_holding(w, blocks * 208 + 2 * sb);
+    }
+    static __device__ __forceinline__ int q6(unsigned l, unsigned h, int ls, int hs) {
+        return (int)(((l >> ls) & 15) | (((h >> hs) & 3) << 4)) - 32;
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        int r = k0 % 256, n = r / 128, h = (r % 128) / 64;
+        float d = __half2float(*(const __half*)(row + 112 + ((blocks * 208 + 2 * sb) & 15)));
+        const signed char* sc = (const signed char*)(row + 96) + 8 * n + 4 * h;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            unsigned ql, qlh, qh, qhh;
+            fragment_bytes(row + 16 * j, c, ql, qlh);
+            fragment_bytes(row + 64 + 16 * (j & 1), c, qh, qhh);
+            float scale = d * sc[j];
+            int ls = 4 * h, hs = 2 * (2 * h + (j >> 1));
+            lo[j] = bf16_pair(scale * (float)q6(ql, qh, ls, hs), scale * (float)q6(ql, qh, 8 + ls, 8 + hs));
+            hi[j] = bf16_pair(scale * (float)q6(qlh, qhh, ls, hs), scale * (float)q6(qlh, qhh, 8 + ls, 8 + hs));
+        }
+    }
+};
+
+template <> struct QuantChunk<8> {
+    // IQ4_XS: Q4_0's 16 bytes of indices per sub-block of 32 (two sub-blocks a chunk), then the
+    // piece holding the super-block's 8-byte header (d and the sub-blocks' 6-bit scales).
+    static constexpr int PIECES = 3, STRIDE = 48;
+    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
+        long i = (long)o * k + k0;
+        return p < 2 ? (const void*)((const unsigned char*)w + i / 2 + 16 * p) : piece_holding(w, total / 2 + 8 * (i / 256));
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        long i = (long)o * k + k0;
+        uint2 h = *(const uint2*)(row + 32 + ((total / 2 + 8 * (i / 256)) & 15));
+#pragma unroll
+        for (int b = 0; b < 2; b++) {
+            float d = iq4xs_scale(h, (k0 % 256) / 32 + b);
+            unsigned x, y;
+            fragment_bytes(row + 16 * b, c, x, y);
+#pragma unroll
+            for (int hh = 0; hh < 2; hh++) {
+                lo[2 * b + hh] = Nibble32Chunk<true>::pair(x, 4 * hh, d);
+                hi[2 * b + hh] = Nibble32Chunk<true>::pair(y, 4 * hh, d);
+            }
+        }
+    }
+};
+
+// Q3_K and Q2_K: a chunk is quarter-pair s' of half h of a super-block, value t of it 2-bit
+// group s = 2s' + t / 32 of byte 32h + t % 32 of the low bits, sub-block j = 8h + 2s + (t % 32) / 16.
+template <> struct QuantChunk<9> {
+    // Q3_K: the 32 hmask bytes (the third bit: bit 4h + s), the 32 low-bit bytes, the two pieces
+    // the super-block's 12 scale bytes may straddle, and the piece holding its f16 d.
+    static constexpr int PIECES = 7, STRIDE = 112;
+    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
+        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        int h = (k0 % 256) / 128;
+        const unsigned char* v = (const unsigned char*)w + sb * 96;
+        if (p < 2) return v + 16 * p;
+        if (p < 4) return v + 32 + 32 * h + 16 * (p - 2);
+        if (p < 6) return (const unsigned char*)piece_holding(w, blocks * 96 + 12 * sb) + 16 * (p - 4);
+        return piece_holding(w, blocks * 108 + 2 * sb);
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        int r0 = k0 % 256, h = r0 / 128, s0 = 2 * ((r0 % 128) / 64);
+        const unsigned char* sc = row + 64 + ((blocks * 96 + 12 * sb) & 15);
+        float d = __half2float(*(const __half*)(row + 96 + ((blocks * 108 + 2 * sb) & 15)));
+#pragma unroll
+        for (int jj = 0; jj < 4; jj++) {
+            int s = s0 + (jj >> 1);
+            float scale = d * q3k_scale(sc, 8 * h + 2 * s + (jj & 1));
+            unsigned m, mh, q, qh;
+            fragment_bytes(row + 16 * (jj & 1), c, m, mh);
+            fragment_bytes(row + 32 + 16 * (jj & 1), c, q, qh);
+            auto value = [&](unsigned qb, unsigned mb, int e) {
+                return scale * (float)((int)(((qb >> (8 * e + 2 * s)) & 3) | (((mb >> (8 * e + 4 * h + s)) & 1) << 2)) - 4);
+            };
+            lo[jj] = bf16_pair(value(q, m, 0), value(q, m, 1));
+            hi[jj] = bf16_pair(value(qh, mh, 0), value(qh, mh, 1));
+        }
+    }
+};
+
+template <> struct QuantChunk<10> {
+    // Q2_K: the 32 low-bit bytes, the super-block's 16 scale bytes (scale low nibble, min high),
+    // and the piece holding its f16 d and dmin (rows five pieces apart: an odd count).
+    static constexpr int PIECES = 4, STRIDE = 80;
+    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
+        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        int h = (k0 % 256) / 128;
+        if (p < 2) return (const unsigned char*)w + sb * 64 + 32 * h + 16 * p;
+        if (p == 2) return (const unsigned char*)w + blocks * 64 + 16 * sb;
+        return piece_holding(w, blocks * 80 + 4 * sb);
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        int r0 = k0 % 256, h = r0 / 128, s0 = 2 * ((r0 % 128) / 64);
+        const __half* dm = (const __half*)(row + 48 + ((blocks * 80 + 4 * sb) & 15));
+        float d = __half2float(dm[0]), dmin = __half2float(dm[1]);
+#pragma unroll
+        for (int jj = 0; jj < 4; jj++) {
+            int s = s0 + (jj >> 1), sm = row[32 + 8 * h + 2 * s + (jj & 1)];
+            unsigned q, qh;
+            fragment_bytes(row + 16 * (jj & 1), c, q, qh);
+            auto value = [&](unsigned qb, int e) { return d * (sm & 15) * (int)((qb >> (8 * e + 2 * s)) & 3) - dmin * (sm >> 4); };
+            lo[jj] = bf16_pair(value(q, 0), value(q, 1));
+            hi[jj] = bf16_pair(value(qh, 0), value(qh, 1));
+        }
+    }
+};
+
+// The shared memory a block of quant_gemm takes: STAGES buffers of the activations (NT rows of
+// 128 bytes) and the weights' bytes (rounded up to 1,024, so every activation tile starts
+// 1024-aligned), and 1,024 bytes to align the first. CUDABackend.QuantGemmKernel.shared mirrors it.
+template <int DT, int NT, int STAGES> constexpr int quant_gemm_shared() {
+    return STAGES * (NT * 128 + (QG_ROWS * QuantChunk<DT>::STRIDE + 1023) / 1024 * 1024) + 1024;
+}
+
+// Up to three products over the same activations in one launch (a layer's q, k and v; gate and
+// up): matrix m's weights wm (nm rows; none when nm is 0), bias bm, output ym. Block row y takes
+// the weight-row tiles of matrix 0, then of 1, then of 2, so the small matrices' tiles fill the
+// GPU beside the large one's instead of in launches of their own.
+template <int DT, int NT, int STAGES>
+__device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void* y0, int n0, const void* w1, const float* b1, void* y1,
+                                           int n1, const void* w2, const float* b2, void* y2, int n2, const unsigned short* x, int rows,
+                                           int k, int accumulate, int halfOut) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    static_assert(STAGES >= 3, "a chunk is multiplied while the next is decoded and a third is copied");
+    static_assert(NT == 128 || NT == 256, "one wgmma of 128 or 256 columns");
+    using Q = QuantChunk<DT>;
+    constexpr int XB = NT * 128;
+    constexpr int SB = XB + (QG_ROWS * Q::STRIDE + 1023) / 1024 * 1024;
+    extern __shared__ __align__(16) unsigned char fa_shared[];
+    unsigned char* base = fa_shared + ((1024 - (shared_address(fa_shared) & 1023)) & 1023);
+    int tile = blockIdx.y, tiles0 = (n0 + QG_ROWS - 1) / QG_ROWS, tiles1 = (n1 + QG_ROWS - 1) / QG_ROWS;
+    const void* w = w0;
+    const float* bias = b0;
+    void* y = y0;
+    int n = n0;
+    if (tile >= tiles0) {
+        tile -= tiles0;
+        bool second = tile < tiles1;
+        if (!second) tile -= tiles1;
+        w = second ? w1 : w2;
+        bias = second ? b1 : b2;
+        y = second ? y1 : y2;
+        n = second ? n1 : n2;
+    }
+    const int t0 = blockIdx.x * NT, o0 = tile * QG_ROWS, chunks = k / QG_K;
+    const long total = (long)n * k;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
+    const int r = 64 * (warp >> 2) + 16 * (warp & 3) + (lane >> 2);  // the thread's rows in the tile: r and r + 8
+    gdc_wait();
+    // Chunk s's copies into buffer s % STAGES (none past the last chunk; no commit).
+    auto load = [&](int s) {
+        if (s >= chunks) return;
+        unsigned char* xs = base + (s % STAGES) * SB;
+        unsigned char* ws = xs + XB;
+        int k0 = s * QG_K;
+        for (int p = threadIdx.x; p < NT * 8; p += blockDim.x) {
+            int t = p >> 3, part = p & 7;
+            bool in = t0 + t < rows;
+            copy16_async(xs + swizzled128(t, part, NT), x + (in ? (long)(t0 + t) * k + k0 + 8 * part : 0), in);
+        }
+        for (int p = threadIdx.x; p < QG_ROWS * Q::PIECES; p += blockDim.x) {
+            int o = p / Q::PIECES, piece = p % Q::PIECES;
+            bool in = o0 + o < n;
+            copy16_async(ws + o * Q::STRIDE + 16 * piece, in ? Q::piece(w, total, k, o0 + o, k0, piece) : w, in);
+        }
+    };
+    // The thread's A fragments of chunk s (its buffer complete and visible).
+    auto decode = [&](unsigned (&a)[4][4], int s) {
+        const unsigned char* ws = base + (s % STAGES) * SB + XB;
+        unsigned lo0[4], hi0[4], lo1[4], hi1[4];
+        int k0 = s * QG_K;
+        // Rows past the matrix were filled with zeros and decode to zeros or finite values that are never stored.
+        Q::fragment(ws + r * Q::STRIDE, total, k, min(o0 + r, n - 1), k0, c, lo0, hi0);
+        Q::fragment(ws + (r + 8) * Q::STRIDE, total, k, min(o0 + r + 8, n - 1), k0, c, lo1, hi1);
+#pragma unroll
+        for (int j = 0; j < 4; j++) { a[j][0] = lo0[j]; a[j][1] = lo1[j]; a[j][2] = hi0[j]; a[j][3] = hi1[j]; }
+    };
+    float acc[NT / 8][4];
+#pragma unroll
+    for (int i = 0; i < NT / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    auto hold_acc = [&] {
+#pragma unroll
+        for (int i = 0; i < NT / 8; i++) { hold(acc[i][0]); hold(acc[i][1]); hold(acc[i][2]); hold(acc[i][3]); }
+    };
+    auto hold_a = [&](unsigned (&a)[4][4]) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) { hold(a[j][0]); hold(a[j][1]); hold(a[j][2]); hold(a[j][3]); }
+    };
+    // Chunk s on the tensor cores from `cur`, and chunk s + 1 decoded into `next` meanwhile. Before
+    // the wait for chunk s + 1, copy groups 0 ..< s + STAGES - 1 are committed (one a chunk, empty
+    // past the last), so at most STAGES - 3 may still be in flight. The barrier after it also
+    // follows every warpgroup's wait for chunk s - 1, whose buffer the copies of chunk
+    // s + STAGES - 1 then refill.
+    auto step = [&](int s, unsigned (&cur)[4][4], unsigned (&next)[4][4]) {
+        const unsigned xs = shared_address(base + (s % STAGES) * SB);
+        hold_acc();
+        hold_a(cur);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if constexpr (NT == 128) wgmma_rs_bf16_n128(acc, cur[j], wgmma_desc(xs + 32 * j, 16, 1024), 1);
+            else wgmma_rs_bf16_n256(acc, cur[j], wgmma_desc(xs + 32 * j, 16, 1024), 1);
+        }
+        wgmma_commit();
+        if (s + 1 < chunks) {
+            copy_wait<STAGES - 3>();
+            fence_proxy_async();
+            __syncthreads();
+            load(s + STAGES - 1);
+            copy_commit();
+            decode(next, s + 1);
+        }
+        wgmma_wait<0>();
+        hold_acc();
+        hold_a(cur);
+    };
+    for (int s = 0; s < STAGES - 1; s++) {
+        load(s);
+        copy_commit();
+    }
+    copy_wait<STAGES - 2>();
+    fence_proxy_async();
+    __syncthreads();
+    unsigned a0[4][4], a1[4][4];
+    decode(a0, 0);
+    for (int s = 0; s < chunks; s += 2) {
+        step(s, a0, a1);
+        if (s + 1 < chunks) step(s + 1, a1, a0);
+    }
+    // Accumulator (i, e): weight row r + 8 (e >> 1), token 8i + 2c + (e & 1). With accumulate the
+    // product is added to y first and the bias after, as cuBLAS's beta and add_bias do.
+#pragma unroll
+    for (int i = 0; i < NT / 8; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int o = o0 + r + 8 * (e >> 1), t = t0 + 8 * i + 2 * c + (e & 1);
+            if (o >= n || t >= rows) continue;
+            long at = (long)t * n + o;
+            float v = acc[i][e];
+            if (halfOut) {
+                ((__nv_bfloat16*)y)[at] = __float2bfloat16_rn(v);
+                continue;
+            }
+            if (accumulate) v += ((float*)y)[at];
+            if (bias) v += bias[o];
+            ((float*)y)[at] = v;
+        }
+#endif
+}
+
+// The backend's kernels (CUDABackend.quantGemmKernels mirrors them), 256 threads: 128 tokens with
+// two blocks a multiprocessor (128 registers a thread; quant_gemm_shared at four stages: 105 KB
+// for Q8_0 and Q2_K, 89 KB for Q4_0, IQ4_NL, IQ4_XS and Q4_K; Q6_K and Q3_K take three, 103 and
+// 91 KB), and 256 tokens (`_t256`) with one, four stages (Q8_0 and Q2_K 169 KB, Q4_0, IQ4_NL,
+// IQ4_XS and Q4_K 153 KB, Q3_K 185 KB, Q6_K 201 KB).
+#define QUANT_GEMM(name, DT, NT, STAGES, MIN_BLOCKS)                                                                        \
+    extern "C" __global__ void __launch_bounds__(QG_THREADS, MIN_BLOCKS)                                                    \
+        name(const void* w0, const float* b0, void* y0, int n0, const void* w1, const float* b1, void* y1, int n1, const void* w2, \
+             const float* b2, void* y2, int n2, const unsigned short* x, int rows, int k, int accumulate, int halfOut) {    \
+        quant_gemm<DT, NT, STAGES>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, rows, k, accumulate, halfOut);        \
+    }
+QUANT_GEMM(quant_gemm_q8_0, 3, 128, 4, 2)
+QUANT_GEMM(quant_gemm_q4_0, 4, 128, 4, 2)
+QUANT_GEMM(quant_gemm_q4_K, 5, 128, 4, 2)
+QUANT_GEMM(quant_gemm_q6_K, 6, 128, 3, 2)
+QUANT_GEMM(quant_gemm_iq4_nl, 7, 128, 4, 2)
+QUANT_GEMM(quant_gemm_iq4_xs, 8, 128, 4, 2)
+QUANT_GEMM(quant_gemm_q3_K, 9, 128, 3, 2)
+QUANT_GEMM(quant_gemm_q2_K, 10, 128, 4, 2)
+QUANT_GEMM(quant_gemm_q8_0_t256, 3, 256, 4, 1)
+QUANT_GEMM(quant_gemm_q4_0_t256, 4, 256, 4, 1)
+QUANT_GEMM(quant_gemm_q4_K_t256, 5, 256, 4, 1)
+QUANT_GEMM(quant_gemm_q6_K_t256, 6, 256, 4, 1)
+QUANT_GEMM(quant_gemm_iq4_nl_t256, 7, 256, 4, 1)
+QUANT_GEMM(quant_gemm_iq4_xs_t256, 8, 256, 4, 1)
+QUANT_GEMM(quant_gemm_q3_K_t256, 9, 256, 4, 1)
+QUANT_GEMM(quant_gemm_q2_K_t256, 10, 256, 4, 1)
 
 // out[t, :] += Σ weight · y[place of the route, :] over row t's k routes, in order of expert
 // index (the sum first, then added: as a separate add would). Without `place` (the matvec

@@ -1,0 +1,1000 @@
+// A host emulator for the subset of CUDA that Sources/Peregrine/Backend/CUDA/Kernels.cu uses, so
+// that a C++ program can include Kernels.cu and run its kernels on the CPU to check their logic
+// (indexing, masking, fragment and shared-memory layouts) without a GPU:
+//
+//     #include "cuda_emulator.h"
+//     #include "../../Sources/Peregrine/Backend/CUDA/Kernels.cu"
+//     ...
+//     emu::launch(attention_prefill_mma_128, dim3(tiles, heads), dim3(128), sharedBytes, q, kc, ...);
+//
+// A block's threads are fibers of one OS thread, each run until it reaches a collective (block
+// barrier, warp shuffle or vote, ldmatrix, mma, wgmma); a collective completes, executed by the
+// last thread to arrive, once every thread that takes part has arrived. The schedule is
+// deterministic. Blocks run one after another (EMU_THREADS=n: on n OS threads, each with its own
+// shared memory). Tensor-core instructions are executed as the PTX ISA defines their operands'
+// layouts, at issue; timing, the memory model's races and the overlap of asynchronous copies and
+// wgmma with other work are not emulated (see README.md).
+#pragma once
+
+#define PEREGRINE_CUDA_EMULATOR 1
+#define __CUDA_ARCH__ 900
+#define __CUDA_ARCH_FEAT_SM90_ALL 1
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <atomic>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __restrict__ __restrict
+// Shared variables are static (thread_local: one copy per OS thread running blocks, and
+// `extern __shared__` stays a valid declaration); dynamic shared memory is below.
+#define __shared__ thread_local
+
+// ---------------------------------------------------------------------------------------------
+// Vector types.
+
+struct uint3 { unsigned x, y, z; };
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+    constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct __attribute__((aligned(8))) float2 { float x, y; };
+struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
+struct __attribute__((aligned(8))) int2 { int x, y; };
+struct __attribute__((aligned(16))) int4 { int x, y, z, w; };
+struct __attribute__((aligned(8))) uint2 { unsigned x, y; };
+struct __attribute__((aligned(16))) uint4 { unsigned x, y, z, w; };
+struct __attribute__((aligned(4))) char4 { signed char x, y, z, w; };
+struct __attribute__((aligned(4))) uchar4 { unsigned char x, y, z, w; };
+
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline int2 make_int2(int x, int y) { return {x, y}; }
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline char4 make_char4(signed char x, signed char y, signed char z, signed char w) { return {x, y, z, w}; }
+inline uchar4 make_uchar4(unsigned char x, unsigned char y, unsigned char z, unsigned char w) { return {x, y, z, w}; }
+
+constexpr int warpSize = 32;
+
+// ---------------------------------------------------------------------------------------------
+// Bit casts and the 16-bit float types, rounding as the hardware's cvt.rn does (to nearest, ties
+// to even; NaN to the canonical 0x7fff).
+
+namespace emu {
+template <class To, class From> inline To bits(const From& f) {
+    static_assert(sizeof(To) == sizeof(From));
+    To t;
+    memcpy(&t, &f, sizeof t);
+    return t;
+}
+
+inline unsigned short float_to_half_bits(float f) {
+    uint32_t x = bits<uint32_t>(f), sign = (x >> 16) & 0x8000;
+    x &= 0x7fffffff;
+    if (x > 0x7f800000) return 0x7fff;
+    if (x >= 0x477ff000) return (unsigned short)(sign | 0x7c00);  // 65520 and up (ties to even): inf
+    if (x <= 0x33000000) return (unsigned short)sign;              // 2^-25 and below: zero
+    uint32_t e = x >> 23, m = x & 0x7fffff;
+    if (e < 113) {  // a subnormal half: units of 2^-24
+        m |= 0x800000;
+        uint32_t shift = 126 - e, r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1))) r++;
+        return (unsigned short)(sign | r);
+    }
+    uint32_t h = ((e - 112) << 10) | (m >> 13), rem = m & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return (unsigned short)(sign | h);
+}
+
+inline float half_bits_to_float(unsigned short h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 0x3ff;
+    if (e == 31) return bits<float>(sign | 0x7f800000 | (m << 13));
+    if (e == 0) {
+        float v = (float)m * 0x1p-24f;
+        return sign ? -v : v;
+    }
+    return bits<float>(sign | ((e + 112) << 23) | (m << 13));
+}
+
+inline unsigned short float_to_bf16_bits(float f) {
+    uint32_t x = bits<uint32_t>(f);
+    if ((x & 0x7fffffff) > 0x7f800000) return 0x7fff;
+    return (unsigned short)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+inline float bf16_bits_to_float(unsigned short b) { return bits<float>((uint32_t)b << 16); }
+}  // namespace emu
+
+struct __half {
+    unsigned short __x;
+    __half() = default;
+    __half(float f) : __x(emu::float_to_half_bits(f)) {}
+    operator float() const { return emu::half_bits_to_float(__x); }
+};
+struct __attribute__((aligned(4))) __half2 { __half x, y; };
+struct __nv_bfloat16 {
+    unsigned short __x;
+    __nv_bfloat16() = default;
+    __nv_bfloat16(float f) : __x(emu::float_to_bf16_bits(f)) {}
+    operator float() const { return emu::bf16_bits_to_float(__x); }
+};
+struct __attribute__((aligned(4))) __nv_bfloat162 { __nv_bfloat16 x, y; };
+typedef __half half;
+typedef __half2 half2;
+
+inline __half emu_half(unsigned short b) { __half h; h.__x = b; return h; }
+inline __nv_bfloat16 emu_bf16(unsigned short b) { __nv_bfloat16 h; h.__x = b; return h; }
+inline float __half2float(__half h) { return emu::half_bits_to_float(h.__x); }
+inline __half __float2half(float f) { return emu_half(emu::float_to_half_bits(f)); }
+inline __half __float2half_rn(float f) { return emu_half(emu::float_to_half_bits(f)); }
+inline __half2 __floats2half2_rn(float lo, float hi) { return {__float2half_rn(lo), __float2half_rn(hi)}; }
+inline __half2 __float2half2_rn(float f) { return {__float2half_rn(f), __float2half_rn(f)}; }
+inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
+inline __half __ushort_as_half(unsigned short b) { return emu_half(b); }
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }
+inline float __bfloat162float(__nv_bfloat16 b) { return emu::bf16_bits_to_float(b.__x); }
+inline __nv_bfloat16 __float2bfloat16(float f) { return emu_bf16(emu::float_to_bf16_bits(f)); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return emu_bf16(emu::float_to_bf16_bits(f)); }
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) { return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)}; }
+inline float2 __bfloat1622float2(__nv_bfloat162 b) { return {__bfloat162float(b.x), __bfloat162float(b.y)}; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return emu_bf16(b); }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
+
+// ---------------------------------------------------------------------------------------------
+// Scalar intrinsics. --use_fast_math's approximations (__expf, exp2f, division) are taken as
+// the host's correctly rounded functions.
+
+inline float __int_as_float(int i) { return emu::bits<float>(i); }
+inline int __float_as_int(float f) { return emu::bits<int>(f); }
+inline float __uint_as_float(unsigned i) { return emu::bits<float>(i); }
+inline unsigned __float_as_uint(float f) { return emu::bits<unsigned>(f); }
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __saturatef(float x) { return x < 0.f ? 0.f : x > 1.f ? 1.f : x; }
+inline int __float2int_rn(float x) { return (int)rintf(x); }
+inline int __float2int_rz(float x) { return (int)x; }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __dp4a(int a, int b, int c) {
+    for (int i = 0; i < 4; i++) c += (int)(signed char)(a >> 8 * i) * (int)(signed char)(b >> 8 * i);
+    return c;
+}
+inline unsigned __dp4a(unsigned a, unsigned b, unsigned c) {
+    for (int i = 0; i < 4; i++) c += ((a >> 8 * i) & 255) * ((b >> 8 * i) & 255);
+    return c;
+}
+inline unsigned __vsub4(unsigned a, unsigned b) {
+    unsigned r = 0;
+    for (int i = 0; i < 4; i++) r |= ((((a >> 8 * i) & 255) - ((b >> 8 * i) & 255)) & 255) << 8 * i;
+    return r;
+}
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    uint64_t v = ((uint64_t)y << 32) | x;
+    unsigned r = 0;
+    for (int i = 0; i < 4; i++) r |= (unsigned)((v >> 8 * ((s >> 4 * i) & 7)) & 255) << 8 * i;
+    return r;
+}
+template <class A, class B> inline auto min(A a, B b) -> std::common_type_t<A, B> { return b < a ? b : a; }
+template <class A, class B> inline auto max(A a, B b) -> std::common_type_t<A, B> { return a < b ? b : a; }
+template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline T __ldcg(const T* p) { return *p; }
+template <class T> inline T __ldcs(const T* p) { return *p; }
+template <class T> inline T __ldca(const T* p) { return *p; }
+template <class T> inline T __ldlu(const T* p) { return *p; }
+template <class T> inline void __stcg(T* p, T v) { *p = v; }
+template <class T> inline void __stcs(T* p, T v) { *p = v; }
+
+// Global memory: blocks may run on several OS threads, so atomics are the host's.
+template <class T, class = std::enable_if_t<std::is_integral_v<T>>> inline T atomicAdd(T* p, T v) {
+    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+template <class F> inline F emu_atomic_add_float(F* p, F v) {
+    F old, next;
+    __atomic_load(p, &old, __ATOMIC_SEQ_CST);
+    do next = old + v;
+    while (!__atomic_compare_exchange(p, &old, &next, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    return old;
+}
+inline float atomicAdd(float* p, float v) { return emu_atomic_add_float(p, v); }
+inline double atomicAdd(double* p, double v) { return emu_atomic_add_float(p, v); }
+template <class T> inline T atomicSub(T* p, T v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); }
+template <class T> inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+template <class T> inline T atomicCAS(T* p, T expected, T v) {
+    __atomic_compare_exchange_n(p, &expected, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    return expected;
+}
+template <class T> inline T atomicMax(T* p, T v) {
+    T old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    while (old < v && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {}
+    return old;
+}
+template <class T> inline T atomicMin(T* p, T v) {
+    T old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    while (v < old && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {}
+    return old;
+}
+template <class T> inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+template <class T> inline T atomicAnd(T* p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+// ---------------------------------------------------------------------------------------------
+// Dynamic shared memory: `extern __shared__ T name[]` in a kernel names a symbol, so the names
+// Kernels.cu declares are one thread-local arena, defined in assembly so that every declaration,
+// whatever its type, is the same storage (a kernel that declares a new name needs it added here,
+// with its length). Each name gets an empty TLS initializer (_ZTH, the length, the name): the
+// compilers may call one for an extern thread-local object defined elsewhere (for shared4, of
+// class type, always; GCC for xsh, a float array, too, through a PLT entry that a missing weak
+// definition leaves at address 0).
+
+#define EMU_SHARED_BYTES 262144  // wgmma descriptors address 256 KB (18 bits)
+#define EMU_SHARED_NAMES(X) X(fa_shared, 9) X(xsh, 3) X(shared4, 7) X(sh, 2)
+#define EMU_STR2(x) #x
+#define EMU_STR(x) EMU_STR2(x)
+#define EMU_SHARED_DECL(n, len) ".globl " #n "\n.type " #n ",@object\n.size " #n ", " EMU_STR(EMU_SHARED_BYTES) "\n" #n ":\n"
+#define EMU_SHARED_INIT(n, len) ".weak _ZTH" #len #n "\n.type _ZTH" #len #n ",@function\n_ZTH" #len #n ":\nret\n"
+asm(".pushsection .tbss,\"awT\",@nobits\n.balign 1024\n" EMU_SHARED_NAMES(EMU_SHARED_DECL) ".zero " EMU_STR(EMU_SHARED_BYTES) "\n.popsection\n"
+    ".pushsection .text\n" EMU_SHARED_NAMES(EMU_SHARED_INIT) ".popsection\n");
+extern "C" {
+extern thread_local unsigned char fa_shared[];
+}
+
+inline size_t __cvta_generic_to_shared(const void* p) {
+    size_t o = (size_t)((const unsigned char*)p - fa_shared);
+    if (o >= EMU_SHARED_BYTES) {
+        fprintf(stderr, "emu: the shared address of %p, which is not in dynamic shared memory\n", p);
+        abort();
+    }
+    return o;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threads, blocks and collectives.
+
+inline thread_local uint3 threadIdx, blockIdx;
+inline thread_local dim3 blockDim, gridDim;
+
+#if defined(__x86_64__)
+// Saves the callee-saved registers and the stack pointer in *from, resumes the context at `to`.
+asm(".pushsection .text\n.globl emu_switch_context\n.type emu_switch_context,@function\nemu_switch_context:\n"
+    "pushq %rbp\npushq %rbx\npushq %r12\npushq %r13\npushq %r14\npushq %r15\nmovq %rsp, (%rdi)\nmovq %rsi, %rsp\n"
+    "popq %r15\npopq %r14\npopq %r13\npopq %r12\npopq %rbx\npopq %rbp\nret\n.popsection\n");
+extern "C" void emu_switch_context(void** from, void* to);
+#endif
+
+namespace emu {
+
+[[noreturn]] inline void die(const char* what) {
+    fprintf(stderr, "emu: block (%u, %u, %u) thread (%u, %u, %u): %s\n", blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y,
+            threadIdx.z, what);
+    abort();
+}
+
+struct Fiber {
+#if defined(__x86_64__)
+    void* sp = nullptr;
+#else
+    ucontext_t context;
+#endif
+    bool done = false;
+    const unsigned* waitOn = nullptr;  // runnable once *waitOn != waitFor
+    unsigned waitFor = 0;
+    uint3 tid{};
+    // The thread's cp.async copies in flight: those not yet committed, then its committed groups,
+    // oldest first. They land in shared memory only when a copy_wait lets them (see copy16_).
+    struct Copy {
+        unsigned char* dst;
+        unsigned char bytes[16];
+    };
+    std::vector<Copy> openCopies;
+    std::deque<std::vector<Copy>> copyGroups;
+};
+
+// A warpgroup's wgmma instructions in flight: issued but not committed, then committed groups,
+// oldest first. Each runs (reading shared memory and the A registers, writing the accumulators)
+// only when a wgmma_wait lets it (see wgmma_issue_op_).
+struct PendingWgmma {
+    void (*run)(const PendingWgmma&);
+    unsigned long long a, b;
+    int accumulate;
+    const unsigned* aRegs[128];
+    float* d[128];
+};
+struct WgmmaQueue {
+    std::vector<PendingWgmma> open;
+    std::deque<std::vector<PendingWgmma>> groups;
+};
+
+// A collective of a set of threads (a warp's lanes, a warpgroup, the block): each arriving thread
+// leaves a pointer to its operands (on its stack, alive while it waits) and the last one runs
+// `op` over all of them, which writes every thread's results.
+struct Collective {
+    bool warp = false;
+    int size = 0, base = 0;  // threads base ..< base + size
+    int live = 0, arrived = 0;
+    unsigned mask = 0;       // warps: the lanes taking part (of those alive)
+    unsigned liveMask = 0, arrivedMask = 0;
+    unsigned gen = 0;
+    void (*op)(Collective&) = nullptr;
+    const char* name = nullptr;
+    void* args[128];
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    std::vector<Collective> warps, groups;
+    std::vector<WgmmaQueue> wgmmas;  // one a warpgroup
+    Collective barrier;
+    int current = 0, threads = 0;
+#if defined(__x86_64__)
+    void* scheduler = nullptr;
+#else
+    ucontext_t scheduler;
+#endif
+    void (*body)(void*) = nullptr;
+    void* bodyArg = nullptr;
+};
+
+inline thread_local Block* block_ = nullptr;
+constexpr size_t STACK_BYTES = 256 * 1024, GUARD_BYTES = 4096;
+
+// The fibers' stacks, kept for the OS thread's next blocks and unmapped when it ends.
+struct Stacks {
+    std::vector<void*> all;
+    ~Stacks() {
+        for (void* p : all) munmap(p, STACK_BYTES + GUARD_BYTES);
+    }
+};
+inline thread_local Stacks stacks_;
+
+inline void* stack_(int i) {
+    while ((int)stacks_.all.size() <= i) {
+        void* p = mmap(nullptr, STACK_BYTES + GUARD_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) die("mmap of a thread's stack failed");
+        mprotect(p, GUARD_BYTES, PROT_NONE);  // an overflow faults
+        stacks_.all.push_back(p);
+    }
+    return stacks_.all[i];
+}
+
+inline void yield_() {
+    Block& b = *block_;
+#if defined(__x86_64__)
+    emu_switch_context(&b.fibers[b.current].sp, b.scheduler);
+#else
+    swapcontext(&b.fibers[b.current].context, &b.scheduler);
+#endif
+}
+
+inline bool complete_(const Collective& c) {
+    if (c.warp) return c.arrivedMask && (c.arrivedMask & c.mask & c.liveMask) == (c.mask & c.liveMask);
+    return c.arrived > 0 && c.arrived == c.live;
+}
+
+inline void finish_(Collective& c) {
+    c.op(c);
+    c.arrived = 0;
+    c.arrivedMask = 0;
+    c.op = nullptr;
+    c.gen++;
+}
+
+// Arrives at collective c with this thread's operands; returns once it has completed.
+inline void arrive_(Collective& c, void (*op)(Collective&), const char* name, void* args, unsigned mask = 0xffffffff) {
+    Block& b = *block_;
+    int i = b.current - c.base;
+    if (c.op && c.op != op) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "reached %s while others of its %s wait at %s", name, c.warp ? "warp" : "group", c.name);
+        die(msg);
+    }
+    if (c.warp && c.arrivedMask && mask != c.mask) die("a warp collective with lanes of different masks");
+    if (c.warp && !((mask >> i) & 1)) die("a warp collective whose mask leaves out the calling lane");
+    c.op = op;
+    c.name = name;
+    c.mask = mask;
+    if (args) {
+        if (i >= 128) die("a collective with operands over more than 128 threads");
+        c.args[i] = args;
+    }
+    c.arrived++;
+    c.arrivedMask |= 1u << (i & 31);
+    if (complete_(c)) {
+        finish_(c);
+        return;
+    }
+    Fiber& f = b.fibers[b.current];
+    f.waitOn = &c.gen;
+    f.waitFor = c.gen;
+    yield_();
+}
+
+inline void land_copies_(std::vector<Fiber::Copy>& copies) {
+    for (const Fiber::Copy& c : copies) memcpy(c.dst, c.bytes, 16);
+    copies.clear();
+}
+
+inline void exit_thread_() {
+    Block& b = *block_;
+    int t = b.current;
+    // Copies still in flight land (the thread reads nothing more, others may).
+    for (auto& g : b.fibers[t].copyGroups) land_copies_(g);
+    b.fibers[t].copyGroups.clear();
+    land_copies_(b.fibers[t].openCopies);
+    b.fibers[t].done = true;
+    Collective* cs[3] = {&b.warps[t / 32], b.groups.empty() ? nullptr : &b.groups[t / 128], &b.barrier};
+    for (Collective* c : cs) {
+        if (!c) continue;
+        c->live--;
+        c->liveMask &= ~(1u << ((t - c->base) & 31));
+        if (c->op && complete_(*c)) finish_(*c);
+    }
+    yield_();
+    die("a finished thread resumed");
+}
+
+inline void fiber_entry_() {
+    block_->body(block_->bodyArg);
+    exit_thread_();
+}
+
+#if !defined(__x86_64__)
+inline void fiber_entry_uc_() { fiber_entry_(); }
+#endif
+
+// Runs one block of `body` (threadIdx.x fastest, then y, then z; warps of 32 consecutive threads).
+inline void run_block_(dim3 block, void (*body)(void*), void* arg) {
+    Block b;
+    b.threads = (int)(block.x * block.y * block.z);
+    b.body = body;
+    b.bodyArg = arg;
+    b.fibers.resize(b.threads);
+    int nw = (b.threads + 31) / 32;
+    b.warps.resize(nw);
+    for (int w = 0; w < nw; w++) {
+        Collective& c = b.warps[w];
+        c.warp = true;
+        c.size = 32;
+        c.base = 32 * w;
+        c.live = std::min(32, b.threads - 32 * w);
+        c.liveMask = c.live == 32 ? 0xffffffffu : (1u << c.live) - 1;
+    }
+    if (b.threads % 128 == 0) {
+        b.groups.resize(b.threads / 128);
+        b.wgmmas.resize(b.threads / 128);
+        for (size_t g = 0; g < b.groups.size(); g++) {
+            b.groups[g].size = 128;
+            b.groups[g].base = 128 * (int)g;
+            b.groups[g].live = 128;
+        }
+    }
+    b.barrier.size = b.threads;
+    b.barrier.live = b.threads;
+    for (int t = 0; t < b.threads; t++) {
+        Fiber& f = b.fibers[t];
+        f.tid = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+        char* lo = (char*)stack_(t) + GUARD_BYTES;
+#if defined(__x86_64__)
+        uintptr_t top = ((uintptr_t)(lo + STACK_BYTES)) & ~(uintptr_t)15;
+        void** sp = (void**)top;
+        *--sp = nullptr;                      // the entry's return address (it never returns)
+        *--sp = (void*)&fiber_entry_;         // where the first switch's `ret` goes
+        for (int r = 0; r < 6; r++) *--sp = nullptr;  // rbp, rbx, r12-r15
+        f.sp = sp;
+#else
+        getcontext(&f.context);
+        f.context.uc_stack.ss_sp = lo;
+        f.context.uc_stack.ss_size = STACK_BYTES;
+        f.context.uc_link = nullptr;
+        makecontext(&f.context, fiber_entry_uc_, 0);
+#endif
+    }
+    block_ = &b;
+    int done = 0;
+    while (done < b.threads) {
+        bool ran = false;
+        for (int t = 0; t < b.threads; t++) {
+            Fiber& f = b.fibers[t];
+            if (f.done || (f.waitOn && *f.waitOn == f.waitFor)) continue;
+            f.waitOn = nullptr;
+            b.current = t;
+            threadIdx = f.tid;
+            ran = true;
+#if defined(__x86_64__)
+            emu_switch_context(&b.scheduler, f.sp);
+#else
+            swapcontext(&b.scheduler, &f.context);
+#endif
+            if (f.done) done++;
+        }
+        if (!ran) {
+            auto where = [&](int t) {
+                const Fiber& f = b.fibers[t];
+                if (f.done) return "(finished)";
+                for (auto* cs : {&b.warps, &b.groups})
+                    for (auto& c : *cs)
+                        if (f.waitOn == &c.gen) return c.name;
+                return f.waitOn == &b.barrier.gen ? b.barrier.name : "?";
+            };
+            for (int t = 0, u; t < b.threads; t = u) {  // runs of threads at the same place
+                for (u = t + 1; u < b.threads && !strcmp(where(u), where(t)); u++) {}
+                fprintf(stderr, "emu: threads %d-%d: %s\n", t, u - 1, where(t));
+            }
+            threadIdx = {0, 0, 0};
+            die("deadlock: every thread left waits at a collective the others do not reach");
+        }
+    }
+    for (const WgmmaQueue& q : b.wgmmas)
+        if (!q.open.empty() || !q.groups.empty()) die("a block ended with wgmma instructions never waited for");
+    block_ = nullptr;
+}
+
+// Shared memory is filled with this byte at each block's start (0xff: f16/f32 NaNs, so a read of
+// what the block never wrote shows); EMU_SHARED_FILL=0 zeros it.
+inline int shared_fill_() {
+    static int fill = [] {
+        const char* e = getenv("EMU_SHARED_FILL");
+        return e ? atoi(e) : 0xff;
+    }();
+    return fill;
+}
+
+inline void run_grid_(dim3 grid, dim3 block, size_t shared, void (*body)(void*), void* arg) {
+    if (shared > EMU_SHARED_BYTES) die("more dynamic shared memory than the emulator's arena");
+    if (block.x * block.y * block.z > 1024) die("more than 1024 threads a block");
+    long blocks = (long)grid.x * grid.y * grid.z;
+    static int workers = [] {
+        const char* e = getenv("EMU_THREADS");
+        return e ? std::max(1, atoi(e)) : 1;
+    }();
+    std::atomic<long> next{0};
+    auto work = [&] {
+        gridDim = grid;
+        blockDim = block;
+        for (long i; (i = next.fetch_add(1)) < blocks;) {
+            blockIdx = {(unsigned)(i % grid.x), (unsigned)((i / grid.x) % grid.y), (unsigned)(i / ((long)grid.x * grid.y))};
+            memset(fa_shared, shared_fill_(), std::max<size_t>(shared, 1024));
+            run_block_(block, body, arg);
+        }
+    };
+    if (workers == 1 || blocks == 1) {
+        work();
+        return;
+    }
+    std::vector<std::thread> pool;
+    for (int w = 0; w < std::min<long>(workers, blocks); w++) pool.emplace_back(work);
+    for (auto& t : pool) t.join();
+}
+
+// Runs kernel over grid x block threads with `shared` bytes of dynamic shared memory; the
+// arguments are converted to the kernel's parameter types as a launch would.
+template <class... P, class... A> void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared, A... args) {
+    static_assert(sizeof...(P) == sizeof...(A), "the kernel's argument count");
+    struct Call {
+        void (*kernel)(P...);
+        std::tuple<P...> args;
+    } call{kernel, std::tuple<P...>((P)args...)};
+    run_grid_(grid, block, shared, [](void* c) {
+        Call* call = (Call*)c;
+        std::apply(call->kernel, call->args);
+    }, &call);
+}
+
+inline Collective& warp_() { return block_->warps[block_->current / 32]; }
+inline int lane_() { return block_->current & 31; }
+
+// Shuffles and votes: each lane leaves its value and the lane it reads.
+struct Shuffle {
+    uint64_t value, result;
+    int src;
+};
+
+inline void shuffle_op_(Collective& c) {
+    uint64_t v[32];
+    for (int l = 0; l < 32; l++)
+        if ((c.arrivedMask >> l) & 1) v[l] = ((Shuffle*)c.args[l])->value;
+    for (int l = 0; l < 32; l++) {
+        if (!((c.arrivedMask >> l) & 1)) continue;
+        Shuffle* s = (Shuffle*)c.args[l];
+        s->result = ((c.arrivedMask >> s->src) & 1) ? v[s->src] : s->value;  // an absent source: the lane's own value
+    }
+}
+
+template <class T> inline T shuffle_(unsigned mask, T v, int src) {
+    static_assert(sizeof(T) <= 8);
+    Shuffle s{0, 0, src};
+    memcpy(&s.value, &v, sizeof v);
+    arrive_(warp_(), shuffle_op_, "a shuffle", &s, mask);
+    T r;
+    memcpy(&r, &s.result, sizeof r);
+    return r;
+}
+
+inline void vote_op_(Collective& c) {
+    uint64_t ballot = 0;
+    for (int l = 0; l < 32; l++)
+        if ((c.arrivedMask >> l) & 1) ballot |= (uint64_t)(((Shuffle*)c.args[l])->value != 0) << l;
+    for (int l = 0; l < 32; l++)
+        if ((c.arrivedMask >> l) & 1) ((Shuffle*)c.args[l])->result = ballot;
+}
+
+inline unsigned ballot_(unsigned mask, int p) {
+    Shuffle s{(uint64_t)(p != 0), 0, 0};
+    arrive_(warp_(), vote_op_, "a vote", &s, mask);
+    return (unsigned)s.result & mask;
+}
+
+inline void nothing_op_(Collective&) {}
+}  // namespace emu
+
+template <class T> inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+    int l = emu::lane_();
+    return emu::shuffle_(mask, v, (l & ~(width - 1)) + (src & (width - 1)));
+}
+template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int m, int width = 32) {
+    int l = emu::lane_(), s = l ^ m;
+    return emu::shuffle_(mask, v, s >= (l & ~(width - 1)) + width ? l : s);
+}
+template <class T> inline T __shfl_up_sync(unsigned mask, T v, unsigned d, int width = 32) {
+    int l = emu::lane_();
+    return emu::shuffle_(mask, v, (l & (width - 1)) >= (int)d ? l - (int)d : l);
+}
+template <class T> inline T __shfl_down_sync(unsigned mask, T v, unsigned d, int width = 32) {
+    int l = emu::lane_();
+    return emu::shuffle_(mask, v, (l & (width - 1)) + (int)d < width ? l + (int)d : l);
+}
+inline unsigned __ballot_sync(unsigned mask, int p) { return emu::ballot_(mask, p); }
+inline int __any_sync(unsigned mask, int p) { return emu::ballot_(mask, p) != 0; }
+inline int __all_sync(unsigned mask, int p) { return emu::ballot_(mask, p) == (mask & emu::warp_().liveMask); }
+inline void __syncwarp(unsigned mask = 0xffffffff) { emu::arrive_(emu::warp_(), emu::nothing_op_, "__syncwarp", nullptr, mask); }
+inline void __syncthreads() { emu::arrive_(emu::block_->barrier, emu::nothing_op_, "__syncthreads", nullptr); }
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core instructions (PTX ISA: ldmatrix, mma.sync m16n8k16, wgmma.mma_async m64nNk16).
+
+namespace emu {
+enum class Type { f16, bf16 };
+
+inline float widen_(unsigned short v, Type t) { return t == Type::f16 ? half_bits_to_float(v) : bf16_bits_to_float(v); }
+inline unsigned short lo16_(unsigned r) { return (unsigned short)(r & 0xffff); }
+inline unsigned short hi16_(unsigned r) { return (unsigned short)(r >> 16); }
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane l gives the address of row l % 8 of
+// matrix l / 8 (16 bytes); register j of lane l gets matrix j's elements (row l / 4, columns
+// 2 (l % 4) and + 1), or with .trans (rows 2 (l % 4) and + 1, column l / 4), the lower column
+// (row) in the low half.
+struct LdMatrix {
+    const unsigned char* p;
+    unsigned* r;
+    bool trans;
+};
+
+inline void ldmatrix_op_(Collective& c) {
+    if (c.arrivedMask != 0xffffffffu) die("ldmatrix without all 32 lanes");
+    unsigned short m[4][8][8];
+    for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 8; i++) {
+            const unsigned char* p = ((LdMatrix*)c.args[8 * j + i])->p;
+            if ((uintptr_t)p & 15) die("ldmatrix: a row address not 16-byte aligned");
+            memcpy(m[j][i], p, 16);
+        }
+    for (int l = 0; l < 32; l++) {
+        LdMatrix* a = (LdMatrix*)c.args[l];
+        for (int j = 0; j < 4; j++) {
+            unsigned short x, y;
+            if (!a->trans) { x = m[j][l / 4][2 * (l % 4)]; y = m[j][l / 4][2 * (l % 4) + 1]; }
+            else { x = m[j][2 * (l % 4)][l / 4]; y = m[j][2 * (l % 4) + 1][l / 4]; }
+            a->r[j] = x | ((unsigned)y << 16);
+        }
+    }
+}
+
+inline void ldmatrix_x4_(unsigned (&r)[4], const void* p, bool trans) {
+    LdMatrix a{(const unsigned char*)p, r, trans};
+    Collective& w = warp_();
+    arrive_(w, ldmatrix_op_, trans ? "ldmatrix.x4.trans" : "ldmatrix.x4", &a);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32, with g = lane / 4 and c = lane % 4: A (16 x 16)
+// a0 (g, 2c..2c+1), a1 (g+8, 2c..), a2 (g, 2c+8..), a3 (g+8, 2c+8..); B (16 x 8) b0 (k 2c..2c+1,
+// n g), b1 (k 2c+8.., n g); C and D (16 x 8) c0, c1 (g, 2c..2c+1), c2, c3 (g+8, 2c..2c+1).
+// Products (exact in f32) are summed in double, rounded once to f32 with C added.
+struct Mma {
+    const unsigned* a;
+    unsigned b0, b1;
+    float* c;
+};
+
+template <Type T> inline void mma_op_(Collective& c) {
+    if (c.arrivedMask != 0xffffffffu) die("mma.sync without all 32 lanes");
+    float A[16][16], B[16][8], C[16][8];
+    for (int l = 0; l < 32; l++) {
+        Mma* m = (Mma*)c.args[l];
+        int g = l / 4, q = l % 4;
+        for (int h = 0; h < 2; h++) {
+            A[g][2 * q + h] = widen_(h ? hi16_(m->a[0]) : lo16_(m->a[0]), T);
+            A[g + 8][2 * q + h] = widen_(h ? hi16_(m->a[1]) : lo16_(m->a[1]), T);
+            A[g][2 * q + 8 + h] = widen_(h ? hi16_(m->a[2]) : lo16_(m->a[2]), T);
+            A[g + 8][2 * q + 8 + h] = widen_(h ? hi16_(m->a[3]) : lo16_(m->a[3]), T);
+            B[2 * q + h][g] = widen_(h ? hi16_(m->b0) : lo16_(m->b0), T);
+            B[2 * q + 8 + h][g] = widen_(h ? hi16_(m->b1) : lo16_(m->b1), T);
+            C[g][2 * q + h] = m->c[h];
+            C[g + 8][2 * q + h] = m->c[2 + h];
+        }
+    }
+    for (int l = 0; l < 32; l++) {
+        Mma* m = (Mma*)c.args[l];
+        int g = l / 4, q = l % 4;
+        for (int e = 0; e < 4; e++) {
+            int row = g + 8 * (e >> 1), col = 2 * q + (e & 1);
+            double s = 0;
+            for (int k = 0; k < 16; k++) s += (double)(A[row][k] * B[k][col]);
+            m->c[e] = (float)(C[row][col] + s);
+        }
+    }
+}
+
+template <Type T> inline void mma_(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    Mma m{a, b0, b1, c};
+    arrive_(warp_(), mma_op_<T>, T == Type::f16 ? "mma.sync.f16" : "mma.sync.bf16", &m);
+}
+
+// wgmma's shared-memory matrix descriptor: start address (bits 0-13), leading (16-29) and
+// stride (32-45) byte offsets, all in 16-byte units; base offset (49-51); swizzle (62-63: 0
+// none, 1 128-byte, 2 64-byte, 3 32-byte). The byte address of element (mn, k) of a 16-bit
+// operand tile (mn along M or N, k along K, k < 16):
+// - K-major (no transpose): eight-row groups along MN `stride` apart. Without swizzling a row's
+//   8-element core-matrix rows are 16 bytes, the two along K `leading` apart; swizzled, a row is
+//   one line of the swizzle's width (its 16 values contiguous).
+// - MN-major (transpose): without swizzling 8-element columns of MN, their 8-column groups
+//   `stride` apart, eight k rows 16 bytes apart, 8-k groups `leading` apart; swizzled, each k is
+//   a line of the swizzle's width of consecutive MN values, lines `leading` apart along MN and
+//   8-k groups `stride` apart.
+// Swizzling XORs the address's bits 4-6 (128-byte: three, 64-byte: two, 32-byte: one of them)
+// with bits 7-9, on the shared address itself: a tile must start on the pattern's period for the
+// rows to match it, which is why the start may move within a line (k steps) and the base offset
+// is left 0 (the emulator stops otherwise).
+inline const unsigned char* desc_element_(unsigned long long desc, int mn, int k, bool mnMajor) {
+    unsigned start = (unsigned)(desc & 0x3FFF) << 4, leading = (unsigned)((desc >> 16) & 0x3FFF) << 4,
+             stride = (unsigned)((desc >> 32) & 0x3FFF) << 4;
+    int base = (int)((desc >> 49) & 7), mode = (int)(desc >> 62);
+    if (base) die("wgmma: a descriptor with a base offset, which the emulator does not take");
+    unsigned width = mode == 1 ? 128 : mode == 2 ? 64 : mode == 3 ? 32 : 0, off;
+    if (!mnMajor) {
+        off = width ? (mn / 8) * stride + (mn % 8) * width + 2 * k : (mn / 8) * stride + (mn % 8) * 16 + (k / 8) * leading + (k % 8) * 2;
+    } else if (width) {
+        unsigned line = width / 2;  // MN values a line
+        off = (mn / line) * leading + (mn % line) * 2 + (k / 8) * stride + (k % 8) * width;
+    } else {
+        off = (mn / 8) * stride + (mn % 8) * 2 + (k / 8) * leading + (k % 8) * 16;
+    }
+    unsigned a = start + off;
+    if (width) a ^= ((a >> 7) & (width / 16 - 1)) << 4;
+    if (a + 2 > EMU_SHARED_BYTES) die("wgmma: an operand outside shared memory");
+    return fa_shared + a;
+}
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.T.T: D (64 x N, f32) = A (64 x 16) * B (16 x N)
+// (+ D when scale-d). A from a descriptor (`aRegs` null) or from registers (warp w of the
+// warpgroup holding rows 16w ..< 16w + 16 in mma.sync's A layout); B from a descriptor. The
+// accumulator: register i of a thread is d[i / 4][i % 4], d[n][e] at row 16w + lane / 4 + 8 (e >> 1),
+// column 8n + 2 (lane & 3) + (e & 1). Queued once the warpgroup's 128 threads have all issued it,
+// and run (reading shared memory and the A registers then) when a wgmma_wait completes its group.
+struct Wgmma {
+    unsigned long long a, b;
+    const unsigned* aRegs;
+    float* d;
+    int accumulate;
+};
+
+// Whether asynchronous work (cp.async, wgmma) happens at issue instead of when its wait lets it
+// (EMU_EAGER_ASYNC=1): the late completion is the default because it is the strictest order the
+// hardware allows, so a missing or short wait, a buffer refilled while a wgmma still reads it, or
+// registers changed before the wait show as wrong results.
+inline bool eager_async_() {
+    static bool eager = [] {
+        const char* e = getenv("EMU_EAGER_ASYNC");
+        return e && atoi(e) != 0;
+    }();
+    return eager;
+}
+
+// Runs a wgmma: A from its descriptor or the threads' registers, B from its descriptor, as they
+// are now; the threads' accumulators read (scale-d) and written.
+template <int N, Type T, bool TransA, bool TransB, int ScaleA, int ScaleB> inline void wgmma_run_(const PendingWgmma& w) {
+    static thread_local float A[64][16], B[N][16];  // B by column: the sums read both rows contiguously
+    static thread_local double D[64][N];
+    bool regs = w.aRegs[0] != nullptr;
+    for (int t = 0; regs && t < 128; t++) {
+        const unsigned* a = w.aRegs[t];
+        int l = t & 31, r = 16 * (t >> 5) + l / 4, q = l % 4;
+        for (int h = 0; h < 2; h++) {
+            A[r][2 * q + h] = widen_(h ? hi16_(a[0]) : lo16_(a[0]), T) * ScaleA;
+            A[r + 8][2 * q + h] = widen_(h ? hi16_(a[1]) : lo16_(a[1]), T) * ScaleA;
+            A[r][2 * q + 8 + h] = widen_(h ? hi16_(a[2]) : lo16_(a[2]), T) * ScaleA;
+            A[r + 8][2 * q + 8 + h] = widen_(h ? hi16_(a[3]) : lo16_(a[3]), T) * ScaleA;
+        }
+    }
+    unsigned short v;
+    if (!regs)
+        for (int m = 0; m < 64; m++)
+            for (int k = 0; k < 16; k++) {
+                memcpy(&v, desc_element_(w.a, m, k, TransA), 2);
+                A[m][k] = widen_(v, T) * ScaleA;
+            }
+    for (int k = 0; k < 16; k++)
+        for (int n = 0; n < N; n++) {
+            memcpy(&v, desc_element_(w.b, n, k, TransB), 2);
+            B[n][k] = widen_(v, T) * ScaleB;
+        }
+    // 16-bit products are exact in f32; their sum is taken in double, rounded once with D added.
+    for (int m = 0; m < 64; m++)
+        for (int n = 0; n < N; n++) {
+            double s = 0;
+            for (int k = 0; k < 16; k++) s += (double)(A[m][k] * B[n][k]);
+            D[m][n] = s;
+        }
+    for (int t = 0; t < 128; t++) {
+        float* d = w.d[t];
+        int l = t & 31, r = 16 * (t >> 5) + l / 4, q = l % 4;
+        for (int n = 0; n < N / 8; n++)
+            for (int e = 0; e < 4; e++) {
+                int row = r + 8 * (e >> 1), col = 8 * n + 2 * q + (e & 1);
+                d[4 * n + e] = (float)((w.accumulate ? d[4 * n + e] : 0.0) + D[row][col]);
+            }
+    }
+}
+
+// The last of the warpgroup's 128 threads to issue a wgmma queues it for the group's next
+// commit (or runs it, eagerly).
+template <int N, Type T, bool TransA, bool TransB, int ScaleA, int ScaleB> inline void wgmma_issue_op_(Collective& c) {
+    if (c.arrived != 128) die("wgmma without the warpgroup's 128 threads");
+    const Wgmma& w0 = *(const Wgmma*)c.args[0];
+    PendingWgmma p;
+    p.run = wgmma_run_<N, T, TransA, TransB, ScaleA, ScaleB>;
+    p.a = w0.a;
+    p.b = w0.b;
+    p.accumulate = w0.accumulate;
+    for (int t = 0; t < 128; t++) {
+        const Wgmma& w = *(const Wgmma*)c.args[t];
+        if ((!w0.aRegs && w.a != w0.a) || w.b != w0.b || w.accumulate != w0.accumulate || !w.aRegs != !w0.aRegs)
+            die("wgmma: the warpgroup's threads gave different descriptors or scale-d");
+        p.aRegs[t] = w.aRegs;
+        p.d[t] = w.d;
+    }
+    if (eager_async_()) p.run(p);
+    else block_->wgmmas[c.base / 128].open.push_back(p);
+}
+
+inline void wgmma_commit_op_(Collective& c) {
+    WgmmaQueue& q = block_->wgmmas[c.base / 128];
+    q.groups.push_back(std::move(q.open));
+    q.open.clear();
+}
+
+// wgmma.wait_group N: every committed group but the newest N completes, oldest first.
+template <int N> inline void wgmma_wait_op_(Collective& c) {
+    WgmmaQueue& q = block_->wgmmas[c.base / 128];
+    while (q.groups.size() > (size_t)N) {
+        for (const PendingWgmma& p : q.groups.front()) p.run(p);
+        q.groups.pop_front();
+    }
+}
+
+inline Collective& group_() {
+    Block& b = *block_;
+    if (b.groups.empty()) die("wgmma in a block whose threads are not whole warpgroups");
+    return b.groups[b.current / 128];
+}
+
+// The generic wgmma: A from a descriptor (TransA: MN-major) or registers (aRegs), B from a
+// descriptor (TransB: MN-major); ScaleA and ScaleB are the instruction's imm-scale-a/b (1 or -1).
+template <int N, Type T, bool TransA, bool TransB, int ScaleA = 1, int ScaleB = 1>
+inline void wgmma(float (&d)[N / 8][4], unsigned long long a, const unsigned* aRegs, unsigned long long b, int accumulate) {
+    static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma's N: a multiple of 8 up to 256");
+    Wgmma w{a, b, aRegs, &d[0][0], accumulate != 0};
+    arrive_(group_(), wgmma_issue_op_<N, T, TransA, TransB, ScaleA, ScaleB>, "wgmma.mma_async", &w);
+}
+
+inline void wgmma_commit_() { arrive_(group_(), wgmma_commit_op_, "wgmma.commit_group", nullptr); }
+template <int N> inline void wgmma_wait_() { arrive_(group_(), wgmma_wait_op_<N>, "wgmma.wait_group", nullptr); }
+
+// cp.async.cg.shared.global, 16 bytes (zeros when !in): the source read at issue, the bytes
+// landing when a copy_wait lets the group holding them complete (or at issue, eagerly).
+inline void copy16_(void* dst, const void* src, bool in) {
+    if (((uintptr_t)dst | (in ? (uintptr_t)src : 0)) & 15) die("cp.async: an address not 16-byte aligned");
+    Fiber::Copy c;
+    c.dst = (unsigned char*)dst;
+    if (in) memcpy(c.bytes, src, 16);
+    else memset(c.bytes, 0, 16);
+    if (eager_async_()) memcpy(c.dst, c.bytes, 16);
+    else block_->fibers[block_->current].openCopies.push_back(c);
+}
+
+inline void copy_commit_() {
+    Fiber& f = block_->fibers[block_->current];
+    f.copyGroups.push_back(std::move(f.openCopies));
+    f.openCopies.clear();
+}
+
+// cp.async.wait_group N: the thread's committed groups but the newest N land, oldest first.
+template <int N> inline void copy_wait_() {
+    Fiber& f = block_->fibers[block_->current];
+    while (f.copyGroups.size() > (size_t)N) {
+        land_copies_(f.copyGroups.front());
+        f.copyGroups.pop_front();
+    }
+}
+}  // namespace emu
+
+// ---------------------------------------------------------------------------------------------
+// Kernels.cu's inline-assembly helpers (left out of it under PEREGRINE_CUDA_EMULATOR), with the
+// same names and signatures. A new helper's wrapper is a line over emu::wgmma or emu::mma_.
+
+inline void copy16_async(void* dst, const void* src, bool in) { emu::copy16_(dst, src, in); }
+inline void copy_commit() { emu::copy_commit_(); }
+template <int N> inline void copy_wait() { emu::copy_wait_<N>(); }
+
+inline void ldmatrix_x4(unsigned (&r)[4], const void* p) { emu::ldmatrix_x4_(r, p, false); }
+inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) { emu::ldmatrix_x4_(r, p, true); }
+inline void mma_f16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) { emu::mma_<emu::Type::f16>(c, a, b0, b1); }
+template <bool HALF> inline void mma16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    emu::mma_<HALF ? emu::Type::f16 : emu::Type::bf16>(c, a, b0, b1);
+}
+
+using emu::Type;
+// SS: A and B K-major descriptors; RS: A in registers.
+inline void wgmma_ss_n64(float (&d)[8][4], unsigned long long a, unsigned long long b, int accumulate) {
+    emu::wgmma<64, Type::f16, false, false>(d, a, nullptr, b, accumulate);
+}
+inline void wgmma_ss_n128(float (&d)[16][4], unsigned long long a, unsigned long long b, int accumulate) {
+    emu::wgmma<128, Type::f16, false, false>(d, a, nullptr, b, accumulate);
+}
+// B MN-major.
+inline void wgmma_rs_n128(float (&d)[16][4], const unsigned (&a)[4], unsigned long long b, int accumulate) {
+    emu::wgmma<128, Type::f16, false, true>(d, 0, a, b, accumulate);
+}
+// BF16, B K-major (quant_gemm).
+inline void wgmma_rs_bf16_n128(float (&d)[16][4], const unsigned (&a)[4], unsigned long long b, int accumulate) {
+    emu::wgmma<128, Type::bf16, false, false>(d, 0, a, b, accumulate);
+}
+inline void wgmma_rs_bf16_n256(float (&d)[32][4], const unsigned (&a)[4], unsigned long long b, int accumulate) {
+    emu::wgmma<256, Type::bf16, false, false>(d, 0, a, b, accumulate);
+}
+inline void wgmma_fence() {}
+inline void wgmma_commit() { emu::wgmma_commit_(); }
+template <int N> inline void wgmma_wait() { emu::wgmma_wait_<N>(); }
+inline void fence_proxy_async() {}
+inline void hold(float&) {}
+inline void hold(unsigned&) {}

@@ -1,0 +1,132 @@
+// Single-query attention on tensor cores (attention_decode_mma_D: two warps; _w4: four; _w4s3:
+// four warps and three tile buffers) over an F16 paged KV cache against a host reference: a
+// batch of decode rows of different depths, one split (the block writes the output) and several
+// (partial results merged by the group's last block through the counters), query-head groups of
+// 4 and of 16 (two blocks a group), with a sliding window and soft-capping. Queries and
+// probabilities are rounded to f16, so the bound is f16's.
+#include "cuda_emulator.h"
+#include "../../Sources/Peregrine/Backend/CUDA/Kernels.cu"
+#include "test_util.h"
+
+using namespace test;
+
+typedef void (*DecodeKernel)(SPLIT_PARAMS(void));
+
+struct Problem {
+    int heads, kvHeads, hd = 128, bs = 16, width = 64, blocks;
+    std::vector<int> slots, positions, tables;
+    std::vector<float> q;
+    std::vector<unsigned short> kc, vc;
+    std::vector<float> kf, vf;
+};
+
+static long cache_at(const Problem& p, int slot, int pos) {
+    return ((long)p.tables[slot * p.width + pos / p.bs] * p.bs + pos % p.bs) * p.kvHeads * p.hd;
+}
+
+static Problem make_problem(int heads, int kvHeads, Rng& rng) {
+    Problem p;
+    p.heads = heads;
+    p.kvHeads = kvHeads;
+    const int depths[4] = {700, 37, 1000, 129};  // each row's position (its sequence's keys 0 ... position cached)
+    int rows = 4;
+    p.blocks = rows * p.width;
+    p.tables.resize(p.blocks);
+    for (int i = 0; i < p.blocks; i++) p.tables[i] = i;
+    for (int i = p.blocks - 1; i > 0; i--) std::swap(p.tables[i], p.tables[rng.below(i + 1)]);
+    long size = (long)p.blocks * p.bs * kvHeads * p.hd;
+    p.kc.assign(size, 0x7e00);
+    p.vc.assign(size, 0x7e00);
+    for (int r = 0; r < rows; r++) {
+        p.slots.push_back(r);
+        p.positions.push_back(depths[r]);
+        for (int pos = 0; pos <= depths[r]; pos++)
+            for (int i = 0; i < kvHeads * p.hd; i++) {
+                p.kc[cache_at(p, r, pos) + i] = to_f16(rng.uniform(-2, 2));
+                p.vc[cache_at(p, r, pos) + i] = to_f16(rng.uniform(-1, 1));
+            }
+    }
+    p.kf.resize(size);
+    p.vf.resize(size);
+    for (long i = 0; i < size; i++) { p.kf[i] = from_f16(p.kc[i]); p.vf[i] = from_f16(p.vc[i]); }
+    p.q.resize((size_t)rows * heads * p.hd);
+    for (auto& v : p.q) v = rng.uniform(-2, 2);
+    return p;
+}
+
+static std::vector<double> reference(const Problem& p, float scale, float cap, int window) {
+    int rows = (int)p.slots.size(), D = p.hd, group = p.heads / p.kvHeads;
+    std::vector<double> out((size_t)rows * p.heads * D), s, acc(D);
+    for (int t = 0; t < rows; t++)
+        for (int h = 0; h < p.heads; h++) {
+            int pos = p.positions[t], kvh = h / group, lo = window > 0 ? std::max(0, pos - window + 1) : 0;
+            const float* qv = &p.q[((size_t)t * p.heads + h) * D];
+            s.assign(pos + 1 - lo, 0);
+            double mx = -INFINITY, sum = 0;
+            for (int j = lo; j <= pos; j++) {
+                const float* k = &p.kf[cache_at(p, p.slots[t], j) + kvh * D];
+                double dot = 0;
+                for (int d = 0; d < D; d++) dot += (double)qv[d] * k[d];
+                dot *= scale;
+                if (cap > 0) dot = cap * tanh(dot / cap);
+                s[j - lo] = dot;
+                mx = std::max(mx, dot);
+            }
+            std::fill(acc.begin(), acc.end(), 0.0);
+            for (int j = lo; j <= pos; j++) {
+                double w = exp(s[j - lo] - mx);
+                sum += w;
+                const float* v = &p.vf[cache_at(p, p.slots[t], j) + kvh * D];
+                for (int d = 0; d < D; d++) acc[d] += w * v[d];
+            }
+            for (int d = 0; d < D; d++) out[((size_t)t * p.heads + h) * D + d] = acc[d] / sum;
+        }
+    return out;
+}
+
+int main() {
+    Rng rng(11);
+    bool ok = true;
+    struct Kernel { const char* name; DecodeKernel kernel; int warps, stages; } kernels[] = {
+        {"attention_decode_mma_128", attention_decode_mma_128, 2, 2},
+        {"attention_decode_mma_128_w4", attention_decode_mma_128_w4, 4, 2},
+        {"attention_decode_mma_128_w4s3", attention_decode_mma_128_w4s3, 4, 3},
+    };
+    const float caps[3] = {0, 0, 30};
+    const int windows[3] = {0, 100, 0};
+    for (auto [heads, kvHeads] : {std::pair{8, 2}, std::pair{32, 2}}) {
+        Problem p = make_problem(heads, kvHeads, rng);
+        int rows = (int)p.slots.size(), D = p.hd, group = heads / kvHeads, parts = (group + SPLIT_GROUP - 1) / SPLIT_GROUP;
+        for (int c = 0; c < 3; c++) {
+            float scale = 1 / sqrtf((float)D) * (caps[c] > 0 ? 8 : 1);
+            auto want = reference(p, scale, caps[c], windows[c]);
+            for (auto& k : kernels)
+                for (int splits : {1, 7}) {
+                    int keys = 16 * k.warps;
+                    size_t shared = (size_t)k.stages * 2 * keys * (D + 8) * 2 + k.stages * keys * 8;
+                    std::vector<float> out((size_t)rows * heads * D, NAN), partial((size_t)rows * heads * splits * D, NAN),
+                        stats((size_t)rows * heads * splits * 2, NAN);
+                    std::vector<unsigned> counters((size_t)rows * heads, 0);
+                    emu::launch(k.kernel, dim3(rows, kvHeads * parts, splits), dim3(32 * k.warps), shared, p.q.data(), (void*)p.kc.data(),
+                                (void*)p.vc.data(), partial.data(), stats.data(), p.slots.data(), p.positions.data(), heads, kvHeads, D,
+                                p.tables.data(), p.width, p.bs, scale, caps[c], windows[c], splits, out.data(), counters.data(), 0,
+                                (const float*)nullptr, (const float*)nullptr, (const float*)nullptr, (const float*)nullptr, D, 0,
+                                (const int*)nullptr);
+                    char label[128];
+                    snprintf(label, sizeof label, "%s %d/%d, %d split%s%s%s", k.name, heads, kvHeads, splits, splits > 1 ? "s" : "",
+                             windows[c] ? ", window 100" : "", caps[c] > 0 ? ", cap 30" : "");
+                    Errors e(label, caps[c] > 0 ? 1.5e-2 : 4e-3);
+                    for (size_t i = 0; i < out.size(); i++) e.add(out[i], want[i], 1);
+                    ok &= e.report();
+                    unsigned left = 0;
+                    for (unsigned u : counters) left |= u;
+                    if (left) {
+                        printf("  the counters were not all reset for the next launch\n");
+                        ok = false;
+                    }
+                }
+        }
+    }
+    printf(ok ? "decode attention: all passed\n" : "decode attention: FAILED\n");
+    return ok ? 0 : 1;
+}

@@ -1,0 +1,221 @@
+// quant_gemm (quantized prompt products decoded into wgmma's register operands) against the
+// widening it replaces: random weights in each type's planar device layout, widened by the
+// dequantize_bf16 kernel (checked on GPUs), multiplied on the host in doubles by BF16
+// activations, against quant_gemm's sums; both token tiles, weight rows and tokens that are no
+// multiple of a block's, odd and even chunk counts, plain, with a bias, added to y, BF16 output,
+// and two or three matrices in one launch.
+#include "cuda_emulator.h"
+#include "../../Sources/Peregrine/Backend/CUDA/Kernels.cu"
+
+#include <random>
+
+namespace {
+
+unsigned short bf16_bits(float f) {
+    unsigned u;
+    memcpy(&u, &f, 4);
+    return (unsigned short)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+float bf16_value(unsigned short b) {
+    unsigned u = (unsigned)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+unsigned short f16_bits(float f) {  // normal values only, which the scales here are
+    unsigned u;
+    memcpy(&u, &f, 4);
+    int e = (int)((u >> 23) & 0xff) - 127 + 15;
+    unsigned m = u & 0x7fffff, r = m >> 13, rest = m & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (r & 1))) r++;
+    unsigned bits = ((u >> 16) & 0x8000) | ((unsigned)e << 10);
+    return (unsigned short)(bits + r);
+}
+
+struct Case {
+    int dtype;
+    const char* name;
+    int k;
+};
+
+// Bytes of a matrix of `total` values of the type in the device's planar layout.
+size_t layout_bytes(int dtype, long total) {
+    switch (dtype) {
+    case 3: return total + total / 32 * 2;
+    case 4:
+    case 7: return total / 2 + total / 32 * 2;
+    case 5: return total / 2 + total / 256 * 16;
+    case 8: return total / 2 + total / 256 * 8;
+    case 9: return total / 256 * 110;
+    case 10: return total / 256 * 84;
+    default: return total / 256 * 210;
+    }
+}
+
+// Random values and scales: the scales small normal f16 values (random bytes could be NaN).
+void fill(int dtype, long total, unsigned char* w, std::mt19937& rng) {
+    std::uniform_int_distribution<int> byte(0, 255);
+    std::uniform_real_distribution<float> scale(0.002f, 0.02f);
+    size_t size = layout_bytes(dtype, total);
+    for (size_t i = 0; i < size; i++) w[i] = (unsigned char)byte(rng);
+    auto put16 = [&](size_t at, unsigned short v) { memcpy(w + at, &v, 2); };
+    if (dtype == 3 || dtype == 4 || dtype == 7) {
+        size_t s = dtype == 3 ? total : total / 2;
+        for (long b = 0; b < total / 32; b++) put16(s + 2 * b, f16_bits(scale(rng)));
+    } else if (dtype == 5) {
+        for (long b = 0; b < total / 256; b++) {
+            put16(total / 2 + 16 * b, f16_bits(scale(rng)));
+            put16(total / 2 + 16 * b + 2, f16_bits(scale(rng)));
+        }
+    } else if (dtype == 8) {
+        for (long b = 0; b < total / 256; b++) put16(total / 2 + 8 * b, f16_bits(scale(rng)));
+    } else if (dtype == 9) {
+        long blocks = total / 256;
+        for (long b = 0; b < blocks; b++) put16(blocks * 108 + 2 * b, f16_bits(scale(rng)));
+    } else if (dtype == 10) {
+        long blocks = total / 256;
+        for (long b = 0; b < blocks; b++) {
+            put16(blocks * 80 + 4 * b, f16_bits(scale(rng)));
+            put16(blocks * 80 + 4 * b + 2, f16_bits(scale(rng)));
+        }
+    } else {
+        long blocks = total / 256;
+        for (long b = 0; b < blocks; b++) put16(blocks * 208 + 2 * b, f16_bits(scale(rng)));
+    }
+}
+
+// One matrix of a launch: its weights in the device layout, their widening, x times them in
+// doubles, a bias, and what y holds before the launch.
+struct Matrix {
+    int n;
+    std::vector<unsigned char> w;
+    std::vector<double> expected;
+    std::vector<float> bias, start;
+};
+
+Matrix make_matrix(int dtype, int n, int k, const std::vector<unsigned short>& x, int rows, std::mt19937& rng) {
+    Matrix m;
+    m.n = n;
+    long total = (long)n * k;
+    m.w.resize(layout_bytes(dtype, total) + 16);
+    fill(dtype, total, m.w.data(), rng);
+    std::vector<unsigned short> wide(total);
+    emu::launch(dequantize_bf16, dim3((unsigned)((total / 8 + 255) / 256)), dim3(256), 0, (const void*)m.w.data(), dtype,
+                (__nv_bfloat16*)wide.data(), total);
+    m.expected.resize((size_t)rows * n);
+    for (int t = 0; t < rows; t++)
+        for (int o = 0; o < n; o++) {
+            double s = 0;
+            for (int i = 0; i < k; i++) s += (double)bf16_value(x[(size_t)t * k + i]) * bf16_value(wide[(size_t)o * k + i]);
+            m.expected[(size_t)t * n + o] = s;
+        }
+    std::uniform_real_distribution<float> uniform(-1.f, 1.f);
+    m.bias.resize(n);
+    m.start.resize((size_t)rows * n);
+    for (auto& v : m.bias) v = uniform(rng);
+    for (auto& v : m.start) v = uniform(rng);
+    return m;
+}
+
+using QuantGemm = void (*)(const void*, const float*, void*, int, const void*, const float*, void*, int, const void*, const float*, void*,
+                           int, const unsigned short*, int, int, int, int);
+
+// One launch over `ms` (one to three matrices), each checked against its reference.
+int check(const char* label, QuantGemm kernel, int nt, size_t shared, std::vector<const Matrix*> ms, const unsigned short* x, int rows,
+          int k, bool biased, int accumulate, int halfOut) {
+    std::vector<std::vector<float>> ys;
+    int tiles = 0;
+    for (const Matrix* m : ms) {
+        ys.push_back(m->start);
+        tiles += (m->n + QG_ROWS - 1) / QG_ROWS;
+    }
+    const void* w[3] = {};
+    const float* b[3] = {};
+    void* y[3] = {};
+    int n[3] = {};
+    for (size_t i = 0; i < ms.size(); i++) {
+        w[i] = ms[i]->w.data();
+        b[i] = biased ? ms[i]->bias.data() : nullptr;
+        y[i] = ys[i].data();
+        n[i] = ms[i]->n;
+    }
+    emu::launch(kernel, dim3((rows + nt - 1) / nt, tiles), dim3(256), shared, w[0], b[0], y[0], n[0], w[1], b[1], y[1], n[1], w[2], b[2],
+                y[2], n[2], x, rows, k, accumulate, halfOut);
+    int failures = 0;
+    for (size_t m = 0; m < ms.size(); m++) {
+        const Matrix& mat = *ms[m];
+        const std::vector<float>& out = ys[m];
+        double scale = 0, worst = 0;
+        for (long i = 0; i < (long)rows * mat.n; i++) {
+            int o = (int)(i % mat.n);
+            double want = mat.expected[i] + (accumulate ? mat.start[i] : 0) + (biased ? mat.bias[o] : 0);
+            double got = halfOut ? bf16_value(((const unsigned short*)out.data())[i]) : out[i];
+            scale = std::max(scale, fabs(want));
+            double e = fabs(got - want);
+            if (!(e <= worst)) worst = e;  // a NaN stays
+        }
+        // Untouched past the output (BF16 output: the second half of y's bytes).
+        if (halfOut)
+            for (long i = (long)rows * mat.n / 2 + 1; i < (long)rows * mat.n; i++)
+                if (memcmp(&out[i], &mat.start[i], 4) != 0) {
+                    printf("FAIL %s, matrix %zu: wrote past the BF16 output at %ld\n", label, m, i);
+                    return failures + 1;
+                }
+        double bound = (halfOut ? 8e-3 : 1e-5) * scale;
+        bool ok = worst <= bound && scale > 0;
+        printf("%s %s, matrix %zu of %zu: max error %.3g (bound %.3g, largest %.3g)\n", ok ? "ok  " : "FAIL", label, m, ms.size(), worst,
+               bound, scale);
+        failures += ok ? 0 : 1;
+    }
+    return failures;
+}
+
+}  // namespace
+
+int main() {
+    std::mt19937 rng(5);
+    const int rows = 150;
+    const Case cases[] = {{3, "Q8_0", 320}, {4, "Q4_0", 320}, {7, "IQ4_NL", 320}, {8, "IQ4_XS", 512},
+                          {5, "Q4_K", 512},  {6, "Q6_K", 512}, {9, "Q3_K", 512},   {10, "Q2_K", 512}};
+    int failures = 0;
+    for (const Case& c : cases) {
+        std::uniform_real_distribution<float> uniform(-1.f, 1.f);
+        std::vector<unsigned short> x((size_t)rows * c.k);
+        for (auto& v : x) v = bf16_bits(uniform(rng));
+        // A matrix of 200 rows alone; three of 200, 72 and 40 rows in one launch (q, k and v).
+        Matrix big = make_matrix(c.dtype, 200, c.k, x, rows, rng), mid = make_matrix(c.dtype, 72, c.k, x, rows, rng),
+               small = make_matrix(c.dtype, 40, c.k, x, rows, rng);
+        struct Kernel {
+            QuantGemm f;
+            int nt;
+            size_t shared;
+        };
+        Kernel kernels[2];
+        switch (c.dtype) {
+        case 3: kernels[0] = {quant_gemm_q8_0, 128, quant_gemm_shared<3, 128, 4>()}; kernels[1] = {quant_gemm_q8_0_t256, 256, quant_gemm_shared<3, 256, 4>()}; break;
+        case 4: kernels[0] = {quant_gemm_q4_0, 128, quant_gemm_shared<4, 128, 4>()}; kernels[1] = {quant_gemm_q4_0_t256, 256, quant_gemm_shared<4, 256, 4>()}; break;
+        case 7: kernels[0] = {quant_gemm_iq4_nl, 128, quant_gemm_shared<7, 128, 4>()}; kernels[1] = {quant_gemm_iq4_nl_t256, 256, quant_gemm_shared<7, 256, 4>()}; break;
+        case 8: kernels[0] = {quant_gemm_iq4_xs, 128, quant_gemm_shared<8, 128, 4>()}; kernels[1] = {quant_gemm_iq4_xs_t256, 256, quant_gemm_shared<8, 256, 4>()}; break;
+        case 9: kernels[0] = {quant_gemm_q3_K, 128, quant_gemm_shared<9, 128, 3>()}; kernels[1] = {quant_gemm_q3_K_t256, 256, quant_gemm_shared<9, 256, 4>()}; break;
+        case 10: kernels[0] = {quant_gemm_q2_K, 128, quant_gemm_shared<10, 128, 4>()}; kernels[1] = {quant_gemm_q2_K_t256, 256, quant_gemm_shared<10, 256, 4>()}; break;
+        case 5: kernels[0] = {quant_gemm_q4_K, 128, quant_gemm_shared<5, 128, 4>()}; kernels[1] = {quant_gemm_q4_K_t256, 256, quant_gemm_shared<5, 256, 4>()}; break;
+        default: kernels[0] = {quant_gemm_q6_K, 128, quant_gemm_shared<6, 128, 3>()}; kernels[1] = {quant_gemm_q6_K_t256, 256, quant_gemm_shared<6, 256, 4>()}; break;
+        }
+        for (const Kernel& kk : kernels) {
+            char label[96];
+            const char* modes[] = {"plain", "bias", "added, bias", "BF16 out"};
+            for (int m = 0; m < 4; m++) {
+                snprintf(label, sizeof label, "%s k %d, %d tokens a block, %s", c.name, c.k, kk.nt, modes[m]);
+                failures += check(label, kk.f, kk.nt, kk.shared, {&big}, x.data(), rows, c.k, m == 1 || m == 2, m == 2, m == 3);
+            }
+            snprintf(label, sizeof label, "%s k %d, %d tokens a block, three matrices, bias", c.name, c.k, kk.nt);
+            failures += check(label, kk.f, kk.nt, kk.shared, {&big, &mid, &small}, x.data(), rows, c.k, true, 0, 0);
+            snprintf(label, sizeof label, "%s k %d, %d tokens a block, two matrices", c.name, c.k, kk.nt);
+            failures += check(label, kk.f, kk.nt, kk.shared, {&small, &mid}, x.data(), rows, c.k, false, 0, 0);
+        }
+    }
+    printf(failures ? "%d FAILED\n" : "all passed\n", failures);
+    return failures ? 1 : 0;
+}

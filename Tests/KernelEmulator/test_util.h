@@ -1,0 +1,152 @@
+// Helpers of the emulator's tests: random data, host-side 16-bit rounding written independently
+// of the emulator's, ggml's block formats and their host dequantization, error bookkeeping.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <vector>
+
+namespace test {
+
+struct Rng {
+    uint64_t s;
+    explicit Rng(uint64_t seed) : s(seed) {}
+    uint64_t next() {  // splitmix64
+        uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        return z ^ (z >> 31);
+    }
+    float uniform(float lo, float hi) { return lo + (hi - lo) * (float)((next() >> 40) * 0x1p-24); }
+    int below(int n) { return (int)(next() % (uint64_t)n); }
+    unsigned char byte() { return (unsigned char)next(); }
+};
+
+inline uint32_t fbits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+inline float ffrom(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+// The host compiler's _Float16 rounds to nearest even; the reference for f16.
+inline unsigned short to_f16(float f) {
+    _Float16 h = (_Float16)f;
+    unsigned short b;
+    memcpy(&b, &h, 2);
+    return b;
+}
+inline float from_f16(unsigned short b) {
+    _Float16 h;
+    memcpy(&h, &b, 2);
+    return (float)h;
+}
+
+// BF16 by comparing the two neighbours (not the emulator's carry trick).
+inline unsigned short to_bf16(float f) {
+    if (isnan(f)) return 0x7fff;
+    uint32_t u = fbits(f);
+    uint32_t lo = u & 0xffff0000u, hi = lo + 0x10000u;
+    double dlo = fabs((double)ffrom(lo) - f), dhi = isinf(ffrom(hi)) && !isinf(f) ? fabs(ldexp(1.0, 128) * (f < 0 ? -1 : 1) - f)
+                                                                                  : fabs((double)ffrom(hi) - f);
+    if (dlo < dhi) return (unsigned short)(lo >> 16);
+    if (dhi < dlo) return (unsigned short)(hi >> 16);
+    return (unsigned short)(((lo >> 16) & 1) ? hi >> 16 : lo >> 16);
+}
+inline float from_bf16(unsigned short b) { return ffrom((uint32_t)b << 16); }
+
+// ggml's block formats (raw, before repack_quantized): Q8_0, Q4_0, Q4_K, Q6_K.
+inline int block_bytes(int dtype) { return dtype == 3 ? 34 : dtype == 4 ? 18 : dtype == 5 ? 144 : 210; }
+inline int block_values(int dtype) { return dtype == 3 || dtype == 4 ? 32 : 256; }
+
+inline void put_f16(unsigned char* p, float v) { unsigned short b = to_f16(v); memcpy(p, &b, 2); }
+inline float get_f16(const unsigned char* p) { unsigned short b; memcpy(&b, p, 2); return from_f16(b); }
+
+// Random blocks with moderate scales: values of order 1.
+inline std::vector<unsigned char> random_blocks(int dtype, long blocks, Rng& rng) {
+    int bytes = block_bytes(dtype);
+    std::vector<unsigned char> raw(blocks * bytes);
+    for (auto& b : raw) b = rng.byte();
+    for (long i = 0; i < blocks; i++) {
+        unsigned char* p = raw.data() + i * bytes;
+        if (dtype == 3) put_f16(p, rng.uniform(-0.02f, 0.02f));
+        else if (dtype == 4) put_f16(p, rng.uniform(-0.2f, 0.2f));
+        else if (dtype == 5) { put_f16(p, rng.uniform(0.0f, 0.004f)); put_f16(p + 2, rng.uniform(0.0f, 0.004f)); }
+        else put_f16(p + 208, rng.uniform(-0.002f, 0.002f));
+    }
+    return raw;
+}
+
+// Block i's values as f32, in ggml's order and arithmetic.
+inline void dequantize_block(int dtype, const unsigned char* p, float* y) {
+    if (dtype == 3) {
+        float d = get_f16(p);
+        for (int j = 0; j < 32; j++) y[j] = d * (float)(signed char)p[2 + j];
+    } else if (dtype == 4) {
+        float d = get_f16(p);
+        for (int j = 0; j < 16; j++) {
+            y[j] = d * (float)((p[2 + j] & 15) - 8);
+            y[j + 16] = d * (float)((p[2 + j] >> 4) - 8);
+        }
+    } else if (dtype == 5) {
+        float d = get_f16(p), dmin = get_f16(p + 2);
+        const unsigned char* sc = p + 4;
+        const unsigned char* q = p + 16;
+        auto scale_min = [&](int j, int& s, int& m) {
+            if (j < 4) { s = sc[j] & 63; m = sc[j + 4] & 63; }
+            else { s = (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4); m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4); }
+        };
+        for (int j = 0; j < 4; j++) {
+            int s1, m1, s2, m2;
+            scale_min(2 * j, s1, m1);
+            scale_min(2 * j + 1, s2, m2);
+            float d1 = d * s1, o1 = dmin * m1, d2 = d * s2, o2 = dmin * m2;
+            for (int l = 0; l < 32; l++) {
+                y[64 * j + l] = d1 * (q[32 * j + l] & 15) - o1;
+                y[64 * j + 32 + l] = d2 * (q[32 * j + l] >> 4) - o2;
+            }
+        }
+    } else {
+        const unsigned char* ql = p;
+        const unsigned char* qh = p + 128;
+        const signed char* sc = (const signed char*)p + 192;
+        float d = get_f16(p + 208);
+        for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8, y += 128)
+            for (int l = 0; l < 32; l++) {
+                int is = l / 16;
+                int q1 = ((ql[l] & 15) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                int q2 = ((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                y[l] = d * sc[is] * q1;
+                y[l + 32] = d * sc[is + 2] * q2;
+                y[l + 64] = d * sc[is + 4] * q3;
+                y[l + 96] = d * sc[is + 6] * q4;
+            }
+    }
+}
+
+// The largest error of a comparison, against a tolerance that scales with each value's size.
+struct Errors {
+    const char* name;
+    double maxAbs = 0, maxRel = 0, tol;
+    long bad = 0, count = 0;
+    Errors(const char* n, double t) : name(n), tol(t) {}
+    // got vs want, where `scale` is the size the error is relative to (e.g. a sum of |terms|).
+    void add(double got, double want, double scale) {
+        double e = fabs(got - want);
+        if (!(e == e) || isinf(got) != isinf(want)) e = INFINITY;
+        maxAbs = e > maxAbs ? e : maxAbs;
+        double rel = e / (scale > 1e-30 ? scale : 1e-30);
+        maxRel = rel > maxRel ? rel : maxRel;
+        if (!(rel <= tol)) {
+            if (bad < 5) fprintf(stderr, "  %s [%ld]: got %.9g, want %.9g\n", name, count, got, want);
+            bad++;
+        }
+        count++;
+    }
+    bool report() const {
+        printf("%-48s %8ld values  max abs error %.3g  max rel error %.3g  %s\n", name, count, maxAbs, maxRel, bad ? "FAIL" : "ok");
+        return bad == 0;
+    }
+};
+
+}  // namespace test
