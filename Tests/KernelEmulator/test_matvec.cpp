@@ -282,6 +282,9 @@ void matvec_case(const char* label, Matvec kernel, std::vector<Mat> mats, int mo
             if (mode == 2) {
                 double gate = dot(*mats[0].w, o) + (B(0) ? bias[0][o] : 0), up = dot(*mats[1].w, o) + (B(1) ? bias[1][o] : 0);
                 want = gate / (1 + exp(-gate)) * up;
+                // The gating's error follows the sums' (a few f32 roundings of |gate| and |up|), not
+                // its own size: a negative gate makes silu(gate) * up small while its error stays.
+                largest = std::max(largest, fabs(gate * up));
             } else {
                 want = dot(*mats[m].w, o) + (B(m) ? bias[m][o] : 0) + (mode == 1 ? start[m][o] : 0);
             }
