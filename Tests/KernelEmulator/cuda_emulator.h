@@ -284,6 +284,9 @@ inline size_t __cvta_generic_to_shared(const void* p) {
 
 inline thread_local uint3 threadIdx, blockIdx;
 inline thread_local dim3 blockDim, gridDim;
+namespace emu {
+inline thread_local size_t dynamicShared = 0;  // the running launch's dynamic shared memory
+}
 
 #if defined(__x86_64__)
 // Saves the callee-saved registers and the stack pointer in *from, resumes the context at `to`.
@@ -582,6 +585,7 @@ inline void run_grid_(dim3 grid, dim3 block, size_t shared, void (*body)(void*),
     auto work = [&] {
         gridDim = grid;
         blockDim = block;
+        dynamicShared = shared;
         for (long i; (i = next.fetch_add(1)) < blocks;) {
             blockIdx = {(unsigned)(i % grid.x), (unsigned)((i / grid.x) % grid.y), (unsigned)(i / ((long)grid.x * grid.y))};
             memset(fa_shared, shared_fill_(), std::max<size_t>(shared, 1024));
@@ -938,8 +942,15 @@ inline void copy16_(void* dst, const void* src, bool in) {
     c.dst = (unsigned char*)dst;
     if (in) memcpy(c.bytes, src, 16);
     else memset(c.bytes, 0, 16);
-    if (eager_async_()) memcpy(c.dst, c.bytes, 16);
-    else block_->fibers[block_->current].openCopies.push_back(c);
+    if (eager_async_()) {
+        memcpy(c.dst, c.bytes, 16);
+    } else {
+        // Until the copy lands, its destination holds neither what it held nor what is coming, so
+        // a read before the wait, or a refill of a buffer that an issued wgmma has yet to read,
+        // shows as NaNs (the wgmma runs at its wait, after the refill was issued).
+        memset(c.dst, 0xff, 16);
+        block_->fibers[block_->current].openCopies.push_back(c);
+    }
 }
 
 inline void copy_commit_() {
@@ -996,5 +1007,7 @@ inline void wgmma_fence() {}
 inline void wgmma_commit() { emu::wgmma_commit_(); }
 template <int N> inline void wgmma_wait() { emu::wgmma_wait_<N>(); }
 inline void fence_proxy_async() {}
+inline unsigned dynamic_shared_bytes() { return (unsigned)emu::dynamicShared; }
+inline void __trap() { emu::die("__trap"); }
 inline void hold(float&) {}
 inline void hold(unsigned&) {}

@@ -283,12 +283,13 @@ final class CUDABackendTests: XCTestCase {
     /// another order), for each type with kernels and both token tiles (128 and 256): more weight
     /// rows and tokens than a block takes, neither a multiple of its tile; chunk counts odd (Q8_0,
     /// Q4_0, IQ4_NL) and even; plain, with a bias, added to a residual (with the bias after), q, k
-    /// and v of three row counts in one launch, and gate and up in one launch before the gating.
+    /// and v of three row counts in one launch (and Q4_K_M's mix: Q4_K q and k in one, a Q6_K v
+    /// in another), and gate and up in one launch before the gating.
     func testQuantGemmMatchesWidening() throws {
         let gpu = try backend()
         guard gpu.driver.computeCapability == (9, 0) else { throw XCTSkip("quant_gemm needs wgmma (compute capability 9.0)") }
-        let allowedBefore = gpu.quantGemmAllowed
-        defer { (gpu.quantGemmAllowed, gpu.quantGemmTokens) = (allowedBefore, nil) }
+        let before = (gpu.quantGemmAllowed, gpu.quantGemmTokens)
+        defer { (gpu.quantGemmAllowed, gpu.quantGemmTokens) = before }
         var rng = SplitMix(seed: 23)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] {
@@ -302,7 +303,8 @@ final class CUDABackendTests: XCTestCase {
                           (.q2_K, 1024)] {
             var storage: [UnsafeMutableRawPointer] = []
             defer { storage.forEach { $0.deallocate() } }
-            func matrix(_ rows: Int) throws -> CUDAWeight {
+            func matrix(_ rows: Int, _ t: DType? = nil) throws -> CUDAWeight {
+                let type = t ?? type
                 let values = (0..<(rows * k)).map { _ in uniform() }
                 let size = type.byteCount(elements: rows * k)
                 let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
@@ -310,8 +312,10 @@ final class CUDABackendTests: XCTestCase {
                 values.withUnsafeBufferPointer { Quantizer.quantize(type, $0.baseAddress!, count: rows * k, into: bytes) }
                 return try gpu.weight(TensorView(name: "w", dtype: type, shape: [rows, k], data: UnsafeRawPointer(bytes), byteCount: size))
             }
-            // The product's matrix; k and v of a q/k/v launch; the up of a gated one.
+            // The product's matrix; k and v of a q/k/v launch; the up of a gated one; for Q4_K, a
+            // v in Q6_K, as Q4_K_M files have (q and k in one launch, v in another).
             let weight = try matrix(n), kw = try matrix(72), vw = try matrix(40), up = try matrix(n)
+            let mixedV = type == .q4_K ? try matrix(40, .q6_K) : nil
             let biasValues = (0..<n).map { _ in uniform() }
             let bias = try biasValues.withUnsafeBytes {
                 try gpu.weight(TensorView(name: "b", dtype: .f32, shape: [n], data: $0.baseAddress!, byteCount: $0.count))
@@ -334,13 +338,19 @@ final class CUDABackendTests: XCTestCase {
                 let (q, kv, vv) = (try read(out, tokens * n), try read(kOut, tokens * 72), try read(vOut, tokens * 40))
                 gpu.gatedProduct(xb, rows: tokens, gate: weight, gateBias: nil, up: up, upBias: nil, activation: .silu, out: out, scratch: scratch)
                 let gated = try read(out, tokens * n)
-                XCTAssertEqual(gpu.quantGemmLaunches - before, fused ? 5 : 0, "\(type): launches of quant_gemm")
-                return [plain, biased, added, q, kv, vv, gated]
+                var mixed: [[Float]] = []
+                if let mixedV {
+                    gpu.matmul3(xb, rows: tokens, (weight, bias, out), (kw, nil, kOut), (mixedV, nil, vOut))
+                    mixed = [try read(out, tokens * n), try read(kOut, tokens * 72), try read(vOut, tokens * 40)]
+                }
+                XCTAssertEqual(gpu.quantGemmLaunches - before, fused ? (mixedV == nil ? 5 : 7) : 0, "\(type): launches of quant_gemm")
+                return [plain, biased, added, q, kv, vv, gated] + mixed
             }
             let widened = try run(fused: false)
             for tokensABlock in [128, 256] {
                 let fused = try run(fused: true, tokensABlock: tokensABlock)
-                for (i, name) in ["plain", "with a bias", "added to a residual", "q", "k", "v", "gated"].enumerated() {
+                let names = ["plain", "with a bias", "added to a residual", "q", "k", "v", "gated", "q (v in Q6_K)", "k (v in Q6_K)", "v in Q6_K"]
+                for (i, name) in names.prefix(widened.count).enumerated() {
                     let scale = widened[i].reduce(0) { max($0, abs($1)) }
                     XCTAssertGreaterThan(scale, 0)
                     XCTAssertLessThan(maxAbsDiff(fused[i], widened[i]), 2e-5 * scale, "\(type), k \(k), \(tokensABlock) tokens a block: \(name)")
@@ -957,6 +967,9 @@ final class CUDABackendTests: XCTestCase {
             let out = dir + "/moe-\(mix.rawValue).gguf"
             _ = try ModelQuantizer(mix: mix, pure: true).quantize(source: source, output: out)
             try assertMatchesCPU(out, gpu)
+            // --deterministic takes the warp-per-row expert products (moe_products) for every
+            // step, which once gave IQ4_NL no 8-bit activations to read.
+            if mix == .iq4_nl { try assertMatchesCPU(out, try CUDABackend(deterministic: true)) }
         }
     }
 

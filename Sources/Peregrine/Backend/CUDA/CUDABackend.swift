@@ -671,9 +671,11 @@ public final class CUDABackend: ComputeBackend {
         }
         let b = try deviceCopy(of: t.data, bytes: t.byteCount)
         if [.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K].contains(t.dtype) {
-            // Planar on the device (values, then scales): 16-byte-aligned blocks for the kernels.
+            // Planar on the device (values, then scales): 16-byte-aligned blocks for the kernels,
+            // and 32 bytes past the end, which quant_gemm's 16-byte copies of the pieces holding
+            // the last scales may reach (Q3_K's 12 scale bytes take two).
             guard cols % t.dtype.blockSize == 0 else { throw PeregrineError.format("tensor '\(t.name)': rows of \(cols) values are not whole blocks") }
-            let planar = try CUDABuffer(driver: driver, count: (t.byteCount + 3) / 4)
+            let planar = try CUDABuffer(driver: driver, count: (t.byteCount + 3) / 4 + 8)
             let blocks = rows * cols / t.dtype.blockSize
             launch("repack_quantized", grid: self.blocks(blocks), block: 256, dependent: false) { a in
                 a.ptr(b); a.i32(code(t.dtype)); a.ptr(planar); a.i64(blocks)
@@ -1017,18 +1019,19 @@ public final class CUDABackend: ComputeBackend {
     /// multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets it for measuring; tests
     /// run both.
     var quantGemmTokens: Int? = [128, 256].first { $0 == Int(ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM_TOKENS"] ?? "") }
-    /// quant_gemm launches so far (recorded steps count once), for tests.
+    /// quant_gemm launches the host has issued (a graph's replays count none), for tests.
     private(set) var quantGemmLaunches = 0
 
     /// Up to three products of quantized weights over the same `rows` tokens of x in one
-    /// quant_gemm launch, if one takes them (false: nothing launched): a compute capability 9.0
-    /// device (wgmma), one type with kernels, rows of one length, a multiple of the kernels'
-    /// chunk of 64 values, and the kernel's shared memory within the device's. `halfOut` writes
-    /// BF16 outputs (no bias).
+    /// quant_gemm launch, if one takes them (false: nothing launched): too many tokens for the
+    /// row kernel (which --deterministic keeps for every count), a compute capability 9.0 device
+    /// (wgmma), one type with kernels, rows of one length, a multiple of the kernels' chunk of 64
+    /// values, and the kernel's shared memory within the device's. `halfOut` writes BF16 outputs
+    /// (no bias).
     private func quantGemm(_ x: CUDABuffer, rows: Int, _ p: [(weight: CUDAWeight, bias: CUDAWeight?, out: CUDADriver.DevicePointer)],
                            accumulate: Bool, halfOut: Bool = false) -> Bool {
         let w = p[0].weight, k = w.cols
-        guard quantGemmAllowed, driver.computeCapability == (9, 0), k % 64 == 0, p.count <= 3,
+        guard quantGemmAllowed, !usesRowKernel(rows, w), driver.computeCapability == (9, 0), k % 64 == 0, p.count <= 3,
               p.allSatisfy({ $0.weight.dtype == w.dtype && $0.weight.cols == k }),
               let kernels = CUDABackend.quantGemmKernels[w.dtype] else { return false }
         let rowTiles = p.reduce(0) { $0 + ($1.weight.rows + CUDABackend.quantGemmRows - 1) / CUDABackend.quantGemmRows }
@@ -1864,8 +1867,10 @@ public final class CUDABackend: ComputeBackend {
         func products(_ input: CUDABuffer, _ w: CUDABuffer, _ type: DType, _ u: CUDABuffer?, _ upType: DType, outputs: Int, k: Int,
                       _ y: CUDABuffer) {
             var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
-            // Every quantized type's products run on 8-bit activations (rounded per 32 values).
-            if [DType.q8_0, .q4_0, .q4_K, .q6_K].contains(type) || [DType.q8_0, .q4_0, .q4_K, .q6_K].contains(upType) {
+            // The types whose row_dot reads 8-bit activations (rounded per 32 values); the others
+            // (IQ4_XS, Q3_K, Q2_K) read the f32 ones.
+            let eightBit: [DType] = [.q8_0, .q4_0, .iq4_nl, .q4_K, .q6_K]
+            if eightBit.contains(type) || eightBit.contains(upType) {
                 guard let q = quantizeActivations(input, rows: total, k: k, norm: nil) else { return }
                 (xq, xs) = q
             }

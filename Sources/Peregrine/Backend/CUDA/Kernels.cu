@@ -2638,6 +2638,12 @@ __device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const unsigned 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
+// The dynamic shared memory the launch gave the block.
+__device__ __forceinline__ unsigned dynamic_shared_bytes() {
+    unsigned n;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+    return n;
+}
 // Orders this thread's generic-proxy writes of shared memory (stores, cp.async) before the async
 // proxy's reads (wgmma).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
@@ -3988,11 +3994,15 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     static_assert(STAGES >= 3, "a chunk is multiplied while the next is decoded and a third is copied");
     static_assert(NT == 128 || NT == 256, "one wgmma of 128 or 256 columns");
+    static_assert(quant_gemm_shared<DT, NT, STAGES>() <= 227 * 1024 - 12288, "within the backend's dynamic shared memory on Hopper");
     using Q = QuantChunk<DT>;
     constexpr int XB = NT * 128;
     constexpr int SB = XB + (QG_ROWS * Q::STRIDE + 1023) / 1024 * 1024;
     extern __shared__ __align__(16) unsigned char fa_shared[];
     unsigned char* base = fa_shared + ((1024 - (shared_address(fa_shared) & 1023)) & 1023);
+    // A launch with less shared memory than the buffers take (the host's table of the kernels out
+    // of step with QUANT_GEMM) would corrupt it silently: stop instead.
+    if (dynamic_shared_bytes() < (unsigned)quant_gemm_shared<DT, NT, STAGES>()) __trap();
     int tile = blockIdx.y, tiles0 = (n0 + QG_ROWS - 1) / QG_ROWS, tiles1 = (n1 + QG_ROWS - 1) / QG_ROWS;
     const void* w = w0;
     const float* bias = b0;
@@ -4103,7 +4113,8 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
             long at = (long)t * n + o;
             float v = acc[i][e];
             if (halfOut) {
-                ((__nv_bfloat16*)y)[at] = __float2bfloat16_rn(v);
+                __nv_bfloat16* h = (__nv_bfloat16*)y + at;
+                *h = __float2bfloat16_rn(accumulate ? v + __bfloat162float(*h) : v);
                 continue;
             }
             if (accumulate) v += ((float*)y)[at];
