@@ -24,10 +24,11 @@ static long cache_at(const Problem& p, int slot, int pos) {
     return ((long)p.tables[slot * p.width + pos / p.bs] * p.bs + pos % p.bs) * p.kvHeads * p.hd;
 }
 
-static Problem make_problem(int heads, int kvHeads, Rng& rng) {
+static Problem make_problem(int heads, int kvHeads, Rng& rng, int hd = 128) {
     Problem p;
     p.heads = heads;
     p.kvHeads = kvHeads;
+    p.hd = hd;
     const int depths[4] = {700, 37, 1000, 129};  // each row's position (its sequence's keys 0 ... position cached)
     int rows = 4;
     p.blocks = rows * p.width;
@@ -87,20 +88,35 @@ static std::vector<double> reference(const Problem& p, float scale, float cap, i
 int main() {
     Rng rng(11);
     bool ok = true;
-    struct Kernel { const char* name; DecodeKernel kernel; int warps, stages; } kernels[] = {
-        {"attention_decode_mma_128", attention_decode_mma_128, 2, 2},
-        {"attention_decode_mma_128_w4", attention_decode_mma_128_w4, 4, 2},
-        {"attention_decode_mma_128_w4s3", attention_decode_mma_128_w4s3, 4, 3},
+    struct Kernel { const char* name; DecodeKernel kernel; int warps, stages, hd; } kernels[] = {
+        {"attention_decode_mma_128", attention_decode_mma_128, 2, 2, 128},
+        {"attention_decode_mma_128_w4", attention_decode_mma_128_w4, 4, 2, 128},
+        {"attention_decode_mma_128_w4s3", attention_decode_mma_128_w4s3, 4, 3, 128},
+    };
+    // The other head sizes the backend compiles (CUDABackend.tensorCoreDecodeDims), each kernel
+    // once on the smaller problem, plain and capped.
+    struct Other { int hd; Kernel k[3]; } others[] = {
+#define OTHER(D)                                                                                  \
+    {D,                                                                                           \
+     {{"attention_decode_mma_" #D, attention_decode_mma_##D, 2, 2, D},                            \
+      {"attention_decode_mma_" #D "_w4", attention_decode_mma_##D##_w4, 4, 2, D},                 \
+      {"attention_decode_mma_" #D "_w4s3", attention_decode_mma_##D##_w4s3, 4, 3, D}}}
+        OTHER(16), OTHER(32), OTHER(64), OTHER(96),
+#undef OTHER
     };
     const float caps[3] = {0, 0, 30};
     const int windows[3] = {0, 100, 0};
-    for (auto [heads, kvHeads] : {std::pair{8, 2}, std::pair{32, 2}}) {
-        Problem p = make_problem(heads, kvHeads, rng);
+    struct Run { int heads, kvHeads, hd; std::vector<Kernel> kernels; std::vector<int> cases; };
+    std::vector<Run> runs = {{8, 2, 128, {kernels, kernels + 3}, {0, 1, 2}}, {32, 2, 128, {kernels, kernels + 3}, {0, 1, 2}}};
+    for (const Other& o : others) runs.push_back({8, 2, o.hd, {o.k, o.k + 3}, {0, 2}});
+    for (const Run& run : runs) {
+        int heads = run.heads, kvHeads = run.kvHeads;
+        Problem p = make_problem(heads, kvHeads, rng, run.hd);
         int rows = (int)p.slots.size(), D = p.hd, group = heads / kvHeads, parts = (group + SPLIT_GROUP - 1) / SPLIT_GROUP;
-        for (int c = 0; c < 3; c++) {
+        for (int c : run.cases) {
             float scale = 1 / sqrtf((float)D) * (caps[c] > 0 ? 8 : 1);
             auto want = reference(p, scale, caps[c], windows[c]);
-            for (auto& k : kernels)
+            for (auto& k : run.kernels)
                 for (int splits : {1, 7}) {
                     int keys = 16 * k.warps;
                     size_t shared = (size_t)k.stages * 2 * keys * (D + 8) * 2 + k.stages * keys * 8;
