@@ -3702,7 +3702,7 @@ extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned
 // activations, swizzled as wgmma's 128-byte mode reads a K-major B, and each weight row's raw
 // bytes for the chunk (values, then the 16-byte pieces holding its scales) as they lie in memory.
 // Each thread decodes its own rows' values straight into wgmma's A fragments (registers, the
-// BF16 value dequant32_bf16 gives: f32 arithmetic, then rounded), so a weight value is decoded
+// BF16 value dequantize_bf16 gives: load_weight's f32 arithmetic, then rounded), so a value is decoded
 // once a block and never written back; the next chunk is decoded while the tensor cores multiply
 // this one. Grid: x over token tiles (fastest, so a weight tile's token tiles run together and
 // its bytes come from memory once), y over weight-row tiles. K must be a multiple of QG_K (256
@@ -3994,6 +3994,7 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     static_assert(STAGES >= 3, "a chunk is multiplied while the next is decoded and a third is copied");
     static_assert(NT == 128 || NT == 256, "one wgmma of 128 or 256 columns");
+    static_assert(QG_THREADS == 256 && QG_ROWS == 128, "load's mapping: 8 threads an activation row, 2 a weight row");
     static_assert(quant_gemm_shared<DT, NT, STAGES>() <= 227 * 1024 - 12288, "within the backend's dynamic shared memory on Hopper");
     using Q = QuantChunk<DT>;
     constexpr int XB = NT * 128;
@@ -4022,21 +4023,32 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
     const int r = 64 * (warp >> 2) + 16 * (warp & 3) + (lane >> 2);  // the thread's rows in the tile: r and r + 8
     gdc_wait();
-    // Chunk s's copies into buffer s % STAGES (none past the last chunk; no commit).
+    // Each thread copies the same pieces of every chunk, so their addresses are worked out once:
+    // activation rows tA + 32m (m < NT / 32), 16-byte part pA of each (the rows' swizzle is
+    // tA's, as 32m keeps a row's low three bits, and row tA + 32m lies 4,096 bytes after row
+    // tA's place in the tile); and weight row oW, pieces (threadIdx.x & 1) + 2j (two threads a row).
+    const int tA = threadIdx.x >> 3, pA = threadIdx.x & 7, oW = threadIdx.x >> 1;
+    const unsigned short* xA = x + (long)(t0 + tA) * k + 8 * pA;
+    const long strideA = 32L * k;
+    const int dA = tA * 128 + ((pA ^ (tA & 7)) << 4);
+    const bool inW = o0 + oW < n;
+    // Chunk s's copies into buffer s % STAGES (none past the last chunk; no commit). Zeros where
+    // a row is past the tokens or the matrix (their source address is never read).
     auto load = [&](int s) {
         if (s >= chunks) return;
         unsigned char* xs = base + (s % STAGES) * SB;
         unsigned char* ws = xs + XB;
         int k0 = s * QG_K;
-        for (int p = threadIdx.x; p < NT * 8; p += blockDim.x) {
-            int t = p >> 3, part = p & 7;
-            bool in = t0 + t < rows;
-            copy16_async(xs + swizzled128(t, part, NT), x + (in ? (long)(t0 + t) * k + k0 + 8 * part : 0), in);
+#pragma unroll
+        for (int m = 0; m < NT / 32; m++) {
+            bool in = t0 + tA + 32 * m < rows;
+            copy16_async(xs + dA + 4096 * m, in ? xA + m * strideA + k0 : x, in);
         }
-        for (int p = threadIdx.x; p < QG_ROWS * Q::PIECES; p += blockDim.x) {
-            int o = p / Q::PIECES, piece = p % Q::PIECES;
-            bool in = o0 + o < n;
-            copy16_async(ws + o * Q::STRIDE + 16 * piece, in ? Q::piece(w, total, k, o0 + o, k0, piece) : w, in);
+#pragma unroll
+        for (int j = 0; j < (Q::PIECES + 1) / 2; j++) {
+            int piece = (threadIdx.x & 1) + 2 * j;
+            if (piece < Q::PIECES)
+                copy16_async(ws + oW * Q::STRIDE + 16 * piece, inW ? Q::piece(w, total, k, o0 + oW, k0, piece) : w, inW);
         }
     };
     // The thread's A fragments of chunk s (its buffer complete and visible).
