@@ -90,33 +90,14 @@ static std::vector<int> make_tiles(const Problem& p, int tileRows) {
 static std::vector<double> reference(const Problem& p, float scale, float cap, int window) {
     int rows = (int)p.slots.size(), D = p.hd, group = p.heads / p.kvHeads;
     std::vector<double> out((size_t)rows * p.heads * D);
-    std::vector<double> s, acc(D);
     std::vector<float> kf(p.kc.size()), vf(p.vc.size());
     for (size_t i = 0; i < kf.size(); i++) { kf[i] = from_f16(p.kc[i]); vf[i] = from_f16(p.vc[i]); }
     for (int t = 0; t < rows; t++)
         for (int h = 0; h < p.heads; h++) {
             int pos = p.positions[t], kvh = h / group, lo = window > 0 ? std::max(0, pos - window + 1) : 0;
-            const float* qv = &p.q[((size_t)t * p.heads + h) * D];
-            s.assign(pos + 1 - lo, 0);
-            double mx = -INFINITY;
-            for (int j = lo; j <= pos; j++) {
-                const float* k = &kf[cache_at(p, p.slots[t], j) + kvh * D];
-                double dot = 0;
-                for (int d = 0; d < D; d++) dot += (double)qv[d] * k[d];
-                dot *= scale;
-                if (cap > 0) dot = cap * tanh(dot / cap);
-                s[j - lo] = dot;
-                mx = std::max(mx, dot);
-            }
-            double sum = 0;
-            std::fill(acc.begin(), acc.end(), 0.0);
-            for (int j = lo; j <= pos; j++) {
-                double w = exp(s[j - lo] - mx);
-                sum += w;
-                const float* v = &vf[cache_at(p, p.slots[t], j) + kvh * D];
-                for (int d = 0; d < D; d++) acc[d] += w * v[d];
-            }
-            for (int d = 0; d < D; d++) out[((size_t)t * p.heads + h) * D + d] = acc[d] / sum;
+            auto at = [&](int j) { return cache_at(p, p.slots[t], j) + kvh * D; };
+            attend_reference(&p.q[((size_t)t * p.heads + h) * D], D, lo, pos, scale, cap, [&](int j) { return &kf[at(j)]; },
+                             [&](int j) { return &vf[at(j)]; }, &out[((size_t)t * p.heads + h) * D]);
         }
     return out;
 }

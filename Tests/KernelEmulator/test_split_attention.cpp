@@ -67,24 +67,9 @@ struct Cache {
 // keys the window leaves (all up to pos without one), scores scaled then soft-capped.
 std::vector<double> attend(const Cache& c, const float* q, int heads, int h, int slot, int pos, float scale, float cap, int window) {
     int D = c.hd, kvh = h / (heads / c.kvHeads), lo = window > 0 ? std::max(0, pos - window + 1) : 0;
-    std::vector<double> s(pos + 1 - lo), out(D, 0.0);
-    double mx = -INFINITY, sum = 0;
-    for (int j = lo; j <= pos; j++) {
-        const float* k = &c.kf[c.at(slot, j) + kvh * D];
-        double dot = 0;
-        for (int d = 0; d < D; d++) dot += (double)q[d] * k[d];
-        dot *= scale;
-        if (cap > 0) dot = cap * tanh(dot / cap);
-        s[j - lo] = dot;
-        mx = std::max(mx, dot);
-    }
-    for (int j = lo; j <= pos; j++) {
-        double w = exp(s[j - lo] - mx);
-        sum += w;
-        const float* v = &c.vf[c.at(slot, j) + kvh * D];
-        for (int d = 0; d < D; d++) out[d] += w * v[d];
-    }
-    for (auto& o : out) o /= sum;
+    std::vector<double> out(D);
+    attend_reference(q, D, lo, pos, scale, cap, [&](int j) { return &c.kf[c.at(slot, j) + kvh * D]; },
+                     [&](int j) { return &c.vf[c.at(slot, j) + kvh * D]; }, out.data());
     return out;
 }
 

@@ -149,4 +149,30 @@ struct Errors {
     }
 };
 
+// The reference attention of one query, in doubles: a softmax over positions lo ..< pos + 1 of
+// the scores q . key(j) (D floats each), scaled, then soft-capped when cap > 0, weighting
+// value(j) into out (D values).
+template <class Key, class Value>
+inline void attend_reference(const float* q, int D, int lo, int pos, float scale, float cap, Key key, Value value, double* out) {
+    std::vector<double> s(pos + 1 - lo);
+    double mx = -INFINITY, sum = 0;
+    for (int j = lo; j <= pos; j++) {
+        const float* k = key(j);
+        double dot = 0;
+        for (int d = 0; d < D; d++) dot += (double)q[d] * k[d];
+        dot *= scale;
+        if (cap > 0) dot = cap * tanh(dot / cap);
+        s[j - lo] = dot;
+        mx = std::max(mx, dot);
+    }
+    for (int d = 0; d < D; d++) out[d] = 0;
+    for (int j = lo; j <= pos; j++) {
+        double w = exp(s[j - lo] - mx);
+        sum += w;
+        const float* v = value(j);
+        for (int d = 0; d < D; d++) out[d] += w * v[d];
+    }
+    for (int d = 0; d < D; d++) out[d] /= sum;
+}
+
 }  // namespace test

@@ -292,12 +292,7 @@ final class CUDABackendTests: XCTestCase {
         defer { (gpu.quantGemmAllowed, gpu.quantGemmTokens) = before }
         var rng = SplitMix(seed: 23)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
-        func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] {
-            try gpu.synchronize()
-            var y = [Float](repeating: 0, count: count)
-            y.withUnsafeMutableBufferPointer { gpu.read(b, offset: 0, into: $0) }
-            return y
-        }
+        func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] { try gpu.values(b, count) }
         let n = 300, tokens = 200
         for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.iq4_xs, 1024), (.q4_K, 1024), (.q6_K, 1024), (.q3_K, 1024),
                           (.q2_K, 1024)] {
@@ -418,12 +413,7 @@ final class CUDABackendTests: XCTestCase {
         defer { gpu.fixedMatvecs = fixedBefore }
         var rng = SplitMix(seed: 11)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
-        func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] {
-            try gpu.synchronize()
-            var y = [Float](repeating: 0, count: count)
-            y.withUnsafeMutableBufferPointer { gpu.read(b, offset: 0, into: $0) }
-            return y
-        }
+        func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] { try gpu.values(b, count) }
         let rows = [37, 37, 13], n = rows[0]
         let biasValues = (0..<n).map { _ in uniform() }, residualValues = (0..<n).map { _ in uniform() }
         let bias = try biasValues.withUnsafeBytes {
@@ -1100,5 +1090,15 @@ final class GemmaCUDATests: XCTestCase {
                 XCTAssertLessThan(maxAbsDiff(x, y), 1e-3, "\(name) position \(i)")
             }
         }
+    }
+}
+
+extension CUDABackend {
+    /// The first `count` values of `b`, once the queued work is done.
+    func values(_ b: CUDABuffer, _ count: Int) throws -> [Float] {
+        try synchronize()
+        var y = [Float](repeating: 0, count: count)
+        y.withUnsafeMutableBufferPointer { read(b, offset: 0, into: $0) }
+        return y
     }
 }

@@ -517,6 +517,19 @@ public final class CUDABackend: ComputeBackend {
         mutating func i32(_ v: Int) { base.storeBytes(of: Int32(v), toByteOffset: 8 * count, as: Int32.self); count += 1 }
         mutating func i64(_ v: Int) { base.storeBytes(of: Int64(v), toByteOffset: 8 * count, as: Int64.self); count += 1 }
         mutating func f32(_ v: Float) { base.storeBytes(of: v, toByteOffset: 8 * count, as: Float.self); count += 1 }
+        /// The (weights, bias, output, rows) of the product kernels' up to three matrices: `count`
+        /// of them from `product`, the rest null.
+        mutating func products(_ count: Int,
+                               _ product: (Int) -> (weight: CUDADriver.DevicePointer, bias: CUDADriver.DevicePointer, out: CUDADriver.DevicePointer, rows: Int)) {
+            for i in 0..<3 {
+                if i < count {
+                    let q = product(i)
+                    ptr(q.weight); ptr(q.bias); ptr(q.out); i32(q.rows)
+                } else {
+                    ptr(0); ptr(0); ptr(0); i32(0)
+                }
+            }
+        }
     }
 
     private func record(_ status: CUDADriver.Result, _ call: String) {
@@ -824,9 +837,7 @@ public final class CUDABackend: ComputeBackend {
             (xq, xs) = q
         }
         launch("matmul_rows", grid: blocks(warps * 32), block: 256) { a in
-            for i in 0..<3 {
-                if i < p.count { a.ptr(p[i].weight.pointer); a.ptr(p[i].bias?.pointer ?? 0); a.ptr(p[i].out); a.i32(mode == 2 && i == 1 ? 0 : n[i]) } else { a.ptr(0); a.ptr(0); a.ptr(0); a.i32(0) }
-            }
+            a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out.pointer, mode == 2 && i == 1 ? 0 : n[i]) }
             a.i32(code(p[0].weight.dtype)); a.ptr(x); a.ptr(xq); a.ptr(xs); a.i32(k); a.i32(rows); a.i32(mode)
         }
     }
@@ -850,7 +861,7 @@ public final class CUDABackend: ComputeBackend {
     private func matvecKernel(_ x: CUDABuffer, _ p: [Product], mode: Int, norm: (weight: CUDAWeight, eps: Float)?,
                               q8: (CUDADriver.DevicePointer, CUDADriver.DevicePointer)? = nil) -> Bool {
         let dtype = p[0].weight.dtype, k = p[0].weight.cols
-        guard let suffix = matvecSuffix(dtype) else { return false }
+        guard let suffix = Self.matvecSuffix(dtype) else { return false }
         let quantized = !dtype.isFloat
         guard p.allSatisfy({ $0.weight.dtype == dtype && $0.weight.cols == k }), k % (quantized ? dtype.blockSize : 8) == 0 else { return false }
         if let norm, !quantized, norm.weight.rows * norm.weight.cols != k || k * 4 > dynamicSharedLimit { return false }
@@ -867,9 +878,7 @@ public final class CUDABackend: ComputeBackend {
         let fixed = fixedMatvecs && (dtype == .f16 || dtype == .bf16) && normPointer == 0 && CUDABackend.fixedMatvecLengths.contains(k)
         let kernel = "matvec_" + suffix + (mode == 2 ? "_gated" : "") + (fixed ? "_k\(k)" : "")
         launch(kernel, grid: blocks(warps * 32), block: 256, shared: shared) { a in
-            for i in 0..<3 {
-                if i < p.count { a.ptr(p[i].weight.pointer); a.ptr(p[i].bias?.pointer ?? 0); a.ptr(p[i].out); a.i32(mode == 2 && i == 1 ? 0 : n[i]) } else { a.ptr(0); a.ptr(0); a.ptr(0); a.i32(0) }
-            }
+            a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out.pointer, mode == 2 && i == 1 ? 0 : n[i]) }
             a.ptr(x); a.ptr(normPointer); a.f32(norm?.eps ?? 0); a.ptr(xq); a.ptr(xs); a.i32(k); a.i32(mode); a.ptr(0); a.i32(1)
         }
         return true
@@ -884,7 +893,7 @@ public final class CUDABackend: ComputeBackend {
 
     /// The `matvec` kernel of a weight type, when there is one that takes rows of any length the
     /// type's blocks divide.
-    private func matvecSuffix(_ dtype: DType) -> String? {
+    private static func matvecSuffix(_ dtype: DType) -> String? {
         switch dtype {
         case .f16: return "f16"
         case .bf16: return "bf16"
@@ -990,25 +999,17 @@ public final class CUDABackend: ComputeBackend {
         /// bytes) and weight rows rounded up to 1,024 bytes, and 1,024 to align the first.
         var shared: Int { stages * (tokens * 128 + (CUDABackend.quantGemmRows * rowBytes + 1023) / 1024 * 1024) + 1024 }
     }
-    /// The kernels of each weight type: 128 tokens a block, then 256 (QUANT_GEMM in Kernels.cu).
-    static let quantGemmKernels: [DType: [QuantGemmKernel]] = [
-        .q8_0: [QuantGemmKernel(name: "quant_gemm_q8_0", tokens: 128, stages: 4, rowBytes: 80),
-                QuantGemmKernel(name: "quant_gemm_q8_0_t256", tokens: 256, stages: 4, rowBytes: 80)],
-        .q4_0: [QuantGemmKernel(name: "quant_gemm_q4_0", tokens: 128, stages: 4, rowBytes: 48),
-                QuantGemmKernel(name: "quant_gemm_q4_0_t256", tokens: 256, stages: 4, rowBytes: 48)],
-        .iq4_nl: [QuantGemmKernel(name: "quant_gemm_iq4_nl", tokens: 128, stages: 4, rowBytes: 48),
-                  QuantGemmKernel(name: "quant_gemm_iq4_nl_t256", tokens: 256, stages: 4, rowBytes: 48)],
-        .iq4_xs: [QuantGemmKernel(name: "quant_gemm_iq4_xs", tokens: 128, stages: 4, rowBytes: 48),
-                  QuantGemmKernel(name: "quant_gemm_iq4_xs_t256", tokens: 256, stages: 4, rowBytes: 48)],
-        .q3_K: [QuantGemmKernel(name: "quant_gemm_q3_K", tokens: 128, stages: 3, rowBytes: 112),
-                QuantGemmKernel(name: "quant_gemm_q3_K_t256", tokens: 256, stages: 4, rowBytes: 112)],
-        .q2_K: [QuantGemmKernel(name: "quant_gemm_q2_K", tokens: 128, stages: 4, rowBytes: 80),
-                QuantGemmKernel(name: "quant_gemm_q2_K_t256", tokens: 256, stages: 4, rowBytes: 80)],
-        .q4_K: [QuantGemmKernel(name: "quant_gemm_q4_K", tokens: 128, stages: 4, rowBytes: 48),
-                QuantGemmKernel(name: "quant_gemm_q4_K_t256", tokens: 256, stages: 4, rowBytes: 48)],
-        .q6_K: [QuantGemmKernel(name: "quant_gemm_q6_K", tokens: 128, stages: 3, rowBytes: 144),
-                QuantGemmKernel(name: "quant_gemm_q6_K_t256", tokens: 256, stages: 4, rowBytes: 144)],
-    ]
+    /// The kernels of each weight type, named by its matvec suffix: 128 tokens a block, then 256
+    /// (QUANT_GEMM in Kernels.cu): the bytes a weight row takes in a buffer (QuantChunk's STRIDE)
+    /// and the buffers at 128 tokens; 256 tokens take four.
+    static let quantGemmKernels: [DType: [QuantGemmKernel]] = Dictionary(uniqueKeysWithValues: [
+        (DType.q8_0, 80, 4), (.q4_0, 48, 4), (.iq4_nl, 48, 4), (.iq4_xs, 48, 4), (.q3_K, 112, 3), (.q2_K, 80, 4), (.q4_K, 48, 4),
+        (.q6_K, 144, 3),
+    ].map { type, rowBytes, stages in
+        let name = "quant_gemm_" + (matvecSuffix(type) ?? "")
+        return (type, [QuantGemmKernel(name: name, tokens: 128, stages: stages, rowBytes: rowBytes),
+                       QuantGemmKernel(name: name + "_t256", tokens: 256, stages: 4, rowBytes: rowBytes)])
+    })
     /// Whether quantized prompt products decode their weights on the fly into the tensor cores'
     /// operands (quant_gemm) rather than widening the whole matrix to BF16 for cuBLAS first.
     /// quant_gemm is checked on the kernel emulator (Tests/KernelEmulator) but not yet measured
@@ -1041,13 +1042,7 @@ public final class CUDABackend: ComputeBackend {
         for q in p { productWrites(q.out, count: q.weight.rows * rows) }
         quantGemmLaunches += 1
         launch(kernel.name, grid: ((rows + kernel.tokens - 1) / kernel.tokens, rowTiles, 1), block: 256, shared: kernel.shared) { a in
-            for i in 0..<3 {
-                if i < p.count {
-                    a.ptr(p[i].weight.pointer); a.ptr(p[i].bias?.pointer ?? 0); a.ptr(p[i].out); a.i32(p[i].weight.rows)
-                } else {
-                    a.ptr(0); a.ptr(0); a.ptr(0); a.i32(0)
-                }
-            }
+            a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out, p[i].weight.rows) }
             a.ptr(b); a.i32(rows); a.i32(k); a.i32(accumulate ? 1 : 0); a.i32(halfOut ? 1 : 0)
         }
         return true
@@ -1066,7 +1061,7 @@ public final class CUDABackend: ComputeBackend {
     /// when some weight has no such kernel.
     private func mixedQuantizedMatvecs(_ x: CUDABuffer, _ p: [Product], norm: (weight: CUDAWeight, eps: Float)?) -> Bool {
         let k = p[0].weight.cols
-        guard p.allSatisfy({ !$0.weight.dtype.isFloat && matvecSuffix($0.weight.dtype) != nil && $0.weight.cols == k
+        guard p.allSatisfy({ !$0.weight.dtype.isFloat && Self.matvecSuffix($0.weight.dtype) != nil && $0.weight.cols == k
                              && k % $0.weight.dtype.blockSize == 0 }),
               Set(p.map(\.weight.dtype)).count > 1 else { return false }
         guard let q8 = quantizeActivations(x, rows: 1, k: k, norm: norm) else { return true }
@@ -1727,7 +1722,7 @@ public final class CUDABackend: ComputeBackend {
     private func expertMatvecKernels(_ experts: CUDAExperts) -> (gateUp: String, down: String)? {
         let d = experts.hidden, ff = experts.intermediate
         let gateType = experts.gate[0].dtype, downType = experts.down[0].dtype
-        guard gateType == experts.up[0].dtype, let gateKernel = matvecSuffix(gateType), let downKernel = matvecSuffix(downType),
+        guard gateType == experts.up[0].dtype, let gateKernel = Self.matvecSuffix(gateType), let downKernel = Self.matvecSuffix(downType),
               d % gateType.blockSize == 0, d % 8 == 0, ff % downType.blockSize == 0, ff % 8 == 0 else { return nil }
         return (gateKernel, downKernel)
     }

@@ -3735,12 +3735,6 @@ __device__ __forceinline__ void wgmma_rs_bf16_n256(float (&d)[32][4], const unsi
 }
 #endif
 
-// Two BF16 values in one register, the first in the low half (the lower k, as mma fragments take them).
-__device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
-    __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
-    return *(unsigned*)&b;
-}
-
 // The two 16-bit pieces of a 16-byte group that lane c's fragments take: bytes 2c, 2c + 1 (lo)
 // and 2c + 8, 2c + 9 (hi), each in the low 16 bits.
 __device__ __forceinline__ void fragment_bytes(const unsigned char* group, int c, unsigned& lo, unsigned& hi) {
@@ -3777,8 +3771,8 @@ template <> struct QuantChunk<3> {  // Q8_0: 64 int8 values, then the piece hold
             unsigned a, b;
             fragment_bytes(row + 16 * j, c, a, b);
             float d = j < 2 ? d0 : d1;
-            lo[j] = bf16_pair(value(a, d), value(a >> 8, d));
-            hi[j] = bf16_pair(value(b, d), value(b >> 8, d));
+            lo[j] = pack16<false>(value(a, d), value(a >> 8, d));
+            hi[j] = pack16<false>(value(b, d), value(b >> 8, d));
         }
     }
 };
@@ -3795,9 +3789,9 @@ template <bool NL> struct Nibble32Chunk {
     static __device__ __forceinline__ unsigned pair(unsigned b, int shift, float d) {
         if (NL) {
             int levels = iq4_levels4(b >> shift);
-            return bf16_pair(d * (float)(signed char)(levels & 0xff), d * (float)(signed char)((levels >> 8) & 0xff));
+            return pack16<false>(d * (float)(signed char)(levels & 0xff), d * (float)(signed char)((levels >> 8) & 0xff));
         }
-        return bf16_pair(d * (float)((int)((b >> shift) & 15) - 8), d * (float)((int)((b >> (8 + shift)) & 15) - 8));
+        return pack16<false>(d * (float)((int)((b >> shift) & 15) - 8), d * (float)((int)((b >> (8 + shift)) & 15) - 8));
     }
     static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
@@ -3840,8 +3834,8 @@ template <> struct QuantChunk<5> {  // Q4_K: the 32 bytes of sub-blocks 2j (low 
 #pragma unroll
             for (int h = 0; h < 2; h++) {  // k16 step b (low nibbles, sub-block 2j) and 2 + b (high, 2j + 1)
                 float sc = scale[h], of = offset[h];
-                lo[2 * h + b] = bf16_pair(sc * ((x >> (4 * h)) & 15) - of, sc * ((x >> (8 + 4 * h)) & 15) - of);
-                hi[2 * h + b] = bf16_pair(sc * ((y >> (4 * h)) & 15) - of, sc * ((y >> (8 + 4 * h)) & 15) - of);
+                lo[2 * h + b] = pack16<false>(sc * ((x >> (4 * h)) & 15) - of, sc * ((x >> (8 + 4 * h)) & 15) - of);
+                hi[2 * h + b] = pack16<false>(sc * ((y >> (4 * h)) & 15) - of, sc * ((y >> (8 + 4 * h)) & 15) - of);
             }
         }
     }
@@ -3878,8 +3872,8 @@ template <> struct QuantChunk<6> {
             fragment_bytes(row + 64 + 16 * (j & 1), c, qh, qhh);
             float scale = d * sc[j];
             int ls = 4 * h, hs = 2 * (2 * h + (j >> 1));
-            lo[j] = bf16_pair(scale * (float)q6(ql, qh, ls, hs), scale * (float)q6(ql, qh, 8 + ls, 8 + hs));
-            hi[j] = bf16_pair(scale * (float)q6(qlh, qhh, ls, hs), scale * (float)q6(qlh, qhh, 8 + ls, 8 + hs));
+            lo[j] = pack16<false>(scale * (float)q6(ql, qh, ls, hs), scale * (float)q6(ql, qh, 8 + ls, 8 + hs));
+            hi[j] = pack16<false>(scale * (float)q6(qlh, qhh, ls, hs), scale * (float)q6(qlh, qhh, 8 + ls, 8 + hs));
         }
     }
 };
@@ -3941,8 +3935,8 @@ template <> struct QuantChunk<9> {
             auto value = [&](unsigned qb, unsigned mb, int e) {
                 return scale * (float)((int)(((qb >> (8 * e + 2 * s)) & 3) | (((mb >> (8 * e + 4 * h + s)) & 1) << 2)) - 4);
             };
-            lo[jj] = bf16_pair(value(q, m, 0), value(q, m, 1));
-            hi[jj] = bf16_pair(value(qh, mh, 0), value(qh, mh, 1));
+            lo[jj] = pack16<false>(value(q, m, 0), value(q, m, 1));
+            hi[jj] = pack16<false>(value(qh, mh, 0), value(qh, mh, 1));
         }
     }
 };
@@ -3970,8 +3964,8 @@ template <> struct QuantChunk<10> {
             unsigned q, qh;
             fragment_bytes(row + 16 * (jj & 1), c, q, qh);
             auto value = [&](unsigned qb, int e) { return d * (sm & 15) * (int)((qb >> (8 * e + 2 * s)) & 3) - dmin * (sm >> 4); };
-            lo[jj] = bf16_pair(value(q, 0), value(q, 1));
-            hi[jj] = bf16_pair(value(qh, 0), value(qh, 1));
+            lo[jj] = pack16<false>(value(q, 0), value(q, 1));
+            hi[jj] = pack16<false>(value(qh, 0), value(qh, 1));
         }
     }
 };
