@@ -91,6 +91,7 @@ void fill(int dtype, long total, unsigned char* w, std::mt19937& rng) {
 struct Matrix {
     int n;
     std::vector<unsigned char> w;
+    std::vector<unsigned short> wide;  // dequantize_bf16's values
     std::vector<double> expected;
     std::vector<float> bias, start;
 };
@@ -101,7 +102,8 @@ Matrix make_matrix(int dtype, int n, int k, const std::vector<unsigned short>& x
     long total = (long)n * k;
     m.w.resize(layout_bytes(dtype, total) + 32);  // the backend's padding
     fill(dtype, total, m.w.data(), rng);
-    std::vector<unsigned short> wide(total);
+    std::vector<unsigned short>& wide = m.wide;
+    wide.resize(total);
     emu::launch(dequantize_bf16, dim3((unsigned)((total / 8 + 255) / 256)), dim3(256), 0, (const void*)m.w.data(), dtype,
                 (__nv_bfloat16*)wide.data(), total);
     m.expected.resize((size_t)rows * n);
@@ -176,6 +178,50 @@ int check(const char* label, QuantGemm kernel, int nt, size_t shared, std::vecto
     return failures;
 }
 
+// Every A fragment QuantChunk<DT> decodes from a row's pieces (as load copies them) against
+// the widening's BF16 bits: the decoding must give the same values to the bit (a zero's sign
+// aside: Q6_K's two-step sum makes +0 where scale times 0 is -0 for a negative scale, which no
+// sum can tell apart).
+template <int DT> int decode_case(const char* name, const Matrix& m, int k) {
+    using Q = QuantChunk<DT>;
+    long total = (long)m.n * k;
+    alignas(16) unsigned char row[Q::STRIDE];
+    long wrong = 0, checked = 0;
+    for (int o = 0; o < m.n; o++)
+        for (int k0 = 0; k0 < k; k0 += QG_K) {
+            unsigned long i = (unsigned long)o * k + k0;
+            for (int p = 0; p < Q::PIECES; p++) memcpy(row + 16 * p, Q::piece(m.w.data(), total, i, k0, p), 16);
+            for (int c = 0; c < 4; c++) {
+                unsigned lo[4], hi[4];
+                Q::fragment(row, total, i, k0, c, lo, hi);
+                for (int j = 0; j < 4; j++) {
+                    const unsigned short* want = m.wide.data() + (long)o * k + k0 + 16 * j + 2 * c;
+                    unsigned got[4] = {lo[j] & 0xffff, lo[j] >> 16, hi[j] & 0xffff, hi[j] >> 16};
+                    unsigned expect[4] = {want[0], want[1], want[8], want[9]};
+                    for (int e = 0; e < 4; e++, checked++)
+                        if (got[e] != expect[e] && ((got[e] | expect[e]) & 0x7fff) != 0 && wrong++ < 3)
+                            printf("     %s row %d, k %d: decoded %04x, widened %04x\n", name, o, k0 + 16 * j + 2 * c + (e & 1) + 8 * (e >> 1),
+                                   got[e], expect[e]);
+                }
+            }
+        }
+    printf("%s %s: %ld decoded values, %ld differ from the widening's bits\n", wrong ? "FAIL" : "ok  ", name, checked, wrong);
+    return wrong ? 1 : 0;
+}
+
+int decode_check(int dtype, const char* name, const Matrix& m, int k) {
+    switch (dtype) {
+    case 3: return decode_case<3>(name, m, k);
+    case 4: return decode_case<4>(name, m, k);
+    case 5: return decode_case<5>(name, m, k);
+    case 6: return decode_case<6>(name, m, k);
+    case 7: return decode_case<7>(name, m, k);
+    case 8: return decode_case<8>(name, m, k);
+    case 9: return decode_case<9>(name, m, k);
+    default: return decode_case<10>(name, m, k);
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -193,6 +239,7 @@ int main() {
         // backend pads its planar weights by 32 bytes, as make_matrix does).
         Matrix big = make_matrix(c.dtype, 200, c.k, x, rows, rng), mid = make_matrix(c.dtype, 72, c.k, x, rows, rng),
                small = make_matrix(c.dtype, 41, c.k, x, rows, rng);
+        failures += decode_check(c.dtype, c.name, big, c.k);
         struct Kernel {
             QuantGemm f;
             int nt;

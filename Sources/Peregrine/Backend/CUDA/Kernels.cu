@@ -123,7 +123,8 @@ __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, l
         float d, dmin;
         int s1, m1, s2, m2;
         q4k_header(h, 2 * j, d, dmin, s1, m1, s2, m2);
-        return l < 32 ? d * s1 * q - dmin * m1 : d * s2 * q - dmin * m2;
+        // One rounding (fma) in a fixed form, which quant_gemm's decoding repeats to the bit.
+        return l < 32 ? __fmaf_rn(d * s1, (float)q, -(dmin * m1)) : __fmaf_rn(d * s2, (float)q, -(dmin * m2));
     }
     if (dtype == 6) {
         // Q6_K planar: 192 bytes of values per super-block (ql then qh, as ggml has them), then
@@ -163,7 +164,7 @@ __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, l
         int q = (base[sb * 64 + 32 * h + l] >> (2 * s)) & 3;
         int sm = base[blocks * 64 + sb * 16 + j];
         const __half* dm = (const __half*)(base + blocks * 80) + 2 * sb;
-        return __half2float(dm[0]) * (sm & 15) * q - __half2float(dm[1]) * (sm >> 4);
+        return __fmaf_rn(__half2float(dm[0]) * (sm & 15), (float)q, -(__half2float(dm[1]) * (sm >> 4)));
     }
     return ((const float*)w)[i];
 }
@@ -3715,7 +3716,10 @@ extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned
 // each one's address), STRIDE bytes apart in shared memory (an odd number of pieces, so the
 // eight rows a fragment load touches fall in different banks), and fragment(...), which turns
 // them into the row's part of four k16 steps' A fragments: lo[j] the values 16j + 2c and
-// 16j + 2c + 1, hi[j] 16j + 2c + 8 and 16j + 2c + 9, as BF16 pairs (c = lane % 4).
+// 16j + 2c + 1, hi[j] 16j + 2c + 8 and 16j + 2c + 9, as BF16 pairs (c = lane % 4). Both take
+// the matrix's value count `total`, the index i of the chunk's first value in it (o k + k0 for
+// row o; unsigned, so that divisions by powers of two are shifts) and its column k0 (whose
+// place in a super-block is i's, k being a multiple of 256 for the k-quants).
 template <int DT> struct QuantChunk;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(PEREGRINE_CUDA_EMULATOR)
@@ -3736,77 +3740,107 @@ __device__ __forceinline__ void wgmma_rs_bf16_n256(float (&d)[32][4], const unsi
 #endif
 
 // The two 16-bit pieces of a 16-byte group that lane c's fragments take: bytes 2c, 2c + 1 (lo)
-// and 2c + 8, 2c + 9 (hi), each in the low 16 bits.
+// and 2c + 8, 2c + 9 (hi), each loaded alone, so the high 16 bits are zero and a value's bits
+// lie at a constant place.
 __device__ __forceinline__ void fragment_bytes(const unsigned char* group, int c, unsigned& lo, unsigned& hi) {
-    const unsigned* w = (const unsigned*)group;
-    int shift = 16 * (c & 1);
-    lo = w[c >> 1] >> shift;
-    hi = w[2 + (c >> 1)] >> shift;
+    lo = *(const unsigned short*)(group + 2 * c);
+    hi = *(const unsigned short*)(group + 2 * c + 8);
 }
 
-// The 16-byte piece of memory holding byte `at` (scales that share a piece with their neighbours).
-__device__ __forceinline__ const void* piece_holding(const void* w, long at) {
-    return (const unsigned char*)w + (at & ~15L);
+// The decoders below turn integers into floats without a conversion instruction: an integer
+// below 2^23 put into the low mantissa bits of 2^23 makes the float 2^23 + the integer, exactly.
+// The bits of w under `mask` (a field at bit p, below bit 23), as the float field * 2^p: one
+// logic operation and one subtraction; the caller's scale carries the 2^-p (a power of two, so
+// the products round as the field's own would).
+__device__ __forceinline__ float field_value(unsigned w, unsigned mask) {
+#ifdef PEREGRINE_CUDA_EMULATOR
+    unsigned bits = (w & mask) | 0x4B000000u;
+#else
+    // (w & mask) | 2^23's bits in one lop3: written in C, the compiler takes two, as its
+    // instruction has room for one constant.
+    unsigned bits;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(bits) : "r"(w), "r"(mask), "r"(0x4B000000u));
+#endif
+    return __uint_as_float(bits) - 8388608.f;
+}
+
+// Byte i of w, u, as the float 32768 + u: the byte at bits 8-15 of 2^15's mantissa, one byte
+// permute. 32896 d is exact for an f16 d (20 bits), so fma(d, byte_float(w, i), -32896 d) is
+// d (u - 128) rounded once, as d times the integer would be.
+__device__ __forceinline__ float byte_float(unsigned w, int i) {
+    return __uint_as_float(__byte_perm(w, 0x47000000u, 0x7504u | (unsigned)(i << 4)));
+}
+
+// The piece of memory holding byte `at` (scales that share a piece with their neighbours).
+__device__ __forceinline__ const void* piece_holding(const void* w, unsigned long at) {
+    return (const unsigned char*)w + (at & ~15UL);
 }
 
 template <> struct QuantChunk<3> {  // Q8_0: 64 int8 values, then the piece holding the two blocks' f16 scales
     static constexpr int PIECES = 5, STRIDE = 80;
-    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
-        long i = (long)o * k + k0;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
         return p < 4 ? (const void*)((const unsigned char*)w + i + 16 * p) : piece_holding(w, total + 2 * (i / 32));
     }
-    // The int8 in b's low byte times d. The byte, its sign bit flipped, is the low mantissa byte of
-    // 2^23 + (q + 128), from which subtracting 2^23 + 128 leaves q exactly: two integer and one
-    // float operation where an int8-to-float conversion runs at a quarter of their rate.
-    static __device__ __forceinline__ float value(unsigned b, float d) {
-        return d * (__int_as_float(0x4B000000u | ((b ^ 0x80u) & 0xffu)) - 8388736.f);
+    // The two int8 of b (bytes 0 and 1), sign bits flipped (q + 128), times d: d q exactly.
+    static __device__ __forceinline__ unsigned pair(unsigned b, float d, float offset) {
+        b ^= 0x8080u;
+        return pack16<false>(__fmaf_rn(d, byte_float(b, 0), offset), __fmaf_rn(d, byte_float(b, 1), offset));
     }
-    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
-        long i = (long)o * k + k0;
         const __half* s = (const __half*)(row + 64 + ((total + 2 * (i / 32)) & 15));
-        float d0 = __half2float(s[0]), d1 = __half2float(s[1]);
+        float d[2] = {__half2float(s[0]), __half2float(s[1])};
+        float offset[2] = {-32896.f * d[0], -32896.f * d[1]};
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             unsigned a, b;
             fragment_bytes(row + 16 * j, c, a, b);
-            float d = j < 2 ? d0 : d1;
-            lo[j] = pack16<false>(value(a, d), value(a >> 8, d));
-            hi[j] = pack16<false>(value(b, d), value(b >> 8, d));
+            lo[j] = pair(a, d[j / 2], offset[j / 2]);
+            hi[j] = pair(b, d[j / 2], offset[j / 2]);
         }
     }
 };
+
+// The IQ4 levels plus 128, as unsigned bytes.
+#define IQ4_BIASED(word) ((word) ^ 0x80808080u)
 
 // Q4_0 (NL false) and IQ4_NL: two blocks of 16 bytes (value j in byte j's low nibble, j + 16 in its
 // high one: Q4_0's offset by 8, IQ4_NL's an index into ggml's levels), then the scales' piece.
 template <bool NL> struct Nibble32Chunk {
     static constexpr int PIECES = 3, STRIDE = 48;
-    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
-        long i = (long)o * k + k0;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
         return p < 2 ? (const void*)((const unsigned char*)w + i / 2 + 16 * p) : piece_holding(w, total / 2 + 2 * (i / 32));
     }
-    // The values of the nibbles at bits `shift` and 8 + shift of b as a BF16 pair.
-    static __device__ __forceinline__ unsigned pair(unsigned b, int shift, float d) {
+    // Two bytes of a block (b's low 16 bits) as the pairs of the k16 steps they feed: `low` their
+    // low nibbles' values, `high` their high nibbles', times d.
+    static __device__ __forceinline__ void pairs(unsigned b, float d, unsigned& low, unsigned& high) {
         if (NL) {
-            int levels = iq4_levels4(b >> shift);
-            return pack16<false>(d * (float)(signed char)(levels & 0xff), d * (float)(signed char)((levels >> 8) & 0xff));
+            // The four nibbles index the levels: a byte permute picks each from levels 0-7 and
+            // one from 8-15 by its low three bits, and a third takes the first or the second by
+            // its fourth bit. Byte n of v is nibble n's level plus 128.
+            unsigned s = b & 0x7777u;
+            unsigned first = __byte_perm(IQ4_BIASED(IQ4_LEVELS_0), IQ4_BIASED(IQ4_LEVELS_1), s);
+            unsigned second = __byte_perm(IQ4_BIASED(IQ4_LEVELS_2), IQ4_BIASED(IQ4_LEVELS_3), s);
+            unsigned v = __byte_perm(first, second, ((b >> 1) & 0x4444u) | 0x3210u);
+            auto level = [&](int n) { return d * (byte_float(v, n) - 32896.f); };
+            low = pack16<false>(level(0), level(2));
+            high = pack16<false>(level(1), level(3));
+            return;
         }
-        return pack16<false>(d * (float)((int)((b >> shift) & 15) - 8), d * (float)((int)((b >> (8 + shift)) & 15) - 8));
+        float offset = -8.f * d;
+        low = pack16<false>(__fmaf_rn(d, field_value(b, 0xFu), offset), __fmaf_rn(d * 0x1p-8f, field_value(b, 0xF00u), offset));
+        high = pack16<false>(__fmaf_rn(d * 0x1p-4f, field_value(b, 0xF0u), offset), __fmaf_rn(d * 0x1p-12f, field_value(b, 0xF000u), offset));
     }
-    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
-        long i = (long)o * k + k0;
         const __half* s = (const __half*)(row + 32 + ((total / 2 + 2 * (i / 32)) & 15));
 #pragma unroll
-        for (int b = 0; b < 2; b++) {
+        for (int b = 0; b < 2; b++) {  // k16 steps 2b (the low nibbles) and 2b + 1 (the high ones)
             float d = __half2float(s[b]);
             unsigned x, y;
             fragment_bytes(row + 16 * b, c, x, y);
-#pragma unroll
-            for (int h = 0; h < 2; h++) {  // k16 step 2b + h: the low nibbles, then the high ones
-                lo[2 * b + h] = pair(x, 4 * h, d);
-                hi[2 * b + h] = pair(y, 4 * h, d);
-            }
+            pairs(x, d, lo[2 * b], lo[2 * b + 1]);
+            pairs(y, d, hi[2 * b], hi[2 * b + 1]);
         }
     }
 };
@@ -3815,28 +3849,46 @@ template <> struct QuantChunk<7> : Nibble32Chunk<true> {};
 
 template <> struct QuantChunk<5> {  // Q4_K: the 32 bytes of sub-blocks 2j (low nibbles) and 2j + 1 (high), then the super-block's header
     static constexpr int PIECES = 3, STRIDE = 48;
-    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
-        long sb = ((long)o * k + k0) / 256;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
+        unsigned long sb = i / 256;
         int j = (k0 % 256) / 64;
         return p < 2 ? (const void*)((const unsigned char*)w + sb * 128 + 32 * j + 16 * p)
                      : (const void*)((const unsigned char*)w + total / 2 + 16 * sb);
     }
-    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+    // q4k_header's d s and dmin m of sub-blocks s and s + 1 (s even), for an s known only at run
+    // time: the two sub-blocks' bytes are neighbours, so each word's pair is taken at once,
+    // without branches, and the 6-bit integers become floats as fields (field_value).
+    static __device__ __forceinline__ void pair_scales(uint4 h, int s, float (&scale)[2], float (&offset)[2]) {
+        float d = __half2float(__ushort_as_half((unsigned short)(h.x & 0xffff)));
+        float dmin = __half2float(__ushort_as_half((unsigned short)(h.x >> 16)));
+        int t = 8 * (s & 2);
+        unsigned a = h.y >> t, b = h.z >> t, c = h.w >> t;
+        unsigned sc = s < 4 ? a & 0x3F3Fu : (c & 0x0F0Fu) | ((a >> 2) & 0x3030u);
+        unsigned m = s < 4 ? b & 0x3F3Fu : ((c >> 4) & 0x0F0Fu) | ((b >> 2) & 0x3030u);
+        scale[0] = d * field_value(sc, 0xFFu);
+        scale[1] = d * 0x1p-8f * field_value(sc, 0xFF00u);
+        offset[0] = -(dmin * field_value(m, 0xFFu));
+        offset[1] = -(dmin * 0x1p-8f * field_value(m, 0xFF00u));
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
-        float d, dmin;
-        int s1, m1, s2, m2;
-        q4k_header(*(const uint4*)(row + 32), 2 * ((k0 % 256) / 64), d, dmin, s1, m1, s2, m2);
-        float scale[2] = {d * s1, d * s2}, offset[2] = {dmin * m1, dmin * m2};
+        // load_weight's fma(d s, q, -dmin m), with the nibble's place taken out of the scale.
+        float scale[2], offset[2];
+        pair_scales(*(const uint4*)(row + 32), 2 * ((k0 % 256) / 64), scale, offset);
 #pragma unroll
         for (int b = 0; b < 2; b++) {
             unsigned x, y;
             fragment_bytes(row + 16 * b, c, x, y);
-#pragma unroll
-            for (int h = 0; h < 2; h++) {  // k16 step b (low nibbles, sub-block 2j) and 2 + b (high, 2j + 1)
+            // k16 step b: the low nibbles (sub-block 2j); step 2 + b: the high ones (2j + 1).
+            auto pair = [&](unsigned v, int h) {
                 float sc = scale[h], of = offset[h];
-                lo[2 * h + b] = pack16<false>(sc * ((x >> (4 * h)) & 15) - of, sc * ((x >> (8 + 4 * h)) & 15) - of);
-                hi[2 * h + b] = pack16<false>(sc * ((y >> (4 * h)) & 15) - of, sc * ((y >> (8 + 4 * h)) & 15) - of);
-            }
+                return pack16<false>(__fmaf_rn(h ? sc * 0x1p-4f : sc, field_value(v, 0xFu << (4 * h)), of),
+                                     __fmaf_rn(sc * (h ? 0x1p-12f : 0x1p-8f), field_value(v, 0xF00u << (4 * h)), of));
+            };
+            lo[b] = pair(x, 0);
+            hi[b] = pair(y, 0);
+            lo[2 + b] = pair(x, 1);
+            hi[2 + b] = pair(y, 1);
         }
     }
 };
@@ -3847,8 +3899,8 @@ template <> struct QuantChunk<6> {
     // sc[8n + 4h + t / 16]. Pieces: the 64 ql bytes, the 32 qh bytes, the super-block's 16 scales,
     // and the piece holding its f16 d.
     static constexpr int PIECES = 8, STRIDE = 144;
-    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
-        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
+        unsigned long sb = i / 256, blocks = total / 256;
         int n = (k0 % 256) / 128;
         const unsigned char* base = (const unsigned char*)w;
         if (p < 4) return base + sb * 192 + 64 * n + 16 * p;
@@ -3856,24 +3908,31 @@ template <> struct QuantChunk<6> {
         if (p == 6) return base + blocks * 192 + 16 * sb;
         return piece_holding(w, blocks * 208 + 2 * sb);
     }
-    static __device__ __forceinline__ int q6(unsigned l, unsigned h, int ls, int hs) {
-        return (int)(((l >> ls) & 15) | (((h >> hs) & 3) << 4)) - 32;
-    }
-    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
-        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        unsigned long sb = i / 256, blocks = total / 256;
         int r = k0 % 256, n = r / 128, h = (r % 128) / 64;
         float d = __half2float(*(const __half*)(row + 112 + ((blocks * 208 + 2 * sb) & 15)));
         const signed char* sc = (const signed char*)(row + 96) + 8 * n + 4 * h;
+        // Value e of a pair (byte e of the pieces): its low four bits at bit 4h + 8e of ql, its
+        // high two at bit 4h + 2 (j / 2) + 8e of qh. Shifted to bit 4h + 4 + 8e, they join the low
+        // ones in one 6-bit field q + 32 (both values of the pair in one lop3), and the value is
+        // fma(scale, q + 32, -32 scale): one rounding, as scale times q would be.
+        const unsigned lowBits = 0x0F0Fu << (4 * h);
+        const float place = h ? 0x1p-4f : 1.f;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             unsigned ql, qlh, qh, qhh;
             fragment_bytes(row + 16 * j, c, ql, qlh);
             fragment_bytes(row + 64 + 16 * (j & 1), c, qh, qhh);
-            float scale = d * sc[j];
-            int ls = 4 * h, hs = 2 * (2 * h + (j >> 1));
-            lo[j] = pack16<false>(scale * (float)q6(ql, qh, ls, hs), scale * (float)q6(ql, qh, 8 + ls, 8 + hs));
-            hi[j] = pack16<false>(scale * (float)q6(qlh, qhh, ls, hs), scale * (float)q6(qlh, qhh, 8 + ls, 8 + hs));
+            float scale = d * sc[j], low = scale * place, offset = -32.f * scale;
+            auto pair = [&](unsigned l, unsigned q) {
+                unsigned v = (l & lowBits) | ((q << (4 - 2 * (j >> 1))) & (0x3030u << (4 * h)));
+                return pack16<false>(__fmaf_rn(low, field_value(v, 0x3Fu << (4 * h)), offset),
+                                     __fmaf_rn(low * 0x1p-8f, field_value(v, 0x3F00u << (4 * h)), offset));
+            };
+            lo[j] = pair(ql, qh);
+            hi[j] = pair(qlh, qhh);
         }
     }
 };
@@ -3882,24 +3941,19 @@ template <> struct QuantChunk<8> {
     // IQ4_XS: Q4_0's 16 bytes of indices per sub-block of 32 (two sub-blocks a chunk), then the
     // piece holding the super-block's 8-byte header (d and the sub-blocks' 6-bit scales).
     static constexpr int PIECES = 3, STRIDE = 48;
-    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
-        long i = (long)o * k + k0;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
         return p < 2 ? (const void*)((const unsigned char*)w + i / 2 + 16 * p) : piece_holding(w, total / 2 + 8 * (i / 256));
     }
-    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
-        long i = (long)o * k + k0;
         uint2 h = *(const uint2*)(row + 32 + ((total / 2 + 8 * (i / 256)) & 15));
 #pragma unroll
         for (int b = 0; b < 2; b++) {
             float d = iq4xs_scale(h, (k0 % 256) / 32 + b);
             unsigned x, y;
             fragment_bytes(row + 16 * b, c, x, y);
-#pragma unroll
-            for (int hh = 0; hh < 2; hh++) {
-                lo[2 * b + hh] = Nibble32Chunk<true>::pair(x, 4 * hh, d);
-                hi[2 * b + hh] = Nibble32Chunk<true>::pair(y, 4 * hh, d);
-            }
+            Nibble32Chunk<true>::pairs(x, d, lo[2 * b], lo[2 * b + 1]);
+            Nibble32Chunk<true>::pairs(y, d, hi[2 * b], hi[2 * b + 1]);
         }
     }
 };
@@ -3910,8 +3964,8 @@ template <> struct QuantChunk<9> {
     // Q3_K: the 32 hmask bytes (the third bit: bit 4h + s), the 32 low-bit bytes, the two pieces
     // the super-block's 12 scale bytes may straddle, and the piece holding its f16 d.
     static constexpr int PIECES = 7, STRIDE = 112;
-    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
-        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
+        unsigned long sb = i / 256, blocks = total / 256;
         int h = (k0 % 256) / 128;
         const unsigned char* v = (const unsigned char*)w + sb * 96;
         if (p < 2) return v + 16 * p;
@@ -3919,24 +3973,34 @@ template <> struct QuantChunk<9> {
         if (p < 6) return (const unsigned char*)piece_holding(w, blocks * 96 + 12 * sb) + 16 * (p - 4);
         return piece_holding(w, blocks * 108 + 2 * sb);
     }
-    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
-        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        unsigned long sb = i / 256, blocks = total / 256;
         int r0 = k0 % 256, h = r0 / 128, s0 = 2 * ((r0 % 128) / 64);
-        const unsigned char* sc = row + 64 + ((blocks * 96 + 12 * sb) & 15);
+        const unsigned char* sc = row + 64 + ((blocks * 96 + 12 * sb) & 15);  // 4-byte aligned
         float d = __half2float(*(const __half*)(row + 96 + ((blocks * 108 + 2 * sb) & 15)));
+        // q3k_scale of the chunk's sub-blocks j0 .. j0 + 3 (j0 = 8h + 2s0, a multiple of 4), all
+        // four at once: their low four bits are nibbles of four neighbouring bytes, their high two
+        // bits the same pair of each of bytes 8-11. Byte n of v is sub-block j0 + n's scale + 32.
+        const int j0 = 8 * h + 2 * s0;
+        const unsigned low = *(const unsigned*)(sc + (j0 & 4)), high = *(const unsigned*)(sc + 8);
+        const unsigned v = ((j0 < 8 ? low : low >> 4) & 0x0F0F0F0Fu) | (((high >> (2 * (j0 >> 2))) & 0x03030303u) << 4);
 #pragma unroll
         for (int jj = 0; jj < 4; jj++) {
             int s = s0 + (jj >> 1);
-            float scale = d * q3k_scale(sc, 8 * h + 2 * s + (jj & 1));
+            float scale = d * (byte_float(v, jj) - 32800.f);
             unsigned m, mh, q, qh;
             fragment_bytes(row + 16 * (jj & 1), c, m, mh);
             fragment_bytes(row + 32 + 16 * (jj & 1), c, q, qh);
-            auto value = [&](unsigned qb, unsigned mb, int e) {
-                return scale * (float)((int)(((qb >> (8 * e + 2 * s)) & 3) | (((mb >> (8 * e + 4 * h + s)) & 1) << 2)) - 4);
+            // Both values' three bits (q + 4) as fields at bits 0 and 8, and scale (q + 4) - 4 scale
+            // rounded once, as scale q would be.
+            float offset = -4.f * scale;
+            auto pair = [&](unsigned qb, unsigned mb) {
+                unsigned v = ((qb >> (2 * s)) & 0x0303u) | (((mb >> (4 * h + s)) & 0x0101u) << 2);
+                return pack16<false>(__fmaf_rn(scale, field_value(v, 0x7u), offset), __fmaf_rn(scale * 0x1p-8f, field_value(v, 0x700u), offset));
             };
-            lo[jj] = pack16<false>(value(q, m, 0), value(q, m, 1));
-            hi[jj] = pack16<false>(value(qh, mh, 0), value(qh, mh, 1));
+            lo[jj] = pair(q, m);
+            hi[jj] = pair(qh, mh);
         }
     }
 };
@@ -3945,16 +4009,16 @@ template <> struct QuantChunk<10> {
     // Q2_K: the 32 low-bit bytes, the super-block's 16 scale bytes (scale low nibble, min high),
     // and the piece holding its f16 d and dmin (rows five pieces apart: an odd count).
     static constexpr int PIECES = 4, STRIDE = 80;
-    static __device__ __forceinline__ const void* piece(const void* w, long total, int k, int o, int k0, int p) {
-        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
+        unsigned long sb = i / 256, blocks = total / 256;
         int h = (k0 % 256) / 128;
         if (p < 2) return (const unsigned char*)w + sb * 64 + 32 * h + 16 * p;
         if (p == 2) return (const unsigned char*)w + blocks * 64 + 16 * sb;
         return piece_holding(w, blocks * 80 + 4 * sb);
     }
-    static __device__ __forceinline__ void fragment(const unsigned char* row, long total, int k, int o, int k0, int c,
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
                                                     unsigned (&lo)[4], unsigned (&hi)[4]) {
-        long sb = ((long)o * k + k0) / 256, blocks = total / 256;
+        unsigned long sb = i / 256, blocks = total / 256;
         int r0 = k0 % 256, h = r0 / 128, s0 = 2 * ((r0 % 128) / 64);
         const __half* dm = (const __half*)(row + 48 + ((blocks * 80 + 4 * sb) & 15));
         float d = __half2float(dm[0]), dmin = __half2float(dm[1]);
@@ -3963,9 +4027,14 @@ template <> struct QuantChunk<10> {
             int s = s0 + (jj >> 1), sm = row[32 + 8 * h + 2 * s + (jj & 1)];
             unsigned q, qh;
             fragment_bytes(row + 16 * (jj & 1), c, q, qh);
-            auto value = [&](unsigned qb, int e) { return d * (sm & 15) * (int)((qb >> (8 * e + 2 * s)) & 3) - dmin * (sm >> 4); };
-            lo[jj] = pack16<false>(value(q, 0), value(q, 1));
-            hi[jj] = pack16<false>(value(qh, 0), value(qh, 1));
+            // load_weight's fma(d sc, q, -dmin m), q as a field (bits 0 and 8 of the shifted pair).
+            float scale = d * field_value((unsigned)sm, 0xFu), offset = -(dmin * (0x1p-4f * field_value((unsigned)sm, 0xF0u)));
+            auto pair = [&](unsigned qb) {
+                unsigned v = qb >> (2 * s);
+                return pack16<false>(__fmaf_rn(scale, field_value(v, 0x3u), offset), __fmaf_rn(scale * 0x1p-8f, field_value(v, 0x300u), offset));
+            };
+            lo[jj] = pair(q);
+            hi[jj] = pair(qh);
         }
     }
 };
@@ -4013,7 +4082,7 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
         n = second ? n1 : n2;
     }
     const int t0 = blockIdx.x * NT, o0 = tile * QG_ROWS, chunks = k / QG_K;
-    const long total = (long)n * k;
+    const unsigned long total = (unsigned long)n * (unsigned)k;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
     const int r = 64 * (warp >> 2) + 16 * (warp & 3) + (lane >> 2);  // the thread's rows in the tile: r and r + 8
     gdc_wait();
@@ -4021,38 +4090,39 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
     // activation rows tA + 32m (m < NT / 32), 16-byte part pA of each (the rows' swizzle is
     // tA's, as 32m keeps a row's low three bits, and row tA + 32m lies 4,096 bytes after row
     // tA's place in the tile); and weight row oW, pieces (threadIdx.x & 1) + 2j (two threads a row).
+    // Rows past the tokens or the matrix copy zeros (from addresses clamped into the last row,
+    // never read): the first inA of a thread's activation rows are in, and its weight row if inW.
     const int tA = threadIdx.x >> 3, pA = threadIdx.x & 7, oW = threadIdx.x >> 1;
-    const unsigned short* xA = x + (long)(t0 + tA) * k + 8 * pA;
-    const long strideA = 32L * k;
+    const int inA = max(0, min(NT / 32, (rows - t0 - tA + 31) / 32));
+    const unsigned char* xA = (const unsigned char*)(x + (long)min(t0 + tA, rows - 1) * k + 8 * pA);
+    const unsigned strideA = 64u * (unsigned)k;  // bytes from row tA + 32m to tA + 32(m + 1)
     const int dA = tA * 128 + ((pA ^ (tA & 7)) << 4);
     const bool inW = o0 + oW < n;
-    // Chunk s's copies into buffer s % STAGES (none past the last chunk; no commit). Zeros where
-    // a row is past the tokens or the matrix (their source address is never read).
+    const unsigned long iW = (unsigned long)min(o0 + oW, n - 1) * (unsigned)k;
+    // Chunk s's copies into buffer s % STAGES (none past the last chunk; no commit).
     auto load = [&](int s) {
         if (s >= chunks) return;
         unsigned char* xs = base + (s % STAGES) * SB;
         unsigned char* ws = xs + XB;
         int k0 = s * QG_K;
+        const unsigned char* xk = xA + 2 * k0;
 #pragma unroll
-        for (int m = 0; m < NT / 32; m++) {
-            bool in = t0 + tA + 32 * m < rows;
-            copy16_async(xs + dA + 4096 * m, in ? xA + m * strideA + k0 : x, in);
-        }
+        for (int m = 0; m < NT / 32; m++) copy16_async(xs + dA + 4096 * m, xk + (m < inA ? m : 0) * strideA, m < inA);
 #pragma unroll
         for (int j = 0; j < (Q::PIECES + 1) / 2; j++) {
             int piece = (threadIdx.x & 1) + 2 * j;
-            if (piece < Q::PIECES)
-                copy16_async(ws + oW * Q::STRIDE + 16 * piece, inW ? Q::piece(w, total, k, o0 + oW, k0, piece) : w, inW);
+            if (piece < Q::PIECES) copy16_async(ws + oW * Q::STRIDE + 16 * piece, Q::piece(w, total, iW + k0, k0, piece), inW);
         }
     };
-    // The thread's A fragments of chunk s (its buffer complete and visible).
+    // The thread's A fragments of chunk s (its buffer complete and visible). Rows past the
+    // matrix were filled with zeros and decode to zeros or finite values that are never stored.
+    const unsigned long i0 = (unsigned long)min(o0 + r, n - 1) * (unsigned)k, i1 = (unsigned long)min(o0 + r + 8, n - 1) * (unsigned)k;
     auto decode = [&](unsigned (&a)[4][4], int s) {
         const unsigned char* ws = base + (s % STAGES) * SB + XB;
         unsigned lo0[4], hi0[4], lo1[4], hi1[4];
         int k0 = s * QG_K;
-        // Rows past the matrix were filled with zeros and decode to zeros or finite values that are never stored.
-        Q::fragment(ws + r * Q::STRIDE, total, k, min(o0 + r, n - 1), k0, c, lo0, hi0);
-        Q::fragment(ws + (r + 8) * Q::STRIDE, total, k, min(o0 + r + 8, n - 1), k0, c, lo1, hi1);
+        Q::fragment(ws + r * Q::STRIDE, total, i0 + k0, k0, c, lo0, hi0);
+        Q::fragment(ws + (r + 8) * Q::STRIDE, total, i1 + k0, k0, c, lo1, hi1);
 #pragma unroll
         for (int j = 0; j < 4; j++) { a[j][0] = lo0[j]; a[j][1] = lo1[j]; a[j][2] = hi0[j]; a[j][3] = hi1[j]; }
     };
@@ -4067,20 +4137,23 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
 #pragma unroll
         for (int j = 0; j < 4; j++) { hold(a[j][0]); hold(a[j][1]); hold(a[j][2]); hold(a[j][3]); }
     };
+    const unsigned long long xDesc = wgmma_desc(shared_address(base), 16, 1024);
     // Chunk s on the tensor cores from `cur`, and chunk s + 1 decoded into `next` meanwhile. Before
     // the wait for chunk s + 1, copy groups 0 ..< s + STAGES - 1 are committed (one a chunk, empty
     // past the last), so at most STAGES - 3 may still be in flight. The barrier after it also
     // follows every warpgroup's wait for chunk s - 1, whose buffer the copies of chunk
     // s + STAGES - 1 then refill.
     auto step = [&](int s, unsigned (&cur)[4][4], unsigned (&next)[4][4]) {
-        const unsigned xs = shared_address(base + (s % STAGES) * SB);
+        // The descriptor's address field is the shared address / 16, below its 14 bits' end,
+        // so the buffer's and the k16 step's offsets add to the first buffer's descriptor.
+        const unsigned long long xs = xDesc + (unsigned)(s % STAGES) * (SB >> 4);
         hold_acc();
         hold_a(cur);
         wgmma_fence();
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            if constexpr (NT == 128) wgmma_rs_bf16_n128(acc, cur[j], wgmma_desc(xs + 32 * j, 16, 1024), 1);
-            else wgmma_rs_bf16_n256(acc, cur[j], wgmma_desc(xs + 32 * j, 16, 1024), 1);
+            if constexpr (NT == 128) wgmma_rs_bf16_n128(acc, cur[j], xs + 2 * j, 1);
+            else wgmma_rs_bf16_n256(acc, cur[j], xs + 2 * j, 1);
         }
         wgmma_commit();
         if (s + 1 < chunks) {
