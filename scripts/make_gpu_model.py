@@ -6,7 +6,9 @@ with safetensors; the tokenizer is a byte-level BPE of the same vocabulary size 
 merges (make_large_tokenizer.py). Speed does not depend on what the weights say. Its context is
 32,768 positions (Llama 3 8B's is 8,192), so that decode can be measured at depths of 16k.
 
-Run on the GPU machine: python3 scripts/make_gpu_model.py OUT_DIR
+Run on the GPU machine: python3 scripts/make_gpu_model.py OUT_DIR [LAYERS]
+(LAYERS, 32 by default: fewer give the same per-layer products in less time to make and quantize,
+for comparing two kernels rather than whole-model speed.)
 """
 import json
 import os
@@ -20,9 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_bench_models import LLAMA3_PATTERN, tokenizer_json  # noqa: E402
 
 
-def main(out):
+def main(out, layers=32):
     os.makedirs(out, exist_ok=True)
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
                       rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000,
                       eos_token_id=128001, torch_dtype="bfloat16")
@@ -65,4 +67,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 32)

@@ -341,6 +341,7 @@ public final class CUDABackend: ComputeBackend {
     private let launchAttribute = UnsafeMutableRawPointer.allocate(byteCount: 72, alignment: 8)
 
     public init(deterministic: Bool = false) throws {
+        try CUDABackend.checkMeasuringSwitches(ProcessInfo.processInfo.environment)
         self.deterministic = deterministic
         let driver = try CUDADriver.shared.get()
         try driver.makeCurrent()
@@ -1469,6 +1470,31 @@ public final class CUDABackend: ComputeBackend {
     }
 
     /// The warpgroup-MMA prompt attention kernels Kernels.cu compiles (ATTENTION_PREFILL_WGMMA).
+    /// The measuring switches that take a value (the properties above read them), checked before
+    /// anything runs: a mistyped value would otherwise fall back to the default without a word,
+    /// and a measurement would compare the default with itself.
+    static func checkMeasuringSwitches(_ env: [String: String]) throws {
+        func check(_ name: String, _ accepted: String, _ valid: (String) -> Bool) throws {
+            guard let value = env[name], !valid(value) else { return }
+            throw PeregrineError.invalidArgument("\(name)=\(value): expected \(accepted)")
+        }
+        func number(_ v: String, _ range: ClosedRange<Int>) -> Bool { Int(v).map(range.contains) ?? false }
+        try check("PEREGRINE_ROW_KERNEL_TOKENS", "a number of tokens (0 or more)") { number($0, 0...Int.max) }
+        try check("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "a number of blocks (1 or more)") { number($0, 1...Int.max) }
+        try check("PEREGRINE_GROUPED_ATTENTION_FROM", "a position (0 or more)") { number($0, 0...Int.max) }
+        try check("PEREGRINE_DECODE_WARPS", "2 or 4") { $0 == "2" || $0 == "4" }
+        try check("PEREGRINE_DECODE_STAGES", "2 or 3") { $0 == "2" || $0 == "3" }
+        try check("PEREGRINE_SPLIT_POSITIONS", "a number of positions (1 or more)") { number($0, 1...Int.max) }
+        try check("PEREGRINE_DECODE_SPLITS", "a number of splits from 1 to 128") { number($0, 1...128) }
+        try check("PEREGRINE_QUANT_GEMM", "0 or 1") { $0 == "0" || $0 == "1" }
+        try check("PEREGRINE_QUANT_GEMM_TOKENS", "128 or 256") { $0 == "128" || $0 == "256" }
+        let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
+            .filter { !$0.hasPrefix("attention_") }
+        try check("PEREGRINE_WGMMA_PROMPT_ATTENTION", "0 (mma.sync), 1 (the first kernel) or one of " + kernels.joined(separator: ", ")) {
+            $0 == "0" || $0 == "1" || kernels.contains($0)
+        }
+    }
+
     public static let warpgroupAttentionKernels = [
         WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128", keys: 64, warpgroups: 1),
         WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128_overlap", keys: 64, warpgroups: 1),

@@ -4138,10 +4138,13 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
         for (int j = 0; j < 4; j++) { hold(a[j][0]); hold(a[j][1]); hold(a[j][2]); hold(a[j][3]); }
     };
     const unsigned long long xDesc = wgmma_desc(shared_address(base), 16, 1024);
-    // Chunk s on the tensor cores from `cur`, and chunk s + 1 decoded into `next` meanwhile. Before
-    // the wait for chunk s + 1, copy groups 0 ..< s + STAGES - 1 are committed (one a chunk, empty
+    // Chunk s on the tensor cores from `cur`, and chunk s + 1 decoded into `next` meanwhile. Chunk
+    // s's products stay in flight until the next step's wait, so the tensor cores go from one
+    // chunk to the next without draining; the wait for all but the newest group here completes
+    // chunk s - 1's, whose A registers (`next`) the decoding then overwrites. Before the wait for
+    // chunk s + 1's copies, copy groups 0 ..< s + STAGES - 1 are committed (one a chunk, empty
     // past the last), so at most STAGES - 3 may still be in flight. The barrier after it also
-    // follows every warpgroup's wait for chunk s - 1, whose buffer the copies of chunk
+    // follows every warpgroup's wait for chunk s - 1's products, whose buffer the copies of chunk
     // s + STAGES - 1 then refill.
     auto step = [&](int s, unsigned (&cur)[4][4], unsigned (&next)[4][4]) {
         // The descriptor's address field is the shared address / 16, below its 14 bits' end,
@@ -4156,6 +4159,8 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
             else wgmma_rs_bf16_n256(acc, cur[j], xs + 2 * j, 1);
         }
         wgmma_commit();
+        wgmma_wait<1>();
+        hold_a(next);
         if (s + 1 < chunks) {
             copy_wait<STAGES - 3>();
             fence_proxy_async();
@@ -4164,9 +4169,6 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
             copy_commit();
             decode(next, s + 1);
         }
-        wgmma_wait<0>();
-        hold_acc();
-        hold_a(cur);
     };
     for (int s = 0; s < STAGES - 1; s++) {
         load(s);
@@ -4181,6 +4183,8 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
         step(s, a0, a1);
         if (s + 1 < chunks) step(s + 1, a1, a0);
     }
+    wgmma_wait<0>();
+    hold_acc();
     // Accumulator (i, e): weight row r + 8 (e >> 1), token 8i + 2c + (e & 1). With accumulate the
     // product is added to y first and the bias after, as cuBLAS's beta and add_bias do.
 #pragma unroll
