@@ -1013,9 +1013,10 @@ public final class CUDABackend: ComputeBackend {
     })
     /// Whether quantized prompt products decode their weights on the fly into the tensor cores'
     /// operands (quant_gemm) rather than widening the whole matrix to BF16 for cuBLAS first.
-    /// quant_gemm is checked on the kernel emulator (Tests/KernelEmulator) but not yet measured
-    /// on a GPU against the widening, so it is off unless PEREGRINE_QUANT_GEMM=1. Tests set it
-    /// to compare the two.
+    /// quant_gemm is checked on the kernel emulator (Tests/KernelEmulator) and on GPUs, but it
+    /// measured slower than the widening on an H100 (Q4_K_M prompts 0.86x, Q8_0 0.96x, Q4_0
+    /// 1.0x; BENCHMARKS.md), so it is off unless PEREGRINE_QUANT_GEMM=1. Tests set it to compare
+    /// the two.
     var quantGemmAllowed = ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM"] == "1"
     /// Tokens a block of quant_gemm takes (128 or 256); nil: 256 where that still gives every
     /// multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets it for measuring; tests
@@ -1472,10 +1473,11 @@ public final class CUDABackend: ComputeBackend {
     /// The warpgroup-MMA prompt attention kernels Kernels.cu compiles (ATTENTION_PREFILL_WGMMA).
     /// The measuring switches that take a value (the properties above read them), checked before
     /// anything runs: a mistyped value would otherwise fall back to the default without a word,
-    /// and a measurement would compare the default with itself.
+    /// and a measurement would compare the default with itself. An empty value counts as unset.
     static func checkMeasuringSwitches(_ env: [String: String]) throws {
         func check(_ name: String, _ accepted: String, _ valid: (String) -> Bool) throws {
-            guard let value = env[name], !valid(value) else { return }
+            // Empty is unset, as a shell's `NAME= command` means.
+            guard let value = env[name], !value.isEmpty, !valid(value) else { return }
             throw PeregrineError.invalidArgument("\(name)=\(value): expected \(accepted)")
         }
         func number(_ v: String, _ range: ClosedRange<Int>) -> Bool { Int(v).map(range.contains) ?? false }
@@ -1488,6 +1490,7 @@ public final class CUDABackend: ComputeBackend {
         try check("PEREGRINE_DECODE_SPLITS", "a number of splits from 1 to 128") { number($0, 1...128) }
         try check("PEREGRINE_QUANT_GEMM", "0 or 1") { $0 == "0" || $0 == "1" }
         try check("PEREGRINE_QUANT_GEMM_TOKENS", "128 or 256") { $0 == "128" || $0 == "256" }
+        try check("PEREGRINE_FIXED_MATVEC", "0 or 1") { $0 == "0" || $0 == "1" }
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }
         try check("PEREGRINE_WGMMA_PROMPT_ATTENTION", "0 (mma.sync), 1 (the first kernel) or one of " + kernels.joined(separator: ", ")) {
