@@ -2,8 +2,9 @@
 // four warps and three tile buffers) over an F16 paged KV cache against a host reference: a
 // batch of decode rows of different depths, one split (the block writes the output) and several
 // (partial results merged by the group's last block through the counters), query-head groups of
-// 4 and of 16 (two blocks a group), with a sliding window and soft-capping. Queries and
-// probabilities are rounded to f16, so the bound is f16's.
+// 4 and of 16 (two blocks a group), with a sliding window and soft-capping, and for head size 128
+// with the older keys' tiles copied before the wait (`fused` 2). Queries and probabilities are
+// rounded to f16, so the bound is f16's.
 #include "cuda_emulator.h"
 #include "../../Sources/Peregrine/Backend/CUDA/Kernels.cu"
 #include "test_util.h"
@@ -100,7 +101,9 @@ int main() {
             float scale = 1 / sqrtf((float)D) * (caps[c] > 0 ? 8 : 1);
             auto want = reference(p, scale, caps[c], windows[c]);
             for (auto& k : run.kernels)
-                for (int splits : {1, 7}) {
+                for (int splits : {1, 7})
+                for (int early : {0, 2}) {
+                    if (early && run.hd != 128) continue;
                     int keys = 16 * k.warps;
                     size_t shared = (size_t)k.stages * 2 * keys * (D + 8) * 2 + k.stages * keys * 8;
                     std::vector<float> out((size_t)rows * heads * D, NAN), partial((size_t)rows * heads * splits * D, NAN),
@@ -108,12 +111,12 @@ int main() {
                     std::vector<unsigned> counters((size_t)rows * heads, 0);
                     emu::launch(k.kernel, dim3(rows, kvHeads * parts, splits), dim3(32 * k.warps), shared, p.q.data(), (void*)p.kc.data(),
                                 (void*)p.vc.data(), partial.data(), stats.data(), p.slots.data(), p.positions.data(), heads, kvHeads, D,
-                                p.tables.data(), p.width, p.bs, scale, caps[c], windows[c], splits, out.data(), counters.data(), 0,
+                                p.tables.data(), p.width, p.bs, scale, caps[c], windows[c], splits, out.data(), counters.data(), early,
                                 (const float*)nullptr, (const float*)nullptr, (const float*)nullptr, (const float*)nullptr, D, 0,
                                 (const int*)nullptr);
                     char label[128];
-                    snprintf(label, sizeof label, "%s %d/%d, %d split%s%s%s", k.name, heads, kvHeads, splits, splits > 1 ? "s" : "",
-                             windows[c] ? ", window 100" : "", caps[c] > 0 ? ", cap 30" : "");
+                    snprintf(label, sizeof label, "%s %d/%d, %d split%s%s%s%s", k.name, heads, kvHeads, splits, splits > 1 ? "s" : "",
+                             windows[c] ? ", window 100" : "", caps[c] > 0 ? ", cap 30" : "", early ? ", old keys early" : "");
                     Errors e(label, caps[c] > 0 ? 1.5e-2 : 4e-3);
                     for (size_t i = 0; i < out.size(); i++) e.add(out[i], want[i], 1);
                     ok &= e.report();

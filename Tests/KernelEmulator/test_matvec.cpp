@@ -1,6 +1,7 @@
 // The decode step's products against host references: quantize_q8 (plain and with the RMSNorm
 // fused) against the rounding it stands for; the one-token `matvec_<type>[_gated]` kernels and the
-// fixed-length 16-bit ones, and matmul_rows over several tokens, for every weight type they take.
+// fixed-length 16-bit ones (and those that carry an RMSNorm from a residual product to the next),
+// and matmul_rows over several tokens, for every weight type they take.
 // Weights: Q8_0, Q4_0, Q4_K and Q6_K as random ggml blocks repacked by repack_quantized, their
 // values from the host's ggml dequantization; IQ4_NL, IQ4_XS, Q3_K and Q2_K as random bytes in the
 // planar device layout (scales small normal f16 values), their values from host decoders of that
@@ -418,6 +419,84 @@ void matvec_fixed(int dtype, const char* name, Matvec plain, Matvec gated, int k
     matvec_case(L("gated 6 rows, biases"), gated, {{&up, true}, {&v, true}}, 2, false, rng);
 }
 
+typedef void (*MatvecCarry)(const void*, const float*, float*, int, const void*, const float*, float*, int, const void*, const float*,
+                            float*, int, const float*, int, float, const float*, float*, float*, int);
+
+// The RMSNorm carried between a residual product and the 16-bit products after it (NormCarry):
+// the residual product (`producer`, rows of `pk` values; d rows: 4,096 makes 512 blocks count
+// towards the last one, 20 a last block with idle warps) against the host's sums, r g beside each
+// new residual value r (exactly), the sum of squares in area[0] and the count reset; then, with a
+// `consumer` for rows of d, q/k/v (a bias on q) reading r g against the products of the normalized
+// row; then the residual product again, whose sum must be the same bits (a fixed order of sums).
+void carried_norm(int dtype, const char* name, MatvecCarry producer, int pk, int d, MatvecCarry consumer, Rng& rng) {
+    const float eps = 1e-5f;
+    char label[128];
+    Weight o = make_weight(dtype, d, pk, rng), q = make_weight(dtype, 19, d, rng), kk = make_weight(dtype, 5, d, rng),
+           v = make_weight(dtype, 6, d, rng);
+    std::vector<float> attn = activations(pk, rng), r0 = activations(d, rng), ob = activations(d, rng), g(d), qb = activations(19, rng);
+    for (auto& x : g) x = rng.uniform(0.5f, 1.5f);
+    std::vector<float> area(64 + 8192, -1.f), xg(d + 8, 7.f);
+    area[1] = 0;
+    std::vector<float> r = r0;
+    auto produce = [&]() {
+        emu::launch(producer, dim3((d * 32 + 255) / 256), dim3(256), 0, (const void*)o.bytes.data(), ob.data(), r.data(), d, nullptr, nullptr,
+                    nullptr, 0, nullptr, nullptr, nullptr, 0, attn.data(), 1, 0.f, g.data(), xg.data(), area.data(), 2);
+    };
+    produce();
+    double worst = 0, largest = 0, squares = 0;
+    bool exact = true;
+    for (int i = 0; i < d; i++) {
+        double want = r0[i] + ob[i];
+        for (int j = 0; j < pk; j++) want += (double)o.v[(long)i * pk + j] * attn[j];
+        worst = std::max(worst, fabs(r[i] - want));
+        largest = std::max(largest, fabs(want));
+        exact &= xg[i] == r[i] * g[i];
+        squares += (double)r[i] * r[i];
+    }
+    for (int i = d; i < d + 8; i++) exact &= xg[i] == 7.f;
+    unsigned count;
+    memcpy(&count, &area[1], 4);
+    snprintf(label, sizeof label, "matvec_%s_k%d_carry: the residual product, %d rows", name, pk, d);
+    verdict(worst <= 2e-6 * largest, label, worst, 2e-6 * largest, largest);
+    snprintf(label, sizeof label, "matvec_%s_k%d_carry: r g, the squares, the count", name, pk);
+    double se = fabs(area[0] - squares);
+    verdict(exact && count == 0 && se <= 1e-5 * squares, label, se, 1e-5 * squares, squares);
+    float first = area[0];
+    if (consumer) {
+    // The products of the normalized row, from r as the kernel wrote it.
+    std::vector<double> xn(d);
+    double scale = 1 / sqrt(squares / d + eps);
+    for (int i = 0; i < d; i++) xn[i] = r[i] * scale * g[i];
+    auto dot = [&](const Weight& w, int row) {
+        double s = 0;
+        for (int j = 0; j < d; j++) s += (double)w.v[(long)row * d + j] * xn[j];
+        return s;
+    };
+    std::vector<float> yq(19 + 8, 3.f), yk(5 + 8, 3.f), yv(6 + 8, 3.f);
+    emu::launch(consumer, dim3((30 * 32 + 255) / 256), dim3(256), 0, (const void*)q.bytes.data(), qb.data(), yq.data(), 19,
+                (const void*)kk.bytes.data(), nullptr, yk.data(), 5, (const void*)v.bytes.data(), nullptr, yv.data(), 6, xg.data(), 0,
+                eps, nullptr, nullptr, area.data(), 1);
+    worst = 0, largest = 0;
+    bool untouched = true;
+    auto check = [&](const Weight& w, const std::vector<float>& y, const float* b) {
+        for (int i = 0; i < w.n; i++) {
+            double want = dot(w, i) + (b ? b[i] : 0);
+            worst = std::max(worst, fabs(y[i] - want));
+            largest = std::max(largest, fabs(want));
+        }
+        for (int i = w.n; i < w.n + 8; i++) untouched &= y[i] == 3.f;
+    };
+    check(q, yq, qb.data()); check(kk, yk, nullptr); check(v, yv, nullptr);
+    snprintf(label, sizeof label, "matvec_%s_k%d_carry: q/k/v of the carried norm", name, d);
+    verdict(untouched && worst <= 2e-6 * largest, label, worst, 2e-6 * largest, largest);
+    }
+    r = r0;
+    produce();
+    memcpy(&count, &area[1], 4);
+    snprintf(label, sizeof label, "matvec_%s_k%d_carry: again, the same sum", name, pk);
+    verdict(memcmp(&first, &area[0], 4) == 0 && count == 0, label, fabs(area[0] - first), 0, first);
+}
+
 // matmul_rows over `tokens` tokens: three matrices (or gate and up), each token's products.
 void matmul_rows_case(const char* label, std::vector<Mat> mats, int tokens, int mode, Rng& rng, double tol = 2e-6) {
     const int dtype = mats[0].w->dtype, k = mats[0].w->k;
@@ -522,6 +601,15 @@ int main() {
     FIXED(2048) FIXED(2560) FIXED(3072) FIXED(3584) FIXED(4096) FIXED(5120) FIXED(8192)
     FIXED(9728) FIXED(11008) FIXED(12288) FIXED(13824) FIXED(14336) FIXED(18944) FIXED(28672)
 #undef FIXED
+    carried_norm(1, "f16", matvec_f16_k4096_carry, 4096, 4096, matvec_f16_k4096_carry, rng);
+    carried_norm(2, "bf16", matvec_bf16_k4096_carry, 4096, 4096, matvec_bf16_k4096_carry, rng);
+    // The other lengths' carry kernels as residual products (20 rows: a last block with idle warps).
+#define CARRY(K)                                                                      \
+    carried_norm(1, "f16", matvec_f16_k##K##_carry, K, 20, nullptr, rng);             \
+    carried_norm(2, "bf16", matvec_bf16_k##K##_carry, K, 20, nullptr, rng);
+    CARRY(2048) CARRY(2560) CARRY(3072) CARRY(3584) CARRY(5120) CARRY(8192)
+    CARRY(9728) CARRY(11008) CARRY(12288) CARRY(13824) CARRY(14336) CARRY(18944) CARRY(28672)
+#undef CARRY
 
     const struct { int dtype; const char* name; int k; } rowTypes[] = {
         {5, "Q4_K", 2816}, {6, "Q6_K", 2816}, {3, "Q8_0", 3040}, {4, "Q4_0", 3040}, {7, "IQ4_NL", 800}, {8, "IQ4_XS", 768},

@@ -271,14 +271,32 @@ Weight make_weight(int dtype, int n, int k, Rng& rng) {
     return w;
 }
 
-// x rounded to 8 bits as the quantized products read it (quantize_q8, checked in test_matvec),
-// and the values that stands for.
-void quantize(const std::vector<float>& x, int rows, int k, std::vector<signed char>& xq, std::vector<float>& xs, std::vector<double>& xe) {
-    xq.assign((size_t)rows * k, 0);
-    xs.assign((size_t)rows * k / 32, 0);
-    emu::launch(quantize_q8, dim3(rows, (k + 255) / 256), dim3(256), 0, x.data(), (const float*)nullptr, 0.f, xq.data(), xs.data(), k);
-    xe.resize((size_t)rows * k);
-    for (size_t i = 0; i < xe.size(); i++) xe[i] = xq[i] * (double)xs[i / 32];
+// Random activations of `rows` rows of k for products of `dtype`: x, and for the quantized types
+// (dtype >= 3) x rounded to 8 bits as those products read it (quantize_q8, checked in
+// test_matvec); xe the values the products multiply (x itself, or what the 8-bit copy stands for).
+struct Activations {
+    std::vector<float> x;
+    std::vector<signed char> xq;
+    std::vector<float> xs;
+    std::vector<double> xe;
+    bool quantized;
+    const signed char* q8() const { return quantized ? xq.data() : nullptr; }
+    const float* scales() const { return quantized ? xs.data() : nullptr; }
+};
+
+Activations activations(int dtype, int rows, int k, Rng& rng) {
+    Activations a;
+    a.x = uniform((long)rows * k, rng);
+    a.xe.assign(a.x.begin(), a.x.end());
+    a.quantized = dtype >= 3;
+    if (a.quantized) {
+        a.xq.assign((size_t)rows * k, 0);
+        a.xs.assign((size_t)rows * k / 32, 0);
+        emu::launch(quantize_q8, dim3(rows, (k + 255) / 256), dim3(256), 0, a.x.data(), (const float*)nullptr, 0.f, a.xq.data(),
+                    a.xs.data(), k);
+        for (size_t i = 0; i < a.xe.size(); i++) a.xe[i] = a.xq[i] * (double)a.xs[i / 32];
+    }
+    return a;
 }
 
 // moe_products over grouped rows as expertRowProducts launches it (one route per row: x holds
@@ -293,12 +311,7 @@ void products_case(int dtype, bool gated, Rng& rng) {
         routes[4 * t + 2] = 0.5f; routes[4 * t + 3] = int_bits(2 * (t % 3));
     }
     Groups g = group(routes, rows, k, experts, 64, false);
-    std::vector<float> x = uniform((long)total * kk, rng);
-    std::vector<signed char> xq;
-    std::vector<float> xs;
-    std::vector<double> xe(x.begin(), x.end());
-    bool q = dtype >= 3;
-    if (q) quantize(x, total, kk, xq, xs, xe);
+    Activations a = activations(dtype, total, kk, rng);
     std::vector<Weight> w, u;
     std::vector<unsigned long long> wt, ut;
     for (int e = 0; e < experts; e++) {
@@ -312,7 +325,7 @@ void products_case(int dtype, bool gated, Rng& rng) {
     int slots = std::min(experts, total);
     std::vector<float> y((long)total * n + 8, -5.f);
     emu::launch(moe_products, dim3((slots * n * 32 + 255) / 256), dim3(256), 0, wt.data(), gated ? ut.data() : nullptr, dtype, dtype, n, kk,
-                x.data(), q ? xq.data() : nullptr, q ? xs.data() : nullptr, g.counts.data(), g.starts.data(), g.active.data(), experts,
+                a.x.data(), a.q8(), a.scales(), g.counts.data(), g.starts.data(), g.active.data(), experts,
                 slots, y.data());
     char label[96];
     snprintf(label, sizeof label, "moe_products type %d%s, %d routes over %d experts", dtype, gated ? " gated" : "", total, experts);
@@ -323,7 +336,7 @@ void products_case(int dtype, bool gated, Rng& rng) {
                 double s[2] = {0, 0}, mag[2] = {0, 0};
                 for (int m = 0; m < (gated ? 2 : 1); m++)
                     for (int i = 0; i < kk; i++) {
-                        double prod = xe[(long)p * kk + i] * (m ? u[e] : w[e]).v[(long)o * kk + i];
+                        double prod = a.xe[(long)p * kk + i] * (m ? u[e] : w[e]).v[(long)o * kk + i];
                         s[m] += prod;
                         mag[m] += fabs(prod);
                     }
@@ -384,16 +397,11 @@ void down_case(const char* name, void (*kernel)(const unsigned long long*, int, 
     std::vector<unsigned long long> table;
     for (int e = 0; e < experts; e++) w.push_back(make_weight(dtype, d, ff, rng));
     for (auto& m : w) table.push_back((unsigned long long)m.bytes.data());
-    std::vector<float> x = uniform((long)total * ff, rng);
-    std::vector<signed char> xq;
-    std::vector<float> xs;
-    std::vector<double> xe(x.begin(), x.end());
-    bool q = dtype >= 3;
-    if (q) quantize(x, total, ff, xq, xs, xe);
+    Activations a = activations(dtype, total, ff, rng);
     std::vector<float> res = uniform((long)rows * d + 8, rng), start = res;
     std::vector<int> reads(experts, 1);
-    emu::launch(kernel, dim3((d + 7) / 8, rows), dim3(256), 0, table.data(), d, ff, routes.data(), used, q ? nullptr : x.data(),
-                q ? xq.data() : nullptr, q ? xs.data() : nullptr, res.data(), reads.data());
+    emu::launch(kernel, dim3((d + 7) / 8, rows), dim3(256), 0, table.data(), d, ff, routes.data(), used, a.quantized ? nullptr : a.x.data(),
+                a.q8(), a.scales(), res.data(), reads.data());
     char label[96];
     snprintf(label, sizeof label, "moe_down_%s %d rows x %d routes, %d x %d", name, rows, used, d, ff);
     Errors err(label, 2e-6);
@@ -406,7 +414,7 @@ void down_case(const char* name, void (*kernel)(const unsigned long long*, int, 
                 int e = expert_of(routes[2 * (t * used + j) + 1]);
                 double rw = routes[2 * (t * used + j)];
                 for (int i = 0; i < ff; i++) {
-                    double p = rw * xe[(long)(t * used + j) * ff + i] * w[e].v[(long)o * ff + i];
+                    double p = rw * a.xe[(long)(t * used + j) * ff + i] * w[e].v[(long)o * ff + i];
                     s += p;
                     mag += fabs(p);
                 }

@@ -124,13 +124,16 @@ Matrix make_matrix(int dtype, int n, int k, const std::vector<unsigned short>& x
 using QuantGemm = void (*)(const void*, const float*, void*, int, const void*, const float*, void*, int, const void*, const float*, void*,
                            int, const unsigned short*, int, int, int, int);
 
-// One launch over `ms` (one to three matrices), each checked against its reference.
+// One launch over `ms` (one to three matrices), each checked against its reference; `slices` of
+// k (split-K) add into outputs that hold zeros before (or the residual, accumulating), as the
+// backend prepares them.
 int check(const char* label, QuantGemm kernel, int nt, size_t shared, std::vector<const Matrix*> ms, const unsigned short* x, int rows,
-          int k, bool biased, int accumulate, int halfOut) {
+          int k, bool biased, int accumulate, int halfOut, int slices = 1) {
     std::vector<std::vector<float>> ys;
     int tiles = 0;
     for (const Matrix* m : ms) {
         ys.push_back(m->start);
+        if (slices > 1 && !accumulate) std::fill(ys.back().begin(), ys.back().begin() + (long)rows * m->n, 0.f);
         // BF16 output added to: y starts as the BF16 roundings of `start`.
         if (halfOut && accumulate)
             for (long i = 0; i < (long)rows * m->n; i++) ((unsigned short*)ys.back().data())[i] = bf16_bits(m->start[i]);
@@ -146,7 +149,7 @@ int check(const char* label, QuantGemm kernel, int nt, size_t shared, std::vecto
         y[i] = ys[i].data();
         n[i] = ms[i]->n;
     }
-    emu::launch(kernel, dim3((rows + nt - 1) / nt, tiles), dim3(256), shared, w[0], b[0], y[0], n[0], w[1], b[1], y[1], n[1], w[2], b[2],
+    emu::launch(kernel, dim3((rows + nt - 1) / nt, tiles, slices), dim3(256), shared, w[0], b[0], y[0], n[0], w[1], b[1], y[1], n[1], w[2], b[2],
                 y[2], n[2], x, rows, k, accumulate, halfOut);
     int failures = 0;
     for (size_t m = 0; m < ms.size(); m++) {
@@ -267,6 +270,16 @@ int main() {
             failures += check(label, kk.f, kk.nt, kk.shared, {&big, &mid, &small}, x.data(), rows, c.k, true, 0, 0);
             snprintf(label, sizeof label, "%s k %d, %d tokens a block, two matrices", c.name, c.k, kk.nt);
             failures += check(label, kk.f, kk.nt, kk.shared, {&small, &mid}, x.data(), rows, c.k, false, 0, 0);
+            // k in slices: 2 (of 5 chunks, 2 + 3, for Q8_0, Q4_0 and IQ4_NL; of 8, 4 + 4, for the
+            // others) and one a chunk; plain, and added to with a bias; 9 tokens, as a batch of
+            // decode steps. (The emulator runs a launch's blocks a few at a time, so a plain add
+            // in place of the atomic one may pass here; the GPU test would not.)
+            for (int slices : {2, c.k / QG_K}) {
+                snprintf(label, sizeof label, "%s k %d, %d tokens a block, %d slices of k, three matrices", c.name, c.k, kk.nt, slices);
+                failures += check(label, kk.f, kk.nt, kk.shared, {&big, &mid, &small}, x.data(), 9, c.k, false, 0, 0, slices);
+                snprintf(label, sizeof label, "%s k %d, %d tokens a block, %d slices of k, added, bias", c.name, c.k, kk.nt, slices);
+                failures += check(label, kk.f, kk.nt, kk.shared, {&big}, x.data(), rows, c.k, true, 1, 0, slices);
+            }
         }
     }
     printf(failures ? "%d FAILED\n" : "all passed\n", failures);

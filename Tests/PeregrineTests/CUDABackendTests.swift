@@ -24,7 +24,8 @@ final class CUDABackendTests: XCTestCase {
             "PEREGRINE_WGMMA_PROMPT_ATTENTION": "kt128_wg2", "PEREGRINE_QUANT_GEMM": "1", "PEREGRINE_QUANT_GEMM_TOKENS": "256",
             "PEREGRINE_DECODE_WARPS": "4", "PEREGRINE_DECODE_STAGES": "3", "PEREGRINE_DECODE_SPLITS": "128",
             "PEREGRINE_ROW_KERNEL_TOKENS": "0", "PEREGRINE_SPLIT_POSITIONS": "64", "PEREGRINE_GROUPED_ATTENTION_BLOCKS": "64",
-            "PEREGRINE_GROUPED_ATTENTION_FROM": "0", "PEREGRINE_FIXED_MATVEC": "0", "PEREGRINE_UNRELATED": "x",
+            "PEREGRINE_GROUPED_ATTENTION_FROM": "0", "PEREGRINE_FIXED_MATVEC": "0", "PEREGRINE_CARRIED_NORM": "0",
+            "PEREGRINE_UNRELATED": "x",
         ]))
         XCTAssertNoThrow(try CUDABackend.checkMeasuringSwitches(["PEREGRINE_QUANT_GEMM_TOKENS": "", "PEREGRINE_DECODE_SPLITS": ""]))
         for value in ["0", "1"] + CUDABackend.warpgroupAttentionKernels.dropFirst().map({ String($0.name.dropFirst(28)) }) {
@@ -34,7 +35,7 @@ final class CUDABackendTests: XCTestCase {
                      ("PEREGRINE_QUANT_GEMM_TOKENS", "192"), ("PEREGRINE_DECODE_WARPS", "3"), ("PEREGRINE_DECODE_STAGES", "1"),
                      ("PEREGRINE_DECODE_SPLITS", "129"), ("PEREGRINE_ROW_KERNEL_TOKENS", "-1"), ("PEREGRINE_SPLIT_POSITIONS", "0"),
                      ("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "many"), ("PEREGRINE_GROUPED_ATTENTION_FROM", "1k"),
-                     ("PEREGRINE_FIXED_MATVEC", "off")]
+                     ("PEREGRINE_FIXED_MATVEC", "off"), ("PEREGRINE_CARRIED_NORM", "no")]
         for (name, value) in wrong {
             XCTAssertThrowsError(try CUDABackend.checkMeasuringSwitches([name: value]), "\(name)=\(value)") { error in
                 XCTAssertTrue("\(error)".contains("\(name)=\(value)"), "\(error)")
@@ -246,7 +247,8 @@ final class CUDABackendTests: XCTestCase {
 
     /// Quantized products on the GPU, for every quantized type it keeps. Over more tokens than
     /// the row kernels take, the matrix is widened to BF16 for cuBLAS (`dequantize_bf16`, eight
-    /// values a thread, each block's scale decoded once): against the CPU's dequantized values
+    /// values a thread, each block's scale decoded once), or on Hopper, by default up to 256
+    /// tokens, decoded by quant_gemm (both are run): against the CPU's dequantized values
     /// with weights and activations rounded to BF16 as the GPU rounds them (a value decoded from
     /// the wrong bits moves a sum by the size of a weight, far past the bound). Over a few tokens
     /// the types with row kernels (Q4_K and Q6_K among them) read the weights once for all
@@ -255,6 +257,8 @@ final class CUDABackendTests: XCTestCase {
     /// for bit.
     func testQuantizedProductsMatchCPU() throws {
         let gpu = try backend(), deterministic = try CUDABackend(deterministic: true)
+        let limit = gpu.quantGemmTokenLimit
+        defer { gpu.quantGemmTokenLimit = limit }
         var rng = SplitMix(seed: 7)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         func bf16(_ x: Float) -> Float { Half.bf16ToFloat(Half.floatToBF16(x)) }
@@ -278,7 +282,10 @@ final class CUDABackendTests: XCTestCase {
             let w = view.toFloat().map(bf16)
             let x = (0..<(tokens * k)).map { _ in uniform() }
             let weight = try gpu.weight(view)
-            let y = try product(gpu, weight, x[...], rows: tokens)
+            gpu.quantGemmTokenLimit = 0
+            let widened = try product(gpu, weight, x[...], rows: tokens)
+            gpu.quantGemmTokenLimit = CUDABackend.quantGemmDefaultTokenLimit
+            let byDefault = try product(gpu, weight, x[...], rows: tokens)
             var expected = [Float](repeating: 0, count: tokens * n)
             for t in 0..<tokens {
                 for o in 0..<n {
@@ -288,7 +295,8 @@ final class CUDABackendTests: XCTestCase {
                 }
             }
             let scale = expected.reduce(0) { max($0, abs($1)) }
-            XCTAssertLessThan(maxAbsDiff(y, expected), 2e-3 * scale, "\(type), \(tokens) tokens")
+            XCTAssertLessThan(maxAbsDiff(widened, expected), 2e-3 * scale, "\(type), \(tokens) tokens, widened")
+            XCTAssertLessThan(maxAbsDiff(byDefault, expected), 2e-3 * scale, "\(type), \(tokens) tokens, the default path")
             if [.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl].contains(type) {
                 let rows = try product(gpu, weight, x[0..<(few * k)], rows: few)
                 for t in 0..<few {
@@ -315,67 +323,76 @@ final class CUDABackendTests: XCTestCase {
     func testQuantGemmMatchesWidening() throws {
         let gpu = try backend()
         guard gpu.driver.computeCapability == (9, 0) else { throw XCTSkip("quant_gemm needs wgmma (compute capability 9.0)") }
-        let before = (gpu.quantGemmAllowed, gpu.quantGemmTokens)
-        defer { (gpu.quantGemmAllowed, gpu.quantGemmTokens) = before }
+        let before = (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices)
+        defer { (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices) = before }
         var rng = SplitMix(seed: 23)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] { try gpu.values(b, count) }
-        let n = 300, tokens = 200
-        for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.iq4_xs, 1024), (.q4_K, 1024), (.q6_K, 1024), (.q3_K, 1024),
-                          (.q2_K, 1024)] {
-            var storage: [UnsafeMutableRawPointer] = []
-            defer { storage.forEach { $0.deallocate() } }
-            func matrix(_ rows: Int, _ t: DType? = nil) throws -> CUDAWeight {
-                let type = t ?? type
-                let values = (0..<(rows * k)).map { _ in uniform() }
-                let size = type.byteCount(elements: rows * k)
-                let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
-                storage.append(bytes)
-                values.withUnsafeBufferPointer { Quantizer.quantize(type, $0.baseAddress!, count: rows * k, into: bytes) }
-                return try gpu.weight(TensorView(name: "w", dtype: type, shape: [rows, k], data: UnsafeRawPointer(bytes), byteCount: size))
-            }
-            // The product's matrix; k and v of a q/k/v launch; the up of a gated one; for Q4_K, a
-            // v in Q6_K, as Q4_K_M files have (q and k in one launch, v in another).
-            let weight = try matrix(n), kw = try matrix(72), vw = try matrix(40), up = try matrix(n)
-            let mixedV = type == .q4_K ? try matrix(40, .q6_K) : nil
-            let biasValues = (0..<n).map { _ in uniform() }
-            let bias = try biasValues.withUnsafeBytes {
-                try gpu.weight(TensorView(name: "b", dtype: .f32, shape: [n], data: $0.baseAddress!, byteCount: $0.count))
-            }
-            let x = (0..<(tokens * k)).map { _ in uniform() }, residual = (0..<(tokens * n)).map { _ in uniform() }
-            let xb = try gpu.buffer(tokens * k), out = try gpu.buffer(tokens * n), scratch = try gpu.buffer(tokens * n)
-            let kOut = try gpu.buffer(tokens * 72), vOut = try gpu.buffer(tokens * 40)
-            x.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
-            func run(fused: Bool, tokensABlock: Int? = nil) throws -> [[Float]] {
-                (gpu.quantGemmAllowed, gpu.quantGemmTokens) = (fused, tokensABlock)
-                let before = gpu.quantGemmLaunches
-                gpu.matmul(xb, rows: tokens, weight: weight, bias: nil, out: out)
-                let plain = try read(out, tokens * n)
-                gpu.matmul(xb, rows: tokens, weight: weight, bias: bias, out: out)
-                let biased = try read(out, tokens * n)
-                residual.withUnsafeBufferPointer { gpu.write($0, to: out, offset: 0) }
-                gpu.matmulAdd(xb, rows: tokens, weight: weight, bias: bias, residual: out, scratch: scratch)
-                let added = try read(out, tokens * n)
-                gpu.matmul3(xb, rows: tokens, (weight, bias, out), (kw, nil, kOut), (vw, nil, vOut))
-                let (q, kv, vv) = (try read(out, tokens * n), try read(kOut, tokens * 72), try read(vOut, tokens * 40))
-                gpu.gatedProduct(xb, rows: tokens, gate: weight, gateBias: nil, up: up, upBias: nil, activation: .silu, out: out, scratch: scratch)
-                let gated = try read(out, tokens * n)
-                var mixed: [[Float]] = []
-                if let mixedV {
-                    gpu.matmul3(xb, rows: tokens, (weight, bias, out), (kw, nil, kOut), (mixedV, nil, vOut))
-                    mixed = [try read(out, tokens * n), try read(kOut, tokens * 72), try read(vOut, tokens * 40)]
+        // 200 tokens (two tiles of 128, one of 256) and 16, a batch of decode steps. These few
+        // tiles take k in slices (split-K) by the backend's rule, added into the outputs; each
+        // case also runs in one slice, as products of many tiles do.
+        let n = 300
+        for tokens in [200, 16] {
+            for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.iq4_xs, 1024), (.q4_K, 1024), (.q6_K, 1024), (.q3_K, 1024),
+                              (.q2_K, 1024)] {
+                var storage: [UnsafeMutableRawPointer] = []
+                defer { storage.forEach { $0.deallocate() } }
+                func matrix(_ rows: Int, _ t: DType? = nil) throws -> CUDAWeight {
+                    let type = t ?? type
+                    let values = (0..<(rows * k)).map { _ in uniform() }
+                    let size = type.byteCount(elements: rows * k)
+                    let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
+                    storage.append(bytes)
+                    values.withUnsafeBufferPointer { Quantizer.quantize(type, $0.baseAddress!, count: rows * k, into: bytes) }
+                    return try gpu.weight(TensorView(name: "w", dtype: type, shape: [rows, k], data: UnsafeRawPointer(bytes), byteCount: size))
                 }
-                XCTAssertEqual(gpu.quantGemmLaunches - before, fused ? (mixedV == nil ? 5 : 7) : 0, "\(type): launches of quant_gemm")
-                return [plain, biased, added, q, kv, vv, gated] + mixed
-            }
-            let widened = try run(fused: false)
-            for tokensABlock in [128, 256] {
-                let fused = try run(fused: true, tokensABlock: tokensABlock)
-                let names = ["plain", "with a bias", "added to a residual", "q", "k", "v", "gated", "q (v in Q6_K)", "k (v in Q6_K)", "v in Q6_K"]
-                for (i, name) in names.prefix(widened.count).enumerated() {
-                    let scale = widened[i].reduce(0) { max($0, abs($1)) }
-                    XCTAssertGreaterThan(scale, 0)
-                    XCTAssertLessThan(maxAbsDiff(fused[i], widened[i]), 2e-5 * scale, "\(type), k \(k), \(tokensABlock) tokens a block: \(name)")
+                // The product's matrix; k and v of a q/k/v launch; the up of a gated one; for Q4_K, a
+                // v in Q6_K, as Q4_K_M files have (q and k in one launch, v in another).
+                let weight = try matrix(n), kw = try matrix(72), vw = try matrix(40), up = try matrix(n)
+                let mixedV = type == .q4_K ? try matrix(40, .q6_K) : nil
+                let biasValues = (0..<n).map { _ in uniform() }
+                let bias = try biasValues.withUnsafeBytes {
+                    try gpu.weight(TensorView(name: "b", dtype: .f32, shape: [n], data: $0.baseAddress!, byteCount: $0.count))
+                }
+                let x = (0..<(tokens * k)).map { _ in uniform() }, residual = (0..<(tokens * n)).map { _ in uniform() }
+                let xb = try gpu.buffer(tokens * k), out = try gpu.buffer(tokens * n), scratch = try gpu.buffer(tokens * n)
+                let kOut = try gpu.buffer(tokens * 72), vOut = try gpu.buffer(tokens * 40)
+                x.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
+                func run(fused: Bool, tokensABlock: Int? = nil, slices: Int? = nil) throws -> [[Float]] {
+                    (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices) = (fused ? .max : 0, tokensABlock, slices)
+                    let before = gpu.quantGemmLaunches, splitBefore = gpu.quantGemmSplitLaunches
+                    gpu.matmul(xb, rows: tokens, weight: weight, bias: nil, out: out)
+                    let plain = try read(out, tokens * n)
+                    gpu.matmul(xb, rows: tokens, weight: weight, bias: bias, out: out)
+                    let biased = try read(out, tokens * n)
+                    residual.withUnsafeBufferPointer { gpu.write($0, to: out, offset: 0) }
+                    gpu.matmulAdd(xb, rows: tokens, weight: weight, bias: bias, residual: out, scratch: scratch)
+                    let added = try read(out, tokens * n)
+                    gpu.matmul3(xb, rows: tokens, (weight, bias, out), (kw, nil, kOut), (vw, nil, vOut))
+                    let (q, kv, vv) = (try read(out, tokens * n), try read(kOut, tokens * 72), try read(vOut, tokens * 40))
+                    gpu.gatedProduct(xb, rows: tokens, gate: weight, gateBias: nil, up: up, upBias: nil, activation: .silu, out: out, scratch: scratch)
+                    let gated = try read(out, tokens * n)
+                    var mixed: [[Float]] = []
+                    if let mixedV {
+                        gpu.matmul3(xb, rows: tokens, (weight, bias, out), (kw, nil, kOut), (mixedV, nil, vOut))
+                        mixed = [try read(out, tokens * n), try read(kOut, tokens * 72), try read(vOut, tokens * 40)]
+                    }
+                    let launches = fused ? (mixedV == nil ? 5 : 7) : 0
+                    XCTAssertEqual(gpu.quantGemmLaunches - before, launches, "\(type): launches of quant_gemm")
+                    // These few tiles split by the rule (every launch here), or not when told.
+                    XCTAssertEqual(gpu.quantGemmSplitLaunches - splitBefore, slices == 1 ? 0 : launches, "\(type): launches in slices of k")
+                    return [plain, biased, added, q, kv, vv, gated] + mixed
+                }
+                let widened = try run(fused: false)
+                for (tokensABlock, slices) in [(128, nil), (256, nil), (128, 1), (256, 1)] as [(Int, Int?)] {
+                    let fused = try run(fused: true, tokensABlock: tokensABlock, slices: slices)
+                    let names = ["plain", "with a bias", "added to a residual", "q", "k", "v", "gated", "q (v in Q6_K)", "k (v in Q6_K)", "v in Q6_K"]
+                    for (i, name) in names.prefix(widened.count).enumerated() {
+                        let scale = widened[i].reduce(0) { max($0, abs($1)) }
+                        XCTAssertGreaterThan(scale, 0)
+                        XCTAssertLessThan(maxAbsDiff(fused[i], widened[i]), 2e-5 * scale,
+                                          "\(type), k \(k), \(tokens) tokens, \(tokensABlock) a block, \(slices == 1 ? "one slice" : "slices"): \(name)")
+                    }
                 }
             }
         }
@@ -495,6 +512,90 @@ final class CUDABackendTests: XCTestCase {
                     gpu.gatedProduct(xb, rows: 1, gate: weights[0], gateBias: nil, up: weights[1], upBias: nil, activation: .silu,
                                      out: outs[0], scratch: scratch)
                     XCTAssertLessThan(maxAbsDiff(try read(outs[0], n), gated), 1e-4 * gatedScale, label + ", gated")
+                }
+            }
+        }
+    }
+
+    /// The RMSNorm between a one-token residual product and the q/k/v product after it, carried
+    /// by the two (NormCarry in Kernels.cu), against the norm applied first, in doubles: output
+    /// projections of 4,096 and 14,336 values a row into a residual of 4,096, then q/k/v (or
+    /// gate/up) of it. Carried, the norm's output buffer holds the residual times the norm's
+    /// weights; before gate/up, with a launch between the residual product and the next (an add),
+    /// or with PEREGRINE_CARRIED_NORM's switch off, the norm runs first and writes the normalized row.
+    func testCarriedNormMatchesNormFirst() throws {
+        let gpu = try backend()
+        let carriedBefore = gpu.carriedNorm
+        defer { gpu.carriedNorm = carriedBefore }
+        var rng = SplitMix(seed: 5)
+        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
+        var storage: [UnsafeMutableRawPointer] = []
+        defer { storage.forEach { $0.deallocate() } }
+        func matrix(_ n: Int, _ k: Int) throws -> (view: TensorView, weight: CUDAWeight) {
+            let values = (0..<(n * k)).map { _ in uniform() * 0.05 }
+            let size = DType.bf16.byteCount(elements: n * k)
+            let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
+            storage.append(bytes)
+            values.withUnsafeBufferPointer { Quantizer.quantize(.bf16, $0.baseAddress!, count: n * k, into: bytes) }
+            let view = TensorView(name: "w", dtype: .bf16, shape: [n, k], data: UnsafeRawPointer(bytes), byteCount: size)
+            return (view, try gpu.weight(view))
+        }
+        let d = 4096, n = 24, eps: Float = 1e-5
+        let g = (0..<d).map { _ in 0.5 + (uniform() + 1) / 2 }
+        let norm = try g.withUnsafeBytes { bytes in
+            try gpu.weight(TensorView(name: "norm", dtype: .f32, shape: [d], data: bytes.baseAddress!, byteCount: bytes.count))
+        }
+        let consumers = try (0..<3).map { _ in try matrix(n, d) }
+        let consumerValues = consumers.map { $0.view.toFloat() }
+        let outs = try (0..<3).map { _ in try gpu.buffer(n) }
+        let scratch = try gpu.buffer(n), normed = try gpu.buffer(d), other = try gpu.buffer(d)
+        let x0 = (0..<d).map { _ in uniform() }, added = (0..<d).map { _ in uniform() }
+        added.withUnsafeBufferPointer { gpu.write($0, to: other, offset: 0) }
+        for k in [4096, 14336] {
+            let producer = try matrix(d, k)
+            let pv = producer.view.toFloat()
+            let a = (0..<k).map { _ in uniform() }
+            let ab = try gpu.buffer(k), xb = try gpu.buffer(d)
+            a.withUnsafeBufferPointer { gpu.write($0, to: ab, offset: 0) }
+            let residual = pv.withUnsafeBufferPointer { w in
+                (0..<d).map { o in
+                    var s = Double(x0[o])
+                    for i in 0..<k { s += Double(w[o * k + i]) * Double(a[i]) }
+                    return s
+                }
+            }
+            for (carried, addBetween) in [(true, false), (true, true), (false, false)] {
+                gpu.carriedNorm = carried
+                let label = "rows of \(k), \(carried ? "carried" : "switched off")\(addBetween ? ", an add between" : "")"
+                // The residual after the product (and the add), normalized, in doubles.
+                var h = residual
+                if addBetween { for o in 0..<d { h[o] += Double(added[o]) } }
+                let scale = 1 / (h.reduce(0) { $0 + $1 * $1 } / Double(d) + Double(eps)).squareRoot()
+                let xn = (0..<d).map { h[$0] * scale * Double(g[$0]) }
+                let want = consumerValues.map { w in (0..<n).map { o in (0..<d).reduce(0.0) { $0 + Double(w[o * d + $1]) * xn[$1] } } }
+                let gated = (0..<n).map { o -> Float in Float(want[0][o] / (1 + exp(-want[0][o])) * want[1][o]) }
+                let bound = 1e-5 * Float(want.joined().reduce(0) { max($0, abs($1)) })
+                let gatedBound = 1e-4 * gated.reduce(0) { max($0, abs($1)) }
+                for gatedCase in [false, true] {
+                    x0.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
+                    gpu.matmulAdd(ab, rows: 1, weight: producer.weight, bias: nil, residual: xb, scratch: scratch)
+                    if addBetween { gpu.add(xb, other, count: d) }
+                    if gatedCase {
+                        gpu.normGatedProduct(xb, norm: norm, eps: eps, dim: d, normed: normed, rows: 1, gate: consumers[0].weight,
+                                             gateBias: nil, up: consumers[1].weight, upBias: nil, activation: .silu, out: outs[0], scratch: scratch)
+                        XCTAssertLessThan(maxAbsDiff(try gpu.values(outs[0], n), gated), gatedBound, label + ", gate/up")
+                    } else {
+                        gpu.normMatmul3(xb, norm: norm, eps: eps, dim: d, normed: normed, rows: 1, (consumers[0].weight, nil, outs[0]),
+                                        (consumers[1].weight, nil, outs[1]), (consumers[2].weight, nil, outs[2]))
+                        for m in 0..<3 {
+                            XCTAssertLessThan(maxAbsDiff(try gpu.values(outs[m], n), want[m].map { Float($0) }), bound, label + ", q/k/v \(m)")
+                        }
+                    }
+                    let normedNow = try gpu.values(normed, d).map(Double.init)
+                    let held = carried && !addBetween && !gatedCase ? (0..<d).map { h[$0] * Double(g[$0]) } : xn
+                    let worst = zip(normedNow, held).reduce(0.0) { max($0, abs($1.0 - $1.1)) }
+                    XCTAssertLessThan(worst, 1e-5 * held.reduce(0.0) { max($0, abs($1)) },
+                                      label + (gatedCase ? ", gate/up" : ", q/k/v") + ": the norm's output buffer")
                 }
             }
         }

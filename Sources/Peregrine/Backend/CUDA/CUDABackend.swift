@@ -290,12 +290,14 @@ public final class CUDABackend: ComputeBackend {
     /// blocks are few and long (a split of 128 positions is two 64-key tiles, both in flight at
     /// once, where two warps wait for four 32-key tiles one after another). PEREGRINE_DECODE_WARPS
     /// (2 or 4) sets it for measuring; tests run four warps with three buffers and with two, and two warps.
-    var tensorCoreDecodeWarps: Int? = [2, 4].first { $0 == Int(ProcessInfo.processInfo.environment["PEREGRINE_DECODE_WARPS"] ?? "") }
+    var tensorCoreDecodeWarps: Int? = CUDABackend.measuringChoice("PEREGRINE_DECODE_WARPS", CUDABackend.decodeWarpChoices)
+    static let decodeWarpChoices = [2, 4]
     /// Buffers of key/value tiles a block of attention_decode_mma with four warps keeps: 2, or 3
     /// (the `_w4s3` kernels: two tiles in flight while the warps work on a third). nil: 3 for one
     /// sequence, 2 otherwise; PEREGRINE_DECODE_STAGES (2 or 3) sets it for measuring. Two warps
     /// always take 2.
-    var tensorCoreDecodeStages: Int? = [2, 3].first { $0 == Int(ProcessInfo.processInfo.environment["PEREGRINE_DECODE_STAGES"] ?? "") }
+    var tensorCoreDecodeStages: Int? = CUDABackend.measuringChoice("PEREGRINE_DECODE_STAGES", CUDABackend.decodeStageChoices)
+    static let decodeStageChoices = [2, 3]
     /// Positions a decode split takes in a long cache (fewer splits than fill the GPU are never
     /// used, more than 128 never; one sequence on the tensor cores has its own rule, in
     /// `attention`): on an H200 at depth 16,384, 256 (66 splits of one sequence's
@@ -360,12 +362,12 @@ public final class CUDABackend: ComputeBackend {
         let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K", "iq4_nl", "iq4_xs", "q3_K", "q2_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         let fixedMatvecs = ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in
             CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)" }
-        }
+        } + ["f16", "bf16"].flatMap { t in CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)_carry" } }
         let prefillMMA = CUDABackend.tensorCoreAttentionDims.map { "attention_prefill_mma_\($0)" } + CUDABackend.warpgroupAttentionKernels.map(\.name)
         let quantGemms = CUDABackend.quantGemmKernels.values.flatMap { $0.map(\.name) }
         let decodeMMA = CUDABackend.tensorCoreDecodeDims.flatMap { ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4", "attention_decode_mma_\($0)_w4s3"] }
         for name in ["embed_rows", "rms_norm", "matmul_rows", "to_half", "add_bias", "rope", "store_kv", "attention_split", "attention_split_heads",
-                     "silu_mul", "gelu_tanh_mul", "scale_inplace", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
+                     "silu_mul", "gelu_tanh_mul", "scale_inplace", "zero_floats", "soft_cap_inplace", "add_inplace", "gather_rows", "dequantize_bf16",
                      "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
                      "repetition_penalty", "exp_sum_rows", "sample_rows", "split_columns", "silu_mul_16", "rope_store_kv_stacked",
                      "moe_route", "moe_router", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16",
@@ -395,6 +397,8 @@ public final class CUDABackend: ComputeBackend {
         sampleInts = try CUDABuffer(driver: driver, count: 2048, pool: pool)
         attentionCounters = try CUDABuffer(driver: driver, count: CUDABackend.attentionCounterCount)
         try driver.check(driver.cuMemsetD8Async(attentionCounters.pointer, 0, CUDABackend.attentionCounterCount * 4, s), "cuMemsetD8Async")
+        normCarryArea = try CUDABuffer(driver: driver, count: 64 + CUDABackend.normCarryBlocks)
+        try driver.check(driver.cuMemsetD8Async(normCarryArea.pointer, 0, 64 * 4, s), "cuMemsetD8Async")
         scratch = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         let tileRows = CUDABackend.captureSizes.last ?? 1
         let tileBuffer = try CUDABuffer(driver: driver, count: 2 * tileRows)
@@ -1011,39 +1015,67 @@ public final class CUDABackend: ComputeBackend {
         return (type, [QuantGemmKernel(name: name, tokens: 128, stages: stages, rowBytes: rowBytes),
                        QuantGemmKernel(name: name + "_t256", tokens: 256, stages: 4, rowBytes: rowBytes)])
     })
-    /// Whether quantized prompt products decode their weights on the fly into the tensor cores'
-    /// operands (quant_gemm) rather than widening the whole matrix to BF16 for cuBLAS first.
-    /// quant_gemm is checked on the kernel emulator (Tests/KernelEmulator) and on GPUs, but it
-    /// measured slower than the widening on an H100 (Q4_K_M prompts 0.86x, Q8_0 0.96x, Q4_0
-    /// 1.0x; BENCHMARKS.md), so it is off unless PEREGRINE_QUANT_GEMM=1. Tests set it to compare
-    /// the two.
-    var quantGemmAllowed = ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM"] == "1"
-    /// Tokens a block of quant_gemm takes (128 or 256); nil: 256 where that still gives every
-    /// multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets it for measuring; tests
-    /// run both.
-    var quantGemmTokens: Int? = [128, 256].first { $0 == Int(ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM_TOKENS"] ?? "") }
-    /// quant_gemm launches the host has issued (a graph's replays count none), for tests.
-    private(set) var quantGemmLaunches = 0
+    /// Most tokens for which a quantized product decodes its weights on the fly into the tensor
+    /// cores' operands (quant_gemm) rather than widening the whole matrix to BF16 for cuBLAS
+    /// first (checked on the kernel emulator and on GPUs). Measured on an H100 with 8 layers of
+    /// the 8B shape in Q4_K_M, quant_gemm against the widening (BENCHMARKS.md, SERVING.md):
+    /// prompts of 16, 64, 256 and 512 tokens 1.64x, 1.56x, 1.20x and 0.92x; batched decode steps
+    /// of 16 to 256 sequences 1.8x down to 1.2x. Over the few tokens of a decode step the
+    /// widening costs more than the product; over long prompts it is paid once for many tokens,
+    /// and cuBLAS's product beats quant_gemm's. PEREGRINE_QUANT_GEMM=1 takes quant_gemm for
+    /// every count, =0 for none. Tests set it.
+    var quantGemmTokenLimit: Int = {
+        switch ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM"] {
+        case "1": return .max
+        case "0": return 0
+        default: return CUDABackend.quantGemmDefaultTokenLimit
+        }
+    }()
+    static let quantGemmDefaultTokenLimit = 256
+    /// Tokens a block of quant_gemm takes (128 or 256); nil: 256 for more than 128 tokens where
+    /// that still gives every multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets
+    /// it for measuring; tests run both.
+    var quantGemmTokens: Int? = CUDABackend.measuringChoice("PEREGRINE_QUANT_GEMM_TOKENS", CUDABackend.quantGemmTokenChoices)
+    static let quantGemmTokenChoices = [128, 256]
+    /// Slices of k a quant_gemm launch takes (split-K); nil: the rule in `quantGemm`. Tests set it.
+    var quantGemmSlices: Int?
+    /// quant_gemm launches the host has issued (a graph's replays count none), and of those the
+    /// ones in more than one slice of k, for tests.
+    private(set) var quantGemmLaunches = 0, quantGemmSplitLaunches = 0
 
     /// Up to three products of quantized weights over the same `rows` tokens of x in one
-    /// quant_gemm launch, if one takes them (false: nothing launched): too many tokens for the
-    /// row kernel (which --deterministic keeps for every count), a compute capability 9.0 device
-    /// (wgmma), one type with kernels, rows of one length, a multiple of the kernels' chunk of 64
-    /// values, and the kernel's shared memory within the device's. `halfOut` writes BF16 outputs
-    /// (no bias).
+    /// quant_gemm launch, if one takes them (false: nothing launched): no more tokens than
+    /// `quantGemmTokenLimit`, too many for the row kernel (which --deterministic keeps for every
+    /// count), a compute capability 9.0 device (wgmma), one type with kernels, rows of one length,
+    /// a multiple of the kernels' chunk of 64 values, and the kernel's shared memory within the
+    /// device's. Split into slices of k, the outputs are zeroed first (`zero_floats`) unless
+    /// added to. `halfOut` writes BF16 outputs (no bias; never split).
     private func quantGemm(_ x: CUDABuffer, rows: Int, _ p: [(weight: CUDAWeight, bias: CUDAWeight?, out: CUDADriver.DevicePointer)],
                            accumulate: Bool, halfOut: Bool = false) -> Bool {
         let w = p[0].weight, k = w.cols
-        guard quantGemmAllowed, !usesRowKernel(rows, w), driver.computeCapability == (9, 0), k % 64 == 0, p.count <= 3,
+        guard rows <= quantGemmTokenLimit, !usesRowKernel(rows, w), driver.computeCapability == (9, 0), k % 64 == 0, p.count <= 3,
               p.allSatisfy({ $0.weight.dtype == w.dtype && $0.weight.cols == k }),
               let kernels = CUDABackend.quantGemmKernels[w.dtype] else { return false }
         let rowTiles = p.reduce(0) { $0 + ($1.weight.rows + CUDABackend.quantGemmRows - 1) / CUDABackend.quantGemmRows }
-        let tokens = quantGemmTokens ?? ((rows + 255) / 256 * rowTiles >= driver.multiprocessors ? 256 : 128)
+        let tokens = quantGemmTokens ?? (rows > 128 && (rows + 255) / 256 * rowTiles >= driver.multiprocessors ? 256 : 128)
         guard let kernel = kernels.first(where: { $0.tokens == tokens }), kernel.shared <= CUDABackend.dynamicSharedLimit(driver),
               let b = gemmInput(x.pointer, count: rows * k, for: w.dtype) else { return false }
         for q in p { productWrites(q.out, count: q.weight.rows * rows) }
+        // Few tokens make few tiles (a decode step of 16 sequences: 32 for the 8B shape's down
+        // projection, on 132 multiprocessors that each hold two), so each tile's k is parted
+        // among slices, as many as bring the blocks to what the GPU holds at once, of at least
+        // four chunks each; their sums are added into outputs zeroed first (or the residual).
+        let tokenTiles = (rows + kernel.tokens - 1) / kernel.tokens, tiles = tokenTiles * rowTiles
+        let chunks = k / 64, resident = (kernel.tokens == 128 ? 2 : 1) * driver.multiprocessors
+        let slices = halfOut ? 1 : max(1, quantGemmSlices.map { min($0, chunks) } ?? min(chunks / 4, (resident + tiles - 1) / tiles))
+        if slices > 1, !accumulate {
+            for q in p {
+                launch("zero_floats", grid: blocks(q.weight.rows * rows), block: 256) { a in a.ptr(q.out); a.i64(q.weight.rows * rows) }
+            }
+        }
         quantGemmLaunches += 1
-        launch(kernel.name, grid: ((rows + kernel.tokens - 1) / kernel.tokens, rowTiles, 1), block: 256, shared: kernel.shared) { a in
+        if slices > 1 { quantGemmSplitLaunches += 1 }
+        launch(kernel.name, grid: (tokenTiles, rowTiles, slices), block: 256, shared: kernel.shared) { a in
             a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out, p[i].weight.rows) }
             a.ptr(b); a.i32(rows); a.i32(k); a.i32(accumulate ? 1 : 0); a.i32(halfOut ? 1 : 0)
         }
@@ -1120,14 +1152,68 @@ public final class CUDABackend: ComputeBackend {
     private var pendingSplit: (source: CUDADriver.DevicePointer, rows: Int, a: CUDABuffer, b: CUDABuffer, c: CUDABuffer,
                                na: Int, nb: Int, nc: Int)?
 
-    /// Parts the pending stacked rows into their three outputs (split_columns). Every launch,
-    /// product, copy and read comes here first, so no one reads the outputs before they hold them.
+    /// Launches a held residual product (`pendingResidual`) and parts the pending stacked rows
+    /// into their three outputs (split_columns). Every launch, product, copy and read comes here
+    /// first, so no one reads the outputs before they hold them.
     private func partStackedRows() {
+        if let p = pendingResidual {
+            pendingResidual = nil
+            if !matvecKernel(p.x, [(p.weight, p.bias, p.residual)], mode: 1, norm: nil), firstError == nil {
+                firstError = .backend("internal: a held residual product has no kernel")
+            }
+        }
         guard let p = pendingSplit else { return }
         pendingSplit = nil
         launch("split_columns", grid: (p.rows, 1, 1), block: 256) { a in
             a.ptr(p.source); a.ptr(p.a); a.ptr(p.b); a.ptr(p.c); a.i32(p.na); a.i32(p.nb); a.i32(p.nc)
         }
+    }
+
+    /// A one-token residual product (`matmulAdd`) held back until the next call: if that is the
+    /// RMSNorm and 16-bit q/k/v product after it (`normMatmul3`), the two carry the norm between
+    /// them (NormCarry in Kernels.cu) and no norm kernel runs; any other launch, copy or read
+    /// launches it first, as it was (`partStackedRows`). Only before q/k/v: measured on an H100
+    /// (the 8B shape in BF16, BENCHMARKS.md), carried there tg128 gained 1.0-1.6% at depths 0,
+    /// 1,024 and 4,096 (0.5-1.0% to 16,384 on another H100), while carried before gate/up too it gained 2.6% at depth 0 but lost 0.5%
+    /// at 1,024 and 2.3% at 4,096 (before gate/up alone: +1.3%, -1.6%, -2.6%).
+    private var pendingResidual: (x: CUDABuffer, weight: CUDAWeight, bias: CUDAWeight?, residual: CUDABuffer)?
+    /// NormCarry's `area`: the sum of squares, the count, then a partial sum a block.
+    private let normCarryArea: CUDABuffer
+    static let normCarryBlocks = 8192
+    /// PEREGRINE_EARLY_DECODE_KEYS=0: one token's tensor-core decode attention copies no keys
+    /// before the kernel before it ends (attention_decode_mma's `fused` 2), for measuring.
+    var earlyDecodeKeys = ProcessInfo.processInfo.environment["PEREGRINE_EARLY_DECODE_KEYS"] != "0"
+    /// PEREGRINE_CARRIED_NORM=0 runs the norm between a residual product and the q/k/v product as
+    /// its own kernel, for measuring.
+    var carriedNorm = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"] != "0"
+
+    /// Whether a one-token residual product of `w` can produce a carried norm: a fixed-length
+    /// 16-bit kernel whose rows, the next product's row length, have one too.
+    private func carriesNorm(_ w: CUDAWeight) -> Bool {
+        fixedMatvecs && (w.dtype == .f16 || w.dtype == .bf16) && CUDABackend.fixedMatvecLengths.contains(w.cols)
+            && CUDABackend.fixedMatvecLengths.contains(w.rows) && w.rows / 8 <= CUDABackend.normCarryBlocks
+    }
+
+    /// The held residual product into `x` with the RMSNorm of its result by `norm` carried into
+    /// the products `p` (q, k and v) of `dim`-long rows: false (nothing launched, the product
+    /// still held) when they do not suit it.
+    private func carryNorm(into x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, _ p: [Product]) -> Bool {
+        guard let r = pendingResidual, r.residual === x, r.weight.rows == dim, norm.rows * norm.cols == dim,
+              let suffix = Self.matvecSuffix(p[0].weight.dtype), p[0].weight.dtype == .f16 || p[0].weight.dtype == .bf16,
+              p.allSatisfy({ $0.weight.dtype == p[0].weight.dtype && $0.weight.cols == dim }),
+              CUDABackend.fixedMatvecLengths.contains(dim), let rSuffix = Self.matvecSuffix(r.weight.dtype) else { return false }
+        pendingResidual = nil
+        let area = normCarryArea.pointer
+        launch("matvec_\(rSuffix)_k\(r.weight.cols)_carry", grid: blocks(r.weight.rows * 32), block: 256) { a in
+            a.products(1) { _ in (r.weight.pointer, r.bias?.pointer ?? 0, r.residual.pointer, r.weight.rows) }
+            a.ptr(r.x); a.i32(1); a.f32(0); a.ptr(norm.pointer); a.ptr(normed); a.ptr(area); a.i32(2)
+        }
+        let n = p.map(\.weight.rows)
+        launch("matvec_" + suffix + "_k\(dim)_carry", grid: blocks(n.reduce(0, +) * 32), block: 256) { a in
+            a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out.pointer, n[i]) }
+            a.ptr(normed); a.i32(0); a.f32(eps); a.ptr(0); a.ptr(0); a.ptr(area); a.i32(1)
+        }
+        return true
     }
 
     /// 16-bit matrices of one width, each right under the one before it in one allocation.
@@ -1142,6 +1228,11 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func matmulAdd(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, residual: CUDABuffer, scratch: CUDABuffer) {
+        if rows == oneToken, carriedNorm, carriesNorm(weight) {
+            partStackedRows()
+            pendingResidual = (x, weight, bias, residual)
+            return
+        }
         if rows == oneToken, matvecKernel(x, [(weight, bias, residual)], mode: 1, norm: nil) { return }
         if usesRowKernel(rows, weight) { rowKernel(x, rows: rows, [(weight, bias, residual)], mode: 1) } else {
             gemm(x, rows: rows, weight: weight, bias: bias, out: residual, accumulate: true)
@@ -1202,6 +1293,7 @@ public final class CUDABackend: ComputeBackend {
     public func normMatmul3(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int,
                             _ a: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer), _ b: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer),
                             _ c: (weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer)) {
+        if rows == oneToken, carryNorm(into: x, norm: norm, eps: eps, dim: dim, normed: normed, [a, b, c]) { return }
         if rows == oneToken, fusesNorm(a.weight),
            matvecKernel(x, [a, b, c], mode: 0, norm: (norm, eps)) || mixedQuantizedMatvecs(x, [a, b, c], norm: (norm, eps)) { return }
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed, for: a.weight)
@@ -1410,12 +1502,16 @@ public final class CUDABackend: ComputeBackend {
         let shared = tensorCores ? tiles(stages)
             : grouped ? 16 * (2 * 32 * (chunks + 1) + 2 * 32 * chunks + 8 * quads + quads) + 4 * 8 * 32 + 8 * 2 * 32 : 0
         let kernel = tensorCores ? "attention_decode_mma_\(hd)" + (warps == 4 ? stages == 3 ? "_w4s3" : "_w4" : "") : grouped ? "attention_split" : "attention_split_heads"
+        // One sequence's one token: every key but its own was written before this step, so the
+        // tensor-core kernel copies tiles of older keys before waiting for rope_store_kv.
+        let oldKeysEarly = tensorCores && rope == nil && rows == oneToken && earlyDecodeKeys
         launch(kernel, grid: (splitRows, grouped ? cache.kvHeads * parts : heads, splits), block: tensorCores ? 32 * warps : 128,
                shared: shared) { a in
             a.ptr(q); a.ptr(cache.keys[layer]); a.ptr(cache.values[layer]); a.ptr(scratch); a.ptr(stats); a.ptr(slots); a.ptr(positions)
             a.i32(heads); a.i32(cache.kvHeads); a.i32(hd); a.ptr(tables); a.i32(plan.tableWidth); a.i32(cache.blockSize)
             a.f32(scale); a.f32(softCap); a.i32(window ?? 0); a.i32(splits)
-            a.ptr(out); a.ptr(attentionCounters); a.i32(rope == nil ? 0 : 1); a.ptr(rope?.k.pointer ?? 0); a.ptr(rope?.v.pointer ?? 0)
+            a.ptr(out); a.ptr(attentionCounters); a.i32(rope != nil ? 1 : oldKeysEarly ? 2 : 0)
+            a.ptr(rope?.k.pointer ?? 0); a.ptr(rope?.v.pointer ?? 0)
             a.ptr(rope?.cos.pointer ?? 0); a.ptr(rope?.sin.pointer ?? 0); a.i32(rope?.rotaryDim ?? hd); a.i32(rope?.interleaved == true ? 1 : 0)
             a.ptr(rowMap)
             if !tensorCores { a.i32(cache.halfPrecision) }
@@ -1470,7 +1566,6 @@ public final class CUDABackend: ComputeBackend {
         var shared: Int { (rows + 4 * keys) * 128 * 2 + 1024 + 3 * keys * 8 }
     }
 
-    /// The warpgroup-MMA prompt attention kernels Kernels.cu compiles (ATTENTION_PREFILL_WGMMA).
     /// The measuring switches that take a value (the properties above read them), checked before
     /// anything runs: a mistyped value would otherwise fall back to the default without a word,
     /// and a measurement would compare the default with itself. An empty value counts as unset.
@@ -1481,16 +1576,21 @@ public final class CUDABackend: ComputeBackend {
             throw PeregrineError.invalidArgument("\(name)=\(value): expected \(accepted)")
         }
         func number(_ v: String, _ range: ClosedRange<Int>) -> Bool { Int(v).map(range.contains) ?? false }
+        func choice(_ name: String, _ choices: [Int]) throws {
+            try check(name, choices.map(String.init).joined(separator: " or ")) { v in Int(v).map(choices.contains) ?? false }
+        }
         try check("PEREGRINE_ROW_KERNEL_TOKENS", "a number of tokens (0 or more)") { number($0, 0...Int.max) }
         try check("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "a number of blocks (1 or more)") { number($0, 1...Int.max) }
         try check("PEREGRINE_GROUPED_ATTENTION_FROM", "a position (0 or more)") { number($0, 0...Int.max) }
-        try check("PEREGRINE_DECODE_WARPS", "2 or 4") { $0 == "2" || $0 == "4" }
-        try check("PEREGRINE_DECODE_STAGES", "2 or 3") { $0 == "2" || $0 == "3" }
+        try choice("PEREGRINE_DECODE_WARPS", decodeWarpChoices)
+        try choice("PEREGRINE_DECODE_STAGES", decodeStageChoices)
         try check("PEREGRINE_SPLIT_POSITIONS", "a number of positions (1 or more)") { number($0, 1...Int.max) }
         try check("PEREGRINE_DECODE_SPLITS", "a number of splits from 1 to 128") { number($0, 1...128) }
         try check("PEREGRINE_QUANT_GEMM", "0 or 1") { $0 == "0" || $0 == "1" }
-        try check("PEREGRINE_QUANT_GEMM_TOKENS", "128 or 256") { $0 == "128" || $0 == "256" }
+        try choice("PEREGRINE_QUANT_GEMM_TOKENS", quantGemmTokenChoices)
         try check("PEREGRINE_FIXED_MATVEC", "0 or 1") { $0 == "0" || $0 == "1" }
+        try check("PEREGRINE_CARRIED_NORM", "0 or 1") { $0 == "0" || $0 == "1" }
+        try check("PEREGRINE_EARLY_DECODE_KEYS", "0 or 1") { $0 == "0" || $0 == "1" }
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }
         try check("PEREGRINE_WGMMA_PROMPT_ATTENTION", "0 (mma.sync), 1 (the first kernel) or one of " + kernels.joined(separator: ", ")) {
@@ -1498,6 +1598,13 @@ public final class CUDABackend: ComputeBackend {
         }
     }
 
+    /// The value of a measuring switch among `choices`; nil where it is unset (or names none of
+    /// them, which checkMeasuringSwitches refuses when the backend starts).
+    static func measuringChoice(_ name: String, _ choices: [Int]) -> Int? {
+        choices.first { $0 == Int(ProcessInfo.processInfo.environment[name] ?? "") }
+    }
+
+    /// The warpgroup-MMA prompt attention kernels Kernels.cu compiles (ATTENTION_PREFILL_WGMMA).
     public static let warpgroupAttentionKernels = [
         WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128", keys: 64, warpgroups: 1),
         WarpgroupAttentionKernel(name: "attention_prefill_wgmma_128_overlap", keys: 64, warpgroups: 1),

@@ -409,11 +409,12 @@ __device__ __forceinline__ MatvecRow matvec_row(bool gated, const void* w0, cons
 
 // A warp's sums to its output: y = W x + b (mode 0), y += W x + b (mode 1), or gated,
 // y = silu(gate x + b) * (up x + b1).
+// `scale` multiplies the sums before the bias (a carried RMSNorm's, see NormCarry).
 __device__ __forceinline__ void matvec_store(const MatvecRow& m, float acc, float up, bool gated, const float* b1, int mode,
-                                             int lane) {
-    float g = warp_sum(acc) + (m.b ? m.b[m.o] : 0.f);
+                                             int lane, float scale = 1.f) {
+    float g = warp_sum(acc) * scale + (m.b ? m.b[m.o] : 0.f);
     if (gated) {
-        float u = warp_sum(up) + (b1 ? b1[m.o] : 0.f);
+        float u = warp_sum(up) * scale + (b1 ? b1[m.o] : 0.f);
         if (lane == 0) m.y[m.o] = g / (1.f + __expf(-g)) * u;
     } else if (lane == 0) {
         m.y[m.o] = mode == 1 ? m.y[m.o] + g : g;
@@ -547,10 +548,25 @@ __device__ __forceinline__ void matvec_half_body(const void* w0, const float* b0
 // us, output projection 14.3 -> 12.0, down 35.0 -> 32.1, gate/up 59.6 -> 57.8, output matrix
 // 271.6 -> 258.6; chunks of 8 / R loads each loaded then used, or three sets at three blocks an
 // SM, lost in the decode step (BENCHMARKS.md).
-template <int DT, int R, int K>
+// The RMSNorm between a residual product and the 16-bit product after it, carried by the two
+// (the `_carry` kernels) instead of a launch of its own: the residual product (`produce`) writes
+// beside each new residual value r its product with the norm's weight, r g, and sums the
+// squares of its block's values into `area` (partials from area + 64 on; the block that counts
+// last, area[1], sums them in order into area[0] and resets the count); the next product
+// (`consume`) reads r g as its x and scales its sums by rsqrt(area[0] / k + eps) before the bias,
+// which is the product of the normalized row. The same arithmetic up to the order of rounding.
+struct NormCarry {
+    const float* g;
+    float* xg;
+    float* area;
+    float eps;
+    bool consume;  // else produce
+};
+
+template <int DT, int R, int K, bool CARRY = false>
 __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
                                                   float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
-                                                  const float* x, int mode) {
+                                                  const float* x, int mode, NormCarry carry = {}) {
     constexpr int U = 4 / R, units = K / 8, per = units / 32, full = per / U, tail = per % U, chunks = full + (tail ? 1 : 0);
     static_assert(K % 256 == 0, "whole loads a lane");
     const int lane = threadIdx.x & 31;
@@ -584,27 +600,66 @@ __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b
     };
     if (m.active) load(0, 0, full > 0 ? U : tail);
     gdc_wait();
-    if (!m.active) return;
-    if constexpr (tail == 0 && full % 2 == 0) {
+    if (!CARRY && !m.active) return;
+    if (m.active) {
+        if constexpr (tail == 0 && full % 2 == 0) {
 #pragma unroll 1
-        for (int c = 0; c < chunks; c += 2) {
-            load(1, c + 1, U);
-            use(0, c, U);
-            if (c + 2 < chunks) load(0, c + 2, U);
-            use(1, c + 1, U);
-        }
-    } else {
-        auto count = [&](int c) { return c < full ? U : tail; };
+            for (int c = 0; c < chunks; c += 2) {
+                load(1, c + 1, U);
+                use(0, c, U);
+                if (c + 2 < chunks) load(0, c + 2, U);
+                use(1, c + 1, U);
+            }
+        } else {
+            auto count = [&](int c) { return c < full ? U : tail; };
 #pragma unroll 1
-        for (int c = 0; c < chunks; c += 2) {
-            if (c + 1 < chunks) load(1, c + 1, count(c + 1));
-            use(0, c, count(c));
-            if (c + 1 >= chunks) break;
-            if (c + 2 < chunks) load(0, c + 2, count(c + 2));
-            use(1, c + 1, count(c + 1));
+            for (int c = 0; c < chunks; c += 2) {
+                if (c + 1 < chunks) load(1, c + 1, count(c + 1));
+                use(0, c, count(c));
+                if (c + 1 >= chunks) break;
+                if (c + 2 < chunks) load(0, c + 2, count(c + 2));
+                use(1, c + 1, count(c + 1));
+            }
         }
     }
-    matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
+    if (!CARRY) {
+        matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
+        return;
+    }
+    if (carry.consume) {
+        float scale = rsqrtf(carry.area[0] / K + carry.eps);
+        if (m.active) matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane, scale);
+        return;
+    }
+    // The producer: a residual product (mode 1, one matrix), its rows the next norm's values.
+    float sq = 0.f;
+    float v = warp_sum(acc[0]) + (m.b ? m.b[m.o] : 0.f);
+    if (m.active && lane == 0) {
+        v += m.y[m.o];
+        m.y[m.o] = v;
+        carry.xg[m.o] = v * carry.g[m.o];
+        sq = v * v;
+    }
+    __shared__ float warpSquares[32];
+    __shared__ bool last;
+    if (lane == 0) warpSquares[threadIdx.x >> 5] = sq;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float b = 0.f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) b += warpSquares[w];
+        carry.area[64 + blockIdx.x] = b;
+        __threadfence();
+        unsigned* count = (unsigned*)(carry.area + 1);
+        last = atomicAdd(count, 1u) == gridDim.x - 1;
+        if (last) *count = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    float t = 0.f;
+    for (int i = threadIdx.x; i < (int)gridDim.x; i += blockDim.x) t += ((volatile float*)carry.area)[64 + i];
+    t = block_sum(t);
+    if (threadIdx.x == 0) carry.area[0] = t;
 }
 
 #define MATVEC_FIXED(name, DT, R, K)                                                                                         \
@@ -634,6 +689,33 @@ MATVEC_FIXED_ALL(13824)
 MATVEC_FIXED_ALL(14336)
 MATVEC_FIXED_ALL(18944)
 MATVEC_FIXED_ALL(28672)
+// The fixed-length kernels carrying an RMSNorm (NormCarry): `carry` 1 consumes one (x is r g;
+// q/k/v, mode 0), 2 produces one (mode 1); g, xg and area as NormCarry's.
+#define MATVEC_CARRY(name, DT, K)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256, 4) name(                                                               \
+        const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
+        const float* b2, float* y2, int n2, const float* x, int mode, float eps, const float* g, float* xg, float* area,       \
+        int carry) {                                                                                                         \
+        NormCarry c = {g, xg, area, eps, carry == 1};                                                                        \
+        matvec_half_fixed<DT, 1, K, true>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode, c);                      \
+    }
+#define MATVEC_CARRY_ALL(K)                                                                                                  \
+    MATVEC_CARRY(matvec_f16_k##K##_carry, 1, K)                                                                              \
+    MATVEC_CARRY(matvec_bf16_k##K##_carry, 2, K)
+MATVEC_CARRY_ALL(2048)
+MATVEC_CARRY_ALL(2560)
+MATVEC_CARRY_ALL(3072)
+MATVEC_CARRY_ALL(3584)
+MATVEC_CARRY_ALL(4096)
+MATVEC_CARRY_ALL(5120)
+MATVEC_CARRY_ALL(8192)
+MATVEC_CARRY_ALL(9728)
+MATVEC_CARRY_ALL(11008)
+MATVEC_CARRY_ALL(12288)
+MATVEC_CARRY_ALL(13824)
+MATVEC_CARRY_ALL(14336)
+MATVEC_CARRY_ALL(18944)
+MATVEC_CARRY_ALL(28672)
 
 // Unit i of a Q4_K row (16 bytes: super-block i / 8, 32-byte chunk j = (i % 8) / 2, half h =
 // i % 2; its low nibbles are values 64j + 16h ... of sub-block 2j, its high nibbles 64j + 32 + 16h
@@ -2076,6 +2158,13 @@ extern "C" __global__ void scale_inplace(float* x, float f, long n) {
     if (i < n) x[i] *= f;
 }
 
+// y = 0 (the outputs a quant_gemm split over slices of k adds into).
+extern "C" __global__ void zero_floats(float* y, long n) {
+    gdc_wait();
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = 0.f;
+}
+
 extern "C" __global__ void soft_cap_inplace(float* x, float cap, long n) {
     gdc_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -2906,10 +2995,17 @@ ATTENTION_PREFILL_WGMMA(attention_prefill_wgmma_128_kt128_wg2, 128, 2, false)
 // so they take four warps and three buffers (`_w4s3`: 104 KB for D = 128, two blocks a
 // multiprocessor on an H200); every copy group is committed, empty past the last tile, so that the wait
 // for tile n is always "at most S - 1 groups in flight".
+// `fused` 2 (the host's `oldKeysEarly`: each row its sequence's one new token, so only the row's
+// own position was written in this step, by rope_store_kv just before): the block works out its
+// keys' rows and starts copying its first tiles that hold only older positions before gdc_wait,
+// so those copies overlap rope_store_kv; q, and a tile with the new key, are read after it. On an
+// H100 (16 layers of the 8B shape in BF16, two rounds) tg64 gained 0.7% at depth 4,096 and
+// nothing measurable at 16,384: rope_store_kv is short.
 template <int D, int W, int S>
 __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
 #if __CUDA_ARCH__ >= 800
-    gdc_wait();
+    const bool early = fused == 2;
+    if (!early) gdc_wait();
     constexpr int LD = D + 8, DT = D / 8, KS = D / 16, CH = D / 8, DT_KEYS = 16 * W;
     static_assert((2 * W * SPLIT_GROUP + W * SPLIT_GROUP * D + SPLIT_GROUP * SPLIT_MAX + SPLIT_GROUP) * 4 <= 2 * S * DT_KEYS * LD * 2,
                   "the warps' results and the merge's weights fit in the tiles' memory");
@@ -2946,8 +3042,16 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
 #pragma unroll
     for (int n = 0; n < S; n++) find_rows(n);
     __syncthreads();
+    // Tiles before the first that may hold the row's own key (position sh.pos), in order, so the
+    // copy groups stay one a tile.
+    int first = 0;
+    if (early) {
+        while (first < S - 1 && min(end, start + (first + 1) * DT_KEYS) <= sh.pos) load_tile(first++);
+        gdc_wait();
+    }
 #pragma unroll
-    for (int n = 0; n < S - 1; n++) load_tile(n);
+    for (int n = 0; n < S - 1; n++)
+        if (n >= first) load_tile(n);
     // The thread's query fragments (mma's A layout, row g = lane / 4): head h0 + g, scaled and
     // rounded to f16; rows g + 8 and heads past the part are zeros.
     int g = lane >> 2, c2 = 2 * (lane & 3);
@@ -3693,7 +3797,8 @@ extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prompt products of quantized weights on Hopper's tensor cores, without widening the matrix:
+// Products of quantized weights over many tokens (up to 256 by default: a short prompt, a batch of
+// decode steps) on Hopper's tensor cores, without widening the matrix:
 // y[t, o] (+)= Σ_k x[t, k] W[o, k] for W in any quantized type the backend keeps (Q8_0, Q4_0, IQ4_NL,
 // IQ4_XS, Q4_K, Q6_K, Q3_K, Q2_K) and x already rounded to BF16.
 // A block takes QG_ROWS weight rows (two warpgroups of 64) by NT tokens (128 or 256: a decoded
@@ -3706,8 +3811,11 @@ extern "C" __global__ void __launch_bounds__(128) expert_gemm_f16(const unsigned
 // BF16 value dequantize_bf16 gives: load_weight's f32 arithmetic, then rounded), so a value is decoded
 // once a block and never written back; the next chunk is decoded while the tensor cores multiply
 // this one. Grid: x over token tiles (fastest, so a weight tile's token tiles run together and
-// its bytes come from memory once), y over weight-row tiles. K must be a multiple of QG_K (256
-// for the k-quants, as their blocks are).
+// its bytes come from memory once), y over weight-row tiles, z over slices of k (split-K: a few
+// tokens' products have too few tiles to fill the GPU, so each tile's chunks are parted among
+// gridDim.z blocks, whose sums are added into y atomically: y holds zeros, or the residual when
+// accumulating, before the launch, and only slice 0 adds the bias). K must be a multiple of QG_K
+// (256 for the k-quants, as their blocks are).
 #define QG_ROWS 128
 #define QG_K 64
 #define QG_THREADS 256
@@ -4042,7 +4150,7 @@ template <> struct QuantChunk<10> {
 // The shared memory a block of quant_gemm takes: STAGES buffers of the activations (NT rows of
 // 128 bytes) and the weights' bytes (rounded up to 1,024, so every activation tile starts
 // 1024-aligned), and 1,024 bytes to align the first. CUDABackend.QuantGemmKernel.shared mirrors it.
-template <int DT, int NT, int STAGES> constexpr int quant_gemm_shared() {
+template <int DT, int NT, int STAGES> __host__ __device__ constexpr int quant_gemm_shared() {
     return STAGES * (NT * 128 + (QG_ROWS * QuantChunk<DT>::STRIDE + 1023) / 1024 * 1024) + 1024;
 }
 
@@ -4081,7 +4189,9 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
         y = second ? y1 : y2;
         n = second ? n1 : n2;
     }
-    const int t0 = blockIdx.x * NT, o0 = tile * QG_ROWS, chunks = k / QG_K;
+    // This block's slice of k: chunks c0 ..< c0 + chunks (all of them when gridDim.z is 1).
+    const int t0 = blockIdx.x * NT, o0 = tile * QG_ROWS, slices = gridDim.z;
+    const int c0 = (int)((long)(k / QG_K) * blockIdx.z / slices), chunks = (int)((long)(k / QG_K) * (blockIdx.z + 1) / slices) - c0;
     const unsigned long total = (unsigned long)n * (unsigned)k;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
     const int r = 64 * (warp >> 2) + 16 * (warp & 3) + (lane >> 2);  // the thread's rows in the tile: r and r + 8
@@ -4104,7 +4214,7 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
         if (s >= chunks) return;
         unsigned char* xs = base + (s % STAGES) * SB;
         unsigned char* ws = xs + XB;
-        int k0 = s * QG_K;
+        int k0 = (c0 + s) * QG_K;
         const unsigned char* xk = xA + 2 * k0;
 #pragma unroll
         for (int m = 0; m < NT / 32; m++) copy16_async(xs + dA + 4096 * m, xk + (m < inA ? m : 0) * strideA, m < inA);
@@ -4120,7 +4230,7 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
     auto decode = [&](unsigned (&a)[4][4], int s) {
         const unsigned char* ws = base + (s % STAGES) * SB + XB;
         unsigned lo0[4], hi0[4], lo1[4], hi1[4];
-        int k0 = s * QG_K;
+        int k0 = (c0 + s) * QG_K;
         Q::fragment(ws + r * Q::STRIDE, total, i0 + k0, k0, c, lo0, hi0);
         Q::fragment(ws + (r + 8) * Q::STRIDE, total, i1 + k0, k0, c, lo1, hi1);
 #pragma unroll
@@ -4186,7 +4296,8 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
     wgmma_wait<0>();
     hold_acc();
     // Accumulator (i, e): weight row r + 8 (e >> 1), token 8i + 2c + (e & 1). With accumulate the
-    // product is added to y first and the bias after, as cuBLAS's beta and add_bias do.
+    // product is added to y first and the bias after, as cuBLAS's beta and add_bias do. Slices of
+    // k add theirs atomically (the host never splits a BF16 output).
 #pragma unroll
     for (int i = 0; i < NT / 8; i++)
 #pragma unroll
@@ -4198,6 +4309,11 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
             if (halfOut) {
                 __nv_bfloat16* h = (__nv_bfloat16*)y + at;
                 *h = __float2bfloat16_rn(accumulate ? v + __bfloat162float(*h) : v);
+                continue;
+            }
+            if (slices > 1) {
+                if (bias && blockIdx.z == 0) v += bias[o];
+                atomicAdd((float*)y + at, v);
                 continue;
             }
             if (accumulate) v += ((float*)y)[at];
