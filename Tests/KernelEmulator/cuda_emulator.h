@@ -28,6 +28,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <map>
 #include <atomic>
 #include <deque>
 #include <mutex>
@@ -355,11 +356,20 @@ struct Collective {
     void* args[128];
 };
 
+// An mbarrier (a 64-bit object in shared memory, tracked here by its address): the arrivals its
+// current phase still expects, and the cp.async copies that land when the phase completes.
+struct Mbarrier {
+    unsigned expected = 0, pending = 0, phase = 0;
+    std::vector<Fiber::Copy> copies;
+};
+
 struct Block {
     std::vector<Fiber> fibers;
     std::vector<Collective> warps, groups;
     std::vector<WgmmaQueue> wgmmas;  // one a warpgroup
     Collective barrier;
+    Collective named[16];  // bar.sync / bar.arrive 1-15 (0 is __syncthreads' barrier in hardware)
+    std::map<const void*, Mbarrier> mbarriers;
     int current = 0, threads = 0;
 #if defined(__x86_64__)
     void* scheduler = nullptr;
@@ -549,6 +559,10 @@ inline void run_block_(dim3 block, void (*body)(void*), void* arg) {
                 for (auto* cs : {&b.warps, &b.groups})
                     for (auto& c : *cs)
                         if (f.waitOn == &c.gen) return c.name;
+                for (auto& c : b.named)
+                    if (f.waitOn == &c.gen) return c.name;
+                for (auto& [at, m] : b.mbarriers)
+                    if (f.waitOn == &m.phase) return "an mbarrier's phase";
                 return f.waitOn == &b.barrier.gen ? b.barrier.name : "?";
             };
             for (int t = 0, u; t < b.threads; t = u) {  // runs of threads at the same place
@@ -561,6 +575,8 @@ inline void run_block_(dim3 block, void (*body)(void*), void* arg) {
     }
     for (const WgmmaQueue& q : b.wgmmas)
         if (!q.open.empty() || !q.groups.empty()) die("a block ended with wgmma instructions never waited for");
+    for (auto& [at, m] : b.mbarriers)
+        if (!m.copies.empty()) die("a block ended with copies whose mbarrier phase never completed");
     block_ = nullptr;
 }
 
@@ -968,6 +984,84 @@ template <int N> inline void copy_wait_() {
         f.copyGroups.pop_front();
     }
 }
+
+// Named barriers (bar.sync / bar.arrive id, threads): `threads` (a multiple of 32) arrivals
+// complete one; bar.sync waits for that, bar.arrive does not.
+inline Collective& named_(int id, int threads) {
+    Block& b = *block_;
+    if (id < 1 || id > 15) die("a named barrier's id outside 1-15");
+    if (threads <= 0 || threads % 32 || threads > b.threads) die("a named barrier's thread count: a multiple of 32, at most the block's");
+    Collective& c = b.named[id];
+    if (c.arrived == 0) {
+        c.size = b.threads;
+        c.live = threads;
+    } else if (c.live != threads) {
+        die("a named barrier reached with different thread counts");
+    }
+    return c;
+}
+
+inline void named_sync_(int id, int threads) { arrive_(named_(id, threads), nothing_op_, "bar.sync", nullptr); }
+
+inline void named_arrive_(int id, int threads) {
+    Collective& c = named_(id, threads);
+    if (c.op && c.op != nothing_op_) die("bar.arrive at a barrier others wait at for something else");
+    c.op = nothing_op_;
+    c.name = "bar.sync";
+    if (++c.arrived == c.live) finish_(c);
+}
+
+// mbarriers: init sets the arrivals a phase expects; the last of them completes the phase (the
+// copies bound to it land, the phase count goes up); a wait for parity p returns once the phase
+// of that parity has completed, i.e. while the current phase's parity is p it waits.
+inline Mbarrier& mbarrier_(const void* bar) {
+    auto it = block_->mbarriers.find(bar);
+    if (it == block_->mbarriers.end()) die("an mbarrier used before mbarrier.init");
+    return it->second;
+}
+
+inline void mbarrier_init_(unsigned long long* bar, unsigned count) {
+    if ((uintptr_t)bar & 7) die("an mbarrier not 8-byte aligned");
+    if (count == 0) die("mbarrier.init with a count of 0");
+    Mbarrier& m = block_->mbarriers[bar];
+    if (!m.copies.empty()) die("mbarrier.init over copies still bound to it");
+    m = Mbarrier{count, count, 0, {}};
+    *bar = 0;
+}
+
+inline void mbarrier_arrive_(const void* bar) {
+    Mbarrier& m = mbarrier_(bar);
+    if (m.pending == 0) die("an mbarrier arrival its phase does not expect");
+    if (--m.pending == 0) {
+        land_copies_(m.copies);
+        m.phase++;
+        m.pending = m.expected;
+    }
+}
+
+inline void mbarrier_wait_(const void* bar, unsigned parity) {
+    Mbarrier& m = mbarrier_(bar);
+    while ((m.phase & 1) == (parity & 1)) {
+        Fiber& f = block_->fibers[block_->current];
+        f.waitOn = &m.phase;
+        f.waitFor = m.phase;
+        yield_();
+    }
+}
+
+// cp.async.mbarrier.arrive.noinc: every cp.async the thread has issued and not yet seen land is
+// bound to the barrier's phase (landing when it completes), and the thread arrives once.
+inline void copy_arrive_(const void* bar) {
+    Mbarrier& m = mbarrier_(bar);
+    Fiber& f = block_->fibers[block_->current];
+    for (auto& g : f.copyGroups) {
+        m.copies.insert(m.copies.end(), g.begin(), g.end());
+        g.clear();
+    }
+    m.copies.insert(m.copies.end(), f.openCopies.begin(), f.openCopies.end());
+    f.openCopies.clear();
+    mbarrier_arrive_(bar);
+}
 }  // namespace emu
 
 // ---------------------------------------------------------------------------------------------
@@ -977,6 +1071,15 @@ template <int N> inline void copy_wait_() {
 inline void copy16_async(void* dst, const void* src, bool in) { emu::copy16_(dst, src, in); }
 inline void copy_commit() { emu::copy_commit_(); }
 template <int N> inline void copy_wait() { emu::copy_wait_<N>(); }
+// bar.sync id, threads / bar.arrive id, threads.
+inline void named_barrier_sync(int id, int threads) { emu::named_sync_(id, threads); }
+inline void named_barrier_arrive(int id, int threads) { emu::named_arrive_(id, threads); }
+// mbarrier.init.shared::cta.b64, mbarrier.arrive.shared::cta.b64, a loop of
+// mbarrier.try_wait.parity.shared::cta.b64, and cp.async.mbarrier.arrive.noinc.shared::cta.b64.
+inline void mbarrier_init(unsigned long long* bar, unsigned count) { emu::mbarrier_init_(bar, count); }
+inline void mbarrier_arrive(unsigned long long* bar) { emu::mbarrier_arrive_(bar); }
+inline void mbarrier_wait(unsigned long long* bar, unsigned parity) { emu::mbarrier_wait_(bar, parity); }
+inline void copy_arrive(unsigned long long* bar) { emu::copy_arrive_(bar); }
 
 inline void ldmatrix_x4(unsigned (&r)[4], const void* p) { emu::ldmatrix_x4_(r, p, false); }
 inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) { emu::ldmatrix_x4_(r, p, true); }
