@@ -594,14 +594,22 @@ int main() {
     };
     for (const MatvecType& t : types) matvec_type(t, rng);
     for (const MatvecType& t : types) matvec_experts(t, t.shortK, 256, rng);
-    matvec_fixed(1, "f16", matvec_f16_k4096, matvec_f16_gated_k4096, 4096, rng);
-    matvec_fixed(2, "bf16", matvec_bf16_k4096, matvec_bf16_gated_k4096, 4096, rng);
-    matvec_fixed(1, "f16", matvec_f16_k14336, matvec_f16_gated_k14336, 14336, rng);
-    matvec_fixed(2, "bf16", matvec_bf16_k14336, matvec_bf16_gated_k14336, 14336, rng);
+    // Every length CUDABackend.fixedMatvecLengths lists, in both 16-bit types.
+#define FIXED(K)                                                                      \
+    matvec_fixed(1, "f16", matvec_f16_k##K, matvec_f16_gated_k##K, K, rng);           \
+    matvec_fixed(2, "bf16", matvec_bf16_k##K, matvec_bf16_gated_k##K, K, rng);
+    FIXED(2048) FIXED(2560) FIXED(3072) FIXED(3584) FIXED(4096) FIXED(5120) FIXED(8192)
+    FIXED(9728) FIXED(11008) FIXED(12288) FIXED(13824) FIXED(14336) FIXED(18944) FIXED(28672)
+#undef FIXED
     carried_norm(1, "f16", matvec_f16_k4096_carry, 4096, 4096, matvec_f16_k4096_carry, rng);
     carried_norm(2, "bf16", matvec_bf16_k4096_carry, 4096, 4096, matvec_bf16_k4096_carry, rng);
-    carried_norm(1, "f16", matvec_f16_k14336_carry, 14336, 20, nullptr, rng);
-    carried_norm(2, "bf16", matvec_bf16_k14336_carry, 14336, 20, nullptr, rng);
+    // The other lengths' carry kernels as residual products (20 rows: a last block with idle warps).
+#define CARRY(K)                                                                      \
+    carried_norm(1, "f16", matvec_f16_k##K##_carry, K, 20, nullptr, rng);             \
+    carried_norm(2, "bf16", matvec_bf16_k##K##_carry, K, 20, nullptr, rng);
+    CARRY(2048) CARRY(2560) CARRY(3072) CARRY(3584) CARRY(5120) CARRY(8192)
+    CARRY(9728) CARRY(11008) CARRY(12288) CARRY(13824) CARRY(14336) CARRY(18944) CARRY(28672)
+#undef CARRY
 
     const struct { int dtype; const char* name; int k; } rowTypes[] = {
         {5, "Q4_K", 2816}, {6, "Q6_K", 2816}, {3, "Q8_0", 3040}, {4, "Q4_0", 3040}, {7, "IQ4_NL", 800}, {8, "IQ4_XS", 768},

@@ -445,10 +445,12 @@ final class CUDABackendTests: XCTestCase {
 
     /// One token's products of 16-bit weights (matvec_half_body, whose lanes read a row in chunks
     /// and load the next chunk before using the current one) against the CPU's sums in doubles:
-    /// rows of one partial chunk, of chunks ending mid-way, and of the 8B shape's rows (4,096 and
-    /// the down projection's 14,336, which have kernels of their own with the length fixed at
-    /// compile time, checked beside the general kernel); plain, the three matrices of q/k/v in one
-    /// launch, and gated.
+    /// rows of one partial chunk, of chunks ending mid-way, and of lengths with kernels of their
+    /// own (the length fixed at compile time, checked beside the general kernel): whole pairs of
+    /// chunks (4,096 and 14,336), an odd number of chunks (3,072), a short last chunk (2,560).
+    /// Matrices of 37, 37 and 13 rows, so that a block's last warps have no row and the q/k/v
+    /// launch's matrices change inside a block; plain with and without a bias, added to a
+    /// residual, the three matrices of q/k/v in one launch, and gated.
     func testHalfMatvecMatchesCPU() throws {
         let gpu = try backend()
         let fixedBefore = gpu.fixedMatvecs
@@ -456,29 +458,33 @@ final class CUDABackendTests: XCTestCase {
         var rng = SplitMix(seed: 11)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] { try gpu.values(b, count) }
-        let n = 40
+        let rows = [37, 37, 13], n = rows[0]
+        let biasValues = (0..<n).map { _ in uniform() }, residualValues = (0..<n).map { _ in uniform() }
+        let bias = try biasValues.withUnsafeBytes {
+            try gpu.weight(TensorView(name: "b", dtype: .f32, shape: [n], data: $0.baseAddress!, byteCount: $0.count))
+        }
         for type in [DType.bf16, .f16] {
-            for k in [808, 3000, 4096, 14336] {
+            for k in [808, 3000, 2560, 3072, 4096, 14336] {
                 let x = (0..<k).map { _ in uniform() }
                 let xb = try gpu.buffer(k)
                 x.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
                 var views: [TensorView] = [], storage: [UnsafeMutableRawPointer] = []
                 defer { storage.forEach { $0.deallocate() } }
-                for _ in 0..<3 {
-                    let values = (0..<(n * k)).map { _ in uniform() }
-                    let size = type.byteCount(elements: n * k)
+                for r in rows {
+                    let values = (0..<(r * k)).map { _ in uniform() }
+                    let size = type.byteCount(elements: r * k)
                     let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
                     storage.append(bytes)
-                    values.withUnsafeBufferPointer { Quantizer.quantize(type, $0.baseAddress!, count: n * k, into: bytes) }
-                    views.append(TensorView(name: "w", dtype: type, shape: [n, k], data: UnsafeRawPointer(bytes), byteCount: size))
+                    values.withUnsafeBufferPointer { Quantizer.quantize(type, $0.baseAddress!, count: r * k, into: bytes) }
+                    views.append(TensorView(name: "w", dtype: type, shape: [r, k], data: UnsafeRawPointer(bytes), byteCount: size))
                 }
                 let weights = try views.map { try gpu.weight($0) }
-                let outs = try (0..<3).map { _ in try gpu.buffer(n) }
+                let outs = try rows.map { try gpu.buffer($0) }
                 let scratch = try gpu.buffer(n)
                 var expected: [[Double]] = []
                 for m in 0..<3 {
                     let w = views[m].toFloat()
-                    expected.append((0..<n).map { o in (0..<k).reduce(0.0) { $0 + Double(x[$1]) * Double(w[o * k + $1]) } })
+                    expected.append((0..<rows[m]).map { o in (0..<k).reduce(0.0) { $0 + Double(x[$1]) * Double(w[o * k + $1]) } })
                 }
                 let scale = Float(expected.joined().reduce(0) { max($0, abs($1)) })
                 let gated = (0..<n).map { o -> Float in
@@ -492,9 +498,16 @@ final class CUDABackendTests: XCTestCase {
                     let label = "\(type), k \(k), \(fixed ? "fixed-length" : "general") kernel"
                     gpu.matmul(xb, rows: 1, weight: weights[0], bias: nil, out: outs[0])
                     XCTAssertLessThan(maxAbsDiff(try read(outs[0], n), expected[0].map { Float($0) }), 1e-5 * scale, label + ", plain")
+                    gpu.matmul(xb, rows: 1, weight: weights[0], bias: bias, out: outs[0])
+                    XCTAssertLessThan(maxAbsDiff(try read(outs[0], n), (0..<n).map { Float(expected[0][$0]) + biasValues[$0] }), 1e-5 * scale,
+                                      label + ", with a bias")
+                    residualValues.withUnsafeBufferPointer { gpu.write($0, to: outs[0], offset: 0) }
+                    gpu.matmulAdd(xb, rows: 1, weight: weights[0], bias: bias, residual: outs[0], scratch: scratch)
+                    XCTAssertLessThan(maxAbsDiff(try read(outs[0], n), (0..<n).map { residualValues[$0] + Float(expected[0][$0]) + biasValues[$0] }),
+                                      1e-5 * scale, label + ", added to a residual")
                     gpu.matmul3(xb, rows: 1, (weights[0], nil, outs[0]), (weights[1], nil, outs[1]), (weights[2], nil, outs[2]))
                     for m in 0..<3 {
-                        XCTAssertLessThan(maxAbsDiff(try read(outs[m], n), expected[m].map { Float($0) }), 1e-5 * scale, label + ", q/k/v \(m)")
+                        XCTAssertLessThan(maxAbsDiff(try read(outs[m], rows[m]), expected[m].map { Float($0) }), 1e-5 * scale, label + ", q/k/v \(m)")
                     }
                     gpu.gatedProduct(xb, rows: 1, gate: weights[0], gateBias: nil, up: weights[1], upBias: nil, activation: .silu,
                                      out: outs[0], scratch: scratch)

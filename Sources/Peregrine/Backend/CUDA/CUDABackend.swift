@@ -333,7 +333,10 @@ public final class CUDABackend: ComputeBackend {
     var expertGEMMAllowed = ProcessInfo.processInfo.environment["PEREGRINE_NO_EXPERT_GEMM"] == nil
     /// Row lengths whose one-token 16-bit products have kernels of their own (`matvec_half_fixed`
     /// in Kernels.cu: the length fixed at compile time).
-    static let fixedMatvecLengths = [4096, 14336]
+    /// Hidden and intermediate sizes of common families: Llama 3 (2,048 / 8,192, 3,072 / 8,192,
+    /// 4,096 / 14,336, 8,192 / 28,672), Llama 2 (4,096 / 11,008), Qwen 2.5 (3,584 / 18,944, 5,120
+    /// / 13,824), Qwen 3 (2,560 / 9,728, 4,096 / 12,288), Gemma 2 (3,584 / 14,336), Mistral.
+    static let fixedMatvecLengths = [2048, 2560, 3072, 3584, 4096, 5120, 8192, 9728, 11008, 12288, 13824, 14336, 18944, 28672]
     /// Whether those products take them; PEREGRINE_FIXED_MATVEC=0 keeps the general kernel, for
     /// measuring.
     var fixedMatvecs = ProcessInfo.processInfo.environment["PEREGRINE_FIXED_MATVEC"] != "0"

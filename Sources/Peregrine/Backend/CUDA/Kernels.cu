@@ -536,11 +536,13 @@ __device__ __forceinline__ void matvec_half_body(const void* w0, const float* b0
     matvec_store(m, acc[0], acc[R - 1], R == 2, b1, mode, lane);
 }
 
-// matvec_half_body for rows of exactly K values (a multiple of 2,048 / R: whole pairs of chunks) and
-// no fused norm (the host picks it only then; it ignores `norm`, `k` and `routes`),
-// the row length fixed at compile time: every bound is known and a lane's loads are one base
-// and constant offsets. The same two sets of 4 / R loads a row taken in turn, the next chunk
-// issued before the current one is used; the sums are matvec_half_body's, in the same order.
+// matvec_half_body for rows of exactly K values (a multiple of 256) and no fused norm (the host
+// picks it only then; it ignores `norm`, `k` and `routes`), the row length fixed at compile
+// time: every bound is known and a lane's loads are one base and constant offsets. The same two
+// sets of 4 / R loads a row taken in turn, the next chunk issued before the current one is used;
+// the sums are matvec_half_body's, in the same order. Where the row is not a whole number of
+// pairs of chunks (3,072 values: three chunks of four loads a lane; 2,560: two and a half), the
+// chunk's load count is worked out as it goes and the last chunk may be short.
 // The chunk loop is not unrolled: unrolled, the compiler hoists later chunks' loads and spills.
 // Alone on an H200 (scripts/gemv_lab.cu, weights beyond L2), the 8B shape's q/k/v 21.5 -> 17.4
 // us, output projection 14.3 -> 12.0, down 35.0 -> 32.1, gate/up 59.6 -> 57.8, output matrix
@@ -565,8 +567,8 @@ template <int DT, int R, int K, bool CARRY = false>
 __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
                                                   float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
                                                   const float* x, int mode, NormCarry carry = {}) {
-    constexpr int U = 4 / R, units = K / 8, per = units / 32, chunks = per / U;
-    static_assert(K % 256 == 0 && per % U == 0 && chunks % 2 == 0, "whole pairs of chunks");
+    constexpr int U = 4 / R, units = K / 8, per = units / 32, full = per / U, tail = per % U, chunks = full + (tail ? 1 : 0);
+    static_assert(K % 256 == 0, "whole loads a lane");
     const int lane = threadIdx.x & 31;
     MatvecRow m = matvec_row(R == 2, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);
     const void* wr[2] = {m.w, w1};
@@ -577,32 +579,47 @@ __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.f;
-    // Chunk c into set s: the lane's units (cU + u) * 32 + lane, u < U.
-    auto load = [&](int s, int c) {
+    // Chunk c into set s: the lane's units (cU + u) * 32 + lane, u < n (U, or the short last chunk's).
+    auto load = [&](int s, int c, int n) {
 #pragma unroll
         for (int u = 0; u < U; u++)
+            if (u < n) {
 #pragma unroll
-            for (int r = 0; r < R; r++) q[s][r][u] = __ldcs(base[r] + (c * U + u) * 32);
+                for (int r = 0; r < R; r++) q[s][r][u] = __ldcs(base[r] + (c * U + u) * 32);
+            }
     };
-    auto use = [&](int s, int c) {
+    auto use = [&](int s, int c, int n) {
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            int i = (c * U + u) * 32 + lane;
-            float4 a = *(const float4*)(x + i * 8), b = *(const float4*)(x + i * 8 + 4);
+        for (int u = 0; u < U; u++)
+            if (u < n) {
+                int i = (c * U + u) * 32 + lane;
+                float4 a = *(const float4*)(x + i * 8), b = *(const float4*)(x + i * 8 + 4);
 #pragma unroll
-            for (int r = 0; r < R; r++) acc[r] += half_dot8<DT>(q[s][r][u], a, b);
-        }
+                for (int r = 0; r < R; r++) acc[r] += half_dot8<DT>(q[s][r][u], a, b);
+            }
     };
-    if (m.active) load(0, 0);
+    if (m.active) load(0, 0, full > 0 ? U : tail);
     gdc_wait();
     if (!CARRY && !m.active) return;
     if (m.active) {
+        if constexpr (tail == 0 && full % 2 == 0) {
 #pragma unroll 1
-        for (int c = 0; c < chunks; c += 2) {
-            load(1, c + 1);
-            use(0, c);
-            if (c + 2 < chunks) load(0, c + 2);
-            use(1, c + 1);
+            for (int c = 0; c < chunks; c += 2) {
+                load(1, c + 1, U);
+                use(0, c, U);
+                if (c + 2 < chunks) load(0, c + 2, U);
+                use(1, c + 1, U);
+            }
+        } else {
+            auto count = [&](int c) { return c < full ? U : tail; };
+#pragma unroll 1
+            for (int c = 0; c < chunks; c += 2) {
+                if (c + 1 < chunks) load(1, c + 1, count(c + 1));
+                use(0, c, count(c));
+                if (c + 1 >= chunks) break;
+                if (c + 2 < chunks) load(0, c + 2, count(c + 2));
+                use(1, c + 1, count(c + 1));
+            }
         }
     }
     if (!CARRY) {
@@ -654,8 +671,20 @@ __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b
     MATVEC_FIXED(matvec_f16_gated_k##K, 1, 2, K)                                                                             \
     MATVEC_FIXED(matvec_bf16_k##K, 2, 1, K)                                                                                  \
     MATVEC_FIXED(matvec_bf16_gated_k##K, 2, 2, K)
+MATVEC_FIXED_ALL(2048)
+MATVEC_FIXED_ALL(2560)
+MATVEC_FIXED_ALL(3072)
+MATVEC_FIXED_ALL(3584)
 MATVEC_FIXED_ALL(4096)
+MATVEC_FIXED_ALL(5120)
+MATVEC_FIXED_ALL(8192)
+MATVEC_FIXED_ALL(9728)
+MATVEC_FIXED_ALL(11008)
+MATVEC_FIXED_ALL(12288)
+MATVEC_FIXED_ALL(13824)
 MATVEC_FIXED_ALL(14336)
+MATVEC_FIXED_ALL(18944)
+MATVEC_FIXED_ALL(28672)
 // The fixed-length kernels carrying an RMSNorm (NormCarry): `carry` 1 consumes one (x is r g;
 // q/k/v, mode 0), 2 produces one (mode 1); g, xg and area as NormCarry's.
 #define MATVEC_CARRY(name, DT, K)                                                                                            \
@@ -669,8 +698,20 @@ MATVEC_FIXED_ALL(14336)
 #define MATVEC_CARRY_ALL(K)                                                                                                  \
     MATVEC_CARRY(matvec_f16_k##K##_carry, 1, K)                                                                              \
     MATVEC_CARRY(matvec_bf16_k##K##_carry, 2, K)
+MATVEC_CARRY_ALL(2048)
+MATVEC_CARRY_ALL(2560)
+MATVEC_CARRY_ALL(3072)
+MATVEC_CARRY_ALL(3584)
 MATVEC_CARRY_ALL(4096)
+MATVEC_CARRY_ALL(5120)
+MATVEC_CARRY_ALL(8192)
+MATVEC_CARRY_ALL(9728)
+MATVEC_CARRY_ALL(11008)
+MATVEC_CARRY_ALL(12288)
+MATVEC_CARRY_ALL(13824)
 MATVEC_CARRY_ALL(14336)
+MATVEC_CARRY_ALL(18944)
+MATVEC_CARRY_ALL(28672)
 
 // Unit i of a Q4_K row (16 bytes: super-block i / 8, 32-byte chunk j = (i % 8) / 2, half h =
 // i % 2; its low nibbles are values 64j + 16h ... of sub-block 2j, its high nibbles 64j + 32 + 16h
