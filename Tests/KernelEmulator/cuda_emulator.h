@@ -1080,6 +1080,9 @@ inline void mbarrier_init(unsigned long long* bar, unsigned count) { emu::mbarri
 inline void mbarrier_arrive(unsigned long long* bar) { emu::mbarrier_arrive_(bar); }
 inline void mbarrier_wait(unsigned long long* bar, unsigned parity) { emu::mbarrier_wait_(bar, parity); }
 inline void copy_arrive(unsigned long long* bar) { emu::copy_arrive_(bar); }
+// setmaxnreg.dec / .inc: registers are not modelled.
+template <int N> inline void registers_down() { static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg's range"); }
+template <int N> inline void registers_up() { static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg's range"); }
 
 inline void ldmatrix_x4(unsigned (&r)[4], const void* p) { emu::ldmatrix_x4_(r, p, false); }
 inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) { emu::ldmatrix_x4_(r, p, true); }

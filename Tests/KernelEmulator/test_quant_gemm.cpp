@@ -1,9 +1,9 @@
 // quant_gemm (quantized prompt products decoded into wgmma's register operands) against the
 // widening it replaces: random weights in each type's planar device layout, widened by the
 // dequantize_bf16 kernel (checked on GPUs), multiplied on the host in doubles by BF16
-// activations, against quant_gemm's sums; both token tiles, weight rows and tokens that are no
-// multiple of a block's, odd and even chunk counts, plain, with a bias, added to y, BF16 output,
-// and two or three matrices in one launch.
+// activations, against quant_gemm's sums; both token tiles and the warp-specialized form, weight
+// rows and tokens that are no multiple of a block's, odd and even chunk counts, plain, with a bias,
+// added to y, BF16 output, and two or three matrices in one launch.
 #include "cuda_emulator.h"
 #include "../../Sources/Peregrine/Backend/CUDA/Kernels.cu"
 
@@ -127,7 +127,7 @@ using QuantGemm = void (*)(const void*, const float*, void*, int, const void*, c
 // One launch over `ms` (one to three matrices), each checked against its reference; `slices` of
 // k (split-K) add into outputs that hold zeros before (or the residual, accumulating), as the
 // backend prepares them.
-int check(const char* label, QuantGemm kernel, int nt, size_t shared, std::vector<const Matrix*> ms, const unsigned short* x, int rows,
+int check(const char* label, QuantGemm kernel, int nt, size_t shared, int threads, std::vector<const Matrix*> ms, const unsigned short* x, int rows,
           int k, bool biased, int accumulate, int halfOut, int slices = 1) {
     std::vector<std::vector<float>> ys;
     int tiles = 0;
@@ -149,7 +149,7 @@ int check(const char* label, QuantGemm kernel, int nt, size_t shared, std::vecto
         y[i] = ys[i].data();
         n[i] = ms[i]->n;
     }
-    emu::launch(kernel, dim3((rows + nt - 1) / nt, tiles, slices), dim3(256), shared, w[0], b[0], y[0], n[0], w[1], b[1], y[1], n[1], w[2], b[2],
+    emu::launch(kernel, dim3((rows + nt - 1) / nt, tiles, slices), dim3(threads), shared, w[0], b[0], y[0], n[0], w[1], b[1], y[1], n[1], w[2], b[2],
                 y[2], n[2], x, rows, k, accumulate, halfOut);
     int failures = 0;
     for (size_t m = 0; m < ms.size(); m++) {
@@ -247,39 +247,56 @@ int main() {
             QuantGemm f;
             int nt;
             size_t shared;
+            int threads = 256;
         };
-        Kernel kernels[2];
+        Kernel kernels[3];
         switch (c.dtype) {
-        case 3: kernels[0] = {quant_gemm_q8_0, 128, quant_gemm_shared<3, 128, 4>()}; kernels[1] = {quant_gemm_q8_0_t256, 256, quant_gemm_shared<3, 256, 4>()}; break;
-        case 4: kernels[0] = {quant_gemm_q4_0, 128, quant_gemm_shared<4, 128, 4>()}; kernels[1] = {quant_gemm_q4_0_t256, 256, quant_gemm_shared<4, 256, 4>()}; break;
-        case 7: kernels[0] = {quant_gemm_iq4_nl, 128, quant_gemm_shared<7, 128, 4>()}; kernels[1] = {quant_gemm_iq4_nl_t256, 256, quant_gemm_shared<7, 256, 4>()}; break;
-        case 8: kernels[0] = {quant_gemm_iq4_xs, 128, quant_gemm_shared<8, 128, 4>()}; kernels[1] = {quant_gemm_iq4_xs_t256, 256, quant_gemm_shared<8, 256, 4>()}; break;
-        case 9: kernels[0] = {quant_gemm_q3_K, 128, quant_gemm_shared<9, 128, 3>()}; kernels[1] = {quant_gemm_q3_K_t256, 256, quant_gemm_shared<9, 256, 4>()}; break;
-        case 10: kernels[0] = {quant_gemm_q2_K, 128, quant_gemm_shared<10, 128, 4>()}; kernels[1] = {quant_gemm_q2_K_t256, 256, quant_gemm_shared<10, 256, 4>()}; break;
-        case 5: kernels[0] = {quant_gemm_q4_K, 128, quant_gemm_shared<5, 128, 4>()}; kernels[1] = {quant_gemm_q4_K_t256, 256, quant_gemm_shared<5, 256, 4>()}; break;
-        default: kernels[0] = {quant_gemm_q6_K, 128, quant_gemm_shared<6, 128, 3>()}; kernels[1] = {quant_gemm_q6_K_t256, 256, quant_gemm_shared<6, 256, 4>()}; break;
+        case 3: kernels[0] = {quant_gemm_q8_0, 128, quant_gemm_shared<3, 128, 4>()}; kernels[1] = {quant_gemm_q8_0_t256, 256, quant_gemm_shared<3, 256, 4>()}; kernels[2] = {quant_gemm_q8_0_ws, 256, quant_gemm_ws_shared<3, 5>(), QGW_THREADS}; break;
+        case 4: kernels[0] = {quant_gemm_q4_0, 128, quant_gemm_shared<4, 128, 4>()}; kernels[1] = {quant_gemm_q4_0_t256, 256, quant_gemm_shared<4, 256, 4>()}; kernels[2] = {quant_gemm_q4_0_ws, 256, quant_gemm_ws_shared<4, 5>(), QGW_THREADS}; break;
+        case 7: kernels[0] = {quant_gemm_iq4_nl, 128, quant_gemm_shared<7, 128, 4>()}; kernels[1] = {quant_gemm_iq4_nl_t256, 256, quant_gemm_shared<7, 256, 4>()}; kernels[2] = {quant_gemm_iq4_nl_ws, 256, quant_gemm_ws_shared<7, 5>(), QGW_THREADS}; break;
+        case 8: kernels[0] = {quant_gemm_iq4_xs, 128, quant_gemm_shared<8, 128, 4>()}; kernels[1] = {quant_gemm_iq4_xs_t256, 256, quant_gemm_shared<8, 256, 4>()}; kernels[2] = {quant_gemm_iq4_xs_ws, 256, quant_gemm_ws_shared<8, 5>(), QGW_THREADS}; break;
+        case 9: kernels[0] = {quant_gemm_q3_K, 128, quant_gemm_shared<9, 128, 3>()}; kernels[1] = {quant_gemm_q3_K_t256, 256, quant_gemm_shared<9, 256, 4>()}; kernels[2] = {quant_gemm_q3_K_ws, 256, quant_gemm_ws_shared<9, 4>(), QGW_THREADS}; break;
+        case 10: kernels[0] = {quant_gemm_q2_K, 128, quant_gemm_shared<10, 128, 4>()}; kernels[1] = {quant_gemm_q2_K_t256, 256, quant_gemm_shared<10, 256, 4>()}; kernels[2] = {quant_gemm_q2_K_ws, 256, quant_gemm_ws_shared<10, 5>(), QGW_THREADS}; break;
+        case 5: kernels[0] = {quant_gemm_q4_K, 128, quant_gemm_shared<5, 128, 4>()}; kernels[1] = {quant_gemm_q4_K_t256, 256, quant_gemm_shared<5, 256, 4>()}; kernels[2] = {quant_gemm_q4_K_ws, 256, quant_gemm_ws_shared<5, 5>(), QGW_THREADS}; break;
+        default: kernels[0] = {quant_gemm_q6_K, 128, quant_gemm_shared<6, 128, 3>()}; kernels[1] = {quant_gemm_q6_K_t256, 256, quant_gemm_shared<6, 256, 4>()}; kernels[2] = {quant_gemm_q6_K_ws, 256, quant_gemm_ws_shared<6, 4>(), QGW_THREADS}; break;
         }
         for (const Kernel& kk : kernels) {
-            char label[96];
+            char label[128];
+            const char* ws = kk.threads == QGW_THREADS ? " (warp-specialized)" : "";
             const char* modes[] = {"plain", "bias", "added, bias", "BF16 out", "BF16 out, added"};
             for (int m = 0; m < 5; m++) {
-                snprintf(label, sizeof label, "%s k %d, %d tokens a block, %s", c.name, c.k, kk.nt, modes[m]);
-                failures += check(label, kk.f, kk.nt, kk.shared, {&big}, x.data(), rows, c.k, m == 1 || m == 2, m == 2 || m == 4, m >= 3);
+                snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, %s", c.name, c.k, kk.nt, ws, modes[m]);
+                failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big}, x.data(), rows, c.k, m == 1 || m == 2, m == 2 || m == 4, m >= 3);
             }
-            snprintf(label, sizeof label, "%s k %d, %d tokens a block, three matrices, bias", c.name, c.k, kk.nt);
-            failures += check(label, kk.f, kk.nt, kk.shared, {&big, &mid, &small}, x.data(), rows, c.k, true, 0, 0);
-            snprintf(label, sizeof label, "%s k %d, %d tokens a block, two matrices", c.name, c.k, kk.nt);
-            failures += check(label, kk.f, kk.nt, kk.shared, {&small, &mid}, x.data(), rows, c.k, false, 0, 0);
+            snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, three matrices, bias", c.name, c.k, kk.nt, ws);
+            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big, &mid, &small}, x.data(), rows, c.k, true, 0, 0);
+            snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, two matrices", c.name, c.k, kk.nt, ws);
+            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&small, &mid}, x.data(), rows, c.k, false, 0, 0);
             // k in slices: 2 (of 5 chunks, 2 + 3, for Q8_0, Q4_0 and IQ4_NL; of 8, 4 + 4, for the
             // others) and one a chunk; plain, and added to with a bias; 9 tokens, as a batch of
             // decode steps. (The emulator runs a launch's blocks a few at a time, so a plain add
             // in place of the atomic one may pass here; the GPU test would not.)
             for (int slices : {2, c.k / QG_K}) {
-                snprintf(label, sizeof label, "%s k %d, %d tokens a block, %d slices of k, three matrices", c.name, c.k, kk.nt, slices);
-                failures += check(label, kk.f, kk.nt, kk.shared, {&big, &mid, &small}, x.data(), 9, c.k, false, 0, 0, slices);
-                snprintf(label, sizeof label, "%s k %d, %d tokens a block, %d slices of k, added, bias", c.name, c.k, kk.nt, slices);
-                failures += check(label, kk.f, kk.nt, kk.shared, {&big}, x.data(), rows, c.k, true, 1, 0, slices);
+                snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, %d slices of k, three matrices", c.name, c.k, kk.nt, ws, slices);
+                failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big, &mid, &small}, x.data(), 9, c.k, false, 0, 0, slices);
+                snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, %d slices of k, added, bias", c.name, c.k, kk.nt, ws, slices);
+                failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big}, x.data(), rows, c.k, true, 1, 0, slices);
             }
+        }
+        // The warp-specialized form over many more chunks than it has buffers (17 or 24: each
+        // buffer refilled at least twice, so both parities of its barriers are waited on)
+        // and two tiles of tokens (300), plain and added to with a bias.
+        {
+            const int kl = c.k == 320 ? 1088 : 1536, rl = 300;
+            std::vector<unsigned short> xl((size_t)rl * kl);
+            for (auto& v : xl) v = bf16_bits(uniform(rng));
+            Matrix longm = make_matrix(c.dtype, 136, kl, xl, rl, rng);
+            const Kernel& kk = kernels[2];
+            char label[128];
+            snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), plain", c.name, kl, rl);
+            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 0, 0);
+            snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), added, bias", c.name, kl, rl);
+            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, true, 1, 0);
         }
     }
     printf(failures ? "%d FAILED\n" : "all passed\n", failures);

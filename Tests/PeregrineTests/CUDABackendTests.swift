@@ -22,7 +22,7 @@ final class CUDABackendTests: XCTestCase {
         XCTAssertNoThrow(try CUDABackend.checkMeasuringSwitches([:]))
         XCTAssertNoThrow(try CUDABackend.checkMeasuringSwitches([
             "PEREGRINE_WGMMA_PROMPT_ATTENTION": "kt128_wg2", "PEREGRINE_QUANT_GEMM": "1", "PEREGRINE_QUANT_GEMM_TOKENS": "256",
-            "PEREGRINE_DECODE_WARPS": "4", "PEREGRINE_DECODE_STAGES": "3", "PEREGRINE_DECODE_SPLITS": "128",
+            "PEREGRINE_QUANT_GEMM_WS": "1", "PEREGRINE_DECODE_WARPS": "4", "PEREGRINE_DECODE_STAGES": "3", "PEREGRINE_DECODE_SPLITS": "128",
             "PEREGRINE_ROW_KERNEL_TOKENS": "0", "PEREGRINE_SPLIT_POSITIONS": "64", "PEREGRINE_GROUPED_ATTENTION_BLOCKS": "64",
             "PEREGRINE_GROUPED_ATTENTION_FROM": "0", "PEREGRINE_FIXED_MATVEC": "0", "PEREGRINE_CARRIED_NORM": "0",
             "PEREGRINE_UNRELATED": "x",
@@ -35,7 +35,7 @@ final class CUDABackendTests: XCTestCase {
                      ("PEREGRINE_QUANT_GEMM_TOKENS", "192"), ("PEREGRINE_DECODE_WARPS", "3"), ("PEREGRINE_DECODE_STAGES", "1"),
                      ("PEREGRINE_DECODE_SPLITS", "129"), ("PEREGRINE_ROW_KERNEL_TOKENS", "-1"), ("PEREGRINE_SPLIT_POSITIONS", "0"),
                      ("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "many"), ("PEREGRINE_GROUPED_ATTENTION_FROM", "1k"),
-                     ("PEREGRINE_FIXED_MATVEC", "off"), ("PEREGRINE_CARRIED_NORM", "no")]
+                     ("PEREGRINE_FIXED_MATVEC", "off"), ("PEREGRINE_CARRIED_NORM", "no"), ("PEREGRINE_QUANT_GEMM_WS", "2")]
         for (name, value) in wrong {
             XCTAssertThrowsError(try CUDABackend.checkMeasuringSwitches([name: value]), "\(name)=\(value)") { error in
                 XCTAssertTrue("\(error)".contains("\(name)=\(value)"), "\(error)")
@@ -315,7 +315,8 @@ final class CUDABackendTests: XCTestCase {
 
     /// Prompt products of quantized weights decoded on the fly into wgmma's operands (quant_gemm,
     /// Hopper only) against the widened matrix through cuBLAS (the same BF16 values, summed in
-    /// another order), for each type with kernels and both token tiles (128 and 256): more weight
+    /// another order), for each type with kernels, both token tiles (128 and 256) and the
+    /// warp-specialized form at 256: more weight
     /// rows and tokens than a block takes, neither a multiple of its tile; chunk counts odd (Q8_0,
     /// Q4_0, IQ4_NL) and even; plain, with a bias, added to a residual (with the bias after), q, k
     /// and v of three row counts in one launch (and Q4_K_M's mix: Q4_K q and k in one, a Q6_K v
@@ -323,8 +324,8 @@ final class CUDABackendTests: XCTestCase {
     func testQuantGemmMatchesWidening() throws {
         let gpu = try backend()
         guard gpu.driver.computeCapability == (9, 0) else { throw XCTSkip("quant_gemm needs wgmma (compute capability 9.0)") }
-        let before = (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices)
-        defer { (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices) = before }
+        let before = (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices, gpu.quantGemmWarpSpecialized)
+        defer { (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices, gpu.quantGemmWarpSpecialized) = before }
         var rng = SplitMix(seed: 23)
         func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] { try gpu.values(b, count) }
@@ -358,8 +359,9 @@ final class CUDABackendTests: XCTestCase {
                 let xb = try gpu.buffer(tokens * k), out = try gpu.buffer(tokens * n), scratch = try gpu.buffer(tokens * n)
                 let kOut = try gpu.buffer(tokens * 72), vOut = try gpu.buffer(tokens * 40)
                 x.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
-                func run(fused: Bool, tokensABlock: Int? = nil, slices: Int? = nil) throws -> [[Float]] {
+                func run(fused: Bool, tokensABlock: Int? = nil, slices: Int? = nil, warpSpecialized: Bool = false) throws -> [[Float]] {
                     (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices) = (fused ? .max : 0, tokensABlock, slices)
+                    gpu.quantGemmWarpSpecialized = warpSpecialized
                     let before = gpu.quantGemmLaunches, splitBefore = gpu.quantGemmSplitLaunches
                     gpu.matmul(xb, rows: tokens, weight: weight, bias: nil, out: out)
                     let plain = try read(out, tokens * n)
@@ -384,14 +386,16 @@ final class CUDABackendTests: XCTestCase {
                     return [plain, biased, added, q, kv, vv, gated] + mixed
                 }
                 let widened = try run(fused: false)
-                for (tokensABlock, slices) in [(128, nil), (256, nil), (128, 1), (256, 1)] as [(Int, Int?)] {
-                    let fused = try run(fused: true, tokensABlock: tokensABlock, slices: slices)
+                for (tokensABlock, slices, ws) in [(128, nil, false), (256, nil, false), (128, 1, false), (256, 1, false), (256, nil, true),
+                                                   (256, 1, true)] as [(Int, Int?, Bool)] {
+                    let fused = try run(fused: true, tokensABlock: tokensABlock, slices: slices, warpSpecialized: ws)
                     let names = ["plain", "with a bias", "added to a residual", "q", "k", "v", "gated", "q (v in Q6_K)", "k (v in Q6_K)", "v in Q6_K"]
                     for (i, name) in names.prefix(widened.count).enumerated() {
                         let scale = widened[i].reduce(0) { max($0, abs($1)) }
                         XCTAssertGreaterThan(scale, 0)
                         XCTAssertLessThan(maxAbsDiff(fused[i], widened[i]), 2e-5 * scale,
-                                          "\(type), k \(k), \(tokens) tokens, \(tokensABlock) a block, \(slices == 1 ? "one slice" : "slices"): \(name)")
+                                          "\(type), k \(k), \(tokens) tokens, \(tokensABlock) a block\(ws ? " (warp-specialized)" : ""), "
+                                              + "\(slices == 1 ? "one slice" : "slices"): \(name)")
                     }
                 }
             }

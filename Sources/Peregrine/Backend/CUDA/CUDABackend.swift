@@ -1004,33 +1004,43 @@ public final class CUDABackend: ComputeBackend {
 
     /// Weight rows a block of quant_gemm takes (QG_ROWS in Kernels.cu).
     static let quantGemmRows = 128
-    /// A quant_gemm kernel: its name, the tokens a block takes, its buffers, and the bytes a
-    /// weight row takes in one (QuantChunk's STRIDE).
+    /// A quant_gemm kernel: its name, the tokens a block takes, its buffers, the bytes a weight
+    /// row takes in one (QuantChunk's STRIDE), and whether it is the warp-specialized form
+    /// (quant_gemm_ws: 384 threads, a copying warpgroup and two that multiply).
     struct QuantGemmKernel {
         let name: String, tokens: Int, stages: Int, rowBytes: Int
+        var warpSpecialized = false
+        var threads: Int { warpSpecialized ? 384 : 256 }
         /// quant_gemm_shared in Kernels.cu: each buffer's activations (`tokens` rows of 128
-        /// bytes) and weight rows rounded up to 1,024 bytes, and 1,024 to align the first.
-        var shared: Int { stages * (tokens * 128 + (CUDABackend.quantGemmRows * rowBytes + 1023) / 1024 * 1024) + 1024 }
+        /// bytes) and weight rows rounded up to 1,024 bytes, and 1,024 to align the first;
+        /// quant_gemm_ws_shared adds two 8-byte mbarriers a buffer.
+        var shared: Int {
+            stages * (tokens * 128 + (CUDABackend.quantGemmRows * rowBytes + 1023) / 1024 * 1024) + 1024 + (warpSpecialized ? 16 * stages : 0)
+        }
     }
-    /// The kernels of each weight type, named by its matvec suffix: 128 tokens a block, then 256
-    /// (QUANT_GEMM in Kernels.cu): the bytes a weight row takes in a buffer (QuantChunk's STRIDE)
-    /// and the buffers at 128 tokens; 256 tokens take four.
+    /// The kernels of each weight type, named by its matvec suffix: 128 tokens a block, 256
+    /// (QUANT_GEMM in Kernels.cu), and the warp-specialized form at 256 (QUANT_GEMM_WS): the
+    /// bytes a weight row takes in a buffer (QuantChunk's STRIDE), the buffers at 128 tokens (256
+    /// take four), and the warp-specialized form's.
     static let quantGemmKernels: [DType: [QuantGemmKernel]] = Dictionary(uniqueKeysWithValues: [
-        (DType.q8_0, 80, 4), (.q4_0, 48, 4), (.iq4_nl, 48, 4), (.iq4_xs, 48, 4), (.q3_K, 112, 3), (.q2_K, 80, 4), (.q4_K, 48, 4),
-        (.q6_K, 144, 3),
-    ].map { type, rowBytes, stages in
+        (DType.q8_0, 80, 4, 5), (.q4_0, 48, 4, 5), (.iq4_nl, 48, 4, 5), (.iq4_xs, 48, 4, 5), (.q3_K, 112, 3, 4), (.q2_K, 80, 4, 5),
+        (.q4_K, 48, 4, 5), (.q6_K, 144, 3, 4),
+    ].map { type, rowBytes, stages, wsStages in
         let name = "quant_gemm_" + (matvecSuffix(type) ?? "")
         return (type, [QuantGemmKernel(name: name, tokens: 128, stages: stages, rowBytes: rowBytes),
-                       QuantGemmKernel(name: name + "_t256", tokens: 256, stages: 4, rowBytes: rowBytes)])
+                       QuantGemmKernel(name: name + "_t256", tokens: 256, stages: 4, rowBytes: rowBytes),
+                       QuantGemmKernel(name: name + "_ws", tokens: 256, stages: wsStages, rowBytes: rowBytes, warpSpecialized: true)])
     })
     /// Most tokens for which a quantized product decodes its weights on the fly into the tensor
     /// cores' operands (quant_gemm) rather than widening the whole matrix to BF16 for cuBLAS
     /// first (checked on the kernel emulator and on GPUs). Measured on an H100 with 8 layers of
     /// the 8B shape in Q4_K_M, quant_gemm against the widening (BENCHMARKS.md, SERVING.md):
     /// prompts of 16, 64, 256 and 512 tokens 1.64x, 1.56x, 1.20x and 0.92x; batched decode steps
-    /// of 16 to 256 sequences 1.8x down to 1.2x. Over the few tokens of a decode step the
-    /// widening costs more than the product; over long prompts it is paid once for many tokens,
-    /// and cuBLAS's product beats quant_gemm's. PEREGRINE_QUANT_GEMM=1 takes quant_gemm for
+    /// of 16 to 256 sequences 1.8x down to 1.2x; with the warp-specialized form, prompts in steps
+    /// of 512 tokens 0.96x, of 2,048 0.80x. Over the few tokens of a decode step the widening
+    /// costs more than the product; over long prompts it is paid once for many tokens, and
+    /// cuBLAS's product beats quant_gemm's, whose decoding leaves the tensor cores idle part of
+    /// the time (its instructions, not its copies, bound it: BENCHMARKS.md). PEREGRINE_QUANT_GEMM=1 takes quant_gemm for
     /// every count, =0 for none. Tests set it.
     var quantGemmTokenLimit: Int = {
         switch ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM"] {
@@ -1045,6 +1055,11 @@ public final class CUDABackend: ComputeBackend {
     /// it for measuring; tests run both.
     var quantGemmTokens: Int? = CUDABackend.measuringChoice("PEREGRINE_QUANT_GEMM_TOKENS", CUDABackend.quantGemmTokenChoices)
     static let quantGemmTokenChoices = [128, 256]
+    /// Whether blocks of 256 tokens take the warp-specialized form (quant_gemm_ws); nil: they do.
+    /// On an H100 (8 layers of the 8B shape in Q4_K_M, every product at 256 tokens a block) it
+    /// measured 4-9% ahead of the form whose warps all copy and meet at a barrier each chunk
+    /// (BENCHMARKS.md). PEREGRINE_QUANT_GEMM_WS=0 keeps that form, for measuring; tests run both.
+    var quantGemmWarpSpecialized: Bool? = CUDABackend.measuringChoice("PEREGRINE_QUANT_GEMM_WS", [0, 1]).map { $0 == 1 }
     /// Slices of k a quant_gemm launch takes (split-K); nil: the rule in `quantGemm`. Tests set it.
     var quantGemmSlices: Int?
     /// quant_gemm launches the host has issued (a graph's replays count none), and of those the
@@ -1061,12 +1076,14 @@ public final class CUDABackend: ComputeBackend {
     private func quantGemm(_ x: CUDABuffer, rows: Int, _ p: [(weight: CUDAWeight, bias: CUDAWeight?, out: CUDADriver.DevicePointer)],
                            accumulate: Bool, halfOut: Bool = false) -> Bool {
         let w = p[0].weight, k = w.cols
-        guard rows <= quantGemmTokenLimit, !usesRowKernel(rows, w), driver.computeCapability == (9, 0), k % 64 == 0, p.count <= 3,
+        guard rows <= quantGemmTokenLimit, !usesRowKernel(rows, w), driver.computeCapability == (9, 0), k > 0, k % 64 == 0, p.count <= 3,
               p.allSatisfy({ $0.weight.dtype == w.dtype && $0.weight.cols == k }),
               let kernels = CUDABackend.quantGemmKernels[w.dtype] else { return false }
         let rowTiles = p.reduce(0) { $0 + ($1.weight.rows + CUDABackend.quantGemmRows - 1) / CUDABackend.quantGemmRows }
         let tokens = quantGemmTokens ?? (rows > 128 && (rows + 255) / 256 * rowTiles >= driver.multiprocessors ? 256 : 128)
-        guard let kernel = kernels.first(where: { $0.tokens == tokens }), kernel.shared <= CUDABackend.dynamicSharedLimit(driver),
+        let warpSpecialized = tokens == 256 && (quantGemmWarpSpecialized ?? true)
+        guard let kernel = kernels.first(where: { $0.tokens == tokens && $0.warpSpecialized == warpSpecialized }),
+              kernel.shared <= CUDABackend.dynamicSharedLimit(driver),
               let b = gemmInput(x.pointer, count: rows * k, for: w.dtype) else { return false }
         for q in p { productWrites(q.out, count: q.weight.rows * rows) }
         // Few tokens make few tiles (a decode step of 16 sequences: 32 for the 8B shape's down
@@ -1083,7 +1100,7 @@ public final class CUDABackend: ComputeBackend {
         }
         quantGemmLaunches += 1
         if slices > 1 { quantGemmSplitLaunches += 1 }
-        launch(kernel.name, grid: (tokenTiles, rowTiles, slices), block: 256, shared: kernel.shared) { a in
+        launch(kernel.name, grid: (tokenTiles, rowTiles, slices), block: kernel.threads, shared: kernel.shared) { a in
             a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out, p[i].weight.rows) }
             a.ptr(b); a.i32(rows); a.i32(k); a.i32(accumulate ? 1 : 0); a.i32(halfOut ? 1 : 0)
         }
@@ -1592,6 +1609,7 @@ public final class CUDABackend: ComputeBackend {
         try check("PEREGRINE_DECODE_SPLITS", "a number of splits from 1 to 128") { number($0, 1...128) }
         try check("PEREGRINE_QUANT_GEMM", "0 or 1") { $0 == "0" || $0 == "1" }
         try choice("PEREGRINE_QUANT_GEMM_TOKENS", quantGemmTokenChoices)
+        try check("PEREGRINE_QUANT_GEMM_WS", "0 or 1") { $0 == "0" || $0 == "1" }
         try check("PEREGRINE_FIXED_MATVEC", "0 or 1") { $0 == "0" || $0 == "1" }
         try check("PEREGRINE_CARRIED_NORM", "0 or 1") { $0 == "0" || $0 == "1" }
         try check("PEREGRINE_EARLY_DECODE_KEYS", "0 or 1") { $0 == "0" || $0 == "1" }

@@ -1664,6 +1664,35 @@ template <int N> __device__ __forceinline__ void copy_wait() {
     asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
 #endif
 }
+
+// Warp-specialized kernels' synchronisation (Hopper; quant_gemm_ws). An mbarrier is a 64-bit
+// object in shared memory: init sets the arrivals each phase expects, and the last of them
+// completes the phase. A wait for parity p returns once the phase of parity p has completed
+// (a wait for a barrier's n-th phase, counting from 0, waits for parity n % 2). copy_arrive makes an
+// arrival that happens when every cp.async the thread has issued has landed (.noinc: the arrival
+// is one of those init counted).
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void mbarrier_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(shared_address(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(shared_address(bar)) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned parity) {
+    asm volatile("{\n.reg .pred done;\nWAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT;\n}\n" :: "r"(shared_address(bar)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void copy_arrive(unsigned long long* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(shared_address(bar)) : "memory");
+}
+#endif
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// setmaxnreg: a warpgroup gives back registers (down) or takes them (up), all of its warps
+// together; N a multiple of 8 in 24-256.
+template <int N> __device__ __forceinline__ void registers_down() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(N)); }
+template <int N> __device__ __forceinline__ void registers_up() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(N)); }
+#endif
 #endif
 
 // Most splits of one sequence (the host caps its count): a warp's lanes hold four each in the merge.
@@ -4150,6 +4179,67 @@ template <int DT, int NT, int STAGES> __host__ __device__ constexpr int quant_ge
     return STAGES * (NT * 128 + (QG_ROWS * QuantChunk<DT>::STRIDE + 1023) / 1024 * 1024) + 1024;
 }
 
+// A quant_gemm block's matrix (of up to three, by blockIdx.y: matrix 0's weight-row tiles, then
+// 1's, then 2's), its tile of QG_ROWS weight rows from o0 and NT tokens from t0, and its slice of
+// k: chunks c0 ..< c0 + chunks (all of them when gridDim.z is 1).
+struct QuantGemmTile {
+    const void* w;
+    const float* bias;
+    void* y;
+    int n, t0, o0, c0, chunks;
+    __device__ __forceinline__ QuantGemmTile(const void* w0, const float* b0, void* y0, int n0, const void* w1, const float* b1, void* y1,
+                                             int n1, const void* w2, const float* b2, void* y2, int n2, int k, int NT) {
+        int tile = blockIdx.y, tiles0 = (n0 + QG_ROWS - 1) / QG_ROWS, tiles1 = (n1 + QG_ROWS - 1) / QG_ROWS;
+        w = w0;
+        bias = b0;
+        y = y0;
+        n = n0;
+        if (tile >= tiles0) {
+            tile -= tiles0;
+            bool second = tile < tiles1;
+            if (!second) tile -= tiles1;
+            w = second ? w1 : w2;
+            bias = second ? b1 : b2;
+            y = second ? y1 : y2;
+            n = second ? n1 : n2;
+        }
+        t0 = blockIdx.x * NT;
+        o0 = tile * QG_ROWS;
+        c0 = (int)((long)(k / QG_K) * blockIdx.z / gridDim.z);
+        chunks = (int)((long)(k / QG_K) * (blockIdx.z + 1) / gridDim.z) - c0;
+    }
+};
+
+// A warpgroup's accumulators stored: (i, e) is weight row r + 8 (e >> 1), token 8i + 2c + (e & 1)
+// of the tile. With accumulate the product is added to y first and the bias after, as cuBLAS's
+// beta and add_bias do. Slices of k add theirs atomically (the host never splits a BF16 output).
+template <int NT>
+__device__ __forceinline__ void quant_gemm_store(const float (&acc)[NT / 8][4], const QuantGemmTile& g, int r, int c, int rows, int accumulate,
+                                                 int halfOut) {
+#pragma unroll
+    for (int i = 0; i < NT / 8; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int o = g.o0 + r + 8 * (e >> 1), t = g.t0 + 8 * i + 2 * c + (e & 1);
+            if (o >= g.n || t >= rows) continue;
+            long at = (long)t * g.n + o;
+            float v = acc[i][e];
+            if (halfOut) {
+                __nv_bfloat16* h = (__nv_bfloat16*)g.y + at;
+                *h = __float2bfloat16_rn(accumulate ? v + __bfloat162float(*h) : v);
+                continue;
+            }
+            if (gridDim.z > 1) {
+                if (g.bias && blockIdx.z == 0) v += g.bias[o];
+                atomicAdd((float*)g.y + at, v);
+                continue;
+            }
+            if (accumulate) v += ((float*)g.y)[at];
+            if (g.bias) v += g.bias[o];
+            ((float*)g.y)[at] = v;
+        }
+}
+
 // Up to three products over the same activations in one launch (a layer's q, k and v; gate and
 // up): matrix m's weights wm (nm rows; none when nm is 0), bias bm, output ym. Block row y takes
 // the weight-row tiles of matrix 0, then of 1, then of 2, so the small matrices' tiles fill the
@@ -4171,23 +4261,9 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
     // A launch with less shared memory than the buffers take (the host's table of the kernels out
     // of step with QUANT_GEMM) would corrupt it silently: stop instead.
     if (dynamic_shared_bytes() < (unsigned)quant_gemm_shared<DT, NT, STAGES>()) __trap();
-    int tile = blockIdx.y, tiles0 = (n0 + QG_ROWS - 1) / QG_ROWS, tiles1 = (n1 + QG_ROWS - 1) / QG_ROWS;
-    const void* w = w0;
-    const float* bias = b0;
-    void* y = y0;
-    int n = n0;
-    if (tile >= tiles0) {
-        tile -= tiles0;
-        bool second = tile < tiles1;
-        if (!second) tile -= tiles1;
-        w = second ? w1 : w2;
-        bias = second ? b1 : b2;
-        y = second ? y1 : y2;
-        n = second ? n1 : n2;
-    }
-    // This block's slice of k: chunks c0 ..< c0 + chunks (all of them when gridDim.z is 1).
-    const int t0 = blockIdx.x * NT, o0 = tile * QG_ROWS, slices = gridDim.z;
-    const int c0 = (int)((long)(k / QG_K) * blockIdx.z / slices), chunks = (int)((long)(k / QG_K) * (blockIdx.z + 1) / slices) - c0;
+    const QuantGemmTile g(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, k, NT);
+    const void* w = g.w;
+    const int n = g.n, t0 = g.t0, o0 = g.o0, c0 = g.c0, chunks = g.chunks;
     const unsigned long total = (unsigned long)n * (unsigned)k;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
     const int r = 64 * (warp >> 2) + 16 * (warp & 3) + (lane >> 2);  // the thread's rows in the tile: r and r + 8
@@ -4291,31 +4367,7 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
     }
     wgmma_wait<0>();
     hold_acc();
-    // Accumulator (i, e): weight row r + 8 (e >> 1), token 8i + 2c + (e & 1). With accumulate the
-    // product is added to y first and the bias after, as cuBLAS's beta and add_bias do. Slices of
-    // k add theirs atomically (the host never splits a BF16 output).
-#pragma unroll
-    for (int i = 0; i < NT / 8; i++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int o = o0 + r + 8 * (e >> 1), t = t0 + 8 * i + 2 * c + (e & 1);
-            if (o >= n || t >= rows) continue;
-            long at = (long)t * n + o;
-            float v = acc[i][e];
-            if (halfOut) {
-                __nv_bfloat16* h = (__nv_bfloat16*)y + at;
-                *h = __float2bfloat16_rn(accumulate ? v + __bfloat162float(*h) : v);
-                continue;
-            }
-            if (slices > 1) {
-                if (bias && blockIdx.z == 0) v += bias[o];
-                atomicAdd((float*)y + at, v);
-                continue;
-            }
-            if (accumulate) v += ((float*)y)[at];
-            if (bias) v += bias[o];
-            ((float*)y)[at] = v;
-        }
+    quant_gemm_store<NT>(acc, g, r, c, rows, accumulate, halfOut);
 #endif
 }
 
@@ -4346,6 +4398,162 @@ QUANT_GEMM(quant_gemm_iq4_nl_t256, 7, 256, 4, 1)
 QUANT_GEMM(quant_gemm_iq4_xs_t256, 8, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q3_K_t256, 9, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q2_K_t256, 10, 256, 4, 1)
+
+// quant_gemm's warp-specialized form, for blocks of 256 tokens (CUDABackend.quantGemm takes it
+// in place of the form above there): 384 threads, the third warpgroup copying and the first two decoding
+// and multiplying 256 tokens. In the form above every warp copies, waits for its copies and
+// meets all the others at a barrier each chunk, so a warpgroup that falls behind holds the other
+// and the tensor cores idle (the profile: no eligible warp in 45-48% of cycles, the tensor cores
+// about half busy). Here the copying warpgroup fills STAGES buffers ahead, binding each
+// buffer's copies to its "full" mbarrier (cp.async.mbarrier.arrive.noinc: 128 arrivals, one a
+// copying thread, each when that thread's copies have landed); each consuming warp waits for
+// "full", decodes and multiplies, and once its products of a chunk are complete arrives on the
+// buffer's "empty" mbarrier (8 arrivals, a warp each), which the copiers wait for before
+// refilling it. The consuming warpgroups meet at no barrier: they are tied only through the
+// buffers (one is refilled when all eight warps are done with it, so a warpgroup more than
+// STAGES chunks behind would hold the other). The copiers need few
+// registers and give theirs to the consumers (setmaxnreg: 40 against 232 a thread, of the 168
+// a launch of 384 threads starts with), whose 256 tokens' accumulators take 128. The tile, the
+// decoding (QuantChunk) and the stores are the form above's, so the sums are the same.
+#define QGW_THREADS 384
+// The form above's buffers at 256 tokens, and two mbarriers a buffer.
+template <int DT, int STAGES> __host__ __device__ constexpr int quant_gemm_ws_shared() { return quant_gemm_shared<DT, 256, STAGES>() + 16 * STAGES; }
+
+template <int DT, int STAGES>
+__device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, void* y0, int n0, const void* w1, const float* b1, void* y1,
+                                              int n1, const void* w2, const float* b2, void* y2, int n2, const unsigned short* x, int rows,
+                                              int k, int accumulate, int halfOut) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int NT = 256;
+    static_assert(STAGES >= 2, "a chunk is copied while another is multiplied");
+    static_assert(QG_ROWS == 128, "one copying thread a weight row, two consuming warpgroups of 64");
+    static_assert(quant_gemm_ws_shared<DT, STAGES>() <= 227 * 1024 - 12288, "within the backend's dynamic shared memory on Hopper");
+    using Q = QuantChunk<DT>;
+    constexpr int XB = NT * 128;
+    constexpr int SB = XB + (QG_ROWS * Q::STRIDE + 1023) / 1024 * 1024;
+    extern __shared__ __align__(16) unsigned char fa_shared[];
+    unsigned char* base = fa_shared + ((1024 - (shared_address(fa_shared) & 1023)) & 1023);
+    if (dynamic_shared_bytes() < (unsigned)quant_gemm_ws_shared<DT, STAGES>()) __trap();
+    unsigned long long* full = (unsigned long long*)(base + STAGES * SB);
+    unsigned long long* empty = full + STAGES;
+    const QuantGemmTile g(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, k, NT);
+    const unsigned long total = (unsigned long)g.n * (unsigned)k;
+    if (threadIdx.x == 0)
+        for (int b = 0; b < STAGES; b++) {
+            mbarrier_init(&full[b], 128);
+            mbarrier_init(&empty[b], 8);
+        }
+    __syncthreads();
+    gdc_wait();
+    if (threadIdx.x >= 256) {
+        registers_down<40>();
+        // Copying thread p: activation rows tA + 16m (m < 16), 16-byte part pA of each (the rows'
+        // swizzle is tA's: 16m keeps a row's low three bits, and row tA + 16m lies 2,048 bytes
+        // after row tA's place); and all the pieces of weight row p. Rows past the tokens or the
+        // matrix copy zeros from addresses clamped into the last row, as in the form above.
+        const int p = threadIdx.x - 256, tA = p >> 3, pA = p & 7;
+        const int inA = max(0, min(NT / 16, (rows - g.t0 - tA + 15) / 16));
+        const unsigned char* xA = (const unsigned char*)(x + (long)min(g.t0 + tA, rows - 1) * k + 8 * pA);
+        const unsigned strideA = 32u * (unsigned)k;
+        const int dA = tA * 128 + ((pA ^ (tA & 7)) << 4);
+        const bool inW = g.o0 + p < g.n;
+        const unsigned long iW = (unsigned long)min(g.o0 + p, g.n - 1) * (unsigned)k;
+        for (int s = 0; s < g.chunks; s++) {
+            const int b = s % STAGES;
+            // The buffer's previous chunk (s - STAGES, its use s / STAGES - 1) multiplied.
+            if (s >= STAGES) mbarrier_wait(&empty[b], (s / STAGES - 1) & 1);
+            unsigned char* xs = base + b * SB;
+            unsigned char* ws = xs + XB;
+            const int k0 = (g.c0 + s) * QG_K;
+            const unsigned char* xk = xA + 2 * k0;
+#pragma unroll
+            for (int m = 0; m < NT / 16; m++) copy16_async(xs + dA + 2048 * m, xk + (m < inA ? m : 0) * strideA, m < inA);
+#pragma unroll
+            for (int piece = 0; piece < Q::PIECES; piece++)
+                copy16_async(ws + p * Q::STRIDE + 16 * piece, Q::piece(g.w, total, iW + k0, k0, piece), inW);
+            copy_arrive(&full[b]);
+        }
+        return;
+    }
+    registers_up<232>();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
+    const int r = 64 * (warp >> 2) + 16 * (warp & 3) + (lane >> 2);  // the thread's rows in the tile: r and r + 8
+    const unsigned long i0 = (unsigned long)min(g.o0 + r, g.n - 1) * (unsigned)k, i1 = (unsigned long)min(g.o0 + r + 8, g.n - 1) * (unsigned)k;
+    // Chunk s's A fragments, once its buffer is full. The copies wrote it through the generic
+    // proxy, which the fence orders before this thread's wgmma reads (the async proxy).
+    auto decode = [&](unsigned (&a)[4][4], int s) {
+        const int b = s % STAGES;
+        mbarrier_wait(&full[b], (s / STAGES) & 1);
+        fence_proxy_async();
+        const unsigned char* ws = base + b * SB + XB;
+        unsigned lo0[4], hi0[4], lo1[4], hi1[4];
+        const int k0 = (g.c0 + s) * QG_K;
+        Q::fragment(ws + r * Q::STRIDE, total, i0 + k0, k0, c, lo0, hi0);
+        Q::fragment(ws + (r + 8) * Q::STRIDE, total, i1 + k0, k0, c, lo1, hi1);
+#pragma unroll
+        for (int j = 0; j < 4; j++) { a[j][0] = lo0[j]; a[j][1] = lo1[j]; a[j][2] = hi0[j]; a[j][3] = hi1[j]; }
+    };
+    float acc[NT / 8][4];
+#pragma unroll
+    for (int i = 0; i < NT / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    auto hold_acc = [&] {
+#pragma unroll
+        for (int i = 0; i < NT / 8; i++) { hold(acc[i][0]); hold(acc[i][1]); hold(acc[i][2]); hold(acc[i][3]); }
+    };
+    auto hold_a = [&](unsigned (&a)[4][4]) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) { hold(a[j][0]); hold(a[j][1]); hold(a[j][2]); hold(a[j][3]); }
+    };
+    const unsigned long long xDesc = wgmma_desc(shared_address(base), 16, 1024);
+    // Chunk s on the tensor cores from `cur`, chunk s + 1 decoded into `next` meanwhile (as in
+    // the form above). The wait for all but the newest group completes chunk s - 1's products,
+    // which read its buffer's activations (its weights were read when it was decoded): the warp
+    // then frees that buffer.
+    auto step = [&](int s, unsigned (&cur)[4][4], unsigned (&next)[4][4]) {
+        const unsigned long long xs = xDesc + (unsigned)(s % STAGES) * (SB >> 4);
+        hold_acc();
+        hold_a(cur);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 4; j++) wgmma_rs_bf16_n256(acc, cur[j], xs + 2 * j, 1);
+        wgmma_commit();
+        wgmma_wait<1>();
+        hold_a(next);
+        if (s > 0) {
+            __syncwarp();
+            if (lane == 0) mbarrier_arrive(&empty[(s - 1) % STAGES]);
+        }
+        if (s + 1 < g.chunks) decode(next, s + 1);
+    };
+    unsigned a0[4][4], a1[4][4];
+    decode(a0, 0);
+    for (int s = 0; s < g.chunks; s += 2) {
+        step(s, a0, a1);
+        if (s + 1 < g.chunks) step(s + 1, a1, a0);
+    }
+    wgmma_wait<0>();
+    hold_acc();
+    quant_gemm_store<NT>(acc, g, r, c, rows, accumulate, halfOut);
+#endif
+}
+
+// The backend's warp-specialized kernels (CUDABackend.quantGemmKernels mirrors them), one block a
+// multiprocessor: five buffers (quant_gemm_ws_shared: 211 KB for Q8_0 and Q2_K, 191 KB for Q4_0,
+// IQ4_NL, IQ4_XS and Q4_K), four for Q6_K and Q3_K (201 and 185 KB).
+#define QUANT_GEMM_WS(name, DT, STAGES)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(QGW_THREADS, 1)                                                            \
+        name(const void* w0, const float* b0, void* y0, int n0, const void* w1, const float* b1, void* y1, int n1, const void* w2, \
+             const float* b2, void* y2, int n2, const unsigned short* x, int rows, int k, int accumulate, int halfOut) {    \
+        quant_gemm_ws<DT, STAGES>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, rows, k, accumulate, halfOut);         \
+    }
+QUANT_GEMM_WS(quant_gemm_q8_0_ws, 3, 5)
+QUANT_GEMM_WS(quant_gemm_q4_0_ws, 4, 5)
+QUANT_GEMM_WS(quant_gemm_q4_K_ws, 5, 5)
+QUANT_GEMM_WS(quant_gemm_q6_K_ws, 6, 4)
+QUANT_GEMM_WS(quant_gemm_iq4_nl_ws, 7, 5)
+QUANT_GEMM_WS(quant_gemm_iq4_xs_ws, 8, 5)
+QUANT_GEMM_WS(quant_gemm_q3_K_ws, 9, 4)
+QUANT_GEMM_WS(quant_gemm_q2_K_ws, 10, 5)
 
 // out[t, :] += Σ weight · y[place of the route, :] over row t's k routes, in order of expert
 // index (the sum first, then added: as a separate add would). Without `place` (the matvec
