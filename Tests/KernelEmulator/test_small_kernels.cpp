@@ -5,7 +5,7 @@
 // 16-bit copies), argmax_rows (ties to the first index, NaNs passed over, several blocks a row),
 // topk_rows (the k largest, ties at the k-th included as needed), and sample_rows given the
 // uniform numbers it takes (the host Sampler's arithmetic, redone here in the same order, picks
-// the same token; the same inputs give the same tokens again).
+// the same token; the same inputs give the same tokens again), and zero_floats (three ranges).
 #include "cuda_emulator.h"
 #include "../../Sources/Peregrine/Backend/CUDA/Kernels.cu"
 #include "test_util.h"
@@ -369,8 +369,29 @@ void sample_case(Rng& rng) {
 
 }  // namespace
 
+// zero_floats over three ranges (the last possibly empty) in one launch: each range zeroed, the
+// floats around them untouched.
+void zero_case(long n0, long n1, long n2) {
+    std::vector<float> y(n0 + n1 + n2 + 4, 7.f);
+    float* y0 = y.data() + 1;
+    float* y1 = y0 + n0 + 1;
+    float* y2 = y1 + n1 + 1;
+    long total = n0 + n1 + n2;
+    emu::launch(zero_floats, dim3((unsigned)((total + 255) / 256)), dim3(256), 0, y0, n0, y1, n1, y2, n2);
+    bool ok = y[0] == 7.f && y0[n0] == 7.f && y1[n1] == 7.f && y2[n2] == 7.f;
+    for (long i = 0; i < n0; i++) ok = ok && y0[i] == 0.f;
+    for (long i = 0; i < n1; i++) ok = ok && y1[i] == 0.f;
+    for (long i = 0; i < n2; i++) ok = ok && y2[i] == 0.f;
+    char label[96];
+    snprintf(label, sizeof label, "zero_floats, ranges of %ld, %ld and %ld", n0, n1, n2);
+    verdict(ok, label);
+}
+
 int main() {
     Rng rng(23);
+    zero_case(300, 72, 41);
+    zero_case(1000, 513, 0);
+    zero_case(256, 0, 0);
     rms_norm_case(3, 4096, 2, 0, rng);
     rms_norm_case(2, 1000, 1, 0, rng);
     rms_norm_case(3, 998, 0, 0, rng);

@@ -1094,8 +1094,12 @@ public final class CUDABackend: ComputeBackend {
         let chunks = k / 64, resident = (kernel.tokens == 128 ? 2 : 1) * driver.multiprocessors
         let slices = halfOut ? 1 : max(1, quantGemmSlices.map { min($0, chunks) } ?? min(chunks / 4, (resident + tiles - 1) / tiles))
         if slices > 1, !accumulate {
-            for q in p {
-                launch("zero_floats", grid: blocks(q.weight.rows * rows), block: 256) { a in a.ptr(q.out); a.i64(q.weight.rows * rows) }
+            let counts = p.map { $0.weight.rows * rows }
+            launch("zero_floats", grid: blocks(counts.reduce(0, +)), block: 256) { a in
+                for i in 0..<3 {
+                    a.ptr(i < p.count ? p[i].out : 0)
+                    a.i64(i < p.count ? counts[i] : 0)
+                }
             }
         }
         quantGemmLaunches += 1

@@ -2183,11 +2183,14 @@ extern "C" __global__ void scale_inplace(float* x, float f, long n) {
     if (i < n) x[i] *= f;
 }
 
-// y = 0 (the outputs a quant_gemm split over slices of k adds into).
-extern "C" __global__ void zero_floats(float* y, long n) {
+// y0, y1 and y2 (n0, n1 and n2 floats; n1 and n2 may be 0) = 0: the outputs a quant_gemm split
+// over slices of k adds into, all of a launch's matrices in one.
+extern "C" __global__ void zero_floats(float* y0, long n0, float* y1, long n1, float* y2, long n2) {
     gdc_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] = 0.f;
+    if (i < n0) y0[i] = 0.f;
+    else if (i < n0 + n1) y1[i - n0] = 0.f;
+    else if (i < n0 + n1 + n2) y2[i - n0 - n1] = 0.f;
 }
 
 extern "C" __global__ void soft_cap_inplace(float* x, float cap, long n) {
