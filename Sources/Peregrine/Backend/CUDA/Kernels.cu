@@ -4402,22 +4402,23 @@ QUANT_GEMM(quant_gemm_iq4_xs_t256, 8, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q3_K_t256, 9, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q2_K_t256, 10, 256, 4, 1)
 
-// quant_gemm's warp-specialized form, for blocks of 256 tokens (CUDABackend.quantGemm takes it
-// in place of the form above there): 384 threads, the third warpgroup copying and the first two decoding
-// and multiplying 256 tokens. In the form above every warp copies, waits for its copies and
-// meets all the others at a barrier each chunk, so a warpgroup that falls behind holds the other
-// and the tensor cores idle (the profile: no eligible warp in 45-48% of cycles, the tensor cores
-// about half busy). Here the copying warpgroup fills STAGES buffers ahead, binding each
+// quant_gemm's warp-specialized form, for blocks of 256 tokens (CUDABackend.quantGemm takes it in
+// place of the form above there): 384 threads, the third warpgroup copying and the first two
+// decoding and multiplying 256 tokens. In the form above every warp copies, waits for its copies
+// and meets all the others at a barrier each chunk, so a warpgroup that falls behind holds the
+// other and the tensor cores idle (the profile: no eligible warp in 45-48% of cycles, the tensor
+// cores about half busy). Here the copying warpgroup fills STAGES buffers ahead, binding each
 // buffer's copies to its "full" mbarrier (cp.async.mbarrier.arrive.noinc: 128 arrivals, one a
 // copying thread, each when that thread's copies have landed); each consuming warp waits for
 // "full", decodes and multiplies, and once its products of a chunk are complete arrives on the
-// buffer's "empty" mbarrier (8 arrivals, a warp each), which the copiers wait for before
-// refilling it. The consuming warpgroups meet at no barrier: they are tied only through the
-// buffers (one is refilled when all eight warps are done with it, so a warpgroup more than
-// STAGES chunks behind would hold the other). The copiers need few
-// registers and give theirs to the consumers (setmaxnreg: 40 against 232 a thread, of the 168
-// a launch of 384 threads starts with), whose 256 tokens' accumulators take 128. The tile, the
-// decoding (QuantChunk) and the stores are the form above's, so the sums are the same.
+// buffer's "empty" mbarrier (8 arrivals, a warp each), which the copiers wait for before refilling
+// it. The consuming warpgroups meet at no barrier: they are tied only through the buffers (one is
+// refilled when all eight warps are done with it, so a warpgroup more than STAGES chunks behind
+// would hold the other). The copiers need few registers and give theirs to the consumers
+// (setmaxnreg: 40 against 232 a thread, of the 168 a launch of 384 threads starts with), whose 256
+// tokens' accumulators take 128. The tile, the decoding (QuantChunk) and the stores are the form
+// above's, so the sums are the same. On an H100 it ran 4-9% faster than the form above; what holds
+// it now is the consumers' instructions (about 4.5 a decoded value: BENCHMARKS.md).
 #define QGW_THREADS 384
 // The form above's buffers at 256 tokens, and two mbarriers a buffer.
 template <int DT, int STAGES> __host__ __device__ constexpr int quant_gemm_ws_shared() { return quant_gemm_shared<DT, 256, STAGES>() + 16 * STAGES; }
