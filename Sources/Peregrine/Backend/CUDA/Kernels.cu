@@ -4182,6 +4182,48 @@ template <int DT, int NT, int STAGES> __host__ __device__ constexpr int quant_ge
     return STAGES * (NT * 128 + (QG_ROWS * QuantChunk<DT>::STRIDE + 1023) / 1024 * 1024) + 1024;
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PEREGRINE_CUDA_EMULATOR)
+// Both quant_gemm forms' per-chunk work of a consuming thread. quant_gemm_fragments: its A
+// fragments of the chunk whose weight rows lie at `weights` in shared memory (its rows r and
+// r + 8, their first values at i0 and i1 of the matrix's `total`; column k0). Rows past the
+// matrix were filled with zeros and decode to zeros or finite values that are never stored.
+template <int DT>
+__device__ __forceinline__ void quant_gemm_fragments(unsigned (&a)[4][4], const unsigned char* weights, int r, unsigned long total,
+                                                     unsigned long i0, unsigned long i1, int k0, int c) {
+    using Q = QuantChunk<DT>;
+    unsigned lo0[4], hi0[4], lo1[4], hi1[4];
+    Q::fragment(weights + r * Q::STRIDE, total, i0 + k0, k0, c, lo0, hi0);
+    Q::fragment(weights + (r + 8) * Q::STRIDE, total, i1 + k0, k0, c, lo1, hi1);
+#pragma unroll
+    for (int j = 0; j < 4; j++) { a[j][0] = lo0[j]; a[j][1] = lo1[j]; a[j][2] = hi0[j]; a[j][3] = hi1[j]; }
+}
+
+// hold() on every accumulator, or every register of a chunk's A fragments.
+template <int N> __device__ __forceinline__ void hold_all(float (&acc)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) { hold(acc[i][0]); hold(acc[i][1]); hold(acc[i][2]); hold(acc[i][3]); }
+}
+template <int N> __device__ __forceinline__ void hold_all(unsigned (&a)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; j++) { hold(a[j][0]); hold(a[j][1]); hold(a[j][2]); hold(a[j][3]); }
+}
+
+// A chunk's products into acc: its four k16 steps of A fragments against the activations whose
+// K-major descriptor is xs (a k16 step two 16-byte units further), committed as one wgmma group.
+template <int NT>
+__device__ __forceinline__ void quant_gemm_multiply(float (&acc)[NT / 8][4], unsigned (&a)[4][4], unsigned long long xs) {
+    hold_all(acc);
+    hold_all(a);
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        if constexpr (NT == 128) wgmma_rs_bf16_n128(acc, a[j], xs + 2 * j, 1);
+        else wgmma_rs_bf16_n256(acc, a[j], xs + 2 * j, 1);
+    }
+    wgmma_commit();
+}
+#endif
+
 // A quant_gemm block's matrix (of up to three, by blockIdx.y: matrix 0's weight-row tiles, then
 // 1's, then 2's), its tile of QG_ROWS weight rows from o0 and NT tokens from t0, and its slice of
 // k: chunks c0 ..< c0 + chunks (all of them when gridDim.z is 1).
@@ -4299,29 +4341,14 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
             if (piece < Q::PIECES) copy16_async(ws + oW * Q::STRIDE + 16 * piece, Q::piece(w, total, iW + k0, k0, piece), inW);
         }
     };
-    // The thread's A fragments of chunk s (its buffer complete and visible). Rows past the
-    // matrix were filled with zeros and decode to zeros or finite values that are never stored.
+    // The thread's A fragments of chunk s (its buffer complete and visible).
     const unsigned long i0 = (unsigned long)min(o0 + r, n - 1) * (unsigned)k, i1 = (unsigned long)min(o0 + r + 8, n - 1) * (unsigned)k;
     auto decode = [&](unsigned (&a)[4][4], int s) {
-        const unsigned char* ws = base + (s % STAGES) * SB + XB;
-        unsigned lo0[4], hi0[4], lo1[4], hi1[4];
-        int k0 = (c0 + s) * QG_K;
-        Q::fragment(ws + r * Q::STRIDE, total, i0 + k0, k0, c, lo0, hi0);
-        Q::fragment(ws + (r + 8) * Q::STRIDE, total, i1 + k0, k0, c, lo1, hi1);
-#pragma unroll
-        for (int j = 0; j < 4; j++) { a[j][0] = lo0[j]; a[j][1] = lo1[j]; a[j][2] = hi0[j]; a[j][3] = hi1[j]; }
+        quant_gemm_fragments<DT>(a, base + (s % STAGES) * SB + XB, r, total, i0, i1, (c0 + s) * QG_K, c);
     };
     float acc[NT / 8][4];
 #pragma unroll
     for (int i = 0; i < NT / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    auto hold_acc = [&] {
-#pragma unroll
-        for (int i = 0; i < NT / 8; i++) { hold(acc[i][0]); hold(acc[i][1]); hold(acc[i][2]); hold(acc[i][3]); }
-    };
-    auto hold_a = [&](unsigned (&a)[4][4]) {
-#pragma unroll
-        for (int j = 0; j < 4; j++) { hold(a[j][0]); hold(a[j][1]); hold(a[j][2]); hold(a[j][3]); }
-    };
     const unsigned long long xDesc = wgmma_desc(shared_address(base), 16, 1024);
     // Chunk s on the tensor cores from `cur`, and chunk s + 1 decoded into `next` meanwhile. Chunk
     // s's products stay in flight until the next step's wait, so the tensor cores go from one
@@ -4334,18 +4361,9 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
     auto step = [&](int s, unsigned (&cur)[4][4], unsigned (&next)[4][4]) {
         // The descriptor's address field is the shared address / 16, below its 14 bits' end,
         // so the buffer's and the k16 step's offsets add to the first buffer's descriptor.
-        const unsigned long long xs = xDesc + (unsigned)(s % STAGES) * (SB >> 4);
-        hold_acc();
-        hold_a(cur);
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            if constexpr (NT == 128) wgmma_rs_bf16_n128(acc, cur[j], xs + 2 * j, 1);
-            else wgmma_rs_bf16_n256(acc, cur[j], xs + 2 * j, 1);
-        }
-        wgmma_commit();
+        quant_gemm_multiply<NT>(acc, cur, xDesc + (unsigned)(s % STAGES) * (SB >> 4));
         wgmma_wait<1>();
-        hold_a(next);
+        hold_all(next);
         if (s + 1 < chunks) {
             copy_wait<STAGES - 3>();
             fence_proxy_async();
@@ -4369,7 +4387,7 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
         if (s + 1 < chunks) step(s + 1, a1, a0);
     }
     wgmma_wait<0>();
-    hold_acc();
+    hold_all(acc);
     quant_gemm_store<NT>(acc, g, r, c, rows, accumulate, halfOut);
 #endif
 }
@@ -4489,40 +4507,20 @@ __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, v
         const int b = s % STAGES;
         mbarrier_wait(&full[b], (s / STAGES) & 1);
         fence_proxy_async();
-        const unsigned char* ws = base + b * SB + XB;
-        unsigned lo0[4], hi0[4], lo1[4], hi1[4];
-        const int k0 = (g.c0 + s) * QG_K;
-        Q::fragment(ws + r * Q::STRIDE, total, i0 + k0, k0, c, lo0, hi0);
-        Q::fragment(ws + (r + 8) * Q::STRIDE, total, i1 + k0, k0, c, lo1, hi1);
-#pragma unroll
-        for (int j = 0; j < 4; j++) { a[j][0] = lo0[j]; a[j][1] = lo1[j]; a[j][2] = hi0[j]; a[j][3] = hi1[j]; }
+        quant_gemm_fragments<DT>(a, base + b * SB + XB, r, total, i0, i1, (g.c0 + s) * QG_K, c);
     };
     float acc[NT / 8][4];
 #pragma unroll
     for (int i = 0; i < NT / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    auto hold_acc = [&] {
-#pragma unroll
-        for (int i = 0; i < NT / 8; i++) { hold(acc[i][0]); hold(acc[i][1]); hold(acc[i][2]); hold(acc[i][3]); }
-    };
-    auto hold_a = [&](unsigned (&a)[4][4]) {
-#pragma unroll
-        for (int j = 0; j < 4; j++) { hold(a[j][0]); hold(a[j][1]); hold(a[j][2]); hold(a[j][3]); }
-    };
     const unsigned long long xDesc = wgmma_desc(shared_address(base), 16, 1024);
     // Chunk s on the tensor cores from `cur`, chunk s + 1 decoded into `next` meanwhile (as in
     // the form above). The wait for all but the newest group completes chunk s - 1's products,
     // which read its buffer's activations (its weights were read when it was decoded): the warp
     // then frees that buffer.
     auto step = [&](int s, unsigned (&cur)[4][4], unsigned (&next)[4][4]) {
-        const unsigned long long xs = xDesc + (unsigned)(s % STAGES) * (SB >> 4);
-        hold_acc();
-        hold_a(cur);
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < 4; j++) wgmma_rs_bf16_n256(acc, cur[j], xs + 2 * j, 1);
-        wgmma_commit();
+        quant_gemm_multiply<NT>(acc, cur, xDesc + (unsigned)(s % STAGES) * (SB >> 4));
         wgmma_wait<1>();
-        hold_a(next);
+        hold_all(next);
         if (s > 0) {
             __syncwarp();
             if (lane == 0) mbarrier_arrive(&empty[(s - 1) % STAGES]);
@@ -4536,7 +4534,7 @@ __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, v
         if (s + 1 < g.chunks) step(s + 1, a1, a0);
     }
     wgmma_wait<0>();
-    hold_acc();
+    hold_all(acc);
     quant_gemm_store<NT>(acc, g, r, c, rows, accumulate, halfOut);
 #endif
 }
