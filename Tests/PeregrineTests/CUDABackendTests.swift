@@ -172,7 +172,6 @@ final class CUDABackendTests: XCTestCase {
         let gpu = try backend()
         let cpu = cpuReference()
         var rng = SplitMix(seed: 42)
-        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         // The capacity spans the whole pool, so one sequence's table can fill every block; 3,584
         // positions at 32 a split give one sequence 113 splits (the merge's lanes hold up to four).
         let blockSize = 16, blocks = 224, capacity = blocks * blockSize, width = blocks
@@ -183,8 +182,8 @@ final class CUDABackendTests: XCTestCase {
         defer { gpu.tensorCoreDecodeAllowed = true }
         let positions = [511, 0, 7, 300, 31, 32, 100, 255, 64, 1]
         for (heads, kvHeads, hd) in [(32, 8, 128), (32, 2, 64), (4, 4, 16), (12, 4, 256), (16, 4, 96), (4, 2, 24)] {
-            let keys = (0..<(blocks * blockSize * kvHeads * hd)).map { _ in uniform() }
-            let values = (0..<(blocks * blockSize * kvHeads * hd)).map { _ in uniform() }
+            let keys = (0..<(blocks * blockSize * kvHeads * hd)).map { _ in rng.signedUnit() }
+            let values = (0..<(blocks * blockSize * kvHeads * hd)).map { _ in rng.signedUnit() }
             for rows in [1, 5, 20] {
                 var plan = BatchPlan()
                 plan.tableWidth = width
@@ -195,12 +194,12 @@ final class CUDABackendTests: XCTestCase {
                     plan.append(tokens: [1], slot: r, position: position, logits: .last)
                     plan.appendBlockTable((0..<width).map { i in i == position / blockSize ? Int32(r) : Int32(20 + rng.next() % UInt64(blocks - 20)) })
                 }
-                let q = (0..<(rows * heads * hd)).map { _ in 2 * uniform() }
-                let k = (0..<(rows * kvHeads * hd)).map { _ in uniform() }
-                let v = (0..<(rows * kvHeads * hd)).map { _ in uniform() }
+                let q = (0..<(rows * heads * hd)).map { _ in 2 * rng.signedUnit() }
+                let k = (0..<(rows * kvHeads * hd)).map { _ in rng.signedUnit() }
+                let v = (0..<(rows * kvHeads * hd)).map { _ in rng.signedUnit() }
                 // Whole heads rotated, and half of each (partial rotary: the rest passes unrotated).
                 for rotary in [hd, hd / 2] {
-                    let angles = (0..<(rows * rotary / 2)).map { _ in 3 * uniform() }
+                    let angles = (0..<(rows * rotary / 2)).map { _ in 3 * rng.signedUnit() }
                     for (window, grouped) in [(nil, true), (48, true), (nil, false), (48, false)] as [(Int?, Bool)] {
                       for type in KVCacheType.allCases {
                         gpu.groupedAttentionBlocks = grouped ? 0 : Int.max
@@ -260,7 +259,6 @@ final class CUDABackendTests: XCTestCase {
         let limit = gpu.quantGemmTokenLimit
         defer { gpu.quantGemmTokenLimit = limit }
         var rng = SplitMix(seed: 7)
-        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         func bf16(_ x: Float) -> Float { Half.bf16ToFloat(Half.floatToBF16(x)) }
         func product(_ b: CUDABackend, _ w: CUDAWeight, _ x: ArraySlice<Float>, rows: Int) throws -> [Float] {
             let xb = try b.buffer(x.count), out = try b.buffer(rows * w.rows)
@@ -273,14 +271,14 @@ final class CUDABackendTests: XCTestCase {
         }
         let n = 40, k = 768, tokens = 24, few = 5
         for type in [DType.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K] {
-            let values = (0..<(n * k)).map { _ in uniform() }
+            let values = (0..<(n * k)).map { _ in rng.signedUnit() }
             let size = type.byteCount(elements: n * k)
             let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
             defer { bytes.deallocate() }
             values.withUnsafeBufferPointer { Quantizer.quantize(type, $0.baseAddress!, count: n * k, into: bytes) }
             let view = TensorView(name: "w", dtype: type, shape: [n, k], data: UnsafeRawPointer(bytes), byteCount: size)
             let w = view.toFloat().map(bf16)
-            let x = (0..<(tokens * k)).map { _ in uniform() }
+            let x = (0..<(tokens * k)).map { _ in rng.signedUnit() }
             let weight = try gpu.weight(view)
             gpu.quantGemmTokenLimit = 0
             let widened = try product(gpu, weight, x[...], rows: tokens)
@@ -327,7 +325,6 @@ final class CUDABackendTests: XCTestCase {
         let before = (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices, gpu.quantGemmWarpSpecialized)
         defer { (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices, gpu.quantGemmWarpSpecialized) = before }
         var rng = SplitMix(seed: 23)
-        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] { try gpu.values(b, count) }
         // 200 tokens (two tiles of 128, one of 256) and 16, a batch of decode steps. These few
         // tiles take k in slices (split-K) by the backend's rule, added into the outputs; each
@@ -340,7 +337,7 @@ final class CUDABackendTests: XCTestCase {
                 defer { storage.forEach { $0.deallocate() } }
                 func matrix(_ rows: Int, _ t: DType? = nil) throws -> CUDAWeight {
                     let type = t ?? type
-                    let values = (0..<(rows * k)).map { _ in uniform() }
+                    let values = (0..<(rows * k)).map { _ in rng.signedUnit() }
                     let size = type.byteCount(elements: rows * k)
                     let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
                     storage.append(bytes)
@@ -351,11 +348,11 @@ final class CUDABackendTests: XCTestCase {
                 // v in Q6_K, as Q4_K_M files have (q and k in one launch, v in another).
                 let weight = try matrix(n), kw = try matrix(72), vw = try matrix(40), up = try matrix(n)
                 let mixedV = type == .q4_K ? try matrix(40, .q6_K) : nil
-                let biasValues = (0..<n).map { _ in uniform() }
+                let biasValues = (0..<n).map { _ in rng.signedUnit() }
                 let bias = try biasValues.withUnsafeBytes {
                     try gpu.weight(TensorView(name: "b", dtype: .f32, shape: [n], data: $0.baseAddress!, byteCount: $0.count))
                 }
-                let x = (0..<(tokens * k)).map { _ in uniform() }, residual = (0..<(tokens * n)).map { _ in uniform() }
+                let x = (0..<(tokens * k)).map { _ in rng.signedUnit() }, residual = (0..<(tokens * n)).map { _ in rng.signedUnit() }
                 let xb = try gpu.buffer(tokens * k), out = try gpu.buffer(tokens * n), scratch = try gpu.buffer(tokens * n)
                 let kOut = try gpu.buffer(tokens * 72), vOut = try gpu.buffer(tokens * 40)
                 x.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
@@ -409,12 +406,11 @@ final class CUDABackendTests: XCTestCase {
     func testPairedQ6KRowsMatchRowKernel() throws {
         let gpu = try backend(), deterministic = try CUDABackend(deterministic: true)
         var rng = SplitMix(seed: 17)
-        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         let k = 2048
         var storage: [UnsafeMutableRawPointer] = []
         defer { storage.forEach { $0.deallocate() } }
         func matrix(_ rows: Int) -> TensorView {
-            let values = (0..<(rows * k)).map { _ in uniform() }
+            let values = (0..<(rows * k)).map { _ in rng.signedUnit() }
             let size = DType.q6_K.byteCount(elements: rows * k)
             let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
             storage.append(bytes)
@@ -422,7 +418,7 @@ final class CUDABackendTests: XCTestCase {
             return TensorView(name: "w", dtype: .q6_K, shape: [rows, k], data: UnsafeRawPointer(bytes), byteCount: size)
         }
         let big = matrix(41), parts = [matrix(5), matrix(7), matrix(3)]
-        let x = (0..<k).map { _ in uniform() }, residual = (0..<41).map { _ in uniform() }
+        let x = (0..<k).map { _ in rng.signedUnit() }, residual = (0..<41).map { _ in rng.signedUnit() }
         func run(_ b: CUDABackend) throws -> [[Float]] {
             let w = try b.weight(big), ws = try parts.map { try b.weight($0) }
             let xb = try b.buffer(k), y = try b.buffer(41), r = try b.buffer(41), scratch = try b.buffer(41)
@@ -460,22 +456,21 @@ final class CUDABackendTests: XCTestCase {
         let fixedBefore = gpu.fixedMatvecs
         defer { gpu.fixedMatvecs = fixedBefore }
         var rng = SplitMix(seed: 11)
-        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] { try gpu.values(b, count) }
         let rows = [37, 37, 13], n = rows[0]
-        let biasValues = (0..<n).map { _ in uniform() }, residualValues = (0..<n).map { _ in uniform() }
+        let biasValues = (0..<n).map { _ in rng.signedUnit() }, residualValues = (0..<n).map { _ in rng.signedUnit() }
         let bias = try biasValues.withUnsafeBytes {
             try gpu.weight(TensorView(name: "b", dtype: .f32, shape: [n], data: $0.baseAddress!, byteCount: $0.count))
         }
         for type in [DType.bf16, .f16] {
             for k in [808, 3000, 2560, 3072, 4096, 14336] {
-                let x = (0..<k).map { _ in uniform() }
+                let x = (0..<k).map { _ in rng.signedUnit() }
                 let xb = try gpu.buffer(k)
                 x.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
                 var views: [TensorView] = [], storage: [UnsafeMutableRawPointer] = []
                 defer { storage.forEach { $0.deallocate() } }
                 for r in rows {
-                    let values = (0..<(r * k)).map { _ in uniform() }
+                    let values = (0..<(r * k)).map { _ in rng.signedUnit() }
                     let size = type.byteCount(elements: r * k)
                     let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
                     storage.append(bytes)
@@ -532,11 +527,10 @@ final class CUDABackendTests: XCTestCase {
         let carriedBefore = gpu.carriedNorm
         defer { gpu.carriedNorm = carriedBefore }
         var rng = SplitMix(seed: 5)
-        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         var storage: [UnsafeMutableRawPointer] = []
         defer { storage.forEach { $0.deallocate() } }
         func matrix(_ n: Int, _ k: Int) throws -> (view: TensorView, weight: CUDAWeight) {
-            let values = (0..<(n * k)).map { _ in uniform() * 0.05 }
+            let values = (0..<(n * k)).map { _ in rng.signedUnit() * 0.05 }
             let size = DType.bf16.byteCount(elements: n * k)
             let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
             storage.append(bytes)
@@ -545,7 +539,7 @@ final class CUDABackendTests: XCTestCase {
             return (view, try gpu.weight(view))
         }
         let d = 4096, n = 24, eps: Float = 1e-5
-        let g = (0..<d).map { _ in 0.5 + (uniform() + 1) / 2 }
+        let g = (0..<d).map { _ in 0.5 + (rng.signedUnit() + 1) / 2 }
         let norm = try g.withUnsafeBytes { bytes in
             try gpu.weight(TensorView(name: "norm", dtype: .f32, shape: [d], data: bytes.baseAddress!, byteCount: bytes.count))
         }
@@ -553,12 +547,12 @@ final class CUDABackendTests: XCTestCase {
         let consumerValues = consumers.map { $0.view.toFloat() }
         let outs = try (0..<3).map { _ in try gpu.buffer(n) }
         let scratch = try gpu.buffer(n), normed = try gpu.buffer(d), other = try gpu.buffer(d)
-        let x0 = (0..<d).map { _ in uniform() }, added = (0..<d).map { _ in uniform() }
+        let x0 = (0..<d).map { _ in rng.signedUnit() }, added = (0..<d).map { _ in rng.signedUnit() }
         added.withUnsafeBufferPointer { gpu.write($0, to: other, offset: 0) }
         for k in [4096, 14336] {
             let producer = try matrix(d, k)
             let pv = producer.view.toFloat()
-            let a = (0..<k).map { _ in uniform() }
+            let a = (0..<k).map { _ in rng.signedUnit() }
             let ab = try gpu.buffer(k), xb = try gpu.buffer(d)
             a.withUnsafeBufferPointer { gpu.write($0, to: ab, offset: 0) }
             let residual = pv.withUnsafeBufferPointer { w in
@@ -622,7 +616,6 @@ final class CUDABackendTests: XCTestCase {
         defer { gpu.tensorCoreAttentionAllowed = true; gpu.groupedPromptAttention = true; gpu.warpgroupPromptAttention = warpgroupDefault }
         let cpu = cpuReference()
         var rng = SplitMix(seed: 7)
-        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         let blockSize = 16, blocks = 64, width = 24
         // (slot, first position, rows): chunk of slot 0 from 37 (its keys 0 ..< 37 cached before).
         let chunks = [(0, 37, 150), (1, 0, 70), (2, 200, 17)]
@@ -643,9 +636,9 @@ final class CUDABackendTests: XCTestCase {
                 fill.append(tokens: [Int](repeating: 1, count: start + n), slot: slot, position: 0, logits: .none)
                 fill.appendBlockTable(Array(order[(c * 20)..<(c * 20 + width)]))
             }
-            let keys = (0..<(fill.count * kvHeads * hd)).map { _ in 2 * uniform() }
-            let values = (0..<(fill.count * kvHeads * hd)).map { _ in uniform() }
-            let q = (0..<(rows * heads * hd)).map { _ in 2 * uniform() }
+            let keys = (0..<(fill.count * kvHeads * hd)).map { _ in 2 * rng.signedUnit() }
+            let values = (0..<(fill.count * kvHeads * hd)).map { _ in rng.signedUnit() }
+            let q = (0..<(rows * heads * hd)).map { _ in 2 * rng.signedUnit() }
             for (window, cap) in [(nil, nil), (48, nil), (nil, 30)] as [(Int?, Float?)] {
                 let scoring = AttentionScoring(scale: 1 / Float(hd).squareRoot() * (cap == nil ? 1 : 8), softCap: cap)
                 func run<B: ComputeBackend>(_ b: B) throws -> [Float] {
@@ -694,7 +687,6 @@ final class CUDABackendTests: XCTestCase {
                 gpu.tensorCoreDecodeStages = nil }
         let cpu = cpuReference()
         var rng = SplitMix(seed: 11)
-        func uniform() -> Float { Float(rng.next() >> 40) / Float(1 << 24) * 2 - 1 }
         let blockSize = 16, width = 48, blocks = 24 * width
         let all = (0..<24).map { r in [0, 1, 15, 16, 63, 64, 65, 200, 511, 699][r % 10] + (r / 10) * 3 }
         for (heads, kvHeads, hd, positions) in [(32, 8, 128, all), (8, 2, 64, all), (40, 2, 96, all), (32, 8, 128, [699]), (4, 2, 16, all),
@@ -712,9 +704,9 @@ final class CUDABackendTests: XCTestCase {
                 fill.append(tokens: [Int](repeating: 1, count: p + 1), slot: r, position: 0, logits: .none)
                 fill.appendBlockTable(table)
             }
-            let keys = (0..<(fill.count * kvHeads * hd)).map { _ in 2 * uniform() }
-            let values = (0..<(fill.count * kvHeads * hd)).map { _ in uniform() }
-            let q = (0..<(rows * heads * hd)).map { _ in 2 * uniform() }
+            let keys = (0..<(fill.count * kvHeads * hd)).map { _ in 2 * rng.signedUnit() }
+            let values = (0..<(fill.count * kvHeads * hd)).map { _ in rng.signedUnit() }
+            let q = (0..<(rows * heads * hd)).map { _ in 2 * rng.signedUnit() }
             for (window, cap) in [(nil, nil), (48, nil), (nil, 30)] as [(Int?, Float?)] {
                 let scoring = AttentionScoring(scale: 1 / Float(hd).squareRoot() * (cap == nil ? 1 : 8), softCap: cap)
                 func run<B: ComputeBackend>(_ b: B) throws -> [Float] {

@@ -225,6 +225,8 @@ struct SplitMix {
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
         return z ^ (z >> 31)
     }
+    /// A uniform value in [-1, 1), from the top 24 bits of the next number.
+    mutating func signedUnit() -> Float { Float(next() >> 40) / Float(1 << 24) * 2 - 1 }
 }
 
 /// The quantizers: dequantize(quantize(x)) close to x, by each type's precision.
