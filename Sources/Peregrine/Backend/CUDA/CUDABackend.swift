@@ -1604,6 +1604,8 @@ public final class CUDABackend: ComputeBackend {
         func choice(_ name: String, _ choices: [Int]) throws {
             try check(name, choices.map(String.init).joined(separator: " or ")) { v in Int(v).map(choices.contains) ?? false }
         }
+        // A switch that is on or off: exactly "0" or "1".
+        func flag(_ name: String) throws { try check(name, "0 or 1") { $0 == "0" || $0 == "1" } }
         try check("PEREGRINE_ROW_KERNEL_TOKENS", "a number of tokens (0 or more)") { number($0, 0...Int.max) }
         try check("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "a number of blocks (1 or more)") { number($0, 1...Int.max) }
         try check("PEREGRINE_GROUPED_ATTENTION_FROM", "a position (0 or more)") { number($0, 0...Int.max) }
@@ -1611,12 +1613,12 @@ public final class CUDABackend: ComputeBackend {
         try choice("PEREGRINE_DECODE_STAGES", decodeStageChoices)
         try check("PEREGRINE_SPLIT_POSITIONS", "a number of positions (1 or more)") { number($0, 1...Int.max) }
         try check("PEREGRINE_DECODE_SPLITS", "a number of splits from 1 to 128") { number($0, 1...128) }
-        try check("PEREGRINE_QUANT_GEMM", "0 or 1") { $0 == "0" || $0 == "1" }
+        try flag("PEREGRINE_QUANT_GEMM")
         try choice("PEREGRINE_QUANT_GEMM_TOKENS", quantGemmTokenChoices)
-        try check("PEREGRINE_QUANT_GEMM_WS", "0 or 1") { $0 == "0" || $0 == "1" }
-        try check("PEREGRINE_FIXED_MATVEC", "0 or 1") { $0 == "0" || $0 == "1" }
-        try check("PEREGRINE_CARRIED_NORM", "0 or 1") { $0 == "0" || $0 == "1" }
-        try check("PEREGRINE_EARLY_DECODE_KEYS", "0 or 1") { $0 == "0" || $0 == "1" }
+        try flag("PEREGRINE_QUANT_GEMM_WS")
+        try flag("PEREGRINE_FIXED_MATVEC")
+        try flag("PEREGRINE_CARRIED_NORM")
+        try flag("PEREGRINE_EARLY_DECODE_KEYS")
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }
         try check("PEREGRINE_WGMMA_PROMPT_ATTENTION", "0 (mma.sync), 1 (the first kernel) or one of " + kernels.joined(separator: ", ")) {
