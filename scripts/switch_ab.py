@@ -7,7 +7,9 @@ BENCHMARKS.md's same-binary comparisons are measured:
         --bench-args "--device cuda -p 0 -n 128 -d 0 4096 -r 2 --kv-cache-type f16" \\
         PEREGRINE_CARRIED_NORM=0 -
 
-A variant is a comma-separated list of NAME=VALUE settings, or "-" for none (the defaults). Prints
+A variant is a comma-separated list of NAME=VALUE settings, or "-" for none (the defaults); the
+setting binary=PATH runs that variant with another build of peregrine (two builds compared in one
+run, alternating, as the switches are). Prints
 each round's tokens/s a test as it goes, then a table of each test's median over the rounds by
 variant, with each variant's ratio to the first. Exits non-zero if a bench run fails.
 """
@@ -34,6 +36,8 @@ def parse_variant(text):
 
 def run_bench(binary, model, bench_args, settings, timeout):
     env = dict(os.environ)
+    settings = dict(settings)
+    binary = settings.pop("binary", binary)
     env.update(settings)
     command = [binary, "bench", "-m", model, *bench_args, "--json"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)

@@ -285,7 +285,7 @@ int main() {
         }
         // The warp-specialized form over many more chunks than it has buffers (17 or 24: each
         // buffer refilled at least twice, so both parities of its barriers are waited on)
-        // and two tiles of tokens (300), plain and added to with a bias.
+        // and two tiles of tokens (300), plain, added to with a bias, and BF16 out.
         {
             const int kl = c.k == 320 ? 1088 : 1536, rl = 300;
             std::vector<unsigned short> xl((size_t)rl * kl);
@@ -297,6 +297,8 @@ int main() {
             failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 0, 0);
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), added, bias", c.name, kl, rl);
             failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, true, 1, 0);
+            snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), BF16 out", c.name, kl, rl);
+            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 0, 1);
         }
     }
     printf(failures ? "%d FAILED\n" : "all passed\n", failures);

@@ -282,7 +282,7 @@ final class CUDABackendTests: XCTestCase {
             let weight = try gpu.weight(view)
             gpu.quantGemmTokenLimit = 0
             let widened = try product(gpu, weight, x[...], rows: tokens)
-            gpu.quantGemmTokenLimit = CUDABackend.quantGemmDefaultTokenLimit
+            gpu.quantGemmTokenLimit = nil
             let byDefault = try product(gpu, weight, x[...], rows: tokens)
             var expected = [Float](repeating: 0, count: tokens * n)
             for t in 0..<tokens {

@@ -1033,23 +1033,26 @@ public final class CUDABackend: ComputeBackend {
     })
     /// Most tokens for which a quantized product decodes its weights on the fly into the tensor
     /// cores' operands (quant_gemm) rather than widening the whole matrix to BF16 for cuBLAS
-    /// first (checked on the kernel emulator and on GPUs). Measured on an H100 with 8 layers of
-    /// the 8B shape in Q4_K_M, quant_gemm against the widening (BENCHMARKS.md, SERVING.md):
-    /// prompts of 16, 64, 256 and 512 tokens 1.64x, 1.56x, 1.20x and 0.92x; batched decode steps
-    /// of 16 to 256 sequences 1.8x down to 1.2x; with the warp-specialized form, prompts in steps
-    /// of 512 tokens 0.96x, of 2,048 0.80x. Over the few tokens of a decode step the widening
-    /// costs more than the product; over long prompts it is paid once for many tokens, and
-    /// cuBLAS's product beats quant_gemm's, whose decoding leaves the tensor cores idle part of
-    /// the time (its instructions, not its copies, bound it: BENCHMARKS.md). PEREGRINE_QUANT_GEMM=1 takes quant_gemm for
-    /// every count, =0 for none. Tests set it.
-    var quantGemmTokenLimit: Int = {
+    /// first (checked on the kernel emulator and on GPUs); nil: the type's own limit
+    /// (`quantGemmDefaultTokenLimit`). PEREGRINE_QUANT_GEMM=1 takes quant_gemm for every count,
+    /// =0 for none. Tests set it.
+    var quantGemmTokenLimit: Int? = {
         switch ProcessInfo.processInfo.environment["PEREGRINE_QUANT_GEMM"] {
         case "1": return .max
         case "0": return 0
-        default: return CUDABackend.quantGemmDefaultTokenLimit
+        default: return nil
         }
     }()
-    static let quantGemmDefaultTokenLimit = 256
+    /// The default limit of a weight type. Over the few tokens of a decode step the widening
+    /// costs more than the product; over long prompts it is paid once for many tokens, and
+    /// cuBLAS's product beats quant_gemm's, whose decoding leaves the tensor cores idle part of
+    /// the time. Measured on an H100 with 8 layers of the 8B shape, quant_gemm against the
+    /// widening in the same run (BENCHMARKS.md, SERVING.md): in Q4_K_M, prompts of 16, 64 and
+    /// 256 tokens 1.64x, 1.56x and 1.20x, batched decode steps of 16 to 256 sequences 1.8x down to
+    /// 1.2x; prompts in steps of 512 tokens, each file in one type, Q8_0 1.07x, Q4_0 1.07x,
+    /// IQ4_NL 1.08x, Q4_K 1.08x, IQ4_XS 1.55x, Q3_K 1.63x, Q2_K 1.56x, but Q6_K 0.81x (its
+    /// decoding takes the most instructions); in steps of 2,048, 0.80x (Q8_0) to 0.94x (Q3_K).
+    static func quantGemmDefaultTokenLimit(_ type: DType) -> Int { type == .q6_K ? 256 : 512 }
     /// Tokens a block of quant_gemm takes (128 or 256); nil: 256 for more than 128 tokens where
     /// that still gives every multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets
     /// it for measuring; tests run both.
@@ -1068,15 +1071,16 @@ public final class CUDABackend: ComputeBackend {
 
     /// Up to three products of quantized weights over the same `rows` tokens of x in one
     /// quant_gemm launch, if one takes them (false: nothing launched): no more tokens than
-    /// `quantGemmTokenLimit`, too many for the row kernel (which --deterministic keeps for every
-    /// count), a compute capability 9.0 device (wgmma), one type with kernels, rows of one length,
+    /// `quantGemmTokenLimit` (by default the type's), too many for the row kernel (which
+    /// --deterministic keeps for every count), a compute capability 9.0 device (wgmma), one type
+    /// with kernels, rows of one length,
     /// a multiple of the kernels' chunk of 64 values, and the kernel's shared memory within the
     /// device's. Split into slices of k, the outputs are zeroed first (`zero_floats`) unless
     /// added to. `halfOut` writes BF16 outputs (no bias; never split).
     private func quantGemm(_ x: CUDABuffer, rows: Int, _ p: [(weight: CUDAWeight, bias: CUDAWeight?, out: CUDADriver.DevicePointer)],
                            accumulate: Bool, halfOut: Bool = false) -> Bool {
         let w = p[0].weight, k = w.cols
-        guard rows <= quantGemmTokenLimit, !usesRowKernel(rows, w), driver.computeCapability == (9, 0), k > 0, k % 64 == 0, p.count <= 3,
+        guard rows <= quantGemmTokenLimit ?? CUDABackend.quantGemmDefaultTokenLimit(w.dtype), !usesRowKernel(rows, w), driver.computeCapability == (9, 0), k > 0, k % 64 == 0, p.count <= 3,
               p.allSatisfy({ $0.weight.dtype == w.dtype && $0.weight.cols == k }),
               let kernels = CUDABackend.quantGemmKernels[w.dtype] else { return false }
         let rowTiles = p.reduce(0) { $0 + ($1.weight.rows + CUDABackend.quantGemmRows - 1) / CUDABackend.quantGemmRows }

@@ -4258,31 +4258,51 @@ struct QuantGemmTile {
 // A warpgroup's accumulators stored: (i, e) is weight row r + 8 (e >> 1), token 8i + 2c + (e & 1)
 // of the tile. With accumulate the product is added to y first and the bias after, as cuBLAS's
 // beta and add_bias do. Slices of k add theirs atomically (the host never splits a BF16 output).
+// The output's mode is the block's, tested once, and a thread's rows and tokens are tested once
+// each, so a value costs its add and its store (testing everything for each of a thread's 128
+// values took 2,990 instructions a warp: BENCHMARKS.md).
 template <int NT>
 __device__ __forceinline__ void quant_gemm_store(const float (&acc)[NT / 8][4], const QuantGemmTile& g, int r, int c, int rows, int accumulate,
                                                  int halfOut) {
+    const int o = g.o0 + r, t = g.t0 + 2 * c;  // the thread's rows o and o + 8, its tokens t + 8i and t + 8i + 1
+    const bool in0 = o < g.n, in1 = o + 8 < g.n;
+    const long n = g.n;
+    // put(at, v, b) for each of the thread's values v in the matrix and the tokens (at: its place
+    // in y; b: its row's bias).
+    auto each = [&](float b0, float b1, auto put) {
 #pragma unroll
-    for (int i = 0; i < NT / 8; i++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int o = g.o0 + r + 8 * (e >> 1), t = g.t0 + 8 * i + 2 * c + (e & 1);
-            if (o >= g.n || t >= rows) continue;
-            long at = (long)t * g.n + o;
-            float v = acc[i][e];
-            if (halfOut) {
-                __nv_bfloat16* h = (__nv_bfloat16*)g.y + at;
-                *h = __float2bfloat16_rn(accumulate ? v + __bfloat162float(*h) : v);
-                continue;
+        for (int i = 0; i < NT / 8; i++) {
+            const int ti = t + 8 * i;
+            const long at = ti * n + o;
+            if (ti < rows) {
+                if (in0) put(at, acc[i][0], b0);
+                if (in1) put(at + 8, acc[i][2], b1);
             }
-            if (gridDim.z > 1) {
-                if (g.bias && blockIdx.z == 0) v += g.bias[o];
-                atomicAdd((float*)g.y + at, v);
-                continue;
+            if (ti + 1 < rows) {
+                if (in0) put(at + n, acc[i][1], b0);
+                if (in1) put(at + n + 8, acc[i][3], b1);
             }
-            if (accumulate) v += ((float*)g.y)[at];
-            if (g.bias) v += g.bias[o];
-            ((float*)g.y)[at] = v;
         }
+    };
+    if (halfOut) {
+        __nv_bfloat16* y = (__nv_bfloat16*)g.y;
+        if (accumulate) each(0.f, 0.f, [&](long at, float v, float) { y[at] = __float2bfloat16_rn(v + __bfloat162float(y[at])); });
+        else each(0.f, 0.f, [&](long at, float v, float) { y[at] = __float2bfloat16_rn(v); });
+        return;
+    }
+    float* y = (float*)g.y;
+    const bool bias = g.bias && (gridDim.z == 1 || blockIdx.z == 0);
+    const float b0 = bias && in0 ? g.bias[o] : 0.f, b1 = bias && in1 ? g.bias[o + 8] : 0.f;
+    if (gridDim.z > 1) {
+        if (bias) each(b0, b1, [&](long at, float v, float b) { atomicAdd(y + at, v + b); });
+        else each(b0, b1, [&](long at, float v, float) { atomicAdd(y + at, v); });
+    } else if (accumulate) {
+        if (bias) each(b0, b1, [&](long at, float v, float b) { y[at] = (v + y[at]) + b; });
+        else each(b0, b1, [&](long at, float v, float) { y[at] = v + y[at]; });
+    } else {
+        if (bias) each(b0, b1, [&](long at, float v, float b) { y[at] = v + b; });
+        else each(b0, b1, [&](long at, float v, float) { y[at] = v; });
+    }
 }
 
 // Up to three products over the same activations in one launch (a layer's q, k and v; gate and
