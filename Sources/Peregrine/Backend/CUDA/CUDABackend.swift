@@ -1073,10 +1073,9 @@ public final class CUDABackend: ComputeBackend {
     /// quant_gemm launch, if one takes them (false: nothing launched): no more tokens than
     /// `quantGemmTokenLimit` (by default the type's), too many for the row kernel (which
     /// --deterministic keeps for every count), a compute capability 9.0 device (wgmma), one type
-    /// with kernels, rows of one length,
-    /// a multiple of the kernels' chunk of 64 values, and the kernel's shared memory within the
-    /// device's. Split into slices of k, the outputs are zeroed first (`zero_floats`) unless
-    /// added to. `halfOut` writes BF16 outputs (no bias; never split).
+    /// with kernels, rows of one length, a multiple of the kernels' chunk of 64 values, and the
+    /// kernel's shared memory within the device's. Split into slices of k, the outputs are zeroed
+    /// first (`zero_floats`) unless added to. `halfOut` writes BF16 outputs (no bias; never split).
     private func quantGemm(_ x: CUDABuffer, rows: Int, _ p: [(weight: CUDAWeight, bias: CUDAWeight?, out: CUDADriver.DevicePointer)],
                            accumulate: Bool, halfOut: Bool = false) -> Bool {
         let w = p[0].weight, k = w.cols
