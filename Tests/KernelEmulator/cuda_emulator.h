@@ -488,6 +488,12 @@ inline void fiber_entry_uc_() { fiber_entry_(); }
 #endif
 
 // Runs one block of `body` (threadIdx.x fastest, then y, then z; warps of 32 consecutive threads).
+// Threads laggingFrom ... laggingTo of each block (none by default) run only when no other thread
+// can, so the others get as far ahead of them as their waits allow: a test sets them to check
+// that a warp-specialized kernel's waits hold when one kind of warp falls behind (the
+// round-robin order otherwise keeps every thread within a few steps of the others).
+inline int laggingFrom = -1, laggingTo = -2;
+
 inline void run_block_(dim3 block, void (*body)(void*), void* arg) {
     Block b;
     b.threads = (int)(block.x * block.y * block.z);
@@ -537,21 +543,28 @@ inline void run_block_(dim3 block, void (*body)(void*), void* arg) {
     block_ = &b;
     int done = 0;
     while (done < b.threads) {
-        bool ran = false;
-        for (int t = 0; t < b.threads; t++) {
-            Fiber& f = b.fibers[t];
-            if (f.done || (f.waitOn && *f.waitOn == f.waitFor)) continue;
-            f.waitOn = nullptr;
-            b.current = t;
-            threadIdx = f.tid;
-            ran = true;
+        // One pass over the threads (the lagging ones, or the others), each runnable one run
+        // until it waits; whether any ran.
+        auto pass = [&](bool lagging) {
+            bool ran = false;
+            for (int t = 0; t < b.threads; t++) {
+                Fiber& f = b.fibers[t];
+                if ((t >= laggingFrom && t <= laggingTo) != lagging) continue;
+                if (f.done || (f.waitOn && *f.waitOn == f.waitFor)) continue;
+                f.waitOn = nullptr;
+                b.current = t;
+                threadIdx = f.tid;
+                ran = true;
 #if defined(__x86_64__)
-            emu_switch_context(&b.scheduler, f.sp);
+                emu_switch_context(&b.scheduler, f.sp);
 #else
-            swapcontext(&b.scheduler, &f.context);
+                swapcontext(&b.scheduler, &f.context);
 #endif
-            if (f.done) done++;
-        }
+                if (f.done) done++;
+            }
+            return ran;
+        };
+        bool ran = pass(false) || pass(true);
         if (!ran) {
             auto where = [&](int t) {
                 const Fiber& f = b.fibers[t];
