@@ -10,8 +10,8 @@
 // A block's threads are fibers of one OS thread, each run until it reaches a collective (block
 // barrier, warp shuffle or vote, ldmatrix, mma, wgmma); a collective completes, executed by the
 // last thread to arrive, once every thread that takes part has arrived. The schedule is
-// deterministic. Blocks run one after another (EMU_THREADS=n: on n OS threads, each with its own
-// shared memory). Tensor-core instructions are executed as the PTX ISA defines their operands'
+// deterministic. Blocks run one after another, a cluster's blocks together (launch_cluster;
+// EMU_THREADS=n: on n OS threads, each with its own shared memory). Tensor-core instructions are executed as the PTX ISA defines their operands'
 // layouts, at issue; timing, the memory model's races and the overlap of asynchronous copies and
 // wgmma with other work are not emulated (see README.md).
 #pragma once
@@ -324,6 +324,7 @@ struct Fiber {
     };
     std::vector<Copy> openCopies;
     std::deque<std::vector<Copy>> copyGroups;
+    unsigned clusterPhase = 0;  // the cluster barrier's phase the thread last arrived in
 };
 
 // A warpgroup's wgmma instructions in flight: issued but not committed, then committed groups,
@@ -371,6 +372,8 @@ struct Block {
     Collective named[16];  // bar.sync / bar.arrive 1-15 (0 is __syncthreads' barrier in hardware)
     std::map<const void*, Mbarrier> mbarriers;
     int current = 0, threads = 0;
+    int rank = 0, exited = 0;  // its rank in its cluster; how many of its threads have finished
+    uint3 idx{};               // its blockIdx
 #if defined(__x86_64__)
     void* scheduler = nullptr;
 #else
@@ -381,6 +384,34 @@ struct Block {
 };
 
 inline thread_local Block* block_ = nullptr;
+
+// A cluster's blocks, run together (one block alone is a cluster of one). Only the running
+// block's shared memory is in the arena (fa_shared, where its pointers point); the others' is
+// saved beside it and swapped in when one of their threads runs, so a block reads and writes
+// another's through arena_(rank) (distributed shared memory). barrier.cluster counts the arrivals
+// of the cluster's threads that have not exited.
+struct Cluster {
+    std::vector<Block> blocks;
+    std::vector<std::vector<unsigned char>> saved;
+    size_t bytes = 0;
+    int current = 0;
+    unsigned arrivals = 0, phase = 0, live = 0;
+};
+inline thread_local Cluster* cluster_ = nullptr;
+
+// Block `rank`'s shared memory, wherever it is now.
+inline unsigned char* arena_(int rank) {
+    return rank == cluster_->current ? fa_shared : cluster_->saved[rank].data();
+}
+
+// Puts block `rank`'s shared memory in the arena.
+inline void enter_(int rank) {
+    Cluster& c = *cluster_;
+    if (rank == c.current) return;
+    memcpy(c.saved[c.current].data(), fa_shared, c.bytes);
+    memcpy(fa_shared, c.saved[rank].data(), c.bytes);
+    c.current = rank;
+}
 constexpr size_t STACK_BYTES = 256 * 1024, GUARD_BYTES = 4096;
 
 // The fibers' stacks, kept for the OS thread's next blocks and unmapped when it ends.
@@ -454,8 +485,11 @@ inline void arrive_(Collective& c, void (*op)(Collective&), const char* name, vo
     yield_();
 }
 
-inline void land_copies_(std::vector<Fiber::Copy>& copies) {
-    for (const Fiber::Copy& c : copies) memcpy(c.dst, c.bytes, 16);
+// Copies land in the shared memory of the block that issued them (`rank`; a remote arrival may
+// complete the phase they are bound to while another block's memory is in the arena).
+inline void land_copies_(std::vector<Fiber::Copy>& copies, int rank = -1) {
+    unsigned char* arena = rank < 0 ? fa_shared : arena_(rank);
+    for (const Fiber::Copy& c : copies) memcpy(arena + (c.dst - fa_shared), c.bytes, 16);
     copies.clear();
 }
 
@@ -467,6 +501,12 @@ inline void exit_thread_() {
     b.fibers[t].copyGroups.clear();
     land_copies_(b.fibers[t].openCopies);
     b.fibers[t].done = true;
+    b.exited++;
+    Cluster& cl = *cluster_;
+    if (--cl.live > 0 && cl.arrivals == cl.live) {  // the cluster barrier waited only for this thread
+        cl.arrivals = 0;
+        cl.phase++;
+    }
     Collective* cs[3] = {&b.warps[t / 32], b.groups.empty() ? nullptr : &b.groups[t / 128], &b.barrier};
     for (Collective* c : cs) {
         if (!c) continue;
@@ -488,14 +528,25 @@ inline void fiber_entry_uc_() { fiber_entry_(); }
 #endif
 
 // Runs one block of `body` (threadIdx.x fastest, then y, then z; warps of 32 consecutive threads).
-// Threads laggingFrom ... laggingTo of each block (none by default) run only when no other thread
-// can, so the others get as far ahead of them as their waits allow: a test sets them to check
-// that a warp-specialized kernel's waits hold when one kind of warp falls behind (the
-// round-robin order otherwise keeps every thread within a few steps of the others).
-inline int laggingFrom = -1, laggingTo = -2;
+// Threads laggingFrom ... laggingTo of each block (none by default; of a cluster's block of rank
+// laggingRank only, if it is not -1) run only when no other thread can, so the others get as far
+// ahead of them as their waits allow: a test sets them to check that a warp-specialized kernel's
+// waits hold when one kind of warp falls behind (the round-robin order otherwise keeps every
+// thread within a few steps of the others).
+inline int laggingFrom = -1, laggingTo = -2, laggingRank = -1;
 
-inline void run_block_(dim3 block, void (*body)(void*), void* arg) {
-    Block b;
+// Shared memory is filled with this byte at each block's start (0xff: f16/f32 NaNs, so a read of
+// what the block never wrote shows); EMU_SHARED_FILL=0 zeros it.
+inline int shared_fill_() {
+    static int fill = [] {
+        const char* e = getenv("EMU_SHARED_FILL");
+        return e ? atoi(e) : 0xff;
+    }();
+    return fill;
+}
+
+// Sets up block b's threads, warps, warpgroups and fibers (its rank-th place among the stacks).
+inline void setup_block_(Block& b, dim3 block, void (*body)(void*), void* arg) {
     b.threads = (int)(block.x * block.y * block.z);
     b.body = body;
     b.bodyArg = arg;
@@ -524,7 +575,7 @@ inline void run_block_(dim3 block, void (*body)(void*), void* arg) {
     for (int t = 0; t < b.threads; t++) {
         Fiber& f = b.fibers[t];
         f.tid = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-        char* lo = (char*)stack_(t) + GUARD_BYTES;
+        char* lo = (char*)stack_(b.rank * b.threads + t) + GUARD_BYTES;
 #if defined(__x86_64__)
         uintptr_t top = ((uintptr_t)(lo + STACK_BYTES)) & ~(uintptr_t)15;
         void** sp = (void**)top;
@@ -540,73 +591,96 @@ inline void run_block_(dim3 block, void (*body)(void*), void* arg) {
         makecontext(&f.context, fiber_entry_uc_, 0);
 #endif
     }
-    block_ = &b;
-    int done = 0;
-    while (done < b.threads) {
+}
+
+// Runs a cluster of blocks (blockIdx `idx[r]` for rank r; one block alone is a cluster of one)
+// together: passes over every block's threads in rank order, so a thread waiting for another
+// block's (a remote mbarrier arrival, barrier.cluster) waits as for its own block's.
+inline void run_cluster_(dim3 block, void (*body)(void*), void* arg, const std::vector<uint3>& idx) {
+    Cluster cl;
+    cluster_ = &cl;
+    cl.blocks.resize(idx.size());
+    cl.bytes = std::max<size_t>(dynamicShared, 1024);
+    cl.saved.assign(idx.size(), std::vector<unsigned char>(cl.bytes, (unsigned char)shared_fill_()));
+    memset(fa_shared, shared_fill_(), cl.bytes);
+    for (size_t r = 0; r < idx.size(); r++) {
+        cl.blocks[r].rank = (int)r;
+        cl.blocks[r].idx = idx[r];
+        setup_block_(cl.blocks[r], block, body, arg);
+        cl.live += cl.blocks[r].threads;
+    }
+    int done = 0, total = (int)cl.live;
+    while (done < total) {
         // One pass over the threads (the lagging ones, or the others), each runnable one run
         // until it waits; whether any ran.
         auto pass = [&](bool lagging) {
             bool ran = false;
-            for (int t = 0; t < b.threads; t++) {
-                Fiber& f = b.fibers[t];
-                if ((t >= laggingFrom && t <= laggingTo) != lagging) continue;
-                if (f.done || (f.waitOn && *f.waitOn == f.waitFor)) continue;
-                f.waitOn = nullptr;
-                b.current = t;
-                threadIdx = f.tid;
-                ran = true;
+            for (Block& b : cl.blocks)
+                for (int t = 0; t < b.threads; t++) {
+                    Fiber& f = b.fibers[t];
+                    const bool lags = t >= laggingFrom && t <= laggingTo && (laggingRank < 0 || laggingRank == b.rank);
+                    if (lags != lagging) continue;
+                    if (f.done || (f.waitOn && *f.waitOn == f.waitFor)) continue;
+                    f.waitOn = nullptr;
+                    block_ = &b;
+                    enter_(b.rank);
+                    blockIdx = b.idx;
+                    b.current = t;
+                    threadIdx = f.tid;
+                    ran = true;
 #if defined(__x86_64__)
-                emu_switch_context(&b.scheduler, f.sp);
+                    emu_switch_context(&b.scheduler, f.sp);
 #else
-                swapcontext(&b.scheduler, &f.context);
+                    swapcontext(&b.scheduler, &f.context);
 #endif
-                if (f.done) done++;
-            }
+                    if (f.done) done++;
+                }
             return ran;
         };
         bool ran = pass(false) || pass(true);
         if (!ran) {
-            auto where = [&](int t) {
-                const Fiber& f = b.fibers[t];
-                if (f.done) return "(finished)";
-                for (auto* cs : {&b.warps, &b.groups})
-                    for (auto& c : *cs)
+            for (Block& b : cl.blocks) {
+                auto where = [&](int t) {
+                    const Fiber& f = b.fibers[t];
+                    if (f.done) return "(finished)";
+                    for (auto* cs : {&b.warps, &b.groups})
+                        for (auto& c : *cs)
+                            if (f.waitOn == &c.gen) return c.name;
+                    for (auto& c : b.named)
                         if (f.waitOn == &c.gen) return c.name;
-                for (auto& c : b.named)
-                    if (f.waitOn == &c.gen) return c.name;
-                for (auto& [at, m] : b.mbarriers)
-                    if (f.waitOn == &m.phase) return "an mbarrier's phase";
-                return f.waitOn == &b.barrier.gen ? b.barrier.name : "?";
-            };
-            for (int t = 0, u; t < b.threads; t = u) {  // runs of threads at the same place
-                for (u = t + 1; u < b.threads && !strcmp(where(u), where(t)); u++) {}
-                fprintf(stderr, "emu: threads %d-%d: %s\n", t, u - 1, where(t));
+                    for (auto& [at, m] : b.mbarriers)
+                        if (f.waitOn == &m.phase) return "an mbarrier's phase";
+                    if (f.waitOn == &cl.phase) return "barrier.cluster";
+                    return f.waitOn == &b.barrier.gen ? b.barrier.name : "?";
+                };
+                for (int t = 0, u; t < b.threads; t = u) {  // runs of threads at the same place
+                    for (u = t + 1; u < b.threads && !strcmp(where(u), where(t)); u++) {}
+                    if (cl.blocks.size() > 1) fprintf(stderr, "emu: block rank %d, threads %d-%d: %s\n", b.rank, t, u - 1, where(t));
+                    else fprintf(stderr, "emu: threads %d-%d: %s\n", t, u - 1, where(t));
+                }
             }
             threadIdx = {0, 0, 0};
             die("deadlock: every thread left waits at a collective the others do not reach");
         }
     }
-    for (const WgmmaQueue& q : b.wgmmas)
-        if (!q.open.empty() || !q.groups.empty()) die("a block ended with wgmma instructions never waited for");
-    for (auto& [at, m] : b.mbarriers)
-        if (!m.copies.empty()) die("a block ended with copies whose mbarrier phase never completed");
+    for (Block& b : cl.blocks) {
+        block_ = &b;
+        blockIdx = b.idx;
+        for (const WgmmaQueue& q : b.wgmmas)
+            if (!q.open.empty() || !q.groups.empty()) die("a block ended with wgmma instructions never waited for");
+        for (auto& [at, m] : b.mbarriers)
+            if (!m.copies.empty()) die("a block ended with copies whose mbarrier phase never completed");
+    }
     block_ = nullptr;
+    cluster_ = nullptr;
 }
 
-// Shared memory is filled with this byte at each block's start (0xff: f16/f32 NaNs, so a read of
-// what the block never wrote shows); EMU_SHARED_FILL=0 zeros it.
-inline int shared_fill_() {
-    static int fill = [] {
-        const char* e = getenv("EMU_SHARED_FILL");
-        return e ? atoi(e) : 0xff;
-    }();
-    return fill;
-}
-
-inline void run_grid_(dim3 grid, dim3 block, size_t shared, void (*body)(void*), void* arg) {
+// Runs the grid's clusters (of clusterX blocks along x; 1: each block alone) a few at a time.
+inline void run_grid_(dim3 grid, dim3 block, size_t shared, void (*body)(void*), void* arg, unsigned clusterX = 1) {
     if (shared > EMU_SHARED_BYTES) die("more dynamic shared memory than the emulator's arena");
     if (block.x * block.y * block.z > 1024) die("more than 1024 threads a block");
-    long blocks = (long)grid.x * grid.y * grid.z;
+    if (clusterX < 1 || clusterX > 8 || grid.x % clusterX) die("a cluster of 1 to 8 blocks along x, dividing the grid's x");
+    long blocks = (long)grid.x * grid.y * grid.z / clusterX;
     static int workers = [] {
         const char* e = getenv("EMU_THREADS");
         return e ? std::max(1, atoi(e)) : 1;
@@ -616,10 +690,13 @@ inline void run_grid_(dim3 grid, dim3 block, size_t shared, void (*body)(void*),
         gridDim = grid;
         blockDim = block;
         dynamicShared = shared;
-        for (long i; (i = next.fetch_add(1)) < blocks;) {
-            blockIdx = {(unsigned)(i % grid.x), (unsigned)((i / grid.x) % grid.y), (unsigned)(i / ((long)grid.x * grid.y))};
-            memset(fa_shared, shared_fill_(), std::max<size_t>(shared, 1024));
-            run_block_(block, body, arg);
+        for (long u; (u = next.fetch_add(1)) < blocks;) {
+            std::vector<uint3> idx;
+            for (unsigned r = 0; r < clusterX; r++) {
+                long i = u * clusterX + r;
+                idx.push_back({(unsigned)(i % grid.x), (unsigned)((i / grid.x) % grid.y), (unsigned)(i / ((long)grid.x * grid.y))});
+            }
+            run_cluster_(block, body, arg, idx);
         }
     };
     if (workers == 1 || blocks == 1) {
@@ -631,9 +708,11 @@ inline void run_grid_(dim3 grid, dim3 block, size_t shared, void (*body)(void*),
     for (auto& t : pool) t.join();
 }
 
-// Runs kernel over grid x block threads with `shared` bytes of dynamic shared memory; the
-// arguments are converted to the kernel's parameter types as a launch would.
-template <class... P, class... A> void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared, A... args) {
+// Runs kernel over grid x block threads with `shared` bytes of dynamic shared memory, in clusters
+// of clusterX blocks along x (a launch with cudaLaunchAttributeClusterDimension); the arguments are
+// converted to the kernel's parameter types as a launch would.
+template <class... P, class... A>
+void launch_cluster(void (*kernel)(P...), dim3 grid, unsigned clusterX, dim3 block, size_t shared, A... args) {
     static_assert(sizeof...(P) == sizeof...(A), "the kernel's argument count");
     struct Call {
         void (*kernel)(P...);
@@ -642,7 +721,11 @@ template <class... P, class... A> void launch(void (*kernel)(P...), dim3 grid, d
     run_grid_(grid, block, shared, [](void* c) {
         Call* call = (Call*)c;
         std::apply(call->kernel, call->args);
-    }, &call);
+    }, &call, clusterX);
+}
+
+template <class... P, class... A> void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared, A... args) {
+    launch_cluster(kernel, grid, 1, block, shared, args...);
 }
 
 inline Collective& warp_() { return block_->warps[block_->current / 32]; }
@@ -1042,15 +1125,17 @@ inline void mbarrier_init_(unsigned long long* bar, unsigned count) {
     *bar = 0;
 }
 
-inline void mbarrier_arrive_(const void* bar) {
-    Mbarrier& m = mbarrier_(bar);
+// An arrival on m, block `rank`'s barrier.
+inline void arrive_on_(Mbarrier& m, int rank) {
     if (m.pending == 0) die("an mbarrier arrival its phase does not expect");
     if (--m.pending == 0) {
-        land_copies_(m.copies);
+        land_copies_(m.copies, rank);
         m.phase++;
         m.pending = m.expected;
     }
 }
+
+inline void mbarrier_arrive_(const void* bar) { arrive_on_(mbarrier_(bar), block_->rank); }
 
 inline void mbarrier_wait_(const void* bar, unsigned parity) {
     Mbarrier& m = mbarrier_(bar);
@@ -1075,6 +1160,57 @@ inline void copy_arrive_(const void* bar) {
     f.openCopies.clear();
     mbarrier_arrive_(bar);
 }
+
+// Clusters (distributed shared memory). A shared::cluster address (mapa's result) is, here,
+// (rank + 1) << 20 | the shared address in block `rank`.
+inline unsigned cluster_map_(unsigned address, unsigned rank) {
+    if (rank >= cluster_->blocks.size()) die("mapa: a rank outside the cluster");
+    if (address >= (1u << 20)) die("mapa: not a shared-memory address");
+    return (rank + 1) << 20 | address;
+}
+
+// Block `rank` and the bytes at a shared::cluster address, checked: in the cluster, aligned, within
+// the launch's shared memory, of a block that has not exited.
+inline unsigned char* cluster_bytes_(unsigned address, unsigned bytes, int* rankOut = nullptr) {
+    Cluster& cl = *cluster_;
+    int rank = (int)(address >> 20) - 1;
+    unsigned at = address & ((1u << 20) - 1);
+    if (rank < 0 || rank >= (int)cl.blocks.size()) die("a shared::cluster address of no block in the cluster");
+    if (at % bytes) die("a shared::cluster access not aligned to its size");
+    if (at + bytes > cl.bytes) die("a shared::cluster access past the launch's shared memory");
+    if (cl.blocks[rank].exited == cl.blocks[rank].threads) die("distributed shared memory of a block whose threads have all exited");
+    if (rankOut) *rankOut = rank;
+    return arena_(rank) + at;
+}
+
+inline void cluster_arrive_() {
+    Cluster& cl = *cluster_;
+    block_->fibers[block_->current].clusterPhase = cl.phase;
+    if (++cl.arrivals == cl.live) {
+        cl.arrivals = 0;
+        cl.phase++;
+    }
+}
+
+inline void cluster_wait_() {
+    Cluster& cl = *cluster_;
+    Fiber& f = block_->fibers[block_->current];
+    while (cl.phase == f.clusterPhase) {
+        f.waitOn = &cl.phase;
+        f.waitFor = f.clusterPhase;
+        yield_();
+    }
+}
+
+// mbarrier.arrive on a barrier of any block of the cluster.
+inline void mbarrier_arrive_cluster_(unsigned address) {
+    int rank;
+    unsigned char* p = cluster_bytes_(address, 8, &rank);
+    Block& b = cluster_->blocks[rank];
+    auto it = b.mbarriers.find(fa_shared + (p - arena_(rank)));
+    if (it == b.mbarriers.end()) die("a remote mbarrier arrival before its mbarrier.init");
+    arrive_on_(it->second, rank);
+}
 }  // namespace emu
 
 // ---------------------------------------------------------------------------------------------
@@ -1096,6 +1232,28 @@ inline void copy_arrive(unsigned long long* bar) { emu::copy_arrive_(bar); }
 // setmaxnreg.dec / .inc: registers are not modelled.
 template <int N> inline void registers_down() { static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg's range"); }
 template <int N> inline void registers_up() { static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg's range"); }
+// Clusters, for kernels to come (Kernels.cu's helpers would wrap the PTX named here):
+// %cluster_ctarank and %cluster_nctarank; barrier.cluster.arrive.release and
+// barrier.cluster.wait.acquire; mapa.shared::cluster.u32; st.shared::cluster.u32 and .v4.u32,
+// ld.shared::cluster.u32; mbarrier.arrive.release.cluster.shared::cluster.b64 (an arrival on
+// another block's barrier, completing its phase and landing the copies bound to it there).
+inline unsigned cluster_rank() { return (unsigned)emu::block_->rank; }
+inline unsigned cluster_blocks() { return (unsigned)emu::cluster_->blocks.size(); }
+inline void cluster_arrive() { emu::cluster_arrive_(); }
+inline void cluster_wait() { emu::cluster_wait_(); }
+inline void cluster_sync() {
+    emu::cluster_arrive_();
+    emu::cluster_wait_();
+}
+inline unsigned cluster_map(unsigned address, unsigned rank) { return emu::cluster_map_(address, rank); }
+inline void cluster_store(unsigned address, unsigned v) { memcpy(emu::cluster_bytes_(address, 4), &v, 4); }
+inline void cluster_store(unsigned address, uint4 v) { memcpy(emu::cluster_bytes_(address, 16), &v, 16); }
+inline unsigned cluster_load(unsigned address) {
+    unsigned v;
+    memcpy(&v, emu::cluster_bytes_(address, 4), 4);
+    return v;
+}
+inline void mbarrier_arrive_cluster(unsigned address) { emu::mbarrier_arrive_cluster_(address); }
 
 inline void ldmatrix_x4(unsigned (&r)[4], const void* p) { emu::ldmatrix_x4_(r, p, false); }
 inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) { emu::ldmatrix_x4_(r, p, true); }
