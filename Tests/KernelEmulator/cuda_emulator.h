@@ -1232,7 +1232,7 @@ inline void copy_arrive(unsigned long long* bar) { emu::copy_arrive_(bar); }
 // setmaxnreg.dec / .inc: registers are not modelled.
 template <int N> inline void registers_down() { static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg's range"); }
 template <int N> inline void registers_up() { static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg's range"); }
-// Clusters, for kernels to come (Kernels.cu's helpers would wrap the PTX named here):
+// Clusters (Kernels.cu's helpers wrap the PTX named here; quant_gemm_cl):
 // %cluster_ctarank and %cluster_nctarank; barrier.cluster.arrive.release and
 // barrier.cluster.wait.acquire; mapa.shared::cluster.u32; st.shared::cluster.u32 and .v4.u32,
 // ld.shared::cluster.u32; mbarrier.arrive.release.cluster.shared::cluster.b64 (an arrival on
@@ -1254,6 +1254,10 @@ inline unsigned cluster_load(unsigned address) {
     return v;
 }
 inline void mbarrier_arrive_cluster(unsigned address) { emu::mbarrier_arrive_cluster_(address); }
+// mbarrier.try_wait.parity.acquire.cluster (the emulator has no memory model to scope), and
+// fence.proxy.async over every state space (nothing to order).
+inline void mbarrier_wait_cluster(unsigned long long* bar, unsigned parity) { emu::mbarrier_wait_(bar, parity); }
+inline void fence_proxy_async_all() {}
 
 inline void ldmatrix_x4(unsigned (&r)[4], const void* p) { emu::ldmatrix_x4_(r, p, false); }
 inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) { emu::ldmatrix_x4_(r, p, true); }
@@ -1280,6 +1284,10 @@ inline void wgmma_rs_bf16_n128(float (&d)[16][4], const unsigned (&a)[4], unsign
 }
 inline void wgmma_rs_bf16_n256(float (&d)[32][4], const unsigned (&a)[4], unsigned long long b, int accumulate) {
     emu::wgmma<256, Type::bf16, false, false>(d, 0, a, b, accumulate);
+}
+// BF16, A and B K-major descriptors (quant_gemm_cl).
+inline void wgmma_ss_bf16_n256(float (&d)[32][4], unsigned long long a, unsigned long long b, int accumulate) {
+    emu::wgmma<256, Type::bf16, false, false>(d, a, nullptr, b, accumulate);
 }
 inline void wgmma_fence() {}
 inline void wgmma_commit() { emu::wgmma_commit_(); }

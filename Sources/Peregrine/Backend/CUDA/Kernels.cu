@@ -1692,6 +1692,40 @@ __device__ __forceinline__ void copy_arrive(unsigned long long* bar) {
 // together; N a multiple of 8 in 24-256.
 template <int N> __device__ __forceinline__ void registers_down() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(N)); }
 template <int N> __device__ __forceinline__ void registers_up() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(N)); }
+
+// Clusters (quant_gemm_cl): the block's rank in its cluster; a barrier of all the cluster's
+// threads (release, then acquire: each block's writes before it are seen by the others after);
+// cluster_map, the address of the same shared-memory place in block `rank` (a shared::cluster
+// address), which cluster_store writes and mbarrier_arrive_cluster arrives on (release at cluster
+// scope); mbarrier_wait_cluster waits with acquire at cluster scope, for phases that other
+// blocks' arrivals complete.
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ unsigned cluster_map(unsigned address, unsigned rank) {
+    unsigned r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(address), "r"(rank));
+    return r;
+}
+__device__ __forceinline__ void cluster_store(unsigned address, unsigned v) {
+    asm volatile("st.shared::cluster.u32 [%0], %1;" :: "r"(address), "r"(v) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive_cluster(unsigned address) {
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" :: "r"(address) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait_cluster(unsigned long long* bar, unsigned parity) {
+    asm volatile("{\n.reg .pred done;\nWAIT:\n"
+                 "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT;\n}\n" :: "r"(shared_address(bar)), "r"(parity) : "memory");
+}
+// Orders this thread's generic-proxy writes of shared memory, its own block's and other blocks'
+// of the cluster, before the async proxy's reads (other blocks' wgmmas).
+__device__ __forceinline__ void fence_proxy_async_all() { asm volatile("fence.proxy.async;" ::: "memory"); }
 #endif
 #endif
 
@@ -3873,6 +3907,13 @@ __device__ __forceinline__ void wgmma_rs_bf16_n256(float (&d)[32][4], const unsi
                  : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]), "+f"(d[16][0]), "+f"(d[16][1]), "+f"(d[16][2]), "+f"(d[16][3]), "+f"(d[17][0]), "+f"(d[17][1]), "+f"(d[17][2]), "+f"(d[17][3]), "+f"(d[18][0]), "+f"(d[18][1]), "+f"(d[18][2]), "+f"(d[18][3]), "+f"(d[19][0]), "+f"(d[19][1]), "+f"(d[19][2]), "+f"(d[19][3]), "+f"(d[20][0]), "+f"(d[20][1]), "+f"(d[20][2]), "+f"(d[20][3]), "+f"(d[21][0]), "+f"(d[21][1]), "+f"(d[21][2]), "+f"(d[21][3]), "+f"(d[22][0]), "+f"(d[22][1]), "+f"(d[22][2]), "+f"(d[22][3]), "+f"(d[23][0]), "+f"(d[23][1]), "+f"(d[23][2]), "+f"(d[23][3]), "+f"(d[24][0]), "+f"(d[24][1]), "+f"(d[24][2]), "+f"(d[24][3]), "+f"(d[25][0]), "+f"(d[25][1]), "+f"(d[25][2]), "+f"(d[25][3]), "+f"(d[26][0]), "+f"(d[26][1]), "+f"(d[26][2]), "+f"(d[26][3]), "+f"(d[27][0]), "+f"(d[27][1]), "+f"(d[27][2]), "+f"(d[27][3]), "+f"(d[28][0]), "+f"(d[28][1]), "+f"(d[28][2]), "+f"(d[28][3]), "+f"(d[29][0]), "+f"(d[29][1]), "+f"(d[29][2]), "+f"(d[29][3]), "+f"(d[30][0]), "+f"(d[30][1]), "+f"(d[30][2]), "+f"(d[30][3]), "+f"(d[31][0]), "+f"(d[31][1]), "+f"(d[31][2]), "+f"(d[31][3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
 }
+// d (64 x 256, f32) = A (64 x 16, BF16: a K-major descriptor) * B (16 x 256, BF16: a K-major descriptor) (+ d when accumulate).
+__device__ __forceinline__ void wgmma_ss_bf16_n256(float (&d)[32][4], unsigned long long a, unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]), "+f"(d[16][0]), "+f"(d[16][1]), "+f"(d[16][2]), "+f"(d[16][3]), "+f"(d[17][0]), "+f"(d[17][1]), "+f"(d[17][2]), "+f"(d[17][3]), "+f"(d[18][0]), "+f"(d[18][1]), "+f"(d[18][2]), "+f"(d[18][3]), "+f"(d[19][0]), "+f"(d[19][1]), "+f"(d[19][2]), "+f"(d[19][3]), "+f"(d[20][0]), "+f"(d[20][1]), "+f"(d[20][2]), "+f"(d[20][3]), "+f"(d[21][0]), "+f"(d[21][1]), "+f"(d[21][2]), "+f"(d[21][3]), "+f"(d[22][0]), "+f"(d[22][1]), "+f"(d[22][2]), "+f"(d[22][3]), "+f"(d[23][0]), "+f"(d[23][1]), "+f"(d[23][2]), "+f"(d[23][3]), "+f"(d[24][0]), "+f"(d[24][1]), "+f"(d[24][2]), "+f"(d[24][3]), "+f"(d[25][0]), "+f"(d[25][1]), "+f"(d[25][2]), "+f"(d[25][3]), "+f"(d[26][0]), "+f"(d[26][1]), "+f"(d[26][2]), "+f"(d[26][3]), "+f"(d[27][0]), "+f"(d[27][1]), "+f"(d[27][2]), "+f"(d[27][3]), "+f"(d[28][0]), "+f"(d[28][1]), "+f"(d[28][2]), "+f"(d[28][3]), "+f"(d[29][0]), "+f"(d[29][1]), "+f"(d[29][2]), "+f"(d[29][3]), "+f"(d[30][0]), "+f"(d[30][1]), "+f"(d[30][2]), "+f"(d[30][3]), "+f"(d[31][0]), "+f"(d[31][1]), "+f"(d[31][2]), "+f"(d[31][3])
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
 #endif
 
 // The two 16-bit pieces of a 16-byte group that lane c's fragments take: bytes 2c, 2c + 1 (lo)
@@ -4576,6 +4617,206 @@ QUANT_GEMM_WS(quant_gemm_iq4_nl_ws, 7, 5)
 QUANT_GEMM_WS(quant_gemm_iq4_xs_ws, 8, 5)
 QUANT_GEMM_WS(quant_gemm_q3_K_ws, 9, 4)
 QUANT_GEMM_WS(quant_gemm_q2_K_ws, 10, 5)
+
+// quant_gemm's clustered form (CUDABackend.quantGemmClustered; measuring): blocks of 128 weight
+// rows by 256 tokens as quant_gemm_ws, launched in clusters of two along the tokens, so both
+// blocks of a cluster multiply the same weight rows. Each chunk of weights is decoded once for
+// the two: block `rank` decodes the chunks of its parity (s % 2 == rank), writing the BF16 values
+// in wgmma's 128-byte-swizzled K-major layout into its own ring of decoded tiles and into the
+// other block's (distributed shared memory), and both multiply with A and B from shared memory.
+// A decoded value then serves 512 tokens where quant_gemm_ws's serves 256, so each warp decodes
+// every other chunk: the decoding, which the profile found longer than the tensor cores' work,
+// halves (BENCHMARKS.md). 384 threads as quant_gemm_ws: warpgroups 0 and 1 decode and multiply;
+// warpgroup 2 copies, its warps 0-1 the block's activations (a ring of XS tiles; "full": 64
+// copying threads; "empty": the 8 multiplying warps), its warps 2-3 the raw weight bytes of the
+// block's own chunks (a ring of WS buffers; "empty": the 8 warps once decoded). The decoded tiles
+// form a ring of DS (even, so a tile is always written by the same block) in each block; "full":
+// the 8 warps of the block that decodes the chunk, arriving on both blocks' barriers; "empty",
+// kept by the block that decodes into the tile: all 16 warps of the cluster once their wgmmas
+// have read it. A block decodes chunk s + 2 while chunk s is on the tensor cores (and its first
+// chunk before the loop), so a decoded tile is ready a chunk ahead. The cluster barriers make
+// every block's mbarriers initialized before another arrives on them, and keep a block until
+// the other's last arrivals on its barriers. The values, their order and the sums are
+// quant_gemm_ws's to the bit.
+#define QGC_THREADS 384
+template <int DT, int XS, int DS, int WS> __host__ __device__ constexpr int quant_gemm_cl_shared() {
+    return 1024 + XS * 256 * 128 + DS * QG_ROWS * 128 + WS * ((QG_ROWS * QuantChunk<DT>::STRIDE + 1023) / 1024 * 1024) + 16 * (XS + WS + DS);
+}
+
+template <int DT, int XS, int DS, int WS>
+__device__ __forceinline__ void quant_gemm_cl(const void* w0, const float* b0, void* y0, int n0, const void* w1, const float* b1, void* y1,
+                                              int n1, const void* w2, const float* b2, void* y2, int n2, const unsigned short* x, int rows,
+                                              int k, int accumulate, int halfOut) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int NT = 256;
+    constexpr int XB = NT * 128, DB = QG_ROWS * 128, WB = (QG_ROWS * QuantChunk<DT>::STRIDE + 1023) / 1024 * 1024;
+    static_assert(QG_ROWS == 128 && QG_K == 64, "two warpgroups of 64 rows; a row's chunk one 128-byte line");
+    static_assert(DS % 2 == 0 && DS >= 4, "decoded tiles of one parity, a chunk decoded two ahead");
+    static_assert(XS >= 2 && WS >= 1, "a chunk is copied while another is multiplied");
+    static_assert(quant_gemm_cl_shared<DT, XS, DS, WS>() <= 227 * 1024 - 12288, "within the backend's dynamic shared memory on Hopper");
+    using Q = QuantChunk<DT>;
+    extern __shared__ __align__(16) unsigned char fa_shared[];
+    unsigned char* xbase = fa_shared + ((1024 - (shared_address(fa_shared) & 1023)) & 1023);
+    unsigned char* dbase = xbase + XS * XB;
+    unsigned char* wbase = dbase + DS * DB;
+    if (dynamic_shared_bytes() < (unsigned)quant_gemm_cl_shared<DT, XS, DS, WS>()) __trap();
+    unsigned long long* xfull = (unsigned long long*)(wbase + WS * WB);
+    unsigned long long *xempty = xfull + XS, *wfull = xempty + XS, *wempty = wfull + WS, *dfull = wempty + WS, *dempty = dfull + DS;
+    const QuantGemmTile g(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, k, NT);
+    const unsigned long total = (unsigned long)g.n * (unsigned)k;
+    const unsigned rank = cluster_rank(), other = rank ^ 1;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
+    if (threadIdx.x == 0) {
+        for (int b = 0; b < XS; b++) {
+            mbarrier_init(&xfull[b], 64);
+            mbarrier_init(&xempty[b], 8);
+        }
+        for (int b = 0; b < WS; b++) {
+            mbarrier_init(&wfull[b], 64);
+            mbarrier_init(&wempty[b], 8);
+        }
+        for (int b = 0; b < DS; b++) {
+            mbarrier_init(&dfull[b], 8);
+            mbarrier_init(&dempty[b], 16);
+        }
+    }
+    __syncthreads();
+    cluster_sync();
+    gdc_wait();
+    if (threadIdx.x >= 256) {
+        registers_down<40>();
+        const int p = threadIdx.x & 63;
+        if (threadIdx.x < 320) {
+            // Activation rows tA + 8m (m < 32), part pA, as in quant_gemm_dec's layout: the rows'
+            // swizzle is tA's, and row tA + 8m lies 1,024 bytes after row tA's place. A block
+            // past the tokens (the grid is padded to whole clusters) copies zeros.
+            const int tA = p >> 3, pA = p & 7;
+            const int inA = max(0, min(NT / 8, (rows - g.t0 - tA + 7) / 8));
+            const unsigned char* xA = (const unsigned char*)(x + (long)max(0, min(g.t0 + tA, rows - 1)) * k + 8 * pA);
+            const unsigned strideA = 16u * (unsigned)k;
+            const int dA = tA * 128 + ((pA ^ (tA & 7)) << 4);
+            for (int s = 0; s < g.chunks; s++) {
+                const int b = s % XS;
+                if (s >= XS) mbarrier_wait(&xempty[b], (s / XS - 1) & 1);
+                const unsigned char* xk = xA + 2 * (g.c0 + s) * QG_K;
+#pragma unroll
+                for (int m = 0; m < NT / 8; m++) copy16_async(xbase + b * XB + dA + 1024 * m, xk + (m < inA ? m : 0) * strideA, m < inA);
+                copy_arrive(&xfull[b]);
+            }
+        } else {
+            // Weight rows 2p and 2p + 1 of the block's own chunks (own chunk j: s = 2j + rank).
+            for (int j = 0, s = (int)rank; s < g.chunks; j++, s += 2) {
+                const int b = j % WS, k0 = (g.c0 + s) * QG_K;
+                if (j >= WS) mbarrier_wait(&wempty[b], (j / WS - 1) & 1);
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int o = 2 * p + h;
+                    const unsigned long i = (unsigned long)min(g.o0 + o, g.n - 1) * (unsigned)k + k0;
+#pragma unroll
+                    for (int piece = 0; piece < Q::PIECES; piece++)
+                        copy16_async(wbase + b * WB + o * Q::STRIDE + 16 * piece, Q::piece(g.w, total, i, k0, piece), g.o0 + o < g.n);
+                }
+                copy_arrive(&wfull[b]);
+            }
+        }
+    } else {
+        registers_up<232>();
+        const int group = warp >> 2;
+        const int r = 64 * group + 16 * (warp & 3) + (lane >> 2);  // the thread's rows in the tile: r and r + 8
+        const unsigned long i0 = (unsigned long)min(g.o0 + r, g.n - 1) * (unsigned)k, i1 = (unsigned long)min(g.o0 + r + 8, g.n - 1) * (unsigned)k;
+        // Chunk s (one of this block's) decoded into tile s % DS here and in the other block:
+        // value pair (row R, k 2m) at R * 128 + ((m / 4) ^ (R & 7)) * 16 + 4 (m % 4); rows r and
+        // r + 8 share their low three bits (lane / 4).
+        auto decode = [&](int s) {
+            const int j = s >> 1, bw = j % WS, bd = s % DS;
+            mbarrier_wait(&wfull[bw], (j / WS) & 1);
+            if (s >= DS) mbarrier_wait_cluster(&dempty[bd], (s / DS - 1) & 1);
+            unsigned lo0[4], hi0[4], lo1[4], hi1[4];
+            const unsigned char* wr = wbase + bw * WB;
+            const int k0 = (g.c0 + s) * QG_K;
+            Q::fragment(wr + r * Q::STRIDE, total, i0 + k0, k0, c, lo0, hi0);
+            Q::fragment(wr + (r + 8) * Q::STRIDE, total, i1 + k0, k0, c, lo1, hi1);
+            // The raw bytes are read (their values are in registers): the buffer may be refilled.
+            __syncwarp();
+            if (lane == 0) mbarrier_arrive(&wempty[bw]);
+            unsigned char* line = dbase + bd * DB + r * 128 + 4 * c;
+            const unsigned here = shared_address(line), there = cluster_map(here, other), swz = (unsigned)(lane >> 2);
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const unsigned lo = ((2 * q) ^ swz) << 4, hi = ((2 * q + 1) ^ swz) << 4;
+                *(unsigned*)(line + lo) = lo0[q];
+                *(unsigned*)(line + hi) = hi0[q];
+                *(unsigned*)(line + 8 * 128 + lo) = lo1[q];
+                *(unsigned*)(line + 8 * 128 + hi) = hi1[q];
+                cluster_store(there + lo, lo0[q]);
+                cluster_store(there + hi, hi0[q]);
+                cluster_store(there + 8 * 128 + lo, lo1[q]);
+                cluster_store(there + 8 * 128 + hi, hi1[q]);
+            }
+            fence_proxy_async_all();
+            __syncwarp();
+            if (lane == 0) {
+                mbarrier_arrive(&dfull[bd]);
+                mbarrier_arrive_cluster(cluster_map(shared_address(&dfull[bd]), other));
+            }
+        };
+        float acc[NT / 8][4];
+#pragma unroll
+        for (int i = 0; i < NT / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+        const unsigned long long xDesc = wgmma_desc(shared_address(xbase), 16, 1024);
+        const unsigned long long dDesc = wgmma_desc(shared_address(dbase + group * 64 * 128), 16, 1024);
+        if ((int)rank < g.chunks) decode((int)rank);
+        for (int s = 0; s < g.chunks; s++) {
+            const int bx = s % XS, bd = s % DS;
+            mbarrier_wait(&xfull[bx], (s / XS) & 1);
+            mbarrier_wait_cluster(&dfull[bd], (s / DS) & 1);
+            fence_proxy_async();
+            hold_all(acc);
+            wgmma_fence();
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                wgmma_ss_bf16_n256(acc, dDesc + (unsigned)bd * (DB >> 4) + 2 * j, xDesc + (unsigned)bx * (XB >> 4) + 2 * j, 1);
+            wgmma_commit();
+            // Chunk s - 1's products complete: its activation tile is free, and its decoded tile
+            // (kept by the block that decoded it) once both blocks' warps have said so.
+            wgmma_wait<1>();
+            if (s > 0) {
+                __syncwarp();
+                if (lane == 0) {
+                    mbarrier_arrive(&xempty[(s - 1) % XS]);
+                    unsigned long long* e = &dempty[(s - 1) % DS];
+                    if ((unsigned)((s - 1) & 1) == rank) mbarrier_arrive(e);
+                    else mbarrier_arrive_cluster(cluster_map(shared_address(e), other));
+                }
+            }
+            if ((unsigned)(s & 1) == rank && s + 2 < g.chunks) decode(s + 2);
+        }
+        wgmma_wait<0>();
+        hold_all(acc);
+        quant_gemm_store<NT>(acc, g, r, c, rows, accumulate, halfOut);
+    }
+    // No block leaves while the other may still arrive on its barriers.
+    cluster_sync();
+#endif
+}
+
+// The backend's clustered kernels (CUDABackend.quantGemmKernels mirrors them), one block a
+// multiprocessor, launched in clusters of two along x: three activation tiles, four decoded tiles
+// and two raw weight buffers (quant_gemm_cl_shared: 173 to 197 KB).
+#define QUANT_GEMM_CL(name, DT)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(QGC_THREADS, 1)                                                            \
+        name(const void* w0, const float* b0, void* y0, int n0, const void* w1, const float* b1, void* y1, int n1, const void* w2, \
+             const float* b2, void* y2, int n2, const unsigned short* x, int rows, int k, int accumulate, int halfOut) {    \
+        quant_gemm_cl<DT, 3, 4, 2>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, rows, k, accumulate, halfOut);         \
+    }
+QUANT_GEMM_CL(quant_gemm_q8_0_cl, 3)
+QUANT_GEMM_CL(quant_gemm_q4_0_cl, 4)
+QUANT_GEMM_CL(quant_gemm_q4_K_cl, 5)
+QUANT_GEMM_CL(quant_gemm_q6_K_cl, 6)
+QUANT_GEMM_CL(quant_gemm_iq4_nl_cl, 7)
+QUANT_GEMM_CL(quant_gemm_iq4_xs_cl, 8)
+QUANT_GEMM_CL(quant_gemm_q3_K_cl, 9)
+QUANT_GEMM_CL(quant_gemm_q2_K_cl, 10)
 
 // out[t, :] += Σ weight · y[place of the route, :] over row t's k routes, in order of expert
 // index (the sum first, then added: as a separate add would). Without `place` (the matvec
