@@ -4684,7 +4684,7 @@ __device__ __forceinline__ void quant_gemm_cl(const void* w0, const float* b0, v
     cluster_sync();
     gdc_wait();
     if (threadIdx.x >= 256) {
-        registers_down<40>();
+        registers_down<88>();
         const int p = threadIdx.x & 63;
         if (threadIdx.x < 320) {
             // Activation rows tA + 8m (m < 32), part pA, as in quant_gemm_dec's layout: the rows'
@@ -4720,7 +4720,7 @@ __device__ __forceinline__ void quant_gemm_cl(const void* w0, const float* b0, v
             }
         }
     } else {
-        registers_up<232>();
+        registers_up<208>();
         const int group = warp >> 2;
         const int r = 64 * group + 16 * (warp & 3) + (lane >> 2);  // the thread's rows in the tile: r and r + 8
         const unsigned long i0 = (unsigned long)min(g.o0 + r, g.n - 1) * (unsigned)k, i1 = (unsigned long)min(g.o0 + r + 8, g.n - 1) * (unsigned)k;
@@ -4766,7 +4766,12 @@ __device__ __forceinline__ void quant_gemm_cl(const void* w0, const float* b0, v
         const unsigned long long xDesc = wgmma_desc(shared_address(xbase), 16, 1024);
         const unsigned long long dDesc = wgmma_desc(shared_address(dbase + group * 64 * 128), 16, 1024);
         if ((int)rank < g.chunks) decode((int)rank);
-        for (int s = 0; s < g.chunks; s++) {
+        // A block has at least one chunk (the host parts k into at most as many slices as it has
+        // chunks). A loop that could run no times would leave a path on which the accumulators'
+        // zeros meet the last wgmmas in flight, and ptxas then waits for every wgmma as it is
+        // issued ("wgmma.mma_async instructions are serialized").
+        int s = 0;
+        do {
             const int bx = s % XS, bd = s % DS;
             mbarrier_wait(&xfull[bx], (s / XS) & 1);
             mbarrier_wait_cluster(&dfull[bd], (s / DS) & 1);
@@ -4790,7 +4795,7 @@ __device__ __forceinline__ void quant_gemm_cl(const void* w0, const float* b0, v
                 }
             }
             if ((unsigned)(s & 1) == rank && s + 2 < g.chunks) decode(s + 2);
-        }
+        } while (++s < g.chunks);
         wgmma_wait<0>();
         hold_all(acc);
         quant_gemm_store<NT>(acc, g, r, c, rows, accumulate, halfOut);
@@ -4802,7 +4807,9 @@ __device__ __forceinline__ void quant_gemm_cl(const void* w0, const float* b0, v
 
 // The backend's clustered kernels (CUDABackend.quantGemmKernels mirrors them), one block a
 // multiprocessor, launched in clusters of two along x: three activation tiles, four decoded tiles
-// and two raw weight buffers (quant_gemm_cl_shared: 173 to 197 KB).
+// and two raw weight buffers (quant_gemm_cl_shared: 173 to 197 KB). The copying warpgroup keeps
+// 88 registers (at 40, as quant_gemm_ws's, ptxas spilled 36 bytes a thread in its loops) and
+// gives the multiplying ones 208 (they use at most 188).
 #define QUANT_GEMM_CL(name, DT)                                                                                              \
     extern "C" __global__ void __launch_bounds__(QGC_THREADS, 1)                                                            \
         name(const void* w0, const float* b0, void* y0, int n0, const void* w1, const float* b1, void* y1, int n1, const void* w2, \
