@@ -535,6 +535,23 @@ inline void fiber_entry_uc_() { fiber_entry_(); }
 // thread within a few steps of the others).
 inline int laggingFrom = -1, laggingTo = -2, laggingRank = -1;
 
+// Holds threads from ... to (of the block of rank `rank` only, if it is not -1) back for the
+// launches made while it lives.
+struct Lagging {
+    Lagging(int from, int to, int rank = -1) {
+        laggingFrom = from;
+        laggingTo = to;
+        laggingRank = rank;
+    }
+    ~Lagging() {
+        laggingFrom = -1;
+        laggingTo = -2;
+        laggingRank = -1;
+    }
+    Lagging(const Lagging&) = delete;
+    Lagging& operator=(const Lagging&) = delete;
+};
+
 // Shared memory is filled with this byte at each block's start (0xff: f16/f32 NaNs, so a read of
 // what the block never wrote shows); EMU_SHARED_FILL=0 zeros it.
 inline int shared_fill_() {

@@ -145,13 +145,9 @@ int main() {
         report(right(run(0)), what);
         // Each kind of warp behind the others, in both blocks: the consumers, then the producers.
         for (auto lag : {std::pair{0, 127}, std::pair{128, 159}}) {
-            emu::laggingFrom = lag.first;
-            emu::laggingTo = lag.second;
-            bool r = right(run(0));
-            emu::laggingFrom = -1;
-            emu::laggingTo = -2;
+            emu::Lagging behind(lag.first, lag.second);
             snprintf(what, sizeof what, "shared pipeline, %d chunks, the %s behind: each block's sums", chunks, lag.first ? "producers" : "consumers");
-            report(r, what);
+            report(right(run(0)), what);
         }
         if (chunks > STAGES) continue;  // left-out waits past a refill deadlock instead (as on the hardware)
         snprintf(what, sizeof what, "shared pipeline, %d chunks, no wait for full: wrong sums", chunks);
@@ -161,10 +157,8 @@ int main() {
     }
     // A block that exits while the other still arrives on its barriers: with the second block's
     // consumers held back, the first block finishes first.
-    emu::laggingFrom = 0;
-    emu::laggingTo = 127;
-    emu::laggingRank = 1;
     {
+        emu::Lagging behind(0, 127, 1);
         std::vector<float> in(16 * COLUMNS, 0.5f);
         report(stops([&] {
                    std::vector<float> out(4 * COLUMNS);
@@ -172,9 +166,6 @@ int main() {
                }),
                "shared pipeline, no cluster barrier before exit: the emulator stops");
     }
-    emu::laggingFrom = -1;
-    emu::laggingTo = -2;
-    emu::laggingRank = -1;
     printf(ok ? "cluster: all passed\n" : "cluster: FAILED\n");
     return ok ? 0 : 1;
 }

@@ -185,6 +185,13 @@ int check(const char* label, QuantGemm kernel, int nt, size_t shared, int thread
     return failures;
 }
 
+// Whether two launches' outputs are the same bits, printed as a check; 1 if not.
+int same_bits(const char* what, const std::vector<float>& got, const std::vector<float>& want) {
+    bool same = got.size() == want.size() && memcmp(got.data(), want.data(), got.size() * 4) == 0;
+    printf("%s %s\n", same ? "ok  " : "FAIL", what);
+    return same ? 0 : 1;
+}
+
 // Every A fragment QuantChunk<DT> decodes from a row's pieces (as load copies them) against
 // the widening's BF16 bits: the decoding must give the same values to the bit (a zero's sign
 // aside: Q6_K's two-step sum makes +0 where scale times 0 is -0 for a negative scale, which no
@@ -309,17 +316,13 @@ int main() {
             // or refills one not yet read. The sums must not change.
             const struct { int from, to; const char* who; } lags[] = {{0, 255, "consuming"}, {256, 383, "copying"}};
             for (const auto& lag : lags) {
-                emu::laggingFrom = lag.from;
-                emu::laggingTo = lag.to;
+                emu::Lagging behind(lag.from, lag.to);
                 std::vector<float> out;
                 snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized, the %s warps behind)", c.name, kl, rl,
                          lag.who);
                 failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 0, 0, 1, &out);
-                emu::laggingFrom = -1;
-                emu::laggingTo = -2;
-                bool same = out.size() == plain.size() && memcmp(out.data(), plain.data(), out.size() * 4) == 0;
-                printf("%s %s k %d, %d tokens, the %s warps behind: the same bits\n", same ? "ok  " : "FAIL", c.name, kl, rl, lag.who);
-                failures += same ? 0 : 1;
+                snprintf(label, sizeof label, "%s k %d, %d tokens, the %s warps behind: the same bits", c.name, kl, rl, lag.who);
+                failures += same_bits(label, out, plain);
             }
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), added, bias", c.name, kl, rl);
             failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, true, 1, 0);
@@ -340,18 +343,12 @@ int main() {
                 const struct { int from, to, rank; const char* who; } clags[] = {
                     {-1, -2, -1, "none"}, {0, 255, -1, "the consuming warps"}, {256, 383, -1, "the copying warps"}, {0, 383, 1, "the second block"}};
                 for (const auto& lag : clags) {
-                    emu::laggingFrom = lag.from;
-                    emu::laggingTo = lag.to;
-                    emu::laggingRank = lag.rank;
+                    emu::Lagging behind(lag.from, lag.to, lag.rank);
                     std::vector<float> out;
                     snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (clustered; behind: %s)", c.name, kl, rl2, lag.who);
                     failures += check(label, kc.f, kc.nt, kc.shared, kc.threads, {&m2}, x2.data(), rl2, kl, false, 0, 0, 1, &out, true);
-                    emu::laggingFrom = -1;
-                    emu::laggingTo = -2;
-                    emu::laggingRank = -1;
-                    bool same = out.size() == want.size() && memcmp(out.data(), want.data(), out.size() * 4) == 0;
-                    printf("%s %s k %d, %d tokens, clustered (behind: %s): quant_gemm_ws's bits\n", same ? "ok  " : "FAIL", c.name, kl, rl2, lag.who);
-                    failures += same ? 0 : 1;
+                    snprintf(label, sizeof label, "%s k %d, %d tokens, clustered (behind: %s): quant_gemm_ws's bits", c.name, kl, rl2, lag.who);
+                    failures += same_bits(label, out, want);
                 }
                 snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (clustered), added, bias", c.name, kl, rl2);
                 failures += check(label, kc.f, kc.nt, kc.shared, kc.threads, {&m2}, x2.data(), rl2, kl, true, 1, 0, 1, nullptr, true);

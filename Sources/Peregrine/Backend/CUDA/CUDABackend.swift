@@ -1015,8 +1015,9 @@ public final class CUDABackend: ComputeBackend {
 
     /// Weight rows a block of quant_gemm takes (QG_ROWS in Kernels.cu).
     static let quantGemmRows = 128
-    /// A quant_gemm kernel: its name, the tokens a block takes, its buffers, the bytes a weight
-    /// row takes in one (QuantChunk's STRIDE), and whether it is the warp-specialized form
+    /// A quant_gemm kernel: its name, the tokens a block takes, its buffers (the clustered form's
+    /// activation tiles), the bytes a weight row takes in one (QuantChunk's STRIDE), and whether it
+    /// is the warp-specialized form
     /// (quant_gemm_ws: 384 threads, a copying warpgroup and two that multiply) or the clustered
     /// one (quant_gemm_cl: the same warpgroups, in clusters of two blocks that share their
     /// decoded weight tiles).
@@ -1030,16 +1031,16 @@ public final class CUDABackend: ComputeBackend {
         /// quant_gemm_shared in Kernels.cu: each buffer's activations (`tokens` rows of 128
         /// bytes) and weight rows rounded up to 1,024 bytes, and 1,024 to align the first;
         /// quant_gemm_ws_shared adds two 8-byte mbarriers a buffer; quant_gemm_cl_shared takes
-        /// three activation tiles, four decoded tiles (128 rows of 128 bytes), two weight
+        /// `stages` activation tiles, four decoded tiles (128 rows of 128 bytes), two weight
         /// buffers, and two mbarriers for each of them.
         var shared: Int {
-            if clustered { return 1024 + 3 * tokens * 128 + 4 * CUDABackend.quantGemmRows * 128 + 2 * weightBytes + 16 * 9 }
+            if clustered { return 1024 + stages * tokens * 128 + 4 * CUDABackend.quantGemmRows * 128 + 2 * weightBytes + 16 * (stages + 6) }
             return stages * (tokens * 128 + weightBytes) + 1024 + (warpSpecialized ? 16 * stages : 0)
         }
     }
     /// The kernels of each weight type, named by its matvec suffix: 128 tokens a block, 256
     /// (QUANT_GEMM in Kernels.cu), the warp-specialized form at 256 (QUANT_GEMM_WS) and the
-    /// clustered form (QUANT_GEMM_CL; its buffers are fixed): the
+    /// clustered form (QUANT_GEMM_CL: three activation tiles for every type): the
     /// bytes a weight row takes in a buffer (QuantChunk's STRIDE), the buffers at 128 tokens (256
     /// take four), and the warp-specialized form's.
     static let quantGemmKernels: [DType: [QuantGemmKernel]] = Dictionary(uniqueKeysWithValues: [

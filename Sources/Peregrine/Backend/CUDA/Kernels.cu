@@ -4687,12 +4687,13 @@ __device__ __forceinline__ void quant_gemm_cl(const void* w0, const float* b0, v
         registers_down<88>();
         const int p = threadIdx.x & 63;
         if (threadIdx.x < 320) {
-            // Activation rows tA + 8m (m < 32), part pA, as in quant_gemm_dec's layout: the rows'
-            // swizzle is tA's, and row tA + 8m lies 1,024 bytes after row tA's place. A block
-            // past the tokens (the grid is padded to whole clusters) copies zeros.
+            // Activation rows tA + 8m (m < 32), 16-byte part pA of each (the rows' swizzle is
+            // tA's: 8m keeps a row's low three bits, and row tA + 8m lies 1,024 bytes after row
+            // tA's place). A block past the tokens (the grid is padded to whole clusters) copies
+            // zeros.
             const int tA = p >> 3, pA = p & 7;
             const int inA = max(0, min(NT / 8, (rows - g.t0 - tA + 7) / 8));
-            const unsigned char* xA = (const unsigned char*)(x + (long)max(0, min(g.t0 + tA, rows - 1)) * k + 8 * pA);
+            const unsigned char* xA = (const unsigned char*)(x + (long)min(g.t0 + tA, rows - 1) * k + 8 * pA);
             const unsigned strideA = 16u * (unsigned)k;
             const int dA = tA * 128 + ((pA ^ (tA & 7)) << 4);
             for (int s = 0; s < g.chunks; s++) {
