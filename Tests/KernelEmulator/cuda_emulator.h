@@ -1249,7 +1249,7 @@ inline void copy_arrive(unsigned long long* bar) { emu::copy_arrive_(bar); }
 // setmaxnreg.dec / .inc: registers are not modelled.
 template <int N> inline void registers_down() { static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg's range"); }
 template <int N> inline void registers_up() { static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg's range"); }
-// Clusters (Kernels.cu's helpers wrap the PTX named here; quant_gemm_cl):
+// Clusters (no kernel of Kernels.cu uses them now; its helpers would wrap the PTX named here):
 // %cluster_ctarank and %cluster_nctarank; barrier.cluster.arrive.release and
 // barrier.cluster.wait.acquire; mapa.shared::cluster.u32; st.shared::cluster.u32 and .v4.u32,
 // ld.shared::cluster.u32; mbarrier.arrive.release.cluster.shared::cluster.b64 (an arrival on
@@ -1302,7 +1302,7 @@ inline void wgmma_rs_bf16_n128(float (&d)[16][4], const unsigned (&a)[4], unsign
 inline void wgmma_rs_bf16_n256(float (&d)[32][4], const unsigned (&a)[4], unsigned long long b, int accumulate) {
     emu::wgmma<256, Type::bf16, false, false>(d, 0, a, b, accumulate);
 }
-// BF16, A and B K-major descriptors (quant_gemm_cl).
+// BF16, A and B K-major descriptors (Kernels.cu has no such wrapper now).
 inline void wgmma_ss_bf16_n256(float (&d)[32][4], unsigned long long a, unsigned long long b, int accumulate) {
     emu::wgmma<256, Type::bf16, false, false>(d, a, nullptr, b, accumulate);
 }

@@ -128,7 +128,7 @@ using QuantGemm = void (*)(const void*, const float*, void*, int, const void*, c
 // k (split-K) add into outputs that hold zeros before (or the residual, accumulating), as the
 // backend prepares them.
 int check(const char* label, QuantGemm kernel, int nt, size_t shared, int threads, std::vector<const Matrix*> ms, const unsigned short* x, int rows,
-          int k, bool biased, int accumulate, int halfOut, int slices = 1, std::vector<float>* firstOut = nullptr, bool clustered = false) {
+          int k, bool biased, int accumulate, int halfOut, int slices = 1, std::vector<float>* firstOut = nullptr) {
     std::vector<std::vector<float>> ys;
     int tiles = 0;
     for (const Matrix* m : ms) {
@@ -149,11 +149,8 @@ int check(const char* label, QuantGemm kernel, int nt, size_t shared, int thread
         y[i] = ys[i].data();
         n[i] = ms[i]->n;
     }
-    // The clustered form runs in clusters of two token tiles, the grid padded to whole clusters.
-    const unsigned cluster = clustered ? 2 : 1;
-    const unsigned tokenTiles = ((rows + nt - 1) / nt + cluster - 1) / cluster * cluster;
-    emu::launch_cluster(kernel, dim3(tokenTiles, tiles, slices), cluster, dim3(threads), shared, w[0], b[0], y[0], n[0], w[1], b[1], y[1], n[1],
-                        w[2], b[2], y[2], n[2], x, rows, k, accumulate, halfOut);
+    emu::launch(kernel, dim3((rows + nt - 1) / nt, tiles, slices), dim3(threads), shared, w[0], b[0], y[0], n[0], w[1], b[1], y[1], n[1], w[2], b[2],
+                y[2], n[2], x, rows, k, accumulate, halfOut);
     if (firstOut) *firstOut = ys[0];
     int failures = 0;
     for (size_t m = 0; m < ms.size(); m++) {
@@ -259,42 +256,39 @@ int main() {
             int nt;
             size_t shared;
             int threads = 256;
-            bool clustered = false;
         };
-        Kernel kernels[4];
+        Kernel kernels[3];
         switch (c.dtype) {
-        case 3: kernels[0] = {quant_gemm_q8_0, 128, quant_gemm_shared<3, 128, 4>()}; kernels[1] = {quant_gemm_q8_0_t256, 256, quant_gemm_shared<3, 256, 4>()}; kernels[2] = {quant_gemm_q8_0_ws, 256, quant_gemm_ws_shared<3, 5>(), QGW_THREADS}; kernels[3] = {quant_gemm_q8_0_cl, 256, quant_gemm_cl_shared<3, 3, 4, 2>(), QGC_THREADS, true}; break;
-        case 4: kernels[0] = {quant_gemm_q4_0, 128, quant_gemm_shared<4, 128, 4>()}; kernels[1] = {quant_gemm_q4_0_t256, 256, quant_gemm_shared<4, 256, 4>()}; kernels[2] = {quant_gemm_q4_0_ws, 256, quant_gemm_ws_shared<4, 5>(), QGW_THREADS}; kernels[3] = {quant_gemm_q4_0_cl, 256, quant_gemm_cl_shared<4, 3, 4, 2>(), QGC_THREADS, true}; break;
-        case 7: kernels[0] = {quant_gemm_iq4_nl, 128, quant_gemm_shared<7, 128, 4>()}; kernels[1] = {quant_gemm_iq4_nl_t256, 256, quant_gemm_shared<7, 256, 4>()}; kernels[2] = {quant_gemm_iq4_nl_ws, 256, quant_gemm_ws_shared<7, 5>(), QGW_THREADS}; kernels[3] = {quant_gemm_iq4_nl_cl, 256, quant_gemm_cl_shared<7, 3, 4, 2>(), QGC_THREADS, true}; break;
-        case 8: kernels[0] = {quant_gemm_iq4_xs, 128, quant_gemm_shared<8, 128, 4>()}; kernels[1] = {quant_gemm_iq4_xs_t256, 256, quant_gemm_shared<8, 256, 4>()}; kernels[2] = {quant_gemm_iq4_xs_ws, 256, quant_gemm_ws_shared<8, 5>(), QGW_THREADS}; kernels[3] = {quant_gemm_iq4_xs_cl, 256, quant_gemm_cl_shared<8, 3, 4, 2>(), QGC_THREADS, true}; break;
-        case 9: kernels[0] = {quant_gemm_q3_K, 128, quant_gemm_shared<9, 128, 3>()}; kernels[1] = {quant_gemm_q3_K_t256, 256, quant_gemm_shared<9, 256, 4>()}; kernels[2] = {quant_gemm_q3_K_ws, 256, quant_gemm_ws_shared<9, 4>(), QGW_THREADS}; kernels[3] = {quant_gemm_q3_K_cl, 256, quant_gemm_cl_shared<9, 3, 4, 2>(), QGC_THREADS, true}; break;
-        case 10: kernels[0] = {quant_gemm_q2_K, 128, quant_gemm_shared<10, 128, 4>()}; kernels[1] = {quant_gemm_q2_K_t256, 256, quant_gemm_shared<10, 256, 4>()}; kernels[2] = {quant_gemm_q2_K_ws, 256, quant_gemm_ws_shared<10, 5>(), QGW_THREADS}; kernels[3] = {quant_gemm_q2_K_cl, 256, quant_gemm_cl_shared<10, 3, 4, 2>(), QGC_THREADS, true}; break;
-        case 5: kernels[0] = {quant_gemm_q4_K, 128, quant_gemm_shared<5, 128, 4>()}; kernels[1] = {quant_gemm_q4_K_t256, 256, quant_gemm_shared<5, 256, 4>()}; kernels[2] = {quant_gemm_q4_K_ws, 256, quant_gemm_ws_shared<5, 5>(), QGW_THREADS}; kernels[3] = {quant_gemm_q4_K_cl, 256, quant_gemm_cl_shared<5, 3, 4, 2>(), QGC_THREADS, true}; break;
-        default: kernels[0] = {quant_gemm_q6_K, 128, quant_gemm_shared<6, 128, 3>()}; kernels[1] = {quant_gemm_q6_K_t256, 256, quant_gemm_shared<6, 256, 4>()}; kernels[2] = {quant_gemm_q6_K_ws, 256, quant_gemm_ws_shared<6, 4>(), QGW_THREADS}; kernels[3] = {quant_gemm_q6_K_cl, 256, quant_gemm_cl_shared<6, 3, 4, 2>(), QGC_THREADS, true}; break;
+        case 3: kernels[0] = {quant_gemm_q8_0, 128, quant_gemm_shared<3, 128, 4>()}; kernels[1] = {quant_gemm_q8_0_t256, 256, quant_gemm_shared<3, 256, 4>()}; kernels[2] = {quant_gemm_q8_0_ws, 256, quant_gemm_ws_shared<3, 5>(), QGW_THREADS}; break;
+        case 4: kernels[0] = {quant_gemm_q4_0, 128, quant_gemm_shared<4, 128, 4>()}; kernels[1] = {quant_gemm_q4_0_t256, 256, quant_gemm_shared<4, 256, 4>()}; kernels[2] = {quant_gemm_q4_0_ws, 256, quant_gemm_ws_shared<4, 5>(), QGW_THREADS}; break;
+        case 7: kernels[0] = {quant_gemm_iq4_nl, 128, quant_gemm_shared<7, 128, 4>()}; kernels[1] = {quant_gemm_iq4_nl_t256, 256, quant_gemm_shared<7, 256, 4>()}; kernels[2] = {quant_gemm_iq4_nl_ws, 256, quant_gemm_ws_shared<7, 5>(), QGW_THREADS}; break;
+        case 8: kernels[0] = {quant_gemm_iq4_xs, 128, quant_gemm_shared<8, 128, 4>()}; kernels[1] = {quant_gemm_iq4_xs_t256, 256, quant_gemm_shared<8, 256, 4>()}; kernels[2] = {quant_gemm_iq4_xs_ws, 256, quant_gemm_ws_shared<8, 5>(), QGW_THREADS}; break;
+        case 9: kernels[0] = {quant_gemm_q3_K, 128, quant_gemm_shared<9, 128, 3>()}; kernels[1] = {quant_gemm_q3_K_t256, 256, quant_gemm_shared<9, 256, 4>()}; kernels[2] = {quant_gemm_q3_K_ws, 256, quant_gemm_ws_shared<9, 4>(), QGW_THREADS}; break;
+        case 10: kernels[0] = {quant_gemm_q2_K, 128, quant_gemm_shared<10, 128, 4>()}; kernels[1] = {quant_gemm_q2_K_t256, 256, quant_gemm_shared<10, 256, 4>()}; kernels[2] = {quant_gemm_q2_K_ws, 256, quant_gemm_ws_shared<10, 5>(), QGW_THREADS}; break;
+        case 5: kernels[0] = {quant_gemm_q4_K, 128, quant_gemm_shared<5, 128, 4>()}; kernels[1] = {quant_gemm_q4_K_t256, 256, quant_gemm_shared<5, 256, 4>()}; kernels[2] = {quant_gemm_q4_K_ws, 256, quant_gemm_ws_shared<5, 5>(), QGW_THREADS}; break;
+        default: kernels[0] = {quant_gemm_q6_K, 128, quant_gemm_shared<6, 128, 3>()}; kernels[1] = {quant_gemm_q6_K_t256, 256, quant_gemm_shared<6, 256, 4>()}; kernels[2] = {quant_gemm_q6_K_ws, 256, quant_gemm_ws_shared<6, 4>(), QGW_THREADS}; break;
         }
         for (const Kernel& kk : kernels) {
             char label[128];
-            const char* ws = kk.clustered ? " (clustered)" : kk.threads == QGW_THREADS ? " (warp-specialized)" : "";
+            const char* ws = kk.threads == QGW_THREADS ? " (warp-specialized)" : "";
             const char* modes[] = {"plain", "bias", "added, bias", "BF16 out", "BF16 out, added"};
             for (int m = 0; m < 5; m++) {
                 snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, %s", c.name, c.k, kk.nt, ws, modes[m]);
-                failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big}, x.data(), rows, c.k, m == 1 || m == 2, m == 2 || m == 4, m >= 3, 1,
-                                  nullptr, kk.clustered);
+                failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big}, x.data(), rows, c.k, m == 1 || m == 2, m == 2 || m == 4, m >= 3);
             }
             snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, three matrices, bias", c.name, c.k, kk.nt, ws);
-            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big, &mid, &small}, x.data(), rows, c.k, true, 0, 0, 1, nullptr, kk.clustered);
+            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big, &mid, &small}, x.data(), rows, c.k, true, 0, 0);
             snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, two matrices", c.name, c.k, kk.nt, ws);
-            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&small, &mid}, x.data(), rows, c.k, false, 0, 0, 1, nullptr, kk.clustered);
+            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&small, &mid}, x.data(), rows, c.k, false, 0, 0);
             // k in slices: 2 (of 5 chunks, 2 + 3, for Q8_0, Q4_0 and IQ4_NL; of 8, 4 + 4, for the
             // others) and one a chunk; plain, and added to with a bias; 9 tokens, as a batch of
             // decode steps. (The emulator runs a launch's blocks a few at a time, so a plain add
             // in place of the atomic one may pass here; the GPU test would not.)
             for (int slices : {2, c.k / QG_K}) {
                 snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, %d slices of k, three matrices", c.name, c.k, kk.nt, ws, slices);
-                failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big, &mid, &small}, x.data(), 9, c.k, false, 0, 0, slices, nullptr,
-                                  kk.clustered);
+                failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big, &mid, &small}, x.data(), 9, c.k, false, 0, 0, slices);
                 snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, %d slices of k, added, bias", c.name, c.k, kk.nt, ws, slices);
-                failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big}, x.data(), rows, c.k, true, 1, 0, slices, nullptr, kk.clustered);
+                failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big}, x.data(), rows, c.k, true, 1, 0, slices);
             }
         }
         // The warp-specialized form over many more chunks than it has buffers (17 or 24: each
@@ -328,33 +322,6 @@ int main() {
             failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, true, 1, 0);
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), BF16 out", c.name, kl, rl);
             failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 0, 1);
-            // The clustered form: one cluster of two token tiles (300 tokens) and two (700, padded
-            // to four tiles: the second cluster's second block has no tokens but decodes for the
-            // first), the same bits as quant_gemm_ws; also with its consuming warpgroups, its
-            // copying one, and the second block of each cluster behind.
-            const Kernel& kc = kernels[3];
-            for (int rl2 : {300, 700}) {
-                std::vector<unsigned short> x2((size_t)rl2 * kl);
-                for (auto& v : x2) v = bf16_bits(uniform(rng));
-                Matrix m2 = make_matrix(c.dtype, 136, kl, x2, rl2, rng);
-                std::vector<float> want;
-                snprintf(label, sizeof label, "%s k %d, %d tokens (warp-specialized)", c.name, kl, rl2);
-                failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&m2}, x2.data(), rl2, kl, false, 0, 0, 1, &want);
-                const struct { int from, to, rank; const char* who; } clags[] = {
-                    {-1, -2, -1, "none"}, {0, 255, -1, "the consuming warps"}, {256, 383, -1, "the copying warps"}, {0, 383, 1, "the second block"}};
-                for (const auto& lag : clags) {
-                    emu::Lagging behind(lag.from, lag.to, lag.rank);
-                    std::vector<float> out;
-                    snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (clustered; behind: %s)", c.name, kl, rl2, lag.who);
-                    failures += check(label, kc.f, kc.nt, kc.shared, kc.threads, {&m2}, x2.data(), rl2, kl, false, 0, 0, 1, &out, true);
-                    snprintf(label, sizeof label, "%s k %d, %d tokens, clustered (behind: %s): quant_gemm_ws's bits", c.name, kl, rl2, lag.who);
-                    failures += same_bits(label, out, want);
-                }
-                snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (clustered), added, bias", c.name, kl, rl2);
-                failures += check(label, kc.f, kc.nt, kc.shared, kc.threads, {&m2}, x2.data(), rl2, kl, true, 1, 0, 1, nullptr, true);
-                snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (clustered), BF16 out", c.name, kl, rl2);
-                failures += check(label, kc.f, kc.nt, kc.shared, kc.threads, {&m2}, x2.data(), rl2, kl, false, 0, 1, 1, nullptr, true);
-            }
         }
     }
     printf(failures ? "%d FAILED\n" : "all passed\n", failures);

@@ -22,7 +22,7 @@ final class CUDABackendTests: XCTestCase {
         XCTAssertNoThrow(try CUDABackend.checkMeasuringSwitches([:]))
         XCTAssertNoThrow(try CUDABackend.checkMeasuringSwitches([
             "PEREGRINE_WGMMA_PROMPT_ATTENTION": "kt128_wg2", "PEREGRINE_QUANT_GEMM": "1", "PEREGRINE_QUANT_GEMM_TOKENS": "256",
-            "PEREGRINE_QUANT_GEMM_WS": "1", "PEREGRINE_QUANT_GEMM_CLUSTERED": "1", "PEREGRINE_DECODE_WARPS": "4", "PEREGRINE_DECODE_STAGES": "3", "PEREGRINE_DECODE_SPLITS": "128",
+            "PEREGRINE_QUANT_GEMM_WS": "1", "PEREGRINE_DECODE_WARPS": "4", "PEREGRINE_DECODE_STAGES": "3", "PEREGRINE_DECODE_SPLITS": "128",
             "PEREGRINE_ROW_KERNEL_TOKENS": "0", "PEREGRINE_SPLIT_POSITIONS": "64", "PEREGRINE_GROUPED_ATTENTION_BLOCKS": "64",
             "PEREGRINE_GROUPED_ATTENTION_FROM": "0", "PEREGRINE_FIXED_MATVEC": "0", "PEREGRINE_CARRIED_NORM": "0",
             "PEREGRINE_UNRELATED": "x",
@@ -35,8 +35,7 @@ final class CUDABackendTests: XCTestCase {
                      ("PEREGRINE_QUANT_GEMM_TOKENS", "192"), ("PEREGRINE_DECODE_WARPS", "3"), ("PEREGRINE_DECODE_STAGES", "1"),
                      ("PEREGRINE_DECODE_SPLITS", "129"), ("PEREGRINE_ROW_KERNEL_TOKENS", "-1"), ("PEREGRINE_SPLIT_POSITIONS", "0"),
                      ("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "many"), ("PEREGRINE_GROUPED_ATTENTION_FROM", "1k"),
-                     ("PEREGRINE_FIXED_MATVEC", "off"), ("PEREGRINE_CARRIED_NORM", "no"), ("PEREGRINE_QUANT_GEMM_WS", "2"),
-                     ("PEREGRINE_QUANT_GEMM_CLUSTERED", "on")]
+                     ("PEREGRINE_FIXED_MATVEC", "off"), ("PEREGRINE_CARRIED_NORM", "no"), ("PEREGRINE_QUANT_GEMM_WS", "2")]
         for (name, value) in wrong {
             XCTAssertThrowsError(try CUDABackend.checkMeasuringSwitches([name: value]), "\(name)=\(value)") { error in
                 XCTAssertTrue("\(error)".contains("\(name)=\(value)"), "\(error)")
@@ -323,8 +322,8 @@ final class CUDABackendTests: XCTestCase {
     func testQuantGemmMatchesWidening() throws {
         let gpu = try backend()
         guard gpu.driver.computeCapability == (9, 0) else { throw XCTSkip("quant_gemm needs wgmma (compute capability 9.0)") }
-        let before = (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices, gpu.quantGemmWarpSpecialized, gpu.quantGemmClustered)
-        defer { (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices, gpu.quantGemmWarpSpecialized, gpu.quantGemmClustered) = before }
+        let before = (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices, gpu.quantGemmWarpSpecialized)
+        defer { (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices, gpu.quantGemmWarpSpecialized) = before }
         var rng = SplitMix(seed: 23)
         func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] { try gpu.values(b, count) }
         // 200 tokens (two tiles of 128, one of 256) and 16, a batch of decode steps. These few
@@ -357,10 +356,9 @@ final class CUDABackendTests: XCTestCase {
                 let xb = try gpu.buffer(tokens * k), out = try gpu.buffer(tokens * n), scratch = try gpu.buffer(tokens * n)
                 let kOut = try gpu.buffer(tokens * 72), vOut = try gpu.buffer(tokens * 40)
                 x.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
-                func run(fused: Bool, tokensABlock: Int? = nil, slices: Int? = nil, warpSpecialized: Bool = false,
-                         clustered: Bool = false) throws -> [[Float]] {
+                func run(fused: Bool, tokensABlock: Int? = nil, slices: Int? = nil, warpSpecialized: Bool = false) throws -> [[Float]] {
                     (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices) = (fused ? .max : 0, tokensABlock, slices)
-                    (gpu.quantGemmWarpSpecialized, gpu.quantGemmClustered) = (warpSpecialized, clustered)
+                    gpu.quantGemmWarpSpecialized = warpSpecialized
                     let before = gpu.quantGemmLaunches, splitBefore = gpu.quantGemmSplitLaunches
                     gpu.matmul(xb, rows: tokens, weight: weight, bias: nil, out: out)
                     let plain = try read(out, tokens * n)
@@ -385,21 +383,15 @@ final class CUDABackendTests: XCTestCase {
                     return [plain, biased, added, q, kv, vv, gated] + mixed
                 }
                 let widened = try run(fused: false)
-                // The clustered form multiplies the values quant_gemm_ws decodes, in the same
-                // order: in one slice of k (the slices' atomic adds have no fixed order), the same bits.
-                var warpSpecializedOneSlice: [[Float]] = []
-                for (tokensABlock, slices, ws, clustered) in [(128, nil, false, false), (256, nil, false, false), (128, 1, false, false),
-                                                              (256, 1, false, false), (256, nil, true, false), (256, 1, true, false),
-                                                              (256, nil, false, true), (256, 1, false, true)] as [(Int, Int?, Bool, Bool)] {
-                    let fused = try run(fused: true, tokensABlock: tokensABlock, slices: slices, warpSpecialized: ws, clustered: clustered)
-                    if ws, slices == 1 { warpSpecializedOneSlice = fused }
-                    if clustered, slices == 1 { XCTAssertEqual(fused, warpSpecializedOneSlice, "\(type), k \(k), \(tokens) tokens: the clustered form's bits") }
+                for (tokensABlock, slices, ws) in [(128, nil, false), (256, nil, false), (128, 1, false), (256, 1, false), (256, nil, true),
+                                                   (256, 1, true)] as [(Int, Int?, Bool)] {
+                    let fused = try run(fused: true, tokensABlock: tokensABlock, slices: slices, warpSpecialized: ws)
                     let names = ["plain", "with a bias", "added to a residual", "q", "k", "v", "gated", "q (v in Q6_K)", "k (v in Q6_K)", "v in Q6_K"]
                     for (i, name) in names.prefix(widened.count).enumerated() {
                         let scale = widened[i].reduce(0) { max($0, abs($1)) }
                         XCTAssertGreaterThan(scale, 0)
                         XCTAssertLessThan(maxAbsDiff(fused[i], widened[i]), 2e-5 * scale,
-                                          "\(type), k \(k), \(tokens) tokens, \(tokensABlock) a block\(ws ? " (warp-specialized)" : clustered ? " (clustered)" : ""), "
+                                          "\(type), k \(k), \(tokens) tokens, \(tokensABlock) a block\(ws ? " (warp-specialized)" : ""), "
                                               + "\(slices == 1 ? "one slice" : "slices"): \(name)")
                     }
                 }

@@ -348,9 +348,7 @@ public final class CUDABackend: ComputeBackend {
     /// One token as `matvec` kernels (fused norms, RoPE inside attention): not in deterministic mode.
     private var oneToken: Int { deterministic ? -1 : 1 }
     private let launchConfig = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
-    /// Two launch attributes (72 bytes each): programmatic stream serialization (PDL), then a
-    /// cluster's dimensions, which launches in clusters add.
-    private let launchAttribute = UnsafeMutableRawPointer.allocate(byteCount: 144, alignment: 8)
+    private let launchAttribute = UnsafeMutableRawPointer.allocate(byteCount: 72, alignment: 8)
 
     public init(deterministic: Bool = false) throws {
         try CUDABackend.checkMeasuringSwitches(ProcessInfo.processInfo.environment)
@@ -396,12 +394,9 @@ public final class CUDABackend: ComputeBackend {
         }
         pdl = driver.cuLaunchKernelEx != nil && driver.computeCapability.major >= 9
             && ProcessInfo.processInfo.environment["PEREGRINE_NO_PDL"] == nil
-        launchAttribute.initializeMemory(as: UInt8.self, repeating: 0, count: 144)
+        launchAttribute.initializeMemory(as: UInt8.self, repeating: 0, count: 72)
         launchAttribute.storeBytes(of: Int32(6), as: Int32.self)  // CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
         launchAttribute.storeBytes(of: Int32(1), toByteOffset: 8, as: Int32.self)
-        launchAttribute.storeBytes(of: Int32(4), toByteOffset: 72, as: Int32.self)  // CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-        launchAttribute.storeBytes(of: UInt32(1), toByteOffset: 84, as: UInt32.self)  // y and z; x set at each launch
-        launchAttribute.storeBytes(of: UInt32(1), toByteOffset: 88, as: UInt32.self)
         tokenInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         planInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         rowInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
@@ -586,27 +581,24 @@ public final class CUDABackend: ComputeBackend {
         return lines.joined(separator: "\n")
     }
 
-    /// Launches kernel `name`; `cluster` > 1 launches it in clusters of that many blocks along x
-    /// (grid.0 a multiple of it; the caller has checked that cuLaunchKernelEx is there).
-    private func launch(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int = 0, dependent: Bool = true, cluster: Int = 1,
+    private func launch(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int = 0, dependent: Bool = true,
                         _ fill: (inout Arguments) -> Void) {
         partStackedRows()
         forgetCopies()
         if case .replaying = mode { return }
         if profiling {
-            profiled(name) { launchNow(name, grid: grid, block: block, shared: shared, dependent: dependent, cluster: cluster, fill) }
+            profiled(name) { launchNow(name, grid: grid, block: block, shared: shared, dependent: dependent, fill) }
             return
         }
-        launchNow(name, grid: grid, block: block, shared: shared, dependent: dependent, cluster: cluster, fill)
+        launchNow(name, grid: grid, block: block, shared: shared, dependent: dependent, fill)
     }
 
-    private func launchNow(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int, dependent: Bool, cluster: Int,
+    private func launchNow(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int, dependent: Bool,
                            _ fill: (inout Arguments) -> Void) {
         var a = Arguments(base: args)
         fill(&a)
         let f = functions[name] ?? nil
-        let pdl = pdlStep && dependent
-        if pdl || cluster > 1, let launchEx = driver.cuLaunchKernelEx {
+        if pdlStep && dependent, let launchEx = driver.cuLaunchKernelEx {
             let c = launchConfig
             c.storeBytes(of: UInt32(grid.0), toByteOffset: 0, as: UInt32.self)
             c.storeBytes(of: UInt32(grid.1), toByteOffset: 4, as: UInt32.self)
@@ -616,11 +608,8 @@ public final class CUDABackend: ComputeBackend {
             c.storeBytes(of: UInt32(1), toByteOffset: 20, as: UInt32.self)
             c.storeBytes(of: UInt32(shared), toByteOffset: 24, as: UInt32.self)
             c.storeBytes(of: stream, toByteOffset: 32, as: OpaquePointer?.self)
-            // The attributes: PDL's, the cluster's, or both (the array from PDL's or from the
-            // cluster's).
-            launchAttribute.storeBytes(of: UInt32(cluster), toByteOffset: 80, as: UInt32.self)
-            c.storeBytes(of: UnsafeRawPointer(launchAttribute + (pdl ? 0 : 72)), toByteOffset: 40, as: UnsafeRawPointer.self)
-            c.storeBytes(of: UInt32((pdl ? 1 : 0) + (cluster > 1 ? 1 : 0)), toByteOffset: 48, as: UInt32.self)
+            c.storeBytes(of: UnsafeRawPointer(launchAttribute), toByteOffset: 40, as: UnsafeRawPointer.self)
+            c.storeBytes(of: UInt32(1), toByteOffset: 48, as: UInt32.self)
             record(launchEx(UnsafeRawPointer(c), f, params, nil), "cuLaunchKernelEx(\(name))")
             return
         }
@@ -1015,32 +1004,22 @@ public final class CUDABackend: ComputeBackend {
 
     /// Weight rows a block of quant_gemm takes (QG_ROWS in Kernels.cu).
     static let quantGemmRows = 128
-    /// A quant_gemm kernel: its name, the tokens a block takes, its buffers (the clustered form's
-    /// activation tiles), the bytes a weight row takes in one (QuantChunk's STRIDE), and whether it
-    /// is the warp-specialized form
-    /// (quant_gemm_ws: 384 threads, a copying warpgroup and two that multiply) or the clustered
-    /// one (quant_gemm_cl: the same warpgroups, in clusters of two blocks that share their
-    /// decoded weight tiles).
+    /// A quant_gemm kernel: its name, the tokens a block takes, its buffers, the bytes a weight
+    /// row takes in one (QuantChunk's STRIDE), and whether it is the warp-specialized form
+    /// (quant_gemm_ws: 384 threads, a copying warpgroup and two that multiply).
     struct QuantGemmKernel {
         let name: String, tokens: Int, stages: Int, rowBytes: Int
-        var warpSpecialized = false, clustered = false
-        var threads: Int { warpSpecialized || clustered ? 384 : 256 }
-        /// Blocks a cluster (along the tokens).
-        var cluster: Int { clustered ? 2 : 1 }
-        var weightBytes: Int { (CUDABackend.quantGemmRows * rowBytes + 1023) / 1024 * 1024 }
+        var warpSpecialized = false
+        var threads: Int { warpSpecialized ? 384 : 256 }
         /// quant_gemm_shared in Kernels.cu: each buffer's activations (`tokens` rows of 128
         /// bytes) and weight rows rounded up to 1,024 bytes, and 1,024 to align the first;
-        /// quant_gemm_ws_shared adds two 8-byte mbarriers a buffer; quant_gemm_cl_shared takes
-        /// `stages` activation tiles, four decoded tiles (128 rows of 128 bytes), two weight
-        /// buffers, and two mbarriers for each of them.
+        /// quant_gemm_ws_shared adds two 8-byte mbarriers a buffer.
         var shared: Int {
-            if clustered { return 1024 + stages * tokens * 128 + 4 * CUDABackend.quantGemmRows * 128 + 2 * weightBytes + 16 * (stages + 6) }
-            return stages * (tokens * 128 + weightBytes) + 1024 + (warpSpecialized ? 16 * stages : 0)
+            stages * (tokens * 128 + (CUDABackend.quantGemmRows * rowBytes + 1023) / 1024 * 1024) + 1024 + (warpSpecialized ? 16 * stages : 0)
         }
     }
     /// The kernels of each weight type, named by its matvec suffix: 128 tokens a block, 256
-    /// (QUANT_GEMM in Kernels.cu), the warp-specialized form at 256 (QUANT_GEMM_WS) and the
-    /// clustered form (QUANT_GEMM_CL: three activation tiles for every type): the
+    /// (QUANT_GEMM in Kernels.cu), and the warp-specialized form at 256 (QUANT_GEMM_WS): the
     /// bytes a weight row takes in a buffer (QuantChunk's STRIDE), the buffers at 128 tokens (256
     /// take four), and the warp-specialized form's.
     static let quantGemmKernels: [DType: [QuantGemmKernel]] = Dictionary(uniqueKeysWithValues: [
@@ -1050,8 +1029,7 @@ public final class CUDABackend: ComputeBackend {
         let name = "quant_gemm_" + (matvecSuffix(type) ?? "")
         return (type, [QuantGemmKernel(name: name, tokens: 128, stages: stages, rowBytes: rowBytes),
                        QuantGemmKernel(name: name + "_t256", tokens: 256, stages: 4, rowBytes: rowBytes),
-                       QuantGemmKernel(name: name + "_ws", tokens: 256, stages: wsStages, rowBytes: rowBytes, warpSpecialized: true),
-                       QuantGemmKernel(name: name + "_cl", tokens: 256, stages: 3, rowBytes: rowBytes, clustered: true)])
+                       QuantGemmKernel(name: name + "_ws", tokens: 256, stages: wsStages, rowBytes: rowBytes, warpSpecialized: true)])
     })
     /// Most tokens for which a quantized product decodes its weights on the fly into the tensor
     /// cores' operands (quant_gemm) rather than widening the whole matrix to BF16 for cuBLAS
@@ -1085,12 +1063,6 @@ public final class CUDABackend: ComputeBackend {
     /// measured 4-9% ahead of the form whose warps all copy and meet at a barrier each chunk
     /// (BENCHMARKS.md). PEREGRINE_QUANT_GEMM_WS=0 keeps that form, for measuring; tests run both.
     var quantGemmWarpSpecialized: Bool? = CUDABackend.measuringChoice("PEREGRINE_QUANT_GEMM_WS", [0, 1]).map { $0 == 1 }
-    /// Whether blocks of 256 tokens take the clustered form (quant_gemm_cl: clusters of two
-    /// blocks, each decoding every other chunk of weights for both, so a decoded value serves
-    /// 512 tokens) in place of the two above; nil: they do not. The kernel emulator checks that
-    /// its sums are quant_gemm_ws's to the bit, but it has not been timed on a GPU, so it is not
-    /// the default: PEREGRINE_QUANT_GEMM_CLUSTERED=1 takes it, for measuring; tests run it.
-    var quantGemmClustered: Bool? = CUDABackend.measuringChoice("PEREGRINE_QUANT_GEMM_CLUSTERED", [0, 1]).map { $0 == 1 }
     /// Slices of k a quant_gemm launch takes (split-K); nil: the rule in `quantGemm`. Tests set it.
     var quantGemmSlices: Int?
     /// quant_gemm launches the host has issued (a graph's replays count none), and of those the
@@ -1112,10 +1084,8 @@ public final class CUDABackend: ComputeBackend {
               let kernels = CUDABackend.quantGemmKernels[w.dtype] else { return false }
         let rowTiles = p.reduce(0) { $0 + ($1.weight.rows + CUDABackend.quantGemmRows - 1) / CUDABackend.quantGemmRows }
         let tokens = quantGemmTokens ?? (rows > 128 && (rows + 255) / 256 * rowTiles >= driver.multiprocessors ? 256 : 128)
-        // Clusters are launched by cuLaunchKernelEx (CUDA 12 drivers).
-        let clustered = tokens == 256 && (quantGemmClustered ?? false) && driver.cuLaunchKernelEx != nil
-        let warpSpecialized = tokens == 256 && !clustered && (quantGemmWarpSpecialized ?? true)
-        guard let kernel = kernels.first(where: { $0.tokens == tokens && $0.warpSpecialized == warpSpecialized && $0.clustered == clustered }),
+        let warpSpecialized = tokens == 256 && (quantGemmWarpSpecialized ?? true)
+        guard let kernel = kernels.first(where: { $0.tokens == tokens && $0.warpSpecialized == warpSpecialized }),
               kernel.shared <= CUDABackend.dynamicSharedLimit(driver),
               let b = gemmInput(x.pointer, count: rows * k, for: w.dtype) else { return false }
         for q in p { productWrites(q.out, count: q.weight.rows * rows) }
@@ -1123,10 +1093,7 @@ public final class CUDABackend: ComputeBackend {
         // projection, on 132 multiprocessors that each hold two), so each tile's k is parted
         // among slices, as many as bring the blocks to what the GPU holds at once, of at least
         // four chunks each; their sums are added into outputs zeroed first (or the residual).
-        // The clustered form's grid is padded to whole clusters (a block past the tokens decodes
-        // for the other block of its cluster and stores nothing).
-        let tokenTiles = ((rows + kernel.tokens - 1) / kernel.tokens + kernel.cluster - 1) / kernel.cluster * kernel.cluster
-        let tiles = tokenTiles * rowTiles
+        let tokenTiles = (rows + kernel.tokens - 1) / kernel.tokens, tiles = tokenTiles * rowTiles
         let chunks = k / 64, resident = (kernel.tokens == 128 ? 2 : 1) * driver.multiprocessors
         let slices = halfOut ? 1 : max(1, quantGemmSlices.map { min($0, chunks) } ?? min(chunks / 4, (resident + tiles - 1) / tiles))
         if slices > 1, !accumulate {
@@ -1140,7 +1107,7 @@ public final class CUDABackend: ComputeBackend {
         }
         quantGemmLaunches += 1
         if slices > 1 { quantGemmSplitLaunches += 1 }
-        launch(kernel.name, grid: (tokenTiles, rowTiles, slices), block: kernel.threads, shared: kernel.shared, cluster: kernel.cluster) { a in
+        launch(kernel.name, grid: (tokenTiles, rowTiles, slices), block: kernel.threads, shared: kernel.shared) { a in
             a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out, p[i].weight.rows) }
             a.ptr(b); a.i32(rows); a.i32(k); a.i32(accumulate ? 1 : 0); a.i32(halfOut ? 1 : 0)
         }
@@ -1652,7 +1619,6 @@ public final class CUDABackend: ComputeBackend {
         try flag("PEREGRINE_QUANT_GEMM")
         try choice("PEREGRINE_QUANT_GEMM_TOKENS", quantGemmTokenChoices)
         try flag("PEREGRINE_QUANT_GEMM_WS")
-        try flag("PEREGRINE_QUANT_GEMM_CLUSTERED")
         try flag("PEREGRINE_FIXED_MATVEC")
         try flag("PEREGRINE_CARRIED_NORM")
         try flag("PEREGRINE_EARLY_DECODE_KEYS")
