@@ -1271,10 +1271,6 @@ inline unsigned cluster_load(unsigned address) {
     return v;
 }
 inline void mbarrier_arrive_cluster(unsigned address) { emu::mbarrier_arrive_cluster_(address); }
-// mbarrier.try_wait.parity.acquire.cluster (the emulator has no memory model to scope), and
-// fence.proxy.async over every state space (nothing to order).
-inline void mbarrier_wait_cluster(unsigned long long* bar, unsigned parity) { emu::mbarrier_wait_(bar, parity); }
-inline void fence_proxy_async_all() {}
 
 inline void ldmatrix_x4(unsigned (&r)[4], const void* p) { emu::ldmatrix_x4_(r, p, false); }
 inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) { emu::ldmatrix_x4_(r, p, true); }
@@ -1301,10 +1297,6 @@ inline void wgmma_rs_bf16_n128(float (&d)[16][4], const unsigned (&a)[4], unsign
 }
 inline void wgmma_rs_bf16_n256(float (&d)[32][4], const unsigned (&a)[4], unsigned long long b, int accumulate) {
     emu::wgmma<256, Type::bf16, false, false>(d, 0, a, b, accumulate);
-}
-// BF16, A and B K-major descriptors (Kernels.cu has no such wrapper now).
-inline void wgmma_ss_bf16_n256(float (&d)[32][4], unsigned long long a, unsigned long long b, int accumulate) {
-    emu::wgmma<256, Type::bf16, false, false>(d, a, nullptr, b, accumulate);
 }
 inline void wgmma_fence() {}
 inline void wgmma_commit() { emu::wgmma_commit_(); }
