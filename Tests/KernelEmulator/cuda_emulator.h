@@ -1246,6 +1246,18 @@ inline void mbarrier_init(unsigned long long* bar, unsigned count) { emu::mbarri
 inline void mbarrier_arrive(unsigned long long* bar) { emu::mbarrier_arrive_(bar); }
 inline void mbarrier_wait(unsigned long long* bar, unsigned parity) { emu::mbarrier_wait_(bar, parity); }
 inline void copy_arrive(unsigned long long* bar) { emu::copy_arrive_(bar); }
+// cp.async.bulk.global.shared::cta.bulk_group and cp.reduce.async.bulk...add.f32 (done at once,
+// the sum of each float atomic as in L2), cp.async.bulk.commit_group and wait_group.read 0.
+inline void bulk_store(void* dst, const void* src, unsigned bytes) {
+    if (bytes % 16 || (uintptr_t)dst % 16 || (uintptr_t)src % 16) emu::die("a bulk copy of a size or at an address not a multiple of 16");
+    memcpy(dst, src, bytes);
+}
+inline void bulk_reduce_add(float* dst, const float* src, unsigned bytes) {
+    if (bytes % 16 || (uintptr_t)dst % 16 || (uintptr_t)src % 16) emu::die("a bulk reduction of a size or at an address not a multiple of 16");
+    for (unsigned i = 0; i < bytes / 4; i++) atomicAdd(dst + i, src[i]);
+}
+inline void bulk_commit() {}
+inline void bulk_wait_read() {}
 // setmaxnreg.dec / .inc: registers are not modelled.
 template <int N> inline void registers_down() { static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg's range"); }
 template <int N> inline void registers_up() { static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg's range"); }

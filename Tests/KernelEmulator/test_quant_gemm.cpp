@@ -320,6 +320,20 @@ int main() {
             }
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), added, bias", c.name, kl, rl);
             failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, true, 1, 0);
+            // Its f32 outputs go out through shared memory and the copy engine (written, or added
+            // to y); the other form stores from registers: the same bits, plain and added to.
+            const Kernel& other = kernels[1];
+            std::vector<float> registersOut, added, registersAdded;
+            snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block, plain", c.name, kl, rl);
+            failures += check(label, other.f, other.nt, other.shared, other.threads, {&longm}, xl.data(), rl, kl, false, 0, 0, 1, &registersOut);
+            snprintf(label, sizeof label, "%s k %d, %d tokens, staged stores and stores from registers: the same bits", c.name, kl, rl);
+            failures += same_bits(label, plain, registersOut);
+            snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), added", c.name, kl, rl);
+            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 1, 0, 1, &added);
+            snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block, added", c.name, kl, rl);
+            failures += check(label, other.f, other.nt, other.shared, other.threads, {&longm}, xl.data(), rl, kl, false, 1, 0, 1, &registersAdded);
+            snprintf(label, sizeof label, "%s k %d, %d tokens, added to by the copy engine and from registers: the same bits", c.name, kl, rl);
+            failures += same_bits(label, added, registersAdded);
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), BF16 out", c.name, kl, rl);
             failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 0, 1);
         }

@@ -1051,7 +1051,8 @@ public final class CUDABackend: ComputeBackend {
     /// 256 tokens 1.64x, 1.56x and 1.20x, batched decode steps of 16 to 256 sequences 1.8x down to
     /// 1.2x; prompts in steps of 512 tokens, each file in one type, Q8_0 1.07x, Q4_0 1.07x,
     /// IQ4_NL 1.08x, Q4_K 1.08x, IQ4_XS 1.55x, Q3_K 1.63x, Q2_K 1.56x, but Q6_K 0.81x (its
-    /// decoding takes the most instructions); in steps of 2,048, 0.80x (Q8_0) to 0.94x (Q3_K).
+    /// decoding takes the most instructions); in steps of 2,048, 0.80x (Q8_0) to 0.94x (Q3_K),
+    /// and for Q4_K_M 0.89x once quant_gemm_ws's stores went through the copy engine (0.77x before).
     static func quantGemmDefaultTokenLimit(_ type: DType) -> Int { type == .q6_K ? 256 : 512 }
     /// Tokens a block of quant_gemm takes (128 or 256); nil: 256 for more than 128 tokens where
     /// that still gives every multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets

@@ -1686,6 +1686,23 @@ __device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned 
 __device__ __forceinline__ void copy_arrive(unsigned long long* bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(shared_address(bar)) : "memory");
 }
+// bar.sync id, threads: `threads` (a multiple of 32) of the block meet at barrier `id` (1-15).
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(threads) : "memory");
+}
+// Bulk copies from shared to global memory by the copy engine (Hopper): `bytes` (a multiple of 16,
+// both addresses 16-byte aligned) written, or added as floats (an f32 reduction in L2), without
+// passing through registers. They are grouped by bulk_commit; bulk_wait_read waits until every
+// group has read its shared memory (the writes land on their own, before the grid completes).
+__device__ __forceinline__ void bulk_store(void* dst, const void* src, unsigned bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" :: "l"(dst), "r"(shared_address(src)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_reduce_add(float* dst, const float* src, unsigned bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" :: "l"(dst), "r"(shared_address(src)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
 #endif
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // setmaxnreg: a warpgroup gives back registers (down) or takes them (up), all of its warps
@@ -4305,6 +4322,51 @@ __device__ __forceinline__ void quant_gemm_store(const float (&acc)[NT / 8][4], 
     }
 }
 
+// quant_gemm_ws's stores of f32 outputs: the two consuming warpgroups (256 threads) write their
+// accumulators into shared memory, a token's 128 outputs in a row, and each thread hands one
+// token's row to the copy engine: written (y = v, plus the bias), or added to y in L2 where the
+// block adds (accumulate, or a slice of k: y += v, plus the bias in slice 0). The values and
+// their one rounding are quant_gemm_store's. A token's row is 528 bytes apart from the next, so
+// a warp's stores of four tokens for eight rows fall in 32 banks. Storing from registers took
+// the block's stores and the next block's first copies out of the tensor cores' time: 20% of a
+// 2,048-token step's time went there (BENCHMARKS.md). Past the main loop every buffer is free
+// once both warpgroups' products are complete (the barrier). The host's shapes fit it: a row of
+// outputs a multiple of four values, y 16-byte aligned (quant_gemm_ws takes quant_gemm_store
+// otherwise, and for BF16 outputs or an added-to output with a bias).
+#define QG_STAGE_PITCH (QG_ROWS + 4)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PEREGRINE_CUDA_EMULATOR)
+template <int NT>
+__device__ __forceinline__ void quant_gemm_store_staged(const float (&acc)[NT / 8][4], const QuantGemmTile& g, int r, int c, int rows,
+                                                        bool add, unsigned char* area) {
+    float* stage = (float*)area;
+    const bool bias = g.bias && (gridDim.z == 1 || blockIdx.z == 0);
+    const int o = g.o0 + r;
+    named_barrier_sync(1, 256);
+    auto put = [&](float b0, float b1, auto value) {
+#pragma unroll
+        for (int i = 0; i < NT / 8; i++) {
+            float* at = stage + (2 * c + 8 * i) * QG_STAGE_PITCH + r;
+            at[0] = value(acc[i][0], b0);
+            at[QG_STAGE_PITCH] = value(acc[i][1], b0);
+            at[8] = value(acc[i][2], b1);
+            at[QG_STAGE_PITCH + 8] = value(acc[i][3], b1);
+        }
+    };
+    if (bias) put(o < g.n ? g.bias[o] : 0.f, o + 8 < g.n ? g.bias[o + 8] : 0.f, [](float v, float b) { return v + b; });
+    else put(0.f, 0.f, [](float v, float) { return v; });
+    fence_proxy_async();
+    named_barrier_sync(1, 256);
+    const int p = threadIdx.x, t = g.t0 + p;
+    if (t >= rows) return;
+    const unsigned bytes = 4u * (unsigned)min(QG_ROWS, g.n - g.o0);
+    float* y = (float*)g.y + (long)t * g.n + g.o0;
+    if (add) bulk_reduce_add(y, stage + p * QG_STAGE_PITCH, bytes);
+    else bulk_store(y, stage + p * QG_STAGE_PITCH, bytes);
+    bulk_commit();
+    bulk_wait_read();
+}
+#endif
+
 // Up to three products over the same activations in one launch (a layer's q, k and v; gate and
 // up): matrix m's weights wm (nm rows; none when nm is 0), bias bm, output ym. Block row y takes
 // the weight-row tiles of matrix 0, then of 1, then of 2, so the small matrices' tiles fill the
@@ -4454,9 +4516,11 @@ QUANT_GEMM(quant_gemm_q2_K_t256, 10, 256, 4, 1)
 // refilled when all eight warps are done with it, so a warpgroup more than STAGES chunks behind
 // would hold the other). The copiers need few registers and give theirs to the consumers
 // (setmaxnreg: 40 against 232 a thread, of the 168 a launch of 384 threads starts with), whose 256
-// tokens' accumulators take 128. The tile, the decoding (QuantChunk) and the stores are the form
-// above's, so the sums are the same. On an H100 it ran 4-9% faster than the form above; what holds
-// it now is the consumers' instructions (about 4.5 a decoded value: BENCHMARKS.md).
+// tokens' accumulators take 128. The tile and the decoding (QuantChunk) are the form above's, and
+// its f32 outputs leave through shared memory and the copy engine (quant_gemm_store_staged), with
+// the same bits as that form's stores. On an H100 it ran 4-9% faster than the form above, and the
+// staged stores took a 2,048-token step's products from 0.77x to 0.89x the widening's speed
+// (BENCHMARKS.md, which also has what leaving out the decoding or the products would gain).
 #define QGW_THREADS 384
 // The form above's buffers at 256 tokens, and two mbarriers a buffer.
 template <int DT, int STAGES> __host__ __device__ constexpr int quant_gemm_ws_shared() { return quant_gemm_shared<DT, 256, STAGES>() + 16 * STAGES; }
@@ -4470,6 +4534,8 @@ __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, v
     static_assert(STAGES >= 2, "a chunk is copied while another is multiplied");
     static_assert(QG_ROWS == 128, "one copying thread a weight row, two consuming warpgroups of 64");
     static_assert(quant_gemm_ws_shared<DT, STAGES>() <= 227 * 1024 - 12288, "within the backend's dynamic shared memory on Hopper");
+    static_assert(STAGES * (NT * 128 + (QG_ROWS * QuantChunk<DT>::STRIDE + 1023) / 1024 * 1024) >= NT * QG_STAGE_PITCH * 4,
+                  "the buffers hold the staged outputs");
     using Q = QuantChunk<DT>;
     constexpr int XB = NT * 128;
     constexpr int SB = XB + (QG_ROWS * Q::STRIDE + 1023) / 1024 * 1024;
@@ -4555,7 +4621,11 @@ __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, v
     }
     wgmma_wait<0>();
     hold_all(acc);
-    quant_gemm_store<NT>(acc, g, r, c, rows, accumulate, halfOut);
+    const bool split = gridDim.z > 1;
+    if (!halfOut && !(accumulate && !split && g.bias) && g.n % 4 == 0 && ((unsigned long long)g.y & 15) == 0)
+        quant_gemm_store_staged<NT>(acc, g, r, c, rows, accumulate || split, base);
+    else
+        quant_gemm_store<NT>(acc, g, r, c, rows, accumulate, halfOut);
 #endif
 }
 
