@@ -1248,12 +1248,17 @@ inline void mbarrier_wait(unsigned long long* bar, unsigned parity) { emu::mbarr
 inline void copy_arrive(unsigned long long* bar) { emu::copy_arrive_(bar); }
 // cp.async.bulk.global.shared::cta.bulk_group and cp.reduce.async.bulk...add.f32 (done at once,
 // the sum of each float atomic as in L2), cp.async.bulk.commit_group and wait_group.read 0.
+namespace emu {
+inline void bulk_check_(const void* dst, const void* src, unsigned bytes) {
+    if (bytes % 16 || (uintptr_t)dst % 16 || (uintptr_t)src % 16) die("a bulk copy of a size or at an address not a multiple of 16");
+}
+}  // namespace emu
 inline void bulk_store(void* dst, const void* src, unsigned bytes) {
-    if (bytes % 16 || (uintptr_t)dst % 16 || (uintptr_t)src % 16) emu::die("a bulk copy of a size or at an address not a multiple of 16");
+    emu::bulk_check_(dst, src, bytes);
     memcpy(dst, src, bytes);
 }
 inline void bulk_reduce_add(float* dst, const float* src, unsigned bytes) {
-    if (bytes % 16 || (uintptr_t)dst % 16 || (uintptr_t)src % 16) emu::die("a bulk reduction of a size or at an address not a multiple of 16");
+    emu::bulk_check_(dst, src, bytes);
     for (unsigned i = 0; i < bytes / 4; i++) atomicAdd(dst + i, src[i]);
 }
 inline void bulk_commit() {}

@@ -4534,11 +4534,10 @@ __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, v
     static_assert(STAGES >= 2, "a chunk is copied while another is multiplied");
     static_assert(QG_ROWS == 128, "one copying thread a weight row, two consuming warpgroups of 64");
     static_assert(quant_gemm_ws_shared<DT, STAGES>() <= 227 * 1024 - 12288, "within the backend's dynamic shared memory on Hopper");
-    static_assert(STAGES * (NT * 128 + (QG_ROWS * QuantChunk<DT>::STRIDE + 1023) / 1024 * 1024) >= NT * QG_STAGE_PITCH * 4,
-                  "the buffers hold the staged outputs");
     using Q = QuantChunk<DT>;
     constexpr int XB = NT * 128;
     constexpr int SB = XB + (QG_ROWS * Q::STRIDE + 1023) / 1024 * 1024;
+    static_assert(STAGES * SB >= NT * QG_STAGE_PITCH * 4, "the buffers hold the staged outputs");
     extern __shared__ __align__(16) unsigned char fa_shared[];
     unsigned char* base = fa_shared + ((1024 - (shared_address(fa_shared) & 1023)) & 1023);
     if (dynamic_shared_bytes() < (unsigned)quant_gemm_ws_shared<DT, STAGES>()) __trap();
