@@ -334,8 +334,20 @@ int main() {
             failures += check(label, other.f, other.nt, other.shared, other.threads, {&longm}, xl.data(), rl, kl, false, 1, 0, 1, &registersAdded);
             snprintf(label, sizeof label, "%s k %d, %d tokens, added to by the copy engine and from registers: the same bits", c.name, kl, rl);
             failures += same_bits(label, added, registersAdded);
+            std::vector<float> half, registersHalf;
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), BF16 out", c.name, kl, rl);
-            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 0, 1);
+            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 0, 1, 1, &half);
+            snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block, BF16 out", c.name, kl, rl);
+            failures += check(label, other.f, other.nt, other.shared, other.threads, {&longm}, xl.data(), rl, kl, false, 0, 1, 1, &registersHalf);
+            snprintf(label, sizeof label, "%s k %d, %d tokens, BF16 outputs staged and from registers: the same bits", c.name, kl, rl);
+            failures += same_bits(label, half, registersHalf);
+            // Two matrices in one launch writing BF16 (the gating's gate and up), one of them of
+            // a row count no multiple of 8 (its outputs stored from registers).
+            Matrix gatem = make_matrix(c.dtype, 200, kl, xl, rl, rng), oddm = make_matrix(c.dtype, 44, kl, xl, rl, rng);
+            snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), two matrices, BF16 out", c.name, kl, rl);
+            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&gatem, &longm}, xl.data(), rl, kl, false, 0, 1);
+            snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), 44 rows, BF16 out", c.name, kl, rl);
+            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&oddm}, xl.data(), rl, kl, false, 0, 1);
         }
     }
     printf(failures ? "%d FAILED\n" : "all passed\n", failures);

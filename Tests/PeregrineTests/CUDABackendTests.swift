@@ -318,7 +318,7 @@ final class CUDABackendTests: XCTestCase {
     /// rows and tokens than a block takes, neither a multiple of its tile; chunk counts odd (Q8_0,
     /// Q4_0, IQ4_NL) and even; plain, with a bias, added to a residual (with the bias after), q, k
     /// and v of three row counts in one launch (and Q4_K_M's mix: Q4_K q and k in one, a Q6_K v
-    /// in another), and gate and up in one launch before the gating.
+    /// in another), and gate and up in one launch writing BF16 before the gating.
     func testQuantGemmMatchesWidening() throws {
         let gpu = try backend()
         guard gpu.driver.computeCapability == (9, 0) else { throw XCTSkip("quant_gemm needs wgmma (compute capability 9.0)") }
@@ -378,8 +378,10 @@ final class CUDABackendTests: XCTestCase {
                     }
                     let launches = fused ? (mixedV == nil ? 5 : 7) : 0
                     XCTAssertEqual(gpu.quantGemmLaunches - before, launches, "\(type): launches of quant_gemm")
-                    // These few tiles split by the rule (every launch here), or not when told.
-                    XCTAssertEqual(gpu.quantGemmSplitLaunches - splitBefore, slices == 1 ? 0 : launches, "\(type): launches in slices of k")
+                    // These few tiles split by the rule (every launch here but the gating's, whose
+                    // BF16 outputs are never split), or not when told.
+                    XCTAssertEqual(gpu.quantGemmSplitLaunches - splitBefore, slices == 1 || !fused ? 0 : launches - 1,
+                                   "\(type): launches in slices of k")
                     return [plain, biased, added, q, kv, vv, gated] + mixed
                 }
                 let widened = try run(fused: false)
@@ -390,7 +392,10 @@ final class CUDABackendTests: XCTestCase {
                     for (i, name) in names.prefix(widened.count).enumerated() {
                         let scale = widened[i].reduce(0) { max($0, abs($1)) }
                         XCTAssertGreaterThan(scale, 0)
-                        XCTAssertLessThan(maxAbsDiff(fused[i], widened[i]), 2e-5 * scale,
+                        // Gate and up are written in BF16 by both paths, each rounding its own
+                        // f32 sums: where those lie either side of a rounding boundary, a value
+                        // differs by one BF16 step (2^-8 of it) in gate or up.
+                        XCTAssertLessThan(maxAbsDiff(fused[i], widened[i]), (name == "gated" ? 0x1p-8 : 2e-5) * scale,
                                           "\(type), k \(k), \(tokens) tokens, \(tokensABlock) a block\(ws ? " (warp-specialized)" : ""), "
                                               + "\(slices == 1 ? "one slice" : "slices"): \(name)")
                     }

@@ -1049,11 +1049,18 @@ public final class CUDABackend: ComputeBackend {
     /// the time. Measured on an H100 with 8 layers of the 8B shape, quant_gemm against the
     /// widening in the same run (BENCHMARKS.md, SERVING.md): in Q4_K_M, prompts of 16, 64 and
     /// 256 tokens 1.64x, 1.56x and 1.20x, batched decode steps of 16 to 256 sequences 1.8x down to
-    /// 1.2x; prompts in steps of 512 tokens, each file in one type, Q8_0 1.07x, Q4_0 1.07x,
-    /// IQ4_NL 1.08x, Q4_K 1.08x, IQ4_XS 1.55x, Q3_K 1.63x, Q2_K 1.56x, but Q6_K 0.81x (its
-    /// decoding takes the most instructions); in steps of 2,048, 0.80x (Q8_0) to 0.94x (Q3_K),
-    /// and for Q4_K_M 0.89x once quant_gemm_ws's stores went through the copy engine (0.77x before).
-    static func quantGemmDefaultTokenLimit(_ type: DType) -> Int { type == .q6_K ? 256 : 512 }
+    /// 1.2x. With its outputs through the copy engine and the gating's in BF16, each file in one
+    /// type, steps of 512 / 1,024 / 2,048 / 4,096 tokens: Q8_0 1.06x / 0.92x / 0.92x / 0.84x, Q4_0
+    /// 1.10x / 0.96x / 0.98x / 0.91x, IQ4_NL 1.11x / 0.95x / 0.97x / 0.90x, IQ4_XS 1.60x / 1.21x /
+    /// 1.11x / 0.95x, Q2_K 1.63x / 1.24x / 1.10x / 0.92x, Q6_K 0.82x / 0.71x / 0.75x / 0.68x (its
+    /// decoding takes the most instructions); the widening of IQ4_XS and Q2_K is the slowest.
+    static func quantGemmDefaultTokenLimit(_ type: DType) -> Int {
+        switch type {
+        case .q6_K: return 256
+        case .iq4_xs, .q2_K: return 2048
+        default: return 512
+        }
+    }
     /// Tokens a block of quant_gemm takes (128 or 256); nil: 256 for more than 128 tokens where
     /// that still gives every multiprocessor a block, else 128. PEREGRINE_QUANT_GEMM_TOKENS sets
     /// it for measuring; tests run both.
@@ -1174,8 +1181,8 @@ public final class CUDABackend: ComputeBackend {
     /// intermediate size a token, goes to `stackedOut`): decode steps, where the product reads
     /// the weights once for few rows.
     private static let stackedGateUpRows = 512
-    /// BF16 gate and up products with BF16 outputs for the gating (see `gatedProduct`).
-    /// PEREGRINE_NO_FUSED_GATE_UP=1 keeps two products with f32 outputs, to measure against.
+    /// BF16 and quantized gate and up products with BF16 outputs for the gating (see
+    /// `gatedProduct`). PEREGRINE_NO_FUSED_GATE_UP=1 keeps f32 outputs, to measure against.
     private let fusedGateUp = ProcessInfo.processInfo.environment["PEREGRINE_NO_FUSED_GATE_UP"] == nil
 
     /// A stacked q/k/v product's rows (in `stackedOut`) not yet parted into their outputs, and
@@ -1280,14 +1287,17 @@ public final class CUDABackend: ComputeBackend {
         if rows == oneToken, up.rows == gate.rows, matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: nil) { return }
         if usesRowKernel(rows, gate), gate.dtype == up.dtype {
             rowKernel(x, rows: rows, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2)
-        } else if fusedGateUp, gateBias == nil, upBias == nil, gate.rows == up.rows, gate.dtype == .bf16, up.dtype == .bf16 {
-            // The products write BF16 values (cuBLAS rounds its f32 sums), which the gating
-            // reads: half the bytes of f32 each way (a 8192-token step of the 8B shape wrote and
-            // read 2.6 GB a layer for it). Up to `stackedGateUpRows` tokens, gate and up are one
-            // product over the two matrices where `weights` placed them together (one cuBLAS
-            // product fewer a layer in a decode step), its rows [gate | up]; past that, two
-            // products into the two halves of `scratch`. Not F16 weights: a gate past 65,504
-            // would become infinite there, and its gating NaN, where f32 keeps it finite.
+        } else if fusedGateUp, gateBias == nil, upBias == nil, gate.rows == up.rows, gate.dtype == up.dtype,
+                  gate.dtype == .bf16 || !gate.dtype.isFloat {
+            // The products write BF16 values (cuBLAS and quant_gemm round their f32 sums), which
+            // the gating reads: half the bytes of f32 each way (a 8192-token step of the 8B shape
+            // wrote and read 2.6 GB a layer for it). Up to `stackedGateUpRows` tokens, BF16 gate
+            // and up are one product over the two matrices where `weights` placed them together
+            // (one cuBLAS product fewer a layer in a decode step), its rows [gate | up]; past
+            // that, and for quantized weights (one quant_gemm launch for both, or each widened
+            // to BF16 for cuBLAS), two products into the two halves of `scratch`. Not F16
+            // weights: a gate past 65,504 would become infinite there, and its gating NaN, where
+            // f32 keeps it finite.
             let ff = gate.rows
             let g: CUDADriver.DevicePointer, u: CUDADriver.DevicePointer, stride: Int
             if rows <= CUDABackend.stackedGateUpRows, stacked([gate, up]) {
@@ -1296,9 +1306,12 @@ public final class CUDABackend: ComputeBackend {
                                                        byteOffset: gate.byteOffset), bias: nil, out: stackedOut, accumulate: false, halfOut: true)
                 (g, u, stride) = (stackedOut.pointer, stackedOut.pointer + UInt64(2 * ff), 2 * ff)
             } else {
-                gemm(x, rows: rows, weight: gate, bias: nil, out: scratch, accumulate: false, halfOut: true)
                 let upOut = scratch.pointer + UInt64(2 * rows * ff)
-                gemm(x, rows: rows, weight: up, bias: nil, out: scratch, outPointer: upOut, accumulate: false, halfOut: true)
+                if gate.dtype.isFloat || !quantGemm(x, rows: rows, [(gate, nil, scratch.pointer), (up, nil, upOut)], accumulate: false,
+                                                    halfOut: true) {
+                    gemm(x, rows: rows, weight: gate, bias: nil, out: scratch, accumulate: false, halfOut: true)
+                    gemm(x, rows: rows, weight: up, bias: nil, out: scratch, outPointer: upOut, accumulate: false, halfOut: true)
+                }
                 (g, u, stride) = (scratch.pointer, upOut, ff)
             }
             // The down projection that reads `out` is of the gate's type in the families we load;

@@ -4322,46 +4322,54 @@ __device__ __forceinline__ void quant_gemm_store(const float (&acc)[NT / 8][4], 
     }
 }
 
-// quant_gemm_ws's stores of f32 outputs: the two consuming warpgroups (256 threads) write their
-// accumulators into shared memory, a token's 128 outputs in a row, and each thread hands one
-// token's row to the copy engine: written (y = v, plus the bias), or added to y in L2 where the
-// block adds (accumulate, or a slice of k: y += v, plus the bias in slice 0). The values and
-// their one rounding are quant_gemm_store's. A token's row is 528 bytes apart from the next, so
-// a warp's stores of four tokens for eight rows fall in 32 banks. Storing from registers took
-// the block's stores and the next block's first copies out of the tensor cores' time: 20% of a
-// 2,048-token step's time went there (BENCHMARKS.md). Past the main loop every buffer is free
-// once both warpgroups' products are complete (the barrier). The host's shapes fit it: a row of
-// outputs a multiple of four values, y 16-byte aligned (quant_gemm_ws takes quant_gemm_store
-// otherwise, and for BF16 outputs or an added-to output with a bias).
+// quant_gemm_ws's stores: the two consuming warpgroups (256 threads) write their accumulators
+// into shared memory, a token's 128 outputs in a row, and each thread hands one token's row to
+// the copy engine: f32 outputs written (y = v, plus the bias), or added to y in L2 where the block
+// adds (accumulate, or a slice of k: y += v, plus the bias in slice 0); BF16 outputs (`half`: the
+// gating's gate and up) written, rounded once as quant_gemm_store rounds them. The values and
+// their one rounding are quant_gemm_store's. A token's f32 row is 528 bytes apart from the next
+// (a BF16 row 272), so a warp's stores of four tokens for eight rows fall in distinct banks.
+// Storing from registers took the block's stores and the next block's first copies out of the
+// tensor cores' time: 20% of a 2,048-token step's time went there (BENCHMARKS.md). Past the main
+// loop every buffer is free once both warpgroups' products are complete (the barrier). The host's
+// shapes fit it: a row of outputs a multiple of 16 bytes, y 16-byte aligned (quant_gemm_ws takes
+// quant_gemm_store otherwise, and for an added-to BF16 output or an added-to output with a bias).
 #define QG_STAGE_PITCH (QG_ROWS + 4)
+#define QG_STAGE_PITCH_HALF (QG_ROWS + 8)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PEREGRINE_CUDA_EMULATOR)
-template <int NT>
+template <bool HALF> struct QuantGemmStaged { using T = float; };
+template <> struct QuantGemmStaged<true> { using T = __nv_bfloat16; };
+template <int NT, bool HALF>
 __device__ __forceinline__ void quant_gemm_store_staged(const float (&acc)[NT / 8][4], const QuantGemmTile& g, int r, int c, int rows,
                                                         bool add, unsigned char* area) {
-    float* stage = (float*)area;
-    const bool bias = g.bias && (gridDim.z == 1 || blockIdx.z == 0);
+    using T = typename QuantGemmStaged<HALF>::T;
+    constexpr int P = HALF ? QG_STAGE_PITCH_HALF : QG_STAGE_PITCH;
+    T* stage = (T*)area;
+    const bool bias = !HALF && g.bias && (gridDim.z == 1 || blockIdx.z == 0);
     const int o = g.o0 + r;
     named_barrier_sync(1, 256);
     auto put = [&](float b0, float b1, auto value) {
 #pragma unroll
         for (int i = 0; i < NT / 8; i++) {
-            float* at = stage + (2 * c + 8 * i) * QG_STAGE_PITCH + r;
+            T* at = stage + (2 * c + 8 * i) * P + r;
             at[0] = value(acc[i][0], b0);
-            at[QG_STAGE_PITCH] = value(acc[i][1], b0);
+            at[P] = value(acc[i][1], b0);
             at[8] = value(acc[i][2], b1);
-            at[QG_STAGE_PITCH + 8] = value(acc[i][3], b1);
+            at[P + 8] = value(acc[i][3], b1);
         }
     };
-    if (bias) put(o < g.n ? g.bias[o] : 0.f, o + 8 < g.n ? g.bias[o + 8] : 0.f, [](float v, float b) { return v + b; });
+    if constexpr (HALF) put(0.f, 0.f, [](float v, float) { return __float2bfloat16_rn(v); });
+    else if (bias) put(o < g.n ? g.bias[o] : 0.f, o + 8 < g.n ? g.bias[o + 8] : 0.f, [](float v, float b) { return v + b; });
     else put(0.f, 0.f, [](float v, float) { return v; });
     fence_proxy_async();
     named_barrier_sync(1, 256);
     const int p = threadIdx.x, t = g.t0 + p;
     if (t >= rows) return;
-    const unsigned bytes = 4u * (unsigned)min(QG_ROWS, g.n - g.o0);
-    float* y = (float*)g.y + (long)t * g.n + g.o0;
-    if (add) bulk_reduce_add(y, stage + p * QG_STAGE_PITCH, bytes);
-    else bulk_store(y, stage + p * QG_STAGE_PITCH, bytes);
+    const unsigned bytes = (unsigned)sizeof(T) * (unsigned)min(QG_ROWS, g.n - g.o0);
+    T* y = (T*)g.y + (long)t * g.n + g.o0;
+    if constexpr (HALF) bulk_store(y, stage + p * P, bytes);
+    else if (add) bulk_reduce_add(y, stage + p * P, bytes);
+    else bulk_store(y, stage + p * P, bytes);
     bulk_commit();
     bulk_wait_read();
 }
@@ -4517,8 +4525,8 @@ QUANT_GEMM(quant_gemm_q2_K_t256, 10, 256, 4, 1)
 // would hold the other). The copiers need few registers and give theirs to the consumers
 // (setmaxnreg: 40 against 232 a thread, of the 168 a launch of 384 threads starts with), whose 256
 // tokens' accumulators take 128. The tile and the decoding (QuantChunk) are the form above's, and
-// its f32 outputs leave through shared memory and the copy engine (quant_gemm_store_staged), with
-// the same bits as that form's stores. On an H100 it ran 4-9% faster than the form above, and the
+// its outputs (f32, or BF16 for the gating) leave through shared memory and the copy engine
+// (quant_gemm_store_staged), with the same bits as that form's stores. On an H100 it ran 4-9% faster than the form above, and the
 // staged stores took a 2,048-token step's products from 0.77x to 0.89x the widening's speed
 // (BENCHMARKS.md, which also has what leaving out the decoding or the products would gain).
 #define QGW_THREADS 384
@@ -4620,9 +4628,11 @@ __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, v
     }
     wgmma_wait<0>();
     hold_all(acc);
-    const bool split = gridDim.z > 1;
-    if (!halfOut && !(accumulate && !split && g.bias) && g.n % 4 == 0 && ((unsigned long long)g.y & 15) == 0)
-        quant_gemm_store_staged<NT>(acc, g, r, c, rows, accumulate || split, base);
+    const bool split = gridDim.z > 1, aligned = ((unsigned long long)g.y & 15) == 0;
+    if (halfOut && !accumulate && g.n % 8 == 0 && aligned)
+        quant_gemm_store_staged<NT, true>(acc, g, r, c, rows, false, base);
+    else if (!halfOut && !(accumulate && !split && g.bias) && g.n % 4 == 0 && aligned)
+        quant_gemm_store_staged<NT, false>(acc, g, r, c, rows, accumulate || split, base);
     else
         quant_gemm_store<NT>(acc, g, r, c, rows, accumulate, halfOut);
 #endif
