@@ -1052,12 +1052,13 @@ public final class CUDABackend: ComputeBackend {
     /// 1.2x. With its outputs through the copy engine and the gating's in BF16, each file in one
     /// type, steps of 512 / 1,024 / 2,048 / 4,096 tokens: Q8_0 1.06x / 0.92x / 0.92x / 0.84x, Q4_0
     /// 1.10x / 0.96x / 0.98x / 0.91x, IQ4_NL 1.11x / 0.95x / 0.97x / 0.90x, IQ4_XS 1.60x / 1.21x /
-    /// 1.11x / 0.95x, Q2_K 1.63x / 1.24x / 1.10x / 0.92x, Q6_K 0.82x / 0.71x / 0.75x / 0.68x (its
-    /// decoding takes the most instructions); the widening of IQ4_XS and Q2_K is the slowest.
+    /// 1.11x / 0.95x, Q2_K 1.63x / 1.24x / 1.10x / 0.92x, Q3_K 1.62x / 1.19x / 1.05x / 0.84x, Q6_K
+    /// 0.82x / 0.71x / 0.75x / 0.68x (its decoding takes the most instructions); the widening of
+    /// IQ4_XS, Q2_K and Q3_K is the slowest.
     static func quantGemmDefaultTokenLimit(_ type: DType) -> Int {
         switch type {
         case .q6_K: return 256
-        case .iq4_xs, .q2_K: return 2048
+        case .iq4_xs, .q2_K, .q3_K: return 2048
         default: return 512
         }
     }
