@@ -341,13 +341,15 @@ int main() {
             failures += check(label, other.f, other.nt, other.shared, other.threads, {&longm}, xl.data(), rl, kl, false, 0, 1, 1, &registersHalf);
             snprintf(label, sizeof label, "%s k %d, %d tokens, BF16 outputs staged and from registers: the same bits", c.name, kl, rl);
             failures += same_bits(label, half, registersHalf);
-            // Two matrices in one launch writing BF16 (the gating's gate and up), one of them of
-            // a row count no multiple of 8 (its outputs stored from registers).
+            // Two matrices in one launch writing BF16 (the gating's gate and up), and one of 200
+            // rows beside one of 44 (no multiple of 8: its blocks store from registers, the
+            // other's through the copy engine).
             Matrix gatem = make_matrix(c.dtype, 200, kl, xl, rl, rng), oddm = make_matrix(c.dtype, 44, kl, xl, rl, rng);
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), two matrices, BF16 out", c.name, kl, rl);
             failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&gatem, &longm}, xl.data(), rl, kl, false, 0, 1);
-            snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), 44 rows, BF16 out", c.name, kl, rl);
-            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&oddm}, xl.data(), rl, kl, false, 0, 1);
+            snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), 200 and 44 rows, BF16 out", c.name, kl,
+                     rl);
+            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&gatem, &oddm}, xl.data(), rl, kl, false, 0, 1);
         }
     }
     printf(failures ? "%d FAILED\n" : "all passed\n", failures);

@@ -318,7 +318,7 @@ final class CUDABackendTests: XCTestCase {
     /// rows and tokens than a block takes, neither a multiple of its tile; chunk counts odd (Q8_0,
     /// Q4_0, IQ4_NL) and even; plain, with a bias, added to a residual (with the bias after), q, k
     /// and v of three row counts in one launch (and Q4_K_M's mix: Q4_K q and k in one, a Q6_K v
-    /// in another), and gate and up in one launch writing BF16 before the gating.
+    /// in another), and gate and up in one launch before the gating (writing BF16 in one slice).
     func testQuantGemmMatchesWidening() throws {
         let gpu = try backend()
         guard gpu.driver.computeCapability == (9, 0) else { throw XCTSkip("quant_gemm needs wgmma (compute capability 9.0)") }
@@ -329,7 +329,7 @@ final class CUDABackendTests: XCTestCase {
         // 200 tokens (two tiles of 128, one of 256) and 16, a batch of decode steps. These few
         // tiles take k in slices (split-K) by the backend's rule, added into the outputs; each
         // case also runs in one slice, as products of many tiles do.
-        let n = 300
+        let n = 296  // a multiple of 8, as quant_gemm_ws's stores through the copy engine need for BF16 outputs
         for tokens in [200, 16] {
             for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.iq4_xs, 1024), (.q4_K, 1024), (.q6_K, 1024), (.q3_K, 1024),
                               (.q2_K, 1024)] {
@@ -369,6 +369,10 @@ final class CUDABackendTests: XCTestCase {
                     let added = try read(out, tokens * n)
                     gpu.matmul3(xb, rows: tokens, (weight, bias, out), (kw, nil, kOut), (vw, nil, vOut))
                     let (q, kv, vv) = (try read(out, tokens * n), try read(kOut, tokens * 72), try read(vOut, tokens * 40))
+                    // Whatever the gating does not write stays NaN (the run before wrote the
+                    // same values to the same places).
+                    let poison = [Float](repeating: .nan, count: tokens * n)
+                    poison.withUnsafeBufferPointer { gpu.write($0, to: out, offset: 0); gpu.write($0, to: scratch, offset: 0) }
                     gpu.gatedProduct(xb, rows: tokens, gate: weight, gateBias: nil, up: up, upBias: nil, activation: .silu, out: out, scratch: scratch)
                     let gated = try read(out, tokens * n)
                     var mixed: [[Float]] = []
@@ -378,10 +382,9 @@ final class CUDABackendTests: XCTestCase {
                     }
                     let launches = fused ? (mixedV == nil ? 5 : 7) : 0
                     XCTAssertEqual(gpu.quantGemmLaunches - before, launches, "\(type): launches of quant_gemm")
-                    // These few tiles split by the rule (every launch here but the gating's, whose
-                    // BF16 outputs are never split), or not when told.
-                    XCTAssertEqual(gpu.quantGemmSplitLaunches - splitBefore, slices == 1 || !fused ? 0 : launches - 1,
-                                   "\(type): launches in slices of k")
+                    // These few tiles split by the rule (every launch here; the gating's then keeps
+                    // f32 outputs, as BF16 ones are never split), or not when told.
+                    XCTAssertEqual(gpu.quantGemmSplitLaunches - splitBefore, slices == 1 ? 0 : launches, "\(type): launches in slices of k")
                     return [plain, biased, added, q, kv, vv, gated] + mixed
                 }
                 let widened = try run(fused: false)
@@ -392,10 +395,11 @@ final class CUDABackendTests: XCTestCase {
                     for (i, name) in names.prefix(widened.count).enumerated() {
                         let scale = widened[i].reduce(0) { max($0, abs($1)) }
                         XCTAssertGreaterThan(scale, 0)
-                        // Gate and up are written in BF16 by both paths, each rounding its own
-                        // f32 sums: where those lie either side of a rounding boundary, a value
-                        // differs by one BF16 step (2^-8 of it) in gate or up.
-                        XCTAssertLessThan(maxAbsDiff(fused[i], widened[i]), (name == "gated" ? 0x1p-8 : 2e-5) * scale,
+                        // The widening's gate and up are written in BF16, quant_gemm's in one
+                        // slice too (in slices, f32): where two sums lie either side of a
+                        // rounding boundary, gate or up differs by one BF16 step (2^-8 to 2^-7
+                        // of it), which the gating may enlarge a little.
+                        XCTAssertLessThan(maxAbsDiff(fused[i], widened[i]), (name == "gated" ? 0x1p-6 : 2e-5) * scale,
                                           "\(type), k \(k), \(tokens) tokens, \(tokensABlock) a block\(ws ? " (warp-specialized)" : ""), "
                                               + "\(slices == 1 ? "one slice" : "slices"): \(name)")
                     }

@@ -924,7 +924,7 @@ public final class CUDABackend: ComputeBackend {
 
     /// out (+)= x @ W^T through cuBLAS (see `cublasProduct`), the bias added after.
     /// `outPointer` places the output inside `out` (at its start by default); `halfOut` writes it
-    /// in the weight's 16-bit type (a 16-bit weight, no bias).
+    /// in the 16-bit type the product runs in (the weight's, or BF16 for a quantized one; no bias).
     private func gemm(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer,
                       outPointer: CUDADriver.DevicePointer? = nil, accumulate: Bool, halfOut: Bool = false) {
         let outDim = weight.rows, k = weight.cols
@@ -1078,33 +1078,44 @@ public final class CUDABackend: ComputeBackend {
     /// ones in more than one slice of k, for tests.
     private(set) var quantGemmLaunches = 0, quantGemmSplitLaunches = 0
 
-    /// Up to three products of quantized weights over the same `rows` tokens of x in one
-    /// quant_gemm launch, if one takes them (false: nothing launched): no more tokens than
-    /// `quantGemmTokenLimit` (by default the type's), too many for the row kernel (which
-    /// --deterministic keeps for every count), a compute capability 9.0 device (wgmma), one type
-    /// with kernels, rows of one length, a multiple of the kernels' chunk of 64 values, and the
-    /// kernel's shared memory within the device's. Split into slices of k, the outputs are zeroed
-    /// first (`zero_floats`) unless added to. `halfOut` writes BF16 outputs (no bias; never split).
-    private func quantGemm(_ x: CUDABuffer, rows: Int, _ p: [(weight: CUDAWeight, bias: CUDAWeight?, out: CUDADriver.DevicePointer)],
-                           accumulate: Bool, halfOut: Bool = false) -> Bool {
-        let w = p[0].weight, k = w.cols
-        guard rows <= quantGemmTokenLimit ?? CUDABackend.quantGemmDefaultTokenLimit(w.dtype), !usesRowKernel(rows, w), driver.computeCapability == (9, 0), k > 0, k % 64 == 0, p.count <= 3,
-              p.allSatisfy({ $0.weight.dtype == w.dtype && $0.weight.cols == k }),
-              let kernels = CUDABackend.quantGemmKernels[w.dtype] else { return false }
-        let rowTiles = p.reduce(0) { $0 + ($1.weight.rows + CUDABackend.quantGemmRows - 1) / CUDABackend.quantGemmRows }
+    /// How quant_gemm would take products of `weights` over `rows` tokens (nil: it would not): no
+    /// more tokens than `quantGemmTokenLimit` (by default the type's), too many for the row
+    /// kernel (which --deterministic keeps for every count), a compute capability 9.0 device
+    /// (wgmma), one type with kernels, rows of one length, a multiple of the kernels' chunk of 64
+    /// values, and the kernel's shared memory within the device's. `tiles` counts the blocks of
+    /// one slice of k; `slices` is what the rule below gives (or `quantGemmSlices`).
+    private func quantGemmPlan(rows: Int, _ weights: [CUDAWeight])
+        -> (kernel: QuantGemmKernel, tokenTiles: Int, rowTiles: Int, tiles: Int, slices: Int)? {
+        let w = weights[0], k = w.cols
+        guard rows <= quantGemmTokenLimit ?? CUDABackend.quantGemmDefaultTokenLimit(w.dtype), !usesRowKernel(rows, w), driver.computeCapability == (9, 0), k > 0, k % 64 == 0, weights.count <= 3,
+              weights.allSatisfy({ $0.dtype == w.dtype && $0.cols == k }),
+              let kernels = CUDABackend.quantGemmKernels[w.dtype] else { return nil }
+        let rowTiles = weights.reduce(0) { $0 + ($1.rows + CUDABackend.quantGemmRows - 1) / CUDABackend.quantGemmRows }
         let tokens = quantGemmTokens ?? (rows > 128 && (rows + 255) / 256 * rowTiles >= driver.multiprocessors ? 256 : 128)
         let warpSpecialized = tokens == 256 && (quantGemmWarpSpecialized ?? true)
         guard let kernel = kernels.first(where: { $0.tokens == tokens && $0.warpSpecialized == warpSpecialized }),
-              kernel.shared <= CUDABackend.dynamicSharedLimit(driver),
-              let b = gemmInput(x.pointer, count: rows * k, for: w.dtype) else { return false }
-        for q in p { productWrites(q.out, count: q.weight.rows * rows) }
+              kernel.shared <= CUDABackend.dynamicSharedLimit(driver) else { return nil }
         // Few tokens make few tiles (a decode step of 16 sequences: 32 for the 8B shape's down
         // projection, on 132 multiprocessors that each hold two), so each tile's k is parted
         // among slices, as many as bring the blocks to what the GPU holds at once, of at least
         // four chunks each; their sums are added into outputs zeroed first (or the residual).
         let tokenTiles = (rows + kernel.tokens - 1) / kernel.tokens, tiles = tokenTiles * rowTiles
         let chunks = k / 64, resident = (kernel.tokens == 128 ? 2 : 1) * driver.multiprocessors
-        let slices = halfOut ? 1 : max(1, quantGemmSlices.map { min($0, chunks) } ?? min(chunks / 4, (resident + tiles - 1) / tiles))
+        let slices = max(1, quantGemmSlices.map { min($0, chunks) } ?? min(chunks / 4, (resident + tiles - 1) / tiles))
+        return (kernel, tokenTiles, rowTiles, tiles, slices)
+    }
+
+    /// Up to three products of quantized weights over the same `rows` tokens of x in one
+    /// quant_gemm launch, if one takes them (false: nothing launched; see `quantGemmPlan`). Split
+    /// into slices of k, the outputs are zeroed first (`zero_floats`) unless added to. `halfOut`
+    /// writes BF16 outputs (no bias; never split, as the slices' sums are added in f32).
+    private func quantGemm(_ x: CUDABuffer, rows: Int, _ p: [(weight: CUDAWeight, bias: CUDAWeight?, out: CUDADriver.DevicePointer)],
+                           accumulate: Bool, halfOut: Bool = false) -> Bool {
+        let k = p[0].weight.cols
+        guard let plan = quantGemmPlan(rows: rows, p.map(\.weight)),
+              let b = gemmInput(x.pointer, count: rows * k, for: p[0].weight.dtype) else { return false }
+        let kernel = plan.kernel, slices = halfOut ? 1 : plan.slices
+        for q in p { productWrites(q.out, count: q.weight.rows * rows) }
         if slices > 1, !accumulate {
             let counts = p.map { $0.weight.rows * rows }
             launch("zero_floats", grid: blocks(counts.reduce(0, +)), block: 256) { a in
@@ -1116,7 +1127,7 @@ public final class CUDABackend: ComputeBackend {
         }
         quantGemmLaunches += 1
         if slices > 1 { quantGemmSplitLaunches += 1 }
-        launch(kernel.name, grid: (tokenTiles, rowTiles, slices), block: kernel.threads, shared: kernel.shared) { a in
+        launch(kernel.name, grid: (plan.tokenTiles, plan.rowTiles, slices), block: kernel.threads, shared: kernel.shared) { a in
             a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out, p[i].weight.rows) }
             a.ptr(b); a.i32(rows); a.i32(k); a.i32(accumulate ? 1 : 0); a.i32(halfOut ? 1 : 0)
         }
@@ -1289,7 +1300,7 @@ public final class CUDABackend: ComputeBackend {
         if usesRowKernel(rows, gate), gate.dtype == up.dtype {
             rowKernel(x, rows: rows, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2)
         } else if fusedGateUp, gateBias == nil, upBias == nil, gate.rows == up.rows, gate.dtype == up.dtype,
-                  gate.dtype == .bf16 || !gate.dtype.isFloat {
+                  gate.dtype == .bf16 || !gate.dtype.isFloat && halfGatingPays(rows: rows, gate, up) {
             // The products write BF16 values (cuBLAS and quant_gemm round their f32 sums), which
             // the gating reads: half the bytes of f32 each way (a 8192-token step of the 8B shape
             // wrote and read 2.6 GB a layer for it). Up to `stackedGateUpRows` tokens, BF16 gate
@@ -1331,6 +1342,16 @@ public final class CUDABackend: ComputeBackend {
             // The down projection that reads `out` is of the gate's type in the families we load.
             siluMul(gate: out, up: scratch, count: rows * up.rows, out: out, rows: rows, for: gate)
         }
+    }
+
+    /// Whether quantized gate and up should write BF16 for the gating: unless quant_gemm would
+    /// part k among slices for a launch whose tiles alone do not fill the GPU (a small model's
+    /// few tokens), as BF16 outputs are never split. With tiles enough (the 8B shape's 224 at 16
+    /// to 256 tokens) one slice writing BF16 measured as fast as two in f32 at 16 sequences, and
+    /// 3-6% faster at 64 and 256 (BENCHMARKS.md).
+    private func halfGatingPays(rows: Int, _ gate: CUDAWeight, _ up: CUDAWeight) -> Bool {
+        guard let plan = quantGemmPlan(rows: rows, [gate, up]) else { return true }
+        return plan.slices == 1 || plan.tiles >= driver.multiprocessors
     }
 
     public func normMatmul3(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int,

@@ -4325,7 +4325,7 @@ __device__ __forceinline__ void quant_gemm_store(const float (&acc)[NT / 8][4], 
 // quant_gemm_ws's stores: the two consuming warpgroups (256 threads) write their accumulators
 // into shared memory, a token's 128 outputs in a row, and each thread hands one token's row to
 // the copy engine: f32 outputs written (y = v, plus the bias), or added to y in L2 where the block
-// adds (accumulate, or a slice of k: y += v, plus the bias in slice 0); BF16 outputs (`half`: the
+// adds (accumulate, or a slice of k: y += v, plus the bias in slice 0); BF16 outputs (HALF: the
 // gating's gate and up) written, rounded once as quant_gemm_store rounds them. The values and
 // their one rounding are quant_gemm_store's. A token's f32 row is 528 bytes apart from the next
 // (a BF16 row 272), so a warp's stores of four tokens for eight rows fall in distinct banks.
@@ -4333,7 +4333,8 @@ __device__ __forceinline__ void quant_gemm_store(const float (&acc)[NT / 8][4], 
 // tensor cores' time: 20% of a 2,048-token step's time went there (BENCHMARKS.md). Past the main
 // loop every buffer is free once both warpgroups' products are complete (the barrier). The host's
 // shapes fit it: a row of outputs a multiple of 16 bytes, y 16-byte aligned (quant_gemm_ws takes
-// quant_gemm_store otherwise, and for an added-to BF16 output or an added-to output with a bias).
+// quant_gemm_store otherwise, and for an added-to or split BF16 output or an added-to output with
+// a bias).
 #define QG_STAGE_PITCH (QG_ROWS + 4)
 #define QG_STAGE_PITCH_HALF (QG_ROWS + 8)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PEREGRINE_CUDA_EMULATOR)
@@ -4629,7 +4630,7 @@ __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, v
     wgmma_wait<0>();
     hold_all(acc);
     const bool split = gridDim.z > 1, aligned = ((unsigned long long)g.y & 15) == 0;
-    if (halfOut && !accumulate && g.n % 8 == 0 && aligned)
+    if (halfOut && !accumulate && !split && g.n % 8 == 0 && aligned)
         quant_gemm_store_staged<NT, true>(acc, g, r, c, rows, false, base);
     else if (!halfOut && !(accumulate && !split && g.bias) && g.n % 4 == 0 && aligned)
         quant_gemm_store_staged<NT, false>(acc, g, r, c, rows, accumulate || split, base);
