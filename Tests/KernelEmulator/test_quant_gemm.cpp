@@ -320,27 +320,25 @@ int main() {
             }
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), added, bias", c.name, kl, rl);
             failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, true, 1, 0);
-            // Its f32 outputs go out through shared memory and the copy engine (written, or added
-            // to y); the other form stores from registers: the same bits, plain and added to.
+            // Its outputs go out through shared memory and the copy engine (f32 written or added
+            // to y, and BF16); the other form stores from registers: the same bits for each.
             const Kernel& other = kernels[1];
-            std::vector<float> registersOut, added, registersAdded;
-            snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block, plain", c.name, kl, rl);
-            failures += check(label, other.f, other.nt, other.shared, other.threads, {&longm}, xl.data(), rl, kl, false, 0, 0, 1, &registersOut);
-            snprintf(label, sizeof label, "%s k %d, %d tokens, staged stores and stores from registers: the same bits", c.name, kl, rl);
-            failures += same_bits(label, plain, registersOut);
+            auto sameAsRegisters = [&](const char* mode, int accumulate, int halfOut, const std::vector<float>& staged) {
+                std::vector<float> fromRegisters;
+                snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block, %s", c.name, kl, rl, mode);
+                int failed = check(label, other.f, other.nt, other.shared, other.threads, {&longm}, xl.data(), rl, kl, false, accumulate, halfOut,
+                                   1, &fromRegisters);
+                snprintf(label, sizeof label, "%s k %d, %d tokens, %s: staged and from registers, the same bits", c.name, kl, rl, mode);
+                return failed + same_bits(label, staged, fromRegisters);
+            };
+            failures += sameAsRegisters("plain", 0, 0, plain);
+            std::vector<float> added, half;
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), added", c.name, kl, rl);
             failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 1, 0, 1, &added);
-            snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block, added", c.name, kl, rl);
-            failures += check(label, other.f, other.nt, other.shared, other.threads, {&longm}, xl.data(), rl, kl, false, 1, 0, 1, &registersAdded);
-            snprintf(label, sizeof label, "%s k %d, %d tokens, added to by the copy engine and from registers: the same bits", c.name, kl, rl);
-            failures += same_bits(label, added, registersAdded);
-            std::vector<float> half, registersHalf;
+            failures += sameAsRegisters("added", 1, 0, added);
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), BF16 out", c.name, kl, rl);
             failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 0, 1, 1, &half);
-            snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block, BF16 out", c.name, kl, rl);
-            failures += check(label, other.f, other.nt, other.shared, other.threads, {&longm}, xl.data(), rl, kl, false, 0, 1, 1, &registersHalf);
-            snprintf(label, sizeof label, "%s k %d, %d tokens, BF16 outputs staged and from registers: the same bits", c.name, kl, rl);
-            failures += same_bits(label, half, registersHalf);
+            failures += sameAsRegisters("BF16 out", 0, 1, half);
             // Two matrices in one launch writing BF16 (the gating's gate and up), and one of 200
             // rows beside one of 44 (no multiple of 8: its blocks store from registers, the
             // other's through the copy engine).
