@@ -48,6 +48,7 @@
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
+#define __grid_constant__
 #define __restrict__ __restrict
 // Shared variables are static (thread_local: one copy per OS thread running blocks, and
 // `extern __shared__` stays a valid declaration); dynamic shared memory is below.
@@ -358,9 +359,12 @@ struct Collective {
 };
 
 // An mbarrier (a 64-bit object in shared memory, tracked here by its address): the arrivals its
-// current phase still expects, and the cp.async copies that land when the phase completes.
+// current phase still expects, its transaction count (bytes expected by arrive.expect_tx less
+// those of the TMA copies bound to it: the phase completes once both are zero), and the copies
+// (cp.async's, the TMA's) that land when the phase completes.
 struct Mbarrier {
     unsigned expected = 0, pending = 0, phase = 0;
+    long tx = 0;
     std::vector<Fiber::Copy> copies;
 };
 
@@ -685,8 +689,10 @@ inline void run_cluster_(dim3 block, void (*body)(void*), void* arg, const std::
         blockIdx = b.idx;
         for (const WgmmaQueue& q : b.wgmmas)
             if (!q.open.empty() || !q.groups.empty()) die("a block ended with wgmma instructions never waited for");
-        for (auto& [at, m] : b.mbarriers)
+        for (auto& [at, m] : b.mbarriers) {
             if (!m.copies.empty()) die("a block ended with copies whose mbarrier phase never completed");
+            if (m.tx != 0) die("a block ended with an mbarrier whose expected transaction bytes and TMA copies differ");
+        }
     }
     block_ = nullptr;
     cluster_ = nullptr;
@@ -1138,18 +1144,25 @@ inline void mbarrier_init_(unsigned long long* bar, unsigned count) {
     if (count == 0) die("mbarrier.init with a count of 0");
     Mbarrier& m = block_->mbarriers[bar];
     if (!m.copies.empty()) die("mbarrier.init over copies still bound to it");
-    m = Mbarrier{count, count, 0, {}};
+    m = Mbarrier{count, count, 0, 0, {}};
     *bar = 0;
+}
+
+// Completes m's phase (block `rank`'s barrier) once its arrivals are in and its transaction
+// bytes have landed: the copies bound to it land, the phase count goes up.
+inline void complete_if_done_(Mbarrier& m, int rank) {
+    if (m.pending == 0 && m.tx == 0) {
+        land_copies_(m.copies, rank);
+        m.phase++;
+        m.pending = m.expected;
+    }
 }
 
 // An arrival on m, block `rank`'s barrier.
 inline void arrive_on_(Mbarrier& m, int rank) {
     if (m.pending == 0) die("an mbarrier arrival its phase does not expect");
-    if (--m.pending == 0) {
-        land_copies_(m.copies, rank);
-        m.phase++;
-        m.pending = m.expected;
-    }
+    m.pending--;
+    complete_if_done_(m, rank);
 }
 
 inline void mbarrier_arrive_(const void* bar) { arrive_on_(mbarrier_(bar), block_->rank); }
@@ -1176,6 +1189,67 @@ inline void copy_arrive_(const void* bar) {
     m.copies.insert(m.copies.end(), f.openCopies.begin(), f.openCopies.end());
     f.openCopies.clear();
     mbarrier_arrive_(bar);
+}
+
+// mbarrier.arrive.expect_tx: the phase expects `bytes` more transaction bytes, then the thread
+// arrives.
+inline void arrive_expect_tx_(const void* bar, unsigned bytes) {
+    Mbarrier& m = mbarrier_(bar);
+    if (m.pending == 0) die("an mbarrier arrival its phase does not expect");
+    m.tx += bytes;
+    arrive_on_(m, block_->rank);
+}
+
+// A 2-D tensor map as the emulator keeps it in CUtensorMap's 128 bytes (emu_encode_tensor_map_2d
+// makes it as cuTensorMapEncodeTiled would the driver's): the tensor's address, its dimensions
+// (elements, innermost first), the stride of its rows in bytes, the box, the element's bytes and
+// the swizzle's span in bytes (0: none).
+struct TensorMap2D {
+    unsigned long long magic;
+    const unsigned char* address;
+    unsigned long long dim0, dim1, stride1, box0, box1, elementBytes, swizzle;
+};
+constexpr unsigned long long TENSOR_MAP_MAGIC = 0x3250414d524f534eull;
+
+// cp.async.bulk.tensor.2d...tile.mbarrier::complete_tx::bytes: the box whose first element is
+// (c0, c1), elements outside the tensor as zeros, written as the hardware does: row r of the box
+// at r times its row's bytes, and with the 128-byte swizzle each 16-byte piece's index (address
+// bits 4-6) XORed with the address's bits 7-9, so a destination not 1,024-byte aligned shows as
+// a different layout. The bytes land when the barrier's phase completes (or at issue, eagerly)
+// and count against its transaction bytes; until then the destination reads as NaNs.
+inline void tma_load_2d_(void* dst, const void* mapBytes, int c0, int c1, const void* bar) {
+    TensorMap2D map;
+    memcpy(&map, mapBytes, sizeof map);
+    if (map.magic != TENSOR_MAP_MAGIC) die("a TMA copy through a tensor map that emu_encode_tensor_map_2d did not make");
+    if ((uintptr_t)mapBytes % 64) die("a tensor map not 64-byte aligned");
+    size_t at = __cvta_generic_to_shared(dst);
+    if (at % 128) die("a TMA copy to shared memory not 128-byte aligned");
+    const unsigned long long rowBytes = map.box0 * map.elementBytes, perPiece = 16 / map.elementBytes;
+    if (at + map.box1 * rowBytes > dynamicShared) die("a TMA copy past the launch's shared memory");
+    Mbarrier& m = mbarrier_(bar);
+    for (unsigned long long r = 0; r < map.box1; r++)
+        for (unsigned long long j = 0; j < rowBytes / 16; j++) {
+            Fiber::Copy c;
+            for (unsigned long long i = 0; i < perPiece; i++) {
+                long long e = (long long)c0 + (long long)(j * perPiece + i), row = (long long)c1 + (long long)r;
+                unsigned char* to = c.bytes + i * map.elementBytes;
+                if (e >= 0 && row >= 0 && (unsigned long long)e < map.dim0 && (unsigned long long)row < map.dim1)
+                    memcpy(to, map.address + row * map.stride1 + e * map.elementBytes, map.elementBytes);
+                else
+                    memset(to, 0, map.elementBytes);
+            }
+            size_t a = at + r * rowBytes + 16 * j;
+            if (map.swizzle == 128) a ^= ((a >> 7) & 7) << 4;
+            c.dst = fa_shared + a;
+            if (eager_async_()) {
+                memcpy(c.dst, c.bytes, 16);
+            } else {
+                memset(c.dst, 0xff, 16);
+                m.copies.push_back(c);
+            }
+        }
+    m.tx -= (long)(map.box1 * rowBytes);
+    complete_if_done_(m, block_->rank);
 }
 
 // Clusters (distributed shared memory). A shared::cluster address (mapa's result) is, here,
@@ -1246,6 +1320,28 @@ inline void mbarrier_init(unsigned long long* bar, unsigned count) { emu::mbarri
 inline void mbarrier_arrive(unsigned long long* bar) { emu::mbarrier_arrive_(bar); }
 inline void mbarrier_wait(unsigned long long* bar, unsigned parity) { emu::mbarrier_wait_(bar, parity); }
 inline void copy_arrive(unsigned long long* bar) { emu::copy_arrive_(bar); }
+// fence.mbarrier_init (nothing to order here), mbarrier.arrive.expect_tx.shared::cta.b64 and the
+// TMA's 2-D tile copy (cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes).
+inline void fence_mbarrier_init() {}
+inline void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned bytes) { emu::arrive_expect_tx_(bar, bytes); }
+inline void tma_load_2d(void* dst, const void* map, int c0, int c1, unsigned long long* bar) { emu::tma_load_2d_(dst, map, c0, c1, bar); }
+// The emulator's cuTensorMapEncodeTiled for a 2-D tensor (rank 2, element strides 1, no
+// interleave), with the driver's checks on what it is given; swizzle in bytes (0, 32, 64, 128).
+inline void emu_encode_tensor_map_2d(void* map, const void* address, unsigned long long dim0, unsigned long long dim1, unsigned long long stride1,
+                                     unsigned box0, unsigned box1, unsigned elementBytes, unsigned swizzle) {
+    if ((uintptr_t)map % 64) emu::die("a tensor map not 64-byte aligned");
+    if ((uintptr_t)address % 16) emu::die("a tensor map's address not 16-byte aligned");
+    if (stride1 % 16 || stride1 < dim0 * elementBytes) emu::die("a tensor map's row stride not a multiple of 16 bytes, or shorter than a row");
+    if (box0 == 0 || box1 == 0 || box0 > 256 || box1 > 256) emu::die("a tensor map's box dimension outside 1-256");
+    if ((box0 * elementBytes) % 16) emu::die("a tensor map's inner box not a multiple of 16 bytes");
+    if (swizzle != 0 && swizzle != 32 && swizzle != 64 && swizzle != 128) emu::die("a tensor map's swizzle not 0, 32, 64 or 128 bytes");
+    if (swizzle && box0 * elementBytes > swizzle) emu::die("a tensor map's inner box wider than its swizzle's span");
+    if (swizzle && swizzle != 128) emu::die("the emulator models the 128-byte swizzle only");
+    if (swizzle == 128 && box0 * elementBytes != 128) emu::die("the emulator models the 128-byte swizzle over 128-byte rows only");
+    emu::TensorMap2D m{emu::TENSOR_MAP_MAGIC, (const unsigned char*)address, dim0, dim1, stride1, box0, box1, elementBytes, swizzle};
+    memset(map, 0, 128);
+    memcpy(map, &m, sizeof m);
+}
 // cp.async.bulk.global.shared::cta.bulk_group and cp.reduce.async.bulk...add.f32 (done at once,
 // the sum of each float atomic as in L2), cp.async.bulk.commit_group and wait_group.read 0.
 namespace emu {

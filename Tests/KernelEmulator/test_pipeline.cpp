@@ -8,7 +8,10 @@
 // and read shared memory the producers have not filled: the emulator's NaN fill, or a copy's
 // poison), so the tests show the emulator catches a missing wait rather than passing by luck
 // (over at most STAGES chunks: past them the broken counts deadlock, which the emulator reports
-// and stops on).
+// and stops on). Then the TMA's 2-D tile copy (quant_gemm_ws's activations): a box of a tensor
+// into shared memory with the 128-byte swizzle, against the pattern the hardware documents (the
+// 16-byte piece j of row r at piece j ^ (r % 8) of its 128-byte row) and zeros past the
+// tensor's rows.
 #include "cuda_emulator.h"
 #include "../../Sources/Peregrine/Backend/CUDA/Kernels.cu"
 #include "test_util.h"
@@ -78,6 +81,30 @@ static __global__ void mbarrier_pipeline(const float* in, float* out, int chunks
     }
 }
 
+// 128 threads: thread 0 initializes the barrier, then copies the box of TMA_ROWS rows by 64
+// 16-bit values at (c0, c1) with the TMA, its arrival expecting the box's bytes; every thread
+// waits for the phase and writes its share of the box out, unswizzled.
+constexpr int TMA_ROWS = 256, TMA_SHARED = TMA_ROWS * 128 + 16;
+static __global__ void tma_box(const TensorMap map, unsigned short* out, int c0, int c1) {
+    extern __shared__ __align__(16) unsigned char fa_shared[];
+    unsigned long long* bar = (unsigned long long*)(fa_shared + TMA_ROWS * 128);
+    int t = threadIdx.x;
+    if (t == 0) {
+        mbarrier_init(bar, 1);
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+    if (t == 0) {
+        mbarrier_arrive_expect_tx(bar, TMA_ROWS * 128);
+        tma_load_2d(fa_shared, &map, c0, c1, bar);
+    }
+    mbarrier_wait(bar, 0);
+    for (int i = t; i < TMA_ROWS * 64; i += blockDim.x) {
+        int r = i / 64, e = i % 64;
+        memcpy(&out[i], fa_shared + r * 128 + (((e / 8) ^ (r & 7)) << 4) + 2 * (e % 8), 2);
+    }
+}
+
 static bool check(const char* label, const std::vector<float>& got, const std::vector<double>& want, bool expectRight) {
     double worst = 0;
     for (int i = 0; i < COLUMNS; i++) {
@@ -115,6 +142,28 @@ int main() {
             emu::launch(mbarrier_pipeline, dim3(1), dim3(160), SHARED, in.data(), out.data(), chunks, skip);
             snprintf(label, sizeof label, "mbarriers and cp.async, %d chunk%s%s", chunks, chunks > 1 ? "s" : "", skip ? ", no wait for full" : "");
             ok &= check(label, out, want, !skip);
+        }
+    }
+    // A tensor of 300 rows by 192 values: a box inside it, and one whose last 100 rows lie past it.
+    {
+        const int rows = 300, cols = 192;
+        std::vector<unsigned short> tensor((size_t)rows * cols);
+        for (size_t i = 0; i < tensor.size(); i++) tensor[i] = (unsigned short)(i * 2654435761u >> 16 | 1);
+        TensorMap map;
+        emu_encode_tensor_map_2d(&map, tensor.data(), cols, rows, 2 * cols, 64, TMA_ROWS, 2, 128);
+        const struct { int c0, c1; const char* what; } boxes[] = {{64, 0, "inside the tensor"}, {128, 200, "100 rows past its end"}};
+        for (const auto& b : boxes) {
+            std::vector<unsigned short> out((size_t)TMA_ROWS * 64, 0xffff);
+            emu::launch(tma_box, dim3(1), dim3(128), TMA_SHARED, map, out.data(), b.c0, b.c1);
+            long wrong = 0;
+            for (int r = 0; r < TMA_ROWS; r++)
+                for (int e = 0; e < 64; e++) {
+                    unsigned short want = b.c1 + r < rows ? tensor[(size_t)(b.c1 + r) * cols + b.c0 + e] : 0;
+                    wrong += out[(size_t)r * 64 + e] != want;
+                }
+            printf("%s TMA box of %d rows by 64 values at (%d, %d), %s: %ld values differ\n", wrong ? "FAIL" : "ok  ", TMA_ROWS, b.c0, b.c1,
+                   b.what, wrong);
+            ok &= wrong == 0;
         }
     }
     printf(ok ? "pipeline: all passed\n" : "pipeline: FAILED\n");

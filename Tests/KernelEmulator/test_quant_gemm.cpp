@@ -123,12 +123,26 @@ Matrix make_matrix(int dtype, int n, int k, const std::vector<unsigned short>& x
 
 using QuantGemm = void (*)(const void*, const float*, void*, int, const void*, const float*, void*, int, const void*, const float*, void*,
                            int, const unsigned short*, int, int, int, int);
+// The warp-specialized form's: the same, then the tensor map of x its TMA copies read.
+using QuantGemmWs = void (*)(const void*, const float*, void*, int, const void*, const float*, void*, int, const void*, const float*, void*,
+                             int, const unsigned short*, int, int, int, int, TensorMap);
+
+// A kernel under test: `f` (the forms of 128 and 256 tokens) or `ws` (the warp-specialized one),
+// the tokens a block takes, its shared memory and threads.
+struct Kernel {
+    QuantGemm f = nullptr;
+    int nt = 0;
+    size_t shared = 0;
+    int threads = 256;
+    QuantGemmWs ws = nullptr;
+};
 
 // One launch over `ms` (one to three matrices), each checked against its reference; `slices` of
 // k (split-K) add into outputs that hold zeros before (or the residual, accumulating), as the
 // backend prepares them.
-int check(const char* label, QuantGemm kernel, int nt, size_t shared, int threads, std::vector<const Matrix*> ms, const unsigned short* x, int rows,
-          int k, bool biased, int accumulate, int halfOut, int slices = 1, std::vector<float>* firstOut = nullptr) {
+int check(const char* label, const Kernel& kernel, std::vector<const Matrix*> ms, const unsigned short* x, int rows, int k, bool biased,
+          int accumulate, int halfOut, int slices = 1, std::vector<float>* firstOut = nullptr) {
+    const int nt = kernel.nt;
     std::vector<std::vector<float>> ys;
     int tiles = 0;
     for (const Matrix* m : ms) {
@@ -149,8 +163,18 @@ int check(const char* label, QuantGemm kernel, int nt, size_t shared, int thread
         y[i] = ys[i].data();
         n[i] = ms[i]->n;
     }
-    emu::launch(kernel, dim3((rows + nt - 1) / nt, tiles, slices), dim3(threads), shared, w[0], b[0], y[0], n[0], w[1], b[1], y[1], n[1], w[2], b[2],
-                y[2], n[2], x, rows, k, accumulate, halfOut);
+    const dim3 grid((rows + nt - 1) / nt, tiles, slices);
+    if (kernel.ws) {
+        // x as the backend's map gives it: rows of k BF16 values, boxes of 64 values by 256 rows
+        // with the 128-byte swizzle.
+        TensorMap xMap;
+        emu_encode_tensor_map_2d(&xMap, x, (unsigned long long)k, (unsigned long long)rows, 2ull * k, QG_K, 256, 2, 128);
+        emu::launch(kernel.ws, grid, dim3(kernel.threads), kernel.shared, w[0], b[0], y[0], n[0], w[1], b[1], y[1], n[1], w[2], b[2], y[2], n[2], x,
+                    rows, k, accumulate, halfOut, xMap);
+    } else {
+        emu::launch(kernel.f, grid, dim3(kernel.threads), kernel.shared, w[0], b[0], y[0], n[0], w[1], b[1], y[1], n[1], w[2], b[2], y[2], n[2], x,
+                    rows, k, accumulate, halfOut);
+    }
     if (firstOut) *firstOut = ys[0];
     int failures = 0;
     for (size_t m = 0; m < ms.size(); m++) {
@@ -251,22 +275,16 @@ int main() {
         Matrix big = make_matrix(c.dtype, 200, c.k, x, rows, rng), mid = make_matrix(c.dtype, 72, c.k, x, rows, rng),
                small = make_matrix(c.dtype, 41, c.k, x, rows, rng);
         failures += decode_check(c.dtype, c.name, big, c.k);
-        struct Kernel {
-            QuantGemm f;
-            int nt;
-            size_t shared;
-            int threads = 256;
-        };
         Kernel kernels[3];
         switch (c.dtype) {
-        case 3: kernels[0] = {quant_gemm_q8_0, 128, quant_gemm_shared<3, 128, 4>()}; kernels[1] = {quant_gemm_q8_0_t256, 256, quant_gemm_shared<3, 256, 4>()}; kernels[2] = {quant_gemm_q8_0_ws, 256, quant_gemm_ws_shared<3, 5>(), QGW_THREADS}; break;
-        case 4: kernels[0] = {quant_gemm_q4_0, 128, quant_gemm_shared<4, 128, 4>()}; kernels[1] = {quant_gemm_q4_0_t256, 256, quant_gemm_shared<4, 256, 4>()}; kernels[2] = {quant_gemm_q4_0_ws, 256, quant_gemm_ws_shared<4, 5>(), QGW_THREADS}; break;
-        case 7: kernels[0] = {quant_gemm_iq4_nl, 128, quant_gemm_shared<7, 128, 4>()}; kernels[1] = {quant_gemm_iq4_nl_t256, 256, quant_gemm_shared<7, 256, 4>()}; kernels[2] = {quant_gemm_iq4_nl_ws, 256, quant_gemm_ws_shared<7, 5>(), QGW_THREADS}; break;
-        case 8: kernels[0] = {quant_gemm_iq4_xs, 128, quant_gemm_shared<8, 128, 4>()}; kernels[1] = {quant_gemm_iq4_xs_t256, 256, quant_gemm_shared<8, 256, 4>()}; kernels[2] = {quant_gemm_iq4_xs_ws, 256, quant_gemm_ws_shared<8, 5>(), QGW_THREADS}; break;
-        case 9: kernels[0] = {quant_gemm_q3_K, 128, quant_gemm_shared<9, 128, 3>()}; kernels[1] = {quant_gemm_q3_K_t256, 256, quant_gemm_shared<9, 256, 4>()}; kernels[2] = {quant_gemm_q3_K_ws, 256, quant_gemm_ws_shared<9, 4>(), QGW_THREADS}; break;
-        case 10: kernels[0] = {quant_gemm_q2_K, 128, quant_gemm_shared<10, 128, 4>()}; kernels[1] = {quant_gemm_q2_K_t256, 256, quant_gemm_shared<10, 256, 4>()}; kernels[2] = {quant_gemm_q2_K_ws, 256, quant_gemm_ws_shared<10, 5>(), QGW_THREADS}; break;
-        case 5: kernels[0] = {quant_gemm_q4_K, 128, quant_gemm_shared<5, 128, 4>()}; kernels[1] = {quant_gemm_q4_K_t256, 256, quant_gemm_shared<5, 256, 4>()}; kernels[2] = {quant_gemm_q4_K_ws, 256, quant_gemm_ws_shared<5, 5>(), QGW_THREADS}; break;
-        default: kernels[0] = {quant_gemm_q6_K, 128, quant_gemm_shared<6, 128, 3>()}; kernels[1] = {quant_gemm_q6_K_t256, 256, quant_gemm_shared<6, 256, 4>()}; kernels[2] = {quant_gemm_q6_K_ws, 256, quant_gemm_ws_shared<6, 4>(), QGW_THREADS}; break;
+        case 3: kernels[0] = {quant_gemm_q8_0, 128, quant_gemm_shared<3, 128, 4>()}; kernels[1] = {quant_gemm_q8_0_t256, 256, quant_gemm_shared<3, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<3, 5>(), QGW_THREADS, quant_gemm_q8_0_ws}; break;
+        case 4: kernels[0] = {quant_gemm_q4_0, 128, quant_gemm_shared<4, 128, 4>()}; kernels[1] = {quant_gemm_q4_0_t256, 256, quant_gemm_shared<4, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<4, 5>(), QGW_THREADS, quant_gemm_q4_0_ws}; break;
+        case 7: kernels[0] = {quant_gemm_iq4_nl, 128, quant_gemm_shared<7, 128, 4>()}; kernels[1] = {quant_gemm_iq4_nl_t256, 256, quant_gemm_shared<7, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<7, 5>(), QGW_THREADS, quant_gemm_iq4_nl_ws}; break;
+        case 8: kernels[0] = {quant_gemm_iq4_xs, 128, quant_gemm_shared<8, 128, 4>()}; kernels[1] = {quant_gemm_iq4_xs_t256, 256, quant_gemm_shared<8, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<8, 5>(), QGW_THREADS, quant_gemm_iq4_xs_ws}; break;
+        case 9: kernels[0] = {quant_gemm_q3_K, 128, quant_gemm_shared<9, 128, 3>()}; kernels[1] = {quant_gemm_q3_K_t256, 256, quant_gemm_shared<9, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<9, 4>(), QGW_THREADS, quant_gemm_q3_K_ws}; break;
+        case 10: kernels[0] = {quant_gemm_q2_K, 128, quant_gemm_shared<10, 128, 4>()}; kernels[1] = {quant_gemm_q2_K_t256, 256, quant_gemm_shared<10, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<10, 5>(), QGW_THREADS, quant_gemm_q2_K_ws}; break;
+        case 5: kernels[0] = {quant_gemm_q4_K, 128, quant_gemm_shared<5, 128, 4>()}; kernels[1] = {quant_gemm_q4_K_t256, 256, quant_gemm_shared<5, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<5, 5>(), QGW_THREADS, quant_gemm_q4_K_ws}; break;
+        default: kernels[0] = {quant_gemm_q6_K, 128, quant_gemm_shared<6, 128, 3>()}; kernels[1] = {quant_gemm_q6_K_t256, 256, quant_gemm_shared<6, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<6, 4>(), QGW_THREADS, quant_gemm_q6_K_ws}; break;
         }
         for (const Kernel& kk : kernels) {
             char label[128];
@@ -274,21 +292,21 @@ int main() {
             const char* modes[] = {"plain", "bias", "added, bias", "BF16 out", "BF16 out, added"};
             for (int m = 0; m < 5; m++) {
                 snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, %s", c.name, c.k, kk.nt, ws, modes[m]);
-                failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big}, x.data(), rows, c.k, m == 1 || m == 2, m == 2 || m == 4, m >= 3);
+                failures += check(label, kk, {&big}, x.data(), rows, c.k, m == 1 || m == 2, m == 2 || m == 4, m >= 3);
             }
             snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, three matrices, bias", c.name, c.k, kk.nt, ws);
-            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big, &mid, &small}, x.data(), rows, c.k, true, 0, 0);
+            failures += check(label, kk, {&big, &mid, &small}, x.data(), rows, c.k, true, 0, 0);
             snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, two matrices", c.name, c.k, kk.nt, ws);
-            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&small, &mid}, x.data(), rows, c.k, false, 0, 0);
+            failures += check(label, kk, {&small, &mid}, x.data(), rows, c.k, false, 0, 0);
             // k in slices: 2 (of 5 chunks, 2 + 3, for Q8_0, Q4_0 and IQ4_NL; of 8, 4 + 4, for the
             // others) and one a chunk; plain, and added to with a bias; 9 tokens, as a batch of
             // decode steps. (The emulator runs a launch's blocks a few at a time, so a plain add
             // in place of the atomic one may pass here; the GPU test would not.)
             for (int slices : {2, c.k / QG_K}) {
                 snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, %d slices of k, three matrices", c.name, c.k, kk.nt, ws, slices);
-                failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big, &mid, &small}, x.data(), 9, c.k, false, 0, 0, slices);
+                failures += check(label, kk, {&big, &mid, &small}, x.data(), 9, c.k, false, 0, 0, slices);
                 snprintf(label, sizeof label, "%s k %d, %d tokens a block%s, %d slices of k, added, bias", c.name, c.k, kk.nt, ws, slices);
-                failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&big}, x.data(), rows, c.k, true, 1, 0, slices);
+                failures += check(label, kk, {&big}, x.data(), rows, c.k, true, 1, 0, slices);
             }
         }
         // The warp-specialized form over many more chunks than it has buffers (17 or 24: each
@@ -303,7 +321,7 @@ int main() {
             char label[128];
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), plain", c.name, kl, rl);
             std::vector<float> plain;
-            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 0, 0, 1, &plain);
+            failures += check(label, kk, {&longm}, xl.data(), rl, kl, false, 0, 0, 1, &plain);
             // The consuming warpgroups, then the copying one, falling behind the others (the
             // emulator runs them only when no other thread can), so that the others get as far
             // ahead as their waits let them: a missing wait then reads a buffer not yet filled
@@ -314,19 +332,19 @@ int main() {
                 std::vector<float> out;
                 snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized, the %s warps behind)", c.name, kl, rl,
                          lag.who);
-                failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 0, 0, 1, &out);
+                failures += check(label, kk, {&longm}, xl.data(), rl, kl, false, 0, 0, 1, &out);
                 snprintf(label, sizeof label, "%s k %d, %d tokens, the %s warps behind: the same bits", c.name, kl, rl, lag.who);
                 failures += same_bits(label, out, plain);
             }
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), added, bias", c.name, kl, rl);
-            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, true, 1, 0);
+            failures += check(label, kk, {&longm}, xl.data(), rl, kl, true, 1, 0);
             // Its outputs go out through shared memory and the copy engine (f32 written or added
             // to y, and BF16); the other form stores from registers: the same bits for each.
             const Kernel& other = kernels[1];
             auto sameAsRegisters = [&](const char* mode, int accumulate, int halfOut, const std::vector<float>& staged) {
                 std::vector<float> fromRegisters;
                 snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block, %s", c.name, kl, rl, mode);
-                int failed = check(label, other.f, other.nt, other.shared, other.threads, {&longm}, xl.data(), rl, kl, false, accumulate, halfOut,
+                int failed = check(label, other, {&longm}, xl.data(), rl, kl, false, accumulate, halfOut,
                                    1, &fromRegisters);
                 snprintf(label, sizeof label, "%s k %d, %d tokens, %s: staged and from registers, the same bits", c.name, kl, rl, mode);
                 return failed + same_bits(label, staged, fromRegisters);
@@ -334,20 +352,20 @@ int main() {
             failures += sameAsRegisters("plain", 0, 0, plain);
             std::vector<float> added, half;
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), added", c.name, kl, rl);
-            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 1, 0, 1, &added);
+            failures += check(label, kk, {&longm}, xl.data(), rl, kl, false, 1, 0, 1, &added);
             failures += sameAsRegisters("added", 1, 0, added);
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), BF16 out", c.name, kl, rl);
-            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&longm}, xl.data(), rl, kl, false, 0, 1, 1, &half);
+            failures += check(label, kk, {&longm}, xl.data(), rl, kl, false, 0, 1, 1, &half);
             failures += sameAsRegisters("BF16 out", 0, 1, half);
             // Two matrices in one launch writing BF16 (the gating's gate and up), and one of 200
             // rows beside one of 44 (no multiple of 8: its blocks store from registers, the
             // other's through the copy engine).
             Matrix gatem = make_matrix(c.dtype, 200, kl, xl, rl, rng), oddm = make_matrix(c.dtype, 44, kl, xl, rl, rng);
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), two matrices, BF16 out", c.name, kl, rl);
-            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&gatem, &longm}, xl.data(), rl, kl, false, 0, 1);
+            failures += check(label, kk, {&gatem, &longm}, xl.data(), rl, kl, false, 0, 1);
             snprintf(label, sizeof label, "%s k %d, %d tokens, 256 tokens a block (warp-specialized), 200 and 44 rows, BF16 out", c.name, kl,
                      rl);
-            failures += check(label, kk.f, kk.nt, kk.shared, kk.threads, {&gatem, &oddm}, xl.data(), rl, kl, false, 0, 1);
+            failures += check(label, kk, {&gatem, &oddm}, xl.data(), rl, kl, false, 0, 1);
         }
     }
     printf(failures ? "%d FAILED\n" : "all passed\n", failures);

@@ -359,7 +359,7 @@ final class CUDABackendTests: XCTestCase {
                 func run(fused: Bool, tokensABlock: Int? = nil, slices: Int? = nil, warpSpecialized: Bool = false) throws -> [[Float]] {
                     (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices) = (fused ? .max : 0, tokensABlock, slices)
                     gpu.quantGemmWarpSpecialized = warpSpecialized
-                    let before = gpu.quantGemmLaunches, splitBefore = gpu.quantGemmSplitLaunches
+                    let before = gpu.quantGemmLaunches, splitBefore = gpu.quantGemmSplitLaunches, wsBefore = gpu.quantGemmWarpSpecializedLaunches
                     gpu.matmul(xb, rows: tokens, weight: weight, bias: nil, out: out)
                     let plain = try read(out, tokens * n)
                     gpu.matmul(xb, rows: tokens, weight: weight, bias: bias, out: out)
@@ -385,6 +385,9 @@ final class CUDABackendTests: XCTestCase {
                     // These few tiles split by the rule (every launch here; the gating's then keeps
                     // f32 outputs, as BF16 ones are never split), or not when told.
                     XCTAssertEqual(gpu.quantGemmSplitLaunches - splitBefore, slices == 1 ? 0 : launches, "\(type): launches in slices of k")
+                    // The warp-specialized form when asked for (its activations' tensor map made,
+                    // not the fallback to the other form).
+                    XCTAssertEqual(gpu.quantGemmWarpSpecializedLaunches - wsBefore, warpSpecialized ? launches : 0, "\(type): quant_gemm_ws launches")
                     return [plain, biased, added, q, kv, vv, gated] + mixed
                 }
                 let widened = try run(fused: false)

@@ -349,6 +349,9 @@ public final class CUDABackend: ComputeBackend {
     private var oneToken: Int { deterministic ? -1 : 1 }
     private let launchConfig = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
     private let launchAttribute = UnsafeMutableRawPointer.allocate(byteCount: 72, alignment: 8)
+    /// A kernel's tensor-map argument (CUtensorMap: 128 bytes, 64-byte aligned), which a launch
+    /// copies, so one serves every launch.
+    private let tensorMapArgument = UnsafeMutableRawPointer.allocate(byteCount: 128, alignment: 64)
 
     public init(deterministic: Bool = false) throws {
         try CUDABackend.checkMeasuringSwitches(ProcessInfo.processInfo.environment)
@@ -439,6 +442,7 @@ public final class CUDABackend: ComputeBackend {
         params.deallocate()
         launchConfig.deallocate()
         launchAttribute.deallocate()
+        tensorMapArgument.deallocate()
         dropGraphs()
     }
 
@@ -523,13 +527,18 @@ public final class CUDABackend: ComputeBackend {
 
     struct Arguments {
         let base: UnsafeMutableRawPointer
+        let params: UnsafeMutablePointer<UnsafeMutableRawPointer?>
         var count = 0
+        /// The parameter that is a tensor map, if any (its slot points at the map, not at `base`).
+        var mapSlot: Int?
         // 32 slots of 8 bytes (see `args`); kernels here take at most 28 parameters.
         mutating func ptr(_ p: CUDADriver.DevicePointer) { base.storeBytes(of: p, toByteOffset: 8 * count, as: UInt64.self); count += 1 }
         mutating func ptr(_ b: CUDABuffer) { ptr(b.pointer) }
         mutating func i32(_ v: Int) { base.storeBytes(of: Int32(v), toByteOffset: 8 * count, as: Int32.self); count += 1 }
         mutating func i64(_ v: Int) { base.storeBytes(of: Int64(v), toByteOffset: 8 * count, as: Int64.self); count += 1 }
         mutating func f32(_ v: Float) { base.storeBytes(of: v, toByteOffset: 8 * count, as: Float.self); count += 1 }
+        /// A tensor map (128 bytes at `map`, made by `encodeActivationMap`), passed by value.
+        mutating func tensorMap(_ map: UnsafeMutableRawPointer) { params[count] = map; mapSlot = count; count += 1 }
         /// The (weights, bias, output, rows) of the product kernels' up to three matrices: `count`
         /// of them from `product`, the rest null.
         mutating func products(_ count: Int,
@@ -595,8 +604,9 @@ public final class CUDABackend: ComputeBackend {
 
     private func launchNow(_ name: String, grid: (Int, Int, Int), block: Int, shared: Int, dependent: Bool,
                            _ fill: (inout Arguments) -> Void) {
-        var a = Arguments(base: args)
+        var a = Arguments(base: args, params: params)
         fill(&a)
+        defer { if let i = a.mapSlot { params[i] = args + 8 * i } }
         let f = functions[name] ?? nil
         if pdlStep && dependent, let launchEx = driver.cuLaunchKernelEx {
             let c = launchConfig
@@ -1054,7 +1064,8 @@ public final class CUDABackend: ComputeBackend {
     /// 1.10x / 0.96x / 0.98x / 0.91x, IQ4_NL 1.11x / 0.95x / 0.97x / 0.90x, IQ4_XS 1.60x / 1.21x /
     /// 1.11x / 0.95x, Q2_K 1.63x / 1.24x / 1.10x / 0.92x, Q3_K 1.62x / 1.19x / 1.05x / 0.84x, Q6_K
     /// 0.82x / 0.71x / 0.75x / 0.68x (its decoding takes the most instructions); the widening of
-    /// IQ4_XS, Q2_K and Q3_K is the slowest.
+    /// IQ4_XS, Q2_K and Q3_K is the slowest. With the activations copied by the TMA, on an H200,
+    /// the same picture (Q4_K_M 1.02x / 0.93x / 0.87x at 512 / 2,048 / 4,096; BENCHMARKS.md).
     static func quantGemmDefaultTokenLimit(_ type: DType) -> Int {
         switch type {
         case .q6_K: return 256
@@ -1074,9 +1085,9 @@ public final class CUDABackend: ComputeBackend {
     var quantGemmWarpSpecialized: Bool? = CUDABackend.measuringChoice("PEREGRINE_QUANT_GEMM_WS", [0, 1]).map { $0 == 1 }
     /// Slices of k a quant_gemm launch takes (split-K); nil: the rule in `quantGemm`. Tests set it.
     var quantGemmSlices: Int?
-    /// quant_gemm launches the host has issued (a graph's replays count none), and of those the
-    /// ones in more than one slice of k, for tests.
-    private(set) var quantGemmLaunches = 0, quantGemmSplitLaunches = 0
+    /// quant_gemm launches the host has issued (a graph's replays count none), of those the ones
+    /// in more than one slice of k, and the warp-specialized ones (their tensor map made), for tests.
+    private(set) var quantGemmLaunches = 0, quantGemmSplitLaunches = 0, quantGemmWarpSpecializedLaunches = 0
 
     /// How quant_gemm would take products of `weights` over `rows` tokens (nil: it would not): no
     /// more tokens than `quantGemmTokenLimit` (by default the type's), too many for the row
@@ -1114,7 +1125,13 @@ public final class CUDABackend: ComputeBackend {
         let k = p[0].weight.cols
         guard let plan = quantGemmPlan(rows: rows, p.map(\.weight)),
               let b = gemmInput(x.pointer, count: rows * k, for: p[0].weight.dtype) else { return false }
-        let kernel = plan.kernel, slices = halfOut ? 1 : plan.slices
+        var kernel = plan.kernel
+        let slices = halfOut ? 1 : plan.slices
+        if kernel.warpSpecialized, !encodeActivationMap(b, rows: rows, k: k) {
+            // The same tiles, the activations copied by every warp.
+            guard let other = CUDABackend.quantGemmKernels[p[0].weight.dtype]?.first(where: { $0.tokens == 256 && !$0.warpSpecialized }) else { return false }
+            kernel = other
+        }
         for q in p { productWrites(q.out, count: q.weight.rows * rows) }
         if slices > 1, !accumulate {
             let counts = p.map { $0.weight.rows * rows }
@@ -1127,11 +1144,27 @@ public final class CUDABackend: ComputeBackend {
         }
         quantGemmLaunches += 1
         if slices > 1 { quantGemmSplitLaunches += 1 }
+        if kernel.warpSpecialized { quantGemmWarpSpecializedLaunches += 1 }
         launch(kernel.name, grid: (plan.tokenTiles, plan.rowTiles, slices), block: kernel.threads, shared: kernel.shared) { a in
             a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out, p[i].weight.rows) }
             a.ptr(b); a.i32(rows); a.i32(k); a.i32(accumulate ? 1 : 0); a.i32(halfOut ? 1 : 0)
+            if kernel.warpSpecialized { a.tensorMap(tensorMapArgument) }
         }
         return true
+    }
+
+    /// The tensor map quant_gemm_ws's TMA copies read x (`rows` rows of k BF16 values at `x`)
+    /// through, into `tensorMapArgument`: boxes of 64 values by 256 rows (a chunk of a block's
+    /// tokens), with the 128-byte swizzle wgmma reads them in; rows past the end come as zeros.
+    /// False if the driver has no cuTensorMapEncodeTiled or refuses the map.
+    private func encodeActivationMap(_ x: CUDADriver.DevicePointer, rows: Int, k: Int) -> Bool {
+        guard let encode = driver.cuTensorMapEncodeTiled, x % 16 == 0, rows > 0 else { return false }
+        let dims: [UInt64] = [UInt64(k), UInt64(rows)], strides: [UInt64] = [UInt64(2 * k)]
+        let box: [UInt32] = [64, 256], steps: [UInt32] = [1, 1]
+        // CU_TENSOR_MAP_DATA_TYPE_UINT16 (the copies move bits; zeros past the end are BF16
+        // zeros too), no interleave, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        // CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE (zeros).
+        return encode(tensorMapArgument, 1, 2, UnsafeMutableRawPointer(bitPattern: UInt(x)), dims, strides, box, steps, 0, 3, 3, 0) == 0
     }
 
     public func matmul(_ x: CUDABuffer, rows: Int, weight: CUDAWeight, bias: CUDAWeight?, out: CUDABuffer) {

@@ -43,6 +43,12 @@ public final class CUDADriver: @unchecked Sendable {
     typealias LaunchKernelEx = @convention(c) (UnsafeRawPointer, OpaquePointer?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?,
                                                UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Result
     let cuLaunchKernelEx: LaunchKernelEx?
+    /// cuTensorMapEncodeTiled (CUDA 12 and later): a tensor map for the TMA's copies (quant_gemm_ws
+    /// takes one of its activations); nil on older drivers.
+    typealias TensorMapEncodeTiled = @convention(c) (UnsafeMutableRawPointer, Int32, UInt32, UnsafeMutableRawPointer?, UnsafePointer<UInt64>,
+                                                     UnsafePointer<UInt64>, UnsafePointer<UInt32>, UnsafePointer<UInt32>, Int32, Int32, Int32,
+                                                     Int32) -> Result
+    let cuTensorMapEncodeTiled: TensorMapEncodeTiled?
 
     // NVRTC.
     let nvrtcCreateProgram: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UnsafePointer<CChar>, UnsafePointer<CChar>?, Int32,
@@ -123,6 +129,7 @@ public final class CUDADriver: @unchecked Sendable {
         cuGraphExecDestroy = try CUDADriver.symbol(cuda, ["cuGraphExecDestroy"], as: type(of: cuGraphExecDestroy))
         cuFuncSetAttribute = try CUDADriver.symbol(cuda, ["cuFuncSetAttribute"], as: type(of: cuFuncSetAttribute))
         cuLaunchKernelEx = dlsym(cuda, "cuLaunchKernelEx").map { unsafeBitCast($0, to: LaunchKernelEx.self) }
+        cuTensorMapEncodeTiled = dlsym(cuda, "cuTensorMapEncodeTiled").map { unsafeBitCast($0, to: TensorMapEncodeTiled.self) }
         nvrtcCreateProgram = try CUDADriver.symbol(nvrtc, ["nvrtcCreateProgram"], as: type(of: nvrtcCreateProgram))
         nvrtcCompileProgram = try CUDADriver.symbol(nvrtc, ["nvrtcCompileProgram"], as: type(of: nvrtcCompileProgram))
         nvrtcGetProgramLogSize = try CUDADriver.symbol(nvrtc, ["nvrtcGetProgramLogSize"], as: type(of: nvrtcGetProgramLogSize))

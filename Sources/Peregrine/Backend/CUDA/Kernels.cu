@@ -1641,6 +1641,13 @@ extern "C" __global__ void store_kv(const float* k, const float* v, void* kc, vo
 
 __device__ __forceinline__ unsigned shared_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
+// A tensor map (the driver's CUtensorMap: 128 opaque bytes, 64-byte aligned) describing a tensor
+// in global memory for the TMA's copies: made on the host (cuTensorMapEncodeTiled) and passed
+// by value as a __grid_constant__ kernel parameter, whose address the copies take.
+struct __align__(64) TensorMap {
+    unsigned long long opaque[16];
+};
+
 // 16 bytes from global to shared memory without passing through registers (Ampere and later;
 // before, an ordinary load and store); zeros when !in. Copies are grouped by copy_commit, and
 // copy_wait<N> waits until at most N of this thread's groups are still in flight.
@@ -1685,6 +1692,22 @@ __device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned 
 }
 __device__ __forceinline__ void copy_arrive(unsigned long long* bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(shared_address(bar)) : "memory");
+}
+// Makes the block's mbarrier.init visible to the async proxy (the TMA's completions), before
+// the barrier that publishes them to the other threads.
+__device__ __forceinline__ void fence_mbarrier_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+// An arrival that also expects `bytes` more of the phase's transactions: the phase completes once
+// its arrivals are all in and that many bytes have landed (tma_load_2d's copies count theirs).
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(shared_address(bar)), "r"(bytes) : "memory");
+}
+// The tensor memory accelerator's copy of one box of a 2-D tensor (`map`, a __grid_constant__
+// parameter, made on the host) whose first element is at column c0, row c1, into shared memory
+// at dst, laid out and swizzled as the map says; elements past the tensor's ends are zeros. The
+// box's bytes, all of them, count as transactions on `bar`.
+__device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, int c0, int c1, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+                 :: "r"(shared_address(dst)), "l"(map), "r"(c0), "r"(c1), "r"(shared_address(bar)) : "memory");
 }
 // bar.sync id, threads: `threads` (a multiple of 32) of the block meet at barrier `id` (1-15).
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
@@ -4535,8 +4558,10 @@ QUANT_GEMM(quant_gemm_q2_K_t256, 10, 256, 4, 1)
 // and meets all the others at a barrier each chunk, so a warpgroup that falls behind holds the
 // other and the tensor cores idle (the profile: no eligible warp in 45-48% of cycles, the tensor
 // cores about half busy). Here the copying warpgroup fills STAGES buffers ahead, binding each
-// buffer's copies to its "full" mbarrier (cp.async.mbarrier.arrive.noinc: 128 arrivals, one a
-// copying thread, each when that thread's copies have landed); each consuming warp waits for
+// buffer's copies to its "full" mbarrier: each copying thread's weight pieces by
+// cp.async.mbarrier.arrive.noinc (an arrival when that thread's copies have landed), the
+// activations by one TMA copy (a tensor map of x, made for each launch by the host), whose bytes
+// the barrier's phase also waits for (129 arrivals in all); each consuming warp waits for
 // "full", decodes and multiplies, and once its products of a chunk are complete arrives on the
 // buffer's "empty" mbarrier (8 arrivals, a warp each), which the copiers wait for before refilling
 // it. The consuming warpgroups meet at no barrier: they are tied only through the buffers (one is
@@ -4545,9 +4570,13 @@ QUANT_GEMM(quant_gemm_q2_K_t256, 10, 256, 4, 1)
 // (setmaxnreg: 40 against 232 a thread, of the 168 a launch of 384 threads starts with), whose 256
 // tokens' accumulators take 128. The tile and the decoding (QuantChunk) are the form above's, and
 // its outputs (f32, or BF16 for the gating) leave through shared memory and the copy engine
-// (quant_gemm_store_staged), with the same bits as that form's stores. On an H100 it ran 4-9% faster than the form above, and the
+// (quant_gemm_store_staged), with the same bits as that form's stores; x itself is read only
+// through xMap (the argument stays, so that both forms take the same ones before it). On an
+// H100 it ran 4-9% faster than the form above, and the
 // staged stores took a 2,048-token step's products from 0.77x to 0.89x the widening's speed
-// (BENCHMARKS.md, which also has what leaving out the decoding or the products would gain).
+// (BENCHMARKS.md, which also has what leaving out the decoding or the products would gain). The
+// TMA's copies, in place of 16 cp.async a copying thread, gained 5-7% on an H200 and 2-3% on an
+// H100; the consumers now seldom wait for a buffer, and their decoding is what is left.
 #define QGW_THREADS 384
 // The form above's buffers at 256 tokens, and two mbarriers a buffer.
 template <int DT, int STAGES> __host__ __device__ constexpr int quant_gemm_ws_shared() { return quant_gemm_shared<DT, 256, STAGES>() + 16 * STAGES; }
@@ -4555,7 +4584,7 @@ template <int DT, int STAGES> __host__ __device__ constexpr int quant_gemm_ws_sh
 template <int DT, int STAGES>
 __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, void* y0, int n0, const void* w1, const float* b1, void* y1,
                                               int n1, const void* w2, const float* b2, void* y2, int n2, const unsigned short* x, int rows,
-                                              int k, int accumulate, int halfOut) {
+                                              int k, int accumulate, int halfOut, const TensorMap* xMap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int NT = 256;
     static_assert(STAGES >= 2, "a chunk is copied while another is multiplied");
@@ -4572,24 +4601,24 @@ __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, v
     unsigned long long* empty = full + STAGES;
     const QuantGemmTile g(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, k, NT);
     const unsigned long total = (unsigned long)g.n * (unsigned)k;
-    if (threadIdx.x == 0)
+    if (threadIdx.x == 0) {
         for (int b = 0; b < STAGES; b++) {
-            mbarrier_init(&full[b], 128);
+            mbarrier_init(&full[b], 129);
             mbarrier_init(&empty[b], 8);
         }
+        fence_mbarrier_init();
+    }
     __syncthreads();
     gdc_wait();
     if (threadIdx.x >= 256) {
         registers_down<40>();
-        // Copying thread p: activation rows tA + 16m (m < 16), 16-byte part pA of each (the rows'
-        // swizzle is tA's: 16m keeps a row's low three bits, and row tA + 16m lies 2,048 bytes
-        // after row tA's place); and all the pieces of weight row p. Rows past the tokens or the
-        // matrix copy zeros from addresses clamped into the last row, as in the form above.
-        const int p = threadIdx.x - 256, tA = p >> 3, pA = p & 7;
-        const int inA = max(0, min(NT / 16, (rows - g.t0 - tA + 15) / 16));
-        const unsigned char* xA = (const unsigned char*)(x + (long)min(g.t0 + tA, rows - 1) * k + 8 * pA);
-        const unsigned strideA = 32u * (unsigned)k;
-        const int dA = tA * 128 + ((pA ^ (tA & 7)) << 4);
+        // Copying thread p: all the pieces of weight row p (rows past the matrix copy zeros from
+        // addresses clamped into the last row, as in the form above), and thread 0 the chunk's
+        // activations, one TMA copy of 256 rows by 64 values (xMap's box: 128-byte rows with the
+        // 128-byte swizzle, which is the layout wgmma reads here and the form above's copies
+        // write; rows past the tokens come as zeros). Its arrival expects the box's bytes, so
+        // "full" takes 129 arrivals.
+        const int p = threadIdx.x - 256;
         const bool inW = g.o0 + p < g.n;
         const unsigned long iW = (unsigned long)min(g.o0 + p, g.n - 1) * (unsigned)k;
         for (int s = 0; s < g.chunks; s++) {
@@ -4599,9 +4628,10 @@ __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, v
             unsigned char* xs = base + b * SB;
             unsigned char* ws = xs + XB;
             const int k0 = (g.c0 + s) * QG_K;
-            const unsigned char* xk = xA + 2 * k0;
-#pragma unroll
-            for (int m = 0; m < NT / 16; m++) copy16_async(xs + dA + 2048 * m, xk + (m < inA ? m : 0) * strideA, m < inA);
+            if (p == 0) {
+                mbarrier_arrive_expect_tx(&full[b], XB);
+                tma_load_2d(xs, xMap, k0, g.t0, &full[b]);
+            }
 #pragma unroll
             for (int piece = 0; piece < Q::PIECES; piece++)
                 copy16_async(ws + p * Q::STRIDE + 16 * piece, Q::piece(g.w, total, iW + k0, k0, piece), inW);
@@ -4613,12 +4643,12 @@ __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, v
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
     const int r = 64 * (warp >> 2) + 16 * (warp & 3) + (lane >> 2);  // the thread's rows in the tile: r and r + 8
     const unsigned long i0 = (unsigned long)min(g.o0 + r, g.n - 1) * (unsigned)k, i1 = (unsigned long)min(g.o0 + r + 8, g.n - 1) * (unsigned)k;
-    // Chunk s's A fragments, once its buffer is full. The copies wrote it through the generic
-    // proxy, which the fence orders before this thread's wgmma reads (the async proxy).
+    // Chunk s's A fragments, once its buffer is full. The activations, which wgmma reads (the
+    // async proxy), came through the async proxy too (the TMA), so no proxy fence is needed; the
+    // weights' copies are read by this thread's loads.
     auto decode = [&](unsigned (&a)[4][4], int s) {
         const int b = s % STAGES;
         mbarrier_wait(&full[b], (s / STAGES) & 1);
-        fence_proxy_async();
         quant_gemm_fragments<DT>(a, base + b * SB + XB, r, total, i0, i1, (g.c0 + s) * QG_K, c);
     };
     float acc[NT / 8][4];
@@ -4663,8 +4693,9 @@ __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, v
 #define QUANT_GEMM_WS(name, DT, STAGES)                                                                                      \
     extern "C" __global__ void __launch_bounds__(QGW_THREADS, 1)                                                            \
         name(const void* w0, const float* b0, void* y0, int n0, const void* w1, const float* b1, void* y1, int n1, const void* w2, \
-             const float* b2, void* y2, int n2, const unsigned short* x, int rows, int k, int accumulate, int halfOut) {    \
-        quant_gemm_ws<DT, STAGES>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, rows, k, accumulate, halfOut);         \
+             const float* b2, void* y2, int n2, const unsigned short* x, int rows, int k, int accumulate, int halfOut,        \
+             const __grid_constant__ TensorMap xMap) {                                                                       \
+        quant_gemm_ws<DT, STAGES>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, rows, k, accumulate, halfOut, &xMap);  \
     }
 QUANT_GEMM_WS(quant_gemm_q8_0_ws, 3, 5)
 QUANT_GEMM_WS(quant_gemm_q4_0_ws, 4, 5)
