@@ -1130,8 +1130,9 @@ inline void named_arrive_(int id, int threads) {
     if (++c.arrived == c.live) finish_(c);
 }
 
-// mbarriers: init sets the arrivals a phase expects; the last of them completes the phase (the
-// copies bound to it land, the phase count goes up); a wait for parity p returns once the phase
+// mbarriers: init sets the arrivals a phase expects; the last of them completes the phase, once
+// its transaction bytes are in too (complete_if_done_: the copies bound to it land, the phase
+// count goes up); a wait for parity p returns once the phase
 // of that parity has completed, i.e. while the current phase's parity is p it waits.
 inline Mbarrier& mbarrier_(const void* bar) {
     auto it = block_->mbarriers.find(bar);

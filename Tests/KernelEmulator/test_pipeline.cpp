@@ -1,6 +1,6 @@
 // The emulator's synchronisation for warp-specialized kernels, on two small producer/consumer
-// pipelines written here (Kernels.cu has no kernel that uses them yet): named barriers (bar.sync
-// and bar.arrive, producer warps filling shared-memory buffers with plain stores), and mbarriers
+// pipelines written here: named barriers (bar.sync and bar.arrive, producer warps filling
+// shared-memory buffers with plain stores), and mbarriers
 // with cp.async (a producer warp's copies bound to a buffer's "full" barrier by
 // cp.async.mbarrier.arrive.noinc, consumers arriving on its "empty" barrier). Each consumer sums
 // its column over every chunk, against the host. Each pipeline also runs with the consumers' wait
@@ -11,7 +11,7 @@
 // and stops on). Then the TMA's 2-D tile copy (quant_gemm_ws's activations): a box of a tensor
 // into shared memory with the 128-byte swizzle, against the pattern the hardware documents (the
 // 16-byte piece j of row r at piece j ^ (r % 8) of its 128-byte row) and zeros past the
-// tensor's rows.
+// tensor's rows, and with the wait left out (which must differ).
 #include "cuda_emulator.h"
 #include "../../Sources/Peregrine/Backend/CUDA/Kernels.cu"
 #include "test_util.h"
@@ -81,16 +81,18 @@ static __global__ void mbarrier_pipeline(const float* in, float* out, int chunks
     }
 }
 
-// 128 threads: thread 0 initializes the barrier, then copies the box of TMA_ROWS rows by 64
-// 16-bit values at (c0, c1) with the TMA, its arrival expecting the box's bytes; every thread
-// waits for the phase and writes its share of the box out, unswizzled.
+// 128 threads: thread 0 initializes the barrier (two arrivals), then copies the box of TMA_ROWS
+// rows by 64 16-bit values at (c0, c1) with the TMA, its arrival expecting the box's bytes, and
+// thread 1 arrives; every thread waits for the phase and writes its share of the box out,
+// unswizzled. With `skip` nobody waits and thread 1 arrives only after its reads, so the phase
+// cannot complete before them: the box is read before it lands.
 constexpr int TMA_ROWS = 256, TMA_SHARED = TMA_ROWS * 128 + 16;
-static __global__ void tma_box(const TensorMap map, unsigned short* out, int c0, int c1) {
+static __global__ void tma_box(const TensorMap map, unsigned short* out, int c0, int c1, int skip) {
     extern __shared__ __align__(16) unsigned char fa_shared[];
     unsigned long long* bar = (unsigned long long*)(fa_shared + TMA_ROWS * 128);
     int t = threadIdx.x;
     if (t == 0) {
-        mbarrier_init(bar, 1);
+        mbarrier_init(bar, 2);
         fence_mbarrier_init();
     }
     __syncthreads();
@@ -98,11 +100,13 @@ static __global__ void tma_box(const TensorMap map, unsigned short* out, int c0,
         mbarrier_arrive_expect_tx(bar, TMA_ROWS * 128);
         tma_load_2d(fa_shared, &map, c0, c1, bar);
     }
-    mbarrier_wait(bar, 0);
+    if (t == 1 && !skip) mbarrier_arrive(bar);
+    if (!skip) mbarrier_wait(bar, 0);
     for (int i = t; i < TMA_ROWS * 64; i += blockDim.x) {
         int r = i / 64, e = i % 64;
         memcpy(&out[i], fa_shared + r * 128 + (((e / 8) ^ (r & 7)) << 4) + 2 * (e % 8), 2);
     }
+    if (t == 1 && skip) mbarrier_arrive(bar);
 }
 
 static bool check(const char* label, const std::vector<float>& got, const std::vector<double>& want, bool expectRight) {
@@ -151,19 +155,22 @@ int main() {
         for (size_t i = 0; i < tensor.size(); i++) tensor[i] = (unsigned short)(i * 2654435761u >> 16 | 1);
         TensorMap map;
         emu_encode_tensor_map_2d(&map, tensor.data(), cols, rows, 2 * cols, 64, TMA_ROWS, 2, 128);
-        const struct { int c0, c1; const char* what; } boxes[] = {{64, 0, "inside the tensor"}, {128, 200, "100 rows past its end"}};
+        // The last with the wait left out: the values must differ.
+        const struct { int c0, c1, skip; const char* what; } boxes[] = {
+            {64, 0, 0, "inside the tensor"}, {128, 200, 0, "100 rows past its end"}, {64, 0, 1, "no wait for the copy"}};
         for (const auto& b : boxes) {
             std::vector<unsigned short> out((size_t)TMA_ROWS * 64, 0xffff);
-            emu::launch(tma_box, dim3(1), dim3(128), TMA_SHARED, map, out.data(), b.c0, b.c1);
+            emu::launch(tma_box, dim3(1), dim3(128), TMA_SHARED, map, out.data(), b.c0, b.c1, b.skip);
             long wrong = 0;
             for (int r = 0; r < TMA_ROWS; r++)
                 for (int e = 0; e < 64; e++) {
                     unsigned short want = b.c1 + r < rows ? tensor[(size_t)(b.c1 + r) * cols + b.c0 + e] : 0;
                     wrong += out[(size_t)r * 64 + e] != want;
                 }
-            printf("%s TMA box of %d rows by 64 values at (%d, %d), %s: %ld values differ\n", wrong ? "FAIL" : "ok  ", TMA_ROWS, b.c0, b.c1,
-                   b.what, wrong);
-            ok &= wrong == 0;
+            bool right = (wrong == 0) == !b.skip;
+            printf("%s TMA box of %d rows by 64 values at (%d, %d), %s: %ld values differ (%s)\n", right ? "ok  " : "FAIL", TMA_ROWS, b.c0, b.c1,
+                   b.what, wrong, b.skip ? "must" : "must not");
+            ok &= right;
         }
     }
     printf(ok ? "pipeline: all passed\n" : "pipeline: FAILED\n");

@@ -326,11 +326,13 @@ final class CUDABackendTests: XCTestCase {
         defer { (gpu.quantGemmTokenLimit, gpu.quantGemmTokens, gpu.quantGemmSlices, gpu.quantGemmWarpSpecialized) = before }
         var rng = SplitMix(seed: 23)
         func read(_ b: CUDABuffer, _ count: Int) throws -> [Float] { try gpu.values(b, count) }
-        // 200 tokens (two tiles of 128, one of 256) and 16, a batch of decode steps. These few
-        // tiles take k in slices (split-K) by the backend's rule, added into the outputs; each
-        // case also runs in one slice, as products of many tiles do.
+        // 300 tokens (three tiles of 128; two of 256, the second one's rows starting at 256 and
+        // running past the last, which the warp-specialized form's TMA copies fill with zeros)
+        // and 16, a batch of decode steps. These few tiles take k in slices (split-K) by the
+        // backend's rule, added into the outputs; each case also runs in one slice, as products
+        // of many tiles do.
         let n = 296  // a multiple of 8, as quant_gemm_ws's stores through the copy engine need for BF16 outputs
-        for tokens in [200, 16] {
+        for tokens in [300, 16] {
             for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.iq4_xs, 1024), (.q4_K, 1024), (.q6_K, 1024), (.q3_K, 1024),
                               (.q2_K, 1024)] {
                 var storage: [UnsafeMutableRawPointer] = []

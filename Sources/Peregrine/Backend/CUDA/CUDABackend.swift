@@ -1085,7 +1085,8 @@ public final class CUDABackend: ComputeBackend {
     var quantGemmWarpSpecialized: Bool? = CUDABackend.measuringChoice("PEREGRINE_QUANT_GEMM_WS", [0, 1]).map { $0 == 1 }
     /// Slices of k a quant_gemm launch takes (split-K); nil: the rule in `quantGemm`. Tests set it.
     var quantGemmSlices: Int?
-    /// quant_gemm launches the host has issued (a graph's replays count none), of those the ones
+    /// quant_gemm launches the host has asked for (a graph step replayed by walking the layers
+    /// counts its own too), of those the ones
     /// in more than one slice of k, and the warp-specialized ones (their tensor map made), for tests.
     private(set) var quantGemmLaunches = 0, quantGemmSplitLaunches = 0, quantGemmWarpSpecializedLaunches = 0
 
@@ -1117,7 +1118,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     /// Up to three products of quantized weights over the same `rows` tokens of x in one
-    /// quant_gemm launch, if one takes them (false: nothing launched; see `quantGemmPlan`). Split
+    /// quant_gemm launch, if one takes them (false: no product launched; see `quantGemmPlan`). Split
     /// into slices of k, the outputs are zeroed first (`zero_floats`) unless added to. `halfOut`
     /// writes BF16 outputs (no bias; never split, as the slices' sums are added in f32).
     private func quantGemm(_ x: CUDABuffer, rows: Int, _ p: [(weight: CUDAWeight, bias: CUDAWeight?, out: CUDADriver.DevicePointer)],

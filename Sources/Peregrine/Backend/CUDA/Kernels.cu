@@ -1647,6 +1647,14 @@ __device__ __forceinline__ unsigned shared_address(const void* p) { return (unsi
 struct __align__(64) TensorMap {
     unsigned long long opaque[16];
 };
+// __grid_constant__ (a parameter read in place, so its address may be taken) exists from compute
+// capability 7.0; the kernels that take a map run on 9.0 only, and older devices compile them as
+// stubs.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
+#define GRID_CONSTANT __grid_constant__
+#else
+#define GRID_CONSTANT
+#endif
 
 // 16 bytes from global to shared memory without passing through registers (Ampere and later;
 // before, an ordinary load and store); zeros when !in. Copies are grouped by copy_commit, and
@@ -1674,7 +1682,8 @@ template <int N> __device__ __forceinline__ void copy_wait() {
 
 // Warp-specialized kernels' synchronisation (Hopper; quant_gemm_ws). An mbarrier is a 64-bit
 // object in shared memory: init sets the arrivals each phase expects, and the last of them
-// completes the phase. A wait for parity p returns once the phase of parity p has completed
+// completes the phase (once the transaction bytes it was told to expect, if any, have landed:
+// mbarrier_arrive_expect_tx, tma_load_2d). A wait for parity p returns once the phase of parity p has completed
 // (a wait for a barrier's n-th phase, counting from 0, waits for parity n % 2). copy_arrive makes an
 // arrival that happens when every cp.async the thread has issued has landed (.noinc: the arrival
 // is one of those init counted).
@@ -4575,8 +4584,8 @@ QUANT_GEMM(quant_gemm_q2_K_t256, 10, 256, 4, 1)
 // H100 it ran 4-9% faster than the form above, and the
 // staged stores took a 2,048-token step's products from 0.77x to 0.89x the widening's speed
 // (BENCHMARKS.md, which also has what leaving out the decoding or the products would gain). The
-// TMA's copies, in place of 16 cp.async a copying thread, gained 5-7% on an H200 and 2-3% on an
-// H100; the consumers now seldom wait for a buffer, and their decoding is what is left.
+// TMA's copies, in place of 16 cp.async a copying thread, gained 5-7% on an H200 and 1.7-3.1% on
+// an H100; the consumers now seldom wait for a buffer, and their decoding is what is left.
 #define QGW_THREADS 384
 // The form above's buffers at 256 tokens, and two mbarriers a buffer.
 template <int DT, int STAGES> __host__ __device__ constexpr int quant_gemm_ws_shared() { return quant_gemm_shared<DT, 256, STAGES>() + 16 * STAGES; }
@@ -4694,7 +4703,7 @@ __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, v
     extern "C" __global__ void __launch_bounds__(QGW_THREADS, 1)                                                            \
         name(const void* w0, const float* b0, void* y0, int n0, const void* w1, const float* b1, void* y1, int n1, const void* w2, \
              const float* b2, void* y2, int n2, const unsigned short* x, int rows, int k, int accumulate, int halfOut,        \
-             const __grid_constant__ TensorMap xMap) {                                                                       \
+             const GRID_CONSTANT TensorMap xMap) {                                                                       \
         quant_gemm_ws<DT, STAGES>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, rows, k, accumulate, halfOut, &xMap);  \
     }
 QUANT_GEMM_WS(quant_gemm_q8_0_ws, 3, 5)
