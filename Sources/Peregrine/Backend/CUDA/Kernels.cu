@@ -3934,35 +3934,26 @@ __device__ __forceinline__ void fragment_bytes(const unsigned char* group, int c
 
 // The decoders below turn integers into floats without a conversion instruction: an integer
 // below 2^23 put into the low mantissa bits of 2^23 makes the float 2^23 + the integer, exactly.
-// The bits of w under `mask` (a field at bit p, below bit 23), as the float field * 2^p: one
-// logic operation and one subtraction; the caller's scale carries the 2^-p (a power of two, so
-// the products round as the field's own would).
-__device__ __forceinline__ float field_value(unsigned w, unsigned mask) {
+// field_biased: the bits of w under `mask` (a field at bit p, below bit 23) as that float,
+// 2^23 + field * 2^p, in one logic operation. For a field at bit 8 or above, fma(d 2^-p, this,
+// -(d (m + 2^(23 - p)))) is d (field - m) rounded once, as fma(d 2^-p, field_value, -d m) is,
+// when d m and d (m + 2^(23 - p)) are exact in f32 (an f16 d and m = 8: 13 and 9 bits of m + 2^15
+// and m + 2^11 times d's 11), so the subtraction goes into the FMA's addend.
+__device__ __forceinline__ float field_biased(unsigned w, unsigned mask) {
 #ifdef PEREGRINE_CUDA_EMULATOR
-    unsigned bits = (w & mask) | 0x4B000000u;
+    return __uint_as_float((w & mask) | 0x4B000000u);
 #else
     // (w & mask) | 2^23's bits in one lop3: written in C, the compiler takes two, as its
     // instruction has room for one constant.
     unsigned bits;
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(bits) : "r"(w), "r"(mask), "r"(0x4B000000u));
-#endif
-    return __uint_as_float(bits) - 8388608.f;
-}
-
-// The field as field_value gives it, but 2^23 still added: 2^23 + field * 2^p, exactly, one logic
-// operation. For a field at bit 8 or above, fma(d 2^-p, this, -(d (m + 2^(23 - p)))) is d
-// (field - m) rounded once, as fma(d 2^-p, field_value, -d m) is, when d m and d (m + 2^(23 - p))
-// are exact in f32 (an f16 d and m = 8: 13 and 9 bits of m + 2^15 and m + 2^11 times d's 11), so
-// the subtraction goes into the FMA's addend.
-__device__ __forceinline__ float field_biased(unsigned w, unsigned mask) {
-#ifdef PEREGRINE_CUDA_EMULATOR
-    return __uint_as_float((w & mask) | 0x4B000000u);
-#else
-    unsigned bits;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(bits) : "r"(w), "r"(mask), "r"(0x4B000000u));
     return __uint_as_float(bits);
 #endif
 }
+
+// The field as the float field * 2^p: field_biased and one subtraction; the caller's scale
+// carries the 2^-p (a power of two, so the products round as the field's own would).
+__device__ __forceinline__ float field_value(unsigned w, unsigned mask) { return field_biased(w, mask) - 8388608.f; }
 
 // Byte i of w, u, as the float 32768 + u: the byte at bits 8-15 of 2^15's mantissa, one byte
 // permute. 32896 d is exact for an f16 d (20 bits), so fma(d, byte_float(w, i), -32896 d) is
