@@ -1041,6 +1041,10 @@ public final class CUDABackend: ComputeBackend {
                        QuantGemmKernel(name: name + "_t256", tokens: 256, stages: 4, rowBytes: rowBytes),
                        QuantGemmKernel(name: name + "_ws", tokens: 256, stages: wsStages, rowBytes: rowBytes, warpSpecialized: true)])
     })
+    /// The kernel of `type` for blocks of `tokens` tokens (128 or 256), warp-specialized or not.
+    static func quantGemmKernel(_ type: DType, tokens: Int, warpSpecialized: Bool) -> QuantGemmKernel? {
+        quantGemmKernels[type]?.first { $0.tokens == tokens && $0.warpSpecialized == warpSpecialized }
+    }
     /// Most tokens for which a quantized product decodes its weights on the fly into the tensor
     /// cores' operands (quant_gemm) rather than widening the whole matrix to BF16 for cuBLAS
     /// first (checked on the kernel emulator and on GPUs); nil: the type's own limit
@@ -1086,8 +1090,8 @@ public final class CUDABackend: ComputeBackend {
     /// Slices of k a quant_gemm launch takes (split-K); nil: the rule in `quantGemm`. Tests set it.
     var quantGemmSlices: Int?
     /// quant_gemm launches the host has asked for (a graph step replayed by walking the layers
-    /// counts its own too), of those the ones
-    /// in more than one slice of k, and the warp-specialized ones (their tensor map made), for tests.
+    /// counts its own too), of those the ones in more than one slice of k, and the
+    /// warp-specialized ones (their tensor map made), for tests.
     private(set) var quantGemmLaunches = 0, quantGemmSplitLaunches = 0, quantGemmWarpSpecializedLaunches = 0
 
     /// How quant_gemm would take products of `weights` over `rows` tokens (nil: it would not): no
@@ -1100,12 +1104,11 @@ public final class CUDABackend: ComputeBackend {
         -> (kernel: QuantGemmKernel, tokenTiles: Int, rowTiles: Int, tiles: Int, slices: Int)? {
         let w = weights[0], k = w.cols
         guard rows <= quantGemmTokenLimit ?? CUDABackend.quantGemmDefaultTokenLimit(w.dtype), !usesRowKernel(rows, w), driver.computeCapability == (9, 0), k > 0, k % 64 == 0, weights.count <= 3,
-              weights.allSatisfy({ $0.dtype == w.dtype && $0.cols == k }),
-              let kernels = CUDABackend.quantGemmKernels[w.dtype] else { return nil }
+              weights.allSatisfy({ $0.dtype == w.dtype && $0.cols == k }) else { return nil }
         let rowTiles = weights.reduce(0) { $0 + ($1.rows + CUDABackend.quantGemmRows - 1) / CUDABackend.quantGemmRows }
         let tokens = quantGemmTokens ?? (rows > 128 && (rows + 255) / 256 * rowTiles >= driver.multiprocessors ? 256 : 128)
         let warpSpecialized = tokens == 256 && (quantGemmWarpSpecialized ?? true)
-        guard let kernel = kernels.first(where: { $0.tokens == tokens && $0.warpSpecialized == warpSpecialized }),
+        guard let kernel = CUDABackend.quantGemmKernel(w.dtype, tokens: tokens, warpSpecialized: warpSpecialized),
               kernel.shared <= CUDABackend.dynamicSharedLimit(driver) else { return nil }
         // Few tokens make few tiles (a decode step of 16 sequences: 32 for the 8B shape's down
         // projection, on 132 multiprocessors that each hold two), so each tile's k is parted
@@ -1129,8 +1132,9 @@ public final class CUDABackend: ComputeBackend {
         var kernel = plan.kernel
         let slices = halfOut ? 1 : plan.slices
         if kernel.warpSpecialized, !encodeActivationMap(b, rows: rows, k: k) {
-            // The same tiles, the activations copied by every warp.
-            guard let other = CUDABackend.quantGemmKernels[p[0].weight.dtype]?.first(where: { $0.tokens == 256 && !$0.warpSpecialized }) else { return false }
+            // The same tiles, the activations copied by every warp (no more shared memory than
+            // the warp-specialized form's, which the plan checked).
+            guard let other = CUDABackend.quantGemmKernel(p[0].weight.dtype, tokens: kernel.tokens, warpSpecialized: false) else { return false }
             kernel = other
         }
         for q in p { productWrites(q.out, count: q.weight.rows * rows) }
