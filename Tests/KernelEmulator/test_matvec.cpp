@@ -428,7 +428,8 @@ typedef void (*MatvecCarry)(const void*, const float*, float*, int, const void*,
 // new residual value r (exactly), the sum of squares in area[0] and the count reset; then, with a
 // `consumer` for rows of d, q/k/v (a bias on q) reading r g against the products of the normalized
 // row; then the residual product again, whose sum must be the same bits (a fixed order of sums).
-void carried_norm(int dtype, const char* name, MatvecCarry producer, int pk, int d, MatvecCarry consumer, Rng& rng) {
+void carried_norm(int dtype, const char* name, MatvecCarry producer, int pk, int d, MatvecCarry consumer, Rng& rng,
+                  MatvecCarry gatedConsumer = nullptr) {
     const float eps = 1e-5f;
     char label[128];
     Weight o = make_weight(dtype, d, pk, rng), q = make_weight(dtype, 19, d, rng), kk = make_weight(dtype, 5, d, rng),
@@ -489,6 +490,26 @@ void carried_norm(int dtype, const char* name, MatvecCarry producer, int pk, int
     check(q, yq, qb.data()); check(kk, yk, nullptr); check(v, yv, nullptr);
     snprintf(label, sizeof label, "matvec_%s_k%d_carry: q/k/v of the carried norm", name, d);
     verdict(untouched && worst <= 2e-6 * largest, label, worst, 2e-6 * largest, largest);
+    if (gatedConsumer) {
+        // Gate (q's rows, q's bias) and up (19 more rows) of the same carried norm:
+        // silu(gate x + b) (up x), a warp a row of each.
+        Weight up = make_weight(dtype, 19, d, rng);
+        std::vector<float> y(19 + 8, 3.f), scratch(8, 5.f);
+        emu::launch(gatedConsumer, dim3((19 * 32 + 255) / 256), dim3(256), 0, (const void*)q.bytes.data(), qb.data(), y.data(), 19,
+                    (const void*)up.bytes.data(), nullptr, scratch.data(), 0, nullptr, nullptr, nullptr, 0, xg.data(), 2, eps, nullptr,
+                    nullptr, area.data(), 1);
+        worst = 0, largest = 0;
+        untouched = true;
+        for (int i = 0; i < 19; i++) {
+            double gsum = dot(q, i) + qb[i], want = gsum / (1 + exp(-gsum)) * dot(up, i);
+            worst = std::max(worst, fabs(y[i] - want));
+            largest = std::max(largest, fabs(want));
+        }
+        for (int i = 19; i < 19 + 8; i++) untouched &= y[i] == 3.f;
+        for (float v : scratch) untouched &= v == 5.f;
+        snprintf(label, sizeof label, "matvec_%s_gated_k%d_carry: gate/up of the carried norm", name, d);
+        verdict(untouched && worst <= 1e-5 * largest, label, worst, 1e-5 * largest, largest);
+    }
     }
     r = r0;
     produce();
@@ -601,8 +622,8 @@ int main() {
     FIXED(2048) FIXED(2560) FIXED(3072) FIXED(3584) FIXED(4096) FIXED(5120) FIXED(8192)
     FIXED(9728) FIXED(11008) FIXED(12288) FIXED(13824) FIXED(14336) FIXED(18944) FIXED(28672)
 #undef FIXED
-    carried_norm(1, "f16", matvec_f16_k4096_carry, 4096, 4096, matvec_f16_k4096_carry, rng);
-    carried_norm(2, "bf16", matvec_bf16_k4096_carry, 4096, 4096, matvec_bf16_k4096_carry, rng);
+    carried_norm(1, "f16", matvec_f16_k4096_carry, 4096, 4096, matvec_f16_k4096_carry, rng, matvec_f16_gated_k4096_carry);
+    carried_norm(2, "bf16", matvec_bf16_k4096_carry, 4096, 4096, matvec_bf16_k4096_carry, rng, matvec_bf16_gated_k4096_carry);
     // The other lengths' carry kernels as residual products (20 rows: a last block with idle warps).
 #define CARRY(K)                                                                      \
     carried_norm(1, "f16", matvec_f16_k##K##_carry, K, 20, nullptr, rng);             \

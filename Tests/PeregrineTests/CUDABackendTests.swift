@@ -24,8 +24,8 @@ final class CUDABackendTests: XCTestCase {
             "PEREGRINE_WGMMA_PROMPT_ATTENTION": "kt128_wg2", "PEREGRINE_QUANT_GEMM": "1", "PEREGRINE_QUANT_GEMM_TOKENS": "256",
             "PEREGRINE_QUANT_GEMM_WS": "1", "PEREGRINE_DECODE_WARPS": "4", "PEREGRINE_DECODE_STAGES": "3", "PEREGRINE_DECODE_SPLITS": "128",
             "PEREGRINE_ROW_KERNEL_TOKENS": "0", "PEREGRINE_SPLIT_POSITIONS": "64", "PEREGRINE_GROUPED_ATTENTION_BLOCKS": "64",
-            "PEREGRINE_GROUPED_ATTENTION_FROM": "0", "PEREGRINE_FIXED_MATVEC": "0", "PEREGRINE_CARRIED_NORM": "0",
-            "PEREGRINE_UNRELATED": "x",
+            "PEREGRINE_GROUPED_ATTENTION_FROM": "0", "PEREGRINE_FIXED_MATVEC": "0", "PEREGRINE_CARRIED_NORM": "qkv",
+            "PEREGRINE_L2_PREFETCH": "6144", "PEREGRINE_UNRELATED": "x",
         ]))
         XCTAssertNoThrow(try CUDABackend.checkMeasuringSwitches(["PEREGRINE_QUANT_GEMM_TOKENS": "", "PEREGRINE_DECODE_SPLITS": ""]))
         for value in ["0", "1"] + CUDABackend.warpgroupAttentionKernels.dropFirst().map({ String($0.name.dropFirst(28)) }) {
@@ -35,7 +35,8 @@ final class CUDABackendTests: XCTestCase {
                      ("PEREGRINE_QUANT_GEMM_TOKENS", "192"), ("PEREGRINE_DECODE_WARPS", "3"), ("PEREGRINE_DECODE_STAGES", "1"),
                      ("PEREGRINE_DECODE_SPLITS", "129"), ("PEREGRINE_ROW_KERNEL_TOKENS", "-1"), ("PEREGRINE_SPLIT_POSITIONS", "0"),
                      ("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "many"), ("PEREGRINE_GROUPED_ATTENTION_FROM", "1k"),
-                     ("PEREGRINE_FIXED_MATVEC", "off"), ("PEREGRINE_CARRIED_NORM", "no"), ("PEREGRINE_QUANT_GEMM_WS", "2")]
+                     ("PEREGRINE_FIXED_MATVEC", "off"), ("PEREGRINE_CARRIED_NORM", "no"), ("PEREGRINE_QUANT_GEMM_WS", "2"),
+                     ("PEREGRINE_L2_PREFETCH", "-1"), ("PEREGRINE_L2_PREFETCH", "6k")]
         for (name, value) in wrong {
             XCTAssertThrowsError(try CUDABackend.checkMeasuringSwitches([name: value]), "\(name)=\(value)") { error in
                 XCTAssertTrue("\(error)".contains("\(name)=\(value)"), "\(error)")
@@ -534,12 +535,14 @@ final class CUDABackendTests: XCTestCase {
     /// by the two (NormCarry in Kernels.cu), against the norm applied first, in doubles: output
     /// projections of 4,096 and 14,336 values a row into a residual of 4,096, then q/k/v (or
     /// gate/up) of it. Carried, the norm's output buffer holds the residual times the norm's
-    /// weights; before gate/up, with a launch between the residual product and the next (an add),
-    /// or with PEREGRINE_CARRIED_NORM's switch off, the norm runs first and writes the normalized row.
+    /// weights; before gate/up in a pass of a sequence too long for it (`shortSequencePass`
+    /// false), with a launch between the residual product and the next (an add), or with
+    /// PEREGRINE_CARRIED_NORM's switch off, the norm runs first and writes the normalized row.
     func testCarriedNormMatchesNormFirst() throws {
         let gpu = try backend()
-        let carriedBefore = gpu.carriedNorm
-        defer { gpu.carriedNorm = carriedBefore }
+        let carriedBefore = gpu.carriedNorm, gateBefore = gpu.carriedNormBeforeGate, shortBefore = gpu.shortSequencePass
+        defer { gpu.carriedNorm = carriedBefore; gpu.carriedNormBeforeGate = gateBefore; gpu.shortSequencePass = shortBefore }
+        gpu.carriedNormBeforeGate = true
         var rng = SplitMix(seed: 5)
         var storage: [UnsafeMutableRawPointer] = []
         defer { storage.forEach { $0.deallocate() } }
@@ -588,14 +591,16 @@ final class CUDABackendTests: XCTestCase {
                 let gated = (0..<n).map { o -> Float in Float(want[0][o] / (1 + exp(-want[0][o])) * want[1][o]) }
                 let bound = 1e-5 * Float(want.joined().reduce(0) { max($0, abs($1)) })
                 let gatedBound = 1e-4 * gated.reduce(0) { max($0, abs($1)) }
-                for gatedCase in [false, true] {
+                for (gatedCase, short) in [(false, false), (true, true), (true, false)] {
+                    gpu.shortSequencePass = short
                     x0.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
                     gpu.matmulAdd(ab, rows: 1, weight: producer.weight, bias: nil, residual: xb, scratch: scratch)
                     if addBetween { gpu.add(xb, other, count: d) }
                     if gatedCase {
                         gpu.normGatedProduct(xb, norm: norm, eps: eps, dim: d, normed: normed, rows: 1, gate: consumers[0].weight,
                                              gateBias: nil, up: consumers[1].weight, upBias: nil, activation: .silu, out: outs[0], scratch: scratch)
-                        XCTAssertLessThan(maxAbsDiff(try gpu.values(outs[0], n), gated), gatedBound, label + ", gate/up")
+                        XCTAssertLessThan(maxAbsDiff(try gpu.values(outs[0], n), gated), gatedBound,
+                                          label + ", gate/up" + (short ? " (short)" : ""))
                     } else {
                         gpu.normMatmul3(xb, norm: norm, eps: eps, dim: d, normed: normed, rows: 1, (consumers[0].weight, nil, outs[0]),
                                         (consumers[1].weight, nil, outs[1]), (consumers[2].weight, nil, outs[2]))
@@ -604,10 +609,10 @@ final class CUDABackendTests: XCTestCase {
                         }
                     }
                     let normedNow = try gpu.values(normed, d).map(Double.init)
-                    let held = carried && !addBetween && !gatedCase ? (0..<d).map { h[$0] * Double(g[$0]) } : xn
+                    let held = carried && !addBetween && (!gatedCase || short) ? (0..<d).map { h[$0] * Double(g[$0]) } : xn
                     let worst = zip(normedNow, held).reduce(0.0) { max($0, abs($1.0 - $1.1)) }
                     XCTAssertLessThan(worst, 1e-5 * held.reduce(0.0) { max($0, abs($1)) },
-                                      label + (gatedCase ? ", gate/up" : ", q/k/v") + ": the norm's output buffer")
+                                      label + (gatedCase ? ", gate/up" + (short ? " (short)" : "") : ", q/k/v") + ": the norm's output buffer")
                 }
             }
         }

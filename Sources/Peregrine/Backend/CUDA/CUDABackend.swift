@@ -152,6 +152,9 @@ public final class CUDABackend: ComputeBackend {
     private static let attentionCounterCount = 64 * 256
     private var hostInts: [Int32] = []
     private var planRows = -1
+    /// The pass is one sequence shorter than `groupedAttentionFrom` positions (a graph step's key
+    /// tells such passes apart, so a graph holds the kernels chosen by it).
+    var shortSequencePass = false
     private var scratch: CUDABuffer
     private var halfScratch: CUDABuffer
     /// What `halfScratch` holds: the 16-bit rounding (`type`, the kernels' code: 1 F16, 2 BF16) of
@@ -373,7 +376,7 @@ public final class CUDABackend: ComputeBackend {
         let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K", "iq4_nl", "iq4_xs", "q3_K", "q2_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         let fixedMatvecs = ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in
             CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)" }
-        } + ["f16", "bf16"].flatMap { t in CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)_carry" } }
+        } + ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)_carry" } }
         let prefillMMA = CUDABackend.tensorCoreAttentionDims.map { "attention_prefill_mma_\($0)" } + CUDABackend.warpgroupAttentionKernels.map(\.name)
         let quantGemms = CUDABackend.quantGemmKernels.values.flatMap { $0.map(\.name) }
         let decodeMMA = CUDABackend.tensorCoreDecodeDims.flatMap { ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4", "attention_decode_mma_\($0)_w4s3"] }
@@ -397,6 +400,15 @@ public final class CUDABackend: ComputeBackend {
         }
         pdl = driver.cuLaunchKernelEx != nil && driver.computeCapability.major >= 9
             && ProcessInfo.processInfo.environment["PEREGRINE_NO_PDL"] == nil
+        // How much of each row a decode product's warp asks the L2 for before its wait
+        // (`l2_prefetch_bytes` in Kernels.cu; PEREGRINE_L2_PREFETCH=N bytes, for measuring).
+        if let text = ProcessInfo.processInfo.environment["PEREGRINE_L2_PREFETCH"], var bytes = Int32(text), bytes >= 0 {
+            var global: CUDADriver.DevicePointer = 0
+            var size = 0
+            try driver.check(driver.cuModuleGetGlobal(&global, &size, module, "l2_prefetch_bytes"), "cuModuleGetGlobal(l2_prefetch_bytes)")
+            try driver.check(driver.cuMemcpyHtoDAsync(global, &bytes, 4, s), "cuMemcpyHtoDAsync")
+            try driver.check(driver.cuStreamSynchronize(s), "cuStreamSynchronize")
+        }
         launchAttribute.initializeMemory(as: UInt8.self, repeating: 0, count: 72)
         launchAttribute.storeBytes(of: Int32(6), as: Int32.self)  // CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
         launchAttribute.storeBytes(of: Int32(1), toByteOffset: 8, as: Int32.self)
@@ -663,6 +675,7 @@ public final class CUDABackend: ComputeBackend {
         hostInts.append(contentsOf: plan.blockTables)
         _ = hostInts.withUnsafeBufferPointer { upload($0, into: &planInts) }
         planRows = plan.count
+        shortSequencePass = plan.count == 1 && Int(plan.positions[0]) + 1 < groupedAttentionFrom
     }
 
     private func planPointers(_ plan: BatchPlan, rows: Int)
@@ -1274,6 +1287,11 @@ public final class CUDABackend: ComputeBackend {
     /// PEREGRINE_CARRIED_NORM=0 runs the norm between a residual product and the q/k/v product as
     /// its own kernel, for measuring.
     var carriedNorm = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"] != "0"
+    /// PEREGRINE_CARRIED_NORM=1: the norm before gate/up carried too, in passes of one sequence
+    /// shorter than `groupedAttentionFrom` (`shortSequencePass`), where the attention before the
+    /// output projection is not the tensor-core one (the earlier H100 run had it gain at depth 0
+    /// and lose from 1,024 positions on); off until measured in this form (=qkv names the default).
+    var carriedNormBeforeGate = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"] == "1"
 
     /// Whether a one-token residual product of `w` can produce a carried norm: a fixed-length
     /// 16-bit kernel whose rows, the next product's row length, have one too.
@@ -1284,9 +1302,11 @@ public final class CUDABackend: ComputeBackend {
     /// The held residual product into `x` with the RMSNorm of its result by `norm` carried into
     /// the products `p` (q, k and v) of `dim`-long rows: false (nothing launched, the product
     /// still held) when they do not suit it.
-    private func carryNorm(into x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, _ p: [Product]) -> Bool {
+    private func carryNorm(into x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, _ p: [Product],
+                           gated: Bool = false) -> Bool {
         guard let r = pendingResidual, r.residual === x, r.weight.rows == dim, norm.rows * norm.cols == dim,
               hasFixedMatvec(p[0].weight.dtype, k: dim), p.allSatisfy({ $0.weight.dtype == p[0].weight.dtype && $0.weight.cols == dim }),
+              !gated || p.count == 2 && p[1].weight.rows == p[0].weight.rows,
               let suffix = Self.matvecSuffix(p[0].weight.dtype), let rSuffix = Self.matvecSuffix(r.weight.dtype) else { return false }
         pendingResidual = nil
         let area = normCarryArea.pointer
@@ -1294,10 +1314,11 @@ public final class CUDABackend: ComputeBackend {
             a.products(1) { _ in (r.weight.pointer, r.bias?.pointer ?? 0, r.residual.pointer, r.weight.rows) }
             a.ptr(r.x); a.i32(1); a.f32(0); a.ptr(norm.pointer); a.ptr(normed); a.ptr(area); a.i32(2)
         }
-        let n = p.map(\.weight.rows)
-        launch("matvec_" + suffix + "_k\(dim)_carry", grid: blocks(n.reduce(0, +) * 32), block: 256) { a in
+        // Gated (gate and up, the output silu(gate) up): a warp takes a row of each, as matvecKernel's mode 2.
+        let n = gated ? [p[0].weight.rows, 0] : p.map(\.weight.rows)
+        launch("matvec_" + suffix + (gated ? "_gated" : "") + "_k\(dim)_carry", grid: blocks(n.reduce(0, +) * 32), block: 256) { a in
             a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out.pointer, n[i]) }
-            a.ptr(normed); a.i32(0); a.f32(eps); a.ptr(0); a.ptr(0); a.ptr(area); a.i32(1)
+            a.ptr(normed); a.i32(gated ? 2 : 0); a.f32(eps); a.ptr(0); a.ptr(0); a.ptr(area); a.i32(1)
         }
         return true
     }
@@ -1405,6 +1426,10 @@ public final class CUDABackend: ComputeBackend {
     public func normGatedProduct(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int, gate: CUDAWeight,
                                  gateBias: CUDAWeight?, up: CUDAWeight, upBias: CUDAWeight?, activation: GatedActivation,
                                  out: CUDABuffer, scratch: CUDABuffer) {
+        if rows == oneToken, carriedNorm, carriedNormBeforeGate, shortSequencePass, activation == .silu,
+           carryNorm(into: x, norm: norm, eps: eps, dim: dim, normed: normed, [(gate, gateBias, out), (up, upBias, scratch)], gated: true) {
+            return
+        }
         if rows == oneToken, fusesNorm(gate), activation == .silu, up.rows == gate.rows,
            matvecKernel(x, [(gate, gateBias, out), (up, upBias, scratch)], mode: 2, norm: (norm, eps)) { return }
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed, for: gate)
@@ -1694,7 +1719,8 @@ public final class CUDABackend: ComputeBackend {
         try choice("PEREGRINE_QUANT_GEMM_TOKENS", quantGemmTokenChoices)
         try flag("PEREGRINE_QUANT_GEMM_WS")
         try flag("PEREGRINE_FIXED_MATVEC")
-        try flag("PEREGRINE_CARRIED_NORM")
+        try check("PEREGRINE_CARRIED_NORM", "0, 1 or qkv") { $0 == "0" || $0 == "1" || $0 == "qkv" }
+        try check("PEREGRINE_L2_PREFETCH", "a number of bytes (0 or more)") { number($0, 0...Int(Int32.max)) }
         try flag("PEREGRINE_EARLY_DECODE_KEYS")
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }

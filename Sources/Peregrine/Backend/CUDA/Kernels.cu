@@ -28,6 +28,18 @@ __device__ __forceinline__ void gdc_wait() {
 #endif
 }
 
+// Bytes of each row past its first loads that a decode product's warp asks the L2 to fetch
+// before gdc_wait (cp.async.bulk.prefetch), set by the host at load (PEREGRINE_L2_PREFETCH; 0
+// fetches nothing). The blocks of a product launched while a short kernel (a token's attention,
+// a norm) runs would otherwise leave the memory idle once their first loads are in flight.
+__device__ int l2_prefetch_bytes;
+
+__device__ __forceinline__ void l2_prefetch(const void* p, int bytes) {
+#if __CUDA_ARCH__ >= 900 && !defined(PEREGRINE_CUDA_EMULATOR)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
@@ -598,6 +610,14 @@ __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b
                 for (int r = 0; r < R; r++) acc[r] += half_dot8<DT>(q[s][r][u], a, b);
             }
     };
+    if (m.active && lane == 0) {
+        constexpr int first = (full > 0 ? U : tail) * 32 * 16, row = K * 2;
+        int n = min(l2_prefetch_bytes, row - first) & ~15;
+        if (n > 0) {
+#pragma unroll
+            for (int r = 0; r < R; r++) l2_prefetch((const char*)((const uint4*)wr[r] + (long)m.o * units) + first, n);
+        }
+    }
     if (m.active) load(0, 0, full > 0 ? U : tail);
     gdc_wait();
     if (!CARRY && !m.active) return;
@@ -695,9 +715,20 @@ MATVEC_FIXED_ALL(28672)
         NormCarry c = {g, xg, area, eps, carry == 1};                                                                        \
         matvec_half_fixed<DT, 1, K, true>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode, c);                      \
     }
+// Gate and up consuming a carried norm (mode 2; never a producer).
+#define MATVEC_CARRY_GATED(name, DT, K)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256, 4) name(                                                               \
+        const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
+        const float* b2, float* y2, int n2, const float* x, int mode, float eps, const float* g, float* xg, float* area,       \
+        int carry) {                                                                                                         \
+        NormCarry c = {g, xg, area, eps, true};                                                                              \
+        matvec_half_fixed<DT, 2, K, true>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode, c);                      \
+    }
 #define MATVEC_CARRY_ALL(K)                                                                                                  \
     MATVEC_CARRY(matvec_f16_k##K##_carry, 1, K)                                                                              \
-    MATVEC_CARRY(matvec_bf16_k##K##_carry, 2, K)
+    MATVEC_CARRY(matvec_bf16_k##K##_carry, 2, K)                                                                             \
+    MATVEC_CARRY_GATED(matvec_f16_gated_k##K##_carry, 1, K)                                                                  \
+    MATVEC_CARRY_GATED(matvec_bf16_gated_k##K##_carry, 2, K)
 MATVEC_CARRY_ALL(2048)
 MATVEC_CARRY_ALL(2560)
 MATVEC_CARRY_ALL(3072)
