@@ -400,15 +400,6 @@ public final class CUDABackend: ComputeBackend {
         }
         pdl = driver.cuLaunchKernelEx != nil && driver.computeCapability.major >= 9
             && ProcessInfo.processInfo.environment["PEREGRINE_NO_PDL"] == nil
-        // How much of each row a decode product's warp asks the L2 for before its wait
-        // (`l2_prefetch_bytes` in Kernels.cu; PEREGRINE_L2_PREFETCH=N bytes, for measuring).
-        if let text = ProcessInfo.processInfo.environment["PEREGRINE_L2_PREFETCH"], var bytes = Int32(text), bytes >= 0 {
-            var global: CUDADriver.DevicePointer = 0
-            var size = 0
-            try driver.check(driver.cuModuleGetGlobal(&global, &size, module, "l2_prefetch_bytes"), "cuModuleGetGlobal(l2_prefetch_bytes)")
-            try driver.check(driver.cuMemcpyHtoDAsync(global, &bytes, 4, s), "cuMemcpyHtoDAsync")
-            try driver.check(driver.cuStreamSynchronize(s), "cuStreamSynchronize")
-        }
         launchAttribute.initializeMemory(as: UInt8.self, repeating: 0, count: 72)
         launchAttribute.storeBytes(of: Int32(6), as: Int32.self)  // CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
         launchAttribute.storeBytes(of: Int32(1), toByteOffset: 8, as: Int32.self)
@@ -1273,13 +1264,14 @@ public final class CUDABackend: ComputeBackend {
     }
 
     /// A one-token residual product (`matmulAdd`) held back until the next call: if that is the
-    /// RMSNorm and 16-bit q/k/v product after it (`normMatmul3`), the two carry the norm between
-    /// them (NormCarry in Kernels.cu) and no norm kernel runs; any other launch, copy or read
-    /// launches it first, as it was (`partStackedRows`). Only before q/k/v: measured on an H100
-    /// (the 8B shape in BF16, BENCHMARKS.md), carried there tg128 gained 1.0-1.6% at depths 0,
-    /// 1,024 and 4,096 (0.5-1.0% to 16,384 on another H100), while carried before gate/up too it
-    /// gained 2.6% at depth 0 but lost 0.5% at 1,024 and 2.3% at 4,096 (before gate/up alone:
-    /// +1.3%, -1.6%, -2.6%).
+    /// RMSNorm and 16-bit q/k/v product after it (`normMatmul3`), or in a short pass the norm and
+    /// gate/up (`normGatedProduct`), the two carry the norm between them (NormCarry in
+    /// Kernels.cu) and no norm kernel runs; any other launch, copy or read launches it first, as
+    /// it was (`partStackedRows`). Measured on an H100 (the 8B shape in BF16, BENCHMARKS.md),
+    /// carried before q/k/v tg128 gained 1.0-1.6% at depths 0, 1,024 and 4,096 (0.5-1.0% to
+    /// 16,384 on another H100), while carried before gate/up too it gained 2.6% at depth 0 but
+    /// lost 0.5% at 1,024 and 2.3% at 4,096 (before gate/up alone: +1.3%, -1.6%, -2.6%): hence
+    /// before gate/up only below `groupedAttentionFrom` positions (`carriedNormBeforeGate`).
     private var pendingResidual: (x: CUDABuffer, weight: CUDAWeight, bias: CUDAWeight?, residual: CUDABuffer)?
     /// NormCarry's `area`: the sum of squares, the count, then a partial sum a block.
     private let normCarryArea: CUDABuffer
@@ -1287,11 +1279,12 @@ public final class CUDABackend: ComputeBackend {
     /// PEREGRINE_CARRIED_NORM=0 runs the norm between a residual product and the q/k/v product as
     /// its own kernel, for measuring.
     var carriedNorm = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"] != "0"
-    /// PEREGRINE_CARRIED_NORM=1: the norm before gate/up carried too, in passes of one sequence
-    /// shorter than `groupedAttentionFrom` (`shortSequencePass`), where the attention before the
-    /// output projection is not the tensor-core one (the earlier H100 run had it gain at depth 0
-    /// and lose from 1,024 positions on); off until measured in this form (=qkv names the default).
-    var carriedNormBeforeGate = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"] == "1"
+    /// The norm before gate/up carried too, in passes of one sequence shorter than
+    /// `groupedAttentionFrom` (`shortSequencePass`), where the attention before the output
+    /// projection is not the tensor-core one: carried everywhere it gained 2.6% at depth 0 and
+    /// lost from 1,024 positions on; carried only there, tg128 gained 1.1% on an H100
+    /// (BENCHMARKS.md). PEREGRINE_CARRIED_NORM=qkv carries it before q/k/v only, for measuring.
+    var carriedNormBeforeGate = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"].map { $0 != "0" && $0 != "qkv" } ?? true
 
     /// Whether a one-token residual product of `w` can produce a carried norm: a fixed-length
     /// 16-bit kernel whose rows, the next product's row length, have one too.
@@ -1720,7 +1713,6 @@ public final class CUDABackend: ComputeBackend {
         try flag("PEREGRINE_QUANT_GEMM_WS")
         try flag("PEREGRINE_FIXED_MATVEC")
         try check("PEREGRINE_CARRIED_NORM", "0, 1 or qkv") { $0 == "0" || $0 == "1" || $0 == "qkv" }
-        try check("PEREGRINE_L2_PREFETCH", "a number of bytes (0 or more)") { number($0, 0...Int(Int32.max)) }
         try flag("PEREGRINE_EARLY_DECODE_KEYS")
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }

@@ -26,7 +26,6 @@ public final class CUDADriver: @unchecked Sendable {
     let cuMemsetD8Async: @convention(c) (DevicePointer, UInt8, Int, OpaquePointer?) -> Result
     let cuModuleLoadData: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UnsafeRawPointer) -> Result
     let cuModuleGetFunction: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, OpaquePointer?, UnsafePointer<CChar>) -> Result
-    let cuModuleGetGlobal: @convention(c) (UnsafeMutablePointer<DevicePointer>, UnsafeMutablePointer<Int>, OpaquePointer?, UnsafePointer<CChar>) -> Result
     let cuLaunchKernel: @convention(c) (OpaquePointer?, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, OpaquePointer?,
                                         UnsafeMutablePointer<UnsafeMutableRawPointer?>?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Result
     let cuStreamCreate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Result
@@ -117,7 +116,6 @@ public final class CUDADriver: @unchecked Sendable {
         cuMemsetD8Async = try CUDADriver.symbol(cuda, ["cuMemsetD8Async"], as: type(of: cuMemsetD8Async))
         cuModuleLoadData = try CUDADriver.symbol(cuda, ["cuModuleLoadData"], as: type(of: cuModuleLoadData))
         cuModuleGetFunction = try CUDADriver.symbol(cuda, ["cuModuleGetFunction"], as: type(of: cuModuleGetFunction))
-        cuModuleGetGlobal = try CUDADriver.symbol(cuda, ["cuModuleGetGlobal_v2"], as: type(of: cuModuleGetGlobal))
         cuLaunchKernel = try CUDADriver.symbol(cuda, ["cuLaunchKernel"], as: type(of: cuLaunchKernel))
         cuStreamCreate = try CUDADriver.symbol(cuda, ["cuStreamCreate"], as: type(of: cuStreamCreate))
         cuStreamSynchronize = try CUDADriver.symbol(cuda, ["cuStreamSynchronize"], as: type(of: cuStreamSynchronize))

@@ -28,18 +28,6 @@ __device__ __forceinline__ void gdc_wait() {
 #endif
 }
 
-// Bytes of each row past its first loads that a decode product's warp asks the L2 to fetch
-// before gdc_wait (cp.async.bulk.prefetch), set by the host at load (PEREGRINE_L2_PREFETCH; 0
-// fetches nothing). The blocks of a product launched while a short kernel (a token's attention,
-// a norm) runs would otherwise leave the memory idle once their first loads are in flight.
-__device__ int l2_prefetch_bytes;
-
-__device__ __forceinline__ void l2_prefetch(const void* p, int bytes) {
-#if __CUDA_ARCH__ >= 900 && !defined(PEREGRINE_CUDA_EMULATOR)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
@@ -610,14 +598,6 @@ __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b
                 for (int r = 0; r < R; r++) acc[r] += half_dot8<DT>(q[s][r][u], a, b);
             }
     };
-    if (m.active && lane == 0) {
-        constexpr int first = (full > 0 ? U : tail) * 32 * 16, row = K * 2;
-        int n = min(l2_prefetch_bytes, row - first) & ~15;
-        if (n > 0) {
-#pragma unroll
-            for (int r = 0; r < R; r++) l2_prefetch((const char*)((const uint4*)wr[r] + (long)m.o * units) + first, n);
-        }
-    }
     if (m.active) load(0, 0, full > 0 ? U : tail);
     gdc_wait();
     if (!CARRY && !m.active) return;
