@@ -1293,8 +1293,9 @@ public final class CUDABackend: ComputeBackend {
     }
 
     /// The held residual product into `x` with the RMSNorm of its result by `norm` carried into
-    /// the products `p` (q, k and v) of `dim`-long rows: false (nothing launched, the product
-    /// still held) when they do not suit it.
+    /// the products `p` of `dim`-long rows (q, k and v; or, `gated`, gate and up, whose output is
+    /// silu(gate) up in gate's `out`): false (nothing launched, the product still held) when they
+    /// do not suit it.
     private func carryNorm(into x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, _ p: [Product],
                            gated: Bool = false) -> Bool {
         guard let r = pendingResidual, r.residual === x, r.weight.rows == dim, norm.rows * norm.cols == dim,
