@@ -152,8 +152,8 @@ public final class CUDABackend: ComputeBackend {
     private static let attentionCounterCount = 64 * 256
     private var hostInts: [Int32] = []
     private var planRows = -1
-    /// The pass is one sequence shorter than `groupedAttentionFrom` positions (a graph step's key
-    /// tells such passes apart, so a graph holds the kernels chosen by it).
+    /// The pass is one sequence shorter than `groupedAttentionFrom` positions, set first in
+    /// `beginPass`: a one-sequence graph step's key is this, so a graph holds the kernels chosen by it.
     var shortSequencePass = false
     private var scratch: CUDABuffer
     private var halfScratch: CUDABuffer
@@ -500,7 +500,7 @@ public final class CUDABackend: ComputeBackend {
         h.combine(base)
         // A batch's split count follows its longest sequence; one sequence's splits follow the
         // cache's capacity, and its kernel the sequence's length (`groupedAttentionFrom`).
-        h.combine(plan.count > 1 ? CUDABackend.splitBasis(longest) : longest >= groupedAttentionFrom ? 1 : 0)
+        h.combine(plan.count > 1 ? CUDABackend.splitBasis(longest) : shortSequencePass ? 0 : 1)
         key = h.finalize()
         if let g = graphs[key] {
             mode = .replaying(g, key)
@@ -659,6 +659,7 @@ public final class CUDABackend: ComputeBackend {
 
     public func beginPass(_ plan: BatchPlan) {
         bindContext()
+        shortSequencePass = plan.count == 1 && plan.positions.allSatisfy { Int($0) + 1 < groupedAttentionFrom }
         beginGraphStep(plan)
         hostInts.removeAll(keepingCapacity: true)
         hostInts.append(contentsOf: plan.slots)
@@ -666,7 +667,6 @@ public final class CUDABackend: ComputeBackend {
         hostInts.append(contentsOf: plan.blockTables)
         _ = hostInts.withUnsafeBufferPointer { upload($0, into: &planInts) }
         planRows = plan.count
-        shortSequencePass = plan.count == 1 && Int(plan.positions[0]) + 1 < groupedAttentionFrom
     }
 
     private func planPointers(_ plan: BatchPlan, rows: Int)

@@ -686,29 +686,21 @@ MATVEC_FIXED_ALL(14336)
 MATVEC_FIXED_ALL(18944)
 MATVEC_FIXED_ALL(28672)
 // The fixed-length kernels carrying an RMSNorm (NormCarry): `carry` 1 consumes one (x is r g;
-// q/k/v, mode 0), 2 produces one (mode 1); g, xg and area as NormCarry's.
-#define MATVEC_CARRY(name, DT, K)                                                                                            \
+// q/k/v, mode 0, or gate and up, mode 2, R = 2), 2 produces one (mode 1, R = 1); g, xg and area
+// as NormCarry's.
+#define MATVEC_CARRY(name, DT, R, K)                                                                                         \
     extern "C" __global__ void __launch_bounds__(256, 4) name(                                                               \
         const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
         const float* b2, float* y2, int n2, const float* x, int mode, float eps, const float* g, float* xg, float* area,       \
         int carry) {                                                                                                         \
         NormCarry c = {g, xg, area, eps, carry == 1};                                                                        \
-        matvec_half_fixed<DT, 1, K, true>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode, c);                      \
-    }
-// Gate and up consuming a carried norm (mode 2; never a producer).
-#define MATVEC_CARRY_GATED(name, DT, K)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256, 4) name(                                                               \
-        const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
-        const float* b2, float* y2, int n2, const float* x, int mode, float eps, const float* g, float* xg, float* area,       \
-        int carry) {                                                                                                         \
-        NormCarry c = {g, xg, area, eps, true};                                                                              \
-        matvec_half_fixed<DT, 2, K, true>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode, c);                      \
+        matvec_half_fixed<DT, R, K, true>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode, c);                      \
     }
 #define MATVEC_CARRY_ALL(K)                                                                                                  \
-    MATVEC_CARRY(matvec_f16_k##K##_carry, 1, K)                                                                              \
-    MATVEC_CARRY(matvec_bf16_k##K##_carry, 2, K)                                                                             \
-    MATVEC_CARRY_GATED(matvec_f16_gated_k##K##_carry, 1, K)                                                                  \
-    MATVEC_CARRY_GATED(matvec_bf16_gated_k##K##_carry, 2, K)
+    MATVEC_CARRY(matvec_f16_k##K##_carry, 1, 1, K)                                                                           \
+    MATVEC_CARRY(matvec_bf16_k##K##_carry, 2, 1, K)                                                                          \
+    MATVEC_CARRY(matvec_f16_gated_k##K##_carry, 1, 2, K)                                                                     \
+    MATVEC_CARRY(matvec_bf16_gated_k##K##_carry, 2, 2, K)
 MATVEC_CARRY_ALL(2048)
 MATVEC_CARRY_ALL(2560)
 MATVEC_CARRY_ALL(3072)
