@@ -48,8 +48,14 @@ struct Check {
 };
 
 void embed_case(int dtype, const char* name, Rng& rng) {
-    const int vocab = 10, dim = dtype >= 3 ? 512 : 300, tokens = 5;
-    const int ids[tokens] = {3, 0, 9, 3, 7};
+    const int vocab = 10, dim = dtype >= 3 ? 512 : 300, tokens = 7;
+    // Tokens below 0 are a chained step's: -1 - id names a greedy choice argmax_rows left (its
+    // word: the value's order key above, 0xffffffff - the index below; a word of 0 means id 0,
+    // and an index past the vocabulary reads row 0 too).
+    const int given[tokens] = {3, 0, -2, 3, -1, -3, -4};
+    const unsigned long long chosen[4] = {(5ull << 32) | (0xffffffffu - 7), (9ull << 32) | (0xffffffffu - 9), 0,
+                                          (1ull << 32) | (0xffffffffu - 10)};
+    const int ids[tokens] = {3, 0, 9, 3, 7, 0, 0};
     long total = (long)vocab * dim;
     std::vector<float> values(total);
     std::vector<unsigned char> table;
@@ -70,7 +76,7 @@ void embed_case(int dtype, const char* name, Rng& rng) {
         for (long b = 0; b < blocks; b++) dequantize_block(dtype, raw.data() + b * block_bytes(dtype), values.data() + b * block_values(dtype));
     }
     std::vector<float> out = uniform((long)tokens * dim + 8, rng), start = out;
-    emu::launch(embed_rows, dim3(tokens), dim3(256), 0, (const void*)table.data(), dtype, total, ids, out.data(), dim);
+    emu::launch(embed_rows, dim3(tokens), dim3(256), 0, (const void*)table.data(), dtype, total, given, chosen, out.data(), dim);
     char label[64];
     snprintf(label, sizeof label, "embed_rows %s, %d tokens x %d", name, tokens, dim);
     Check c(label, 1e-6);

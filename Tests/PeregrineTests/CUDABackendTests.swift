@@ -25,7 +25,7 @@ final class CUDABackendTests: XCTestCase {
             "PEREGRINE_QUANT_GEMM_WS": "1", "PEREGRINE_DECODE_WARPS": "4", "PEREGRINE_DECODE_STAGES": "3", "PEREGRINE_DECODE_SPLITS": "128",
             "PEREGRINE_ROW_KERNEL_TOKENS": "0", "PEREGRINE_SPLIT_POSITIONS": "64", "PEREGRINE_GROUPED_ATTENTION_BLOCKS": "64",
             "PEREGRINE_GROUPED_ATTENTION_FROM": "0", "PEREGRINE_FIXED_MATVEC": "0", "PEREGRINE_CARRIED_NORM": "qkv",
-            "PEREGRINE_UNRELATED": "x",
+            "PEREGRINE_CHAINED_STEPS": "1", "PEREGRINE_UNRELATED": "x",
         ]))
         XCTAssertNoThrow(try CUDABackend.checkMeasuringSwitches(["PEREGRINE_QUANT_GEMM_TOKENS": "", "PEREGRINE_DECODE_SPLITS": ""]))
         for value in ["0", "1"] + CUDABackend.warpgroupAttentionKernels.dropFirst().map({ String($0.name.dropFirst(28)) }) {
@@ -35,7 +35,8 @@ final class CUDABackendTests: XCTestCase {
                      ("PEREGRINE_QUANT_GEMM_TOKENS", "192"), ("PEREGRINE_DECODE_WARPS", "3"), ("PEREGRINE_DECODE_STAGES", "1"),
                      ("PEREGRINE_DECODE_SPLITS", "129"), ("PEREGRINE_ROW_KERNEL_TOKENS", "-1"), ("PEREGRINE_SPLIT_POSITIONS", "0"),
                      ("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "many"), ("PEREGRINE_GROUPED_ATTENTION_FROM", "1k"),
-                     ("PEREGRINE_FIXED_MATVEC", "off"), ("PEREGRINE_CARRIED_NORM", "no"), ("PEREGRINE_QUANT_GEMM_WS", "2")]
+                     ("PEREGRINE_FIXED_MATVEC", "off"), ("PEREGRINE_CARRIED_NORM", "no"), ("PEREGRINE_QUANT_GEMM_WS", "2"),
+                     ("PEREGRINE_CHAINED_STEPS", "on")]
         for (name, value) in wrong {
             XCTAssertThrowsError(try CUDABackend.checkMeasuringSwitches([name: value]), "\(name)=\(value)") { error in
                 XCTAssertTrue("\(error)".contains("\(name)=\(value)"), "\(error)")
@@ -46,6 +47,48 @@ final class CUDABackendTests: XCTestCase {
     /// The serving engine on the GPU (a BF16 fixture model): with --deterministic, 24 requests
     /// run together give each request's tokens alone (greedy, and sampled on the device), and so
     /// does a pool that forces preemption; by default, a batch's logits stay within BF16 tolerance of each sequence's alone.
+    /// Chained decode steps (`PEREGRINE_CHAINED_STEPS=1`: the next step queued before this
+    /// one's tokens are read, its tokens taken where this one's choice left them, its inputs
+    /// staged into the other half of the pinned memory while this one runs from CUDA graphs)
+    /// give the tokens of steps one at a time: one sequence and a batch, stopping at their length
+    /// and at a stop token.
+    func testChainedStepsOnTheGPU() throws {
+        switch CUDADriver.shared {
+        case .failure(let e): throw XCTSkip("no CUDA: \(e)")
+        case .success: break
+        }
+        let gpu = try CUDABackend(chainsSteps: true)
+        let dir = Fixtures.model("llama-bf16")
+        let tokenizer = try Tokenizer(directory: dir)
+        let model = try ModelRegistry.load(directory: dir, backend: gpu)
+        let prompts = (0..<6).map { i in tokenizer.encode(["And God said", "The kernel", "In the beginning"][i % 3])
+            + Array(repeating: 11, count: i * 5) }
+        var config = EngineConfig(), single = EngineConfig()
+        config.kvBlocks = 256
+        single.kvBlocks = 256
+        single.chainDecodeSteps = false
+        func request(_ p: [Int], _ n: Int, stop: Int? = nil) -> EngineRequest {
+            var r = EngineRequest(promptTokens: p, maxTokens: n, sampling: .greedy)
+            r.ignoreEOS = true
+            if let stop { r.stopTokenIds = [stop] }
+            return r
+        }
+        let long = try Engine(model: model, tokenizer: tokenizer, config: single).generate(prompts: [request(prompts[0], 40)])[0]
+        let batches = [[request(prompts[0], 40)], [request(prompts[0], 40, stop: long.tokens[20])],
+                       prompts.enumerated().map { i, p in request(p, 8 + 6 * i) }]
+        for batch in batches {
+            let chained = try Engine(model: model, tokenizer: tokenizer, config: config)
+            let a = try chained.generate(prompts: batch)
+            let b = try Engine(model: model, tokenizer: tokenizer, config: single).generate(prompts: batch)
+            XCTAssertGreaterThan(chained.chainedSteps, 0)
+            XCTAssertEqual(chained.stats.kvBlocksUsed, 0)
+            for (x, y) in zip(a, b) {
+                XCTAssertEqual(x.tokens, y.tokens)
+                XCTAssertEqual(x.finishReason, y.finishReason)
+            }
+        }
+    }
+
     func testEngineBatchesOnTheGPU() throws {
         switch CUDADriver.shared {
         case .failure(let e): throw XCTSkip("no CUDA: \(e)")

@@ -201,6 +201,62 @@ final class EngineTests: XCTestCase {
         XCTAssertEqual(engine.stats.running, 0)
     }
 
+    /// Chained decode steps (the next step queued before this one's tokens are read, its tokens
+    /// taken where this one left them), asked for on the CPU: the same tokens, texts and finish
+    /// reasons as steps one at a time, for greedy requests stopping at their length, at the end
+    /// of sequence, at a stop string and when cancelled, beside sampled ones (whose steps are not
+    /// chained); every block back at the end.
+    func testChainedStepsGiveTheSameTokens() throws {
+        let (model, tokenizer) = try load()
+        let ps = prompts(tokenizer, count: 8)
+        var sampled = SamplingParameters()
+        sampled.seed = 3
+        func mixed() -> [EngineRequest] {
+            ps.enumerated().map { i, p in
+                var r = request(p, 6 + 5 * i)
+                if i % 3 == 1 { r.ignoreEOS = false }
+                if i == 5 { r.sampling = sampled }
+                return r
+            }
+        }
+        let words = try alone(EngineConfig(), request(ps[0], 30)).text.split(separator: " ")
+        guard words.count > 3 else { return XCTFail("too few words for a stop string: \(words)") }
+        var stopping = request(ps[0], 30)
+        stopping.stopStrings = [String(words[2])]
+        var eos = request(ps[4], 40)
+        eos.ignoreEOS = false
+        eos.stopTokenIds = [try alone(EngineConfig(), request(ps[4], 40)).tokens[9]]  // stops at the tenth token
+        var single = EngineConfig(), chained = EngineConfig()
+        single.chainDecodeSteps = false
+        chained.chainDecodeSteps = true
+        for batch in [mixed(), mixed().filter { $0.sampling.temperature == 0 }, [stopping], [eos], [request(ps[1], 24)]] {
+            let one = try Engine(model: model, tokenizer: tokenizer, config: single)
+            let two = try Engine(model: model, tokenizer: tokenizer, config: chained)
+            let a = try one.generate(prompts: batch), b = try two.generate(prompts: batch)
+            XCTAssertEqual(a.count, b.count)
+            for (x, y) in zip(a, b) {
+                XCTAssertEqual(x.tokens, y.tokens)
+                XCTAssertEqual(x.text, y.text)
+                XCTAssertEqual(x.finishReason, y.finishReason)
+            }
+            XCTAssertEqual(one.chainedSteps, 0)
+            XCTAssertGreaterThan(two.chainedSteps, 0)
+            XCTAssertEqual(two.stats.kvBlocksUsed, 0)
+        }
+        // A request cancelled while a chained step is queued: its blocks are free at once, and
+        // the next request gives the tokens it gives alone.
+        let engine = try Engine(model: model, tokenizer: tokenizer, config: chained)
+        let id = try engine.add(request(ps[3], 50))
+        for _ in 0..<6 { try engine.step() }
+        XCTAssertGreaterThan(engine.chainedSteps, 0)
+        engine.cancel(id)
+        XCTAssertEqual(engine.stats.kvBlocksUsed, 0)
+        XCTAssertEqual(engine.stats.running, 0)
+        let after = try engine.generate(prompts: [request(ps[6], 12)])
+        XCTAssertEqual(after.first?.tokens, try alone(single, request(ps[6], 12)).tokens)
+        XCTAssertEqual(engine.stats.kvBlocksUsed, 0)
+    }
+
     /// Requests the engine can never serve are refused with a reason; the others run on.
     /// The warm-up pass (on a GPU by default, asked for here on the CPU) writes only into blocks
     /// no sequence holds and leaves nothing behind: the pool is empty after it, no step counted,

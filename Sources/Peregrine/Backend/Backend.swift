@@ -21,7 +21,7 @@ public protocol ComputeBackend: AnyObject {
     func write(_ values: UnsafeBufferPointer<Float>, to buffer: Buffer, offset: Int)
     func read(_ buffer: Buffer, offset: Int, into values: UnsafeMutableBufferPointer<Float>)
 
-    /// out[t, :] = table[tokens[t], :]
+    /// out[t, :] = table[tokens[t], :]; a token below 0 is a chained step's (`chainsGreedyTokens`).
     func embed(tokens: UnsafeBufferPointer<Int32>, table: Weight, out: Buffer)
     /// out[r, :] = x[r, :] / rms(x[r, :]) * weight, for `rows` rows of `dim`.
     func rmsNorm(_ x: Buffer, weight: Weight, eps: Float, rows: Int, dim: Int, out: Buffer)
@@ -59,6 +59,10 @@ public protocol ComputeBackend: AnyObject {
     func copy(_ src: Buffer, offset srcOffset: Int, to dst: Buffer, offset dstOffset: Int, count: Int)
     /// Makes the results of queued work visible to the host (a no-op on the CPU).
     func synchronize() throws
+    /// Ends a forward pass like `synchronize`, where the backend chains steps without waiting
+    /// for its work: whatever reads its results waits (every read of logits does), and inputs a
+    /// later pass stages do not overwrite those this one is still to read.
+    func submit() throws
 
     /// Free device memory in bytes, for sizing the KV pool; nil where memory is the host's.
     var freeDeviceMemory: Int? { get }
@@ -67,7 +71,7 @@ public protocol ComputeBackend: AnyObject {
 
     /// Marks the start of a forward pass whose work is the same, pointers and all, every time
     /// it comes with this key (a decode step), so a backend may record it once and replay it.
-    /// The pass ends with `synchronize`.
+    /// The pass ends with `synchronize` or `submit`.
     func beginStep(key: Int)
     /// Set from `beginPass` to `synchronize` when the pass replays a recording: its kernels are
     /// queued already, and only the values it stages (tokens, RoPE tables, logit rows) change.
@@ -127,6 +131,23 @@ public protocol ComputeBackend: AnyObject {
     /// `SamplingDraw`); `drew` is false where the row's best logit was not finite and the best
     /// token was taken without the draw's number.
     func sampleRows(_ x: Buffer, rows: [Int], cols: Int, draws: [SamplingDraw]) throws -> [(token: Int, drew: Bool)]
+
+    // Chained decode steps: the engine queues a decode step whose tokens are the greedy choices
+    // of the step before, still where that step left them, and reads those choices after.
+
+    /// Whether a pass's calls return before the device has run them (a GPU), so that the host's
+    /// work meanwhile is free.
+    var queuesWork: Bool { get }
+    /// Whether `queueGreedy` is there, and `embed` takes a token -1 - i as row i's choice of the
+    /// last `queueGreedy`.
+    var chainsGreedyTokens: Bool { get }
+    /// Rows the last `queueGreedy` chose (tokens -1 - i name them); 0 before any.
+    var chainedTokenRows: Int { get }
+    /// Queues the choice (argmax, the first on ties) of each of rows 0..<rows of x without waiting
+    /// for it; returns the ticket `takeGreedy` reads them by (the last two calls' can be read).
+    func queueGreedy(_ x: Buffer, rows: Int, cols: Int) throws -> Int
+    /// The choices `queueGreedy` queued as `ticket`, once they are made.
+    func takeGreedy(_ ticket: Int, rows: Int, cols: Int) throws -> [Int]
 
     // Mixture of experts: a router chooses k experts per token, each a gated MLP of its own.
 
@@ -295,6 +316,18 @@ extension ComputeBackend {
     public func expSum(_ x: Buffer, row: Int, cols: Int, shift: Float, scale: Float) throws -> Float {
         try synchronize()
         return hostRow(x, row: row, cols: cols).withUnsafeBufferPointer { Sampler.expSum($0, shift: shift, scale: scale) }
+    }
+
+    public func submit() throws { try synchronize() }
+
+    public var queuesWork: Bool { false }
+    public var chainsGreedyTokens: Bool { false }
+    public var chainedTokenRows: Int { 0 }
+    public func queueGreedy(_ x: Buffer, rows: Int, cols: Int) throws -> Int {
+        throw PeregrineError.invalidArgument("this backend does not chain decode steps")
+    }
+    public func takeGreedy(_ ticket: Int, rows: Int, cols: Int) throws -> [Int] {
+        throw PeregrineError.invalidArgument("this backend does not chain decode steps")
     }
 
     public var samplesRows: Bool { false }

@@ -46,6 +46,15 @@ public final class Engine: @unchecked Sendable {
     /// Rows of a step drawn together where the logits are (`Sampler.deviceDraw`), and their draws.
     private var drawnRows: [Int] = []
     private var draws: [SamplingDraw] = []
+    /// A step queued whose greedy tokens are not read yet (chained steps, `chainDecodeSteps`).
+    private struct QueuedStep {
+        let work: [Scheduler.Work]
+        let logits: LogitRows
+        let ticket: Int
+    }
+    private var queued: QueuedStep?
+    /// Steps queued chained so far (for tests).
+    private(set) var chainedSteps = 0
 
     public init(model: LanguageModel, tokenizer: Tokenizer?, config requested: EngineConfig = EngineConfig()) throws {
         var config = requested
@@ -200,6 +209,7 @@ public final class Engine: @unchecked Sendable {
             stepLock.unlock()
         } catch {
             // A failed pass fails every request it held; the engine stays usable.
+            queued = nil
             let failed = scheduler.running + scheduler.waiting
             for s in failed { s.finish(.cancelled); scheduler.remove(s) }
             let ids = Set(failed.map(\.requestId))
@@ -249,11 +259,20 @@ public final class Engine: @unchecked Sendable {
     private func runStep(_ outputs: inout [EngineOutput]) throws {
         let profile = StepProfile.shared
         profile?.beginStep()
+        if let q = queued {
+            queued = nil
+            try takeChained(q, &outputs)
+            return
+        }
         let work = scheduler.schedule()
         guard !work.isEmpty else { return }
         profile?.mark(.schedule)
         let logits = try runner.run(work, copies: scheduler.copies)
         forwardPasses += 1
+        if let logits, chains(work, logits) {
+            try takeChained(QueuedStep(work: work, logits: logits, ticket: try logits.queueGreedy(rows: work.count)), &outputs)
+            return
+        }
         // Plain greedy rows are chosen together (one read back on a GPU); the rest one by one.
         greedyRows.removeAll(keepingCapacity: true)
         var row = 0
@@ -317,6 +336,61 @@ public final class Engine: @unchecked Sendable {
             profile.mark(.advance)
             profile.endStep(decode: work.allSatisfy { $0.count == 1 && $0.start + 1 > $0.sequence.promptCount })
         }
+    }
+
+    /// Whether the step's tokens are taken as a chained step's: chaining is on, and every item is
+    /// one decode token of a sequence whose next token is its greedy choice and nothing else
+    /// (no log probabilities, no samples waiting to fork).
+    private func chains(_ work: [Scheduler.Work], _ logits: LogitRows) -> Bool {
+        guard logits.chainsGreedy, config.chainDecodeSteps ?? logits.runsAhead, logits.count >= work.count else { return false }
+        for w in work {
+            let s = w.sequence
+            guard w.count == 1, w.samples, s.request.maxTokens > 0, s.sampler.isPlainGreedy, s.request.logprobs == nil,
+                  s.request.promptLogprobs == nil, s.forks.isEmpty else { return false }
+        }
+        return true
+    }
+
+    /// Takes the tokens of a queued step. First, where the step after it is plainly the next one
+    /// (the same sequences, one token each, none stopping for its length, no request waiting),
+    /// that step is queued reading these tokens where they are, so the device runs it while the
+    /// host reads them and takes them; it stays queued for the next call.
+    private func takeChained(_ q: QueuedStep, _ outputs: inout [EngineOutput]) throws {
+        let profile = StepProfile.shared
+        var next: QueuedStep?
+        lock.lock()
+        let quiet = inbox.isEmpty && cancellations.isEmpty
+        lock.unlock()
+        if quiet, q.work.allSatisfy({ continues($0.sequence) }), let ahead = scheduler.chainAhead(q.work) {
+            profile?.mark(.schedule)
+            if let logits = try runner.run(ahead, copies: [], chained: true) {
+                forwardPasses += 1
+                chainedSteps += 1
+                next = QueuedStep(work: ahead, logits: logits, ticket: try logits.queueGreedy(rows: ahead.count))
+            }
+        }
+        let tokens = try q.logits.takeGreedy(q.ticket, rows: q.work.count)
+        profile?.mark(.sample)
+        for (i, w) in q.work.enumerated() {
+            let s = w.sequence
+            // Ended (cancelled, or stopped at the token before) after this step was queued.
+            guard !s.isFinished else { continue }
+            scheduler.advance(w)
+            if !s.accept(tokens[i], contextLimit: contextLength) { scheduler.remove(s) }
+            outputs.append(s.takeOutput())
+            if s.isFinished, let seqs = live[s.requestId], seqs.allSatisfy(\.isFinished) { live[s.requestId] = nil }
+        }
+        queued = next
+        if let profile {
+            profile.mark(.advance)
+            profile.endStep(decode: true)
+        }
+    }
+
+    /// Whether a running sequence goes on past the token being chosen, as far as its length
+    /// tells: one more token within its limit and the context.
+    private func continues(_ s: Sequence) -> Bool {
+        s.status == .running && s.generatedCount + 2 <= s.request.maxTokens && s.tokens.count + 2 <= contextLength
     }
 
     /// Ends a request of 0 tokens whose prompt was read: each sample gets the prompt's log

@@ -21,8 +21,10 @@ final class ModelRunner {
     private var extraRows: [Int32] = []
 
     /// Runs the work; returns the logit rows: first one for each work item that samples (in work
-    /// order), then those `promptRows` index.
-    func run(_ work: [Scheduler.Work], copies: [(from: Int32, to: Int32)]) throws -> LogitRows? {
+    /// order), then those `promptRows` index. A chained step (`chained`: one decode token each)
+    /// reads as item i's token the greedy choice of row i of the step before, which the
+    /// sequences do not hold yet.
+    func run(_ work: [Scheduler.Work], copies: [(from: Int32, to: Int32)], chained: Bool = false) throws -> LogitRows? {
         if !copies.isEmpty { try model.copyKVBlocks(kv, copies) }
         plan.removeAll()
         plan.tableWidth = kv.tableWidth
@@ -32,8 +34,12 @@ final class ModelRunner {
             let s = w.sequence
             let base = plan.count
             // A request for 0 tokens reads its prompt only for its log probabilities.
-            plan.append(tokens: s.tokens[w.start..<(w.start + w.count)].lazy.map { Int($0) }, slot: slot,
-                        position: w.start, logits: w.samples && s.request.maxTokens > 0 ? .last : .none)
+            if chained {
+                plan.append(tokens: CollectionOfOne(-1 - slot), slot: slot, position: w.start, logits: .last)
+            } else {
+                plan.append(tokens: s.tokens[w.start..<(w.start + w.count)].lazy.map { Int($0) }, slot: slot,
+                            position: w.start, logits: w.samples && s.request.maxTokens > 0 ? .last : .none)
+            }
             plan.appendBlockTable(s.table.blocks)
             plan.promptLengths.append(Int32(s.promptCount))
             let wanted = s.promptRowsWanted.clamped(to: w.start..<(w.start + w.count))

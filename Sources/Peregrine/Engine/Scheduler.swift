@@ -132,6 +132,31 @@ final class Scheduler {
         return work
     }
 
+    /// The decode step after `work`, to be queued before `work`'s tokens are read (a chained
+    /// step): each sequence's next position, whose token is the one `work` is choosing, with its
+    /// blocks taken as `schedule` would take them. Nil where that step is not plainly the one
+    /// `schedule` would choose next: a sequence waits, `work` is not one token of every running
+    /// sequence, a block would have to be copied, or one is missing (`schedule` would preempt).
+    func chainAhead(_ work: [Work]) -> [Work]? {
+        guard waiting.isEmpty, work.count == running.count, work.count <= config.maxBatchTokens ?? 512 else { return nil }
+        var need = 0
+        for w in work {
+            let s = w.sequence, at = w.start + 1, block = at / blocks.blockSize
+            guard w.count == 1, s.status == .running, w.samples else { return nil }
+            if block < s.table.blocks.count && (blocks.references(s.table.blocks[block]) > 1 || blocks.isRegistered(s.table.blocks[block])) {
+                return nil
+            }
+            need += blocks.blocksNeeded(s.table, positions: at + 1, writeFrom: at)
+        }
+        guard need <= blocks.availableCount else { return nil }
+        return work.map { w in
+            let s = w.sequence
+            let ok = blocks.reserve(&s.table, positions: w.start + 2)
+            precondition(ok, "blocks were counted before they were taken")
+            return Work(sequence: s, start: w.start + 1, count: 1)
+        }
+    }
+
     /// Tokens of `s` to read this step: what is left, within the token budget and, for a
     /// sequence scored for prompt log probabilities, within the step's logit rows left for those
     /// (each position read from the first one still unscored takes a row), which it uses up.

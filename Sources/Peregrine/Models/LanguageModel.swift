@@ -59,9 +59,22 @@ public protocol LogitRows: AnyObject {
     var samplesRows: Bool { get }
     /// A token for each of these rows (see `ComputeBackend.sampleRows`).
     func sample(rows: [Int], draws: [SamplingDraw]) throws -> [(token: Int, drew: Bool)]
+    /// Whether `queueGreedy` works, and the model's next pass takes a token -1 - i as row i's
+    /// choice: the engine may queue the next decode step before it reads these rows' tokens.
+    var chainsGreedy: Bool { get }
+    /// Whether chaining pays: passes return before the device has run them (a GPU), so the host
+    /// prepares the next step while this one runs.
+    var runsAhead: Bool { get }
+    /// Queues the greedy choice of rows 0..<rows without waiting; `takeGreedy(ticket)` reads them.
+    func queueGreedy(rows: Int) throws -> Int
+    func takeGreedy(_ ticket: Int, rows: Int) throws -> [Int]
 }
 
 extension LogitRows {
+    public var chainsGreedy: Bool { false }
+    public var runsAhead: Bool { false }
+    public func queueGreedy(rows: Int) throws -> Int { throw PeregrineError.unsupported("these logits do not chain decode steps") }
+    public func takeGreedy(_ ticket: Int, rows: Int) throws -> [Int] { throw PeregrineError.unsupported("these logits do not chain decode steps") }
     public var samplesRows: Bool { false }
     public func sample(rows: [Int], draws: [SamplingDraw]) throws -> [(token: Int, drew: Bool)] {
         throw PeregrineError.unsupported("these logits are not sampled where they are")
@@ -114,6 +127,15 @@ final class BackendLogitRows<B: ComputeBackend>: LogitRows {
     }
 
     var samplesRows: Bool { backend.samplesRows }
+    var chainsGreedy: Bool { backend.chainsGreedyTokens }
+    var runsAhead: Bool { backend.queuesWork }
+
+    func queueGreedy(rows: Int) throws -> Int {
+        guard let buffer, rows > 0, rows <= count else { throw PeregrineError.invalidArgument("logit rows out of range") }
+        return try backend.queueGreedy(buffer, rows: rows, cols: vocabulary)
+    }
+
+    func takeGreedy(_ ticket: Int, rows: Int) throws -> [Int] { try backend.takeGreedy(ticket, rows: rows, cols: vocabulary) }
 
     func sample(rows: [Int], draws: [SamplingDraw]) throws -> [(token: Int, drew: Bool)] {
         guard let buffer, rows.count == draws.count, rows.allSatisfy({ $0 >= 0 && $0 < count }) else {

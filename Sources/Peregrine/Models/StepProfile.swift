@@ -24,7 +24,8 @@ public final class StepProfile: @unchecked Sendable {
         case embed
         /// The model's layers and head walked: kernels queued (none on a replayed step).
         case walk
-        /// Waiting for the device to finish the step.
+        /// Waiting for the device to finish the step (where steps chain, a step whose logits are
+        /// read is submitted without waiting, and the device's time falls in `sample`).
         case wait
         /// Choosing tokens from the logits (a device launch and read back for greedy rows).
         case sample

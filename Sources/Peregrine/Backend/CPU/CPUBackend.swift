@@ -158,9 +158,38 @@ public final class CPUBackend: ComputeBackend {
     public func embed(tokens: UnsafeBufferPointer<Int32>, table: CPUWeight, out: CPUBuffer) {
         let d = table.cols
         let rowBytes = d / table.dtype.blockSize * table.dtype.blockBytes
-        for (t, id) in tokens.enumerated() {
-            table.dtype.dequantize(table.data + Int(id) * rowBytes, count: d, into: out.pointer + t * d)
+        for (t, token) in tokens.enumerated() {
+            var id = Int(token)
+            if id < 0 {
+                let i = -1 - id
+                id = i < lastChosen.count ? lastChosen[i] : 0
+            }
+            table.dtype.dequantize(table.data + id * rowBytes, count: d, into: out.pointer + t * d)
         }
+    }
+
+    // Chained decode steps: nothing runs ahead on the CPU, so the engine chains them only when
+    // asked (its tests do, to check the chaining against steps one at a time).
+    private var lastChosen: [Int] = []
+    private var chosen: [[Int]] = [[], []]
+    private var greedyTickets = 0
+    public var chainsGreedyTokens: Bool { true }
+    public var chainedTokenRows: Int { lastChosen.count }
+
+    public func queueGreedy(_ x: CPUBuffer, rows: Int, cols: Int) throws -> Int {
+        guard rows > 0 else { throw PeregrineError.invalidArgument("no rows to choose from") }
+        lastChosen = (0..<rows).map { r in Sampler.argmax(UnsafeBufferPointer(start: x.pointer + r * cols, count: cols)) }
+        let ticket = greedyTickets
+        greedyTickets += 1
+        chosen[ticket & 1] = lastChosen
+        return ticket
+    }
+
+    public func takeGreedy(_ ticket: Int, rows: Int, cols: Int) throws -> [Int] {
+        guard ticket >= 0, ticket < greedyTickets, ticket + 2 >= greedyTickets, chosen[ticket & 1].count == rows else {
+            throw PeregrineError.invalidArgument("no greedy choices queued as \(ticket) for \(rows) rows")
+        }
+        return chosen[ticket & 1]
     }
 
     public func rmsNorm(_ x: CPUBuffer, weight: CPUWeight, eps: Float, rows: Int, dim: Int, out: CPUBuffer) {

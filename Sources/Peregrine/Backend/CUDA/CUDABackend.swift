@@ -119,7 +119,7 @@ public final class CUDAExperts: @unchecked Sendable {
 
 /// Runs the model on an NVIDIA GPU: kernels from Kernels.cu compiled by NVRTC for the device,
 /// cuBLAS for products over many tokens, one stream. Errors from launches are kept and thrown
-/// by `synchronize`, which every forward pass ends with.
+/// by `synchronize` (or `submit`), which every forward pass ends with.
 public final class CUDABackend: ComputeBackend {
     public typealias Buffer = CUDABuffer
     public typealias Weight = CUDAWeight
@@ -147,6 +147,17 @@ public final class CUDABackend: ComputeBackend {
     private var mapInts: CUDABuffer
     private var singleRows: [Int32] = []
     private var sampleInts: CUDABuffer
+    /// Chained decode steps (`queueGreedy`): each row's greedy choice as argmax_rows leaves it (a
+    /// 64-bit word), where the next step's embedding reads it.
+    private var greedyWords: CUDABuffer
+    /// Rows the last `queueGreedy` chose, and how many calls there were (tickets).
+    private(set) public var chainedTokenRows = 0
+    private var greedyTickets = 0
+    /// Pinned memory the choices come back to: two slots (a ticket's parity), each behind an
+    /// event, so the host reads one step's while the next step's are still to come.
+    private var chosenHost: UnsafeMutableRawPointer?
+    private static let chosenCapacity = 4096
+    private var chosenEvents: [OpaquePointer?] = [nil, nil]
     /// One counter per (token, head) for the split attention's last-block merge; each merge resets its own.
     private let attentionCounters: CUDABuffer
     private static let attentionCounterCount = 64 * 256
@@ -232,6 +243,19 @@ public final class CUDABackend: ComputeBackend {
     /// Enough for a 256-row step's tokens, positions, rotations and block tables of 2,048 entries a row.
     private let pinnedBytes = 8 << 20
     private var pinnedCursor = 0
+    /// Where steps chain, graph steps take the two halves of the staging memory in turn (the
+    /// half is part of a step's key, since its copies read that half), and each half's last step
+    /// records an event: a step stages its inputs while the step before it may still run, and
+    /// waits only for the one before that (`submit` does not wait; the engine reads a step's
+    /// tokens after it has queued the next step).
+    private var pinnedHalf = 0
+    private var nextHalf = 0
+    /// Decode steps may be chained: passes are submitted without waiting and graph steps take the
+    /// staging halves in turn; otherwise every pass waits for the device and stages into the
+    /// first half.
+    private let chaining: Bool
+    private var halfEvents: [OpaquePointer?] = [nil, nil]
+    private var halfRecorded = [false, false]
 
     // Programmatic dependent launches (Hopper and later): each kernel may start while the one
     // before it drains, and streams its weights before waiting for its inputs (gdc_wait in
@@ -356,9 +380,12 @@ public final class CUDABackend: ComputeBackend {
     /// copies, so one serves every launch.
     private let tensorMapArgument = UnsafeMutableRawPointer.allocate(byteCount: 128, alignment: 64)
 
-    public init(deterministic: Bool = false) throws {
+    /// `chainsSteps`: whether decode steps may be chained (`queueGreedy`); nil: where
+    /// PEREGRINE_CHAINED_STEPS=1 (off by default: not yet measured on a GPU).
+    public init(deterministic: Bool = false, chainsSteps: Bool? = nil) throws {
         try CUDABackend.checkMeasuringSwitches(ProcessInfo.processInfo.environment)
         self.deterministic = deterministic
+        chaining = chainsSteps ?? (ProcessInfo.processInfo.environment["PEREGRINE_CHAINED_STEPS"] == "1")
         let driver = try CUDADriver.shared.get()
         try driver.makeCurrent()
         self.driver = driver
@@ -409,6 +436,7 @@ public final class CUDABackend: ComputeBackend {
         tileInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         mapInts = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         sampleInts = try CUDABuffer(driver: driver, count: 2048, pool: pool)
+        greedyWords = try CUDABuffer(driver: driver, count: 512, pool: pool)
         attentionCounters = try CUDABuffer(driver: driver, count: CUDABackend.attentionCounterCount)
         try driver.check(driver.cuMemsetD8Async(attentionCounters.pointer, 0, CUDABackend.attentionCounterCount * 4, s), "cuMemsetD8Async")
         normCarryArea = try CUDABuffer(driver: driver, count: 64 + CUDABackend.normCarryBlocks)
@@ -437,7 +465,17 @@ public final class CUDABackend: ComputeBackend {
         moeHalf = try CUDABuffer(driver: driver, count: 1024, pool: pool)
         for i in 0..<32 { params[i] = args + 8 * i }
         var host: UnsafeMutableRawPointer?
-        if driver.cuMemAllocHost(&host, pinnedBytes) == 0 { pinned = host }
+        // Two halves of staging memory, then the two slots of greedy choices.
+        let events = (0..<4).compactMap { _ -> OpaquePointer? in
+            var e: OpaquePointer?
+            return driver.cuEventCreate(&e, 2) == 0 ? e : nil  // CU_EVENT_DISABLE_TIMING
+        }
+        if events.count == 4, driver.cuMemAllocHost(&host, 2 * pinnedBytes + 2 * 8 * CUDABackend.chosenCapacity) == 0, let host {
+            pinned = host
+            chosenHost = host + 2 * pinnedBytes
+            halfEvents = [events[0], events[1]]
+            chosenEvents = [events[2], events[3]]
+        }
     }
 
     deinit {
@@ -501,14 +539,29 @@ public final class CUDABackend: ComputeBackend {
         // A batch's split count follows its longest sequence; one sequence's splits follow the
         // cache's capacity, and its kernel the sequence's length (`groupedAttentionFrom`).
         h.combine(plan.count > 1 ? CUDABackend.splitBasis(longest) : shortSequencePass ? 0 : 1)
+        let half = chaining ? nextHalf : 0
+        if chaining { h.combine(half) }
         key = h.finalize()
         if let g = graphs[key] {
+            takeHalf(half)
             mode = .replaying(g, key)
             return
         }
         seen[key, default: 0] += 1
         guard seen[key]! >= 2 else { return }
+        takeHalf(half)
         if driver.cuStreamBeginCapture(stream, 2) == 0 { mode = .capturing(key) }  // relaxed mode
+    }
+
+    /// This graph step stages into `half`, once the last step that read it is done.
+    private func takeHalf(_ half: Int) {
+        pinnedHalf = half
+        guard chaining else { return }
+        nextHalf = 1 - half
+        if halfRecorded[half] {
+            halfRecorded[half] = false
+            record(driver.cuEventSynchronize(halfEvents[half]), "cuEventSynchronize")
+        }
     }
 
     /// Host values to the device inside a graph step: through pinned memory at this step's next
@@ -518,9 +571,10 @@ public final class CUDABackend: ComputeBackend {
             if firstError == nil { firstError = .backend("decode-step inputs exceed the pinned staging memory") }
             return
         }
-        (pinned + pinnedCursor).copyMemory(from: source, byteCount: bytes)
+        let at = pinned + pinnedHalf * pinnedBytes + pinnedCursor
+        at.copyMemory(from: source, byteCount: bytes)
         if case .capturing = mode {
-            record(driver.cuMemcpyHtoDAsync(destination, UnsafeRawPointer(pinned + pinnedCursor), bytes, stream), "cuMemcpyHtoDAsync")
+            record(driver.cuMemcpyHtoDAsync(destination, UnsafeRawPointer(at), bytes, stream), "cuMemcpyHtoDAsync")
         }
         pinnedCursor += (bytes + 255) / 256 * 256
     }
@@ -804,7 +858,8 @@ public final class CUDABackend: ComputeBackend {
     public func embed(tokens: UnsafeBufferPointer<Int32>, table: CUDAWeight, out: CUDABuffer) {
         let ids = upload(tokens, into: &tokenInts)
         launch("embed_rows", grid: (tokens.count, 1, 1), block: 256) { a in
-            a.ptr(table.pointer); a.i32(code(table.dtype)); a.i64(table.rows * table.cols); a.ptr(ids); a.ptr(out); a.i32(table.cols)
+            a.ptr(table.pointer); a.i32(code(table.dtype)); a.i64(table.rows * table.cols); a.ptr(ids); a.ptr(greedyWords)
+            a.ptr(out); a.i32(table.cols)
         }
     }
 
@@ -1715,6 +1770,7 @@ public final class CUDABackend: ComputeBackend {
         try flag("PEREGRINE_FIXED_MATVEC")
         try check("PEREGRINE_CARRIED_NORM", "0, 1 or qkv") { $0 == "0" || $0 == "1" || $0 == "qkv" }
         try flag("PEREGRINE_EARLY_DECODE_KEYS")
+        try flag("PEREGRINE_CHAINED_STEPS")
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }
         try check("PEREGRINE_WGMMA_PROMPT_ATTENTION", "0 (mma.sync), 1 (the first kernel) or one of " + kernels.joined(separator: ", ")) {
@@ -2264,6 +2320,19 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public func synchronize() throws {
+        try submit()
+        record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        if let e = firstError {
+            firstError = nil
+            throw e
+        }
+    }
+
+    /// Queues what the pass holds back (a recorded step's capture or replay, a held residual
+    /// product); where steps may be chained, returns without waiting: the step's sampling queues
+    /// behind it and waits once, so the device runs it as soon as the step ends instead of after
+    /// a round trip to the host (or the engine queues the next step first; see `queueGreedy`).
+    public func submit() throws {
         bindContext()
         partStackedRows()
         switch mode {
@@ -2277,6 +2346,7 @@ public final class CUDABackend: ComputeBackend {
                 stagedBytes[key] = pinnedCursor
                 if !layersStaged { inputsOnly.insert(key) }
                 record(driver.cuGraphLaunch(exec, stream), "cuGraphLaunch")
+                halfRead()
             } else {
                 record(ended != 0 ? ended : 1, "capturing a decode step")
             }
@@ -2290,14 +2360,76 @@ public final class CUDABackend: ComputeBackend {
             } else {
                 record(driver.cuGraphLaunch(exec, stream), "cuGraphLaunch")
                 graphReplays += 1
+                halfRead()
             }
         }
         mode = .eager
         pdlStep = false
-        record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        // Without chaining the next pass may stage while this one runs: wait (as every pass did).
+        if !chaining { record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize") }
         if let e = firstError {
             firstError = nil
             throw e
+        }
+    }
+
+    /// Marks the staging half the launched graph reads: the next step to stage into it waits.
+    private func halfRead() {
+        guard chaining else { return }
+        if driver.cuEventRecord(halfEvents[pinnedHalf], stream) == 0 {
+            halfRecorded[pinnedHalf] = true
+        } else {
+            // Without the event, wait here: the half must not be written while it is read.
+            record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        }
+    }
+
+    public var queuesWork: Bool { true }
+    public var chainsGreedyTokens: Bool { chaining && chosenHost != nil }
+
+    public func queueGreedy(_ x: CUDABuffer, rows n: Int, cols: Int) throws -> Int {
+        bindContext()
+        guard let host = chosenHost, n > 0, n <= CUDABackend.chosenCapacity else {
+            throw PeregrineError.invalidArgument("greedy choices of \(n) rows cannot be chained")
+        }
+        guard ensure(&greedyWords, 2 * n) else {
+            try synchronize()
+            throw PeregrineError.backend("no GPU memory for \(n) greedy choices")
+        }
+        let ticket = greedyTickets
+        greedyTickets += 1
+        let slot = ticket & 1
+        record(driver.cuMemsetD8Async(greedyWords.pointer, 0, 8 * n, stream), "cuMemsetD8Async")
+        let parts = max(1, min((8 * driver.multiprocessors + n - 1) / n, (cols + 2047) / 2048))
+        launch("argmax_rows", grid: (parts, n, 1), block: 256) { a in a.ptr(x); a.i32(cols); a.ptr(greedyWords) }
+        record(driver.cuMemcpyDtoHAsync(host + slot * 8 * CUDABackend.chosenCapacity, greedyWords.pointer, 8 * n, stream),
+               "cuMemcpyDtoHAsync")
+        record(driver.cuEventRecord(chosenEvents[slot], stream), "cuEventRecord")
+        chainedTokenRows = n
+        if let e = firstError {
+            firstError = nil
+            chainedTokenRows = 0
+            throw e
+        }
+        return ticket
+    }
+
+    public func takeGreedy(_ ticket: Int, rows n: Int, cols: Int) throws -> [Int] {
+        bindContext()
+        guard let host = chosenHost, ticket >= 0, ticket < greedyTickets, ticket + 2 >= greedyTickets,
+              n > 0, n <= CUDABackend.chosenCapacity else {
+            throw PeregrineError.invalidArgument("no greedy choices queued as \(ticket) for \(n) rows")
+        }
+        let slot = ticket & 1
+        record(driver.cuEventSynchronize(chosenEvents[slot]), "cuEventSynchronize")
+        if let e = firstError {
+            firstError = nil
+            throw e
+        }
+        let words = UnsafeRawPointer(host + slot * 8 * CUDABackend.chosenCapacity).assumingMemoryBound(to: UInt64.self)
+        return (0..<n).map { r in
+            let word = words[r], id = 0xffff_ffff - Int(word & 0xffff_ffff)
+            return word == 0 || id >= cols ? 0 : id
         }
     }
 }

@@ -32,6 +32,9 @@ public final class CUDADriver: @unchecked Sendable {
     let cuStreamSynchronize: @convention(c) (OpaquePointer?) -> Result
     let cuGetErrorName: @convention(c) (Result, UnsafeMutablePointer<UnsafePointer<CChar>?>) -> Result
     let cuMemAllocHost: @convention(c) (UnsafeMutablePointer<UnsafeMutableRawPointer?>, Int) -> Result
+    let cuEventCreate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Result
+    let cuEventRecord: @convention(c) (OpaquePointer?, OpaquePointer?) -> Result
+    let cuEventSynchronize: @convention(c) (OpaquePointer?) -> Result
     let cuStreamBeginCapture: @convention(c) (OpaquePointer?, UInt32) -> Result
     let cuStreamEndCapture: @convention(c) (OpaquePointer?, UnsafeMutablePointer<OpaquePointer?>) -> Result
     let cuGraphInstantiate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, OpaquePointer?, UInt64) -> Result
@@ -121,6 +124,9 @@ public final class CUDADriver: @unchecked Sendable {
         cuStreamSynchronize = try CUDADriver.symbol(cuda, ["cuStreamSynchronize"], as: type(of: cuStreamSynchronize))
         cuGetErrorName = try CUDADriver.symbol(cuda, ["cuGetErrorName"], as: type(of: cuGetErrorName))
         cuMemAllocHost = try CUDADriver.symbol(cuda, ["cuMemAllocHost_v2"], as: type(of: cuMemAllocHost))
+        cuEventCreate = try CUDADriver.symbol(cuda, ["cuEventCreate"], as: type(of: cuEventCreate))
+        cuEventRecord = try CUDADriver.symbol(cuda, ["cuEventRecord"], as: type(of: cuEventRecord))
+        cuEventSynchronize = try CUDADriver.symbol(cuda, ["cuEventSynchronize"], as: type(of: cuEventSynchronize))
         cuStreamBeginCapture = try CUDADriver.symbol(cuda, ["cuStreamBeginCapture_v2"], as: type(of: cuStreamBeginCapture))
         cuStreamEndCapture = try CUDADriver.symbol(cuda, ["cuStreamEndCapture"], as: type(of: cuStreamEndCapture))
         cuGraphInstantiate = try CUDADriver.symbol(cuda, ["cuGraphInstantiateWithFlags"], as: type(of: cuGraphInstantiate))

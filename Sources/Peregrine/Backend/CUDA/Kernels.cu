@@ -234,10 +234,19 @@ __device__ __forceinline__ void load8(const void* w, int dtype, long i, float* o
     }
 }
 
-extern "C" __global__ void embed_rows(const void* table, int dtype, long total, const int* tokens, float* out, int dim) {
+// A token below 0 is a chained decode step's: -1 - id names the row of the step before whose
+// greedy choice it is, still on the device as argmax_rows left it in `chosen`.
+extern "C" __global__ void embed_rows(const void* table, int dtype, long total, const int* tokens,
+                                      const unsigned long long* chosen, float* out, int dim) {
     gdc_wait();
     int t = blockIdx.x;
-    long base = (long)tokens[t] * dim;
+    int id = tokens[t];
+    if (id < 0) {
+        unsigned long long word = chosen[-1 - id];
+        unsigned i = 0xffffffffu - (unsigned)(word & 0xffffffffu);
+        id = word == 0 || (long)i * dim >= total ? 0 : (int)i;
+    }
+    long base = (long)id * dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) out[(long)t * dim + i] = load_weight(table, dtype, base + i, total);
 }
 

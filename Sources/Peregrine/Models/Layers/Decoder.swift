@@ -206,8 +206,10 @@ final class DecoderRunner<B: ComputeBackend> {
         guard plan.tableWidth == cache.tableWidth, plan.blockTables.count % max(plan.tableWidth, 1) == 0 else {
             throw PeregrineError.invalidArgument("block tables of \(plan.tableWidth) entries a row, the KV memory has \(cache.tableWidth)")
         }
+        let chained = backend.chainedTokenRows
         for t in 0..<n {
-            guard plan.tokens[t] >= 0, Int(plan.tokens[t]) < shape.vocabulary else {
+            // A token below 0 names a greedy choice the step before left on the device (chained steps).
+            guard plan.tokens[t] >= 0 ? Int(plan.tokens[t]) < shape.vocabulary : Int(-1 - plan.tokens[t]) < chained else {
                 throw PeregrineError.invalidArgument("token id \(plan.tokens[t]) is outside the vocabulary (\(shape.vocabulary))")
             }
             guard plan.slots[t] >= 0, Int(plan.slots[t]) < plan.tableRows, plan.positions[t] >= 0, Int(plan.positions[t]) < cache.capacity else {
@@ -243,7 +245,9 @@ final class DecoderRunner<B: ComputeBackend> {
         if replaying { profile?.noteReplay() }
         let logits = try layers(DecoderPass(backend: backend, plan: plan, cache: cache, workspace: w, shape: shape, replaying: replaying))
         profile?.mark(.walk)
-        try backend.synchronize()
+        // Logits are read next, and every read waits: the sampling's launches may queue behind
+        // the step instead of after a round trip to the host (where the backend chains steps).
+        if logits != nil && returnedRows > 0 { try backend.submit() } else { try backend.synchronize() }
         profile?.mark(.wait)
         guard let logits else { return logitRows }
         logitRows.buffer = logits
