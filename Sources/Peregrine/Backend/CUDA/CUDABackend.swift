@@ -250,10 +250,11 @@ public final class CUDABackend: ComputeBackend {
     /// tokens after it has queued the next step).
     private var pinnedHalf = 0
     private var nextHalf = 0
-    /// Decode steps may be chained: passes are submitted without waiting and graph steps take the
-    /// staging halves in turn; otherwise every pass waits for the device and stages into the
-    /// first half.
+    /// Decode steps may be chained (asked for, and the events for it made): passes are submitted
+    /// without waiting and graph steps take the staging halves in turn; otherwise every pass
+    /// waits for the device and stages into the first half.
     private let chaining: Bool
+    private var chainsDecodeSteps: Bool { chaining && chosenHost != nil }
     private var halfEvents: [OpaquePointer?] = [nil, nil]
     private var halfRecorded = [false, false]
 
@@ -466,15 +467,17 @@ public final class CUDABackend: ComputeBackend {
         for i in 0..<32 { params[i] = args + 8 * i }
         var host: UnsafeMutableRawPointer?
         // Two halves of staging memory, then the two slots of greedy choices.
-        let events = (0..<4).compactMap { _ -> OpaquePointer? in
-            var e: OpaquePointer?
-            return driver.cuEventCreate(&e, 2) == 0 ? e : nil  // CU_EVENT_DISABLE_TIMING
-        }
-        if events.count == 4, driver.cuMemAllocHost(&host, 2 * pinnedBytes + 2 * 8 * CUDABackend.chosenCapacity) == 0, let host {
+        if driver.cuMemAllocHost(&host, 2 * pinnedBytes + 2 * 8 * CUDABackend.chosenCapacity) == 0, let host {
             pinned = host
-            chosenHost = host + 2 * pinnedBytes
-            halfEvents = [events[0], events[1]]
-            chosenEvents = [events[2], events[3]]
+            let events = !chaining ? [] : (0..<4).compactMap { _ -> OpaquePointer? in
+                var e: OpaquePointer?
+                return driver.cuEventCreate(&e, 2) == 0 ? e : nil  // CU_EVENT_DISABLE_TIMING
+            }
+            if events.count == 4 {
+                chosenHost = host + 2 * pinnedBytes
+                halfEvents = [events[0], events[1]]
+                chosenEvents = [events[2], events[3]]
+            }
         }
     }
 
@@ -539,8 +542,8 @@ public final class CUDABackend: ComputeBackend {
         // A batch's split count follows its longest sequence; one sequence's splits follow the
         // cache's capacity, and its kernel the sequence's length (`groupedAttentionFrom`).
         h.combine(plan.count > 1 ? CUDABackend.splitBasis(longest) : shortSequencePass ? 0 : 1)
-        let half = chaining ? nextHalf : 0
-        if chaining { h.combine(half) }
+        let half = chainsDecodeSteps ? nextHalf : 0
+        if chainsDecodeSteps { h.combine(half) }
         key = h.finalize()
         if let g = graphs[key] {
             takeHalf(half)
@@ -556,7 +559,7 @@ public final class CUDABackend: ComputeBackend {
     /// This graph step stages into `half`, once the last step that read it is done.
     private func takeHalf(_ half: Int) {
         pinnedHalf = half
-        guard chaining else { return }
+        guard chainsDecodeSteps else { return }
         nextHalf = 1 - half
         if halfRecorded[half] {
             halfRecorded[half] = false
@@ -2366,7 +2369,7 @@ public final class CUDABackend: ComputeBackend {
         mode = .eager
         pdlStep = false
         // Without chaining the next pass may stage while this one runs: wait (as every pass did).
-        if !chaining { record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize") }
+        if !chainsDecodeSteps { record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize") }
         if let e = firstError {
             firstError = nil
             throw e
@@ -2375,7 +2378,7 @@ public final class CUDABackend: ComputeBackend {
 
     /// Marks the staging half the launched graph reads: the next step to stage into it waits.
     private func halfRead() {
-        guard chaining else { return }
+        guard chainsDecodeSteps else { return }
         if driver.cuEventRecord(halfEvents[pinnedHalf], stream) == 0 {
             halfRecorded[pinnedHalf] = true
         } else {
@@ -2385,7 +2388,7 @@ public final class CUDABackend: ComputeBackend {
     }
 
     public var queuesWork: Bool { true }
-    public var chainsGreedyTokens: Bool { chaining && chosenHost != nil }
+    public var chainsGreedyTokens: Bool { chainsDecodeSteps }
 
     public func queueGreedy(_ x: CUDABuffer, rows n: Int, cols: Int) throws -> Int {
         bindContext()
