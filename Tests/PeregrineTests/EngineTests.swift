@@ -255,6 +255,22 @@ final class EngineTests: XCTestCase {
         let after = try engine.generate(prompts: [request(ps[6], 12)])
         XCTAssertEqual(after.first?.tokens, try alone(single, request(ps[6], 12)).tokens)
         XCTAssertEqual(engine.stats.kvBlocksUsed, 0)
+        // Two engines on one model (one backend): one after the other after a stop that left a
+        // step queued, and stepped in turns, each gives its own tokens.
+        let a = try Engine(model: model, tokenizer: tokenizer, config: chained)
+        let b = try Engine(model: model, tokenizer: tokenizer, config: chained)
+        XCTAssertEqual(try a.generate(prompts: [eos]).first?.tokens, try alone(single, eos).tokens)
+        XCTAssertEqual(try b.generate(prompts: [request(ps[1], 16)]).first?.tokens, try alone(single, request(ps[1], 16)).tokens)
+        XCTAssertEqual(try a.generate(prompts: [request(ps[2], 16)]).first?.tokens, try alone(single, request(ps[2], 16)).tokens)
+        let ia = try a.add(request(ps[5], 20)), ib = try b.add(request(ps[7], 20))
+        var ta: [Int] = [], tb: [Int] = []
+        var doneA = false, doneB = false
+        for _ in 0..<100 where !(doneA && doneB) {
+            for o in try a.step() where o.requestId == ia { ta += o.tokens; doneA = doneA || o.finishReason != nil }
+            for o in try b.step() where o.requestId == ib { tb += o.tokens; doneB = doneB || o.finishReason != nil }
+        }
+        XCTAssertEqual(ta, try alone(single, request(ps[5], 20)).tokens)
+        XCTAssertEqual(tb, try alone(single, request(ps[7], 20)).tokens)
     }
 
     /// Requests the engine can never serve are refused with a reason; the others run on.

@@ -143,6 +143,15 @@ public protocol ComputeBackend: AnyObject {
     var chainsGreedyTokens: Bool { get }
     /// Rows the last `queueGreedy` chose (tokens -1 - i name them); 0 before any.
     var chainedTokenRows: Int { get }
+    /// The most rows one `queueGreedy` takes.
+    var chainableRows: Int { get }
+    /// The ticket of the last `queueGreedy` (-1 before any): an engine chains a step only on
+    /// choices that are still the last ones queued, not another engine's on the same backend.
+    var lastGreedyTicket: Int { get }
+    /// The engine whose chained step is queued on this backend, if any: another engine on the
+    /// same model then chooses its tokens without chaining, so that neither overwrites the
+    /// other's choices.
+    var greedyChainOwner: ObjectIdentifier? { get set }
     /// Queues the choice (argmax, the first on ties) of each of rows 0..<rows of x without waiting
     /// for it; returns the ticket `takeGreedy` reads them by (the last two calls' can be read).
     func queueGreedy(_ x: Buffer, rows: Int, cols: Int) throws -> Int
@@ -323,6 +332,12 @@ extension ComputeBackend {
     public var queuesWork: Bool { false }
     public var chainsGreedyTokens: Bool { false }
     public var chainedTokenRows: Int { 0 }
+    public var chainableRows: Int { 0 }
+    public var lastGreedyTicket: Int { -1 }
+    public var greedyChainOwner: ObjectIdentifier? {
+        get { nil }
+        set {}
+    }
     public func queueGreedy(_ x: Buffer, rows: Int, cols: Int) throws -> Int {
         throw PeregrineError.invalidArgument("this backend does not chain decode steps")
     }

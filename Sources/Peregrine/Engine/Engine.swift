@@ -52,7 +52,16 @@ public final class Engine: @unchecked Sendable {
         let logits: LogitRows
         let ticket: Int
     }
-    private var queued: QueuedStep?
+    /// While a step is queued, this engine owns the backend's chain (`greedyChainOwner`).
+    private var queued: QueuedStep? {
+        didSet {
+            if let q = queued {
+                q.logits.chainOwner = ObjectIdentifier(self)
+            } else if let old = oldValue, old.logits.chainOwner == ObjectIdentifier(self) {
+                old.logits.chainOwner = nil
+            }
+        }
+    }
     /// Steps queued chained so far (for tests).
     private(set) var chainedSteps = 0
 
@@ -113,6 +122,8 @@ public final class Engine: @unchecked Sendable {
         lock.broadcast()
         lock.unlock()
         for f in failures { f(PeregrineError.invalidArgument("the engine was released")) }
+        // Gives the backend's chain back to other engines on the model.
+        if let q = queued, q.logits.chainOwner == ObjectIdentifier(self) { q.logits.chainOwner = nil }
     }
 
     // MARK: Requests
@@ -253,6 +264,7 @@ public final class Engine: @unchecked Sendable {
                 outputs.append(s.takeOutput())
             }
         }
+        if let q = queued, q.work.allSatisfy({ $0.sequence.isFinished }) { queued = nil }
         if !cancelled.isEmpty { publish() }
     }
 
@@ -342,7 +354,8 @@ public final class Engine: @unchecked Sendable {
     /// one decode token of a sequence whose next token is its greedy choice and nothing else
     /// (no log probabilities, no samples waiting to fork).
     private func chains(_ work: [Scheduler.Work], _ logits: LogitRows) -> Bool {
-        guard logits.chainsGreedy, config.chainDecodeSteps ?? logits.runsAhead, logits.count >= work.count else { return false }
+        guard logits.chainsGreedy, config.chainDecodeSteps ?? logits.runsAhead, logits.count >= work.count,
+              work.count <= logits.chainableRows, logits.chainOwner.map({ $0 == ObjectIdentifier(self) }) ?? true else { return false }
         for w in work {
             let s = w.sequence
             guard w.count == 1, w.samples, s.request.maxTokens > 0, s.sampler.isPlainGreedy, s.request.logprobs == nil,
@@ -361,7 +374,10 @@ public final class Engine: @unchecked Sendable {
         lock.lock()
         let quiet = inbox.isEmpty && cancellations.isEmpty
         lock.unlock()
-        if quiet, q.work.allSatisfy({ continues($0.sequence) }), let ahead = scheduler.chainAhead(q.work) {
+        // Only on choices still the backend's last: another engine on the same model may have
+        // queued its own since, and the next step's embedding would read those.
+        if quiet, q.logits.lastGreedyTicket == q.ticket, q.work.allSatisfy({ continues($0.sequence) }),
+           let ahead = scheduler.chainAhead(q.work) {
             profile?.mark(.schedule)
             if let logits = try runner.run(ahead, copies: [], chained: true) {
                 forwardPasses += 1
@@ -380,7 +396,9 @@ public final class Engine: @unchecked Sendable {
             outputs.append(s.takeOutput())
             if s.isFinished, let seqs = live[s.requestId], seqs.allSatisfy(\.isFinished) { live[s.requestId] = nil }
         }
-        queued = next
+        // A step queued for sequences that all stopped at these tokens is thrown away now (its
+        // writes go to freed blocks, ahead of any later use on the device's stream).
+        queued = next.flatMap { n in n.work.contains { !$0.sequence.isFinished } ? n : nil }
         if let profile {
             profile.mark(.advance)
             profile.endStep(decode: true)

@@ -77,7 +77,10 @@ final class ModelRunner {
                 plan.appendBlockTable(table)
                 plan.promptLengths.append(Int32(length))
             }
-            _ = try model.forward(plan, kv: kv)
+            // Read one choice, so that the pass has run (and failed here, if it fails) before
+            // requests come, also where passes are submitted without waiting.
+            let rows = try model.forward(plan, kv: kv)
+            if rows.count > 0 { _ = try rows.argmax(row: 0) }
         }
         try pass(rows: count, tokens: length, position: 0)
         for rows in recordedDecodeBatchSizes where rows <= sequences { try pass(rows: rows, tokens: 1, position: length) }

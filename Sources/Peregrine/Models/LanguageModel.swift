@@ -65,6 +65,12 @@ public protocol LogitRows: AnyObject {
     /// Whether chaining pays: passes return before the device has run them (a GPU), so the host
     /// prepares the next step while this one runs.
     var runsAhead: Bool { get }
+    /// The most rows `queueGreedy` takes, and the backend's last ticket (see
+    /// `ComputeBackend.lastGreedyTicket`).
+    var chainableRows: Int { get }
+    var lastGreedyTicket: Int { get }
+    /// `ComputeBackend.greedyChainOwner`.
+    var chainOwner: ObjectIdentifier? { get set }
     /// Queues the greedy choice of rows 0..<rows without waiting; `takeGreedy(ticket)` reads them.
     func queueGreedy(rows: Int) throws -> Int
     func takeGreedy(_ ticket: Int, rows: Int) throws -> [Int]
@@ -73,6 +79,12 @@ public protocol LogitRows: AnyObject {
 extension LogitRows {
     public var chainsGreedy: Bool { false }
     public var runsAhead: Bool { false }
+    public var chainableRows: Int { 0 }
+    public var lastGreedyTicket: Int { -1 }
+    public var chainOwner: ObjectIdentifier? {
+        get { nil }
+        set {}
+    }
     public func queueGreedy(rows: Int) throws -> Int { throw PeregrineError.unsupported("these logits do not chain decode steps") }
     public func takeGreedy(_ ticket: Int, rows: Int) throws -> [Int] { throw PeregrineError.unsupported("these logits do not chain decode steps") }
     public var samplesRows: Bool { false }
@@ -129,6 +141,12 @@ final class BackendLogitRows<B: ComputeBackend>: LogitRows {
     var samplesRows: Bool { backend.samplesRows }
     var chainsGreedy: Bool { backend.chainsGreedyTokens }
     var runsAhead: Bool { backend.queuesWork }
+    var chainableRows: Int { backend.chainableRows }
+    var lastGreedyTicket: Int { backend.lastGreedyTicket }
+    var chainOwner: ObjectIdentifier? {
+        get { backend.greedyChainOwner }
+        set { backend.greedyChainOwner = newValue }
+    }
 
     func queueGreedy(rows: Int) throws -> Int {
         guard let buffer, rows > 0, rows <= count else { throw PeregrineError.invalidArgument("logit rows out of range") }

@@ -175,6 +175,9 @@ public final class CPUBackend: ComputeBackend {
     private var greedyTickets = 0
     public var chainsGreedyTokens: Bool { true }
     public var chainedTokenRows: Int { lastChosen.count }
+    public var chainableRows: Int { Int.max }
+    public var lastGreedyTicket: Int { greedyTickets - 1 }
+    public var greedyChainOwner: ObjectIdentifier?
 
     public func queueGreedy(_ x: CPUBuffer, rows: Int, cols: Int) throws -> Int {
         guard rows > 0 else { throw PeregrineError.invalidArgument("no rows to choose from") }

@@ -469,10 +469,11 @@ public final class CUDABackend: ComputeBackend {
         // Two halves of staging memory, then the two slots of greedy choices.
         if driver.cuMemAllocHost(&host, 2 * pinnedBytes + 2 * 8 * CUDABackend.chosenCapacity) == 0, let host {
             pinned = host
-            let events = !chaining ? [] : (0..<4).compactMap { _ -> OpaquePointer? in
-                var e: OpaquePointer?
-                return driver.cuEventCreate(&e, 2) == 0 ? e : nil  // CU_EVENT_DISABLE_TIMING
-            }
+            let events = !chaining || driver.cuEventRecord == nil || driver.cuEventSynchronize == nil ? []
+                : (0..<4).compactMap { _ -> OpaquePointer? in
+                    var e: OpaquePointer?
+                    return driver.cuEventCreate?(&e, 2) == 0 ? e : nil  // CU_EVENT_DISABLE_TIMING
+                }
             if events.count == 4 {
                 chosenHost = host + 2 * pinnedBytes
                 halfEvents = [events[0], events[1]]
@@ -488,6 +489,7 @@ public final class CUDABackend: ComputeBackend {
         launchAttribute.deallocate()
         tensorMapArgument.deallocate()
         dropGraphs()
+        for e in halfEvents + chosenEvents where e != nil { _ = driver.cuEventDestroy?(e) }
     }
 
     private var inGraphStep: Bool { if case .eager = mode { return false }; return true }
@@ -563,7 +565,7 @@ public final class CUDABackend: ComputeBackend {
         nextHalf = 1 - half
         if halfRecorded[half] {
             halfRecorded[half] = false
-            record(driver.cuEventSynchronize(halfEvents[half]), "cuEventSynchronize")
+            record(driver.cuEventSynchronize?(halfEvents[half]) ?? 1, "cuEventSynchronize")
         }
     }
 
@@ -2379,7 +2381,7 @@ public final class CUDABackend: ComputeBackend {
     /// Marks the staging half the launched graph reads: the next step to stage into it waits.
     private func halfRead() {
         guard chainsDecodeSteps else { return }
-        if driver.cuEventRecord(halfEvents[pinnedHalf], stream) == 0 {
+        if driver.cuEventRecord?(halfEvents[pinnedHalf], stream) == 0 {
             halfRecorded[pinnedHalf] = true
         } else {
             // Without the event, wait here: the half must not be written while it is read.
@@ -2389,6 +2391,9 @@ public final class CUDABackend: ComputeBackend {
 
     public var queuesWork: Bool { true }
     public var chainsGreedyTokens: Bool { chainsDecodeSteps }
+    public var chainableRows: Int { chainsDecodeSteps ? CUDABackend.chosenCapacity : 0 }
+    public var lastGreedyTicket: Int { greedyTickets - 1 }
+    public var greedyChainOwner: ObjectIdentifier?
 
     public func queueGreedy(_ x: CUDABuffer, rows n: Int, cols: Int) throws -> Int {
         bindContext()
@@ -2407,7 +2412,7 @@ public final class CUDABackend: ComputeBackend {
         launch("argmax_rows", grid: (parts, n, 1), block: 256) { a in a.ptr(x); a.i32(cols); a.ptr(greedyWords) }
         record(driver.cuMemcpyDtoHAsync(host + slot * 8 * CUDABackend.chosenCapacity, greedyWords.pointer, 8 * n, stream),
                "cuMemcpyDtoHAsync")
-        record(driver.cuEventRecord(chosenEvents[slot], stream), "cuEventRecord")
+        record(driver.cuEventRecord?(chosenEvents[slot], stream) ?? 1, "cuEventRecord")
         chainedTokenRows = n
         if let e = firstError {
             firstError = nil
@@ -2424,7 +2429,7 @@ public final class CUDABackend: ComputeBackend {
             throw PeregrineError.invalidArgument("no greedy choices queued as \(ticket) for \(n) rows")
         }
         let slot = ticket & 1
-        record(driver.cuEventSynchronize(chosenEvents[slot]), "cuEventSynchronize")
+        record(driver.cuEventSynchronize?(chosenEvents[slot]) ?? 1, "cuEventSynchronize")
         if let e = firstError {
             firstError = nil
             throw e

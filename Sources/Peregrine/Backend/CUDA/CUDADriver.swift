@@ -32,9 +32,14 @@ public final class CUDADriver: @unchecked Sendable {
     let cuStreamSynchronize: @convention(c) (OpaquePointer?) -> Result
     let cuGetErrorName: @convention(c) (Result, UnsafeMutablePointer<UnsafePointer<CChar>?>) -> Result
     let cuMemAllocHost: @convention(c) (UnsafeMutablePointer<UnsafeMutableRawPointer?>, Int) -> Result
-    let cuEventCreate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Result
-    let cuEventRecord: @convention(c) (OpaquePointer?, OpaquePointer?) -> Result
-    let cuEventSynchronize: @convention(c) (OpaquePointer?) -> Result
+    /// Events (chained decode steps only); nil where the driver lacks them, which turns chaining off.
+    typealias EventCreate = @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Result
+    typealias EventCall = @convention(c) (OpaquePointer?) -> Result
+    typealias EventRecord = @convention(c) (OpaquePointer?, OpaquePointer?) -> Result
+    let cuEventCreate: EventCreate?
+    let cuEventRecord: EventRecord?
+    let cuEventSynchronize: EventCall?
+    let cuEventDestroy: EventCall?
     let cuStreamBeginCapture: @convention(c) (OpaquePointer?, UInt32) -> Result
     let cuStreamEndCapture: @convention(c) (OpaquePointer?, UnsafeMutablePointer<OpaquePointer?>) -> Result
     let cuGraphInstantiate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, OpaquePointer?, UInt64) -> Result
@@ -124,9 +129,10 @@ public final class CUDADriver: @unchecked Sendable {
         cuStreamSynchronize = try CUDADriver.symbol(cuda, ["cuStreamSynchronize"], as: type(of: cuStreamSynchronize))
         cuGetErrorName = try CUDADriver.symbol(cuda, ["cuGetErrorName"], as: type(of: cuGetErrorName))
         cuMemAllocHost = try CUDADriver.symbol(cuda, ["cuMemAllocHost_v2"], as: type(of: cuMemAllocHost))
-        cuEventCreate = try CUDADriver.symbol(cuda, ["cuEventCreate"], as: type(of: cuEventCreate))
-        cuEventRecord = try CUDADriver.symbol(cuda, ["cuEventRecord"], as: type(of: cuEventRecord))
-        cuEventSynchronize = try CUDADriver.symbol(cuda, ["cuEventSynchronize"], as: type(of: cuEventSynchronize))
+        cuEventCreate = try? CUDADriver.symbol(cuda, ["cuEventCreate"], as: EventCreate.self)
+        cuEventRecord = try? CUDADriver.symbol(cuda, ["cuEventRecord"], as: EventRecord.self)
+        cuEventSynchronize = try? CUDADriver.symbol(cuda, ["cuEventSynchronize"], as: EventCall.self)
+        cuEventDestroy = try? CUDADriver.symbol(cuda, ["cuEventDestroy_v2", "cuEventDestroy"], as: EventCall.self)
         cuStreamBeginCapture = try CUDADriver.symbol(cuda, ["cuStreamBeginCapture_v2"], as: type(of: cuStreamBeginCapture))
         cuStreamEndCapture = try CUDADriver.symbol(cuda, ["cuStreamEndCapture"], as: type(of: cuStreamEndCapture))
         cuGraphInstantiate = try CUDADriver.symbol(cuda, ["cuGraphInstantiateWithFlags"], as: type(of: cuGraphInstantiate))
