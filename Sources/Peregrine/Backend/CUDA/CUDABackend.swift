@@ -2225,9 +2225,23 @@ public final class CUDABackend: ComputeBackend {
         launch("argmax_rows", grid: (parts, 1, 1), block: 256) { a in a.ptr(rowPointer(x, row, cols)); a.i32(cols); a.ptr(sampleInts) }
         record(driver.cuMemcpyDtoHAsync(&word, sampleInts.pointer, 8, stream), "cuMemcpyDtoHAsync")
         try synchronize()
-        // The low word holds the inverted index; zero (nothing but NaNs) means index 0.
+        return CUDABackend.argmaxIndex(word, cols: cols)
+    }
+
+    /// The index an argmax_rows word names: its low word holds the inverted index; zero (nothing
+    /// but NaNs) means index 0.
+    private static func argmaxIndex(_ word: UInt64, cols: Int) -> Int {
         let id = 0xffff_ffff - Int(word & 0xffff_ffff)
         return word == 0 || id >= cols ? 0 : id
+    }
+
+    /// argmax_rows over rows 0..<n of x into `words` (zeroed first), one word a row: about eight
+    /// blocks a multiprocessor, so many rows are read at the memory's rate (one block a row read
+    /// 256 rows of the 8B shape's vocabulary at a sixth of it).
+    private func launchArgmax(_ x: CUDABuffer, rows n: Int, cols: Int, into words: CUDADriver.DevicePointer) {
+        record(driver.cuMemsetD8Async(words, 0, 8 * n, stream), "cuMemsetD8Async")
+        let parts = max(1, min((8 * driver.multiprocessors + n - 1) / n, (cols + 2047) / 2048))
+        launch("argmax_rows", grid: (parts, n, 1), block: 256) { a in a.ptr(x); a.i32(cols); a.ptr(words) }
     }
 
     public var freeDeviceMemory: Int? {
@@ -2242,17 +2256,10 @@ public final class CUDABackend: ComputeBackend {
         let n = last + 1
         guard ensure(&sampleInts, 2 * n) else { try synchronize(); return [] }
         var words = [UInt64](repeating: 0, count: n)
-        record(driver.cuMemsetD8Async(sampleInts.pointer, 0, 8 * n, stream), "cuMemsetD8Async")
-        // About eight blocks a multiprocessor, so many rows are read at the memory's rate (one
-        // block a row read 256 rows of the 8B shape's vocabulary at a sixth of it).
-        let parts = max(1, min((8 * driver.multiprocessors + n - 1) / n, (cols + 2047) / 2048))
-        launch("argmax_rows", grid: (parts, n, 1), block: 256) { a in a.ptr(x); a.i32(cols); a.ptr(sampleInts) }
+        launchArgmax(x, rows: n, cols: cols, into: sampleInts.pointer)
         words.withUnsafeMutableBytes { record(driver.cuMemcpyDtoHAsync($0.baseAddress!, sampleInts.pointer, 8 * n, stream), "cuMemcpyDtoHAsync") }
         try synchronize()
-        return rows.map { r in
-            let word = words[r], id = 0xffff_ffff - Int(word & 0xffff_ffff)
-            return word == 0 || id >= cols ? 0 : id
-        }
+        return rows.map { CUDABackend.argmaxIndex(words[$0], cols: cols) }
     }
 
     public func topK(_ x: CUDABuffer, row: Int, cols: Int, k: Int, values: UnsafeMutableBufferPointer<Float>,
@@ -2407,9 +2414,7 @@ public final class CUDABackend: ComputeBackend {
         let ticket = greedyTickets
         greedyTickets += 1
         let slot = ticket & 1
-        record(driver.cuMemsetD8Async(greedyWords.pointer, 0, 8 * n, stream), "cuMemsetD8Async")
-        let parts = max(1, min((8 * driver.multiprocessors + n - 1) / n, (cols + 2047) / 2048))
-        launch("argmax_rows", grid: (parts, n, 1), block: 256) { a in a.ptr(x); a.i32(cols); a.ptr(greedyWords) }
+        launchArgmax(x, rows: n, cols: cols, into: greedyWords.pointer)
         record(driver.cuMemcpyDtoHAsync(host + slot * 8 * CUDABackend.chosenCapacity, greedyWords.pointer, 8 * n, stream),
                "cuMemcpyDtoHAsync")
         record(driver.cuEventRecord?(chosenEvents[slot], stream) ?? 1, "cuEventRecord")
@@ -2435,10 +2440,7 @@ public final class CUDABackend: ComputeBackend {
             throw e
         }
         let words = UnsafeRawPointer(host + slot * 8 * CUDABackend.chosenCapacity).assumingMemoryBound(to: UInt64.self)
-        return (0..<n).map { r in
-            let word = words[r], id = 0xffff_ffff - Int(word & 0xffff_ffff)
-            return word == 0 || id >= cols ? 0 : id
-        }
+        return (0..<n).map { CUDABackend.argmaxIndex(words[$0], cols: cols) }
     }
 }
 
