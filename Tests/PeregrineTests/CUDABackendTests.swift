@@ -486,7 +486,7 @@ final class CUDABackendTests: XCTestCase {
             b.matmulAdd(xb, rows: 1, weight: w, bias: nil, residual: r, scratch: scratch)
             b.matmul3(xb, rows: 1, (ws[0], nil, outs[0]), (ws[1], nil, outs[1]), (ws[2], nil, outs[2]))
             try b.synchronize()
-            return try ([(y, 41), (r, 41)] + zip(outs, parts.map { $0.shape[0] }).map { ($0, $1) }).map { buffer, count in
+            return ([(y, 41), (r, 41)] + zip(outs, parts.map { $0.shape[0] }).map { ($0, $1) }).map { buffer, count in
                 var v = [Float](repeating: 0, count: count)
                 v.withUnsafeMutableBufferPointer { b.read(buffer, offset: 0, into: $0) }
                 return v

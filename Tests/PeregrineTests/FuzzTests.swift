@@ -58,7 +58,7 @@ final class FuzzTests: XCTestCase {
         let path = dir + "/model.safetensors"
         var accepted = 0
         let runs = fuzz(2, [head]) { bytes in
-            FileManager.default.createFile(atPath: path, contents: Data(bytes + data))
+            _ = FileManager.default.createFile(atPath: path, contents: Data(bytes + data))
             if let f = try? SafeTensorsFile(path: path) {
                 accepted += 1
                 for n in f.names { _ = f.tensor(n)?.toFloat() }

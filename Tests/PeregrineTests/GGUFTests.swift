@@ -100,7 +100,7 @@ final class GGUFTests: XCTestCase {
                 b[i] = UInt8(truncatingIfNeeded: rng.next())
             }
             if rng.next() % 4 == 0 { b = Array(b.prefix(Int(rng.next() % UInt64(b.count)))) }
-            FileManager.default.createFile(atPath: p, contents: Data(b))
+            _ = FileManager.default.createFile(atPath: p, contents: Data(b))
             if let f = try? GGUFFile(path: p) {
                 for t in f.tensors { _ = f.data(t.name)?.last }
             }

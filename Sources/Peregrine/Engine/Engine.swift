@@ -338,11 +338,7 @@ public final class Engine: @unchecked Sendable {
                 token = try runner.sample(s, logits: logits, row: row)
             }
             row += 1
-            if !s.accept(token, contextLimit: contextLength) {
-                scheduler.remove(s)
-            }
-            outputs.append(s.takeOutput())
-            if s.isFinished, let seqs = live[s.requestId], seqs.allSatisfy(\.isFinished) { live[s.requestId] = nil }
+            give(token, to: s, &outputs)
         }
         if let profile {
             profile.mark(.advance)
@@ -392,9 +388,7 @@ public final class Engine: @unchecked Sendable {
             // Ended (cancelled, or stopped at the token before) after this step was queued.
             guard !s.isFinished else { continue }
             scheduler.advance(w)
-            if !s.accept(tokens[i], contextLimit: contextLength) { scheduler.remove(s) }
-            outputs.append(s.takeOutput())
-            if s.isFinished, let seqs = live[s.requestId], seqs.allSatisfy(\.isFinished) { live[s.requestId] = nil }
+            give(tokens[i], to: s, &outputs)
         }
         // A step queued for sequences that all stopped at these tokens is thrown away now (its
         // writes go to freed blocks, ahead of any later use on the device's stream).
@@ -403,6 +397,14 @@ public final class Engine: @unchecked Sendable {
             profile.mark(.advance)
             profile.endStep(decode: true)
         }
+    }
+
+    /// Gives a sequence its next token: a token that ends it (a stop, its length, the context)
+    /// takes it off the schedule, and a request whose samples all ended is no longer live.
+    private func give(_ token: Int, to s: Sequence, _ outputs: inout [EngineOutput]) {
+        if !s.accept(token, contextLimit: contextLength) { scheduler.remove(s) }
+        outputs.append(s.takeOutput())
+        if s.isFinished, let seqs = live[s.requestId], seqs.allSatisfy(\.isFinished) { live[s.requestId] = nil }
     }
 
     /// Whether a running sequence goes on past the token being chosen, as far as its length

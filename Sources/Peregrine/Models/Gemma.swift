@@ -4,12 +4,9 @@
 /// residual add), q/k norms (Gemma 3), soft-capped attention scores and final logits (Gemma 2),
 /// the attention scale from query_pre_attn_scalar, sliding-window layers interleaved with global
 /// ones, each kind with its own RoPE (Gemma 3: local base, global scaling), tied embeddings.
-public final class GemmaModel<B: ComputeBackend>: LanguageModel {
+public final class GemmaModel<B: ComputeBackend>: DecoderModel {
     public let config: ModelConfig
     public let backend: B
-    public var backendName: String { backend.name }
-    public var freeDeviceMemory: Int? { backend.freeDeviceMemory }
-    public var kernelProfile: String? { backend.kernelProfile }
     public let weightBytes: Int
 
     struct Layer {
@@ -32,7 +29,7 @@ public final class GemmaModel<B: ComputeBackend>: LanguageModel {
     public let skippedLayers: Set<Int>
     private let globalRope: RotaryEmbedding<B>
     private let localRope: RotaryEmbedding<B>?
-    private let runner: DecoderRunner<B>
+    let runner: DecoderRunner<B>
     private let weights: WeightSource  // keeps the mapped files alive
 
     public init(config c: ModelConfig, weights: WeightSource, backend: B) throws {
@@ -102,14 +99,6 @@ public final class GemmaModel<B: ComputeBackend>: LanguageModel {
     public func skippingLayers(_ skip: Set<Int>) throws -> LanguageModel {
         try checkSkippable(skip, layerCount: config.layerCount)
         return GemmaModel(sharing: self, skipping: skip)
-    }
-
-    public func makeKVMemory(blocks: Int, blockSize: Int, capacity: Int, type: KVCacheType) throws -> KVMemory {
-        try runner.makeKVMemory(blocks: blocks, blockSize: blockSize, capacity: capacity, type: type)
-    }
-
-    public func copyKVBlocks(_ kv: KVMemory, _ pairs: [(from: Int32, to: Int32)]) throws {
-        try runner.copyKVBlocks(kv, pairs)
     }
 
     public func forward(_ plan: BatchPlan, kv: KVMemory) throws -> LogitRows {

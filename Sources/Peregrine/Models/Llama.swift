@@ -2,12 +2,9 @@
 /// config (grouped-query attention, q/k/v biases, q/k norms, sliding windows, RoPE scaling, tied
 /// embeddings). Written against `ComputeBackend` over the shared layers, so the same code runs on
 /// every backend.
-public final class LlamaModel<B: ComputeBackend>: LanguageModel {
+public final class LlamaModel<B: ComputeBackend>: DecoderModel {
     public let config: ModelConfig
     public let backend: B
-    public var backendName: String { backend.name }
-    public var freeDeviceMemory: Int? { backend.freeDeviceMemory }
-    public var kernelProfile: String? { backend.kernelProfile }
     public let weightBytes: Int
 
     struct Layer {
@@ -23,7 +20,7 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
     private let rope: RotaryEmbedding<B>
     /// Layers this instance passes over (self-speculative drafting shares the weights).
     public let skippedLayers: Set<Int>
-    private let runner: DecoderRunner<B>
+    let runner: DecoderRunner<B>
     private let weights: WeightSource  // keeps the mapped files alive
 
     public init(config c: ModelConfig, weights: WeightSource, backend: B) throws {
@@ -70,14 +67,6 @@ public final class LlamaModel<B: ComputeBackend>: LanguageModel {
     public func skippingLayers(_ skip: Set<Int>) throws -> LanguageModel {
         try checkSkippable(skip, layerCount: config.layerCount)
         return LlamaModel(sharing: self, skipping: skip)
-    }
-
-    public func makeKVMemory(blocks: Int, blockSize: Int, capacity: Int, type: KVCacheType) throws -> KVMemory {
-        try runner.makeKVMemory(blocks: blocks, blockSize: blockSize, capacity: capacity, type: type)
-    }
-
-    public func copyKVBlocks(_ kv: KVMemory, _ pairs: [(from: Int32, to: Int32)]) throws {
-        try runner.copyKVBlocks(kv, pairs)
     }
 
     public func forward(_ plan: BatchPlan, kv: KVMemory) throws -> LogitRows {

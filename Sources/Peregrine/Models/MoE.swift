@@ -4,12 +4,9 @@
 /// softmax router, Mixtral's and Qwen3-MoE's weights renormalized, Qwen2-MoE's shared expert
 /// under a sigmoid gate), and the layers a Qwen config lists as MLP-only keep a dense
 /// `GatedMLP`. Written against `ComputeBackend` over the shared layers.
-public final class MoEModel<B: ComputeBackend>: LanguageModel {
+public final class MoEModel<B: ComputeBackend>: DecoderModel {
     public let config: ModelConfig
     public let backend: B
-    public var backendName: String { backend.name }
-    public var freeDeviceMemory: Int? { backend.freeDeviceMemory }
-    public var kernelProfile: String? { backend.kernelProfile }
     /// A decode step's weights: everything but the embedding table (unless tied) and the
     /// experts no token chose, k experts a sparse layer.
     public let weightBytes: Int
@@ -32,7 +29,7 @@ public final class MoEModel<B: ComputeBackend>: LanguageModel {
     private let rope: RotaryEmbedding<B>
     /// Layers this instance passes over (self-speculative drafting shares the weights).
     public let skippedLayers: Set<Int>
-    private let runner: DecoderRunner<B>
+    let runner: DecoderRunner<B>
     private let weights: WeightSource  // keeps the mapped files alive
     /// Bytes every pass reads whichever experts it chose, and the passes run.
     private let alwaysReadBytes: Int
@@ -96,14 +93,6 @@ public final class MoEModel<B: ComputeBackend>: LanguageModel {
     public func skippingLayers(_ skip: Set<Int>) throws -> LanguageModel {
         try checkSkippable(skip, layerCount: config.layerCount)
         return MoEModel(sharing: self, skipping: skip)
-    }
-
-    public func makeKVMemory(blocks: Int, blockSize: Int, capacity: Int, type: KVCacheType) throws -> KVMemory {
-        try runner.makeKVMemory(blocks: blocks, blockSize: blockSize, capacity: capacity, type: type)
-    }
-
-    public func copyKVBlocks(_ kv: KVMemory, _ pairs: [(from: Int32, to: Int32)]) throws {
-        try runner.copyKVBlocks(kv, pairs)
     }
 
     /// Bytes of weights the passes so far read: the dense weights every pass, each routed expert

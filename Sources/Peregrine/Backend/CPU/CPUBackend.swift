@@ -170,9 +170,10 @@ public final class CPUBackend: ComputeBackend {
 
     // Chained decode steps: nothing runs ahead on the CPU, so the engine chains them only when
     // asked (its tests do, to check the chaining against steps one at a time).
-    private var lastChosen: [Int] = []
     private var chosen: [[Int]] = [[], []]
     private var greedyTickets = 0
+    /// The choices of the last queued ticket, the ones a chained step's embedding reads.
+    private var lastChosen: [Int] { greedyTickets > 0 ? chosen[(greedyTickets - 1) & 1] : [] }
     public var chainsGreedyTokens: Bool { true }
     public var chainedTokenRows: Int { lastChosen.count }
     public var chainableRows: Int { Int.max }
@@ -181,10 +182,9 @@ public final class CPUBackend: ComputeBackend {
 
     public func queueGreedy(_ x: CPUBuffer, rows: Int, cols: Int) throws -> Int {
         guard rows > 0 else { throw PeregrineError.invalidArgument("no rows to choose from") }
-        lastChosen = (0..<rows).map { r in Sampler.argmax(UnsafeBufferPointer(start: x.pointer + r * cols, count: cols)) }
         let ticket = greedyTickets
+        chosen[ticket & 1] = (0..<rows).map { r in Sampler.argmax(UnsafeBufferPointer(start: x.pointer + r * cols, count: cols)) }
         greedyTickets += 1
-        chosen[ticket & 1] = lastChosen
         return ticket
     }
 

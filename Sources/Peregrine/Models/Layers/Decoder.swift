@@ -110,6 +110,28 @@ struct OutputHead<B: ComputeBackend> {
     }
 }
 
+/// A family whose passes a `DecoderRunner` runs on one backend (every family here): what the
+/// runtime asks of a model besides its forward pass is the runner's or the backend's, written once.
+protocol DecoderModel: LanguageModel {
+    associatedtype Backend: ComputeBackend
+    var backend: Backend { get }
+    var runner: DecoderRunner<Backend> { get }
+}
+
+extension DecoderModel {
+    public var backendName: String { backend.name }
+    public var freeDeviceMemory: Int? { backend.freeDeviceMemory }
+    public var kernelProfile: String? { backend.kernelProfile }
+
+    public func makeKVMemory(blocks: Int, blockSize: Int, capacity: Int, type: KVCacheType) throws -> KVMemory {
+        try runner.makeKVMemory(blocks: blocks, blockSize: blockSize, capacity: capacity, type: type)
+    }
+
+    public func copyKVBlocks(_ kv: KVMemory, _ pairs: [(from: Int32, to: Int32)]) throws {
+        try runner.copyKVBlocks(kv, pairs)
+    }
+}
+
 /// What every decoder-only family does around its layers: KV memory of the model's shape, the
 /// checks of a batch plan against it, decode steps padded to the backend's recorded batch sizes
 /// with the keys under which a backend records them, the workspace, and the returned logit rows.
