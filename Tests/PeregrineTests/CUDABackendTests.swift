@@ -47,9 +47,10 @@ final class CUDABackendTests: XCTestCase {
     /// The serving engine on the GPU (a BF16 fixture model): with --deterministic, 24 requests
     /// run together give each request's tokens alone (greedy, and sampled on the device), and so
     /// does a pool that forces preemption; by default, a batch's logits stay within BF16 tolerance of each sequence's alone.
-    /// Chained decode steps (`PEREGRINE_CHAINED_STEPS=1`: the next step queued before this
-    /// one's tokens are read, its tokens taken where this one's choice left them, its inputs
-    /// staged into the other half of the pinned memory while this one runs from CUDA graphs)
+    /// Chained decode steps (the default; `PEREGRINE_CHAINED_STEPS=0` turns them off: the next
+    /// step queued before this one's tokens are read, its tokens taken where this one's choice
+    /// left them, its inputs staged into the other half of the pinned memory while this one runs
+    /// from CUDA graphs)
     /// give the tokens of steps one at a time: one sequence and a batch, stopping at their length
     /// and at a stop token.
     func testChainedStepsOnTheGPU() throws {

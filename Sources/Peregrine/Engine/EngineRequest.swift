@@ -132,9 +132,9 @@ public struct EngineConfig: Sendable {
     /// Whether a decode step of greedy sequences is queued before the tokens of the step before
     /// it are read (its tokens stay on the device until then), so the device runs it while the
     /// host takes that step's tokens and prepares the next; nil: where passes run ahead of the
-    /// host (a GPU) and the backend chains steps (CUDA with PEREGRINE_CHAINED_STEPS=1, off by
-    /// default until measured on a GPU). Where a sequence stops, the step queued after its last
-    /// token is thrown away. The backend must chain (`ComputeBackend.chainsGreedyTokens`).
+    /// host (a GPU) and the backend chains steps (CUDA, unless PEREGRINE_CHAINED_STEPS=0). Where
+    /// a sequence stops, the step queued after its last token is thrown away. The backend must
+    /// chain (`ComputeBackend.chainsGreedyTokens`).
     public var chainDecodeSteps: Bool?
 
     public init() {}
