@@ -1252,29 +1252,6 @@ inline void tma_load_2d_(void* dst, const void* mapBytes, int c0, int c1, const 
     complete_if_done_(m, block_->rank);
 }
 
-// cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes: `bytes` (a multiple of 16,
-// both addresses 16-byte aligned) copied from global to shared memory by the copy engine, landing
-// (or at issue, eagerly) as tma_load_2d_'s do, and counted against the barrier's transaction bytes.
-inline void bulk_load_(void* dst, const void* src, unsigned bytes, const void* bar) {
-    size_t at = __cvta_generic_to_shared(dst);
-    if (at % 16 || (uintptr_t)src % 16 || bytes % 16 || bytes == 0) die("a bulk copy not in whole 16-byte pieces at 16-byte aligned addresses");
-    if (at + bytes > dynamicShared) die("a bulk copy past the launch's shared memory");
-    Mbarrier& m = mbarrier_(bar);
-    for (unsigned j = 0; j < bytes / 16; j++) {
-        Fiber::Copy c;
-        memcpy(c.bytes, (const unsigned char*)src + 16 * j, 16);
-        c.dst = fa_shared + at + 16 * j;
-        if (eager_async_()) {
-            memcpy(c.dst, c.bytes, 16);
-        } else {
-            memset(c.dst, 0xff, 16);
-            m.copies.push_back(c);
-        }
-    }
-    m.tx -= (long)bytes;
-    complete_if_done_(m, block_->rank);
-}
-
 // Clusters (distributed shared memory). A shared::cluster address (mapa's result) is, here,
 // (rank + 1) << 20 | the shared address in block `rank`.
 inline unsigned cluster_map_(unsigned address, unsigned rank) {
@@ -1348,8 +1325,6 @@ inline void copy_arrive(unsigned long long* bar) { emu::copy_arrive_(bar); }
 inline void fence_mbarrier_init() {}
 inline void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned bytes) { emu::arrive_expect_tx_(bar, bytes); }
 inline void tma_load_2d(void* dst, const void* map, int c0, int c1, unsigned long long* bar) { emu::tma_load_2d_(dst, map, c0, c1, bar); }
-// The bulk copy of contiguous bytes (cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes).
-inline void bulk_load(void* dst, const void* src, unsigned bytes, unsigned long long* bar) { emu::bulk_load_(dst, src, bytes, bar); }
 // The emulator's cuTensorMapEncodeTiled for a 2-D tensor (rank 2, element strides 1, no
 // interleave), with the driver's checks on what it is given; swizzle in bytes (0, 32, 64, 128).
 inline void emu_encode_tensor_map_2d(void* map, const void* address, unsigned long long dim0, unsigned long long dim1, unsigned long long stride1,

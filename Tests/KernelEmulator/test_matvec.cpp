@@ -429,7 +429,7 @@ typedef void (*MatvecCarry)(const void*, const float*, float*, int, const void*,
 // `consumer` for rows of d, q/k/v (a bias on q) reading r g against the products of the normalized
 // row; then the residual product again, whose sum must be the same bits (a fixed order of sums).
 void carried_norm(int dtype, const char* name, MatvecCarry producer, int pk, int d, MatvecCarry consumer, Rng& rng,
-                  MatvecCarry gatedConsumer = nullptr, size_t shared = 0) {
+                  MatvecCarry gatedConsumer = nullptr) {
     const float eps = 1e-5f;
     char label[128];
     Weight o = make_weight(dtype, d, pk, rng), q = make_weight(dtype, 19, d, rng), kk = make_weight(dtype, 5, d, rng),
@@ -440,7 +440,7 @@ void carried_norm(int dtype, const char* name, MatvecCarry producer, int pk, int
     area[1] = 0;
     std::vector<float> r = r0;
     auto produce = [&]() {
-        emu::launch(producer, dim3((d * 32 + 255) / 256), dim3(256), shared, (const void*)o.bytes.data(), ob.data(), r.data(), d, nullptr, nullptr,
+        emu::launch(producer, dim3((d * 32 + 255) / 256), dim3(256), 0, (const void*)o.bytes.data(), ob.data(), r.data(), d, nullptr, nullptr,
                     nullptr, 0, nullptr, nullptr, nullptr, 0, attn.data(), 1, 0.f, g.data(), xg.data(), area.data(), 2);
     };
     produce();
@@ -474,7 +474,7 @@ void carried_norm(int dtype, const char* name, MatvecCarry producer, int pk, int
         return s;
     };
     std::vector<float> yq(19 + 8, 3.f), yk(5 + 8, 3.f), yv(6 + 8, 3.f);
-    emu::launch(consumer, dim3((30 * 32 + 255) / 256), dim3(256), shared, (const void*)q.bytes.data(), qb.data(), yq.data(), 19,
+    emu::launch(consumer, dim3((30 * 32 + 255) / 256), dim3(256), 0, (const void*)q.bytes.data(), qb.data(), yq.data(), 19,
                 (const void*)kk.bytes.data(), nullptr, yk.data(), 5, (const void*)v.bytes.data(), nullptr, yv.data(), 6, xg.data(), 0,
                 eps, nullptr, nullptr, area.data(), 1);
     worst = 0, largest = 0;
@@ -624,12 +624,6 @@ int main() {
 #undef FIXED
     carried_norm(1, "f16", matvec_f16_k4096_carry, 4096, 4096, matvec_f16_k4096_carry, rng, matvec_f16_gated_k4096_carry);
     carried_norm(2, "bf16", matvec_bf16_k4096_carry, 4096, 4096, matvec_bf16_k4096_carry, rng, matvec_bf16_gated_k4096_carry);
-    // The same with the middle half of each row prefetched into shared memory (the _pf kernels,
-    // 8 warps x 4 KB), as producer and consumer; then as a residual product of 20 rows (a last
-    // block with idle warps, which copy nothing).
-    carried_norm(1, "f16_pf", matvec_f16_k4096_carry_pf, 4096, 4096, matvec_f16_k4096_carry_pf, rng, nullptr, 32768);
-    carried_norm(2, "bf16_pf", matvec_bf16_k4096_carry_pf, 4096, 4096, matvec_bf16_k4096_carry_pf, rng, nullptr, 32768);
-    carried_norm(2, "bf16_pf", matvec_bf16_k4096_carry_pf, 4096, 20, nullptr, rng, nullptr, 32768);
     // The other lengths' carry kernels as residual products (20 rows: a last block with idle warps).
 #define CARRY(K)                                                                      \
     carried_norm(1, "f16", matvec_f16_k##K##_carry, K, 20, nullptr, rng);             \

@@ -25,7 +25,7 @@ final class CUDABackendTests: XCTestCase {
             "PEREGRINE_QUANT_GEMM_WS": "1", "PEREGRINE_DECODE_WARPS": "4", "PEREGRINE_DECODE_STAGES": "3", "PEREGRINE_DECODE_SPLITS": "128",
             "PEREGRINE_ROW_KERNEL_TOKENS": "0", "PEREGRINE_SPLIT_POSITIONS": "64", "PEREGRINE_GROUPED_ATTENTION_BLOCKS": "64",
             "PEREGRINE_GROUPED_ATTENTION_FROM": "0", "PEREGRINE_FIXED_MATVEC": "0", "PEREGRINE_CARRIED_NORM": "qkv",
-            "PEREGRINE_CHAINED_STEPS": "1", "PEREGRINE_DECODE_PREFETCH": "1", "PEREGRINE_UNRELATED": "x",
+            "PEREGRINE_CHAINED_STEPS": "1", "PEREGRINE_UNRELATED": "x",
         ]))
         XCTAssertNoThrow(try CUDABackend.checkMeasuringSwitches(["PEREGRINE_QUANT_GEMM_TOKENS": "", "PEREGRINE_DECODE_SPLITS": ""]))
         for value in ["0", "1"] + CUDABackend.warpgroupAttentionKernels.dropFirst().map({ String($0.name.dropFirst(28)) }) {
@@ -36,7 +36,7 @@ final class CUDABackendTests: XCTestCase {
                      ("PEREGRINE_DECODE_SPLITS", "129"), ("PEREGRINE_ROW_KERNEL_TOKENS", "-1"), ("PEREGRINE_SPLIT_POSITIONS", "0"),
                      ("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "many"), ("PEREGRINE_GROUPED_ATTENTION_FROM", "1k"),
                      ("PEREGRINE_FIXED_MATVEC", "off"), ("PEREGRINE_CARRIED_NORM", "no"), ("PEREGRINE_QUANT_GEMM_WS", "2"),
-                     ("PEREGRINE_CHAINED_STEPS", "on"), ("PEREGRINE_DECODE_PREFETCH", "yes")]
+                     ("PEREGRINE_CHAINED_STEPS", "on")]
         for (name, value) in wrong {
             XCTAssertThrowsError(try CUDABackend.checkMeasuringSwitches([name: value]), "\(name)=\(value)") { error in
                 XCTAssertTrue("\(error)".contains("\(name)=\(value)"), "\(error)")

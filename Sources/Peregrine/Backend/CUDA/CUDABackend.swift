@@ -405,7 +405,7 @@ public final class CUDABackend: ComputeBackend {
         let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K", "iq4_nl", "iq4_xs", "q3_K", "q2_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         let fixedMatvecs = ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in
             CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)" }
-        } + ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)_carry" } } + ["matvec_f16_k4096_carry_pf", "matvec_bf16_k4096_carry_pf"]
+        } + ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)_carry" } }
         let prefillMMA = CUDABackend.tensorCoreAttentionDims.map { "attention_prefill_mma_\($0)" } + CUDABackend.warpgroupAttentionKernels.map(\.name)
         let quantGemms = CUDABackend.quantGemmKernels.values.flatMap { $0.map(\.name) }
         let decodeMMA = CUDABackend.tensorCoreDecodeDims.flatMap { ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4", "attention_decode_mma_\($0)_w4s3"] }
@@ -1346,15 +1346,6 @@ public final class CUDABackend: ComputeBackend {
     /// lost from 1,024 positions on; carried only there, tg128 gained 1.1% on an H100
     /// (BENCHMARKS.md). PEREGRINE_CARRIED_NORM=qkv carries it before q/k/v only, for measuring.
     var carriedNormBeforeGate = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"].map { $0 != "0" && $0 != "qkv" } ?? true
-    /// PEREGRINE_DECODE_PREFETCH=1: the carried products of 4,096-value rows (q/k/v, the output
-    /// projection) also fetch the middle half of each row into shared memory before they wait for
-    /// the kernel before them (`matvec_*_k4096_carry_pf`), for measuring.
-    var decodePrefetch = ProcessInfo.processInfo.environment["PEREGRINE_DECODE_PREFETCH"] == "1"
-    /// The carry kernel of a product, with its dynamic shared memory.
-    private func carryKernel(_ suffix: String, gated: Bool, k: Int) -> (name: String, shared: Int) {
-        let name = "matvec_" + suffix + (gated ? "_gated" : "") + "_k\(k)_carry"
-        return decodePrefetch && !gated && k == 4096 ? (name + "_pf", 8 * 4096) : (name, 0)
-    }
 
     /// Whether a one-token residual product of `w` can produce a carried norm: a fixed-length
     /// 16-bit kernel whose rows, the next product's row length, have one too.
@@ -1374,15 +1365,13 @@ public final class CUDABackend: ComputeBackend {
               let suffix = Self.matvecSuffix(p[0].weight.dtype), let rSuffix = Self.matvecSuffix(r.weight.dtype) else { return false }
         pendingResidual = nil
         let area = normCarryArea.pointer
-        let producer = carryKernel(rSuffix, gated: false, k: r.weight.cols)
-        launch(producer.name, grid: blocks(r.weight.rows * 32), block: 256, shared: producer.shared) { a in
+        launch("matvec_\(rSuffix)_k\(r.weight.cols)_carry", grid: blocks(r.weight.rows * 32), block: 256) { a in
             a.products(1) { _ in (r.weight.pointer, r.bias?.pointer ?? 0, r.residual.pointer, r.weight.rows) }
             a.ptr(r.x); a.i32(1); a.f32(0); a.ptr(norm.pointer); a.ptr(normed); a.ptr(area); a.i32(2)
         }
         // Gated (gate and up, the output silu(gate) up): a warp takes a row of each, as matvecKernel's mode 2.
         let n = gated ? [p[0].weight.rows, 0] : p.map(\.weight.rows)
-        let consumer = carryKernel(suffix, gated: gated, k: dim)
-        launch(consumer.name, grid: blocks(n.reduce(0, +) * 32), block: 256, shared: consumer.shared) { a in
+        launch("matvec_" + suffix + (gated ? "_gated" : "") + "_k\(dim)_carry", grid: blocks(n.reduce(0, +) * 32), block: 256) { a in
             a.products(p.count) { i in (p[i].weight.pointer, p[i].bias?.pointer ?? 0, p[i].out.pointer, n[i]) }
             a.ptr(normed); a.i32(gated ? 2 : 0); a.f32(eps); a.ptr(0); a.ptr(0); a.ptr(area); a.i32(1)
         }
@@ -1788,7 +1777,6 @@ public final class CUDABackend: ComputeBackend {
         try check("PEREGRINE_CARRIED_NORM", "0, 1 or qkv") { $0 == "0" || $0 == "1" || $0 == "qkv" }
         try flag("PEREGRINE_EARLY_DECODE_KEYS")
         try flag("PEREGRINE_CHAINED_STEPS")
-        try flag("PEREGRINE_DECODE_PREFETCH")
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }
         try check("PEREGRINE_WGMMA_PROMPT_ATTENTION", "0 (mma.sync), 1 (the first kernel) or one of " + kernels.joined(separator: ", ")) {

@@ -572,26 +572,7 @@ struct NormCarry {
     bool consume;  // else produce
 };
 
-// The copy engine's prefetch of a row (PF below) takes Hopper's bulk copies and mbarriers,
-// defined with the warp-specialized kernels' synchronisation further down.
-#if defined(PEREGRINE_CUDA_EMULATOR) || __CUDA_ARCH__ >= 900
-#define MATVEC_PREFETCH 1
-#else
-#define MATVEC_PREFETCH 0
-#endif
-#if !defined(PEREGRINE_CUDA_EMULATOR) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void mbarrier_init(unsigned long long* bar, unsigned count);
-__device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned parity);
-__device__ __forceinline__ void fence_mbarrier_init();
-__device__ __forceinline__ void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned bytes);
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, unsigned long long* bar);
-#endif
-// PF > 0 (the `_pf` kernels, rows of PF + 2 chunks, one matrix a warp): chunks 1 ... PF of the
-// warp's row are fetched before gdc_wait as well, by the copy engine into shared memory (PF
-// times 2 KB a warp, no registers held), so all of the row but its last chunk may stream while
-// the kernel before runs (one token's attention, before the output projection); the last chunk
-// is loaded into registers after the wait. The sums are the same, in the same order.
-template <int DT, int R, int K, bool CARRY = false, int PF = 0>
+template <int DT, int R, int K, bool CARRY = false>
 __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
                                                   float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
                                                   const float* x, int mode, NormCarry carry = {}) {
@@ -626,47 +607,9 @@ __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b
                 for (int r = 0; r < R; r++) acc[r] += half_dot8<DT>(q[s][r][u], a, b);
             }
     };
-    static_assert(PF == 0 || (R == 1 && tail == 0 && chunks == PF + 2), "a prefetched row: PF + 2 whole chunks, one matrix");
-#if MATVEC_PREFETCH
-    constexpr unsigned pfBytes = PF * U * 32 * 16;
-    __shared__ __align__(8) unsigned long long pfBar[8];
-    extern __shared__ float xsh[];
-    uint4* pf = (uint4*)xsh + (threadIdx.x >> 5) * (PF * U * 32);
-#else
-    static_assert(PF == 0, "the copy engine's bulk copies are Hopper's");
-#endif
-#if MATVEC_PREFETCH
-    if constexpr (PF > 0) {
-        if (m.active && lane == 0) {
-            unsigned long long* bar = &pfBar[threadIdx.x >> 5];
-            mbarrier_init(bar, 1);
-            fence_mbarrier_init();
-            mbarrier_arrive_expect_tx(bar, pfBytes);
-            bulk_load(pf, base[0] - lane + U * 32, pfBytes, bar);
-        }
-    }
-#endif
     if (m.active) load(0, 0, full > 0 ? U : tail);
     gdc_wait();
     if (!CARRY && !m.active) return;
-#if MATVEC_PREFETCH
-    if constexpr (PF > 0) {
-        if (m.active) {
-            load(1, chunks - 1, U);
-            use(0, 0, U);
-            mbarrier_wait(&pfBar[threadIdx.x >> 5], 0);
-#pragma unroll
-            for (int c = 1; c <= PF; c++)
-#pragma unroll
-                for (int u = 0; u < U; u++) {
-                    int i = (c * U + u) * 32 + lane;
-                    float4 a = *(const float4*)(x + i * 8), b = *(const float4*)(x + i * 8 + 4);
-                    acc[0] += half_dot8<DT>(pf[((c - 1) * U + u) * 32 + lane], a, b);
-                }
-            use(1, chunks - 1, U);
-        }
-    } else
-#endif
     if (m.active) {
         if constexpr (tail == 0 && full % 2 == 0) {
 #pragma unroll 1
@@ -781,19 +724,6 @@ MATVEC_CARRY_ALL(13824)
 MATVEC_CARRY_ALL(14336)
 MATVEC_CARRY_ALL(18944)
 MATVEC_CARRY_ALL(28672)
-// The carry kernels of 4,096-value rows with the row's middle half prefetched (PF = 2; dynamic
-// shared memory 8 warps x 4 KB; before Hopper, the kernels above under these names):
-// PEREGRINE_DECODE_PREFETCH=1, for measuring.
-#define MATVEC_CARRY_PF(name, DT, K)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(256, 4) name(                                                               \
-        const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
-        const float* b2, float* y2, int n2, const float* x, int mode, float eps, const float* g, float* xg, float* area,       \
-        int carry) {                                                                                                         \
-        NormCarry c = {g, xg, area, eps, carry == 1};                                                                        \
-        matvec_half_fixed<DT, 1, K, true, MATVEC_PREFETCH ? 2 : 0>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode, c); \
-    }
-MATVEC_CARRY_PF(matvec_f16_k4096_carry_pf, 1, 4096)
-MATVEC_CARRY_PF(matvec_bf16_k4096_carry_pf, 2, 4096)
 
 // Unit i of a Q4_K row (16 bytes: super-block i / 8, 32-byte chunk j = (i % 8) / 2, half h =
 // i % 2; its low nibbles are values 64j + 16h ... of sub-block 2j, its high nibbles 64j + 32 + 16h
@@ -1799,12 +1729,6 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(unsigned long long* ba
 __device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, int c0, int c1, unsigned long long* bar) {
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
                  :: "r"(shared_address(dst)), "l"(map), "r"(c0), "r"(c1), "r"(shared_address(bar)) : "memory");
-}
-// The copy engine's copy of `bytes` contiguous bytes (a multiple of 16, both addresses 16-byte
-// aligned) from global memory into shared memory at dst, counted as transactions on `bar`.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 :: "r"(shared_address(dst)), "l"(src), "r"(bytes), "r"(shared_address(bar)) : "memory");
 }
 // bar.sync id, threads: `threads` (a multiple of 32) of the block meet at barrier `id` (1-15).
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
