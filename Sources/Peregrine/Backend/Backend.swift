@@ -497,6 +497,25 @@ public final class KVStorage<B: ComputeBackend>: KVMemory {
     public var blockStride: Int { type == .f32 ? blockSize * rowSize : blockSize * rowSize / 2 }
 }
 
+/// The checks every backend's `experts(gate:up:down:)` makes of a layer's expert tensors (as
+/// many of each, every expert's shapes and each projection's stored type the same); returns
+/// the hidden and intermediate sizes.
+func checkExpertTensors(gate: [TensorView], up: [TensorView], down: [TensorView]) throws -> (hidden: Int, intermediate: Int) {
+    guard !gate.isEmpty, gate.count == up.count, gate.count == down.count else {
+        throw PeregrineError.format("experts need as many gate, up and down projections (\(gate.count), \(up.count), \(down.count))")
+    }
+    let ff = gate[0].shape.first ?? 0, d = gate[0].shape.last ?? 0
+    for e in gate.indices {
+        for (t, shape) in [(gate[e], [ff, d]), (up[e], [ff, d]), (down[e], [d, ff])] where t.shape != shape {
+            throw PeregrineError.format("expert tensor '\(t.name)' has shape \(t.shape), expected \(shape)")
+        }
+        for (t, first) in [(gate[e], gate[0]), (up[e], up[0]), (down[e], down[0])] where t.dtype != first.dtype {
+            throw PeregrineError.format("expert tensor '\(t.name)' is \(t.dtype.rawValue), expert 0's is \(first.dtype.rawValue)")
+        }
+    }
+    return (d, ff)
+}
+
 /// The element type of the KV cache: f32 (the default, exact against the f32 reference), or F16,
 /// half the memory and half the bytes attention reads (llama.cpp's default); on the GPU, an F16 cache
 /// also lets prompts attend on tensor cores (f16 products, f32 accumulation).

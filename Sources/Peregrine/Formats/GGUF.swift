@@ -98,7 +98,7 @@ public final class GGUFFile: @unchecked Sendable {
     public init(path: String) throws {
         self.path = path
         file = try MappedFile(path: path)
-        var r = GGUFByteReader(file.bytes, path: path)
+        var r = BinaryReader(file.bytes, what: "\(path): invalid GGUF file")
         guard file.size >= 24 else { throw r.error("file is \(file.size) bytes, shorter than a GGUF header") }
         guard try r.u32() == 0x4655_4747 else { throw r.error("not a GGUF file (bad magic)") }
         version = try r.u32()
@@ -113,10 +113,10 @@ public final class GGUFFile: @unchecked Sendable {
         var rawMetadata: [String: Range<Int>] = [:]
         var keys: [String] = []
         for _ in 0..<Int(kvCount) {
-            let key = try r.string()
+            let key = try r.ggufString()
             let start = r.pos
             let type = try r.u32()
-            let value = try r.value(type: type, depth: 0)
+            let value = try r.ggufValue(type: type, depth: 0)
             if metadata.updateValue(value, forKey: key) == nil { keys.append(key) }
             rawMetadata[key] = start..<r.pos
         }
@@ -133,7 +133,7 @@ public final class GGUFFile: @unchecked Sendable {
         self.alignment = alignment
         var infos: [(String, [Int], TensorType, UInt64)] = []
         for _ in 0..<Int(tensorCount) {
-            let name = try r.string()
+            let name = try r.ggufString()
             let nDims = try r.u32()
             guard nDims >= 1, nDims <= 4 else { throw r.error("tensor '\(name)' has \(nDims) dimensions (1 to 4 allowed)") }
             var dims: [Int] = []
@@ -227,38 +227,16 @@ extension GGUFFile.TensorType {
     }
 }
 
-/// Bounds-checked little-endian reads from the mapped header.
-struct GGUFByteReader {
-    let bytes: UnsafeRawBufferPointer
-    let path: String
-    var pos = 0
-
-    init(_ bytes: UnsafeRawBufferPointer, path: String) {
-        self.bytes = bytes
-        self.path = path
-    }
-
-    func error(_ m: String) -> PeregrineError { .format("\(path): invalid GGUF file: \(m)") }
-
-    mutating func take(_ n: Int) throws -> Int {
-        guard n >= 0, n <= bytes.count - pos else { throw error("truncated at byte \(pos)") }
-        defer { pos += n }
-        return pos
-    }
-
-    mutating func u8() throws -> UInt8 { bytes[try take(1)] }
-    mutating func u16() throws -> UInt16 { UInt16(littleEndian: bytes.loadUnaligned(fromByteOffset: try take(2), as: UInt16.self)) }
-    mutating func u32() throws -> UInt32 { UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: try take(4), as: UInt32.self)) }
-    mutating func u64() throws -> UInt64 { UInt64(littleEndian: bytes.loadUnaligned(fromByteOffset: try take(8), as: UInt64.self)) }
-
-    mutating func string() throws -> String {
+/// GGUF's strings and metadata values, read from the mapped header.
+extension BinaryReader {
+    mutating func ggufString() throws -> String {
         let n = try u64()
         guard n <= UInt64(GGUFFile.maxStringBytes), n <= UInt64(bytes.count - pos) else { throw error("string of \(n) bytes at byte \(pos)") }
         let start = try take(Int(n))
         return String(decoding: UnsafeRawBufferPointer(rebasing: bytes[start..<(start + Int(n))]), as: UTF8.self)
     }
 
-    mutating func value(type: UInt32, depth: Int) throws -> GGUFFile.Value {
+    mutating func ggufValue(type: UInt32, depth: Int) throws -> GGUFFile.Value {
         switch type {
         case 0: return .uint(UInt64(try u8()))
         case 1: return .int(Int64(Int8(bitPattern: try u8())))
@@ -271,7 +249,7 @@ struct GGUFByteReader {
             let b = try u8()
             guard b <= 1 else { throw error("bool value \(b)") }
             return .bool(b == 1)
-        case 8: return .string(try string())
+        case 8: return .string(try ggufString())
         case 9:
             guard depth < 4 else { throw error("arrays nested too deeply") }
             let elementType = try u32()
@@ -281,7 +259,7 @@ struct GGUFByteReader {
             }
             var out: [GGUFFile.Value] = []
             out.reserveCapacity(Int(count))
-            for _ in 0..<Int(count) { out.append(try value(type: elementType, depth: depth + 1)) }
+            for _ in 0..<Int(count) { out.append(try ggufValue(type: elementType, depth: depth + 1)) }
             return .array(out)
         case 10: return .uint(try u64())
         case 11: return .int(Int64(bitPattern: try u64()))

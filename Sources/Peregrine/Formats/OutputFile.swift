@@ -78,8 +78,11 @@ struct BinaryReader {
         return pos
     }
 
+    mutating func u8() throws -> UInt8 { bytes[try take(1)] }
+    mutating func u16() throws -> UInt16 { UInt16(littleEndian: bytes.loadUnaligned(fromByteOffset: try take(2), as: UInt16.self)) }
     mutating func i32() throws -> Int32 { Int32(littleEndian: bytes.loadUnaligned(fromByteOffset: try take(4), as: Int32.self)) }
     mutating func u32() throws -> UInt32 { UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: try take(4), as: UInt32.self)) }
+    mutating func u64() throws -> UInt64 { UInt64(littleEndian: bytes.loadUnaligned(fromByteOffset: try take(8), as: UInt64.self)) }
 
     mutating func floats(_ n: Int) throws -> [Float] {
         guard n >= 0, n <= remaining / 4 else { throw error("truncated at byte \(pos) (\(n) values expected)") }

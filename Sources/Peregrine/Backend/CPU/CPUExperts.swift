@@ -69,18 +69,7 @@ extension CPUBackend {
     public typealias Experts = CPUExperts
 
     public func experts(gate: [TensorView], up: [TensorView], down: [TensorView]) throws -> CPUExperts {
-        guard !gate.isEmpty, gate.count == up.count, gate.count == down.count else {
-            throw PeregrineError.format("experts need as many gate, up and down projections (\(gate.count), \(up.count), \(down.count))")
-        }
-        let ff = gate[0].shape.first ?? 0, d = gate[0].shape.last ?? 0
-        for e in gate.indices {
-            for (t, shape) in [(gate[e], [ff, d]), (up[e], [ff, d]), (down[e], [d, ff])] where t.shape != shape {
-                throw PeregrineError.format("expert tensor '\(t.name)' has shape \(t.shape), expected \(shape)")
-            }
-            for (t, first) in [(gate[e], gate[0]), (up[e], up[0]), (down[e], down[0])] where t.dtype != first.dtype {
-                throw PeregrineError.format("expert tensor '\(t.name)' is \(t.dtype.rawValue), expert 0's is \(first.dtype.rawValue)")
-            }
-        }
+        let (d, ff) = try checkExpertTensors(gate: gate, up: up, down: down)
         return CPUExperts(gate: try gate.map(weight), up: try up.map(weight), down: try down.map(weight), hidden: d, intermediate: ff)
     }
 

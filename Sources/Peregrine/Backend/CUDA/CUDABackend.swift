@@ -1893,20 +1893,9 @@ public final class CUDABackend: ComputeBackend {
 
     public func experts(gate: [TensorView], up: [TensorView], down: [TensorView]) throws -> CUDAExperts {
         bindContext()
-        guard !gate.isEmpty, gate.count == up.count, gate.count == down.count else {
-            throw PeregrineError.format("experts need as many gate, up and down projections (\(gate.count), \(up.count), \(down.count))")
-        }
+        let (d, ff) = try checkExpertTensors(gate: gate, up: up, down: down)
         guard gate.count <= CUDAExperts.maxExperts else {
             throw PeregrineError.unsupported("\(gate.count) experts a layer; the CUDA backend groups at most \(CUDAExperts.maxExperts)")
-        }
-        let ff = gate[0].shape.first ?? 0, d = gate[0].shape.last ?? 0
-        for e in gate.indices {
-            for (t, shape) in [(gate[e], [ff, d]), (up[e], [ff, d]), (down[e], [d, ff])] where t.shape != shape {
-                throw PeregrineError.format("expert tensor '\(t.name)' has shape \(t.shape), expected \(shape)")
-            }
-            for (t, first) in [(gate[e], gate[0]), (up[e], up[0]), (down[e], down[0])] where t.dtype != first.dtype {
-                throw PeregrineError.format("expert tensor '\(t.name)' is \(t.dtype.rawValue), expert 0's is \(first.dtype.rawValue)")
-            }
         }
         let g = try gate.map(weight), u = try up.map(weight), dn = try down.map(weight)
         func table(_ w: [CUDAWeight]) throws -> CUDABuffer {
