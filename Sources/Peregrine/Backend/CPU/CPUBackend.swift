@@ -158,11 +158,12 @@ public final class CPUBackend: ComputeBackend {
     public func embed(tokens: UnsafeBufferPointer<Int32>, table: CPUWeight, out: CPUBuffer) {
         let d = table.cols
         let rowBytes = d / table.dtype.blockSize * table.dtype.blockBytes
+        let chosen = lastChosen
         for (t, token) in tokens.enumerated() {
             var id = Int(token)
             if id < 0 {
                 let i = -1 - id
-                id = i < lastChosen.count ? lastChosen[i] : 0
+                id = i < chosen.count ? chosen[i] : 0
             }
             table.dtype.dequantize(table.data + id * rowBytes, count: d, into: out.pointer + t * d)
         }

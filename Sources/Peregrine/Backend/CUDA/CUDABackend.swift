@@ -781,7 +781,7 @@ public final class CUDABackend: ComputeBackend {
                 a.ptr(b); a.i32(code(t.dtype)); a.ptr(planar); a.i64(blocks)
             }
             try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
-            if let e = firstError { firstError = nil; throw e }
+            try throwFirstError()
             return CUDAWeight(dtype: t.dtype, rows: rows, cols: cols, storage: planar)
         }
         return CUDAWeight(dtype: t.dtype, rows: rows, cols: cols, storage: b)
@@ -2321,20 +2321,17 @@ public final class CUDABackend: ComputeBackend {
         }
     }
 
-    public func synchronize() throws {
-        try submit()
-        record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
-        if let e = firstError {
-            firstError = nil
-            throw e
-        }
-    }
+    public func synchronize() throws { try endPass(waiting: true) }
+
+    /// Where steps may be chained, returns without waiting: the step's sampling queues behind it
+    /// and waits once, so the device runs it as soon as the step ends instead of after a round
+    /// trip to the host (or the engine queues the next step first; see `queueGreedy`). Without
+    /// chaining the next pass may stage while this one runs, so it waits as `synchronize` does.
+    public func submit() throws { try endPass(waiting: !chainsDecodeSteps) }
 
     /// Queues what the pass holds back (a recorded step's capture or replay, a held residual
-    /// product); where steps may be chained, returns without waiting: the step's sampling queues
-    /// behind it and waits once, so the device runs it as soon as the step ends instead of after
-    /// a round trip to the host (or the engine queues the next step first; see `queueGreedy`).
-    public func submit() throws {
+    /// product), waits for the device if asked, and throws the first error kept since.
+    private func endPass(waiting: Bool) throws {
         bindContext()
         partStackedRows()
         switch mode {
@@ -2367,8 +2364,12 @@ public final class CUDABackend: ComputeBackend {
         }
         mode = .eager
         pdlStep = false
-        // Without chaining the next pass may stage while this one runs: wait (as every pass did).
-        if !chainsDecodeSteps { record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize") }
+        if waiting { record(driver.cuStreamSynchronize(stream), "cuStreamSynchronize") }
+        try throwFirstError()
+    }
+
+    /// Throws (and clears) the first error a launch or copy kept since the last throw.
+    private func throwFirstError() throws {
         if let e = firstError {
             firstError = nil
             throw e
@@ -2408,12 +2409,8 @@ public final class CUDABackend: ComputeBackend {
         record(driver.cuMemcpyDtoHAsync(host + slot * 8 * CUDABackend.chosenCapacity, greedyWords.pointer, 8 * n, stream),
                "cuMemcpyDtoHAsync")
         record(driver.cuEventRecord?(chosenEvents[slot], stream) ?? 1, "cuEventRecord")
-        chainedTokenRows = n
-        if let e = firstError {
-            firstError = nil
-            chainedTokenRows = 0
-            throw e
-        }
+        chainedTokenRows = firstError == nil ? n : 0
+        try throwFirstError()
         return ticket
     }
 
@@ -2425,10 +2422,7 @@ public final class CUDABackend: ComputeBackend {
         }
         let slot = ticket & 1
         record(driver.cuEventSynchronize?(chosenEvents[slot]) ?? 1, "cuEventSynchronize")
-        if let e = firstError {
-            firstError = nil
-            throw e
-        }
+        try throwFirstError()
         let words = UnsafeRawPointer(host + slot * 8 * CUDABackend.chosenCapacity).assumingMemoryBound(to: UInt64.self)
         return (0..<n).map { CUDABackend.argmaxIndex(words[$0], cols: cols) }
     }
