@@ -178,7 +178,11 @@ final class CUDABackendTests: XCTestCase {
                 XCTAssertLessThan(maxAbsDiff(gl, cl), 0.02 * scale, "\(width) sequences, grouped \(grouped), \(type) cache, step \(step)")
             }
             if ProcessInfo.processInfo.environment["PEREGRINE_NO_CUDA_GRAPHS"] == nil {
-                XCTAssertGreaterThan(gpu.graphReplays - replaysBefore, 30, "\(width) sequences, grouped \(grouped): steps replayed")
+                // Two keys (split bases 32 and 64), each run eagerly once and captured before it
+                // replays; with chained steps each staging half has a graph of its own, so a key's
+                // first two runs come twice. A few more may run while the first allocations drop graphs.
+                let recorded = 2 * 2 * (gpu.chainsGreedyTokens ? 2 : 1)
+                XCTAssertGreaterThan(gpu.graphReplays - replaysBefore, 40 - recorded - 6, "\(width) sequences, grouped \(grouped): steps replayed")
             }
             guard width == 20, type == .f32 else { continue }
             // A mixed step: a 24-token prompt chunk of a new sequence beside 19 decode tokens (flash
