@@ -1,5 +1,5 @@
 // The backend's small kernels against host references, launched as CUDABackend launches them:
-// embed_rows (f32, F16, BF16, Q8_0, Q4_K and Q6_K tables), gather_rows, split_columns, to_half
+// embed_rows (f32, F16, BF16, Q8_0, Q4_K and Q6_K tables), gather_rows, scatter_staged, split_columns, to_half
 // (F16 and BF16, from 16-byte-aligned starts and from others, counts no multiple of four),
 // add_bias, add_inplace, scale_inplace, soft_cap_inplace, gelu_tanh_mul, silu_mul_16 (one
 // product's rows [gate | up] and two products' rows, F16 and BF16 copies), rope (half and
@@ -96,6 +96,35 @@ void gather_case(Rng& rng) {
         for (int i = 0; i < dim; i++) c.e.add(out[(long)r * dim + i], x[(long)which[r] * dim + i], 1);
     c.tail(out.data(), start.data(), (long)rows * dim);
     c.done();
+}
+
+// scatter_staged: pieces of a staging area (256-byte aligned, as the backend stages them) to their
+// destinations, one of them longer than the words a thread reads before the wait and of no
+// multiple of the block's threads; the words around each destination stay as they were.
+void scatter_case(Rng& rng) {
+    const int lengths[3] = {1, 300, 1500};
+    std::vector<unsigned> staging(8 * 256);
+    for (auto& w : staging) w = (unsigned)rng.next();
+    std::vector<std::vector<unsigned>> outs;
+    StagedPieces p = {};
+    unsigned offset = 0;
+    for (int i = 0; i < 3; i++) {
+        outs.emplace_back(lengths[i] + 16);
+        for (auto& w : outs[i]) w = 0xdeadbeefu + i;
+        p.dst[i] = (unsigned long long)(outs[i].data() + 8);
+        p.offset[i] = offset;
+        p.words[i] = lengths[i];
+        offset += (lengths[i] * 4 + 255) / 256 * 256;
+    }
+    emu::launch(scatter_staged, dim3(3), dim3(256), 0, (const unsigned*)staging.data(), p);
+    bool ok = true;
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < lengths[i] + 16; j++) {
+            bool inside = j >= 8 && j < 8 + lengths[i];
+            unsigned want = inside ? staging[p.offset[i] / 4 + j - 8] : 0xdeadbeefu + i;
+            if (outs[i][j] != want) ok = false;
+        }
+    verdict(ok, "scatter_staged 3 pieces of 1, 300 and 1,500 words");
 }
 
 void split_case(Rng& rng) {
@@ -307,6 +336,7 @@ int main() {
     embed_case(5, "Q4_K", rng);
     embed_case(6, "Q6_K", rng);
     gather_case(rng);
+    scatter_case(rng);
     split_case(rng);
     to_half_case(1, 1001, 0, rng);
     to_half_case(2, 1001, 0, rng);

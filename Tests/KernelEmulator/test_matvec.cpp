@@ -426,8 +426,8 @@ typedef void (*MatvecCarry)(const void*, const float*, float*, int, const void*,
 // the residual product (`producer`, rows of `pk` values; d rows: 4,096 makes 512 blocks count
 // towards the last one, 20 a last block with idle warps) against the host's sums, r g beside each
 // new residual value r (exactly), the sum of squares in area[0] and the count reset; then, with a
-// `consumer` for rows of d, q/k/v (a bias on q) reading r g against the products of the normalized
-// row; then the residual product again, whose sum must be the same bits (a fixed order of sums).
+// `consumer` for rows of d, q/k/v (a bias on q) and one matrix alone (an output head) reading r g
+// against the products of the normalized row; then the residual product again, whose sum must be the same bits (a fixed order of sums).
 void carried_norm(int dtype, const char* name, MatvecCarry producer, int pk, int d, MatvecCarry consumer, Rng& rng,
                   MatvecCarry gatedConsumer = nullptr) {
     const float eps = 1e-5f;
@@ -490,6 +490,18 @@ void carried_norm(int dtype, const char* name, MatvecCarry producer, int pk, int
     check(q, yq, qb.data()); check(kk, yk, nullptr); check(v, yv, nullptr);
     snprintf(label, sizeof label, "matvec_%s_k%d_carry: q/k/v of the carried norm", name, d);
     verdict(untouched && worst <= 2e-6 * largest, label, worst, 2e-6 * largest, largest);
+    {
+        // One matrix (the output head, `normMatmul`): 37 rows, the other two products empty.
+        Weight head = make_weight(dtype, 37, d, rng);
+        std::vector<float> y(37 + 8, 3.f);
+        emu::launch(consumer, dim3((37 * 32 + 255) / 256), dim3(256), 0, (const void*)head.bytes.data(), nullptr, y.data(), 37, nullptr,
+                    nullptr, nullptr, 0, nullptr, nullptr, nullptr, 0, xg.data(), 0, eps, nullptr, nullptr, area.data(), 1);
+        worst = 0, largest = 0;
+        untouched = true;
+        check(head, y, nullptr);
+        snprintf(label, sizeof label, "matvec_%s_k%d_carry: one matrix (a head) of the carried norm", name, d);
+        verdict(untouched && worst <= 2e-6 * largest, label, worst, 2e-6 * largest, largest);
+    }
     if (gatedConsumer) {
         // Gate (q's rows, q's bias) and up (19 more rows) of the same carried norm:
         // silu(gate x + b) (up x), a warp a row of each.

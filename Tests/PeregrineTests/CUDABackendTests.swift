@@ -25,7 +25,7 @@ final class CUDABackendTests: XCTestCase {
             "PEREGRINE_QUANT_GEMM_WS": "1", "PEREGRINE_DECODE_WARPS": "4", "PEREGRINE_DECODE_STAGES": "3", "PEREGRINE_DECODE_SPLITS": "128",
             "PEREGRINE_ROW_KERNEL_TOKENS": "0", "PEREGRINE_SPLIT_POSITIONS": "64", "PEREGRINE_GROUPED_ATTENTION_BLOCKS": "64",
             "PEREGRINE_GROUPED_ATTENTION_FROM": "0", "PEREGRINE_FIXED_MATVEC": "0", "PEREGRINE_CARRIED_NORM": "qkv",
-            "PEREGRINE_CHAINED_STEPS": "1", "PEREGRINE_UNRELATED": "x",
+            "PEREGRINE_CHAINED_STEPS": "1", "PEREGRINE_INPUT_SCATTER": "1", "PEREGRINE_CARRIED_HEAD": "0", "PEREGRINE_UNRELATED": "x",
         ]))
         XCTAssertNoThrow(try CUDABackend.checkMeasuringSwitches(["PEREGRINE_QUANT_GEMM_TOKENS": "", "PEREGRINE_DECODE_SPLITS": ""]))
         for value in ["0", "1"] + CUDABackend.warpgroupAttentionKernels.dropFirst().map({ String($0.name.dropFirst(28)) }) {
@@ -36,7 +36,7 @@ final class CUDABackendTests: XCTestCase {
                      ("PEREGRINE_DECODE_SPLITS", "129"), ("PEREGRINE_ROW_KERNEL_TOKENS", "-1"), ("PEREGRINE_SPLIT_POSITIONS", "0"),
                      ("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "many"), ("PEREGRINE_GROUPED_ATTENTION_FROM", "1k"),
                      ("PEREGRINE_FIXED_MATVEC", "off"), ("PEREGRINE_CARRIED_NORM", "no"), ("PEREGRINE_QUANT_GEMM_WS", "2"),
-                     ("PEREGRINE_CHAINED_STEPS", "on")]
+                     ("PEREGRINE_CHAINED_STEPS", "on"), ("PEREGRINE_INPUT_SCATTER", "yes"), ("PEREGRINE_CARRIED_HEAD", "2")]
         for (name, value) in wrong {
             XCTAssertThrowsError(try CUDABackend.checkMeasuringSwitches([name: value]), "\(name)=\(value)") { error in
                 XCTAssertTrue("\(error)".contains("\(name)=\(value)"), "\(error)")
@@ -88,6 +88,43 @@ final class CUDABackendTests: XCTestCase {
                 XCTAssertEqual(x.finishReason, y.finishReason)
             }
         }
+    }
+
+    /// A step's small inputs scattered by one kernel (PEREGRINE_INPUT_SCATTER) give the same
+    /// greedy tokens as a copy each, for one sequence (its steps replayed as graphs) and a batch
+    /// (padded decode steps), chained and one step at a time.
+    func testScatteredInputsGiveTheSameTokens() throws {
+        switch CUDADriver.shared {
+        case .failure(let e): throw XCTSkip("no CUDA: \(e)")
+        case .success: break
+        }
+        let dir = Fixtures.model("llama-bf16")
+        let tokenizer = try Tokenizer(directory: dir)
+        let copying = try CUDABackend(), scattering = try CUDABackend()
+        scattering.scattersInputs = true
+        let plain = try ModelRegistry.load(directory: dir, backend: copying)
+        let model = try ModelRegistry.load(directory: dir, backend: scattering)
+        let prompts = (0..<6).map { i in tokenizer.encode(["And God said", "The kernel", "In the beginning"][i % 3])
+            + Array(repeating: 11, count: i * 5) }
+        for chained in [true, false] {
+            var config = EngineConfig()
+            config.kvBlocks = 256
+            config.chainDecodeSteps = chained
+            for batch in [[prompts[0]], prompts] {
+                let requests = batch.enumerated().map { i, p in
+                    var r = EngineRequest(promptTokens: p, maxTokens: 30 + 3 * i, sampling: .greedy)
+                    r.ignoreEOS = true
+                    return r
+                }
+                let a = try Engine(model: model, tokenizer: tokenizer, config: config).generate(prompts: requests)
+                let b = try Engine(model: plain, tokenizer: tokenizer, config: config).generate(prompts: requests)
+                for (i, (x, y)) in zip(a, b).enumerated() {
+                    XCTAssertEqual(x.tokens, y.tokens, "\(batch.count) sequences, chained \(chained), request \(i)")
+                }
+            }
+        }
+        XCTAssertGreaterThan(scattering.graphReplays, 0)
+        XCTAssertGreaterThan(scattering.scatterLaunches, 0)
     }
 
     func testEngineBatchesOnTheGPU() throws {
@@ -588,8 +625,13 @@ final class CUDABackendTests: XCTestCase {
     func testCarriedNormMatchesNormFirst() throws {
         let gpu = try backend()
         let carriedBefore = gpu.carriedNorm, gateBefore = gpu.carriedNormBeforeGate, shortBefore = gpu.shortSequencePass
-        defer { gpu.carriedNorm = carriedBefore; gpu.carriedNormBeforeGate = gateBefore; gpu.shortSequencePass = shortBefore }
+        let headBefore = gpu.carriedHead
+        defer {
+            gpu.carriedNorm = carriedBefore; gpu.carriedNormBeforeGate = gateBefore; gpu.shortSequencePass = shortBefore
+            gpu.carriedHead = headBefore
+        }
         gpu.carriedNormBeforeGate = true
+        gpu.carriedHead = true
         var rng = SplitMix(seed: 5)
         var storage: [UnsafeMutableRawPointer] = []
         defer { storage.forEach { $0.deallocate() } }
@@ -638,12 +680,16 @@ final class CUDABackendTests: XCTestCase {
                 let gated = (0..<n).map { o -> Float in Float(want[0][o] / (1 + exp(-want[0][o])) * want[1][o]) }
                 let bound = 1e-5 * Float(want.joined().reduce(0) { max($0, abs($1)) })
                 let gatedBound = 1e-4 * gated.reduce(0) { max($0, abs($1)) }
-                for (gatedCase, short) in [(false, false), (true, true), (true, false)] {
+                // q/k/v; gate/up in a short pass and in a long one; one matrix alone (the output head).
+                for (gatedCase, short, head) in [(false, false, false), (true, true, false), (true, false, false), (false, false, true)] {
                     gpu.shortSequencePass = short
                     x0.withUnsafeBufferPointer { gpu.write($0, to: xb, offset: 0) }
                     gpu.matmulAdd(ab, rows: 1, weight: producer.weight, bias: nil, residual: xb, scratch: scratch)
                     if addBetween { gpu.add(xb, other, count: d) }
-                    if gatedCase {
+                    if head {
+                        gpu.normMatmul(xb, norm: norm, eps: eps, dim: d, normed: normed, rows: 1, weight: consumers[2].weight, out: outs[2])
+                        XCTAssertLessThan(maxAbsDiff(try gpu.values(outs[2], n), want[2].map { Float($0) }), bound, label + ", head")
+                    } else if gatedCase {
                         gpu.normGatedProduct(xb, norm: norm, eps: eps, dim: d, normed: normed, rows: 1, gate: consumers[0].weight,
                                              gateBias: nil, up: consumers[1].weight, upBias: nil, activation: .silu, out: outs[0], scratch: scratch)
                         XCTAssertLessThan(maxAbsDiff(try gpu.values(outs[0], n), gated), gatedBound,
@@ -658,8 +704,8 @@ final class CUDABackendTests: XCTestCase {
                     let normedNow = try gpu.values(normed, d).map(Double.init)
                     let held = carried && !addBetween && (!gatedCase || short) ? (0..<d).map { h[$0] * Double(g[$0]) } : xn
                     let worst = zip(normedNow, held).reduce(0.0) { max($0, abs($1.0 - $1.1)) }
-                    XCTAssertLessThan(worst, 1e-5 * held.reduce(0.0) { max($0, abs($1)) },
-                                      label + (gatedCase ? ", gate/up" + (short ? " (short)" : "") : ", q/k/v") + ": the norm's output buffer")
+                    let part = head ? ", head" : gatedCase ? ", gate/up" + (short ? " (short)" : "") : ", q/k/v"
+                    XCTAssertLessThan(worst, 1e-5 * held.reduce(0.0) { max($0, abs($1)) }, label + part + ": the norm's output buffer")
                 }
             }
         }

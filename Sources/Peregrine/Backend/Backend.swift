@@ -106,6 +106,8 @@ public protocol ComputeBackend: AnyObject {
     func normMatmul3(_ x: Buffer, norm: Weight, eps: Float, dim: Int, normed: Buffer, rows: Int,
                      _ a: (weight: Weight, bias: Weight?, out: Buffer), _ b: (weight: Weight, bias: Weight?, out: Buffer),
                      _ c: (weight: Weight, bias: Weight?, out: Buffer))
+    /// `matmul` of the RMS-normalized x (the output head); `normed` as in `normMatmul3`.
+    func normMatmul(_ x: Buffer, norm: Weight, eps: Float, dim: Int, normed: Buffer, rows: Int, weight: Weight, out: Buffer)
     /// `gatedProduct` of the RMS-normalized x; `normed` as in `normMatmul3`.
     func normGatedProduct(_ x: Buffer, norm: Weight, eps: Float, dim: Int, normed: Buffer, rows: Int, gate: Weight, gateBias: Weight?,
                           up: Weight, upBias: Weight?, activation: GatedActivation, out: Buffer, scratch: Buffer)
@@ -291,6 +293,11 @@ extension ComputeBackend {
                             _ c: (weight: Weight, bias: Weight?, out: Buffer)) {
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
         matmul3(normed, rows: rows, a, b, c)
+    }
+
+    public func normMatmul(_ x: Buffer, norm: Weight, eps: Float, dim: Int, normed: Buffer, rows: Int, weight: Weight, out: Buffer) {
+        rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed)
+        matmul(normed, rows: rows, weight: weight, bias: nil, out: out)
     }
 
     public func normGatedProduct(_ x: Buffer, norm: Weight, eps: Float, dim: Int, normed: Buffer, rows: Int, gate: Weight,

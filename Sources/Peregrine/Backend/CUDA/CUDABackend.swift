@@ -414,7 +414,7 @@ public final class CUDABackend: ComputeBackend {
                      "quantize_q8", "rope_store_kv", "repack_quantized", "attention_prefill", "argmax_rows", "topk_rows",
                      "repetition_penalty", "exp_sum_rows", "sample_rows", "split_columns", "silu_mul_16", "rope_store_kv_stacked",
                      "moe_route", "moe_router", "moe_group", "moe_products", "moe_combine", "add_sigmoid_gated", "dequantize_experts_bf16",
-                     "expert_gemm_bf16", "expert_gemm_f16"]
+                     "expert_gemm_bf16", "expert_gemm_f16", "scatter_staged"]
                      + matvecs + fixedMatvecs + CUDABackend.expertDownTypes.values.map { "moe_down_" + $0 } + prefillMMA + decodeMMA + quantGemms) {
             var f: OpaquePointer?
             try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
@@ -489,6 +489,7 @@ public final class CUDABackend: ComputeBackend {
         launchConfig.deallocate()
         launchAttribute.deallocate()
         tensorMapArgument.deallocate()
+        piecesArgument.deallocate()
         dropGraphs()
         for e in halfEvents + chosenEvents where e != nil { _ = driver.cuEventDestroy?(e) }
     }
@@ -580,9 +581,49 @@ public final class CUDABackend: ComputeBackend {
         let at = pinned + pinnedHalf * pinnedBytes + pinnedCursor
         at.copyMemory(from: source, byteCount: bytes)
         if case .capturing = mode {
-            record(driver.cuMemcpyHtoDAsync(destination, UnsafeRawPointer(at), bytes, stream), "cuMemcpyHtoDAsync")
+            if scattersInputs, bytes <= CUDABackend.scatteredBytes, bytes % 4 == 0 {
+                if pendingPieces.count == CUDABackend.stagedPieces { scatterStaged() }
+                pendingPieces.append((pinnedCursor, bytes / 4, destination))
+            } else {
+                record(driver.cuMemcpyHtoDAsync(destination, UnsafeRawPointer(at), bytes, stream), "cuMemcpyHtoDAsync")
+            }
         }
         pinnedCursor += (bytes + 255) / 256 * 256
+    }
+
+    /// With PEREGRINE_INPUT_SCATTER=1, small staged inputs go to their places by one
+    /// `scatter_staged` launch before the next launch, copy or read of the step, in place of a
+    /// copy node each: a kernel trace of BF16 decode on an H200 had one 10-50 us gap with no
+    /// kernel running at the start of every step, where those copies run. Larger ones (a
+    /// batch's block tables) are still copied, which moves them faster than a kernel reading
+    /// host memory. Off until measured on a GPU (the kernel emulator checks the kernel).
+    lazy var scattersInputs = driver.unifiedAddressing && functions["scatter_staged"] != nil
+        && ProcessInfo.processInfo.environment["PEREGRINE_INPUT_SCATTER"] == "1"
+    /// `scatter_staged` launches recorded so far (for tests).
+    private(set) var scatterLaunches = 0
+    static let scatteredBytes = 16 << 10
+    /// Pieces one launch takes (STAGED_PIECES in Kernels.cu).
+    static let stagedPieces = 8
+    /// Staged pieces of the step being captured not yet launched: (offset in the half, words, destination).
+    private var pendingPieces: [(offset: Int, words: Int, destination: CUDADriver.DevicePointer)] = []
+    /// StagedPieces, the kernel's by-value argument (128 bytes).
+    private let piecesArgument = UnsafeMutableRawPointer.allocate(byteCount: 128, alignment: 64)
+
+    private func scatterStaged() {
+        guard !pendingPieces.isEmpty, let pinned else { return }
+        defer { pendingPieces.removeAll(keepingCapacity: true) }
+        guard case .capturing = mode else { return }
+        piecesArgument.initializeMemory(as: UInt8.self, repeating: 0, count: 128)
+        for (i, p) in pendingPieces.enumerated() {
+            piecesArgument.storeBytes(of: p.destination, toByteOffset: 8 * i, as: UInt64.self)
+            piecesArgument.storeBytes(of: UInt32(p.offset), toByteOffset: 64 + 4 * i, as: UInt32.self)
+            piecesArgument.storeBytes(of: UInt32(p.words), toByteOffset: 96 + 4 * i, as: UInt32.self)
+        }
+        let host = UInt64(UInt(bitPattern: pinned + pinnedHalf * pinnedBytes))
+        launchNow("scatter_staged", grid: (pendingPieces.count, 1, 1), block: 256, shared: 0, dependent: true) { a in
+            a.ptr(host); a.byValue(piecesArgument)
+        }
+        scatterLaunches += 1
     }
 
 
@@ -601,7 +642,9 @@ public final class CUDABackend: ComputeBackend {
         mutating func i64(_ v: Int) { base.storeBytes(of: Int64(v), toByteOffset: 8 * count, as: Int64.self); count += 1 }
         mutating func f32(_ v: Float) { base.storeBytes(of: v, toByteOffset: 8 * count, as: Float.self); count += 1 }
         /// A tensor map (128 bytes at `map`, made by `encodeActivationMap`), passed by value.
-        mutating func tensorMap(_ map: UnsafeMutableRawPointer) { params[count] = map; mapSlot = count; count += 1 }
+        mutating func tensorMap(_ map: UnsafeMutableRawPointer) { byValue(map) }
+        /// A struct passed by value (a tensor map, staged pieces): its slot points at its bytes.
+        mutating func byValue(_ bytes: UnsafeMutableRawPointer) { params[count] = bytes; mapSlot = count; count += 1 }
         /// The (weights, bias, output, rows) of the product kernels' up to three matrices: `count`
         /// of them from `product`, the rest null.
         mutating func products(_ count: Int,
@@ -1311,6 +1354,7 @@ public final class CUDABackend: ComputeBackend {
     /// into their three outputs (split_columns). Every launch, product, copy and read comes here
     /// first, so no one reads the outputs before they hold them.
     private func partStackedRows() {
+        if !pendingPieces.isEmpty { scatterStaged() }
         if let p = pendingResidual {
             pendingResidual = nil
             if !matvecKernel(p.x, [(p.weight, p.bias, p.residual)], mode: 1, norm: nil), firstError == nil {
@@ -1346,6 +1390,10 @@ public final class CUDABackend: ComputeBackend {
     /// lost from 1,024 positions on; carried only there, tg128 gained 1.1% on an H100
     /// (BENCHMARKS.md). PEREGRINE_CARRIED_NORM=qkv carries it before q/k/v only, for measuring.
     var carriedNormBeforeGate = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"].map { $0 != "0" && $0 != "qkv" } ?? true
+
+    /// The norm before the output head carried from the last layer's residual product
+    /// (`normMatmul`), with PEREGRINE_CARRIED_HEAD=1.
+    var carriedHead = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_HEAD"] == "1"
 
     /// Whether a one-token residual product of `w` can produce a carried norm: a fixed-length
     /// 16-bit kernel whose rows, the next product's row length, have one too.
@@ -1476,6 +1524,18 @@ public final class CUDABackend: ComputeBackend {
            matvecKernel(x, [a, b, c], mode: 0, norm: (norm, eps)) || mixedQuantizedMatvecs(x, [a, b, c], norm: (norm, eps)) { return }
         rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed, for: a.weight)
         matmul3(normed, rows: rows, a, b, c)
+    }
+
+    /// The output head of a one-token pass; with PEREGRINE_CARRIED_HEAD=1 the norm is carried from
+    /// the last layer's held residual product, so it runs as no kernel of its own (off until
+    /// measured on a GPU; the kernel emulator checks a one-matrix consumer of the carry).
+    public func normMatmul(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int, weight: CUDAWeight,
+                           out: CUDABuffer) {
+        if rows == oneToken, carriedNorm, carriedHead, carryNorm(into: x, norm: norm, eps: eps, dim: dim, normed: normed, [(weight, nil, out)]) {
+            return
+        }
+        rmsNorm(x, weight: norm, eps: eps, rows: rows, dim: dim, out: normed, for: weight)
+        matmul(normed, rows: rows, weight: weight, bias: nil, out: out)
     }
 
     public func normGatedProduct(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int, gate: CUDAWeight,
@@ -1777,6 +1837,8 @@ public final class CUDABackend: ComputeBackend {
         try check("PEREGRINE_CARRIED_NORM", "0, 1 or qkv") { $0 == "0" || $0 == "1" || $0 == "qkv" }
         try flag("PEREGRINE_EARLY_DECODE_KEYS")
         try flag("PEREGRINE_CHAINED_STEPS")
+        try flag("PEREGRINE_INPUT_SCATTER")
+        try flag("PEREGRINE_CARRIED_HEAD")
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }
         try check("PEREGRINE_WGMMA_PROMPT_ATTENTION", "0 (mma.sync), 1 (the first kernel) or one of " + kernels.joined(separator: ", ")) {

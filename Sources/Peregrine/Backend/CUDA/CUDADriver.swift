@@ -75,6 +75,8 @@ public final class CUDADriver: @unchecked Sendable {
                                       UnsafeRawPointer?, Int32, Int32, UnsafeRawPointer, UnsafeMutableRawPointer?, Int32, Int32, Int32, Int32) -> Int32
 
     public let deviceName: String
+    /// The device reads pinned host memory at its host address (kernels may read staged inputs in place).
+    let unifiedAddressing: Bool
     public let computeCapability: (major: Int, minor: Int)
     public let multiprocessors: Int
     /// Shared memory a block may have when a kernel asks for it (cuFuncSetAttribute).
@@ -166,6 +168,9 @@ public final class CUDADriver: @unchecked Sendable {
         try CUDADriver.check(cuDeviceGetAttribute(&sms, 16, device), "cuDeviceGetAttribute", cuGetErrorName)
         // CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
         try CUDADriver.check(cuDeviceGetAttribute(&shared, 97, device), "cuDeviceGetAttribute", cuGetErrorName)
+        // CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING: pinned host memory has one address on host and device.
+        var unified: Int32 = 0
+        unifiedAddressing = cuDeviceGetAttribute(&unified, 41, device) == 0 && unified != 0
         computeCapability = (Int(major), Int(minor))
         multiprocessors = Int(sms)
         maxSharedPerBlock = Int(shared)

@@ -2308,6 +2308,39 @@ extern "C" __global__ void split_columns(const float* x, float* a, float* b, flo
     }
 }
 
+// A graph step's small host inputs to their places in one launch, in place of a copy each: the
+// step stages them in pinned host memory, which the device reads in place (unified addressing),
+// and block i copies piece i (`words` 4-byte words from byte `offset` of the staging memory to
+// `dst`). A copy node in a graph costs a few microseconds with no kernel running, several a
+// decode step. Each thread reads its first words before gdc_wait (the host wrote them before the
+// launch), so the reads' latency overlaps the kernel before; it writes after the wait, as the
+// kernel before may still read the old values.
+#define STAGED_PIECES 8
+struct StagedPieces {
+    unsigned long long dst[STAGED_PIECES];
+    unsigned offset[STAGED_PIECES];
+    unsigned words[STAGED_PIECES];
+};
+
+extern "C" __global__ void scatter_staged(const unsigned* host, StagedPieces p) {
+    const unsigned* src = host + p.offset[blockIdx.x] / 4;
+    unsigned* dst = (unsigned*)p.dst[blockIdx.x];
+    unsigned n = p.words[blockIdx.x];
+    unsigned first[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        unsigned i = threadIdx.x + j * blockDim.x;
+        if (i < n) first[j] = src[i];
+    }
+    gdc_wait();
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        unsigned i = threadIdx.x + j * blockDim.x;
+        if (i < n) dst[i] = first[j];
+    }
+    for (unsigned i = threadIdx.x + 4 * blockDim.x; i < n; i += blockDim.x) dst[i] = src[i];
+}
+
 extern "C" __global__ void gather_rows(const float* x, const int* rows, float* out, int dim) {
     gdc_wait();
     int r = blockIdx.x;

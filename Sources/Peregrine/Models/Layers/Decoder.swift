@@ -102,9 +102,12 @@ struct OutputHead<B: ComputeBackend> {
     func callAsFunction(_ pass: DecoderPass<B>) -> B.Buffer? {
         let rows = pass.plan.logitRows.count, w = pass.workspace, b = pass.backend
         guard rows > 0 else { return nil }
-        pass.plan.logitRows.withUnsafeBufferPointer { b.gatherRows(w.x, rows: $0, dim: pass.hidden, out: w.last) }
-        b.rmsNorm(w.last, weight: norm, eps: eps, rows: rows, dim: pass.hidden, out: w.lastNormed)
-        b.matmul(w.lastNormed, rows: rows, weight: projection, bias: nil, out: w.logits)
+        // Every row's logits in order (a decode step): the rows are where they are, and nothing
+        // comes between the last residual product and the norm, which a backend may carry.
+        let inPlace = rows == pass.rows && pass.plan.logitRows.enumerated().allSatisfy { $0.offset == Int($0.element) }
+        if !inPlace { pass.plan.logitRows.withUnsafeBufferPointer { b.gatherRows(w.x, rows: $0, dim: pass.hidden, out: w.last) } }
+        b.normMatmul(inPlace ? w.x : w.last, norm: norm, eps: eps, dim: pass.hidden, normed: w.lastNormed, rows: rows,
+                     weight: projection, out: w.logits)
         if let softCap { b.softCap(w.logits, count: rows * pass.shape.vocabulary, cap: softCap) }
         return w.logits
     }
