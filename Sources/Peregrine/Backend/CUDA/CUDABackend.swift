@@ -508,6 +508,8 @@ public final class CUDABackend: ComputeBackend {
         bindContext()
         mode = .eager
         pinnedCursor = 0
+        pendingPieces.removeAll(keepingCapacity: true)
+        serializeNextLaunch = false
         layersStaged = false
         forgetCopies()
         pdlStep = pdl
@@ -582,7 +584,7 @@ public final class CUDABackend: ComputeBackend {
         at.copyMemory(from: source, byteCount: bytes)
         if case .capturing = mode {
             if scattersInputs, bytes <= CUDABackend.scatteredBytes, bytes % 4 == 0 {
-                if pendingPieces.count == CUDABackend.stagedPieces { scatterStaged() }
+                if pendingPieces.count == CUDABackend.stagedPieces { partStackedRows() }
                 pendingPieces.append((pinnedCursor, bytes / 4, destination))
             } else {
                 record(driver.cuMemcpyHtoDAsync(destination, UnsafeRawPointer(at), bytes, stream), "cuMemcpyHtoDAsync")
@@ -606,6 +608,8 @@ public final class CUDABackend: ComputeBackend {
     static let stagedPieces = 8
     /// Staged pieces of the step being captured not yet launched: (offset in the half, words, destination).
     private var pendingPieces: [(offset: Int, words: Int, destination: CUDADriver.DevicePointer)] = []
+    /// The next kernel waits for all of the last one (a scatter) before it starts.
+    private var serializeNextLaunch = false
     /// StagedPieces, the kernel's by-value argument (128 bytes).
     private let piecesArgument = UnsafeMutableRawPointer.allocate(byteCount: 128, alignment: 64)
 
@@ -624,6 +628,10 @@ public final class CUDABackend: ComputeBackend {
             a.ptr(host); a.byValue(piecesArgument)
         }
         scatterLaunches += 1
+        // Kernels read host-staged inputs before gdc_wait (copies are complete before any kernel
+        // after them starts), but a programmatically dependent kernel sees another kernel's writes
+        // only after its own wait: the next launch is ordered after the scatter in full.
+        serializeNextLaunch = true
     }
 
 
@@ -714,7 +722,9 @@ public final class CUDABackend: ComputeBackend {
         fill(&a)
         defer { if let i = a.mapSlot { params[i] = args + 8 * i } }
         let f = functions[name] ?? nil
-        if pdlStep && dependent, let launchEx = driver.cuLaunchKernelEx {
+        let programmatic = pdlStep && dependent && !serializeNextLaunch
+        serializeNextLaunch = false
+        if programmatic, let launchEx = driver.cuLaunchKernelEx {
             let c = launchConfig
             c.storeBytes(of: UInt32(grid.0), toByteOffset: 0, as: UInt32.self)
             c.storeBytes(of: UInt32(grid.1), toByteOffset: 4, as: UInt32.self)
@@ -886,7 +896,8 @@ public final class CUDABackend: ComputeBackend {
 
     public func write(_ values: UnsafeBufferPointer<Float>, to buffer: CUDABuffer, offset: Int) {
         bindContext()
-        partStackedRows()
+        // A graph step's write only stages: pieces staged before it may wait for the same scatter.
+        partStackedRows(scatteringStaged: !inGraphStep)
         forgetCopies()
         guard values.count > 0 else { return }
         if inGraphStep {
@@ -1353,8 +1364,8 @@ public final class CUDABackend: ComputeBackend {
     /// Launches a held residual product (`pendingResidual`) and parts the pending stacked rows
     /// into their three outputs (split_columns). Every launch, product, copy and read comes here
     /// first, so no one reads the outputs before they hold them.
-    private func partStackedRows() {
-        if !pendingPieces.isEmpty { scatterStaged() }
+    private func partStackedRows(scatteringStaged: Bool = true) {
+        if scatteringStaged, !pendingPieces.isEmpty { scatterStaged() }
         if let p = pendingResidual {
             pendingResidual = nil
             if !matvecKernel(p.x, [(p.weight, p.bias, p.residual)], mode: 1, norm: nil), firstError == nil {

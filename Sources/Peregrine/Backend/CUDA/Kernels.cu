@@ -2314,7 +2314,8 @@ extern "C" __global__ void split_columns(const float* x, float* a, float* b, flo
 // `dst`). A copy node in a graph costs a few microseconds with no kernel running, several a
 // decode step. Each thread reads its first words before gdc_wait (the host wrote them before the
 // launch), so the reads' latency overlaps the kernel before; it writes after the wait, as the
-// kernel before may still read the old values.
+// kernel before may still read the old values. The kernel after it is launched without
+// programmatic dependence (kernels read staged inputs before their own wait).
 #define STAGED_PIECES 8
 struct StagedPieces {
     unsigned long long dst[STAGED_PIECES];
