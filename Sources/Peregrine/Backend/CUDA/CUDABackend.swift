@@ -234,8 +234,9 @@ public final class CUDABackend: ComputeBackend {
     private var layersStaged = false
     private var seen: [Int: Int] = [:]
     private var pendingKey: Int?
-    /// Steps replayed from a graph so far (for tests).
+    /// Steps replayed from a graph so far, and steps captured as one (for tests).
     private(set) var graphReplays = 0
+    private(set) var graphCaptures = 0
     private let graphsEnabled = ProcessInfo.processInfo.environment["PEREGRINE_NO_CUDA_GRAPHS"] == nil
         && ProcessInfo.processInfo.environment["PEREGRINE_KERNEL_PROFILE"] == nil
     static let captureSizes = recordedDecodeBatchSizes
@@ -2415,6 +2416,7 @@ public final class CUDABackend: ComputeBackend {
             var exec: OpaquePointer?
             if ended == 0, firstError == nil, driver.cuGraphInstantiate(&exec, graph, 0) == 0 {
                 graphs[key] = exec
+                graphCaptures += 1
                 stagedBytes[key] = pinnedCursor
                 if !layersStaged { inputsOnly.insert(key) }
                 record(driver.cuGraphLaunch(exec, stream), "cuGraphLaunch")
