@@ -427,7 +427,8 @@ typedef void (*MatvecCarry)(const void*, const float*, float*, int, const void*,
 // towards the last one, 20 a last block with idle warps) against the host's sums, r g beside each
 // new residual value r (exactly), the sum of squares in area[0] and the count reset; then, with a
 // `consumer` for rows of d, q/k/v (a bias on q) and one matrix alone (an output head) reading r g
-// against the products of the normalized row; then the residual product again, whose sum must be the same bits (a fixed order of sums).
+// against the products of the normalized row; then the residual product again, whose sum must be
+// the same bits (a fixed order of sums).
 void carried_norm(int dtype, const char* name, MatvecCarry producer, int pk, int d, MatvecCarry consumer, Rng& rng,
                   MatvecCarry gatedConsumer = nullptr) {
     const float eps = 1e-5f;
