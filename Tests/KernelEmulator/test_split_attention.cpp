@@ -131,6 +131,69 @@ void decode_case(bool grouped, bool half, int heads, int kvHeads, int hd, int sp
     }
 }
 
+// One sequence's one token with RoPE and the cache write fused (attention_split_heads'
+// `fused`, as the backend's ropeAttention launches it): the query and key unrotated, the
+// token's key and value not yet in the cache (its row NaN), cos/sin of the token's position;
+// against the host's rotation of the same f32 values, the rounded key and value in the cache
+// row, and attention over the keys before it and its own.
+void fused_case(bool half, int heads, int kvHeads, int hd, int rotDim, bool interleaved, int splits, int pos, Rng& rng) {
+    const int slots[1] = {1}, positions[1] = {pos};
+    std::vector<int> len = {5, pos};  // the token's own row (at pos) is left NaN
+    Cache c(half, 2, 24, kvHeads, hd, len, rng);
+    const int half_ = rotDim / 2;
+    std::vector<float> q((size_t)heads * hd), k((size_t)kvHeads * hd), v((size_t)kvHeads * hd), cosT(half_), sinT(half_);
+    for (auto& x : q) x = rng.uniform(-2, 2);
+    for (auto& x : k) x = rng.uniform(-2, 2);
+    for (auto& x : v) x = rng.uniform(-1, 1);
+    for (int i = 0; i < half_; i++) {
+        float a = pos * powf(10000.f, -2.f * i / rotDim);
+        cosT[i] = cosf(a);
+        sinT[i] = sinf(a);
+    }
+    auto rotate = [&](const float* x, float* out) {
+        for (int d = 0; d < hd; d++) {
+            out[d] = x[d];
+            if (d >= rotDim) continue;
+            bool first = interleaved ? (d & 1) == 0 : d < half_;
+            int other = interleaved ? d ^ 1 : (first ? d + half_ : d - half_), i = interleaved ? d / 2 : (first ? d : d - half_);
+            out[d] = first ? x[d] * cosT[i] - x[other] * sinT[i] : x[d] * cosT[i] + x[other] * sinT[i];
+        }
+    };
+    auto stored = [&](float x) { return half ? from_f16(to_f16(x)) : x; };
+    std::vector<float> qr(q.size()), kr(k.size());
+    for (int h = 0; h < heads; h++) rotate(&q[(size_t)h * hd], &qr[(size_t)h * hd]);
+    for (int h = 0; h < kvHeads; h++) rotate(&k[(size_t)h * hd], &kr[(size_t)h * hd]);
+    float scale = 1 / sqrtf((float)hd);
+    std::vector<float> out((size_t)heads * hd, kUntouched), partial((size_t)heads * splits * hd, NAN), stats((size_t)heads * splits * 2, NAN);
+    std::vector<unsigned> counters(heads, 0);
+    emu::launch(attention_split_heads, dim3(1, heads, splits), dim3(128), 0, q.data(), c.keys(), c.values(), partial.data(),
+                stats.data(), slots, positions, heads, kvHeads, hd, c.tables.data(), c.width, c.bs, scale, 0.f, 0, splits, out.data(),
+                counters.data(), 1, k.data(), v.data(), cosT.data(), sinT.data(), rotDim, (int)interleaved, (const int*)nullptr, (int)half);
+    // The cache row the kernel wrote, as stored, then the reference over it.
+    bool written = true;
+    long row = c.at(slots[0], pos);
+    for (int i = 0; i < kvHeads * hd; i++) {
+        float gk = half ? from_f16(c.k16[row + i]) : c.k32[row + i], gv = half ? from_f16(c.v16[row + i]) : c.v32[row + i];
+        written &= gk == stored(kr[i]) && gv == stored(v[i]);
+        c.kf[row + i] = stored(kr[i]);
+        c.vf[row + i] = stored(v[i]);
+    }
+    char label[160];
+    snprintf(label, sizeof label, "attention_split_heads %s fused RoPE%s %d/%d x %d, rotary %d, %d split%s, position %d", half ? "F16" : "f32",
+             interleaved ? " (interleaved)" : "", heads, kvHeads, hd, rotDim, splits, splits > 1 ? "s" : "", pos);
+    Errors e(label, 2e-6);
+    for (int h = 0; h < heads; h++) {
+        auto want = attend(c, &qr[(size_t)h * hd], heads, h, slots[0], pos, scale, 0.f, 0);
+        for (int d = 0; d < hd; d++) e.add(out[(size_t)h * hd + d], want[d], 1);
+    }
+    bool ok = e.report();
+    if (!written) printf("  the token's key and value in the cache are not the rotated, rounded ones\n");
+    unsigned left = 0;
+    for (unsigned u : counters) left |= u;
+    if (left) printf("  the counters were not all reset for the next launch\n");
+    allOk &= ok && written && !left;
+}
+
 // Prompt runs as the backend tiles them (first row, count; consecutive positions of one
 // sequence, at most 32): a 45-token prompt from position 0 (32 + 13), 20 tokens continuing a
 // sequence from position 100, and a lone row at position 7.
@@ -176,6 +239,10 @@ int main() {
         decode_case(false, half, 8, 2, 80, 7, 0, 0, false, rng);
         decode_case(false, half, 8, 2, 256, 5, 0, 100, false, rng);
         decode_case(false, half, 4, 1, 128, 3, 30, 0, true, rng);
+        fused_case(half, 8, 2, 128, 128, false, 7, 37, rng);
+        fused_case(half, 8, 2, 128, 64, true, 3, 300, rng);
+        fused_case(half, 4, 4, 80, 80, false, 1, 0, rng);
+        fused_case(half, 4, 2, 256, 256, false, 16, 100, rng);
         prefill_case(half, 4, 2, 128, 0, 0, rng);
         prefill_case(half, 2, 1, 80, 0, 16, rng);
         prefill_case(half, 4, 4, 64, 30, 0, rng);

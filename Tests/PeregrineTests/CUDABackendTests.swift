@@ -90,13 +90,14 @@ final class CUDABackendTests: XCTestCase {
         }
     }
 
-    /// A step's small inputs scattered by one kernel (PEREGRINE_INPUT_SCATTER) give the same
-    /// greedy tokens as a copy each, for one sequence (its steps replayed as graphs) and a batch
-    /// (padded decode steps), chained and one step at a time.
+    /// A step's small inputs scattered by one kernel (the default; PEREGRINE_INPUT_SCATTER=0
+    /// copies each) give the same greedy tokens as a copy each, for one sequence (its steps
+    /// replayed as graphs) and a batch (padded decode steps), chained and one step at a time.
     func testScatteredInputsGiveTheSameTokens() throws {
         let copying = try backend(), scattering = try backend()
         let dir = Fixtures.model("llama-bf16")
         let tokenizer = try Tokenizer(directory: dir)
+        copying.scattersInputs = false
         scattering.scattersInputs = true
         let plain = try ModelRegistry.load(directory: dir, backend: copying)
         let model = try ModelRegistry.load(directory: dir, backend: scattering)

@@ -594,14 +594,15 @@ public final class CUDABackend: ComputeBackend {
         pinnedCursor += (bytes + 255) / 256 * 256
     }
 
-    /// With PEREGRINE_INPUT_SCATTER=1, small staged inputs go to their places by one
-    /// `scatter_staged` launch before the next launch, copy or read of the step, in place of a
-    /// copy node each: a kernel trace of BF16 decode on an H200 had one 10-50 us gap with no
-    /// kernel running at the start of every step, where those copies run. Larger ones (a
-    /// batch's block tables) are still copied, which moves them faster than a kernel reading
-    /// host memory. Off until measured on a GPU (the kernel emulator checks the kernel).
+    /// Small staged inputs of a captured step go to their places by one `scatter_staged`
+    /// launch before the next launch, copy or read of the step, in place of a copy node each: a
+    /// kernel trace of BF16 decode on an H200 had one 10-50 us gap with no kernel running at the
+    /// start of every step, where those copies run. Larger ones (a batch's block tables) are
+    /// still copied, which moves them faster than a kernel reading host memory. On an H100, BF16
+    /// tg128 of the 8B shape gained 0.09-0.15% in two runs, the same tokens (BENCHMARKS.md);
+    /// PEREGRINE_INPUT_SCATTER=0 copies each, for measuring.
     lazy var scattersInputs = driver.unifiedAddressing && functions["scatter_staged"] != nil
-        && ProcessInfo.processInfo.environment["PEREGRINE_INPUT_SCATTER"] == "1"
+        && ProcessInfo.processInfo.environment["PEREGRINE_INPUT_SCATTER"] != "0"
     /// `scatter_staged` launches recorded so far (for tests).
     private(set) var scatterLaunches = 0
     static let scatteredBytes = 16 << 10
@@ -1404,7 +1405,8 @@ public final class CUDABackend: ComputeBackend {
     var carriedNormBeforeGate = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"].map { $0 != "0" && $0 != "qkv" } ?? true
 
     /// The norm before the output head carried from the last layer's residual product
-    /// (`normMatmul`), with PEREGRINE_CARRIED_HEAD=1.
+    /// (`normMatmul`), with PEREGRINE_CARRIED_HEAD=1: on an H100, BF16 tg128 of the 8B shape ran
+    /// at the same speed with and without it (BENCHMARKS.md), so it stays off.
     var carriedHead = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_HEAD"] == "1"
 
     /// Whether a one-token residual product of `w` can produce a carried norm: a fixed-length

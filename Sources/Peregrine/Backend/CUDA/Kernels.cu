@@ -2065,6 +2065,76 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(SPLIT_PARAMS(v
     else attention_split_body<float>(SPLIT_ARGS(float));
 }
 
+// merge_if_last for one query head (attention_split_heads, 128 threads): in the last split's
+// block, warp w takes splits w, w + 4, ..., four of them at a time, and reads each one's (max,
+// sum) and partial row together, so the merge waits for one round trip of loads where
+// merge_if_last waits for the statistics and then the rows; each warp keeps a running max, sum
+// and row as a block's warps do over their keys, and the four are combined through `wm`, `wl`
+// and `wacc` (the block's own, free again by then).
+__device__ __forceinline__ void merge_head_if_last(const float* partial, const float* stats, float* attn, unsigned* counters, int u,
+                                                   int t, int h, int heads, int headDim, int splits, bool* last, float* wm, float* wl,
+                                                   float (*wacc)[256]) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        long c = (long)u * heads + h;
+        *last = atomicAdd(&counters[c], 1u) == (unsigned)splits - 1;
+        if (*last) counters[c] = 0;
+    }
+    __syncthreads();
+    if (!*last) return;
+    __threadfence();
+    const float inf = __int_as_float(0x7f800000);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float* st = stats + ((long)u * heads + h) * splits * 2;
+    const float* pt = partial + ((long)u * heads + h) * splits * headDim;
+    float m = -inf, l = 0.f, acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) acc[i] = 0.f;
+    for (int s0 = warp; s0 < splits; s0 += 16) {
+        float ms[4], ls[4], pv[4][8];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int sp = s0 + 4 * k;
+            bool in = sp < splits;
+            ms[k] = in ? __ldcg(st + 2 * sp) : -inf;
+            ls[k] = in ? __ldcg(st + 2 * sp + 1) : 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                int d = lane + 32 * i;
+                pv[k][i] = in && d < headDim ? __ldcg(pt + (long)sp * headDim + d) : 0.f;
+            }
+        }
+        float bm = -inf;
+#pragma unroll
+        for (int k = 0; k < 4; k++) if (ls[k] > 0) bm = fmaxf(bm, ms[k]);
+        if (bm == -inf) continue;  // none of the four splits had a key
+        float mn = fmaxf(m, bm), corr = __expf(m - mn);
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[i] *= corr;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float f = ls[k] > 0 ? __expf(ms[k] - mn) : 0.f;
+            l += ls[k] * f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[i] += pv[k][i] * f;
+        }
+        m = mn;
+    }
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+#pragma unroll
+    for (int i = 0; i < 8; i++) { int d = lane + 32 * i; if (d < headDim) wacc[warp][d] = acc[i]; }
+    __syncthreads();
+    float mm = -inf;
+    for (int w = 0; w < 4; w++) if (wl[w] > 0) mm = fmaxf(mm, wm[w]);
+    float f[4], total = 0.f;
+    for (int w = 0; w < 4; w++) { f[w] = wl[w] > 0 ? __expf(wm[w] - mm) : 0.f; total += wl[w] * f[w]; }
+    float inv = 1.f / total;
+    for (int d = threadIdx.x; d < headDim; d += blockDim.x)
+        attn[((long)t * heads + h) * headDim + d] = (wacc[0][d] * f[0] + wacc[1][d] * f[1] + wacc[2][d] * f[2] + wacc[3][d] * f[3]) * inv;
+}
+
 // Causal attention of single queries, one block per (token, query head, split): the kernel for
 // small batches, where attention_split's blocks (one per KV head) would be too few to spread a
 // step's keys over the GPU; each block then reads its KV head for one query head. Block
@@ -2118,32 +2188,55 @@ __device__ __forceinline__ void attention_split_heads_body(SPLIT_PARAMS(KV)) {
     int j = start + warp;
     bool early = fused && j < end;
     if (early) load(j, ka1, va1, ka2, va2);
+    // Fused: a thread's dimensions d = threadIdx.x + 128n (the block is 128 threads; head
+    // dimension at most 256), their RoPE factors read before the wait (the tables are staged
+    // from the host before the step's first kernel), then the query's, key's and value's values
+    // all read at once after it: one round trip to the L2, not three one after another. With
+    // merge_head_if_last, H100, the 8B shape's BF16 decode at depth 0: the kernel 8.03 -> 7.04 us
+    // (timed without programmatic dependent launch), tg128 1.005x (BENCHMARKS.md).
+    const int half = rotDim / 2;
+    float cf[2] = {1.f, 1.f}, sf[2] = {0.f, 0.f};
+    if (fused) {
+#pragma unroll
+        for (int n = 0; n < 2; n++) {
+            int d = threadIdx.x + 128 * n;
+            if (d < rotDim) {
+                int i = interleaved ? d / 2 : (d < half ? d : d - half);
+                cf[n] = cosT[(long)t * half + i];
+                sf[n] = sinT[(long)t * half + i];
+            }
+        }
+    }
     gdc_wait();
     const float* qp = q + ((long)t * heads + h) * headDim;
     const float* vnow = vin + ((long)t * kvHeads + kvh) * headDim;
     __shared__ float vs[256];  // the token's value, rounded as the cache holds it (fused)
     if (fused) {
-        int half = rotDim / 2;
         const float* kp = kin + ((long)t * kvHeads + kvh) * headDim;
-        for (int d = threadIdx.x; d < headDim; d += blockDim.x) { qs[d] = qp[d]; ks[d] = kp[d]; }
-        __syncthreads();
-        float qr[2], kr[2];
-        for (int n = 0, d = threadIdx.x; d < headDim; d += blockDim.x, n++) {
-            qr[n] = qs[d];  // dimensions past rotDim are not rotated
-            kr[n] = ks[d];
-            if (d < rotDim) {
-                bool first = interleaved ? (d & 1) == 0 : d < half;
-                int other = interleaved ? d ^ 1 : (first ? d + half : d - half), i = interleaved ? d / 2 : (first ? d : d - half);
-                float c = cosT[(long)t * half + i], sn = sinT[(long)t * half + i];
-                qr[n] = first ? qs[d] * c - qs[other] * sn : qs[d] * c + qs[other] * sn;
-                kr[n] = first ? ks[d] * c - ks[other] * sn : ks[d] * c + ks[other] * sn;
+        float qa[2], qo[2], ka[2], ko[2], va[2];
+#pragma unroll
+        for (int n = 0; n < 2; n++) {
+            int d = threadIdx.x + 128 * n;
+            qa[n] = qo[n] = ka[n] = ko[n] = va[n] = 0.f;
+            if (d < headDim) {
+                int other = d >= rotDim ? d : interleaved ? d ^ 1 : (d < half ? d + half : d - half);
+                qa[n] = qp[d]; qo[n] = qp[other]; ka[n] = kp[d]; ko[n] = kp[other]; va[n] = vnow[d];
             }
         }
-        __syncthreads();
-        for (int n = 0, d = threadIdx.x; d < headDim; d += blockDim.x, n++) {
-            qs[d] = qr[n];
-            ks[d] = KVBits<KV>::round(kr[n]);
-            vs[d] = KVBits<KV>::round(vnow[d]);
+#pragma unroll
+        for (int n = 0; n < 2; n++) {
+            int d = threadIdx.x + 128 * n;
+            if (d >= headDim) continue;
+            float qr = qa[n], kr = ka[n];
+            if (d < rotDim) {
+                bool first = interleaved ? (d & 1) == 0 : d < half;
+                float c = cf[n], sn = sf[n];
+                qr = first ? qa[n] * c - qo[n] * sn : qa[n] * c + qo[n] * sn;
+                kr = first ? ka[n] * c - ko[n] * sn : ka[n] * c + ko[n] * sn;
+            }
+            qs[d] = qr;
+            ks[d] = KVBits<KV>::round(kr);
+            vs[d] = KVBits<KV>::round(va[n]);
         }
         __syncthreads();
         if (split == 0 && h % (heads / kvHeads) == 0) {
@@ -2156,11 +2249,11 @@ __device__ __forceinline__ void attention_split_heads_body(SPLIT_PARAMS(KV)) {
     float* out = partial + (((long)u * heads + h) * splits + split) * headDim;
     float* st = stats + (((long)u * heads + h) * splits + split) * 2;
     __shared__ bool last;
-    __shared__ float weights[SPLIT_MAX], inverse[1];
+    __shared__ float wm[4], wl[4], wacc[4][256];
     if (start >= end) {
         for (int d = threadIdx.x; d < headDim; d += blockDim.x) out[d] = 0;
         if (threadIdx.x == 0) { st[0] = -__int_as_float(0x7f800000); st[1] = 0; }
-        merge_if_last(partial, stats, attn, counters, u, t, h, 1, heads, headDim, splits, &last, weights, inverse);
+        merge_head_if_last(partial, stats, attn, counters, u, t, h, heads, headDim, splits, &last, wm, wl, wacc);
         return;
     }
     float qv[8], acc[8];
@@ -2211,7 +2304,6 @@ __device__ __forceinline__ void attention_split_heads_body(SPLIT_PARAMS(KV)) {
         if (j + 16 < end) load(j + 16, ka1, va1, ka2, va2);
         step(j + 8, kb1, vb1, kb2, vb2);
     }
-    __shared__ float wm[4], wl[4], wacc[4][256];
     if (lane == 0) { wm[warp] = m; wl[warp] = l; }
 #pragma unroll
     for (int i = 0; i < 8; i++) { int d = lane + 32 * i; if (d < headDim) wacc[warp][d] = acc[i]; }
@@ -2223,7 +2315,7 @@ __device__ __forceinline__ void attention_split_heads_body(SPLIT_PARAMS(KV)) {
     for (int d = threadIdx.x; d < headDim; d += blockDim.x)
         out[d] = wacc[0][d] * f[0] + wacc[1][d] * f[1] + wacc[2][d] * f[2] + wacc[3][d] * f[3];
     if (threadIdx.x == 0) { st[0] = mm; st[1] = sum; }
-    merge_if_last(partial, stats, attn, counters, u, t, h, 1, heads, headDim, splits, &last, weights, inverse);
+    merge_head_if_last(partial, stats, attn, counters, u, t, h, heads, headDim, splits, &last, wm, wl, wacc);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_split_heads(SPLIT_PARAMS(void), int kvHalf) {
