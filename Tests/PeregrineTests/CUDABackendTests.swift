@@ -25,7 +25,8 @@ final class CUDABackendTests: XCTestCase {
             "PEREGRINE_QUANT_GEMM_WS": "1", "PEREGRINE_DECODE_WARPS": "4", "PEREGRINE_DECODE_STAGES": "3", "PEREGRINE_DECODE_SPLITS": "128",
             "PEREGRINE_ROW_KERNEL_TOKENS": "0", "PEREGRINE_SPLIT_POSITIONS": "64", "PEREGRINE_GROUPED_ATTENTION_BLOCKS": "64",
             "PEREGRINE_GROUPED_ATTENTION_FROM": "0", "PEREGRINE_FIXED_MATVEC": "0", "PEREGRINE_CARRIED_NORM": "qkv",
-            "PEREGRINE_CHAINED_STEPS": "1", "PEREGRINE_INPUT_SCATTER": "1", "PEREGRINE_CARRIED_HEAD": "0", "PEREGRINE_UNRELATED": "x",
+            "PEREGRINE_CHAINED_STEPS": "1", "PEREGRINE_INPUT_SCATTER": "1", "PEREGRINE_CARRIED_HEAD": "0",
+            "PEREGRINE_STAGED_RESIDUAL": "1", "PEREGRINE_UNRELATED": "x",
         ]))
         XCTAssertNoThrow(try CUDABackend.checkMeasuringSwitches(["PEREGRINE_QUANT_GEMM_TOKENS": "", "PEREGRINE_DECODE_SPLITS": ""]))
         for value in ["0", "1"] + CUDABackend.warpgroupAttentionKernels.dropFirst().map({ String($0.name.dropFirst(28)) }) {
@@ -36,7 +37,8 @@ final class CUDABackendTests: XCTestCase {
                      ("PEREGRINE_DECODE_SPLITS", "129"), ("PEREGRINE_ROW_KERNEL_TOKENS", "-1"), ("PEREGRINE_SPLIT_POSITIONS", "0"),
                      ("PEREGRINE_GROUPED_ATTENTION_BLOCKS", "many"), ("PEREGRINE_GROUPED_ATTENTION_FROM", "1k"),
                      ("PEREGRINE_FIXED_MATVEC", "off"), ("PEREGRINE_CARRIED_NORM", "no"), ("PEREGRINE_QUANT_GEMM_WS", "2"),
-                     ("PEREGRINE_CHAINED_STEPS", "on"), ("PEREGRINE_INPUT_SCATTER", "yes"), ("PEREGRINE_CARRIED_HEAD", "2")]
+                     ("PEREGRINE_CHAINED_STEPS", "on"), ("PEREGRINE_INPUT_SCATTER", "yes"), ("PEREGRINE_CARRIED_HEAD", "2"),
+                     ("PEREGRINE_STAGED_RESIDUAL", "on")]
         for (name, value) in wrong {
             XCTAssertThrowsError(try CUDABackend.checkMeasuringSwitches([name: value]), "\(name)=\(value)") { error in
                 XCTAssertTrue("\(error)".contains("\(name)=\(value)"), "\(error)")
@@ -622,13 +624,14 @@ final class CUDABackendTests: XCTestCase {
     /// weights; before gate/up in a pass of a sequence too long for it (`shortSequencePass`
     /// false), with a launch between the residual product and the next (an add), or with
     /// PEREGRINE_CARRIED_NORM's switch off, the norm runs first and writes the normalized row.
+    /// Carried once more with the 4,096-value residual product staged (PEREGRINE_STAGED_RESIDUAL).
     func testCarriedNormMatchesNormFirst() throws {
         let gpu = try backend()
         let carriedBefore = gpu.carriedNorm, gateBefore = gpu.carriedNormBeforeGate, shortBefore = gpu.shortSequencePass
-        let headBefore = gpu.carriedHead
+        let headBefore = gpu.carriedHead, stagedBefore = gpu.stagedResidual
         defer {
             gpu.carriedNorm = carriedBefore; gpu.carriedNormBeforeGate = gateBefore; gpu.shortSequencePass = shortBefore
-            gpu.carriedHead = headBefore
+            gpu.carriedHead = headBefore; gpu.stagedResidual = stagedBefore
         }
         gpu.carriedNormBeforeGate = true
         gpu.carriedHead = true
@@ -668,9 +671,13 @@ final class CUDABackendTests: XCTestCase {
                     return s
                 }
             }
-            for (carried, addBetween) in [(true, false), (true, true), (false, false)] {
+            // Staged: the residual product of 4,096-value rows with half of each row staged
+            // before its wait (PEREGRINE_STAGED_RESIDUAL).
+            for (carried, addBetween, staged) in [(true, false, false), (true, true, false), (false, false, false), (true, false, true)] {
                 gpu.carriedNorm = carried
+                gpu.stagedResidual = staged
                 let label = "rows of \(k), \(carried ? "carried" : "switched off")\(addBetween ? ", an add between" : "")"
+                    + (staged ? ", staged" : "")
                 // The residual after the product (and the add), normalized, in doubles.
                 var h = residual
                 if addBetween { for o in 0..<d { h[o] += Double(added[o]) } }

@@ -407,6 +407,7 @@ public final class CUDABackend: ComputeBackend {
         let fixedMatvecs = ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in
             CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)" }
         } + ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)_carry" } }
+            + ["matvec_f16_k4096_carry_staged", "matvec_bf16_k4096_carry_staged"]
         let prefillMMA = CUDABackend.tensorCoreAttentionDims.map { "attention_prefill_mma_\($0)" } + CUDABackend.warpgroupAttentionKernels.map(\.name)
         let quantGemms = CUDABackend.quantGemmKernels.values.flatMap { $0.map(\.name) }
         let decodeMMA = CUDABackend.tensorCoreDecodeDims.flatMap { ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4", "attention_decode_mma_\($0)_w4s3"] }
@@ -1404,6 +1405,12 @@ public final class CUDABackend: ComputeBackend {
     /// (BENCHMARKS.md). PEREGRINE_CARRIED_NORM=qkv carries it before q/k/v only, for measuring.
     var carriedNormBeforeGate = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"].map { $0 != "0" && $0 != "qkv" } ?? true
 
+    /// PEREGRINE_STAGED_RESIDUAL=1: a one-token residual product of 4,096-value rows that
+    /// carries a norm (the output projection) copies half of each row into shared memory before
+    /// its wait (`matvec_<type>_k4096_carry_staged`), so more of it streams while one token's
+    /// attention runs. Written and checked in the kernel emulator; off until a GPU measures it.
+    var stagedResidual = ProcessInfo.processInfo.environment["PEREGRINE_STAGED_RESIDUAL"] == "1"
+
     /// The norm before the output head carried from the last layer's residual product
     /// (`normMatmul`), with PEREGRINE_CARRIED_HEAD=1: on an H100, BF16 tg128 of the 8B shape ran
     /// at the same speed with and without it (BENCHMARKS.md), so it stays off.
@@ -1427,7 +1434,11 @@ public final class CUDABackend: ComputeBackend {
               let suffix = Self.matvecSuffix(p[0].weight.dtype), let rSuffix = Self.matvecSuffix(r.weight.dtype) else { return false }
         pendingResidual = nil
         let area = normCarryArea.pointer
-        launch("matvec_\(rSuffix)_k\(r.weight.cols)_carry", grid: blocks(r.weight.rows * 32), block: 256) { a in
+        // The staged form of a 4,096-value residual product (the output projection), with
+        // PEREGRINE_STAGED_RESIDUAL=1: 32 KB of staged loads a block.
+        let staged = stagedResidual && r.weight.cols == 4096
+        launch("matvec_\(rSuffix)_k\(r.weight.cols)_carry" + (staged ? "_staged" : ""), grid: blocks(r.weight.rows * 32), block: 256,
+               shared: staged ? 8 * 2 * 4 * 32 * 16 : 0) { a in
             a.products(1) { _ in (r.weight.pointer, r.bias?.pointer ?? 0, r.residual.pointer, r.weight.rows) }
             a.ptr(r.x); a.i32(1); a.f32(0); a.ptr(norm.pointer); a.ptr(normed); a.ptr(area); a.i32(2)
         }
@@ -1853,6 +1864,7 @@ public final class CUDABackend: ComputeBackend {
         try flag("PEREGRINE_CHAINED_STEPS")
         try flag("PEREGRINE_INPUT_SCATTER")
         try flag("PEREGRINE_CARRIED_HEAD")
+        try flag("PEREGRINE_STAGED_RESIDUAL")
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }
         try check("PEREGRINE_WGMMA_PROMPT_ATTENTION", "0 (mma.sync), 1 (the first kernel) or one of " + kernels.joined(separator: ", ")) {

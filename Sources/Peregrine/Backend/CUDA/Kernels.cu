@@ -572,7 +572,16 @@ struct NormCarry {
     bool consume;  // else produce
 };
 
-template <int DT, int R, int K, bool CARRY = false>
+// (Asynchronous 16-byte copies into shared memory; defined with the attention kernels below.)
+__device__ __forceinline__ void copy16_async(void* dst, const void* src, bool in);
+__device__ __forceinline__ void copy_commit();
+template <int N> __device__ __forceinline__ void copy_wait();
+
+// STAGE (a residual product of 4,096-value rows, the `_staged` kernels): before the wait each
+// lane also starts copying its second and third chunks (4 KB a warp) into shared memory
+// (cp.async, no registers held), so that more of the product streams while the kernel before
+// it, one token's attention, runs; the sums are the same, in the same order.
+template <int DT, int R, int K, bool CARRY = false, bool STAGE = false>
 __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
                                                   float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
                                                   const float* x, int mode, NormCarry carry = {}) {
@@ -607,27 +616,54 @@ __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b
                 for (int r = 0; r < R; r++) acc[r] += half_dot8<DT>(q[s][r][u], a, b);
             }
     };
-    if (m.active) load(0, 0, full > 0 ? U : tail);
-    gdc_wait();
-    if (!CARRY && !m.active) return;
-    if (m.active) {
-        if constexpr (tail == 0 && full % 2 == 0) {
-#pragma unroll 1
-            for (int c = 0; c < chunks; c += 2) {
-                load(1, c + 1, U);
+    if constexpr (STAGE) {
+        static_assert(R == 1 && tail == 0 && chunks == 4, "staged: four chunks of four loads a lane");
+        extern __shared__ float4 shared4[];  // [warp][chunk 1, 2][U][32 lanes] of uint4 (the name the attention kernels use)
+        uint4* mine = (uint4*)shared4 + (threadIdx.x >> 5) * 2 * U * 32 + lane;
+        if (m.active) {
+            load(0, 0, U);
+#pragma unroll
+            for (int c = 1; c <= 2; c++)
+#pragma unroll
+                for (int u = 0; u < U; u++) copy16_async(mine + ((c - 1) * U + u) * 32, base[0] + (c * U + u) * 32, true);
+            copy_commit();
+        }
+        gdc_wait();
+        if (m.active) {
+            load(1, 3, U);
+            use(0, 0, U);
+            copy_wait<0>();  // each lane reads back only its own copies
+#pragma unroll
+            for (int c = 1; c <= 2; c++) {
+#pragma unroll
+                for (int u = 0; u < U; u++) q[0][0][u] = mine[((c - 1) * U + u) * 32];
                 use(0, c, U);
-                if (c + 2 < chunks) load(0, c + 2, U);
-                use(1, c + 1, U);
             }
-        } else {
-            auto count = [&](int c) { return c < full ? U : tail; };
+            use(1, 3, U);
+        }
+    } else {
+        if (m.active) load(0, 0, full > 0 ? U : tail);
+        gdc_wait();
+        if (!CARRY && !m.active) return;
+        if (m.active) {
+            if constexpr (tail == 0 && full % 2 == 0) {
 #pragma unroll 1
-            for (int c = 0; c < chunks; c += 2) {
-                if (c + 1 < chunks) load(1, c + 1, count(c + 1));
-                use(0, c, count(c));
-                if (c + 1 >= chunks) break;
-                if (c + 2 < chunks) load(0, c + 2, count(c + 2));
-                use(1, c + 1, count(c + 1));
+                for (int c = 0; c < chunks; c += 2) {
+                    load(1, c + 1, U);
+                    use(0, c, U);
+                    if (c + 2 < chunks) load(0, c + 2, U);
+                    use(1, c + 1, U);
+                }
+            } else {
+                auto count = [&](int c) { return c < full ? U : tail; };
+#pragma unroll 1
+                for (int c = 0; c < chunks; c += 2) {
+                    if (c + 1 < chunks) load(1, c + 1, count(c + 1));
+                    use(0, c, count(c));
+                    if (c + 1 >= chunks) break;
+                    if (c + 2 < chunks) load(0, c + 2, count(c + 2));
+                    use(1, c + 1, count(c + 1));
+                }
             }
         }
     }
@@ -705,6 +741,18 @@ MATVEC_FIXED_ALL(28672)
         NormCarry c = {g, xg, area, eps, carry == 1};                                                                        \
         matvec_half_fixed<DT, R, K, true>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode, c);                      \
     }
+// The residual products of 4,096-value rows with their second and third chunks staged (STAGE
+// of matvec_half_fixed; 32 KB of dynamic shared memory a block), with PEREGRINE_STAGED_RESIDUAL=1.
+#define MATVEC_CARRY_STAGED(name, DT)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 4) name(                                                               \
+        const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
+        const float* b2, float* y2, int n2, const float* x, int mode, float eps, const float* g, float* xg, float* area,       \
+        int carry) {                                                                                                         \
+        NormCarry c = {g, xg, area, eps, carry == 1};                                                                        \
+        matvec_half_fixed<DT, 1, 4096, true, true>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode, c);             \
+    }
+MATVEC_CARRY_STAGED(matvec_f16_k4096_carry_staged, 1)
+MATVEC_CARRY_STAGED(matvec_bf16_k4096_carry_staged, 2)
 #define MATVEC_CARRY_ALL(K)                                                                                                  \
     MATVEC_CARRY(matvec_f16_k##K##_carry, 1, 1, K)                                                                           \
     MATVEC_CARRY(matvec_bf16_k##K##_carry, 2, 1, K)                                                                          \
