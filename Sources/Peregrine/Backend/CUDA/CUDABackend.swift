@@ -599,8 +599,8 @@ public final class CUDABackend: ComputeBackend {
     /// launch before the next launch, copy or read of the step, in place of a copy node each: a
     /// kernel trace of BF16 decode on an H200 had one 10-50 us gap with no kernel running at the
     /// start of every step, where those copies run. Larger ones (a batch's block tables) are
-    /// still copied, which moves them faster than a kernel reading host memory. On an H100, BF16
-    /// tg128 of the 8B shape gained 0.09-0.15% in two runs, the same tokens (BENCHMARKS.md);
+    /// still copied, which moves them faster than a kernel reading host memory. On H100s, BF16
+    /// tg128 of the 8B shape gained 0.09-0.18% in three runs, the same tokens (BENCHMARKS.md);
     /// PEREGRINE_INPUT_SCATTER=0 copies each, for measuring.
     lazy var scattersInputs = driver.unifiedAddressing && functions["scatter_staged"] != nil
         && ProcessInfo.processInfo.environment["PEREGRINE_INPUT_SCATTER"] != "0"
@@ -1552,8 +1552,8 @@ public final class CUDABackend: ComputeBackend {
     }
 
     /// The output head of a one-token pass; with PEREGRINE_CARRIED_HEAD=1 the norm is carried from
-    /// the last layer's held residual product, so it runs as no kernel of its own (off until
-    /// measured on a GPU; the kernel emulator checks a one-matrix consumer of the carry).
+    /// the last layer's held residual product, so it runs as no kernel of its own (`carriedHead`:
+    /// no faster on an H100, so off).
     public func normMatmul(_ x: CUDABuffer, norm: CUDAWeight, eps: Float, dim: Int, normed: CUDABuffer, rows: Int, weight: CUDAWeight,
                            out: CUDABuffer) {
         if rows == oneToken, carriedNorm, carriedHead, carryNorm(into: x, norm: norm, eps: eps, dim: dim, normed: normed, [(weight, nil, out)]) {

@@ -1808,6 +1808,22 @@ template <int N> __device__ __forceinline__ void registers_up() { asm volatile("
 #define SPLIT_MAX 128
 #define SPLIT_LANE (SPLIT_MAX / 32)
 
+// The end of a split's block in a launch that merges splits: its writes made visible, then
+// the split counted on `counter`; true in the block that counts the last one (the counter reset
+// for the next launch), after a fence so that it sees the other splits' writes.
+__device__ __forceinline__ bool last_split(unsigned* counter, int splits, bool* last) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        *last = atomicAdd(counter, 1u) == (unsigned)splits - 1;
+        if (*last) *counter = 0;
+    }
+    __syncthreads();
+    if (!*last) return false;
+    __threadfence();
+    return true;
+}
+
 // The splits' partial results of query heads h0 ..< h0 + nh of token t combined into attn, by
 // the block of that group that finishes last (the others' writes made visible by the fence
 // before the count). u: the block's row within the launch (its scratch and counter), t: the
@@ -1818,16 +1834,7 @@ template <int N> __device__ __forceinline__ void registers_up() { asm volatile("
 __device__ __forceinline__ void merge_if_last(const float* partial, const float* stats, float* attn, unsigned* counters, int u,
                                               int t, int h0, int nh, int heads, int headDim, int splits, bool* last,
                                               float* weights /* [SPLIT_GROUP][SPLIT_MAX] */, float* inverse /* [SPLIT_GROUP] */) {
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        long c = (long)u * heads + h0;
-        *last = atomicAdd(&counters[c], 1u) == (unsigned)splits - 1;
-        if (*last) counters[c] = 0;
-    }
-    __syncthreads();
-    if (!*last) return;
-    __threadfence();
+    if (!last_split(&counters[(long)u * heads + h0], splits, last)) return;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int hh = warp; hh < nh; hh += blockDim.x >> 5) {
         const float* st = stats + ((long)u * heads + h0 + hh) * splits * 2;
@@ -2113,25 +2120,35 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(SPLIT_PARAMS(v
     else attention_split_body<float>(SPLIT_ARGS(float));
 }
 
+// A 128-thread block's four warps' running (max m, sum l, row acc: dimensions lane + 32i) as
+// one, through shared memory (wm, wl, wacc): the row to out (divided by the sum with
+// `normalize`); returns the (max, sum).
+__device__ __forceinline__ float2 combine_warps(float m, float l, const float (&acc)[8], float* wm, float* wl, float (*wacc)[256],
+                                                int headDim, float* out, bool normalize) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+#pragma unroll
+    for (int i = 0; i < 8; i++) { int d = lane + 32 * i; if (d < headDim) wacc[warp][d] = acc[i]; }
+    __syncthreads();
+    float mm = fmaxf(fmaxf(wm[0], wm[1]), fmaxf(wm[2], wm[3]));
+    float f[4], sum = 0.f;
+    for (int w = 0; w < 4; w++) { f[w] = wl[w] > 0 ? __expf(wm[w] - mm) : 0.f; sum += wl[w] * f[w]; }
+    float inv = normalize ? 1.f / sum : 1.f;
+    for (int d = threadIdx.x; d < headDim; d += blockDim.x)
+        out[d] = (wacc[0][d] * f[0] + wacc[1][d] * f[1] + wacc[2][d] * f[2] + wacc[3][d] * f[3]) * inv;
+    return make_float2(mm, sum);
+}
+
 // merge_if_last for one query head (attention_split_heads, 128 threads): in the last split's
 // block, warp w takes splits w, w + 4, ..., four of them at a time, and reads each one's (max,
 // sum) and partial row together, so the merge waits for one round trip of loads where
 // merge_if_last waits for the statistics and then the rows; each warp keeps a running max, sum
-// and row as a block's warps do over their keys, and the four are combined through `wm`, `wl`
-// and `wacc` (the block's own, free again by then).
+// and row as a block's warps do over their keys, and the four are combined as the block's own
+// (combine_warps, through its `wm`, `wl` and `wacc`, free again by then).
 __device__ __forceinline__ void merge_head_if_last(const float* partial, const float* stats, float* attn, unsigned* counters, int u,
                                                    int t, int h, int heads, int headDim, int splits, bool* last, float* wm, float* wl,
                                                    float (*wacc)[256]) {
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        long c = (long)u * heads + h;
-        *last = atomicAdd(&counters[c], 1u) == (unsigned)splits - 1;
-        if (*last) counters[c] = 0;
-    }
-    __syncthreads();
-    if (!*last) return;
-    __threadfence();
+    if (!last_split(&counters[(long)u * heads + h], splits, last)) return;
     const float inf = __int_as_float(0x7f800000);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const float* st = stats + ((long)u * heads + h) * splits * 2;
@@ -2170,17 +2187,7 @@ __device__ __forceinline__ void merge_head_if_last(const float* partial, const f
         }
         m = mn;
     }
-    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
-#pragma unroll
-    for (int i = 0; i < 8; i++) { int d = lane + 32 * i; if (d < headDim) wacc[warp][d] = acc[i]; }
-    __syncthreads();
-    float mm = -inf;
-    for (int w = 0; w < 4; w++) if (wl[w] > 0) mm = fmaxf(mm, wm[w]);
-    float f[4], total = 0.f;
-    for (int w = 0; w < 4; w++) { f[w] = wl[w] > 0 ? __expf(wm[w] - mm) : 0.f; total += wl[w] * f[w]; }
-    float inv = 1.f / total;
-    for (int d = threadIdx.x; d < headDim; d += blockDim.x)
-        attn[((long)t * heads + h) * headDim + d] = (wacc[0][d] * f[0] + wacc[1][d] * f[1] + wacc[2][d] * f[2] + wacc[3][d] * f[3]) * inv;
+    combine_warps(m, l, acc, wm, wl, wacc, headDim, attn + ((long)t * heads + h) * headDim, true);
 }
 
 // Causal attention of single queries, one block per (token, query head, split): the kernel for
@@ -2352,17 +2359,8 @@ __device__ __forceinline__ void attention_split_heads_body(SPLIT_PARAMS(KV)) {
         if (j + 16 < end) load(j + 16, ka1, va1, ka2, va2);
         step(j + 8, kb1, vb1, kb2, vb2);
     }
-    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
-#pragma unroll
-    for (int i = 0; i < 8; i++) { int d = lane + 32 * i; if (d < headDim) wacc[warp][d] = acc[i]; }
-    __syncthreads();
-    float mm = fmaxf(fmaxf(wm[0], wm[1]), fmaxf(wm[2], wm[3]));
-    float f[4];
-    float sum = 0;
-    for (int w = 0; w < 4; w++) { f[w] = wl[w] > 0 ? __expf(wm[w] - mm) : 0.f; sum += wl[w] * f[w]; }
-    for (int d = threadIdx.x; d < headDim; d += blockDim.x)
-        out[d] = wacc[0][d] * f[0] + wacc[1][d] * f[1] + wacc[2][d] * f[2] + wacc[3][d] * f[3];
-    if (threadIdx.x == 0) { st[0] = mm; st[1] = sum; }
+    float2 ms = combine_warps(m, l, acc, wm, wl, wacc, headDim, out, false);
+    if (threadIdx.x == 0) { st[0] = ms.x; st[1] = ms.y; }
     merge_head_if_last(partial, stats, attn, counters, u, t, h, heads, headDim, splits, &last, wm, wl, wacc);
 }
 
