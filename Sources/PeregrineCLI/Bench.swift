@@ -160,7 +160,7 @@ struct Bench: ParsableCommand {
                                 ("samples", .array(s.tokensPerSecond.map { .number($0) })),
                                 ("load_seconds", .number(load)), ("peak_rss_bytes", .number(Double(rss))),
                                 ("decode_bytes_per_token", .number(Double(lm.weightBytes))),
-                                ("kv_cache_type", .string(engineOptions.kvCacheType.rawValue)),
+                                ("kv_cache_type", .string((engineOptions.kvCacheType ?? lm.preferredKVCacheType).rawValue)),
                             ])
                             var out = obj
                             if let read = s.weightBytesPerToken { out["decode_bytes_read_per_token"] = .number(read) }

@@ -77,8 +77,8 @@ struct Generate: ParsableCommand {
     @Flag(help: "Do not add the tokenizer's special tokens (BOS) to the prompt.")
     var noSpecial = false
 
-    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; on the GPU, prompts and long contexts attend on tensor cores).")
-    var kvCacheType: KVCacheType = .f32
+    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; on the GPU, prompts and long contexts attend on tensor cores). Default: f16 on the GPU, f32 on the CPU.")
+    var kvCacheType: KVCacheType?
 
     @OptionGroup(title: "Speculative decoding") var speculation: SpeculationOptions
 
@@ -279,8 +279,8 @@ struct EngineOptions: ParsableArguments {
     @Option(help: "KV blocks in the pool (instead of --kv-memory).")
     var kvBlocks: Int?
 
-    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; on the GPU, prompts attend on tensor cores).")
-    var kvCacheType: KVCacheType = .f32
+    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; on the GPU, prompts and long contexts attend on tensor cores). Default: f16 on the GPU, f32 on the CPU.")
+    var kvCacheType: KVCacheType?
 
     @Option(help: "Sequences running at once.")
     var maxSequences: Int = 256

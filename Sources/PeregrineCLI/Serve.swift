@@ -50,8 +50,8 @@ struct Serve: ParsableCommand {
     @Option(help: "Bytes for the KV cache (K, M and G suffixes allowed; default: enough for the batch, at most a quarter of memory).")
     var kvMemory: String?
 
-    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; on the GPU, prompts attend on tensor cores).")
-    var kvCacheType: KVCacheType = .f32
+    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; on the GPU, prompts and long contexts attend on tensor cores). Default: f16 on the GPU, f32 on the CPU.")
+    var kvCacheType: KVCacheType?
 
     @Option(help: "Largest request body accepted, in bytes; larger ones get 413.")
     var maxBodyBytes = 8 << 20
@@ -114,7 +114,7 @@ struct Serve: ParsableCommand {
             let server = OpenAIServer(engine: engine, tokenizer: tokenizer, vocabularySize: loaded.config.vocabSize,
                                       contextLength: engine.contextLength, chatTemplate: template, configuration: serverConfig,
                                       logger: logger)
-            logger.info("model \(model) as '\(name)' on \(loaded.backendName), context \(engine.contextLength), \(engine.stats.kvBlocksTotal) KV blocks of \(config.blockSize), chat template: \(template == nil ? "none" : "yes")")
+            logger.info("model \(model) as '\(name)' on \(loaded.backendName), context \(engine.contextLength), \(engine.stats.kvBlocksTotal) \(engine.kvCacheType.rawValue.uppercased()) KV blocks of \(config.blockSize), chat template: \(template == nil ? "none" : "yes")")
 
             // SIGINT/SIGTERM start a graceful shutdown; a second one cancels what is still running.
             var sources: [DispatchSourceSignal] = []

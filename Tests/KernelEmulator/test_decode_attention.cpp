@@ -3,8 +3,10 @@
 // batch of decode rows of different depths, one split (the block writes the output) and several
 // (partial results merged by the group's last block through the counters), query-head groups of
 // 4 and of 16 (two blocks a group), with a sliding window and soft-capping, and for head size 128
-// with the older keys' tiles copied before the wait (`fused` 2). Queries and probabilities are
-// rounded to f16, so the bound is f16's.
+// with the older keys' tiles copied before the wait (`fused` 2); and with RoPE and the cache
+// write fused (`fused` 1: each row's query and key rotated, rotations whole and partial,
+// interleaved pairs or halves, the row's own cache row holding NaN until the kernel writes it,
+// then checked bit for bit). Queries and probabilities are rounded to f16, so the bound is f16's.
 #include "cuda_emulator.h"
 #include "../../Sources/Peregrine/Backend/CUDA/Kernels.cu"
 #include "test_util.h"
@@ -69,6 +71,77 @@ static std::vector<double> reference(const Problem& p, float scale, float cap, i
     return out;
 }
 
+// `fused` 1: the kernel takes each row's query and key unrotated with its cos/sin rows, and its
+// own position's cache row holds NaN (no kernel may read it); the reference attends with the
+// query rotated and that row's key rotated and value, both rounded to f16, which the kernel must
+// also leave in the cache.
+static bool fused_case(const char* name, DecodeKernel kernel, int warps, int stages, int heads, int kvHeads, int D, int rotDim,
+                       bool interleaved, int splits, Rng& rng) {
+    Problem p = make_problem(heads, kvHeads, rng, D);
+    int rows = (int)p.slots.size(), group = heads / kvHeads, parts = (group + SPLIT_GROUP - 1) / SPLIT_GROUP, half = rotDim / 2;
+    std::vector<float> kin((size_t)rows * kvHeads * D), vin(kin.size()), cosT((size_t)rows * half), sinT(cosT.size());
+    for (auto& x : kin) x = rng.uniform(-2, 2);
+    for (auto& x : vin) x = rng.uniform(-1, 1);
+    for (size_t i = 0; i < cosT.size(); i++) { float a = rng.uniform(-3, 3); cosT[i] = cosf(a); sinT[i] = sinf(a); }
+    auto rotate = [&](const float* x, int t, float* out) {
+        for (int d = 0; d < D; d++) out[d] = x[d];
+        for (int i = 0; i < half; i++) {
+            int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+            float c = cosT[(size_t)t * half + i], s = sinT[(size_t)t * half + i];
+            out[a] = x[a] * c - x[b] * s;
+            out[b] = x[b] * c + x[a] * s;
+        }
+    };
+    Problem want = p;
+    std::vector<unsigned short> wantRows;  // each row's (key, value) cache row as it must be written
+    for (int t = 0; t < rows; t++) {
+        for (int h = 0; h < heads; h++) rotate(&p.q[((size_t)t * heads + h) * D], t, &want.q[((size_t)t * heads + h) * D]);
+        long at = cache_at(p, p.slots[t], p.positions[t]);
+        for (int kh = 0; kh < kvHeads; kh++) {
+            std::vector<float> k(D);
+            rotate(&kin[((size_t)t * kvHeads + kh) * D], t, k.data());
+            for (int d = 0; d < D; d++) {
+                long i = at + kh * D + d;
+                want.kc[i] = to_f16(k[d]);
+                want.vc[i] = to_f16(vin[((size_t)t * kvHeads + kh) * D + d]);
+                want.kf[i] = from_f16(want.kc[i]);
+                want.vf[i] = from_f16(want.vc[i]);
+                p.kc[i] = p.vc[i] = 0x7e00;
+            }
+        }
+    }
+    float scale = 1 / sqrtf((float)D);
+    auto expected = reference(want, scale, 0, 0);
+    int keys = 16 * warps;
+    size_t shared = (size_t)stages * 2 * keys * (D + 8) * 2 + stages * keys * 8 + 2 * D * 2 + SPLIT_GROUP * D * 4;
+    std::vector<float> out((size_t)rows * heads * D, NAN), partial((size_t)rows * heads * splits * D, NAN),
+        stats((size_t)rows * heads * splits * 2, NAN);
+    std::vector<unsigned> counters((size_t)rows * heads, 0);
+    emu::launch(kernel, dim3(rows, kvHeads * parts, splits), dim3(32 * warps), shared, p.q.data(), (void*)p.kc.data(), (void*)p.vc.data(),
+                partial.data(), stats.data(), p.slots.data(), p.positions.data(), heads, kvHeads, D, p.tables.data(), p.width, p.bs,
+                scale, 0.f, 0, splits, out.data(), counters.data(), 1, (const float*)kin.data(), (const float*)vin.data(),
+                (const float*)cosT.data(), (const float*)sinT.data(), rotDim, interleaved ? 1 : 0, (const int*)nullptr);
+    char label[160];
+    snprintf(label, sizeof label, "%s %d/%d, %d split%s, RoPE fused (%d of %d rotated%s)", name, heads, kvHeads, splits,
+             splits > 1 ? "s" : "", rotDim, D, interleaved ? ", interleaved" : "");
+    Errors e(label, 4e-3);
+    for (size_t i = 0; i < out.size(); i++) e.add(out[i], expected[i], 1);
+    bool ok = e.report();
+    long wrong = 0;
+    for (size_t i = 0; i < p.kc.size(); i++) wrong += p.kc[i] != want.kc[i] || p.vc[i] != want.vc[i];
+    if (wrong) {
+        printf("  %ld cache values differ from the rotated, rounded key and value rows\n", wrong);
+        ok = false;
+    }
+    for (unsigned u : counters)
+        if (u) {
+            printf("  the counters were not all reset for the next launch\n");
+            ok = false;
+            break;
+        }
+    return ok;
+}
+
 int main() {
     Rng rng(11);
     bool ok = true;
@@ -129,6 +202,10 @@ int main() {
                 }
         }
     }
+    ok &= fused_case("attention_decode_mma_128_w4s3", attention_decode_mma_128_w4s3, 4, 3, 32, 8, 128, 128, false, 7, rng);
+    ok &= fused_case("attention_decode_mma_128_w4s3", attention_decode_mma_128_w4s3, 4, 3, 8, 2, 128, 64, true, 1, rng);
+    ok &= fused_case("attention_decode_mma_128_w4", attention_decode_mma_128_w4, 4, 2, 32, 2, 128, 128, false, 3, rng);
+    ok &= fused_case("attention_decode_mma_64_w4s3", attention_decode_mma_64_w4s3, 4, 3, 8, 2, 64, 64, true, 5, rng);
     printf(ok ? "decode attention: all passed\n" : "decode attention: FAILED\n");
     return ok ? 0 : 1;
 }

@@ -83,6 +83,23 @@ final class EngineTests: XCTestCase {
         XCTAssertEqual(engine.stats.kvBlocksUsed, 0)
     }
 
+    /// With no cache type asked for, an engine on the CPU stores F32 (the backend's preference);
+    /// one asked for F16 stores F16, with half the bytes a block.
+    func testKVCacheTypeDefaultsToTheBackendsPreference() throws {
+        let (model, tokenizer) = try load()
+        XCTAssertEqual(model.preferredKVCacheType, .f32)
+        var config = EngineConfig()
+        config.kvBlocks = 8
+        let plain = try Engine(model: model, tokenizer: tokenizer, config: config)
+        XCTAssertEqual(plain.kvCacheType, .f32)
+        XCTAssertEqual(plain.config.kvCacheType, .f32)
+        config.kvCacheType = .f16
+        let half = try Engine(model: model, tokenizer: tokenizer, config: config)
+        XCTAssertEqual(half.kvCacheType, .f16)
+        XCTAssertEqual(PagedKVCache.bytesPerPosition(model.config, type: .f16) * 2,
+                       PagedKVCache.bytesPerPosition(model.config, type: .f32))
+    }
+
     /// An F16 KV cache: requests batched, preempted and hitting cached prefixes give the tokens
     /// each gives alone with the same cache, and its logits stay close to the f32 cache's.
     func testF16CacheIsBatchInvariantAndCloseToF32() throws {

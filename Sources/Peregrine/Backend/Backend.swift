@@ -8,6 +8,9 @@ public protocol ComputeBackend: AnyObject {
     associatedtype Weight
 
     var name: String { get }
+    /// How a KV cache stores keys and values when the user does not say: what the backend's
+    /// attention reads fastest.
+    var preferredKVCacheType: KVCacheType { get }
 
     /// Makes a weight usable by the backend. The view's memory (a mapped file) outlives the model.
     func weight(_ t: TensorView) throws -> Weight
@@ -197,6 +200,8 @@ public protocol ComputeBackend: AnyObject {
 public let recordedDecodeBatchSizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 
 extension ComputeBackend {
+    /// F32: the CPU's attention kernels read f32 keys and values without converting them.
+    public var preferredKVCacheType: KVCacheType { .f32 }
     public func weights(_ ts: [TensorView]) throws -> [Weight] { try ts.map { try weight($0) } }
     public func beginStep(key: Int) {}
     public var replayingStep: Bool { false }

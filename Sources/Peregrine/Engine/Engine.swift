@@ -16,6 +16,8 @@ public final class Engine: @unchecked Sendable {
     public let config: EngineConfig
     /// Longest prompt plus generation of one sequence.
     public let contextLength: Int
+    /// How the KV blocks store keys and values (the config's, or the model's backend's preference).
+    public let kvCacheType: KVCacheType
     public let eosTokenIds: Set<Int>
     let blocks: BlockManager
     let kv: KVMemory
@@ -69,6 +71,9 @@ public final class Engine: @unchecked Sendable {
         var config = requested
         config.maxBatchTokens = requested.maxBatchTokens ?? (model.freeDeviceMemory == nil ? 512 : 8192)
         config.maxPromptLogitRows = requested.maxPromptLogitRows ?? max(16, (64 << 20) / (4 * max(model.config.vocabSize, 1)))
+        let kvCacheType = requested.kvCacheType ?? model.preferredKVCacheType
+        config.kvCacheType = kvCacheType
+        self.kvCacheType = kvCacheType
         guard config.blockSize > 0, (config.maxBatchTokens ?? 0) > 0, config.maxSequences > 0, (config.maxPromptLogitRows ?? 0) > 0 else {
             throw PeregrineError.invalidArgument("block size, batch tokens, prompt logit rows and sequences must be > 0")
         }
@@ -79,7 +84,7 @@ public final class Engine: @unchecked Sendable {
         guard context > 1 else { throw PeregrineError.invalidArgument("context length must be > 1") }
         contextLength = context
         eosTokenIds = Set((tokenizer?.eosTokenIds ?? []) + model.config.eosTokenIds)
-        let perPosition = PagedKVCache.bytesPerPosition(model.config, type: config.kvCacheType)
+        let perPosition = PagedKVCache.bytesPerPosition(model.config, type: kvCacheType)
         let count: Int
         if let n = config.kvBlocks {
             count = n
@@ -98,9 +103,9 @@ public final class Engine: @unchecked Sendable {
             throw PeregrineError.invalidArgument("the KV memory holds no block of \(config.blockSize) positions (\(perPosition * config.blockSize) bytes)")
         }
         if model.freeDeviceMemory == nil {
-            try PagedKVCache.checkFits(model.config, positions: count * config.blockSize, type: config.kvCacheType)
+            try PagedKVCache.checkFits(model.config, positions: count * config.blockSize, type: kvCacheType)
         }
-        kv = try model.makeKVMemory(blocks: count, blockSize: config.blockSize, capacity: context, type: config.kvCacheType)
+        kv = try model.makeKVMemory(blocks: count, blockSize: config.blockSize, capacity: context, type: kvCacheType)
         blocks = BlockManager(blocks: count, blockSize: config.blockSize)
         var longPromptFrom: Int?
         if case .longrope(let l) = model.config.ropeScaling { longPromptFrom = l.originalMaxPositions }

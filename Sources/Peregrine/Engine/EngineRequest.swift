@@ -109,8 +109,9 @@ public struct EngineConfig: Sendable {
     /// of the machine's memory (on a GPU: `gpuMemoryFraction` of the free device memory).
     public var kvMemoryBytes: Int?
     public var gpuMemoryFraction = 0.9
-    /// How keys and values are stored (F32, or F16: half the bytes).
-    public var kvCacheType = KVCacheType.f32
+    /// How keys and values are stored (F32, or F16: half the bytes); nil: the model's backend's
+    /// preference (F16 on CUDA, F32 on the CPU). The engine's `kvCacheType` says which it took.
+    public var kvCacheType: KVCacheType?
     /// Tokens per forward pass: decode tokens of running sequences plus prompt chunks (nil: 512
     /// on the CPU, 8192 on a GPU, where a pass of 512 tokens leaves most of the chip idle).
     public var maxBatchTokens: Int?

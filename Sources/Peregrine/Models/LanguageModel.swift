@@ -3,6 +3,8 @@
 public protocol LanguageModel: AnyObject {
     var config: ModelConfig { get }
     var backendName: String { get }
+    /// The KV cache type an engine or generator uses when none is asked for (the backend's).
+    var preferredKVCacheType: KVCacheType { get }
     /// Bytes of weights read by one decode step (for bandwidth figures); for a mixture of
     /// experts, the active parameters' (k experts a layer).
     var weightBytes: Int { get }

@@ -41,7 +41,7 @@ public enum Benchmark {
 
     /// An engine for one sequence of up to `positions` positions, reading prompts `batch` tokens
     /// a pass, without prefix caching (repetitions must not find the last one's blocks).
-    static func singleSequenceEngine(_ model: LanguageModel, positions: Int, batch: Int, cacheType: KVCacheType = .f32) throws -> Engine {
+    static func singleSequenceEngine(_ model: LanguageModel, positions: Int, batch: Int, cacheType: KVCacheType? = nil) throws -> Engine {
         var config = EngineConfig()
         config.kvCacheType = cacheType
         config.kvBlocks = (positions + config.blockSize - 1) / config.blockSize + 1
@@ -60,7 +60,7 @@ public enum Benchmark {
         let engine: Engine
         let prefix: [Int]
 
-        init(_ model: LanguageModel, depth: Int, tokens n: Int, batch: Int, repetitions: Int, cacheType: KVCacheType) throws {
+        init(_ model: LanguageModel, depth: Int, tokens n: Int, batch: Int, repetitions: Int, cacheType: KVCacheType?) throws {
             guard depth > 0 else {
                 engine = try singleSequenceEngine(model, positions: n + 1, batch: batch, cacheType: cacheType)
                 prefix = []
@@ -104,9 +104,9 @@ public enum Benchmark {
 
     /// Prompt processing: `tokens` prompt tokens as one batch (chunked by `batch`), `repetitions`
     /// times after one warm-up run, on the serving engine (a batch of one), after `depth`
-    /// positions of context, keys and values stored as `cacheType` (llama-bench's -ctk/-ctv).
+    /// positions of context, keys and values stored as `cacheType` (llama-bench's -ctk/-ctv; nil: the backend's preference).
     public static func promptProcessing(_ model: LanguageModel, tokens n: Int, depth: Int = 0, batch: Int = 512, repetitions: Int,
-                                        cacheType: KVCacheType = .f32) throws -> Sample {
+                                        cacheType: KVCacheType? = nil) throws -> Sample {
         let context = try DepthContext(model, depth: depth, tokens: n, batch: batch, repetitions: repetitions, cacheType: cacheType)
         var times: [Double] = []
         for rep in 0...repetitions {
@@ -123,7 +123,7 @@ public enum Benchmark {
     /// `repetitions` times after one warm-up run, on the serving engine, from an empty cache or
     /// after `depth` positions of context.
     public static func tokenGeneration(_ model: LanguageModel, tokens n: Int, depth: Int = 0, repetitions: Int,
-                                       cacheType: KVCacheType = .f32) throws -> Sample {
+                                       cacheType: KVCacheType? = nil) throws -> Sample {
         let context = try DepthContext(model, depth: depth, tokens: n, batch: 512, repetitions: repetitions, cacheType: cacheType)
         var times: [Double] = []
         var read: Int?

@@ -13,8 +13,9 @@ public struct GenerationOptions: Sendable {
     public var prefillChunk = 512
     /// Draft and verify (speculative decoding); nil decodes one token per pass.
     public var speculative: SpeculativeOptions?
-    /// How the KV cache stores keys and values (the target model's, with speculation).
-    public var kvCacheType = KVCacheType.f32
+    /// How the KV cache stores keys and values (the target model's, with speculation); nil: the
+    /// model's backend's preference (F16 on CUDA, F32 on the CPU).
+    public var kvCacheType: KVCacheType?
 
     public init() {}
 }
@@ -163,7 +164,8 @@ public final class Generator {
                                      _ emitter: inout Emitter, _ result: inout GenerationResult) throws {
         let k = max(1, spec.draftTokens)
         let vocab = model.config.vocabSize
-        let cache = try PagedKVCache(model: model, slots: 1, capacity: prompt.count + options.maxTokens + k + 1, type: options.kvCacheType)
+        let cache = try PagedKVCache(model: model, slots: 1, capacity: prompt.count + options.maxTokens + k + 1,
+                                     type: options.kvCacheType ?? model.preferredKVCacheType)
         var sampler = Sampler(options.sampling)
         let greedy = options.sampling.temperature == 0
         var length = DraftLength(maximum: k, adaptive: spec.adaptive)

@@ -205,6 +205,9 @@ public final class CUDABackend: ComputeBackend {
     private var moeOut: CUDABuffer
 
     public var name: String { "cuda (\(driver.deviceName))" }
+    /// F16, as llama.cpp's default: half the memory and the bytes decode attention reads, and the
+    /// form the tensor-core attention kernels take (prompts, grouped decode).
+    public var preferredKVCacheType: KVCacheType { .f16 }
     /// Dynamic shared memory a kernel of ours may ask for: the device's limit less room for static arrays.
     private var dynamicSharedLimit: Int { CUDABackend.dynamicSharedLimit(driver) }
     /// The device's limit less 12 KB for the static arrays our kernels hold beside their dynamic
@@ -330,6 +333,10 @@ public final class CUDABackend: ComputeBackend {
     /// PEREGRINE_EARLY_DECODE_KEYS=0: one token's tensor-core decode attention copies no keys
     /// before the kernel before it ends (attention_decode_mma's `fused` 2), for measuring.
     var earlyDecodeKeys = ProcessInfo.processInfo.environment["PEREGRINE_EARLY_DECODE_KEYS"] != "0"
+    /// One token's RoPE and KV-cache write inside its tensor-core decode attention
+    /// (attention_decode_mma's `fused` 1) rather than in rope_store_kv before it;
+    /// PEREGRINE_FUSED_DEPTH_ROPE=0 keeps the two launches, for measuring.
+    var fusedDepthRope = ProcessInfo.processInfo.environment["PEREGRINE_FUSED_DEPTH_ROPE"] != "0"
     /// Positions a decode split takes in a long cache (fewer splits than fill the GPU are never
     /// used, more than 128 never; one sequence on the tensor cores has its own rule, in
     /// `attention`): on an H200 at depth 16,384, 256 (66 splits of one sequence's
@@ -407,7 +414,6 @@ public final class CUDABackend: ComputeBackend {
         let fixedMatvecs = ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in
             CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)" }
         } + ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)_carry" } }
-            + ["matvec_f16_k4096_carry_staged", "matvec_bf16_k4096_carry_staged"]
         let prefillMMA = CUDABackend.tensorCoreAttentionDims.map { "attention_prefill_mma_\($0)" } + CUDABackend.warpgroupAttentionKernels.map(\.name)
         let quantGemms = CUDABackend.quantGemmKernels.values.flatMap { $0.map(\.name) }
         let decodeMMA = CUDABackend.tensorCoreDecodeDims.flatMap { ["attention_decode_mma_\($0)", "attention_decode_mma_\($0)_w4", "attention_decode_mma_\($0)_w4s3"] }
@@ -1405,12 +1411,6 @@ public final class CUDABackend: ComputeBackend {
     /// (BENCHMARKS.md). PEREGRINE_CARRIED_NORM=qkv carries it before q/k/v only, for measuring.
     var carriedNormBeforeGate = ProcessInfo.processInfo.environment["PEREGRINE_CARRIED_NORM"].map { $0 != "0" && $0 != "qkv" } ?? true
 
-    /// PEREGRINE_STAGED_RESIDUAL=1: a one-token residual product of 4,096-value rows that
-    /// carries a norm (the output projection) copies half of each row into shared memory before
-    /// its wait (`matvec_<type>_k4096_carry_staged`), so more of it streams while one token's
-    /// attention runs. Written and checked in the kernel emulator; off until a GPU measures it.
-    var stagedResidual = ProcessInfo.processInfo.environment["PEREGRINE_STAGED_RESIDUAL"] == "1"
-
     /// The norm before the output head carried from the last layer's residual product
     /// (`normMatmul`), with PEREGRINE_CARRIED_HEAD=1: on an H100, BF16 tg128 of the 8B shape ran
     /// at the same speed with and without it (BENCHMARKS.md), so it stays off.
@@ -1434,11 +1434,7 @@ public final class CUDABackend: ComputeBackend {
               let suffix = Self.matvecSuffix(p[0].weight.dtype), let rSuffix = Self.matvecSuffix(r.weight.dtype) else { return false }
         pendingResidual = nil
         let area = normCarryArea.pointer
-        // The staged form of a 4,096-value residual product (the output projection), with
-        // PEREGRINE_STAGED_RESIDUAL=1: 32 KB of staged loads a block.
-        let staged = stagedResidual && r.weight.cols == 4096
-        launch("matvec_\(rSuffix)_k\(r.weight.cols)_carry" + (staged ? "_staged" : ""), grid: blocks(r.weight.rows * 32), block: 256,
-               shared: staged ? 8 * 2 * 4 * 32 * 16 : 0) { a in
+        launch("matvec_\(rSuffix)_k\(r.weight.cols)_carry", grid: blocks(r.weight.rows * 32), block: 256) { a in
             a.products(1) { _ in (r.weight.pointer, r.bias?.pointer ?? 0, r.residual.pointer, r.weight.rows) }
             a.ptr(r.x); a.i32(1); a.f32(0); a.ptr(norm.pointer); a.ptr(normed); a.ptr(area); a.i32(2)
         }
@@ -1615,13 +1611,13 @@ public final class CUDABackend: ComputeBackend {
     }
 
     /// One token: RoPE and the KV-cache write happen inside the attention kernel (one launch),
-    /// except where its grouped attention runs on tensor cores (from `groupedAttentionFrom`
-    /// positions, an F16 cache), which takes them from rope_store_kv first.
+    /// its grouped attention on tensor cores (from `groupedAttentionFrom` positions, an F16
+    /// cache) too, unless PEREGRINE_FUSED_DEPTH_ROPE=0 has rope_store_kv do them first.
     public func ropeAttention(layer: Int, q: CUDABuffer, k: CUDABuffer, v: CUDABuffer, rows: Int, heads: Int, headDim: Int,
                               rotaryDim: Int, cos: CUDABuffer, sin: CUDABuffer, interleaved: Bool, plan: BatchPlan,
                               cache: KVStorage<CUDABackend>, window: Int?, scoring: AttentionScoring, out: CUDABuffer) {
         let longest = rows == 1 ? min(Int(plan.positions[0]) + 1, window ?? Int.max) : 0
-        if rows == oneToken, !(heads > cache.kvHeads && longest >= groupedAttentionFrom && tensorCoreDecode(cache)) {
+        if rows == oneToken, fusedDepthRope || !(heads > cache.kvHeads && longest >= groupedAttentionFrom && tensorCoreDecode(cache)) {
             attention(layer: layer, q: q, rows: rows, plan: plan, cache: cache, heads: heads, window: window, scoring: scoring, out: out,
                       rope: (k, v, cos, sin, rotaryDim, interleaved))
             return
@@ -1728,9 +1724,8 @@ public final class CUDABackend: ComputeBackend {
         // Grouped attention over an F16 cache on tensor cores: in a large batch, attention_split
         // is bound by its arithmetic (H200, 256 sequences of 192 positions on average, the 8B
         // shape: 162 us a layer, a quarter of the copy rate; attention_decode_mma with four warps
-        // a block: 75 us). One token whose RoPE and cache write attention_split would fuse comes
-        // here unfused (see `ropeAttention`).
-        let tensorCores = grouped && rope == nil && tensorCoreDecode(cache)
+        // a block: 75 us). One token's RoPE and cache write are fused here too (`fused` 1).
+        let tensorCores = grouped && tensorCoreDecode(cache)
         // The tensor-core kernel's blocks take more shared memory, and each split costs a merge:
         // half as many blocks. H200, 8B shape, 64 sequences of 128-256 positions (512 blocks a
         // split), total tok/s of PP 128 / TG 128 with 1, 2 and 4 splits: 16,721, 16,443, 16,150.
@@ -1764,9 +1759,11 @@ public final class CUDABackend: ComputeBackend {
         // for D = 128: not on GPUs with 99 KB a block).
         let quads = hd / 4, chunks = rowBytes / 16, tileKeys = 16 * warps
         let tiles = { (stages: Int) in stages * 2 * tileKeys * (hd + 8) * 2 + stages * tileKeys * 8 }
+        // With RoPE fused: the token's key and value in f16 and its query heads in f32 after them.
+        let ropeRows = tensorCores && rope != nil ? 2 * hd * 2 + 8 * hd * 4 : 0  // SPLIT_GROUP
         let wanted = warps == 4 ? tensorCoreDecodeStages ?? (splitRows == 1 ? 3 : 2) : 2
-        let stages = wanted == 3 && tiles(3) > CUDABackend.dynamicSharedLimit(driver) ? 2 : wanted
-        let shared = tensorCores ? tiles(stages)
+        let stages = wanted == 3 && tiles(3) + ropeRows > CUDABackend.dynamicSharedLimit(driver) ? 2 : wanted
+        let shared = tensorCores ? tiles(stages) + ropeRows
             : grouped ? 16 * (2 * 32 * (chunks + 1) + 2 * 32 * chunks + 8 * quads + quads) + 4 * 8 * 32 + 8 * 2 * 32 : 0
         let kernel = tensorCores ? "attention_decode_mma_\(hd)" + (warps == 4 ? stages == 3 ? "_w4s3" : "_w4" : "") : grouped ? "attention_split" : "attention_split_heads"
         // One sequence's one token: every key but its own was written before this step, so the
@@ -1861,10 +1858,10 @@ public final class CUDABackend: ComputeBackend {
         try flag("PEREGRINE_FIXED_MATVEC")
         try check("PEREGRINE_CARRIED_NORM", "0, 1 or qkv") { $0 == "0" || $0 == "1" || $0 == "qkv" }
         try flag("PEREGRINE_EARLY_DECODE_KEYS")
+        try flag("PEREGRINE_FUSED_DEPTH_ROPE")
         try flag("PEREGRINE_CHAINED_STEPS")
         try flag("PEREGRINE_INPUT_SCATTER")
         try flag("PEREGRINE_CARRIED_HEAD")
-        try flag("PEREGRINE_STAGED_RESIDUAL")
         let kernels = warpgroupAttentionKernels.map { $0.name.replacingOccurrences(of: "attention_prefill_wgmma_128_", with: "") }
             .filter { !$0.hasPrefix("attention_") }
         try check("PEREGRINE_WGMMA_PROMPT_ATTENTION", "0 (mma.sync), 1 (the first kernel) or one of " + kernels.joined(separator: ", ")) {

@@ -572,16 +572,7 @@ struct NormCarry {
     bool consume;  // else produce
 };
 
-// (Asynchronous 16-byte copies into shared memory; defined with the attention kernels below.)
-__device__ __forceinline__ void copy16_async(void* dst, const void* src, bool in);
-__device__ __forceinline__ void copy_commit();
-template <int N> __device__ __forceinline__ void copy_wait();
-
-// STAGE (a residual product of 4,096-value rows, the `_staged` kernels): before the wait each
-// lane also starts copying its second and third chunks (4 KB a warp) into shared memory
-// (cp.async, no registers held), so that more of the product streams while the kernel before
-// it, one token's attention, runs; the sums are the same, in the same order.
-template <int DT, int R, int K, bool CARRY = false, bool STAGE = false>
+template <int DT, int R, int K, bool CARRY = false>
 __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1,
                                                   float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
                                                   const float* x, int mode, NormCarry carry = {}) {
@@ -616,54 +607,27 @@ __device__ __forceinline__ void matvec_half_fixed(const void* w0, const float* b
                 for (int r = 0; r < R; r++) acc[r] += half_dot8<DT>(q[s][r][u], a, b);
             }
     };
-    if constexpr (STAGE) {
-        static_assert(R == 1 && tail == 0 && chunks == 4, "staged: four chunks of four loads a lane");
-        extern __shared__ float4 shared4[];  // [warp][chunk 1, 2][U][32 lanes] of uint4 (the name the attention kernels use)
-        uint4* mine = (uint4*)shared4 + (threadIdx.x >> 5) * 2 * U * 32 + lane;
-        if (m.active) {
-            load(0, 0, U);
-#pragma unroll
-            for (int c = 1; c <= 2; c++)
-#pragma unroll
-                for (int u = 0; u < U; u++) copy16_async(mine + ((c - 1) * U + u) * 32, base[0] + (c * U + u) * 32, true);
-            copy_commit();
-        }
-        gdc_wait();
-        if (m.active) {
-            load(1, 3, U);
-            use(0, 0, U);
-            copy_wait<0>();  // each lane reads back only its own copies
-#pragma unroll
-            for (int c = 1; c <= 2; c++) {
-#pragma unroll
-                for (int u = 0; u < U; u++) q[0][0][u] = mine[((c - 1) * U + u) * 32];
+    if (m.active) load(0, 0, full > 0 ? U : tail);
+    gdc_wait();
+    if (!CARRY && !m.active) return;
+    if (m.active) {
+        if constexpr (tail == 0 && full % 2 == 0) {
+#pragma unroll 1
+            for (int c = 0; c < chunks; c += 2) {
+                load(1, c + 1, U);
                 use(0, c, U);
+                if (c + 2 < chunks) load(0, c + 2, U);
+                use(1, c + 1, U);
             }
-            use(1, 3, U);
-        }
-    } else {
-        if (m.active) load(0, 0, full > 0 ? U : tail);
-        gdc_wait();
-        if (!CARRY && !m.active) return;
-        if (m.active) {
-            if constexpr (tail == 0 && full % 2 == 0) {
+        } else {
+            auto count = [&](int c) { return c < full ? U : tail; };
 #pragma unroll 1
-                for (int c = 0; c < chunks; c += 2) {
-                    load(1, c + 1, U);
-                    use(0, c, U);
-                    if (c + 2 < chunks) load(0, c + 2, U);
-                    use(1, c + 1, U);
-                }
-            } else {
-                auto count = [&](int c) { return c < full ? U : tail; };
-#pragma unroll 1
-                for (int c = 0; c < chunks; c += 2) {
-                    if (c + 1 < chunks) load(1, c + 1, count(c + 1));
-                    use(0, c, count(c));
-                    if (c + 1 >= chunks) break;
-                    if (c + 2 < chunks) load(0, c + 2, count(c + 2));
-                    use(1, c + 1, count(c + 1));
-                }
+            for (int c = 0; c < chunks; c += 2) {
+                if (c + 1 < chunks) load(1, c + 1, count(c + 1));
+                use(0, c, count(c));
+                if (c + 1 >= chunks) break;
+                if (c + 2 < chunks) load(0, c + 2, count(c + 2));
+                use(1, c + 1, count(c + 1));
             }
         }
     }
@@ -741,18 +705,6 @@ MATVEC_FIXED_ALL(28672)
         NormCarry c = {g, xg, area, eps, carry == 1};                                                                        \
         matvec_half_fixed<DT, R, K, true>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode, c);                      \
     }
-// The residual products of 4,096-value rows with their second and third chunks staged (STAGE
-// of matvec_half_fixed; 32 KB of dynamic shared memory a block), with PEREGRINE_STAGED_RESIDUAL=1.
-#define MATVEC_CARRY_STAGED(name, DT)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(256, 4) name(                                                               \
-        const void* w0, const float* b0, float* y0, int n0, const void* w1, const float* b1, float* y1, int n1, const void* w2, \
-        const float* b2, float* y2, int n2, const float* x, int mode, float eps, const float* g, float* xg, float* area,       \
-        int carry) {                                                                                                         \
-        NormCarry c = {g, xg, area, eps, carry == 1};                                                                        \
-        matvec_half_fixed<DT, 1, 4096, true, true>(w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, x, mode, c);             \
-    }
-MATVEC_CARRY_STAGED(matvec_f16_k4096_carry_staged, 1)
-MATVEC_CARRY_STAGED(matvec_bf16_k4096_carry_staged, 2)
 #define MATVEC_CARRY_ALL(K)                                                                                                  \
     MATVEC_CARRY(matvec_f16_k##K##_carry, 1, 1, K)                                                                           \
     MATVEC_CARRY(matvec_bf16_k##K##_carry, 2, 1, K)                                                                          \
@@ -3262,10 +3214,17 @@ ATTENTION_PREFILL_WGMMA(attention_prefill_wgmma_128_kt128_wg2, 128, 2, false)
 // so those copies overlap rope_store_kv; q, and a tile with the new key, are read after it. On an
 // H100 (16 layers of the 8B shape in BF16, two rounds) tg64 gained 0.7% at depth 4,096 and
 // nothing measurable at 16,384: rope_store_kv is short.
+// `fused` 1 (one sequence's one token, RoPE and the cache write here, as attention_split's
+// fused mode): the older keys' tiles are copied before gdc_wait as with 2; after it the block
+// rotates its query heads and the token's key into shared memory (after the tiles' offsets:
+// the query heads in f32, the key and value rounded to f16 as the cache holds them), the tile
+// that holds the token's position takes its row from there (no block reads that cache row in
+// this launch), and split 0 of the KV head's first part writes it to the cache. One launch a
+// layer where rope_store_kv and this kernel were two.
 template <int D, int W, int S>
 __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
 #if __CUDA_ARCH__ >= 800
-    const bool early = fused == 2;
+    const bool rope = fused == 1, early = fused == 2 || rope;
     if (!early) gdc_wait();
     constexpr int LD = D + 8, DT = D / 8, KS = D / 16, CH = D / 8, DT_KEYS = 16 * W;
     static_assert((2 * W * SPLIT_GROUP + W * SPLIT_GROUP * D + SPLIT_GROUP * SPLIT_MAX + SPLIT_GROUP) * 4 <= 2 * S * DT_KEYS * LD * 2,
@@ -3273,7 +3232,10 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
     extern __shared__ __align__(16) unsigned char fa_shared[];
     __half* Ks = (__half*)fa_shared;     // [S][DT_KEYS][LD]
     __half* Vs = Ks + S * DT_KEYS * LD;  // [S][DT_KEYS][LD]
-    long* offs = (long*)(Vs + S * DT_KEYS * LD);  // [S][DT_KEYS]: the S tiles' keys' cache rows, -1 past the share
+    long* offs = (long*)(Vs + S * DT_KEYS * LD);  // [S][DT_KEYS]: the S tiles' keys' cache rows, -1 past the share, -2 the token's own (rope)
+    __half* Knew = (__half*)(offs + S * DT_KEYS);  // [D]: the token's rotated key (rope)
+    __half* Vnew = Knew + D;                        // [D]: its value
+    float* Qr = (float*)(Vnew + D);                 // [SPLIT_GROUP][D]: the rotated query heads
     GroupedShare sh = grouped_share(rowMap, positions, slots, heads, kvHeads, window, splits);
     int t = sh.t, split = sh.split, kvh = sh.kvh, h0 = sh.h0, nh = sh.nh, slot = sh.slot, start = sh.start, end = sh.end;
     int row = kvHeads * D, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -3282,7 +3244,8 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
     // Tile n's keys' rows, one thread a key (the block-table lookups once a key, not once a piece).
     auto find_rows = [&](int n) {
         int p = start + n * DT_KEYS + threadIdx.x;
-        if (threadIdx.x < DT_KEYS && n < nTiles) offs[(n % S) * DT_KEYS + threadIdx.x] = p < end ? kv_at(tables, width, bs, slot, p, row) + kvOffset : -1L;
+        if (threadIdx.x < DT_KEYS && n < nTiles)
+            offs[(n % S) * DT_KEYS + threadIdx.x] = p >= end ? -1L : rope && p == sh.pos ? -2L : kv_at(tables, width, bs, slot, p, row) + kvOffset;
     };
     auto load_tile = [&](int n) {
         if (n < nTiles) {
@@ -3292,6 +3255,11 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
             for (int c = threadIdx.x; c < DT_KEYS * CH; c += blockDim.x) {
                 int j = c / CH, piece = c % CH;
                 long o = rows[j];
+                if (o == -2) {
+                    *(uint4*)(kd + j * LD + piece * 8) = *(const uint4*)(Knew + piece * 8);
+                    *(uint4*)(vd + j * LD + piece * 8) = *(const uint4*)(Vnew + piece * 8);
+                    continue;
+                }
                 bool in = o >= 0;
                 o = in ? o + piece * 8 : 0;
                 copy16_async(kd + j * LD + piece * 8, kc + o, in);
@@ -3310,6 +3278,29 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
         while (first < S - 1 && min(end, start + (first + 1) * DT_KEYS) <= sh.pos) load_tile(first++);
         gdc_wait();
     }
+    if (rope) {
+        int half = rotDim / 2;
+        const float* kp = kin + ((long)t * kvHeads + kvh) * D;
+        const float* vp = vin + ((long)t * kvHeads + kvh) * D;
+        for (int i = threadIdx.x; i < (nh + 1) * D; i += blockDim.x) {
+            int hh = i / D, d = i % D;
+            const float* src = hh < nh ? q + ((long)t * heads + h0 + hh) * D : kp;
+            float r = src[d];  // dimensions past rotDim are not rotated
+            if (d < rotDim) {
+                bool lead = interleaved ? (d & 1) == 0 : d < half;
+                int other = interleaved ? d ^ 1 : (lead ? d + half : d - half), f = interleaved ? d / 2 : (lead ? d : d - half);
+                float c = cosT[(long)t * half + f], sn = sinT[(long)t * half + f];
+                r = lead ? src[d] * c - src[other] * sn : src[d] * c + src[other] * sn;
+            }
+            if (hh < nh) Qr[hh * D + d] = r; else Knew[d] = __float2half_rn(r);
+        }
+        for (int d = threadIdx.x; d < D; d += blockDim.x) Vnew[d] = __float2half_rn(vp[d]);
+        __syncthreads();
+        if (split == 0 && sh.part == 0) {
+            long at = kv_at(tables, width, bs, slot, sh.pos, row) + kvOffset;
+            for (int d = threadIdx.x; d < D; d += blockDim.x) { kc[at + d] = Knew[d]; vc[at + d] = Vnew[d]; }
+        }
+    }
 #pragma unroll
     for (int n = 0; n < S - 1; n++)
         if (n >= first) load_tile(n);
@@ -3317,7 +3308,7 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
     // rounded to f16; rows g + 8 and heads past the part are zeros.
     int g = lane >> 2, c2 = 2 * (lane & 3);
     unsigned qf[KS][4];
-    const float* qr = q + ((long)t * heads + h0 + g) * D;
+    const float* qr = rope ? Qr + g * D : q + ((long)t * heads + h0 + g) * D;
 #pragma unroll
     for (int kk = 0; kk < KS; kk++) {
         float2 x = g < nh ? *(const float2*)(qr + 16 * kk + c2) : make_float2(0.f, 0.f);

@@ -123,6 +123,7 @@ protocol DecoderModel: LanguageModel {
 
 extension DecoderModel {
     public var backendName: String { backend.name }
+    public var preferredKVCacheType: KVCacheType { backend.preferredKVCacheType }
     public var freeDeviceMemory: Int? { backend.freeDeviceMemory }
     public var kernelProfile: String? { backend.kernelProfile }
 
