@@ -131,12 +131,13 @@ void decode_case(bool grouped, bool half, int heads, int kvHeads, int hd, int sp
     }
 }
 
-// One sequence's one token with RoPE and the cache write fused (attention_split_heads'
-// `fused`, as the backend's ropeAttention launches it): the query and key unrotated, the
+// One sequence's one token with RoPE and the cache write fused (the `fused` of
+// attention_split_heads, and of attention_split when `grouped`, as the backend's ropeAttention
+// launches them): the query and key unrotated, the
 // token's key and value not yet in the cache (its row NaN), cos/sin of the token's position;
 // against the host's rotation of the same f32 values, the rounded key and value in the cache
 // row, and attention over the keys before it and its own.
-void fused_case(bool half, int heads, int kvHeads, int hd, int rotDim, bool interleaved, int splits, int pos, Rng& rng) {
+void fused_case(bool grouped, bool half, int heads, int kvHeads, int hd, int rotDim, bool interleaved, int splits, int pos, Rng& rng) {
     const int slots[1] = {1}, positions[1] = {pos};
     std::vector<int> len = {5, pos};  // the token's own row (at pos) is left NaN
     Cache c(half, 2, 24, kvHeads, hd, len, rng);
@@ -166,7 +167,10 @@ void fused_case(bool half, int heads, int kvHeads, int hd, int rotDim, bool inte
     float scale = 1 / sqrtf((float)hd);
     std::vector<float> out((size_t)heads * hd, kUntouched), partial((size_t)heads * splits * hd, NAN), stats((size_t)heads * splits * 2, NAN);
     std::vector<unsigned> counters(heads, 0);
-    emu::launch(attention_split_heads, dim3(1, heads, splits), dim3(128), 0, q.data(), c.keys(), c.values(), partial.data(),
+    int parts = (heads / kvHeads + SPLIT_GROUP - 1) / SPLIT_GROUP, chunks = hd * (half ? 2 : 4) / 16, quads = hd / 4;
+    size_t shared = grouped ? 16 * (2 * 32 * (chunks + 1) + 2 * 32 * chunks + 8 * quads + quads) + 4 * 8 * 32 + 8 * 2 * 32 : 0;
+    emu::launch(grouped ? attention_split : attention_split_heads, dim3(1, grouped ? kvHeads * parts : heads, splits), dim3(128), shared,
+                q.data(), c.keys(), c.values(), partial.data(),
                 stats.data(), slots, positions, heads, kvHeads, hd, c.tables.data(), c.width, c.bs, scale, 0.f, 0, splits, out.data(),
                 counters.data(), 1, k.data(), v.data(), cosT.data(), sinT.data(), rotDim, (int)interleaved, (const int*)nullptr, (int)half);
     // The cache row the kernel wrote, as stored, then the reference over it.
@@ -179,7 +183,8 @@ void fused_case(bool half, int heads, int kvHeads, int hd, int rotDim, bool inte
         c.vf[row + i] = stored(v[i]);
     }
     char label[160];
-    snprintf(label, sizeof label, "attention_split_heads %s fused RoPE%s %d/%d x %d, rotary %d, %d split%s, position %d", half ? "F16" : "f32",
+    snprintf(label, sizeof label, "%s %s fused RoPE%s %d/%d x %d, rotary %d, %d split%s, position %d",
+             grouped ? "attention_split" : "attention_split_heads", half ? "F16" : "f32",
              interleaved ? " (interleaved)" : "", heads, kvHeads, hd, rotDim, splits, splits > 1 ? "s" : "", pos);
     Errors e(label, 2e-6);
     for (int h = 0; h < heads; h++) {
@@ -239,10 +244,13 @@ int main() {
         decode_case(false, half, 8, 2, 80, 7, 0, 0, false, rng);
         decode_case(false, half, 8, 2, 256, 5, 0, 100, false, rng);
         decode_case(false, half, 4, 1, 128, 3, 30, 0, true, rng);
-        fused_case(half, 8, 2, 128, 128, false, 7, 37, rng);
-        fused_case(half, 8, 2, 128, 64, true, 3, 300, rng);
-        fused_case(half, 4, 4, 80, 80, false, 1, 0, rng);
-        fused_case(half, 4, 2, 256, 256, false, 16, 100, rng);
+        for (int grouped = 0; grouped < 2; grouped++) {
+            fused_case(grouped, half, 8, 2, 128, 128, false, 7, 37, rng);
+            fused_case(grouped, half, 8, 2, 128, 64, true, 3, 300, rng);
+            fused_case(grouped, half, 4, 2, 256, 256, false, 16, 100, rng);
+        }
+        fused_case(false, half, 4, 4, 80, 80, false, 1, 0, rng);
+        fused_case(true, half, 20, 2, 80, 80, false, 5, 60, rng);  // a group of 10: two blocks a KV head
         prefill_case(half, 4, 2, 128, 0, 0, rng);
         prefill_case(half, 2, 1, 80, 0, 16, rng);
         prefill_case(half, 4, 4, 64, 30, 0, rng);

@@ -1875,6 +1875,30 @@ __device__ __forceinline__ GroupedShare grouped_share(const int* rowMap, const i
     return s;
 }
 
+// One token's RoPE for a grouped decode block (the fused modes): query heads h0 ..< h0 + nh of
+// row t and its key of KV head kvh, rotated in their first rotDim dimensions (interleaved pairs
+// or halves) with the row's cos/sin factors, the block's threads each taking elements;
+// query(hh, d, value) and key(d, value) store them where the kernel keeps them.
+template <typename Query, typename Key>
+__device__ __forceinline__ void rotate_group(const float* q, const float* kin, const float* cosT, const float* sinT, int t,
+                                             int heads, int kvHeads, int h0, int nh, int kvh, int headDim, int rotDim,
+                                             int interleaved, Query query, Key key) {
+    int half = rotDim / 2;
+    const float* kp = kin + ((long)t * kvHeads + kvh) * headDim;
+    for (int i = threadIdx.x; i < (nh + 1) * headDim; i += blockDim.x) {
+        int hh = i / headDim, d = i % headDim;
+        const float* src = hh < nh ? q + ((long)t * heads + h0 + hh) * headDim : kp;
+        float r = src[d];  // dimensions past rotDim are not rotated
+        if (d < rotDim) {
+            bool first = interleaved ? (d & 1) == 0 : d < half;
+            int other = interleaved ? d ^ 1 : (first ? d + half : d - half), f = interleaved ? d / 2 : (first ? d : d - half);
+            float c = cosT[(long)t * half + f], sn = sinT[(long)t * half + f];
+            r = first ? src[d] * c - src[other] * sn : src[d] * c + src[other] * sn;
+        }
+        if (hh < nh) query(hh, d, r); else key(d, r);
+    }
+}
+
 // An attention score soft-capped to cap * tanh(s / cap) (Gemma 2); cap 0: the score as it is.
 __device__ __forceinline__ float soft_cap(float s, float cap) { return cap > 0.f ? cap * tanhf(s / cap) : s; }
 
@@ -1924,20 +1948,9 @@ __device__ __forceinline__ void attention_split_body(SPLIT_PARAMS(KV)) {
     };
     if (threadIdx.x < SPLIT_KEYS) offsets[threadIdx.x] = offset_of(start + threadIdx.x);
     if (fused) {
-        int half = rotDim / 2;
-        const float* kp = kin + ((long)t * kvHeads + kvh) * headDim;
-        for (int i = threadIdx.x; i < (nh + 1) * headDim; i += blockDim.x) {
-            int hh = i / headDim, d = i % headDim;
-            const float* src = hh < nh ? q + ((long)t * heads + h0 + hh) * headDim : kp;
-            float r = src[d];  // dimensions past rotDim are not rotated
-            if (d < rotDim) {
-                bool first = interleaved ? (d & 1) == 0 : d < half;
-                int other = interleaved ? d ^ 1 : (first ? d + half : d - half), f = interleaved ? d / 2 : (first ? d : d - half);
-                float c = cosT[(long)t * half + f], sn = sinT[(long)t * half + f];
-                r = first ? src[d] * c - src[other] * sn : src[d] * c + src[other] * sn;
-            }
-            if (hh < nh) Qf[hh * headDim + d] = r * scale; else Kf[d] = KVBits<KV>::round(r);
-        }
+        rotate_group(q, kin, cosT, sinT, t, heads, kvHeads, h0, nh, kvh, headDim, rotDim, interleaved,
+                     [&](int hh, int d, float r) { Qf[hh * headDim + d] = r * scale; },
+                     [&](int d, float r) { Kf[d] = KVBits<KV>::round(r); });
         __syncthreads();
         if (split == 0 && part == 0) {
             long at = kv_at(tables, width, bs, slot, pos, row) + kvh * headDim;
@@ -3279,21 +3292,9 @@ __device__ __forceinline__ void attention_decode_mma(SPLIT_PARAMS(__half)) {
         gdc_wait();
     }
     if (rope) {
-        int half = rotDim / 2;
-        const float* kp = kin + ((long)t * kvHeads + kvh) * D;
+        rotate_group(q, kin, cosT, sinT, t, heads, kvHeads, h0, nh, kvh, D, rotDim, interleaved,
+                     [&](int hh, int d, float r) { Qr[hh * D + d] = r; }, [&](int d, float r) { Knew[d] = __float2half_rn(r); });
         const float* vp = vin + ((long)t * kvHeads + kvh) * D;
-        for (int i = threadIdx.x; i < (nh + 1) * D; i += blockDim.x) {
-            int hh = i / D, d = i % D;
-            const float* src = hh < nh ? q + ((long)t * heads + h0 + hh) * D : kp;
-            float r = src[d];  // dimensions past rotDim are not rotated
-            if (d < rotDim) {
-                bool lead = interleaved ? (d & 1) == 0 : d < half;
-                int other = interleaved ? d ^ 1 : (lead ? d + half : d - half), f = interleaved ? d / 2 : (lead ? d : d - half);
-                float c = cosT[(long)t * half + f], sn = sinT[(long)t * half + f];
-                r = lead ? src[d] * c - src[other] * sn : src[d] * c + src[other] * sn;
-            }
-            if (hh < nh) Qr[hh * D + d] = r; else Knew[d] = __float2half_rn(r);
-        }
         for (int d = threadIdx.x; d < D; d += blockDim.x) Vnew[d] = __float2half_rn(vp[d]);
         __syncthreads();
         if (split == 0 && sh.part == 0) {
