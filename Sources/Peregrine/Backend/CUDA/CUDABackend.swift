@@ -330,8 +330,10 @@ public final class CUDABackend: ComputeBackend {
     /// always take 2.
     var tensorCoreDecodeStages: Int? = CUDABackend.measuringChoice("PEREGRINE_DECODE_STAGES", CUDABackend.decodeStageChoices)
     static let decodeStageChoices = [2, 3]
-    /// PEREGRINE_EARLY_DECODE_KEYS=0: one token's tensor-core decode attention copies no keys
-    /// before the kernel before it ends (attention_decode_mma's `fused` 2), for measuring.
+    /// PEREGRINE_EARLY_DECODE_KEYS=0: one token's tensor-core decode attention after
+    /// rope_store_kv (PEREGRINE_FUSED_DEPTH_ROPE=0) copies no keys before the kernel before it
+    /// ends (attention_decode_mma's `fused` 2), for measuring; with RoPE fused (the default) the
+    /// older keys' tiles are always copied early.
     var earlyDecodeKeys = ProcessInfo.processInfo.environment["PEREGRINE_EARLY_DECODE_KEYS"] != "0"
     /// One token's RoPE and KV-cache write inside its tensor-core decode attention
     /// (attention_decode_mma's `fused` 1) rather than in rope_store_kv before it;
