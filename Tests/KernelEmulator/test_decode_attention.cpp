@@ -133,13 +133,7 @@ static bool fused_case(const char* name, DecodeKernel kernel, int warps, int sta
         printf("  %ld cache values differ from the rotated, rounded key and value rows\n", wrong);
         ok = false;
     }
-    for (unsigned u : counters)
-        if (u) {
-            printf("  the counters were not all reset for the next launch\n");
-            ok = false;
-            break;
-        }
-    return ok;
+    return counters_reset(counters) && ok;
 }
 
 int main() {
@@ -193,12 +187,7 @@ int main() {
                     Errors e(label, caps[c] > 0 ? 1.5e-2 : 4e-3);
                     for (size_t i = 0; i < out.size(); i++) e.add(out[i], want[i], 1);
                     ok &= e.report();
-                    unsigned left = 0;
-                    for (unsigned u : counters) left |= u;
-                    if (left) {
-                        printf("  the counters were not all reset for the next launch\n");
-                        ok = false;
-                    }
+                    ok &= counters_reset(counters);
                 }
         }
     }

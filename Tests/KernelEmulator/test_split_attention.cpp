@@ -124,10 +124,8 @@ void decode_case(bool grouped, bool half, int heads, int kvHeads, int hd, int sp
         }
         bool ok = e.report();
         if (!untouched) printf("  rows outside the row map were written\n");
-        unsigned left = 0;
-        for (unsigned u : counters) left |= u;
-        if (left) printf("  the counters were not all reset for the next launch\n");
-        allOk &= ok && untouched && !left;
+        bool reset = counters_reset(counters);
+        allOk &= ok && untouched && reset;
     }
 }
 
@@ -193,10 +191,8 @@ void fused_case(bool grouped, bool half, int heads, int kvHeads, int hd, int rot
     }
     bool ok = e.report();
     if (!written) printf("  the token's key and value in the cache are not the rotated, rounded ones\n");
-    unsigned left = 0;
-    for (unsigned u : counters) left |= u;
-    if (left) printf("  the counters were not all reset for the next launch\n");
-    allOk &= ok && written && !left;
+    bool reset = counters_reset(counters);
+    allOk &= ok && written && reset;
 }
 
 // Prompt runs as the backend tiles them (first row, count; consecutive positions of one

@@ -175,4 +175,15 @@ inline void attend_reference(const float* q, int D, int lo, int pos, float scale
     for (int d = 0; d < D; d++) out[d] /= sum;
 }
 
+// The split kernels' merge counters after a launch: every one back at zero, ready for the next
+// launch (the merging block resets its own); prints why not.
+inline bool counters_reset(const std::vector<unsigned>& counters) {
+    for (unsigned u : counters)
+        if (u) {
+            printf("  the counters were not all reset for the next launch\n");
+            return false;
+        }
+    return true;
+}
+
 }  // namespace test
