@@ -77,7 +77,7 @@ struct Generate: ParsableCommand {
     @Flag(help: "Do not add the tokenizer's special tokens (BOS) to the prompt.")
     var noSpecial = false
 
-    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; on the GPU, prompts and long contexts attend on tensor cores). Default: f16 on the GPU, f32 on the CPU.")
+    @Option(help: KVCacheType.optionHelp)
     var kvCacheType: KVCacheType?
 
     @OptionGroup(title: "Speculative decoding") var speculation: SpeculationOptions
@@ -266,7 +266,11 @@ func reportingErrors(_ body: () throws -> Void) throws {
     }
 }
 
-extension KVCacheType: ExpressibleByArgument {}
+extension KVCacheType: ExpressibleByArgument {
+    /// --kv-cache-type's help, the same for every command that takes it.
+    static let optionHelp = ArgumentHelp(
+        "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; on the GPU, prompts and long contexts attend on tensor cores). Default: f16 on the GPU, f32 on the CPU.")
+}
 
 /// How the serving engine is sized: shared by the commands that run it.
 struct EngineOptions: ParsableArguments {
@@ -279,7 +283,7 @@ struct EngineOptions: ParsableArguments {
     @Option(help: "KV blocks in the pool (instead of --kv-memory).")
     var kvBlocks: Int?
 
-    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; on the GPU, prompts and long contexts attend on tensor cores). Default: f16 on the GPU, f32 on the CPU.")
+    @Option(help: KVCacheType.optionHelp)
     var kvCacheType: KVCacheType?
 
     @Option(help: "Sequences running at once.")

@@ -50,7 +50,7 @@ struct Serve: ParsableCommand {
     @Option(help: "Bytes for the KV cache (K, M and G suffixes allowed; default: enough for the batch, at most a quarter of memory).")
     var kvMemory: String?
 
-    @Option(help: "How keys and values are stored: f32, or f16 (half the memory and the bytes attention reads; on the GPU, prompts and long contexts attend on tensor cores). Default: f16 on the GPU, f32 on the CPU.")
+    @Option(help: KVCacheType.optionHelp)
     var kvCacheType: KVCacheType?
 
     @Option(help: "Largest request body accepted, in bytes; larger ones get 413.")

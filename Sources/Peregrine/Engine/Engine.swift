@@ -17,7 +17,7 @@ public final class Engine: @unchecked Sendable {
     /// Longest prompt plus generation of one sequence.
     public let contextLength: Int
     /// How the KV blocks store keys and values (the config's, or the model's backend's preference).
-    public let kvCacheType: KVCacheType
+    public var kvCacheType: KVCacheType { config.kvCacheType ?? model.preferredKVCacheType }
     public let eosTokenIds: Set<Int>
     let blocks: BlockManager
     let kv: KVMemory
@@ -73,7 +73,6 @@ public final class Engine: @unchecked Sendable {
         config.maxPromptLogitRows = requested.maxPromptLogitRows ?? max(16, (64 << 20) / (4 * max(model.config.vocabSize, 1)))
         let kvCacheType = requested.kvCacheType ?? model.preferredKVCacheType
         config.kvCacheType = kvCacheType
-        self.kvCacheType = kvCacheType
         guard config.blockSize > 0, (config.maxBatchTokens ?? 0) > 0, config.maxSequences > 0, (config.maxPromptLogitRows ?? 0) > 0 else {
             throw PeregrineError.invalidArgument("block size, batch tokens, prompt logit rows and sequences must be > 0")
         }
