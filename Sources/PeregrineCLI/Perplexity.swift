@@ -39,6 +39,9 @@ struct Perplexity: ParsableCommand {
     @Flag(help: "Compare the model with the distributions in --kl-divergence-base.")
     var klDivergence = false
 
+    @Option(help: KVCacheType.optionHelp)
+    var kvCacheType: KVCacheType?
+
     @Flag(help: "Print the result as one JSON object.")
     var json = false
 
@@ -63,10 +66,10 @@ struct Perplexity: ParsableCommand {
         let model = try modelOptions.load()
         let tokenizer = try Tokenizer(directory: modelOptions.model)
         let tokens = tokenizer.encode(text)
-        let evaluator = try PerplexityEvaluator(model: model, context: ctx, batch: batch)
+        let evaluator = try PerplexityEvaluator(model: model, context: ctx, batch: batch, cacheType: kvCacheType)
         let err = FileHandle.standardError
         let chunkCount = min(tokens.count / ctx, chunks ?? .max)
-        err.write(Data("\(file): \(tokens.count) tokens; \(chunkCount) chunks of \(ctx), batch \(evaluator.batch), \(model.backendName)\n".utf8))
+        err.write(Data("\(file): \(tokens.count) tokens; \(chunkCount) chunks of \(ctx), batch \(evaluator.batch), \(model.backendName), \(evaluator.cacheType.rawValue.uppercased()) KV cache\n".utf8))
         var base: KLDivergenceBaseWriter?
         if let path = klDivergenceBase, tokens.count >= 2 * ctx {
             base = try KLDivergenceBaseWriter(path: path, context: ctx, vocabulary: model.config.vocabSize, chunks: chunkCount,
@@ -85,6 +88,7 @@ struct Perplexity: ParsableCommand {
         if json {
             print(JSONWriter.write(.object(JSONObject([
                 ("model", .string(modelOptions.model)), ("file", .string(file)), ("ctx", .number(Double(ctx))),
+                ("kv_cache_type", .string(evaluator.cacheType.rawValue)),
                 ("chunks", .number(Double(result.chunks))), ("scored_tokens", .number(Double(result.scoredTokens))),
                 ("perplexity", .number(result.perplexity)), ("uncertainty", .number(result.uncertainty)),
                 ("seconds", .number(result.seconds)),
@@ -102,10 +106,11 @@ struct Perplexity: ParsableCommand {
         let tokenizer = try Tokenizer(directory: modelOptions.model)
         let err = FileHandle.standardError
         let chunkCount = min(base.chunks, chunks ?? .max)
-        err.write(Data("\(path): \(chunkCount) chunks of \(base.context) tokens, vocabulary \(base.vocabulary), batch \(min(batch, base.context)), \(model.backendName)\n".utf8))
+        let cacheType = kvCacheType ?? model.preferredKVCacheType
+        err.write(Data("\(path): \(chunkCount) chunks of \(base.context) tokens, vocabulary \(base.vocabulary), batch \(min(batch, base.context)), \(model.backendName), \(cacheType.rawValue.uppercased()) KV cache\n".utf8))
         err.write(Data("chunk             PPL          ln(PPL(Q)/PPL(base))       KL divergence            Δp RMS           same top p\n".utf8))
         let start = Date()
-        let s = try KLDivergenceEvaluator(model: model, batch: batch).evaluate(base: base, bos: tokenizer.addedBOS, maxChunks: chunks) { p in
+        let s = try KLDivergenceEvaluator(model: model, batch: batch, cacheType: cacheType).evaluate(base: base, bos: tokenizer.addedBOS, maxChunks: chunks) { p in
             let st = p.statistics
             let ppl = st.perplexity, ratio = st.logPerplexityRatio, kld = st.meanDivergence, rms = st.rmsProbabilityChange, top = st.sameTopFraction
             err.write(Data(String(format: "%4d  %9.4f ± %9.4f  %10.5f ± %10.5f  %10.5f ± %10.5f  %6.3f ± %6.3f %%  %6.3f ± %6.3f %%\n",
@@ -123,6 +128,7 @@ struct Perplexity: ParsableCommand {
             }
             print(JSONWriter.write(.object(JSONObject([
                 ("model", .string(modelOptions.model)), ("base", .string(path)), ("ctx", .number(Double(base.context))),
+                ("kv_cache_type", .string(cacheType.rawValue)),
                 ("chunks", .number(Double(chunkCount))), ("scored_tokens", .number(Double(s.count))),
                 ("perplexity", estimate(s.perplexity)), ("base_perplexity", estimate(s.basePerplexity)),
                 ("log_perplexity_correlation", .number(s.logPerplexityCorrelation)),

@@ -51,7 +51,15 @@ final class CLITests: XCTestCase {
                                         "-c", "128", "--json"])
         XCTAssertEqual(code, 0, err)
         XCTAssertTrue(err.contains("[9]2012."), err)
+        XCTAssertTrue(err.contains("cpu") && err.contains("F32 KV cache"), err)
         XCTAssertTrue(out.contains("\"perplexity\":2012."), out)
+        XCTAssertTrue(out.contains("\"kv_cache_type\":\"f32\""), out)
+        let (c16, out16, err16) = try run(["perplexity", "-m", "Tests/Fixtures/gguf/llama-f32.gguf", "-f", "Tests/Fixtures/gguf/perplexity.txt",
+                                           "-c", "128", "--kv-cache-type", "f16", "--json"])
+        XCTAssertEqual(c16, 0, err16)
+        XCTAssertTrue(err16.contains("F16 KV cache"), err16)
+        XCTAssertTrue(out16.contains("\"kv_cache_type\":\"f16\""), out16)
+        try assertFails(["perplexity", "-f", "Tests/Fixtures/gguf/perplexity.txt", "--kv-cache-type", "q8"], "--kv-cache-type")
     }
 
     func testBenchAtDepth() throws {

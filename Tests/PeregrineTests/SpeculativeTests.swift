@@ -26,7 +26,11 @@ final class SpeculativeTests: XCTestCase {
             (PromptLookupDrafter(maxNgram: 3), 5, false),
             (PromptLookupDrafter(maxNgram: 2), 3, true),
             (try ModelDrafter(model: try model.skippingLayers([2, 4, 6]), name: "self"), 3, false),
+            (try ModelDrafter(model: try model.skippingLayers([2, 4, 6]), name: "self, F16 cache", cacheType: .f16), 3, false),
         ]
+        // A drafter's cache is its backend's unless asked (f32 on the CPU).
+        XCTAssertEqual((drafters[4].0 as? ModelDrafter)?.cacheType, .f32)
+        XCTAssertEqual((drafters[5].0 as? ModelDrafter)?.cacheType, .f16)
         for (drafter, k, adaptive) in drafters {
             var o = options
             o.speculative = SpeculativeOptions(drafter: drafter, draftTokens: k, adaptive: adaptive)

@@ -166,10 +166,13 @@ public struct KLDivergenceEvaluator {
 
     public let model: LanguageModel
     public let batch: Int
+    /// The cache's type (nil: the backend's), as `PerplexityEvaluator`'s.
+    public let cacheType: KVCacheType?
 
-    public init(model: LanguageModel, batch: Int = 512) {
+    public init(model: LanguageModel, batch: Int = 512, cacheType: KVCacheType? = nil) {
         self.model = model
         self.batch = batch
+        self.cacheType = cacheType
     }
 
     public func evaluate(base: KLDivergenceBase, bos: Int?, maxChunks: Int? = nil,
@@ -178,7 +181,7 @@ public struct KLDivergenceEvaluator {
             throw PeregrineError.invalidArgument(
                 "\(base.path) holds distributions over \(base.vocabulary) tokens; the model's vocabulary has \(model.config.vocabSize)")
         }
-        let evaluator = try PerplexityEvaluator(model: model, context: base.context, batch: batch)
+        let evaluator = try PerplexityEvaluator(model: model, context: base.context, batch: batch, cacheType: cacheType)
         var statistics = KLDivergenceStatistics()
         let first = base.context / 2
         _ = try evaluator.evaluate(tokens: base.tokens, bos: bos, maxChunks: min(base.chunks, maxChunks ?? base.chunks),

@@ -27,8 +27,11 @@ public struct PerplexityEvaluator {
     public let model: LanguageModel
     public let context: Int
     public let batch: Int
+    /// How the chunks' keys and values are stored: the one asked for, else the backend's
+    /// (F16 on a GPU, as llama-perplexity's default cache; f32 on the CPU).
+    public let cacheType: KVCacheType
 
-    public init(model: LanguageModel, context: Int = 512, batch: Int = 512) throws {
+    public init(model: LanguageModel, context: Int = 512, batch: Int = 512, cacheType: KVCacheType? = nil) throws {
         guard context >= 4 else { throw PeregrineError.invalidArgument("context must be at least 4 tokens, not \(context)") }
         guard batch >= 1 else { throw PeregrineError.invalidArgument("batch must be at least 1, not \(batch)") }
         guard context <= model.config.maxPositions else {
@@ -37,6 +40,7 @@ public struct PerplexityEvaluator {
         self.model = model
         self.context = context
         self.batch = min(batch, context)
+        self.cacheType = cacheType ?? model.preferredKVCacheType
     }
 
     /// A scored position: the logits at `position` of chunk `chunk`, which predict `target`.
@@ -64,7 +68,7 @@ public struct PerplexityEvaluator {
         let chunks = min(available, maxChunks ?? available)
         let vocab = model.config.vocabSize
         let first = context / 2
-        let cache = try PagedKVCache(model: model, slots: 1, capacity: context)
+        let cache = try PagedKVCache(model: model, slots: 1, capacity: context, type: cacheType)
         var logits = [Float](repeating: 0, count: batch * vocab)
         var nll = 0.0, nll2 = 0.0, count = 0
         let start = Date()

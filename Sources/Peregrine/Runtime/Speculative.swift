@@ -32,12 +32,16 @@ public final class ModelDrafter: Drafter {
     private var plan = BatchPlan()
     private var greedy = Sampler(.greedy)
     private var sampler: Sampler?
+    /// The drafter's own cache type: the one asked for, else its backend's.
+    let cacheType: KVCacheType
 
-    public init(model: LanguageModel, name: String, capacity: Int = 1024, confidenceThreshold: Float = 0) throws {
+    public init(model: LanguageModel, name: String, capacity: Int = 1024, confidenceThreshold: Float = 0,
+                cacheType: KVCacheType? = nil) throws {
         self.model = model
         self.name = name
         self.confidenceThreshold = confidenceThreshold
-        cache = try PagedKVCache(model: model, slots: 1, capacity: capacity)
+        self.cacheType = cacheType ?? model.preferredKVCacheType
+        cache = try PagedKVCache(model: model, slots: 1, capacity: capacity, type: self.cacheType)
         logits = [Float](repeating: 0, count: model.config.vocabSize)
     }
 
@@ -52,7 +56,7 @@ public final class ModelDrafter: Drafter {
         guard maxTokens > 0 else { return draft }
         if context.count + maxTokens > cache.capacity {
             // A longer sequence than planned: a larger cache, filled again from the start.
-            cache = try PagedKVCache(model: model, slots: 1, capacity: max(2 * cache.capacity, context.count + maxTokens))
+            cache = try PagedKVCache(model: model, slots: 1, capacity: max(2 * cache.capacity, context.count + maxTokens), type: cacheType)
         }
         // Catch up on the tokens accepted since the last proposal.
         var pending = Array(context[cache.length(of: 0)...])
