@@ -5,6 +5,8 @@
 # The bundle finds its fixtures by the path of the checkout it was built in; `run` links that
 # path to this checkout when they differ. CONFIG=debug packs the debug build (quicker to build,
 # slower host code; the kernels are the same). TESTS picks the XCTest filter (CUDABackendTests).
+# TARGET=DIR links DIR as models/target where the checkout lacks the shipped model (a machine that
+# received it in a transfer of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -26,6 +28,9 @@ run)
         python3 -c "import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.argv[1])).extractall(sys.argv[2])" "$2" "$dir"; fi
     built=$(cat "$dir/gputest/checkout")
     if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then mkdir -p "$(dirname "$built")"; ln -s "$PWD" "$built"; fi
+    if [ -n "${TARGET:-}" ] && [ ! -f models/target/config.json ]; then
+        mkdir -p models && rm -rf models/target && ln -s "$(cd "$TARGET" && pwd)" models/target
+    fi
     export LD_LIBRARY_PATH="$dir/gputest/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
     "$dir/gputest/PeregrinePackageTests.xctest" "PeregrineTests.${TESTS:-CUDABackendTests}"
     ;;
