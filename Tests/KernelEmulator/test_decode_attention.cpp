@@ -192,6 +192,8 @@ int main() {
         }
     }
     ok &= fused_case("attention_decode_mma_128_w4s3", attention_decode_mma_128_w4s3, 4, 3, 32, 8, 128, 128, false, 7, rng);
+    // More splits than the merge reads at once (eight), as at depth.
+    ok &= fused_case("attention_decode_mma_128_w4s3", attention_decode_mma_128_w4s3, 4, 3, 32, 8, 128, 128, false, 20, rng);
     ok &= fused_case("attention_decode_mma_128_w4s3", attention_decode_mma_128_w4s3, 4, 3, 8, 2, 128, 64, true, 1, rng);
     ok &= fused_case("attention_decode_mma_128_w4", attention_decode_mma_128_w4, 4, 2, 32, 2, 128, 128, false, 3, rng);
     ok &= fused_case("attention_decode_mma_64_w4s3", attention_decode_mma_64_w4s3, 4, 3, 8, 2, 64, 64, true, 5, rng);
