@@ -106,11 +106,11 @@ struct Perplexity: ParsableCommand {
         let tokenizer = try Tokenizer(directory: modelOptions.model)
         let err = FileHandle.standardError
         let chunkCount = min(base.chunks, chunks ?? .max)
-        let cacheType = kvCacheType ?? model.preferredKVCacheType
-        err.write(Data("\(path): \(chunkCount) chunks of \(base.context) tokens, vocabulary \(base.vocabulary), batch \(min(batch, base.context)), \(model.backendName), \(cacheType.rawValue.uppercased()) KV cache\n".utf8))
+        let evaluator = KLDivergenceEvaluator(model: model, batch: batch, cacheType: kvCacheType)
+        err.write(Data("\(path): \(chunkCount) chunks of \(base.context) tokens, vocabulary \(base.vocabulary), batch \(min(batch, base.context)), \(model.backendName), \(evaluator.cacheType.rawValue.uppercased()) KV cache\n".utf8))
         err.write(Data("chunk             PPL          ln(PPL(Q)/PPL(base))       KL divergence            Δp RMS           same top p\n".utf8))
         let start = Date()
-        let s = try KLDivergenceEvaluator(model: model, batch: batch, cacheType: cacheType).evaluate(base: base, bos: tokenizer.addedBOS, maxChunks: chunks) { p in
+        let s = try evaluator.evaluate(base: base, bos: tokenizer.addedBOS, maxChunks: chunks) { p in
             let st = p.statistics
             let ppl = st.perplexity, ratio = st.logPerplexityRatio, kld = st.meanDivergence, rms = st.rmsProbabilityChange, top = st.sameTopFraction
             err.write(Data(String(format: "%4d  %9.4f ± %9.4f  %10.5f ± %10.5f  %10.5f ± %10.5f  %6.3f ± %6.3f %%  %6.3f ± %6.3f %%\n",
@@ -128,7 +128,7 @@ struct Perplexity: ParsableCommand {
             }
             print(JSONWriter.write(.object(JSONObject([
                 ("model", .string(modelOptions.model)), ("base", .string(path)), ("ctx", .number(Double(base.context))),
-                ("kv_cache_type", .string(cacheType.rawValue)),
+                ("kv_cache_type", .string(evaluator.cacheType.rawValue)),
                 ("chunks", .number(Double(chunkCount))), ("scored_tokens", .number(Double(s.count))),
                 ("perplexity", estimate(s.perplexity)), ("base_perplexity", estimate(s.basePerplexity)),
                 ("log_perplexity_correlation", .number(s.logPerplexityCorrelation)),

@@ -93,7 +93,8 @@ final class CUDABackendTests: XCTestCase {
     }
 
     /// With no cache type asked for, the GPU's engine and generator store F16 (as llama.cpp does,
-    /// and what the tensor-core attention reads), giving the tokens of an F16 cache asked for.
+    /// and what the tensor-core attention reads), giving the tokens of an F16 cache asked for;
+    /// perplexity's and a drafter's caches are F16 there too.
     func testKVCacheDefaultsToF16OnTheGPU() throws {
         let gpu = try backend()
         let dir = Fixtures.model("llama-bf16")
@@ -118,6 +119,9 @@ final class CUDABackendTests: XCTestCase {
         let y = try Generator(model: model, tokenizer: tokenizer).generate(prompt: "And God said", options: options)
         XCTAssertEqual(x.tokens, y.tokens)
         XCTAssertFalse(x.tokens.isEmpty)
+        // Perplexity and a drafter follow the backend too.
+        XCTAssertEqual(try PerplexityEvaluator(model: model, context: 64).cacheType, .f16)
+        XCTAssertEqual(try ModelDrafter(model: model, name: "draft").cacheType, .f16)
     }
 
     /// A step's small inputs scattered by one kernel (the default; PEREGRINE_INPUT_SCATTER=0

@@ -166,13 +166,13 @@ public struct KLDivergenceEvaluator {
 
     public let model: LanguageModel
     public let batch: Int
-    /// The cache's type (nil: the backend's), as `PerplexityEvaluator`'s.
-    public let cacheType: KVCacheType?
+    /// The cache's type: the one asked for, else the backend's, as `PerplexityEvaluator`'s.
+    public let cacheType: KVCacheType
 
     public init(model: LanguageModel, batch: Int = 512, cacheType: KVCacheType? = nil) {
         self.model = model
         self.batch = batch
-        self.cacheType = cacheType
+        self.cacheType = cacheType ?? model.preferredKVCacheType
     }
 
     public func evaluate(base: KLDivergenceBase, bos: Int?, maxChunks: Int? = nil,
