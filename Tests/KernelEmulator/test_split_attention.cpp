@@ -75,6 +75,14 @@ std::vector<double> attend(const Cache& c, const float* q, int heads, int h, int
 
 const float kUntouched = -777.f;
 
+// attention_split's dynamic shared memory, as the backend's attention() sizes it (its tiles'
+// key and value rows, queries and key; then the tile's probabilities and key offsets);
+// attention_split_heads takes none.
+size_t split_shared(bool grouped, bool half, int hd) {
+    int chunks = hd * (half ? 2 : 4) / 16, quads = hd / 4;
+    return grouped ? 16 * (2 * 32 * (chunks + 1) + 2 * 32 * chunks + 8 * quads + quads) + 4 * 8 * 32 + 8 * 2 * 32 : 0;
+}
+
 // A decode step: rows at positions 300, 37, 3 and 0 of four sequences (slots shuffled), through
 // attention_split (grouped) or attention_split_heads, launched as the backend's attention() does.
 // With `map`, only rows 3 and 1 are single queries (rowMap), the others left alone.
@@ -91,8 +99,7 @@ void decode_case(bool grouped, bool half, int heads, int kvHeads, int hd, int sp
     int group = heads / kvHeads, parts = (group + SPLIT_GROUP - 1) / SPLIT_GROUP;
     std::vector<float> out, partial, stats;
     std::vector<unsigned> counters((size_t)units * heads, 0);
-    int chunks = hd * (half ? 2 : 4) / 16, quads = hd / 4;
-    size_t shared = grouped ? 16 * (2 * 32 * (chunks + 1) + 2 * 32 * chunks + 8 * quads + quads) + 4 * 8 * 32 + 8 * 2 * 32 : 0;
+    size_t shared = split_shared(grouped, half, hd);
     // Twice: the second launch runs on the counters the first leaves. The scratch is NaN again
     // for it, so that a merge that reads a split before it is written shows.
     for (int pass = 0; pass < 2; pass++) {
@@ -131,10 +138,10 @@ void decode_case(bool grouped, bool half, int heads, int kvHeads, int hd, int sp
 
 // One sequence's one token with RoPE and the cache write fused (the `fused` of
 // attention_split_heads, and of attention_split when `grouped`, as the backend's ropeAttention
-// launches them): the query and key unrotated, the
-// token's key and value not yet in the cache (its row NaN), cos/sin of the token's position;
-// against the host's rotation of the same f32 values, the rounded key and value in the cache
-// row, and attention over the keys before it and its own.
+// launches them): the query and key unrotated, the token's key and value not yet in the cache
+// (its row NaN), cos/sin of the token's position; against the host's rotation of the same f32
+// values, the rounded key and value in the cache row, and attention over the keys before it and
+// its own.
 void fused_case(bool grouped, bool half, int heads, int kvHeads, int hd, int rotDim, bool interleaved, int splits, int pos, Rng& rng) {
     const int slots[1] = {1}, positions[1] = {pos};
     std::vector<int> len = {5, pos};  // the token's own row (at pos) is left NaN
@@ -165,9 +172,9 @@ void fused_case(bool grouped, bool half, int heads, int kvHeads, int hd, int rot
     float scale = 1 / sqrtf((float)hd);
     std::vector<float> out((size_t)heads * hd, kUntouched), partial((size_t)heads * splits * hd, NAN), stats((size_t)heads * splits * 2, NAN);
     std::vector<unsigned> counters(heads, 0);
-    int parts = (heads / kvHeads + SPLIT_GROUP - 1) / SPLIT_GROUP, chunks = hd * (half ? 2 : 4) / 16, quads = hd / 4;
-    size_t shared = grouped ? 16 * (2 * 32 * (chunks + 1) + 2 * 32 * chunks + 8 * quads + quads) + 4 * 8 * 32 + 8 * 2 * 32 : 0;
-    emu::launch(grouped ? attention_split : attention_split_heads, dim3(1, grouped ? kvHeads * parts : heads, splits), dim3(128), shared,
+    int parts = (heads / kvHeads + SPLIT_GROUP - 1) / SPLIT_GROUP;
+    emu::launch(grouped ? attention_split : attention_split_heads, dim3(1, grouped ? kvHeads * parts : heads, splits), dim3(128),
+                split_shared(grouped, half, hd),
                 q.data(), c.keys(), c.values(), partial.data(),
                 stats.data(), slots, positions, heads, kvHeads, hd, c.tables.data(), c.width, c.bs, scale, 0.f, 0, splits, out.data(),
                 counters.data(), 1, k.data(), v.data(), cosT.data(), sinT.data(), rotDim, (int)interleaved, (const int*)nullptr, (int)half);
