@@ -315,9 +315,10 @@ struct Bench: ParsableCommand {
         }
         for path in model {
             for t in threadCounts {
-                let lm = try ModelRegistry.load(directory: path, backend: CPUBackend(pool: ThreadPool(threadCount: t)))
+                let lm = try device.load(path, threads: t, deterministic: deterministic)
                 let tokenizer = try Tokenizer(directory: path)
-                guard let spec = try speculation.make(target: lm, tokenizer: tokenizer) else { return }
+                guard let spec = try speculation.make(target: lm, tokenizer: tokenizer, device: device, threads: t,
+                                                      deterministic: deterministic) else { return }
                 let generator = Generator(model: lm, tokenizer: tokenizer)
                 var options = GenerationOptions()
                 options.sampling = .greedy

@@ -102,7 +102,8 @@ struct Generate: ParsableCommand {
             let start = clock.now
             let model = try modelOptions.load()
             let tokenizer = try Tokenizer(directory: modelOptions.model)
-            options.speculative = try speculation.make(target: model, tokenizer: tokenizer)
+            options.speculative = try speculation.make(target: model, tokenizer: tokenizer, device: modelOptions.device,
+                                                       threads: modelOptions.threads, deterministic: modelOptions.deterministic)
             let loaded = clock.now - start
             let generator = Generator(model: model, tokenizer: tokenizer)
             let out = FileHandle.standardOutput
@@ -170,7 +171,7 @@ struct SamplingOptions: ParsableArguments {
 
 /// Flags that turn on speculative decoding, shared by generate and bench.
 struct SpeculationOptions: ParsableArguments {
-    @Option(help: "A draft model directory with the same tokenizer: it drafts, the model verifies.")
+    @Option(help: "A draft model (directory or GGUF file) with the same tokenizer: it drafts on the model's device, the model verifies.")
     var draft: String?
 
     @Flag(help: "Draft by prompt lookup: copy what followed the latest earlier match of the last tokens.")
@@ -199,11 +200,13 @@ struct SpeculationOptions: ParsableArguments {
         if !(0...1).contains(draftConfidence) { throw ValidationError("--draft-confidence must be between 0 and 1") }
     }
 
-    func make(target: LanguageModel, tokenizer: Tokenizer) throws -> SpeculativeOptions? {
+    /// The drafter these flags ask for; a draft model is loaded on `device`, the target's, so that
+    /// a GPU target's drafts are not computed on the CPU.
+    func make(target: LanguageModel, tokenizer: Tokenizer, device: Device, threads: Int?, deterministic: Bool = false) throws -> SpeculativeOptions? {
         let drafter: Drafter
         if let draft {
-            drafter = try ModelDrafter.load(directory: draft, target: target, tokenizer: tokenizer,
-                                            confidenceThreshold: draftConfidence)
+            drafter = try ModelDrafter.checked(draft: try device.load(draft, threads: threads, deterministic: deterministic), directory: draft,
+                                               target: target, tokenizer: tokenizer, confidenceThreshold: draftConfidence)
         } else if lookup {
             drafter = PromptLookupDrafter(maxNgram: lookupNgram)
         } else if let skipLayers {

@@ -124,6 +124,28 @@ final class CUDABackendTests: XCTestCase {
         XCTAssertEqual(try ModelDrafter(model: model, name: "draft").cacheType, .f16)
     }
 
+    /// A draft model loaded on the GPU beside its target (as `generate --device cuda --draft`
+    /// does) drafts there, and speculation keeps the plain greedy tokens.
+    func testDraftModelRunsOnTheGPU() throws {
+        let gpu = try backend()
+        let dir = Fixtures.model("llama-bf16")
+        let tokenizer = try Tokenizer(directory: dir)
+        let model = try ModelRegistry.load(directory: dir, backend: gpu)
+        let drafter = try ModelDrafter.load(directory: dir, target: model, tokenizer: tokenizer, backend: try CUDABackend())
+        XCTAssertEqual(drafter.model.backendName, model.backendName)
+        var options = GenerationOptions()
+        options.maxTokens = 24
+        options.sampling = .greedy
+        let generator = Generator(model: model, tokenizer: tokenizer)
+        let plain = try generator.generate(prompt: "And God said", options: options)
+        options.speculative = SpeculativeOptions(drafter: drafter, draftTokens: 4, adaptive: false)
+        let fast = try generator.generate(prompt: "And God said", options: options)
+        XCTAssertEqual(plain.tokens, fast.tokens)
+        XCTAssertGreaterThan(plain.tokens.count, 4)
+        // The draft is the target itself: most of its tokens are accepted.
+        XCTAssertGreaterThan(fast.speculation?.accepted ?? 0, plain.tokens.count / 2)
+    }
+
     /// A step's small inputs scattered by one kernel (the default; PEREGRINE_INPUT_SCATTER=0
     /// copies each) give the same greedy tokens as a copy each, for one sequence (its steps
     /// replayed as graphs) and a batch (padded decode steps), chained and one step at a time.

@@ -21,8 +21,8 @@ final class SpeculativeTests: XCTestCase {
         let plain = try generator.generate(prompt: prompt, options: options)
         XCTAssertEqual(plain.tokens.count, 40)
         let drafters: [(Drafter, Int, Bool)] = [
-            (try ModelDrafter.load(directory: Self.repo + "/models/draft", target: model, tokenizer: tokenizer), 4, false),
-            (try ModelDrafter.load(directory: Self.repo + "/models/draft", target: model, tokenizer: tokenizer, confidenceThreshold: 0.5), 6, true),
+            (try ModelDrafter.load(directory: Self.repo + "/models/draft", target: model, tokenizer: tokenizer, backend: CPUBackend()), 4, false),
+            (try ModelDrafter.load(directory: Self.repo + "/models/draft", target: model, tokenizer: tokenizer, backend: CPUBackend(), confidenceThreshold: 0.5), 6, true),
             (PromptLookupDrafter(maxNgram: 3), 5, false),
             (PromptLookupDrafter(maxNgram: 2), 3, true),
             (try ModelDrafter(model: try model.skippingLayers([2, 4, 6]), name: "self"), 3, false),
@@ -47,7 +47,7 @@ final class SpeculativeTests: XCTestCase {
         let dir = Self.repo + "/models/target"
         let model = try ModelRegistry.load(directory: dir)
         let tokenizer = try Tokenizer(directory: dir)
-        XCTAssertThrowsError(try ModelDrafter.load(directory: Fixtures.model("llama"), target: model, tokenizer: tokenizer)) { e in
+        XCTAssertThrowsError(try ModelDrafter.load(directory: Fixtures.model("llama"), target: model, tokenizer: tokenizer, backend: CPUBackend())) { e in
             XCTAssertTrue("\(e)".contains("vocabulary"), "\(e)")
         }
         XCTAssertThrowsError(try model.skippingLayers([99]))

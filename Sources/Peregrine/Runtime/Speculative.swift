@@ -203,11 +203,18 @@ enum SpeculativeVerifier {
 }
 
 extension ModelDrafter {
-    /// A draft model from a directory, checked to share the target's vocabulary: the same
-    /// tokenizer entries and the same number of logits.
-    public static func load(directory: String, target: LanguageModel, tokenizer: Tokenizer,
-                            backend: CPUBackend = CPUBackend(), confidenceThreshold: Float = 0) throws -> ModelDrafter {
-        let draft = try ModelRegistry.load(directory: directory, backend: backend)
+    /// A draft model from a directory, loaded on `backend`, checked to share the target's vocabulary.
+    public static func load<B: ComputeBackend>(directory: String, target: LanguageModel, tokenizer: Tokenizer,
+                                               backend: B, confidenceThreshold: Float = 0) throws -> ModelDrafter {
+        try checked(draft: try ModelRegistry.load(directory: directory, backend: backend), directory: directory, target: target,
+                    tokenizer: tokenizer, confidenceThreshold: confidenceThreshold)
+    }
+
+    /// A draft model already loaded from `directory` (on whatever device the caller chose: the
+    /// target's, so that drafting does not leave the GPU), checked to share the target's
+    /// vocabulary: the same tokenizer entries and the same number of logits.
+    public static func checked(draft: LanguageModel, directory: String, target: LanguageModel, tokenizer: Tokenizer,
+                               confidenceThreshold: Float = 0) throws -> ModelDrafter {
         let draftTokenizer = try Tokenizer(directory: directory)
         guard draft.config.vocabSize == target.config.vocabSize else {
             throw PeregrineError.invalidArgument(
