@@ -46,6 +46,22 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(ids.split(separator: " ").first, "8189")
     }
 
+    /// A draft model loaded by the CLI (on the model's device, here the CPU) keeps the plain
+    /// greedy text, in generate and in bench's speculative mode.
+    func testDraftModelFlags() throws {
+        let plainArgs = ["generate", "--prompt", "And God said", "-n", "12", "--temperature", "0"]
+        let (code, plain, err) = try run(plainArgs)
+        XCTAssertEqual(code, 0, err)
+        let (c2, fast, err2) = try run(plainArgs + ["--draft", "models/draft", "--draft-tokens", "3"])
+        XCTAssertEqual(c2, 0, err2)
+        XCTAssertEqual(fast, plain)
+        XCTAssertTrue(err2.contains("speculative (draft model, 3 draft tokens)"), err2)
+        let (c3, table, err3) = try run(["bench", "--draft", "models/draft", "--prompt-file", "bench/prompts/open.txt", "-n", "12", "-r", "1",
+                                         "-t", "2"])
+        XCTAssertEqual(c3, 0, err3)
+        XCTAssertTrue(table.contains("| draft model | 3 | no |") && table.hasSuffix("| yes |\n"), table)
+    }
+
     func testPerplexity() throws {
         let (code, out, err) = try run(["perplexity", "-m", "Tests/Fixtures/gguf/llama-f32.gguf", "-f", "Tests/Fixtures/gguf/perplexity.txt",
                                         "-c", "128", "--json"])
