@@ -131,7 +131,7 @@ final class CUDABackendTests: XCTestCase {
         let dir = Fixtures.model("llama-bf16")
         let tokenizer = try Tokenizer(directory: dir)
         let model = try ModelRegistry.load(directory: dir, backend: gpu)
-        let drafter = try ModelDrafter.load(directory: dir, target: model, tokenizer: tokenizer, backend: try CUDABackend())
+        let drafter = try ModelDrafter.load(directory: dir, target: model, tokenizer: tokenizer, backend: try backend())
         XCTAssertEqual(drafter.model.backendName, model.backendName)
         var options = GenerationOptions()
         options.maxTokens = 24
