@@ -129,7 +129,7 @@ struct Bench: ParsableCommand {
             for path in model {
                 for t in threadCounts {
                     let t0 = Date()
-                    let lm = try device.load(path, threads: t)
+                    let lm = try device.load(path, threads: t, deterministic: deterministic)
                     let load = Date().timeIntervalSince(t0)
                     let info = ModelInfo(directory: path, model: lm)
                     var samples: [Benchmark.Sample] = []
@@ -315,10 +315,10 @@ struct Bench: ParsableCommand {
         }
         for path in model {
             for t in threadCounts {
-                let lm = try device.load(path, threads: t, deterministic: deterministic)
+                let backend = try device.backend(threads: t, deterministic: deterministic)
+                let lm = try ModelRegistry.load(directory: path, backend: backend)
                 let tokenizer = try Tokenizer(directory: path)
-                guard let spec = try speculation.make(target: lm, tokenizer: tokenizer, device: device, threads: t,
-                                                      deterministic: deterministic) else { return }
+                guard let spec = try speculation.make(target: lm, tokenizer: tokenizer, backend: backend) else { return }
                 let generator = Generator(model: lm, tokenizer: tokenizer)
                 var options = GenerationOptions()
                 options.sampling = .greedy

@@ -53,7 +53,7 @@ struct Imatrix: ParsableCommand {
         try reportingErrors {
             guard let data = FileManager.default.contents(atPath: file) else { throw PeregrineError.io("\(file): cannot read the file") }
             guard let text = String(data: data, encoding: .utf8) else { throw PeregrineError.format("\(file): not UTF-8 text") }
-            let backend = modelOptions.backend()
+            let backend = modelOptions.cpuBackend()
             let model = try ModelRegistry.load(directory: modelOptions.model, backend: backend)
             let tokenizer = try Tokenizer(directory: modelOptions.model)
             let tokens = tokenizer.encode(text)

@@ -34,10 +34,11 @@ struct ModelOptions: ParsableArguments {
         if let t = threads, t < 1 || t > 1024 { throw ValidationError("--threads must be between 1 and 1024") }
     }
 
-    func backend() -> CPUBackend {
-        if let t = threads { return CPUBackend(pool: ThreadPool(threadCount: t)) }
-        return CPUBackend()
-    }
+    /// The CPU backend on --threads workers (for commands that run on the CPU only).
+    func cpuBackend() -> CPUBackend { Device.cpuBackend(threads: threads) }
+
+    /// The backend of --device, --threads and --deterministic.
+    func backend() throws -> any ComputeBackend { try device.backend(threads: threads, deterministic: deterministic) }
 
     func load() throws -> LanguageModel {
         try device.load(model, threads: threads, deterministic: deterministic)
@@ -47,13 +48,22 @@ struct ModelOptions: ParsableArguments {
 enum Device: String, ExpressibleByArgument, CaseIterable {
     case cpu, cuda
 
-    func load(_ path: String, threads: Int?, deterministic: Bool = false) throws -> LanguageModel {
+    /// A CPU backend on `threads` workers (nil: the shared pool, one worker a core).
+    static func cpuBackend(threads: Int?) -> CPUBackend {
+        threads.map { CPUBackend(pool: ThreadPool(threadCount: $0)) } ?? CPUBackend()
+    }
+
+    /// The backend a command's models run on. A draft model is loaded on its target's: one thread
+    /// pool (whose idle workers would otherwise spin beside the other model's) or one GPU stream.
+    func backend(threads: Int?, deterministic: Bool) throws -> any ComputeBackend {
         switch self {
-        case .cpu:
-            return try ModelRegistry.load(directory: path, backend: threads.map { CPUBackend(pool: ThreadPool(threadCount: $0)) } ?? CPUBackend())
-        case .cuda:
-            return try ModelRegistry.load(directory: path, backend: try CUDABackend(deterministic: deterministic))
+        case .cpu: return Device.cpuBackend(threads: threads)
+        case .cuda: return try CUDABackend(deterministic: deterministic)
         }
+    }
+
+    func load(_ path: String, threads: Int?, deterministic: Bool) throws -> LanguageModel {
+        try ModelRegistry.load(directory: path, backend: try backend(threads: threads, deterministic: deterministic))
     }
 }
 
@@ -100,10 +110,10 @@ struct Generate: ParsableCommand {
 
             let clock = ContinuousClock()
             let start = clock.now
-            let model = try modelOptions.load()
+            let backend = try modelOptions.backend()
+            let model = try ModelRegistry.load(directory: modelOptions.model, backend: backend)
             let tokenizer = try Tokenizer(directory: modelOptions.model)
-            options.speculative = try speculation.make(target: model, tokenizer: tokenizer, device: modelOptions.device,
-                                                       threads: modelOptions.threads, deterministic: modelOptions.deterministic)
+            options.speculative = try speculation.make(target: model, tokenizer: tokenizer, backend: backend)
             let loaded = clock.now - start
             let generator = Generator(model: model, tokenizer: tokenizer)
             let out = FileHandle.standardOutput
@@ -200,13 +210,13 @@ struct SpeculationOptions: ParsableArguments {
         if !(0...1).contains(draftConfidence) { throw ValidationError("--draft-confidence must be between 0 and 1") }
     }
 
-    /// The drafter these flags ask for; a draft model is loaded on `device`, the target's, so that
+    /// The drafter these flags ask for; a draft model is loaded on `backend`, the target's, so that
     /// a GPU target's drafts are not computed on the CPU.
-    func make(target: LanguageModel, tokenizer: Tokenizer, device: Device, threads: Int?, deterministic: Bool = false) throws -> SpeculativeOptions? {
+    func make(target: LanguageModel, tokenizer: Tokenizer, backend: any ComputeBackend) throws -> SpeculativeOptions? {
         let drafter: Drafter
         if let draft {
-            drafter = try ModelDrafter.checked(draft: try device.load(draft, threads: threads, deterministic: deterministic), directory: draft,
-                                               target: target, tokenizer: tokenizer, confidenceThreshold: draftConfidence)
+            drafter = try ModelDrafter.load(directory: draft, target: target, tokenizer: tokenizer, backend: backend,
+                                            confidenceThreshold: draftConfidence)
         } else if lookup {
             drafter = PromptLookupDrafter(maxNgram: lookupNgram)
         } else if let skipLayers {

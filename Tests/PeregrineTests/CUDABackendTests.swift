@@ -124,14 +124,17 @@ final class CUDABackendTests: XCTestCase {
         XCTAssertEqual(try ModelDrafter(model: model, name: "draft").cacheType, .f16)
     }
 
-    /// A draft model loaded on the GPU beside its target (as `generate --device cuda --draft`
-    /// does) drafts there, and speculation keeps the plain greedy tokens.
+    /// A draft model loaded on its target's GPU backend (as `generate --device cuda --deterministic
+    /// --draft` does) drafts there, and speculation keeps the plain greedy tokens exactly: with
+    /// batch-invariant kernels, the verifier's pass over several tokens gives each the logits a
+    /// step of one would.
     func testDraftModelRunsOnTheGPU() throws {
-        let gpu = try backend()
+        _ = try backend()
+        let gpu = try CUDABackend(deterministic: true)
         let dir = Fixtures.model("llama-bf16")
         let tokenizer = try Tokenizer(directory: dir)
         let model = try ModelRegistry.load(directory: dir, backend: gpu)
-        let drafter = try ModelDrafter.load(directory: dir, target: model, tokenizer: tokenizer, backend: try backend())
+        let drafter = try ModelDrafter.load(directory: dir, target: model, tokenizer: tokenizer, backend: gpu)
         XCTAssertEqual(drafter.model.backendName, model.backendName)
         var options = GenerationOptions()
         options.maxTokens = 24

@@ -203,26 +203,19 @@ enum SpeculativeVerifier {
 }
 
 extension ModelDrafter {
-    /// A draft model from a directory, loaded on `backend`, checked to share the target's vocabulary.
+    /// A draft model from a directory (or GGUF file), loaded on `backend` (the target's, where the
+    /// CLI loads it), checked to share the target's vocabulary: the same tokenizer entries (before
+    /// the weights are read) and the same number of logits.
     public static func load<B: ComputeBackend>(directory: String, target: LanguageModel, tokenizer: Tokenizer,
                                                backend: B, confidenceThreshold: Float = 0) throws -> ModelDrafter {
-        try checked(draft: try ModelRegistry.load(directory: directory, backend: backend), directory: directory, target: target,
-                    tokenizer: tokenizer, confidenceThreshold: confidenceThreshold)
-    }
-
-    /// A draft model already loaded from `directory` (on whatever device the caller chose: the
-    /// target's, so that drafting does not leave the GPU), checked to share the target's
-    /// vocabulary: the same tokenizer entries and the same number of logits.
-    public static func checked(draft: LanguageModel, directory: String, target: LanguageModel, tokenizer: Tokenizer,
-                               confidenceThreshold: Float = 0) throws -> ModelDrafter {
-        let draftTokenizer = try Tokenizer(directory: directory)
+        if let id = tokenizer.firstDifference(from: try Tokenizer(directory: directory)) {
+            throw PeregrineError.invalidArgument(
+                "the draft model's tokenizer differs from the target's (first at token id \(id)); speculative decoding needs the same vocabulary")
+        }
+        let draft = try ModelRegistry.load(directory: directory, backend: backend)
         guard draft.config.vocabSize == target.config.vocabSize else {
             throw PeregrineError.invalidArgument(
                 "the draft model's vocabulary (\(draft.config.vocabSize) logits) differs from the target's (\(target.config.vocabSize))")
-        }
-        if let id = tokenizer.firstDifference(from: draftTokenizer) {
-            throw PeregrineError.invalidArgument(
-                "the draft model's tokenizer differs from the target's (first at token id \(id)); speculative decoding needs the same vocabulary")
         }
         return try ModelDrafter(model: draft, name: "draft model", confidenceThreshold: confidenceThreshold)
     }
