@@ -8,10 +8,11 @@ func cpuReference() -> CPUBackend { CPUBackend(pool: .shared, bf16Pairs: false) 
 /// The CUDA backend against the CPU backend on the same models. Without an NVIDIA GPU (and its
 /// driver, NVRTC and cuBLAS) these skip, saying why.
 final class CUDABackendTests: XCTestCase {
-    func backend() throws -> CUDABackend {
+    /// A CUDA backend (batch-invariant kernels with `deterministic`), or a skip without CUDA.
+    func backend(deterministic: Bool = false) throws -> CUDABackend {
         switch CUDADriver.shared {
         case .failure(let e): throw XCTSkip("no CUDA: \(e)")
-        case .success: return try CUDABackend()
+        case .success: return try CUDABackend(deterministic: deterministic)
         }
     }
 
@@ -129,8 +130,7 @@ final class CUDABackendTests: XCTestCase {
     /// batch-invariant kernels, the verifier's pass over several tokens gives each the logits a
     /// step of one would.
     func testDraftModelRunsOnTheGPU() throws {
-        _ = try backend()
-        let gpu = try CUDABackend(deterministic: true)
+        let gpu = try backend(deterministic: true)
         let dir = Fixtures.model("llama-bf16")
         let tokenizer = try Tokenizer(directory: dir)
         let model = try ModelRegistry.load(directory: dir, backend: gpu)
@@ -187,13 +187,9 @@ final class CUDABackendTests: XCTestCase {
     }
 
     func testEngineBatchesOnTheGPU() throws {
-        switch CUDADriver.shared {
-        case .failure(let e): throw XCTSkip("no CUDA: \(e)")
-        case .success: break
-        }
         let dir = Fixtures.model("llama-bf16")
         let tokenizer = try Tokenizer(directory: dir)
-        let model = try ModelRegistry.load(directory: dir, backend: try CUDABackend(deterministic: true))
+        let model = try ModelRegistry.load(directory: dir, backend: try backend(deterministic: true))
         let prompts = (0..<24).map { i in tokenizer.encode(["And God said", "The kernel", "In the beginning", "Debian is"][i % 4])
             + Array(repeating: 11, count: i * 3) }
         // Every other request samples (top-k 40, its own seed): drawn on the device with the
@@ -1304,8 +1300,7 @@ final class CUDABackendTests: XCTestCase {
     /// the logit scale. So the GPU runs in its deterministic mode here, whose row kernels take
     /// 8-bit activations as the CPU does; the reference model's test covers the cuBLAS path.
     func testGGUFFixturesMatchCPU() throws {
-        _ = try backend()
-        let gpu = try CUDABackend(deterministic: true)
+        let gpu = try backend(deterministic: true)
         let dir = Fixtures.root + "/gguf"
         let files = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".gguf") }.sorted()
         var models = 0
