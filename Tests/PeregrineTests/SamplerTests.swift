@@ -165,6 +165,28 @@ final class SamplerTests: XCTestCase {
         }
     }
 
+    /// A greedy drafter's confidence in its token comes from the largest logit and the row's
+    /// normalizer, computed where the logits are: the softmax probability of the best token,
+    /// without reading the row back.
+    func testDrafterConfidenceIsTheBestTokensProbability() throws {
+        var rng = SeededGenerator(seed: 3)
+        let wide = (0..<500).map { _ in (rng.nextUnit() - 0.5) * 10 }
+        var peaked = wide
+        peaked[123] = 40
+        let ninf = [Float](repeating: -.infinity, count: 8)
+        for row in [wide, peaked, [2, 2, 2, 2], [0.5]] {
+            let rows = try CountingRows([row])
+            let m = row.max()!
+            let expected = 1 / row.reduce(Float(0)) { $0 + expf($1 - m) }
+            let p = try ModelDrafter.probabilityOfBest(rows)
+            XCTAssertEqual(p, expected, accuracy: 1e-6 * max(1, expected))
+            XCTAssertEqual(rows.reads, 0, "the row was read back")
+        }
+        XCTAssertEqual(try ModelDrafter.probabilityOfBest(try CountingRows([peaked])), 1, accuracy: 1e-6)
+        XCTAssertEqual(try ModelDrafter.probabilityOfBest(try CountingRows([[2, 2, 2, 2]])), 0.25, accuracy: 1e-7)
+        XCTAssertEqual(try ModelDrafter.probabilityOfBest(try CountingRows([ninf])), 0)
+    }
+
     func testLargestLogits() {
         var rng = SeededGenerator(seed: 3)
         let values = (0..<5000).map { _ in Float(Int(rng.next() % 300)) }  // many ties

@@ -250,14 +250,6 @@ public struct Sampler {
         return sum
     }
 
-    /// The model's own probability (softmax at temperature 1, no filtering) of one token.
-    public static func softmaxProbability(of id: Int, in logits: UnsafeBufferPointer<Float>) -> Float {
-        let m = largest(logits)
-        var sum: Float = 0
-        for l in logits { sum += expf(l - m) }
-        return expf(logits[id] - m) / sum
-    }
-
     /// Picks the next token. `logits` may be modified. Draws as
     /// `draw(distribution(...))` does (up to rounding) without building a distribution, so nothing
     /// is allocated per token.

@@ -28,7 +28,9 @@ public final class ModelDrafter: Drafter {
     private var cache: PagedKVCache
     /// Stop drafting when the drafter's own probability of its token falls below this.
     public var confidenceThreshold: Float
-    private var logits: [Float]
+    /// A drafted row's logits on the host: read back only to sample (greedy drafting picks the
+    /// token where the logits are, so a GPU copies back one id, not the vocabulary's floats).
+    private var logits: [Float] = []
     private var plan = BatchPlan()
     private var greedy = Sampler(.greedy)
     private var sampler: Sampler?
@@ -42,7 +44,6 @@ public final class ModelDrafter: Drafter {
         self.confidenceThreshold = confidenceThreshold
         self.cacheType = cacheType ?? model.preferredKVCacheType
         cache = try PagedKVCache(model: model, slots: 1, capacity: capacity, type: self.cacheType)
-        logits = [Float](repeating: 0, count: model.config.vocabSize)
     }
 
     public func propose(context: [Int], maxTokens: Int, sampling: SamplingParameters?) throws -> Draft {
@@ -65,18 +66,20 @@ public final class ModelDrafter: Drafter {
             plan.removeAll()
             plan.append(tokens: pending, slot: 0, position: cache.length(of: 0), logits: .last)
             try cache.prepare(&plan)
-            try logits.withUnsafeMutableBufferPointer { try model.forward(plan, kv: cache.memory, logits: $0) }
+            let rows = try model.forward(plan, kv: cache.memory)
             try cache.advance(0, by: pending.count)
             let next: Int
             let p: Float
             if sampler != nil {
+                if logits.count != rows.vocabulary { logits = [Float](repeating: 0, count: rows.vocabulary) }
+                try logits.withUnsafeMutableBufferPointer { try rows.read(row: 0, into: $0) }
                 let d = logits.withUnsafeMutableBufferPointer { l in ctx32.withUnsafeBufferPointer { sampler!.distribution(l, context: $0) } }
                 next = sampler!.draw(d)
                 p = d.probability(of: next)
                 draft.distributions?.append(d)
             } else {
-                next = logits.withUnsafeMutableBufferPointer { l in ctx32.withUnsafeBufferPointer { greedy.sample(l, context: $0) } }
-                p = confidenceThreshold > 0 ? logits.withUnsafeBufferPointer { Sampler.softmaxProbability(of: next, in: $0) } : 1
+                next = try ctx32.withUnsafeBufferPointer { try greedy.sample(rows, row: 0, context: $0) }
+                p = confidenceThreshold > 0 ? try Self.probabilityOfBest(rows) : 1
             }
             // A drafted token the drafter itself doubts is unlikely to be accepted: stop here.
             if i > 0 && p < confidenceThreshold { break }
@@ -89,6 +92,19 @@ public final class ModelDrafter: Drafter {
 
     public func rollBack(to length: Int) throws {
         if cache.length(of: 0) > length { try cache.trim(0, to: length) }
+    }
+
+    /// The softmax probability (temperature 1, no filtering) of row 0's best token, from its
+    /// largest logit m and the row's Σ exp(l - m), both computed where the logits are.
+    static func probabilityOfBest(_ rows: LogitRows) throws -> Float {
+        var value: Float = 0, id: Int32 = 0
+        try withUnsafeMutablePointer(to: &value) { v in
+            try withUnsafeMutablePointer(to: &id) {
+                try rows.top(row: 0, k: 1, values: UnsafeMutableBufferPointer(start: v, count: 1), ids: UnsafeMutableBufferPointer(start: $0, count: 1))
+            }
+        }
+        guard value.isFinite else { return 0 }
+        return 1 / (try rows.expSum(row: 0, shift: value, scale: 1))
     }
 }
 
