@@ -82,7 +82,7 @@ public enum Quantizer {
                                   _ out: UnsafeMutableRawPointer) {
         let xs = Array(UnsafeBufferPointer(start: x, count: 32))
         let w = (0..<32).map { importance[$0] * (sigma2 + xs[$0] * xs[$0]).squareRoot() }
-        let scale = symmetricScale(xs, weights: w, top: top, highest: highest)
+        let scale = w.withUnsafeBufferPointer { symmetricScale(x, 32, weights: $0.baseAddress!, top: top, highest: highest) }
         storeHalf(scale, out, 0)
         let d = asHalf(scale), id: Float = d != 0 ? 1 / d : 0
         let q = xs.map { max(-top, min(highest, Int(($0 * id).rounded()))) }
@@ -100,7 +100,9 @@ public enum Quantizer {
         let top = five ? 31 : 15
         let xs = Array(UnsafeBufferPointer(start: x, count: 32))
         let w = (0..<32).map { importance[$0] * (sigma2 + xs[$0] * xs[$0]).squareRoot() }
-        let (scale, offset) = scaleAndOffset(xs[...], weights: w, top: top, stretches: -0.9, by: 0.05, steps: 36, followingBest: true)
+        let (scale, offset) = w.withUnsafeBufferPointer {
+            scaleAndOffset(x, 32, weights: $0.baseAddress!, top: top, stretches: -0.9, by: 0.05, steps: 36, followingBest: true)
+        }
         storeHalf(scale, out, 0)
         storeHalf(offset, out, 2)
         let d = asHalf(scale), m = asHalf(offset), id: Float = d != 0 ? 1 / d : 0
@@ -205,40 +207,156 @@ public enum Quantizer {
     /// `steps + 1` stretches of the grid (top + stretch levels over the range, stretch = `from`,
     /// `from + by`, ...) and refit scale and offset by least squares on each. With
     /// `followingBest` each grid starts from the best offset found so far instead of the minimum.
-    static func scaleAndOffset(_ x: ArraySlice<Float>, weights w: [Float], top: Int, stretches from: Float = -1, by: Float = 0.1,
-                               steps: Int = 20, followingBest: Bool = false) -> (scale: Float, offset: Float) {
-        let base = x.startIndex
-        var lo = x.min()!, hi = x.max()!
+    /// Runs for every 32 values a k-quant file holds, so it allocates nothing: each grid's levels
+    /// live in one buffer on the stack (`n` at most 32).
+    static func scaleAndOffset(_ x: UnsafePointer<Float>, _ n: Int, weights w: UnsafePointer<Float>, top: Int, stretches from: Float = -1,
+                               by: Float = 0.1, steps: Int = 20, followingBest: Bool = false) -> (scale: Float, offset: Float) {
+        precondition(n > 0 && n <= 32, "a sub-block of 1 to 32 values")
+        var lo = x[0], hi = x[0]
+        for i in 1..<n {
+            if x[i] < lo { lo = x[i] }
+            if x[i] > hi { hi = x[i] }
+        }
         if lo > 0 { lo = 0 }
         if hi <= lo { return (0, lo) }
-        let n = x.count
-        func error(_ s: Float, _ m: Float, _ q: [Int]) -> Float {
-            var e: Float = 0
-            for i in 0..<n { let d = s * Float(q[i]) + m - x[base + i]; e += w[i] * d * d }
-            return e
+        if !followingBest { return independentGrids(x, n, weights: w, top: top, lo: lo, hi: hi, from: from, by: by, steps: steps) }
+        return withUnsafeTemporaryAllocation(of: Int32.self, capacity: 32) { q in
+            func error(_ s: Float, _ m: Float) -> Float {
+                var e: Float = 0
+                for i in 0..<n { let d = s * Float(q[i]) + m - x[i]; e += w[i] * d * d }
+                return e
+            }
+            var origin = lo
+            func grid(_ iscale: Float) { for i in 0..<n { q[i] = Int32(max(0, min(top, Int((iscale * (x[i] - origin)).rounded())))) } }
+            var bestScale = (hi - lo) / Float(top), bestOffset = lo
+            grid(Float(top) / (hi - lo))
+            var best = error(bestScale, bestOffset)
+            for step in 0...steps {
+                grid((from + by * Float(step) + Float(top)) / (hi - origin))
+                var sw: Float = 0, sl: Float = 0, sl2: Float = 0, sxl: Float = 0, sx: Float = 0
+                for i in 0..<n {
+                    let l = Float(q[i]), wi = w[i], xi = x[i]
+                    sw += wi; sl += wi * l; sl2 += wi * l * l; sxl += wi * l * xi; sx += wi * xi
+                }
+                let det = sw * sl2 - sl * sl
+                guard det > 0 else { continue }
+                var s = (sw * sxl - sx * sl) / det, m = (sl2 * sx - sl * sxl) / det
+                if m > 0 { m = 0; s = sxl / sl2 }
+                let e = error(s, m)
+                if e < best {
+                    best = e; bestScale = s; bestOffset = m
+                    if followingBest { origin = m }
+                }
+            }
+            return (bestScale, bestOffset)
         }
-        var origin = lo
-        func grid(_ iscale: Float) -> [Int] { (0..<n).map { max(0, min(top, Int((iscale * (x[base + $0] - origin)).rounded()))) } }
-        var bestScale = (hi - lo) / Float(top), bestOffset = lo
-        var best = error(bestScale, bestOffset, grid(Float(top) / (hi - lo)))
-        for step in 0...steps {
-            let q = grid((from + by * Float(step) + Float(top)) / (hi - origin))
-            var sw: Float = 0, sl: Float = 0, sl2: Float = 0, sxl: Float = 0, sx: Float = 0
+    }
+
+    /// `scaleAndOffset` where every grid starts from the minimum: the grids do not depend on each
+    /// other, so eight are fitted at once, one to a SIMD lane (lane 0 of the first eight is the
+    /// min-to-max grid, whose error sets the first `best`). Each lane's sums run over the values
+    /// in the scalar search's order with its operations, so the result is the same bit for bit;
+    /// then the lanes are compared in the scalar search's order.
+    static func independentGrids(_ x: UnsafePointer<Float>, _ n: Int, weights w: UnsafePointer<Float>, top: Int, lo: Float, hi: Float,
+                                 from: Float, by: Float, steps: Int) -> (scale: Float, offset: Float) {
+        let ceiling = Float(top)
+        var sw: Float = 0, sx: Float = 0
+        for i in 0..<n { sw += w[i]; sx += w[i] * x[i] }
+        var bestScale = (hi - lo) / ceiling, bestOffset = lo, best: Float = 0
+        let grids = steps + 2
+        for first in stride(from: 0, to: grids, by: 8) {
+            var iscale = SIMD8<Float>()
+            for k in 0..<8 where first + k < grids {
+                let step = first + k - 1
+                iscale[k] = step < 0 ? ceiling / (hi - lo) : (from + by * Float(step) + ceiling) / (hi - lo)
+            }
+            var sl = SIMD8<Float>(), sl2 = SIMD8<Float>(), sxl = SIMD8<Float>()
             for i in 0..<n {
-                let l = Float(q[i]), wi = w[i], xi = x[base + i]
-                sw += wi; sl += wi * l; sl2 += wi * l * l; sxl += wi * l * xi; sx += wi * xi
+                let l = levels(iscale * (x[i] - lo), 0, ceiling), wl = w[i] * l
+                sl += wl; sl2 += wl * l; sxl += wl * x[i]
             }
             let det = sw * sl2 - sl * sl
-            guard det > 0 else { continue }
             var s = (sw * sxl - sx * sl) / det, m = (sl2 * sx - sl * sxl) / det
-            if m > 0 { m = 0; s = sxl / sl2 }
-            let e = error(s, m, q)
-            if e < best {
-                best = e; bestScale = s; bestOffset = m
-                if followingBest { origin = m }
+            let positive = m .> 0
+            s.replace(with: sxl / sl2, where: positive)
+            m.replace(with: 0, where: positive)
+            if first == 0 { s[0] = bestScale; m[0] = bestOffset }
+            var e = SIMD8<Float>()
+            for i in 0..<n {
+                let l = levels(iscale * (x[i] - lo), 0, ceiling)
+                let d = s * l + m - x[i]
+                e += w[i] * d * d
+            }
+            for k in 0..<8 where first + k < grids {
+                if first + k == 0 {
+                    best = e[0]
+                } else if det[k] > 0 && e[k] < best {
+                    best = e[k]; bestScale = s[k]; bestOffset = m[k]
+                }
             }
         }
         return (bestScale, bestOffset)
+    }
+
+    /// `scaleAndOffset` with `followingBest` for eight sub-blocks of 32 at once, one to a SIMD
+    /// lane (`x[l]` and `w[l]` hold value l of each): each lane runs the scalar search's steps,
+    /// its grids starting from its own best offset so far, with the same operations in the same
+    /// order, so each lane's result is the scalar search's bit for bit.
+    static func offsetsFollowingBest(_ x: UnsafePointer<SIMD8<Float>>, weights w: UnsafePointer<SIMD8<Float>>, top: Int,
+                                     stretches from: Float, by: Float, steps: Int) -> (scale: SIMD8<Float>, offset: SIMD8<Float>) {
+        let n = 32, ceiling = Float(top)
+        var lo = x[0], hi = x[0]
+        for i in 1..<n {
+            lo.replace(with: x[i], where: x[i] .< lo)
+            hi.replace(with: x[i], where: x[i] .> hi)
+        }
+        lo.replace(with: 0, where: lo .> 0)
+        let flat = hi .<= lo
+        var sw = SIMD8<Float>(), sx = SIMD8<Float>()
+        for i in 0..<n { sw += w[i]; sx += w[i] * x[i] }
+        func error(_ s: SIMD8<Float>, _ m: SIMD8<Float>, _ iscale: SIMD8<Float>, _ origin: SIMD8<Float>) -> SIMD8<Float> {
+            var e = SIMD8<Float>()
+            for i in 0..<n {
+                let d = s * levels(iscale * (x[i] - origin), 0, ceiling) + m - x[i]
+                e += w[i] * d * d
+            }
+            return e
+        }
+        var origin = lo
+        var bestScale = (hi - lo) / ceiling, bestOffset = lo
+        var best = error(bestScale, bestOffset, ceiling / (hi - lo), origin)
+        for step in 0...steps {
+            let iscale = (from + by * Float(step) + ceiling) / (hi - origin)
+            var sl = SIMD8<Float>(), sl2 = SIMD8<Float>(), sxl = SIMD8<Float>()
+            for i in 0..<n {
+                let l = levels(iscale * (x[i] - origin), 0, ceiling), wl = w[i] * l
+                sl += wl; sl2 += wl * l; sxl += wl * x[i]
+            }
+            let det = sw * sl2 - sl * sl
+            var s = (sw * sxl - sx * sl) / det, m = (sl2 * sx - sl * sxl) / det
+            let positive = m .> 0
+            s.replace(with: sxl / sl2, where: positive)
+            m.replace(with: 0, where: positive)
+            let e = error(s, m, iscale, origin)
+            let better = (det .> 0) .& (e .< best)
+            best.replace(with: e, where: better)
+            bestScale.replace(with: s, where: better)
+            bestOffset.replace(with: m, where: better)
+            origin.replace(with: m, where: better)
+        }
+        bestScale.replace(with: 0, where: flat)
+        bestOffset.replace(with: lo, where: flat)
+        return (bestScale, bestOffset)
+    }
+
+    /// Eight grid levels: rounded to nearest (ties away from zero, as `Float.rounded()`) and
+    /// clamped to lowest...highest, as the scalar searches' `Int(v.rounded())` clamped; a NaN
+    /// (which that conversion traps on) becomes `lowest`, and -0 becomes 0.
+    @inline(__always) static func levels(_ v: SIMD8<Float>, _ lowest: Float, _ highest: Float) -> SIMD8<Float> {
+        var r = v.rounded(.toNearestOrAwayFromZero)
+        r.replace(with: lowest, where: .!(r .>= lowest))
+        r.replace(with: highest, where: r .> highest)
+        return r + 0
     }
 
     /// Q4_K / Q5_K: eight sub-blocks of 32, each with a scale and min quantized to 6 bits.
@@ -249,23 +367,49 @@ public enum Quantizer {
     /// weighted by each sub-block's total weight.
     static func kQuant(_ x: UnsafePointer<Float>, _ out: UnsafeMutableRawPointer, five: Bool, importance: UnsafePointer<Float>? = nil) {
         let top = five ? 31 : 15
-        let xs = Array(UnsafeBufferPointer(start: x, count: 256))
         var scales = [Float](repeating: 0, count: 8), mins = [Float](repeating: 0, count: 8)
         var subWeights = [Float](repeating: 0, count: 8)
-        let sigma2 = 2 * xs.reduce(0) { $0 + $1 * $1 } / 256
-        for j in 0..<8 {
-            let sub = xs[(32 * j)..<(32 * j + 32)]
-            let s: Float, m: Float
-            if let imp = importance.map({ blockImportance($0 + 32 * j, 32) }) {
-                let w = (0..<32).map { imp[$0] * (sigma2 + xs[32 * j + $0] * xs[32 * j + $0]).squareRoot() }
-                subWeights[j] = w.reduce(0, +)
-                (s, m) = scaleAndOffset(sub, weights: w, top: top, stretches: -0.9, by: 0.05, steps: 36, followingBest: true)
-            } else {
-                let rms = (sub.reduce(0) { $0 + $1 * $1 } / 32).squareRoot()
-                (s, m) = scaleAndOffset(sub, weights: sub.map { rms + abs($0) }, top: top)
+        var sumSquares: Float = 0
+        for i in 0..<256 { sumSquares += x[i] * x[i] }
+        let sigma2 = 2 * sumSquares / 256
+        if let importance {
+            // The sub-blocks' searches, one to a SIMD lane: values and weights transposed so
+            // that row l holds value l of each sub-block.
+            withUnsafeTemporaryAllocation(of: SIMD8<Float>.self, capacity: 64) { buffer in
+                let xt = buffer.baseAddress!, wt = xt + 32
+                for j in 0..<8 {
+                    let sub = x + 32 * j, imp = importance + 32 * j
+                    var any = false
+                    for l in 0..<32 where imp[l] > 0 { any = true }
+                    var total: Float = 0
+                    for l in 0..<32 {
+                        let w = (any ? imp[l] : 1) * (sigma2 + sub[l] * sub[l]).squareRoot()
+                        total += w
+                        xt[l][j] = sub[l]
+                        wt[l][j] = w
+                    }
+                    subWeights[j] = total
+                }
+                let (s, m) = offsetsFollowingBest(xt, weights: wt, top: top, stretches: -0.9, by: 0.05, steps: 36)
+                for j in 0..<8 {
+                    scales[j] = max(0, s[j])
+                    mins[j] = -m[j]
+                }
             }
-            scales[j] = max(0, s)
-            mins[j] = -m
+        } else {
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 32) { w in
+                let w = w.baseAddress!
+                for j in 0..<8 {
+                    let sub = x + 32 * j
+                    var squares: Float = 0
+                    for l in 0..<32 { squares += sub[l] * sub[l] }
+                    let rms = (squares / 32).squareRoot()
+                    for l in 0..<32 { w[l] = rms + abs(sub[l]) }
+                    let (s, m) = scaleAndOffset(sub, 32, weights: w, top: top)
+                    scales[j] = max(0, s)
+                    mins[j] = -m
+                }
+            }
         }
         let ls: [Int], lm: [Int], dScale: Float, dMin: Float
         if importance != nil {
@@ -297,7 +441,7 @@ public enum Quantizer {
         for j in 0..<8 {
             let sd = d * Float(ls[j]), sm = dmin * Float(lm[j])
             guard sd > 0 else { continue }
-            for l in 0..<32 { q[32 * j + l] = max(0, min(top, Int(((xs[32 * j + l] + sm) / sd).rounded()))) }
+            for l in 0..<32 { q[32 * j + l] = max(0, min(top, Int(((x[32 * j + l] + sm) / sd).rounded()))) }
         }
         packKQuant(q, out, five: five)
     }
@@ -321,33 +465,36 @@ public enum Quantizer {
         }
     }
 
-    /// The scale of a symmetric sub-block, q in -top...top-1, minimising sum x^2 (x - scale q)^2
-    /// over 19 stretches of the grid around the one that maps the extreme value to -top.
-    static func symmetricScale(_ x: ArraySlice<Float>, top: Int) -> Float {
-        let v = Array(x)
-        return symmetricScale(v, weights: v.map { $0 * $0 }, top: top, highest: top - 1)
-    }
-
     /// The scale minimising sum w (x - scale q)^2, q in -top...highest: the grid that maps the
     /// extreme value to -top and 18 stretches of it (top ± 0.1 ... 0.9 levels), each refitted by
-    /// least squares.
-    static func symmetricScale(_ x: [Float], weights w: [Float], top: Int, highest: Int) -> Float {
+    /// least squares. The grids do not depend on each other: eight are fitted at once, one to a
+    /// SIMD lane, each lane's sums in the order of the values, then compared in order of stretch.
+    static func symmetricScale(_ x: UnsafePointer<Float>, _ n: Int, weights w: UnsafePointer<Float>, top: Int, highest: Int) -> Float {
         var amax: Float = 0, extreme: Float = 0
-        for v in x where abs(v) > amax { amax = abs(v); extreme = v }
+        for i in 0..<n where abs(x[i]) > amax { amax = abs(x[i]); extreme = x[i] }
         guard amax > 1e-30 else { return 0 }
-        func fit(_ iscale: Float) -> (Float, Float) {
-            var sxl: Float = 0, sl2: Float = 0
-            for (i, v) in x.enumerated() {
-                let l = Float(max(-top, min(highest, Int((iscale * v).rounded()))))
+        // Grid 0 maps the extreme to -top; grids 1...18 stretch it by -0.9...-0.1, 0.1...0.9 levels.
+        var scale: Float = 0, best: Float = 0
+        for first in stride(from: 0, to: 19, by: 8) {
+            var iscale = SIMD8<Float>()
+            for k in 0..<8 where first + k < 19 {
+                let g = first + k, step = g <= 9 ? g - 10 : g - 9
+                iscale[k] = g == 0 ? -Float(top) / extreme : -(Float(top) + 0.1 * Float(step)) / extreme
+            }
+            var sxl = SIMD8<Float>(), sl2 = SIMD8<Float>()
+            for i in 0..<n {
+                let v = x[i], l = levels(iscale * v, -Float(top), Float(highest))
                 sxl += w[i] * v * l; sl2 += w[i] * l * l
             }
-            return (sxl, sl2)
-        }
-        var (sxl, sl2) = fit(-Float(top) / extreme)
-        var scale = sl2 > 0 ? sxl / sl2 : 0, best = scale * sxl
-        for step in -9...9 where step != 0 {
-            let (a, b) = fit(-(Float(top) + 0.1 * Float(step)) / extreme)
-            if b > 0, a * a > best * b { sxl = a; sl2 = b; scale = a / b; best = scale * a }
+            for k in 0..<8 where first + k < 19 {
+                let a = sxl[k], b = sl2[k]
+                if first + k == 0 {
+                    scale = b > 0 ? a / b : 0
+                    best = scale * a
+                } else if b > 0, a * a > best * b {
+                    scale = a / b; best = scale * a
+                }
+            }
         }
         return scale
     }
@@ -355,10 +502,22 @@ public enum Quantizer {
     /// Q6_K: sixteen sub-blocks of 16 with int8 scales against one f16 scale. Each sub-block's
     /// scale minimises its squared error weighted by x^2, or by the importance alone when given.
     static func q6_K(_ x: UnsafePointer<Float>, _ out: UnsafeMutableRawPointer, importance: UnsafePointer<Float>? = nil) {
-        let xs = Array(UnsafeBufferPointer(start: x, count: 256))
-        let scales = (0..<16).map { j in
-            guard let importance else { return symmetricScale(xs[(16 * j)..<(16 * j + 16)], top: 32) }
-            return symmetricScale(Array(xs[(16 * j)..<(16 * j + 16)]), weights: blockImportance(importance + 16 * j, 16), top: 32, highest: 31)
+        var scales = [Float](repeating: 0, count: 16)
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 16) { w in
+            let w = w.baseAddress!
+            for j in 0..<16 {
+                let sub = x + 16 * j
+                if let importance {
+                    let imp = importance + 16 * j
+                    var any = false
+                    for l in 0..<16 where imp[l] > 0 { any = true }
+                    for l in 0..<16 { w[l] = any ? imp[l] : 1 }
+                    scales[j] = symmetricScale(sub, 16, weights: w, top: 32, highest: 31)
+                } else {
+                    for l in 0..<16 { w[l] = sub[l] * sub[l] }
+                    scales[j] = symmetricScale(sub, 16, weights: w, top: 32, highest: 31)
+                }
+            }
         }
         var extreme: Float = 0
         for s in scales where abs(s) > abs(extreme) { extreme = s }
@@ -375,7 +534,7 @@ public enum Quantizer {
             out.storeBytes(of: Int8(sc), toByteOffset: 192 + j, as: Int8.self)
             let sd = d * Float(sc)
             guard sd != 0 else { continue }
-            for l in 0..<16 { q[16 * j + l] = max(-32, min(31, Int((xs[16 * j + l] / sd).rounded()))) + 32 }
+            for l in 0..<16 { q[16 * j + l] = max(-32, min(31, Int((x[16 * j + l] / sd).rounded()))) + 32 }
         }
         packQ6K(q, out)
     }
@@ -401,6 +560,24 @@ public enum Quantizer {
         var upper = 1
         while Float(levels[upper]) <= v { upper += 1 }
         return v - Float(levels[upper - 1]) < Float(levels[upper]) - v ? upper - 1 : upper
+    }
+
+    /// The IQ4 level (its value) nearest to each of eight values, as `nearestLevel` chooses:
+    /// the outermost level beyond the table's ends, else the lower of the two levels around the
+    /// value where it is strictly nearer.
+    @inline(__always) static func nearestLevelValues(_ v: SIMD8<Float>) -> SIMD8<Float> {
+        let table = IQ4.levels
+        var lower = SIMD8<Float>(repeating: Float(table[0])), upper = SIMD8<Float>(repeating: Float(table[1]))
+        for k in 1..<15 {
+            let at = v .>= Float(table[k])
+            lower.replace(with: Float(table[k]), where: at)
+            upper.replace(with: Float(table[k + 1]), where: at)
+        }
+        var q = upper
+        q.replace(with: lower, where: v - lower .< upper - v)
+        q.replace(with: Float(table[0]), where: v .<= Float(table[0]))
+        q.replace(with: Float(table[15]), where: v .>= Float(table[15]))
+        return q
     }
 
     /// ggml's rounding of a scale to an integer: to nearest, ties to even.
@@ -437,21 +614,28 @@ public enum Quantizer {
             var amax: Float = 0, extreme: Float = 0
             for j in 0..<32 where abs(xb[j]) > amax { amax = abs(xb[j]); extreme = xb[j] }
             guard amax >= 1e-15 else { continue }
-            // Σ w q x and Σ w q² for the levels the values take at inverse scale `id`.
-            func fit(_ id: Float) -> (Float, Float) {
-                var sqx: Float = 0, sq2: Float = 0
+            // Σ w q x and Σ w q² for the levels the values take at eight inverse scales, one to a
+            // lane, each lane's sums in the order of the values.
+            func fit(_ id: SIMD8<Float>) -> (SIMD8<Float>, SIMD8<Float>) {
+                var sqx = SIMD8<Float>(), sq2 = SIMD8<Float>()
                 for j in 0..<32 {
-                    let q = Float(IQ4.levels[nearestLevel(id * xb[j])])
+                    let q = nearestLevelValues(id * xb[j])
                     sqx += w[j] * q * xb[j]
                     sq2 += w[j] * q * q
                 }
                 return (sqx, sq2)
             }
-            var (sqx, sq2) = fit(1 / (-extreme / -127))
-            var d: Float = sq2 > 0 ? sqx / sq2 : 0
-            var best = d * sqx
-            for stretch in -7...7 {
-                (sqx, sq2) = fit(Float(stretch - 127) / extreme)
+            // The grid with the extreme on level 127, then the ones putting it on 120...134, in
+            // that order: lane 0 of the first eight, then stretches -7...7.
+            var first = SIMD8<Float>(), second = SIMD8<Float>()
+            first[0] = 1 / (-extreme / -127)
+            for k in 1..<8 { first[k] = Float(k - 8 - 127) / extreme }
+            for k in 0..<8 { second[k] = Float(k - 127) / extreme }
+            let (ax, a2) = fit(first), (bx, b2) = fit(second)
+            var d: Float = a2[0] > 0 ? ax[0] / a2[0] : 0
+            var best = d * ax[0]
+            for g in 1..<16 {
+                let sqx = g < 8 ? ax[g] : bx[g - 8], sq2 = g < 8 ? a2[g] : b2[g - 8]
                 if sq2 > 0 && sqx * sqx > best * sq2 { d = sqx / sq2; best = d * sqx }
             }
             scales[s] = d
