@@ -165,5 +165,20 @@ final class QuantizeTests: XCTestCase {
         try fails(Fixtures.root + "/gguf/llama256-f16.gguf", .q8_0, output: "/nonexistent/dir/out.gguf", "cannot create the file")
         try fails("/nonexistent", .q8_0, "neither a GGUF file nor a model directory")
         try fails(Fixtures.model("llama") + "/config.json", .q8_0, "neither a GGUF file nor a model directory")
+        // A NaN among the weights: one error naming the tensor and row, and no file (it trapped
+        // in the scale search before). The float types carry it, as llama-quantize's do.
+        let source = Fixtures.root + "/gguf/llama256-f16.gguf"
+        let info = try XCTUnwrap(try GGUFFile(path: source).info("blk.0.ffn_up.weight"))
+        XCTAssertEqual(info.type.dtype, .f16)
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: source))
+        bytes[info.offset + 2 * 300] = 0x00
+        bytes[info.offset + 2 * 300 + 1] = 0x7E  // F16 NaN
+        let poisoned = try Fixtures.tempDirectory(self) + "/nan.gguf"
+        try bytes.write(to: URL(fileURLWithPath: poisoned))
+        for mix in [QuantizationMix.q4_K_M, .q8_0, .iq4_xs] {
+            try fails(poisoned, mix, "blk.0.ffn_up.weight: row \(300 / info.dims[0]) holds a NaN or infinite value")
+        }
+        let out = try Fixtures.tempDirectory(self) + "/nan-f16.gguf"
+        XCTAssertNoThrow(try ModelQuantizer(mix: .f16).quantize(source: poisoned, output: out))
     }
 }

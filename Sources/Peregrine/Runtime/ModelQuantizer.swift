@@ -326,8 +326,8 @@ public struct ModelQuantizer {
                 for (i, view) in parts.enumerated() {
                     let bytes = target.byteCount(elements: view.elementCount)
                     let own = weights.map { w in w.count == dims[0] * parts.count ? Array(w[(i * dims[0])..<((i + 1) * dims[0])]) : w }
-                    ModelQuantizer.convert(view, to: target, rowLength: dims[0],
-                                           into: UnsafeMutableRawBufferPointer(rebasing: out[at..<(at + bytes)]), pool: pool, importance: own)
+                    try ModelQuantizer.convert(view, to: target, rowLength: dims[0],
+                                               into: UnsafeMutableRawBufferPointer(rebasing: out[at..<(at + bytes)]), pool: pool, importance: own)
                     at += bytes
                 }
             }
@@ -343,20 +343,38 @@ public struct ModelQuantizer {
                         importance: [Float]?, gptq: (GPTQ, InputStatistics)?) throws {
         if let (gptq, s) = gptq, !type.isFloat, s.columns == rowLength, rowLength % type.blockSize == 0 {
             let w = view.toFloat()
+            if let bad = w.firstIndex(where: { !$0.isFinite }) { throw nonFinite(view.name, row: bad / rowLength, type: type) }
             try w.withUnsafeBufferPointer {
                 try gptq.quantize($0.baseAddress!, rows: w.count / rowLength, cols: rowLength, xtx: s.xtx, type: type, importance: importance,
                                   into: out.baseAddress!, pool: pool)
             }
             return
         }
-        convert(view, to: type, rowLength: rowLength, into: out, pool: pool, importance: importance)
+        try convert(view, to: type, rowLength: rowLength, into: out, pool: pool, importance: importance)
+    }
+
+    /// A quantized type's scales cannot hold a NaN or an infinity (llama-quantize refuses such
+    /// rows too): the file is not written.
+    static func nonFinite(_ tensor: String, row: Int, type: DType) -> PeregrineError {
+        .format("\(tensor): row \(row) holds a NaN or infinite value, which \(type.rawValue.uppercased()) cannot store")
+    }
+
+    /// The first row found holding a non-finite value, by whichever worker finds one.
+    private final class BadRow: @unchecked Sendable {
+        private let lock = NSLock()
+        private(set) var row: Int?
+        func record(_ r: Int) {
+            lock.lock()
+            row = min(row ?? r, r)
+            lock.unlock()
+        }
     }
 
     /// Converts a tensor row by row (widened to f32, then quantized), rows spread over threads.
     /// `importance` holds a value per column, for each expert in turn when the tensor stacks
     /// experts (the rows divide evenly among them).
     static func convert(_ view: TensorView, to type: DType, rowLength: Int, into out: UnsafeMutableRawBufferPointer, pool: ThreadPool,
-                        importance: [Float]? = nil) {
+                        importance: [Float]? = nil) throws {
         if view.dtype == type {
             out.copyMemory(from: UnsafeRawBufferPointer(start: view.data, count: view.byteCount))
             return
@@ -370,15 +388,21 @@ public struct ModelQuantizer {
             return p
         }
         defer { importance?.deallocate() }
+        let bad = BadRow(), checked = !type.isFloat
         pool.parallelRanges(rows, grain: max(1, 16384 / rowLength)) { range in
             let row = UnsafeMutablePointer<Float>.allocate(capacity: rowLength)
             defer { row.deallocate() }
             for r in range {
                 view.dtype.dequantize(view.data + r * inBytes, count: rowLength, into: row)
+                if checked && !CPUKernels.allFinite(row, rowLength) {
+                    bad.record(r)
+                    continue
+                }
                 let weights = importance.map { $0 + min(r / rowsPerExpert, experts - 1) * rowLength }
                 Quantizer.quantize(type, row, count: rowLength, importance: weights, into: out.baseAddress! + r * outBytes)
             }
         }
+        if let r = bad.row { throw nonFinite(view.name, row: r, type: type) }
     }
 }
 

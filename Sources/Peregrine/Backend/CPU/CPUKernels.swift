@@ -475,6 +475,17 @@ enum CPUKernels {
         return top
     }
 
+    /// Whether every x[0..<n] is finite: x * 0 is ±0 for a finite x and NaN for a NaN or an
+    /// infinity, so the lanes' sums stay zero exactly when every value is finite.
+    static func allFinite(_ x: UnsafePointer<Float>, _ n: Int) -> Bool {
+        var acc = SIMD8<Float>()
+        var i = 0
+        while i &+ 8 <= n { acc += load8(x, i) * 0; i &+= 8 }
+        var tail: Float = 0
+        while i < n { tail += x[i] * 0; i &+= 1 }
+        return acc.sum() + tail == 0
+    }
+
     /// In place: x = exp(x - m), returning the sum.
     static func expShiftSum(_ x: UnsafeMutablePointer<Float>, _ n: Int, _ m: Float) -> Float {
         var acc = SIMD8<Float>()
