@@ -72,8 +72,14 @@ public enum Quantizer {
 
     /// `n` importance values, or ones where they are all zero (nothing to weigh by).
     static func blockImportance(_ p: UnsafePointer<Float>, _ n: Int) -> [Float] {
-        let v = Array(UnsafeBufferPointer(start: p, count: n))
-        return v.contains { $0 > 0 } ? v : [Float](repeating: 1, count: n)
+        weighs(p, n) ? Array(UnsafeBufferPointer(start: p, count: n)) : [Float](repeating: 1, count: n)
+    }
+
+    /// Whether a block's importance values weigh anything: a block whose values are all zero is
+    /// weighted as if every column mattered equally.
+    @inline(__always) static func weighs(_ p: UnsafePointer<Float>, _ n: Int) -> Bool {
+        for i in 0..<n where p[i] > 0 { return true }
+        return false
     }
 
     /// Q8_0, Q4_0 or Q5_0 with the scale of least weighted error, values then rounded against the
@@ -243,10 +249,7 @@ public enum Quantizer {
                 var s = (sw * sxl - sx * sl) / det, m = (sl2 * sx - sl * sxl) / det
                 if m > 0 { m = 0; s = sxl / sl2 }
                 let e = error(s, m)
-                if e < best {
-                    best = e; bestScale = s; bestOffset = m
-                    if followingBest { origin = m }
-                }
+                if e < best { best = e; bestScale = s; bestOffset = m; origin = m }
             }
             return (bestScale, bestOffset)
         }
@@ -275,11 +278,9 @@ public enum Quantizer {
                 let l = levels(iscale * (x[i] - lo), 0, ceiling), wl = w[i] * l
                 sl += wl; sl2 += wl * l; sxl += wl * x[i]
             }
-            let det = sw * sl2 - sl * sl
-            var s = (sw * sxl - sx * sl) / det, m = (sl2 * sx - sl * sxl) / det
-            let positive = m .> 0
-            s.replace(with: sxl / sl2, where: positive)
-            m.replace(with: 0, where: positive)
+            let fit = refit(sw: SIMD8(repeating: sw), sx: SIMD8(repeating: sx), sl: sl, sl2: sl2, sxl: sxl)
+            let det = fit.det
+            var s = fit.scale, m = fit.offset
             if first == 0 { s[0] = bestScale; m[0] = bestOffset }
             var e = SIMD8<Float>()
             for i in 0..<n {
@@ -332,11 +333,7 @@ public enum Quantizer {
                 let l = levels(iscale * (x[i] - origin), 0, ceiling), wl = w[i] * l
                 sl += wl; sl2 += wl * l; sxl += wl * x[i]
             }
-            let det = sw * sl2 - sl * sl
-            var s = (sw * sxl - sx * sl) / det, m = (sl2 * sx - sl * sxl) / det
-            let positive = m .> 0
-            s.replace(with: sxl / sl2, where: positive)
-            m.replace(with: 0, where: positive)
+            let (det, s, m) = refit(sw: sw, sx: sx, sl: sl, sl2: sl2, sxl: sxl)
             let e = error(s, m, iscale, origin)
             let better = (det .> 0) .& (e .< best)
             best.replace(with: e, where: better)
@@ -347,6 +344,19 @@ public enum Quantizer {
         bestScale.replace(with: 0, where: flat)
         bestOffset.replace(with: lo, where: flat)
         return (bestScale, bestOffset)
+    }
+
+    /// Eight grids' least-squares scale and (non-positive) offset from their weighted sums
+    /// (Σw, Σwx, Σwl, Σwl², Σwlx), as the scalar search computes them; `det` <= 0 marks a grid
+    /// that cannot be fitted.
+    @inline(__always) static func refit(sw: SIMD8<Float>, sx: SIMD8<Float>, sl: SIMD8<Float>, sl2: SIMD8<Float>,
+                                        sxl: SIMD8<Float>) -> (det: SIMD8<Float>, scale: SIMD8<Float>, offset: SIMD8<Float>) {
+        let det = sw * sl2 - sl * sl
+        var s = (sw * sxl - sx * sl) / det, m = (sl2 * sx - sl * sxl) / det
+        let positive = m .> 0
+        s.replace(with: sxl / sl2, where: positive)
+        m.replace(with: 0, where: positive)
+        return (det, s, m)
     }
 
     /// Eight grid levels: rounded to nearest (ties away from zero, as `Float.rounded()`) and
@@ -378,9 +388,7 @@ public enum Quantizer {
             withUnsafeTemporaryAllocation(of: SIMD8<Float>.self, capacity: 64) { buffer in
                 let xt = buffer.baseAddress!, wt = xt + 32
                 for j in 0..<8 {
-                    let sub = x + 32 * j, imp = importance + 32 * j
-                    var any = false
-                    for l in 0..<32 where imp[l] > 0 { any = true }
+                    let sub = x + 32 * j, imp = importance + 32 * j, any = weighs(imp, 32)
                     var total: Float = 0
                     for l in 0..<32 {
                         let w = (any ? imp[l] : 1) * (sigma2 + sub[l] * sub[l]).squareRoot()
@@ -508,9 +516,7 @@ public enum Quantizer {
             for j in 0..<16 {
                 let sub = x + 16 * j
                 if let importance {
-                    let imp = importance + 16 * j
-                    var any = false
-                    for l in 0..<16 where imp[l] > 0 { any = true }
+                    let imp = importance + 16 * j, any = weighs(imp, 16)
                     for l in 0..<16 { w[l] = any ? imp[l] : 1 }
                     scales[j] = symmetricScale(sub, 16, weights: w, top: 32, highest: 31)
                 } else {
