@@ -50,11 +50,7 @@ public enum Quantizer {
                 weightedSymmetric(type, x + 32 * b, blockImportance(importance + 32 * b, 32), sigma2: sigma2, top: top, highest: highest,
                                   out + type.blockBytes * b)
             }
-        case .q4_1, .q5_1:
-            for b in 0..<(n / 32) {
-                weightedWithMin(x + 32 * b, blockImportance(importance + 32 * b, 32), sigma2: sigma2, out + type.blockBytes * b,
-                                five: type == .q5_1)
-            }
+        case .q4_1, .q5_1: weightedWithMin(x, count: n, importance: importance, sigma2: sigma2, out, five: type == .q5_1)
         case .q4_K, .q5_K:
             for b in 0..<(n / 256) { kQuant(x + 256 * b, out + type.blockBytes * b, five: type == .q5_K, importance: importance + 256 * b) }
         case .q6_K:
@@ -101,19 +97,34 @@ public enum Quantizer {
     }
 
     /// Q4_1 or Q5_1 with the scale and (non-positive) min of least weighted error, values then
-    /// rounded against the stored (f16) scale and min.
-    static func weightedWithMin(_ x: UnsafePointer<Float>, _ importance: [Float], sigma2: Float, _ out: UnsafeMutableRawPointer, five: Bool) {
-        let top = five ? 31 : 15
-        let xs = Array(UnsafeBufferPointer(start: x, count: 32))
-        let w = (0..<32).map { importance[$0] * (sigma2 + xs[$0] * xs[$0]).squareRoot() }
-        let (scale, offset) = w.withUnsafeBufferPointer {
-            scaleAndOffset(x, 32, weights: $0.baseAddress!, top: top, stretches: -0.9, by: 0.05, steps: 36, followingBest: true)
+    /// rounded against the stored (f16) scale and min. The blocks' searches run eight at a time,
+    /// one to a SIMD lane (`offsetsFollowingBest`); lanes past a row's last block repeat it and
+    /// are dropped.
+    static func weightedWithMin(_ x: UnsafePointer<Float>, count n: Int, importance: UnsafePointer<Float>, sigma2: Float,
+                                _ out: UnsafeMutableRawPointer, five: Bool) {
+        let top = five ? 31 : 15, blocks = n / 32, bytes = five ? 24 : 20
+        withUnsafeTemporaryAllocation(of: SIMD8<Float>.self, capacity: 64) { buffer in
+            let xt = buffer.baseAddress!, wt = xt + 32
+            for first in stride(from: 0, to: blocks, by: 8) {
+                for j in 0..<8 {
+                    let block = x + 32 * min(first + j, blocks - 1), imp = importance + 32 * min(first + j, blocks - 1)
+                    let any = weighs(imp, 32)
+                    for l in 0..<32 {
+                        xt[l][j] = block[l]
+                        wt[l][j] = (any ? imp[l] : 1) * (sigma2 + block[l] * block[l]).squareRoot()
+                    }
+                }
+                let (s, m) = offsetsFollowingBest(xt, weights: wt, top: top, stretches: -0.9, by: 0.05, steps: 36)
+                for j in 0..<min(8, blocks - first) {
+                    let block = x + 32 * (first + j), o = out + bytes * (first + j)
+                    storeHalf(s[j], o, 0)
+                    storeHalf(m[j], o, 2)
+                    let d = asHalf(s[j]), offset = asHalf(m[j]), id: Float = d != 0 ? 1 / d : 0
+                    let q = (0..<32).map { max(0, min(top, Int(((block[$0] - offset) * id).rounded()))) }
+                    packNibbles(q, o, qs: five ? 8 : 4, qh: five ? 4 : nil)
+                }
+            }
         }
-        storeHalf(scale, out, 0)
-        storeHalf(offset, out, 2)
-        let d = asHalf(scale), m = asHalf(offset), id: Float = d != 0 ? 1 / d : 0
-        let q = xs.map { max(0, min(top, Int((($0 - m) * id).rounded()))) }
-        packNibbles(q, out, qs: five ? 8 : 4, qh: five ? 4 : nil)
     }
 
     /// A k-quant's sub-block scales (or mins), all >= 0, as integers 0...top times one scale:
@@ -211,12 +222,10 @@ public enum Quantizer {
     /// For one sub-block, the scale and (non-positive) offset with x ~ scale * q + offset,
     /// q in 0...top, minimising sum w (x - scale q - offset)^2: starting from min-to-max, try
     /// `steps + 1` stretches of the grid (top + stretch levels over the range, stretch = `from`,
-    /// `from + by`, ...) and refit scale and offset by least squares on each. With
-    /// `followingBest` each grid starts from the best offset found so far instead of the minimum.
-    /// Runs for every 32 values a k-quant file holds, so it allocates nothing: each grid's levels
-    /// live in one buffer on the stack (`n` at most 32).
+    /// `from + by`, ...) and refit scale and offset by least squares on each (`independentGrids`).
+    /// `offsetsFollowingBest` is the search whose grids start from the best offset so far.
     static func scaleAndOffset(_ x: UnsafePointer<Float>, _ n: Int, weights w: UnsafePointer<Float>, top: Int, stretches from: Float = -1,
-                               by: Float = 0.1, steps: Int = 20, followingBest: Bool = false) -> (scale: Float, offset: Float) {
+                               by: Float = 0.1, steps: Int = 20) -> (scale: Float, offset: Float) {
         precondition(n > 0 && n <= 32, "a sub-block of 1 to 32 values")
         var lo = x[0], hi = x[0]
         for i in 1..<n {
@@ -225,34 +234,7 @@ public enum Quantizer {
         }
         if lo > 0 { lo = 0 }
         if hi <= lo { return (0, lo) }
-        if !followingBest { return independentGrids(x, n, weights: w, top: top, lo: lo, hi: hi, from: from, by: by, steps: steps) }
-        return withUnsafeTemporaryAllocation(of: Int32.self, capacity: 32) { q in
-            func error(_ s: Float, _ m: Float) -> Float {
-                var e: Float = 0
-                for i in 0..<n { let d = s * Float(q[i]) + m - x[i]; e += w[i] * d * d }
-                return e
-            }
-            var origin = lo
-            func grid(_ iscale: Float) { for i in 0..<n { q[i] = Int32(max(0, min(top, Int((iscale * (x[i] - origin)).rounded())))) } }
-            var bestScale = (hi - lo) / Float(top), bestOffset = lo
-            grid(Float(top) / (hi - lo))
-            var best = error(bestScale, bestOffset)
-            for step in 0...steps {
-                grid((from + by * Float(step) + Float(top)) / (hi - origin))
-                var sw: Float = 0, sl: Float = 0, sl2: Float = 0, sxl: Float = 0, sx: Float = 0
-                for i in 0..<n {
-                    let l = Float(q[i]), wi = w[i], xi = x[i]
-                    sw += wi; sl += wi * l; sl2 += wi * l * l; sxl += wi * l * xi; sx += wi * xi
-                }
-                let det = sw * sl2 - sl * sl
-                guard det > 0 else { continue }
-                var s = (sw * sxl - sx * sl) / det, m = (sl2 * sx - sl * sxl) / det
-                if m > 0 { m = 0; s = sxl / sl2 }
-                let e = error(s, m)
-                if e < best { best = e; bestScale = s; bestOffset = m; origin = m }
-            }
-            return (bestScale, bestOffset)
-        }
+        return independentGrids(x, n, weights: w, top: top, lo: lo, hi: hi, from: from, by: by, steps: steps)
     }
 
     /// `scaleAndOffset` where every grid starts from the minimum: the grids do not depend on each
@@ -299,10 +281,11 @@ public enum Quantizer {
         return (bestScale, bestOffset)
     }
 
-    /// `scaleAndOffset` with `followingBest` for eight sub-blocks of 32 at once, one to a SIMD
-    /// lane (`x[l]` and `w[l]` hold value l of each): each lane runs the scalar search's steps,
-    /// its grids starting from its own best offset so far, with the same operations in the same
-    /// order, so each lane's result is the scalar search's bit for bit.
+    /// The search of `scaleAndOffset` with each grid starting from the best offset found so far
+    /// (llama.cpp's search with an importance matrix), for eight sub-blocks of 32 at once, one to
+    /// a SIMD lane (`x[l]` and `w[l]` hold value l of each): each lane runs a scalar search's
+    /// steps with the same operations in the same order, so each lane's result is that search's
+    /// bit for bit (QuantizerSearchTests keeps the scalar form).
     static func offsetsFollowingBest(_ x: UnsafePointer<SIMD8<Float>>, weights w: UnsafePointer<SIMD8<Float>>, top: Int,
                                      stretches from: Float, by: Float, steps: Int) -> (scale: SIMD8<Float>, offset: SIMD8<Float>) {
         let n = 32, ceiling = Float(top)
