@@ -53,8 +53,8 @@ inline unsigned short to_bf16(float f) {
 }
 inline float from_bf16(unsigned short b) { return ffrom((uint32_t)b << 16); }
 
-// ggml's block formats (raw, before repack_quantized): Q8_0, Q4_0, Q4_K, Q6_K.
-inline int block_bytes(int dtype) { return dtype == 3 ? 34 : dtype == 4 ? 18 : dtype == 5 ? 144 : 210; }
+// ggml's block formats (raw, before repack_quantized): Q8_0, Q4_0, Q4_K, Q6_K, Q5_K (11).
+inline int block_bytes(int dtype) { return dtype == 3 ? 34 : dtype == 4 ? 18 : dtype == 5 ? 144 : dtype == 11 ? 176 : 210; }
 inline int block_values(int dtype) { return dtype == 3 || dtype == 4 ? 32 : 256; }
 
 inline void put_f16(unsigned char* p, float v) { unsigned short b = to_f16(v); memcpy(p, &b, 2); }
@@ -70,6 +70,7 @@ inline std::vector<unsigned char> random_blocks(int dtype, long blocks, Rng& rng
         if (dtype == 3) put_f16(p, rng.uniform(-0.02f, 0.02f));
         else if (dtype == 4) put_f16(p, rng.uniform(-0.2f, 0.2f));
         else if (dtype == 5) { put_f16(p, rng.uniform(0.0f, 0.004f)); put_f16(p + 2, rng.uniform(0.0f, 0.004f)); }
+        else if (dtype == 11) { put_f16(p, rng.uniform(0.0f, 0.002f)); put_f16(p + 2, rng.uniform(0.0f, 0.004f)); }
         else put_f16(p + 208, rng.uniform(-0.002f, 0.002f));
     }
     return raw;
@@ -86,10 +87,14 @@ inline void dequantize_block(int dtype, const unsigned char* p, float* y) {
             y[j] = d * (float)((p[2 + j] & 15) - 8);
             y[j + 16] = d * (float)((p[2 + j] >> 4) - 8);
         }
-    } else if (dtype == 5) {
+    } else if (dtype == 5 || dtype == 11) {
+        // Q5_K: Q4_K's header, then qh[32] (bit 2j of byte l: value 64j + l's fifth bit, bit
+        // 2j + 1: value 64j + 32 + l's), then the nibbles.
         float d = get_f16(p), dmin = get_f16(p + 2);
         const unsigned char* sc = p + 4;
-        const unsigned char* q = p + 16;
+        const unsigned char* qh = p + 16;
+        const unsigned char* q = p + (dtype == 11 ? 48 : 16);
+        auto fifth = [&](int l, int bit) { return dtype == 11 && (qh[l] >> bit) & 1 ? 16 : 0; };
         auto scale_min = [&](int j, int& s, int& m) {
             if (j < 4) { s = sc[j] & 63; m = sc[j + 4] & 63; }
             else { s = (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4); m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4); }
@@ -100,8 +105,8 @@ inline void dequantize_block(int dtype, const unsigned char* p, float* y) {
             scale_min(2 * j + 1, s2, m2);
             float d1 = d * s1, o1 = dmin * m1, d2 = d * s2, o2 = dmin * m2;
             for (int l = 0; l < 32; l++) {
-                y[64 * j + l] = d1 * (q[32 * j + l] & 15) - o1;
-                y[64 * j + 32 + l] = d2 * (q[32 * j + l] >> 4) - o2;
+                y[64 * j + l] = d1 * ((q[32 * j + l] & 15) + fifth(l, 2 * j)) - o1;
+                y[64 * j + 32 + l] = d2 * ((q[32 * j + l] >> 4) + fifth(l, 2 * j + 1)) - o2;
             }
         }
     } else {

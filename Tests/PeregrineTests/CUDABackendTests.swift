@@ -418,7 +418,7 @@ final class CUDABackendTests: XCTestCase {
             return y
         }
         let n = 40, k = 768, tokens = 24, few = 5
-        for type in [DType.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K] {
+        for type in [DType.q8_0, .q4_0, .q4_K, .q5_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K] {
             let values = (0..<(n * k)).map { _ in rng.signedUnit() }
             let size = type.byteCount(elements: n * k)
             let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
@@ -443,7 +443,7 @@ final class CUDABackendTests: XCTestCase {
             let scale = expected.reduce(0) { max($0, abs($1)) }
             XCTAssertLessThan(maxAbsDiff(widened, expected), 2e-3 * scale, "\(type), \(tokens) tokens, widened")
             XCTAssertLessThan(maxAbsDiff(byDefault, expected), 2e-3 * scale, "\(type), \(tokens) tokens, the default path")
-            if [.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl].contains(type) {
+            if [.q8_0, .q4_0, .q4_K, .q5_K, .q6_K, .iq4_nl].contains(type) {
                 let rows = try product(gpu, weight, x[0..<(few * k)], rows: few)
                 for t in 0..<few {
                     let alone = try product(gpu, weight, x[(t * k)..<((t + 1) * k)], rows: 1)
@@ -481,8 +481,8 @@ final class CUDABackendTests: XCTestCase {
         // of many tiles do.
         let n = 296  // a multiple of 8, as quant_gemm_ws's stores through the copy engine need for BF16 outputs
         for tokens in [300, 16] {
-            for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.iq4_xs, 1024), (.q4_K, 1024), (.q6_K, 1024), (.q3_K, 1024),
-                              (.q2_K, 1024)] {
+            for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.iq4_xs, 1024), (.q4_K, 1024), (.q5_K, 1024), (.q6_K, 1024),
+                              (.q3_K, 1024), (.q2_K, 1024)] {
                 var storage: [UnsafeMutableRawPointer] = []
                 defer { storage.forEach { $0.deallocate() } }
                 func matrix(_ rows: Int, _ t: DType? = nil) throws -> CUDAWeight {

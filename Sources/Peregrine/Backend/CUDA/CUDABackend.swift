@@ -412,7 +412,7 @@ public final class CUDABackend: ComputeBackend {
         let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
         let early = ProcessInfo.processInfo.environment["PEREGRINE_NO_EARLY_TRIGGER"] == nil
         let module = try driver.compile(source, name: "peregrine-kernels", defines: early ? [] : ["PEREGRINE_NO_EARLY_TRIGGER"])
-        let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q6_K", "iq4_nl", "iq4_xs", "q3_K", "q2_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
+        let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q5_K", "q6_K", "iq4_nl", "iq4_xs", "q3_K", "q2_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         let fixedMatvecs = ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in
             CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)" }
         } + ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)_carry" } }
@@ -827,14 +827,14 @@ public final class CUDABackend: ComputeBackend {
             let b = try t.toFloat().withUnsafeBytes { try deviceCopy(of: $0.baseAddress!, bytes: $0.count) }
             return CUDAWeight(dtype: .f32, rows: rows, cols: cols, storage: b)
         }
-        guard [.f16, .bf16, .q8_0, .q4_0, .iq4_nl].contains(t.dtype) || [.q4_K, .q6_K, .iq4_xs, .q3_K, .q2_K].contains(t.dtype) && cols % 256 == 0 else {
-            // Types without GPU kernels (Q4_1, Q5_0, Q5_1, Q5_K) are widened to BF16 at load: the
+        guard [.f16, .bf16, .q8_0, .q4_0, .iq4_nl].contains(t.dtype) || [.q4_K, .q5_K, .q6_K, .iq4_xs, .q3_K, .q2_K].contains(t.dtype) && cols % 256 == 0 else {
+            // Types without GPU kernels (Q4_1, Q5_0, Q5_1) are widened to BF16 at load: the
             // file runs, at BF16's size and speed for those tensors.
             let b = try t.toFloat().map { Half.floatToBF16($0) }.withUnsafeBytes { try deviceCopy(of: $0.baseAddress!, bytes: $0.count) }
             return CUDAWeight(dtype: .bf16, rows: rows, cols: cols, storage: b)
         }
         let b = try deviceCopy(of: t.data, bytes: t.byteCount)
-        if [.q8_0, .q4_0, .q4_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K].contains(t.dtype) {
+        if [.q8_0, .q4_0, .q4_K, .q5_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K].contains(t.dtype) {
             // Planar on the device (values, then scales): 16-byte-aligned blocks for the kernels,
             // and 32 bytes past the end, which quant_gemm's 16-byte copies of the pieces holding
             // the last scales may reach (Q3_K's 12 scale bytes take two).
@@ -892,6 +892,7 @@ public final class CUDABackend: ComputeBackend {
         case .iq4_xs: return 8
         case .q3_K: return 9
         case .q2_K: return 10
+        case .q5_K: return 11
         default: return 0
         }
     }
@@ -1058,6 +1059,7 @@ public final class CUDABackend: ComputeBackend {
         case .iq4_xs: return "iq4_xs"
         case .q3_K: return "q3_K"
         case .q2_K: return "q2_K"
+        case .q5_K: return "q5_K"
         default: return nil
         }
     }
@@ -1164,7 +1166,7 @@ public final class CUDABackend: ComputeBackend {
     /// take four), and the warp-specialized form's.
     static let quantGemmKernels: [DType: [QuantGemmKernel]] = Dictionary(uniqueKeysWithValues: [
         (DType.q8_0, 80, 4, 5), (.q4_0, 48, 4, 5), (.iq4_nl, 48, 4, 5), (.iq4_xs, 48, 4, 5), (.q3_K, 112, 3, 4), (.q2_K, 80, 4, 5),
-        (.q4_K, 48, 4, 5), (.q6_K, 144, 3, 4),
+        (.q4_K, 48, 4, 5), (.q5_K, 80, 4, 5), (.q6_K, 144, 3, 4),
     ].map { type, rowBytes, stages, wsStages in
         let name = "quant_gemm_" + (matvecSuffix(type) ?? "")
         return (type, [QuantGemmKernel(name: name, tokens: 128, stages: stages, rowBytes: rowBytes),
@@ -1200,6 +1202,7 @@ public final class CUDABackend: ComputeBackend {
     /// 0.82x / 0.71x / 0.75x / 0.68x (its decoding takes the most instructions); the widening of
     /// IQ4_XS, Q2_K and Q3_K is the slowest. With the activations copied by the TMA, on an H200,
     /// the same picture (Q4_K_M 1.02x / 0.93x / 0.87x at 512 / 2,048 / 4,096; BENCHMARKS.md).
+    /// Q5_K, whose decoding is Q4_K's and one more bit a value, takes Q4_K's limit (not measured).
     static func quantGemmDefaultTokenLimit(_ type: DType) -> Int {
         switch type {
         case .q6_K: return 256
@@ -2262,7 +2265,7 @@ public final class CUDABackend: ComputeBackend {
             var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
             // The types whose row_dot reads 8-bit activations (rounded per 32 values); the others
             // (IQ4_XS, Q3_K, Q2_K) read the f32 ones.
-            let eightBit: [DType] = [.q8_0, .q4_0, .iq4_nl, .q4_K, .q6_K]
+            let eightBit: [DType] = [.q8_0, .q4_0, .iq4_nl, .q4_K, .q5_K, .q6_K]
             if eightBit.contains(type) || eightBit.contains(upType) {
                 guard let q = quantizeActivations(input, rows: total, k: k, norm: nil) else { return }
                 (xq, xs) = q

@@ -1,7 +1,7 @@
 // Peregrine's CUDA kernels, compiled at run time by NVRTC for the device's architecture.
 // Activations are f32, row-major, one row per token; weights keep their stored type
 // (0: f32, 1: f16, 2: bf16, 3: Q8_0, 4: Q4_0, 5: Q4_K, 6: Q6_K, 7: IQ4_NL, 8: IQ4_XS, 9: Q3_K,
-// 10: Q2_K; the quantized ones repacked at load, see repack_quantized). The KV cache is f32 or
+// 10: Q2_K, 11: Q5_K; the quantized ones repacked at load, see repack_quantized). The KV cache is f32 or
 // f16 (the kernels that touch it take `kvHalf`), [block, position in block, kvHeads, headDim].
 // PEREGRINE_CUDA_EMULATOR: compiled on the host by Tests/KernelEmulator, whose prelude defines the
 // CUDA types and intrinsics, and the inline-assembly helpers left out below.
@@ -113,12 +113,15 @@ __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, l
         int q = i % 32 < 16 ? (b & 15) : (b >> 4);
         return __half2float(quant_scales(w, 4, total)[i / 32]) * (float)(q - 8);
     }
-    if (dtype == 5) {
-        // Q4_K planar: 128 bytes of values per super-block, then the 16-byte headers.
+    if (dtype == 5 || dtype == 11) {
+        // Q4_K planar: 128 bytes of values per super-block, then the 16-byte headers. Q5_K: the
+        // same, then 32 bytes of fifth bits per super-block (bit 2j + 1 of byte l of value
+        // 64j + 32 + l, bit 2j of value 64j + l, as ggml has them).
         long sb = i / 256;
         int r = i % 256, j = r / 64, l = r % 64;
         unsigned char b = ((const unsigned char*)w)[sb * 128 + 32 * j + l % 32];
         int q = l < 32 ? (b & 15) : (b >> 4);
+        if (dtype == 11) q |= ((((const unsigned char*)w)[total / 2 + total / 16 + sb * 32 + l % 32] >> (2 * j + l / 32)) & 1) << 4;
         uint4 h = ((const uint4*)((const unsigned char*)w + total / 2))[sb];
         float d, dmin;
         int s1, m1, s2, m2;
@@ -211,6 +214,9 @@ extern "C" __global__ void repack_quantized(const unsigned char* raw, int dtype,
     } else if (dtype == 10) {  // Q2_K, 84 bytes: 16 scale bytes, qs, f16 d and dmin
         const int from[3] = {16, 0, 80}, length[3] = {64, 16, 4};
         repack_pieces(raw, 84, from, length, 3, out, blocks, b);
+    } else if (dtype == 11) {  // Q5_K, 176 bytes: Q4_K's 16-byte header, 32 bytes of fifth bits, qs
+        const int from[3] = {48, 0, 16}, length[3] = {128, 16, 32};
+        repack_pieces(raw, 176, from, length, 3, out, blocks, b);
     } else {  // Q8_0 (34 bytes), Q4_0 and IQ4_NL (18): an f16 scale, then the values
         int size = dtype == 3 ? 32 : 16;
         const int from[2] = {2, 0}, length[2] = {size, 2};
@@ -759,6 +765,24 @@ __device__ __forceinline__ float q4k_unit(uint4 q, uint4 hq, int i, const Q4KX& 
     return x.lo * (d * s1 * lo - dmin * m1 * x.sa) + x.hi * (d * s2 * hi - dmin * m2 * x.sc);
 }
 
+// Unit i of a Q5_K row: q4k_unit's with each value's fifth bit from qh, the 16 bytes of the
+// super-block's fifth bits that hold this unit's (bytes 16h ... 16h + 15; bit 2j for the low
+// nibbles' sub-block, 2j + 1 for the high nibbles').
+__device__ __forceinline__ float q5k_unit(uint4 q, uint4 qh, uint4 hq, int i, const Q4KX& x) {
+    unsigned v[4] = {q.x, q.y, q.z, q.w}, h[4] = {qh.x, qh.y, qh.z, qh.w};
+    int xa[4] = {x.a.x, x.a.y, x.a.z, x.a.w}, xc[4] = {x.c.x, x.c.y, x.c.z, x.c.w};
+    int j = (i % 8) / 2, lo = 0, hi = 0;
+#pragma unroll
+    for (int b = 0; b < 4; b++) {
+        lo = __dp4a((int)((v[b] & 0x0F0F0F0F) | (((h[b] >> (2 * j)) & 0x01010101) << 4)), xa[b], lo);
+        hi = __dp4a((int)(((v[b] >> 4) & 0x0F0F0F0F) | (((h[b] >> (2 * j + 1)) & 0x01010101) << 4)), xc[b], hi);
+    }
+    float d, dmin;
+    int s1, m1, s2, m2;
+    q4k_header(hq, 2 * j, d, dmin, s1, m1, s2, m2);
+    return x.lo * (d * s1 * lo - dmin * m1 * x.sa) + x.hi * (d * s2 * hi - dmin * m2 * x.sc);
+}
+
 // Unit i of a Q6_K row (see matvec_q6k_body: 16 values of each quarter of half (i % 4) / 2 of
 // super-block i / 4; qa, qb its low-nibble bytes, qh its high bits) against 8-bit x: q6k_x reads
 // x's four 16-value runs and their scales; q6k_unit multiplies, sc the unit's first 16-value
@@ -795,7 +819,8 @@ __device__ __forceinline__ float q6k_unit(uint4 qa, uint4 qb, uint4 qh, const si
 
 // One token's products of quantized weights, a warp per output row, specialized per weight type
 // DT and rows per warp R (R = 2: gate and up of the same output, mode 2). Each lane keeps 8 / R
-// 16-byte weight loads per row in flight (4 / R for Q4_K, whose headers come with them), and the
+// 16-byte weight loads per row in flight (4 / R for Q4_K and Q5_K, whose headers, and Q5_K's
+// fifth bits, come with them), and the
 // first ones are issued before gdc_wait, so a product's weights stream while the kernel before
 // it finishes. x comes as xq/xs from quantize_q8 (one launch per product: rounding x in every
 // block instead measured 37% slower on Q4_0). Matrices and modes as matmul_rows.
@@ -804,29 +829,31 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
                                             float* y1, int n1, const void* w2, const float* b2, float* y2, int n2,
                                             const signed char* xq, const float* xs, int k, int mode) {
     static_assert(DT >= 3, "16-bit weights take matvec_half_body");
-    constexpr int U = (DT == 5 ? 4 : 8) / R;
+    constexpr int U = (DT == 5 || DT == 11 ? 4 : 8) / R;
     int lane = threadIdx.x & 31;
     MatvecRow m = matvec_row(R == 2, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);
     const void* w = m.w; int n = m.n, o = m.o;
     bool active = m.active;
     const void* wr[2] = {w, w1};
     // A 16-byte load is half a Q8_0 block, a Q4_0 or IQ4_NL block, a sub-block of an IQ4_XS
-    // super-block, or an eighth of a Q4_K super-block (whose 16-byte header, scales and minimums,
-    // comes with it).
+    // super-block, or an eighth of a Q4_K or Q5_K super-block (whose 16-byte header, scales and
+    // minimums, comes with it, and for Q5_K the 16 bytes of fifth bits of its values).
     const int units = DT == 3 ? k / 16 : k / 32;
     const long total = (long)n * k;
     const uint4* base[R];
     const __half* sc[R];
     const uint4* head[R];
     const uint2* xsHead[R];
+    const uint4* fifth[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
         base[r] = (const uint4*)wr[r] + (long)o * units;
         if (DT == 3 || DT == 4 || DT == 7) sc[r] = quant_scales(wr[r], DT, total) + (long)o * (k / 32);
-        if (DT == 5) head[r] = (const uint4*)((const unsigned char*)wr[r] + total / 2) + (long)o * (k / 256);
+        if (DT == 5 || DT == 11) head[r] = (const uint4*)((const unsigned char*)wr[r] + total / 2) + (long)o * (k / 256);
+        if (DT == 11) fifth[r] = (const uint4*)((const unsigned char*)wr[r] + total / 2 + total / 16) + (long)o * (k / 256) * 2;
         if (DT == 8) xsHead[r] = (const uint2*)((const unsigned char*)wr[r] + total / 2) + (long)o * (k / 256);
     }
-    uint4 q[R][U], hq[R][U];
+    uint4 q[R][U], hq[R][U], qh[R][U];
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -834,7 +861,8 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
 #pragma unroll
         for (int u = 0; u < U; u++) if (active && lane + u * 32 < units) {
             q[r][u] = __ldcs(base[r] + lane + u * 32);
-            if (DT == 5) hq[r][u] = head[r][(lane + u * 32) / 8];
+            if (DT == 5 || DT == 11) hq[r][u] = head[r][(lane + u * 32) / 8];
+            if (DT == 11) qh[r][u] = fifth[r][(lane + u * 32) / 8 * 2 + (lane + u * 32) % 2];
         }
     }
     gdc_wait();
@@ -846,17 +874,19 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
 #pragma unroll
                     for (int u = 0; u < U; u++) if (u0 + u * 32 < units) {
                         q[r][u] = __ldcs(base[r] + u0 + u * 32);
-                        if (DT == 5) hq[r][u] = head[r][(u0 + u * 32) / 8];
+                        if (DT == 5 || DT == 11) hq[r][u] = head[r][(u0 + u * 32) / 8];
+                        if (DT == 11) qh[r][u] = fifth[r][(u0 + u * 32) / 8 * 2 + (u0 + u * 32) % 2];
                     }
             }
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 int i = u0 + u * 32;
                 if (i >= units) break;
-                if (DT == 5) {
+                if (DT == 5 || DT == 11) {
                     Q4KX xv = q4k_x(xq, xs, i);
 #pragma unroll
-                    for (int r = 0; r < R; r++) acc[r] += q4k_unit(q[r][u], hq[r][u], i, xv);
+                    for (int r = 0; r < R; r++)
+                        acc[r] += DT == 5 ? q4k_unit(q[r][u], hq[r][u], i, xv) : q5k_unit(q[r][u], qh[r][u], hq[r][u], i, xv);
                 } else {
                     int blk = DT == 3 ? i / 2 : i;
                     float xd = xs[blk];
@@ -1014,6 +1044,8 @@ MATVEC(matvec_q4_0, 4, 1, 4)
 MATVEC(matvec_q4_0_gated, 4, 2, 4)
 MATVEC(matvec_q4_K, 5, 1, 3)
 MATVEC(matvec_q4_K_gated, 5, 2, 3)
+MATVEC(matvec_q5_K, 11, 1, 3)
+MATVEC(matvec_q5_K_gated, 11, 2, 3)
 MATVEC(matvec_iq4_nl, 7, 1, 4)
 MATVEC(matvec_iq4_nl_gated, 7, 2, 4)
 MATVEC(matvec_iq4_xs, 8, 1, 4)
@@ -1169,11 +1201,14 @@ __device__ __forceinline__ void warp_row_dot(const void* w, int dtype, long tota
 
 // acc[t] += dot(W[row, :], x[t0 + t, :]) for nt tokens of 8-bit x (xq, xs), by one warp, for a
 // Q4_K row (`row` its first value): a lane per 16 bytes of values, 32 values of two sub-blocks,
-// as matvec_body reads them, the weights read once for all nt tokens.
+// as matvec_body reads them, the weights read once for all nt tokens. FIFTH: a Q5_K row, each
+// value's fifth bit from the super-block's 32 bytes of them (as q5k_unit).
+template <bool FIFTH>
 __device__ __forceinline__ void q4k_row_dot(const void* w, long total, long row, const signed char* xq, const float* xs, int k,
                                             int t0, int nt, int lane, float* acc) {
     const uint4* base = (const uint4*)w + row / 32;
     const uint4* head = (const uint4*)((const unsigned char*)w + total / 2) + row / 256;
+    const uint4* fifth = (const uint4*)((const unsigned char*)w + total / 2 + total / 16) + row / 128;
     for (int i = lane; i < k / 32; i += 32) {
         uint4 qv = __ldg(base + i), h = head[i / 8];
         int j = (i % 8) / 2, half = i % 2;
@@ -1184,6 +1219,15 @@ __device__ __forceinline__ void q4k_row_dot(const void* w, long total, long row,
         int lo4[4], hi4[4];
 #pragma unroll
         for (int b = 0; b < 4; b++) { lo4[b] = (int)(v[b] & 0x0F0F0F0F); hi4[b] = (int)((v[b] >> 4) & 0x0F0F0F0F); }
+        if (FIFTH) {
+            uint4 hv = __ldg(fifth + (i / 8) * 2 + half);
+            unsigned f[4] = {hv.x, hv.y, hv.z, hv.w};
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                lo4[b] |= (int)(((f[b] >> (2 * j)) & 0x01010101) << 4);
+                hi4[b] |= (int)(((f[b] >> (2 * j + 1)) & 0x01010101) << 4);
+            }
+        }
         long at = (long)(i / 8) * 256 + 64 * j + 16 * half;
         for (int t = 0; t < nt; t++) {
             const signed char* xr = xq + (long)(t0 + t) * k;
@@ -1243,13 +1287,16 @@ __device__ __forceinline__ void q6k_row_dot(const void* w, long total, long row,
 
 // acc[t] += dot(W[row, :], x[t0 + t, :]) for nt tokens, by one warp, for every weight type (xq,
 // xs: x rounded to 8 bits, for the quantized types): warp_row_dot for the float types, Q8_0,
-// Q4_0 and IQ4_NL; Q4_K and Q6_K on 8-bit x with dp4a; the other types value by value on f32 x.
+// Q4_0 and IQ4_NL; Q4_K, Q5_K and Q6_K on 8-bit x with dp4a; the other types value by value on
+// f32 x.
 __device__ __forceinline__ void row_dot(const void* w, int dtype, long total, long row, const float* x, const signed char* xq,
                                         const float* xs, int k, int t0, int nt, int lane, float* acc) {
     if (dtype <= 4 || dtype == 7) {
         warp_row_dot(w, dtype, total, row, x, xq, xs, k, t0, nt, lane, acc);
     } else if (dtype == 5) {
-        q4k_row_dot(w, total, row, xq, xs, k, t0, nt, lane, acc);
+        q4k_row_dot<false>(w, total, row, xq, xs, k, t0, nt, lane, acc);
+    } else if (dtype == 11) {
+        q4k_row_dot<true>(w, total, row, xq, xs, k, t0, nt, lane, acc);
     } else if (dtype == 6) {
         q6k_row_dot(w, total, row, xq, xs, k, t0, nt, lane, acc);
     } else {
@@ -1326,11 +1373,13 @@ __device__ __forceinline__ uint4 dequant8_bf16(const void* w, int dtype, long i0
             int q = r < 16 ? (b[e] & 15) : (b[e] >> 4);
             f[e] = dtype == 4 ? d * (float)(q - 8) : d * (float)iq4_level(q);
         }
-    } else if (dtype == 5) {
+    } else if (dtype == 5 || dtype == 11) {
         long sb = i0 / 256;
         int r = (int)(i0 % 256), j = r / 64, l = r % 64;
         uint2 raw = *(const uint2*)(base + sb * 128 + 32 * j + l % 32);
+        uint2 fifth = dtype == 11 ? *(const uint2*)(base + total / 2 + total / 16 + sb * 32 + l % 32) : make_uint2(0, 0);
         const unsigned char* b = (const unsigned char*)&raw;
+        const unsigned char* hb = (const unsigned char*)&fifth;
         uint4 h = ((const uint4*)(base + total / 2))[sb];
         float d, dmin;
         int s1, m1, s2, m2;
@@ -1338,8 +1387,8 @@ __device__ __forceinline__ uint4 dequant8_bf16(const void* w, int dtype, long i0
         int sc = l < 32 ? s1 : s2, m = l < 32 ? m1 : m2;
 #pragma unroll
         for (int e = 0; e < 8; e++) {
-            int q = l < 32 ? (b[e] & 15) : (b[e] >> 4);
-            f[e] = d * sc * q - dmin * m;
+            int q = (l < 32 ? (b[e] & 15) : (b[e] >> 4)) | (((hb[e] >> (2 * j + l / 32)) & 1) << 4);
+            f[e] = __fmaf_rn(d * sc, (float)q, -(dmin * m));
         }
     } else if (dtype == 6) {
         long sb = i0 / 256, blocks = total / 256;
@@ -1390,26 +1439,30 @@ extern "C" __global__ void dequantize_experts_bf16(const unsigned long long* wei
 }
 
 // Values i0 ..< i0 + 32 (i0 a multiple of 32) of a quantized matrix of `total` values as BF16,
-// each the value load_weight gives, into out: Q4_K, Q6_K, Q8_0 and Q4_0 decode their block's
+// each the value load_weight gives, into out: Q4_K, Q5_K, Q6_K, Q8_0 and Q4_0 decode their block's
 // scales once for the 32 and read the bytes in 16-byte loads; the other types go eight at a time.
 __device__ __forceinline__ void dequant32_bf16(const void* w, int dtype, long i0, long total, uint4 (&out)[4]) {
     const unsigned char* base = (const unsigned char*)w;
     float f[32];
-    if (dtype == 5) {
-        // Q4_K: the 32 bytes of the sub-block pair (values of sub-block 2j low, 2j + 1 high).
+    if (dtype == 5 || dtype == 11) {
+        // Q4_K: the 32 bytes of the sub-block pair (values of sub-block 2j low, 2j + 1 high);
+        // Q5_K: with the fifth bits (bit 2j + high of the super-block's 32 bytes of them).
         long sb = i0 / 256;
         int r = (int)(i0 % 256), j = r / 64, high = (r % 64) / 32;
         const uint4* q = (const uint4*)(base + sb * 128 + 32 * j);
+        const uint4* qh = (const uint4*)(base + total / 2 + total / 16 + sb * 32);
         float d, dmin;
         int s1, m1, s2, m2;
         q4k_header(((const uint4*)(base + total / 2))[sb], 2 * j, d, dmin, s1, m1, s2, m2);
         float scale = d * (high ? s2 : s1), offset = dmin * (high ? m2 : m1);
 #pragma unroll
         for (int c = 0; c < 2; c++) {
-            uint4 v = q[c];
+            uint4 v = q[c], hv = dtype == 11 ? qh[c] : make_uint4(0, 0, 0, 0);
             const unsigned char* b = (const unsigned char*)&v;
+            const unsigned char* hb = (const unsigned char*)&hv;
 #pragma unroll
-            for (int e = 0; e < 16; e++) f[16 * c + e] = scale * (high ? b[e] >> 4 : b[e] & 15) - offset;
+            for (int e = 0; e < 16; e++)
+                f[16 * c + e] = __fmaf_rn(scale, (float)((high ? b[e] >> 4 : b[e] & 15) | (((hb[e] >> (2 * j + high)) & 1) << 4)), -offset);
         }
     } else if (dtype == 6) {
         // Q6_K: low 4 bits from ql, high 2 from qh, a scale per 16 values.
@@ -4263,6 +4316,44 @@ template <> struct QuantChunk<5> {  // Q4_K: the 32 bytes of sub-blocks 2j (low 
     }
 };
 
+template <> struct QuantChunk<11> {
+    // Q5_K: Q4_K's chunk (the 32 bytes of nibbles, the header) and the super-block's 32 bytes of
+    // fifth bits, whose byte l holds value l's of each sub-block (bit 2j: sub-block 2j's, the low
+    // nibbles; bit 2j + 1: the high ones'), read at the same places as the nibbles' bytes.
+    static constexpr int PIECES = 5, STRIDE = 80;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
+        unsigned long sb = i / 256;
+        int j = (k0 % 256) / 64;
+        const unsigned char* base = (const unsigned char*)w;
+        if (p < 2) return base + sb * 128 + 32 * j + 16 * p;
+        if (p == 2) return base + total / 2 + 16 * sb;
+        return base + total / 2 + total / 16 + 32 * sb + 16 * (p - 3);
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        // load_weight's fma(d s, q, -dmin m), q the nibble and its fifth bit as one 5-bit field.
+        int j = (k0 % 256) / 64;
+        float scale[2], offset[2];
+        QuantChunk<5>::pair_scales(*(const uint4*)(row + 32), 2 * j, scale, offset);
+#pragma unroll
+        for (int b = 0; b < 2; b++) {
+            unsigned x, y, hx, hy;
+            fragment_bytes(row + 16 * b, c, x, y);
+            fragment_bytes(row + 48 + 16 * b, c, hx, hy);
+            // k16 step b: sub-block 2j (low nibbles, bit 2j); step 2 + b: sub-block 2j + 1.
+            auto pair = [&](unsigned v, unsigned f, int h) {
+                unsigned q = ((v >> (4 * h)) & 0x0F0Fu) | (((f >> (2 * j + h)) & 0x0101u) << 4);
+                return pack16<false>(__fmaf_rn(scale[h], field_value(q, 0x1Fu), offset[h]),
+                                     __fmaf_rn(scale[h] * 0x1p-8f, field_value(q, 0x1F00u), offset[h]));
+            };
+            lo[b] = pair(x, hx, 0);
+            hi[b] = pair(y, hy, 0);
+            lo[2 + b] = pair(x, hx, 1);
+            hi[2 + b] = pair(y, hy, 1);
+        }
+    }
+};
+
 template <> struct QuantChunk<6> {
     // Q6_K: a chunk is quarter h of half n of a super-block: value t's low four bits are nibble h of
     // ql byte 64n + t, its high two bits 2 (2h + t / 32) of qh byte 32n + t % 32, its scale
@@ -4702,9 +4793,9 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
 
 // The backend's kernels (CUDABackend.quantGemmKernels mirrors them), 256 threads: 128 tokens with
 // two blocks a multiprocessor (128 registers a thread; quant_gemm_shared at four stages: 105 KB
-// for Q8_0 and Q2_K, 89 KB for Q4_0, IQ4_NL, IQ4_XS and Q4_K; Q6_K and Q3_K take three, 103 and
-// 91 KB), and 256 tokens (`_t256`) with one, four stages (Q8_0 and Q2_K 169 KB, Q4_0, IQ4_NL,
-// IQ4_XS and Q4_K 153 KB, Q3_K 185 KB, Q6_K 201 KB).
+// for Q8_0, Q2_K and Q5_K, 89 KB for Q4_0, IQ4_NL, IQ4_XS and Q4_K; Q6_K and Q3_K take three, 103
+// and 91 KB), and 256 tokens (`_t256`) with one, four stages (Q8_0, Q2_K and Q5_K 169 KB, Q4_0,
+// IQ4_NL, IQ4_XS and Q4_K 153 KB, Q3_K 185 KB, Q6_K 201 KB).
 #define QUANT_GEMM(name, DT, NT, STAGES, MIN_BLOCKS)                                                                        \
     extern "C" __global__ void __launch_bounds__(QG_THREADS, MIN_BLOCKS)                                                    \
         name(const void* w0, const float* b0, void* y0, int n0, const void* w1, const float* b1, void* y1, int n1, const void* w2, \
@@ -4719,6 +4810,7 @@ QUANT_GEMM(quant_gemm_iq4_nl, 7, 128, 4, 2)
 QUANT_GEMM(quant_gemm_iq4_xs, 8, 128, 4, 2)
 QUANT_GEMM(quant_gemm_q3_K, 9, 128, 3, 2)
 QUANT_GEMM(quant_gemm_q2_K, 10, 128, 4, 2)
+QUANT_GEMM(quant_gemm_q5_K, 11, 128, 4, 2)
 QUANT_GEMM(quant_gemm_q8_0_t256, 3, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q4_0_t256, 4, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q4_K_t256, 5, 256, 4, 1)
@@ -4727,6 +4819,7 @@ QUANT_GEMM(quant_gemm_iq4_nl_t256, 7, 256, 4, 1)
 QUANT_GEMM(quant_gemm_iq4_xs_t256, 8, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q3_K_t256, 9, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q2_K_t256, 10, 256, 4, 1)
+QUANT_GEMM(quant_gemm_q5_K_t256, 11, 256, 4, 1)
 
 // quant_gemm's warp-specialized form, for blocks of 256 tokens (CUDABackend.quantGemm takes it in
 // place of the form above there): 384 threads, the third warpgroup copying and the first two
@@ -4864,7 +4957,7 @@ __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, v
 }
 
 // The backend's warp-specialized kernels (CUDABackend.quantGemmKernels mirrors them), one block a
-// multiprocessor: five buffers (quant_gemm_ws_shared: 211 KB for Q8_0 and Q2_K, 191 KB for Q4_0,
+// multiprocessor: five buffers (quant_gemm_ws_shared: 211 KB for Q8_0, Q2_K and Q5_K, 191 KB for Q4_0,
 // IQ4_NL, IQ4_XS and Q4_K), four for Q6_K and Q3_K (201 and 185 KB).
 #define QUANT_GEMM_WS(name, DT, STAGES)                                                                                      \
     extern "C" __global__ void __launch_bounds__(QGW_THREADS, 1)                                                            \
@@ -4881,6 +4974,7 @@ QUANT_GEMM_WS(quant_gemm_iq4_nl_ws, 7, 5)
 QUANT_GEMM_WS(quant_gemm_iq4_xs_ws, 8, 5)
 QUANT_GEMM_WS(quant_gemm_q3_K_ws, 9, 4)
 QUANT_GEMM_WS(quant_gemm_q2_K_ws, 10, 5)
+QUANT_GEMM_WS(quant_gemm_q5_K_ws, 11, 5)
 
 // out[t, :] += Σ weight · y[place of the route, :] over row t's k routes, in order of expert
 // index (the sum first, then added: as a separate add would). Without `place` (the matvec
