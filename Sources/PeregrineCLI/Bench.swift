@@ -105,6 +105,13 @@ struct Bench: ParsableCommand {
         if threads.contains(where: { $0 < 1 || $0 > 1024 }) { throw ValidationError("--threads must be between 1 and 1024") }
         if repetitions < 1 || repetitions > 1000 { throw ValidationError("--repetitions must be between 1 and 1000") }
         if batchSize < 1 { throw ValidationError("--batch-size must be >= 1") }
+        let limit = TokenCounts.limit
+        if (prompt + gen + depth + npp + ntg + [inputLen, outputLen, sharedPrefix]).contains(where: { $0 > limit }) {
+            throw ValidationError("token counts must be at most \(limit)")
+        }
+        if npl.contains(where: { $0 > 65536 }) || requests > 1_000_000 {
+            throw ValidationError("--npl must be at most 65536 and --requests at most 1000000")
+        }
     }
 
     func run() throws {

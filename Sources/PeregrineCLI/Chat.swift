@@ -46,8 +46,8 @@ struct Chat: ParsableCommand {
     var ctxSize: Int?
 
     func validate() throws {
-        if maxTokens < 1 { throw ValidationError("--max-tokens must be >= 1") }
-        if let c = ctxSize, c < 2 { throw ValidationError("--ctx-size must be >= 2") }
+        if maxTokens < 1 || maxTokens > TokenCounts.limit { throw ValidationError("--max-tokens must be between 1 and \(TokenCounts.limit)") }
+        if let c = ctxSize, c < 2 || c > TokenCounts.limit { throw ValidationError("--ctx-size must be between 2 and \(TokenCounts.limit)") }
     }
 
     func run() throws {

@@ -61,7 +61,7 @@ struct Imatrix: ParsableCommand {
             let err = FileHandle.standardError
             err.write(Data("\(file): \(tokens.count) tokens; \(min(tokens.count / ctx, chunks ?? .max)) chunks of \(ctx), batch \(min(batch, ctx)), \(model.backendName)\n".utf8))
             let (matrix, ppl) = try run.collect(tokens: tokens, bos: tokenizer.addedBOS, maxChunks: chunks, dataset: file) { p in
-                let left = Int(p.secondsLeft.rounded())
+                let left = p.secondsLeft.isFinite ? Int(min(p.secondsLeft, 1e9).rounded()) : 0
                 err.write(Data(String(format: "[%d/%d] %.1f tok/s, %d:%02d left, PPL %.4f\n", p.chunk, p.chunks, p.tokensPerSecond,
                                       left / 60, left % 60, p.perplexity).utf8))
             }

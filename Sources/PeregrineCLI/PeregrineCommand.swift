@@ -93,8 +93,8 @@ struct Generate: ParsableCommand {
     @OptionGroup(title: "Speculative decoding") var speculation: SpeculationOptions
 
     func validate() throws {
-        if maxTokens < 0 { throw ValidationError("--max-tokens must be >= 0") }
-        if let c = ctxSize, c < 1 { throw ValidationError("--ctx-size must be >= 1") }
+        if maxTokens < 0 || maxTokens > TokenCounts.limit { throw ValidationError("--max-tokens must be between 0 and \(TokenCounts.limit)") }
+        if let c = ctxSize, c < 1 || c > TokenCounts.limit { throw ValidationError("--ctx-size must be between 1 and \(TokenCounts.limit)") }
     }
 
     func run() throws {
@@ -349,4 +349,10 @@ struct EngineOptions: ParsableArguments {
         }
         return Int(v * Double(scale))
     }
+}
+
+/// The most tokens a length flag (--ctx-size, --max-tokens, bench's lengths) takes: past any
+/// model's context, and small enough that sums of them and the buffers they size cannot overflow.
+enum TokenCounts {
+    static let limit = 1 << 24
 }

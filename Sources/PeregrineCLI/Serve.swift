@@ -63,11 +63,11 @@ struct Serve: ParsableCommand {
         if let t = threads, t < 1 || t > 1024 { throw ValidationError("--threads must be between 1 and 1024") }
         if let b = batchTokens, b < 1 { throw ValidationError("--batch-tokens must be >= 1") }
         if !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535") }
-        if let c = ctxSize, c < 2 { throw ValidationError("--ctx-size must be >= 2") }
+        if let c = ctxSize, c < 2 || c > TokenCounts.limit { throw ValidationError("--ctx-size must be between 2 and \(TokenCounts.limit)") }
         if maxQueue < 0 { throw ValidationError("--max-queue must be >= 0") }
         if maxSequences < 1 || maxSequences > 4096 { throw ValidationError("--max-sequences must be between 1 and 4096") }
         if maxBodyBytes < 1024 { throw ValidationError("--max-body-bytes must be >= 1024") }
-        if !(shutdownTimeout >= 0) { throw ValidationError("--shutdown-timeout must be >= 0") }
+        if !(shutdownTimeout >= 0 && shutdownTimeout <= 86_400) { throw ValidationError("--shutdown-timeout must be between 0 and 86400 seconds") }
         if let k = kvMemory, Self.bytes(k) == nil { throw ValidationError("--kv-memory takes a byte count such as 268435456 or 256M") }
         if let name = servedModelName, name.isEmpty { throw ValidationError("--served-model-name must not be empty") }
     }

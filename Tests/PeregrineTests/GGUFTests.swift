@@ -401,6 +401,22 @@ final class QuantizedModelTests: XCTestCase {
 /// The SentencePiece ("llama") GGUF vocabulary against llama.cpp's tokenizer on the same file
 /// (Tests/Fixtures/gguf/spm_cases.json, made by scripts/make_spm_gguf_fixture.py).
 final class SentencePieceGGUFTests: XCTestCase {
+    /// A special token id below zero (a signed id in the file) names no token: the tokenizer
+    /// loads without it, where indexing the vocabulary by it trapped (both GGUF tokenizer kinds).
+    func testNegativeSpecialTokenIds() throws {
+        for (file, key) in [("llama-f32.gguf", "bos"), ("llama-f32.gguf", "eos"), ("spm-vocab.gguf", "bos"), ("spm-vocab.gguf", "eos")] {
+            var bytes = try Data(contentsOf: URL(fileURLWithPath: Fixtures.root + "/gguf/" + file))
+            let at = try XCTUnwrap(bytes.range(of: Data("tokenizer.ggml.\(key)_token_id".utf8))).upperBound
+            XCTAssertEqual(Array(bytes[at..<(at + 4)]), [4, 0, 0, 0], "\(file) \(key): a UINT32 value")
+            bytes[at] = 5  // INT32
+            for i in 4..<8 { bytes[at + i] = 0xFF }  // -1
+            let path = try Fixtures.tempDirectory(self) + "/\(key)-\(file)"
+            try bytes.write(to: URL(fileURLWithPath: path))
+            let tokenizer = try Tokenizer(directory: path)
+            XCTAssertFalse(tokenizer.encode("hello world").isEmpty, "\(file) \(key)")
+        }
+    }
+
     func testMatchesLlamaCppTokenizer() throws {
         let tokenizer = try Tokenizer(directory: Fixtures.root + "/gguf/spm-vocab.gguf")
         let cases = try XCTUnwrap(Fixtures.json(Fixtures.root + "/gguf/spm_cases.json")["cases"]?.array)

@@ -180,5 +180,17 @@ final class QuantizeTests: XCTestCase {
         }
         let out = try Fixtures.tempDirectory(self) + "/nan-f16.gguf"
         XCTAssertNoThrow(try ModelQuantizer(mix: .f16).quantize(source: poisoned, output: out))
+        // A special token id outside the vocabulary (here -1) is refused with its name, where
+        // storing it as GGUF's unsigned id trapped.
+        let model = try Fixtures.tempDirectory(self) + "/eos"
+        try FileManager.default.createDirectory(atPath: model, withIntermediateDirectories: true)
+        for f in try FileManager.default.contentsOfDirectory(atPath: Fixtures.model("llama")) {
+            try FileManager.default.copyItem(atPath: Fixtures.model("llama") + "/" + f, toPath: model + "/" + f)
+        }
+        let config = try String(contentsOfFile: model + "/config.json", encoding: .utf8)
+        XCTAssertTrue(config.contains(#""eos_token_id": 401"#))
+        try config.replacingOccurrences(of: #""eos_token_id": 401"#, with: #""eos_token_id": -1"#)
+            .write(toFile: model + "/config.json", atomically: true, encoding: .utf8)
+        try fails(model, .q8_0, "the eos token id -1 is not in the vocabulary")
     }
 }

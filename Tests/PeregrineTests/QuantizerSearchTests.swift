@@ -7,6 +7,38 @@ import PeregrineInt8
 /// Each lane must give the bits of the one-at-a-time search it replaced, so that files keep their
 /// bytes: these tests hold the lane forms against scalar searches written out here the plain way.
 final class QuantizerSearchTests: XCTestCase {
+    /// Finite values at the edges of f32 quantize in every type, with and without importance
+    /// (also importance near f32's largest), where the conversions to levels trapped on the NaN
+    /// and infinities their arithmetic makes: a block of subnormals (its scale's inverse
+    /// overflows; it reads back as zeros) and values near f32's largest (their range overflows).
+    func testExtremeFiniteValuesQuantize() {
+        let n = 256
+        let tiny = [Float](repeating: 1e-40, count: n), huge = (0..<n).map { $0 % 2 == 0 ? Float(3.39e38) : -3.39e38 }
+        let importances: [[Float]?] = [nil, [Float](repeating: 1, count: n), [Float](repeating: 3e38, count: n)]
+        for type in [DType.q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q4_K, .q5_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K] {
+            for (name, x) in [("subnormal", tiny), ("huge", huge)] {
+                for importance in importances {
+                    var bytes = [UInt8](repeating: 0, count: type.byteCount(elements: n))
+                    x.withUnsafeBufferPointer { xp in
+                        bytes.withUnsafeMutableBytes { out in
+                            if let importance {
+                                importance.withUnsafeBufferPointer {
+                                    Quantizer.quantize(type, xp.baseAddress!, count: n, importance: $0.baseAddress!, into: out.baseAddress!)
+                                }
+                            } else {
+                                Quantizer.quantize(type, xp.baseAddress!, count: n, into: out.baseAddress!)
+                            }
+                        }
+                    }
+                    guard name == "subnormal" else { continue }
+                    var back = [Float](repeating: 1, count: n)
+                    bytes.withUnsafeBytes { raw in back.withUnsafeMutableBufferPointer { type.dequantize(raw.baseAddress!, count: n, into: $0.baseAddress!) } }
+                    XCTAssertTrue(back.allSatisfy { abs($0) <= 1e-30 }, "\(type) \(name) importance \(importance?.first ?? 0)")
+                }
+            }
+        }
+    }
+
     /// Sub-blocks of every kind the searches branch on: random spreads, all positive, all
     /// negative, constant, zeros, one outlier, tiny and large magnitudes.
     static func subBlocks(_ n: Int, count: Int, seed: UInt64) -> [[Float]] {

@@ -53,7 +53,7 @@ public final class PagedKVCache: KVCacheProtocol {
         let available = Double(sysconf(Int32(_SC_PHYS_PAGES))) * Double(sysconf(Int32(_SC_PAGESIZE)))
         guard bytes < available * 0.8 else {
             throw PeregrineError.invalidArgument(String(
-                format: "a KV cache of %d positions needs %.1f GiB, more than this machine's memory (%.1f GiB); use a smaller context",
+                format: "a KV cache of %ld positions needs %.1f GiB, more than this machine's memory (%.1f GiB); use a smaller context",
                 positions, bytes / 1073741824, available / 1073741824))
         }
     }

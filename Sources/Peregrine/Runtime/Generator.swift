@@ -77,7 +77,7 @@ public final class Generator {
         guard promptTokens.count < context else {
             throw PeregrineError.invalidArgument("the prompt is \(promptTokens.count) tokens, but the context length is \(context)")
         }
-        guard promptTokens.count + options.maxTokens <= context else {
+        guard options.maxTokens <= context - promptTokens.count else {
             throw PeregrineError.invalidArgument(
                 "the prompt (\(promptTokens.count) tokens) plus max tokens (\(options.maxTokens)) exceeds the context length (\(context))")
         }

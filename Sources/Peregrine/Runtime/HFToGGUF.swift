@@ -222,6 +222,13 @@ struct HFToGGUF {
     /// merging by rank).
     static func addTokenizer(directory: String, config c: ModelConfig, to w: inout GGUFWriter) throws {
         let path = FileSystem.join(directory, "tokenizer.json")
+        // A special token's id as GGUF stores it: one of the vocabulary's.
+        func tokenId(_ id: Int, _ name: String) throws -> UInt32 {
+            guard id >= 0, id < c.vocabSize, let stored = UInt32(exactly: id) else {
+                throw PeregrineError.format("\(directory): the \(name) token id \(id) is not in the vocabulary of \(c.vocabSize) tokens")
+            }
+            return stored
+        }
         let json = try FileSystem.readJSON(path)
         guard json["model"]?["type"]?.string == "BPE", let vocab = json["model"]?["vocab"]?.object else {
             throw PeregrineError.unsupported("\(path): only BPE tokenizers can be written to GGUF")
@@ -266,7 +273,7 @@ struct HFToGGUF {
             w.set("tokenizer.ggml.scores", .f32s(scores))
             w.set("tokenizer.ggml.token_type", .i32s(types))
             w.set("tokenizer.ggml.add_space_prefix", .bool(prepends))
-            if let unk = json["model"]?["unk_token"]?.string, let id = vocab[unk]?.int { w.set("tokenizer.ggml.unknown_token_id", .u32(UInt32(id))) }
+            if let unk = json["model"]?["unk_token"]?.string, let id = vocab[unk]?.int { w.set("tokenizer.ggml.unknown_token_id", .u32(try tokenId(id, "unk"))) }
         } else {
             w.set("tokenizer.ggml.model", .string("gpt2"))
             w.set("tokenizer.ggml.pre", .string(try preTokenizerName(json["pre_tokenizer"], path: path)))
@@ -274,8 +281,8 @@ struct HFToGGUF {
             w.set("tokenizer.ggml.token_type", .i32s(types))
             w.set("tokenizer.ggml.merges", .strings(merges))
         }
-        if let bos = tokenizer.bosTokenId ?? c.bosTokenId { w.set("tokenizer.ggml.bos_token_id", .u32(UInt32(bos))) }
-        if let eos = c.eosTokenIds.first ?? tokenizer.eosTokenIds.first { w.set("tokenizer.ggml.eos_token_id", .u32(UInt32(eos))) }
+        if let bos = tokenizer.bosTokenId ?? c.bosTokenId { w.set("tokenizer.ggml.bos_token_id", .u32(try tokenId(bos, "bos"))) }
+        if let eos = c.eosTokenIds.first ?? tokenizer.eosTokenIds.first { w.set("tokenizer.ggml.eos_token_id", .u32(try tokenId(eos, "eos"))) }
         w.set("tokenizer.ggml.add_bos_token", .bool(tokenizer.addedBOS != nil))
         let tc = FileSystem.join(directory, "tokenizer_config.json")
         if FileSystem.exists(tc), let template = try FileSystem.readJSON(tc)["chat_template"]?.string {

@@ -66,6 +66,23 @@ public enum Quantizer {
         }
     }
 
+    /// `Int(v.rounded())` clamped to lo...hi, as the searches round a value to its level. The
+    /// clamp comes first, so a value that is NaN or infinite (a block of subnormals, whose scale's
+    /// inverse overflows; values near f32's largest, whose range does) gives lo or hi where the
+    /// conversion would trap; every other value gives what the clamped conversion gives.
+    @inline(__always) static func level(_ v: Float, _ lo: Int, _ hi: Int) -> Int {
+        guard v >= Float(lo) else { return lo }
+        guard v <= Float(hi) else { return hi }
+        return Int(v.rounded())
+    }
+
+    /// `Int(v)` (toward zero) clamped to lo...hi, NaN and infinities as in `level`.
+    @inline(__always) static func truncatedLevel(_ v: Float, _ lo: Int, _ hi: Int) -> Int {
+        guard v >= Float(lo) else { return lo }
+        guard v <= Float(hi) else { return hi }
+        return Int(v)
+    }
+
     /// `n` importance values, or ones where they are all zero (nothing to weigh by).
     static func blockImportance(_ p: UnsafePointer<Float>, _ n: Int) -> [Float] {
         weighs(p, n) ? Array(UnsafeBufferPointer(start: p, count: n)) : [Float](repeating: 1, count: n)
@@ -87,7 +104,7 @@ public enum Quantizer {
         let scale = w.withUnsafeBufferPointer { symmetricScale(x, 32, weights: $0.baseAddress!, top: top, highest: highest) }
         storeHalf(scale, out, 0)
         let d = asHalf(scale), id: Float = d != 0 ? 1 / d : 0
-        let q = xs.map { max(-top, min(highest, Int(($0 * id).rounded()))) }
+        let q = xs.map { level($0 * id, -top, highest) }
         if type == .q8_0 {
             for j in 0..<32 { out.storeBytes(of: Int8(q[j]), toByteOffset: 2 + j, as: Int8.self) }
         } else {
@@ -120,7 +137,7 @@ public enum Quantizer {
                     storeHalf(s[j], o, 0)
                     storeHalf(m[j], o, 2)
                     let d = asHalf(s[j]), offset = asHalf(m[j]), id: Float = d != 0 ? 1 / d : 0
-                    let q = (0..<32).map { max(0, min(top, Int(((block[$0] - offset) * id).rounded()))) }
+                    let q = (0..<32).map { level((block[$0] - offset) * id, 0, top) }
                     packNibbles(q, o, qs: five ? 8 : 4, qh: five ? 4 : nil)
                 }
             }
@@ -135,7 +152,7 @@ public enum Quantizer {
         let n = v.count
         let largest = v.max() ?? 0
         guard largest > 1e-15 else { return (0, [Int](repeating: 0, count: n)) }
-        func levels(_ iscale: Float) -> [Int] { v.map { max(0, min(top, Int(($0 * iscale).rounded()))) } }
+        func levels(_ iscale: Float) -> [Int] { v.map { level($0 * iscale, 0, top) } }
         func error(_ iscale: Float) -> Float {
             let q = levels(iscale), s = 1 / iscale
             var e: Float = 0
@@ -157,7 +174,7 @@ public enum Quantizer {
                 let l = Float(q[i])
                 var a = sxl - w[i] * v[i] * l, b = sl2 - w[i] * l * l
                 guard a > 0, b > 0 else { continue }
-                let candidate = max(0, min(top, Int((v[i] * b / a).rounded())))
+                let candidate = level(v[i] * b / a, 0, top)
                 guard candidate != q[i] else { continue }
                 a += w[i] * v[i] * Float(candidate)
                 b += w[i] * Float(candidate * candidate)
@@ -181,7 +198,7 @@ public enum Quantizer {
         for j in 0..<32 { amax = max(amax, abs(x[j])) }
         let d = amax / 127, id: Float = d > 0 ? 1 / d : 0
         storeHalf(d, out, 0)
-        for j in 0..<32 { out.storeBytes(of: Int8(max(-127, min(127, (x[j] * id).rounded()))), toByteOffset: 2 + j, as: Int8.self) }
+        for j in 0..<32 { out.storeBytes(of: Int8(level(x[j] * id, -127, 127)), toByteOffset: 2 + j, as: Int8.self) }
     }
 
     /// Packs 32 values of 0...15 (or 0...31) as Q4_0/Q5_0 store them: element j in the low nibble
@@ -203,7 +220,7 @@ public enum Quantizer {
         let d = extreme / -levels, id: Float = d != 0 ? 1 / d : 0
         storeHalf(d, out, 0)
         let top = five ? 31 : 15
-        let q = (0..<32).map { j in max(0, min(top, Int(x[j] * id + levels + 0.5))) }
+        let q = (0..<32).map { j in truncatedLevel(x[j] * id + levels + 0.5, 0, top) }
         packNibbles(q, out, qs: five ? 6 : 2, qh: five ? 2 : nil)
     }
 
@@ -215,7 +232,7 @@ public enum Quantizer {
         let d = (hi - lo) / Float(top), id: Float = d != 0 ? 1 / d : 0
         storeHalf(d, out, 0)
         storeHalf(lo, out, 2)
-        let q = (0..<32).map { j in max(0, min(top, Int((x[j] - lo) * id + 0.5))) }
+        let q = (0..<32).map { j in truncatedLevel((x[j] - lo) * id + 0.5, 0, top) }
         packNibbles(q, out, qs: five ? 8 : 4, qh: five ? 4 : nil)
     }
 
@@ -409,8 +426,8 @@ public enum Quantizer {
         } else {
             let maxScale = scales.max()!, maxMin = mins.max()!
             let invScale: Float = maxScale > 0 ? 63 / maxScale : 0, invMin: Float = maxMin > 0 ? 63 / maxMin : 0
-            ls = scales.map { min(63, Int(($0 * invScale).rounded())) }
-            lm = mins.map { min(63, Int(($0 * invMin).rounded())) }
+            ls = scales.map { level($0 * invScale, 0, 63) }
+            lm = mins.map { level($0 * invMin, 0, 63) }
             dScale = maxScale / 63
             dMin = maxMin / 63
         }
@@ -432,7 +449,7 @@ public enum Quantizer {
         for j in 0..<8 {
             let sd = d * Float(ls[j]), sm = dmin * Float(lm[j])
             guard sd > 0 else { continue }
-            for l in 0..<32 { q[32 * j + l] = max(0, min(top, Int(((x[32 * j + l] + sm) / sd).rounded()))) }
+            for l in 0..<32 { q[32 * j + l] = level((x[32 * j + l] + sm) / sd, 0, top) }
         }
         packKQuant(q, out, five: five)
     }
@@ -519,11 +536,11 @@ public enum Quantizer {
         storeHalf(1 / iscale, out, 208)
         let d = asHalf(1 / iscale)
         for j in 0..<16 {
-            let sc = max(-128, min(127, Int((iscale * scales[j]).rounded())))
+            let sc = level(iscale * scales[j], -128, 127)
             out.storeBytes(of: Int8(sc), toByteOffset: 192 + j, as: Int8.self)
             let sd = d * Float(sc)
             guard sd != 0 else { continue }
-            for l in 0..<16 { q[16 * j + l] = max(-32, min(31, Int((x[16 * j + l] / sd).rounded()))) + 32 }
+            for l in 0..<16 { q[16 * j + l] = level(x[16 * j + l] / sd, -32, 31) + 32 }
         }
         packQ6K(q, out)
     }
@@ -569,8 +586,13 @@ public enum Quantizer {
         return q
     }
 
-    /// ggml's rounding of a scale to an integer: to nearest, ties to even.
-    @inline(__always) static func nearestEven(_ v: Float) -> Int { Int(v.rounded(.toNearestOrEven)) }
+    /// ggml's rounding of a scale to an integer: to nearest, ties to even, clamped to lo...hi (a
+    /// NaN gives lo, as in `level`).
+    @inline(__always) static func nearestEven(_ v: Float, _ lo: Int, _ hi: Int) -> Int {
+        guard v >= Float(lo) else { return lo }
+        guard v <= Float(hi) else { return hi }
+        return Int(v.rounded(.toNearestOrEven))
+    }
 
     /// IQ4_NL (`count` 32: one block, its f16 scale) and IQ4_XS (`count` 256: eight sub-blocks
     /// of 32 whose scales are 6-bit integers times an f16 super-block scale), as ggml's quantizer
@@ -643,7 +665,7 @@ public enum Quantizer {
             var high: UInt16 = 0
             var low = [UInt8](repeating: 0, count: 4)
             for s in 0..<subBlocks {
-                let l = max(-32, min(31, nearestEven(id * scales[s])))
+                let l = nearestEven(id * scales[s], -32, 31)
                 let dl = d * Float(l), idl: Float = dl != 0 ? 1 / dl : 0
                 for j in 0..<32 { levels[32 * s + j] = nearestLevel(idl * x[32 * s + j]) }
                 let stored = l + 32

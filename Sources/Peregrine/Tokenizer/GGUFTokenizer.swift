@@ -57,7 +57,7 @@ extension Tokenizer {
         ]))]))
         json["decoder"] = .object(JSONObject([("type", .string("ByteLevel"))]))
         let bos = g.metadata["tokenizer.ggml.bos_token_id"]?.int
-        if let bos, g.metadata["tokenizer.ggml.add_bos_token"]?.bool ?? false, bos < tokens.count, let name = tokens[bos] {
+        if let bos, g.metadata["tokenizer.ggml.add_bos_token"]?.bool ?? false, bos >= 0, bos < tokens.count, let name = tokens[bos] {
             json["post_processor"] = .object(JSONObject([
                 ("type", .string("TemplateProcessing")),
                 ("single", .array([.object(JSONObject([("SpecialToken", .object(JSONObject([("id", .string(name))])))])),
@@ -142,7 +142,7 @@ extension Tokenizer {
         var single: [JSONValue] = []
         var specials = JSONObject()
         func special(_ key: String) -> (String, Int)? {
-            guard let id = g.metadata["tokenizer.ggml.\(key)_token_id"]?.int, id < tokens.count, let name = tokens[id] else { return nil }
+            guard let id = g.metadata["tokenizer.ggml.\(key)_token_id"]?.int, id >= 0, id < tokens.count, let name = tokens[id] else { return nil }
             return (name, id)
         }
         if g.metadata["tokenizer.ggml.add_bos_token"]?.bool ?? true, let (name, id) = special("bos") {
