@@ -336,6 +336,7 @@ int main() {
     embed_case(5, "Q4_K", rng);
     embed_case(6, "Q6_K", rng);
     embed_case(11, "Q5_K", rng);
+    embed_case(12, "Q5_0", rng);
     gather_case(rng);
     scatter_case(rng);
     split_case(rng);

@@ -141,6 +141,7 @@ int main() {
     ok &= test_dequantize(5, "Q4_K", rng);
     ok &= test_dequantize(6, "Q6_K", rng);
     ok &= test_dequantize(11, "Q5_K", rng);
+    ok &= test_dequantize(12, "Q5_0", rng);
     ok &= test_expert_gemm(false, 2, false, "BF16", rng);
     ok &= test_expert_gemm(false, 2, true, "BF16", rng);
     ok &= test_expert_gemm(false, 3, false, "Q8_0", rng);

@@ -2,7 +2,7 @@
 // fused) against the rounding it stands for; the one-token `matvec_<type>[_gated]` kernels and the
 // fixed-length 16-bit ones (and those that carry an RMSNorm from a residual product to the next),
 // and matmul_rows over several tokens, for every weight type they take.
-// Weights: Q8_0, Q4_0, Q4_K, Q5_K and Q6_K as random ggml blocks repacked by repack_quantized, their
+// Weights: Q8_0, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K as random ggml blocks repacked by repack_quantized, their
 // values from the host's ggml dequantization; IQ4_NL, IQ4_XS, Q3_K and Q2_K as random bytes in the
 // planar device layout (scales small normal f16 values), their values from host decoders of that
 // layout (load_weight is checked against both); 16-bit weights random. The reference multiplies those values in doubles by the activations as the
@@ -39,6 +39,7 @@ size_t layout_bytes(int dtype, long total) {
     case 8: return total / 2 + total / 256 * 8;
     case 9: return total / 256 * 110;
     case 11: return total / 2 + total / 256 * 48;
+    case 12: return total / 2 + total / 32 * 6;
     default: return total / 256 * 84;
     }
 }
@@ -133,7 +134,7 @@ Weight make_weight(int dtype, int n, int k, Rng& rng) {
             else if (dtype == 1) { put16(2 * i, to_f16(f)); w.v[i] = from_f16(to_f16(f)); }
             else { put16(2 * i, to_bf16(f)); w.v[i] = from_bf16(to_bf16(f)); }
         }
-    } else if (dtype <= 6 || dtype == 11) {
+    } else if (dtype <= 6 || dtype == 11 || dtype == 12) {
         long blocks = total / block_values(dtype);
         auto raw = random_blocks(dtype, blocks, rng);
         emu::launch(repack_quantized, dim3((unsigned)((blocks + 127) / 128)), dim3(128), 0, raw.data(), dtype, w.bytes.data(), blocks);
@@ -539,7 +540,7 @@ void matmul_rows_case(const char* label, std::vector<Mat> mats, int tokens, int 
     std::vector<signed char> xq;
     std::vector<float> xs;
     // Q8_0, Q4_0, IQ4_NL, Q4_K, Q5_K and Q6_K take 8-bit activations; the other types f32 ones.
-    bool q8 = dtype >= 3 && dtype <= 7 || dtype == 11;
+    bool q8 = dtype >= 3 && dtype <= 7 || dtype == 11 || dtype == 12;
     std::vector<double> xe(x.begin(), x.end());
     if (quantized(dtype)) {
         quantize(x, tokens, k, nullptr, 0, xq, xs);
@@ -621,6 +622,7 @@ int main() {
         {6, "q6_K", matvec_q6_K, matvec_q6_K_gated, 768, 2816},
         {3, "q8_0", matvec_q8_0, matvec_q8_0_gated, 800, 3040},
         {4, "q4_0", matvec_q4_0, matvec_q4_0_gated, 800, 3040},
+        {12, "q5_0", matvec_q5_0, matvec_q5_0_gated, 800, 3040},
         {7, "iq4_nl", matvec_iq4_nl, matvec_iq4_nl_gated, 800, 3040},
         {8, "iq4_xs", matvec_iq4_xs, matvec_iq4_xs_gated, 768, 2816},
         {9, "q3_K", matvec_q3_K, matvec_q3_K_gated, 768, 2816},
@@ -649,7 +651,7 @@ int main() {
 
     const struct { int dtype; const char* name; int k; } rowTypes[] = {
         {5, "Q4_K", 2816}, {6, "Q6_K", 2816}, {3, "Q8_0", 3040}, {4, "Q4_0", 3040}, {7, "IQ4_NL", 800}, {8, "IQ4_XS", 768},
-        {9, "Q3_K", 768}, {10, "Q2_K", 768}, {11, "Q5_K", 768}, {1, "F16", 3000}, {1, "F16", 804}, {2, "BF16", 808}, {0, "F32", 1000},
+        {9, "Q3_K", 768}, {10, "Q2_K", 768}, {11, "Q5_K", 768}, {12, "Q5_0", 3040}, {1, "F16", 3000}, {1, "F16", 804}, {2, "BF16", 808}, {0, "F32", 1000},
     };
     for (auto& r : rowTypes) matmul_rows_type(r.dtype, r.name, r.k, rng);
     for (int n = 0; n < 2; n++) {

@@ -252,7 +252,7 @@ Weight make_weight(int dtype, int n, int k, Rng& rng) {
             memcpy(&w.bytes[2 * i], &b, 2);
             w.v[i] = dtype == 1 ? from_f16(b) : from_bf16(b);
         }
-    } else if (dtype <= 6 || dtype == 11) {
+    } else if (dtype <= 6 || dtype == 11 || dtype == 12) {
         long blocks = total / block_values(dtype);
         auto raw = random_blocks(dtype, blocks, rng);
         emu::launch(repack_quantized, dim3((unsigned)((blocks + 127) / 128)), dim3(128), 0, raw.data(), dtype, w.bytes.data(), blocks);
@@ -272,7 +272,7 @@ Weight make_weight(int dtype, int n, int k, Rng& rng) {
 }
 
 // Random activations of `rows` rows of k for products of `dtype`: x, and for the quantized types
-// whose row products read 8-bit x (Q8_0 to IQ4_NL, and Q5_K) x rounded to 8 bits as those
+// whose row products read 8-bit x (Q8_0 to IQ4_NL, Q5_K and Q5_0) x rounded to 8 bits as those
 // products read it (quantize_q8, checked in
 // test_matvec); xe the values the products multiply (x itself, or what the 8-bit copy stands for).
 struct Activations {
@@ -289,7 +289,7 @@ Activations activations(int dtype, int rows, int k, Rng& rng) {
     Activations a;
     a.x = uniform((long)rows * k, rng);
     a.xe.assign(a.x.begin(), a.x.end());
-    a.quantized = dtype >= 3 && dtype <= 7 || dtype == 11;
+    a.quantized = dtype >= 3 && dtype <= 7 || dtype == 11 || dtype == 12;
     if (a.quantized) {
         a.xq.assign((size_t)rows * k, 0);
         a.xs.assign((size_t)rows * k / 32, 0);
@@ -489,7 +489,7 @@ int main() {
     group_case(13, 3, 10, {2, 7, 9}, 4, true, rng);
     group_case(300, 4, 64, {0, 63}, 64, true, rng);
     group_case(5, 2, 6, {}, 64, false, rng);
-    for (int dtype : {1, 2, 3, 4, 5, 6, 11}) products_case(dtype, dtype % 2 == 1, rng);
+    for (int dtype : {1, 2, 3, 4, 5, 6, 11, 12}) products_case(dtype, dtype % 2 == 1, rng);
     combine_case(true, 3, 4, 9, 300, rng);
     combine_case(false, 2, 8, 16, 600, rng);
     down_case("f16", moe_down_f16, 1, 100, 768, rng);

@@ -53,9 +53,11 @@ inline unsigned short to_bf16(float f) {
 }
 inline float from_bf16(unsigned short b) { return ffrom((uint32_t)b << 16); }
 
-// ggml's block formats (raw, before repack_quantized): Q8_0, Q4_0, Q4_K, Q6_K, Q5_K (11).
-inline int block_bytes(int dtype) { return dtype == 3 ? 34 : dtype == 4 ? 18 : dtype == 5 ? 144 : dtype == 11 ? 176 : 210; }
-inline int block_values(int dtype) { return dtype == 3 || dtype == 4 ? 32 : 256; }
+// ggml's block formats (raw, before repack_quantized): Q8_0, Q4_0, Q4_K, Q6_K, Q5_K (11), Q5_0 (12).
+inline int block_bytes(int dtype) {
+    return dtype == 3 ? 34 : dtype == 4 ? 18 : dtype == 5 ? 144 : dtype == 11 ? 176 : dtype == 12 ? 22 : 210;
+}
+inline int block_values(int dtype) { return dtype == 3 || dtype == 4 || dtype == 12 ? 32 : 256; }
 
 inline void put_f16(unsigned char* p, float v) { unsigned short b = to_f16(v); memcpy(p, &b, 2); }
 inline float get_f16(const unsigned char* p) { unsigned short b; memcpy(&b, p, 2); return from_f16(b); }
@@ -69,6 +71,7 @@ inline std::vector<unsigned char> random_blocks(int dtype, long blocks, Rng& rng
         unsigned char* p = raw.data() + i * bytes;
         if (dtype == 3) put_f16(p, rng.uniform(-0.02f, 0.02f));
         else if (dtype == 4) put_f16(p, rng.uniform(-0.2f, 0.2f));
+        else if (dtype == 12) put_f16(p, rng.uniform(-0.1f, 0.1f));
         else if (dtype == 5) { put_f16(p, rng.uniform(0.0f, 0.004f)); put_f16(p + 2, rng.uniform(0.0f, 0.004f)); }
         else if (dtype == 11) { put_f16(p, rng.uniform(0.0f, 0.002f)); put_f16(p + 2, rng.uniform(0.0f, 0.004f)); }
         else put_f16(p + 208, rng.uniform(-0.002f, 0.002f));
@@ -86,6 +89,14 @@ inline void dequantize_block(int dtype, const unsigned char* p, float* y) {
         for (int j = 0; j < 16; j++) {
             y[j] = d * (float)((p[2 + j] & 15) - 8);
             y[j + 16] = d * (float)((p[2 + j] >> 4) - 8);
+        }
+    } else if (dtype == 12) {  // Q5_0: f16 d, qh[4] (bit j: value j's fifth bit), qs[16]
+        float d = get_f16(p);
+        uint32_t qh;
+        memcpy(&qh, p + 2, 4);
+        for (int j = 0; j < 16; j++) {
+            y[j] = d * (float)((int)((p[6 + j] & 15) | (((qh >> j) & 1) << 4)) - 16);
+            y[j + 16] = d * (float)((int)((p[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
         }
     } else if (dtype == 5 || dtype == 11) {
         // Q5_K: Q4_K's header, then qh[32] (bit 2j of byte l: value 64j + l's fifth bit, bit

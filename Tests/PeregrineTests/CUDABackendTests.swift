@@ -418,7 +418,7 @@ final class CUDABackendTests: XCTestCase {
             return y
         }
         let n = 40, k = 768, tokens = 24, few = 5
-        for type in [DType.q8_0, .q4_0, .q4_K, .q5_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K] {
+        for type in [DType.q8_0, .q4_0, .q5_0, .q4_K, .q5_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K] {
             let values = (0..<(n * k)).map { _ in rng.signedUnit() }
             let size = type.byteCount(elements: n * k)
             let bytes = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
@@ -443,7 +443,7 @@ final class CUDABackendTests: XCTestCase {
             let scale = expected.reduce(0) { max($0, abs($1)) }
             XCTAssertLessThan(maxAbsDiff(widened, expected), 2e-3 * scale, "\(type), \(tokens) tokens, widened")
             XCTAssertLessThan(maxAbsDiff(byDefault, expected), 2e-3 * scale, "\(type), \(tokens) tokens, the default path")
-            if [.q8_0, .q4_0, .q4_K, .q5_K, .q6_K, .iq4_nl].contains(type) {
+            if [.q8_0, .q4_0, .q5_0, .q4_K, .q5_K, .q6_K, .iq4_nl].contains(type) {
                 let rows = try product(gpu, weight, x[0..<(few * k)], rows: few)
                 for t in 0..<few {
                     let alone = try product(gpu, weight, x[(t * k)..<((t + 1) * k)], rows: 1)

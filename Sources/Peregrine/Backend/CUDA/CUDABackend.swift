@@ -412,7 +412,7 @@ public final class CUDABackend: ComputeBackend {
         let source = String(decoding: PackageResources.Kernels_cu, as: UTF8.self)
         let early = ProcessInfo.processInfo.environment["PEREGRINE_NO_EARLY_TRIGGER"] == nil
         let module = try driver.compile(source, name: "peregrine-kernels", defines: early ? [] : ["PEREGRINE_NO_EARLY_TRIGGER"])
-        let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q4_K", "q5_K", "q6_K", "iq4_nl", "iq4_xs", "q3_K", "q2_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
+        let matvecs = ["f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_K", "q5_K", "q6_K", "iq4_nl", "iq4_xs", "q3_K", "q2_K"].flatMap { ["matvec_" + $0, "matvec_" + $0 + "_gated"] }
         let fixedMatvecs = ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in
             CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)" }
         } + ["f16", "bf16", "f16_gated", "bf16_gated"].flatMap { t in CUDABackend.fixedMatvecLengths.map { "matvec_\(t)_k\($0)_carry" } }
@@ -827,14 +827,14 @@ public final class CUDABackend: ComputeBackend {
             let b = try t.toFloat().withUnsafeBytes { try deviceCopy(of: $0.baseAddress!, bytes: $0.count) }
             return CUDAWeight(dtype: .f32, rows: rows, cols: cols, storage: b)
         }
-        guard [.f16, .bf16, .q8_0, .q4_0, .iq4_nl].contains(t.dtype) || [.q4_K, .q5_K, .q6_K, .iq4_xs, .q3_K, .q2_K].contains(t.dtype) && cols % 256 == 0 else {
-            // Types without GPU kernels (Q4_1, Q5_0, Q5_1) are widened to BF16 at load: the
+        guard [.f16, .bf16, .q8_0, .q4_0, .q5_0, .iq4_nl].contains(t.dtype) || [.q4_K, .q5_K, .q6_K, .iq4_xs, .q3_K, .q2_K].contains(t.dtype) && cols % 256 == 0 else {
+            // Types without GPU kernels (Q4_1, Q5_1) are widened to BF16 at load: the
             // file runs, at BF16's size and speed for those tensors.
             let b = try t.toFloat().map { Half.floatToBF16($0) }.withUnsafeBytes { try deviceCopy(of: $0.baseAddress!, bytes: $0.count) }
             return CUDAWeight(dtype: .bf16, rows: rows, cols: cols, storage: b)
         }
         let b = try deviceCopy(of: t.data, bytes: t.byteCount)
-        if [.q8_0, .q4_0, .q4_K, .q5_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K].contains(t.dtype) {
+        if [.q8_0, .q4_0, .q5_0, .q4_K, .q5_K, .q6_K, .iq4_nl, .iq4_xs, .q3_K, .q2_K].contains(t.dtype) {
             // Planar on the device (values, then scales): 16-byte-aligned blocks for the kernels,
             // and 32 bytes past the end, which quant_gemm's 16-byte copies of the pieces holding
             // the last scales may reach (Q3_K's 12 scale bytes take two).
@@ -893,6 +893,7 @@ public final class CUDABackend: ComputeBackend {
         case .q3_K: return 9
         case .q2_K: return 10
         case .q5_K: return 11
+        case .q5_0: return 12
         default: return 0
         }
     }
@@ -1060,6 +1061,7 @@ public final class CUDABackend: ComputeBackend {
         case .q3_K: return "q3_K"
         case .q2_K: return "q2_K"
         case .q5_K: return "q5_K"
+        case .q5_0: return "q5_0"
         default: return nil
         }
     }
@@ -2265,7 +2267,7 @@ public final class CUDABackend: ComputeBackend {
             var xq: CUDADriver.DevicePointer = 0, xs: CUDADriver.DevicePointer = 0
             // The types whose row_dot reads 8-bit activations (rounded per 32 values); the others
             // (IQ4_XS, Q3_K, Q2_K) read the f32 ones.
-            let eightBit: [DType] = [.q8_0, .q4_0, .iq4_nl, .q4_K, .q5_K, .q6_K]
+            let eightBit: [DType] = [.q8_0, .q4_0, .q5_0, .iq4_nl, .q4_K, .q5_K, .q6_K]
             if eightBit.contains(type) || eightBit.contains(upType) {
                 guard let q = quantizeActivations(input, rows: total, k: k, norm: nil) else { return }
                 (xq, xs) = q

@@ -1,7 +1,7 @@
 // Peregrine's CUDA kernels, compiled at run time by NVRTC for the device's architecture.
 // Activations are f32, row-major, one row per token; weights keep their stored type
 // (0: f32, 1: f16, 2: bf16, 3: Q8_0, 4: Q4_0, 5: Q4_K, 6: Q6_K, 7: IQ4_NL, 8: IQ4_XS, 9: Q3_K,
-// 10: Q2_K, 11: Q5_K; the quantized ones repacked at load, see repack_quantized). The KV cache is f32 or
+// 10: Q2_K, 11: Q5_K, 12: Q5_0; the quantized ones repacked at load, see repack_quantized). The KV cache is f32 or
 // f16 (the kernels that touch it take `kvHalf`), [block, position in block, kvHeads, headDim].
 // PEREGRINE_CUDA_EMULATOR: compiled on the host by Tests/KernelEmulator, whose prelude defines the
 // CUDA types and intrinsics, and the inline-assembly helpers left out below.
@@ -40,10 +40,15 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Quantized weights of `total` values are kept planar: all values first (Q8_0: one int8 each;
 // Q4_0: 16 bytes per 32-value block, byte j holding value j low and j + 16 high, offset by 8),
-// then one f16 scale per 32 values. Every block's values then start 16-byte aligned.
+// then one f16 scale per 32 values. Every block's values then start 16-byte aligned. Q5_0: Q4_0's
+// values, then each block's 32 fifth bits as a word (bit j: value j's, offset by 16), then the
+// scales.
 __device__ __forceinline__ const __half* quant_scales(const void* w, int dtype, long total) {
-    return (const __half*)((const unsigned char*)w + (dtype == 3 ? total : total / 2));
+    return (const __half*)((const unsigned char*)w + (dtype == 3 ? total : dtype == 12 ? total / 2 + total / 8 : total / 2));
 }
+
+// Four fifth bits (bits 0-3 of h) to bit 4 of four bytes (bit i to byte i), as Q5_0's values take them.
+__device__ __forceinline__ unsigned fifth_bits4(unsigned h) { return (((h & 0xFu) * 0x00204081u) & 0x01010101u) << 4; }
 
 // A Q4_K super-block's header (f16 d, f16 dmin, twelve bytes of 6-bit scales and minimums for
 // its eight sub-blocks, packed as ggml packs them): d, dmin and the scale and minimum of
@@ -108,10 +113,11 @@ __device__ __forceinline__ float load_weight(const void* w, int dtype, long i, l
     if (dtype == 2) return __bfloat162float(((const __nv_bfloat16*)w)[i]);
     if (dtype == 1) return __half2float(((const __half*)w)[i]);
     if (dtype == 3) return __half2float(quant_scales(w, 3, total)[i / 32]) * (float)((const signed char*)w)[i];
-    if (dtype == 4) {
+    if (dtype == 4 || dtype == 12) {
         unsigned char b = ((const unsigned char*)w)[(i / 32) * 16 + i % 16];
         int q = i % 32 < 16 ? (b & 15) : (b >> 4);
-        return __half2float(quant_scales(w, 4, total)[i / 32]) * (float)(q - 8);
+        if (dtype == 12) q |= ((((const unsigned*)((const unsigned char*)w + total / 2))[i / 32] >> (i % 32)) & 1) << 4;
+        return __half2float(quant_scales(w, dtype, total)[i / 32]) * (float)(q - (dtype == 4 ? 8 : 16));
     }
     if (dtype == 5 || dtype == 11) {
         // Q4_K planar: 128 bytes of values per super-block, then the 16-byte headers. Q5_K: the
@@ -214,6 +220,9 @@ extern "C" __global__ void repack_quantized(const unsigned char* raw, int dtype,
     } else if (dtype == 10) {  // Q2_K, 84 bytes: 16 scale bytes, qs, f16 d and dmin
         const int from[3] = {16, 0, 80}, length[3] = {64, 16, 4};
         repack_pieces(raw, 84, from, length, 3, out, blocks, b);
+    } else if (dtype == 12) {  // Q5_0, 22 bytes: an f16 scale, the fifth bits, the nibbles
+        const int from[3] = {6, 2, 0}, length[3] = {16, 4, 2};
+        repack_pieces(raw, 22, from, length, 3, out, blocks, b);
     } else if (dtype == 11) {  // Q5_K, 176 bytes: Q4_K's 16-byte header, 32 bytes of fifth bits, qs
         const int from[3] = {48, 0, 16}, length[3] = {128, 16, 32};
         repack_pieces(raw, 176, from, length, 3, out, blocks, b);
@@ -322,9 +331,18 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
 }
 
 // A quantized block's 32 values as eight words of four int8 each (values 4j..4j+3 in word j).
-// (words_of: the same from a block's loaded bytes, a (and c, Q8_0's second 16 bytes).)
+// (words_of: the same from a block's loaded bytes, a (and c, Q8_0's second 16 bytes, or Q5_0's
+// fifth bits in c.x).)
 __device__ __forceinline__ void words_of(uint4 a, uint4 c, int dtype, int* wq) {
-    if (dtype == 3) {
+    if (dtype == 12) {
+        // Q5_0: c.x the block's fifth bits (value j's at bit j); offset by 16.
+        unsigned v[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            wq[j] = (int)__vsub4((v[j] & 0x0F0F0F0F) | fifth_bits4(c.x >> (4 * j)), 0x10101010);
+            wq[j + 4] = (int)__vsub4(((v[j] >> 4) & 0x0F0F0F0F) | fifth_bits4(c.x >> (16 + 4 * j)), 0x10101010);
+        }
+    } else if (dtype == 3) {
         wq[0] = a.x; wq[1] = a.y; wq[2] = a.z; wq[3] = a.w; wq[4] = c.x; wq[5] = c.y; wq[6] = c.z; wq[7] = c.w;
     } else if (dtype == 7) {
         unsigned v[4] = {a.x, a.y, a.z, a.w};
@@ -341,10 +359,13 @@ __device__ __forceinline__ void words_of(uint4 a, uint4 c, int dtype, int* wq) {
     }
 }
 
-__device__ __forceinline__ void block_words(const void* w, int dtype, long block, int* wq) {
+__device__ __forceinline__ void block_words(const void* w, int dtype, long total, long block, int* wq) {
     if (dtype == 3) {
         const uint4* q = (const uint4*)((const signed char*)w + block * 32);
         words_of(q[0], q[1], dtype, wq);
+    } else if (dtype == 12) {
+        unsigned h = ((const unsigned*)((const unsigned char*)w + total / 2))[block];
+        words_of(*(const uint4*)((const unsigned char*)w + block * 16), make_uint4(h, 0, 0, 0), dtype, wq);
     } else {
         words_of(*(const uint4*)((const unsigned char*)w + block * 16), make_uint4(0, 0, 0, 0), dtype, wq);
     }
@@ -366,7 +387,7 @@ __device__ __forceinline__ void block_dot(const void* w, int dtype, long total, 
                                           const float* xs, int k, int t0, int nt, float* acc) {
     int wq[8];
     long b = row / 32 + block;
-    block_words(w, dtype, b, wq);
+    block_words(w, dtype, total, b, wq);
     float d = __half2float(quant_scales(w, dtype, total)[b]);
     for (int t = 0; t < nt; t++) {
         int sum = dot32(wq, xq + (long)(t0 + t) * k + block * 32);
@@ -845,15 +866,18 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
     const uint4* head[R];
     const uint2* xsHead[R];
     const uint4* fifth[R];
+    const unsigned* fifthWords[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
         base[r] = (const uint4*)wr[r] + (long)o * units;
-        if (DT == 3 || DT == 4 || DT == 7) sc[r] = quant_scales(wr[r], DT, total) + (long)o * (k / 32);
+        if (DT == 3 || DT == 4 || DT == 7 || DT == 12) sc[r] = quant_scales(wr[r], DT, total) + (long)o * (k / 32);
+        if (DT == 12) fifthWords[r] = (const unsigned*)((const unsigned char*)wr[r] + total / 2) + (long)o * (k / 32);
         if (DT == 5 || DT == 11) head[r] = (const uint4*)((const unsigned char*)wr[r] + total / 2) + (long)o * (k / 256);
         if (DT == 11) fifth[r] = (const uint4*)((const unsigned char*)wr[r] + total / 2 + total / 16) + (long)o * (k / 256) * 2;
         if (DT == 8) xsHead[r] = (const uint2*)((const unsigned char*)wr[r] + total / 2) + (long)o * (k / 256);
     }
     uint4 q[R][U], hq[R][U], qh[R][U];
+    unsigned hw[R][U];
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -863,6 +887,7 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
             q[r][u] = __ldcs(base[r] + lane + u * 32);
             if (DT == 5 || DT == 11) hq[r][u] = head[r][(lane + u * 32) / 8];
             if (DT == 11) qh[r][u] = fifth[r][(lane + u * 32) / 8 * 2 + (lane + u * 32) % 2];
+            if (DT == 12) hw[r][u] = fifthWords[r][lane + u * 32];
         }
     }
     gdc_wait();
@@ -876,6 +901,7 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
                         q[r][u] = __ldcs(base[r] + u0 + u * 32);
                         if (DT == 5 || DT == 11) hq[r][u] = head[r][(u0 + u * 32) / 8];
                         if (DT == 11) qh[r][u] = fifth[r][(u0 + u * 32) / 8 * 2 + (u0 + u * 32) % 2];
+                        if (DT == 12) hw[r][u] = fifthWords[r][u0 + u * 32];
                     }
             }
 #pragma unroll
@@ -909,8 +935,13 @@ __device__ __forceinline__ void matvec_body(const void* w0, const float* b0, flo
                             int lo[4], hi[4];
 #pragma unroll
                             for (int j = 0; j < 4; j++) {
-                                lo[j] = (int)__vsub4(v[j] & 0x0F0F0F0F, 0x08080808);
-                                hi[j] = (int)__vsub4((v[j] >> 4) & 0x0F0F0F0F, 0x08080808);
+                                if (DT == 12) {
+                                    lo[j] = (int)__vsub4((v[j] & 0x0F0F0F0F) | fifth_bits4(hw[r][u] >> (4 * j)), 0x10101010);
+                                    hi[j] = (int)__vsub4(((v[j] >> 4) & 0x0F0F0F0F) | fifth_bits4(hw[r][u] >> (16 + 4 * j)), 0x10101010);
+                                } else {
+                                    lo[j] = (int)__vsub4(v[j] & 0x0F0F0F0F, 0x08080808);
+                                    hi[j] = (int)__vsub4((v[j] >> 4) & 0x0F0F0F0F, 0x08080808);
+                                }
                             }
                             sum = __dp4a(lo[0], a.x, 0); sum = __dp4a(lo[1], a.y, sum); sum = __dp4a(lo[2], a.z, sum); sum = __dp4a(lo[3], a.w, sum);
                             sum = __dp4a(hi[0], c.x, sum); sum = __dp4a(hi[1], c.y, sum); sum = __dp4a(hi[2], c.z, sum); sum = __dp4a(hi[3], c.w, sum);
@@ -1042,6 +1073,8 @@ MATVEC(matvec_q8_0, 3, 1, 3)
 MATVEC(matvec_q8_0_gated, 3, 2, 3)
 MATVEC(matvec_q4_0, 4, 1, 4)
 MATVEC(matvec_q4_0_gated, 4, 2, 4)
+MATVEC(matvec_q5_0, 12, 1, 3)
+MATVEC(matvec_q5_0_gated, 12, 2, 3)
 MATVEC(matvec_q4_K, 5, 1, 3)
 MATVEC(matvec_q4_K_gated, 5, 2, 3)
 MATVEC(matvec_q5_K, 11, 1, 3)
@@ -1291,7 +1324,7 @@ __device__ __forceinline__ void q6k_row_dot(const void* w, long total, long row,
 // f32 x.
 __device__ __forceinline__ void row_dot(const void* w, int dtype, long total, long row, const float* x, const signed char* xq,
                                         const float* xs, int k, int t0, int nt, int lane, float* acc) {
-    if (dtype <= 4 || dtype == 7) {
+    if (dtype <= 4 || dtype == 7 || dtype == 12) {
         warp_row_dot(w, dtype, total, row, x, xq, xs, k, t0, nt, lane, acc);
     } else if (dtype == 5) {
         q4k_row_dot<false>(w, total, row, xq, xs, k, t0, nt, lane, acc);
@@ -1362,16 +1395,18 @@ __device__ __forceinline__ uint4 dequant8_bf16(const void* w, int dtype, long i0
         const signed char* q = (const signed char*)&raw;
 #pragma unroll
         for (int e = 0; e < 8; e++) f[e] = d * (float)q[e];
-    } else if (dtype == 4 || dtype == 7) {
-        // Values 0-15 of a 32-value block are its 16 bytes' low nibbles, 16-31 their high ones.
+    } else if (dtype == 4 || dtype == 7 || dtype == 12) {
+        // Values 0-15 of a 32-value block are its 16 bytes' low nibbles, 16-31 their high ones;
+        // Q5_0's fifth bits: bit r of the block's word.
         int r = (int)(i0 % 32);
         uint2 raw = *(const uint2*)(base + (i0 / 32) * 16 + r % 16);
         const unsigned char* b = (const unsigned char*)&raw;
+        unsigned h = dtype == 12 ? ((const unsigned*)(base + total / 2))[i0 / 32] >> r : 0;
         float d = __half2float(quant_scales(w, dtype, total)[i0 / 32]);
 #pragma unroll
         for (int e = 0; e < 8; e++) {
             int q = r < 16 ? (b[e] & 15) : (b[e] >> 4);
-            f[e] = dtype == 4 ? d * (float)(q - 8) : d * (float)iq4_level(q);
+            f[e] = dtype == 4 ? d * (float)(q - 8) : dtype == 12 ? d * (float)((q | (int)(((h >> e) & 1) << 4)) - 16) : d * (float)iq4_level(q);
         }
     } else if (dtype == 5 || dtype == 11) {
         long sb = i0 / 256;
