@@ -51,6 +51,7 @@ size_t layout_bytes(int dtype, long total) {
     case 9: return total / 256 * 110;
     case 10: return total / 256 * 84;
     case 11: return total / 2 + total / 256 * 48;
+    case 12: return total / 2 + total / 32 * 6;
     default: return total / 256 * 210;
     }
 }
@@ -65,6 +66,8 @@ void fill(int dtype, long total, unsigned char* w, std::mt19937& rng) {
     if (dtype == 3 || dtype == 4 || dtype == 7) {
         size_t s = dtype == 3 ? total : total / 2;
         for (long b = 0; b < total / 32; b++) put16(s + 2 * b, f16_bits(scale(rng)));
+    } else if (dtype == 12) {
+        for (long b = 0; b < total / 32; b++) put16(total / 2 + total / 8 + 2 * b, f16_bits(scale(rng)));
     } else if (dtype == 5 || dtype == 11) {
         for (long b = 0; b < total / 256; b++) {
             put16(total / 2 + 16 * b, f16_bits(scale(rng)));
@@ -255,6 +258,7 @@ int decode_check(int dtype, const char* name, const Matrix& m, int k) {
     case 8: return decode_case<8>(name, m, k);
     case 9: return decode_case<9>(name, m, k);
     case 11: return decode_case<11>(name, m, k);
+    case 12: return decode_case<12>(name, m, k);
     default: return decode_case<10>(name, m, k);
     }
 }
@@ -266,7 +270,7 @@ int main() {
     const int rows = 150;
     const Case cases[] = {{3, "Q8_0", 320}, {4, "Q4_0", 320}, {7, "IQ4_NL", 320}, {8, "IQ4_XS", 512},
                           {5, "Q4_K", 512},  {6, "Q6_K", 512}, {9, "Q3_K", 512},   {10, "Q2_K", 512},
-                          {11, "Q5_K", 512}};
+                          {11, "Q5_K", 512}, {12, "Q5_0", 320}};
     int failures = 0;
     for (const Case& c : cases) {
         std::uniform_real_distribution<float> uniform(-1.f, 1.f);
@@ -286,6 +290,7 @@ int main() {
         case 8: kernels[0] = {quant_gemm_iq4_xs, 128, quant_gemm_shared<8, 128, 4>()}; kernels[1] = {quant_gemm_iq4_xs_t256, 256, quant_gemm_shared<8, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<8, 5>(), QGW_THREADS, quant_gemm_iq4_xs_ws}; break;
         case 9: kernels[0] = {quant_gemm_q3_K, 128, quant_gemm_shared<9, 128, 3>()}; kernels[1] = {quant_gemm_q3_K_t256, 256, quant_gemm_shared<9, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<9, 4>(), QGW_THREADS, quant_gemm_q3_K_ws}; break;
         case 10: kernels[0] = {quant_gemm_q2_K, 128, quant_gemm_shared<10, 128, 4>()}; kernels[1] = {quant_gemm_q2_K_t256, 256, quant_gemm_shared<10, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<10, 5>(), QGW_THREADS, quant_gemm_q2_K_ws}; break;
+        case 12: kernels[0] = {quant_gemm_q5_0, 128, quant_gemm_shared<12, 128, 4>()}; kernels[1] = {quant_gemm_q5_0_t256, 256, quant_gemm_shared<12, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<12, 5>(), QGW_THREADS, quant_gemm_q5_0_ws}; break;
         case 11: kernels[0] = {quant_gemm_q5_K, 128, quant_gemm_shared<11, 128, 4>()}; kernels[1] = {quant_gemm_q5_K_t256, 256, quant_gemm_shared<11, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<11, 5>(), QGW_THREADS, quant_gemm_q5_K_ws}; break;
         case 5: kernels[0] = {quant_gemm_q4_K, 128, quant_gemm_shared<5, 128, 4>()}; kernels[1] = {quant_gemm_q4_K_t256, 256, quant_gemm_shared<5, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<5, 5>(), QGW_THREADS, quant_gemm_q4_K_ws}; break;
         default: kernels[0] = {quant_gemm_q6_K, 128, quant_gemm_shared<6, 128, 3>()}; kernels[1] = {quant_gemm_q6_K_t256, 256, quant_gemm_shared<6, 256, 4>()}; kernels[2] = {nullptr, 256, quant_gemm_ws_shared<6, 4>(), QGW_THREADS, quant_gemm_q6_K_ws}; break;

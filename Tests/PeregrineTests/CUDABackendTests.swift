@@ -481,8 +481,8 @@ final class CUDABackendTests: XCTestCase {
         // of many tiles do.
         let n = 296  // a multiple of 8, as quant_gemm_ws's stores through the copy engine need for BF16 outputs
         for tokens in [300, 16] {
-            for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.iq4_nl, 832), (.iq4_xs, 1024), (.q4_K, 1024), (.q5_K, 1024), (.q6_K, 1024),
-                              (.q3_K, 1024), (.q2_K, 1024)] {
+            for (type, k) in [(DType.q8_0, 832), (.q4_0, 832), (.q5_0, 832), (.iq4_nl, 832), (.iq4_xs, 1024), (.q4_K, 1024), (.q5_K, 1024),
+                              (.q6_K, 1024), (.q3_K, 1024), (.q2_K, 1024)] {
                 var storage: [UnsafeMutableRawPointer] = []
                 defer { storage.forEach { $0.deallocate() } }
                 func matrix(_ rows: Int, _ t: DType? = nil) throws -> CUDAWeight {

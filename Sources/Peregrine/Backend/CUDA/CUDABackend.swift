@@ -1168,7 +1168,7 @@ public final class CUDABackend: ComputeBackend {
     /// take four), and the warp-specialized form's.
     static let quantGemmKernels: [DType: [QuantGemmKernel]] = Dictionary(uniqueKeysWithValues: [
         (DType.q8_0, 80, 4, 5), (.q4_0, 48, 4, 5), (.iq4_nl, 48, 4, 5), (.iq4_xs, 48, 4, 5), (.q3_K, 112, 3, 4), (.q2_K, 80, 4, 5),
-        (.q4_K, 48, 4, 5), (.q5_K, 80, 4, 5), (.q6_K, 144, 3, 4),
+        (.q4_K, 48, 4, 5), (.q5_K, 80, 4, 5), (.q6_K, 144, 3, 4), (.q5_0, 80, 4, 5),
     ].map { type, rowBytes, stages, wsStages in
         let name = "quant_gemm_" + (matvecSuffix(type) ?? "")
         return (type, [QuantGemmKernel(name: name, tokens: 128, stages: stages, rowBytes: rowBytes),
@@ -1204,7 +1204,8 @@ public final class CUDABackend: ComputeBackend {
     /// 0.82x / 0.71x / 0.75x / 0.68x (its decoding takes the most instructions); the widening of
     /// IQ4_XS, Q2_K and Q3_K is the slowest. With the activations copied by the TMA, on an H200,
     /// the same picture (Q4_K_M 1.02x / 0.93x / 0.87x at 512 / 2,048 / 4,096; BENCHMARKS.md).
-    /// Q5_K, whose decoding is Q4_K's and one more bit a value, takes Q4_K's limit (not measured).
+    /// Q5_K, whose decoding is Q4_K's and one more bit a value, takes Q4_K's limit (512 measured
+    /// best of the three ways on an H100, BENCHMARKS.md); Q5_0 takes Q4_0's (not measured).
     static func quantGemmDefaultTokenLimit(_ type: DType) -> Int {
         switch type {
         case .q6_K: return 256

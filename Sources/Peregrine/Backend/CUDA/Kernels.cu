@@ -4305,6 +4305,40 @@ template <bool NL> struct Nibble32Chunk {
 template <> struct QuantChunk<4> : Nibble32Chunk<false> {};
 template <> struct QuantChunk<7> : Nibble32Chunk<true> {};
 
+// Q5_0: Q4_0's two blocks of nibbles, the piece holding their two scales and the piece holding
+// their two words of fifth bits (bit j of a block's word: value j's), one piece of padding.
+// d (q - 16) is exact in f32 (an f16 d times five bits), so any exact form gives load_weight's bits.
+template <> struct QuantChunk<12> {
+    static constexpr int PIECES = 4, STRIDE = 80;
+    static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
+        if (p < 2) return (const unsigned char*)w + i / 2 + 16 * p;
+        if (p == 2) return piece_holding(w, total / 2 + total / 8 + 2 * (i / 32));
+        return piece_holding(w, total / 2 + 4 * (i / 32));
+    }
+    static __device__ __forceinline__ void fragment(const unsigned char* row, unsigned long total, unsigned long i, int k0, int c,
+                                                    unsigned (&lo)[4], unsigned (&hi)[4]) {
+        const __half* s = (const __half*)(row + 32 + ((total / 2 + total / 8 + 2 * (i / 32)) & 15));
+        const unsigned* h = (const unsigned*)(row + 48 + ((total / 2 + 4 * (i / 32)) & 15));
+#pragma unroll
+        for (int b = 0; b < 2; b++) {  // k16 steps 2b (values 0-15 of block b) and 2b + 1 (16-31)
+            float d = __half2float(s[b]), offset = -16.f * d;
+            unsigned bits = h[b];
+            unsigned x, y;
+            fragment_bytes(row + 16 * b, c, x, y);
+            // Bytes v (values j, j + 1 low, j + 16, j + 17 high): the four values as two pairs.
+            auto pairs = [&](unsigned v, int j, unsigned& low, unsigned& high) {
+                auto value = [&](unsigned nibble, int at) {
+                    return __fmaf_rn(d, (float)(int)(nibble | (((bits >> at) & 1u) << 4)), offset);
+                };
+                low = pack16<false>(value(v & 15u, j), value((v >> 8) & 15u, j + 1));
+                high = pack16<false>(value((v >> 4) & 15u, j + 16), value((v >> 12) & 15u, j + 17));
+            };
+            pairs(x, 2 * c, lo[2 * b], lo[2 * b + 1]);
+            pairs(y, 2 * c + 8, hi[2 * b], hi[2 * b + 1]);
+        }
+    }
+};
+
 template <> struct QuantChunk<5> {  // Q4_K: the 32 bytes of sub-blocks 2j (low nibbles) and 2j + 1 (high), then the super-block's header
     static constexpr int PIECES = 3, STRIDE = 48;
     static __device__ __forceinline__ const void* piece(const void* w, unsigned long total, unsigned long i, int k0, int p) {
@@ -4828,8 +4862,8 @@ __device__ __forceinline__ void quant_gemm(const void* w0, const float* b0, void
 
 // The backend's kernels (CUDABackend.quantGemmKernels mirrors them), 256 threads: 128 tokens with
 // two blocks a multiprocessor (128 registers a thread; quant_gemm_shared at four stages: 105 KB
-// for Q8_0, Q2_K and Q5_K, 89 KB for Q4_0, IQ4_NL, IQ4_XS and Q4_K; Q6_K and Q3_K take three, 103
-// and 91 KB), and 256 tokens (`_t256`) with one, four stages (Q8_0, Q2_K and Q5_K 169 KB, Q4_0,
+// for Q8_0, Q2_K, Q5_K and Q5_0, 89 KB for Q4_0, IQ4_NL, IQ4_XS and Q4_K; Q6_K and Q3_K take three, 103
+// and 91 KB), and 256 tokens (`_t256`) with one, four stages (Q8_0, Q2_K, Q5_K and Q5_0 169 KB, Q4_0,
 // IQ4_NL, IQ4_XS and Q4_K 153 KB, Q3_K 185 KB, Q6_K 201 KB).
 #define QUANT_GEMM(name, DT, NT, STAGES, MIN_BLOCKS)                                                                        \
     extern "C" __global__ void __launch_bounds__(QG_THREADS, MIN_BLOCKS)                                                    \
@@ -4846,6 +4880,7 @@ QUANT_GEMM(quant_gemm_iq4_xs, 8, 128, 4, 2)
 QUANT_GEMM(quant_gemm_q3_K, 9, 128, 3, 2)
 QUANT_GEMM(quant_gemm_q2_K, 10, 128, 4, 2)
 QUANT_GEMM(quant_gemm_q5_K, 11, 128, 4, 2)
+QUANT_GEMM(quant_gemm_q5_0, 12, 128, 4, 2)
 QUANT_GEMM(quant_gemm_q8_0_t256, 3, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q4_0_t256, 4, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q4_K_t256, 5, 256, 4, 1)
@@ -4855,6 +4890,7 @@ QUANT_GEMM(quant_gemm_iq4_xs_t256, 8, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q3_K_t256, 9, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q2_K_t256, 10, 256, 4, 1)
 QUANT_GEMM(quant_gemm_q5_K_t256, 11, 256, 4, 1)
+QUANT_GEMM(quant_gemm_q5_0_t256, 12, 256, 4, 1)
 
 // quant_gemm's warp-specialized form, for blocks of 256 tokens (CUDABackend.quantGemm takes it in
 // place of the form above there): 384 threads, the third warpgroup copying and the first two
@@ -4992,7 +5028,7 @@ __device__ __forceinline__ void quant_gemm_ws(const void* w0, const float* b0, v
 }
 
 // The backend's warp-specialized kernels (CUDABackend.quantGemmKernels mirrors them), one block a
-// multiprocessor: five buffers (quant_gemm_ws_shared: 211 KB for Q8_0, Q2_K and Q5_K, 191 KB for Q4_0,
+// multiprocessor: five buffers (quant_gemm_ws_shared: 211 KB for Q8_0, Q2_K, Q5_K and Q5_0, 191 KB for Q4_0,
 // IQ4_NL, IQ4_XS and Q4_K), four for Q6_K and Q3_K (201 and 185 KB).
 #define QUANT_GEMM_WS(name, DT, STAGES)                                                                                      \
     extern "C" __global__ void __launch_bounds__(QGW_THREADS, 1)                                                            \
@@ -5010,6 +5046,7 @@ QUANT_GEMM_WS(quant_gemm_iq4_xs_ws, 8, 5)
 QUANT_GEMM_WS(quant_gemm_q3_K_ws, 9, 4)
 QUANT_GEMM_WS(quant_gemm_q2_K_ws, 10, 5)
 QUANT_GEMM_WS(quant_gemm_q5_K_ws, 11, 5)
+QUANT_GEMM_WS(quant_gemm_q5_0_ws, 12, 5)
 
 // out[t, :] += Σ weight · y[place of the route, :] over row t's k routes, in order of expert
 // index (the sum first, then added: as a separate add would). Without `place` (the matvec
