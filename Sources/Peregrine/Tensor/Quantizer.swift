@@ -66,21 +66,17 @@ public enum Quantizer {
         }
     }
 
-    /// `Int(v.rounded())` clamped to lo...hi, as the searches round a value to its level. The
-    /// clamp comes first, so a value that is NaN or infinite (a block of subnormals, whose scale's
-    /// inverse overflows; values near f32's largest, whose range does) gives lo or hi where the
-    /// conversion would trap; every other value gives what the clamped conversion gives.
-    @inline(__always) static func level(_ v: Float, _ lo: Int, _ hi: Int) -> Int {
+    /// `Int(v.rounded(rule))` clamped to lo...hi, as the searches round a value to its level
+    /// (to nearest, ties away from zero; ggml's scales ties to even; Q4_0/Q5_0/Q4_1/Q5_1's plain
+    /// rounding truncates v + 0.5). The clamp comes first, so a value that is NaN or infinite (a
+    /// block of subnormals, whose scale's inverse overflows; values near f32's largest, whose
+    /// range does) gives lo (NaN) or lo/hi where the conversion would trap; every other value
+    /// gives what the clamped conversion gives.
+    @inline(__always) static func level(_ v: Float, _ lo: Int, _ hi: Int,
+                                        _ rule: FloatingPointRoundingRule = .toNearestOrAwayFromZero) -> Int {
         guard v >= Float(lo) else { return lo }
         guard v <= Float(hi) else { return hi }
-        return Int(v.rounded())
-    }
-
-    /// `Int(v)` (toward zero) clamped to lo...hi, NaN and infinities as in `level`.
-    @inline(__always) static func truncatedLevel(_ v: Float, _ lo: Int, _ hi: Int) -> Int {
-        guard v >= Float(lo) else { return lo }
-        guard v <= Float(hi) else { return hi }
-        return Int(v)
+        return Int(v.rounded(rule))
     }
 
     /// `n` importance values, or ones where they are all zero (nothing to weigh by).
@@ -220,7 +216,7 @@ public enum Quantizer {
         let d = extreme / -levels, id: Float = d != 0 ? 1 / d : 0
         storeHalf(d, out, 0)
         let top = five ? 31 : 15
-        let q = (0..<32).map { j in truncatedLevel(x[j] * id + levels + 0.5, 0, top) }
+        let q = (0..<32).map { j in level(x[j] * id + levels + 0.5, 0, top, .towardZero) }
         packNibbles(q, out, qs: five ? 6 : 2, qh: five ? 2 : nil)
     }
 
@@ -232,7 +228,7 @@ public enum Quantizer {
         let d = (hi - lo) / Float(top), id: Float = d != 0 ? 1 / d : 0
         storeHalf(d, out, 0)
         storeHalf(lo, out, 2)
-        let q = (0..<32).map { j in truncatedLevel((x[j] - lo) * id + 0.5, 0, top) }
+        let q = (0..<32).map { j in level((x[j] - lo) * id + 0.5, 0, top, .towardZero) }
         packNibbles(q, out, qs: five ? 8 : 4, qh: five ? 4 : nil)
     }
 
@@ -586,14 +582,6 @@ public enum Quantizer {
         return q
     }
 
-    /// ggml's rounding of a scale to an integer: to nearest, ties to even, clamped to lo...hi (a
-    /// NaN gives lo, as in `level`).
-    @inline(__always) static func nearestEven(_ v: Float, _ lo: Int, _ hi: Int) -> Int {
-        guard v >= Float(lo) else { return lo }
-        guard v <= Float(hi) else { return hi }
-        return Int(v.rounded(.toNearestOrEven))
-    }
-
     /// IQ4_NL (`count` 32: one block, its f16 scale) and IQ4_XS (`count` 256: eight sub-blocks
     /// of 32 whose scales are 6-bit integers times an f16 super-block scale), as ggml's quantizer
     /// computes them, step for step and in the same float operations, so a file matches
@@ -665,7 +653,7 @@ public enum Quantizer {
             var high: UInt16 = 0
             var low = [UInt8](repeating: 0, count: 4)
             for s in 0..<subBlocks {
-                let l = nearestEven(id * scales[s], -32, 31)
+                let l = level(id * scales[s], -32, 31, .toNearestOrEven)
                 let dl = d * Float(l), idl: Float = dl != 0 ? 1 / dl : 0
                 for j in 0..<32 { levels[32 * s + j] = nearestLevel(idl * x[32 * s + j]) }
                 let stored = l + 32
